@@ -1,0 +1,443 @@
+"""The shard engine: priority bands of flow queues, capacity, TTL, cancellation and dispatch.
+
+Sans-I/O: every method takes `now` (seconds, any monotonic origin) and nothing reads a clock,
+a socket or a timer. Final outcomes are appended to `outbox` (one `Item` per request, exactly
+once) for the shell to deliver; `take_outbox()` hands them over.
+
+Two ways to drive dispatch:
+- grants (`dispatch`): "dispatch the next request of band >= b now", for a distributor that owns
+  the global budget and limits (construct with `enforce_limits=False`);
+- the engine's own budget (`pump` / `release`), for the simulator and single-process use.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import OrderedDict
+from typing import Any
+
+from flowshard.budget import Budget
+from flowshard.config import BandConfig, Config
+from flowshard.fairness import FAIRNESS, Fairness
+from flowshard.flow import FlowQueue
+from flowshard.queues import ORDERINGS
+from flowshard.stats import N_WAIT_BUCKETS, wait_bucket
+from flowshard.types import N_OUTCOMES, Item, ItemState, Outcome, Request
+
+_INF = math.inf
+_DONE = ItemState.DONE
+_DISPATCHED = Outcome.DISPATCHED
+
+
+def _limit(value: int | None) -> float:
+    return _INF if value is None else value
+
+
+class Band:
+    """One priority band: its flows, policies, limits, counters and arrival-order item list."""
+
+    __slots__ = (
+        "ceiling",
+        "config",
+        "deq_bytes",
+        "deq_items",
+        "enq_bytes",
+        "enq_items",
+        "fairness",
+        "flow_max_bytes",
+        "flow_max_items",
+        "flows",
+        "index",
+        "max_bytes",
+        "max_items",
+        "newest",
+        "oldest",
+        "ordering",
+        "outcomes",
+        "priority",
+        "wait_hist",
+    )
+
+    def __init__(self, index: int, config: BandConfig) -> None:
+        self.index = index
+        self.config = config
+        self.priority = config.priority
+        self.ceiling = config.ceiling
+        self.fairness: Fairness = FAIRNESS[config.fairness](config.quantum)
+        self.ordering = ORDERINGS[config.ordering]
+        self.max_bytes = _limit(config.max_bytes)
+        self.max_items = _limit(config.max_requests)
+        self.flow_max_bytes = _limit(config.flow_max_bytes)
+        self.flow_max_items = _limit(config.flow_max_requests)
+        self.flows: dict[str, FlowQueue] = {}
+        self.enq_items = self.enq_bytes = self.deq_items = self.deq_bytes = 0
+        self.outcomes = [0] * N_OUTCOMES
+        self.wait_hist = [0] * N_WAIT_BUCKETS
+        self.oldest: Item | None = None
+        self.newest: Item | None = None
+
+    @property
+    def queued_items(self) -> int:
+        return self.enq_items - self.deq_items
+
+    @property
+    def queued_bytes(self) -> int:
+        return self.enq_bytes - self.deq_bytes
+
+
+class Engine:
+    """One shard's flow-control state machine. Not thread-safe; one owner drives it."""
+
+    def __init__(self, config: Config | None = None, *, enforce_limits: bool = True) -> None:
+        self.config = config = config or Config()
+        self.bands = [Band(i, bc) for i, bc in enumerate(config.bands)]
+        self._band_of = {b.priority: b.index for b in self.bands}
+        self._default_band = self._band_of[config.default_band.priority]
+        self.enforce_limits = enforce_limits
+        self.max_bytes = _limit(config.max_queued_bytes)
+        self.max_items = _limit(config.max_queued_requests)
+        self.default_ttl = config.default_ttl
+        self.budget = Budget(config.budget.max_inflight_requests, config.budget.max_inflight_bytes)
+        self.queued_items = 0
+        self.queued_bytes = 0
+        self.shutting_down = False
+        self.outbox: list[Item] = []
+        self._items: dict[int, Item] = {}
+        self._expiry: list[tuple[float, int, Item]] = []
+        self._timed = 0
+        self._seq = 0
+        self._idle: OrderedDict[FlowQueue, float] = OrderedDict()
+
+    # ------------------------------------------------------------------ admission
+
+    def band_index(self, priority: int) -> int:
+        """The band a priority maps to; unconfigured priorities go to the default band."""
+        return self._band_of.get(priority, self._default_band)
+
+    def submit(self, request: Request, now: float) -> Item:
+        """Admit a request: queue it, or finish it at once (rejected). Returns its item.
+
+        With displacement on for the request's band, queued requests of lower bands (lowest band
+        first, newest first) are evicted to make room under the global limits.
+        """
+        if request.id in self._items:
+            raise ValueError(f"request id {request.id} is already queued")
+        band = self.bands[self._band_of.get(request.priority, self._default_band)]
+        flow = band.flows.get(request.flow)
+        if flow is None:
+            flow = self._new_flow(band, request.flow, now)
+        if request.weight > 0:
+            flow.weight = request.weight
+        size = request.size
+        ttl = request.ttl or self.default_ttl
+        deadline = now + ttl if ttl > 0 else _INF
+        seq = self._seq
+        self._seq = seq + 1
+        cost = request.tokens or size
+        item = Item(request, flow, band.index, seq, band.ordering.key(request, seq, now, deadline), now, deadline, cost)
+        if self.shutting_down:
+            return self._reject(item, Outcome.REJECTED_SHUTTING_DOWN, now)
+        if self.enforce_limits and not self._make_room(band, flow, size, now):
+            return self._reject(item, Outcome.REJECTED_CAPACITY, now)
+
+        self._items[request.id] = item
+        newest = band.newest
+        item.prev = newest
+        if newest is None:
+            band.oldest = item
+        else:
+            newest.next = item
+        band.newest = item
+        band.enq_items += 1
+        band.enq_bytes += size
+        flow.enq_items += 1
+        flow.enq_bytes += size
+        self.queued_items += 1
+        self.queued_bytes += size
+        queue = flow.queue
+        was_idle = queue.live == 0
+        queue.push(item)
+        if was_idle:
+            self._idle.pop(flow, None)
+            band.fairness.activate(flow)
+        elif band.fairness.tracks_heads and queue.peek() is item:
+            band.fairness.head_changed(flow)
+        if deadline != _INF:
+            self._timed += 1
+            heapq.heappush(self._expiry, (deadline, seq, item))
+            if len(self._expiry) > 2 * self._timed + 1024:
+                self._expiry = [e for e in self._expiry if e[2].state != _DONE]
+                heapq.heapify(self._expiry)
+        return item
+
+    def _new_flow(self, band: Band, flow_id: str, now: float) -> FlowQueue:
+        flow = FlowQueue(flow_id, band.index, band.ordering.new_queue(), self.config.weights.get(flow_id, 1.0))
+        band.flows[flow_id] = flow
+        self._idle[flow] = now  # collectable until it holds an item
+        return flow
+
+    def _make_room(self, band: Band, flow: FlowQueue, size: int, now: float) -> bool:
+        if band.queued_bytes + size > band.max_bytes or band.queued_items + 1 > band.max_items:
+            return False
+        if flow.queued_bytes + size > band.flow_max_bytes or flow.queued_items + 1 > band.flow_max_items:
+            return False
+        need_bytes = self.queued_bytes + size - self.max_bytes
+        need_items = self.queued_items + 1 - self.max_items
+        if need_bytes <= 0 and need_items <= 0:
+            return True
+        if not band.config.displacement:
+            return False
+        lower = self.bands[band.index + 1 :]
+        if sum(b.queued_bytes for b in lower) < need_bytes or sum(b.queued_items for b in lower) < need_items:
+            return False  # displacing everything below would not be enough: displace nothing
+        for victim_band in reversed(lower):
+            while (need_bytes > 0 or need_items > 0) and victim_band.newest is not None:
+                victim = victim_band.newest
+                need_bytes -= victim.request.size
+                need_items -= 1
+                self._remove(victim, Outcome.EVICTED_DISPLACED, now)
+        return True
+
+    def _reject(self, item: Item, outcome: Outcome, now: float) -> Item:
+        item.state = _DONE
+        item.outcome = outcome
+        item.finished_at = now
+        flow = item.flow
+        flow.outcomes[outcome] += 1
+        self.bands[item.band].outcomes[outcome] += 1
+        self.outbox.append(item)
+        return item
+
+    # ------------------------------------------------------------------ exits
+
+    def _finish(self, item: Item, outcome: int, now: float) -> None:
+        """Account an item leaving the queues (any reason) and post its outcome. Exactly once."""
+        item.state = _DONE
+        item.outcome = outcome
+        item.finished_at = now
+        del self._items[item.request.id]
+        band = self.bands[item.band]
+        prev, nxt = item.prev, item.next
+        if prev is None:
+            band.oldest = nxt
+        else:
+            prev.next = nxt
+        if nxt is None:
+            band.newest = prev
+        else:
+            nxt.prev = prev
+        item.prev = item.next = None
+        size = item.request.size
+        flow = item.flow
+        band.deq_items += 1
+        band.deq_bytes += size
+        flow.deq_items += 1
+        flow.deq_bytes += size
+        self.queued_items -= 1
+        self.queued_bytes -= size
+        band.outcomes[outcome] += 1
+        flow.outcomes[outcome] += 1
+        if outcome == _DISPATCHED:
+            bucket = wait_bucket(now - item.enqueued_at)
+            band.wait_hist[bucket] += 1
+            flow.wait_hist[bucket] += 1
+        if item.deadline != _INF:
+            self._timed -= 1
+        self.outbox.append(item)
+
+    def _remove(self, item: Item, outcome: Outcome, now: float) -> None:
+        """Evict a queued item from wherever it is in its flow's queue."""
+        flow = item.flow
+        fairness = self.bands[item.band].fairness
+        was_head = fairness.tracks_heads and flow.queue.peek() is item
+        self._finish(item, outcome, now)
+        flow.queue.discard()
+        if flow.queue.live == 0:
+            fairness.deactivate(flow)
+            self._idle[flow] = now
+        elif was_head:
+            fairness.head_changed(flow)
+
+    def cancel(self, request_id: int, now: float, outcome: Outcome = Outcome.EVICTED_CANCELLED) -> bool:
+        """Evict a queued request by id in O(1) (amortised); False if it is not queued here."""
+        item = self._items.get(request_id)
+        if item is None:
+            return False
+        self._remove(item, outcome, now)
+        return True
+
+    def evict_newest(self, band_index: int, now: float, outcome: Outcome = Outcome.EVICTED_DISPLACED) -> Item | None:
+        """Evict the newest queued request of a band (displacement driven from outside)."""
+        item = self.bands[band_index].newest
+        if item is not None:
+            self._remove(item, outcome, now)
+        return item
+
+    def expire(self, now: float) -> int:
+        """Evict every queued request whose deadline is at or before `now`."""
+        heap = self._expiry
+        n = 0
+        while heap and heap[0][0] <= now:
+            item = heapq.heappop(heap)[2]
+            if item.state != _DONE:
+                self._remove(item, Outcome.EVICTED_TTL, now)
+                n += 1
+        return n
+
+    def next_deadline(self) -> float:
+        """The earliest TTL deadline among queued requests (inf if none): when to call `expire`."""
+        heap = self._expiry
+        while heap and heap[0][2].state == _DONE:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else _INF
+
+    def shutdown(self, now: float, outcome: Outcome = Outcome.EVICTED_SHUTDOWN) -> int:
+        """Stop admitting (later submits are rejected `shutting_down`) and evict everything queued."""
+        self.shutting_down = True
+        items = list(self._items.values())
+        for item in items:
+            self._remove(item, outcome, now)
+        return len(items)
+
+    def collect_garbage(self, now: float) -> int:
+        """Forget flows that have held nothing for `flow_gc_timeout` seconds. O(1) per flow."""
+        idle = self._idle
+        timeout = self.config.flow_gc_timeout
+        n = 0
+        while idle:
+            flow, since = next(iter(idle.items()))
+            if now - since < timeout:
+                break
+            idle.popitem(last=False)
+            del self.bands[flow.band].flows[flow.id]
+            n += 1
+        return n
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _select(self, band: Band, now: float) -> Item | None:
+        """The item the band's policies would dispatch next, evicting expired heads on the way."""
+        fairness = band.fairness
+        while True:
+            flow = fairness.pick()
+            if flow is None:
+                return None
+            head = flow.queue.peek()
+            assert head is not None
+            if head.deadline <= now:
+                self._remove(head, Outcome.EVICTED_TTL, now)
+                continue
+            return head
+
+    def _commit(self, item: Item, now: float) -> None:
+        flow = item.flow
+        fairness = self.bands[item.band].fairness
+        flow.queue.pop()
+        fairness.charge(flow, item)
+        self._finish(item, _DISPATCHED, now)
+        if flow.queue.live == 0:
+            fairness.deactivate(flow)
+            self._idle[flow] = now
+        elif fairness.tracks_heads:
+            fairness.head_changed(flow)
+
+    def dispatch(self, now: float, band: int | None = None, max_bytes: float = _INF) -> Item | None:
+        """Grant mode: dispatch the next request of band index <= `band` (priority >= its priority).
+
+        Strict priority: the highest band with work is served. If its chosen request is larger
+        than `max_bytes`, nothing is dispatched (the grant is handed back) rather than serving a
+        lower band out of order.
+        """
+        bands = self.bands if band is None else self.bands[: band + 1]
+        for b in bands:
+            if b.enq_items == b.deq_items:
+                continue
+            item = self._select(b, now)
+            if item is None:
+                continue
+            if item.request.size > max_bytes:
+                return None
+            self._commit(item, now)
+            return item
+        return None
+
+    def pump(self, now: float) -> int:
+        """Budget mode: dispatch while the budget allows, strict priority, per-band ceilings.
+
+        A band whose ceiling is reached is skipped (lower bands with a higher ceiling may still
+        dispatch); when the chosen request does not fit the budget, dispatch stops there.
+        """
+        budget = self.budget
+        n = 0
+        while True:
+            saturation = budget.saturation()
+            for b in self.bands:
+                if b.enq_items == b.deq_items or saturation >= b.ceiling:
+                    continue
+                item = self._select(b, now)
+                if item is None:
+                    continue
+                size = item.request.size
+                if not budget.fits(size):
+                    return n
+                self._commit(item, now)
+                budget.acquire(size)
+                n += 1
+                break
+            else:
+                return n
+
+    def release(self, item: Item) -> None:
+        """Budget mode: the dispatched request finished; free its budget (then `pump`)."""
+        self.budget.release(item.request.size)
+
+    # ------------------------------------------------------------------ reading
+
+    def take_outbox(self) -> list[Item]:
+        """The items that reached their final outcome since the last call, in order."""
+        out = self.outbox
+        self.outbox = []
+        return out
+
+    def queued(self, request_id: int) -> Item | None:
+        return self._items.get(request_id)
+
+    def flows(self) -> list[FlowQueue]:
+        return [f for b in self.bands for f in b.flows.values()]
+
+    def stats(self, top_flows: int = 20) -> dict[str, Any]:
+        """A JSON-ready snapshot: totals, per band, and the flows with the most queued bytes."""
+        outcome_names = [o.label for o in Outcome]
+        bands = []
+        for b in self.bands:
+            bands.append(
+                {
+                    "priority": b.priority,
+                    "name": b.config.name,
+                    "queued_items": b.queued_items,
+                    "queued_bytes": b.queued_bytes,
+                    "active_flows": sum(1 for f in b.flows.values() if f.queue.live),
+                    "outcomes": dict(zip(outcome_names, b.outcomes, strict=True)),
+                    "wait_hist": list(b.wait_hist),
+                }
+            )
+        flows = sorted(self.flows(), key=lambda f: -f.queued_bytes)[:top_flows]
+        return {
+            "queued_items": self.queued_items,
+            "queued_bytes": self.queued_bytes,
+            "inflight": self.budget.inflight,
+            "inflight_bytes": self.budget.inflight_bytes,
+            "saturation": self.budget.saturation(),
+            "bands": bands,
+            "top_flows": [
+                {
+                    "flow": f.id,
+                    "priority": self.bands[f.band].priority,
+                    "queued_items": f.queued_items,
+                    "queued_bytes": f.queued_bytes,
+                    "weight": f.weight,
+                }
+                for f in flows
+            ],
+        }

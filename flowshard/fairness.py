@@ -1,0 +1,213 @@
+"""Fairness policies: which backlogged flow of a band is served next.
+
+The engine tells a policy when a flow becomes backlogged (`activate`), when it empties
+(`deactivate`), when a flow's head item changes (`head_changed`, only for policies with
+`tracks_heads`) and what it dispatched (`charge`, called right after `pick` chose that flow).
+Policies only ever see *active* flows, so a pick costs O(1) amortised (round robin, DRR) or
+O(log F) (VTC, global FCFS) in the number of backlogged flows — never a scan of all flows.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from typing import ClassVar, Protocol
+
+from flowshard.flow import FlowQueue
+from flowshard.types import Item, ItemState
+
+_DONE = ItemState.DONE
+_COMPACT_SLACK = 64
+
+
+class Fairness(Protocol):
+    name: ClassVar[str]
+    tracks_heads: ClassVar[bool]
+
+    def activate(self, flow: FlowQueue) -> None: ...
+    def deactivate(self, flow: FlowQueue) -> None: ...
+    def head_changed(self, flow: FlowQueue) -> None: ...
+    def pick(self) -> FlowQueue | None: ...
+    def charge(self, flow: FlowQueue, item: Item) -> None: ...
+
+
+class RoundRobin:
+    """Backlogged flows take turns, one request each. Fair in turns, not in bytes."""
+
+    name: ClassVar[str] = "round-robin"
+    tracks_heads: ClassVar[bool] = False
+
+    def __init__(self, quantum: int = 0) -> None:
+        self._ring: OrderedDict[FlowQueue, None] = OrderedDict()
+
+    def activate(self, flow: FlowQueue) -> None:
+        self._ring[flow] = None
+
+    def deactivate(self, flow: FlowQueue) -> None:
+        del self._ring[flow]
+
+    def head_changed(self, flow: FlowQueue) -> None:
+        pass
+
+    def pick(self) -> FlowQueue | None:
+        return next(iter(self._ring)) if self._ring else None
+
+    def charge(self, flow: FlowQueue, item: Item) -> None:
+        self._ring.move_to_end(flow)
+
+
+class DeficitRoundRobin:
+    """Deficit round robin (Shreedhar & Varghese) in bytes, with per-flow weights.
+
+    Each turn a flow may send up to its deficit; a flow whose head does not fit gets
+    `quantum * weight` more and goes to the back. A flow that empties loses its deficit, so idle
+    flows bank no credit. With `quantum` at least the largest request a pick is O(1) amortised.
+    """
+
+    name: ClassVar[str] = "drr"
+    tracks_heads: ClassVar[bool] = False
+
+    def __init__(self, quantum: int = 16384) -> None:
+        self._ring: OrderedDict[FlowQueue, None] = OrderedDict()
+        self._quantum = quantum
+
+    def activate(self, flow: FlowQueue) -> None:
+        flow.deficit = 0.0
+        self._ring[flow] = None
+
+    def deactivate(self, flow: FlowQueue) -> None:
+        del self._ring[flow]
+        flow.deficit = 0.0
+
+    def head_changed(self, flow: FlowQueue) -> None:
+        pass
+
+    def pick(self) -> FlowQueue | None:
+        ring = self._ring
+        while ring:
+            flow = next(iter(ring))
+            head = flow.queue.peek()
+            assert head is not None, "an active flow has a head"
+            if flow.deficit >= head.request.size:
+                return flow
+            flow.deficit += self._quantum * flow.weight
+            ring.move_to_end(flow)
+        return None
+
+    def charge(self, flow: FlowQueue, item: Item) -> None:
+        flow.deficit -= item.request.size
+
+
+class VirtualTokenCounter:
+    """Virtual token counter (Sheng et al., OSDI'24): serve the backlogged flow with the least service.
+
+    Each flow's counter grows by `cost / weight` per dispatch (cost: the request's declared tokens,
+    else its bytes). A flow that becomes backlogged again is lifted to the smallest counter among
+    the backlogged flows (or, if none, to the counter of the last flow served), so time spent idle
+    is not banked as credit. Keeps a heap of (counter, stamp, flow); stale entries are skipped.
+    """
+
+    name: ClassVar[str] = "vtc"
+    tracks_heads: ClassVar[bool] = False
+
+    def __init__(self, quantum: int = 0) -> None:
+        self._heap: list[tuple[float, int, FlowQueue]] = []
+        self._active = 0
+        self._floor = 0.0
+        self._tick = 0  # unique, increasing: valid-entry stamps and the tie-break (first come first)
+
+    def _stamp(self, flow: FlowQueue) -> int:
+        self._tick += 1
+        flow.stamp = self._tick
+        return self._tick
+
+    def _top(self) -> FlowQueue | None:
+        heap = self._heap
+        while heap:
+            _, stamp, flow = heap[0]
+            if stamp == flow.stamp:
+                return flow
+            heapq.heappop(heap)
+        return None
+
+    def activate(self, flow: FlowQueue) -> None:
+        low = self._top()
+        flow.vtc = max(flow.vtc, low.vtc if low is not None else self._floor)
+        self._active += 1
+        heapq.heappush(self._heap, (flow.vtc, self._stamp(flow), flow))
+        if len(self._heap) > 2 * self._active + _COMPACT_SLACK:
+            self._heap = [e for e in self._heap if e[1] == e[2].stamp]
+            heapq.heapify(self._heap)
+
+    def deactivate(self, flow: FlowQueue) -> None:
+        flow.stamp = 0  # no entry carries stamp 0: the flow's entry is now stale
+        self._active -= 1
+
+    def head_changed(self, flow: FlowQueue) -> None:
+        pass
+
+    def pick(self) -> FlowQueue | None:
+        return self._top()
+
+    def charge(self, flow: FlowQueue, item: Item) -> None:
+        self._floor = flow.vtc
+        flow.vtc += item.cost / flow.weight
+        heapq.heapreplace(self._heap, (flow.vtc, self._stamp(flow), flow))
+
+
+class GlobalFcfs:
+    """No fairness: the best head across all flows by the band's ordering (upstream "global strict").
+
+    Under FCFS ordering this is exact arrival order across the band; a flooding flow takes the
+    share of its arrivals. Keeps a heap of heads keyed like the ordering; stale entries are skipped.
+    """
+
+    name: ClassVar[str] = "global-fcfs"
+    tracks_heads: ClassVar[bool] = True
+
+    def __init__(self, quantum: int = 0) -> None:
+        self._heap: list[tuple[float, int, int, Item]] = []
+        self._active = 0
+        self._tick = 0  # a head can be pushed twice (EDF: it lost and regained the head): keep entries unique
+
+    def _push_head(self, flow: FlowQueue) -> None:
+        head = flow.queue.peek()
+        assert head is not None, "an active flow has a head"
+        self._tick += 1
+        heapq.heappush(self._heap, (head.key, head.seq, self._tick, head))
+        if len(self._heap) > 2 * self._active + _COMPACT_SLACK:
+            self._heap = [e for e in self._heap if self._valid(e[3])]
+            heapq.heapify(self._heap)
+
+    @staticmethod
+    def _valid(item: Item) -> bool:
+        if item.state == _DONE:
+            return False
+        return item.flow.queue.peek() is item
+
+    def activate(self, flow: FlowQueue) -> None:
+        self._active += 1
+        self._push_head(flow)
+
+    def deactivate(self, flow: FlowQueue) -> None:
+        self._active -= 1
+
+    def head_changed(self, flow: FlowQueue) -> None:
+        self._push_head(flow)
+
+    def pick(self) -> FlowQueue | None:
+        heap = self._heap
+        while heap:
+            item = heap[0][3]
+            if self._valid(item):
+                return item.flow
+            heapq.heappop(heap)
+        return None
+
+    def charge(self, flow: FlowQueue, item: Item) -> None:
+        heapq.heappop(self._heap)
+
+
+FAIRNESS: dict[str, type[RoundRobin] | type[DeficitRoundRobin] | type[VirtualTokenCounter] | type[GlobalFcfs]] = {
+    cls.name: cls for cls in (RoundRobin, GlobalFcfs, DeficitRoundRobin, VirtualTokenCounter)
+}
