@@ -1,0 +1,70 @@
+"""The `flowshard` command line: the one place in the core that dispatches to the shells.
+
+Subcommands import their implementation lazily, so `flowshard config check` never loads the
+service and the core stays free of I/O imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from flowshard.config import Config, ConfigError, dump_config, load_config
+
+
+def read_config(path: str | None) -> Config:
+    """The configuration from a TOML file, or the built-in defaults when no file is given."""
+    if path is None:
+        return Config()
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    return load_config(text, where=path)
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    config = read_config(args.file)
+    sys.stdout.write(f"# {args.file}: valid\n" + dump_config(config))
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from flowshard.simulate import main as simulate_main
+
+    return simulate_main(args.scenario, json_path=args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowshard", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    check = config_sub.add_parser("check", help="validate a config file and print the effective config")
+    check.add_argument("file")
+    check.set_defaults(func=_config_check)
+
+    simulate = sub.add_parser("simulate", help="run a scenario in deterministic virtual time")
+    simulate.add_argument("scenario", nargs="?", default=None, help="scenario TOML (default: built-in demo)")
+    simulate.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
+    simulate.set_defaults(func=_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        sys.stderr.write(f"flowshard: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
