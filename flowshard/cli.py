@@ -11,6 +11,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import msgspec
+
 from flowshard.config import Config, ConfigError, dump_config, load_config
 
 
@@ -31,6 +33,22 @@ def _config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from distributor.service import serve
+
+    config = read_config(args.config)
+    flags = {"host": args.host, "port": args.port, "binary_port": args.binary_port}
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if overrides:
+        config.service = msgspec.structs.replace(config.service, **overrides)
+    if args.shards < 1:
+        raise ConfigError(f"--shards: {args.shards} is not allowed; at least 1")
+    uvloop.run(serve(config, args.shards))
+    return 0
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from flowshard.simulate import main as simulate_main
 
@@ -46,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_sub.add_parser("check", help="validate a config file and print the effective config")
     check.add_argument("file")
     check.set_defaults(func=_config_check)
+
+    serve = sub.add_parser("serve", help="run the service: a distributor and N shard workers")
+    serve.add_argument("--shards", type=int, default=1, help="shard worker processes (default 1)")
+    serve.add_argument("--config", metavar="FILE", help="config TOML (default: built-in defaults)")
+    serve.add_argument("--host", help="listen address (default from config: 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="HTTP port (default from config: 8080; 0 picks a free one)")
+    serve.add_argument("--binary-port", type=int, help="binary-protocol port (default from config: 8081)")
+    serve.set_defaults(func=_serve)
 
     simulate = sub.add_parser("simulate", help="run a scenario in deterministic virtual time")
     simulate.add_argument("scenario", nargs="?", default=None, help="scenario TOML (default: built-in demo)")

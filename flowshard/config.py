@@ -55,6 +55,21 @@ class BudgetConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_inflight_bytes: PositiveInt | None = None
 
 
+class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """How `flowshard serve` listens and behaves; command-line flags override these."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    binary_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8081
+    lease: Annotated[float, msgspec.Meta(gt=0, le=7 * 86400)] = 300.0
+    drain_timeout: Seconds = 10.0
+    fast_path: bool = True
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=64, le=1 << 24)] = 65536
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 4096
+    header_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
+    idle_timeout: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 75.0
+
+
 def _default_bands() -> list[BandConfig]:
     return [BandConfig(priority=0)]
 
@@ -65,10 +80,11 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_queued_bytes: PositiveInt | None = 1 << 30
     max_queued_requests: PositiveInt | None = 100_000
     default_ttl: Seconds = 60.0
-    flow_slots: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 4096
+    flow_slots: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 16384
     flow_gc_timeout: Seconds = 300.0
     default_priority: int | None = None
     budget: BudgetConfig = msgspec.field(default_factory=BudgetConfig)
+    service: ServiceConfig = msgspec.field(default_factory=ServiceConfig)
     bands: list[BandConfig] = msgspec.field(default_factory=_default_bands)
     weights: dict[str, Annotated[float, msgspec.Meta(gt=0, le=1e6)]] = msgspec.field(default_factory=dict)
 
@@ -151,8 +167,9 @@ def dump_config(config: Config) -> str:
 
     raw = msgspec.to_builtins(config)
     emit(raw)
-    lines.append("\n[budget]")
-    emit(raw["budget"])
+    for table in ("budget", "service"):
+        lines.append(f"\n[{table}]")
+        emit(raw[table])
     for band in raw["bands"]:
         lines.append("\n[[bands]]")
         emit(band)

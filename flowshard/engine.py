@@ -18,6 +18,7 @@ from collections import OrderedDict
 from typing import Any
 
 from flowshard.budget import Budget
+from flowshard.capacity import shortfall
 from flowshard.config import BandConfig, Config
 from flowshard.fairness import FAIRNESS, Fairness
 from flowshard.flow import FlowQueue
@@ -103,6 +104,7 @@ class Engine:
         self.queued_bytes = 0
         self.shutting_down = False
         self.outbox: list[Item] = []
+        self.blocked_size = 0  # set by dispatch(): bytes the chosen request needed, when it did not fit
         self._items: dict[int, Item] = {}
         self._expiry: list[tuple[float, int, Item]] = []
         self._timed = 0
@@ -178,12 +180,10 @@ class Engine:
         return flow
 
     def _make_room(self, band: Band, flow: FlowQueue, size: int, now: float) -> bool:
-        if band.queued_bytes + size > band.max_bytes or band.queued_items + 1 > band.max_items:
+        need = shortfall(size, flow, band, self, self.max_bytes, self.max_items)
+        if need is None:
             return False
-        if flow.queued_bytes + size > band.flow_max_bytes or flow.queued_items + 1 > band.flow_max_items:
-            return False
-        need_bytes = self.queued_bytes + size - self.max_bytes
-        need_items = self.queued_items + 1 - self.max_items
+        need_bytes, need_items = need
         if need_bytes <= 0 and need_items <= 0:
             return True
         if not band.config.displacement:
@@ -347,8 +347,9 @@ class Engine:
 
         Strict priority: the highest band with work is served. If its chosen request is larger
         than `max_bytes`, nothing is dispatched (the grant is handed back) rather than serving a
-        lower band out of order.
+        lower band out of order, and `blocked_size` says how many bytes that request needs.
         """
+        self.blocked_size = 0
         bands = self.bands if band is None else self.bands[: band + 1]
         for b in bands:
             if b.enq_items == b.deq_items:
@@ -357,6 +358,7 @@ class Engine:
             if item is None:
                 continue
             if item.request.size > max_bytes:
+                self.blocked_size = item.request.size
                 return None
             self._commit(item, now)
             return item

@@ -1,0 +1,54 @@
+"""What the protocol front-ends (HTTP, binary) need from the distributor, and what it needs of them.
+
+The front-ends parse and validate; the distributor decides. Outcomes are delivered by callback
+(no Future per request): the distributor calls `waiter.deliver(...)` exactly once per admission.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from flowshard.types import Outcome
+
+
+class Waiter(Protocol):
+    """A client connection waiting for outcomes (one per connection, many admissions each)."""
+
+    def deliver(self, cid: Any, request_id: int, outcome: Outcome, ticket: int, wait: float, retry_after: int) -> None:
+        """The final outcome of admission `cid`. `ticket` is non-zero only for `dispatched`."""
+
+
+class Admission(Protocol):
+    """Implemented by `distributor.service.Distributor`."""
+
+    @property
+    def accepting(self) -> bool:
+        """False once draining: new admissions get `rejected: shutting_down`."""
+
+    def admit(
+        self, waiter: Waiter, cid: Any, flow: str, priority: int, size: int, ttl: float, slo: float,
+        tokens: int, weight: float, leased: bool,
+    ) -> int:
+        """Admit an already validated request; returns its request id. The outcome comes by
+        `waiter.deliver` — possibly before this returns (rejections, the idle fast path).
+        `leased`: the ticket expires after the configured lease unless released (HTTP)."""
+
+    def cancel(self, request_id: int) -> None:
+        """The client of a pending admission went away: evict it (`cancelled`) or, if it is
+        dispatched meanwhile, release its budget at once. No outcome is delivered after this."""
+
+    def release(self, ticket: int) -> bool:
+        """Free a dispatched request's ticket. False for unknown or already released tickets."""
+
+    def release_all(self, waiter: Waiter) -> int:
+        """The connection closed: release every ticket it holds (binary protocol)."""
+
+    def stats(self) -> dict[str, Any]:
+        """The JSON snapshot for `GET /v1/stats`."""
+
+    def metrics(self) -> tuple[bytes, str]:
+        """(body, content type) for `GET /metrics`."""
+
+    @property
+    def ready(self) -> bool:
+        """All shards are up and the service accepts work (`GET /readyz`)."""

@@ -1,0 +1,516 @@
+"""The distributor process: admission, routing, grants, tickets, supervision, drain.
+
+It sees every request, so it enforces the global limits and the dispatch budget exactly (through
+the core's `Ledger`), routes queued work to shards by JSQ-Bytes over the shared-memory counters,
+and grants dispatches strictly by band. Shards own the queues and the per-item policies.
+
+Every admission ends in exactly one delivered outcome, or — when its client left first — in a
+cancel that frees whatever it held. Nothing here blocks the event loop; frames to each shard are
+written once per loop pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import signal
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from typing import Any
+
+import msgspec
+
+from distributor import segment
+from distributor.api import Waiter
+from flowshard.codec import (
+    Cancel,
+    Done,
+    Enqueue,
+    FrameReader,
+    FrameWriter,
+    FromWorker,
+    Grant,
+    GrantBack,
+    Hello,
+    Shutdown,
+)
+from flowshard.config import Config
+from flowshard.ledger import Ledger, Pending, PendingState
+from flowshard.retry import RetryAfter
+from flowshard.shm import ShmLayout, ShmStats
+from flowshard.slots import SlotTable
+from flowshard.stats import N_WAIT_BUCKETS
+from flowshard.types import N_OUTCOMES, Outcome
+
+_DISPATCHED = Outcome.DISPATCHED
+WORKER_START_TIMEOUT = 30.0
+HOUSEKEEPING_INTERVAL = 0.25
+HEARTBEAT_STALE = 5.0
+
+
+class Ticket(msgspec.Struct, gc=False):
+    """A dispatched request's hold on the budget until it is released."""
+
+    id: int
+    size: int
+    owner: Any
+    deadline: float  # lease expiry (inf: held until the connection closes)
+
+
+class WorkerLink(asyncio.Protocol):
+    """The distributor's end of one shard's socket pair."""
+
+    def __init__(self, service: Distributor, shard: int) -> None:
+        self.service = service
+        self.shard = shard
+        self.reader = FrameReader(FromWorker)
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.service.on_worker_frames(self.shard, self.reader.feed(data))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.service.on_worker_lost(self.shard, self)
+
+
+class Shard:
+    """Supervision state of one worker process."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.link: WorkerLink | None = None
+        self.writer = FrameWriter()
+        self.ready = False
+        self.restarts = 0
+        self.pid = 0
+
+
+class Distributor:
+    """Implements `distributor.api.Admission` for the HTTP and binary front-ends."""
+
+    def __init__(self, config: Config, shards: int) -> None:
+        if shards < 1:
+            raise ValueError("--shards must be at least 1")
+        self.config = config
+        self.n_shards = shards
+        self.ledger = Ledger(config, shards)
+        self.slots = SlotTable(config.flow_slots, config.flow_gc_timeout)
+        self.layout = ShmLayout(config.flow_slots, shards, len(config.bands), N_OUTCOMES, N_WAIT_BUCKETS)
+        self.shards = [Shard(i) for i in range(shards)]
+        self.retry = [RetryAfter() for _ in config.bands]
+        self.pending: dict[int, Pending] = {}
+        self.tickets: dict[int, Ticket] = {}
+        self._leases: OrderedDict[int, float] = OrderedDict()  # leased ticket -> deadline, in deadline order
+        self._next_id = 1
+        self._rr = 0
+        self._flush_scheduled = False
+        self._plan_scheduled = False
+        self._accepting = False
+        self._stopping = False
+        self.started = time.monotonic()
+        self.counters = {"tickets_expired": 0, "tickets_released": 0, "worker_restarts": 0, "fast_path": 0}
+        self.segment: Any = None
+        self.shm: ShmStats | None = None
+        self.servers: list[asyncio.Server] = []
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._all_ready: asyncio.Event | None = None
+        self._stopped: asyncio.Event | None = None
+        self._housekeeper: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------------ Admission interface
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def ready(self) -> bool:
+        return self._accepting and all(s.ready for s in self.shards)
+
+    def admit(
+        self, waiter: Waiter, cid: Any, flow: str, priority: int, size: int, ttl: float, slo: float,
+        tokens: int, weight: float, leased: bool,
+    ) -> int:
+        request_id = self._next_id
+        self._next_id = request_id + 1
+        band = self.ledger.band_index(priority)
+        p = Pending(request_id, flow, band, size, owner=(waiter, cid, leased), received=time.monotonic())
+        p.payload = (priority, ttl, slo, tokens, weight)
+        self.pending[request_id] = p
+        if self._accepting:
+            self._admit(p)
+        else:
+            self._finish(p, Outcome.REJECTED_SHUTTING_DOWN, 0.0)
+        return request_id
+
+    def cancel(self, request_id: int) -> None:
+        p = self.pending.get(request_id)
+        if p is None:
+            return
+        p.owner = None  # nobody to answer; a dispatch that races with this releases at once
+        if p.state == PendingState.QUEUED:
+            self._send(p.shard, Cancel(p.id, Outcome.EVICTED_CANCELLED))
+        elif p.state == PendingState.NEW and p.victims_left == 0:
+            self._finish(p, Outcome.EVICTED_CANCELLED, 0.0)
+
+    def release(self, ticket: int) -> bool:
+        held = self.tickets.pop(ticket, None)
+        if held is None:
+            return False
+        self._leases.pop(ticket, None)
+        self.ledger.release(held.size)
+        self.counters["tickets_released"] += 1
+        self._schedule_plan()
+        return True
+
+    def release_all(self, waiter: Waiter) -> int:
+        mine = [t.id for t in self.tickets.values() if t.owner is waiter]
+        for ticket in mine:
+            self.release(ticket)
+        return len(mine)
+
+    def stats(self) -> dict[str, Any]:
+        from distributor.metrics import stats_snapshot
+
+        return stats_snapshot(self)
+
+    def metrics(self) -> tuple[bytes, str]:
+        from distributor.metrics import render_metrics
+
+        return render_metrics(self)
+
+    # ------------------------------------------------------------------ admission internals
+
+    def _admit(self, p: Pending) -> None:
+        ledger = self.ledger
+        if self._stopping:
+            self._finish(p, Outcome.REJECTED_SHUTTING_DOWN, 0.0)
+            return
+        victims = ledger.check(p)
+        if victims is None:
+            self._finish(p, Outcome.REJECTED_CAPACITY, 0.0)
+        elif victims:
+            ledger.mark_victims(p, victims)
+            for victim in victims:
+                self._send(victim.shard, Cancel(victim.id, Outcome.EVICTED_DISPLACED))
+        elif self.config.service.fast_path and ledger.can_dispatch_now(p):
+            ledger.dispatched_directly(p)
+            self.counters["fast_path"] += 1
+            self._finish(p, _DISPATCHED, 0.0)
+        else:
+            self._route(p)
+
+    def _route(self, p: Pending) -> None:
+        shm = self.shm
+        assert shm is not None
+        now = time.monotonic()
+        slot = self.slots.slot(p.flow, now)
+        self._rr += 1
+        shard = shm.jsq_pick(slot, self._rr)
+        if not self.shards[shard].ready:
+            live = [s.index for s in self.shards if s.ready]
+            if not live:
+                self._finish(p, Outcome.EVICTED_SHARD_FAILURE, 0.0)
+                return
+            queued = shm.queued_bytes(slot)
+            shard = min(live, key=lambda n: int(queued[n]))
+        p.slot = slot
+        self.ledger.enqueue(p, shard)
+        shm.add_enq(slot, shard, p.band, p.size)
+        priority, ttl, slo, tokens, weight = p.payload
+        ttl = ttl or self.config.default_ttl
+        if ttl:  # the TTL runs from arrival here; the shard gets what is left of it (never 0: "default")
+            ttl = max(ttl - (now - p.received), 1e-9)
+        self._send(shard, Enqueue(p.id, p.flow, slot, priority, p.size, ttl, slo, tokens, weight))
+        self._schedule_plan()
+
+    def _finish(self, p: Pending, outcome: Outcome, wait: float, *, counted_by_shard: bool = False) -> None:
+        """Deliver the final outcome of `p` (exactly once), or release what it holds if nobody waits.
+
+        Outcome counters are single-writer: a shard counts what it decided, the distributor the rest.
+        """
+        del self.pending[p.id]
+        p.state = PendingState.DONE
+        shm = self.shm
+        if shm is not None and not counted_by_shard:
+            writer = self.n_shards
+            shm.add_outcome(writer, p.band, outcome)
+            if outcome == _DISPATCHED:
+                shm.observe_wait(writer, p.band, 0)
+                shm.add_dispatched(writer)
+        owner = p.owner
+        if owner is None:
+            if outcome == _DISPATCHED:
+                self.ledger.release(p.size)  # the client left while this was being dispatched
+                self._schedule_plan()
+            return
+        waiter, cid, leased = owner
+        ticket = 0
+        retry_after = 0
+        if outcome == _DISPATCHED:
+            ticket = p.id
+            deadline = time.monotonic() + self.config.service.lease if leased else math.inf
+            self.tickets[ticket] = Ticket(ticket, p.size, waiter, deadline)
+            if leased:
+                self._leases[ticket] = deadline
+        elif outcome != Outcome.EVICTED_CANCELLED:
+            retry = self.retry[p.band]
+            retry_after = retry.rejected(time.monotonic()) if outcome == Outcome.REJECTED_CAPACITY else retry.value
+        waiter.deliver(cid, p.id, outcome, ticket, wait, retry_after)
+
+    # ------------------------------------------------------------------ shard frames
+
+    def on_worker_frames(self, shard: int, messages: list[Any]) -> None:
+        ledger = self.ledger
+        pending = self.pending
+        for msg in messages:
+            kind = type(msg)
+            if kind is Done:
+                p = pending[msg.id]
+                outcome = Outcome(msg.outcome)
+                if outcome == _DISPATCHED:
+                    ledger.grant_answered(shard, p.size)
+                newcomer = ledger.leave(p)
+                self._finish(p, outcome, msg.wait, counted_by_shard=True)
+                if newcomer is not None:
+                    self._retry_newcomer(newcomer)
+            elif kind is GrantBack:
+                ledger.grant_answered(shard, None, msg.need)
+            elif kind is Hello:
+                self._on_hello(shard, msg)
+        self._schedule_plan()
+
+    def _retry_newcomer(self, p: Pending) -> None:
+        """A request parked for displacement: its victims have left; admit it now (or give up)."""
+        if p.owner is None:
+            self._finish(p, Outcome.EVICTED_CANCELLED, 0.0)
+        else:
+            self._admit(p)
+
+    def _on_hello(self, shard: int, hello: Hello) -> None:
+        s = self.shards[shard]
+        s.ready = True
+        s.pid = hello.pid
+        if self._all_ready is not None and all(x.ready for x in self.shards):
+            self._all_ready.set()
+
+    def on_worker_lost(self, shard: int, link: WorkerLink) -> None:
+        """A worker's socket closed: it died (or was told to stop). Fail what it held; restart it."""
+        s = self.shards[shard]
+        if s.link is not link:
+            return
+        s.link = None
+        s.ready = False
+        s.writer = FrameWriter()
+        if self._stopping:
+            return
+        lost = self.ledger.shard_failed(shard)
+        for p in lost:
+            newcomer = self.ledger.leave(p)
+            self._finish(p, Outcome.EVICTED_SHARD_FAILURE, time.monotonic() - p.received)
+            if newcomer is not None:
+                self._retry_newcomer(newcomer)
+        assert self.shm is not None
+        self.shm.reset_shard(shard)
+        s.restarts += 1
+        self.counters["worker_restarts"] += 1
+        if s.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                s.proc.kill()
+            s.proc.wait()
+        assert self._loop is not None
+        self._loop.create_task(self._spawn(shard))
+        self._schedule_plan()
+
+    # ------------------------------------------------------------------ grants and writes
+
+    def _schedule_plan(self) -> None:
+        if not self._plan_scheduled and self._loop is not None:
+            self._plan_scheduled = True
+            self._loop.call_soon(self._plan)
+
+    def _plan(self) -> None:
+        self._plan_scheduled = False
+        for shard, band, max_bytes in self.ledger.plan_grants():
+            self._send(shard, Grant(band, max_bytes))
+
+    def _send(self, shard: int, message: Any) -> None:
+        self.shards[shard].writer.add(message)
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        for s in self.shards:
+            if s.writer and s.link is not None and s.link.transport is not None:
+                s.link.transport.write(s.writer.take())
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def _spawn(self, shard: int) -> None:
+        import socket
+
+        loop = asyncio.get_running_loop()
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        s = self.shards[shard]
+        try:
+            s.proc = subprocess.Popen(
+                [
+                    sys.executable, "-m", "workers", "--shard", str(shard), "--fd", str(theirs.fileno()),
+                    "--shm", self.segment.name, "--config-json", msgspec.json.encode(self.config).decode(),
+                ],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        link = WorkerLink(self, shard)
+        s.link = link
+        await loop.create_unix_connection(lambda: link, sock=mine)
+
+    async def start(self) -> None:
+        """Create shared memory, start the workers, wait until each says hello, open the listeners."""
+        from distributor.binary import BinaryLimits, start_binary_server
+        from distributor.http import HttpLimits, start_http_server
+
+        self._loop = asyncio.get_running_loop()
+        self._all_ready = asyncio.Event()
+        self._stopped = asyncio.Event()
+        segment.remove_stale()
+        self.segment = segment.create(self.layout.nbytes)
+        self.shm = ShmStats(self.segment.buf, self.layout, init=True)
+        for n in range(self.n_shards):
+            await self._spawn(n)
+        try:
+            await asyncio.wait_for(self._all_ready.wait(), WORKER_START_TIMEOUT)
+        except TimeoutError:
+            await self.close()
+            raise RuntimeError(f"shard workers did not start within {WORKER_START_TIMEOUT:.0f} s") from None
+        svc = self.config.service
+        http = await start_http_server(
+            self, svc.host, svc.port,
+            HttpLimits(max_body_bytes=svc.max_body_bytes, max_connections=svc.max_connections,
+                       header_timeout=svc.header_timeout, idle_timeout=svc.idle_timeout),
+            lease=svc.lease,
+        )
+        limits = BinaryLimits(max_connections=svc.max_connections)
+        binary = await start_binary_server(self, svc.host, svc.binary_port, limits)
+        self.servers = [http, binary]
+        self.addresses = {"http": http.sockets[0].getsockname()[:2], "binary": binary.sockets[0].getsockname()[:2]}
+        self._accepting = True
+        self._housekeeper = self._loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeeping)
+
+    def _housekeeping(self) -> None:
+        """Periodic, off the hot path: lease expiry, Retry-After relaxation, slot GC, heartbeats."""
+        assert self._loop is not None and self.shm is not None
+        now = time.monotonic()
+        leases = self._leases
+        while leases:
+            ticket, deadline = next(iter(leases.items()))
+            if deadline > now:
+                break
+            leases.popitem(last=False)
+            held = self.tickets.pop(ticket, None)
+            if held is not None:
+                self.ledger.release(held.size)
+                self.counters["tickets_expired"] += 1
+                self._schedule_plan()
+        for retry in self.retry:
+            retry.tick(now)
+        self.slots.collect(now, self._flow_busy)
+        self._housekeeper = self._loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeeping)
+
+    def _flow_busy(self, flow: str) -> bool:
+        return any(flow in band.flows for band in self.ledger.bands)
+
+    def begin_drain(self) -> None:
+        """SIGTERM/SIGINT: stop accepting; let queued work finish until the drain timeout; then stop."""
+        assert self._loop is not None
+        if not self._accepting:
+            if self._stopped is not None and not self._stopping:
+                self._loop.create_task(self.close())  # a second signal: stop now
+            return
+        self._accepting = False
+        for server in self.servers:
+            server.close()
+        self._loop.create_task(self._drain_then_close())
+
+    async def _drain_then_close(self) -> None:
+        deadline = time.monotonic() + self.config.service.drain_timeout
+        while (self.ledger.queued_items or self._parked()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await self.close()
+
+    def _parked(self) -> bool:
+        return any(p.state == PendingState.NEW for p in self.pending.values())
+
+    async def close(self) -> None:
+        """End everything queued with `evicted: shutdown`, stop the workers, remove shared memory."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._accepting = False
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+        for server in self.servers:
+            server.close()
+        for s in self.shards:
+            if s.link is not None:
+                self._send(s.index, Shutdown())
+        self._flush()
+        deadline = time.monotonic() + 2.0
+        while any(s.link is not None for s in self.shards) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for p in list(self.pending.values()):  # anything a worker did not report (it died, or never got it)
+            if p.state in (PendingState.QUEUED, PendingState.DISPLACING):
+                self.ledger.leave(p)
+            self._finish(p, Outcome.EVICTED_SHUTDOWN, time.monotonic() - p.received)
+        for s in self.shards:
+            if s.link is not None and s.link.transport is not None:
+                s.link.transport.close()
+            if s.proc is not None:
+                try:
+                    s.proc.wait(timeout=max(0.0, deadline - time.monotonic()) + 0.5)
+                except subprocess.TimeoutExpired:
+                    s.proc.kill()
+                    s.proc.wait()
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
+        if self.segment is not None:
+            segment.destroy(self.segment)
+            self.segment = None
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def run_until_stopped(self) -> None:
+        assert self._loop is not None and self._stopped is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, self.begin_drain)
+        await self._stopped.wait()
+
+
+async def serve(config: Config, shards: int) -> None:
+    """`flowshard serve`: run until SIGTERM/SIGINT, then drain and exit."""
+    service = Distributor(config, shards)
+    try:
+        await service.start()
+        http, binary = service.addresses["http"], service.addresses["binary"]
+        sys.stderr.write(
+            f"flowshard ready: http=http://{http[0]}:{http[1]} binary={binary[0]}:{binary[1]} "
+            f"shards={shards} pid={__import__('os').getpid()}\n"
+        )
+        sys.stderr.flush()
+        await service.run_until_stopped()
+    finally:
+        await service.close()

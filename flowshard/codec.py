@@ -1,0 +1,206 @@
+"""The wire codec: length-prefixed msgspec msgpack frames, written in batches.
+
+One module serves both hops: distributor <-> worker (over a Unix socket pair) and the public binary
+protocol (clients <-> distributor over TCP). A frame is a 4-byte big-endian length followed by one
+msgpack message; messages are tagged-union Structs encoded as arrays (no field names on the wire).
+
+`FrameWriter` appends frames to a buffer so the shell writes once per event-loop pass;
+`FrameReader` decodes every complete frame a read brought and keeps the rest.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgspec
+
+_LEN = struct.Struct(">I")
+MAX_FRAME = 1 << 20  # a frame larger than this is a protocol error, not a request
+
+
+class FrameError(ValueError):
+    """The peer sent bytes that are not a valid frame; the connection must be closed."""
+
+
+# ---------------------------------------------------------------- distributor -> worker
+
+
+class Enqueue(msgspec.Struct, tag=1, array_like=True, gc=False):
+    """Queue a request on a shard. `slot` is its flow's shared-memory slot."""
+
+    id: int
+    flow: str
+    slot: int
+    priority: int
+    size: int
+    ttl: float
+    slo: float
+    tokens: int
+    weight: float
+
+
+class Grant(msgspec.Struct, tag=2, array_like=True, gc=False):
+    """Dispatch the next request of band index <= `band` whose size is <= `max_bytes` (-1: any)."""
+
+    band: int
+    max_bytes: int
+
+
+class Cancel(msgspec.Struct, tag=3, array_like=True, gc=False):
+    """Evict a queued request with the given outcome (cancelled, displaced, ...), if still queued."""
+
+    id: int
+    outcome: int
+
+
+class Shutdown(msgspec.Struct, tag=4, array_like=True, gc=False):
+    """Evict everything queued with `evicted: shutdown`, report it, then exit."""
+
+
+# ---------------------------------------------------------------- worker -> distributor
+
+
+class Done(msgspec.Struct, tag=5, array_like=True, gc=False):
+    """A request left the shard's queues with this outcome (dispatched or an eviction)."""
+
+    id: int
+    outcome: int
+    wait: float
+
+
+class GrantBack(msgspec.Struct, tag=6, array_like=True, gc=False):
+    """A grant the shard could not use: no eligible request (`need` 0), or the head needs `need` bytes."""
+
+    band: int
+    need: int
+
+
+class Hello(msgspec.Struct, tag=7, array_like=True, gc=False):
+    """The first frame of a worker: it is attached to shared memory and ready."""
+
+    shard: int
+    pid: int
+
+
+# ---------------------------------------------------------------- public binary protocol
+
+
+class Admit(msgspec.Struct, tag=10, array_like=True, gc=False):
+    """Client -> service: admit a request. `id` is the client's correlation id on this connection."""
+
+    id: int
+    flow: str
+    priority: int = 0
+    size: int = 0
+    ttl: float = 0.0
+    slo: float = 0.0
+    tokens: int = 0
+    weight: float = 0.0
+
+
+class Release(msgspec.Struct, tag=11, array_like=True, gc=False):
+    """Client -> service: the dispatched request finished; free its ticket."""
+
+    ticket: int
+
+
+class Result(msgspec.Struct, tag=12, array_like=True, gc=False):
+    """Service -> client: the outcome of an Admit. `ticket` is set when dispatched (else 0)."""
+
+    id: int
+    outcome: int
+    ticket: int = 0
+    wait: float = 0.0
+    retry_after: int = 0
+
+
+class Error(msgspec.Struct, tag=13, array_like=True, gc=False):
+    """Service -> client: a message was invalid (`id` of the Admit when known, else -1)."""
+
+    id: int
+    status: int
+    message: str
+
+
+class Released(msgspec.Struct, tag=14, array_like=True, gc=False):
+    """Service -> client: answer to Release; `ok` false for an unknown or already released ticket."""
+
+    ticket: int
+    ok: bool
+
+
+ToWorker = Enqueue | Grant | Cancel | Shutdown
+FromWorker = Done | GrantBack | Hello
+FromClient = Admit | Release
+ToClient = Result | Error | Released
+
+
+class FrameWriter:
+    """Accumulates frames in one buffer; `take()` returns the bytes to write and starts afresh."""
+
+    __slots__ = ("_buf", "_encoder")
+
+    def __init__(self) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._buf = bytearray()
+
+    def add(self, message: Any) -> None:
+        buf = self._buf
+        start = len(buf)
+        buf += b"\0\0\0\0"
+        self._encoder.encode_into(message, buf, start + 4)
+        _LEN.pack_into(buf, start, len(buf) - start - 4)
+
+    def __bool__(self) -> bool:
+        return bool(self._buf)
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def take(self) -> bytes:
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+
+class FrameReader:
+    """Decodes the frames in a byte stream, typed by the union this side expects to receive."""
+
+    __slots__ = ("_buf", "_decoder", "_max")
+
+    def __init__(self, message_type: Any, max_frame: int = MAX_FRAME) -> None:
+        self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(message_type)
+        self._buf = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes) -> list[Any]:
+        """Every complete message now available. Raises FrameError on a malformed stream."""
+        buf = self._buf
+        buf += data
+        out: list[Any] = []
+        pos = 0
+        end = len(buf)
+        view = memoryview(buf)
+        try:
+            while end - pos >= 4:
+                (n,) = _LEN.unpack_from(buf, pos)
+                if n > self._max:
+                    raise FrameError(f"frame of {n} bytes exceeds the {self._max}-byte limit")
+                if end - pos - 4 < n:
+                    break
+                try:
+                    out.append(self._decoder.decode(view[pos + 4 : pos + 4 + n]))
+                except msgspec.DecodeError as exc:
+                    raise FrameError(f"malformed frame: {exc}") from None
+                pos += 4 + n
+        finally:
+            view.release()
+        if pos:
+            del buf[:pos]
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame held back."""
+        return len(self._buf)

@@ -1,0 +1,312 @@
+"""The distributor's ledger: exact global limits, displacement and dispatch grants across shards.
+
+The distributor sees every request, so it alone decides admission (limits are never partitioned
+across shards) and owns the dispatch budget. Shards hold the queues and run the per-item
+fairness and ordering policies; the ledger only counts what each (band, shard) holds, including
+requests still in transit to a shard, and hands out grants:
+
+- the highest band with ungranted work whose ceiling is not reached is granted first;
+- among the shards holding that band's work, the one with the most queued bytes per grant already
+  outstanding there (so grants spread in proportion to queued bytes);
+- a grant reserves one request slot of the budget, and under a byte budget a number of bytes
+  (twice the band's average queued size on that shard, or what the shard said its head needs);
+  the shard answers each grant, in order, with one dispatch or one hand-back.
+
+Counting reserved grants as in flight keeps in-flight <= limit exact, and granting strictly by band
+keeps priority strict across shards: no lower band is granted while a higher band has work that
+holds no grant and is eligible under its ceiling.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import OrderedDict, deque
+from typing import Any
+
+import msgspec
+
+from flowshard.budget import Budget
+from flowshard.capacity import shortfall
+from flowshard.config import Config
+
+_INF = math.inf
+
+
+class PendingState(enum.IntEnum):
+    NEW = 0  # admitted by no one yet (parked while its displacement victims leave)
+    QUEUED = 1  # routed to a shard (possibly still in transit)
+    DISPLACING = 2  # queued, chosen as a displacement victim, cancel sent
+    DONE = 3
+
+
+class Pending(msgspec.Struct, gc=False):
+    """A request the distributor is answerable for, from admission to its final outcome."""
+
+    id: int
+    flow: str
+    band: int
+    size: int
+    slot: int = -1
+    shard: int = -1
+    state: int = PendingState.NEW
+    owner: Any = None  # the shell's waiter (connection and correlation id)
+    payload: Any = None  # the shell's request message, to forward to the shard
+    received: float = 0.0
+    displacer: Pending | None = None  # the newcomer waiting for this victim to leave
+    victims_left: int = 0
+
+
+class FlowUsage:
+    __slots__ = ("queued_bytes", "queued_items")
+
+    def __init__(self) -> None:
+        self.queued_bytes = 0
+        self.queued_items = 0
+
+
+class LedgerBand:
+    """Counts for one band: totals, per flow, per shard, grants outstanding, arrival order."""
+
+    __slots__ = (
+        "ceiling",
+        "displacement",
+        "flow_max_bytes",
+        "flow_max_items",
+        "flows",
+        "granted",
+        "index",
+        "max_bytes",
+        "max_items",
+        "order",
+        "queued_bytes",
+        "queued_items",
+        "shard_bytes",
+        "shard_granted",
+        "shard_items",
+    )
+
+    def __init__(self, index: int, config: Config, shards: int) -> None:
+        bc = config.bands[index]
+        self.index = index
+        self.ceiling = bc.ceiling
+        self.displacement = bc.displacement
+        self.max_bytes = _limit(bc.max_bytes)
+        self.max_items = _limit(bc.max_requests)
+        self.flow_max_bytes = _limit(bc.flow_max_bytes)
+        self.flow_max_items = _limit(bc.flow_max_requests)
+        self.flows: dict[str, FlowUsage] = {}
+        self.order: OrderedDict[int, Pending] = OrderedDict()  # queued requests, newest last
+        self.queued_items = self.queued_bytes = 0
+        self.shard_items = [0] * shards
+        self.shard_bytes = [0] * shards
+        self.shard_granted = [0] * shards
+        self.granted = 0
+
+
+def _limit(value: int | None) -> float:
+    return _INF if value is None else value
+
+
+class Ledger:
+    """All of the distributor's admission and dispatch bookkeeping; no I/O, no clock."""
+
+    def __init__(self, config: Config, shards: int) -> None:
+        self.config = config
+        self.shards = shards
+        self.bands = [LedgerBand(i, config, shards) for i in range(len(config.bands))]
+        self._band_of = {b.priority: i for i, b in enumerate(config.bands)}
+        self._default_band = self._band_of[config.default_band.priority]
+        self.max_bytes = _limit(config.max_queued_bytes)
+        self.max_items = _limit(config.max_queued_requests)
+        self.queued_items = self.queued_bytes = 0
+        self.budget = Budget(config.budget.max_inflight_requests, config.budget.max_inflight_bytes)
+        self.grants_out = 0
+        self.grants_bytes = 0
+        self._grants: list[deque[tuple[int, int]]] = [deque() for _ in range(shards)]
+        self._need: dict[tuple[int, int], int] = {}
+
+    def band_index(self, priority: int) -> int:
+        return self._band_of.get(priority, self._default_band)
+
+    # ------------------------------------------------------------------ admission
+
+    def check(self, p: Pending) -> list[Pending] | None:
+        """Can `p` be queued? [] if it fits now; victims to displace first; None if rejected.
+
+        Victims come from the lowest band with queued work upwards, newest first, skipping those
+        already being displaced; they are chosen only if together they free enough.
+        """
+        band = self.bands[p.band]
+        flow = band.flows.get(p.flow) or FlowUsage()
+        need = shortfall(p.size, flow, band, self, self.max_bytes, self.max_items)
+        if need is None:
+            return None
+        need_bytes, need_items = need
+        if need_bytes <= 0 and need_items <= 0:
+            return []
+        if not band.displacement:
+            return None
+        victims: list[Pending] = []
+        for lower in reversed(self.bands[p.band + 1 :]):
+            for victim in reversed(lower.order.values()):
+                if need_bytes <= 0 and need_items <= 0:
+                    return victims
+                if victim.state != PendingState.QUEUED:
+                    continue
+                victims.append(victim)
+                need_bytes -= victim.size
+                need_items -= 1
+        return victims if need_bytes <= 0 and need_items <= 0 else None
+
+    def mark_victims(self, newcomer: Pending, victims: list[Pending]) -> None:
+        """Park `newcomer` until the victims (now being cancelled by the shell) have left."""
+        for victim in victims:
+            victim.state = PendingState.DISPLACING
+            victim.displacer = newcomer
+        newcomer.victims_left = len(victims)
+
+    def can_dispatch_now(self, p: Pending) -> bool:
+        """The idle fast path: nothing queued at this band or above, and the budget has room."""
+        for band in self.bands[: p.band + 1]:
+            if band.queued_items:
+                return False
+        budget = self.budget
+        used = budget.inflight + self.grants_out
+        used_bytes = budget.inflight_bytes + self.grants_bytes
+        if max(used / budget.max_requests, used_bytes / budget.max_bytes) >= self.bands[p.band].ceiling:
+            return False
+        return used < budget.max_requests and (used_bytes + p.size <= budget.max_bytes or used == 0)
+
+    def dispatched_directly(self, p: Pending) -> None:
+        p.state = PendingState.DONE
+        self.budget.acquire(p.size)
+
+    def enqueue(self, p: Pending, shard: int) -> None:
+        """`p` is being sent to `shard`; from now on it counts as queued there."""
+        p.shard = shard
+        p.state = PendingState.QUEUED
+        band = self.bands[p.band]
+        flow = band.flows.get(p.flow)
+        if flow is None:
+            flow = band.flows[p.flow] = FlowUsage()
+        flow.queued_items += 1
+        flow.queued_bytes += p.size
+        band.order[p.id] = p
+        band.queued_items += 1
+        band.queued_bytes += p.size
+        band.shard_items[shard] += 1
+        band.shard_bytes[shard] += p.size
+        self.queued_items += 1
+        self.queued_bytes += p.size
+
+    def leave(self, p: Pending) -> Pending | None:
+        """`p` left its shard's queue (any outcome). Returns a parked newcomer now free to retry."""
+        band = self.bands[p.band]
+        flow = band.flows[p.flow]
+        flow.queued_items -= 1
+        flow.queued_bytes -= p.size
+        if not flow.queued_items:
+            del band.flows[p.flow]
+        del band.order[p.id]
+        band.queued_items -= 1
+        band.queued_bytes -= p.size
+        band.shard_items[p.shard] -= 1
+        band.shard_bytes[p.shard] -= p.size
+        self.queued_items -= 1
+        self.queued_bytes -= p.size
+        p.state = PendingState.DONE
+        newcomer = p.displacer
+        if newcomer is not None:
+            p.displacer = None
+            newcomer.victims_left -= 1
+            if newcomer.victims_left == 0:
+                return newcomer
+        return None
+
+    # ------------------------------------------------------------------ grants
+
+    def plan_grants(self) -> list[tuple[int, int, int]]:
+        """Grants to send now, as (shard, band, max_bytes with -1 for any); already reserved."""
+        budget = self.budget
+        max_requests, max_bytes = budget.max_requests, budget.max_bytes
+        out: list[tuple[int, int, int]] = []
+        while True:
+            used = budget.inflight + self.grants_out
+            if used >= max_requests:
+                return out
+            used_bytes = budget.inflight_bytes + self.grants_bytes
+            saturation = max(used / max_requests, used_bytes / max_bytes)
+            band = None
+            for candidate in self.bands:
+                if candidate.queued_items > candidate.granted and saturation < candidate.ceiling:
+                    band = candidate
+                    break
+            if band is None:
+                return out
+            shard = self._pick_shard(band)
+            reserve = -1
+            if max_bytes != _INF:
+                hint = max(self._need.get((band.index, shard), 0), self._typical_size(band, shard))
+                room = max_bytes - used_bytes
+                if used == 0:
+                    reserve = int(max(room, hint))
+                elif room >= hint:
+                    reserve = int(min(room, 2 * hint))
+                else:
+                    return out  # the head likely does not fit: wait for releases (strict priority)
+            band.granted += 1
+            band.shard_granted[shard] += 1
+            self.grants_out += 1
+            self.grants_bytes += max(reserve, 0)
+            self._grants[shard].append((band.index, reserve))
+            out.append((shard, band.index, reserve))
+
+    @staticmethod
+    def _pick_shard(band: LedgerBand) -> int:
+        best, best_score = -1, -1.0
+        for n, items in enumerate(band.shard_items):
+            granted = band.shard_granted[n]
+            if items > granted:
+                score = band.shard_bytes[n] / (granted + 1) + 1e-9 * (items - granted)
+                if score > best_score:
+                    best, best_score = n, score
+        return best
+
+    @staticmethod
+    def _typical_size(band: LedgerBand, shard: int) -> int:
+        items = band.shard_items[shard]
+        return math.ceil(band.shard_bytes[shard] / items) if items else 0
+
+    def grant_answered(self, shard: int, dispatched_size: int | None, need: int = 0) -> None:
+        """The shard answered its oldest grant: a dispatch of `dispatched_size` bytes, or a hand-back."""
+        band_index, reserve = self._grants[shard].popleft()
+        band = self.bands[band_index]
+        band.granted -= 1
+        band.shard_granted[shard] -= 1
+        self.grants_out -= 1
+        self.grants_bytes -= max(reserve, 0)
+        if dispatched_size is not None:
+            self.budget.acquire(dispatched_size)
+            self._need.pop((band_index, shard), None)
+        elif need:
+            self._need[(band_index, shard)] = need
+
+    def release(self, size: int) -> None:
+        """A dispatched request's ticket was released."""
+        self.budget.release(size)
+
+    def shard_failed(self, shard: int) -> list[Pending]:
+        """Forget a dead shard's grants; return the requests it held (to end as shard failures)."""
+        for band_index, reserve in self._grants[shard]:
+            band = self.bands[band_index]
+            band.granted -= 1
+            band.shard_granted[shard] -= 1
+            self.grants_out -= 1
+            self.grants_bytes -= max(reserve, 0)
+        self._grants[shard].clear()
+        lost = [p for band in self.bands for p in band.order.values() if p.shard == shard]
+        return lost
+
+    def outstanding_grants(self, shard: int) -> int:
+        return len(self._grants[shard])

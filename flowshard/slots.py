@@ -1,0 +1,46 @@
+"""The flow-id -> shared-memory slot table, owned by the distributor.
+
+Shared memory has a fixed number of flow slots. A flow keeps its slot while it has work and for
+`gc_timeout` seconds after; then the slot is free for another flow (its counters are balanced, so
+queued = enq - deq stays right for the next owner). When every slot is taken, a new flow shares a
+slot chosen by a stable hash: routing for it becomes approximate, limits stay exact (those are
+the ledger's), and nothing is rejected for want of a slot.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+
+
+class SlotTable:
+    def __init__(self, slots: int, gc_timeout: float) -> None:
+        self.slots = slots
+        self.gc_timeout = gc_timeout
+        self._slot_of: dict[str, int] = {}
+        self._last_used: dict[str, float] = {}
+        self._free = list(range(slots - 1, -1, -1))
+        self.shared = 0  # flows given a shared (hashed) slot because the table was full
+
+    def slot(self, flow: str, now: float) -> int:
+        slot = self._slot_of.get(flow)
+        if slot is None:
+            if not self._free:
+                self.shared += 1
+                return zlib.crc32(flow.encode()) % self.slots
+            slot = self._slot_of[flow] = self._free.pop()
+        self._last_used[flow] = now
+        return slot
+
+    def collect(self, now: float, busy: Callable[[str], bool]) -> int:
+        """Free the slots of flows unused for `gc_timeout` that hold no work. A periodic O(flows) pass."""
+        freed = 0
+        for flow, last in list(self._last_used.items()):
+            if now - last >= self.gc_timeout and not busy(flow):
+                del self._last_used[flow]
+                self._free.append(self._slot_of.pop(flow))
+                freed += 1
+        return freed
+
+    def __len__(self) -> int:
+        return len(self._slot_of)

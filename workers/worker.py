@@ -1,0 +1,215 @@
+"""A shard worker process: one engine, driven by frames from the distributor over a socket pair.
+
+The worker owns its shard's queues and policies, TTL expiry and displacement victims; it
+dispatches only when granted, answers every grant in order (one dispatch or one hand-back), and
+mirrors every exit from its queues into its own shared-memory cells (single writer).
+
+It exits when the distributor goes away: the socket closes (EOF), or the parent-death signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import math
+import mmap
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+import msgspec
+import uvloop
+
+from flowshard.codec import Cancel, Done, Enqueue, FrameReader, FrameWriter, Grant, GrantBack, Hello, Shutdown, ToWorker
+from flowshard.config import Config
+from flowshard.engine import Engine
+from flowshard.shm import ShmStats
+from flowshard.stats import wait_bucket
+from flowshard.types import Outcome, Request
+
+_DISPATCHED = Outcome.DISPATCHED
+HEARTBEAT_INTERVAL = 0.1
+GC_INTERVAL = 5.0
+
+
+class ShardWorker(asyncio.Protocol):
+    """The protocol on the worker's end of the socket pair."""
+
+    def __init__(self, shard: int, engine: Engine, stats: ShmStats, finished: asyncio.Future[None]) -> None:
+        self.shard = shard
+        self.engine = engine
+        self.stats = stats
+        self.finished = finished
+        self.reader = FrameReader(ToWorker)
+        self.writer = FrameWriter()
+        self.slots: dict[int, int] = {}  # request id -> flow slot, for the dequeue counters
+        self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._closing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.writer.add(Hello(self.shard, os.getpid()))
+        transport.write(self.writer.take())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic()
+        engine = self.engine
+        stats = self.stats
+        stats.begin_write(self.shard)
+        try:
+            for msg in self.reader.feed(data):
+                kind = type(msg)
+                if kind is Enqueue:
+                    self.slots[msg.id] = msg.slot
+                    engine.submit(
+                        Request(msg.id, msg.flow, msg.priority, msg.size, msg.ttl, msg.slo, msg.tokens, msg.weight),
+                        now,
+                    )
+                elif kind is Grant:
+                    item = engine.dispatch(now, msg.band, math.inf if msg.max_bytes < 0 else msg.max_bytes)
+                    self._drain()  # TTL evictions on the way, then the dispatch: in order
+                    if item is None:
+                        self.writer.add(GrantBack(msg.band, engine.blocked_size))
+                    continue
+                elif kind is Cancel:
+                    engine.cancel(msg.id, now, Outcome(msg.outcome))
+                elif kind is Shutdown:
+                    self._closing = True
+                    engine.shutdown(now)
+                if engine.outbox:
+                    self._drain()
+        finally:
+            stats.end_write(self.shard)
+        self._flush()
+        if self._closing:
+            assert self.transport is not None
+            self.transport.close()
+        else:
+            self._arm_timer()
+
+    def _drain(self) -> None:
+        """Turn finished items into Done frames and shared-memory counter updates."""
+        stats = self.stats
+        shard = self.shard
+        slots = self.slots
+        add = self.writer.add
+        for item in self.engine.take_outbox():
+            request = item.request
+            outcome = item.outcome
+            wait = item.finished_at - item.enqueued_at
+            add(Done(request.id, outcome, wait))
+            stats.add_deq(slots.pop(request.id), shard, item.band, request.size)
+            stats.add_outcome(shard, item.band, outcome)
+            if outcome == _DISPATCHED:
+                stats.observe_wait(shard, item.band, wait_bucket(wait))
+                stats.add_dispatched(shard)
+
+    def _flush(self) -> None:
+        if self.writer and self.transport is not None:
+            self.transport.write(self.writer.take())
+
+    def _arm_timer(self) -> None:
+        """Keep one timer at the earliest TTL deadline, so expiries are reported promptly."""
+        deadline = self.engine.next_deadline()
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline != math.inf:
+            self._timer = self.loop.call_later(max(0.0, deadline - time.monotonic()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        now = time.monotonic()
+        self.stats.begin_write(self.shard)
+        try:
+            self.engine.expire(now)
+            self._drain()
+        finally:
+            self.stats.end_write(self.shard)
+        self._flush()
+        self._arm_timer()
+
+    def heartbeat(self, parent: int) -> None:
+        if os.getppid() != parent and not self.finished.done():
+            self.finished.set_result(None)  # orphaned: the distributor is gone
+            return
+        self.stats.set_heartbeat(self.shard, time.monotonic_ns())
+        self.engine.collect_garbage(time.monotonic())
+        self.loop.call_later(HEARTBEAT_INTERVAL, self.heartbeat, parent)
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGTERM this process when its parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)
+
+
+def attach_segment(name: str) -> tuple[mmap.mmap, int]:
+    """Map the distributor's segment from /dev/shm without the resource tracker.
+
+    multiprocessing's SharedMemory would register the segment with a tracker that unlinks it when
+    this process exits (Python 3.11); mapping the file directly leaves ownership with the distributor.
+    """
+    fd = os.open(f"/dev/shm/{name}", os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        return mmap.mmap(fd, size), size
+    finally:
+        os.close(fd)
+
+
+async def run(shard: int, fd: int, shm_name: str, config: Config) -> None:
+    loop = asyncio.get_running_loop()
+    parent = os.getppid()
+    segment, _ = attach_segment(shm_name)
+    stats = ShmStats(segment)
+    finished: asyncio.Future[None] = loop.create_future()
+    engine = Engine(config, enforce_limits=False)
+    sock = socket.socket(fileno=fd)
+    worker = ShardWorker(shard, engine, stats, finished)
+    loop.add_signal_handler(signal.SIGTERM, lambda: finished.done() or finished.set_result(None))
+    transport, _ = await loop.create_unix_connection(lambda: worker, sock=sock)
+    worker.heartbeat(parent)
+    try:
+        await finished
+    finally:
+        transport.close()
+        stats.close()
+        with contextlib.suppress(BufferError):
+            segment.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flowshard-worker", description="one flowshard shard (started by serve)")
+    parser.add_argument("--shard", type=int, required=True)
+    parser.add_argument("--fd", type=int, required=True, help="this end of the socket pair")
+    parser.add_argument("--shm", required=True, help="shared-memory segment name")
+    parser.add_argument("--config-json", required=True)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the distributor, which drains us
+    _die_with_parent()
+    config: Any = msgspec.json.decode(args.config_json, type=Config)
+    uvloop.run(run(args.shard, args.fd, args.shm, config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
