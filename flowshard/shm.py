@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 __all__ = [
+    "ARRAY_NAMES",
     "HEADER_WORDS",
     "MAGIC",
     "VERSION",
@@ -63,6 +64,14 @@ _SHARD_ARRAYS: Final = ("deq_bytes", "deq_items", "band_deq_bytes", "band_deq_it
 _DIST_ARRAYS: Final = ("enq_bytes", "enq_items", "band_enq_bytes", "band_enq_items")
 _SHARED_ROWS: Final = ("outcomes", "wait_hist", "dispatched")  # row w belongs to writer w
 ARRAY_NAMES: Final = ("seq", *_SHARD_ARRAYS, *_SHARED_ROWS, *_DIST_ARRAYS)
+
+
+def _first_word(buf: Buffer) -> int:
+    with memoryview(buf) as mv, mv.cast("B") as raw:
+        if raw.nbytes < 8:
+            return 0
+        with raw[:8] as head, head.cast("q") as q:
+            return int(q[0])
 
 
 def _align(n: int) -> int:
@@ -281,6 +290,9 @@ class ShmStats:
             if init:
                 raise ValueError("init=True needs an explicit layout")
             layout = ShmLayout.from_buffer(buf)
+        elif not init and _first_word(buf) == MAGIC and ShmLayout.from_buffer(buf) != layout:
+            raise ValueError("segment header describes a different layout")
+        # A buffer without a header (first word 0) is accepted with an explicit layout: tests, scratch.
         with memoryview(buf) as mv, mv.cast("B") as raw:
             if raw.nbytes < layout.nbytes:
                 raise ValueError(f"buffer of {raw.nbytes} bytes is smaller than the layout's {layout.nbytes}")
@@ -295,10 +307,6 @@ class ShmStats:
         if init:
             for k, word in enumerate(layout.header()):
                 self._q[k] = word
-        elif self._q[0] == MAGIC and ShmLayout.from_buffer(self._raw) != layout:
-            self.close()
-            raise ValueError("segment header describes a different layout")
-        # A buffer without a header (magic 0) is accepted with an explicit layout: tests, scratch buffers.
 
         self._n = layout.shards
         self._o = layout.outcomes
@@ -419,18 +427,29 @@ class ShmStats:
         q, n = self._q, self._n
         e = self._w_enq_b + slot * n
         d = self._w_deq_b + slot * n
-        queued = [a - b for a, b in zip(q[e : e + n].tolist(), q[d : d + n].tolist(), strict=True)]
-        best = min(queued)
-        tied = [s for s in range(n) if queued[s] == best]
+        enq, deq = q[e : e + n].tolist(), q[d : d + n].tolist()
+        best = enq[0] - deq[0]
+        tied = [0]
+        for s in range(1, n):
+            v = enq[s] - deq[s]
+            if v < best:
+                best, tied = v, [s]
+            elif v == best:
+                tied.append(s)
         if len(tied) == 1:
             return tied[0]
         k = self.layout.bands * n
         enq = q[self._w_benq_b : self._w_benq_b + k].tolist()  # band-major [B, N]: shard s is [s::n]
         deq = q[self._w_bdeq_b : self._w_bdeq_b + k].tolist()
-        totals = [sum(enq[s::n]) - sum(deq[s::n]) for s in tied]
-        low = min(totals)
-        tied = [s for s, t in zip(tied, totals, strict=True) if t == low]
-        return tied[rr_counter % len(tied)]
+        low_tied: list[int] = []
+        low = 0
+        for s in tied:
+            t = sum(enq[s::n]) - sum(deq[s::n])
+            if not low_tied or t < low:
+                low, low_tied = t, [s]
+            elif t == low:
+                low_tied.append(s)
+        return low_tied[rr_counter % len(low_tied)]
 
     def _writer_cells(self, writer: int) -> Iterator[tuple[str, Any]]:
         """The (array, index) pairs that belong to ``writer`` (its seqlock covers exactly these)."""

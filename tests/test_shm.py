@@ -1,0 +1,525 @@
+"""Tests of the shared-memory statistics layout (DESIGN.md §4 invariants 4-6, §5)."""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import sys
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from multiprocessing import shared_memory
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flowshard.shm import ARRAY_NAMES, HEADER_WORDS, MAGIC, ShmLayout, ShmStats
+
+
+def make(f: int = 6, n: int = 3, b: int = 3, o: int = 8, h: int = 17) -> ShmStats:
+    layout = ShmLayout(flow_slots=f, shards=n, bands=b, outcomes=o, hist_buckets=h)
+    return ShmStats(bytearray(layout.nbytes), layout, init=True)
+
+
+# ---------------------------------------------------------------------------------------------- layout
+
+
+@pytest.mark.parametrize("dims", [(1, 1, 1, 1, 1), (6, 3, 3, 8, 17), (1024, 4, 4, 8, 17), (7, 5, 2, 3, 9)])
+def test_layout_offsets_aligned_disjoint_and_nbytes_exact(dims: tuple[int, ...]) -> None:
+    f, n, b, o, h = dims
+    layout = ShmLayout(f, n, b, o, h)
+    expected = {
+        "enq_bytes": (f, n), "enq_items": (f, n), "deq_bytes": (f, n), "deq_items": (f, n),
+        "band_enq_bytes": (b, n), "band_enq_items": (b, n), "band_deq_bytes": (b, n), "band_deq_items": (b, n),
+        "outcomes": (n + 1, b, o), "wait_hist": (n + 1, b, h), "dispatched": (n + 1,),
+        "heartbeat_ns": (n,), "seq": (n + 1,),
+    }  # fmt: skip
+    assert {s.name: s.shape for s in layout.specs} == expected
+    assert set(ARRAY_NAMES) == set(expected)
+
+    spans = sorted((s.offset, s.offset + s.nbytes) for s in layout.specs)
+    assert spans[0][0] >= HEADER_WORDS * 8
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert end <= start
+    assert all(s.offset % 8 == 0 for s in layout.specs)
+    assert all(s.offset % 64 == 0 for s in layout.specs)  # cache-line aligned, stricter than needed
+    last_end = spans[-1][1]
+    assert last_end <= layout.nbytes < last_end + 64 and layout.nbytes % 64 == 0
+    # padding is small: at most one cache line per array and the header line
+    payload = sum(s.nbytes for s in layout.specs)
+    assert payload + HEADER_WORDS * 8 <= layout.nbytes <= payload + 64 * (len(layout.specs) + 1)
+
+
+def test_views_cover_their_cells_only() -> None:
+    """Fill every array with its own marker through numpy; no write may land in another array."""
+    stats = make(f=5, n=3, b=2, o=4, h=5)
+    base = np.frombuffer(stats._raw, dtype=np.uint8).ctypes.data
+    for k, spec in enumerate(stats.layout.specs):
+        arr = getattr(stats, spec.name)
+        assert arr.dtype == np.int64 and arr.flags.c_contiguous and arr.flags.writeable
+        assert arr.shape == spec.shape
+        assert arr.ctypes.data - base == spec.offset
+        arr[...] = 1000 + k
+    for k, spec in enumerate(stats.layout.specs):
+        assert (getattr(stats, spec.name) == 1000 + k).all(), spec.name
+    assert stats._q[0] == MAGIC
+    assert ShmLayout.from_buffer(stats._raw) == stats.layout
+
+
+@pytest.mark.parametrize("bad", [(0, 1, 1), (1, 0, 1), (1, 1, -2), (1.5, 1, 1), (True, 1, 1)])
+def test_layout_rejects_bad_dims(bad: tuple[object, ...]) -> None:
+    with pytest.raises(ValueError):
+        ShmLayout(*bad)  # type: ignore[arg-type]
+
+
+def test_header_round_trip_and_mismatch() -> None:
+    layout = ShmLayout(flow_slots=9, shards=2, bands=3, outcomes=8, hist_buckets=17)
+    buf = bytearray(layout.nbytes + 100)  # a segment may be larger than the layout
+    ShmStats(buf, layout, init=True).close()
+    attached = ShmStats(buf)  # a worker attaches without the config
+    assert attached.layout == layout and attached.layout.nbytes == layout.nbytes
+    attached.close()
+    with pytest.raises(ValueError, match="different layout"):
+        ShmStats(buf, ShmLayout(flow_slots=9, shards=3, bands=3))
+    with pytest.raises(ValueError, match="not a flowshard"):
+        ShmStats(bytearray(layout.nbytes))
+    with pytest.raises(ValueError, match="smaller"):
+        ShmStats(bytearray(layout.nbytes - 8), layout)
+
+
+# ---------------------------------------------------------------------------------------------- counters
+
+
+def test_single_writer_counter_arithmetic_touches_only_its_cells() -> None:
+    stats = make(f=6, n=3, b=3, o=8, h=17)
+    lay = stats.layout
+    exp = {s.name: np.zeros(s.shape, dtype=np.int64) for s in lay.specs}
+
+    stats.add_enq(4, 2, 1, 300)
+    stats.add_enq(4, 2, 1, 50)
+    stats.add_enq(0, 0, 2, 7, items=3)
+    exp["enq_bytes"][4, 2] = 350
+    exp["enq_items"][4, 2] = 2
+    exp["band_enq_bytes"][1, 2] = 350
+    exp["band_enq_items"][1, 2] = 2
+    exp["enq_bytes"][0, 0] = 7
+    exp["enq_items"][0, 0] = 3
+    exp["band_enq_bytes"][2, 0] = 7
+    exp["band_enq_items"][2, 0] = 3
+
+    stats.add_deq(4, 2, 1, 300)
+    exp["deq_bytes"][4, 2] = 300
+    exp["deq_items"][4, 2] = 1
+    exp["band_deq_bytes"][1, 2] = 300
+    exp["band_deq_items"][1, 2] = 1
+    stats.add_deq(0, 0, 2, 4, items=2)
+    exp["deq_bytes"][0, 0] = 4
+    exp["deq_items"][0, 0] = 2
+    exp["band_deq_bytes"][2, 0] = 4
+    exp["band_deq_items"][2, 0] = 2
+
+    stats.add_outcome(1, 2, 5)
+    stats.add_outcome(lay.distributor, 0, 7, n=4)
+    exp["outcomes"][1, 2, 5] = 1
+    exp["outcomes"][3, 0, 7] = 4
+    stats.observe_wait(2, 1, 16)
+    stats.observe_wait(2, 1, 16)
+    stats.observe_wait(lay.distributor, 2, 0)
+    exp["wait_hist"][2, 1, 16] = 2
+    exp["wait_hist"][3, 2, 0] = 1
+    stats.add_dispatched(0)
+    stats.add_dispatched(lay.distributor, 5)
+    exp["dispatched"][0] = 1
+    exp["dispatched"][3] = 5
+    stats.set_heartbeat(1, 123_456_789)
+    stats.set_heartbeat(1, 223_456_789)
+    exp["heartbeat_ns"][1] = 223_456_789
+    stats.begin_write(2)
+    stats.end_write(2)
+    exp["seq"][2] = 2
+
+    snap = stats.snapshot()
+    assert snap.consistent
+    for name, arr in exp.items():
+        np.testing.assert_array_equal(snap[name], arr, err_msg=name)
+        np.testing.assert_array_equal(getattr(stats, name), arr, err_msg=name)
+    assert snap.enq_bytes is snap["enq_bytes"]
+    # a snapshot is a copy, not a view
+    stats.add_enq(0, 0, 0, 1)
+    assert snap.enq_bytes[0, 0] == 7
+
+
+def test_queued_is_enq_minus_deq() -> None:
+    stats = make(f=4, n=3, b=2)
+    stats.add_enq(2, 0, 0, 100)
+    stats.add_enq(2, 1, 0, 40)
+    stats.add_enq(2, 1, 1, 60)
+    stats.add_enq(3, 2, 1, 9)
+    stats.add_deq(2, 1, 0, 40)
+    np.testing.assert_array_equal(stats.queued_bytes(2), [100, 60, 0])
+    np.testing.assert_array_equal(stats.queued_items(2), [1, 1, 0])
+    np.testing.assert_array_equal(stats.queued_bytes(3), [0, 0, 9])
+    np.testing.assert_array_equal(stats.shard_queued_bytes(), [100, 60, 9])
+    assert not stats.flow_idle(2) and stats.flow_idle(0)
+    stats.add_deq(2, 0, 0, 100)
+    stats.add_deq(2, 1, 1, 60)
+    assert stats.flow_idle(2)
+    np.testing.assert_array_equal(stats.queued_bytes(2), [0, 0, 0])
+
+
+# ---------------------------------------------------------------------------------------------- JSQ
+
+
+def test_jsq_picks_fewest_flow_bytes_counting_in_transit() -> None:
+    stats = make(f=4, n=4, b=2)
+    for shard, nbytes in enumerate([500, 200, 300, 900]):
+        stats.add_enq(1, shard, 0, nbytes)  # in transit: no deq yet, still counted
+    assert stats.jsq_pick(1, 0) == 1
+    assert stats.jsq_pick(1, 7) == 1  # the counter only matters on ties
+    stats.add_deq(1, 0, 0, 500)  # shard 0 now holds nothing of flow 1
+    assert stats.jsq_pick(1, 0) == 0
+    # other flows' bytes do not matter while the flow's own bytes differ
+    stats.add_enq(2, 0, 1, 10_000)
+    assert stats.jsq_pick(1, 3) == 0
+
+
+def test_jsq_tie_broken_by_total_shard_bytes() -> None:
+    stats = make(f=4, n=3, b=2)
+    # flow 0 has nothing anywhere: all three tie on flow bytes
+    stats.add_enq(1, 0, 0, 50)
+    stats.add_enq(2, 1, 1, 20)  # band 1 counts too: totals are over all bands
+    stats.add_enq(3, 2, 0, 30)
+    for rr in range(5):
+        assert stats.jsq_pick(0, rr) == 1
+    # the second level only considers the shards tied at the first level
+    stats.add_enq(0, 1, 0, 1)
+    for rr in range(5):
+        assert stats.jsq_pick(0, rr) == 2
+
+
+def test_jsq_round_robin_among_full_ties() -> None:
+    stats = make(f=3, n=4, b=2)
+    assert [stats.jsq_pick(0, rr) for rr in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]
+    # shards 1 and 3 tie at both levels; 0 and 2 carry more total bytes
+    stats.add_enq(1, 0, 0, 5)
+    stats.add_enq(2, 2, 1, 5)
+    picks = [stats.jsq_pick(0, rr) for rr in range(6)]
+    assert picks == [1, 3, 1, 3, 1, 3]
+    assert Counter(stats.jsq_pick(0, rr) for rr in range(100)) == {1: 50, 3: 50}
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    n=st.integers(1, 6),
+    b=st.integers(1, 4),
+    data=st.data(),
+)
+def test_jsq_matches_reference(n: int, b: int, data: st.DataObject) -> None:
+    stats = make(f=3, n=n, b=b)
+    for _ in range(data.draw(st.integers(0, 12))):
+        slot, shard, band = data.draw(st.tuples(st.integers(0, 2), st.integers(0, n - 1), st.integers(0, b - 1)))
+        stats.add_enq(slot, shard, band, data.draw(st.integers(0, 3)))
+    rr = data.draw(st.integers(0, 10**6))
+    flow_q = (stats.enq_bytes[0] - stats.deq_bytes[0]).tolist()
+    total = (stats.band_enq_bytes - stats.band_deq_bytes).sum(axis=0).tolist()
+    level1 = [s for s in range(n) if flow_q[s] == min(flow_q)]
+    level2 = [s for s in level1 if total[s] == min(total[t] for t in level1)]
+    assert stats.jsq_pick(0, rr) == level2[rr % len(level2)]
+
+
+# ---------------------------------------------------------------------------------------------- seqlock
+
+
+def test_snapshot_consistent_when_no_writer_is_busy() -> None:
+    stats = make()
+    stats.begin_write(0)
+    stats.add_deq(1, 0, 0, 0)
+    stats.end_write(0)
+    calls: list[int] = []
+    snap = stats.snapshot(on_retry=calls.append)
+    assert snap.consistent and snap.inconsistent_writers == () and calls == []
+    np.testing.assert_array_equal(snap.seq, [2, 0, 0, 0])
+
+
+def test_snapshot_gives_up_on_a_writer_stuck_mid_write() -> None:
+    stats = make(n=3)
+    stats.begin_write(1)  # e.g. shard 1 died mid-batch: seq stays odd
+    assert stats.seq[1] % 2 == 1
+    calls: list[int] = []
+    snap = stats.snapshot(max_retries=5, on_retry=calls.append)
+    assert not snap.consistent
+    assert snap.inconsistent_writers == (1,)
+    assert calls == [1] * 5
+    assert snap.seq[1] % 2 == 1
+
+
+def test_snapshot_retries_until_the_writer_finishes() -> None:
+    stats = make(n=3)
+    stats.add_enq(2, 1, 0, 100)  # the distributor sent an item to shard 1
+    stats.begin_write(1)
+    stats.add_deq(2, 1, 0, 100)  # shard 1 is mid-batch: its deq is half-published
+    calls: list[int] = []
+
+    def finish(writer: int) -> None:
+        calls.append(writer)
+        if len(calls) == 3:  # the writer finishes the batch while the reader spins
+            stats.add_outcome(1, 0, 2)
+            stats.end_write(1)
+
+    snap = stats.snapshot(max_retries=10, on_retry=finish)
+    assert snap.consistent
+    assert calls == [1, 1, 1]
+    assert snap.outcomes[1, 0, 2] == 1 and snap.deq_bytes[2, 1] == 100
+    assert snap.seq[1] == 2
+
+
+def test_snapshot_retries_when_the_writer_moves_during_the_copy() -> None:
+    """A whole batch lands between the reader's copies of two arrays: the seq moved, so copy again."""
+
+    class Racy(ShmStats):
+        races = 1
+
+        def _writer_cells(self, writer: int) -> Iterator[tuple[str, Any]]:
+            for k, cell in enumerate(super()._writer_cells(writer)):
+                yield cell  # the reader copies this array now
+                if k == 0 and self.races:
+                    self.races -= 1
+                    self.begin_write(writer)
+                    self.add_enq(0, 0, 0, 3)
+                    self.end_write(writer)
+
+    layout = ShmLayout(flow_slots=2, shards=1, bands=1)
+    stats = Racy(bytearray(layout.nbytes), layout, init=True)
+    stats.add_enq(0, 0, 0, 3)
+    stats.begin_write(1)  # the distributor is mid-batch when the snapshot starts
+    retries: list[int] = []
+
+    def finish(writer: int) -> None:
+        if not retries:
+            stats.end_write(writer)
+        retries.append(writer)
+
+    snap = stats.snapshot(max_retries=5, on_retry=finish)
+    assert stats.races == 0
+    assert snap.consistent and retries == [1, 1]
+    assert snap.enq_bytes[0, 0] == 6 and snap.enq_items[0, 0] == 2  # not 3 bytes with 2 items
+    assert snap.seq[1] == 4
+
+
+def test_snapshot_recopies_the_distributor_after_a_shard_so_queued_never_goes_negative() -> None:
+    stats = make(n=2)
+    stats.begin_write(0)
+
+    def later(writer: int) -> None:
+        # meanwhile the distributor sends a new item and shard 0 already dequeues it
+        stats.begin_write(2)
+        stats.add_enq(3, 0, 1, 77)
+        stats.end_write(2)
+        stats.add_deq(3, 0, 1, 77)
+        stats.end_write(0)
+
+    snap = stats.snapshot(max_retries=3, on_retry=later)
+    assert snap.consistent
+    assert snap.deq_bytes[3, 0] == 77
+    assert snap.enq_bytes[3, 0] == 77  # the stale first copy of enq (0) was replaced
+    rec = stats.reconcile(snap)
+    assert rec.balanced and rec.empty, rec.mismatches()
+
+
+def test_snapshot_never_tears_a_batch_under_a_concurrent_writer() -> None:
+    """A thread writes batches keeping bytes == 3 * items; every consistent snapshot must see that."""
+    stats = make(f=2, n=1, b=1)
+    stop = threading.Event()
+
+    def writer() -> None:
+        while not stop.is_set():
+            stats.begin_write(1)
+            stats.add_enq(0, 0, 0, 3)
+            stats.add_dispatched(1)
+            stats.end_write(1)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    consistent = 0
+    try:
+        for _ in range(3000):
+            snap = stats.snapshot(max_retries=100_000)
+            if not snap.consistent:
+                continue
+            consistent += 1
+            items = snap.enq_items[0, 0]
+            assert snap.enq_bytes[0, 0] == 3 * items
+            assert snap.band_enq_bytes[0, 0] == 3 * items and snap.band_enq_items[0, 0] == items
+            assert snap.dispatched[1] == items
+            assert snap.seq[1] % 2 == 0
+    finally:
+        stop.set()
+        t.join()
+        sys.setswitchinterval(old)
+    assert consistent > 0
+
+
+# ---------------------------------------------------------------------------------------------- reset
+
+
+def test_reset_shard_zeroes_only_that_shards_queued_counts() -> None:
+    stats = make(f=4, n=3, b=2)
+    for slot in range(4):
+        for shard in range(3):
+            stats.add_enq(slot, shard, slot % 2, 10 * (slot + 1) + shard)
+    stats.add_deq(0, 1, 0, 10)
+    stats.add_deq(1, 0, 1, 20)
+    stats.add_outcome(1, 0, 0)
+    before = stats.snapshot()
+    stats.begin_write(1)  # shard 1 died mid-batch
+
+    stats.reset_shard(1)
+
+    after = stats.snapshot()
+    assert after.consistent and after.seq[1] % 2 == 0 and after.seq[1] > before.seq[1]
+    rec = stats.reconcile(after)
+    assert not rec.flow_shard_bytes[:, 1].any() and not rec.flow_shard_items[:, 1].any()
+    assert not rec.band_shard_bytes[:, 1].any() and not rec.band_shard_items[:, 1].any()
+    for name in ("deq_bytes", "deq_items", "band_deq_bytes", "band_deq_items"):
+        np.testing.assert_array_equal(after[name][:, [0, 2]], before[name][:, [0, 2]], err_msg=name)
+    for name in ("enq_bytes", "enq_items", "band_enq_bytes", "band_enq_items", "outcomes", "dispatched"):
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    np.testing.assert_array_equal(stats.queued_bytes(0), [10, 0, 12])
+    assert rec.balanced, rec.mismatches()
+
+    # the restarted shard keeps counting from there
+    stats.add_enq(2, 1, 0, 5)
+    stats.add_deq(2, 1, 0, 5)
+    assert stats.reconcile().flow_shard_bytes[2, 1] == 0
+    with pytest.raises(IndexError):
+        stats.reset_shard(3)
+
+
+# ---------------------------------------------------------------------------------------------- reconcile
+
+
+def test_reconcile_reports_a_table_that_disagrees() -> None:
+    stats = make(f=3, n=2, b=2)
+    stats.add_enq(0, 0, 0, 10)
+    assert stats.reconcile().balanced
+    stats.enq_bytes[1, 1] += 4  # a flow-table write with no band-table write
+    rec = stats.reconcile()
+    assert not rec.balanced and not rec.empty
+    assert any("per-shard bytes" in m for m in rec.mismatches())
+    stats.deq_items[2, 0] += 1  # a deq without an enq: negative queued
+    assert any("negative" in m for m in stats.reconcile().mismatches())
+
+
+_op = st.one_of(
+    st.tuples(st.just("enq"), st.integers(0, 4), st.integers(0, 2), st.integers(0, 2), st.integers(0, 5000)),
+    st.tuples(st.just("deq"), st.integers(0, 10**6)),
+    st.tuples(st.just("reset"), st.integers(0, 2)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=st.lists(_op, max_size=80))
+def test_reconcile_matches_a_python_model(ops: list[tuple[object, ...]]) -> None:
+    stats = make(f=5, n=3, b=3)
+    queued: list[tuple[int, int, int, int]] = []  # (slot, shard, band, nbytes) held by the shards
+    for op in ops:
+        if op[0] == "enq":
+            _, slot, shard, band, nbytes = op
+            assert isinstance(slot, int) and isinstance(shard, int)
+            assert isinstance(band, int) and isinstance(nbytes, int)
+            stats.add_enq(slot, shard, band, nbytes)
+            queued.append((slot, shard, band, nbytes))
+        elif op[0] == "deq" and queued:
+            assert isinstance(op[1], int)
+            slot, shard, band, nbytes = queued.pop(op[1] % len(queued))
+            stats.begin_write(shard)
+            stats.add_deq(slot, shard, band, nbytes)
+            stats.end_write(shard)
+        elif op[0] == "reset":
+            assert isinstance(op[1], int)
+            stats.reset_shard(op[1])
+            queued = [it for it in queued if it[1] != op[1]]
+
+    rec = stats.reconcile()
+    assert rec.balanced, rec.mismatches()
+    assert rec.empty == (not queued)
+
+    def total(key: int, size: int, what: str) -> list[int]:
+        out = [0] * size
+        for it in queued:
+            out[it[key]] += it[3] if what == "bytes" else 1
+        return out
+
+    assert rec.flow_bytes.tolist() == total(0, 5, "bytes")
+    assert rec.flow_items.tolist() == total(0, 5, "items")
+    assert rec.shard_bytes.tolist() == total(1, 3, "bytes")
+    assert rec.shard_items.tolist() == total(1, 3, "items")
+    assert rec.band_bytes.tolist() == total(2, 3, "bytes")
+    assert rec.band_items.tolist() == total(2, 3, "items")
+    assert rec.global_bytes == sum(it[3] for it in queued)
+    assert rec.global_items == len(queued)
+    for slot in range(5):
+        want = [sum(it[3] for it in queued if it[0] == slot and it[1] == s) for s in range(3)]
+        assert stats.queued_bytes(slot).tolist() == want
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+def _child_dequeues(name: str, shard: int, count: int, nbytes: int) -> None:
+    """A worker: attach by name, read the layout from the header, count dequeues as shard ``shard``."""
+    shm = shared_memory.SharedMemory(name=name)
+    # multiprocessing children share the parent's resource tracker, where the name is already
+    # registered once; a worker started any other way must unregister it (DESIGN.md §5).
+    try:
+        assert shm.buf is not None
+        stats = ShmStats(shm.buf)
+        for i in range(count):
+            stats.begin_write(shard)
+            stats.add_deq(i % stats.layout.flow_slots, shard, i % stats.layout.bands, nbytes)
+            stats.add_outcome(shard, i % stats.layout.bands, 0)
+            stats.end_write(shard)
+        stats.set_heartbeat(shard, 42)
+        stats.close()
+    finally:
+        shm.close()
+
+
+def test_counters_cross_processes_through_real_shared_memory() -> None:
+    layout = ShmLayout(flow_slots=4, shards=2, bands=3)
+    shm = shared_memory.SharedMemory(create=True, size=layout.nbytes)
+    name = shm.name
+    try:
+        assert shm.buf is not None
+        stats = ShmStats(shm.buf, layout, init=True)
+        count, nbytes = 50, 11
+        for i in range(count):
+            stats.add_enq(i % 4, 1, i % 3, nbytes)
+        assert stats.reconcile().global_bytes == count * nbytes
+
+        ctx = multiprocessing.get_context("spawn")
+        child = ctx.Process(target=_child_dequeues, args=(name, 1, count, nbytes))
+        child.start()
+        child.join(timeout=120)
+        assert child.exitcode == 0
+
+        snap = stats.snapshot()
+        assert snap.consistent and snap.seq[1] == 2 * count
+        assert snap.deq_items[:, 1].sum() == count
+        assert snap.deq_bytes[:, 1].sum() == count * nbytes
+        assert not snap.deq_items[:, 0].any()
+        assert snap.outcomes[1, :, 0].sum() == count and snap.heartbeat_ns[1] == 42
+        rec = stats.reconcile(snap)
+        assert rec.balanced and rec.empty, rec.mismatches()
+        stats.close()
+    finally:
+        shm.close()  # raises BufferError if ShmStats still pinned the buffer
+        shm.unlink()
+    if os.path.isdir("/dev/shm"):
+        assert not os.path.exists(os.path.join("/dev/shm", name.lstrip("/")))
