@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -70,8 +70,7 @@ class WorkerLink(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
 
     def data_received(self, data: bytes) -> None:
         self.service.on_worker_frames(self.shard, self.reader.feed(data))

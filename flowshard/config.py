@@ -92,10 +92,14 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if not self.bands:
             raise ValueError("bands must hold at least one band")
         seen: set[int] = set()
+        names: set[str] = set()
         for band in self.bands:
             if band.priority in seen:
                 raise ValueError(f"bands: priority {band.priority} appears twice; each band needs its own")
+            if band.name in names:
+                raise ValueError(f"bands: name {band.name!r} appears twice; names label metrics and must differ")
             seen.add(band.priority)
+            names.add(band.name)
         self.bands.sort(key=lambda b: -b.priority)
         if self.default_priority is not None and self.default_priority not in seen:
             raise ValueError(

@@ -20,7 +20,7 @@ class SlotTable:
         self._slot_of: dict[str, int] = {}
         self._last_used: dict[str, float] = {}
         self._free = list(range(slots - 1, -1, -1))
-        self.shared = 0  # flows given a shared (hashed) slot because the table was full
+        self.shared = 0  # routings that used a shared (hashed) slot because the table was full
 
     def slot(self, flow: str, now: float) -> int:
         slot = self._slot_of.get(flow)

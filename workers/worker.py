@@ -20,7 +20,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import uvloop
@@ -55,8 +55,7 @@ class ShardWorker(asyncio.Protocol):
         self._closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         self.writer.add(Hello(self.shard, os.getpid()))
         transport.write(self.writer.take())
 

@@ -1,0 +1,394 @@
+"""`/metrics` and `/v1/stats` of a real, unstarted Distributor driven through the ledger and shared memory.
+
+The exposition is parsed back with prometheus-client's own parser, so a malformed or duplicated
+series fails here, not in a Prometheus server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections import Counter
+
+import msgspec
+import pytest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from distributor.metrics import TOP_FLOWS, FlowshardCollector, render_metrics, stats_snapshot, wait_sum_estimate
+from distributor.service import Distributor
+from flowshard.config import BandConfig, BudgetConfig, Config
+from flowshard.ledger import Pending
+from flowshard.shm import ShmStats
+from flowshard.stats import N_WAIT_BUCKETS, WAIT_BUCKETS
+from flowshard.types import Outcome
+
+HIGH, LOW = 0, 1  # band indices: config sorts bands by priority, highest first
+DIST = 2  # the distributor's writer index with 2 shards
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def make_distributor(max_requests: int | None = 4, max_bytes: int | None = 1000) -> Distributor:
+    config = Config(
+        bands=[BandConfig(priority=0, name="low", max_bytes=50_000), BandConfig(priority=10, name="high")],
+        budget=BudgetConfig(max_inflight_requests=max_requests, max_inflight_bytes=max_bytes),
+        flow_slots=64,
+    )
+    d = Distributor(config, shards=2)
+    d.shm = ShmStats(bytearray(d.layout.nbytes), d.layout, init=True)
+    return d
+
+
+@pytest.fixture
+def dist() -> Distributor:
+    return make_distributor()
+
+
+_ids = itertools.count(1)
+
+
+def enqueue(d: Distributor, flow: str, band: int, size: int, shard: int) -> Pending:
+    """What `Distributor._route` does: count the request in the ledger and in shared memory."""
+    assert d.shm is not None
+    p = Pending(next(_ids), flow, band, size)
+    p.slot = d.slots.slot(flow, 0.0)
+    d.ledger.enqueue(p, shard)
+    d.shm.add_enq(p.slot, shard, band, size)
+    return p
+
+
+def leave(d: Distributor, p: Pending) -> None:
+    """The shard reports `p` gone from its queue (shared memory), then the distributor hears of it."""
+    assert d.shm is not None
+    d.shm.add_deq(p.slot, p.shard, p.band, p.size)
+    d.ledger.leave(p)
+
+
+def scrape(d: Distributor) -> Samples:
+    body, content_type = render_metrics(d)
+    assert content_type == CONTENT_TYPE_LATEST
+    samples: Samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        assert family.name.startswith("flowshard_"), family.name
+        for s in family.samples:
+            key = (s.name, frozenset(s.labels.items()))
+            assert key not in samples, f"duplicate series {key}"
+            samples[key] = s.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+def series(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], float]:
+    return {labels: v for (n, labels), v in samples.items() if n == name}
+
+
+# ---------------------------------------------------------------------------------------------- outcomes
+
+
+def test_requests_total_sums_every_writer_row_per_band_outcome_and_reason(dist: Distributor) -> None:
+    shm = dist.shm
+    assert shm is not None
+    shm.add_outcome(0, HIGH, Outcome.DISPATCHED, 3)
+    shm.add_outcome(1, HIGH, Outcome.DISPATCHED, 2)
+    shm.add_outcome(DIST, HIGH, Outcome.DISPATCHED, 1)  # the idle fast path
+    shm.add_outcome(DIST, LOW, Outcome.REJECTED_CAPACITY, 4)
+    shm.add_outcome(1, LOW, Outcome.EVICTED_TTL, 5)
+    s = scrape(dist)
+    assert value(s, "flowshard_requests_total", band="high", outcome="dispatched", reason="") == 6
+    assert value(s, "flowshard_requests_total", band="low", outcome="rejected", reason="capacity") == 4
+    assert value(s, "flowshard_requests_total", band="low", outcome="evicted", reason="ttl") == 5
+    assert value(s, "flowshard_requests_total", band="low", outcome="dispatched", reason="") == 0
+    # Every (band, outcome) pair is exported, zeros included, so rate() has a series from the start.
+    assert len(series(s, "flowshard_requests_total")) == 2 * len(Outcome)
+    assert sum(series(s, "flowshard_requests_total").values()) == 15
+
+
+# ---------------------------------------------------------------------------------------------- queues
+
+
+def test_queue_per_band_from_ledger_and_per_shard_from_shared_memory(dist: Distributor) -> None:
+    a = enqueue(dist, "a", HIGH, 100, shard=0)
+    enqueue(dist, "a", HIGH, 50, shard=1)
+    enqueue(dist, "b", LOW, 30, shard=1)
+    enqueue(dist, "c", LOW, 7, shard=1)
+    leave(dist, a)
+    s = scrape(dist)
+    assert value(s, "flowshard_queue_size", band="high") == 1
+    assert value(s, "flowshard_queue_bytes", band="high") == 50
+    assert value(s, "flowshard_queue_size", band="low") == 2
+    assert value(s, "flowshard_queue_bytes", band="low") == 37
+    assert value(s, "flowshard_shard_queue_size", shard="0", band="high") == 0
+    assert value(s, "flowshard_shard_queue_size", shard="1", band="high") == 1
+    assert value(s, "flowshard_shard_queue_bytes", shard="1", band="high") == 50
+    assert value(s, "flowshard_shard_queue_bytes", shard="1", band="low") == 37
+    assert value(s, "flowshard_shard_queue_size", shard="1", band="low") == 2
+    assert len(series(s, "flowshard_shard_queue_bytes")) == 2 * 2
+    # The two sources agree once every enqueue has been counted in both.
+    for band in ("high", "low"):
+        per_shard = sum(value(s, "flowshard_shard_queue_bytes", shard=n, band=band) for n in ("0", "1"))
+        assert per_shard == value(s, "flowshard_queue_bytes", band=band)
+    assert value(s, "flowshard_queue_limit_bytes", band="low") == 50_000
+    assert value(s, "flowshard_queue_limit_bytes", band="high") == math.inf
+    assert value(s, "flowshard_queue_total_limit_requests") == 100_000
+
+
+def test_per_flow_series_capped_at_top_k_plus_other_per_band(dist: Distributor) -> None:
+    n_low = TOP_FLOWS + 15
+    for i in range(n_low):  # low-band flow i holds 10 * (i + 1) bytes in two requests
+        enqueue(dist, f"low-{i}", LOW, 5 * (i + 1), shard=i % 2)
+        enqueue(dist, f"low-{i}", LOW, 5 * (i + 1), shard=(i + 1) % 2)
+    enqueue(dist, "big", HIGH, 10_000, shard=0)
+    enqueue(dist, "tiny", HIGH, 1, shard=1)
+    enqueue(dist, "other", HIGH, 9_000, shard=1)  # a real flow named "other" must not collide with the aggregate
+    s = scrape(dist)
+    sizes, nbytes = series(s, "flowshard_flow_queue_size"), series(s, "flowshard_flow_queue_bytes")
+    assert sizes.keys() == nbytes.keys()
+    named = {dict(k)["flow"]: v for k, v in nbytes.items() if dict(k)["flow"] != "other"}
+    assert len(named) == TOP_FLOWS
+    assert len(nbytes) == TOP_FLOWS + 2  # one "other" per band
+    expected = {"big"} | {f"low-{i}" for i in range(n_low - TOP_FLOWS + 1, n_low)}
+    assert set(named) == expected
+    assert named["big"] == 10_000
+    assert named[f"low-{n_low - 1}"] == 10 * n_low
+    assert value(s, "flowshard_flow_queue_size", band="low", flow=f"low-{n_low - 1}") == 2
+    # "other" is the rest of its band: the per-flow series of a band sum to the band's queue.
+    low_rest = sum(10 * (i + 1) for i in range(n_low - TOP_FLOWS + 1))
+    assert value(s, "flowshard_flow_queue_bytes", band="low", flow="other") == low_rest
+    assert value(s, "flowshard_flow_queue_size", band="low", flow="other") == 2 * (n_low - TOP_FLOWS + 1)
+    assert value(s, "flowshard_flow_queue_bytes", band="high", flow="other") == 9_001
+    assert value(s, "flowshard_flow_queue_size", band="high", flow="other") == 2
+    for band in ("high", "low"):
+        in_band = [v for k, v in nbytes.items() if dict(k)["band"] == band]
+        assert sum(in_band) == value(s, "flowshard_queue_bytes", band=band)
+        items = [v for k, v in sizes.items() if dict(k)["band"] == band]
+        assert sum(items) == value(s, "flowshard_queue_size", band=band)
+
+
+def test_a_flow_named_other_never_costs_a_top_slot(dist: Distributor) -> None:
+    for flow, size in (("other", 100), ("a", 90), ("b", 80), ("c", 70), ("d", 1)):
+        enqueue(dist, flow, LOW, size, shard=0)
+    enqueue(dist, "h", HIGH, 5, shard=1)
+    body = generate_latest(FlowshardCollector(dist, top_flows=3)).decode()
+    flows = {
+        (s.labels["band"], s.labels["flow"]): s.value
+        for family in text_string_to_metric_families(body)
+        if family.name == "flowshard_flow_queue_bytes"
+        for s in family.samples
+    }
+    assert flows == {("low", "a"): 90, ("low", "b"): 80, ("low", "c"): 70, ("low", "other"): 101, ("high", "other"): 5}
+    top = stats_snapshot(dist, top_flows=3)["top_flows"]
+    assert [(t["flow"], t["queued_bytes"]) for t in top] == [("a", 90), ("b", 80), ("c", 70)]
+
+
+def test_per_flow_other_is_zero_when_nothing_is_queued(dist: Distributor) -> None:
+    s = scrape(dist)
+    assert series(s, "flowshard_flow_queue_bytes") == {
+        frozenset({("band", "high"), ("flow", "other")}): 0,
+        frozenset({("band", "low"), ("flow", "other")}): 0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- budget
+
+
+def test_inflight_limits_saturation_and_grants(dist: Distributor) -> None:
+    ledger = dist.ledger
+    for i in range(3):
+        enqueue(dist, f"f{i}", LOW, 100, shard=i % 2)
+    [(shard, band, reserve)] = ledger.plan_grants()  # the first grant of an idle byte budget reserves it all
+    assert (band, reserve) == (LOW, 1000)
+    s = scrape(dist)
+    assert value(s, "flowshard_grants_outstanding", band="low") == 1
+    assert value(s, "flowshard_grants_outstanding", band="high") == 0
+    assert value(s, "flowshard_grants_reserved_bytes") == 1000
+    assert value(s, "flowshard_inflight_requests") == 0
+    ledger.grant_answered(shard, 300)  # the shard dispatched a 300-byte request
+    s = scrape(dist)
+    assert value(s, "flowshard_grants_outstanding", band="low") == 0
+    assert value(s, "flowshard_grants_reserved_bytes") == 0
+    assert value(s, "flowshard_inflight_requests") == 1
+    assert value(s, "flowshard_inflight_bytes") == 300
+    assert value(s, "flowshard_inflight_limit_requests") == 4
+    assert value(s, "flowshard_inflight_limit_bytes") == 1000
+    assert value(s, "flowshard_saturation") == pytest.approx(0.3)  # max(1/4, 300/1000)
+    more = ledger.plan_grants()
+    assert more
+    s = scrape(dist)
+    assert value(s, "flowshard_grants_outstanding", band="low") == len(more)
+    assert value(s, "flowshard_grants_reserved_bytes") == sum(r for _, _, r in more)
+    ledger.grant_answered(more[0][0], 10)
+    assert value(scrape(dist), "flowshard_saturation") == pytest.approx(0.5)  # max(2/4, 310/1000)
+
+
+def test_unlimited_budget_exports_inf_limits_and_zero_saturation() -> None:
+    d = make_distributor(max_requests=None, max_bytes=None)
+    s = scrape(d)
+    assert value(s, "flowshard_inflight_limit_requests") == math.inf
+    assert value(s, "flowshard_inflight_limit_bytes") == math.inf
+    assert value(s, "flowshard_saturation") == 0
+
+
+# ---------------------------------------------------------------------------------------------- histogram
+
+
+def test_wait_histogram_is_cumulative_and_consistent(dist: Distributor) -> None:
+    shm = dist.shm
+    assert shm is not None
+    shm.observe_wait(DIST, HIGH, 0, 2)  # fast path: 0 s
+    shm.observe_wait(0, HIGH, 3, 5)  # (0.001, 0.005]
+    shm.observe_wait(1, HIGH, 3, 1)
+    shm.observe_wait(1, HIGH, N_WAIT_BUCKETS - 1, 1)  # above the last bound
+    shm.observe_wait(0, LOW, 10, 4)  # (0.5, 1.0]
+    s = scrape(dist)
+    high = {dict(k)["le"]: v for k, v in series(s, "flowshard_wait_seconds_bucket").items() if ("band", "high") in k}
+    assert len(high) == len(WAIT_BUCKETS) + 1
+    les = sorted(high, key=float)
+    assert les[-1] == "+Inf"
+    counts = [high[le] for le in les]
+    assert counts == sorted(counts)  # cumulative
+    assert high["0.0001"] == 2
+    assert high["0.001"] == 2
+    assert high["0.005"] == 8
+    assert high["60.0"] == 8
+    assert high["+Inf"] == 9 == value(s, "flowshard_wait_seconds_count", band="high")
+    expected_sum = 2 * 0.00005 + 6 * (0.001 + 0.005) / 2 + 1 * 60.0
+    assert value(s, "flowshard_wait_seconds_sum", band="high") == pytest.approx(expected_sum)
+    assert value(s, "flowshard_wait_seconds_count", band="low") == 4
+    assert value(s, "flowshard_wait_seconds_sum", band="low") == pytest.approx(4 * 0.75)
+    assert value(s, "flowshard_wait_seconds_bucket", band="low", le="0.5") == 0
+    assert value(s, "flowshard_wait_seconds_bucket", band="low", le="1.0") == 4
+
+
+def test_wait_sum_estimate_uses_midpoints_and_the_last_bound_for_overflow() -> None:
+    counts = [0] * N_WAIT_BUCKETS
+    counts[0], counts[1], counts[-1] = 1, 2, 3
+    assert wait_sum_estimate(counts) == pytest.approx(0.00005 + 2 * 0.0003 + 3 * WAIT_BUCKETS[-1])
+
+
+# ---------------------------------------------------------------------------------------------- shards
+
+
+def test_dispatches_workers_and_heartbeats_per_shard(dist: Distributor) -> None:
+    shm = dist.shm
+    assert shm is not None
+    shm.add_dispatched(0, 7)
+    shm.add_dispatched(1, 2)
+    shm.add_dispatched(DIST, 3)
+    dist.shards[0].ready = True
+    dist.shards[1].restarts = 2
+    shm.set_heartbeat(0, time.monotonic_ns() - 3_000_000_000)
+    s = scrape(dist)
+    assert value(s, "flowshard_dispatched_total", shard="0") == 7
+    assert value(s, "flowshard_dispatched_total", shard="1") == 2
+    assert value(s, "flowshard_dispatched_total", shard="distributor") == 3
+    assert value(s, "flowshard_worker_up", shard="0") == 1
+    assert value(s, "flowshard_worker_up", shard="1") == 0
+    assert value(s, "flowshard_worker_restarts_total", shard="0") == 0
+    assert value(s, "flowshard_worker_restarts_total", shard="1") == 2
+    assert 3.0 <= value(s, "flowshard_worker_heartbeat_age_seconds", shard="0") < 4.0
+    assert ("flowshard_worker_heartbeat_age_seconds", frozenset({("shard", "1")})) not in s  # never beat
+
+
+def test_service_counters_slots_retry_after_and_uptime(dist: Distributor) -> None:
+    dist.counters["tickets_released"] = 11
+    dist.counters["tickets_expired"] = 2
+    dist.retry[LOW].value = 8
+    for flow in ("a", "b", "c"):
+        dist.slots.slot(flow, 0.0)
+    dist.started -= 5.0
+    s = scrape(dist)
+    assert value(s, "flowshard_tickets_released_total") == 11
+    assert value(s, "flowshard_tickets_expired_total") == 2
+    assert value(s, "flowshard_retry_after_seconds", band="low") == 8
+    assert value(s, "flowshard_retry_after_seconds", band="high") == 1
+    assert value(s, "flowshard_flow_slots_used") == 3
+    assert value(s, "flowshard_flow_slots_total") == 64
+    assert value(s, "flowshard_flow_slots_shared_total") == 0
+    assert value(s, "flowshard_stats_consistent") == 1
+    assert 5.0 <= value(s, "flowshard_uptime_seconds") < 60.0
+
+
+def test_scrape_without_shared_memory_reports_zeros(dist: Distributor) -> None:
+    dist.shm = None  # before start() or after close()
+    enqueue_free = Pending(next(_ids), "x", LOW, 9)
+    dist.ledger.enqueue(enqueue_free, 0)
+    s = scrape(dist)
+    assert value(s, "flowshard_queue_bytes", band="low") == 9  # the ledger is still exact
+    assert value(s, "flowshard_shard_queue_bytes", shard="0", band="low") == 0
+    assert value(s, "flowshard_wait_seconds_count", band="low") == 0
+    assert stats_snapshot(dist)["totals"]["queued_bytes"] == 9
+
+
+# ---------------------------------------------------------------------------------------------- /v1/stats
+
+
+def test_stats_snapshot_encodes_and_totals_are_consistent(dist: Distributor) -> None:
+    shm = dist.shm
+    assert shm is not None
+    for i in range(TOP_FLOWS + 5):
+        enqueue(dist, f"f{i}", LOW, i + 1, shard=i % 2)
+    enqueue(dist, "h", HIGH, 500, shard=1)
+    shm.add_outcome(0, LOW, Outcome.DISPATCHED, 4)
+    shm.add_outcome(DIST, LOW, Outcome.REJECTED_CAPACITY, 1)
+    shm.observe_wait(0, LOW, 2, 4)
+    shm.add_dispatched(0, 4)
+    shm.add_dispatched(DIST, 1)
+    dist.ledger.plan_grants()
+    dist.ledger.grant_answered(0 if dist.ledger.outstanding_grants(0) else 1, 500)
+    dist.shards[1].pid = 4242
+
+    stats = stats_snapshot(dist)
+    decoded = msgspec.json.decode(msgspec.json.encode(stats))
+    assert decoded == stats  # plain JSON types only: nothing lost in the round trip
+
+    totals = stats["totals"]
+    assert totals["queued_items"] == sum(b["queued_items"] for b in stats["bands"]) == TOP_FLOWS + 6
+    assert totals["queued_bytes"] == sum(b["queued_bytes"] for b in stats["bands"])
+    for bi, band in enumerate(stats["bands"]):
+        assert band["queued_items"] == sum(s["queued_items"][bi] for s in stats["shards"])
+        assert band["queued_bytes"] == sum(s["queued_bytes"][bi] for s in stats["shards"])
+    assert [(b["name"], b["priority"]) for b in stats["bands"]] == [("high", 10), ("low", 0)]
+    assert totals["inflight"] == 1 and totals["inflight_bytes"] == 500
+    assert totals["max_inflight"] == 4 and totals["max_inflight_bytes"] == 1000
+    assert totals["saturation"] == pytest.approx(0.5)
+    assert totals["dispatched"] == 5 and totals["fast_path_dispatched"] == 1
+    assert stats["bands"][0]["max_bytes"] is None  # unlimited is null, never Infinity
+    assert totals["grants_outstanding"] == sum(s["grants_outstanding"] for s in stats["shards"])
+
+    low = stats["bands"][LOW]
+    assert low["outcomes"]["dispatched"] == 4
+    assert low["outcomes"]["rejected:capacity"] == 1
+    assert set(low["outcomes"]) == {o.label for o in Outcome}
+    assert low["wait_hist"]["counts"][2] == 4 and low["wait_hist"]["count"] == 4
+    assert len(low["wait_hist"]["counts"]) == len(low["wait_hist"]["bounds"]) + 1
+    assert low["retry_after"] == 1
+
+    shard1 = stats["shards"][1]
+    assert shard1["pid"] == 4242 and shard1["ready"] is False and shard1["heartbeat_age_seconds"] is None
+    top = stats["top_flows"]
+    assert len(top) == TOP_FLOWS
+    assert top[0] == {"flow": "h", "band": "high", "queued_items": 1, "queued_bytes": 500}
+    assert [t["queued_bytes"] for t in top] == sorted((t["queued_bytes"] for t in top), reverse=True)
+    assert stats["flow_slots"] == {"used": TOP_FLOWS + 6, "total": 64, "shared": 0}
+    assert stats["counters"] == dist.counters
+
+
+def test_metric_and_stats_views_agree(dist: Distributor) -> None:
+    shm = dist.shm
+    assert shm is not None
+    enqueue(dist, "a", HIGH, 40, shard=0)
+    enqueue(dist, "b", LOW, 60, shard=1)
+    shm.add_outcome(1, HIGH, Outcome.EVICTED_DISPLACED, 3)
+    s, stats = scrape(dist), stats_snapshot(dist)
+    for band in stats["bands"]:
+        assert value(s, "flowshard_queue_bytes", band=band["name"]) == band["queued_bytes"]
+        for o in Outcome:
+            sample = value(s, "flowshard_requests_total", band=band["name"], outcome=o.status, reason=o.reason)
+            assert sample == band["outcomes"][o.label]
+    families = Counter(n for n, _ in s)
+    assert families["flowshard_flow_queue_bytes"] == 2 + 2  # a, b, and one "other" per band
