@@ -16,7 +16,7 @@ class Budget:
 
     __slots__ = ("inflight", "inflight_bytes", "max_bytes", "max_requests")
 
-    def __init__(self, max_requests: int | None, max_bytes: int | None) -> None:
+    def __init__(self, max_requests: float | None = None, max_bytes: float | None = None) -> None:
         self.max_requests: float = math.inf if max_requests is None else max_requests
         self.max_bytes: float = math.inf if max_bytes is None else max_bytes
         self.inflight = 0

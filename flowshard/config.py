@@ -7,9 +7,10 @@ Omitted limits mean "unlimited"; a limit that is present must be at least 1.
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -17,6 +18,21 @@ from flowshard.fairness import FAIRNESS
 from flowshard.queues import ORDERINGS
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+UNLIMITED = "unlimited"
+# A limit: a positive number, or "unlimited" (TOML has no null; an omitted key takes the default).
+Limit = PositiveInt | Literal["unlimited"] | None
+
+
+def limit(value: int | str | None) -> float:
+    """A configured limit as a number: unlimited (None once validated) is infinity."""
+    return math.inf if value is None or value == UNLIMITED else float(value)
+
+
+def _normalize_limits(struct: msgspec.Struct) -> None:
+    """Spell "unlimited" as None in memory, so the two spellings compare equal."""
+    for name in struct.__struct_fields__:
+        if getattr(struct, name) == UNLIMITED:
+            setattr(struct, name, None)
 Seconds = Annotated[float, msgspec.Meta(ge=0, le=7 * 86400)]
 
 
@@ -31,15 +47,16 @@ class BandConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: str = ""
     fairness: str = "round-robin"
     ordering: str = "fcfs"
-    max_bytes: PositiveInt | None = None
-    max_requests: PositiveInt | None = None
-    flow_max_bytes: PositiveInt | None = None
-    flow_max_requests: PositiveInt | None = None
+    max_bytes: Limit = None
+    max_requests: Limit = None
+    flow_max_bytes: Limit = None
+    flow_max_requests: Limit = None
     ceiling: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
     displacement: bool = False
     quantum: Annotated[int, msgspec.Meta(ge=1, le=1 << 30)] = 16384
 
     def __post_init__(self) -> None:
+        _normalize_limits(self)
         if self.fairness not in FAIRNESS:
             raise ValueError(f"fairness {self.fairness!r} is not one of {', '.join(FAIRNESS)}")
         if self.ordering not in ORDERINGS:
@@ -51,8 +68,11 @@ class BandConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class BudgetConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The dispatch budget of the concurrency saturation detector. Both omitted: never saturated."""
 
-    max_inflight_requests: PositiveInt | None = 100
-    max_inflight_bytes: PositiveInt | None = None
+    max_inflight_requests: Limit = 100
+    max_inflight_bytes: Limit = None
+
+    def __post_init__(self) -> None:
+        _normalize_limits(self)
 
 
 class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -77,8 +97,8 @@ def _default_bands() -> list[BandConfig]:
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Everything the engine needs. The defaults run with no file at all (one band at priority 0)."""
 
-    max_queued_bytes: PositiveInt | None = 1 << 30
-    max_queued_requests: PositiveInt | None = 100_000
+    max_queued_bytes: Limit = 1 << 30
+    max_queued_requests: Limit = 100_000
     default_ttl: Seconds = 60.0
     flow_slots: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 16384
     flow_gc_timeout: Seconds = 300.0
@@ -86,9 +106,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     budget: BudgetConfig = msgspec.field(default_factory=BudgetConfig)
     service: ServiceConfig = msgspec.field(default_factory=ServiceConfig)
     bands: list[BandConfig] = msgspec.field(default_factory=_default_bands)
-    weights: dict[str, Annotated[float, msgspec.Meta(gt=0, le=1e6)]] = msgspec.field(default_factory=dict)
+    weights: dict[str, float] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _normalize_limits(self)
         if not self.bands:
             raise ValueError("bands must hold at least one band")
         seen: set[int] = set()
@@ -101,6 +122,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             seen.add(band.priority)
             names.add(band.name)
         self.bands.sort(key=lambda b: -b.priority)
+        for flow, weight in self.weights.items():
+            if not (math.isfinite(weight) and 0 < weight <= 1e6):
+                raise ValueError(f"weights: flow {flow!r} has weight {weight!r}; allowed: > 0 and <= 1e6")
         if self.default_priority is not None and self.default_priority not in seen:
             raise ValueError(
                 f"default_priority {self.default_priority} names no band; "
@@ -116,6 +140,12 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 T = TypeVar("T")
+_LIMIT_FIELDS = {
+    name
+    for struct in (Config, BandConfig, BudgetConfig)
+    for name, hint in struct.__annotations__.items()
+    if hint == "Limit"
+}
 _PATH_PART = re.compile(r"\.([A-Za-z_][\w-]*)|\[(\d+)\]|\[\'([^\']*)\'\]")
 
 
@@ -140,10 +170,12 @@ def convert(data: dict[str, Any], type_: type[T], *, where: str = "config") -> T
         if " - at `" in message:
             message, _, path = message.partition(" - at `")
             path = path.rstrip("`")
-        field = path.removeprefix("$.") or "(top level)"
+        field = path.removeprefix("$.")
+        if message.startswith("Invalid enum value") and field.rsplit(".", 1)[-1] in _LIMIT_FIELDS:
+            message = 'Expected a positive `int` or "unlimited"'  # msgspec cannot name a Literal's values
         found, value = _value_at(data, path) if path else (False, None)
         got = f" (got {value!r})" if found and not isinstance(value, dict | list) else ""
-        raise ConfigError(f"{where}: {field}: {message}{got}") from None
+        raise ConfigError(f"{where}: {field + ': ' if field else ''}{message}{got}") from None
 
 
 def parse_toml(text: str, *, where: str = "config") -> dict[str, Any]:
@@ -164,8 +196,10 @@ def dump_config(config: Config) -> str:
 
     def emit(table: dict[str, Any]) -> None:
         for key, value in table.items():
-            if value is None:
-                lines.append(f"# {key} = unlimited")
+            if value is None and key in _LIMIT_FIELDS:
+                lines.append(f'{key} = "{UNLIMITED}"')
+            elif value is None:
+                lines.append(f"# {key}: not set")
             elif not isinstance(value, dict | list):
                 lines.append(f"{key} = {_toml_value(value)}")
 
@@ -186,6 +220,6 @@ def dump_config(config: Config) -> str:
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, str):
-        return msgspec.json.encode(value).decode()
+    if isinstance(value, str):  # a JSON string is a TOML basic string, once DEL is escaped too
+        return msgspec.json.encode(value).decode().replace("\x7f", "\\u007f")
     return repr(value)

@@ -19,7 +19,7 @@ from typing import Any
 
 from flowshard.budget import Budget
 from flowshard.capacity import shortfall
-from flowshard.config import BandConfig, Config
+from flowshard.config import BandConfig, Config, limit
 from flowshard.fairness import FAIRNESS, Fairness
 from flowshard.flow import FlowQueue
 from flowshard.queues import ORDERINGS
@@ -30,9 +30,6 @@ _INF = math.inf
 _DONE = ItemState.DONE
 _DISPATCHED = Outcome.DISPATCHED
 
-
-def _limit(value: int | None) -> float:
-    return _INF if value is None else value
 
 
 class Band:
@@ -67,10 +64,10 @@ class Band:
         self.ceiling = config.ceiling
         self.fairness: Fairness = FAIRNESS[config.fairness](config.quantum)
         self.ordering = ORDERINGS[config.ordering]
-        self.max_bytes = _limit(config.max_bytes)
-        self.max_items = _limit(config.max_requests)
-        self.flow_max_bytes = _limit(config.flow_max_bytes)
-        self.flow_max_items = _limit(config.flow_max_requests)
+        self.max_bytes = limit(config.max_bytes)
+        self.max_items = limit(config.max_requests)
+        self.flow_max_bytes = limit(config.flow_max_bytes)
+        self.flow_max_items = limit(config.flow_max_requests)
         self.flows: dict[str, FlowQueue] = {}
         self.enq_items = self.enq_bytes = self.deq_items = self.deq_bytes = 0
         self.outcomes = [0] * N_OUTCOMES
@@ -96,16 +93,17 @@ class Engine:
         self._band_of = {b.priority: b.index for b in self.bands}
         self._default_band = self._band_of[config.default_band.priority]
         self.enforce_limits = enforce_limits
-        self.max_bytes = _limit(config.max_queued_bytes)
-        self.max_items = _limit(config.max_queued_requests)
+        self.max_bytes = limit(config.max_queued_bytes)
+        self.max_items = limit(config.max_queued_requests)
         self.default_ttl = config.default_ttl
-        self.budget = Budget(config.budget.max_inflight_requests, config.budget.max_inflight_bytes)
+        self.budget = Budget(limit(config.budget.max_inflight_requests), limit(config.budget.max_inflight_bytes))
         self.queued_items = 0
         self.queued_bytes = 0
         self.shutting_down = False
         self.outbox: list[Item] = []
         self.blocked_size = 0  # set by dispatch(): bytes the chosen request needed, when it did not fit
         self._items: dict[int, Item] = {}
+        self._held: set[int] = set()  # ids dispatched by pump() and not yet released
         self._expiry: list[tuple[float, int, Item]] = []
         self._timed = 0
         self._seq = 0
@@ -129,8 +127,6 @@ class Engine:
         flow = band.flows.get(request.flow)
         if flow is None:
             flow = self._new_flow(band, request.flow, now)
-        if request.weight > 0:
-            flow.weight = request.weight
         size = request.size
         ttl = request.ttl or self.default_ttl
         deadline = now + ttl if ttl > 0 else _INF
@@ -143,6 +139,8 @@ class Engine:
         if self.enforce_limits and not self._make_room(band, flow, size, now):
             return self._reject(item, Outcome.REJECTED_CAPACITY, now)
 
+        if request.weight > 0:
+            flow.weight = request.weight  # the latest admitted request's weight is the flow's
         self._items[request.id] = item
         newest = band.newest
         item.prev = newest
@@ -385,13 +383,21 @@ class Engine:
                     return n
                 self._commit(item, now)
                 budget.acquire(size)
+                self._held.add(item.request.id)
                 n += 1
                 break
             else:
                 return n
 
     def release(self, item: Item) -> None:
-        """Budget mode: the dispatched request finished; free its budget (then `pump`)."""
+        """Budget mode: the dispatched request finished; free its budget (then `pump`).
+
+        Raises ValueError for an item pump() did not dispatch, or one already released.
+        """
+        try:
+            self._held.remove(item.request.id)
+        except KeyError:
+            raise ValueError(f"request {item.request.id} holds no budget (not pump-dispatched, or released)") from None
         self.budget.release(item.request.size)
 
     # ------------------------------------------------------------------ reading

@@ -72,7 +72,7 @@ class DeficitRoundRobin:
         self._quantum = quantum
 
     def activate(self, flow: FlowQueue) -> None:
-        flow.deficit = 0.0
+        flow.deficit = self._quantum * flow.weight  # its first turn starts now, at the back of the ring
         self._ring[flow] = None
 
     def deactivate(self, flow: FlowQueue) -> None:
@@ -95,7 +95,7 @@ class DeficitRoundRobin:
         return None
 
     def charge(self, flow: FlowQueue, item: Item) -> None:
-        flow.deficit -= item.request.size
+        flow.deficit -= max(item.request.size, 1)  # an empty request still costs a turn's worth
 
 
 class VirtualTokenCounter:

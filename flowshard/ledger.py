@@ -28,7 +28,7 @@ import msgspec
 
 from flowshard.budget import Budget
 from flowshard.capacity import shortfall
-from flowshard.config import Config
+from flowshard.config import Config, limit
 
 _INF = math.inf
 
@@ -91,10 +91,10 @@ class LedgerBand:
         self.index = index
         self.ceiling = bc.ceiling
         self.displacement = bc.displacement
-        self.max_bytes = _limit(bc.max_bytes)
-        self.max_items = _limit(bc.max_requests)
-        self.flow_max_bytes = _limit(bc.flow_max_bytes)
-        self.flow_max_items = _limit(bc.flow_max_requests)
+        self.max_bytes = limit(bc.max_bytes)
+        self.max_items = limit(bc.max_requests)
+        self.flow_max_bytes = limit(bc.flow_max_bytes)
+        self.flow_max_items = limit(bc.flow_max_requests)
         self.flows: dict[str, FlowUsage] = {}
         self.order: OrderedDict[int, Pending] = OrderedDict()  # queued requests, newest last
         self.queued_items = self.queued_bytes = 0
@@ -103,9 +103,6 @@ class LedgerBand:
         self.shard_granted = [0] * shards
         self.granted = 0
 
-
-def _limit(value: int | None) -> float:
-    return _INF if value is None else value
 
 
 class Ledger:
@@ -117,10 +114,10 @@ class Ledger:
         self.bands = [LedgerBand(i, config, shards) for i in range(len(config.bands))]
         self._band_of = {b.priority: i for i, b in enumerate(config.bands)}
         self._default_band = self._band_of[config.default_band.priority]
-        self.max_bytes = _limit(config.max_queued_bytes)
-        self.max_items = _limit(config.max_queued_requests)
+        self.max_bytes = limit(config.max_queued_bytes)
+        self.max_items = limit(config.max_queued_requests)
         self.queued_items = self.queued_bytes = 0
-        self.budget = Budget(config.budget.max_inflight_requests, config.budget.max_inflight_bytes)
+        self.budget = Budget(limit(config.budget.max_inflight_requests), limit(config.budget.max_inflight_bytes))
         self.grants_out = 0
         self.grants_bytes = 0
         self._grants: list[deque[tuple[int, int]]] = [deque() for _ in range(shards)]

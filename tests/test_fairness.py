@@ -1,0 +1,240 @@
+"""Fairness in the style of Kubernetes API Priority and Fairness: measured shares against max-min fair.
+
+A closed loop in virtual time (tests/fairsim.py): each flow has N clients (think time 0 for saturated
+flows), the engine's budget is L = 8 slots, service takes 1 s. After a warm-up, per-flow service is
+measured over a long window while the flows are backlogged and compared with `max_min_fair` of their
+demands (a closed-loop flow's demand is at most clients / service, an open-loop one its rate):
+- equal flows: within 1 % of the allocation, however many clients each has;
+- DRR (and VTC) weights 1:2:3: bytes within 2 %;
+- VTC with mixed request sizes: the difference in service (tokens) between backlogged flows stays
+  bounded by the largest request, and a flow that was idle does not bank credit.
+Each test has a negative control that must land OUTSIDE the margin (global FCFS under a flooding
+flow, no weights, turn-fairness instead of byte-fairness, VTC without the counter lift), so the
+measurement is shown to be able to fail.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import pytest
+from conftest import make_engine, share_error
+from fairsim import FlowSpec, run
+
+from flowshard.analysis import jain_index, max_min_fair
+from flowshard.fairness import VirtualTokenCounter
+from flowshard.types import Request
+
+L = 8  # budget slots
+SERVICE = 1.0
+JITTER = 0.5  # service times uniform in [0.5, 1.5] s: no lock-step batches
+WARMUP = 50.0
+DURATION = 1250.0  # ~10k dispatches
+
+
+def engine_for(fairness: str, *, quantum: int = 500, **kw):
+    return make_engine(
+        [{"priority": 0, "fairness": fairness, "quantum": quantum}], max_inflight_requests=L, default_ttl=0, **kw
+    )
+
+
+def measured_vs_fair(result, specs, demands, *, by="requests", weights=None):
+    """(measured, allocation) per flow over the measurement window; capacity = what was served."""
+    served = result.served(WARMUP, DURATION, by)
+    flows = [s.flow for s in specs]
+    measured = [served.get(f, 0.0) for f in flows]
+    capacity = sum(measured)
+    scale = capacity / (L / SERVICE * (DURATION - WARMUP)) if by == "requests" else 1.0
+    alloc = max_min_fair([d * (DURATION - WARMUP) * scale for d in demands], capacity, weights)
+    return measured, alloc
+
+
+def worst_error(measured, alloc):
+    return max(share_error(m, a) for m, a in zip(measured, alloc, strict=True))
+
+
+# =========================================================================== equal flows: 1 %
+
+
+FLOOD = [FlowSpec("flood", clients=30), FlowSpec("b", clients=9), FlowSpec("c", clients=9)]
+
+
+@pytest.mark.parametrize("fairness", ["round-robin", "drr", "vtc"])
+def test_equal_flows_get_equal_shares_despite_a_flood(fairness):
+    result = run(engine_for(fairness), FLOOD, duration=DURATION, service=SERVICE, jitter=JITTER)
+    demands = [s.clients / SERVICE for s in FLOOD]  # 30, 9, 9 per second, all above the fair 8/3
+    measured, alloc = measured_vs_fair(result, FLOOD, demands)
+    assert alloc == pytest.approx([sum(measured) / 3] * 3)
+    assert worst_error(measured, alloc) <= 0.01, (measured, alloc)
+    assert jain_index(measured) > 0.9999
+
+
+def test_negative_control_global_fcfs_lets_the_flood_take_its_arrival_share():
+    result = run(engine_for("global-fcfs"), FLOOD, duration=DURATION, service=SERVICE, jitter=JITTER)
+    measured, alloc = measured_vs_fair(result, FLOOD, [s.clients / SERVICE for s in FLOOD])
+    assert worst_error(measured, alloc) > 0.01, "the measurement must be able to fail"
+    # global FCFS shares by arrivals, i.e. by clients: 30 / 48 of the capacity for the flood
+    assert measured[0] / sum(measured) == pytest.approx(30 / 48, rel=0.02)
+
+
+# =========================================================================== unequal demands: max-min, 1 %
+
+
+LIGHT = [FlowSpec("light", rate=1.0), FlowSpec("a", clients=27), FlowSpec("b", clients=9)]
+
+
+@pytest.mark.parametrize("fairness", ["round-robin", "drr", "vtc"])
+def test_a_light_flow_gets_its_demand_and_the_rest_is_split_evenly(fairness):
+    result = run(engine_for(fairness), LIGHT, duration=DURATION, service=SERVICE, jitter=JITTER)
+    demands = [1.0, 27 / SERVICE, 9 / SERVICE]  # max-min fair of 8: [1, 3.5, 3.5]
+    measured, alloc = measured_vs_fair(result, LIGHT, demands)
+    assert [a / (DURATION - WARMUP) for a in alloc] == pytest.approx([1.0, 3.5, 3.5], rel=1e-3)
+    assert worst_error(measured, alloc) <= 0.01, (measured, alloc)
+    assert result.outcomes["light"].keys() == {"dispatched"}
+
+
+def test_negative_control_global_fcfs_does_not_split_the_rest_evenly():
+    result = run(engine_for("global-fcfs"), LIGHT, duration=DURATION, service=SERVICE, jitter=JITTER)
+    measured, alloc = measured_vs_fair(result, LIGHT, [1.0, 27 / SERVICE, 9 / SERVICE])
+    assert worst_error(measured, alloc) > 0.01
+
+
+# =========================================================================== weights 1:2:3 by bytes: 2 %
+
+
+WEIGHTED = [
+    FlowSpec("a", clients=9, size=(100, 300)),
+    FlowSpec("b", clients=9, size=(400, 1000)),
+    FlowSpec("c", clients=9, size=(100, 1000)),
+]
+WEIGHTS = {"a": 1.0, "b": 2.0, "c": 3.0}
+
+
+def weighted_bytes(fairness: str, weights: dict[str, float]):
+    engine = engine_for(fairness, quantum=1000, weights=weights)
+    result = run(engine, WEIGHTED, duration=DURATION, jitter=JITTER, seed=1)
+    served = result.served(WARMUP, DURATION, "bytes")
+    measured = [served[s.flow] for s in WEIGHTED]
+    alloc = max_min_fair([float("inf")] * 3, sum(measured), [WEIGHTS[s.flow] for s in WEIGHTED])
+    return measured, alloc
+
+
+@pytest.mark.parametrize("fairness", ["drr", "vtc"])
+def test_weights_1_2_3_split_bytes_within_2_percent(fairness):
+    measured, alloc = weighted_bytes(fairness, WEIGHTS)
+    assert alloc == pytest.approx([sum(measured) * w / 6 for w in (1, 2, 3)])
+    assert worst_error(measured, alloc) <= 0.02, (measured, alloc)
+
+
+def test_negative_control_drr_without_weights_is_outside_the_margin():
+    measured, alloc = weighted_bytes("drr", {})
+    assert worst_error(measured, alloc) > 0.02
+    assert measured == pytest.approx([sum(measured) / 3] * 3, rel=0.02), "unweighted DRR: equal bytes"
+
+
+def test_negative_control_round_robin_ignores_weights_and_bytes():
+    measured, alloc = weighted_bytes("round-robin", WEIGHTS)
+    assert worst_error(measured, alloc) > 0.02
+
+
+# =========================================================================== VTC: bounded service difference
+
+
+MIXED = [
+    FlowSpec("small", clients=9, tokens=(10, 50)),
+    FlowSpec("big", clients=9, tokens=(200, 1000)),
+    FlowSpec("mixed", clients=9, tokens=(10, 1000)),
+]
+MAX_COST = 1000
+
+
+def max_cumulative_gap(result, flows):
+    """The largest difference in cumulative cost served between two flows, over every dispatch."""
+    total = dict.fromkeys(flows, 0)
+    gap = 0
+    for d in result.dispatches:
+        total[d.flow] += d.cost
+        gap = max(gap, max(total.values()) - min(total.values()))
+    return gap, total
+
+
+def test_vtc_keeps_the_token_service_difference_bounded_with_mixed_sizes():
+    result = run(engine_for("vtc"), MIXED, duration=DURATION, jitter=JITTER, seed=2)
+    gap, total = max_cumulative_gap(result, [s.flow for s in MIXED])
+    # All flows backlogged from t=0: VTC always serves the least-served flow, so the gap never
+    # exceeds one request's cost (the VTC paper bounds any interval by twice that).
+    assert gap <= MAX_COST, (gap, total)
+    window = result.served(WARMUP, DURATION, "cost")
+    assert max(window.values()) - min(window.values()) <= 2 * MAX_COST, window
+    counts = result.served(WARMUP, DURATION)
+    assert counts["small"] > 10 * counts["big"], "equal tokens means many more small requests"
+
+
+@pytest.mark.parametrize("fairness", ["round-robin", "global-fcfs"])
+def test_negative_control_turn_fair_policies_let_the_difference_grow(fairness):
+    result = run(engine_for(fairness), MIXED, duration=DURATION, jitter=JITTER, seed=2)
+    gap, total = max_cumulative_gap(result, [s.flow for s in MIXED])
+    assert gap > 50 * MAX_COST, (gap, total)
+
+
+class NoLiftVTC(VirtualTokenCounter):
+    """Negative control: VTC without the counter lift, so an idle flow banks credit (test-only)."""
+
+    def activate(self, flow):
+        self._active += 1
+        heapq.heappush(self._heap, (flow.vtc, self._stamp(flow), flow))
+
+
+RETURNING = [
+    FlowSpec("a", clients=9, tokens=100),
+    FlowSpec("b", clients=9, tokens=100),
+    FlowSpec("c", clients=9, tokens=100, stop=20.0),  # active at first, then idle ...
+    FlowSpec("c", clients=9, tokens=100, start=600.0),  # ... and back, long after
+]
+RETURN_AT = 600.0
+
+
+def returning_run(policy=None):
+    engine = engine_for("vtc")
+    if policy is not None:
+        engine.bands[0].fairness = policy
+    result = run(engine, RETURNING, duration=900.0, jitter=JITTER, seed=3)
+    after = [d for d in result.dispatches if d.time >= RETURN_AT]
+    return engine, result, after
+
+
+def test_vtc_a_returning_idle_flow_does_not_monopolise_dispatch():
+    _, result, after = returning_run()
+    first = "".join(d.flow for d in after[:60])
+    assert first.count("c") <= 22, first  # about a third, not all
+    gap = 0
+    since = {"a": 0, "b": 0, "c": 0}
+    for d in after:
+        since[d.flow] += d.cost
+        gap = max(gap, max(since.values()) - min(since.values()))
+    assert gap <= 2 * 100, since
+    idle = result.served(40.0, RETURN_AT)
+    assert "c" not in idle and idle["a"] == pytest.approx(idle["b"], abs=2)
+
+
+def test_negative_control_vtc_without_lift_lets_the_returning_flow_monopolise():
+    *_, after = returning_run(NoLiftVTC())
+    first = "".join(d.flow for d in after[:60])
+    assert first.count("c") >= 55, first
+    since = {"a": 0, "b": 0, "c": 0}
+    gap = 0
+    for d in after:
+        since[d.flow] += d.cost
+        gap = max(gap, max(since.values()) - min(since.values()))
+    assert gap > 50 * 100
+
+
+def test_vtc_returning_flow_counter_is_lifted_to_the_least_backlogged():
+    engine = engine_for("vtc")
+    flows = engine.bands[0].flows
+    run(engine, RETURNING[:3], duration=RETURN_AT, jitter=JITTER, seed=3)  # c active, then idle while a and b run on
+    c_before = flows["c"].vtc
+    low = min(flows["a"].vtc, flows["b"].vtc)
+    assert c_before < low - 1000
+    engine.submit(Request(10**9, "c", tokens=100), RETURN_AT)
+    assert flows["c"].vtc == low, "lifted: no banking of idle credit"

@@ -1,0 +1,402 @@
+"""Policy conformance: every fairness policy under every ordering passes the same contract.
+
+The contract, per (fairness, ordering):
+- every queued request is dispatched exactly once when drained; nothing stays behind in the policy;
+- within a flow, requests leave in the ordering's (key, arrival) order;
+- dispatch is work-conserving: while anything is queued, a grant dispatches something;
+- expired heads are evicted (ttl), never dispatched; cancels from anywhere keep the policy consistent;
+- a handed-back grant (request larger than `max_bytes`) has no side effect on later choices.
+Fair policies (round-robin, drr, vtc) also bound how long a backlogged or newly backlogged flow waits;
+weighted ones (drr, vtc) split service by weight; byte/token-fair ones (drr, vtc) by size, not turns.
+Global FCFS serves the best head across the band's flows: exact arrival order under FCFS.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+from conftest import FAIRNESS_NAMES, ORDERING_NAMES, Ids, Ledger, drain, flows_of, make_engine, reconcile, submit
+
+from flowshard.fairness import FAIRNESS, DeficitRoundRobin, GlobalFcfs, RoundRobin, VirtualTokenCounter
+from flowshard.types import Outcome
+
+COMBOS = list(itertools.product(FAIRNESS_NAMES, ORDERING_NAMES))
+FAIR = ("round-robin", "drr", "vtc")
+WEIGHTED = ("drr", "vtc")
+
+
+def engine_for(fairness: str, ordering: str = "fcfs", quantum: int = 16384, **kw):
+    return make_engine([{"priority": 0, "fairness": fairness, "ordering": ordering, "quantum": quantum}], **kw)
+
+
+def random_workload(engine, ledger: Ledger, ids: Ids, rng: random.Random, n: int, now: float = 0.0, flows="abcde"):
+    items = []
+    for _ in range(n):
+        request = ids.req(
+            rng.choice(flows),
+            size=rng.randint(1, 40),
+            ttl=rng.choice([0.0, 5.0, 50.0, 500.0]),
+            slo=rng.choice([0.0, 0.1, 1.0, 3.0]),
+            tokens=rng.choice([0, 0, rng.randint(1, 100)]),
+        )
+        items.append(ledger.submit(engine, request, now))
+        now += rng.random() * 0.01
+    return items
+
+
+def assert_flow_order(dispatched):
+    """Within each flow, dispatch order is (key, seq) order of the items dispatched."""
+    by_flow: dict[str, list] = {}
+    for item in dispatched:
+        by_flow.setdefault(item.request.flow, []).append(item)
+    for flow, items in by_flow.items():
+        keys = [(i.key, i.seq) for i in items]
+        assert keys == sorted(keys), f"flow {flow} out of order"
+
+
+def test_registry():
+    assert set(FAIRNESS) == set(FAIRNESS_NAMES)
+    for name, cls in FAIRNESS.items():
+        assert cls.name == name
+        assert cls.tracks_heads is (cls is GlobalFcfs)
+        assert cls(100).pick() is None
+
+
+# =========================================================================== every policy x ordering
+
+
+@pytest.mark.parametrize(("fairness", "ordering"), COMBOS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_drains_every_request_exactly_once_in_flow_order(fairness, ordering, seed):
+    engine = engine_for(fairness, ordering, quantum=64, default_ttl=0)
+    ids, ledger, rng = Ids(), Ledger(), random.Random(seed)
+    items = random_workload(engine, ledger, ids, rng, 200)
+    reconcile(engine)
+    dispatched = drain(engine, now=1.0)
+    ledger.absorb(engine)
+    assert sorted(i.id for i in dispatched) == sorted(i.id for i in items)
+    assert all(ledger.outcome[i.id] is Outcome.DISPATCHED for i in items)
+    assert_flow_order(dispatched)
+    ledger.check_closed()
+    reconcile(engine)
+    assert engine.queued_items == engine.queued_bytes == 0
+    assert engine.bands[0].fairness.pick() is None, "no flow stays active in the policy"
+
+
+@pytest.mark.parametrize(("fairness", "ordering"), COMBOS)
+def test_dispatch_is_work_conserving_under_interleaving(fairness, ordering):
+    engine = engine_for(fairness, ordering, quantum=32, default_ttl=0)
+    ids, ledger, rng = Ids(), Ledger(), random.Random(7)
+    now = 0.0
+    for _ in range(400):
+        now += 0.01
+        if rng.random() < 0.55:
+            ledger.submit(engine, ids.req(rng.choice("abcd"), size=rng.randint(1, 50), slo=rng.random()), now)
+        else:
+            had = engine.queued_items
+            item = engine.dispatch(now)
+            assert (item is not None) == (had > 0)
+            ledger.absorb(engine)
+        reconcile(engine)
+    drain(engine, now)
+    ledger.absorb(engine)
+    ledger.check_closed()
+
+
+@pytest.mark.parametrize(("fairness", "ordering"), COMBOS)
+def test_dispatch_follows_the_ordering_with_arrivals_in_between(fairness, ordering):
+    """Each dispatched item is the smallest (key, seq) of what its flow held at that moment."""
+    engine = engine_for(fairness, ordering, quantum=32)
+    ids, rng = Ids(), random.Random(3)
+    now = 0.0
+    for _ in range(300):
+        now += 0.01
+        if rng.random() < 0.6:
+            submit(
+                engine,
+                ids,
+                rng.choice("abc"),
+                now,
+                size=rng.randint(1, 30),
+                ttl=rng.choice([0, 10, 100]),
+                slo=rng.choice([0, 0.5, 5]),
+            )
+        else:
+            flows = {f.id: [(i.key, i.seq) for i in f.queue.items()] for f in engine.bands[0].flows.values()}
+            item = engine.dispatch(now)
+            if item is not None:
+                assert (item.key, item.seq) == min(flows[item.request.flow])
+                if fairness == "global-fcfs":
+                    assert (item.key, item.seq) == min(k for ks in flows.values() for k in ks)
+
+
+@pytest.mark.parametrize(("fairness", "ordering"), COMBOS)
+def test_expired_heads_are_evicted_never_dispatched(fairness, ordering):
+    engine = engine_for(fairness, ordering, quantum=32, default_ttl=0)
+    ids, ledger, rng = Ids(), Ledger(), random.Random(11)
+    items = [
+        ledger.submit(engine, ids.req(rng.choice("abc"), size=5, ttl=rng.choice([0.0, 1.0, 2.0, 9.0])), 0.0)
+        for _ in range(90)
+    ]
+    out = drain(engine, now=2.0)
+    ledger.absorb(engine)
+    alive = {i.id for i in items if i.deadline > 2.0}
+    assert {i.id for i in out} == alive
+    assert all(i.finished_at < i.deadline for i in out)
+    assert all(ledger.outcome[i.id] is Outcome.EVICTED_TTL for i in items if i.id not in alive)
+    ledger.check_closed()
+    reconcile(engine)
+
+
+@pytest.mark.parametrize(("fairness", "ordering"), COMBOS)
+def test_cancel_anywhere_keeps_the_policy_consistent(fairness, ordering):
+    engine = engine_for(fairness, ordering, quantum=16, default_ttl=0)
+    ids, ledger, rng = Ids(), Ledger(), random.Random(5)
+    items = random_workload(engine, ledger, ids, rng, 150, flows="abcd")
+    cancelled = set()
+    for step in range(120):
+        if step % 3 == 0:
+            engine.dispatch(1.0)
+        else:
+            queued = [i for i in items if engine.queued(i.id) is not None]
+            if not queued:
+                break
+            # heads, tails, middles: whatever the rng picks
+            victim = rng.choice(queued)
+            assert engine.cancel(victim.id, 1.0)
+            cancelled.add(victim.id)
+        reconcile(engine)
+    rest = drain(engine, 2.0)
+    ledger.absorb(engine)
+    assert not cancelled & {i.id for i in rest}
+    assert all(ledger.outcome[i] is Outcome.EVICTED_CANCELLED for i in cancelled)
+    ledger.check_closed()
+    assert engine.bands[0].fairness.pick() is None
+
+
+@pytest.mark.parametrize(("fairness", "ordering"), COMBOS)
+def test_handed_back_grant_has_no_side_effect(fairness, ordering):
+    """Two identical engines; one is offered a too-small grant before every real one: same choices."""
+    twins = [engine_for(fairness, ordering, quantum=50, default_ttl=0) for _ in range(2)]
+    rng = random.Random(9)
+    plan = [(rng.choice("abcd"), rng.randint(1, 80), rng.random()) for _ in range(150)]
+    sequences = []
+    for k, engine in enumerate(twins):
+        ids = Ids()
+        for flow, size, slo in plan:
+            submit(engine, ids, flow, size=size, slo=slo)
+        order = []
+        while engine.queued_items:
+            engine.take_outbox()
+            if k == 1:
+                assert engine.dispatch(0.0, max_bytes=0) is None
+                assert engine.take_outbox() == []
+            order.append(engine.dispatch(0.0).id)
+        sequences.append(order)
+    assert sequences[0] == sequences[1]
+
+
+@pytest.mark.parametrize(("fairness", "ordering"), COMBOS)
+def test_flows_that_empty_and_return_are_served_again(fairness, ordering):
+    engine = engine_for(fairness, ordering, quantum=10)
+    ids = Ids()
+    for round_ in range(30):
+        now = float(round_)
+        mine = [submit(engine, ids, f, now, size=10) for f in "abc"[: 1 + round_ % 3]]
+        assert sorted(i.id for i in drain(engine, now)) == sorted(i.id for i in mine)
+        reconcile(engine)
+    assert engine.bands[0].fairness.pick() is None
+
+
+# =========================================================================== fair policies
+
+
+@pytest.mark.parametrize("fairness", FAIR)
+def test_backlogged_flows_take_turns(fairness):
+    """Equal sizes (DRR quantum = size): every window of K dispatches serves each of K flows once."""
+    engine = engine_for(fairness, quantum=10)
+    ids = Ids()
+    for _ in range(40):
+        for f in "abcd":
+            submit(engine, ids, f, size=10)
+    for _ in range(10):
+        submit(engine, ids, "a", size=10)  # the flood: more queued, no more turns
+    order = flows_of(drain(engine))[: 4 * 40]
+    for start in range(0, len(order) - 3):
+        assert len(set(order[start : start + 4])) == 4, order[start : start + 4]
+
+
+@pytest.mark.parametrize("fairness", FAIR)
+def test_a_newly_backlogged_flow_is_served_within_one_round(fairness):
+    """A flow that becomes backlogged waits at most one turn of each other backlogged flow."""
+    engine = engine_for(fairness, quantum=100)
+    ids = Ids()
+    for f in "abc":
+        for _ in range(10):
+            submit(engine, ids, f, size=100)
+    for _ in range(4):
+        engine.dispatch(0.0)
+    newcomer = submit(engine, ids, "d", 1.0, size=100)
+    served = [engine.dispatch(1.0) for _ in range(4)]
+    assert newcomer in served, f"{fairness}: the new flow waited more than a round: {flows_of(served)}"
+
+
+@pytest.mark.parametrize("fairness", FAIR)
+def test_a_returning_flow_gets_its_share_not_its_idle_time(fairness):
+    """A flow idle while others were served does not monopolise dispatch when it comes back."""
+    engine = engine_for(fairness, quantum=10)
+    ids = Ids()
+    for f in "abc":
+        submit(engine, ids, f, size=10)
+    drain(engine)
+    for _ in range(200):
+        for f in "ab":
+            submit(engine, ids, f, size=10)
+    for _ in range(300):  # a and b are served 150 times each while c is idle
+        engine.dispatch(1.0)
+    for _ in range(50):
+        submit(engine, ids, "c", 2.0, size=10)
+    order = flows_of(engine.dispatch(2.0) for _ in range(60))
+    for n in range(1, len(order) + 1):
+        assert order[:n].count("c") <= math.ceil(n / 3) + 1, order
+
+
+@pytest.mark.parametrize("fairness", WEIGHTED)
+@pytest.mark.parametrize("weights_from", ["config", "request"])
+def test_weighted_policies_split_service_by_weight(fairness, weights_from):
+    weights = {"a": 1.0, "b": 2.0, "c": 3.0}
+    engine = engine_for(fairness, quantum=10, weights=weights if weights_from == "config" else {})
+    ids = Ids()
+    for _ in range(400):
+        for f, w in weights.items():
+            submit(engine, ids, f, size=10, weight=w if weights_from == "request" else 0.0)
+    order = flows_of(engine.dispatch(0.0) for _ in range(600))
+    counts = [order.count(f) for f in "abc"]
+    for got, want in zip(counts, (100, 200, 300), strict=True):
+        assert abs(got - want) <= 2, counts
+
+
+@pytest.mark.parametrize("fairness", WEIGHTED)
+def test_byte_fair_policies_equalise_bytes_not_turns(fairness):
+    engine = engine_for(fairness, quantum=100)
+    ids = Ids()
+    for _ in range(300):
+        submit(engine, ids, "small", size=10)
+    for _ in range(60):
+        submit(engine, ids, "big", size=100)
+    served = {"small": 0, "big": 0}
+    for _ in range(300):
+        item = engine.dispatch(0.0)
+        served[item.request.flow] += item.size
+        assert abs(served["small"] - served["big"]) <= 2 * 100, served
+    assert served["big"] > 0 and served["small"] > 0
+
+
+def test_round_robin_is_fair_in_turns_not_bytes():
+    engine = engine_for("round-robin")
+    ids = Ids()
+    for _ in range(50):
+        submit(engine, ids, "s", size=1)
+        submit(engine, ids, "b", size=1000)
+    out = [engine.dispatch(0.0) for _ in range(40)]
+    assert flows_of(out) == "sb" * 20
+    assert sum(i.size for i in out if i.request.flow == "b") == 1000 * sum(i.request.flow == "s" for i in out)
+
+
+def test_vtc_charges_declared_tokens_over_weight():
+    engine = engine_for("vtc", weights={"b": 2.0})
+    ids = Ids()
+    a = submit(engine, ids, "a", size=1000, tokens=30)
+    b = submit(engine, ids, "b", size=5)
+    submit(engine, ids, "a", size=1)
+    assert engine.dispatch(0.0) is a
+    assert a.flow.vtc == 30.0
+    assert engine.dispatch(0.0) is b
+    assert b.flow.vtc == 5 / 2.0, "5 bytes (no tokens declared) / weight 2"
+
+
+def test_vtc_lifts_a_returning_flow_to_the_least_backlogged_counter():
+    engine = engine_for("vtc")
+    ids = Ids()
+    c_item = submit(engine, ids, "c", size=10)
+    assert engine.dispatch(0.0) is c_item
+    for _ in range(20):
+        submit(engine, ids, "a", size=10)
+        submit(engine, ids, "b", size=7)
+    for _ in range(25):
+        engine.dispatch(0.0)
+    flows = engine.bands[0].flows
+    low = min(flows["a"].vtc, flows["b"].vtc)
+    assert flows["c"].vtc == 10.0 < low
+    submit(engine, ids, "c", size=10)
+    assert flows["c"].vtc == low, "no banking of idle credit"
+
+
+def test_vtc_lifts_to_the_last_served_counter_when_nothing_is_backlogged():
+    engine = engine_for("vtc")
+    ids = Ids()
+    for _ in range(5):
+        submit(engine, ids, "a", size=10)
+    drain(engine)
+    submit(engine, ids, "b", size=10)
+    assert engine.bands[0].flows["b"].vtc == 40.0, "the counter of a before its last charge"
+
+
+def test_drr_resets_the_deficit_when_a_flow_empties():
+    engine = engine_for("drr", quantum=100)
+    ids = Ids()
+    submit(engine, ids, "a", size=10)
+    submit(engine, ids, "b", size=10)
+    drain(engine)
+    flow = engine.bands[0].flows["a"]
+    assert flow.deficit == 0.0
+    submit(engine, ids, "a", size=10)
+    assert engine.dispatch(0.0).request.flow == "a"
+    assert flow.deficit == 0.0, "emptied again: deficit cleared"
+
+
+def test_drr_zero_size_requests_do_not_starve_other_flows():
+    """Requests without a declared size (size 0) must still take turns: one flow must not be served forever."""
+    engine = engine_for("drr", quantum=100)
+    ids = Ids()
+    for _ in range(700):
+        submit(engine, ids, "a", size=0)
+        submit(engine, ids, "b", size=0)
+    order = flows_of(engine.dispatch(0.0) for _ in range(600))
+    assert order.count("b") >= 200 and order.count("a") >= 200, (order.count("a"), order.count("b"))
+
+
+def test_global_fcfs_is_exact_arrival_order_across_flows():
+    engine = engine_for("global-fcfs")
+    ids = Ids()
+    rng = random.Random(2)
+    items = [submit(engine, ids, rng.choice("ab" + "f" * 8), size=rng.randint(1, 99)) for _ in range(300)]
+    assert drain(engine) == items
+
+
+def test_global_fcfs_edf_serves_the_earliest_deadline_across_flows():
+    engine = engine_for("global-fcfs", "edf")
+    ids = Ids()
+    rng = random.Random(4)
+    items = [submit(engine, ids, rng.choice("abc"), ttl=rng.choice([1.0, 2.0, 3.0, 4.0])) for _ in range(120)]
+    assert drain(engine) == sorted(items, key=lambda i: (i.deadline, i.seq))
+
+
+# =========================================================================== policy objects directly
+
+
+def test_policies_only_see_active_flows():
+    for cls in (RoundRobin, DeficitRoundRobin, VirtualTokenCounter):
+        engine = make_engine([{"priority": 0, "fairness": cls.name}])
+        assert isinstance(engine.bands[0].fairness, cls)
+        ids = Ids()
+        a = submit(engine, ids, "a")
+        submit(engine, ids, "b")
+        engine.cancel(a.id, 0.0)
+        policy = engine.bands[0].fairness
+        assert policy.pick().id == "b"
+        engine.dispatch(0.0)
+        assert policy.pick() is None
