@@ -149,7 +149,11 @@ class FrameWriter:
         buf = self._buf
         start = len(buf)
         buf += b"\0\0\0\0"
-        self._encoder.encode_into(message, buf, start + 4)
+        try:
+            self._encoder.encode_into(message, buf, start + 4)
+        except BaseException:
+            del buf[start:]  # never leave a half frame in the stream
+            raise
         _LEN.pack_into(buf, start, len(buf) - start - 4)
 
     def __bool__(self) -> bool:

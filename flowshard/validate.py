@@ -34,8 +34,21 @@ class ReleaseBody(msgspec.Struct, forbid_unknown_fields=True):
     ticket: int
 
 
-def check_admit(flow: str, priority: int, size: int, ttl: float, slo: float, tokens: int, weight: float) -> str | None:
-    """None if the admission is valid, else a message naming the field, the value and the rule."""
+def check_admit(
+    flow: str,
+    priority: int,
+    size: int,
+    ttl: float,
+    slo: float,
+    tokens: int,
+    weight: float,
+    *,
+    size_field: str = "bytes",
+) -> str | None:
+    """None if the admission is valid, else a message naming the field, the value and the rule.
+
+    `size_field` is what the caller's protocol calls the size (`bytes` in JSON, `size` in binary).
+    """
     if not flow:
         return "flow: must be a non-empty string"
     if len(flow) > MAX_FLOW_ID:
@@ -43,7 +56,7 @@ def check_admit(flow: str, priority: int, size: int, ttl: float, slo: float, tok
     if not -MAX_PRIORITY <= priority < MAX_PRIORITY:
         return f"priority: {priority} is outside [-2^31, 2^31)"
     if not 0 <= size <= MAX_SIZE:
-        return f"bytes: {size} is outside [0, 2^40]"
+        return f"{size_field}: {size} is outside [0, 2^40]"
     for name, value in (("ttl", ttl), ("slo", slo)):
         if not (math.isfinite(value) and 0 <= value <= MAX_SECONDS):
             return f"{name}: {value} is outside [0, {MAX_SECONDS:.0f}] seconds"

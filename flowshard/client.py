@@ -1,0 +1,328 @@
+"""The async Python client of the binary protocol (asyncio or uvloop).
+
+    async with Client.connect("127.0.0.1", 8081) as c:      # or: c = await Client.connect(...)
+        r = await c.admit("tenant-a", priority=1, size=2048)
+        if r.dispatched:
+            try:
+                ...                                             # call the backend
+            finally:
+                await c.release(r.ticket)
+
+One connection carries any number of admissions in flight: each gets a correlation id, and the
+frames produced in one event-loop pass go out in one write. `admit` and `release` return Futures
+(no Task, no coroutine per call), so thousands can be pipelined cheaply with `asyncio.gather` or
+done-callbacks.
+
+The connection is the lease: when it closes (`close()`, leaving the `async with`, the process
+dying), the service cancels the admissions still pending on it and releases every ticket it holds.
+Keep the client open for as long as you hold tickets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import operator
+from collections.abc import Generator
+from types import TracebackType
+from typing import Any, cast
+
+import msgspec
+
+from flowshard.codec import Admit, FrameError, FrameReader, FrameWriter, Release, Released, Result, ToClient
+from flowshard.types import Outcome
+
+__all__ = ["AdmitResult", "Client", "ConnectionClosed", "FlowshardError"]
+
+_OUTCOMES = {int(o): o for o in Outcome}
+_I64 = 1 << 63
+
+
+class AdmitResult(msgspec.Struct, frozen=True, gc=False):
+    """The outcome of an admission. `ticket` (dispatched only) must be released when the work ends;
+    `retry_after` (seconds, rejections and evictions) is the service's back-off hint."""
+
+    outcome: Outcome
+    ticket: int = 0
+    wait: float = 0.0
+    retry_after: int = 0
+
+    @property
+    def dispatched(self) -> bool:
+        return self.outcome is Outcome.DISPATCHED
+
+
+class FlowshardError(Exception):
+    """The service refused one call: `status` is HTTP-like (422 invalid field, 429 too many in flight,
+    400 duplicate id, 500 service failure); `message` says why (and names the field for 422)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class ConnectionClosed(ConnectionError):
+    """The connection is gone; every call pending on it (and any later call) fails with this.
+    `status`/`message` are set when the service said why (400 malformed frame, 503 too many
+    connections); `status` is 0 for a local close or a lost connection."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(f"{status}: {message}" if status else message)
+        self.status = status
+        self.message = message
+
+
+class Client:
+    """One binary-protocol connection. Create it with `Client.connect(host, port)`."""
+
+    __slots__ = ("_admits", "_closed", "_flush_scheduled", "_loop", "_lost", "_next_id", "_out", "_reader",
+                 "_reason", "_releases", "_transport")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Internal: use `Client.connect`."""
+        self._loop = loop
+        self._transport: asyncio.Transport | None = None
+        self._reader = FrameReader(ToClient)
+        self._out = FrameWriter()
+        self._flush_scheduled = False
+        self._next_id = 0
+        self._admits: dict[int, asyncio.Future[AdmitResult]] = {}
+        # Released replies come in the order of the Release frames: FIFO, None for our own releases
+        self._releases: collections.deque[asyncio.Future[bool] | None] = collections.deque()
+        self._closed = False
+        self._reason: ConnectionClosed | None = None
+        self._lost: asyncio.Future[None] = loop.create_future()
+
+    @staticmethod
+    def connect(host: str, port: int) -> _Connecting:
+        """Open a connection: `c = await Client.connect(h, p)` or `async with Client.connect(h, p) as c:`."""
+        return _Connecting(host, port)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------ calls
+
+    def admit(
+        self, flow: str, priority: int = 0, size: int = 0, ttl: float = 0.0, slo: float = 0.0, tokens: int = 0,
+        weight: float = 0.0,
+    ) -> asyncio.Future[AdmitResult]:
+        """Ask to admit a request of `size` bytes; the Future resolves when it has an outcome.
+
+        `ttl`/`slo` in seconds (0: the configured default TTL / no SLO), `tokens` 0: not declared,
+        `weight` 0: the flow's configured weight. The Future raises FlowshardError when the service
+        refuses the call (invalid field: 422) and ConnectionClosed when the connection is gone; the
+        call itself raises TypeError/ValueError for values the wire cannot carry. Cancelling the
+        Future does not cancel the admission (the protocol has no such message); if it is then
+        dispatched, its ticket is released at once.
+        """
+        if self._closed:
+            raise self._closed_error()
+        if not (
+            type(flow) is str and type(priority) is int and type(size) is int and type(tokens) is int
+            and type(ttl) is float and type(slo) is float and type(weight) is float
+            and -_I64 <= priority < _I64 and -_I64 <= size < _I64 and -_I64 <= tokens < _I64
+        ):
+            # An unencodable value would corrupt the stream and cost every call on the connection.
+            flow, priority, size, ttl, slo, tokens, weight = _coerce(flow, priority, size, ttl, slo, tokens, weight)
+        cid = self._next_id
+        self._next_id = cid + 1
+        fut: asyncio.Future[AdmitResult] = self._loop.create_future()
+        self._admits[cid] = fut
+        self._send(Admit(cid, flow, priority, size, ttl, slo, tokens, weight))
+        return fut
+
+    def release(self, ticket: int) -> asyncio.Future[bool]:
+        """Free a dispatched request's ticket; resolves to False if it was unknown or already released."""
+        if self._closed:
+            raise self._closed_error()
+        ticket = _int("ticket", ticket)
+        fut: asyncio.Future[bool] = self._loop.create_future()
+        self._releases.append(fut)
+        self._send(Release(ticket))
+        return fut
+
+    async def close(self) -> None:
+        """Close the connection and wait until it is closed. The service releases every ticket this
+        client holds; admissions still pending fail with ConnectionClosed."""
+        if not self._closed:
+            self._flush()
+            self._shut(ConnectionClosed("client closed"))
+        await asyncio.shield(self._lost)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def in_flight(self) -> int:
+        """Admissions sent and not yet answered."""
+        return len(self._admits)
+
+    # ------------------------------------------------------------ protocol side
+
+    def _connection_made(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+
+    def _data_received(self, data: bytes) -> None:
+        try:
+            messages = self._reader.feed(data)
+        except FrameError as exc:
+            self._shut(ConnectionClosed(f"malformed reply from the service: {exc}"))
+            return
+        admits = self._admits
+        for msg in messages:
+            kind = type(msg)
+            if kind is Result:
+                fut = admits.pop(msg.id, None)
+                if fut is None:
+                    continue
+                if fut.done():  # cancelled by the caller: do not keep a ticket nobody will release
+                    if msg.ticket and msg.outcome == Outcome.DISPATCHED:
+                        self._releases.append(None)
+                        self._send(Release(msg.ticket))
+                    continue
+                outcome = _OUTCOMES.get(msg.outcome)
+                if outcome is None:
+                    fut.set_exception(FlowshardError(502, f"unknown outcome {msg.outcome} from the service"))
+                    continue
+                fut.set_result(AdmitResult(outcome, msg.ticket, msg.wait, msg.retry_after))
+            elif kind is Released:
+                if not self._releases:
+                    continue
+                rfut = self._releases.popleft()
+                if rfut is not None and not rfut.done():
+                    rfut.set_result(msg.ok)
+            elif msg.id >= 0:
+                fut = admits.pop(msg.id, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(FlowshardError(msg.status, msg.message))
+            else:  # about the connection; the service closes it after this frame
+                self._shut(ConnectionClosed(msg.message, msg.status))
+                return
+
+    def _connection_lost(self, exc: Exception | None) -> None:
+        if self._reason is None:
+            self._reason = ConnectionClosed(f"connection lost: {exc}" if exc else "connection closed by the service")
+        self._closed = True
+        self._fail_pending()
+        if not self._lost.done():
+            self._lost.set_result(None)
+
+    def _send(self, message: Admit | Release) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        self._out.add(message)
+
+    def _flush(self) -> None:
+        """Write every frame of this loop pass in one call."""
+        self._flush_scheduled = False
+        transport = self._transport
+        if self._out and transport is not None and not transport.is_closing():
+            transport.write(self._out.take())
+
+    def _shut(self, reason: ConnectionClosed) -> None:
+        if self._reason is None:
+            self._reason = reason
+        self._closed = True
+        if self._transport is not None:
+            self._transport.close()
+        self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        admits, self._admits = self._admits, {}
+        releases, self._releases = self._releases, collections.deque()
+        for fut in (*admits.values(), *releases):
+            if fut is not None and not fut.done():
+                fut.set_exception(self._closed_error())
+
+    def _closed_error(self) -> ConnectionClosed:
+        """A fresh exception per call (one shared instance would collect every caller's traceback)."""
+        reason = self._reason or ConnectionClosed("client closed")
+        return ConnectionClosed(reason.message, reason.status)
+
+
+class _Protocol(asyncio.Protocol):
+    """Forwards transport callbacks, so the public Client shows no Protocol methods."""
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._client._connection_made(cast(asyncio.Transport, transport))  # uvloop's are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        self._client._data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._client._connection_lost(exc)
+
+
+class _Connecting:
+    """What `Client.connect` returns: awaitable, or an async context manager that closes the client."""
+
+    __slots__ = ("_client", "_host", "_port")
+
+    def __init__(self, host: str, port: int) -> None:
+        self._host = host
+        self._port = port
+        self._client: Client | None = None
+
+    async def _open(self) -> Client:
+        loop = asyncio.get_running_loop()
+        client = Client(loop)
+        await loop.create_connection(lambda: _Protocol(client), self._host, self._port)
+        return client
+
+    def __await__(self) -> Generator[Any, None, Client]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> Client:
+        self._client = await self._open()
+        return self._client
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+
+def _int(name: str, value: Any) -> int:
+    try:
+        value = operator.index(value)  # int, bool, numpy integers; not floats or strings
+    except TypeError:
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__}") from None
+    if not -_I64 <= value < _I64:
+        raise ValueError(f"{name}: {value} does not fit in 64 bits")
+    return int(value)
+
+
+def _float(name: str, value: Any) -> float:
+    if not isinstance(value, str | bytes | bytearray):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+
+
+def _coerce(
+    flow: Any, priority: Any, size: Any, ttl: Any, slo: Any, tokens: Any, weight: Any
+) -> tuple[str, int, int, float, float, int, float]:
+    """The slow path of `admit`: plain Python types for everything msgspec must encode."""
+    if not isinstance(flow, str):
+        raise TypeError(f"flow: expected a string, got {type(flow).__name__}")
+    return (
+        str(flow), _int("priority", priority), _int("size", size), _float("ttl", ttl), _float("slo", slo),
+        _int("tokens", tokens), _float("weight", weight),
+    )

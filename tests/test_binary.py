@@ -1,0 +1,491 @@
+"""Tests of the binary-protocol server (DESIGN §6 tickets, §7 batched frames, §8 binary protocol).
+
+Real sockets on 127.0.0.1 against `FakeAdmission`, which decides outcomes by flow name and records
+every call the server makes. Raw frames here, so the server is tested without the client library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import math
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import uvloop
+
+from distributor.binary import BinaryConnection, BinaryLimits, start_binary_server
+from flowshard.codec import Admit, Error, FrameReader, FrameWriter, Release, Released, Result, ToClient
+from flowshard.types import Outcome
+
+TIMEOUT = 2.0
+
+# Flows that the fake answers with something other than an immediate dispatch.
+FLOW_OUTCOMES = {
+    "capacity": Outcome.REJECTED_CAPACITY,
+    "draining": Outcome.REJECTED_SHUTTING_DOWN,
+    "ttl": Outcome.EVICTED_TTL,
+    "displaced": Outcome.EVICTED_DISPLACED,
+    "shard-failure": Outcome.EVICTED_SHARD_FAILURE,
+}
+HOLD = "hold"  # the fake keeps these pending until the test completes them
+BOOM = "boom"  # the fake raises in admit
+
+
+class FakeAdmission:
+    """An `Admission` that records everything. Tickets are 1000 + request id."""
+
+    accepting = True
+    ready = True
+
+    def __init__(self) -> None:
+        self.next_id = 1
+        self.held: dict[int, tuple[Any, Any, int]] = {}  # request id -> (waiter, cid, size)
+        self.tickets: dict[int, Any] = {}  # live ticket -> waiter
+        self.ticket_size: dict[int, int] = {}
+        self.waiters: list[Any] = []
+        self.cancels: list[int] = []
+        self.releases: list[int] = []
+        self.release_alls: list[Any] = []
+        self.seen = asyncio.Event()  # set at every admit
+
+    def admit(
+        self,
+        waiter: Any,
+        cid: Any,
+        flow: str,
+        priority: int,
+        size: int,
+        ttl: float,
+        slo: float,
+        tokens: int,
+        weight: float,
+        leased: bool,
+    ) -> int:
+        assert leased is False
+        rid = self.next_id
+        self.next_id += 1
+        if waiter not in self.waiters:
+            self.waiters.append(waiter)
+        self.seen.set()
+        if flow == BOOM:
+            raise RuntimeError("boom")
+        if flow == HOLD:
+            self.held[rid] = (waiter, cid, size)
+        else:
+            self._finish(rid, waiter, cid, size, FLOW_OUTCOMES.get(flow, Outcome.DISPATCHED))
+        return rid
+
+    def complete(self, rid: int, outcome: Outcome = Outcome.DISPATCHED) -> None:
+        waiter, cid, size = self.held.pop(rid)
+        self._finish(rid, waiter, cid, size, outcome)
+
+    def _finish(self, rid: int, waiter: Any, cid: Any, size: int, outcome: Outcome) -> None:
+        ticket = 0
+        if outcome is Outcome.DISPATCHED:
+            ticket = 1000 + rid
+            self.tickets[ticket] = waiter
+            self.ticket_size[ticket] = size
+        retry_after = 0 if outcome is Outcome.DISPATCHED else 3
+        waiter.deliver(cid, rid, outcome, ticket, 0.25, retry_after)
+
+    def cancel(self, request_id: int) -> None:
+        self.cancels.append(request_id)
+        self.held.pop(request_id, None)
+
+    def release(self, ticket: int) -> bool:
+        self.releases.append(ticket)
+        return self.tickets.pop(ticket, None) is not None
+
+    def release_all(self, waiter: Any) -> int:
+        self.release_alls.append(waiter)
+        mine = [t for t, w in self.tickets.items() if w is waiter]
+        for t in mine:
+            del self.tickets[t]
+        return len(mine)
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    def metrics(self) -> tuple[bytes, str]:
+        return b"", "text/plain"
+
+    async def wait_held(self, n: int) -> None:
+        while len(self.held) < n:
+            self.seen.clear()
+            await self.seen.wait()
+
+
+def on_loop(factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop) -> Any:
+    """Run an async test on a fresh loop (uvloop unless told), failing it after TIMEOUT seconds."""
+
+    def decorate(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> None:
+            with asyncio.Runner(loop_factory=factory) as runner:
+                runner.run(asyncio.wait_for(fn(*args, **kwargs), TIMEOUT))
+
+        return wrapper
+
+    return decorate
+
+
+@contextlib.asynccontextmanager
+async def serving(admission: Any, limits: BinaryLimits | None = None) -> AsyncIterator[tuple[str, int]]:
+    server = await start_binary_server(admission, "127.0.0.1", 0, limits)
+    try:
+        yield "127.0.0.1", server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+class Raw:
+    """A peer speaking raw frames: for what the client library (or the server) would never send."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, kind: Any = ToClient) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.frames = FrameReader(kind)
+        self.got: list[Any] = []
+
+    @classmethod
+    async def open(cls, addr: tuple[str, int]) -> Raw:
+        return cls(*await asyncio.open_connection(*addr))
+
+    async def send(self, *messages: Any) -> None:
+        w = FrameWriter()
+        for m in messages:
+            w.add(m)
+        await self.send_bytes(w.take())
+
+    async def send_bytes(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def recv(self, n: int) -> list[Any]:
+        """The next n replies."""
+        while len(self.got) < n:
+            data = await self.reader.read(4096)
+            assert data, f"connection closed after {self.got}"
+            self.got += self.frames.feed(data)
+        out, self.got = self.got[:n], self.got[n:]
+        return out
+
+    async def recv_until_eof(self) -> list[Any]:
+        """Every reply until the service closes the connection."""
+        while data := await self.reader.read(4096):
+            self.got += self.frames.feed(data)
+        self.writer.close()
+        out, self.got = self.got, []
+        return out
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def until(cond: Callable[[], bool]) -> None:
+    while not cond():
+        await asyncio.sleep(0.001)
+
+
+# ---------------------------------------------------------------------------------------------- admit
+
+
+@on_loop()
+async def test_admit_dispatched_and_other_outcomes() -> None:
+    fake = FakeAdmission()
+    async with serving(fake) as addr:
+        raw = await Raw.open(addr)
+        await raw.send(Admit(7, "a", size=100), Admit(8, "capacity"), Admit(9, "ttl", ttl=1.5))
+        replies = {r.id: r for r in await raw.recv(3)}
+        assert replies[7] == Result(7, int(Outcome.DISPATCHED), 1001, 0.25, 0)
+        assert replies[8] == Result(8, int(Outcome.REJECTED_CAPACITY), 0, 0.25, 3)
+        assert replies[9] == Result(9, int(Outcome.EVICTED_TTL), 0, 0.25, 3)
+        assert fake.ticket_size == {1001: 100}
+        raw.close()
+
+
+@pytest.mark.parametrize(
+    ("admit", "field"),
+    [
+        (Admit(1, "a", size=-1), "size"),
+        (Admit(1, ""), "flow"),
+        (Admit(1, "a", ttl=math.nan), "ttl"),
+        (Admit(1, "a", slo=-1.0), "slo"),
+        (Admit(1, "a", weight=math.inf), "weight"),
+        (Admit(1, "a", priority=1 << 40), "priority"),
+        (Admit(1, "x" * 300), "flow"),
+    ],
+)
+@on_loop()
+async def test_invalid_admit_is_422_naming_the_field_and_the_connection_serves_on(admit: Admit, field: str) -> None:
+    fake = FakeAdmission()
+    async with serving(fake) as addr:
+        raw = await Raw.open(addr)
+        await raw.send(admit)
+        [err] = await raw.recv(1)
+        assert type(err) is Error and err.id == 1 and err.status == 422
+        assert err.message.startswith(f"{field}:"), err.message
+        assert fake.next_id == 1  # never became a request
+        await raw.send(Admit(2, "a"))
+        [ok] = await raw.recv(1)
+        assert type(ok) is Result and ok.id == 2 and ok.outcome == Outcome.DISPATCHED
+        raw.close()
+
+
+@on_loop()
+async def test_duplicate_in_flight_id_is_400_and_reusable_once_answered() -> None:
+    fake = FakeAdmission()
+    async with serving(fake) as addr:
+        raw = await Raw.open(addr)
+        await raw.send(Admit(5, HOLD), Admit(5, "a"))
+        [err] = await raw.recv(1)
+        assert type(err) is Error and (err.id, err.status) == (5, 400)
+        assert list(fake.held) == [1] and fake.next_id == 2  # the duplicate was not admitted
+        fake.complete(1)
+        [res] = await raw.recv(1)
+        assert type(res) is Result and res.id == 5 and res.ticket == 1001
+        await raw.send(Admit(5, "a"))  # answered: the id is free again
+        [res] = await raw.recv(1)
+        assert type(res) is Result and res.id == 5 and res.ticket == 1002
+        raw.close()
+
+
+@on_loop()
+async def test_too_many_in_flight_is_429() -> None:
+    fake = FakeAdmission()
+    async with serving(fake, BinaryLimits(max_inflight_per_connection=3)) as addr:
+        raw = await Raw.open(addr)
+        await raw.send(*(Admit(i, HOLD) for i in range(4)))
+        [err] = await raw.recv(1)
+        assert type(err) is Error and (err.id, err.status) == (3, 429)
+        assert len(fake.held) == 3
+        fake.complete(1)
+        await raw.recv(1)
+        await raw.send(Admit(9, "a"))  # room again
+        [res] = await raw.recv(1)
+        assert type(res) is Result and res.id == 9
+        raw.close()
+
+
+@on_loop()
+async def test_admit_that_raises_is_500_and_the_connection_serves_on() -> None:
+    fake = FakeAdmission()
+    async with serving(fake) as addr:
+        raw = await Raw.open(addr)
+        await raw.send(Admit(1, BOOM), Admit(2, "a"))
+        err, res = await raw.recv(2)
+        assert type(err) is Error and (err.id, err.status) == (1, 500)
+        assert type(res) is Result and res.id == 2
+        raw.close()
+        await until(lambda: bool(fake.release_alls))
+        assert fake.cancels == []  # the failed admission is not pending
+
+
+@on_loop()
+async def test_release_ok_then_false() -> None:
+    fake = FakeAdmission()
+    async with serving(fake) as addr:
+        raw = await Raw.open(addr)
+        await raw.send(Admit(1, "a"))
+        [res] = await raw.recv(1)
+        await raw.send(Release(res.ticket), Release(res.ticket), Release(424242))
+        assert await raw.recv(3) == [Released(res.ticket, True), Released(res.ticket, False), Released(424242, False)]
+        raw.close()
+
+
+# ---------------------------------------------------------------------------------------------- protocol errors
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x00\x00\x00\x03abc",  # not a message
+        b"\x00\x00\x00\x02\x91\x63",  # an array with an unknown tag
+        b"\x00\x00\x00\x00",  # an empty frame
+        b"\xff" * 64,  # a length far beyond the limit
+    ],
+    ids=["not-a-message", "unknown-tag", "empty", "huge-length"],
+)
+@on_loop()
+async def test_malformed_frame_gets_error_then_close_and_others_are_served(garbage: bytes) -> None:
+    fake = FakeAdmission()
+    async with serving(fake) as addr:
+        good = await Raw.open(addr)
+        bad = await Raw.open(addr)
+        await bad.send(Admit(1, HOLD))
+        await fake.wait_held(1)
+        await bad.send_bytes(garbage)
+        replies = await bad.recv_until_eof()
+        assert len(replies) == 1 and type(replies[0]) is Error, replies
+        assert (replies[0].id, replies[0].status) == (-1, 400)
+        await until(lambda: bool(fake.release_alls))
+        assert fake.cancels == [1]  # the pending admission of the closed connection
+        await good.send(Admit(1, "a"))
+        [res] = await good.recv(1)
+        assert type(res) is Result and res.outcome == Outcome.DISPATCHED
+        good.close()
+
+
+@on_loop()
+async def test_result_frame_from_a_client_is_malformed() -> None:
+    fake = FakeAdmission()
+    async with serving(fake) as addr:
+        raw = await Raw.open(addr)
+        await raw.send(Result(1, 0))  # a valid frame of the other direction's union
+        [err] = await raw.recv_until_eof()
+        assert type(err) is Error and (err.id, err.status) == (-1, 400)
+
+
+@on_loop()
+async def test_oversized_frame_closes_the_connection() -> None:
+    fake = FakeAdmission()
+    async with serving(fake, BinaryLimits(max_frame=1024)) as addr:
+        raw = await Raw.open(addr)
+        await raw.send(Admit(1, "x" * 300))  # under the frame limit: an ordinary 422 (flow too long)
+        [err] = await raw.recv(1)
+        assert err.status == 422
+        await raw.send(Admit(2, "x" * 2000))  # 2 KiB frame: over it
+        [err] = await raw.recv_until_eof()
+        assert type(err) is Error and (err.id, err.status) == (-1, 400)
+        assert "limit" in err.message
+        assert fake.next_id == 1
+
+
+@on_loop()
+async def test_too_many_connections_get_503_and_close() -> None:
+    fake = FakeAdmission()
+    async with serving(fake, BinaryLimits(max_connections=2)) as addr:
+        a, b = await Raw.open(addr), await Raw.open(addr)
+        await a.send(Admit(1, "a"))
+        await b.send(Admit(1, "a"))
+        await a.recv(1)
+        await b.recv(1)
+        c = await Raw.open(addr)
+        [err] = await c.recv_until_eof()
+        assert type(err) is Error and (err.id, err.status) == (-1, 503)
+        a.close()
+        await until(lambda: len(fake.release_alls) == 1)
+        assert len(fake.release_alls) == 1  # the refused connection releases nothing
+        d = await Raw.open(addr)  # a slot is free again
+        await d.send(Admit(1, "a"))
+        [res] = await d.recv(1)
+        assert type(res) is Result
+        b.close()
+        d.close()
+
+
+# ---------------------------------------------------------------------------------------------- connection loss
+
+
+@on_loop()
+async def test_close_cancels_every_pending_admission_once_then_releases_all() -> None:
+    fake = FakeAdmission()
+    async with serving(fake) as addr:
+        raw = await Raw.open(addr)
+        await raw.send(Admit(0, "a"), *(Admit(i, HOLD) for i in range(1, 11)))
+        await fake.wait_held(10)
+        [res] = await raw.recv(1)
+        fake.complete(2)  # one of the held ones is answered before the close
+        await raw.recv(1)
+        conn = fake.waiters[0]
+        raw.close()
+        await until(lambda: bool(fake.release_alls))
+        await asyncio.sleep(0.01)
+        assert sorted(fake.cancels) == [3, 4, 5, 6, 7, 8, 9, 10, 11]
+        assert fake.release_alls == [conn]
+        assert res.ticket not in fake.tickets and 1002 not in fake.tickets  # both tickets released
+        # A (contract-breaking) dispatch delivered afterwards writes nothing and leaks nothing.
+        conn.deliver(99, 3, Outcome.DISPATCHED, 5555, 0.0, 0)
+        conn.deliver(98, 4, Outcome.EVICTED_TTL, 0, 0.0, 0)
+        assert fake.releases == [5555]
+
+
+@on_loop()
+async def test_client_that_does_not_read_is_dropped() -> None:
+    fake = FakeAdmission()
+    async with serving(fake, BinaryLimits(max_write_buffer=64 * 1024)) as addr:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, addr)
+        reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+        raw = Raw(reader, writer)
+        await raw.send(Admit(1, "a"))
+        await until(lambda: bool(fake.waiters))
+        conn = fake.waiters[0]
+        conn._transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        # Releases answered and never read: the replies pile up until the server gives up.
+        chunk = FrameWriter()
+        for _ in range(10_000):
+            chunk.add(Release(1))
+        data = chunk.take()
+        with contextlib.suppress(ConnectionError):
+            while not fake.release_alls:
+                writer.write(data)
+                await writer.drain()
+        await until(lambda: bool(fake.release_alls))
+        assert fake.release_alls == [conn] and fake.tickets == {}
+        writer.close()
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+
+class WriteSpy:
+    """Stands in for a transport and counts writes."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.writes: list[int] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(len(data))
+        self.transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+@on_loop()
+async def test_replies_of_one_loop_pass_leave_in_one_write() -> None:
+    fake = FakeAdmission()
+    async with serving(fake) as addr:
+        raw = await Raw.open(addr)
+        await raw.send(*(Admit(i, HOLD) for i in range(50)))
+        await fake.wait_held(50)
+        conn: BinaryConnection = fake.waiters[0]
+        spy = WriteSpy(conn._transport)
+        conn._transport = spy  # type: ignore[assignment]
+        for rid in list(fake.held)[:40]:  # 40 outcomes in one pass
+            fake.complete(rid)
+        replies = await raw.recv(40)
+        assert len(spy.writes) == 1
+        assert sorted(r.id for r in replies) == list(range(40))
+        for rid in list(fake.held)[:5]:  # then 5 outcomes in 5 passes
+            fake.complete(rid)
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        await raw.recv(5)
+        assert len(spy.writes) == 6
+        raw.close()
+
+
+@on_loop()
+async def test_immediate_outcomes_of_one_read_leave_in_one_write() -> None:
+    fake = FakeAdmission()
+    async with serving(fake) as addr:
+        raw = await Raw.open(addr)
+        await raw.send(Admit(0, "a"))
+        await raw.recv(1)
+        conn: BinaryConnection = fake.waiters[0]
+        spy = WriteSpy(conn._transport)
+        conn._transport = spy  # type: ignore[assignment]
+        await raw.send(*(Admit(i, "a") for i in range(1, 101)))  # ~2 KiB: one segment, one read
+        replies = await raw.recv(100)
+        assert [r.id for r in replies] == list(range(1, 101))
+        assert len(spy.writes) == 1
+        raw.close()
