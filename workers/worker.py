@@ -155,10 +155,13 @@ class ShardWorker(asyncio.Protocol):
 
 
 def _die_with_parent() -> None:
-    """Ask the kernel to SIGTERM this process when its parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux prctl PR_SET_PDEATHSIG).
+
+    With the distributor gone there is nobody to report to, so nothing is lost by dying at once.
+    """
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)
 
 
 def attach_segment(name: str) -> tuple[mmap.mmap, int]:
@@ -184,7 +187,6 @@ async def run(shard: int, fd: int, shm_name: str, config: Config) -> None:
     engine = Engine(config, enforce_limits=False)
     sock = socket.socket(fileno=fd)
     worker = ShardWorker(shard, engine, stats, finished)
-    loop.add_signal_handler(signal.SIGTERM, lambda: finished.done() or finished.set_result(None))
     transport, _ = await loop.create_unix_connection(lambda: worker, sock=sock)
     worker.heartbeat(parent)
     try:
@@ -203,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shm", required=True, help="shared-memory segment name")
     parser.add_argument("--config-json", required=True)
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the distributor, which drains us
+    # Ctrl-C, `timeout` and systemd signal the whole process group: the distributor drains us (a
+    # Shutdown frame); we end on that, on our socket's EOF, or with our parent.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
     config: Any = msgspec.json.decode(args.config_json, type=Config)
     uvloop.run(run(args.shard, args.fd, args.shm, config))

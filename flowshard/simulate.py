@@ -1,0 +1,965 @@
+"""Deterministic discrete-event simulation of one engine in virtual time (`flowshard simulate`).
+
+The backend is modelled by the engine's own dispatch budget: a dispatched request holds its slot
+(and its bytes) for its service time, then is released. `simulate(scenario)` is a pure function of
+the scenario: no clock, no I/O, no hash-seed dependence, so the same scenario gives the same report
+byte for byte. Only `main` reads and writes files.
+
+Measurement choices (the report's fields name them):
+- Counts, waits and service received cover the whole run; `wait` is enqueue-to-dispatch of the
+  dispatched requests. Run end: `drain = false` stops at `duration` and reports what is still queued
+  as `unfinished` (not evicted) and what is still in service as `inflight_at_end` (counted as
+  dispatched); `drain = true` stops arrivals at `duration` and runs until everything has an outcome.
+- Fairness figures cover the window [warmup, duration], per band, in the unit the band's policy
+  equalises: requests (round-robin), bytes (drr), cost = tokens where declared else bytes (vtc,
+  global-fcfs). `share` is a flow's part of its band's service. `fair_share` is what a weighted
+  max-min fair reference (fluid GPS, driven by the same arrivals and the same band service) would
+  have given it: every unit the band dispatched is water-filled by weight over the flows the
+  reference still owes work, each capped by what it owes. A flow is owed the work it queued (rejected
+  requests never were demand); work that left the queue unserved (TTL, cancel, displacement) is
+  withdrawn as far as the reference had not served it either. Saturated flows thus get
+  weight-proportional shares, light flows exactly their demand, late joiners compete from when they
+  arrive. Jain's index is over share / fair_share of the flows that held queued work in the window.
+- `max_service_diff`: the largest gap, at any time, in weighted service (unit / weight) between
+  flows of a band that are backlogged at that time, counted from when each became backlogged (VTC
+  paper style; a flow that becomes backlogged starts level with the least-served backlogged flow).
+- Priority inversions: dispatches of a band while a higher band held a queued request it could have
+  dispatched (queued items > 0 and saturation below its ceiling), replayed from each pump's outcomes.
+  The engine guarantees 0.
+"""
+
+from __future__ import annotations
+
+import heapq
+import importlib.resources
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import cast
+
+import msgspec
+
+from flowshard.analysis import jain_index, percentile
+from flowshard.config import ConfigError
+from flowshard.engine import Band as EngineBand
+from flowshard.engine import Engine
+from flowshard.scenario import Closed, FlowSource, Scenario, flow_sources, load_scenario
+from flowshard.types import Item, ItemState, Outcome, Request
+
+_ARRIVAL, _CLIENT, _DONE = 0, 1, 2  # event kinds
+_Shape = tuple[float, int, int, float]  # a FlowSource draw: (gap, size, tokens, service)
+_QUEUED = ItemState.QUEUED
+_DISPATCHED = Outcome.DISPATCHED
+_REJECTED = (Outcome.REJECTED_CAPACITY, Outcome.REJECTED_SHUTTING_DOWN)
+_EVICTED = tuple(o for o in Outcome if o.status == "evicted")
+_REQUESTS, _BYTES, _COST = 0, 1, 2
+UNITS = {"round-robin": "requests", "drr": "bytes", "vtc": "cost", "global-fcfs": "cost"}
+_UNIT_KIND = {"requests": _REQUESTS, "bytes": _BYTES, "cost": _COST}
+_GC_PERIOD = 1.0  # seconds of virtual time between flow garbage collections
+_COMPACT_SLACK = 64
+_INF = math.inf
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+class Waits(msgspec.Struct, kw_only=True):
+    """Enqueue-to-dispatch seconds of dispatched requests; null when none was dispatched."""
+
+    p50: float | None
+    p90: float | None
+    p99: float | None
+    max: float | None
+
+
+class Served(msgspec.Struct, kw_only=True):
+    requests: int
+    bytes: int
+    tokens: int
+
+
+class Counts(msgspec.Struct, kw_only=True):
+    """Outcomes of the requests of a flow, group, band or the whole run."""
+
+    submitted: int
+    dispatched: int
+    rejected: dict[str, int]  # by reason; every reason present
+    evicted: dict[str, int]
+    unfinished: int  # still queued when the run stopped
+
+
+class FlowReport(msgspec.Struct, kw_only=True):
+    id: str
+    group: str  # the [[workload.flows]] entry it came from
+    priority: int
+    band: str
+    weight: float
+    counts: Counts
+    wait: Waits
+    served: Served
+    backlogged: float  # fraction of the window with queued work
+    share: float | None  # of the band's service in the window (band unit)
+    fair_share: float | None
+
+
+class GroupReport(msgspec.Struct, kw_only=True):
+    """One [[workload.flows]] entry, its `count` flows summed (shares too)."""
+
+    id: str
+    flows: int
+    priority: int
+    band: str
+    counts: Counts
+    wait: Waits
+    served: Served
+    share: float | None
+    fair_share: float | None
+    ratio_min: float | None  # smallest share / fair_share among its backlogged flows
+    ratio_max: float | None
+
+
+class BandReport(msgspec.Struct, kw_only=True):
+    priority: int
+    name: str
+    fairness: str
+    ordering: str
+    unit: str
+    flows: int
+    backlogged_flows: int
+    counts: Counts
+    wait: Waits
+    served: Served
+    throughput: float  # dispatched requests per second
+    jain: float | None
+    max_service_diff: float
+    priority_inversions: int
+
+
+class Throughput(msgspec.Struct, kw_only=True):
+    requests: float
+    bytes: float
+    tokens: float
+
+
+class Totals(msgspec.Struct, kw_only=True):
+    counts: Counts
+    inflight_at_end: int
+    throughput: Throughput  # per second of simulated time
+    served: Served
+    jain: float | None  # over the backlogged flows of every band
+    backlogged_flows: int
+    priority_inversions: int
+    events: int
+
+
+class Report(msgspec.Struct, kw_only=True):
+    scenario: str
+    seed: int
+    duration: float
+    warmup: float
+    drain: bool
+    end: float  # simulated seconds
+    totals: Totals
+    bands: list[BandReport]
+    groups: list[GroupReport]
+    flows: list[FlowReport]
+
+
+# ---------------------------------------------------------------------------------------- priority check
+
+
+class PriorityChecker:
+    """Counts priority inversions in the outcomes of one `Engine.pump`, replayed in order.
+
+    Given the queued items per band and the budget use before the pump, it follows each outcome
+    (dispatch or eviction) and flags a dispatch of band b while some band a < b still held queued
+    items and was below its ceiling — work strict priority says must go first.
+    """
+
+    def __init__(self, ceilings: Sequence[float], max_requests: float, max_bytes: float) -> None:
+        self.ceilings = list(ceilings)
+        self.max_requests = max_requests
+        self.max_bytes = max_bytes
+
+    def count(
+        self, queued: Sequence[int], inflight: int, inflight_bytes: int, outcomes: Iterable[tuple[int, bool, int]]
+    ) -> list[int]:
+        """Inversions per band (of the dispatched request) for `outcomes` = (band, dispatched, bytes)."""
+        left = list(queued)
+        ceilings = self.ceilings
+        inversions = [0] * len(left)
+        for band, dispatched, size in outcomes:
+            if dispatched:
+                saturation = max(inflight / self.max_requests, inflight_bytes / self.max_bytes)
+                if any(left[a] > 0 and saturation < ceilings[a] for a in range(band)):
+                    inversions[band] += 1
+                inflight += 1
+                inflight_bytes += size
+            left[band] -= 1
+        return inversions
+
+
+# ---------------------------------------------------------------------------------------- state
+
+
+class _Flow:
+    """One expanded flow: its request stream and every figure the report needs."""
+
+    __slots__ = (
+        "backlog_since",
+        "backlog_time",
+        "band",
+        "closed",
+        "credit",
+        "credit0",
+        "demanded",
+        "finish",
+        "ftick",
+        "id",
+        "index",
+        "instance",
+        "join",
+        "outcomes",
+        "owed",
+        "priority",
+        "queued",
+        "rel",
+        "request_weight",
+        "served_bytes",
+        "served_tokens",
+        "slo",
+        "source",
+        "stamp",
+        "stop",
+        "submitted",
+        "ttl",
+        "unfinished",
+        "units",
+        "waits",
+        "weight",
+        "withdrawn",
+    )
+
+    def __init__(self, index: int, source: FlowSource, band: _Band, weight: float, end: float) -> None:
+        instance = source.instance
+        spec = instance.spec
+        self.index = index
+        self.instance = instance
+        self.id = instance.id
+        self.priority = spec.priority
+        self.band = band
+        self.weight = weight
+        self.request_weight = spec.weight or 0.0
+        self.ttl = spec.ttl
+        self.slo = spec.slo
+        self.source = source
+        self.closed = spec.arrival if isinstance(spec.arrival, Closed) else None
+        self.stop = min(spec.stop or end, end)
+        self.submitted = self.unfinished = self.queued = 0
+        self.outcomes = [0] * len(Outcome)
+        self.waits: list[float] = []
+        self.served_bytes = self.served_tokens = 0
+        self.backlog_since = 0.0
+        self.backlog_time = 0.0
+        self.units = 0.0  # service in the window, band unit
+        self.owed = False  # the fair reference still owes it work
+        self.finish = self.join = 0.0
+        self.credit = self.credit0 = 0.0  # reference service, all run / at the window's start
+        self.demanded = self.withdrawn = 0.0  # work queued / withdrawn unserved, all run
+        self.ftick = 0
+        self.rel = 0.0  # weighted service since it became backlogged, for max_service_diff
+        self.stamp = 0
+
+
+class _Reference:
+    """The fair reference of one band: fluid weighted max-min (GPS) sharing of the band's own service.
+
+    `level` is the service per unit of weight every owed flow has received; a flow is owed work until
+    the level reaches its `finish`. Water-filling one dispatch is then a walk over the owed flows in
+    `finish` order (a heap, stale entries skipped by tick), O(log F) amortised.
+    """
+
+    def __init__(self) -> None:
+        self.level = 0.0
+        self.owing = 0
+        self.weight = 0.0  # of the owed flows
+        self.heap: list[tuple[float, int, _Flow]] = []
+        self.tick = 0
+
+    def demand(self, flow: _Flow, units: float) -> float:
+        """The flow queued `units` more work: the reference owes it that much more.
+
+        Returns the work's end position in the flow's reference queue, for `withdraw`.
+        """
+        flow.demanded += units
+        if units > 0 and flow.owed:
+            flow.finish += units / flow.weight  # its heap entry is refreshed lazily when it surfaces
+        elif units > 0:
+            flow.owed = True
+            flow.join = self.level
+            flow.finish = self.level + units / flow.weight
+            self.owing += 1
+            self.weight += flow.weight
+            self._push(flow)
+        return flow.demanded - flow.withdrawn
+
+    def _push(self, flow: _Flow) -> None:
+        self.tick += 1
+        flow.ftick = self.tick
+        heapq.heappush(self.heap, (flow.finish, self.tick, flow))
+        if len(self.heap) > 2 * self.owing + _COMPACT_SLACK:
+            self.heap = [e for e in self.heap if e[1] == e[2].ftick]
+            heapq.heapify(self.heap)
+
+    def withdraw(self, flow: _Flow, units: float, end: float, withdrawn: float) -> None:
+        """Queued work left the queue unserved (TTL, cancel, displacement): stop owing whatever part of
+        it the reference had not served yet either.
+
+        `end` is the work's end position in the flow's reference queue when it was queued, `withdrawn`
+        the flow's withdrawn total then; withdrawals since are taken to have been ahead of it (they
+        were, when requests leave in arrival order).
+        """
+        if not flow.owed:
+            return
+        end -= flow.withdrawn - withdrawn
+        unserved = min(units, end - self.given(flow))
+        if unserved <= 0:
+            return
+        flow.withdrawn += unserved
+        flow.finish -= unserved / flow.weight
+        if flow.finish > self.level:
+            self._push(flow)  # the old entry is now stale
+        else:
+            self._settle(flow, self.level)
+
+    def _settle(self, flow: _Flow, level: float) -> None:
+        """The reference owes the flow nothing more: credit what it served and drop the flow."""
+        flow.owed = False
+        flow.ftick = 0
+        flow.credit += flow.weight * (level - flow.join)
+        self.owing -= 1
+        self.weight = self.weight - flow.weight if self.owing else 0.0
+
+    def serve(self, units: float) -> None:
+        """The band dispatched `units`: water-fill them over the owed flows by weight, capped by demand."""
+        heap = self.heap
+        while units > 0 and self.owing:
+            finish, tick, flow = heap[0]
+            if tick != flow.ftick:
+                heapq.heappop(heap)
+                continue
+            if finish < flow.finish:
+                heapq.heapreplace(heap, (flow.finish, tick, flow))
+                continue
+            need = (finish - self.level) * self.weight
+            if need > units:
+                self.level += units / self.weight
+                return
+            units -= need
+            self.level = max(self.level, finish)
+            heapq.heappop(heap)
+            self._settle(flow, finish)
+
+    def given(self, flow: _Flow) -> float:
+        """What the reference has served the flow so far, all run."""
+        return flow.credit + (flow.weight * (self.level - flow.join) if flow.owed else 0.0)
+
+
+class _Gap:
+    """The largest service difference between backlogged flows of one band (VTC paper style).
+
+    Each backlogged flow's weighted service `rel` counts from when it became backlogged, starting
+    level with the least-served backlogged flow. Min- and max-heaps of `rel`, stale entries skipped.
+    """
+
+    def __init__(self) -> None:
+        self.backlogged = 0
+        self.low: list[tuple[float, int, _Flow]] = []
+        self.high: list[tuple[float, int, _Flow]] = []
+        self.tick = 0
+        self.max = 0.0
+
+    @staticmethod
+    def _top(heap: list[tuple[float, int, _Flow]]) -> float | None:
+        while heap:
+            value, tick, flow = heap[0]
+            if tick == flow.stamp:
+                return value
+            heapq.heappop(heap)
+        return None
+
+    def _push(self, flow: _Flow) -> None:
+        self.tick += 1
+        flow.stamp = tick = self.tick
+        heapq.heappush(self.low, (flow.rel, tick, flow))
+        heapq.heappush(self.high, (-flow.rel, tick, flow))
+        if len(self.high) > 2 * self.backlogged + _COMPACT_SLACK:
+            self.low = [e for e in self.low if e[1] == e[2].stamp]
+            self.high = [e for e in self.high if e[1] == e[2].stamp]
+            heapq.heapify(self.low)
+            heapq.heapify(self.high)
+
+    def start(self, flow: _Flow) -> None:
+        low = self._top(self.low)
+        flow.rel = 0.0 if low is None else low
+        self.backlogged += 1
+        self._push(flow)
+
+    def end(self, flow: _Flow) -> None:
+        flow.stamp = 0
+        self.backlogged -= 1
+
+    def advance(self, flow: _Flow, units: float, measuring: bool) -> None:
+        flow.rel += units / flow.weight
+        self._push(flow)
+        if measuring and self.backlogged > 1:
+            low, high = self._top(self.low), self._top(self.high)
+            if low is not None and high is not None and -high - low > self.max:
+                self.max = -high - low
+
+    def restart(self, flows: Iterable[_Flow]) -> None:
+        """Count from now: every backlogged flow starts level."""
+        self.low, self.high = [], []
+        for flow in flows:
+            flow.rel = 0.0
+            if flow.stamp:
+                self._push(flow)
+
+
+class _Band:
+    """One band's flows and fairness bookkeeping, in the unit its policy equalises."""
+
+    def __init__(self, engine_band: EngineBand) -> None:
+        self.config = config = engine_band.config
+        self.unit = UNITS[config.fairness]
+        self.kind = _UNIT_KIND[self.unit]
+        self.flows: list[_Flow] = []
+        self.units = 0.0  # service in the window
+        self.inversions = 0
+        self.reference = _Reference()
+        self.gap = _Gap()
+
+    def units_of(self, request: Request) -> float:
+        kind = self.kind
+        if kind == _REQUESTS:
+            return 1.0
+        if kind == _BYTES:
+            return float(request.size)
+        return float(request.tokens or request.size)
+
+    def start_window(self) -> None:
+        """Warmup is over: fairness figures count from here."""
+        self.units = 0.0
+        for flow in self.flows:
+            flow.units = 0.0
+            flow.credit0 = self.reference.given(flow)
+        self.gap.restart(self.flows)
+
+
+# ---------------------------------------------------------------------------------------- simulation
+
+
+class _Simulation:
+    """The event loop. Events: (time, seq, kind, flow, payload) in a heap; seq keeps order total."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        workload = scenario.workload
+        self.scenario = scenario
+        self.duration = workload.duration
+        self.warmup = workload.warmup
+        self.drain = workload.drain
+        self.engine = engine = Engine(scenario.server)
+        self.bands = [_Band(b) for b in engine.bands]
+        weights = scenario.server.weights
+        self.flows: list[_Flow] = []
+        for index, source in enumerate(flow_sources(workload)):
+            spec = source.instance.spec
+            band = self.bands[engine.band_index(spec.priority)]
+            weight = spec.weight or weights.get(source.instance.id, 1.0)
+            flow = _Flow(index, source, band, weight, self.duration)
+            band.flows.append(flow)
+            self.flows.append(flow)
+        budget = engine.budget
+        self.checker = PriorityChecker([b.ceiling for b in engine.bands], budget.max_requests, budget.max_bytes)
+        self.heap: list[tuple[float, int, int, _Flow, object]] = []
+        self.seq = 0
+        self.next_id = 0
+        # request id -> (flow, service time, end position in the reference queue, flow's withdrawn then)
+        self.pending: dict[int, tuple[_Flow, float, float, float]] = {}
+        self.events = 0
+        self.now = 0.0
+        self.tracking = True  # now <= duration: the fair reference and the difference tracker run
+        self.measuring = self.warmup == 0  # inside [warmup, duration]
+        self.ending = False
+
+    def _push(self, at: float, kind: int, flow: _Flow, data: object) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (at, self.seq, kind, flow, data))
+
+    def _start(self) -> None:
+        for flow in self.flows:
+            start = flow.instance.spec.start
+            clients = flow.closed.concurrency if flow.closed is not None else 1
+            kind = _CLIENT if flow.closed is not None else _ARRIVAL
+            for _ in range(clients):
+                shape = flow.source.next()
+                if start + shape[0] < flow.stop:
+                    self._push(start + shape[0], kind, flow, shape)
+
+    def run(self) -> float:
+        """Process events until the end; returns the simulated end time."""
+        self._start()
+        engine = self.engine
+        heap = self.heap
+        horizon = _INF if self.drain else self.duration
+        next_gc = _GC_PERIOD
+        while True:
+            deadline = engine.next_deadline()
+            now = heap[0][0] if heap else _INF
+            if deadline < now:
+                now = deadline
+            if now > horizon or now == _INF:
+                break
+            self.now = now
+            if now > self.duration:
+                self.tracking = self.measuring = False
+            elif not self.measuring and now >= self.warmup:
+                self._start_window()
+            while heap and heap[0][0] == now:
+                _, _, kind, flow, data = heapq.heappop(heap)
+                self.events += 1
+                self._event(kind, flow, data, now)
+            if deadline <= now:
+                self.events += 1
+                engine.expire(now)
+            if now >= next_gc:
+                engine.collect_garbage(now)
+                next_gc = now + _GC_PERIOD
+            self._settle(now)
+        end = self.now if self.drain else self.duration
+        self.ending = True
+        self.tracking = self.measuring = False
+        engine.shutdown(end)
+        self._deliver(engine.take_outbox(), end)
+        return end
+
+    def _start_window(self) -> None:
+        """Warmup is over: fairness figures count from now."""
+        self.measuring = True
+        for band in self.bands:
+            band.start_window()
+
+    def _event(self, kind: int, flow: _Flow, data: object, now: float) -> None:
+        if kind == _ARRIVAL:
+            self._submit(flow, cast(_Shape, data), now)
+            shape = flow.source.next()
+            if now + shape[0] < flow.stop:
+                self._push(now + shape[0], _ARRIVAL, flow, shape)
+        elif kind == _CLIENT:
+            self._submit(flow, cast(_Shape, data), now)
+        else:
+            self.engine.release(cast(Item, data))
+            self._client_next(flow, now, failed=False)
+
+    def _submit(self, flow: _Flow, shape: _Shape, now: float) -> None:
+        _, size, tokens, service = shape
+        rid = self.next_id
+        self.next_id = rid + 1
+        request = Request(rid, flow.id, flow.priority, size, flow.ttl, flow.slo, tokens, flow.request_weight)
+        flow.submitted += 1
+        item = self.engine.submit(request, now)
+        end = 0.0
+        if item.state == _QUEUED:
+            if self.tracking:
+                end = flow.band.reference.demand(flow, flow.band.units_of(request))
+            flow.queued += 1
+            if flow.queued == 1:
+                flow.backlog_since = now
+                if self.tracking:
+                    flow.band.gap.start(flow)
+        self.pending[rid] = (flow, service, end, flow.withdrawn)
+
+    def _client_next(self, flow: _Flow, now: float, *, failed: bool) -> None:
+        """A closed-loop client's request ended: it thinks (or backs off), then sends its next one."""
+        closed = flow.closed
+        if closed is None or self.ending:
+            return
+        shape = flow.source.next()
+        gap = max(shape[0], closed.backoff) if failed else shape[0]
+        if now + gap < flow.stop:
+            self._push(now + gap, _CLIENT, flow, shape)
+
+    def _settle(self, now: float) -> None:
+        """Deliver what happened at `now`, pump the engine, and deliver the pump's outcomes."""
+        engine = self.engine
+        out = engine.take_outbox()
+        if out:
+            self._deliver(out, now)
+        dispatched = engine.pump(now)
+        out = engine.take_outbox()
+        if dispatched and len(self.bands) > 1:
+            self._check_priority(out)
+        if out:
+            self._deliver(out, now)
+
+    def _check_priority(self, out: list[Item]) -> None:
+        """Replay one pump's outcomes from the state before it (rebuilt: the pump only removed `out`)."""
+        engine = self.engine
+        queued = [b.queued_items for b in engine.bands]
+        inflight, inflight_bytes = engine.budget.inflight, engine.budget.inflight_bytes
+        for item in out:
+            queued[item.band] += 1
+            if item.outcome == _DISPATCHED:
+                inflight -= 1
+                inflight_bytes -= item.request.size
+        outcomes = ((item.band, item.outcome == _DISPATCHED, item.request.size) for item in out)
+        for band, n in zip(self.bands, self.checker.count(queued, inflight, inflight_bytes, outcomes), strict=True):
+            band.inversions += n
+
+    def _deliver(self, items: list[Item], now: float) -> None:
+        for item in items:
+            flow, service, end, withdrawn = self.pending.pop(item.request.id)
+            outcome = item.outcome
+            if outcome == _DISPATCHED:
+                self._dispatched(flow, item, service, now)
+            elif outcome in _REJECTED:
+                flow.outcomes[outcome] += 1
+                self._client_next(flow, now, failed=True)
+            else:
+                if self.ending:
+                    flow.unfinished += 1
+                else:
+                    flow.outcomes[outcome] += 1
+                    if self.tracking:
+                        flow.band.reference.withdraw(flow, flow.band.units_of(item.request), end, withdrawn)
+                    self._client_next(flow, now, failed=True)
+                self._dequeued(flow, now)
+
+    def _dispatched(self, flow: _Flow, item: Item, service: float, now: float) -> None:
+        request = item.request
+        flow.outcomes[_DISPATCHED] += 1
+        flow.waits.append(item.wait)
+        flow.served_bytes += request.size
+        flow.served_tokens += request.tokens
+        if self.tracking:
+            band = flow.band
+            units = band.units_of(request)
+            band.reference.serve(units)
+            band.gap.advance(flow, units, self.measuring)
+            if self.measuring:
+                band.units += units
+                flow.units += units
+        self._push(now + service, _DONE, flow, item)
+        self._dequeued(flow, now)
+
+    def _dequeued(self, flow: _Flow, now: float) -> None:
+        flow.queued -= 1
+        if flow.queued:
+            return
+        start, stop = max(flow.backlog_since, self.warmup), min(now, self.duration)
+        if stop > start:
+            flow.backlog_time += stop - start
+        if flow.stamp:
+            flow.band.gap.end(flow)
+
+
+def simulate(scenario: Scenario) -> Report:
+    """Run the scenario in virtual time and report every figure. Deterministic: a pure function."""
+    sim = _Simulation(scenario)
+    end = sim.run()
+    return _Reporter(sim, end).report()
+
+
+# ---------------------------------------------------------------------------------------- figures
+
+
+def _r(value: float, digits: int = 6) -> float:
+    return round(value, digits)
+
+
+def _waits(waits: list[float]) -> Waits:
+    if not waits:
+        return Waits(p50=None, p90=None, p99=None, max=None)
+    waits = sorted(waits)
+    return Waits(
+        p50=_r(percentile(waits, 0.5)),
+        p90=_r(percentile(waits, 0.9)),
+        p99=_r(percentile(waits, 0.99)),
+        max=_r(waits[-1]),
+    )
+
+
+def _counts(flows: Sequence[_Flow]) -> Counts:
+    outcomes = [sum(column) for column in zip(*(f.outcomes for f in flows), strict=True)] or [0] * len(Outcome)
+    return Counts(
+        submitted=sum(f.submitted for f in flows),
+        dispatched=outcomes[_DISPATCHED],
+        rejected={o.reason: outcomes[o] for o in _REJECTED},
+        evicted={o.reason: outcomes[o] for o in _EVICTED},
+        unfinished=sum(f.unfinished for f in flows),
+    )
+
+
+def _served(flows: Sequence[_Flow]) -> Served:
+    return Served(
+        requests=sum(f.outcomes[_DISPATCHED] for f in flows),
+        bytes=sum(f.served_bytes for f in flows),
+        tokens=sum(f.served_tokens for f in flows),
+    )
+
+
+class _Reporter:
+    """Turns the final simulation state into a Report (rounded, so the JSON is stable and short)."""
+
+    def __init__(self, sim: _Simulation, end: float) -> None:
+        self.sim = sim
+        self.end = end
+        self.window = sim.duration - sim.warmup
+        self.share: dict[int, float | None] = {}
+        self.fair: dict[int, float | None] = {}
+        for band in sim.bands:
+            for flow in band.flows:
+                total = band.units
+                self.share[flow.index] = flow.units / total if total > 0 else None
+                self.fair[flow.index] = (band.reference.given(flow) - flow.credit0) / total if total > 0 else None
+
+    def ratio(self, flow: _Flow) -> float | None:
+        """share / fair_share of a flow that was backlogged in the window; None otherwise."""
+        share, fair = self.share[flow.index], self.fair[flow.index]
+        if flow.backlog_time <= 0 or share is None or not fair:
+            return None
+        return share / fair
+
+    def jain(self, flows: Iterable[_Flow]) -> tuple[float | None, int]:
+        ratios = [r for r in map(self.ratio, flows) if r is not None]
+        return (_r(jain_index(ratios)) if ratios else None), len(ratios)
+
+    def report(self) -> Report:
+        sim = self.sim
+        flows = sim.flows
+        workload = sim.scenario.workload
+        jain, backlogged = self.jain(flows)
+        served = _served(flows)
+        end = self.end
+        totals = Totals(
+            counts=_counts(flows),
+            inflight_at_end=sim.engine.budget.inflight,
+            throughput=Throughput(
+                requests=_r(served.requests / end, 3),
+                bytes=_r(served.bytes / end, 3),
+                tokens=_r(served.tokens / end, 3),
+            ),
+            served=served,
+            jain=jain,
+            backlogged_flows=backlogged,
+            priority_inversions=sum(b.inversions for b in sim.bands),
+            events=sim.events,
+        )
+        return Report(
+            scenario=sim.scenario.name,
+            seed=workload.seed,
+            duration=workload.duration,
+            warmup=workload.warmup,
+            drain=workload.drain,
+            end=_r(end),
+            totals=totals,
+            bands=[self.band(b) for b in sim.bands],
+            groups=self.groups(),
+            flows=[self.flow(f) for f in flows],
+        )
+
+    def band(self, band: _Band) -> BandReport:
+        jain, backlogged = self.jain(band.flows)
+        config = band.config
+        return BandReport(
+            priority=config.priority,
+            name=config.name,
+            fairness=config.fairness,
+            ordering=config.ordering,
+            unit=band.unit,
+            flows=len(band.flows),
+            backlogged_flows=backlogged,
+            counts=_counts(band.flows),
+            wait=_waits([w for f in band.flows for w in f.waits]),
+            served=_served(band.flows),
+            throughput=_r(sum(f.outcomes[_DISPATCHED] for f in band.flows) / self.end, 3),
+            jain=jain,
+            max_service_diff=_r(band.gap.max, 3),
+            priority_inversions=band.inversions,
+        )
+
+    def flow(self, flow: _Flow) -> FlowReport:
+        share, fair = self.share[flow.index], self.fair[flow.index]
+        return FlowReport(
+            id=flow.id,
+            group=flow.instance.spec.id,
+            priority=flow.priority,
+            band=flow.band.config.name,
+            weight=flow.weight,
+            counts=_counts([flow]),
+            wait=_waits(flow.waits),
+            served=_served([flow]),
+            backlogged=_r(flow.backlog_time / self.window),
+            share=None if share is None else _r(share),
+            fair_share=None if fair is None else _r(fair),
+        )
+
+    def groups(self) -> list[GroupReport]:
+        members: dict[str, list[_Flow]] = {}
+        for flow in self.sim.flows:
+            members.setdefault(flow.instance.spec.id, []).append(flow)
+        return [self.group(group_id, flows) for group_id, flows in members.items()]
+
+    def group(self, group_id: str, flows: list[_Flow]) -> GroupReport:
+        shares = [s for s in (self.share[f.index] for f in flows) if s is not None]
+        fairs = [s for s in (self.fair[f.index] for f in flows) if s is not None]
+        ratios = [r for r in map(self.ratio, flows) if r is not None]
+        first = flows[0]
+        return GroupReport(
+            id=group_id,
+            flows=len(flows),
+            priority=first.priority,
+            band=first.band.config.name,
+            counts=_counts(flows),
+            wait=_waits([w for f in flows for w in f.waits]),
+            served=_served(flows),
+            share=_r(sum(shares)) if shares else None,
+            fair_share=_r(sum(fairs)) if fairs else None,
+            ratio_min=_r(min(ratios)) if ratios else None,
+            ratio_max=_r(max(ratios)) if ratios else None,
+        )
+
+
+# ---------------------------------------------------------------------------------------- output
+
+
+def encode_report(report: Report) -> bytes:
+    """The report as JSON with sorted keys: byte-identical for the same scenario."""
+    return msgspec.json.encode(report, order="sorted")
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"
+
+
+def _reasons(counts: Sequence[Counts]) -> list[tuple[str, str]]:
+    """(column title, key) for every rejection/eviction reason that occurred anywhere."""
+    columns = []
+    for reason in (o.reason for o in _REJECTED):
+        if any(c.rejected[reason] for c in counts):
+            columns.append((f"rej:{reason}", f"rejected:{reason}"))
+    for reason in (o.reason for o in _EVICTED):
+        if any(c.evicted[reason] for c in counts):
+            columns.append((f"ev:{reason}", f"evicted:{reason}"))
+    return columns
+
+
+def _count(counts: Counts, key: str) -> int:
+    status, _, reason = key.partition(":")
+    return (counts.rejected if status == "rejected" else counts.evicted)[reason]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = [f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths)]
+    return ["  ".join(f.format(c) for f, c in zip(fmt, row, strict=True)).rstrip() for row in [header, *rows]]
+
+
+def render_table(report: Report) -> str:
+    """The human report: one row per flow entry (a `count` group is one row), one per band, totals."""
+    totals = report.totals
+    mode = "drain" if report.drain else "stop"
+    lines = [
+        f"scenario {report.scenario or '(unnamed)'}: seed {report.seed}, duration {report.duration:g} s "
+        f"(warmup {report.warmup:g} s, end: {mode} at {report.end:g} s), {totals.events} events",
+        "",
+        *_group_table(report),
+        "",
+        *_band_table(report),
+        "",
+        *_total_lines(totals),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _group_table(report: Report) -> list[str]:
+    reasons = _reasons([g.counts for g in report.groups])
+    header = ["flow", "prio", "flows", "submitted", "dispatched", *(t for t, _ in reasons), "unfinished"]
+    header += ["wait p50 ms", "p90", "p99", "max", "req/s", "backlogged", "share", "fair", "ratio min..max"]
+    backlog: dict[str, list[float]] = {}
+    for f in report.flows:
+        backlog.setdefault(f.group, []).append(f.backlogged)
+    rows = []
+    for g in report.groups:
+        c, w = g.counts, g.wait
+        ratio = "-" if g.ratio_min is None else f"{g.ratio_min:.3f}..{g.ratio_max:.3f}"
+        row = [g.id, str(g.priority), str(g.flows), str(c.submitted), str(c.dispatched)]
+        row += [str(_count(c, key)) for _, key in reasons]
+        row += [str(c.unfinished), _ms(w.p50), _ms(w.p90), _ms(w.p99), _ms(w.max), f"{c.dispatched / report.end:.1f}"]
+        row += [_pct(sum(backlog[g.id]) / len(backlog[g.id])), _pct(g.share), _pct(g.fair_share), ratio]
+        rows.append(row)
+    return _table(header, rows)
+
+
+def _band_table(report: Report) -> list[str]:
+    header = ["band", "prio", "fairness", "unit", "flows", "dispatched", "req/s", "wait p50 ms", "p99"]
+    header += ["jain", "max service diff", "inversions"]
+    rows = []
+    for b in report.bands:
+        jain = "-" if b.jain is None else f"{b.jain:.4f}"
+        row = [b.name, str(b.priority), b.fairness, b.unit, str(b.flows), str(b.counts.dispatched)]
+        row += [f"{b.throughput:.1f}", _ms(b.wait.p50), _ms(b.wait.p99), jain, f"{b.max_service_diff:g}"]
+        row.append(str(b.priority_inversions))
+        rows.append(row)
+    return _table(header, rows)
+
+
+def _total_lines(totals: Totals) -> list[str]:
+    c, rate = totals.counts, totals.throughput
+    jain = "-" if totals.jain is None else f"{totals.jain:.4f}"
+    return [
+        f"total: {c.submitted} submitted, {c.dispatched} dispatched, {sum(c.rejected.values())} rejected, "
+        f"{sum(c.evicted.values())} evicted, {c.unfinished} unfinished, {totals.inflight_at_end} in flight at end",
+        f"throughput: {rate.requests:.1f} req/s, {rate.bytes:.0f} B/s, {rate.tokens:.0f} tokens/s",
+        f"fairness: Jain {jain} over {totals.backlogged_flows} backlogged flows (share / fair share); "
+        f"priority inversions: {totals.priority_inversions}",
+    ]
+
+
+# ---------------------------------------------------------------------------------------- command
+
+
+def demo_text() -> str:
+    """The built-in demo scenario: `bench/scenarios/demo.toml`, shipped as package data."""
+    try:
+        return importlib.resources.files("bench").joinpath("scenarios/demo.toml").read_text()
+    except (ModuleNotFoundError, OSError) as exc:
+        raise ConfigError(f"built-in demo scenario not found: {exc}") from None
+
+
+def read_scenario(path: str | None) -> Scenario:
+    """A scenario file, or the built-in demo when `path` is None."""
+    if path is None:
+        return load_scenario(demo_text(), where="demo.toml")
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    return load_scenario(text, where=path)
+
+
+def main(scenario_path: str | None, json_path: str | None = None) -> int:
+    """`flowshard simulate`: print the table, and write the JSON report if asked."""
+    report = simulate(read_scenario(scenario_path))
+    sys.stdout.write(render_table(report))
+    if json_path is not None:
+        try:
+            Path(json_path).write_bytes(encode_report(report) + b"\n")
+        except OSError as exc:
+            raise ConfigError(f"{json_path}: cannot write: {exc.strerror}") from None
+    return 0
