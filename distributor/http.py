@@ -1,0 +1,655 @@
+"""The HTTP/1.1 front of the distributor: httptools + uvloop, one `asyncio.Protocol` per connection.
+
+Callback style throughout: a request is parsed by httptools callbacks, handed to the `Admission`,
+and answered when the distributor calls `HttpConnection.deliver` — no Future or Task per request.
+Responses leave strictly in request order (pipelining): each request takes a slot in a per-connection
+queue and the head of the queue is written as soon as it is ready. Responses produced while one
+`data_received` call is parsed are written with one `transport.write`.
+
+Every admission made on a connection is either answered (delivered) or, when the connection is lost
+first, cancelled exactly once with `admission.cancel(request_id)`, from `connection_lost` only — so
+the distributor is never re-entered from inside its own `deliver` call.
+
+Timeouts use one lazily re-armed timer per connection: the hot path only stores a time stamp, the
+timer is moved only when a deadline moves earlier (roughly twice per `header_timeout` under load).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final, NamedTuple, cast
+
+import httptools
+import msgspec
+
+from distributor.api import Admission
+from flowshard.types import Outcome
+from flowshard.validate import AdmitBody, ReleaseBody, check_admit
+
+__all__ = ["HttpConnection", "HttpLimits", "start_http_server"]
+
+log = logging.getLogger(__name__)
+
+
+class HttpLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """Resource limits of the HTTP front: what one client may cost before it is refused or dropped."""
+
+    max_body_bytes: int = 65536
+    max_header_bytes: int = 16384  # request line + headers
+    max_connections: int = 4096  # further connections get 503 and are closed
+    header_timeout: float = 10.0  # a request's headers and body must arrive within this (slowloris)
+    idle_timeout: float = 75.0  # keep-alive connection with nothing pending
+    max_pipelined: int = 64  # unanswered requests per connection before reading stops
+    write_buffer_limit: int = 1 << 20  # a client that lets this much pile up unread is dropped
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_header_bytes", "max_connections", "max_pipelined", "write_buffer_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1")
+        for name in ("header_timeout", "idle_timeout"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}: {value} must be a positive number of seconds")
+
+
+# ---------------------------------------------------------------------------------------- wire bytes
+
+_REASONS: Final = {
+    100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+    408: "Request Timeout", 413: "Content Too Large", 422: "Unprocessable Content", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable",
+}
+_JSON_CT: Final = b"content-type: application/json\r\n"
+_HEAD: Final = {code: b"HTTP/1.1 %d %s\r\n" % (code, reason.encode()) + _JSON_CT for code, reason in _REASONS.items()}
+_H200: Final = _HEAD[200]
+_CONN_CLOSE: Final = b"connection: close\r\n"
+_CONN_KEEP: Final = b"connection: keep-alive\r\n"  # only for HTTP/1.0 clients that asked for it
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+# `_head_raw` outside a request head, and in the chunk where the head began.
+_NOT_IN_HEAD: Final = -2
+_HEAD_BEGUN: Final = -1
+
+# How a response ends the connection (a slot's `close`).
+_KEEP: Final = 0
+_CLOSE: Final = 1  # the client asked: close after writing
+_LINGER: Final = 2  # an error: write, send FIN, drain what the client still sends, then close
+
+
+def _render(head: bytes, body: bytes, conn: bytes = b"", extra: bytes = b"", *, no_body: bool = False) -> bytes:
+    """One complete response; `head` is a pre-built status line plus content type."""
+    return b"%b%b%bcontent-length: %d\r\n\r\n%b" % (head, extra, conn, len(body), b"" if no_body else body)
+
+
+class _Error(msgspec.Struct):
+    status: int
+    message: str
+
+
+class _ErrorBody(msgspec.Struct):
+    error: _Error
+
+
+class _Dispatched(msgspec.Struct):
+    outcome: str
+    ticket: int
+    wait_ms: float
+    lease_s: float
+
+
+class _Refused(msgspec.Struct):
+    outcome: str
+    reason: str
+    wait_ms: float
+    retry_after: int
+
+
+_encode: Final = msgspec.json.Encoder().encode
+_decode_admit: Final = msgspec.json.Decoder(AdmitBody).decode
+_decode_release: Final = msgspec.json.Decoder(ReleaseBody).decode
+
+_BUSY: Final = frozenset({Outcome.REJECTED_CAPACITY, Outcome.EVICTED_TTL, Outcome.EVICTED_DISPLACED})
+# Outcome -> (pre-built head, status word, reason). `evicted: cancelled` is never delivered to a live
+# connection by a correct distributor; if it is, a 503 keeps the pipeline from hanging.
+_REFUSALS: Final = {
+    o: (_HEAD[429 if o in _BUSY else 503], o.status, o.reason) for o in Outcome if o is not Outcome.DISPATCHED
+}
+_DISPATCHED: Final = Outcome.DISPATCHED
+
+
+def _error(status: int, message: str, conn: bytes = b"", extra: bytes = b"", *, no_body: bool = False) -> bytes:
+    return _render(_HEAD[status], _encode(_ErrorBody(_Error(status, message))), conn, extra, no_body=no_body)
+
+
+# ---------------------------------------------------------------------------------------- routing
+
+_Handler = Callable[["HttpConnection", bytes, bytes, int, bool], None]
+
+
+class _Route(NamedTuple):
+    method: bytes
+    allow: bytes  # the 405 `Allow` header line
+    handler: _Handler
+
+
+class _Stop(Exception):
+    """Raised inside a parser callback to stop parsing this connection's input (an error was queued)."""
+
+
+class _Slot:
+    """One request's place in the response order. `data` is None until the response is known."""
+
+    __slots__ = ("close", "conn", "data", "rid")
+
+    def __init__(self, conn: bytes, close: int, data: bytes | None = None) -> None:
+        self.conn = conn
+        self.close = close
+        self.data = data
+        self.rid: int | None = None  # the admission's request id, once `admit` has returned
+
+
+class _Shared:
+    """What all connections of one server share."""
+
+    __slots__ = ("admission", "lease", "limits", "linger", "loop", "open", "unheld_at")
+
+    def __init__(self, admission: Admission, limits: HttpLimits, lease: float, loop: asyncio.AbstractEventLoop) -> None:
+        self.admission = admission
+        self.limits = limits
+        self.lease = float(lease)
+        self.loop = loop
+        self.open = 0  # connections counted against max_connections
+        self.linger = max(0.05, min(2.0, limits.header_timeout))
+        # Reading resumes once a held connection's queue drops to this (hysteresis).
+        self.unheld_at = max(0, limits.max_pipelined // 2)
+
+
+# ---------------------------------------------------------------------------------------- connection
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client connection: parser callbacks, the ordered response queue, and the `Waiter` side.
+
+    States: parsing → `_stopped` (a closing response is queued; input is discarded but read, so EOF
+    is still seen) → `_closing` (close requested, nothing more is written) → `_dead` (connection
+    lost; every `deliver` is a no-op).
+    """
+
+    def __init__(self, shared: _Shared) -> None:
+        self._sh = shared
+        self._admission = shared.admission
+        self._limits = shared.limits
+        self._loop = shared.loop
+        # Set in connection_made, before any other callback. After abort or a read error it drops
+        # writes silently until connection_lost.
+        self._transport: asyncio.Transport = cast(asyncio.Transport, None)
+        self._parser = httptools.HttpRequestParser(self)
+        self._queue: deque[_Slot] = deque()
+        self._out: list[bytes] | None = None  # responses collected during one data_received
+        self._end_kind = _KEEP  # a close decided during data_received, carried out after the write
+        self._stopped = False
+        self._closing = False
+        self._dead = False
+        self._lingering = False
+        self._counted = False
+        self._fresh = True  # no request seen yet: header_timeout, not idle_timeout, applies
+        self._held: bytearray | None = None  # input kept unparsed while max_pipelined is reached
+        self._paused = False
+        self._unhold_scheduled = False
+        self._unsent: list[int] = []  # tickets dispatched to a connection already closing
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._last_active = 0.0
+        # the request being parsed
+        self._msg_at = 0.0  # loop time its first byte arrived; 0.0 when no request is in progress
+        self._header_timeout = shared.limits.header_timeout
+        self._idle_timeout = shared.limits.idle_timeout
+        self._head_raw = _NOT_IN_HEAD  # bytes of a still incomplete head, counted per later chunk
+        self._head_bytes = 0
+        self._url = b""
+        self._body = b""
+        self._clen = -1
+        self._ka_header = False
+        self._expect = False
+
+    # ------------------------------------------------------------------ transport callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        self._transport = transport
+        sh = self._sh
+        now = self._loop.time()
+        self._last_active = now
+        if sh.open >= self._limits.max_connections:
+            self._stopped = True
+            transport.write(_error(503, "too many connections, retry later", _CONN_CLOSE, b"retry-after: 1\r\n"))
+            self._linger(min(self._sh.linger, 0.25))  # short: a flood of these must not pile up sockets
+            return
+        sh.open += 1
+        self._counted = True
+        transport.set_write_buffer_limits(high=self._limits.write_buffer_limit)
+        self._arm(now + self._limits.header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._stopped or self._held is not None or self._closing:
+            held = self._held
+            if held is not None and not self._stopped:
+                held += data
+                if len(held) > self._limits.max_header_bytes + self._limits.max_body_bytes and not self._paused:
+                    self._paused = True
+                    self._pause_reading()
+            return  # stopped: discarded, but read, so that EOF is seen
+        out: list[bytes] = []
+        self._out = out
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # Upgrade / CONNECT is not supported; the request itself was answered. Close after it.
+            self._respond(b"", _CLOSE)
+        except httptools.HttpParserError as exc:
+            if not self._stopped:  # not an error we raised on purpose
+                self._msg_at = 0.0
+                self._respond(_error(400, f"malformed HTTP request: {exc}", _CONN_CLOSE), _LINGER)
+        raw = self._head_raw
+        if raw != _NOT_IN_HEAD and not self._stopped:
+            # Headers still incomplete: count every later chunk (the first one may also carry the
+            # end of an earlier request, so it is left out) so that a never-ending header is bounded.
+            if raw == _HEAD_BEGUN:
+                self._head_raw = 0
+            else:
+                self._head_raw = raw = raw + len(data)
+                if raw > self._limits.max_header_bytes:
+                    self._fail_head()
+        self._out = None
+        if out and not self._closing:
+            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+        kind = self._end_kind
+        if kind:
+            self._end_kind = _KEEP
+            self._finish(kind)
+        elif not self._queue:
+            if not self._msg_at and self._last_active + self._idle_timeout < self._timer_at:
+                self._idle()
+        elif len(self._queue) >= self._limits.max_pipelined and not self._stopped:
+            self._held = bytearray()
+
+    def eof_received(self) -> bool:
+        """The client closed its side: it is gone (HTTP/1.1 gives a half-close no meaning for pending
+        requests). Pending admissions are cancelled in `connection_lost`; the transport closes."""
+        self._closing = True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._dead:
+            return
+        self._dead = self._closing = True
+        if self._counted:
+            self._sh.open -= 1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        admission = self._admission
+        for slot in self._queue:
+            if slot.data is None and slot.rid is not None:
+                try:
+                    admission.cancel(slot.rid)
+                except Exception:
+                    log.exception("admission.cancel(%s) failed", slot.rid)
+        self._queue.clear()
+        for ticket in self._unsent:
+            try:
+                admission.release(ticket)
+            except Exception:
+                log.exception("admission.release(%s) failed", ticket)
+        self._unsent.clear()
+        self._held = None
+
+    def pause_writing(self) -> None:
+        """The client does not read its responses: drop it (pending admissions get cancelled)."""
+        if not self._closing:
+            self._closing = True
+            self._transport.abort()
+
+    def resume_writing(self) -> None:
+        pass
+
+    # ------------------------------------------------------------------ Waiter
+
+    def deliver(self, cid: Any, request_id: int, outcome: Outcome, ticket: int, wait: float, retry_after: int) -> None:
+        """The outcome of the admission in slot `cid`: fill the slot, write the head of the queue."""
+        slot: _Slot = cid
+        if self._dead or slot.data is not None:
+            return
+        if outcome == _DISPATCHED:
+            body = _encode(_Dispatched("dispatched", ticket, int(wait * 1e6) / 1000.0, self._sh.lease))
+            slot.data = b"%b%bcontent-length: %d\r\n\r\n%b" % (_H200, slot.conn, len(body), body)
+            transport = self._transport
+            if self._closing or transport.is_closing():  # is_closing: uvloop dropped it on a read error
+                self._closing = True
+                self._unsent.append(ticket)  # the client will never learn it: released on connection_lost
+                return
+        else:
+            head, status, reason = _REFUSALS[outcome]
+            body = _encode(_Refused(status, reason, int(wait * 1e6) / 1000.0, retry_after))
+            slot.data = _render(head, body, slot.conn, b"retry-after: %d\r\n" % retry_after)
+        if not self._closing and self._queue[0] is slot:
+            self._flush()
+
+    # ------------------------------------------------------------------ httptools callbacks
+
+    def on_message_begin(self) -> None:
+        """Per-request state was reset when the previous request completed (or at start)."""
+        if self._stopped:
+            raise _Stop  # a closing response is queued: the rest of this input is ignored
+        self._msg_at = self._last_active = now = self._loop.time()
+        self._fresh = False
+        self._head_raw = _HEAD_BEGUN
+        due = now + self._header_timeout
+        if due < self._timer_at:
+            self._arm(due)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        n = len(name)
+        self._head_bytes += n + len(value) + 4
+        if n == 14:
+            if name.lower() == b"content-length":
+                self._clen = int(value)  # llhttp has checked the digits
+        elif n == 10:
+            if name.lower() == b"connection":
+                self._ka_header = b"keep-alive" in value.lower()
+        elif n == 6 and name.lower() == b"expect":
+            self._expect = value.lower() == b"100-continue"
+
+    def on_headers_complete(self) -> None:
+        self._head_raw = _NOT_IN_HEAD
+        limits = self._limits
+        if self._head_bytes > limits.max_header_bytes:
+            self._fail_head()
+            raise _Stop
+        if self._clen > limits.max_body_bytes:
+            self._msg_at = 0.0
+            message = f"body of {self._clen} bytes is over the limit of {limits.max_body_bytes}"
+            self._respond(_error(413, message, _CONN_CLOSE), _LINGER)
+            raise _Stop
+        if self._expect and not self._queue and self._clen > 0:
+            self._emit(_CONTINUE)
+
+    def on_body(self, chunk: bytes) -> None:
+        body = self._body + chunk
+        if len(body) > self._limits.max_body_bytes:  # chunked: no Content-Length to check up front
+            self._msg_at = 0.0
+            message = f"body over the limit of {self._limits.max_body_bytes} bytes"
+            self._respond(_error(413, message, _CONN_CLOSE), _LINGER)
+            raise _Stop
+        self._body = body
+
+    def on_message_complete(self) -> None:
+        self._msg_at = 0.0
+        if self._parser.should_keep_alive():
+            conn, close = (_CONN_KEEP if self._ka_header else b""), _KEEP
+        else:
+            conn, close = _CONN_CLOSE, _CLOSE
+        url = self._url
+        body = self._body
+        self._url = self._body = b""  # ready for the next request
+        self._head_bytes = 0
+        self._clen = -1
+        self._ka_header = self._expect = False
+        q = url.find(b"?")
+        route = _ROUTES.get(url if q < 0 else url[:q])
+        method = self._parser.get_method()
+        head = method == b"HEAD"
+        if route is None:
+            message = f"no such path: {url.decode('latin-1')[:200]}"
+            self._respond(_error(404, message, conn, no_body=head), close)
+            return
+        if method != route.method and not (head and route.method == b"GET"):
+            message = f"method {method.decode('latin-1')} not allowed"
+            self._respond(_error(405, message, conn, route.allow, no_body=head), close)
+            return
+        try:
+            route.handler(self, body, conn, close, head)
+        except Exception as exc:
+            log.exception("HTTP handler for %s failed", url[:200])
+            self._respond(_error(500, f"internal error: {type(exc).__name__}", conn), close)
+
+    # ------------------------------------------------------------------ route handlers
+
+    def _h_admit(self, body: bytes, conn: bytes, close: int, head: bool) -> None:
+        try:
+            a = _decode_admit(body)
+        except msgspec.DecodeError as exc:  # malformed JSON, wrong types, unknown or missing fields
+            self._respond(_error(400, f"invalid admit body: {exc}", conn), close)
+            return
+        problem = check_admit(a.flow, a.priority, a.bytes, a.ttl, a.slo, a.tokens, a.weight)
+        if problem is not None:
+            self._respond(_error(422, problem, conn), close)
+            return
+        slot = _Slot(conn, close)
+        if close:
+            self._stopped = True
+        self._queue.append(slot)
+        try:
+            slot.rid = self._admission.admit(
+                self, slot, a.flow, a.priority, a.bytes, a.ttl, a.slo, a.tokens, a.weight, True
+            )
+        except Exception as exc:
+            log.exception("admission.admit failed")
+            if slot.data is None:
+                slot.data = _error(500, f"internal error: {type(exc).__name__}", slot.conn)
+                if self._queue[0] is slot:
+                    self._flush()
+
+    def _h_release(self, body: bytes, conn: bytes, close: int, head: bool) -> None:
+        try:
+            r = _decode_release(body)
+        except msgspec.DecodeError as exc:
+            self._respond(_error(400, f"invalid release body: {exc}", conn), close)
+            return
+        if self._admission.release(r.ticket):
+            self._respond(_render(_H200, b'{"released":true}', conn), close)
+        else:
+            self._respond(_error(404, f"ticket {r.ticket} is unknown or already released", conn), close)
+
+    def _h_stats(self, body: bytes, conn: bytes, close: int, head: bool) -> None:
+        self._respond(_render(_H200, _encode(self._admission.stats()), conn, no_body=head), close)
+
+    def _h_metrics(self, body: bytes, conn: bytes, close: int, head: bool) -> None:
+        payload, ctype = self._admission.metrics()
+        status = b"HTTP/1.1 200 OK\r\ncontent-type: %b\r\n" % ctype.encode("latin-1")
+        self._respond(_render(status, payload, conn, no_body=head), close)
+
+    def _h_healthz(self, body: bytes, conn: bytes, close: int, head: bool) -> None:
+        self._respond(_render(_H200, b'{"status":"ok"}', conn, no_body=head), close)
+
+    def _h_readyz(self, body: bytes, conn: bytes, close: int, head: bool) -> None:
+        if self._admission.ready:
+            self._respond(_render(_H200, b'{"ready":true}', conn, no_body=head), close)
+        else:
+            self._respond(_render(_HEAD[503], b'{"ready":false}', conn, no_body=head), close)
+
+    # ------------------------------------------------------------------ response queue
+
+    def _respond(self, data: bytes, close: int) -> None:
+        """Answer the request just parsed: now if nothing is ahead of it, else in its turn."""
+        if close:
+            self._stopped = True
+        if self._queue:
+            self._queue.append(_Slot(b"", close, data))
+            return
+        if data:
+            self._emit(data)
+        if close:
+            self._finish(close)
+
+    def _emit(self, data: bytes) -> None:
+        out = self._out
+        if out is not None:
+            out.append(data)
+        elif not self._closing:
+            self._transport.write(data)
+
+    def _flush(self) -> None:
+        """Write every ready response at the head of the queue, in order."""
+        q = self._queue
+        out = self._out
+        batch: list[bytes] = out if out is not None else []
+        close = _KEEP
+        while q:
+            slot = q[0]
+            data = slot.data
+            if data is None:
+                break
+            q.popleft()
+            if data:
+                batch.append(data)
+            if slot.close:
+                close = slot.close
+                break
+        if out is None:
+            if batch and not self._closing:
+                self._transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
+            if not q and not self._msg_at and not self._stopped:
+                self._last_active = self._loop.time()
+                self._idle()
+        if close:
+            self._finish(close)
+        elif self._held is not None and len(q) <= self._sh.unheld_at and not self._unhold_scheduled:
+            # Not inline: this may run inside the distributor's deliver, which must not be re-entered.
+            self._unhold_scheduled = True
+            self._loop.call_soon(self._unhold)
+
+    def _unhold(self) -> None:
+        """Parse the input kept while the pipeline was full, and read again."""
+        self._unhold_scheduled = False
+        held = self._held
+        if held is None or self._closing:
+            return
+        self._held = None
+        if self._paused:
+            self._paused = False
+            self._resume_reading()
+        if self._msg_at:  # a request cut short by the hold: the wait was ours, its time starts again
+            self._msg_at = self._loop.time()
+        if held:
+            self.data_received(bytes(held))
+
+    def _finish(self, kind: int) -> None:
+        """End the connection after what has been written; deferred to the end of data_received."""
+        if self._out is not None:
+            self._end_kind = max(self._end_kind, kind)
+            return
+        if self._closing:
+            return
+        if kind == _LINGER:
+            self._linger(self._sh.linger)
+        else:
+            self._closing = True
+            self._transport.close()
+
+    def _linger(self, seconds: float) -> None:
+        """Send FIN after the error response and drain the client's input for a moment: closing
+        with unread input would reset the connection and could destroy the response in flight."""
+        transport = self._transport
+        self._closing = self._lingering = True
+        if self._paused:
+            self._paused = False
+            self._resume_reading()
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._arm(self._loop.time() + seconds, force=True)
+
+    def _fail_head(self) -> None:
+        self._msg_at = 0.0
+        self._head_raw = _NOT_IN_HEAD
+        message = f"request line and headers exceed {self._limits.max_header_bytes} bytes"
+        self._respond(_error(431, message, _CONN_CLOSE), _LINGER)
+
+    def _pause_reading(self) -> None:
+        if not self._transport.is_closing():
+            self._transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    # ------------------------------------------------------------------ timer
+
+    def _idle(self) -> None:
+        """Nothing pending nor in progress: make sure the timer fires by the idle deadline (it fires
+        later only when idle_timeout < header_timeout; otherwise this is a no-op)."""
+        due = self._last_active + self._idle_timeout
+        if due < self._timer_at:
+            self._arm(due)
+
+    def _arm(self, at: float, *, force: bool = False) -> None:
+        if self._timer is not None:
+            if not force and self._timer_at <= at:
+                return
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        """Fires at the earliest deadline it was armed for; re-arms for the one that is now due."""
+        self._timer = None
+        self._timer_at = math.inf
+        if self._dead:
+            return
+        transport = self._transport
+        if self._closing:
+            if self._lingering:
+                transport.close()
+            return
+        limits = self._limits
+        now = self._loop.time()
+        if self._msg_at and self._held is None:
+            due = self._msg_at + limits.header_timeout
+            if now >= due:
+                self._msg_at = 0.0
+                self._head_raw = _NOT_IN_HEAD
+                message = f"request not received within {limits.header_timeout:g} s"
+                self._respond(_error(408, message, _CONN_CLOSE), _LINGER)
+            else:
+                self._arm(due)
+        elif self._queue or self._held is not None or self._stopped:
+            self._arm(now + limits.idle_timeout)  # waiting on the distributor, not on the client
+        else:
+            due = self._last_active + (limits.header_timeout if self._fresh else limits.idle_timeout)
+            if now >= due:
+                self._closing = True
+                transport.close()
+            else:
+                self._arm(due)
+
+
+_ROUTES: Final[dict[bytes, _Route]] = {
+    b"/v1/admit": _Route(b"POST", b"allow: POST\r\n", HttpConnection._h_admit),
+    b"/v1/release": _Route(b"POST", b"allow: POST\r\n", HttpConnection._h_release),
+    b"/v1/stats": _Route(b"GET", b"allow: GET, HEAD\r\n", HttpConnection._h_stats),
+    b"/metrics": _Route(b"GET", b"allow: GET, HEAD\r\n", HttpConnection._h_metrics),
+    b"/healthz": _Route(b"GET", b"allow: GET, HEAD\r\n", HttpConnection._h_healthz),
+    b"/readyz": _Route(b"GET", b"allow: GET, HEAD\r\n", HttpConnection._h_readyz),
+}
+
+
+async def start_http_server(
+    admission: Admission, host: str, port: int, limits: HttpLimits, *, lease: float
+) -> asyncio.Server:
+    """Listen on (host, port) (port 0: any; read it from `server.sockets`). `lease` is reported to
+    clients as `lease_s`: a dispatched ticket is released after it unless released earlier."""
+    loop = asyncio.get_running_loop()
+    shared = _Shared(admission, limits, lease, loop)
+    return await loop.create_server(
+        lambda: HttpConnection(shared), host, port, backlog=min(4096, max(128, limits.max_connections))
+    )

@@ -1,0 +1,806 @@
+"""The HTTP/1.1 front over real sockets on 127.0.0.1, against a fake `Admission`.
+
+Each test runs its own uvloop event loop with the server and asyncio-stream clients in it, and fails
+on any exception the loop reports (a crashed callback would otherwise only be logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import uvloop
+
+from distributor.http import HttpLimits, start_http_server
+from flowshard.types import Outcome
+
+LEASE = 30.0
+TICKET_BASE = 1000
+HOLD = "hold"  # a flow the fake keeps pending until the test finishes it
+
+
+class FakeAdmission:
+    """Decides by flow name: `hold` stays pending, an outcome label (`rejected:capacity`, ...) gets that
+    outcome, anything else is dispatched at once. Records admits, cancels and releases and checks the
+    front's side of the contract (cancel only pending requests, and each at most once)."""
+
+    def __init__(self) -> None:
+        self.ready = True
+        self.accepting = True
+        self.retry_after = 7
+        self.admits: list[dict[str, Any]] = []
+        self.waiters: dict[int, tuple[Any, Any]] = {}
+        self.pending: set[int] = set()
+        self.cancels: list[int] = []
+        self.tickets: set[int] = set()
+        self.released: list[int] = []
+        self.violations: list[str] = []
+        self.raise_on_admit = False
+        self.stats_body: dict[str, Any] = {"queued": 3, "flows": ["a", "b"]}
+        self._ids = itertools.count(1)
+
+    def admit(
+        self,
+        waiter: Any,
+        cid: Any,
+        flow: str,
+        priority: int,
+        size: int,
+        ttl: float,
+        slo: float,
+        tokens: int,
+        weight: float,
+        leased: bool,
+    ) -> int:
+        if self.raise_on_admit:
+            raise RuntimeError("boom")
+        rid = next(self._ids)
+        self.admits.append(
+            dict(
+                rid=rid,
+                flow=flow,
+                priority=priority,
+                size=size,
+                ttl=ttl,
+                slo=slo,
+                tokens=tokens,
+                weight=weight,
+                leased=leased,
+                waiter=waiter,
+            )
+        )
+        self.waiters[rid] = (waiter, cid)
+        self.pending.add(rid)
+        if flow != HOLD:
+            labels = {o.label: o for o in Outcome}
+            self.finish(rid, labels.get(flow, Outcome.DISPATCHED))
+        return rid
+
+    def finish(self, rid: int, outcome: Outcome = Outcome.DISPATCHED, wait: float = 0.0125) -> None:
+        """Deliver an outcome (the distributor's side); harmless to call for a cancelled request."""
+        self.pending.discard(rid)
+        waiter, cid = self.waiters[rid]
+        ticket = 0
+        if outcome == Outcome.DISPATCHED:
+            ticket = TICKET_BASE + rid
+            self.tickets.add(ticket)
+        retry = 0 if outcome == Outcome.DISPATCHED else self.retry_after
+        waiter.deliver(cid, rid, outcome, ticket, wait, retry)
+
+    def cancel(self, request_id: int) -> None:
+        if request_id not in self.pending:
+            self.violations.append(f"cancel({request_id}) of a request that is not pending")
+        if request_id in self.cancels:
+            self.violations.append(f"second cancel({request_id})")
+        self.cancels.append(request_id)
+        self.pending.discard(request_id)
+
+    def release(self, ticket: int) -> bool:
+        if ticket not in self.tickets:
+            return False
+        self.tickets.remove(ticket)
+        self.released.append(ticket)
+        return True
+
+    def release_all(self, waiter: Any) -> int:
+        raise AssertionError("HTTP tickets are leased, never released per connection")
+
+    def stats(self) -> dict[str, Any]:
+        return self.stats_body
+
+    def metrics(self) -> tuple[bytes, str]:
+        return b"# TYPE flowshard_up gauge\nflowshard_up 1\n", "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Response:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"Response({self.status}, {self.headers}, {self.body[:200]!r})"
+
+
+class Client:
+    """A raw HTTP/1.1 client: the test writes exactly the bytes it wants."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port: int) -> Client:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def response(self, timeout: float = 1.0, *, head: bool = False) -> Response:
+        return await asyncio.wait_for(self._response(head), timeout)
+
+    async def _response(self, head: bool) -> Response:
+        line = await self.reader.readline()
+        assert line.startswith(b"HTTP/1.1 "), line
+        status = int(line.split()[1])
+        headers: dict[str, str] = {}
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            assert name.lower() not in headers, f"duplicate header {name}"
+            headers[name.lower()] = value.strip()
+        length = 0 if head else int(headers["content-length"])
+        return Response(status, headers, await self.reader.readexactly(length))
+
+    async def closed(self, timeout: float = 1.0) -> bool:
+        """True once the server has closed the connection (EOF or reset) with nothing more to read."""
+        try:
+            rest = await asyncio.wait_for(self.reader.read(), timeout)
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        assert rest == b"", rest
+        return True
+
+    async def silent(self, seconds: float = 0.05) -> None:
+        """Nothing arrives for `seconds` (a response that must wait for an earlier one)."""
+        try:
+            data = await asyncio.wait_for(self.reader.read(1), seconds)
+        except TimeoutError:
+            return
+        raise AssertionError(f"unexpected data {data!r}")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def post(path: str, body: bytes | str | dict[str, Any], extra: str = "") -> bytes:
+    if isinstance(body, dict):
+        body = json.dumps(body)
+    if isinstance(body, str):
+        body = body.encode()
+    return f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n{extra}".encode() + (
+        b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+    )
+
+
+def get(path: str, extra: str = "", method: str = "GET") -> bytes:
+    return f"{method} {path} HTTP/1.1\r\nHost: t\r\n{extra}\r\n".encode()
+
+
+def admit(flow: str = "a", **fields: Any) -> bytes:
+    return post("/v1/admit", {"flow": flow, **fields})
+
+
+async def until(cond: Callable[[], bool], timeout: float = 1.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.002)
+
+
+Test = Callable[[int, FakeAdmission], Awaitable[None]]
+
+
+def serve(test: Test, fake: FakeAdmission | None = None, timeout: float = 3.0, **limits: Any) -> FakeAdmission:
+    """Run `test(port, fake)` against a fresh server in a fresh uvloop loop; returns the fake."""
+    fake = fake or FakeAdmission()
+    errors: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
+        server = await start_http_server(fake, "127.0.0.1", 0, HttpLimits(**limits), lease=LEASE)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            await asyncio.wait_for(test(port, fake), timeout)
+            await asyncio.sleep(0.01)  # let connection_lost and pending callbacks run
+        finally:
+            server.close()
+
+    uvloop.run(main())
+    assert not errors, errors
+    assert not fake.violations, fake.violations
+    return fake
+
+
+# ---------------------------------------------------------------------------------------- admit
+
+
+def test_admit_dispatched_returns_ticket_and_lease() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(admit("tenant-1", priority=2, bytes=512, ttl=3.5, slo=1.0, tokens=40, weight=2.0))
+        r = await c.response()
+        assert r.status == 200, r
+        assert r.headers["content-type"] == "application/json"
+        assert r.json() == {"outcome": "dispatched", "ticket": TICKET_BASE + 1, "wait_ms": 12.5, "lease_s": LEASE}
+        assert "connection" not in r.headers  # HTTP/1.1: keep-alive is the default
+        c.close()
+
+    fake = serve(t)
+    (a,) = fake.admits
+    assert (a["flow"], a["priority"], a["size"], a["ttl"], a["slo"], a["tokens"], a["weight"], a["leased"]) == (
+        "tenant-1",
+        2,
+        512,
+        3.5,
+        1.0,
+        40,
+        2.0,
+        True,
+    )
+    assert fake.cancels == []
+
+
+@pytest.mark.parametrize(
+    ("outcome", "status"),
+    [
+        (Outcome.REJECTED_CAPACITY, 429),
+        (Outcome.EVICTED_TTL, 429),
+        (Outcome.EVICTED_DISPLACED, 429),
+        (Outcome.REJECTED_SHUTTING_DOWN, 503),
+        (Outcome.EVICTED_SHARD_FAILURE, 503),
+        (Outcome.EVICTED_SHUTDOWN, 503),
+    ],
+)
+def test_refusals_map_to_status_and_retry_after(outcome: Outcome, status: int) -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(admit(outcome.label))
+        r = await c.response()
+        assert r.status == status, r
+        assert r.headers["retry-after"] == "7"
+        assert r.json() == {"outcome": outcome.status, "reason": outcome.reason, "wait_ms": 12.5, "retry_after": 7}
+        c.send(get("/healthz"))  # the connection stays usable
+        assert (await c.response()).status == 200
+        c.close()
+
+    serve(t)
+
+
+def test_release_then_double_release_and_unknown_ticket() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(admit())
+        ticket = (await c.response()).json()["ticket"]
+        c.send(post("/v1/release", {"ticket": ticket}))
+        r = await c.response()
+        assert (r.status, r.json()) == (200, {"released": True})
+        c.send(post("/v1/release", {"ticket": ticket}))
+        r = await c.response()
+        assert r.status == 404
+        assert r.json()["error"]["status"] == 404
+        assert f"ticket {ticket} is unknown or already released" in r.json()["error"]["message"]
+        c.send(post("/v1/release", {"ticket": 987654}))
+        assert (await c.response()).status == 404
+        c.send(post("/v1/release", {"ticket": "x"}))
+        r = await c.response()
+        assert r.status == 400 and "$.ticket" in r.json()["error"]["message"]
+        c.close()
+
+    fake = serve(t)
+    assert fake.released == [TICKET_BASE + 1]
+
+
+# ---------------------------------------------------------------------------------------- other routes
+
+
+def test_stats_metrics_health_ready() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(get("/v1/stats"))
+        r = await c.response()
+        assert (r.status, r.json()) == (200, fake.stats_body)
+        c.send(get("/metrics"))
+        r = await c.response()
+        assert r.status == 200
+        assert r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+        assert r.body == fake.metrics()[0]
+        c.send(get("/healthz"))
+        assert (await c.response()).status == 200
+        c.send(get("/readyz?verbose=1"))
+        assert (await c.response()).status == 200
+        fake.ready = False
+        c.send(get("/readyz"))
+        r = await c.response()
+        assert (r.status, r.json()) == (503, {"ready": False})
+        c.send(get("/healthz"))  # alive even when not ready
+        assert (await c.response()).status == 200
+        c.send(get("/healthz", method="HEAD"))
+        r = await c.response(head=True)
+        assert r.status == 200 and int(r.headers["content-length"]) > 0
+        c.send(get("/healthz"))  # HEAD sent no body: the next response parses cleanly
+        assert (await c.response()).json() == {"status": "ok"}
+        c.close()
+
+    serve(t)
+
+
+def test_unknown_path_404_and_wrong_method_405() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(get("/v2/admit"))
+        r = await c.response()
+        assert r.status == 404 and "/v2/admit" in r.json()["error"]["message"]
+        c.send(get("/v1/admit"))
+        r = await c.response()
+        assert (r.status, r.headers["allow"]) == (405, "POST")
+        c.send(post("/healthz", "{}"))
+        r = await c.response()
+        assert (r.status, r.headers["allow"]) == (405, "GET, HEAD")
+        c.send(get("/healthz"))
+        assert (await c.response()).status == 200
+        c.close()
+
+    fake = serve(t)
+    assert fake.admits == []
+
+
+def test_head_errors_have_no_body_and_upgrade_closes() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(get("/nope", method="HEAD") + get("/v1/admit", method="HEAD") + get("/healthz"))
+        assert (await c.response(head=True)).status == 404
+        r = await c.response(head=True)
+        assert (r.status, r.headers["allow"]) == (405, "POST")
+        assert (await c.response()).json() == {"status": "ok"}  # framing intact after bodiless answers
+        c.send(get("/healthz", extra="Connection: Upgrade\r\nUpgrade: h2c\r\n") + get("/healthz"))
+        assert (await c.response()).status == 200  # answered, the upgrade ignored, then closed
+        assert await c.closed()
+
+    serve(t)
+
+
+def test_handler_exceptions_answer_500_and_keep_serving() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        fake.raise_on_admit = True
+        c.send(admit())
+        r = await c.response()
+        assert r.status == 500 and "RuntimeError" in r.json()["error"]["message"]
+        fake.raise_on_admit = False
+        fake.stats_body = {"bad": object()}  # not JSON-encodable
+        c.send(get("/v1/stats"))
+        assert (await c.response()).status == 500
+        c.send(admit())
+        assert (await c.response()).status == 200
+        c.close()
+
+    serve(t)
+
+
+# ---------------------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "names"),
+    [
+        ('{"flow": "a",, }', 400, "malformed"),
+        ("", 400, "truncated"),
+        ('["a"]', 400, "object"),
+        ('{"flow": "a", "bytes": "ten"}', 400, "$.bytes"),
+        ('{"flow": 5}', 400, "$.flow"),
+        ('{"bytes": 10}', 400, "flow"),
+        ('{"flow": "a", "colour": "red"}', 400, "colour"),
+        ('{"flow": "a", "bytes": -1}', 422, "bytes"),
+        ('{"flow": "a", "ttl": 1e12}', 422, "ttl"),
+        ('{"flow": "a", "weight": -2}', 422, "weight"),
+        ('{"flow": ""}', 422, "flow"),
+    ],
+)
+def test_invalid_admit_bodies(body: str, status: int, names: str) -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(post("/v1/admit", body))
+        r = await c.response()
+        assert r.status == status, r
+        error = r.json()["error"]
+        assert error["status"] == status
+        assert names in error["message"], error
+        c.send(admit("ok"))  # nothing broke: the same connection admits the next one
+        assert (await c.response()).status == 200
+        c.close()
+
+    fake = serve(t)
+    assert [a["flow"] for a in fake.admits] == ["ok"]
+
+
+def test_body_over_limit_413_before_the_body_nothing_admitted() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(b"POST /v1/admit HTTP/1.1\r\nContent-Length: 5000\r\n\r\n")  # the body never comes
+        r = await c.response()
+        assert r.status == 413 and r.headers["connection"] == "close"
+        assert "5000" in r.json()["error"]["message"]
+        assert await c.closed()
+
+        c = await Client.open(port)  # the whole oversized body sent at once: the 413 still arrives
+        c.send(post("/v1/admit", {"flow": "big", "pad": "x" * 5000}))
+        assert (await c.response()).status == 413
+        assert await c.closed()
+
+        c = await Client.open(port)  # chunked: caught while the body streams in
+        c.send(b"POST /v1/admit HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(3):
+            c.send(b"%x\r\n%b\r\n" % (600, b" " * 600))
+        assert (await c.response()).status == 413
+        assert await c.closed()
+
+    fake = serve(t, max_body_bytes=1024)
+    assert fake.admits == []
+
+
+def test_chunked_body_within_limit_is_admitted() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        body = b'{"flow": "chunky", "bytes": 3}'
+        c.send(b"POST /v1/admit HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        c.send(b"%x\r\n%b\r\n%x\r\n%b\r\n0\r\n\r\n" % (10, body[:10], len(body) - 10, body[10:]))
+        assert (await c.response()).status == 200
+        c.close()
+
+    fake = serve(t)
+    assert [(a["flow"], a["size"]) for a in fake.admits] == [("chunky", 3)]
+
+
+def test_headers_over_limit_431() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(get("/healthz", extra=f"X-Big: {'y' * 3000}\r\n"))
+        r = await c.response()
+        assert r.status == 431 and r.headers["connection"] == "close"
+        assert await c.closed()
+
+        c = await Client.open(port)  # one endless header value, dribbled in pieces
+        c.send(b"GET /healthz HTTP/1.1\r\nX-Big: ")
+        for _ in range(6):
+            await asyncio.sleep(0.005)
+            c.send(b"z" * 600)
+        assert (await c.response()).status == 431
+        assert await c.closed()
+
+        c = await Client.open(port)  # just under the limit is fine
+        c.send(get("/healthz", extra=f"X-Big: {'y' * 1800}\r\n"))
+        assert (await c.response()).status == 200
+        c.close()
+
+    serve(t, max_header_bytes=2048)
+
+
+def test_malformed_http_400_and_close() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(b"HELLO THERE\r\n\r\n")
+        r = await c.response()
+        assert r.status == 400 and r.headers["connection"] == "close"
+        assert "malformed HTTP request" in r.json()["error"]["message"]
+        assert await c.closed()
+        c = await Client.open(port)
+        c.send(b"POST /v1/admit HTTP/1.1\r\nContent-Length: 12x\r\n\r\n")
+        assert (await c.response()).status == 400
+        assert await c.closed()
+
+    serve(t)
+
+
+# ---------------------------------------------------------------------------------------- connections
+
+
+def test_too_many_connections_503_and_close() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        clients = [await Client.open(port) for _ in range(2)]
+        for c in clients:  # both are surely accepted and counted
+            c.send(get("/healthz"))
+            assert (await c.response()).status == 200
+        extra = await Client.open(port)
+        r = await extra.response()
+        assert r.status == 503 and r.headers["connection"] == "close" and "error" in r.json()
+        assert await extra.closed()
+        clients[0].close()
+        await asyncio.sleep(0.05)
+        again = await Client.open(port)  # a freed place is reusable
+        again.send(get("/healthz"))
+        assert (await again.response()).status == 200
+        for c in (clients[1], again):
+            c.close()
+
+    serve(t, max_connections=2)
+
+
+def test_slow_client_408_and_closed() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        started = time.monotonic()
+        c.send(b'POST /v1/admit HTTP/1.1\r\nContent-Length: 40\r\n\r\n{"flow": ')
+        r = await c.response()
+        assert r.status == 408 and r.headers["connection"] == "close"
+        assert 0.15 < time.monotonic() - started < 0.8
+        assert await c.closed()
+
+        c = await Client.open(port)  # headers trickling in, each piece well within the timeout
+        started = time.monotonic()
+        c.send(b"GET /healthz HTTP/1.1\r\n")
+        for _ in range(12):  # 0.24 s: past the timeout (the server drains input while it lingers)
+            await asyncio.sleep(0.02)
+            c.send(b"X-A: b\r\n")
+        r = await c.response()
+        assert r.status == 408
+        assert time.monotonic() - started < 0.8
+
+        c = await Client.open(port)  # a connection that never sends: closed without an answer
+        assert await c.closed()
+
+    fake = serve(t, header_timeout=0.2)
+    assert fake.admits == []
+
+
+def test_idle_keep_alive_is_closed() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(get("/healthz"))
+        assert (await c.response()).status == 200
+        await asyncio.sleep(0.1)
+        c.send(get("/healthz"))  # activity within the idle timeout keeps it open
+        assert (await c.response()).status == 200
+        started = time.monotonic()
+        assert await c.closed()
+        assert 0.15 < time.monotonic() - started < 0.8
+
+    serve(t, idle_timeout=0.25, header_timeout=1.0)
+
+
+def test_pending_admit_is_not_idle() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(admit(HOLD))
+        await c.silent(0.4)  # longer than both timeouts: waiting on the distributor is not idleness
+        fake.finish(1)
+        assert (await c.response()).status == 200
+        c.close()
+
+    fake = serve(t, idle_timeout=0.15, header_timeout=0.15)
+    assert fake.cancels == []
+
+
+def test_disconnect_while_pending_cancels_exactly_once() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(admit(HOLD) + admit(HOLD) + admit(HOLD))
+        await until(lambda: len(fake.admits) == 3)
+        fake.finish(2)  # delivered, but queued behind 1: never written
+        await c.silent()
+        c.close()
+        await until(lambda: len(fake.cancels) == 2)
+        assert sorted(fake.cancels) == [1, 3]
+        fake.finish(1)  # a late outcome for a gone client is a no-op
+        fake.finish(3, Outcome.EVICTED_TTL)
+        await asyncio.sleep(0.02)
+
+    fake = serve(t)
+    assert sorted(fake.cancels) == [1, 3]
+
+
+def test_abort_while_pending_cancels() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(admit(HOLD))
+        await until(lambda: len(fake.admits) == 1)
+        sock = c.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()  # RST instead of FIN
+        await until(lambda: fake.cancels == [1])
+
+    serve(t)
+
+
+def test_half_close_gets_ready_answers_and_cancels_pending() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(admit("a") + admit(HOLD))
+        await until(lambda: len(fake.admits) == 2)
+        c.writer.write_eof()  # EOF: the client is gone as far as pending requests go
+        assert (await c.response()).status == 200  # what was ready before the EOF still arrives
+        assert await c.closed()
+        await until(lambda: fake.cancels == [2])
+
+    serve(t)
+
+
+def test_pipelined_requests_answered_in_order() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(admit(HOLD) + get("/healthz") + admit("b") + admit(HOLD) + get("/v1/stats"))
+        await until(lambda: len(fake.admits) == 3)
+        await c.silent()  # everything waits for the first admit
+        fake.finish(3, Outcome.REJECTED_CAPACITY)  # the later hold resolves first: still nothing
+        await c.silent()
+        fake.finish(1)
+        statuses = [(await c.response()).status for _ in range(5)]
+        assert statuses == [200, 200, 200, 429, 200]
+        c.close()
+
+    fake = serve(t)
+    assert [a["flow"] for a in fake.admits] == [HOLD, "b", HOLD]
+
+
+def test_pipeline_cap_stops_parsing_until_drained() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(b"".join(admit(HOLD) for _ in range(4)))
+        await until(lambda: len(fake.admits) == 4)
+        c.send(admit(HOLD) + admit(HOLD))
+        await asyncio.sleep(0.05)
+        assert len(fake.admits) == 4  # held: the cap is reached
+        fake.finish(1)
+        fake.finish(2)  # 2 left <= max_pipelined // 2: parsing resumes
+        await until(lambda: len(fake.admits) == 6)
+        assert [(await c.response()).json()["ticket"] for _ in range(2)] == [TICKET_BASE + 1, TICKET_BASE + 2]
+        c.close()
+        await until(lambda: len(fake.cancels) == 4)
+
+    fake = serve(t, max_pipelined=4)
+    assert sorted(fake.cancels) == [3, 4, 5, 6]
+
+
+def test_eof_noticed_while_pipeline_is_full() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(b"".join(admit(HOLD) for _ in range(4)))
+        await until(lambda: len(fake.admits) == 4)
+        c.send(admit(HOLD))
+        await asyncio.sleep(0.02)
+        c.close()
+        await until(lambda: len(fake.cancels) == 4)
+
+    fake = serve(t, max_pipelined=4)
+    assert len(fake.admits) == 4 and sorted(fake.cancels) == [1, 2, 3, 4]
+
+
+def test_keep_alive_reuses_one_connection() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        for i in range(200):
+            c.send(admit(f"f{i % 5}") if i % 2 else get("/healthz"))
+            assert (await c.response()).status == 200
+        c.close()
+
+    fake = serve(t)
+    assert len(fake.admits) == 100
+    assert len({id(a["waiter"]) for a in fake.admits}) == 1
+
+
+def test_connection_close_and_http10() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(post("/v1/admit", {"flow": HOLD}, extra="Connection: close\r\n"))
+        await until(lambda: len(fake.admits) == 1)
+        fake.finish(1)
+        r = await c.response()
+        assert r.status == 200 and r.headers["connection"] == "close"
+        assert await c.closed()
+
+        c = await Client.open(port)
+        c.send(b"GET /healthz HTTP/1.0\r\n\r\n" + get("/healthz"))  # the second is ignored
+        r = await c.response()
+        assert r.status == 200 and r.headers["connection"] == "close"
+        assert await c.closed()
+
+        c = await Client.open(port)
+        c.send(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        r = await c.response()
+        assert r.headers["connection"] == "keep-alive"
+        c.send(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        assert (await c.response()).status == 200
+        c.close()
+
+    serve(t)
+
+
+def test_expect_100_continue() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        body = b'{"flow": "a"}'
+        c.send(b"POST /v1/admit HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+        assert await asyncio.wait_for(c.reader.readline(), 1) == b"HTTP/1.1 100 Continue\r\n"
+        assert await c.reader.readline() == b"\r\n"
+        c.send(body)
+        assert (await c.response()).status == 200
+        c.close()
+
+    serve(t)
+
+
+def test_duplicate_delivery_is_ignored() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(admit(HOLD) + admit(HOLD) + admit(HOLD))
+        await until(lambda: len(fake.admits) == 3)
+        fake.finish(2)
+        fake.finish(2, Outcome.EVICTED_TTL)  # while 2 waits behind 1: must not replace its answer
+        fake.finish(1)
+        fake.finish(1, Outcome.EVICTED_TTL)  # after 1 was written
+        assert [(await c.response()).status for _ in range(2)] == [200, 200]
+        await c.silent()
+        fake.finish(3, Outcome.REJECTED_CAPACITY)
+        assert (await c.response()).status == 429
+        c.close()
+
+    fake = serve(t)
+    assert fake.cancels == []
+
+
+def test_client_not_reading_is_dropped_and_its_admits_cancelled_or_released() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        fake.stats_body = {"blob": "x" * (16 << 20)}  # more than the socket buffers hold
+        c = await Client.open(port)
+        c.writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.send(admit(HOLD) + get("/v1/stats"))  # and never read
+        await until(lambda: len(fake.admits) == 1)
+        c.send(admit(HOLD) + admit(HOLD))
+        await until(lambda: len(fake.admits) == 3)
+        fake.finish(1)  # unblocks the stats answer: the write buffer overflows, the client is dropped
+        fake.finish(2)  # dispatched in the same pass, to a client being dropped: its ticket is freed
+        await until(lambda: fake.cancels == [3], timeout=2.0)
+        assert fake.released == [TICKET_BASE + 2]
+        other = await Client.open(port)
+        other.send(get("/healthz"))
+        assert (await other.response()).status == 200
+        other.close()
+        c.close()
+
+    serve(t, write_buffer_limit=64 << 10)
+
+
+def test_outcomes_racing_a_transport_closed_under_us() -> None:
+    """On a read error uvloop drops the transport at once and calls connection_lost a pass later;
+    a deliver in between must neither raise into the distributor nor leak a dispatched ticket."""
+
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(admit(HOLD) + admit(HOLD) + admit(HOLD))
+        await until(lambda: len(fake.admits) == 3)
+        conn = fake.admits[0]["waiter"]
+        conn._transport.abort()  # what uvloop does on ECONNRESET (connection_lost comes later)
+        fake.finish(1, Outcome.REJECTED_CAPACITY)  # written into the void
+        fake.finish(2)  # a dispatch nobody will see: released once the connection is lost
+        await until(lambda: fake.cancels == [3])
+        assert fake.released == [TICKET_BASE + 2]
+        c.close()
+
+    serve(t)
+
+
+def test_limits_are_validated() -> None:
+    with pytest.raises(ValueError, match="max_pipelined"):
+        HttpLimits(max_pipelined=0)
+    with pytest.raises(ValueError, match="header_timeout"):
+        HttpLimits(header_timeout=0.0)
