@@ -89,6 +89,7 @@ class Shard:
         self.writer = FrameWriter()
         self.ready = False
         self.restarts = 0
+        self.last_restart = -math.inf
         self.pid = 0
 
 
@@ -107,6 +108,7 @@ class Distributor:
         self.retry = [RetryAfter() for _ in config.bands]
         self.pending: dict[int, Pending] = {}
         self.tickets: dict[int, Ticket] = {}
+        self._owned: dict[Any, set[int]] = {}  # waiter -> its tickets, so a closing connection frees them fast
         self._leases: OrderedDict[int, float] = OrderedDict()  # leased ticket -> deadline, in deadline order
         self._next_id = 1
         self._rr = 0
@@ -166,16 +168,24 @@ class Distributor:
         if held is None:
             return False
         self._leases.pop(ticket, None)
+        self._disown(held)
         self.ledger.release(held.size)
         self.counters["tickets_released"] += 1
         self._schedule_plan()
         return True
 
     def release_all(self, waiter: Waiter) -> int:
-        mine = [t.id for t in self.tickets.values() if t.owner is waiter]
+        mine = list(self._owned.get(waiter, ()))
         for ticket in mine:
             self.release(ticket)
         return len(mine)
+
+    def _disown(self, held: Ticket) -> None:
+        owned = self._owned.get(held.owner)
+        if owned is not None:
+            owned.discard(held.id)
+            if not owned:
+                del self._owned[held.owner]
 
     def stats(self) -> dict[str, Any]:
         from distributor.metrics import stats_snapshot
@@ -259,6 +269,7 @@ class Distributor:
             ticket = p.id
             deadline = time.monotonic() + self.config.service.lease if leased else math.inf
             self.tickets[ticket] = Ticket(ticket, p.size, waiter, deadline)
+            self._owned.setdefault(waiter, set()).add(ticket)
             if leased:
                 self._leases[ticket] = deadline
         elif outcome != Outcome.EVICTED_CANCELLED:
@@ -274,11 +285,15 @@ class Distributor:
         for msg in messages:
             kind = type(msg)
             if kind is Done:
-                p = pending[msg.id]
+                p = pending.get(msg.id)
+                if p is None:  # already ended by the distributor (shutdown); nothing is owed
+                    continue
                 outcome = Outcome(msg.outcome)
+                covered = False
                 if outcome == _DISPATCHED:
-                    ledger.grant_answered(shard, p.size)
-                newcomer = ledger.leave(p)
+                    band, live = ledger.grant_answered(shard, p.size)
+                    covered = live and band == p.band
+                newcomer = ledger.leave(p, covered=covered)
                 self._finish(p, outcome, msg.wait, counted_by_shard=True)
                 if newcomer is not None:
                     self._retry_newcomer(newcomer)
@@ -312,10 +327,11 @@ class Distributor:
         s.writer = FrameWriter()
         if self._stopping:
             return
+        now = time.monotonic()
         lost = self.ledger.shard_failed(shard)
         for p in lost:
             newcomer = self.ledger.leave(p)
-            self._finish(p, Outcome.EVICTED_SHARD_FAILURE, time.monotonic() - p.received)
+            self._finish(p, Outcome.EVICTED_SHARD_FAILURE, now - p.received)
             if newcomer is not None:
                 self._retry_newcomer(newcomer)
         assert self.shm is not None
@@ -327,8 +343,15 @@ class Distributor:
                 s.proc.kill()
             s.proc.wait()
         assert self._loop is not None
-        self._loop.create_task(self._spawn(shard))
+        # back off when a worker keeps dying (e.g. at start-up): 0.05 s doubling to 5 s
+        delay = min(5.0, 0.05 * 2 ** min(s.restarts - 1, 7)) if now - s.last_restart < 10.0 else 0.0
+        s.last_restart = now
+        self._loop.call_later(delay, self._respawn, shard)
         self._schedule_plan()
+
+    def _respawn(self, shard: int) -> None:
+        if not self._stopping and self._loop is not None:
+            self._loop.create_task(self._spawn(shard))
 
     # ------------------------------------------------------------------ grants and writes
 
@@ -339,8 +362,8 @@ class Distributor:
 
     def _plan(self) -> None:
         self._plan_scheduled = False
-        for shard, band, max_bytes in self.ledger.plan_grants():
-            self._send(shard, Grant(band, max_bytes))
+        for shard, band, max_bytes, saturation in self.ledger.plan_grants():
+            self._send(shard, Grant(band, max_bytes, saturation))
 
     def _send(self, shard: int, message: Any) -> None:
         self.shards[shard].writer.add(message)
@@ -421,13 +444,24 @@ class Distributor:
             leases.popitem(last=False)
             held = self.tickets.pop(ticket, None)
             if held is not None:
+                self._disown(held)
                 self.ledger.release(held.size)
                 self.counters["tickets_expired"] += 1
                 self._schedule_plan()
         for retry in self.retry:
             retry.tick(now)
+        self._check_heartbeats(time.monotonic_ns())
         self.slots.collect(now, self._flow_busy)
         self._housekeeper = self._loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeeping)
+
+    def _check_heartbeats(self, now_ns: int) -> None:
+        """A worker that stopped beating is wedged: kill it, and the crash path restarts it."""
+        assert self.shm is not None
+        for s in self.shards:
+            beat = int(self.shm.heartbeat_ns[s.index])
+            if s.ready and s.proc is not None and beat and now_ns - beat > HEARTBEAT_STALE * 1e9:
+                with contextlib.suppress(ProcessLookupError):
+                    s.proc.kill()
 
     def _flow_busy(self, flow: str) -> bool:
         return any(flow in band.flows for band in self.ledger.bands)

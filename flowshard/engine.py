@@ -340,17 +340,20 @@ class Engine:
         elif fairness.tracks_heads:
             fairness.head_changed(flow)
 
-    def dispatch(self, now: float, band: int | None = None, max_bytes: float = _INF) -> Item | None:
+    def dispatch(
+        self, now: float, band: int | None = None, max_bytes: float = _INF, saturation: float = -1.0
+    ) -> Item | None:
         """Grant mode: dispatch the next request of band index <= `band` (priority >= its priority).
 
-        Strict priority: the highest band with work is served. If its chosen request is larger
+        Strict priority: the highest band with work is served, skipping bands whose ceiling is
+        at or below the grantor's `saturation` (as `pump` does with its own budget). If its chosen request is larger
         than `max_bytes`, nothing is dispatched (the grant is handed back) rather than serving a
         lower band out of order, and `blocked_size` says how many bytes that request needs.
         """
         self.blocked_size = 0
         bands = self.bands if band is None else self.bands[: band + 1]
         for b in bands:
-            if b.enq_items == b.deq_items:
+            if b.enq_items == b.deq_items or b.ceiling <= saturation:
                 continue
             item = self._select(b, now)
             if item is None:

@@ -84,6 +84,7 @@ class LedgerBand:
         "shard_bytes",
         "shard_granted",
         "shard_items",
+        "shard_stale",
     )
 
     def __init__(self, index: int, config: Config, shards: int) -> None:
@@ -101,7 +102,15 @@ class LedgerBand:
         self.shard_items = [0] * shards
         self.shard_bytes = [0] * shards
         self.shard_granted = [0] * shards
+        self.shard_stale = [0] * shards  # the oldest grants outstanding here that no queued request may need
         self.granted = 0
+
+    def grantable(self) -> bool:
+        """Some shard holds more of this band's requests than live grants (per shard, not in total)."""
+        for items, granted, stale in zip(self.shard_items, self.shard_granted, self.shard_stale, strict=True):
+            if items > granted - stale:
+                return True
+        return False
 
 
 
@@ -197,9 +206,18 @@ class Ledger:
         self.queued_items += 1
         self.queued_bytes += p.size
 
-    def leave(self, p: Pending) -> Pending | None:
-        """`p` left its shard's queue (any outcome). Returns a parked newcomer now free to retry."""
+    def leave(self, p: Pending, *, covered: bool = False) -> Pending | None:
+        """`p` left its shard's queue (any outcome). Returns a parked newcomer now free to retry.
+
+        `covered`: p left through a dispatch answering a live grant of its own band on its shard.
+        Any other exit (cancel, TTL, displacement, a dispatch on another band's grant) may leave a
+        grant outstanding there that was meant for p: count those grants as stale, so a request
+        arriving later is not taken as covered by them (that would let a lower band go first).
+        """
         band = self.bands[p.band]
+        if not covered:
+            band.shard_stale[p.shard] = band.shard_granted[p.shard]
+            self._need.pop((p.band, p.shard), None)
         flow = band.flows[p.flow]
         flow.queued_items -= 1
         flow.queued_bytes -= p.size
@@ -223,11 +241,14 @@ class Ledger:
 
     # ------------------------------------------------------------------ grants
 
-    def plan_grants(self) -> list[tuple[int, int, int]]:
-        """Grants to send now, as (shard, band, max_bytes with -1 for any); already reserved."""
+    def plan_grants(self) -> list[tuple[int, int, int, float]]:
+        """Grants to send now, as (shard, band, max_bytes or -1 for any, saturation); already reserved.
+
+        The saturation goes with the grant so the shard skips bands at or above their ceiling.
+        """
         budget = self.budget
         max_requests, max_bytes = budget.max_requests, budget.max_bytes
-        out: list[tuple[int, int, int]] = []
+        out: list[tuple[int, int, int, float]] = []
         while True:
             used = budget.inflight + self.grants_out
             if used >= max_requests:
@@ -236,7 +257,7 @@ class Ledger:
             saturation = max(used / max_requests, used_bytes / max_bytes)
             band = None
             for candidate in self.bands:
-                if candidate.queued_items > candidate.granted and saturation < candidate.ceiling:
+                if saturation < candidate.ceiling and candidate.grantable():
                     band = candidate
                     break
             if band is None:
@@ -257,13 +278,13 @@ class Ledger:
             self.grants_out += 1
             self.grants_bytes += max(reserve, 0)
             self._grants[shard].append((band.index, reserve))
-            out.append((shard, band.index, reserve))
+            out.append((shard, band.index, reserve, saturation))
 
     @staticmethod
     def _pick_shard(band: LedgerBand) -> int:
         best, best_score = -1, -1.0
         for n, items in enumerate(band.shard_items):
-            granted = band.shard_granted[n]
+            granted = band.shard_granted[n] - band.shard_stale[n]
             if items > granted:
                 score = band.shard_bytes[n] / (granted + 1) + 1e-9 * (items - granted)
                 if score > best_score:
@@ -275,10 +296,17 @@ class Ledger:
         items = band.shard_items[shard]
         return math.ceil(band.shard_bytes[shard] / items) if items else 0
 
-    def grant_answered(self, shard: int, dispatched_size: int | None, need: int = 0) -> None:
-        """The shard answered its oldest grant: a dispatch of `dispatched_size` bytes, or a hand-back."""
+    def grant_answered(self, shard: int, dispatched_size: int | None, need: int = 0) -> tuple[int, bool]:
+        """The shard answered its oldest grant: a dispatch of `dispatched_size` bytes, or a hand-back.
+
+        Returns (the grant's band, whether the grant was live). Grants are answered in order, so
+        the stale ones of a band on a shard are the first to come back.
+        """
         band_index, reserve = self._grants[shard].popleft()
         band = self.bands[band_index]
+        live = band.shard_stale[shard] == 0
+        if not live:
+            band.shard_stale[shard] -= 1
         band.granted -= 1
         band.shard_granted[shard] -= 1
         self.grants_out -= 1
@@ -288,6 +316,7 @@ class Ledger:
             self._need.pop((band_index, shard), None)
         elif need:
             self._need[(band_index, shard)] = need
+        return band_index, live
 
     def release(self, size: int) -> None:
         """A dispatched request's ticket was released."""
@@ -302,6 +331,10 @@ class Ledger:
             self.grants_out -= 1
             self.grants_bytes -= max(reserve, 0)
         self._grants[shard].clear()
+        for band in self.bands:
+            band.shard_stale[shard] = 0
+        for key in [k for k in self._need if k[1] == shard]:
+            del self._need[key]
         lost = [p for band in self.bands for p in band.order.values() if p.shard == shard]
         return lost
 

@@ -78,7 +78,8 @@ class ShardWorker(asyncio.Protocol):
                         now,
                     )
                 elif kind is Grant:
-                    item = engine.dispatch(now, msg.band, math.inf if msg.max_bytes < 0 else msg.max_bytes)
+                    max_bytes = math.inf if msg.max_bytes < 0 else msg.max_bytes
+                    item = engine.dispatch(now, msg.band, max_bytes, msg.saturation)
                     self._drain()  # TTL evictions on the way, then the dispatch: in order
                     if item is None:
                         self.writer.add(GrantBack(msg.band, engine.blocked_size))
