@@ -116,6 +116,8 @@ class Distributor:
         self._plan_scheduled = False
         self._accepting = False
         self._stopping = False
+        self._started = False
+        self.stop_requested = False  # a signal arrived before start() finished
         self.started = time.monotonic()
         self.counters = {"tickets_expired": 0, "tickets_released": 0, "worker_restarts": 0, "fast_path": 0}
         self.segment: Any = None
@@ -336,6 +338,7 @@ class Distributor:
                 self._retry_newcomer(newcomer)
         assert self.shm is not None
         self.shm.reset_shard(shard)
+        self.shm.heartbeat_ns[shard] = 0  # the dead worker's last beat must not condemn its successor
         s.restarts += 1
         self.counters["worker_restarts"] += 1
         if s.proc is not None:
@@ -430,6 +433,7 @@ class Distributor:
         self.servers = [http, binary]
         self.addresses = {"http": http.sockets[0].getsockname()[:2], "binary": binary.sockets[0].getsockname()[:2]}
         self._accepting = True
+        self._started = True
         self._housekeeper = self._loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeeping)
 
     def _housekeeping(self) -> None:
@@ -468,6 +472,9 @@ class Distributor:
 
     def begin_drain(self) -> None:
         """SIGTERM/SIGINT: stop accepting; let queued work finish until the drain timeout; then stop."""
+        if not self._started:
+            self.stop_requested = True  # still starting: serve() stops as soon as start() returns
+            return
         assert self._loop is not None
         if not self._accepting:
             if self._stopped is not None and not self._stopping:
@@ -527,17 +534,20 @@ class Distributor:
             self._stopped.set()
 
     async def run_until_stopped(self) -> None:
-        assert self._loop is not None and self._stopped is not None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._loop.add_signal_handler(sig, self.begin_drain)
+        assert self._stopped is not None
         await self._stopped.wait()
 
 
 async def serve(config: Config, shards: int) -> None:
     """`flowshard serve`: run until SIGTERM/SIGINT, then drain and exit."""
     service = Distributor(config, shards)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before anything starts: no window without a drain
+        loop.add_signal_handler(sig, service.begin_drain)
     try:
         await service.start()
+        if service.stop_requested:
+            return
         http, binary = service.addresses["http"], service.addresses["binary"]
         sys.stderr.write(
             f"flowshard ready: http=http://{http[0]}:{http[1]} binary={binary[0]}:{binary[1]} "

@@ -45,7 +45,11 @@ def _serve(args: argparse.Namespace) -> int:
         config.service = msgspec.structs.replace(config.service, **overrides)
     if args.shards < 1:
         raise ConfigError(f"--shards: {args.shards} is not allowed; at least 1")
-    uvloop.run(serve(config, args.shards))
+    try:
+        uvloop.run(serve(config, args.shards))
+    except OSError as exc:  # cannot listen (address in use, permission): one line, not a traceback
+        sys.stderr.write(f"flowshard: cannot start the service: {exc.strerror or exc}\n")
+        return 2
     return 0
 
 

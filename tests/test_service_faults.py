@@ -1,0 +1,741 @@
+"""Integration tests of faults and bad input: `flowshard serve` as a real subprocess.
+
+Worker crash (SIGKILL under load), distributor SIGKILL (workers follow, the next start removes the
+stale shared-memory segment), signals at awkward moments, and bad input over real sockets (HTTP:
+malformed JSON, wrong types, missing fields, out-of-range values, unknown and double releases,
+oversized bodies, too many connections, slow and idle clients; binary: invalid fields, malformed and
+oversized frames, duplicate ids). After every bad input the service must keep serving: a normal
+admission is dispatched and released.
+
+The `launch` fixture (servicekit) asserts after each test that no process of the service's tree and
+no `/dev/shm/flowshard-<pid>-*` segment is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import struct
+import subprocess
+import time
+from collections import Counter
+from typing import Any
+
+import msgspec
+import pytest
+from servicekit import (
+    HttpConn,
+    Proc,
+    Service,
+    admit_http,
+    ahttp,
+    band_outcomes,
+    children,
+    launch,
+    metric,
+    release_http,
+    run,
+    segments,
+    shard_queued,
+    until,
+    wait_until,
+)
+
+from flowshard.client import AdmitResult, Client, ConnectionClosed, FlowshardError
+from flowshard.codec import Admit, Error, FrameReader, FrameWriter, ToClient
+from flowshard.types import Outcome
+
+__all__ = ["launch"]
+
+D = Outcome.DISPATCHED
+
+
+async def _queued(svc: Service, n: int, timeout: float = 5.0) -> dict[str, Any]:
+    return await svc.until_stats(
+        lambda s: s["totals"]["queued_items"] == n and sum(shard_queued(s)) == n, timeout
+    )
+
+
+async def _normal_admit_works(svc: Service) -> None:
+    """The service still serves: an admission on a fresh connection is dispatched and released."""
+    r = await admit_http(svc.http_port, "normal", bytes=10, timeout=5)
+    assert r.status == 200 and r.json()["outcome"] == "dispatched", r
+    assert (await release_http(svc.http_port, r.json()["ticket"])).status == 200
+
+
+def test_harness_detects_leftover_processes_and_segments(tmp_path: Any) -> None:
+    """The no-leftover check of the `launch` fixture is not vacuous: a live process of the tree and
+    a segment named after the distributor are reported, then cleaned up by pid.
+
+    A stand-in distributor pid that is alive (a `sleep`) names the segment, so that a flowshard
+    starting meanwhile elsewhere (which removes the segments of dead pids) leaves it alone."""
+    svc = Service(tmp_path / "unused.toml", 1)
+    straggler = subprocess.Popen(["sleep", "30"])  # stands in for a worker that outlived its distributor
+    try:
+        proc = Proc.of(straggler.pid, "worker0")
+        assert proc is not None
+        svc.pid = straggler.pid
+        svc.procs[straggler.pid] = proc
+        fake = f"/dev/shm/flowshard-{svc.pid}-deadbeef"
+        with open(fake, "wb") as f:
+            f.write(b"\0" * 64)
+        problems = svc.leftovers(timeout=0.2)
+        assert any("worker0" in p and str(straggler.pid) in p for p in problems), problems
+        assert any(fake in p for p in problems), problems
+        svc.force_cleanup()
+        straggler.wait(5)
+        assert svc.leftovers(timeout=0.2) == [] and not os.path.exists(fake)
+    finally:
+        straggler.kill()
+        straggler.wait()
+
+
+# ---------------------------------------------------------------------------------------------- worker crash
+
+
+def test_worker_sigkill_under_load_evicts_its_requests_and_restarts(launch: Any) -> None:
+    svc = launch(shards=2, budget=1, service={"drain_timeout": 0.2})
+    port = svc.http_port
+
+    async def main() -> None:
+        c = await Client.connect(svc.host, svc.binary_port)
+        hold = await c.admit("hold")
+        assert hold.outcome is D
+        futs = [c.admit(f"f{i % 4}", size=100) for i in range(20)]
+        http_futs = [asyncio.ensure_future(admit_http(port, "h", bytes=10, timeout=10)) for _ in range(2)]
+        s = await _queued(svc, 22)
+        per_shard = shard_queued(s)
+        assert all(per_shard), per_shard
+        n0, n1 = per_shard
+        old, other = s["shards"][0]["pid"], s["shards"][1]["pid"]
+        workers = {p.pid: p for p in svc.worker_procs()}
+        assert old in workers and workers[old].role == "worker0", workers
+        assert old in children(svc.pid)
+
+        os.kill(old, signal.SIGKILL)
+        # not ready while a shard is down
+        deadline = time.monotonic() + 2
+        while (await ahttp(port, "GET", "/readyz")).status != 503:
+            assert time.monotonic() < deadline, "/readyz never reported the dead shard"
+            await asyncio.sleep(0.005)
+
+        # every request the dead worker held ends as evicted:shard_failure (503 over HTTP)
+        await until(lambda: sum(f.done() for f in futs) + sum(t.done() for t in http_futs) == n0, 5)
+        await asyncio.sleep(0.1)  # nothing more ends: the other shard's requests stay queued
+        done = [f.result() for f in futs if f.done()]
+        http_done = [t.result() for t in http_futs if t.done()]
+        assert len(done) + len(http_done) == n0
+        assert all(r.outcome is Outcome.EVICTED_SHARD_FAILURE for r in done), done
+        assert len(http_done) == 1, http_done  # one "h" request per shard (JSQ-Bytes)
+        assert http_done[0].status == 503, http_done
+        assert (http_done[0].json()["outcome"], http_done[0].json()["reason"]) == ("evicted", "shard_failure")
+
+        # the worker is restarted: a new pid, ready, counted; the dead shard's counters are reset
+        s = await svc.until_stats(lambda s: s["shards"][0]["ready"] and s["shards"][0]["pid"] not in (0, old))
+        new = s["shards"][0]["pid"]
+        assert new in children(svc.pid)
+        assert not workers[old].alive()
+        assert s["shards"][0]["restarts"] == 1 and s["shards"][1]["restarts"] == 0
+        assert s["counters"]["worker_restarts"] == 1
+        assert s["shards"][0]["queued_items"] == [0] and s["shards"][0]["queued_bytes"] == [0]
+        assert sum(s["shards"][1]["queued_items"]) == n1
+        assert s["totals"]["queued_items"] == n1 and s["totals"]["pending"] == n1
+        assert s["shards"][1]["pid"] == other and s["ready"] is True
+        samples = await svc.ametrics()
+        assert metric(samples, "flowshard_worker_restarts_total", shard="0") == 1
+        assert metric(samples, "flowshard_worker_restarts_total", shard="1") == 0
+        assert metric(samples, "flowshard_worker_up", shard="0") == 1
+        assert band_outcomes(s)["evicted:shard_failure"] == n0
+        assert (await ahttp(port, "GET", "/readyz")).status == 200
+
+        # the service continues: the other shard's requests dispatch as the budget frees
+        releases: list[asyncio.Future[bool]] = []
+
+        def release_at_once(fut: asyncio.Future[AdmitResult]) -> None:
+            r = fut.result()
+            if r.outcome is D:
+                releases.append(c.release(r.ticket))
+
+        pending = [f for f in futs if not f.done()]
+        for f in pending:
+            f.add_done_callback(release_at_once)
+        (other_http,) = [t for t in http_futs if not t.done()]
+
+        async def http_then_release() -> Any:
+            h = await other_http
+            assert h.status == 200, h
+            assert (await release_http(port, h.json()["ticket"])).status == 200
+            return h
+
+        http_released = asyncio.ensure_future(http_then_release())
+        assert await c.release(hold.ticket)
+        results = await asyncio.wait_for(asyncio.gather(*pending), 5)
+        assert all(r.outcome is D for r in results)
+        await asyncio.wait_for(http_released, 5)
+        assert all(await asyncio.gather(*releases))
+        # new admissions go to both shards, the restarted one included, and dispatch
+        hold2 = await c.admit("hold")
+        more = [c.admit("after", size=50) for _ in range(8)]
+        s = await _queued(svc, 8)
+        assert all(shard_queued(s)), shard_queued(s)
+        for f in more:
+            f.add_done_callback(release_at_once)
+        assert await c.release(hold2.ticket)
+        assert all(r.outcome is D for r in await asyncio.wait_for(asyncio.gather(*more), 5))
+        assert all(await asyncio.gather(*releases))
+        s = await svc.until_stats(lambda s: s["totals"]["inflight"] == 0)
+        t = s["totals"]
+        assert (t["queued_items"], t["pending"], t["tickets"], sum(shard_queued(s))) == (0, 0, 0, 0)
+        outcomes = band_outcomes(s)
+        assert outcomes["dispatched"] == 1 + n1 + 1 + 8
+        assert outcomes["evicted:shard_failure"] == n0
+        assert sum(outcomes.values()) == 2 + 22 + 8
+        assert s["consistent"] is True
+        await c.close()
+
+    run(main())
+    assert svc.terminate() == 0
+
+
+def test_hung_worker_is_detected_killed_and_replaced(launch: Any) -> None:
+    """A worker that stops (SIGSTOP: no heartbeat, no answers) is treated as dead once its heartbeat
+    is stale (distributor.service.HEARTBEAT_STALE): its requests end as evicted:shard_failure, a new
+    worker takes its place, and the budget its grants reserved is usable again."""
+    from distributor.service import HEARTBEAT_STALE
+
+    svc = launch(shards=2, budget=1, service={"drain_timeout": 0.2})
+
+    async def main() -> None:
+        async with Client.connect(svc.host, svc.binary_port) as c:
+            hold = await c.admit("hold")
+            futs = [c.admit(f"f{i % 2}", size=10) for i in range(8)]
+            s = await _queued(svc, 8)
+            n0 = shard_queued(s)[0]
+            hung = s["shards"][0]["pid"]
+            proc = next(p for p in svc.worker_procs() if p.pid == hung)
+            os.kill(hung, signal.SIGSTOP)
+            t0 = time.monotonic()
+            await until(lambda: sum(f.done() for f in futs) == n0, HEARTBEAT_STALE + 3)
+            assert time.monotonic() - t0 >= HEARTBEAT_STALE - 0.5
+            assert all(f.result().outcome is Outcome.EVICTED_SHARD_FAILURE for f in futs if f.done())
+            assert wait_until(lambda: not proc.alive(), 2.0), "the hung worker was not killed"
+            s = await svc.until_stats(lambda s: s["shards"][0]["ready"] and s["shards"][0]["pid"] != hung)
+            assert s["shards"][0]["restarts"] == 1
+            rest = [f for f in futs if not f.done()]
+            for f in rest:
+                f.add_done_callback(lambda f: f.result().dispatched and c.release(f.result().ticket))
+            assert await c.release(hold.ticket)
+            assert all(r.outcome is D for r in await asyncio.wait_for(asyncio.gather(*rest), 3))
+            await _normal_admit_works(svc)
+
+    run(main(), timeout=HEARTBEAT_STALE + 15)
+
+
+# ---------------------------------------------------------------------------------------------- distributor death
+
+
+def test_distributor_sigkill_workers_exit_and_next_start_cleans_up(launch: Any) -> None:
+    svc = launch(shards=2, budget=1)
+
+    async def load() -> None:
+        c = await Client.connect(svc.host, svc.binary_port)
+        await c.admit("hold")
+        futs = [c.admit("q", size=10) for _ in range(4)]
+        await _queued(svc, 4)
+        workers = svc.worker_procs()
+        assert len(workers) == 2
+        svc.signal(signal.SIGKILL)
+        for f in futs:  # the clients see the connection go
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(f, 2)
+        await c.close()
+
+    run(load())
+    assert svc.wait(2) == -signal.SIGKILL
+    workers = [p for p in svc.procs.values() if p.role.startswith("worker")]
+    assert len(workers) == 2
+    t0 = time.monotonic()
+    gone = wait_until(lambda: not any(p.alive() for p in workers), 1.0)
+    assert gone, f"workers still alive {time.monotonic() - t0:.2f} s after the distributor died: {workers}"
+    # the next start removes whatever the killed instance left in /dev/shm (stale cleanup)
+    launch(shards=1)
+    assert segments(svc.pid) == []
+
+
+def test_stale_segment_of_killed_instance_removed_by_next_start(launch: Any) -> None:
+    """The whole process group is SIGKILLed (no resource tracker survives to clean up): the segment
+    stays in /dev/shm until the next instance starts and removes it."""
+    old = launch(shards=2, budget=1)
+    procs = old.track()
+    assert segments(old.pid), "the running instance has its segment"
+    old.kill_group()
+    assert old.wait(2) == -signal.SIGKILL
+    assert wait_until(lambda: not any(p.alive() for p in procs), 2.0)
+    stale = segments(old.pid)
+    assert stale, "expected the killed instance's segment to be left behind"
+    new = launch(shards=1)
+    assert segments(old.pid) == [], "the next start did not remove the stale segment"
+    assert segments(new.pid), "the new instance has its own segment"
+
+
+# ---------------------------------------------------------------------------------------------- signals
+
+
+def test_second_sigterm_stops_at_once(launch: Any) -> None:
+    svc = launch(shards=2, budget=1, service={"drain_timeout": 30.0})
+
+    async def main() -> None:
+        async with Client.connect(svc.host, svc.binary_port) as c:
+            assert (await c.admit("hold")).outcome is D
+            futs = [c.admit("q") for _ in range(3)]
+            await _queued(svc, 3)
+            svc.signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            assert not any(f.done() for f in futs)  # draining: queued work waits for budget
+            t0 = time.monotonic()
+            svc.signal(signal.SIGTERM)  # impatient operator: stop now
+            results = await asyncio.wait_for(asyncio.gather(*futs), 3)
+            assert [r.outcome for r in results] == [Outcome.EVICTED_SHUTDOWN] * 3
+            assert time.monotonic() - t0 < 2.5
+
+    run(main())
+    assert svc.wait(5) == 0
+
+
+def test_sigint_drains_like_sigterm(launch: Any) -> None:
+    svc = launch(shards=2, budget=1)
+    assert svc.stats()["ready"]
+    svc.signal(signal.SIGINT)
+    assert svc.wait(5) == 0
+
+
+def test_sigterm_right_after_ready_line_drains_and_exits_zero(launch: Any) -> None:
+    """The ready line promises a running service; a supervisor may stop it at once (SIGTERM right
+    after readiness). It must drain and exit 0, never die of the default SIGTERM action."""
+
+    def sigterm_now(s: Service) -> None:
+        os.kill(s.pid, signal.SIGTERM)  # from the reader thread, as soon as the line is read
+        s.signalled = True
+
+    codes = []
+    for _ in range(10):
+        svc = launch(shards=1, budget=1, on_ready=sigterm_now)
+        codes.append(svc.wait(10))
+        assert wait_until(lambda svc=svc: not svc.alive(), 3.0), svc.alive()
+    assert codes == [0] * len(codes), f"exit statuses {codes} (-15: killed by SIGTERM, no drain)"
+
+
+def test_port_in_use_fails_cleanly(launch: Any) -> None:
+    """A listen address already taken: a one-line error naming it (no traceback), a non-zero exit,
+    and nothing left behind (the workers started first are stopped, the segment removed)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        svc = launch.prepare(shards=2, port=port)
+        svc.spawn()
+        rc = svc.wait(30)
+    err = svc.stderr()
+    assert rc != 0
+    assert str(port) in err and "in use" in err, err
+    assert "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.3, 0.6])
+def test_sigterm_during_startup_leaves_nothing_behind(launch: Any, delay: float) -> None:
+    svc = launch.prepare(shards=2)
+    svc.spawn()
+    time.sleep(delay)
+    svc.signal(signal.SIGTERM)
+    svc.wait(20)  # the fixture checks that no process and no segment is left
+
+
+# ---------------------------------------------------------------------------------------------- bad HTTP input
+
+
+BAD_ADMITS: list[tuple[str, Any, tuple[int, ...], str]] = [
+    # (case, body, allowed statuses, text the error message must contain)
+    ("malformed JSON", b'{"flow": "a", ', (400,), "invalid admit body"),
+    ("not JSON", b"hello", (400,), "invalid admit body"),
+    ("JSON array", b'["a", 1]', (400,), "invalid admit body"),
+    ("empty body", b"", (400,), "invalid admit body"),
+    ("flow of wrong type", {"flow": 1}, (400,), "flow"),
+    ("flow null", {"flow": None}, (400,), "flow"),
+    ("bytes of wrong type", {"flow": "a", "bytes": "10"}, (400,), "bytes"),
+    ("bytes as float", {"flow": "a", "bytes": 1.5}, (400,), "bytes"),
+    ("ttl of wrong type", {"flow": "a", "ttl": "soon"}, (400,), "ttl"),
+    ("priority of wrong type", {"flow": "a", "priority": "high"}, (400,), "priority"),
+    ("missing flow", {"bytes": 10}, (400,), "flow"),
+    ("unknown field", {"flow": "a", "bogus": 1}, (400,), "bogus"),
+    ("empty flow", {"flow": ""}, (422,), "flow"),
+    ("flow too long", {"flow": "x" * 300}, (422,), "flow"),
+    ("negative bytes", {"flow": "a", "bytes": -1}, (422,), "bytes"),
+    ("absurd bytes", {"flow": "a", "bytes": 1 << 41}, (422,), "bytes"),
+    ("bytes beyond 64 bits", {"flow": "a", "bytes": 1 << 70}, (400, 422), "bytes"),
+    ("negative ttl", {"flow": "a", "ttl": -1}, (422,), "ttl"),
+    ("absurd ttl", {"flow": "a", "ttl": 1e12}, (422,), "ttl"),
+    ("infinite ttl", b'{"flow": "a", "ttl": 1e999}', (400, 422), "ttl"),
+    ("negative slo", {"flow": "a", "slo": -0.5}, (422,), "slo"),
+    ("absurd priority", {"flow": "a", "priority": 1 << 40}, (422,), "priority"),
+    ("negative tokens", {"flow": "a", "tokens": -3}, (422,), "tokens"),
+    ("negative weight", {"flow": "a", "weight": -1.0}, (422,), "weight"),
+]
+
+
+def test_bad_admit_bodies_get_clear_errors_and_service_keeps_serving(launch: Any) -> None:
+    svc = launch(shards=2, budget=2)
+    port = svc.http_port
+
+    async def main() -> None:
+        keep = await HttpConn.open(port)  # one keep-alive connection carries every bad request
+        for case, body, statuses, names in BAD_ADMITS:
+            r = await keep.request("POST", "/v1/admit", body)
+            assert r.status in statuses, (case, r)
+            err = r.json()["error"]
+            assert err["status"] == r.status and names in err["message"], (case, err)
+            # the same connection and a fresh one still work
+            ok = await keep.request("POST", "/v1/admit", {"flow": "ok", "bytes": 1})
+            assert ok.status == 200, (case, ok)
+            assert (await keep.request("POST", "/v1/release", {"ticket": ok.json()["ticket"]})).status == 200
+            await _normal_admit_works(svc)
+        s = await svc.astats()
+        assert s["totals"]["pending"] == 0 and s["totals"]["queued_items"] == 0 and s["totals"]["inflight"] == 0
+        outcomes = band_outcomes(s)  # invalid input never became a request
+        assert outcomes["dispatched"] == 2 * len(BAD_ADMITS)
+        assert sum(outcomes.values()) == outcomes["dispatched"]
+        keep.close()
+
+    run(main())
+
+
+def test_unusual_but_valid_flow_names_pass_through_stats_and_metrics(launch: Any) -> None:
+    svc = launch(shards=2, budget=1, service={"drain_timeout": 0.2})
+    port = svc.http_port
+    names = ['quote"back\\slash\nnewline', "{braces}", "ü😀", "x" * 256, "other", "sp ace", "\x00nul"]
+
+    async def main() -> None:
+        hold = (await admit_http(port, "hold")).json()
+        waiting = [asyncio.ensure_future(admit_http(port, name, bytes=5)) for name in names]
+        s = await _queued(svc, len(names))
+        assert s["totals"]["queued_items"] == len(names)
+        listed = {f["flow"] for f in s["top_flows"]}
+        assert listed == set(names) - {"other"}, listed  # a real flow "other" is summed into the aggregate
+        samples = await svc.ametrics()  # parses: every label value is escaped
+        flows = [dict(k[1])["flow"] for k in samples if k[0] == "flowshard_flow_queue_size"]
+        assert len(flows) == len(names), flows
+        assert (await release_http(port, hold["ticket"])).status == 200
+        pending = set(waiting)
+        while pending:  # one at a time: each dispatch holds the budget until it is released
+            done, pending = await asyncio.wait(pending, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+            assert len(done) == 1, (done, pending)
+            resp = done.pop().result()
+            assert resp.status == 200 and resp.json()["outcome"] == "dispatched", resp
+            assert (await release_http(port, resp.json()["ticket"])).status == 200
+        await _normal_admit_works(svc)
+
+    run(main())
+
+
+def test_bad_release_unknown_ticket_double_release_and_routes(launch: Any) -> None:
+    svc = launch(shards=1, budget=2)
+    port = svc.http_port
+
+    async def main() -> None:
+        r = await release_http(port, 987654)
+        assert r.status == 404 and "987654" in r.json()["error"]["message"], r
+        ok = await admit_http(port, "a")
+        ticket = ok.json()["ticket"]
+        assert (await release_http(port, ticket)).status == 200
+        r = await release_http(port, ticket)  # double release
+        assert r.status == 404 and "already released" in r.json()["error"]["message"], r
+        for body in (b"{", b'{"ticket": "x"}', b"{}", b'{"ticket": 1, "more": 2}', b'{"ticket": 1.5}'):
+            r = await ahttp(port, "POST", "/v1/release", body)
+            assert r.status == 400 and "invalid release body" in r.json()["error"]["message"], (body, r)
+        r = await ahttp(port, "GET", "/v1/admit")
+        assert r.status == 405 and r.headers["allow"] == "POST", r
+        r = await ahttp(port, "GET", "/nope")
+        assert r.status == 404, r
+        s = await svc.astats()
+        assert s["totals"]["inflight"] == 0 and s["counters"]["tickets_released"] == 1
+        await _normal_admit_works(svc)
+
+    run(main())
+
+
+def test_oversized_body_413_and_connection_closed(launch: Any) -> None:
+    svc = launch(shards=1, budget=2, service={"max_body_bytes": 1024})
+    port = svc.http_port
+
+    async def main() -> None:
+        conn = await HttpConn.open(port)
+        body = b'{"flow": "' + b"x" * 2000 + b'"}'
+        conn.send("POST", "/v1/admit", body)
+        r = await conn.response()
+        assert r.status == 413 and "1024" in r.json()["error"]["message"], r
+        assert r.headers.get("connection") == "close"
+        assert await conn.closed_by_peer()
+        # announced too large: refused before the body is sent
+        conn = await HttpConn.open(port)
+        conn.send_raw(b"POST /v1/admit HTTP/1.1\r\nhost: x\r\ncontent-length: 100000000\r\n\r\n")
+        r = await conn.response()
+        assert r.status == 413, r
+        assert await conn.closed_by_peer()
+        # chunked without a length, over the limit
+        conn = await HttpConn.open(port)
+        chunk = b"x" * 1500
+        conn.send_raw(b"POST /v1/admit HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+                      + b"%x\r\n%b\r\n0\r\n\r\n" % (len(chunk), chunk))
+        r = await conn.response()
+        assert r.status == 413, r
+        assert await conn.closed_by_peer()
+        # malformed HTTP
+        conn = await HttpConn.open(port)
+        conn.send_raw(b"THIS IS NOT HTTP\r\n\r\n")
+        r = await conn.response()
+        assert r.status == 400 and "malformed" in r.json()["error"]["message"], r
+        assert await conn.closed_by_peer()
+        s = await svc.astats()
+        assert s["totals"]["pending"] == 0 and band_outcomes(s)["dispatched"] == 0
+        await _normal_admit_works(svc)
+
+    run(main())
+
+
+def test_too_many_connections(launch: Any) -> None:
+    svc = launch(shards=1, budget=100, service={"max_connections": 3})
+    port = svc.http_port
+
+    async def main() -> None:
+        conns = [await HttpConn.open(port) for _ in range(3)]
+        for conn in conns:
+            assert (await conn.request("GET", "/healthz")).status == 200
+        extra = await HttpConn.open(port)
+        r = await extra.response()  # answered without asking
+        assert r.status == 503 and "too many connections" in r.json()["error"]["message"], r
+        assert "retry-after" in r.headers
+        assert await extra.closed_by_peer()
+        # the accepted ones keep working
+        r = await conns[0].request("POST", "/v1/admit", {"flow": "a"})
+        assert r.status == 200
+        assert (await conns[0].request("POST", "/v1/release", {"ticket": r.json()["ticket"]})).status == 200
+        # one leaves: a new client gets in
+        conns.pop().close()
+
+        async def admitted() -> bool:
+            try:
+                r = await admit_http(port, "again", timeout=2)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                return False
+            if r.status != 200:
+                return False
+            assert (await conns[0].request("POST", "/v1/release", {"ticket": r.json()["ticket"]})).status == 200
+            return True
+
+        deadline = time.monotonic() + 2
+        while not await admitted():
+            assert time.monotonic() < deadline, "a slot freed by a closed connection was not reused"
+            await asyncio.sleep(0.02)
+        for conn in conns:
+            conn.close()
+
+        # binary: its own limit, same size
+        clients = [await Client.connect(svc.host, svc.binary_port) for _ in range(3)]
+        for cl in clients:
+            r2 = await cl.admit("b")
+            assert r2.outcome is D and await cl.release(r2.ticket)
+        late = await Client.connect(svc.host, svc.binary_port)
+        with pytest.raises(ConnectionClosed) as info:
+            await asyncio.wait_for(late.admit("late"), 2)
+        assert info.value.status == 503, info.value
+        await late.close()
+        await clients.pop().close()
+        deadline = time.monotonic() + 2
+        while True:
+            again = await Client.connect(svc.host, svc.binary_port)
+            try:
+                r3 = await asyncio.wait_for(again.admit("again"), 2)
+                assert await again.release(r3.ticket)
+                break
+            except ConnectionClosed:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            finally:
+                await again.close()
+        for cl in clients:
+            await cl.close()
+        await _normal_admit_works(svc)
+
+    run(main())
+
+
+def test_slow_client_gets_408_and_silent_client_is_closed(launch: Any) -> None:
+    svc = launch(shards=1, budget=2, service={"header_timeout": 0.3})
+    port = svc.http_port
+
+    async def main() -> None:
+        # headers that never end
+        slow = await HttpConn.open(port)
+        t0 = time.monotonic()
+        slow.send_raw(b"POST /v1/admit HTTP/1.1\r\nhost: x\r\ncontent-")
+        r = await slow.response(timeout=3)
+        elapsed = time.monotonic() - t0
+        assert r.status == 408, r
+        assert 0.25 <= elapsed < 1.5, elapsed
+        assert await slow.closed_by_peer()
+        # a body that never completes
+        slow = await HttpConn.open(port)
+        slow.send_raw(b"POST /v1/admit HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{\"flow\":")
+        r = await slow.response(timeout=3)
+        assert r.status == 408, r
+        assert await slow.closed_by_peer()
+        # a connection that never sends anything
+        silent = await HttpConn.open(port)
+        t0 = time.monotonic()
+        assert await silent.closed_by_peer(timeout=3)
+        assert time.monotonic() - t0 < 1.5
+        s = await svc.astats()
+        assert s["totals"]["pending"] == 0
+        await _normal_admit_works(svc)
+
+    run(main())
+
+
+def test_idle_keep_alive_client_is_closed_but_a_waiting_one_is_not(launch: Any) -> None:
+    svc = launch(shards=1, budget=1, service={"idle_timeout": 0.3})
+    port = svc.http_port
+
+    async def main() -> None:
+        idle = await HttpConn.open(port)
+        assert (await idle.request("GET", "/healthz")).status == 200
+        t0 = time.monotonic()
+        assert await idle.closed_by_peer(timeout=3)  # half-open / gone quiet: cut off
+        assert 0.25 <= time.monotonic() - t0 < 1.5
+        # a client waiting for its (queued) admission is not idle
+        hold = (await admit_http(port, "hold")).json()
+        waiting = await HttpConn.open(port)
+        waiting.send("POST", "/v1/admit", {"flow": "w"})
+        await _queued(svc, 1)
+        await asyncio.sleep(0.8)
+        assert (await release_http(port, hold["ticket"])).status == 200
+        r = await waiting.response(timeout=2)
+        assert r.status == 200, r
+        assert (await waiting.request("POST", "/v1/release", {"ticket": r.json()["ticket"]})).status == 200
+        waiting.close()
+        await _normal_admit_works(svc)
+
+    run(main())
+
+
+def test_half_closed_client_with_queued_admission_is_cancelled(launch: Any) -> None:
+    svc = launch(shards=1, budget=1, max_queued_requests=1)
+    port = svc.http_port
+
+    async def main() -> None:
+        hold = (await admit_http(port, "hold")).json()
+        conn = await HttpConn.open(port)
+        conn.send("POST", "/v1/admit", {"flow": "half"})
+        await _queued(svc, 1)
+        conn.writer.write_eof()  # shutdown(SHUT_WR): the client will not be back for an answer
+        s = await svc.until_stats(lambda s: s["totals"]["queued_items"] == 0 and s["totals"]["pending"] == 0)
+        assert band_outcomes(s)["evicted:cancelled"] == 1
+        assert await conn.closed_by_peer()
+        assert (await release_http(port, hold["ticket"])).status == 200
+        s = await svc.astats()
+        assert s["totals"]["inflight"] == 0  # the cancelled one never took the budget
+        await _normal_admit_works(svc)
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------------------------- bad binary input
+
+
+def _frame(message: Any) -> bytes:
+    w = FrameWriter()
+    w.add(message)
+    return w.take()
+
+
+def _read_frames(sock: socket.socket, timeout: float = 2.0) -> tuple[list[Any], bool]:
+    """Every frame until EOF or timeout; (frames, closed)."""
+    sock.settimeout(timeout)
+    reader = FrameReader(ToClient)
+    frames: list[Any] = []
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return frames, True
+            frames += reader.feed(data)
+    except TimeoutError:
+        return frames, False
+    except ConnectionResetError:
+        return frames, True
+
+
+def test_bad_binary_input(launch: Any) -> None:
+    svc = launch(shards=1, budget=1)
+    addr = (svc.host, svc.binary_port)
+
+    async def main() -> None:
+        async with Client.connect(*addr) as c:
+            for kwargs, field in (
+                ({"flow": ""}, "flow"),
+                ({"flow": "a", "size": -1}, "size"),
+                ({"flow": "a", "size": 1 << 41}, "size"),
+                ({"flow": "a", "ttl": -1.0}, "ttl"),
+                ({"flow": "a", "ttl": 1e12}, "ttl"),
+                ({"flow": "a", "ttl": float("nan")}, "ttl"),
+                ({"flow": "a", "priority": 1 << 40}, "priority"),
+                ({"flow": "a", "weight": -2.0}, "weight"),
+            ):
+                with pytest.raises(FlowshardError) as info:
+                    await c.admit(**kwargs)
+                assert info.value.status == 422 and field in info.value.message, (kwargs, info.value)
+            assert await c.release(123456) is False  # unknown ticket
+            r = await c.admit("ok")
+            assert r.outcome is D
+            assert await c.release(r.ticket) is True
+            assert await c.release(r.ticket) is False  # double release
+
+            hold = await c.admit("hold")
+            loop = asyncio.get_running_loop()
+
+            def raw(payload: bytes) -> tuple[list[Any], bool]:
+                with socket.create_connection(addr, timeout=2) as s:
+                    s.sendall(payload)
+                    return _read_frames(s, 1.0)
+
+            # malformed frame: an error about the connection, then closed
+            frames, closed = await loop.run_in_executor(None, raw, struct.pack(">I", 5) + b"\xc1garb")
+            assert closed and len(frames) == 1 and isinstance(frames[0], Error), frames
+            assert (frames[0].id, frames[0].status) == (-1, 400)
+            # a frame announced over the limit
+            frames, closed = await loop.run_in_executor(None, raw, struct.pack(">I", 1 << 30))
+            assert closed and [(f.id, f.status) for f in frames] == [(-1, 400)], frames
+            # wrong message type (a Result is not something a client sends)
+            payload = msgspec.msgpack.encode([12, 1, 0])  # tag 12 is Result
+            frames, closed = await loop.run_in_executor(None, raw, struct.pack(">I", len(payload)) + payload)
+            assert closed and frames and frames[0].status == 400, frames
+            # a duplicate in-flight id: refused, the first one stays queued (then cancelled on close)
+            frames, closed = await loop.run_in_executor(
+                None, raw, _frame(Admit(7, "dup")) + _frame(Admit(7, "dup"))
+            )
+            assert not closed and [(f.id, f.status) for f in frames] == [(7, 400)], frames
+            # (the shard counts the outcome before its report reaches the distributor's ledger)
+            await svc.until_stats(
+                lambda s: band_outcomes(s)["evicted:cancelled"] == 1 and s["totals"]["queued_items"] == 0
+            )
+            assert await c.release(hold.ticket)
+            r = await c.admit("after")
+            assert r.outcome is D and await c.release(r.ticket)
+        await _normal_admit_works(svc)
+        s = await svc.astats()
+        assert s["totals"]["inflight"] == 0 and s["totals"]["pending"] == 0
+        assert Counter({k: v for k, v in band_outcomes(s).items() if v}) == Counter(
+            {"dispatched": 4, "evicted:cancelled": 1}
+        )
+
+    run(main())
