@@ -200,7 +200,7 @@ def test_inflight_limits_saturation_and_grants(dist: Distributor) -> None:
     ledger = dist.ledger
     for i in range(3):
         enqueue(dist, f"f{i}", LOW, 100, shard=i % 2)
-    [(shard, band, reserve)] = ledger.plan_grants()  # the first grant of an idle byte budget reserves it all
+    [(shard, band, reserve, _saturation)] = ledger.plan_grants()  # the first grant of an idle byte budget reserves it all
     assert (band, reserve) == (LOW, 1000)
     s = scrape(dist)
     assert value(s, "flowshard_grants_outstanding", band="low") == 1
