@@ -200,7 +200,7 @@ def test_inflight_limits_saturation_and_grants(dist: Distributor) -> None:
     ledger = dist.ledger
     for i in range(3):
         enqueue(dist, f"f{i}", LOW, 100, shard=i % 2)
-    [(shard, band, reserve, _saturation)] = ledger.plan_grants()  # the first grant of an idle byte budget reserves it all
+    [(shard, band, reserve, _)] = ledger.plan_grants()  # the first grant of an idle byte budget reserves it all
     assert (band, reserve) == (LOW, 1000)
     s = scrape(dist)
     assert value(s, "flowshard_grants_outstanding", band="low") == 1
@@ -220,7 +220,7 @@ def test_inflight_limits_saturation_and_grants(dist: Distributor) -> None:
     assert more
     s = scrape(dist)
     assert value(s, "flowshard_grants_outstanding", band="low") == len(more)
-    assert value(s, "flowshard_grants_reserved_bytes") == sum(r for _, _, r in more)
+    assert value(s, "flowshard_grants_reserved_bytes") == sum(g[2] for g in more)
     ledger.grant_answered(more[0][0], 10)
     assert value(scrape(dist), "flowshard_saturation") == pytest.approx(0.5)  # max(2/4, 310/1000)
 
