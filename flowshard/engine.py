@@ -20,7 +20,7 @@ from typing import Any
 from flowshard.budget import Budget
 from flowshard.capacity import shortfall
 from flowshard.config import BandConfig, Config, limit
-from flowshard.fairness import FAIRNESS, Fairness
+from flowshard.fairness import FAIRNESS, ArrivalFcfs, Fairness
 from flowshard.flow import FlowQueue
 from flowshard.queues import ORDERINGS
 from flowshard.stats import N_WAIT_BUCKETS, wait_bucket
@@ -46,6 +46,7 @@ class Band:
         "flow_max_bytes",
         "flow_max_items",
         "flows",
+        "flows_unlimited",
         "index",
         "max_bytes",
         "max_items",
@@ -62,12 +63,17 @@ class Band:
         self.config = config
         self.priority = config.priority
         self.ceiling = config.ceiling
-        self.fairness: Fairness = FAIRNESS[config.fairness](config.quantum)
+        self.fairness: Fairness
+        if config.fairness == "global-fcfs" and config.ordering == "fcfs":
+            self.fairness = ArrivalFcfs(self)  # the band's arrival list is the order: no heap
+        else:
+            self.fairness = FAIRNESS[config.fairness](config.quantum)
         self.ordering = ORDERINGS[config.ordering]
         self.max_bytes = limit(config.max_bytes)
         self.max_items = limit(config.max_requests)
         self.flow_max_bytes = limit(config.flow_max_bytes)
         self.flow_max_items = limit(config.flow_max_requests)
+        self.flows_unlimited = self.flow_max_bytes == _INF and self.flow_max_items == _INF
         self.flows: dict[str, FlowQueue] = {}
         self.enq_items = self.enq_bytes = self.deq_items = self.deq_bytes = 0
         self.outcomes = [0] * N_OUTCOMES
@@ -103,6 +109,7 @@ class Engine:
         self.outbox: list[Item] = []
         self.blocked_size = 0  # set by dispatch(): bytes the chosen request needed, when it did not fit
         self._items: dict[int, Item] = {}
+        self._no_ceilings = all(b.ceiling >= 1.0 for b in self.bands)
         self._held: set[int] = set()  # ids dispatched by pump() and not yet released
         self._expiry: list[tuple[float, int, Item]] = []
         self._timed = 0
@@ -151,8 +158,8 @@ class Engine:
         band.newest = item
         band.enq_items += 1
         band.enq_bytes += size
-        flow.enq_items += 1
-        flow.enq_bytes += size
+        flow.queued_items += 1
+        flow.queued_bytes += size
         self.queued_items += 1
         self.queued_bytes += size
         queue = flow.queue
@@ -178,6 +185,14 @@ class Engine:
         return flow
 
     def _make_room(self, band: Band, flow: FlowQueue, size: int, now: float) -> bool:
+        if (
+            band.flows_unlimited
+            and self.queued_bytes + size <= self.max_bytes
+            and self.queued_items < self.max_items
+            and band.enq_bytes - band.deq_bytes + size <= band.max_bytes
+            and band.enq_items - band.deq_items < band.max_items
+        ):
+            return True  # the common case, without touching the flow's counters
         need = shortfall(size, flow, band, self, self.max_bytes, self.max_items)
         if need is None:
             return False
@@ -201,8 +216,6 @@ class Engine:
         item.state = _DONE
         item.outcome = outcome
         item.finished_at = now
-        flow = item.flow
-        flow.outcomes[outcome] += 1
         self.bands[item.band].outcomes[outcome] += 1
         self.outbox.append(item)
         return item
@@ -230,16 +243,13 @@ class Engine:
         flow = item.flow
         band.deq_items += 1
         band.deq_bytes += size
-        flow.deq_items += 1
-        flow.deq_bytes += size
+        flow.queued_items -= 1
+        flow.queued_bytes -= size
         self.queued_items -= 1
         self.queued_bytes -= size
         band.outcomes[outcome] += 1
-        flow.outcomes[outcome] += 1
         if outcome == _DISPATCHED:
-            bucket = wait_bucket(now - item.enqueued_at)
-            band.wait_hist[bucket] += 1
-            flow.wait_hist[bucket] += 1
+            band.wait_hist[wait_bucket(now - item.enqueued_at)] += 1
         if item.deadline != _INF:
             self._timed -= 1
         self.outbox.append(item)
@@ -373,8 +383,14 @@ class Engine:
         """
         budget = self.budget
         n = 0
+        held = self._held
         while True:
-            saturation = budget.saturation()
+            if self._no_ceilings:  # every ceiling is 1: only "a limit is reached" matters, no division
+                if budget.inflight >= budget.max_requests or budget.inflight_bytes >= budget.max_bytes:
+                    return n
+                saturation = 0.0
+            else:
+                saturation = budget.saturation()
             for b in self.bands:
                 if b.enq_items == b.deq_items or saturation >= b.ceiling:
                     continue
@@ -386,7 +402,7 @@ class Engine:
                     return n
                 self._commit(item, now)
                 budget.acquire(size)
-                self._held.add(item.request.id)
+                held.add(item.request.id)
                 n += 1
                 break
             else:

@@ -208,6 +208,42 @@ class GlobalFcfs:
         heapq.heappop(self._heap)
 
 
+class _ArrivalList(Protocol):
+    oldest: Item | None
+
+
+class ArrivalFcfs:
+    """Global FCFS under FCFS ordering, in O(1) with no heap: the band's oldest queued item goes next.
+
+    The band already threads its queued items oldest first (for displacement); under FCFS the
+    oldest item of the band is the head of its flow, so the heap of heads that `GlobalFcfs` keeps
+    (two O(log F) operations and a tuple per dispatch) is not needed. The engine picks this class
+    for `fairness = "global-fcfs"` with `ordering = "fcfs"`; deadline orderings keep `GlobalFcfs`.
+    """
+
+    name: ClassVar[str] = "global-fcfs"
+    tracks_heads: ClassVar[bool] = False
+
+    def __init__(self, band: _ArrivalList) -> None:
+        self._band = band
+
+    def activate(self, flow: FlowQueue) -> None:
+        pass
+
+    def deactivate(self, flow: FlowQueue) -> None:
+        pass
+
+    def head_changed(self, flow: FlowQueue) -> None:
+        pass
+
+    def pick(self) -> FlowQueue | None:
+        oldest = self._band.oldest
+        return None if oldest is None else oldest.flow
+
+    def charge(self, flow: FlowQueue, item: Item) -> None:
+        pass
+
+
 FAIRNESS: dict[str, type[RoundRobin] | type[DeficitRoundRobin] | type[VirtualTokenCounter] | type[GlobalFcfs]] = {
     cls.name: cls for cls in (RoundRobin, GlobalFcfs, DeficitRoundRobin, VirtualTokenCounter)
 }
