@@ -17,6 +17,7 @@ from flowshard.flow import FlowQueue
 from flowshard.types import Item, ItemState
 
 _DONE = ItemState.DONE
+_heapreplace = heapq.heapreplace
 _COMPACT_SLACK = 64
 
 
@@ -146,13 +147,15 @@ class VirtualTokenCounter:
     def head_changed(self, flow: FlowQueue) -> None:
         pass
 
-    def pick(self) -> FlowQueue | None:
-        return self._top()
+    pick = _top  # the least-served backlogged flow
 
     def charge(self, flow: FlowQueue, item: Item) -> None:
-        self._floor = flow.vtc
-        flow.vtc += item.cost / flow.weight
-        heapq.heapreplace(self._heap, (flow.vtc, self._stamp(flow), flow))
+        self._floor = vtc = flow.vtc
+        vtc += item.cost / flow.weight
+        flow.vtc = vtc
+        self._tick = tick = self._tick + 1
+        flow.stamp = tick
+        _heapreplace(self._heap, (vtc, tick, flow))
 
 
 class GlobalFcfs:
