@@ -59,6 +59,12 @@ def _simulate(args: argparse.Namespace) -> int:
     return simulate_main(args.scenario, json_path=args.json)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from bench.cli import main as bench_main
+
+    return bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowshard", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -81,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("scenario", nargs="?", default=None, help="scenario TOML (default: built-in demo)")
     simulate.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
     simulate.set_defaults(func=_simulate)
+
+    from bench.args import add_arguments as bench_arguments
+
+    bench = sub.add_parser("bench", help="run a scenario against real processes and report (see docs/benchmarks.md)")
+    bench_arguments(bench)
+    bench.set_defaults(func=_bench)
     return parser
 
 

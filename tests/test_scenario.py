@@ -136,8 +136,10 @@ def test_defaults() -> None:
 
 def test_shipped_scenarios_parse() -> None:
     names = sorted(p.stem for p in SCENARIOS.glob("*.toml"))
-    expected = ["deep-queue", "demo", "displacement", "equal-flows", "many-flows", "priority-isolation"]
-    assert names == sorted([*expected, "ttl-storm", "weighted-drr", "weighted-vtc"])
+    expected = ["deep-queue", "demo", "displacement", "equal-flows", "flow-churn", "free-flow", "free-flow-peak"]
+    expected += ["many-flows", "matrix-L0-P1-F10-W10", "matrix-L100-P1-F10-W5000", "matrix-L100-P8-F5000-W5000"]
+    expected += ["priority-isolation", "through-shards", "through-shards-peak", "ttl-storm", "weighted-drr"]
+    assert names == sorted([*expected, "weighted-vtc"])
     for path in SCENARIOS.glob("*.toml"):
         scenario = load_scenario(path.read_text(), where=path.name)
         assert scenario.name == path.stem

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,15 @@ SHORT = {
     "displacement": {"duration": 12.0},
     "many-flows": {"duration": 1.5},
     "deep-queue": {"duration": 1.0},
+    "flow-churn": {"duration": 6.0},
+    "free-flow": {"duration": 2.0},
+    "through-shards": {"duration": 2.0},
+    # closed loops with ~zero think and service time: each virtual microsecond is a full round
+    "free-flow-peak": {"duration": 0.0001, "warmup": 0.0},
+    "through-shards-peak": {"duration": 0.0001, "warmup": 0.0},
+    "matrix-L0-P1-F10-W10": {"duration": 0.0005, "warmup": 0.0},
+    "matrix-L100-P1-F10-W5000": {"duration": 0.00002, "warmup": 0.0},
+    "matrix-L100-P8-F5000-W5000": {"duration": 0.00002, "warmup": 0.0},
 }
 
 
@@ -224,6 +234,33 @@ def _deep_queue(report: Report) -> None:
     assert report.totals.counts.unfinished > 20_000  # ~50,000 at the full 2 s
 
 
+def _flow_churn(report: Report) -> None:
+    f = flows(report)
+    assert len(report.flows) == 501 and len(report.groups) == 11
+    assert ratio(f["steady"]) == pytest.approx(1.0, abs=0.02)  # keeps its fair share while tenants churn
+    joined = [g for g in report.groups if g.id != "steady" and g.share]
+    assert len(joined) >= 4 and all(g.share == pytest.approx(g.fair_share, abs=0.01) for g in joined)
+
+
+def _never_saturated(report: Report) -> None:
+    """Budget unlimited: every request is dispatched the moment it arrives."""
+    c = report.totals.counts
+    assert c.dispatched == c.submitted and c.unfinished == 0
+    assert all(b.wait.max == 0.0 for b in report.bands)
+
+
+def _turnover(clients: int, bands: int = 1) -> Callable[[Report], None]:
+    """Zero service time: every client's request is dispatched at once, round after round, in every band."""
+
+    def check(report: Report) -> None:
+        c = report.totals.counts
+        assert c.dispatched == c.submitted and c.unfinished == 0 and c.dispatched % clients == 0
+        assert len(report.bands) == bands
+        assert len({b.counts.dispatched for b in report.bands}) == 1  # equal clients per band, all served
+
+    return check
+
+
 CHECKS = {
     "demo": _demo,
     "equal-flows": _equal,
@@ -234,6 +271,14 @@ CHECKS = {
     "displacement": _displacement,
     "many-flows": _many_flows,
     "deep-queue": _deep_queue,
+    "flow-churn": _flow_churn,
+    "free-flow": _never_saturated,
+    "through-shards": _never_saturated,
+    "free-flow-peak": _turnover(64),
+    "through-shards-peak": _turnover(64),
+    "matrix-L0-P1-F10-W10": _turnover(10),
+    "matrix-L100-P1-F10-W5000": _turnover(5000),
+    "matrix-L100-P8-F5000-W5000": _turnover(5000, bands=8),
 }
 
 

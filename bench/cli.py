@@ -1,0 +1,284 @@
+"""`flowshard bench SCENARIO.toml`: the scenario against real processes, real sockets, real time.
+
+For every configuration (each `--shards` count, the `--baseline` echo server, or a `--target`) and
+every `--rate`, it runs the scenario `--runs` times, alternating configurations run by run (so slow
+phases of the machine hit all of them alike), each run against a freshly started service. Then it
+prints a table per configuration, a comparison across them, the C-core projection from per-process
+CPU costs, and the simulator's prediction next to the measurement; `--json` writes every figure,
+`--plot` draws them (matplotlib, optional).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from bench import simcompare
+from bench.args import add_arguments
+from bench.procstat import cpu_count, cpu_model, machine_sample
+from bench.progress import Progress
+from bench.report import (
+    aggregate,
+    closed_clients,
+    offered_rate,
+    render_comparison,
+    render_config,
+    render_projection,
+    run_figures,
+)
+from bench.runner import Options, RunRecord, Server, run_once
+from flowshard.config import ConfigError
+from flowshard.scenario import Bursts, Closed, Constant, Poisson, Scenario
+from flowshard.simulate import read_scenario
+
+__all__ = ["main", "standalone"]
+
+
+# ---------------------------------------------------------------------------------------- scenario tweaks
+
+
+def adjust(scenario: Scenario, *, rate: float | None = None, concurrency: int | None = None,
+           duration: float | None = None, warmup: float | None = None) -> Scenario:
+    """The scenario with its open-loop rate, closed-loop clients, duration or warmup overridden."""
+    replace = msgspec.structs.replace
+    workload = scenario.workload
+    flows = list(workload.flows)
+    if rate is not None:
+        nominal = offered_rate(scenario)
+        if nominal <= 0:
+            raise ConfigError("--rate: the scenario has no open-loop flows to scale")
+        k = rate / nominal
+        for i, f in enumerate(flows):
+            a = f.arrival
+            if isinstance(a, Poisson | Constant):
+                flows[i] = replace(f, arrival=replace(a, rate=a.rate * k))
+            elif isinstance(a, Bursts):
+                every = a.every / k
+                flows[i] = replace(f, arrival=replace(a, every=every, spread=min(a.spread, every)))
+    if concurrency is not None:
+        clients = closed_clients(scenario)
+        if clients <= 0:
+            raise ConfigError("--concurrency: the scenario has no closed-loop flows")
+        for i, f in enumerate(flows):
+            a = f.arrival
+            if isinstance(a, Closed):
+                share = max(1, round(a.concurrency * concurrency / clients))
+                flows[i] = replace(f, arrival=replace(a, concurrency=share))
+    changes: dict[str, Any] = {"flows": flows}
+    if duration is not None:
+        changes["duration"] = duration
+    if warmup is not None:
+        changes["warmup"] = warmup
+    elif duration is not None and workload.warmup >= duration:
+        changes["warmup"] = duration / 5
+    try:
+        return replace(scenario, workload=replace(workload, **changes))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"scenario adjustment: {exc}") from None
+
+
+def _list(text: str, kind: type, name: str) -> list[Any]:
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{name}: expected comma-separated numbers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise ConfigError(f"{name}: expected positive numbers, got {text!r}")
+    return values
+
+
+# ---------------------------------------------------------------------------------------- the runs
+
+
+class Config(msgspec.Struct, frozen=True):
+    """One configuration the comparison covers: what runs, on which transport, at which rate."""
+
+    kind: str  # flowshard | echo | target
+    shards: int
+    transport: str
+    rate: float | None
+
+    @property
+    def label(self) -> str:
+        base = {"flowshard": f"shards={self.shards}", "echo": f"echo-{self.transport}", "target": "target"}[self.kind]
+        return base if self.rate is None else f"{base} @{self.rate:g}/s"
+
+
+def foreign_load(seconds: float = 0.5) -> float:
+    """Cores used by everything on the machine during `seconds` (nothing of ours runs between runs)."""
+    a = machine_sample()
+    time.sleep(seconds)
+    b = machine_sample()
+    return (b.busy - a.busy) / seconds
+
+
+def wait_quiet(limit: float, threshold: float = 0.25) -> float:
+    deadline = time.monotonic() + limit
+    load = foreign_load()
+    while load > threshold and time.monotonic() < deadline:
+        time.sleep(1.0)
+        load = foreign_load()
+    return load
+
+
+def _start(config: Config, scenario: Scenario, args: argparse.Namespace, workdir: str) -> Server:
+    if config.kind == "flowshard":
+        return Server.start_flowshard(scenario, config.shards, workdir)
+    if config.kind == "echo":
+        return Server.start_echo()
+    return Server.attach(args.target, args.http_target)
+
+
+def run_all(args: argparse.Namespace, base: Scenario) -> dict[str, Any]:
+    transport = "http" if args.http else "binary"
+    rates: list[float | None] = list(_list(args.rate, float, "--rate")) if args.rate else [None]
+    configs: list[Config] = []
+    for rate in rates:
+        if args.target:
+            configs.append(Config("target", 0, transport, rate))
+        else:
+            configs += [Config("flowshard", n, transport, rate) for n in _list(args.shards, int, "--shards")]
+        if args.baseline:
+            configs.append(Config("echo", 0, transport, rate))
+    if args.runs < 1 or args.procs < 1:
+        raise ConfigError("--runs and --procs must be at least 1")
+    scenarios = {
+        rate: adjust(base, rate=rate, concurrency=args.concurrency, duration=args.duration, warmup=args.warmup)
+        for rate in rates
+    }
+    options = Options(transport=transport, procs=args.procs, conns=args.conns, max_conns=args.max_conns,
+                      lead=max(0.0, args.timer_lead_us) * 1e-6, drain_timeout=args.drain_timeout)
+    # alternate: run r goes through the configurations rotated by r, so none always runs first
+    order = [(r, configs[(i + r) % len(configs)]) for r in range(args.runs) for i in range(len(configs))]
+    progress = Progress(len(order), enabled=not args.quiet)
+    runs: dict[Config, list[dict[str, Any]]] = {c: [] for c in configs}
+    with tempfile.TemporaryDirectory(prefix="flowshard-bench-") as workdir:
+        for r, config in order:
+            scenario = scenarios[config.rate]
+            before = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else foreign_load(0.3)
+            progress.start(config.label, scenario.workload.duration)
+            server = _start(config, scenario, args, workdir)
+            problems: list[str] = []
+            try:
+                record: RunRecord = asyncio.run(run_once(scenario, server, options, progress.update))
+            finally:
+                problems = server.stop()
+            record.problems += problems
+            meta = {"label": config.label, "kind": config.kind, "shards": config.shards, "transport": transport,
+                    "rate": config.rate, "run": r, "foreign_cores_before": round(before, 3)}
+            fig = run_figures(record, scenario, meta)
+            runs[config].append(fig)
+            t = fig["throughput"]
+            progress.finish(f"{t['dispatches_per_s']:,.0f} dispatches/s, latency p50 {fig['latency_us']['p50']} µs, "
+                            f"p99 {fig['latency_us']['p99']} µs" + (" (warnings)" if fig["warnings"] else ""))
+    sims: dict[str, Any] = {}
+    if not args.no_simulate:
+        for rate, scenario in scenarios.items():
+            report, why = simcompare.predict(scenario)
+            sims[str(rate)] = {"report": simcompare.encode(report), "skipped": why, "_report": report}
+    return {"configs": configs, "runs": runs, "sims": sims, "scenarios": scenarios}
+
+
+# ---------------------------------------------------------------------------------------- output
+
+
+def machine() -> dict[str, Any]:
+    return {"cpus": cpu_count(), "model": cpu_model(), "kernel": platform.release(),
+            "python": platform.python_version(), "host": platform.node()}
+
+
+def render(result: dict[str, Any]) -> str:
+    configs: list[Config] = result["configs"]
+    runs = result["runs"]
+    parts = [render_config(c.label, runs[c]) for c in configs]
+    labelled = [(c.label, runs[c]) for c in configs]
+    if len(configs) > 1:
+        parts.append(render_comparison(labelled))
+    proj = render_projection(labelled)
+    if proj:
+        parts.append(proj)
+    for rate, sim in result["sims"].items():
+        if sim["_report"] is None:
+            parts.append(sim["skipped"])
+            continue
+        for c in configs:
+            if str(c.rate) == rate and c.kind != "echo":
+                parts.append(simcompare.render(c.label, simcompare.comparison(sim["_report"], runs[c])))
+    return "\n\n".join(parts) + "\n"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def to_json(result: dict[str, Any], args: argparse.Namespace, command: str) -> bytes:
+    configs: list[Config] = result["configs"]
+    doc = {
+        "bench": {"command": command, "started": result.get("started"), "date": _now(),
+                  "machine": machine(), "pid": os.getpid()},
+        "scenario": {"path": args.scenario, "name": result["scenarios"][configs[0].rate].name},
+        "configs": [
+            {"label": c.label, "kind": c.kind, "shards": c.shards, "transport": c.transport, "rate": c.rate,
+             "summary": aggregate(result["runs"][c]), "runs": result["runs"][c]}
+            for c in configs
+        ],
+        "simulation": {
+            rate: {"report": s["report"], "skipped": s["skipped"] or None,
+                   "comparison": {c.label: simcompare.comparison(s["_report"], result["runs"][c])
+                                  for c in configs if str(c.rate) == rate and c.kind != "echo"}
+                   if s["_report"] is not None else None}
+            for rate, s in result["sims"].items()
+        },
+    }
+    return msgspec.json.encode(doc)
+
+
+def main(args: argparse.Namespace, command: str | None = None) -> int:
+    """`flowshard bench`: run, print the tables, write JSON and the plot if asked."""
+    command = command or "flowshard " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    base = read_scenario(args.scenario)
+    started = _now()
+    result = run_all(args, base)
+    result["started"] = started
+    sys.stdout.write(render(result))
+    sys.stdout.flush()
+    if args.json:
+        try:
+            Path(args.json).write_bytes(to_json(result, args, command) + b"\n")
+        except OSError as exc:
+            raise ConfigError(f"{args.json}: cannot write: {exc.strerror}") from None
+    if args.plot:
+        from bench.plot import plot
+
+        message = plot(args.plot, result)
+        sys.stderr.write(message + "\n")
+    return 0
+
+
+def standalone(argv: Sequence[str] | None = None) -> int:
+    """`python -m bench.cli ...` (the same as `flowshard bench ...`)."""
+    parser = argparse.ArgumentParser(prog="flowshard bench", description=__doc__.splitlines()[0] if __doc__ else None)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    command = "flowshard bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    try:
+        return main(args, command)
+    except ConfigError as exc:
+        sys.stderr.write(f"flowshard: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(standalone())

@@ -1,0 +1,180 @@
+"""Fairness and priority figures of a real run, from the generators' merged per-request logs.
+
+The simulator sees its engine's queues; the bench only sees requests from outside, so these are the
+client-side equivalents, with their limits stated:
+
+- share and fair share: per band, in the unit the band's policy equalises (requests, bytes, or cost =
+  tokens when declared, else bytes), over the window. The fair share is weighted max-min
+  (`analysis.max_min_fair`) of the band's measured service over the work each flow offered in the
+  window (rejected requests were never demand). This is the classic static reference; the
+  simulator's fluid reference follows arrivals over time, so light or late flows can differ a little.
+- Jain's index over share / fair share of the flows that offered work in the window.
+- service difference: the largest gap, at any time in the window, in weighted service between two
+  flows of a band that both had a request outstanding (sent, no outcome yet), each counted from when
+  it became backlogged, level with the least-served backlogged flow (VTC paper style). "Outstanding"
+  includes time in transit, so this is a slight over-estimate.
+- apparent priority inversions: dispatches of a band answered at t while a request of a higher
+  band had been outstanding since before t - tol and was answered after t + tol. With `tol` above
+  the transit times these are real inversions; below them, false positives. An upper bound.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from flowshard.analysis import jain_index, max_min_fair
+
+__all__ = ["UNITS", "apparent_inversions", "fair_shares", "service_difference"]
+
+UNITS = {"round-robin": "requests", "drr": "bytes", "vtc": "cost", "global-fcfs": "cost"}
+_DISPATCHED = 0
+_REJECTED = (1, 2)
+
+
+def units(unit: str, size: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Per-request units of a band's fairness unit."""
+    if unit == "requests":
+        return np.ones(len(size), dtype=np.float64)
+    if unit == "bytes":
+        return size.astype(np.float64)
+    return np.where(tokens > 0, tokens, size).astype(np.float64)
+
+
+def fair_shares(
+    served: Sequence[float], offered: Sequence[float], weights: Sequence[float]
+) -> tuple[list[float | None], list[float | None], float | None]:
+    """(share, fair share, Jain's index) of one band's flows from window service and offered work."""
+    total = float(sum(served))
+    if total <= 0:
+        return [None] * len(served), [None] * len(served), None
+    fair = max_min_fair([max(0.0, o) for o in offered], total, weights)
+    shares: list[float | None] = [s / total for s in served]
+    fairs: list[float | None] = [f / total for f in fair]
+    ratios = [s / f for s, f, o in zip(served, fair, offered, strict=True) if o > 0 and f > 0]
+    return shares, fairs, (jain_index(ratios) if ratios else None)
+
+
+def service_difference(
+    log: dict[str, np.ndarray], flows: np.ndarray, weights: dict[int, float], unit: str, window: tuple[float, float]
+) -> float | None:
+    """The largest weighted-service gap between backlogged flows of one band (None: < 2 flows)."""
+    if len(np.unique(flows)) < 2:
+        return None
+    mask = np.isin(log["flow"], flows) & (log["outcome"] >= 0)
+    mask &= ~np.isin(log["outcome"], _REJECTED)
+    flow = log["flow"][mask]
+    sent = log["sent"][mask]
+    done = log["done"][mask]
+    dispatched = log["outcome"][mask] == _DISPATCHED
+    amount = units(unit, log["size"][mask], log["tokens"][mask])
+    n = len(flow)
+    # events: (time, order, kind, flow, units); at one instant a dispatch counts before the end of a backlog
+    times = np.concatenate([sent, done, done])
+    kind = np.concatenate([np.zeros(n, np.int8), np.full(n, 1, np.int8), np.full(n, 2, np.int8)])
+    keep = np.concatenate([np.ones(n, bool), dispatched, np.ones(n, bool)])
+    fl = np.concatenate([flow, flow, flow])[keep]
+    am = np.concatenate([amount, amount, amount])[keep]
+    times, kind = times[keep], kind[keep]
+    order = np.lexsort((kind, times))
+    start, end = window
+    outstanding: dict[int, int] = {}
+    rel: dict[int, float] = {}
+    stamp: dict[int, int] = {}
+    low: list[tuple[float, int, int]] = []
+    high: list[tuple[float, int, int]] = []
+    tick = 0
+    best = 0.0
+
+    def top(heap: list[tuple[float, int, int]]) -> float | None:
+        while heap:
+            value, t, f = heap[0]
+            if stamp.get(f) == t:
+                return value
+            heapq.heappop(heap)
+        return None
+
+    def push(f: int) -> None:
+        nonlocal tick
+        tick += 1
+        stamp[f] = tick
+        heapq.heappush(low, (rel[f], tick, f))
+        heapq.heappush(high, (-rel[f], tick, f))
+
+    started = False
+    for i in order.tolist():
+        t = float(times[i])
+        if t > end:
+            break
+        f = int(fl[i])
+        k = int(kind[i])
+        if not started and t >= start:
+            started = True  # the window opens: every backlogged flow starts level
+            low.clear()
+            high.clear()
+            for g in list(stamp):
+                rel[g] = 0.0
+                push(g)
+        if k == 0:
+            c = outstanding.get(f, 0)
+            outstanding[f] = c + 1
+            if c == 0:
+                m = top(low)
+                rel[f] = 0.0 if m is None else m
+                push(f)
+        elif k == 1:
+            if f in stamp:
+                rel[f] += float(am[i]) / weights.get(f, 1.0)
+                push(f)
+                if started and len(stamp) > 1:
+                    lo, hi = top(low), top(high)
+                    if lo is not None and hi is not None:
+                        best = max(best, -hi - lo)
+        else:
+            c = outstanding.get(f, 0) - 1
+            outstanding[f] = c
+            if c <= 0:
+                outstanding.pop(f, None)
+                stamp.pop(f, None)
+    return best
+
+
+def apparent_inversions(
+    log: dict[str, np.ndarray], band_of_flow: np.ndarray, n_bands: int, window: tuple[float, float], tol: float
+) -> list[int]:
+    """Per band: dispatches answered in the window while a higher band's request was outstanding."""
+    out = [0] * n_bands
+    if n_bands < 2 or len(log["flow"]) == 0:
+        return out
+    band = band_of_flow[log["flow"]]
+    outcome = log["outcome"]
+    sent, done = log["sent"], log["done"]
+    queued = (outcome >= 0) & ~np.isin(outcome, _REJECTED)
+    for b in range(1, n_bands):
+        higher = queued & (band < b)
+        s, e = sent[higher] + tol, done[higher] - tol
+        long_enough = s < e  # outstanding for more than 2 * tol: could have been queued at the service
+        starts, ends = np.sort(s[long_enough]), np.sort(e[long_enough])
+        mine = (band == b) & (outcome == _DISPATCHED) & (done >= window[0]) & (done < window[1])
+        t = done[mine]
+        covering = np.searchsorted(starts, t, side="right") - np.searchsorted(ends, t, side="left")
+        out[b] = int(np.count_nonzero(covering > 0))
+    return out
+
+
+def summarize_band(
+    shares: list[float | None], fairs: list[float | None]
+) -> dict[str, Any]:
+    """Smallest and largest share / fair share among flows with a fair share."""
+    ratios = [s / f for s, f in zip(shares, fairs, strict=True) if s is not None and f]
+    if not ratios:
+        return {"ratio_min": None, "ratio_max": None}
+    return {"ratio_min": min(ratios), "ratio_max": max(ratios)}
+
+
+def finite(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else value

@@ -1,0 +1,607 @@
+"""Figures, tables and the C-core projection of `flowshard bench`.
+
+`run_figures` turns one run's raw record (generator results, CPU snapshots, /v1/stats) into a plain
+dict: every figure the JSON holds. `aggregate` reduces the runs of one configuration to
+min/median/max per figure; the `render_*` functions print the human tables.
+
+CPU µs per request = a process's CPU seconds in the window / requests sent in the window (each ends
+in exactly one outcome). `project` turns those costs into the rate the same processes would reach with C cores:
+each process is one thread, so it is capped at one core, and all processes together at C cores:
+rate(C) = min(C / sum(cost), 1 / max(cost of one process)). The generator's cost only enters the
+first term (it is spread over as many generator processes as needed); "service only" leaves it out
+(the generator on other machines). The costs are those measured at this load: more batching at a
+higher load makes them smaller, fewer requests per wake-up at a lower load larger.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from bench.fairness import UNITS, apparent_inversions, fair_shares, service_difference
+from bench.histogram import Histogram
+from bench.loadgen import LOG_COLUMNS, GenResult, band_index
+from bench.runner import RunRecord
+from flowshard.scenario import Bursts, Closed, Constant, Poisson, Scenario, expand_flows
+from flowshard.types import Outcome
+
+__all__ = ["METRICS", "aggregate", "project", "render_comparison", "render_config", "run_figures"]
+
+QUANTILES = (0.5, 0.9, 0.99, 0.999)
+PROJECT_CORES = (2, 4, 8, 16)
+INVERSION_TOL = 0.005  # seconds; see bench.fairness
+SATURATED = 0.9  # a generator process busier than this (of one core) may have limited the load
+FOREIGN = 0.2  # cores used by processes not in the run: above this, a warning
+LATE = 1e-3  # open-loop send lag p99 above this: a warning
+_REJECTED = [o for o in Outcome if o.status == "rejected"]
+_EVICTED = [o for o in Outcome if o.status == "evicted"]
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def _r(value: float | None, digits: int = 3) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return round(value, digits)
+
+
+def latency_figures(h: Histogram, scale: float = 1e-3) -> dict[str, Any]:
+    """count, p50/p90/p99/p99.9, max, mean of a histogram of ns, in µs (scale 1e-3) or ms (1e-6)."""
+    if h.count == 0:
+        return {"count": 0, "p50": None, "p90": None, "p99": None, "p999": None, "max": None, "mean": None}
+    p = h.percentiles(QUANTILES)
+    return {"count": h.count, "p50": _r(p[0] * scale), "p90": _r(p[1] * scale), "p99": _r(p[2] * scale),
+            "p999": _r(p[3] * scale), "max": _r(h.max * scale), "mean": _r(h.mean * scale)}
+
+
+def _merged(results: Sequence[GenResult], name: str) -> Histogram:
+    return Histogram.merged(Histogram.from_dict(r.histograms[name]) for r in results if name in r.histograms)
+
+
+def merged_log(results: Sequence[GenResult]) -> dict[str, np.ndarray]:
+    """Every process's per-request log as numpy columns, concatenated."""
+    out: dict[str, np.ndarray] = {}
+    dtypes = {"i": np.int32, "d": np.float64, "b": np.int8, "q": np.int64, "f": np.float32}
+    for name, code in LOG_COLUMNS.items():
+        parts = [np.frombuffer(r.log[name], dtype=dtypes[code]) for r in results]
+        out[name] = np.concatenate(parts) if parts else np.zeros(0, dtypes[code])
+    return out
+
+
+def offered_rate(scenario: Scenario) -> float:
+    """Nominal open-loop request rate of the scenario (closed-loop flows are not counted)."""
+    total = 0.0
+    for f in scenario.workload.flows:
+        a = f.arrival
+        if isinstance(a, Poisson | Constant):
+            total += a.rate * f.count
+        elif isinstance(a, Bursts):
+            total += a.size / a.every * f.count
+    return total
+
+
+def closed_clients(scenario: Scenario) -> int:
+    return sum(f.count * f.arrival.concurrency for f in scenario.workload.flows if isinstance(f.arrival, Closed))
+
+
+def _counts(outcomes: Sequence[int], submitted: int, unfinished: int, errors: int) -> dict[str, Any]:
+    return {
+        "submitted": submitted,
+        "dispatched": outcomes[Outcome.DISPATCHED],
+        "rejected": {o.reason: outcomes[o] for o in _REJECTED},
+        "evicted": {o.reason: outcomes[o] for o in _EVICTED},
+        "errors": errors,
+        "unfinished": unfinished,
+    }
+
+
+def _sum_columns(rows: Iterable[Sequence[int]], width: int) -> list[int]:
+    out = [0] * width
+    for row in rows:
+        for i, v in enumerate(row):
+            out[i] += v
+    return out
+
+
+# ---------------------------------------------------------------------------------------- one run
+
+
+def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> dict[str, Any]:
+    """Every figure of one run, as a JSON-ready dict."""
+    results = record.results
+    workload = scenario.workload
+    config = scenario.server
+    window = record.window
+    instances = expand_flows(workload)
+    n_flows = len(instances)
+    resolve = band_index(config)
+    band_of = np.array([resolve(i.spec.priority) for i in instances], dtype=np.int32)
+    weights = [i.spec.weight or config.weights.get(i.id, 1.0) for i in instances]
+    submitted = [sum(r.flows_submitted[f] for r in results) for f in range(n_flows)]
+    outcomes = [_sum_columns((r.flows_outcomes[f] for r in results), len(Outcome)) for f in range(n_flows)]
+    unfinished = [sum(r.flows_unfinished[f] for r in results) for f in range(n_flows)]
+    errors = [sum(r.flows_errors[f] for r in results) for f in range(n_flows)]
+    win = [[sum(r.window[f][k] for r in results) for k in range(6)] for f in range(n_flows)]
+    total_out = _sum_columns(outcomes, len(Outcome))
+    totals = _counts(total_out, sum(submitted), sum(unfinished), sum(errors))
+    accounted = sum(total_out) + totals["errors"] + totals["unfinished"]
+    answered = sum(r.answered_in_window for r in results)
+    dispatched_w = sum(r.dispatched_in_window for r in results)
+    log = merged_log(results)
+    truncated = any(r.log_truncated for r in results)
+    warnings: list[str] = []
+
+    # bands, groups, flows
+    shares: list[float | None] = [None] * n_flows
+    fairs: list[float | None] = [None] * n_flows
+    bands: list[dict[str, Any]] = []
+    inversions = apparent_inversions(log, band_of, len(config.bands), (workload.warmup, workload.duration),
+                                     INVERSION_TOL) if not truncated else [0] * len(config.bands)
+    for b, bc in enumerate(config.bands):
+        members = [f for f in range(n_flows) if band_of[f] == b]
+        unit = UNITS[bc.fairness]
+        k = {"requests": 0, "bytes": 1, "cost": 2}[unit]
+        s, fs, jain = fair_shares([win[f][k] for f in members], [win[f][3 + k] for f in members],
+                                  [weights[f] for f in members])
+        for f, a, c in zip(members, s, fs, strict=True):
+            shares[f], fairs[f] = a, c
+        diff = None
+        if not truncated and len(members) > 1:
+            diff = service_difference(log, np.array(members, dtype=np.int32), {f: weights[f] for f in members}, unit,
+                                      (workload.warmup, workload.duration))
+        band_out = _sum_columns((outcomes[f] for f in members), len(Outcome))
+        bands.append({
+            "priority": bc.priority, "name": bc.name, "fairness": bc.fairness, "unit": unit, "flows": len(members),
+            "counts": _counts(band_out, sum(submitted[f] for f in members), sum(unfinished[f] for f in members),
+                              sum(errors[f] for f in members)),
+            "dispatches_per_s": _r(sum(win[f][0] for f in members) / window),
+            "wait_ms": latency_figures(_merged(results, f"wait:{b}"), 1e-6),
+            "wait_hist_ns": _merged(results, f"wait:{b}").to_dict(),
+            "latency_us": latency_figures(_merged(results, f"latency:{b}")),
+            "jain": _r(jain, 4), "max_service_diff": _r(diff),
+            "apparent_inversions": inversions[b] if not truncated else None,
+        })
+    groups = _groups(instances, submitted, outcomes, unfinished, errors, win, shares, fairs, log, band_of, config)
+    flows = [
+        {"id": inst.id, "group": inst.spec.id, "band": config.bands[int(band_of[f])].name, "weight": weights[f],
+         "counts": _counts(outcomes[f], submitted[f], unfinished[f], errors[f]),
+         "window": {"served": win[f][:3], "offered": win[f][3:]},
+         "share": _r(shares[f], 6), "fair_share": _r(fairs[f], 6)}
+        for f, inst in enumerate(instances)
+    ]
+    ratios = [s / f for s, f in zip(shares, fairs, strict=True) if s is not None and f]
+    all_jain = bands[0]["jain"] if len(bands) == 1 else _jain_all(ratios)
+
+    latency = _merged(results, "latency")
+    lag = _merged(results, "lag")
+    sent = sum(r.sent_in_window for r in results)
+    cpu = _cpu(record, sent, warnings, {f"loadgen{r.index}": r.spun_window for r in results})
+    open_loop = offered_rate(scenario) > 0
+    if open_loop and lag.count and lag.percentile(0.99) > LATE * 1e9:
+        warnings.append(f"the generator sent late: send lag p99 {lag.percentile(0.99) / 1e6:.2f} ms "
+                        "(latency is measured from the intended send time, so it includes this)")
+    if accounted != totals["submitted"]:
+        warnings.append(f"outcomes do not add up: {accounted} accounted for, {totals['submitted']} submitted")
+    if totals["errors"]:
+        samples = [e for r in results for e in r.errors]
+        warnings.append(f"{totals['errors']} requests were refused as errors: {samples}")
+    if truncated:
+        warnings.append("the per-request log was truncated: service difference and inversions not computed")
+    pool_waits = sum(r.pool_waits for r in results)
+    if pool_waits:
+        warnings.append(f"{pool_waits} HTTP admissions waited for a free connection (raise --max-conns)")
+    warnings += record.problems
+    stats = record.stats or {}
+    return {
+        **meta,
+        "window_s": window,
+        "warmup_s": workload.warmup,
+        "wall_start": record.wall_start,
+        "offered_per_s": _r(offered_rate(scenario)),
+        "closed_clients": closed_clients(scenario),
+        "counts": totals,
+        "consistent": accounted == totals["submitted"],
+        "inflight_at_end": sum(r.inflight_at_end for r in results),
+        "throughput": {"dispatches_per_s": _r(dispatched_w / window, 1), "answered_per_s": _r(answered / window, 1),
+                       "sent_per_s": _r(sent / window, 1)},
+        "latency_us": latency_figures(latency),
+        "rtt_us": latency_figures(_merged(results, "rtt")),
+        "send_lag_us": latency_figures(lag),
+        "bands": bands,
+        "groups": groups,
+        "flows": flows,
+        "fairness": {"jain": all_jain, "max_service_diff": _max_or_none(b["max_service_diff"] for b in bands),
+                     "apparent_inversions": None if truncated else sum(inversions),
+                     "inversion_tolerance_s": INVERSION_TOL},
+        "cpu": cpu,
+        "generator": {
+            "processes": len(results), "precise_timer": all(r.precise_timer for r in results),
+            "spun_s": _r(sum(r.spun for r in results)), "pool_waits": pool_waits,
+            "connections": sum(r.most_conns for r in results), "released": sum(r.released for r in results),
+            "release_failed": sum(r.release_failed for r in results), "log_rows": sum(r.log_rows for r in results),
+        },
+        "projection": cpu.get("projection"),
+        "timeline": _timeline(log, instances, workload.duration),
+        "latency_hist_ns": latency.to_dict(),
+        "server": _server_stats(stats),
+        "warnings": warnings,
+    }
+
+
+TIMELINE_SERIES = 12
+
+
+def _timeline(log: dict[str, np.ndarray], instances: Sequence[Any], duration: float) -> dict[str, Any]:
+    """Dispatches/s over time per flow (up to 12 flows) or per flow entry, the busiest first, for plots."""
+    bin_s = max(0.1, duration / 60)
+    bins = math.ceil(duration / bin_s)
+    per_flow = len(instances) <= TIMELINE_SERIES
+    names = [i.id if per_flow else i.spec.id for i in instances]
+    rows = log["outcome"] == 0
+    series: dict[str, np.ndarray] = {}
+    if rows.any():
+        flow = log["flow"][rows]
+        idx = np.clip((log["done"][rows] / bin_s).astype(np.int64), 0, bins - 1)
+        for name in dict.fromkeys(names):
+            members = [f for f, n in enumerate(names) if n == name]
+            mask = np.isin(flow, members)
+            series[name] = np.bincount(idx[mask], minlength=bins) / bin_s
+    top = sorted(series, key=lambda n: -float(series[n].sum()))[:TIMELINE_SERIES]
+    return {"bin_s": bin_s, "unit": "dispatches/s", "by": "flow" if per_flow else "group",
+            "series": {n: [round(float(x), 1) for x in series[n]] for n in top}}
+
+
+def _jain_all(ratios: list[float]) -> float | None:
+    from flowshard.analysis import jain_index
+
+    return _r(jain_index(ratios), 4) if ratios else None
+
+
+def _max_or_none(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def _groups(
+    instances: Sequence[Any], submitted: list[int], outcomes: list[list[int]], unfinished: list[int],
+    errors: list[int], win: list[list[float]], shares: list[float | None], fairs: list[float | None],
+    log: dict[str, np.ndarray], band_of: np.ndarray, config: Any,
+) -> list[dict[str, Any]]:
+    members: dict[str, list[int]] = {}
+    for f, inst in enumerate(instances):
+        members.setdefault(inst.spec.id, []).append(f)
+    out = []
+    dispatched = log["outcome"] == 0
+    for gid, fs in members.items():
+        ratios = [s / f for s, f in ((shares[i], fairs[i]) for i in fs) if s is not None and f]
+        rows = dispatched & np.isin(log["flow"], fs)
+        waits = np.sort(log["wait"][rows].astype(np.float64))
+        spec = instances[fs[0]].spec
+        out.append({
+            "id": gid, "flows": len(fs), "priority": spec.priority, "band": config.bands[int(band_of[fs[0]])].name,
+            "counts": _counts(_sum_columns((outcomes[i] for i in fs), len(Outcome)), sum(submitted[i] for i in fs),
+                              sum(unfinished[i] for i in fs), sum(errors[i] for i in fs)),
+            "served": {"requests": sum(win[i][0] for i in fs), "bytes": sum(win[i][1] for i in fs),
+                       "cost": sum(win[i][2] for i in fs)},
+            "wait_ms": _sorted_figures(waits, 1e3),
+            "share": _r(sum(shares[i] or 0.0 for i in fs), 6) if any(shares[i] is not None for i in fs) else None,
+            "fair_share": _r(sum(fairs[i] or 0.0 for i in fs), 6) if any(fairs[i] is not None for i in fs) else None,
+            "ratio_min": _r(min(ratios), 4) if ratios else None, "ratio_max": _r(max(ratios), 4) if ratios else None,
+        })
+    return out
+
+
+def _sorted_figures(values: np.ndarray, scale: float) -> dict[str, float | None]:
+    if len(values) == 0:
+        return {"p50": None, "p90": None, "p99": None, "max": None}
+
+    def q(p: float) -> float | None:
+        rank = max(0, math.ceil(p * len(values)) - 1)
+        return _r(float(values[min(rank, len(values) - 1)]) * scale)
+
+    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": _r(float(values[-1]) * scale)}
+
+
+def _kind(role: str) -> str:
+    for prefix in ("worker", "loadgen"):
+        if role.startswith(prefix):
+            return prefix + "s"
+    return role
+
+
+def _cpu(record: RunRecord, requests: int, warnings: list[str], spun: dict[str, float]) -> dict[str, Any]:
+    """Per process and per kind: CPU seconds, utilisation, µs per request sent in the window, run-queue wait.
+
+    Per request *sent*: each gets exactly one outcome in the end, and with a growing queue (deep
+    queue) the service spends its CPU on admissions long before their outcomes come back.
+
+    A generator's timer polling (`spun`, see bench.timer) is waiting, not load: its share of the
+    window is left out of the generator's µs/request and utilisation, and reported as `spin_s`.
+    """
+    window = record.window
+    per_req = 1e6 / requests if requests else math.nan
+    processes: list[dict[str, Any]] = []
+    kinds: dict[str, dict[str, float]] = {}
+    for p, end in record.cpu_end.items():
+        start = record.cpu_start.get(p)
+        if start is None:
+            continue
+        raw = end.cpu - start.cpu
+        spin = min(raw, spun.get(p.role, 0.0))
+        cpu = raw - spin
+        wait = end.runq_wait - start.runq_wait
+        processes.append({"role": p.role, "pid": p.pid, "cpu_s": _r(cpu), "spin_s": _r(spin), "util": _r(cpu / window),
+                          "us_per_req": _r(cpu * per_req), "runq_wait": _r(wait / window)})
+        k = kinds.setdefault(_kind(p.role), {"cpu_s": 0.0, "processes": 0})
+        k["cpu_s"] += cpu
+        k["processes"] += 1
+        if p.role.startswith("loadgen"):
+            busy = cpu / window
+            if busy >= SATURATED:
+                warnings.append(f"load generator {p.role} was {busy:.0%} busy: it may have limited the load "
+                                "(use --procs to add generator processes)")
+    kind_figures = {k: {"processes": int(v["processes"]), "cpu_s": _r(v["cpu_s"]), "util": _r(v["cpu_s"] / window),
+                        "us_per_req": _r(v["cpu_s"] * per_req)} for k, v in kinds.items()}
+    ours = sum(v["cpu_s"] for v in kinds.values()) + sum(p["spin_s"] or 0.0 for p in processes)
+    busy = record.machine_end.busy - record.machine_start.busy
+    steal = record.machine_end.steal - record.machine_start.steal
+    foreign = max(0.0, busy - ours) / window
+    if foreign > FOREIGN:
+        warnings.append(f"other processes used {foreign:.2f} cores during the window: figures are disturbed")
+    server_roles = {"distributor", "workers", "echo", "tracker"}
+    server_us = sum(v["cpu_s"] for k, v in kinds.items() if k in server_roles) * per_req
+    costs = {p["role"]: p["us_per_req"] for p in processes
+             if p["role"] not in ("bench", "tracker") and p["us_per_req"] is not None}
+    return {
+        "requests": requests,
+        "processes": processes,
+        "kinds": kind_figures,
+        "server_us_per_req": _r(server_us),
+        "machine": {"busy_cores": _r(busy / window), "ours_cores": _r(ours / window), "foreign_cores": _r(foreign),
+                    "steal_cores": _r(steal / window)},
+        "projection": project_all(costs) if costs and requests else None,
+    }
+
+
+def _server_stats(stats: dict[str, Any]) -> dict[str, Any] | None:
+    if not stats:
+        return None
+    totals = stats.get("totals", {})
+    return {
+        "dispatched": totals.get("dispatched"),
+        "fast_path_dispatched": totals.get("fast_path_dispatched"),
+        "per_shard_dispatched": [s.get("dispatched") for s in stats.get("shards", [])],
+        "restarts": sum(s.get("restarts", 0) for s in stats.get("shards", [])),
+        "consistent": stats.get("consistent"),
+        "bands": [{"name": b.get("name"), "outcomes": b.get("outcomes")} for b in stats.get("bands", [])],
+        "counters": stats.get("counters"),
+    }
+
+
+# ---------------------------------------------------------------------------------------- projection
+
+
+def project(costs: dict[str, float], cores: int, spread: Iterable[str] = ()) -> tuple[float, str]:
+    """(requests/s, bottleneck) for processes with these CPU µs per request on `cores` cores.
+
+    Each process is one thread: at most one core, 1e6 / cost requests/s. All together share the
+    cores: at most cores * 1e6 / sum(costs). Processes named in `spread` (the generator) can be
+    split over more processes, so they only count towards the shared term.
+    """
+    if cores < 1:
+        raise ValueError("cores must be at least 1")
+    total = sum(costs.values())
+    if total <= 0:
+        return math.inf, "none"
+    shared = cores * 1e6 / total
+    single = {role: c for role, c in costs.items() if role not in set(spread) and c > 0}
+    if single:
+        worst = max(single, key=lambda r: single[r])
+        one = 1e6 / single[worst]
+        if one <= shared:
+            return one, worst
+    return shared, f"all {cores} cores"
+
+
+def project_all(costs: dict[str, float]) -> dict[str, Any]:
+    """The projection for PROJECT_CORES, with the generator on the same cores and without it."""
+    gens = [r for r in costs if r.startswith("loadgen")]
+    service = {r: c for r, c in costs.items() if r not in gens}
+    out: dict[str, Any] = {"costs_us": costs, "with_generator": {}, "service_only": {}}
+    for c in PROJECT_CORES:
+        rate, neck = project(costs, c, spread=gens)
+        out["with_generator"][str(c)] = {"per_s": _r(rate, 0), "bottleneck": neck}
+        if service:
+            rate, neck = project(service, c)
+            out["service_only"][str(c)] = {"per_s": _r(rate, 0), "bottleneck": neck}
+    return out
+
+
+# ---------------------------------------------------------------------------------------- many runs
+
+# (label, getter) of the figures the tables show; every getter returns a number or None
+Getter = Callable[[dict[str, Any]], float | None]
+
+
+def _path(*keys: str | int) -> Getter:
+    def get(d: dict[str, Any]) -> float | None:
+        cur: Any = d
+        for k in keys:
+            if cur is None:
+                return None
+            try:
+                cur = cur[k]
+            except (KeyError, IndexError, TypeError):
+                return None
+        return cur if isinstance(cur, int | float) and not isinstance(cur, bool) else None
+
+    return get
+
+
+def _kind_us(kind: str) -> Getter:
+    return _path("cpu", "kinds", kind, "us_per_req")
+
+
+def _kind_util(kind: str) -> Getter:
+    return _path("cpu", "kinds", kind, "util")
+
+
+METRICS: list[tuple[str, Getter]] = [
+    ("dispatches/s", _path("throughput", "dispatches_per_s")),
+    ("answered/s", _path("throughput", "answered_per_s")),
+    ("latency p50 µs", _path("latency_us", "p50")),
+    ("latency p90 µs", _path("latency_us", "p90")),
+    ("latency p99 µs", _path("latency_us", "p99")),
+    ("latency p99.9 µs", _path("latency_us", "p999")),
+    ("rtt p50 µs (from send)", _path("rtt_us", "p50")),
+    ("rtt p99 µs (from send)", _path("rtt_us", "p99")),
+    ("send lag p99 µs", _path("send_lag_us", "p99")),
+    ("server CPU µs/req", _path("cpu", "server_us_per_req")),
+    ("distributor µs/req", _kind_us("distributor")),
+    ("workers µs/req (sum)", _kind_us("workers")),
+    ("echo µs/req", _kind_us("echo")),
+    ("loadgen µs/req", _kind_us("loadgens")),
+    ("distributor util", _kind_util("distributor")),
+    ("workers util (sum)", _kind_util("workers")),
+    ("loadgen util", _kind_util("loadgens")),
+    ("other processes (cores)", _path("cpu", "machine", "foreign_cores")),
+    ("Jain (share/fair)", _path("fairness", "jain")),
+    ("max service diff", _path("fairness", "max_service_diff")),
+    ("apparent inversions", _path("fairness", "apparent_inversions")),
+]
+
+
+def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """min/median/max over runs of every METRICS figure (absent figures are left out)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for label, get in METRICS:
+        values = [v for v in (get(r) for r in runs) if v is not None]
+        if values:
+            out[label] = {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
+    return out
+
+
+def median_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median dispatch rate (for per-band and per-group detail)."""
+    ordered = sorted(runs, key=lambda r: r["throughput"]["dispatches_per_s"] or 0.0)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+# ---------------------------------------------------------------------------------------- tables
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    a = abs(value)
+    if a >= 1000:
+        return f"{value:,.0f}"
+    if a >= 100:
+        return f"{value:.0f}"
+    if a >= 10:
+        return f"{value:.1f}"
+    if a >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}" if value else "0"
+
+
+def cell(stat: dict[str, float | None] | None) -> str:
+    if not stat:
+        return "-"
+    if stat.get("n", 1) == 1 or stat["min"] == stat["max"]:
+        return fmt(stat["median"])
+    return f"{fmt(stat['median'])} ({fmt(stat['min'])}–{fmt(stat['max'])})"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for n, row in enumerate([header, *rows]):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths,
+                                                                                                   strict=True))))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return [line.rstrip() for line in lines]
+
+
+def render_config(label: str, runs: Sequence[dict[str, Any]]) -> str:
+    """One configuration (a shard count, or the echo baseline): its figures over runs, then detail."""
+    agg = aggregate(runs)
+    lines = [f"== {label}: {len(runs)} run(s), median (min–max)"]
+    lines += table(["figure", "value"], [[k, cell(v)] for k, v in agg.items()])
+    mid = median_run(runs)
+    if len(mid["bands"]) > 1 or len(mid["groups"]) > 1:
+        lines.append("")
+        lines += _band_lines(mid)
+        lines.append("")
+        lines += _group_lines(mid)
+    proj = mid.get("projection")
+    if proj:
+        lines.append("")
+        lines.append("CPU µs/request by process (median run): " + ", ".join(
+            f"{role} {fmt(c)}" for role, c in proj["costs_us"].items()))
+    for w in sorted({w for r in runs for w in r["warnings"]}):
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def _band_lines(run: dict[str, Any]) -> list[str]:
+    rows = []
+    for b in run["bands"]:
+        c = b["counts"]
+        rows.append([b["name"], str(b["priority"]), b["fairness"], str(c["submitted"]), str(c["dispatched"]),
+                     str(sum(c["rejected"].values())), str(sum(c["evicted"].values())), str(c["unfinished"]),
+                     fmt(b["dispatches_per_s"]), fmt(b["wait_ms"]["p50"]), fmt(b["wait_ms"]["p99"]),
+                     fmt(b["jain"]), fmt(b["max_service_diff"]), fmt(b["apparent_inversions"])])
+    return table(["band", "prio", "fairness", "submitted", "dispatched", "rejected", "evicted", "unfinished",
+                  "disp/s", "wait p50 ms", "p99", "jain", "svc diff", "inversions?"], rows)
+
+
+def _group_lines(run: dict[str, Any]) -> list[str]:
+    rows = []
+    for g in run["groups"]:
+        c = g["counts"]
+        ratio = "-" if g["ratio_min"] is None else f"{g['ratio_min']:.3f}..{g['ratio_max']:.3f}"
+        rows.append([g["id"], str(g["flows"]), str(c["submitted"]), str(c["dispatched"]),
+                     str(sum(c["rejected"].values())), str(sum(c["evicted"].values())), fmt(g["wait_ms"]["p50"]),
+                     fmt(g["wait_ms"]["p99"]), _pct(g["share"]), _pct(g["fair_share"]), ratio])
+    return table(["flow", "flows", "submitted", "dispatched", "rejected", "evicted", "wait p50 ms", "p99", "share",
+                  "fair", "ratio min..max"], rows)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v * 100:.1f}%"
+
+
+def render_comparison(configs: Sequence[tuple[str, Sequence[dict[str, Any]]]], base: str | None = None) -> str:
+    """Every figure side by side across configurations; `base` (a label) adds ratios to it."""
+    labels = [label for label, _ in configs]
+    aggs = {label: aggregate(runs) for label, runs in configs}
+    figures = [m for m, _ in METRICS if any(m in a for a in aggs.values())]
+    rows = [[m, *(cell(aggs[label].get(m)) for label in labels)] for m in figures]
+    lines = ["== comparison: median (min–max) over runs", *table(["figure", *labels], rows)]
+    return "\n".join(lines)
+
+
+def render_projection(configs: Sequence[tuple[str, Sequence[dict[str, Any]]]]) -> str:
+    """Projected requests/s on C cores from each configuration's per-process CPU costs (median run)."""
+    rows = []
+    for label, runs in configs:
+        proj = median_run(runs).get("projection")
+        if not proj:
+            continue
+        for scope in ("with_generator", "service_only"):
+            if not proj[scope]:
+                continue
+            cells = [f"{fmt(v['per_s'])} [{v['bottleneck']}]" for v in proj[scope].values()]
+            rows.append([label, scope.replace("_", " "), *cells])
+    if not rows:
+        return ""
+    header = ["configuration", "scope", *(f"{c} cores" for c in PROJECT_CORES)]
+    return "\n".join(["== projection: requests/s on C cores [bottleneck], from CPU µs/request per process",
+                      *table(header, rows)])

@@ -1,0 +1,369 @@
+"""Processes of one benchmark run: the service (or an echo baseline) and the generator processes.
+
+`Server.start_flowshard` runs `flowshard serve --shards N` on free ports and waits for its ready
+line; `Server.start_echo` does the same for `bench.echo`; `Server.attach` wraps a `--target` we do
+not own (nothing is started or stopped, and no CPU is read: its pids are unknown). `run_once` starts
+the generators, gives them one common start time, reads every process's CPU at the window's start
+and end (one reader, the same instants), fetches the service's `/v1/stats`, and collects results.
+
+Everything we start gets `PR_SET_PDEATHSIG`, is ended by its pid (SIGTERM, then SIGKILL of its own
+session after a timeout) and, for flowshard, its `/dev/shm/flowshard-<pid>-*` segment is checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ctypes
+import glob
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from bench.loadgen import GenResult, GenSpec
+from bench.procstat import CpuSample, MachineSample, ProcId, children, cmdline, machine_sample, sample
+from flowshard.config import dump_config
+from flowshard.scenario import Scenario
+
+__all__ = ["Options", "RunRecord", "Server", "run_once"]
+
+READY = re.compile(r"(?:flowshard|echo) ready: http=http://(\S+):(\d+) binary=(\S+):(\d+)(?: shards=(\d+))? pid=(\d+)")
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 20.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM if the bench process dies (no orphans on Ctrl-C or a crash)."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+@dataclass
+class Server:
+    """A service the generators drive: flowshard, an echo baseline, or an external target."""
+
+    kind: str  # "flowshard" | "echo" | "target"
+    http: tuple[str, int]
+    binary: tuple[str, int]
+    shards: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    pid: int = 0
+    stderr_tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=50))
+    config_path: str = ""
+
+    # ------------------------------------------------------------ start / stop
+
+    @classmethod
+    def start_flowshard(cls, scenario: Scenario, shards: int, workdir: str) -> Server:
+        config_path = os.path.join(workdir, f"config-{shards}.toml")
+        Path(config_path).write_text(dump_config(scenario.server))
+        argv = [sys.executable, "-m", "flowshard.cli", "serve", "--shards", str(shards), "--config", config_path,
+                "--port", "0", "--binary-port", "0"]
+        server = cls._start("flowshard", argv)
+        server.config_path = config_path
+        return server
+
+    @classmethod
+    def start_echo(cls) -> Server:
+        return cls._start("echo", [sys.executable, "-m", "bench.echo"])
+
+    @classmethod
+    def attach(cls, target: str, http_target: str | None) -> Server:
+        """`--target HOST:PORT` is the binary port; the HTTP address defaults to HOST:PORT-1
+        (flowshard's defaults are 8080/8081) unless `--http-target` names it."""
+        host, port = _hostport(target)
+        http = _hostport(http_target) if http_target else (host, port - 1)
+        return cls("target", http=http, binary=(host, port))
+
+    @classmethod
+    def _start(cls, kind: str, argv: list[str]) -> Server:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True, preexec_fn=_die_with_parent,
+        )
+        assert proc.stderr is not None
+        tail: collections.deque[str] = collections.deque(maxlen=50)
+        ready: list[re.Match[str]] = []
+        got = threading.Event()
+
+        def pump() -> None:  # keeps reading stderr for the whole run, so the pipe never fills
+            assert proc.stderr is not None
+            for raw in proc.stderr:
+                line = raw.decode("utf-8", "replace").rstrip()
+                tail.append(line)
+                m = READY.search(line)
+                if m and not ready:
+                    ready.append(m)
+                    got.set()
+            got.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if not got.wait(START_TIMEOUT) or not ready:
+            _terminate(proc)
+            raise RuntimeError(f"{kind} did not become ready:\n" + "\n".join(tail))
+        m = ready[0]
+        return cls(kind, http=(m.group(1), int(m.group(2))), binary=(m.group(3), int(m.group(4))),
+                   shards=int(m.group(5) or 0), proc=proc, pid=int(m.group(6)), stderr_tail=tail)
+
+    def stop(self) -> list[str]:
+        """SIGTERM (flowshard drains), wait, SIGKILL its session if needed; returns problems found."""
+        problems: list[str] = []
+        if self.proc is None:
+            return problems
+        tree = self.processes()
+        code = _terminate(self.proc)
+        if code is None:
+            problems.append(f"{self.kind} pid {self.pid} did not stop within {STOP_TIMEOUT:g} s: killed")
+        elif code not in (0, -signal.SIGTERM):
+            problems.append(f"{self.kind} pid {self.pid} exited with {code}")
+        deadline = time.monotonic() + 3.0
+        while any(sample(p) is not None and _alive(p.pid) for p in tree) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for p in tree:
+            if sample(p) is not None and _alive(p.pid):
+                problems.append(f"{p.role} pid {p.pid} outlived the service: killed")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGKILL)
+        if self.kind == "flowshard":
+            for seg in glob.glob(f"/dev/shm/flowshard-{self.pid}-*"):
+                problems.append(f"shared-memory segment {seg} left behind: removed")
+                with contextlib.suppress(OSError):
+                    os.unlink(seg)
+        self.proc = None
+        return problems
+
+    # ------------------------------------------------------------ introspection
+
+    def processes(self) -> list[ProcId]:
+        """The service's processes with their roles (distributor, worker<k>, tracker, echo)."""
+        if self.proc is None:
+            return []
+        out: list[ProcId] = []
+        main = ProcId.of(self.pid, "distributor" if self.kind == "flowshard" else "echo")
+        if main is not None:
+            out.append(main)
+        for child in children(self.pid):
+            cmd = cmdline(child)
+            m = re.search(r"--shard (\d+)", cmd)
+            role = f"worker{m.group(1)}" if m else ("tracker" if "resource_tracker" in cmd else "child")
+            p = ProcId.of(child, role)
+            if p is not None:
+                out.append(p)
+        return out
+
+    def address(self, transport: str) -> tuple[str, int]:
+        return self.binary if transport == "binary" else self.http
+
+    async def stats(self) -> dict[str, Any] | None:
+        """`GET /v1/stats` of a flowshard service (None for echo, or when it cannot be read)."""
+        if self.kind == "echo":
+            return None
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(*self.http), 5.0)
+            writer.write(b"GET /v1/stats HTTP/1.1\r\nhost: bench\r\nconnection: close\r\n\r\n")
+            data = await asyncio.wait_for(reader.read(), 10.0)
+            writer.close()
+        except (TimeoutError, OSError):
+            return None
+        _, _, body = data.partition(b"\r\n\r\n")
+        try:
+            parsed: dict[str, Any] = json.loads(body)
+        except ValueError:
+            return None
+        return parsed
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> int | None:
+    """SIGTERM by pid; after STOP_TIMEOUT, SIGKILL the session we gave it. The exit code, or None if killed."""
+    if proc.poll() is not None:
+        return proc.returncode
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session (start_new_session): only what it started
+        proc.wait()
+        return None
+
+
+# ---------------------------------------------------------------------------------------- one run
+
+
+class Options(msgspec.Struct, kw_only=True):
+    """How to drive the service (the CLI's flags)."""
+
+    transport: str = "binary"
+    procs: int = 1
+    conns: int = 0  # 0: binary 1 per process; HTTP: the closed-loop clients + 16
+    max_conns: int = 512
+    lead: float = 60e-6
+    drain_timeout: float = 30.0
+    log_limit: int = 2_000_000
+
+
+@dataclass
+class RunRecord:
+    """Raw material of one run, turned into figures by `bench.report`."""
+
+    server: Server
+    window: float
+    results: list[GenResult]
+    cpu_start: dict[ProcId, CpuSample]
+    cpu_end: dict[ProcId, CpuSample]
+    machine_start: MachineSample
+    machine_end: MachineSample
+    stats: dict[str, Any] | None
+    problems: list[str] = field(default_factory=list)
+    wall_start: float = 0.0
+
+
+MAX_PENDING_PER_CONN = 50_000  # the service allows 65,536 admissions in flight per binary connection
+
+
+def _binary_conns(scenario: Scenario, procs: int) -> int:
+    """Enough connections that no one carries more admissions in flight than the service allows:
+    with a deep queue, every open-loop request of the run may be pending at once."""
+    from bench.report import offered_rate
+
+    most = offered_rate(scenario) * scenario.workload.duration / procs
+    return max(1, min(64, math.ceil(most / MAX_PENDING_PER_CONN)))
+
+
+def _http_conns(scenario: Scenario, procs: int) -> int:
+    clients = sum(f.count * f.arrival.concurrency for f in scenario.workload.flows if hasattr(f.arrival, "concurrency"))
+    return -(-clients // procs) + 16
+
+
+async def run_once(
+    scenario: Scenario, server: Server, options: Options, progress: Callable[[float, int, int], None] | None = None
+) -> RunRecord:
+    """Drive `server` with `options.procs` generator processes for the scenario's duration."""
+    payload = msgspec.json.encode(scenario)
+    host, port = server.address(options.transport)
+    procs: list[asyncio.subprocess.Process] = []
+    with tempfile.TemporaryDirectory(prefix="flowshard-bench-") as tmp:
+        specs = []
+        for i in range(options.procs):
+            if options.conns:
+                conns = options.conns
+            elif options.transport == "binary":
+                conns = _binary_conns(scenario, options.procs)
+            else:
+                conns = _http_conns(scenario, options.procs)
+            spec = GenSpec(
+                index=i, procs=options.procs, scenario=payload, transport=options.transport, host=host, port=port,
+                conns=conns, max_conns=options.max_conns, lead=options.lead, drain_timeout=options.drain_timeout,
+                log_limit=options.log_limit, result_path=os.path.join(tmp, f"result-{i}.msgpack"),
+            )
+            path = os.path.join(tmp, f"spec-{i}.msgpack")
+            Path(path).write_bytes(msgspec.msgpack.encode(spec))
+            specs.append((spec, path))
+        try:
+            for _, path in specs:
+                procs.append(await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "bench.loadgen", path, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    preexec_fn=_die_with_parent,
+                ))
+            return await _drive(scenario, server, options, procs, specs, progress)
+        finally:
+            for p in procs:
+                if p.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        p.kill()
+                    await p.wait()
+
+
+async def _drive(
+    scenario: Scenario, server: Server, options: Options, procs: list[asyncio.subprocess.Process],
+    specs: list[tuple[GenSpec, str]], progress: Callable[[float, int, int], None] | None,
+) -> RunRecord:
+    workload = scenario.workload
+    for p in procs:
+        assert p.stdout is not None
+        line = await asyncio.wait_for(p.stdout.readline(), START_TIMEOUT)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"load generator did not start: {line!r}")
+    me = ProcId.of(os.getpid(), "bench")
+    tracked = [p for p in (*server.processes(), me) if p is not None]
+    tracked += [q for i, p in enumerate(procs) if (q := ProcId.of(p.pid, f"loadgen{i}")) is not None]
+    counts = [[0, 0] for _ in procs]
+
+    async def follow(i: int, p: asyncio.subprocess.Process) -> None:
+        assert p.stdout is not None
+        async for raw in p.stdout:
+            parts = raw.split()
+            if parts and parts[0] == b"p" and len(parts) == 3:
+                counts[i] = [int(parts[1]), int(parts[2])]
+
+    t0 = time.monotonic() + 0.05
+    wall_start = time.time() + 0.05
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write(f"go {t0!r}\n".encode())
+        await p.stdin.drain()
+    followers = [asyncio.create_task(follow(i, p)) for i, p in enumerate(procs)]
+
+    def tick() -> None:
+        if progress is not None:
+            progress(time.monotonic() - t0, sum(c[0] for c in counts), sum(c[1] for c in counts))
+
+    async def until(when: float) -> None:
+        while (left := when - time.monotonic()) > 0:
+            await asyncio.sleep(min(0.25, left))
+            tick()
+
+    await until(t0 + workload.warmup)
+    cpu_start = {p: s for p in tracked if (s := sample(p)) is not None}
+    m_start = machine_sample()
+    await until(t0 + workload.duration)
+    cpu_end = {p: s for p in tracked if (s := sample(p)) is not None}
+    m_end = machine_sample()
+    stats = await server.stats()
+    limit = options.drain_timeout + 30.0
+    try:
+        await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), limit)
+    except TimeoutError:
+        raise RuntimeError(f"load generators did not finish within {limit:g} s of the run's end") from None
+    tick()
+    for t in followers:
+        await t
+    problems = [f"load generator {i} exited with {p.returncode}" for i, p in enumerate(procs) if p.returncode]
+    results = [msgspec.msgpack.decode(Path(spec.result_path).read_bytes(), type=GenResult) for spec, _ in specs]
+    return RunRecord(
+        server=server, window=workload.duration - workload.warmup, results=results, cpu_start=cpu_start,
+        cpu_end=cpu_end, machine_start=m_start, machine_end=m_end, stats=stats, problems=problems,
+        wall_start=wall_start,
+    )

@@ -1,0 +1,128 @@
+"""The simulator's prediction next to the measurement, for the same scenario.
+
+`flowshard simulate` runs the same engine in virtual time with an ideal client (no transport, no
+generator); `flowshard bench` prints, per flow entry and per band, what it predicts for shares and
+waits, what was measured (median over runs), and the difference. Where they differ, either the
+real system adds something the model leaves out (transport, scheduling, the generator's timer
+precision) or the model is wrong: both are worth knowing.
+
+The simulator is skipped when a scenario would take it too long (a closed loop with ~zero think and
+service times makes millions of virtual requests per second), and with `--no-simulate`.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from bench.report import fmt, table
+from flowshard.scenario import Closed, Scenario, as_dist
+from flowshard.simulate import Report, simulate
+
+__all__ = ["MAX_SIMULATED_REQUESTS", "expected_requests", "predict", "render"]
+
+MAX_SIMULATED_REQUESTS = 3_000_000
+
+
+def expected_requests(scenario: Scenario) -> float:
+    """A rough count of the requests the simulator would generate (closed loops at zero latency)."""
+    from bench.report import offered_rate
+
+    duration = scenario.workload.duration
+    total = offered_rate(scenario) * duration
+    for f in scenario.workload.flows:
+        if isinstance(f.arrival, Closed):
+            cycle = as_dist(f.arrival.think).expected() + as_dist(f.service).expected()
+            total += f.count * f.arrival.concurrency * duration / max(cycle, 1e-9)
+    return total
+
+
+def predict(scenario: Scenario) -> tuple[Report | None, str]:
+    """(the simulator's report, why not) for the scenario as run."""
+    n = expected_requests(scenario)
+    if n > MAX_SIMULATED_REQUESTS:
+        return None, f"simulation skipped: about {n:,.0f} virtual requests (limit {MAX_SIMULATED_REQUESTS:,})"
+    return simulate(scenario), ""
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _diff(measured: float | None, predicted: float | None, scale: float = 1.0) -> str:
+    if measured is None or predicted is None:
+        return "-"
+    return f"{(measured - predicted) * scale:+.2f}"
+
+
+def comparison(report: Report, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per group: share and wait p50/p99 (ms), predicted and measured (median over runs)."""
+    groups = []
+    for g in report.groups:
+        measured = [next((m for m in r["groups"] if m["id"] == g.id), None) for r in runs]
+        ms = [m for m in measured if m is not None]
+        groups.append({
+            "id": g.id,
+            "predicted": {"share": g.share, "wait_p50_ms": _ms(g.wait.p50), "wait_p99_ms": _ms(g.wait.p99),
+                          "dispatched": g.counts.dispatched, "rejected": sum(g.counts.rejected.values()),
+                          "evicted": sum(g.counts.evicted.values())},
+            "measured": {"share": _median([m["share"] for m in ms]),
+                         "wait_p50_ms": _median([m["wait_ms"]["p50"] for m in ms]),
+                         "wait_p99_ms": _median([m["wait_ms"]["p99"] for m in ms]),
+                         "dispatched": _median([m["counts"]["dispatched"] for m in ms]),
+                         "rejected": _median([sum(m["counts"]["rejected"].values()) for m in ms]),
+                         "evicted": _median([sum(m["counts"]["evicted"].values()) for m in ms])},
+        })
+    bands = []
+    for b in report.bands:
+        measured_b = [next((m for m in r["bands"] if m["name"] == b.name), None) for r in runs]
+        mb = [m for m in measured_b if m is not None]
+        bands.append({
+            "name": b.name,
+            "predicted": {"wait_p50_ms": _ms(b.wait.p50), "wait_p99_ms": _ms(b.wait.p99), "jain": b.jain,
+                          "max_service_diff": b.max_service_diff, "inversions": b.priority_inversions},
+            "measured": {"wait_p50_ms": _median([m["wait_ms"]["p50"] for m in mb]),
+                         "wait_p99_ms": _median([m["wait_ms"]["p99"] for m in mb]),
+                         "jain": _median([m["jain"] for m in mb]),
+                         "max_service_diff": _median([m["max_service_diff"] for m in mb]),
+                         "inversions": _median([m["apparent_inversions"] for m in mb])},
+        })
+    return {"groups": groups, "bands": bands}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+def render(label: str, cmp: dict[str, Any]) -> str:
+    rows = []
+    for g in cmp["groups"]:
+        p, m = g["predicted"], g["measured"]
+        rows.append([g["id"], _pct(p["share"]), _pct(m["share"]), _diff(m["share"], p["share"], 100),
+                     fmt(p["wait_p50_ms"]), fmt(m["wait_p50_ms"]), fmt(p["wait_p99_ms"]), fmt(m["wait_p99_ms"]),
+                     fmt(p["dispatched"]), fmt(m["dispatched"])])
+    lines = [f"== simulator vs measured ({label}; measured: median over runs)"]
+    lines += table(["flow", "share sim", "measured", "diff pp", "wait p50 ms sim", "measured", "p99 sim", "measured",
+                    "dispatched sim", "measured"], rows)
+    brows = []
+    for b in cmp["bands"]:
+        p, m = b["predicted"], b["measured"]
+        brows.append([b["name"], fmt(p["wait_p50_ms"]), fmt(m["wait_p50_ms"]), fmt(p["wait_p99_ms"]),
+                      fmt(m["wait_p99_ms"]), fmt(p["jain"]), fmt(m["jain"]), fmt(p["inversions"]),
+                      fmt(m["inversions"])])
+    lines.append("")
+    lines += table(["band", "wait p50 ms sim", "measured", "p99 sim", "measured", "jain sim", "measured",
+                    "inversions sim", "apparent"], brows)
+    return "\n".join(lines)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v * 100:.1f}%"
+
+
+def encode(report: Report | None) -> Any:
+    return None if report is None else msgspec.to_builtins(report)

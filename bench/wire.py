@@ -1,0 +1,330 @@
+"""Lean client transports for the load generator: binary frames and HTTP/1.1, callback style.
+
+Why not `flowshard.client.Client`: it creates a Future per admission, which the generator does not
+need; here every reply calls `sink.on_result(rid, outcome, ticket, wait)` directly, so the generator
+spends as little CPU per request as it can and leaves the cores to the service it measures.
+
+- `BinaryConn`: pipelined Admit/Release frames on one TCP connection, one write per loop pass.
+- `HttpPool`: HTTP/1.1 keep-alive connections with at most one admission outstanding each (a
+  pipelined admission would wait behind a queued one: head-of-line blocking would distort the
+  waits being measured). Releases go over one extra connection, pipelined (they never block).
+  When every connection is busy, admissions wait in a FIFO for a free one; the generator counts
+  those waits (`pool_waits`) and they show in the latency measured from the intended send time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Protocol, cast
+
+import httptools
+import msgspec
+
+from flowshard.codec import Admit, Error, FrameReader, FrameWriter, Release, Released, Result, ToClient
+from flowshard.types import Outcome
+
+__all__ = ["OUTCOME_BY_LABEL", "BinaryConn", "HttpPool", "Sink", "connect_binary"]
+
+OUTCOME_BY_LABEL = {(o.status, o.reason): int(o) for o in Outcome}
+OUTCOME_BY_LABEL[("dispatched", "")] = int(Outcome.DISPATCHED)
+
+
+class Sink(Protocol):
+    """Where a transport delivers replies (the generator)."""
+
+    def on_result(self, rid: int, outcome: int, ticket: int, wait: float) -> None: ...
+
+    def on_error(self, rid: int, status: int, message: str) -> None: ...
+
+    def on_lost(self, message: str) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------- binary
+
+
+class BinaryConn(asyncio.Protocol):
+    """One binary-protocol connection; `admit` and `release` are batched into one write per loop pass."""
+
+    def __init__(self, sink: Sink, loop: asyncio.AbstractEventLoop) -> None:
+        self._sink = sink
+        self._loop = loop
+        self._reader = FrameReader(ToClient)
+        self._out = FrameWriter()
+        self._flush_scheduled = False
+        self._transport: asyncio.Transport | None = None
+        self.closed = loop.create_future()
+        self.released = 0
+        self.release_failed = 0
+        self._closing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def admit(self, rid: int, flow: str, priority: int, size: int, ttl: float, slo: float, tokens: int,
+              weight: float) -> None:
+        self._out.add(Admit(rid, flow, priority, size, ttl, slo, tokens, weight))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def release(self, ticket: int) -> None:
+        self._out.add(Release(ticket))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        t = self._transport
+        if self._out and t is not None and not t.is_closing():
+            t.write(self._out.take())
+
+    def data_received(self, data: bytes) -> None:
+        sink = self._sink
+        for msg in self._reader.feed(data):
+            kind = type(msg)
+            if kind is Result:
+                sink.on_result(msg.id, msg.outcome, msg.ticket, msg.wait)
+            elif kind is Released:
+                if msg.ok:
+                    self.released += 1
+                else:
+                    self.release_failed += 1
+            elif kind is Error:
+                if msg.id >= 0:
+                    sink.on_error(msg.id, msg.status, msg.message)
+                else:
+                    sink.on_lost(f"binary connection refused: {msg.status} {msg.message}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closing:
+            self._sink.on_lost(f"binary connection lost: {exc or 'closed by the service'}")
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    async def close(self) -> None:
+        self._closing = True
+        self._flush()
+        if self._transport is not None:
+            self._transport.close()
+        await self.closed
+
+
+async def connect_binary(sink: Sink, host: str, port: int) -> BinaryConn:
+    loop = asyncio.get_running_loop()
+    _, proto = await loop.create_connection(lambda: BinaryConn(sink, loop), host, port)
+    return proto
+
+
+# ---------------------------------------------------------------------------------------- HTTP
+
+
+class _AdmitBody(msgspec.Struct):
+    flow: str
+    priority: int
+    bytes: int
+    ttl: float
+    slo: float
+    tokens: int
+    weight: float
+
+
+class _ErrorDetail(msgspec.Struct):
+    status: int = 0
+    message: str = ""
+
+
+class _Reply(msgspec.Struct):
+    outcome: str = ""
+    reason: str = ""
+    ticket: int = 0
+    wait_ms: float = 0.0
+    released: bool = False
+    error: _ErrorDetail | None = None
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_reply = msgspec.json.Decoder(_Reply).decode
+_RELEASE = -1  # marks a release reply in a connection's queue of expected replies
+
+
+class _HttpConn(asyncio.Protocol):
+    """One keep-alive connection. Replies come back in request order: `_expect` holds their rids."""
+
+    def __init__(self, pool: HttpPool, head: bytes) -> None:
+        self._pool = pool
+        self._head = head
+        self._parser = httptools.HttpResponseParser(self)
+        self._body = bytearray()
+        self._expect: collections.deque[int] = collections.deque()
+        self._transport: asyncio.Transport | None = None
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self.closed: asyncio.Future[None] = pool.loop.create_future()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._expect)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def send(self, rid: int, body: bytes, *, batch: bool = False) -> None:
+        self._expect.append(rid)
+        data = b"%bcontent-length: %d\r\n\r\n%b" % (self._head, len(body), body)
+        if not batch:
+            if self._transport is not None:
+                self._transport.write(data)
+            return
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._pool.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(b"".join(self._out))
+        self._out.clear()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._pool.sink.on_lost(f"malformed HTTP reply: {exc}")
+            if self._transport is not None:
+                self._transport.close()
+
+    def on_body(self, body: bytes) -> None:
+        self._body += body
+
+    def on_message_complete(self) -> None:
+        status = self._parser.get_status_code()
+        body = bytes(self._body)
+        self._body.clear()
+        rid = self._expect.popleft() if self._expect else _RELEASE
+        self._pool.reply(self, rid, status, body)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._pool.lost(self, exc)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+class HttpPool:
+    """Keep-alive connections to the HTTP front: `admit` on a free one, `release` on a dedicated one."""
+
+    def __init__(self, sink: Sink, loop: asyncio.AbstractEventLoop, host: str, port: int, max_conns: int) -> None:
+        self.sink = sink
+        self.loop = loop
+        self._host = host
+        self._port = port
+        self._max = max(1, max_conns)
+        self._admit_head = b"POST /v1/admit HTTP/1.1\r\nhost: %b\r\ncontent-type: application/json\r\n" % host.encode()
+        self._release_head = (
+            b"POST /v1/release HTTP/1.1\r\nhost: %b\r\ncontent-type: application/json\r\n" % host.encode()
+        )
+        self._free: list[_HttpConn] = []
+        self._all: list[_HttpConn] = []
+        self._waiting: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._opening = 0
+        self._releaser: _HttpConn | None = None
+        self._closing = False
+        self.pool_waits = 0
+        self.most_conns = 0
+        self.released = 0
+        self.release_failed = 0
+
+    async def open(self, n: int) -> None:
+        """Open the release connection and `n` admission connections up front (opening costs a round trip)."""
+        self._releaser = await self._connect(self._release_head)
+        conns = await asyncio.gather(*(self._connect(self._admit_head) for _ in range(min(n, self._max))))
+        self._free.extend(conns)
+
+    async def _connect(self, head: bytes) -> _HttpConn:
+        _, conn = await self.loop.create_connection(lambda: _HttpConn(self, head), self._host, self._port)
+        self._all.append(conn)
+        self.most_conns = max(self.most_conns, len(self._all) - 1)
+        return conn
+
+    def admit(self, rid: int, flow: str, priority: int, size: int, ttl: float, slo: float, tokens: int,
+              weight: float) -> None:
+        body = _encode(_AdmitBody(flow, priority, size, ttl, slo, tokens, weight))
+        if self._free:
+            self._free.pop().send(rid, body)
+            return
+        self.pool_waits += 1
+        self._waiting.append((rid, body))
+        if len(self._all) - 1 + self._opening < self._max:
+            self._opening += 1
+            self.loop.create_task(self._grow())
+
+    async def _grow(self) -> None:
+        try:
+            conn = await self._connect(self._admit_head)
+        except OSError as exc:
+            self.sink.on_lost(f"cannot open another HTTP connection: {exc}")
+            return
+        finally:
+            self._opening -= 1
+        self._idle(conn)
+
+    def _idle(self, conn: _HttpConn) -> None:
+        if self._waiting and not self._closing:
+            rid, body = self._waiting.popleft()
+            conn.send(rid, body)
+        else:
+            self._free.append(conn)
+
+    def release(self, ticket: int) -> None:
+        if self._releaser is not None:
+            self._releaser.send(_RELEASE, b'{"ticket":%d}' % ticket, batch=True)
+
+    def reply(self, conn: _HttpConn, rid: int, status: int, body: bytes) -> None:
+        if rid == _RELEASE:
+            if status == 200:
+                self.released += 1
+            else:
+                self.release_failed += 1
+            return
+        self._idle(conn)
+        try:
+            r = _decode_reply(body)
+        except msgspec.DecodeError:
+            self.sink.on_error(rid, status, f"undecodable reply body: {body[:100]!r}")
+            return
+        if r.error is not None or not r.outcome:
+            message = r.error.message if r.error is not None else body[:100].decode("latin-1")
+            self.sink.on_error(rid, status, message)
+            return
+        outcome = OUTCOME_BY_LABEL.get((r.outcome, r.reason))
+        if outcome is None:
+            self.sink.on_error(rid, status, f"unknown outcome {r.outcome}:{r.reason}")
+            return
+        self.sink.on_result(rid, outcome, r.ticket, r.wait_ms / 1000.0)
+
+    def lost(self, conn: _HttpConn, exc: Exception | None) -> None:
+        if conn in self._free:
+            self._free.remove(conn)
+        if conn in self._all:
+            self._all.remove(conn)
+        if not self._closing:
+            self.sink.on_lost(f"HTTP connection lost: {exc or 'closed by the service'}")
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    async def close(self) -> None:
+        self._closing = True
+        conns = list(self._all)
+        for conn in conns:
+            conn.close()
+        await asyncio.gather(*(c.closed for c in conns))
+
+

@@ -1,0 +1,140 @@
+"""`flowshard bench` end to end against a real `flowshard serve` (and the echo baseline): a tiny
+scenario for about a second per run. Checks the JSON's structure and bookkeeping, never timings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = """
+name = "tiny"
+
+[server]
+default_ttl = 5.0
+
+[server.budget]
+max_inflight_requests = 4
+
+[[server.bands]]
+priority = 10
+name = "high"
+fairness = "round-robin"
+
+[[server.bands]]
+priority = 0
+name = "low"
+fairness = "drr"
+flow_max_requests = 20
+
+[workload]
+duration = 1.2
+warmup = 0.2
+seed = 1
+
+[[workload.flows]]
+id = "vip"
+priority = 10
+arrival = { kind = "poisson", rate = 40 }
+size = 500
+service = 0.01
+
+[[workload.flows]]
+id = "bulk"
+count = 3
+arrival = { kind = "poisson", rate = 150 }
+size = { dist = "uniform", low = 500, high = 2000 }
+service = 0.02
+
+[[workload.flows]]
+id = "agent"
+arrival = { kind = "closed", concurrency = 2, think = 0.01 }
+size = 1000
+service = 0.01
+"""
+
+FREE = """
+name = "free"
+[server.budget]
+max_inflight_requests = "unlimited"
+[workload]
+duration = 0.8
+warmup = 0.2
+[[workload.flows]]
+id = "c"
+arrival = { kind = "closed", concurrency = 4, think = 0.000001 }
+service = 0.0
+"""
+
+
+def _bench(tmp_path: Path, text: str, *flags: str) -> dict[str, Any]:
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(text)
+    out = tmp_path / "out.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "flowshard.cli", "bench", str(scenario), "--json", str(out), "--quiet", *flags],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "== shards=1" in proc.stdout
+    doc: dict[str, Any] = json.loads(out.read_text())
+    return doc
+
+
+def _outcomes(counts: dict[str, Any]) -> int:
+    return (counts["dispatched"] + sum(counts["rejected"].values()) + sum(counts["evicted"].values())
+            + counts["errors"] + counts["unfinished"])
+
+
+def _check_run(run: dict[str, Any]) -> None:
+    counts = run["counts"]
+    assert counts["submitted"] > 0 and run["consistent"] is True
+    assert counts["submitted"] == _outcomes(counts)
+    assert sum(b["counts"]["submitted"] for b in run["bands"]) == counts["submitted"]
+    assert sum(g["counts"]["submitted"] for g in run["groups"]) == counts["submitted"]
+    assert sum(f["counts"]["submitted"] for f in run["flows"]) == counts["submitted"]
+    assert all(f["counts"]["submitted"] == _outcomes(f["counts"]) for f in run["flows"])
+    assert run["throughput"]["dispatches_per_s"] > 0
+    lat = run["latency_us"]
+    assert lat["count"] > 0 and lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p999"] <= lat["max"]
+    roles = {p["role"] for p in run["cpu"]["processes"]}
+    assert "loadgen0" in roles
+    assert not [w for w in run["warnings"] if "left behind" in w or "outlived" in w or "exited with" in w]
+
+
+def test_bench_binary_two_bands_against_flowshard(tmp_path: Path) -> None:
+    doc = _bench(tmp_path, TINY, "--shards", "1")
+    assert doc["bench"]["machine"]["cpus"] >= 1 and doc["scenario"]["name"] == "tiny"
+    [config] = doc["configs"]
+    assert config["label"] == "shards=1" and config["transport"] == "binary"
+    [run] = config["runs"]
+    _check_run(run)
+    assert {"distributor", "worker0"} <= {p["role"] for p in run["cpu"]["processes"]}
+    assert [b["name"] for b in run["bands"]] == ["high", "low"]
+    assert {g["id"] for g in run["groups"]} == {"vip", "bulk", "agent"} and len(run["flows"]) == 5
+    low = run["bands"][1]
+    assert low["jain"] is not None and low["apparent_inversions"] is not None
+    assert run["server"]["dispatched"] > 0
+    proj = run["projection"]["with_generator"]
+    assert set(proj) == {"2", "4", "8", "16"} and all(v["per_s"] > 0 for v in proj.values())
+    assert "dispatches/s" in config["summary"] and config["summary"]["dispatches/s"]["n"] == 1
+    sim = doc["simulation"]["None"]
+    assert sim["report"]["scenario"] == "tiny" and "shards=1" in sim["comparison"]
+
+
+def test_bench_http_with_echo_baseline(tmp_path: Path) -> None:
+    doc = _bench(tmp_path, FREE, "--shards", "1", "--http", "--baseline", "--no-simulate")
+    labels = [c["label"] for c in doc["configs"]]
+    assert labels == ["shards=1", "echo-http"]
+    for config in doc["configs"]:
+        [run] = config["runs"]
+        assert run["transport"] == "http"
+        _check_run(run)
+        assert run["counts"]["dispatched"] > 0 and run["generator"]["release_failed"] == 0
+    echo = doc["configs"][1]["runs"][0]
+    assert {p["role"] for p in echo["cpu"]["processes"]} >= {"echo", "loadgen0"}
+    assert doc["simulation"] == {}

@@ -1,0 +1,157 @@
+"""Arithmetic of `flowshard bench`: the C-core projection, fair shares, splitting flows over generator
+processes, scenario adjustments, and the client-side fairness and priority figures (no timing)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.cli import adjust
+from bench.fairness import apparent_inversions, fair_shares, service_difference
+from bench.loadgen import part_of
+from bench.report import offered_rate, project, project_all
+from flowshard.config import ConfigError
+from flowshard.scenario import Bursts, Closed, Constant, Poisson, load_scenario
+
+SCENARIO = """
+name = "t"
+[workload]
+duration = 4.0
+warmup = 1.0
+[[workload.flows]]
+id = "a"
+count = 2
+arrival = { kind = "poisson", rate = 100 }
+service = 0.01
+[[workload.flows]]
+id = "b"
+arrival = { kind = "bursts", size = 10, every = 1.0, spread = 0.5 }
+service = 0.01
+[[workload.flows]]
+id = "c"
+arrival = { kind = "closed", concurrency = 5, think = 0.1 }
+service = 0.01
+[[workload.flows]]
+id = "d"
+arrival = { kind = "constant", rate = 50 }
+service = 0.01
+"""
+
+
+def test_projection_single_process_bound() -> None:
+    # distributor 20 µs/req caps one core at 50k/s; together 35 µs/req on 2 cores allow 57k/s
+    costs = {"distributor": 20.0, "worker0": 5.0, "loadgen0": 10.0}
+    rate, neck = project(costs, 2, spread=["loadgen0"])
+    assert rate == pytest.approx(50_000) and neck == "distributor"
+
+
+def test_projection_shared_cores_bound() -> None:
+    costs = {"distributor": 20.0, "worker0": 15.0, "worker1": 15.0, "loadgen0": 30.0}
+    rate, neck = project(costs, 2, spread=["loadgen0"])
+    assert rate == pytest.approx(2e6 / 80) and neck == "all 2 cores"
+    rate, neck = project(costs, 16, spread=["loadgen0"])
+    assert rate == pytest.approx(50_000) and neck == "distributor"
+
+
+def test_projection_spread_generator_never_single_bound() -> None:
+    rate, neck = project({"distributor": 10.0, "loadgen0": 40.0}, 16, spread=["loadgen0"])
+    assert rate == pytest.approx(100_000) and neck == "distributor"
+    rate, neck = project({"distributor": 10.0, "loadgen0": 40.0}, 16)
+    assert rate == pytest.approx(25_000) and neck == "loadgen0"
+    with pytest.raises(ValueError):
+        project({"x": 1.0}, 0)
+
+
+def test_project_all_scopes() -> None:
+    out = project_all({"distributor": 20.0, "worker0": 5.0, "loadgen0": 25.0})
+    assert out["with_generator"]["2"] == {"per_s": 40_000.0, "bottleneck": "all 2 cores"}
+    assert out["service_only"]["2"] == {"per_s": 50_000.0, "bottleneck": "distributor"}
+    assert set(out["with_generator"]) == {"2", "4", "8", "16"}
+
+
+def test_fair_shares_max_min() -> None:
+    # capacity 14 over demands 3, 7, 9, 1 -> 3, 5, 5, 1 (the analysis.max_min_fair example)
+    shares, fairs, jain = fair_shares([3, 5, 5, 1], [3, 7, 9, 1], [1, 1, 1, 1])
+    assert fairs == pytest.approx([3 / 14, 5 / 14, 5 / 14, 1 / 14])
+    assert shares == pytest.approx(fairs) and jain == pytest.approx(1.0)
+    _, _, unfair = fair_shares([1, 9], [10, 10], [1, 1])
+    assert unfair is not None and unfair < 0.7
+    assert fair_shares([0, 0], [1, 1], [1, 1]) == ([None, None], [None, None], None)
+
+
+def test_part_of_splits_each_arrival_kind() -> None:
+    s = load_scenario(SCENARIO)
+    a, b, c, d = s.workload.flows
+    parts = [part_of(a, i, 3) for i in range(3)]
+    assert all(p is not None and isinstance(p.arrival, Poisson) and p.arrival.rate == pytest.approx(100 / 3)
+               for p in parts)
+    sizes = [p.arrival.size if p is not None and isinstance(p.arrival, Bursts) else 0
+             for p in (part_of(b, i, 3) for i in range(3))]
+    assert sizes == [4, 3, 3]
+    clients = [p.arrival.concurrency if p is not None and isinstance(p.arrival, Closed) else 0
+               for p in (part_of(c, i, 7) for i in range(7))]
+    assert clients == [1, 1, 1, 1, 1, 0, 0] and part_of(c, 6, 7) is None
+    starts = [p.start for p in (part_of(d, i, 2) for i in range(2)) if p is not None]
+    assert starts == pytest.approx([0.0, 0.02])  # interleaved: together one request every 1/50 s
+    assert all(isinstance(p.arrival, Constant) for p in (part_of(d, i, 2) for i in range(2)) if p is not None)
+    assert part_of(a, 0, 1) is a
+
+
+def test_adjust_rate_concurrency_duration() -> None:
+    s = load_scenario(SCENARIO)
+    assert offered_rate(s) == pytest.approx(200 + 10 + 50)
+    t = adjust(s, rate=520.0, concurrency=10, duration=2.0)
+    assert offered_rate(t) == pytest.approx(520.0)
+    assert t.workload.duration == 2.0 and t.workload.warmup == 1.0
+    closed = [f.arrival for f in t.workload.flows if isinstance(f.arrival, Closed)]
+    assert [a.concurrency for a in closed] == [10]
+    assert adjust(s, duration=0.5).workload.warmup == pytest.approx(0.1)
+    only_closed = load_scenario(
+        '[workload]\nduration = 1.0\n[[workload.flows]]\nid = "c"\n'
+        'arrival = { kind = "closed", concurrency = 2, think = 0.1 }\nservice = 0.01\n'
+    )
+    with pytest.raises(ConfigError):
+        adjust(only_closed, rate=10.0)
+
+
+def _log(rows: list[tuple[int, float, float, int, int]]) -> dict[str, np.ndarray]:
+    """rows: (flow, sent, done, outcome, size)."""
+    a = np.array(rows, dtype=np.float64).reshape(-1, 5)
+    return {"flow": a[:, 0].astype(np.int32), "intended": a[:, 1], "sent": a[:, 1], "done": a[:, 2],
+            "outcome": a[:, 3].astype(np.int8), "size": a[:, 4].astype(np.int64),
+            "tokens": np.zeros(len(a), np.int64), "wait": np.zeros(len(a), np.float32),
+            "service": np.zeros(len(a), np.float32)}
+
+
+def test_service_difference_between_backlogged_flows() -> None:
+    # flows 0 and 1 both backlogged over [0, 10]; flow 0 gets 3 dispatches before flow 1 gets any
+    rows = [(0, 0.0, t, 0, 1) for t in (1.0, 2.0, 3.0)] + [(1, 0.0, 4.0, 0, 1), (1, 0.0, 9.0, 0, 1)]
+    log = _log(rows)
+    diff = service_difference(log, np.array([0, 1], np.int32), {0: 1.0, 1: 1.0}, "requests", (0.0, 10.0))
+    assert diff == pytest.approx(3.0)
+    weighted = service_difference(log, np.array([0, 1], np.int32), {0: 3.0, 1: 1.0}, "requests", (0.0, 10.0))
+    assert weighted == pytest.approx(1.0)
+    assert service_difference(log, np.array([0], np.int32), {0: 1.0}, "requests", (0.0, 10.0)) is None
+
+
+def test_apparent_inversions_need_overlap_beyond_tolerance() -> None:
+    band_of = np.array([0, 1], np.int32)  # flow 0 in the higher band
+    # a high request outstanding over [0, 1]; low dispatches answered at 0.5 (inside), 1.5 (after), 0.9995 (edge)
+    log = _log([(0, 0.0, 1.0, 0, 1), (1, 0.4, 0.5, 0, 1), (1, 1.4, 1.5, 0, 1), (1, 0.99, 0.9995, 0, 1)])
+    assert apparent_inversions(log, band_of, 2, (0.0, 2.0), 0.005) == [0, 1]
+    # a high request shorter than twice the tolerance never counts
+    short = _log([(0, 0.0, 0.004, 0, 1), (1, 0.0, 0.002, 0, 1)])
+    assert apparent_inversions(short, band_of, 2, (0.0, 1.0), 0.005) == [0, 0]
+    assert not math.isnan(sum(apparent_inversions(short, band_of, 2, (0.0, 1.0), 0.0)))
+
+
+def test_plot_without_matplotlib_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from bench.plot import plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    message = plot(str(tmp_path / "p.png"), {"configs": [], "runs": {}})
+    assert "not installed" in message and not (tmp_path / "p.png").exists()
