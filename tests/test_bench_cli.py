@@ -71,7 +71,7 @@ service = 0.0
 """
 
 
-def _bench(tmp_path: Path, text: str, *flags: str) -> dict[str, Any]:
+def _bench(tmp_path: Path, text: str, *flags: str) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
     scenario = tmp_path / "s.toml"
     scenario.write_text(text)
     out = tmp_path / "out.json"
@@ -82,7 +82,7 @@ def _bench(tmp_path: Path, text: str, *flags: str) -> dict[str, Any]:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "== shards=1" in proc.stdout
     doc: dict[str, Any] = json.loads(out.read_text())
-    return doc
+    return doc, proc
 
 
 def _outcomes(counts: dict[str, Any]) -> int:
@@ -107,7 +107,9 @@ def _check_run(run: dict[str, Any]) -> None:
 
 
 def test_bench_binary_two_bands_against_flowshard(tmp_path: Path) -> None:
-    doc = _bench(tmp_path, TINY, "--shards", "1")
+    doc, proc = _bench(tmp_path, TINY, "--shards", "1", "--plot", str(tmp_path / "bench.png"))
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot: written to {tmp_path / 'bench.png'}" in proc.stdout + proc.stderr
     assert doc["bench"]["machine"]["cpus"] >= 1 and doc["scenario"]["name"] == "tiny"
     [config] = doc["configs"]
     assert config["label"] == "shards=1" and config["transport"] == "binary"
@@ -127,7 +129,7 @@ def test_bench_binary_two_bands_against_flowshard(tmp_path: Path) -> None:
 
 
 def test_bench_http_with_echo_baseline(tmp_path: Path) -> None:
-    doc = _bench(tmp_path, FREE, "--shards", "1", "--http", "--baseline", "--no-simulate")
+    doc, _ = _bench(tmp_path, FREE, "--shards", "1", "--http", "--baseline", "--no-simulate")
     labels = [c["label"] for c in doc["configs"]]
     assert labels == ["shards=1", "echo-http"]
     for config in doc["configs"]:
