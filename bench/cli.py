@@ -138,7 +138,7 @@ def _start(config: Config, scenario: Scenario, args: argparse.Namespace, workdir
         return Server.start_flowshard(scenario, config.shards, workdir)
     if config.kind == "echo":
         return Server.start_echo()
-    return Server.attach(args.target, args.http_target)
+    return Server.attach(args.target, args.http_target, "http" if args.http else "binary")
 
 
 def run_all(args: argparse.Namespace, base: Scenario) -> dict[str, Any]:

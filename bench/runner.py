@@ -22,6 +22,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +37,7 @@ import msgspec
 
 from bench.loadgen import GenResult, GenSpec
 from bench.procstat import CpuSample, MachineSample, ProcId, children, cmdline, machine_sample, sample
-from flowshard.config import dump_config
+from flowshard.config import ConfigError, dump_config
 from flowshard.scenario import Scenario
 
 __all__ = ["Options", "RunRecord", "Server", "run_once"]
@@ -83,11 +84,20 @@ class Server:
         return cls._start("echo", [sys.executable, "-m", "bench.echo"])
 
     @classmethod
-    def attach(cls, target: str, http_target: str | None) -> Server:
+    def attach(cls, target: str, http_target: str | None, transport: str) -> Server:
         """`--target HOST:PORT` is the binary port; the HTTP address defaults to HOST:PORT-1
-        (flowshard's defaults are 8080/8081) unless `--http-target` names it."""
-        host, port = _hostport(target)
-        http = _hostport(http_target) if http_target else (host, port - 1)
+        (flowshard's defaults are 8080/8081) unless `--http-target` names it. The address the
+        run will use must accept a connection now: a clear error beats a generator that dies."""
+        host, port = _hostport(target, "--target")
+        http = _hostport(http_target, "--http-target") if http_target else (host, port - 1)
+        if transport == "http":
+            used, flag = http, ("--http-target" if http_target else "--target (HTTP at PORT-1)")
+        else:
+            used, flag = (host, port), "--target"
+        try:
+            socket.create_connection(used, timeout=5.0).close()
+        except OSError as exc:
+            raise ConfigError(f"{flag}: cannot connect to {used[0]}:{used[1]}: {exc.strerror or exc}") from None
         return cls("target", http=http, binary=(host, port))
 
     @classmethod
@@ -188,10 +198,10 @@ class Server:
         return parsed
 
 
-def _hostport(text: str) -> tuple[str, int]:
+def _hostport(text: str, flag: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{flag}: expected HOST:PORT with a port in 1..65535, got {text!r}")
     return host or "127.0.0.1", int(port)
 
 

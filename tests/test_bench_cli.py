@@ -9,6 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+from servicekit import config_text, launch
+
+__all__ = ["launch"]  # the fixture, re-exported so pytest finds it here
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = """
@@ -71,16 +76,21 @@ service = 0.0
 """
 
 
-def _bench(tmp_path: Path, text: str, *flags: str) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
+def _run_bench(tmp_path: Path, text: str, *flags: str) -> subprocess.CompletedProcess[str]:
     scenario = tmp_path / "s.toml"
     scenario.write_text(text)
-    out = tmp_path / "out.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "flowshard.cli", "bench", str(scenario), "--json", str(out), "--quiet", *flags],
+    return subprocess.run(
+        [sys.executable, "-m", "flowshard.cli", "bench", str(scenario), "--quiet", *flags],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
+
+
+def _bench(tmp_path: Path, text: str, *flags: str) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
+    out = tmp_path / "out.json"
+    proc = _run_bench(tmp_path, text, "--json", str(out), *flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "== shards=1" in proc.stdout
+    label = "target" if "--target" in flags else "shards=1"
+    assert f"== {label}" in proc.stdout
     doc: dict[str, Any] = json.loads(out.read_text())
     return doc, proc
 
@@ -140,3 +150,33 @@ def test_bench_http_with_echo_baseline(tmp_path: Path) -> None:
     echo = doc["configs"][1]["runs"][0]
     assert {p["role"] for p in echo["cpu"]["processes"]} >= {"echo", "loadgen0"}
     assert doc["simulation"] == {}
+
+
+def test_bench_drives_a_running_service_with_target(tmp_path: Path, launch: Any) -> None:
+    svc = launch(config_text(budget=None, bands=[{"priority": 0, "fairness": "round-robin"}]), shards=2)
+    for transport in ([], ["--http"]):
+        doc, _ = _bench(tmp_path, FREE, "--target", f"127.0.0.1:{svc.binary_port}",
+                        "--http-target", f"127.0.0.1:{svc.http_port}", "--no-simulate", *transport)
+        [config] = doc["configs"]
+        assert config["label"] == "target" and config["kind"] == "target"
+        [run] = config["runs"]
+        _check_run(run)
+        assert run["counts"]["dispatched"] > 0 and run["counts"]["errors"] == 0
+    assert svc.stats()["totals"]["dispatched"] >= doc["configs"][0]["runs"][0]["counts"]["dispatched"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--target", "nohost"], "--target: expected HOST:PORT with a port in 1..65535, got 'nohost'"),
+        (["--target", "127.0.0.1:70000"], "--target: expected HOST:PORT with a port in 1..65535"),
+        (["--target", "127.0.0.1:1"], "--target: cannot connect to 127.0.0.1:1"),
+        (["--target", "127.0.0.1:2", "--http"], "--target (HTTP at PORT-1): cannot connect to 127.0.0.1:1"),
+        (["--shards", "1,x"], "--shards: expected comma-separated numbers, got '1,x'"),
+        (["--runs", "0"], "--runs and --procs must be at least 1"),
+    ],
+)
+def test_bench_bad_flags_get_one_line_errors(tmp_path: Path, flags: list[str], message: str) -> None:
+    proc = _run_bench(tmp_path, FREE, *flags)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("flowshard: ") and message in proc.stderr and "Traceback" not in proc.stderr
