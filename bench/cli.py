@@ -32,6 +32,7 @@ from bench.progress import Progress
 from bench.report import (
     aggregate,
     closed_clients,
+    fmt,
     offered_rate,
     render_comparison,
     render_config,
@@ -181,8 +182,9 @@ def run_all(args: argparse.Namespace, base: Scenario) -> dict[str, Any]:
             fig = run_figures(record, scenario, meta)
             runs[config].append(fig)
             t = fig["throughput"]
-            progress.finish(f"{t['dispatches_per_s']:,.0f} dispatches/s, latency p50 {fig['latency_us']['p50']} µs, "
-                            f"p99 {fig['latency_us']['p99']} µs" + (" (warnings)" if fig["warnings"] else ""))
+            lat = fig["latency_us"]
+            progress.finish(f"{fmt(t['dispatches_per_s'])} dispatches/s, latency p50 {fmt(lat['p50'])} µs, "
+                            f"p99 {fmt(lat['p99'])} µs" + (" (warnings)" if fig["warnings"] else ""))
     sims: dict[str, Any] = {}
     if not args.no_simulate:
         for rate, scenario in scenarios.items():
