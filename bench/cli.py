@@ -31,17 +31,24 @@ from bench.procstat import cpu_count, cpu_model, machine_sample
 from bench.progress import Progress
 from bench.report import (
     aggregate,
-    closed_clients,
     fmt,
-    offered_rate,
     render_comparison,
     render_config,
     render_projection,
     run_figures,
 )
-from bench.runner import Options, RunRecord, Server, run_once
-from flowshard.config import ConfigError
-from flowshard.scenario import Bursts, Closed, Constant, Poisson, Scenario
+from bench.runner import BenchError, Options, RunRecord, Server, run_once
+from flowshard.config import MAX_SHARDS, ConfigError
+from flowshard.scenario import (
+    Bursts,
+    Closed,
+    Constant,
+    Poisson,
+    Scenario,
+    closed_clients,
+    offered_rate,
+    scenario_from_data,
+)
 from flowshard.simulate import read_scenario
 
 __all__ = ["main", "standalone"]
@@ -84,20 +91,21 @@ def adjust(scenario: Scenario, *, rate: float | None = None, concurrency: int | 
         changes["warmup"] = warmup
     elif duration is not None and workload.warmup >= duration:
         changes["warmup"] = duration / 5
-    try:
-        return replace(scenario, workload=replace(workload, **changes))
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"scenario adjustment: {exc}") from None
+    adjusted = replace(scenario, workload=replace(workload, **changes))
+    # `replace` skips the field constraints: validate the result as if it had been read from a file
+    return scenario_from_data(msgspec.to_builtins(adjusted), where="the scenario after --rate/--concurrency/"
+                              "--duration/--warmup")
 
 
 def _list(text: str, kind: type, name: str) -> list[Any]:
+    """Comma-separated positive numbers, each once, in the order given."""
     try:
         values = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"{name}: expected comma-separated numbers, got {text!r}") from None
     if not values or any(v <= 0 for v in values):
         raise ConfigError(f"{name}: expected positive numbers, got {text!r}")
-    return values
+    return list(dict.fromkeys(values))
 
 
 # ---------------------------------------------------------------------------------------- the runs
@@ -150,7 +158,10 @@ def run_all(args: argparse.Namespace, base: Scenario) -> dict[str, Any]:
         if args.target:
             configs.append(Config("target", 0, transport, rate))
         else:
-            configs += [Config("flowshard", n, transport, rate) for n in _list(args.shards, int, "--shards")]
+            shards = _list(args.shards, int, "--shards")
+            if max(shards) > MAX_SHARDS:
+                raise ConfigError(f"--shards: {max(shards)} is not allowed; 1 to {MAX_SHARDS}")
+            configs += [Config("flowshard", n, transport, rate) for n in shards]
         if args.baseline:
             configs.append(Config("echo", 0, transport, rate))
     if args.runs < 1 or args.procs < 1:
@@ -251,8 +262,16 @@ def main(args: argparse.Namespace, command: str | None = None) -> int:
     """`flowshard bench`: run, print the tables, write JSON and the plot if asked."""
     command = command or "flowshard " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     base = read_scenario(args.scenario)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        folder = Path(path).resolve().parent if path else None
+        if folder is not None and not (folder.is_dir() and os.access(folder, os.W_OK)):
+            raise ConfigError(f"{flag}: cannot write {path}: {folder} is not a writable folder")
     started = _now()
-    result = run_all(args, base)
+    try:
+        result = run_all(args, base)
+    except BenchError as exc:
+        sys.stderr.write(f"flowshard bench: {exc}\n")
+        return 1
     result["started"] = started
     sys.stdout.write(render(result))
     sys.stdout.flush()

@@ -26,7 +26,8 @@ from bench.fairness import UNITS, apparent_inversions, fair_shares, service_diff
 from bench.histogram import Histogram
 from bench.loadgen import LOG_COLUMNS, GenResult, band_index
 from bench.runner import RunRecord
-from flowshard.scenario import Bursts, Closed, Constant, Poisson, Scenario, expand_flows
+from flowshard.analysis import jain_index, percentile
+from flowshard.scenario import Scenario, closed_clients, expand_flows, offered_rate
 from flowshard.types import Outcome
 
 __all__ = ["METRICS", "aggregate", "project", "render_comparison", "render_config", "run_figures"]
@@ -71,22 +72,6 @@ def merged_log(results: Sequence[GenResult]) -> dict[str, np.ndarray]:
         parts = [np.frombuffer(r.log[name], dtype=dtypes[code]) for r in results]
         out[name] = np.concatenate(parts) if parts else np.zeros(0, dtypes[code])
     return out
-
-
-def offered_rate(scenario: Scenario) -> float:
-    """Nominal open-loop request rate of the scenario (closed-loop flows are not counted)."""
-    total = 0.0
-    for f in scenario.workload.flows:
-        a = f.arrival
-        if isinstance(a, Poisson | Constant):
-            total += a.rate * f.count
-        elif isinstance(a, Bursts):
-            total += a.size / a.every * f.count
-    return total
-
-
-def closed_clients(scenario: Scenario) -> int:
-    return sum(f.count * f.arrival.concurrency for f in scenario.workload.flows if isinstance(f.arrival, Closed))
 
 
 def _counts(outcomes: Sequence[int], submitted: int, unfinished: int, errors: int) -> dict[str, Any]:
@@ -166,7 +151,8 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
             "jain": _r(jain, 4), "max_service_diff": _r(diff),
             "apparent_inversions": inversions[b] if not truncated else None,
         })
-    groups = _groups(instances, submitted, outcomes, unfinished, errors, win, shares, fairs, log, band_of, config)
+    groups = _groups(instances, submitted, outcomes, unfinished, errors, win, shares, fairs,
+                     None if truncated else log, band_of, config)
     flows = [
         {"id": inst.id, "group": inst.spec.id, "band": config.bands[int(band_of[f])].name, "weight": weights[f],
          "counts": _counts(outcomes[f], submitted[f], unfinished[f], errors[f]),
@@ -191,7 +177,8 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
         samples = [e for r in results for e in r.errors]
         warnings.append(f"{totals['errors']} requests were refused as errors: {samples}")
     if truncated:
-        warnings.append("the per-request log was truncated: service difference and inversions not computed")
+        warnings.append("the per-request log was truncated: service difference, inversions and per-flow waits "
+                        "not computed")
     pool_waits = sum(r.pool_waits for r in results)
     if pool_waits:
         warnings.append(f"{pool_waits} HTTP admissions waited for a free connection (raise --max-conns)")
@@ -215,7 +202,9 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
         "bands": bands,
         "groups": groups,
         "flows": flows,
-        "fairness": {"jain": all_jain, "max_service_diff": _max_or_none(b["max_service_diff"] for b in bands),
+        "fairness": {"jain": all_jain, "max_service_diff": _max_or_none(b["max_service_diff"] for b in bands)
+                     if len({b["unit"] for b in bands}) == 1 else None,
+                     "service_diff_unit": bands[0]["unit"] if len({b["unit"] for b in bands}) == 1 else "mixed",
                      "apparent_inversions": None if truncated else sum(inversions),
                      "inversion_tolerance_s": INVERSION_TOL},
         "cpu": cpu,
@@ -228,7 +217,7 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
         "projection": cpu.get("projection"),
         "timeline": _timeline(log, instances, workload.duration),
         "latency_hist_ns": latency.to_dict(),
-        "server": _server_stats(stats),
+        "server": _server_stats(stats, since_start=meta.get("kind") == "target"),
         "warnings": warnings,
     }
 
@@ -257,8 +246,6 @@ def _timeline(log: dict[str, np.ndarray], instances: Sequence[Any], duration: fl
 
 
 def _jain_all(ratios: list[float]) -> float | None:
-    from flowshard.analysis import jain_index
-
     return _r(jain_index(ratios), 4) if ratios else None
 
 
@@ -270,17 +257,20 @@ def _max_or_none(values: Iterable[float | None]) -> float | None:
 def _groups(
     instances: Sequence[Any], submitted: list[int], outcomes: list[list[int]], unfinished: list[int],
     errors: list[int], win: list[list[float]], shares: list[float | None], fairs: list[float | None],
-    log: dict[str, np.ndarray], band_of: np.ndarray, config: Any,
+    log: dict[str, np.ndarray] | None, band_of: np.ndarray, config: Any,
 ) -> list[dict[str, Any]]:
+    """Per flow entry. Waits come from the per-request log; a truncated log (None) would describe only
+    the start of the run, so then they are left out."""
     members: dict[str, list[int]] = {}
     for f, inst in enumerate(instances):
         members.setdefault(inst.spec.id, []).append(f)
     out = []
-    dispatched = log["outcome"] == 0
     for gid, fs in members.items():
         ratios = [s / f for s, f in ((shares[i], fairs[i]) for i in fs) if s is not None and f]
-        rows = dispatched & np.isin(log["flow"], fs)
-        waits = np.sort(log["wait"][rows].astype(np.float64))
+        waits: list[float] = []
+        if log is not None:
+            rows = (log["outcome"] == 0) & np.isin(log["flow"], fs)
+            waits = sorted(log["wait"][rows].astype(np.float64).tolist())
         spec = instances[fs[0]].spec
         out.append({
             "id": gid, "flows": len(fs), "priority": spec.priority, "band": config.bands[int(band_of[fs[0]])].name,
@@ -296,15 +286,11 @@ def _groups(
     return out
 
 
-def _sorted_figures(values: np.ndarray, scale: float) -> dict[str, float | None]:
+def _sorted_figures(values: Sequence[float], scale: float) -> dict[str, float | None]:
     if len(values) == 0:
         return {"p50": None, "p90": None, "p99": None, "max": None}
-
-    def q(p: float) -> float | None:
-        rank = max(0, math.ceil(p * len(values)) - 1)
-        return _r(float(values[min(rank, len(values) - 1)]) * scale)
-
-    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": _r(float(values[-1]) * scale)}
+    return {"p50": _r(percentile(values, 0.5) * scale), "p90": _r(percentile(values, 0.9) * scale),
+            "p99": _r(percentile(values, 0.99) * scale), "max": _r(float(values[-1]) * scale)}
 
 
 def _kind(role: str) -> str:
@@ -357,6 +343,8 @@ def _cpu(record: RunRecord, requests: int, warnings: list[str], spun: dict[str, 
     server_us = sum(v["cpu_s"] for k, v in kinds.items() if k in server_roles) * per_req
     costs = {p["role"]: p["us_per_req"] for p in processes
              if p["role"] not in ("bench", "tracker") and p["us_per_req"] is not None}
+    # a --target's processes are not ours to read: a projection from the generator alone means nothing
+    measured_server = any(_kind(role) in server_roles for role in costs)
     return {
         "requests": requests,
         "processes": processes,
@@ -364,15 +352,18 @@ def _cpu(record: RunRecord, requests: int, warnings: list[str], spun: dict[str, 
         "server_us_per_req": _r(server_us),
         "machine": {"busy_cores": _r(busy / window), "ours_cores": _r(ours / window), "foreign_cores": _r(foreign),
                     "steal_cores": _r(steal / window)},
-        "projection": project_all(costs) if costs and requests else None,
+        "projection": project_all(costs) if measured_server and requests else None,
     }
 
 
-def _server_stats(stats: dict[str, Any]) -> dict[str, Any] | None:
+def _server_stats(stats: dict[str, Any], since_start: bool) -> dict[str, Any] | None:
+    """The service's own counters after the run. For a `--target` they count since that service
+    started (other runs and other clients included), not this run alone."""
     if not stats:
         return None
     totals = stats.get("totals", {})
     return {
+        "since_service_start": since_start,
         "dispatched": totals.get("dispatched"),
         "fast_path_dispatched": totals.get("fast_path_dispatched"),
         "per_shard_dispatched": [s.get("dispatched") for s in stats.get("shards", [])],
@@ -451,7 +442,18 @@ def _kind_util(kind: str) -> Getter:
     return _path("cpu", "kinds", kind, "util")
 
 
+# outcomes of the whole run by reason; a reason that occurred in no run is left out of the tables
+OUTCOME_ROWS: list[tuple[str, Getter]] = [
+    *((f"{o.status}:{o.reason}", _path("counts", o.status, o.reason)) for o in (*_REJECTED, *_EVICTED)),
+    ("errors", _path("counts", "errors")),
+    ("unfinished", _path("counts", "unfinished")),
+]
+_OPTIONAL = {label for label, _ in OUTCOME_ROWS}
+
 METRICS: list[tuple[str, Getter]] = [
+    ("submitted", _path("counts", "submitted")),
+    ("dispatched", _path("counts", "dispatched")),
+    *OUTCOME_ROWS,
     ("dispatches/s", _path("throughput", "dispatches_per_s")),
     ("answered/s", _path("throughput", "answered_per_s")),
     ("latency p50 µs", _path("latency_us", "p50")),
@@ -471,17 +473,18 @@ METRICS: list[tuple[str, Getter]] = [
     ("loadgen util", _kind_util("loadgens")),
     ("other processes (cores)", _path("cpu", "machine", "foreign_cores")),
     ("Jain (share/fair)", _path("fairness", "jain")),
-    ("max service diff", _path("fairness", "max_service_diff")),
+    ("max service diff (band unit)", _path("fairness", "max_service_diff")),
     ("apparent inversions", _path("fairness", "apparent_inversions")),
 ]
 
 
 def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """min/median/max over runs of every METRICS figure (absent figures are left out)."""
+    """min/median/max over runs of every METRICS figure (absent figures, and outcome reasons that
+    never occurred, are left out)."""
     out: dict[str, dict[str, float | None]] = {}
     for label, get in METRICS:
         values = [v for v in (get(r) for r in runs) if v is not None]
-        if values:
+        if values and not (label in _OPTIONAL and not any(values)):
             out[label] = {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
     return out
 
@@ -569,17 +572,17 @@ def _group_lines(run: dict[str, Any]) -> list[str]:
         ratio = "-" if g["ratio_min"] is None else f"{g['ratio_min']:.3f}..{g['ratio_max']:.3f}"
         rows.append([g["id"], str(g["flows"]), str(c["submitted"]), str(c["dispatched"]),
                      str(sum(c["rejected"].values())), str(sum(c["evicted"].values())), fmt(g["wait_ms"]["p50"]),
-                     fmt(g["wait_ms"]["p99"]), _pct(g["share"]), _pct(g["fair_share"]), ratio])
+                     fmt(g["wait_ms"]["p99"]), pct(g["share"]), pct(g["fair_share"]), ratio])
     return table(["flow", "flows", "submitted", "dispatched", "rejected", "evicted", "wait p50 ms", "p99", "share",
                   "fair", "ratio min..max"], rows)
 
 
-def _pct(v: float | None) -> str:
+def pct(v: float | None) -> str:
     return "-" if v is None else f"{v * 100:.1f}%"
 
 
-def render_comparison(configs: Sequence[tuple[str, Sequence[dict[str, Any]]]], base: str | None = None) -> str:
-    """Every figure side by side across configurations; `base` (a label) adds ratios to it."""
+def render_comparison(configs: Sequence[tuple[str, Sequence[dict[str, Any]]]]) -> str:
+    """Every figure side by side across configurations."""
     labels = [label for label, _ in configs]
     aggs = {label: aggregate(runs) for label, runs in configs}
     figures = [m for m, _ in METRICS if any(m in a for a in aggs.values())]

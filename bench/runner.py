@@ -38,14 +38,19 @@ import msgspec
 from bench.loadgen import GenResult, GenSpec
 from bench.procstat import CpuSample, MachineSample, ProcId, children, cmdline, machine_sample, sample
 from flowshard.config import ConfigError, dump_config
-from flowshard.scenario import Scenario
+from flowshard.scenario import Scenario, closed_clients, offered_rate
 
-__all__ = ["Options", "RunRecord", "Server", "run_once"]
+__all__ = ["BenchError", "Options", "RunRecord", "Server", "run_once"]
 
 READY = re.compile(r"(?:flowshard|echo) ready: http=http://(\S+):(\d+) binary=(\S+):(\d+)(?: shards=(\d+))? pid=(\d+)")
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
 _PR_SET_PDEATHSIG = 1
+
+
+class BenchError(Exception):
+    """A run could not be made (a process did not start, died, or did not finish): said in one line,
+    after the processes' own stderr."""
 
 
 def _die_with_parent() -> None:
@@ -125,7 +130,7 @@ class Server:
         threading.Thread(target=pump, daemon=True).start()
         if not got.wait(START_TIMEOUT) or not ready:
             _terminate(proc)
-            raise RuntimeError(f"{kind} did not become ready:\n" + "\n".join(tail))
+            raise BenchError(f"{kind} did not become ready:\n" + "\n".join(tail))
         m = ready[0]
         return cls(kind, http=(m.group(1), int(m.group(2))), binary=(m.group(3), int(m.group(4))),
                    shards=int(m.group(5) or 0), proc=proc, pid=int(m.group(6)), stderr_tail=tail)
@@ -265,16 +270,14 @@ MAX_PENDING_PER_CONN = 50_000  # the service allows 65,536 admissions in flight 
 
 def _binary_conns(scenario: Scenario, procs: int) -> int:
     """Enough connections that no one carries more admissions in flight than the service allows:
-    with a deep queue, every open-loop request of the run may be pending at once."""
-    from bench.report import offered_rate
-
-    most = offered_rate(scenario) * scenario.workload.duration / procs
+    with a deep queue, every open-loop request of the run and every closed-loop client may be
+    pending at once."""
+    most = (offered_rate(scenario) * scenario.workload.duration + closed_clients(scenario)) / procs
     return max(1, min(64, math.ceil(most / MAX_PENDING_PER_CONN)))
 
 
 def _http_conns(scenario: Scenario, procs: int) -> int:
-    clients = sum(f.count * f.arrival.concurrency for f in scenario.workload.flows if hasattr(f.arrival, "concurrency"))
-    return -(-clients // procs) + 16
+    return -(-closed_clients(scenario) // procs) + 16
 
 
 async def run_once(
@@ -325,7 +328,7 @@ async def _drive(
         assert p.stdout is not None
         line = await asyncio.wait_for(p.stdout.readline(), START_TIMEOUT)
         if line.strip() != b"ready":
-            raise RuntimeError(f"load generator did not start: {line!r}")
+            raise BenchError(f"load generator {p.pid} did not start (its stderr is above)")
     me = ProcId.of(os.getpid(), "bench")
     tracked = [p for p in (*server.processes(), me) if p is not None]
     tracked += [q for i, p in enumerate(procs) if (q := ProcId.of(p.pid, f"loadgen{i}")) is not None]
@@ -366,11 +369,14 @@ async def _drive(
     try:
         await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), limit)
     except TimeoutError:
-        raise RuntimeError(f"load generators did not finish within {limit:g} s of the run's end") from None
+        raise BenchError(f"load generators did not finish within {limit:g} s of the run's end") from None
     tick()
     for t in followers:
         await t
     problems = [f"load generator {i} exited with {p.returncode}" for i, p in enumerate(procs) if p.returncode]
+    missing = [spec.index for spec, _ in specs if not Path(spec.result_path).is_file()]
+    if missing:
+        raise BenchError(f"load generator(s) {missing} left no result; {'; '.join(problems)} (stderr above)")
     results = [msgspec.msgpack.decode(Path(spec.result_path).read_bytes(), type=GenResult) for spec, _ in specs]
     return RunRecord(
         server=server, window=workload.duration - workload.warmup, results=results, cpu_start=cpu_start,

@@ -18,8 +18,8 @@ from typing import Any
 
 import msgspec
 
-from bench.report import fmt, table
-from flowshard.scenario import Closed, Scenario, as_dist
+from bench.report import fmt, pct, table
+from flowshard.scenario import Closed, Scenario, as_dist, offered_rate
 from flowshard.simulate import Report, simulate
 
 __all__ = ["MAX_SIMULATED_REQUESTS", "expected_requests", "predict", "render"]
@@ -29,8 +29,6 @@ MAX_SIMULATED_REQUESTS = 3_000_000
 
 def expected_requests(scenario: Scenario) -> float:
     """A rough count of the requests the simulator would generate (closed loops at zero latency)."""
-    from bench.report import offered_rate
-
     duration = scenario.workload.duration
     total = offered_rate(scenario) * duration
     for f in scenario.workload.flows:
@@ -53,44 +51,52 @@ def _median(values: Sequence[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
-def _diff(measured: float | None, predicted: float | None, scale: float = 1.0) -> str:
+def _diff(measured: float | None, predicted: float | None, scale: float = 1.0) -> float | None:
+    """measured − predicted (× scale), or None when either is missing."""
     if measured is None or predicted is None:
-        return "-"
-    return f"{(measured - predicted) * scale:+.2f}"
+        return None
+    return round((measured - predicted) * scale, 3)
+
+
+def _signed(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f}"
+
+
+def _with_diffs(predicted: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any]:
+    """predicted, measured, and measured − predicted for share (percentage points) and waits (ms)."""
+    diff = {"wait_p50_ms": _diff(measured["wait_p50_ms"], predicted["wait_p50_ms"]),
+            "wait_p99_ms": _diff(measured["wait_p99_ms"], predicted["wait_p99_ms"])}
+    if "share" in predicted:
+        diff["share_pp"] = _diff(measured["share"], predicted["share"], 100)
+    return {"predicted": predicted, "measured": measured, "diff": diff}
 
 
 def comparison(report: Report, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Per group: share and wait p50/p99 (ms), predicted and measured (median over runs)."""
+    """Per group and per band: shares and waits (ms), predicted and measured (median over runs)."""
     groups = []
     for g in report.groups:
-        measured = [next((m for m in r["groups"] if m["id"] == g.id), None) for r in runs]
-        ms = [m for m in measured if m is not None]
-        groups.append({
-            "id": g.id,
-            "predicted": {"share": g.share, "wait_p50_ms": _ms(g.wait.p50), "wait_p99_ms": _ms(g.wait.p99),
-                          "dispatched": g.counts.dispatched, "rejected": sum(g.counts.rejected.values()),
-                          "evicted": sum(g.counts.evicted.values())},
-            "measured": {"share": _median([m["share"] for m in ms]),
-                         "wait_p50_ms": _median([m["wait_ms"]["p50"] for m in ms]),
-                         "wait_p99_ms": _median([m["wait_ms"]["p99"] for m in ms]),
-                         "dispatched": _median([m["counts"]["dispatched"] for m in ms]),
-                         "rejected": _median([sum(m["counts"]["rejected"].values()) for m in ms]),
-                         "evicted": _median([sum(m["counts"]["evicted"].values()) for m in ms])},
-        })
+        ms = [m for r in runs for m in r["groups"] if m["id"] == g.id]
+        predicted = {"share": g.share, "wait_p50_ms": _ms(g.wait.p50), "wait_p99_ms": _ms(g.wait.p99),
+                     "dispatched": g.counts.dispatched, "rejected": sum(g.counts.rejected.values()),
+                     "evicted": sum(g.counts.evicted.values())}
+        measured = {"share": _median([m["share"] for m in ms]),
+                    "wait_p50_ms": _median([m["wait_ms"]["p50"] for m in ms]),
+                    "wait_p99_ms": _median([m["wait_ms"]["p99"] for m in ms]),
+                    "dispatched": _median([m["counts"]["dispatched"] for m in ms]),
+                    "rejected": _median([sum(m["counts"]["rejected"].values()) for m in ms]),
+                    "evicted": _median([sum(m["counts"]["evicted"].values()) for m in ms])}
+        groups.append({"id": g.id, **_with_diffs(predicted, measured)})
     bands = []
     for b in report.bands:
-        measured_b = [next((m for m in r["bands"] if m["name"] == b.name), None) for r in runs]
-        mb = [m for m in measured_b if m is not None]
-        bands.append({
-            "name": b.name,
-            "predicted": {"wait_p50_ms": _ms(b.wait.p50), "wait_p99_ms": _ms(b.wait.p99), "jain": b.jain,
-                          "max_service_diff": b.max_service_diff, "inversions": b.priority_inversions},
-            "measured": {"wait_p50_ms": _median([m["wait_ms"]["p50"] for m in mb]),
-                         "wait_p99_ms": _median([m["wait_ms"]["p99"] for m in mb]),
-                         "jain": _median([m["jain"] for m in mb]),
-                         "max_service_diff": _median([m["max_service_diff"] for m in mb]),
-                         "inversions": _median([m["apparent_inversions"] for m in mb])},
-        })
+        mb = [m for r in runs for m in r["bands"] if m["name"] == b.name]
+        predicted = {"wait_p50_ms": _ms(b.wait.p50), "wait_p99_ms": _ms(b.wait.p99), "jain": b.jain,
+                     "max_service_diff": b.max_service_diff, "inversions": b.priority_inversions}
+        measured = {"wait_p50_ms": _median([m["wait_ms"]["p50"] for m in mb]),
+                    "wait_p99_ms": _median([m["wait_ms"]["p99"] for m in mb]),
+                    "jain": _median([m["jain"] for m in mb]),
+                    "max_service_diff": _median([m["max_service_diff"] for m in mb]),
+                    "inversions": _median([m["apparent_inversions"] for m in mb])}
+        bands.append({"name": b.name, **_with_diffs(predicted, measured)})
     return {"groups": groups, "bands": bands}
 
 
@@ -101,27 +107,24 @@ def _ms(seconds: float | None) -> float | None:
 def render(label: str, cmp: dict[str, Any]) -> str:
     rows = []
     for g in cmp["groups"]:
-        p, m = g["predicted"], g["measured"]
-        rows.append([g["id"], _pct(p["share"]), _pct(m["share"]), _diff(m["share"], p["share"], 100),
-                     fmt(p["wait_p50_ms"]), fmt(m["wait_p50_ms"]), fmt(p["wait_p99_ms"]), fmt(m["wait_p99_ms"]),
+        p, m, d = g["predicted"], g["measured"], g["diff"]
+        rows.append([g["id"], pct(p["share"]), pct(m["share"]), _signed(d["share_pp"]),
+                     fmt(p["wait_p50_ms"]), fmt(m["wait_p50_ms"]), _signed(d["wait_p50_ms"]),
+                     fmt(p["wait_p99_ms"]), fmt(m["wait_p99_ms"]), _signed(d["wait_p99_ms"]),
                      fmt(p["dispatched"]), fmt(m["dispatched"])])
-    lines = [f"== simulator vs measured ({label}; measured: median over runs)"]
-    lines += table(["flow", "share sim", "measured", "diff pp", "wait p50 ms sim", "measured", "p99 sim", "measured",
-                    "dispatched sim", "measured"], rows)
+    lines = [f"== simulator vs measured ({label}; measured: median over runs; diff = measured − simulated)"]
+    lines += table(["flow", "share sim", "measured", "diff pp", "wait p50 ms sim", "measured", "diff",
+                    "p99 sim", "measured", "diff", "dispatched sim", "measured"], rows)
     brows = []
     for b in cmp["bands"]:
-        p, m = b["predicted"], b["measured"]
-        brows.append([b["name"], fmt(p["wait_p50_ms"]), fmt(m["wait_p50_ms"]), fmt(p["wait_p99_ms"]),
-                      fmt(m["wait_p99_ms"]), fmt(p["jain"]), fmt(m["jain"]), fmt(p["inversions"]),
-                      fmt(m["inversions"])])
+        p, m, d = b["predicted"], b["measured"], b["diff"]
+        brows.append([b["name"], fmt(p["wait_p50_ms"]), fmt(m["wait_p50_ms"]), _signed(d["wait_p50_ms"]),
+                      fmt(p["wait_p99_ms"]), fmt(m["wait_p99_ms"]), _signed(d["wait_p99_ms"]),
+                      fmt(p["jain"]), fmt(m["jain"]), fmt(p["inversions"]), fmt(m["inversions"])])
     lines.append("")
-    lines += table(["band", "wait p50 ms sim", "measured", "p99 sim", "measured", "jain sim", "measured",
-                    "inversions sim", "apparent"], brows)
+    lines += table(["band", "wait p50 ms sim", "measured", "diff", "p99 sim", "measured", "diff", "jain sim",
+                    "measured", "inversions sim", "apparent"], brows)
     return "\n".join(lines)
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{v * 100:.1f}%"
 
 
 def encode(report: Report | None) -> Any:

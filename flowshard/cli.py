@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 
-from flowshard.config import Config, ConfigError, dump_config, load_config
+from flowshard.config import MAX_SHARDS, Config, ConfigError, dump_config, load_config
 
 
 def read_config(path: str | None) -> Config:
@@ -43,8 +43,8 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in flags.items() if v is not None}
     if overrides:
         config.service = msgspec.structs.replace(config.service, **overrides)
-    if args.shards < 1:
-        raise ConfigError(f"--shards: {args.shards} is not allowed; at least 1")
+    if not 1 <= args.shards <= MAX_SHARDS:
+        raise ConfigError(f"--shards: {args.shards} is not allowed; 1 to {MAX_SHARDS}")
     try:
         uvloop.run(serve(config, args.shards))
     except OSError as exc:  # cannot listen (address in use, permission): one line, not a traceback

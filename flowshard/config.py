@@ -19,6 +19,7 @@ from flowshard.queues import ORDERINGS
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 UNLIMITED = "unlimited"
+MAX_SHARDS = 256  # shard workers one service may run: each is a process with its own socket pair
 # A limit: a positive number, or "unlimited" (TOML has no null; an omitted key takes the default).
 Limit = PositiveInt | Literal["unlimited"] | None
 

@@ -295,6 +295,23 @@ def scenario_from_data(data: dict[str, Any], *, where: str = "scenario") -> Scen
         raise ConfigError(_name_allowed(str(exc))) from None
 
 
+def offered_rate(scenario: Scenario) -> float:
+    """Nominal open-loop request rate of the scenario in req/s (closed-loop flows are not counted)."""
+    total = 0.0
+    for f in scenario.workload.flows:
+        a = f.arrival
+        if isinstance(a, Poisson | Constant):
+            total += a.rate * f.count
+        elif isinstance(a, Bursts):
+            total += a.size / a.every * f.count
+    return total
+
+
+def closed_clients(scenario: Scenario) -> int:
+    """How many closed-loop clients the scenario runs in all."""
+    return sum(f.count * f.arrival.concurrency for f in scenario.workload.flows if isinstance(f.arrival, Closed))
+
+
 def _name_allowed(message: str) -> str:
     """msgspec names a bad tag value but not the choices; add them."""
     head, _, rest = message.partition(": Invalid value ")

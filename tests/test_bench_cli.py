@@ -162,6 +162,8 @@ def test_bench_drives_a_running_service_with_target(tmp_path: Path, launch: Any)
         [run] = config["runs"]
         _check_run(run)
         assert run["counts"]["dispatched"] > 0 and run["counts"]["errors"] == 0
+        assert run["projection"] is None  # the target's processes are not measured: no projection claimed
+        assert run["server"]["since_service_start"] is True
     assert svc.stats()["totals"]["dispatched"] >= doc["configs"][0]["runs"][0]["counts"]["dispatched"]
 
 
@@ -174,6 +176,9 @@ def test_bench_drives_a_running_service_with_target(tmp_path: Path, launch: Any)
         (["--target", "127.0.0.1:2", "--http"], "--target (HTTP at PORT-1): cannot connect to 127.0.0.1:1"),
         (["--shards", "1,x"], "--shards: expected comma-separated numbers, got '1,x'"),
         (["--runs", "0"], "--runs and --procs must be at least 1"),
+        (["--shards", "1,257"], "--shards: 257 is not allowed; 1 to 256"),
+        (["--warmup", "-1"], "workload.warmup"),
+        (["--plot", "/nonexistent/dir/x.png"], "--plot: cannot write /nonexistent/dir/x.png"),
     ],
 )
 def test_bench_bad_flags_get_one_line_errors(tmp_path: Path, flags: list[str], message: str) -> None:

@@ -13,9 +13,9 @@ import pytest
 from bench.cli import adjust
 from bench.fairness import apparent_inversions, fair_shares, service_difference
 from bench.loadgen import part_of
-from bench.report import offered_rate, project, project_all
+from bench.report import project, project_all
 from flowshard.config import ConfigError
-from flowshard.scenario import Bursts, Closed, Constant, Poisson, load_scenario
+from flowshard.scenario import Bursts, Closed, Constant, Poisson, load_scenario, offered_rate
 
 SCENARIO = """
 name = "t"
@@ -155,3 +155,57 @@ def test_plot_without_matplotlib_says_so(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     message = plot(str(tmp_path / "p.png"), {"configs": [], "runs": {}})
     assert "not installed" in message and not (tmp_path / "p.png").exists()
+
+
+def test_adjust_validates_like_a_file() -> None:
+    s = load_scenario(SCENARIO)
+    with pytest.raises(ConfigError, match=r"workload.warmup"):
+        adjust(s, warmup=-1.0)
+    with pytest.raises(ConfigError, match=r"workload.flows\[0\].arrival.rate"):
+        adjust(s, rate=1e12)  # beyond what a flow's rate may be
+
+
+def test_shard_and_rate_lists_drop_repeats_in_order() -> None:
+    from bench.cli import _list
+
+    assert _list("4,1,4,2,1", int, "--shards") == [4, 1, 2]
+    with pytest.raises(ConfigError, match="--rate: expected positive numbers"):
+        _list("100,0", float, "--rate")
+
+
+def _run(dispatched: int, rejected: int, ttl: int) -> dict[str, object]:
+    return {"counts": {"submitted": dispatched + rejected + ttl, "dispatched": dispatched,
+                       "rejected": {"capacity": rejected, "shutting_down": 0},
+                       "evicted": {"ttl": ttl, "cancelled": 0, "displaced": 0, "shard_failure": 0, "shutdown": 0},
+                       "errors": 0, "unfinished": 0}}
+
+
+def test_aggregate_shows_outcome_reasons_that_occurred() -> None:
+    from bench.report import aggregate
+
+    agg = aggregate([_run(10, 0, 3), _run(12, 0, 0), _run(11, 0, 1)])
+    assert agg["submitted"] == {"min": 12, "median": 12, "max": 13, "n": 3}
+    assert agg["dispatched"]["median"] == 11
+    assert agg["evicted:ttl"] == {"min": 0, "median": 1, "max": 3, "n": 3}
+    assert "rejected:capacity" not in agg and "evicted:displaced" not in agg and "errors" not in agg
+
+
+def test_simulator_comparison_gives_differences() -> None:
+    from bench.simcompare import comparison
+    from flowshard.simulate import simulate
+
+    report = simulate(load_scenario(SCENARIO))
+    g = report.groups[0]
+    assert g.share is not None and g.wait.p50 is not None and g.wait.p99 is not None
+    measured = {"id": g.id, "share": g.share + 0.05, "flows": 2,
+                "wait_ms": {"p50": g.wait.p50 * 1000 + 2.0, "p99": None},
+                "counts": {"dispatched": 7, "rejected": {"capacity": 1}, "evicted": {"ttl": 0}}}
+    runs = [{"groups": [measured], "bands": []}]
+    cmp = comparison(report, runs)
+    first = next(c for c in cmp["groups"] if c["id"] == g.id)
+    assert first["diff"]["share_pp"] == pytest.approx(5.0)
+    assert first["diff"]["wait_p50_ms"] == pytest.approx(2.0)
+    assert first["diff"]["wait_p99_ms"] is None  # nothing measured: no difference claimed
+    assert first["measured"]["rejected"] == 1
+    others = [c for c in cmp["groups"] if c["id"] != g.id]
+    assert others and all(c["measured"]["share"] is None and c["diff"]["share_pp"] is None for c in others)

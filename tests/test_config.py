@@ -272,3 +272,11 @@ def test_dump_round_trips_random_configs(config):
     again = load_config(text)
     assert again == config
     assert msgspec.to_builtins(again) == msgspec.to_builtins(config)
+
+
+@pytest.mark.parametrize("shards", ["0", "257"])
+def test_serve_refuses_a_shard_count_out_of_range(shards, capsys):
+    from flowshard import cli
+
+    assert cli.main(["serve", "--shards", shards]) == 2  # refused before anything starts or listens
+    assert f"--shards: {shards} is not allowed; 1 to 256" in capsys.readouterr().err
