@@ -16,24 +16,34 @@ client-side equivalents, with their limits stated:
 - apparent priority inversions: dispatches of a band answered at t while a request of a higher
   band had been outstanding since before t - tol and was answered after t + tol. With `tol` above
   the transit times these are real inversions; below them, false positives. An upper bound.
+
+A request still without an outcome when the run ended (`UNFINISHED` in the log, `done` = the end)
+was outstanding until the end: a starved flow is backlogged, a starved higher band is waiting. It
+is never a dispatch.
 """
 
 from __future__ import annotations
 
 import heapq
-import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
+from bench.loadgen import UNFINISHED
 from flowshard.analysis import jain_index, max_min_fair
+from flowshard.simulate import UNITS
 
 __all__ = ["UNITS", "apparent_inversions", "fair_shares", "service_difference"]
 
-UNITS = {"round-robin": "requests", "drr": "bytes", "vtc": "cost", "global-fcfs": "cost"}
 _DISPATCHED = 0
 _REJECTED = (1, 2)
+
+
+def _outstanding(outcome: np.ndarray) -> np.ndarray:
+    """Rows of requests that waited for the service: queued then answered, or unfinished (not errors,
+    not rejections)."""
+    mask: np.ndarray = ((outcome >= 0) | (outcome == UNFINISHED)) & ~np.isin(outcome, _REJECTED)
+    return mask
 
 
 def units(unit: str, size: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -65,8 +75,7 @@ def service_difference(
     """The largest weighted-service gap between backlogged flows of one band (None: < 2 flows)."""
     if len(np.unique(flows)) < 2:
         return None
-    mask = np.isin(log["flow"], flows) & (log["outcome"] >= 0)
-    mask &= ~np.isin(log["outcome"], _REJECTED)
+    mask = np.isin(log["flow"], flows) & _outstanding(log["outcome"])
     flow = log["flow"][mask]
     sent = log["sent"][mask]
     done = log["done"][mask]
@@ -153,7 +162,7 @@ def apparent_inversions(
     band = band_of_flow[log["flow"]]
     outcome = log["outcome"]
     sent, done = log["sent"], log["done"]
-    queued = (outcome >= 0) & ~np.isin(outcome, _REJECTED)
+    queued = _outstanding(outcome)
     for b in range(1, n_bands):
         higher = queued & (band < b)
         s, e = sent[higher] + tol, done[higher] - tol
@@ -165,16 +174,3 @@ def apparent_inversions(
         out[b] = int(np.count_nonzero(covering > 0))
     return out
 
-
-def summarize_band(
-    shares: list[float | None], fairs: list[float | None]
-) -> dict[str, Any]:
-    """Smallest and largest share / fair share among flows with a fair share."""
-    ratios = [s / f for s, f in zip(shares, fairs, strict=True) if s is not None and f]
-    if not ratios:
-        return {"ratio_min": None, "ratio_max": None}
-    return {"ratio_min": min(ratios), "ratio_max": max(ratios)}
-
-
-def finite(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else value

@@ -2,7 +2,8 @@
 
 Run as `python -m bench.loadgen SPEC_FILE` by the bench runner, which starts one or more of these so
 that the generator is not the bottleneck. Each process takes part `index` of `procs` of *every* flow
-(Poisson and constant rates divided, bursts and closed-loop clients split), so the load is spread
+(Poisson and constant rates divided, bursts and closed-loop clients split; flows with fewer clients
+or burst requests than processes go whole to one process each, see `part_of`), so the load is spread
 evenly whatever the flow mix; part 0 of 1 replays exactly the request stream the simulator sees.
 
 Protocol with the runner (stdout lines): `ready` once connected; then it reads `go T0` on stdin (T0:
@@ -19,16 +20,18 @@ Measurement:
   (`loop.call_later`, millisecond precision), then the generator releases it.
 - Figures for [warmup, duration] (the window): latencies of requests *intended* in it, service of
   dispatches *answered* in it. Outcome counts cover the whole run; at the end, what is still pending
-  is `unfinished` (drain = false: at once; drain = true: after waiting for outcomes).
+  is `unfinished` (drain = false: at once; drain = true: after waiting for outcomes, releasing the
+  tickets of finished services meanwhile so that queued requests can still be dispatched).
 - A per-request log (flow, times, outcome, units) goes back to the runner for the fairness figures
-  that need every process's requests on one time line (capped at `log_limit` rows per process).
+  that need every process's requests on one time line (capped at `log_limit` rows per process). A
+  request still pending at the end is logged as `UNFINISHED`, answered at the end: it was backlogged
+  until then, which the service difference and the apparent inversions must see.
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
-import math
 import os
 import sys
 import time
@@ -56,11 +59,12 @@ from flowshard.scenario import (
 )
 from flowshard.types import N_OUTCOMES, Outcome
 
-__all__ = ["LOG_COLUMNS", "GenResult", "GenSpec", "band_index", "part_of", "run_generator"]
+__all__ = ["LOG_COLUMNS", "UNFINISHED", "GenResult", "GenSpec", "band_index", "part_of", "run_generator"]
 
 _DISPATCHED = int(Outcome.DISPATCHED)
 _REJECTED = frozenset({int(Outcome.REJECTED_CAPACITY), int(Outcome.REJECTED_SHUTTING_DOWN)})
 _ERROR = -1  # log outcome of a request the service refused as invalid
+UNFINISHED = -2  # log outcome of a request still pending when the run ended (`done`: the end)
 MAX_SENDS_PER_PASS = 512  # a late generator catches up in slices, so replies are still read
 PROGRESS_EVERY = 0.25
 NEXT_PASS = 50e-6  # a think/service time shorter than this ends on the next loop pass (no timer)
@@ -98,6 +102,7 @@ class GenResult(msgspec.Struct, kw_only=True):
     window: list[list[float]]  # [flow] -> [served req, bytes, tokens, offered req, bytes, tokens] in the window
     inflight_at_end: int
     answered_in_window: int
+    unanswered_in_window: int  # intended in the window, still without an outcome at the end
     sent_in_window: int
     dispatched_in_window: int
     histograms: dict[str, dict[str, Any]]
@@ -112,8 +117,6 @@ class GenResult(msgspec.Struct, kw_only=True):
     most_conns: int
     released: int
     release_failed: int
-    first_intended: float
-    last_intended: float
 
 
 def band_index(config: Config) -> Callable[[int], int]:
@@ -123,8 +126,13 @@ def band_index(config: Config) -> Callable[[int], int]:
     return lambda priority: by_priority.get(priority, default)
 
 
-def part_of(spec: FlowSpec, part: int, parts: int) -> FlowSpec | None:
-    """Part `part` of `parts` of a flow entry's load (None: this part has nothing to send)."""
+def part_of(spec: FlowSpec, part: int, parts: int, member: int = 0) -> FlowSpec | None:
+    """Part `part` of `parts` of the load of flow `member` of an entry (None: this part sends nothing for it).
+
+    Rates are divided, burst sizes and closed-loop clients split, so every part gets a share of every
+    flow. When a burst has fewer requests, or a flow fewer clients, than there are parts (`count = 8`
+    flows of one client each), that leaves parts idle: then each flow goes whole to part `member % parts`.
+    """
     if parts == 1:
         return spec
     a = spec.arrival
@@ -136,12 +144,15 @@ def part_of(spec: FlowSpec, part: int, parts: int) -> FlowSpec | None:
         if spec.stop is not None and start >= spec.stop:
             return None
         return replace(spec, arrival=replace(a, rate=a.rate / parts), start=start)
+    units = a.size if isinstance(a, Bursts) else a.concurrency
+    if units < parts and spec.count > units:
+        return spec if member % parts == part else None
+    share = units // parts + (1 if part < units % parts else 0)
+    if not share:
+        return None
     if isinstance(a, Bursts):
-        size = a.size // parts + (1 if part < a.size % parts else 0)
-        return replace(spec, arrival=replace(a, size=size)) if size else None
-    assert isinstance(a, Closed)
-    clients = a.concurrency // parts + (1 if part < a.concurrency % parts else 0)
-    return replace(spec, arrival=replace(a, concurrency=clients)) if clients else None
+        return replace(spec, arrival=replace(a, size=share))
+    return replace(spec, arrival=replace(a, concurrency=share))
 
 
 def part_seed(seed: int, part: int) -> int:
@@ -183,9 +194,9 @@ class Generator:
         self.flows: list[_Flow | None] = []
         seed = part_seed(workload.seed, spec.index)
         for entry in workload.flows:
-            part = part_of(entry, spec.index, spec.procs)
-            shapes = Shapes.of(part) if part is not None else None
+            shapes = Shapes.of(entry)  # parts differ in their arrivals only
             for member, flow_id in enumerate(entry.flow_ids()):
+                part = part_of(entry, spec.index, spec.procs, member)
                 if part is None:
                     self.flows.append(None)
                     continue
@@ -207,7 +218,9 @@ class Generator:
         self.answered_in_window = 0  # outcomes (and errors) received inside the window
         self.sent_in_window = 0  # requests whose intended send time is inside the window
         self.dispatched_in_window = 0
-        self.stopping = False
+        self.unanswered_in_window = 0
+        self.arrivals_stopped = False  # no more sends: the run's end, or the drain's start
+        self.finished = False  # outcomes no longer awaited: services still running keep their tickets
         self.t0 = 0.0
         self.errors: list[str] = []
         self.n_errors = 0
@@ -222,8 +235,6 @@ class Generator:
         self.log_truncated = False
         self.heap: list[tuple[float, int, int, tuple[float, int, int, float]]] = []
         self.seq = 0
-        self.first_intended = math.inf
-        self.last_intended = 0.0
         self.timer = PreciseTimer(loop, self._fire, spec.lead)
         self.binary: list[BinaryConn] = []
         self.http: HttpPool | None = None
@@ -290,7 +301,7 @@ class Generator:
 
     def _fire(self) -> None:
         """Send every open-loop request that is due (in slices), then re-arm for the next one."""
-        if self.stopping:
+        if self.arrivals_stopped:
             return
         heap = self.heap
         flows = self.flows
@@ -310,7 +321,8 @@ class Generator:
             self.timer.arm(heap[0][0])
 
     def _send_closed(self, flow: _Flow, shape: tuple[float, int, int, float]) -> None:
-        if self.stopping:
+        self.timer.work += 1
+        if self.arrivals_stopped:
             return
         now = time.monotonic()
         if now - self.t0 >= flow.stop:
@@ -326,9 +338,6 @@ class Generator:
         rel = intended - self.t0
         if self.warmup <= rel < self.duration:
             self.sent_in_window += 1
-        if rel < self.first_intended:
-            self.first_intended = rel
-        self.last_intended = rel
         self.h_lag.record(int((now - intended) * 1e9))
         self._admit(rid, flow.id, flow.priority, size, flow.ttl, flow.slo, tokens, flow.weight)
 
@@ -337,6 +346,9 @@ class Generator:
     def on_result(self, rid: int, outcome: int, ticket: int, wait: float) -> None:
         rec = self.pending.pop(rid, None)
         if rec is None:
+            if outcome == _DISPATCHED:  # abandoned at the end: nothing will release its ticket later
+                self.released_sent += 1
+                self._release(ticket)
             return
         done = time.monotonic()
         flow, intended, sent, size, tokens, service = rec
@@ -380,9 +392,7 @@ class Generator:
 
     def on_error(self, rid: int, status: int, message: str) -> None:
         rec = self.pending.pop(rid, None)
-        self.n_errors += 1
-        if len(self.errors) < 5:
-            self.errors.append(f"{status}: {message}")
+        self._note(f"{status}: {message}")
         if rec is None:
             return
         flow, intended, sent, size, tokens, service = rec
@@ -396,12 +406,17 @@ class Generator:
             self._next_closed(flow, failed=True)
 
     def on_lost(self, message: str) -> None:
+        self._note(message)
+
+    def _note(self, message: str) -> None:
+        """A problem for the report: the first five are kept, the others counted."""
         self.n_errors += 1
         if len(self.errors) < 5:
             self.errors.append(message)
 
     def _end_service(self, flow: _Flow, ticket: int) -> None:
-        if self.stopping:
+        self.timer.work += 1
+        if self.finished:
             return  # still held at the end: `in flight at end`, released in `_finish`
         self.tickets.discard(ticket)
         self.released_sent += 1
@@ -410,7 +425,7 @@ class Generator:
             self._next_closed(flow, failed=False)
 
     def _next_closed(self, flow: _Flow, *, failed: bool) -> None:
-        if self.stopping:
+        if self.arrivals_stopped:
             return
         closed = flow.closed
         assert closed is not None
@@ -454,7 +469,7 @@ class Generator:
         while time.monotonic() < end:
             await asyncio.sleep(min(PROGRESS_EVERY, max(0.0, end - time.monotonic())))
             progress(self.next_rid, self.completed)
-        self.stopping = True
+        self.arrivals_stopped = True
         self.spun_window = self.timer.spun - spun_at_start[0]
         self.timer.cancel()
         if self.drain:
@@ -462,10 +477,16 @@ class Generator:
             while self.pending and time.monotonic() < limit:
                 await asyncio.sleep(0.05)
                 progress(self.next_rid, self.completed)
-        for flow, *_ in self.pending.values():
+            if self.pending:
+                self._note(f"drain: {len(self.pending)} requests still had no outcome after "
+                           f"{self.spec.drain_timeout:g} s (--drain-timeout); counted as unfinished")
+        self.finished = True
+        ended = time.monotonic() - t0
+        for flow, intended, sent, size, tokens, service in self.pending.values():
             self.unfinished[flow.index] += 1
-        for flow, intended, _, size, tokens, _ in self.pending.values():
+            self._log(flow.index, intended - t0, sent - t0, ended, UNFINISHED, size, tokens, 0.0, service)
             if self.warmup <= intended - t0 < self.duration:
+                self.unanswered_in_window += 1
                 win = self.win[flow.index]
                 win[3] += 1
                 win[4] += size
@@ -476,7 +497,10 @@ class Generator:
 
     async def _finish(self) -> GenResult:
         inflight = len(self.tickets)
-        if self.http is not None:  # binary: closing the connection releases them
+        pool = self.http
+        if pool is not None:  # binary: closing the connection releases them
+            # first, so that the capacity freed below is not given to admissions still queued on them
+            await pool.close_admissions()
             for ticket in self.tickets:
                 self.released_sent += 1
                 self._release(ticket)
@@ -485,7 +509,6 @@ class Generator:
             await conn.close()
             released += conn.released
             failed += conn.release_failed
-        pool = self.http
         if pool is not None:
             limit = time.monotonic() + 2.0
             while pool.released + pool.release_failed < self.released_sent and time.monotonic() < limit:
@@ -507,6 +530,7 @@ class Generator:
             window=self.win,
             inflight_at_end=inflight,
             answered_in_window=self.answered_in_window,
+            unanswered_in_window=self.unanswered_in_window,
             sent_in_window=self.sent_in_window,
             dispatched_in_window=self.dispatched_in_window,
             histograms={k: h.to_dict() for k, h in hist.items()},
@@ -521,19 +545,7 @@ class Generator:
             most_conns=pool.most_conns if pool is not None else len(self.binary),
             released=released,
             release_failed=failed,
-            first_intended=0.0 if math.isinf(self.first_intended) else self.first_intended,
-            last_intended=self.last_intended,
         )
-
-
-def decode_log(result: GenResult) -> dict[str, array[Any]]:
-    """The per-request log columns of a result as arrays."""
-    out: dict[str, array[Any]] = {}
-    for name, code in LOG_COLUMNS.items():
-        a = array(code)
-        a.frombytes(result.log[name])
-        out[name] = a
-    return out
 
 
 async def _main(spec: GenSpec) -> GenResult:

@@ -166,6 +166,7 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
     latency = _merged(results, "latency")
     lag = _merged(results, "lag")
     sent = sum(r.sent_in_window for r in results)
+    unanswered = sum(r.unanswered_in_window for r in results)
     cpu = _cpu(record, sent, warnings, {f"loadgen{r.index}": r.spun_window for r in results})
     open_loop = offered_rate(scenario) > 0
     if open_loop and lag.count and lag.percentile(0.99) > LATE * 1e9:
@@ -174,8 +175,14 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
     if accounted != totals["submitted"]:
         warnings.append(f"outcomes do not add up: {accounted} accounted for, {totals['submitted']} submitted")
     if totals["errors"]:
-        samples = [e for r in results for e in r.errors]
-        warnings.append(f"{totals['errors']} requests were refused as errors: {samples}")
+        warnings.append(f"{totals['errors']} requests were refused as errors")
+    warnings += [f"load generator {r.index}: {note}" for r in results for note in r.errors]
+    if unanswered and sent:
+        # the percentiles only know the answered: the slowest requests are the ones missing from them
+        trusted = max(0.0, 1.0 - unanswered / sent)
+        warnings.append(f"{unanswered} of {sent} requests sent in the window had no outcome when the run ended: "
+                        f"latency percentiles above p{trusted * 100:.4g} are understated (those requests waited "
+                        "at least until the end)")
     if truncated:
         warnings.append("the per-request log was truncated: service difference, inversions and per-flow waits "
                         "not computed")
@@ -197,6 +204,7 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
         "throughput": {"dispatches_per_s": _r(dispatched_w / window, 1), "answered_per_s": _r(answered / window, 1),
                        "sent_per_s": _r(sent / window, 1)},
         "latency_us": latency_figures(latency),
+        "unanswered_in_window": unanswered,
         "rtt_us": latency_figures(_merged(results, "rtt")),
         "send_lag_us": latency_figures(lag),
         "bands": bands,
@@ -448,7 +456,8 @@ OUTCOME_ROWS: list[tuple[str, Getter]] = [
     ("errors", _path("counts", "errors")),
     ("unfinished", _path("counts", "unfinished")),
 ]
-_OPTIONAL = {label for label, _ in OUTCOME_ROWS}
+UNANSWERED_ROW = ("unanswered in window", _path("unanswered_in_window"))
+_OPTIONAL = {label for label, _ in (*OUTCOME_ROWS, UNANSWERED_ROW)}
 
 METRICS: list[tuple[str, Getter]] = [
     ("submitted", _path("counts", "submitted")),
@@ -460,6 +469,7 @@ METRICS: list[tuple[str, Getter]] = [
     ("latency p90 µs", _path("latency_us", "p90")),
     ("latency p99 µs", _path("latency_us", "p99")),
     ("latency p99.9 µs", _path("latency_us", "p999")),
+    UNANSWERED_ROW,
     ("rtt p50 µs (from send)", _path("rtt_us", "p50")),
     ("rtt p99 µs (from send)", _path("rtt_us", "p99")),
     ("send lag p99 µs", _path("send_lag_us", "p99")),

@@ -6,7 +6,8 @@ mostly the generator's own lateness. On Linux a `timerfd` armed at an absolute C
 (the clock behind `time.monotonic()`) wakes epoll at the right moment; the process's timer slack is
 set to 1 ns so the kernel does not round wake-ups up by its default 50 µs. On this VM a wake-up from
 idle still costs ~50 µs; `lead` arms the timer that much early and then polls the event loop (never
-blocking it, so replies are still read on time) until the send time is reached.
+blocking it, so replies are still read on time) until the send time is reached. Only the polls in
+which nothing else ran count as spin (`spun`): replies read while polling are load, not waiting.
 Elsewhere it falls back to `loop.call_at` (millisecond precision; the generator reports its lag).
 """
 
@@ -51,8 +52,10 @@ def _libc() -> ctypes.CDLL | None:
 class PreciseTimer:
     """Calls `callback()` once at (or just after) the monotonic time given to `arm`; re-arm to move it.
 
-    `spun` accumulates the seconds spent polling the loop within `lead` of a deadline (busy time that
-    is not load: the generator subtracts it before judging whether it was saturated).
+    `spun` accumulates the seconds spent only polling the loop within `lead` of a deadline (busy time
+    that is not load: the generator subtracts it before judging whether it was saturated). Whatever
+    else runs on the loop bumps `work`; a loop pass between two polls counts as spin only if `work`
+    did not change in it, so replies handled while polling stay load.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None], lead: float = 0.0) -> None:
@@ -62,7 +65,9 @@ class PreciseTimer:
         self._due = 0.0
         self._armed = False
         self._handle: asyncio.Handle | None = None
-        self._spin_from = 0.0
+        self._last_poll = 0.0  # 0.0: not polling
+        self._work_seen = 0
+        self.work = 0
         self.spun = 0.0
         self._libc = _libc()
         self._fd = -1
@@ -80,6 +85,7 @@ class PreciseTimer:
         """Fire at monotonic time `when` (now or in the past: on the next loop pass)."""
         self._due = when
         self._armed = True
+        self._last_poll = 0.0
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
@@ -119,12 +125,10 @@ class PreciseTimer:
             os.read(self._fd, 8)
         except BlockingIOError:
             return
-        self._spin_from = time.monotonic()
         self._poll()
 
     def _poll_soon(self) -> None:
         if self._handle is None:
-            self._spin_from = time.monotonic()
             self._handle = self._loop.call_soon(self._poll)
 
     def _poll(self) -> None:
@@ -132,11 +136,13 @@ class PreciseTimer:
         if not self._armed:
             return
         now = time.monotonic()
+        if self._last_poll and self.work == self._work_seen:
+            self.spun += now - self._last_poll  # a loop pass that only polled
         if now < self._due:  # inside the lead: let the loop run a pass (reads replies), then look again
+            self._last_poll = now
+            self._work_seen = self.work
             self._handle = self._loop.call_soon(self._poll)
             return
-        if self._spin_from:
-            self.spun += now - self._spin_from
-            self._spin_from = 0.0
+        self._last_poll = 0.0
         self._armed = False
         self._callback()

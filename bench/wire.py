@@ -10,6 +10,9 @@ spends as little CPU per request as it can and leaves the cores to the service i
   waits being measured). Releases go over one extra connection, pipelined (they never block).
   When every connection is busy, admissions wait in a FIFO for a free one; the generator counts
   those waits (`pool_waits`) and they show in the latency measured from the intended send time.
+
+Reads and batched writes bump `sink.timer.work`, so that the precise timer does not count the loop
+passes that ran them as spin (see bench.timer).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Protocol, cast
 import httptools
 import msgspec
 
+from bench.timer import PreciseTimer
 from flowshard.codec import Admit, Error, FrameReader, FrameWriter, Release, Released, Result, ToClient
 from flowshard.types import Outcome
 
@@ -32,6 +36,8 @@ OUTCOME_BY_LABEL[("dispatched", "")] = int(Outcome.DISPATCHED)
 
 class Sink(Protocol):
     """Where a transport delivers replies (the generator)."""
+
+    timer: PreciseTimer
 
     def on_result(self, rid: int, outcome: int, ticket: int, wait: float) -> None: ...
 
@@ -48,6 +54,7 @@ class BinaryConn(asyncio.Protocol):
 
     def __init__(self, sink: Sink, loop: asyncio.AbstractEventLoop) -> None:
         self._sink = sink
+        self._timer = sink.timer
         self._loop = loop
         self._reader = FrameReader(ToClient)
         self._out = FrameWriter()
@@ -78,9 +85,11 @@ class BinaryConn(asyncio.Protocol):
         self._flush_scheduled = False
         t = self._transport
         if self._out and t is not None and not t.is_closing():
+            self._timer.work += 1
             t.write(self._out.take())
 
     def data_received(self, data: bytes) -> None:
+        self._timer.work += 1
         sink = self._sink
         for msg in self._reader.feed(data):
             kind = type(msg)
@@ -154,6 +163,7 @@ class _HttpConn(asyncio.Protocol):
 
     def __init__(self, pool: HttpPool, head: bytes) -> None:
         self._pool = pool
+        self._timer = pool.sink.timer
         self._head = head
         self._parser = httptools.HttpResponseParser(self)
         self._body = bytearray()
@@ -185,10 +195,12 @@ class _HttpConn(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self._out and self._transport is not None and not self._transport.is_closing():
+            self._timer.work += 1
             self._transport.write(b"".join(self._out))
         self._out.clear()
 
     def data_received(self, data: bytes) -> None:
+        self._timer.work += 1
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -316,13 +328,18 @@ class HttpPool:
         if not self._closing:
             self.sink.on_lost(f"HTTP connection lost: {exc or 'closed by the service'}")
 
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
+    async def close_admissions(self) -> None:
+        """Close the admission connections, so that the service cancels what is still queued on them
+        rather than dispatching it to nobody; the release connection stays open."""
+        self._closing = True
+        await self._close([c for c in self._all if c is not self._releaser])
 
     async def close(self) -> None:
         self._closing = True
-        conns = list(self._all)
+        await self._close(list(self._all))
+
+    @staticmethod
+    async def _close(conns: list[_HttpConn]) -> None:
         for conn in conns:
             conn.close()
         await asyncio.gather(*(c.closed for c in conns))

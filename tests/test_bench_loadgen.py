@@ -1,0 +1,290 @@
+"""The load generator of `flowshard bench` (bench.loadgen, bench.timer, bench.wire, bench.fairness):
+the end of a run (drain, tickets, requests left without an outcome), the timer's spin accounting and
+the split of flows over generator processes. In-process against a stand-in service, or end to end
+against a real `flowshard serve`; assertions on counts and bookkeeping, never on timings."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import pytest
+import uvloop
+from servicekit import config_text, launch, wait_until
+
+from bench.fairness import apparent_inversions, service_difference
+from bench.loadgen import LOG_COLUMNS, UNFINISHED, Generator, GenResult, GenSpec, part_of
+from bench.timer import PreciseTimer
+from bench.wire import BinaryConn
+from flowshard.scenario import Closed, load_scenario
+
+__all__ = ["launch"]  # the fixture, re-exported so pytest finds it here
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(tmp_path: Path, text: str, *flags: str) -> dict[str, Any]:
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(text)
+    out = tmp_path / "out.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "flowshard.cli", "bench", str(scenario), "--quiet", "--no-simulate", "--json", str(out),
+         *flags],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc: dict[str, Any] = json.loads(out.read_text())
+    return doc
+
+
+# ---------------------------------------------------------------------------------------- in process
+
+
+class FakeService:
+    """A stand-in for flowshard: dispatches in arrival order within `limit` tickets, the reply `delay`
+    seconds later (0: on the next loop pass, as from a socket); never answers the flows in `starve`."""
+
+    def __init__(self, gen: Generator, loop: asyncio.AbstractEventLoop, limit: int, starve: set[str],
+                 delay: float) -> None:
+        self.gen = gen
+        self.loop = loop
+        self.limit = limit
+        self.starve = starve
+        self.delay = delay
+        self.queue: collections.deque[int] = collections.deque()
+        self.held: set[int] = set()
+        self.released: list[int] = []
+        self.rids: dict[str, list[int]] = collections.defaultdict(list)
+        self._tickets = itertools.count(1)
+
+    def admit(self, rid: int, flow: str, *_: Any) -> None:
+        self.rids[flow].append(rid)
+        if flow not in self.starve:
+            self.queue.append(rid)
+            self._dispatch()
+
+    def release(self, ticket: int) -> None:
+        self.held.discard(ticket)
+        self.released.append(ticket)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self.queue and len(self.held) < self.limit:
+            ticket = next(self._tickets)
+            self.held.add(ticket)
+            self.loop.call_later(self.delay, self.gen.on_result, self.queue.popleft(), 0, ticket, 0.0)
+
+
+def _drive(text: str, *, limit: int = 1 << 30, starve: frozenset[str] = frozenset(), delay: float = 0.0,
+           drain_timeout: float = 1.0) -> tuple[GenResult, Generator, FakeService]:
+    spec = GenSpec(index=0, procs=1, scenario=msgspec.json.encode(load_scenario(text)), transport="binary",
+                   host="", port=0, conns=1, max_conns=1, lead=0.0, drain_timeout=drain_timeout, log_limit=100_000,
+                   result_path="")
+
+    async def main() -> tuple[GenResult, Generator, FakeService]:
+        loop = asyncio.get_running_loop()
+        gen = Generator(spec, loop)
+        service = FakeService(gen, loop, limit, set(starve), delay)
+        gen._admit, gen._release = service.admit, service.release
+        return await gen.run(time.monotonic(), lambda submitted, completed: None), gen, service
+
+    return uvloop.run(main())
+
+
+def _log(result: GenResult) -> dict[str, np.ndarray]:
+    dtypes = {"i": np.int32, "d": np.float64, "b": np.int8, "q": np.int64, "f": np.float32}
+    return {name: np.frombuffer(result.log[name], dtype=dtypes[code]) for name, code in LOG_COLUMNS.items()}
+
+
+STARVED = """
+[[server.bands]]
+priority = 10
+fairness = "round-robin"
+[[server.bands]]
+priority = 0
+fairness = "round-robin"
+[workload]
+duration = 0.6
+warmup = 0.1
+drain = true
+[[workload.flows]]
+id = "vip"
+priority = 10
+arrival = { kind = "poisson", rate = 50 }
+service = 0.0
+[[workload.flows]]
+id = "a"
+count = 2
+arrival = { kind = "constant", rate = 100 }
+service = 0.0
+"""
+
+
+def test_starved_flows_are_unanswered_backlog_and_waiting_higher_band() -> None:
+    # vip (band 0) and a-1 (band 1) are never answered; a-0 (band 1) is served 50 ms after each send,
+    # so it always has requests outstanding: both a flows are backlogged all along
+    result, gen, service = _drive(STARVED, starve=frozenset({"vip", "a-1"}), delay=0.05, drain_timeout=0.2)
+    vip, a0, a1 = 0, 1, 2
+    assert result.flows_unfinished == [result.flows_submitted[vip], 0, result.flows_submitted[a1]]
+    assert result.flows_submitted[vip] > 3 and result.flows_submitted[a1] > 3
+    assert any(e.startswith("drain: ") for e in result.errors)
+    log = _log(result)
+    unfinished = log["outcome"] == UNFINISHED
+    assert np.count_nonzero(unfinished) == result.flows_submitted[vip] + result.flows_submitted[a1]
+    assert set(log["flow"][unfinished].tolist()) == {vip, a1}
+    in_window = (log["intended"] >= 0.1) & (log["intended"] < 0.6)
+    assert result.unanswered_in_window == np.count_nonzero(unfinished & in_window) > 0
+    # a-1 gets nothing while a-0 is served: the gap grows with a-0's service (all of it in the window,
+    # unless a loop stall let a-0's backlog run empty for a moment)
+    served = np.count_nonzero((log["flow"] == a0) & (log["outcome"] == 0) & (log["done"] >= 0.1) & (log["done"] < 0.6))
+    diff = service_difference(log, np.array([a0, a1], np.int32), {a0: 1.0, a1: 1.0}, "requests", (0.1, 0.6))
+    assert diff is not None and 2 <= diff <= served + 1
+    # band 1 served while vip waited: apparent inversions, never counting the unfinished as dispatches
+    inversions = apparent_inversions(log, np.array([0, 1, 1], np.int32), 2, (0.1, 0.6), 0.005)
+    assert inversions[0] == 0 and inversions[1] > 0
+    # the service answers a request the generator gave up on: its ticket is released at once
+    released = len(service.released)
+    gen.on_result(service.rids["vip"][0], 0, 12345, 0.0)
+    assert service.released[released:] == [12345]
+
+
+DRAIN = """
+name = "drain"
+[server.budget]
+max_inflight_requests = 2
+[workload]
+duration = 1.0
+warmup = 0.2
+seed = 3
+drain = true
+[[workload.flows]]
+id = "f"
+count = 2
+arrival = { kind = "poisson", rate = 40 }
+service = 0.05
+"""
+
+
+def test_drain_releases_tickets_so_the_queue_empties(tmp_path: Path) -> None:
+    # 80 req/s offered, 40 req/s served: about half is still queued when the arrivals stop
+    doc = _bench(tmp_path, DRAIN, "--shards", "1", "--drain-timeout", "4")
+    [run] = doc["configs"][0]["runs"]
+    counts = run["counts"]
+    assert counts["submitted"] > 40
+    assert counts["unfinished"] == 0 and counts["dispatched"] == counts["submitted"]
+    assert not [w for w in run["warnings"] if "drain" in w or "no outcome" in w]
+
+
+def test_a_drain_cut_short_is_reported(tmp_path: Path) -> None:
+    doc = _bench(tmp_path, DRAIN, "--shards", "1", "--drain-timeout", "0.1")
+    [run] = doc["configs"][0]["runs"]
+    assert run["counts"]["unfinished"] > 0
+    assert any(w.startswith("load generator 0: drain: ") and "--drain-timeout" in w for w in run["warnings"])
+
+
+SATURATED = """
+name = "saturated"
+[workload]
+duration = 0.8
+warmup = 0.2
+[[workload.flows]]
+id = "c"
+arrival = { kind = "closed", concurrency = 16, think = 0.0 }
+service = 0.05
+"""
+
+
+def test_http_run_leaves_no_ticket_held_at_the_service(tmp_path: Path, launch: Any) -> None:
+    svc = launch(config_text(budget=4, bands=[{"priority": 0, "fairness": "round-robin"}]))
+    doc = _bench(tmp_path, SATURATED, "--target", f"127.0.0.1:{svc.binary_port}",
+                 "--http-target", f"127.0.0.1:{svc.http_port}", "--http")
+    [run] = doc["configs"][0]["runs"]
+    assert run["counts"]["dispatched"] > 0 and run["counts"]["unfinished"] > 0  # queued at the end
+    assert 0 < run["unanswered_in_window"] <= run["counts"]["unfinished"]
+    assert any("had no outcome when the run ended" in w for w in run["warnings"])
+    assert wait_until(lambda: svc.stats()["totals"]["inflight"] == 0, 3.0), svc.stats()["totals"]
+    totals = svc.stats()["totals"]
+    assert totals["tickets"] == 0 and totals["queued_items"] == 0
+
+
+# ---------------------------------------------------------------------------------------- timer
+
+
+def test_timer_counts_only_polls_without_other_work_as_spin() -> None:
+    async def spin(busy: bool) -> float:
+        loop = asyncio.get_running_loop()
+        fired = loop.create_future()
+        timer = PreciseTimer(loop, lambda: fired.set_result(None), lead=0.02)
+
+        def work() -> None:  # a reply read on every loop pass, as under load
+            if not fired.done():
+                timer.work += 1
+                loop.call_soon(work)
+
+        if busy:
+            work()
+        timer.arm(time.monotonic() + 0.01)  # inside the lead: polls until then
+        await fired
+        timer.close()
+        return timer.spun
+
+    assert uvloop.run(spin(busy=True)) == 0.0
+    assert uvloop.run(spin(busy=False)) > 0.0
+
+
+def test_transports_count_their_reads_as_work() -> None:
+    class Sink:
+        def __init__(self, timer: PreciseTimer) -> None:
+            self.timer = timer
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        timer = PreciseTimer(loop, lambda: None)
+        conn = BinaryConn(Sink(timer), loop)  # type: ignore[arg-type]
+        conn.data_received(b"")
+        timer.close()
+        return timer.work
+
+    assert uvloop.run(main()) == 1
+
+
+# ---------------------------------------------------------------------------------------- split
+
+
+def _entry(arrival: str, count: int) -> Any:
+    text = (f'[workload]\nduration = 1.0\n[[workload.flows]]\nid = "f"\ncount = {count}\narrival = {arrival}\n'
+            "service = 0.01\n")
+    return load_scenario(text).workload.flows[0]
+
+
+@pytest.mark.parametrize("parts", [2, 3, 4])
+def test_single_client_flows_are_spread_over_processes(parts: int) -> None:
+    entry = _entry('{ kind = "closed", concurrency = 1, think = 0.1 }', 8)
+    owners = []
+    for member in range(8):
+        got = [p for p in range(parts) if part_of(entry, p, parts, member) is not None]
+        assert len(got) == 1  # each flow's load in exactly one process
+        split = part_of(entry, got[0], parts, member)
+        assert split is not None and isinstance(split.arrival, Closed) and split.arrival.concurrency == 1
+        owners += got
+    assert sorted(set(owners)) == list(range(parts))  # every process gets a share
+
+
+def test_splits_that_feed_every_process_stay_per_flow() -> None:
+    entry = _entry('{ kind = "closed", concurrency = 3, think = 0.1 }', 4)
+    for member in range(4):
+        splits = [part_of(entry, p, 2, member) for p in range(2)]
+        assert [s.arrival.concurrency for s in splits if s is not None and isinstance(s.arrival, Closed)] == [2, 1]
+    bursts = _entry('{ kind = "bursts", size = 1, every = 0.5 }', 3)
+    assert [[part_of(bursts, p, 3, m) is not None for p in range(3)] for m in range(3)] == [
+        [True, False, False], [False, True, False], [False, False, True]]
+    assert part_of(entry, 0, 1, 3) is entry  # one process: exactly the simulator's stream
