@@ -55,6 +55,8 @@ class Pending(msgspec.Struct, gc=False):
     received: float = 0.0
     displacer: Pending | None = None  # the newcomer waiting for this victim to leave
     victims_left: int = 0
+    reserved_bytes: int = 0  # global room held for this parked newcomer (see Ledger.mark_victims)
+    reserved_items: int = 0
 
 
 class FlowUsage:
@@ -126,6 +128,7 @@ class Ledger:
         self.max_bytes = limit(config.max_queued_bytes)
         self.max_items = limit(config.max_queued_requests)
         self.queued_items = self.queued_bytes = 0
+        self.reserved_items = self.reserved_bytes = 0  # global room held for parked newcomers
         self.budget = Budget(limit(config.budget.max_inflight_requests), limit(config.budget.max_inflight_bytes))
         self.grants_out = 0
         self.grants_bytes = 0
@@ -145,7 +148,8 @@ class Ledger:
         """
         band = self.bands[p.band]
         flow = band.flows.get(p.flow) or FlowUsage()
-        need = shortfall(p.size, flow, band, self, self.max_bytes, self.max_items)
+        need = shortfall(p.size, flow, band, self, self.max_bytes - self.reserved_bytes,
+                         self.max_items - self.reserved_items)
         if need is None:
             return None
         need_bytes, need_items = need
@@ -166,11 +170,25 @@ class Ledger:
         return victims if need_bytes <= 0 and need_items <= 0 else None
 
     def mark_victims(self, newcomer: Pending, victims: list[Pending]) -> None:
-        """Park `newcomer` until the victims (now being cancelled by the shell) have left."""
+        """Park `newcomer` until the victims (now being cancelled by the shell) have left.
+
+        The global room it will need is held for it meanwhile: the room free now at once, and each
+        victim's room as that victim leaves. Otherwise a later arrival could take it, and the
+        newcomer would be rejected after its victims were evicted for nothing.
+        """
         for victim in victims:
             victim.state = PendingState.DISPLACING
             victim.displacer = newcomer
         newcomer.victims_left = len(victims)
+        free_bytes = self.max_bytes - self.reserved_bytes - self.queued_bytes
+        free_items = self.max_items - self.reserved_items - self.queued_items
+        self._reserve(newcomer, int(max(0, min(newcomer.size, free_bytes))), int(max(0, min(1, free_items))))
+
+    def _reserve(self, newcomer: Pending, nbytes: int, items: int) -> None:
+        newcomer.reserved_bytes += nbytes
+        newcomer.reserved_items += items
+        self.reserved_bytes += nbytes
+        self.reserved_items += items
 
     def can_dispatch_now(self, p: Pending) -> bool:
         """The idle fast path: nothing queued at this band or above, and the budget has room."""
@@ -235,8 +253,10 @@ class Ledger:
         if newcomer is not None:
             p.displacer = None
             newcomer.victims_left -= 1
-            if newcomer.victims_left == 0:
+            if newcomer.victims_left == 0:  # its room is free: hand it back for the newcomer's own check
+                self._reserve(newcomer, -newcomer.reserved_bytes, -newcomer.reserved_items)
                 return newcomer
+            self._reserve(newcomer, p.size, 1)
         return None
 
     # ------------------------------------------------------------------ grants

@@ -185,6 +185,10 @@ class Model:
         self.reqs: dict[int, Req] = {}
         self.pending: dict[int, Pending] = {}  # the distributor's pending table
         self.tickets: dict[int, int] = {}  # ticket (= request id) -> size, held by clients
+        # global room held for a parked newcomer, by its id: [bytes, items] (DESIGN §6.3: it is admitted
+        # once its victims' room is free, so no later arrival may take that room meanwhile)
+        self.held: dict[int, list[int]] = {}
+        self.victim_of: dict[int, int] = {}  # victim id -> the newcomer it makes room for
         self.dist_inflight: dict[int, int] = {}  # dispatched as the distributor knows, not released
         self.dist_grants: list[deque[GrantRecord]] = [deque() for _ in range(shards)]
         self.inflight: dict[int, int] = {}  # ground truth: dispatched (by a shard or fast path), not released
@@ -252,20 +256,7 @@ class Model:
     def _admit(self, p: Pending) -> None:
         ledger = self.ledger
         req = self.reqs[p.id]
-        victims = ledger.check(p)
-        if self.check_every_step:
-            self._check_admission(p, victims)
-        if victims is None:
-            self._finish(p, Outcome.REJECTED_CAPACITY)
-        elif victims:
-            ledger.mark_victims(p, victims)
-            req.victims.extend(v.id for v in victims)
-            req.parked_until_step = self.step_no
-            self._log(f"#{p.id} parked, displacing {[v.id for v in victims]}")
-            for victim in victims:
-                self.displacements += 1
-                self._send(victim.shard, Cancel(victim.id, Outcome.EVICTED_DISPLACED))
-        elif self.fast_path and ledger.can_dispatch_now(p):
+        if self.fast_path and ledger.can_dispatch_now(p):  # first: a request that never queues needs no room
             first, why = self.first_ungranted(self._saturation())
             if first < p.band:
                 self._violation(f"fast path dispatched #{p.id} of band {p.band} while {why}")
@@ -277,8 +268,48 @@ class Model:
             self.dispatches.append(DispatchRecord(self.step_no, -1, p.id, p.band, None))
             self._log(f"#{p.id} fast path")
             self._finish(p, DISPATCHED)
+            return
+        victims = ledger.check(p)
+        if self.check_every_step:
+            self._check_admission(p, victims)
+        if victims is None:
+            self._finish(p, Outcome.REJECTED_CAPACITY)
+        elif victims:
+            self._hold_for(p, victims)
+            ledger.mark_victims(p, victims)
+            req.victims.extend(v.id for v in victims)
+            req.parked_until_step = self.step_no
+            self._log(f"#{p.id} parked, displacing {[v.id for v in victims]}")
+            for victim in victims:
+                self.displacements += 1
+                self._send(victim.shard, Cancel(victim.id, Outcome.EVICTED_DISPLACED))
         else:
             self._route(p)
+
+    def _held_total(self) -> tuple[int, int]:
+        return sum(h[0] for h in self.held.values()), sum(h[1] for h in self.held.values())
+
+    def _hold_for(self, p: Pending, victims: list[Pending]) -> None:
+        """Parking `p`: the global room free now is held for it at once (up to what it needs)."""
+        held_bytes, held_items = self._held_total()
+        routed = [r for r in self.reqs.values() if r.routed]
+        free_bytes = _lim(self.config.max_queued_bytes) - held_bytes - sum(r.size for r in routed)
+        free_items = _lim(self.config.max_queued_requests) - held_items - len(routed)
+        self.held[p.id] = [int(max(0, min(p.size, free_bytes))), int(max(0, min(1, free_items)))]
+        for v in victims:
+            self.victim_of[v.id] = p.id
+
+    def _victim_left(self, victim: Pending) -> None:
+        """A victim left (any outcome): its room is held for its newcomer, until the newcomer's last
+        victim leaves and the newcomer is checked again with all of it."""
+        nid = self.victim_of.pop(victim.id, None)
+        if nid is None:
+            return
+        if any(v == nid for v in self.victim_of.values()):
+            self.held[nid][0] += victim.size
+            self.held[nid][1] += 1
+        else:
+            del self.held[nid]
 
     def _check_admission(self, p: Pending, victims: list[Pending] | None) -> None:
         """An oracle of the capacity rule (DESIGN §6.3) over the model's own counts: reject only over
@@ -287,6 +318,10 @@ class Model:
         shortest prefix of those, lowest band first, newest first, that makes room."""
         cfg = self.config
         bc = cfg.bands[p.band]
+        held_bytes, held_items = self._held_total()
+        if (self.ledger.reserved_bytes, self.ledger.reserved_items) != (held_bytes, held_items):
+            self._fail(f"ledger holds {self.ledger.reserved_bytes} B / {self.ledger.reserved_items} for parked "
+                       f"newcomers, expected {held_bytes} B / {held_items}")
         routed = [r for r in self.reqs.values() if r.routed]
         band = [r for r in routed if r.band == p.band]
         flow = [r for r in band if r.flow == p.flow]
@@ -298,8 +333,8 @@ class Model:
         ):
             expected: list[int] | None = None
         else:
-            need_bytes = sum(r.size for r in routed) + p.size - _lim(cfg.max_queued_bytes)
-            need_items = len(routed) + 1 - _lim(cfg.max_queued_requests)
+            need_bytes = sum(r.size for r in routed) + p.size - (_lim(cfg.max_queued_bytes) - held_bytes)
+            need_items = len(routed) + 1 - (_lim(cfg.max_queued_requests) - held_items)
             if need_bytes <= 0 and need_items <= 0:
                 expected = []
             elif not bc.displacement:
@@ -374,8 +409,11 @@ class Model:
 
     def _retry_newcomer(self, p: Pending) -> None:
         self._log(f"#{p.id} victims gone, retrying admission")
+        ttl = p.payload[1] or self.config.default_ttl
         if p.owner is None:
             self._finish(p, Outcome.EVICTED_CANCELLED)
+        elif ttl and self.now - p.received >= ttl:  # parked past its TTL: never dispatched
+            self._finish(p, Outcome.EVICTED_TTL)
         else:
             self._admit(p)
 
@@ -398,6 +436,7 @@ class Model:
             req = self.reqs[p.id]
             req.routed = False
             newcomer = ledger.leave(p, covered=covered)
+            self._victim_left(p)
             self._finish(p, outcome)
             if newcomer is not None:
                 self._retry_newcomer(newcomer)
@@ -546,6 +585,7 @@ class Model:
         for p in lost:
             self.reqs[p.id].routed = False
             newcomer = self.ledger.leave(p)
+            self._victim_left(p)
             self._finish(p, Outcome.EVICTED_SHARD_FAILURE)
             if newcomer is not None:
                 self._retry_newcomer(newcomer)

@@ -486,6 +486,42 @@ def test_newcomer_is_admitted_only_after_all_its_victims_left():
     m.check_empty()
 
 
+def test_room_freed_by_victims_is_held_for_their_newcomer():
+    # 60 B limit, 60 B queued below. hi needs 25 B: victims on shards 2, 1, 0 (10 B each). While it
+    # waits for the last one, a later arrival of the same band must not take the room the first two
+    # freed: it is held for hi, or hi would be rejected after three evictions for nothing.
+    m, _lo, mid = displacement_model(max_queued_requests=None, max_queued_bytes=60)
+    hi = m.admit("h", 2, 25)
+    m.deliver_all_to(2)
+    m.deliver_all_from(2)
+    m.deliver_all_to(1)
+    m.deliver_all_from(1)
+    assert m.ledger.queued_bytes == 40 and m.ledger.reserved_bytes == 20  # two victims' room, held
+    late = m.admit("x", 2, 20)  # same band, arrives while hi is parked: only mid-band victims are left
+    assert m.reqs[late].victims == [mid[2], mid[1]]  # it displaces for itself, not into hi's room
+    m.deliver_all_to(0)
+    m.deliver_all_from(0)
+    assert m.reqs[hi].routed and m.reqs[hi].outcome is None  # admitted, not rejected
+    assert m.ledger.reserved_bytes == m.reqs[late].pending.reserved_bytes  # only late's room is held now
+    m.settle()
+    assert m.reqs[late].routed and m.ledger.reserved_bytes == 0
+    assert m.ledger.queued_bytes == 25 + 20 + 10  # hi, late, the last mid-band request
+    m.drain()
+    m.check_empty()
+
+
+def test_newcomer_parked_past_its_ttl_is_evicted_not_dispatched():
+    m, lo, _mid = displacement_model()
+    hi = m.admit("h", 2, 10, ttl=0.5)
+    assert m.reqs[hi].victims == [lo[2]] and not m.reqs[hi].routed
+    m.advance(0.6)  # its victim is slow to leave: the TTL runs out while it is parked
+    m.settle()
+    assert m.reqs[hi].outcome is Outcome.EVICTED_TTL and m.reqs[hi].dispatches == 0
+    assert m.ledger.reserved_bytes == 0
+    m.drain()
+    m.check_empty()
+
+
 def test_nothing_is_displaced_when_everything_below_would_not_suffice():
     m, lo, mid = displacement_model(max_queued_requests=None, max_queued_bytes=70)
     hi = m.admit("h", 2, 80)  # 60 B queued below, 70 B limit: even all of it would not make room
