@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import secrets
 import signal
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from flowshard.codec import (
     GrantBack,
     Hello,
     Shutdown,
+    config_preamble,
 )
 from flowshard.config import Config
 from flowshard.ledger import Ledger, Pending, PendingState
@@ -59,18 +61,30 @@ class Ticket(msgspec.Struct, gc=False):
     owner: Any
     deadline: float  # lease expiry (inf: held until the connection closes)
 
+    @property
+    def connection_bound(self) -> bool:
+        """Held until its connection closes (binary): only that connection may release it."""
+        return self.deadline == math.inf
+
+
+TICKET_BITS = 53  # random, so a client cannot release another's by guessing; exact as a JSON number
+
 
 class WorkerLink(asyncio.Protocol):
-    """The distributor's end of one shard's socket pair."""
+    """The distributor's end of one shard's socket pair. The first bytes it writes are the worker's
+    configuration (`workers.worker.read_config`): on the command line a large `[weights]` table would
+    pass the kernel's limit on one argument (128 KiB), and anyone could read it in `ps`."""
 
-    def __init__(self, service: Distributor, shard: int) -> None:
+    def __init__(self, service: Distributor, shard: int, config_preamble: bytes) -> None:
         self.service = service
         self.shard = shard
         self.reader = FrameReader(FromWorker)
         self.transport: asyncio.Transport | None = None
+        self._preamble = config_preamble
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        self.transport.write(self._preamble)
 
     def data_received(self, data: bytes) -> None:
         self.service.on_worker_frames(self.shard, self.reader.feed(data))
@@ -165,10 +179,11 @@ class Distributor:
         elif p.state == PendingState.NEW and p.victims_left == 0:
             self._finish(p, Outcome.EVICTED_CANCELLED, 0.0)
 
-    def release(self, ticket: int) -> bool:
-        held = self.tickets.pop(ticket, None)
-        if held is None:
+    def release(self, ticket: int, waiter: Waiter | None = None) -> bool:
+        held = self.tickets.get(ticket)
+        if held is None or (held.connection_bound and held.owner is not waiter):
             return False
+        del self.tickets[ticket]
         self._leases.pop(ticket, None)
         self._disown(held)
         self.ledger.release(held.size)
@@ -179,8 +194,15 @@ class Distributor:
     def release_all(self, waiter: Waiter) -> int:
         mine = list(self._owned.get(waiter, ()))
         for ticket in mine:
-            self.release(ticket)
+            self.release(ticket, waiter)
         return len(mine)
+
+    def _new_ticket(self) -> int:
+        tickets = self.tickets
+        while True:
+            ticket = secrets.randbits(TICKET_BITS)
+            if ticket and ticket not in tickets:
+                return ticket
 
     def _disown(self, held: Ticket) -> None:
         owned = self._owned.get(held.owner)
@@ -206,6 +228,13 @@ class Distributor:
         if self._stopping:
             self._finish(p, Outcome.REJECTED_SHUTTING_DOWN, 0.0)
             return
+        # The fast path first: a request dispatched at once never queues, so the queue limits do not
+        # apply to it (a full queue of a lower band must not turn away work the backends have room for).
+        if self.config.service.fast_path and ledger.can_dispatch_now(p):
+            ledger.dispatched_directly(p)
+            self.counters["fast_path"] += 1
+            self._finish(p, _DISPATCHED, 0.0)
+            return
         victims = ledger.check(p)
         if victims is None:
             self._finish(p, Outcome.REJECTED_CAPACITY, 0.0)
@@ -213,10 +242,6 @@ class Distributor:
             ledger.mark_victims(p, victims)
             for victim in victims:
                 self._send(victim.shard, Cancel(victim.id, Outcome.EVICTED_DISPLACED))
-        elif self.config.service.fast_path and ledger.can_dispatch_now(p):
-            ledger.dispatched_directly(p)
-            self.counters["fast_path"] += 1
-            self._finish(p, _DISPATCHED, 0.0)
         else:
             self._route(p)
 
@@ -268,7 +293,7 @@ class Distributor:
         ticket = 0
         retry_after = 0
         if outcome == _DISPATCHED:
-            ticket = p.id
+            ticket = self._new_ticket()
             deadline = time.monotonic() + self.config.service.lease if leased else math.inf
             self.tickets[ticket] = Ticket(ticket, p.size, waiter, deadline)
             self._owned.setdefault(waiter, set()).add(ticket)
@@ -306,9 +331,17 @@ class Distributor:
         self._schedule_plan()
 
     def _retry_newcomer(self, p: Pending) -> None:
-        """A request parked for displacement: its victims have left; admit it now (or give up)."""
+        """A request parked for displacement: its victims have left; admit it now (or give up).
+
+        While parked it had no TTL timer: if its TTL ran out meanwhile it ends `evicted: ttl` here,
+        never dispatched (the fast path does not look at TTLs)."""
         if p.owner is None:
             self._finish(p, Outcome.EVICTED_CANCELLED, 0.0)
+            return
+        ttl = p.payload[1] or self.config.default_ttl
+        waited = time.monotonic() - p.received
+        if ttl and waited >= ttl:
+            self._finish(p, Outcome.EVICTED_TTL, waited)
         else:
             self._admit(p)
 
@@ -329,6 +362,10 @@ class Distributor:
         s.writer = FrameWriter()
         if self._stopping:
             return
+        if s.proc is not None:  # reaped first: a worker still running could write its cells after the reset
+            with contextlib.suppress(ProcessLookupError):
+                s.proc.kill()
+            s.proc.wait()
         now = time.monotonic()
         lost = self.ledger.shard_failed(shard)
         for p in lost:
@@ -341,10 +378,6 @@ class Distributor:
         self.shm.heartbeat_ns[shard] = 0  # the dead worker's last beat must not condemn its successor
         s.restarts += 1
         self.counters["worker_restarts"] += 1
-        if s.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                s.proc.kill()
-            s.proc.wait()
         assert self._loop is not None
         # back off when a worker keeps dying (e.g. at start-up): 0.05 s doubling to 5 s
         delay = min(5.0, 0.05 * 2 ** min(s.restarts - 1, 7)) if now - s.last_restart < 10.0 else 0.0
@@ -392,14 +425,14 @@ class Distributor:
             s.proc = subprocess.Popen(
                 [
                     sys.executable, "-m", "workers", "--shard", str(shard), "--fd", str(theirs.fileno()),
-                    "--shm", self.segment.name, "--config-json", msgspec.json.encode(self.config).decode(),
+                    "--shm", self.segment.name,
                 ],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
             )
         finally:
             theirs.close()
-        link = WorkerLink(self, shard)
+        link = WorkerLink(self, shard, config_preamble(self.config))
         s.link = link
         await loop.create_unix_connection(lambda: link, sock=mine)
 

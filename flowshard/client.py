@@ -133,9 +133,10 @@ class Client:
             flow, priority, size, ttl, slo, tokens, weight = _coerce(flow, priority, size, ttl, slo, tokens, weight)
         cid = self._next_id
         self._next_id = cid + 1
+        # encoded first: a flow id the wire cannot carry (a lone surrogate) raises with nothing registered
+        self._send(Admit(cid, flow, priority, size, ttl, slo, tokens, weight))
         fut: asyncio.Future[AdmitResult] = self._loop.create_future()
         self._admits[cid] = fut
-        self._send(Admit(cid, flow, priority, size, ttl, slo, tokens, weight))
         return fut
 
     def release(self, ticket: int) -> asyncio.Future[bool]:

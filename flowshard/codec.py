@@ -15,12 +15,39 @@ from typing import Any
 
 import msgspec
 
+from flowshard.config import Config
+
 _LEN = struct.Struct(">I")
 MAX_FRAME = 1 << 20  # a frame larger than this is a protocol error, not a request
 
 
 class FrameError(ValueError):
     """The peer sent bytes that are not a valid frame; the connection must be closed."""
+
+
+# ---------------------------------------------------------------- the worker's configuration
+
+PREAMBLE_HEADER = _LEN.size
+
+
+def config_preamble(config: Config) -> bytes:
+    """The first bytes on a worker's socket, before any frame: its configuration as length-prefixed
+    JSON (any size: unlike a command-line argument, which the kernel caps at 128 KiB)."""
+    blob = msgspec.json.encode(config)
+    return _LEN.pack(len(blob)) + blob
+
+
+def preamble_length(header: bytes) -> int:
+    """The length of the configuration that follows a PREAMBLE_HEADER-byte header."""
+    length: int = _LEN.unpack(header)[0]
+    return length
+
+
+def decode_config(blob: bytes) -> Config:
+    try:
+        return msgspec.json.decode(blob, type=Config)
+    except msgspec.ValidationError as exc:
+        raise FrameError(f"bad worker configuration: {exc}") from None
 
 
 # ---------------------------------------------------------------- distributor -> worker

@@ -96,9 +96,13 @@ class FakeAdmission:
         self.cancels.append(request_id)
         self.held.pop(request_id, None)
 
-    def release(self, ticket: int) -> bool:
+    def release(self, ticket: int, waiter: Any = None) -> bool:
+        """As the distributor: a binary ticket is released only by the connection that holds it."""
         self.releases.append(ticket)
-        return self.tickets.pop(ticket, None) is not None
+        if ticket not in self.tickets or self.tickets[ticket] is not waiter:
+            return False
+        del self.tickets[ticket]
+        return True
 
     def release_all(self, waiter: Any) -> int:
         self.release_alls.append(waiter)

@@ -33,6 +33,8 @@ from servicekit import (
     ahttp,
     band_outcomes,
     children,
+    cmdline,
+    config_text,
     launch,
     metric,
     release_http,
@@ -737,5 +739,100 @@ def test_bad_binary_input(launch: Any) -> None:
         assert Counter({k: v for k, v in band_outcomes(s).items() if v}) == Counter(
             {"dispatched": 4, "evicted:cancelled": 1}
         )
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------------------------- review fixes
+
+
+def test_tickets_are_unguessable_and_a_binary_ticket_is_its_connections_own(launch: Any) -> None:
+    """Another client cannot free a ticket it does not hold: that would let in-flight exceed the limit."""
+    svc = launch(shards=1, budget=1)
+
+    async def main() -> None:
+        async with Client.connect(svc.host, svc.binary_port) as a, Client.connect(svc.host, svc.binary_port) as b:
+            held = await a.admit("a")
+            assert held.dispatched
+            assert await b.release(held.ticket) is False  # another connection's ticket
+            r = await release_http(svc.http_port, held.ticket)
+            assert r.status == 404  # nor over HTTP
+            waiting = b.admit("b", ttl=0.3)
+            assert (await waiting).outcome is Outcome.EVICTED_TTL  # the budget was never freed
+            assert (await svc.astats())["totals"]["inflight"] == 1
+            assert await a.release(held.ticket) is True
+        # HTTP tickets: random 53-bit numbers (not request ids), releasable from any connection
+        tickets = []
+        for _ in range(2):
+            body = (await admit_http(svc.http_port, "h")).json()
+            tickets.append(body["ticket"])
+            assert (await release_http(svc.http_port, body["ticket"])).status == 200
+        assert all(0 < t < 2**53 for t in tickets) and max(tickets) > 2**32  # odds of a false failure: 2^-42
+
+    run(main())
+
+
+def test_fast_path_is_not_refused_by_a_full_queue_of_a_lower_band(launch: Any) -> None:
+    """The queue limits bound what waits; a request the backends have room for waits for nothing."""
+    bands = [{"priority": 10, "name": "hi"}, {"priority": 0, "name": "lo", "ceiling": 0.5}]
+    svc = launch(shards=1, budget=2, max_queued_requests=2, bands=bands)
+
+    async def main() -> None:
+        async with Client.connect(svc.host, svc.binary_port) as c:
+            hold = await c.admit("lo-hold", priority=0)  # saturation 0.5: the lo band stops dispatching
+            assert hold.dispatched
+            queued = [c.admit("lo", priority=0) for _ in range(2)]
+            await svc.until_stats(lambda s: s["totals"]["queued_items"] == 2)
+            hi = await c.admit("hi", priority=10)
+            assert hi.dispatched, hi  # was: rejected: capacity, with a free budget slot
+            for r in (hold, hi):
+                assert await c.release(r.ticket)
+            for fut in queued:  # one at a time: the lo band dispatches only below saturation 0.5
+                r = await fut
+                assert r.dispatched and await c.release(r.ticket)
+
+    run(main())
+
+
+def test_parked_newcomer_past_its_ttl_is_not_dispatched_by_the_fast_path(launch: Any) -> None:
+    """A request waiting for displacement victims has no TTL timer: when its victims finally leave
+    and the budget is free, it must still end evicted:ttl, never dispatched late."""
+    bands = [{"priority": 10, "name": "hi", "displacement": True}, {"priority": 0, "name": "lo"}]
+    svc = launch(shards=1, budget=1, max_queued_requests=1, bands=bands)
+
+    async def main() -> None:
+        async with Client.connect(svc.host, svc.binary_port) as c:
+            hold = await c.admit("hold", priority=10)
+            victim = c.admit("lo", priority=0)
+            s = await svc.until_stats(lambda s: s["totals"]["queued_items"] == 1)
+            worker = s["shards"][0]["pid"]
+            os.kill(worker, signal.SIGSTOP)  # the victim's cancel is not answered for now
+            try:
+                late = c.admit("hi", priority=10, ttl=0.2)  # parked: displaces the lo request
+                await asyncio.sleep(0.1)
+                assert await c.release(hold.ticket)  # the budget is free when the victim leaves
+                await asyncio.sleep(0.3)  # the newcomer's TTL runs out while it is parked
+            finally:
+                os.kill(worker, signal.SIGCONT)
+            assert (await victim).outcome is Outcome.EVICTED_DISPLACED
+            r = await late
+            assert r.outcome is Outcome.EVICTED_TTL and not r.ticket, r
+            assert (await svc.astats())["totals"]["inflight"] == 0
+
+    run(main())
+
+
+def test_a_config_too_large_for_a_command_line_reaches_every_worker(launch: Any) -> None:
+    """The workers get the configuration over their socket: 8,000 weights (~190 KB of JSON) are more
+    than one command-line argument may hold (128 KiB)."""
+    weights = "\n".join(f'"tenant-{i:05d}-{"x" * 8}" = {1 + i % 7}.0' for i in range(8000))
+    text = config_text(budget=4) + "[weights]\n" + weights + "\n"
+    svc = launch(text, shards=2)
+
+    async def main() -> None:
+        async with Client.connect(svc.host, svc.binary_port) as c:
+            r = await c.admit("tenant-07999-xxxxxxxx")
+            assert r.dispatched and await c.release(r.ticket)
+        assert all(len(cmdline(p.pid)) < 4096 for p in svc.worker_procs())
 
     run(main())

@@ -20,12 +20,25 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, cast
+from typing import cast
 
-import msgspec
 import uvloop
 
-from flowshard.codec import Cancel, Done, Enqueue, FrameReader, FrameWriter, Grant, GrantBack, Hello, Shutdown, ToWorker
+from flowshard.codec import (
+    PREAMBLE_HEADER,
+    Cancel,
+    Done,
+    Enqueue,
+    FrameReader,
+    FrameWriter,
+    Grant,
+    GrantBack,
+    Hello,
+    Shutdown,
+    ToWorker,
+    decode_config,
+    preamble_length,
+)
 from flowshard.config import Config
 from flowshard.engine import Engine
 from flowshard.shm import ShmStats
@@ -179,14 +192,31 @@ def attach_segment(name: str) -> tuple[mmap.mmap, int]:
         os.close(fd)
 
 
-async def run(shard: int, fd: int, shm_name: str, config: Config) -> None:
+def read_config(sock: socket.socket) -> Config | None:
+    """The configuration the distributor writes first on our socket (see codec.config_preamble),
+    read before the event loop starts; None if the distributor went away before sending it."""
+
+    def exactly(n: int) -> bytes | None:
+        data = bytearray()
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return bytes(data)
+
+    header = exactly(PREAMBLE_HEADER)
+    blob = exactly(preamble_length(header)) if header is not None else None
+    return decode_config(blob) if blob is not None else None
+
+
+async def run(shard: int, sock: socket.socket, shm_name: str, config: Config) -> None:
     loop = asyncio.get_running_loop()
     parent = os.getppid()
     segment, _ = attach_segment(shm_name)
     stats = ShmStats(segment)
     finished: asyncio.Future[None] = loop.create_future()
     engine = Engine(config, enforce_limits=False)
-    sock = socket.socket(fileno=fd)
     worker = ShardWorker(shard, engine, stats, finished)
     transport, _ = await loop.create_unix_connection(lambda: worker, sock=sock)
     worker.heartbeat(parent)
@@ -204,15 +234,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard", type=int, required=True)
     parser.add_argument("--fd", type=int, required=True, help="this end of the socket pair")
     parser.add_argument("--shm", required=True, help="shared-memory segment name")
-    parser.add_argument("--config-json", required=True)
     args = parser.parse_args(argv)
     # Ctrl-C, `timeout` and systemd signal the whole process group: the distributor drains us (a
     # Shutdown frame); we end on that, on our socket's EOF, or with our parent.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
-    config: Any = msgspec.json.decode(args.config_json, type=Config)
-    uvloop.run(run(args.shard, args.fd, args.shm, config))
+    sock = socket.socket(fileno=args.fd)
+    config = read_config(sock)
+    if config is None:  # the distributor is gone already: nobody to serve
+        return 1
+    uvloop.run(run(args.shard, sock, args.shm, config))
     return 0
 
 
