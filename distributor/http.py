@@ -6,9 +6,11 @@ Responses leave strictly in request order (pipelining): each request takes a slo
 queue and the head of the queue is written as soon as it is ready. Responses produced while one
 `data_received` call is parsed are written with one `transport.write`.
 
-Every admission made on a connection is either answered (delivered) or, when the connection is lost
-first, cancelled exactly once with `admission.cancel(request_id)`, from `connection_lost` only — so
-the distributor is never re-entered from inside its own `deliver` call.
+Every admission made on a connection is either answered (its response written) or, when the
+connection is lost first, settled from `connection_lost` only — so the distributor is never
+re-entered from inside its own `deliver` call: one still pending is cancelled exactly once with
+`admission.cancel(request_id)`, one dispatched but not yet written (waiting behind an earlier
+response, or delivered to a closing connection) has its ticket released with `admission.release`.
 
 Timeouts use one lazily re-armed timer per connection: the hot path only stores a time stamp, the
 timer is moved only when a deadline moves earlier (roughly twice per `header_timeout` under load).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Final, NamedTuple, cast
@@ -69,6 +72,9 @@ _H200: Final = _HEAD[200]
 _CONN_CLOSE: Final = b"connection: close\r\n"
 _CONN_KEEP: Final = b"connection: keep-alive\r\n"  # only for HTTP/1.0 clients that asked for it
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+# msgspec reports a string with an unpaired high surrogate escape ("\ud800x") as truncated input.
+# The escape: preceded by an even run of backslashes, not followed by a low surrogate escape.
+_LONE_SURROGATE: Final = re.compile(rb"(?<!\\)(?:\\\\)*(\\u[dD][89abAB][0-9a-fA-F]{2})(?!\\u[dD][c-fC-F])")
 
 # `_head_raw` outside a request head, and in the chunk where the head began.
 _NOT_IN_HEAD: Final = -2
@@ -125,6 +131,16 @@ def _error(status: int, message: str, conn: bytes = b"", extra: bytes = b"", *, 
     return _render(_HEAD[status], _encode(_ErrorBody(_Error(status, message))), conn, extra, no_body=no_body)
 
 
+def _decode_problem(exc: msgspec.DecodeError, body: bytes) -> str:
+    """msgspec's message, except where it misreports an unpaired surrogate as truncated input."""
+    message = str(exc)
+    if message == "Input data was truncated":
+        m = _LONE_SURROGATE.search(body)
+        if m is not None:
+            return f"invalid JSON: unpaired UTF-16 surrogate in a string (byte {m.start(1)})"
+    return message
+
+
 # ---------------------------------------------------------------------------------------- routing
 
 _Handler = Callable[["HttpConnection", bytes, bytes, int, bool], None]
@@ -143,13 +159,14 @@ class _Stop(Exception):
 class _Slot:
     """One request's place in the response order. `data` is None until the response is known."""
 
-    __slots__ = ("close", "conn", "data", "rid")
+    __slots__ = ("close", "conn", "data", "rid", "ticket")
 
     def __init__(self, conn: bytes, close: int, data: bytes | None = None) -> None:
         self.conn = conn
         self.close = close
         self.data = data
         self.rid: int | None = None  # the admission's request id, once `admit` has returned
+        self.ticket = 0  # a dispatched response's ticket: released if the slot is never written
 
 
 class _Shared:
@@ -200,7 +217,6 @@ class HttpConnection(asyncio.Protocol):
         self._held: bytearray | None = None  # input kept unparsed while max_pipelined is reached
         self._paused = False
         self._unhold_scheduled = False
-        self._unsent: list[int] = []  # tickets dispatched to a connection already closing
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self._last_active = 0.0
@@ -210,9 +226,10 @@ class HttpConnection(asyncio.Protocol):
         self._idle_timeout = shared.limits.idle_timeout
         self._head_raw = _NOT_IN_HEAD  # bytes of a still incomplete head, counted per later chunk
         self._head_bytes = 0
-        self._url = b""
-        self._body = b""
+        self._url = bytearray()  # appended in place: a dribbled URL or chunked body costs linear time
+        self._body = bytearray()
         self._clen = -1
+        self._chunked = False
         self._ka_header = False
         self._expect = False
 
@@ -279,7 +296,7 @@ class HttpConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         """The client closed its side: it is gone (HTTP/1.1 gives a half-close no meaning for pending
-        requests). Pending admissions are cancelled in `connection_lost`; the transport closes."""
+        requests). Its admissions are settled in `connection_lost`; the transport closes."""
         self._closing = True
         return False
 
@@ -293,19 +310,16 @@ class HttpConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         admission = self._admission
-        for slot in self._queue:
-            if slot.data is None and slot.rid is not None:
-                try:
-                    admission.cancel(slot.rid)
-                except Exception:
-                    log.exception("admission.cancel(%s) failed", slot.rid)
-        self._queue.clear()
-        for ticket in self._unsent:
+        for slot in self._queue:  # nothing in it was written: settle every admission
             try:
-                admission.release(ticket)
+                if slot.data is None:
+                    if slot.rid is not None:
+                        admission.cancel(slot.rid)
+                elif slot.ticket:
+                    admission.release(slot.ticket)
             except Exception:
-                log.exception("admission.release(%s) failed", ticket)
-        self._unsent.clear()
+                log.exception("settling admission %s (ticket %s) failed", slot.rid, slot.ticket)
+        self._queue.clear()
         self._held = None
 
     def pause_writing(self) -> None:
@@ -327,16 +341,14 @@ class HttpConnection(asyncio.Protocol):
         if outcome == _DISPATCHED:
             body = _encode(_Dispatched("dispatched", ticket, int(wait * 1e6) / 1000.0, self._sh.lease))
             slot.data = b"%b%bcontent-length: %d\r\n\r\n%b" % (_H200, slot.conn, len(body), body)
-            transport = self._transport
-            if self._closing or transport.is_closing():  # is_closing: uvloop dropped it on a read error
-                self._closing = True
-                self._unsent.append(ticket)  # the client will never learn it: released on connection_lost
-                return
+            slot.ticket = ticket
         else:
             head, status, reason = _REFUSALS[outcome]
             body = _encode(_Refused(status, reason, int(wait * 1e6) / 1000.0, retry_after))
             slot.data = _render(head, body, slot.conn, b"retry-after: %d\r\n" % retry_after)
-        if not self._closing and self._queue[0] is slot:
+        if self._closing or self._transport.is_closing():  # is_closing: uvloop dropped it on a read error
+            self._closing = True  # the slot stays queued, unwritten: connection_lost settles it
+        elif self._queue[0] is slot:
             self._flush()
 
     # ------------------------------------------------------------------ httptools callbacks
@@ -367,6 +379,8 @@ class HttpConnection(asyncio.Protocol):
                 self._ka_header = b"keep-alive" in value.lower()
         elif n == 6 and name.lower() == b"expect":
             self._expect = value.lower() == b"100-continue"
+        elif n == 17 and name.lower() == b"transfer-encoding":
+            self._chunked = True  # llhttp accepts a request's Transfer-Encoding only when it ends in chunked
 
     def on_headers_complete(self) -> None:
         self._head_raw = _NOT_IN_HEAD
@@ -379,17 +393,17 @@ class HttpConnection(asyncio.Protocol):
             message = f"body of {self._clen} bytes is over the limit of {limits.max_body_bytes}"
             self._respond(_error(413, message, _CONN_CLOSE), _LINGER)
             raise _Stop
-        if self._expect and not self._queue and self._clen > 0:
-            self._emit(_CONTINUE)
+        if self._expect and (self._clen > 0 or self._chunked):
+            # An interim response: in its turn like a final one, never before an earlier request's answer.
+            self._respond(_CONTINUE, _KEEP)
 
     def on_body(self, chunk: bytes) -> None:
-        body = self._body + chunk
-        if len(body) > self._limits.max_body_bytes:  # chunked: no Content-Length to check up front
+        self._body += chunk
+        if len(self._body) > self._limits.max_body_bytes:  # chunked: no Content-Length to check up front
             self._msg_at = 0.0
             message = f"body over the limit of {self._limits.max_body_bytes} bytes"
             self._respond(_error(413, message, _CONN_CLOSE), _LINGER)
             raise _Stop
-        self._body = body
 
     def on_message_complete(self) -> None:
         self._msg_at = 0.0
@@ -397,12 +411,13 @@ class HttpConnection(asyncio.Protocol):
             conn, close = (_CONN_KEEP if self._ka_header else b""), _KEEP
         else:
             conn, close = _CONN_CLOSE, _CLOSE
-        url = self._url
-        body = self._body
-        self._url = self._body = b""  # ready for the next request
+        url = bytes(self._url)
+        body = bytes(self._body)
+        self._url.clear()  # ready for the next request
+        self._body.clear()
         self._head_bytes = 0
         self._clen = -1
-        self._ka_header = self._expect = False
+        self._chunked = self._ka_header = self._expect = False
         q = url.find(b"?")
         route = _ROUTES.get(url if q < 0 else url[:q])
         method = self._parser.get_method()
@@ -427,7 +442,7 @@ class HttpConnection(asyncio.Protocol):
         try:
             a = _decode_admit(body)
         except msgspec.DecodeError as exc:  # malformed JSON, wrong types, unknown or missing fields
-            self._respond(_error(400, f"invalid admit body: {exc}", conn), close)
+            self._respond(_error(400, f"invalid admit body: {_decode_problem(exc, body)}", conn), close)
             return
         problem = check_admit(a.flow, a.priority, a.bytes, a.ttl, a.slo, a.tokens, a.weight)
         if problem is not None:
@@ -452,7 +467,7 @@ class HttpConnection(asyncio.Protocol):
         try:
             r = _decode_release(body)
         except msgspec.DecodeError as exc:
-            self._respond(_error(400, f"invalid release body: {exc}", conn), close)
+            self._respond(_error(400, f"invalid release body: {_decode_problem(exc, body)}", conn), close)
             return
         if self._admission.release(r.ticket):
             self._respond(_render(_H200, b'{"released":true}', conn), close)
@@ -498,7 +513,10 @@ class HttpConnection(asyncio.Protocol):
             self._transport.write(data)
 
     def _flush(self) -> None:
-        """Write every ready response at the head of the queue, in order."""
+        """Write every ready response at the head of the queue, in order. Not once closing: what is
+        still queued then was never written, and connection_lost settles it."""
+        if self._closing:
+            return
         q = self._queue
         out = self._out
         batch: list[bytes] = out if out is not None else []
@@ -511,11 +529,14 @@ class HttpConnection(asyncio.Protocol):
             q.popleft()
             if data:
                 batch.append(data)
+            if data is _CONTINUE and not q:  # its request is still in progress: it waited for us till now
+                self._msg_at = now = self._loop.time()
+                self._arm(now + self._header_timeout)
             if slot.close:
                 close = slot.close
                 break
         if out is None:
-            if batch and not self._closing:
+            if batch:
                 self._transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
             if not q and not self._msg_at and not self._stopped:
                 self._last_active = self._loop.time()
@@ -613,7 +634,8 @@ class HttpConnection(asyncio.Protocol):
             return
         limits = self._limits
         now = self._loop.time()
-        if self._msg_at and self._held is None:
+        # Held input, or a 100 Continue queued behind earlier answers: the request waits on us.
+        if self._msg_at and self._held is None and not (self._queue and self._queue[-1].data is _CONTINUE):
             due = self._msg_at + limits.header_timeout
             if now >= due:
                 self._msg_at = 0.0

@@ -1,7 +1,9 @@
 """The HTTP/1.1 front over real sockets on 127.0.0.1, against a fake `Admission`.
 
 Each test runs its own uvloop event loop with the server and asyncio-stream clients in it, and fails
-on any exception the loop reports (a crashed callback would otherwise only be logged).
+on any exception the loop reports (a crashed callback would otherwise only be logged). Where the
+distributor's side matters too (a ticket must really come back), the test runs `flowshard serve`
+through servicekit's `launch` fixture.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from typing import Any
 
 import pytest
 import uvloop
+from servicekit import HttpConn, admit_http, band_outcomes, launch, release_http
 
 from distributor.http import HttpLimits, start_http_server
 from flowshard.types import Outcome
+
+__all__ = ["launch"]  # the fixture, re-exported so pytest finds it here
 
 LEASE = 30.0
 TICKET_BASE = 1000
@@ -305,6 +310,9 @@ def test_release_then_double_release_and_unknown_ticket() -> None:
         c.send(post("/v1/release", {"ticket": "x"}))
         r = await c.response()
         assert r.status == 400 and "$.ticket" in r.json()["error"]["message"]
+        c.send(post("/v1/release", r'{"ticket": "\udbff"}'))
+        r = await c.response()
+        assert r.status == 400 and "unpaired UTF-16 surrogate" in r.json()["error"]["message"], r
         c.close()
 
     fake = serve(t)
@@ -411,6 +419,9 @@ def test_handler_exceptions_answer_500_and_keep_serving() -> None:
         ('{"flow": 5}', 400, "$.flow"),
         ('{"bytes": 10}', 400, "flow"),
         ('{"flow": "a", "colour": "red"}', 400, "colour"),
+        (r'{"flow": "\ud800x"}', 400, "invalid JSON: unpaired UTF-16 surrogate in a string (byte 10)"),
+        (r'{"flow": "a\\\uDBFF"}', 400, "unpaired UTF-16 surrogate"),  # an escaped backslash, then the escape
+        (r'{"\ud800": 1}', 400, "unpaired UTF-16 surrogate"),
         ('{"flow": "a", "bytes": -1}', 422, "bytes"),
         ('{"flow": "a", "ttl": 1e12}', 422, "ttl"),
         ('{"flow": "a", "weight": -2}', 422, "weight"),
@@ -470,6 +481,44 @@ def test_chunked_body_within_limit_is_admitted() -> None:
 
     fake = serve(t)
     assert [(a["flow"], a["size"]) for a in fake.admits] == [("chunky", 3)]
+
+
+def test_chunked_body_of_one_byte_chunks_up_to_the_limit() -> None:
+    """Many tiny chunks add up in place (no copy per chunk); the limit counts them all."""
+
+    def chunked(body: bytes) -> bytes:
+        head = b"POST /v1/admit HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        return head + b"".join(b"1\r\n%c\r\n" % byte for byte in body) + b"0\r\n\r\n"
+
+    limit = 65536
+    body = b'{"flow": "tiny", "bytes": 7}'
+    body += b" " * (limit - len(body))  # JSON whitespace up to exactly the limit
+
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(chunked(body))
+        r = await c.response(timeout=2.0)
+        assert r.status == 200, r
+        c.send(chunked(body + b" "))  # one byte over
+        r = await c.response(timeout=2.0)
+        assert r.status == 413 and r.headers["connection"] == "close", r
+        assert await c.closed()
+
+    fake = serve(t, max_body_bytes=limit)
+    assert [(a["flow"], a["size"]) for a in fake.admits] == [("tiny", 7)]
+
+
+def test_request_line_in_pieces_is_routed() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        for piece in (b"GET /ready", b"z?verbose=", b"1&x=", b"y" * 500, b" HTTP/1.1\r\n\r\n"):
+            c.send(piece)
+            await asyncio.sleep(0.005)  # separate reads: the URL arrives in several callbacks
+        r = await c.response()
+        assert (r.status, r.json()) == (200, {"ready": True})
+        c.close()
+
+    serve(t)
 
 
 def test_headers_over_limit_431() -> None:
@@ -596,11 +645,12 @@ def test_disconnect_while_pending_cancels_exactly_once() -> None:
         c = await Client.open(port)
         c.send(admit(HOLD) + admit(HOLD) + admit(HOLD))
         await until(lambda: len(fake.admits) == 3)
-        fake.finish(2)  # delivered, but queued behind 1: never written
+        fake.finish(2)  # dispatched, but queued behind 1: never written, so its ticket comes back
         await c.silent()
         c.close()
         await until(lambda: len(fake.cancels) == 2)
         assert sorted(fake.cancels) == [1, 3]
+        assert fake.released == [TICKET_BASE + 2]
         fake.finish(1)  # a late outcome for a gone client is a no-op
         fake.finish(3, Outcome.EVICTED_TTL)
         await asyncio.sleep(0.02)
@@ -739,6 +789,58 @@ def test_expect_100_continue() -> None:
     serve(t)
 
 
+async def _continue(c: Client) -> None:
+    """The interim `100 Continue`, and nothing else, is next on the connection."""
+    assert await asyncio.wait_for(c.reader.readline(), 1) == b"HTTP/1.1 100 Continue\r\n"
+    assert await c.reader.readline() == b"\r\n"
+
+
+def test_expect_100_continue_chunked() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        body = b'{"flow": "chunky"}'
+        c.send(b"POST /v1/admit HTTP/1.1\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await _continue(c)  # only then does the client send its body
+        c.send(b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body))
+        assert (await c.response()).status == 200
+        c.close()
+
+    fake = serve(t)
+    assert [a["flow"] for a in fake.admits] == ["chunky"]
+
+
+def test_expect_100_continue_waits_for_earlier_answers() -> None:
+    """Pipelined behind a queued admission, the 100 Continue comes after that one's answer, never
+    before it; the time its request waited for it counts as ours, not as a slow client's."""
+
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        body = b'{"flow": "second"}'
+        expect = b"POST /v1/admit HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+        c.send(admit(HOLD) + expect)
+        await until(lambda: len(fake.admits) == 1)
+        await c.silent(0.4)  # past header_timeout: neither a 100 ahead of the first answer, nor a 408
+        fake.finish(1)
+        assert (await c.response()).json()["ticket"] == TICKET_BASE + 1
+        await _continue(c)
+        await asyncio.sleep(0.1)  # the client may take a while too, within header_timeout
+        c.send(body)
+        assert (await c.response()).json()["ticket"] == TICKET_BASE + 2
+        c.send(admit(HOLD) + expect)  # again, but this client never sends its body after the 100
+        await until(lambda: len(fake.admits) == 3)
+        await c.silent(0.4)
+        fake.finish(3)
+        assert (await c.response()).json()["ticket"] == TICKET_BASE + 3
+        await _continue(c)
+        started = time.monotonic()
+        assert (await c.response()).status == 408  # its time ran again from the 100
+        assert time.monotonic() - started < 0.8
+        assert await c.closed()
+
+    fake = serve(t, header_timeout=0.25)
+    assert [a["flow"] for a in fake.admits] == [HOLD, "second", HOLD]
+
+
 def test_duplicate_delivery_is_ignored() -> None:
     async def t(port: int, fake: FakeAdmission) -> None:
         c = await Client.open(port)
@@ -804,3 +906,46 @@ def test_limits_are_validated() -> None:
         HttpLimits(max_pipelined=0)
     with pytest.raises(ValueError, match="header_timeout"):
         HttpLimits(header_timeout=0.0)
+
+
+# ---------------------------------------------------------------------------------------- a real service
+
+
+@pytest.mark.parametrize("leave", ["close", "half-close"])
+def test_dispatched_answer_waiting_behind_a_queued_one_is_released_when_the_client_leaves(
+    launch: Any, leave: str
+) -> None:
+    """Answers leave in request order, so a dispatched admission can wait behind a queued one on the
+    same connection; when the client goes, its ticket comes back at once, not after the lease."""
+    svc = launch(shards=1, budget=1, bands=[{"priority": 10, "name": "high"}, {"priority": 0, "name": "low"}])
+    port = svc.http_port
+
+    async def main() -> None:
+        held = (await admit_http(port, "x")).json()
+        c = await HttpConn.open(port)
+        c.send("POST", "/v1/admit", {"flow": "a", "priority": 0})
+        c.send("POST", "/v1/admit", {"flow": "b", "priority": 10})
+        await svc.until_stats(lambda s: s["totals"]["queued_items"] == 2)
+        assert (await release_http(port, held["ticket"])).status == 200
+        # b (the higher band) is dispatched and delivered; its answer waits behind a's.
+        high = {b["name"]: b for b in (await svc.astats())["bands"]}["high"]["index"]
+        await svc.until_stats(
+            lambda s: (s["totals"]["inflight"], s["totals"]["pending"], s["bands"][high]["outcomes"]["dispatched"])
+            == (1, 1, 1)
+        )
+        if leave == "close":
+            c.close()
+        else:
+            c.writer.write_eof()
+            assert await asyncio.wait_for(c.reader.read(), 3.0) == b""  # nothing written out of order
+        s = await svc.until_stats(
+            lambda s: (s["totals"]["inflight"], s["totals"]["tickets"], s["totals"]["pending"]) == (0, 0, 0),
+            timeout=3.0,
+        )
+        assert s["totals"]["queued_items"] == 0 and band_outcomes(s)["evicted:cancelled"] == 1
+        r = await admit_http(port, "next", timeout=2.0)  # not wedged: dispatched at once
+        assert r.status == 200 and r.json()["outcome"] == "dispatched", r
+        assert (await release_http(port, r.json()["ticket"])).status == 200
+        c.close()
+
+    uvloop.run(asyncio.wait_for(main(), 20.0))
