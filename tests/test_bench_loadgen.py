@@ -210,7 +210,6 @@ def test_http_run_leaves_no_ticket_held_at_the_service(tmp_path: Path, launch: A
     [run] = doc["configs"][0]["runs"]
     assert run["counts"]["dispatched"] > 0 and run["counts"]["unfinished"] > 0  # queued at the end
     assert 0 < run["unanswered_in_window"] <= run["counts"]["unfinished"]
-    assert any("had no outcome when the run ended" in w for w in run["warnings"])
     assert wait_until(lambda: svc.stats()["totals"]["inflight"] == 0, 3.0), svc.stats()["totals"]
     totals = svc.stats()["totals"]
     assert totals["tickets"] == 0 and totals["queued_items"] == 0

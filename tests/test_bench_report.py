@@ -209,3 +209,19 @@ def test_simulator_comparison_gives_differences() -> None:
     assert first["measured"]["rejected"] == 1
     others = [c for c in cmp["groups"] if c["id"] != g.id]
     assert others and all(c["measured"]["share"] is None and c["diff"]["share_pp"] is None for c in others)
+
+
+def test_unanswered_requests_count_against_the_tail_only_when_they_waited_longer_than_p99() -> None:
+    from bench.histogram import Histogram
+    from bench.loadgen import UNFINISHED
+    from bench.report import _unanswered_beyond
+
+    latency = Histogram()
+    for us in range(1, 101):  # answered: 1..100 ms, p99 = 99 ms
+        latency.record(us * 1_000_000)
+    # unanswered at the end (t = 10 s): sent at 9.995 s (waited 5 ms), 9.5 s (500 ms), 0.5 s (before the window)
+    log = {"outcome": np.array([UNFINISHED, UNFINISHED, UNFINISHED, 0], dtype=np.int8),
+           "intended": np.array([9.995, 9.5, 0.5, 5.0]), "done": np.array([10.0, 10.0, 10.0, 5.001])}
+    assert _unanswered_beyond(log, latency, 1.0, 10.0, truncated=False) == 1  # only the one waiting 500 ms
+    assert _unanswered_beyond(log, latency, 1.0, 10.0, truncated=True) == 2  # incomplete log: all in the window
+    assert _unanswered_beyond(log, Histogram(), 1.0, 10.0, truncated=False) == 2  # nothing answered: all of them
