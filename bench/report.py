@@ -358,6 +358,9 @@ def _cpu(record: RunRecord, requests: int, warnings: list[str], spun: dict[str, 
     foreign = max(0.0, busy - ours) / window
     if foreign > FOREIGN:
         warnings.append(f"other processes used {foreign:.2f} cores during the window: figures are disturbed")
+    if steal / window > FOREIGN:  # a shared VM: the host ran something else on our vCPUs
+        warnings.append(f"the hypervisor took {steal / window:.2f} cores (steal) during the window: latencies "
+                        "are inflated by waits for a CPU")
     server_roles = {"distributor", "workers", "echo", "tracker"}
     server_us = sum(v["cpu_s"] for k, v in kinds.items() if k in server_roles) * per_req
     costs = {p["role"]: p["us_per_req"] for p in processes
@@ -493,6 +496,7 @@ METRICS: list[tuple[str, Getter]] = [
     ("workers util (sum)", _kind_util("workers")),
     ("loadgen util", _kind_util("loadgens")),
     ("other processes (cores)", _path("cpu", "machine", "foreign_cores")),
+    ("steal (cores)", _path("cpu", "machine", "steal_cores")),
     ("Jain (share/fair)", _path("fairness", "jain")),
     ("max service diff (band unit)", _path("fairness", "max_service_diff")),
     ("apparent inversions", _path("fairness", "apparent_inversions")),

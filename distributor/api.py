@@ -37,9 +37,8 @@ class Admission(Protocol):
         """The client of a pending admission went away: evict it (`cancelled`) or, if it is
         dispatched meanwhile, release its budget at once. No outcome is delivered after this."""
 
-    def release(self, ticket: int, waiter: Waiter | None = None) -> bool:
-        """Free a dispatched request's ticket. False for unknown or already released tickets, and for
-        a connection-bound (binary) ticket unless `waiter` is the connection that holds it."""
+    def release(self, ticket: int) -> bool:
+        """Free a dispatched request's ticket. False for unknown or already released tickets."""
 
     def release_all(self, waiter: Waiter) -> int:
         """The connection closed: release every ticket it holds (binary protocol)."""

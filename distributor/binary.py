@@ -118,7 +118,7 @@ class BinaryConnection(asyncio.Protocol):
                 self._admit(msg)
             else:
                 ticket = msg.ticket
-                self._send(Released(ticket, self._admission.release(ticket, self)))
+                self._send(Released(ticket, self._admission.release(ticket)))
 
     def pause_writing(self) -> None:
         # Replies pile up beyond max_write_buffer: the client does not read. Drop it (abort: a
@@ -157,7 +157,7 @@ class BinaryConnection(asyncio.Protocol):
                 # A dispatch delivered after the connection closed breaks the `cancel` contract;
                 # release it anyway so no capacity leaks (invariant 6).
                 log.error("dispatch of request %d delivered to a closed binary connection", request_id)
-                self._admission.release(ticket, self)
+                self._admission.release(ticket)
             return
         if self._open:
             self._send(Result(cid, outcome, ticket, wait, retry_after))  # msgspec encodes an IntEnum as its value

@@ -61,13 +61,11 @@ class Ticket(msgspec.Struct, gc=False):
     owner: Any
     deadline: float  # lease expiry (inf: held until the connection closes)
 
-    @property
-    def connection_bound(self) -> bool:
-        """Held until its connection closes (binary): only that connection may release it."""
-        return self.deadline == math.inf
 
 
-TICKET_BITS = 53  # random, so a client cannot release another's by guessing; exact as a JSON number
+# Tickets are capabilities: random, so a client can release only a ticket it was given (on any of its
+# connections: clients pool them), never another client's by guessing. 53 bits: exact as a JSON number.
+TICKET_BITS = 53
 
 
 class WorkerLink(asyncio.Protocol):
@@ -179,11 +177,10 @@ class Distributor:
         elif p.state == PendingState.NEW and p.victims_left == 0:
             self._finish(p, Outcome.EVICTED_CANCELLED, 0.0)
 
-    def release(self, ticket: int, waiter: Waiter | None = None) -> bool:
-        held = self.tickets.get(ticket)
-        if held is None or (held.connection_bound and held.owner is not waiter):
+    def release(self, ticket: int) -> bool:
+        held = self.tickets.pop(ticket, None)
+        if held is None:
             return False
-        del self.tickets[ticket]
         self._leases.pop(ticket, None)
         self._disown(held)
         self.ledger.release(held.size)
@@ -194,7 +191,7 @@ class Distributor:
     def release_all(self, waiter: Waiter) -> int:
         mine = list(self._owned.get(waiter, ()))
         for ticket in mine:
-            self.release(ticket, waiter)
+            self.release(ticket)
         return len(mine)
 
     def _new_ticket(self) -> int:

@@ -185,3 +185,13 @@ def test_bench_bad_flags_get_one_line_errors(tmp_path: Path, flags: list[str], m
     proc = _run_bench(tmp_path, FREE, *flags)
     assert proc.returncode == 2
     assert proc.stderr.startswith("flowshard: ") and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_over_several_binary_connections_keeps_the_budget_turning(tmp_path: Path) -> None:
+    """With --conns 2 a generator may release a ticket on another connection than the admission's:
+    the service must take it (tickets are capabilities), or the budget stays full after one round."""
+    doc, _ = _bench(tmp_path, TINY, "--shards", "1", "--conns", "2", "--no-simulate")
+    [run] = doc["configs"][0]["runs"]
+    _check_run(run)
+    assert run["counts"]["dispatched"] > 50  # a budget of 4 turned over many times in 1.2 s
+    assert run["generator"]["release_failed"] == 0
