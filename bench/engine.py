@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bench.procstat import cpu_model
 from flowshard.config import BandConfig, BudgetConfig, Config
 from flowshard.engine import Engine
 from flowshard.fairness import FAIRNESS
@@ -364,18 +365,10 @@ def targets(cells: Cells, ratio_rows: list[dict[str, Any]], clock: str = "wall")
 
 def machine() -> dict[str, Any]:
     """What the figures depend on: cores, CPU model, Python."""
-    model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    model = cpu_model()
     return {
         "nproc": os.cpu_count(),
-        "cpu": model,
+        "cpu": model if model != "unknown" else platform.processor() or model,
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),

@@ -85,7 +85,7 @@ def _run_bench(tmp_path: Path, text: str, *flags: str) -> subprocess.CompletedPr
     )
 
 
-def _bench(tmp_path: Path, text: str, *flags: str) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
+def bench_json(tmp_path: Path, text: str, *flags: str) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
     out = tmp_path / "out.json"
     proc = _run_bench(tmp_path, text, "--json", str(out), *flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -117,7 +117,7 @@ def _check_run(run: dict[str, Any]) -> None:
 
 
 def test_bench_binary_two_bands_against_flowshard(tmp_path: Path) -> None:
-    doc, proc = _bench(tmp_path, TINY, "--shards", "1", "--plot", str(tmp_path / "bench.png"))
+    doc, proc = bench_json(tmp_path, TINY, "--shards", "1", "--plot", str(tmp_path / "bench.png"))
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"plot: written to {tmp_path / 'bench.png'}" in proc.stdout + proc.stderr
     assert doc["bench"]["machine"]["cpus"] >= 1 and doc["scenario"]["name"] == "tiny"
@@ -139,7 +139,7 @@ def test_bench_binary_two_bands_against_flowshard(tmp_path: Path) -> None:
 
 
 def test_bench_http_with_echo_baseline(tmp_path: Path) -> None:
-    doc, _ = _bench(tmp_path, FREE, "--shards", "1", "--http", "--baseline", "--no-simulate")
+    doc, _ = bench_json(tmp_path, FREE, "--shards", "1", "--http", "--baseline", "--no-simulate")
     labels = [c["label"] for c in doc["configs"]]
     assert labels == ["shards=1", "echo-http"]
     for config in doc["configs"]:
@@ -155,7 +155,7 @@ def test_bench_http_with_echo_baseline(tmp_path: Path) -> None:
 def test_bench_drives_a_running_service_with_target(tmp_path: Path, launch: Any) -> None:
     svc = launch(config_text(budget=None, bands=[{"priority": 0, "fairness": "round-robin"}]), shards=2)
     for transport in ([], ["--http"]):
-        doc, _ = _bench(tmp_path, FREE, "--target", f"127.0.0.1:{svc.binary_port}",
+        doc, _ = bench_json(tmp_path, FREE, "--target", f"127.0.0.1:{svc.binary_port}",
                         "--http-target", f"127.0.0.1:{svc.http_port}", "--no-simulate", *transport)
         [config] = doc["configs"]
         assert config["label"] == "target" and config["kind"] == "target"
@@ -190,7 +190,7 @@ def test_bench_bad_flags_get_one_line_errors(tmp_path: Path, flags: list[str], m
 def test_bench_over_several_binary_connections_keeps_the_budget_turning(tmp_path: Path) -> None:
     """With --conns 2 a generator may release a ticket on another connection than the admission's:
     the service must take it (tickets are capabilities), or the budget stays full after one round."""
-    doc, _ = _bench(tmp_path, TINY, "--shards", "1", "--conns", "2", "--no-simulate")
+    doc, _ = bench_json(tmp_path, TINY, "--shards", "1", "--conns", "2", "--no-simulate")
     [run] = doc["configs"][0]["runs"]
     _check_run(run)
     assert run["counts"]["dispatched"] > 50  # a budget of 4 turned over many times in 1.2 s

@@ -8,9 +8,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,7 @@ import numpy as np
 import pytest
 import uvloop
 from servicekit import config_text, launch, wait_until
+from test_bench_cli import bench_json
 
 from bench.fairness import apparent_inversions, service_difference
 from bench.loadgen import LOG_COLUMNS, UNFINISHED, Generator, GenResult, GenSpec, part_of
@@ -29,20 +27,10 @@ from flowshard.scenario import Closed, load_scenario
 
 __all__ = ["launch"]  # the fixture, re-exported so pytest finds it here
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench(tmp_path: Path, text: str, *flags: str) -> dict[str, Any]:
-    scenario = tmp_path / "s.toml"
-    scenario.write_text(text)
-    out = tmp_path / "out.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "flowshard.cli", "bench", str(scenario), "--quiet", "--no-simulate", "--json", str(out),
-         *flags],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    doc: dict[str, Any] = json.loads(out.read_text())
+    doc, _ = bench_json(tmp_path, text, "--no-simulate", *flags)
     return doc
 
 
