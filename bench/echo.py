@@ -11,12 +11,14 @@ frame codec, httptools), and no admission logic:
 - HTTP: `POST /v1/admit` gets a fixed dispatched JSON body, `POST /v1/release` `{"released":true}`;
   in-order keep-alive responses, one write per read.
 
-`python -m bench.echo` serves both on free ports and prints, like `flowshard serve`,
-`echo ready: http=http://H:P binary=H:P pid=PID` on stderr; SIGTERM/SIGINT stop it.
+`python -m bench.echo [--host H] [--port P] [--binary-port B]` serves both (free ports by default)
+and prints, like `flowshard serve`, `echo ready: http=http://H:P binary=H:P pid=PID` on stderr;
+SIGTERM/SIGINT stop it.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -119,5 +121,14 @@ async def serve_echo(host: str = "127.0.0.1", http_port: int = 0, binary_port: i
     binary.close()
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.echo", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="HTTP port (default: any free one)")
+    parser.add_argument("--binary-port", type=int, default=0, help="binary port (default: any free one)")
+    args = parser.parse_args(argv)
+    uvloop.run(serve_echo(args.host, args.port, args.binary_port))
+
+
 if __name__ == "__main__":
-    uvloop.run(serve_echo())
+    main()
