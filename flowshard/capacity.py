@@ -24,16 +24,24 @@ class BandUsage(Usage, Protocol):
     flow_max_items: float
 
 
+NOTHING_HELD = (0, 0)
+
+
 def shortfall(
-    size: int, flow: Usage, band: BandUsage, total: Usage, max_bytes: float, max_items: float
+    size: int, flow: Usage, band: BandUsage, total: Usage, max_bytes: float, max_items: float,
+    band_held: tuple[int, int] = NOTHING_HELD, flow_held: tuple[int, int] = NOTHING_HELD,
 ) -> tuple[float, float] | None:
     """What must be freed globally to queue a request of `size` bytes.
 
     None: the request exceeds its flow's or its band's limit (nothing to displace can help).
     Otherwise (bytes, requests) still missing under the global limits; both <= 0 means it fits.
+    `band_held`/`flow_held`: (bytes, requests) of the band and flow held for requests not queued yet
+    (the distributor's newcomers waiting for displacement victims to leave).
     """
-    if band.queued_bytes + size > band.max_bytes or band.queued_items + 1 > band.max_items:
+    if (band.queued_bytes + band_held[0] + size > band.max_bytes
+            or band.queued_items + band_held[1] + 1 > band.max_items):
         return None
-    if flow.queued_bytes + size > band.flow_max_bytes or flow.queued_items + 1 > band.flow_max_items:
+    if (flow.queued_bytes + flow_held[0] + size > band.flow_max_bytes
+            or flow.queued_items + flow_held[1] + 1 > band.flow_max_items):
         return None
     return total.queued_bytes + size - max_bytes, total.queued_items + 1 - max_items

@@ -27,7 +27,7 @@ from typing import Any
 import msgspec
 
 from flowshard.budget import Budget
-from flowshard.capacity import shortfall
+from flowshard.capacity import NOTHING_HELD, shortfall
 from flowshard.config import Config, limit
 
 _INF = math.inf
@@ -73,10 +73,12 @@ class LedgerBand:
     __slots__ = (
         "ceiling",
         "displacement",
+        "flow_held",
         "flow_max_bytes",
         "flow_max_items",
         "flows",
         "granted",
+        "held",
         "index",
         "max_bytes",
         "max_items",
@@ -99,6 +101,9 @@ class LedgerBand:
         self.flow_max_bytes = limit(bc.flow_max_bytes)
         self.flow_max_items = limit(bc.flow_max_requests)
         self.flows: dict[str, FlowUsage] = {}
+        # room of this band, and of its flows, held for parked newcomers: (bytes, requests)
+        self.held = NOTHING_HELD
+        self.flow_held: dict[str, tuple[int, int]] = {}
         self.order: OrderedDict[int, Pending] = OrderedDict()  # queued requests, newest last
         self.queued_items = self.queued_bytes = 0
         self.shard_items = [0] * shards
@@ -149,7 +154,7 @@ class Ledger:
         band = self.bands[p.band]
         flow = band.flows.get(p.flow) or FlowUsage()
         need = shortfall(p.size, flow, band, self, self.max_bytes - self.reserved_bytes,
-                         self.max_items - self.reserved_items)
+                         self.max_items - self.reserved_items, band.held, band.flow_held.get(p.flow, NOTHING_HELD))
         if need is None:
             return None
         need_bytes, need_items = need
@@ -183,6 +188,19 @@ class Ledger:
         free_bytes = self.max_bytes - self.reserved_bytes - self.queued_bytes
         free_items = self.max_items - self.reserved_items - self.queued_items
         self._reserve(newcomer, int(max(0, min(newcomer.size, free_bytes))), int(max(0, min(1, free_items))))
+        self._hold_in_band(newcomer, 1)
+
+    def _hold_in_band(self, newcomer: Pending, sign: int) -> None:
+        """Hold (sign 1) or give back (-1) the newcomer's room in its band and flow: it passed their
+        limits when parked, and a later arrival of the same band or flow must not take that room."""
+        band = self.bands[newcomer.band]
+        nbytes, items = sign * newcomer.size, sign
+        band.held = (band.held[0] + nbytes, band.held[1] + items)
+        fb, fi = band.flow_held.get(newcomer.flow, NOTHING_HELD)
+        if fi + items:
+            band.flow_held[newcomer.flow] = (fb + nbytes, fi + items)
+        else:
+            band.flow_held.pop(newcomer.flow, None)
 
     def _reserve(self, newcomer: Pending, nbytes: int, items: int) -> None:
         newcomer.reserved_bytes += nbytes
@@ -255,6 +273,7 @@ class Ledger:
             newcomer.victims_left -= 1
             if newcomer.victims_left == 0:  # its room is free: hand it back for the newcomer's own check
                 self._reserve(newcomer, -newcomer.reserved_bytes, -newcomer.reserved_items)
+                self._hold_in_band(newcomer, -1)
                 return newcomer
             self._reserve(newcomer, p.size, 1)
         return None

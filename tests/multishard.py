@@ -189,6 +189,7 @@ class Model:
         # once its victims' room is free, so no later arrival may take that room meanwhile)
         self.held: dict[int, list[int]] = {}
         self.victim_of: dict[int, int] = {}  # victim id -> the newcomer it makes room for
+        self.parked: dict[int, Req] = {}  # newcomers waiting for victims: their band and flow room is held
         self.dist_inflight: dict[int, int] = {}  # dispatched as the distributor knows, not released
         self.dist_grants: list[deque[GrantRecord]] = [deque() for _ in range(shards)]
         self.inflight: dict[int, int] = {}  # ground truth: dispatched (by a shard or fast path), not released
@@ -296,6 +297,7 @@ class Model:
         free_bytes = _lim(self.config.max_queued_bytes) - held_bytes - sum(r.size for r in routed)
         free_items = _lim(self.config.max_queued_requests) - held_items - len(routed)
         self.held[p.id] = [int(max(0, min(p.size, free_bytes))), int(max(0, min(1, free_items)))]
+        self.parked[p.id] = self.reqs[p.id]
         for v in victims:
             self.victim_of[v.id] = p.id
 
@@ -310,6 +312,7 @@ class Model:
             self.held[nid][1] += 1
         else:
             del self.held[nid]
+            del self.parked[nid]
 
     def _check_admission(self, p: Pending, victims: list[Pending] | None) -> None:
         """An oracle of the capacity rule (DESIGN §6.3) over the model's own counts: reject only over
@@ -323,7 +326,7 @@ class Model:
             self._fail(f"ledger holds {self.ledger.reserved_bytes} B / {self.ledger.reserved_items} for parked "
                        f"newcomers, expected {held_bytes} B / {held_items}")
         routed = [r for r in self.reqs.values() if r.routed]
-        band = [r for r in routed if r.band == p.band]
+        band = [r for r in routed if r.band == p.band] + [r for r in self.parked.values() if r.band == p.band]
         flow = [r for r in band if r.flow == p.flow]
         if (
             sum(r.size for r in band) + p.size > _lim(bc.max_bytes)

@@ -510,6 +510,26 @@ def test_room_freed_by_victims_is_held_for_their_newcomer():
     m.check_empty()
 
 
+def test_band_room_of_a_parked_newcomer_is_held_too():
+    # hi may hold 30 B. hi#1 (25 B) parks for victims below; hi#2 (20 B) arrives meanwhile. Without a
+    # hold, hi#2 would also pass the band limit (nothing of hi is queued yet), evict victims of its
+    # own, and be rejected only after they left. With the hold it is rejected at once, evicting nothing.
+    bands = [{"priority": 2, "name": "hi", "displacement": True, "max_bytes": 30}, *THREE[1:]]
+    m = Model(config(bands, max_inflight_requests=1, fast_path=False, max_queued_bytes=60), 4)
+    fill_budget(m, 1)
+    lo = [m.admit(f"l{i}", 0, 10, shard=i) for i in range(3)]
+    [m.admit(f"m{i}", 1, 10, shard=(3 + i) % 4) for i in range(3)]
+    m.settle()
+    first = m.admit("h", 2, 25)
+    assert m.reqs[first].victims == [lo[2], lo[1], lo[0]]
+    second = m.admit("h", 2, 20)
+    assert m.reqs[second].outcome is CAP and m.reqs[second].victims == []
+    m.settle()
+    assert m.reqs[first].routed and m.displacements == 3
+    m.drain()
+    m.check_empty()
+
+
 def test_newcomer_parked_past_its_ttl_is_evicted_not_dispatched():
     m, lo, _mid = displacement_model()
     hi = m.admit("h", 2, 10, ttl=0.5)
