@@ -62,7 +62,6 @@ class Ticket(msgspec.Struct, gc=False):
     deadline: float  # lease expiry (inf: held until the connection closes)
 
 
-
 # Tickets are capabilities: random, so a client can release only a ticket it was given (on any of its
 # connections: clients pool them), never another client's by guessing. 53 bits: exact as a JSON number.
 TICKET_BITS = 53
@@ -112,6 +111,7 @@ class Distributor:
         if shards < 1:
             raise ValueError("--shards must be at least 1")
         self.config = config
+        self._worker_config = config_preamble(config)  # encoded once, written first to every worker
         self.n_shards = shards
         self.ledger = Ledger(config, shards)
         self.slots = SlotTable(config.flow_slots, config.flow_gc_timeout)
@@ -429,7 +429,7 @@ class Distributor:
             )
         finally:
             theirs.close()
-        link = WorkerLink(self, shard, config_preamble(self.config))
+        link = WorkerLink(self, shard, self._worker_config)
         s.link = link
         await loop.create_unix_connection(lambda: link, sock=mine)
 

@@ -46,7 +46,7 @@ def preamble_length(header: bytes) -> int:
 def decode_config(blob: bytes) -> Config:
     try:
         return msgspec.json.decode(blob, type=Config)
-    except msgspec.ValidationError as exc:
+    except msgspec.DecodeError as exc:  # malformed or invalid: either way not from our distributor
         raise FrameError(f"bad worker configuration: {exc}") from None
 
 
