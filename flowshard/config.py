@@ -1,12 +1,15 @@
 """The one configuration format (TOML), validated into msgspec Structs.
 
 `serve`, `simulate` and `bench` all read it; a scenario file carries it under `[server]`.
-Every error names the field, the value that was given and what is allowed.
-Omitted limits mean "unlimited"; a limit that is present must be at least 1.
+Every error names the field as written in the file, the value that was given and what is allowed
+(`explain`), and suggests the intended key for a misspelt one. A limit is a positive integer or the
+string "unlimited"; an omitted key takes its default (see each field: the global queue limits and
+the in-flight request budget are bounded by default, every other limit is unlimited).
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 import tomllib
@@ -125,7 +128,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         self.bands.sort(key=lambda b: -b.priority)
         for flow, weight in self.weights.items():
             if not (math.isfinite(weight) and 0 < weight <= 1e6):
-                raise ValueError(f"weights: flow {flow!r} has weight {weight!r}; allowed: > 0 and <= 1e6")
+                raise ValueError(f"weights: flow {_toml_value(flow)} has weight {weight!r}; allowed: > 0 and <= 1e6")
         if self.default_priority is not None and self.default_priority not in seen:
             raise ValueError(
                 f"default_priority {self.default_priority} names no band; "
@@ -147,18 +150,123 @@ _LIMIT_FIELDS = {
     for name, hint in struct.__annotations__.items()
     if hint == "Limit"
 }
-_PATH_PART = re.compile(r"\.([A-Za-z_][\w-]*)|\[(\d+)\]|\[\'([^\']*)\'\]")
+_PATH_PART = re.compile(r"\.([A-Za-z_][\w-]*)|\[(\d+)\]|\[\'([^\']*)\'\]|\[(\.\.\.)\]")
+_EXPECTED = re.compile(r"Expected `([^`]*)`(?:, got `([^`]*)`)?(.*)$")
+_UNKNOWN = re.compile(r"Object contains unknown field `([^`]*)`$")
+_MISSING = re.compile(r"Object missing required field `([^`]*)`$")
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+               "object": "a table", "array": "an array", "null": ""}
+_GOT_TYPES: dict[str, type | tuple[type, ...]] = {
+    "int": int, "float": float, "str": str, "bool": bool, "object": dict, "array": list}
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+LIMIT_HELP = 'a positive integer, or "unlimited" for no limit'
 
 
-def _value_at(data: Any, path: str) -> tuple[bool, Any]:
-    """Follow a msgspec error path (`$.bands[0].ceiling`) into the raw document."""
-    node = data
-    for attr, index, key in _PATH_PART.findall(path.removeprefix("$")):
-        try:
-            node = node[int(index)] if index else node[attr or key]
-        except (KeyError, IndexError, TypeError):
-            return False, None
-    return True, node
+_Info = msgspec.inspect.Type | None
+
+
+def _walk(data: Any, info: _Info, path: str) -> tuple[str, bool, Any, _Info]:
+    """Follow a msgspec error path (`$.bands[0].ceiling`, `$.weights[...]`) into the raw document and
+    its type. Returns (the path as a TOML reader writes it, found, value, type there). A `[...]` (a
+    dict value msgspec does not name) resolves to the first entry that does not fit the type."""
+    node, shown, found = data, "", True
+    for attr, index, key, anon in _PATH_PART.findall(path.removeprefix("$")):
+        info = _unwrap(info, node if found else None)
+        if anon:
+            value_type = info.value_type if isinstance(info, msgspec.inspect.DictType) else None
+            entries = node.items() if isinstance(node, dict) else ()
+            bad = next((k for k, v in entries if not _fits(v, value_type)), None)
+            if bad is None:
+                return shown + "[...]", False, None, None
+            key = bad
+        name = attr or key
+        if index:
+            shown += f"[{index}]"
+            info = info.item_type if isinstance(info, msgspec.inspect.ListType) else None
+        else:
+            shown += ("." if shown else "") + (name if _BARE_KEY.fullmatch(name) else _toml_value(name))
+            if isinstance(info, msgspec.inspect.StructType):
+                info = next((f.type for f in info.fields if f.encode_name == name), None)
+            elif isinstance(info, msgspec.inspect.DictType):
+                info = info.value_type
+            else:
+                info = None
+        if found:
+            try:
+                node = node[int(index)] if index else node[name]
+            except (KeyError, IndexError, TypeError):
+                found, node = False, None
+    return shown, found, node, _unwrap(info, node if found else None)
+
+
+def _unwrap(info: msgspec.inspect.Type | None, node: Any) -> msgspec.inspect.Type | None:
+    """The struct, list or dict type behind metadata, optional values and tagged unions."""
+    if isinstance(info, msgspec.inspect.Metadata):
+        info = info.type
+    if isinstance(info, msgspec.inspect.UnionType):
+        structs = [t for t in info.types if isinstance(t, msgspec.inspect.StructType)]
+        if len(structs) > 1 and isinstance(node, dict):  # a tagged union: the member the tag names
+            structs = [t for t in structs if t.tag_field is not None and node.get(t.tag_field) == t.tag] or structs
+        others = [t for t in info.types if isinstance(t, msgspec.inspect.ListType | msgspec.inspect.DictType)]
+        return structs[0] if structs else (others[0] if others else info)
+    return info
+
+
+def _fits(value: Any, info: msgspec.inspect.Type | None) -> bool:
+    if isinstance(info, msgspec.inspect.Metadata):
+        info = info.type
+    if isinstance(info, msgspec.inspect.FloatType):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return True
+
+
+def _describe(types: str) -> str:
+    words = [_TYPE_WORDS.get(t.strip(), f"`{t.strip()}`") for t in types.split("|")]
+    return " or ".join(w for w in words if w)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return _toml_value(value)
+
+
+def _suggest(name: str, info: msgspec.inspect.Type | None) -> str:
+    """`; did you mean ...` for a misspelt key, else the keys allowed there."""
+    if not isinstance(info, msgspec.inspect.StructType):
+        return ""
+    allowed = [f.encode_name for f in info.fields]
+    close = [a for a in allowed if a.startswith(name)] or difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {' or '.join(f'`{c}`' for c in close)}?"
+    return f"; allowed here: {', '.join(allowed)}"
+
+
+def explain(message: str, data: Any, type_: Any, where: str) -> str:
+    """msgspec's validation message, rewritten for a person editing a TOML file: the key as written,
+    what it expects in words (never Python type names), the value that was given, once."""
+    message, _, path = message.partition(" - at `")
+    path = path.rstrip("`")
+    shown, found, value, info = _walk(data, msgspec.inspect.type_info(type_), path)
+    prefix = f"{where}: {shown + ': ' if shown else ''}"
+    leaf = shown.rsplit(".", 1)[-1]
+    if match := _UNKNOWN.match(message):
+        return f"{prefix}unknown key `{match[1]}`{_suggest(match[1], info)}"
+    if match := _MISSING.match(message):
+        return f"{prefix}the required key `{match[1]}` is missing"
+    got = f", got {_shown(value)}" if found else ""
+    if leaf in _LIMIT_FIELDS and (message.startswith(("Expected", "Invalid enum value"))):
+        return f"{prefix}expected {LIMIT_HELP}{got}"
+    if match := _EXPECTED.match(message):
+        expected, got_type, rest = match.groups()
+        if not found and got_type:
+            got = f", got {_TYPE_WORDS.get(got_type, got_type)}"
+        return f"{prefix}expected {_describe(expected)}{rest}{got}"
+    if message.startswith("Invalid enum value"):
+        return f"{prefix}{message}"
+    return f"{prefix}{message}{' (got ' + _shown(value) + ')' if found and not isinstance(value, dict | list) else ''}"
 
 
 def convert(data: dict[str, Any], type_: type[T], *, where: str = "config") -> T:
@@ -166,17 +274,7 @@ def convert(data: dict[str, Any], type_: type[T], *, where: str = "config") -> T
     try:
         return msgspec.convert(data, type_)
     except msgspec.ValidationError as exc:
-        message = str(exc)
-        path = ""
-        if " - at `" in message:
-            message, _, path = message.partition(" - at `")
-            path = path.rstrip("`")
-        field = path.removeprefix("$.")
-        if message.startswith("Invalid enum value") and field.rsplit(".", 1)[-1] in _LIMIT_FIELDS:
-            message = 'Expected a positive `int` or "unlimited"'  # msgspec cannot name a Literal's values
-        found, value = _value_at(data, path) if path else (False, None)
-        got = f" (got {value!r})" if found and not isinstance(value, dict | list) else ""
-        raise ConfigError(f"{where}: {field + ': ' if field else ''}{message}{got}") from None
+        raise ConfigError(explain(str(exc), data, type_, where)) from None
 
 
 def parse_toml(text: str, *, where: str = "config") -> dict[str, Any]:

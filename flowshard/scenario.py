@@ -289,6 +289,14 @@ def load_scenario(text: str, *, where: str = "scenario") -> Scenario:
 
 def scenario_from_data(data: dict[str, Any], *, where: str = "scenario") -> Scenario:
     """Validate an already parsed scenario document."""
+    stray = sorted(set(data) & set(Config.__struct_fields__))
+    if stray or "workload" not in data:
+        hint = (f"{', '.join(stray)} belong{'s' if len(stray) == 1 else ''} to the service configuration"
+                if stray else "it has no [workload]")
+        raise ConfigError(
+            f"{where}: not a scenario: {hint}. A scenario puts the configuration under [server] and the load "
+            "under [workload] with its [[workload.flows]] (see bench/scenarios/*.toml and the README's "
+            "\"Scenario format\"); `flowshard config check` reads a plain configuration")
     try:
         return convert(data, Scenario, where=where)
     except ConfigError as exc:

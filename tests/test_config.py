@@ -136,16 +136,16 @@ def test_unnamed_band_is_named_after_its_priority():
         ('[[bands]]\npriority = 1\nname = "x"\n[[bands]]\npriority = 2\nname = "x"\n', ["bands", "'x'", "twice"]),
         ('[[bands]]\npriority = 1\nname = "p2"\n[[bands]]\npriority = 2\n', ["bands", "'p2'", "twice"]),
         ("default_priority = 5\n[[bands]]\npriority = 1\n[[bands]]\npriority = 2\n", ["default_priority", "5", "1, 2"]),
-        ("bogus = 1\n", ["bogus", "unknown field"]),
-        ("[budget]\nmax_inflight = 3\n", ["budget", "max_inflight", "unknown field"]),
-        ("[[bands]]\npriority = 0\nnope = true\n", ["bands[0]", "nope", "unknown field"]),
-        ('max_queued_bytes = "lots"\n', ["max_queued_bytes", "'lots'", "int"]),
-        ("max_queued_requests = 0\n", ["max_queued_requests", "0", ">= 1"]),
-        ("[budget]\nmax_inflight_requests = -1\n", ["budget.max_inflight_requests", "-1", ">= 1"]),
-        ("[[bands]]\npriority = 0\nflow_max_bytes = 0\n", ["bands[0].flow_max_bytes", "0", ">= 1"]),
+        ("bogus = 1\n", ["`bogus`", "unknown key", "allowed here: max_queued_bytes"]),
+        ("[budget]\nmax_inflight = 3\n", ["budget: unknown key `max_inflight`", "did you mean", "_requests`"]),
+        ("[[bands]]\npriority = 0\nnope = true\n", ["bands[0]", "nope", "unknown key"]),
+        ('max_queued_bytes = "lots"\n', ["max_queued_bytes", '"lots"', 'positive integer, or "unlimited"']),
+        ("max_queued_requests = 0\n", ["max_queued_requests", "got 0", 'or "unlimited" for no limit']),
+        ("[budget]\nmax_inflight_requests = -1\n", ["budget.max_inflight_requests", "-1", "positive integer"]),
+        ("[[bands]]\npriority = 0\nflow_max_bytes = 0\n", ["bands[0].flow_max_bytes", "0", "positive integer"]),
         ("default_ttl = -1\n", ["default_ttl", "-1", ">= 0"]),
-        ('[[bands]]\npriority = "high"\n', ["bands[0].priority", "'high'", "int"]),
-        ('[[bands]]\npriority = 0\ndisplacement = "yes"\n', ["bands[0].displacement", "'yes'", "bool"]),
+        ('[[bands]]\npriority = "high"\n', ["bands[0].priority: expected an integer, got \"high\""]),
+        ('[[bands]]\npriority = 0\ndisplacement = "yes"\n', ["bands[0].displacement", '"yes"', "true or false"]),
         ("bands = []\n", ["bands", "at least one"]),
         ("[service]\nport = 70000\n", ["service.port", "70000", "<= 65535"]),
         ("[service]\nlease = 0\n", ["service.lease", "> 0"]),
@@ -160,6 +160,32 @@ def test_invalid_values_name_field_value_and_allowed(text, expected):
     assert message.startswith("config: ")
     for fragment in expected:
         assert fragment in message, f"{fragment!r} missing from {message!r}"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # the first hour's examples (issue 11): no Python type names, the value once, the key as written
+        ("max_queued_bytes = 1.5\n", 'config: max_queued_bytes: expected a positive integer, or "unlimited" for no '
+                                      "limit, got 1.5"),
+        ('[weights]\n"a" = "heavy"\n', 'config: weights.a: expected a number, got "heavy"'),
+        ('[weights]\nok = 2\n"tenant b" = "heavy"\n', 'config: weights."tenant b": expected a number, got "heavy"'),
+        ('[[bands]]\npriority = "high"\n', 'config: bands[0].priority: expected an integer, got "high"'),
+        ("max_queued_requests = 0\n", 'config: max_queued_requests: expected a positive integer, or "unlimited" for '
+                                       "no limit, got 0"),
+        ("max_queued_byts = 5\n", "config: unknown key `max_queued_byts`; did you mean `max_queued_bytes`?"),
+        ("[[bands]]\npriority = 1\nfairnes = 'drr'\n",
+         "config: bands[0]: unknown key `fairnes`; did you mean `fairness`?"),
+        ("[service]\nprot = 1\n", "config: service: unknown key `prot`; did you mean `port`?"),
+        ("budget = 3\n", "config: budget: expected a table, got 3"),
+        ("[[bands]]\nname = 'x'\n", "config: bands[0]: the required key `priority` is missing"),
+    ],
+)
+def test_errors_read_as_toml_not_as_python(text, message):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(text)
+    assert str(excinfo.value) == message
+    assert "`int" not in message and "`str" not in message and "null" not in message
 
 
 def test_invalid_weight_names_the_flow_and_the_value():

@@ -169,7 +169,9 @@ def test_shipped_scenarios_parse() -> None:
         ({"arrival": {"kind": "closed", "concurrency": 1}, "service": 0}, "flows[0]", "time never advances"),
         ({"count": 0}, "count", "got 0"),
         ({"start": 5, "stop": 3}, "flows[0]", "stop (3.0) must be after start (5.0)"),
-        ({"colour": "red"}, "flows[0]", "unknown field `colour`"),
+        ({"colour": "red"}, "flows[0]", "unknown key `colour`"),
+        ({"arrival": {"kind": "closed", "concurrency": 1, "thinkk": 1}}, "flows[0].arrival",
+         "unknown key `thinkk`; did you mean `think`?"),
     ],
 )
 def test_flow_errors_name_field_value_and_allowed(flow: dict[str, object], field: str, needle: str) -> None:
@@ -185,7 +187,17 @@ def test_workload_errors() -> None:
     twice = {"workload": {"duration": 1.0, "flows": [_flow("a-1"), _flow("a", count=2)]}}
     assert "flow id 'a-1' appears twice" in _error(twice)
     assert "workload.flows" in _error({"workload": {"duration": 1.0, "flows": []}})
-    assert "missing required field `workload`" in _error({})
+    assert "not a scenario: it has no [workload]" in _error({})
+
+
+def test_a_plain_configuration_is_not_a_scenario() -> None:
+    """`flowshard simulate my-config.toml` says what a scenario needs, not "unknown field default_ttl"."""
+    message = _error({"default_ttl": 5.0, "budget": {"max_inflight_requests": 3}})
+    assert message.startswith("t: not a scenario: budget, default_ttl belong to the service configuration")
+    assert "under [server]" in message and "[workload]" in message and "config check" in message
+    with_workload = _minimal()
+    with_workload["max_queued_bytes"] = 5
+    assert "max_queued_bytes belongs to the service configuration" in _error(with_workload)
 
 
 def test_server_errors_come_from_the_config() -> None:

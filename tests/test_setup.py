@@ -66,7 +66,7 @@ def test_bootstrap_installs_each_level_once_with_visible_progress(fake_root: Pat
     assert (fake_root / ".venv" / ".installed-from").read_text() == f"{digest} runtime\n"
     assert _bootstrap(fake_root)[0] == []  # installed: nothing to do, nothing printed
     calls, err = _bootstrap(fake_root, "test")  # the runtime does not serve the tests: install the extras
-    assert [c for c in calls if "-e" in c][0].endswith(f"-e {fake_root}[test]")
+    assert next(c for c in calls if "-e" in c).endswith(f"-e {fake_root}[test]")
     assert "test tools" in err
     assert _bootstrap(fake_root)[0] == [] and _bootstrap(fake_root, "test")[0] == []  # test serves both
     (fake_root / "pyproject.toml").write_text("[project]\nname = 'y'\n")
