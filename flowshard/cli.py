@@ -29,7 +29,8 @@ def read_config(path: str | None) -> Config:
 
 def _config_check(args: argparse.Namespace) -> int:
     config = read_config(args.file)
-    sys.stdout.write(f"# {args.file}: valid\n" + dump_config(config))
+    sys.stdout.write(f"# {args.file}: valid. The effective configuration, every default filled in:\n"
+                     + dump_config(config))
     return 0
 
 

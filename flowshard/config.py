@@ -23,7 +23,8 @@ from flowshard.queues import ORDERINGS
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 UNLIMITED = "unlimited"
 MAX_SHARDS = 256  # shard workers one service may run: each is a process with its own socket pair
-# A limit: a positive number, or "unlimited" (TOML has no null; an omitted key takes the default).
+# A limit: a positive integer, or "unlimited" (TOML has no null: an omitted key takes its default, which
+# is bounded for the global queue limits and the in-flight request budget, "unlimited" for the others).
 Limit = PositiveInt | Literal["unlimited"] | None
 
 
@@ -70,7 +71,10 @@ class BandConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class BudgetConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """The dispatch budget of the concurrency saturation detector. Both omitted: never saturated."""
+    """The dispatch budget of the concurrency saturation detector: what the backends run at once.
+
+    The default of 100 requests is a placeholder to replace with the pool's real concurrency; both set
+    to "unlimited", the service never saturates and only counts."""
 
     max_inflight_requests: Limit = 100
     max_inflight_bytes: Limit = None
@@ -99,7 +103,8 @@ def _default_bands() -> list[BandConfig]:
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Everything the engine needs. The defaults run with no file at all (one band at priority 0)."""
+    """Everything the engine needs. The defaults run with no file at all (one band at priority 0) and
+    bound what waits (1 GiB, 100,000 requests, 60 s each), as a service in front of a GPU pool should."""
 
     max_queued_bytes: Limit = 1 << 30
     max_queued_requests: Limit = 100_000

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
+from typing import Any
 
-from flowshard.config import load_config
+import msgspec
+
+from flowshard.config import BandConfig, BudgetConfig, Config, ServiceConfig, dump_config, load_config
 from flowshard.scenario import load_scenario
 from flowshard.simulate import simulate
 
@@ -38,3 +42,59 @@ def test_setup_commands_are_the_ones_ci_runs():
     assert "scripts/test" in README and "scripts/flowshard serve" in README
     ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
     assert "scripts/test" in ci
+
+
+_TABLES: dict[str, type[msgspec.Struct]] = {"": Config, "budget": BudgetConfig, "service": ServiceConfig,
+                                            "bands": BandConfig}
+# stated defaults that are words, not values: what the code has for them
+_WORDS = {("", "default_priority"): ("the lowest band", None), ("bands", "name"): ('"p<priority>"', "")}
+
+
+def _code_default(struct: type[msgspec.Struct], key: str) -> Any:
+    field = next(f for f in msgspec.inspect.type_info(struct).fields if f.name == key)  # type: ignore[attr-defined]
+    return field.default_factory() if field.default is msgspec.NODEFAULT else field.default
+
+
+def _stated_defaults() -> dict[tuple[str, str], str]:
+    """(table, key) -> the text after `default:` on each key's line of the README's configuration block."""
+    stated: dict[tuple[str, str], str] = {}
+    table = ""
+    for line in _toml_block_after("## Configuration").splitlines():
+        if header := re.match(r"\[+(\w+)\]+", line):
+            table = header[1]
+            continue
+        key = re.match(r"(\w+) = ", line)
+        if key and "default: " in line and (table, key[1]) not in stated:
+            stated[(table, key[1])] = line.split("default: ", 1)[1].split(" (")[0].strip()
+    return stated
+
+
+def test_configuration_block_states_every_default_as_the_code_has_it():
+    stated = _stated_defaults()
+    checkable = {(t, name) for t, struct in _TABLES.items() for name in struct.__struct_fields__
+                 if not (t == "" and name in _TABLES) and name not in ("bands", "weights") and name != "priority"}
+    assert checkable - stated.keys() == set(), "keys without a stated default in the README"
+    assert stated.keys() - checkable == set(), "defaults stated for keys the code does not have"
+    for (table, key), text in stated.items():
+        code = _code_default(_TABLES[table], key)
+        if (table, key) in _WORDS:
+            assert (text, code) == _WORDS[(table, key)]
+            continue
+        value = tomllib.loads(f"v = {text}")["v"]
+        assert (None if value == "unlimited" else value) == code, (table, key, text, code)
+
+
+def test_config_check_of_an_empty_file_prints_the_readme_defaults():
+    printed = tomllib.loads(dump_config(load_config("")))
+    for (table, key), text in _stated_defaults().items():
+        if (table, key) in _WORDS:
+            continue
+        section = printed if table == "" else printed[table][0] if table == "bands" else printed[table]
+        assert section[key] == tomllib.loads(f"v = {text}")["v"], (table, key)
+
+
+def test_readme_says_how_to_write_unlimited_and_that_the_budget_is_a_placeholder():
+    assert 'max_queued_bytes = "unlimited"' in README
+    assert load_config('max_queued_bytes = "unlimited"\n[budget]\nmax_inflight_requests = "unlimited"\n').budget \
+        == BudgetConfig(max_inflight_requests=None)
+    assert "set `max_inflight_requests` to what your" in README.replace("\n", " ")
