@@ -8,12 +8,41 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_arguments"]
+__all__ = ["DESCRIPTION", "EPILOG", "add_arguments"]
+
+DESCRIPTION = """\
+Run a scenario (the TOML `flowshard simulate` reads) against real processes, real sockets and real
+time, and measure it: how flowshard behaves on your workload, and how many shards to run.
+
+For each configuration (each --shards count, the --baseline echo server, or a running service with
+--target) and each --rate, it runs the scenario --runs times, alternating configurations run by run,
+each run against a freshly started `flowshard serve` (stopped with SIGTERM after it, and checked for
+leftover processes and shared memory). A load generator (--procs processes, binary protocol or
+--http) plays the scenario's flows; a dispatched request holds its ticket for its sampled service
+time, then releases it (the simulated backend).
+
+It prints the effective window (figures count [warmup, duration]), a progress line per run, a table
+per configuration (outcomes by reason, dispatches/s, admission latency from the intended send time,
+CPU µs per request per process, fairness), a comparison across configurations, a projection of the
+rate on C cores, and the simulator's prediction next to the measurement. --json writes every
+figure; --plot draws them (needs matplotlib: pip install 'flowshard[plot]').
+"""
+EPILOG = """\
+examples:
+  flowshard bench bench/scenarios/equal-flows.toml                     # one run, 1 shard
+  flowshard bench bench/scenarios/equal-flows.toml --shards 1,2,4 --runs 3 --json out.json --plot out.png
+  flowshard bench bench/scenarios/free-flow.toml --rate 5000,20000      # fixed offered loads (open loop)
+  flowshard bench bench/scenarios/free-flow.toml --baseline --http      # also a bare HTTP echo server
+  flowshard bench bench/scenarios/free-flow-peak.toml --procs 2 --target 127.0.0.1:8081   # a running service
+
+docs/benchmarks.md explains every figure and publishes the shard comparison with its commands.
+"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `bench` subcommand's flags (flowshard.cli builds the parser)."""
-    p.add_argument("scenario", help="scenario TOML (the format `flowshard simulate` reads)")
+    p.add_argument("scenario", metavar="SCENARIO",
+                   help="scenario TOML file, or the name of a shipped scenario (see `flowshard simulate --help`)")
     p.add_argument("--shards", default="1", help="comma-separated shard counts to start, e.g. 1,2,4 (default 1)")
     p.add_argument("--target", metavar="HOST:PORT", help="drive a running service (its binary port) instead")
     p.add_argument("--http-target", metavar="HOST:PORT", help="with --target: its HTTP address (default PORT-1)")

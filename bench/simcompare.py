@@ -19,28 +19,18 @@ from typing import Any
 import msgspec
 
 from bench.report import fmt, pct, table
-from flowshard.scenario import Closed, Scenario, as_dist, offered_rate
+from flowshard.estimate import estimate
+from flowshard.scenario import Scenario
 from flowshard.simulate import Report, simulate
 
-__all__ = ["MAX_SIMULATED_REQUESTS", "expected_requests", "predict", "render"]
+__all__ = ["MAX_SIMULATED_REQUESTS", "predict", "render"]
 
 MAX_SIMULATED_REQUESTS = 3_000_000
 
 
-def expected_requests(scenario: Scenario) -> float:
-    """A rough count of the requests the simulator would generate (closed loops at zero latency)."""
-    duration = scenario.workload.duration
-    total = offered_rate(scenario) * duration
-    for f in scenario.workload.flows:
-        if isinstance(f.arrival, Closed):
-            cycle = as_dist(f.arrival.think).expected() + as_dist(f.service).expected()
-            total += f.count * f.arrival.concurrency * duration / max(cycle, 1e-9)
-    return total
-
-
 def predict(scenario: Scenario) -> tuple[Report | None, str]:
     """(the simulator's report, why not) for the scenario as run."""
-    n = expected_requests(scenario)
+    n = estimate(scenario).requests
     if n > MAX_SIMULATED_REQUESTS:
         return None, f"simulation skipped: about {n:,.0f} virtual requests (limit {MAX_SIMULATED_REQUESTS:,})"
     return simulate(scenario), ""

@@ -1,14 +1,15 @@
-"""The `flowshard` command line: the one place in the core that dispatches to the shells.
+"""The `flowshard` command line (serve, config check, simulate, bench) and its help texts.
 
-Subcommands import their implementation lazily, so `flowshard config check` never loads the
-service and the core stays free of I/O imports.
+The one module of the core that starts the service or the load generator: subcommands import their
+implementation lazily, so `flowshard config check` never loads the service and the rest of the core
+stays free of I/O imports.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -57,7 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from flowshard.simulate import main as simulate_main
 
-    return simulate_main(args.scenario, json_path=args.json)
+    return simulate_main(args.scenario, json_path=args.json, force=args.force)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -66,32 +67,154 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+_MAIN = """\
+Flow control for a shared pool of inference backends (vLLM, SGLang, TGI, any OpenAI-compatible
+server): clients ask flowshard, per request, if and when it may go to the backends. Strict priority
+between bands, fair queuing between the flows (tenants) of a band, exact limits, one outcome per
+request. Run `flowshard COMMAND --help` for each command.
+"""
+_MAIN_EPILOG = """\
+examples:
+  flowshard serve                                   # on the defaults: HTTP :8080, binary :8081
+  flowshard serve --config my-config.toml --port 9000 --binary-port 9001
+  flowshard config check my-config.toml             # validate; print the effective configuration
+  flowshard simulate weighted-drr                   # a shipped scenario, in virtual time
+  flowshard bench bench/scenarios/equal-flows.toml --shards 1,2 --runs 3
+
+The README explains the configuration, the HTTP and binary APIs and the Python client;
+docs/benchmarks.md has the measured figures.
+"""
+_SERVE = """\
+Run the service: one distributor process (client connections, limits, the dispatch budget) and
+--shards shard worker processes (the queues and their policies). Without --config it runs on the
+built-in defaults; set [budget] max_inflight_requests to what your backends run at once.
+
+Ready: one line on stderr, once every shard is up (the ports it really listens on, so with
+--port 0 or --binary-port 0, which pick a free port, read them from this line):
+  flowshard ready: http=http://127.0.0.1:8080 binary=127.0.0.1:8081 shards=1 pid=1234
+
+Stopping: SIGTERM or SIGINT (Ctrl-C) drains. The listeners close (new connections are refused),
+admissions on open connections are answered 503 rejected:shutting_down, queued requests get
+[service] drain_timeout seconds (default 10) to be dispatched and the rest end evicted:shutdown;
+then it exits 0. A second signal stops at once.
+"""
+_SERVE_EPILOG = """\
+exit status: 0 after a drain, 2 for a bad configuration or an address it cannot listen on.
+examples:
+  flowshard serve --config my-config.toml
+  flowshard serve --port 0 --binary-port 0 2> serve.log   # free ports; see the ready line
+"""
+_CHECK = """\
+Validate a configuration file (the TOML `serve --config` reads; in a scenario it is the [server]
+table) and print the effective configuration: every key, defaults filled in, "unlimited" spelt out.
+An invalid file gets one line naming the key, what it expects and the value given (exit 2).
+"""
+_SIMULATE = """\
+Run a scenario (a [server] configuration plus a [workload] of flows) through the same engine in
+virtual time: deterministic for its seed, usually thousands of virtual seconds per real second. Use
+it to see what a configuration does to your tenants before deploying it.
+
+Output, per flow group and per band: requests submitted, dispatched, rejected and evicted by reason
+(unfinished: still queued when the run stopped); wait p50/p90/p99/max in ms (enqueue to dispatch);
+dispatches/s; the share of its band's service it got in the window [warmup, duration] next to the
+max-min fair share it should have had (ratio 1.000 = exactly fair); per band Jain's index over those
+ratios (1 = perfectly fair) and the largest service difference between backlogged flows, in the
+band's unit (requests, bytes or tokens); priority inversions (always 0). --json writes every figure.
+
+Before running, it estimates the events the scenario makes: over ~10 s of simulation it says so and
+shows progress; over ~2 minutes it refuses (--force runs it anyway) and says which flows to change.
+"""
+
+
+def _shipped_scenarios() -> str:
+    """The shipped scenarios with their descriptions, for `simulate --help` (bench-only ones apart)."""
+    from flowshard.simulate import shipped_scenarios
+
+    try:
+        shipped = shipped_scenarios()
+    except ConfigError:
+        return ""
+    lines = ["shipped scenarios (give the name or the path bench/scenarios/NAME.toml):"]
+    bench_only = []
+    for name, description, simulates in shipped:
+        if simulates:
+            lines.append(f"  {name:28} {description}")
+        else:
+            bench_only.append(name)
+    if bench_only:
+        lines.append("bench-only (they measure the real service's own cost; `flowshard bench` runs them):")
+        lines.append("  " + ", ".join(bench_only))
+    lines += ["", "examples:", "  flowshard simulate                         # the demo: two bands, a flooding scraper",
+              "  flowshard simulate weighted-drr --json out.json"]
+    return "\n".join(lines) + "\n"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"flowshard {version('flowshard')}"
+    except PackageNotFoundError:
+        return "flowshard (version unknown: not installed as a package)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose epilog can be computed when help is shown, not at every start."""
+
+    epilog_factory: Callable[[], str] | None = None
+
+    def format_help(self) -> str:
+        if self.epilog_factory is not None:
+            self.epilog = self.epilog_factory()
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowshard", description=__doc__.splitlines()[0] if __doc__ else None)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    text = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="flowshard", description=_MAIN, epilog=_MAIN_EPILOG, formatter_class=text)
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands",
+                                parser_class=_Parser)
 
-    config = sub.add_parser("config", help="configuration tools")
-    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    check = config_sub.add_parser("check", help="validate a config file and print the effective config")
-    check.add_argument("file")
-    check.set_defaults(func=_config_check)
-
-    serve = sub.add_parser("serve", help="run the service: a distributor and N shard workers")
-    serve.add_argument("--shards", type=int, default=1, help="shard worker processes (default 1)")
-    serve.add_argument("--config", metavar="FILE", help="config TOML (default: built-in defaults)")
-    serve.add_argument("--host", help="listen address (default from config: 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="HTTP port (default from config: 8080; 0 picks a free one)")
-    serve.add_argument("--binary-port", type=int, help="binary-protocol port (default from config: 8081)")
+    serve = sub.add_parser("serve", help="run the service in front of your backends (HTTP/JSON and binary APIs)",
+                           description=_SERVE, epilog=_SERVE_EPILOG, formatter_class=text)
+    serve.add_argument("--shards", type=int, default=1, metavar="N",
+                       help=f"shard worker processes, 1 to {MAX_SHARDS} (default 1). More shards do not add "
+                            "throughput today (README: \"How many shards\"); keep 1 unless `flowshard bench "
+                            "--shards 1,2,4` on your machine shows otherwise")
+    serve.add_argument("--config", metavar="FILE", help="configuration TOML (default: the built-in defaults; "
+                                                        "`flowshard config check FILE` shows what it means)")
+    serve.add_argument("--host", help="listen address for both ports (default: [service] host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, metavar="PORT",
+                       help="HTTP/JSON port (default: [service] port, 8080); 0 picks a free port")
+    serve.add_argument("--binary-port", type=int, metavar="PORT",
+                       help="binary-protocol port (default: [service] binary_port, 8081); 0 picks a free port")
     serve.set_defaults(func=_serve)
 
-    simulate = sub.add_parser("simulate", help="run a scenario in deterministic virtual time")
-    simulate.add_argument("scenario", nargs="?", default=None, help="scenario TOML (default: built-in demo)")
-    simulate.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
+    config = sub.add_parser("config", help="check a configuration file and print what it means",
+                            description=_CHECK, formatter_class=text)
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION", title="actions")
+    check = config_sub.add_parser("check", help="validate a configuration file and print the effective configuration",
+                                  description=_CHECK, formatter_class=text,
+                                  epilog="example:\n  flowshard config check my-config.toml > effective.toml\n")
+    check.add_argument("file", metavar="FILE", help="the configuration TOML to check")
+    check.set_defaults(func=_config_check)
+
+    simulate = sub.add_parser("simulate", help="run a scenario in virtual time: outcomes, waits and fairness per flow",
+                              description=_SIMULATE, formatter_class=text)
+    simulate.epilog_factory = _shipped_scenarios
+    simulate.add_argument("scenario", nargs="?", default=None, metavar="SCENARIO",
+                          help="scenario TOML file, or the name of a shipped scenario (default: demo)")
+    simulate.add_argument("--json", metavar="FILE", help="also write every figure, per flow, as JSON")
+    simulate.add_argument("--force", action="store_true", help="run even a scenario estimated to take minutes")
     simulate.set_defaults(func=_simulate)
 
+    from bench.args import DESCRIPTION as BENCH
+    from bench.args import EPILOG as BENCH_EPILOG
     from bench.args import add_arguments as bench_arguments
 
-    bench = sub.add_parser("bench", help="run a scenario against real processes and report (see docs/benchmarks.md)")
+    bench = sub.add_parser("bench", help="run a scenario against the real service and measure it (load generator)",
+                           description=BENCH, epilog=BENCH_EPILOG, formatter_class=text)
     bench_arguments(bench)
     bench.set_defaults(func=_bench)
     return parser

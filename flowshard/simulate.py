@@ -34,9 +34,10 @@ import heapq
 import importlib.resources
 import math
 import sys
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import cast
+from typing import TextIO, cast
 
 import msgspec
 
@@ -44,6 +45,7 @@ from flowshard.analysis import jain_index, percentile
 from flowshard.config import ConfigError
 from flowshard.engine import Band as EngineBand
 from flowshard.engine import Engine
+from flowshard.estimate import EVENTS_PER_SECOND, estimate
 from flowshard.scenario import Closed, FlowSource, Scenario, flow_sources, load_scenario
 from flowshard.types import Item, ItemState, Outcome, Request
 
@@ -59,6 +61,8 @@ _UNIT_KIND = {"requests": _REQUESTS, "bytes": _BYTES, "cost": _COST}
 _GC_PERIOD = 1.0  # seconds of virtual time between flow garbage collections
 _COMPACT_SLACK = 64
 _INF = math.inf
+_PROGRESS_STEPS = 4096  # event-loop steps between two progress calls
+Progress = Callable[[float, int], None]  # (virtual now, events so far)
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -507,14 +511,21 @@ class _Simulation:
                 if start + shape[0] < flow.stop:
                     self._push(start + shape[0], kind, flow, shape)
 
-    def run(self) -> float:
-        """Process events until the end; returns the simulated end time."""
+    def run(self, progress: Progress | None = None) -> float:
+        """Process events until the end; returns the simulated end time. `progress(now, events)` is
+        called every few thousand steps, so a caller can show how far a long run has come."""
         self._start()
         engine = self.engine
         heap = self.heap
         horizon = _INF if self.drain else self.duration
         next_gc = _GC_PERIOD
+        steps = 0
         while True:
+            steps += 1
+            if steps == _PROGRESS_STEPS:
+                steps = 0
+                if progress is not None:
+                    progress(self.now, self.events)
             deadline = engine.next_deadline()
             now = heap[0][0] if heap else _INF
             if deadline < now:
@@ -664,10 +675,11 @@ class _Simulation:
             flow.band.gap.end(flow)
 
 
-def simulate(scenario: Scenario) -> Report:
-    """Run the scenario in virtual time and report every figure. Deterministic: a pure function."""
+def simulate(scenario: Scenario, progress: Progress | None = None) -> Report:
+    """Run the scenario in virtual time and report every figure. Deterministic: a pure function
+    (`progress`, if given, only watches: see `_Simulation.run`)."""
     sim = _Simulation(scenario)
-    end = sim.run()
+    end = sim.run(progress)
     return _Reporter(sim, end).report()
 
 
@@ -942,20 +954,124 @@ def demo_text() -> str:
         raise ConfigError(f"built-in demo scenario not found: {exc}") from None
 
 
+def _shipped(name: str) -> str | None:
+    """The text of shipped scenario `name` (package data), or None."""
+    try:
+        path = importlib.resources.files("bench").joinpath(f"scenarios/{name}.toml")
+        return path.read_text() if path.is_file() else None
+    except (ModuleNotFoundError, OSError):
+        return None
+
+
+def shipped_scenarios() -> list[tuple[str, str, bool]]:
+    """(name, description, simulates in seconds) of every shipped scenario, by name."""
+    try:
+        folder = importlib.resources.files("bench").joinpath("scenarios")
+        files = sorted((f for f in folder.iterdir() if f.name.endswith(".toml")), key=lambda f: f.name)
+    except (ModuleNotFoundError, OSError) as exc:
+        raise ConfigError(f"shipped scenarios not found: {exc}") from None
+    out = []
+    for f in files:
+        scenario = load_scenario(f.read_text(), where=f.name)
+        out.append((f.name.removesuffix(".toml"), scenario.description, estimate(scenario).seconds <= WARN_SECONDS))
+    return out
+
+
 def read_scenario(path: str | None) -> Scenario:
-    """A scenario file, or the built-in demo when `path` is None."""
+    """A scenario file, a shipped scenario by name (`weighted-drr`), or the built-in demo when None."""
     if path is None:
         return load_scenario(demo_text(), where="demo.toml")
     try:
         text = Path(path).read_text()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        shipped = _shipped(path) if "/" not in path and not path.endswith(".toml") else None
+        if shipped is None:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        return load_scenario(shipped, where=f"{path}.toml")
     return load_scenario(text, where=path)
 
 
-def main(scenario_path: str | None, json_path: str | None = None) -> int:
-    """`flowshard simulate`: print the table, and write the JSON report if asked."""
-    report = simulate(read_scenario(scenario_path))
+WARN_SECONDS = 10.0  # an estimated run longer than this is announced before it starts
+REFUSE_SECONDS = 120.0  # one longer than this is not started without --force
+
+
+def check_size(scenario: Scenario, where: str, *, force: bool = False) -> str | None:
+    """Refuse (ConfigError) a scenario estimated to take over REFUSE_SECONDS unless `force`; return a
+    warning for one over WARN_SECONDS, else None. Either message names the heaviest flows and what
+    to change."""
+    est = estimate(scenario)
+    if est.seconds <= WARN_SECONDS:
+        return None
+    head = (f"{where}: about {est.events:,.0f} events to simulate ({est.requests:,.0f} requests), "
+            f"roughly {_human(est.seconds)} at ~{EVENTS_PER_SECOND / 1000:.0f}k events/s")
+    flows = [f"  {f.id}: {f.why}: {f.per_second:,.0f} requests per virtual second" for f in est.flows[:3]]
+    change = ("  To make it quicker: lengthen think or service times, lower the concurrency or the rates, or "
+              f"shorten [workload] duration (now {scenario.workload.duration:g} s).")
+    if est.seconds <= REFUSE_SECONDS or force:
+        return "\n".join([f"{head}; progress below.", *flows, change])
+    raise ConfigError("\n".join([
+        f"{head}; not run (--force runs it anyway).", *flows, change,
+        "  A scenario of zero service times and microsecond think times measures the real service's own cost "
+        "per request, not its policies: run it with `flowshard bench` instead."]))
+
+
+def _human(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} minutes"
+    return f"{seconds / 3600:,.1f} hours"
+
+
+class _Watch:
+    """Progress of a long run on stderr: silent for the first seconds, then a line a second (rewritten
+    in place on a terminal, one every 10 s into a file or pipe)."""
+
+    def __init__(self, duration: float, err: TextIO, clock: Callable[[], float] = time.monotonic) -> None:
+        self.duration = duration
+        self.err = err
+        self.clock = clock
+        self.start = clock()
+        self.tty = err.isatty()
+        self.next = self.start + 2.0
+        self.shown = False
+
+    def __call__(self, now: float, events: int) -> None:
+        t = self.clock()
+        if t < self.next:
+            return
+        self.next = t + (1.0 if self.tty else 10.0)
+        spent = t - self.start
+        if now <= self.duration:
+            done = now / self.duration if self.duration else 1.0
+            left = f", about {_human(spent / done - spent)} left" if done > 0.01 else ""
+            where = f"{now:.3g} of {self.duration:g} virtual s ({done:.0%})"
+        else:
+            where, left = f"draining: {now:.4g} virtual s (arrivals stopped at {self.duration:g} s)", ""
+        line = f"simulate: {where}, {events:,} events, {_human(spent)} so far{left}"
+        self.err.write(f"\r{line}\033[K" if self.tty else line + "\n")
+        self.err.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown and self.tty:
+            self.err.write("\n")
+
+
+def main(scenario_path: str | None, json_path: str | None = None, *, force: bool = False,
+         err: TextIO | None = None) -> int:
+    """`flowshard simulate`: check the scenario's size, run it with progress on stderr, print the table,
+    and write the JSON report if asked."""
+    err = err if err is not None else sys.stderr
+    scenario = read_scenario(scenario_path)
+    warning = check_size(scenario, scenario_path or "demo.toml", force=force)
+    if warning:
+        err.write(f"flowshard: {warning}\n")
+    watch = _Watch(scenario.workload.duration, err)
+    try:
+        report = simulate(scenario, watch)
+    finally:
+        watch.close()
     sys.stdout.write(render_table(report))
     if json_path is not None:
         try:

@@ -1,0 +1,84 @@
+"""Help a user can act on: what each command does, its output, its signals and examples; --version."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flowshard import cli
+from flowshard.simulate import read_scenario, shipped_scenarios
+
+SCENARIOS = Path(__file__).resolve().parent.parent / "bench" / "scenarios"
+
+
+def _help(*argv: str, capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*argv, "--help"])
+    assert exit_.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines: compare words
+
+
+def test_main_help_says_what_flowshard_is_without_jargon(capsys: pytest.CaptureFixture[str]) -> None:
+    text = _help(capsys=capsys)
+    assert "shells" not in text and "Flow control for a shared pool of inference backends" in text
+    for command in ("serve", "config", "simulate", "bench"):
+        assert f"flowshard {command}" in text  # an example of each
+    assert "COMMAND --help" in text
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    from importlib.metadata import version
+
+    assert capsys.readouterr().out.strip() == f"flowshard {version('flowshard')}"
+
+
+def test_serve_help_tells_ready_line_signals_drain_and_free_ports(capsys: pytest.CaptureFixture[str]) -> None:
+    text = _help("serve", capsys=capsys)
+    assert "flowshard ready: http=http://127.0.0.1:8080 binary=127.0.0.1:8081 shards=1" in text
+    assert "SIGTERM or SIGINT (Ctrl-C) drains" in text and "drain_timeout seconds (default 10)" in text
+    assert "A second signal stops at once" in text and "exits 0" in text
+    assert "0 picks a free port" in text and "(default 1)" in text and "How many shards" in text
+
+
+def test_config_check_help_names_its_argument(capsys: pytest.CaptureFixture[str]) -> None:
+    text = _help("config", "check", capsys=capsys)
+    assert "FILE the configuration TOML to check" in text and "defaults filled in" in text
+
+
+def test_simulate_help_explains_the_output_and_lists_the_shipped_scenarios(capsys: pytest.CaptureFixture[str]
+                                                                           ) -> None:
+    text = _help("simulate", capsys=capsys)
+    assert "max-min fair share" in text and "Jain" in text and "wait p50/p90/p99/max in ms" in text
+    shipped = shipped_scenarios()
+    assert sorted(name for name, _, _ in shipped) == sorted(p.stem for p in SCENARIOS.glob("*.toml"))
+    bench_only = text.split("bench-only", 1)[1].split("examples:")[0]
+    for name, description, simulates in shipped:
+        if simulates:
+            assert f"{name} {description}" in text
+        else:
+            assert name in bench_only
+    assert "free-flow-peak" in bench_only and "weighted-drr" not in bench_only
+
+
+def test_bench_help_has_a_description_and_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    text = _help("bench", capsys=capsys)
+    assert "real processes, real sockets and real time" in text and "how many shards to run" in text
+    assert "examples: flowshard bench bench/scenarios/equal-flows.toml" in text
+
+
+def test_a_shipped_scenario_can_be_named() -> None:
+    assert read_scenario("weighted-drr").name == "weighted-drr"
+    with pytest.raises(ValueError, match="no-such: cannot read"):
+        read_scenario("no-such")
+
+
+def test_help_does_not_load_the_service_or_the_scenarios() -> None:
+    code = ("import sys; from flowshard import cli; cli.build_parser(); "
+            "print(sorted(m for m in sys.modules if m.startswith(('distributor', 'flowshard.simulate', 'uvloop'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,95 @@
+"""The simulator never looks hung: an up-front estimate refuses or announces long runs (naming the flows
+and what to change), long runs show progress, and every shipped scenario simulates in seconds or says
+why it is bench-only."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowshard import cli
+from flowshard.config import ConfigError
+from flowshard.estimate import estimate
+from flowshard.scenario import load_scenario, scenario_from_data
+from flowshard.simulate import WARN_SECONDS, _Simulation, _Watch, check_size, simulate
+
+SCENARIOS = Path(__file__).resolve().parent.parent / "bench" / "scenarios"
+
+
+def _scenario(**flow: Any) -> Any:
+    spec = {"id": "f", "service": 0.01, "arrival": {"kind": "poisson", "rate": 10}, **flow}
+    return scenario_from_data({"workload": {"duration": 10.0, "flows": [spec]}})
+
+
+def test_estimate_counts_open_and_closed_loops() -> None:
+    assert estimate(_scenario()).requests == pytest.approx(100)
+    assert estimate(_scenario(count=3, start=5.0)).requests == pytest.approx(150)
+    bursts = estimate(_scenario(arrival={"kind": "bursts", "size": 50, "every": 2.0}))
+    assert bursts.requests == pytest.approx(250)
+    closed = estimate(_scenario(arrival={"kind": "closed", "concurrency": 4, "think": 0.09}, service=0.01))
+    assert closed.requests == pytest.approx(400) and closed.events == pytest.approx(800)
+    assert "4 closed-loop clients, each cycling every 100 ms (think 90 ms + service 10 ms)" in closed.flows[0].why
+
+
+def test_a_huge_scenario_is_refused_up_front_with_the_count_and_what_to_change(capsys: pytest.CaptureFixture[str]
+                                                                               ) -> None:
+    t0 = time.monotonic()
+    assert cli.main(["simulate", str(SCENARIOS / "free-flow-peak.toml")]) == 2
+    assert time.monotonic() - t0 < 2  # refused before any simulation
+    err = capsys.readouterr().err
+    assert "about 768,000,000 events to simulate" in err and "hours" in err and "not run (--force" in err
+    assert "client: 64 closed-loop clients, each cycling every 1 µs (think 1 µs + service 0 s)" in err
+    assert "lengthen think or service times" in err and "flowshard bench" in err
+
+
+def test_a_long_scenario_is_announced_and_force_lifts_the_refusal() -> None:
+    long = _scenario(arrival={"kind": "poisson", "rate": 100_000})  # 1 M requests: about 25 s
+    warning = check_size(long, "long.toml")
+    assert warning is not None and warning.startswith("long.toml: about 2,000,000 events")
+    assert "progress below" in warning
+    huge = _scenario(arrival={"kind": "poisson", "rate": 10_000_000})
+    with pytest.raises(ConfigError, match="not run"):
+        check_size(huge, "huge.toml")
+    assert check_size(huge, "huge.toml", force=True) is not None
+    assert check_size(_scenario(), "small.toml") is None
+
+
+def test_progress_is_reported_during_the_run_and_shown_after_two_seconds() -> None:
+    calls: list[tuple[float, int]] = []
+    simulate(_scenario(arrival={"kind": "poisson", "rate": 3000}), lambda now, events: calls.append((now, events)))
+    assert len(calls) >= 5
+    assert calls == sorted(calls) and 0 < calls[-1][0] <= 10.0 and calls[-1][1] > calls[0][1]
+
+    clock = iter([100.0, 101.0, 102.5, 103.0, 113.0]).__next__  # start, then one reading per call
+    out = io.StringIO()
+    watch = _Watch(10.0, out, clock)
+    watch(1.0, 1000)  # 1 s in: silent
+    watch(2.5, 2500)  # 2.5 s in: first line
+    watch(3.0, 3000)  # too soon for the next line (not a terminal: one every 10 s)
+    watch(9.0, 9000)
+    lines = out.getvalue().splitlines()
+    assert lines == ["simulate: 2.5 of 10 virtual s (25%), 2,500 events, 2 s so far, about 8 s left",
+                     "simulate: 9 of 10 virtual s (90%), 9,000 events, 13 s so far, about 1 s left"]
+
+
+@pytest.mark.parametrize("path", sorted(SCENARIOS.glob("*.toml")), ids=lambda p: p.stem)
+def test_every_shipped_scenario_simulates_in_seconds_or_says_it_is_bench_only(path: Path) -> None:
+    scenario = load_scenario(path.read_text(), where=path.name)
+    est = estimate(scenario)
+    if est.seconds > WARN_SECONDS:
+        assert "Bench-only: `flowshard simulate` refuses it" in path.read_text()
+        with pytest.raises(ConfigError, match="flowshard bench"):
+            check_size(scenario, path.name)
+        return
+    assert "Bench-only" not in path.read_text()
+    sim = _Simulation(scenario)
+    t0 = time.monotonic()
+    sim.run()
+    assert time.monotonic() - t0 < 8.0
+    assert est.events / 3 <= sim.events <= est.events * 1.5  # the estimate is the right size
+
+
