@@ -98,3 +98,18 @@ def test_readme_says_how_to_write_unlimited_and_that_the_budget_is_a_placeholder
     assert load_config('max_queued_bytes = "unlimited"\n[budget]\nmax_inflight_requests = "unlimited"\n').budget \
         == BudgetConfig(max_inflight_requests=None)
     assert "set `max_inflight_requests` to what your" in README.replace("\n", " ")
+
+
+def test_shard_advice_is_near_the_top_and_matches_the_cli_default():
+    from flowshard.cli import build_parser
+
+    top = README.split("## Set up", 1)[0]
+    assert "**default 1**" in top and "**How many shards.** Run one." in top
+    assert "uses every core" not in README  # what the measurements do not show
+    assert build_parser().parse_args(["serve"]).shards == 1
+
+
+def test_readme_says_what_readyz_does_while_draining():
+    api = README.split("### HTTP/JSON API", 1)[1].split("### Binary protocol", 1)[0]
+    assert "**While draining**" in api and "a new connection — a readiness\nprobe's included — is refused" in api
+    # the behaviour itself: tests/test_service.py::test_graceful_drain_sigterm (refused; 503 on an open connection)
