@@ -97,6 +97,20 @@ def adjust(scenario: Scenario, *, rate: float | None = None, concurrency: int | 
                               "--duration/--warmup")
 
 
+def window_note(base: Scenario, scenario: Scenario, warmup_flag: float | None) -> str:
+    """The effective run length and measuring window, and where the warmup came from."""
+    w, was = scenario.workload, base.workload.warmup
+    if warmup_flag is not None:
+        source = "--warmup"
+    elif w.warmup != was:
+        source = (f"the scenario's {was:g} s does not fit in --duration {w.duration:g}, so duration / 5; "
+                  "--warmup sets it")
+    else:
+        source = "the scenario's"
+    return (f"window: each run sends for {w.duration:g} s; figures count [{w.warmup:g} s, {w.duration:g} s] "
+            f"({w.duration - w.warmup:g} s), after a warmup of {w.warmup:g} s ({source})")
+
+
 def _list(text: str, kind: type, name: str) -> list[Any]:
     """Comma-separated positive numbers, each once, in the order given."""
     try:
@@ -175,6 +189,9 @@ def run_all(args: argparse.Namespace, base: Scenario) -> dict[str, Any]:
     # alternate: run r goes through the configurations rotated by r, so none always runs first
     order = [(r, configs[(i + r) % len(configs)]) for r in range(args.runs) for i in range(len(configs))]
     progress = Progress(len(order), enabled=not args.quiet)
+    window = window_note(base, next(iter(scenarios.values())), args.warmup)
+    if not args.quiet:
+        sys.stderr.write(window + "\n")
     runs: dict[Config, list[dict[str, Any]]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory(prefix="flowshard-bench-") as workdir:
         for r, config in order:
@@ -201,7 +218,7 @@ def run_all(args: argparse.Namespace, base: Scenario) -> dict[str, Any]:
         for rate, scenario in scenarios.items():
             report, why = simcompare.predict(scenario)
             sims[str(rate)] = {"report": simcompare.encode(report), "skipped": why, "_report": report}
-    return {"configs": configs, "runs": runs, "sims": sims, "scenarios": scenarios}
+    return {"configs": configs, "runs": runs, "sims": sims, "scenarios": scenarios, "window": window}
 
 
 # ---------------------------------------------------------------------------------------- output
@@ -215,7 +232,7 @@ def machine() -> dict[str, Any]:
 def render(result: dict[str, Any]) -> str:
     configs: list[Config] = result["configs"]
     runs = result["runs"]
-    parts = [render_config(c.label, runs[c]) for c in configs]
+    parts = [result["window"], *(render_config(c.label, runs[c]) for c in configs)]
     labelled = [(c.label, runs[c]) for c in configs]
     if len(configs) > 1:
         parts.append(render_comparison(labelled))

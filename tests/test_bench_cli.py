@@ -195,3 +195,22 @@ def test_bench_over_several_binary_connections_keeps_the_budget_turning(tmp_path
     _check_run(run)
     assert run["counts"]["dispatched"] > 50  # a budget of 4 turned over many times in 1.2 s
     assert run["generator"]["release_failed"] == 0
+
+
+def test_bench_prints_the_effective_window_and_one_unanswered_figure(tmp_path: Path) -> None:
+    """--duration shorter than the scenario's warmup changes the warmup: the output says to what, and
+    why; the unanswered row and the warning about unanswered requests are one figure."""
+    doc, proc = bench_json(tmp_path, FREE, "--duration", "0.2", "--no-simulate")
+    first = proc.stdout.splitlines()[0]
+    assert first == ("window: each run sends for 0.2 s; figures count [0.04 s, 0.2 s] (0.16 s), after a warmup of "
+                     "0.04 s (the scenario's 0.2 s does not fit in --duration 0.2, so duration / 5; --warmup sets it)")
+    [run] = doc["configs"][0]["runs"]
+    assert run["warmup_s"] == pytest.approx(0.04) and run["window_s"] == pytest.approx(0.16)
+    assert "unanswered in window" not in proc.stdout
+    tail = run["unanswered_beyond_p99"]
+    assert tail <= run["unanswered_in_window"]
+    warned = [w for w in run["warnings"] if "unanswered" in w]
+    assert warned == ([] if tail == 0 else [w for w in warned if w.startswith(f"{tail} request")])
+    doc, proc = bench_json(tmp_path, FREE, "--duration", "0.5", "--warmup", "0.1", "--no-simulate")
+    assert proc.stdout.startswith("window: each run sends for 0.5 s; figures count [0.1 s, 0.5 s] (0.4 s), "
+                                  "after a warmup of 0.1 s (--warmup)")

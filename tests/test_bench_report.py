@@ -225,3 +225,17 @@ def test_unanswered_requests_count_against_the_tail_only_when_they_waited_longer
     assert _unanswered_beyond(log, latency, 1.0, 10.0, truncated=False) == 1  # only the one waiting 500 ms
     assert _unanswered_beyond(log, latency, 1.0, 10.0, truncated=True) == 2  # incomplete log: all in the window
     assert _unanswered_beyond(log, Histogram(), 1.0, 10.0, truncated=False) == 2  # nothing answered: all of them
+
+
+def test_counts_print_as_whole_numbers_and_their_median_is_a_run_s() -> None:
+    from bench.report import UNANSWERED_ROW, aggregate, cell, fmt
+
+    runs = [{"counts": {"submitted": 12, "dispatched": 7, "unfinished": 3}, "unanswered_beyond_p99": 1,
+             "throughput": {"dispatches_per_s": 2.5}},
+            {"counts": {"submitted": 13, "dispatched": 8, "unfinished": 4}, "unanswered_beyond_p99": 2,
+             "throughput": {"dispatches_per_s": 3.5}}]
+    agg = aggregate(runs)
+    assert cell(agg["submitted"]) == "12 (12–13)" and cell(agg["unfinished"]) == "3 (3–4)"
+    assert cell(agg[UNANSWERED_ROW[0]]) == "1 (1–2)"
+    assert agg["dispatches/s"]["median"] == 3.0  # rates keep the true median
+    assert fmt(12) == "12" and fmt(5) == "5" and fmt(1234567) == "1,234,567" and fmt(12.0) == "12.0"
