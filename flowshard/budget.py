@@ -6,7 +6,7 @@ import math
 
 
 class Budget:
-    """In-flight requests and bytes against their limits (an omitted limit is infinite).
+    """In-flight requests and bytes against their limits (an "unlimited" limit is math.inf).
 
     saturation = max(in-flight / max requests, in-flight bytes / max bytes), in [0, 1] while within
     limits. A band may dispatch while saturation < its ceiling; a request must also *fit*: one more

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import msgspec
 
-from flowshard.config import MAX_SHARDS, Config, ConfigError, dump_config, load_config
+from flowshard.config import MAX_SHARDS, Config, ConfigError, convert, dump_config, parse_toml
 
 
 def read_config(path: str | None) -> Config:
@@ -25,7 +25,11 @@ def read_config(path: str | None) -> Config:
         text = Path(path).read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    return load_config(text, where=path)
+    data = parse_toml(text, where=path)
+    if "workload" in data or "server" in data:
+        raise ConfigError(f"{path}: a scenario, not a configuration: its configuration is its [server] table "
+                          f"(`flowshard simulate {path}` validates the whole scenario)")
+    return convert(data, Config, where=path)
 
 
 def _config_check(args: argparse.Namespace) -> int:

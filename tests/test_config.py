@@ -306,3 +306,14 @@ def test_serve_refuses_a_shard_count_out_of_range(shards, capsys):
 
     assert cli.main(["serve", "--shards", shards]) == 2  # refused before anything starts or listens
     assert f"--shards: {shards} is not allowed; 1 to 256" in capsys.readouterr().err
+
+
+def test_config_check_of_a_scenario_points_at_its_server_table(tmp_path, capsys):
+    from flowshard import cli
+
+    path = tmp_path / "s.toml"
+    path.write_text('[server]\ndefault_ttl = 5\n[workload]\nduration = 1\n')
+    assert cli.main(["config", "check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "a scenario, not a configuration: its configuration is its [server] table" in err
+    assert f"flowshard simulate {path}" in err
