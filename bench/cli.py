@@ -216,7 +216,7 @@ def run_all(args: argparse.Namespace, base: Scenario) -> dict[str, Any]:
     sims: dict[str, Any] = {}
     if not args.no_simulate:
         for rate, scenario in scenarios.items():
-            report, why = simcompare.predict(scenario)
+            report, why = simcompare.predict(scenario, None if args.quiet else sys.stderr)
             sims[str(rate)] = {"report": simcompare.encode(report), "skipped": why, "_report": report}
     return {"configs": configs, "runs": runs, "sims": sims, "scenarios": scenarios, "window": window}
 

@@ -14,26 +14,36 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
 
 import msgspec
 
 from bench.report import fmt, pct, table
 from flowshard.estimate import estimate
 from flowshard.scenario import Scenario
-from flowshard.simulate import Report, simulate
+from flowshard.simulate import WARN_SECONDS, Report, Watch, simulate
 
 __all__ = ["MAX_SIMULATED_REQUESTS", "predict", "render"]
 
 MAX_SIMULATED_REQUESTS = 3_000_000
 
 
-def predict(scenario: Scenario) -> tuple[Report | None, str]:
-    """(the simulator's report, why not) for the scenario as run."""
-    n = estimate(scenario).requests
-    if n > MAX_SIMULATED_REQUESTS:
-        return None, f"simulation skipped: about {n:,.0f} virtual requests (limit {MAX_SIMULATED_REQUESTS:,})"
-    return simulate(scenario), ""
+def predict(scenario: Scenario, err: TextIO | None = None) -> tuple[Report | None, str]:
+    """(the simulator's report, why not) for the scenario as run. With `err`, a simulation estimated
+    to take more than a few seconds is announced there and shows its progress."""
+    est = estimate(scenario)
+    if est.requests > MAX_SIMULATED_REQUESTS:
+        return None, (f"simulation skipped: about {est.requests:,.0f} virtual requests "
+                      f"(limit {MAX_SIMULATED_REQUESTS:,})")
+    if err is None or est.seconds <= WARN_SECONDS:
+        return simulate(scenario), ""
+    err.write(f"simulating the scenario for the comparison: about {est.events:,.0f} events "
+              "(--no-simulate skips it)\n")
+    watch = Watch(scenario.workload.duration, err)
+    try:
+        return simulate(scenario, watch), ""
+    finally:
+        watch.close()
 
 
 def _median(values: Sequence[float | None]) -> float | None:

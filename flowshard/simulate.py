@@ -1023,7 +1023,7 @@ def _human(seconds: float) -> str:
     return f"{seconds / 3600:,.1f} hours"
 
 
-class _Watch:
+class Watch:
     """Progress of a long run on stderr: silent for the first seconds, then a line a second (rewritten
     in place on a terminal, one every 10 s into a file or pipe)."""
 
@@ -1067,7 +1067,7 @@ def main(scenario_path: str | None, json_path: str | None = None, *, force: bool
     warning = check_size(scenario, scenario_path or "demo.toml", force=force)
     if warning:
         err.write(f"flowshard: {warning}\n")
-    watch = _Watch(scenario.workload.duration, err)
+    watch = Watch(scenario.workload.duration, err)
     try:
         report = simulate(scenario, watch)
     finally:

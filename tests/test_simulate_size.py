@@ -15,7 +15,7 @@ from flowshard import cli
 from flowshard.config import ConfigError
 from flowshard.estimate import estimate
 from flowshard.scenario import load_scenario, scenario_from_data
-from flowshard.simulate import WARN_SECONDS, _Simulation, _Watch, check_size, simulate
+from flowshard.simulate import WARN_SECONDS, Watch, _Simulation, check_size, simulate
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "bench" / "scenarios"
 
@@ -66,7 +66,7 @@ def test_progress_is_reported_during_the_run_and_shown_after_two_seconds() -> No
 
     clock = iter([100.0, 101.0, 102.5, 103.0, 113.0]).__next__  # start, then one reading per call
     out = io.StringIO()
-    watch = _Watch(10.0, out, clock)
+    watch = Watch(10.0, out, clock)
     watch(1.0, 1000)  # 1 s in: silent
     watch(2.5, 2500)  # 2.5 s in: first line
     watch(3.0, 3000)  # too soon for the next line (not a terminal: one every 10 s)
@@ -93,3 +93,19 @@ def test_every_shipped_scenario_simulates_in_seconds_or_says_it_is_bench_only(pa
     assert est.events / 3 <= sim.events <= est.events * 1.5  # the estimate is the right size
 
 
+
+
+def test_bench_announces_a_long_comparison_simulation(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import simcompare
+
+    seen: list[object] = []
+    monkeypatch.setattr(simcompare, "simulate", lambda scenario, progress=None: seen.append(progress) or "report")
+    long = _scenario(arrival={"kind": "poisson", "rate": 100_000})  # 1 M requests: simulated, announced
+    err = io.StringIO()
+    assert simcompare.predict(long, err) == ("report", "")
+    assert err.getvalue() == ("simulating the scenario for the comparison: about 2,000,000 events "
+                              "(--no-simulate skips it)\n")
+    assert isinstance(seen[-1], Watch)
+    assert simcompare.predict(_scenario(), err) == ("report", "") and seen[-1] is None  # short: silent
+    huge = _scenario(arrival={"kind": "poisson", "rate": 1_000_000})
+    assert simcompare.predict(huge, err)[1].startswith("simulation skipped: about 10,000,000 virtual requests")
