@@ -3,7 +3,8 @@
 The backend is modelled by the engine's own dispatch budget: a dispatched request holds its slot
 (and its bytes) for its service time, then is released. `simulate(scenario)` is a pure function of
 the scenario: no clock, no I/O, no hash-seed dependence, so the same scenario gives the same report
-byte for byte. Only `main` reads and writes files.
+byte for byte. Only the command part at the end (`main`, `Watch`: files, stderr, the wall clock for
+progress) does I/O.
 
 Measurement choices (the report's fields name them):
 - Counts, waits and service received cover the whole run; `wait` is enqueue-to-dispatch of the
