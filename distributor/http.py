@@ -31,7 +31,7 @@ import msgspec
 
 from distributor.api import Admission
 from flowshard.types import Outcome
-from flowshard.validate import AdmitBody, ReleaseBody, check_admit
+from flowshard.validate import AdmitBody, ReleaseBody, admit_field_hint, check_admit
 
 __all__ = ["HttpConnection", "HttpLimits", "start_http_server"]
 
@@ -442,7 +442,8 @@ class HttpConnection(asyncio.Protocol):
         try:
             a = _decode_admit(body)
         except msgspec.DecodeError as exc:  # malformed JSON, wrong types, unknown or missing fields
-            self._respond(_error(400, f"invalid admit body: {_decode_problem(exc, body)}", conn), close)
+            self._respond(_error(400, f"invalid admit body: {admit_field_hint(_decode_problem(exc, body))}", conn),
+                          close)
             return
         problem = check_admit(a.flow, a.priority, a.bytes, a.ttl, a.slo, a.tokens, a.weight)
         if problem is not None:

@@ -6,6 +6,7 @@ and what is allowed. A request that fails here never becomes a request: it gets 
 
 from __future__ import annotations
 
+import difflib
 import math
 
 import msgspec
@@ -28,6 +29,21 @@ class AdmitBody(msgspec.Struct, forbid_unknown_fields=True):
     slo: float = 0.0
     tokens: int = 0
     weight: float = 0.0
+
+
+# names a caller may bring from the other API (the Python client) or from habit -> the JSON field
+_ADMIT_ALIASES = {"size": "bytes", "wait": "ttl", "timeout": "ttl", "tenant": "flow", "flow_id": "flow"}
+
+
+def admit_field_hint(message: str) -> str:
+    """An unknown-field message about an admit body, with the field it probably meant."""
+    _, sep, rest = message.partition("unknown field `")
+    if not sep:
+        return message
+    name = rest.split("`", 1)[0]
+    close = difflib.get_close_matches(name, AdmitBody.__struct_fields__, n=1, cutoff=0.7)
+    meant = _ADMIT_ALIASES.get(name) or (close[0] if close else None)
+    return f"{message}; did you mean `{meant}`?" if meant else message
 
 
 class ReleaseBody(msgspec.Struct, forbid_unknown_fields=True):

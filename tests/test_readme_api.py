@@ -68,7 +68,10 @@ def test_documented_answer_bodies_have_the_keys_the_service_sends(launch) -> Non
     for status, [body] in real.items():
         for doc in documented[status]:
             assert _shape(doc) == _shape(body), (status, doc, body)
-    assert real[422] == [{"error": {"status": 422, "message": "bytes: -1 is outside [0, 2^40]"}}]
+    assert real[422] == documented[422] == [{"error": {"status": 422, "message": "bytes: -1 is outside [0, 2^40]"}}]
+    # a client-API name over HTTP gets the JSON name suggested
+    assert real[400] == documented[400] == [{"error": {"status": 400, "message": (
+        "invalid admit body: Object contains unknown field `size`; did you mean `bytes`?")}}]
     for doc in documented[429] + documented[503]:  # every refusal names a real outcome
         assert f"{doc['outcome']}: {doc['reason']}" in README
 
