@@ -51,6 +51,10 @@ def _serve(args: argparse.Namespace) -> int:
         config.service = msgspec.structs.replace(config.service, **overrides)
     if not 1 <= args.shards <= MAX_SHARDS:
         raise ConfigError(f"--shards: {args.shards} is not allowed; 1 to {MAX_SHARDS}")
+    if args.config is None:
+        sys.stderr.write("flowshard: no --config: on the built-in defaults, whose dispatch budget "
+                         "(max_inflight_requests = 100) is a placeholder; set it to what your backends run at once "
+                         "(README, \"Configuration\")\n")
     try:
         uvloop.run(serve(config, args.shards))
     except OSError as exc:  # cannot listen (address in use, permission): one line, not a traceback

@@ -82,3 +82,24 @@ def test_help_does_not_load_the_service_or_the_scenarios() -> None:
             "print(sorted(m for m in sys.modules if m.startswith(('distributor', 'flowshard.simulate', 'uvloop'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_serve_without_a_config_says_the_budget_is_a_placeholder() -> None:
+    import os
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "flowshard.cli", "serve", "--port", "0", "--binary-port", "0"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+        ready = proc.stderr.readline()
+        assert first.startswith("flowshard: no --config: on the built-in defaults") and "placeholder" in first
+        assert ready.startswith("flowshard ready: http=http://127.0.0.1:")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
