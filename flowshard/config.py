@@ -161,12 +161,8 @@ _UNKNOWN = re.compile(r"Object contains unknown field `([^`]*)`$")
 _MISSING = re.compile(r"Object missing required field `([^`]*)`$")
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
                "object": "a table", "array": "an array", "null": ""}
-_GOT_TYPES: dict[str, type | tuple[type, ...]] = {
-    "int": int, "float": float, "str": str, "bool": bool, "object": dict, "array": list}
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 LIMIT_HELP = 'a positive integer, or "unlimited" for no limit'
-
-
 _Info = msgspec.inspect.Type | None
 
 
