@@ -113,3 +113,17 @@ def test_readme_says_what_readyz_does_while_draining():
     api = README.split("### HTTP/JSON API", 1)[1].split("### Binary protocol", 1)[0]
     assert "**While draining**" in api and "a new connection — a readiness\nprobe's included — is refused" in api
     # the behaviour itself: tests/test_service.py::test_graceful_drain_sigterm (refused; 503 on an open connection)
+
+
+def test_config_check_examples_are_what_it_prints(tmp_path, capsys):
+    from flowshard import cli
+
+    block = README.split("## Configuration", 1)[1].split("```\n", 2)[1]
+    files = {"bad.toml": "[[bands]]\npriority = 0\nceiling = 1.5\n", "typo.toml": "[budget]\nmax_inflight = 3\n"}
+    examples = re.findall(r"^\$ (flowshard config check \S+)\n(.*)$", block, re.M)
+    assert len(examples) == 2
+    for command, printed in examples:
+        name = command.rsplit(" ", 1)[1]
+        (tmp_path / name).write_text(files[name])
+        assert cli.main(["config", "check", str(tmp_path / name)]) == 2
+        assert capsys.readouterr().err.strip() == printed.replace(f"flowshard: {name}", f"flowshard: {tmp_path / name}")
