@@ -173,9 +173,6 @@ class Engine:
         if deadline != _INF:
             self._timed += 1
             heapq.heappush(self._expiry, (deadline, seq, item))
-            if len(self._expiry) > 2 * self._timed + 1024:
-                self._expiry = [e for e in self._expiry if e[2].state != _DONE]
-                heapq.heapify(self._expiry)
         return item
 
     def _new_flow(self, band: Band, flow_id: str, now: float) -> FlowQueue:
@@ -251,7 +248,13 @@ class Engine:
         if outcome == _DISPATCHED:
             band.wait_hist[wait_bucket(now - item.enqueued_at)] += 1
         if item.deadline != _INF:
-            self._timed -= 1
+            self._timed = timed = self._timed - 1
+            expiry = self._expiry
+            if not timed:
+                expiry.clear()  # all dead: they would keep their flows alive until their deadlines
+            elif len(expiry) > 2 * timed + 1024:
+                self._expiry = [e for e in expiry if e[2].state != _DONE]
+                heapq.heapify(self._expiry)
         self.outbox.append(item)
 
     def _remove(self, item: Item, outcome: Outcome, now: float) -> None:

@@ -143,6 +143,8 @@ class VirtualTokenCounter:
     def deactivate(self, flow: FlowQueue) -> None:
         flow.stamp = 0  # no entry carries stamp 0: the flow's entry is now stale
         self._active -= 1
+        if not self._active:
+            self._heap.clear()  # stale entries only: they would keep forgotten flows alive
 
     def head_changed(self, flow: FlowQueue) -> None:
         pass
@@ -194,6 +196,8 @@ class GlobalFcfs:
 
     def deactivate(self, flow: FlowQueue) -> None:
         self._active -= 1
+        if not self._active:
+            self._heap.clear()  # stale entries only: they would keep finished items and their flows alive
 
     def head_changed(self, flow: FlowQueue) -> None:
         self._push_head(flow)

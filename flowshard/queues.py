@@ -5,7 +5,9 @@ FCFS keys by arrival sequence, so a plain deque serves it in O(1); deadline orde
 
 Items leave a queue from the middle (cancel, TTL, displacement) by being marked done; the queue
 skips done items when it reaches them and compacts itself once they outnumber the live ones, so
-every operation stays O(1) or O(log n) amortised and no dead item is held for long.
+every operation stays O(1) or O(log n) amortised and no dead item is held for long. A queue whose
+last live item leaves drops every dead one at once: an item points back at its flow, so a dead item
+left in an idle flow's queue would keep that flow (and, `gc=False`, itself) alive for good.
 """
 
 from __future__ import annotations
@@ -70,12 +72,19 @@ class FifoQueue:
     def pop(self) -> Item:
         """Remove and return the head; the caller has just peeked it (so it is live)."""
         self.live -= 1
-        return self._q.popleft()
+        head = self._q.popleft()
+        if not self.live:
+            self._q.clear()  # dead items behind the head: see the module docstring
+            self._dead = 0
+        return head
 
     def discard(self) -> None:
         self.live -= 1
         self._dead += 1
-        if self._dead > _COMPACT_MIN and self._dead > self.live:
+        if not self.live:
+            self._q.clear()
+            self._dead = 0
+        elif self._dead > _COMPACT_MIN and self._dead > self.live:
             self._q = deque(i for i in self._q if i.state != _DONE)
             self._dead = 0
 
@@ -109,12 +118,19 @@ class HeapQueue:
 
     def pop(self) -> Item:
         self.live -= 1
-        return heapq.heappop(self._h)[2]
+        head = heapq.heappop(self._h)[2]
+        if not self.live:
+            self._h.clear()
+            self._dead = 0
+        return head
 
     def discard(self) -> None:
         self.live -= 1
         self._dead += 1
-        if self._dead > _COMPACT_MIN and self._dead > self.live:
+        if not self.live:
+            self._h.clear()
+            self._dead = 0
+        elif self._dead > _COMPACT_MIN and self._dead > self.live:
             self._h = [e for e in self._h if e[2].state != _DONE]
             heapq.heapify(self._h)
             self._dead = 0
