@@ -65,7 +65,9 @@ class ShardWorker(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
+        self._beat: asyncio.TimerHandle | None = None
         self._closing = False
+        self._stopped = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
@@ -77,6 +79,8 @@ class ShardWorker(asyncio.Protocol):
             self.finished.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        if self._stopped:
+            return
         now = time.monotonic()
         engine = self.engine
         stats = self.stats
@@ -136,6 +140,8 @@ class ShardWorker(asyncio.Protocol):
 
     def _arm_timer(self) -> None:
         """Keep one timer at the earliest TTL deadline, so expiries are reported promptly."""
+        if self._stopped:
+            return
         deadline = self.engine.next_deadline()
         if deadline == self._timer_at:
             return
@@ -149,6 +155,8 @@ class ShardWorker(asyncio.Protocol):
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = math.inf
+        if self._stopped:
+            return
         now = time.monotonic()
         self.stats.begin_write(self.shard)
         try:
@@ -160,12 +168,25 @@ class ShardWorker(asyncio.Protocol):
         self._arm_timer()
 
     def heartbeat(self, parent: int) -> None:
+        self._beat = None
+        if self._stopped:
+            return
         if os.getppid() != parent and not self.finished.done():
             self.finished.set_result(None)  # orphaned: the distributor is gone
             return
         self.stats.set_heartbeat(self.shard, time.monotonic_ns())
         self.engine.collect_garbage(time.monotonic())
-        self.loop.call_later(HEARTBEAT_INTERVAL, self.heartbeat, parent)
+        self._beat = self.loop.call_later(HEARTBEAT_INTERVAL, self.heartbeat, parent)
+
+    def stop(self) -> None:
+        """Cancel the timers before shared memory is closed: the loop still runs callbacks that are
+        due while it shuts down, and one touching closed shared memory would raise."""
+        self._stopped = True
+        for handle in (self._beat, self._timer):
+            if handle is not None:
+                handle.cancel()
+        self._beat = self._timer = None
+        self._timer_at = math.inf
 
 
 def _die_with_parent() -> None:
@@ -223,6 +244,7 @@ async def run(shard: int, sock: socket.socket, shm_name: str, config: Config) ->
     try:
         await finished
     finally:
+        worker.stop()
         transport.close()
         stats.close()
         with contextlib.suppress(BufferError):
