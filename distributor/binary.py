@@ -11,18 +11,27 @@ style: the distributor delivers outcomes by calling `deliver`, no Task or Future
 Replies (service -> client): `Result(id, outcome, ticket, wait, retry_after)` for an admission;
 `Released(ticket, ok)` for a release; `Error(id, status, message)` where `status` is HTTP-like:
 422 invalid field (the message names it), 400 duplicate in-flight id, 429 too many in flight on
-this connection, 500 the distributor failed on this request. `Error(-1, ...)` is about the
-connection, which is closed right after: 400 malformed or oversized frame, 503 too many connections.
+this connection, 500 the distributor failed on this request. An Admit's id is 0 or more (a negative
+id is a malformed frame), so `Error(-1, ...)` is always about the connection, which is closed right
+after: 400 malformed or oversized frame, 408 a frame not completed in time, 503 too many connections.
+
+What one connection may cost is bounded (README "Resource limits"): an incomplete frame must
+complete within `frame_timeout`; replies the client does not read stop the reading of its input
+once `write_high` bytes wait (it cannot make more work while it does not read), and it is dropped
+when they pass `max_write_buffer` or stay stuck for `write_timeout`; a connection condemned by a
+protocol error is aborted if its last bytes are not read within `close_timeout`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, cast
 
 from distributor.api import Admission
+from distributor.guards import Guards
 from flowshard.codec import Admit, Error, FrameError, FrameReader, FrameWriter, FromClient, Released, Result
 from flowshard.types import Outcome
 from flowshard.validate import check_admit
@@ -36,44 +45,57 @@ _NOT_YET = -1  # request id of an admission whose `admit` call has not returned 
 class BinaryLimits:
     """What one service instance accepts from binary clients.
 
-    `max_write_buffer`: replies queued for a client that does not read; beyond it the client is
-    dropped (its tickets are released), rather than letting one slow reader hold service memory.
-    The default holds the replies of a full in-flight window (~30 bytes each) twice over.
+    `write_high`: replies waiting for a client beyond this pause the reading of its input.
+    `max_write_buffer`: beyond this the client is dropped (its tickets are released), rather than
+    letting one slow reader hold service memory; `write_timeout`: likewise when its replies stay
+    above `write_high` this long. Safe at `max_connections`: see the README's resource table.
     """
 
     max_connections: int = 4096
     max_inflight_per_connection: int = 65536
     max_frame: int = 65536
-    max_write_buffer: int = 4 << 20
+    write_high: int = 64 << 10
+    max_write_buffer: int = 1 << 20
+    write_timeout: float = 30.0
+    frame_timeout: float = 10.0
+    close_timeout: float = 2.0
 
 
 class _Hub:
     """State shared by the connections of one server."""
 
-    __slots__ = ("admission", "connections", "limits", "loop")
+    __slots__ = ("admission", "connections", "guards", "limits", "loop")
 
-    def __init__(self, admission: Admission, limits: BinaryLimits, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, admission: Admission, limits: BinaryLimits, loop: asyncio.AbstractEventLoop, guards: Guards
+    ) -> None:
         self.admission = admission
         self.limits = limits
         self.loop = loop
+        self.guards = guards
         self.connections = 0
 
 
 async def start_binary_server(
-    admission: Admission, host: str, port: int, limits: BinaryLimits | None = None
+    admission: Admission, host: str, port: int, limits: BinaryLimits | None = None, guards: Guards | None = None
 ) -> asyncio.Server:
     """Listen for binary-protocol clients (port 0: any free port, see `server.sockets`)."""
     loop = asyncio.get_running_loop()
-    hub = _Hub(admission, limits or BinaryLimits(), loop)
+    hub = _Hub(admission, limits or BinaryLimits(), loop, guards if guards is not None else Guards())
     return await loop.create_server(lambda: BinaryConnection(hub), host, port, backlog=1024)
 
 
 class BinaryConnection(asyncio.Protocol):
-    """One client connection; the distributor's `Waiter` for every admission it carries."""
+    """One client connection; the distributor's `Waiter` for every admission it carries.
+
+    One lazily re-armed timer covers the three deadlines (incomplete frame, stuck replies, close):
+    the hot path only notes a time stamp when a frame is left incomplete, and the timer is armed
+    only when none is.
+    """
 
     __slots__ = (
-        "_admission", "_counted", "_flush_scheduled", "_hub", "_lost", "_max_inflight", "_open", "_out", "_pending",
-        "_reader", "_transport",
+        "_admission", "_closing_at", "_counted", "_flush_scheduled", "_frame_at", "_hub", "_lost", "_max_inflight",
+        "_open", "_out", "_pending", "_reader", "_stalled_at", "_timer", "_transport",
     )
 
     def __init__(self, hub: _Hub) -> None:
@@ -89,6 +111,10 @@ class BinaryConnection(asyncio.Protocol):
         self._counted = False  # accepted within max_connections
         self._open = False  # serving: from an accepted connection_made until closing starts
         self._lost = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._frame_at = 0.0  # loop time the incomplete frame now held began; 0.0: none
+        self._stalled_at = 0.0  # loop time replies went over write_high unread; 0.0: they did not
+        self._closing_at = 0.0  # loop time a close began that waits for the client to read; 0.0: none
 
     # ------------------------------------------------------------ transport callbacks
 
@@ -96,23 +122,30 @@ class BinaryConnection(asyncio.Protocol):
         self._transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         hub = self._hub
         if hub.connections >= hub.limits.max_connections:
+            hub.guards.hit("binary", "too_many_connections")
             self._send(Error(-1, 503, f"too many connections (limit {hub.limits.max_connections})"))
-            self._flush()
-            transport.close()
+            self._close()
             return
         hub.connections += 1
         self._counted = True
         self._open = True
-        transport.set_write_buffer_limits(high=hub.limits.max_write_buffer)
+        transport.set_write_buffer_limits(high=hub.limits.write_high)
 
     def data_received(self, data: bytes) -> None:
         if not self._open:
             return
+        reader = self._reader
+        held = reader.pending
         try:
-            messages = self._reader.feed(data)
+            messages = reader.feed(data)
         except FrameError as exc:
-            self._fail(str(exc))
+            self._hub.guards.hit("binary", "malformed")
+            self._fail(400, str(exc))
             return
+        if reader.pending and (messages or not held):  # a new frame is incomplete: its clock starts
+            self._frame_at = self._hub.loop.time()
+            if self._timer is None:
+                self._arm(self._frame_at + self._hub.limits.frame_timeout)
         for msg in messages:
             if type(msg) is Admit:
                 self._admit(msg)
@@ -121,15 +154,23 @@ class BinaryConnection(asyncio.Protocol):
                 self._send(Released(ticket, self._admission.release(ticket)))
 
     def pause_writing(self) -> None:
-        # Replies pile up beyond max_write_buffer: the client does not read. Drop it (abort: a
-        # graceful close would wait for it to read); connection_lost releases what it holds.
+        """Replies wait beyond `write_high`: stop reading (the client makes no new work while it does
+        not read) and start the clock; `_flush` and the timer drop it past the hard limits."""
         if self._open and self._transport is not None:
-            log.warning("binary client %s does not read its replies: closing", self._peer())
-            self._open = False
-            self._transport.abort()
+            self._transport.pause_reading()
+            self._stalled_at = now = self._hub.loop.time()
+            self._arm(now + self._hub.limits.write_timeout)
+
+    def resume_writing(self) -> None:
+        self._stalled_at = 0.0
+        if self._open and self._transport is not None:
+            self._transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._open = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._lost:
             return
         self._lost = True
@@ -207,15 +248,75 @@ class BinaryConnection(asyncio.Protocol):
         transport = self._transport
         if self._out and transport is not None and not transport.is_closing():
             transport.write(self._out.take())
+            if self._open and transport.get_write_buffer_size() > self._hub.limits.max_write_buffer:
+                self._drop(f"{transport.get_write_buffer_size()} bytes of replies unread")
 
-    def _fail(self, message: str) -> None:
-        """A protocol error: say why, then close (pending admissions are cancelled on connection_lost)."""
-        log.info("binary client %s: %s: closing", self._peer(), message)
-        self._send(Error(-1, 400, message))
-        self._flush()
+    def _drop(self, why: str) -> None:
+        """The client does not read its replies: abort (a graceful close would wait for it to read);
+        connection_lost cancels and releases what it holds."""
+        log.warning("binary client %s does not read its replies (%s): dropping it", self._peer(), why)
+        self._hub.guards.hit("binary", "slow_reader")
         self._open = False
         if self._transport is not None:
-            self._transport.close()
+            self._transport.abort()
+
+    def _fail(self, status: int, message: str) -> None:
+        """A protocol error: say why, then close (pending admissions are cancelled on connection_lost)."""
+        log.info("binary client %s: %s: closing", self._peer(), message)
+        self._send(Error(-1, status, message))
+        self._open = False
+        self._close()
+
+    def _close(self) -> None:
+        """Close after the last replies; abort if the client has not read them within close_timeout."""
+        self._flush()
+        transport = self._transport
+        if transport is None:
+            return
+        transport.close()
+        if transport.get_write_buffer_size():
+            self._closing_at = now = self._hub.loop.time()
+            self._arm(now + self._hub.limits.close_timeout)
+
+    def _arm(self, at: float) -> None:
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= at:
+                return
+            timer.cancel()
+        self._timer = self._hub.loop.call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        """Fires at the earliest deadline it was armed for; acts on what is due, re-arms for the rest."""
+        self._timer = None
+        if self._lost or self._transport is None:
+            return
+        limits = self._hub.limits
+        now = self._hub.loop.time()
+        due = math.inf
+        if self._closing_at:
+            if now >= self._closing_at + limits.close_timeout:
+                self._hub.guards.hit("binary", "close_timeout")
+                self._transport.abort()
+                return
+            due = self._closing_at + limits.close_timeout
+        if not self._open:
+            if due != math.inf:
+                self._arm(due)
+            return
+        if self._stalled_at:
+            if now >= self._stalled_at + limits.write_timeout:
+                self._drop(f"none read for {limits.write_timeout:g} s")
+                return
+            due = min(due, self._stalled_at + limits.write_timeout)
+        if self._frame_at and self._reader.pending:
+            if now >= self._frame_at + limits.frame_timeout:
+                self._hub.guards.hit("binary", "frame_timeout")
+                self._fail(408, f"frame not completed within {limits.frame_timeout:g} s")
+                return
+            due = min(due, self._frame_at + limits.frame_timeout)
+        if due != math.inf:
+            self._arm(due)
 
     def _peer(self) -> Any:
         return self._transport.get_extra_info("peername") if self._transport is not None else None

@@ -38,6 +38,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from distributor.guards import ACTIONS as GUARD_ACTIONS
 from flowshard.stats import WAIT_BUCKETS
 from flowshard.types import Outcome
 
@@ -336,6 +337,16 @@ class FlowshardCollector(Collector):
             if beat is not None:
                 age.add_metric([shard], beat)
         yield from (restarts, up, age)
+
+        guards = CounterMetricFamily(
+            "flowshard_protective_actions",
+            "Protective actions against clients and resource exhaustion (README: Resource limits).",
+            labels=["front", "action"],
+        )
+        for front, actions in GUARD_ACTIONS.items():
+            for action in actions:
+                guards.add_metric([front, action], d.guards[(front, action)])
+        yield guards
 
         yield _counter(
             "flowshard_tickets_released",

@@ -26,6 +26,7 @@ import msgspec
 
 from distributor import segment
 from distributor.api import Waiter
+from distributor.guards import Guards
 from flowshard.codec import (
     Cancel,
     Done,
@@ -132,6 +133,7 @@ class Distributor:
         self.stop_requested = False  # a signal arrived before start() finished
         self.started = time.monotonic()
         self.counters = {"tickets_expired": 0, "tickets_released": 0, "worker_restarts": 0, "fast_path": 0}
+        self.guards = Guards()  # protective actions of the fronts (distributor/guards.py)
         self.segment: Any = None
         self.shm: ShmStats | None = None
         self.servers: list[asyncio.Server] = []
@@ -458,8 +460,8 @@ class Distributor:
                        header_timeout=svc.header_timeout, idle_timeout=svc.idle_timeout),
             lease=svc.lease,
         )
-        limits = BinaryLimits(max_connections=svc.max_connections)
-        binary = await start_binary_server(self, svc.host, svc.binary_port, limits)
+        limits = BinaryLimits(max_connections=svc.max_connections, frame_timeout=svc.header_timeout)
+        binary = await start_binary_server(self, svc.host, svc.binary_port, limits, self.guards)
         self.servers = [http, binary]
         self.addresses = {"http": http.sockets[0].getsockname()[:2], "binary": binary.sockets[0].getsockname()[:2]}
         self._accepting = True

@@ -11,7 +11,7 @@ msgpack message; messages are tagged-union Structs encoded as arrays (no field n
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -118,9 +118,11 @@ class Hello(msgspec.Struct, tag=7, array_like=True, gc=False):
 
 
 class Admit(msgspec.Struct, tag=10, array_like=True, gc=False):
-    """Client -> service: admit a request. `id` is the client's correlation id on this connection."""
+    """Client -> service: admit a request. `id` is the client's correlation id on this connection:
+    0 or more, so that `Error(-1, ...)` (about the connection) can never be mistaken for an answer
+    to an Admit; a negative id fails to decode (a malformed frame)."""
 
-    id: int
+    id: Annotated[int, msgspec.Meta(ge=0)]
     flow: str
     priority: int = 0
     size: int = 0
@@ -147,7 +149,8 @@ class Result(msgspec.Struct, tag=12, array_like=True, gc=False):
 
 
 class Error(msgspec.Struct, tag=13, array_like=True, gc=False):
-    """Service -> client: a message was invalid (`id` of the Admit when known, else -1)."""
+    """Service -> client: an Admit failed (`id` >= 0: that Admit's), or the connection did (`id` -1:
+    it is closed right after)."""
 
     id: int
     status: int

@@ -134,8 +134,10 @@ def on_loop(factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_
 
 
 @contextlib.asynccontextmanager
-async def serving(admission: Any, limits: BinaryLimits | None = None) -> AsyncIterator[tuple[str, int]]:
-    server = await start_binary_server(admission, "127.0.0.1", 0, limits)
+async def serving(
+    admission: Any, limits: BinaryLimits | None = None, guards: Any = None
+) -> AsyncIterator[tuple[str, int]]:
+    server = await start_binary_server(admission, "127.0.0.1", 0, limits, guards)
     try:
         yield "127.0.0.1", server.sockets[0].getsockname()[1]
     finally:

@@ -1,0 +1,37 @@
+"""Counts of the protective actions the fronts and the supervisor take against hostile or careless
+clients and against resource exhaustion, so an operator can see an attack or a bad client
+(`flowshard_protective_actions_total{front, action}` in /metrics, README "Resource limits")."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Final
+
+# Every (front, action) pair, exported even at zero so a dashboard can rate() it from the start.
+ACTIONS: Final[dict[str, tuple[str, ...]]] = {
+    "http": (
+        "too_many_connections",  # 503 and close at max_connections
+        "header_timeout",  # 408: a request's head and body did not arrive within header_timeout
+        "headers_too_large",  # 431: request line and headers over max_header_bytes
+        "trailers_too_large",  # 431: chunked trailers over the same limit
+        "body_too_large",  # 413
+        "malformed",  # 400 and close
+        "slow_reader",  # dropped: unsent responses over the limit, or stalled past write_timeout
+        "close_timeout",  # a closing connection whose last bytes were not read: aborted
+        "undeliverable",  # a dispatched answer that could not be delivered: its ticket released at once
+    ),
+    "binary": (
+        "too_many_connections",
+        "frame_timeout",  # an incomplete frame not completed within header_timeout
+        "malformed",  # a malformed or oversized frame: Error(-1, 400) and close
+        "slow_reader",
+        "close_timeout",
+    ),
+}
+
+
+class Guards(Counter[tuple[str, str]]):
+    """(front, action) -> how many times it happened. Owned by the distributor, shared by the fronts."""
+
+    def hit(self, front: str, action: str) -> None:
+        self[(front, action)] += 1

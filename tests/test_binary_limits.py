@@ -1,0 +1,177 @@
+"""What a hostile or careless binary client can cost (issue 8, defects 6, 7, 8): real sockets
+against the binary server and `FakeAdmission` (see test_binary)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+from test_binary import HOLD, FakeAdmission, Raw, on_loop, serving, until
+
+from distributor.binary import BinaryConnection, BinaryLimits
+from distributor.guards import Guards
+from flowshard.codec import Admit, Error, FrameWriter, Release, Result
+
+
+async def _small_buffers(addr: tuple[str, int], fake: FakeAdmission) -> tuple[Raw, BinaryConnection]:
+    """A client whose socket buffers are small, and the server's end of it, so unread replies stay
+    in the server's write buffer instead of the kernels'."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, addr)
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    raw = Raw(reader, writer)
+    await raw.send(Admit(0, "a"))
+    await until(lambda: bool(fake.waiters))
+    conn: BinaryConnection = fake.waiters[-1]
+    assert conn._transport is not None
+    conn._transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return raw, conn
+
+
+def _releases(n: int) -> bytes:
+    w = FrameWriter()
+    for _ in range(n):
+        w.add(Release(1))
+    return w.take()
+
+
+# ---------------------------------------------------------------------------------------------- defect 8
+
+
+@on_loop()
+async def test_a_negative_correlation_id_is_a_malformed_frame_and_closes_the_connection() -> None:
+    fake = FakeAdmission()
+    async with serving(fake) as addr:
+        w = FrameWriter()
+        # Encoded by hand: the codec itself no longer builds a frame it would refuse to decode.
+        w.add([10, -1, "a", 0, 0, 0.0, 0.0, 0, 0.0])
+        raw = await Raw.open(addr)
+        await raw.send_bytes(w.take())
+        replies = await raw.recv_until_eof()
+        assert len(replies) == 1 and type(replies[0]) is Error, replies
+        assert (replies[0].id, replies[0].status) == (-1, 400)
+        assert "$[1]" in replies[0].message and ">= 0" in replies[0].message
+        assert fake.next_id == 1  # nothing was admitted
+        w.add([10, -1, "", 0, 0, 0.0, 0.0, 0, 0.0])  # and an invalid field too: still the frame error
+        raw = await Raw.open(addr)
+        await raw.send_bytes(w.take())
+        [err] = await raw.recv_until_eof()
+        assert (err.id, err.status) == (-1, 400)
+        raw = await Raw.open(addr)  # id 0 is an ordinary id
+        await raw.send(Admit(0, "a"))
+        [res] = await raw.recv(1)
+        assert type(res) is Result and res.id == 0
+        raw.close()
+
+
+# ---------------------------------------------------------------------------------------------- defect 6
+
+
+@on_loop()
+async def test_an_incomplete_frame_times_out_with_408_and_close() -> None:
+    fake = FakeAdmission()
+    guards = Guards()
+    async with serving(fake, BinaryLimits(frame_timeout=0.2), guards) as addr:
+        raw = await Raw.open(addr)
+        await raw.send(Admit(1, HOLD))
+        await fake.wait_held(1)
+        await raw.send_bytes(struct.pack(">I", 60000) + b"\x00" * 1000)  # 1 KB of a 60 KB frame, never finished
+        t0 = asyncio.get_running_loop().time()
+        [err] = await raw.recv_until_eof()
+        took = asyncio.get_running_loop().time() - t0
+        assert type(err) is Error and (err.id, err.status) == (-1, 408), err
+        assert 0.15 <= took < 1.0
+        await until(lambda: bool(fake.release_alls))
+        assert fake.cancels == [1]
+        assert guards[("binary", "frame_timeout")] == 1
+
+
+@on_loop()
+async def test_frames_split_across_reads_are_not_timed_out_while_each_completes_in_time() -> None:
+    fake = FakeAdmission()
+    async with serving(fake, BinaryLimits(frame_timeout=0.15)) as addr:
+        raw = await Raw.open(addr)
+        w = FrameWriter()
+        for i in range(8):
+            w.add(Admit(i, "a"))
+        data = w.take()
+        step = len(data) // 16 + 1
+        # 16 pieces over ~0.5 s (> 3 timeouts): a frame is always incomplete, but never for long.
+        for k in range(0, len(data), step):
+            await raw.send_bytes(data[k : k + step])
+            await asyncio.sleep(0.03)
+        replies = await raw.recv(8)
+        assert [r.id for r in replies] == list(range(8))
+        await raw.send(Admit(8, "a"))
+        [res] = await raw.recv(1)
+        assert type(res) is Result
+        raw.close()
+
+
+@on_loop()
+async def test_a_client_that_does_not_read_stops_being_read_then_is_dropped() -> None:
+    fake = FakeAdmission()
+    guards = Guards()
+    limits = BinaryLimits(write_high=16 << 10, write_timeout=0.4)
+    async with serving(fake, limits, guards) as addr:
+        raw, conn = await _small_buffers(addr, fake)
+        assert conn._transport is not None
+        data = _releases(5000)  # ~45 KB of frames, ~55 KB of replies
+        peak = 0
+        sent = 0
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        while not fake.release_alls and loop.time() - t0 < 1.5:
+            if raw.writer.transport.get_write_buffer_size() < (1 << 20):
+                raw.writer.write(data)
+                sent += len(data)
+            peak = max(peak, conn._transport.get_write_buffer_size())
+            await asyncio.sleep(0.005)
+        dropped_after = loop.time() - t0
+        assert fake.release_alls == [conn], "dropped after write_timeout"
+        assert dropped_after < 1.2
+        assert sent > 1 << 20  # it kept sending: its input was no longer read
+        # Bounded by the high-water mark plus the replies of one read (~a 64 KiB read of releases).
+        assert peak < limits.write_high + 160_000, peak
+        assert guards[("binary", "slow_reader")] == 1
+        raw.writer.transport.abort()
+
+
+@on_loop()
+async def test_write_buffer_over_the_hard_limit_drops_at_once() -> None:
+    fake = FakeAdmission()
+    guards = Guards()
+    limits = BinaryLimits(write_high=1 << 20, max_write_buffer=32 << 10, write_timeout=60.0)
+    async with serving(fake, limits, guards) as addr:
+        raw, _ = await _small_buffers(addr, fake)
+        await raw.send_bytes(_releases(20_000))
+        await until(lambda: bool(fake.release_alls))
+        assert guards[("binary", "slow_reader")] == 1
+        raw.writer.transport.abort()
+
+
+# ---------------------------------------------------------------------------------------------- defect 7
+
+
+@on_loop()
+async def test_a_connection_condemned_by_a_protocol_error_is_gone_within_close_timeout() -> None:
+    fake = FakeAdmission()
+    guards = Guards()
+    async with serving(fake, BinaryLimits(close_timeout=0.2), guards) as addr:
+        raw, conn = await _small_buffers(addr, fake)
+        # Replies the client never reads (under write_high: reading goes on), then garbage.
+        assert conn._transport is not None
+        while conn._transport.get_write_buffer_size() < 20_000:
+            await raw.send_bytes(_releases(2000))
+            await asyncio.sleep(0.02)
+        await raw.send_bytes(b"\x00\x00\x00\x03abc")
+        t0 = asyncio.get_running_loop().time()
+        await until(lambda: bool(fake.release_alls))
+        took = asyncio.get_running_loop().time() - t0
+        assert took < 1.0
+        assert guards[("binary", "malformed")] == 1
+        assert guards[("binary", "close_timeout")] == 1
+        raw.writer.transport.abort()
