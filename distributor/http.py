@@ -19,9 +19,11 @@ timer is moved only when a deadline moves earlier (roughly twice per `header_tim
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import math
 import re
+import socket
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Final, NamedTuple, cast
@@ -30,6 +32,7 @@ import httptools
 import msgspec
 
 from distributor.api import Admission
+from distributor.guards import Guards
 from flowshard.types import Outcome
 from flowshard.validate import AdmitBody, ReleaseBody, admit_field_hint, check_admit
 
@@ -47,10 +50,13 @@ class HttpLimits(msgspec.Struct, frozen=True, kw_only=True):
     header_timeout: float = 10.0  # a request's headers and body must arrive within this (slowloris)
     idle_timeout: float = 75.0  # keep-alive connection with nothing pending
     max_pipelined: int = 64  # unanswered requests per connection before reading stops
+    write_high: int = 64 << 10  # unsent responses beyond this stop the reading of the client's input
     write_buffer_limit: int = 1 << 20  # a client that lets this much pile up unread is dropped
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_header_bytes", "max_connections", "max_pipelined", "write_buffer_limit"):
+        for name in (
+            "max_body_bytes", "max_header_bytes", "max_connections", "max_pipelined", "write_high", "write_buffer_limit"
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")
         for name in ("header_timeout", "idle_timeout"):
@@ -172,15 +178,21 @@ class _Slot:
 class _Shared:
     """What all connections of one server share."""
 
-    __slots__ = ("admission", "lease", "limits", "linger", "loop", "open", "unheld_at")
+    __slots__ = ("admission", "guards", "lease", "limits", "linger", "loop", "open", "probe", "unheld_at")
 
-    def __init__(self, admission: Admission, limits: HttpLimits, lease: float, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, admission: Admission, limits: HttpLimits, lease: float, loop: asyncio.AbstractEventLoop, guards: Guards
+    ) -> None:
         self.admission = admission
+        self.guards = guards
         self.limits = limits
         self.lease = float(lease)
         self.loop = loop
         self.open = 0  # connections counted against max_connections
         self.linger = max(0.05, min(2.0, limits.header_timeout))
+        # After the client's EOF: how long to wait for the reset that says answers just written to it
+        # were not delivered (a round trip; the reset of a closed peer comes at once).
+        self.probe = min(self.linger, 0.25)
         # Reading resumes once a held connection's queue drops to this (hysteresis).
         self.unheld_at = max(0, limits.max_pipelined // 2)
 
@@ -207,6 +219,7 @@ class HttpConnection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._queue: deque[_Slot] = deque()
         self._out: list[bytes] | None = None  # responses collected during one data_received
+        self._out_bytes = 0  # their size: with the transport's buffer, what the client has not read
         self._end_kind = _KEEP  # a close decided during data_received, carried out after the write
         self._stopped = False
         self._closing = False
@@ -216,6 +229,9 @@ class HttpConnection(asyncio.Protocol):
         self._fresh = True  # no request seen yet: header_timeout, not idle_timeout, applies
         self._held: bytearray | None = None  # input kept unparsed while max_pipelined is reached
         self._paused = False
+        self._wpaused = False  # reading paused because unsent responses passed write_high
+        self._sent: list[int] = []  # tickets of dispatched answers written since the client's last request
+        self._probing = False  # the client sent EOF right after answers were written: were they delivered?
         self._unhold_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
@@ -230,6 +246,7 @@ class HttpConnection(asyncio.Protocol):
         self._body = bytearray()
         self._clen = -1
         self._chunked = False
+        self._in_body = False  # the head is complete: a header now is a trailer
         self._ka_header = False
         self._expect = False
 
@@ -242,13 +259,14 @@ class HttpConnection(asyncio.Protocol):
         now = self._loop.time()
         self._last_active = now
         if sh.open >= self._limits.max_connections:
+            sh.guards.hit("http", "too_many_connections")
             self._stopped = True
             transport.write(_error(503, "too many connections, retry later", _CONN_CLOSE, b"retry-after: 1\r\n"))
             self._linger(min(self._sh.linger, 0.25))  # short: a flood of these must not pile up sockets
             return
         sh.open += 1
         self._counted = True
-        transport.set_write_buffer_limits(high=self._limits.write_buffer_limit)
+        transport.set_write_buffer_limits(high=self._limits.write_high)
         self._arm(now + self._limits.header_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -270,6 +288,7 @@ class HttpConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             if not self._stopped:  # not an error we raised on purpose
                 self._msg_at = 0.0
+                self._sh.guards.hit("http", "malformed")
                 self._respond(_error(400, f"malformed HTTP request: {exc}", _CONN_CLOSE), _LINGER)
         raw = self._head_raw
         if raw != _NOT_IN_HEAD and not self._stopped:
@@ -282,8 +301,9 @@ class HttpConnection(asyncio.Protocol):
                 if raw > self._limits.max_header_bytes:
                     self._fail_head()
         self._out = None
+        self._out_bytes = 0
         if out and not self._closing:
-            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self._write(out[0] if len(out) == 1 else b"".join(out))
         kind = self._end_kind
         if kind:
             self._end_kind = _KEEP
@@ -296,8 +316,16 @@ class HttpConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         """The client closed its side: it is gone (HTTP/1.1 gives a half-close no meaning for pending
-        requests). Its admissions are settled in `connection_lost`; the transport closes."""
+        requests). Its admissions are settled in `connection_lost`; the transport closes.
+
+        If dispatched answers were written since its last request, it may have left before they
+        arrived (fire and forget): then its kernel answers them with a reset. Keep the socket for a
+        round trip and look (`_on_timer`): an undelivered answer releases its ticket at once."""
         self._closing = True
+        if self._sent and not self._dead:
+            self._probing = True
+            self._arm(self._loop.time() + self._sh.probe, force=True)
+            return True
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -310,6 +338,8 @@ class HttpConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         admission = self._admission
+        if exc is not None:  # reset or broken pipe: the answers written since its last request are lost
+            self._release_sent()
         for slot in self._queue:  # nothing in it was written: settle every admission
             try:
                 if slot.data is None:
@@ -323,13 +353,47 @@ class HttpConnection(asyncio.Protocol):
         self._held = None
 
     def pause_writing(self) -> None:
-        """The client does not read its responses: drop it (pending admissions get cancelled)."""
-        if not self._closing:
-            self._closing = True
-            self._transport.abort()
+        """Responses wait unsent beyond write_high: stop reading the client's input (it makes no new
+        work while it does not read); past write_buffer_limit drop it (admissions get cancelled)."""
+        if self._closing:
+            return
+        if self._transport.get_write_buffer_size() > self._limits.write_buffer_limit:
+            self._drop()
+            return
+        self._wpaused = True
+        if not self._paused:
+            self._pause_reading()
 
     def resume_writing(self) -> None:
-        pass
+        if self._wpaused:
+            self._wpaused = False
+            if not self._paused and not self._closing:
+                self._resume_reading()
+
+    def _write(self, data: bytes) -> None:
+        transport = self._transport
+        transport.write(data)
+        if transport.get_write_buffer_size() > self._limits.write_buffer_limit:
+            self._drop()
+
+    def _drop(self) -> None:
+        """The client does not read: abort (a graceful close would wait for it). The answers written
+        since its last request are not delivered: their tickets are released with its pending ones."""
+        if self._closing and not self._probing:
+            return
+        self._sh.guards.hit("http", "slow_reader")
+        self._closing = self._stopped = True
+        self._release_sent()
+        self._transport.abort()
+
+    def _release_sent(self) -> None:
+        sent, self._sent = self._sent, []
+        for ticket in sent:
+            try:
+                if self._admission.release(ticket):
+                    self._sh.guards.hit("http", "undeliverable")
+            except Exception:
+                log.exception("releasing undelivered ticket %s failed", ticket)
 
     # ------------------------------------------------------------------ Waiter
 
@@ -357,6 +421,10 @@ class HttpConnection(asyncio.Protocol):
         """Per-request state was reset when the previous request completed (or at start)."""
         if self._stopped:
             raise _Stop  # a closing response is queued: the rest of this input is ignored
+        if self._out_bytes + self._transport.get_write_buffer_size() > self._limits.write_buffer_limit:
+            self._drop()  # it does not read what it asked for: render nothing more for it
+            raise _Stop
+        self._sent.clear()  # it sends another request: it is still there
         self._msg_at = self._last_active = now = self._loop.time()
         self._fresh = False
         self._head_raw = _HEAD_BEGUN
@@ -371,6 +439,11 @@ class HttpConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         n = len(name)
         self._head_bytes += n + len(value) + 4
+        if self._in_body:  # a chunked body's trailer: it counts against the header limit
+            if self._head_bytes > self._limits.max_header_bytes:
+                self._fail_head()
+                raise _Stop
+            return
         if n == 14:
             if name.lower() == b"content-length":
                 self._clen = int(value)  # llhttp has checked the digits
@@ -384,12 +457,14 @@ class HttpConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._head_raw = _NOT_IN_HEAD
+        self._in_body = True
         limits = self._limits
         if self._head_bytes > limits.max_header_bytes:
             self._fail_head()
             raise _Stop
         if self._clen > limits.max_body_bytes:
             self._msg_at = 0.0
+            self._sh.guards.hit("http", "body_too_large")
             message = f"body of {self._clen} bytes is over the limit of {limits.max_body_bytes}"
             self._respond(_error(413, message, _CONN_CLOSE), _LINGER)
             raise _Stop
@@ -397,16 +472,25 @@ class HttpConnection(asyncio.Protocol):
             # An interim response: in its turn like a final one, never before an earlier request's answer.
             self._respond(_CONTINUE, _KEEP)
 
+    def on_chunk_header(self) -> None:
+        """A chunk's size line: if it was the last one (size 0), trailers follow. Count the raw bytes
+        from here on, as for an incomplete head, so that a never-ending trailer line is bounded too."""
+        self._head_raw = _HEAD_BEGUN
+
     def on_body(self, chunk: bytes) -> None:
+        self._head_raw = _NOT_IN_HEAD  # the chunk had data: not the last one
         self._body += chunk
         if len(self._body) > self._limits.max_body_bytes:  # chunked: no Content-Length to check up front
             self._msg_at = 0.0
+            self._sh.guards.hit("http", "body_too_large")
             message = f"body over the limit of {self._limits.max_body_bytes} bytes"
             self._respond(_error(413, message, _CONN_CLOSE), _LINGER)
             raise _Stop
 
     def on_message_complete(self) -> None:
         self._msg_at = 0.0
+        self._head_raw = _NOT_IN_HEAD
+        self._in_body = False
         if self._parser.should_keep_alive():
             conn, close = (_CONN_KEEP if self._ka_header else b""), _KEEP
         else:
@@ -510,8 +594,9 @@ class HttpConnection(asyncio.Protocol):
         out = self._out
         if out is not None:
             out.append(data)
+            self._out_bytes += len(data)
         elif not self._closing:
-            self._transport.write(data)
+            self._write(data)
 
     def _flush(self) -> None:
         """Write every ready response at the head of the queue, in order. Not once closing: what is
@@ -530,6 +615,10 @@ class HttpConnection(asyncio.Protocol):
             q.popleft()
             if data:
                 batch.append(data)
+                if out is not None:
+                    self._out_bytes += len(data)
+                if slot.ticket:
+                    self._sent.append(slot.ticket)
             if data is _CONTINUE and not q:  # its request is still in progress: it waited for us till now
                 self._msg_at = now = self._loop.time()
                 self._arm(now + self._header_timeout)
@@ -538,7 +627,7 @@ class HttpConnection(asyncio.Protocol):
                 break
         if out is None:
             if batch:
-                self._transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
+                self._write(batch[0] if len(batch) == 1 else b"".join(batch))
             if not q and not self._msg_at and not self._stopped:
                 self._last_active = self._loop.time()
                 self._idle()
@@ -574,8 +663,25 @@ class HttpConnection(asyncio.Protocol):
         if kind == _LINGER:
             self._linger(self._sh.linger)
         else:
-            self._closing = True
-            self._transport.close()
+            self._close()
+
+    def _close(self) -> None:
+        """Close after what has been written; if the client does not read it, abort after the linger
+        time rather than wait for it forever."""
+        self._closing = True
+        transport = self._transport
+        transport.close()
+        if transport.get_write_buffer_size():
+            self._lingering = True
+            self._arm(self._loop.time() + self._sh.linger, force=True)
+
+    def _close_now(self) -> None:
+        transport = self._transport
+        if transport.get_write_buffer_size():
+            self._sh.guards.hit("http", "close_timeout")
+            transport.abort()
+        else:
+            transport.close()
 
     def _linger(self, seconds: float) -> None:
         """Send FIN after the error response and drain the client's input for a moment: closing
@@ -594,7 +700,12 @@ class HttpConnection(asyncio.Protocol):
     def _fail_head(self) -> None:
         self._msg_at = 0.0
         self._head_raw = _NOT_IN_HEAD
-        message = f"request line and headers exceed {self._limits.max_header_bytes} bytes"
+        if self._in_body:
+            self._sh.guards.hit("http", "trailers_too_large")
+            message = f"request line, headers and trailers exceed {self._limits.max_header_bytes} bytes"
+        else:
+            self._sh.guards.hit("http", "headers_too_large")
+            message = f"request line and headers exceed {self._limits.max_header_bytes} bytes"
         self._respond(_error(431, message, _CONN_CLOSE), _LINGER)
 
     def _pause_reading(self) -> None:
@@ -602,7 +713,7 @@ class HttpConnection(asyncio.Protocol):
             self._transport.pause_reading()
 
     def _resume_reading(self) -> None:
-        if not self._transport.is_closing():
+        if not self._wpaused and not self._transport.is_closing():
             self._transport.resume_reading()
 
     # ------------------------------------------------------------------ timer
@@ -628,10 +739,13 @@ class HttpConnection(asyncio.Protocol):
         self._timer_at = math.inf
         if self._dead:
             return
-        transport = self._transport
         if self._closing:
-            if self._lingering:
-                transport.close()
+            if self._probing:
+                self._probing = False
+                self._probe()
+                self._close_now()
+            elif self._lingering:
+                self._close_now()
             return
         limits = self._limits
         now = self._loop.time()
@@ -641,6 +755,7 @@ class HttpConnection(asyncio.Protocol):
             if now >= due:
                 self._msg_at = 0.0
                 self._head_raw = _NOT_IN_HEAD
+                self._sh.guards.hit("http", "header_timeout")
                 message = f"request not received within {limits.header_timeout:g} s"
                 self._respond(_error(408, message, _CONN_CLOSE), _LINGER)
             else:
@@ -651,9 +766,20 @@ class HttpConnection(asyncio.Protocol):
             due = self._last_active + (limits.header_timeout if self._fresh else limits.idle_timeout)
             if now >= due:
                 self._closing = True
-                transport.close()
+                self._close_now()
             else:
                 self._arm(due)
+
+    def _probe(self) -> None:
+        """After the client's EOF: a pending socket error (its kernel reset the connection when our
+        answers reached a socket it had closed, or one it closed without reading) means the answers
+        written since its last request were not delivered: release their tickets."""
+        try:
+            err = self._transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except (OSError, AttributeError):
+            err = errno.ECONNRESET  # the socket is gone already: so is the client
+        if err:
+            self._release_sent()
 
 
 _ROUTES: Final[dict[bytes, _Route]] = {
@@ -667,12 +793,12 @@ _ROUTES: Final[dict[bytes, _Route]] = {
 
 
 async def start_http_server(
-    admission: Admission, host: str, port: int, limits: HttpLimits, *, lease: float
+    admission: Admission, host: str, port: int, limits: HttpLimits, *, lease: float, guards: Guards | None = None
 ) -> asyncio.Server:
     """Listen on (host, port) (port 0: any; read it from `server.sockets`). `lease` is reported to
     clients as `lease_s`: a dispatched ticket is released after it unless released earlier."""
     loop = asyncio.get_running_loop()
-    shared = _Shared(admission, limits, lease, loop)
+    shared = _Shared(admission, limits, lease, loop, guards if guards is not None else Guards())
     return await loop.create_server(
         lambda: HttpConnection(shared), host, port, backlog=min(4096, max(128, limits.max_connections))
     )

@@ -458,7 +458,7 @@ class Distributor:
             self, svc.host, svc.port,
             HttpLimits(max_body_bytes=svc.max_body_bytes, max_connections=svc.max_connections,
                        header_timeout=svc.header_timeout, idle_timeout=svc.idle_timeout),
-            lease=svc.lease,
+            lease=svc.lease, guards=self.guards,
         )
         limits = BinaryLimits(max_connections=svc.max_connections, frame_timeout=svc.header_timeout)
         binary = await start_binary_server(self, svc.host, svc.binary_port, limits, self.guards)

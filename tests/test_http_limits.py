@@ -1,0 +1,199 @@
+"""What a hostile or careless HTTP client can cost (issue 8, defects 3, 4, 5): real sockets against
+the HTTP server and `FakeAdmission` (see test_http)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from typing import Any
+
+from test_http import HOLD, TICKET_BASE, Client, FakeAdmission, admit, get, serve, until
+
+from distributor.guards import Guards
+
+# ---------------------------------------------------------------------------------------------- defect 3
+
+
+async def _fire_and_forget(port: int, how: str) -> None:
+    """One admission whose client leaves without reading the answer."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(admit("a"))
+    if how == "reset":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    elif how == "half-close":
+        sock.shutdown(socket.SHUT_WR)
+        await asyncio.sleep(0.05)  # the answer arrives in its receive buffer, never read
+    sock.close()
+
+
+def test_an_answer_that_cannot_be_delivered_releases_its_ticket_at_once() -> None:
+    guards = Guards()
+
+    async def t(port: int, fake: FakeAdmission) -> None:
+        for n, how in enumerate(["close", "reset", "half-close"] * 3, 1):
+            await _fire_and_forget(port, how)
+            await until(lambda n=n: len(fake.admits) == n)
+        await until(lambda: len(fake.released) == 9, timeout=2.0)
+        assert sorted(fake.released) == [TICKET_BASE + i for i in range(1, 10)]
+        assert fake.tickets == set()
+
+    serve(t, guards=guards)
+    assert guards[("http", "undeliverable")] == 9
+
+
+def test_a_client_that_read_its_answer_keeps_its_ticket_whatever_way_it_leaves() -> None:
+    """The negative control: answers that were read are delivered; the lease holds them."""
+
+    async def t(port: int, fake: FakeAdmission) -> None:
+        for how in ("close", "half-close", "keep-alive-then-close"):
+            c = await Client.open(port)
+            c.send(admit("a"))
+            if how == "half-close":
+                c.writer.write_eof()
+            assert (await c.response()).status == 200
+            if how == "keep-alive-then-close":
+                c.send(get("/healthz"))
+                assert (await c.response()).status == 200
+            c.close()
+        await asyncio.sleep(0.5)  # past the probe after EOF
+        assert fake.released == []
+        assert len(fake.tickets) == 3
+
+    serve(t)
+
+
+def test_a_reset_after_a_pending_answer_was_written_releases_it() -> None:
+    """The answer is written later (the request waited in the queue); the client has reset meanwhile."""
+
+    async def t(port: int, fake: FakeAdmission) -> None:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(admit(HOLD))
+        await until(lambda: len(fake.admits) == 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        await asyncio.sleep(0.02)
+        fake.finish(1)  # dispatched to a connection that is gone: released (or cancelled first)
+        await until(lambda: fake.released == [TICKET_BASE + 1] or fake.cancels == [1])
+
+    serve(t)
+
+
+# ---------------------------------------------------------------------------------------------- defect 4
+
+
+def _chunked_admit(trailer: bytes) -> bytes:
+    body = b'{"flow":"a"}'
+    return (
+        b"POST /v1/admit HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n%b\r\n0\r\n" % (len(body), body)
+        + trailer
+    )
+
+
+def test_small_trailers_are_accepted() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(_chunked_admit(b"X-Checksum: 1234\r\nX-Other: 5\r\n\r\n"))
+        assert (await c.response()).status == 200
+        c.send(get("/healthz"))
+        assert (await c.response()).status == 200
+        c.close()
+
+    serve(t)
+
+
+def test_many_trailer_fields_count_against_the_header_limit() -> None:
+    guards = Guards()
+
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(_chunked_admit(b""))
+        for _ in range(100):  # 100 x 1 KB of trailer fields, never ending
+            c.send(b"X-T: " + b"a" * 1000 + b"\r\n")
+            await asyncio.sleep(0)
+        r = await c.response()
+        assert r.status == 431 and "trailers" in r.json()["error"]["message"]
+        assert await c.closed()
+        assert fake.admits == []
+
+    serve(t, guards=guards, max_header_bytes=8192)
+    assert guards[("http", "trailers_too_large")] == 1
+
+
+def test_one_endless_trailer_line_is_bounded_too() -> None:
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(_chunked_admit(b"X-T: "))
+        for _ in range(40):
+            await asyncio.sleep(0.001)
+            c.send(b"a" * 1000)
+        r = await c.response()
+        assert r.status == 431
+        assert fake.admits == []
+
+    serve(t, max_header_bytes=8192)
+
+
+# ---------------------------------------------------------------------------------------------- defect 5
+
+
+class CountingAdmission(FakeAdmission):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rendered = 0
+
+    def metrics(self) -> tuple[bytes, str]:
+        self.rendered += 1
+        return b"# a large exposition\n" + b"x" * 100_000 + b"\n", "text/plain"
+
+
+def test_pipelined_metrics_are_not_rendered_for_a_client_that_does_not_read() -> None:
+    fake = CountingAdmission()
+    guards = Guards()
+
+    async def t(port: int, fake: Any) -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(get("/metrics") * 2000)  # ~50 KB of requests in one burst, never read
+        await until(lambda: guards[("http", "slow_reader")] == 1)
+        # Rendering stops once the unsent output passes the limit (1 MiB / 100 KB ~ 11 answers).
+        assert fake.rendered <= 14, fake.rendered
+        other = await Client.open(port)
+        other.send(get("/healthz"))
+        assert (await other.response()).status == 200
+        other.close()
+        sock.close()
+
+    serve(t, fake, guards=guards)
+
+
+def test_a_client_that_does_not_read_small_answers_stops_being_read() -> None:
+    """Below the drop limit: its input is no longer read once write_high bytes wait (backpressure)."""
+
+    async def t(port: int, fake: FakeAdmission) -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        sock.send(admit(HOLD))
+        await until(lambda: len(fake.admits) == 1)
+        conn = fake.admits[0]["waiter"]
+        conn._transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        fake.finish(1)
+        burst = get("/healthz") * 500
+        for _ in range(400):  # until the kernel buffers are full and answers wait in the server
+            if not conn._transport.is_reading():
+                break
+            with contextlib.suppress(BlockingIOError):
+                sock.send(burst)
+            await asyncio.sleep(0.003)
+        assert not conn._transport.is_reading()
+        assert conn._transport.get_write_buffer_size() <= (1 << 20)
+        assert not conn._closing  # paused, not dropped
+        sock.close()
+
+    serve(t, write_high=16 << 10)
