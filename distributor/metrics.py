@@ -321,6 +321,11 @@ class FlowshardCollector(Collector):
         yield dispatched
 
         restarts = CounterMetricFamily("flowshard_worker_restarts", "Worker restarts per shard.", labels=["shard"])
+        spawn_failures = CounterMetricFamily(
+            "flowshard_worker_spawn_failures",
+            "Failed attempts to start a shard's worker (each is retried with back-off).",
+            labels=["shard"],
+        )
         up = GaugeMetricFamily(
             "flowshard_worker_up", "1 while the shard's worker is connected and ready.", labels=["shard"]
         )
@@ -332,11 +337,12 @@ class FlowshardCollector(Collector):
         for si, shard in enumerate(shards):
             s = d.shards[si]
             restarts.add_metric([shard], s.restarts)
+            spawn_failures.add_metric([shard], s.spawn_failures)
             up.add_metric([shard], 1 if s.ready else 0)
             beat = v.heartbeat_age[si]
             if beat is not None:
                 age.add_metric([shard], beat)
-        yield from (restarts, up, age)
+        yield from (restarts, spawn_failures, up, age)
 
         guards = CounterMetricFamily(
             "flowshard_protective_actions",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import secrets
 import signal
@@ -26,6 +27,7 @@ import msgspec
 
 from distributor import segment
 from distributor.api import Waiter
+from distributor.fdreserve import FdReserve
 from distributor.guards import Guards
 from flowshard.codec import (
     Cancel,
@@ -49,7 +51,10 @@ from flowshard.stats import N_WAIT_BUCKETS
 from flowshard.types import N_OUTCOMES, Outcome
 
 _DISPATCHED = Outcome.DISPATCHED
+log = logging.getLogger(__name__)
 WORKER_START_TIMEOUT = 30.0
+SPAWN_RETRY_MIN = 0.1  # a failed worker start is retried after this, doubling up to SPAWN_RETRY_MAX
+SPAWN_RETRY_MAX = 5.0
 HOUSEKEEPING_INTERVAL = 0.25
 HEARTBEAT_STALE = 5.0
 
@@ -103,6 +108,8 @@ class Shard:
         self.restarts = 0
         self.last_restart = -math.inf
         self.pid = 0
+        self.spawn_failures = 0  # failed attempts to start this shard's worker, ever
+        self.failing_since = 0.0  # monotonic time the current run of failed attempts began; 0: none
 
 
 class Distributor:
@@ -134,6 +141,7 @@ class Distributor:
         self.started = time.monotonic()
         self.counters = {"tickets_expired": 0, "tickets_released": 0, "worker_restarts": 0, "fast_path": 0}
         self.guards = Guards()  # protective actions of the fronts (distributor/guards.py)
+        self.fd_reserve: FdReserve | None = None  # descriptors kept for worker restarts (fdreserve.py)
         self.segment: Any = None
         self.shm: ShmStats | None = None
         self.servers: list[asyncio.Server] = []
@@ -386,7 +394,33 @@ class Distributor:
 
     def _respawn(self, shard: int) -> None:
         if not self._stopping and self._loop is not None:
-            self._loop.create_task(self._spawn(shard))
+            self._loop.create_task(self._respawn_until_started(shard))
+
+    async def _respawn_until_started(self, shard: int) -> None:
+        """Start the shard's worker, retrying with back-off until it starts (or the service stops).
+
+        A failure (out of descriptors, processes or memory) is logged once per run of failures and
+        counted (`flowshard_worker_spawn_failures_total`); the recovery is logged too."""
+        s = self.shards[shard]
+        delay = SPAWN_RETRY_MIN
+        while not self._stopping:
+            try:
+                await self._spawn(shard)
+            except OSError as exc:
+                s.spawn_failures += 1
+                if not s.failing_since:
+                    s.failing_since = time.monotonic()
+                    log.error("shard %d: cannot start its worker (%s); retrying with back-off", shard, exc)
+                await asyncio.sleep(delay)
+                delay = min(SPAWN_RETRY_MAX, delay * 2)
+                continue
+            if s.failing_since:
+                log.warning(
+                    "shard %d: worker started after %.1f s of failed attempts",
+                    shard, time.monotonic() - s.failing_since,
+                )
+                s.failing_since = 0.0
+            return
 
     # ------------------------------------------------------------------ grants and writes
 
@@ -415,25 +449,43 @@ class Distributor:
     # ------------------------------------------------------------------ lifecycle
 
     async def _spawn(self, shard: int) -> None:
+        """Start the shard's worker. Raises OSError (having left nothing open) if it cannot."""
         import socket
 
         loop = asyncio.get_running_loop()
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        reserve = self.fd_reserve
+        with reserve.use(spare=2) if reserve is not None else contextlib.nullcontext():
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                proc = subprocess.Popen(
+                    [
+                        sys.executable, "-m", "workers", "--shard", str(shard), "--fd", str(theirs.fileno()),
+                        "--shm", self.segment.name,
+                    ],
+                    pass_fds=(theirs.fileno(),),
+                    stdin=subprocess.DEVNULL,
+                )
+            except BaseException:
+                mine.close()
+                raise
+            finally:
+                theirs.close()
         s = self.shards[shard]
-        try:
-            s.proc = subprocess.Popen(
-                [
-                    sys.executable, "-m", "workers", "--shard", str(shard), "--fd", str(theirs.fileno()),
-                    "--shm", self.segment.name,
-                ],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-            )
-        finally:
-            theirs.close()
+        s.proc = proc
         link = WorkerLink(self, shard, self._worker_config)
         s.link = link
-        await loop.create_unix_connection(lambda: link, sock=mine)
+        try:
+            await loop.create_unix_connection(lambda: link, sock=mine)
+        except BaseException:
+            s.link = None
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+            raise
+        finally:
+            mine.close()  # the loop holds its own duplicate
+            if reserve is not None:
+                reserve.refill()
 
     async def start(self) -> None:
         """Create shared memory, start the workers, wait until each says hello, open the listeners."""
@@ -444,6 +496,7 @@ class Distributor:
         self._all_ready = asyncio.Event()
         self._stopped = asyncio.Event()
         segment.remove_stale()
+        self.fd_reserve = FdReserve()
         self.segment = segment.create(self.layout.nbytes)
         self.shm = ShmStats(self.segment.buf, self.layout, init=True)
         for n in range(self.n_shards):
@@ -556,6 +609,8 @@ class Distributor:
                 except subprocess.TimeoutExpired:
                     s.proc.kill()
                     s.proc.wait()
+        if self.fd_reserve is not None:
+            self.fd_reserve.close()
         if self.shm is not None:
             self.shm.close()
             self.shm = None
