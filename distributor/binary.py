@@ -32,6 +32,7 @@ from typing import Any, cast
 
 from distributor.api import Admission
 from distributor.guards import Guards
+from distributor.sockets import reset, unsent
 from flowshard.codec import Admit, Error, FrameError, FrameReader, FrameWriter, FromClient, Released, Result
 from flowshard.types import Outcome
 from flowshard.validate import check_admit
@@ -56,7 +57,7 @@ class BinaryLimits:
     max_frame: int = 65536
     write_high: int = 64 << 10
     max_write_buffer: int = 1 << 20
-    write_timeout: float = 30.0
+    write_timeout: float = 10.0
     frame_timeout: float = 10.0
     close_timeout: float = 2.0
 
@@ -268,15 +269,18 @@ class BinaryConnection(asyncio.Protocol):
         self._close()
 
     def _close(self) -> None:
-        """Close after the last replies; abort if the client has not read them within close_timeout."""
+        """Send the last replies and FIN; if the client has not taken them within close_timeout,
+        reset (a plain close would leave them queued in the kernel for as long as it does not read)."""
         self._flush()
         transport = self._transport
         if transport is None:
             return
-        transport.close()
-        if transport.get_write_buffer_size():
-            self._closing_at = now = self._hub.loop.time()
-            self._arm(now + self._hub.limits.close_timeout)
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._closing_at = now = self._hub.loop.time()
+        self._arm(now + self._hub.limits.close_timeout)
 
     def _arm(self, at: float) -> None:
         timer = self._timer
@@ -296,8 +300,11 @@ class BinaryConnection(asyncio.Protocol):
         due = math.inf
         if self._closing_at:
             if now >= self._closing_at + limits.close_timeout:
-                self._hub.guards.hit("binary", "close_timeout")
-                self._transport.abort()
+                if unsent(self._transport):
+                    self._hub.guards.hit("binary", "close_timeout")
+                    reset(self._transport)
+                else:
+                    self._transport.close()
                 return
             due = self._closing_at + limits.close_timeout
         if not self._open:

@@ -33,6 +33,7 @@ import msgspec
 
 from distributor.api import Admission
 from distributor.guards import Guards
+from distributor.sockets import reset, unsent
 from flowshard.types import Outcome
 from flowshard.validate import AdmitBody, ReleaseBody, admit_field_hint, check_admit
 
@@ -666,20 +667,17 @@ class HttpConnection(asyncio.Protocol):
             self._close()
 
     def _close(self) -> None:
-        """Close after what has been written; if the client does not read it, abort after the linger
-        time rather than wait for it forever."""
-        self._closing = True
-        transport = self._transport
-        transport.close()
-        if transport.get_write_buffer_size():
-            self._lingering = True
-            self._arm(self._loop.time() + self._sh.linger, force=True)
+        """Close after what has been written: FIN now, the socket closed when the client closes its
+        side or after the linger time, reset then if it has not read everything (`_close_now`)."""
+        self._linger(self._sh.linger)
 
     def _close_now(self) -> None:
+        """Close; if the client has not taken what was written (it does not read), reset rather than
+        leave it queued in the kernel for as long as it does not read."""
         transport = self._transport
-        if transport.get_write_buffer_size():
+        if unsent(transport):
             self._sh.guards.hit("http", "close_timeout")
-            transport.abort()
+            reset(transport)
         else:
             transport.close()
 
