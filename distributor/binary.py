@@ -40,6 +40,9 @@ from flowshard.validate import check_admit
 log = logging.getLogger(__name__)
 
 _NOT_YET = -1  # request id of an admission whose `admit` call has not returned yet
+# Frames handled between checks of the replies waiting: bounds what one read can make a client that
+# does not read cost (BATCH replies of at most ~100 bytes) while costing a big read next to nothing.
+BATCH = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +98,8 @@ class BinaryConnection(asyncio.Protocol):
     """
 
     __slots__ = (
-        "_admission", "_closing_at", "_counted", "_flush_scheduled", "_frame_at", "_hub", "_lost", "_max_inflight",
-        "_open", "_out", "_pending", "_reader", "_stalled_at", "_timer", "_transport",
+        "_admission", "_closing_at", "_counted", "_flush_scheduled", "_frame_at", "_hub", "_input_held", "_lost",
+        "_max_inflight", "_open", "_out", "_pending", "_reader", "_stalled_at", "_timer", "_transport",
     )
 
     def __init__(self, hub: _Hub) -> None:
@@ -116,6 +119,7 @@ class BinaryConnection(asyncio.Protocol):
         self._frame_at = 0.0  # loop time the incomplete frame now held began; 0.0: none
         self._stalled_at = 0.0  # loop time replies went over write_high unread; 0.0: they did not
         self._closing_at = 0.0  # loop time a close began that waits for the client to read; 0.0: none
+        self._input_held = False  # complete frames kept unread in the reader while replies wait
 
     # ------------------------------------------------------------ transport callbacks
 
@@ -135,37 +139,73 @@ class BinaryConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self._open:
             return
+        if self._input_held:  # read before the pause took effect: after what is kept, in order
+            self._reader.feed(data, 0)
+            return
+        self._process(data)
+
+    def _process(self, data: bytes = b"") -> None:
+        """Handle the complete frames in `data` and the reader's buffer, BATCH at a time; once the
+        replies waiting pass write_high, keep the rest unread until they have gone out."""
         reader = self._reader
         held = reader.pending
-        try:
-            messages = reader.feed(data)
-        except FrameError as exc:
-            self._hub.guards.hit("binary", "malformed")
-            self._fail(400, str(exc))
-            return
-        if reader.pending and (messages or not held):  # a new frame is incomplete: its clock starts
+        progressed = False
+        write_high = self._hub.limits.write_high
+        while True:
+            try:
+                messages = reader.feed(data, BATCH)
+            except FrameError as exc:
+                self._hub.guards.hit("binary", "malformed")
+                self._fail(400, str(exc))
+                return
+            data = b""
+            for msg in messages:
+                if type(msg) is Admit:
+                    self._admit(msg)
+                else:
+                    ticket = msg.ticket
+                    self._send(Released(ticket, self._admission.release(ticket)))
+            if len(messages) < BATCH or not self._open:
+                break
+            progressed = True
+            if len(self._out) > write_high:
+                self._input_held = True
+                self._reading()
+                return
+        if reader.pending and (messages or progressed or not held):  # a new frame is incomplete: its clock starts
             self._frame_at = self._hub.loop.time()
             if self._timer is None:
                 self._arm(self._frame_at + self._hub.limits.frame_timeout)
-        for msg in messages:
-            if type(msg) is Admit:
-                self._admit(msg)
+
+    def _reading(self) -> None:
+        """Read while neither replies wait beyond write_high nor complete frames are kept unread."""
+        transport = self._transport
+        if self._open and transport is not None and not transport.is_closing():
+            if self._input_held or self._stalled_at:
+                transport.pause_reading()
             else:
-                ticket = msg.ticket
-                self._send(Released(ticket, self._admission.release(ticket)))
+                transport.resume_reading()
+
+    def _resume_input(self) -> None:
+        if self._input_held and self._open and not self._stalled_at:
+            self._input_held = False
+            self._reading()
+            self._process()
 
     def pause_writing(self) -> None:
         """Replies wait beyond `write_high`: stop reading (the client makes no new work while it does
         not read) and start the clock; `_flush` and the timer drop it past the hard limits."""
         if self._open and self._transport is not None:
-            self._transport.pause_reading()
             self._stalled_at = now = self._hub.loop.time()
+            self._reading()
             self._arm(now + self._hub.limits.write_timeout)
 
     def resume_writing(self) -> None:
         self._stalled_at = 0.0
-        if self._open and self._transport is not None:
-            self._transport.resume_reading()
+        if self._input_held:
+            self._resume_input()
+        else:
+            self._reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._open = False
@@ -251,6 +291,8 @@ class BinaryConnection(asyncio.Protocol):
             transport.write(self._out.take())
             if self._open and transport.get_write_buffer_size() > self._hub.limits.max_write_buffer:
                 self._drop(f"{transport.get_write_buffer_size()} bytes of replies unread")
+        if self._input_held and not self._stalled_at:  # the kernel took the replies: go on
+            self._hub.loop.call_soon(self._resume_input)
 
     def _drop(self, why: str) -> None:
         """The client does not read its replies: abort (a graceful close would wait for it to read);
@@ -316,7 +358,7 @@ class BinaryConnection(asyncio.Protocol):
                 self._drop(f"none read for {limits.write_timeout:g} s")
                 return
             due = min(due, self._stalled_at + limits.write_timeout)
-        if self._frame_at and self._reader.pending:
+        if self._frame_at and self._reader.pending and not self._input_held:
             if now >= self._frame_at + limits.frame_timeout:
                 self._hub.guards.hit("binary", "frame_timeout")
                 self._fail(408, f"frame not completed within {limits.frame_timeout:g} s")

@@ -212,8 +212,9 @@ class FrameReader:
         self._buf = bytearray()
         self._max = max_frame
 
-    def feed(self, data: bytes) -> list[Any]:
-        """Every complete message now available. Raises FrameError on a malformed stream."""
+    def feed(self, data: bytes, limit: int = 1 << 62) -> list[Any]:
+        """Every complete message now available, or the first `limit` of them (the rest stay buffered:
+        `feed(b"", limit)` goes on). Raises FrameError on a malformed stream."""
         buf = self._buf
         buf += data
         out: list[Any] = []
@@ -221,7 +222,7 @@ class FrameReader:
         end = len(buf)
         view = memoryview(buf)
         try:
-            while end - pos >= 4:
+            while end - pos >= 4 and len(out) < limit:
                 (n,) = _LEN.unpack_from(buf, pos)
                 if n > self._max:
                     raise FrameError(f"frame of {n} bytes exceeds the {self._max}-byte limit")
