@@ -560,10 +560,22 @@ class HttpConnection(asyncio.Protocol):
         else:
             self._respond(_error(404, f"ticket {r.ticket} is unknown or already released", conn), close)
 
+    def _not_reading(self) -> bool:
+        """An expensive answer (stats, metrics) for a client that has not read write_high bytes of
+        earlier answers: drop it instead of rendering (pipelined scrapes must not stall the loop)."""
+        if self._out_bytes + self._transport.get_write_buffer_size() > self._limits.write_high:
+            self._drop()
+            return True
+        return False
+
     def _h_stats(self, body: bytes, conn: bytes, close: int, head: bool) -> None:
+        if self._not_reading():
+            return
         self._respond(_render(_H200, _encode(self._admission.stats()), conn, no_body=head), close)
 
     def _h_metrics(self, body: bytes, conn: bytes, close: int, head: bool) -> None:
+        if self._not_reading():
+            return
         payload, ctype = self._admission.metrics()
         status = b"HTTP/1.1 200 OK\r\ncontent-type: %b\r\n" % ctype.encode("latin-1")
         self._respond(_render(status, payload, conn, no_body=head), close)
