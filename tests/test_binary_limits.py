@@ -83,7 +83,7 @@ async def test_an_incomplete_frame_times_out_with_408_and_close() -> None:
         [err] = await raw.recv_until_eof()
         took = asyncio.get_running_loop().time() - t0
         assert type(err) is Error and (err.id, err.status) == (-1, 408), err
-        assert 0.15 <= took < 1.0
+        assert 0.15 <= took < 2.0  # generous: a loaded 2-core machine
         await until(lambda: bool(fake.release_alls))
         assert fake.cancels == [1]
         assert guards[("binary", "frame_timeout")] == 1
@@ -124,7 +124,7 @@ async def test_a_client_that_does_not_read_stops_being_read_then_is_dropped() ->
         sent = 0
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        while not fake.release_alls and loop.time() - t0 < 1.5:
+        while not fake.release_alls and loop.time() - t0 < 2.5:
             if raw.writer.transport.get_write_buffer_size() < (1 << 20):
                 raw.writer.write(data)
                 sent += len(data)
@@ -132,7 +132,7 @@ async def test_a_client_that_does_not_read_stops_being_read_then_is_dropped() ->
             await asyncio.sleep(0.005)
         dropped_after = loop.time() - t0
         assert fake.release_alls == [conn], "dropped after write_timeout"
-        assert dropped_after < 1.2
+        assert dropped_after < 2.5
         assert sent > 1 << 20  # it kept sending: its input was no longer read
         # Bounded by the high-water mark plus the replies of one batch of frames (~12 KB of Released).
         assert peak < limits.write_high + 32_000, peak
@@ -171,7 +171,7 @@ async def test_a_connection_condemned_by_a_protocol_error_is_gone_within_close_t
         t0 = asyncio.get_running_loop().time()
         await until(lambda: bool(fake.release_alls))
         took = asyncio.get_running_loop().time() - t0
-        assert took < 1.0
+        assert took < 2.0
         assert guards[("binary", "malformed")] == 1
         assert guards[("binary", "close_timeout")] == 1
         raw.writer.transport.abort()
