@@ -257,15 +257,19 @@ class Distributor:
         assert shm is not None
         now = time.monotonic()
         slot = self.slots.slot(p.flow, now)
-        self._rr += 1
-        shard = shm.jsq_pick(slot, self._rr)
-        if not self.shards[shard].ready:
-            live = [s.index for s in self.shards if s.ready]
-            if not live:
-                self._finish(p, Outcome.EVICTED_SHARD_FAILURE, 0.0)
-                return
-            queued = shm.queued_bytes(slot)
-            shard = min(live, key=lambda n: int(queued[n]))
+        # Flow affinity keeps a backlogged flow on one shard (its order is that shard's to keep); the
+        # shard is live: a dead shard's requests are all ended, so no flow is left pointing at it.
+        shard = self.ledger.affine_shard(p)
+        if shard < 0:  # the flow starts afresh: JSQ-Bytes over the shared-memory counters
+            self._rr += 1
+            shard = shm.jsq_pick(slot, self._rr)
+            if not self.shards[shard].ready:
+                live = [s.index for s in self.shards if s.ready]
+                if not live:
+                    self._finish(p, Outcome.EVICTED_SHARD_FAILURE, 0.0)
+                    return
+                queued = shm.queued_bytes(slot)
+                shard = min(live, key=lambda n: int(queued[n]))
         p.slot = slot
         self.ledger.enqueue(p, shard)
         shm.add_enq(slot, shard, p.band, p.size)

@@ -60,11 +60,14 @@ class Pending(msgspec.Struct, gc=False):
 
 
 class FlowUsage:
-    __slots__ = ("queued_bytes", "queued_items")
+    """What one flow of a band holds: its queued (or in-transit) requests, and the shard they are on."""
+
+    __slots__ = ("queued_bytes", "queued_items", "shard")
 
     def __init__(self) -> None:
         self.queued_bytes = 0
         self.queued_items = 0
+        self.shard = -1  # while it holds anything, every request of the flow is on this shard
 
 
 class LedgerBand:
@@ -224,6 +227,16 @@ class Ledger:
         p.state = PendingState.DONE
         self.budget.acquire(p.size)
 
+    def affine_shard(self, p: Pending) -> int:
+        """The shard `p` must go to so its flow is served in order, or -1 if any shard will do.
+
+        Flow affinity: while a flow holds anything queued or in transit, all of it is on one shard,
+        whose own ordering policy then orders the whole flow exactly (DESIGN §4.7). A flow with
+        nothing left anywhere (every earlier request has its outcome) may start afresh on any shard.
+        """
+        flow = self.bands[p.band].flows.get(p.flow)
+        return flow.shard if flow is not None else -1
+
     def enqueue(self, p: Pending, shard: int) -> None:
         """`p` is being sent to `shard`; from now on it counts as queued there."""
         p.shard = shard
@@ -232,6 +245,7 @@ class Ledger:
         flow = band.flows.get(p.flow)
         if flow is None:
             flow = band.flows[p.flow] = FlowUsage()
+            flow.shard = shard  # the shell routes the flow's next requests here (affine_shard)
         flow.queued_items += 1
         flow.queued_bytes += p.size
         band.order[p.id] = p

@@ -197,6 +197,7 @@ class Model:
         self.dispatches: list[DispatchRecord] = []
         self.violations: list[str] = []  # invariant 3 (strict priority) broken at a dispatch
         self.ceiling_violations: list[str] = []  # a band dispatched at or above its ceiling
+        self.overtakes: list[str] = []  # invariant 7: a dispatch ahead of an earlier request of its flow
         self.fast_paths = 0
         self.displacements = 0
         self.cancels_sent = 0
@@ -358,7 +359,9 @@ class Model:
 
     def _route(self, p: Pending) -> None:
         priority, ttl, pinned = p.payload
-        shard = self.jsq_pick(p.flow) if pinned is None else pinned
+        shard = self.ledger.affine_shard(p)  # as service._route: a backlogged flow stays on its shard
+        if shard < 0:
+            shard = self.jsq_pick(p.flow) if pinned is None else pinned
         if not self.shards[shard].ready:
             live = [s.index for s in self.shards if s.ready]
             if not live:
@@ -509,6 +512,7 @@ class Model:
             if item is not None:
                 rec.served = item.id
                 self._on_shard_dispatch(n, item.id, item.band, rec)
+                self._check_order(n, item)
             self._drain_engine(n)
             if item is None:
                 self._log(f"shard {n} hands grant {rec.seq} back (need {engine.blocked_size})")
@@ -558,6 +562,32 @@ class Model:
                 f"shard {n} dispatched #{rid} of band {band} on grant {rec.seq} planned at step {rec.step} "
                 f"while {rec.why}"
             )
+
+    def _check_order(self, n: int, item: Any) -> None:
+        """Invariant 7: a dispatch must not overtake a request of its own flow (same band) queued on any
+        shard or in transit to one: under `fcfs` an earlier arrival (lower id), under `edf` /
+        `slo-deadline` a smaller (deadline key, id) as the engines computed it. A request that was
+        parked for displacement is exempt: it re-enters the queue when its victims have left, after
+        later arrivals (the same at one shard)."""
+        req = self.reqs[item.id]
+        fcfs = self.config.bands[item.band].ordering == "fcfs"
+        mine = (item.key, item.id)
+        earlier: list[int] = []
+        for shard in self.shards:
+            if not shard.alive:
+                continue
+            fq = shard.engine.bands[item.band].flows.get(req.flow)
+            for other in fq.queue.items() if fq is not None else ():
+                if (other.id < item.id) if fcfs else ((other.key, other.id) < mine):
+                    earlier.append(other.id)
+            if fcfs:
+                earlier += [m.id for m, _ in shard.inbox if type(m) is Enqueue and m.id < item.id
+                            and self.reqs[m.id].flow == req.flow and self.reqs[m.id].band == item.band]
+        earlier = [i for i in earlier if not self.reqs[i].victims]
+        if earlier:
+            self.overtakes.append(f"shard {n} dispatched #{item.id} (flow {req.flow}, band {item.band}) ahead of "
+                                  f"{sorted(earlier)} of its flow")
+            self._log(f"ORDER: {self.overtakes[-1]}")
 
     # ================================================================== crashes
 

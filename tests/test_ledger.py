@@ -578,7 +578,7 @@ def test_victim_dispatched_before_its_cancel_arrives_still_frees_the_newcomer():
     m = Model(config(THREE, max_queued_requests=2, max_inflight_requests=2, fast_path=False), 2)
     fill_budget(m, 1)
     victim = m.admit("l", 0, 10, shard=0)  # granted at once: Enqueue, Grant in shard 0's inbox
-    other = m.admit("l", 0, 10, shard=1)
+    other = m.admit("l2", 0, 10, shard=1)  # another flow: one flow is never on two shards at once
     hi = m.admit("h", 2, 10)
     assert m.reqs[hi].victims == [other]
     hi2 = m.admit("h", 2, 10)
@@ -639,23 +639,31 @@ def test_random_crashes_keep_outcomes_and_counters_exact(cfg, seed, steps):
 # =========================================================================== grants and routing
 
 
-def test_jsq_bytes_spreads_one_flow_evenly_over_four_shards():
+def test_a_backlogged_flow_stays_on_one_shard_and_new_flows_spread_by_jsq_bytes():
+    """Flow affinity (DESIGN §4.7): while a flow holds anything queued or in transit, every new
+    request of it goes to the same shard; JSQ-Bytes places a flow only when it starts afresh, so
+    flows (not one flow's requests) spread over the shards."""
     m = Model(config(max_inflight_requests=1, fast_path=False, max_queued_requests=None, max_queued_bytes=None), 4)
     fill_budget(m, 1)
     sizes = [(i * 37) % 50 + 1 for i in range(80)]
-    for size in sizes:
-        m.admit("a", 0, size)
+    for i, size in enumerate(sizes):
+        m.admit(f"f{i % 8}", 0, size)
     m.settle()
-    per_shard = m.ledger.bands[0].shard_bytes
-    assert sum(per_shard) == sum(sizes)
-    assert max(per_shard) - min(per_shard) <= max(sizes), per_shard
+    shards_of = {f: {r.shard for r in m.reqs.values() if r.flow == f and r.routed} for f in (f"f{i}" for i in range(8))}
+    assert all(len(s) == 1 for s in shards_of.values()), shards_of
+    per_shard = [sum(1 for s in shards_of.values() if n in s) for n in range(4)]
+    assert per_shard == [2, 2, 2, 2], per_shard  # 8 new flows over 4 empty shards: two each
+    m.drain()
+    m.check_empty()
+    assert m.admit("f0", 0, 5) and m.reqs[max(m.reqs)].shard in range(4)  # an idle flow may start anywhere
 
 
 def test_grants_spread_over_shards_in_proportion_to_queued_bytes():
     cfg = config(max_inflight_requests=None)
     ledger = Ledger(cfg, 2)
     for i in range(30):
-        ledger.enqueue(Pending(i + 1, "a", 0, 30 if i < 10 else 10), 0 if i < 10 else 1)  # 300 B vs 200 B
+        first = i < 10  # flow a: 10 x 30 B on shard 0; flow b: 20 x 10 B on shard 1
+        ledger.enqueue(Pending(i + 1, "a" if first else "b", 0, 30 if first else 10), 0 if first else 1)
     grants = ledger.plan_grants()
     assert len(grants) == 30  # unlimited budget: every queued request gets a grant
     first = [g[0] for g in grants[:10]]
@@ -711,3 +719,44 @@ def test_model_detects_a_ledger_that_miscounts():
     m.admit("a", 0, 10)
     with pytest.raises(ModelError, match="ledger queued_bytes"):
         m.settle()
+
+
+# =========================================================================== invariant 7: ordering
+
+
+class NoAffinityLedger(Ledger):
+    """The routing before flow affinity (negative control): every request placed by JSQ-Bytes alone."""
+
+    def affine_shard(self, p: Pending) -> int:
+        return -1
+
+
+def ordering_model(cfg: Config, shards: int, seed: int, ledger_factory=Ledger) -> Model:
+    return Model(cfg, shards, seed=seed, ledger_factory=ledger_factory, flows="ab", sizes=(1, 40),
+                 ttls=(0.0, 1.0, 3.0, 8.0), weights={"cancel": 1, "admit": 30})
+
+
+@MODEL_SETTINGS
+@given(cfg=configs(), shards=st.sampled_from([1, 2, 4, 8]), seed=st.integers(0, 2**32 - 1),
+       steps=st.integers(50, 300))
+def test_a_flow_is_dispatched_in_order_at_every_shard_count(cfg, shards, seed, steps):
+    """Invariant 7: under fcfs a flow's requests leave in arrival order, under edf by their deadline
+    keys, at every shard count, through cancels, TTLs and displacement (the model's oracle looks at
+    every queue and every message in transit at each dispatch)."""
+    m = ordering_model(cfg, shards, seed).run(steps)
+    m.drain()
+    assert m.overtakes == [], m.overtakes[:3]
+
+
+def test_ordering_oracle_negative_control():
+    """Without flow affinity one flow is spread over the shards and its requests overtake each other:
+    the same oracle must see it (else the test above proves nothing)."""
+    cfg = config([{"priority": 0, "fairness": "round-robin", "ordering": "fcfs"}], max_inflight_requests=2,
+                 fast_path=False)
+    seen = 0
+    for seed in range(5):
+        m = ordering_model(cfg, 4, seed, NoAffinityLedger).run(300)
+        m.drain()
+        seen += len(m.overtakes)
+        assert ordering_model(cfg, 4, seed).run(300).overtakes == []
+    assert seen > 0

@@ -106,7 +106,7 @@ def test_worker_sigkill_under_load_evicts_its_requests_and_restarts(launch: Any)
         hold = await c.admit("hold")
         assert hold.outcome is D
         futs = [c.admit(f"f{i % 4}", size=100) for i in range(20)]
-        http_futs = [asyncio.ensure_future(admit_http(port, "h", bytes=10, timeout=10)) for _ in range(2)]
+        http_futs = [asyncio.ensure_future(admit_http(port, f"h{i}", bytes=10, timeout=10)) for i in range(2)]
         s = await _queued(svc, 22)
         per_shard = shard_queued(s)
         assert all(per_shard), per_shard
@@ -130,7 +130,7 @@ def test_worker_sigkill_under_load_evicts_its_requests_and_restarts(launch: Any)
         http_done = [t.result() for t in http_futs if t.done()]
         assert len(done) + len(http_done) == n0
         assert all(r.outcome is Outcome.EVICTED_SHARD_FAILURE for r in done), done
-        assert len(http_done) == 1, http_done  # one "h" request per shard (JSQ-Bytes)
+        assert len(http_done) == 1, http_done  # two new flows: one on each shard (JSQ-Bytes)
         assert http_done[0].status == 503, http_done
         assert (http_done[0].json()["outcome"], http_done[0].json()["reason"]) == ("evicted", "shard_failure")
 
@@ -179,7 +179,7 @@ def test_worker_sigkill_under_load_evicts_its_requests_and_restarts(launch: Any)
         assert all(await asyncio.gather(*releases))
         # new admissions go to both shards, the restarted one included, and dispatch
         hold2 = await c.admit("hold")
-        more = [c.admit("after", size=50) for _ in range(8)]
+        more = [c.admit(f"after{i % 2}", size=50) for i in range(8)]  # two new flows: one per shard
         s = await _queued(svc, 8)
         assert all(shard_queued(s)), shard_queued(s)
         for f in more:
