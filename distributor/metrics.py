@@ -436,6 +436,8 @@ def stats_snapshot(distributor: Distributor, top_flows: int = TOP_FLOWS) -> dict
                 "dispatched": dispatched[si],
                 "grants_outstanding": ledger.outstanding_grants(si),
                 "heartbeat_age_seconds": v.heartbeat_age[si],
+                "frames_to": s.frames_to,  # frames sent to this shard, and received from it (bench.hops)
+                "frames_from": s.frames_from,
             }
         )
     return {

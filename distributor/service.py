@@ -110,6 +110,8 @@ class Shard:
         self.pid = 0
         self.spawn_failures = 0  # failed attempts to start this shard's worker, ever
         self.failing_since = 0.0  # monotonic time the current run of failed attempts began; 0: none
+        self.frames_to = 0  # frames sent to and received from this shard, for `bench.hops`
+        self.frames_from = 0
 
 
 class Distributor:
@@ -318,6 +320,7 @@ class Distributor:
     # ------------------------------------------------------------------ shard frames
 
     def on_worker_frames(self, shard: int, messages: list[Any]) -> None:
+        self.shards[shard].frames_from += len(messages)
         ledger = self.ledger
         pending = self.pending
         for msg in messages:
@@ -439,7 +442,9 @@ class Distributor:
             self._send(shard, Grant(band, max_bytes, saturation))
 
     def _send(self, shard: int, message: Any) -> None:
-        self.shards[shard].writer.add(message)
+        s = self.shards[shard]
+        s.writer.add(message)
+        s.frames_to += 1
         if not self._flush_scheduled and self._loop is not None:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
