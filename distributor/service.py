@@ -170,7 +170,8 @@ class Distributor:
         request_id = self._next_id
         self._next_id = request_id + 1
         band = self.ledger.band_index(priority)
-        p = Pending(request_id, flow, band, size, owner=(waiter, cid, leased), received=time.monotonic())
+        p = Pending(request_id, flow, band, size, owner=(waiter, cid, leased), received=time.monotonic(),
+                    tokens=tokens, weight=weight)
         p.payload = (priority, ttl, slo, tokens, weight)
         self.pending[request_id] = p
         if self._accepting:
@@ -332,7 +333,7 @@ class Distributor:
                 outcome = Outcome(msg.outcome)
                 covered = False
                 if outcome == _DISPATCHED:
-                    band, live = ledger.grant_answered(shard, p.size)
+                    band, live = ledger.grant_answered(shard, p.size, dispatched=p)
                     covered = live and band == p.band
                 newcomer = ledger.leave(p, covered=covered)
                 self._finish(p, outcome, msg.wait, counted_by_shard=True)

@@ -31,6 +31,10 @@ from flowshard.capacity import NOTHING_HELD, shortfall
 from flowshard.config import Config, limit
 
 _INF = math.inf
+_TURNS, _BYTES, _TOKENS, _ARRIVALS = range(4)
+# The unit in which each fairness policy shares a band between flows (global-fcfs: none, it serves
+# arrivals in order, so shards are granted in proportion to what they hold).
+_COST_KIND = {"round-robin": _TURNS, "drr": _BYTES, "vtc": _TOKENS, "global-fcfs": _ARRIVALS}
 
 
 class PendingState(enum.IntEnum):
@@ -57,17 +61,20 @@ class Pending(msgspec.Struct, gc=False):
     victims_left: int = 0
     reserved_bytes: int = 0  # global room held for this parked newcomer (see Ledger.mark_victims)
     reserved_items: int = 0
+    tokens: int = 0  # declared tokens (0: none): a vtc band's cost, as in the engine
+    weight: float = 0.0  # the request's own weight (0: the flow's configured weight), as in the engine
 
 
 class FlowUsage:
     """What one flow of a band holds: its queued (or in-transit) requests, and the shard they are on."""
 
-    __slots__ = ("queued_bytes", "queued_items", "shard")
+    __slots__ = ("queued_bytes", "queued_items", "shard", "weight")
 
-    def __init__(self) -> None:
+    def __init__(self, weight: float = 1.0) -> None:
         self.queued_bytes = 0
         self.queued_items = 0
         self.shard = -1  # while it holds anything, every request of the flow is on this shard
+        self.weight = weight  # its share under drr/vtc (round-robin: 1), as the shard's engine has it
 
 
 class LedgerBand:
@@ -75,6 +82,7 @@ class LedgerBand:
 
     __slots__ = (
         "ceiling",
+        "cost_kind",
         "displacement",
         "flow_held",
         "flow_max_bytes",
@@ -89,9 +97,12 @@ class LedgerBand:
         "queued_bytes",
         "queued_items",
         "shard_bytes",
+        "shard_cost",
         "shard_granted",
         "shard_items",
         "shard_stale",
+        "shard_vtime",
+        "shard_weight",
     )
 
     def __init__(self, index: int, config: Config, shards: int) -> None:
@@ -114,6 +125,21 @@ class LedgerBand:
         self.shard_granted = [0] * shards
         self.shard_stale = [0] * shards  # the oldest grants outstanding here that no queued request may need
         self.granted = 0
+        # Fair shares across shards (see Ledger._pick_shard): what each shard's queued requests cost in
+        # the band's fairness unit, the weight of the flows it holds, and its virtual time.
+        self.cost_kind = _COST_KIND[bc.fairness]
+        self.shard_cost = [0] * shards
+        self.shard_weight = [0.0] * shards
+        self.shard_vtime = [0.0] * shards
+
+    def cost(self, p: Pending) -> int:
+        """What dispatching `p` costs its flow under this band's fairness: turns, bytes or tokens."""
+        kind = self.cost_kind
+        if kind == _TURNS:
+            return 1
+        if kind == _TOKENS and p.tokens:
+            return p.tokens
+        return max(p.size, 1)
 
     def grantable(self) -> bool:
         """Some shard holds more of this band's requests than live grants (per shard, not in total)."""
@@ -140,7 +166,8 @@ class Ledger:
         self.budget = Budget(limit(config.budget.max_inflight_requests), limit(config.budget.max_inflight_bytes))
         self.grants_out = 0
         self.grants_bytes = 0
-        self._grants: list[deque[tuple[int, int]]] = [deque() for _ in range(shards)]
+        self._grants: list[deque[tuple[int, int, float]]] = [deque() for _ in range(shards)]
+        self._weights = config.weights
         self._need: dict[tuple[int, int], int] = {}
 
     def band_index(self, priority: int) -> int:
@@ -244,8 +271,15 @@ class Ledger:
         band = self.bands[p.band]
         flow = band.flows.get(p.flow)
         if flow is None:
-            flow = band.flows[p.flow] = FlowUsage()
+            flow = band.flows[p.flow] = FlowUsage(1.0 if band.cost_kind == _TURNS else self._weights.get(p.flow, 1.0))
             flow.shard = shard  # the shell routes the flow's next requests here (affine_shard)
+            if not band.shard_weight[shard]:
+                self._lift(band, shard)
+            band.shard_weight[shard] += flow.weight
+        if p.weight > 0 and band.cost_kind != _TURNS and p.weight != flow.weight:
+            band.shard_weight[shard] += p.weight - flow.weight  # the latest request's weight is the flow's
+            flow.weight = p.weight
+        band.shard_cost[shard] += band.cost(p)
         flow.queued_items += 1
         flow.queued_bytes += p.size
         band.order[p.id] = p
@@ -271,8 +305,12 @@ class Ledger:
         flow = band.flows[p.flow]
         flow.queued_items -= 1
         flow.queued_bytes -= p.size
+        band.shard_cost[p.shard] -= band.cost(p)
         if not flow.queued_items:
             del band.flows[p.flow]
+            band.shard_weight[p.shard] -= flow.weight
+            if band.shard_weight[p.shard] < 1e-9:  # no flow left there (and no float dust)
+                band.shard_weight[p.shard] = 0.0
         del band.order[p.id]
         band.queued_items -= 1
         band.queued_bytes -= p.size
@@ -326,37 +364,73 @@ class Ledger:
                     reserve = int(min(room, 2 * hint))
                 else:
                     return out  # the head likely does not fit: wait for releases (strict priority)
+            charge = 0.0
+            if band.cost_kind != _ARRIVALS:  # the typical cost of a request there, per unit of weight
+                charge = band.shard_cost[shard] / band.shard_items[shard] / (band.shard_weight[shard] or 1.0)
+                band.shard_vtime[shard] += charge
             band.granted += 1
             band.shard_granted[shard] += 1
             self.grants_out += 1
             self.grants_bytes += max(reserve, 0)
-            self._grants[shard].append((band.index, reserve))
+            self._grants[shard].append((band.index, reserve, charge))
             out.append((shard, band.index, reserve, saturation))
 
     @staticmethod
     def _pick_shard(band: LedgerBand) -> int:
-        best, best_score = -1, -1.0
+        """The shard the band's next grant goes to, among those holding more requests than live grants.
+
+        With flow affinity each flow is on one shard, whose policy shares that shard's grants among
+        its flows by weight; so the shards must share the band's grants by the weight of the flows
+        they hold. Each shard has a virtual time that a grant advances by the typical cost of a
+        request there (turns, bytes or tokens, as the band's fairness counts) divided by the weight
+        of its flows; the shard with the smallest virtual time goes next (weighted fair queueing over
+        shards; `grant_answered` replaces the typical cost by the real one). global-fcfs shares by
+        nothing but arrival, so it grants in proportion to the bytes each shard holds.
+        """
+        best, best_time, best_score = -1, _INF, -1.0
+        by_time = band.cost_kind != _ARRIVALS
+        vtime = band.shard_vtime
         for n, items in enumerate(band.shard_items):
             granted = band.shard_granted[n] - band.shard_stale[n]
             if items > granted:
-                score = band.shard_bytes[n] / (granted + 1) + 1e-9 * (items - granted)
-                if score > best_score:
-                    best, best_score = n, score
+                t = vtime[n] if by_time else 0.0
+                if t > best_time:
+                    continue
+                score = band.shard_bytes[n] / (granted + 1) + 1e-9 * (items - granted)  # ties: by bytes held
+                if t < best_time or score > best_score:
+                    best, best_time, best_score = n, t, score
         return best
+
+    @staticmethod
+    def _lift(band: LedgerBand, shard: int) -> None:
+        """A shard that held none of the band's flows gets one: it starts at the smallest virtual time
+        of the shards that hold some (as VTC lifts a flow that becomes backlogged), so time it spent
+        idle is not banked as credit, nor held against it."""
+        others = [v for n, v in enumerate(band.shard_vtime) if n != shard and band.shard_weight[n]]
+        band.shard_vtime[shard] = min(others) if others else 0.0
 
     @staticmethod
     def _typical_size(band: LedgerBand, shard: int) -> int:
         items = band.shard_items[shard]
         return math.ceil(band.shard_bytes[shard] / items) if items else 0
 
-    def grant_answered(self, shard: int, dispatched_size: int | None, need: int = 0) -> tuple[int, bool]:
+    def grant_answered(
+        self, shard: int, dispatched_size: int | None, need: int = 0, *, dispatched: Pending | None = None
+    ) -> tuple[int, bool]:
         """The shard answered its oldest grant: a dispatch of `dispatched_size` bytes, or a hand-back.
 
         Returns (the grant's band, whether the grant was live). Grants are answered in order, so
-        the stale ones of a band on a shard are the first to come back.
+        the stale ones of a band on a shard are the first to come back. `dispatched`, the request it
+        served (when known), puts its real cost in the shard's virtual time instead of the typical one.
         """
-        band_index, reserve = self._grants[shard].popleft()
+        band_index, reserve, charge = self._grants[shard].popleft()
         band = self.bands[band_index]
+        if charge:
+            weight = band.shard_weight[shard]
+            real = charge
+            if dispatched is not None and dispatched.band == band_index and weight:
+                real = band.cost(dispatched) / weight
+            band.shard_vtime[shard] += (real if dispatched_size is not None else 0.0) - charge
         live = band.shard_stale[shard] == 0
         if not live:
             band.shard_stale[shard] -= 1
@@ -377,7 +451,7 @@ class Ledger:
 
     def shard_failed(self, shard: int) -> list[Pending]:
         """Forget a dead shard's grants; return the requests it held (to end as shard failures)."""
-        for band_index, reserve in self._grants[shard]:
+        for band_index, reserve, _ in self._grants[shard]:
             band = self.bands[band_index]
             band.granted -= 1
             band.shard_granted[shard] -= 1

@@ -433,7 +433,7 @@ class Model:
             outcome = Outcome(msg.outcome)
             covered = False
             if outcome == DISPATCHED:
-                band, live = ledger.grant_answered(n, p.size)
+                band, live = ledger.grant_answered(n, p.size, dispatched=p)
                 covered = live and band == p.band
                 rec = self.dist_grants[n].popleft()
                 if rec.served != p.id:
