@@ -13,6 +13,8 @@ fail against the current ledger / engine; each names the cause and the proposed 
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from conftest import FAIRNESS_NAMES, ORDERING_NAMES, make_config
 from hypothesis import HealthCheck, Phase, given, settings
@@ -760,3 +762,69 @@ def test_ordering_oracle_negative_control():
         seen += len(m.overtakes)
         assert ordering_model(cfg, 4, seed).run(300).overtakes == []
     assert seen > 0
+
+
+# =========================================================================== fairness across shards
+
+
+class BytesProportionalLedger(Ledger):
+    """Grants spread over shards in proportion to the bytes they hold (before fair shares): negative control."""
+
+    @staticmethod
+    def _pick_shard(band):
+        best, best_score = -1, -1.0
+        for n, items in enumerate(band.shard_items):
+            granted = band.shard_granted[n] - band.shard_stale[n]
+            if items > granted:
+                score = band.shard_bytes[n] / (granted + 1)
+                if score > best_score:
+                    best, best_score = n, score
+        return best
+
+
+def backlogged_service_difference(fairness: str, shards: int, *, weights: dict[str, float] | None = None,
+                                  ledger_factory=Ledger, rounds: int = 150, seed: int = 1) -> float:
+    """Every flow kept backlogged (one flooding: 30 queued, the rest 3 each), budget 4, tickets released
+    as soon as dispatched; the largest gap in weighted service (the band's unit) between two flows at
+    any dispatch. The same oracle at every shard count: the flows never stop being backlogged."""
+    weights = weights or {}
+    cfg = config([{"priority": 0, "fairness": fairness, "quantum": 64}], max_inflight_requests=4,
+                 fast_path=False, max_queued_requests=None, max_queued_bytes=None, weights=weights)
+    m = Model(cfg, shards, seed=seed, ledger_factory=ledger_factory)
+    rng = random.Random(seed)
+    backlog = {"a": 30, "b": 3, "c": 3, "d": 3, "e": 3}
+    unit = {"round-robin": lambda r: 1, "drr": lambda r: r.size, "vtc": lambda r: r.size}[fairness]
+    served = dict.fromkeys(backlog, 0.0)
+    worst, seen = 0.0, 0
+    for _ in range(rounds):
+        for f, depth in backlog.items():
+            while sum(1 for r in m.reqs.values() if r.flow == f and r.outcome is None) < depth:
+                m.admit(f, 0, rng.randint(1, 60))
+        m.settle()
+        for rec in m.dispatches[seen:]:
+            r = m.reqs[rec.id]
+            served[r.flow] += unit(r) / weights.get(r.flow, 1.0)
+            worst = max(worst, max(served.values()) - min(served.values()))
+        seen = len(m.dispatches)
+        for t in list(m.tickets):
+            m.release(t)
+    return worst
+
+
+@pytest.mark.parametrize("fairness", ["round-robin", "drr", "vtc"])
+def test_fairness_across_shards_within_one_and_a_half_of_one_shard(fairness):
+    """Goal 4 of issue 12 in the model: a band's service difference between backlogged flows at 2, 4
+    and 8 shards stays within 1.5x of one shard (plus one request's worth), however unequal their
+    backlogs; byte-proportional grants (negative control) let the flooding flow's shard run away."""
+    one = backlogged_service_difference(fairness, 1)
+    slack = {"round-robin": 1, "drr": 60, "vtc": 60}[fairness]
+    for shards in (2, 4, 8):
+        assert backlogged_service_difference(fairness, shards) <= 1.5 * one + 2 * slack, (fairness, shards, one)
+    assert backlogged_service_difference(fairness, 4, ledger_factory=BytesProportionalLedger) > 3 * one + 2 * slack
+
+
+def test_weighted_fairness_across_shards():
+    weights = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 1.0, "e": 4.0}
+    one = backlogged_service_difference("drr", 1, weights=weights)
+    for shards in (2, 4):
+        assert backlogged_service_difference("drr", shards, weights=weights) <= 1.5 * one + 120, (shards, one)
