@@ -11,11 +11,12 @@ written once per loop pass.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import logging
 import math
-import secrets
+import os
 import signal
 import subprocess
 import sys
@@ -71,6 +72,7 @@ class Ticket(msgspec.Struct, gc=False):
 # Tickets are capabilities: random, so a client can release only a ticket it was given (on any of its
 # connections: clients pool them), never another client's by guessing. 53 bits: exact as a JSON number.
 TICKET_BITS = 53
+_TICKET_MASK = (1 << TICKET_BITS) - 1
 
 
 class WorkerLink(asyncio.Protocol):
@@ -133,9 +135,10 @@ class Distributor:
         self._owned: dict[Any, set[int]] = {}  # waiter -> its tickets, so a closing connection frees them fast
         self._leases: OrderedDict[int, float] = OrderedDict()  # leased ticket -> deadline, in deadline order
         self._next_id = 1
+        self._random = array.array("Q")  # pooled random words for tickets (from the OS's CSPRNG)
         self._rr = 0
-        self._flush_scheduled = False
-        self._plan_scheduled = False
+        self._pass_scheduled = False
+        self._plan_needed = False
         self._accepting = False
         self._stopping = False
         self._started = False
@@ -210,7 +213,9 @@ class Distributor:
     def _new_ticket(self) -> int:
         tickets = self.tickets
         while True:
-            ticket = secrets.randbits(TICKET_BITS)
+            if not self._random:  # one getrandom() per 512 tickets, not one each (measured: docs/architecture.md)
+                self._random = array.array("Q", os.urandom(8 * 512))
+            ticket = self._random.pop() & _TICKET_MASK
             if ticket and ticket not in tickets:
                 return ticket
 
@@ -432,26 +437,50 @@ class Distributor:
 
     # ------------------------------------------------------------------ grants and writes
 
+    # One callback at the end of each event-loop pass plans the grants and then writes each shard's
+    # frames: a shard gets its enqueues and the grants for them in one write (and one wake-up).
+
     def _schedule_plan(self) -> None:
-        if not self._plan_scheduled and self._loop is not None:
-            self._plan_scheduled = True
-            self._loop.call_soon(self._plan)
+        self._plan_needed = True
+        self._schedule_pass()
+
+    def _schedule_pass(self) -> None:
+        if not self._pass_scheduled and self._loop is not None:
+            self._pass_scheduled = True
+            self._loop.call_soon(self._end_pass)
+
+    def _end_pass(self) -> None:
+        if self._plan_needed:
+            self._plan_needed = False
+            self._plan()
+        self._pass_scheduled = False
+        self._flush()
 
     def _plan(self) -> None:
-        self._plan_scheduled = False
+        """Send the grants the ledger plans. A shard's consecutive grants for the same band and byte cap
+        go as one block (one frame, answered grant by grant, in the order the ledger expects). The
+        block carries the highest saturation of its grants: the band the ledger chose for each of
+        them is below its ceiling even there."""
+        blocks: dict[int, list[Any]] = {}  # shard -> its open block: [band, max_bytes, saturation, count]
         for shard, band, max_bytes, saturation in self.ledger.plan_grants():
-            self._send(shard, Grant(band, max_bytes, saturation))
+            block = blocks.get(shard)
+            if block is not None and block[0] == band and block[1] == max_bytes:
+                block[2] = saturation
+                block[3] += 1
+                continue
+            if block is not None:
+                self._send(shard, Grant(*block))
+            blocks[shard] = [band, max_bytes, saturation, 1]
+        for shard, block in blocks.items():
+            self._send(shard, Grant(*block))
 
     def _send(self, shard: int, message: Any) -> None:
         s = self.shards[shard]
         s.writer.add(message)
         s.frames_to += 1
-        if not self._flush_scheduled and self._loop is not None:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        self._schedule_pass()
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
         for s in self.shards:
             if s.writer and s.link is not None and s.link.transport is not None:
                 s.link.transport.write(s.writer.take())
@@ -648,7 +677,7 @@ async def serve(config: Config, shards: int) -> None:
         http, binary = service.addresses["http"], service.addresses["binary"]
         sys.stderr.write(
             f"flowshard ready: http=http://{http[0]}:{http[1]} binary={binary[0]}:{binary[1]} "
-            f"shards={shards} pid={__import__('os').getpid()}\n"
+            f"shards={shards} pid={os.getpid()}\n"
         )
         sys.stderr.flush()
         await service.run_until_stopped()

@@ -68,7 +68,8 @@ class Enqueue(msgspec.Struct, tag=1, array_like=True, gc=False):
 
 
 class Grant(msgspec.Struct, tag=2, array_like=True, gc=False):
-    """Dispatch the next request of band index <= `band` whose size is <= `max_bytes` (-1: any).
+    """Dispatch the next request of band index <= `band` whose size is <= `max_bytes` (-1: any);
+    `count` such grants in one frame, each answered on its own (a dispatch or a GrantBack).
 
     Bands whose ceiling is at or below `saturation` (the distributor's, when it granted) are skipped.
     """
@@ -76,6 +77,7 @@ class Grant(msgspec.Struct, tag=2, array_like=True, gc=False):
     band: int
     max_bytes: int
     saturation: float = 0.0
+    count: int = 1
 
 
 class Cancel(msgspec.Struct, tag=3, array_like=True, gc=False):

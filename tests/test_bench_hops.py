@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_hops_counts_frames_and_calls_per_request_for_each_process() -> None:
     r = asyncio.run(measure(str(ROOT / "bench/scenarios/through-shards-peak.toml"), 2, 1, 1.2))
     assert r["dispatched"] > 100
-    # through a shard: Enqueue and Grant go to it, Done comes back (give or take the requests still in
-    # transit when the counters were read)
-    assert abs(r["frames_to_shards"] - 2.0) < 0.02 and abs(r["frames_from_shards"] - 1.0) < 0.02, r
+    # through a shard: an Enqueue each and grants in blocks go to it, a Done each comes back (give or
+    # take the requests still in transit when the counters were read)
+    assert 1.0 <= r["frames_to_shards"] < 1.9 and abs(r["frames_from_shards"] - 1.0) < 0.02, r
     per = r["per_process"]
     assert {"distributor", "worker0", "worker1", "workers (sum)"} <= per.keys()
     for role in ("distributor", "workers (sum)"):

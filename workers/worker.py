@@ -96,10 +96,11 @@ class ShardWorker(asyncio.Protocol):
                     )
                 elif kind is Grant:
                     max_bytes = math.inf if msg.max_bytes < 0 else msg.max_bytes
-                    item = engine.dispatch(now, msg.band, max_bytes, msg.saturation)
-                    self._drain()  # TTL evictions on the way, then the dispatch: in order
-                    if item is None:
-                        self.writer.add(GrantBack(msg.band, engine.blocked_size))
+                    for _ in range(msg.count):  # a block: each grant answered in order
+                        item = engine.dispatch(now, msg.band, max_bytes, msg.saturation)
+                        self._drain()  # TTL evictions on the way, then the dispatch: in order
+                        if item is None:
+                            self.writer.add(GrantBack(msg.band, engine.blocked_size))
                     continue
                 elif kind is Cancel:
                     engine.cancel(msg.id, now, Outcome(msg.outcome))
