@@ -87,6 +87,8 @@ class _View:
     shard_items: I64  # [B, N], enq - deq
     shard_bytes: I64  # [B, N]
     dispatched: I64  # [N + 1], the last one the distributor's (fast path)
+    inversions: I64  # [B], all writers summed: dispatches while a higher eligible band waited uncovered
+    narrowed: I64  # [B]: grants handed back for a higher band that waited uncovered
     heartbeat_age: list[float | None]  # per shard, seconds; None before the first heartbeat
     consistent: bool
     top: list[TopFlow]
@@ -141,6 +143,8 @@ def _view(distributor: Distributor, k: int = TOP_FLOWS) -> _View:
         shard_items: I64 = snap["band_enq_items"] - snap["band_deq_items"]
         shard_bytes: I64 = snap["band_enq_bytes"] - snap["band_deq_bytes"]
         dispatched: I64 = snap["dispatched"]
+        inversions: I64 = snap["inversions"].sum(axis=0)
+        narrowed: I64 = snap["narrowed"].sum(axis=0)
         beats = snap["heartbeat_ns"].tolist()
         consistent = snap.consistent
     else:  # not started yet, or closed: the shared counters are gone, report zeros
@@ -149,6 +153,8 @@ def _view(distributor: Distributor, k: int = TOP_FLOWS) -> _View:
         shard_items = np.zeros((b, n), np.int64)
         shard_bytes = np.zeros((b, n), np.int64)
         dispatched = np.zeros(n + 1, np.int64)
+        inversions = np.zeros(b, np.int64)
+        narrowed = np.zeros(b, np.int64)
         beats = [0] * n
         consistent = True
     now_ns = time.monotonic_ns()  # workers stamp CLOCK_MONOTONIC too: system-wide, comparable here
@@ -161,6 +167,8 @@ def _view(distributor: Distributor, k: int = TOP_FLOWS) -> _View:
         shard_items=shard_items,
         shard_bytes=shard_bytes,
         dispatched=dispatched,
+        inversions=inversions,
+        narrowed=narrowed,
         heartbeat_age=ages,
         consistent=consistent,
         top=top,
@@ -320,6 +328,23 @@ class FlowshardCollector(Collector):
         dispatched.add_metric([DISTRIBUTOR_SHARD], counts[d.n_shards])
         yield dispatched
 
+        inversions = CounterMetricFamily(
+            "flowshard_priority_inversions",
+            "Dispatches of the band decided while a higher band, eligible under its ceiling, had queued "
+            "work that no grant covered (counted by the deciding shard; strict priority keeps it 0).",
+            labels=["band"],
+        )
+        narrowed = CounterMetricFamily(
+            "flowshard_grants_narrowed",
+            "Grants of the band a shard handed back because a higher band's work was waiting ungranted.",
+            labels=["band"],
+        )
+        for bi, band in enumerate(bands):
+            inversions.add_metric([band], int(v.inversions[bi]))
+            narrowed.add_metric([band], int(v.narrowed[bi]))
+        yield inversions
+        yield narrowed
+
         restarts = CounterMetricFamily("flowshard_worker_restarts", "Worker restarts per shard.", labels=["shard"])
         spawn_failures = CounterMetricFamily(
             "flowshard_worker_spawn_failures",
@@ -420,6 +445,8 @@ def stats_snapshot(distributor: Distributor, top_flows: int = TOP_FLOWS) -> dict
                     "sum_estimate": wait_sum_estimate(counts),
                 },
                 "retry_after": d.retry[bi].value,
+                "priority_inversions": int(v.inversions[bi]),
+                "grants_narrowed": int(v.narrowed[bi]),
             }
         )
     dispatched = v.dispatched.tolist()

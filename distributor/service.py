@@ -126,6 +126,7 @@ class Distributor:
         self._worker_config = config_preamble(config)  # encoded once, written first to every worker
         self.n_shards = shards
         self.ledger = Ledger(config, shards)
+        self._bands = len(config.bands)
         self.slots = SlotTable(config.flow_slots, config.flow_gc_timeout)
         self.layout = ShmLayout(config.flow_slots, shards, len(config.bands), N_OUTCOMES, N_WAIT_BUCKETS)
         self.shards = [Shard(i) for i in range(shards)]
@@ -281,6 +282,8 @@ class Distributor:
         p.slot = slot
         self.ledger.enqueue(p, shard)
         shm.add_enq(slot, shard, p.band, p.size)
+        if self._bands > 1:
+            shm.set_waiting(p.band, True)  # queued from now on, and no grant covers it yet
         priority, ttl, slo, tokens, weight = p.payload
         ttl = ttl or self.config.default_ttl
         if ttl:  # the TTL runs from arrival here; the shard gets what is left of it (never 0: "default")
@@ -453,8 +456,20 @@ class Distributor:
         if self._plan_needed:
             self._plan_needed = False
             self._plan()
+            if self._bands > 1:
+                self._publish_waiting()
         self._pass_scheduled = False
         self._flush()
+
+    def _publish_waiting(self) -> None:
+        """Tell the shards which bands have queued work no live grant covers (one cell per band, this
+        process its only writer). A grant planned before such work arrived may still be on its way;
+        the shard narrows it to the higher band at the moment it dispatches (workers.worker), which
+        keeps strict priority exact at that moment, not only when the grant was planned."""
+        shm = self.shm
+        assert shm is not None
+        for band in self.ledger.bands[:-1]:  # the lowest band is never above another
+            shm.set_waiting(band.index, band.grantable())
 
     def _plan(self) -> None:
         """Send the grants the ledger plans. A shard's consecutive grants for the same band and byte cap

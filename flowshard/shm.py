@@ -35,7 +35,7 @@ __all__ = [
 I64 = npt.NDArray[np.int64]
 
 MAGIC: Final = int.from_bytes(b"FLOWSHM\0", "little")  # first header word: "this is a stats segment"
-VERSION: Final = 1
+VERSION: Final = 2
 HEADER_WORDS: Final = 8  # magic, version, F, N, B, O, H, nbytes
 _ALIGN: Final = 64  # one cache line: arrays of different writers never share a line at their edges
 
@@ -61,8 +61,8 @@ class ArraySpec(NamedTuple):
 
 # Arrays written by shards, then by the distributor; snapshot() copies in this order (see there why).
 _SHARD_ARRAYS: Final = ("deq_bytes", "deq_items", "band_deq_bytes", "band_deq_items", "heartbeat_ns")
-_DIST_ARRAYS: Final = ("enq_bytes", "enq_items", "band_enq_bytes", "band_enq_items")
-_SHARED_ROWS: Final = ("outcomes", "wait_hist", "dispatched")  # row w belongs to writer w
+_DIST_ARRAYS: Final = ("enq_bytes", "enq_items", "band_enq_bytes", "band_enq_items", "band_waiting")
+_SHARED_ROWS: Final = ("outcomes", "wait_hist", "dispatched", "inversions", "narrowed")  # row w: writer w
 ARRAY_NAMES: Final = ("seq", *_SHARD_ARRAYS, *_SHARED_ROWS, *_DIST_ARRAYS)
 
 
@@ -114,6 +114,10 @@ class ShmLayout:
             "enq_items": (f, n),
             "band_enq_bytes": (b, n),
             "band_enq_items": (b, n),
+            # strict priority at the moment of dispatch (see Distributor._publish_waiting, ShardWorker):
+            "band_waiting": (b,),  # 1: the band has queued work no live grant covers (distributor)
+            "inversions": (n + 1, b),  # dispatches of a band while a higher eligible band waited so
+            "narrowed": (n + 1, b),  # grants of a band handed back because a higher band waited so
         }
         specs: list[ArraySpec] = []
         offset = _align(HEADER_WORDS * 8)
@@ -325,6 +329,10 @@ class ShmStats:
         self._w_out = w["outcomes"]
         self._w_hist = w["wait_hist"]
         self._w_disp = w["dispatched"]
+        self._w_wait = w["band_waiting"]
+        self._w_inv = w["inversions"]
+        self._w_narrow = w["narrowed"]
+        self._b = layout.bands
         self._row_out = layout.bands * layout.outcomes
         self._row_hist = layout.bands * layout.hist_buckets
 
@@ -373,6 +381,25 @@ class ShmStats:
 
     def add_dispatched(self, writer: int, n: int = 1) -> None:
         self._q[self._w_disp + writer] += n
+
+    def set_waiting(self, band: int, waiting: bool) -> None:
+        """Distributor only: whether ``band`` has queued (or in-transit) work that no live grant covers."""
+        self._q[self._w_wait + band] = 1 if waiting else 0
+
+    def waiting_above(self, band: int, ceilings: list[float], saturation: float) -> int:
+        """The highest band above ``band`` (lower index) that waits uncovered and is eligible at
+        ``saturation`` (its ceiling above it), or ``band`` itself if none does."""
+        q, w = self._q, self._w_wait
+        for h in range(band):
+            if q[w + h] and ceilings[h] > saturation:
+                return h
+        return band
+
+    def add_inversion(self, writer: int, band: int) -> None:
+        self._q[self._w_inv + writer * self._b + band] += 1
+
+    def add_narrowed(self, writer: int, band: int) -> None:
+        self._q[self._w_narrow + writer * self._b + band] += 1
 
     def set_heartbeat(self, shard: int, now_ns: int) -> None:
         """Shard ``shard`` only; the caller supplies the clock (the core has none)."""

@@ -159,6 +159,7 @@ class Model:
         check_every_step: bool = True,
         raise_on_priority_violation: bool = False,
         trace_len: int = 60,
+        narrow: bool = True,
     ) -> None:
         self.config = config
         self.n = shards
@@ -198,6 +199,10 @@ class Model:
         self.violations: list[str] = []  # invariant 3 (strict priority) broken at a dispatch
         self.ceiling_violations: list[str] = []  # a band dispatched at or above its ceiling
         self.overtakes: list[str] = []  # invariant 7: a dispatch ahead of an earlier request of its flow
+        # invariant 3 at the moment of dispatch (not only when the grant was planned): a dispatch while a
+        # higher eligible band had queued or in-transit work that no grant covered
+        self.dispatch_inversions: list[str] = []
+        self.narrow = narrow
         self.fast_paths = 0
         self.displacements = 0
         self.cancels_sent = 0
@@ -508,7 +513,16 @@ class Model:
         elif kind is Grant:
             assert rec is not None
             rec.processed = True
-            item = engine.dispatch(self.now, msg.band, INF if msg.max_bytes < 0 else msg.max_bytes, msg.saturation)
+            # what the shard reads in the distributor's band_waiting cells at this moment (worker._grant)
+            waiting = [h for h in range(msg.band) if self.ledger.bands[h].grantable()
+                       and self.ceilings[h] > msg.saturation]
+            top = waiting[0] if waiting and self.narrow else msg.band
+            item = engine.dispatch(self.now, top, INF if msg.max_bytes < 0 else msg.max_bytes, msg.saturation)
+            if item is not None and waiting and waiting[0] < item.band:
+                self.dispatch_inversions.append(
+                    f"shard {n} dispatched #{item.id} of band {item.band} on grant {rec.seq} while band "
+                    f"{waiting[0]} had work no grant covered")
+                self._log(f"INVERSION: {self.dispatch_inversions[-1]}")
             if item is not None:
                 rec.served = item.id
                 self._on_shard_dispatch(n, item.id, item.band, rec)

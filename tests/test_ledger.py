@@ -166,7 +166,7 @@ def test_byte_budget_is_exact_across_shards():
 # =========================================================================== invariant 3: strict priority
 
 
-def priority_model(cfg, seed, *, evictions: bool, ledger_factory=Ledger, steps=300) -> Model:
+def priority_model(cfg, seed, *, evictions: bool, ledger_factory=Ledger, steps=300, narrow=True) -> Model:
     weights = {"cancel": 25 if evictions else 0, "timer": 4 if evictions else 0, "advance": 4 if evictions else 0}
     return Model(
         cfg,
@@ -176,6 +176,7 @@ def priority_model(cfg, seed, *, evictions: bool, ledger_factory=Ledger, steps=3
         ttls=(0.0, 0.0, 1.0) if evictions else (0.0,),
         sizes=(1, 60),
         weights=weights,
+        narrow=narrow,
     ).run(steps)
 
 
@@ -308,7 +309,8 @@ class RoundRobinBandsLedger(Ledger):
 def test_priority_checker_scripted_negative_control(factory):
     """hi waits on shard 0, lo on shard 1, one slot frees: the real planner grants hi; the reversed
     one grants lo, and the checker flags the dispatch."""
-    m = Model(config(HI_LO, max_inflight_requests=1, fast_path=False), 2, ledger_factory=factory)
+    # narrow=False: the shards' own check (see the dispatch-time tests) would otherwise hide the planner's fault
+    m = Model(config(HI_LO, max_inflight_requests=1, fast_path=False), 2, ledger_factory=factory, narrow=False)
     (t,) = fill_budget(m, 1)
     hi = m.admit("h", 1, 10, shard=0)
     lo = m.admit("l", 0, 10, shard=1)
@@ -332,7 +334,7 @@ def test_priority_checker_flags_broken_planners_in_random_schedules(factory):
     for seed in range(20):
         ok = priority_model(cfg, seed, evictions=False, steps=200)
         assert not ok.violations, ok.violations[:1]
-        bad = priority_model(cfg, seed, evictions=False, ledger_factory=factory, steps=200)
+        bad = priority_model(cfg, seed, evictions=False, ledger_factory=factory, steps=200, narrow=False)
         flagged += bool(bad.violations)
     assert flagged >= 10, f"the checker flagged the broken planner in only {flagged}/20 schedules"
 
@@ -828,3 +830,54 @@ def test_weighted_fairness_across_shards():
     one = backlogged_service_difference("drr", 1, weights=weights)
     for shards in (2, 4):
         assert backlogged_service_difference("drr", shards, weights=weights) <= 1.5 * one + 120, (shards, one)
+
+
+# =========================================================================== invariant 3 at the moment of dispatch
+
+
+def test_grant_in_flight_when_a_higher_band_arrives_is_narrowed_not_used_for_the_lower_band():
+    """The audit's race (issue 9, item 5): a low-band grant is planned while nothing higher waits; a
+    high request arrives (routed to another shard, no budget left to grant it) before the low grant
+    reaches its shard. Dispatching low then is an inversion at that moment. The shard reads the
+    distributor's band_waiting cells and hands the grant back; the freed budget goes to high."""
+    for narrow in (False, True):
+        m = Model(config(HI_LO, max_inflight_requests=1, fast_path=False), 2, narrow=narrow)
+        (t,) = fill_budget(m, 1)
+        lo = m.admit("l", 0, 10, shard=1)
+        m.release(t)  # the one slot: a grant for band lo, to shard 1, in transit
+        assert [type(msg).__name__ for msg, _ in m.shards[1].inbox] == ["Enqueue", "Grant"]
+        hi = m.admit("h", 1, 10, shard=0)  # queued on shard 0; the budget is reserved by lo's grant
+        m.deliver_all_to(1)
+        if not narrow:  # negative control: the model's dispatch-time oracle sees the inversion
+            assert m.reqs[lo].dispatches == 1 and len(m.dispatch_inversions) == 1, m.dispatch_inversions
+            continue
+        assert m.reqs[lo].dispatches == 0 and not m.dispatch_inversions
+        m.deliver_all_from(1)  # the GrantBack: the slot is free again, and band hi takes it
+        m.settle()
+        assert m.reqs[hi].outcome is D and m.reqs[lo].outcome is None
+        m.drain()
+        m.check_empty()
+
+
+@MODEL_SETTINGS
+@given(cfg=configs(scarce=True), seed=st.integers(0, 2**32 - 1), steps=st.integers(100, 400))
+def test_no_inversion_at_the_moment_of_dispatch(cfg, seed, steps):
+    """Invariant 3 checked when each request is dispatched (the model's ledger is the distributor's
+    knowledge of what is queued, in transit included, and which grants cover it), through cancels,
+    TTLs and displacement; the existing plan-time oracle keeps passing."""
+    m = priority_model(cfg, seed, evictions=True, steps=steps)
+    m.drain()
+    assert not m.dispatch_inversions, m.dispatch_inversions[:3]
+    assert not m.violations, m.violations[:3]
+
+
+def test_dispatch_time_oracle_negative_control():
+    """Without the shard's narrowing, random schedules do dispatch lower bands while a higher band
+    waits ungranted (what the audit measured at 4 shards); the oracle above must see it."""
+    cfg = config(THREE_PLAIN, max_inflight_requests=3, max_queued_requests=12, fast_path=False)
+    found = 0
+    for seed in range(6):
+        m = Model(cfg, 4, seed=seed, narrow=False, weights={"cancel": 0, "advance": 0, "timer": 0})
+        m.run(300)
+        found += len(m.dispatch_inversions)
+    assert found > 0

@@ -37,6 +37,7 @@ def test_layout_offsets_aligned_disjoint_and_nbytes_exact(dims: tuple[int, ...])
         "band_enq_bytes": (b, n), "band_enq_items": (b, n), "band_deq_bytes": (b, n), "band_deq_items": (b, n),
         "outcomes": (n + 1, b, o), "wait_hist": (n + 1, b, h), "dispatched": (n + 1,),
         "heartbeat_ns": (n,), "seq": (n + 1,),
+        "band_waiting": (b,), "inversions": (n + 1, b), "narrowed": (n + 1, b),
     }  # fmt: skip
     assert {s.name: s.shape for s in layout.specs} == expected
     assert set(ARRAY_NAMES) == set(expected)

@@ -61,6 +61,7 @@ class ShardWorker(asyncio.Protocol):
         self.reader = FrameReader(ToWorker)
         self.writer = FrameWriter()
         self.slots: dict[int, int] = {}  # request id -> flow slot, for the dequeue counters
+        self.ceilings = [b.ceiling for b in engine.bands]
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
@@ -97,10 +98,7 @@ class ShardWorker(asyncio.Protocol):
                 elif kind is Grant:
                     max_bytes = math.inf if msg.max_bytes < 0 else msg.max_bytes
                     for _ in range(msg.count):  # a block: each grant answered in order
-                        item = engine.dispatch(now, msg.band, max_bytes, msg.saturation)
-                        self._drain()  # TTL evictions on the way, then the dispatch: in order
-                        if item is None:
-                            self.writer.add(GrantBack(msg.band, engine.blocked_size))
+                        self._grant(now, msg.band, max_bytes, msg.saturation)
                     continue
                 elif kind is Cancel:
                     engine.cancel(msg.id, now, Outcome(msg.outcome))
@@ -117,6 +115,27 @@ class ShardWorker(asyncio.Protocol):
             self.transport.close()
         else:
             self._arm_timer()
+
+    def _grant(self, now: float, band: int, max_bytes: float, saturation: float) -> None:
+        """Answer one grant: dispatch the best request of band index <= `band` here, or hand it back.
+
+        Strict priority at the moment of dispatch: the grant was planned when no higher band waited,
+        but one may have arrived since (on any shard, or in transit). If the distributor's cells say
+        a higher band, eligible at this saturation, waits with no grant covering it, the grant is
+        narrowed to that band: used for it if this shard holds some, else handed back so the
+        distributor can grant it where that work is. Reading the cells again after the dispatch
+        counts the inversions that slipped through the few µs between read and dispatch (exactly, from
+        this decision)."""
+        engine, stats, shard = self.engine, self.stats, self.shard
+        top = stats.waiting_above(band, self.ceilings, saturation) if band else 0
+        item = engine.dispatch(now, top, max_bytes, saturation)
+        self._drain()  # TTL evictions on the way, then the dispatch: in order
+        if item is None:
+            if top < band:
+                stats.add_narrowed(shard, band)
+            self.writer.add(GrantBack(band, engine.blocked_size))
+        elif item.band and stats.waiting_above(item.band, self.ceilings, saturation) < item.band:
+            stats.add_inversion(shard, item.band)
 
     def _drain(self) -> None:
         """Turn finished items into Done frames and shared-memory counter updates."""
