@@ -395,7 +395,15 @@ def _server_stats(stats: dict[str, Any], since_start: bool) -> dict[str, Any] | 
         "consistent": stats.get("consistent"),
         "bands": [{"name": b.get("name"), "outcomes": b.get("outcomes")} for b in stats.get("bands", [])],
         "counters": stats.get("counters"),
+        # counted by the service from its own dispatch decisions (None: a service that does not count them)
+        "priority_inversions": _band_sum(stats, "priority_inversions"),
+        "grants_narrowed": _band_sum(stats, "grants_narrowed"),
     }
+
+
+def _band_sum(stats: dict[str, Any], key: str) -> int | None:
+    values = [b.get(key) for b in stats.get("bands", [])]
+    return sum(values) if values and all(isinstance(v, int) for v in values) else None
 
 
 # ---------------------------------------------------------------------------------------- projection
@@ -504,6 +512,8 @@ METRICS: list[tuple[str, Getter]] = [
     ("Jain (share/fair)", _path("fairness", "jain")),
     ("max service diff (band unit)", _path("fairness", "max_service_diff")),
     ("apparent inversions", _path("fairness", "apparent_inversions")),
+    ("priority inversions (service)", _path("server", "priority_inversions")),
+    ("grants narrowed (service)", _path("server", "grants_narrowed")),
 ]
 
 

@@ -239,3 +239,18 @@ def test_counts_print_as_whole_numbers_and_their_median_is_a_run_s() -> None:
     assert cell(agg[UNANSWERED_ROW[0]]) == "1 (1–2)"
     assert agg["dispatches/s"]["median"] == 3.0  # rates keep the true median
     assert fmt(12) == "12" and fmt(5) == "5" and fmt(1234567) == "1,234,567" and fmt(12.0) == "12.0"
+
+
+def test_server_figures_carry_the_services_own_priority_counts() -> None:
+    """The exact inversion count (and narrowed grants) from /v1/stats, summed over bands; absent
+    (None) for a service that does not report them, so no zero is claimed for it."""
+    from bench.report import _server_stats
+
+    stats = {"totals": {}, "shards": [], "bands": [
+        {"name": "hi", "priority_inversions": 0, "grants_narrowed": 0},
+        {"name": "lo", "priority_inversions": 2, "grants_narrowed": 5},
+    ]}
+    got = _server_stats(stats, since_start=False)
+    assert got is not None and (got["priority_inversions"], got["grants_narrowed"]) == (2, 5)
+    old = _server_stats({"totals": {}, "shards": [], "bands": [{"name": "hi"}]}, since_start=False)
+    assert old is not None and old["priority_inversions"] is None
