@@ -529,8 +529,9 @@ class Model:
                 self._check_order(n, item)
             self._drain_engine(n)
             if item is None:
-                self._log(f"shard {n} hands grant {rec.seq} back (need {engine.blocked_size})")
-                shard.outbox.append(GrantBack(msg.band, engine.blocked_size))
+                need = 0 if top < msg.band else engine.blocked_size  # as worker._grant
+                self._log(f"shard {n} hands grant {rec.seq} back (need {need})")
+                shard.outbox.append(GrantBack(msg.band, need))
         elif kind is Cancel:
             engine.cancel(msg.id, self.now, Outcome(msg.outcome))
             if engine.outbox:

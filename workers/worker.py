@@ -131,9 +131,11 @@ class ShardWorker(asyncio.Protocol):
         item = engine.dispatch(now, top, max_bytes, saturation)
         self._drain()  # TTL evictions on the way, then the dispatch: in order
         if item is None:
-            if top < band:
+            if top < band:  # the higher band's need is for its own grant to find out, not this band's
                 stats.add_narrowed(shard, band)
-            self.writer.add(GrantBack(band, engine.blocked_size))
+                self.writer.add(GrantBack(band, 0))
+            else:
+                self.writer.add(GrantBack(band, engine.blocked_size))
         elif item.band and stats.waiting_above(item.band, self.ceilings, saturation) < item.band:
             stats.add_inversion(shard, item.band)
 
