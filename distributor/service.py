@@ -268,10 +268,11 @@ class Distributor:
         slot = self.slots.slot(p.flow, now)
         # Flow affinity keeps a backlogged flow on one shard (its order is that shard's to keep); the
         # shard is live: a dead shard's requests are all ended, so no flow is left pointing at it.
-        shard = self.ledger.affine_shard(p)
+        single = self.n_shards == 1  # one shard: no choice to make, nothing read from shared memory
+        shard = -1 if single else self.ledger.affine_shard(p)
         if shard < 0:  # the flow starts afresh: JSQ-Bytes over the shared-memory counters
             self._rr += 1
-            shard = shm.jsq_pick(slot, self._rr)
+            shard = 0 if single else shm.jsq_pick(slot, self._rr)
             if not self.shards[shard].ready:
                 live = [s.index for s in self.shards if s.ready]
                 if not live:
@@ -467,7 +468,8 @@ class Distributor:
         the shard narrows it to the higher band at the moment it dispatches (workers.worker), which
         keeps strict priority exact at that moment, not only when the grant was planned."""
         shm = self.shm
-        assert shm is not None
+        if shm is None:  # closed (the segment is gone); a pass scheduled before close() still runs
+            return
         for band in self.ledger.bands[:-1]:  # the lowest band is never above another
             shm.set_waiting(band.index, band.grantable())
 

@@ -84,6 +84,7 @@ class LedgerBand:
         "ceiling",
         "cost_kind",
         "displacement",
+        "fair",
         "flow_held",
         "flow_max_bytes",
         "flow_max_items",
@@ -128,6 +129,7 @@ class LedgerBand:
         # Fair shares across shards (see Ledger._pick_shard): what each shard's queued requests cost in
         # the band's fairness unit, the weight of the flows it holds, and its virtual time.
         self.cost_kind = _COST_KIND[bc.fairness]
+        self.fair = shards > 1 and self.cost_kind != _ARRIVALS  # one shard: nothing to share (lean)
         self.shard_cost = [0] * shards
         self.shard_weight = [0.0] * shards
         self.shard_vtime = [0.0] * shards
@@ -271,15 +273,19 @@ class Ledger:
         band = self.bands[p.band]
         flow = band.flows.get(p.flow)
         if flow is None:
-            flow = band.flows[p.flow] = FlowUsage(1.0 if band.cost_kind == _TURNS else self._weights.get(p.flow, 1.0))
+            flow = band.flows[p.flow] = FlowUsage()
             flow.shard = shard  # the shell routes the flow's next requests here (affine_shard)
-            if not band.shard_weight[shard]:
-                self._lift(band, shard)
-            band.shard_weight[shard] += flow.weight
-        if p.weight > 0 and band.cost_kind != _TURNS and p.weight != flow.weight:
-            band.shard_weight[shard] += p.weight - flow.weight  # the latest request's weight is the flow's
-            flow.weight = p.weight
-        band.shard_cost[shard] += band.cost(p)
+            if band.fair:
+                if band.cost_kind != _TURNS:
+                    flow.weight = self._weights.get(p.flow, 1.0)
+                if not band.shard_weight[shard]:
+                    self._lift(band, shard)
+                band.shard_weight[shard] += flow.weight
+        if band.fair:
+            if p.weight > 0 and band.cost_kind != _TURNS and p.weight != flow.weight:
+                band.shard_weight[shard] += p.weight - flow.weight  # the latest request's weight is the flow's
+                flow.weight = p.weight
+            band.shard_cost[shard] += band.cost(p)
         flow.queued_items += 1
         flow.queued_bytes += p.size
         band.order[p.id] = p
@@ -305,12 +311,14 @@ class Ledger:
         flow = band.flows[p.flow]
         flow.queued_items -= 1
         flow.queued_bytes -= p.size
-        band.shard_cost[p.shard] -= band.cost(p)
+        if band.fair:
+            band.shard_cost[p.shard] -= band.cost(p)
+            if not flow.queued_items:
+                band.shard_weight[p.shard] -= flow.weight
+                if band.shard_weight[p.shard] < 1e-9:  # no flow left there (and no float dust)
+                    band.shard_weight[p.shard] = 0.0
         if not flow.queued_items:
             del band.flows[p.flow]
-            band.shard_weight[p.shard] -= flow.weight
-            if band.shard_weight[p.shard] < 1e-9:  # no flow left there (and no float dust)
-                band.shard_weight[p.shard] = 0.0
         del band.order[p.id]
         band.queued_items -= 1
         band.queued_bytes -= p.size
@@ -365,7 +373,7 @@ class Ledger:
                 else:
                     return out  # the head likely does not fit: wait for releases (strict priority)
             charge = 0.0
-            if band.cost_kind != _ARRIVALS:  # the typical cost of a request there, per unit of weight
+            if band.fair:  # the typical cost of a request there, per unit of weight
                 charge = band.shard_cost[shard] / band.shard_items[shard] / (band.shard_weight[shard] or 1.0)
                 band.shard_vtime[shard] += charge
             band.granted += 1
@@ -387,8 +395,10 @@ class Ledger:
         shards; `grant_answered` replaces the typical cost by the real one). global-fcfs shares by
         nothing but arrival, so it grants in proportion to the bytes each shard holds.
         """
+        if len(band.shard_items) == 1:
+            return 0
         best, best_time, best_score = -1, _INF, -1.0
-        by_time = band.cost_kind != _ARRIVALS
+        by_time = band.fair
         vtime = band.shard_vtime
         for n, items in enumerate(band.shard_items):
             granted = band.shard_granted[n] - band.shard_stale[n]
