@@ -1,0 +1,98 @@
+"""The shard worker's frame handling, driven in-process (no subprocess): Grant blocks and the
+narrowing of a grant when the distributor's cells say a higher band waits ungranted."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from conftest import make_config
+
+from flowshard.codec import Done, Enqueue, FrameReader, FrameWriter, FromWorker, Grant, GrantBack, ToWorker
+from flowshard.engine import Engine
+from flowshard.shm import ShmLayout, ShmStats
+from flowshard.stats import N_WAIT_BUCKETS
+from flowshard.types import N_OUTCOMES, Outcome
+from workers.worker import ShardWorker
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.reader = FrameReader(FromWorker)
+        self.got: list[Any] = []
+
+    def write(self, data: bytes) -> None:
+        self.got += self.reader.feed(data)
+
+    def close(self) -> None:
+        pass
+
+
+def frames(*messages: Any) -> bytes:
+    w = FrameWriter()
+    for m in messages:
+        w.add(m)
+    return w.take()
+
+
+async def _worker(bands: int) -> tuple[ShardWorker, FakeTransport, ShmStats]:
+    cfg = make_config([{"priority": bands - i} for i in range(bands)], max_inflight_requests=None)
+    layout = ShmLayout(16, 2, bands, N_OUTCOMES, N_WAIT_BUCKETS)
+    stats = ShmStats(bytearray(layout.nbytes), layout, init=True)
+    worker = ShardWorker(1, Engine(cfg, enforce_limits=False), stats, asyncio.get_running_loop().create_future())
+    transport = FakeTransport()
+    worker.connection_made(transport)  # type: ignore[arg-type]
+    transport.got.clear()  # the Hello
+    return worker, transport, stats
+
+
+def _enqueue(rid: int, priority: int) -> Enqueue:
+    return Enqueue(rid, f"f{rid}", 0, priority, 10, 0.0, 0.0, 0, 0.0)
+
+
+def test_a_grant_block_is_answered_grant_by_grant() -> None:
+    async def main() -> None:
+        worker, t, _ = await _worker(1)
+        worker.data_received(frames(*[_enqueue(i, 1) for i in (1, 2, 3)], Grant(0, -1, 0.0, 5)))
+        assert [type(m) for m in t.got] == [Done, Done, Done, GrantBack, GrantBack]
+        assert [m.id for m in t.got[:3]] == [1, 2, 3] and all(m.outcome == Outcome.DISPATCHED for m in t.got[:3])
+
+    asyncio.run(main())
+
+
+def test_a_grant_for_a_lower_band_is_narrowed_while_a_higher_band_waits_ungranted() -> None:
+    async def main() -> None:
+        worker, t, stats = await _worker(2)
+        stats.set_waiting(0, True)  # the distributor: band 0 has work no grant covers (on another shard)
+        worker.data_received(frames(_enqueue(1, 1), Grant(1, -1, 0.0)))
+        assert t.got == [GrantBack(1, 0)]  # handed back, for band 0
+        assert int(stats.narrowed[1, 1]) == 1 and int(stats.inversions.sum()) == 0
+        t.got.clear()
+        worker.data_received(frames(_enqueue(2, 2), Grant(1, -1, 0.0)))  # band 0 work here: used for it
+        assert [(type(m), m.id) for m in t.got] == [(Done, 2)]
+        stats.set_waiting(0, False)
+        t.got.clear()
+        worker.data_received(frames(Grant(1, -1, 0.0)))
+        assert [(type(m), m.id) for m in t.got] == [(Done, 1)]  # nothing higher waits: band 1 served
+        assert int(stats.narrowed.sum()) == 1 and int(stats.inversions.sum()) == 0
+
+    asyncio.run(main())
+
+
+def test_a_ceiling_reached_by_the_higher_band_does_not_narrow() -> None:
+    async def main() -> None:
+        worker, t, stats = await _worker(2)
+        worker.ceilings = [0.5, 1.0]
+        stats.set_waiting(0, True)
+        worker.data_received(frames(_enqueue(1, 1), Grant(1, -1, 0.6)))  # band 0 not eligible at 0.6
+        assert [(type(m), m.id) for m in t.got] == [(Done, 1)]
+
+    asyncio.run(main())
+
+
+def test_old_grant_frames_without_count_still_decode_as_one() -> None:
+    import msgspec
+
+    raw = msgspec.msgpack.encode([2, 0, -1, 0.0])  # tag, band, max_bytes, saturation
+    (grant,) = FrameReader(ToWorker).feed(len(raw).to_bytes(4, "big") + raw)
+    assert grant == Grant(0, -1, 0.0, 1)
