@@ -735,9 +735,9 @@ class NoAffinityLedger(Ledger):
         return -1
 
 
-def ordering_model(cfg: Config, shards: int, seed: int, ledger_factory=Ledger) -> Model:
+def ordering_model(cfg: Config, shards: int, seed: int, ledger_factory=Ledger, crash: int = 0) -> Model:
     return Model(cfg, shards, seed=seed, ledger_factory=ledger_factory, flows="ab", sizes=(1, 40),
-                 ttls=(0.0, 1.0, 3.0, 8.0), weights={"cancel": 1, "admit": 30})
+                 ttls=(0.0, 1.0, 3.0, 8.0), weights={"cancel": 1, "admit": 30, "crash": crash})
 
 
 @MODEL_SETTINGS
@@ -748,6 +748,16 @@ def test_a_flow_is_dispatched_in_order_at_every_shard_count(cfg, shards, seed, s
     keys, at every shard count, through cancels, TTLs and displacement (the model's oracle looks at
     every queue and every message in transit at each dispatch)."""
     m = ordering_model(cfg, shards, seed).run(steps)
+    m.drain()
+    assert m.overtakes == [], m.overtakes[:3]
+
+
+@MODEL_SETTINGS
+@given(cfg=configs(), shards=st.sampled_from([2, 4]), seed=st.integers(0, 2**32 - 1), steps=st.integers(50, 300))
+def test_a_flow_stays_in_order_through_shard_crashes(cfg, shards, seed, steps):
+    """A crash ends everything its shard held (shard_failure) and with it the affinity of its flows:
+    their next requests start afresh elsewhere, behind nothing of theirs."""
+    m = ordering_model(cfg, shards, seed, crash=2).run(steps)
     m.drain()
     assert m.overtakes == [], m.overtakes[:3]
 
