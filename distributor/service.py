@@ -127,6 +127,7 @@ class Distributor:
         self.n_shards = shards
         self.ledger = Ledger(config, shards)
         self._bands = len(config.bands)
+        self._waiting = [0] * self._bands  # what band_waiting in shared memory says (ns since, 0: no)
         self.slots = SlotTable(config.flow_slots, config.flow_gc_timeout)
         self.layout = ShmLayout(config.flow_slots, shards, len(config.bands), N_OUTCOMES, N_WAIT_BUCKETS)
         self.shards = [Shard(i) for i in range(shards)]
@@ -283,8 +284,9 @@ class Distributor:
         p.slot = slot
         self.ledger.enqueue(p, shard)
         shm.add_enq(slot, shard, p.band, p.size)
-        if self._bands > 1:
-            shm.set_waiting(p.band, True)  # queued from now on, and no grant covers it yet
+        if self._bands > 1 and not self._waiting[p.band]:  # queued from now on, and no grant covers it yet
+            self._waiting[p.band] = since = time.monotonic_ns()
+            shm.set_waiting(p.band, since)
         priority, ttl, slo, tokens, weight = p.payload
         ttl = ttl or self.config.default_ttl
         if ttl:  # the TTL runs from arrival here; the shard gets what is left of it (never 0: "default")
@@ -470,8 +472,18 @@ class Distributor:
         shm = self.shm
         if shm is None:  # closed (the segment is gone); a pass scheduled before close() still runs
             return
+        waiting = self._waiting
+        now_ns = 0
         for band in self.ledger.bands[:-1]:  # the lowest band is never above another
-            shm.set_waiting(band.index, band.grantable())
+            b = band.index
+            if band.grantable():
+                if not waiting[b]:
+                    now_ns = now_ns or time.monotonic_ns()
+                    waiting[b] = now_ns
+                    shm.set_waiting(b, now_ns)
+            elif waiting[b]:
+                waiting[b] = 0
+                shm.set_waiting(b, 0)
 
     def _plan(self) -> None:
         """Send the grants the ledger plans. A shard's consecutive grants for the same band and byte cap

@@ -115,7 +115,7 @@ class ShmLayout:
             "band_enq_bytes": (b, n),
             "band_enq_items": (b, n),
             # strict priority at the moment of dispatch (see Distributor._publish_waiting, ShardWorker):
-            "band_waiting": (b,),  # 1: the band has queued work no live grant covers (distributor)
+            "band_waiting": (b,),  # since when (ns) the band has queued work no grant covers; 0: none
             "inversions": (n + 1, b),  # dispatches of a band while a higher eligible band waited so
             "narrowed": (n + 1, b),  # grants of a band handed back because a higher band waited so
         }
@@ -382,16 +382,19 @@ class ShmStats:
     def add_dispatched(self, writer: int, n: int = 1) -> None:
         self._q[self._w_disp + writer] += n
 
-    def set_waiting(self, band: int, waiting: bool) -> None:
-        """Distributor only: whether ``band`` has queued (or in-transit) work that no live grant covers."""
-        self._q[self._w_wait + band] = 1 if waiting else 0
+    def set_waiting(self, band: int, since_ns: int) -> None:
+        """Distributor only: ``band`` has queued (or in-transit) work that no live grant covers, since
+        ``since_ns`` (CLOCK_MONOTONIC, system-wide); 0: it has none."""
+        self._q[self._w_wait + band] = since_ns
 
-    def waiting_above(self, band: int, ceilings: list[float], saturation: float) -> int:
+    def waiting_above(self, band: int, ceilings: list[float], saturation: float, at_ns: int = 0) -> int:
         """The highest band above ``band`` (lower index) that waits uncovered and is eligible at
-        ``saturation`` (its ceiling above it), or ``band`` itself if none does."""
+        ``saturation`` (its ceiling above it), or ``band`` itself if none does. With ``at_ns``: only
+        a band that was already waiting at that instant."""
         q, w = self._q, self._w_wait
         for h in range(band):
-            if q[w + h] and ceilings[h] > saturation:
+            since = q[w + h]
+            if since and ceilings[h] > saturation and (not at_ns or since <= at_ns):
                 return h
         return band
 

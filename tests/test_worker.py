@@ -4,6 +4,7 @@ narrowing of a grant when the distributor's cells say a higher band waits ungran
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from conftest import make_config
@@ -63,14 +64,14 @@ def test_a_grant_block_is_answered_grant_by_grant() -> None:
 def test_a_grant_for_a_lower_band_is_narrowed_while_a_higher_band_waits_ungranted() -> None:
     async def main() -> None:
         worker, t, stats = await _worker(2)
-        stats.set_waiting(0, True)  # the distributor: band 0 has work no grant covers (on another shard)
+        stats.set_waiting(0, 1)  # the distributor: band 0 has work no grant covers (on another shard) since t=1 ns
         worker.data_received(frames(_enqueue(1, 1), Grant(1, -1, 0.0)))
         assert t.got == [GrantBack(1, 0)]  # handed back, for band 0
         assert int(stats.narrowed[1, 1]) == 1 and int(stats.inversions.sum()) == 0
         t.got.clear()
         worker.data_received(frames(_enqueue(2, 2), Grant(1, -1, 0.0)))  # band 0 work here: used for it
         assert [(type(m), m.id) for m in t.got] == [(Done, 2)]
-        stats.set_waiting(0, False)
+        stats.set_waiting(0, 0)
         t.got.clear()
         worker.data_received(frames(Grant(1, -1, 0.0)))
         assert [(type(m), m.id) for m in t.got] == [(Done, 1)]  # nothing higher waits: band 1 served
@@ -83,9 +84,35 @@ def test_a_ceiling_reached_by_the_higher_band_does_not_narrow() -> None:
     async def main() -> None:
         worker, t, stats = await _worker(2)
         worker.ceilings = [0.5, 1.0]
-        stats.set_waiting(0, True)
+        stats.set_waiting(0, 1)
         worker.data_received(frames(_enqueue(1, 1), Grant(1, -1, 0.6)))  # band 0 not eligible at 0.6
         assert [(type(m), m.id) for m in t.got] == [(Done, 1)]
+
+    asyncio.run(main())
+
+
+def test_an_inversion_is_counted_only_if_the_higher_band_waited_before_the_dispatch_ended() -> None:
+    """The race the narrowing cannot close: the distributor publishes a higher band's waiting work
+    while the shard is inside its dispatch. The cell says since when; the shard's re-read after the
+    dispatch counts it only if that was before the dispatch call ended."""
+
+    async def main() -> None:
+        worker, t, stats = await _worker(2)
+        dispatch = worker.engine.dispatch
+
+        def racing(stamp: int) -> Any:
+            def run(*args: Any) -> Any:
+                stats.set_waiting(0, stamp or time.monotonic_ns())  # published during the dispatch
+                return dispatch(*args)
+            return run
+
+        worker.engine.dispatch = racing(0)  # type: ignore[method-assign]
+        worker.data_received(frames(_enqueue(1, 1), Grant(1, -1, 0.0)))
+        assert [(type(m), m.id) for m in t.got] == [(Done, 1)] and int(stats.inversions[1, 1]) == 1
+        stats.set_waiting(0, 0)
+        worker.engine.dispatch = racing(time.monotonic_ns() + 10**9)  # type: ignore[method-assign]
+        worker.data_received(frames(_enqueue(2, 1), Grant(1, -1, 0.0)))  # published after it: not counted
+        assert int(stats.inversions[1, 1]) == 1
 
     asyncio.run(main())
 

@@ -123,12 +123,14 @@ class ShardWorker(asyncio.Protocol):
         but one may have arrived since (on any shard, or in transit). If the distributor's cells say
         a higher band, eligible at this saturation, waits with no grant covering it, the grant is
         narrowed to that band: used for it if this shard holds some, else handed back so the
-        distributor can grant it where that work is. Reading the cells again after the dispatch
-        counts the inversions that slipped through the few µs between read and dispatch (exactly, from
-        this decision)."""
+        distributor can grant it where that work is. The cells hold since when each band waits, so
+        reading them again after the dispatch tells exactly whether a higher band had been waiting
+        before the dispatch call ended (it was published between the read and the dispatch): that
+        is an inversion, counted (up to the ~1 µs between the engine's commit and the call's end)."""
         engine, stats, shard = self.engine, self.stats, self.shard
         top = stats.waiting_above(band, self.ceilings, saturation) if band else 0
         item = engine.dispatch(now, top, max_bytes, saturation)
+        decided = time.monotonic_ns() if band else 0
         self._drain()  # TTL evictions on the way, then the dispatch: in order
         if item is None:
             if top < band:  # the higher band's need is for its own grant to find out, not this band's
@@ -136,7 +138,7 @@ class ShardWorker(asyncio.Protocol):
                 self.writer.add(GrantBack(band, 0))
             else:
                 self.writer.add(GrantBack(band, engine.blocked_size))
-        elif item.band and stats.waiting_above(item.band, self.ceilings, saturation) < item.band:
+        elif item.band and stats.waiting_above(item.band, self.ceilings, saturation, decided) < item.band:
             stats.add_inversion(shard, item.band)
 
     def _drain(self) -> None:
