@@ -330,8 +330,8 @@ class FlowshardCollector(Collector):
 
         inversions = CounterMetricFamily(
             "flowshard_priority_inversions",
-            "Dispatches of the band decided while a higher band, eligible under its ceiling, had queued "
-            "work that no grant covered (counted by the deciding shard; strict priority keeps it 0).",
+            "Dispatches of the band decided while a higher band, eligible under its ceiling, had routed "
+            "work that no grant covered yet (counted by the deciding shard; a race of a few µs, an upper bound).",
             labels=["band"],
         )
         narrowed = CounterMetricFamily(
