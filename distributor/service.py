@@ -476,7 +476,7 @@ class Distributor:
         now_ns = 0
         for band in self.ledger.bands[:-1]:  # the lowest band is never above another
             b = band.index
-            if band.grantable():
+            if band.queued_items and band.grantable():
                 if not waiting[b]:
                     now_ns = now_ns or time.monotonic_ns()
                     waiting[b] = now_ns
