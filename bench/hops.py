@@ -22,7 +22,8 @@ from typing import Any
 
 from bench.cli import adjust
 from bench.procstat import ProcId, sample
-from bench.runner import Options, Server, run_once
+from bench.runner import BenchError, Options, Server, run_once
+from flowshard.config import ConfigError
 from flowshard.simulate import read_scenario
 
 __all__ = ["main", "measure"]
@@ -84,17 +85,31 @@ async def measure(path: str, shards: int, procs: int, duration: float | None) ->
             "frames_from_shards": (from1 - from0) / n, "per_process": per}
 
 
+def _shard_list(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected shard counts like 1,2,4, got {text!r}") from None
+    if not all(1 <= n <= 256 for n in counts):
+        raise argparse.ArgumentTypeError(f"each shard count must be in 1..256, got {text!r}")
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.hops", description=__doc__.split("\n\n")[0])
     parser.add_argument("scenario")
-    parser.add_argument("--shards", default="1,2,4,8")
+    parser.add_argument("--shards", default="1,2,4,8", type=_shard_list, help="comma-separated, each 1..256")
     parser.add_argument("--procs", type=int, default=2, help="load-generator processes (default 2)")
     parser.add_argument("--duration", type=float, default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     results = []
-    for n in [int(x) for x in args.shards.split(",")]:
-        r = asyncio.run(measure(args.scenario, n, args.procs, args.duration))
+    for n in args.shards:
+        try:
+            r = asyncio.run(measure(args.scenario, n, args.procs, args.duration))
+        except (ConfigError, BenchError) as exc:
+            print(f"python -m bench.hops: {exc}", file=sys.stderr)
+            return 2
         results.append(r)
         d, w = r["per_process"]["distributor"], r["per_process"]["workers (sum)"]
         print(f"shards={n}: {r['dispatched']:,} dispatched; distributor {d['cpu_us']:.1f} µs, "

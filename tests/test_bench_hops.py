@@ -20,3 +20,15 @@ def test_hops_counts_frames_and_calls_per_request_for_each_process() -> None:
     assert {"distributor", "worker0", "worker1", "workers (sum)"} <= per.keys()
     for role in ("distributor", "workers (sum)"):
         assert per[role]["cpu_us"] > 0 and 0 < per[role]["writes"] < 10 and 0 < per[role]["reads"] < 10, per
+
+
+def test_hops_bad_arguments_are_one_line_errors(capsys) -> None:
+    from bench.hops import main
+
+    assert main([str(ROOT / "no-such.toml"), "--shards", "1"]) == 2
+    assert "no-such.toml: cannot read" in capsys.readouterr().err
+    try:
+        main(["x.toml", "--shards", "0"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    assert "each shard count must be in 1..256" in capsys.readouterr().err
