@@ -215,7 +215,7 @@ class Distributor:
     def _new_ticket(self) -> int:
         tickets = self.tickets
         while True:
-            if not self._random:  # one getrandom() per 512 tickets, not one each (measured: docs/architecture.md)
+            if not self._random:  # one getrandom() system call per 512 tickets, not one per ticket
                 self._random = array.array("Q", os.urandom(8 * 512))
             ticket = self._random.pop() & _TICKET_MASK
             if ticket and ticket not in tickets:
