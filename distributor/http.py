@@ -26,7 +26,7 @@ import re
 import socket
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Final, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
 
 import httptools
 import msgspec
@@ -36,6 +36,9 @@ from distributor.guards import Guards
 from distributor.sockets import reset, unsent
 from flowshard.types import Outcome
 from flowshard.validate import AdmitBody, ReleaseBody, admit_field_hint, check_admit
+
+if TYPE_CHECKING:
+    from distributor.proxy import Exchange, Proxy
 
 __all__ = ["HttpConnection", "HttpLimits", "start_http_server"]
 
@@ -164,9 +167,13 @@ class _Stop(Exception):
 
 
 class _Slot:
-    """One request's place in the response order. `data` is None until the response is known."""
+    """One request's place in the response order. `data` is None until the response is known.
 
-    __slots__ = ("close", "conn", "data", "rid", "ticket")
+    A streamed (proxied) response is written piece by piece while its slot is at the head of the
+    queue; pieces that arrive while an earlier response is still pending wait in `chunks`.
+    """
+
+    __slots__ = ("chunks", "close", "conn", "data", "exchange", "rid", "ticket")
 
     def __init__(self, conn: bytes, close: int, data: bytes | None = None) -> None:
         self.conn = conn
@@ -174,18 +181,22 @@ class _Slot:
         self.data = data
         self.rid: int | None = None  # the admission's request id, once `admit` has returned
         self.ticket = 0  # a dispatched response's ticket: released if the slot is never written
+        self.chunks: list[bytes] | None = None  # a streamed response's pieces not yet written
+        self.exchange: Exchange | None = None  # proxy mode: told when the client goes away
 
 
 class _Shared:
     """What all connections of one server share."""
 
-    __slots__ = ("admission", "guards", "lease", "limits", "linger", "loop", "open", "probe", "unheld_at")
+    __slots__ = ("admission", "guards", "lease", "limits", "linger", "loop", "open", "probe", "proxy", "unheld_at")
 
     def __init__(
-        self, admission: Admission, limits: HttpLimits, lease: float, loop: asyncio.AbstractEventLoop, guards: Guards
+        self, admission: Admission, limits: HttpLimits, lease: float, loop: asyncio.AbstractEventLoop, guards: Guards,
+        proxy: Proxy | None = None,
     ) -> None:
         self.admission = admission
         self.guards = guards
+        self.proxy = proxy  # proxy mode: the OpenAI routes
         self.limits = limits
         self.lease = float(lease)
         self.loop = loop
@@ -250,6 +261,8 @@ class HttpConnection(asyncio.Protocol):
         self._in_body = False  # the head is complete: a header now is a trailer
         self._ka_header = False
         self._expect = False
+        self._body_limit = shared.limits.max_body_bytes
+        self._headers: list[tuple[bytes, bytes]] | None = [] if shared.proxy is not None else None
 
     # ------------------------------------------------------------------ transport callbacks
 
@@ -343,7 +356,9 @@ class HttpConnection(asyncio.Protocol):
             self._release_sent()
         for slot in self._queue:  # nothing in it was written: settle every admission
             try:
-                if slot.data is None:
+                if slot.exchange is not None:
+                    slot.exchange.client_gone()
+                elif slot.data is None:
                     if slot.rid is not None:
                         admission.cancel(slot.rid)
                 elif slot.ticket:
@@ -445,6 +460,8 @@ class HttpConnection(asyncio.Protocol):
                 self._fail_head()
                 raise _Stop
             return
+        if self._headers is not None:
+            self._headers.append((name, value))
         if n == 14:
             if name.lower() == b"content-length":
                 self._clen = int(value)  # llhttp has checked the digits
@@ -463,10 +480,14 @@ class HttpConnection(asyncio.Protocol):
         if self._head_bytes > limits.max_header_bytes:
             self._fail_head()
             raise _Stop
-        if self._clen > limits.max_body_bytes:
+        proxy = self._sh.proxy
+        if proxy is not None:
+            q = self._url.find(b"?")
+            self._body_limit = proxy.body_limit(bytes(self._url if q < 0 else self._url[:q])) or limits.max_body_bytes
+        if self._clen > self._body_limit:
             self._msg_at = 0.0
             self._sh.guards.hit("http", "body_too_large")
-            message = f"body of {self._clen} bytes is over the limit of {limits.max_body_bytes}"
+            message = f"body of {self._clen} bytes is over the limit of {self._body_limit}"
             self._respond(_error(413, message, _CONN_CLOSE), _LINGER)
             raise _Stop
         if self._expect and (self._clen > 0 or self._chunked):
@@ -481,10 +502,10 @@ class HttpConnection(asyncio.Protocol):
     def on_body(self, chunk: bytes) -> None:
         self._head_raw = _NOT_IN_HEAD  # the chunk had data: not the last one
         self._body += chunk
-        if len(self._body) > self._limits.max_body_bytes:  # chunked: no Content-Length to check up front
+        if len(self._body) > self._body_limit:  # chunked: no Content-Length to check up front
             self._msg_at = 0.0
             self._sh.guards.hit("http", "body_too_large")
-            message = f"body over the limit of {self._limits.max_body_bytes} bytes"
+            message = f"body over the limit of {self._body_limit} bytes"
             self._respond(_error(413, message, _CONN_CLOSE), _LINGER)
             raise _Stop
 
@@ -504,9 +525,22 @@ class HttpConnection(asyncio.Protocol):
         self._clen = -1
         self._chunked = self._ka_header = self._expect = False
         q = url.find(b"?")
-        route = _ROUTES.get(url if q < 0 else url[:q])
+        path = url if q < 0 else url[:q]
+        route = _ROUTES.get(path)
         method = self._parser.get_method()
         head = method == b"HEAD"
+        headers = self._headers
+        if headers is not None:
+            self._headers = []
+            proxy = self._sh.proxy
+            assert proxy is not None
+            if route is None and path in proxy.routes:
+                try:
+                    proxy.handle(self, method, path, headers, body, conn, close)
+                except Exception as exc:
+                    log.exception("proxy handler for %s failed", path[:200])
+                    self._respond(_error(500, f"internal error: {type(exc).__name__}", conn), close)
+                return
         if route is None:
             message = f"no such path: {url.decode('latin-1')[:200]}"
             self._respond(_error(404, message, conn, no_body=head), close)
@@ -589,6 +623,43 @@ class HttpConnection(asyncio.Protocol):
         else:
             self._respond(_render(_HEAD[503], b'{"ready":false}', conn, no_body=head), close)
 
+    # ------------------------------------------------------------------ proxy mode: slots it fills
+
+    def slot_open(self, conn: bytes, close: int) -> _Slot:
+        """A place in the response order for a proxied request, answered later through the slot_* calls."""
+        slot = _Slot(conn, close)
+        slot.chunks = []
+        if close:
+            self._stopped = True
+        self._queue.append(slot)
+        return slot
+
+    def slot_respond(self, slot: _Slot, data: bytes) -> None:
+        """The slot's complete response."""
+        self.slot_end(slot, data)
+
+    def slot_write(self, slot: _Slot, data: bytes) -> None:
+        """A piece of a streamed response: written now if the slot is at the head, else kept."""
+        if self._dead or slot.data is not None:
+            return
+        if self._queue and self._queue[0] is slot and not self._closing and self._out is None:
+            self._transport.write(data)
+        else:
+            assert slot.chunks is not None
+            slot.chunks.append(data)
+
+    def slot_end(self, slot: _Slot, tail: bytes = b"") -> None:
+        """The last piece of the slot's response; the responses queued behind it may follow."""
+        if self._dead or slot.data is not None:
+            return
+        chunks = slot.chunks
+        slot.data = b"".join(chunks) + tail if chunks else tail
+        slot.chunks = None
+        if self._closing or self._transport.is_closing():
+            self._closing = True
+        elif self._queue[0] is slot:
+            self._flush()
+
     # ------------------------------------------------------------------ response queue
 
     def _respond(self, data: bytes, close: int) -> None:
@@ -624,6 +695,9 @@ class HttpConnection(asyncio.Protocol):
             slot = q[0]
             data = slot.data
             if data is None:
+                if slot.chunks:  # a streamed response reached the head: what it has so far, the rest follows
+                    batch.extend(slot.chunks)
+                    slot.chunks.clear()
                 break
             q.popleft()
             if data:
@@ -803,12 +877,14 @@ _ROUTES: Final[dict[bytes, _Route]] = {
 
 
 async def start_http_server(
-    admission: Admission, host: str, port: int, limits: HttpLimits, *, lease: float, guards: Guards | None = None
+    admission: Admission, host: str, port: int, limits: HttpLimits, *, lease: float, guards: Guards | None = None,
+    proxy: Proxy | None = None,
 ) -> asyncio.Server:
     """Listen on (host, port) (port 0: any; read it from `server.sockets`). `lease` is reported to
-    clients as `lease_s`: a dispatched ticket is released after it unless released earlier."""
+    clients as `lease_s`: a dispatched ticket is released after it unless released earlier.
+    `proxy`: also serve the OpenAI routes (proxy mode)."""
     loop = asyncio.get_running_loop()
-    shared = _Shared(admission, limits, lease, loop, guards if guards is not None else Guards())
+    shared = _Shared(admission, limits, lease, loop, guards if guards is not None else Guards(), proxy)
     return await loop.create_server(
         lambda: HttpConnection(shared), host, port, backlog=min(4096, max(128, limits.max_connections))
     )

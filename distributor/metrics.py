@@ -298,8 +298,8 @@ class FlowshardCollector(Collector):
         yield _gauge("flowshard_inflight_limit_bytes", "In-flight byte limit (+Inf: unlimited).", budget.max_bytes)
         yield _gauge(
             "flowshard_saturation",
-            "max(in-flight / limit) over requests and bytes; 1 = saturated.",
-            budget.saturation(),
+            "max(in-flight / limit) over requests and bytes, and in proxy mode the pool's utilization; 1 = saturated.",
+            ledger.saturation(),
         )
         yield grants
         yield _gauge("flowshard_grants_reserved_bytes", "Bytes reserved by outstanding grants.", ledger.grants_bytes)
@@ -400,6 +400,8 @@ class FlowshardCollector(Collector):
             1 if v.consistent else 0,
         )
         yield _gauge("flowshard_uptime_seconds", "Seconds since the distributor started.", v.uptime)
+        if d.proxy is not None:
+            yield from d.proxy.metrics()
 
 
 def render_metrics(distributor: Distributor) -> tuple[bytes, str]:
@@ -480,7 +482,7 @@ def stats_snapshot(distributor: Distributor, top_flows: int = TOP_FLOWS) -> dict
             "inflight_bytes": budget.inflight_bytes,
             "max_inflight": _limit(budget.max_requests),
             "max_inflight_bytes": _limit(budget.max_bytes),
-            "saturation": budget.saturation(),
+            "saturation": ledger.saturation(),
             "grants_outstanding": ledger.grants_out,
             "grants_reserved_bytes": ledger.grants_bytes,
             "pending": len(d.pending),
@@ -496,4 +498,5 @@ def stats_snapshot(distributor: Distributor, top_flows: int = TOP_FLOWS) -> dict
         "flow_slots": {"used": len(d.slots), "total": d.slots.slots, "shared": d.slots.shared},
         "counters": dict(d.counters),
         "consistent": v.consistent,
+        **({"proxy": d.proxy.snapshot()} if d.proxy is not None else {}),
     }

@@ -157,6 +157,7 @@ class Distributor:
         self._all_ready: asyncio.Event | None = None
         self._stopped: asyncio.Event | None = None
         self._housekeeper: asyncio.TimerHandle | None = None
+        self.proxy: Any = None  # distributor.proxy.Proxy in proxy mode (backends configured)
 
     # ------------------------------------------------------------------ Admission interface
 
@@ -575,11 +576,18 @@ class Distributor:
             await self.close()
             raise RuntimeError(f"shard workers did not start within {WORKER_START_TIMEOUT:.0f} s") from None
         svc = self.config.service
+        if self.config.proxy.backends:
+            from distributor.proxy import Proxy
+
+            self.proxy = Proxy(self.config, self, self._schedule_plan)
+            await self.proxy.start()
+            if self.proxy.utilization is not None:
+                self.ledger.external_saturation = self.proxy.utilization.saturation
         http = await start_http_server(
             self, svc.host, svc.port,
             HttpLimits(max_body_bytes=svc.max_body_bytes, max_connections=svc.max_connections,
                        header_timeout=svc.header_timeout, idle_timeout=svc.idle_timeout),
-            lease=svc.lease, guards=self.guards,
+            lease=svc.lease, guards=self.guards, proxy=self.proxy,
         )
         limits = BinaryLimits(max_connections=svc.max_connections, frame_timeout=svc.header_timeout)
         binary = await start_binary_server(self, svc.host, svc.binary_port, limits, self.guards)
@@ -640,7 +648,9 @@ class Distributor:
 
     async def _drain_then_close(self) -> None:
         deadline = time.monotonic() + self.config.service.drain_timeout
-        while (self.ledger.queued_items or self._parked()) and time.monotonic() < deadline:
+        while (self.ledger.queued_items or self._parked() or (self.proxy and self.proxy.active)) and (
+            time.monotonic() < deadline
+        ):
             await asyncio.sleep(0.02)
         await self.close()
 
@@ -657,6 +667,8 @@ class Distributor:
             self._housekeeper.cancel()
         for server in self.servers:
             server.close()
+        if self.proxy is not None:
+            await self.proxy.close()  # ends the responses still streaming; their tickets are released
         for s in self.shards:
             if s.link is not None:
                 self._send(s.index, Shutdown())

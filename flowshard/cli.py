@@ -14,7 +14,7 @@ from pathlib import Path
 
 import msgspec
 
-from flowshard.config import MAX_SHARDS, Config, ConfigError, convert, dump_config, parse_toml
+from flowshard.config import MAX_SHARDS, Config, ConfigError, check_backend_url, convert, dump_config, parse_toml
 
 
 def read_config(path: str | None) -> Config:
@@ -49,6 +49,11 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in flags.items() if v is not None}
     if overrides:
         config.service = msgspec.structs.replace(config.service, **overrides)
+    if args.backend:
+        try:
+            config.proxy.backends = [check_backend_url(url) for url in args.backend]
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if not 1 <= args.shards <= MAX_SHARDS:
         raise ConfigError(f"--shards: {args.shards} is not allowed; 1 to {MAX_SHARDS}")
     if args.config is None:
@@ -197,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="HTTP/JSON port (default: [service] port, 8080); 0 picks a free port")
     serve.add_argument("--binary-port", type=int, metavar="PORT",
                        help="binary-protocol port (default: [service] binary_port, 8081); 0 picks a free port")
+    serve.add_argument("--backend", action="append", metavar="URL",
+                       help="proxy mode: an OpenAI-compatible backend, e.g. http://10.0.0.5:8000 (repeatable; "
+                            "replaces [proxy] backends; README: \"Put flowshard in front of vLLM\")")
     serve.set_defaults(func=_serve)
 
     config = sub.add_parser("config", help="check a configuration file and print what it means",

@@ -98,6 +98,84 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     idle_timeout: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 75.0
 
 
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")  # an HTTP token, lower case
+MiB = 1 << 20
+
+
+def _default_flow_headers() -> list[str]:
+    return ["x-flowshard-flow", "x-llm-d-inference-fairness-id", "x-gateway-inference-fairness-id"]
+
+
+class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Proxy mode: an OpenAI-compatible reverse proxy in front of `backends` (none: proxy mode off).
+
+    Classification (flow, priority, SLO, cost) reads the headers and body named here; the
+    utilization detector scrapes each backend's Prometheus metrics every `scrape_interval`.
+    """
+
+    backends: list[str] = msgspec.field(default_factory=list)
+    flow_headers: list[str] = msgspec.field(default_factory=_default_flow_headers)  # the first one present wins
+    flow_from_api_key: bool = True  # else: a hash of the bearer token (never the token itself)
+    default_flow: str = "default-flow"
+    priority_header: str = "x-flowshard-priority"  # an integer priority, above objective and model
+    objective_header: str = "x-gateway-inference-objective"
+    objectives: dict[str, int] = msgspec.field(default_factory=dict)  # objective name -> priority
+    models: dict[str, int] = msgspec.field(default_factory=dict)  # the body's `model` -> priority
+    slo_header: str = "x-slo-ttft-ms"
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=64, le=1 << 30)] = 16 * MiB
+    chars_per_token: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 4.0  # the prompt-token estimate
+    default_max_tokens: Annotated[int, msgspec.Meta(ge=0, le=1 << 24)] = 256  # output estimate without max_tokens
+    utilization: bool = True  # scrape the backends and gate on their saturation (with the concurrency budget)
+    metrics_path: str = "/metrics"
+    queue_threshold: Annotated[float, msgspec.Meta(gt=0, le=1e6)] = 5.0  # waiting requests that mean saturated
+    kv_threshold: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.8  # KV-cache use that means saturated
+    scrape_interval: Annotated[float, msgspec.Meta(ge=0.005, le=3600)] = 0.05
+    staleness: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 0.2  # older metrics count as saturated
+    retries: Annotated[int, msgspec.Meta(ge=0, le=16)] = 2  # further backends tried after a connect error or 5xx
+    backoff: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 1.0  # a failing backend is out this long, doubling
+    max_backoff: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 30.0
+    connect_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
+    read_timeout: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 600.0  # longest silence from a backend
+
+    def __post_init__(self) -> None:
+        self.backends = [check_backend_url(url, "backends") for url in self.backends]
+        for name in ("priority_header", "objective_header", "slo_header"):
+            setattr(self, name, _header_name(getattr(self, name), name))
+        self.flow_headers = [_header_name(h, "flow_headers") for h in self.flow_headers]
+        if not self.default_flow or len(self.default_flow) > 256:
+            raise ValueError(f"default_flow: {self.default_flow!r} must be 1 to 256 characters")
+        if not self.metrics_path.startswith("/"):
+            raise ValueError(f"metrics_path: {self.metrics_path!r} must start with /")
+        if self.staleness <= self.scrape_interval:
+            raise ValueError(
+                f"staleness: {self.staleness} must be longer than scrape_interval ({self.scrape_interval}), "
+                "or every backend would count as saturated between scrapes"
+            )
+
+
+def _header_name(name: str, field: str) -> str:
+    lowered = name.strip().lower()
+    if not _HEADER_NAME.match(lowered):
+        raise ValueError(f"{field}: {name!r} is not an HTTP header name")
+    return lowered
+
+
+def check_backend_url(url: str, field: str = "--backend") -> str:
+    """A backend's base URL (`http://host:port`, optionally with a path prefix), without a trailing slash."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{field}: {url!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{field}: {url!r} must be an http:// or https:// URL with a host, e.g. http://10.0.0.5:8000")
+    if parts.query or parts.fragment or port == 0:
+        raise ValueError(f"{field}: {url!r} must not have a query, a fragment or port 0")
+    return url.rstrip("/")
+
+
 def _default_bands() -> list[BandConfig]:
     return [BandConfig(priority=0)]
 
@@ -116,6 +194,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     service: ServiceConfig = msgspec.field(default_factory=ServiceConfig)
     bands: list[BandConfig] = msgspec.field(default_factory=_default_bands)
     weights: dict[str, float] = msgspec.field(default_factory=dict)
+    proxy: ProxyConfig = msgspec.field(default_factory=ProxyConfig)
 
     def __post_init__(self) -> None:
         _normalize_limits(self)
@@ -139,6 +218,13 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 f"default_priority {self.default_priority} names no band; "
                 f"allowed: {', '.join(str(p) for p in sorted(seen))}"
             )
+        for table in ("objectives", "models"):
+            for key, priority in getattr(self.proxy, table).items():
+                if priority not in seen:
+                    raise ValueError(
+                        f"proxy.{table}: {key!r} maps to priority {priority}, which names no band; "
+                        f"allowed: {', '.join(str(p) for p in sorted(seen))}"
+                    )
 
     @property
     def default_band(self) -> BandConfig:
@@ -314,6 +400,17 @@ def dump_config(config: Config) -> str:
     lines.append("\n[weights]")
     for flow, weight in raw["weights"].items():
         lines.append(f"{_toml_value(flow)} = {_toml_value(weight)}")
+    proxy = raw["proxy"]
+    lines.append("\n[proxy]")
+    for key, value in proxy.items():
+        if isinstance(value, list):
+            lines.append(f"{key} = [{', '.join(_toml_value(v) for v in value)}]")
+        elif not isinstance(value, dict):
+            lines.append(f"{key} = {_toml_value(value)}")
+    for table in ("objectives", "models"):
+        lines.append(f"\n[proxy.{table}]")
+        for key, priority in proxy[table].items():
+            lines.append(f"{_toml_value(key)} = {priority}")
     return "\n".join(lines) + "\n"
 
 

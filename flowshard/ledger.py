@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import math
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -171,6 +172,9 @@ class Ledger:
         self._grants: list[deque[tuple[int, int, float]]] = [deque() for _ in range(shards)]
         self._weights = config.weights
         self._need: dict[tuple[int, int], int] = {}
+        # A second saturation detector (proxy mode's utilization detector), given the grants still
+        # outstanding (admitted, not yet dispatched); the saturation is the larger of the two.
+        self.external_saturation: Callable[[int], float] | None = None
 
     def band_index(self, priority: int) -> int:
         return self._band_of.get(priority, self._default_band)
@@ -248,7 +252,10 @@ class Ledger:
         budget = self.budget
         used = budget.inflight + self.grants_out
         used_bytes = budget.inflight_bytes + self.grants_bytes
-        if max(used / budget.max_requests, used_bytes / budget.max_bytes) >= self.bands[p.band].ceiling:
+        saturation = max(used / budget.max_requests, used_bytes / budget.max_bytes)
+        if self.external_saturation is not None:
+            saturation = max(saturation, self.external_saturation(self.grants_out))
+        if saturation >= self.bands[p.band].ceiling:
             return False
         return used < budget.max_requests and (used_bytes + p.size <= budget.max_bytes or used == 0)
 
@@ -354,6 +361,8 @@ class Ledger:
                 return out
             used_bytes = budget.inflight_bytes + self.grants_bytes
             saturation = max(used / max_requests, used_bytes / max_bytes)
+            if self.external_saturation is not None:
+                saturation = max(saturation, self.external_saturation(self.grants_out))
             band = None
             for candidate in self.bands:
                 if saturation < candidate.ceiling and candidate.grantable():
@@ -454,6 +463,14 @@ class Ledger:
         elif need:
             self._need[(band_index, shard)] = need
         return band_index, live
+
+    def saturation(self) -> float:
+        """What the band ceilings are compared with: the concurrency budget's saturation, or the
+        external detector's (grants outstanding counted) when that is higher."""
+        saturation = self.budget.saturation()
+        if self.external_saturation is not None:
+            saturation = max(saturation, self.external_saturation(self.grants_out))
+        return saturation
 
     def release(self, size: int) -> None:
         """A dispatched request's ticket was released."""

@@ -1,0 +1,136 @@
+"""Proxy mode's backends: which one gets a request, passive health, and the metrics scraper.
+
+flowshard is not an endpoint picker, but the proxy must send each request somewhere: the healthy
+backend with the fewest requests in flight (ties round robin). Health is passive: a connect error,
+a timeout or a 5xx takes a backend out for `backoff` seconds, doubling per consecutive failure up to
+`max_backoff`; one success brings it back. The scraper reads every backend's Prometheus metrics
+each `scrape_interval` into the core's `PoolUtilization` and calls `on_room` when the pool's
+saturation fell, so held work is granted at once rather than at the next release.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+
+import aiohttp
+
+from flowshard.config import ProxyConfig
+from flowshard.utilization import PoolUtilization, ScrapeError, parse_metrics
+
+__all__ = ["Backend", "BackendPool", "Scraper"]
+
+log = logging.getLogger(__name__)
+
+
+class Backend:
+    """One backend: its URL, what it holds now, and its health."""
+
+    __slots__ = ("down_until", "errors", "failures", "index", "inflight", "last_error", "requests", "url")
+
+    def __init__(self, index: int, url: str) -> None:
+        self.index = index
+        self.url = url
+        self.inflight = 0
+        self.failures = 0  # consecutive
+        self.down_until = -math.inf
+        self.requests = 0  # sent, ever
+        self.errors: dict[str, int] = {}  # kind -> count
+        self.last_error = ""
+
+
+class BackendPool:
+    """The picker and the passive health checks; `now` is the caller's monotonic clock."""
+
+    def __init__(self, urls: list[str], backoff: float, max_backoff: float) -> None:
+        self.backends = [Backend(i, url) for i, url in enumerate(urls)]
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._rr = 0
+
+    def up(self, backend: Backend, now: float) -> bool:
+        return backend.down_until <= now
+
+    def pick(self, now: float, exclude: frozenset[int] | set[int] = frozenset()) -> Backend | None:
+        """The healthy backend with the fewest requests in flight, ties round robin; None if none is up."""
+        backends = self.backends
+        n = len(backends)
+        self._rr = (self._rr + 1) % n
+        best: Backend | None = None
+        for k in range(n):
+            b = backends[(self._rr + k) % n]
+            if b.down_until <= now and b.index not in exclude and (best is None or b.inflight < best.inflight):
+                best = b
+        return best
+
+    def failed(self, backend: Backend, now: float, kind: str, detail: str) -> None:
+        backend.failures += 1
+        backend.errors[kind] = backend.errors.get(kind, 0) + 1
+        backend.last_error = detail[:300]
+        backend.down_until = now + min(self.max_backoff, self.backoff * 2 ** min(backend.failures - 1, 30))
+
+    def succeeded(self, backend: Backend) -> None:
+        backend.failures = 0
+        backend.down_until = -math.inf
+
+    def next_up(self, now: float) -> float:
+        """Seconds until the first backend is back (0 if one is up now)."""
+        return max(0.0, min(b.down_until for b in self.backends) - now)
+
+
+class Scraper:
+    """Scrapes each backend's metrics every `scrape_interval`, all backends concurrently."""
+
+    def __init__(
+        self, pool: BackendPool, utilization: PoolUtilization, session: aiohttp.ClientSession, config: ProxyConfig,
+        on_room: Callable[[], None],
+    ) -> None:
+        self.pool = pool
+        self.utilization = utilization
+        self.session = session
+        self.config = config
+        self.on_room = on_room
+        self.errors: list[str] = ["" for _ in pool.backends]  # the last scrape error per backend
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.config.scrape_interval
+        timeout = aiohttp.ClientTimeout(total=self.config.staleness)
+        while True:
+            started = loop.time()
+            await asyncio.gather(*(self._scrape(b.index, timeout) for b in self.pool.backends))
+            self.utilization.expire(loop.time())
+            await asyncio.sleep(max(0.0, started + interval - loop.time()))
+
+    async def _scrape(self, index: int, timeout: aiohttp.ClientTimeout) -> None:
+        loop = asyncio.get_running_loop()
+        url = self.pool.backends[index].url + self.config.metrics_path
+        mark = self.utilization.scrape_started(index)
+        sent_at = loop.time()
+        try:
+            async with self.session.get(url, timeout=timeout) as resp:
+                body = await resp.read()
+                if resp.status != 200:
+                    raise ScrapeError(f"HTTP {resp.status}")
+            figures = parse_metrics(body)
+        except (aiohttp.ClientError, TimeoutError, ScrapeError, OSError) as exc:
+            self.utilization.scrape_failed(index)
+            self.errors[index] = f"{type(exc).__name__}: {exc}"[:300]
+            return
+        self.errors[index] = ""
+        if self.utilization.scraped(index, sent_at, mark, figures):
+            self.on_room()

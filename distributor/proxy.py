@@ -1,0 +1,534 @@
+"""Proxy mode: the OpenAI-compatible routes of the HTTP front.
+
+`POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings` are classified (flow, priority,
+SLO, size, cost: `flowshard.classify`), admitted through the same path as `POST /v1/admit`, and,
+once dispatched, forwarded to a backend (`distributor.backends`) with a pooled aiohttp client.
+Server-sent events are relayed event by event as they arrive. The ticket is released when the
+response ends, or at once when the client goes away — the upstream request is then closed, so the
+backend stops generating. `GET /v1/models` is passed through without admission.
+
+Refusals become OpenAI-shaped errors: 429 (capacity, TTL, displacement) or 503 (shutting down,
+shard failure), with `Retry-After` and `x-llm-d-request-dropped-reason`. Backend failures before
+the response started are retried on another backend (`retries`); a backend failing mid-stream
+ends the stream with an SSE error event, which the openai client raises as an `APIError`.
+
+Each proxied request is one asyncio task (the upstream call needs one); the response bytes are
+copied in this front process (see docs/proxy.md for the measured cost per request and per chunk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Final
+
+import aiohttp
+import msgspec
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from distributor.api import Admission
+from distributor.backends import Backend, BackendPool, Scraper
+from flowshard.classify import Classified, ClassifyError, SseUsage, Usage, classify, usage_from_body
+from flowshard.config import Config
+from flowshard.types import Outcome
+from flowshard.utilization import PoolUtilization
+
+if TYPE_CHECKING:
+    from distributor.http import HttpConnection, _Slot
+
+__all__ = ["Proxy"]
+
+log = logging.getLogger(__name__)
+
+POST_ROUTES: Final = frozenset({b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings"})
+GET_ROUTES: Final = frozenset({b"/v1/models"})
+ROUTES: Final = POST_ROUTES | GET_ROUTES
+# Not forwarded upstream: hop-by-hop headers, what aiohttp sets itself, and accept-encoding (the
+# usage is read from the stream, so it must come uncompressed).
+_DROP_REQUEST: Final = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host",
+    "content-length", "accept-encoding", "expect", "proxy-authorization",
+})
+_DROP_RESPONSE: Final = frozenset({
+    "connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "date", "server",
+    "trailer", "upgrade",
+})
+_BUSY: Final = frozenset({Outcome.REJECTED_CAPACITY, Outcome.EVICTED_TTL, Outcome.EVICTED_DISPLACED})
+_WHY: Final = {
+    Outcome.REJECTED_CAPACITY: "the queue is full",
+    Outcome.EVICTED_TTL: "it waited in the queue past its TTL",
+    Outcome.EVICTED_DISPLACED: "higher-priority work displaced it from the queue",
+    Outcome.REJECTED_SHUTTING_DOWN: "flowshard is shutting down",
+    Outcome.EVICTED_SHARD_FAILURE: "the shard holding it failed",
+    Outcome.EVICTED_SHUTDOWN: "flowshard shut down while it was queued",
+    Outcome.EVICTED_CANCELLED: "the request was cancelled",
+}
+
+_encode = msgspec.json.Encoder().encode
+_DONE: Final = b"data: [DONE]\n\n"  # OpenAI's end of stream
+
+
+class _ErrorDetail(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class _ErrorBody(msgspec.Struct):
+    error: _ErrorDetail
+
+
+def error_response(status: int, message: str, type_: str, code: str | None, param: str | None = None,
+                   conn: bytes = b"", extra: bytes = b"") -> bytes:
+    """A complete OpenAI-style error response: `{"error": {"message", "type", "param", "code"}}`."""
+    body = _encode(_ErrorBody(_ErrorDetail(message, type_, param, code)))
+    return b"%b%bcontent-type: application/json\r\n%b%bcontent-length: %d\r\n\r\n%b" % (
+        _status_line(status), extra, conn, b"", len(body), body)
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Unknown"
+    return b"HTTP/1.1 %d %b\r\n" % (status, phrase.encode("latin-1"))
+
+
+def _response_head(status: int, headers: list[tuple[str, str]], conn: bytes, framing: bytes) -> bytes:
+    lines = [_status_line(status)]
+    for name, value in headers:
+        lines.append(b"%b: %b\r\n" % (name.encode("latin-1"), value.encode("latin-1", "replace")))
+    lines.append(conn)
+    lines.append(framing)
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+class ProxyStats:
+    """Counters for metrics and /v1/stats (bounded label sets: routes, status codes, error kinds)."""
+
+    def __init__(self) -> None:
+        self.responses: dict[tuple[str, int], int] = {}  # (route, status) -> count
+        self.dropped: dict[str, int] = {}  # outcome label -> count
+        self.client_disconnects = 0
+        self.retries = 0
+        self.no_backend = 0
+        self.midstream_failures = 0
+        self.tokens = {"estimated": 0, "prompt": 0, "completion": 0}
+        self.chunks = 0
+
+    def response(self, route: str, status: int) -> None:
+        key = (route, status)
+        self.responses[key] = self.responses.get(key, 0) + 1
+
+
+class Exchange:
+    """One proxied request: the admission's waiter, the upstream call, the client's response slot."""
+
+    __slots__ = ("backend", "conn", "conn_hdr", "gone", "headers", "item", "proxy", "refused", "rid", "route", "slot",
+                 "task", "ticket")
+
+    def __init__(self, proxy: Proxy, conn: HttpConnection, slot: _Slot, route: str, item: Classified,
+                 headers: list[tuple[str, str]], conn_hdr: bytes) -> None:
+        self.proxy = proxy
+        self.conn = conn
+        self.slot = slot
+        self.route = route
+        self.item = item
+        self.headers = headers
+        self.conn_hdr = conn_hdr
+        self.rid: int | None = None
+        self.ticket = 0
+        self.task: asyncio.Task[None] | None = None
+        self.gone = False
+        self.refused = False
+        self.backend: Backend | None = None
+
+    # ------------------------------------------------------------------ Waiter (called by the distributor)
+
+    def deliver(self, cid: Any, request_id: int, outcome: Outcome, ticket: int, wait: float, retry_after: int) -> None:
+        proxy = self.proxy
+        if outcome == Outcome.DISPATCHED:
+            self.ticket = ticket
+            task = proxy.loop.create_task(proxy.forward(self))
+            self.task = task
+            proxy.active.add(self)
+            task.add_done_callback(self._done)  # never inside deliver: done callbacks run later
+            return
+        self.refused = True
+        status = 429 if outcome in _BUSY else 503
+        label = outcome.label
+        proxy.stats.dropped[label] = proxy.stats.dropped.get(label, 0) + 1
+        proxy.stats.response(self.route, status)
+        reason = f"{outcome.status}-{outcome.reason.replace('_', '-')}"
+        message = f"flowshard: {label}: {_WHY[outcome]}; retry after {retry_after} s"
+        extra = b"retry-after: %d\r\nx-llm-d-request-dropped-reason: %b\r\n" % (retry_after, reason.encode())
+        kind = "rate_limit_exceeded" if status == 429 else "service_unavailable"
+        self.conn.slot_respond(
+            self.slot, error_response(status, message, kind, outcome.label.replace(":", "_"), None, self.conn_hdr,
+                                      extra))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def client_gone(self) -> None:
+        """The client's connection was lost: stop the upstream call, or cancel the admission."""
+        if self.gone:
+            return
+        self.gone = True
+        if self.task is not None:
+            if not self.task.done():
+                self.proxy.stats.client_disconnects += 1
+                self.task.cancel()  # closes the upstream response; _done releases the ticket
+        elif self.rid is not None and not self.refused:
+            self.proxy.stats.client_disconnects += 1
+            self.proxy.admission.cancel(self.rid)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        proxy = self.proxy
+        proxy.active.discard(self)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("proxying %s failed", self.route, exc_info=task.exception())
+            if not self.gone:
+                self.conn.slot_respond(self.slot, error_response(500, "flowshard: internal error", "server_error",
+                                                                 "internal_error", None, self.conn_hdr))
+        ticket, self.ticket = self.ticket, 0
+        if ticket:
+            proxy.admission.release(ticket)
+
+
+class Proxy:
+    """The OpenAI routes, the backend pool, the scraper and the upstream connection pool."""
+
+    def __init__(self, config: Config, admission: Admission, on_room: Any) -> None:
+        self.config = config
+        self.pc = config.proxy
+        self.admission = admission
+        self.default_priority = config.default_band.priority
+        self.pool = BackendPool(self.pc.backends, self.pc.backoff, self.pc.max_backoff)
+        self.utilization = (
+            PoolUtilization(len(self.pc.backends), self.pc.queue_threshold, self.pc.kv_threshold, self.pc.staleness)
+            if self.pc.utilization else None
+        )
+        self.routes = ROUTES
+        self.stats = ProxyStats()
+        self.active: set[Exchange] = set()
+        self._on_room = on_room
+        self.session: aiohttp.ClientSession | None = None
+        self.scraper: Scraper | None = None
+        self.loop = asyncio.get_running_loop()  # constructed by the distributor's start()
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.pc.connect_timeout,
+                                        sock_read=self.pc.read_timeout)
+        self.session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
+                                             skip_auto_headers=("User-Agent", "Accept-Encoding"))
+        if self.utilization is not None:
+            self.scraper = Scraper(self.pool, self.utilization, self.session, self.pc, self._on_room)
+            self.scraper.start()
+
+    async def close(self) -> None:
+        if self.scraper is not None:
+            await self.scraper.stop()
+        for exchange in list(self.active):
+            if exchange.task is not None:
+                exchange.task.cancel()
+        for exchange in list(self.active):
+            if exchange.task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await exchange.task
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    # ------------------------------------------------------------------ the HTTP front calls these
+
+    def body_limit(self, path: bytes) -> int | None:
+        """The body limit of a proxied route (prompts are large), None for other paths."""
+        return self.pc.max_body_bytes if path in POST_ROUTES else None
+
+    def handle(self, conn: HttpConnection, method: bytes, path: bytes, raw_headers: list[tuple[bytes, bytes]],
+               body: bytes, conn_hdr: bytes, close: int) -> None:
+        route = path.decode("latin-1")
+        slot = conn.slot_open(conn_hdr, close)
+        headers = [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in raw_headers]
+        if path in GET_ROUTES:
+            if method not in (b"GET", b"HEAD"):
+                conn.slot_respond(slot, error_response(405, f"method {method.decode('latin-1')} not allowed",
+                                                       "invalid_request_error", None, None, conn_hdr,
+                                                       b"allow: GET, HEAD\r\n"))
+                return
+            exchange = Exchange(self, conn, slot, route, _PASSTHROUGH, headers, conn_hdr)
+            slot.exchange = exchange
+            exchange.task = self.loop.create_task(self.forward(exchange, method=method.decode()))
+            self.active.add(exchange)
+            exchange.task.add_done_callback(exchange._done)
+            return
+        if method != b"POST":
+            conn.slot_respond(slot, error_response(405, f"method {method.decode('latin-1')} not allowed",
+                                                   "invalid_request_error", None, None, conn_hdr,
+                                                   b"allow: POST\r\n"))
+            return
+        try:
+            item = classify(self.pc, route, dict(headers), body, self.default_priority)
+        except ClassifyError as exc:
+            self.stats.response(route, exc.status)
+            conn.slot_respond(slot, error_response(exc.status, exc.message, "invalid_request_error", None,
+                                                   exc.param, conn_hdr))
+            return
+        self.stats.tokens["estimated"] += item.tokens
+        exchange = Exchange(self, conn, slot, route, item, headers, conn_hdr)
+        slot.exchange = exchange
+        # leased=False: the proxy itself releases the ticket when the response ends (or the client leaves)
+        exchange.rid = self.admission.admit(exchange, slot, item.flow, item.priority, item.size, 0.0, item.slo,
+                                            item.tokens, 0.0, False)
+
+    # ------------------------------------------------------------------ upstream
+
+    async def forward(self, ex: Exchange, method: str = "POST") -> None:
+        """Send the request to a backend (retrying another on a connect error or 5xx), relay the answer."""
+        assert self.session is not None
+        pc = self.pc
+        loop = self.loop
+        headers = [(n, v) for n, v in ex.headers if n not in _DROP_REQUEST]
+        if method == "POST":
+            headers = [(n, v) for n, v in headers if n != "content-type"] + [("content-type", "application/json")]
+        tried: set[int] = set()
+        attempt = 0
+        while True:
+            backend = self.pool.pick(loop.time(), tried) or self.pool.pick(loop.time())
+            if backend is None:
+                if attempt < pc.retries:
+                    attempt += 1
+                    self.stats.retries += 1
+                    await asyncio.sleep(min(self.pool.next_up(loop.time()), 0.05 * 2**attempt))
+                    continue
+                self.stats.no_backend += 1
+                self._respond_error(ex, 503, "flowshard: no backend is available (all failed recently)",
+                                    "service_unavailable", "no_backend", extra=b"retry-after: 1\r\n")
+                return
+            tried.add(backend.index)
+            outcome = await self._attempt(ex, backend, method, headers, last=attempt >= pc.retries)
+            if outcome:
+                return
+            attempt += 1
+            self.stats.retries += 1
+
+    async def _attempt(self, ex: Exchange, backend: Backend, method: str, headers: list[tuple[str, str]],
+                       last: bool) -> bool:
+        """One try on `backend`. False: it failed before any byte reached the client (try another)."""
+        assert self.session is not None
+        loop = self.loop
+        util = self.utilization
+        counted = method == "POST"
+        backend.inflight += 1
+        backend.requests += 1
+        if util is not None and counted:
+            util.sent(backend.index)
+        ex.backend = backend
+        resp: aiohttp.ClientResponse | None = None
+        try:
+            try:
+                resp = await self.session.request(method, backend.url + ex.route, data=ex.item.body or None,
+                                                  headers=headers)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                self.pool.failed(backend, loop.time(), "connect", f"{type(exc).__name__}: {exc}")
+                if last:
+                    self._respond_error(ex, 502, f"flowshard: backend {backend.url} failed: {type(exc).__name__}",
+                                        "server_error", "backend_unreachable")
+                    return True
+                return False
+            if resp.status >= 500:
+                self.pool.failed(backend, loop.time(), f"http_{resp.status}", f"HTTP {resp.status}")
+                if not last:
+                    return False
+            else:
+                self.pool.succeeded(backend)
+            if resp.content_type == "text/event-stream":
+                await self._relay_stream(ex, backend, resp)
+            else:
+                await self._relay_body(ex, backend, resp)
+            return True
+        except asyncio.CancelledError:
+            if resp is not None:
+                resp.close()  # the client left: drop the connection (not back to the pool): the backend stops
+            raise
+        finally:
+            if resp is not None and not resp.closed:
+                resp.release()
+            backend.inflight -= 1
+            if util is not None and counted:
+                util.finished(backend.index)
+
+    def _response_headers(self, resp: aiohttp.ClientResponse) -> list[tuple[str, str]]:
+        return [(k.lower(), v) for k, v in resp.headers.items() if k.lower() not in _DROP_RESPONSE]
+
+    async def _relay_body(self, ex: Exchange, backend: Backend, resp: aiohttp.ClientResponse) -> None:
+        try:
+            data = await resp.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            resp.close()
+            self.pool.failed(backend, self.loop.time(), "midstream", f"{type(exc).__name__}: {exc}")
+            self._respond_error(ex, 502, f"flowshard: backend {backend.url} failed while answering: "
+                                f"{type(exc).__name__}", "server_error", "backend_failed")
+            return
+        if resp.status == 200 and ex.item.size:
+            self._settle_usage(ex, usage_from_body(data))
+        self.stats.response(ex.route, resp.status)
+        head = _response_head(resp.status, self._response_headers(resp), ex.conn_hdr,
+                              b"content-length: %d\r\n" % len(data))
+        ex.conn.slot_respond(ex.slot, head + data)
+
+    async def _relay_stream(self, ex: Exchange, backend: Backend, resp: aiohttp.ClientResponse) -> None:
+        conn, slot = ex.conn, ex.slot
+        relay = SseUsage(ex.item.strip_usage)
+        self.stats.response(ex.route, resp.status)
+        conn.slot_write(slot, _response_head(resp.status, self._response_headers(resp), ex.conn_hdr,
+                                             b"transfer-encoding: chunked\r\n"))
+        stats = self.stats
+        ended = False
+        try:
+            async for data in resp.content.iter_any():
+                out = relay.feed(data)
+                if out and not ended:
+                    stats.chunks += 1
+                    if out.endswith(_DONE):  # the client has all it needs: end its response now
+                        ended = True
+                        conn.slot_end(slot, b"%x\r\n%b\r\n0\r\n\r\n" % (len(out), out))
+                    else:
+                        conn.slot_write(slot, b"%x\r\n%b\r\n" % (len(out), out))
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            resp.close()
+            stats.midstream_failures += 1
+            self.pool.failed(backend, self.loop.time(), "midstream", f"{type(exc).__name__}: {exc}")
+            if ended:  # the client had its whole answer
+                return
+            rest = relay.end()
+            error = _encode(_ErrorBody(_ErrorDetail(
+                f"flowshard: backend {backend.url} failed mid-stream ({type(exc).__name__}); the response is "
+                "incomplete", "server_error", None, "backend_failed")))
+            tail = rest + b"data: " + error + b"\n\n"
+            conn.slot_end(slot, b"%x\r\n%b\r\n0\r\n\r\n" % (len(tail), tail))
+            return
+        rest = relay.end()
+        if resp.status == 200:
+            self._settle_usage(ex, relay.usage)
+        if not ended:
+            conn.slot_end(slot, (b"%x\r\n%b\r\n" % (len(rest), rest) if rest else b"") + b"0\r\n\r\n")
+
+    def _respond_error(self, ex: Exchange, status: int, message: str, type_: str, code: str,
+                       extra: bytes = b"") -> None:
+        self.stats.response(ex.route, status)
+        ex.conn.slot_respond(ex.slot, error_response(status, message, type_, code, None, ex.conn_hdr, extra))
+
+    def _settle_usage(self, ex: Exchange, usage: Usage | None) -> None:
+        """The request's actual tokens. Counted here; once releases can carry actual tokens (issue 9),
+        this is where the fairness charge is corrected from the estimate to the actual usage."""
+        if usage is not None:
+            self.stats.tokens["prompt"] += usage.prompt_tokens
+            self.stats.tokens["completion"] += usage.completion_tokens
+
+    # ------------------------------------------------------------------ observability
+
+    def metrics(self) -> Iterator[Metric]:
+        st = self.stats
+        now = self.loop.time()
+        responses = CounterMetricFamily("flowshard_proxy_responses", "Proxied responses by route and HTTP status.",
+                                        labels=["route", "code"])
+        for (route, status), count in sorted(st.responses.items()):
+            responses.add_metric([route, str(status)], count)
+        yield responses
+        dropped = CounterMetricFamily("flowshard_proxy_dropped", "Proxied requests refused by flow control.",
+                                      labels=["outcome"])
+        for label, count in sorted(st.dropped.items()):
+            dropped.add_metric([label], count)
+        yield dropped
+        yield CounterMetricFamily("flowshard_proxy_client_disconnects", "Clients that left before their response "
+                                  "ended (the upstream request was closed).", value=st.client_disconnects)
+        yield CounterMetricFamily("flowshard_proxy_retries", "Requests tried again on another backend.",
+                                  value=st.retries)
+        yield CounterMetricFamily("flowshard_proxy_no_backend", "Requests answered 503 because no backend was up.",
+                                  value=st.no_backend)
+        yield CounterMetricFamily("flowshard_proxy_stream_chunks", "Streamed chunks relayed to clients.",
+                                  value=st.chunks)
+        tokens = CounterMetricFamily("flowshard_proxy_tokens", "Tokens: the admission estimate, and the actual "
+                                     "prompt and completion tokens the backends reported.", labels=["kind"])
+        for kind, count in st.tokens.items():
+            tokens.add_metric([kind], count)
+        yield tokens
+        inflight = GaugeMetricFamily("flowshard_backend_inflight_requests", "Requests in flight to the backend.",
+                                     labels=["backend"])
+        up = GaugeMetricFamily("flowshard_backend_up", "0 while the backend is out after a failure (passive "
+                               "health), else 1.", labels=["backend"])
+        errors = CounterMetricFamily("flowshard_backend_errors", "Backend failures by kind (connect, http_5xx, "
+                                     "midstream).", labels=["backend", "kind"])
+        for b in self.pool.backends:
+            inflight.add_metric([b.url], b.inflight)
+            up.add_metric([b.url], 1 if self.pool.up(b, now) else 0)
+            for kind, count in sorted(b.errors.items()):
+                errors.add_metric([b.url, kind], count)
+        yield from (inflight, up, errors)
+        util = self.utilization
+        if util is None:
+            return
+        util.expire(now)
+        sat = GaugeMetricFamily("flowshard_backend_saturation", "Per-backend saturation from its metrics: "
+                                "max(waiting / queue_threshold, kv / kv_threshold) with the dispatches since "
+                                "the scrape; 1 when stale.", labels=["backend"])
+        age = GaugeMetricFamily("flowshard_backend_metrics_age_seconds", "Age of the backend's last good scrape.",
+                                labels=["backend"])
+        stale = GaugeMetricFamily("flowshard_backend_metrics_stale", "1 when the backend's metrics are older than "
+                                  "the staleness limit (it counts as saturated).", labels=["backend"])
+        scrape_errors = CounterMetricFamily("flowshard_backend_scrape_errors", "Failed metric scrapes.",
+                                            labels=["backend"])
+        waiting = GaugeMetricFamily("flowshard_backend_waiting_requests", "Waiting queue at the last scrape.",
+                                    labels=["backend"])
+        kv = GaugeMetricFamily("flowshard_backend_kv_cache_usage", "KV-cache use (0..1) at the last scrape.",
+                               labels=["backend"])
+        for b in self.pool.backends:
+            load = util.loads[b.index]
+            sat.add_metric([b.url], util.backend_saturation(b.index))
+            if load.at > float("-inf"):
+                age.add_metric([b.url], util.age(b.index))
+            stale.add_metric([b.url], 1 if util.stale(b.index) else 0)
+            scrape_errors.add_metric([b.url], load.errors)
+            waiting.add_metric([b.url], load.waiting)
+            kv.add_metric([b.url], load.kv)
+        yield from (sat, age, stale, scrape_errors, waiting, kv)
+        yield GaugeMetricFamily("flowshard_pool_saturation", "Mean backend saturation (the utilization detector).",
+                                value=util.saturation())
+
+    def snapshot(self) -> dict[str, Any]:
+        """The `proxy` part of `GET /v1/stats`."""
+        st = self.stats
+        now = self.loop.time()
+        util = self.utilization
+        if util is not None:
+            util.expire(now)
+        backends = []
+        for b in self.pool.backends:
+            entry: dict[str, Any] = {"url": b.url, "inflight": b.inflight, "requests": b.requests,
+                                     "up": self.pool.up(b, now), "errors": dict(b.errors), "last_error": b.last_error}
+            if util is not None:
+                load = util.loads[b.index]
+                entry.update(saturation=util.backend_saturation(b.index), stale=util.stale(b.index),
+                             waiting=load.waiting, running=load.running, kv=load.kv, scrape_errors=load.errors,
+                             last_scrape_error=self.scraper.errors[b.index] if self.scraper else "")
+            backends.append(entry)
+        return {
+            "active": len(self.active),
+            "pool_saturation": util.saturation() if util is not None else None,
+            "responses": {f"{route} {status}": n for (route, status), n in sorted(st.responses.items())},
+            "dropped": dict(st.dropped), "client_disconnects": st.client_disconnects, "retries": st.retries,
+            "no_backend": st.no_backend, "midstream_failures": st.midstream_failures, "tokens": dict(st.tokens),
+            "chunks": st.chunks, "backends": backends,
+        }
+
+
+# A GET passed through: nothing to classify, nothing admitted, no body.
+_PASSTHROUGH: Final = Classified(flow="", priority=0, slo=0.0, size=0, tokens=0, prompt_tokens=0, model="",
+                                 stream=False, strip_usage=False, body=b"")

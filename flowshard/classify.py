@@ -1,0 +1,265 @@
+"""Proxy mode's request classification and usage accounting: pure functions over headers and bodies.
+
+Why here: what a proxied request *is* to flowshard (its flow, priority, SLO, size and cost) is
+decided from its headers and JSON body alone, so it is tested without sockets and runs the same
+in any front process. The defaults follow the upstream conventions (Gateway API Inference
+Extension / llm-d): the flow from `x-gateway-inference-fairness-id` or its llm-d successor (a
+flowshard header first), the priority from an objective name or the model, the SLO from
+`x-slo-ttft-ms`.
+
+The cost for `vtc` is an estimate made before the request runs: prompt characters / `chars_per_token`
+plus `max_tokens` (or `default_max_tokens`). The actual `usage` the backend reports is read from the
+response (`usage_from_body`, `SseUsage`), so the charge can be corrected when the request ends. To
+have it for streams too, a stream without `stream_options.include_usage` is sent upstream with it
+set, and the usage-only chunk is taken out of what the client receives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from flowshard.config import ProxyConfig
+from flowshard.validate import MAX_FLOW_ID, MAX_PRIORITY, MAX_SECONDS, MAX_TOKENS
+
+__all__ = ["Classified", "ClassifyError", "SseUsage", "Usage", "classify", "usage_from_body"]
+
+
+class ClassifyError(ValueError):
+    """A request the proxy refuses before admission; `param` names the header or body field."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+
+class Classified(msgspec.Struct, kw_only=True):
+    """What flowshard admits for one proxied request, and what it sends upstream."""
+
+    flow: str
+    priority: int
+    slo: float  # seconds; 0: none
+    size: int  # the request body's bytes
+    tokens: int  # the cost estimate (prompt + output tokens)
+    prompt_tokens: int  # the prompt part of the estimate
+    model: str
+    stream: bool
+    strip_usage: bool  # include_usage was added by flowshard: drop the usage chunk on the way back
+    body: bytes  # the body to send upstream (rewritten only to ask for usage)
+
+
+class Usage(msgspec.Struct):
+    """The `usage` object of an OpenAI response (embeddings report no completion tokens)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class _UsageOnly(msgspec.Struct):
+    usage: Usage | None = None
+
+
+class _Chunk(msgspec.Struct):
+    usage: Usage | None = None
+    choices: list[Any] = msgspec.field(default_factory=list)
+
+
+_decode_any = msgspec.json.Decoder().decode
+_decode_usage = msgspec.json.Decoder(_UsageOnly).decode
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+_encode = msgspec.json.Encoder().encode
+_BEARER = re.compile(r"^\s*bearer\s+(\S+)\s*$", re.IGNORECASE)
+
+
+def flow_of(config: ProxyConfig, headers: Mapping[str, str]) -> str:
+    """The first configured flow header present; else a hash of the API key; else the default flow."""
+    for name in config.flow_headers:
+        value = headers.get(name, "").strip()
+        if value:
+            if len(value) > MAX_FLOW_ID:
+                raise ClassifyError(400, f"header {name}: {len(value)} characters, at most {MAX_FLOW_ID}", name)
+            return value
+    if config.flow_from_api_key:
+        m = _BEARER.match(headers.get("authorization", ""))
+        if m:
+            # a hash, never the key: flow ids appear in metrics, stats and logs
+            return "key:" + hashlib.sha256(m[1].encode()).hexdigest()[:16]
+    return config.default_flow
+
+
+def priority_of(config: ProxyConfig, headers: Mapping[str, str], model: str, default: int) -> int:
+    """The priority header, else the objective's, else the model's (from the config), else `default`."""
+    raw = headers.get(config.priority_header, "").strip()
+    if raw:
+        try:
+            priority = int(raw)
+        except ValueError:
+            raise ClassifyError(400, f"header {config.priority_header}: {raw[:40]!r} is not an integer",
+                                config.priority_header) from None
+        if not -MAX_PRIORITY <= priority < MAX_PRIORITY:
+            raise ClassifyError(400, f"header {config.priority_header}: {priority} is outside [-2^31, 2^31)",
+                                config.priority_header)
+        return priority
+    objective = headers.get(config.objective_header, "").strip()
+    if objective and objective in config.objectives:
+        return config.objectives[objective]
+    if model in config.models:
+        return config.models[model]
+    return default
+
+
+def slo_of(config: ProxyConfig, headers: Mapping[str, str]) -> float:
+    """The time-to-first-token objective in seconds (the header is in milliseconds); 0 when absent."""
+    raw = headers.get(config.slo_header, "").strip()
+    if not raw:
+        return 0.0
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = math.nan
+    if not (math.isfinite(ms) and 0 <= ms <= MAX_SECONDS * 1000):
+        raise ClassifyError(400, f"header {config.slo_header}: {raw[:40]!r} is not a number of milliseconds "
+                                 f"in [0, {MAX_SECONDS * 1000:.0f}]", config.slo_header)
+    return ms / 1000.0
+
+
+def _text_chars(value: Any) -> int:
+    """Characters of prompt text in a `messages`, `prompt` or `input` value (token ids count as 4 each)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, int):
+        return 4
+    if isinstance(value, list):
+        return sum(_text_chars(v) for v in value)
+    if isinstance(value, dict):
+        total = 0
+        for key in ("content", "text"):
+            total += _text_chars(value.get(key))
+        return total
+    return 0
+
+
+def _count(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ClassifyError(400, f"{name}: {value!r} must be a non-negative integer", name)
+    return value
+
+
+def classify(
+    config: ProxyConfig, path: str, headers: Mapping[str, str], body: bytes, default_priority: int
+) -> Classified:
+    """Classify one `POST` to an OpenAI route. `headers`: lower-case names. Raises ClassifyError."""
+    try:
+        doc = _decode_any(body)
+    except msgspec.DecodeError as exc:
+        raise ClassifyError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ClassifyError(400, "request body must be a JSON object")
+    model = doc.get("model")
+    if not isinstance(model, str) or not model:
+        raise ClassifyError(400, "model: a non-empty string is required", "model")
+    if path.endswith("/embeddings"):
+        prompt_chars = _text_chars(doc.get("input"))
+        output = 0
+    else:
+        prompt_chars = _text_chars(doc.get("messages")) + _text_chars(doc.get("prompt"))
+        declared = _count(doc, "max_completion_tokens")
+        if declared is None:
+            declared = _count(doc, "max_tokens")
+        output = config.default_max_tokens if declared is None else declared
+    prompt_tokens = math.ceil(prompt_chars / config.chars_per_token)
+    tokens = min(prompt_tokens + output, MAX_TOKENS)
+    stream = doc.get("stream") is True
+    strip_usage = False
+    if stream:
+        options = doc.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise ClassifyError(400, "stream_options: must be an object", "stream_options")
+        if not (options or {}).get("include_usage"):
+            doc["stream_options"] = dict(options or {}, include_usage=True)
+            body = _encode(doc)
+            strip_usage = True
+    return Classified(
+        flow=flow_of(config, headers), priority=priority_of(config, headers, model, default_priority),
+        slo=slo_of(config, headers), size=len(body), tokens=tokens, prompt_tokens=prompt_tokens, model=model,
+        stream=stream, strip_usage=strip_usage, body=body,
+    )
+
+
+def usage_from_body(body: bytes) -> Usage | None:
+    """The `usage` of a complete (non-streamed) response body, if it has one."""
+    try:
+        return _decode_usage(body).usage
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+
+
+class SseUsage:
+    """Relays a server-sent-event stream event by event, noting its `usage` on the way.
+
+    `feed` returns the complete events received so far (a partial event waits for its end, so
+    every write to the client is whole events); `end` returns what is left. With `strip_usage`,
+    the usage-only chunk (no choices) that flowshard asked for on the client's behalf is dropped.
+    Only events that carry a usage object are decoded; the rest pass as bytes.
+    """
+
+    __slots__ = ("_rest", "strip", "usage")
+
+    def __init__(self, strip_usage: bool) -> None:
+        self.strip = strip_usage
+        self.usage: Usage | None = None
+        self._rest = b""
+
+    def feed(self, data: bytes) -> bytes:
+        buf = self._rest + data if self._rest else data
+        lf, crlf = buf.rfind(b"\n\n"), buf.rfind(b"\r\n\r\n")
+        cut = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+        if not cut:  # no event is complete yet
+            self._rest = buf
+            return b""
+        complete, self._rest = buf[:cut], buf[cut:]
+        if _USAGE_OBJECT.search(complete) is None:
+            return complete
+        return self._events(complete)
+
+    def end(self) -> bytes:
+        rest, self._rest = self._rest, b""
+        if rest and _USAGE_OBJECT.search(rest) is not None:
+            return self._events(rest)
+        return rest
+
+    def _events(self, data: bytes) -> bytes:
+        out: list[bytes] = []
+        for event in re.split(rb"(?<=\n\n)|(?<=\r\n\r\n)", data):
+            if not event or _USAGE_OBJECT.search(event) is None:
+                out.append(event)
+                continue
+            chunk = self._chunk(event)
+            if chunk is not None and chunk.usage is not None:
+                self.usage = chunk.usage
+                if self.strip and not chunk.choices:
+                    continue
+            out.append(event)
+        return b"".join(out)
+
+    @staticmethod
+    def _chunk(event: bytes) -> _Chunk | None:
+        payload = b"".join(line[5:].lstrip() for line in event.splitlines() if line.startswith(b"data:"))
+        try:
+            return _decode_chunk(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None

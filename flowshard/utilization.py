@@ -1,0 +1,173 @@
+"""The utilization saturation detector: backend saturation from the backends' own metrics.
+
+Why: the concurrency budget is open loop (it counts requests, not what they cost the GPU). The
+backends say how loaded they are: their waiting queue and KV-cache use. Per backend
+
+    saturation = max(waiting / queue_threshold, kv / kv_threshold)
+
+(upstream defaults 5 and 0.8), metrics older than `staleness` count as saturated (1.0), and the
+pool's saturation is the mean over the backends. It feeds the same per-band ceilings as the
+concurrency budget; a request needs room in both.
+
+Beyond upstream (its open overshoot problem): between two scrapes the scraped queue does not show
+the requests let through since. So each backend's figure is corrected with what the proxy itself
+knows exactly: the requests it sent there since the scrape was sent, minus those that finished
+there since, counted as waiting (the conservative guess of where they landed); and the KV use grows
+by the KV share of an average running request for each. Requests admitted but not yet sent (grants
+still on their way to a shard) are spread evenly over the backends. The core has no clock: the
+shell passes `now` to `scraped` and `expire`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+
+__all__ = ["BackendLoad", "PoolUtilization", "ScrapeError", "Scraped", "parse_metrics"]
+
+# Metric names by engine. Waiting and running are summed over label sets (engines, models);
+# the KV use is the highest of its label sets.
+WAITING = (b"vllm:num_requests_waiting", b"sglang:num_queue_reqs", b"tgi_queue_size")
+RUNNING = (b"vllm:num_requests_running", b"sglang:num_running_reqs", b"tgi_batch_current_size")
+KV = (b"vllm:kv_cache_usage_perc", b"vllm:gpu_cache_usage_perc", b"sglang:token_usage")
+_PREFIXES = WAITING + RUNNING + KV
+
+
+class ScrapeError(ValueError):
+    """A metrics page flowshard cannot read a saturation from."""
+
+
+class Scraped(msgspec.Struct, frozen=True):
+    waiting: float
+    running: float
+    kv: float  # 0..1
+
+
+def parse_metrics(text: bytes) -> Scraped:
+    """Read the waiting queue, running count and KV-cache use from a Prometheus text page.
+
+    Only the lines of the known metrics are parsed (a vLLM page is mostly histograms). A page with
+    neither a waiting queue nor a KV-cache metric cannot say anything: ScrapeError.
+    """
+    waiting = running = 0.0
+    kv = -1.0
+    seen_waiting = False
+    for line in text.split(b"\n"):
+        if not line.startswith(_PREFIXES):
+            continue
+        brace = line.find(b"}")
+        name_end = line.find(b"{")
+        if name_end < 0:
+            name_end = line.find(b" ")
+            fields = line[name_end:].split()
+        else:
+            fields = line[brace + 1 :].split()
+        name = line[:name_end]
+        if not fields:
+            continue
+        try:
+            value = float(fields[0])
+        except ValueError:
+            raise ScrapeError(f"{name.decode(errors='replace')}: value {fields[0][:40]!r} is not a number") from None
+        if not math.isfinite(value) or value < 0:
+            raise ScrapeError(f"{name.decode(errors='replace')}: value {value} is not a non-negative number")
+        if name in WAITING:
+            waiting += value
+            seen_waiting = True
+        elif name in RUNNING:
+            running += value
+        elif name in KV:
+            kv = max(kv, value)
+    if not seen_waiting and kv < 0:
+        raise ScrapeError("no known saturation metric (vllm:num_requests_waiting, vllm:kv_cache_usage_perc, "
+                          "sglang:num_queue_reqs, sglang:token_usage)")
+    return Scraped(waiting, running, min(max(kv, 0.0), 1.0))
+
+
+class BackendLoad:
+    """One backend's last scrape and the proxy's exact count of what changed there since."""
+
+    __slots__ = ("at", "errors", "finished", "finished_base", "kv", "running", "sent", "sent_base", "waiting")
+
+    def __init__(self) -> None:
+        self.waiting = self.running = self.kv = 0.0
+        self.at = -math.inf  # when the last good scrape was *sent* (its figures are at least that fresh)
+        self.sent = 0  # requests sent to this backend, ever
+        self.finished = 0  # requests that ended there, ever
+        self.sent_base = self.finished_base = 0  # both at the moment the last good scrape was sent
+        self.errors = 0  # scrapes that failed, ever
+
+
+class PoolUtilization:
+    """The pool's saturation from scraped metrics plus the dispatches not yet visible in them."""
+
+    def __init__(self, backends: int, queue_threshold: float, kv_threshold: float, staleness: float) -> None:
+        if backends < 1:
+            raise ValueError("the utilization detector needs at least one backend")
+        self.loads = [BackendLoad() for _ in range(backends)]
+        self.queue_threshold = queue_threshold
+        self.kv_threshold = kv_threshold
+        self.staleness = staleness
+        self._now = -math.inf  # the shell's clock at its last call (scraped / expire)
+
+    # ------------------------------------------------------------------ events from the shell
+
+    def sent(self, backend: int) -> None:
+        self.loads[backend].sent += 1
+
+    def finished(self, backend: int) -> None:
+        self.loads[backend].finished += 1
+
+    def scrape_started(self, backend: int) -> tuple[int, int]:
+        """Call when the scrape request leaves; pass the result to `scraped` with its figures."""
+        load = self.loads[backend]
+        return load.sent, load.finished
+
+    def scraped(self, backend: int, sent_at: float, mark: tuple[int, int], figures: Scraped) -> bool:
+        """A scrape sent at `sent_at` (with `mark` from `scrape_started`) came back. Returns whether the
+        pool's saturation fell (then held work may go: the caller re-plans its grants)."""
+        before = self.saturation()
+        load = self.loads[backend]
+        if sent_at < load.at:  # an older scrape overtaken by a newer one
+            return False
+        load.waiting, load.running, load.kv = figures.waiting, figures.running, figures.kv
+        load.at = sent_at
+        load.sent_base, load.finished_base = mark
+        self._now = max(self._now, sent_at)
+        return self.saturation() < before
+
+    def scrape_failed(self, backend: int) -> None:
+        self.loads[backend].errors += 1
+
+    def expire(self, now: float) -> None:
+        """Advance the detector's clock: metrics older than `staleness` now count as saturated."""
+        self._now = max(self._now, now)
+
+    # ------------------------------------------------------------------ saturation
+
+    def stale(self, backend: int) -> bool:
+        return self._now - self.loads[backend].at > self.staleness
+
+    def age(self, backend: int) -> float:
+        return self._now - self.loads[backend].at
+
+    def backend_saturation(self, backend: int, extra: float = 0.0) -> float:
+        """max(waiting / queue_threshold, kv / kv_threshold) with the correction; 1.0 when stale.
+
+        `extra`: requests admitted for the pool but not yet sent, this backend's share of them."""
+        load = self.loads[backend]
+        if self._now - load.at > self.staleness:
+            return 1.0
+        delta = (load.sent - load.sent_base) - (load.finished - load.finished_base) + extra
+        waiting = max(0.0, load.waiting + delta)
+        kv = load.kv
+        if delta > 0 and load.running > 0:
+            kv += delta * load.kv / load.running  # each one takes an average running request's share
+        return max(waiting / self.queue_threshold, kv / self.kv_threshold)
+
+    def saturation(self, unsent: int = 0) -> float:
+        """The pool's saturation: the mean over the backends; `unsent` admitted requests spread evenly."""
+        loads = self.loads
+        extra = unsent / len(loads)
+        return sum(self.backend_saturation(b, extra) for b in range(len(loads))) / len(loads)
