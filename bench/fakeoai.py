@@ -15,7 +15,7 @@ vLLM's OpenAI server, with a load model that makes its `/metrics` move the way v
   (drop each request's connection without an answer), `die_after` (drop the connection after that
   many streamed tokens), `max_running`, `metrics_status` (fail `/metrics` with that status);
 - `GET /fake/stats`: requests, running, waiting, completed, aborted (the client went away before
-  the end: how a test sees that the proxy closed the upstream request), peak running.
+  the end: how a test sees that the proxy closed the upstream request), peak running and waiting.
 
 `python -m bench.fakeoai [--port 0] [--ttft S] [--itl S] ...` prints
 `fakeoai ready: http://HOST:PORT pid=PID` on stderr; SIGTERM/SIGINT stop it.
@@ -83,7 +83,8 @@ class FakeBackend:
         self.running = 0
         self.kv_used = 0
         self.waiters: deque[asyncio.Future[None]] = deque()
-        self.counts = {"requests": 0, "completed": 0, "aborted": 0, "peak_running": 0, "metrics_scrapes": 0}
+        self.counts = {"requests": 0, "completed": 0, "aborted": 0, "peak_running": 0, "peak_waiting": 0,
+                       "metrics_scrapes": 0}
         self._id = 0
 
     # ------------------------------------------------------------------ the batch
@@ -94,6 +95,7 @@ class FakeBackend:
         else:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self.waiters.append(fut)
+            self.counts["peak_waiting"] = max(self.counts["peak_waiting"], len(self.waiters))
             try:
                 await fut  # _leave passed its slot on to us (running already counts us)
             except asyncio.CancelledError:

@@ -66,6 +66,9 @@ class BackendPool:
                 best = b
         return best
 
+    def any_up(self, now: float, exclude: frozenset[int] | set[int] = frozenset()) -> bool:
+        return any(b.down_until <= now and b.index not in exclude for b in self.backends)
+
     def failed(self, backend: Backend, now: float, kind: str, detail: str) -> None:
         backend.failures += 1
         backend.errors[kind] = backend.errors.get(kind, 0) + 1

@@ -130,7 +130,7 @@ class Exchange:
     """One proxied request: the admission's waiter, the upstream call, the client's response slot."""
 
     __slots__ = ("backend", "conn", "conn_hdr", "gone", "headers", "item", "proxy", "refused", "rid", "route", "slot",
-                 "task", "ticket")
+                 "task", "ticket", "unsent")
 
     def __init__(self, proxy: Proxy, conn: HttpConnection, slot: _Slot, route: str, item: Classified,
                  headers: list[tuple[str, str]], conn_hdr: bytes) -> None:
@@ -146,6 +146,7 @@ class Exchange:
         self.task: asyncio.Task[None] | None = None
         self.gone = False
         self.refused = False
+        self.unsent = False  # dispatched, not yet sent to a backend: counted by the utilization detector
         self.backend: Backend | None = None
 
     # ------------------------------------------------------------------ Waiter (called by the distributor)
@@ -154,6 +155,8 @@ class Exchange:
         proxy = self.proxy
         if outcome == Outcome.DISPATCHED:
             self.ticket = ticket
+            self.unsent = True
+            proxy.unsent += 1
             task = proxy.loop.create_task(proxy.forward(self))
             self.task = task
             proxy.active.add(self)
@@ -190,6 +193,7 @@ class Exchange:
     def _done(self, task: asyncio.Task[None]) -> None:
         proxy = self.proxy
         proxy.active.discard(self)
+        proxy.mark_sent(self)
         if not task.cancelled() and task.exception() is not None:
             log.error("proxying %s failed", self.route, exc_info=task.exception())
             if not self.gone:
@@ -216,6 +220,7 @@ class Proxy:
         self.routes = ROUTES
         self.stats = ProxyStats()
         self.active: set[Exchange] = set()
+        self.unsent = 0  # dispatched requests whose task has not sent them to a backend yet
         self._on_room = on_room
         self.session: aiohttp.ClientSession | None = None
         self.scraper: Scraper | None = None
@@ -244,6 +249,17 @@ class Proxy:
         if self.session is not None:
             await self.session.close()
             self.session = None
+
+    def saturation(self, grants: int) -> float:
+        """The utilization detector's input to the ledger: requests admitted but not yet sent anywhere
+        (grants on their way to a shard, dispatches whose task has not run yet) count too."""
+        assert self.utilization is not None
+        return self.utilization.saturation(grants + self.unsent)
+
+    def mark_sent(self, ex: Exchange) -> None:
+        if ex.unsent:
+            ex.unsent = False
+            self.unsent -= 1
 
     # ------------------------------------------------------------------ the HTTP front calls these
 
@@ -312,7 +328,9 @@ class Proxy:
                                     "service_unavailable", "no_backend", extra=b"retry-after: 1\r\n")
                 return
             tried.add(backend.index)
-            outcome = await self._attempt(ex, backend, method, headers, last=attempt >= pc.retries)
+            # the last try: no retry left, or no other backend up (then the client gets this one's answer)
+            last = attempt >= pc.retries or not self.pool.any_up(loop.time(), tried)
+            outcome = await self._attempt(ex, backend, method, headers, last=last)
             if outcome:
                 return
             attempt += 1
@@ -327,6 +345,7 @@ class Proxy:
         counted = method == "POST"
         backend.inflight += 1
         backend.requests += 1
+        self.mark_sent(ex)
         if util is not None and counted:
             util.sent(backend.index)
         ex.backend = backend

@@ -582,7 +582,7 @@ class Distributor:
             self.proxy = Proxy(self.config, self, self._schedule_plan)
             await self.proxy.start()
             if self.proxy.utilization is not None:
-                self.ledger.external_saturation = self.proxy.utilization.saturation
+                self.ledger.external_saturation = self.proxy.saturation
         http = await start_http_server(
             self, svc.host, svc.port,
             HttpLimits(max_body_bytes=svc.max_body_bytes, max_connections=svc.max_connections,

@@ -147,7 +147,8 @@ class PoolUtilization:
     # ------------------------------------------------------------------ saturation
 
     def stale(self, backend: int) -> bool:
-        return self._now - self.loads[backend].at > self.staleness
+        at = self.loads[backend].at
+        return at == -math.inf or self._now - at > self.staleness  # never scraped: stale (-inf - -inf is nan)
 
     def age(self, backend: int) -> float:
         return self._now - self.loads[backend].at
@@ -156,9 +157,9 @@ class PoolUtilization:
         """max(waiting / queue_threshold, kv / kv_threshold) with the correction; 1.0 when stale.
 
         `extra`: requests admitted for the pool but not yet sent, this backend's share of them."""
-        load = self.loads[backend]
-        if self._now - load.at > self.staleness:
+        if self.stale(backend):
             return 1.0
+        load = self.loads[backend]
         delta = (load.sent - load.sent_base) - (load.finished - load.finished_base) + extra
         waiting = max(0.0, load.waiting + delta)
         kv = load.kv

@@ -1,0 +1,164 @@
+"""Proxy mode's classification and usage accounting (flowshard.classify): no sockets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flowshard.classify import ClassifyError, SseUsage, Usage, classify, usage_from_body
+from flowshard.config import ConfigError, ProxyConfig, load_config
+
+CHAT = "/v1/chat/completions"
+
+
+def body(**fields: object) -> bytes:
+    doc: dict[str, object] = {"model": "llama", "messages": [{"role": "user", "content": "x" * 40}]}
+    doc.update(fields)
+    return json.dumps(doc).encode()
+
+
+def cfg(**kw: object) -> ProxyConfig:
+    return ProxyConfig(**kw)  # type: ignore[arg-type]
+
+
+def test_flow_header_order_then_api_key_hash_then_default() -> None:
+    c = cfg()
+    both = {"x-gateway-inference-fairness-id": "gw", "x-llm-d-inference-fairness-id": "llmd"}
+    assert classify(c, CHAT, both, body(), 0).flow == "llmd"  # the successor header before the older one
+    assert classify(c, CHAT, {**both, "x-flowshard-flow": "fs"}, body(), 0).flow == "fs"
+    assert classify(c, CHAT, {"x-gateway-inference-fairness-id": "gw"}, body(), 0).flow == "gw"
+    keyed = classify(c, CHAT, {"authorization": "Bearer sk-secret"}, body(), 0).flow
+    assert keyed == "key:" + hashlib.sha256(b"sk-secret").hexdigest()[:16]
+    assert "sk-secret" not in keyed
+    assert classify(c, CHAT, {}, body(), 0).flow == "default-flow"
+    assert classify(cfg(flow_from_api_key=False), CHAT, {"authorization": "Bearer k"}, body(), 0).flow == "default-flow"
+    assert classify(c, CHAT, {"x-flowshard-flow": "  "}, body(), 0).flow == "default-flow"  # blank: absent
+
+
+def test_priority_header_then_objective_then_model_then_default() -> None:
+    c = cfg(objectives={"chat": 10}, models={"llama": 5, "batchy": -1})
+    assert classify(c, CHAT, {}, body(), 0).priority == 5
+    assert classify(c, CHAT, {}, body(model="other"), 7).priority == 7
+    assert classify(c, CHAT, {"x-gateway-inference-objective": "chat"}, body(), 0).priority == 10
+    assert classify(c, CHAT, {"x-gateway-inference-objective": "unknown"}, body(), 0).priority == 5
+    assert classify(c, CHAT, {"x-flowshard-priority": "-3", "x-gateway-inference-objective": "chat"},
+                    body(), 0).priority == -3
+
+
+def test_slo_and_cost_estimate() -> None:
+    c = cfg(default_max_tokens=100)
+    item = classify(c, CHAT, {"x-slo-ttft-ms": "250"}, body(max_tokens=30), 0)
+    assert item.slo == 0.25
+    assert item.prompt_tokens == 10 and item.tokens == 40  # 40 characters / 4 + max_tokens
+    assert classify(c, CHAT, {}, body(max_completion_tokens=7, max_tokens=30), 0).tokens == 17
+    assert classify(c, CHAT, {}, body(), 0).tokens == 110  # no max_tokens: the configured default
+    completion = json.dumps({"model": "m", "prompt": "y" * 8, "max_tokens": 1}).encode()
+    prompt = classify(c, "/v1/completions", {}, completion, 0)
+    assert prompt.tokens == 3
+    emb = classify(c, "/v1/embeddings", {}, json.dumps({"model": "m", "input": ["abcd", "efgh"]}).encode(), 0)
+    assert emb.tokens == 2 and not emb.stream
+    assert item.size == len(item.body)
+
+
+@pytest.mark.parametrize(
+    ("headers", "payload", "names"),
+    [
+        ({}, b"{not json", "not valid JSON"),
+        ({}, b"[1, 2]", "JSON object"),
+        ({}, json.dumps({"messages": []}).encode(), "model"),
+        ({}, body(max_tokens=-1), "max_tokens"),
+        ({}, body(max_tokens="lots"), "max_tokens"),
+        ({}, body(stream=True, stream_options=3), "stream_options"),
+        ({"x-flowshard-priority": "high"}, body(), "x-flowshard-priority"),
+        ({"x-flowshard-priority": str(2**40)}, body(), "x-flowshard-priority"),
+        ({"x-slo-ttft-ms": "soon"}, body(), "x-slo-ttft-ms"),
+        ({"x-slo-ttft-ms": "-5"}, body(), "x-slo-ttft-ms"),
+        ({"x-flowshard-flow": "f" * 300}, body(), "x-flowshard-flow"),
+    ],
+)
+def test_bad_input_is_a_400_naming_the_field(headers: dict[str, str], payload: bytes, names: str) -> None:
+    with pytest.raises(ClassifyError) as exc:
+        classify(cfg(), CHAT, headers, payload, 0)
+    assert exc.value.status == 400
+    assert names in exc.value.message
+
+
+def test_streams_ask_the_backend_for_usage_and_remember_to_strip_it() -> None:
+    item = classify(cfg(), CHAT, {}, body(stream=True), 0)
+    assert item.stream and item.strip_usage
+    sent = json.loads(item.body)
+    assert sent["stream_options"] == {"include_usage": True}
+    assert sent["messages"] == json.loads(body())["messages"]
+    asked = classify(cfg(), CHAT, {}, body(stream=True, stream_options={"include_usage": True}), 0)
+    assert not asked.strip_usage and asked.body == body(stream=True, stream_options={"include_usage": True})
+    plain = classify(cfg(), CHAT, {}, body(), 0)
+    assert not plain.stream and plain.body == body()  # untouched: forwarded byte for byte
+
+
+def _event(doc: object) -> bytes:
+    return b"data: " + json.dumps(doc).encode() + b"\n\n"
+
+
+STREAM = (
+    _event({"id": "1", "choices": [{"index": 0, "delta": {"content": "a"}}], "usage": None})
+    + _event({"id": "1", "choices": [{"index": 0, "delta": {"content": "b"}}], "usage": None})
+    + _event({"id": "1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+    + b"data: [DONE]\n\n"
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=12), st.booleans())
+def test_sse_relay_is_the_same_however_the_stream_is_cut(cuts: list[int], strip: bool) -> None:
+    points = sorted(set(cuts))
+    pieces = [STREAM[a:b] for a, b in zip([0, *points], [*points, len(STREAM)], strict=True)]
+    relay = SseUsage(strip)
+    out = b"".join(relay.feed(p) for p in pieces) + relay.end()
+    assert relay.usage == Usage(3, 2, 5)
+    if strip:
+        assert out == STREAM.replace(STREAM.split(b"\n\n")[2] + b"\n\n", b"")
+    else:
+        assert out == STREAM
+    for piece in pieces:  # never a partial event: what is written is whole events
+        fresh = SseUsage(strip)
+        forwarded = fresh.feed(piece)
+        assert not forwarded or forwarded.endswith(b"\n\n")
+
+
+def test_sse_relay_crlf_and_a_usage_chunk_with_choices_is_kept() -> None:
+    event = b'data: {"choices":[{"index":0,"delta":{}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}\r\n\r\n'
+    relay = SseUsage(True)
+    assert relay.feed(event[:10]) == b""
+    assert relay.feed(event[10:]) == event
+    assert relay.usage == Usage(1, 1, 0)
+
+
+def test_usage_from_body() -> None:
+    assert usage_from_body(b'{"id":"x","usage":{"prompt_tokens":4,"completion_tokens":6,"total_tokens":10}}') == (
+        Usage(4, 6, 10))
+    assert usage_from_body(b'{"id":"x"}') is None
+    assert usage_from_body(b"not json") is None
+    assert usage_from_body(b'{"usage":"weird"}') is None
+
+
+def test_proxy_config_errors_name_the_field() -> None:
+    cases = {
+        '[proxy]\nbackends = ["ftp://x"]': "backends",
+        '[proxy]\nbackends = ["http://"]': "backends",
+        "[proxy]\nkv_threshold = 1.5": "proxy.kv_threshold",
+        '[proxy]\nflow_headers = ["bad header"]': "flow_headers",
+        "[proxy]\nstaleness = 0.01": "staleness",
+        "[proxy.models]\nllama = 3": "proxy.models",
+        "[proxy]\nretries = -1": "proxy.retries",
+        "[proxy]\nsurprise = 1": "surprise",
+    }
+    for text, field in cases.items():
+        with pytest.raises(ConfigError) as exc:
+            load_config(text)
+        assert field in str(exc.value), (text, str(exc.value))
+    ok = load_config('[proxy]\nbackends = ["http://10.0.0.5:8000/"]\n[proxy.objectives]\nchat = 0\n')
+    assert ok.proxy.backends == ["http://10.0.0.5:8000"]

@@ -1,0 +1,278 @@
+"""Proxy mode end to end: the official `openai` client -> a real `flowshard serve --backend` process
+-> a real fake OpenAI backend process (`bench.fakeoai`).
+
+Each test starts its own service and fake backend(s) on free ports; `launch` checks after the test
+that nothing of the service is left behind, `fake_backend` stops the fakes by pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import openai
+import pytest
+from proxykit import fake_backend, proxy_config
+from servicekit import band_outcomes, launch, metric, run
+
+__all__ = ["fake_backend", "launch"]  # the fixtures, re-exported so pytest finds them here
+
+MSG = [{"role": "user", "content": "hello there, how are you"}]
+
+
+def client(service: Any, **kw: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=service.url("/v1"), api_key="sk-test", max_retries=0, timeout=10, **kw)
+
+
+def aclient(service: Any, **kw: Any) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=service.url("/v1"), api_key="sk-test", max_retries=0, timeout=10, **kw)
+
+
+def settled(service: Any) -> dict[str, Any]:
+    """Stats once nothing is in flight, pending or streaming any more."""
+    deadline = time.monotonic() + 5
+    while True:
+        s = service.stats()
+        t = s["totals"]
+        if (t["inflight"], t["pending"], t["tickets"], s["proxy"]["active"]) == (0, 0, 0, 0):
+            return s
+        assert time.monotonic() < deadline, s
+        time.sleep(0.01)
+
+
+def test_openai_client_streaming_and_not_every_route(launch: Any, fake_backend: Any) -> None:
+    fake = fake_backend(ttft=0.005, itl=0.001)
+    svc = launch(proxy_config([fake.url], budget=4))
+    c = client(svc)
+    r = c.chat.completions.create(model="m", messages=MSG, max_tokens=5)
+    assert r.choices[0].message.content == " tok" * 5
+    assert r.usage is not None and r.usage.completion_tokens == 5
+    chunks = list(c.chat.completions.create(model="m", messages=MSG, max_tokens=4, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == " tok" * 4
+    assert all(ch.choices for ch in chunks), "the usage chunk flowshard asked for reached the client"
+    asked = list(c.chat.completions.create(model="m", messages=MSG, max_tokens=3, stream=True,
+                                           stream_options={"include_usage": True}))
+    assert asked[-1].usage is not None and asked[-1].usage.completion_tokens == 3 and not asked[-1].choices
+    text = list(c.completions.create(model="m", prompt="abcdefgh", max_tokens=2, stream=True))
+    assert "".join(ch.choices[0].text for ch in text) == " tok tok"
+    assert c.completions.create(model="m", prompt="abc", max_tokens=2).choices[0].text == " tok tok"
+    assert len(c.embeddings.create(model="m", input=["a", "b", "c"]).data) == 3
+    assert [m.id for m in c.models.list()] == ["fake-model"]
+    s = settled(svc)
+    assert band_outcomes(s)["dispatched"] == 6  # every inference request admitted once; /v1/models is not
+    tokens = s["proxy"]["tokens"]
+    assert tokens["completion"] == 5 + 4 + 3 + 2 + 2  # actual usage, also of streams that did not ask for it
+    assert tokens["prompt"] > 0 and tokens["estimated"] > 0
+    assert s["proxy"]["client_disconnects"] == 0
+    assert fake.stats()["aborted"] == 0
+    m = svc.metrics()
+    assert metric(m, "flowshard_proxy_responses_total", route="/v1/chat/completions", code="200") == 3
+
+
+def test_bad_requests_get_openai_errors_naming_the_field(launch: Any, fake_backend: Any) -> None:
+    fake = fake_backend()
+    svc = launch(proxy_config([fake.url], budget=4))
+    c = client(svc)
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.chat.completions.create(model="m", messages=MSG, max_tokens=-2)
+    assert "max_tokens" in str(exc.value) and exc.value.body["param"] == "max_tokens"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError, match="x-flowshard-priority"):
+        c.chat.completions.create(model="m", messages=MSG, extra_headers={"x-flowshard-priority": "urgent"})
+    assert settled(svc)["totals"]["dispatched"] == 0
+    assert fake.stats()["requests"] == 0
+
+
+def test_queue_full_is_a_rate_limit_error_with_retry_after_and_a_dropped_reason(
+    launch: Any, fake_backend: Any
+) -> None:
+    fake = fake_backend(ttft=0.01, itl=0.05)
+    svc = launch(proxy_config([fake.url], budget=1, max_queued_requests=1))
+
+    async def go() -> None:
+        c = aclient(svc)
+        first = asyncio.create_task(c.chat.completions.create(model="m", messages=MSG, max_tokens=20))
+        await svc.until_stats(lambda s: s["totals"]["inflight"] == 1)
+        second = asyncio.create_task(c.chat.completions.create(model="m", messages=MSG, max_tokens=1))
+        await svc.until_stats(lambda s: s["totals"]["queued_items"] == 1)
+        with pytest.raises(openai.RateLimitError) as exc:
+            await c.chat.completions.create(model="m", messages=MSG, max_tokens=1)
+        response = exc.value.response
+        assert response.status_code == 429
+        assert int(response.headers["retry-after"]) >= 1
+        assert response.headers["x-llm-d-request-dropped-reason"] == "rejected-capacity"
+        assert exc.value.body["code"] == "rejected_capacity"  # type: ignore[index]
+        assert "queue is full" in exc.value.message
+        assert (await first).choices[0].message.content == " tok" * 20
+        assert (await second).choices[0].message.content == " tok"
+        await c.close()
+
+    run(go())
+    s = settled(svc)
+    assert band_outcomes(s) | {} == {**band_outcomes(s), "dispatched": 2, "rejected:capacity": 1}
+    assert s["proxy"]["dropped"] == {"rejected:capacity": 1}
+
+
+def test_client_disconnect_mid_stream_releases_the_ticket_and_closes_upstream(
+    launch: Any, fake_backend: Any
+) -> None:
+    fake = fake_backend(ttft=0.01, itl=0.02)
+    svc = launch(proxy_config([fake.url], budget=1))
+    c = client(svc)
+    stream = c.chat.completions.create(model="m", messages=MSG, max_tokens=200, stream=True)
+    pieces = iter(stream)
+    next(pieces)
+    next(pieces)
+    assert svc.stats()["totals"]["inflight"] == 1
+    stream.close()  # the client goes away mid-stream
+    s = settled(svc)  # the ticket was released...
+    assert s["proxy"]["client_disconnects"] == 1
+    until_fake = time.monotonic() + 5
+    while fake.stats()["aborted"] != 1:  # ...and the backend saw its request's connection close
+        assert time.monotonic() < until_fake, fake.stats()
+        time.sleep(0.01)
+    assert fake.stats()["running"] == 0 and fake.stats()["completed"] == 0
+    # the budget of 1 is free again: the next request goes through at once
+    assert c.chat.completions.create(model="m", messages=MSG, max_tokens=1).choices[0].message.content == " tok"
+    assert band_outcomes(settled(svc))["dispatched"] == 2
+
+
+def test_client_leaving_while_queued_cancels_its_admission(launch: Any, fake_backend: Any) -> None:
+    fake = fake_backend(ttft=0.01, itl=0.05)
+    svc = launch(proxy_config([fake.url], budget=1))
+
+    async def go() -> None:
+        c = aclient(svc)
+        first = asyncio.create_task(c.chat.completions.create(model="m", messages=MSG, max_tokens=10))
+        await svc.until_stats(lambda s: s["totals"]["inflight"] == 1)
+        waiting = asyncio.create_task(c.chat.completions.create(model="m", messages=MSG, max_tokens=1))
+        await svc.until_stats(lambda s: s["totals"]["queued_items"] == 1)
+        waiting.cancel()
+        await svc.until_stats(lambda s: band_outcomes(s).get("evicted:cancelled") == 1)
+        await first
+        await c.close()
+
+    run(go())
+    s = settled(svc)
+    assert band_outcomes(s)["dispatched"] == 1 and s["totals"]["queued_items"] == 0
+    assert fake.stats()["requests"] == 1  # the cancelled one never reached the backend
+
+
+def test_backend_dying_mid_stream_is_a_clean_error_and_one_outcome(launch: Any, fake_backend: Any) -> None:
+    fake = fake_backend(ttft=0.005, itl=0.005, die_after=3)
+    svc = launch(proxy_config([fake.url], proxy={"retries": 0, "backoff": 0.01}, budget=2))
+    c = client(svc)
+    got: list[str] = []
+    with pytest.raises(openai.APIError, match="mid-stream"):
+        for chunk in c.chat.completions.create(model="m", messages=MSG, max_tokens=50, stream=True):
+            got.append(chunk.choices[0].delta.content or "")
+    assert got == [" tok"] * 3  # what the backend sent before it died arrived first
+    s = settled(svc)
+    outcomes = {k: v for k, v in band_outcomes(s).items() if v}
+    assert outcomes == {"dispatched": 1}, outcomes  # exactly one outcome, and the ticket is released
+    assert s["proxy"]["midstream_failures"] == 1
+    assert s["proxy"]["backends"][0]["errors"] == {"midstream": 1}
+    # non-streamed: the client sees a 502 with an OpenAI error body
+    fake.configure(die_after=-1, refuse=True)
+    time.sleep(0.05)  # past the back-off that the failure above started
+    with pytest.raises(openai.APIStatusError) as exc:
+        c.chat.completions.create(model="m", messages=MSG, max_tokens=2)
+    assert exc.value.status_code == 502 and exc.value.body["code"] == "backend_unreachable"  # type: ignore[index]
+    assert settled(svc)["totals"]["inflight"] == 0
+
+
+def test_failover_to_a_healthy_backend_and_an_error_when_none_is_up(launch: Any, fake_backend: Any) -> None:
+    bad = fake_backend(status=503)
+    good = fake_backend(ttft=0.001, itl=0.001)
+    svc = launch(proxy_config([bad.url, good.url], proxy={"retries": 1, "backoff": 30.0}, budget=8))
+    c = client(svc)
+    for _ in range(4):
+        assert c.chat.completions.create(model="m", messages=MSG, max_tokens=1).choices[0].message.content == " tok"
+    s = settled(svc)
+    bad_state, good_state = s["proxy"]["backends"]
+    assert bad_state["errors"] == {"http_503": 1} and not bad_state["up"]  # out after its first 503, backing off
+    assert good_state["requests"] == 4
+    good.configure(status=500)
+    with pytest.raises(openai.InternalServerError) as exc:  # the last backend's 5xx, passed through
+        c.chat.completions.create(model="m", messages=MSG, max_tokens=1)
+    assert exc.value.status_code == 500
+    with pytest.raises(openai.APIStatusError) as none_up:  # both out now: bounded retries, then 503
+        c.chat.completions.create(model="m", messages=MSG, max_tokens=1)
+    assert none_up.value.status_code == 503 and none_up.value.body["code"] == "no_backend"  # type: ignore[index]
+    assert settled(svc)["proxy"]["no_backend"] == 1
+
+
+async def _flood_and_light(svc: Any) -> int:
+    """A flooding tenant queues 20 requests, then a light one sends 3 in a row. Returns how many flood
+    requests completed before the light tenant's last one did."""
+    c = aclient(svc)
+    completed_flood = 0
+
+    async def flood_one() -> None:
+        nonlocal completed_flood
+        await c.chat.completions.create(model="m", messages=MSG, max_tokens=8,
+                                        extra_headers={"x-gateway-inference-fairness-id": "flood"})
+        completed_flood += 1
+
+    flood = [asyncio.create_task(flood_one()) for _ in range(20)]
+    await svc.until_stats(lambda s: s["totals"]["queued_items"] >= 15)
+    for _ in range(3):
+        await c.chat.completions.create(model="m", messages=MSG, max_tokens=8,
+                                        extra_headers={"x-gateway-inference-fairness-id": "light"})
+    before = completed_flood
+    await asyncio.gather(*flood)
+    await c.close()
+    return before
+
+
+@pytest.mark.parametrize("fairness", ["round-robin", "global-fcfs"])
+def test_a_flooding_tenant_next_to_a_light_one(launch: Any, fake_backend: Any, fairness: str) -> None:
+    """Round robin: the light tenant keeps its share (each of its requests waits about one flood
+    request). global-fcfs is the negative control: the light one waits behind the whole flood."""
+    fake = fake_backend(ttft=0.005, itl=0.004)
+    svc = launch(proxy_config([fake.url], budget=2, bands=[{"priority": 0, "fairness": fairness}]))
+    flood_done_first = run(_flood_and_light(svc))
+    if fairness == "round-robin":
+        assert flood_done_first <= 10, flood_done_first
+    else:
+        assert flood_done_first >= 16, flood_done_first
+    assert band_outcomes(settled(svc))["dispatched"] == 23
+
+
+@pytest.mark.parametrize("utilization", [True, False])
+def test_scraped_saturation_holds_requests_back_and_releases_them_as_the_backend_drains(
+    launch: Any, fake_backend: Any, utilization: bool
+) -> None:
+    """A backend with a batch of 1: with the utilization detector flowshard keeps the backend's
+    waiting queue near the threshold and holds the rest itself; without it (negative control) every
+    request goes straight into the backend's queue."""
+    fake = fake_backend(ttft=0.01, itl=0.01, max_running=1)
+    proxy = {"utilization": utilization, "queue_threshold": 2.0, "scrape_interval": 0.02, "staleness": 1.0}
+    svc = launch(proxy_config([fake.url], proxy=proxy, budget="unlimited"))
+
+    async def go() -> int:
+        c = aclient(svc)
+        await svc.until_stats(lambda s: not utilization or not s["proxy"]["backends"][0]["stale"])
+        calls = [asyncio.create_task(c.chat.completions.create(model="m", messages=MSG, max_tokens=4))
+                 for _ in range(8)]
+        peak_held = 0
+        while not all(t.done() for t in calls):
+            s = await svc.astats()
+            peak_held = max(peak_held, s["totals"]["queued_items"])
+            await asyncio.sleep(0.01)
+        for t in calls:
+            assert (await t).choices[0].message.content == " tok" * 4
+        await c.close()
+        return peak_held
+
+    peak_held = run(go())
+    peak_waiting = fake.stats()["peak_waiting"]
+    if utilization:
+        assert peak_held >= 3, peak_held  # flowshard held requests back...
+        assert peak_waiting <= 3, peak_waiting  # ...so the backend's queue stayed near the threshold
+        s = settled(svc)
+        assert s["proxy"]["backends"][0]["scrape_errors"] == 0
+        assert metric(svc.metrics(), "flowshard_backend_metrics_stale", backend=fake.url) == 0
+    else:
+        assert peak_held == 0 and peak_waiting >= 6, (peak_held, peak_waiting)
+    assert band_outcomes(settled(svc))["dispatched"] == 8

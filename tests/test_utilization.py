@@ -1,0 +1,186 @@
+"""The utilization detector (flowshard.utilization), its seam in the ledger, and the backend picker.
+
+No sockets: the detector and the picker take the clock as an argument, so staleness, back-off and
+the between-scrapes correction are tested with exact times.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import make_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distributor.backends import BackendPool
+from flowshard.config import ServiceConfig
+from flowshard.ledger import Ledger, Pending
+from flowshard.utilization import PoolUtilization, Scraped, ScrapeError, parse_metrics
+
+VLLM = b"""# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 4.0
+vllm:num_requests_running{engine="1",model_name="m"} 2.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 3.0
+vllm:num_requests_waiting{engine="1",model_name="m"} 1.0
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
+vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.5
+vllm:request_success_total{engine="0",finished_reason="stop",model_name="m"} 17.0
+vllm:time_to_first_token_seconds_bucket{engine="0",le="0.001",model_name="m"} 0.0
+"""
+
+
+def test_parse_vllm_sums_queues_and_takes_the_fullest_kv_cache() -> None:
+    assert parse_metrics(VLLM) == Scraped(waiting=4.0, running=6.0, kv=0.5)
+
+
+def test_parse_older_vllm_sglang_and_unlabelled_lines() -> None:
+    old = b"vllm:num_requests_waiting 2\nvllm:gpu_cache_usage_perc 0.9 1700000000000\n"
+    assert parse_metrics(old) == Scraped(2.0, 0.0, 0.9)
+    sglang = (b'sglang:num_queue_reqs{model_name="m"} 7\nsglang:num_running_reqs{model_name="m"} 3\n'
+              b'sglang:token_usage{model_name="m"} 0.4\n')
+    assert parse_metrics(sglang) == Scraped(7.0, 3.0, 0.4)
+    assert parse_metrics(b"vllm:kv_cache_usage_perc 1.7\n").kv == 1.0  # clamped
+
+
+@pytest.mark.parametrize(
+    ("page", "says"),
+    [
+        (b"# nothing here\nprocess_cpu_seconds_total 3\n", "no known saturation metric"),
+        (b"vllm:num_requests_waiting{a=\"b\"} lots\n", "not a number"),
+        (b"vllm:num_requests_waiting -1\n", "non-negative"),
+        (b"vllm:kv_cache_usage_perc NaN\n", "non-negative"),
+    ],
+)
+def test_parse_errors(page: bytes, says: str) -> None:
+    with pytest.raises(ScrapeError, match=says):
+        parse_metrics(page)
+
+
+def scraped(pool: PoolUtilization, backend: int, at: float, waiting: float = 0, running: float = 0,
+            kv: float = 0) -> bool:
+    mark = pool.scrape_started(backend)
+    return pool.scraped(backend, at, mark, Scraped(waiting, running, kv))
+
+
+def test_saturation_is_the_mean_of_max_queue_or_kv_and_stale_counts_as_saturated() -> None:
+    pool = PoolUtilization(2, queue_threshold=5, kv_threshold=0.8, staleness=0.2)
+    assert pool.saturation() == 1.0  # never scraped: stale
+    scraped(pool, 0, 10.0, waiting=1, kv=0.6)  # max(0.2, 0.75)
+    scraped(pool, 1, 10.0, waiting=10, kv=0.0)  # max(2.0, 0)
+    pool.expire(10.1)
+    assert pool.backend_saturation(0) == pytest.approx(0.75)
+    assert pool.saturation() == pytest.approx((0.75 + 2.0) / 2)
+    pool.expire(10.21)
+    assert pool.stale(0) and pool.saturation() == 1.0
+
+
+def test_requests_sent_since_the_scrape_count_until_the_next_one_shows_them() -> None:
+    """Upstream's overshoot: between scrapes the scraped queue does not show what was let through."""
+    pool = PoolUtilization(1, queue_threshold=5, kv_threshold=0.8, staleness=1.0)
+    scraped(pool, 0, 0.0, waiting=0, running=4, kv=0.4)
+    assert pool.saturation() == pytest.approx(0.5)  # kv 0.4 / 0.8
+    for _ in range(3):
+        pool.sent(0)
+    # 3 more waiting (3 / 5) and 3 more average running requests' KV (0.4 + 3 * 0.1 = 0.7 / 0.8)
+    assert pool.saturation() == pytest.approx(0.875)
+    pool.finished(0)
+    assert pool.saturation() == pytest.approx(max(2 / 5, (0.4 + 2 * 0.1) / 0.8))
+    assert pool.saturation(unsent=3) == pytest.approx((0.4 + 5 * 0.1) / 0.8)  # grants still on their way
+    # the next scrape sees them (and they are no longer counted twice)
+    mark = pool.scrape_started(0)
+    pool.sent(0)  # sent while the scrape was in flight: counted, it may not be in the figures
+    assert pool.scraped(0, 0.5, mark, Scraped(0, 6, 0.66)) is False  # 0.875 before, 0.9625 after: no fall
+    assert pool.saturation() == pytest.approx((0.66 + 0.11) / 0.8)
+
+
+def test_a_scrape_that_shows_room_reports_the_fall_and_an_overtaken_one_is_ignored() -> None:
+    pool = PoolUtilization(1, queue_threshold=5, kv_threshold=0.8, staleness=1.0)
+    scraped(pool, 0, 0.0, waiting=10)
+    old_mark = pool.scrape_started(0)
+    assert scraped(pool, 0, 0.2, waiting=0) is True  # a newer scrape came back first
+    assert pool.scraped(0, 0.1, old_mark, Scraped(50, 0, 0)) is False
+    assert pool.saturation() == 0.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(["sent", "finished", "scrape"]), max_size=40),
+       st.floats(min_value=0, max_value=20), st.floats(min_value=0, max_value=1))
+def test_the_correction_never_lowers_saturation_below_what_was_scraped_minus_finished(
+    events: list[str], waiting: float, kv: float
+) -> None:
+    """Sending more never lowers the estimate; the estimate stays finite and non-negative."""
+    pool = PoolUtilization(1, queue_threshold=5, kv_threshold=0.8, staleness=100.0)
+    scraped(pool, 0, 0.0, waiting=waiting, running=3, kv=kv)
+    t = 0.0
+    for event in events:
+        before = pool.saturation()
+        if event == "sent":
+            pool.sent(0)
+            assert pool.saturation() >= before
+        elif event == "finished":
+            pool.finished(0)
+            assert pool.saturation() <= before
+        else:
+            t += 0.01
+            scraped(pool, 0, t, waiting=waiting, running=3, kv=kv)
+        assert 0 <= pool.saturation() < math.inf
+
+
+def ledger_with(budget: int = 100) -> Ledger:
+    config = make_config(None, service=ServiceConfig(fast_path=True))
+    config.budget.max_inflight_requests = budget
+    return Ledger(config, shards=1)
+
+
+def test_ledger_grants_only_while_the_external_detector_has_room_and_counts_each_grant() -> None:
+    ledger = ledger_with(budget=100)
+    pool = PoolUtilization(1, queue_threshold=5, kv_threshold=0.8, staleness=10.0)
+    scraped(pool, 0, 0.0, waiting=2)
+    ledger.external_saturation = pool.saturation
+    for i in range(10):
+        ledger.enqueue(Pending(i, "f", 0, 10), 0)
+    grants = ledger.plan_grants()
+    # waiting 2 + each grant counted as one more waiting: room for 3 before 5 / 5 = 1.0
+    assert len(grants) == 3
+    assert ledger.saturation() == pytest.approx(1.0)
+    assert not ledger.can_dispatch_now(Pending(99, "g", 0, 10))
+    # the next scrape shows the backend drained: the grants may go on
+    assert scraped(pool, 0, 0.1, waiting=0) is True
+    assert len(ledger.plan_grants()) == 2  # 3 outstanding grants + 2 = 5 waiting-equivalents
+    ledger.external_saturation = None
+    assert len(ledger.plan_grants()) == 5  # negative control: the concurrency budget alone lets the rest go
+
+
+def test_ledger_without_an_external_detector_is_unchanged() -> None:
+    ledger = ledger_with(budget=2)
+    for i in range(5):
+        ledger.enqueue(Pending(i, "f", 0, 10), 0)
+    assert len(ledger.plan_grants()) == 2
+    assert ledger.saturation() == ledger.budget.saturation() == 0.0  # grants are not in-flight yet
+
+
+def test_picker_fewest_in_flight_ties_round_robin_and_passive_health_backoff() -> None:
+    pool = BackendPool(["http://a", "http://b", "http://c"], backoff=1.0, max_backoff=3.0)
+    a, b, c = pool.backends
+    picks = [pool.pick(0.0) for _ in range(6)]
+    assert {p.index for p in picks if p} == {0, 1, 2}  # ties go round robin
+    a.inflight, b.inflight, c.inflight = 2, 1, 3
+    assert pool.pick(0.0) is b
+    pool.failed(b, 0.0, "connect", "refused")
+    assert pool.pick(0.5) is a and pool.next_up(0.5) == 0.0
+    pool.failed(b, 1.0, "connect", "refused")  # second failure in a row: out for 2 s
+    assert not pool.up(b, 2.9) and pool.up(b, 3.0)
+    for _ in range(5):
+        pool.failed(b, 10.0, "http_503", "HTTP 503")
+    assert b.down_until == 13.0  # capped at max_backoff
+    assert b.errors == {"connect": 2, "http_503": 5}
+    pool.succeeded(b)
+    assert pool.up(b, 10.0) and b.failures == 0
+    for x in pool.backends:
+        pool.failed(x, 0.0, "connect", "")
+    assert pool.pick(0.5) is None and pool.next_up(0.5) == pytest.approx(0.5) and not pool.any_up(0.5)
+    assert pool.any_up(1.0) and not pool.any_up(1.0, exclude={0, 1, 2})
+    assert pool.pick(0.5, exclude={0}) is None
