@@ -213,7 +213,8 @@ class SseUsage:
 
     `feed` returns the complete events received so far (a partial event waits for its end, so
     every write to the client is whole events); `end` returns what is left. With `strip_usage`,
-    the usage-only chunk (no choices) that flowshard asked for on the client's behalf is dropped.
+    the usage-only chunk (no choices) that flowshard asked for on the client's behalf is dropped, and
+    so is the `"usage":null` that OpenAI-style servers then add to every other chunk.
     Only events that carry a usage object are decoded; the rest pass as bytes.
     """
 
@@ -232,12 +233,16 @@ class SseUsage:
             self._rest = buf
             return b""
         complete, self._rest = buf[:cut], buf[cut:]
+        if self.strip:  # the `"usage":null` the backend adds to every chunk once asked for usage
+            complete = complete.replace(b',"usage":null', b"")
         if _USAGE_OBJECT.search(complete) is None:
             return complete
         return self._events(complete)
 
     def end(self) -> bytes:
         rest, self._rest = self._rest, b""
+        if self.strip:
+            rest = rest.replace(b',"usage":null', b"")
         if rest and _USAGE_OBJECT.search(rest) is not None:
             return self._events(rest)
         return rest

@@ -100,7 +100,7 @@ def test_streams_ask_the_backend_for_usage_and_remember_to_strip_it() -> None:
 
 
 def _event(doc: object) -> bytes:
-    return b"data: " + json.dumps(doc).encode() + b"\n\n"
+    return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"  # compact, as servers send
 
 
 STREAM = (
@@ -120,7 +120,7 @@ def test_sse_relay_is_the_same_however_the_stream_is_cut(cuts: list[int], strip:
     out = b"".join(relay.feed(p) for p in pieces) + relay.end()
     assert relay.usage == Usage(3, 2, 5)
     if strip:
-        assert out == STREAM.replace(STREAM.split(b"\n\n")[2] + b"\n\n", b"")
+        assert out == STREAM.replace(STREAM.split(b"\n\n")[2] + b"\n\n", b"").replace(b',"usage":null', b"")
     else:
         assert out == STREAM
     for piece in pieces:  # never a partial event: what is written is whole events

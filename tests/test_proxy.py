@@ -8,13 +8,17 @@ that nothing of the service is left behind, `fake_backend` stops the fakes by pi
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
 import openai
 import pytest
 from proxykit import fake_backend, proxy_config
-from servicekit import band_outcomes, launch, metric, run
+from servicekit import HttpConn, band_outcomes, launch, metric, run
 
 __all__ = ["fake_backend", "launch"]  # the fixtures, re-exported so pytest finds them here
 
@@ -276,3 +280,68 @@ def test_scraped_saturation_holds_requests_back_and_releases_them_as_the_backend
     else:
         assert peak_held == 0 and peak_waiting >= 6, (peak_held, peak_waiting)
     assert band_outcomes(settled(svc))["dispatched"] == 8
+
+
+def test_pipelined_requests_wait_for_a_streamed_response_and_keep_their_order(
+    launch: Any, fake_backend: Any
+) -> None:
+    """A streamed response holds its place in the connection's response order: what is pipelined
+    behind it is answered after its last chunk, and a stream behind a pending answer waits its turn."""
+    fake = fake_backend(ttft=0.01, itl=0.01)
+    svc = launch(proxy_config([fake.url], budget=4))
+    stream = json.dumps({"model": "m", "messages": MSG, "max_tokens": 5, "stream": True})
+
+    async def go() -> bytes:
+        conn = await HttpConn.open(svc.http_port)
+        conn.send("POST", "/v1/chat/completions", stream)
+        conn.send("GET", "/healthz")
+        conn.send("POST", "/v1/chat/completions", stream)
+        conn.send_raw(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        data = await asyncio.wait_for(conn.reader.read(-1), 10)
+        conn.close()
+        return data
+
+    data = run(go())
+    first_done = data.index(b"data: [DONE]")
+    first_health = data.index(b'{"status":"ok"}')
+    second_stream = data.index(b"HTTP/1.1 200 OK", first_health)
+    assert first_done < first_health < second_stream < data.rindex(b'{"status":"ok"}')
+    assert data.count(b"data: [DONE]") == 2 and data.count(b" tok") == 10
+    assert data.count(b"0\r\n\r\n") >= 2  # each chunked stream properly ended
+    assert b'"usage"' not in data  # the usage chunk flowshard asked for was taken out
+    assert band_outcomes(settled(svc))["dispatched"] == 2
+
+
+def test_proxy_body_limit_is_its_own(launch: Any, fake_backend: Any) -> None:
+    """Prompts are large: proxied routes take bodies up to [proxy] max_body_bytes, beyond the admission
+    API's limit; over it the answer is 413 and nothing is admitted."""
+    fake = fake_backend(ttft=0.001, itl=0.001)
+    svc = launch(proxy_config([fake.url], proxy={"max_body_bytes": 200_000}, budget=4,
+                              service={"max_body_bytes": 1024}))
+    c = client(svc)
+    big = [{"role": "user", "content": "x" * 100_000}]
+    assert c.chat.completions.create(model="m", messages=big, max_tokens=1).choices[0].message.content == " tok"
+    with pytest.raises(openai.APIStatusError) as exc:
+        c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x" * 300_000}], max_tokens=1)
+    assert exc.value.status_code == 413
+    assert settled(svc)["proxy"]["tokens"]["estimated"] == 25_000 + 1  # 4 characters a token + max_tokens
+
+
+def test_sigterm_lets_a_running_stream_finish(launch: Any, fake_backend: Any) -> None:
+    fake = fake_backend(ttft=0.01, itl=0.02)
+    svc = launch(proxy_config([fake.url], budget=4, service={"drain_timeout": 5.0}))
+    c = client(svc)
+    stream = iter(c.chat.completions.create(model="m", messages=MSG, max_tokens=30, stream=True))
+    next(stream)
+    svc.signal(signal.SIGTERM)
+    rest = list(stream)
+    assert len(rest) == 29
+    assert svc.wait() == 0
+    assert fake.stats()["completed"] == 1 and fake.stats()["aborted"] == 0
+
+
+def test_serve_backend_flag_is_validated() -> None:
+    proc = subprocess.run([sys.executable, "-m", "flowshard.cli", "serve", "--backend", "10.0.0.5:8000"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "--backend: '10.0.0.5:8000' must be an http:// or https:// URL" in proc.stderr
