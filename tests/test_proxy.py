@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -139,6 +140,15 @@ def test_client_disconnect_mid_stream_releases_the_ticket_and_closes_upstream(
     # the budget of 1 is free again: the next request goes through at once
     assert c.chat.completions.create(model="m", messages=MSG, max_tokens=1).choices[0].message.content == " tok"
     assert band_outcomes(settled(svc))["dispatched"] == 2
+    # and nothing leaks: more disconnects leave the distributor's open files where they were
+    fds = len(os.listdir(f"/proc/{svc.pid}/fd"))
+    for _ in range(5):
+        again = c.chat.completions.create(model="m", messages=MSG, max_tokens=200, stream=True)
+        next(iter(again))
+        again.close()
+    s = settled(svc)
+    assert s["proxy"]["client_disconnects"] == 6 and s["proxy"]["active"] == 0
+    assert len(os.listdir(f"/proc/{svc.pid}/fd")) <= fds + 1
 
 
 def test_client_leaving_while_queued_cancels_its_admission(launch: Any, fake_backend: Any) -> None:

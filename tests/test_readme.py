@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from flowshard.config import BandConfig, BudgetConfig, Config, ServiceConfig, dump_config, load_config
+from flowshard.config import BandConfig, BudgetConfig, Config, ProxyConfig, ServiceConfig, dump_config, load_config
 from flowshard.scenario import load_scenario
 from flowshard.simulate import simulate
 
@@ -45,7 +45,7 @@ def test_setup_commands_are_the_ones_ci_runs():
 
 
 _TABLES: dict[str, type[msgspec.Struct]] = {"": Config, "budget": BudgetConfig, "service": ServiceConfig,
-                                            "bands": BandConfig}
+                                            "bands": BandConfig, "proxy": ProxyConfig}
 # stated defaults that are words, not values: what the code has for them
 _WORDS = {("", "default_priority"): ("the lowest band", None), ("bands", "name"): ('"p<priority>"', "")}
 
@@ -127,3 +127,11 @@ def test_config_check_examples_are_what_it_prints(tmp_path, capsys):
         (tmp_path / name).write_text(files[name])
         assert cli.main(["config", "check", str(tmp_path / name)]) == 2
         assert capsys.readouterr().err.strip() == printed.replace(f"flowshard: {name}", f"flowshard: {tmp_path / name}")
+
+
+def test_proxy_example_is_valid_and_means_what_it_says():
+    config = load_config(_toml_block_after("## Put flowshard in front of vLLM"))
+    assert config.proxy.backends == ["http://10.0.0.5:8000", "http://10.0.0.6:8000"]
+    assert config.proxy.objectives == {"chat": 10, "summarize-nightly": 0}
+    assert config.proxy.models["meta-llama/Llama-3.1-8B-Instruct"] == 10
+    assert [b.name for b in config.bands] == ["interactive", "batch"] and config.bands[1].ceiling == 0.8
