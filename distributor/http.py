@@ -648,6 +648,12 @@ class HttpConnection(asyncio.Protocol):
             assert slot.chunks is not None
             slot.chunks.append(data)
 
+    def abort(self) -> None:
+        """Cut the connection (a streamed response cannot be finished): the client sees it truncated."""
+        if not self._closing:
+            self._closing = True
+            self._transport.abort()
+
     def slot_end(self, slot: _Slot, tail: bytes = b"") -> None:
         """The last piece of the slot's response; the responses queued behind it may follow."""
         if self._dead or slot.data is not None:

@@ -130,7 +130,7 @@ class Exchange:
     """One proxied request: the admission's waiter, the upstream call, the client's response slot."""
 
     __slots__ = ("backend", "conn", "conn_hdr", "gone", "headers", "item", "proxy", "refused", "rid", "route", "slot",
-                 "task", "ticket", "unsent")
+                 "started", "task", "ticket", "unsent")
 
     def __init__(self, proxy: Proxy, conn: HttpConnection, slot: _Slot, route: str, item: Classified,
                  headers: list[tuple[str, str]], conn_hdr: bytes) -> None:
@@ -147,6 +147,7 @@ class Exchange:
         self.gone = False
         self.refused = False
         self.unsent = False  # dispatched, not yet sent to a backend: counted by the utilization detector
+        self.started = False  # the response head went to the client (a stream is being relayed)
         self.backend: Backend | None = None
 
     # ------------------------------------------------------------------ Waiter (called by the distributor)
@@ -196,7 +197,11 @@ class Exchange:
         proxy.mark_sent(self)
         if not task.cancelled() and task.exception() is not None:
             log.error("proxying %s failed", self.route, exc_info=task.exception())
-            if not self.gone:
+            if self.gone:
+                pass
+            elif self.started:  # part of the response was written: cut the connection, the client sees it
+                self.conn.abort()
+            else:
                 self.conn.slot_respond(self.slot, error_response(500, "flowshard: internal error", "server_error",
                                                                  "internal_error", None, self.conn_hdr))
         ticket, self.ticket = self.ticket, 0
@@ -253,8 +258,10 @@ class Proxy:
     def saturation(self, grants: int) -> float:
         """The utilization detector's input to the ledger: requests admitted but not yet sent anywhere
         (grants on their way to a shard, dispatches whose task has not run yet) count too."""
-        assert self.utilization is not None
-        return self.utilization.saturation(grants + self.unsent)
+        util = self.utilization
+        assert util is not None
+        util.expire(self.loop.time())  # staleness as of this decision, not as of the last scrape round
+        return util.saturation(grants + self.unsent)
 
     def mark_sent(self, ex: Exchange) -> None:
         if ex.unsent:
@@ -406,6 +413,7 @@ class Proxy:
         conn, slot = ex.conn, ex.slot
         relay = SseUsage(ex.item.strip_usage)
         self.stats.response(ex.route, resp.status)
+        ex.started = True
         conn.slot_write(slot, _response_head(resp.status, self._response_headers(resp), ex.conn_hdr,
                                              b"transfer-encoding: chunked\r\n"))
         stats = self.stats

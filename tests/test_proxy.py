@@ -355,3 +355,30 @@ def test_serve_backend_flag_is_validated() -> None:
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "--backend: '10.0.0.5:8000' must be an http:// or https:// URL" in proc.stderr
+
+
+def test_stale_metrics_count_as_saturated_until_a_scrape_succeeds(launch: Any, fake_backend: Any) -> None:
+    fake = fake_backend(ttft=0.001, itl=0.001)
+    proxy = {"utilization": True, "scrape_interval": 0.02, "staleness": 0.2}
+    svc = launch(proxy_config([fake.url], proxy=proxy, budget="unlimited"))
+
+    async def go() -> None:
+        c = aclient(svc)
+        await svc.until_stats(lambda s: not s["proxy"]["backends"][0]["stale"])
+        assert (await c.chat.completions.create(model="m", messages=MSG, max_tokens=1)).choices
+        fake.configure(metrics_status=500)  # the backend's metrics go away: after `staleness`, saturated
+        s = await svc.until_stats(lambda s: s["proxy"]["backends"][0]["stale"])
+        assert s["totals"]["saturation"] == 1.0 and "HTTP 500" in s["proxy"]["backends"][0]["last_scrape_error"]
+        held = asyncio.create_task(c.chat.completions.create(model="m", messages=MSG, max_tokens=1))
+        await svc.until_stats(lambda s: s["totals"]["queued_items"] == 1)
+        await asyncio.sleep(0.1)
+        assert not held.done()  # held in flowshard, not sent
+        fake.configure(metrics_status=0)  # a good scrape: room again, the held request goes at once
+        assert (await held).choices[0].message.content == " tok"
+        await c.close()
+
+    run(go())
+    s = settled(svc)
+    assert s["proxy"]["backends"][0]["scrape_errors"] > 0
+    assert metric(svc.metrics(), "flowshard_backend_scrape_errors_total", backend=fake.url) > 0
+    assert fake.stats()["requests"] == 2
