@@ -51,9 +51,12 @@ def _serve(args: argparse.Namespace) -> int:
         config.service = msgspec.structs.replace(config.service, **overrides)
     if args.backend:
         try:
-            config.proxy.backends = [check_backend_url(url) for url in args.backend]
+            backends = [check_backend_url(url) for url in args.backend]
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if len(set(backends)) != len(backends):
+            raise ConfigError(f"--backend: {' '.join(args.backend)} names a backend twice")
+        config.proxy.backends = backends
     if not 1 <= args.shards <= MAX_SHARDS:
         raise ConfigError(f"--shards: {args.shards} is not allowed; 1 to {MAX_SHARDS}")
     if args.config is None:

@@ -139,6 +139,8 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     def __post_init__(self) -> None:
         self.backends = [check_backend_url(url, "backends") for url in self.backends]
+        if len(set(self.backends)) != len(self.backends):
+            raise ValueError(f"backends: {self.backends!r} names a backend twice")
         for name in ("priority_header", "objective_header", "slo_header"):
             setattr(self, name, _header_name(getattr(self, name), name))
         self.flow_headers = [_header_name(h, "flow_headers") for h in self.flow_headers]

@@ -149,6 +149,7 @@ def test_proxy_config_errors_name_the_field() -> None:
     cases = {
         '[proxy]\nbackends = ["ftp://x"]': "backends",
         '[proxy]\nbackends = ["http://"]': "backends",
+        '[proxy]\nbackends = ["http://a:1", "http://a:1/"]': "twice",
         "[proxy]\nkv_threshold = 1.5": "proxy.kv_threshold",
         '[proxy]\nflow_headers = ["bad header"]': "flow_headers",
         "[proxy]\nstaleness = 0.01": "staleness",

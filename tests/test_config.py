@@ -317,3 +317,13 @@ def test_config_check_of_a_scenario_points_at_its_server_table(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "a scenario, not a configuration: its configuration is its [server] table" in err
     assert f"flowshard simulate {path}" in err
+
+
+def test_dump_round_trips_a_proxy_table():
+    text = (
+        '[proxy]\nbackends = ["http://10.0.0.5:8000", "https://gpu-2:443/base"]\nflow_headers = ["x-tenant"]\n'
+        'queue_threshold = 2.5\nutilization = false\n[proxy.objectives]\n"chat \\"fast\\"" = 0\n'
+        '[proxy.models]\n"meta/llama" = 0\n'
+    )
+    config = load_config(text)
+    assert load_config(dump_config(config)) == config
