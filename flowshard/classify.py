@@ -206,6 +206,7 @@ def usage_from_body(body: bytes) -> Usage | None:
 
 
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+_EVENT_END = re.compile(rb"(?<=\n\n)|(?<=\r\n\r\n)")
 
 
 class SseUsage:
@@ -249,7 +250,7 @@ class SseUsage:
 
     def _events(self, data: bytes) -> bytes:
         out: list[bytes] = []
-        for event in re.split(rb"(?<=\n\n)|(?<=\r\n\r\n)", data):
+        for event in _EVENT_END.split(data):
             if not event or _USAGE_OBJECT.search(event) is None:
                 out.append(event)
                 continue
