@@ -13,6 +13,7 @@ divided by the proxied requests completed in it; the CPU per chunk is the slope 
 lengths (`--tokens` and `--long-tokens`, the long run at a rate with as many requests in flight).
 
     python -m bench.proxy --runs 3 --json proxy.json
+    python -m bench.proxy --sequential 2000      # one request at a time, alternating: the bare added time
 
 The generator runs on the same machine (its own CPU is reported); all processes are stopped by pid.
 """
@@ -192,6 +193,23 @@ async def _play(urls: list[str], results: list[Result], rate: float, duration: f
             r.generator_cpu_s = _self_cpu() - gen0
 
 
+async def _sequential(urls: dict[str, str], n: int, tokens: int) -> dict[str, list[float]]:
+    """One request at a time, alternating direct and proxy: whole-request times in ms (first 10 % dropped)."""
+    body = json.dumps({"model": "fake-model", "stream": True, "max_tokens": tokens,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    times: dict[str, list[float]] = {name: [] for name in urls}
+    async with aiohttp.ClientSession() as session:
+        for i in range(n):
+            for name, url in urls.items():
+                t0 = time.perf_counter()
+                async with session.post(url, data=body, headers={"content-type": "application/json"}) as resp:
+                    async for _ in resp.content.iter_any():
+                        pass
+                if i >= n // 10:
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def _config(budget: int, utilization: bool) -> str:
     limit = budget or '"unlimited"'
     return (f"[budget]\nmax_inflight_requests = {limit}\n[proxy]\nutilization = {str(utilization).lower()}\n"
@@ -215,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="flowshard's max_inflight_requests (default unlimited: flowshard only passes through; "
                              "the backend's batch makes flowshard hold the queue instead of the backend)")
     parser.add_argument("--utilization", action="store_true", help="also gate on the scraped metrics")
+    parser.add_argument("--sequential", type=int, default=0, metavar="N",
+                        help="instead: N requests one at a time each way (backend without delays)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
     service_time = args.ttft + args.itl * (args.tokens - 1)
@@ -223,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     long_time = args.ttft + args.itl * (args.long_tokens - 1)
     long_rate = args.light_rate * service_time / long_time  # as many requests in flight as the light load
 
+    if args.sequential:
+        args.ttft = args.itl = 0.0
     fake, fake_url = _start([sys.executable, "-m", "bench.fakeoai", "--ttft", str(args.ttft), "--itl", str(args.itl),
                              "--max-running", str(args.max_running), "--kv-tokens", "10000000"], _FAKE_READY)
     with tempfile.TemporaryDirectory() as tmp:
@@ -232,6 +254,14 @@ def main(argv: list[str] | None = None) -> int:
                                    "--port", "0", "--binary-port", "0", "--backend", fake_url], _SERVE_READY)
         results: list[Result] = []
         try:
+            if args.sequential:
+                urls = {"direct": fake_url + "/v1/chat/completions", "proxy": serve_url + "/v1/chat/completions"}
+                times = uvloop.run(_sequential(urls, args.sequential, args.tokens))
+                for name, values in times.items():
+                    values.sort()
+                    print(f"{name:6s} p50 {values[len(values) // 2]:.3f}  p90 {values[int(0.9 * len(values))]:.3f}  "
+                          f"p99 {values[int(0.99 * len(values))]:.3f} ms  ({len(values)} requests)")
+                return 0
             flowshard = _tree(serve.pid)
             plan = [("light", args.light_rate, args.tokens), ("near-saturation", heavy, args.tokens),
                     ("long", long_rate, args.long_tokens)]

@@ -720,6 +720,11 @@ async def serve(config: Config, shards: int) -> None:
             f"flowshard ready: http=http://{http[0]}:{http[1]} binary={binary[0]}:{binary[1]} "
             f"shards={shards} pid={os.getpid()}\n"
         )
+        if service.proxy is not None:
+            backends = ", ".join(config.proxy.backends)
+            detector = "on" if config.proxy.utilization else "off"
+            sys.stderr.write(f"flowshard proxy: OpenAI routes on the HTTP port -> {backends} "
+                             f"(utilization detector {detector})\n")
         sys.stderr.flush()
         await service.run_until_stopped()
     finally:

@@ -382,3 +382,11 @@ def test_stale_metrics_count_as_saturated_until_a_scrape_succeeds(launch: Any, f
     assert s["proxy"]["backends"][0]["scrape_errors"] > 0
     assert metric(svc.metrics(), "flowshard_backend_scrape_errors_total", backend=fake.url) > 0
     assert fake.stats()["requests"] == 2
+
+
+def test_bench_proxy_runs_and_cleans_up() -> None:
+    """The proxy benchmark's quickest mode works end to end (the published figures come from its full mode)."""
+    proc = subprocess.run([sys.executable, "-m", "bench.proxy", "--sequential", "20"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "direct p50" in proc.stdout and "proxy  p50" in proc.stdout
