@@ -70,3 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="draw the figures (needs matplotlib: pip install .[plot])")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--proxy", action="store_true",
+                   help="proxy mode: play the flows as streamed OpenAI requests through `flowshard serve --backend` "
+                        "to a fake backend (bench/fakeoai.py); one run, per-flow latency and CPU (docs/proxy.md)")
+    p.add_argument("--proxy-ttft", type=float, default=0.02, help="--proxy: the fake backend's time to first token")
+    p.add_argument("--proxy-itl", type=float, default=0.02,
+                   help="--proxy: the fake's seconds per token (a request's service time sets its tokens)")

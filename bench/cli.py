@@ -283,6 +283,12 @@ def main(args: argparse.Namespace, command: str | None = None) -> int:
         folder = Path(path).resolve().parent if path else None
         if folder is not None and not (folder.is_dir() and os.access(folder, os.W_OK)):
             raise ConfigError(f"{flag}: cannot write {path}: {folder} is not a writable folder")
+    if args.proxy:
+        from bench.proxyscenario import run_proxy_scenario
+
+        rate = _list(args.rate, float, "--rate")[0] if args.rate else None
+        return run_proxy_scenario(args, adjust(base, rate=rate, concurrency=args.concurrency,
+                                               duration=args.duration, warmup=args.warmup))
     started = _now()
     try:
         result = run_all(args, base)

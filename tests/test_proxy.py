@@ -390,3 +390,17 @@ def test_bench_proxy_runs_and_cleans_up() -> None:
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "direct p50" in proc.stdout and "proxy  p50" in proc.stdout
+
+
+def test_flowshard_bench_plays_a_scenario_through_proxy_mode(tmp_path: Any) -> None:
+    out = tmp_path / "proxy.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "flowshard.cli", "bench", "bench/scenarios/priority-isolation.toml", "--proxy",
+         "--duration", "2", "--warmup", "0.5", "--json", str(out)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "through proxy mode" in proc.stdout and "checkout" in proc.stdout
+    flows = {f["flow"]: f for f in json.loads(out.read_text())["flows"]}
+    assert flows["checkout"]["band"] == "critical" and flows["checkout"]["completed"] > 0
+    assert all(f["errors"] == 0 for f in flows.values())
