@@ -62,7 +62,7 @@ class Result:
     window_s: float = 0.0
 
     def pct(self, which: str, q: float) -> float:
-        values = sorted(getattr(self, which))
+        values: list[float] = sorted(getattr(self, which))
         if not values:
             return math.nan
         return values[min(len(values) - 1, int(q * len(values)))]

@@ -26,6 +26,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +76,9 @@ class _Player:
 
     def _body(self, size: int, service: float) -> bytes:
         tokens = max(1, round((service - self.ttft) / self.itl) + 1) if self.itl > 0 else 1
-        head = {"model": "fake-model", "stream": True, "max_tokens": tokens,
-                "messages": [{"role": "user", "content": ""}]}
-        filler = max(0, size - len(json.dumps(head)))
-        head["messages"][0]["content"] = "x" * filler
+        message = {"role": "user", "content": ""}
+        head: dict[str, Any] = {"model": "fake-model", "stream": True, "max_tokens": tokens, "messages": [message]}
+        message["content"] = "x" * max(0, size - len(json.dumps(head)))  # the body is about `size` bytes
         return msgspec.json.encode(head)
 
     async def _one(self, session: aiohttp.ClientSession, i: int, size: int, service: float,
@@ -160,7 +160,7 @@ class _Player:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
             self.t0 = loop.time() + 0.2
-            players = []
+            players: list[Coroutine[Any, Any, None]] = []
             for i, source in enumerate(self.sources):
                 arrival = source.instance.spec.arrival
                 if isinstance(arrival, Closed):

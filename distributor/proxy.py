@@ -276,8 +276,18 @@ class Proxy:
 
     def handle(self, conn: HttpConnection, method: bytes, path: bytes, raw_headers: list[tuple[bytes, bytes]],
                body: bytes, conn_hdr: bytes, close: int) -> None:
-        route = path.decode("latin-1")
         slot = conn.slot_open(conn_hdr, close)
+        try:
+            self._handle(conn, slot, method, path, raw_headers, body, conn_hdr)
+        except Exception as exc:  # a bug of ours: the slot must still be answered, or the connection stalls
+            log.exception("proxy handler for %r failed", path[:200])
+            if slot.exchange is None or slot.exchange.task is None:  # (a no-op if the slot was answered)
+                conn.slot_respond(slot, error_response(500, f"flowshard: internal error: {type(exc).__name__}",
+                                                       "server_error", "internal_error", None, conn_hdr))
+
+    def _handle(self, conn: HttpConnection, slot: _Slot, method: bytes, path: bytes,
+                raw_headers: list[tuple[bytes, bytes]], body: bytes, conn_hdr: bytes) -> None:
+        route = path.decode("latin-1")
         headers = [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in raw_headers]
         if path in GET_ROUTES:
             if method not in (b"GET", b"HEAD"):
