@@ -6,12 +6,16 @@ pooled client, on uvloop, and reports this process's CPU µs per request and per
 `resource.getrusage`), alternating the candidates `--runs` times.
 
     python -m bench.upstream_clients --requests 2000 --concurrency 8 --tokens 16 --runs 3 [--itl 0.002]
+
+httpx is not a dependency of the project (the measurement chose aiohttp): `pip install httpx` first,
+or the candidate is skipped.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import re
 import resource
 import statistics
@@ -94,9 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         m = _READY.search(fake.stderr.readline().decode())
         assert m, "fakeoai did not start"
         url = m[1]
-        results: dict[str, list[tuple[float, float]]] = {k: [] for k in CANDIDATES}
+        candidates = {name: fn for name, fn in CANDIDATES.items() if importlib.util.find_spec(name) is not None}
+        for missing in CANDIDATES.keys() - candidates.keys():
+            print(f"{missing}: not installed, skipped")
+        results: dict[str, list[tuple[float, float]]] = {k: [] for k in candidates}
         for _ in range(args.runs):
-            for name, fn in CANDIDATES.items():
+            for name, fn in candidates.items():
                 cpu0, t0 = _cpu(), time.perf_counter()
                 chunks = uvloop.run(fn(url, args.requests, args.concurrency, args.tokens))
                 cpu, wall = _cpu() - cpu0, time.perf_counter() - t0
