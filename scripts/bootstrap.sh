@@ -2,7 +2,7 @@
 # Create (or refresh) the project's virtual environment in .venv and install the project into it.
 #
 #   scripts/bootstrap.sh          runtime dependencies only (what `scripts/flowshard` needs)
-#   scripts/bootstrap.sh test     plus the test extras: pytest, hypothesis, ruff, mypy, matplotlib
+#   scripts/bootstrap.sh test     plus the test extras: pytest, hypothesis, ruff, mypy, matplotlib, openai
 #
 # Idempotent: re-runs pip only when pyproject.toml changed since the last install, or when the test
 # extras are asked for and not yet installed. Progress goes to stderr.

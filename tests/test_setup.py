@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-TEST_TOOLS = ("pytest", "hypothesis", "ruff", "mypy", "matplotlib")
+TEST_TOOLS = ("pytest", "hypothesis", "ruff", "mypy", "matplotlib", "openai")
 
 
 def test_runtime_dependencies_hold_no_test_tools() -> None:
