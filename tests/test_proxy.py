@@ -404,3 +404,52 @@ def test_flowshard_bench_plays_a_scenario_through_proxy_mode(tmp_path: Any) -> N
     flows = {f["flow"]: f for f in json.loads(out.read_text())["flows"]}
     assert flows["checkout"]["band"] == "critical" and flows["checkout"]["completed"] > 0
     assert all(f["errors"] == 0 for f in flows.values())
+
+
+class _FailingAdmission:
+    """An admission whose admit raises: a bug of ours, which must still answer the client."""
+
+    accepting = True
+    ready = True
+
+    def admit(self, *args: Any) -> int:
+        raise RuntimeError("boom")
+
+    def cancel(self, request_id: int) -> None:
+        pass
+
+    def release(self, ticket: int) -> bool:
+        return False
+
+    def release_all(self, waiter: Any) -> int:
+        return 0
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    def metrics(self) -> tuple[bytes, str]:
+        return b"", "text/plain"
+
+
+def test_a_failure_inside_the_proxy_handler_answers_500_and_the_connection_goes_on() -> None:
+    from distributor.http import HttpLimits, start_http_server
+    from distributor.proxy import Proxy
+    from flowshard.config import Config, ProxyConfig
+
+    async def go() -> None:
+        admission = _FailingAdmission()
+        proxy = Proxy(Config(proxy=ProxyConfig(backends=["http://127.0.0.1:9"], utilization=False)), admission,
+                      lambda: None)
+        server = await start_http_server(admission, "127.0.0.1", 0, HttpLimits(), lease=300.0, proxy=proxy)
+        try:
+            conn = await HttpConn.open(server.sockets[0].getsockname()[1])
+            conn.send("POST", "/v1/chat/completions", {"model": "m", "messages": MSG})
+            r = await conn.response(5)
+            assert r.status == 500 and r.json()["error"]["code"] == "internal_error", r
+            assert (await conn.request("GET", "/healthz", timeout=5)).status == 200  # the pipeline did not stall
+            conn.close()
+        finally:
+            server.close()
+            await proxy.close()
+
+    run(go())
