@@ -205,6 +205,7 @@ def usage_from_body(body: bytes) -> Usage | None:
         return None
 
 
+MAX_EVENT = 1 << 20  # a partial event held longer than this is forwarded as it is (memory stays bounded)
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 _EVENT_END = re.compile(rb"(?<=\n\n)|(?<=\r\n\r\n)")
 
@@ -231,6 +232,9 @@ class SseUsage:
         lf, crlf = buf.rfind(b"\n\n"), buf.rfind(b"\r\n\r\n")
         cut = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
         if not cut:  # no event is complete yet
+            if len(buf) > MAX_EVENT:  # not server-sent events after all: pass it on rather than hold it
+                self._rest = b""
+                return buf
             self._rest = buf
             return b""
         complete, self._rest = buf[:cut], buf[cut:]

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowshard.classify import ClassifyError, SseUsage, Usage, classify, usage_from_body
+from flowshard.classify import MAX_EVENT, ClassifyError, SseUsage, Usage, classify, usage_from_body
 from flowshard.config import ConfigError, ProxyConfig, load_config
 
 CHAT = "/v1/chat/completions"
@@ -163,3 +163,12 @@ def test_proxy_config_errors_name_the_field() -> None:
         assert field in str(exc.value), (text, str(exc.value))
     ok = load_config('[proxy]\nbackends = ["http://10.0.0.5:8000/"]\n[proxy.objectives]\nchat = 0\n')
     assert ok.proxy.backends == ["http://10.0.0.5:8000"]
+
+
+def test_sse_relay_holds_at_most_one_bounded_partial_event() -> None:
+    relay = SseUsage(True)
+    assert relay.feed(b"data: " + b"x" * 1000) == b""
+    blob = b"y" * MAX_EVENT
+    out = relay.feed(blob)  # a "stream" that never ends an event: forwarded, not accumulated
+    assert out == b"data: " + b"x" * 1000 + blob
+    assert relay.end() == b""
