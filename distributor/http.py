@@ -242,6 +242,7 @@ class HttpConnection(asyncio.Protocol):
         self._held: bytearray | None = None  # input kept unparsed while max_pipelined is reached
         self._paused = False
         self._wpaused = False  # reading paused because unsent responses passed write_high
+        self._writable: asyncio.Future[None] | None = None  # proxy mode: a stream waits here while paused
         self._sent: list[int] = []  # tickets of dispatched answers written since the client's last request
         self._probing = False  # the client sent EOF right after answers were written: were they delivered?
         self._unhold_scheduled = False
@@ -367,6 +368,7 @@ class HttpConnection(asyncio.Protocol):
                 log.exception("settling admission %s (ticket %s) failed", slot.rid, slot.ticket)
         self._queue.clear()
         self._held = None
+        self._wake_writers()
 
     def pause_writing(self) -> None:
         """Responses wait unsent beyond write_high: stop reading the client's input (it makes no new
@@ -381,6 +383,7 @@ class HttpConnection(asyncio.Protocol):
             self._pause_reading()
 
     def resume_writing(self) -> None:
+        self._wake_writers()
         if self._wpaused:
             self._wpaused = False
             if not self._paused and not self._closing:
@@ -638,15 +641,29 @@ class HttpConnection(asyncio.Protocol):
         """The slot's complete response."""
         self.slot_end(slot, data)
 
-    def slot_write(self, slot: _Slot, data: bytes) -> None:
-        """A piece of a streamed response: written now if the slot is at the head, else kept."""
+    def slot_write(self, slot: _Slot, data: bytes) -> asyncio.Future[None] | None:
+        """A piece of a streamed response: written now if the slot is at the head, else kept.
+
+        Returns None, or — while the client has write_high bytes unread — a future to await before
+        the next piece, so a slow reader slows the stream (and the backend) instead of being dropped
+        at write_buffer_limit."""
         if self._dead or slot.data is not None:
-            return
+            return None
         if self._queue and self._queue[0] is slot and not self._closing and self._out is None:
-            self._transport.write(data)
+            self._write(data)
         else:
             assert slot.chunks is not None
             slot.chunks.append(data)
+        if not self._wpaused or self._closing:
+            return None
+        if self._writable is None:
+            self._writable = self._loop.create_future()
+        return self._writable
+
+    def _wake_writers(self) -> None:
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
 
     def abort(self) -> None:
         """Cut the connection (a streamed response cannot be finished): the client sees it truncated."""

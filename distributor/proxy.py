@@ -437,7 +437,9 @@ class Proxy:
                         ended = True
                         conn.slot_end(slot, b"%x\r\n%b\r\n0\r\n\r\n" % (len(out), out))
                     else:
-                        conn.slot_write(slot, b"%x\r\n%b\r\n" % (len(out), out))
+                        unread = conn.slot_write(slot, b"%x\r\n%b\r\n" % (len(out), out))
+                        if unread is not None:  # the client reads slower than the backend writes
+                            await unread
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             resp.close()
             stats.midstream_failures += 1

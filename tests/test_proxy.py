@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -453,3 +454,36 @@ def test_a_failure_inside_the_proxy_handler_answers_500_and_the_connection_goes_
             await proxy.close()
 
     run(go())
+
+
+def test_a_slow_reader_slows_its_stream_instead_of_being_dropped(launch: Any, fake_backend: Any) -> None:
+    """A client that does not read for a while: the relay waits for it (the backend's stream is not
+    read meanwhile), so it gets its whole answer even though it is far larger than the 1 MiB the HTTP
+    front lets pile up unread before it drops a client."""
+    fake = fake_backend(ttft=0.0, itl=0.0)
+    svc = launch(proxy_config([fake.url], budget=4))
+    request = json.dumps({"model": "m", "messages": MSG, "max_tokens": 45000, "stream": True})
+
+    async def go() -> bytes:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)  # the kernel must not absorb the answer
+        sock.connect(("127.0.0.1", svc.http_port))
+        sock.setblocking(False)
+        conn = HttpConn(*await asyncio.open_connection(sock=sock))
+        conn.writer.transport.pause_reading()  # a client that does not read...
+        conn.send("POST", "/v1/chat/completions", request)
+        await asyncio.sleep(1.5)
+        conn.writer.transport.resume_reading()  # ...then does
+        data = b""
+        while b"data: [DONE]" not in data:
+            chunk = await asyncio.wait_for(conn.reader.read(1 << 20), 10)
+            assert chunk, "connection closed before the end of the stream"
+            data += chunk
+        conn.close()
+        return data
+
+    data = run(go())
+    assert len(data) > 6 << 20 and data.count(b" tok") == 45000  # beyond 4 MiB of kernel buffer + 1 MiB
+    s = settled(svc)
+    assert s["proxy"]["client_disconnects"] == 0
+    assert fake.stats()["completed"] == 1 and fake.stats()["aborted"] == 0
