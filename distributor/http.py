@@ -478,11 +478,11 @@ class HttpConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._head_raw = _NOT_IN_HEAD
-        self._in_body = True
         limits = self._limits
         if self._head_bytes > limits.max_header_bytes:
-            self._fail_head()
+            self._fail_head()  # before _in_body is set: these are headers, not trailers
             raise _Stop
+        self._in_body = True
         proxy = self._sh.proxy
         if proxy is not None:
             q = self._url.find(b"?")

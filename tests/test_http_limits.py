@@ -122,6 +122,22 @@ def test_many_trailer_fields_count_against_the_header_limit() -> None:
     assert guards[("http", "trailers_too_large")] == 1
 
 
+def test_headers_over_the_limit_in_one_piece_are_headers_too_large_not_trailers() -> None:
+    """A head that arrives whole is checked when it completes; it is counted and named as headers."""
+    guards = Guards()
+
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: " + b"v" * 9000 + b"\r\n\r\n")
+        r = await c.response()
+        assert r.status == 431 and "trailers" not in r.json()["error"]["message"]
+        assert await c.closed()
+
+    serve(t, guards=guards, max_header_bytes=8192)
+    assert guards[("http", "headers_too_large")] == 1
+    assert guards[("http", "trailers_too_large")] == 0
+
+
 def test_one_endless_trailer_line_is_bounded_too() -> None:
     async def t(port: int, fake: FakeAdmission) -> None:
         c = await Client.open(port)
