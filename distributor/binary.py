@@ -63,6 +63,7 @@ class BinaryLimits:
     write_timeout: float = 10.0
     frame_timeout: float = 10.0
     close_timeout: float = 2.0
+    max_linger_bytes: int = 1 << 20  # input a closing connection may still send (read and discarded)
 
 
 class _Hub:
@@ -98,8 +99,8 @@ class BinaryConnection(asyncio.Protocol):
     """
 
     __slots__ = (
-        "_admission", "_closing_at", "_counted", "_flush_scheduled", "_frame_at", "_hub", "_input_held", "_lost",
-        "_max_inflight", "_open", "_out", "_pending", "_reader", "_stalled_at", "_timer", "_transport",
+        "_admission", "_closing_at", "_counted", "_discarded", "_flush_scheduled", "_frame_at", "_hub", "_input_held",
+        "_lost", "_max_inflight", "_open", "_out", "_pending", "_reader", "_stalled_at", "_timer", "_transport",
     )
 
     def __init__(self, hub: _Hub) -> None:
@@ -115,6 +116,7 @@ class BinaryConnection(asyncio.Protocol):
         self._counted = False  # accepted within max_connections
         self._open = False  # serving: from an accepted connection_made until closing starts
         self._lost = False
+        self._discarded = 0  # input read and thrown away since the connection began to close
         self._timer: asyncio.TimerHandle | None = None
         self._frame_at = 0.0  # loop time the incomplete frame now held began; 0.0: none
         self._stalled_at = 0.0  # loop time replies went over write_high unread; 0.0: they did not
@@ -138,6 +140,14 @@ class BinaryConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if not self._open:
+            # Closing: discarded, but read so that EOF is seen; up to a bound, since reading junk
+            # costs this process CPU for as long as the connection lingers.
+            self._discarded += len(data)
+            transport = self._transport
+            if self._discarded > self._hub.limits.max_linger_bytes and transport is not None and not self._lost:
+                self._discarded = -(1 << 62)  # counted once
+                self._hub.guards.hit("binary", "linger_overflow")
+                reset(transport)
             return
         if self._input_held:  # read before the pause took effect: after what is kept, in order
             self._reader.feed(data, 0)

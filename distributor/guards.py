@@ -18,6 +18,7 @@ ACTIONS: Final[dict[str, tuple[str, ...]]] = {
         "malformed",  # 400 and close
         "slow_reader",  # dropped: unsent responses over the limit, or stalled past write_timeout
         "close_timeout",  # a closing connection whose last bytes were not read: aborted
+        "linger_overflow",  # a closing connection that kept sending past max_linger_bytes: reset
         "undeliverable",  # a dispatched answer that could not be delivered: its ticket released at once
     ),
     "binary": (
@@ -26,6 +27,7 @@ ACTIONS: Final[dict[str, tuple[str, ...]]] = {
         "malformed",  # a malformed or oversized frame: Error(-1, 400) and close
         "slow_reader",
         "close_timeout",
+        "linger_overflow",
     ),
 }
 

@@ -56,10 +56,12 @@ class HttpLimits(msgspec.Struct, frozen=True, kw_only=True):
     max_pipelined: int = 64  # unanswered requests per connection before reading stops
     write_high: int = 64 << 10  # unsent responses beyond this stop the reading of the client's input
     write_buffer_limit: int = 1 << 20  # a client that lets this much pile up unread is dropped
+    max_linger_bytes: int = 1 << 20  # input a closing connection may still send (read and discarded)
 
     def __post_init__(self) -> None:
         for name in (
-            "max_body_bytes", "max_header_bytes", "max_connections", "max_pipelined", "write_high", "write_buffer_limit"
+            "max_body_bytes", "max_header_bytes", "max_connections", "max_pipelined", "write_high",
+            "write_buffer_limit", "max_linger_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")
@@ -237,6 +239,7 @@ class HttpConnection(asyncio.Protocol):
         self._closing = False
         self._dead = False
         self._lingering = False
+        self._discarded = 0  # input read and thrown away since the connection began to close
         self._counted = False
         self._fresh = True  # no request seen yet: header_timeout, not idle_timeout, applies
         self._held: bytearray | None = None  # input kept unparsed while max_pipelined is reached
@@ -292,7 +295,14 @@ class HttpConnection(asyncio.Protocol):
                 if len(held) > self._limits.max_header_bytes + self._limits.max_body_bytes and not self._paused:
                     self._paused = True
                     self._pause_reading()
-            return  # stopped: discarded, but read, so that EOF is seen
+            else:  # stopped or closing: discarded, but read, so that EOF is seen ...
+                self._discarded += len(data)
+                if self._discarded > self._limits.max_linger_bytes and not self._dead:
+                    # ... up to a bound: reading junk costs this process CPU for as long as it lingers
+                    self._dead = self._closing = True
+                    self._sh.guards.hit("http", "linger_overflow")
+                    reset(self._transport)
+            return
         out: list[bytes] = []
         self._out = out
         try:

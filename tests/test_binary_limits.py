@@ -175,3 +175,27 @@ async def test_a_connection_condemned_by_a_protocol_error_is_gone_within_close_t
         assert guards[("binary", "malformed")] == 1
         assert guards[("binary", "close_timeout")] == 1
         raw.writer.transport.abort()
+
+
+@on_loop()
+async def test_a_condemned_connection_that_keeps_sending_is_reset_past_max_linger_bytes() -> None:
+    """Input after a protocol error is read and discarded while the close waits for the client; a
+    client that floods it meanwhile is reset at once instead of costing CPU for close_timeout."""
+    fake = FakeAdmission()
+    guards = Guards()
+    async with serving(fake, BinaryLimits(close_timeout=5.0, max_linger_bytes=256 << 10), guards) as addr:
+        raw = await Raw.open(addr)
+        await raw.send_bytes(b"\x00\x00\x00\x03\xc1\xc1\xc1")
+        t0 = asyncio.get_running_loop().time()
+        sent = 0
+        try:
+            while sent < 4 << 20:
+                await raw.send_bytes(b"x" * 65536)
+                sent += 65536
+        except ConnectionError:
+            pass
+        await until(lambda: guards[("binary", "linger_overflow")] == 1)
+        assert asyncio.get_running_loop().time() - t0 < 2.5  # not the 5 s close_timeout
+        assert sent < 4 << 20
+        assert guards[("binary", "malformed")] == 1
+        raw.writer.transport.abort()

@@ -213,3 +213,30 @@ def test_a_client_that_does_not_read_small_answers_stops_being_read() -> None:
         sock.close()
 
     serve(t, write_high=16 << 10)
+
+
+def test_a_closing_connection_that_keeps_sending_is_reset_past_max_linger_bytes() -> None:
+    """After an error answer the input is read and discarded while the connection lingers; a client
+    that floods it meanwhile costs this process CPU, so past max_linger_bytes it is reset at once
+    (review of issue 8: 4 GB read in a 2 s linger)."""
+    guards = Guards()
+
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(b"BAD\r\n\r\n")
+        r = await c.response()
+        assert r.status == 400
+        t0 = asyncio.get_running_loop().time()
+        sent = 0
+        with contextlib.suppress(ConnectionError):
+            while sent < 4 << 20:
+                c.send(b"x" * 65536)
+                await c.writer.drain()
+                sent += 65536
+        assert await c.closed()
+        assert asyncio.get_running_loop().time() - t0 < 1.5  # well before the 2 s linger ends
+        assert sent < 4 << 20  # the reset cut it short
+
+    serve(t, guards=guards, max_linger_bytes=256 << 10)
+    assert guards[("http", "linger_overflow")] == 1
+    assert guards[("http", "malformed")] == 1
