@@ -58,7 +58,7 @@ class BandConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     flow_max_requests: Limit = None
     ceiling: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
     displacement: bool = False
-    quantum: Annotated[int, msgspec.Meta(ge=1, le=1 << 30)] = 16384
+    quantum: Annotated[int, msgspec.Meta(ge=0, le=1 << 30)] = 0
 
     def __post_init__(self) -> None:
         _normalize_limits(self)

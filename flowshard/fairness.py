@@ -19,6 +19,7 @@ from flowshard.types import Item, ItemState
 _DONE = ItemState.DONE
 _heapreplace = heapq.heapreplace
 _COMPACT_SLACK = 64
+_EPOCH = 1024  # adaptive DRR: dispatches per epoch of the quantum's size memory
 
 
 class Fairness(Protocol):
@@ -62,17 +63,44 @@ class DeficitRoundRobin:
 
     Each turn a flow may send up to its deficit; a flow whose head does not fit gets
     `quantum * weight` more and goes to the back. A flow that empties loses its deficit, so idle
-    flows bank no credit. With `quantum` at least the largest request a pick is O(1) amortised.
+    flows bank no credit.
+
+    `quantum = 0` (the default) makes the quantum follow the request sizes actually seen: the
+    largest size among this and the previous epoch of `_EPOCH` dispatches (and any head that did
+    not fit meanwhile). A quantum far above the typical request turns each turn into a burst for
+    flows with a deep queue, while a flow with one or two requests outstanding empties and loses the
+    rest of its turn; a quantum of about the largest request keeps turns to about one request, so
+    max-min fairness holds for closed-loop flows too, and a pick stays O(1) amortised (a head never
+    needs more than one top-up at weight 1). A positive `quantum` is used as given.
     """
 
     name: ClassVar[str] = "drr"
     tracks_heads: ClassVar[bool] = False
 
-    def __init__(self, quantum: int = 16384) -> None:
+    def __init__(self, quantum: int = 0) -> None:
         self._ring: OrderedDict[FlowQueue, None] = OrderedDict()
-        self._quantum = quantum
+        self._fixed = quantum > 0
+        self._quantum = quantum if quantum > 0 else 1
+        self._epoch_max = 0  # adaptive: largest size seen this epoch
+        self._previous_max = 0  # ... and in the previous one
+        self._epoch_left = _EPOCH
+
+    @property
+    def quantum(self) -> int:
+        """The quantum a turn adds now (times the flow's weight)."""
+        return self._quantum
+
+    def _seen(self, size: int) -> None:
+        if size > self._epoch_max:
+            self._epoch_max = size
+            if size > self._quantum:
+                self._quantum = size
 
     def activate(self, flow: FlowQueue) -> None:
+        if not self._fixed:
+            head = flow.queue.peek()
+            if head is not None:
+                self._seen(head.request.size)
         flow.deficit = self._quantum * flow.weight  # its first turn starts now, at the back of the ring
         self._ring[flow] = None
 
@@ -89,14 +117,26 @@ class DeficitRoundRobin:
             flow = next(iter(ring))
             head = flow.queue.peek()
             assert head is not None, "an active flow has a head"
-            if flow.deficit >= head.request.size:
+            size = head.request.size
+            if flow.deficit >= size:
                 return flow
+            if not self._fixed:
+                self._seen(size)
             flow.deficit += self._quantum * flow.weight
             ring.move_to_end(flow)
         return None
 
     def charge(self, flow: FlowQueue, item: Item) -> None:
-        flow.deficit -= max(item.request.size, 1)  # an empty request still costs a turn's worth
+        size = item.request.size
+        flow.deficit -= max(size, 1)  # an empty request still costs a turn's worth
+        if self._fixed:
+            return
+        self._seen(size)
+        self._epoch_left -= 1
+        if self._epoch_left == 0:  # a new epoch: sizes seen two epochs ago no longer count
+            self._epoch_left = _EPOCH
+            self._quantum = max(self._previous_max, self._epoch_max, 1)
+            self._previous_max, self._epoch_max = self._epoch_max, 0
 
 
 class VirtualTokenCounter:
