@@ -289,10 +289,9 @@ class Distributor:
             self._waiting[p.band] = since = time.monotonic_ns()
             shm.set_waiting(p.band, since)
         priority, ttl, slo, tokens, weight = p.payload
-        ttl = ttl or self.config.default_ttl
-        if ttl:  # the TTL runs from arrival here; the shard gets what is left of it (never 0: "default")
-            ttl = max(ttl - (now - p.received), 1e-9)
-        self._send(shard, Enqueue(p.id, p.flow, slot, priority, p.size, ttl, slo, tokens, weight))
+        # TTL and SLO deadlines run from the arrival here: the shard gets the receive time, so the
+        # gaps between arrivals survive the hop and equal TTLs keep arrival order under edf.
+        self._send(shard, Enqueue(p.id, p.flow, slot, priority, p.size, ttl, slo, tokens, weight, p.received))
         self._schedule_plan()
 
     def _finish(self, p: Pending, outcome: Outcome, wait: float, *, counted_by_shard: bool = False) -> None:

@@ -54,7 +54,12 @@ def decode_config(blob: bytes) -> Config:
 
 
 class Enqueue(msgspec.Struct, tag=1, array_like=True, gc=False):
-    """Queue a request on a shard. `slot` is its flow's shared-memory slot."""
+    """Queue a request on a shard. `slot` is its flow's shared-memory slot.
+
+    `arrived` is the distributor's receive time (`time.monotonic()`, system-wide on Linux, so the
+    shard's clock reads the same): TTL and SLO deadlines run from it, not from the shard's read.
+    0: unknown, the shard's read time.
+    """
 
     id: int
     flow: str
@@ -65,6 +70,7 @@ class Enqueue(msgspec.Struct, tag=1, array_like=True, gc=False):
     slo: float
     tokens: int
     weight: float
+    arrived: float = 0.0
 
 
 class Grant(msgspec.Struct, tag=2, array_like=True, gc=False):

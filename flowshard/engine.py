@@ -122,12 +122,17 @@ class Engine:
         """The band a priority maps to; unconfigured priorities go to the default band."""
         return self._band_of.get(priority, self._default_band)
 
-    def submit(self, request: Request, now: float) -> Item:
+    def submit(self, request: Request, now: float, arrived: float | None = None) -> Item:
         """Admit a request: queue it, or finish it at once (rejected). Returns its item.
 
+        `arrived` is when the request reached the service (default `now`): its TTL and SLO deadlines
+        run from there, so a request that spent time in transit to this shard (the distributor's
+        receive time travels with it) is ordered by its real arrival, and equal TTLs keep arrival order.
         With displacement on for the request's band, queued requests of lower bands (lowest band
         first, newest first) are evicted to make room under the global limits.
         """
+        if arrived is None or arrived > now:
+            arrived = now
         if request.id in self._items:
             raise ValueError(f"request id {request.id} is already queued")
         band = self.bands[self._band_of.get(request.priority, self._default_band)]
@@ -136,11 +141,12 @@ class Engine:
             flow = self._new_flow(band, request.flow, now)
         size = request.size
         ttl = request.ttl or self.default_ttl
-        deadline = now + ttl if ttl > 0 else _INF
+        deadline = arrived + ttl if ttl > 0 else _INF
         seq = self._seq
         self._seq = seq + 1
         cost = request.tokens or size
-        item = Item(request, flow, band.index, seq, band.ordering.key(request, seq, now, deadline), now, deadline, cost)
+        key = band.ordering.key(request, seq, arrived, deadline)
+        item = Item(request, flow, band.index, seq, key, now, deadline, cost)
         if self.shutting_down:
             return self._reject(item, Outcome.REJECTED_SHUTTING_DOWN, now)
         if self.enforce_limits and not self._make_room(band, flow, size, now):

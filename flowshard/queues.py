@@ -29,7 +29,8 @@ class Ordering(Protocol):
     name: ClassVar[str]
 
     @staticmethod
-    def key(request: Request, seq: int, now: float, deadline: float) -> float: ...
+    def key(request: Request, seq: int, arrived: float, deadline: float) -> float:
+        """The item's key; `arrived`: when the request reached the service, `deadline`: its TTL expiry."""
 
     @staticmethod
     def new_queue() -> ItemQueue: ...
@@ -145,7 +146,7 @@ class Fcfs:
     name: ClassVar[str] = "fcfs"
 
     @staticmethod
-    def key(request: Request, seq: int, now: float, deadline: float) -> float:
+    def key(request: Request, seq: int, arrived: float, deadline: float) -> float:
         return float(seq)
 
     @staticmethod
@@ -154,12 +155,12 @@ class Fcfs:
 
 
 class EarliestDeadline:
-    """Earliest deadline first, deadline = enqueue time + TTL; no TTL sorts last (then FCFS)."""
+    """Earliest deadline first, deadline = arrival at the service + TTL; no TTL sorts last (then FCFS)."""
 
     name: ClassVar[str] = "edf"
 
     @staticmethod
-    def key(request: Request, seq: int, now: float, deadline: float) -> float:
+    def key(request: Request, seq: int, arrived: float, deadline: float) -> float:
         return deadline
 
     @staticmethod
@@ -168,7 +169,7 @@ class EarliestDeadline:
 
 
 class SloDeadline:
-    """Earliest SLO deadline first, deadline = received time + the request's SLO (e.g. target TTFT).
+    """Earliest SLO deadline first, deadline = arrival at the service + the request's SLO (e.g. target TTFT).
 
     Requests without an SLO sort after every request with one, in arrival order.
     """
@@ -176,8 +177,8 @@ class SloDeadline:
     name: ClassVar[str] = "slo-deadline"
 
     @staticmethod
-    def key(request: Request, seq: int, now: float, deadline: float) -> float:
-        return now + request.slo if request.slo > 0 else math.inf
+    def key(request: Request, seq: int, arrived: float, deadline: float) -> float:
+        return arrived + request.slo if request.slo > 0 else math.inf
 
     @staticmethod
     def new_queue() -> ItemQueue:

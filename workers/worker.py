@@ -94,6 +94,7 @@ class ShardWorker(asyncio.Protocol):
                     engine.submit(
                         Request(msg.id, msg.flow, msg.priority, msg.size, msg.ttl, msg.slo, msg.tokens, msg.weight),
                         now,
+                        msg.arrived or None,  # deadlines run from the arrival at the distributor
                     )
                 elif kind is Grant:
                     max_bytes = math.inf if msg.max_bytes < 0 else msg.max_bytes
