@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
+
 
 def max_min_fair(demands: Sequence[float], capacity: float, weights: Sequence[float] | None = None) -> list[float]:
     """Weighted max-min fair allocation of `capacity` among `demands` (water-filling).
@@ -52,3 +54,29 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
         return math.nan
     rank = max(0, math.ceil(q * len(sorted_values)) - 1)
     return float(sorted_values[min(rank, len(sorted_values) - 1)])
+
+
+def overtakes(flow: np.ndarray, seq: np.ndarray) -> np.ndarray:
+    """Which dispatches overtook an earlier request of their own flow.
+
+    `flow` and `seq` (arrival sequence numbers) are per dispatch, in dispatch order. A dispatch
+    overtook if a request of the same flow that arrived before it was dispatched after it (an
+    ordering violation under fcfs). O(n log n): a stable sort by flow, then a running minimum of
+    the arrival sequence over each flow's later dispatches.
+    """
+    n = len(flow)
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    order = np.argsort(flow, kind="stable")  # by flow, dispatch order kept within a flow
+    f = flow[order].astype(np.int64)
+    s = seq[order].astype(np.int64)
+    span = int(s.max() - s.min()) + 1
+    # walk backwards; offset each flow so a running minimum never reaches across flows
+    f0 = f - f.min()
+    key = (s - s.min())[::-1] + f0[::-1] * span
+    prior = np.empty(n, dtype=np.int64)
+    prior[0] = np.iinfo(np.int64).max
+    np.minimum.accumulate(key[:-1], out=prior[1:])
+    out = np.empty(n, dtype=bool)
+    out[order] = (key > prior)[::-1]
+    return out

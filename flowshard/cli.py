@@ -74,7 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from flowshard.simulate import main as simulate_main
 
-    return simulate_main(args.scenario, json_path=args.json, force=args.force)
+    return simulate_main(args.scenario, json_path=args.json, records_path=args.records, force=args.force)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -226,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="scenario TOML file, or the name of a shipped scenario (default: demo)")
     simulate.add_argument("--json", metavar="FILE", help="also write every figure, per flow, as JSON")
     simulate.add_argument("--force", action="store_true", help="run even a scenario estimated to take minutes")
+    simulate.add_argument("--records", metavar="FILE",
+                          help="also write one record per request (JSON Lines, see flowshard/records.py)")
     simulate.set_defaults(func=_simulate)
 
     from bench.args import DESCRIPTION as BENCH

@@ -257,6 +257,7 @@ class Workload(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
     warmup: Offset = 0.0
     drain: bool = False
+    fair_margin: Annotated[float, msgspec.Meta(gt=0, le=10)] = 0.05  # a flow off its reference by more is named
     flows: Annotated[list[FlowSpec], msgspec.Meta(min_length=1)]
 
     def __post_init__(self) -> None:

@@ -20,7 +20,14 @@ Measurement choices (the report's fields name them):
   requests never were demand); work that left the queue unserved (TTL, cancel, displacement) is
   withdrawn as far as the reference had not served it either. Saturated flows thus get
   weight-proportional shares, light flows exactly their demand, late joiners compete from when they
-  arrive. Jain's index is over share / fair_share of the flows that held queued work in the window.
+  arrive. (This reference follows *admitted* work, so it cannot see unfairness to closed-loop
+  flows, whose admitted work shrinks with the service they get: it is kept as `share`/`fair_share`.)
+- The fairness verdict (`reference` per band, `demand`/`allocation`/`measured`/`error` per flow,
+  `fair` in the totals) judges each flow against the weighted max-min allocation of *intrinsic*
+  demand (flowshard.reference): measured service per second vs its allocation, flows off by more
+  than `fair_margin` named. Jain's index is over measured / allocation of the flows with one.
+- `overtaken`: per band, the fraction of the window's dispatches that overtook an earlier-arrived
+  request of their own flow (dispatched later): ordering violations, 0 under fcfs on one engine.
 - `max_service_diff`: the largest gap, at any time, in weighted service (unit / weight) between
   flows of a band that are backlogged at that time, counted from when each became backlogged (VTC
   paper style; a flow that becomes backlogged starts level with the least-served backlogged flow).
@@ -36,17 +43,22 @@ import importlib.resources
 import math
 import sys
 import time
+from array import array
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TextIO, cast
 
 import msgspec
+import numpy as np
 
-from flowshard.analysis import jain_index, percentile
+from flowshard import records
+from flowshard.analysis import jain_index, overtakes, percentile
 from flowshard.config import ConfigError
 from flowshard.engine import Band as EngineBand
 from flowshard.engine import Engine
 from flowshard.estimate import EVENTS_PER_SECOND, estimate
+from flowshard.reference import FlowRef, Verdict, judge, segments
 from flowshard.scenario import Closed, FlowSource, Scenario, flow_sources, load_scenario
 from flowshard.types import Item, ItemState, Outcome, Request
 
@@ -106,6 +118,10 @@ class FlowReport(msgspec.Struct, kw_only=True):
     backlogged: float  # fraction of the window with queued work
     share: float | None  # of the band's service in the window (band unit)
     fair_share: float | None
+    demand: float  # intrinsic demand, band units per second (see flowshard.reference)
+    allocation: float  # its weighted max-min allocation, band units per second
+    measured: float  # band units per second it was served in the window
+    error: float | None  # (measured - allocation) / allocation
 
 
 class GroupReport(msgspec.Struct, kw_only=True):
@@ -139,6 +155,8 @@ class BandReport(msgspec.Struct, kw_only=True):
     jain: float | None
     max_service_diff: float
     priority_inversions: int
+    reference: Verdict  # the flows off their intrinsic-demand allocation by more than the margin
+    overtaken: float | None  # fraction of dispatches that overtook an earlier request of the same flow
 
 
 class Throughput(msgspec.Struct, kw_only=True):
@@ -153,6 +171,7 @@ class Totals(msgspec.Struct, kw_only=True):
     throughput: Throughput  # per second of simulated time
     served: Served
     jain: float | None  # over the backlogged flows of every band
+    fair: bool | None  # every band within its reference margin (None: nothing to judge)
     backlogged_flows: int
     priority_inversions: int
     events: int
@@ -215,6 +234,8 @@ class _Flow:
         "backlog_since",
         "backlog_time",
         "band",
+        "busy",
+        "busy_bytes",
         "closed",
         "credit",
         "credit0",
@@ -225,6 +246,7 @@ class _Flow:
         "index",
         "instance",
         "join",
+        "offered",
         "outcomes",
         "owed",
         "priority",
@@ -275,6 +297,8 @@ class _Flow:
         self.ftick = 0
         self.rel = 0.0  # weighted service since it became backlogged, for max_service_diff
         self.stamp = 0
+        self.offered: list[float] = []  # units arriving per reference segment (open loop)
+        self.busy = self.busy_bytes = 0.0  # slot- and byte-seconds of its dispatches in the window
 
 
 class _Reference:
@@ -468,7 +492,7 @@ class _Band:
 class _Simulation:
     """The event loop. Events: (time, seq, kind, flow, payload) in a heap; seq keeps order total."""
 
-    def __init__(self, scenario: Scenario) -> None:
+    def __init__(self, scenario: Scenario, records: bool = False) -> None:
         workload = scenario.workload
         self.scenario = scenario
         self.duration = workload.duration
@@ -485,6 +509,14 @@ class _Simulation:
             flow = _Flow(index, source, band, weight, self.duration)
             band.flows.append(flow)
             self.flows.append(flow)
+        self.cuts = segments(scenario)
+        for flow in self.flows:
+            flow.offered = [0.0] * (len(self.cuts) - 1)
+        # every dispatch, in order: flow index, arrival sequence (= request id), in the window?
+        self.dispatch_flow = array("q")
+        self.dispatch_seq = array("q")
+        self.dispatch_in = array("b")
+        self.records: list[list[object]] | None = [] if records else None
         budget = engine.budget
         self.checker = PriorityChecker([b.ceiling for b in engine.bands], budget.max_requests, budget.max_bytes)
         self.heap: list[tuple[float, int, int, _Flow, object]] = []
@@ -580,6 +612,9 @@ class _Simulation:
         self.next_id = rid + 1
         request = Request(rid, flow.id, flow.priority, size, flow.ttl, flow.slo, tokens, flow.request_weight)
         flow.submitted += 1
+        if self.measuring:  # an arrival is demand, whatever becomes of it
+            cut = min(bisect_right(self.cuts, now) - 1, len(flow.offered) - 1)
+            flow.offered[cut] += flow.band.units_of(request)
         item = self.engine.submit(request, now)
         end = 0.0
         if item.state == _QUEUED:
@@ -630,9 +665,12 @@ class _Simulation:
             band.inversions += n
 
     def _deliver(self, items: list[Item], now: float) -> None:
+        records = self.records
         for item in items:
             flow, service, end, withdrawn = self.pending.pop(item.request.id)
             outcome = item.outcome
+            if records is not None:
+                records.append(self._record(flow, item, service, now))
             if outcome == _DISPATCHED:
                 self._dispatched(flow, item, service, now)
             elif outcome in _REJECTED:
@@ -654,6 +692,12 @@ class _Simulation:
         flow.waits.append(item.wait)
         flow.served_bytes += request.size
         flow.served_tokens += request.tokens
+        self.dispatch_flow.append(flow.index)
+        self.dispatch_seq.append(request.id)
+        self.dispatch_in.append(self.measuring)
+        if self.measuring:
+            flow.busy += service
+            flow.busy_bytes += service * request.size
         if self.tracking:
             band = flow.band
             units = band.units_of(request)
@@ -664,6 +708,17 @@ class _Simulation:
                 flow.units += units
         self._push(now + service, _DONE, flow, item)
         self._dequeued(flow, now)
+
+    def _record(self, flow: _Flow, item: Item, service: float, now: float) -> list[object]:
+        """One per-request record (see RECORD_COLUMNS)."""
+        request = item.request
+        dispatched = item.outcome == _DISPATCHED
+        label = "unfinished" if self.ending and not dispatched else Outcome(item.outcome).label
+        return [
+            flow.id, flow.band.config.name, request.id, _r(item.enqueued_at, 9),
+            _r(now, 9) if dispatched else None, _r(now + service if dispatched else now, 9), 0, label,
+            request.size, request.tokens, _r(service, 9) if dispatched else None,
+        ]
 
     def _dequeued(self, flow: _Flow, now: float) -> None:
         flow.queued -= 1
@@ -679,9 +734,16 @@ class _Simulation:
 def simulate(scenario: Scenario, progress: Progress | None = None) -> Report:
     """Run the scenario in virtual time and report every figure. Deterministic: a pure function
     (`progress`, if given, only watches: see `_Simulation.run`)."""
-    sim = _Simulation(scenario)
+    return simulate_with_records(scenario, records=False, progress=progress)[0]
+
+
+def simulate_with_records(
+    scenario: Scenario, *, records: bool = True, progress: Progress | None = None
+) -> tuple[Report, list[list[object]]]:
+    """`simulate`, and (if `records`) one record per request in the order their outcomes came."""
+    sim = _Simulation(scenario, records)
     end = sim.run(progress)
-    return _Reporter(sim, end).report()
+    return _Reporter(sim, end).report(), sim.records or []
 
 
 # ---------------------------------------------------------------------------------------- figures
@@ -689,6 +751,25 @@ def simulate(scenario: Scenario, progress: Progress | None = None) -> Report:
 
 def _r(value: float, digits: int = 6) -> float:
     return round(value, digits)
+
+
+def _overtaken(sim: _Simulation, band_of: list[int]) -> list[float | None]:
+    """Per band: the fraction of its dispatches in the window that overtook an earlier request of their flow."""
+    flow = np.frombuffer(sim.dispatch_flow, dtype=np.int64)
+    inside = np.frombuffer(sim.dispatch_in, dtype=np.int8).astype(bool)
+    over = overtakes(flow, np.frombuffer(sim.dispatch_seq, dtype=np.int64))
+    band = np.asarray(band_of, dtype=np.int64)[flow] if len(flow) else np.zeros(0, dtype=np.int64)
+    out: list[float | None] = []
+    for b in range(len(sim.bands)):
+        mine = inside & (band == b)
+        n = int(np.count_nonzero(mine))
+        out.append(_r(int(np.count_nonzero(over & mine)) / n) if n else None)
+    return out
+
+
+def _all_fair(verdicts: Sequence[Verdict]) -> bool | None:
+    judged = [v.fair for v in verdicts if v.fair is not None]
+    return all(judged) if judged else None
 
 
 def _waits(waits: list[float]) -> Waits:
@@ -736,6 +817,15 @@ class _Reporter:
                 total = band.units
                 self.share[flow.index] = flow.units / total if total > 0 else None
                 self.fair[flow.index] = (band.reference.given(flow) - flow.credit0) / total if total > 0 else None
+        position = {id(b): i for i, b in enumerate(sim.bands)}
+        band_of = [position[id(f.band)] for f in sim.flows]
+        flows = sim.flows
+        self.refs, self.verdicts = judge(
+            sim.scenario, [b.unit for b in sim.bands], band_of, [f.id for f in flows],
+            [f.instance.spec for f in flows], [f.weight for f in flows], [f.offered for f in flows],
+            [f.units for f in flows], [(f.busy, f.busy_bytes) for f in flows],
+        )
+        self.overtaken = _overtaken(sim, band_of)
 
     def ratio(self, flow: _Flow) -> float | None:
         """share / fair_share of a flow that was backlogged in the window; None otherwise."""
@@ -745,8 +835,13 @@ class _Reporter:
         return share / fair
 
     def jain(self, flows: Iterable[_Flow]) -> tuple[float | None, int]:
-        ratios = [r for r in map(self.ratio, flows) if r is not None]
-        return (_r(jain_index(ratios)) if ratios else None), len(ratios)
+        """Jain's index over measured / allocation (the intrinsic-demand reference) of the flows that had
+        an allocation, and how many flows were backlogged in the window."""
+        flows = list(flows)
+        refs = [self.refs[f.index] for f in flows]
+        ratios = [r.measured / r.allocation for r in refs if r.allocation > 0]
+        backlogged = sum(1 for f in flows if f.backlog_time > 0)
+        return (_r(jain_index(ratios)) if ratios else None), backlogged
 
     def report(self) -> Report:
         sim = self.sim
@@ -765,6 +860,7 @@ class _Reporter:
             ),
             served=served,
             jain=jain,
+            fair=_all_fair(self.verdicts),
             backlogged_flows=backlogged,
             priority_inversions=sum(b.inversions for b in sim.bands),
             events=sim.events,
@@ -777,12 +873,12 @@ class _Reporter:
             drain=workload.drain,
             end=_r(end),
             totals=totals,
-            bands=[self.band(b) for b in sim.bands],
+            bands=[self.band(i, b) for i, b in enumerate(sim.bands)],
             groups=self.groups(),
             flows=[self.flow(f) for f in flows],
         )
 
-    def band(self, band: _Band) -> BandReport:
+    def band(self, index: int, band: _Band) -> BandReport:
         jain, backlogged = self.jain(band.flows)
         config = band.config
         return BandReport(
@@ -800,10 +896,14 @@ class _Reporter:
             jain=jain,
             max_service_diff=_r(band.gap.max, 3),
             priority_inversions=band.inversions,
+            reference=self.verdicts[index],
+            overtaken=self.overtaken[index],
         )
 
     def flow(self, flow: _Flow) -> FlowReport:
         share, fair = self.share[flow.index], self.fair[flow.index]
+        ref: FlowRef = self.refs[flow.index]
+        err = None if ref.allocation <= 0 else (ref.measured - ref.allocation) / ref.allocation
         return FlowReport(
             id=flow.id,
             group=flow.instance.spec.id,
@@ -816,6 +916,10 @@ class _Reporter:
             backlogged=_r(flow.backlog_time / self.window),
             share=None if share is None else _r(share),
             fair_share=None if fair is None else _r(fair),
+            demand=_r(ref.demand),
+            allocation=_r(ref.allocation),
+            measured=_r(ref.measured),
+            error=None if err is None else _r(err),
         )
 
     def groups(self) -> list[GroupReport]:
@@ -921,15 +1025,28 @@ def _group_table(report: Report) -> list[str]:
 
 def _band_table(report: Report) -> list[str]:
     header = ["band", "prio", "fairness", "unit", "flows", "dispatched", "req/s", "wait p50 ms", "p99"]
-    header += ["jain", "max service diff", "inversions"]
+    header += ["jain", "max ref err", "max service diff", "overtaken", "inversions"]
     rows = []
     for b in report.bands:
         jain = "-" if b.jain is None else f"{b.jain:.4f}"
         row = [b.name, str(b.priority), b.fairness, b.unit, str(b.flows), str(b.counts.dispatched)]
-        row += [f"{b.throughput:.1f}", _ms(b.wait.p50), _ms(b.wait.p99), jain, f"{b.max_service_diff:g}"]
-        row.append(str(b.priority_inversions))
+        row += [f"{b.throughput:.1f}", _ms(b.wait.p50), _ms(b.wait.p99), jain, _pct(b.reference.max_error)]
+        row += [f"{b.max_service_diff:g}", _pct(b.overtaken), str(b.priority_inversions)]
         rows.append(row)
-    return _table(header, rows)
+    return [*_table(header, rows), *(reference_line(b.name, b.fairness, b.unit, b.reference) for b in report.bands)]
+
+
+def reference_line(name: str, fairness: str, unit: str, verdict: Verdict, most: int = 6) -> str:
+    """One line per band: does every flow get its max-min allocation of intrinsic demand, within the margin?"""
+    margin = f"{verdict.margin * 100:g}%"
+    head = f"reference {name} ({fairness}, {unit}): "
+    if verdict.fair is None:
+        return head + "nothing to judge (no flow had an allocation)"
+    if verdict.fair:
+        return head + f"fair: every flow within {margin} of its max-min allocation of intrinsic demand"
+    more = f" (+{len(verdict.off) - most} more)" if len(verdict.off) > most else ""
+    return head + f"UNFAIR: {len(verdict.off)} flows off their max-min allocation by more than {margin}: " + \
+        ", ".join(verdict.off[:most]) + more
 
 
 def _total_lines(totals: Totals) -> list[str]:
@@ -939,7 +1056,8 @@ def _total_lines(totals: Totals) -> list[str]:
         f"total: {c.submitted} submitted, {c.dispatched} dispatched, {sum(c.rejected.values())} rejected, "
         f"{sum(c.evicted.values())} evicted, {c.unfinished} unfinished, {totals.inflight_at_end} in flight at end",
         f"throughput: {rate.requests:.1f} req/s, {rate.bytes:.0f} B/s, {rate.tokens:.0f} tokens/s",
-        f"fairness: Jain {jain} over {totals.backlogged_flows} backlogged flows (share / fair share); "
+        f"fairness: Jain {jain} (measured / max-min allocation), {totals.backlogged_flows} flows backlogged; "
+        f"max-min reference: {'-' if totals.fair is None else 'fair' if totals.fair else 'UNFAIR'}; "
         f"priority inversions: {totals.priority_inversions}",
     ]
 
@@ -1059,10 +1177,10 @@ class Watch:
             self.err.write("\n")
 
 
-def main(scenario_path: str | None, json_path: str | None = None, *, force: bool = False,
-         err: TextIO | None = None) -> int:
+def main(scenario_path: str | None, json_path: str | None = None, records_path: str | None = None, *,
+         force: bool = False, err: TextIO | None = None) -> int:
     """`flowshard simulate`: check the scenario's size, run it with progress on stderr, print the table,
-    and write the JSON report if asked."""
+    and write the JSON report and the per-request records if asked."""
     err = err if err is not None else sys.stderr
     scenario = read_scenario(scenario_path)
     warning = check_size(scenario, scenario_path or "demo.toml", force=force)
@@ -1070,13 +1188,18 @@ def main(scenario_path: str | None, json_path: str | None = None, *, force: bool
         err.write(f"flowshard: {warning}\n")
     watch = Watch(scenario.workload.duration, err)
     try:
-        report = simulate(scenario, watch)
+        report, rows = simulate_with_records(scenario, records=records_path is not None, progress=watch)
     finally:
         watch.close()
     sys.stdout.write(render_table(report))
+    outputs = []
     if json_path is not None:
+        outputs.append((json_path, encode_report(report) + b"\n"))
+    if records_path is not None:
+        outputs.append((records_path, records.encode("simulate", scenario.name, rows, seed=scenario.workload.seed)))
+    for path, data in outputs:
         try:
-            Path(json_path).write_bytes(encode_report(report) + b"\n")
+            Path(path).write_bytes(data)
         except OSError as exc:
-            raise ConfigError(f"{json_path}: cannot write: {exc.strerror}") from None
+            raise ConfigError(f"{path}: cannot write: {exc.strerror}") from None
     return 0

@@ -94,3 +94,103 @@ def test_adaptive_quantum_follows_the_sizes_seen():
     assert drr.quantum == 5000
     burst(700, 2048)  # ... two epochs later it is forgotten
     assert drr.quantum == 700
+
+
+# =========================================================================== the same, through the simulator's reports
+
+from flowshard.scenario import load_scenario  # noqa: E402
+from flowshard.simulate import simulate  # noqa: E402
+
+
+def scenario(fairness: str, slots: int, flows: list[str], *, weights: dict[str, float] | None = None,
+             margin: float = MARGIN, size: int | str = 1000):
+    text = f"""
+    name = "apf"
+    [server]
+    default_ttl = 0
+    [server.budget]
+    max_inflight_requests = {slots}
+    [[server.bands]]
+    priority = 0
+    fairness = "{fairness}"
+    [workload]
+    duration = {DURATION}
+    warmup = {WARMUP}
+    fair_margin = {margin}
+    """
+    if weights:
+        text += "[server.weights]\n" + "".join(f'"{k}" = {v}\n' for k, v in weights.items())
+    for i, arrival in enumerate(flows):
+        text += f"""
+    [[workload.flows]]
+    id = "f{i}"
+    arrival = {arrival}
+    size = {size}
+    service = 1.0
+    """
+    return load_scenario(text)
+
+
+def closed(n: int, think: float = 0.0) -> str:
+    return f'{{ kind = "closed", concurrency = {n}, think = {think} }}'
+
+
+def constant(rate: float) -> str:
+    return f'{{ kind = "constant", rate = {rate} }}'
+
+
+SIM_CASES = {
+    "equal-closed": (6, [closed(5), closed(5), closed(5)]),
+    "unequal-closed-3-7-9-1": (14, [closed(3), closed(7), closed(9), closed(1)]),
+    "24-vs-8-closed": (8, [closed(24), closed(8)]),
+    "closed-with-think": (8, [closed(4, think=1.0), closed(20), closed(20)]),  # demand 2, the rest 3 + 3
+    "open-light-and-closed": (8, [constant(2.0), closed(27), closed(9)]),  # 2, then 3 + 3
+    "open-unequal": (10, [constant(2.0), constant(5.0), constant(30.0)]),
+}
+
+
+@pytest.mark.parametrize("case", SIM_CASES)
+@pytest.mark.parametrize("fairness", FAIR)
+def test_simulator_reference_passes_every_fair_policy(fairness, case):
+    slots, flows = SIM_CASES[case]
+    report = simulate(scenario(fairness, slots, flows))
+    band = report.bands[0]
+    assert band.reference.fair is True, band.reference
+    assert band.reference.max_error is not None and band.reference.max_error <= MARGIN
+    assert report.totals.fair is True
+
+
+@pytest.mark.parametrize("case", ["unequal-closed-3-7-9-1", "24-vs-8-closed", "closed-with-think",
+                                  "open-light-and-closed"])
+def test_simulator_reference_fails_global_fcfs(case):
+    """The negative control fails in the report itself: flows named, verdict UNFAIR, Jain below 1."""
+    slots, flows = SIM_CASES[case]
+    report = simulate(scenario("global-fcfs", slots, flows))
+    band = report.bands[0]
+    assert band.reference.fair is False and band.reference.off, band.reference
+    assert report.totals.fair is False
+    assert band.jain is not None and band.jain < 0.99
+
+
+def test_simulator_reference_allocations_are_apfs():
+    report = simulate(scenario("round-robin", 14, SIM_CASES["unequal-closed-3-7-9-1"][1]))  # unit: requests
+    assert [f.allocation for f in report.flows] == pytest.approx([3, 5, 5, 1])
+    assert [f.demand for f in report.flows] == pytest.approx([3, 7, 9, 1])
+    think = simulate(scenario("round-robin", 8, SIM_CASES["closed-with-think"][1]))
+    assert [f.allocation for f in think.flows] == pytest.approx([2, 3, 3])  # 4 clients x 1 / (1 + 1) = 2
+
+
+WEIGHTS = {"f0": 1.0, "f1": 2.0, "f2": 3.0}
+
+
+@pytest.mark.parametrize("fairness", ["drr", "vtc"])
+def test_simulator_reference_weighted(fairness):
+    report = simulate(scenario(fairness, 12, [closed(12), closed(12), closed(12)], weights=WEIGHTS))
+    assert [f.allocation for f in report.flows] == pytest.approx([2000, 4000, 6000])  # bytes/s, 12 slots
+    assert report.bands[0].reference.fair is True, report.bands[0].reference
+
+
+@pytest.mark.parametrize("fairness", ["round-robin", "global-fcfs"])
+def test_simulator_reference_weighted_negative_controls(fairness):
+    report = simulate(scenario(fairness, 12, [closed(12), closed(12), closed(12)], weights=WEIGHTS))
+    assert report.bands[0].reference.fair is False

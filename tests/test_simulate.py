@@ -216,7 +216,10 @@ def _ttl_storm(report: Report) -> None:
     f = flows(report)
     assert f["storm"].counts.evicted["ttl"] > 1000
     assert f["steady-0"].counts.evicted["ttl"] == 0 and f["steady-1"].counts.evicted["ttl"] == 0
-    assert report.totals.jain is not None and report.totals.jain > 0.99
+    # the steady flows get all they ask; the storm stays below its long-run allocation (its bursts
+    # expire faster than a fair share of the budget could serve them), and the report says so
+    assert f["steady-0"].error == pytest.approx(0.0, abs=0.01) and f["steady-1"].error == pytest.approx(0.0, abs=0.01)
+    assert report.bands[0].reference.off == [f"storm {f['storm'].error * 100:+.1f}%"]
 
 
 def _displacement(report: Report) -> None:

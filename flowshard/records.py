@@ -1,0 +1,48 @@
+"""Per-request records: the raw data an auditor recomputes fairness and ordering from.
+
+`flowshard simulate --records FILE` and `flowshard bench --records FILE` write JSON Lines: a header
+object first, then one array per request, positional, in the order of `COLUMNS`:
+
+    {"format": "flowshard-records/1", "source": "simulate", "scenario": "...", "columns": [...], ...}
+    ["tenant-a", "p0", 17, 1.250000123, 1.5, 1.6, 0, "dispatched", 2048, 0, 0.1]
+
+- flow, band: the flow id and its band's name.
+- seq: the arrival sequence number at the service (the simulator's request id; the distributor's
+  request id in `bench`, known when the answer carried it, else null). Order requests by it.
+- arrival, dispatch, done: seconds from the start of the run. `arrival`: when the service received
+  it (bench: when the generator sent it, unless the answer carried the service's own times);
+  `dispatch`: when it was dispatched (null otherwise); `done`: when it ended — the end of its service
+  for a dispatch, the outcome's time otherwise, the end of the run for `unfinished`.
+- shard: the shard that held it (-1: dispatched at the distributor's idle fast path; null: unknown).
+- outcome: `dispatched`, `rejected:<reason>`, `evicted:<reason>`, `unfinished` or `error`.
+- size (bytes), tokens (declared, 0: none), service (seconds it held its slot; null if not dispatched).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import msgspec
+
+FORMAT = "flowshard-records/1"
+COLUMNS = ("flow", "band", "seq", "arrival", "dispatch", "done", "shard", "outcome", "size", "tokens", "service")
+
+
+def encode(source: str, scenario: str, rows: Iterable[Sequence[object]], **header: object) -> bytes:
+    """The whole JSON Lines document: the header, then one line per record."""
+    encoder = msgspec.json.Encoder()
+    head = {"format": FORMAT, "source": source, "scenario": scenario, "columns": list(COLUMNS), **header}
+    out = bytearray(encoder.encode(head))
+    out += b"\n"
+    for row in rows:
+        encoder.encode_into(row, out, -1)
+        out += b"\n"
+    return bytes(out)
+
+
+def decode(data: bytes) -> tuple[dict[str, object], list[dict[str, object]]]:
+    """(header, records as dicts) of a records document; for tests and audits."""
+    lines = data.splitlines()
+    head = msgspec.json.decode(lines[0])
+    columns = head["columns"]
+    return head, [dict(zip(columns, msgspec.json.decode(line), strict=True)) for line in lines[1:] if line]
