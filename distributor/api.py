@@ -6,16 +6,32 @@ The front-ends parse and validate; the distributor decides. Outcomes are deliver
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from flowshard.types import Outcome
+
+
+class Audit(NamedTuple):
+    """What the service knows of one request, for a client that asked (`audit`): its arrival sequence
+    number at the distributor, the shard that held it (-1: none), and the service's time.monotonic()
+    seconds when the distributor received it, its shard queued it and it was dispatched (0: never)."""
+
+    seq: int
+    shard: int
+    received: float
+    enqueued: float
+    dispatched: float
 
 
 class Waiter(Protocol):
     """A client connection waiting for outcomes (one per connection, many admissions each)."""
 
-    def deliver(self, cid: Any, request_id: int, outcome: Outcome, ticket: int, wait: float, retry_after: int) -> None:
-        """The final outcome of admission `cid`. `ticket` is non-zero only for `dispatched`."""
+    def deliver(
+        self, cid: Any, request_id: int, outcome: Outcome, ticket: int, wait: float, retry_after: int,
+        audit: Audit | None = None,
+    ) -> None:
+        """The final outcome of admission `cid`. `ticket` is non-zero only for `dispatched`; `audit` is
+        given when the admission asked for it."""
 
 
 class Admission(Protocol):
@@ -27,18 +43,20 @@ class Admission(Protocol):
 
     def admit(
         self, waiter: Waiter, cid: Any, flow: str, priority: int, size: int, ttl: float, slo: float,
-        tokens: int, weight: float, leased: bool,
+        tokens: int, weight: float, leased: bool, audit: bool = False,
     ) -> int:
         """Admit an already validated request; returns its request id. The outcome comes by
         `waiter.deliver` — possibly before this returns (rejections, the idle fast path).
-        `leased`: the ticket expires after the configured lease unless released (HTTP)."""
+        `leased`: the ticket expires after the configured lease unless released (HTTP).
+        `audit`: deliver the request's `Audit` with its outcome."""
 
     def cancel(self, request_id: int) -> None:
         """The client of a pending admission went away: evict it (`cancelled`) or, if it is
         dispatched meanwhile, release its budget at once. No outcome is delivered after this."""
 
-    def release(self, ticket: int) -> bool:
-        """Free a dispatched request's ticket. False for unknown or already released tickets."""
+    def release(self, ticket: int, tokens: int = -1) -> bool:
+        """Free a dispatched request's ticket. False for unknown or already released tickets.
+        `tokens` >= 0: the request's actual cost, to correct its flow's fairness charge."""
 
     def release_all(self, waiter: Waiter) -> int:
         """The connection closed: release every ticket it holds (binary protocol)."""

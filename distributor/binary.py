@@ -30,12 +30,23 @@ import math
 from dataclasses import dataclass
 from typing import Any, cast
 
-from distributor.api import Admission
+from distributor.api import Admission, Audit
 from distributor.guards import Guards
 from distributor.sockets import reset, unsent
-from flowshard.codec import Admit, Error, FrameError, FrameReader, FrameWriter, FromClient, Released, Result
+from flowshard.codec import (
+    Admit,
+    Audited,
+    Error,
+    FrameError,
+    FrameReader,
+    FrameWriter,
+    FromClient,
+    Release,
+    Released,
+    Result,
+)
 from flowshard.types import Outcome
-from flowshard.validate import check_admit
+from flowshard.validate import check_admit, check_release_tokens
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +184,7 @@ class BinaryConnection(asyncio.Protocol):
                 if type(msg) is Admit:
                     self._admit(msg)
                 else:
-                    ticket = msg.ticket
-                    self._send(Released(ticket, self._admission.release(ticket)))
+                    self._release(msg)
             if len(messages) < BATCH or not self._open:
                 break
             progressed = True
@@ -186,6 +196,14 @@ class BinaryConnection(asyncio.Protocol):
             self._frame_at = self._hub.loop.time()
             if self._timer is None:
                 self._arm(self._frame_at + self._hub.limits.frame_timeout)
+
+    def _release(self, msg: Release) -> None:
+        ticket = msg.ticket
+        # the frame has no error reply: an out-of-range actual cost is dropped, the ticket still released
+        # (never held by a bad field); the Python client refuses such values
+        tokens = msg.tokens if check_release_tokens(msg.tokens, allow_unset=True) is None else -1
+        ok = self._admission.release(ticket, tokens) if tokens >= 0 else self._admission.release(ticket)
+        self._send(Released(ticket, ok))
 
     def _reading(self) -> None:
         """Read while neither replies wait beyond write_high nor complete frames are kept unread."""
@@ -242,7 +260,10 @@ class BinaryConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------ Waiter
 
-    def deliver(self, cid: Any, request_id: int, outcome: Outcome, ticket: int, wait: float, retry_after: int) -> None:
+    def deliver(
+        self, cid: Any, request_id: int, outcome: Outcome, ticket: int, wait: float, retry_after: int,
+        audit: Audit | None = None,
+    ) -> None:
         """The outcome of admission `cid`, written with the other replies of this loop pass."""
         if self._pending.pop(cid, None) is None:
             if self._lost and ticket:
@@ -252,7 +273,10 @@ class BinaryConnection(asyncio.Protocol):
                 self._admission.release(ticket)
             return
         if self._open:
-            self._send(Result(cid, outcome, ticket, wait, retry_after))  # msgspec encodes an IntEnum as its value
+            if audit is None:
+                self._send(Result(cid, outcome, ticket, wait, retry_after))  # msgspec encodes an IntEnum as its value
+            else:
+                self._send(Audited(cid, outcome, ticket, wait, retry_after, *audit))
 
     # ------------------------------------------------------------ internals
 
@@ -277,7 +301,7 @@ class BinaryConnection(asyncio.Protocol):
             # The outcome may be delivered before admit returns (rejections, the idle fast path).
             request_id = self._admission.admit(
                 self, cid=cid, flow=msg.flow, priority=msg.priority, size=msg.size, ttl=msg.ttl, slo=msg.slo,
-                tokens=msg.tokens, weight=msg.weight, leased=False,
+                tokens=msg.tokens, weight=msg.weight, leased=False, **({"audit": True} if msg.audit else {}),
             )
         except Exception:
             log.exception("admit failed for a binary client")
@@ -287,7 +311,7 @@ class BinaryConnection(asyncio.Protocol):
         if cid in pending:
             pending[cid] = request_id
 
-    def _send(self, message: Result | Error | Released) -> None:
+    def _send(self, message: Result | Audited | Error | Released) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._hub.loop.call_soon(self._flush)

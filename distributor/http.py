@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
 import httptools
 import msgspec
 
-from distributor.api import Admission
+from distributor.api import Admission, Audit
 from distributor.guards import Guards
 from distributor.sockets import reset, unsent
 from flowshard.types import Outcome
-from flowshard.validate import AdmitBody, ReleaseBody, admit_field_hint, check_admit
+from flowshard.validate import AdmitBody, ReleaseBody, admit_field_hint, check_admit, check_release_tokens
 
 if TYPE_CHECKING:
     from distributor.proxy import Exchange, Proxy
@@ -112,18 +112,30 @@ class _ErrorBody(msgspec.Struct):
     error: _Error
 
 
-class _Dispatched(msgspec.Struct):
+class _AuditBody(msgspec.Struct):
+    """`"audit"` in an admission's answer, when it asked: see distributor.api.Audit."""
+
+    seq: int
+    shard: int
+    received: float
+    enqueued: float
+    dispatched: float
+
+
+class _Dispatched(msgspec.Struct, omit_defaults=True):
     outcome: str
     ticket: int
     wait_ms: float
     lease_s: float
+    audit: _AuditBody | None = None
 
 
-class _Refused(msgspec.Struct):
+class _Refused(msgspec.Struct, omit_defaults=True):
     outcome: str
     reason: str
     wait_ms: float
     retry_after: int
+    audit: _AuditBody | None = None
 
 
 _encode: Final = msgspec.json.Encoder().encode
@@ -426,18 +438,22 @@ class HttpConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ Waiter
 
-    def deliver(self, cid: Any, request_id: int, outcome: Outcome, ticket: int, wait: float, retry_after: int) -> None:
+    def deliver(
+        self, cid: Any, request_id: int, outcome: Outcome, ticket: int, wait: float, retry_after: int,
+        audit: Audit | None = None,
+    ) -> None:
         """The outcome of the admission in slot `cid`: fill the slot, write the head of the queue."""
         slot: _Slot = cid
         if self._dead or slot.data is not None:
             return
+        extra = None if audit is None else _AuditBody(*audit)
         if outcome == _DISPATCHED:
-            body = _encode(_Dispatched("dispatched", ticket, int(wait * 1e6) / 1000.0, self._sh.lease))
+            body = _encode(_Dispatched("dispatched", ticket, int(wait * 1e6) / 1000.0, self._sh.lease, extra))
             slot.data = b"%b%bcontent-length: %d\r\n\r\n%b" % (_H200, slot.conn, len(body), body)
             slot.ticket = ticket
         else:
             head, status, reason = _REFUSALS[outcome]
-            body = _encode(_Refused(status, reason, int(wait * 1e6) / 1000.0, retry_after))
+            body = _encode(_Refused(status, reason, int(wait * 1e6) / 1000.0, retry_after, extra))
             slot.data = _render(head, body, slot.conn, b"retry-after: %d\r\n" % retry_after)
         if self._closing or self._transport.is_closing():  # is_closing: uvloop dropped it on a read error
             self._closing = True  # the slot stays queued, unwritten: connection_lost settles it
@@ -587,7 +603,8 @@ class HttpConnection(asyncio.Protocol):
         self._queue.append(slot)
         try:
             slot.rid = self._admission.admit(
-                self, slot, a.flow, a.priority, a.bytes, a.ttl, a.slo, a.tokens, a.weight, True
+                self, slot, a.flow, a.priority, a.bytes, a.ttl, a.slo, a.tokens, a.weight, True,
+                **({"audit": True} if a.audit else {}),
             )
         except Exception as exc:
             log.exception("admission.admit failed")
@@ -602,7 +619,12 @@ class HttpConnection(asyncio.Protocol):
         except msgspec.DecodeError as exc:
             self._respond(_error(400, f"invalid release body: {_decode_problem(exc, body)}", conn), close)
             return
-        if self._admission.release(r.ticket):
+        problem = check_release_tokens(r.tokens)
+        if problem is not None:
+            self._respond(_error(422, problem, conn), close)
+            return
+        admission = self._admission
+        if admission.release(r.ticket) if r.tokens is None else admission.release(r.ticket, r.tokens):
             self._respond(_render(_H200, b'{"released":true}', conn), close)
         else:
             self._respond(_error(404, f"ticket {r.ticket} is unknown or already released", conn), close)

@@ -27,11 +27,12 @@ from typing import Any, cast
 import msgspec
 
 from distributor import segment
-from distributor.api import Waiter
+from distributor.api import Audit, Waiter
 from distributor.fdreserve import FdReserve
 from distributor.guards import Guards
 from flowshard.codec import (
     Cancel,
+    Charge,
     Done,
     Enqueue,
     FrameReader,
@@ -67,6 +68,10 @@ class Ticket(msgspec.Struct, gc=False):
     size: int
     owner: Any
     deadline: float  # lease expiry (inf: held until the connection closes)
+    shard: int = -1  # the shard that dispatched it (-1: the idle fast path), for a cost correction
+    flow: str = ""
+    priority: int = 0
+    cost: int = 0  # what fairness charged at dispatch: declared tokens, else bytes
 
 
 # Tickets are capabilities: random, so a client can release only a ticket it was given (on any of its
@@ -171,12 +176,12 @@ class Distributor:
 
     def admit(
         self, waiter: Waiter, cid: Any, flow: str, priority: int, size: int, ttl: float, slo: float,
-        tokens: int, weight: float, leased: bool,
+        tokens: int, weight: float, leased: bool, audit: bool = False,
     ) -> int:
-        request_id = self._next_id
+        request_id = self._next_id  # also the arrival sequence number an audit reports
         self._next_id = request_id + 1
         band = self.ledger.band_index(priority)
-        p = Pending(request_id, flow, band, size, owner=(waiter, cid, leased), received=time.monotonic(),
+        p = Pending(request_id, flow, band, size, owner=(waiter, cid, leased, audit), received=time.monotonic(),
                     tokens=tokens, weight=weight)
         p.payload = (priority, ttl, slo, tokens, weight)
         self.pending[request_id] = p
@@ -196,10 +201,13 @@ class Distributor:
         elif p.state == PendingState.NEW and p.victims_left == 0:
             self._finish(p, Outcome.EVICTED_CANCELLED, 0.0)
 
-    def release(self, ticket: int) -> bool:
+    def release(self, ticket: int, tokens: int = -1) -> bool:
         held = self.tickets.pop(ticket, None)
         if held is None:
             return False
+        if tokens >= 0 and held.shard >= 0 and tokens != held.cost:
+            # the flow's VTC counter lives on the shard that dispatched it (the fast path charges none)
+            self._send(held.shard, Charge(held.flow, held.priority, float(tokens - held.cost)))
         self._leases.pop(ticket, None)
         self._disown(held)
         self.ledger.release(held.size)
@@ -294,10 +302,13 @@ class Distributor:
         self._send(shard, Enqueue(p.id, p.flow, slot, priority, p.size, ttl, slo, tokens, weight, p.received))
         self._schedule_plan()
 
-    def _finish(self, p: Pending, outcome: Outcome, wait: float, *, counted_by_shard: bool = False) -> None:
+    def _finish(
+        self, p: Pending, outcome: Outcome, wait: float, *, counted_by_shard: bool = False, at: float = 0.0
+    ) -> None:
         """Deliver the final outcome of `p` (exactly once), or release what it holds if nobody waits.
 
         Outcome counters are single-writer: a shard counts what it decided, the distributor the rest.
+        `at`: the shard's time of the outcome, when a shard decided it.
         """
         del self.pending[p.id]
         p.state = PendingState.DONE
@@ -314,20 +325,32 @@ class Distributor:
                 self.ledger.release(p.size)  # the client left while this was being dispatched
                 self._schedule_plan()
             return
-        waiter, cid, leased = owner
+        waiter, cid, leased, audit = owner
         ticket = 0
         retry_after = 0
         if outcome == _DISPATCHED:
             ticket = self._new_ticket()
             deadline = time.monotonic() + self.config.service.lease if leased else math.inf
-            self.tickets[ticket] = Ticket(ticket, p.size, waiter, deadline)
+            self.tickets[ticket] = Ticket(ticket, p.size, waiter, deadline, p.shard, p.flow, p.payload[0],
+                                          p.tokens or p.size)
             self._owned.setdefault(waiter, set()).add(ticket)
             if leased:
                 self._leases[ticket] = deadline
         elif outcome != Outcome.EVICTED_CANCELLED:
             retry = self.retry[p.band]
             retry_after = retry.rejected(time.monotonic()) if outcome == Outcome.REJECTED_CAPACITY else retry.value
-        waiter.deliver(cid, p.id, outcome, ticket, wait, retry_after)
+        if audit:
+            waiter.deliver(cid, p.id, outcome, ticket, wait, retry_after, self._audit(p, outcome, wait, at))
+        else:
+            waiter.deliver(cid, p.id, outcome, ticket, wait, retry_after)
+
+    @staticmethod
+    def _audit(p: Pending, outcome: Outcome, wait: float, at: float) -> Audit:
+        """What the service knows of `p`: decided by its shard (`at`), or here (fast path, rejection)."""
+        if at:
+            return Audit(p.id, p.shard, p.received, at - wait, at if outcome == _DISPATCHED else 0.0)
+        now = time.monotonic()
+        return Audit(p.id, -1, p.received, 0.0, now if outcome == _DISPATCHED else 0.0)
 
     # ------------------------------------------------------------------ shard frames
 
@@ -347,7 +370,7 @@ class Distributor:
                     band, live = ledger.grant_answered(shard, p.size, dispatched=p)
                     covered = live and band == p.band
                 newcomer = ledger.leave(p, covered=covered)
-                self._finish(p, outcome, msg.wait, counted_by_shard=True)
+                self._finish(p, outcome, msg.wait, counted_by_shard=True, at=msg.at)
                 if newcomer is not None:
                     self._retry_newcomer(newcomer)
             elif kind is GrantBack:

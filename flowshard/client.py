@@ -29,23 +29,37 @@ from typing import Any, cast
 
 import msgspec
 
-from flowshard.codec import Admit, FrameError, FrameReader, FrameWriter, Release, Released, Result, ToClient
+from flowshard.codec import Admit, Audited, FrameError, FrameReader, FrameWriter, Release, Released, Result, ToClient
 from flowshard.types import Outcome
 
-__all__ = ["AdmitResult", "Client", "ConnectionClosed", "FlowshardError"]
+__all__ = ["AdmitResult", "Client", "ConnectionClosed", "FlowshardError", "ServiceView"]
 
 _OUTCOMES = {int(o): o for o in Outcome}
 _I64 = 1 << 63
 
 
+class ServiceView(msgspec.Struct, frozen=True, gc=False):
+    """What the service knows of an admission (`admit(..., audit=True)`): its arrival sequence number
+    at the distributor, the shard that held it (-1: none), and the service's time.monotonic() seconds
+    when the distributor received it, its shard queued it and it was dispatched (0: never)."""
+
+    seq: int
+    shard: int
+    received: float
+    enqueued: float
+    dispatched: float
+
+
 class AdmitResult(msgspec.Struct, frozen=True, gc=False):
     """The outcome of an admission. `ticket` (dispatched only) must be released when the work ends;
-    `retry_after` (seconds, rejections and evictions) is the service's back-off hint."""
+    `retry_after` (seconds, rejections and evictions) is the service's back-off hint; `service` is set
+    when the admission asked for an audit."""
 
     outcome: Outcome
     ticket: int = 0
     wait: float = 0.0
     retry_after: int = 0
+    service: ServiceView | None = None
 
     @property
     def dispatched(self) -> bool:
@@ -111,12 +125,13 @@ class Client:
 
     def admit(
         self, flow: str, priority: int = 0, size: int = 0, ttl: float = 0.0, slo: float = 0.0, tokens: int = 0,
-        weight: float = 0.0,
+        weight: float = 0.0, audit: bool = False,
     ) -> asyncio.Future[AdmitResult]:
         """Ask to admit a request of `size` bytes; the Future resolves when it has an outcome.
 
         `ttl`/`slo` in seconds (0: the configured default TTL / no SLO), `tokens` 0: not declared,
-        `weight` 0: the flow's configured weight. The Future raises FlowshardError when the service
+        `weight` 0: the flow's configured weight; `audit`: the result carries the service's view of the
+        request (`AdmitResult.service`). The Future raises FlowshardError when the service
         refuses the call (invalid field: 422) and ConnectionClosed when the connection is gone; the
         call itself raises TypeError/ValueError for values the wire cannot carry. Cancelling the
         Future does not cancel the admission (the protocol has no such message); if it is then
@@ -134,19 +149,27 @@ class Client:
         cid = self._next_id
         self._next_id = cid + 1
         # encoded first: a flow id the wire cannot carry (a lone surrogate) raises with nothing registered
-        self._send(Admit(cid, flow, priority, size, ttl, slo, tokens, weight))
+        self._send(Admit(cid, flow, priority, size, ttl, slo, tokens, weight, bool(audit)))
         fut: asyncio.Future[AdmitResult] = self._loop.create_future()
         self._admits[cid] = fut
         return fut
 
-    def release(self, ticket: int) -> asyncio.Future[bool]:
-        """Free a dispatched request's ticket; resolves to False if it was unknown or already released."""
+    def release(self, ticket: int, tokens: int | None = None) -> asyncio.Future[bool]:
+        """Free a dispatched request's ticket; resolves to False if it was unknown or already released.
+
+        `tokens`: the request's actual cost (e.g. tokens generated); the service corrects its flow's VTC
+        counter by the difference to the declared cost."""
         if self._closed:
             raise self._closed_error()
         ticket = _int("ticket", ticket)
+        actual = -1
+        if tokens is not None:
+            actual = _int("tokens", tokens)
+            if not 0 <= actual <= 1 << 32:
+                raise ValueError(f"tokens: {actual} is outside [0, 2^32]")
         fut: asyncio.Future[bool] = self._loop.create_future()
         self._releases.append(fut)
-        self._send(Release(ticket))
+        self._send(Release(ticket, actual))
         return fut
 
     async def close(self) -> None:
@@ -180,7 +203,7 @@ class Client:
         admits = self._admits
         for msg in messages:
             kind = type(msg)
-            if kind is Result:
+            if kind is Result or kind is Audited:
                 fut = admits.pop(msg.id, None)
                 if fut is None:
                     continue
@@ -193,7 +216,10 @@ class Client:
                 if outcome is None:
                     fut.set_exception(FlowshardError(502, f"unknown outcome {msg.outcome} from the service"))
                     continue
-                fut.set_result(AdmitResult(outcome, msg.ticket, msg.wait, msg.retry_after))
+                view = None
+                if kind is Audited:
+                    view = ServiceView(msg.seq, msg.shard, msg.received, msg.enqueued, msg.dispatched)
+                fut.set_result(AdmitResult(outcome, msg.ticket, msg.wait, msg.retry_after, view))
             elif kind is Released:
                 if not self._releases:
                     continue

@@ -93,6 +93,15 @@ class Cancel(msgspec.Struct, tag=3, array_like=True, gc=False):
     outcome: int
 
 
+class Charge(msgspec.Struct, tag=8, array_like=True, gc=False):
+    """Correct a flow's fairness charge by `delta` cost units: a released request reported its actual
+    cost (tokens), and VTC had charged what it declared. Sent to the shard that dispatched it."""
+
+    flow: str
+    priority: int
+    delta: float
+
+
 class Shutdown(msgspec.Struct, tag=4, array_like=True, gc=False):
     """Evict everything queued with `evicted: shutdown`, report it, then exit."""
 
@@ -106,6 +115,7 @@ class Done(msgspec.Struct, tag=5, array_like=True, gc=False):
     id: int
     outcome: int
     wait: float
+    at: float = 0.0  # the shard's time.monotonic() of the outcome (0: not given)
 
 
 class GrantBack(msgspec.Struct, tag=6, array_like=True, gc=False):
@@ -138,12 +148,15 @@ class Admit(msgspec.Struct, tag=10, array_like=True, gc=False):
     slo: float = 0.0
     tokens: int = 0
     weight: float = 0.0
+    audit: bool = False  # answer with `Audited` (what the service knows of the request), not `Result`
 
 
 class Release(msgspec.Struct, tag=11, array_like=True, gc=False):
-    """Client -> service: the dispatched request finished; free its ticket."""
+    """Client -> service: the dispatched request finished; free its ticket. `tokens` >= 0: its actual
+    cost, which corrects the flow's VTC counter by the difference to what it declared (-1: none)."""
 
     ticket: int
+    tokens: int = -1
 
 
 class Result(msgspec.Struct, tag=12, array_like=True, gc=False):
@@ -154,6 +167,27 @@ class Result(msgspec.Struct, tag=12, array_like=True, gc=False):
     ticket: int = 0
     wait: float = 0.0
     retry_after: int = 0
+
+
+class Audited(msgspec.Struct, tag=15, array_like=True, gc=False):
+    """Service -> client: a `Result` for an Admit that asked for `audit`, with what the service knows.
+
+    `seq`: the request's arrival sequence number at the distributor (increasing in arrival order);
+    `shard`: the shard that held it (-1: none, e.g. the idle fast path or a rejection); `received`,
+    `enqueued`, `dispatched`: the service's time.monotonic() seconds when the distributor received it,
+    when its shard queued it and when it was dispatched (0: did not happen).
+    """
+
+    id: int
+    outcome: int
+    ticket: int
+    wait: float
+    retry_after: int
+    seq: int
+    shard: int
+    received: float
+    enqueued: float
+    dispatched: float
 
 
 class Error(msgspec.Struct, tag=13, array_like=True, gc=False):
@@ -172,10 +206,10 @@ class Released(msgspec.Struct, tag=14, array_like=True, gc=False):
     ok: bool
 
 
-ToWorker = Enqueue | Grant | Cancel | Shutdown
+ToWorker = Enqueue | Grant | Cancel | Shutdown | Charge
 FromWorker = Done | GrantBack | Hello
 FromClient = Admit | Release
-ToClient = Result | Error | Released
+ToClient = Result | Error | Released | Audited
 
 
 class FrameWriter:

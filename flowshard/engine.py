@@ -417,16 +417,30 @@ class Engine:
             else:
                 return n
 
-    def release(self, item: Item) -> None:
+    def release(self, item: Item, actual: int | None = None) -> None:
         """Budget mode: the dispatched request finished; free its budget (then `pump`).
 
-        Raises ValueError for an item pump() did not dispatch, or one already released.
+        `actual`: the cost it really had (tokens); the flow's fairness charge is corrected by the
+        difference to what it was charged (see `correct`). Raises ValueError for an item pump() did
+        not dispatch, or one already released.
         """
         try:
             self._held.remove(item.request.id)
         except KeyError:
             raise ValueError(f"request {item.request.id} holds no budget (not pump-dispatched, or released)") from None
         self.budget.release(item.request.size)
+        if actual is not None:
+            self.correct(item.request.flow, item.request.priority, actual - item.cost)
+
+    def correct(self, flow_id: str, priority: int, delta: float) -> bool:
+        """Correct a flow's fairness charge by `delta` cost units (VTC: its counter moves by
+        delta / weight). False if the flow is no longer known here (collected after idling)."""
+        band = self.bands[self.band_index(priority)]
+        flow = band.flows.get(flow_id)
+        if flow is None:
+            return False
+        band.fairness.correct(flow, delta)
+        return True
 
     # ------------------------------------------------------------------ reading
 

@@ -31,6 +31,7 @@ class Fairness(Protocol):
     def head_changed(self, flow: FlowQueue) -> None: ...
     def pick(self) -> FlowQueue | None: ...
     def charge(self, flow: FlowQueue, item: Item) -> None: ...
+    def correct(self, flow: FlowQueue, delta: float) -> None: ...
 
 
 class RoundRobin:
@@ -50,6 +51,9 @@ class RoundRobin:
 
     def head_changed(self, flow: FlowQueue) -> None:
         pass
+
+    def correct(self, flow: FlowQueue, delta: float) -> None:
+        pass  # charges turns or declared bytes: nothing to correct
 
     def pick(self) -> FlowQueue | None:
         return next(iter(self._ring)) if self._ring else None
@@ -110,6 +114,9 @@ class DeficitRoundRobin:
 
     def head_changed(self, flow: FlowQueue) -> None:
         pass
+
+    def correct(self, flow: FlowQueue, delta: float) -> None:
+        pass  # charges turns or declared bytes: nothing to correct
 
     def pick(self) -> FlowQueue | None:
         ring = self._ring
@@ -189,6 +196,14 @@ class VirtualTokenCounter:
     def head_changed(self, flow: FlowQueue) -> None:
         pass
 
+    def correct(self, flow: FlowQueue, delta: float) -> None:
+        """A dispatched request's actual cost differed from its declared one by `delta`: move the flow's
+        counter by delta / weight (as the VTC paper charges the tokens actually served, and APF
+        corrects its virtual time with the measured service). A backlogged flow's entry is renewed."""
+        flow.vtc += delta / flow.weight
+        if flow.stamp:
+            heapq.heappush(self._heap, (flow.vtc, self._stamp(flow), flow))
+
     pick = _top  # the least-served backlogged flow
 
     def charge(self, flow: FlowQueue, item: Item) -> None:
@@ -254,6 +269,9 @@ class GlobalFcfs:
     def charge(self, flow: FlowQueue, item: Item) -> None:
         heapq.heappop(self._heap)
 
+    def correct(self, flow: FlowQueue, delta: float) -> None:
+        pass  # no fairness: nothing to correct
+
 
 class _ArrivalList(Protocol):
     oldest: Item | None
@@ -282,6 +300,9 @@ class ArrivalFcfs:
 
     def head_changed(self, flow: FlowQueue) -> None:
         pass
+
+    def correct(self, flow: FlowQueue, delta: float) -> None:
+        pass  # charges turns or declared bytes: nothing to correct
 
     def pick(self) -> FlowQueue | None:
         oldest = self._band.oldest

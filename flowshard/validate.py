@@ -29,6 +29,7 @@ class AdmitBody(msgspec.Struct, forbid_unknown_fields=True):
     slo: float = 0.0
     tokens: int = 0
     weight: float = 0.0
+    audit: bool = False  # answer with what the service knows of the request (see README)
 
 
 # names a caller may bring from the other API (the Python client) or from habit -> the JSON field
@@ -47,7 +48,19 @@ def admit_field_hint(message: str) -> str:
 
 
 class ReleaseBody(msgspec.Struct, forbid_unknown_fields=True):
+    """`tokens`: the request's actual cost, correcting its flow's VTC charge (omit: no correction)."""
+
     ticket: int
+    tokens: int | None = None
+
+
+def check_release_tokens(tokens: int | None, *, allow_unset: bool = False) -> str | None:
+    """None if a release's actual `tokens` is acceptable (None, or -1 on the binary wire: not given)."""
+    if tokens is None or (allow_unset and tokens == -1):
+        return None
+    if not 0 <= tokens <= MAX_TOKENS:
+        return f"tokens: {tokens} is outside [0, 2^32]"
+    return None
 
 
 def check_admit(

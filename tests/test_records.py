@@ -67,3 +67,21 @@ def test_one_engine_never_reorders_a_flow() -> None:
     for ordering in ("fcfs", "edf"):
         report = simulate(load_scenario(text.replace('ordering = "edf"', f'ordering = "{ordering}"')))
         assert report.bands[0].overtaken == 0.0, ordering
+
+
+def test_engine_corrects_a_vtc_charge_at_release() -> None:
+    from conftest import make_engine
+
+    from flowshard.types import Request
+
+    engine = make_engine([{"priority": 0, "fairness": "vtc"}], max_inflight_requests=1, default_ttl=0,
+                         weights={"a": 2.0})
+    engine.submit(Request(1, "a", tokens=1000), 0.0)
+    engine.submit(Request(2, "a", tokens=1000), 0.0)
+    engine.pump(0.0)
+    (first,) = engine.take_outbox()
+    flow = engine.bands[0].flows["a"]
+    assert flow.vtc == 500.0  # 1000 / weight 2
+    engine.release(first, actual=200)  # it really cost 200: the counter moves by -800 / 2
+    assert flow.vtc == 100.0
+    assert engine.correct("gone", 0, 5.0) is False  # an unknown flow: nothing to correct

@@ -27,6 +27,7 @@ import uvloop
 from flowshard.codec import (
     PREAMBLE_HEADER,
     Cancel,
+    Charge,
     Done,
     Enqueue,
     FrameReader,
@@ -103,6 +104,8 @@ class ShardWorker(asyncio.Protocol):
                     continue
                 elif kind is Cancel:
                     engine.cancel(msg.id, now, Outcome(msg.outcome))
+                elif kind is Charge:
+                    engine.correct(msg.flow, msg.priority, msg.delta)
                 elif kind is Shutdown:
                     self._closing = True
                     engine.shutdown(now)
@@ -152,7 +155,7 @@ class ShardWorker(asyncio.Protocol):
             request = item.request
             outcome = item.outcome
             wait = item.finished_at - item.enqueued_at
-            add(Done(request.id, outcome, wait))
+            add(Done(request.id, outcome, wait, item.finished_at))
             stats.add_deq(slots.pop(request.id), shard, item.band, request.size)
             stats.add_outcome(shard, item.band, outcome)
             if outcome == _DISPATCHED:

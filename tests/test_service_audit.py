@@ -1,0 +1,101 @@
+"""The admission answer's audit (HTTP and binary) and the actual cost at release, through the real service."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from servicekit import admit_http, ahttp, launch, run
+
+from flowshard.client import Client
+from flowshard.types import Outcome
+
+__all__ = ["launch"]
+
+D = Outcome.DISPATCHED
+
+
+def test_binary_audit_carries_sequence_shard_and_service_times(launch: Any) -> None:
+    svc = launch(shards=2, budget=1)
+
+    async def main() -> None:
+        async with Client.connect(svc.host, svc.binary_port) as c:
+            hold = await c.admit("hold", audit=True)
+            assert hold.outcome is D and hold.service is not None
+            assert hold.service.shard == -1 and hold.service.enqueued == 0.0  # the idle fast path
+            assert hold.service.dispatched >= hold.service.received > 0
+            futures = {"plain": c.admit("plain")}  # no audit asked: a plain answer
+            futures.update({f"r{i}": c.admit(f"f{i % 3}", size=100, audit=True) for i in range(12)})
+            await svc.until_stats(lambda s: s["totals"]["queued_items"] == 13)
+            ticket = hold.ticket
+            seen: list[str] = []
+            while len(seen) < 13:
+                assert await c.release(ticket)
+                name = await _first({n: f for n, f in futures.items() if n not in seen})
+                seen.append(name)
+                ticket = futures[name].result().ticket
+            assert futures["plain"].result().service is None
+            views = [futures[f"r{i}"].result().service for i in range(12)]
+            seqs = [v.seq for v in views if v is not None]
+            assert len(seqs) == 12 and seqs == sorted(seqs) and len(set(seqs)) == 12  # arrival order
+            for v in views:
+                assert v is not None and v.shard in (0, 1)
+                assert v.received <= v.enqueued <= v.dispatched
+            assert len({v.shard for v in views if v is not None}) == 2  # both shards held some
+
+    run(main())
+
+
+def test_http_audit_only_when_asked(launch: Any) -> None:
+    svc = launch(shards=1, budget=4)
+
+    async def main() -> None:
+        r = await admit_http(svc.http_port, "a", audit=True)
+        assert r.status == 200 and r.json()["outcome"] == "dispatched"
+        audit = r.json()["audit"]
+        assert set(audit) == {"seq", "shard", "received", "enqueued", "dispatched"} and audit["shard"] == -1
+        plain = await admit_http(svc.http_port, "a")
+        assert plain.status == 200 and "audit" not in plain.json()
+        bad = await ahttp(svc.http_port, "POST", "/v1/release", {"ticket": r.json()["ticket"], "tokens": -3})
+        assert bad.status == 422 and "tokens" in bad.json()["error"]["message"]
+        ok = await ahttp(svc.http_port, "POST", "/v1/release", {"ticket": r.json()["ticket"], "tokens": 12})
+        assert ok.status == 200
+
+    run(main())
+
+
+@pytest.mark.parametrize("actual", [None, 10])
+def test_release_with_actual_tokens_corrects_the_vtc_counter(launch: Any, actual: int | None) -> None:
+    """a1 declares 5000 tokens but used 10: with the correction a2 goes before b2; without, after."""
+    svc = launch(shards=1, budget=1, bands=[{"priority": 0, "fairness": "vtc"}])
+
+    async def main() -> list[str]:
+        async with Client.connect(svc.host, svc.binary_port) as c:
+            hold = await c.admit("hold")
+            names = ["a1", "b1", "b2", "a2"]
+            futures = {n: c.admit(n[0], tokens=5000 if n == "a1" else 100) for n in names}
+            await svc.until_stats(lambda s: s["totals"]["queued_items"] == 4)
+            order: list[str] = []
+            ticket, cost = hold.ticket, None
+            while len(order) < 4:
+                assert await c.release(ticket, cost)
+                pending = {n: f for n, f in futures.items() if n not in order}
+                done = await _first(pending)
+                order.append(done)
+                ticket = futures[done].result().ticket
+                cost = actual if done == "a1" else None
+            return order
+
+    order = run(main())
+    assert order[:2] == ["a1", "b1"]
+    assert order[2:] == (["a2", "b2"] if actual is not None else ["b2", "a2"])
+
+
+async def _first(futures: dict[str, Any]) -> str:
+    for _ in range(1000):
+        for name, f in futures.items():
+            if f.done():
+                return name
+        await asyncio.sleep(0.005)
+    raise AssertionError("no dispatch")
