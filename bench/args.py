@@ -68,6 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="before each run, wait up to S seconds for other processes to use < 0.25 cores")
     p.add_argument("--no-simulate", action="store_true", help="do not run the simulator for comparison")
     p.add_argument("--json", metavar="FILE", help="write every figure as JSON")
+    p.add_argument("--records", metavar="FILE", help="write one record per request of every run (JSON Lines, "
+                   "a header line per run; see flowshard/records.py)")
     p.add_argument("--plot", metavar="FILE.png", help="draw the figures (needs matplotlib: pip install .[plot])")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--proxy", action="store_true",

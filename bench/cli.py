@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import os
 import platform
@@ -21,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import msgspec
 
@@ -32,12 +33,14 @@ from bench.progress import Progress
 from bench.report import (
     aggregate,
     fmt,
+    record_rows,
     render_comparison,
     render_config,
     render_projection,
     run_figures,
 )
 from bench.runner import BenchError, Options, RunRecord, Server, run_once
+from flowshard import records
 from flowshard.config import MAX_SHARDS, ConfigError
 from flowshard.scenario import (
     Bursts,
@@ -164,7 +167,8 @@ def _start(config: Config, scenario: Scenario, args: argparse.Namespace, workdir
     return Server.attach(args.target, args.http_target, "http" if args.http else "binary")
 
 
-def run_all(args: argparse.Namespace, base: Scenario) -> dict[str, Any]:
+def run_all(args: argparse.Namespace, base: Scenario, records_out: BinaryIO | None = None) -> dict[str, Any]:
+    """Every run of every configuration; each run's per-request records go to `records_out` if given."""
     transport = "http" if args.http else "binary"
     rates: list[float | None] = list(_list(args.rate, float, "--rate")) if args.rate else [None]
     configs: list[Config] = []
@@ -208,6 +212,10 @@ def run_all(args: argparse.Namespace, base: Scenario) -> dict[str, Any]:
             meta = {"label": config.label, "kind": config.kind, "shards": config.shards, "transport": transport,
                     "rate": config.rate, "run": r, "foreign_cores_before": round(before, 3)}
             fig = run_figures(record, scenario, meta)
+            if records_out is not None:
+                records_out.write(records.encode("bench", scenario.name, record_rows(record.results, scenario),
+                                                 **{k: meta[k] for k in ("label", "kind", "shards", "transport",
+                                                                         "rate", "run")}))
             runs[config].append(fig)
             t = fig["throughput"]
             lat = fig["latency_us"]
@@ -279,7 +287,7 @@ def main(args: argparse.Namespace, command: str | None = None) -> int:
     """`flowshard bench`: run, print the tables, write JSON and the plot if asked."""
     command = command or "flowshard " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     base = read_scenario(args.scenario)
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+    for flag, path in (("--json", args.json), ("--plot", args.plot), ("--records", args.records)):
         folder = Path(path).resolve().parent if path else None
         if folder is not None and not (folder.is_dir() and os.access(folder, os.W_OK)):
             raise ConfigError(f"{flag}: cannot write {path}: {folder} is not a writable folder")
@@ -291,7 +299,9 @@ def main(args: argparse.Namespace, command: str | None = None) -> int:
                                                duration=args.duration, warmup=args.warmup))
     started = _now()
     try:
-        result = run_all(args, base)
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(_open(args.records)) if args.records else None
+            result = run_all(args, base, out)
     except BenchError as exc:
         sys.stderr.write(f"flowshard bench: {exc}\n")
         return 1
@@ -309,6 +319,13 @@ def main(args: argparse.Namespace, command: str | None = None) -> int:
         message = plot(args.plot, result)
         sys.stderr.write(message + "\n")
     return 0
+
+
+def _open(path: str) -> BinaryIO:
+    try:
+        return open(path, "wb")
+    except OSError as exc:
+        raise ConfigError(f"--records: cannot write {path}: {exc.strerror}") from None
 
 
 def standalone(argv: Sequence[str] | None = None) -> int:

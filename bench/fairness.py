@@ -30,10 +30,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from bench.loadgen import UNFINISHED
-from flowshard.analysis import jain_index, max_min_fair
+from flowshard.analysis import jain_index, max_min_fair, overtakes
 from flowshard.simulate import UNITS
 
-__all__ = ["UNITS", "apparent_inversions", "fair_shares", "service_difference"]
+__all__ = ["UNITS", "apparent_inversions", "busy", "fair_shares", "offered_segments", "overtaken",
+           "service_difference"]
 
 _DISPATCHED = 0
 _REJECTED = (1, 2)
@@ -174,3 +175,53 @@ def apparent_inversions(
         out[b] = int(np.count_nonzero(covering > 0))
     return out
 
+
+
+def offered_segments(log: dict[str, np.ndarray], n_flows: int, unit_of_flow: Sequence[str],
+                     cuts: Sequence[float]) -> list[list[float]]:
+    """Per flow, the units that arrived (were sent, whatever became of them) in each piece of the window
+    (`flowshard.reference.segments`): an open-loop flow's intrinsic demand."""
+    out = [[0.0] * (len(cuts) - 1) for _ in range(n_flows)]
+    t = log["intended"]
+    rows = (t >= cuts[0]) & (t < cuts[-1])
+    flow, at = log["flow"][rows], t[rows]
+    piece = np.clip(np.searchsorted(np.asarray(cuts), at, side="right") - 1, 0, len(cuts) - 2)
+    for unit in set(unit_of_flow):
+        amount = units(unit, log["size"][rows], log["tokens"][rows])
+        mine = np.isin(flow, [f for f in range(n_flows) if unit_of_flow[f] == unit])
+        sums = np.zeros((n_flows, len(cuts) - 1))
+        np.add.at(sums, (flow[mine], piece[mine]), amount[mine])
+        for f in range(n_flows):
+            if unit_of_flow[f] == unit:
+                out[f] = sums[f].tolist()
+    return out
+
+
+def busy(log: dict[str, np.ndarray], n_flows: int, window: tuple[float, float]) -> list[tuple[float, float]]:
+    """Per flow, the slot-seconds and byte-seconds its dispatches answered in the window held."""
+    rows = (log["outcome"] == _DISPATCHED) & (log["done"] >= window[0]) & (log["done"] < window[1])
+    flow = log["flow"][rows]
+    service = log["service"][rows].astype(np.float64)
+    seconds = np.bincount(flow, weights=service, minlength=n_flows)
+    byte_seconds = np.bincount(flow, weights=service * log["size"][rows], minlength=n_flows)
+    return [(float(a), float(b)) for a, b in zip(seconds, byte_seconds, strict=True)]
+
+
+def overtaken(log: dict[str, np.ndarray], band_of_flow: np.ndarray, n_bands: int,
+              window: tuple[float, float]) -> list[float | None]:
+    """Per band: the fraction of its dispatches in the window (by the service's dispatch time) that
+    overtook an earlier request of their flow, by the service's own arrival sequence and dispatch
+    times (the answers' audit). None where the answers carried no audit."""
+    rows = (log["outcome"] == _DISPATCHED) & (log["seq"] >= 0) & np.isfinite(log["s_disp"])
+    flow, seq, at = log["flow"][rows], log["seq"][rows], log["s_disp"][rows]
+    order = np.lexsort((seq, at))
+    flow, seq, at = flow[order], seq[order], at[order]
+    over = overtakes(flow, seq)
+    band = band_of_flow[flow] if len(flow) else np.zeros(0, dtype=np.int64)
+    inside = (at >= window[0]) & (at < window[1])
+    out: list[float | None] = []
+    for b in range(n_bands):
+        mine = inside & (band == b)
+        n = int(np.count_nonzero(mine))
+        out.append(round(int(np.count_nonzero(over & mine)) / n, 6) if n else None)
+    return out

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import math
 import os
 import sys
 import time
@@ -69,8 +70,11 @@ MAX_SENDS_PER_PASS = 512  # a late generator catches up in slices, so replies ar
 PROGRESS_EVERY = 0.25
 NEXT_PASS = 50e-6  # a think/service time shorter than this ends on the next loop pass (no timer)
 # column name -> array typecode of the per-request log
+# seq, shard, s_recv, s_enq, s_disp: the service's view of the request from its answer (see
+# flowshard.codec.Audited; times relative to T0 on the same clock): -1, -2, nan when it gave none
 LOG_COLUMNS = {"flow": "i", "intended": "d", "sent": "d", "done": "d", "outcome": "b", "size": "q", "tokens": "q",
-               "wait": "f", "service": "f"}
+               "wait": "f", "service": "f", "seq": "q", "shard": "i", "s_recv": "d", "s_enq": "d", "s_disp": "d"}
+NO_VIEW = (-1, -2, math.nan, math.nan, math.nan)
 
 
 class GenSpec(msgspec.Struct, kw_only=True):
@@ -343,7 +347,8 @@ class Generator:
 
     # ------------------------------------------------------------ replies (Sink)
 
-    def on_result(self, rid: int, outcome: int, ticket: int, wait: float) -> None:
+    def on_result(self, rid: int, outcome: int, ticket: int, wait: float,
+                  view: tuple[int, int, float, float, float] | None = None) -> None:
         rec = self.pending.pop(rid, None)
         if rec is None:
             if outcome == _DISPATCHED:  # abandoned at the end: nothing will release its ticket later
@@ -370,7 +375,13 @@ class Generator:
                 win[3] += 1
                 win[4] += size
                 win[5] += cost
-        self._log(index, rel_intended, sent - t0, rel_done, outcome, size, tokens, wait, service)
+        if view is None:
+            view = NO_VIEW
+        else:
+            seq, shard, received, enqueued, dispatched = view
+            view = (seq, shard, received - t0, enqueued - t0 if enqueued else math.nan,
+                    dispatched - t0 if dispatched else math.nan)
+        self._log(index, rel_intended, sent - t0, rel_done, outcome, size, tokens, wait, service, view)
         done_in_window = self.warmup <= rel_done < self.duration
         self.answered_in_window += done_in_window
         if outcome == _DISPATCHED:
@@ -401,7 +412,7 @@ class Generator:
         t0 = self.t0
         done = time.monotonic() - t0
         self.answered_in_window += self.warmup <= done < self.duration
-        self._log(flow.index, intended - t0, sent - t0, done, _ERROR, size, tokens, 0.0, service)
+        self._log(flow.index, intended - t0, sent - t0, done, _ERROR, size, tokens, 0.0, service, NO_VIEW)
         if flow.closed is not None:
             self._next_closed(flow, failed=True)
 
@@ -439,7 +450,7 @@ class Generator:
             self.loop.call_later(gap, self._send_closed, flow, shape)
 
     def _log(self, flow: int, intended: float, sent: float, done: float, outcome: int, size: int, tokens: int,
-             wait: float, service: float) -> None:
+             wait: float, service: float, view: tuple[int, int, float, float, float]) -> None:
         if self.log_rows >= self.spec.log_limit:
             self.log_truncated = True
             return
@@ -454,6 +465,12 @@ class Generator:
         log["tokens"].append(tokens)
         log["wait"].append(wait)
         log["service"].append(service)
+        seq, shard, received, enqueued, dispatched = view
+        log["seq"].append(seq)
+        log["shard"].append(shard)
+        log["s_recv"].append(received)
+        log["s_enq"].append(enqueued)
+        log["s_disp"].append(dispatched)
 
     # ------------------------------------------------------------ the run
 
@@ -484,7 +501,7 @@ class Generator:
         ended = time.monotonic() - t0
         for flow, intended, sent, size, tokens, service in self.pending.values():
             self.unfinished[flow.index] += 1
-            self._log(flow.index, intended - t0, sent - t0, ended, UNFINISHED, size, tokens, 0.0, service)
+            self._log(flow.index, intended - t0, sent - t0, ended, UNFINISHED, size, tokens, 0.0, service, NO_VIEW)
             if self.warmup <= intended - t0 < self.duration:
                 self.unanswered_in_window += 1
                 win = self.win[flow.index]

@@ -20,17 +20,28 @@ import statistics
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import msgspec
 import numpy as np
 
-from bench.fairness import UNITS, apparent_inversions, fair_shares, service_difference
+from bench.fairness import (
+    UNITS,
+    apparent_inversions,
+    busy,
+    fair_shares,
+    offered_segments,
+    overtaken,
+    service_difference,
+)
 from bench.histogram import Histogram
 from bench.loadgen import LOG_COLUMNS, UNFINISHED, GenResult, band_index
 from bench.runner import RunRecord
 from flowshard.analysis import jain_index, percentile
+from flowshard.reference import FlowRef, Verdict, judge, segments
 from flowshard.scenario import Scenario, closed_clients, expand_flows, offered_rate
+from flowshard.simulate import reference_line
 from flowshard.types import Outcome
 
-__all__ = ["METRICS", "aggregate", "project", "render_comparison", "render_config", "run_figures"]
+__all__ = ["METRICS", "aggregate", "project", "record_rows", "render_comparison", "render_config", "run_figures"]
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 PROJECT_CORES = (2, 4, 8, 16)
@@ -72,6 +83,39 @@ def merged_log(results: Sequence[GenResult]) -> dict[str, np.ndarray]:
         parts = [np.frombuffer(r.log[name], dtype=dtypes[code]) for r in results]
         out[name] = np.concatenate(parts) if parts else np.zeros(0, dtypes[code])
     return out
+
+
+def record_rows(results: Sequence[GenResult], scenario: Scenario) -> list[list[object]]:
+    """The per-request records of one run (flowshard.records), in arrival order at the service where the
+    answers carried it (then by send time). Times are seconds from the run's start: the service's own
+    receive and dispatch times when the answer carried them, else the generator's send and answer
+    times; `done` of a dispatch is the end of its service (answer + service time)."""
+    log = merged_log(results)
+    instances = expand_flows(scenario.workload)
+    resolve = band_index(scenario.server)
+    names = [scenario.server.bands[resolve(i.spec.priority)].name for i in instances]
+    labels = {int(o): o.label for o in Outcome}
+    labels[UNFINISHED] = "unfinished"
+    labels[-1] = "error"
+    seq = log["seq"]
+    order = np.lexsort((log["sent"], np.where(seq >= 0, seq, np.iinfo(np.int64).max)))
+    rows: list[list[object]] = []
+    for i in order.tolist():
+        f = int(log["flow"][i])
+        outcome = int(log["outcome"][i])
+        dispatched = outcome == 0
+        received, at = float(log["s_recv"][i]), float(log["s_disp"][i])
+        answered, service = float(log["done"][i]), float(log["service"][i])
+        shard = int(log["shard"][i])
+        rows.append([
+            instances[f].id, names[f], int(seq[i]) if seq[i] >= 0 else None,
+            round(received if math.isfinite(received) else float(log["sent"][i]), 9),
+            (round(at if math.isfinite(at) else answered, 9)) if dispatched else None,
+            round(answered + service if dispatched else answered, 9), shard if shard >= -1 else None,
+            labels.get(outcome, str(outcome)), int(log["size"][i]), int(log["tokens"][i]),
+            round(service, 9) if dispatched else None,
+        ])
+    return rows
 
 
 def _counts(outcomes: Sequence[int], submitted: int, unfinished: int, errors: int) -> dict[str, Any]:
@@ -127,12 +171,16 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
     bands: list[dict[str, Any]] = []
     inversions = apparent_inversions(log, band_of, len(config.bands), (workload.warmup, workload.duration),
                                      INVERSION_TOL) if not truncated else [0] * len(config.bands)
+    refs, verdicts, ordering = _reference(scenario, log, win, band_of, weights, instances, truncated)
     for b, bc in enumerate(config.bands):
         members = [f for f in range(n_flows) if band_of[f] == b]
         unit = UNITS[bc.fairness]
         k = {"requests": 0, "bytes": 1, "cost": 2}[unit]
         s, fs, jain = fair_shares([win[f][k] for f in members], [win[f][3 + k] for f in members],
                                   [weights[f] for f in members])
+        if refs is not None:  # Jain over measured / allocation of the intrinsic-demand reference
+            ratios_b = [refs[f].measured / refs[f].allocation for f in members if refs[f].allocation > 0]
+            jain = jain_index(ratios_b) if ratios_b else None
         for f, a, c in zip(members, s, fs, strict=True):
             shares[f], fairs[f] = a, c
         diff = None
@@ -150,6 +198,8 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
             "latency_us": latency_figures(_merged(results, f"latency:{b}")),
             "jain": _r(jain, 4), "max_service_diff": _r(diff),
             "apparent_inversions": inversions[b] if not truncated else None,
+            "reference": None if verdicts is None else msgspec.to_builtins(verdicts[b]),
+            "overtaken": ordering[b],
         })
     groups = _groups(instances, submitted, outcomes, unfinished, errors, win, shares, fairs,
                      None if truncated else log, band_of, config)
@@ -157,10 +207,12 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
         {"id": inst.id, "group": inst.spec.id, "band": config.bands[int(band_of[f])].name, "weight": weights[f],
          "counts": _counts(outcomes[f], submitted[f], unfinished[f], errors[f]),
          "window": {"served": win[f][:3], "offered": win[f][3:]},
-         "share": _r(shares[f], 6), "fair_share": _r(fairs[f], 6)}
+         "share": _r(shares[f], 6), "fair_share": _r(fairs[f], 6), **_ref_fields(refs, f)}
         for f, inst in enumerate(instances)
     ]
     ratios = [s / f for s, f in zip(shares, fairs, strict=True) if s is not None and f]
+    if refs is not None:
+        ratios = [r.measured / r.allocation for r in refs if r.allocation > 0]
     all_jain = bands[0]["jain"] if len(bands) == 1 else _jain_all(ratios)
 
     latency = _merged(results, "latency")
@@ -216,6 +268,7 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
                      if len({b["unit"] for b in bands}) == 1 else None,
                      "service_diff_unit": bands[0]["unit"] if len({b["unit"] for b in bands}) == 1 else "mixed",
                      "apparent_inversions": None if truncated else sum(inversions),
+                     "fair": None if verdicts is None else _all_fair(verdicts),
                      "inversion_tolerance_s": INVERSION_TOL},
         "cpu": cpu,
         "generator": {
@@ -264,6 +317,44 @@ def _timeline(log: dict[str, np.ndarray], instances: Sequence[Any], duration: fl
     top = sorted(series, key=lambda n: -float(series[n].sum()))[:TIMELINE_SERIES]
     return {"bin_s": bin_s, "unit": "dispatches/s", "by": "flow" if per_flow else "group",
             "series": {n: [round(float(x), 1) for x in series[n]] for n in top}}
+
+
+def _reference(
+    scenario: Scenario, log: dict[str, np.ndarray], win: list[list[float]], band_of: np.ndarray,
+    weights: list[float], instances: Sequence[Any], truncated: bool,
+) -> tuple[list[FlowRef] | None, list[Verdict] | None, list[float | None]]:
+    """The intrinsic-demand reference (flowshard.reference) of every flow and the verdict of every band,
+    and the fraction of each band's dispatches that overtook an earlier request of their flow. All
+    need the whole per-request log: None when it was truncated."""
+    bands = scenario.server.bands
+    workload = scenario.workload
+    if truncated:
+        return None, None, [None] * len(bands)
+    window = (workload.warmup, workload.duration)
+    unit_of_band = [UNITS[bc.fairness] for bc in bands]
+    n = len(instances)
+    unit_of_flow = [unit_of_band[int(band_of[f])] for f in range(n)]
+    k = {"requests": 0, "bytes": 1, "cost": 2}
+    refs, verdicts = judge(
+        scenario, unit_of_band, [int(b) for b in band_of], [i.id for i in instances], [i.spec for i in instances],
+        weights, offered_segments(log, n, unit_of_flow, segments(scenario)),
+        [win[f][k[unit_of_flow[f]]] for f in range(n)], busy(log, n, window), effective=True,
+    )
+    return refs, verdicts, overtaken(log, band_of, len(bands), window)
+
+
+def _ref_fields(refs: list[FlowRef] | None, f: int) -> dict[str, float | None]:
+    if refs is None:
+        return {"demand": None, "allocation": None, "measured": None, "error": None}
+    r = refs[f]
+    err = None if r.allocation <= 0 else (r.measured - r.allocation) / r.allocation
+    return {"demand": _r(r.demand, 6), "allocation": _r(r.allocation, 6), "measured": _r(r.measured, 6),
+            "error": _r(err, 6)}
+
+
+def _all_fair(verdicts: Sequence[Verdict]) -> bool | None:
+    judged = [v.fair for v in verdicts if v.fair is not None]
+    return all(judged) if judged else None
 
 
 def _jain_all(ratios: list[float]) -> float | None:
@@ -509,7 +600,7 @@ METRICS: list[tuple[str, Getter]] = [
     ("loadgen util", _kind_util("loadgens")),
     ("other processes (cores)", _path("cpu", "machine", "foreign_cores")),
     ("steal (cores)", _path("cpu", "machine", "steal_cores")),
-    ("Jain (share/fair)", _path("fairness", "jain")),
+    ("Jain (measured/allocation)", _path("fairness", "jain")),
     ("max service diff (band unit)", _path("fairness", "max_service_diff")),
     ("apparent inversions", _path("fairness", "apparent_inversions")),
     ("priority inversions (service)", _path("server", "priority_inversions")),
@@ -607,9 +698,14 @@ def _band_lines(run: dict[str, Any]) -> list[str]:
         rows.append([b["name"], str(b["priority"]), b["fairness"], str(c["submitted"]), str(c["dispatched"]),
                      str(sum(c["rejected"].values())), str(sum(c["evicted"].values())), str(c["unfinished"]),
                      fmt(b["dispatches_per_s"]), fmt(b["wait_ms"]["p50"]), fmt(b["wait_ms"]["p99"]),
-                     fmt(b["jain"]), fmt(b["max_service_diff"]), fmt(b["apparent_inversions"])])
-    return table(["band", "prio", "fairness", "submitted", "dispatched", "rejected", "evicted", "unfinished",
-                  "disp/s", "wait p50 ms", "p99", "jain", "svc diff", "inversions?"], rows)
+                     fmt(b["jain"]), pct(None if b["reference"] is None else b["reference"]["max_error"]),
+                     fmt(b["max_service_diff"]), pct(b["overtaken"]), fmt(b["apparent_inversions"])])
+    lines = table(["band", "prio", "fairness", "submitted", "dispatched", "rejected", "evicted", "unfinished",
+                   "disp/s", "wait p50 ms", "p99", "jain", "max ref err", "svc diff", "overtaken", "inversions?"], rows)
+    for b in run["bands"]:
+        if b["reference"] is not None:
+            lines.append(reference_line(b["name"], b["fairness"], b["unit"], msgspec.convert(b["reference"], Verdict)))
+    return lines
 
 
 def _group_lines(run: dict[str, Any]) -> list[str]:

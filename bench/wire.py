@@ -25,7 +25,7 @@ import httptools
 import msgspec
 
 from bench.timer import PreciseTimer
-from flowshard.codec import Admit, Error, FrameReader, FrameWriter, Release, Released, Result, ToClient
+from flowshard.codec import Admit, Audited, Error, FrameReader, FrameWriter, Release, Released, Result, ToClient
 from flowshard.types import Outcome
 
 __all__ = ["OUTCOME_BY_LABEL", "BinaryConn", "HttpPool", "Sink", "connect_binary"]
@@ -34,12 +34,15 @@ OUTCOME_BY_LABEL = {(o.status, o.reason): int(o) for o in Outcome}
 OUTCOME_BY_LABEL[("dispatched", "")] = int(Outcome.DISPATCHED)
 
 
+View = tuple[int, int, float, float, float]  # the service's audit: seq, shard, received, enqueued, dispatched
+
+
 class Sink(Protocol):
     """Where a transport delivers replies (the generator)."""
 
     timer: PreciseTimer
 
-    def on_result(self, rid: int, outcome: int, ticket: int, wait: float) -> None: ...
+    def on_result(self, rid: int, outcome: int, ticket: int, wait: float, view: View | None = None) -> None: ...
 
     def on_error(self, rid: int, status: int, message: str) -> None: ...
 
@@ -70,7 +73,7 @@ class BinaryConn(asyncio.Protocol):
 
     def admit(self, rid: int, flow: str, priority: int, size: int, ttl: float, slo: float, tokens: int,
               weight: float) -> None:
-        self._out.add(Admit(rid, flow, priority, size, ttl, slo, tokens, weight))
+        self._out.add(Admit(rid, flow, priority, size, ttl, slo, tokens, weight, True))  # with the service's view
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -93,7 +96,10 @@ class BinaryConn(asyncio.Protocol):
         sink = self._sink
         for msg in self._reader.feed(data):
             kind = type(msg)
-            if kind is Result:
+            if kind is Audited:
+                sink.on_result(msg.id, msg.outcome, msg.ticket, msg.wait,
+                               (msg.seq, msg.shard, msg.received, msg.enqueued, msg.dispatched))
+            elif kind is Result:
                 sink.on_result(msg.id, msg.outcome, msg.ticket, msg.wait)
             elif kind is Released:
                 if msg.ok:
@@ -137,6 +143,15 @@ class _AdmitBody(msgspec.Struct):
     slo: float
     tokens: int
     weight: float
+    audit: bool = True  # the answer carries the service's view of the request
+
+
+class _AuditReply(msgspec.Struct):
+    seq: int
+    shard: int
+    received: float
+    enqueued: float
+    dispatched: float
 
 
 class _ErrorDetail(msgspec.Struct):
@@ -151,6 +166,7 @@ class _Reply(msgspec.Struct):
     wait_ms: float = 0.0
     released: bool = False
     error: _ErrorDetail | None = None
+    audit: _AuditReply | None = None
 
 
 _encode = msgspec.json.Encoder().encode
@@ -318,7 +334,9 @@ class HttpPool:
         if outcome is None:
             self.sink.on_error(rid, status, f"unknown outcome {r.outcome}:{r.reason}")
             return
-        self.sink.on_result(rid, outcome, r.ticket, r.wait_ms / 1000.0)
+        a = r.audit
+        self.sink.on_result(rid, outcome, r.ticket, r.wait_ms / 1000.0,
+                            None if a is None else (a.seq, a.shard, a.received, a.enqueued, a.dispatched))
 
     def lost(self, conn: _HttpConn, exc: Exception | None) -> None:
         if conn in self._free:

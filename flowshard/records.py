@@ -21,6 +21,7 @@ object first, then one array per request, positional, in the order of `COLUMNS`:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import msgspec
 
@@ -40,9 +41,23 @@ def encode(source: str, scenario: str, rows: Iterable[Sequence[object]], **heade
     return bytes(out)
 
 
-def decode(data: bytes) -> tuple[dict[str, object], list[dict[str, object]]]:
-    """(header, records as dicts) of a records document; for tests and audits."""
-    lines = data.splitlines()
-    head = msgspec.json.decode(lines[0])
-    columns = head["columns"]
-    return head, [dict(zip(columns, msgspec.json.decode(line), strict=True)) for line in lines[1:] if line]
+def decode(data: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(header, records as dicts) of a one-run records document; for tests and audits."""
+    (run,) = decode_runs(data)
+    return run
+
+
+def decode_runs(data: bytes) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Every run of a records file (`bench` writes one header line, then its records, per run)."""
+    runs: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+    columns: list[str] = []
+    for line in data.splitlines():
+        if not line:
+            continue
+        value = msgspec.json.decode(line)
+        if isinstance(value, dict):
+            columns = value["columns"]
+            runs.append((value, []))
+        else:
+            runs[-1][1].append(dict(zip(columns, value, strict=True)))
+    return runs

@@ -181,11 +181,16 @@ def judge(
     offered: Sequence[Sequence[float]],
     served: Sequence[float],
     busy: Sequence[tuple[float, float]],
+    effective: bool = False,
 ) -> tuple[list[FlowRef], list[Verdict]]:
     """The reference of every flow and the verdict of every band.
 
     Per flow (in expand order): `offered[f][s]` units that arrived in segment s (see `segments`),
     `served[f]` units dispatched in the window, `busy[f]` (slot-seconds, byte-seconds) those held.
+    `effective`: a band whose intrinsic demand exceeds its share of the budget gets, as capacity, the
+    budget it really used (real time: each request also holds its slot for the round trips of its
+    answer and release, so the nominal budget overstates what any policy could hand out). It only
+    caps the total, so it cannot hide an unfair split.
     """
     w = scenario.workload
     cuts = segments(scenario)
@@ -204,6 +209,13 @@ def judge(
     for b in range(len(units)):
         members = [f for f in range(len(specs)) if band_of[f] == b]
         slots, byte_slots = band_capacity(scenario, b, higher[0], higher[1], length)
+        if effective:
+            used = sum(busy[f][0] for f in members) / length
+            used_bytes = sum(busy[f][1] for f in members) / length
+            wanted = sum(refs[f].demand * refs[f].seconds for f in members)
+            wanted_bytes = sum(refs[f].demand * refs[f].byte_seconds for f in members)
+            if wanted >= slots or wanted_bytes >= byte_slots:
+                slots, byte_slots = min(slots, used), min(byte_slots, used_bytes)
         total = [0.0] * len(members)
         for s in range(len(cuts) - 1):
             lo, hi = cuts[s], cuts[s + 1]
