@@ -30,11 +30,18 @@ from collections.abc import Sequence
 import numpy as np
 
 from bench.loadgen import UNFINISHED
-from flowshard.analysis import jain_index, max_min_fair, overtakes
+from flowshard.analysis import (
+    MAX_PAIRED_FLOWS,
+    jain_index,
+    max_min_fair,
+    overtakes,
+    pairwise_service_difference,
+    union_intervals,
+)
 from flowshard.simulate import UNITS
 
 __all__ = ["UNITS", "apparent_inversions", "busy", "fair_shares", "offered_segments", "overtaken",
-           "service_difference"]
+           "pairwise_difference", "service_difference"]
 
 _DISPATCHED = 0
 _REJECTED = (1, 2)
@@ -225,3 +232,30 @@ def overtaken(log: dict[str, np.ndarray], band_of_flow: np.ndarray, n_bands: int
         n = int(np.count_nonzero(mine))
         out.append(round(int(np.count_nonzero(over & mine)) / n, 6) if n else None)
     return out
+
+
+def pairwise_difference(log: dict[str, np.ndarray], flows: np.ndarray, weights: dict[int, float], unit: str,
+                        window: tuple[float, float]) -> float | None:
+    """The band's service difference as the VTC paper defines it (flowshard.analysis): over pairs of
+    flows and the intervals both were backlogged in, by the service's own receive and dispatch times
+    where the answers carried them (else the generator's send and answer times)."""
+    if len(flows) > MAX_PAIRED_FLOWS or len(flows) < 2:
+        return None
+    mask = np.isin(log["flow"], flows) & _outstanding(log["outcome"])
+    flow = log["flow"][mask]
+    viewed = np.isfinite(log["s_recv"][mask])
+    start = np.where(viewed, log["s_recv"][mask], log["sent"][mask])
+    dispatched = log["outcome"][mask] == _DISPATCHED
+    at = np.where(viewed & dispatched & np.isfinite(log["s_disp"][mask]), log["s_disp"][mask], log["done"][mask])
+    amount = units(unit, log["size"][mask], log["tokens"][mask])
+    lo, hi = window
+    backlog: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    served: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for f in np.unique(flow).tolist():
+        mine = flow == f
+        s, e = np.maximum(start[mine], lo), np.minimum(at[mine], hi)
+        keep = s <= e
+        backlog[f] = union_intervals(s[keep], e[keep])
+        d = mine & dispatched & (at >= lo) & (at <= hi)
+        served[f] = (at[d], amount[d] / weights.get(f, 1.0))
+    return pairwise_service_difference(backlog, served)

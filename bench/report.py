@@ -30,6 +30,7 @@ from bench.fairness import (
     fair_shares,
     offered_segments,
     overtaken,
+    pairwise_difference,
     service_difference,
 )
 from bench.histogram import Histogram
@@ -183,10 +184,12 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
             jain = jain_index(ratios_b) if ratios_b else None
         for f, a, c in zip(members, s, fs, strict=True):
             shares[f], fairs[f] = a, c
-        diff = None
+        diff = pairs = None
         if not truncated and len(members) > 1:
             diff = service_difference(log, np.array(members, dtype=np.int32), {f: weights[f] for f in members}, unit,
                                       (workload.warmup, workload.duration))
+            pairs = pairwise_difference(log, np.array(members, dtype=np.int32), {f: weights[f] for f in members},
+                                        unit, (workload.warmup, workload.duration))
         band_out = _sum_columns((outcomes[f] for f in members), len(Outcome))
         bands.append({
             "priority": bc.priority, "name": bc.name, "fairness": bc.fairness, "unit": unit, "flows": len(members),
@@ -198,6 +201,7 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
             "latency_us": latency_figures(_merged(results, f"latency:{b}")),
             "jain": _r(jain, 4), "max_service_diff": _r(diff),
             "apparent_inversions": inversions[b] if not truncated else None,
+            "service_diff": _r(pairs),
             "reference": None if verdicts is None else msgspec.to_builtins(verdicts[b]),
             "overtaken": ordering[b],
         })
@@ -699,9 +703,11 @@ def _band_lines(run: dict[str, Any]) -> list[str]:
                      str(sum(c["rejected"].values())), str(sum(c["evicted"].values())), str(c["unfinished"]),
                      fmt(b["dispatches_per_s"]), fmt(b["wait_ms"]["p50"]), fmt(b["wait_ms"]["p99"]),
                      fmt(b["jain"]), pct(None if b["reference"] is None else b["reference"]["max_error"]),
-                     fmt(b["max_service_diff"]), pct(b["overtaken"]), fmt(b["apparent_inversions"])])
+                     fmt(b["max_service_diff"]), fmt(b["service_diff"]), pct(b["overtaken"]),
+                     fmt(b["apparent_inversions"])])
     lines = table(["band", "prio", "fairness", "submitted", "dispatched", "rejected", "evicted", "unfinished",
-                   "disp/s", "wait p50 ms", "p99", "jain", "max ref err", "svc diff", "overtaken", "inversions?"], rows)
+                   "disp/s", "wait p50 ms", "p99", "jain", "max ref err", "svc diff", "pairwise", "overtaken",
+                   "inversions?"], rows)
     for b in run["bands"]:
         if b["reference"] is not None:
             lines.append(reference_line(b["name"], b["fairness"], b["unit"], msgspec.convert(b["reference"], Verdict)))

@@ -80,3 +80,71 @@ def overtakes(flow: np.ndarray, seq: np.ndarray) -> np.ndarray:
     out = np.empty(n, dtype=bool)
     out[order] = (key > prior)[::-1]
     return out
+
+
+MAX_PAIRED_FLOWS = 64  # pairwise service difference: bands with more flows are not paired (O(F^2))
+
+
+def union_intervals(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The union of closed intervals [starts[i], ends[i]] as sorted, disjoint (starts, ends)."""
+    if len(starts) == 0:
+        return np.zeros(0), np.zeros(0)
+    order = np.argsort(starts, kind="stable")
+    s, e = starts[order].astype(np.float64), np.maximum.accumulate(ends[order].astype(np.float64))
+    new = np.ones(len(s), dtype=bool)
+    new[1:] = s[1:] > e[:-1]
+    first = np.flatnonzero(new)
+    last = np.append(first[1:] - 1, len(s) - 1)
+    return s[first], e[last]
+
+
+def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Every index in the half-open ranges [lo[k], hi[k]), concatenated in order (all hi >= lo)."""
+    counts = hi - lo
+    total = int(counts.sum())
+    starts = np.cumsum(counts) - counts
+    return np.arange(total) - np.repeat(starts - lo, counts)
+
+
+def pairwise_service_difference(
+    backlog: dict[int, tuple[np.ndarray, np.ndarray]], served: dict[int, tuple[np.ndarray, np.ndarray]]
+) -> float | None:
+    """The service difference as the VTC paper defines it: the largest |W_f(t1, t2) - W_g(t1, t2)| over
+    every pair of flows f, g and every interval [t1, t2] in which both were backlogged throughout.
+
+    `backlog[f]`: the flow's backlogged intervals (sorted, disjoint; see `union_intervals`);
+    `served[f]`: (times, weighted units) of its dispatches. None when there is no pair to compare or
+    more than MAX_PAIRED_FLOWS flows. Within one joint interval the difference W_f - W_g is a step
+    function; the answer there is its range (max - min, counting its value at the start).
+    """
+    flows = sorted(f for f in backlog if len(backlog[f][0]))
+    if len(flows) < 2 or len(flows) > MAX_PAIRED_FLOWS:
+        return None
+    best = 0.0
+    empty = (np.zeros(0), np.zeros(0))
+    for i, f in enumerate(flows):
+        fs, fe = backlog[f]
+        ft, fu = served.get(f, empty)
+        for g in flows[i + 1 :]:
+            gs, ge = backlog[g]
+            # joint intervals: each f interval meets the g intervals that end after it starts and
+            # start before it ends (both lists sorted and disjoint, so those are consecutive)
+            j_lo = np.searchsorted(ge, fs, side="left")
+            j_hi = np.maximum(np.searchsorted(gs, fe, side="right"), j_lo)
+            gj = _ranges(j_lo, j_hi)
+            if len(gj) == 0:
+                continue
+            fi = np.repeat(np.arange(len(fs)), j_hi - j_lo)
+            a, b = np.maximum(fs[fi], gs[gj]), np.minimum(fe[fi], ge[gj])
+            gt, gu = served.get(g, empty)
+            order = np.argsort(np.concatenate([ft, gt]), kind="stable")
+            times = np.concatenate([ft, gt])[order]
+            level = np.concatenate([[0.0], np.cumsum(np.concatenate([fu, -gu])[order])])  # level[k]: after k events
+            first = np.searchsorted(times, a, side="left")  # value at the start: level[first]
+            last = np.searchsorted(times, b, side="right")  # then after each event in [a, b]
+            idx = _ranges(first, last + 1)
+            cuts = np.cumsum(last + 1 - first) - (last + 1 - first)
+            values = level[idx]
+            spread = np.maximum.reduceat(values, cuts) - np.minimum.reduceat(values, cuts)
+            best = max(best, float(spread.max()))
+    return best

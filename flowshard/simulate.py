@@ -53,7 +53,14 @@ import msgspec
 import numpy as np
 
 from flowshard import records
-from flowshard.analysis import jain_index, overtakes, percentile
+from flowshard.analysis import (
+    MAX_PAIRED_FLOWS,
+    jain_index,
+    overtakes,
+    pairwise_service_difference,
+    percentile,
+    union_intervals,
+)
 from flowshard.config import ConfigError
 from flowshard.engine import Band as EngineBand
 from flowshard.engine import Engine
@@ -155,6 +162,7 @@ class BandReport(msgspec.Struct, kw_only=True):
     jain: float | None
     max_service_diff: float
     priority_inversions: int
+    service_diff: float | None  # VTC paper: max |W_f - W_g| over pairs and jointly backlogged intervals
     reference: Verdict  # the flows off their intrinsic-demand allocation by more than the margin
     overtaken: float | None  # fraction of dispatches that overtook an earlier request of the same flow
 
@@ -233,6 +241,7 @@ class _Flow:
     __slots__ = (
         "backlog_since",
         "backlog_time",
+        "backlogs",
         "band",
         "busy",
         "busy_bytes",
@@ -240,6 +249,7 @@ class _Flow:
         "credit",
         "credit0",
         "demanded",
+        "dispatches",
         "finish",
         "ftick",
         "id",
@@ -299,6 +309,10 @@ class _Flow:
         self.stamp = 0
         self.offered: list[float] = []  # units arriving per reference segment (open loop)
         self.busy = self.busy_bytes = 0.0  # slot- and byte-seconds of its dispatches in the window
+        # for the pairwise service difference (bands of at most MAX_PAIRED_FLOWS flows): its backlogged
+        # intervals in the window (start, end pairs) and its dispatches there (time, units / weight)
+        self.backlogs: array[float] | None = None
+        self.dispatches: array[float] | None = None
 
 
 class _Reference:
@@ -512,6 +526,8 @@ class _Simulation:
         self.cuts = segments(scenario)
         for flow in self.flows:
             flow.offered = [0.0] * (len(self.cuts) - 1)
+            if len(flow.band.flows) <= MAX_PAIRED_FLOWS:
+                flow.backlogs, flow.dispatches = array("d"), array("d")
         # every dispatch, in order: flow index, arrival sequence (= request id), in the window?
         self.dispatch_flow = array("q")
         self.dispatch_seq = array("q")
@@ -698,6 +714,8 @@ class _Simulation:
         if self.measuring:
             flow.busy += service
             flow.busy_bytes += service * request.size
+            if flow.dispatches is not None:
+                flow.dispatches.extend((now, flow.band.units_of(request) / flow.weight))
         if self.tracking:
             band = flow.band
             units = band.units_of(request)
@@ -727,6 +745,8 @@ class _Simulation:
         start, stop = max(flow.backlog_since, self.warmup), min(now, self.duration)
         if stop > start:
             flow.backlog_time += stop - start
+        if stop >= start and flow.backlogs is not None:
+            flow.backlogs.extend((start, stop))
         if flow.stamp:
             flow.band.gap.end(flow)
 
@@ -765,6 +785,20 @@ def _overtaken(sim: _Simulation, band_of: list[int]) -> list[float | None]:
         n = int(np.count_nonzero(mine))
         out.append(_r(int(np.count_nonzero(over & mine)) / n) if n else None)
     return out
+
+
+def _pairwise(band: _Band) -> float | None:
+    """The band's service difference as the VTC paper defines it (flowshard.analysis)."""
+    backlog, served = {}, {}
+    for flow in band.flows:
+        if flow.backlogs is None or flow.dispatches is None:
+            return None
+        b = np.frombuffer(flow.backlogs, dtype=np.float64).reshape(-1, 2)
+        d = np.frombuffer(flow.dispatches, dtype=np.float64).reshape(-1, 2)
+        backlog[flow.index] = union_intervals(b[:, 0], b[:, 1])
+        served[flow.index] = (d[:, 0], d[:, 1])
+    value = pairwise_service_difference(backlog, served)
+    return None if value is None else _r(value, 3)
 
 
 def _all_fair(verdicts: Sequence[Verdict]) -> bool | None:
@@ -896,6 +930,7 @@ class _Reporter:
             jain=jain,
             max_service_diff=_r(band.gap.max, 3),
             priority_inversions=band.inversions,
+            service_diff=_pairwise(band),
             reference=self.verdicts[index],
             overtaken=self.overtaken[index],
         )
@@ -1025,13 +1060,14 @@ def _group_table(report: Report) -> list[str]:
 
 def _band_table(report: Report) -> list[str]:
     header = ["band", "prio", "fairness", "unit", "flows", "dispatched", "req/s", "wait p50 ms", "p99"]
-    header += ["jain", "max ref err", "max service diff", "overtaken", "inversions"]
+    header += ["jain", "max ref err", "max service diff", "pairwise", "overtaken", "inversions"]
     rows = []
     for b in report.bands:
         jain = "-" if b.jain is None else f"{b.jain:.4f}"
         row = [b.name, str(b.priority), b.fairness, b.unit, str(b.flows), str(b.counts.dispatched)]
         row += [f"{b.throughput:.1f}", _ms(b.wait.p50), _ms(b.wait.p99), jain, _pct(b.reference.max_error)]
-        row += [f"{b.max_service_diff:g}", _pct(b.overtaken), str(b.priority_inversions)]
+        pairwise = "-" if b.service_diff is None else f"{b.service_diff:g}"
+        row += [f"{b.max_service_diff:g}", pairwise, _pct(b.overtaken), str(b.priority_inversions)]
         rows.append(row)
     return [*_table(header, rows), *(reference_line(b.name, b.fairness, b.unit, b.reference) for b in report.bands)]
 

@@ -85,3 +85,50 @@ def test_engine_corrects_a_vtc_charge_at_release() -> None:
     engine.release(first, actual=200)  # it really cost 200: the counter moves by -800 / 2
     assert flow.vtc == 100.0
     assert engine.correct("gone", 0, 5.0) is False  # an unknown flow: nothing to correct
+
+
+def test_pairwise_service_difference_by_hand() -> None:
+    from flowshard.analysis import pairwise_service_difference, union_intervals
+
+    both = (np.array([0.0]), np.array([10.0]))
+    served = {0: (np.array([1.0, 2, 3]), np.array([5.0, 5, 5])), 1: (np.array([4.0, 5, 6]), np.array([5.0, 5, 5]))}
+    assert pairwise_service_difference({0: both, 1: both}, served) == 15.0  # f +15, then g catches up
+    later = (np.array([5.0]), np.array([10.0]))
+    assert pairwise_service_difference({0: both, 1: later}, served) == 10.0  # only [5, 10] is joint
+    apart = (np.array([20.0]), np.array([30.0]))
+    assert pairwise_service_difference({0: both, 1: apart}, served) == 0.0
+    assert pairwise_service_difference({0: both}, served) is None  # no pair
+    starts, ends = union_intervals(np.array([0.0, 1, 5, 6]), np.array([2.0, 3, 7, 6.5]))
+    assert starts.tolist() == [0.0, 5.0] and ends.tolist() == [3.0, 7.0]
+
+
+FLOODS = """
+name = "floods"
+[server]
+default_ttl = 0
+[server.budget]
+max_inflight_requests = 4
+[[server.bands]]
+priority = 0
+fairness = "{fairness}"
+[workload]
+duration = 60.0
+warmup = 5.0
+[[workload.flows]]
+id = "a"
+arrival = {{ kind = "poisson", rate = 300 }}
+tokens = {{ dist = "uniform", low = 10, high = 100 }}
+service = 0.02
+[[workload.flows]]
+id = "b"
+arrival = {{ kind = "poisson", rate = 100 }}
+tokens = {{ dist = "uniform", low = 10, high = 100 }}
+service = 0.02
+"""
+
+
+def test_pairwise_service_difference_bounded_by_vtc_and_growing_without_fairness() -> None:
+    vtc = simulate(load_scenario(FLOODS.format(fairness="vtc"))).bands[0]
+    fcfs = simulate(load_scenario(FLOODS.format(fairness="global-fcfs"))).bands[0]
+    assert vtc.service_diff is not None and vtc.service_diff <= 2 * 100  # the VTC bound: 2 x the largest cost
+    assert fcfs.service_diff is not None and fcfs.service_diff > 100 * 100
