@@ -103,7 +103,8 @@ def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     counts = hi - lo
     total = int(counts.sum())
     starts = np.cumsum(counts) - counts
-    return np.arange(total) - np.repeat(starts - lo, counts)
+    out: np.ndarray = np.arange(total) - np.repeat(starts - lo, counts)
+    return out
 
 
 def pairwise_service_difference(
