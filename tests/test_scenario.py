@@ -136,7 +136,8 @@ def test_defaults() -> None:
 
 def test_shipped_scenarios_parse() -> None:
     names = sorted(p.stem for p in SCENARIOS.glob("*.toml"))
-    expected = ["deep-queue", "demo", "displacement", "equal-flows", "flow-churn", "free-flow", "free-flow-peak"]
+    expected = ["deep-queue", "demo", "displacement", "equal-flows", "fair-alloc", "flow-churn", "free-flow"]
+    expected += ["free-flow-peak", "ordering"]
     expected += ["many-flows", "matrix-L0-P1-F10-W10", "matrix-L100-P1-F10-W5000", "matrix-L100-P8-F5000-W5000"]
     expected += ["priority-isolation", "through-shards", "through-shards-peak", "ttl-storm", "weighted-drr"]
     assert names == sorted([*expected, "weighted-vtc"])

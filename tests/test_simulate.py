@@ -155,6 +155,8 @@ SHORT = {
     "priority-isolation": {"duration": 12.0},
     "ttl-storm": {"duration": 12.0},
     "displacement": {"duration": 12.0},
+    "fair-alloc": {"duration": 20.0},
+    "ordering": {"duration": 3.0},
     "many-flows": {"duration": 1.5},
     "deep-queue": {"duration": 1.0},
     "flow-churn": {"duration": 6.0},
@@ -233,6 +235,16 @@ def _many_flows(report: Report) -> None:
     assert report.groups[0].share == pytest.approx(1.0)
 
 
+def _fair_alloc(report: Report) -> None:
+    # bytes/s of 3, 5, 5 and 1 slots
+    assert [f.allocation for f in report.flows] == pytest.approx([60_000, 100_000, 100_000, 20_000])
+    assert report.bands[0].reference.fair is True and report.bands[0].reference.margin == 0.01
+
+
+def _ordering(report: Report) -> None:
+    assert report.bands[0].overtaken == 0.0  # one engine: exact arrival order per flow
+
+
 def _deep_queue(report: Report) -> None:
     assert report.totals.counts.unfinished > 20_000  # ~50,000 at the full 2 s
 
@@ -274,6 +286,8 @@ CHECKS = {
     "displacement": _displacement,
     "many-flows": _many_flows,
     "deep-queue": _deep_queue,
+    "fair-alloc": _fair_alloc,
+    "ordering": _ordering,
     "flow-churn": _flow_churn,
     "free-flow": _never_saturated,
     "through-shards": _never_saturated,
