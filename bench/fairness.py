@@ -41,7 +41,7 @@ from flowshard.analysis import (
 from flowshard.simulate import UNITS
 
 __all__ = ["UNITS", "apparent_inversions", "busy", "fair_shares", "offered_segments", "overtaken",
-           "pairwise_difference", "service_difference"]
+           "pairwise_difference", "round_trips", "service_difference"]
 
 _DISPATCHED = 0
 _REJECTED = (1, 2)
@@ -259,3 +259,17 @@ def pairwise_difference(log: dict[str, np.ndarray], flows: np.ndarray, weights: 
         d = mine & dispatched & (at >= lo) & (at <= hi)
         served[f] = (at[d], amount[d] / weights.get(f, 1.0))
     return pairwise_service_difference(backlog, served)
+
+
+def round_trips(log: dict[str, np.ndarray], n_flows: int) -> list[float]:
+    """Per flow, the mean seconds a dispatched request's answer took beyond its time at the service (send
+    to answer, less receive to dispatch by the service's audit, else less the shard's queue wait): what
+    a closed-loop client spends per request without waiting, part of its cycle."""
+    rows = log["outcome"] == _DISPATCHED
+    flow = log["flow"][rows]
+    held = log["s_disp"][rows] - log["s_recv"][rows]
+    held = np.where(np.isfinite(held), held, log["wait"][rows].astype(np.float64))
+    trip = np.maximum(log["done"][rows] - log["sent"][rows] - held, 0.0)
+    total = np.bincount(flow, weights=trip, minlength=n_flows)
+    count = np.bincount(flow, minlength=n_flows)
+    return [float(t / c) if c else 0.0 for t, c in zip(total, count, strict=True)]

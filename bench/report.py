@@ -31,6 +31,7 @@ from bench.fairness import (
     offered_segments,
     overtaken,
     pairwise_difference,
+    round_trips,
     service_difference,
 )
 from bench.histogram import Histogram
@@ -343,6 +344,7 @@ def _reference(
         scenario, unit_of_band, [int(b) for b in band_of], [i.id for i in instances], [i.spec for i in instances],
         weights, offered_segments(log, n, unit_of_flow, segments(scenario)),
         [win[f][k[unit_of_flow[f]]] for f in range(n)], busy(log, n, window), effective=True,
+        overhead=round_trips(log, n),
     )
     return refs, verdicts, overtaken(log, band_of, len(bands), window)
 

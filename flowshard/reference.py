@@ -87,12 +87,15 @@ class FlowRef(msgspec.Struct, kw_only=True):
     measured: float = 0.0
 
 
-def intrinsic(spec: FlowSpec, m: Means, unit: str, window: tuple[float, float], offered: float) -> FlowRef:
-    """A flow's reference entry; `offered`: the units that arrived in the window (open loop only)."""
+def intrinsic(
+    spec: FlowSpec, m: Means, unit: str, window: tuple[float, float], offered: float, overhead: float = 0.0
+) -> FlowRef:
+    """A flow's reference entry; `offered`: the units that arrived in the window (open loop only);
+    `overhead`: seconds a closed-loop client spends per request on the round trip (real time)."""
     start, end = window
     per = unit_of(unit, m)
     if isinstance(spec.arrival, Closed):
-        cycle = m.service + m.think
+        cycle = m.service + m.think + overhead
         demand = spec.arrival.concurrency * per / cycle * active_fraction(spec, start, end) if cycle > 0 else 0.0
     else:
         demand = offered / (end - start)
@@ -182,6 +185,7 @@ def judge(
     served: Sequence[float],
     busy: Sequence[tuple[float, float]],
     effective: bool = False,
+    overhead: Sequence[float] | None = None,
 ) -> tuple[list[FlowRef], list[Verdict]]:
     """The reference of every flow and the verdict of every band.
 
@@ -190,7 +194,8 @@ def judge(
     `effective`: a band whose intrinsic demand exceeds its share of the budget gets, as capacity, the
     budget it really used (real time: each request also holds its slot for the round trips of its
     answer and release, so the nominal budget overstates what any policy could hand out). It only
-    caps the total, so it cannot hide an unfair split.
+    caps the total, so it cannot hide an unfair split. `overhead[f]`: a closed-loop client's round trip
+    per request (real time: it cannot send while its answer travels; see `intrinsic`).
     """
     w = scenario.workload
     cuts = segments(scenario)
@@ -200,7 +205,7 @@ def judge(
     refs: list[FlowRef] = []
     for f, spec in enumerate(specs):
         m = cache.setdefault(id(spec), means(spec))
-        ref = intrinsic(spec, m, units[band_of[f]], window, 0.0)
+        ref = intrinsic(spec, m, units[band_of[f]], window, sum(offered[f]), overhead[f] if overhead else 0.0)
         ref.weight = weights[f]
         ref.measured = served[f] / length
         refs.append(ref)
@@ -214,8 +219,11 @@ def judge(
             used_bytes = sum(busy[f][1] for f in members) / length
             wanted = sum(refs[f].demand * refs[f].seconds for f in members)
             wanted_bytes = sum(refs[f].demand * refs[f].byte_seconds for f in members)
-            if wanted >= slots or wanted_bytes >= byte_slots:
-                slots, byte_slots = min(slots, used), min(byte_slots, used_bytes)
+            if wanted >= slots or wanted_bytes >= byte_slots:  # saturated: cap the limits the budget has
+                if slots != math.inf:
+                    slots = min(slots, used)
+                if byte_slots != math.inf:
+                    byte_slots = min(byte_slots, used_bytes)
         total = [0.0] * len(members)
         for s in range(len(cuts) - 1):
             lo, hi = cuts[s], cuts[s + 1]
@@ -225,7 +233,7 @@ def judge(
                 if isinstance(spec.arrival, Closed):
                     active = spec.start <= lo and (spec.stop is None or spec.stop >= hi)
                     m = cache[id(spec)]
-                    cycle = m.service + m.think
+                    cycle = m.service + m.think + (overhead[f] if overhead else 0.0)
                     per = unit_of(units[b], m)
                     d = spec.arrival.concurrency * per / cycle if active and cycle > 0 else 0.0
                 else:
@@ -236,7 +244,6 @@ def judge(
                 total[k] += p.allocation * (hi - lo)
         for k, f in enumerate(members):
             refs[f].allocation = total[k] / length
-            refs[f].demand = sum(offered[f]) / length if not isinstance(specs[f].arrival, Closed) else refs[f].demand
         for f in members:
             higher[0] += busy[f][0]
             higher[1] += busy[f][1]

@@ -61,3 +61,19 @@ def test_unequal_deadlines_go_by_deadline(launch: Any, ordering: str) -> None:
               for i in range(N)]
     order = dispatch_order(svc, fields)
     assert order == list(reversed(range(N))), order
+
+
+@pytest.mark.parametrize("ordering", ["edf", "slo-deadline"])
+def test_engine_deadlines_run_from_the_arrival_not_the_shards_read(ordering: str) -> None:
+    """Deterministic core of the above: a shard that reads two requests at the same moment (or the later
+    arrival first) orders them by their arrival at the service, which the distributor passes along."""
+    from conftest import make_engine
+
+    from flowshard.types import Request
+
+    engine = make_engine([{"priority": 0, "ordering": ordering}], default_ttl=0)
+    engine.submit(Request(2, "f", ttl=30.0, slo=5.0), 10.0, arrived=2.0)  # read first, arrived later
+    engine.submit(Request(1, "f", ttl=30.0, slo=5.0), 10.0, arrived=1.0)
+    first = engine.dispatch(10.0)
+    assert first is not None and first.id == 1
+    assert first.deadline == 31.0  # the TTL runs from the arrival

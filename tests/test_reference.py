@@ -1,0 +1,75 @@
+"""The fair reference (flowshard.reference): water-filling under both budget limits, intrinsic demands,
+and the real-time capacity the bench uses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from flowshard.reference import FlowRef, judge, water_fill
+from flowshard.scenario import expand_flows, load_scenario
+
+
+def refs(*demands: float, weights: tuple[float, ...] = ()) -> list[FlowRef]:
+    w = weights or (1.0,) * len(demands)
+    return [FlowRef(demand=d, seconds=1.0, byte_seconds=0.0, weight=x) for d, x in zip(demands, w, strict=True)]
+
+
+def test_water_fill_is_apfs_fair_alloc() -> None:
+    flows = refs(3, 7, 9, 1)
+    water_fill(flows, 14, math.inf)
+    assert [f.allocation for f in flows] == pytest.approx([3, 5, 5, 1])
+
+
+def test_water_fill_weights_and_unequal_costs() -> None:
+    flows = refs(100, 100, 100, weights=(1, 2, 3))
+    water_fill(flows, 12, math.inf)
+    assert [f.allocation for f in flows] == pytest.approx([2, 4, 6])
+    # round robin's unit is requests: a flow of 2 s requests uses twice the slots per request
+    mixed = [FlowRef(demand=100, seconds=s, byte_seconds=0, weight=1) for s in (1.0, 2.0)]
+    water_fill(mixed, 9, math.inf)
+    assert [f.allocation for f in mixed] == pytest.approx([3, 3])  # 3 req/s each: 3 + 6 slots
+
+
+def test_water_fill_the_byte_budget_binds_too() -> None:
+    flows = [FlowRef(demand=10, seconds=0.1, byte_seconds=100.0, weight=1) for _ in range(2)]
+    water_fill(flows, 100, 1000)  # slots would allow 500 each; bytes allow 5 each
+    assert [f.allocation for f in flows] == pytest.approx([5, 5])
+
+
+def test_underloaded_flows_get_their_demand() -> None:
+    flows = refs(1, 2)
+    water_fill(flows, 10, math.inf)
+    assert [f.allocation for f in flows] == [1, 2]
+
+
+OPEN = """
+name = "open"
+[server.budget]
+max_inflight_requests = 10
+[[server.bands]]
+priority = 0
+[workload]
+duration = 10.0
+[[workload.flows]]
+id = "a"
+count = 2
+arrival = { kind = "poisson", rate = 10 }
+service = 1.0
+"""
+
+
+def test_real_time_capacity_is_what_a_saturated_band_used() -> None:
+    scenario = load_scenario(OPEN)
+    specs = [i.spec for i in expand_flows(scenario.workload)]
+    offered = [[100.0], [100.0]]  # 10 req/s each for 10 s: 20 slots wanted of 10
+    busy = [(40.0, 0.0), (44.0, 0.0)]  # they held 8.4 slots on average
+    nominal, verdicts = judge(scenario, ["requests"], [0, 0], ["a-0", "a-1"], specs, [1.0, 1.0], offered,
+                              [40.0, 44.0], busy)
+    assert [r.demand for r in nominal] == pytest.approx([10, 10])
+    assert [r.allocation for r in nominal] == pytest.approx([5, 5]) and verdicts[0].slots == 10
+    real, verdicts = judge(scenario, ["requests"], [0, 0], ["a-0", "a-1"], specs, [1.0, 1.0], offered,
+                           [40.0, 44.0], busy, effective=True)
+    assert verdicts[0].slots == pytest.approx(8.4) and [r.allocation for r in real] == pytest.approx([4.2, 4.2])
+    assert verdicts[0].fair is True  # -4.8 % and +4.8 %: within the default 5 %
