@@ -67,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                    help="before each run, wait up to S seconds for other processes to use < 0.25 cores")
     p.add_argument("--no-simulate", action="store_true", help="do not run the simulator for comparison")
+    p.add_argument("--no-audit", action="store_true",
+                   help="do not ask admissions for the service's view (arrival sequence, shard, times): "
+                        "cheaper, but no ordering figure and client-side times for the service difference")
     p.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     p.add_argument("--records", metavar="FILE", help="write one record per request of every run (JSON Lines, "
                    "a header line per run; see flowshard/records.py)")

@@ -189,7 +189,8 @@ def run_all(args: argparse.Namespace, base: Scenario, records_out: BinaryIO | No
         for rate in rates
     }
     options = Options(transport=transport, procs=args.procs, conns=args.conns, max_conns=args.max_conns,
-                      lead=max(0.0, args.timer_lead_us) * 1e-6, drain_timeout=args.drain_timeout)
+                      lead=max(0.0, args.timer_lead_us) * 1e-6, drain_timeout=args.drain_timeout,
+                      audit=not args.no_audit)
     # alternate: run r goes through the configurations rotated by r, so none always runs first
     order = [(r, configs[(i + r) % len(configs)]) for r in range(args.runs) for i in range(len(configs))]
     progress = Progress(len(order), enabled=not args.quiet)

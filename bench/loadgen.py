@@ -92,6 +92,7 @@ class GenSpec(msgspec.Struct, kw_only=True):
     drain_timeout: float
     log_limit: int
     result_path: str
+    audit: bool = True  # ask for the service's view of every admission
 
 
 class GenResult(msgspec.Struct, kw_only=True):
@@ -256,7 +257,8 @@ class Generator:
     async def connect(self) -> None:
         spec = self.spec
         if spec.transport == "binary":
-            self.binary = [await connect_binary(self, spec.host, spec.port) for _ in range(max(1, spec.conns))]
+            self.binary = [await connect_binary(self, spec.host, spec.port, spec.audit)
+                           for _ in range(max(1, spec.conns))]
             conns = self.binary
             if len(conns) == 1:
                 self._admit = conns[0].admit
@@ -270,7 +272,7 @@ class Generator:
                 self._admit = admit
                 self._release = conns[0].release  # tickets are global: any connection may release one
         else:
-            pool = HttpPool(self, self.loop, spec.host, spec.port, spec.max_conns)
+            pool = HttpPool(self, self.loop, spec.host, spec.port, spec.max_conns, spec.audit)
             await pool.open(spec.conns)
             self.http = pool
             self._admit = pool.admit

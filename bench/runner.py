@@ -247,6 +247,7 @@ class Options(msgspec.Struct, kw_only=True):
     lead: float = 60e-6
     drain_timeout: float = 30.0
     log_limit: int = 2_000_000
+    audit: bool = True  # ask every admission for the service's view (ordering figures need it)
 
 
 @dataclass
@@ -300,6 +301,7 @@ async def run_once(
                 index=i, procs=options.procs, scenario=payload, transport=options.transport, host=host, port=port,
                 conns=conns, max_conns=options.max_conns, lead=options.lead, drain_timeout=options.drain_timeout,
                 log_limit=options.log_limit, result_path=os.path.join(tmp, f"result-{i}.msgpack"),
+                audit=options.audit,
             )
             path = os.path.join(tmp, f"spec-{i}.msgpack")
             Path(path).write_bytes(msgspec.msgpack.encode(spec))

@@ -55,8 +55,9 @@ class Sink(Protocol):
 class BinaryConn(asyncio.Protocol):
     """One binary-protocol connection; `admit` and `release` are batched into one write per loop pass."""
 
-    def __init__(self, sink: Sink, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, sink: Sink, loop: asyncio.AbstractEventLoop, audit: bool = True) -> None:
         self._sink = sink
+        self._audit = audit
         self._timer = sink.timer
         self._loop = loop
         self._reader = FrameReader(ToClient)
@@ -73,7 +74,7 @@ class BinaryConn(asyncio.Protocol):
 
     def admit(self, rid: int, flow: str, priority: int, size: int, ttl: float, slo: float, tokens: int,
               weight: float) -> None:
-        self._out.add(Admit(rid, flow, priority, size, ttl, slo, tokens, weight, True))  # with the service's view
+        self._out.add(Admit(rid, flow, priority, size, ttl, slo, tokens, weight, self._audit))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -126,16 +127,16 @@ class BinaryConn(asyncio.Protocol):
         await self.closed
 
 
-async def connect_binary(sink: Sink, host: str, port: int) -> BinaryConn:
+async def connect_binary(sink: Sink, host: str, port: int, audit: bool = True) -> BinaryConn:
     loop = asyncio.get_running_loop()
-    _, proto = await loop.create_connection(lambda: BinaryConn(sink, loop), host, port)
+    _, proto = await loop.create_connection(lambda: BinaryConn(sink, loop, audit), host, port)
     return proto
 
 
 # ---------------------------------------------------------------------------------------- HTTP
 
 
-class _AdmitBody(msgspec.Struct):
+class _AdmitBody(msgspec.Struct, omit_defaults=True):
     flow: str
     priority: int
     bytes: int
@@ -143,7 +144,7 @@ class _AdmitBody(msgspec.Struct):
     slo: float
     tokens: int
     weight: float
-    audit: bool = True  # the answer carries the service's view of the request
+    audit: bool = False  # true: the answer carries the service's view (left out when false)
 
 
 class _AuditReply(msgspec.Struct):
@@ -247,9 +248,11 @@ class _HttpConn(asyncio.Protocol):
 class HttpPool:
     """Keep-alive connections to the HTTP front: `admit` on a free one, `release` on a dedicated one."""
 
-    def __init__(self, sink: Sink, loop: asyncio.AbstractEventLoop, host: str, port: int, max_conns: int) -> None:
+    def __init__(self, sink: Sink, loop: asyncio.AbstractEventLoop, host: str, port: int, max_conns: int,
+                 audit: bool = True) -> None:
         self.sink = sink
         self.loop = loop
+        self._audit = audit
         self._host = host
         self._port = port
         self._max = max(1, max_conns)
@@ -282,7 +285,7 @@ class HttpPool:
 
     def admit(self, rid: int, flow: str, priority: int, size: int, ttl: float, slo: float, tokens: int,
               weight: float) -> None:
-        body = _encode(_AdmitBody(flow, priority, size, ttl, slo, tokens, weight))
+        body = _encode(_AdmitBody(flow, priority, size, ttl, slo, tokens, weight, self._audit))
         if self._free:
             self._free.pop().send(rid, body)
             return
