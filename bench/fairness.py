@@ -41,7 +41,7 @@ from flowshard.analysis import (
 from flowshard.simulate import UNITS
 
 __all__ = ["UNITS", "apparent_inversions", "busy", "fair_shares", "offered_segments", "overtaken",
-           "pairwise_difference", "round_trips", "service_difference"]
+           "pairwise_difference", "round_trips", "service_difference", "slot_holds"]
 
 _DISPATCHED = 0
 _REJECTED = (1, 2)
@@ -190,8 +190,13 @@ def offered_segments(log: dict[str, np.ndarray], n_flows: int, unit_of_flow: Seq
     (`flowshard.reference.segments`): an open-loop flow's intrinsic demand."""
     out = [[0.0] * (len(cuts) - 1) for _ in range(n_flows)]
     t = log["intended"]
-    rows = (t >= cuts[0]) & (t < cuts[-1])
-    flow, at = log["flow"][rows], t[rows]
+    # arrivals in the window, and what was still waiting for the service when it opened (the first piece)
+    waiting = (t < cuts[0]) & (log["done"] >= cuts[0]) & ~np.isin(log["outcome"], _REJECTED)
+    dispatched = log["outcome"] == _DISPATCHED
+    at_service = np.where(np.isfinite(log["s_disp"]), log["s_disp"], log["done"])
+    waiting &= ~dispatched | (at_service >= cuts[0])
+    rows = ((t >= cuts[0]) & (t < cuts[-1])) | waiting
+    flow, at = log["flow"][rows], np.maximum(t[rows], cuts[0])
     piece = np.clip(np.searchsorted(np.asarray(cuts), at, side="right") - 1, 0, len(cuts) - 2)
     for unit in set(unit_of_flow):
         amount = units(unit, log["size"][rows], log["tokens"][rows])
@@ -204,11 +209,26 @@ def offered_segments(log: dict[str, np.ndarray], n_flows: int, unit_of_flow: Seq
     return out
 
 
-def busy(log: dict[str, np.ndarray], n_flows: int, window: tuple[float, float]) -> list[tuple[float, float]]:
-    """Per flow, the slot-seconds and byte-seconds its dispatches answered in the window held."""
+def slot_holds(log: dict[str, np.ndarray], n_flows: int) -> list[float]:
+    """Per flow, the mean seconds a dispatched request holds its slot beyond its service: its answer's
+    way back (service's dispatch to the generator's receipt) and, about as long, its release's way in."""
+    rows = (log["outcome"] == _DISPATCHED) & np.isfinite(log["s_disp"])
+    flow = log["flow"][rows]
+    back = np.maximum(log["done"][rows] - log["s_disp"][rows], 0.0)
+    total = np.bincount(flow, weights=2 * back, minlength=n_flows)
+    count = np.bincount(flow, minlength=n_flows)
+    return [float(t / c) if c else 0.0 for t, c in zip(total, count, strict=True)]
+
+
+def busy(log: dict[str, np.ndarray], n_flows: int, window: tuple[float, float],
+         holds: Sequence[float] | None = None) -> list[tuple[float, float]]:
+    """Per flow, the slot-seconds and byte-seconds its dispatches answered in the window held (their
+    service, plus `holds[f]` each: see `slot_holds`)."""
     rows = (log["outcome"] == _DISPATCHED) & (log["done"] >= window[0]) & (log["done"] < window[1])
     flow = log["flow"][rows]
     service = log["service"][rows].astype(np.float64)
+    if holds is not None:
+        service = service + np.asarray(holds, dtype=np.float64)[flow]
     seconds = np.bincount(flow, weights=service, minlength=n_flows)
     byte_seconds = np.bincount(flow, weights=service * log["size"][rows], minlength=n_flows)
     return [(float(a), float(b)) for a, b in zip(seconds, byte_seconds, strict=True)]

@@ -33,6 +33,7 @@ from bench.fairness import (
     pairwise_difference,
     round_trips,
     service_difference,
+    slot_holds,
 )
 from bench.histogram import Histogram
 from bench.loadgen import LOG_COLUMNS, UNFINISHED, GenResult, band_index
@@ -274,6 +275,9 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
                      "service_diff_unit": bands[0]["unit"] if len({b["unit"] for b in bands}) == 1 else "mixed",
                      "apparent_inversions": None if truncated else sum(inversions),
                      "fair": None if verdicts is None else _all_fair(verdicts),
+                     "max_ref_error": _max_or_none(None if b["reference"] is None else b["reference"]["max_error"]
+                                                   for b in bands),
+                     "overtaken": _max_or_none(b["overtaken"] for b in bands),
                      "inversion_tolerance_s": INVERSION_TOL},
         "cpu": cpu,
         "generator": {
@@ -340,11 +344,12 @@ def _reference(
     n = len(instances)
     unit_of_flow = [unit_of_band[int(band_of[f])] for f in range(n)]
     k = {"requests": 0, "bytes": 1, "cost": 2}
+    holds = slot_holds(log, n)
     refs, verdicts = judge(
         scenario, unit_of_band, [int(b) for b in band_of], [i.id for i in instances], [i.spec for i in instances],
         weights, offered_segments(log, n, unit_of_flow, segments(scenario)),
-        [win[f][k[unit_of_flow[f]]] for f in range(n)], busy(log, n, window), effective=True,
-        overhead=round_trips(log, n),
+        [win[f][k[unit_of_flow[f]]] for f in range(n)], busy(log, n, window, holds),
+        overhead=round_trips(log, n), hold=holds,
     )
     return refs, verdicts, overtaken(log, band_of, len(bands), window)
 
@@ -611,6 +616,8 @@ METRICS: list[tuple[str, Getter]] = [
     ("apparent inversions", _path("fairness", "apparent_inversions")),
     ("priority inversions (service)", _path("server", "priority_inversions")),
     ("grants narrowed (service)", _path("server", "grants_narrowed")),
+    ("max ref error (worst band)", _path("fairness", "max_ref_error")),
+    ("overtaken (worst band)", _path("fairness", "overtaken")),
 ]
 
 
@@ -687,6 +694,8 @@ def render_config(label: str, runs: Sequence[dict[str, Any]]) -> str:
         lines += _band_lines(mid)
         lines.append("")
         lines += _group_lines(mid)
+    else:
+        lines += _reference_lines(mid)
     proj = mid.get("projection")
     if proj:
         lines.append("")
@@ -710,10 +719,13 @@ def _band_lines(run: dict[str, Any]) -> list[str]:
     lines = table(["band", "prio", "fairness", "submitted", "dispatched", "rejected", "evicted", "unfinished",
                    "disp/s", "wait p50 ms", "p99", "jain", "max ref err", "svc diff", "pairwise", "overtaken",
                    "inversions?"], rows)
-    for b in run["bands"]:
-        if b["reference"] is not None:
-            lines.append(reference_line(b["name"], b["fairness"], b["unit"], msgspec.convert(b["reference"], Verdict)))
-    return lines
+    return lines + _reference_lines(run)
+
+
+def _reference_lines(run: dict[str, Any]) -> list[str]:
+    """Each band's verdict against the intrinsic-demand reference (median run)."""
+    return [reference_line(b["name"], b["fairness"], b["unit"], msgspec.convert(b["reference"], Verdict))
+            for b in run["bands"] if b["reference"] is not None]
 
 
 def _group_lines(run: dict[str, Any]) -> list[str]:

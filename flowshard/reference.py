@@ -2,7 +2,8 @@
 
 A flow's intrinsic demand is what it would take from an idle server, independent of the service it
 actually got (Kubernetes APF's fairness tests compute it this way):
-- open loop: the work it offered (arrivals in the window, rejected ones too: an arrival is demand);
+- open loop: the work it offered (arrivals in the window, rejected ones too: an arrival is demand,
+  plus what it still had queued when the window opened);
 - closed loop: clients x E[units] / (E[service] + E[think]) per second, over the part of the window
   the flow was active: what its clients would send if no request ever waited.
 (Counting only *admitted* work, as the first reports did, lets a closed-loop flow's demand shrink with
@@ -12,9 +13,10 @@ Demands are in the band's unit (requests, bytes or cost), and the capacity they 
 budget: a unit of flow i holds `seconds[i]` slot-seconds and `byte_seconds[i]` byte-seconds of it (a
 flow of long requests uses more of the budget per request). The allocation is the weighted max-min
 one: x_i = min(d_i, level * w_i), the level as high as every budget limit allows — the classic
-water-filling when every unit costs the same. A band's capacity is its share of the budget (its
-ceiling) less what the bands above it used. Measured service is compared with x_i flow by flow; a
-flow off by more than the margin (relative) is named in the reports.
+water-filling when every unit costs the same. A band's capacity is its ceiling of the budget less
+what the bands above it used. Measured service is compared with x_i flow by flow; a flow off by more
+than the margin (relative) plus its sampling noise (3 standard errors of a sum of its n requests:
+3 cv / sqrt(n), 0 when its requests are all alike) is named in the reports.
 """
 
 from __future__ import annotations
@@ -30,35 +32,47 @@ _GRID = 4096  # midpoints of the uniform draw for numeric means (capped or round
 
 
 class Means(msgspec.Struct, frozen=True):
-    """Per-request means of one flow entry: service seconds, size bytes, declared tokens (0: none)."""
+    """Per-request means of one flow entry: service seconds, size bytes, declared tokens (0: none), and
+    `cv`: how much one request's use of the budget varies (coefficient of variation of its service, its
+    units and its think time together; 0 when every request is alike)."""
 
     service: float
     size: float
     tokens: float
     think: float  # closed loop only
+    cv: float = 0.0
 
 
-def _mean(dist: Dist, rounding: bool, low: float = 0.0) -> float:
-    """E[value] of a distribution after the scenario's rounding (int(x + 0.5)) and `low` floor."""
-    if isinstance(dist, Exponential | LogNormal) and dist.max is None:
-        return max(low, dist.expected())  # the heavy tail a grid would cut; rounding is negligible
+def _moments(dist: Dist, rounding: bool, low: float = 0.0) -> tuple[float, float]:
+    """(mean, coefficient of variation) of a distribution after the scenario's rounding (int(x + 0.5))
+    and `low` floor."""
+    if isinstance(dist, Exponential) and dist.max is None:
+        return max(low, dist.expected()), 1.0  # the heavy tail a grid would cut; rounding is negligible
+    if isinstance(dist, LogNormal) and dist.max is None:
+        return max(low, dist.expected()), math.sqrt(math.expm1(dist.sigma * dist.sigma))
     sample = dist.sampler()
-    total = 0.0
+    total = squares = 0.0
     for k in range(_GRID):
         x = sample((k + 0.5) / _GRID)
         if rounding:
             x = int(x + 0.5)
-        total += max(low, x)
-    return total / _GRID
+        x = max(low, x)
+        total += x
+        squares += x * x
+    mean = total / _GRID
+    variance = max(0.0, squares / _GRID - mean * mean)
+    return mean, (math.sqrt(variance) / mean if mean > 0 else 0.0)
 
 
 def means(spec: FlowSpec) -> Means:
     """The means of a flow entry's request shape (the same for each of its `count` flows)."""
-    size = _mean(as_dist(spec.size), True)
-    tokens = 0.0 if spec.tokens is None else _mean(as_dist(spec.tokens), True, 1.0)
-    service = _mean(as_dist(spec.service), False) + spec.service_per_token * tokens
-    think = _mean(as_dist(spec.arrival.think), False) if isinstance(spec.arrival, Closed) else 0.0
-    return Means(service, size, tokens, think)
+    size, cv_size = _moments(as_dist(spec.size), True)
+    tokens, cv_tokens = (0.0, 0.0) if spec.tokens is None else _moments(as_dist(spec.tokens), True, 1.0)
+    service, cv_service = _moments(as_dist(spec.service), False)
+    service += spec.service_per_token * tokens
+    think, cv_think = _moments(as_dist(spec.arrival.think), False) if isinstance(spec.arrival, Closed) else (0, 0)
+    cv = math.sqrt(cv_size**2 + cv_tokens**2 + cv_service**2 + cv_think**2)
+    return Means(service, size, tokens, think, cv)
 
 
 def unit_of(unit: str, m: Means) -> float:
@@ -85,13 +99,16 @@ class FlowRef(msgspec.Struct, kw_only=True):
     weight: float
     allocation: float = 0.0  # units per second
     measured: float = 0.0
+    tolerance: float = 0.0  # the error it may show: the margin plus sampling noise (see `allowance`)
 
 
 def intrinsic(
-    spec: FlowSpec, m: Means, unit: str, window: tuple[float, float], offered: float, overhead: float = 0.0
+    spec: FlowSpec, m: Means, unit: str, window: tuple[float, float], offered: float, overhead: float = 0.0,
+    hold: float = 0.0,
 ) -> FlowRef:
     """A flow's reference entry; `offered`: the units that arrived in the window (open loop only);
-    `overhead`: seconds a closed-loop client spends per request on the round trip (real time)."""
+    `overhead`: seconds a closed-loop client spends per request on the round trip, `hold`: seconds a
+    request holds its slot beyond its service (both real time: answer and release in transit)."""
     start, end = window
     per = unit_of(unit, m)
     if isinstance(spec.arrival, Closed):
@@ -99,7 +116,7 @@ def intrinsic(
         demand = spec.arrival.concurrency * per / cycle * active_fraction(spec, start, end) if cycle > 0 else 0.0
     else:
         demand = offered / (end - start)
-    seconds = m.service / per if per > 0 else 0.0
+    seconds = (m.service + hold) / per if per > 0 else 0.0
     return FlowRef(demand=demand, seconds=seconds, byte_seconds=seconds * m.size, weight=1.0)
 
 
@@ -137,14 +154,25 @@ def water_fill(flows: Sequence[FlowRef], slots: float, byte_slots: float) -> Non
 
 def band_capacity(scenario: Scenario, band: int, higher_seconds: float, higher_byte_seconds: float,
                   window: float) -> tuple[float, float]:
-    """(slots, byte slots) a band may use: its ceiling of the budget, less the bands above it used."""
+    """(slots, byte slots) a band may use: a band dispatches only while the *whole* budget's saturation
+    is below its ceiling, so it gets its ceiling of the budget less what the bands above it used."""
     budget = scenario.server.budget
     ceiling = scenario.server.bands[band].ceiling
     slots = math.inf if budget.max_inflight_requests is None else float(budget.max_inflight_requests)
     byte_slots = math.inf if budget.max_inflight_bytes is None else float(budget.max_inflight_bytes)
-    slots = min(slots * ceiling, slots - higher_seconds / window)
-    byte_slots = min(byte_slots * ceiling, byte_slots - higher_byte_seconds / window)
+    slots = slots * ceiling - higher_seconds / window
+    byte_slots = byte_slots * ceiling - higher_byte_seconds / window
     return max(0.0, slots), max(0.0, byte_slots)
+
+
+NOISE = 3.0  # standard errors of sampling noise allowed on top of the margin
+_HELD_BACK = 1.01  # a band that wanted this much more than it used was held back by the budget
+
+
+def allowance(margin: float, cv: float, requests: float) -> float:
+    """The error a flow may show and still count as fair: the margin, plus NOISE standard errors of a
+    sum of `requests` requests whose budget use varies by `cv` (0 for identical requests: the margin)."""
+    return margin + (NOISE * cv / math.sqrt(requests) if requests > 0 and cv > 0 else 0.0)
 
 
 def error(f: FlowRef) -> float | None:
@@ -165,7 +193,8 @@ def segments(scenario: Scenario) -> list[float]:
 
 
 class Verdict(msgspec.Struct, kw_only=True):
-    """One band judged against the reference: the flows off by more than `margin` (relative)."""
+    """One band judged against the reference: the flows off by more than `margin` (relative) plus their
+    sampling noise (requests that vary in service, size or think time; none for identical requests)."""
 
     margin: float
     slots: float | None  # the budget share the band had (request slots; None: unlimited)
@@ -184,18 +213,20 @@ def judge(
     offered: Sequence[Sequence[float]],
     served: Sequence[float],
     busy: Sequence[tuple[float, float]],
-    effective: bool = False,
     overhead: Sequence[float] | None = None,
+    hold: Sequence[float] | None = None,
 ) -> tuple[list[FlowRef], list[Verdict]]:
     """The reference of every flow and the verdict of every band.
 
     Per flow (in expand order): `offered[f][s]` units that arrived in segment s (see `segments`),
     `served[f]` units dispatched in the window, `busy[f]` (slot-seconds, byte-seconds) those held.
-    `effective`: a band whose intrinsic demand exceeds its share of the budget gets, as capacity, the
-    budget it really used (real time: each request also holds its slot for the round trips of its
-    answer and release, so the nominal budget overstates what any policy could hand out). It only
-    caps the total, so it cannot hide an unfair split. `overhead[f]`: a closed-loop client's round trip
-    per request (real time: it cannot send while its answer travels; see `intrinsic`).
+    Capacity: the band's ceiling of the budget less what the bands above used, on average; a band held
+    back by the budget (its intrinsic demand exceeds what it used) that used more than that got the
+    rest in the moments the bands above left room, which averages cannot see: then what it used.
+    `busy` must count how long each dispatch really held its slot, and `hold[f]` (real time) how much
+    longer than its service a request of flow f holds its slot (its answer and its release in
+    transit); `overhead[f]`: a closed-loop client's round trip per request (it cannot send while its
+    answer travels; see `intrinsic`).
     """
     w = scenario.workload
     cuts = segments(scenario)
@@ -205,7 +236,8 @@ def judge(
     refs: list[FlowRef] = []
     for f, spec in enumerate(specs):
         m = cache.setdefault(id(spec), means(spec))
-        ref = intrinsic(spec, m, units[band_of[f]], window, sum(offered[f]), overhead[f] if overhead else 0.0)
+        ref = intrinsic(spec, m, units[band_of[f]], window, sum(offered[f]), overhead[f] if overhead else 0.0,
+                        hold[f] if hold else 0.0)
         ref.weight = weights[f]
         ref.measured = served[f] / length
         refs.append(ref)
@@ -214,16 +246,15 @@ def judge(
     for b in range(len(units)):
         members = [f for f in range(len(specs)) if band_of[f] == b]
         slots, byte_slots = band_capacity(scenario, b, higher[0], higher[1], length)
-        if effective:
-            used = sum(busy[f][0] for f in members) / length
-            used_bytes = sum(busy[f][1] for f in members) / length
-            wanted = sum(refs[f].demand * refs[f].seconds for f in members)
-            wanted_bytes = sum(refs[f].demand * refs[f].byte_seconds for f in members)
-            if wanted >= slots or wanted_bytes >= byte_slots:  # saturated: cap the limits the budget has
-                if slots != math.inf:
-                    slots = min(slots, used)
-                if byte_slots != math.inf:
-                    byte_slots = min(byte_slots, used_bytes)
+        used = sum(busy[f][0] for f in members) / length
+        used_bytes = sum(busy[f][1] for f in members) / length
+        wanted = sum(refs[f].demand * refs[f].seconds for f in members)
+        wanted_bytes = sum(refs[f].demand * refs[f].byte_seconds for f in members)
+        if wanted > used * _HELD_BACK or wanted_bytes > used_bytes * _HELD_BACK:  # held back by the budget
+            if slots != math.inf and used > slots * _HELD_BACK:  # (clearly more: not a window-edge crumb)
+                slots = used
+            if byte_slots != math.inf and used_bytes > byte_slots * _HELD_BACK:
+                byte_slots = used_bytes
         total = [0.0] * len(members)
         for s in range(len(cuts) - 1):
             lo, hi = cuts[s], cuts[s + 1]
@@ -247,13 +278,22 @@ def judge(
         for f in members:
             higher[0] += busy[f][0]
             higher[1] += busy[f][1]
-        errors = [(error(refs[f]), ids[f]) for f in members]
-        judged = [(e, i) for e, i in errors if e is not None]
-        off = [f"{i} {e * 100:+.1f}%" for e, i in sorted(judged, key=lambda x: -abs(x[0])) if abs(e) > w.fair_margin]
+        judged = []
+        for f in members:
+            e = error(refs[f])
+            if e is None:
+                continue
+            m = cache[id(specs[f])]
+            per = unit_of(units[b], m)
+            requests = refs[f].measured * length / per if per > 0 else 0.0
+            refs[f].tolerance = allowance(w.fair_margin, m.cv, requests)
+            judged.append((e, ids[f], refs[f].tolerance))
+        judged.sort(key=lambda x: -abs(x[0]))
+        off = [f"{i} {e * 100:+.1f}%" for e, i, t in judged if abs(e) > t]
         verdicts.append(Verdict(
             margin=w.fair_margin,
             slots=None if slots == math.inf else round(slots, 3),
-            max_error=round(max(abs(e) for e, _ in judged), 6) if judged else None,
+            max_error=round(max(abs(e) for e, _, _ in judged), 6) if judged else None,
             off=off,
             fair=(not off) if judged else None,
         ))

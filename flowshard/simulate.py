@@ -491,12 +491,16 @@ class _Band:
             return float(request.size)
         return float(request.tokens or request.size)
 
-    def start_window(self) -> None:
-        """Warmup is over: fairness figures count from here."""
+    def start_window(self, engine_band: EngineBand) -> None:
+        """Warmup is over: fairness figures count from here. What a flow still has queued is demand
+        in the window (the first piece of the reference's window)."""
         self.units = 0.0
         for flow in self.flows:
             flow.units = 0.0
             flow.credit0 = self.reference.given(flow)
+            queue = engine_band.flows.get(flow.id)
+            if queue is not None and queue.queue.live and flow.offered:
+                flow.offered[0] += sum(self.units_of(item.request) for item in queue.queue.items())
         self.gap.restart(self.flows)
 
 
@@ -607,8 +611,8 @@ class _Simulation:
     def _start_window(self) -> None:
         """Warmup is over: fairness figures count from now."""
         self.measuring = True
-        for band in self.bands:
-            band.start_window()
+        for band, engine_band in zip(self.bands, self.engine.bands, strict=True):
+            band.start_window(engine_band)
 
     def _event(self, kind: int, flow: _Flow, data: object, now: float) -> None:
         if kind == _ARRIVAL:

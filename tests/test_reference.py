@@ -4,6 +4,7 @@ and the real-time capacity the bench uses."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
@@ -50,6 +51,7 @@ name = "open"
 max_inflight_requests = 10
 [[server.bands]]
 priority = 0
+ceiling = 0.5
 [workload]
 duration = 10.0
 [[workload.flows]]
@@ -60,16 +62,26 @@ service = 1.0
 """
 
 
-def test_real_time_capacity_is_what_a_saturated_band_used() -> None:
+def _judge(offered: list[list[float]], busy: list[float]) -> tuple[list[FlowRef], list[Any]]:
     scenario = load_scenario(OPEN)
     specs = [i.spec for i in expand_flows(scenario.workload)]
-    offered = [[100.0], [100.0]]  # 10 req/s each for 10 s: 20 slots wanted of 10
-    busy = [(40.0, 0.0), (44.0, 0.0)]  # they held 8.4 slots on average
-    nominal, verdicts = judge(scenario, ["requests"], [0, 0], ["a-0", "a-1"], specs, [1.0, 1.0], offered,
-                              [40.0, 44.0], busy)
-    assert [r.demand for r in nominal] == pytest.approx([10, 10])
-    assert [r.allocation for r in nominal] == pytest.approx([5, 5]) and verdicts[0].slots == 10
-    real, verdicts = judge(scenario, ["requests"], [0, 0], ["a-0", "a-1"], specs, [1.0, 1.0], offered,
-                           [40.0, 44.0], busy, effective=True)
-    assert verdicts[0].slots == pytest.approx(8.4) and [r.allocation for r in real] == pytest.approx([4.2, 4.2])
-    assert verdicts[0].fair is True  # -4.8 % and +4.8 %: within the default 5 %
+    return judge(scenario, ["requests"], [0, 0], ["a-0", "a-1"], specs, [1.0, 1.0], offered, busy,
+                 [(b, 0.0) for b in busy])
+
+
+def test_capacity_is_the_ceiling_share_or_what_a_held_back_band_used() -> None:
+    refs, verdicts = _judge([[20.0], [20.0]], [20.0, 20.0])  # 4 slots wanted, the ceiling allows 5
+    assert verdicts[0].slots == 5 and [r.allocation for r in refs] == pytest.approx([2, 2])
+    assert verdicts[0].fair is True
+    refs, verdicts = _judge([[100.0], [100.0]], [20.0, 25.0])  # 20 wanted, 4.5 used: held to 5
+    assert verdicts[0].slots == 5 and [r.allocation for r in refs] == pytest.approx([2.5, 2.5])
+    assert verdicts[0].fair is False  # 2.0 and 2.5 of 2.5: identical requests, no noise allowed
+    refs, verdicts = _judge([[100.0], [100.0]], [40.0, 44.0])  # it got 8.4 slots: more than averages say
+    assert verdicts[0].slots == pytest.approx(8.4) and [r.allocation for r in refs] == pytest.approx([4.2, 4.2])
+
+
+def test_sampling_noise_widens_the_margin_only_for_varying_requests() -> None:
+    from flowshard.reference import allowance
+
+    assert allowance(0.01, 0.0, 100) == 0.01  # identical requests: the margin alone
+    assert allowance(0.05, 1.0, 900) == pytest.approx(0.05 + 3 / 30)  # exponential service, 900 requests
