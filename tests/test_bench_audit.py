@@ -27,6 +27,8 @@ fairness = "{fairness}"
 [workload]
 duration = 2.5
 warmup = 0.5
+fair_margin = 0.15  # a loaded 2-core machine: every flow can fall a few % short alike (slots idle while
+                    # the generator is late); the negative control is ~50 % off
 [[workload.flows]]
 id = "big"
 arrival = {{ kind = "closed", concurrency = 24 }}
