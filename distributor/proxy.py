@@ -29,7 +29,7 @@ import aiohttp
 import msgspec
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from distributor.api import Admission
+from distributor.api import Admission, Audit
 from distributor.backends import Backend, BackendPool, Scraper
 from flowshard.classify import Classified, ClassifyError, SseUsage, Usage, classify, usage_from_body
 from flowshard.config import Config
@@ -152,8 +152,11 @@ class Exchange:
 
     # ------------------------------------------------------------------ Waiter (called by the distributor)
 
-    def deliver(self, cid: Any, request_id: int, outcome: Outcome, ticket: int, wait: float, retry_after: int) -> None:
-        proxy = self.proxy
+    def deliver(
+        self, cid: Any, request_id: int, outcome: Outcome, ticket: int, wait: float, retry_after: int,
+        audit: Audit | None = None,
+    ) -> None:
+        proxy = self.proxy  # (a proxied request never asks for an audit)
         if outcome == Outcome.DISPATCHED:
             self.ticket = ticket
             self.unsent = True
