@@ -129,8 +129,8 @@ class ProxyStats:
 class Exchange:
     """One proxied request: the admission's waiter, the upstream call, the client's response slot."""
 
-    __slots__ = ("backend", "conn", "conn_hdr", "gone", "headers", "item", "proxy", "refused", "rid", "route", "slot",
-                 "started", "task", "ticket", "unsent")
+    __slots__ = ("actual", "backend", "conn", "conn_hdr", "gone", "headers", "item", "proxy", "refused", "rid", "route",
+                 "slot", "started", "task", "ticket", "unsent")
 
     def __init__(self, proxy: Proxy, conn: HttpConnection, slot: _Slot, route: str, item: Classified,
                  headers: list[tuple[str, str]], conn_hdr: bytes) -> None:
@@ -149,6 +149,7 @@ class Exchange:
         self.unsent = False  # dispatched, not yet sent to a backend: counted by the utilization detector
         self.started = False  # the response head went to the client (a stream is being relayed)
         self.backend: Backend | None = None
+        self.actual = -1  # the tokens the backend reported using (prompt + completion); -1: not known
 
     # ------------------------------------------------------------------ Waiter (called by the distributor)
 
@@ -208,8 +209,8 @@ class Exchange:
                 self.conn.slot_respond(self.slot, error_response(500, "flowshard: internal error", "server_error",
                                                                  "internal_error", None, self.conn_hdr))
         ticket, self.ticket = self.ticket, 0
-        if ticket:
-            proxy.admission.release(ticket)
+        if ticket:  # with the actual usage, so vtc charges what was served, not the estimate
+            proxy.admission.release(ticket, self.actual)
 
 
 class Proxy:
@@ -468,11 +469,12 @@ class Proxy:
         ex.conn.slot_respond(ex.slot, error_response(status, message, type_, code, None, ex.conn_hdr, extra))
 
     def _settle_usage(self, ex: Exchange, usage: Usage | None) -> None:
-        """The request's actual tokens. Counted here; once releases can carry actual tokens (issue 9),
-        this is where the fairness charge is corrected from the estimate to the actual usage."""
+        """The request's actual tokens: counted, and kept for the release, which corrects the flow's
+        fairness charge from the admission estimate to what the backend served."""
         if usage is not None:
             self.stats.tokens["prompt"] += usage.prompt_tokens
             self.stats.tokens["completion"] += usage.completion_tokens
+            ex.actual = usage.prompt_tokens + usage.completion_tokens
 
     # ------------------------------------------------------------------ observability
 

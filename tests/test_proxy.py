@@ -22,6 +22,8 @@ import pytest
 from proxykit import fake_backend, proxy_config
 from servicekit import HttpConn, band_outcomes, launch, metric, run
 
+from flowshard.types import Outcome
+
 __all__ = ["fake_backend", "launch"]  # the fixtures, re-exported so pytest finds them here
 
 MSG = [{"role": "user", "content": "hello there, how are you"}]
@@ -487,3 +489,60 @@ def test_a_slow_reader_slows_its_stream_instead_of_being_dropped(launch: Any, fa
     s = settled(svc)
     assert s["proxy"]["client_disconnects"] == 0
     assert fake.stats()["completed"] == 1 and fake.stats()["aborted"] == 0
+
+
+class _RecordingAdmission(_FailingAdmission):
+    """Dispatches every admission at once and records how each ticket is released."""
+
+    def __init__(self) -> None:
+        self.released: list[tuple[int, int]] = []
+        self._next = 0
+
+    def admit(self, waiter: Any, cid: Any, *args: Any) -> int:
+        self._next += 1
+        rid, ticket = self._next, 1000 + self._next
+        asyncio.get_running_loop().call_soon(waiter.deliver, cid, rid, Outcome.DISPATCHED, ticket, 0.0, 0)
+        return rid
+
+    def release(self, ticket: int, tokens: int = -1) -> bool:
+        self.released.append((ticket, tokens))
+        return True
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_release_carries_the_backends_actual_usage(fake_backend: Any, stream: bool) -> None:
+    """vtc is charged the estimate at dispatch; the release reports what the backend served
+    (prompt + completion tokens from its `usage`), so the shard corrects the flow's counter."""
+    from distributor.http import HttpLimits, start_http_server
+    from distributor.proxy import Proxy
+    from flowshard.config import Config, ProxyConfig
+
+    fake = fake_backend()
+
+    async def go() -> None:
+        admission = _RecordingAdmission()
+        proxy = Proxy(Config(proxy=ProxyConfig(backends=[fake.url], utilization=False)), admission, lambda: None)
+        await proxy.start()
+        server = await start_http_server(admission, "127.0.0.1", 0, HttpLimits(), lease=300.0, proxy=proxy)
+        try:
+            oai = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1",
+                                     api_key="sk-test", max_retries=0, timeout=10)
+            if stream:
+                s = await oai.chat.completions.create(model="m", messages=MSG, max_tokens=5, stream=True,
+                                                      stream_options={"include_usage": True})
+                usage = [chunk.usage async for chunk in s if chunk.usage is not None][-1]
+            else:
+                r = await oai.chat.completions.create(model="m", messages=MSG, max_tokens=5)
+                usage = r.usage
+            assert usage is not None
+            deadline = time.monotonic() + 5
+            while not admission.released:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            assert admission.released == [(1001, usage.prompt_tokens + usage.completion_tokens)]
+            await oai.close()
+        finally:
+            server.close()
+            await proxy.close()
+
+    run(go())
