@@ -78,7 +78,9 @@ class Server:
     def start_flowshard(cls, scenario: Scenario, shards: int, workdir: str) -> Server:
         config_path = os.path.join(workdir, f"config-{shards}.toml")
         Path(config_path).write_text(dump_config(scenario.server))
-        argv = [sys.executable, "-m", "flowshard.cli", "serve", "--shards", str(shards), "--config", config_path,
+        # -P (here and for the echo server and the generators): the installed modules, never a `bench`
+        # or `workers` package in the directory `flowshard bench` was started from
+        argv = [sys.executable, "-P", "-m", "flowshard.cli", "serve", "--shards", str(shards), "--config", config_path,
                 "--port", "0", "--binary-port", "0"]
         server = cls._start("flowshard", argv)
         server.config_path = config_path
@@ -86,7 +88,7 @@ class Server:
 
     @classmethod
     def start_echo(cls) -> Server:
-        return cls._start("echo", [sys.executable, "-m", "bench.echo"])
+        return cls._start("echo", [sys.executable, "-P", "-m", "bench.echo"])
 
     @classmethod
     def attach(cls, target: str, http_target: str | None, transport: str) -> Server:
@@ -309,7 +311,7 @@ async def run_once(
         try:
             for _, path in specs:
                 procs.append(await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "bench.loadgen", path, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    sys.executable, "-P", "-m", "bench.loadgen", path, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                     preexec_fn=_die_with_parent,
                 ))
             return await _drive(scenario, server, options, procs, specs, progress)

@@ -548,9 +548,11 @@ class Distributor:
         with reserve.use(spare=2) if reserve is not None else contextlib.nullcontext():
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
+                # -P: the worker module is the installed one, never a `workers` package that happens to
+                # be in the directory `flowshard serve` was started from (a common name in a project)
                 proc = subprocess.Popen(
                     [
-                        sys.executable, "-m", "workers", "--shard", str(shard), "--fd", str(theirs.fileno()),
+                        sys.executable, "-P", "-m", "workers", "--shard", str(shard), "--fd", str(theirs.fileno()),
                         "--shm", self.segment.name,
                     ],
                     pass_fds=(theirs.fileno(),),
