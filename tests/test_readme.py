@@ -135,3 +135,12 @@ def test_proxy_example_is_valid_and_means_what_it_says():
     assert config.proxy.objectives == {"chat": 10, "summarize-nightly": 0}
     assert config.proxy.models["meta-llama/Llama-3.1-8B-Instruct"] == 10
     assert [b.name for b in config.bands] == ["interactive", "batch"] and config.bands[1].ceiling == 0.8
+
+
+def test_readme_names_every_scenario_that_simulates():
+    from flowshard.simulate import shipped_scenarios
+
+    listed = README.split("Shipped scenarios:", 1)[1].split("Each simulates", 1)[0]
+    listed = " ".join(listed.lower().split())
+    missing = [name for name, _, quick in shipped_scenarios() if quick and name.replace("-", " ") not in listed]
+    assert not missing, f"README's shipped-scenario list lacks {missing}"
