@@ -622,7 +622,10 @@ METRICS: list[tuple[str, Getter]] = [
 
 
 # figures that count requests: whole numbers in every table
-COUNT_ROWS = {"submitted", "dispatched", "apparent inversions", *_OPTIONAL}
+COUNT_ROWS = {
+    "submitted", "dispatched", "apparent inversions", "priority inversions (service)", "grants narrowed (service)",
+    *_OPTIONAL,
+}
 
 
 def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | None]]:

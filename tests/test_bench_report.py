@@ -231,11 +231,13 @@ def test_counts_print_as_whole_numbers_and_their_median_is_a_run_s() -> None:
     from bench.report import UNANSWERED_ROW, aggregate, cell, fmt
 
     runs = [{"counts": {"submitted": 12, "dispatched": 7, "unfinished": 3}, "unanswered_beyond_p99": 1,
-             "throughput": {"dispatches_per_s": 2.5}},
+             "throughput": {"dispatches_per_s": 2.5}, "server": {"priority_inversions": 0, "grants_narrowed": 1}},
             {"counts": {"submitted": 13, "dispatched": 8, "unfinished": 4}, "unanswered_beyond_p99": 2,
-             "throughput": {"dispatches_per_s": 3.5}}]
+             "throughput": {"dispatches_per_s": 3.5}, "server": {"priority_inversions": 0, "grants_narrowed": 4}}]
     agg = aggregate(runs)
     assert cell(agg["submitted"]) == "12 (12–13)" and cell(agg["unfinished"]) == "3 (3–4)"
+    # the service's own counts too (they printed "2.50 (1–4)", and "1.00" for 1 and 1)
+    assert cell(agg["grants narrowed (service)"]) == "1 (1–4)" and cell(agg["priority inversions (service)"]) == "0"
     assert cell(agg[UNANSWERED_ROW[0]]) == "1 (1–2)"
     assert agg["dispatches/s"]["median"] == 3.0  # rates keep the true median
     assert fmt(12) == "12" and fmt(5) == "5" and fmt(1234567) == "1,234,567" and fmt(12.0) == "12.0"
