@@ -460,22 +460,25 @@ def _cpu(record: RunRecord, requests: int, warnings: list[str], spun: dict[str, 
     busy = record.machine_end.busy - record.machine_start.busy
     steal = record.machine_end.steal - record.machine_start.steal
     foreign = max(0.0, busy - ours) / window
+    server_roles = {"distributor", "workers", "echo", "tracker"}
+    # a --target's processes are not ours to read: no server cost, no projection from the generator alone
+    measured_server = any(k in server_roles - {"tracker"} for k in kinds)
     if foreign > FOREIGN:
-        warnings.append(f"other processes used {foreign:.2f} cores during the window: figures are disturbed")
+        warnings.append(
+            f"other processes used {foreign:.2f} cores during the window: figures are disturbed" if measured_server
+            else f"other processes, the --target service's own included, used {foreign:.2f} cores during the window"
+        )
     if steal / window > FOREIGN:  # a shared VM: the host ran something else on our vCPUs
         warnings.append(f"the hypervisor took {steal / window:.2f} cores (steal) during the window: latencies "
                         "are inflated by waits for a CPU")
-    server_roles = {"distributor", "workers", "echo", "tracker"}
     server_us = sum(v["cpu_s"] for k, v in kinds.items() if k in server_roles) * per_req
     costs = {p["role"]: p["us_per_req"] for p in processes
              if p["role"] not in ("bench", "tracker") and p["us_per_req"] is not None}
-    # a --target's processes are not ours to read: a projection from the generator alone means nothing
-    measured_server = any(_kind(role) in server_roles for role in costs)
     return {
         "requests": requests,
         "processes": processes,
         "kinds": kind_figures,
-        "server_us_per_req": _r(server_us),
+        "server_us_per_req": _r(server_us) if measured_server else None,
         "machine": {"busy_cores": _r(busy / window), "ours_cores": _r(ours / window), "foreign_cores": _r(foreign),
                     "steal_cores": _r(steal / window)},
         "projection": project_all(costs) if measured_server and requests else None,

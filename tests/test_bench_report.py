@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -256,3 +257,29 @@ def test_server_figures_carry_the_services_own_priority_counts() -> None:
     assert got is not None and (got["priority_inversions"], got["grants_narrowed"]) == (2, 5)
     old = _server_stats({"totals": {}, "shards": [], "bands": [{"name": "hi"}]}, since_start=False)
     assert old is not None and old["priority_inversions"] is None
+
+
+def test_a_target_gets_no_server_cost_and_its_own_cpu_is_not_called_a_disturbance() -> None:
+    """A --target's processes are not ours to read: no "server CPU µs/req 0", and the cores the
+    service under test used are not reported as other processes disturbing the figures."""
+    from types import SimpleNamespace
+
+    from bench.procstat import CpuSample, MachineSample, ProcId
+    from bench.report import _cpu
+
+    def record(procs: dict[ProcId, float]) -> Any:
+        return SimpleNamespace(
+            window=1.0, cpu_start={p: CpuSample(0.0, 0.0) for p in procs},
+            cpu_end={p: CpuSample(cpu, 0.0) for p, cpu in procs.items()},
+            machine_start=MachineSample(0.0, 0.0, 0.0), machine_end=MachineSample(1.5, 0.5, 0.0),
+        )
+
+    gen = ProcId(1, 1, "loadgen0")
+    warnings: list[str] = []
+    target = _cpu(record({gen: 0.5}), 1000, warnings, {})
+    assert target["server_us_per_req"] is None and target["projection"] is None
+    assert len(warnings) == 1 and "--target service's own included" in warnings[0] and "disturbed" not in warnings[0]
+    warnings = []
+    own = _cpu(record({gen: 0.5, ProcId(2, 2, "distributor"): 0.4}), 1000, warnings, {})
+    assert own["server_us_per_req"] == pytest.approx(400.0) and own["projection"] is not None
+    assert len(warnings) == 1 and "figures are disturbed" in warnings[0]
