@@ -144,3 +144,11 @@ def test_readme_names_every_scenario_that_simulates():
     listed = " ".join(listed.lower().split())
     missing = [name for name, _, quick in shipped_scenarios() if quick and name.replace("-", " ") not in listed]
     assert not missing, f"README's shipped-scenario list lacks {missing}"
+
+
+def test_every_limit_the_readme_names_is_a_configuration_key():
+    """A `max_…` name in backticks reads as a key a user can set; `config check` must accept it."""
+    keys = {name for struct in _TABLES.values() for name in struct.__struct_fields__}
+    # not keys on purpose: vLLM's, in the budget advice; the typo in the `config check` example
+    named = set(re.findall(r"`(max_[a-z_]+)`", README)) - {"max_num_seqs", "max_inflight"}
+    assert named - keys == set(), "README names limits that are not configuration keys"
