@@ -150,7 +150,7 @@ def test_every_limit_the_readme_names_is_a_configuration_key():
     """A `max_…` name in backticks reads as a key a user can set; `config check` must accept it."""
     keys = {name for struct in _TABLES.values() for name in struct.__struct_fields__}
     # not keys on purpose: vLLM's, in the budget advice; the typo in the `config check` example; the
-    # OpenAI request fields the proxy reads for its cost estimate
-    not_keys = {"max_num_seqs", "max_inflight", "max_tokens", "max_completion_tokens"}
+    # OpenAI request fields the proxy reads for its cost estimate and the openai client's max_retries
+    not_keys = {"max_num_seqs", "max_inflight", "max_tokens", "max_completion_tokens", "max_retries"}
     named = set(re.findall(r"`(max_[a-z_]+)`", README)) - not_keys
     assert named - keys == set(), "README names limits that are not configuration keys"
