@@ -220,8 +220,9 @@ def run_all(args: argparse.Namespace, base: Scenario, records_out: BinaryIO | No
             runs[config].append(fig)
             t = fig["throughput"]
             lat = fig["latency_us"]
-            progress.finish(f"{fmt(t['dispatches_per_s'])} dispatches/s, latency p50 {fmt(lat['p50'])} µs, "
-                            f"p99 {fmt(lat['p99'])} µs" + (" (warnings)" if fig["warnings"] else ""))
+            ge = {k: "≥ " if k in lat.get("lower_bounds", ()) else "" for k in ("p50", "p99")}
+            progress.finish(f"{fmt(t['dispatches_per_s'])} dispatches/s, latency p50 {ge['p50']}{fmt(lat['p50'])} µs, "
+                            f"p99 {ge['p99']}{fmt(lat['p99'])} µs" + (" (warnings)" if fig["warnings"] else ""))
     sims: dict[str, Any] = {}
     if not args.no_simulate:
         for rate, scenario in scenarios.items():

@@ -221,10 +221,11 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
         ratios = [r.measured / r.allocation for r in refs if r.allocation > 0]
     all_jain = bands[0]["jain"] if len(bands) == 1 else _jain_all(ratios)
 
-    latency = _merged(results, "latency")
+    answered_latency = _merged(results, "latency")
     lag = _merged(results, "lag")
     sent = sum(r.sent_in_window for r in results)
     unanswered = sum(r.unanswered_in_window for r in results)
+    latency, youngest = latency_with_unanswered(log, answered_latency, workload.warmup, workload.duration, unanswered)
     cpu = _cpu(record, sent, warnings, {f"loadgen{r.index}": r.spun_window for r in results})
     open_loop = offered_rate(scenario) > 0
     if open_loop and lag.count and lag.percentile(0.99) > LATE * 1e9:
@@ -235,13 +236,12 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
     if totals["errors"]:
         warnings.append(f"{totals['errors']} requests were refused as errors")
     warnings += [f"load generator {r.index}: {note}" for r in results for note in r.errors]
-    tail = _unanswered_beyond(log, latency, workload.warmup, workload.duration, truncated)
-    if tail:
-        # the percentiles only know the answered; a request still waiting at the end after longer than
-        # the measured p99 belongs in the tail they report (one sent just before the end does not)
-        warnings.append(f"{tail} request{'s' if tail != 1 else ''} sent in the window {'were' if tail != 1 else 'was'}"
-                        f" still unanswered at the end after waiting longer than the measured latency p99 (row "
-                        f"'{UNANSWERED_ROW[0]}'): the tail percentiles are understated")
+    if unanswered:
+        # the answered-only percentiles would be survivors' figures: the unanswered count at their age
+        warnings.append(f"{unanswered} request{'s' if unanswered != 1 else ''} sent in the window "
+                        f"{'were' if unanswered != 1 else 'was'} still unanswered at the end (row "
+                        f"'{UNANSWERED_ROW[0]}'): the latency percentiles count each at its age then, a lower bound "
+                        "of its latency, and print a percentile that may fall among them as '≥ X'")
     if truncated:
         warnings.append("the per-request log was truncated: service difference, inversions and per-flow waits "
                         "not computed")
@@ -262,9 +262,10 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
         "inflight_at_end": sum(r.inflight_at_end for r in results),
         "throughput": {"dispatches_per_s": _r(dispatched_w / window, 1), "answered_per_s": _r(answered / window, 1),
                        "sent_per_s": _r(sent / window, 1)},
-        "latency_us": latency_figures(latency),
-        "unanswered_in_window": unanswered,  # all of them, however briefly they had waited
-        "unanswered_beyond_p99": tail,  # those that had waited longer than the latency p99: the table's row
+        # every request intended in the window, the unanswered at their age at the end (lower bounds)
+        "latency_us": bounded_latency_figures(latency, youngest, unanswered),
+        "latency_answered_us": latency_figures(answered_latency),  # the answered ones only (survivors)
+        "unanswered_in_window": unanswered,  # intended in the window, no answer by the end: the table's row
         "rtt_us": latency_figures(_merged(results, "rtt")),
         "send_lag_us": latency_figures(lag),
         "bands": bands,
@@ -288,21 +289,46 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
         },
         "projection": cpu.get("projection"),
         "timeline": _timeline(log, instances, workload.duration),
-        "latency_hist_ns": latency.to_dict(),
+        "latency_hist_ns": latency.to_dict(),  # as latency_us: the unanswered at their age
+        "latency_answered_hist_ns": answered_latency.to_dict(),
         "server": _server_stats(stats, since_start=meta.get("kind") == "target"),
         "warnings": warnings,
     }
 
 
-def _unanswered_beyond(log: dict[str, np.ndarray], latency: Histogram, warmup: float, duration: float,
-                       truncated: bool) -> int:
-    """Requests intended in the window and unanswered at the end that had already waited longer than
-    the answered requests' p99 (all unanswered ones if there is no p99, or the log is incomplete)."""
+def latency_with_unanswered(log: dict[str, np.ndarray], answered: Histogram, warmup: float, duration: float,
+                            unanswered: int) -> tuple[Histogram, int | None]:
+    """The latency of every request intended in the window: the answered ones' (`answered`), and each one
+    still unanswered at the end at its age then (intended send to the end of the run: a lower bound of its
+    latency). Returns the histogram and the youngest unanswered one's age in ns (None if all were answered):
+    a percentile at or above that age may fall among the unanswered, so it is only a lower bound. If the
+    log lacks some of the `unanswered` (truncated), those count at age 0 (still a lower bound), so every
+    percentile is one."""
+    out = Histogram.from_dict(answered.to_dict())
     rows = (log["outcome"] == UNFINISHED) & (log["intended"] >= warmup) & (log["intended"] < duration)
-    if truncated or latency.count == 0:
-        return int(np.count_nonzero(rows))
-    waited_ns = (log["done"][rows] - log["intended"][rows]) * 1e9
-    return int(np.count_nonzero(waited_ns > latency.percentile(0.99)))
+    ages = np.maximum((log["done"][rows] - log["intended"][rows]) * 1e9, 0).astype(np.int64)
+    for age in ages.tolist():
+        out.record(int(age))
+    missing = unanswered - len(ages)
+    if missing > 0:
+        out.record(0, missing)
+    if unanswered <= 0 and len(ages) == 0:
+        return out, None
+    return out, 0 if missing > 0 or len(ages) == 0 else int(ages.min())
+
+
+def bounded_latency_figures(h: Histogram, youngest_unanswered_ns: int | None, unanswered: int) -> dict[str, Any]:
+    """latency_figures of `h` (all requests of the window) with `unanswered` (how many of them were
+    unanswered) and `lower_bounds`: the figures that may fall among the unanswered (at or above the
+    youngest one's age), so are only lower bounds (the table prints them as "≥ X")."""
+    figures = latency_figures(h)
+    lower: list[str] = []
+    if youngest_unanswered_ns is not None and h.count:
+        values = dict(zip(("p50", "p90", "p99", "p999"), h.percentiles(QUANTILES), strict=True))
+        values["max"] = h.max
+        lower = [k for k, v in values.items() if v >= youngest_unanswered_ns]
+        lower += ["mean"]  # the unanswered pull it up by at least their ages
+    return {**figures, "unanswered": unanswered, "lower_bounds": lower}
 
 
 TIMELINE_SERIES = 12
@@ -585,9 +611,12 @@ OUTCOME_ROWS: list[tuple[str, Getter]] = [
     ("errors", _path("counts", "errors")),
     ("unfinished", _path("counts", "unfinished")),
 ]
-# requests sent in the window and unanswered at the end after waiting longer than the answered ones'
-# p99: the ones the latency percentiles miss (the same figure as the warning about them)
-UNANSWERED_ROW = ("unanswered > p99", _path("unanswered_beyond_p99"))
+# requests intended in the window and still unanswered at the end (the same figure as the warning about
+# them): the latency rows count them at their age then, and mark a percentile among them "≥"
+UNANSWERED_ROW = ("unanswered (sent in window)", _path("unanswered_in_window"))
+# latency rows that are lower bounds in a run whose latency_us lists the key in lower_bounds
+LOWER_BOUND_KEYS = {"latency p50 µs": "p50", "latency p90 µs": "p90", "latency p99 µs": "p99",
+                    "latency p99.9 µs": "p999"}
 _OPTIONAL = {label for label, _ in (*OUTCOME_ROWS, UNANSWERED_ROW)}
 
 METRICS: list[tuple[str, Getter]] = [
@@ -641,6 +670,9 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | Non
             # a count's median is one of the runs' counts (the lower middle one), so it stays a whole number
             median = statistics.median_low(values) if label in COUNT_ROWS else statistics.median(values)
             out[label] = {"min": min(values), "median": median, "max": max(values), "n": len(values)}
+            key = LOWER_BOUND_KEYS.get(label)
+            if key and any(key in ((r.get("latency_us") or {}).get("lower_bounds") or ()) for r in runs):
+                out[label]["lower_bound"] = True  # some run's figure counts unanswered requests at their age
     return out
 
 
@@ -673,9 +705,10 @@ def fmt(value: float | None) -> str:
 def cell(stat: dict[str, float | None] | None) -> str:
     if not stat:
         return "-"
+    mark = "≥ " if stat.get("lower_bound") else ""  # falls among requests still unanswered at the end
     if stat.get("n", 1) == 1 or stat["min"] == stat["max"]:
-        return fmt(stat["median"])
-    return f"{fmt(stat['median'])} ({fmt(stat['min'])}–{fmt(stat['max'])})"
+        return mark + fmt(stat["median"])
+    return f"{mark}{fmt(stat['median'])} ({fmt(stat['min'])}–{fmt(stat['max'])})"
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -694,6 +727,9 @@ def render_config(label: str, runs: Sequence[dict[str, Any]]) -> str:
     agg = aggregate(runs)
     lines = [f"== {label}: {len(runs)} run(s), median (min–max)"]
     lines += table(["figure", "value"], [[k, cell(v)] for k, v in agg.items()])
+    if any(v.get("lower_bound") for v in agg.values()):
+        lines.append("(≥: latency counts every request sent in the window, one still unanswered at the end at its "
+                     "age then; this percentile may fall among those, so it is a lower bound)")
     mid = median_run(runs)
     if len(mid["bands"]) > 1 or len(mid["groups"]) > 1:
         lines.append("")

@@ -207,8 +207,9 @@ def test_bench_prints_the_effective_window_and_one_unanswered_figure(tmp_path: P
     [run] = doc["configs"][0]["runs"]
     assert run["warmup_s"] == pytest.approx(0.04) and run["window_s"] == pytest.approx(0.16)
     assert "unanswered in window" not in proc.stdout
-    tail = run["unanswered_beyond_p99"]
-    assert tail <= run["unanswered_in_window"]
+    tail = run["unanswered_in_window"]
+    assert run["latency_us"]["unanswered"] == tail
+    assert run["latency_us"]["count"] == run["latency_answered_us"]["count"] + tail
     warned = [w for w in run["warnings"] if "unanswered" in w]
     assert warned == ([] if tail == 0 else [w for w in warned if w.startswith(f"{tail} request")])
     doc, proc = bench_json(tmp_path, FREE, "--duration", "0.5", "--warmup", "0.1", "--no-simulate")

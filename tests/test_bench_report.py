@@ -212,28 +212,50 @@ def test_simulator_comparison_gives_differences() -> None:
     assert others and all(c["measured"]["share"] is None and c["diff"]["share_pp"] is None for c in others)
 
 
-def test_unanswered_requests_count_against_the_tail_only_when_they_waited_longer_than_p99() -> None:
+def test_latency_counts_unanswered_requests_at_their_age_and_marks_lower_bounds() -> None:
+    """Survivorship: 100 answered requests at 1..100 ms and 300 unanswered for 500+ ms. The answered-only
+    p50 is 50 ms; counting every request sent in the window, p50 falls among the unanswered: >= 500 ms."""
     from bench.histogram import Histogram
     from bench.loadgen import UNFINISHED
-    from bench.report import _unanswered_beyond
+    from bench.report import aggregate, bounded_latency_figures, cell, latency_with_unanswered
 
-    latency = Histogram()
-    for us in range(1, 101):  # answered: 1..100 ms, p99 = 99 ms
-        latency.record(us * 1_000_000)
-    # unanswered at the end (t = 10 s): sent at 9.995 s (waited 5 ms), 9.5 s (500 ms), 0.5 s (before the window)
-    log = {"outcome": np.array([UNFINISHED, UNFINISHED, UNFINISHED, 0], dtype=np.int8),
-           "intended": np.array([9.995, 9.5, 0.5, 5.0]), "done": np.array([10.0, 10.0, 10.0, 5.001])}
-    assert _unanswered_beyond(log, latency, 1.0, 10.0, truncated=False) == 1  # only the one waiting 500 ms
-    assert _unanswered_beyond(log, latency, 1.0, 10.0, truncated=True) == 2  # incomplete log: all in the window
-    assert _unanswered_beyond(log, Histogram(), 1.0, 10.0, truncated=False) == 2  # nothing answered: all of them
+    answered = Histogram()
+    for ms in range(1, 101):
+        answered.record(ms * 1_000_000)
+    # unanswered at the end (t = 10 s): 300 sent at 9.5 s (waited 500 ms), one at 0.5 s (before the window)
+    n = 300
+    log = {"outcome": np.array([UNFINISHED] * (n + 1) + [0], dtype=np.int8),
+           "intended": np.array([9.5] * n + [0.5, 5.0]), "done": np.array([10.0] * (n + 1) + [5.001])}
+    h, youngest = latency_with_unanswered(log, answered, 1.0, 10.0, n)
+    assert h.count == 100 + n and youngest == pytest.approx(500e6, rel=1e-6)
+    assert answered.count == 100  # the answered-only histogram is left as it was
+    fig = bounded_latency_figures(h, youngest, n)
+    assert fig["p50"] == pytest.approx(500_000, rel=0.01)  # µs: not the survivors' 50 ms
+    assert {"p50", "p90", "p99", "p999"} <= set(fig["lower_bounds"]) and fig["unanswered"] == n
+    agg = aggregate([{"latency_us": fig}])
+    assert cell(agg["latency p50 µs"]).startswith("≥ ")
+    # all answered: exact figures, no marks
+    h2, youngest2 = latency_with_unanswered(log | {"outcome": np.zeros(n + 2, dtype=np.int8)}, answered, 1.0, 10.0, 0)
+    fig2 = bounded_latency_figures(h2, youngest2, 0)
+    assert youngest2 is None and fig2["lower_bounds"] == [] and fig2["p50"] == pytest.approx(50_000, rel=0.01)
+    assert not cell(aggregate([{"latency_us": fig2}])["latency p50 µs"]).startswith("≥")
+    # only the slowest few unanswered: p50 stays exact, p99 is a lower bound
+    few = {k: np.concatenate([v[:3], v[-1:]]) for k, v in log.items()}
+    h3, youngest3 = latency_with_unanswered(few, answered, 1.0, 10.0, 3)
+    fig3 = bounded_latency_figures(h3, youngest3, 3)
+    assert "p50" not in fig3["lower_bounds"] and "p99" in fig3["lower_bounds"]
+    # a truncated log that lacks some of them: they count at age 0, and every percentile is a lower bound
+    h4, youngest4 = latency_with_unanswered(few, answered, 1.0, 10.0, 10)
+    assert h4.count == 110 and youngest4 == 0
+    assert set(bounded_latency_figures(h4, youngest4, 10)["lower_bounds"]) >= {"p50", "p99"}
 
 
 def test_counts_print_as_whole_numbers_and_their_median_is_a_run_s() -> None:
     from bench.report import UNANSWERED_ROW, aggregate, cell, fmt
 
-    runs = [{"counts": {"submitted": 12, "dispatched": 7, "unfinished": 3}, "unanswered_beyond_p99": 1,
+    runs = [{"counts": {"submitted": 12, "dispatched": 7, "unfinished": 3}, "unanswered_in_window": 1,
              "throughput": {"dispatches_per_s": 2.5}, "server": {"priority_inversions": 0, "grants_narrowed": 1}},
-            {"counts": {"submitted": 13, "dispatched": 8, "unfinished": 4}, "unanswered_beyond_p99": 2,
+            {"counts": {"submitted": 13, "dispatched": 8, "unfinished": 4}, "unanswered_in_window": 2,
              "throughput": {"dispatches_per_s": 3.5}, "server": {"priority_inversions": 0, "grants_narrowed": 4}}]
     agg = aggregate(runs)
     assert cell(agg["submitted"]) == "12 (12–13)" and cell(agg["unfinished"]) == "3 (3–4)"
