@@ -5,8 +5,10 @@ client-side equivalents, with their limits stated:
 
 - share and fair share: per band, in the unit the band's policy equalises (requests, bytes, or cost =
   tokens when declared, else bytes), over the window. The fair share is weighted max-min
-  (`analysis.max_min_fair`) of the band's measured service over the work each flow offered in the
-  window (rejected requests were never demand). This is the classic static reference; the
+  (`analysis.max_min_fair`) of the band's measured service over each flow's demand in the window: the
+  intrinsic demand of `flowshard.reference` (`window_demands`: for an open-loop flow the work it
+  offered in the window plus what it still had queued or outstanding when the window opened, so a
+  flow busy with an earlier backlog all window is not "fair 0 %"). This is the classic static reference; the
   simulator's fluid reference follows arrivals over time, so light or late flows can differ a little.
 - Jain's index over share / fair share of the flows that offered work in the window.
 - service difference: the largest gap, at any time in the window, in weighted service between two
@@ -38,10 +40,11 @@ from flowshard.analysis import (
     pairwise_service_difference,
     union_intervals,
 )
+from flowshard.reference import FlowRef
 from flowshard.simulate import UNITS
 
 __all__ = ["UNITS", "apparent_inversions", "busy", "fair_shares", "offered_segments", "overtaken",
-           "pairwise_difference", "round_trips", "service_difference", "slot_holds"]
+           "pairwise_difference", "round_trips", "service_difference", "slot_holds", "window_demands"]
 
 _DISPATCHED = 0
 _REJECTED = (1, 2)
@@ -61,6 +64,16 @@ def units(unit: str, size: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     if unit == "bytes":
         return size.astype(np.float64)
     return np.where(tokens > 0, tokens, size).astype(np.float64)
+
+
+def window_demands(arrived: Sequence[float], refs: Sequence[FlowRef] | None, length: float) -> list[float]:
+    """Each flow's demand over the window, in its band's unit, for `fair_shares`: the intrinsic demand of
+    the reference (`flowshard.reference`: open loop, what arrived in the window plus what was still
+    queued or outstanding when it opened; closed loop, what its clients would send) when there is one,
+    else (a truncated log) only what `arrived` in the window."""
+    if refs is None:
+        return list(arrived)
+    return [r.demand * length for r in refs]
 
 
 def fair_shares(

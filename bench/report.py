@@ -34,6 +34,7 @@ from bench.fairness import (
     round_trips,
     service_difference,
     slot_holds,
+    window_demands,
 )
 from bench.histogram import Histogram
 from bench.loadgen import LOG_COLUMNS, UNFINISHED, GenResult, band_index
@@ -175,11 +176,15 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
     inversions = apparent_inversions(log, band_of, len(config.bands), (workload.warmup, workload.duration),
                                      INVERSION_TOL) if not truncated else [0] * len(config.bands)
     refs, verdicts, ordering = _reference(scenario, log, win, band_of, weights, instances, truncated)
+    # demand for the share / fair columns: the reference's (a backlog queued before the window included)
+    unit_k = {"requests": 0, "bytes": 1, "cost": 2}
+    arrived = [win[f][3 + unit_k[UNITS[config.bands[int(band_of[f])].fairness]]] for f in range(n_flows)]
+    demand = window_demands(arrived, refs, workload.duration - workload.warmup)
     for b, bc in enumerate(config.bands):
         members = [f for f in range(n_flows) if band_of[f] == b]
         unit = UNITS[bc.fairness]
         k = {"requests": 0, "bytes": 1, "cost": 2}[unit]
-        s, fs, jain = fair_shares([win[f][k] for f in members], [win[f][3 + k] for f in members],
+        s, fs, jain = fair_shares([win[f][k] for f in members], [demand[f] for f in members],
                                   [weights[f] for f in members])
         if refs is not None:  # Jain over measured / allocation of the intrinsic-demand reference
             ratios_b = [refs[f].measured / refs[f].allocation for f in members if refs[f].allocation > 0]

@@ -275,3 +275,39 @@ def test_splits_that_feed_every_process_stay_per_flow() -> None:
     assert [[part_of(bursts, p, 3, m) is not None for p in range(3)] for m in range(3)] == [
         [True, False, False], [False, True, False], [False, False, True]]
     assert part_of(entry, 0, 1, 3) is entry  # one process: exactly the simulator's stream
+
+
+BACKLOG = """
+name = "backlog"
+[server.budget]
+max_inflight_requests = 1
+[[server.bands]]
+priority = 0
+fairness = "round-robin"
+[workload]
+duration = 1.0
+warmup = 0.3
+[[workload.flows]]
+id = "early"
+arrival = { kind = "constant", rate = 400 }
+stop = 0.2
+service = 0.01
+[[workload.flows]]
+id = "late"
+arrival = { kind = "constant", rate = 10 }
+start = 0.3
+service = 0.01
+"""
+
+
+def test_a_flow_busy_with_a_backlog_from_before_the_window_has_a_fair_share(tmp_path: Path) -> None:
+    """'early' sends 80 requests before the window and none in it, and is served all window from its
+    backlog: its demand includes that backlog (as the reference's does), so its fair share is not 0 %."""
+    doc = _bench(tmp_path, BACKLOG, "--shards", "1")
+    [run] = doc["configs"][0]["runs"]
+    early, late = run["flows"]
+    assert late["window"]["offered"][0] > 0
+    assert early["window"]["offered"][0] == 0 and early["window"]["served"][0] > 10  # busy from its backlog
+    assert early["demand"] > 0 and early["share"] > 0.5
+    assert early["fair_share"] is not None and early["fair_share"] > 0.5  # was 0.0: no arrivals in the window
+    assert early["share"] / early["fair_share"] == pytest.approx(1.0, abs=0.25)

@@ -74,6 +74,15 @@ def test_project_all_scopes() -> None:
     assert set(out["with_generator"]) == {"2", "4", "8", "16"}
 
 
+def test_window_demands_are_the_reference_s_when_there_is_one() -> None:
+    from bench.fairness import window_demands
+    from flowshard.reference import FlowRef
+
+    refs = [FlowRef(demand=d, seconds=0.01, byte_seconds=0.0, weight=1.0) for d in (50.0, 10.0)]
+    assert window_demands([0.0, 7.0], refs, 0.7) == pytest.approx([35.0, 7.0])  # a backlog from before counts
+    assert window_demands([0.0, 7.0], None, 0.7) == [0.0, 7.0]  # no reference (truncated log): the arrivals
+
+
 def test_fair_shares_max_min() -> None:
     # capacity 14 over demands 3, 7, 9, 1 -> 3, 5, 5, 1 (the analysis.max_min_fair example)
     shares, fairs, jain = fair_shares([3, 5, 5, 1], [3, 7, 9, 1], [1, 1, 1, 1])
