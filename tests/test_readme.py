@@ -109,6 +109,20 @@ def test_shard_advice_is_near_the_top_and_matches_the_cli_default():
     assert build_parser().parse_args(["serve"]).shards == 1
 
 
+def test_the_shard_figures_the_readme_cites_are_in_a_shipped_document_and_the_package_agrees():
+    """The README's 16-core figures were once attributed to design notes that no shipped document holds;
+    the package description said "on every core" against the advice to run one shard."""
+    root = Path(__file__).resolve().parent.parent
+    top = " ".join(README.split("## Set up", 1)[0].split())
+    benchmarks = " ".join((root / "docs" / "benchmarks.md").read_text().split())
+    assert "design notes" not in top
+    assert '`docs/benchmarks.md`, "Measured on 16 cores"' in top and "### Measured on 16 cores" in benchmarks
+    assert ("measured by the reviewers on a 16-core machine at `6927e17`: 1/2/4/8 shards 28,823 / 31,564 / "
+            "25,863 / 25,141 dispatches/s, `flowshard bench --procs 6` on through-shards-peak") in benchmarks.lower()
+    description = tomllib.loads((root / "pyproject.toml").read_text())["project"]["description"]
+    assert "every core" not in description and "one shard" in description
+
+
 def test_readme_says_what_readyz_does_while_draining():
     api = README.split("### HTTP/JSON API", 1)[1].split("### Binary protocol", 1)[0]
     assert "**While draining**" in api and "a new connection — a readiness\nprobe's included — is refused" in api
