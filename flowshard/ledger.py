@@ -472,6 +472,16 @@ class Ledger:
             saturation = max(saturation, self.external_saturation(self.grants_out))
         return saturation
 
+    def correct(self, priority: int, shard: int, delta: float) -> None:
+        """A released request's actual cost differed from its charge by `delta` (vtc: tokens): move the
+        virtual time of the shard that dispatched it as that shard moves its flow's counter, so the
+        shares across shards follow the corrected service too, not only the order within a shard."""
+        band = self.bands[self.band_index(priority)]
+        if band.fair and band.cost_kind == _TOKENS and 0 <= shard < len(band.shard_vtime):
+            weight = band.shard_weight[shard]
+            if weight:
+                band.shard_vtime[shard] += delta / weight
+
     def release(self, size: int) -> None:
         """A dispatched request's ticket was released."""
         self.budget.release(size)

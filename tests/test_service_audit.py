@@ -92,6 +92,38 @@ def test_release_with_actual_tokens_corrects_the_vtc_counter(launch: Any, actual
     assert order[2:] == (["a2", "b2"] if actual is not None else ["b2", "a2"])
 
 
+@pytest.mark.parametrize("actual", [None, 10])
+def test_release_correction_moves_the_shares_across_shards(launch: Any, actual: int | None) -> None:
+    """The same with the two flows on two shards: the distributor shares grants between the shards by
+    their virtual times, which must take the correction too (before the fix b2 went first either way)."""
+    svc = launch(shards=2, budget=1, bands=[{"priority": 0, "fairness": "vtc"}], service={"fast_path": False})
+
+    async def main() -> tuple[list[str], dict[str, int]]:
+        async with Client.connect(svc.host, svc.binary_port) as c:
+            hold = await c.admit("hold")
+            futures: dict[str, Any] = {}
+            for n in ["a1", "b1", "b2", "a2"]:
+                futures[n] = c.admit(n[0], size=1000, tokens=5000 if n == "a1" else 100, audit=True)
+                queued = len(futures)  # one at a time: each flow is placed seeing the last one's bytes
+                await svc.until_stats(lambda s, k=queued: s["totals"]["queued_items"] == k)
+            order: list[str] = []
+            ticket, cost = hold.ticket, None
+            while len(order) < 4:
+                assert await c.release(ticket, cost)
+                pending = {n: f for n, f in futures.items() if n not in order}
+                done = await _first(pending)
+                order.append(done)
+                ticket = futures[done].result().ticket
+                cost = actual if done == "a1" else None
+            assert await c.release(ticket)
+            return order, {n: f.result().service.shard for n, f in futures.items()}
+
+    order, shards = run(main())
+    assert shards["a1"] == shards["a2"] != shards["b1"] == shards["b2"]
+    assert sorted(order[:2]) == ["a1", "b1"]
+    assert order[2:] == (["a2", "b2"] if actual is not None else ["b2", "a2"])
+
+
 async def _first(futures: dict[str, Any]) -> str:
     for _ in range(1000):
         for name, f in futures.items():
