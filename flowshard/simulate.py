@@ -1083,6 +1083,9 @@ def reference_line(name: str, fairness: str, unit: str, verdict: Verdict, most: 
     if verdict.fair is None:
         return head + "nothing to judge (no flow had an allocation)"
     if verdict.fair:
+        if verdict.max_error is not None and verdict.max_error > verdict.margin:  # let through as noise
+            return head + (f"fair: every flow within {margin} plus its sampling noise of its max-min allocation "
+                           f"of intrinsic demand (largest error {verdict.max_error * 100:.1f}%)")
         return head + f"fair: every flow within {margin} of its max-min allocation of intrinsic demand"
     more = f" (+{len(verdict.off) - most} more)" if len(verdict.off) > most else ""
     return head + f"UNFAIR: {len(verdict.off)} flows off their max-min allocation by more than {margin}: " + \

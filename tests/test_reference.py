@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from flowshard.reference import FlowRef, judge, water_fill
+from flowshard.reference import FlowRef, Verdict, judge, water_fill
 from flowshard.scenario import expand_flows, load_scenario
+from flowshard.simulate import reference_line
 
 
 def refs(*demands: float, weights: tuple[float, ...] = ()) -> list[FlowRef]:
@@ -85,3 +86,13 @@ def test_sampling_noise_widens_the_margin_only_for_varying_requests() -> None:
 
     assert allowance(0.01, 0.0, 100) == 0.01  # identical requests: the margin alone
     assert allowance(0.05, 1.0, 900) == pytest.approx(0.05 + 3 / 30)  # exponential service, 900 requests
+
+
+def test_a_fair_verdict_does_not_claim_the_bare_margin_when_noise_let_a_larger_error_through() -> None:
+    """weighted-drr on the real service: max error 5.9 % judged fair (sampling noise), yet the line said
+    "every flow within 5%"."""
+    noisy = reference_line("p0", "drr", "bytes", Verdict(margin=0.05, slots=20.0, max_error=0.059, off=[], fair=True))
+    assert "every flow within 5% of" not in noisy
+    assert "sampling noise" in noisy and "5.9%" in noisy
+    exact = reference_line("p0", "drr", "bytes", Verdict(margin=0.05, slots=20.0, max_error=0.01, off=[], fair=True))
+    assert "every flow within 5% of its max-min allocation" in exact
