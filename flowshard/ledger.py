@@ -402,10 +402,13 @@ class Ledger:
         request there (turns, bytes or tokens, as the band's fairness counts) divided by the weight
         of its flows; the shard with the smallest virtual time goes next (weighted fair queueing over
         shards; `grant_answered` replaces the typical cost by the real one). global-fcfs shares by
-        nothing but arrival, so it grants in proportion to the bytes each shard holds.
+        nothing but arrival: the grant goes to the shard holding the oldest request that no live grant
+        covers (`_oldest_uncovered`).
         """
         if len(band.shard_items) == 1:
             return 0
+        if band.cost_kind == _ARRIVALS:
+            return Ledger._oldest_uncovered(band)
         best, best_time, best_score = -1, _INF, -1.0
         by_time = band.fair
         vtime = band.shard_vtime
@@ -419,6 +422,22 @@ class Ledger:
                 if t < best_time or score > best_score:
                     best, best_time, best_score = n, t, score
         return best
+
+    @staticmethod
+    def _oldest_uncovered(band: LedgerBand) -> int:
+        """global-fcfs across shards: the shard of the band's oldest queued request not covered by a
+        live grant. A shard answers its grants with its own oldest requests (its policy is
+        global-fcfs too), so its first `live grants` requests in arrival order are covered. Costs
+        O(live grants of the band) per pick. (Granting by bytes held instead starved a shard holding
+        one small request next to shards that closed-loop flows kept refilling.)"""
+        covered = [g - s for g, s in zip(band.shard_granted, band.shard_stale, strict=True)]
+        for p in band.order.values():
+            n = p.shard
+            if covered[n] > 0:
+                covered[n] -= 1
+            else:
+                return n
+        return -1
 
     @staticmethod
     def _lift(band: LedgerBand, shard: int) -> None:
