@@ -353,6 +353,42 @@ def test_sigterm_lets_a_running_stream_finish(launch: Any, fake_backend: Any) ->
     assert fake.stats()["completed"] == 1 and fake.stats()["aborted"] == 0
 
 
+def test_drain_deadline_ends_a_queued_request_with_shutdown_not_a_late_dispatch(
+    launch: Any, fake_backend: Any
+) -> None:
+    """At the drain deadline the running stream is cut and its ticket released; that release must not
+    dispatch the request still queued behind it (to a proxy already closing: it answered 500
+    internal_error), which ends `evicted: shutdown`, 503 with the dropped-reason header."""
+    fake = fake_backend(ttft=0.01, itl=0.05)
+    svc = launch(proxy_config([fake.url], proxy={"utilization": False}, budget=1,
+                              service={"drain_timeout": 0.5}))
+    c = client(svc)
+    stream = iter(c.chat.completions.create(model="m", messages=MSG, max_tokens=200, stream=True))
+    next(stream)
+    body = json.dumps({"model": "m", "messages": MSG, "max_tokens": 1}).encode()
+    host, port = svc.url("").split("//")[1].split("/")[0].rsplit(":", 1)
+    queued = socket.create_connection((host, int(port)), timeout=10)
+    queued.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n"
+                   % len(body) + body)
+    deadline = time.monotonic() + 5
+    while svc.stats()["totals"]["queued_items"] != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    svc.signal(signal.SIGTERM)
+    answer = b""
+    while chunk := queued.recv(65536):
+        answer += chunk
+    queued.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503"), answer
+    assert b"x-llm-d-request-dropped-reason: evicted-shutdown" in head.lower(), answer
+    assert json.loads(payload)["error"]["code"] == "evicted_shutdown"
+    with pytest.raises(openai.APIError):
+        list(stream)
+    assert svc.wait() == 0
+    assert fake.stats()["requests"] == 1  # the queued request never reached the backend
+
+
 def test_serve_backend_flag_is_validated() -> None:
     proc = subprocess.run([sys.executable, "-m", "flowshard.cli", "serve", "--backend", "10.0.0.5:8000"],
                           capture_output=True, text=True, timeout=30)
