@@ -450,11 +450,12 @@ class Proxy:
             self.pool.failed(backend, self.loop.time(), "midstream", f"{type(exc).__name__}: {exc}")
             if ended:  # the client had its whole answer
                 return
-            rest = relay.end()
+            # what the relay still holds is an event cut short (feed passes every complete one): drop it,
+            # as a server-sent-events reader drops an unterminated event, rather than glue the error to it
             error = _encode(_ErrorBody(_ErrorDetail(
                 f"flowshard: backend {backend.url} failed mid-stream ({type(exc).__name__}); the response is "
                 "incomplete", "server_error", None, "backend_failed")))
-            tail = rest + b"data: " + error + b"\n\n"
+            tail = b"data: " + error + b"\n\n"
             conn.slot_end(slot, b"%x\r\n%b\r\n0\r\n\r\n" % (len(tail), tail))
             return
         rest = relay.end()

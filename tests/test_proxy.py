@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -351,6 +352,45 @@ def test_sigterm_lets_a_running_stream_finish(launch: Any, fake_backend: Any) ->
     assert len(rest) == 29
     assert svc.wait() == 0
     assert fake.stats()["completed"] == 1 and fake.stats()["aborted"] == 0
+
+
+def test_backend_dying_in_the_middle_of_an_event_is_still_a_clean_error(launch: Any) -> None:
+    """The backend's connection drops inside an event (half a chunk sent): the half event is not
+    glued to flowshard's error event (the openai client then failed to decode JSON); the client
+    gets the whole events before it, then APIError."""
+    event = (b'data: {"id":"c1","object":"chat.completion.chunk","created":0,"model":"m",'
+             b'"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}\n\n')
+    payload = event + b'data: {"id":"c1","object":"chat.compl'
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve_one() -> None:
+        conn, _ = server.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            while len(body) < length:
+                body += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                         + b"%x\r\n%b\r\n" % (len(payload), payload))
+
+    thread = threading.Thread(target=serve_one, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"
+        svc = launch(proxy_config([url], proxy={"retries": 0, "utilization": False}, budget=2))
+        got: list[str] = []
+        with pytest.raises(openai.APIError, match="mid-stream"):
+            for chunk in client(svc).chat.completions.create(model="m", messages=MSG, stream=True):
+                got.append(chunk.choices[0].delta.content or "")
+        assert got == ["hi"]
+        assert settled(svc)["proxy"]["midstream_failures"] == 1
+    finally:
+        thread.join(5)
+        server.close()
 
 
 def test_drain_deadline_ends_a_queued_request_with_shutdown_not_a_late_dispatch(
