@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 class Backend:
     """One backend: its URL, what it holds now, and its health."""
 
-    __slots__ = ("down_until", "errors", "failures", "index", "inflight", "last_error", "requests", "url")
+    __slots__ = ("down_until", "errors", "failures", "index", "inflight", "last_error", "last_kind", "requests", "url")
 
     def __init__(self, index: int, url: str) -> None:
         self.index = index
@@ -40,6 +40,7 @@ class Backend:
         self.requests = 0  # sent, ever
         self.errors: dict[str, int] = {}  # kind -> count
         self.last_error = ""
+        self.last_kind = ""  # the kind of the last failure ("scrape": its metrics could not be reached)
 
 
 class BackendPool:
@@ -73,6 +74,7 @@ class BackendPool:
         backend.failures += 1
         backend.errors[kind] = backend.errors.get(kind, 0) + 1
         backend.last_error = detail[:300]
+        backend.last_kind = kind
         backend.down_until = now + min(self.max_backoff, self.backoff * 2 ** min(backend.failures - 1, 30))
 
     def succeeded(self, backend: Backend) -> None:
@@ -132,8 +134,16 @@ class Scraper:
             figures = parse_metrics(body)
         except (aiohttp.ClientError, TimeoutError, ScrapeError, OSError) as exc:
             self.utilization.scrape_failed(index)
-            self.errors[index] = f"{type(exc).__name__}: {exc}"[:300]
+            self.errors[index] = detail = f"{type(exc).__name__}: {exc}"[:300]
+            backend = self.pool.backends[index]
+            if isinstance(exc, aiohttp.ClientConnectorError) and self.pool.up(backend, loop.time()):
+                # Nothing listens there: a health signal as good as a failed request, and the only one
+                # while its stale metrics keep every request from being sent to it.
+                self.pool.failed(backend, loop.time(), "scrape", detail)
             return
         self.errors[index] = ""
+        backend = self.pool.backends[index]
+        if backend.last_kind == "scrape" and not self.pool.up(backend, loop.time()):
+            self.pool.succeeded(backend)  # it answers again: back at once, not after its back-off
         if self.utilization.scraped(index, sent_at, mark, figures):
             self.on_room()

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import http
 import logging
+import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final
 
@@ -316,6 +317,15 @@ class Proxy:
             self.stats.response(route, exc.status)
             conn.slot_respond(slot, error_response(exc.status, exc.message, "invalid_request_error", None,
                                                    exc.param, conn_hdr))
+            return
+        now = self.loop.time()
+        if not self.pool.any_up(now):  # every backend is failing: say so now, not after waiting a TTL
+            self.stats.response(route, 503)
+            self.stats.no_backend += 1
+            retry = max(1, math.ceil(self.pool.next_up(now)))
+            conn.slot_respond(slot, error_response(503, "flowshard: no backend is available (all failed recently)",
+                                                   "service_unavailable", "no_backend", None, conn_hdr,
+                                                   b"retry-after: %d\r\n" % retry))
             return
         self.stats.tokens["estimated"] += item.tokens
         exchange = Exchange(self, conn, slot, route, item, headers, conn_hdr)

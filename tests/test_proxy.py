@@ -622,3 +622,26 @@ def test_the_release_carries_the_backends_actual_usage(fake_backend: Any, stream
             await proxy.close()
 
     run(go())
+
+
+def test_a_pool_with_no_backend_listening_answers_503_at_once_not_after_a_ttl(launch: Any) -> None:
+    """Nothing listens at the only backend: its scrapes fail to connect, which takes it out like a
+    failed request would, and a request gets 503 `no_backend` at once. (It used to count only as
+    stale metrics, i.e. saturated: every request waited its whole TTL for a 429.)"""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()  # bound, never listening: connections are refused
+    proxy = {"utilization": True, "scrape_interval": 0.02, "staleness": 0.2}
+    svc = launch(proxy_config([url], proxy=proxy, budget="unlimited", extra="default_ttl = 30.0"))
+    deadline = time.monotonic() + 5
+    while svc.stats()["proxy"]["backends"][0]["up"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    t0 = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as err:
+        client(svc).chat.completions.create(model="m", messages=MSG, max_tokens=1)
+    assert time.monotonic() - t0 < 2.0
+    assert err.value.status_code == 503 and err.value.code == "no_backend"
+    assert int(err.value.response.headers["retry-after"]) >= 1
+    assert metric(svc.metrics(), "flowshard_proxy_no_backend_total") >= 1
