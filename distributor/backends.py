@@ -26,14 +26,28 @@ __all__ = ["Backend", "BackendPool", "Scraper"]
 log = logging.getLogger(__name__)
 
 
+def redacted(url: str) -> str:
+    """`url` without the secret of its user-info part (`http://u:secret@h` -> `http://u:***@h`; a lone
+    `http://token@h` -> `http://***@h`)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.partition("@")
+    if not sep or not at or "/" in userinfo:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user + ':***' if colon else '***'}@{host}"
+
+
 class Backend:
     """One backend: its URL, what it holds now, and its health."""
 
-    __slots__ = ("down_until", "errors", "failures", "index", "inflight", "last_error", "last_kind", "requests", "url")
+    __slots__ = (
+        "down_until", "errors", "failures", "index", "inflight", "last_error", "last_kind", "name", "requests", "url"
+    )
 
     def __init__(self, index: int, url: str) -> None:
         self.index = index
         self.url = url
+        self.name = redacted(url)  # what logs, metrics and stats show: never a password in the URL
         self.inflight = 0
         self.failures = 0  # consecutive
         self.down_until = -math.inf

@@ -388,7 +388,7 @@ class Proxy:
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 self.pool.failed(backend, loop.time(), "connect", f"{type(exc).__name__}: {exc}")
                 if last:
-                    self._respond_error(ex, 502, f"flowshard: backend {backend.url} failed: {type(exc).__name__}",
+                    self._respond_error(ex, 502, f"flowshard: backend {backend.name} failed: {type(exc).__name__}",
                                         "server_error", "backend_unreachable")
                     return True
                 return False
@@ -423,7 +423,7 @@ class Proxy:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             resp.close()
             self.pool.failed(backend, self.loop.time(), "midstream", f"{type(exc).__name__}: {exc}")
-            self._respond_error(ex, 502, f"flowshard: backend {backend.url} failed while answering: "
+            self._respond_error(ex, 502, f"flowshard: backend {backend.name} failed while answering: "
                                 f"{type(exc).__name__}", "server_error", "backend_failed")
             return
         if resp.status == 200 and ex.item.size:
@@ -463,7 +463,7 @@ class Proxy:
             # what the relay still holds is an event cut short (feed passes every complete one): drop it,
             # as a server-sent-events reader drops an unterminated event, rather than glue the error to it
             error = _encode(_ErrorBody(_ErrorDetail(
-                f"flowshard: backend {backend.url} failed mid-stream ({type(exc).__name__}); the response is "
+                f"flowshard: backend {backend.name} failed mid-stream ({type(exc).__name__}); the response is "
                 "incomplete", "server_error", None, "backend_failed")))
             tail = b"data: " + error + b"\n\n"
             conn.slot_end(slot, b"%x\r\n%b\r\n0\r\n\r\n" % (len(tail), tail))
@@ -522,10 +522,10 @@ class Proxy:
         errors = CounterMetricFamily("flowshard_backend_errors", "Backend failures by kind (connect, http_5xx, "
                                      "midstream).", labels=["backend", "kind"])
         for b in self.pool.backends:
-            inflight.add_metric([b.url], b.inflight)
-            up.add_metric([b.url], 1 if self.pool.up(b, now) else 0)
+            inflight.add_metric([b.name], b.inflight)
+            up.add_metric([b.name], 1 if self.pool.up(b, now) else 0)
             for kind, count in sorted(b.errors.items()):
-                errors.add_metric([b.url, kind], count)
+                errors.add_metric([b.name, kind], count)
         yield from (inflight, up, errors)
         util = self.utilization
         if util is None:
@@ -546,13 +546,13 @@ class Proxy:
                                labels=["backend"])
         for b in self.pool.backends:
             load = util.loads[b.index]
-            sat.add_metric([b.url], util.backend_saturation(b.index))
+            sat.add_metric([b.name], util.backend_saturation(b.index))
             if load.at > float("-inf"):
-                age.add_metric([b.url], util.age(b.index))
-            stale.add_metric([b.url], 1 if util.stale(b.index) else 0)
-            scrape_errors.add_metric([b.url], load.errors)
-            waiting.add_metric([b.url], load.waiting)
-            kv.add_metric([b.url], load.kv)
+                age.add_metric([b.name], util.age(b.index))
+            stale.add_metric([b.name], 1 if util.stale(b.index) else 0)
+            scrape_errors.add_metric([b.name], load.errors)
+            waiting.add_metric([b.name], load.waiting)
+            kv.add_metric([b.name], load.kv)
         yield from (sat, age, stale, scrape_errors, waiting, kv)
         yield GaugeMetricFamily("flowshard_pool_saturation", "Mean backend saturation (the utilization detector).",
                                 value=util.saturation())
@@ -566,7 +566,7 @@ class Proxy:
             util.expire(now)
         backends = []
         for b in self.pool.backends:
-            entry: dict[str, Any] = {"url": b.url, "inflight": b.inflight, "requests": b.requests,
+            entry: dict[str, Any] = {"url": b.name, "inflight": b.inflight, "requests": b.requests,
                                      "up": self.pool.up(b, now), "errors": dict(b.errors), "last_error": b.last_error}
             if util is not None:
                 load = util.loads[b.index]

@@ -748,7 +748,9 @@ async def serve(config: Config, shards: int) -> None:
             f"shards={shards} pid={os.getpid()}\n"
         )
         if service.proxy is not None:
-            backends = ", ".join(config.proxy.backends)
+            from distributor.backends import redacted
+
+            backends = ", ".join(redacted(url) for url in config.proxy.backends)
             detector = "on" if config.proxy.utilization else "off"
             sys.stderr.write(f"flowshard proxy: OpenAI routes on the HTTP port -> {backends} "
                              f"(utilization detector {detector})\n")

@@ -184,3 +184,15 @@ def test_picker_fewest_in_flight_ties_round_robin_and_passive_health_backoff() -
     assert pool.pick(0.5) is None and pool.next_up(0.5) == pytest.approx(0.5) and not pool.any_up(0.5)
     assert pool.any_up(1.0) and not pool.any_up(1.0, exclude={0, 1, 2})
     assert pool.pick(0.5, exclude={0}) is None
+
+
+def test_a_backend_url_is_shown_without_its_password() -> None:
+    from distributor.backends import BackendPool, redacted
+
+    assert redacted("http://u:s3cret@10.0.0.5:8000") == "http://u:***@10.0.0.5:8000"
+    assert redacted("http://token@h:1/v1") == "http://***@h:1/v1"  # a lone user part may be the secret
+    assert redacted("http://h:8000/a@b") == "http://h:8000/a@b"  # an @ in the path is not user-info
+    assert redacted("http://10.0.0.5:8000") == "http://10.0.0.5:8000"
+    pool = BackendPool(["http://u:s3cret@127.0.0.1:9"], 1.0, 2.0)
+    assert pool.backends[0].url == "http://u:s3cret@127.0.0.1:9"  # still used to connect
+    assert "s3cret" not in pool.backends[0].name
