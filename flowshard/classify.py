@@ -180,7 +180,10 @@ def classify(
         output = config.default_max_tokens if declared is None else declared
     prompt_tokens = math.ceil(prompt_chars / config.chars_per_token)
     tokens = min(prompt_tokens + output, MAX_TOKENS)
-    stream = doc.get("stream") is True
+    stream = doc.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:  # the backend would read "yes" its own way
+        raise ClassifyError(400, "stream: must be true or false", "stream")
+    stream = stream is True
     strip_usage = False
     if stream:
         options = doc.get("stream_options")

@@ -73,6 +73,8 @@ def test_slo_and_cost_estimate() -> None:
         ({}, body(max_tokens=-1), "max_tokens"),
         ({}, body(max_tokens="lots"), "max_tokens"),
         ({}, body(stream=True, stream_options=3), "stream_options"),
+        ({}, body(stream="yes"), "stream"),
+        ({}, body(stream=1), "stream"),
         ({"x-flowshard-priority": "high"}, body(), "x-flowshard-priority"),
         ({"x-flowshard-priority": str(2**40)}, body(), "x-flowshard-priority"),
         ({"x-slo-ttft-ms": "soon"}, body(), "x-slo-ttft-ms"),
@@ -97,6 +99,8 @@ def test_streams_ask_the_backend_for_usage_and_remember_to_strip_it() -> None:
     assert not asked.strip_usage and asked.body == body(stream=True, stream_options={"include_usage": True})
     plain = classify(cfg(), CHAT, {}, body(), 0)
     assert not plain.stream and plain.body == body()  # untouched: forwarded byte for byte
+    assert not classify(cfg(), CHAT, {}, body(stream=False), 0).stream
+    assert not classify(cfg(), CHAT, {}, body(stream=None), 0).stream  # JSON null: the default
 
 
 def _event(doc: object) -> bytes:
