@@ -76,15 +76,7 @@ def test_release_with_actual_tokens_corrects_the_vtc_counter(launch: Any, actual
             names = ["a1", "b1", "b2", "a2"]
             futures = {n: c.admit(n[0], tokens=5000 if n == "a1" else 100) for n in names}
             await svc.until_stats(lambda s: s["totals"]["queued_items"] == 4)
-            order: list[str] = []
-            ticket, cost = hold.ticket, None
-            while len(order) < 4:
-                assert await c.release(ticket, cost)
-                pending = {n: f for n, f in futures.items() if n not in order}
-                done = await _first(pending)
-                order.append(done)
-                ticket = futures[done].result().ticket
-                cost = actual if done == "a1" else None
+            order, _ = await _release_in_order(c, hold.ticket, futures, actual)
             return order
 
     order = run(main())
@@ -106,15 +98,7 @@ def test_release_correction_moves_the_shares_across_shards(launch: Any, actual: 
                 futures[n] = c.admit(n[0], size=1000, tokens=5000 if n == "a1" else 100, audit=True)
                 queued = len(futures)  # one at a time: each flow is placed seeing the last one's bytes
                 await svc.until_stats(lambda s, k=queued: s["totals"]["queued_items"] == k)
-            order: list[str] = []
-            ticket, cost = hold.ticket, None
-            while len(order) < 4:
-                assert await c.release(ticket, cost)
-                pending = {n: f for n, f in futures.items() if n not in order}
-                done = await _first(pending)
-                order.append(done)
-                ticket = futures[done].result().ticket
-                cost = actual if done == "a1" else None
+            order, ticket = await _release_in_order(c, hold.ticket, futures, actual)
             assert await c.release(ticket)
             return order, {n: f.result().service.shard for n, f in futures.items()}
 
@@ -122,6 +106,21 @@ def test_release_correction_moves_the_shares_across_shards(launch: Any, actual: 
     assert shards["a1"] == shards["a2"] != shards["b1"] == shards["b2"]
     assert sorted(order[:2]) == ["a1", "b1"]
     assert order[2:] == (["a2", "b2"] if actual is not None else ["b2", "a2"])
+
+
+async def _release_in_order(c: Any, ticket: int, futures: dict[str, Any], actual: int | None) -> tuple[list[str], int]:
+    """With a budget of 1: release `ticket`, wait for the one admission that dispatch lets through,
+    release its ticket in turn (a1's with `actual` tokens), until every future is done. Returns the
+    dispatch order and the last ticket, still held."""
+    order: list[str] = []
+    cost = None
+    while len(order) < len(futures):
+        assert await c.release(ticket, cost)
+        done = await _first({n: f for n, f in futures.items() if n not in order})
+        order.append(done)
+        ticket = futures[done].result().ticket
+        cost = actual if done == "a1" else None
+    return order, ticket
 
 
 async def _first(futures: dict[str, Any]) -> str:
