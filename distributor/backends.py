@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
@@ -28,13 +29,13 @@ log = logging.getLogger(__name__)
 
 def redacted(url: str) -> str:
     """`url` without the secret of its user-info part (`http://u:secret@h` -> `http://u:***@h`; a lone
-    `http://token@h` -> `http://***@h`)."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.partition("@")
-    if not sep or not at or "/" in userinfo:
+    `http://token@h` -> `http://***@h`). The URL was validated at load (config.check_backend_url)."""
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
         return url
     user, colon, _ = userinfo.partition(":")
-    return f"{scheme}://{user + ':***' if colon else '***'}@{host}"
+    return urlunsplit(parts._replace(netloc=f"{user + ':***' if colon else '***'}@{host}"))
 
 
 class Backend:
