@@ -22,7 +22,6 @@ import asyncio
 import errno
 import logging
 import math
-import re
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -35,7 +34,16 @@ from distributor.api import Admission, Audit
 from distributor.guards import Guards
 from distributor.sockets import reset, unsent
 from flowshard.types import Outcome
-from flowshard.validate import AdmitBody, ReleaseBody, admit_field_hint, check_admit, check_release_tokens
+from flowshard.validate import (
+    ADMIT_ALIASES,
+    ADMIT_FIELDS,
+    RELEASE_FIELDS,
+    AdmitBody,
+    ReleaseBody,
+    body_problem,
+    check_admit,
+    check_release_tokens,
+)
 
 if TYPE_CHECKING:
     from distributor.proxy import Exchange, Proxy
@@ -84,9 +92,6 @@ _H200: Final = _HEAD[200]
 _CONN_CLOSE: Final = b"connection: close\r\n"
 _CONN_KEEP: Final = b"connection: keep-alive\r\n"  # only for HTTP/1.0 clients that asked for it
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
-# msgspec reports a string with an unpaired high surrogate escape ("\ud800x") as truncated input.
-# The escape: preceded by an even run of backslashes, not followed by a low surrogate escape.
-_LONE_SURROGATE: Final = re.compile(rb"(?<!\\)(?:\\\\)*(\\u[dD][89abAB][0-9a-fA-F]{2})(?!\\u[dD][c-fC-F])")
 
 # `_head_raw` outside a request head, and in the chunk where the head began.
 _NOT_IN_HEAD: Final = -2
@@ -153,16 +158,6 @@ _DISPATCHED: Final = Outcome.DISPATCHED
 
 def _error(status: int, message: str, conn: bytes = b"", extra: bytes = b"", *, no_body: bool = False) -> bytes:
     return _render(_HEAD[status], _encode(_ErrorBody(_Error(status, message))), conn, extra, no_body=no_body)
-
-
-def _decode_problem(exc: msgspec.DecodeError, body: bytes) -> str:
-    """msgspec's message, except where it misreports an unpaired surrogate as truncated input."""
-    message = str(exc)
-    if message == "Input data was truncated":
-        m = _LONE_SURROGATE.search(body)
-        if m is not None:
-            return f"invalid JSON: unpaired UTF-16 surrogate in a string (byte {m.start(1)})"
-    return message
 
 
 # ---------------------------------------------------------------------------------------- routing
@@ -589,9 +584,9 @@ class HttpConnection(asyncio.Protocol):
     def _h_admit(self, body: bytes, conn: bytes, close: int, head: bool) -> None:
         try:
             a = _decode_admit(body)
-        except msgspec.DecodeError as exc:  # malformed JSON, wrong types, unknown or missing fields
-            self._respond(_error(400, f"invalid admit body: {admit_field_hint(_decode_problem(exc, body))}", conn),
-                          close)
+        except (msgspec.DecodeError, RecursionError) as exc:  # malformed JSON, wrong types, unknown or missing fields
+            why = body_problem(exc, body, ADMIT_FIELDS, aliases=ADMIT_ALIASES)
+            self._respond(_error(400, f"invalid admit body: {why}", conn), close)
             return
         problem = check_admit(a.flow, a.priority, a.bytes, a.ttl, a.slo, a.tokens, a.weight)
         if problem is not None:
@@ -616,8 +611,8 @@ class HttpConnection(asyncio.Protocol):
     def _h_release(self, body: bytes, conn: bytes, close: int, head: bool) -> None:
         try:
             r = _decode_release(body)
-        except msgspec.DecodeError as exc:
-            self._respond(_error(400, f"invalid release body: {_decode_problem(exc, body)}", conn), close)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            self._respond(_error(400, f"invalid release body: {body_problem(exc, body, RELEASE_FIELDS)}", conn), close)
             return
         problem = check_release_tokens(r.tokens)
         if problem is not None:

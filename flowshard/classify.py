@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 
 from flowshard.config import ProxyConfig
-from flowshard.validate import MAX_FLOW_ID, MAX_PRIORITY, MAX_SECONDS, MAX_TOKENS
+from flowshard.validate import MAX_FLOW_ID, MAX_PRIORITY, MAX_SECONDS, MAX_TOKENS, json_problem
 
 __all__ = ["Classified", "ClassifyError", "SseUsage", "Usage", "classify", "usage_from_body"]
 
@@ -156,16 +156,31 @@ def _count(body: dict[str, Any], name: str) -> int | None:
     return value
 
 
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
 def classify(
     config: ProxyConfig, path: str, headers: Mapping[str, str], body: bytes, default_priority: int
 ) -> Classified:
     """Classify one `POST` to an OpenAI route. `headers`: lower-case names. Raises ClassifyError."""
     try:
         doc = _decode_any(body)
-    except msgspec.DecodeError as exc:
-        raise ClassifyError(400, f"request body is not valid JSON: {exc}") from None
+    except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
+        problem = json_problem(exc, body)
+        if problem is None:  # the only shape error an untyped decode has: a number beyond a double
+            problem = "a number out of range"
+        raise ClassifyError(400, f"request body is not valid JSON: {problem}") from None
     if not isinstance(doc, dict):
-        raise ClassifyError(400, "request body must be a JSON object")
+        raise ClassifyError(400, f"request body must be a JSON object, got {_json_type(doc)}")
     model = doc.get("model")
     if not isinstance(model, str) or not model:
         raise ClassifyError(400, "model: a non-empty string is required", "model")

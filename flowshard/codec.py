@@ -11,11 +11,12 @@ msgpack message; messages are tagged-union Structs encoded as arrays (no field n
 from __future__ import annotations
 
 import struct
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import msgspec
 
 from flowshard.config import Config
+from flowshard.validate import shape_problem
 
 _LEN = struct.Struct(">I")
 MAX_FRAME = 1 << 20  # a frame larger than this is a protocol error, not a request
@@ -247,12 +248,17 @@ class FrameWriter:
 class FrameReader:
     """Decodes the frames in a byte stream, typed by the union this side expects to receive."""
 
-    __slots__ = ("_buf", "_decoder", "_max")
+    __slots__ = ("_buf", "_decoder", "_layouts", "_max")
 
     def __init__(self, message_type: Any, max_frame: int = MAX_FRAME) -> None:
         self._decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(message_type)
         self._buf = bytearray()
         self._max = max_frame
+        # tag -> (message name, its fields): to name the field of a frame that does not decode
+        self._layouts: dict[Any, tuple[str, tuple[str, ...]]] = {
+            t.__struct_config__.tag: (t.__name__, t.__struct_fields__)
+            for t in get_args(message_type) or (message_type,)
+        }
 
     def feed(self, data: bytes, limit: int = 1 << 62) -> list[Any]:
         """Every complete message now available, or the first `limit` of them (the rest stay buffered:
@@ -273,13 +279,40 @@ class FrameReader:
                 try:
                     out.append(self._decoder.decode(view[pos + 4 : pos + 4 + n]))
                 except msgspec.DecodeError as exc:
-                    raise FrameError(f"malformed frame: {exc}") from None
+                    raise FrameError(f"malformed frame: {self._problem(exc, view[pos + 4 : pos + 4 + n])}") from None
                 pos += 4 + n
         finally:
             view.release()
         if pos:
             del buf[:pos]
         return out
+
+    def _problem(self, exc: msgspec.DecodeError, frame: memoryview) -> str:
+        """Why a frame did not decode, naming the message and field (`Admit.flow: expected a string,
+        got an integer`) rather than msgspec's array position (`$[2]`)."""
+        message = str(exc)
+        if message == "Input data was truncated":
+            return "the frame ends inside its message" if len(frame) else "the frame is empty"
+        if message == "Invalid UTF-8 encoded string":
+            return "a string is not valid UTF-8"
+        syntax, sep, detail = message.partition("MessagePack data is malformed: ")
+        if sep and not syntax:
+            return f"not valid msgpack: {detail}"
+        try:
+            raw = msgspec.msgpack.decode(frame)
+        except (msgspec.DecodeError, RecursionError):
+            raw = None
+        tag = raw[0] if isinstance(raw, list) and raw else None
+        layout = self._layouts.get(tag) if isinstance(tag, int) else None
+        if layout is None:
+            if isinstance(tag, int) and not isinstance(tag, bool):
+                known = ", ".join(f"{t} ({name})" for t, (name, _) in self._layouts.items())
+                return f"message type: {tag} is not one of {known}"
+            return shape_problem(exc, positions=("message type",), what="a frame",
+                                 want_root="a msgpack array (a tagged message)")
+        name, fields = layout
+        return shape_problem(exc, positions=("message type", *(f"{name}.{f}" for f in fields)),
+                             what=f"the {name} frame", want_root="a msgpack array")
 
     @property
     def pending(self) -> int:

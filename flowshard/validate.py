@@ -2,12 +2,17 @@
 
 Types are checked by msgspec while decoding; this checks ranges and names the field, the value
 and what is allowed. A request that fails here never becomes a request: it gets a 4xx error.
+msgspec's own decode errors are reworded here too (`json_problem`, `shape_problem`), so every
+answer names the field the same way: `field: what is wrong`, and an unknown or missing field as
+the configuration's errors name a key (`unknown field `size`; did you mean `bytes`?`).
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+import re
+from collections.abc import Mapping, Sequence
 
 import msgspec
 
@@ -36,15 +41,7 @@ class AdmitBody(msgspec.Struct, forbid_unknown_fields=True):
 _ADMIT_ALIASES = {"size": "bytes", "wait": "ttl", "timeout": "ttl", "tenant": "flow", "flow_id": "flow"}
 
 
-def admit_field_hint(message: str) -> str:
-    """An unknown-field message about an admit body, with the field it probably meant."""
-    _, sep, rest = message.partition("unknown field `")
-    if not sep:
-        return message
-    name = rest.split("`", 1)[0]
-    close = difflib.get_close_matches(name, AdmitBody.__struct_fields__, n=1, cutoff=0.7)
-    meant = _ADMIT_ALIASES.get(name) or (close[0] if close else None)
-    return f"{message}; did you mean `{meant}`?" if meant else message
+ADMIT_FIELDS: tuple[str, ...] = AdmitBody.__struct_fields__
 
 
 class ReleaseBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -52,6 +49,130 @@ class ReleaseBody(msgspec.Struct, forbid_unknown_fields=True):
 
     ticket: int
     tokens: int | None = None
+
+
+RELEASE_FIELDS: tuple[str, ...] = ReleaseBody.__struct_fields__
+ADMIT_ALIASES: Mapping[str, str] = _ADMIT_ALIASES
+
+# ---------------------------------------------------------------------------------------------- decode errors
+# msgspec words its errors for programmers ("Expected `int`, got `str` - at `$.priority`"); a client
+# gets them in the project's words instead. Only the error path pays for this.
+
+# msgspec reports a string with an unpaired high surrogate escape ("\ud800x") as truncated input.
+# The escape: preceded by an even run of backslashes, not followed by a low surrogate escape.
+_LONE_SURROGATE = re.compile(rb"(?<!\\)(?:\\\\)*(\\u[dD][89abAB][0-9a-fA-F]{2})(?!\\u[dD][c-fC-F])")
+_MALFORMED = re.compile(r"JSON is malformed: (.*)")
+_EXPECTED = re.compile(r"Expected `([^`]+)`(.*?)(?:, got `([^`]+)`)?(?: - at `([^`]*)`)?")
+_OBJECT_FIELD = re.compile(r"Object (missing required|contains unknown) field `([^`]*)`(?: - at `([^`]*)`)?")
+_OUT_OF_RANGE = re.compile(r"Number out of range(?: - at `([^`]*)`)?")
+_INVALID_VALUE = re.compile(r"Invalid value (.*?)(?: - at `([^`]*)`)?")
+_PATH_STEP = re.compile(r"\.([^.\[]+)|\[(\d+|\.\.\.)\]")
+
+# msgspec's type names -> ours, as expected (`want`) and as found (`got`)
+_WANT = {
+    "int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "object": "an object",
+    "array": "an array", "null": "null", "bytes": "binary data",
+}
+_GOT = dict(_WANT, float="a number with a fraction or exponent", bool="a boolean")
+
+NESTING_PROBLEM = "nested too deeply"
+
+
+def _words(spec: str, table: Mapping[str, str]) -> str:
+    return " or ".join(table.get(t.strip(), t.strip()) for t in spec.split("|"))
+
+
+def json_problem(exc: Exception, body: bytes) -> str | None:
+    """What is wrong with `body` as JSON text, when msgspec's `exc` is about the text (syntax, UTF-8,
+    truncation, nesting) rather than about its shape; None otherwise (see `shape_problem`)."""
+    if isinstance(exc, RecursionError):
+        return NESTING_PROBLEM
+    message = str(exc)
+    if message == "Input data was truncated":
+        m = _LONE_SURROGATE.search(body)
+        if m is not None:
+            return f"unpaired UTF-16 surrogate in a string (byte {m.start(1)})"
+        if not body.strip():
+            return "the body is empty"
+        return f"the JSON value is incomplete (it ends at byte {len(body)})"
+    if message == "Invalid UTF-8 encoded string":
+        try:
+            body.decode()
+        except UnicodeDecodeError as bad:
+            return f"a string is not valid UTF-8 (byte {bad.start})"
+        return "a string is not valid UTF-8"
+    malformed = _MALFORMED.fullmatch(message)
+    return None if malformed is None else malformed.group(1)
+
+
+def _field(path: str | None, positions: Sequence[str] | None) -> str | None:
+    """`$.a[0].b` -> `a[0].b`; with `positions` (an array-like message) `$[2]` -> its field name."""
+    if not path or path == "$":
+        return None
+    steps: list[str] = []
+    for name, index in _PATH_STEP.findall(path[1:]):
+        if name:
+            steps.append(f".{name}" if steps else name)
+        elif not steps and positions is not None and index.isdigit() and int(index) < len(positions):
+            steps.append(positions[int(index)])
+        else:
+            steps.append(f"[{index}]")
+    return "".join(steps) or None
+
+
+def shape_problem(
+    exc: Exception, fields: Sequence[str] = (), *, aliases: Mapping[str, str] | None = None,
+    positions: Sequence[str] | None = None, what: str = "the body", want_root: str = "a JSON object",
+) -> str:
+    """msgspec's message for a value of the wrong shape, in our words: `field: what is wrong`.
+
+    `fields`: the names an unknown field is compared with (the likely one is suggested, `aliases`
+    first, else all are listed, as flowshard.config does for an unknown key); `positions`: the
+    field names of an array-like message by index; `what`, `want_root`: how the value as a whole
+    is called and what it must be."""
+    message = str(exc)
+    m = _OBJECT_FIELD.fullmatch(message)
+    if m is not None:  # worded as flowshard.config words an unknown or missing key
+        kind, name, at = m.groups()
+        where = _field(at, positions)
+        prefix = f"{where}: " if where else ""
+        if kind == "missing required":
+            return f"{prefix}the required field `{name}` is missing"
+        if where is None and fields:
+            close = difflib.get_close_matches(name, fields, n=1, cutoff=0.7)
+            meant = (aliases or {}).get(name) or (close[0] if close else None)
+            if meant:
+                return f"unknown field `{name}`; did you mean `{meant}`?"
+            return f"unknown field `{name}`; allowed here: {', '.join(fields)}"
+        return f"{prefix}unknown field `{name}`"
+    m = _EXPECTED.fullmatch(message)
+    if m is not None:
+        want, detail, got, at = m.groups()
+        where = _field(at, positions)
+        expected = (want_root if where is None and want in ("object", "array") else _words(want, _WANT)) + detail
+        found = f", got {_words(got, _GOT)}" if got else ""
+        if where is None:
+            return f"{what} must be {expected}{found}"
+        return f"{where}: expected {expected}{found}"
+    m = _OUT_OF_RANGE.fullmatch(message)
+    if m is not None:
+        where = _field(m.group(1), positions)
+        return f"{where}: number out of range" if where else "a number out of range"
+    m = _INVALID_VALUE.fullmatch(message)
+    if m is not None:
+        where = _field(m.group(2), positions)
+        return f"{where}: invalid value {m.group(1)}" if where else f"invalid value {m.group(1)}"
+    return message  # a message msgspec did not have when this was written: passed on as it is
+
+
+def body_problem(
+    exc: Exception, body: bytes, fields: Sequence[str], *, aliases: Mapping[str, str] | None = None
+) -> str:
+    """Why a JSON request body did not decode into its struct (with `fields`), in our words."""
+    syntax = json_problem(exc, body)
+    if syntax is not None:
+        return f"invalid JSON: {syntax}"
+    return shape_problem(exc, fields, aliases=aliases)
 
 
 def check_release_tokens(tokens: int | None, *, allow_unset: bool = False) -> str | None:

@@ -303,17 +303,23 @@ async def test_release_ok_then_false() -> None:
 
 
 @pytest.mark.parametrize(
-    "garbage",
+    ("garbage", "message"),
     [
-        b"\x00\x00\x00\x03abc",  # not a message
-        b"\x00\x00\x00\x02\x91\x63",  # an array with an unknown tag
-        b"\x00\x00\x00\x00",  # an empty frame
-        b"\xff" * 64,  # a length far beyond the limit
+        (b"\x00\x00\x00\x03abc", "a frame must be a msgpack array (a tagged message), got an integer"),
+        (b"\x00\x00\x00\x02\x91\x63", "message type: 99 is not one of 10 (Admit), 11 (Release)"),
+        (b"\x00\x00\x00\x00", "the frame is empty"),
+        (b"\x00\x00\x00\x01\xc1", "not valid msgpack: invalid opcode '\\xc1' (byte 0)"),
+        (b"\x00\x00\x00\x03\x92\x0b\xa0", "Release.ticket: expected an integer, got a string"),  # [11, ""]
+        (b"\x00\x00\x00\x03\x92\x0a\x01", "the Admit frame must be a msgpack array of at least length 3, got 2"),
+        (b"\x00\x00\x00\x04\x93\x0a\x01\x05", "Admit.flow: expected a string, got an integer"),
+        (b"\x00\x00\x00\x05\x93\x0a\x01\xa1\xff", "a string is not valid UTF-8"),
+        (b"\xff" * 64, "frame of 4294967295 bytes exceeds the 65536-byte limit"),
     ],
-    ids=["not-a-message", "unknown-tag", "empty", "huge-length"],
+    ids=["not-a-message", "unknown-tag", "empty", "bad-msgpack", "wrong-type", "too-short", "wrong-type-admit",
+         "invalid-utf8", "huge-length"],
 )
 @on_loop()
-async def test_malformed_frame_gets_error_then_close_and_others_are_served(garbage: bytes) -> None:
+async def test_malformed_frame_gets_error_then_close_and_others_are_served(garbage: bytes, message: str) -> None:
     fake = FakeAdmission()
     async with serving(fake) as addr:
         good = await Raw.open(addr)
@@ -324,6 +330,8 @@ async def test_malformed_frame_gets_error_then_close_and_others_are_served(garba
         replies = await bad.recv_until_eof()
         assert len(replies) == 1 and type(replies[0]) is Error, replies
         assert (replies[0].id, replies[0].status) == (-1, 400)
+        prefix = "" if message.startswith("frame of") else "malformed frame: "
+        assert replies[0].message == prefix + message  # named in our words, not msgspec's `$[2]`
         await until(lambda: bool(fake.release_alls))
         assert fake.cancels == [1]  # the pending admission of the closed connection
         await good.send(Admit(1, "a"))
@@ -340,6 +348,7 @@ async def test_result_frame_from_a_client_is_malformed() -> None:
         await raw.send(Result(1, 0))  # a valid frame of the other direction's union
         [err] = await raw.recv_until_eof()
         assert type(err) is Error and (err.id, err.status) == (-1, 400)
+        assert err.message == "malformed frame: message type: 12 is not one of 10 (Admit), 11 (Release)"
 
 
 @on_loop()

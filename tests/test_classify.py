@@ -89,6 +89,39 @@ def test_bad_input_is_a_400_naming_the_field(headers: dict[str, str], payload: b
     assert names in exc.value.message
 
 
+# The 400s of a proxied body, in the project's words (never msgspec's), the whole message.
+BODY_400: list[tuple[str, bytes, str]] = [
+    ("malformed JSON", b"{not json", "request body is not valid JSON: object keys must be strings (byte 1)"),
+    ("empty body", b"", "request body is not valid JSON: the body is empty"),
+    ("truncated", b'{"model": "m"',
+     "request body is not valid JSON: the JSON value is incomplete (it ends at byte 13)"),
+    ("invalid UTF-8", b'{"model": "m\xff"}', "request body is not valid JSON: a string is not valid UTF-8 (byte 12)"),
+    ("lone surrogate", rb'{"model": "\ud800"}',
+     "request body is not valid JSON: unpaired UTF-16 surrogate in a string (byte 11)"),
+    ("nested too deeply", b'{"model": "m", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+     "request body is not valid JSON: nested too deeply"),
+    ("number out of range", b'{"model": "m", "temperature": 1e999}',
+     "request body is not valid JSON: a number out of range"),
+    ("non-object body", b"[1, 2]", "request body must be a JSON object, got an array"),
+    ("non-object body: null", b"null", "request body must be a JSON object, got null"),
+    ("extra nesting", b'[{"model": "m"}]', "request body must be a JSON object, got an array"),
+    ("missing required field", b'{"messages": []}', "model: a non-empty string is required"),
+    ("wrong type", b'{"model": 5}', "model: a non-empty string is required"),
+    ("wrong type: max_tokens", b'{"model": "m", "max_tokens": "lots"}',
+     "max_tokens: 'lots' must be a non-negative integer"),
+]
+
+
+@pytest.mark.parametrize(("case", "payload", "message"), BODY_400, ids=[c[0] for c in BODY_400])
+def test_bad_bodies_400_in_our_words(case: str, payload: bytes, message: str) -> None:
+    for route in (CHAT, "/v1/completions", "/v1/embeddings"):
+        if "max_tokens" in case and route.endswith("embeddings"):
+            continue  # an embedding has no output tokens: max_tokens is not read
+        with pytest.raises(ClassifyError) as exc:
+            classify(cfg(), route, {}, payload, 0)
+        assert (exc.value.status, exc.value.message) == (400, message), route
+
+
 def test_streams_ask_the_backend_for_usage_and_remember_to_strip_it() -> None:
     item = classify(cfg(), CHAT, {}, body(stream=True), 0)
     assert item.stream and item.strip_usage

@@ -92,6 +92,31 @@ def test_bad_requests_get_openai_errors_naming_the_field(launch: Any, fake_backe
     assert fake.stats()["requests"] == 0
 
 
+def test_bad_bodies_on_every_openai_route_are_400s_in_our_words(launch: Any, fake_backend: Any) -> None:
+    """Every case of test_classify's table on every route of a real proxy, whole message (and a body
+    nested too deeply is a 400, not the 500 of a RecursionError)."""
+    from test_classify import BODY_400
+
+    fake = fake_backend()
+    svc = launch(proxy_config([fake.url], budget=4))
+
+    async def main() -> None:
+        keep = await HttpConn.open(svc.http_port)
+        for route in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+            for case, body, message in BODY_400:
+                if "max_tokens" in case and route.endswith("embeddings"):
+                    continue
+                r = await keep.request("POST", route, body)
+                assert r.status == 400, (route, case, r)
+                assert r.json()["error"]["message"] == message, (route, case)
+                assert r.json()["error"]["type"] == "invalid_request_error"
+        keep.close()
+
+    run(main())
+    assert settled(svc)["totals"]["dispatched"] == 0
+    assert fake.stats()["requests"] == 0
+
+
 def test_queue_full_is_a_rate_limit_error_with_retry_after_and_a_dropped_reason(
     launch: Any, fake_backend: Any
 ) -> None:

@@ -60,18 +60,24 @@ def test_documented_answer_bodies_have_the_keys_the_service_sends(launch) -> Non
         evicted = await admit_http(port, "b")  # waits 0.2 s for the held slot, then its TTL ends it
         invalid = await admit_http(port, "a", bytes=-1)
         unknown = await admit_http(port, "a", size=1)
+        mistyped = await admit_http(port, "a", bytes="ten")
         assert (await release_http(port, held.json()["ticket"])).status == 200
-        return {r.status: [r.json()] for r in (held, evicted, invalid, unknown)}
+        real: dict[int, list[dict[str, object]]] = {}
+        for r in (held, evicted, invalid, unknown, mistyped):
+            real.setdefault(r.status, []).append(r.json())
+        return real
 
     real = run(main())
     assert real.keys() == {200, 429, 422, 400}
-    for status, [body] in real.items():
+    for status, bodies in real.items():
         for doc in documented[status]:
-            assert _shape(doc) == _shape(body), (status, doc, body)
+            assert _shape(doc) == _shape(bodies[0]), (status, doc, bodies)
     assert real[422] == documented[422] == [{"error": {"status": 422, "message": "bytes: -1 is outside [0, 2^40]"}}]
-    # a client-API name over HTTP gets the JSON name suggested
-    assert real[400] == documented[400] == [{"error": {"status": 400, "message": (
-        "invalid admit body: Object contains unknown field `size`; did you mean `bytes`?")}}]
+    # a client-API name over HTTP gets the JSON name suggested; a wrong type is named in our words
+    assert real[400] == documented[400] == [
+        {"error": {"status": 400, "message": "invalid admit body: unknown field `size`; did you mean `bytes`?"}},
+        {"error": {"status": 400, "message": "invalid admit body: bytes: expected an integer, got a string"}},
+    ]
     for doc in documented[429] + documented[503]:  # every refusal names a real outcome
         assert f"{doc['outcome']}: {doc['reason']}" in README
 

@@ -44,6 +44,7 @@ from servicekit import (
     until,
     wait_until,
 )
+from test_http import ADMIT_400, RELEASE_400
 
 from flowshard.client import AdmitResult, Client, ConnectionClosed, FlowshardError
 from flowshard.codec import Admit, Error, FrameReader, FrameWriter, ToClient
@@ -412,6 +413,28 @@ def test_bad_admit_bodies_get_clear_errors_and_service_keeps_serving(launch: Any
     run(main())
 
 
+def test_every_400_of_admit_and_release_is_in_our_words_on_the_real_service(launch: Any) -> None:
+    """The exact messages of test_http's tables, from a real `flowshard serve` (msgspec's own wording,
+    "Expected `int`, got `str` - at `$.bytes`", never reaches a client)."""
+    svc = launch(shards=1, budget=2)
+
+    async def main() -> None:
+        keep = await HttpConn.open(svc.http_port)
+        for route, table in (("admit", ADMIT_400), ("release", RELEASE_400)):
+            for case, body, message in table:
+                r = await keep.request("POST", f"/v1/{route}", body)
+                expected = {"error": {"status": 400, "message": f"invalid {route} body: {message}"}}
+                assert (r.status, r.json()) == (400, expected), (route, case)
+        ok = await keep.request("POST", "/v1/admit", {"flow": "ok"})
+        assert ok.status == 200
+        assert (await keep.request("POST", "/v1/release", {"ticket": ok.json()["ticket"]})).status == 200
+        s = await svc.astats()
+        assert sum(band_outcomes(s).values()) == 1  # none of them became a request
+        keep.close()
+
+    run(main())
+
+
 def test_unusual_but_valid_flow_names_pass_through_stats_and_metrics(launch: Any) -> None:
     svc = launch(shards=2, budget=1, service={"drain_timeout": 0.2})
     port = svc.http_port
@@ -454,7 +477,7 @@ def test_bad_release_unknown_ticket_double_release_and_routes(launch: Any) -> No
         assert r.status == 404 and "already released" in r.json()["error"]["message"], r
         for body in (b"{", b'{"ticket": "x"}', b"{}", b'{"ticket": 1, "more": 2}', b'{"ticket": 1.5}'):
             r = await ahttp(port, "POST", "/v1/release", body)
-            assert r.status == 400 and "invalid release body" in r.json()["error"]["message"], (body, r)
+            assert r.status == 400 and r.json()["error"]["message"].startswith("invalid release body: "), (body, r)
         r = await ahttp(port, "GET", "/v1/admit")
         assert r.status == 405 and r.headers["allow"] == "POST", r
         r = await ahttp(port, "GET", "/nope")
