@@ -38,6 +38,7 @@ Measurement choices (the report's fields name them):
 
 from __future__ import annotations
 
+import difflib
 import heapq
 import importlib.resources
 import math
@@ -1125,6 +1126,35 @@ def _shipped(name: str) -> str | None:
         return None
 
 
+def shipped_names() -> list[str]:
+    """The names of the shipped scenarios (bench/scenarios/NAME.toml), sorted; [] if not found."""
+    try:
+        folder = importlib.resources.files("bench").joinpath("scenarios")
+        return sorted(f.name.removesuffix(".toml") for f in folder.iterdir() if f.name.endswith(".toml"))
+    except (ModuleNotFoundError, OSError):
+        return []
+
+
+LIST_HINT = "`flowshard simulate --help` lists every shipped scenario"
+
+
+def _no_scenario(path: str, strerror: str | None) -> str:
+    """The error for a scenario that is neither a readable file nor a shipped name: the shipped
+    names close to what was given (difflib), and where to see them all."""
+    name = Path(path).name.removesuffix(".toml")
+    names = shipped_names()
+    # the start of a name (`ttl` -> `ttl-storm`), else difflib's closest, as config.py suggests a key
+    close = [n for n in names if name and n.startswith(name)][:5] or difflib.get_close_matches(name, names, n=3)
+    if "/" not in path and not path.endswith(".toml"):  # given as a name
+        head = f"{path}: no such file, and no shipped scenario has that name"
+    else:
+        head = f"{path}: cannot read: {strerror}"
+    if close:
+        meant = " or ".join(f"`{c}`" for c in close)
+        return f"{head}; did you mean {meant}? ({LIST_HINT})"
+    return f"{head} ({LIST_HINT})"
+
+
 def shipped_scenarios() -> list[tuple[str, str, bool]]:
     """(name, description, simulates in seconds) of every shipped scenario, by name."""
     try:
@@ -1148,6 +1178,8 @@ def read_scenario(path: str | None) -> Scenario:
     except OSError as exc:
         shipped = _shipped(path) if "/" not in path and not path.endswith(".toml") else None
         if shipped is None:
+            if isinstance(exc, FileNotFoundError):
+                raise ConfigError(_no_scenario(path, exc.strerror)) from None
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
         return load_scenario(shipped, where=f"{path}.toml")
     return load_scenario(text, where=path)

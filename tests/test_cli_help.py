@@ -73,8 +73,43 @@ def test_bench_help_has_a_description_and_examples(capsys: pytest.CaptureFixture
 
 def test_a_shipped_scenario_can_be_named() -> None:
     assert read_scenario("weighted-drr").name == "weighted-drr"
-    with pytest.raises(ValueError, match="no-such: cannot read"):
+    with pytest.raises(ValueError) as exc:
         read_scenario("no-such")
+    assert str(exc.value) == (
+        "no-such: no such file, and no shipped scenario has that name "
+        "(`flowshard simulate --help` lists every shipped scenario)")
+
+
+LIST_ALL = "(`flowshard simulate --help` lists every shipped scenario)"
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ("weighted-drrr", "weighted-drrr: no such file, and no shipped scenario has that name; "
+                          f"did you mean `weighted-drr` or `weighted-vtc`? {LIST_ALL}"),
+        ("demoo", f"demoo: no such file, and no shipped scenario has that name; did you mean `demo`? {LIST_ALL}"),
+        ("ttl", f"ttl: no such file, and no shipped scenario has that name; did you mean `ttl-storm`? {LIST_ALL}"),
+        ("fair-aloc", "fair-aloc: no such file, and no shipped scenario has that name; "
+                      f"did you mean `fair-alloc`? {LIST_ALL}"),
+        ("bench/scenarios/equal-flow.toml", "bench/scenarios/equal-flow.toml: cannot read: No such file or directory; "
+                                            f"did you mean `equal-flows`? {LIST_ALL}"),
+    ],
+)
+def test_a_mistyped_scenario_name_gets_the_close_shipped_names(
+    given: str, message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(SCENARIOS.parent.parent)
+    assert cli.main(["simulate", given]) == 2
+    assert capsys.readouterr().err == f"flowshard: {message}\n"
+
+
+def test_bench_with_a_mistyped_scenario_name_gets_the_close_shipped_names() -> None:
+    proc = subprocess.run([sys.executable, "-m", "flowshard.cli", "bench", "equal-flow", "--quiet"],
+                          cwd=SCENARIOS.parent.parent, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == ("flowshard: equal-flow: no such file, and no shipped scenario has that name; "
+                           f"did you mean `equal-flows`? {LIST_ALL}\n")
 
 
 def test_help_does_not_load_the_service_or_the_scenarios() -> None:
