@@ -417,8 +417,17 @@ def _limit(value: float) -> int | None:
     return None if math.isinf(value) else int(value)
 
 
+# Keys of `GET /v1/stats` renamed to the configuration's names (and the Prometheus metrics'
+# `_limit_requests`): the old key -> its new name. Both are sent for this release; the old ones
+# are deprecated (README "GET /v1/stats") and go in the next.
+DEPRECATED_TOTALS_KEYS: Final = {"max_queued_items": "max_queued_requests", "max_inflight": "max_inflight_requests"}
+DEPRECATED_BAND_KEYS: Final = {"max_items": "max_requests"}
+
+
 def stats_snapshot(distributor: Distributor, top_flows: int = TOP_FLOWS) -> dict[str, Any]:
-    """The JSON document of `GET /v1/stats`: plain dicts, lists, ints, floats, strings and None."""
+    """The JSON document of `GET /v1/stats`: plain dicts, lists, ints, floats, strings and None.
+    A limit has its configuration key's name (`max_queued_requests`, `max_inflight_requests`, a
+    band's `max_requests`); DEPRECATED_*_KEYS are the old names, sent as well for now."""
     d = distributor
     v = _view(d, top_flows)
     ledger = d.ledger
@@ -435,7 +444,7 @@ def stats_snapshot(distributor: Distributor, top_flows: int = TOP_FLOWS) -> dict
                 "name": bc.name,
                 "queued_items": lb.queued_items,
                 "queued_bytes": lb.queued_bytes,
-                "max_items": _limit(lb.max_items),
+                "max_requests": _limit(lb.max_items),  # the band's `max_requests`
                 "max_bytes": _limit(lb.max_bytes),
                 "active_flows": len(lb.flows),
                 "grants_outstanding": lb.granted,
@@ -449,6 +458,7 @@ def stats_snapshot(distributor: Distributor, top_flows: int = TOP_FLOWS) -> dict
                 "retry_after": d.retry[bi].value,
                 "priority_inversions": int(v.inversions[bi]),
                 "grants_narrowed": int(v.narrowed[bi]),
+                **{old: _limit(lb.max_items) for old in DEPRECATED_BAND_KEYS},
             }
         )
     dispatched = v.dispatched.tolist()
@@ -476,11 +486,11 @@ def stats_snapshot(distributor: Distributor, top_flows: int = TOP_FLOWS) -> dict
         "totals": {
             "queued_items": ledger.queued_items,
             "queued_bytes": ledger.queued_bytes,
-            "max_queued_items": _limit(ledger.max_items),
+            "max_queued_requests": _limit(ledger.max_items),
             "max_queued_bytes": _limit(ledger.max_bytes),
             "inflight": budget.inflight,
             "inflight_bytes": budget.inflight_bytes,
-            "max_inflight": _limit(budget.max_requests),
+            "max_inflight_requests": _limit(budget.max_requests),
             "max_inflight_bytes": _limit(budget.max_bytes),
             "saturation": ledger.saturation(),
             "grants_outstanding": ledger.grants_out,
@@ -489,6 +499,9 @@ def stats_snapshot(distributor: Distributor, top_flows: int = TOP_FLOWS) -> dict
             "tickets": len(d.tickets),
             "dispatched": sum(dispatched),
             "fast_path_dispatched": dispatched[d.n_shards],
+            # the old names, still sent this release (README: deprecated)
+            "max_queued_items": _limit(ledger.max_items),
+            "max_inflight": _limit(budget.max_requests),
         },
         "bands": bands,
         "shards": shards,

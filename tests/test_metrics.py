@@ -8,15 +8,25 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import time
 from collections import Counter
+from pathlib import Path
 
 import msgspec
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from distributor.metrics import TOP_FLOWS, FlowshardCollector, render_metrics, stats_snapshot, wait_sum_estimate
+from distributor.metrics import (
+    DEPRECATED_BAND_KEYS,
+    DEPRECATED_TOTALS_KEYS,
+    TOP_FLOWS,
+    FlowshardCollector,
+    render_metrics,
+    stats_snapshot,
+    wait_sum_estimate,
+)
 from distributor.service import Distributor
 from flowshard.config import BandConfig, BudgetConfig, Config
 from flowshard.ledger import Pending
@@ -354,7 +364,7 @@ def test_stats_snapshot_encodes_and_totals_are_consistent(dist: Distributor) -> 
         assert band["queued_bytes"] == sum(s["queued_bytes"][bi] for s in stats["shards"])
     assert [(b["name"], b["priority"]) for b in stats["bands"]] == [("high", 10), ("low", 0)]
     assert totals["inflight"] == 1 and totals["inflight_bytes"] == 500
-    assert totals["max_inflight"] == 4 and totals["max_inflight_bytes"] == 1000
+    assert totals["max_inflight_requests"] == 4 and totals["max_inflight_bytes"] == 1000
     assert totals["saturation"] == pytest.approx(0.5)
     assert totals["dispatched"] == 5 and totals["fast_path_dispatched"] == 1
     assert stats["bands"][0]["max_bytes"] is None  # unlimited is null, never Infinity
@@ -376,6 +386,61 @@ def test_stats_snapshot_encodes_and_totals_are_consistent(dist: Distributor) -> 
     assert [t["queued_bytes"] for t in top] == sorted((t["queued_bytes"] for t in top), reverse=True)
     assert stats["flow_slots"] == {"used": TOP_FLOWS + 6, "total": 64, "shared": 0}
     assert stats["counters"] == dist.counters
+
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def test_stats_limits_have_the_configuration_keys_names_and_the_old_names_stay_for_now() -> None:
+    config = Config(
+        max_queued_requests=123, max_queued_bytes=4567,
+        bands=[BandConfig(priority=0, name="low", max_requests=11, max_bytes=50_000),
+               BandConfig(priority=10, name="high")],
+        budget=BudgetConfig(max_inflight_requests=7, max_inflight_bytes=None),
+    )
+    d = Distributor(config, shards=1)
+    d.shm = ShmStats(bytearray(d.layout.nbytes), d.layout, init=True)
+    stats = stats_snapshot(d)
+    totals = stats["totals"]
+    # the configuration's names, with the configured values
+    assert (totals["max_queued_requests"], totals["max_queued_bytes"]) == (123, 4567)
+    assert (totals["max_inflight_requests"], totals["max_inflight_bytes"]) == (7, None)
+    assert [(b["name"], b["max_requests"], b["max_bytes"]) for b in stats["bands"]] == [
+        ("high", None, None), ("low", 11, 50_000)]
+    # the old names: the same values, for this release
+    for old, new in DEPRECATED_TOTALS_KEYS.items():
+        assert totals[old] == totals[new], old
+    for band in stats["bands"]:
+        for old, new in DEPRECATED_BAND_KEYS.items():
+            assert band[old] == band[new], old
+    # the Prometheus gauges of the same limits say the same
+    s = scrape(d)
+    assert value(s, "flowshard_queue_total_limit_requests") == 123
+    assert value(s, "flowshard_inflight_limit_requests") == 7
+    assert value(s, "flowshard_queue_limit_requests", band="low") == 11
+
+
+def test_readme_documents_every_stats_key_and_the_deprecated_ones(dist: Distributor) -> None:
+    section = README.split("#### `GET /v1/stats`", 1)[1].split("\n### ", 1)[0]
+    table, deprecated = section.split("**Deprecated**", 1)
+    stats = stats_snapshot(dist)
+    documented = set(re.findall(r"`([a-z_.\[\]]+)`", table))
+
+    def named(key: str, prefix: str) -> bool:
+        return f"{prefix}.{key}" in documented or key in documented
+
+    new_totals = set(stats["totals"]) - set(DEPRECATED_TOTALS_KEYS)
+    assert {k for k in new_totals if not named(k, "totals")} == set()
+    new_band = set(stats["bands"][0]) - set(DEPRECATED_BAND_KEYS)
+    assert {k for k in new_band if not named(k, "bands[]")} == set()
+    top = {d.split(".")[0].removesuffix("[]") for d in documented} | set(re.findall(r"`([a-z_]+)`", section))
+    assert set(stats) - top == set()
+    rows = set(re.findall(r"^\| `([a-z_.\[\]]+)` \| `([a-z_.\[\]]+)` \|$", deprecated, re.M))
+    expected = {(f"totals.{o}", f"totals.{n}") for o, n in DEPRECATED_TOTALS_KEYS.items()}
+    expected |= {(f"bands[].{o}", f"bands[].{n}") for o, n in DEPRECATED_BAND_KEYS.items()}
+    assert rows == expected
+    for old in [*DEPRECATED_TOTALS_KEYS, *DEPRECATED_BAND_KEYS]:
+        assert not named(old, "totals") and not named(old, "bands[]")  # not offered as a current key
 
 
 def test_metric_and_stats_views_agree(dist: Distributor) -> None:

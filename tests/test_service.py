@@ -83,7 +83,8 @@ def test_happy_path_http_admit_release_health_stats_metrics(launch: Any) -> None
         assert s["accepting"] is True and s["ready"] is True
         assert s["totals"]["inflight"] == 1 and s["totals"]["inflight_bytes"] == 123
         assert s["totals"]["tickets"] == 1 and s["totals"]["queued_items"] == 0
-        assert s["totals"]["max_inflight"] == 4
+        assert s["totals"]["max_inflight_requests"] == 4
+        assert s["totals"]["max_inflight"] == 4  # the old name, deprecated, still sent this release
         assert [sh["ready"] for sh in s["shards"]] == [True, True]
         assert all(sh["pid"] > 0 for sh in s["shards"])
         assert {sh["pid"] for sh in s["shards"]} == {p.pid for p in svc.worker_procs()}
