@@ -6,7 +6,7 @@ connections or requests of one kind, and reads the processes' resident memory (V
 descriptors (/proc/PID/fd) before and after: the difference divided by N. RSS moves in pages and
 the allocator keeps freed memory, so read the figures to ~10 %.
 
-    python -m bench.resources [PROBE ...]      # probes: connections partial nonreaders queued tickets workers
+    python -m bench.resources [PROBE ...]      # probes: connections reserve partial nonreaders queued tickets workers
 """
 
 from __future__ import annotations
@@ -138,6 +138,31 @@ def connections(report: Report, n: int = 2000) -> None:
             time.sleep(0.5)
 
 
+def reserve(report: Report, max_connections: int = 200) -> None:
+    """The admin reserve: with max_connections held, what one more connection costs while /healthz is
+    answered on it (ADMIN_RESERVE of them; the next one gets 503 at once, as an over-limit one did)."""
+    from distributor.http import ADMIN_RESERVE
+
+    with Service(f"[service]\nmax_connections = {max_connections}\n") as svc:
+        flood = [socket.create_connection(("127.0.0.1", svc.http)) for _ in range(max_connections)]
+        r0, f0 = rss_kib(svc.pid), fds(svc.pid)
+        admin = []
+        for _ in range(ADMIN_RESERVE):
+            c = socket.create_connection(("127.0.0.1", svc.http), timeout=10)
+            c.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            if not c.recv(4096).startswith(b"HTTP/1.1 200"):
+                raise RuntimeError("/healthz was not answered on a connection of the admin reserve")
+            admin.append(c)
+        r1, f1 = rss_kib(svc.pid), fds(svc.pid)
+        with socket.create_connection(("127.0.0.1", svc.http), timeout=10) as c:
+            refused = c.recv(4096).startswith(b"HTTP/1.1 503")
+        report(f"HTTP connection of the admin reserve ({ADMIN_RESERVE}, /healthz answered; the next: "
+               f"{'503' if refused else 'NOT refused'})",
+               f"{_each(ADMIN_RESERVE, r0, r1)}, {(f1 - f0) / ADMIN_RESERVE:.2f} descriptor")
+        for c in flood + admin:
+            c.close()
+
+
 def partial(report: Report, n: int = 500) -> None:
     """Connections holding the most a request may be before it is complete (until header_timeout)."""
     cases = [
@@ -251,7 +276,7 @@ def workers(report: Report) -> None:
 
 
 PROBES: dict[str, Callable[..., None]] = {
-    f.__name__: f for f in (connections, partial, nonreaders, queued, tickets, workers)
+    f.__name__: f for f in (connections, reserve, partial, nonreaders, queued, tickets, workers)
 }
 
 

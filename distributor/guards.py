@@ -10,7 +10,9 @@ from typing import Final
 # Every (front, action) pair, exported even at zero so a dashboard can rate() it from the start.
 ACTIONS: Final[dict[str, tuple[str, ...]]] = {
     "http": (
-        "too_many_connections",  # 503 and close at max_connections
+        # 503 and close past max_connections and the admin reserve, or a non-admin request on a reserve connection
+        "too_many_connections",
+        "admin_reserve",  # a connection beyond max_connections taken into the reserve kept for the admin paths
         "header_timeout",  # 408: a request's head and body did not arrive within header_timeout
         "headers_too_large",  # 431: request line and headers over max_header_bytes
         "trailers_too_large",  # 431: chunked trailers over the same limit

@@ -48,9 +48,14 @@ from flowshard.validate import (
 if TYPE_CHECKING:
     from distributor.proxy import Exchange, Proxy
 
-__all__ = ["HttpConnection", "HttpLimits", "start_http_server"]
+__all__ = ["ADMIN_PATHS", "ADMIN_RESERVE", "HttpConnection", "HttpLimits", "start_http_server"]
 
 log = logging.getLogger(__name__)
+
+
+ADMIN_RESERVE: Final = 16
+# What a connection of the admin reserve may ask for: the probes and the scrapes.
+ADMIN_PATHS: Final = frozenset({b"/healthz", b"/readyz", b"/metrics", b"/v1/stats"})
 
 
 class HttpLimits(msgspec.Struct, frozen=True, kw_only=True):
@@ -58,7 +63,10 @@ class HttpLimits(msgspec.Struct, frozen=True, kw_only=True):
 
     max_body_bytes: int = 65536
     max_header_bytes: int = 16384  # request line + headers
-    max_connections: int = 4096  # further connections get 503 and are closed
+    max_connections: int = 4096  # further connections get 503 and are closed (but see admin_reserve)
+    # Connections beyond max_connections kept for the admin paths (ADMIN_PATHS), so that monitoring
+    # still sees a service flooded with connections; a request to another path on one gets 503.
+    admin_reserve: int = ADMIN_RESERVE
     header_timeout: float = 10.0  # a request's headers and body must arrive within this (slowloris)
     idle_timeout: float = 75.0  # keep-alive connection with nothing pending
     max_pipelined: int = 64  # unanswered requests per connection before reading stops
@@ -73,6 +81,8 @@ class HttpLimits(msgspec.Struct, frozen=True, kw_only=True):
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")
+        if self.admin_reserve < 0:
+            raise ValueError("admin_reserve: must be at least 0")
         for name in ("header_timeout", "idle_timeout"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -160,6 +170,9 @@ def _error(status: int, message: str, conn: bytes = b"", extra: bytes = b"", *, 
     return _render(_HEAD[status], _encode(_ErrorBody(_Error(status, message))), conn, extra, no_body=no_body)
 
 
+_TOO_MANY: Final = _error(503, "too many connections, retry later", _CONN_CLOSE, b"retry-after: 1\r\n")
+
+
 # ---------------------------------------------------------------------------------------- routing
 
 _Handler = Callable[["HttpConnection", bytes, bytes, int, bool], None]
@@ -197,7 +210,9 @@ class _Slot:
 class _Shared:
     """What all connections of one server share."""
 
-    __slots__ = ("admission", "guards", "lease", "limits", "linger", "loop", "open", "probe", "proxy", "unheld_at")
+    __slots__ = (
+        "admission", "guards", "lease", "limits", "linger", "loop", "open", "probe", "proxy", "reserve", "unheld_at",
+    )
 
     def __init__(
         self, admission: Admission, limits: HttpLimits, lease: float, loop: asyncio.AbstractEventLoop, guards: Guards,
@@ -210,6 +225,7 @@ class _Shared:
         self.lease = float(lease)
         self.loop = loop
         self.open = 0  # connections counted against max_connections
+        self.reserve = 0  # connections of the admin reserve (beyond max_connections)
         self.linger = max(0.05, min(2.0, limits.header_timeout))
         # After the client's EOF: how long to wait for the reset that says answers just written to it
         # were not delivered (a round trip; the reset of a closed peer comes at once).
@@ -248,6 +264,7 @@ class HttpConnection(asyncio.Protocol):
         self._lingering = False
         self._discarded = 0  # input read and thrown away since the connection began to close
         self._counted = False
+        self._reserve = False  # one of the admin reserve: only ADMIN_PATHS are served on it
         self._fresh = True  # no request seen yet: header_timeout, not idle_timeout, applies
         self._held: bytearray | None = None  # input kept unparsed while max_pipelined is reached
         self._paused = False
@@ -284,13 +301,19 @@ class HttpConnection(asyncio.Protocol):
         now = self._loop.time()
         self._last_active = now
         if sh.open >= self._limits.max_connections:
-            sh.guards.hit("http", "too_many_connections")
-            self._stopped = True
-            transport.write(_error(503, "too many connections, retry later", _CONN_CLOSE, b"retry-after: 1\r\n"))
-            self._linger(min(self._sh.linger, 0.25))  # short: a flood of these must not pile up sockets
-            return
-        sh.open += 1
-        self._counted = True
+            if sh.reserve >= self._limits.admin_reserve:
+                sh.guards.hit("http", "too_many_connections")
+                self._stopped = True
+                transport.write(_TOO_MANY)
+                self._linger(min(self._sh.linger, 0.25))  # short: a flood of these must not pile up sockets
+                return
+            # Kept for /metrics, /healthz, /readyz, /v1/stats (a request elsewhere: on_headers_complete)
+            sh.guards.hit("http", "admin_reserve")
+            sh.reserve += 1
+            self._reserve = True
+        else:
+            sh.open += 1
+            self._counted = True
         transport.set_write_buffer_limits(high=self._limits.write_high)
         self._arm(now + self._limits.header_timeout)
 
@@ -366,6 +389,8 @@ class HttpConnection(asyncio.Protocol):
         self._dead = self._closing = True
         if self._counted:
             self._sh.open -= 1
+        elif self._reserve:
+            self._sh.reserve -= 1
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -503,6 +528,15 @@ class HttpConnection(asyncio.Protocol):
         if self._head_bytes > limits.max_header_bytes:
             self._fail_head()  # before _in_body is set: these are headers, not trailers
             raise _Stop
+        if self._reserve:
+            q = self._url.find(b"?")
+            if bytes(self._url if q < 0 else self._url[:q]) not in ADMIN_PATHS:
+                # An admin-reserve connection asks for real work: refused as over max_connections
+                # would have been, before its body is read.
+                self._msg_at = 0.0
+                self._sh.guards.hit("http", "too_many_connections")
+                self._respond(_TOO_MANY, _LINGER)
+                raise _Stop
         self._in_body = True
         proxy = self._sh.proxy
         if proxy is not None:

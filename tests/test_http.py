@@ -21,7 +21,8 @@ import pytest
 import uvloop
 from servicekit import HttpConn, admit_http, band_outcomes, launch, release_http
 
-from distributor.http import HttpLimits, start_http_server
+from distributor.guards import Guards
+from distributor.http import ADMIN_RESERVE, HttpLimits, start_http_server
 from flowshard.types import Outcome
 
 __all__ = ["launch"]  # the fixture, re-exported so pytest finds it here
@@ -654,7 +655,79 @@ def test_too_many_connections_503_and_close() -> None:
         for c in (clients[1], again):
             c.close()
 
-    serve(t, max_connections=2)
+    serve(t, max_connections=2, admin_reserve=0)
+
+
+ADMIN_GETS = ("/healthz", "/readyz", "/metrics", "/v1/stats")
+
+
+def test_admin_paths_get_a_reserve_beyond_max_connections_and_nothing_else_does() -> None:
+    guards = Guards()
+
+    async def t(port: int, fake: FakeAdmission) -> None:
+        clients = [await Client.open(port) for _ in range(2)]
+        for c in clients:  # max_connections: both are surely accepted and counted
+            c.send(get("/healthz"))
+            assert (await c.response()).status == 200
+        monitor = await Client.open(port)  # beyond max_connections: the admin reserve
+        for path in ADMIN_GETS:  # each answered, on one keep-alive connection, HEAD too
+            monitor.send(get(path))
+            r = await monitor.response()
+            assert r.status == 200 and "connection" not in r.headers, (path, r)
+        monitor.send(b"HEAD /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert (await monitor.response(head=True)).status == 200
+        assert guards[("http", "admin_reserve")] == 1 and guards[("http", "too_many_connections")] == 0
+
+        flood = await Client.open(port)  # the second reserve place
+        flood.send(admit("x"))  # real work on a reserve connection: refused before its body, closed
+        r = await flood.response()
+        assert (r.status, r.headers["connection"], r.headers["retry-after"]) == (503, "close", "1")
+        assert r.json() == {"error": {"status": 503, "message": "too many connections, retry later"}}
+        assert await flood.closed()
+        flood.close()  # (until the client closes too, a lingering connection keeps its place)
+        await asyncio.sleep(0.05)
+        assert fake.admits == []
+        assert guards[("http", "too_many_connections")] == 1
+
+        for path in (b"/nope", b"/v1/release"):  # any other path, too: even one that would be a 404
+            other = await Client.open(port)
+            other.send(post(path.decode(), {"ticket": 1}) if path == b"/v1/release" else get(path.decode()))
+            assert (await other.response()).status == 503
+            assert await other.closed()
+            other.close()
+            await asyncio.sleep(0.05)
+        assert fake.released == []
+
+        second = await Client.open(port)  # the reserve has room for two
+        second.send(get("/healthz"))
+        assert (await second.response()).status == 200
+        full = await Client.open(port)  # max_connections + admin_reserve: refused at once, as before
+        r = await full.response()
+        assert r.status == 503 and r.headers["connection"] == "close"
+        assert await full.closed()
+        assert guards[("http", "admin_reserve")] == 5 and guards[("http", "too_many_connections")] == 4
+
+        monitor.close()  # a reserve place freed is reusable
+        await asyncio.sleep(0.05)
+        again = await Client.open(port)
+        again.send(get("/metrics"))
+        assert (await again.response()).status == 200
+        clients[0].close()  # and a normal place freed takes normal work again
+        await asyncio.sleep(0.05)
+        worker = await Client.open(port)
+        worker.send(admit("ok"))
+        assert (await worker.response()).status == 200
+        for c in (clients[1], second, again, worker):
+            c.close()
+
+    fake = serve(t, guards=guards, max_connections=2, admin_reserve=2)
+    assert [a["flow"] for a in fake.admits] == ["ok"]
+
+
+def test_admin_reserve_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="admin_reserve: must be at least 0"):
+        HttpLimits(admin_reserve=-1)
+    assert HttpLimits().admin_reserve == ADMIN_RESERVE == 16
 
 
 def test_slow_client_408_and_closed() -> None:

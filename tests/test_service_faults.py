@@ -46,6 +46,7 @@ from servicekit import (
 )
 from test_http import ADMIT_400, RELEASE_400
 
+from distributor.http import ADMIN_RESERVE
 from flowshard.client import AdmitResult, Client, ConnectionClosed, FlowshardError
 from flowshard.codec import Admit, Error, FrameReader, FrameWriter, ToClient
 from flowshard.types import Outcome
@@ -536,11 +537,16 @@ def test_too_many_connections(launch: Any) -> None:
         conns = [await HttpConn.open(port) for _ in range(3)]
         for conn in conns:
             assert (await conn.request("GET", "/healthz")).status == 200
+        reserve = [await HttpConn.open(port) for _ in range(ADMIN_RESERVE)]  # kept for the admin paths
+        for conn in reserve:
+            assert (await conn.request("GET", "/healthz")).status == 200
         extra = await HttpConn.open(port)
-        r = await extra.response()  # answered without asking
+        r = await extra.response()  # past the reserve too: answered without asking
         assert r.status == 503 and "too many connections" in r.json()["error"]["message"], r
         assert "retry-after" in r.headers
         assert await extra.closed_by_peer()
+        for conn in reserve:
+            conn.close()
         # the accepted ones keep working
         r = await conns[0].request("POST", "/v1/admit", {"flow": "a"})
         assert r.status == 200

@@ -14,8 +14,9 @@ import struct
 import time
 from typing import Any
 
-from servicekit import admit_http, ahttp, launch, metric, parse_metrics, run
+from servicekit import HttpConn, admit_http, ahttp, launch, metric, parse_metrics, run
 
+from distributor.http import ADMIN_RESERVE
 from flowshard.codec import Admit, Error, FrameReader, FrameWriter, ToClient
 
 __all__ = ["launch"]
@@ -130,5 +131,63 @@ def test_binary_frame_timeout_and_malformed_frames_show_in_metrics(launch: Any) 
         assert metric(samples, "flowshard_protective_actions_total", front="binary", action="malformed") == 1
         with contextlib.suppress(Exception):
             w.close()
+
+    run(main())
+
+
+def test_monitoring_sees_a_service_flooded_with_connections(launch: Any) -> None:
+    """max_connections held by a flood: /healthz, /readyz, /metrics and /v1/stats still answer on
+    fresh connections (the admin reserve), an admission on one gets 503 and is closed, and the
+    reserve itself is bounded."""
+    svc = launch(shards=1, budget=10, service={"max_connections": 4})
+    port = svc.http_port
+
+    def actions(samples: Any, action: str) -> float:
+        return metric(samples, "flowshard_protective_actions_total", front="http", action=action)
+
+    async def main() -> None:
+        flood = [await HttpConn.open(port) for _ in range(4)]
+        for conn in flood:  # max_connections, surely accepted and counted
+            assert (await conn.request("GET", "/healthz")).status == 200
+        for path in ("/healthz", "/readyz", "/v1/stats"):
+            conn = await HttpConn.open(port)  # a fresh connection each: the flood still holds its places
+            r = await conn.request("GET", path)
+            assert r.status == 200, (path, r)
+            conn.close()
+        await asyncio.sleep(0.1)
+        scraper = await HttpConn.open(port)
+        r = await scraper.request("GET", "/metrics")
+        assert r.status == 200
+        samples = parse_metrics(r.body.decode())
+        assert actions(samples, "admin_reserve") == 4 and actions(samples, "too_many_connections") == 0
+        assert (await scraper.request("GET", "/v1/stats")).json()["totals"]["dispatched"] == 0  # keep-alive
+
+        worker = await HttpConn.open(port)  # real work on a reserve connection: 503, closed
+        r = await worker.request("POST", "/v1/admit", {"flow": "a"})
+        assert r.status == 503 and r.headers["connection"] == "close" and r.headers["retry-after"] == "1", r
+        assert r.json() == {"error": {"status": 503, "message": "too many connections, retry later"}}
+        assert await worker.closed_by_peer()
+        worker.close()
+
+        await asyncio.sleep(0.1)
+        held = [await HttpConn.open(port) for _ in range(ADMIN_RESERVE - 1)]  # the rest of the reserve
+        for conn in held:
+            assert (await conn.request("GET", "/healthz")).status == 200
+        beyond = await HttpConn.open(port)  # max_connections + the reserve: refused without asking
+        r = await beyond.response()
+        assert r.status == 503 and await beyond.closed_by_peer()
+        beyond.close()
+
+        samples = parse_metrics((await scraper.request("GET", "/metrics")).body.decode())
+        assert actions(samples, "admin_reserve") == 5 + ADMIN_RESERVE - 1
+        assert actions(samples, "too_many_connections") == 2
+        s = (await scraper.request("GET", "/v1/stats")).json()
+        assert s["totals"]["dispatched"] == 0 and s["totals"]["pending"] == 0  # the refused admit never was one
+
+        for conn in [*flood, *held, scraper]:
+            conn.close()
+        await asyncio.sleep(0.1)
+        r = await admit_http(port, "after")  # the flood gone: work is admitted again
+        assert r.status == 200, r
 
     run(main())
