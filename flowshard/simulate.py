@@ -66,6 +66,7 @@ from flowshard.config import ConfigError
 from flowshard.engine import Band as EngineBand
 from flowshard.engine import Engine
 from flowshard.estimate import EVENTS_PER_SECOND, estimate
+from flowshard.multisim import ShardedService
 from flowshard.reference import FlowRef, Verdict, judge, segments
 from flowshard.scenario import Closed, FlowSource, Scenario, flow_sources, load_scenario
 from flowshard.types import Item, ItemState, Outcome, Request
@@ -492,16 +493,17 @@ class _Band:
             return float(request.size)
         return float(request.tokens or request.size)
 
-    def start_window(self, engine_band: EngineBand) -> None:
-        """Warmup is over: fairness figures count from here. What a flow still has queued is demand
-        in the window (the first piece of the reference's window)."""
+    def start_window(self, engine_bands: Sequence[EngineBand]) -> None:
+        """Warmup is over: fairness figures count from here. What a flow still has queued (on any
+        shard) is demand in the window (the first piece of the reference's window)."""
         self.units = 0.0
         for flow in self.flows:
             flow.units = 0.0
             flow.credit0 = self.reference.given(flow)
-            queue = engine_band.flows.get(flow.id)
-            if queue is not None and queue.queue.live and flow.offered:
-                flow.offered[0] += sum(self.units_of(item.request) for item in queue.queue.items())
+            for engine_band in engine_bands:
+                queue = engine_band.flows.get(flow.id)
+                if queue is not None and queue.queue.live and flow.offered:
+                    flow.offered[0] += sum(self.units_of(item.request) for item in queue.queue.items())
         self.gap.restart(self.flows)
 
 
@@ -511,13 +513,24 @@ class _Band:
 class _Simulation:
     """The event loop. Events: (time, seq, kind, flow, payload) in a heap; seq keeps order total."""
 
-    def __init__(self, scenario: Scenario, records: bool = False) -> None:
+    def __init__(self, scenario: Scenario, records: bool = False, shards: int = 1, *, sharded: bool = False) -> None:
         workload = scenario.workload
         self.scenario = scenario
         self.duration = workload.duration
         self.warmup = workload.warmup
         self.drain = workload.drain
-        self.engine = engine = Engine(scenario.server)
+        self.shards = shards
+        # one shard: the engine itself, on its own budget; more: the service's ledger and N engines
+        self.engine: Engine | ShardedService
+        if shards < 1 or (shards > 1 and not sharded):
+            raise ValueError(f"{shards} shards: at least 1, and more than 1 only as the sharded service")
+        if not sharded:
+            single = Engine(scenario.server)
+            self.engine, self.engines = single, [single]
+        else:
+            service = ShardedService(scenario.server, shards, track=records)
+            self.engine, self.engines = service, service.engines
+        engine = self.engine
         self.bands = [_Band(b) for b in engine.bands]
         weights = scenario.server.weights
         self.flows: list[_Flow] = []
@@ -612,8 +625,8 @@ class _Simulation:
     def _start_window(self) -> None:
         """Warmup is over: fairness figures count from now."""
         self.measuring = True
-        for band, engine_band in zip(self.bands, self.engine.bands, strict=True):
-            band.start_window(engine_band)
+        for index, band in enumerate(self.bands):
+            band.start_window([engine.bands[index] for engine in self.engines])
 
     def _event(self, kind: int, flow: _Flow, data: object, now: float) -> None:
         if kind == _ARRIVAL:
@@ -638,7 +651,7 @@ class _Simulation:
             flow.offered[cut] += flow.band.units_of(request)
         item = self.engine.submit(request, now)
         end = 0.0
-        if item.state == _QUEUED:
+        if item.state == _QUEUED or item.outcome == _DISPATCHED:  # (N shards: the idle fast path)
             if self.tracking:
                 end = flow.band.reference.demand(flow, flow.band.units_of(request))
             flow.queued += 1
@@ -674,7 +687,8 @@ class _Simulation:
     def _check_priority(self, out: list[Item]) -> None:
         """Replay one pump's outcomes from the state before it (rebuilt: the pump only removed `out`)."""
         engine = self.engine
-        queued = [b.queued_items for b in engine.bands]
+        engines = self.engines
+        queued = [sum(e.bands[i].queued_items for e in engines) for i in range(len(self.bands))]
         inflight, inflight_bytes = engine.budget.inflight, engine.budget.inflight_bytes
         for item in out:
             queued[item.band] += 1
@@ -737,9 +751,12 @@ class _Simulation:
         request = item.request
         dispatched = item.outcome == _DISPATCHED
         label = "unfinished" if self.ending and not dispatched else Outcome(item.outcome).label
+        # the shard that held it: one shard, 0; N shards, as routed (-1: the fast path; null: never queued)
+        where = self.engine.where if isinstance(self.engine, ShardedService) else None
+        shard = 0 if where is None else where.pop(request.id, None)
         return [
             flow.id, flow.band.config.name, request.id, _r(item.enqueued_at, 9),
-            _r(now, 9) if dispatched else None, _r(now + service if dispatched else now, 9), 0, label,
+            _r(now, 9) if dispatched else None, _r(now + service if dispatched else now, 9), shard, label,
             request.size, request.tokens, _r(service, 9) if dispatched else None,
         ]
 
@@ -756,17 +773,22 @@ class _Simulation:
             flow.band.gap.end(flow)
 
 
-def simulate(scenario: Scenario, progress: Progress | None = None) -> Report:
+def simulate(scenario: Scenario, progress: Progress | None = None, *, shards: int = 1) -> Report:
     """Run the scenario in virtual time and report every figure. Deterministic: a pure function
-    (`progress`, if given, only watches: see `_Simulation.run`)."""
-    return simulate_with_records(scenario, records=False, progress=progress)[0]
+    (`progress`, if given, only watches: see `_Simulation.run`). `shards` > 1 simulates the service:
+    the distributor's ledger and that many shard engines (flowshard.multisim)."""
+    return simulate_with_records(scenario, records=False, progress=progress, shards=shards)[0]
 
 
 def simulate_with_records(
-    scenario: Scenario, *, records: bool = True, progress: Progress | None = None
+    scenario: Scenario, *, records: bool = True, progress: Progress | None = None, shards: int = 1,
+    sharded: bool | None = None,
 ) -> tuple[Report, list[list[object]]]:
-    """`simulate`, and (if `records`) one record per request in the order their outcomes came."""
-    sim = _Simulation(scenario, records)
+    """`simulate`, and (if `records`) one record per request in the order their outcomes came.
+
+    `sharded`: True runs the service's composition (ledger + engines) even at one shard, False the
+    single engine on its own budget (one shard only); default: the engine at one shard."""
+    sim = _Simulation(scenario, records, shards, sharded=shards > 1 if sharded is None else sharded)
     end = sim.run(progress)
     return _Reporter(sim, end).report(), sim.records or []
 
