@@ -74,7 +74,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from flowshard.simulate import main as simulate_main
 
-    return simulate_main(args.scenario, json_path=args.json, records_path=args.records, force=args.force)
+    return simulate_main(args.scenario, json_path=args.json, records_path=args.records, force=args.force,
+                         shards=args.shards)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -136,6 +137,12 @@ dispatches/s; the share of its band's service it got in the window [warmup, dura
 max-min fair share it should have had (ratio 1.000 = exactly fair); per band Jain's index over those
 ratios (1 = perfectly fair) and the largest service difference between backlogged flows, in the
 band's unit (requests, bytes or tokens); priority inversions (always 0). --json writes every figure.
+
+--shards N simulates the service as it runs with N shard processes: the distributor's exact ledger
+(limits, displacement, budget, grants, fair shares across shards) routing by flow affinity and
+JSQ-Bytes to N shard engines, with the same code as `flowshard serve`; messages between them take no
+time and are handled in a fixed order, so the run stays deterministic. The report then says what
+each shard queued and dispatched, and on which shards each flow queued.
 
 Before running, it estimates the events the scenario makes: over ~10 s of simulation it says so and
 shows progress; over ~2 minutes it refuses (--force runs it anyway) and says which flows to change.
@@ -228,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--force", action="store_true", help="run even a scenario estimated to take minutes")
     simulate.add_argument("--records", metavar="FILE",
                           help="also write one record per request (JSON Lines, see flowshard/records.py)")
+    simulate.add_argument("--shards", type=int, default=1, metavar="N",
+                          help=f"simulate the service with N shards, 1 to {MAX_SHARDS} (default 1): the distributor's "
+                               "ledger (limits, budget, grants, flow affinity, JSQ-Bytes) and N shard engines, "
+                               "hops taking no time, in a fixed order")
     simulate.set_defaults(func=_simulate)
 
     from bench.args import DESCRIPTION as BENCH

@@ -7,7 +7,8 @@ simulate` can warn, or refuse, up front and say which flows to change.
 
 The count is an upper bound: an open-loop flow makes `rate x active time` requests; a closed-loop
 client at most one per think time + service time (a client whose request is queued makes fewer).
-Each request is at most two events (its arrival and the end of its service).
+Each request is at most two events (its arrival and the end of its service). Simulating N > 1 shards
+(the distributor's ledger, grants and N engines: flowshard.multisim) costs more per event.
 """
 
 from __future__ import annotations
@@ -18,12 +19,21 @@ import msgspec
 
 from flowshard.scenario import Bursts, Closed, Constant, FlowSpec, Poisson, Scenario, as_dist
 
-__all__ = ["EVENTS_PER_SECOND", "Estimate", "FlowLoad", "estimate"]
+__all__ = ["EVENTS_PER_SECOND", "SHARDED_COST", "Estimate", "FlowLoad", "estimate", "events_per_second"]
 
 # Simulated events per second of wall time on the project machine (2 vCPU, measured on the shipped
 # scenarios: 47k-194k events/s), taken low so the time estimate errs long.
 EVENTS_PER_SECOND = 80_000.0
 EVENTS_PER_REQUEST = 2
+# Wall time per event with N > 1 shards over one engine's: each request is also admitted, routed and
+# granted by the ledger, and answered back. Measured 1.4-2.5x at 2-8 shards on the shipped scenarios
+# (deep-queue: 103k events/s at one shard, 56k at 2, 42k at 8); taken high so the estimate errs long.
+SHARDED_COST = 2.5
+
+
+def events_per_second(shards: int = 1) -> float:
+    """The simulator's assumed speed for `shards` shards (one: the engine alone)."""
+    return EVENTS_PER_SECOND if shards <= 1 else EVENTS_PER_SECOND / SHARDED_COST
 
 
 class FlowLoad(msgspec.Struct, frozen=True):
@@ -40,17 +50,17 @@ class Estimate(msgspec.Struct, frozen=True):
 
     requests: float
     events: float
-    seconds: float  # wall-clock seconds at EVENTS_PER_SECOND
+    seconds: float  # wall-clock seconds at events_per_second(shards)
     flows: list[FlowLoad]  # heaviest first
 
 
-def estimate(scenario: Scenario) -> Estimate:
-    """Count the requests every flow entry can make during the run."""
+def estimate(scenario: Scenario, shards: int = 1) -> Estimate:
+    """Count the requests every flow entry can make during the run (wall time: at `shards` shards)."""
     workload = scenario.workload
     loads = sorted((_flow_load(spec, workload.duration) for spec in workload.flows), key=lambda f: -f.requests)
     requests = sum(f.requests for f in loads)
     events = requests * EVENTS_PER_REQUEST
-    return Estimate(requests, events, events / EVENTS_PER_SECOND, loads)
+    return Estimate(requests, events, events / events_per_second(shards), loads)
 
 
 def _flow_load(spec: FlowSpec, duration: float) -> FlowLoad:

@@ -62,10 +62,10 @@ from flowshard.analysis import (
     percentile,
     union_intervals,
 )
-from flowshard.config import ConfigError
+from flowshard.config import MAX_SHARDS, ConfigError
 from flowshard.engine import Band as EngineBand
 from flowshard.engine import Engine
-from flowshard.estimate import EVENTS_PER_SECOND, estimate
+from flowshard.estimate import estimate, events_per_second
 from flowshard.multisim import ShardedService
 from flowshard.reference import FlowRef, Verdict, judge, segments
 from flowshard.scenario import Closed, FlowSource, Scenario, flow_sources, load_scenario
@@ -115,7 +115,7 @@ class Counts(msgspec.Struct, kw_only=True):
     unfinished: int  # still queued when the run stopped
 
 
-class FlowReport(msgspec.Struct, kw_only=True):
+class FlowReport(msgspec.Struct, kw_only=True, omit_defaults=True):
     id: str
     group: str  # the [[workload.flows]] entry it came from
     priority: int
@@ -131,6 +131,7 @@ class FlowReport(msgspec.Struct, kw_only=True):
     allocation: float  # its weighted max-min allocation, band units per second
     measured: float  # band units per second it was served in the window
     error: float | None  # (measured - allocation) / allocation
+    shards: list[int] | None = None  # N shards: its requests queued on each shard (absent at one shard)
 
 
 class GroupReport(msgspec.Struct, kw_only=True):
@@ -149,7 +150,7 @@ class GroupReport(msgspec.Struct, kw_only=True):
     ratio_max: float | None
 
 
-class BandReport(msgspec.Struct, kw_only=True):
+class BandReport(msgspec.Struct, kw_only=True, omit_defaults=True):
     priority: int
     name: str
     fairness: str
@@ -167,6 +168,7 @@ class BandReport(msgspec.Struct, kw_only=True):
     service_diff: float | None  # VTC paper: max |W_f - W_g| over pairs and jointly backlogged intervals
     reference: Verdict  # the flows off their intrinsic-demand allocation by more than the margin
     overtaken: float | None  # fraction of dispatches that overtook an earlier request of the same flow
+    flows_per_shard: list[int] | None = None  # N shards: how many of its flows queued on each (absent at one)
 
 
 class Throughput(msgspec.Struct, kw_only=True):
@@ -187,7 +189,18 @@ class Totals(msgspec.Struct, kw_only=True):
     events: int
 
 
-class Report(msgspec.Struct, kw_only=True):
+class ShardReport(msgspec.Struct, kw_only=True):
+    """N shards: what each shard did (flowshard.multisim), in shard order."""
+
+    queued: list[int]  # requests routed to each shard
+    dispatched: list[int]  # requests each shard dispatched on a grant
+    flows: list[int]  # (band, flow) pairs that queued on each shard (a flow that moved counts on each)
+    fast_path: int  # dispatched at the distributor's idle fast path, never queued
+    grants_handed_back: int  # grants a shard answered without a dispatch (head too big, TTL, narrowed)
+    grants_narrowed: int  # of those: narrowed to a higher band waiting uncovered, which it did not hold
+
+
+class Report(msgspec.Struct, kw_only=True, omit_defaults=True):
     scenario: str
     seed: int
     duration: float
@@ -198,6 +211,8 @@ class Report(msgspec.Struct, kw_only=True):
     bands: list[BandReport]
     groups: list[GroupReport]
     flows: list[FlowReport]
+    shards: int = 1  # the service simulated: the distributor and this many shards (absent: one engine)
+    sharding: ShardReport | None = None  # N shards only
 
 
 # ---------------------------------------------------------------------------------------- priority check
@@ -937,7 +952,29 @@ class _Reporter:
             bands=[self.band(i, b) for i, b in enumerate(sim.bands)],
             groups=self.groups(),
             flows=[self.flow(f) for f in flows],
+            shards=sim.shards,
+            sharding=self.sharding(),
         )
+
+    def sharding(self) -> ShardReport | None:
+        service = self.sim.engine
+        if self.sim.shards == 1 or not isinstance(service, ShardedService):
+            return None
+        flows = [0] * service.n
+        for counts in service.flow_shards.values():
+            for shard, n in enumerate(counts):
+                flows[shard] += n > 0
+        return ShardReport(queued=list(service.routed), dispatched=list(service.dispatched), flows=flows,
+                           fast_path=service.fast_paths, grants_handed_back=service.grantbacks,
+                           grants_narrowed=service.narrowed)
+
+    def flow_shards(self, flow: _Flow) -> list[int] | None:
+        """N shards: the flow's requests queued on each shard; None at one shard."""
+        service = self.sim.engine
+        if self.sim.shards == 1 or not isinstance(service, ShardedService):
+            return None
+        band = self.sim.bands.index(flow.band)
+        return list(service.flow_shards.get((band, flow.id), [0] * service.n))
 
     def band(self, index: int, band: _Band) -> BandReport:
         jain, backlogged = self.jain(band.flows)
@@ -960,7 +997,15 @@ class _Reporter:
             service_diff=_pairwise(band),
             reference=self.verdicts[index],
             overtaken=self.overtaken[index],
+            flows_per_shard=self.flows_per_shard(band),
         )
+
+    def flows_per_shard(self, band: _Band) -> list[int] | None:
+        """N shards: how many of the band's flows queued on each shard; None at one shard."""
+        per_flow = [self.flow_shards(f) for f in band.flows]
+        if not per_flow or per_flow[0] is None:
+            return None
+        return [sum(1 for counts in per_flow if counts is not None and counts[n]) for n in range(self.sim.shards)]
 
     def flow(self, flow: _Flow) -> FlowReport:
         share, fair = self.share[flow.index], self.fair[flow.index]
@@ -982,6 +1027,7 @@ class _Reporter:
             allocation=_r(ref.allocation),
             measured=_r(ref.measured),
             error=None if err is None else _r(err),
+            shards=self.flow_shards(flow),
         )
 
     def groups(self) -> list[GroupReport]:
@@ -1053,17 +1099,30 @@ def render_table(report: Report) -> str:
     """The human report: one row per flow entry (a `count` group is one row), one per band, totals."""
     totals = report.totals
     mode = "drain" if report.drain else "stop"
+    shards = "" if report.shards == 1 else f", {report.shards} shards"
     lines = [
         f"scenario {report.scenario or '(unnamed)'}: seed {report.seed}, duration {report.duration:g} s "
-        f"(warmup {report.warmup:g} s, end: {mode} at {report.end:g} s), {totals.events} events",
+        f"(warmup {report.warmup:g} s, end: {mode} at {report.end:g} s), {totals.events} events{shards}",
         "",
         *_group_table(report),
         "",
         *_band_table(report),
         "",
         *_total_lines(totals),
+        *_shard_lines(report),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _shard_lines(report: Report) -> list[str]:
+    """N shards: one line, what each shard queued and dispatched and how many flows it held."""
+    s = report.sharding
+    if s is None:
+        return []
+    each = "; ".join(f"{n}: {q} queued, {d} dispatched, {f} flows"
+                     for n, (q, d, f) in enumerate(zip(s.queued, s.dispatched, s.flows, strict=True)))
+    return [f"shards: {each}; fast path {s.fast_path}, grants handed back {s.grants_handed_back} "
+            f"({s.grants_narrowed} narrowed)"]
 
 
 def _group_table(report: Report) -> list[str]:
@@ -1211,15 +1270,16 @@ WARN_SECONDS = 10.0  # an estimated run longer than this is announced before it 
 REFUSE_SECONDS = 120.0  # one longer than this is not started without --force
 
 
-def check_size(scenario: Scenario, where: str, *, force: bool = False) -> str | None:
+def check_size(scenario: Scenario, where: str, *, force: bool = False, shards: int = 1) -> str | None:
     """Refuse (ConfigError) a scenario estimated to take over REFUSE_SECONDS unless `force`; return a
     warning for one over WARN_SECONDS, else None. Either message names the heaviest flows and what
-    to change."""
-    est = estimate(scenario)
+    to change. `shards` > 1 costs more per event (estimate.SHARDED_COST)."""
+    est = estimate(scenario, shards)
     if est.seconds <= WARN_SECONDS:
         return None
+    at = f"{shards} shards, " if shards > 1 else ""
     head = (f"{where}: about {est.events:,.0f} events to simulate ({est.requests:,.0f} requests), "
-            f"roughly {_human(est.seconds)} at ~{EVENTS_PER_SECOND / 1000:.0f}k events/s")
+            f"roughly {_human(est.seconds)} at ~{at}{events_per_second(shards) / 1000:.0f}k events/s")
     flows = [f"  {f.id}: {f.why}: {f.per_second:,.0f} requests per virtual second" for f in est.flows[:3]]
     change = ("  To make it quicker: lengthen think or service times, lower the concurrency or the rates, or "
               f"shorten [workload] duration (now {scenario.workload.duration:g} s).")
@@ -1275,17 +1335,21 @@ class Watch:
 
 
 def main(scenario_path: str | None, json_path: str | None = None, records_path: str | None = None, *,
-         force: bool = False, err: TextIO | None = None) -> int:
+         force: bool = False, err: TextIO | None = None, shards: int = 1) -> int:
     """`flowshard simulate`: check the scenario's size, run it with progress on stderr, print the table,
-    and write the JSON report and the per-request records if asked."""
+    and write the JSON report and the per-request records if asked. `shards` > 1: the service's
+    distributor and that many shards (flowshard.multisim)."""
     err = err if err is not None else sys.stderr
+    if not 1 <= shards <= MAX_SHARDS:
+        raise ConfigError(f"--shards: {shards} is not allowed; 1 to {MAX_SHARDS}")
     scenario = read_scenario(scenario_path)
-    warning = check_size(scenario, scenario_path or "demo.toml", force=force)
+    warning = check_size(scenario, scenario_path or "demo.toml", force=force, shards=shards)
     if warning:
         err.write(f"flowshard: {warning}\n")
     watch = Watch(scenario.workload.duration, err)
     try:
-        report, rows = simulate_with_records(scenario, records=records_path is not None, progress=watch)
+        report, rows = simulate_with_records(scenario, records=records_path is not None, progress=watch,
+                                             shards=shards)
     finally:
         watch.close()
     sys.stdout.write(render_table(report))
@@ -1293,7 +1357,10 @@ def main(scenario_path: str | None, json_path: str | None = None, records_path: 
     if json_path is not None:
         outputs.append((json_path, encode_report(report) + b"\n"))
     if records_path is not None:
-        outputs.append((records_path, records.encode("simulate", scenario.name, rows, seed=scenario.workload.seed)))
+        header: dict[str, object] = {"seed": scenario.workload.seed}
+        if shards > 1:
+            header["shards"] = shards
+        outputs.append((records_path, records.encode("simulate", scenario.name, rows, **header)))
     for path, data in outputs:
         try:
             Path(path).write_bytes(data)
