@@ -112,7 +112,10 @@ class ShardedService:
         raise RuntimeError(f"pump did not settle after {_MAX_PASSES} passes")  # pragma: no cover
 
     def release(self, item: Item, actual: int | None = None) -> None:
-        """The client released the ticket of a dispatched request (`Distributor.release`)."""
+        """The client released the ticket of a dispatched request (`Distributor.release`). `actual` (a
+        token count correcting the charge) is not modelled: the simulator never reports one."""
+        if actual is not None:
+            raise NotImplementedError("ShardedService.release: cost corrections (actual) are not modelled")
         try:
             self._held.remove(item.request.id)
         except KeyError:
