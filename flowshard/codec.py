@@ -117,6 +117,9 @@ class Done(msgspec.Struct, tag=5, array_like=True, gc=False):
     outcome: int
     wait: float
     at: float = 0.0  # the shard's time.monotonic() of the outcome (0: not given)
+    # a dispatch: the shard's CLOCK_MONOTONIC ns read right after its engine committed it, for the
+    # distributor's exact inversion count (Ledger.close_window); 0: not given (one band, the top band)
+    decided: int = 0
 
 
 class GrantBack(msgspec.Struct, tag=6, array_like=True, gc=False):

@@ -15,6 +15,15 @@ requests still in transit to a shard, and hands out grants:
 Counting reserved grants as in flight keeps in-flight <= limit exact, and granting strictly by band
 keeps priority strict across shards: no lower band is granted while a higher band has work that
 holds no grant and is eligible under its ceiling.
+
+Priority inversions are counted here too, exactly, from the ledger's own decisions (DESIGN §4.3; the
+definition and its proof are in docs/architecture.md, "Strict priority"): a grant travels, so a shard
+can use a lower band's grant after a higher band's work arrived. Such a dispatch at time t is an
+inversion iff the first plan after t left some of a higher band's work that was already without a
+live grant at t still without one (the budget went elsewhere), the higher band being eligible at
+the saturation the lower grant was planned at. The shell stamps the events that leave work
+uncovered (through the injected `clock`, CLOCK_MONOTONIC ns in the service) and each plan
+(`close_window`); the shard stamps its dispatch.
 """
 
 from __future__ import annotations
@@ -36,6 +45,10 @@ _TURNS, _BYTES, _TOKENS, _ARRIVALS = range(4)
 # The unit in which each fairness policy shares a band between flows (global-fcfs: none, it serves
 # arrivals in order, so shards are granted in proportion to what they hold).
 _COST_KIND = {"round-robin": _TURNS, "drr": _BYTES, "vtc": _TOKENS, "global-fcfs": _ARRIVALS}
+# How far back a band's shortfall intervals are kept, for a dispatch reported late (a worker that does not
+# beat for 5 s is killed, so its reports are never older than that plus a pass).
+SHORTFALL_HORIZON_NS = 10_000_000_000
+_MAX_INTERVALS = 4096
 
 
 class PendingState(enum.IntEnum):
@@ -98,6 +111,7 @@ class LedgerBand:
         "order",
         "queued_bytes",
         "queued_items",
+        "rises",
         "shard_bytes",
         "shard_cost",
         "shard_granted",
@@ -105,6 +119,7 @@ class LedgerBand:
         "shard_stale",
         "shard_vtime",
         "shard_weight",
+        "short",
     )
 
     def __init__(self, index: int, config: Config, shards: int) -> None:
@@ -134,6 +149,10 @@ class LedgerBand:
         self.shard_cost = [0] * shards
         self.shard_weight = [0.0] * shards
         self.shard_vtime = [0.0] * shards
+        # Exact inversion count (Ledger.close_window): the stamps (ns) of this pass's rises of the work no
+        # live grant covers (one per request), and the intervals [lo, hi] (ns) in which the band was short.
+        self.rises: list[int] = []
+        self.short: deque[tuple[int, int]] = deque()
 
     def cost(self, p: Pending) -> int:
         """What dispatching `p` costs its flow under this band's fairness: turns, bytes or tokens."""
@@ -151,6 +170,19 @@ class LedgerBand:
                 return True
         return False
 
+    def uncovered(self, shard: int) -> int:
+        """The band's requests on `shard` (in transit included) that no live grant covers."""
+        return max(0, self.shard_items[shard] - self.shard_granted[shard] + self.shard_stale[shard])
+
+    def short_at(self, at: int) -> bool:
+        """Was the band short at `at` (ns): some of its work then without a live grant was left without
+        one by the first plan after `at`? (Intervals newest last; a lookup is usually the newest.)"""
+        for lo, hi in reversed(self.short):
+            if hi < at:
+                return False
+            if lo <= at:
+                return True
+        return False
 
 
 class Ledger:
@@ -169,12 +201,20 @@ class Ledger:
         self.budget = Budget(limit(config.budget.max_inflight_requests), limit(config.budget.max_inflight_bytes))
         self.grants_out = 0
         self.grants_bytes = 0
-        self._grants: list[deque[tuple[int, int, float]]] = [deque() for _ in range(shards)]
+        # per shard, its grants outstanding in the order it answers them: (band, reserve, charge, saturation)
+        self._grants: list[deque[tuple[int, int, float, float]]] = [deque() for _ in range(shards)]
         self._weights = config.weights
         self._need: dict[tuple[int, int], int] = {}
         # A second saturation detector (proxy mode's utilization detector), given the grants still
         # outstanding (admitted, not yet dispatched); the saturation is the larger of the two.
         self.external_saturation: Callable[[int], float] | None = None
+        # Exact inversion count: the stamp (ns) of the last plan (close_window), the dispatches of a band
+        # below the top waiting to be judged after the next plan: (stamp, band, grant's saturation)
+        self.clock: Callable[[], int] | None = None  # set (ns): track what the exact inversion count needs
+        self.window_start = 0
+        self._lowest = len(self.bands) - 1
+        self._to_judge: list[tuple[int, int, float]] = []
+        self.inversions = [0] * len(self.bands)
 
     def band_index(self, priority: int) -> int:
         return self._band_of.get(priority, self._default_band)
@@ -302,6 +342,12 @@ class Ledger:
         band.shard_bytes[shard] += p.size
         self.queued_items += 1
         self.queued_bytes += p.size
+        clock = self.clock
+        if (
+            clock is not None and band.index < self._lowest
+            and band.shard_items[shard] > band.shard_granted[shard] - band.shard_stale[shard]
+        ):
+            band.rises.append(clock())  # one more request no live grant covers
 
     def leave(self, p: Pending, *, covered: bool = False) -> Pending | None:
         """`p` left its shard's queue (any outcome). Returns a parked newcomer now free to retry.
@@ -312,6 +358,8 @@ class Ledger:
         arriving later is not taken as covered by them (that would let a lower band go first).
         """
         band = self.bands[p.band]
+        clock = self.clock
+        before = band.uncovered(p.shard) if clock is not None else 0
         if not covered:
             band.shard_stale[p.shard] = band.shard_granted[p.shard]
             self._need.pop((p.band, p.shard), None)
@@ -334,6 +382,8 @@ class Ledger:
         self.queued_items -= 1
         self.queued_bytes -= p.size
         p.state = PendingState.DONE
+        if clock is not None:
+            self._rose(band, band.uncovered(p.shard) - before)
         newcomer = p.displacer
         if newcomer is not None:
             p.displacer = None
@@ -389,7 +439,7 @@ class Ledger:
             band.shard_granted[shard] += 1
             self.grants_out += 1
             self.grants_bytes += max(reserve, 0)
-            self._grants[shard].append((band.index, reserve, charge))
+            self._grants[shard].append((band.index, reserve, charge, saturation))
             out.append((shard, band.index, reserve, saturation))
 
     @staticmethod
@@ -453,16 +503,24 @@ class Ledger:
         return math.ceil(band.shard_bytes[shard] / items) if items else 0
 
     def grant_answered(
-        self, shard: int, dispatched_size: int | None, need: int = 0, *, dispatched: Pending | None = None
+        self, shard: int, dispatched_size: int | None, need: int = 0, *, dispatched: Pending | None = None,
+        dispatched_at: int = 0,
     ) -> tuple[int, bool]:
         """The shard answered its oldest grant: a dispatch of `dispatched_size` bytes, or a hand-back.
 
         Returns (the grant's band, whether the grant was live). Grants are answered in order, so
         the stale ones of a band on a shard are the first to come back. `dispatched`, the request it
         served (when known), puts its real cost in the shard's virtual time instead of the typical one.
+        With the clock set: the band's work this grant covered and no longer does (a hand-back, or a
+        grant another band's request used) joins its uncovered work; and the dispatch of `dispatched`
+        at `dispatched_at` (ns, the shard's clock read after its engine committed it; 0: not known)
+        is judged after the next plan (`close_window`).
         """
-        band_index, reserve, charge = self._grants[shard].popleft()
+        band_index, reserve, charge, saturation = self._grants[shard].popleft()
         band = self.bands[band_index]
+        # a dispatch of the grant's own band on a live grant leaves it covered (`leave(covered=True)`): no rise
+        track = self.clock is not None and (dispatched is None or dispatched.band != band_index)
+        before = band.uncovered(shard) if track else 0
         if charge:
             weight = band.shard_weight[shard]
             real = charge
@@ -481,6 +539,10 @@ class Ledger:
             self._need.pop((band_index, shard), None)
         elif need:
             self._need[(band_index, shard)] = need
+        if track:
+            self._rose(band, band.uncovered(shard) - before)
+        if dispatched is not None and dispatched_at and dispatched.band:
+            self._to_judge.append((dispatched_at, dispatched.band, saturation))
         return band_index, live
 
     def saturation(self) -> float:
@@ -507,7 +569,7 @@ class Ledger:
 
     def shard_failed(self, shard: int) -> list[Pending]:
         """Forget a dead shard's grants; return the requests it held (to end as shard failures)."""
-        for band_index, reserve, _ in self._grants[shard]:
+        for band_index, reserve, _, _ in self._grants[shard]:
             band = self.bands[band_index]
             band.granted -= 1
             band.shard_granted[shard] -= 1
@@ -523,3 +585,54 @@ class Ledger:
 
     def outstanding_grants(self, shard: int) -> int:
         return len(self._grants[shard])
+
+    # ------------------------------------------------------------------ exact inversion count
+
+    def _rose(self, band: LedgerBand, n: int) -> None:
+        """`n` more of the band's requests are without a live grant, from now (the clock read after the change)."""
+        if n > 0 and self.clock is not None and band.index < self._lowest:  # the lowest band is above none
+            band.rises.extend([self.clock()] * n)
+
+    def close_window(self, at: int) -> list[int]:
+        """Call right after each plan, with `at` (ns) read before it: the ledger is now planned.
+
+        For each band above the lowest: `short` = its work no live grant covers now (if any); the
+        dispatches between the previous plan and this one that this plan judges are those at a time t
+        with more of that work left than rose since t (so some of the work already uncovered at t was
+        left without a grant). Those t form one interval [lo, at]: lo is the `short`-th latest rise of
+        this pass, or the previous plan if fewer rose (the shortfall carries on from before). Then the
+        dispatches waiting for this plan are judged. Returns the bands of the inversions counted."""
+        start = self.window_start + 1
+        horizon = at - SHORTFALL_HORIZON_NS
+        for band in self.bands[:-1]:
+            rises = band.rises
+            short = 0
+            if band.queued_items:
+                for items, granted, stale in zip(band.shard_items, band.shard_granted, band.shard_stale, strict=True):
+                    if items > granted - stale:
+                        short += items - granted + stale
+            intervals = band.short
+            if short:
+                lo = start if len(rises) < short else rises[len(rises) - short]
+                if intervals and intervals[-1][1] + 1 >= lo:
+                    intervals[-1] = (intervals[-1][0], at)
+                else:
+                    intervals.append((lo, at))
+            while intervals and (intervals[0][1] < horizon or len(intervals) > _MAX_INTERVALS):
+                intervals.popleft()
+            rises.clear()
+        self.window_start = at
+        if not self._to_judge:
+            return []
+        judged = [j for j in self._to_judge if j[0] <= at]
+        self._to_judge = [j for j in self._to_judge if j[0] > at]
+        return [band for t, band, saturation in judged if self._inverted(band, t, saturation)]
+
+    def _inverted(self, band: int, at: int, saturation: float) -> bool:
+        """A dispatch of `band` at `at` on a grant planned at `saturation`: was a higher band, eligible
+        there (the shard would have narrowed the grant to it), short then? Counts it if so."""
+        for higher in self.bands[:band]:
+            if higher.ceiling > saturation and higher.short_at(at):
+                self.inversions[band] += 1
+                return True
+        return False

@@ -203,6 +203,11 @@ class Model:
         # higher eligible band had queued or in-transit work that no grant covered
         self.dispatch_inversions: list[str] = []
         self.narrow = narrow
+        # the ledger's exact inversion count (Ledger.close_window), on a clock that ticks at every reading:
+        # the model's events are sequential, so the stamps order them exactly
+        self.ticks = 0
+        self.ledger.clock = self._tick
+        self._decided = 0
         self.fast_paths = 0
         self.displacements = 0
         self.cancels_sent = 0
@@ -438,7 +443,7 @@ class Model:
             outcome = Outcome(msg.outcome)
             covered = False
             if outcome == DISPATCHED:
-                band, live = ledger.grant_answered(n, p.size, dispatched=p)
+                band, live = ledger.grant_answered(n, p.size, dispatched=p, dispatched_at=msg.decided)
                 covered = live and band == p.band
                 rec = self.dist_grants[n].popleft()
                 if rec.served != p.id:
@@ -462,7 +467,9 @@ class Model:
         self._plan()
 
     def _plan(self) -> None:
-        """service._plan: send the grants the ledger plans, snapshotting strict priority for each."""
+        """service._plan: send the grants the ledger plans, snapshotting strict priority for each; then
+        the ledger, now planned, judges the dispatches it heard of (service._end_pass)."""
+        at = self._tick()
         for shard, band, max_bytes, saturation in self.ledger.plan_grants():
             self.grant_seq += 1
             rec = GrantRecord(self.grant_seq, shard, band, max_bytes, self.step_no)
@@ -471,6 +478,12 @@ class Model:
             self.dist_grants[shard].append(rec)
             self._log(f"grant {rec.seq} -> shard {shard} band {band} max_bytes {max_bytes}")
             self._send(shard, Grant(band, max_bytes, saturation), rec)
+        for band in self.ledger.close_window(at):
+            self._log(f"the ledger counts an inversion of band {band}")
+
+    def _tick(self) -> int:
+        self.ticks += 1
+        return self.ticks
 
     def _send(self, n: int, msg: Any, rec: GrantRecord | None = None) -> None:
         self.stamp += 1
@@ -518,6 +531,7 @@ class Model:
                        and self.ceilings[h] > msg.saturation]
             top = waiting[0] if waiting and self.narrow else msg.band
             item = engine.dispatch(self.now, top, INF if msg.max_bytes < 0 else msg.max_bytes, msg.saturation)
+            self._decided = self._tick() if item is not None else 0  # as worker._grant: after the commit
             if item is not None and waiting and waiting[0] < item.band:
                 self.dispatch_inversions.append(
                     f"shard {n} dispatched #{item.id} of band {item.band} on grant {rec.seq} while band "
@@ -528,6 +542,7 @@ class Model:
                 self._on_shard_dispatch(n, item.id, item.band, rec)
                 self._check_order(n, item)
             self._drain_engine(n)
+            self._decided = 0
             if item is None:
                 need = 0 if top < msg.band else engine.blocked_size  # as worker._grant
                 self._log(f"shard {n} hands grant {rec.seq} back (need {need})")
@@ -556,7 +571,8 @@ class Model:
                 self._fail(f"shard {n} posted a second outcome for #{item.id}")
             shard.seen.add(item.id)
             self.jsq_queued[(item.request.flow, n)] -= item.request.size
-            shard.outbox.append(Done(item.id, item.outcome, item.finished_at - item.enqueued_at))
+            decided = self._decided if item.outcome == DISPATCHED else 0
+            shard.outbox.append(Done(item.id, item.outcome, item.finished_at - item.enqueued_at, 0.0, decided))
 
     def _on_shard_dispatch(self, n: int, rid: int, band: int, rec: GrantRecord) -> None:
         req = self.reqs[rid]
