@@ -87,7 +87,7 @@ class _View:
     shard_items: I64  # [B, N], enq - deq
     shard_bytes: I64  # [B, N]
     dispatched: I64  # [N + 1], the last one the distributor's (fast path)
-    inversions: I64  # [B], all writers summed: dispatches while a higher eligible band waited uncovered
+    inversions: I64  # [B] (the distributor's row): dispatches that took budget a higher band's waiting work needed
     narrowed: I64  # [B]: grants handed back for a higher band that waited uncovered
     heartbeat_age: list[float | None]  # per shard, seconds; None before the first heartbeat
     consistent: bool
@@ -330,8 +330,9 @@ class FlowshardCollector(Collector):
 
         inversions = CounterMetricFamily(
             "flowshard_priority_inversions",
-            "Dispatches of the band decided while a higher band, eligible under its ceiling, had routed "
-            "work that no grant covered yet (counted by the deciding shard; a race of a few µs, an upper bound).",
+            "Dispatches of the band that took budget a higher band, eligible under its ceiling, was short of: "
+            "some of its work already without a grant at the dispatch was left without one by the "
+            "distributor's next plan (counted exactly by the distributor from its ledger).",
             labels=["band"],
         )
         narrowed = CounterMetricFamily(

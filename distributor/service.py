@@ -132,6 +132,8 @@ class Distributor:
         self.n_shards = shards
         self.ledger = Ledger(config, shards)
         self._bands = len(config.bands)
+        if self._bands > 1:  # the exact inversion count (Ledger.close_window) needs the events' times
+            self.ledger.clock = time.monotonic_ns
         self._waiting = [0] * self._bands  # what band_waiting in shared memory says (ns since, 0: no)
         self.slots = SlotTable(config.flow_slots, config.flow_gc_timeout)
         self.layout = ShmLayout(config.flow_slots, shards, len(config.bands), N_OUTCOMES, N_WAIT_BUCKETS)
@@ -368,7 +370,7 @@ class Distributor:
                 outcome = Outcome(msg.outcome)
                 covered = False
                 if outcome == _DISPATCHED:
-                    band, live = ledger.grant_answered(shard, p.size, dispatched=p)
+                    band, live = ledger.grant_answered(shard, p.size, dispatched=p, dispatched_at=msg.decided)
                     covered = live and band == p.band
                 newcomer = ledger.leave(p, covered=covered)
                 self._finish(p, outcome, msg.wait, counted_by_shard=True, at=msg.at)
@@ -482,9 +484,13 @@ class Distributor:
     def _end_pass(self) -> None:
         if self._plan_needed:
             self._plan_needed = False
-            self._plan()
             if self._bands > 1:
+                at = time.monotonic_ns()
+                self._plan()
                 self._publish_waiting()
+                self._count_inversions(at)
+            else:
+                self._plan()
         self._pass_scheduled = False
         self._flush()
 
@@ -508,6 +514,16 @@ class Distributor:
             elif waiting[b]:
                 waiting[b] = 0
                 shm.set_waiting(b, 0)
+
+    def _count_inversions(self, at: int) -> None:
+        """The ledger is planned: it judges the dispatches it was told of since the last plan (exactly,
+        from what its plans left without budget; see Ledger.close_window). This process is the only
+        writer of the distributor's row of `inversions`."""
+        inverted = self.ledger.close_window(at)
+        shm = self.shm
+        if inverted and shm is not None:
+            for band in inverted:
+                shm.add_inversion(self.n_shards, band)
 
     def _plan(self) -> None:
         """Send the grants the ledger plans. A shard's consecutive grants for the same band and byte cap

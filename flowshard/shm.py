@@ -116,7 +116,7 @@ class ShmLayout:
             "band_enq_items": (b, n),
             # strict priority at the moment of dispatch (see Distributor._publish_waiting, ShardWorker):
             "band_waiting": (b,),  # since when (ns) the band has queued work no grant covers; 0: none
-            "inversions": (n + 1, b),  # dispatches of a band while a higher eligible band waited so
+            "inversions": (n + 1, b),  # priority inversions per band; only the distributor's row N is written
             "narrowed": (n + 1, b),  # grants of a band handed back because a higher band waited so
         }
         specs: list[ArraySpec] = []
@@ -387,18 +387,17 @@ class ShmStats:
         ``since_ns`` (CLOCK_MONOTONIC, system-wide); 0: it has none."""
         self._q[self._w_wait + band] = since_ns
 
-    def waiting_above(self, band: int, ceilings: list[float], saturation: float, at_ns: int = 0) -> int:
+    def waiting_above(self, band: int, ceilings: list[float], saturation: float) -> int:
         """The highest band above ``band`` (lower index) that waits uncovered and is eligible at
-        ``saturation`` (its ceiling above it), or ``band`` itself if none does. With ``at_ns``: only
-        a band that was already waiting at that instant."""
+        ``saturation`` (its ceiling above it), or ``band`` itself if none does."""
         q, w = self._q, self._w_wait
         for h in range(band):
-            since = q[w + h]
-            if since and ceilings[h] > saturation and (not at_ns or since <= at_ns):
+            if q[w + h] and ceilings[h] > saturation:
                 return h
         return band
 
     def add_inversion(self, writer: int, band: int) -> None:
+        """The distributor (writer N) only: a priority inversion of ``band`` (Ledger.close_window)."""
         self._q[self._w_inv + writer * self._b + band] += 1
 
     def add_narrowed(self, writer: int, band: int) -> None:

@@ -91,28 +91,28 @@ def test_a_ceiling_reached_by_the_higher_band_does_not_narrow() -> None:
     asyncio.run(main())
 
 
-def test_an_inversion_is_counted_only_if_the_higher_band_waited_before_the_dispatch_ended() -> None:
-    """The race the narrowing cannot close: the distributor publishes a higher band's waiting work
-    while the shard is inside its dispatch. The cell says since when; the shard's re-read after the
-    dispatch counts it only if that was before the dispatch call ended."""
+def test_a_dispatch_below_the_top_band_reports_when_it_was_committed() -> None:
+    """Whether a dispatch was a priority inversion is the distributor's to judge (it knows what its
+    plans left without budget): the shard reports the clock read right after its engine committed
+    the dispatch (`Done.decided`, ns), and counts nothing itself."""
 
     async def main() -> None:
         worker, t, stats = await _worker(2)
         dispatch = worker.engine.dispatch
+        seen: list[int] = []
 
-        def racing(stamp: int) -> Any:
-            def run(*args: Any) -> Any:
-                stats.set_waiting(0, stamp or time.monotonic_ns())  # published during the dispatch
-                return dispatch(*args)
-            return run
+        def timed(*args: Any) -> Any:
+            seen.append(time.monotonic_ns())
+            item = dispatch(*args)
+            seen.append(time.monotonic_ns())
+            return item
 
-        worker.engine.dispatch = racing(0)  # type: ignore[method-assign]
-        worker.data_received(frames(_enqueue(1, 1), Grant(1, -1, 0.0)))
-        assert [(type(m), m.id) for m in t.got] == [(Done, 1)] and int(stats.inversions[1, 1]) == 1
-        stats.set_waiting(0, 0)
-        worker.engine.dispatch = racing(time.monotonic_ns() + 10**9)  # type: ignore[method-assign]
-        worker.data_received(frames(_enqueue(2, 1), Grant(1, -1, 0.0)))  # published after it: not counted
-        assert int(stats.inversions[1, 1]) == 1
+        worker.engine.dispatch = timed  # type: ignore[method-assign]
+        worker.data_received(frames(_enqueue(1, 1), _enqueue(2, 2), Grant(0, -1, 0.0), Grant(1, -1, 0.0)))
+        high, low = t.got
+        assert (high.id, low.id) == (2, 1)
+        assert seen[3] <= low.decided <= time.monotonic_ns() and high.decided == 0  # the top band: nothing to judge
+        assert int(stats.inversions.sum()) == 0
 
     asyncio.run(main())
 

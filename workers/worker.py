@@ -67,6 +67,7 @@ class ShardWorker(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
+        self._decided = 0  # the dispatch _grant is reporting: when it was committed (ns)
         self._beat: asyncio.TimerHandle | None = None
         self._closing = False
         self._stopped = False
@@ -127,23 +128,21 @@ class ShardWorker(asyncio.Protocol):
         but one may have arrived since (on any shard, or in transit). If the distributor's cells say
         a higher band, eligible at this saturation, waits with no grant covering it, the grant is
         narrowed to that band: used for it if this shard holds some, else handed back so the
-        distributor can grant it where that work is. The cells hold since when each band waits, so
-        reading them again after the dispatch tells exactly whether a higher band had been waiting
-        before the dispatch call ended (it was published between the read and the dispatch): that
-        is an inversion, counted (up to the ~1 µs between the engine's commit and the call's end)."""
-        engine, stats, shard = self.engine, self.stats, self.shard
+        distributor can grant it where that work is. A dispatch of a band below the top carries the
+        clock read right after the engine committed it (`Done.decided`): the distributor, which
+        knows what its plans left without budget, decides from it whether it was an inversion."""
+        engine, stats = self.engine, self.stats
         top = stats.waiting_above(band, self.ceilings, saturation) if band else 0
         item = engine.dispatch(now, top, max_bytes, saturation)
-        decided = time.monotonic_ns() if band else 0
+        self._decided = time.monotonic_ns() if band and item is not None else 0
         self._drain()  # TTL evictions on the way, then the dispatch: in order
+        self._decided = 0
         if item is None:
             if top < band:  # the higher band's need is for its own grant to find out, not this band's
-                stats.add_narrowed(shard, band)
+                stats.add_narrowed(self.shard, band)
                 self.writer.add(GrantBack(band, 0))
             else:
                 self.writer.add(GrantBack(band, engine.blocked_size))
-        elif item.band and stats.waiting_above(item.band, self.ceilings, saturation, decided) < item.band:
-            stats.add_inversion(shard, item.band)
 
     def _drain(self) -> None:
         """Turn finished items into Done frames and shared-memory counter updates."""
@@ -155,7 +154,7 @@ class ShardWorker(asyncio.Protocol):
             request = item.request
             outcome = item.outcome
             wait = item.finished_at - item.enqueued_at
-            add(Done(request.id, outcome, wait, item.finished_at))
+            add(Done(request.id, outcome, wait, item.finished_at, self._decided if outcome == _DISPATCHED else 0))
             stats.add_deq(slots.pop(request.id), shard, item.band, request.size)
             stats.add_outcome(shard, item.band, outcome)
             if outcome == _DISPATCHED:

@@ -1,0 +1,249 @@
+"""The exact priority-inversion count (DESIGN §4.3), on a real Distributor and real ShardWorkers wired in
+one process: the distributor's frames are handed to the workers and theirs back by hand, and an end of
+pass (`_end_pass`: plan, publish `band_waiting`, judge) happens where the test says. So the races
+between the processes are played in a fixed order, on the real clocks: a shard dispatching a low
+request in the gap between the distributor routing a high one and planning for it, with budget for
+both (not an inversion) or without (an inversion, counted once), and a dispatch reported late.
+
+`flowshard_priority_inversions_total` and `/v1/stats` count, per band, the dispatches that took budget
+a higher band was short of: some of the higher band's work already without a grant at the dispatch
+was left without one by the distributor's next plan (docs/architecture.md, "Strict priority")."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from test_worker import FakeTransport
+
+from distributor.metrics import stats_snapshot
+from distributor.service import Distributor
+from flowshard.config import BandConfig, BudgetConfig, Config, ServiceConfig
+from flowshard.engine import Engine
+from flowshard.shm import ShmStats
+from flowshard.types import Outcome
+from workers.worker import ShardWorker
+
+D = Outcome.DISPATCHED
+HIGH, LOW = 10, 0  # priorities; band indices 0 and 1
+
+
+class Waiter:
+    def __init__(self) -> None:
+        self.outcomes: dict[int, tuple[Outcome, int]] = {}
+
+    def deliver(self, cid: Any, request_id: int, outcome: Outcome, ticket: int, *rest: Any) -> None:
+        self.outcomes[cid] = (outcome, ticket)
+
+
+class Rig:
+    """A Distributor with two in-process workers (one ShmStats over one buffer, as the segment is)."""
+
+    def __init__(self, budget: int) -> None:
+        config = Config(
+            bands=[BandConfig(priority=HIGH, name="high"), BandConfig(priority=LOW, name="low")],
+            budget=BudgetConfig(max_inflight_requests=budget),
+            service=ServiceConfig(fast_path=False),
+            flow_slots=64,
+        )
+        self.d = d = Distributor(config, shards=2)
+        d.shm = ShmStats(bytearray(d.layout.nbytes), d.layout, init=True)
+        d._accepting = True
+        for s in d.shards:
+            s.ready = True
+        loop = asyncio.get_running_loop()
+        self.workers: list[ShardWorker] = []
+        self.transports: list[FakeTransport] = []
+        for n in range(2):
+            w = ShardWorker(n, Engine(config, enforce_limits=False), d.shm, loop.create_future())
+            t = FakeTransport()
+            w.connection_made(t)  # type: ignore[arg-type]
+            t.got.clear()  # the Hello
+            self.workers.append(w)
+            self.transports.append(t)
+        self.waiter = Waiter()
+        self._cid = 0
+
+    def admit(self, flow: str, priority: int) -> tuple[int, int]:
+        """Admit a request; returns (its client id, the shard it was routed to)."""
+        self._cid += 1
+        rid = self.d.admit(self.waiter, self._cid, flow, priority, 100, 0.0, 0.0, 0, 0.0, False)
+        return self._cid, self.d.pending[rid].shard
+
+    def end_pass(self) -> None:
+        self.d._plan_needed = True
+        self.d._end_pass()
+
+    def to_shard(self, n: int) -> None:
+        """The shard reads what the distributor wrote to it (one read) and answers."""
+        data = self.d.shards[n].writer.take()
+        if data:
+            self.workers[n].data_received(data)
+
+    def from_shard(self, n: int) -> None:
+        """The distributor reads the shard's answers (one pass's worth)."""
+        got = self.transports[n].got
+        messages, got[:] = list(got), []
+        if messages:
+            self.d.on_worker_frames(n, messages)
+
+    def during_dispatch(self, n: int, action: Callable[[], None]) -> None:
+        """Run `action` (a distributor event) inside shard n's next engine dispatch, after the shard
+        read the `band_waiting` cells and before its engine commits: the race no reading can close."""
+        engine = self.workers[n].engine
+        dispatch = engine.dispatch
+
+        def racing(*args: Any) -> Any:
+            engine.dispatch = dispatch  # type: ignore[method-assign]
+            action()
+            return dispatch(*args)
+
+        engine.dispatch = racing  # type: ignore[method-assign]
+
+    def inversions(self) -> list[int]:
+        return [b["priority_inversions"] for b in stats_snapshot(self.d)["bands"]]
+
+    def narrowed(self) -> list[int]:
+        return [b["grants_narrowed"] for b in stats_snapshot(self.d)["bands"]]
+
+
+def _run(main: Callable[[], Any]) -> None:
+    async def wrapped() -> None:
+        main()
+
+    asyncio.run(wrapped())
+
+
+def test_a_low_dispatch_between_routing_and_planning_with_budget_for_both_is_not_an_inversion() -> None:
+    """Budget 2: low holds a grant on shard a; high is routed (to shard b) while shard a dispatches
+    low, after its read of the cells. The pass's plan grants high from the free slot: low took
+    nothing high needed. (The shard's re-read counted this: high was published before its dispatch
+    ended, so the count was an upper bound.)"""
+
+    def main() -> None:
+        rig = Rig(budget=2)
+        low, a = rig.admit("l", LOW)
+        rig.end_pass()  # one grant, for low, to shard a; one slot left free
+        high: list[tuple[int, int]] = []
+        rig.during_dispatch(a, lambda: high.append(rig.admit("h", HIGH)))
+        rig.to_shard(a)  # low dispatched; high routed meanwhile (band_waiting[high] set)
+        (high_cid, b), = high
+        assert b != a
+        rig.from_shard(a)
+        rig.end_pass()  # the plan: high gets the free slot
+        rig.to_shard(b)
+        rig.from_shard(b)
+        rig.end_pass()
+        assert rig.waiter.outcomes[low][0] is D and rig.waiter.outcomes[high_cid][0] is D
+        assert rig.inversions() == [0, 0] and rig.narrowed() == [0, 0]
+
+    _run(main)
+
+
+def test_the_same_race_without_budget_for_high_is_one_inversion() -> None:
+    """Budget 1: low's grant is the only slot. High, routed while shard a dispatches low, is left
+    without a grant by the pass's plan: low took the budget high was entitled to. Counted once, and
+    high is served when low's ticket is released."""
+
+    def main() -> None:
+        rig = Rig(budget=1)
+        low, a = rig.admit("l", LOW)
+        rig.end_pass()
+        high: list[tuple[int, int]] = []
+        rig.during_dispatch(a, lambda: high.append(rig.admit("h", HIGH)))
+        rig.to_shard(a)
+        (high_cid, b), = high
+        rig.end_pass()  # the plan for high's pass: no budget, high waits
+        rig.from_shard(a)  # low's Done arrives in a later pass
+        rig.end_pass()
+        assert rig.inversions() == [0, 1]
+        assert rig.d.release(rig.waiter.outcomes[low][1])
+        rig.end_pass()
+        rig.to_shard(b)
+        rig.from_shard(b)
+        rig.end_pass()
+        assert rig.waiter.outcomes[high_cid][0] is D
+        assert rig.inversions() == [0, 1] and rig.narrowed() == [0, 0]
+
+    _run(main)
+
+
+def test_a_low_dispatch_before_high_arrives_is_not_an_inversion() -> None:
+    """Budget 1: shard a dispatches low; only then is high routed, and the plan has no budget for it.
+    High waits for low's ticket, but nothing high had was taken: not counted."""
+
+    def main() -> None:
+        rig = Rig(budget=1)
+        low, a = rig.admit("l", LOW)
+        rig.end_pass()
+        rig.to_shard(a)
+        high_cid, b = rig.admit("h", HIGH)
+        rig.from_shard(a)
+        rig.end_pass()
+        assert rig.inversions() == [0, 0]
+        assert rig.d.release(rig.waiter.outcomes[low][1])
+        rig.end_pass()
+        rig.to_shard(b)
+        rig.from_shard(b)
+        rig.end_pass()
+        assert rig.waiter.outcomes[high_cid][0] is D and rig.inversions() == [0, 0]
+
+    _run(main)
+
+
+def test_a_grant_reaching_its_shard_after_high_was_published_is_narrowed_not_counted() -> None:
+    """What the narrowing prevents (the SIGSTOP case of test_service_priority, in process): the
+    low grant reaches shard a after high was routed; the shard hands it back and high gets it."""
+
+    def main() -> None:
+        rig = Rig(budget=1)
+        low, a = rig.admit("l", LOW)
+        rig.end_pass()
+        high_cid, b = rig.admit("h", HIGH)
+        rig.end_pass()  # no budget: high waits, published
+        rig.to_shard(a)
+        assert low not in rig.waiter.outcomes
+        rig.from_shard(a)  # the GrantBack
+        rig.end_pass()
+        rig.to_shard(b)
+        rig.from_shard(b)
+        rig.end_pass()
+        assert rig.waiter.outcomes[high_cid][0] is D and low not in rig.waiter.outcomes
+        assert rig.inversions() == [0, 0] and rig.narrowed() == [0, 1]
+
+    _run(main)
+
+
+def test_a_dispatch_on_a_stale_read_while_high_is_short_is_counted_once_however_late_reported() -> None:
+    """High is short (no budget, published) over several passes; shard a still dispatches low on
+    its old grant (its read of the cells is older than high's publication: here, the read is made
+    to see nothing). Its Done reaches the distributor passes later: counted once."""
+
+    def main() -> None:
+        rig = Rig(budget=1)
+        low, a = rig.admit("l", LOW)
+        rig.end_pass()
+        high_cid, _ = rig.admit("h", HIGH)
+        rig.end_pass()
+        for flow in ("x", "y"):  # more passes, more low work
+            rig.admit(flow, LOW)
+            rig.end_pass()
+        stats = rig.workers[a].stats
+        waiting_above = stats.waiting_above
+
+        def stale(band: int, *args: Any, **kw: Any) -> int:  # this one read predates high's publication
+            stats.waiting_above = waiting_above  # type: ignore[method-assign]
+            return band
+
+        stats.waiting_above = stale  # type: ignore[method-assign]
+        rig.to_shard(a)
+        rig.end_pass()
+        rig.end_pass()
+        rig.from_shard(a)
+        rig.end_pass()
+        rig.end_pass()
+        assert rig.waiter.outcomes[low][0] is D and high_cid not in rig.waiter.outcomes
+        assert rig.inversions() == [0, 1]
+
+    _run(main)
