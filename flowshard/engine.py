@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from flowshard.budget import Budget
@@ -108,6 +109,7 @@ class Engine:
         self.shutting_down = False
         self.outbox: list[Item] = []
         self.blocked_size = 0  # set by dispatch(): bytes the chosen request needed, when it did not fit
+        self.vetoed = False  # set by dispatch(): `recheck` named a higher band at the last moment
         self._items: dict[int, Item] = {}
         self._no_ceilings = all(b.ceiling >= 1.0 for b in self.bands)
         self._held: set[int] = set()  # ids dispatched by pump() and not yet released
@@ -360,7 +362,8 @@ class Engine:
             fairness.head_changed(flow)
 
     def dispatch(
-        self, now: float, band: int | None = None, max_bytes: float = _INF, saturation: float = -1.0
+        self, now: float, band: int | None = None, max_bytes: float = _INF, saturation: float = -1.0,
+        recheck: Callable[[int, float], int] | None = None,
     ) -> Item | None:
         """Grant mode: dispatch the next request of band index <= `band` (priority >= its priority).
 
@@ -368,8 +371,14 @@ class Engine:
         at or below the grantor's `saturation` (as `pump` does with its own budget). If its chosen request is larger
         than `max_bytes`, nothing is dispatched (the grant is handed back) rather than serving a
         lower band out of order, and `blocked_size` says how many bytes that request needs.
+
+        `recheck(b, saturation)`, when given, is asked right before a request of band b > 0 is
+        committed (after the policies chose it, which is most of the call): the highest band <= b
+        that may go now. If it names a higher band, nothing is dispatched and `vetoed` is set (the
+        bands above b hold nothing here: the grant is for that band's work on another shard).
         """
         self.blocked_size = 0
+        self.vetoed = False
         bands = self.bands if band is None else self.bands[: band + 1]
         for b in bands:
             if b.enq_items == b.deq_items or b.ceiling <= saturation:
@@ -379,6 +388,9 @@ class Engine:
                 continue
             if item.request.size > max_bytes:
                 self.blocked_size = item.request.size
+                return None
+            if recheck is not None and item.band and recheck(item.band, saturation) < item.band:
+                self.vetoed = True
                 return None
             self._commit(item, now)
             return item

@@ -63,6 +63,7 @@ class ShardWorker(asyncio.Protocol):
         self.writer = FrameWriter()
         self.slots: dict[int, int] = {}  # request id -> flow slot, for the dequeue counters
         self.ceilings = [b.ceiling for b in engine.bands]
+        self._recheck = lambda band, saturation: stats.waiting_above(band, self.ceilings, saturation)
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
@@ -128,17 +129,20 @@ class ShardWorker(asyncio.Protocol):
         but one may have arrived since (on any shard, or in transit). If the distributor's cells say
         a higher band, eligible at this saturation, waits with no grant covering it, the grant is
         narrowed to that band: used for it if this shard holds some, else handed back so the
-        distributor can grant it where that work is. A dispatch of a band below the top carries the
-        clock read right after the engine committed it (`Done.decided`): the distributor, which
-        knows what its plans left without budget, decides from it whether it was an inversion."""
+        distributor can grant it where that work is. The cells are read before the engine's
+        selection and again right before its commit (`recheck`): the selection is most of the
+        call (tens of µs on a loaded machine), and a higher band published meanwhile narrows the
+        grant too. A dispatch of a band below the top carries the clock read right after the
+        engine committed it (`Done.decided`): the distributor, which knows what its plans left
+        without budget, decides from it whether it was an inversion."""
         engine, stats = self.engine, self.stats
         top = stats.waiting_above(band, self.ceilings, saturation) if band else 0
-        item = engine.dispatch(now, top, max_bytes, saturation)
+        item = engine.dispatch(now, top, max_bytes, saturation, self._recheck if top else None)
         self._decided = time.monotonic_ns() if band and item is not None else 0
         self._drain()  # TTL evictions on the way, then the dispatch: in order
         self._decided = 0
         if item is None:
-            if top < band:  # the higher band's need is for its own grant to find out, not this band's
+            if top < band or engine.vetoed:  # the higher band's need is for its own grant to find out
                 stats.add_narrowed(self.shard, band)
                 self.writer.add(GrantBack(band, 0))
             else:
