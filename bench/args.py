@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("scenario", metavar="SCENARIO",
                    help="scenario TOML file, or the name of a shipped scenario (see `flowshard simulate --help`)")
     p.add_argument("--shards", default="1", help="comma-separated shard counts to start, e.g. 1,2,4 (default 1)")
+    p.add_argument("--acceptors", default="auto", metavar="K,...",
+                   help="serve --acceptors for each shard count: comma-separated counts (each configuration is run "
+                        "with each), or auto (default: what serve chooses)")
     p.add_argument("--target", metavar="HOST:PORT", help="drive a running service (its binary port) instead")
     p.add_argument("--http-target", metavar="HOST:PORT", help="with --target: its HTTP address (default PORT-1)")
     p.add_argument("--http", action="store_true", help="use HTTP/JSON instead of the binary protocol")

@@ -135,10 +135,12 @@ class Config(msgspec.Struct, frozen=True):
     shards: int
     transport: str
     rate: float | None
+    acceptors: str = "auto"  # serve --acceptors
 
     @property
     def label(self) -> str:
-        base = {"flowshard": f"shards={self.shards}", "echo": f"echo-{self.transport}", "target": "target"}[self.kind]
+        served = f"shards={self.shards}" + ("" if self.acceptors == "auto" else f" acc={self.acceptors}")
+        base = {"flowshard": served, "echo": f"echo-{self.transport}", "target": "target"}[self.kind]
         return base if self.rate is None else f"{base} @{self.rate:g}/s"
 
 
@@ -161,7 +163,7 @@ def wait_quiet(limit: float, threshold: float = 0.25) -> float:
 
 def _start(config: Config, scenario: Scenario, args: argparse.Namespace, workdir: str) -> Server:
     if config.kind == "flowshard":
-        return Server.start_flowshard(scenario, config.shards, workdir)
+        return Server.start_flowshard(scenario, config.shards, workdir, config.acceptors)
     if config.kind == "echo":
         return Server.start_echo()
     return Server.attach(args.target, args.http_target, "http" if args.http else "binary")
@@ -179,7 +181,10 @@ def run_all(args: argparse.Namespace, base: Scenario, records_out: BinaryIO | No
             shards = _list(args.shards, int, "--shards")
             if max(shards) > MAX_SHARDS:
                 raise ConfigError(f"--shards: {max(shards)} is not allowed; 1 to {MAX_SHARDS}")
-            configs += [Config("flowshard", n, transport, rate) for n in shards]
+            accs = [a.strip() for a in args.acceptors.split(",")]
+            if any(a != "auto" and not a.isdigit() for a in accs):
+                raise ConfigError(f"--acceptors: {args.acceptors!r}: expected counts like 0,2 or auto")
+            configs += [Config("flowshard", n, transport, rate, a) for n in shards for a in accs]
         if args.baseline:
             configs.append(Config("echo", 0, transport, rate))
     if args.runs < 1 or args.procs < 1:

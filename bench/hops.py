@@ -62,10 +62,11 @@ def _frames(stats: dict[str, Any] | None) -> tuple[int, int]:
     return (sum(s.get("frames_to", 0) for s in stats["shards"]), sum(s.get("frames_from", 0) for s in stats["shards"]))
 
 
-async def measure(path: str, shards: int, procs: int, duration: float | None) -> dict[str, Any]:
+async def measure(path: str, shards: int, procs: int, duration: float | None, acceptors: str = "auto"
+                  ) -> dict[str, Any]:
     scenario = adjust(read_scenario(path), duration=duration)
     with tempfile.TemporaryDirectory(prefix="flowshard-hops-") as tmp:
-        server = Server.start_flowshard(scenario, shards, tmp)
+        server = Server.start_flowshard(scenario, shards, tmp, acceptors)
         try:
             before, stats0 = _snapshot(server), await server.stats()
             await run_once(scenario, server, Options(procs=procs))
@@ -81,6 +82,9 @@ async def measure(path: str, shards: int, procs: int, duration: float | None) ->
         per[role] = {"cpu_us": (cpu - c0) / n * 1e6, "reads": (reads - r0) / n, "writes": (writes - w0) / n}
     workers = [v for k, v in per.items() if k.startswith("worker")]
     per["workers (sum)"] = {k: sum(w[k] for w in workers) for k in ("cpu_us", "reads", "writes")}
+    fronts = [v for k, v in per.items() if k.startswith("acceptor")]
+    if fronts:
+        per["acceptors (sum)"] = {k: sum(w[k] for w in fronts) for k in ("cpu_us", "reads", "writes")}
     return {"shards": shards, "dispatched": n, "frames_to_shards": (to1 - to0) / n,
             "frames_from_shards": (from1 - from0) / n, "per_process": per}
 
@@ -100,13 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("scenario")
     parser.add_argument("--shards", default="1,2,4,8", type=_shard_list, help="comma-separated, each 1..256")
     parser.add_argument("--procs", type=int, default=2, help="load-generator processes (default 2)")
+    parser.add_argument("--acceptors", default="auto", help="serve --acceptors (default auto)")
     parser.add_argument("--duration", type=float, default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     results = []
     for n in args.shards:
         try:
-            r = asyncio.run(measure(args.scenario, n, args.procs, args.duration))
+            r = asyncio.run(measure(args.scenario, n, args.procs, args.duration, args.acceptors))
         except (ConfigError, BenchError) as exc:
             print(f"python -m bench.hops: {exc}", file=sys.stderr)
             return 2
@@ -115,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shards={n}: {r['dispatched']:,} dispatched; distributor {d['cpu_us']:.1f} µs, "
               f"{d['reads']:.2f} reads, {d['writes']:.2f} writes; workers (sum) {w['cpu_us']:.1f} µs, "
               f"{w['reads']:.2f} reads, {w['writes']:.2f} writes; frames to/from shards "
-              f"{r['frames_to_shards']:.2f} / {r['frames_from_shards']:.2f} per request", flush=True)
+              f"{r['frames_to_shards']:.2f} / {r['frames_from_shards']:.2f} per request"
+              + (f"; acceptors (sum) {a['cpu_us']:.1f} µs, {a['reads']:.2f} reads, {a['writes']:.2f} writes"
+                 if (a := r["per_process"].get("acceptors (sum)")) else ""), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

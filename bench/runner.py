@@ -75,13 +75,13 @@ class Server:
     # ------------------------------------------------------------ start / stop
 
     @classmethod
-    def start_flowshard(cls, scenario: Scenario, shards: int, workdir: str) -> Server:
+    def start_flowshard(cls, scenario: Scenario, shards: int, workdir: str, acceptors: str = "auto") -> Server:
         config_path = os.path.join(workdir, f"config-{shards}.toml")
         Path(config_path).write_text(dump_config(scenario.server))
         # -P (here and for the echo server and the generators): the installed modules, never a `bench`
         # or `workers` package in the directory `flowshard bench` was started from
         argv = [sys.executable, "-P", "-m", "flowshard.cli", "serve", "--shards", str(shards), "--config", config_path,
-                "--port", "0", "--binary-port", "0"]
+                "--port", "0", "--binary-port", "0", "--acceptors", acceptors]
         server = cls._start("flowshard", argv)
         server.config_path = config_path
         return server
@@ -177,7 +177,13 @@ class Server:
         for child in children(self.pid):
             cmd = cmdline(child)
             m = re.search(r"--shard (\d+)", cmd)
-            role = f"worker{m.group(1)}" if m else ("tracker" if "resource_tracker" in cmd else "child")
+            a = re.search(r"distributor\.front --index (\d+)", cmd)
+            if m:
+                role = f"worker{m.group(1)}"
+            elif a:
+                role = f"acceptor{a.group(1)}"
+            else:
+                role = "tracker" if "resource_tracker" in cmd else "child"
             p = ProcId.of(child, role)
             if p is not None:
                 out.append(p)

@@ -6,6 +6,7 @@ The front-ends parse and validate; the distributor decides. Outcomes are deliver
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 from flowshard.types import Outcome
@@ -35,7 +36,8 @@ class Waiter(Protocol):
 
 
 class Admission(Protocol):
-    """Implemented by `distributor.service.Distributor`."""
+    """Implemented by `distributor.service.Distributor` (fronts in its own process) and by
+    `distributor.front.Upstream` (fronts in an acceptor process, speaking to the distributor)."""
 
     @property
     def accepting(self) -> bool:
@@ -57,6 +59,14 @@ class Admission(Protocol):
     def release(self, ticket: int, tokens: int = -1) -> bool:
         """Free a dispatched request's ticket. False for unknown or already released tickets.
         `tokens` >= 0: the request's actual cost, to correct its flow's fairness charge."""
+
+    def release_then(self, ticket: int, tokens: int, done: Callable[[int, bool], None]) -> None:
+        """`release`, answered by `done(ticket, ok)`: at once in the distributor's process, after a
+        round trip from an acceptor process (`distributor.front`). `tokens` -1: none reported."""
+
+    def query(self, what: str, done: Callable[[bytes, str], None]) -> None:
+        """The body and content type of GET /v1/stats (`what` "stats", JSON) or GET /metrics
+        ("metrics"), given to `done` (at once, or after a round trip from an acceptor process)."""
 
     def release_all(self, waiter: Waiter) -> int:
         """The connection closed: release every ticket it holds (binary protocol)."""

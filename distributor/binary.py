@@ -77,8 +77,9 @@ class BinaryLimits:
     max_linger_bytes: int = 1 << 20  # input a closing connection may still send (read and discarded)
 
 
-class _Hub:
-    """State shared by the connections of one server."""
+class BinaryHub:
+    """State shared by the connections of one server; called, it makes a connection's protocol
+    (a server's factory, or an acceptor's for the connections handed to it)."""
 
     __slots__ = ("admission", "connections", "guards", "limits", "loop")
 
@@ -91,14 +92,17 @@ class _Hub:
         self.guards = guards
         self.connections = 0
 
+    def __call__(self) -> BinaryConnection:
+        return BinaryConnection(self)
+
 
 async def start_binary_server(
-    admission: Admission, host: str, port: int, limits: BinaryLimits | None = None, guards: Guards | None = None
+    admission: Admission, host: str, port: int, limits: BinaryLimits | None = None, guards: Guards | None = None,
 ) -> asyncio.Server:
     """Listen for binary-protocol clients (port 0: any free port, see `server.sockets`)."""
     loop = asyncio.get_running_loop()
-    hub = _Hub(admission, limits or BinaryLimits(), loop, guards if guards is not None else Guards())
-    return await loop.create_server(lambda: BinaryConnection(hub), host, port, backlog=1024)
+    hub = BinaryHub(admission, limits or BinaryLimits(), loop, guards if guards is not None else Guards())
+    return await loop.create_server(hub, host, port, backlog=1024)
 
 
 class BinaryConnection(asyncio.Protocol):
@@ -114,7 +118,7 @@ class BinaryConnection(asyncio.Protocol):
         "_lost", "_max_inflight", "_open", "_out", "_pending", "_reader", "_stalled_at", "_timer", "_transport",
     )
 
-    def __init__(self, hub: _Hub) -> None:
+    def __init__(self, hub: BinaryHub) -> None:
         self._hub = hub
         self._admission = hub.admission
         self._transport: asyncio.Transport | None = None
@@ -202,8 +206,11 @@ class BinaryConnection(asyncio.Protocol):
         # the frame has no error reply: an out-of-range actual cost is dropped, the ticket still released
         # (never held by a bad field); the Python client refuses such values
         tokens = msg.tokens if check_release_tokens(msg.tokens, allow_unset=True) is None else -1
-        ok = self._admission.release(ticket, tokens) if tokens >= 0 else self._admission.release(ticket)
-        self._send(Released(ticket, ok))
+        self._admission.release_then(ticket, tokens, self._released)
+
+    def _released(self, ticket: int, ok: bool) -> None:
+        if not self._lost:
+            self._send(Released(ticket, ok))
 
     def _reading(self) -> None:
         """Read while neither replies wait beyond write_high nor complete frames are kept unread."""

@@ -207,8 +207,9 @@ class _Slot:
         self.exchange: Exchange | None = None  # proxy mode: told when the client goes away
 
 
-class _Shared:
-    """What all connections of one server share."""
+class HttpHub:
+    """What all connections of one server share; called, it makes a connection's protocol (a
+    server's factory, or an acceptor's for the connections handed to it)."""
 
     __slots__ = (
         "admission", "guards", "lease", "limits", "linger", "loop", "open", "probe", "proxy", "reserve", "unheld_at",
@@ -233,6 +234,9 @@ class _Shared:
         # Reading resumes once a held connection's queue drops to this (hysteresis).
         self.unheld_at = max(0, limits.max_pipelined // 2)
 
+    def __call__(self) -> HttpConnection:
+        return HttpConnection(self)
+
 
 # ---------------------------------------------------------------------------------------- connection
 
@@ -245,7 +249,7 @@ class HttpConnection(asyncio.Protocol):
     lost; every `deliver` is a no-op).
     """
 
-    def __init__(self, shared: _Shared) -> None:
+    def __init__(self, shared: HttpHub) -> None:
         self._sh = shared
         self._admission = shared.admission
         self._limits = shared.limits
@@ -451,10 +455,13 @@ class HttpConnection(asyncio.Protocol):
         sent, self._sent = self._sent, []
         for ticket in sent:
             try:
-                if self._admission.release(ticket):
-                    self._sh.guards.hit("http", "undeliverable")
+                self._admission.release_then(ticket, -1, self._undeliverable)
             except Exception:
                 log.exception("releasing undelivered ticket %s failed", ticket)
+
+    def _undeliverable(self, ticket: int, ok: bool) -> None:
+        if ok:  # counted only when the release freed the ticket (the client had not released it)
+            self._sh.guards.hit("http", "undeliverable")
 
     # ------------------------------------------------------------------ Waiter
 
@@ -652,11 +659,15 @@ class HttpConnection(asyncio.Protocol):
         if problem is not None:
             self._respond(_error(422, problem, conn), close)
             return
-        admission = self._admission
-        if admission.release(r.ticket) if r.tokens is None else admission.release(r.ticket, r.tokens):
-            self._respond(_render(_H200, b'{"released":true}', conn), close)
-        else:
-            self._respond(_error(404, f"ticket {r.ticket} is unknown or already released", conn), close)
+        slot = self.slot_open(conn, close)
+
+        def answered(ticket: int, ok: bool) -> None:
+            if ok:
+                self.slot_respond(slot, _render(_H200, b'{"released":true}', conn))
+            else:
+                self.slot_respond(slot, _error(404, f"ticket {ticket} is unknown or already released", conn))
+
+        self._admission.release_then(r.ticket, -1 if r.tokens is None else r.tokens, answered)
 
     def _not_reading(self) -> bool:
         """An expensive answer (stats, metrics) for a client that has not read write_high bytes of
@@ -669,14 +680,21 @@ class HttpConnection(asyncio.Protocol):
     def _h_stats(self, body: bytes, conn: bytes, close: int, head: bool) -> None:
         if self._not_reading():
             return
-        self._respond(_render(_H200, _encode(self._admission.stats()), conn, no_body=head), close)
+        slot = self.slot_open(conn, close)
+        self._admission.query(
+            "stats", lambda body, ctype: self.slot_respond(slot, _render(_H200, body, conn, no_body=head))
+        )
 
     def _h_metrics(self, body: bytes, conn: bytes, close: int, head: bool) -> None:
         if self._not_reading():
             return
-        payload, ctype = self._admission.metrics()
-        status = b"HTTP/1.1 200 OK\r\ncontent-type: %b\r\n" % ctype.encode("latin-1")
-        self._respond(_render(status, payload, conn, no_body=head), close)
+        slot = self.slot_open(conn, close)
+
+        def answered(payload: bytes, ctype: str) -> None:
+            status = b"HTTP/1.1 200 OK\r\ncontent-type: %b\r\n" % ctype.encode("latin-1")
+            self.slot_respond(slot, _render(status, payload, conn, no_body=head))
+
+        self._admission.query("metrics", answered)
 
     def _h_healthz(self, body: bytes, conn: bytes, close: int, head: bool) -> None:
         self._respond(_render(_H200, b'{"status":"ok"}', conn, no_body=head), close)
@@ -968,7 +986,7 @@ async def start_http_server(
     clients as `lease_s`: a dispatched ticket is released after it unless released earlier.
     `proxy`: also serve the OpenAI routes (proxy mode)."""
     loop = asyncio.get_running_loop()
-    shared = _Shared(admission, limits, lease, loop, guards if guards is not None else Guards(), proxy)
+    shared = HttpHub(admission, limits, lease, loop, guards if guards is not None else Guards(), proxy)
     return await loop.create_server(
-        lambda: HttpConnection(shared), host, port, backlog=min(4096, max(128, limits.max_connections))
+        shared, host, port, backlog=min(4096, max(128, limits.max_connections))
     )

@@ -18,10 +18,12 @@ import logging
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, cast
 
 import msgspec
@@ -124,12 +126,16 @@ class Shard:
 class Distributor:
     """Implements `distributor.api.Admission` for the HTTP and binary front-ends."""
 
-    def __init__(self, config: Config, shards: int) -> None:
+    def __init__(self, config: Config, shards: int, acceptors: int = 0) -> None:
         if shards < 1:
             raise ValueError("--shards must be at least 1")
+        if acceptors < 0:
+            raise ValueError("--acceptors must be 0 or more")
         self.config = config
         self._worker_config = config_preamble(config)  # encoded once, written first to every worker
         self.n_shards = shards
+        self.n_acceptors = acceptors  # 0: the fronts run in this process (distributor.acceptors)
+        self.acceptors: Any = None  # distributor.acceptors.Acceptors when n_acceptors > 0
         self.ledger = Ledger(config, shards)
         self._bands = len(config.bands)
         if self._bands > 1:  # the exact inversion count (Ledger.close_window) needs the events' times
@@ -153,7 +159,8 @@ class Distributor:
         self._started = False
         self.stop_requested = False  # a signal arrived before start() finished
         self.started = time.monotonic()
-        self.counters = {"tickets_expired": 0, "tickets_released": 0, "worker_restarts": 0, "fast_path": 0}
+        self.counters = {"tickets_expired": 0, "tickets_released": 0, "worker_restarts": 0, "fast_path": 0,
+                         "acceptor_restarts": 0}
         self.guards = Guards()  # protective actions of the fronts (distributor/guards.py)
         self.fd_reserve: FdReserve | None = None  # descriptors kept for worker restarts (fdreserve.py)
         self.segment: Any = None
@@ -174,7 +181,24 @@ class Distributor:
 
     @property
     def ready(self) -> bool:
-        return self._accepting and all(s.ready for s in self.shards)
+        return self._accepting and self.shards_ready
+
+    @property
+    def shards_ready(self) -> bool:
+        return all(s.ready for s in self.shards)
+
+    def _state_changed(self) -> None:
+        """Accepting or ready changed: acceptor processes answer /readyz and refuse work from it."""
+        if self.acceptors is not None:
+            self.acceptors.push_state()
+
+    def on_acceptor_hello(self, link: Any) -> None:
+        self.acceptors.hello(link)
+
+    def on_acceptor_lost(self, link: Any) -> None:
+        if self.acceptors is not None:
+            self.acceptors.lost(link)
+        self._schedule_plan()
 
     def admit(
         self, waiter: Waiter, cid: Any, flow: str, priority: int, size: int, ttl: float, slo: float,
@@ -217,6 +241,15 @@ class Distributor:
         self.counters["tickets_released"] += 1
         self._schedule_plan()
         return True
+
+    def release_then(self, ticket: int, tokens: int, done: Callable[[int, bool], None]) -> None:
+        done(ticket, self.release(ticket, tokens))
+
+    def query(self, what: str, done: Callable[[bytes, str], None]) -> None:
+        if what == "metrics":
+            done(*self.metrics())
+        else:
+            done(msgspec.json.encode(self.stats()), "application/json")
 
     def release_all(self, waiter: Waiter) -> int:
         mine = list(self._owned.get(waiter, ()))
@@ -336,9 +369,10 @@ class Distributor:
             deadline = time.monotonic() + self.config.service.lease if leased else math.inf
             self.tickets[ticket] = Ticket(ticket, p.size, waiter, deadline, p.shard, p.flow, p.payload[0],
                                           p.tokens or p.size)
-            self._owned.setdefault(waiter, set()).add(ticket)
-            if leased:
+            if leased:  # HTTP: held until released or the lease ends, whatever becomes of the connection
                 self._leases[ticket] = deadline
+            else:  # binary: the connection is the lease (release_all when it closes)
+                self._owned.setdefault(waiter, set()).add(ticket)
         elif outcome != Outcome.EVICTED_CANCELLED:
             retry = self.retry[p.band]
             retry_after = retry.rejected(time.monotonic()) if outcome == Outcome.REJECTED_CAPACITY else retry.value
@@ -403,6 +437,7 @@ class Distributor:
         s.pid = hello.pid
         if self._all_ready is not None and all(x.ready for x in self.shards):
             self._all_ready.set()
+        self._state_changed()
 
     def on_worker_lost(self, shard: int, link: WorkerLink) -> None:
         """A worker's socket closed: it died (or was told to stop). Fail what it held; restart it."""
@@ -414,6 +449,7 @@ class Distributor:
         s.writer = FrameWriter()
         if self._stopping:
             return
+        self._state_changed()
         if s.proc is not None:  # reaped first: a worker still running could write its cells after the reset
             with contextlib.suppress(ProcessLookupError):
                 s.proc.kill()
@@ -560,7 +596,6 @@ class Distributor:
 
     async def _spawn(self, shard: int) -> None:
         """Start the shard's worker. Raises OSError (having left nothing open) if it cannot."""
-        import socket
 
         loop = asyncio.get_running_loop()
         reserve = self.fd_reserve
@@ -619,6 +654,9 @@ class Distributor:
             await self.close()
             raise RuntimeError(f"shard workers did not start within {WORKER_START_TIMEOUT:.0f} s") from None
         svc = self.config.service
+        if self.n_acceptors:
+            await self._start_acceptors()
+            return
         if self.config.proxy.backends:
             from distributor.proxy import Proxy
 
@@ -638,6 +676,29 @@ class Distributor:
         self.addresses = {"http": http.sockets[0].getsockname()[:2], "binary": binary.sockets[0].getsockname()[:2]}
         self._accepting = True
         self._started = True
+        self._housekeeper = self._loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeeping)
+
+    async def _start_acceptors(self) -> None:
+        """The fronts in acceptor processes: this process listens and accepts, and hands each
+        connection to an acceptor (distributor.acceptors); it waits for every acceptor's hello."""
+        from distributor.acceptors import Acceptors
+
+        assert self._loop is not None
+        svc = self.config.service
+        http = socket.create_server((svc.host, svc.port), backlog=min(4096, max(128, svc.max_connections)))
+        binary = socket.create_server((svc.host, svc.binary_port), backlog=1024)
+        self.acceptors = Acceptors(self, self.n_acceptors, http, binary, self._worker_config)
+        await self.acceptors.start()
+        try:
+            await asyncio.wait_for(self.acceptors.all_ready.wait(), WORKER_START_TIMEOUT)
+        except TimeoutError:
+            await self.close()
+            raise RuntimeError(f"acceptors did not start within {WORKER_START_TIMEOUT:.0f} s") from None
+        self.addresses = {"http": http.getsockname()[:2], "binary": binary.getsockname()[:2]}
+        self._accepting = True
+        self._started = True
+        self._state_changed()
+        self.acceptors.listen()
         self._housekeeper = self._loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeeping)
 
     def _housekeeping(self) -> None:
@@ -687,6 +748,8 @@ class Distributor:
         self._accepting = False
         for server in self.servers:
             server.close()
+        if self.acceptors is not None:
+            self.acceptors.stop_listening()
         self._loop.create_task(self._drain_then_close())
 
     async def _drain_then_close(self) -> None:
@@ -723,6 +786,8 @@ class Distributor:
             if p.state in (PendingState.QUEUED, PendingState.DISPLACING):
                 self.ledger.leave(p)
             self._finish(p, Outcome.EVICTED_SHUTDOWN, time.monotonic() - p.received)
+        if self.acceptors is not None:  # every outcome is delivered: the acceptors pass on the last ones
+            await self.acceptors.close()
         for s in self.shards:
             if s.link is not None and s.link.transport is not None:
                 s.link.transport.close()
@@ -748,9 +813,9 @@ class Distributor:
         await self._stopped.wait()
 
 
-async def serve(config: Config, shards: int) -> None:
+async def serve(config: Config, shards: int, acceptors: int = 0) -> None:
     """`flowshard serve`: run until SIGTERM/SIGINT, then drain and exit."""
-    service = Distributor(config, shards)
+    service = Distributor(config, shards, acceptors)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before anything starts: no window without a drain
         loop.add_signal_handler(sig, service.begin_drain)
@@ -761,7 +826,7 @@ async def serve(config: Config, shards: int) -> None:
         http, binary = service.addresses["http"], service.addresses["binary"]
         sys.stderr.write(
             f"flowshard ready: http=http://{http[0]}:{http[1]} binary={binary[0]}:{binary[1]} "
-            f"shards={shards} pid={os.getpid()}\n"
+            f"shards={shards} pid={os.getpid()} acceptors={acceptors}\n"
         )
         if service.proxy is not None:
             from distributor.backends import redacted

@@ -8,6 +8,7 @@ stays free of I/O imports.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import msgspec
 
 from flowshard.config import MAX_SHARDS, Config, ConfigError, check_backend_url, convert, dump_config, parse_toml
+
+MAX_ACCEPTORS = 64  # acceptor processes (serve --acceptors)
 
 
 def read_config(path: str | None) -> Config:
@@ -63,12 +66,31 @@ def _serve(args: argparse.Namespace) -> int:
         sys.stderr.write("flowshard: no --config: on the built-in defaults, whose dispatch budget "
                          "(max_inflight_requests = 100) is a placeholder; set it to what your backends run at once "
                          "(README, \"Configuration\")\n")
+    acceptors = _acceptors(args.acceptors, args.shards, bool(config.proxy.backends))
     try:
-        uvloop.run(serve(config, args.shards))
+        uvloop.run(serve(config, args.shards, acceptors))
     except OSError as exc:  # cannot listen (address in use, permission): one line, not a traceback
         sys.stderr.write(f"flowshard: cannot start the service: {exc.strerror or exc}\n")
         return 2
     return 0
+
+
+def _acceptors(given: str, shards: int, proxy: bool) -> int:
+    """--acceptors: "auto" (what `distributor.acceptors.auto_acceptors` measured best) or a count."""
+    from distributor.acceptors import auto_acceptors
+
+    if given == "auto":
+        return 0 if proxy else auto_acceptors(shards, os.cpu_count() or 1)
+    try:
+        count = int(given)
+    except ValueError:
+        raise ConfigError(f"--acceptors: {given!r} is not a number or \"auto\"") from None
+    if not 0 <= count <= MAX_ACCEPTORS:
+        raise ConfigError(f"--acceptors: {count} is not allowed; 0 to {MAX_ACCEPTORS}, or auto")
+    if count and proxy:
+        raise ConfigError("--acceptors: proxy mode (--backend or [proxy] backends) runs its fronts in the "
+                          "distributor; use --acceptors 0 (or auto) with it")
+    return count
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -205,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"shard worker processes, 1 to {MAX_SHARDS} (default 1). More shards do not add "
                             "throughput today (README: \"How many shards\"); keep 1 unless `flowshard bench "
                             "--shards 1,2,4` on your machine shows otherwise")
+    serve.add_argument("--acceptors", default="auto", metavar="K",
+                       help=f"processes that accept and answer clients (HTTP and binary) next to the distributor, "
+                            f"0 to {MAX_ACCEPTORS}; 0 runs them in the distributor. auto (default): 0 with one "
+                            "shard, else one per two shards within the cores left (README: \"How many shards\")")
     serve.add_argument("--config", metavar="FILE", help="configuration TOML (default: the built-in defaults; "
                                                         "`flowshard config check FILE` shows what it means)")
     serve.add_argument("--host", help="listen address for both ports (default: [service] host, 127.0.0.1)")

@@ -210,10 +210,94 @@ class Released(msgspec.Struct, tag=14, array_like=True, gc=False):
     ok: bool
 
 
+# ---------------------------------------------------------------- acceptor <-> distributor
+#
+# An acceptor process (`distributor.front`) serves the client connections the distributor accepted
+# and handed to it (HTTP and binary), and speaks for all of them on one socket pair to the
+# distributor, which keeps the exact ledger. `key` names one admission of that acceptor (1 and up);
+# answers to admissions are `Result`/`Audited` with `id` = key.
+
+
+class LinkAdmit(msgspec.Struct, tag=20, array_like=True, gc=False):
+    """Acceptor -> distributor: admit a request its client sent (already validated)."""
+
+    key: int
+    flow: str
+    priority: int
+    size: int
+    ttl: float
+    slo: float
+    tokens: int
+    weight: float
+    leased: bool
+    audit: bool = False
+
+
+class LinkCancel(msgspec.Struct, tag=21, array_like=True, gc=False):
+    """Acceptor -> distributor: the client of admission `key` went away (Admission.cancel)."""
+
+    key: int
+
+
+class LinkRelease(msgspec.Struct, tag=22, array_like=True, gc=False):
+    """Acceptor -> distributor: release `ticket`; `key` > 0 asks for a `LinkReleased` answer."""
+
+    ticket: int
+    tokens: int = -1
+    key: int = 0
+
+
+class LinkQuery(msgspec.Struct, tag=23, array_like=True, gc=False):
+    """Acceptor -> distributor: `what` is "stats" (GET /v1/stats) or "metrics" (GET /metrics)."""
+
+    key: int
+    what: str
+
+
+class LinkGuard(msgspec.Struct, tag=24, array_like=True, gc=False):
+    """Acceptor -> distributor: the acceptor's front took a protective action (distributor.guards)."""
+
+    front: str
+    action: str
+
+
+class LinkConns(msgspec.Struct, tag=28, array_like=True, gc=False):
+    """Acceptor -> distributor, a few times a second: connections handed to it so far, and how many
+    of them are open (the distributor hands the next one to the least loaded acceptor)."""
+
+    accepted: int
+    open: int
+
+
+class LinkReleased(msgspec.Struct, tag=25, array_like=True, gc=False):
+    """Distributor -> acceptor: the answer to a `LinkRelease` that asked for one."""
+
+    key: int
+    ok: bool
+
+
+class LinkAnswer(msgspec.Struct, tag=26, array_like=True, gc=False):
+    """Distributor -> acceptor: the answer to a `LinkQuery` (body and content type)."""
+
+    key: int
+    body: bytes
+    ctype: str
+
+
+class LinkState(msgspec.Struct, tag=27, array_like=True, gc=False):
+    """Distributor -> acceptor: whether the service accepts work (false once draining) and is ready
+    (every shard up: GET /readyz). Sent first and on every change."""
+
+    accepting: bool
+    ready: bool
+
+
 ToWorker = Enqueue | Grant | Cancel | Shutdown | Charge
 FromWorker = Done | GrantBack | Hello
 FromClient = Admit | Release
 ToClient = Result | Error | Released | Audited
+FromAcceptor = LinkAdmit | LinkCancel | LinkRelease | LinkQuery | LinkGuard | LinkConns | Hello
+ToAcceptor = Result | Audited | LinkReleased | LinkAnswer | LinkState | Shutdown
 
 
 class FrameWriter:

@@ -1,0 +1,389 @@
+"""The distributor's side of its acceptor processes (`distributor.front`): links, the handing over
+of accepted connections, and supervision.
+
+The distributor accepts every client connection and hands it at once to the acceptor with the
+fewest open (SCM_RIGHTS over a SOCK_SEQPACKET pair): accepting costs it one system call per
+connection, and the connections are spread evenly whatever their number (a listening socket shared
+by the acceptors lets whichever wakes first take them, which piles a few busy connections onto one
+acceptor). Each acceptor runs the client fronts and speaks for all its clients on one socket pair. Here an
+`AcceptorLink` is, for the distributor, one more `Waiter`: every admission its acceptor forwards is
+admitted exactly as a client's would be, with the acceptor's key as correlation id, and its outcome
+goes back as a `Result` frame. The acceptor's death is a connection's death, times many: what it was
+waiting for is cancelled and its binary tickets are released (HTTP tickets are leased: they stay
+until released through another acceptor or the lease ends). Then it is started again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import socket
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING, Any, cast
+
+from distributor.api import Audit
+from flowshard.codec import (
+    Audited,
+    FrameReader,
+    FrameWriter,
+    FromAcceptor,
+    Hello,
+    LinkAdmit,
+    LinkAnswer,
+    LinkCancel,
+    LinkConns,
+    LinkGuard,
+    LinkQuery,
+    LinkRelease,
+    LinkReleased,
+    LinkState,
+    Result,
+    Shutdown,
+)
+from flowshard.types import Outcome
+
+if TYPE_CHECKING:
+    from distributor.service import Distributor
+
+log = logging.getLogger(__name__)
+_NOT_YET = -1  # request id of an admission whose `admit` call has not returned yet
+RESPAWN_MIN = 0.05  # a dying acceptor is restarted after this, doubling up to RESPAWN_MAX
+RESPAWN_MAX = 5.0
+
+
+def auto_acceptors(shards: int, cpus: int) -> int:
+    """How many acceptor processes `serve --shards N` starts by default.
+
+    One shard: none (the fronts stay in the distributor; a hop costs more than it spreads). More:
+    one per two shards, and never more than the cores left after the distributor and the shards
+    (measured in docs/benchmarks.md: an acceptor that has no core to itself only adds a hop)."""
+    if shards <= 1:
+        return 0
+    return max(0, min((shards + 1) // 2, cpus - shards - 1))
+
+
+class AcceptorLink(asyncio.Protocol):
+    """The distributor's end of one acceptor's socket pair; the `Waiter` of all its admissions."""
+
+    def __init__(self, service: Distributor, index: int, preamble: bytes) -> None:
+        self.service = service
+        self.index = index
+        self._preamble = preamble
+        self._reader = FrameReader(FromAcceptor)
+        self._writer = FrameWriter()
+        self._flush_scheduled = False
+        self.transport: asyncio.Transport | None = None
+        self.pending: dict[int, int] = {}  # key -> request id, for every admission without an outcome
+        self.ready = False  # said Hello: its fronts serve
+        self.lost = False
+        self.pid = 0
+        self.handover: socket.socket | None = None  # where its connections are handed (SOCK_SEQPACKET)
+        self.handed = 0  # connections handed to it
+        self.accepted = 0  # of which it has reported taking
+        self.open = 0  # and how many of them it reported open
+
+    @property
+    def load(self) -> int:
+        """Open connections, counting those handed and not yet reported."""
+        return self.open + self.handed - self.accepted
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self._preamble)
+
+    def data_received(self, data: bytes) -> None:
+        svc = self.service
+        pending = self.pending
+        for msg in self._reader.feed(data):
+            kind = type(msg)
+            if kind is LinkAdmit:
+                key = msg.key
+                pending[key] = _NOT_YET
+                request_id = svc.admit(self, key, msg.flow, msg.priority, msg.size, msg.ttl, msg.slo, msg.tokens,
+                                       msg.weight, msg.leased, msg.audit)
+                if key in pending:
+                    pending[key] = request_id
+            elif kind is LinkRelease:
+                ok = svc.release(msg.ticket, msg.tokens)
+                if msg.key:
+                    self.send(LinkReleased(msg.key, ok))
+            elif kind is LinkCancel:
+                request_id = pending.pop(msg.key, _NOT_YET)
+                if request_id != _NOT_YET:
+                    svc.cancel(request_id)
+            elif kind is LinkQuery:
+                svc.query(msg.what, _Answer(self, msg.key))
+            elif kind is LinkGuard:
+                svc.guards.hit(msg.front, msg.action)
+            elif kind is LinkConns:
+                self.accepted, self.open = msg.accepted, msg.open
+            elif kind is Hello:
+                self.pid = msg.pid
+                self.ready = True
+                svc.on_acceptor_hello(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.ready = False
+        self.transport = None
+        if self.handover is not None:
+            self.handover.close()
+        svc = self.service
+        pending, self.pending = self.pending, {}
+        for request_id in pending.values():
+            if request_id != _NOT_YET:
+                svc.cancel(request_id)
+        svc.release_all(self)
+        svc.on_acceptor_lost(self)
+
+    def deliver(
+        self, cid: Any, request_id: int, outcome: Outcome, ticket: int, wait: float, retry_after: int,
+        audit: Audit | None = None,
+    ) -> None:
+        if self.pending.pop(cid, None) is None:
+            if self.lost and ticket:  # as a closed binary connection: no capacity may leak
+                self.service.release(ticket)
+            return
+        if audit is None:
+            self.send(Result(cid, outcome, ticket, wait, retry_after))
+        else:
+            self.send(Audited(cid, outcome, ticket, wait, retry_after, *audit))
+
+    def send(self, message: Any) -> None:
+        self._writer.add(message)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        if self._writer and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(self._writer.take())
+
+
+class _Answer:
+    """Sends the answer to one acceptor query back over its link."""
+
+    __slots__ = ("key", "link")
+
+    def __init__(self, link: AcceptorLink, key: int) -> None:
+        self.link = link
+        self.key = key
+
+    def __call__(self, body: bytes, ctype: str) -> None:
+        self.link.send(LinkAnswer(self.key, body, ctype))
+
+
+HANDED_HTTP = b"h"  # as distributor.front
+HANDED_BINARY = b"b"
+ACCEPT_BATCH = 64  # connections accepted per readiness callback (then the loop serves the rest)
+ACCEPT_PAUSE = 0.1  # after an accept error (out of descriptors): listen again after this
+
+
+class Acceptors:
+    """Starts, watches and restarts the acceptor processes; accepts the clients' connections and
+    hands each to the least loaded one; tells them the service's state."""
+
+    def __init__(self, service: Distributor, count: int, http: socket.socket, binary: socket.socket,
+                 preamble: bytes) -> None:
+        self.service = service
+        self.count = count
+        self.listeners = {HANDED_HTTP: http, HANDED_BINARY: binary}
+        self._preamble = preamble
+        self.links: list[AcceptorLink | None] = [None] * count
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * count
+        self.restarts = [0] * count
+        self._last_start = [-math.inf] * count
+        self._state: tuple[bool, bool] | None = None
+        self._listening = False
+        self._stopping = False
+        self.all_ready: asyncio.Event = asyncio.Event()
+
+    async def start(self) -> None:
+        for index in range(self.count):
+            await self._spawn(index)
+
+    async def _spawn(self, index: int) -> None:
+        loop = asyncio.get_running_loop()
+        reserve = self.service.fd_reserve
+        with reserve.use(spare=4) if reserve is not None else contextlib.nullcontext():
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                hand, taker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            except BaseException:
+                mine.close()
+                theirs.close()
+                raise
+            fds = (theirs.fileno(), taker.fileno())
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-P", "-m", "distributor.front", "--index", str(index), "--acceptors",
+                     str(self.count), "--fd", str(fds[0]), "--handover-fd", str(fds[1])],
+                    pass_fds=fds, stdin=subprocess.DEVNULL,
+                )
+            except BaseException:
+                mine.close()
+                hand.close()
+                raise
+            finally:
+                theirs.close()
+                taker.close()
+        hand.setblocking(False)
+        self.procs[index] = proc
+        self._last_start[index] = time.monotonic()
+        link = AcceptorLink(self.service, index, self._preamble)
+        link.handover = hand
+        self.links[index] = link
+        try:
+            await loop.create_unix_connection(lambda: link, sock=mine)
+        except BaseException:
+            self.links[index] = None
+            hand.close()
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+            raise
+        finally:
+            mine.close()
+            if reserve is not None:
+                reserve.refill()
+
+    # ------------------------------------------------------------ connections
+
+    def listen(self) -> None:
+        """Start accepting (once every acceptor said hello and the service accepts work)."""
+        loop = asyncio.get_running_loop()
+        for kind, sock in self.listeners.items():
+            sock.setblocking(False)
+            loop.add_reader(sock.fileno(), self._accept, kind, sock)
+        self._listening = True
+
+    def _accept(self, kind: bytes, sock: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors: the connection waits in the backlog meanwhile
+                log.warning("accepting a connection failed (%s); pausing %.1f s", exc, ACCEPT_PAUSE)
+                self._pause(kind, sock)
+                return
+            try:
+                self._hand(kind, conn)
+            finally:
+                conn.close()  # the acceptor holds its own copy now (or the client sees the close)
+
+    def _pause(self, kind: bytes, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(sock.fileno())
+
+        def resume() -> None:
+            if self._listening and sock.fileno() >= 0:
+                loop.add_reader(sock.fileno(), self._accept, kind, sock)
+
+        loop.call_later(ACCEPT_PAUSE, resume)
+
+    def _hand(self, kind: bytes, conn: socket.socket) -> None:
+        """To the live acceptor with the fewest open connections; none live: closed (it restarts)."""
+        live = sorted((link for link in self.links if link is not None and link.ready), key=lambda x: x.load)
+        for link in live:
+            if link.handover is None:
+                continue
+            try:
+                socket.send_fds(link.handover, [kind], [conn.fileno()])
+            except OSError:  # its queue is full (it is stuck) or it is gone: the next one
+                continue
+            link.handed += 1
+            return
+        log.warning("no acceptor could take a connection: closed")
+
+    # ------------------------------------------------------------ state and supervision
+
+    def hello(self, link: AcceptorLink) -> None:
+        self._state = None  # tell the newcomer
+        self.push_state()
+        if all(x is not None and x.ready for x in self.links):
+            self.all_ready.set()
+
+    def push_state(self) -> None:
+        """Send (accepting, ready) to every acceptor when it changed (or to a newcomer)."""
+        state = (self.service.accepting, self.service.shards_ready)
+        if state == self._state:
+            return
+        self._state = state
+        for link in self.links:
+            if link is not None and link.ready:
+                link.send(LinkState(*state))
+
+    def lost(self, link: AcceptorLink) -> None:
+        index = link.index
+        if self.links[index] is not link:
+            return
+        self.links[index] = None
+        proc = self.procs[index]
+        if proc is not None:  # reaped first, so its pid is not left a zombie
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+            self.procs[index] = None
+        if self._stopping:
+            return
+        log.error("acceptor %d exited; starting it again", index)
+        self.restarts[index] += 1
+        self.service.counters["acceptor_restarts"] += 1
+        recent = time.monotonic() - self._last_start[index] < 10.0
+        delay = min(RESPAWN_MAX, RESPAWN_MIN * 2 ** min(self.restarts[index] - 1, 7)) if recent else 0.0
+        asyncio.get_running_loop().call_later(delay, self._respawn, index)
+
+    def _respawn(self, index: int) -> None:
+        if not self._stopping and self.links[index] is None:
+            asyncio.get_running_loop().create_task(self._respawn_until_started(index))
+
+    async def _respawn_until_started(self, index: int) -> None:
+        delay = RESPAWN_MIN
+        while not self._stopping:
+            try:
+                await self._spawn(index)
+                return
+            except OSError as exc:
+                log.error("acceptor %d: cannot start (%s); retrying", index, exc)
+                await asyncio.sleep(delay)
+                delay = min(RESPAWN_MAX, delay * 2)
+
+    def stop_listening(self) -> None:
+        """Draining: no new connections (the port closes); the acceptors keep serving theirs."""
+        self.push_state()
+        if self._listening:
+            self._listening = False
+            loop = asyncio.get_running_loop()
+            for sock in self.listeners.values():
+                with contextlib.suppress(ValueError, OSError):
+                    loop.remove_reader(sock.fileno())
+        for sock in self.listeners.values():
+            sock.close()
+
+    async def close(self) -> None:
+        """After the distributor has delivered every outcome: tell each acceptor to finish (its last
+        answers leave), wait for it, and kill one that does not exit."""
+        self.stop_listening()
+        self._stopping = True
+        for link in self.links:
+            if link is not None:
+                link.send(Shutdown())
+                link.flush()
+        deadline = time.monotonic() + 3.0  # an acceptor exits FLUSH_GRACE (0.5 s) after Shutdown
+        while any(p is not None and p.poll() is None for p in self.procs) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)  # not proc.wait(): the loop must go on writing their last answers
+        for index, proc in enumerate(self.procs):
+            if proc is not None:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+                self.procs[index] = None
+        for link in self.links:
+            if link is not None and link.transport is not None:
+                link.transport.close()

@@ -1,0 +1,339 @@
+"""An acceptor process: the HTTP and binary fronts, run next to the distributor instead of inside it.
+
+Why: the distributor is one Python process, and parsing, validating and answering clients was a
+quarter of its CPU per binary request and most of it per HTTP request. `flowshard serve
+--acceptors K` starts K of these processes. The distributor still accepts every connection (it
+owns the listening sockets, so drain and port 0 work as before) and hands it at once to the least
+loaded acceptor over a SOCK_SEQPACKET socket (SCM_RIGHTS); the acceptor runs the same
+`distributor.binary` and `distributor.http` fronts on it and speaks for all its clients on one
+socket pair to the distributor, which keeps the one exact ledger (limits, budget, grants, tickets).
+So the ledger stays exact and in one place while the per-connection work spreads over cores.
+
+`Upstream` is the fronts' `Admission` here: each call becomes a frame to the distributor
+(`flowshard.codec` Link* frames, written once per event-loop pass); answers come back as frames and
+are handed to the front's waiter. Leases stay the distributor's: a binary connection's tickets are
+released when it closes (this process sends the releases); HTTP tickets outlive their connection
+and even this process (released by the client on any connection, or by the lease). If this process
+dies, the distributor cancels what its clients were waiting for and releases their binary tickets,
+then starts a new one; if the distributor goes away, this process exits.
+
+    python -m distributor.front --index K --acceptors N --fd FD --handover-fd FD   (started by serve)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any, cast
+
+import uvloop
+
+from distributor.api import Audit, Waiter
+from distributor.guards import Guards
+from flowshard.codec import (
+    Audited,
+    FrameReader,
+    FrameWriter,
+    Hello,
+    LinkAdmit,
+    LinkAnswer,
+    LinkCancel,
+    LinkConns,
+    LinkGuard,
+    LinkQuery,
+    LinkRelease,
+    LinkReleased,
+    LinkState,
+    Result,
+    Shutdown,
+    ToAcceptor,
+)
+from flowshard.config import Config
+from flowshard.types import Outcome
+from workers.worker import _die_with_parent, read_config
+
+log = logging.getLogger(__name__)
+_DISPATCHED = Outcome.DISPATCHED
+FLUSH_GRACE = 0.5  # after Shutdown: how long the last answers get to leave before the process exits
+
+
+class LinkGuards(Guards):
+    """Protective actions are counted by the distributor (one /metrics): each hit is also sent there."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        super().__init__()
+        self._upstream = upstream
+
+    def hit(self, front: str, action: str) -> None:
+        super().hit(front, action)
+        self._upstream.send(LinkGuard(front, action))
+
+
+class Upstream(asyncio.Protocol):
+    """The acceptor's end of its socket pair to the distributor, and the fronts' `Admission`."""
+
+    def __init__(self, index: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.index = index
+        self._loop = loop
+        self._reader = FrameReader(ToAcceptor)
+        self._writer = FrameWriter()
+        self._transport: asyncio.Transport | None = None
+        self._flush_scheduled = False
+        self._next_key = 1
+        self._admissions: dict[int, tuple[Waiter, Any, bool]] = {}  # key -> (waiter, cid, leased)
+        self._releases: dict[int, Callable[[int, bool], None]] = {}  # key -> answer callback
+        self._release_tickets: dict[int, int] = {}  # key -> ticket, for that answer
+        self._queries: dict[int, Callable[[bytes, str], None]] = {}
+        self._owned: dict[Any, set[int]] = {}  # binary waiter -> its tickets (the connection is the lease)
+        self._owner: dict[int, Any] = {}  # and back
+        self._accepting = False
+        self._ready = False
+        self.finished: asyncio.Future[None] = loop.create_future()
+
+    # ------------------------------------------------------------ link
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        for msg in self._reader.feed(data):
+            kind = type(msg)
+            if kind is Result or kind is Audited:
+                self._answered(msg)
+            elif kind is LinkReleased:
+                done = self._releases.pop(msg.key, None)
+                ticket = self._release_tickets.pop(msg.key, 0)
+                if done is not None:
+                    done(ticket, msg.ok)
+            elif kind is LinkAnswer:
+                answer = self._queries.pop(msg.key, None)
+                if answer is not None:
+                    answer(msg.body, msg.ctype)
+            elif kind is LinkState:
+                self._accepting, self._ready = msg.accepting, msg.ready
+            elif kind is Shutdown:
+                self._loop.call_later(FLUSH_GRACE, self._finish)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The distributor is gone: nobody can decide anything any more; end the process."""
+        self._transport = None
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+    def send(self, message: Any) -> None:
+        self._writer.add(message)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._writer and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(self._writer.take())
+
+    def _answered(self, msg: Result | Audited) -> None:
+        entry = self._admissions.pop(msg.id, None)
+        if entry is None:  # cancelled: its client went away; a dispatch that raced with it is released
+            if msg.ticket:
+                self.send(LinkRelease(msg.ticket))
+            return
+        waiter, cid, leased = entry
+        audit = None
+        if type(msg) is Audited:
+            m = cast(Audited, msg)
+            audit = Audit(m.seq, m.shard, m.received, m.enqueued, m.dispatched)
+        if msg.ticket and not leased:
+            self._owned.setdefault(waiter, set()).add(msg.ticket)
+            self._owner[msg.ticket] = waiter
+        waiter.deliver(cid, msg.id, Outcome(msg.outcome), msg.ticket, msg.wait, msg.retry_after, audit)
+
+    # ------------------------------------------------------------ Admission
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def ready(self) -> bool:
+        return self._accepting and self._ready
+
+    def admit(
+        self, waiter: Waiter, cid: Any, flow: str, priority: int, size: int, ttl: float, slo: float,
+        tokens: int, weight: float, leased: bool, audit: bool = False,
+    ) -> int:
+        key = self._next_key
+        self._next_key = key + 1
+        self._admissions[key] = (waiter, cid, leased)
+        self.send(LinkAdmit(key, flow, priority, size, ttl, slo, tokens, weight, leased, audit))
+        return key
+
+    def cancel(self, request_id: int) -> None:
+        if self._admissions.pop(request_id, None) is not None:
+            self.send(LinkCancel(request_id))
+
+    def release(self, ticket: int, tokens: int = -1) -> bool:
+        """Sent, not answered: True means only that the release is on its way (use release_then)."""
+        self._disown(ticket)
+        self.send(LinkRelease(ticket, tokens))
+        return True
+
+    def release_then(self, ticket: int, tokens: int, done: Callable[[int, bool], None]) -> None:
+        self._disown(ticket)
+        key = self._next_key
+        self._next_key = key + 1
+        self._releases[key] = done
+        self._release_tickets[key] = ticket
+        self.send(LinkRelease(ticket, tokens, key))
+
+    def _disown(self, ticket: int) -> None:
+        waiter = self._owner.pop(ticket, None)
+        if waiter is not None:
+            owned = self._owned[waiter]
+            owned.discard(ticket)
+            if not owned:
+                del self._owned[waiter]
+
+    def release_all(self, waiter: Waiter) -> int:
+        mine = self._owned.pop(waiter, set())
+        for ticket in mine:
+            del self._owner[ticket]
+            self.send(LinkRelease(ticket))
+        return len(mine)
+
+    def query(self, what: str, done: Callable[[bytes, str], None]) -> None:
+        key = self._next_key
+        self._next_key = key + 1
+        self._queries[key] = done
+        self.send(LinkQuery(key, what))
+
+
+HANDED_HTTP = b"h"  # the byte sent with a handed connection: which front serves it
+HANDED_BINARY = b"b"
+REPORT_INTERVAL = 0.25  # how often the acceptor tells the distributor its connection counts
+
+
+class Handover:
+    """Receives the client connections the distributor accepted and hands to this acceptor (one per
+    SOCK_SEQPACKET message, with SCM_RIGHTS), and gives each to its front's protocol."""
+
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop, upstream: Upstream,
+                 http: Callable[[], asyncio.Protocol], binary: Callable[[], asyncio.Protocol],
+                 open_count: Callable[[], int]) -> None:
+        self._sock = sock
+        self._loop = loop
+        self._upstream = upstream
+        self._factories = {HANDED_HTTP: http, HANDED_BINARY: binary}
+        self._open_count = open_count
+        self.accepted = 0
+        self._reported = (-1, -1)
+        sock.setblocking(False)
+        loop.add_reader(sock.fileno(), self._receive)
+        self._timer = loop.call_later(REPORT_INTERVAL, self._report)
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                kind, fds, _, _ = socket.recv_fds(self._sock, 1, 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # the distributor is gone (the link's EOF ends the process)
+                log.warning("connection handover failed: %s", exc)
+                self.close()
+                return
+            if not kind and not fds:  # EOF
+                self.close()
+                return
+            for fd in fds:
+                conn = socket.socket(fileno=fd)
+                factory = self._factories.get(kind)
+                if factory is None:
+                    conn.close()
+                    continue
+                self.accepted += 1
+                self._loop.create_task(self._serve(conn, factory))
+            self._report()
+
+    async def _serve(self, conn: socket.socket, factory: Callable[[], asyncio.Protocol]) -> None:
+        try:
+            await self._loop.connect_accepted_socket(factory, conn)
+        except OSError as exc:  # the client left already
+            log.debug("handed connection not served: %s", exc)
+            conn.close()
+
+    def _report(self) -> None:
+        counts = (self.accepted, self._open_count())
+        if counts != self._reported:
+            self._reported = counts
+            self._upstream.send(LinkConns(*counts))
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(REPORT_INTERVAL, self._report)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+
+
+async def run(index: int, sock: socket.socket, handover: socket.socket, config: Config, acceptors: int) -> None:
+    from distributor.binary import BinaryHub, BinaryLimits
+    from distributor.http import HttpHub, HttpLimits
+
+    loop = asyncio.get_running_loop()
+    upstream = Upstream(index, loop)
+    transport, _ = await loop.create_unix_connection(lambda: upstream, sock=sock)
+    guards = LinkGuards(upstream)
+    svc = config.service
+    # max_connections is the service's: shared out over the acceptors (the distributor hands each
+    # new connection to the least loaded one, so the shares fill evenly)
+    share = -(-svc.max_connections // acceptors)
+    http = HttpHub(upstream, HttpLimits(max_body_bytes=svc.max_body_bytes, max_connections=share,
+                                        header_timeout=svc.header_timeout, idle_timeout=svc.idle_timeout),
+                   svc.lease, loop, guards)
+    binary = BinaryHub(upstream, BinaryLimits(max_connections=share, frame_timeout=svc.header_timeout), loop, guards)
+    handed = Handover(handover, loop, upstream, http, binary, lambda: http.open + binary.connections)
+    upstream.send(Hello(index, os.getpid()))
+    try:
+        await upstream.finished
+    finally:
+        handed.close()
+        transport.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flowshard-acceptor", description="one flowshard acceptor (started by serve)")
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--acceptors", type=int, required=True, help="how many acceptors serve (their share of limits)")
+    parser.add_argument("--fd", type=int, required=True, help="this end of the socket pair to the distributor")
+    parser.add_argument("--handover-fd", type=int, required=True, help="where the distributor hands connections")
+    args = parser.parse_args(argv)
+    # As the workers: the distributor drains us (LinkState, then Shutdown); we end on that, on our
+    # socket's EOF, or with our parent.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+    sock = socket.socket(fileno=args.fd)
+    config = read_config(sock)
+    if config is None:
+        return 1
+    handover = socket.socket(fileno=args.handover_fd)
+    uvloop.run(run(args.index, sock, handover, config, max(1, args.acceptors)))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="flowshard acceptor: %(levelname)s %(message)s")
+    sys.exit(main())
