@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 from distributor.api import Audit
 from flowshard.codec import (
     Audited,
+    Error,
     FrameReader,
     FrameWriter,
     FromAcceptor,
@@ -96,35 +97,48 @@ class AcceptorLink(asyncio.Protocol):
         self.transport.write(self._preamble)
 
     def data_received(self, data: bytes) -> None:
+        for msg in self._reader.feed(data):
+            try:
+                self._handle(msg)
+            except Exception:  # a bug must not cut off every client of this acceptor
+                log.exception("acceptor %d: handling %s failed", self.index, type(msg).__name__)
+                if type(msg) is LinkAdmit and self.pending.pop(msg.key, None) is not None:
+                    self.send(Error(msg.key, 500, "internal error while admitting"))
+
+    def _handle(self, msg: Any) -> None:
         svc = self.service
         pending = self.pending
-        for msg in self._reader.feed(data):
-            kind = type(msg)
-            if kind is LinkAdmit:
-                key = msg.key
-                pending[key] = _NOT_YET
-                request_id = svc.admit(self, key, msg.flow, msg.priority, msg.size, msg.ttl, msg.slo, msg.tokens,
-                                       msg.weight, msg.leased, msg.audit)
-                if key in pending:
-                    pending[key] = request_id
-            elif kind is LinkRelease:
-                ok = svc.release(msg.ticket, msg.tokens)
-                if msg.key:
-                    self.send(LinkReleased(msg.key, ok))
-            elif kind is LinkCancel:
-                request_id = pending.pop(msg.key, _NOT_YET)
-                if request_id != _NOT_YET:
-                    svc.cancel(request_id)
-            elif kind is LinkQuery:
-                svc.query(msg.what, _Answer(self, msg.key))
-            elif kind is LinkGuard:
-                svc.guards.hit(msg.front, msg.action)
-            elif kind is LinkConns:
-                self.accepted, self.open = msg.accepted, msg.open
-            elif kind is Hello:
-                self.pid = msg.pid
-                self.ready = True
-                svc.on_acceptor_hello(self)
+        kind = type(msg)
+        if kind is LinkAdmit:
+            key = msg.key
+            pending[key] = _NOT_YET
+            request_id = svc.admit(self, key, msg.flow, msg.priority, msg.size, msg.ttl, msg.slo, msg.tokens,
+                                   msg.weight, msg.leased, msg.audit)
+            if key in pending:
+                pending[key] = request_id
+        elif kind is LinkRelease:
+            ok = svc.release(msg.ticket, msg.tokens)
+            if msg.key:
+                self.send(LinkReleased(msg.key, ok))
+        elif kind is LinkCancel:
+            request_id = pending.pop(msg.key, _NOT_YET)
+            if request_id != _NOT_YET:
+                svc.cancel(request_id)
+        elif kind is LinkQuery:
+            answer = _Answer(self, msg.key)
+            try:
+                svc.query(msg.what, answer)
+            except Exception as exc:
+                log.exception("rendering %s failed", msg.what)
+                answer(type(exc).__name__.encode(), "")  # an empty content type: failed
+        elif kind is LinkGuard:
+            svc.guards.hit(msg.front, msg.action)
+        elif kind is LinkConns:
+            self.accepted, self.open = msg.accepted, msg.open
+        elif kind is Hello:
+            self.pid = msg.pid
+            self.ready = True
+            svc.on_acceptor_hello(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True

@@ -285,6 +285,10 @@ class BinaryConnection(asyncio.Protocol):
             else:
                 self._send(Audited(cid, outcome, ticket, wait, retry_after, *audit))
 
+    def fail(self, cid: Any, message: str) -> None:
+        if self._pending.pop(cid, None) is not None and self._open:
+            self._send(Error(cid, 500, message))
+
     # ------------------------------------------------------------ internals
 
     def _admit(self, msg: Admit) -> None:

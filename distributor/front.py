@@ -39,6 +39,7 @@ from distributor.api import Audit, Waiter
 from distributor.guards import Guards
 from flowshard.codec import (
     Audited,
+    Error,
     FrameReader,
     FrameWriter,
     Hello,
@@ -107,6 +108,11 @@ class Upstream(asyncio.Protocol):
             kind = type(msg)
             if kind is Result or kind is Audited:
                 self._answered(msg)
+            elif kind is Error:  # the distributor failed on this admission (a bug): the front says 500
+                entry = self._admissions.pop(msg.id, None)
+                fail = getattr(entry[0], "fail", None) if entry is not None else None
+                if entry is not None and fail is not None:  # the fronts' connections have `fail(cid, message)`
+                    fail(entry[1], msg.message)
             elif kind is LinkReleased:
                 done = self._releases.pop(msg.key, None)
                 ticket = self._release_tickets.pop(msg.key, 0)

@@ -487,6 +487,13 @@ class HttpConnection(asyncio.Protocol):
         elif self._queue[0] is slot:
             self._flush()
 
+    def fail(self, cid: Any, message: str) -> None:
+        slot: _Slot = cid
+        if not self._dead and slot.data is None:
+            slot.data = _error(500, message, slot.conn)
+            if not self._closing and self._queue and self._queue[0] is slot:
+                self._flush()
+
     # ------------------------------------------------------------------ httptools callbacks
 
     def on_message_begin(self) -> None:
@@ -667,7 +674,11 @@ class HttpConnection(asyncio.Protocol):
             else:
                 self.slot_respond(slot, _error(404, f"ticket {ticket} is unknown or already released", conn))
 
-        self._admission.release_then(r.ticket, -1 if r.tokens is None else r.tokens, answered)
+        try:
+            self._admission.release_then(r.ticket, -1 if r.tokens is None else r.tokens, answered)
+        except Exception as exc:
+            log.exception("release failed")
+            self.slot_respond(slot, _error(500, f"internal error: {type(exc).__name__}", conn))
 
     def _not_reading(self) -> bool:
         """An expensive answer (stats, metrics) for a client that has not read write_high bytes of
@@ -678,23 +689,31 @@ class HttpConnection(asyncio.Protocol):
         return False
 
     def _h_stats(self, body: bytes, conn: bytes, close: int, head: bool) -> None:
-        if self._not_reading():
-            return
-        slot = self.slot_open(conn, close)
-        self._admission.query(
-            "stats", lambda body, ctype: self.slot_respond(slot, _render(_H200, body, conn, no_body=head))
-        )
+        if not self._not_reading():
+            self._ask("stats", conn, close, head)
 
     def _h_metrics(self, body: bytes, conn: bytes, close: int, head: bool) -> None:
-        if self._not_reading():
-            return
+        if not self._not_reading():
+            self._ask("metrics", conn, close, head)
+
+    def _ask(self, what: str, conn: bytes, close: int, head: bool) -> None:
+        """GET /v1/stats or /metrics: rendered by the distributor (in this process, or over an
+        acceptor's link, when its answer keeps its place in the response order). An empty content
+        type says the rendering failed (the body names the exception)."""
         slot = self.slot_open(conn, close)
 
         def answered(payload: bytes, ctype: str) -> None:
+            if not ctype:
+                self.slot_respond(slot, _error(500, f"internal error: {payload.decode('utf-8', 'replace')}", conn))
+                return
             status = b"HTTP/1.1 200 OK\r\ncontent-type: %b\r\n" % ctype.encode("latin-1")
             self.slot_respond(slot, _render(status, payload, conn, no_body=head))
 
-        self._admission.query("metrics", answered)
+        try:
+            self._admission.query(what, answered)
+        except Exception as exc:
+            log.exception("rendering %s failed", what)
+            answered(type(exc).__name__.encode(), "")
 
     def _h_healthz(self, body: bytes, conn: bytes, close: int, head: bool) -> None:
         self._respond(_render(_H200, b'{"status":"ok"}', conn, no_body=head), close)

@@ -297,7 +297,7 @@ FromWorker = Done | GrantBack | Hello
 FromClient = Admit | Release
 ToClient = Result | Error | Released | Audited
 FromAcceptor = LinkAdmit | LinkCancel | LinkRelease | LinkQuery | LinkGuard | LinkConns | Hello
-ToAcceptor = Result | Audited | LinkReleased | LinkAnswer | LinkState | Shutdown
+ToAcceptor = Result | Audited | Error | LinkReleased | LinkAnswer | LinkState | Shutdown
 
 
 class FrameWriter:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 import pytest
 import uvloop
 from servicekit import HttpConn, admit_http, band_outcomes, launch, release_http
@@ -107,6 +108,16 @@ class FakeAdmission:
             self.violations.append(f"second cancel({request_id})")
         self.cancels.append(request_id)
         self.pending.discard(request_id)
+
+    def release_then(self, ticket: int, tokens: int, done: Any) -> None:
+        """The front's asynchronous release (distributor.api): answered at once here."""
+        done(ticket, self.release(ticket) if tokens < 0 else self.release(ticket, tokens))  # type: ignore[call-arg]
+
+    def query(self, what: str, done: Any) -> None:
+        if what == "metrics":
+            done(*self.metrics())
+        else:
+            done(msgspec.json.encode(self.stats()), "application/json")
 
     def release(self, ticket: int) -> bool:
         if ticket not in self.tickets:
