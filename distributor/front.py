@@ -194,7 +194,13 @@ class Upstream(asyncio.Protocol):
         return True
 
     def release_then(self, ticket: int, tokens: int, done: Callable[[int, bool], None]) -> None:
-        self._disown(ticket)
+        if ticket in self._owner:
+            # A binary ticket of one of our connections: the distributor holds it until it is released
+            # through us or that connection closes (no lease), so the answer is known: no round trip.
+            self._disown(ticket)
+            self.send(LinkRelease(ticket, tokens))
+            done(ticket, True)
+            return
         key = self._next_key
         self._next_key = key + 1
         self._releases[key] = done
