@@ -57,14 +57,13 @@ RESPAWN_MAX = 5.0
 
 
 def auto_acceptors(shards: int, cpus: int) -> int:
-    """How many acceptor processes `serve --shards N` starts by default.
+    """How many acceptor processes `serve --shards N` starts by default (`--acceptors auto`).
 
-    One shard: none (the fronts stay in the distributor; a hop costs more than it spreads). More:
-    one per two shards, and never more than the cores left after the distributor and the shards
-    (measured in docs/benchmarks.md: an acceptor that has no core to itself only adds a hop)."""
-    if shards <= 1:
-        return 0
-    return max(0, min((shards + 1) // 2, cpus - shards - 1))
+    Half as many as shards, at least 2 (one HTTP acceptor costs about as much per request as the
+    distributor), within the cores left after the distributor and the shards: an acceptor without a
+    core of its own only adds a hop, so a small machine (2 cores) runs none, as before acceptors
+    existed. Measured in docs/benchmarks.md ("Acceptor processes")."""
+    return max(0, min(max(2, (shards + 1) // 2), cpus - shards - 1))
 
 
 class AcceptorLink(asyncio.Protocol):
