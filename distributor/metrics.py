@@ -370,6 +370,17 @@ class FlowshardCollector(Collector):
                 age.add_metric([shard], beat)
         yield from (restarts, spawn_failures, up, age)
 
+        yield _gauge(
+            "flowshard_acceptors",
+            "Acceptor processes serving the client connections (serve --acceptors; 0: the distributor does).",
+            d.n_acceptors,
+        )
+        yield _counter(
+            "flowshard_acceptor_restarts",
+            "Acceptor processes started again after they died (their clients' waits were cancelled).",
+            d.counters["acceptor_restarts"],
+        )
+
         guards = CounterMetricFamily(
             "flowshard_protective_actions",
             "Protective actions against clients and resource exhaustion (README: Resource limits).",
@@ -511,6 +522,20 @@ def stats_snapshot(distributor: Distributor, top_flows: int = TOP_FLOWS) -> dict
         ],
         "flow_slots": {"used": len(d.slots), "total": d.slots.slots, "shared": d.slots.shared},
         "counters": dict(d.counters),
+        "acceptors": _acceptors(d),
         "consistent": v.consistent,
         **({"proxy": d.proxy.snapshot()} if d.proxy is not None else {}),
     }
+
+
+def _acceptors(d: Distributor) -> list[dict[str, Any]]:
+    """Per acceptor process: up (said hello and its link is open), pid, the connections it serves."""
+    acceptors = d.acceptors
+    if acceptors is None:
+        return []
+    out = []
+    for index, link in enumerate(acceptors.links):
+        up = link is not None and link.ready
+        out.append({"index": index, "up": up, "pid": link.pid if link is not None else 0,
+                    "connections": link.open if link is not None else 0, "restarts": acceptors.restarts[index]})
+    return out
