@@ -124,13 +124,14 @@ The README explains the configuration, the HTTP and binary APIs and the Python c
 docs/benchmarks.md has the measured figures.
 """
 _SERVE = """\
-Run the service: one distributor process (client connections, limits, the dispatch budget) and
---shards shard worker processes (the queues and their policies). Without --config it runs on the
+Run the service: one distributor process (limits, the dispatch budget, tickets), --shards shard
+worker processes (the queues and their policies), and --acceptors processes serving the client
+connections (auto: none on a machine without spare cores, where the distributor serves them). Without --config it runs on the
 built-in defaults; set [budget] max_inflight_requests to what your backends run at once.
 
 Ready: one line on stderr, once every shard is up (the ports it really listens on, so with
 --port 0 or --binary-port 0, which pick a free port, read them from this line):
-  flowshard ready: http=http://127.0.0.1:8080 binary=127.0.0.1:8081 shards=1 pid=1234
+  flowshard ready: http=http://127.0.0.1:8080 binary=127.0.0.1:8081 shards=1 pid=1234 acceptors=0
 
 Stopping: SIGTERM or SIGINT (Ctrl-C) drains. The listeners close (new connections are refused),
 admissions on open connections are answered 503 rejected:shutting_down, queued requests get
