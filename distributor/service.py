@@ -131,6 +131,8 @@ class Distributor:
             raise ValueError("--shards must be at least 1")
         if acceptors < 0:
             raise ValueError("--acceptors must be 0 or more")
+        if acceptors and config.proxy.backends:
+            raise ValueError("proxy mode serves its clients in the distributor: --acceptors must be 0")
         self.config = config
         self._worker_config = config_preamble(config)  # encoded once, written first to every worker
         self.n_shards = shards
