@@ -247,6 +247,7 @@ class Handover:
         self._factories = {HANDED_HTTP: http, HANDED_BINARY: binary}
         self._open_count = open_count
         self.accepted = 0
+        self._starting = 0  # handed, its protocol not made yet (counted as open: the distributor balances on it)
         self._reported = (-1, -1)
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._receive)
@@ -272,6 +273,7 @@ class Handover:
                     conn.close()
                     continue
                 self.accepted += 1
+                self._starting += 1
                 self._loop.create_task(self._serve(conn, factory))
             self._report()
 
@@ -281,9 +283,11 @@ class Handover:
         except OSError as exc:  # the client left already
             log.debug("handed connection not served: %s", exc)
             conn.close()
+        finally:
+            self._starting -= 1
 
     def _report(self) -> None:
-        counts = (self.accepted, self._open_count())
+        counts = (self.accepted, self._open_count() + self._starting)
         if counts != self._reported:
             self._reported = counts
             self._upstream.send(LinkConns(*counts))
