@@ -126,8 +126,9 @@ docs/benchmarks.md has the measured figures.
 _SERVE = """\
 Run the service: one distributor process (limits, the dispatch budget, tickets), --shards shard
 worker processes (the queues and their policies), and --acceptors processes serving the client
-connections (auto: none on a machine without spare cores, where the distributor serves them). Without --config it runs on the
-built-in defaults; set [budget] max_inflight_requests to what your backends run at once.
+connections (auto: none on a machine without spare cores, where the distributor serves them).
+Without --config it runs on the built-in defaults; set [budget] max_inflight_requests to what your
+backends run at once.
 
 Ready: one line on stderr, once every shard is up (the ports it really listens on, so with
 --port 0 or --binary-port 0, which pick a free port, read them from this line):
