@@ -1,6 +1,8 @@
 """Helpers for the integration tests that run `flowshard serve` as a real subprocess.
 
 - `Service`: start `python -m flowshard.cli serve` in its own process group, parse the ready line,
+  (`acceptors`: `--acceptors K`; by default the environment variable FLOWSHARD_TEST_ACCEPTORS,
+  else 0, so the whole service suite can be run again in acceptor mode),
   watch its process tree (every process the distributor ever started, restarted workers and the
   multiprocessing resource tracker included), stop it with SIGTERM (graceful drain), and check that
   nothing is left behind: no process of the tree alive, no `/dev/shm/flowshard-<pid>-*` segment.
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from http.client import HTTPConnection
@@ -40,6 +43,7 @@ READY = re.compile(
     r"flowshard ready: http=http://(?P<hhost>[^:\s]+):(?P<hport>\d+) binary=(?P<bhost>[^:\s]+):(?P<bport>\d+) "
     r"shards=(?P<shards>\d+) pid=(?P<pid>\d+)"
 )
+ACCEPTORS_ENV = "FLOWSHARD_TEST_ACCEPTORS"  # --acceptors for tests that do not choose (default 0)
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 GONE_TIMEOUT = 3.0  # after the distributor exited: how long its children may take to follow
@@ -108,7 +112,27 @@ def role_of(pid: int) -> str:
         return f"worker{m.group(1) if m else '?'}"
     if "resource_tracker" in cmd:
         return "resource-tracker"
+    if "-m distributor.front" in cmd:
+        m = re.search(r"--index (\d+)", cmd)
+        return f"acceptor{m.group(1) if m else '?'}"
     return "child"
+
+
+def default_acceptors() -> int | str:
+    """--acceptors when a test does not choose: $FLOWSHARD_TEST_ACCEPTORS ("auto" or a count), else 0."""
+    value = os.environ.get(ACCEPTORS_ENV, "").strip()
+    if not value:
+        return 0
+    return value if value == "auto" else int(value)
+
+
+def _proxy_mode(config_path: Path) -> bool:
+    """The config names proxy backends (serve refuses --acceptors > 0 then)."""
+    try:
+        data = tomllib.loads(config_path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    return bool(data.get("proxy", {}).get("backends"))
 
 
 def segments(pid: int) -> list[str]:
@@ -133,8 +157,11 @@ class Service:
 
     def __init__(
         self, config_path: Path, shards: int, on_ready: Callable[[Service], None] | None = None,
-        port: int = 0, binary_port: int = 0,
+        port: int = 0, binary_port: int = 0, acceptors: int | str | None = None,
     ) -> None:
+        if acceptors is None:
+            acceptors = 0 if _proxy_mode(config_path) else default_acceptors()  # proxy mode: fronts stay
+        self.acceptors = acceptors  # --acceptors (an int, or "auto")
         self.on_ready = on_ready  # called from the stderr reader the moment the ready line is read
         self.config_path = config_path
         self.shards = shards
@@ -165,6 +192,7 @@ class Service:
         cmd = [
             sys.executable, "-m", "flowshard.cli", "serve", "--shards", str(self.shards),
             "--config", str(self.config_path), "--port", str(self.ports[0]), "--binary-port", str(self.ports[1]),
+            "--acceptors", str(self.acceptors),
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.popen = subprocess.Popen(
@@ -246,6 +274,10 @@ class Service:
 
     def worker_procs(self) -> list[Proc]:
         return [p for p in self.track() if p.role.startswith("worker")]
+
+    def acceptor_procs(self) -> list[Proc]:
+        """The live acceptor processes (`--acceptors K`), by index."""
+        return sorted((p for p in self.track() if p.role.startswith("acceptor")), key=lambda p: p.role)
 
     def stderr(self) -> str:
         with self._lock:
@@ -404,7 +436,8 @@ def config_text(
 
 
 class Launcher:
-    """What the `launch` fixture yields: `launch(config_text, shards=N)` -> a started Service."""
+    """What the `launch` fixture yields: `launch(config_text, shards=N[, acceptors=K])` -> a started
+    Service (acceptors: None -> `default_acceptors()`)."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
@@ -418,13 +451,13 @@ class Launcher:
 
     def prepare(
         self, config: str | None = None, shards: int = 1, on_ready: Callable[[Service], None] | None = None,
-        port: int = 0, binary_port: int = 0, **kw: Any,
+        port: int = 0, binary_port: int = 0, acceptors: int | str | None = None, **kw: Any,
     ) -> Service:
         """A Service not yet started, checked and cleaned up after the test like the others."""
         text = config if config is not None else config_text(**kw)
         path = self.tmp_path / f"config-{len(self.services)}.toml"
         path.write_text(text)
-        service = Service(path, shards, on_ready, port, binary_port)
+        service = Service(path, shards, on_ready, port, binary_port, acceptors)
         self.services.append(service)
         return service
 
