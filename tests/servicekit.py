@@ -277,7 +277,7 @@ class Service:
 
     def acceptor_procs(self) -> list[Proc]:
         """The live acceptor processes (`--acceptors K`), by index."""
-        return sorted((p for p in self.track() if p.role.startswith("acceptor")), key=lambda p: p.role)
+        return sorted((p for p in self.track() if p.role.startswith("acceptor") and p.alive()), key=lambda p: p.role)
 
     def stderr(self) -> str:
         with self._lock:

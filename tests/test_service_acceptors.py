@@ -1,0 +1,576 @@
+"""Integration tests of acceptor mode: `flowshard serve --acceptors K`, real processes and sockets.
+
+The distributor accepts every connection and hands it to the least loaded acceptor process
+(`distributor.acceptors`), which runs the HTTP and binary fronts and forwards admissions, releases
+and queries over its link (`distributor.front`). These tests check that the guarantees of
+DESIGN.md §4 and the interfaces of §8 hold through that extra hop: one outcome per admission, exact
+limits, tickets released once whichever connection (and acceptor) releases them, connections spread
+over the acceptors, an acceptor crash cancelling its clients' admissions and releasing their binary
+tickets (not their leased HTTP tickets) before it is restarted, drain, the admin endpoints, and no
+orphan acceptor after the distributor dies. The `launch` fixture checks after each test that no
+process (acceptors included: they are the distributor's children) and no segment is left.
+
+Which acceptor serves a connection is found from /proc: the server side of the TCP connection
+(/proc/net/tcp, by the client's port) is an inode that exactly one acceptor holds a descriptor of.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import socket
+import struct
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from servicekit import (
+    HttpConn,
+    admit_http,
+    ahttp,
+    band_outcomes,
+    launch,
+    metric,
+    release_http,
+    run,
+    shard_queued,
+    until,
+    wait_until,
+)
+
+from flowshard.client import AdmitResult, Client, ConnectionClosed
+from flowshard.codec import Admit, Error, FrameReader, FrameWriter, ToClient
+from flowshard.types import Outcome
+
+__all__ = ["launch"]
+
+D = Outcome.DISPATCHED
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _server_inode(server_port: int, client_port: int) -> int:
+    """The inode of the service's end of the loopback TCP connection from `client_port`."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        parts = line.split()
+        local, remote, inode = parts[1], parts[2], int(parts[9])
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+            return inode
+    return 0
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    out: set[int] = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for name in names:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out.add(int(target[8:-1]))
+    return out
+
+
+def acceptor_of(svc: Any, server_port: int, client_port: int, timeout: float = 2.0) -> int:
+    """The index of the acceptor that serves the connection from `client_port` (waits for the hand-over)."""
+
+    def find() -> int | None:
+        inode = _server_inode(server_port, client_port)
+        if not inode:
+            return None
+        for p in svc.acceptor_procs():
+            if inode in _socket_inodes(p.pid):
+                return int(p.role.removeprefix("acceptor"))
+        return None
+
+    found = wait_until(lambda: find() is not None, timeout)
+    assert found, f"connection from port {client_port} not held by any acceptor"
+    index = find()
+    assert index is not None
+    return index
+
+
+def client_port(c: Client) -> int:
+    transport = c._transport
+    assert transport is not None
+    return int(transport.get_extra_info("sockname")[1])
+
+
+def http_port_of(conn: HttpConn) -> int:
+    return int(conn.writer.get_extra_info("sockname")[1])
+
+
+async def clients_on(svc: Any, n: int) -> tuple[list[Client], list[int]]:
+    """`n` binary clients and the acceptor of each."""
+    cs = [await Client.connect(svc.host, svc.binary_port) for _ in range(n)]
+    where = [acceptor_of(svc, svc.binary_port, client_port(c)) for c in cs]
+    return cs, where
+
+
+async def http_conns_on(svc: Any, n: int) -> tuple[list[HttpConn], list[int]]:
+    conns = [await HttpConn.open(svc.http_port) for _ in range(n)]
+    where = [acceptor_of(svc, svc.http_port, http_port_of(h)) for h in conns]
+    return conns, where
+
+
+def acceptor_pids(svc: Any, count: int) -> dict[int, int]:
+    procs = wait_until(lambda: len(svc.acceptor_procs()) == count and svc.acceptor_procs(), 5.0)
+    assert procs, f"expected {count} acceptors, found {svc.acceptor_procs()}"
+    return {int(p.role.removeprefix("acceptor")): p.pid for p in procs}
+
+
+async def _queued(svc: Any, n: int, timeout: float = 5.0) -> dict[str, Any]:
+    return await svc.until_stats(lambda s: s["totals"]["queued_items"] == n and sum(shard_queued(s)) == n, timeout)
+
+
+# ---------------------------------------------------------------------------------------------- outcomes and limits
+
+
+@pytest.mark.parametrize("shards", [1, 2, 4, 8])
+def test_one_outcome_per_admission_and_exact_limits(launch: Any, shards: int) -> None:
+    """Many binary and HTTP clients, spread over two acceptors: the queue limit rejects exactly the
+    excess, in-flight never exceeds the budget (the service's view and the tickets the clients hold),
+    and every admission ends exactly once."""
+    budget, cap = 3, 20
+    svc = launch(shards=shards, acceptors=2, budget=budget, max_queued_requests=cap)
+
+    async def main() -> None:
+        holder = await Client.connect(svc.host, svc.binary_port)
+        holds = [await holder.admit("hold") for _ in range(budget)]
+        assert all(h.outcome is D for h in holds), holds
+        cs, where = await clients_on(svc, 6)
+        assert set(where) == {0, 1}, where
+        n_bin, n_http = 6 * 4, 4
+        futs = [c.admit(f"f{(i + j) % 5}", size=10) for j in range(4) for i, c in enumerate(cs)]
+        https = [asyncio.ensure_future(admit_http(svc.http_port, f"h{i}", bytes=10, timeout=20)) for i in range(n_http)]
+        # every admission arrived: exactly `cap` queued, the rest rejected at once
+        s = await svc.until_stats(
+            lambda s: s["totals"]["queued_items"] + band_outcomes(s).get("rejected:capacity", 0) == n_bin + n_http
+        )
+        assert s["totals"]["queued_items"] == cap and sum(shard_queued(s)) == cap, s["totals"]
+        assert band_outcomes(s)["rejected:capacity"] == n_bin + n_http - cap
+        assert s["totals"]["inflight"] == budget
+
+        held: set[int] = set()  # tickets dispatched to us and not released yet (all held at once, service-side)
+        most = [len(held)]
+        releases: list[asyncio.Future[Any]] = []
+        max_inflight = [0]
+        stop = asyncio.Event()
+
+        async def sample() -> None:
+            while not stop.is_set():
+                st = await svc.astats()
+                max_inflight[0] = max(max_inflight[0], st["totals"]["inflight"])
+                await asyncio.sleep(0.01)
+
+        sampler = asyncio.ensure_future(sample())
+
+        def got(ticket: int) -> None:
+            held.add(ticket)
+            most[0] = max(most[0], len(held))
+
+        def on_binary(c: Client, fut: asyncio.Future[AdmitResult]) -> None:
+            r = fut.result()
+            if r.outcome is D:
+                got(r.ticket)
+                held.discard(r.ticket)  # released from now on (sent before anything else happens)
+                releases.append(c.release(r.ticket))
+
+        for k, f in enumerate(futs):
+            f.add_done_callback(lambda f, c=cs[k % 6]: on_binary(c, f))
+
+        async def http_then_release(t: asyncio.Future[Any]) -> Any:
+            r = await t
+            if r.status == 200:
+                got(r.json()["ticket"])
+                await asyncio.sleep(0.005)
+                held.discard(r.json()["ticket"])
+                assert (await release_http(svc.http_port, r.json()["ticket"])).status == 200
+            return r
+
+        http_done = [asyncio.ensure_future(http_then_release(t)) for t in https]
+        for h in holds:
+            held.add(h.ticket)
+        for h in holds:
+            held.discard(h.ticket)
+            assert await holder.release(h.ticket)
+        results = await asyncio.wait_for(asyncio.gather(*futs), 15)
+        http_results = await asyncio.wait_for(asyncio.gather(*http_done), 15)
+        assert all(await asyncio.gather(*releases))
+        stop.set()
+        await sampler
+        assert most[0] <= budget and max_inflight[0] <= budget, (most, max_inflight)
+
+        outcomes = Counter(r.outcome for r in results)
+        statuses = Counter(r.status for r in http_results)
+        assert outcomes[D] + statuses[200] == cap, (outcomes, statuses)
+        assert outcomes[Outcome.REJECTED_CAPACITY] + statuses[429] == n_bin + n_http - cap
+        assert sum(outcomes.values()) == n_bin and sum(statuses.values()) == n_http
+        s = await svc.until_stats(lambda s: s["totals"]["inflight"] == 0)
+        t = s["totals"]
+        assert (t["queued_items"], t["pending"], t["tickets"]) == (0, 0, 0), t
+        total = band_outcomes(s)
+        assert total["dispatched"] == budget + cap and sum(total.values()) == budget + n_bin + n_http, total
+        assert s["counters"]["tickets_released"] == budget + cap
+        assert s["consistent"] is True
+        for c in [holder, *cs]:
+            assert c.in_flight == 0
+            await c.close()
+
+    run(main(), timeout=40)
+
+
+# ---------------------------------------------------------------------------------------------- tickets
+
+
+@pytest.mark.parametrize("acceptors", [1, 2])
+def test_ticket_released_once_from_another_connection(launch: Any, acceptors: int) -> None:
+    svc = launch(shards=2, acceptors=acceptors, budget=4)
+
+    async def main() -> None:
+        # HTTP: admitted on one connection (kept open), released on another (another acceptor when
+        # there are two: the least loaded one), refused the second time on a third
+        first, [a_first] = await http_conns_on(svc, 1)
+        r = await first[0].request("POST", "/v1/admit", {"flow": "x"})
+        assert r.status == 200, r
+        ticket = r.json()["ticket"]
+        second, [a_second] = await http_conns_on(svc, 1)
+        assert a_second == (1 - a_first if acceptors == 2 else 0)
+        r2 = await second[0].request("POST", "/v1/release", {"ticket": ticket})
+        assert r2.status == 200, r2
+        r3 = await release_http(svc.http_port, ticket)
+        assert r3.status == 404, r3
+        r4 = await first[0].request("POST", "/v1/release", {"ticket": ticket})
+        assert r4.status == 404, r4
+
+        # binary: dispatched to c1, released by c2 (on the other acceptor), refused to c1 after
+        (c1, c2), where = await clients_on(svc, 2)
+        if acceptors == 2:
+            assert where[0] != where[1], where
+        a = await c1.admit("y")
+        b = await c1.admit("y")
+        assert a.dispatched and b.dispatched
+        assert await c2.release(a.ticket) is True
+        assert await c1.release(a.ticket) is False
+        assert await c2.release(a.ticket) is False
+        # a binary ticket may be released over HTTP as well (once)
+        assert (await release_http(svc.http_port, b.ticket)).status == 200
+        assert await c1.release(b.ticket) is False
+        s = await svc.until_stats(lambda s: s["totals"]["inflight"] == 0)
+        assert s["counters"]["tickets_released"] == 3 and s["totals"]["tickets"] == 0
+        # c1 closing releases nothing more (its tickets are gone), and takes nobody else's
+        c3 = await Client.connect(svc.host, svc.binary_port)
+        kept = await c3.admit("z")
+        await c1.close()
+        await asyncio.sleep(0.3)
+        s = await svc.astats()
+        assert s["counters"]["tickets_released"] == 3 and s["totals"]["inflight"] == 1
+        assert await c3.release(kept.ticket) is True
+        for c in (c2, c3):
+            await c.close()
+        for h in first + second:
+            h.close()
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------------------------- spreading
+
+
+def test_connections_are_spread_over_the_acceptors(launch: Any) -> None:
+    svc = launch(shards=2, acceptors=2, budget=None)
+
+    async def main() -> None:
+        pids = acceptor_pids(svc, 2)
+        before = {i: len(_socket_inodes(pid)) for i, pid in pids.items()}
+        cs, where = await clients_on(svc, 8)
+        results = await asyncio.gather(*(c.admit(f"f{i}") for i, c in enumerate(cs)))
+        assert all(r.dispatched for r in results)
+        per = Counter(where)
+        assert per[0] == per[1] == 4, per  # least loaded: the hand-overs alternate
+        after = {i: len(_socket_inodes(pid)) for i, pid in pids.items()}
+        assert after[0] - before[0] == 4 and after[1] - before[1] == 4, (before, after)
+        # HTTP connections as well, counting the open binary ones
+        hs, hwhere = await http_conns_on(svc, 4)
+        assert Counter(hwhere) == {0: 2, 1: 2}, hwhere
+        for c in cs:
+            await c.close()
+        for h in hs:
+            h.close()
+
+    run(main())
+
+
+def test_a_connection_just_handed_over_counts_in_its_acceptors_load(launch: Any) -> None:
+    """Connections opened one after the other, each used at once and kept open, alternate between
+    the acceptors: an acceptor reports a connection it was handed as open from the start (reported
+    as accepted but not yet open, it looked unloaded until its next report, REPORT_INTERVAL later,
+    and took every connection of a burst)."""
+    svc = launch(shards=1, acceptors=2, budget=None)
+
+    async def main() -> None:
+        await asyncio.sleep(0.4)  # the ready check's connection is closed and reported so
+        conns: list[HttpConn] = []
+        where: list[int] = []
+        for _ in range(4):
+            conn = await HttpConn.open(svc.http_port)
+            assert (await conn.request("GET", "/healthz")).status == 200
+            conns.append(conn)
+            where.append(acceptor_of(svc, svc.http_port, http_port_of(conn)))
+        # each goes to the acceptor that has one fewer open: they alternate
+        assert all(a != b for a, b in itertools.pairwise(where)), where
+        for conn in conns:
+            conn.close()
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------------------------- acceptor crash
+
+
+def test_acceptor_sigkill_cancels_its_admissions_releases_its_binary_tickets_and_restarts(launch: Any) -> None:
+    svc = launch(shards=2, acceptors=2, budget=4, service={"lease": 30.0})
+
+    async def main() -> None:
+        pids = acceptor_pids(svc, 2)
+        cs, where = await clients_on(svc, 4)  # alternate: two on each acceptor
+        victim = where[0]
+        (bv, bv2) = [c for c, a in zip(cs, where, strict=True) if a == victim]
+        (bs, bs2) = [c for c, a in zip(cs, where, strict=True) if a != victim]
+        hs, hwhere = await http_conns_on(svc, 4)
+        hv = [h for h, a in zip(hs, hwhere, strict=True) if a == victim]
+        hsv = [h for h, a in zip(hs, hwhere, strict=True) if a != victim]
+        assert len(hv) == 2 and len(hsv) == 2, hwhere
+
+        # in flight (budget 4): one binary ticket on each side, one leased HTTP ticket through the
+        # victim, one on the survivor
+        tv = await bv.admit("v")
+        ts = await bs.admit("s")
+        r = await hv[0].request("POST", "/v1/admit", {"flow": "hv"})
+        assert r.status == 200, r
+        http_ticket = r.json()["ticket"]
+        r = await hsv[0].request("POST", "/v1/admit", {"flow": "hs"})
+        assert r.status == 200, r
+        http_ticket_s = r.json()["ticket"]
+        assert tv.dispatched and ts.dispatched
+        # queued: 3 + 2 binary and 1 HTTP through the victim, 3 binary and 1 HTTP through the survivor
+        vq = [bv.admit("vq", size=10) for _ in range(3)] + [bv2.admit("vq2", size=10) for _ in range(2)]
+        sq = [bs.admit("sq", size=10) for _ in range(3)]
+        hv[1].send("POST", "/v1/admit", {"flow": "hvq", "bytes": 10})
+        hsv[1].send("POST", "/v1/admit", {"flow": "hsq", "bytes": 10})
+        await _queued(svc, 10)
+
+        os.kill(pids[victim], signal.SIGKILL)
+        for f in vq:  # the victim's clients see their connection go
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(f, 3)
+        assert await hv[1].closed_by_peer(3)
+        # its queued admissions are cancelled, its binary ticket released: one of the survivor's
+        # queued requests takes that place; the leased HTTP ticket stays
+        s = await svc.until_stats(lambda s: s["totals"]["queued_items"] == 3 and s["totals"]["inflight"] == 4)
+        assert s["totals"]["pending"] == 3 and sum(shard_queued(s)) == 3
+        assert band_outcomes(s)["evicted:cancelled"] == 6, band_outcomes(s)
+        assert band_outcomes(s)["dispatched"] == 5, band_outcomes(s)
+        assert s["counters"]["tickets_released"] == 1
+        assert not bs.closed and not bs2.closed
+
+        # restarted: a new pid for the same index, counted; the other one untouched
+        new = await until(lambda: (p := acceptor_pids(svc, 2)) and p[victim] != pids[victim] and p, 5)
+        assert new[1 - victim] == pids[1 - victim]
+        s = await svc.until_stats(lambda s: s["counters"]["acceptor_restarts"] == 1)
+
+        # the survivors go on: release everything they hold, the queue drains through them
+        releases = [bs.release(ts.ticket)]
+        for f in sq:
+            f.add_done_callback(lambda f: f.result().dispatched and releases.append(bs.release(f.result().ticket)))
+
+        async def http_queued_then_release() -> None:
+            r = await hsv[1].response(5)
+            assert r.status == 200, r
+            r = await hsv[1].request("POST", "/v1/release", {"ticket": r.json()["ticket"]})
+            assert r.status == 200, r
+
+        queued_http = asyncio.ensure_future(http_queued_then_release())
+        assert (await hsv[0].request("POST", "/v1/release", {"ticket": http_ticket_s})).status == 200
+        assert all(x.outcome is D for x in await asyncio.wait_for(asyncio.gather(*sq), 5))
+        await asyncio.wait_for(queued_http, 5)
+        assert all(await asyncio.gather(*releases))
+        # the victim's leased HTTP ticket is still held; released (once) on a new connection
+        s = await svc.until_stats(lambda s: s["totals"]["inflight"] == 1 and s["totals"]["queued_items"] == 0)
+        assert s["totals"]["tickets"] == 1
+        assert (await release_http(svc.http_port, http_ticket)).status == 200
+        assert (await release_http(svc.http_port, http_ticket)).status == 404
+        # new connections are served, and the restarted acceptor takes them once it is up (the
+        # least loaded: the survivor still has 4 open)
+        more: list[Client] = []
+        deadline = time.monotonic() + 5
+        while True:
+            c = await Client.connect(svc.host, svc.binary_port)
+            more.append(c)
+            if acceptor_of(svc, svc.binary_port, client_port(c)) == victim:
+                break
+            assert time.monotonic() < deadline, "the restarted acceptor was never handed a connection"
+            await asyncio.sleep(0.02)
+        for c in more:
+            x = await c.admit("new")
+            assert x.dispatched and await c.release(x.ticket)
+        for c in [*more, bs, bs2]:
+            await c.close()
+        for h in hs:
+            h.close()
+        s = await svc.until_stats(lambda s: s["totals"]["inflight"] == 0 and s["totals"]["tickets"] == 0)
+        assert s["totals"]["pending"] == 0 and s["consistent"] is True
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------------------------- drain
+
+
+def test_sigterm_drains_through_the_acceptors(launch: Any) -> None:
+    svc = launch(shards=2, acceptors=2, budget=1, service={"drain_timeout": 0.6})
+
+    async def main() -> None:
+        cs, where = await clients_on(svc, 2)
+        assert set(where) == {0, 1}
+        hold = await cs[0].admit("hold")
+        assert hold.dispatched
+        futs = [c.admit(f"q{i}", size=10) for i in range(3) for c in cs]
+        hs = [asyncio.ensure_future(admit_http(svc.http_port, f"h{i}", bytes=10, timeout=10)) for i in range(2)]
+        await _queued(svc, 8)
+        svc.signal(signal.SIGTERM)
+        # new connections are refused once the drain has begun (the distributor closed its ports)
+        deadline = time.monotonic() + 2
+        while True:
+            try:
+                _, w = await asyncio.open_connection(svc.host, svc.binary_port)
+                w.close()
+            except ConnectionRefusedError:
+                break
+            assert time.monotonic() < deadline, "binary port still accepting during the drain"
+            await asyncio.sleep(0.01)
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection(svc.host, svc.http_port)
+        # the queue still drains while it may: one released ticket -> one more dispatch; the rest end
+        # as evicted:shutdown when the drain times out, delivered through the acceptors
+        assert await cs[0].release(hold.ticket)
+        results = await asyncio.wait_for(asyncio.gather(*futs), 5)
+        http_results = await asyncio.wait_for(asyncio.gather(*hs), 5)
+        outcomes = Counter(x.outcome for x in results)
+        assert outcomes[D] + sum(h.status == 200 for h in http_results) == 1, (outcomes, http_results)
+        assert outcomes[D] + outcomes[Outcome.EVICTED_SHUTDOWN] == 6, outcomes
+        for h in http_results:
+            if h.status != 200:
+                assert h.status == 503 and (h.json()["outcome"], h.json()["reason"]) == ("evicted", "shutdown"), h
+        for c in cs:
+            await c.close()
+
+    run(main())
+    assert svc.wait() == 0
+
+
+# ---------------------------------------------------------------------------------------------- admin
+
+
+def test_admin_endpoints_and_protective_actions_through_the_acceptors(launch: Any) -> None:
+    svc = launch(shards=2, acceptors=2, budget=None, service={"header_timeout": 0.3})
+
+    async def main() -> None:
+        for path in ("/healthz", "/readyz"):
+            r = await ahttp(svc.http_port, "GET", path)
+            assert r.status == 200, r
+        s = (await ahttp(svc.http_port, "GET", "/v1/stats")).json()
+        assert s["ready"] is True and len(s["shards"]) == 2
+        samples = await svc.ametrics()
+        assert metric(samples, "flowshard_worker_up", shard="1") == 1
+        before = metric(samples, "flowshard_protective_actions_total", front="binary", action="malformed")
+        before_timeout = metric(samples, "flowshard_protective_actions_total", front="binary", action="frame_timeout")
+        before_http = metric(samples, "flowshard_protective_actions_total", front="http", action="malformed")
+
+        # two malformed binary frames, a stalled frame, a malformed HTTP request
+        for _ in range(2):
+            r, w = await asyncio.open_connection(svc.host, svc.binary_port)
+            fw = FrameWriter()
+            fw.add([Admit.__struct_config__.tag, -1, "a", 0, 0, 0.0, 0.0, 0, 0.0])
+            w.write(fw.take())
+            await asyncio.wait_for(r.read(), 3)
+            w.close()
+        r, w = await asyncio.open_connection(svc.host, svc.binary_port)
+        w.write(struct.pack(">I", 1000) + b"\x93")
+        [err] = FrameReader(ToClient).feed(await asyncio.wait_for(r.read(), 3))
+        assert type(err) is Error and err.status == 408, err
+        w.close()
+        h = await HttpConn.open(svc.http_port)
+        h.send_raw(b"NOT HTTP AT ALL\r\n\r\n")
+        resp = await h.response(3)
+        assert resp.status == 400, resp
+        h.close()
+
+        async def counted() -> bool:
+            m = await svc.ametrics()
+            return (
+                metric(m, "flowshard_protective_actions_total", front="binary", action="malformed") == before + 2
+                and metric(m, "flowshard_protective_actions_total", front="binary", action="frame_timeout")
+                == before_timeout + 1
+                and metric(m, "flowshard_protective_actions_total", front="http", action="malformed")
+                == before_http + 1
+            )
+
+        deadline = time.monotonic() + 3
+        while not await counted():
+            assert time.monotonic() < deadline, "protective actions not counted in the distributor's /metrics"
+            await asyncio.sleep(0.02)
+
+        # /readyz follows the shards: 503 while one is down, 200 again after its restart
+        s = await svc.astats()
+        os.kill(s["shards"][1]["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 3
+        while (await ahttp(svc.http_port, "GET", "/readyz")).status != 503:
+            assert time.monotonic() < deadline, "/readyz never reported the dead shard"
+            await asyncio.sleep(0.005)
+        assert (await ahttp(svc.http_port, "GET", "/healthz")).status == 200
+        deadline = time.monotonic() + 5
+        while (await ahttp(svc.http_port, "GET", "/readyz")).status != 200:
+            assert time.monotonic() < deadline, "/readyz not ready again after the worker restart"
+            await asyncio.sleep(0.01)
+        s = await svc.astats()
+        assert s["counters"]["worker_restarts"] == 1 and s["counters"]["acceptor_restarts"] == 0
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------------------------- distributor death
+
+
+def test_distributor_sigkill_takes_the_acceptors_along(launch: Any) -> None:
+    svc = launch(shards=1, acceptors=2, budget=1)
+
+    async def main() -> None:
+        acceptors = svc.acceptor_procs()
+        assert len(acceptors) == 2
+        (c, c2), where = await clients_on(svc, 2)
+        assert set(where) == {0, 1}, where
+        await c.admit("hold")
+        fut = c2.admit("q")
+        await _queued(svc, 1)
+        svc.signal(signal.SIGKILL)
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(fut, 3)
+        gone = wait_until(lambda: not any(p.alive() for p in acceptors), 2.0)
+        assert gone, f"acceptors still alive after the distributor died: {acceptors}"
+        for x in (c, c2):
+            await x.close()
+        with pytest.raises(OSError):
+            socket.create_connection((svc.host, svc.binary_port), timeout=1).close()
+
+    run(main())
+    assert svc.wait(2) == -signal.SIGKILL
