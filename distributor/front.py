@@ -81,8 +81,9 @@ class LinkGuards(Guards):
 class Upstream(asyncio.Protocol):
     """The acceptor's end of its socket pair to the distributor, and the fronts' `Admission`."""
 
-    def __init__(self, index: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, index: int, loop: asyncio.AbstractEventLoop, sole: bool = False) -> None:
         self.index = index
+        self._sole = sole  # the only acceptor: every release passes through this process
         self._loop = loop
         self._reader = FrameReader(ToAcceptor)
         self._writer = FrameWriter()
@@ -195,9 +196,11 @@ class Upstream(asyncio.Protocol):
         return True
 
     def release_then(self, ticket: int, tokens: int, done: Callable[[int, bool], None]) -> None:
-        if ticket in self._owner:
+        if self._sole and ticket in self._owner:
             # A binary ticket of one of our connections: the distributor holds it until it is released
             # through us or that connection closes (no lease), so the answer is known: no round trip.
+            # Only when we are the only acceptor: else another one may have released it (its client
+            # holds the ticket too), and only the distributor knows.
             self._disown(ticket)
             self.send(LinkRelease(ticket, tokens))
             done(ticket, True)
@@ -310,7 +313,7 @@ async def run(index: int, sock: socket.socket, handover: socket.socket, config: 
     from distributor.http import HttpHub, HttpLimits
 
     loop = asyncio.get_running_loop()
-    upstream = Upstream(index, loop)
+    upstream = Upstream(index, loop, sole=acceptors == 1)
     transport, _ = await loop.create_unix_connection(lambda: upstream, sock=sock)
     guards = LinkGuards(upstream)
     svc = config.service
