@@ -299,6 +299,10 @@ def test_connections_are_spread_over_the_acceptors(launch: Any) -> None:
         assert per[0] == per[1] == 4, per  # least loaded: the hand-overs alternate
         after = {i: len(_socket_inodes(pid)) for i, pid in pids.items()}
         assert after[0] - before[0] == 4 and after[1] - before[1] == 4, (before, after)
+        # /v1/stats shows the same (each acceptor reports its open connections a few times a second;
+        # the stats request's own connection may count too)
+        s = await svc.until_stats(lambda s: all(a["connections"] in (4, 5) for a in s["acceptors"]))
+        assert [(a["index"], a["up"], a["pid"]) for a in s["acceptors"]] == [(i, True, pids[i]) for i in (0, 1)]
         # HTTP connections as well, counting the open binary ones
         hs, hwhere = await http_conns_on(svc, 4)
         assert Counter(hwhere) == {0: 2, 1: 2}, hwhere
@@ -386,7 +390,11 @@ def test_acceptor_sigkill_cancels_its_admissions_releases_its_binary_tickets_and
         # restarted: a new pid for the same index, counted; the other one untouched
         new = await until(lambda: (p := acceptor_pids(svc, 2)) and p[victim] != pids[victim] and p, 5)
         assert new[1 - victim] == pids[1 - victim]
-        s = await svc.until_stats(lambda s: s["counters"]["acceptor_restarts"] == 1)
+        s = await svc.until_stats(lambda s: s["counters"]["acceptor_restarts"] == 1 and s["acceptors"][victim]["up"])
+        assert [(a["pid"], a["restarts"]) for a in s["acceptors"]] == [(new[i], int(i == victim)) for i in (0, 1)]
+        samples = await svc.ametrics()
+        assert metric(samples, "flowshard_acceptor_restarts_total") == 1
+        assert metric(samples, "flowshard_acceptors") == 2
 
         # the survivors go on: release everything they hold, the queue drains through them
         releases = [bs.release(ts.ticket)]
@@ -492,6 +500,7 @@ def test_admin_endpoints_and_protective_actions_through_the_acceptors(launch: An
         assert s["ready"] is True and len(s["shards"]) == 2
         samples = await svc.ametrics()
         assert metric(samples, "flowshard_worker_up", shard="1") == 1
+        assert metric(samples, "flowshard_acceptors") == 2 and metric(samples, "flowshard_acceptor_restarts_total") == 0
         before = metric(samples, "flowshard_protective_actions_total", front="binary", action="malformed")
         before_timeout = metric(samples, "flowshard_protective_actions_total", front="binary", action="frame_timeout")
         before_http = metric(samples, "flowshard_protective_actions_total", front="http", action="malformed")
