@@ -455,6 +455,8 @@ def test_sigterm_drains_through_the_acceptors(launch: Any) -> None:
         futs = [c.admit(f"q{i}", size=10) for i in range(3) for c in cs]
         hs = [asyncio.ensure_future(admit_http(svc.http_port, f"h{i}", bytes=10, timeout=10)) for i in range(2)]
         await _queued(svc, 8)
+        keep, _ = await http_conns_on(svc, 1)
+        assert (await keep[0].request("GET", "/readyz")).status == 200
         svc.signal(signal.SIGTERM)
         # new connections are refused once the drain has begun (the distributor closed its ports)
         deadline = time.monotonic() + 2
@@ -468,6 +470,13 @@ def test_sigterm_drains_through_the_acceptors(launch: Any) -> None:
             await asyncio.sleep(0.01)
         with pytest.raises(ConnectionRefusedError):
             await asyncio.open_connection(svc.host, svc.http_port)
+        # the connections already open are served still: new work is refused, not ready
+        late = await cs[1].admit("late")
+        assert late.outcome is Outcome.REJECTED_SHUTTING_DOWN, late
+        r = await keep[0].request("POST", "/v1/admit", {"flow": "late"})
+        assert r.status == 503 and (r.json()["outcome"], r.json()["reason"]) == ("rejected", "shutting_down"), r
+        assert (await keep[0].request("GET", "/readyz")).status == 503
+        keep[0].close()
         # the queue still drains while it may: one released ticket -> one more dispatch; the rest end
         # as evicted:shutdown when the drain times out, delivered through the acceptors
         assert await cs[0].release(hold.ticket)
