@@ -592,3 +592,33 @@ def test_distributor_sigkill_takes_the_acceptors_along(launch: Any) -> None:
 
     run(main())
     assert svc.wait(2) == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.1])
+def test_sigterm_while_an_acceptor_restarts_leaves_nothing(launch: Any, delay: float) -> None:
+    """An acceptor dies and the service is told to stop before, while or after its replacement
+    starts: it exits 0 and no acceptor is left (the fixture checks every process it ever saw)."""
+    svc = launch(shards=1, acceptors=2, budget=1)
+    pids = acceptor_pids(svc, 2)
+    os.kill(pids[0], signal.SIGKILL)
+    time.sleep(delay)
+    assert svc.terminate() == 0
+
+
+@pytest.mark.parametrize("acceptors", [1, 2])
+def test_binary_release_answers_keep_the_order_of_the_releases(launch: Any, acceptors: int) -> None:
+    """The binary protocol answers Release frames in their order (the client matches them so): a
+    release the acceptor can answer by itself must not overtake one that waits for the distributor."""
+    svc = launch(shards=1, acceptors=acceptors, budget=4)
+
+    async def main() -> None:
+        async with Client.connect(svc.host, svc.binary_port) as c:
+            mine = [await c.admit("a") for _ in range(2)]
+            assert all(r.dispatched for r in mine)
+            unknown = 1 + max(r.ticket for r in mine)
+            answers = [c.release(unknown), c.release(mine[0].ticket), c.release(unknown + 1), c.release(mine[1].ticket)]
+            assert await asyncio.gather(*answers) == [False, True, False, True]
+            s = await svc.until_stats(lambda s: s["totals"]["inflight"] == 0)
+            assert s["counters"]["tickets_released"] == 2
+
+    run(main())
