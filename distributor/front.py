@@ -196,11 +196,12 @@ class Upstream(asyncio.Protocol):
         return True
 
     def release_then(self, ticket: int, tokens: int, done: Callable[[int, bool], None]) -> None:
-        if self._sole and ticket in self._owner:
+        if self._sole and not self._releases and ticket in self._owner:
             # A binary ticket of one of our connections: the distributor holds it until it is released
             # through us or that connection closes (no lease), so the answer is known: no round trip.
             # Only when we are the only acceptor: else another one may have released it (its client
-            # holds the ticket too), and only the distributor knows.
+            # holds the ticket too), and only the distributor knows. And only when no release waits
+            # for its answer: a binary client matches the answers with its releases by their order.
             self._disown(ticket)
             self.send(LinkRelease(ticket, tokens))
             done(ticket, True)
