@@ -85,6 +85,7 @@ class AcceptorLink(asyncio.Protocol):
         self.handed = 0  # connections handed to it
         self.accepted = 0  # of which it has reported taking
         self.open = 0  # and how many of them it reported open
+        self.heard = time.monotonic()  # when it last sent anything (it reports every 0.25 s: a heartbeat)
 
     @property
     def load(self) -> int:
@@ -96,6 +97,7 @@ class AcceptorLink(asyncio.Protocol):
         self.transport.write(self._preamble)
 
     def data_received(self, data: bytes) -> None:
+        self.heard = time.monotonic()
         for msg in self._reader.feed(data):
             try:
                 self._handle(msg)
@@ -195,6 +197,8 @@ HANDED_HTTP = b"h"  # as distributor.front
 HANDED_BINARY = b"b"
 ACCEPT_BATCH = 64  # connections accepted per readiness callback (then the loop serves the rest)
 ACCEPT_PAUSE = 0.1  # after an accept error (out of descriptors): listen again after this
+HANDOVER_QUIET = 1.0  # an acceptor not heard from this long gets no new connection
+HEARTBEAT_STALE = 5.0  # nor heard from this long: hung; killed, and started again (as a worker)
 
 
 class Acceptors:
@@ -302,7 +306,9 @@ class Acceptors:
 
     def _hand(self, kind: bytes, conn: socket.socket) -> None:
         """To the live acceptor with the fewest open connections; none live: closed (it restarts)."""
-        live = sorted((link for link in self.links if link is not None and link.ready), key=lambda x: x.load)
+        quiet = time.monotonic() - HANDOVER_QUIET  # an acceptor silent this long may be hung: none for it
+        live = sorted((link for link in self.links if link is not None and link.ready and link.heard > quiet),
+                      key=lambda x: x.load)
         for link in live:
             if link.handover is None:
                 continue
@@ -366,6 +372,16 @@ class Acceptors:
                 log.error("acceptor %d: cannot start (%s); retrying", index, exc)
                 await asyncio.sleep(delay)
                 delay = min(RESPAWN_MAX, delay * 2)
+
+    def check_heartbeats(self) -> None:
+        """Kill an acceptor that has said nothing for HEARTBEAT_STALE (its link's loss restarts it)."""
+        stale = time.monotonic() - HEARTBEAT_STALE
+        for index, link in enumerate(self.links):
+            proc = self.procs[index]
+            if link is not None and link.ready and link.heard < stale and proc is not None:
+                log.error("acceptor %d silent for %.0f s: killing it", index, HEARTBEAT_STALE)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
 
     def stop_listening(self) -> None:
         """Draining: no new connections (the port closes); the acceptors keep serving theirs."""

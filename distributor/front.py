@@ -236,7 +236,7 @@ class Upstream(asyncio.Protocol):
 
 HANDED_HTTP = b"h"  # the byte sent with a handed connection: which front serves it
 HANDED_BINARY = b"b"
-REPORT_INTERVAL = 0.25  # how often the acceptor tells the distributor its connection counts
+REPORT_INTERVAL = 0.25  # how often the acceptor tells the distributor its connection counts (its heartbeat)
 
 
 class Handover:
@@ -253,7 +253,6 @@ class Handover:
         self._open_count = open_count
         self.accepted = 0
         self._starting = 0  # handed, its protocol not made yet (counted as open: the distributor balances on it)
-        self._reported = (-1, -1)
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._receive)
         self._timer = loop.call_later(REPORT_INTERVAL, self._report)
@@ -292,10 +291,9 @@ class Handover:
             self._starting -= 1
 
     def _report(self) -> None:
-        counts = (self.accepted, self._open_count() + self._starting)
-        if counts != self._reported:
-            self._reported = counts
-            self._upstream.send(LinkConns(*counts))
+        # sent every REPORT_INTERVAL even when unchanged: it is also this process's heartbeat (the
+        # distributor restarts an acceptor that stops sending, and hands it nothing meanwhile)
+        self._upstream.send(LinkConns(self.accepted, self._open_count() + self._starting))
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self._loop.call_later(REPORT_INTERVAL, self._report)
@@ -311,18 +309,21 @@ class Handover:
 
 async def run(index: int, sock: socket.socket, handover: socket.socket, config: Config, acceptors: int) -> None:
     from distributor.binary import BinaryHub, BinaryLimits
-    from distributor.http import HttpHub, HttpLimits
+    from distributor.http import ADMIN_RESERVE, HttpHub, HttpLimits
 
     loop = asyncio.get_running_loop()
     upstream = Upstream(index, loop, sole=acceptors == 1)
     transport, _ = await loop.create_unix_connection(lambda: upstream, sock=sock)
     guards = LinkGuards(upstream)
     svc = config.service
-    # max_connections is the service's: shared out over the acceptors (the distributor hands each
-    # new connection to the least loaded one, so the shares fill evenly)
+    # max_connections and the admin reserve are the service's: shared out over the acceptors, rounded
+    # up (the distributor hands each new connection to the least loaded one, so the shares fill
+    # evenly; the service-wide limit is exceeded by at most acceptors - 1)
     share = -(-svc.max_connections // acceptors)
+    reserve = -(-ADMIN_RESERVE // acceptors)
     http = HttpHub(upstream, HttpLimits(max_body_bytes=svc.max_body_bytes, max_connections=share,
-                                        header_timeout=svc.header_timeout, idle_timeout=svc.idle_timeout),
+                                        header_timeout=svc.header_timeout, idle_timeout=svc.idle_timeout,
+                                        admin_reserve=reserve),
                    svc.lease, loop, guards)
     binary = BinaryHub(upstream, BinaryLimits(max_connections=share, frame_timeout=svc.header_timeout), loop, guards)
     handed = Handover(handover, loop, upstream, http, binary, lambda: http.open + binary.connections)

@@ -722,6 +722,8 @@ class Distributor:
         for retry in self.retry:
             retry.tick(now)
         self._check_heartbeats(time.monotonic_ns())
+        if self.acceptors is not None:
+            self.acceptors.check_heartbeats()
         self.slots.collect(now, self._flow_busy)
         self._housekeeper = self._loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeeping)
 

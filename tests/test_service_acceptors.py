@@ -17,6 +17,7 @@ Which acceptor serves a connection is found from /proc: the server side of the T
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -337,6 +338,38 @@ def test_a_connection_just_handed_over_counts_in_its_acceptors_load(launch: Any)
             conn.close()
 
     run(main())
+
+
+def test_a_hung_acceptor_gets_no_connections_and_is_restarted(launch: Any) -> None:
+    """SIGSTOP one acceptor: within HANDOVER_QUIET (1 s) of its last report new connections all go to
+    the other, and after HEARTBEAT_STALE (5 s) of silence it is killed and started again (a new
+    pid), as a wedged worker is. Before the heartbeat it kept half of the new connections, forever."""
+    from distributor.acceptors import HANDOVER_QUIET, HEARTBEAT_STALE
+
+    svc = launch(shards=1, acceptors=2, budget=None)
+    pids = acceptor_pids(svc, 2)
+    os.kill(pids[1], signal.SIGSTOP)
+    try:
+        time.sleep(HANDOVER_QUIET + 0.3)
+
+        async def main() -> None:
+            conns, where = await http_conns_on(svc, 4)
+            assert where == [0, 0, 0, 0], where
+            for conn in conns:
+                assert (await conn.request("GET", "/healthz")).status == 200
+                conn.close()
+
+        run(main())
+        restarted = wait_until(
+            lambda: len(svc.acceptor_procs()) == 2 and pids[1] not in {p.pid for p in svc.acceptor_procs()},
+            HEARTBEAT_STALE + 3.0,
+        )
+        assert restarted, svc.acceptor_procs()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pids[1], signal.SIGCONT)  # if it is still ours and stopped, let it die normally
+    assert wait_until(lambda: all(a["up"] for a in svc.stats()["acceptors"]), 5.0)
+    assert svc.stats()["counters"]["acceptor_restarts"] == 1
 
 
 # ---------------------------------------------------------------------------------------------- acceptor crash
