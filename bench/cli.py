@@ -231,8 +231,17 @@ def run_all(args: argparse.Namespace, base: Scenario, records_out: BinaryIO | No
     sims: dict[str, Any] = {}
     if not args.no_simulate:
         for rate, scenario in scenarios.items():
-            report, why = simcompare.predict(scenario, None if args.quiet else sys.stderr)
-            sims[str(rate)] = {"report": simcompare.encode(report), "skipped": why, "_report": report}
+            # each shard count is predicted by the N-shard simulation (a target or echo: one shard)
+            counts = sorted({c.shards if c.kind == "flowshard" else 1 for c in configs if c.rate == rate})
+            by_shards: dict[int, Any] = {}
+            for n in counts:
+                report, why = simcompare.predict(scenario, None if args.quiet else sys.stderr, n)
+                by_shards[n] = (report, why)
+            first, why = by_shards[counts[0]]
+            sims[str(rate)] = {"report": simcompare.encode(first), "skipped": why, "_report": first,
+                               "_by_shards": {n: r for n, (r, _) in by_shards.items()},
+                               "by_shards": {str(n): simcompare.encode(r) for n, (r, _) in by_shards.items()
+                                             if n != counts[0]}}
     return {"configs": configs, "runs": runs, "sims": sims, "scenarios": scenarios, "window": window}
 
 
@@ -260,8 +269,16 @@ def render(result: dict[str, Any]) -> str:
             continue
         for c in configs:
             if str(c.rate) == rate and c.kind != "echo":
-                parts.append(simcompare.render(c.label, simcompare.comparison(sim["_report"], runs[c])))
+                report = _sim_for(sim, c)
+                if report is not None:
+                    parts.append(simcompare.render(c.label, simcompare.comparison(report, runs[c])))
     return "\n\n".join(parts) + "\n"
+
+
+def _sim_for(sim: dict[str, Any], config: Config) -> Any:
+    """The simulation at the configuration's shard count (a target's: one shard)."""
+    shards = config.shards if config.kind == "flowshard" else 1
+    return sim["_by_shards"].get(shards, sim["_report"])
 
 
 def _now() -> str:
@@ -281,8 +298,10 @@ def to_json(result: dict[str, Any], args: argparse.Namespace, command: str) -> b
         ],
         "simulation": {
             rate: {"report": s["report"], "skipped": s["skipped"] or None,
-                   "comparison": {c.label: simcompare.comparison(s["_report"], result["runs"][c])
-                                  for c in configs if str(c.rate) == rate and c.kind != "echo"}
+                   "by_shards": s["by_shards"],  # the reports at the other shard counts ("report": the first)
+                   "comparison": {c.label: simcompare.comparison(_sim_for(s, c), result["runs"][c])
+                                  for c in configs if str(c.rate) == rate and c.kind != "echo"
+                                  and _sim_for(s, c) is not None}
                    if s["_report"] is not None else None}
             for rate, s in result["sims"].items()
         },

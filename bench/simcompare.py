@@ -28,20 +28,21 @@ __all__ = ["MAX_SIMULATED_REQUESTS", "predict", "render"]
 MAX_SIMULATED_REQUESTS = 3_000_000
 
 
-def predict(scenario: Scenario, err: TextIO | None = None) -> tuple[Report | None, str]:
-    """(the simulator's report, why not) for the scenario as run. With `err`, a simulation estimated
-    to take more than a few seconds is announced there and shows its progress."""
-    est = estimate(scenario)
+def predict(scenario: Scenario, err: TextIO | None = None, shards: int = 1) -> tuple[Report | None, str]:
+    """(the simulator's report, why not) for the scenario as run at `shards` shards (the N-shard
+    simulation: the service's ledger and N engines, `flowshard simulate --shards`). With `err`, a
+    simulation estimated to take more than a few seconds is announced there and shows its progress."""
+    est = estimate(scenario, shards)
     if est.requests > MAX_SIMULATED_REQUESTS:
         return None, (f"simulation skipped: about {est.requests:,.0f} virtual requests "
                       f"(limit {MAX_SIMULATED_REQUESTS:,})")
     if err is None or est.seconds <= WARN_SECONDS:
-        return simulate(scenario), ""
-    err.write(f"simulating the scenario for the comparison: about {est.events:,.0f} events "
-              "(--no-simulate skips it)\n")
+        return simulate(scenario, shards=shards), ""
+    err.write(f"simulating the scenario at {shards} shard{'s' if shards > 1 else ''} for the comparison: "
+              f"about {est.events:,.0f} events (--no-simulate skips it)\n")
     watch = Watch(scenario.workload.duration, err)
     try:
-        return simulate(scenario, watch), ""
+        return simulate(scenario, watch, shards=shards), ""
     finally:
         watch.close()
 

@@ -138,6 +138,20 @@ def test_bench_binary_two_bands_against_flowshard(tmp_path: Path) -> None:
     assert sim["report"]["scenario"] == "tiny" and "shards=1" in sim["comparison"]
 
 
+def test_bench_predicts_each_shard_count_with_the_n_shard_simulation(tmp_path: Path) -> None:
+    """`--shards 1,2`: shards=1 is compared with the one-engine simulation, shards=2 with the 2-shard
+    one (the service's ledger and 2 engines), not both with one shard."""
+    proc = _run_bench(tmp_path, TINY, "--json", str(tmp_path / "out.json"), "--shards", "1,2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sim = json.loads((tmp_path / "out.json").read_text())["simulation"]["None"]
+    assert "shards" not in sim["report"] and sim["by_shards"]["2"]["shards"] == 2
+    assert set(sim["comparison"]) == {"shards=1", "shards=2"}
+    two = sim["comparison"]["shards=2"]["groups"]
+    assert [g["predicted"]["dispatched"] for g in two] == [
+        g["counts"]["dispatched"] for g in sim["by_shards"]["2"]["groups"]]
+    assert "== simulator vs measured (shards=2;" in proc.stdout
+
+
 def test_bench_http_with_echo_baseline(tmp_path: Path) -> None:
     doc, _ = bench_json(tmp_path, FREE, "--shards", "1", "--http", "--baseline", "--no-simulate")
     labels = [c["label"] for c in doc["configs"]]
