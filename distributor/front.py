@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -59,7 +58,7 @@ from flowshard.codec import (
 )
 from flowshard.config import Config
 from flowshard.types import Outcome
-from workers.worker import _die_with_parent, read_config
+from workers.worker import attach_to_distributor
 
 log = logging.getLogger(__name__)
 _DISPATCHED = Outcome.DISPATCHED
@@ -342,13 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True, help="this end of the socket pair to the distributor")
     parser.add_argument("--handover-fd", type=int, required=True, help="where the distributor hands connections")
     args = parser.parse_args(argv)
-    # As the workers: the distributor drains us (LinkState, then Shutdown); we end on that, on our
-    # socket's EOF, or with our parent.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with_parent()
-    sock = socket.socket(fileno=args.fd)
-    config = read_config(sock)
+    sock, config = attach_to_distributor(args.fd)  # as a worker: drained by the distributor, not by signals
     if config is None:
         return 1
     handover = socket.socket(fileno=args.handover_fd)

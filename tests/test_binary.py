@@ -14,9 +14,9 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import msgspec
 import pytest
 import uvloop
+from fakes import AnswersAtOnce
 
 from distributor.binary import BinaryConnection, BinaryLimits, start_binary_server
 from flowshard.codec import Admit, Error, FrameReader, FrameWriter, Release, Released, Result, ToClient
@@ -36,7 +36,7 @@ HOLD = "hold"  # the fake keeps these pending until the test completes them
 BOOM = "boom"  # the fake raises in admit
 
 
-class FakeAdmission:
+class FakeAdmission(AnswersAtOnce):
     """An `Admission` that records everything. Tickets are 1000 + request id."""
 
     accepting = True
@@ -96,16 +96,6 @@ class FakeAdmission:
     def cancel(self, request_id: int) -> None:
         self.cancels.append(request_id)
         self.held.pop(request_id, None)
-
-    def release_then(self, ticket: int, tokens: int, done: Any) -> None:
-        """The front's asynchronous release (distributor.api): answered at once here."""
-        done(ticket, self.release(ticket) if tokens < 0 else self.release(ticket, tokens))  # type: ignore[call-arg]
-
-    def query(self, what: str, done: Any) -> None:
-        if what == "metrics":
-            done(*self.metrics())
-        else:
-            done(msgspec.json.encode(self.stats()), "application/json")
 
     def release(self, ticket: int) -> bool:
         self.releases.append(ticket)

@@ -17,9 +17,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgspec
 import pytest
 import uvloop
+from fakes import AnswersAtOnce
 from servicekit import HttpConn, admit_http, band_outcomes, launch, release_http
 
 from distributor.guards import Guards
@@ -33,7 +33,7 @@ TICKET_BASE = 1000
 HOLD = "hold"  # a flow the fake keeps pending until the test finishes it
 
 
-class FakeAdmission:
+class FakeAdmission(AnswersAtOnce):
     """Decides by flow name: `hold` stays pending, an outcome label (`rejected:capacity`, ...) gets that
     outcome, anything else is dispatched at once. Records admits, cancels and releases and checks the
     front's side of the contract (cancel only pending requests, and each at most once)."""
@@ -108,16 +108,6 @@ class FakeAdmission:
             self.violations.append(f"second cancel({request_id})")
         self.cancels.append(request_id)
         self.pending.discard(request_id)
-
-    def release_then(self, ticket: int, tokens: int, done: Any) -> None:
-        """The front's asynchronous release (distributor.api): answered at once here."""
-        done(ticket, self.release(ticket) if tokens < 0 else self.release(ticket, tokens))  # type: ignore[call-arg]
-
-    def query(self, what: str, done: Any) -> None:
-        if what == "metrics":
-            done(*self.metrics())
-        else:
-            done(msgspec.json.encode(self.stats()), "application/json")
 
     def release(self, ticket: int) -> bool:
         if ticket not in self.tickets:

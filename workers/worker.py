@@ -288,17 +288,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True, help="this end of the socket pair")
     parser.add_argument("--shm", required=True, help="shared-memory segment name")
     args = parser.parse_args(argv)
-    # Ctrl-C, `timeout` and systemd signal the whole process group: the distributor drains us (a
-    # Shutdown frame); we end on that, on our socket's EOF, or with our parent.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with_parent()
-    sock = socket.socket(fileno=args.fd)
-    config = read_config(sock)
+    sock, config = attach_to_distributor(args.fd)
     if config is None:  # the distributor is gone already: nobody to serve
         return 1
     uvloop.run(run(args.shard, sock, args.shm, config))
     return 0
+
+
+def attach_to_distributor(fd: int) -> tuple[socket.socket, Config | None]:
+    """The start of a process the distributor spawned (a worker, an acceptor): its socket to the
+    distributor and the configuration read from it (None: the distributor is gone already).
+
+    Ctrl-C, `timeout` and systemd signal the whole process group: the distributor drains us (a
+    Shutdown frame), so we ignore them and end on that, on our socket's EOF, or with our parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+    sock = socket.socket(fileno=fd)
+    return sock, read_config(sock)
 
 
 if __name__ == "__main__":

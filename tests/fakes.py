@@ -1,0 +1,23 @@
+"""Shared pieces of the fake `Admission`s the front-end unit tests use (tests/test_http.py,
+tests/test_binary.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class AnswersAtOnce:
+    """The asynchronous half of `distributor.api.Admission` (release_then, query) on top of a fake's
+    synchronous release, stats and metrics: answered at once, as the distributor's own process does."""
+
+    def release_then(self, ticket: int, tokens: int, done: Any) -> None:
+        release: Any = getattr(self, "release")  # noqa: B009 - the fake's own, some without `tokens`
+        done(ticket, release(ticket) if tokens < 0 else release(ticket, tokens))
+
+    def query(self, what: str, done: Any) -> None:
+        if what == "metrics":
+            done(*getattr(self, "metrics")())  # noqa: B009
+        else:
+            done(msgspec.json.encode(getattr(self, "stats")()), "application/json")  # noqa: B009
