@@ -27,10 +27,11 @@ ticket until nothing is left; `reconcile()` checks invariant 4 against what the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,6 +215,8 @@ class Model:
         self.grantbacks = 0
         self.crashes = 0
         self.trace: deque[str] = deque(maxlen=trace_len)
+        self._passing = False  # inside `one_pass()`: grants are planned once, at its end
+        self._plan_wanted = False
 
     # ================================================================== client operations
 
@@ -466,9 +469,26 @@ class Model:
             self._fail(f"unknown message {msg!r}")
         self._plan()
 
+    @contextlib.contextmanager
+    def one_pass(self) -> Iterator[None]:
+        """The client operations inside run in one pass of the distributor's event loop: the grants are
+        planned once, at its end (service._end_pass), e.g. a closed-loop client's release and its next
+        request, which arrive in one read."""
+        self._passing = True
+        try:
+            yield
+        finally:
+            self._passing = False
+            if self._plan_wanted:
+                self._plan_wanted = False
+                self._plan()
+
     def _plan(self) -> None:
         """service._plan: send the grants the ledger plans, snapshotting strict priority for each; then
         the ledger, now planned, judges the dispatches it heard of (service._end_pass)."""
+        if self._passing:
+            self._plan_wanted = True
+            return
         at = self._tick()
         for shard, band, max_bytes, saturation in self.ledger.plan_grants():
             self.grant_seq += 1
