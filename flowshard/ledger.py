@@ -466,19 +466,18 @@ class Ledger:
         they hold. Each shard has a virtual time that a grant advances by the typical cost of a
         request there (turns, bytes or tokens, as the band's fairness counts) divided by the weight
         of its flows; the shard with the smallest virtual time goes next (weighted fair queueing over
-        shards; `grant_answered` replaces the typical cost by the real one). Among shards at the same
-        virtual time the one holding the least per live grant goes first: the shares do not change
-        (the virtual times decide them) and a thin flow waits less, as a flow that starts afresh does
-        under drr at one shard (it gets a full quantum, ahead of the flows that used theirs). Ties
-        are common (equal sizes and weights); by bytes held the other way round, a thin flow lost
-        them to every backlogged shard. global-fcfs shares by nothing but arrival: the grant goes to
-        the shard holding the oldest request that no live grant covers (`_oldest_uncovered`).
+        shards; `grant_answered` replaces the typical cost by the real one). Ties go to the shard
+        holding the most bytes per live grant. (Every tie to the thinnest shard instead measured
+        better for thin closed-loop flows but let one take two grants in a row: twice the service
+        difference of one shard in the N-shard simulation; see docs/architecture.md.) global-fcfs
+        shares by nothing but arrival: the grant goes to the shard holding the oldest request that no
+        live grant covers (`_oldest_uncovered`).
         """
         if len(band.shard_items) == 1:
             return 0
         if band.cost_kind == _ARRIVALS:
             return Ledger._oldest_uncovered(band)
-        best, best_time, best_score = -1, _INF, -_INF
+        best, best_time, best_score = -1, _INF, -1.0
         by_time = band.fair
         vtime = band.shard_vtime
         for n, items in enumerate(band.shard_items):
@@ -487,8 +486,7 @@ class Ledger:
                 t = vtime[n] if by_time else 0.0
                 if t > best_time:
                     continue
-                # ties (the same virtual time): the shard with the least queued per live grant first
-                score = -(band.shard_bytes[n] / (granted + 1) + 1e-9 * (items - granted))
+                score = band.shard_bytes[n] / (granted + 1) + 1e-9 * (items - granted)  # ties: by bytes held
                 if t < best_time or score > best_score:
                     best, best_time, best_score = n, t, score
         return best

@@ -608,12 +608,12 @@ def test_shard_failure_fails_exactly_what_was_routed_there():
     queued = {n: [m.admit(f"f{n}", 0, 10, shard=n), m.admit(f"f{n}", 1, 10, shard=n)] for n in range(3)}
     low3 = m.admit("f3", 0, 10, shard=3)
     m.settle()
-    in_transit = m.admit("z", 1, 5, shard=3)  # the 8th: never read by shard 3
+    in_transit = m.admit("z", 1, 30, shard=3)  # the 8th: never read by shard 3
     newcomer = m.admit("h", 2, 10)  # full: displaces the newest low request, low3 on shard 3
     assert m.reqs[newcomer].victims == [low3]
     m.release(t[0])
     m.release(t[1])
-    assert m.ledger.outstanding_grants(3) == 1  # shard 3 holds the fewest mid bytes: wins the tie first
+    assert m.ledger.outstanding_grants(3) == 1  # shard 3 holds the most mid bytes: the first grant
     m.crash(3)  # loses Enqueue(z), Cancel(low3) and the Grant
     m.deliver_all_from(3)
     failed = m.notice_crash(3)  # asserts shard_failed(3) == the requests routed there, not done
@@ -847,9 +847,8 @@ def test_weighted_fairness_across_shards():
 
 class MinActiveStartLedger(Ledger):
     """The rule before: a shard gaining its first flow starts at the smallest virtual time of the shards
-    holding flows, no flow's finish time is kept, and ties go to the shard holding more bytes per live
-    grant. A thin flow placed afresh then waits behind every backlogged shard at that virtual time:
-    negative control."""
+    holding flows, and no flow's finish time is kept. A thin flow placed afresh then waits behind every
+    backlogged shard at that virtual time (ties go to the shard holding more bytes): negative control."""
 
     @staticmethod
     def _start(band, shard, flow):
@@ -859,20 +858,6 @@ class MinActiveStartLedger(Ledger):
     @staticmethod
     def _remember(band, flow, finish):
         pass
-
-    @staticmethod
-    def _pick_shard(band):
-        best, best_time, best_score = -1, float("inf"), -1.0
-        for n, items in enumerate(band.shard_items):
-            granted = band.shard_granted[n] - band.shard_stale[n]
-            if items > granted:
-                t = band.shard_vtime[n]
-                if t > best_time:
-                    continue
-                score = band.shard_bytes[n] / (granted + 1) + 1e-9 * (items - granted)
-                if t < best_time or score > best_score:
-                    best, best_time, best_score = n, t, score
-        return best
 
 
 class ForgetfulLedger(Ledger):
@@ -956,15 +941,14 @@ def test_thin_closed_loop_flows_keep_their_max_min_share_at_every_shard_count(cl
 
 def test_a_flow_that_empties_and_returns_at_once_gets_no_more_than_its_share():
     """The other side of starting a flow at the band's virtual clock: a flow whose requests are mostly
-    alone in its queue (6 clients, each sending again in the pass that released its slot) would start
-    at the clock each time and win the grant ahead of the backlogged shards, keeping its 6 slots of 14
-    against a max-min share of 14/3 (+28 % in the model) if its finish time were forgotten (negative
-    control)."""
-    clients = {"x": 6, "a": 12, "b": 12}
+    alone in its queue (8 clients, each sending again in the pass that released its slot) would start
+    at the clock each time, ahead of the backlogged shard, and keep more than its max-min share of 7 of
+    14 slots (+10 % at 8 shards in the model) if its finish time were forgotten (negative control)."""
+    clients = {"x": 8, "a": 20}
     one = worst(closed_loop_errors(1, clients))
     for shards in (4, 8):
         assert worst(closed_loop_errors(shards, clients)) <= 1.5 * one + 0.01, (shards, one)
-    assert closed_loop_errors(4, clients, ledger_factory=ForgetfulLedger)["x"] > 0.1
+    assert closed_loop_errors(8, clients, ledger_factory=ForgetfulLedger)["x"] > 0.05
 
 
 def test_finish_times_kept_are_bounded():
