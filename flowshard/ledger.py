@@ -517,7 +517,7 @@ class Ledger:
         request and is placed afresh next time is not put behind backlogged shards that were served
         at the current virtual time already (the rule before, the smallest virtual time of the shards
         holding flows, with ties to the shard holding more bytes, did: fair-alloc's 3-client flow got
-        4-7 % less than its max-min allocation at 4 and 8 shards against 1-2 % at one); while a flow that
+        4-8 % less than its max-min allocation at 4 and 8 shards against 1-3 % at one); while a flow that
         empties and comes back at once cannot take the grant ahead of them each time (its finish
         time is remembered: `_remember`). `shard` is unused here (a subclass may use it)."""
         return max(band.vclock, band.flow_finish.pop(flow, 0.0))
