@@ -1,0 +1,133 @@
+"""Review of acceptor mode (`serve --acceptors K`): regression tests for the connection limits that
+README "Resource limits" promises hold service-wide "to within K - 1 connections", and for two
+statements about acceptors that are not true.
+
+The first two fail on 50867a3 (and pass with --acceptors 0); the last two are documentation checks
+that also fail on 50867a3 (README denies the acceptor heartbeat that 866d44a added; `serve --help`
+describes `--acceptors auto` differently from `auto_acceptors`).
+
+1. The admin reserve (16 connections beyond `max_connections`) shrinks to ceil(16 / K) service-wide:
+   an acceptor reports `http.open + binary.connections` as its load (distributor/front.py, the
+   `Handover(..., lambda: http.open + binary.connections)` line), which leaves out its admin-reserve
+   connections (`HttpHub.reserve`), so with equal `open` counts every reserve connection goes to the
+   same acceptor (the lowest index: `sorted(..., key=load)` in `Acceptors._hand`) until its share
+   ceil(16 / K) is full; the other acceptors' shares are never used. Measured: 8 of 16 with K = 2
+   (16 with --acceptors 0).
+2. The distributor balances by one combined count (HTTP + binary connections) but each acceptor's
+   limit is per port (ceil(max_connections / K) HTTP and as many binary). With max_connections = 4 and
+   K = 2, clients that open HTTP, binary, HTTP, binary leave acceptor 0 with 2 HTTP (its HTTP share
+   full) and acceptor 1 with 2 binary; the loads tie, so every further HTTP connection is handed to
+   acceptor 0 and refused (503 too many connections) while acceptor 1 has 2 free HTTP slots: 2
+   HTTP connections served of 4, not within K - 1 = 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from servicekit import HttpConn, launch, run
+
+from flowshard.client import Client
+
+__all__ = ["launch"]
+
+
+async def _admit_on(conn: HttpConn) -> int:
+    r = await conn.request("POST", "/v1/admit", {"flow": "c"}, timeout=5)
+    if r.status == 200:
+        assert (await conn.request("POST", "/v1/release", {"ticket": r.json()["ticket"]}, timeout=5)).status == 200
+    return r.status
+
+
+def test_admin_reserve_is_the_whole_reserve_with_acceptors(launch: Any) -> None:
+    """README: the admin reserve is 16 connections beyond max_connections, split over the acceptors
+    (ceil(16 / K) each) and held service-wide to within K - 1."""
+    svc = launch(shards=1, acceptors=2, budget=None, service={"max_connections": 2})
+
+    async def body() -> None:
+        work: list[HttpConn] = []
+        await asyncio.sleep(0.6)  # the start's /healthz connection is closed and reported by then
+        for _ in range(2):
+            conn = await HttpConn.open(svc.http_port)
+            assert await _admit_on(conn) == 200
+            work.append(conn)
+            await asyncio.sleep(0.3)  # the acceptors report their counts every 0.25 s
+        admin: list[HttpConn] = []
+        for _ in range(20):
+            conn = await HttpConn.open(svc.http_port)
+            try:
+                status = (await conn.request("GET", "/healthz", timeout=3)).status
+            except (ConnectionError, TimeoutError):
+                status = 0
+            if status == 200:
+                admin.append(conn)
+            else:
+                conn.close()
+            await asyncio.sleep(0.3)
+        for conn in work + admin:
+            conn.close()
+        assert len(admin) >= 16 - 1, f"admin-reserve connections served: {len(admin)} (README: 16, within K - 1)"
+
+    run(body(), timeout=60)
+
+
+def test_http_connections_are_not_refused_while_another_acceptor_has_room(launch: Any) -> None:
+    """README: each acceptor enforces ceil(max_connections / K) per port and the service-wide limit
+    holds to within K - 1 connections, whatever the mix of HTTP and binary clients."""
+    svc = launch(shards=1, acceptors=2, budget=None, service={"max_connections": 4})
+
+    async def body() -> None:
+        http: list[HttpConn] = []
+        binary: list[Client] = []
+        refused = 0
+        await asyncio.sleep(0.6)  # the start's /healthz connection is closed and reported by then
+        for kind in "hbhbhhhh":
+            if kind == "b":
+                client = await Client.connect("127.0.0.1", svc.binary_port)
+                r = await asyncio.wait_for(client.admit("b"), 5)
+                assert await client.release(r.ticket)
+                binary.append(client)
+            else:
+                conn = await HttpConn.open(svc.http_port)
+                if await _admit_on(conn) == 200:
+                    http.append(conn)
+                else:
+                    refused += 1
+                    conn.close()
+            await asyncio.sleep(0.3)
+        for conn in http:
+            conn.close()
+        for client in binary:
+            await client.close()
+        assert len(http) >= 4 - 1, (
+            f"HTTP connections served: {len(http)} of max_connections = 4 ({refused} refused with 503) "
+            "with 2 binary connections open"
+        )
+
+    run(body(), timeout=60)
+
+
+def test_readme_does_not_deny_the_acceptor_heartbeat() -> None:
+    """866d44a added the acceptor heartbeat (silent 1 s: no new connections; 5 s: killed and
+    restarted; verified with SIGSTOP), but README "Resource limits" still says a hung acceptor "keeps
+    receiving its share of new ones: there is no acceptor heartbeat yet"."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert "no acceptor heartbeat" not in " ".join(readme.split())
+
+
+def test_serve_help_describes_auto_acceptors_as_the_code_computes_it() -> None:
+    """`serve --help` says auto is "0 with one shard", but `auto_acceptors(1, cpus)` is 2 on a machine
+    with 4+ cores (README: "2 with 1-4 shards ... on 16 cores")."""
+    import subprocess
+    import sys
+
+    from distributor.acceptors import auto_acceptors
+
+    assert auto_acceptors(1, 16) == 2
+    out = subprocess.run(
+        [sys.executable, "-m", "flowshard.cli", "serve", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "0 with one shard" not in " ".join(out.split())
