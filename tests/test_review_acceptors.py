@@ -2,7 +2,13 @@
 README "Resource limits" promises hold service-wide "to within K - 1 connections", and for two
 statements about acceptors that are not true.
 
-The first two fail on 50867a3 (and pass with --acceptors 0); the last two are documentation checks
+3. An HTTP admission dispatched while its acceptor is hung (SIGSTOP) is never answered: the acceptor
+   is killed after 5 s silent and the client's connection is closed, but the ticket of that
+   undelivered answer stays in flight until its lease ends (300 s by default), holding the budget.
+   With --acceptors 0 an answer that cannot be delivered releases its ticket at once (README: "if
+   it was being dispatched at that moment, its budget is released at once").
+
+The first three fail on 50867a3 (and pass with --acceptors 0); the last two are documentation checks
 that also fail on 50867a3 (README denies the acceptor heartbeat that 866d44a added; `serve --help`
 describes `--acceptors auto` differently from `auto_acceptors`).
 
@@ -24,9 +30,11 @@ describes `--acceptors auto` differently from `auto_acceptors`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from servicekit import HttpConn, launch, run
+from test_service_acceptors import acceptor_pids, http_conns_on
 
 from flowshard.client import Client
 
@@ -131,3 +139,58 @@ def test_serve_help_describes_auto_acceptors_as_the_code_computes_it() -> None:
         [sys.executable, "-m", "flowshard.cli", "serve", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "0 with one shard" not in " ".join(out.split())
+
+
+def test_undelivered_http_ticket_of_a_hung_acceptor_does_not_hold_the_budget_for_the_lease(launch: Any) -> None:
+    """Budget 1, held; an HTTP admission waits on acceptor 0's connection; acceptor 0 hangs (SIGSTOP);
+    the held ticket is released through acceptor 1, so the waiter is dispatched, but its answer cannot
+    reach the client. After the restart (5 s silent) the client's connection is gone and nobody holds
+    that ticket: the budget must come back (not after `lease` = 300 s)."""
+    import os
+    import signal
+    import time
+
+    svc = launch(shards=1, acceptors=2, budget=1)
+
+    async def body() -> None:
+        await asyncio.sleep(0.6)
+        pids = acceptor_pids(svc, 2)
+        conns, where = await http_conns_on(svc, 4)
+        hung = next(c for c, w in zip(conns, where, strict=True) if w == 0)
+        other = next(c for c, w in zip(conns, where, strict=True) if w == 1)
+        held = await other.request("POST", "/v1/admit", {"flow": "hold"}, timeout=5)
+        assert held.status == 200
+        hung.send("POST", "/v1/admit", {"flow": "w", "ttl": 60})
+        deadline = time.monotonic() + 5
+        while (await other.request("GET", "/v1/stats")).json()["totals"]["queued_items"] != 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        os.kill(pids[0], signal.SIGSTOP)
+        try:
+            assert (await other.request("POST", "/v1/release", {"ticket": held.json()["ticket"]})).status == 200
+            deadline = time.monotonic() + 15
+            while True:  # restarted: a new pid for acceptor 0
+                stats = (await other.request("GET", "/v1/stats")).json()
+                if stats["acceptors"][0]["up"] and stats["acceptors"][0]["pid"] not in (0, pids[0]):
+                    break
+                assert time.monotonic() < deadline, stats["acceptors"]
+                await asyncio.sleep(0.1)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pids[0], signal.SIGCONT)
+        got = b""
+        with contextlib.suppress(ConnectionError):  # the client never gets its answer: EOF or reset
+            async with asyncio.timeout(3.0):
+                while chunk := await hung.reader.read(65536):
+                    got += chunk
+        assert got == b"", got
+        await asyncio.sleep(1.0)
+        stats = (await other.request("GET", "/v1/stats")).json()
+        for c in conns:
+            c.close()
+        assert stats["totals"]["inflight"] == 0, (
+            f"inflight {stats['totals']['inflight']}, tickets {stats['totals']['tickets']}: the undelivered "
+            "answer's ticket holds the budget until its lease ends"
+        )
+
+    run(body(), timeout=60)
