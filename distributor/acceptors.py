@@ -37,6 +37,7 @@ from flowshard.codec import (
     LinkAnswer,
     LinkCancel,
     LinkConns,
+    LinkDelivered,
     LinkGuard,
     LinkQuery,
     LinkRelease,
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
     from distributor.service import Distributor
 
 log = logging.getLogger(__name__)
+HANDED_HTTP = b"h"  # the byte sent with a handed connection: which front serves it (as distributor.front)
+HANDED_BINARY = b"b"
 _NOT_YET = -1  # request id of an admission whose `admit` call has not returned yet
 RESPAWN_MIN = 0.05  # a dying acceptor is restarted after this, doubling up to RESPAWN_MAX
 RESPAWN_MAX = 5.0
@@ -78,19 +81,28 @@ class AcceptorLink(asyncio.Protocol):
         self._flush_scheduled = False
         self.transport: asyncio.Transport | None = None
         self.pending: dict[int, int] = {}  # key -> request id, for every admission without an outcome
+        self._leased: set[int] = set()  # keys of those pending that are leased (HTTP)
+        # leased tickets answered through this acceptor and not yet reported written to their client:
+        # released if it dies (an answer it never wrote must not hold the budget for the lease)
+        self.unconfirmed: set[int] = set()
         self.ready = False  # said Hello: its fronts serve
         self.lost = False
         self.pid = 0
         self.handover: socket.socket | None = None  # where its connections are handed (SOCK_SEQPACKET)
-        self.handed = 0  # connections handed to it
-        self.accepted = 0  # of which it has reported taking
-        self.open = 0  # and how many of them it reported open
+        # per front (HANDED_HTTP, HANDED_BINARY): connections handed to it, of which it has reported
+        # taking, and how many of them it reported open
+        self.handed = {HANDED_HTTP: 0, HANDED_BINARY: 0}
+        self.accepted = {HANDED_HTTP: 0, HANDED_BINARY: 0}
+        self.open = {HANDED_HTTP: 0, HANDED_BINARY: 0}
         self.heard = time.monotonic()  # when it last sent anything (it reports every 0.25 s: a heartbeat)
 
+    def load(self, kind: bytes) -> int:
+        """Open connections of a front, counting those handed and not yet reported."""
+        return self.open[kind] + self.handed[kind] - self.accepted[kind]
+
     @property
-    def load(self) -> int:
-        """Open connections, counting those handed and not yet reported."""
-        return self.open + self.handed - self.accepted
+    def connections(self) -> int:
+        return sum(self.load(kind) for kind in self.open)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -113,6 +125,8 @@ class AcceptorLink(asyncio.Protocol):
         if kind is LinkAdmit:
             key = msg.key
             pending[key] = _NOT_YET
+            if msg.leased:
+                self._leased.add(key)
             request_id = svc.admit(self, key, msg.flow, msg.priority, msg.size, msg.ttl, msg.slo, msg.tokens,
                                    msg.weight, msg.leased, msg.audit)
             if key in pending:
@@ -121,7 +135,12 @@ class AcceptorLink(asyncio.Protocol):
             ok = svc.release(msg.ticket, msg.tokens)
             if msg.key:
                 self.send(LinkReleased(msg.key, ok))
+        elif kind is LinkDelivered:
+            unconfirmed = self.unconfirmed
+            for ticket in msg.tickets:
+                unconfirmed.discard(ticket)
         elif kind is LinkCancel:
+            self._leased.discard(msg.key)
             request_id = pending.pop(msg.key, _NOT_YET)
             if request_id != _NOT_YET:
                 svc.cancel(request_id)
@@ -135,7 +154,8 @@ class AcceptorLink(asyncio.Protocol):
         elif kind is LinkGuard:
             svc.guards.hit(msg.front, msg.action)
         elif kind is LinkConns:
-            self.accepted, self.open = msg.accepted, msg.open
+            self.accepted = {HANDED_HTTP: msg.http_accepted, HANDED_BINARY: msg.binary_accepted}
+            self.open = {HANDED_HTTP: msg.http_open, HANDED_BINARY: msg.binary_open}
         elif kind is Hello:
             self.pid = msg.pid
             self.ready = True
@@ -153,6 +173,10 @@ class AcceptorLink(asyncio.Protocol):
             if request_id != _NOT_YET:
                 svc.cancel(request_id)
         svc.release_all(self)
+        for ticket in list(self.unconfirmed):  # answers it never wrote to their clients
+            if svc.release(ticket):
+                svc.guards.hit("http", "undeliverable")
+        self.unconfirmed.clear()
         svc.on_acceptor_lost(self)
 
     def deliver(
@@ -163,6 +187,10 @@ class AcceptorLink(asyncio.Protocol):
             if self.lost and ticket:  # as a closed binary connection: no capacity may leak
                 self.service.release(ticket)
             return
+        if cid in self._leased:
+            self._leased.discard(cid)
+            if ticket:
+                self.unconfirmed.add(ticket)
         if audit is None:
             self.send(Result(cid, outcome, ticket, wait, retry_after))
         else:
@@ -193,8 +221,6 @@ class _Answer:
         self.link.send(LinkAnswer(self.key, body, ctype))
 
 
-HANDED_HTTP = b"h"  # as distributor.front
-HANDED_BINARY = b"b"
 ACCEPT_BATCH = 64  # connections accepted per readiness callback (then the loop serves the rest)
 ACCEPT_PAUSE = 0.1  # after an accept error (out of descriptors): listen again after this
 HANDOVER_QUIET = 1.0  # an acceptor not heard from this long gets no new connection
@@ -305,10 +331,11 @@ class Acceptors:
         loop.call_later(ACCEPT_PAUSE, resume)
 
     def _hand(self, kind: bytes, conn: socket.socket) -> None:
-        """To the live acceptor with the fewest open connections; none live: closed (it restarts)."""
+        """To the live acceptor with the fewest open connections of this front (each enforces its share
+        of the front's limits); none live: closed (a dead one is restarted)."""
         quiet = time.monotonic() - HANDOVER_QUIET  # an acceptor silent this long may be hung: none for it
         live = sorted((link for link in self.links if link is not None and link.ready and link.heard > quiet),
-                      key=lambda x: x.load)
+                      key=lambda x: x.load(kind))
         for link in live:
             if link.handover is None:
                 continue
@@ -316,7 +343,7 @@ class Acceptors:
                 socket.send_fds(link.handover, [kind], [conn.fileno()])
             except OSError:  # its queue is full (it is stuck) or it is gone: the next one
                 continue
-            link.handed += 1
+            link.handed[kind] += 1
             return
         log.warning("no acceptor could take a connection: closed")
 

@@ -68,6 +68,11 @@ class Admission(Protocol):
         """The body and content type of GET /v1/stats (`what` "stats", JSON) or GET /metrics
         ("metrics"), given to `done` (at once, or after a round trip from an acceptor process)."""
 
+    def delivered(self, ticket: int) -> None:
+        """The answer carrying this leased (HTTP) ticket was written to its client. Nothing to do in
+        the distributor's process; an acceptor reports it, so that the tickets of answers it never
+        wrote (it died or hung) are released at once instead of holding the budget for the lease."""
+
     def release_all(self, waiter: Waiter) -> int:
         """The connection closed: release every ticket it holds (binary protocol)."""
 

@@ -31,7 +31,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import uvloop
 
@@ -47,6 +47,7 @@ from flowshard.codec import (
     LinkAnswer,
     LinkCancel,
     LinkConns,
+    LinkDelivered,
     LinkGuard,
     LinkQuery,
     LinkRelease,
@@ -59,6 +60,10 @@ from flowshard.codec import (
 from flowshard.config import Config
 from flowshard.types import Outcome
 from workers.worker import attach_to_distributor
+
+if TYPE_CHECKING:
+    from distributor.binary import BinaryHub
+    from distributor.http import HttpHub
 
 log = logging.getLogger(__name__)
 _DISPATCHED = Outcome.DISPATCHED
@@ -95,6 +100,7 @@ class Upstream(asyncio.Protocol):
         self._queries: dict[int, Callable[[bytes, str], None]] = {}
         self._owned: dict[Any, set[int]] = {}  # binary waiter -> its tickets (the connection is the lease)
         self._owner: dict[int, Any] = {}  # and back
+        self._delivered: list[int] = []  # leased tickets whose answers were written this pass
         self._accepting = False
         self._ready = False
         self.finished: asyncio.Future[None] = loop.create_future()
@@ -145,6 +151,9 @@ class Upstream(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._delivered:
+            self._writer.add(LinkDelivered(self._delivered))
+            self._delivered = []
         if self._writer and self._transport is not None and not self._transport.is_closing():
             self._transport.write(self._writer.take())
 
@@ -219,6 +228,12 @@ class Upstream(asyncio.Protocol):
             if not owned:
                 del self._owned[waiter]
 
+    def delivered(self, ticket: int) -> None:
+        self._delivered.append(ticket)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
     def release_all(self, waiter: Waiter) -> int:
         mine = self._owned.pop(waiter, set())
         for ticket in mine:
@@ -243,15 +258,16 @@ class Handover:
     SOCK_SEQPACKET message, with SCM_RIGHTS), and gives each to its front's protocol."""
 
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop, upstream: Upstream,
-                 http: Callable[[], asyncio.Protocol], binary: Callable[[], asyncio.Protocol],
-                 open_count: Callable[[], int]) -> None:
+                 http: HttpHub, binary: BinaryHub) -> None:
         self._sock = sock
         self._loop = loop
         self._upstream = upstream
-        self._factories = {HANDED_HTTP: http, HANDED_BINARY: binary}
-        self._open_count = open_count
-        self.accepted = 0
-        self._starting = 0  # handed, its protocol not made yet (counted as open: the distributor balances on it)
+        self._http = http
+        self._binary = binary
+        self._factories: dict[bytes, Callable[[], asyncio.Protocol]] = {HANDED_HTTP: http, HANDED_BINARY: binary}
+        self.accepted = {HANDED_HTTP: 0, HANDED_BINARY: 0}
+        # handed, its protocol not made yet: counted as open (the distributor balances on it)
+        self._starting = {HANDED_HTTP: 0, HANDED_BINARY: 0}
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._receive)
         self._timer = loop.call_later(REPORT_INTERVAL, self._report)
@@ -275,24 +291,28 @@ class Handover:
                 if factory is None:
                     conn.close()
                     continue
-                self.accepted += 1
-                self._starting += 1
-                self._loop.create_task(self._serve(conn, factory))
+                self.accepted[kind] += 1
+                self._starting[kind] += 1
+                self._loop.create_task(self._serve(conn, kind, factory))
             self._report()
 
-    async def _serve(self, conn: socket.socket, factory: Callable[[], asyncio.Protocol]) -> None:
+    async def _serve(self, conn: socket.socket, kind: bytes, factory: Callable[[], asyncio.Protocol]) -> None:
         try:
             await self._loop.connect_accepted_socket(factory, conn)
         except OSError as exc:  # the client left already
             log.debug("handed connection not served: %s", exc)
             conn.close()
         finally:
-            self._starting -= 1
+            self._starting[kind] -= 1
 
     def _report(self) -> None:
         # sent every REPORT_INTERVAL even when unchanged: it is also this process's heartbeat (the
         # distributor restarts an acceptor that stops sending, and hands it nothing meanwhile)
-        self._upstream.send(LinkConns(self.accepted, self._open_count() + self._starting))
+        starting, accepted = self._starting, self.accepted
+        self._upstream.send(LinkConns(
+            accepted[HANDED_HTTP], self._http.open + self._http.reserve + starting[HANDED_HTTP],
+            accepted[HANDED_BINARY], self._binary.connections + starting[HANDED_BINARY],
+        ))
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self._loop.call_later(REPORT_INTERVAL, self._report)
@@ -325,7 +345,7 @@ async def run(index: int, sock: socket.socket, handover: socket.socket, config: 
                                         admin_reserve=reserve),
                    svc.lease, loop, guards)
     binary = BinaryHub(upstream, BinaryLimits(max_connections=share, frame_timeout=svc.header_timeout), loop, guards)
-    handed = Handover(handover, loop, upstream, http, binary, lambda: http.open + binary.connections)
+    handed = Handover(handover, loop, upstream, http, binary)
     upstream.send(Hello(index, os.getpid()))
     try:
         await upstream.finished

@@ -827,6 +827,7 @@ class HttpConnection(asyncio.Protocol):
                     self._out_bytes += len(data)
                 if slot.ticket:
                     self._sent.append(slot.ticket)
+                    self._admission.delivered(slot.ticket)
             if data is _CONTINUE and not q:  # its request is still in progress: it waited for us till now
                 self._msg_at = now = self._loop.time()
                 self._arm(now + self._header_timeout)

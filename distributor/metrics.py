@@ -537,5 +537,5 @@ def _acceptors(d: Distributor) -> list[dict[str, Any]]:
     for index, link in enumerate(acceptors.links):
         up = link is not None and link.ready
         out.append({"index": index, "up": up, "pid": link.pid if link is not None else 0,
-                    "connections": link.open if link is not None else 0, "restarts": acceptors.restarts[index]})
+                    "connections": link.connections if link is not None else 0, "restarts": acceptors.restarts[index]})
     return out

@@ -253,6 +253,9 @@ class Distributor:
         else:
             done(msgspec.json.encode(self.stats()), "application/json")
 
+    def delivered(self, ticket: int) -> None:
+        pass  # written in this process: nothing to confirm
+
     def release_all(self, waiter: Waiter) -> int:
         mine = list(self._owned.get(waiter, ()))
         for ticket in mine:
@@ -269,6 +272,9 @@ class Distributor:
                 return ticket
 
     def _disown(self, held: Ticket) -> None:
+        unconfirmed = getattr(held.owner, "unconfirmed", None)  # an acceptor's link (distributor.acceptors)
+        if unconfirmed is not None:
+            unconfirmed.discard(held.id)
         owned = self._owned.get(held.owner)
         if owned is not None:
             owned.discard(held.id)

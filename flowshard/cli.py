@@ -231,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "--shards 1,2,4` on your machine shows otherwise")
     serve.add_argument("--acceptors", default="auto", metavar="K",
                        help=f"processes that accept and answer clients (HTTP and binary) next to the distributor, "
-                            f"0 to {MAX_ACCEPTORS}; 0 runs them in the distributor. auto (default): 0 with one "
-                            "shard, else one per two shards within the cores left (README: \"How many shards\")")
+                            f"0 to {MAX_ACCEPTORS}; 0 runs them in the distributor. auto (default): half the shard "
+                            "count, at least 2, within the cores left after the distributor and the shards (so 0 "
+                            "on a 2-core machine, 2 with 1-4 shards on 16 cores; README: \"The service\")")
     serve.add_argument("--config", metavar="FILE", help="configuration TOML (default: the built-in defaults; "
                                                         "`flowshard config check FILE` shows what it means)")
     serve.add_argument("--host", help="listen address for both ports (default: [service] host, 127.0.0.1)")

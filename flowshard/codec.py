@@ -262,11 +262,22 @@ class LinkGuard(msgspec.Struct, tag=24, array_like=True, gc=False):
 
 
 class LinkConns(msgspec.Struct, tag=28, array_like=True, gc=False):
-    """Acceptor -> distributor, a few times a second: connections handed to it so far, and how many
-    of them are open (the distributor hands the next one to the least loaded acceptor)."""
+    """Acceptor -> distributor, four times a second (also its heartbeat): per front (HTTP, binary),
+    the connections handed to it so far and how many of them are open, the admin reserve's included
+    (the distributor hands the next connection of a front to the acceptor with the fewest of it:
+    each acceptor enforces its share of that front's limits)."""
 
-    accepted: int
-    open: int
+    http_accepted: int
+    http_open: int
+    binary_accepted: int
+    binary_open: int
+
+
+class LinkDelivered(msgspec.Struct, tag=29, array_like=True, gc=False):
+    """Acceptor -> distributor, once per pass: leased (HTTP) tickets whose answers were written to
+    their clients. Those not reported when the acceptor dies were never delivered: released then."""
+
+    tickets: list[int]
 
 
 class LinkReleased(msgspec.Struct, tag=25, array_like=True, gc=False):
@@ -296,7 +307,7 @@ ToWorker = Enqueue | Grant | Cancel | Shutdown | Charge
 FromWorker = Done | GrantBack | Hello
 FromClient = Admit | Release
 ToClient = Result | Error | Released | Audited
-FromAcceptor = LinkAdmit | LinkCancel | LinkRelease | LinkQuery | LinkGuard | LinkConns | Hello
+FromAcceptor = LinkAdmit | LinkCancel | LinkRelease | LinkQuery | LinkGuard | LinkConns | LinkDelivered | Hello
 ToAcceptor = Result | Audited | Error | LinkReleased | LinkAnswer | LinkState | Shutdown
 
 

@@ -525,6 +525,9 @@ class _FailingAdmission:
     def release(self, ticket: int) -> bool:
         return False
 
+    def delivered(self, ticket: int) -> None:
+        pass
+
     def release_all(self, waiter: Any) -> int:
         return 0
 
