@@ -38,8 +38,9 @@ def predict(scenario: Scenario, err: TextIO | None = None, shards: int = 1) -> t
                       f"(limit {MAX_SIMULATED_REQUESTS:,})")
     if err is None or est.seconds <= WARN_SECONDS:
         return simulate(scenario, shards=shards), ""
-    err.write(f"simulating the scenario at {shards} shard{'s' if shards > 1 else ''} for the comparison: "
-              f"about {est.events:,.0f} events (--no-simulate skips it)\n")
+    at = f" at {shards} shards" if shards > 1 else ""
+    err.write(f"simulating the scenario{at} for the comparison: about {est.events:,.0f} events "
+              "(--no-simulate skips it)\n")
     watch = Watch(scenario.workload.duration, err)
     try:
         return simulate(scenario, watch, shards=shards), ""

@@ -99,7 +99,11 @@ def test_bench_announces_a_long_comparison_simulation(monkeypatch: pytest.Monkey
     from bench import simcompare
 
     seen: list[object] = []
-    monkeypatch.setattr(simcompare, "simulate", lambda scenario, progress=None: seen.append(progress) or "report")
+    def simulate(scenario: object, progress: object = None, shards: int = 1) -> str:
+        seen.append(progress)
+        return "report"
+
+    monkeypatch.setattr(simcompare, "simulate", simulate)
     long = _scenario(arrival={"kind": "poisson", "rate": 100_000})  # 1 M requests: simulated, announced
     err = io.StringIO()
     assert simcompare.predict(long, err) == ("report", "")
