@@ -1,7 +1,7 @@
 """An acceptor process: the HTTP and binary fronts, run next to the distributor instead of inside it.
 
 Why: the distributor is one Python process, the bottleneck at every shard count, and parsing,
-validating and answering HTTP clients was half of its CPU per HTTP request (for binary clients the
+validating and answering HTTP clients was a quarter to a half of its CPU per HTTP request (for binary clients the
 link costs it about what the front did: docs/benchmarks.md, "Acceptor processes"). `flowshard serve
 --acceptors K` starts K of these processes. The distributor still accepts every connection (it
 owns the listening sockets, so drain and port 0 work as before) and hands it at once to the least
