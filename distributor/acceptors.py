@@ -21,11 +21,11 @@ import logging
 import math
 import socket
 import subprocess
-import sys
 import time
 from typing import TYPE_CHECKING, Any, cast
 
 from distributor.api import Audit
+from distributor.spawn import spawn_linked
 from flowshard.codec import (
     Audited,
     Error,
@@ -81,7 +81,6 @@ class AcceptorLink(asyncio.Protocol):
         self._flush_scheduled = False
         self.transport: asyncio.Transport | None = None
         self.pending: dict[int, int] = {}  # key -> request id, for every admission without an outcome
-        self._leased: set[int] = set()  # keys of those pending that are leased (HTTP)
         # leased tickets answered through this acceptor and not yet reported written to their client:
         # released if it dies (an answer it never wrote must not hold the budget for the lease)
         self.unconfirmed: set[int] = set()
@@ -125,8 +124,6 @@ class AcceptorLink(asyncio.Protocol):
         if kind is LinkAdmit:
             key = msg.key
             pending[key] = _NOT_YET
-            if msg.leased:
-                self._leased.add(key)
             request_id = svc.admit(self, key, msg.flow, msg.priority, msg.size, msg.ttl, msg.slo, msg.tokens,
                                    msg.weight, msg.leased, msg.audit)
             if key in pending:
@@ -140,7 +137,6 @@ class AcceptorLink(asyncio.Protocol):
             for ticket in msg.tickets:
                 unconfirmed.discard(ticket)
         elif kind is LinkCancel:
-            self._leased.discard(msg.key)
             request_id = pending.pop(msg.key, _NOT_YET)
             if request_id != _NOT_YET:
                 svc.cancel(request_id)
@@ -187,10 +183,8 @@ class AcceptorLink(asyncio.Protocol):
             if self.lost and ticket:  # as a closed binary connection: no capacity may leak
                 self.service.release(ticket)
             return
-        if cid in self._leased:
-            self._leased.discard(cid)
-            if ticket:
-                self.unconfirmed.add(ticket)
+        if ticket and self.service.tickets[ticket].deadline != math.inf:  # leased (HTTP): confirmed when written
+            self.unconfirmed.add(ticket)
         if audit is None:
             self.send(Result(cid, outcome, ticket, wait, retry_after))
         else:
@@ -251,49 +245,19 @@ class Acceptors:
             await self._spawn(index)
 
     async def _spawn(self, index: int) -> None:
-        loop = asyncio.get_running_loop()
-        reserve = self.service.fd_reserve
-        with reserve.use(spare=4) if reserve is not None else contextlib.nullcontext():
-            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                hand, taker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            except BaseException:
-                mine.close()
-                theirs.close()
-                raise
-            fds = (theirs.fileno(), taker.fileno())
-            try:
-                proc = subprocess.Popen(
-                    [sys.executable, "-P", "-m", "distributor.front", "--index", str(index), "--acceptors",
-                     str(self.count), "--fd", str(fds[0]), "--handover-fd", str(fds[1])],
-                    pass_fds=fds, stdin=subprocess.DEVNULL,
-                )
-            except BaseException:
-                mine.close()
-                hand.close()
-                raise
-            finally:
-                theirs.close()
-                taker.close()
-        hand.setblocking(False)
-        self.procs[index] = proc
-        self._last_start[index] = time.monotonic()
         link = AcceptorLink(self.service, index, self._preamble)
-        link.handover = hand
         self.links[index] = link
         try:
-            await loop.create_unix_connection(lambda: link, sock=mine)
+            proc, (link.handover,) = await spawn_linked(
+                lambda fds: ["distributor.front", "--index", str(index), "--acceptors", str(self.count),
+                             "--fd", str(fds[0]), "--handover-fd", str(fds[1])],
+                link, self.service.fd_reserve, (socket.SOCK_STREAM, socket.SOCK_SEQPACKET),
+            )
         except BaseException:
             self.links[index] = None
-            hand.close()
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
             raise
-        finally:
-            mine.close()
-            if reserve is not None:
-                reserve.refill()
+        self.procs[index] = proc
+        self._last_start[index] = time.monotonic()
 
     # ------------------------------------------------------------ connections
 

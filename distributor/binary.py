@@ -54,6 +54,7 @@ _NOT_YET = -1  # request id of an admission whose `admit` call has not returned 
 # Frames handled between checks of the replies waiting: bounds what one read can make a client that
 # does not read cost (BATCH replies of at most ~100 bytes) while costing a big read next to nothing.
 BATCH = 1024
+LISTEN_BACKLOG = 1024  # the listening socket's accept queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +103,7 @@ async def start_binary_server(
     """Listen for binary-protocol clients (port 0: any free port, see `server.sockets`)."""
     loop = asyncio.get_running_loop()
     hub = BinaryHub(admission, limits or BinaryLimits(), loop, guards if guards is not None else Guards())
-    return await loop.create_server(hub, host, port, backlog=1024)
+    return await loop.create_server(hub, host, port, backlog=LISTEN_BACKLOG)
 
 
 class BinaryConnection(asyncio.Protocol):

@@ -66,7 +66,6 @@ if TYPE_CHECKING:
     from distributor.http import HttpHub
 
 log = logging.getLogger(__name__)
-_DISPATCHED = Outcome.DISPATCHED
 FLUSH_GRACE = 0.5  # after Shutdown: how long the last answers get to leave before the process exits
 
 
@@ -95,8 +94,7 @@ class Upstream(asyncio.Protocol):
         self._flush_scheduled = False
         self._next_key = 1
         self._admissions: dict[int, tuple[Waiter, Any, bool]] = {}  # key -> (waiter, cid, leased)
-        self._releases: dict[int, Callable[[int, bool], None]] = {}  # key -> answer callback
-        self._release_tickets: dict[int, int] = {}  # key -> ticket, for that answer
+        self._releases: dict[int, tuple[int, Callable[[int, bool], None]]] = {}  # key -> (ticket, answer)
         self._queries: dict[int, Callable[[bytes, str], None]] = {}
         self._owned: dict[Any, set[int]] = {}  # binary waiter -> its tickets (the connection is the lease)
         self._owner: dict[int, Any] = {}  # and back
@@ -121,9 +119,9 @@ class Upstream(asyncio.Protocol):
                 if entry is not None and fail is not None:  # the fronts' connections have `fail(cid, message)`
                     fail(entry[1], msg.message)
             elif kind is LinkReleased:
-                done = self._releases.pop(msg.key, None)
-                ticket = self._release_tickets.pop(msg.key, 0)
-                if done is not None:
+                waiting = self._releases.pop(msg.key, None)
+                if waiting is not None:
+                    ticket, done = waiting
                     done(ticket, msg.ok)
             elif kind is LinkAnswer:
                 answer = self._queries.pop(msg.key, None)
@@ -145,6 +143,9 @@ class Upstream(asyncio.Protocol):
 
     def send(self, message: Any) -> None:
         self._writer.add(message)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -216,8 +217,7 @@ class Upstream(asyncio.Protocol):
             return
         key = self._next_key
         self._next_key = key + 1
-        self._releases[key] = done
-        self._release_tickets[key] = ticket
+        self._releases[key] = (ticket, done)
         self.send(LinkRelease(ticket, tokens, key))
 
     def _disown(self, ticket: int) -> None:
@@ -229,10 +229,8 @@ class Upstream(asyncio.Protocol):
                 del self._owned[waiter]
 
     def delivered(self, ticket: int) -> None:
-        self._delivered.append(ticket)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        self._delivered.append(ticket)  # sent as one LinkDelivered at the end of the pass
+        self._schedule_flush()
 
     def release_all(self, waiter: Waiter) -> int:
         mine = self._owned.pop(waiter, set())

@@ -998,6 +998,11 @@ _ROUTES: Final[dict[bytes, _Route]] = {
 }
 
 
+def listen_backlog(max_connections: int) -> int:
+    """The HTTP listening socket's accept queue: room for a burst of max_connections, within bounds."""
+    return min(4096, max(128, max_connections))
+
+
 async def start_http_server(
     admission: Admission, host: str, port: int, limits: HttpLimits, *, lease: float, guards: Guards | None = None,
     proxy: Proxy | None = None,
@@ -1008,5 +1013,5 @@ async def start_http_server(
     loop = asyncio.get_running_loop()
     shared = HttpHub(admission, limits, lease, loop, guards if guards is not None else Guards(), proxy)
     return await loop.create_server(
-        shared, host, port, backlog=min(4096, max(128, limits.max_connections))
+        shared, host, port, backlog=listen_backlog(limits.max_connections)
     )

@@ -32,6 +32,7 @@ from distributor import segment
 from distributor.api import Audit, Waiter
 from distributor.fdreserve import FdReserve
 from distributor.guards import Guards
+from distributor.spawn import spawn_linked
 from flowshard.codec import (
     Cancel,
     Charge,
@@ -528,13 +529,11 @@ class Distributor:
     def _end_pass(self) -> None:
         if self._plan_needed:
             self._plan_needed = False
+            at = time.monotonic_ns() if self._bands > 1 else 0  # before the plan: what it judges is older
+            self._plan()
             if self._bands > 1:
-                at = time.monotonic_ns()
-                self._plan()
                 self._publish_waiting()
                 self._count_inversions(at)
-            else:
-                self._plan()
         self._pass_scheduled = False
         self._flush()
 
@@ -604,49 +603,20 @@ class Distributor:
 
     async def _spawn(self, shard: int) -> None:
         """Start the shard's worker. Raises OSError (having left nothing open) if it cannot."""
-
-        loop = asyncio.get_running_loop()
-        reserve = self.fd_reserve
-        with reserve.use(spare=2) if reserve is not None else contextlib.nullcontext():
-            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                # -P: the worker module is the installed one, never a `workers` package that happens to
-                # be in the directory `flowshard serve` was started from (a common name in a project)
-                proc = subprocess.Popen(
-                    [
-                        sys.executable, "-P", "-m", "workers", "--shard", str(shard), "--fd", str(theirs.fileno()),
-                        "--shm", self.segment.name,
-                    ],
-                    pass_fds=(theirs.fileno(),),
-                    stdin=subprocess.DEVNULL,
-                )
-            except BaseException:
-                mine.close()
-                raise
-            finally:
-                theirs.close()
         s = self.shards[shard]
-        s.proc = proc
         link = WorkerLink(self, shard, self._worker_config)
         s.link = link
         try:
-            await loop.create_unix_connection(lambda: link, sock=mine)
+            s.proc, _ = await spawn_linked(
+                lambda fds: ["workers", "--shard", str(shard), "--fd", str(fds[0]), "--shm", self.segment.name],
+                link, self.fd_reserve,
+            )
         except BaseException:
             s.link = None
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
             raise
-        finally:
-            mine.close()  # the loop holds its own duplicate
-            if reserve is not None:
-                reserve.refill()
 
     async def start(self) -> None:
         """Create shared memory, start the workers, wait until each says hello, open the listeners."""
-        from distributor.binary import BinaryLimits, start_binary_server
-        from distributor.http import HttpLimits, start_http_server
-
         self._loop = asyncio.get_running_loop()
         self._all_ready = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -661,10 +631,23 @@ class Distributor:
         except TimeoutError:
             await self.close()
             raise RuntimeError(f"shard workers did not start within {WORKER_START_TIMEOUT:.0f} s") from None
-        svc = self.config.service
         if self.n_acceptors:
             await self._start_acceptors()
-            return
+        else:
+            await self._start_fronts()
+        self._accepting = True
+        self._started = True
+        if self.acceptors is not None:
+            self._state_changed()
+            self.acceptors.listen()
+        self._housekeeper = self._loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeeping)
+
+    async def _start_fronts(self) -> None:
+        """The HTTP and binary fronts in this process (and proxy mode's, which lives only here)."""
+        from distributor.binary import BinaryLimits, start_binary_server
+        from distributor.http import HttpLimits, start_http_server
+
+        svc = self.config.service
         if self.config.proxy.backends:
             from distributor.proxy import Proxy
 
@@ -682,19 +665,17 @@ class Distributor:
         binary = await start_binary_server(self, svc.host, svc.binary_port, limits, self.guards)
         self.servers = [http, binary]
         self.addresses = {"http": http.sockets[0].getsockname()[:2], "binary": binary.sockets[0].getsockname()[:2]}
-        self._accepting = True
-        self._started = True
-        self._housekeeper = self._loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeeping)
 
     async def _start_acceptors(self) -> None:
         """The fronts in acceptor processes: this process listens and accepts, and hands each
         connection to an acceptor (distributor.acceptors); it waits for every acceptor's hello."""
         from distributor.acceptors import Acceptors
+        from distributor.binary import LISTEN_BACKLOG
+        from distributor.http import listen_backlog
 
-        assert self._loop is not None
         svc = self.config.service
-        http = socket.create_server((svc.host, svc.port), backlog=min(4096, max(128, svc.max_connections)))
-        binary = socket.create_server((svc.host, svc.binary_port), backlog=1024)
+        http = socket.create_server((svc.host, svc.port), backlog=listen_backlog(svc.max_connections))
+        binary = socket.create_server((svc.host, svc.binary_port), backlog=LISTEN_BACKLOG)
         self.acceptors = Acceptors(self, self.n_acceptors, http, binary, self._worker_config)
         await self.acceptors.start()
         try:
@@ -703,11 +684,6 @@ class Distributor:
             await self.close()
             raise RuntimeError(f"acceptors did not start within {WORKER_START_TIMEOUT:.0f} s") from None
         self.addresses = {"http": http.getsockname()[:2], "binary": binary.getsockname()[:2]}
-        self._accepting = True
-        self._started = True
-        self._state_changed()
-        self.acceptors.listen()
-        self._housekeeper = self._loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeeping)
 
     def _housekeeping(self) -> None:
         """Periodic, off the hot path: lease expiry, Retry-After relaxation, slot GC, heartbeats."""
