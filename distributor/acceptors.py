@@ -28,9 +28,9 @@ from distributor.api import Audit
 from distributor.spawn import spawn_linked
 from flowshard.codec import (
     Audited,
+    BatchReader,
+    BatchWriter,
     Error,
-    FrameReader,
-    FrameWriter,
     FromAcceptor,
     Hello,
     LinkAdmit,
@@ -76,8 +76,8 @@ class AcceptorLink(asyncio.Protocol):
         self.service = service
         self.index = index
         self._preamble = preamble
-        self._reader = FrameReader(FromAcceptor)
-        self._writer = FrameWriter()
+        self._reader = BatchReader(FromAcceptor)
+        self._writer = BatchWriter()
         self._flush_scheduled = False
         self.transport: asyncio.Transport | None = None
         self.pending: dict[int, int] = {}  # key -> request id, for every admission without an outcome

@@ -39,9 +39,9 @@ from distributor.api import Audit, Waiter
 from distributor.guards import Guards
 from flowshard.codec import (
     Audited,
+    BatchReader,
+    BatchWriter,
     Error,
-    FrameReader,
-    FrameWriter,
     Hello,
     LinkAdmit,
     LinkAnswer,
@@ -88,8 +88,8 @@ class Upstream(asyncio.Protocol):
         self.index = index
         self._sole = sole  # the only acceptor: every release passes through this process
         self._loop = loop
-        self._reader = FrameReader(ToAcceptor)
-        self._writer = FrameWriter()
+        self._reader = BatchReader(ToAcceptor)
+        self._writer = BatchWriter()
         self._transport: asyncio.Transport | None = None
         self._flush_scheduled = False
         self._next_key = 1

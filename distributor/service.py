@@ -34,12 +34,12 @@ from distributor.fdreserve import FdReserve
 from distributor.guards import Guards
 from distributor.spawn import spawn_linked
 from flowshard.codec import (
+    BatchReader,
+    BatchWriter,
     Cancel,
     Charge,
     Done,
     Enqueue,
-    FrameReader,
-    FrameWriter,
     FromWorker,
     Grant,
     GrantBack,
@@ -91,7 +91,7 @@ class WorkerLink(asyncio.Protocol):
     def __init__(self, service: Distributor, shard: int, config_preamble: bytes) -> None:
         self.service = service
         self.shard = shard
-        self.reader = FrameReader(FromWorker)
+        self.reader = BatchReader(FromWorker)
         self.transport: asyncio.Transport | None = None
         self._preamble = config_preamble
 
@@ -113,7 +113,7 @@ class Shard:
         self.index = index
         self.proc: subprocess.Popen[bytes] | None = None
         self.link: WorkerLink | None = None
-        self.writer = FrameWriter()
+        self.writer = BatchWriter()
         self.ready = False
         self.restarts = 0
         self.last_restart = -math.inf
@@ -455,7 +455,7 @@ class Distributor:
             return
         s.link = None
         s.ready = False
-        s.writer = FrameWriter()
+        s.writer = BatchWriter()
         if self._stopping:
             return
         self._state_changed()

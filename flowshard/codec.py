@@ -6,11 +6,18 @@ msgpack message; messages are tagged-union Structs encoded as arrays (no field n
 
 `FrameWriter` appends frames to a buffer so the shell writes once per event-loop pass;
 `FrameReader` decodes every complete frame a read brought and keeps the rest.
+
+The internal links (distributor <-> shard workers, distributor <-> acceptors) carry a pass's messages
+as one frame holding a msgpack array of them (`BatchWriter`, `BatchReader`): one encode and one decode
+call per pass instead of one per message, which is most of what a message cost to frame in Python
+(`python -m bench.inproc`). The public binary protocol keeps one message per frame (DESIGN §7).
 """
 
 from __future__ import annotations
 
+import logging
 import struct
+from collections.abc import Callable
 from typing import Annotated, Any, get_args
 
 import msgspec
@@ -20,6 +27,11 @@ from flowshard.validate import shape_problem
 
 _LEN = struct.Struct(">I")
 MAX_FRAME = 1 << 20  # a frame larger than this is a protocol error, not a request
+# Internal links: a batch frame holds at most BATCH_MESSAGES messages (a big pass is cut into several
+# frames, bounding each encode); the peer is this service's own process, so the bound on a frame is
+# only against a corrupted stream.
+BATCH_MESSAGES = 1024
+MAX_BATCH_FRAME = 1 << 28
 
 
 class FrameError(ValueError):
@@ -341,6 +353,131 @@ class FrameWriter:
         data = bytes(self._buf)
         self._buf.clear()
         return data
+
+
+class BatchWriter:
+    """An internal link's writer: collects the messages of a pass; `take()` encodes them as batch
+    frames (a length, then a msgpack array of up to BATCH_MESSAGES messages).
+
+    A message that cannot be encoded (a bug upstream: an integer past 64 bits, a wrong type) is left
+    out and handed to `on_drop` (by default logged as an error); the pass's other messages still go."""
+
+    __slots__ = ("_encoder", "_messages", "dropped", "on_drop")
+
+    def __init__(self, on_drop: Callable[[Any, Exception], None] | None = None) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._messages: list[Any] = []
+        self.on_drop = on_drop or _log_drop
+        self.dropped = 0
+
+    def add(self, message: Any) -> None:
+        self._messages.append(message)
+
+    def __bool__(self) -> bool:
+        return bool(self._messages)
+
+    def __len__(self) -> int:
+        """Messages waiting."""
+        return len(self._messages)
+
+    def take(self) -> bytes:
+        messages = self._messages
+        if not messages:
+            return b""
+        self._messages = []
+        buf = bytearray()
+        for first in range(0, len(messages), BATCH_MESSAGES):
+            self._frame(buf, messages[first : first + BATCH_MESSAGES])
+        return bytes(buf)
+
+    def _frame(self, buf: bytearray, messages: list[Any]) -> None:
+        start = len(buf)
+        buf += b"\0\0\0\0"
+        try:
+            self._encoder.encode_into(messages, buf, start + 4)
+        except (TypeError, ValueError, OverflowError):
+            del buf[start:]
+            good = []
+            for m in messages:
+                problem = _encode_problem(self._encoder, m)
+                if problem is None:
+                    good.append(m)
+                else:
+                    self.dropped += 1
+                    self.on_drop(m, problem)
+            if good:
+                self._frame(buf, good)
+            return
+        _LEN.pack_into(buf, start, len(buf) - start - 4)
+
+
+def _log_drop(message: Any, problem: Exception) -> None:
+    logging.getLogger(__name__).error("%s not sent: it cannot be encoded (%s)", type(message).__name__, problem)
+
+
+def _encode_problem(encoder: msgspec.msgpack.Encoder, message: Any) -> Exception | None:
+    try:
+        encoder.encode(message)
+    except (TypeError, ValueError, OverflowError) as exc:
+        return exc
+    return None
+
+
+class BatchReader:
+    """An internal link's reader: decodes the batch frames a read brought (one decode call each) and
+    keeps an incomplete one."""
+
+    __slots__ = ("_buf", "_decoder", "_max")
+
+    def __init__(self, message_type: Any, max_frame: int = MAX_BATCH_FRAME) -> None:
+        self._decoder: msgspec.msgpack.Decoder[list[Any]] = msgspec.msgpack.Decoder(list[message_type])
+        self._buf = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes) -> list[Any]:
+        """Every message of the complete frames now available, in order. Raises FrameError on a
+        malformed stream."""
+        buf = self._buf
+        if not buf:  # the usual case: a read holds whole frames, often one; decoded without a copy
+            end = len(data)
+            if end >= 4:
+                (n,) = _LEN.unpack_from(data, 0)
+                if n + 4 == end and n <= self._max:
+                    return self._decode(memoryview(data)[4:])
+            buf += data
+        else:
+            buf += data
+        out: list[Any] = []
+        pos = 0
+        end = len(buf)
+        view = memoryview(buf)
+        try:
+            while end - pos >= 4:
+                (n,) = _LEN.unpack_from(buf, pos)
+                if n > self._max:
+                    raise FrameError(f"batch frame of {n} bytes exceeds the {self._max}-byte limit")
+                if end - pos - 4 < n:
+                    break
+                out += self._decode(view[pos + 4 : pos + 4 + n])
+                pos += 4 + n
+        finally:
+            view.release()
+        if pos:
+            del buf[:pos]
+        return out
+
+    def _decode(self, frame: memoryview) -> list[Any]:
+        try:
+            return self._decoder.decode(frame)
+        except msgspec.DecodeError as exc:
+            raise FrameError(f"malformed batch frame: {exc}") from None
+        finally:
+            frame.release()
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame held back."""
+        return len(self._buf)
 
 
 class FrameReader:

@@ -9,7 +9,7 @@ from typing import Any
 
 from conftest import make_config
 
-from flowshard.codec import Done, Enqueue, FrameReader, FrameWriter, FromWorker, Grant, GrantBack, ToWorker
+from flowshard.codec import BatchReader, BatchWriter, Done, Enqueue, FromWorker, Grant, GrantBack, ToWorker
 from flowshard.engine import Engine
 from flowshard.shm import ShmLayout, ShmStats
 from flowshard.stats import N_WAIT_BUCKETS
@@ -19,7 +19,7 @@ from workers.worker import ShardWorker
 
 class FakeTransport:
     def __init__(self) -> None:
-        self.reader = FrameReader(FromWorker)
+        self.reader = BatchReader(FromWorker)
         self.got: list[Any] = []
 
     def write(self, data: bytes) -> None:
@@ -30,7 +30,7 @@ class FakeTransport:
 
 
 def frames(*messages: Any) -> bytes:
-    w = FrameWriter()
+    w = BatchWriter()
     for m in messages:
         w.add(m)
     return w.take()
@@ -120,6 +120,6 @@ def test_a_dispatch_below_the_top_band_reports_when_it_was_committed() -> None:
 def test_old_grant_frames_without_count_still_decode_as_one() -> None:
     import msgspec
 
-    raw = msgspec.msgpack.encode([2, 0, -1, 0.0])  # tag, band, max_bytes, saturation
-    (grant,) = FrameReader(ToWorker).feed(len(raw).to_bytes(4, "big") + raw)
+    raw = msgspec.msgpack.encode([[2, 0, -1, 0.0]])  # a batch of one: tag, band, max_bytes, saturation
+    (grant,) = BatchReader(ToWorker).feed(len(raw).to_bytes(4, "big") + raw)
     assert grant == Grant(0, -1, 0.0, 1)

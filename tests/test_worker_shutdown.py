@@ -13,7 +13,7 @@ from typing import Any
 import uvloop
 
 from distributor import segment
-from flowshard.codec import FrameReader, FromWorker, Hello
+from flowshard.codec import BatchReader, FromWorker, Hello
 from flowshard.config import Config
 from flowshard.shm import ShmLayout, ShmStats
 from flowshard.stats import N_WAIT_BUCKETS
@@ -35,7 +35,7 @@ def test_no_callback_touches_shared_memory_after_the_worker_closed_it() -> None:
             asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
             task = asyncio.ensure_future(worker.run(0, theirs, seg.name, config))
             loop = asyncio.get_running_loop()
-            reader = FrameReader(FromWorker)
+            reader = BatchReader(FromWorker)
             hello: list[Any] = []
             while not hello:
                 hello = reader.feed(await loop.sock_recv(mine, 4096))

@@ -26,12 +26,12 @@ import uvloop
 
 from flowshard.codec import (
     PREAMBLE_HEADER,
+    BatchReader,
+    BatchWriter,
     Cancel,
     Charge,
     Done,
     Enqueue,
-    FrameReader,
-    FrameWriter,
     Grant,
     GrantBack,
     Hello,
@@ -59,8 +59,8 @@ class ShardWorker(asyncio.Protocol):
         self.engine = engine
         self.stats = stats
         self.finished = finished
-        self.reader = FrameReader(ToWorker)
-        self.writer = FrameWriter()
+        self.reader = BatchReader(ToWorker)
+        self.writer = BatchWriter()
         self.slots: dict[int, int] = {}  # request id -> flow slot, for the dequeue counters
         self.ceilings = [b.ceiling for b in engine.bands]
         self._recheck = lambda band, saturation: stats.waiting_above(band, self.ceilings, saturation)

@@ -1,0 +1,254 @@
+"""The distributor's own Python cost per request, with no system call, no other process and no clock
+drift: a real Distributor, its real binary front (`BinaryConnection`) and N real `ShardWorker`s wired
+in one process by in-memory transports, driven closed-loop (each answer admits the next request).
+
+Why: on a shared 2-core machine `flowshard bench` moves ±30 % between runs, and the distributor's
+CPU there mixes its Python work with the kernel's (writes, wake-ups, context switches). This
+measures the first alone, to a few percent, so a change to the hot path can be judged directly;
+`flowshard bench` and `bench.hops` remain the judges of the whole service.
+
+Bytes still cross every hop encoded, as in the service: the client's frames are decoded by the
+binary front, the shard's frames by its worker and the worker's by the distributor's `WorkerLink`.
+Time spent inside the workers (a shard's own process in the service) is measured apart and left out
+of the distributor's figure; the client's encoding and decoding (the load generator's) too.
+
+    python -m bench.inproc [--shards 1,4,8] [--requests 200000] [--clients 64] [--flows 16]
+                           [--bands 1] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import gc
+import pstats
+import random
+import sys
+import time
+from typing import Any
+
+import uvloop
+
+from distributor.binary import BinaryConnection, BinaryHub, BinaryLimits
+from distributor.guards import Guards
+from distributor.service import Distributor, WorkerLink
+from flowshard.codec import Admit, FrameReader, FrameWriter, Release, Result, ToClient
+from flowshard.config import BandConfig, BudgetConfig, Config, ServiceConfig
+from flowshard.engine import Engine
+from flowshard.shm import ShmStats
+from workers.worker import ShardWorker
+
+__all__ = ["main", "measure"]
+
+
+class _Clock:
+    """Seconds spent in the code it wraps (the workers', the client's), to leave out."""
+
+    def __init__(self) -> None:
+        self.spent = 0.0
+
+
+class _ToWorker:
+    """The distributor's end of a shard's socket pair: what is written arrives at the worker in the next
+    loop pass (one read, as over a socket pair)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, worker: ShardWorker, clock: _Clock) -> None:
+        self.loop, self.worker, self.clock = loop, worker, clock
+
+    def write(self, data: bytes) -> None:
+        self.loop.call_soon(self._arrive, data)
+
+    def _arrive(self, data: bytes) -> None:
+        t = time.perf_counter()
+        self.worker.data_received(data)
+        self.clock.spent += time.perf_counter() - t
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+class _ToDistributor:
+    """The worker's end: its frames arrive at the distributor's WorkerLink in the next pass."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.link: WorkerLink | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.link is not None:
+            self.loop.call_soon(self.link.data_received, data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+class _Client:
+    """Closed-loop clients on one binary connection: each Result releases its ticket and admits the next
+    request (in the next pass, as a client would). Its own work is timed apart."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, clients: int, flows: int, total: int, clock: _Clock) -> None:
+        self.loop, self.clock = loop, clock
+        self.reader = FrameReader(ToClient)
+        self.writer = FrameWriter()
+        self.conn: BinaryConnection | None = None
+        self.flows = [f"client-{i}" for i in range(flows)]
+        self.rng = random.Random(6)
+        self.clients = clients
+        self.left = total
+        self.dispatched = 0
+        self.next_id = 0
+        self.done = loop.create_future()
+        self._scheduled = False
+
+    # the connection's transport
+    def write(self, data: bytes) -> None:
+        t = time.perf_counter()
+        for msg in self.reader.feed(data):
+            if type(msg) is Result:
+                if msg.ticket:
+                    self.dispatched += 1
+                    self.writer.add(Release(msg.ticket, -1))
+                self._admit_one()
+        self._schedule()
+        self.clock.spent += time.perf_counter() - t
+
+    def _admit_one(self) -> None:
+        if self.left <= 0:
+            if self.dispatched >= self._total and not self.done.done():
+                self.done.set_result(None)
+            return
+        self.left -= 1
+        self.next_id += 1
+        flow = self.flows[self.next_id % len(self.flows)]
+        self.writer.add(Admit(self.next_id, flow, 0, self.rng.randint(500, 4000), 0.0, 0.0, 0, 0.0, False))
+
+    def start(self, conn: BinaryConnection) -> None:
+        self.conn = conn
+        self._total = self.left
+        for _ in range(self.clients):
+            self._admit_one()
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled and self.writer:
+            self._scheduled = True
+            self.loop.call_soon(self._send)
+
+    def _send(self) -> None:
+        self._scheduled = False
+        assert self.conn is not None
+        self.conn.data_received(self.writer.take())
+
+    def set_write_buffer_limits(self, high: int) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+def _config(bands: int, flows: int) -> Config:
+    return Config(
+        bands=[BandConfig(priority=bands - i, fairness="round-robin") for i in range(bands)],
+        budget=BudgetConfig(max_inflight_requests=None),
+        service=ServiceConfig(fast_path=False),
+        flow_slots=max(64, 2 * flows),
+        default_ttl=60.0,
+    )
+
+
+async def _run(shards: int, requests: int, clients: int, flows: int, bands: int) -> dict[str, float]:
+    loop = asyncio.get_running_loop()
+    config = _config(bands, flows)
+    d = Distributor(config, shards)
+    d.shm = ShmStats(bytearray(d.layout.nbytes), d.layout, init=True)
+    d._loop = loop
+    d._accepting = True
+    outside = _Clock()
+    for n, s in enumerate(d.shards):
+        back = _ToDistributor(loop)
+        worker = ShardWorker(n, Engine(config, enforce_limits=False), d.shm, loop.create_future())
+        worker.connection_made(back)  # type: ignore[arg-type]
+        link = WorkerLink(d, n, b"")
+        link.transport = _ToWorker(loop, worker, outside)  # type: ignore[assignment]
+        back.link = link
+        s.link = link
+        s.ready = True
+    client = _Client(loop, clients, flows, requests, outside)
+    conn = BinaryHub(d, BinaryLimits(), loop, Guards())()
+    conn.connection_made(client)  # type: ignore[arg-type]
+    await asyncio.sleep(0)  # the workers' Hellos
+    gc.collect()
+    t0 = time.perf_counter()
+    client.start(conn)
+    await client.done
+    elapsed = time.perf_counter() - t0
+    for worker_end in d.shards:  # stop the workers' timers
+        assert worker_end.link is not None
+    own = elapsed - outside.spent
+    return {"shards": shards, "requests": client.dispatched, "distributor_us": 1e6 * own / client.dispatched,
+            "outside_us": 1e6 * outside.spent / client.dispatched}
+
+
+def measure(shards: int, requests: int = 200_000, clients: int = 64, flows: int = 16, bands: int = 1,
+            profile: bool = False) -> dict[str, float]:
+    """Run the closed loop once; the distributor's µs per dispatched request (and the rest's)."""
+    profiler = cProfile.Profile() if profile else None
+    if profiler is not None:
+        profiler.enable()
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        result = runner.run(_run(shards, requests, clients, flows, bands))
+    if profiler is not None:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.inproc", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shards", default="1,4,8")
+    parser.add_argument("--requests", type=int, default=200_000)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--flows", type=int, default=16)
+    parser.add_argument("--bands", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=3, help="best of RUNS per shard count")
+    parser.add_argument("--profile", action="store_true", help="cProfile one run per shard count")
+    args = parser.parse_args(argv)
+    for shards in (int(s) for s in args.shards.split(",")):
+        if args.profile:
+            measure(shards, args.requests, args.clients, args.flows, args.bands, profile=True)
+            continue
+        runs = [measure(shards, args.requests, args.clients, args.flows, args.bands) for _ in range(args.runs)]
+        best = min(runs, key=lambda r: r["distributor_us"])
+        print(f"shards={shards}: distributor {best['distributor_us']:.2f} µs/request "
+              f"(runs {', '.join(format(r['distributor_us'], '.2f') for r in runs)}); "
+              f"workers and client {best['outside_us']:.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
