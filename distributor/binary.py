@@ -311,9 +311,9 @@ class BinaryConnection(asyncio.Protocol):
         pending[cid] = _NOT_YET
         try:
             # The outcome may be delivered before admit returns (rejections, the idle fast path).
-            request_id = self._admission.admit(
-                self, cid=cid, flow=msg.flow, priority=msg.priority, size=msg.size, ttl=msg.ttl, slo=msg.slo,
-                tokens=msg.tokens, weight=msg.weight, leased=False, **({"audit": True} if msg.audit else {}),
+            request_id = self._admission.admit(  # positional: this is the front's hottest call
+                self, cid, msg.flow, msg.priority, msg.size, msg.ttl, msg.slo, msg.tokens, msg.weight, False,
+                msg.audit,
             )
         except Exception:
             log.exception("admit failed for a binary client")

@@ -56,6 +56,8 @@ from flowshard.stats import N_WAIT_BUCKETS
 from flowshard.types import N_OUTCOMES, Outcome
 
 _DISPATCHED = Outcome.DISPATCHED
+_OUTCOMES = tuple(Outcome)  # by value: a tuple index costs a fraction of `Outcome(value)`
+assert all(o.value == i for i, o in enumerate(_OUTCOMES))
 log = logging.getLogger(__name__)
 WORKER_START_TIMEOUT = 30.0
 SPAWN_RETRY_MIN = 0.1  # a failed worker start is retried after this, doubling up to SPAWN_RETRY_MAX
@@ -273,9 +275,10 @@ class Distributor:
                 return ticket
 
     def _disown(self, held: Ticket) -> None:
-        unconfirmed = getattr(held.owner, "unconfirmed", None)  # an acceptor's link (distributor.acceptors)
-        if unconfirmed is not None:
-            unconfirmed.discard(held.id)
+        if held.deadline != math.inf:  # leased: an acceptor's link may await its written-report
+            unconfirmed = getattr(held.owner, "unconfirmed", None)  # (distributor.acceptors)
+            if unconfirmed is not None:
+                unconfirmed.discard(held.id)
         owned = self._owned.get(held.owner)
         if owned is not None:
             owned.discard(held.id)
@@ -410,7 +413,7 @@ class Distributor:
                 p = pending.get(msg.id)
                 if p is None:  # already ended by the distributor (shutdown); nothing is owed
                     continue
-                outcome = Outcome(msg.outcome)
+                outcome = _OUTCOMES[msg.outcome]
                 covered = False
                 if outcome == _DISPATCHED:
                     band, live = ledger.grant_answered(shard, p.size, dispatched=p, dispatched_at=msg.decided)

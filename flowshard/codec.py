@@ -503,19 +503,28 @@ class FrameReader:
         out: list[Any] = []
         pos = 0
         end = len(buf)
+        if end < 4 or limit <= 0:
+            return out
+        # the per-frame loop is the binary front's hottest Python: names bound once, one bound check
+        unpack, decode, append, most = _LEN.unpack_from, self._decoder.decode, out.append, self._max
+        left = limit
         view = memoryview(buf)
         try:
-            while end - pos >= 4 and len(out) < limit:
-                (n,) = _LEN.unpack_from(buf, pos)
-                if n > self._max:
-                    raise FrameError(f"frame of {n} bytes exceeds the {self._max}-byte limit")
-                if end - pos - 4 < n:
+            while pos + 4 <= end:
+                n = unpack(buf, pos)[0]
+                if n > most:
+                    raise FrameError(f"frame of {n} bytes exceeds the {most}-byte limit")
+                stop = pos + 4 + n
+                if stop > end:
                     break
                 try:
-                    out.append(self._decoder.decode(view[pos + 4 : pos + 4 + n]))
+                    append(decode(view[pos + 4 : stop]))
                 except msgspec.DecodeError as exc:
-                    raise FrameError(f"malformed frame: {self._problem(exc, view[pos + 4 : pos + 4 + n])}") from None
-                pos += 4 + n
+                    raise FrameError(f"malformed frame: {self._problem(exc, view[pos + 4 : stop])}") from None
+                pos = stop
+                left -= 1
+                if not left:
+                    break
         finally:
             view.release()
         if pos:

@@ -10,7 +10,6 @@ the configuration's errors name a key (`unknown field `size`; did you mean `byte
 from __future__ import annotations
 
 import difflib
-import math
 import re
 from collections.abc import Mapping, Sequence
 
@@ -207,11 +206,12 @@ def check_admit(
         return f"priority: {priority} is outside [-2^31, 2^31)"
     if not 0 <= size <= MAX_SIZE:
         return f"{size_field}: {size} is outside [0, 2^40]"
-    for name, value in (("ttl", ttl), ("slo", slo)):
-        if not (math.isfinite(value) and 0 <= value <= MAX_SECONDS):
-            return f"{name}: {value} is outside [0, {MAX_SECONDS:.0f}] seconds"
+    if not 0 <= ttl <= MAX_SECONDS:  # also false for NaN; an infinity is past the bound
+        return f"ttl: {ttl} is outside [0, {MAX_SECONDS:.0f}] seconds"
+    if not 0 <= slo <= MAX_SECONDS:
+        return f"slo: {slo} is outside [0, {MAX_SECONDS:.0f}] seconds"
     if not 0 <= tokens <= MAX_TOKENS:
         return f"tokens: {tokens} is outside [0, 2^32]"
-    if not (math.isfinite(weight) and 0 <= weight <= MAX_WEIGHT):
+    if not 0 <= weight <= MAX_WEIGHT:
         return f"weight: {weight} is outside [0, {MAX_WEIGHT:.0f}] (0: the flow's configured weight)"
     return None

@@ -65,6 +65,7 @@ class FakeAdmission(AnswersAtOnce):
         tokens: int,
         weight: float,
         leased: bool,
+        audit: bool = False,
     ) -> int:
         assert leased is False
         rid = self.next_id
