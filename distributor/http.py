@@ -646,8 +646,7 @@ class HttpConnection(asyncio.Protocol):
         self._queue.append(slot)
         try:
             slot.rid = self._admission.admit(
-                self, slot, a.flow, a.priority, a.bytes, a.ttl, a.slo, a.tokens, a.weight, True,
-                **({"audit": True} if a.audit else {}),
+                self, slot, a.flow, a.priority, a.bytes, a.ttl, a.slo, a.tokens, a.weight, True, a.audit,
             )
         except Exception as exc:
             log.exception("admission.admit failed")

@@ -143,6 +143,7 @@ class Distributor:
         self.acceptors: Any = None  # distributor.acceptors.Acceptors when n_acceptors > 0
         self.ledger = Ledger(config, shards)
         self._bands = len(config.bands)
+        self._fast_path = config.service.fast_path
         if self._bands > 1:  # the exact inversion count (Ledger.close_window) needs the events' times
             self.ledger.clock = time.monotonic_ns
         self._waiting = [0] * self._bands  # what band_waiting in shared memory says (ns since, 0: no)
@@ -240,7 +241,8 @@ class Distributor:
             # the flow's VTC counter lives on the shard that dispatched it (the fast path charges none)
             self._send(held.shard, Charge(held.flow, held.priority, float(tokens - held.cost)))
             self.ledger.correct(held.priority, held.shard, float(tokens - held.cost))
-        self._leases.pop(ticket, None)
+        if held.deadline != math.inf:
+            self._leases.pop(ticket, None)
         self._disown(held)
         self.ledger.release(held.size)
         self.counters["tickets_released"] += 1
@@ -304,7 +306,7 @@ class Distributor:
             return
         # The fast path first: a request dispatched at once never queues, so the queue limits do not
         # apply to it (a full queue of a lower band must not turn away work the backends have room for).
-        if self.config.service.fast_path and ledger.can_dispatch_now(p):
+        if self._fast_path and ledger.can_dispatch_now(p):
             ledger.dispatched_directly(p)
             self.counters["fast_path"] += 1
             self._finish(p, _DISPATCHED, 0.0)
@@ -384,7 +386,10 @@ class Distributor:
             if leased:  # HTTP: held until released or the lease ends, whatever becomes of the connection
                 self._leases[ticket] = deadline
             else:  # binary: the connection is the lease (release_all when it closes)
-                self._owned.setdefault(waiter, set()).add(ticket)
+                owned = self._owned.get(waiter)
+                if owned is None:
+                    owned = self._owned[waiter] = set()
+                owned.add(ticket)
         elif outcome != Outcome.EVICTED_CANCELLED:
             retry = self.retry[p.band]
             retry_after = retry.rejected(time.monotonic()) if outcome == Outcome.REJECTED_CAPACITY else retry.value

@@ -65,6 +65,7 @@ class FakeAdmission(AnswersAtOnce):
         tokens: int,
         weight: float,
         leased: bool,
+        audit: bool = False,
     ) -> int:
         if self.raise_on_admit:
             raise RuntimeError("boom")
