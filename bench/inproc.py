@@ -9,12 +9,14 @@ measures the first alone, to a few percent, so a change to the hot path can be j
 
 Bytes still cross every hop encoded, as in the service: the client's frames are decoded by the
 binary front, the shard's frames by its worker and the worker's by the distributor's `WorkerLink`.
+`--link`: the clients are behind an acceptor process (`serve --acceptors`): the distributor's side
+is its `AcceptorLink`, fed the batch frames an acceptor writes (`LinkAdmit`, `LinkRelease`).
 Time spent inside the workers (a shard's own process in the service) is measured apart and left out
 of the distributor's figure; the client's encoding and decoding (the load generator's) too. All of it
 is CPU time (`time.thread_time`), so other processes on a busy machine do not inflate it.
 
     python -m bench.inproc [--shards 1,4,8] [--requests 200000] [--clients 64] [--flows 16]
-                           [--bands 1] [--profile]
+                           [--bands 1] [--link] [--profile]
 """
 
 from __future__ import annotations
@@ -31,10 +33,23 @@ from typing import Any
 
 import uvloop
 
+from distributor.acceptors import AcceptorLink
 from distributor.binary import BinaryConnection, BinaryHub, BinaryLimits
 from distributor.guards import Guards
 from distributor.service import Distributor, WorkerLink
-from flowshard.codec import Admit, FrameReader, FrameWriter, Release, Result, ToClient
+from flowshard.codec import (
+    Admit,
+    BatchReader,
+    BatchWriter,
+    FrameReader,
+    FrameWriter,
+    LinkAdmit,
+    LinkRelease,
+    Release,
+    Result,
+    ToAcceptor,
+    ToClient,
+)
 from flowshard.config import BandConfig, BudgetConfig, Config, ServiceConfig
 from flowshard.engine import Engine
 from flowshard.shm import ShmStats
@@ -97,11 +112,14 @@ class _Client:
     """Closed-loop clients on one binary connection: each Result releases its ticket and admits the next
     request (in the next pass, as a client would). Its own work is timed apart."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, clients: int, flows: int, total: int, clock: _Clock) -> None:
-        self.loop, self.clock = loop, clock
-        self.reader = FrameReader(ToClient)
-        self.writer = FrameWriter()
-        self.conn: BinaryConnection | None = None
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, clients: int, flows: int, total: int, clock: _Clock, link: bool,
+    ) -> None:
+        self.loop, self.clock, self.link = loop, clock, link
+        # behind an acceptor: its link's batch frames; else the public protocol's frames
+        self.reader: BatchReader | FrameReader = BatchReader(ToAcceptor) if link else FrameReader(ToClient)
+        self.writer: BatchWriter | FrameWriter = BatchWriter() if link else FrameWriter()
+        self.conn: BinaryConnection | AcceptorLink | None = None
         self.flows = [f"client-{i}" for i in range(flows)]
         self.rng = random.Random(6)
         self.clients = clients
@@ -118,7 +136,7 @@ class _Client:
             if type(msg) is Result:
                 if msg.ticket:
                     self.dispatched += 1
-                    self.writer.add(Release(msg.ticket, -1))
+                    self.writer.add(LinkRelease(msg.ticket, -1, 0) if self.link else Release(msg.ticket, -1))
                 self._admit_one()
         self._schedule()
         self.clock.spent += time.thread_time() - t
@@ -131,9 +149,13 @@ class _Client:
         self.left -= 1
         self.next_id += 1
         flow = self.flows[self.next_id % len(self.flows)]
-        self.writer.add(Admit(self.next_id, flow, 0, self.rng.randint(500, 4000), 0.0, 0.0, 0, 0.0, False))
+        size = self.rng.randint(500, 4000)
+        if self.link:  # binary clients behind the acceptor: not leased (the connection is the lease)
+            self.writer.add(LinkAdmit(self.next_id, flow, 0, size, 0.0, 0.0, 0, 0.0, False))
+        else:
+            self.writer.add(Admit(self.next_id, flow, 0, size, 0.0, 0.0, 0, 0.0, False))
 
-    def start(self, conn: BinaryConnection) -> None:
+    def start(self, conn: BinaryConnection | AcceptorLink) -> None:
         self.conn = conn
         for _ in range(self.clients):
             self._admit_one()
@@ -181,7 +203,7 @@ def _config(bands: int, flows: int) -> Config:
     )
 
 
-async def _run(shards: int, requests: int, clients: int, flows: int, bands: int) -> dict[str, float]:
+async def _run(shards: int, requests: int, clients: int, flows: int, bands: int, link: bool) -> dict[str, float]:
     loop = asyncio.get_running_loop()
     config = _config(bands, flows)
     d = Distributor(config, shards)
@@ -198,9 +220,14 @@ async def _run(shards: int, requests: int, clients: int, flows: int, bands: int)
         back.link = link
         s.link = link
         s.ready = True
-    client = _Client(loop, clients, flows, requests, outside)
-    conn = BinaryHub(d, BinaryLimits(), loop, Guards())()
-    conn.connection_made(client)  # type: ignore[arg-type]
+    client = _Client(loop, clients, flows, requests, outside, link)
+    conn: BinaryConnection | AcceptorLink
+    if link:
+        conn = AcceptorLink(d, 0, b"")
+        conn.transport = client  # type: ignore[assignment]
+    else:
+        conn = BinaryHub(d, BinaryLimits(), loop, Guards())()
+        conn.connection_made(client)  # type: ignore[arg-type]
     await asyncio.sleep(0)  # the workers' Hellos
     gc.collect()
     t0 = time.thread_time()
@@ -213,13 +240,13 @@ async def _run(shards: int, requests: int, clients: int, flows: int, bands: int)
 
 
 def measure(shards: int, requests: int = 200_000, clients: int = 64, flows: int = 16, bands: int = 1,
-            profile: bool = False) -> dict[str, float]:
+            link: bool = False, profile: bool = False) -> dict[str, float]:
     """Run the closed loop once; the distributor's µs per dispatched request (and the rest's)."""
     profiler = cProfile.Profile() if profile else None
     if profiler is not None:
         profiler.enable()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        result = runner.run(_run(shards, requests, clients, flows, bands))
+        result = runner.run(_run(shards, requests, clients, flows, bands, link))
     if profiler is not None:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
@@ -234,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flows", type=int, default=16)
     parser.add_argument("--bands", type=int, default=1)
     parser.add_argument("--runs", type=int, default=3, help="best of RUNS per shard count")
+    parser.add_argument("--link", action="store_true", help="the clients behind an acceptor (its link)")
     parser.add_argument("--profile", action="store_true", help="cProfile one run per shard count")
     args = parser.parse_args(argv)
     try:
@@ -248,9 +276,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{name}: {value} is outside {low}..{high}")
     for shards in counts:
         if args.profile:
-            measure(shards, args.requests, args.clients, args.flows, args.bands, profile=True)
+            measure(shards, args.requests, args.clients, args.flows, args.bands, args.link, profile=True)
             continue
-        runs = [measure(shards, args.requests, args.clients, args.flows, args.bands) for _ in range(args.runs)]
+        runs = [measure(shards, args.requests, args.clients, args.flows, args.bands, args.link)
+                for _ in range(args.runs)]
         best = min(runs, key=lambda r: r["distributor_us"])
         print(f"shards={shards}: distributor {best['distributor_us']:.2f} µs/request "
               f"(runs {', '.join(format(r['distributor_us'], '.2f') for r in runs)}); "

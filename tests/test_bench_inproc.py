@@ -28,3 +28,8 @@ def test_main_prints_one_line_per_shard_count(capsys: pytest.CaptureFixture[str]
     assert main(["--shards", "1,2", "--requests", "500", "--runs", "1", "--clients", "8"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["shards=1", "shards=2"]
+
+
+def test_behind_an_acceptor_link_every_request_is_dispatched() -> None:
+    r = measure(2, requests=2000, clients=16, flows=5, link=True)
+    assert r["requests"] == 2000 and r["distributor_us"] > 0, r
