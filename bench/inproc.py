@@ -11,12 +11,14 @@ Bytes still cross every hop encoded, as in the service: the client's frames are 
 binary front, the shard's frames by its worker and the worker's by the distributor's `WorkerLink`.
 `--link`: the clients are behind an acceptor process (`serve --acceptors`): the distributor's side
 is its `AcceptorLink`, fed the batch frames an acceptor writes (`LinkAdmit`, `LinkRelease`).
+`--http`: each client is a keep-alive HTTP/1.1 connection to the real HTTP front (`POST /v1/admit`,
+then `POST /v1/release` of its ticket, then the next admission).
 Time spent inside the workers (a shard's own process in the service) is measured apart and left out
 of the distributor's figure; the client's encoding and decoding (the load generator's) too. All of it
 is CPU time (`time.thread_time`), so other processes on a busy machine do not inflate it.
 
     python -m bench.inproc [--shards 1,4,8] [--requests 200000] [--clients 64] [--flows 16]
-                           [--bands 1] [--link] [--profile]
+                           [--bands 1] [--link | --http] [--profile]
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import argparse
 import asyncio
 import cProfile
 import gc
+import json
 import pstats
 import random
 import sys
@@ -36,6 +39,7 @@ import uvloop
 from distributor.acceptors import AcceptorLink
 from distributor.binary import BinaryConnection, BinaryHub, BinaryLimits
 from distributor.guards import Guards
+from distributor.http import HttpConnection, HttpHub, HttpLimits
 from distributor.service import Distributor, WorkerLink
 from flowshard.codec import (
     Admit,
@@ -193,6 +197,98 @@ class _Client:
         return default
 
 
+class _HttpClient:
+    """One closed-loop client on its own keep-alive HTTP connection (the connection's transport):
+    admit, release the ticket, admit again. Its own parsing is timed apart."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, flow: str, rng: random.Random, shared: _HttpShared) -> None:
+        self.loop, self.flow, self.rng, self.shared = loop, flow, rng, shared
+        self.conn: HttpConnection | None = None
+        self._in = bytearray()
+        self._next = b""
+
+    def start(self, conn: HttpConnection) -> None:
+        self.conn = conn
+        self._admit()
+
+    def _admit(self) -> None:
+        shared = self.shared
+        if shared.left <= 0:
+            if shared.dispatched >= shared.total and not shared.done.done():
+                shared.done.set_result(None)
+            return
+        shared.left -= 1
+        body = b'{"flow":"%b","priority":0,"bytes":%d}' % (self.flow.encode(), self.rng.randint(500, 4000))
+        self._send(b"POST /v1/admit HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                   b"content-length: %d\r\n\r\n%b" % (len(body), body))
+
+    def _send(self, request: bytes) -> None:
+        self._next = request
+        self.loop.call_soon(self._deliver)
+
+    def _deliver(self) -> None:
+        assert self.conn is not None
+        self.conn.data_received(self._next)
+
+    # the connection's transport
+    def write(self, data: bytes) -> None:
+        t = time.thread_time()
+        buf = self._in
+        buf += data
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                break
+            head = bytes(buf[:end]).lower()
+            at = head.find(b"content-length: ")
+            length = int(head[at + 16 :].split(b"\r\n", 1)[0]) if at >= 0 else 0
+            if len(buf) < end + 4 + length:
+                break
+            body = bytes(buf[end + 4 : end + 4 + length])
+            del buf[: end + 4 + length]
+            answer = json.loads(body)
+            if "ticket" in answer:  # dispatched: release it
+                self.shared.dispatched += 1
+                released = b'{"ticket":%d}' % answer["ticket"]
+                self._send(b"POST /v1/release HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                           b"content-length: %d\r\n\r\n%b" % (len(released), released))
+            else:
+                self._admit()
+        self.shared.clock.spent += time.thread_time() - t
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def set_write_buffer_limits(self, high: int) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+class _HttpShared:
+    def __init__(self, loop: asyncio.AbstractEventLoop, total: int, clock: _Clock) -> None:
+        self.total = self.left = total
+        self.dispatched = 0
+        self.clock = clock
+        self.done = loop.create_future()
+
+
 def _config(bands: int, flows: int) -> Config:
     return Config(
         bands=[BandConfig(priority=bands - i, fairness="round-robin") for i in range(bands)],
@@ -203,7 +299,9 @@ def _config(bands: int, flows: int) -> Config:
     )
 
 
-async def _run(shards: int, requests: int, clients: int, flows: int, bands: int, link: bool) -> dict[str, float]:
+async def _run(
+    shards: int, requests: int, clients: int, flows: int, bands: int, link: bool, http: bool,
+) -> dict[str, float]:
     loop = asyncio.get_running_loop()
     config = _config(bands, flows)
     d = Distributor(config, shards)
@@ -220,6 +318,8 @@ async def _run(shards: int, requests: int, clients: int, flows: int, bands: int,
         back.link = link
         s.link = link
         s.ready = True
+    if http:
+        return await _run_http(d, loop, requests, clients, flows, outside)
     client = _Client(loop, clients, flows, requests, outside, link)
     conn: BinaryConnection | AcceptorLink
     if link:
@@ -239,14 +339,40 @@ async def _run(shards: int, requests: int, clients: int, flows: int, bands: int,
             "outside_us": 1e6 * outside.spent / client.dispatched}
 
 
+async def _run_http(
+    d: Distributor, loop: asyncio.AbstractEventLoop, requests: int, clients: int, flows: int, outside: _Clock,
+) -> dict[str, float]:
+    shared = _HttpShared(loop, requests, outside)
+    hub = HttpHub(d, HttpLimits(), 300.0, loop, Guards())
+    rng = random.Random(6)
+    pairs = []
+    for i in range(clients):
+        client = _HttpClient(loop, f"client-{i % flows}", rng, shared)
+        conn = hub()
+        conn.connection_made(client)  # type: ignore[arg-type]
+        pairs.append((client, conn))
+    await asyncio.sleep(0)  # the workers' Hellos
+    gc.collect()
+    t0 = time.thread_time()
+    for client, conn in pairs:
+        client.start(conn)
+    await shared.done
+    elapsed = time.thread_time() - t0
+    for _, conn in pairs:  # their timers
+        conn.connection_lost(None)
+    return {"shards": d.n_shards, "requests": shared.dispatched,
+            "distributor_us": 1e6 * (elapsed - outside.spent) / shared.dispatched,
+            "outside_us": 1e6 * outside.spent / shared.dispatched}
+
+
 def measure(shards: int, requests: int = 200_000, clients: int = 64, flows: int = 16, bands: int = 1,
-            link: bool = False, profile: bool = False) -> dict[str, float]:
+            link: bool = False, profile: bool = False, http: bool = False) -> dict[str, float]:
     """Run the closed loop once; the distributor's µs per dispatched request (and the rest's)."""
     profiler = cProfile.Profile() if profile else None
     if profiler is not None:
         profiler.enable()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        result = runner.run(_run(shards, requests, clients, flows, bands, link))
+        result = runner.run(_run(shards, requests, clients, flows, bands, link, http))
     if profiler is not None:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
@@ -261,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flows", type=int, default=16)
     parser.add_argument("--bands", type=int, default=1)
     parser.add_argument("--runs", type=int, default=3, help="best of RUNS per shard count")
-    parser.add_argument("--link", action="store_true", help="the clients behind an acceptor (its link)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--link", action="store_true", help="the clients behind an acceptor (its link)")
+    mode.add_argument("--http", action="store_true", help="HTTP/1.1 clients on the HTTP front")
     parser.add_argument("--profile", action="store_true", help="cProfile one run per shard count")
     args = parser.parse_args(argv)
     try:
@@ -276,9 +404,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{name}: {value} is outside {low}..{high}")
     for shards in counts:
         if args.profile:
-            measure(shards, args.requests, args.clients, args.flows, args.bands, args.link, profile=True)
+            measure(shards, args.requests, args.clients, args.flows, args.bands, args.link, True, args.http)
             continue
-        runs = [measure(shards, args.requests, args.clients, args.flows, args.bands, args.link)
+        runs = [measure(shards, args.requests, args.clients, args.flows, args.bands, args.link, http=args.http)
                 for _ in range(args.runs)]
         best = min(runs, key=lambda r: r["distributor_us"])
         print(f"shards={shards}: distributor {best['distributor_us']:.2f} µs/request "

@@ -33,3 +33,8 @@ def test_main_prints_one_line_per_shard_count(capsys: pytest.CaptureFixture[str]
 def test_behind_an_acceptor_link_every_request_is_dispatched() -> None:
     r = measure(2, requests=2000, clients=16, flows=5, link=True)
     assert r["requests"] == 2000 and r["distributor_us"] > 0, r
+
+
+def test_http_clients_on_the_http_front_every_request_is_dispatched() -> None:
+    r = measure(2, requests=1000, clients=8, flows=3, http=True)
+    assert r["requests"] == 1000 and r["distributor_us"] > 0, r
