@@ -332,8 +332,11 @@ class HttpConnection(asyncio.Protocol):
             else:  # stopped or closing: discarded, but read, so that EOF is seen ...
                 self._discarded += len(data)
                 if self._discarded > self._limits.max_linger_bytes and not self._dead:
-                    # ... up to a bound: reading junk costs this process CPU for as long as it lingers
-                    self._dead = self._closing = True
+                    # ... up to a bound: reading junk costs this process CPU for as long as it lingers.
+                    # Not `_dead`: connection_lost (after the reset) still frees its place among the
+                    # connections and settles what it queued.
+                    self._closing = True
+                    self._discarded = -(1 << 62)  # counted once
                     self._sh.guards.hit("http", "linger_overflow")
                     reset(self._transport)
             return

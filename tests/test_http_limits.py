@@ -240,3 +240,29 @@ def test_a_closing_connection_that_keeps_sending_is_reset_past_max_linger_bytes(
     serve(t, guards=guards, max_linger_bytes=256 << 10)
     assert guards[("http", "linger_overflow")] == 1
     assert guards[("http", "malformed")] == 1
+
+
+def test_a_connection_reset_past_max_linger_bytes_gives_back_its_place_and_settles_its_admissions() -> None:
+    """The reset of a flooding closing connection is still a close: its place among max_connections
+    comes back and the admission it had pipelined before the malformed request is cancelled (the
+    connection was marked dead before the reset, so connection_lost did neither: one leaked slot
+    per such client, until max_connections was used up and every new client got 503)."""
+    guards = Guards()
+
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(admit(HOLD) + b"BAD\r\n\r\n")
+        await until(lambda: len(fake.admits) == 1)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(64):
+                c.send(b"x" * 65536)
+                await c.writer.drain()
+        assert await c.closed()
+        await until(lambda: fake.cancels == [fake.admits[0]["rid"]])
+        again = await Client.open(port)  # max_connections = 1: the place is free again
+        again.send(get("/v1/stats"))
+        assert (await again.response()).status == 200
+
+    serve(t, guards=guards, max_connections=1, admin_reserve=0, max_linger_bytes=64 << 10)
+    assert guards[("http", "linger_overflow")] == 1
+    assert guards[("http", "too_many_connections")] == 0
