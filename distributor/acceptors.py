@@ -24,7 +24,7 @@ import subprocess
 import time
 from typing import TYPE_CHECKING, Any, cast
 
-from distributor.api import Audit
+from distributor.api import CONN_NORMAL, CONN_REFUSED, CONN_RESERVE, Audit, connection_verdict
 from distributor.spawn import spawn_linked
 from flowshard.codec import (
     Audited,
@@ -54,6 +54,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 HANDED_HTTP = b"h"  # the byte sent with a handed connection: which front serves it (as distributor.front)
 HANDED_BINARY = b"b"
+# The handed connections counted against the limits, by (front, verdict), in LinkConns' order.
+COUNTED = ((HANDED_HTTP, CONN_NORMAL), (HANDED_HTTP, CONN_RESERVE), (HANDED_BINARY, CONN_NORMAL))
 _NOT_YET = -1  # request id of an admission whose `admit` call has not returned yet
 RESPAWN_MIN = 0.05  # a dying acceptor is restarted after this, doubling up to RESPAWN_MAX
 RESPAWN_MAX = 5.0
@@ -88,20 +90,30 @@ class AcceptorLink(asyncio.Protocol):
         self.lost = False
         self.pid = 0
         self.handover: socket.socket | None = None  # where its connections are handed (SOCK_SEQPACKET)
-        # per front (HANDED_HTTP, HANDED_BINARY): connections handed to it, of which it has reported
-        # taking, and how many of them it reported open
-        self.handed = {HANDED_HTTP: 0, HANDED_BINARY: 0}
-        self.accepted = {HANDED_HTTP: 0, HANDED_BINARY: 0}
-        self.open = {HANDED_HTTP: 0, HANDED_BINARY: 0}
+        # per (front, verdict) counted against the limits (COUNTED): connections handed to it, and
+        # how many of them it reported closed (LinkConns); the difference is open (or on its way)
+        self.handed = dict.fromkeys(COUNTED, 0)
+        self.closed = dict.fromkeys(COUNTED, 0)
+        self.refused = {HANDED_HTTP: 0, HANDED_BINARY: 0}  # handed to be refused (not counted)
         self.heard = time.monotonic()  # when it last sent anything (it reports every 0.25 s: a heartbeat)
 
+    def open(self, key: tuple[bytes, int]) -> int:
+        """Its connections of a front and verdict, from the hand-over until it reports them closed."""
+        return self.handed[key] - self.closed[key]
+
     def load(self, kind: bytes) -> int:
-        """Open connections of a front, counting those handed and not yet reported."""
-        return self.open[kind] + self.handed[kind] - self.accepted[kind]
+        """Its open connections of a front, the admin reserve's included."""
+        return sum(self.open(key) for key in COUNTED if key[0] == kind)
 
     @property
     def connections(self) -> int:
-        return sum(self.load(kind) for kind in self.open)
+        return self.load(HANDED_HTTP) + self.load(HANDED_BINARY)
+
+    def closed_report(self, msg: LinkConns) -> None:
+        """Counts only grow and never pass what was handed (whatever the frame says)."""
+        handed, closed = self.handed, self.closed
+        for key, count in zip(COUNTED, (msg.http_closed, msg.http_reserve_closed, msg.binary_closed), strict=True):
+            closed[key] = min(max(count, closed[key]), handed[key])
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -150,8 +162,7 @@ class AcceptorLink(asyncio.Protocol):
         elif kind is LinkGuard:
             svc.guards.hit(msg.front, msg.action)
         elif kind is LinkConns:
-            self.accepted = {HANDED_HTTP: msg.http_accepted, HANDED_BINARY: msg.binary_accepted}
-            self.open = {HANDED_HTTP: msg.http_open, HANDED_BINARY: msg.binary_open}
+            self.closed_report(msg)
         elif kind is Hello:
             self.pid = msg.pid
             self.ready = True
@@ -227,9 +238,14 @@ class Acceptors:
 
     def __init__(self, service: Distributor, count: int, http: socket.socket, binary: socket.socket,
                  preamble: bytes) -> None:
+        from distributor.http import ADMIN_RESERVE
+
         self.service = service
         self.count = count
         self.listeners = {HANDED_HTTP: http, HANDED_BINARY: binary}
+        # per front: (max_connections, admin reserve), service-wide, as the fronts have them without acceptors
+        max_connections = service.config.service.max_connections
+        self.limits = {HANDED_HTTP: (max_connections, ADMIN_RESERVE), HANDED_BINARY: (max_connections, 0)}
         self._preamble = preamble
         self.links: list[AcceptorLink | None] = [None] * count
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * count
@@ -294,20 +310,36 @@ class Acceptors:
 
         loop.call_later(ACCEPT_PAUSE, resume)
 
+    def verdict(self, kind: bytes) -> int:
+        """How a new connection of a front counts (distributor.api), by the connections of that front
+        open in every acceptor: handed and not yet reported closed. An acceptor's are forgotten when it
+        dies (its process held them: they are closed)."""
+        links = [link for link in self.links if link is not None]
+        limit, reserve = self.limits[kind]
+        normal, reserved = (kind, CONN_NORMAL), (kind, CONN_RESERVE)
+        return connection_verdict(sum(link.open(normal) for link in links),
+                                  sum(link.open(reserved) for link in links) if reserve else 0, limit, reserve)
+
     def _hand(self, kind: bytes, conn: socket.socket) -> None:
-        """To the live acceptor with the fewest open connections of this front (each enforces its share
-        of the front's limits); none live: closed (a dead one is restarted)."""
+        """To the live acceptor with the fewest open connections of this front, with the verdict the
+        front applies (served, in the admin reserve, or refused as over the limits); none live:
+        closed (a dead one is restarted)."""
+        verdict = self.verdict(kind)
+        message = kind + bytes((verdict,))
         quiet = time.monotonic() - HANDOVER_QUIET  # an acceptor silent this long may be hung: none for it
         live = sorted((link for link in self.links if link is not None and link.ready and link.heard > quiet),
-                      key=lambda x: x.load(kind))
+                      key=lambda x: (x.load(kind), x.refused[kind]))
         for link in live:
             if link.handover is None:
                 continue
             try:
-                socket.send_fds(link.handover, [kind], [conn.fileno()])
+                socket.send_fds(link.handover, [message], [conn.fileno()])
             except OSError:  # its queue is full (it is stuck) or it is gone: the next one
                 continue
-            link.handed[kind] += 1
+            if verdict == CONN_REFUSED:
+                link.refused[kind] += 1
+            else:
+                link.handed[kind, verdict] += 1
             return
         log.warning("no acceptor could take a connection: closed")
 

@@ -7,9 +7,27 @@ The front-ends parse and validate; the distributor decides. Outcomes are deliver
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from flowshard.types import Outcome
+
+# How a new client connection counts against its front's connection limits: decided by
+# `connection_verdict` where the front's connections are counted. In the distributor's process the
+# front counts its own (CONN_CHECK: it decides itself); with acceptor processes the distributor
+# counts every front's connections service-wide, decides when it accepts one and hands the verdict
+# over with it (distributor.acceptors), and the acceptor's front applies it.
+CONN_CHECK: Final = 0  # not decided yet: the front decides from its own counts
+CONN_NORMAL: Final = 1  # within max_connections
+CONN_RESERVE: Final = 2  # beyond max_connections, in the HTTP admin reserve: admin paths only
+CONN_REFUSED: Final = 3  # beyond both: refused (HTTP 503 / binary Error(-1, 503)) and closed
+
+
+def connection_verdict(counted: int, reserved: int, max_connections: int, admin_reserve: int) -> int:
+    """The verdict for a new connection when `counted` are open within max_connections and
+    `reserved` in the admin reserve (the binary front has none: admin_reserve 0)."""
+    if counted < max_connections:
+        return CONN_NORMAL
+    return CONN_RESERVE if reserved < admin_reserve else CONN_REFUSED
 
 
 class Audit(NamedTuple):

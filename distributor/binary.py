@@ -27,10 +27,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from distributor.api import Admission, Audit
+from distributor.api import CONN_CHECK, CONN_NORMAL, Admission, Audit, connection_verdict
 from distributor.guards import Guards
 from distributor.sockets import reset, unsent
 from flowshard.codec import (
@@ -82,7 +83,7 @@ class BinaryHub:
     """State shared by the connections of one server; called, it makes a connection's protocol
     (a server's factory, or an acceptor's for the connections handed to it)."""
 
-    __slots__ = ("admission", "connections", "guards", "limits", "loop")
+    __slots__ = ("admission", "connections", "guards", "limits", "loop", "on_close")
 
     def __init__(
         self, admission: Admission, limits: BinaryLimits, loop: asyncio.AbstractEventLoop, guards: Guards
@@ -92,9 +93,12 @@ class BinaryHub:
         self.loop = loop
         self.guards = guards
         self.connections = 0
+        # Told of every connection's end (an acceptor reports it to the distributor, which counts the
+        # connections against the limits: distributor.front)
+        self.on_close: Callable[[BinaryConnection], None] | None = None
 
-    def __call__(self) -> BinaryConnection:
-        return BinaryConnection(self)
+    def __call__(self, verdict: int = CONN_CHECK) -> BinaryConnection:
+        return BinaryConnection(self, verdict)
 
 
 async def start_binary_server(
@@ -117,10 +121,12 @@ class BinaryConnection(asyncio.Protocol):
     __slots__ = (
         "_admission", "_closing_at", "_counted", "_discarded", "_flush_scheduled", "_frame_at", "_hub", "_input_held",
         "_lost", "_max_inflight", "_open", "_out", "_pending", "_reader", "_stalled_at", "_timer", "_transport",
+        "_verdict",
     )
 
-    def __init__(self, hub: BinaryHub) -> None:
+    def __init__(self, hub: BinaryHub, verdict: int = CONN_CHECK) -> None:
         self._hub = hub
+        self._verdict = verdict  # how it counts against max_connections (distributor.api), if decided already
         self._admission = hub.admission
         self._transport: asyncio.Transport | None = None
         self._reader = FrameReader(FromClient, hub.limits.max_frame)
@@ -144,7 +150,8 @@ class BinaryConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         hub = self._hub
-        if hub.connections >= hub.limits.max_connections:
+        verdict = self._verdict or connection_verdict(hub.connections, 0, hub.limits.max_connections, 0)
+        if verdict != CONN_NORMAL:
             hub.guards.hit("binary", "too_many_connections")
             self._send(Error(-1, 503, f"too many connections (limit {hub.limits.max_connections})"))
             self._close()
@@ -251,9 +258,12 @@ class BinaryConnection(asyncio.Protocol):
         if self._lost:
             return
         self._lost = True
+        hub = self._hub
+        if hub.on_close is not None:
+            hub.on_close(self)
         if not self._counted:  # refused in connection_made: it never admitted anything
             return
-        self._hub.connections -= 1
+        hub.connections -= 1
         pending, self._pending = self._pending, {}
         admission = self._admission
         for request_id in pending.values():

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import uvloop
 
-from distributor.api import Audit, Waiter
+from distributor.api import CONN_NORMAL, CONN_REFUSED, CONN_RESERVE, Audit, Waiter
 from distributor.guards import Guards
 from flowshard.codec import (
     Audited,
@@ -248,72 +248,100 @@ class Upstream(asyncio.Protocol):
 
 HANDED_HTTP = b"h"  # the byte sent with a handed connection: which front serves it
 HANDED_BINARY = b"b"
-REPORT_INTERVAL = 0.25  # how often the acceptor tells the distributor its connection counts (its heartbeat)
+REPORT_INTERVAL = 0.25  # how often the acceptor reports its closed connections anyway (its heartbeat)
+# The handed connections the distributor counts, by (front, verdict): their ends are reported (LinkConns).
+COUNTED = ((HANDED_HTTP, CONN_NORMAL), (HANDED_HTTP, CONN_RESERVE), (HANDED_BINARY, CONN_NORMAL))
+_VERDICTS = frozenset((CONN_NORMAL, CONN_RESERVE, CONN_REFUSED))
 
 
 class Handover:
     """Receives the client connections the distributor accepted and hands to this acceptor (one per
-    SOCK_SEQPACKET message, with SCM_RIGHTS), and gives each to its front's protocol."""
+    SOCK_SEQPACKET message: the front's byte and the connection's verdict, with the descriptor by
+    SCM_RIGHTS), gives each to its front's protocol with that verdict, and reports the end of every
+    connection the distributor counts (within max_connections or in the admin reserve): at the end
+    of the pass in which it ended, so that its place is free again service-wide at once."""
 
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop, upstream: Upstream,
                  http: HttpHub, binary: BinaryHub) -> None:
         self._sock = sock
         self._loop = loop
         self._upstream = upstream
-        self._http = http
-        self._binary = binary
-        self._factories: dict[bytes, Callable[[], asyncio.Protocol]] = {HANDED_HTTP: http, HANDED_BINARY: binary}
-        self.accepted = {HANDED_HTTP: 0, HANDED_BINARY: 0}
-        # handed, its protocol not made yet: counted as open (the distributor balances on it)
-        self._starting = {HANDED_HTTP: 0, HANDED_BINARY: 0}
+        self._fronts: dict[bytes, Callable[[int], asyncio.Protocol]] = {HANDED_HTTP: http, HANDED_BINARY: binary}
+        http.on_close = binary.on_close = self._ended
+        self.closed = dict.fromkeys(COUNTED, 0)  # (front, verdict) -> connections ended so far
+        self._open: dict[asyncio.Protocol, tuple[bytes, int]] = {}  # counted connections not yet ended
+        self._report_scheduled = False
         sock.setblocking(False)
         loop.add_reader(sock.fileno(), self._receive)
-        self._timer = loop.call_later(REPORT_INTERVAL, self._report)
+        self._timer: asyncio.TimerHandle | None = loop.call_later(REPORT_INTERVAL, self._report)
 
     def _receive(self) -> None:
         while True:
             try:
-                kind, fds, _, _ = socket.recv_fds(self._sock, 1, 1)
+                data, fds, flags, _ = socket.recv_fds(self._sock, 2, 1)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # the distributor is gone (the link's EOF ends the process)
                 log.warning("connection handover failed: %s", exc)
                 self.close()
                 return
-            if not kind and not fds:  # EOF
+            if not data and not fds:  # EOF
                 self.close()
                 return
-            for fd in fds:
-                conn = socket.socket(fileno=fd)
-                factory = self._factories.get(kind)
-                if factory is None:
-                    conn.close()
-                    continue
-                self.accepted[kind] += 1
-                self._starting[kind] += 1
-                self._loop.create_task(self._serve(conn, kind, factory))
-            self._report()
+            kind, verdict = data[:1], data[1] if len(data) == 2 else -1
+            if kind not in self._fronts or verdict not in _VERDICTS or flags & socket.MSG_TRUNC:
+                log.error("handed connection with a malformed message %r: closed", data[:8])
+                for fd in fds:
+                    os.close(fd)
+                continue
+            key = (kind, verdict)
+            if not fds:  # its descriptor was dropped (this process is out of them): it is closed
+                log.warning("a handed connection arrived without its descriptor: closed")
+                if key in self.closed:
+                    self._count_end(key)
+                continue
+            try:
+                conn = socket.socket(fileno=fds[0])
+            except OSError as exc:  # not a socket
+                log.error("handed descriptor refused: %s", exc)
+                os.close(fds[0])
+                if key in self.closed:
+                    self._count_end(key)
+                continue
+            protocol = self._fronts[kind](verdict)
+            if key in self.closed:
+                self._open[protocol] = key
+            self._loop.create_task(self._serve(conn, protocol))
 
-    async def _serve(self, conn: socket.socket, kind: bytes, factory: Callable[[], asyncio.Protocol]) -> None:
+    async def _serve(self, conn: socket.socket, protocol: asyncio.Protocol) -> None:
         try:
-            await self._loop.connect_accepted_socket(factory, conn)
-        except OSError as exc:  # the client left already
+            await self._loop.connect_accepted_socket(lambda: protocol, conn)
+        except Exception as exc:  # the client left already
             log.debug("handed connection not served: %s", exc)
             conn.close()
-        finally:
-            self._starting[kind] -= 1
+            self._ended(protocol)
+
+    def _ended(self, protocol: object) -> None:
+        """A connection's protocol is lost (or was never served): counted once, reported this pass."""
+        key = self._open.pop(cast(asyncio.Protocol, protocol), None)
+        if key is not None:
+            self._count_end(key)
+
+    def _count_end(self, key: tuple[bytes, int]) -> None:
+        self.closed[key] += 1
+        if not self._report_scheduled:
+            self._report_scheduled = True
+            self._loop.call_soon(self._report)
 
     def _report(self) -> None:
         # sent every REPORT_INTERVAL even when unchanged: it is also this process's heartbeat (the
         # distributor restarts an acceptor that stops sending, and hands it nothing meanwhile)
-        starting, accepted = self._starting, self.accepted
-        self._upstream.send(LinkConns(
-            accepted[HANDED_HTTP], self._http.open + self._http.reserve + starting[HANDED_HTTP],
-            accepted[HANDED_BINARY], self._binary.connections + starting[HANDED_BINARY],
-        ))
+        self._report_scheduled = False
+        closed = self.closed
+        self._upstream.send(LinkConns(*(closed[key] for key in COUNTED)))
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self._loop.call_later(REPORT_INTERVAL, self._report)
+            self._timer = self._loop.call_later(REPORT_INTERVAL, self._report)
 
     def close(self) -> None:
         if self._timer is not None:
@@ -326,23 +354,21 @@ class Handover:
 
 async def run(index: int, sock: socket.socket, handover: socket.socket, config: Config, acceptors: int) -> None:
     from distributor.binary import BinaryHub, BinaryLimits
-    from distributor.http import ADMIN_RESERVE, HttpHub, HttpLimits
+    from distributor.http import HttpHub, HttpLimits
 
     loop = asyncio.get_running_loop()
     upstream = Upstream(index, loop, sole=acceptors == 1)
     transport, _ = await loop.create_unix_connection(lambda: upstream, sock=sock)
     guards = LinkGuards(upstream)
     svc = config.service
-    # max_connections and the admin reserve are the service's: shared out over the acceptors, rounded
-    # up (the distributor hands each new connection to the least loaded one, so the shares fill
-    # evenly; the service-wide limit is exceeded by at most acceptors - 1)
-    share = -(-svc.max_connections // acceptors)
-    reserve = -(-ADMIN_RESERVE // acceptors)
-    http = HttpHub(upstream, HttpLimits(max_body_bytes=svc.max_body_bytes, max_connections=share,
-                                        header_timeout=svc.header_timeout, idle_timeout=svc.idle_timeout,
-                                        admin_reserve=reserve),
+    # max_connections and the admin reserve are the service's: the distributor counts every front's
+    # connections and hands each with its verdict (distributor.acceptors); the fronts apply it as
+    # they would decide it in the distributor's process, and name the service's limit when refusing
+    http = HttpHub(upstream, HttpLimits(max_body_bytes=svc.max_body_bytes, max_connections=svc.max_connections,
+                                        header_timeout=svc.header_timeout, idle_timeout=svc.idle_timeout),
                    svc.lease, loop, guards)
-    binary = BinaryHub(upstream, BinaryLimits(max_connections=share, frame_timeout=svc.header_timeout), loop, guards)
+    binary = BinaryHub(upstream, BinaryLimits(max_connections=svc.max_connections, frame_timeout=svc.header_timeout),
+                       loop, guards)
     handed = Handover(handover, loop, upstream, http, binary)
     upstream.send(Hello(index, os.getpid()))
     try:
@@ -355,7 +381,7 @@ async def run(index: int, sock: socket.socket, handover: socket.socket, config: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flowshard-acceptor", description="one flowshard acceptor (started by serve)")
     parser.add_argument("--index", type=int, required=True)
-    parser.add_argument("--acceptors", type=int, required=True, help="how many acceptors serve (their share of limits)")
+    parser.add_argument("--acceptors", type=int, required=True, help="how many acceptors serve (1: this one alone)")
     parser.add_argument("--fd", type=int, required=True, help="this end of the socket pair to the distributor")
     parser.add_argument("--handover-fd", type=int, required=True, help="where the distributor hands connections")
     args = parser.parse_args(argv)

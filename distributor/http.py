@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
 import httptools
 import msgspec
 
-from distributor.api import Admission, Audit
+from distributor.api import CONN_CHECK, CONN_NORMAL, CONN_RESERVE, Admission, Audit, connection_verdict
 from distributor.guards import Guards
 from distributor.sockets import reset, unsent
 from flowshard.types import Outcome
@@ -212,7 +212,8 @@ class HttpHub:
     server's factory, or an acceptor's for the connections handed to it)."""
 
     __slots__ = (
-        "admission", "guards", "lease", "limits", "linger", "loop", "open", "probe", "proxy", "reserve", "unheld_at",
+        "admission", "guards", "lease", "limits", "linger", "loop", "on_close", "open", "probe", "proxy", "reserve",
+        "unheld_at",
     )
 
     def __init__(
@@ -227,6 +228,9 @@ class HttpHub:
         self.loop = loop
         self.open = 0  # connections counted against max_connections
         self.reserve = 0  # connections of the admin reserve (beyond max_connections)
+        # Told of every connection's end (an acceptor reports it to the distributor, which counts the
+        # connections against the limits: distributor.front)
+        self.on_close: Callable[[HttpConnection], None] | None = None
         self.linger = max(0.05, min(2.0, limits.header_timeout))
         # After the client's EOF: how long to wait for the reset that says answers just written to it
         # were not delivered (a round trip; the reset of a closed peer comes at once).
@@ -234,8 +238,8 @@ class HttpHub:
         # Reading resumes once a held connection's queue drops to this (hysteresis).
         self.unheld_at = max(0, limits.max_pipelined // 2)
 
-    def __call__(self) -> HttpConnection:
-        return HttpConnection(self)
+    def __call__(self, verdict: int = CONN_CHECK) -> HttpConnection:
+        return HttpConnection(self, verdict)
 
 
 # ---------------------------------------------------------------------------------------- connection
@@ -249,8 +253,9 @@ class HttpConnection(asyncio.Protocol):
     lost; every `deliver` is a no-op).
     """
 
-    def __init__(self, shared: HttpHub) -> None:
+    def __init__(self, shared: HttpHub, verdict: int = CONN_CHECK) -> None:
         self._sh = shared
+        self._verdict = verdict  # how it counts against the limits (distributor.api), if decided already
         self._admission = shared.admission
         self._limits = shared.limits
         self._loop = shared.loop
@@ -304,8 +309,11 @@ class HttpConnection(asyncio.Protocol):
         sh = self._sh
         now = self._loop.time()
         self._last_active = now
-        if sh.open >= self._limits.max_connections:
-            if sh.reserve >= self._limits.admin_reserve:
+        verdict = self._verdict or connection_verdict(
+            sh.open, sh.reserve, self._limits.max_connections, self._limits.admin_reserve
+        )
+        if verdict != CONN_NORMAL:
+            if verdict != CONN_RESERVE:
                 sh.guards.hit("http", "too_many_connections")
                 self._stopped = True
                 transport.write(_TOO_MANY)
@@ -394,10 +402,13 @@ class HttpConnection(asyncio.Protocol):
         if self._dead:
             return
         self._dead = self._closing = True
+        sh = self._sh
         if self._counted:
-            self._sh.open -= 1
+            sh.open -= 1
         elif self._reserve:
-            self._sh.reserve -= 1
+            sh.reserve -= 1
+        if sh.on_close is not None:
+            sh.on_close(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

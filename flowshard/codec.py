@@ -274,15 +274,16 @@ class LinkGuard(msgspec.Struct, tag=24, array_like=True, gc=False):
 
 
 class LinkConns(msgspec.Struct, tag=28, array_like=True, gc=False):
-    """Acceptor -> distributor, four times a second (also its heartbeat): per front (HTTP, binary),
-    the connections handed to it so far and how many of them are open, the admin reserve's included
-    (the distributor hands the next connection of a front to the acceptor with the fewest of it:
-    each acceptor enforces its share of that front's limits)."""
+    """Acceptor -> distributor: of the connections handed to it, how many have closed so far, per
+    front and by the verdict they came with (`distributor.api`): HTTP within max_connections, HTTP
+    in the admin reserve, binary. The distributor counts every front's open connections (handed,
+    minus reported closed) and decides each new connection's verdict by them, so the limits hold
+    service-wide. Sent at the end of every pass in which a connection closed, and four times a
+    second whatever happened (the acceptor's heartbeat); the counts only grow."""
 
-    http_accepted: int
-    http_open: int
-    binary_accepted: int
-    binary_open: int
+    http_closed: int
+    http_reserve_closed: int
+    binary_closed: int
 
 
 class LinkDelivered(msgspec.Struct, tag=29, array_like=True, gc=False):
