@@ -43,6 +43,7 @@ from servicekit import (
     wait_until,
 )
 
+from distributor.http import ADMIN_RESERVE
 from flowshard.client import AdmitResult, Client, ConnectionClosed
 from flowshard.codec import Admit, Error, FrameReader, FrameWriter, ToClient
 from flowshard.types import Outcome
@@ -370,6 +371,202 @@ def test_a_hung_acceptor_gets_no_connections_and_is_restarted(launch: Any) -> No
             os.kill(pids[1], signal.SIGCONT)  # if it is still ours and stopped, let it die normally
     assert wait_until(lambda: all(a["up"] for a in svc.stats()["acceptors"]), 5.0)
     assert svc.stats()["counters"]["acceptor_restarts"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- connection limits
+#
+# max_connections (per front) and the HTTP admin reserve hold service-wide, exactly as without
+# acceptors: the distributor counts every front's open connections and hands each new one with its
+# verdict (served / admin reserve / refused). Until 14af9a4 each acceptor enforced ceil(n / K), so
+# the service took up to K - 1 more (and a connection went to the reserve or was refused while
+# another acceptor had room).
+
+
+async def _classify_http(port: int) -> tuple[str, HttpConn]:
+    """A new HTTP connection, and how the service took it: "normal" (it admits: the admission is
+    released and the connection kept), "reserve" (admin paths only: GET /healthz is answered, an
+    admission gets 503 and the connection is closed), "refused" (503 unasked, closed)."""
+    conn = await HttpConn.open(port)
+    r = await conn.request("GET", "/healthz", timeout=5)
+    if r.status == 503:
+        assert r.json() == {"error": {"status": 503, "message": "too many connections, retry later"}}, r
+        assert r.headers["connection"] == "close" and r.headers["retry-after"] == "1", r
+        assert await conn.closed_by_peer()
+        conn.close()
+        return "refused", conn
+    assert r.status == 200, r
+    r = await conn.request("POST", "/v1/admit", {"flow": "c"}, timeout=5)
+    if r.status == 200:
+        assert (await conn.request("POST", "/v1/release", {"ticket": r.json()["ticket"]}, timeout=5)).status == 200
+        return "normal", conn
+    assert r.status == 503 and r.json()["error"]["message"] == "too many connections, retry later", r
+    assert await conn.closed_by_peer()
+    conn.close()
+    return "reserve", conn
+
+
+async def _binary_client(svc: Any) -> Client | None:
+    """A new binary client that admits (kept), or None: refused with Error(-1, 503), as without acceptors."""
+    client = await Client.connect(svc.host, svc.binary_port)
+    try:
+        r = await asyncio.wait_for(client.admit("b"), 5)
+    except ConnectionClosed as exc:
+        assert (exc.status, exc.message) == (503, f"too many connections (limit {LIMIT})"), exc
+        await client.close()
+        return None
+    assert r.dispatched and await client.release(r.ticket)
+    return client
+
+
+async def _first(make: Any, accept: Any, timeout: float = 2.0) -> Any:
+    """`make()` until `accept(result)` (a place freed elsewhere is free once the distributor heard of it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await make()
+        if accept(got):
+            return got
+        assert time.monotonic() < deadline, f"no free place after {timeout} s: {got}"
+        await asyncio.sleep(0.01)
+
+
+LIMIT = 5  # max_connections in these tests: no multiple of 2 or 3 acceptors
+
+
+@pytest.mark.parametrize("acceptors", [2, 3])
+def test_connection_limits_are_exact_service_wide(launch: Any, acceptors: int) -> None:
+    """max_connections = 5 with 2 and 3 acceptors: exactly 5 HTTP connections admit, the 6th is in
+    the admin reserve, exactly 16 are, the next is refused unasked; exactly 5 binary clients, the
+    6th gets Error(-1, 503) naming the service's limit. A place freed by a client that leaves
+    (either front) is taken by the next new client, exactly as many as left."""
+    svc = launch(shards=1, acceptors=acceptors, budget=None, service={"max_connections": LIMIT})
+
+    async def main() -> None:
+        await asyncio.sleep(0.3)  # the start's /healthz connection is closed (and reported) by now
+        normal: list[HttpConn] = []
+        for _ in range(LIMIT):
+            kind, conn = await _classify_http(svc.http_port)
+            assert kind == "normal", (len(normal), kind)
+            normal.append(conn)
+        where = [acceptor_of(svc, svc.http_port, http_port_of(c)) for c in normal]
+        assert set(where) == set(range(acceptors)), where  # spread over every acceptor
+        kind, _ = await _classify_http(svc.http_port)  # the first beyond max_connections: the reserve
+        assert kind == "reserve"
+        await asyncio.sleep(0.1)  # its close is reported
+        reserve = [await HttpConn.open(svc.http_port) for _ in range(ADMIN_RESERVE)]
+        for conn in reserve:
+            assert (await conn.request("GET", "/healthz", timeout=5)).status == 200
+        kind, _ = await _classify_http(svc.http_port)  # max_connections + the whole reserve: refused
+        assert kind == "refused"
+
+        binary = [await _binary_client(svc) for _ in range(LIMIT)]
+        assert all(c is not None for c in binary)
+        assert await _binary_client(svc) is None
+
+        # two HTTP clients and one binary client leave: exactly as many new ones get in
+        for conn in normal[:2]:
+            conn.close()
+        first = await _first(lambda: _classify_http(svc.http_port), lambda got: got[0] == "normal")
+        kind, second = await _classify_http(svc.http_port)
+        assert kind == "normal"
+        kind, _ = await _classify_http(svc.http_port)
+        assert kind == "refused"  # the reserve is still held
+        client = binary.pop()
+        assert client is not None
+        await client.close()
+        again = await _first(lambda: _binary_client(svc), lambda got: got is not None)
+        assert await _binary_client(svc) is None
+
+        s = (await reserve[0].request("GET", "/v1/stats")).json()  # a new connection would be refused
+        assert sum(a["connections"] for a in s["acceptors"]) == LIMIT + ADMIN_RESERVE + LIMIT, s["acceptors"]
+        for conn in [*normal[2:], first[1], second, *reserve]:
+            conn.close()
+        for c in [*binary, again]:
+            if c is not None:
+                await c.close()
+
+    run(main(), timeout=60)
+
+
+def test_a_place_is_free_again_as_soon_as_its_client_leaves(launch: Any) -> None:
+    """max_connections = 2 over 2 acceptors, both held; again and again the older client leaves and a
+    new one tries at once: its place is free within milliseconds (the acceptor reports a close at the
+    end of the pass in which it saw it, not with its next heartbeat, up to 0.25 s later)."""
+    from distributor.front import REPORT_INTERVAL
+
+    svc = launch(shards=1, acceptors=2, budget=None, service={"max_connections": 2})
+
+    async def main() -> None:
+        await asyncio.sleep(0.3)  # the start's /healthz connection is closed (and reported) by now
+        held = []
+        for _ in range(2):
+            kind, conn = await _classify_http(svc.http_port)
+            assert kind == "normal"
+            held.append(conn)
+        delays = []
+        for _ in range(8):
+            held.pop(0).close()
+            t0 = time.monotonic()
+            kind, conn = await _first(lambda: _classify_http(svc.http_port), lambda got: got[0] == "normal")
+            delays.append(time.monotonic() - t0)
+            held.append(conn)
+            kind, _ = await _classify_http(svc.http_port)
+            assert kind == "reserve"  # and only that place
+        delays.sort()
+        assert (delays[3] + delays[4]) / 2 < REPORT_INTERVAL / 5, [round(d * 1000, 1) for d in delays]
+        for conn in held:
+            conn.close()
+
+    run(main(), timeout=60)
+
+
+def test_places_of_a_killed_acceptors_connections_are_free_again(launch: Any) -> None:
+    """max_connections = 5, both fronts full over 2 acceptors; SIGKILL one: its connections are gone,
+    and exactly as many new clients of each front get in as it held (then the admin reserve, and
+    the binary refusal), while it is restarted."""
+    svc = launch(shards=1, acceptors=2, budget=None, service={"max_connections": LIMIT})
+
+    async def main() -> None:
+        pids = acceptor_pids(svc, 2)
+        await asyncio.sleep(0.3)  # the start's /healthz connection is closed (and reported) by now
+        http: list[HttpConn] = []
+        for _ in range(LIMIT):
+            kind, conn = await _classify_http(svc.http_port)
+            assert kind == "normal"
+            http.append(conn)
+        binary = [await _binary_client(svc) for _ in range(LIMIT)]
+        assert all(c is not None for c in binary)
+        hwhere = [acceptor_of(svc, svc.http_port, http_port_of(c)) for c in http]
+        bwhere = [acceptor_of(svc, svc.binary_port, client_port(c)) for c in binary if c is not None]
+        victim = 1
+        killed_http, killed_binary = hwhere.count(victim), bwhere.count(victim)
+        assert killed_http and killed_binary, (hwhere, bwhere)
+
+        os.kill(pids[victim], signal.SIGKILL)
+        for conn, at in zip(http, hwhere, strict=True):
+            if at == victim:
+                assert await conn.closed_by_peer(3)
+        got_http = [await _first(lambda: _classify_http(svc.http_port), lambda got: got[0] == "normal")]
+        for _ in range(killed_http - 1):
+            kind, conn = await _classify_http(svc.http_port)
+            assert kind == "normal"
+            got_http.append((kind, conn))
+        kind, _ = await _classify_http(svc.http_port)
+        assert kind == "reserve", f"{killed_http} HTTP places were freed, a further connection got one"
+        got_binary = [await _first(lambda: _binary_client(svc), lambda got: got is not None)]
+        for _ in range(killed_binary - 1):
+            got_binary.append(await _binary_client(svc))
+        assert all(c is not None for c in got_binary)
+        assert await _binary_client(svc) is None, f"{killed_binary} binary places were freed, one more got in"
+        assert wait_until(lambda: len(svc.acceptor_procs()) == 2 and pids[victim] not in
+                          {p.pid for p in svc.acceptor_procs()}, 10.0)
+        for conn in [*http, *(c for _, c in got_http)]:
+            conn.close()
+        for c in [*binary, *got_binary]:
+            if c is not None:
+                with contextlib.suppress(ConnectionError):
+                    await c.close()
+
+    run(main(), timeout=60)
 
 
 # ---------------------------------------------------------------------------------------------- acceptor crash
