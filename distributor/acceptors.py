@@ -5,7 +5,10 @@ The distributor accepts every client connection and hands it at once to the acce
 fewest open (SCM_RIGHTS over a SOCK_SEQPACKET pair): accepting costs it one system call per
 connection, and the connections are spread evenly whatever their number (a listening socket shared
 by the acceptors lets whichever wakes first take them, which piles a few busy connections onto one
-acceptor). Each acceptor runs the client fronts and speaks for all its clients on one socket pair. Here an
+acceptor). The connection limits stay the service's: the distributor counts every front's open
+connections (handed, minus those the acceptor reports closed) and hands each new one with its
+verdict, served, in the HTTP admin reserve or refused, which the acceptor's front carries out.
+Each acceptor runs the client fronts and speaks for all its clients on one socket pair. Here an
 `AcceptorLink` is, for the distributor, one more `Waiter`: every admission its acceptor forwards is
 admitted exactly as a client's would be, with the acceptor's key as correlation id, and its outcome
 goes back as a `Result` frame. The acceptor's death is a connection's death, times many: what it was

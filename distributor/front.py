@@ -5,9 +5,11 @@ validating and answering HTTP clients was a quarter to a half of its CPU per HTT
 link costs it about what the front did: docs/benchmarks.md, "Acceptor processes"). `flowshard serve
 --acceptors K` starts K of these processes. The distributor still accepts every connection (it
 owns the listening sockets, so drain and port 0 work as before) and hands it at once to the least
-loaded acceptor over a SOCK_SEQPACKET socket (SCM_RIGHTS); the acceptor runs the same
-`distributor.binary` and `distributor.http` fronts on it and speaks for all its clients on one
-socket pair to the distributor, which keeps the one exact ledger (limits, budget, grants, tickets).
+loaded acceptor over a SOCK_SEQPACKET socket (SCM_RIGHTS), with its verdict (served, admin
+reserve, refused: the distributor counts the connections against the limits, service-wide); the
+acceptor runs the same `distributor.binary` and `distributor.http` fronts on it, which apply that
+verdict, reports each connection's end, and speaks for all its clients on one socket pair to the
+distributor, which keeps the one exact ledger (limits, budget, grants, tickets).
 So the ledger stays exact and in one place while the per-connection work spreads over cores.
 
 `Upstream` is the fronts' `Admission` here: each call becomes a frame to the distributor
