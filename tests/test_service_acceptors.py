@@ -440,8 +440,13 @@ def test_connection_limits_are_exact_service_wide(launch: Any, acceptors: int) -
     (either front) is taken by the next new client, exactly as many as left."""
     svc = launch(shards=1, acceptors=acceptors, budget=None, service={"max_connections": LIMIT})
 
+    def descriptors() -> list[int]:  # the distributor's and each acceptor's
+        pids = [svc.pid, *(p.pid for p in sorted(svc.acceptor_procs(), key=lambda p: p.role))]
+        return [len(os.listdir(f"/proc/{pid}/fd")) for pid in pids]
+
     async def main() -> None:
         await asyncio.sleep(0.3)  # the start's /healthz connection is closed (and reported) by now
+        before = descriptors()
         normal: list[HttpConn] = []
         for _ in range(LIMIT):
             kind, conn = await _classify_http(svc.http_port)
@@ -483,6 +488,12 @@ def test_connection_limits_are_exact_service_wide(launch: Any, acceptors: int) -
         for c in [*binary, again]:
             if c is not None:
                 await c.close()
+        # every client gone: no descriptor left behind, and every place free again
+        assert wait_until(lambda: descriptors() == before, 3.0), (before, descriptors())
+        last = [await _classify_http(svc.http_port) for _ in range(LIMIT)]
+        assert [kind for kind, _ in last] == ["normal"] * LIMIT, last
+        for _, conn in last:
+            conn.close()
 
     run(main(), timeout=60)
 
