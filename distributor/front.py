@@ -60,7 +60,7 @@ from flowshard.codec import (
     ToAcceptor,
 )
 from flowshard.config import Config
-from flowshard.types import Outcome
+from flowshard.types import OUTCOMES
 from workers.worker import attach_to_distributor
 
 if TYPE_CHECKING:
@@ -172,9 +172,12 @@ class Upstream(asyncio.Protocol):
             m = cast(Audited, msg)
             audit = Audit(m.seq, m.shard, m.received, m.enqueued, m.dispatched)
         if msg.ticket and not leased:
-            self._owned.setdefault(waiter, set()).add(msg.ticket)
+            owned = self._owned.get(waiter)
+            if owned is None:
+                owned = self._owned[waiter] = set()
+            owned.add(msg.ticket)
             self._owner[msg.ticket] = waiter
-        waiter.deliver(cid, msg.id, Outcome(msg.outcome), msg.ticket, msg.wait, msg.retry_after, audit)
+        waiter.deliver(cid, msg.id, OUTCOMES[msg.outcome], msg.ticket, msg.wait, msg.retry_after, audit)
 
     # ------------------------------------------------------------ Admission
 

@@ -53,11 +53,9 @@ from flowshard.retry import RetryAfter
 from flowshard.shm import ShmLayout, ShmStats
 from flowshard.slots import SlotTable
 from flowshard.stats import N_WAIT_BUCKETS
-from flowshard.types import N_OUTCOMES, Outcome
+from flowshard.types import N_OUTCOMES, OUTCOMES, Outcome
 
 _DISPATCHED = Outcome.DISPATCHED
-_OUTCOMES = tuple(Outcome)  # by value: a tuple index costs a fraction of `Outcome(value)`
-assert all(o.value == i for i, o in enumerate(_OUTCOMES))
 log = logging.getLogger(__name__)
 WORKER_START_TIMEOUT = 30.0
 SPAWN_RETRY_MIN = 0.1  # a failed worker start is retried after this, doubling up to SPAWN_RETRY_MAX
@@ -418,7 +416,7 @@ class Distributor:
                 p = pending.get(msg.id)
                 if p is None:  # already ended by the distributor (shutdown); nothing is owed
                     continue
-                outcome = _OUTCOMES[msg.outcome]
+                outcome = OUTCOMES[msg.outcome]
                 covered = False
                 if outcome == _DISPATCHED:
                     band, live = ledger.grant_answered(shard, p.size, dispatched=p, dispatched_at=msg.decided)
