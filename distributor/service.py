@@ -238,7 +238,7 @@ class Distributor:
         if tokens >= 0 and held.shard >= 0 and tokens != held.cost:
             # the flow's VTC counter lives on the shard that dispatched it (the fast path charges none)
             self._send(held.shard, Charge(held.flow, held.priority, float(tokens - held.cost)))
-            self.ledger.correct(held.priority, held.shard, float(tokens - held.cost))
+            self.ledger.correct(held.priority, held.shard, float(tokens - held.cost), held.flow)
         if held.deadline != math.inf:
             self._leases.pop(ticket, None)
         self._disown(held)

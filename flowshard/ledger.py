@@ -121,6 +121,7 @@ class LedgerBand:
         "shard_granted",
         "shard_items",
         "shard_stale",
+        "shard_tags",
         "shard_vtime",
         "shard_weight",
         "short",
@@ -154,6 +155,7 @@ class LedgerBand:
         self.shard_cost = [0] * shards
         self.shard_weight = [0.0] * shards
         self.shard_vtime = [0.0] * shards
+        self.shard_tags = [0.0] * shards  # the finish times of the flows it holds, summed by weight
         # Exact inversion count (Ledger.close_window): the stamps (ns) of this pass's rises of the work no
         # live grant covers (one per request), and the intervals [lo, hi] (ns) in which the band was short.
         self.rises: list[int] = []
@@ -337,10 +339,11 @@ class Ledger:
                 flow.finish = start = self._start(band, shard, p.flow)
                 if not band.shard_weight[shard]:  # the shard's first flow of the band: it starts with it
                     band.shard_vtime[shard] = start
-                band.shard_weight[shard] += flow.weight
+                self._reweigh(band, shard, flow.weight, flow.weight * start)
         if band.fair:
             if p.weight > 0 and band.cost_kind != _TURNS and p.weight != flow.weight:
-                band.shard_weight[shard] += p.weight - flow.weight  # the latest request's weight is the flow's
+                # the latest request's weight is the flow's
+                self._reweigh(band, shard, p.weight - flow.weight, (p.weight - flow.weight) * flow.finish)
                 flow.weight = p.weight
             band.shard_cost[shard] += band.cost(p)
         flow.queued_items += 1
@@ -378,10 +381,8 @@ class Ledger:
         flow.queued_bytes -= p.size
         if band.fair:
             band.shard_cost[p.shard] -= band.cost(p)
-            if not flow.queued_items:
-                band.shard_weight[p.shard] -= flow.weight
-                if band.shard_weight[p.shard] < 1e-9:  # no flow left there (and no float dust)
-                    band.shard_weight[p.shard] = 0.0
+            if not flow.queued_items:  # it takes its finish time, so its service with it
+                self._reweigh(band, p.shard, -flow.weight, -flow.weight * flow.finish)
         if not flow.queued_items:
             del band.flows[p.flow]
             if band.fair and flow.finish > band.vclock:
@@ -538,6 +539,22 @@ class Ledger:
                 del memory[next(iter(memory))]
 
     @staticmethod
+    def _reweigh(band: LedgerBand, shard: int, weight: float, tags: float) -> None:
+        """A flow joins the shard (`weight` > 0, `tags` its weight times its finish time), leaves it
+        (both negative) or changes its weight: the shard's virtual time moves as the mean finish time
+        of its flows does. A flow that empties after a few requests (a thin closed-loop flow) takes
+        its service with it, so the flows that stay there are not charged for it (they were, at the
+        weight of the flows queued at each dispatch: fair-alloc's 'seven' got 8.3 % less at 2 shards)."""
+        old_weight, old_tags = band.shard_weight[shard], band.shard_tags[shard]
+        new_weight, new_tags = old_weight + weight, old_tags + tags
+        if new_weight < 1e-9:  # no flow left there (and no float dust)
+            band.shard_weight[shard] = band.shard_tags[shard] = 0.0
+            return
+        band.shard_weight[shard], band.shard_tags[shard] = new_weight, new_tags
+        if old_weight:
+            band.shard_vtime[shard] += new_tags / new_weight - old_tags / old_weight
+
+    @staticmethod
     def _typical_size(band: LedgerBand, shard: int) -> int:
         items = band.shard_items[shard]
         return math.ceil(band.shard_bytes[shard] / items) if items else 0
@@ -566,7 +583,11 @@ class Ledger:
             if owner.fair:
                 flow = owner.flows.get(dispatched.flow)
                 if flow is not None:
-                    flow.finish += owner.cost(dispatched) / (flow.weight or 1.0)
+                    cost = owner.cost(dispatched)
+                    flow.finish += cost / (flow.weight or 1.0)
+                    owner.shard_tags[shard] += cost if flow.weight else 0.0
+                    if owner is not band and owner.shard_weight[shard]:  # a narrowed grant served it here
+                        owner.shard_vtime[shard] += cost / owner.shard_weight[shard]
         if charge:
             weight = band.shard_weight[shard]
             real = charge
@@ -599,13 +620,24 @@ class Ledger:
             saturation = max(saturation, self.external_saturation(self.grants_out))
         return saturation
 
-    def correct(self, priority: int, shard: int, delta: float) -> None:
-        """A released request's actual cost differed from its charge by `delta` (vtc: tokens): move the
-        virtual time of the shard that dispatched it as that shard moves its flow's counter, so the
-        shares across shards follow the corrected service too, not only the order within a shard."""
+    def correct(self, priority: int, shard: int, delta: float, flow: str) -> None:
+        """A released request's actual cost differed from its charge by `delta` (vtc: tokens): move its
+        flow's finish time, and the virtual time of the shard holding it, as that shard moves the
+        flow's counter, so the shares across shards follow the corrected service too, not only the
+        order within a shard. A flow that emptied since: its remembered finish time (its next start);
+        one forgotten (it was behind the clock): the virtual time of the shard that dispatched it."""
         band = self.bands[self.band_index(priority)]
         if band.fair and band.cost_kind == _TOKENS and 0 <= shard < len(band.shard_vtime):
-            weight = band.shard_weight[shard]
+            usage = band.flows.get(flow)
+            if usage is not None:  # still queued: its finish time, and its shard's mean with it
+                usage.finish += delta / (usage.weight or 1.0)
+                shard = usage.shard
+                if usage.weight:
+                    band.shard_tags[shard] += delta
+            elif flow in band.flow_finish:  # emptied ahead of the clock: its next start moves
+                band.flow_finish[flow] += delta / (self._weights.get(flow, 1.0) or 1.0)
+                return
+            weight = band.shard_weight[shard]  # else (forgotten) the shard that dispatched it, as before
             if weight:
                 band.shard_vtime[shard] += delta / weight
 
