@@ -339,7 +339,10 @@ class Ledger:
                 flow.finish = start = self._start(band, shard, p.flow)
                 if not band.shard_weight[shard]:  # the shard's first flow of the band: it starts with it
                     band.shard_vtime[shard] = start
-                self._reweigh(band, shard, flow.weight, flow.weight * start)
+                    band.shard_weight[shard] = flow.weight
+                    band.shard_tags[shard] = flow.weight * start
+                else:
+                    self._reweigh(band, shard, flow.weight, flow.weight * start)
         if band.fair:
             if p.weight > 0 and band.cost_kind != _TURNS and p.weight != flow.weight:
                 # the latest request's weight is the flow's
@@ -382,7 +385,10 @@ class Ledger:
         if band.fair:
             band.shard_cost[p.shard] -= band.cost(p)
             if not flow.queued_items:  # it takes its finish time, so its service with it
-                self._reweigh(band, p.shard, -flow.weight, -flow.weight * flow.finish)
+                if band.shard_weight[p.shard] - flow.weight < 1e-9:  # no flow left there (and no float dust)
+                    band.shard_weight[p.shard] = band.shard_tags[p.shard] = 0.0
+                else:
+                    self._reweigh(band, p.shard, -flow.weight, -flow.weight * flow.finish)
         if not flow.queued_items:
             del band.flows[p.flow]
             if band.fair and flow.finish > band.vclock:
