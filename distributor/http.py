@@ -359,7 +359,7 @@ class HttpConnection(asyncio.Protocol):
             if not self._stopped:  # not an error we raised on purpose
                 self._msg_at = 0.0
                 self._sh.guards.hit("http", "malformed")
-                self._respond(_error(400, f"malformed HTTP request: {exc}", _CONN_CLOSE), _LINGER)
+                self._respond(self._error_for(400, f"malformed HTTP request: {exc}", _CONN_CLOSE), _LINGER)
         raw = self._head_raw
         if raw != _NOT_IN_HEAD and not self._stopped:
             # Headers still incomplete: count every later chunk (the first one may also carry the
@@ -558,12 +558,15 @@ class HttpConnection(asyncio.Protocol):
             raise _Stop
         if self._reserve:
             q = self._url.find(b"?")
-            if bytes(self._url if q < 0 else self._url[:q]) not in ADMIN_PATHS:
+            path = bytes(self._url if q < 0 else self._url[:q])
+            if path not in ADMIN_PATHS:
                 # An admin-reserve connection asks for real work: refused as over max_connections
                 # would have been, before its body is read.
                 self._msg_at = 0.0
                 self._sh.guards.hit("http", "too_many_connections")
-                self._respond(_TOO_MANY, _LINGER)
+                too_many = _TOO_MANY if self._sh.proxy is None else self._error_for(
+                    503, "too many connections, retry later", _CONN_CLOSE, b"retry-after: 1\r\n", path=path)
+                self._respond(too_many, _LINGER)
                 raise _Stop
         self._in_body = True
         proxy = self._sh.proxy
@@ -574,7 +577,7 @@ class HttpConnection(asyncio.Protocol):
             self._msg_at = 0.0
             self._sh.guards.hit("http", "body_too_large")
             message = f"body of {self._clen} bytes is over the limit of {self._body_limit}"
-            self._respond(_error(413, message, _CONN_CLOSE), _LINGER)
+            self._respond(self._error_for(413, message, _CONN_CLOSE), _LINGER)
             raise _Stop
         if self._expect and (self._clen > 0 or self._chunked):
             # An interim response: in its turn like a final one, never before an earlier request's answer.
@@ -592,7 +595,7 @@ class HttpConnection(asyncio.Protocol):
             self._msg_at = 0.0
             self._sh.guards.hit("http", "body_too_large")
             message = f"body over the limit of {self._body_limit} bytes"
-            self._respond(_error(413, message, _CONN_CLOSE), _LINGER)
+            self._respond(self._error_for(413, message, _CONN_CLOSE), _LINGER)
             raise _Stop
 
     def on_message_complete(self) -> None:
@@ -625,11 +628,11 @@ class HttpConnection(asyncio.Protocol):
                     proxy.handle(self, method, path, headers, body, conn, close)
                 except Exception as exc:
                     log.exception("proxy handler for %s failed", path[:200])
-                    self._respond(_error(500, f"internal error: {type(exc).__name__}", conn), close)
+                    self._respond(self._error_for(500, f"internal error: {type(exc).__name__}", conn, path=path), close)
                 return
         if route is None:
             message = f"no such path: {url.decode('latin-1')[:200]}"
-            self._respond(_error(404, message, conn, no_body=head), close)
+            self._respond(self._error_for(404, message, conn, no_body=head, path=path), close)
             return
         if method != route.method and not (head and route.method == b"GET"):
             message = f"method {method.decode('latin-1')} not allowed"
@@ -916,6 +919,21 @@ class HttpConnection(asyncio.Protocol):
         transport.write_eof()
         self._arm(self._loop.time() + seconds, force=True)
 
+    def _error_for(self, status: int, message: str, conn: bytes = b"", extra: bytes = b"", *,
+                   no_body: bool = False, path: bytes | None = None) -> bytes:
+        """An error of this layer for the request being parsed (`path`: else from its URL so far). In
+        proxy mode a path under /v1/ that is not one of ours is an OpenAI one: the error is OpenAI-shaped
+        (`Proxy.http_error`), so an OpenAI client can read it; same status, headers, connection handling.
+        Only on error paths: the routes' hot paths never call it."""
+        proxy = self._sh.proxy
+        if proxy is not None:
+            if path is None:
+                q = self._url.find(b"?")
+                path = bytes(self._url if q < 0 else self._url[:q])
+            if path.startswith(b"/v1/") and path not in _ROUTES:
+                return proxy.http_error(status, message, conn, extra, no_body=no_body)
+        return _error(status, message, conn, extra, no_body=no_body)
+
     def _fail_head(self) -> None:
         self._msg_at = 0.0
         self._head_raw = _NOT_IN_HEAD
@@ -925,7 +943,7 @@ class HttpConnection(asyncio.Protocol):
         else:
             self._sh.guards.hit("http", "headers_too_large")
             message = f"request line and headers exceed {self._limits.max_header_bytes} bytes"
-        self._respond(_error(431, message, _CONN_CLOSE), _LINGER)
+        self._respond(self._error_for(431, message, _CONN_CLOSE), _LINGER)
 
     def _pause_reading(self) -> None:
         if not self._transport.is_closing():
@@ -976,7 +994,7 @@ class HttpConnection(asyncio.Protocol):
                 self._head_raw = _NOT_IN_HEAD
                 self._sh.guards.hit("http", "header_timeout")
                 message = f"request not received within {limits.header_timeout:g} s"
-                self._respond(_error(408, message, _CONN_CLOSE), _LINGER)
+                self._respond(self._error_for(408, message, _CONN_CLOSE), _LINGER)
             else:
                 self._arm(due)
         elif self._queue or self._held is not None or self._stopped:

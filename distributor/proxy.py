@@ -84,11 +84,33 @@ class _ErrorBody(msgspec.Struct):
 
 
 def error_response(status: int, message: str, type_: str, code: str | None, param: str | None = None,
-                   conn: bytes = b"", extra: bytes = b"") -> bytes:
-    """A complete OpenAI-style error response: `{"error": {"message", "type", "param", "code"}}`."""
+                   conn: bytes = b"", extra: bytes = b"", *, no_body: bool = False) -> bytes:
+    """A complete OpenAI-style error response: `{"error": {"message", "type", "param", "code"}}`.
+    `no_body`: the answer to a HEAD (its content-length still that of the body it does not carry)."""
     body = _encode(_ErrorBody(_ErrorDetail(message, type_, param, code)))
     return b"%b%bcontent-type: application/json\r\n%b%bcontent-length: %d\r\n\r\n%b" % (
-        _status_line(status), extra, conn, b"", len(body), body)
+        _status_line(status), extra, conn, b"", len(body), b"" if no_body else body)
+
+
+# The errors of the HTTP layer itself (distributor.http) on the OpenAI paths: status -> (type, code).
+_HTTP_ERRORS: Final = {
+    400: ("invalid_request_error", "malformed_request"),
+    404: ("invalid_request_error", "unknown_url"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    408: ("invalid_request_error", "request_timeout"),
+    413: ("invalid_request_error", "request_too_large"),
+    431: ("invalid_request_error", "headers_too_large"),
+    500: ("server_error", "internal_error"),
+    503: ("service_unavailable", "too_many_connections"),
+}
+
+
+def http_error(status: int, message: str, conn: bytes = b"", extra: bytes = b"", *, no_body: bool = False) -> bytes:
+    """An error of the HTTP layer (malformed request, body or headers too large, timeout, unknown
+    path, wrong method) on an OpenAI path, OpenAI-shaped: same status, message and headers as
+    flowshard's own shape would have, so the openai client raises its class for the status."""
+    type_, code = _HTTP_ERRORS.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
+    return error_response(status, message, type_, code, None, conn, extra, no_body=no_body)
 
 
 def _status_line(status: int) -> bytes:
@@ -275,6 +297,8 @@ class Proxy:
 
     # ------------------------------------------------------------------ the HTTP front calls these
 
+    http_error = staticmethod(http_error)  # for the HTTP front, which does not import this module
+
     def body_limit(self, path: bytes) -> int | None:
         """The body limit of a proxied route (prompts are large), None for other paths."""
         return self.pc.max_body_bytes if path in POST_ROUTES else None
@@ -296,9 +320,8 @@ class Proxy:
         headers = [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in raw_headers]
         if path in GET_ROUTES:
             if method not in (b"GET", b"HEAD"):
-                conn.slot_respond(slot, error_response(405, f"method {method.decode('latin-1')} not allowed",
-                                                       "invalid_request_error", None, None, conn_hdr,
-                                                       b"allow: GET, HEAD\r\n"))
+                conn.slot_respond(slot, http_error(405, f"method {method.decode('latin-1')} not allowed", conn_hdr,
+                                                   b"allow: GET, HEAD\r\n"))
                 return
             exchange = Exchange(self, conn, slot, route, _PASSTHROUGH, headers, conn_hdr)
             slot.exchange = exchange
@@ -307,9 +330,8 @@ class Proxy:
             exchange.task.add_done_callback(exchange._done)
             return
         if method != b"POST":
-            conn.slot_respond(slot, error_response(405, f"method {method.decode('latin-1')} not allowed",
-                                                   "invalid_request_error", None, None, conn_hdr,
-                                                   b"allow: POST\r\n"))
+            conn.slot_respond(slot, http_error(405, f"method {method.decode('latin-1')} not allowed", conn_hdr,
+                                               b"allow: POST\r\n", no_body=method == b"HEAD"))
             return
         try:
             item = classify(self.pc, route, dict(headers), body, self.default_priority)

@@ -8,6 +8,7 @@ that nothing of the service is left behind, `fake_backend` stops the fakes by pi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
@@ -673,3 +675,169 @@ def test_a_pool_with_no_backend_listening_answers_503_at_once_not_after_a_ttl(la
     assert err.value.status_code == 503 and err.value.code == "no_backend"
     assert int(err.value.response.headers["retry-after"]) >= 1
     assert metric(svc.metrics(), "flowshard_proxy_no_backend_total") >= 1
+
+
+@contextlib.asynccontextmanager
+async def _front(backends: list[str] | None = None, limits: Any = None, **proxy_options: Any) -> AsyncIterator[int]:
+    """The HTTP front in proxy mode, in this process (admission: `_FailingAdmission`); yields its port."""
+    from distributor.http import HttpLimits, start_http_server
+    from distributor.proxy import Proxy
+    from flowshard.config import Config, ProxyConfig
+
+    admission = _FailingAdmission()
+    pc = ProxyConfig(backends=backends or ["http://127.0.0.1:9"], utilization=False, **proxy_options)
+    proxy = Proxy(Config(proxy=pc), admission, lambda: None)
+    await proxy.start()
+    server = await start_http_server(admission, "127.0.0.1", 0, limits or HttpLimits(), lease=300.0, proxy=proxy)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await proxy.close()
+
+
+def _openai_error(r: Any, status: int, code: str, message: str) -> None:
+    assert r.status == status, r
+    assert r.json() == {"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                  "code": code}}, r
+
+
+def test_http_layer_errors_on_openai_paths_are_openai_shaped_and_ours_keep_our_shape() -> None:
+    """404 (any unknown path under /v1/), 413 (content-length or chunked), 400 (malformed HTTP) and
+    431 on the OpenAI paths: `{"error": {"message", "type", "param", "code"}}`, same status, headers
+    and connection behaviour; flowshard's own routes and paths outside /v1/ keep flowshard's shape."""
+    from distributor.http import HttpLimits
+
+    async def go() -> None:
+        async with _front(limits=HttpLimits(max_header_bytes=2048), max_body_bytes=1000) as port:
+            conn = await HttpConn.open(port)
+            _openai_error(await conn.request("POST", "/v1/nope?x=1", {"a": 1}), 404, "unknown_url",
+                          "no such path: /v1/nope?x=1")
+            _openai_error(await conn.request("GET", "/v1/models/x/y"), 404, "unknown_url",
+                          "no such path: /v1/models/x/y")
+            r = await conn.request("GET", "/nope")  # not under /v1/: ours
+            assert r.status == 404 and r.json() == {"error": {"status": 404, "message": "no such path: /nope"}}
+            r = await conn.request("GET", "/v1/admit")  # our own route: ours
+            assert r.status == 405 and r.headers["allow"] == "POST" and r.json()["error"]["status"] == 405
+            r = await conn.request("POST", "/v1/release", b"{")
+            assert r.status == 400 and r.json()["error"]["status"] == 400
+            assert (await conn.request("GET", "/healthz")).status == 200  # the connection goes on
+            conn.close()
+
+            big = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 2000}]})
+            conn = await HttpConn.open(port)
+            r = await conn.request("POST", "/v1/chat/completions", big)
+            _openai_error(r, 413, "request_too_large", f"body of {len(big)} bytes is over the limit of 1000")
+            assert r.headers["connection"] == "close" and await conn.closed_by_peer()
+            conn.close()
+
+            conn = await HttpConn.open(port)  # chunked: no content-length to check up front
+            conn.send_raw(b"POST /v1/embeddings HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+                          b"%x\r\n%b\r\n" % (1200, b"y" * 1200))
+            r = await conn.response()
+            _openai_error(r, 413, "request_too_large", "body over the limit of 1000 bytes")
+            assert r.headers["connection"] == "close" and await conn.closed_by_peer()
+            conn.close()
+
+            conn = await HttpConn.open(port)
+            conn.send_raw(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: zz\r\n\r\n")
+            r = await conn.response()
+            assert r.status == 400 and r.headers["connection"] == "close", r
+            error = r.json()["error"]
+            assert error["message"].startswith("malformed HTTP request: ") and error["type"] == "invalid_request_error"
+            assert (error["code"], error["param"]) == ("malformed_request", None)
+            assert await conn.closed_by_peer()
+            conn.close()
+
+            conn = await HttpConn.open(port)
+            conn.send_raw(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\nx-big: %b\r\n\r\n" % (b"z" * 3000))
+            r = await conn.response()
+            _openai_error(r, 431, "headers_too_large", "request line and headers exceed 2048 bytes")
+            assert r.headers["connection"] == "close" and await conn.closed_by_peer()
+            conn.close()
+
+            conn = await HttpConn.open(port)  # the admission API keeps its shape in proxy mode
+            r = await conn.request("POST", "/v1/admit", {"flow": "f", "x": "y" * 70000})
+            assert r.status == 413 and r.json()["error"]["status"] == 413, r
+            conn.close()
+
+    run(go())
+
+
+def test_head_of_an_unknown_or_post_only_openai_path_has_no_body() -> None:
+    """A HEAD answer's content-length describes the body it does not carry: the next response on the
+    connection follows the head at once (as flowshard's own 404 and 405 do for HEAD)."""
+
+    async def go() -> bytes:
+        async with _front() as port:
+            conn = await HttpConn.open(port)
+            conn.send_raw(b"HEAD /v1/nope HTTP/1.1\r\nhost: x\r\n\r\nHEAD /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                          b"\r\nGET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            data = await asyncio.wait_for(conn.reader.read(-1), 5)
+            conn.close()
+            return data
+
+    data = run(go())
+    heads = data.split(b"\r\n\r\n")
+    assert heads[0].startswith(b"HTTP/1.1 404 ") and b"content-length: " in heads[0], data
+    assert heads[1].startswith(b"HTTP/1.1 405 ") and b"allow: POST" in heads[1], data
+    assert heads[2].startswith(b"HTTP/1.1 200 ") and heads[3] == b'{"status":"ok"}', data
+
+
+def test_the_openai_client_raises_its_own_exceptions_for_http_layer_errors(fake_backend: Any) -> None:
+    """What an OpenAI SDK user sees: the exception class the SDK maps the status to, with our message,
+    `type` and `code` (404: NotFoundError; 413: a plain APIStatusError, the SDK has no class for it)."""
+    fake = fake_backend()
+
+    async def go() -> None:
+        async with _front([fake.url], max_body_bytes=1000) as port:
+            oai = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1/bogus", api_key="sk-test",
+                                     max_retries=0, timeout=10)
+            with pytest.raises(openai.NotFoundError) as nf:
+                await oai.models.list()
+            assert nf.value.status_code == 404 and nf.value.code == "unknown_url"
+            assert nf.value.type == "invalid_request_error"
+            assert nf.value.message == "Error code: 404 - no such path: /v1/bogus/models"
+            oai = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-test", max_retries=0,
+                                     timeout=10)
+            with pytest.raises(openai.APIStatusError) as big:
+                await oai.chat.completions.create(model="m", messages=[{"role": "user", "content": "x" * 2000}])
+            assert big.value.status_code == 413 and big.value.code == "request_too_large"
+            assert "is over the limit of 1000" in big.value.message
+            with pytest.raises(openai.BadRequestError) as bad:  # (classify's 400s were OpenAI-shaped already)
+                await oai.chat.completions.create(model="", messages=MSG)
+            assert bad.value.param == "model" and "model" in bad.value.message
+            await oai.close()
+
+    run(go())
+
+
+def test_timeout_and_admin_reserve_refusals_on_openai_paths_are_openai_shaped() -> None:
+    """408 (request not complete within header_timeout) and the admin reserve's 503 (a connection
+    beyond max_connections asking for real work), each with its headers, the connection closed."""
+    from distributor.http import HttpLimits
+
+    async def go() -> None:
+        limits = HttpLimits(header_timeout=0.2, max_connections=1, admin_reserve=1)
+        async with _front(limits=limits) as port:
+            first = await HttpConn.open(port)
+            first.send_raw(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n{")
+            r = await first.response()
+            _openai_error(r, 408, "request_timeout", "request not received within 0.2 s")
+            assert r.headers["connection"] == "close" and await first.closed_by_peer()
+            first.close()
+            await asyncio.sleep(0.1)  # its place is free again
+            held = await HttpConn.open(port)  # takes the one normal place
+            held.send_raw(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert (await held.response()).status == 200
+            reserve = await HttpConn.open(port)  # one of the admin reserve
+            r = await reserve.request("POST", "/v1/embeddings", {"model": "m", "input": "a"})
+            assert r.status == 503 and r.headers["retry-after"] == "1" and r.headers["connection"] == "close", r
+            assert r.json()["error"] == {"message": "too many connections, retry later",
+                                         "type": "service_unavailable", "param": None,
+                                         "code": "too_many_connections"}
+            assert await reserve.closed_by_peer()
+            held.close()
+            reserve.close()
+
+    run(go())
