@@ -4,7 +4,7 @@ Why: proxy mode must be tested and measured end to end without a GPU. This serve
 vLLM's OpenAI server, with a load model that makes its `/metrics` move the way vLLM's do:
 
 - `POST /v1/chat/completions`, `/v1/completions` (streaming as server-sent events or not, `usage`,
-  `stream_options.include_usage`), `POST /v1/embeddings`, `GET /v1/models`;
+  `stream_options.include_usage`), `POST /v1/embeddings`, `GET /v1/models`, `GET /v1/models/{id}`;
 - at most `max_running` requests generate at once (the batch); the rest wait in a FIFO queue. A
   running request waits `ttft` seconds, then emits one token every `itl` seconds (`max_tokens`
   tokens, else `tokens`). `GET /metrics` reports `vllm:num_requests_waiting`,
@@ -122,6 +122,16 @@ class FakeBackend:
     async def models(self, request: web.Request) -> web.Response:
         data = {"object": "list", "data": [{"id": self.config.model, "object": "model", "created": 0,
                                             "owned_by": "fakeoai"}]}
+        return web.Response(body=_encode(data), content_type="application/json")
+
+    async def model(self, request: web.Request) -> web.Response:
+        """`GET /v1/models/{id}` (the id percent-decoded: the openai client sends `org%2Fname`)."""
+        name = request.match_info["model"]
+        if name != self.config.model:
+            error = {"error": {"message": f"The model `{name}` does not exist.", "type": "invalid_request_error",
+                               "param": "model", "code": "model_not_found"}}
+            return web.Response(status=404, body=_encode(error), content_type="application/json")
+        data = {"id": self.config.model, "object": "model", "created": 0, "owned_by": "fakeoai"}
         return web.Response(body=_encode(data), content_type="application/json")
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -270,6 +280,7 @@ class FakeBackend:
 def build_app(backend: FakeBackend) -> web.Application:
     app = web.Application(client_max_size=64 << 20)
     app.router.add_get("/v1/models", backend.models)
+    app.router.add_get("/v1/models/{model:.+}", backend.model)
     app.router.add_get("/metrics", backend.metrics)
     app.router.add_get("/fake/stats", backend.stats)
     app.router.add_post("/fake/config", backend.set_config)

@@ -623,7 +623,7 @@ class HttpConnection(asyncio.Protocol):
             self._headers = []
             proxy = self._sh.proxy
             assert proxy is not None
-            if route is None and path in proxy.routes:
+            if route is None and (path in proxy.routes or proxy.serves(path)):
                 try:
                     proxy.handle(self, method, path, headers, body, conn, close)
                 except Exception as exc:

@@ -5,7 +5,8 @@ SLO, size, cost: `flowshard.classify`), admitted through the same path as `POST 
 once dispatched, forwarded to a backend (`distributor.backends`) with a pooled aiohttp client.
 Server-sent events are relayed event by event as they arrive. The ticket is released when the
 response ends, or at once when the client goes away — the upstream request is then closed, so the
-backend stops generating. `GET /v1/models` is passed through without admission.
+backend stops generating. `GET /v1/models` and `GET /v1/models/{id}` are passed through without
+admission.
 
 Refusals become OpenAI-shaped errors: 429 (capacity, TTL, displacement) or 503 (shutting down,
 shard failure), with `Retry-After` and `x-llm-d-request-dropped-reason`. Backend failures before
@@ -47,6 +48,10 @@ log = logging.getLogger(__name__)
 POST_ROUTES: Final = frozenset({b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings"})
 GET_ROUTES: Final = frozenset({b"/v1/models"})
 ROUTES: Final = POST_ROUTES | GET_ROUTES
+# GET /v1/models/{id} (the openai client's models.retrieve): passed through like /v1/models; one route
+# label for every id (the metrics' label sets stay bounded).
+MODEL_PREFIX: Final = b"/v1/models/"
+MODEL_ROUTE: Final = "/v1/models/{id}"
 # Not forwarded upstream: hop-by-hop headers, what aiohttp sets itself, and accept-encoding (the
 # usage is read from the stream, so it must come uncompressed).
 _DROP_REQUEST: Final = frozenset({
@@ -152,15 +157,16 @@ class ProxyStats:
 class Exchange:
     """One proxied request: the admission's waiter, the upstream call, the client's response slot."""
 
-    __slots__ = ("actual", "backend", "conn", "conn_hdr", "gone", "headers", "item", "proxy", "refused", "rid", "route",
-                 "slot", "started", "task", "ticket", "unsent")
+    __slots__ = ("actual", "backend", "conn", "conn_hdr", "gone", "headers", "item", "path", "proxy", "refused", "rid",
+                 "route", "slot", "started", "task", "ticket", "unsent")
 
     def __init__(self, proxy: Proxy, conn: HttpConnection, slot: _Slot, route: str, item: Classified,
-                 headers: list[tuple[str, str]], conn_hdr: bytes) -> None:
+                 headers: list[tuple[str, str]], conn_hdr: bytes, path: str = "") -> None:
         self.proxy = proxy
         self.conn = conn
         self.slot = slot
-        self.route = route
+        self.route = route  # the route's name (metrics, stats, logs)
+        self.path = path or route  # what is asked of the backend
         self.item = item
         self.headers = headers
         self.conn_hdr = conn_hdr
@@ -299,6 +305,12 @@ class Proxy:
 
     http_error = staticmethod(http_error)  # for the HTTP front, which does not import this module
 
+    @staticmethod
+    def serves(path: bytes) -> bool:
+        """A proxied path that is not in `routes`: `GET /v1/models/{id}` (asked only about paths that
+        are not the HTTP front's own routes, nor in `routes`)."""
+        return path.startswith(MODEL_PREFIX) and len(path) > len(MODEL_PREFIX)
+
     def body_limit(self, path: bytes) -> int | None:
         """The body limit of a proxied route (prompts are large), None for other paths."""
         return self.pc.max_body_bytes if path in POST_ROUTES else None
@@ -318,12 +330,15 @@ class Proxy:
                 raw_headers: list[tuple[bytes, bytes]], body: bytes, conn_hdr: bytes) -> None:
         route = path.decode("latin-1")
         headers = [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in raw_headers]
-        if path in GET_ROUTES:
+        model = path not in ROUTES  # (the front sends only ROUTES and what `serves`)
+        if model or path in GET_ROUTES:
+            if model:
+                route = MODEL_ROUTE
             if method not in (b"GET", b"HEAD"):
                 conn.slot_respond(slot, http_error(405, f"method {method.decode('latin-1')} not allowed", conn_hdr,
                                                    b"allow: GET, HEAD\r\n"))
                 return
-            exchange = Exchange(self, conn, slot, route, _PASSTHROUGH, headers, conn_hdr)
+            exchange = Exchange(self, conn, slot, route, _PASSTHROUGH, headers, conn_hdr, path.decode("latin-1"))
             slot.exchange = exchange
             exchange.task = self.loop.create_task(self.forward(exchange, method=method.decode()))
             self.active.add(exchange)
@@ -405,7 +420,7 @@ class Proxy:
         resp: aiohttp.ClientResponse | None = None
         try:
             try:
-                resp = await self.session.request(method, backend.url + ex.route, data=ex.item.body or None,
+                resp = await self.session.request(method, backend.url + ex.path, data=ex.item.body or None,
                                                   headers=headers)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 self.pool.failed(backend, loop.time(), "connect", f"{type(exc).__name__}: {exc}")

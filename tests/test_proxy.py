@@ -713,8 +713,7 @@ def test_http_layer_errors_on_openai_paths_are_openai_shaped_and_ours_keep_our_s
             conn = await HttpConn.open(port)
             _openai_error(await conn.request("POST", "/v1/nope?x=1", {"a": 1}), 404, "unknown_url",
                           "no such path: /v1/nope?x=1")
-            _openai_error(await conn.request("GET", "/v1/models/x/y"), 404, "unknown_url",
-                          "no such path: /v1/models/x/y")
+            _openai_error(await conn.request("GET", "/v1/files/x"), 404, "unknown_url", "no such path: /v1/files/x")
             r = await conn.request("GET", "/nope")  # not under /v1/: ours
             assert r.status == 404 and r.json() == {"error": {"status": 404, "message": "no such path: /nope"}}
             r = await conn.request("GET", "/v1/admit")  # our own route: ours
@@ -841,3 +840,31 @@ def test_timeout_and_admin_reserve_refusals_on_openai_paths_are_openai_shaped() 
             reserve.close()
 
     run(go())
+
+
+def test_models_retrieve_is_passed_through_without_admission(launch: Any, fake_backend: Any) -> None:
+    """`client.models.retrieve(id)` is `GET /v1/models/{id}`: passed to a backend like `GET /v1/models`
+    (nothing admitted), the backend's answer as it is: its 404 reaches the client as NotFoundError."""
+    fake = fake_backend(model="org/fake-model")
+    svc = launch(proxy_config([fake.url], budget=4))
+    c = client(svc)
+    model = c.models.retrieve("org/fake-model")  # the SDK sends /v1/models/org%2Ffake-model
+    assert (model.id, model.owned_by) == ("org/fake-model", "fakeoai")
+    with pytest.raises(openai.NotFoundError) as exc:
+        c.models.retrieve("nope")
+    assert exc.value.code == "model_not_found" and "nope" in exc.value.message
+
+    async def raw() -> None:
+        conn = await HttpConn.open(svc.http_port)
+        r = await conn.request("HEAD", "/v1/models/org%2Ffake-model")
+        assert r.status == 200, r
+        r = await conn.request("POST", "/v1/models/org%2Ffake-model", {})
+        assert r.status == 405 and r.headers["allow"] == "GET, HEAD", r
+        assert r.json()["error"]["code"] == "method_not_allowed"
+        _openai_error(await conn.request("GET", "/v1/models/"), 404, "unknown_url", "no such path: /v1/models/")
+        conn.close()
+
+    run(raw())
+    s = settled(svc)
+    assert s["totals"]["dispatched"] == 0 and band_outcomes(s)["dispatched"] == 0
+    assert s["proxy"]["responses"] == {"/v1/models/{id} 200": 2, "/v1/models/{id} 404": 1}  # one label for all ids
