@@ -69,7 +69,36 @@ class _Clock:
         self.spent = 0.0
 
 
-class _ToWorker:
+class _Transport:
+    """What the protocols call on a transport besides `write`: nothing to do in memory (never full,
+    never closing)."""
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def set_write_buffer_limits(self, high: int) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+class _ToWorker(_Transport):
     """The distributor's end of a shard's socket pair: what is written arrives at the worker in the next
     loop pass (one read, as over a socket pair)."""
 
@@ -84,14 +113,8 @@ class _ToWorker:
         self.worker.data_received(data)
         self.clock.spent += time.thread_time() - t
 
-    def is_closing(self) -> bool:
-        return False
 
-    def close(self) -> None:
-        pass
-
-
-class _ToDistributor:
+class _ToDistributor(_Transport):
     """The worker's end: its frames arrive at the distributor's WorkerLink in the next pass."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -102,17 +125,8 @@ class _ToDistributor:
         if self.link is not None:
             self.loop.call_soon(self.link.data_received, data)
 
-    def is_closing(self) -> bool:
-        return False
 
-    def close(self) -> None:
-        pass
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-
-class _Client:
+class _Client(_Transport):
     """Closed-loop clients on one binary connection: each Result releases its ticket and admits the next
     request (in the next pass, as a client would). Its own work is timed apart."""
 
@@ -175,29 +189,8 @@ class _Client:
         assert self.conn is not None
         self.conn.data_received(self.writer.take())
 
-    def set_write_buffer_limits(self, high: int) -> None:
-        pass
 
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def is_closing(self) -> bool:
-        return False
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-
-class _HttpClient:
+class _HttpClient(_Transport):
     """One closed-loop client on its own keep-alive HTTP connection (the connection's transport):
     admit, release the ticket, admit again. Its own parsing is timed apart."""
 
@@ -255,30 +248,6 @@ class _HttpClient:
             else:
                 self._admit()
         self.shared.clock.spent += time.thread_time() - t
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def set_write_buffer_limits(self, high: int) -> None:
-        pass
-
-    def is_closing(self) -> bool:
-        return False
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
 
 
 class _HttpShared:
