@@ -779,16 +779,24 @@ class HttpConnection(asyncio.Protocol):
         if writable is not None and not writable.done():
             writable.set_result(None)
 
+    def write_buffered(self) -> int:
+        """Bytes written to the connection that its transport has not yet handed to the kernel."""
+        return 0 if self._dead else self._transport.get_write_buffer_size()
+
     def abort(self) -> None:
         """Cut the connection (a streamed response cannot be finished): the client sees it truncated."""
         if not self._closing:
             self._closing = True
             self._transport.abort()
 
-    def slot_end(self, slot: _Slot, tail: bytes = b"") -> None:
-        """The last piece of the slot's response; the responses queued behind it may follow."""
+    def slot_end(self, slot: _Slot, tail: bytes = b"", *, close: bool = False) -> None:
+        """The last piece of the slot's response; the responses queued behind it may follow, or with
+        `close` the connection is closed once it is written (the service is shutting down)."""
         if self._dead or slot.data is not None:
             return
+        if close:
+            slot.close = max(slot.close, _CLOSE)
+            self._stopped = True
         chunks = slot.chunks
         slot.data = b"".join(chunks) + tail if chunks else tail
         slot.chunks = None

@@ -11,7 +11,10 @@ admission.
 Refusals become OpenAI-shaped errors: 429 (capacity, TTL, displacement) or 503 (shutting down,
 shard failure), with `Retry-After` and `x-llm-d-request-dropped-reason`. Backend failures before
 the response started are retried on another backend (`retries`); a backend failing mid-stream
-ends the stream with an SSE error event, which the openai client raises as an `APIError`.
+ends the stream with an SSE error event, which the openai client raises as an `APIError`. A stream
+still running when the service's drain ends is ended the same way (code `shutting_down`), a JSON
+answer still awaited then gets a 503 `shutting_down`; either way its upstream request is closed and
+its connection closed after the answer.
 
 Each proxied request is one asyncio task (the upstream call needs one); the response bytes are
 copied in this front process (see docs/proxy.md for the measured cost per request and per chunk).
@@ -75,6 +78,7 @@ _WHY: Final = {
 
 _encode = msgspec.json.Encoder().encode
 _DONE: Final = b"data: [DONE]\n\n"  # OpenAI's end of stream
+_FLUSH_AT_CLOSE: Final = 0.5  # the most close() waits for the answers it ended to leave this process
 
 
 class _ErrorDetail(msgspec.Struct):
@@ -228,7 +232,10 @@ class Exchange:
         proxy = self.proxy
         proxy.active.discard(self)
         proxy.mark_sent(self)
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled():
+            if proxy.closing and not self.gone:  # the drain ended with it still running
+                proxy.end_at_close(self)
+        elif task.exception() is not None:
             log.error("proxying %s failed", self.route, exc_info=task.exception())
             if self.gone:
                 pass
@@ -262,6 +269,7 @@ class Proxy:
         self._on_room = on_room
         self.session: aiohttp.ClientSession | None = None
         self.scraper: Scraper | None = None
+        self.closing = False  # close() began: what it cancels is answered `shutting_down` (end_at_close)
         self.loop = asyncio.get_running_loop()  # constructed by the distributor's start()
 
     async def start(self) -> None:
@@ -275,15 +283,28 @@ class Proxy:
             self.scraper.start()
 
     async def close(self) -> None:
+        """The drain is over: end what is still running. Each exchange's task is cancelled, which closes
+        its upstream request (the backend stops generating); its done callback answers the client
+        (`end_at_close`) and releases the ticket. Then wait, briefly, for those answers to be sent."""
+        self.closing = True
         if self.scraper is not None:
             await self.scraper.stop()
-        for exchange in list(self.active):
+        running = list(self.active)
+        if running:
+            log.warning("the drain ended with %d proxied request(s) still running: ending them (shutting_down)",
+                        len(running))
+        for exchange in running:
             if exchange.task is not None:
                 exchange.task.cancel()
-        for exchange in list(self.active):
+        for exchange in running:
             if exchange.task is not None:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await exchange.task
+        # what was written is in the transports' buffers only while a client reads slowly; at exit it
+        # would be lost (the kernel's send queue is not: the socket's close still sends it)
+        until = self.loop.time() + _FLUSH_AT_CLOSE
+        while any(ex.conn.write_buffered() for ex in running) and self.loop.time() < until:
+            await asyncio.sleep(0.01)
         if self.session is not None:
             await self.session.close()
             self.session = None
@@ -497,19 +518,40 @@ class Proxy:
             self.pool.failed(backend, self.loop.time(), "midstream", f"{type(exc).__name__}: {exc}")
             if ended:  # the client had its whole answer
                 return
-            # what the relay still holds is an event cut short (feed passes every complete one): drop it,
-            # as a server-sent-events reader drops an unterminated event, rather than glue the error to it
-            error = _encode(_ErrorBody(_ErrorDetail(
-                f"flowshard: backend {backend.name} failed mid-stream ({type(exc).__name__}); the response is "
-                "incomplete", "server_error", None, "backend_failed")))
-            tail = b"data: " + error + b"\n\n"
-            conn.slot_end(slot, b"%x\r\n%b\r\n0\r\n\r\n" % (len(tail), tail))
+            self._end_stream_with_error(ex, f"flowshard: backend {backend.name} failed mid-stream "
+                                        f"({type(exc).__name__}); the response is incomplete", "server_error",
+                                        "backend_failed")
             return
         rest = relay.end()
         if resp.status == 200:
             self._settle_usage(ex, relay.usage)
         if not ended:
             conn.slot_end(slot, (b"%x\r\n%b\r\n" % (len(rest), rest) if rest else b"") + b"0\r\n\r\n")
+
+    def _end_stream_with_error(self, ex: Exchange, message: str, type_: str, code: str, *,
+                               close: bool = False) -> None:
+        """End a stream whose head went out: an SSE error event (OpenAI-shaped, which the openai client
+        raises as `APIError`), then the chunked end. What the relay still holds is an event cut short
+        (`SseUsage.feed` passes every complete one): it is dropped, as a server-sent-events reader drops
+        an unterminated event, rather than glued to the error. A no-op once the response has ended."""
+        tail = b"data: " + _encode(_ErrorBody(_ErrorDetail(message, type_, None, code))) + b"\n\n"
+        ex.conn.slot_end(ex.slot, b"%x\r\n%b\r\n0\r\n\r\n" % (len(tail), tail), close=close)
+
+    def end_at_close(self, ex: Exchange) -> None:
+        """The drain ended with `ex` running (its task cancelled: the upstream request is closed). A
+        stream ends as one whose backend failed mid-stream does, with the reason; an answer not
+        started is a 503. Either way the connection is closed after it: the service is exiting."""
+        message = (f"flowshard: the service is shutting down: stream ended at the end of the drain "
+                   f"(drain_timeout {self.config.service.drain_timeout:g} s); the response is incomplete")
+        if ex.started:
+            self._end_stream_with_error(ex, message, "service_unavailable", "shutting_down", close=True)
+        else:
+            message = (f"flowshard: the service is shutting down: the request was still in progress at the "
+                       f"end of the drain (drain_timeout {self.config.service.drain_timeout:g} s)")
+            self.stats.response(ex.route, 503)
+            ex.conn.slot_end(ex.slot, error_response(503, message, "service_unavailable", "shutting_down", None,
+                                                     b"connection: close\r\n", b"retry-after: 1\r\n"),
+                             close=True)
 
     def _respond_error(self, ex: Exchange, status: int, message: str, type_: str, code: str,
                        extra: bytes = b"") -> None:

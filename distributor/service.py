@@ -579,7 +579,7 @@ class Distributor:
         go as one block (one frame, answered grant by grant, in the order the ledger expects). The
         block carries the highest saturation of its grants: the band the ledger chose for each of
         them is below its ceiling even there."""
-        if self._stopping:  # past the drain: what close() releases (cut streams) must not dispatch what
+        if self._stopping:  # past the drain: what close() releases (ended streams) must not dispatch what
             return  # is still queued, which ends `evicted: shutdown`
         blocks: dict[int, list[Any]] = {}  # shard -> its open block: [band, max_bytes, saturation, count]
         for shard, band, max_bytes, saturation in self.ledger.plan_grants():

@@ -456,6 +456,103 @@ def test_drain_deadline_ends_a_queued_request_with_shutdown_not_a_late_dispatch(
     assert fake.stats()["requests"] == 1  # the queued request never reached the backend
 
 
+def _until(cond: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_drain_end_ends_a_running_stream_with_an_error_event_and_closes_upstream(
+    launch: Any, fake_backend: Any
+) -> None:
+    """A stream still running when the drain ends is ended like one whose backend failed mid-stream:
+    an SSE error event, which the openai client raises as APIError with the reason (not a cut
+    connection, APIConnectionError); the backend sees its request closed; the service exits 0 in time."""
+    drain = 0.5
+    fake = fake_backend(ttft=0.01, itl=0.05)
+    svc = launch(proxy_config([fake.url], budget=4, service={"drain_timeout": drain}))
+    pieces = iter(client(svc).chat.completions.create(model="m", messages=MSG, max_tokens=400, stream=True))
+    got = [next(pieces).choices[0].delta.content]
+    signalled = time.monotonic()
+    svc.signal(signal.SIGTERM)
+    with pytest.raises(openai.APIError) as exc:
+        got.extend(chunk.choices[0].delta.content for chunk in pieces)
+    assert type(exc.value) is openai.APIError, repr(exc.value)  # an error event, not a connection error
+    assert exc.value.code == "shutting_down" and exc.value.type == "service_unavailable"
+    assert "the service is shutting down: stream ended at the end of the drain" in exc.value.message
+    assert 1 < len(got) < 400 and set(got) == {" tok"}  # what was generated in the drain arrived first
+    assert svc.wait() == 0
+    assert time.monotonic() - signalled < drain + 2.0  # (0.6 s here)
+    _until(lambda: fake.stats()["aborted"] == 1)  # the upstream request was closed: the backend stopped
+    assert fake.stats()["completed"] == 0 and fake.stats()["running"] == 0
+    assert "Traceback" not in svc.stderr() and "failed" not in svc.stderr()
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def _dechunk(body: bytes) -> bytes:
+    """A chunked body, whole: raises unless it ends with the zero-size chunk."""
+    out = b""
+    while True:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            assert body == b"\r\n", body
+            return out
+        out += body[:size]
+        assert body[size:size + 2] == b"\r\n"
+        body = body[size + 2:]
+
+
+def test_drain_end_finishes_the_http_messages_it_ends_and_closes_their_connections(
+    launch: Any, fake_backend: Any
+) -> None:
+    """On the wire: the ended stream's last event is the OpenAI-shaped error, then the chunked end,
+    then the connection closes; a non-streamed response still in progress is answered 503
+    `shutting_down` (connection: close), not left without an answer. Both upstream requests close."""
+    fake = fake_backend(ttft=0.01, itl=0.05)
+    svc = launch(proxy_config([fake.url], budget=4, service={"drain_timeout": 0.5}))
+    host, port = svc.url("").split("//")[1].split("/")[0].rsplit(":", 1)
+
+    def post(stream: bool) -> socket.socket:
+        body = json.dumps({"model": "m", "messages": MSG, "max_tokens": 400, "stream": stream}).encode()
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%b" % (len(body), body))
+        return sock
+
+    streamed, whole = post(True), post(False)
+    first = b""
+    while b"data: " not in first:  # the stream is being relayed
+        first += streamed.recv(65536)
+    _until(lambda: fake.stats()["running"] == 2)
+    svc.signal(signal.SIGTERM)
+    answer = first + _read_until_closed(streamed)  # EOF: the connection was closed after the end
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower(), head
+    events = _dechunk(body).split(b"\n\n")
+    assert events[-1] == b"" and events[-2].startswith(b"data: "), events[-3:]
+    error = json.loads(events[-2][len(b"data: "):])["error"]
+    assert error["code"] == "shutting_down" and error["type"] == "service_unavailable", error
+    assert error["message"].startswith("flowshard: the service is shutting down: stream ended at the end of "
+                                       "the drain"), error
+    assert all(json.loads(e[len(b"data: "):])["choices"] for e in events[:-2])  # whole events before it
+    head, _, payload = _read_until_closed(whole).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503") and b"connection: close" in head.lower(), head
+    assert json.loads(payload)["error"]["code"] == "shutting_down"
+    streamed.close()
+    whole.close()
+    assert svc.wait() == 0
+    _until(lambda: fake.stats()["aborted"] == 2)
+    assert fake.stats()["completed"] == 0
+
+
 def test_serve_backend_flag_is_validated() -> None:
     proc = subprocess.run([sys.executable, "-m", "flowshard.cli", "serve", "--backend", "10.0.0.5:8000"],
                           capture_output=True, text=True, timeout=30)
