@@ -69,6 +69,31 @@ class _Clock:
         self.spent = 0.0
 
 
+class _Tally:
+    """The closed loop's count, shared by its clients: admissions left to send, dispatches seen; done
+    once every admission was dispatched."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, total: int) -> None:
+        self.total = self.left = total
+        self.dispatched = 0
+        self.done = loop.create_future()
+
+    def admit_one(self) -> bool:
+        """True: send one more admission. False: none is left (and the loop is done once all were
+        dispatched)."""
+        if self.left <= 0:
+            if self.dispatched >= self.total and not self.done.done():
+                self.done.set_result(None)
+            return False
+        self.left -= 1
+        return True
+
+    def result(self, shards: int, elapsed: float, outside: _Clock) -> dict[str, float]:
+        n = self.dispatched
+        return {"shards": shards, "requests": n, "distributor_us": 1e6 * (elapsed - outside.spent) / n,
+                "outside_us": 1e6 * outside.spent / n}
+
+
 class _Transport:
     """What the protocols call on a transport besides `write`: nothing to do in memory (never full,
     never closing)."""
@@ -131,9 +156,9 @@ class _Client(_Transport):
     request (in the next pass, as a client would). Its own work is timed apart."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, clients: int, flows: int, total: int, clock: _Clock, link: bool,
+        self, loop: asyncio.AbstractEventLoop, clients: int, flows: int, tally: _Tally, clock: _Clock, link: bool,
     ) -> None:
-        self.loop, self.clock, self.link = loop, clock, link
+        self.loop, self.tally, self.clock, self.link = loop, tally, clock, link
         # behind an acceptor: its link's batch frames; else the public protocol's frames
         self.reader: BatchReader | FrameReader = BatchReader(ToAcceptor) if link else FrameReader(ToClient)
         self.writer: BatchWriter | FrameWriter = BatchWriter() if link else FrameWriter()
@@ -141,10 +166,7 @@ class _Client(_Transport):
         self.flows = [f"client-{i}" for i in range(flows)]
         self.rng = random.Random(6)
         self.clients = clients
-        self.left = self._total = total
-        self.dispatched = 0
         self.next_id = 0
-        self.done = loop.create_future()
         self._scheduled = False
 
     # the connection's transport
@@ -153,18 +175,15 @@ class _Client(_Transport):
         for msg in self.reader.feed(data):
             if type(msg) is Result:
                 if msg.ticket:
-                    self.dispatched += 1
+                    self.tally.dispatched += 1
                     self.writer.add(LinkRelease(msg.ticket, -1, 0) if self.link else Release(msg.ticket, -1))
                 self._admit_one()
         self._schedule()
         self.clock.spent += time.thread_time() - t
 
     def _admit_one(self) -> None:
-        if self.left <= 0:
-            if self.dispatched >= self._total and not self.done.done():
-                self.done.set_result(None)
+        if not self.tally.admit_one():
             return
-        self.left -= 1
         self.next_id += 1
         flow = self.flows[self.next_id % len(self.flows)]
         size = self.rng.randint(500, 4000)
@@ -194,8 +213,10 @@ class _HttpClient(_Transport):
     """One closed-loop client on its own keep-alive HTTP connection (the connection's transport):
     admit, release the ticket, admit again. Its own parsing is timed apart."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, flow: str, rng: random.Random, shared: _HttpShared) -> None:
-        self.loop, self.flow, self.rng, self.shared = loop, flow, rng, shared
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, flow: str, rng: random.Random, tally: _Tally, clock: _Clock,
+    ) -> None:
+        self.loop, self.flow, self.rng, self.tally, self.clock = loop, flow, rng, tally, clock
         self.conn: HttpConnection | None = None
         self._in = bytearray()
         self._next = b""
@@ -205,12 +226,8 @@ class _HttpClient(_Transport):
         self._admit()
 
     def _admit(self) -> None:
-        shared = self.shared
-        if shared.left <= 0:
-            if shared.dispatched >= shared.total and not shared.done.done():
-                shared.done.set_result(None)
+        if not self.tally.admit_one():
             return
-        shared.left -= 1
         body = b'{"flow":"%b","priority":0,"bytes":%d}' % (self.flow.encode(), self.rng.randint(500, 4000))
         self._send(b"POST /v1/admit HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                    b"content-length: %d\r\n\r\n%b" % (len(body), body))
@@ -241,21 +258,13 @@ class _HttpClient(_Transport):
             del buf[: end + 4 + length]
             answer = json.loads(body)
             if "ticket" in answer:  # dispatched: release it
-                self.shared.dispatched += 1
+                self.tally.dispatched += 1
                 released = b'{"ticket":%d}' % answer["ticket"]
                 self._send(b"POST /v1/release HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                            b"content-length: %d\r\n\r\n%b" % (len(released), released))
             else:
                 self._admit()
-        self.shared.clock.spent += time.thread_time() - t
-
-
-class _HttpShared:
-    def __init__(self, loop: asyncio.AbstractEventLoop, total: int, clock: _Clock) -> None:
-        self.total = self.left = total
-        self.dispatched = 0
-        self.clock = clock
-        self.done = loop.create_future()
+        self.clock.spent += time.thread_time() - t
 
 
 def _config(bands: int, flows: int) -> Config:
@@ -289,7 +298,8 @@ async def _run(
         s.ready = True
     if http:
         return await _run_http(d, loop, requests, clients, flows, outside)
-    client = _Client(loop, clients, flows, requests, outside, link)
+    tally = _Tally(loop, requests)
+    client = _Client(loop, clients, flows, tally, outside, link)
     conn: BinaryConnection | AcceptorLink
     if link:
         conn = AcceptorLink(d, 0, b"")
@@ -301,22 +311,19 @@ async def _run(
     gc.collect()
     t0 = time.thread_time()
     client.start(conn)
-    await client.done
-    elapsed = time.thread_time() - t0
-    own = elapsed - outside.spent
-    return {"shards": shards, "requests": client.dispatched, "distributor_us": 1e6 * own / client.dispatched,
-            "outside_us": 1e6 * outside.spent / client.dispatched}
+    await tally.done
+    return tally.result(shards, time.thread_time() - t0, outside)
 
 
 async def _run_http(
     d: Distributor, loop: asyncio.AbstractEventLoop, requests: int, clients: int, flows: int, outside: _Clock,
 ) -> dict[str, float]:
-    shared = _HttpShared(loop, requests, outside)
+    tally = _Tally(loop, requests)
     hub = HttpHub(d, HttpLimits(), 300.0, loop, Guards())
     rng = random.Random(6)
     pairs = []
     for i in range(clients):
-        client = _HttpClient(loop, f"client-{i % flows}", rng, shared)
+        client = _HttpClient(loop, f"client-{i % flows}", rng, tally, outside)
         conn = hub()
         conn.connection_made(client)  # type: ignore[arg-type]
         pairs.append((client, conn))
@@ -325,13 +332,11 @@ async def _run_http(
     t0 = time.thread_time()
     for client, conn in pairs:
         client.start(conn)
-    await shared.done
+    await tally.done
     elapsed = time.thread_time() - t0
     for _, conn in pairs:  # their timers
         conn.connection_lost(None)
-    return {"shards": d.n_shards, "requests": shared.dispatched,
-            "distributor_us": 1e6 * (elapsed - outside.spent) / shared.dispatched,
-            "outside_us": 1e6 * outside.spent / shared.dispatched}
+    return tally.result(d.n_shards, elapsed, outside)
 
 
 def measure(shards: int, requests: int = 200_000, clients: int = 64, flows: int = 16, bands: int = 1,
