@@ -27,7 +27,16 @@ import subprocess
 import time
 from typing import TYPE_CHECKING, Any, cast
 
-from distributor.api import CONN_NORMAL, CONN_REFUSED, CONN_RESERVE, Audit, connection_verdict
+from distributor.api import (
+    CONN_NORMAL,
+    CONN_REFUSED,
+    CONN_RESERVE,
+    COUNTED,
+    HANDED_BINARY,
+    HANDED_HTTP,
+    Audit,
+    connection_verdict,
+)
 from distributor.spawn import spawn_linked
 from flowshard.codec import (
     Audited,
@@ -55,10 +64,6 @@ if TYPE_CHECKING:
     from distributor.service import Distributor
 
 log = logging.getLogger(__name__)
-HANDED_HTTP = b"h"  # the byte sent with a handed connection: which front serves it (as distributor.front)
-HANDED_BINARY = b"b"
-# The handed connections counted against the limits, by (front, verdict), in LinkConns' order.
-COUNTED = ((HANDED_HTTP, CONN_NORMAL), (HANDED_HTTP, CONN_RESERVE), (HANDED_BINARY, CONN_NORMAL))
 _NOT_YET = -1  # request id of an admission whose `admit` call has not returned yet
 RESPAWN_MIN = 0.05  # a dying acceptor is restarted after this, doubling up to RESPAWN_MAX
 RESPAWN_MAX = 5.0

@@ -22,6 +22,14 @@ CONN_RESERVE: Final = 2  # beyond max_connections, in the HTTP admin reserve: ad
 CONN_REFUSED: Final = 3  # beyond both: refused (HTTP 503 / binary Error(-1, 503)) and closed
 
 
+# A connection handed to an acceptor process goes with one SOCK_SEQPACKET message: its front's byte,
+# then its verdict. The ends of the connections the distributor counts, by (front, verdict), are
+# reported in LinkConns' order.
+HANDED_HTTP: Final = b"h"
+HANDED_BINARY: Final = b"b"
+COUNTED: Final = ((HANDED_HTTP, CONN_NORMAL), (HANDED_HTTP, CONN_RESERVE), (HANDED_BINARY, CONN_NORMAL))
+
+
 def connection_verdict(counted: int, reserved: int, max_connections: int, admin_reserve: int) -> int:
     """The verdict for a new connection when `counted` are open within max_connections and
     `reserved` in the admin reserve (the binary front has none: admin_reserve 0)."""

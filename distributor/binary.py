@@ -29,7 +29,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from distributor.api import CONN_CHECK, CONN_NORMAL, Admission, Audit, connection_verdict
 from distributor.guards import Guards
@@ -48,6 +48,9 @@ from flowshard.codec import (
 )
 from flowshard.types import Outcome
 from flowshard.validate import check_admit, check_release_tokens
+
+if TYPE_CHECKING:
+    from flowshard.config import ServiceConfig
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,11 @@ class BinaryLimits:
     frame_timeout: float = 10.0
     close_timeout: float = 2.0
     max_linger_bytes: int = 1 << 20  # input a closing connection may still send (read and discarded)
+
+    @classmethod
+    def of_service(cls, svc: ServiceConfig) -> BinaryLimits:
+        """The limits the `[service]` configuration sets (frames complete within its header_timeout)."""
+        return cls(max_connections=svc.max_connections, frame_timeout=svc.header_timeout)
 
 
 class BinaryHub:

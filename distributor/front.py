@@ -37,7 +37,16 @@ from typing import TYPE_CHECKING, Any, cast
 
 import uvloop
 
-from distributor.api import CONN_NORMAL, CONN_REFUSED, CONN_RESERVE, Audit, Waiter
+from distributor.api import (
+    CONN_NORMAL,
+    CONN_REFUSED,
+    CONN_RESERVE,
+    COUNTED,
+    HANDED_BINARY,
+    HANDED_HTTP,
+    Audit,
+    Waiter,
+)
 from distributor.guards import Guards
 from flowshard.codec import (
     Audited,
@@ -251,11 +260,7 @@ class Upstream(asyncio.Protocol):
         self.send(LinkQuery(key, what))
 
 
-HANDED_HTTP = b"h"  # the byte sent with a handed connection: which front serves it
-HANDED_BINARY = b"b"
 REPORT_INTERVAL = 0.25  # how often the acceptor reports its closed connections anyway (its heartbeat)
-# The handed connections the distributor counts, by (front, verdict): their ends are reported (LinkConns).
-COUNTED = ((HANDED_HTTP, CONN_NORMAL), (HANDED_HTTP, CONN_RESERVE), (HANDED_BINARY, CONN_NORMAL))
 _VERDICTS = frozenset((CONN_NORMAL, CONN_RESERVE, CONN_REFUSED))
 
 
@@ -369,11 +374,8 @@ async def run(index: int, sock: socket.socket, handover: socket.socket, config: 
     # max_connections and the admin reserve are the service's: the distributor counts every front's
     # connections and hands each with its verdict (distributor.acceptors); the fronts apply it as
     # they would decide it in the distributor's process, and name the service's limit when refusing
-    http = HttpHub(upstream, HttpLimits(max_body_bytes=svc.max_body_bytes, max_connections=svc.max_connections,
-                                        header_timeout=svc.header_timeout, idle_timeout=svc.idle_timeout),
-                   svc.lease, loop, guards)
-    binary = BinaryHub(upstream, BinaryLimits(max_connections=svc.max_connections, frame_timeout=svc.header_timeout),
-                       loop, guards)
+    http = HttpHub(upstream, HttpLimits.of_service(svc), svc.lease, loop, guards)
+    binary = BinaryHub(upstream, BinaryLimits.of_service(svc), loop, guards)
     handed = Handover(handover, loop, upstream, http, binary)
     upstream.send(Hello(index, os.getpid()))
     try:

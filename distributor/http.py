@@ -47,6 +47,7 @@ from flowshard.validate import (
 
 if TYPE_CHECKING:
     from distributor.proxy import Exchange, Proxy
+    from flowshard.config import ServiceConfig
 
 __all__ = ["ADMIN_PATHS", "ADMIN_RESERVE", "HttpConnection", "HttpLimits", "start_http_server"]
 
@@ -73,6 +74,13 @@ class HttpLimits(msgspec.Struct, frozen=True, kw_only=True):
     write_high: int = 64 << 10  # unsent responses beyond this stop the reading of the client's input
     write_buffer_limit: int = 1 << 20  # a client that lets this much pile up unread is dropped
     max_linger_bytes: int = 1 << 20  # input a closing connection may still send (read and discarded)
+
+    @classmethod
+    def of_service(cls, svc: ServiceConfig) -> HttpLimits:
+        """The limits the `[service]` configuration sets (in the distributor, or in an acceptor: the
+        connection limits are the service's, counted by the distributor)."""
+        return cls(max_body_bytes=svc.max_body_bytes, max_connections=svc.max_connections,
+                   header_timeout=svc.header_timeout, idle_timeout=svc.idle_timeout)
 
     def __post_init__(self) -> None:
         for name in (

@@ -663,12 +663,10 @@ class Distributor:
                 self.ledger.external_saturation = self.proxy.saturation
         http = await start_http_server(
             self, svc.host, svc.port,
-            HttpLimits(max_body_bytes=svc.max_body_bytes, max_connections=svc.max_connections,
-                       header_timeout=svc.header_timeout, idle_timeout=svc.idle_timeout),
+            HttpLimits.of_service(svc),
             lease=svc.lease, guards=self.guards, proxy=self.proxy,
         )
-        limits = BinaryLimits(max_connections=svc.max_connections, frame_timeout=svc.header_timeout)
-        binary = await start_binary_server(self, svc.host, svc.binary_port, limits, self.guards)
+        binary = await start_binary_server(self, svc.host, svc.binary_port, BinaryLimits.of_service(svc), self.guards)
         self.servers = [http, binary]
         self.addresses = {"http": http.sockets[0].getsockname()[:2], "binary": binary.sockets[0].getsockname()[:2]}
 
