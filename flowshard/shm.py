@@ -457,23 +457,26 @@ class ShmStats:
         e = self._w_enq_b + slot * n
         d = self._w_deq_b + slot * n
         enq, deq = q[e : e + n].tolist(), q[d : d + n].tolist()
-        best = enq[0] - deq[0]
-        tied = [0]
-        for s in range(1, n):
-            v = enq[s] - deq[s]
-            if v < best:
-                best, tied = v, [s]
-            elif v == best:
-                tied.append(s)
-        if len(tied) == 1:
-            return tied[0]
-        k = self.layout.bands * n
-        enq = q[self._w_benq_b : self._w_benq_b + k].tolist()  # band-major [B, N]: shard s is [s::n]
-        deq = q[self._w_bdeq_b : self._w_bdeq_b + k].tolist()
+        tied: range | list[int]
+        if enq == deq:  # nothing of the flow anywhere (it starts afresh): every shard ties
+            tied = range(n)
+        else:
+            best = enq[0] - deq[0]
+            tied = [0]
+            for s in range(1, n):
+                v = enq[s] - deq[s]
+                if v < best:
+                    best, tied = v, [s]
+                elif v == best:
+                    tied.append(s)
+            if len(tied) == 1:
+                return tied[0]
+        e, d, k = self._w_benq_b, self._w_bdeq_b, self._b * n
+        enq, deq = q[e : e + k].tolist(), q[d : d + k].tolist()  # band-major [B, N]: shard s is [s::n]
         low_tied: list[int] = []
         low = 0
         for s in tied:
-            t = sum(enq[s::n]) - sum(deq[s::n])
+            t = enq[s] - deq[s] if k == n else sum(enq[s::n]) - sum(deq[s::n])
             if not low_tied or t < low:
                 low, low_tied = t, [s]
             elif t == low:

@@ -223,7 +223,10 @@ def test_jsq_matches_reference(n: int, b: int, data: st.DataObject) -> None:
     stats = make(f=3, n=n, b=b)
     for _ in range(data.draw(st.integers(0, 12))):
         slot, shard, band = data.draw(st.tuples(st.integers(0, 2), st.integers(0, n - 1), st.integers(0, b - 1)))
-        stats.add_enq(slot, shard, band, data.draw(st.integers(0, 3)))
+        nbytes = data.draw(st.integers(0, 3))
+        stats.add_enq(slot, shard, band, nbytes)
+        if data.draw(st.booleans()):  # it left again: counters equal but not zero (a flow afresh)
+            stats.add_deq(slot, shard, band, nbytes)
     rr = data.draw(st.integers(0, 10**6))
     flow_q = (stats.enq_bytes[0] - stats.deq_bytes[0]).tolist()
     total = (stats.band_enq_bytes - stats.band_deq_bytes).sum(axis=0).tolist()
