@@ -7,7 +7,7 @@ requests still in transit to a shard, and hands out grants:
 
 - the highest band with ungranted work whose ceiling is not reached is granted first;
 - among the shards holding that band's work, the one with the smallest virtual time (fair shares
-  by the weight of the flows each holds, `_pick_shard`; global-fcfs: the oldest uncovered request);
+  by the weight of the flows each holds, `_shard_rank`; global-fcfs: the oldest uncovered request);
 - a grant reserves one request slot of the budget, and under a byte budget a number of bytes
   (twice the band's average queued size on that shard, or what the shard said its head needs);
   the shard answers each grant, in order, with one dispatch or one hand-back.
@@ -29,6 +29,7 @@ uncovered (through the injected `clock`, CLOCK_MONOTONIC ns in the service) and 
 from __future__ import annotations
 
 import enum
+import heapq
 import math
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -148,7 +149,7 @@ class LedgerBand:
         self.shard_granted = [0] * shards
         self.shard_stale = [0] * shards  # the oldest grants outstanding here that no queued request may need
         self.granted = 0
-        # Fair shares across shards (see Ledger._pick_shard): what each shard's queued requests cost in
+        # Fair shares across shards (see Ledger._shard_rank): what each shard's queued requests cost in
         # the band's fairness unit, the weight of the flows it holds, and its virtual time.
         self.cost_kind = _COST_KIND[bc.fairness]
         self.fair = shards > 1 and self.cost_kind != _ARRIVALS  # one shard: nothing to share (lean)
@@ -424,6 +425,10 @@ class Ledger:
         budget = self.budget
         max_requests, max_bytes = budget.max_requests, budget.max_bytes
         out: list[tuple[int, int, int, float]] = []
+        # A fair band's shards that hold more requests than live grants, ranked (`_open_shards`); built
+        # at the band's first look in this plan, then only the granted shard's rank changes.
+        open_shards: dict[int, list[tuple[float, float, int]]] = {}
+        heap: list[tuple[float, float, int]] = []
         while True:
             used = budget.inflight + self.grants_out
             if used >= max_requests:
@@ -434,12 +439,21 @@ class Ledger:
                 saturation = max(saturation, self.external_saturation(self.grants_out))
             band = None
             for candidate in self.bands:
-                if saturation < candidate.ceiling and candidate.grantable():
+                if saturation >= candidate.ceiling:
+                    continue
+                if candidate.fair:
+                    heap = open_shards.get(candidate.index)  # type: ignore[assignment]
+                    if heap is None:
+                        heap = open_shards[candidate.index] = self._open_shards(candidate)
+                    if heap:
+                        band = candidate
+                        break
+                elif candidate.grantable():
                     band = candidate
                     break
             if band is None:
                 return out
-            shard = self._pick_shard(band)
+            shard = heapq.heappop(heap)[2] if band.fair else self._pick_shard(band)
             reserve = -1
             if max_bytes != _INF:
                 hint = max(self._need.get((band.index, shard), 0), self._typical_size(band, shard))
@@ -463,10 +477,28 @@ class Ledger:
             self.grants_bytes += max(reserve, 0)
             self._grants[shard].append((band.index, reserve, charge, saturation))
             out.append((shard, band.index, reserve, saturation))
+            if band.fair:
+                live = band.shard_granted[shard] - band.shard_stale[shard]
+                if band.shard_items[shard] > live:
+                    heapq.heappush(heap, (*self._shard_rank(band, shard, live), shard))
+
+    def _open_shards(self, band: LedgerBand) -> list[tuple[float, float, int]]:
+        """A fair band's shards holding more requests than live grants, as a heap by `_shard_rank`
+        (then by index): its next grant goes to the first. O(N) once per plan, O(log N) per grant,
+        where a scan of the shards per grant made a plan O(N) per grant (measured: it grew the
+        distributor's cost per request with the shard count)."""
+        ranked = []
+        counts = zip(band.shard_items, band.shard_granted, band.shard_stale, strict=True)
+        for n, (items, granted, stale) in enumerate(counts):
+            live = granted - stale
+            if items > live:
+                ranked.append((*self._shard_rank(band, n, live), n))
+        heapq.heapify(ranked)
+        return ranked
 
     @staticmethod
-    def _pick_shard(band: LedgerBand) -> int:
-        """The shard the band's next grant goes to, among those holding more requests than live grants.
+    def _shard_rank(band: LedgerBand, shard: int, live: int) -> tuple[float, float]:
+        """Where `shard` stands for a fair band's next grant (smaller goes first), given its `live` grants.
 
         With flow affinity each flow is on one shard, whose policy shares that shard's grants among
         its flows by weight; so the shards must share the band's grants by the weight of the flows
@@ -476,27 +508,20 @@ class Ledger:
         shards; `grant_answered` replaces the typical cost by the real one). Ties go to the shard
         holding the most bytes per live grant. (Every tie to the thinnest shard instead measured
         better for thin closed-loop flows but let one take two grants in a row: twice the service
-        difference of one shard in the N-shard simulation; see docs/architecture.md.) global-fcfs
-        shares by nothing but arrival: the grant goes to the shard holding the oldest request that no
-        live grant covers (`_oldest_uncovered`).
+        difference of one shard in the N-shard simulation; see docs/architecture.md.) A rank depends
+        on its own shard's counts only, so granting one shard leaves the others' ranks as they were.
         """
+        items = band.shard_items[shard]
+        return band.shard_vtime[shard], -(band.shard_bytes[shard] / (live + 1) + 1e-9 * (items - live))
+
+    @staticmethod
+    def _pick_shard(band: LedgerBand) -> int:
+        """The shard a band that is not fair-shared grants next: its only shard, or under global-fcfs
+        (which shares by nothing but arrival) the shard holding the oldest request that no live grant
+        covers (`_oldest_uncovered`). Fair bands rank their shards instead (`_shard_rank`)."""
         if len(band.shard_items) == 1:
             return 0
-        if band.cost_kind == _ARRIVALS:
-            return Ledger._oldest_uncovered(band)
-        best, best_time, best_score = -1, _INF, -1.0
-        by_time = band.fair
-        vtime = band.shard_vtime
-        for n, items in enumerate(band.shard_items):
-            granted = band.shard_granted[n] - band.shard_stale[n]
-            if items > granted:
-                t = vtime[n] if by_time else 0.0
-                if t > best_time:
-                    continue
-                score = band.shard_bytes[n] / (granted + 1) + 1e-9 * (items - granted)  # ties: by bytes held
-                if t < best_time or score > best_score:
-                    best, best_time, best_score = n, t, score
-        return best
+        return Ledger._oldest_uncovered(band)
 
     @staticmethod
     def _oldest_uncovered(band: LedgerBand) -> int:

@@ -786,15 +786,8 @@ class BytesProportionalLedger(Ledger):
     """Grants spread over shards in proportion to the bytes they hold (before fair shares): negative control."""
 
     @staticmethod
-    def _pick_shard(band):
-        best, best_score = -1, -1.0
-        for n, items in enumerate(band.shard_items):
-            granted = band.shard_granted[n] - band.shard_stale[n]
-            if items > granted:
-                score = band.shard_bytes[n] / (granted + 1)
-                if score > best_score:
-                    best, best_score = n, score
-        return best
+    def _shard_rank(band, shard, live):
+        return 0.0, -band.shard_bytes[shard] / (live + 1)
 
 
 def backlogged_service_difference(fairness: str, shards: int, *, weights: dict[str, float] | None = None,
