@@ -80,6 +80,7 @@ class Pending(msgspec.Struct, gc=False):
     reserved_items: int = 0
     tokens: int = 0  # declared tokens (0: none): a vtc band's cost, as in the engine
     weight: float = 0.0  # the request's own weight (0: the flow's configured weight), as in the engine
+    cost: int = 0  # in a fair band: what its dispatch costs its flow (LedgerBand.cost), set when queued
 
 
 class FlowUsage:
@@ -349,7 +350,8 @@ class Ledger:
                 # the latest request's weight is the flow's
                 self._reweigh(band, shard, p.weight - flow.weight, (p.weight - flow.weight) * flow.finish)
                 flow.weight = p.weight
-            band.shard_cost[shard] += band.cost(p)
+            p.cost = cost = band.cost(p)
+            band.shard_cost[shard] += cost
         flow.queued_items += 1
         flow.queued_bytes += p.size
         band.order[p.id] = p
@@ -384,7 +386,7 @@ class Ledger:
         flow.queued_items -= 1
         flow.queued_bytes -= p.size
         if band.fair:
-            band.shard_cost[p.shard] -= band.cost(p)
+            band.shard_cost[p.shard] -= p.cost
             if not flow.queued_items:  # it takes its finish time, so its service with it
                 if band.shard_weight[p.shard] - flow.weight < 1e-9:  # no flow left there (and no float dust)
                     band.shard_weight[p.shard] = band.shard_tags[p.shard] = 0.0
@@ -614,7 +616,7 @@ class Ledger:
             if owner.fair:
                 flow = owner.flows.get(dispatched.flow)
                 if flow is not None:
-                    cost = owner.cost(dispatched)
+                    cost = dispatched.cost
                     flow.finish += cost / (flow.weight or 1.0)
                     owner.shard_tags[shard] += cost if flow.weight else 0.0
                     if owner is not band and owner.shard_weight[shard]:  # a narrowed grant served it here
@@ -623,7 +625,7 @@ class Ledger:
             weight = band.shard_weight[shard]
             real = charge
             if dispatched is not None and dispatched.band == band_index and weight:
-                real = band.cost(dispatched) / weight
+                real = dispatched.cost / weight
             band.shard_vtime[shard] += (real if dispatched_size is not None else 0.0) - charge
         live = band.shard_stale[shard] == 0
         if not live:
