@@ -15,7 +15,8 @@ vLLM's OpenAI server, with a load model that makes its `/metrics` move the way v
   (drop each request's connection without an answer), `die_after` (drop the connection after that
   many streamed tokens), `max_running`, `metrics_status` (fail `/metrics` with that status);
 - `GET /fake/stats`: requests, running, waiting, completed, aborted (the client went away before
-  the end: how a test sees that the proxy closed the upstream request), peak running and waiting.
+  the end: how a test sees that the proxy closed the upstream request), peak running and waiting,
+  and `model_paths`: the path and query, as received, of the last 64 `GET /v1/models…` requests.
 
 `python -m bench.fakeoai [--port 0] [--ttft S] [--itl S] ...` prints
 `fakeoai ready: http://HOST:PORT pid=PID` on stderr; SIGTERM/SIGINT stop it.
@@ -86,6 +87,7 @@ class FakeBackend:
         self.counts = {"requests": 0, "completed": 0, "aborted": 0, "peak_running": 0, "peak_waiting": 0,
                        "metrics_scrapes": 0}
         self._id = 0
+        self.model_paths: deque[str] = deque(maxlen=64)  # the raw request targets of GET /v1/models...
 
     # ------------------------------------------------------------------ the batch
 
@@ -120,12 +122,14 @@ class FakeBackend:
     # ------------------------------------------------------------------ handlers
 
     async def models(self, request: web.Request) -> web.Response:
+        self.model_paths.append(request.raw_path)
         data = {"object": "list", "data": [{"id": self.config.model, "object": "model", "created": 0,
                                             "owned_by": "fakeoai"}]}
         return web.Response(body=_encode(data), content_type="application/json")
 
     async def model(self, request: web.Request) -> web.Response:
         """`GET /v1/models/{id}` (the id percent-decoded: the openai client sends `org%2Fname`)."""
+        self.model_paths.append(request.raw_path)
         name = request.match_info["model"]
         if name != self.config.model:
             error = {"error": {"message": f"The model `{name}` does not exist.", "type": "invalid_request_error",
@@ -158,7 +162,7 @@ class FakeBackend:
         return web.Response(text=text, content_type="text/plain")
 
     async def stats(self, request: web.Request) -> web.Response:
-        data = dict(self.counts, running=self.running, waiting=len(self.waiters))
+        data = dict(self.counts, running=self.running, waiting=len(self.waiters), model_paths=list(self.model_paths))
         return web.Response(body=_encode(data), content_type="application/json")
 
     async def set_config(self, request: web.Request) -> web.Response:

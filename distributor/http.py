@@ -633,7 +633,7 @@ class HttpConnection(asyncio.Protocol):
             assert proxy is not None
             if route is None and (path in proxy.routes or proxy.serves(path)):
                 try:
-                    proxy.handle(self, method, path, headers, body, conn, close)
+                    proxy.handle(self, method, path, headers, body, conn, close, b"" if q < 0 else url[q:])
                 except Exception as exc:
                     log.exception("proxy handler for %s failed", path[:200])
                     self._respond(self._error_for(500, f"internal error: {type(exc).__name__}", conn, path=path), close)

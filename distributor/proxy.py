@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Final
 import aiohttp
 import msgspec
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from yarl import URL
 
 from distributor.api import Admission, Audit
 from distributor.backends import Backend, BackendPool, Scraper
@@ -337,10 +338,12 @@ class Proxy:
         return self.pc.max_body_bytes if path in POST_ROUTES else None
 
     def handle(self, conn: HttpConnection, method: bytes, path: bytes, raw_headers: list[tuple[bytes, bytes]],
-               body: bytes, conn_hdr: bytes, close: int) -> None:
+               body: bytes, conn_hdr: bytes, close: int, query: bytes = b"") -> None:
+        """`query`: the request's query string with its `?`, as received (b"": none); a passed-through
+        GET forwards it unchanged."""
         slot = conn.slot_open(conn_hdr, close)
         try:
-            self._handle(conn, slot, method, path, raw_headers, body, conn_hdr)
+            self._handle(conn, slot, method, path, raw_headers, body, conn_hdr, query)
         except Exception as exc:  # a bug of ours: the slot must still be answered, or the connection stalls
             log.exception("proxy handler for %r failed", path[:200])
             if slot.exchange is None or slot.exchange.task is None:  # (a no-op if the slot was answered)
@@ -348,7 +351,7 @@ class Proxy:
                                                        "server_error", "internal_error", None, conn_hdr))
 
     def _handle(self, conn: HttpConnection, slot: _Slot, method: bytes, path: bytes,
-                raw_headers: list[tuple[bytes, bytes]], body: bytes, conn_hdr: bytes) -> None:
+                raw_headers: list[tuple[bytes, bytes]], body: bytes, conn_hdr: bytes, query: bytes) -> None:
         route = path.decode("latin-1")
         headers = [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in raw_headers]
         model = path not in ROUTES  # (the front sends only ROUTES and what `serves`)
@@ -359,7 +362,10 @@ class Proxy:
                 conn.slot_respond(slot, http_error(405, f"method {method.decode('latin-1')} not allowed", conn_hdr,
                                                    b"allow: GET, HEAD\r\n"))
                 return
-            exchange = Exchange(self, conn, slot, route, _PASSTHROUGH, headers, conn_hdr, path.decode("latin-1"))
+            # the path and query as received (llhttp let only printable ASCII through): forward() sends
+            # them unchanged, not re-quoted
+            exchange = Exchange(self, conn, slot, route, _PASSTHROUGH, headers, conn_hdr,
+                                (path + query).decode("latin-1"))
             slot.exchange = exchange
             exchange.task = self.loop.create_task(self.forward(exchange, method=method.decode()))
             self.active.add(exchange)
@@ -440,9 +446,11 @@ class Proxy:
         ex.backend = backend
         resp: aiohttp.ClientResponse | None = None
         try:
+            url: str | URL = backend.url + ex.path
+            if not counted:  # a passed-through GET: its path and query go as the client sent them (not re-quoted)
+                url = URL(str(URL(backend.url)) + ex.path, encoded=True)
             try:
-                resp = await self.session.request(method, backend.url + ex.path, data=ex.item.body or None,
-                                                  headers=headers)
+                resp = await self.session.request(method, url, data=ex.item.body or None, headers=headers)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 self.pool.failed(backend, loop.time(), "connect", f"{type(exc).__name__}: {exc}")
                 if last:

@@ -965,3 +965,31 @@ def test_models_retrieve_is_passed_through_without_admission(launch: Any, fake_b
     s = settled(svc)
     assert s["totals"]["dispatched"] == 0 and band_outcomes(s)["dispatched"] == 0
     assert s["proxy"]["responses"] == {"/v1/models/{id} 200": 2, "/v1/models/{id} 404": 1}  # one label for all ids
+
+
+def test_a_passed_through_get_forwards_its_query_string_as_received(launch: Any, fake_backend: Any) -> None:
+    """`GET /v1/models?…` and `GET /v1/models/{id}?…` reach the backend with their query string, byte for
+    byte as the client sent it (not re-quoted: `%7e` stays `%7e`, `%2F` is not decoded); so does HEAD."""
+    fake = fake_backend(model="org/fake-model")
+    svc = launch(proxy_config([fake.url], budget=4))
+    raw = client(svc).models.with_raw_response.list(extra_query={"limit": "2", "after": "a b/c"})
+    assert [m.id for m in raw.parse().data] == ["org/fake-model"]
+    sent = raw.http_request.url.raw_path.decode()  # what the openai client put on the wire
+    assert "?" in sent and "limit=2" in sent, sent
+    assert fake.stats()["model_paths"] == [sent]
+
+    targets = ["/v1/models?a=%7e&b=x+y&c=%2F&flag&d=a%20b", "/v1/models/org%2ffake-model?x=%7E&y=",
+               "/v1/models/org%2Ffake-model"]
+
+    async def go() -> None:
+        conn = await HttpConn.open(svc.http_port)
+        for target in targets:
+            r = await conn.request("GET", target)
+            assert r.status == 200, r
+        r = await conn.request("HEAD", "/v1/models?h=1")
+        assert r.status == 200, r
+        conn.close()
+
+    run(go())
+    assert fake.stats()["model_paths"] == [sent, *targets, "/v1/models?h=1"]
+    assert settled(svc)["totals"]["dispatched"] == 0  # still passed through without admission
