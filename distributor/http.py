@@ -791,12 +791,6 @@ class HttpConnection(asyncio.Protocol):
         """Bytes written to the connection that its transport has not yet handed to the kernel."""
         return 0 if self._dead else self._transport.get_write_buffer_size()
 
-    def abort(self) -> None:
-        """Cut the connection (a streamed response cannot be finished): the client sees it truncated."""
-        if not self._closing:
-            self._closing = True
-            self._transport.abort()
-
     def slot_end(self, slot: _Slot, tail: bytes = b"", *, close: bool = False) -> None:
         """The last piece of the slot's response; the responses queued behind it may follow, or with
         `close` the connection is closed once it is written (the service is shutting down)."""

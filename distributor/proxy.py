@@ -11,10 +11,11 @@ admission.
 Refusals become OpenAI-shaped errors: 429 (capacity, TTL, displacement) or 503 (shutting down,
 shard failure), with `Retry-After` and `x-llm-d-request-dropped-reason`. Backend failures before
 the response started are retried on another backend (`retries`); a backend failing mid-stream
-ends the stream with an SSE error event, which the openai client raises as an `APIError`. A stream
-still running when the service's drain ends is ended the same way (code `shutting_down`), a JSON
-answer still awaited then gets a 503 `shutting_down`; either way its upstream request is closed and
-its connection closed after the answer.
+ends the stream with an SSE error event, which the openai client raises as an `APIError`, and so
+does an unexpected exception of flowshard's own once the stream has begun (code `internal_error`;
+before it began, a 500). A stream still running when the service's drain ends is ended the same
+way (code `shutting_down`), a JSON answer still awaited then gets a 503 `shutting_down`; either way
+its upstream request is closed and its connection closed after the answer.
 
 Each proxied request is one asyncio task (the upstream call needs one); the response bytes are
 copied in this front process (see docs/proxy.md for the measured cost per request and per chunk).
@@ -151,6 +152,7 @@ class ProxyStats:
         self.retries = 0
         self.no_backend = 0
         self.midstream_failures = 0
+        self.internal_errors = 0  # proxied requests ended by an unexpected exception of flowshard's own
         self.tokens = {"estimated": 0, "prompt": 0, "completion": 0}
         self.chunks = 0
 
@@ -236,12 +238,15 @@ class Exchange:
         if task.cancelled():
             if proxy.closing and not self.gone:  # the drain ended with it still running
                 proxy.end_at_close(self)
-        elif task.exception() is not None:
-            log.error("proxying %s failed", self.route, exc_info=task.exception())
+        elif (exc := task.exception()) is not None:  # a bug of ours (forward() handles the backend's failures)
+            proxy.stats.internal_errors += 1
+            log.error("proxying %s failed", self.route, exc_info=exc)
             if self.gone:
                 pass
-            elif self.started:  # part of the response was written: cut the connection, the client sees it
-                self.conn.abort()
+            elif self.started:  # the head went out: end the stream as a backend failing mid-stream does
+                proxy._end_stream_with_error(
+                    self, f"flowshard: internal error while relaying the stream ({type(exc).__name__}); the "
+                    "response is incomplete", "server_error", "internal_error", close=True)
             else:
                 self.conn.slot_respond(self.slot, error_response(500, "flowshard: internal error", "server_error",
                                                                  "internal_error", None, self.conn_hdr))
@@ -469,9 +474,9 @@ class Proxy:
             else:
                 await self._relay_body(ex, backend, resp)
             return True
-        except asyncio.CancelledError:
+        except BaseException:  # the client left (cancelled), the drain ended, or a bug of ours
             if resp is not None:
-                resp.close()  # the client left: drop the connection (not back to the pool): the backend stops
+                resp.close()  # drop the connection (not back to the pool): the backend stops
             raise
         finally:
             if resp is not None and not resp.closed:
@@ -591,6 +596,8 @@ class Proxy:
         yield dropped
         yield CounterMetricFamily("flowshard_proxy_client_disconnects", "Clients that left before their response "
                                   "ended (the upstream request was closed).", value=st.client_disconnects)
+        yield CounterMetricFamily("flowshard_proxy_internal_errors", "Proxied requests ended by an internal "
+                                  "error of flowshard (logged with its traceback).", value=st.internal_errors)
         yield CounterMetricFamily("flowshard_proxy_retries", "Requests tried again on another backend.",
                                   value=st.retries)
         yield CounterMetricFamily("flowshard_proxy_no_backend", "Requests answered 503 because no backend was up.",
@@ -666,7 +673,8 @@ class Proxy:
             "pool_saturation": util.saturation() if util is not None else None,
             "responses": {f"{route} {status}": n for (route, status), n in sorted(st.responses.items())},
             "dropped": dict(st.dropped), "client_disconnects": st.client_disconnects, "retries": st.retries,
-            "no_backend": st.no_backend, "midstream_failures": st.midstream_failures, "tokens": dict(st.tokens),
+            "no_backend": st.no_backend, "midstream_failures": st.midstream_failures,
+            "internal_errors": st.internal_errors, "tokens": dict(st.tokens),
             "chunks": st.chunks, "backends": backends,
         }
 

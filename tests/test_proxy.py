@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -993,3 +994,86 @@ def test_a_passed_through_get_forwards_its_query_string_as_received(launch: Any,
     run(go())
     assert fake.stats()["model_paths"] == [sent, *targets, "/v1/models?h=1"]
     assert settled(svc)["totals"]["dispatched"] == 0  # still passed through without admission
+
+
+def test_a_failure_inside_flowshards_own_stream_relay_ends_with_an_error_event_not_a_cut(
+    fake_backend: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unexpected exception in flowshard's own streaming code (here: the relay's `feed`, made to
+    raise at its third call) ends the stream as a backend failing mid-stream does: an OpenAI-shaped
+    SSE error event (the openai client raises APIError, not a connection error), the chunked end, then
+    the connection closes. The upstream request is closed, the ticket released once, the error logged
+    and counted. (It used to cut the connection: the client saw a bare connection error.)"""
+    import distributor.proxy as proxy_module
+    from distributor.http import HttpLimits, start_http_server
+    from distributor.proxy import Proxy
+    from flowshard.classify import SseUsage
+    from flowshard.config import Config, ProxyConfig
+
+    class BrokenRelay(SseUsage):
+        calls = 0
+
+        def feed(self, data: bytes) -> bytes:
+            BrokenRelay.calls += 1
+            if BrokenRelay.calls % 3 == 0:
+                raise ZeroDivisionError("an injected bug")
+            return super().feed(data)
+
+    monkeypatch.setattr(proxy_module, "SseUsage", BrokenRelay)
+    fake = fake_backend(ttft=0.01, itl=0.02)
+    request = {"model": "m", "messages": MSG, "max_tokens": 50, "stream": True}
+
+    async def go() -> None:
+        admission = _RecordingAdmission()
+        proxy = Proxy(Config(proxy=ProxyConfig(backends=[fake.url], utilization=False)), admission, lambda: None)
+        await proxy.start()
+        server = await start_http_server(admission, "127.0.0.1", 0, HttpLimits(), lease=300.0, proxy=proxy)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            oai = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-test", max_retries=0,
+                                     timeout=10)
+            got: list[str] = []
+            with pytest.raises(openai.APIError) as exc:
+                async for chunk in await oai.chat.completions.create(**request):
+                    got.append(chunk.choices[0].delta.content or "")
+            assert type(exc.value) is openai.APIError, repr(exc.value)  # an error event, not a cut connection
+            assert exc.value.code == "internal_error" and exc.value.type == "server_error"
+            assert "internal error while relaying the stream (ZeroDivisionError)" in exc.value.message
+            assert got and set(got) == {" tok"}  # what was relayed before the failure arrived first
+            await oai.close()
+
+            # on the wire: whole events, the error event, the chunked end, then the connection closes
+            conn = await HttpConn.open(port)
+            conn.send("POST", "/v1/chat/completions", request)
+            answer = b""
+            while chunk := await asyncio.wait_for(conn.reader.read(65536), 10):
+                answer += chunk
+            conn.close()
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower(), head
+            events = _dechunk(body).split(b"\n\n")
+            assert events[-1] == b"" and all(e.startswith(b"data: ") for e in events[:-1]), events
+            assert json.loads(events[-2][len(b"data: "):])["error"]["code"] == "internal_error"
+            assert all(json.loads(e[len(b"data: "):])["choices"] for e in events[:-2])
+
+            deadline = time.monotonic() + 5
+            while len(admission.released) < 2 or fake.stats()["aborted"] < 2:
+                assert time.monotonic() < deadline, (admission.released, fake.stats())
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)  # (time for a second release, which must not come)
+            assert admission.released == [(1001, -1), (1002, -1)]  # each ticket released once
+            stats = fake.stats()
+            assert (stats["aborted"], stats["completed"], stats["running"]) == (2, 0, 0)  # upstream closed
+            snap = proxy.snapshot()
+            assert (snap["active"], snap["internal_errors"], snap["midstream_failures"]) == (0, 2, 0), snap
+            assert snap["backends"][0]["inflight"] == 0 and snap["backends"][0]["errors"] == {}
+            metrics = {m.name: [sample.value for sample in m.samples] for m in proxy.metrics()}
+            assert metrics["flowshard_proxy_internal_errors"] == [2], metrics
+        finally:
+            server.close()
+            await proxy.close()
+
+    with caplog.at_level(logging.ERROR, logger="distributor.proxy"):
+        run(go())
+    failed = [r for r in caplog.records if r.getMessage() == "proxying /v1/chat/completions failed"]
+    assert len(failed) == 2 and all(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in failed)
