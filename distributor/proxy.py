@@ -276,6 +276,7 @@ class Proxy:
         self.session: aiohttp.ClientSession | None = None
         self.scraper: Scraper | None = None
         self.closing = False  # close() began: what it cancels is answered `shutting_down` (end_at_close)
+        self.forced = False  # ...because a second signal cut the drain short, not at the drain's end
         self.loop = asyncio.get_running_loop()  # constructed by the distributor's start()
 
     async def start(self) -> None:
@@ -288,17 +289,19 @@ class Proxy:
             self.scraper = Scraper(self.pool, self.utilization, self.session, self.pc, self._on_room)
             self.scraper.start()
 
-    async def close(self) -> None:
-        """The drain is over: end what is still running. Each exchange's task is cancelled, which closes
-        its upstream request (the backend stops generating); its done callback answers the client
-        (`end_at_close`) and releases the ticket. Then wait, briefly, for those answers to be sent."""
+    async def close(self, *, forced: bool = False) -> None:
+        """The drain is over (`forced`: a second signal cut it short): end what is still running. Each
+        exchange's task is cancelled, which closes its upstream request (the backend stops generating);
+        its done callback answers the client (`end_at_close`) and releases the ticket. Then wait,
+        briefly, for those answers to be sent."""
         self.closing = True
+        self.forced = forced
         if self.scraper is not None:
             await self.scraper.stop()
         running = list(self.active)
         if running:
-            log.warning("the drain ended with %d proxied request(s) still running: ending them (shutting_down)",
-                        len(running))
+            log.warning("%s with %d proxied request(s) still running: ending them (shutting_down)",
+                        "a second signal stopped the drain" if forced else "the drain ended", len(running))
         for exchange in running:
             if exchange.task is not None:
                 exchange.task.cancel()
@@ -551,16 +554,17 @@ class Proxy:
         ex.conn.slot_end(ex.slot, b"%x\r\n%b\r\n0\r\n\r\n" % (len(tail), tail), close=close)
 
     def end_at_close(self, ex: Exchange) -> None:
-        """The drain ended with `ex` running (its task cancelled: the upstream request is closed). A
-        stream ends as one whose backend failed mid-stream does, with the reason; an answer not
-        started is a 503. Either way the connection is closed after it: the service is exiting."""
-        message = (f"flowshard: the service is shutting down: stream ended at the end of the drain "
-                   f"(drain_timeout {self.config.service.drain_timeout:g} s); the response is incomplete")
+        """The drain ended, or a second signal cut it short, with `ex` running (its task cancelled: the
+        upstream request is closed). A stream ends as one whose backend failed mid-stream does, with
+        the reason; an answer not started is a 503. Either way the connection is closed after it: the
+        service is exiting."""
+        when = ("when a second signal forced the stop during the drain" if self.forced else
+                f"at the end of the drain (drain_timeout {self.config.service.drain_timeout:g} s)")
         if ex.started:
+            message = f"flowshard: the service is shutting down: stream ended {when}; the response is incomplete"
             self._end_stream_with_error(ex, message, "service_unavailable", "shutting_down", close=True)
         else:
-            message = (f"flowshard: the service is shutting down: the request was still in progress at the "
-                       f"end of the drain (drain_timeout {self.config.service.drain_timeout:g} s)")
+            message = f"flowshard: the service is shutting down: the request was still in progress {when}"
             self.stats.response(ex.route, 503)
             ex.conn.slot_end(ex.slot, error_response(503, message, "service_unavailable", "shutting_down", None,
                                                      b"connection: close\r\n", b"retry-after: 1\r\n"),

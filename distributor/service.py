@@ -733,7 +733,7 @@ class Distributor:
         assert self._loop is not None
         if not self._accepting:
             if self._stopped is not None and not self._stopping:
-                self._loop.create_task(self.close())  # a second signal: stop now
+                self._loop.create_task(self.close(forced=True))  # a second signal: stop now
             return
         self._accepting = False
         for server in self.servers:
@@ -753,8 +753,9 @@ class Distributor:
     def _parked(self) -> bool:
         return any(p.state == PendingState.NEW for p in self.pending.values())
 
-    async def close(self) -> None:
-        """End everything queued with `evicted: shutdown`, stop the workers, remove shared memory."""
+    async def close(self, *, forced: bool = False) -> None:
+        """End everything queued with `evicted: shutdown`, stop the workers, remove shared memory.
+        `forced`: a second signal cut the drain short (proxy mode says so to the streams it ends)."""
         if self._stopping:
             return
         self._stopping = True
@@ -764,7 +765,7 @@ class Distributor:
         for server in self.servers:
             server.close()
         if self.proxy is not None:
-            await self.proxy.close()  # ends the responses still streaming; their tickets are released
+            await self.proxy.close(forced=forced)  # ends the responses still streaming; their tickets are released
         for s in self.shards:
             if s.link is not None:
                 self._send(s.index, Shutdown())

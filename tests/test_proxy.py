@@ -1077,3 +1077,45 @@ def test_a_failure_inside_flowshards_own_stream_relay_ends_with_an_error_event_n
         run(go())
     failed = [r for r in caplog.records if r.getMessage() == "proxying /v1/chat/completions failed"]
     assert len(failed) == 2 and all(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in failed)
+
+
+def test_a_second_signal_ends_running_requests_saying_so_not_at_the_end_of_the_drain(
+    launch: Any, fake_backend: Any
+) -> None:
+    """SIGTERM starts a long drain; a second SIGTERM stops at once. The stream still running then ends
+    with the SSE error event `shutting_down` saying a second signal forced the stop (it used to say
+    "at the end of the drain", which had not come), and so does the 503 of a non-streamed answer
+    still awaited; both upstream requests are closed and the service exits 0 long before the drain."""
+    fake = fake_backend(ttft=0.01, itl=0.05)
+    svc = launch(proxy_config([fake.url], budget=4, service={"drain_timeout": 60.0}))
+    host, port = svc.url("").split("//")[1].split("/")[0].rsplit(":", 1)
+    body = json.dumps({"model": "m", "messages": MSG, "max_tokens": 400}).encode()
+    whole = socket.create_connection((host, int(port)), timeout=10)
+    whole.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                  b"content-length: %d\r\n\r\n%b" % (len(body), body))
+    pieces = iter(client(svc).chat.completions.create(model="m", messages=MSG, max_tokens=400, stream=True))
+    got = [next(pieces).choices[0].delta.content]
+    _until(lambda: fake.stats()["running"] == 2)
+    svc.signal(signal.SIGTERM)
+    got.extend(next(pieces).choices[0].delta.content for _ in range(3))  # the drain lets it run on
+    signalled = time.monotonic()
+    svc.signal(signal.SIGTERM)
+    with pytest.raises(openai.APIError) as exc:
+        got.extend(chunk.choices[0].delta.content for chunk in pieces)
+    assert type(exc.value) is openai.APIError, repr(exc.value)  # an error event, not a connection error
+    assert exc.value.code == "shutting_down" and exc.value.type == "service_unavailable"
+    assert exc.value.message == ("flowshard: the service is shutting down: stream ended when a second signal "
+                                 "forced the stop during the drain; the response is incomplete"), exc.value.message
+    assert 4 <= len(got) < 400 and set(got) == {" tok"}
+    head, _, payload = _read_until_closed(whole).partition(b"\r\n\r\n")
+    whole.close()
+    assert head.startswith(b"HTTP/1.1 503") and b"connection: close" in head.lower(), head
+    error = json.loads(payload)["error"]
+    assert error["code"] == "shutting_down" and error["message"] == (
+        "flowshard: the service is shutting down: the request was still in progress when a second signal "
+        "forced the stop during the drain"), error
+    assert svc.wait() == 0
+    assert time.monotonic() - signalled < 5.0  # not the 60 s drain
+    _until(lambda: fake.stats()["aborted"] == 2)  # both upstream requests were closed
+    assert fake.stats()["completed"] == 0
+    assert "a second signal stopped the drain with 2 proxied request(s) still running" in svc.stderr()
