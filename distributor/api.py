@@ -95,9 +95,11 @@ class Admission(Protocol):
         ("metrics"), given to `done` (at once, or after a round trip from an acceptor process)."""
 
     def delivered(self, ticket: int) -> None:
-        """The answer carrying this leased (HTTP) ticket was written to its client. Nothing to do in
-        the distributor's process; an acceptor reports it, so that the tickets of answers it never
-        wrote (it died or hung) are released at once instead of holding the budget for the lease."""
+        """The answer carrying this leased (HTTP) ticket is about to be written to its client (the
+        front calls this before the write). Nothing to do in the distributor's process; an acceptor
+        reports it before the answer leaves, so that the tickets of answers it never wrote (it died
+        or hung) are released at once instead of holding the budget for the lease, and a ticket
+        whose answer may have reached its client is never released under it."""
 
     def release_all(self, waiter: Waiter) -> int:
         """The connection closed: release every ticket it holds (binary protocol)."""

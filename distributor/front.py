@@ -109,7 +109,7 @@ class Upstream(asyncio.Protocol):
         self._queries: dict[int, Callable[[bytes, str], None]] = {}
         self._owned: dict[Any, set[int]] = {}  # binary waiter -> its tickets (the connection is the lease)
         self._owner: dict[int, Any] = {}  # and back
-        self._delivered: list[int] = []  # leased tickets whose answers were written this pass
+        self._delivered: list[int] = []  # leased tickets whose answers are being written (see delivered)
         self._accepting = False
         self._ready = False
         self.finished: asyncio.Future[None] = loop.create_future()
@@ -243,8 +243,15 @@ class Upstream(asyncio.Protocol):
                 del self._owned[waiter]
 
     def delivered(self, ticket: int) -> None:
-        self._delivered.append(ticket)  # sent as one LinkDelivered at the end of the pass
-        self._schedule_flush()
+        """The answer carrying this leased ticket is about to be written to its client: the report goes
+        to the link now, with what else is pending, so it is in the kernel before the answer is. If
+        this process dies, the distributor then never releases a ticket its client may have (at
+        worst it keeps one whose answer was not written, until its lease ends). Reported at the end
+        of the pass, as before, an answer written in the pass in which this process died came back
+        to the budget while its client held it: in flight above the budget. One link write per
+        answer, in the acceptor, whose cores are the spare ones."""
+        self._delivered.append(ticket)
+        self._flush()
 
     def release_all(self, waiter: Waiter) -> int:
         mine = self._owned.pop(waiter, set())
