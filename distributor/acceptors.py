@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import socket
 import subprocess
 import time
@@ -37,6 +38,7 @@ from distributor.api import (
     Audit,
     connection_verdict,
 )
+from distributor.deliverylog import DeliveryLog, create_fd
 from distributor.spawn import spawn_linked
 from flowshard.codec import (
     Audited,
@@ -98,6 +100,7 @@ class AcceptorLink(asyncio.Protocol):
         self.lost = False
         self.pid = 0
         self.handover: socket.socket | None = None  # where its connections are handed (SOCK_SEQPACKET)
+        self.delivery: DeliveryLog | None = None  # the answers it wrote, read once it is gone (deliverylog)
         # per (front, verdict) counted against the limits (COUNTED): connections handed to it, and
         # how many of them it reported closed (LinkConns); the difference is open (or on its way)
         self.handed = dict.fromkeys(COUNTED, 0)
@@ -176,6 +179,11 @@ class AcceptorLink(asyncio.Protocol):
             self.ready = True
             svc.on_acceptor_hello(self)
 
+    def close_delivery(self) -> None:
+        if self.delivery is not None:
+            self.delivery.close()
+            self.delivery = None
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.ready = False
@@ -188,8 +196,13 @@ class AcceptorLink(asyncio.Protocol):
             if request_id != _NOT_YET:
                 svc.cancel(request_id)
         svc.release_all(self)
-        for ticket in list(self.unconfirmed):  # answers it never wrote to their clients
-            if svc.release(ticket):
+        # Answers it was sent and did not report written: those not in its delivery log never left it
+        # (nobody holds their tickets: released now); those in it may have reached their clients in
+        # its last pass (kept for their lease: released under a client, in flight would pass the budget)
+        written = self.delivery.tickets() if self.delivery is not None else set()
+        self.close_delivery()
+        for ticket in list(self.unconfirmed):
+            if ticket not in written and svc.release(ticket):
                 svc.guards.hit("http", "undeliverable")
         self.unconfirmed.clear()
         svc.on_acceptor_lost(self)
@@ -271,15 +284,20 @@ class Acceptors:
     async def _spawn(self, index: int) -> None:
         link = AcceptorLink(self.service, index, self._preamble)
         self.links[index] = link
+        fd = create_fd()
         try:
+            link.delivery = DeliveryLog(fd)
             proc, (link.handover,) = await spawn_linked(
                 lambda fds: ["distributor.front", "--index", str(index), "--acceptors", str(self.count),
-                             "--fd", str(fds[0]), "--handover-fd", str(fds[1])],
-                link, self.service.fd_reserve, (socket.SOCK_STREAM, socket.SOCK_SEQPACKET),
+                             "--fd", str(fds[0]), "--handover-fd", str(fds[1]), "--delivered-fd", str(fd)],
+                link, self.service.fd_reserve, (socket.SOCK_STREAM, socket.SOCK_SEQPACKET), (fd,),
             )
         except BaseException:
             self.links[index] = None
+            link.close_delivery()
             raise
+        finally:
+            os.close(fd)
         self.procs[index] = proc
         self._last_start[index] = time.monotonic()
 

@@ -20,7 +20,7 @@ and even this process (released by the client on any connection, or by the lease
 dies, the distributor cancels what its clients were waiting for and releases their binary tickets,
 then starts a new one; if the distributor goes away, this process exits.
 
-    python -m distributor.front --index K --acceptors N --fd FD --handover-fd FD   (started by serve)
+    python -m distributor.front --index K --acceptors N --fd FD --handover-fd FD --delivered-fd FD   (by serve)
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from distributor.api import (
     Audit,
     Waiter,
 )
+from distributor.deliverylog import DeliveryLog
 from distributor.guards import Guards
 from flowshard.codec import (
     Audited,
@@ -95,7 +96,9 @@ class LinkGuards(Guards):
 class Upstream(asyncio.Protocol):
     """The acceptor's end of its socket pair to the distributor, and the fronts' `Admission`."""
 
-    def __init__(self, index: int, loop: asyncio.AbstractEventLoop, sole: bool = False) -> None:
+    def __init__(
+        self, index: int, loop: asyncio.AbstractEventLoop, sole: bool = False, delivery: DeliveryLog | None = None,
+    ) -> None:
         self.index = index
         self._sole = sole  # the only acceptor: every release passes through this process
         self._loop = loop
@@ -109,7 +112,8 @@ class Upstream(asyncio.Protocol):
         self._queries: dict[int, Callable[[bytes, str], None]] = {}
         self._owned: dict[Any, set[int]] = {}  # binary waiter -> its tickets (the connection is the lease)
         self._owner: dict[int, Any] = {}  # and back
-        self._delivered: list[int] = []  # leased tickets whose answers are being written (see delivered)
+        self._delivered: list[int] = []  # leased tickets whose answers were written this pass
+        self._delivery = delivery
         self._accepting = False
         self._ready = False
         self.finished: asyncio.Future[None] = loop.create_future()
@@ -243,15 +247,13 @@ class Upstream(asyncio.Protocol):
                 del self._owned[waiter]
 
     def delivered(self, ticket: int) -> None:
-        """The answer carrying this leased ticket is about to be written to its client: the report goes
-        to the link now, with what else is pending, so it is in the kernel before the answer is. If
-        this process dies, the distributor then never releases a ticket its client may have (at
-        worst it keeps one whose answer was not written, until its lease ends). Reported at the end
-        of the pass, as before, an answer written in the pass in which this process died came back
-        to the budget while its client held it: in flight above the budget. One link write per
-        answer, in the acceptor, whose cores are the spare ones."""
-        self._delivered.append(ticket)
-        self._flush()
+        """The answer carrying this leased ticket is about to be written to its client: in the delivery
+        log at once (read by the distributor if this process dies before its report), and reported
+        on the link at the end of the pass (see distributor.deliverylog)."""
+        if self._delivery is not None:
+            self._delivery.add(ticket)
+        self._delivered.append(ticket)  # sent as one LinkDelivered at the end of the pass
+        self._schedule_flush()
 
     def release_all(self, waiter: Waiter) -> int:
         mine = self._owned.pop(waiter, set())
@@ -369,12 +371,15 @@ class Handover:
         self._sock.close()
 
 
-async def run(index: int, sock: socket.socket, handover: socket.socket, config: Config, acceptors: int) -> None:
+async def run(
+    index: int, sock: socket.socket, handover: socket.socket, config: Config, acceptors: int,
+    delivery: DeliveryLog | None = None,
+) -> None:
     from distributor.binary import BinaryHub, BinaryLimits
     from distributor.http import HttpHub, HttpLimits
 
     loop = asyncio.get_running_loop()
-    upstream = Upstream(index, loop, sole=acceptors == 1)
+    upstream = Upstream(index, loop, sole=acceptors == 1, delivery=delivery)
     transport, _ = await loop.create_unix_connection(lambda: upstream, sock=sock)
     guards = LinkGuards(upstream)
     svc = config.service
@@ -398,12 +403,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--acceptors", type=int, required=True, help="how many acceptors serve (1: this one alone)")
     parser.add_argument("--fd", type=int, required=True, help="this end of the socket pair to the distributor")
     parser.add_argument("--handover-fd", type=int, required=True, help="where the distributor hands connections")
+    parser.add_argument("--delivered-fd", type=int, default=-1, help="the delivery log (distributor.deliverylog)")
     args = parser.parse_args(argv)
     sock, config = attach_to_distributor(args.fd)  # as a worker: drained by the distributor, not by signals
     if config is None:
         return 1
     handover = socket.socket(fileno=args.handover_fd)
-    uvloop.run(run(args.index, sock, handover, config, max(1, args.acceptors)))
+    delivery = None
+    if args.delivered_fd >= 0:
+        delivery = DeliveryLog(args.delivered_fd)
+        os.close(args.delivered_fd)
+    uvloop.run(run(args.index, sock, handover, config, max(1, args.acceptors), delivery))
     return 0
 
 

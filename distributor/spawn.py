@@ -23,11 +23,13 @@ async def spawn_linked(
     link: asyncio.Protocol,
     reserve: FdReserve | None,
     kinds: Sequence[int] = (socket.SOCK_STREAM,),
+    extra_fds: Sequence[int] = (),
 ) -> tuple[subprocess.Popen[bytes], list[socket.socket]]:
     """Start `python -P -m *argv(child_fds)` with one Unix socket pair per entry of `kinds` (socket
     types), the child's end of each passed as the descriptor at the same position of `child_fds`.
     Our end of the first pair is connected to `link`; our ends of the others are returned,
-    non-blocking. Raises OSError (having left nothing open) if it cannot.
+    non-blocking. `extra_fds` are passed too, under their own numbers (the caller keeps and closes
+    them). Raises OSError (having left nothing open) if it cannot.
 
     -P: the child's modules are the installed ones, never a `workers` or `distributor` package that
     happens to be in the directory `flowshard serve` was started from."""
@@ -41,7 +43,8 @@ async def spawn_linked(
                 ours.append(mine)
                 theirs.append(child)
             fds = [s.fileno() for s in theirs]
-            proc = subprocess.Popen([sys.executable, "-P", "-m", *argv(fds)], pass_fds=fds, stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen([sys.executable, "-P", "-m", *argv(fds)], pass_fds=[*fds, *extra_fds],
+                                    stdin=subprocess.DEVNULL)
         except BaseException:
             for s in ours:
                 s.close()

@@ -287,9 +287,9 @@ class LinkConns(msgspec.Struct, tag=28, array_like=True, gc=False):
 
 
 class LinkDelivered(msgspec.Struct, tag=29, array_like=True, gc=False):
-    """Acceptor -> distributor: leased (HTTP) tickets whose answers are being written to their
-    clients, sent before the answers are. Those not reported when the acceptor dies were never
-    written: released then."""
+    """Acceptor -> distributor, once per pass: leased (HTTP) tickets whose answers were written to
+    their clients. Those not reported when the acceptor dies are released then, unless its delivery
+    log (distributor.deliverylog) shows them written in its last pass."""
 
     tickets: list[int]
 

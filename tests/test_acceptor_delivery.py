@@ -1,21 +1,26 @@
-"""An acceptor reports an HTTP ticket's answer as delivered before the answer leaves for its client.
+"""What happens to the HTTP tickets an acceptor was answering when it dies.
 
-On the acceptor's death the distributor releases the tickets of answers never reported (nobody got
-them) and keeps the others for their lease. So the report must reach the link (the kernel's socket
-buffer, which outlives the process) before the answer reaches the client's socket: else an answer
-written in the pass in which the acceptor died is released while its client holds the ticket, and
-the service dispatches above its budget. In-process: the acceptor's real `Upstream` and HTTP front,
-a recording link, and a raw client socket that is peeked at the moment the report is written.
+An acceptor reports the answers it wrote (`LinkDelivered`) at the end of each pass. When it dies the
+distributor releases the tickets of answers it was sent and that were not reported (nobody got them)
+and keeps the others for their lease. An answer written in the pass in which it died has no report
+yet, although its client may hold the ticket; so the acceptor also writes each ticket to its delivery
+log (`distributor.deliverylog`, shared memory) right before the answer, and the distributor keeps
+the tickets it finds there. In-process: the acceptor's real `Upstream` and HTTP front with a raw
+client socket; the distributor's real `AcceptorLink` with a recording service.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+from types import SimpleNamespace
 from typing import Any
 
 import uvloop
 
+from distributor.acceptors import AcceptorLink
+from distributor.deliverylog import CAPACITY, DeliveryLog, create_fd
 from distributor.front import Upstream
 from distributor.http import HttpLimits, start_http_server
 from flowshard.codec import BatchReader, BatchWriter, FromAcceptor, LinkAdmit, LinkDelivered, Result
@@ -24,58 +29,99 @@ from flowshard.types import Outcome
 TICKET = 4242
 
 
-class RecordingLink:
-    """The acceptor's end of its link: records each write, and what the client had received then."""
+def _pair() -> tuple[DeliveryLog, DeliveryLog]:
+    """The acceptor's mapping and the distributor's, of one log (as each process maps it)."""
+    fd = create_fd()
+    try:
+        return DeliveryLog(fd), DeliveryLog(fd)
+    finally:
+        os.close(fd)
 
-    def __init__(self, client: socket.socket) -> None:
-        self.client = client
+
+def test_the_log_holds_what_was_written_and_the_last_capacity_tickets() -> None:
+    writer, reader = _pair()
+    try:
+        assert reader.tickets() == set()
+        for t in (11, 12, 13):
+            writer.add(t)
+        assert reader.tickets() == {11, 12, 13}
+        for t in range(100, 100 + CAPACITY + 5):  # the oldest leave the ring
+            writer.add(t)
+        got = reader.tickets()
+        assert len(got) == CAPACITY and 100 + CAPACITY + 4 in got and 104 not in got and 105 in got
+    finally:
+        writer.close()
+        reader.close()
+
+
+class RecordingLink:
+    """The acceptor's end of its link: decodes what is written."""
+
+    def __init__(self) -> None:
         self.reader = BatchReader(FromAcceptor)
-        self.writes: list[tuple[list[Any], bytes]] = []
+        self.got: list[Any] = []
 
     def write(self, data: bytes) -> None:
-        try:
-            seen = self.client.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            seen = b""
-        self.writes.append((self.reader.feed(data), seen))
+        self.got += self.reader.feed(data)
 
     def is_closing(self) -> bool:
         return False
 
-    def get_write_buffer_size(self) -> int:
-        return 0
 
-
-def test_the_delivered_report_is_on_the_link_before_the_answer_reaches_the_client() -> None:
+def test_an_answer_is_in_the_delivery_log_before_it_is_written_and_reported_at_the_end_of_the_pass() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        upstream = Upstream(0, loop)
+        mine, theirs = _pair()
+        upstream = Upstream(0, loop, delivery=mine)
         upstream._accepting = upstream._ready = True
         server = await start_http_server(upstream, "127.0.0.1", 0, HttpLimits(), lease=30.0)
         port = server.sockets[0].getsockname()[1]
         client = socket.create_connection(("127.0.0.1", port))
-        link = RecordingLink(client)
+        link = RecordingLink()
         upstream.connection_made(link)  # type: ignore[arg-type]
         try:
             body = b'{"flow": "a"}'
             client.sendall(b"POST /v1/admit HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
-            while not any(type(m) is LinkAdmit for msgs, _ in link.writes for m in msgs):
+            while not any(type(m) is LinkAdmit for m in link.got):
                 await asyncio.sleep(0.002)
-            (admit,) = [m for msgs, _ in link.writes for m in msgs if type(m) is LinkAdmit]
+            (admit,) = [m for m in link.got if type(m) is LinkAdmit]
             answer = BatchWriter()
             answer.add(Result(admit.key, int(Outcome.DISPATCHED), TICKET, 0.001))
-            upstream.data_received(answer.take())  # the distributor's answer: the front writes it
-            reports = [(m, seen) for msgs, seen in link.writes for m in msgs if type(m) is LinkDelivered]
-            assert [m.tickets for m, _ in reports] == [[TICKET]]
-            early = reports[0][1]
-            assert early == b"", f"the client had the answer before the report was on the link: {early!r}"
+            upstream.data_received(answer.take())  # the distributor's answer: the front writes it now
             client.settimeout(2.0)
-            got = b""
-            while b"}" not in got:
-                got += client.recv(65536)
-            assert got.startswith(b"HTTP/1.1 200") and str(TICKET).encode() in got
+            seen = client.recv(65536, socket.MSG_PEEK)
+            assert seen.startswith(b"HTTP/1.1 200") and str(TICKET).encode() in seen
+            # the answer has left; no report yet (end of the pass): only the log knows
+            assert not any(type(m) is LinkDelivered for m in link.got)
+            assert theirs.tickets() == {TICKET}
+            await asyncio.sleep(0.01)
+            assert [m.tickets for m in link.got if type(m) is LinkDelivered] == [[TICKET]]
         finally:
             client.close()
             server.close()
+            mine.close()
+            theirs.close()
 
     uvloop.run(main())
+
+
+def test_a_dead_acceptor_s_unreported_tickets_are_released_unless_its_log_says_they_were_written() -> None:
+    released: list[int] = []
+    guards: list[tuple[str, str]] = []
+    service = SimpleNamespace(
+        release=lambda ticket, tokens=-1: released.append(ticket) or True,
+        release_all=lambda waiter: 0,
+        cancel=lambda request_id: None,
+        guards=SimpleNamespace(hit=lambda front, action: guards.append((front, action))),
+        on_acceptor_lost=lambda link: None,
+    )
+    link = AcceptorLink(service, 0, b"")  # type: ignore[arg-type]
+    mine, theirs = _pair()
+    link.delivery = theirs
+    link.unconfirmed.update({1, 2, 3})  # answers sent to it, none reported written
+    mine.add(2)  # it wrote 2's answer in its last pass, then died before the report
+    mine.close()
+    link.connection_lost(None)
+    assert sorted(released) == [1, 3]  # 2's client may hold its ticket: kept for its lease
+    assert guards == [("http", "undeliverable")] * 2
+    assert link.delivery is None and not link.unconfirmed
