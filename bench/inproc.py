@@ -291,10 +291,10 @@ async def _run(
         back = _ToDistributor(loop)
         worker = ShardWorker(n, Engine(config, enforce_limits=False), d.shm, loop.create_future())
         worker.connection_made(back)  # type: ignore[arg-type]
-        link = WorkerLink(d, n, b"")
-        link.transport = _ToWorker(loop, worker, outside)  # type: ignore[assignment]
-        back.link = link
-        s.link = link
+        worker_link = WorkerLink(d, n, b"")  # (not `link`: that is the clients' mode, the parameter)
+        worker_link.transport = _ToWorker(loop, worker, outside)  # type: ignore[assignment]
+        back.link = worker_link
+        s.link = worker_link
         s.ready = True
     if http:
         return await _run_http(d, loop, requests, clients, flows, outside)

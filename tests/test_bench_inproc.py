@@ -38,3 +38,25 @@ def test_behind_an_acceptor_link_every_request_is_dispatched() -> None:
 def test_http_clients_on_the_http_front_every_request_is_dispatched() -> None:
     r = measure(2, requests=1000, clients=8, flows=3, http=True)
     assert r["requests"] == 1000 and r["distributor_us"] > 0, r
+
+
+@pytest.mark.parametrize("link", [False, True])
+def test_each_mode_drives_its_own_front(link: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default mode's clients speak the public binary protocol to a `BinaryConnection`; `--link`'s
+    speak to an acceptor's `AcceptorLink`. (A loop variable once shadowed the mode: every run went
+    through the link.)"""
+    from distributor.acceptors import AcceptorLink
+    from distributor.binary import BinaryConnection
+
+    seen = {"binary": 0, "link": 0}
+    for name, cls in (("binary", BinaryConnection), ("link", AcceptorLink)):
+        original = cls.data_received
+
+        def counting(self: object, data: bytes, _name: str = name, _original: object = original) -> None:
+            seen[_name] += 1
+            _original(self, data)  # type: ignore[operator]
+
+        monkeypatch.setattr(cls, "data_received", counting)
+    r = measure(1, requests=500, clients=4, flows=2, link=link)
+    assert r["requests"] == 500
+    assert (seen["link"] > 0, seen["binary"] > 0) == (link, not link), seen
