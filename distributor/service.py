@@ -150,6 +150,7 @@ class Distributor:
         self.shards = [Shard(i) for i in range(shards)]
         self.retry = [RetryAfter() for _ in config.bands]
         self.pending: dict[int, Pending] = {}
+        self._parked_ttl: dict[int, asyncio.TimerHandle] = {}  # parked newcomer -> its TTL timer
         self.tickets: dict[int, Ticket] = {}
         self._owned: dict[Any, set[int]] = {}  # waiter -> its tickets, so a closing connection frees them fast
         self._leases: OrderedDict[int, float] = OrderedDict()  # leased ticket -> deadline, in deadline order
@@ -228,7 +229,9 @@ class Distributor:
         p.owner = None  # nobody to answer; a dispatch that races with this releases at once
         if p.state == PendingState.QUEUED:
             self._send(p.shard, Cancel(p.id, Outcome.EVICTED_CANCELLED))
-        elif p.state == PendingState.NEW and p.victims_left == 0:
+        elif p.state == PendingState.NEW:
+            if p.victims_left:  # parked for displacement: its held room goes back now
+                self._unpark(p)
             self._finish(p, Outcome.EVICTED_CANCELLED, 0.0)
 
     def release(self, ticket: int, tokens: int = -1) -> bool:
@@ -316,6 +319,10 @@ class Distributor:
             ledger.mark_victims(p, victims)
             for victim in victims:
                 self._send(victim.shard, Cancel(victim.id, Outcome.EVICTED_DISPLACED))
+            ttl = p.payload[1] or self.config.default_ttl
+            if ttl and self._loop is not None:  # parked: its TTL runs here, not on a shard
+                delay = max(0.0, p.received + ttl - time.monotonic())
+                self._parked_ttl[p.id] = self._loop.call_later(delay, self._parked_expired, p)
         else:
             self._route(p)
 
@@ -431,11 +438,29 @@ class Distributor:
                 self._on_hello(shard, msg)
         self._schedule_plan()
 
+    def _parked_expired(self, p: Pending) -> None:
+        """A parked newcomer's TTL ran out before its victims left (one held on a stopped shard, say):
+        it ends `evicted: ttl` at its deadline, as a queued request would, and its held room goes back."""
+        self._parked_ttl.pop(p.id, None)
+        if p.state == PendingState.NEW and p.victims_left:
+            self._unpark(p)
+            self._finish(p, Outcome.EVICTED_TTL, time.monotonic() - p.received)
+
+    def _unpark(self, p: Pending) -> None:
+        timer = self._parked_ttl.pop(p.id, None)
+        if timer is not None:
+            timer.cancel()
+        self.ledger.abandon(p)
+
     def _retry_newcomer(self, p: Pending) -> None:
         """A request parked for displacement: its victims have left; admit it now (or give up).
 
-        While parked it had no TTL timer: if its TTL ran out meanwhile it ends `evicted: ttl` here,
-        never dispatched (the fast path does not look at TTLs)."""
+        Its TTL timer, armed when it was parked, is cancelled; if the TTL ran out meanwhile (the
+        timer not run yet) it ends `evicted: ttl` here, never dispatched (the fast path does not look
+        at TTLs)."""
+        timer = self._parked_ttl.pop(p.id, None)
+        if timer is not None:
+            timer.cancel()
         if p.owner is None:
             self._finish(p, Outcome.EVICTED_CANCELLED, 0.0)
             return
@@ -773,6 +798,9 @@ class Distributor:
         deadline = time.monotonic() + 2.0
         while any(s.link is not None for s in self.shards) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        for timer in self._parked_ttl.values():
+            timer.cancel()
+        self._parked_ttl.clear()
         for p in list(self.pending.values()):  # anything a worker did not report (it died, or never got it)
             if p.state in (PendingState.QUEUED, PendingState.DISPLACING):
                 self.ledger.leave(p)

@@ -279,6 +279,20 @@ class Ledger:
         self._reserve(newcomer, int(max(0, min(newcomer.size, free_bytes))), int(max(0, min(1, free_items))))
         self._hold_in_band(newcomer, 1)
 
+    def abandon(self, newcomer: Pending) -> None:
+        """A parked newcomer gives up before its victims have left (its TTL ran out, or its client
+        left): the room held for it goes back now, and its victims, already being cancelled, owe it
+        nothing when they leave. Without this a victim held on a stopped shard kept the newcomer
+        waiting past its TTL, and the room held with it, until that shard was killed (seconds).
+        Scans the bands below the newcomer's (where its victims are); it is rare."""
+        for band in self.bands[newcomer.band + 1 :]:
+            for victim in band.order.values():
+                if victim.displacer is newcomer:
+                    victim.displacer = None
+        newcomer.victims_left = 0
+        self._reserve(newcomer, -newcomer.reserved_bytes, -newcomer.reserved_items)
+        self._hold_in_band(newcomer, -1)
+
     def _hold_in_band(self, newcomer: Pending, sign: int) -> None:
         """Hold (sign 1) or give back (-1) the newcomer's room in its band and flow: it passed their
         limits when parked, and a later arrival of the same band or flow must not take that room."""

@@ -562,6 +562,31 @@ def test_nothing_is_displaced_when_everything_below_would_not_suffice():
     m.check_empty()
 
 
+def test_a_parked_newcomer_that_gives_up_returns_its_held_room_and_its_victims_owe_it_nothing():
+    """`abandon`: a newcomer parked for displacement whose TTL runs out (or whose client leaves) before
+    its victims have left gives back the global, band and flow room held for it at once; the victims,
+    already being cancelled, then leave without freeing it (it is gone)."""
+    cfg = config([{"priority": 1, "displacement": True}, {"priority": 0}], max_queued_requests=2,
+                 max_inflight_requests=None)
+    ledger = Ledger(cfg, 2)
+    lows = [Pending(i, "low", 1, 10) for i in (1, 2)]
+    for p in lows:
+        assert ledger.check(p) == []
+        ledger.enqueue(p, 0)
+    newcomer = Pending(3, "high", 0, 10)
+    victims = ledger.check(newcomer)
+    assert victims == [lows[1]]
+    ledger.mark_victims(newcomer, victims)
+    held = (ledger.reserved_items, ledger.bands[0].held, ledger.bands[0].flow_held)
+    assert held[0] == 0 and held[1] == (10, 1) and held[2] == {"high": (10, 1)}  # the queue is full: held per band
+    ledger.abandon(newcomer)
+    assert (ledger.reserved_items, ledger.reserved_bytes) == (0, 0)
+    assert ledger.bands[0].held == (0, 0) and ledger.bands[0].flow_held == {}
+    assert newcomer.victims_left == 0 and lows[1].displacer is None
+    assert ledger.leave(lows[1]) is None  # the victim leaves: nobody to hand the room to
+    assert ledger.check(Pending(4, "other", 0, 10)) == []  # the room is free for others
+
+
 @MODEL_SETTINGS
 @given(
     cfg=configs(displacement=True, scarce=True),
