@@ -247,8 +247,19 @@ class Model:
         p.owner = None
         if p.state == PendingState.QUEUED:
             self._send(p.shard, Cancel(p.id, Outcome.EVICTED_CANCELLED))
-        elif p.state == PendingState.NEW and p.victims_left == 0:
+        elif p.state == PendingState.NEW:
+            if p.victims_left:  # parked: its held room goes back now (service._unpark)
+                self._unpark(p)
             self._finish(p, Outcome.EVICTED_CANCELLED)
+
+    def _unpark(self, p: Pending) -> None:
+        """service._unpark: a parked newcomer gives up (cancelled, or its TTL ran out); the model's own
+        account of the room held for it is dropped with it, and its victims owe it nothing."""
+        self.ledger.abandon(p)
+        self.held.pop(p.id, None)
+        self.parked.pop(p.id, None)
+        for victim in [v for v, n in self.victim_of.items() if n == p.id]:
+            del self.victim_of[victim]
 
     def release(self, ticket: int) -> bool:
         """The client releases a dispatched request's ticket (service.release)."""
@@ -265,6 +276,12 @@ class Model:
     def advance(self, dt: float) -> None:
         self.now += dt
         self._log(f"clock +{dt} -> {self.now}")
+        for p in [p for p in self.pending.values() if p.state == PendingState.NEW and p.victims_left]:
+            ttl = p.payload[1] or self.config.default_ttl
+            if ttl and self.now - p.received >= ttl:  # service._parked_expired: its timer in the distributor
+                self._log(f"#{p.id} parked past its TTL")
+                self._unpark(p)
+                self._finish(p, Outcome.EVICTED_TTL)
 
     # ================================================================== distributor (service.py)
 

@@ -409,17 +409,20 @@ def test_cancel_before_the_grant_arrives_hands_the_grant_back():
     m.check_empty()
 
 
-def test_cancelled_parked_newcomer_ends_cancelled_once_its_victims_left():
+def test_cancelled_parked_newcomer_ends_cancelled_at_once_and_its_victim_still_leaves():
+    """A parked newcomer whose client leaves ends `cancelled` at once and its held room goes back (it
+    waited for its victims before, holding the room); the victim, whose cancel is on its way, is
+    displaced all the same."""
     m = Model(config(THREE, max_queued_requests=2, max_inflight_requests=1, fast_path=False), 2)
     fill_budget(m, 1)
     lows = [m.admit("l", 0, 10) for _ in range(2)]
     hi = m.admit("h", 2, 10)
     assert m.reqs[hi].victims == [lows[1]] and m.reqs[hi].pending.state == PendingState.NEW
     m.cancel(hi)
-    assert m.reqs[hi].outcome is None  # still waiting for its victim to leave
+    assert m.reqs[hi].outcome is CANCELLED and m.reqs[hi].delivered == []
+    assert (m.ledger.reserved_items, m.ledger.bands[0].held) == (0, (0, 0))
     m.settle()
-    assert m.reqs[lows[1]].outcome is DISPLACED
-    assert m.reqs[hi].outcome is CANCELLED and m.reqs[hi].delivered == [] and not m.reqs[hi].routed
+    assert m.reqs[lows[1]].outcome is DISPLACED and not m.reqs[hi].routed
     m.drain()
     m.check_empty()
 
