@@ -62,6 +62,9 @@ SPAWN_RETRY_MIN = 0.1  # a failed worker start is retried after this, doubling u
 SPAWN_RETRY_MAX = 5.0
 HOUSEKEEPING_INTERVAL = 0.25
 HEARTBEAT_STALE = 5.0
+# At the end of the drain: a worker that has sent nothing for this long after `Shutdown` is not waited
+# for (a healthy one reports its evictions and closes its link within milliseconds)
+SHUTDOWN_SILENCE = 0.25
 
 
 class Ticket(msgspec.Struct, gc=False):
@@ -795,9 +798,7 @@ class Distributor:
             if s.link is not None:
                 self._send(s.index, Shutdown())
         self._flush()
-        deadline = time.monotonic() + 2.0
-        while any(s.link is not None for s in self.shards) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await self._await_workers_reports(2.0)
         for timer in self._parked_ttl.values():
             timer.cancel()
         self._parked_ttl.clear()
@@ -808,11 +809,15 @@ class Distributor:
         if self.acceptors is not None:  # every outcome is delivered: the acceptors pass on the last ones
             await self.acceptors.close()
         for s in self.shards:
+            stuck = s.link is not None  # it did not finish reporting: stopped, wedged or far behind
             if s.link is not None and s.link.transport is not None:
                 s.link.transport.close()
             if s.proc is not None:
+                if stuck:
+                    with contextlib.suppress(ProcessLookupError):
+                        s.proc.kill()
                 try:
-                    s.proc.wait(timeout=max(0.0, deadline - time.monotonic()) + 0.5)
+                    s.proc.wait(timeout=0.5)
                 except subprocess.TimeoutExpired:
                     s.proc.kill()
                     s.proc.wait()
@@ -826,6 +831,30 @@ class Distributor:
             self.segment = None
         if self._stopped is not None:
             self._stopped.set()
+
+    async def _await_workers_reports(self, limit: float) -> None:
+        """After `Shutdown`: wait until every worker has reported what it evicted and closed its link,
+        for at most `limit` seconds, and no longer once every worker still open has been silent for
+        `SHUTDOWN_SILENCE` seconds: a stopped or wedged worker would otherwise hold the answers it
+        owes, and the exit, for all of `limit` (what it held then ends `evicted: shutdown` here)."""
+        start = time.monotonic()
+        heard = {s.index: (s.frames_from, start) for s in self.shards}
+        while True:
+            now = time.monotonic()
+            waiting = [s for s in self.shards if s.link is not None]
+            if not waiting or now - start >= limit:
+                return
+            silent = True
+            for s in waiting:
+                frames, since = heard[s.index]
+                if s.frames_from != frames:
+                    heard[s.index] = (s.frames_from, now)
+                    silent = False
+                elif now - since < SHUTDOWN_SILENCE:
+                    silent = False
+            if silent:
+                return
+            await asyncio.sleep(0.01)
 
     async def run_until_stopped(self) -> None:
         assert self._stopped is not None
