@@ -41,13 +41,15 @@ def connection_verdict(counted: int, reserved: int, max_connections: int, admin_
 class Audit(NamedTuple):
     """What the service knows of one request, for a client that asked (`audit`): its arrival sequence
     number at the distributor, the shard that held it (-1: none), and the service's time.monotonic()
-    seconds when the distributor received it, its shard queued it and it was dispatched (0: never)."""
+    seconds when the distributor received it, its shard queued it and it was dispatched (0: never),
+    and when that dispatch was committed (`decided`: what the inversion count judges by)."""
 
     seq: int
     shard: int
     received: float
     enqueued: float
     dispatched: float
+    decided: float = 0.0
 
 
 class Waiter(Protocol):

@@ -183,7 +183,7 @@ class Upstream(asyncio.Protocol):
         audit = None
         if type(msg) is Audited:
             m = cast(Audited, msg)
-            audit = Audit(m.seq, m.shard, m.received, m.enqueued, m.dispatched)
+            audit = Audit(m.seq, m.shard, m.received, m.enqueued, m.dispatched, m.decided)
         if msg.ticket and not leased:
             owned = self._owned.get(waiter)
             if owned is None:

@@ -143,6 +143,7 @@ class _AuditBody(msgspec.Struct):
     received: float
     enqueued: float
     dispatched: float
+    decided: float
 
 
 class _Dispatched(msgspec.Struct, omit_defaults=True):

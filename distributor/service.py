@@ -361,7 +361,8 @@ class Distributor:
         self._schedule_plan()
 
     def _finish(
-        self, p: Pending, outcome: Outcome, wait: float, *, counted_by_shard: bool = False, at: float = 0.0
+        self, p: Pending, outcome: Outcome, wait: float, *, counted_by_shard: bool = False, at: float = 0.0,
+        decided: int = 0,
     ) -> None:
         """Deliver the final outcome of `p` (exactly once), or release what it holds if nobody waits.
 
@@ -402,17 +403,22 @@ class Distributor:
             retry = self.retry[p.band]
             retry_after = retry.rejected(time.monotonic()) if outcome == Outcome.REJECTED_CAPACITY else retry.value
         if audit:
-            waiter.deliver(cid, p.id, outcome, ticket, wait, retry_after, self._audit(p, outcome, wait, at))
+            waiter.deliver(cid, p.id, outcome, ticket, wait, retry_after, self._audit(p, outcome, wait, at, decided))
         else:
             waiter.deliver(cid, p.id, outcome, ticket, wait, retry_after)
 
     @staticmethod
-    def _audit(p: Pending, outcome: Outcome, wait: float, at: float) -> Audit:
-        """What the service knows of `p`: decided by its shard (`at`), or here (fast path, rejection)."""
+    def _audit(p: Pending, outcome: Outcome, wait: float, at: float, decided: int) -> Audit:
+        """What the service knows of `p`: decided by its shard (`at`; `decided`, ns, when it committed
+        a dispatch), or here (fast path, rejection)."""
         if at:
-            return Audit(p.id, p.shard, p.received, at - wait, at if outcome == _DISPATCHED else 0.0)
+            if outcome != _DISPATCHED:
+                return Audit(p.id, p.shard, p.received, at - wait, 0.0)
+            return Audit(p.id, p.shard, p.received, at - wait, at, decided / 1e9)
+        if outcome != _DISPATCHED:
+            return Audit(p.id, -1, p.received, 0.0, 0.0)
         now = time.monotonic()
-        return Audit(p.id, -1, p.received, 0.0, now if outcome == _DISPATCHED else 0.0)
+        return Audit(p.id, -1, p.received, 0.0, now, now)
 
     # ------------------------------------------------------------------ shard frames
 
@@ -432,7 +438,7 @@ class Distributor:
                     band, live = ledger.grant_answered(shard, p.size, dispatched=p, dispatched_at=msg.decided)
                     covered = live and band == p.band
                 newcomer = ledger.leave(p, covered=covered)
-                self._finish(p, outcome, msg.wait, counted_by_shard=True, at=msg.at)
+                self._finish(p, outcome, msg.wait, counted_by_shard=True, at=msg.at, decided=msg.decided)
                 if newcomer is not None:
                     self._retry_newcomer(newcomer)
             elif kind is GrantBack:

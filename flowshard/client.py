@@ -41,13 +41,16 @@ _I64 = 1 << 63
 class ServiceView(msgspec.Struct, frozen=True, gc=False):
     """What the service knows of an admission (`admit(..., audit=True)`): its arrival sequence number
     at the distributor, the shard that held it (-1: none), and the service's time.monotonic() seconds
-    when the distributor received it, its shard queued it and it was dispatched (0: never)."""
+    when the distributor received it, its shard queued it and it was dispatched (0: never), and when
+    that dispatch was committed (`decided`: the instant the service's priority-inversion count judges
+    it by; 0 from a service that does not send it)."""
 
     seq: int
     shard: int
     received: float
     enqueued: float
     dispatched: float
+    decided: float = 0.0
 
 
 class AdmitResult(msgspec.Struct, frozen=True, gc=False):
@@ -218,7 +221,7 @@ class Client:
                     continue
                 view = None
                 if kind is Audited:
-                    view = ServiceView(msg.seq, msg.shard, msg.received, msg.enqueued, msg.dispatched)
+                    view = ServiceView(msg.seq, msg.shard, msg.received, msg.enqueued, msg.dispatched, msg.decided)
                 fut.set_result(AdmitResult(outcome, msg.ticket, msg.wait, msg.retry_after, view))
             elif kind is Released:
                 if not self._releases:

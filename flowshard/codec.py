@@ -130,7 +130,7 @@ class Done(msgspec.Struct, tag=5, array_like=True, gc=False):
     wait: float
     at: float = 0.0  # the shard's time.monotonic() of the outcome (0: not given)
     # a dispatch: the shard's CLOCK_MONOTONIC ns read right after its engine committed it, for the
-    # distributor's exact inversion count (Ledger.close_window); 0: not given (one band, the top band)
+    # distributor's exact inversion count (Ledger.close_window) and the audit (`Audited.decided`)
     decided: int = 0
 
 
@@ -191,7 +191,10 @@ class Audited(msgspec.Struct, tag=15, array_like=True, gc=False):
     `seq`: the request's arrival sequence number at the distributor (increasing in arrival order);
     `shard`: the shard that held it (-1: none, e.g. the idle fast path or a rejection); `received`,
     `enqueued`, `dispatched`: the service's time.monotonic() seconds when the distributor received it,
-    when its shard queued it and when it was dispatched (0: did not happen).
+    when its shard queued it and when it was dispatched (0: did not happen); `decided` (a trailing
+    field: 0 from older services): the same clock read right after the dispatch was committed, the
+    instant the service's own priority-inversion count judges it by (`dispatched` is when the
+    shard's pass began).
     """
 
     id: int
@@ -204,6 +207,7 @@ class Audited(msgspec.Struct, tag=15, array_like=True, gc=False):
     received: float
     enqueued: float
     dispatched: float
+    decided: float = 0.0
 
 
 class Error(msgspec.Struct, tag=13, array_like=True, gc=False):

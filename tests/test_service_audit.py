@@ -24,7 +24,7 @@ def test_binary_audit_carries_sequence_shard_and_service_times(launch: Any) -> N
             hold = await c.admit("hold", audit=True)
             assert hold.outcome is D and hold.service is not None
             assert hold.service.shard == -1 and hold.service.enqueued == 0.0  # the idle fast path
-            assert hold.service.dispatched >= hold.service.received > 0
+            assert hold.service.decided >= hold.service.dispatched >= hold.service.received > 0
             futures = {"plain": c.admit("plain")}  # no audit asked: a plain answer
             futures.update({f"r{i}": c.admit(f"f{i % 3}", size=100, audit=True) for i in range(12)})
             await svc.until_stats(lambda s: s["totals"]["queued_items"] == 13)
@@ -41,7 +41,8 @@ def test_binary_audit_carries_sequence_shard_and_service_times(launch: Any) -> N
             assert len(seqs) == 12 and seqs == sorted(seqs) and len(set(seqs)) == 12  # arrival order
             for v in views:
                 assert v is not None and v.shard in (0, 1)
-                assert v.received <= v.enqueued <= v.dispatched
+                # decided: when the shard committed the dispatch (after its pass began), top band too
+                assert v.received <= v.enqueued <= v.dispatched <= v.decided < v.dispatched + 1.0
             assert len({v.shard for v in views if v is not None}) == 2  # both shards held some
 
     run(main())
@@ -54,7 +55,8 @@ def test_http_audit_only_when_asked(launch: Any) -> None:
         r = await admit_http(svc.http_port, "a", audit=True)
         assert r.status == 200 and r.json()["outcome"] == "dispatched"
         audit = r.json()["audit"]
-        assert set(audit) == {"seq", "shard", "received", "enqueued", "dispatched"} and audit["shard"] == -1
+        assert set(audit) == {"seq", "shard", "received", "enqueued", "dispatched", "decided"}
+        assert audit["shard"] == -1 and audit["decided"] >= audit["dispatched"] > 0
         plain = await admit_http(svc.http_port, "a")
         assert plain.status == 200 and "audit" not in plain.json()
         bad = await ahttp(svc.http_port, "POST", "/v1/release", {"ticket": r.json()["ticket"], "tokens": -3})

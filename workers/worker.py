@@ -132,13 +132,14 @@ class ShardWorker(asyncio.Protocol):
         distributor can grant it where that work is. The cells are read before the engine's
         selection and again right before its commit (`recheck`): the selection is most of the
         call (tens of µs on a loaded machine), and a higher band published meanwhile narrows the
-        grant too. A dispatch of a band below the top carries the clock read right after the
-        engine committed it (`Done.decided`): the distributor, which knows what its plans left
-        without budget, decides from it whether it was an inversion."""
+        grant too. A dispatch carries the clock read right after the engine committed it
+        (`Done.decided`): for a band below the top, the distributor, which knows what its plans left
+        without budget, decides from it whether it was an inversion; an audited admission reports it
+        (`decided`), so an outside check can judge by the same instant."""
         engine, stats = self.engine, self.stats
         top = stats.waiting_above(band, self.ceilings, saturation) if band else 0
         item = engine.dispatch(now, top, max_bytes, saturation, self._recheck if top else None)
-        self._decided = time.monotonic_ns() if band and item is not None else 0
+        self._decided = time.monotonic_ns() if item is not None else 0
         self._drain()  # TTL evictions on the way, then the dispatch: in order
         self._decided = 0
         if item is None:
