@@ -34,7 +34,9 @@ OUTCOME_BY_LABEL = {(o.status, o.reason): int(o) for o in Outcome}
 OUTCOME_BY_LABEL[("dispatched", "")] = int(Outcome.DISPATCHED)
 
 
-View = tuple[int, int, float, float, float]  # the service's audit: seq, shard, received, enqueued, dispatched
+# the service's audit: seq, shard, received, enqueued, dispatched (its commit time, `decided`, when the
+# service sends it: a strict order within a shard's pass, where the pass's start time ties)
+View = tuple[int, int, float, float, float]
 
 
 class Sink(Protocol):
@@ -99,7 +101,7 @@ class BinaryConn(asyncio.Protocol):
             kind = type(msg)
             if kind is Audited:
                 sink.on_result(msg.id, msg.outcome, msg.ticket, msg.wait,
-                               (msg.seq, msg.shard, msg.received, msg.enqueued, msg.dispatched))
+                               (msg.seq, msg.shard, msg.received, msg.enqueued, msg.decided or msg.dispatched))
             elif kind is Result:
                 sink.on_result(msg.id, msg.outcome, msg.ticket, msg.wait)
             elif kind is Released:
@@ -153,6 +155,7 @@ class _AuditReply(msgspec.Struct):
     received: float
     enqueued: float
     dispatched: float
+    decided: float = 0.0  # (older services: absent)
 
 
 class _ErrorDetail(msgspec.Struct):
@@ -339,7 +342,7 @@ class HttpPool:
             return
         a = r.audit
         self.sink.on_result(rid, outcome, r.ticket, r.wait_ms / 1000.0,
-                            None if a is None else (a.seq, a.shard, a.received, a.enqueued, a.dispatched))
+                            None if a is None else (a.seq, a.shard, a.received, a.enqueued, a.decided or a.dispatched))
 
     def lost(self, conn: _HttpConn, exc: Exception | None) -> None:
         if conn in self._free:

@@ -11,7 +11,8 @@ object first, then one array per request, positional, in the order of `COLUMNS`:
   request id in `bench`, known when the answer carried it, else null). Order requests by it.
 - arrival, dispatch, done: seconds from the start of the run. `arrival`: when the service received
   it (bench: when the generator sent it, unless the answer carried the service's own times);
-  `dispatch`: when it was dispatched (null otherwise); `done`: when it ended — the end of its service
+  `dispatch`: when it was dispatched (bench: the service's commit time, the audit's `decided`, when
+  the service sends it; null otherwise); `done`: when it ended — the end of its service
   for a dispatch, the outcome's time otherwise, the end of the run for `unfinished`.
 - shard: the shard that held it (-1: dispatched at the distributor's idle fast path; null: unknown).
 - outcome: `dispatched`, `rejected:<reason>`, `evicted:<reason>`, `unfinished` or `error`.
