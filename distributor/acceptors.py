@@ -284,9 +284,18 @@ class Acceptors:
     async def _spawn(self, index: int) -> None:
         link = AcceptorLink(self.service, index, self._preamble)
         self.links[index] = link
-        fd = create_fd()
+        reserve = self.service.fd_reserve
+        # the delivery log's descriptor and its mapping's, inside the reserve: a restart must not fail
+        # for want of descriptors when clients hold all the others
+        with reserve.use() if reserve is not None else contextlib.nullcontext():
+            fd = create_fd()
+            try:
+                link.delivery = DeliveryLog(fd)
+            except BaseException:
+                os.close(fd)
+                self.links[index] = None
+                raise
         try:
-            link.delivery = DeliveryLog(fd)
             proc, (link.handover,) = await spawn_linked(
                 lambda fds: ["distributor.front", "--index", str(index), "--acceptors", str(self.count),
                              "--fd", str(fds[0]), "--handover-fd", str(fds[1]), "--delivered-fd", str(fd)],
