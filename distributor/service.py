@@ -162,7 +162,7 @@ class Distributor:
         self._rr = 0
         self._pass_scheduled = False
         self._plan_needed = False
-        self._woken: list[int] = []  # this pass's shards in the order of their first grant (_flush)
+        self._woken: list[int] = []  # this pass's granted shards, in the order to write them (_flush)
         self._accepting = False
         self._stopping = False
         self._started = False
@@ -557,7 +557,7 @@ class Distributor:
 
     # One callback at the end of each event-loop pass plans the grants and then writes each shard's
     # frames: a shard gets its enqueues and the grants for them in one write (and one wake-up), the
-    # shards with grants first, in the order the ledger planned them (_flush).
+    # shards with grants first (_flush).
 
     def _schedule_plan(self) -> None:
         self._plan_needed = True
@@ -631,6 +631,10 @@ class Distributor:
             blocks[shard] = [band, max_bytes, saturation, 1]
         for shard, block in blocks.items():
             self._send(shard, Grant(*block))
+        woken = self._woken
+        if len(woken) > 1:  # least left waiting first, then in plan order (a stable sort keeps it)
+            bands = self.ledger.bands
+            woken.sort(key=lambda n: sum(band.uncovered(n) for band in bands))
 
     def _send(self, shard: int, message: Any) -> None:
         s = self.shards[shard]
@@ -639,17 +643,21 @@ class Distributor:
         self._schedule_pass()
 
     def _flush(self) -> None:
-        """Write each shard what this pass left for it: first the shards granted in this pass, in the
-        order of their first grant (the ledger's plan order: fair order across shards), then the rest.
+        """Write each shard what this pass left for it: first the shards granted in this pass, those
+        left with the least work no grant covers first (ties: the order of their first grant, the
+        ledger's fair order), then the rest.
 
         Each write wakes a sleeping worker, and the workers (more of them than cores) dispatch, answer
-        and so free their clients roughly in the order they are woken. Writing in shard index order
-        put the low-index shards' grants first in every pass, whatever the plan; with constant service
-        times the clients they freed released first in the next burst of releases too, so their flows'
-        requests were queued before the other shards' had arrived and took the budget that burst freed:
-        on fair-alloc at 8 shards the thin flow `three` (on shards 2-7 by JSQ-Bytes, the heavy flows on
-        0 and 1) had 6-7 % of its requests wait a whole service time (50 ms), none at one shard (the
-        N-shard simulation delivers grants in plan order and shows no loss; docs/benchmarks.md)."""
+        and so free their clients about in the order they are woken; with constant service times the
+        clients freed first release first in the next burst of releases too, and the requests they
+        send then are queued before the others' arrive, for the budget that burst frees. A shard this
+        pass empties holds flows whose every request is being dispatched (a thin closed-loop flow's
+        clients, back only once freed): woken first, their next requests are there for the next burst;
+        a shard that keeps a backlog loses nothing by waiting its turn (its flows wait for budget
+        anyway). Writing in shard index order instead put the low shards first in every pass: on
+        fair-alloc at 8 shards, the heavy flows on shards 0 and 1 and the thin `three` on 2-7 (JSQ-Bytes),
+        6-7 % of `three`'s requests missed their burst and waited a whole service time (50 ms), none at
+        one shard (docs/benchmarks.md, "The thin flow at 8 shards, traced")."""
         shards = self.shards
         woken = self._woken
         if woken:

@@ -1,12 +1,13 @@
 """The order in which the distributor writes to its shards at the end of a pass (`Distributor._flush`):
-the shards granted in the pass first, in the order the ledger planned their first grant, then the rest.
+the shards granted in the pass first, those left with the least work no grant covers first (ties: the
+order the ledger planned their first grant), then the rest.
 
 Each write wakes a sleeping worker, and the workers dispatch (and so free their clients) about in the
-order they are woken. In shard index order, the low shards' grants went first in every pass whatever
-the plan, and with constant service times their clients released first in every later burst too: on
-fair-alloc at 8 shards the thin flow on a high shard missed a whole service time for 6-7 % of its
-requests (docs/benchmarks.md, "The thin flow at 8 shards, traced"). A real Distributor and real
-ShardWorkers in one process (as tests/test_inversions.py), the frames handed over by hand."""
+order they are woken. In shard index order, the low shards' grants went first in every pass, and with
+constant service times their clients released first in every later burst too: on fair-alloc at 8
+shards the thin flow on a high shard missed a whole service time for 6-7 % of its requests
+(docs/benchmarks.md, "The thin flow at 8 shards, traced"). A real Distributor and real ShardWorkers in
+one process (as tests/test_inversions.py), the frames handed over by hand."""
 
 from __future__ import annotations
 
@@ -100,7 +101,8 @@ def test_shards_are_written_in_the_order_their_grants_were_planned() -> None:
         assert len(waiter.tickets) == 2
         # A burst of releases, and a thin flow's request in the same pass (a closed-loop client writes its
         # release and its next request together): the thin flow starts afresh on an empty shard, at the
-        # band's virtual clock, behind which the backlogged shard already is; so it is planned first.
+        # band's virtual clock, behind which the backlogged shard already is; so it is planned first, and
+        # its shard is left with nothing waiting (the backlogged one with a request): written first.
         for ticket in waiter.tickets:
             assert d.release(ticket)
         thin = admit("thin", 2)  # sorted([1, 2, 3])[2 % 3]
