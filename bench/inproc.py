@@ -12,13 +12,16 @@ binary front, the shard's frames by its worker and the worker's by the distribut
 `--link`: the clients are behind an acceptor process (`serve --acceptors`): the distributor's side
 is its `AcceptorLink`, fed the batch frames an acceptor writes (`LinkAdmit`, `LinkRelease`).
 `--http`: each client is a keep-alive HTTP/1.1 connection to the real HTTP front (`POST /v1/admit`,
-then `POST /v1/release` of its ticket, then the next admission).
+then `POST /v1/release` of its ticket, then the next admission). `--http-link`: the same HTTP
+clients behind an acceptor, as the distributor sees them on the link: leased admissions, the
+acceptor's `LinkDelivered` reports, releases that ask for an answer (`LinkReleased`), the next
+admission after it.
 Time spent inside the workers (a shard's own process in the service) is measured apart and left out
 of the distributor's figure; the client's encoding and decoding (the load generator's) too. All of it
 is CPU time (`time.thread_time`), so other processes on a busy machine do not inflate it.
 
     python -m bench.inproc [--shards 1,4,8] [--requests 200000] [--clients 64] [--flows 16]
-                           [--bands 1] [--link | --http] [--profile]
+                           [--bands 1] [--link | --http | --http-link] [--profile]
 """
 
 from __future__ import annotations
@@ -48,7 +51,9 @@ from flowshard.codec import (
     FrameReader,
     FrameWriter,
     LinkAdmit,
+    LinkDelivered,
     LinkRelease,
+    LinkReleased,
     Release,
     Result,
     ToAcceptor,
@@ -157,8 +162,11 @@ class _Client(_Transport):
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, clients: int, flows: int, tally: _Tally, clock: _Clock, link: bool,
+        leased: bool = False,
     ) -> None:
         self.loop, self.tally, self.clock, self.link = loop, tally, clock, link
+        self.leased = leased  # HTTP clients behind the acceptor (--http-link)
+        self.release_key = 0
         # behind an acceptor: its link's batch frames; else the public protocol's frames
         self.reader: BatchReader | FrameReader = BatchReader(ToAcceptor) if link else FrameReader(ToClient)
         self.writer: BatchWriter | FrameWriter = BatchWriter() if link else FrameWriter()
@@ -172,14 +180,36 @@ class _Client(_Transport):
     # the connection's transport
     def write(self, data: bytes) -> None:
         t = time.thread_time()
-        for msg in self.reader.feed(data):
-            if type(msg) is Result:
-                if msg.ticket:
-                    self.tally.dispatched += 1
-                    self.writer.add(LinkRelease(msg.ticket, -1, 0) if self.link else Release(msg.ticket, -1))
-                self._admit_one()
+        messages = self.reader.feed(data)
+        if self.leased:
+            self._leased(messages)
+        else:
+            for msg in messages:
+                if type(msg) is Result:
+                    if msg.ticket:
+                        self.tally.dispatched += 1
+                        self.writer.add(LinkRelease(msg.ticket, -1, 0) if self.link else Release(msg.ticket, -1))
+                    self._admit_one()
         self._schedule()
         self.clock.spent += time.thread_time() - t
+
+    def _leased(self, messages: list[Any]) -> None:
+        """As an HTTP acceptor: each answer written (reported in one `LinkDelivered` per pass), its
+        client's release a pass later asking for an answer, the next admission after that answer."""
+        tickets = [msg.ticket for msg in messages if type(msg) is Result and msg.ticket]
+        if tickets:
+            self.writer.add(LinkDelivered(tickets))
+        for msg in messages:
+            kind = type(msg)
+            if kind is Result:
+                if msg.ticket:
+                    self.tally.dispatched += 1
+                    self.release_key += 1
+                    self.writer.add(LinkRelease(msg.ticket, -1, self.release_key))
+                else:
+                    self._admit_one()
+            elif kind is LinkReleased:
+                self._admit_one()
 
     def _admit_one(self) -> None:
         if not self.tally.admit_one():
@@ -187,8 +217,8 @@ class _Client(_Transport):
         self.next_id += 1
         flow = self.flows[self.next_id % len(self.flows)]
         size = self.rng.randint(500, 4000)
-        if self.link:  # binary clients behind the acceptor: not leased (the connection is the lease)
-            self.writer.add(LinkAdmit(self.next_id, flow, 0, size, 0.0, 0.0, 0, 0.0, False))
+        if self.link:  # binary clients: not leased (the connection is the lease); HTTP clients: leased
+            self.writer.add(LinkAdmit(self.next_id, flow, 0, size, 0.0, 0.0, 0, 0.0, self.leased))
         else:
             self.writer.add(Admit(self.next_id, flow, 0, size, 0.0, 0.0, 0, 0.0, False))
 
@@ -278,7 +308,7 @@ def _config(bands: int, flows: int) -> Config:
 
 
 async def _run(
-    shards: int, requests: int, clients: int, flows: int, bands: int, link: bool, http: bool,
+    shards: int, requests: int, clients: int, flows: int, bands: int, link: bool, http: bool, leased: bool = False,
 ) -> dict[str, float]:
     loop = asyncio.get_running_loop()
     config = _config(bands, flows)
@@ -299,9 +329,9 @@ async def _run(
     if http:
         return await _run_http(d, loop, requests, clients, flows, outside)
     tally = _Tally(loop, requests)
-    client = _Client(loop, clients, flows, tally, outside, link)
+    client = _Client(loop, clients, flows, tally, outside, link or leased, leased)
     conn: BinaryConnection | AcceptorLink
-    if link:
+    if link or leased:
         conn = AcceptorLink(d, 0, b"")
         conn.transport = client  # type: ignore[assignment]
     else:
@@ -340,13 +370,14 @@ async def _run_http(
 
 
 def measure(shards: int, requests: int = 200_000, clients: int = 64, flows: int = 16, bands: int = 1,
-            link: bool = False, profile: bool = False, http: bool = False) -> dict[str, float]:
+            link: bool = False, profile: bool = False, http: bool = False, leased: bool = False,
+            ) -> dict[str, float]:
     """Run the closed loop once; the distributor's µs per dispatched request (and the rest's)."""
     profiler = cProfile.Profile() if profile else None
     if profiler is not None:
         profiler.enable()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        result = runner.run(_run(shards, requests, clients, flows, bands, link, http))
+        result = runner.run(_run(shards, requests, clients, flows, bands, link, http, leased))
     if profiler is not None:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
@@ -364,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--link", action="store_true", help="the clients behind an acceptor (its link)")
     mode.add_argument("--http", action="store_true", help="HTTP/1.1 clients on the HTTP front")
+    mode.add_argument("--http-link", action="store_true", help="HTTP clients behind an acceptor (its link)")
     parser.add_argument("--profile", action="store_true", help="cProfile one run per shard count")
     args = parser.parse_args(argv)
     try:
@@ -378,9 +410,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{name}: {value} is outside {low}..{high}")
     for shards in counts:
         if args.profile:
-            measure(shards, args.requests, args.clients, args.flows, args.bands, args.link, True, args.http)
+            measure(shards, args.requests, args.clients, args.flows, args.bands, args.link, True, args.http,
+                    args.http_link)
             continue
-        runs = [measure(shards, args.requests, args.clients, args.flows, args.bands, args.link, http=args.http)
+        runs = [measure(shards, args.requests, args.clients, args.flows, args.bands, args.link, http=args.http,
+                        leased=args.http_link)
                 for _ in range(args.runs)]
         best = min(runs, key=lambda r: r["distributor_us"])
         print(f"shards={shards}: distributor {best['distributor_us']:.2f} µs/request "

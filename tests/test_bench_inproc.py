@@ -60,3 +60,10 @@ def test_each_mode_drives_its_own_front(link: bool, monkeypatch: pytest.MonkeyPa
     r = measure(1, requests=500, clients=4, flows=2, link=link)
     assert r["requests"] == 500
     assert (seen["link"] > 0, seen["binary"] > 0) == (link, not link), seen
+
+
+def test_http_clients_behind_an_acceptor_link_hold_leased_tickets_and_release_them() -> None:
+    """`--http-link`: leased admissions, delivered reports and answered releases (each client's next
+    admission waits for its release's answer, so the loop stops if a release goes unanswered)."""
+    r = measure(2, requests=1000, clients=8, flows=3, leased=True)
+    assert r["requests"] == 1000 and r["distributor_us"] > 0, r
