@@ -235,7 +235,9 @@ def judge(
     cache: dict[int, Means] = {}
     refs: list[FlowRef] = []
     for f, spec in enumerate(specs):
-        m = cache.setdefault(id(spec), means(spec))
+        m = cache.get(id(spec))
+        if m is None:  # (setdefault would compute it for every flow: flows of one group share a spec)
+            m = cache[id(spec)] = means(spec)
         ref = intrinsic(spec, m, units[band_of[f]], window, sum(offered[f]), overhead[f] if overhead else 0.0,
                         hold[f] if hold else 0.0)
         ref.weight = weights[f]
