@@ -706,11 +706,11 @@ def test_sigterm_drains_through_the_acceptors(launch: Any) -> None:
             try:
                 _, w = await asyncio.open_connection(svc.host, svc.binary_port)
                 w.close()
-            except ConnectionRefusedError:
+            except (ConnectionRefusedError, ConnectionResetError):  # a listener closing resets its backlog
                 break
             assert time.monotonic() < deadline, "binary port still accepting during the drain"
             await asyncio.sleep(0.01)
-        with pytest.raises(ConnectionRefusedError):
+        with pytest.raises((ConnectionRefusedError, ConnectionResetError)):
             await asyncio.open_connection(svc.host, svc.http_port)
         # the connections already open are served still: new work is refused, not ready
         late = await cs[1].admit("late")
