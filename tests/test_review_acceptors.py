@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
-from servicekit import HttpConn, launch, run
+from servicekit import HttpConn, band_outcomes, launch, run
 from test_service_acceptors import acceptor_pids, http_conns_on
 
 from flowshard.client import Client
@@ -49,6 +50,23 @@ async def _admit_on(conn: HttpConn) -> int:
     return r.status
 
 
+async def _settled(conn: HttpConn, expected: int, at_most: float) -> None:
+    """Wait until the distributor counts `expected` connections (HTTP and binary, the admin reserve's
+    included: the acceptors' "connections" in /v1/stats, polled on `conn`), for at most `at_most`
+    seconds: the fixed wait this replaces (the acceptors reported their counts every 0.25 s). The
+    distributor now counts a connection when it hands it over, so this returns at once; a code where
+    the counts lag waits as long as before. (The wait for the start's /healthz connection stays a
+    fixed one: it comes before any connection of the test, and which acceptor gets the first one
+    depends on it.)"""
+    deadline = time.monotonic() + at_most
+    while time.monotonic() < deadline:
+        r = await conn.request("GET", "/v1/stats", timeout=5)
+        assert r.status == 200, r
+        if sum(a["connections"] for a in r.json()["acceptors"]) == expected:
+            return
+        await asyncio.sleep(0.01)
+
+
 def test_admin_reserve_is_the_whole_reserve_with_acceptors(launch: Any) -> None:
     """README: the admin reserve is 16 connections beyond max_connections, service-wide, whatever K."""
     svc = launch(shards=1, acceptors=2, budget=None, service={"max_connections": 2})
@@ -60,7 +78,7 @@ def test_admin_reserve_is_the_whole_reserve_with_acceptors(launch: Any) -> None:
             conn = await HttpConn.open(svc.http_port)
             assert await _admit_on(conn) == 200
             work.append(conn)
-            await asyncio.sleep(0.3)  # the acceptors report their counts every 0.25 s
+            await _settled(work[0], len(work), 0.3)  # (the acceptors used to report their counts every 0.25 s)
         admin: list[HttpConn] = []
         for _ in range(20):
             conn = await HttpConn.open(svc.http_port)
@@ -72,7 +90,7 @@ def test_admin_reserve_is_the_whole_reserve_with_acceptors(launch: Any) -> None:
                 admin.append(conn)
             else:
                 conn.close()
-            await asyncio.sleep(0.3)
+            await _settled(work[0], len(work) + len(admin), 0.3)
         for conn in work + admin:
             conn.close()
         assert len(admin) == 16, f"admin-reserve connections served: {len(admin)} (README: 16)"
@@ -103,7 +121,7 @@ def test_http_connections_are_not_refused_while_another_acceptor_has_room(launch
                 else:
                     refused += 1
                     conn.close()
-            await asyncio.sleep(0.3)
+            await _settled(http[0], len(http) + len(binary), 0.3)  # (the acceptors' reports, every 0.25 s)
         for conn in http:
             conn.close()
         for client in binary:
@@ -148,12 +166,10 @@ def test_undelivered_http_ticket_of_a_hung_acceptor_does_not_hold_the_budget_for
     that ticket: the budget must come back (not after `lease` = 300 s)."""
     import os
     import signal
-    import time
 
     svc = launch(shards=1, acceptors=2, budget=1)
 
     async def body() -> None:
-        await asyncio.sleep(0.6)
         pids = acceptor_pids(svc, 2)
         conns, where = await http_conns_on(svc, 4)
         hung = next(c for c, w in zip(conns, where, strict=True) if w == 0)
@@ -184,10 +200,15 @@ def test_undelivered_http_ticket_of_a_hung_acceptor_does_not_hold_the_budget_for
                 while chunk := await hung.reader.read(65536):
                     got += chunk
         assert got == b"", got
-        await asyncio.sleep(1.0)
-        stats = (await other.request("GET", "/v1/stats")).json()
+        deadline = time.monotonic() + 1.0  # as long as the fixed wait here was; the lease is 300 s
+        while True:
+            stats = (await other.request("GET", "/v1/stats")).json()
+            if stats["totals"]["inflight"] == 0 or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.02)
         for c in conns:
             c.close()
+        assert band_outcomes(stats)["dispatched"] == 2, band_outcomes(stats)  # "w" was dispatched (not a lull before)
         assert stats["totals"]["inflight"] == 0, (
             f"inflight {stats['totals']['inflight']}, tickets {stats['totals']['tickets']}: the undelivered "
             "answer's ticket holds the budget until its lease ends"
