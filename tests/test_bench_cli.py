@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 from servicekit import config_text, launch
 
+from flowshard import cli
+
 __all__ = ["launch"]  # the fixture, re-exported so pytest finds it here
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,10 +197,24 @@ def test_bench_drives_a_running_service_with_target(tmp_path: Path, launch: Any)
         (["--plot", "/nonexistent/dir/x.png"], "--plot: cannot write /nonexistent/dir/x.png"),
     ],
 )
-def test_bench_bad_flags_get_one_line_errors(tmp_path: Path, flags: list[str], message: str) -> None:
-    proc = _run_bench(tmp_path, FREE, *flags)
+def test_bench_bad_flags_get_one_line_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    """In this process: `python -m flowshard.cli` is `raise SystemExit(main())`, so main's status is the
+    exit status (an exception escaping main, which would print a traceback, fails the test); the
+    command line itself is checked once below."""
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(FREE)
+    assert cli.main(["bench", str(scenario), "--quiet", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flowshard: ") and message in err and "Traceback" not in err
+    assert err.count("\n") == 1, err  # one line
+
+
+def test_bench_bad_flag_from_the_command_line_is_a_one_line_error_and_status_2(tmp_path: Path) -> None:
+    proc = _run_bench(tmp_path, FREE, "--shards", "1,x")
     assert proc.returncode == 2
-    assert proc.stderr.startswith("flowshard: ") and message in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr == "flowshard: --shards: expected comma-separated numbers, got '1,x'\n", proc.stderr
 
 
 def test_bench_over_several_binary_connections_keeps_the_budget_turning(tmp_path: Path) -> None:
