@@ -16,7 +16,8 @@ vLLM's OpenAI server, with a load model that makes its `/metrics` move the way v
   many streamed tokens), `max_running`, `metrics_status` (fail `/metrics` with that status);
 - `GET /fake/stats`: requests, running, waiting, completed, aborted (the client went away before
   the end: how a test sees that the proxy closed the upstream request), peak running and waiting,
-  and `model_paths`: the path and query, as received, of the last 64 `GET /v1/models…` requests.
+  `model_paths`: the path and query, as received, of the last 64 `GET /v1/models…` requests, and
+  `post_paths`: the same for the last 64 POSTs (completions, embeddings).
 
 `python -m bench.fakeoai [--port 0] [--ttft S] [--itl S] ...` prints
 `fakeoai ready: http://HOST:PORT pid=PID` on stderr; SIGTERM/SIGINT stop it.
@@ -88,6 +89,7 @@ class FakeBackend:
                        "metrics_scrapes": 0}
         self._id = 0
         self.model_paths: deque[str] = deque(maxlen=64)  # the raw request targets of GET /v1/models...
+        self.post_paths: deque[str] = deque(maxlen=64)  # ... and of the POSTs
 
     # ------------------------------------------------------------------ the batch
 
@@ -162,7 +164,8 @@ class FakeBackend:
         return web.Response(text=text, content_type="text/plain")
 
     async def stats(self, request: web.Request) -> web.Response:
-        data = dict(self.counts, running=self.running, waiting=len(self.waiters), model_paths=list(self.model_paths))
+        data = dict(self.counts, running=self.running, waiting=len(self.waiters), model_paths=list(self.model_paths),
+                    post_paths=list(self.post_paths))
         return web.Response(body=_encode(data), content_type="application/json")
 
     async def set_config(self, request: web.Request) -> web.Response:
@@ -175,6 +178,7 @@ class FakeBackend:
         return web.Response(body=_encode(self.config), content_type="application/json")
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        self.post_paths.append(request.raw_path)
         early = await self._faults(request)
         if early is not None:
             return early
@@ -205,6 +209,7 @@ class FakeBackend:
         return None
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        self.post_paths.append(request.raw_path)
         early = await self._faults(request)
         if early is not None:
             return early

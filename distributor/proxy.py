@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import http
 import logging
 import math
@@ -82,6 +83,13 @@ _encode = msgspec.json.Encoder().encode
 _DONE: Final = b"data: [DONE]\n\n"  # OpenAI's end of stream
 _FLUSH_AT_CLOSE: Final = 0.5  # the most close() waits for the answers it ended to leave this process
 
+
+
+@functools.lru_cache(maxsize=256)
+def _encoded_base(url: str) -> str:
+    """A backend's base URL in yarl's encoded form, once per backend (a request's path and query are
+    appended as received and not quoted again)."""
+    return str(URL(url))
 
 class _ErrorDetail(msgspec.Struct):
     message: str
@@ -400,7 +408,7 @@ class Proxy:
                                                    b"retry-after: %d\r\n" % retry))
             return
         self.stats.tokens["estimated"] += item.tokens
-        exchange = Exchange(self, conn, slot, route, item, headers, conn_hdr)
+        exchange = Exchange(self, conn, slot, route, item, headers, conn_hdr, (path + query).decode("latin-1"))
         slot.exchange = exchange
         # leased=False: the proxy itself releases the ticket when the response ends (or the client leaves)
         exchange.rid = self.admission.admit(exchange, slot, item.flow, item.priority, item.size, 0.0, item.slo,
@@ -454,9 +462,8 @@ class Proxy:
         ex.backend = backend
         resp: aiohttp.ClientResponse | None = None
         try:
-            url: str | URL = backend.url + ex.path
-            if not counted:  # a passed-through GET: its path and query go as the client sent them (not re-quoted)
-                url = URL(str(URL(backend.url)) + ex.path, encoded=True)
+            # the path and query as the client sent them, not re-quoted (`?api-version=...` and the like)
+            url = URL(_encoded_base(backend.url) + ex.path, encoded=True)
             try:
                 resp = await self.session.request(method, url, data=ex.item.body or None, headers=headers)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:

@@ -1119,3 +1119,26 @@ def test_a_second_signal_ends_running_requests_saying_so_not_at_the_end_of_the_d
     _until(lambda: fake.stats()["aborted"] == 2)  # both upstream requests were closed
     assert fake.stats()["completed"] == 0
     assert "a second signal stopped the drain with 2 proxied request(s) still running" in svc.stderr()
+
+
+def test_a_proxied_post_forwards_its_query_string_as_received(launch: Any, fake_backend: Any) -> None:
+    """`POST /v1/chat/completions?api-version=…` (Azure-style backends ask for one) reaches the backend
+    with its query string, byte for byte as the client sent it; the admission is the same."""
+    fake = fake_backend()
+    svc = launch(proxy_config([fake.url], budget=4))
+    r = client(svc).chat.completions.with_raw_response.create(
+        model="m", messages=MSG, max_tokens=2, extra_query={"api-version": "2024-02-01", "x": "a b/c"})
+    assert r.parse().choices
+    sent = r.http_request.url.raw_path.decode()
+    assert "api-version=2024-02-01" in sent, sent
+
+    async def go() -> None:
+        conn = await HttpConn.open(svc.http_port)
+        body = {"model": "m", "messages": MSG, "max_tokens": 2}
+        resp = await conn.request("POST", "/v1/chat/completions?a=%7e&b=x+y&c=%2F", body)
+        assert resp.status == 200, resp
+        conn.close()
+
+    run(go())
+    assert fake.stats()["post_paths"] == [sent, "/v1/chat/completions?a=%7e&b=x+y&c=%2F"]
+    assert settled(svc)["totals"]["dispatched"] == 2  # admitted as any POST
