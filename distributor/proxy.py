@@ -284,7 +284,7 @@ class Proxy:
         self.session: aiohttp.ClientSession | None = None
         self.scraper: Scraper | None = None
         self.closing = False  # close() began: what it cancels is answered `shutting_down` (end_at_close)
-        self.forced = False  # ...because a second signal cut the drain short, not at the drain's end
+        self.why = "drain"  # ... and why: the drain ended, a second signal cut it short, or the service stopped
         self.loop = asyncio.get_running_loop()  # constructed by the distributor's start()
 
     async def start(self) -> None:
@@ -297,19 +297,20 @@ class Proxy:
             self.scraper = Scraper(self.pool, self.utilization, self.session, self.pc, self._on_room)
             self.scraper.start()
 
-    async def close(self, *, forced: bool = False) -> None:
-        """The drain is over (`forced`: a second signal cut it short): end what is still running. Each
-        exchange's task is cancelled, which closes its upstream request (the backend stops generating);
-        its done callback answers the client (`end_at_close`) and releases the ticket. Then wait,
-        briefly, for those answers to be sent."""
+    async def close(self, *, why: str = "drain") -> None:
+        """The service is stopping (`why`: "drain", its drain ended; "signal", a second signal cut the
+        drain short; "stopped", it stopped otherwise, e.g. on an error): end what is still running.
+        Each exchange's task is cancelled, which closes its upstream request (the backend stops
+        generating); its done callback answers the client (`end_at_close`), saying why, and releases the
+        ticket. Then wait, briefly, for those answers to be sent."""
         self.closing = True
-        self.forced = forced
+        self.why = why
         if self.scraper is not None:
             await self.scraper.stop()
         running = list(self.active)
         if running:
-            log.warning("%s with %d proxied request(s) still running: ending them (shutting_down)",
-                        "a second signal stopped the drain" if forced else "the drain ended", len(running))
+            log.warning("%d proxied request(s) still running %s: ending them (shutting_down)", len(running),
+                        self.ended_when())
         for exchange in running:
             if exchange.task is not None:
                 exchange.task.cancel()
@@ -560,13 +561,19 @@ class Proxy:
         tail = b"data: " + _encode(_ErrorBody(_ErrorDetail(message, type_, None, code))) + b"\n\n"
         ex.conn.slot_end(ex.slot, b"%x\r\n%b\r\n0\r\n\r\n" % (len(tail), tail), close=close)
 
+    def ended_when(self) -> str:
+        """When, in words, the running requests were ended (`close`'s `why`)."""
+        if self.why == "signal":
+            return "when a second signal forced the stop during the drain"
+        if self.why == "drain":
+            return f"at the end of the drain (drain_timeout {self.config.service.drain_timeout:g} s)"
+        return "when the service stopped (not a drain: see its log)"
+
     def end_at_close(self, ex: Exchange) -> None:
-        """The drain ended, or a second signal cut it short, with `ex` running (its task cancelled: the
-        upstream request is closed). A stream ends as one whose backend failed mid-stream does, with
-        the reason; an answer not started is a 503. Either way the connection is closed after it: the
-        service is exiting."""
-        when = ("when a second signal forced the stop during the drain" if self.forced else
-                f"at the end of the drain (drain_timeout {self.config.service.drain_timeout:g} s)")
+        """The service stopped (`close`) with `ex` running (its task cancelled: the upstream request is
+        closed). A stream ends as one whose backend failed mid-stream does, with the reason; an answer
+        not started is a 503. Either way the connection is closed after it: the service is exiting."""
+        when = self.ended_when()
         if ex.started:
             message = f"flowshard: the service is shutting down: stream ended {when}; the response is incomplete"
             self._end_stream_with_error(ex, message, "service_unavailable", "shutting_down", close=True)

@@ -798,7 +798,7 @@ class Distributor:
         assert self._loop is not None
         if not self._accepting:
             if self._stopped is not None and not self._stopping:
-                self._loop.create_task(self.close(forced=True))  # a second signal: stop now
+                self._loop.create_task(self.close(why="signal"))  # a second signal: stop now
             return
         self._accepting = False
         for server in self.servers:
@@ -813,14 +813,15 @@ class Distributor:
             time.monotonic() < deadline
         ):
             await asyncio.sleep(0.02)
-        await self.close()
+        await self.close(why="drain")
 
     def _parked(self) -> bool:
         return any(p.state == PendingState.NEW for p in self.pending.values())
 
-    async def close(self, *, forced: bool = False) -> None:
+    async def close(self, *, why: str = "stopped") -> None:
         """End everything queued with `evicted: shutdown`, stop the workers, remove shared memory.
-        `forced`: a second signal cut the drain short (proxy mode says so to the streams it ends)."""
+        `why`: "drain" (the drain ended), "signal" (a second signal cut it short) or "stopped" (anything
+        else: a failed start, an error); proxy mode says which to the streams it ends."""
         if self._stopping:
             return
         self._stopping = True
@@ -830,7 +831,7 @@ class Distributor:
         for server in self.servers:
             server.close()
         if self.proxy is not None:
-            await self.proxy.close(forced=forced)  # ends the responses still streaming; their tickets are released
+            await self.proxy.close(why=why)  # ends the responses still streaming; their tickets are released
         for s in self.shards:
             if s.link is not None:
                 self._send(s.index, Shutdown())

@@ -1118,7 +1118,7 @@ def test_a_second_signal_ends_running_requests_saying_so_not_at_the_end_of_the_d
     assert time.monotonic() - signalled < 5.0  # not the 60 s drain
     _until(lambda: fake.stats()["aborted"] == 2)  # both upstream requests were closed
     assert fake.stats()["completed"] == 0
-    assert "a second signal stopped the drain with 2 proxied request(s) still running" in svc.stderr()
+    assert "2 proxied request(s) still running when a second signal forced the stop during the drain" in svc.stderr()
 
 
 def test_a_proxied_post_forwards_its_query_string_as_received(launch: Any, fake_backend: Any) -> None:
@@ -1142,3 +1142,18 @@ def test_a_proxied_post_forwards_its_query_string_as_received(launch: Any, fake_
     run(go())
     assert fake.stats()["post_paths"] == [sent, "/v1/chat/completions?a=%7e&b=x+y&c=%2F"]
     assert settled(svc)["totals"]["dispatched"] == 2  # admitted as any POST
+
+
+def test_the_running_requests_are_told_why_the_service_stopped() -> None:
+    """What an ended stream or answer says (`Proxy.ended_when`, after `close(why=...)`): the drain's end
+    with its timeout, a second signal, or neither (a failed start or an error in `serve`, which used
+    to be reported as the end of the drain)."""
+    from types import SimpleNamespace
+
+    from distributor.proxy import Proxy
+
+    config = SimpleNamespace(service=SimpleNamespace(drain_timeout=7.5))
+    said = {why: Proxy.ended_when(SimpleNamespace(why=why, config=config)) for why in ("drain", "signal", "stopped")}  # type: ignore[arg-type]
+    assert said["drain"] == "at the end of the drain (drain_timeout 7.5 s)"
+    assert said["signal"] == "when a second signal forced the stop during the drain"
+    assert "drain_timeout" not in said["stopped"] and said["stopped"].startswith("when the service stopped")
