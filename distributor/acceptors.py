@@ -199,7 +199,7 @@ class AcceptorLink(asyncio.Protocol):
         # Answers it was sent and did not report written: those not in its delivery log never left it
         # (nobody holds their tickets: released now); those in it may have reached their clients in
         # its last pass (kept for their lease: released under a client, in flight would pass the budget)
-        written = self.delivery.tickets() if self.delivery is not None else set()
+        written = self.delivery.tickets() if self.delivery is not None and self.unconfirmed else set()
         self.close_delivery()
         for ticket in list(self.unconfirmed):
             if ticket not in written and svc.release(ticket):

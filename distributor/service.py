@@ -457,10 +457,13 @@ class Distributor:
             self._finish(p, Outcome.EVICTED_TTL, time.monotonic() - p.received)
 
     def _unpark(self, p: Pending) -> None:
+        self._forget_parked_ttl(p)
+        self.ledger.abandon(p)
+
+    def _forget_parked_ttl(self, p: Pending) -> None:
         timer = self._parked_ttl.pop(p.id, None)
         if timer is not None:
             timer.cancel()
-        self.ledger.abandon(p)
 
     def _retry_newcomer(self, p: Pending) -> None:
         """A request parked for displacement: its victims have left; admit it now (or give up).
@@ -468,9 +471,7 @@ class Distributor:
         Its TTL timer, armed when it was parked, is cancelled; if the TTL ran out meanwhile (the
         timer not run yet) it ends `evicted: ttl` here, never dispatched (the fast path does not look
         at TTLs)."""
-        timer = self._parked_ttl.pop(p.id, None)
-        if timer is not None:
-            timer.cancel()
+        self._forget_parked_ttl(p)
         if p.owner is None:
             self._finish(p, Outcome.EVICTED_CANCELLED, 0.0)
             return
