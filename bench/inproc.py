@@ -20,8 +20,14 @@ Time spent inside the workers (a shard's own process in the service) is measured
 of the distributor's figure; the client's encoding and decoding (the load generator's) too. All of it
 is CPU time (`time.thread_time`), so other processes on a busy machine do not inflate it.
 
+`--spread --budget N --fairness drr` gives the upstream matrix scenarios' shape: a closed-loop
+client per flow, flows spread over the bands, a budget far below the clients (a deep queue, grants
+planned across bands), e.g. `--clients 5000 --flows 5000 --bands 8 --spread --budget 100 --fairness
+drr` for matrix L100 P8 F5000 W5000.
+
     python -m bench.inproc [--shards 1,4,8] [--requests 200000] [--clients 64] [--flows 16]
-                           [--bands 1] [--link | --http | --http-link] [--profile]
+                           [--bands 1] [--spread] [--budget N] [--fairness round-robin]
+                           [--link | --http | --http-link] [--profile]
 """
 
 from __future__ import annotations
@@ -162,7 +168,7 @@ class _Client(_Transport):
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, clients: int, flows: int, tally: _Tally, clock: _Clock, link: bool,
-        leased: bool = False,
+        leased: bool = False, bands: int = 1,
     ) -> None:
         self.loop, self.tally, self.clock, self.link = loop, tally, clock, link
         self.leased = leased  # HTTP clients behind the acceptor (--http-link)
@@ -172,6 +178,8 @@ class _Client(_Transport):
         self.writer: BatchWriter | FrameWriter = BatchWriter() if link else FrameWriter()
         self.conn: BinaryConnection | AcceptorLink | None = None
         self.flows = [f"client-{i}" for i in range(flows)]
+        self.flow_of: dict[int, int] = {}  # --spread: request id -> its flow's index
+        self.bands = bands  # --spread: flow i asks for band i % bands (priority bands - i % bands); else priority 0
         self.rng = random.Random(6)
         self.clients = clients
         self.next_id = 0
@@ -189,7 +197,7 @@ class _Client(_Transport):
                     if msg.ticket:
                         self.tally.dispatched += 1
                         self.writer.add(LinkRelease(msg.ticket, -1, 0) if self.link else Release(msg.ticket, -1))
-                    self._admit_one()
+                    self._admit_one(msg.id)
         self._schedule()
         self.clock.spent += time.thread_time() - t
 
@@ -211,16 +219,23 @@ class _Client(_Transport):
             elif kind is LinkReleased:
                 self._admit_one()
 
-    def _admit_one(self) -> None:
+    def _admit_one(self, after: int = 0) -> None:
+        """The next request: with --spread, of the flow of the request `after` ended (a closed-loop client
+        per flow, as the matrix scenarios have it), else of the next flow in turn."""
         if not self.tally.admit_one():
             return
         self.next_id += 1
-        flow = self.flows[self.next_id % len(self.flows)]
+        index = self.next_id % len(self.flows)
+        if self.bands:
+            index = self.flow_of.pop(after, index)
+            self.flow_of[self.next_id] = index
+        flow = self.flows[index]
+        priority = self.bands - index % self.bands if self.bands else 0
         size = self.rng.randint(500, 4000)
         if self.link:  # binary clients: not leased (the connection is the lease); HTTP clients: leased
-            self.writer.add(LinkAdmit(self.next_id, flow, 0, size, 0.0, 0.0, 0, 0.0, self.leased))
+            self.writer.add(LinkAdmit(self.next_id, flow, priority, size, 0.0, 0.0, 0, 0.0, self.leased))
         else:
-            self.writer.add(Admit(self.next_id, flow, 0, size, 0.0, 0.0, 0, 0.0, False))
+            self.writer.add(Admit(self.next_id, flow, priority, size, 0.0, 0.0, 0, 0.0, False))
 
     def start(self, conn: BinaryConnection | AcceptorLink) -> None:
         self.conn = conn
@@ -297,10 +312,10 @@ class _HttpClient(_Transport):
         self.clock.spent += time.thread_time() - t
 
 
-def _config(bands: int, flows: int) -> Config:
+def _config(bands: int, flows: int, budget: int | None = None, fairness: str = "round-robin") -> Config:
     return Config(
-        bands=[BandConfig(priority=bands - i, fairness="round-robin") for i in range(bands)],
-        budget=BudgetConfig(max_inflight_requests=None),
+        bands=[BandConfig(priority=bands - i, fairness=fairness) for i in range(bands)],
+        budget=BudgetConfig(max_inflight_requests=budget),
         service=ServiceConfig(fast_path=False),
         flow_slots=max(64, 2 * flows),
         default_ttl=60.0,
@@ -309,9 +324,10 @@ def _config(bands: int, flows: int) -> Config:
 
 async def _run(
     shards: int, requests: int, clients: int, flows: int, bands: int, link: bool, http: bool, leased: bool = False,
+    budget: int | None = None, fairness: str = "round-robin", spread: bool = False,
 ) -> dict[str, float]:
     loop = asyncio.get_running_loop()
-    config = _config(bands, flows)
+    config = _config(bands, flows, budget, fairness)
     d = Distributor(config, shards)
     d.shm = ShmStats(bytearray(d.layout.nbytes), d.layout, init=True)
     d._loop = loop
@@ -329,7 +345,7 @@ async def _run(
     if http:
         return await _run_http(d, loop, requests, clients, flows, outside)
     tally = _Tally(loop, requests)
-    client = _Client(loop, clients, flows, tally, outside, link or leased, leased)
+    client = _Client(loop, clients, flows, tally, outside, link or leased, leased, bands if spread else 0)
     conn: BinaryConnection | AcceptorLink
     if link or leased:
         conn = AcceptorLink(d, 0, b"")
@@ -371,13 +387,15 @@ async def _run_http(
 
 def measure(shards: int, requests: int = 200_000, clients: int = 64, flows: int = 16, bands: int = 1,
             link: bool = False, profile: bool = False, http: bool = False, leased: bool = False,
+            budget: int | None = None, fairness: str = "round-robin", spread: bool = False,
             ) -> dict[str, float]:
     """Run the closed loop once; the distributor's µs per dispatched request (and the rest's)."""
     profiler = cProfile.Profile() if profile else None
     if profiler is not None:
         profiler.enable()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        result = runner.run(_run(shards, requests, clients, flows, bands, link, http, leased))
+        result = runner.run(_run(shards, requests, clients, flows, bands, link, http, leased, budget, fairness,
+                                 spread))
     if profiler is not None:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
@@ -391,6 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--flows", type=int, default=16)
     parser.add_argument("--bands", type=int, default=1)
+    parser.add_argument("--spread", action="store_true",
+                        help="flow i asks for band i %% BANDS (default: every request priority 0, the lowest band)")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="max_inflight_requests (default: unlimited, so nothing waits for budget)")
+    parser.add_argument("--fairness", default="round-robin", choices=("round-robin", "drr", "vtc", "global-fcfs"))
     parser.add_argument("--runs", type=int, default=3, help="best of RUNS per shard count")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--link", action="store_true", help="the clients behind an acceptor (its link)")
@@ -405,16 +428,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, value, low, high in (("--shards", min(counts), 1, 256), ("--shards", max(counts), 1, 256),
                                    ("--requests", args.requests, 1, 10**9), ("--clients", args.clients, 1, 10**6),
                                    ("--flows", args.flows, 1, 10**6), ("--bands", args.bands, 1, 64),
-                                   ("--runs", args.runs, 1, 1000)):
+                                   ("--runs", args.runs, 1, 1000), ("--budget", args.budget or 1, 1, 10**9)):
         if not low <= value <= high:
             parser.error(f"{name}: {value} is outside {low}..{high}")
     for shards in counts:
         if args.profile:
             measure(shards, args.requests, args.clients, args.flows, args.bands, args.link, True, args.http,
-                    args.http_link)
+                    args.http_link, args.budget, args.fairness, args.spread)
             continue
         runs = [measure(shards, args.requests, args.clients, args.flows, args.bands, args.link, http=args.http,
-                        leased=args.http_link)
+                        leased=args.http_link, budget=args.budget, fairness=args.fairness, spread=args.spread)
                 for _ in range(args.runs)]
         best = min(runs, key=lambda r: r["distributor_us"])
         print(f"shards={shards}: distributor {best['distributor_us']:.2f} µs/request "

@@ -67,3 +67,12 @@ def test_http_clients_behind_an_acceptor_link_hold_leased_tickets_and_release_th
     admission waits for its release's answer, so the loop stops if a release goes unanswered)."""
     r = measure(2, requests=1000, clients=8, flows=3, leased=True)
     assert r["requests"] == 1000 and r["distributor_us"] > 0, r
+
+
+def test_matrix_shape_deep_queue_over_spread_bands_every_request_is_dispatched() -> None:
+    """`--spread --budget --fairness`: a closed-loop client per flow, flows spread over the bands, a
+    budget far below the clients (a deep queue, grants planned across bands), as the upstream matrix
+    scenarios; a request left unanswered would stop its client and the run."""
+    r = measure(2, requests=3000, clients=300, flows=300, bands=4, link=True, budget=10, fairness="drr",
+                spread=True)
+    assert r["requests"] == 3000 and r["distributor_us"] > 0, r
