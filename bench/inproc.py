@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flows", type=int, default=16)
     parser.add_argument("--bands", type=int, default=1)
     parser.add_argument("--spread", action="store_true",
-                        help="flow i asks for band i %% BANDS (default: every request priority 0, the lowest band)")
+                        help="flow i asks for band i %% BANDS (default: every request priority 0: the default band)")
     parser.add_argument("--budget", type=int, default=None,
                         help="max_inflight_requests (default: unlimited, so nothing waits for budget)")
     parser.add_argument("--fairness", default="round-robin", choices=("round-robin", "drr", "vtc", "global-fcfs"))
