@@ -35,7 +35,7 @@ __all__ = [
 I64 = npt.NDArray[np.int64]
 
 MAGIC: Final = int.from_bytes(b"FLOWSHM\0", "little")  # first header word: "this is a stats segment"
-VERSION: Final = 2
+VERSION: Final = 3
 HEADER_WORDS: Final = 8  # magic, version, F, N, B, O, H, nbytes
 _ALIGN: Final = 64  # one cache line: arrays of different writers never share a line at their edges
 
@@ -60,8 +60,8 @@ class ArraySpec(NamedTuple):
 
 
 # Arrays written by shards, then by the distributor; snapshot() copies in this order (see there why).
-_SHARD_ARRAYS: Final = ("deq_bytes", "deq_items", "band_deq_bytes", "band_deq_items", "heartbeat_ns")
-_DIST_ARRAYS: Final = ("enq_bytes", "enq_items", "band_enq_bytes", "band_enq_items", "band_waiting")
+_SHARD_ARRAYS: Final = ("deq_bytes", "deq_items", "band_deq_bytes", "band_deq_items", "shard_deq_bytes", "heartbeat_ns")
+_DIST_ARRAYS: Final = ("enq_bytes", "enq_items", "band_enq_bytes", "band_enq_items", "shard_enq_bytes", "band_waiting")
 _SHARED_ROWS: Final = ("outcomes", "wait_hist", "dispatched", "inversions", "narrowed")  # row w: writer w
 ARRAY_NAMES: Final = ("seq", *_SHARD_ARRAYS, *_SHARED_ROWS, *_DIST_ARRAYS)
 
@@ -106,6 +106,8 @@ class ShmLayout:
             "deq_items": (f, n),
             "band_deq_bytes": (b, n),
             "band_deq_items": (b, n),
+            # each shard's bytes over all flows and bands (JSQ-Bytes's tie-break reads 2N cells, not 2BN)
+            "shard_deq_bytes": (n,),
             "heartbeat_ns": (n,),
             "outcomes": (n + 1, b, o),
             "wait_hist": (n + 1, b, h),
@@ -114,6 +116,7 @@ class ShmLayout:
             "enq_items": (f, n),
             "band_enq_bytes": (b, n),
             "band_enq_items": (b, n),
+            "shard_enq_bytes": (n,),
             # strict priority at the moment of dispatch (see Distributor._publish_waiting, ShardWorker):
             "band_waiting": (b,),  # since when (ns) the band has queued work no grant covers; 0: none
             "inversions": (n + 1, b),  # priority inversions per band; only the distributor's row N is written
@@ -207,6 +210,7 @@ class Reconciliation:
     shard_items: I64
     global_bytes: int
     global_items: int
+    shard_total_bytes: I64  # [N], from the per-shard totals (JSQ-Bytes's tie-break)
 
     def mismatches(self) -> list[str]:
         """Human-readable violations of invariant 4 (empty when the counters reconcile)."""
@@ -229,6 +233,10 @@ class Reconciliation:
                 out.append(
                     f"per-shard {unit}: flow table {per_shard_flow.tolist()} != band table {per_shard_band.tolist()}"
                 )
+        per_shard_band = self.band_shard_bytes.sum(axis=0)
+        if not np.array_equal(self.shard_total_bytes, per_shard_band):
+            out.append(f"per-shard bytes: totals {self.shard_total_bytes.tolist()} != band table "
+                       f"{per_shard_band.tolist()}")
         totals = {
             "bytes": (
                 int(self.flow_bytes.sum()),
@@ -287,6 +295,8 @@ class ShmStats:
     enq_items: I64
     band_enq_bytes: I64
     band_enq_items: I64
+    shard_enq_bytes: I64
+    shard_deq_bytes: I64
 
     def __init__(self, buf: Buffer, layout: ShmLayout | None = None, *, init: bool = False) -> None:
         """View ``buf``. ``layout=None`` reads it from the header; ``init=True`` (creator only) writes it."""
@@ -326,6 +336,8 @@ class ShmStats:
         self._d_benq_i = w["band_enq_items"] - w["band_enq_bytes"]
         self._w_bdeq_b = w["band_deq_bytes"]
         self._d_bdeq_i = w["band_deq_items"] - w["band_deq_bytes"]
+        self._w_senq = w["shard_enq_bytes"]
+        self._w_sdeq = w["shard_deq_bytes"]
         self._w_out = w["outcomes"]
         self._w_hist = w["wait_hist"]
         self._w_disp = w["dispatched"]
@@ -360,6 +372,7 @@ class ShmStats:
         i = self._w_benq_b + band * self._n + shard
         q[i] += nbytes
         q[i + self._d_benq_i] += items
+        q[self._w_senq + shard] += nbytes
 
     def add_deq(self, slot: int, shard: int, band: int, nbytes: int, items: int = 1) -> None:
         """Shard ``shard`` only: count an item that left its queue, for any reason."""
@@ -370,6 +383,7 @@ class ShmStats:
         i = self._w_bdeq_b + band * self._n + shard
         q[i] += nbytes
         q[i + self._d_bdeq_i] += items
+        q[self._w_sdeq + shard] += nbytes
 
     def add_outcome(self, writer: int, band: int, outcome: int, n: int = 1) -> None:
         """Writer ``writer`` only: count final outcomes (index per the outcome enum, < O)."""
@@ -433,8 +447,8 @@ class ShmStats:
         return out
 
     def shard_queued_bytes(self) -> I64:
-        """Total queued bytes per shard, over all bands (length N)."""
-        out: I64 = (self.band_enq_bytes - self.band_deq_bytes).sum(axis=0)
+        """Total queued bytes per shard, over all flows and bands (length N)."""
+        out: I64 = self.shard_enq_bytes - self.shard_deq_bytes
         return out
 
     def flow_idle(self, slot: int) -> bool:
@@ -447,9 +461,10 @@ class ShmStats:
     def jsq_pick(self, slot: int, rr_counter: int) -> int:
         """JSQ-Bytes: the shard holding the fewest queued bytes of flow ``slot``.
 
-        Ties: the tied shard with the fewest total queued bytes (all flows and bands, from the band
-        table); still tied: ``sorted(tied)[rr_counter % len(tied)]``, so a caller that increments the
-        counter on every pick spreads new flows round robin. In-transit requests count as queued.
+        Ties: the tied shard with the fewest total queued bytes (all flows and bands: the per-shard
+        totals, written with the band table, so a pick reads 2N cells instead of 2BN); still tied:
+        ``sorted(tied)[rr_counter % len(tied)]``, so a caller that increments the counter on every pick
+        spreads new flows round robin. In-transit requests count as queued.
         Pure Python over the memoryview: for the handful of shards in a process this beats numpy's
         per-call overhead (measured).
         """
@@ -471,12 +486,12 @@ class ShmStats:
                     tied.append(s)
             if len(tied) == 1:
                 return tied[0]
-        e, d, k = self._w_benq_b, self._w_bdeq_b, self._b * n
-        enq, deq = q[e : e + k].tolist(), q[d : d + k].tolist()  # band-major [B, N]: shard s is [s::n]
+        e, d = self._w_senq, self._w_sdeq
+        enq, deq = q[e : e + n].tolist(), q[d : d + n].tolist()
         low_tied: list[int] = []
         low = 0
         for s in tied:
-            t = enq[s] - deq[s] if k == n else sum(enq[s::n]) - sum(deq[s::n])
+            t = enq[s] - deq[s]
             if not low_tied or t < low:
                 low, low_tied = t, [s]
             elif t == low:
@@ -492,6 +507,7 @@ class ShmStats:
             col = (slice(None), writer)
             for name in ("deq_bytes", "deq_items", "band_deq_bytes", "band_deq_items"):
                 yield name, col
+            yield "shard_deq_bytes", writer
             yield "heartbeat_ns", writer
         for name in _SHARED_ROWS:
             yield name, writer
@@ -555,6 +571,7 @@ class ShmStats:
             shard_items=fi.sum(axis=0),
             global_bytes=int(fb.sum()),
             global_items=int(fi.sum()),
+            shard_total_bytes=s["shard_enq_bytes"] - s["shard_deq_bytes"],
         )
 
     # ------------------------------------------------------------------ recovery
@@ -577,4 +594,5 @@ class ShmStats:
         self.deq_items[:, n] = self.enq_items[:, n]
         self.band_deq_bytes[:, n] = self.band_enq_bytes[:, n]
         self.band_deq_items[:, n] = self.band_enq_items[:, n]
+        self.shard_deq_bytes[n] = self.shard_enq_bytes[n]
         self._q[i] += 1

@@ -36,7 +36,7 @@ def test_layout_offsets_aligned_disjoint_and_nbytes_exact(dims: tuple[int, ...])
         "enq_bytes": (f, n), "enq_items": (f, n), "deq_bytes": (f, n), "deq_items": (f, n),
         "band_enq_bytes": (b, n), "band_enq_items": (b, n), "band_deq_bytes": (b, n), "band_deq_items": (b, n),
         "outcomes": (n + 1, b, o), "wait_hist": (n + 1, b, h), "dispatched": (n + 1,),
-        "heartbeat_ns": (n,), "seq": (n + 1,),
+        "heartbeat_ns": (n,), "seq": (n + 1,), "shard_enq_bytes": (n,), "shard_deq_bytes": (n,),
         "band_waiting": (b,), "inversions": (n + 1, b), "narrowed": (n + 1, b),
     }  # fmt: skip
     assert {s.name: s.shape for s in layout.specs} == expected
@@ -111,6 +111,8 @@ def test_single_writer_counter_arithmetic_touches_only_its_cells() -> None:
     exp["enq_items"][0, 0] = 3
     exp["band_enq_bytes"][2, 0] = 7
     exp["band_enq_items"][2, 0] = 3
+    exp["shard_enq_bytes"][2] = 350
+    exp["shard_enq_bytes"][0] = 7
 
     stats.add_deq(4, 2, 1, 300)
     exp["deq_bytes"][4, 2] = 300
@@ -122,6 +124,8 @@ def test_single_writer_counter_arithmetic_touches_only_its_cells() -> None:
     exp["deq_items"][0, 0] = 2
     exp["band_deq_bytes"][2, 0] = 4
     exp["band_deq_items"][2, 0] = 2
+    exp["shard_deq_bytes"][2] = 300
+    exp["shard_deq_bytes"][0] = 4
 
     stats.add_outcome(1, 2, 5)
     stats.add_outcome(lay.distributor, 0, 7, n=4)
@@ -392,7 +396,10 @@ def test_reset_shard_zeroes_only_that_shards_queued_counts() -> None:
     assert not rec.band_shard_bytes[:, 1].any() and not rec.band_shard_items[:, 1].any()
     for name in ("deq_bytes", "deq_items", "band_deq_bytes", "band_deq_items"):
         np.testing.assert_array_equal(after[name][:, [0, 2]], before[name][:, [0, 2]], err_msg=name)
-    for name in ("enq_bytes", "enq_items", "band_enq_bytes", "band_enq_items", "outcomes", "dispatched"):
+    np.testing.assert_array_equal(after.shard_deq_bytes[[0, 2]], before.shard_deq_bytes[[0, 2]])
+    assert after.shard_deq_bytes[1] == after.shard_enq_bytes[1]
+    for name in ("enq_bytes", "enq_items", "band_enq_bytes", "band_enq_items", "shard_enq_bytes", "outcomes",
+                 "dispatched"):
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)
     np.testing.assert_array_equal(stats.queued_bytes(0), [10, 0, 12])
     assert rec.balanced, rec.mismatches()
@@ -418,6 +425,18 @@ def test_reconcile_reports_a_table_that_disagrees() -> None:
     assert any("per-shard bytes" in m for m in rec.mismatches())
     stats.deq_items[2, 0] += 1  # a deq without an enq: negative queued
     assert any("negative" in m for m in stats.reconcile().mismatches())
+
+
+
+def test_reconcile_reports_per_shard_totals_that_drift_from_the_band_table() -> None:
+    """JSQ-Bytes's tie-break reads the per-shard totals; a write to them alone is caught."""
+    stats = make(f=3, n=2, b=2)
+    stats.add_enq(0, 1, 1, 10)
+    stats.add_deq(0, 1, 1, 4)
+    rec = stats.reconcile()
+    assert rec.balanced and rec.shard_total_bytes.tolist() == [0, 6], rec.mismatches()
+    stats.shard_deq_bytes[1] += 1
+    assert stats.reconcile().mismatches() == ["per-shard bytes: totals [0, 5] != band table [0, 6]"]
 
 
 _op = st.one_of(
