@@ -43,7 +43,7 @@ from flowshard.analysis import (
 from flowshard.reference import FlowRef
 from flowshard.simulate import UNITS
 
-__all__ = ["UNITS", "apparent_inversions", "busy", "fair_shares", "offered_segments", "overtaken",
+__all__ = ["UNITS", "apparent_inversions", "blocked_by_higher", "busy", "fair_shares", "offered_segments", "overtaken",
            "pairwise_difference", "round_trips", "service_difference", "slot_holds", "window_demands"]
 
 _DISPATCHED = 0
@@ -195,6 +195,31 @@ def apparent_inversions(
         out[b] = int(np.count_nonzero(covering > 0))
     return out
 
+
+def blocked_by_higher(
+    log: dict[str, np.ndarray], band_of_flow: np.ndarray, ceilings: Sequence[float], window: tuple[float, float],
+) -> list[float]:
+    """Per band, the fraction of the window in which a band above it (of a ceiling at least its own) had a
+    request waiting at the service: strict priority gives this band nothing then. A request waits from
+    its arrival at the service (its audit's `received`; else when it was sent) until it was dispatched
+    (its audit's `decided`; else its answer's arrival: an over-estimate by the answer's way) or ended;
+    one still unfinished waited until the end. For `flowshard.reference.judge`'s `blocked`."""
+    n_bands = len(ceilings)
+    out = [0.0] * n_bands
+    length = window[1] - window[0]
+    if n_bands < 2 or len(log["flow"]) == 0 or length <= 0:
+        return out
+    band = band_of_flow[log["flow"]]
+    waited = _outstanding(log["outcome"])
+    start = np.where(np.isfinite(log["s_recv"]), log["s_recv"], log["sent"])
+    end = np.where(np.isfinite(log["s_disp"]), log["s_disp"], log["done"])
+    start, end = np.clip(start, *window), np.clip(end, *window)
+    for b in range(1, n_bands):
+        above = [h for h in range(b) if ceilings[h] >= ceilings[b]]  # a lower ceiling leaves b room above it
+        rows = waited & np.isin(band, above) & (end > start)
+        lo, hi = union_intervals(start[rows], end[rows])
+        out[b] = float((hi - lo).sum()) / length
+    return out
 
 
 def offered_segments(log: dict[str, np.ndarray], n_flows: int, unit_of_flow: Sequence[str],

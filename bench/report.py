@@ -26,6 +26,7 @@ import numpy as np
 from bench.fairness import (
     UNITS,
     apparent_inversions,
+    blocked_by_higher,
     busy,
     fair_shares,
     offered_segments,
@@ -381,6 +382,7 @@ def _reference(
         weights, offered_segments(log, n, unit_of_flow, segments(scenario)),
         [win[f][k[unit_of_flow[f]]] for f in range(n)], busy(log, n, window, holds),
         overhead=round_trips(log, n), hold=holds,
+        blocked=blocked_by_higher(log, band_of, [bc.ceiling for bc in bands], window),
     )
     return refs, verdicts, overtaken(log, band_of, len(bands), window)
 
@@ -818,3 +820,4 @@ def render_projection(configs: Sequence[tuple[str, Sequence[dict[str, Any]]]]) -
     header = ["configuration", "scope", *(f"{c} cores" for c in PROJECT_CORES)]
     return "\n".join(["== projection: requests/s on C cores [bottleneck], from CPU µs/request per process",
                       *table(header, rows)])
+

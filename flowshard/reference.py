@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import msgspec
 
+from flowshard.config import limit
 from flowshard.scenario import Closed, Dist, Exponential, FlowSpec, LogNormal, Scenario, as_dist
 
 _GRID = 4096  # midpoints of the uniform draw for numeric means (capped or rounded distributions)
@@ -126,6 +127,10 @@ def water_fill(flows: Sequence[FlowRef], slots: float, byte_slots: float) -> Non
     x_i = min(d_i, level * w_i); every flow uses both limits, so when one binds nobody can grow and one
     level serves all. The level is found exactly by walking the flows in order of d_i / w_i.
     """
+    if slots <= 0 or byte_slots <= 0:  # no room at all: nothing for anyone, also for flows whose units
+        for f in flows:                 # measured no slot time (no dispatch, no service)
+            f.allocation = 0.0
+        return
     caps = [(slots, [f.seconds for f in flows]), (byte_slots, [f.byte_seconds for f in flows])]
     order = sorted(range(len(flows)), key=lambda i: flows[i].demand / flows[i].weight)
     used = [0.0, 0.0]  # by the flows already at their demand
@@ -166,7 +171,11 @@ def band_capacity(scenario: Scenario, band: int, higher_seconds: float, higher_b
 
 
 NOISE = 3.0  # standard errors of sampling noise allowed on top of the margin
-_HELD_BACK = 1.01  # a band that wanted this much more than it used was held back by the budget
+_HELD_BACK = 1.01  # a band that wanted this much more than it used was held back (by the budget or the service)
+# A run whose bands together left more than a third of the budget unused while one of them was held
+# back was bound by the service's own rate (its CPU), not by the budget: slots in transit or idle at a
+# window's edge are a few percent of the budget, never a third.
+_SERVICE_BOUND = 1.5
 
 
 def allowance(margin: float, cv: float, requests: float) -> float:
@@ -198,6 +207,9 @@ class Verdict(msgspec.Struct, kw_only=True):
 
     margin: float
     slots: float | None  # the budget share the band had (request slots; None: unlimited)
+    # "budget": judged against its share of the budget; "service": it waited while the budget had room
+    # (the service's own rate bound it, as in a peak run), so it is judged on the slots it did use
+    bound: str = "budget"
     max_error: float | None
     off: list[str]  # "flow-id +12.3%" (measured above / below its allocation)
     fair: bool | None  # None: nothing to judge (no allocation)
@@ -215,6 +227,7 @@ def judge(
     busy: Sequence[tuple[float, float]],
     overhead: Sequence[float] | None = None,
     hold: Sequence[float] | None = None,
+    blocked: Sequence[float] | None = None,
 ) -> tuple[list[FlowRef], list[Verdict]]:
     """The reference of every flow and the verdict of every band.
 
@@ -222,11 +235,18 @@ def judge(
     `served[f]` units dispatched in the window, `busy[f]` (slot-seconds, byte-seconds) those held.
     Capacity: the band's ceiling of the budget less what the bands above used, on average; a band held
     back by the budget (its intrinsic demand exceeds what it used) that used more than that got the
-    rest in the moments the bands above left room, which averages cannot see: then what it used.
+    rest in the moments the bands above left room, which averages cannot see: then what it used. A band
+    held back that used clearly less than that share (or had an unlimited budget) was held back by
+    the service's own rate (a peak run: the dispatcher's CPU, not the budget, is the bottleneck): its
+    flows are judged on the slots it used, so the verdict says how that capacity was shared among
+    them (against the budget, every flow of a perfectly fair peak run showed the same -50 %).
     `busy` must count how long each dispatch really held its slot, and `hold[f]` (real time) how much
     longer than its service a request of flow f holds its slot (its answer and its release in
     transit); `overhead[f]`: a closed-loop client's round trip per request (it cannot send while its
-    answer travels; see `intrinsic`).
+    answer travels; see `intrinsic`). `blocked[b]`: the fraction of the window in which a band above b
+    had work waiting (strict priority: b may use the budget only in the rest), which caps b's share at
+    its ceiling of the budget over the rest of the window: averages alone left a band below a
+    backlogged one the few slots in transit as a share it never could use.
     """
     w = scenario.workload
     cuts = segments(scenario)
@@ -245,14 +265,35 @@ def judge(
         refs.append(ref)
     verdicts: list[Verdict] = []
     higher = [0.0, 0.0]
+    held_above = False  # a band above this one was held back
+    budget = scenario.server.budget
+    usable = max(bc.ceiling for bc in scenario.server.bands)  # of the budget, by any band
+    whole, whole_bytes = limit(budget.max_inflight_requests) * usable, limit(budget.max_inflight_bytes) * usable
+    all_used = sum(b[0] for b in busy) / length
+    all_used_bytes = sum(b[1] for b in busy) / length
+    service_bound = all_used * _SERVICE_BOUND < whole and all_used_bytes * _SERVICE_BOUND < whole_bytes
     for b in range(len(units)):
         members = [f for f in range(len(specs)) if band_of[f] == b]
         slots, byte_slots = band_capacity(scenario, b, higher[0], higher[1], length)
+        if blocked is not None and blocked[b] > 0:
+            free = max(0.0, 1.0 - blocked[b])
+            top_slots, top_bytes = band_capacity(scenario, b, 0.0, 0.0, length)
+            if free:
+                slots, byte_slots = min(slots, top_slots * free), min(byte_slots, top_bytes * free)
+            else:  # (inf * 0 is nan)
+                slots = byte_slots = 0.0
         used = sum(busy[f][0] for f in members) / length
         used_bytes = sum(busy[f][1] for f in members) / length
         wanted = sum(refs[f].demand * refs[f].seconds for f in members)
         wanted_bytes = sum(refs[f].demand * refs[f].byte_seconds for f in members)
-        if wanted > used * _HELD_BACK or wanted_bytes > used_bytes * _HELD_BACK:  # held back by the budget
+        bound = "budget"
+        if wanted > used * _HELD_BACK or wanted_bytes > used_bytes * _HELD_BACK:  # held back
+            # ... by the service's rate (the whole budget had room), if it got some service or a band above
+            # it also waited (strict priority: a band that got nothing while nothing above it waited is
+            # judged against the budget, so a band left starving with room free is named)
+            waited_above = held_above if blocked is None else blocked[b] > 0
+            if service_bound and (used or waited_above):
+                slots, byte_slots, bound = used, math.inf, "service"
             if slots != math.inf and used > slots * _HELD_BACK:  # (clearly more: not a window-edge crumb)
                 slots = used
             if byte_slots != math.inf and used_bytes > byte_slots * _HELD_BACK:
@@ -280,6 +321,7 @@ def judge(
         for f in members:
             higher[0] += busy[f][0]
             higher[1] += busy[f][1]
+        held_above = held_above or wanted > used * _HELD_BACK or wanted_bytes > used_bytes * _HELD_BACK
         judged = []
         for f in members:
             e = error(refs[f])
@@ -295,6 +337,7 @@ def judge(
         verdicts.append(Verdict(
             margin=w.fair_margin,
             slots=None if slots == math.inf else round(slots, 3),
+            bound=bound,
             max_error=round(max(abs(e) for e, _, _ in judged), 6) if judged else None,
             off=off,
             fair=(not off) if judged else None,

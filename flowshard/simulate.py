@@ -1162,6 +1162,9 @@ def reference_line(name: str, fairness: str, unit: str, verdict: Verdict, most: 
     """One line per band: does every flow get its max-min allocation of intrinsic demand, within the margin?"""
     margin = f"{verdict.margin * 100:g}%"
     head = f"reference {name} ({fairness}, {unit}): "
+    if verdict.bound == "service":  # a peak run: the service's own rate, not the budget, held it back
+        used = f"{verdict.slots:.3g} slots" if verdict.slots is not None else "the slots"
+        head += f"[service-bound: the budget had room; judged on the {used} it used] "
     if verdict.fair is None:
         return head + "nothing to judge (no flow had an allocation)"
     if verdict.fair:

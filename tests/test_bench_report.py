@@ -314,3 +314,31 @@ def test_a_target_gets_no_server_cost_and_its_own_cpu_is_not_called_a_disturbanc
     own = _cpu(record({gen: 0.5, ProcId(2, 2, "distributor"): 0.4}), 1000, warnings, {})
     assert own["server_us_per_req"] == pytest.approx(400.0) and own["projection"] is not None
     assert len(warnings) == 1 and "figures are disturbed" in warnings[0]
+
+
+def test_blocked_by_higher_is_the_time_a_band_above_had_work_waiting() -> None:
+    """Strict priority's share for the reference: a request waits from its arrival at the service to its
+    dispatch (the audit's times; else sent and answered), an unfinished one until the end; rejections
+    never wait; a band above with a lower ceiling leaves room above it, so it does not count."""
+    import numpy as np
+
+    from bench.fairness import blocked_by_higher
+    from bench.loadgen import UNFINISHED
+
+    nan = float("nan")
+    log = {  # flows 0, 1 in band 0; flow 2 in band 1; flow 3 in band 2
+        "flow": np.array([0, 1, 0, 1, 2, 3]),
+        "outcome": np.array([0, 0, 1, UNFINISHED, 0, 0]),
+        "sent": np.array([0.9, 2.5, 7.0, 8.0, 0.0, 0.0]),
+        "done": np.array([4.2, 6.3, 7.1, 10.0, 9.0, 9.0]),
+        "s_recv": np.array([1.0, nan, 7.0, nan, 0.0, 0.0]),
+        "s_disp": np.array([4.0, nan, nan, nan, 9.0, 9.0]),
+    }
+    band_of_flow = np.array([0, 0, 1, 2])
+    # band 0 waited [1, 4] and [2.5, 6.3] (no audit: sent to answer) and [8, 10] (unfinished): 7.3 of 10 s;
+    # the rejection at 7 never waited. Band 1 waited [0, 9].
+    assert blocked_by_higher(log, band_of_flow, [1.0, 1.0, 1.0], (0.0, 10.0)) == pytest.approx([0.0, 0.73, 1.0])
+    # band 0's ceiling 0.5 is below the others': it leaves them the upper half, so only band 1 counts for 2
+    assert blocked_by_higher(log, band_of_flow, [0.5, 1.0, 1.0], (0.0, 10.0)) == pytest.approx([0.0, 0.0, 0.9])
+    # clipped to the window
+    assert blocked_by_higher(log, band_of_flow, [1.0, 1.0, 1.0], (5.0, 10.0)) == pytest.approx([0.0, 0.66, 1.0])

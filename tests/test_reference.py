@@ -96,3 +96,85 @@ def test_a_fair_verdict_does_not_claim_the_bare_margin_when_noise_let_a_larger_e
     assert "sampling noise" in noisy and "5.9%" in noisy
     exact = reference_line("p0", "drr", "bytes", Verdict(margin=0.05, slots=20.0, max_error=0.01, off=[], fair=True))
     assert "every flow within 5% of its max-min allocation" in exact
+
+
+def test_water_fill_with_no_room_gives_nothing_even_to_flows_that_measured_no_slot_time() -> None:
+    """A band that was never dispatched has no measured hold: its units 'cost' 0 slot-seconds, and any
+    room looked infinite to them (the matrix scenario's lower bands were UNFAIR -100 %)."""
+    flows = [FlowRef(demand=5, seconds=0.0, byte_seconds=0.0, weight=1) for _ in range(2)]
+    water_fill(flows, 0.0, math.inf)
+    assert [f.allocation for f in flows] == [0.0, 0.0]
+
+
+TWO_BANDS = """
+name = "two"
+[server.budget]
+max_inflight_requests = {budget}
+[[server.bands]]
+priority = 1
+[[server.bands]]
+priority = 0
+[workload]
+duration = 10.0
+[[workload.flows]]
+id = "hi"
+priority = 1
+count = 2
+arrival = {{ kind = "closed", concurrency = 20 }}
+service = 1.0
+[[workload.flows]]
+id = "lo"
+priority = 0
+count = 2
+arrival = {{ kind = "closed", concurrency = 20 }}
+service = 1.0
+"""
+
+
+def _judge_two(budget: str, served: list[float], blocked: list[float] | None = None) -> tuple[list[FlowRef], list[Any]]:
+    """Flows hi-0, hi-1 (band 0) and lo-0, lo-1 (band 1), each dispatched `served[f]` 1 s requests in
+    the 10 s window (so `served[f]` slot-seconds)."""
+    scenario = load_scenario(TWO_BANDS.format(budget=budget))
+    specs = [i.spec for i in expand_flows(scenario.workload)]
+    return judge(scenario, ["requests"] * 2, [0, 0, 1, 1], ["hi-0", "hi-1", "lo-0", "lo-1"], specs, [1.0] * 4,
+                 [[0.0]] * 4, served, [(s, 0.0) for s in served], blocked=blocked)
+
+
+def test_a_service_bound_run_is_judged_on_what_its_band_used() -> None:
+    """Unlimited budget (a peak run): every band waits for the service's own rate, not for slots. Two
+    equal flows served equally are fair (against the budget: each 'short' of its whole demand)."""
+    refs, verdicts = _judge_two('"unlimited"', [30.0, 30.0, 0.0, 0.0], blocked=[0.0, 1.0])
+    assert verdicts[0].bound == "service" and verdicts[0].fair is True and verdicts[0].slots == 6.0
+    assert [r.allocation for r in refs[:2]] == pytest.approx([3.0, 3.0])
+    assert verdicts[1].fair is None  # the band above waited throughout: strict priority leaves it nothing
+    assert "[service-bound: the budget had room; judged on the 6 slots it used]" in reference_line(
+        "p1", "round-robin", "requests", verdicts[0])
+
+
+def test_negative_control_a_service_bound_band_shared_unequally_is_still_unfair() -> None:
+    _refs, verdicts = _judge_two('"unlimited"', [45.0, 15.0, 0.0, 0.0], blocked=[0.0, 1.0])
+    assert verdicts[0].bound == "service" and verdicts[0].fair is False
+    assert sorted(verdicts[0].off) == ["hi-0 +50.0%", "hi-1 -50.0%"]
+
+
+def test_a_budget_bound_run_keeps_the_budget_as_its_capacity() -> None:
+    """Budget 10, fully used by the top band: judged against its share as before."""
+    _refs, verdicts = _judge_two("10", [50.0, 49.0, 0.0, 0.0], blocked=[0.0, 1.0])
+    assert verdicts[0].bound == "budget" and verdicts[0].slots == 10.0 and verdicts[0].fair is True
+    assert verdicts[1].fair is None
+
+
+def test_a_lower_band_gets_its_share_only_while_nothing_above_waits() -> None:
+    """Budget 10, the top band used 4 slots on average but waited half the window (bursts): the lower
+    band may use the budget only in the other half, so its share is 5 slots, not 10 - 4 = 6."""
+    _refs, verdicts = _judge_two("10", [20.0, 20.0, 25.0, 25.0], blocked=[0.0, 0.5])
+    assert verdicts[1].slots == 5.0 and verdicts[1].fair is True
+    _refs, verdicts = _judge_two("10", [20.0, 20.0, 25.0, 25.0])  # without the waiting times: 6 slots
+    assert verdicts[1].slots == 6.0 and verdicts[1].fair is False
+
+
+def test_negative_control_a_band_starved_while_nothing_above_waited_is_named() -> None:
+    """Room free (budget 10, the top band used 4 slots, waited never) and the lower band got nothing:
+    that is not strict priority, and the verdict says so."""
+    _refs, verdicts = _judge_two("10", [20.0, 20.0, 0.0, 0.0], blocked=[0.0, 0.0])
+    assert verdicts[1].fair is False and verdicts[1].off == ["lo-0 -100.0%", "lo-1 -100.0%"]
