@@ -13,7 +13,9 @@ What it idealises: every hop takes zero time and is processed in one fixed order
 deterministic. A message to a shard is handled as soon as it is sent, and the shard's answers are
 handled by the distributor at once, in the order the shard wrote them. Grants are planned once per
 "pass" (`pump`: as the service plans at the end of an event-loop pass), delivered in the order the
-ledger planned them; the next pass is planned when every grant of the previous one was answered. So
+ledger planned them (or, with `blocks=True`, as the distributor writes them: one block per shard, the
+shards in `Distributor._flush`'s order); the next pass is planned when every grant of the previous one
+was answered. So
 no grant is ever in flight while a request arrives, and the cross-process races of the real service
 (grants in transit, stale `band_waiting` cells, crashed shards) are not modelled here: the
 random-interleaving model of `tests/multishard.py` covers those.
@@ -41,7 +43,12 @@ FAST_PATH = -1  # the "shard" of a request dispatched at the distributor's idle 
 class ShardedService:
     """The distributor and its N shards, as one budget-mode engine with zero-latency hops."""
 
-    def __init__(self, config: Config, shards: int, *, track: bool = False) -> None:
+    def __init__(self, config: Config, shards: int, *, track: bool = False, blocks: bool = False) -> None:
+        """`blocks`: deliver a pass's grants as the distributor writes them (`Distributor._plan` and
+        `_flush`): a shard's grants of the pass as one block, answered one after the other, the blocks
+        in the order the distributor writes them (least work left uncovered first, ties in plan
+        order), each worker taken to run when written. False (the default): one grant at a time in the
+        ledger's plan order, interleaving the shards as one process would."""
         if shards < 1:
             raise ValueError(f"shards must be at least 1, not {shards}")
         self.config = config
@@ -53,6 +60,7 @@ class ShardedService:
         self.fast_path = config.service.fast_path
         self.ceilings = [b.ceiling for b in config.bands]
         self.default_ttl = config.default_ttl
+        self.blocks = blocks
         self.outbox: list[Item] = []
         self.pending: dict[int, Pending] = {}
         self._held: set[int] = set()  # dispatched, not yet released (the tickets)
@@ -107,9 +115,22 @@ class ShardedService:
             self._publish_waiting()
             if not grants:
                 return sum(self.dispatched) - before
+            if self.blocks and self.n > 1:
+                grants = self._as_written(grants)
             for shard, band, max_bytes, saturation in grants:
                 self._grant(shard, now, band, _INF if max_bytes < 0 else max_bytes, saturation)
         raise RuntimeError(f"pump did not settle after {_MAX_PASSES} passes")  # pragma: no cover
+
+    def _as_written(self, grants: list[tuple[int, int, int, float]]) -> list[tuple[int, int, int, float]]:
+        """A pass's grants in the order the shards carry them out when each gets its grants as one
+        block (`Distributor._plan`) and the blocks are written least-left-first (`_flush`)."""
+        per: dict[int, list[tuple[int, int, int, float]]] = {}
+        for grant in grants:
+            per.setdefault(grant[0], []).append(grant)
+        order = list(per)  # first-grant (plan) order; a stable sort keeps it among ties
+        bands = self.ledger.bands
+        order.sort(key=lambda n: sum(band.uncovered(n) for band in bands))
+        return [grant for n in order for grant in per[n]]
 
     def release(self, item: Item, actual: int | None = None) -> None:
         """The client released the ticket of a dispatched request (`Distributor.release`). `actual` (a

@@ -528,7 +528,8 @@ class _Band:
 class _Simulation:
     """The event loop. Events: (time, seq, kind, flow, payload) in a heap; seq keeps order total."""
 
-    def __init__(self, scenario: Scenario, records: bool = False, shards: int = 1, *, sharded: bool = False) -> None:
+    def __init__(self, scenario: Scenario, records: bool = False, shards: int = 1, *, sharded: bool = False,
+                 blocks: bool = False) -> None:
         workload = scenario.workload
         self.scenario = scenario
         self.duration = workload.duration
@@ -543,7 +544,7 @@ class _Simulation:
             single = Engine(scenario.server)
             self.engine, self.engines = single, [single]
         else:
-            service = ShardedService(scenario.server, shards, track=records)
+            service = ShardedService(scenario.server, shards, track=records, blocks=blocks)
             self.engine, self.engines = service, service.engines
         engine = self.engine
         self.bands = [_Band(b) for b in engine.bands]
@@ -797,13 +798,15 @@ def simulate(scenario: Scenario, progress: Progress | None = None, *, shards: in
 
 def simulate_with_records(
     scenario: Scenario, *, records: bool = True, progress: Progress | None = None, shards: int = 1,
-    sharded: bool | None = None,
+    sharded: bool | None = None, blocks: bool = False,
 ) -> tuple[Report, list[list[object]]]:
     """`simulate`, and (if `records`) one record per request in the order their outcomes came.
 
     `sharded`: True runs the service's composition (ledger + engines) even at one shard, False the
-    single engine on its own budget (one shard only); default: the engine at one shard."""
-    sim = _Simulation(scenario, records, shards, sharded=shards > 1 if sharded is None else sharded)
+    single engine on its own budget (one shard only); default: the engine at one shard. `blocks`: the
+    shards get a pass's grants as the distributor writes them (`multisim.ShardedService`)."""
+    sim = _Simulation(scenario, records, shards, sharded=shards > 1 if sharded is None else sharded,
+                      blocks=blocks)
     end = sim.run(progress)
     return _Reporter(sim, end).report(), sim.records or []
 
