@@ -1,0 +1,161 @@
+"""Where a band's service difference comes from, recomputed from per-request records.
+
+    python -m bench.servicediff RECORDS.jsonl [--scenario FILE] [--window FROM TO] [--burst-gap MS]
+
+For each run in the records file (`flowshard bench --records`, `flowshard simulate --records`) and each
+band, per pair of flows: the service difference as the VTC paper defines it (the largest
+|W_f(t1, t2) - W_g(t1, t2)| over the intervals in which both were backlogged throughout: from the
+arrival at the service to the dispatch, as `bench.fairness.pairwise_difference` takes it), the same
+counted only between bursts of dispatches (a burst: dispatches of the band less than `--burst-gap`
+apart; a burst counts at once, its order inside left out), and the longest run of one flow's
+dispatches with none of the other's while both were backlogged (the difference's lower bound).
+
+The band figure the bench reports (`pairwise`) is the largest pair's first figure. When the
+difference between bursts is much smaller, the gap is the order in which the dispatches of a burst
+were made: at N shards each shard's worker dispatches what a pass granted it as one block
+(docs/architecture.md, "The service difference of backlogged flows across shards"). This is an
+auditor's breakdown, not a replacement for the figure. Units and weights come from `--scenario`
+(else bytes and weight 1); the window is `--window` (the bench's `--warmup` and `--duration`), else
+the scenario's (warmup, duration), else the whole run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from bench.fairness import units
+from flowshard import records
+from flowshard.analysis import pairwise_service_difference, union_intervals
+from flowshard.simulate import UNITS, read_scenario
+
+
+def _joint(fa: tuple[np.ndarray, np.ndarray], ga: tuple[np.ndarray, np.ndarray]) -> list[tuple[float, float]]:
+    """The intervals in which both flows were backlogged (both lists sorted and disjoint)."""
+    out: list[tuple[float, float]] = []
+    i = j = 0
+    (fs, fe), (gs, ge) = fa, ga
+    while i < len(fs) and j < len(gs):
+        a, b = max(fs[i], gs[j]), min(fe[i], ge[j])
+        if a <= b:
+            out.append((float(a), float(b)))
+        if fe[i] < ge[j]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def between_bursts(joint: list[tuple[float, float]], starts: np.ndarray, ends: np.ndarray, net: np.ndarray) -> float:
+    """The largest |W_f(t1, t2) - W_g(t1, t2)| over the intervals inside a joint interval whose ends fall
+    between bursts: bursts (sorted, disjoint) from `starts` to `ends`, `net` their units, +f -g."""
+    level = np.concatenate([[0.0], np.cumsum(net)])  # level[k]: after the first k bursts
+    best = 0.0
+    for a, b in joint:
+        lo, hi = np.searchsorted(starts, a, side="left"), np.searchsorted(ends, b, side="right")
+        if hi > lo:  # bursts lo..hi-1 lie inside [a, b]
+            values = level[lo : hi + 1]
+            best = max(best, float(values.max() - values.min()))
+    return best
+
+
+def longest_run(joint: list[tuple[float, float]], at: np.ndarray, who: np.ndarray) -> int:
+    """The most consecutive dispatches of one flow with none of the other's, inside a joint interval."""
+    best = 0
+    for a, b in joint:
+        inside = who[(at >= a) & (at <= b)]
+        if len(inside):
+            cuts = np.flatnonzero(np.diff(inside) != 0)
+            lengths = np.diff(np.concatenate([[-1], cuts, [len(inside) - 1]]))
+            best = max(best, int(lengths.max()))
+    return best
+
+
+def breakdown(rows: Sequence[dict[str, Any]], *, unit_of: dict[str, str] | None = None,
+              weights: dict[str, float] | None = None, window: tuple[float, float] | None = None,
+              burst_gap: float = 0.005) -> dict[str, dict[str, dict[str, float]]]:
+    """Per band, per pair "f/g": {"pairwise", "between_bursts", "longest_run"} (see the module)."""
+    weights = weights or {}
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for band in sorted({r["band"] for r in rows}):
+        mine = [r for r in rows if r["band"] == band and not r["outcome"].startswith(("rejected", "error"))]
+        if not mine:
+            continue
+        lo, hi = window if window is not None else (min(r["arrival"] for r in mine), max(r["done"] for r in mine))
+        unit = (unit_of or {}).get(band, "bytes")
+        flow = np.array([r["flow"] for r in mine])
+        start = np.array([r["arrival"] for r in mine], dtype=np.float64)
+        disp = np.array([r["outcome"] == "dispatched" for r in mine])
+        at = np.array([r["dispatch"] if r["outcome"] == "dispatched" else r["done"] for r in mine], dtype=np.float64)
+        amount = units(unit, np.array([r["size"] for r in mine]), np.array([r["tokens"] for r in mine]))
+        # bursts: the band's dispatches in the window, cut where the next is `burst_gap` or more later
+        d_at = np.sort(at[disp & (at >= lo) & (at <= hi)])
+        cut = np.diff(d_at) >= burst_gap
+        starts, ends = d_at[np.insert(cut, 0, True)], d_at[np.append(cut, True)]
+        backlog, served = {}, {}
+        for f in sorted(set(flow.tolist())):
+            m = flow == f
+            s, e = np.maximum(start[m], lo), np.minimum(at[m], hi)
+            keep = s <= e
+            backlog[f] = union_intervals(s[keep], e[keep])
+            d = m & disp & (at >= lo) & (at <= hi)
+            served[f] = (at[d], amount[d] / weights.get(f, 1.0))
+        pairs: dict[str, dict[str, float]] = {}
+        names = sorted(backlog)
+        for i, f in enumerate(names):
+            for g in names[i + 1 :]:
+                value = pairwise_service_difference({0: backlog[f], 1: backlog[g]}, {0: served[f], 1: served[g]})
+                if value is None:
+                    continue
+                joint = _joint(backlog[f], backlog[g])
+                t = np.concatenate([served[f][0], served[g][0]])
+                u = np.concatenate([served[f][1], -served[g][1]])
+                who = np.concatenate([np.zeros(len(served[f][0]), np.int8), np.ones(len(served[g][0]), np.int8)])
+                order = np.argsort(t, kind="stable")
+                t, u, who = t[order], u[order], who[order]
+                net = np.bincount(np.searchsorted(ends, t, side="left"), weights=u, minlength=len(ends))
+                pairs[f"{f}/{g}"] = {"pairwise": value, "between_bursts": between_bursts(joint, starts, ends, net),
+                                     "longest_run": longest_run(joint, t, who)}
+        out[band] = pairs
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.servicediff", description=__doc__.split("\n\n")[0])
+    p.add_argument("records", help="a records file (flowshard bench/simulate --records)")
+    p.add_argument("--scenario", help="the scenario it ran: band units, weights, the window")
+    p.add_argument("--window", type=float, nargs=2, metavar=("FROM", "TO"),
+                   help="seconds from the start of each run (the bench: --warmup and --duration)")
+    p.add_argument("--burst-gap", type=float, default=5.0, metavar="MS",
+                   help="dispatches less than this apart are one burst (default 5 ms)")
+    args = p.parse_args(argv)
+    unit_of: dict[str, str] | None = None
+    weights: dict[str, float] | None = None
+    window: tuple[float, float] | None = None
+    if args.scenario:
+        sc = read_scenario(args.scenario)
+        unit_of = {b.name: UNITS[b.fairness] for b in sc.server.bands}
+        weights = dict(sc.server.weights)
+        window = (sc.workload.warmup, sc.workload.duration)
+    if args.window:
+        window = (args.window[0], args.window[1])
+    with open(args.records, "rb") as fh:
+        data = fh.read()
+    for head, rows in records.decode_runs(data):
+        label = " ".join(f"{k}={head[k]}" for k in ("source", "label", "run") if k in head)
+        print(f"== {label}")
+        for band, pairs in breakdown(rows, unit_of=unit_of, weights=weights, window=window,
+                                     burst_gap=args.burst_gap / 1e3).items():
+            print(f"band {band}: pair  pairwise  between-bursts  longest-run")
+            for name, fig in sorted(pairs.items(), key=lambda kv: -kv[1]["pairwise"]):
+                print(f"  {name:24s} {fig['pairwise']:>10,.0f} {fig['between_bursts']:>14,.0f}"
+                      f" {fig['longest_run']:>12d}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

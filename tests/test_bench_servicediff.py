@@ -1,0 +1,67 @@
+"""`python -m bench.servicediff`: a band's service difference broken down by pair, from records.
+
+Two backlogged flows served in bursts of 10 (5 each, as fair-alloc's heavy flows at 4 and 8 shards):
+when each burst gives one flow its 5 and then the other its 5, in an order that flips from burst to
+burst, the VTC service difference is 10 requests although every burst is shared 5:5; counted between
+bursts it is 0. Served alternately (as one shard's drr does) it is 1 request.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench import servicediff
+from flowshard import records
+
+SIZE = 1000
+
+
+def _rows(order: str, bursts: int = 20) -> list[list[object]]:
+    """Flows f and g, each with 7 requests queued from t=0 and one more sent at each dispatch (closed
+    loop); burst k at 50 ms * (k + 1) dispatches 5 of each, 0.1 ms apart, in `order`."""
+    rows: list[list[object]] = []
+    seq = 0
+    for k in range(bursts):
+        t0 = 0.05 * (k + 1)
+        if order == "blocks":
+            who = ["f"] * 5 + ["g"] * 5 if k % 2 == 0 else ["g"] * 5 + ["f"] * 5
+        else:
+            who = ["f", "g"] * 5
+        for i, flow in enumerate(who):
+            seq += 1
+            at = t0 + i * 1e-4
+            rows.append([flow, "p0", seq, 0.0 if k == 0 else t0 - 0.04, at, at + 0.05, 0, "dispatched", SIZE, 0, 0.05])
+    for flow in ("f", "g"):  # still waiting at the end: backlogged throughout
+        seq += 1
+        rows.append([flow, "p0", seq, 0.0, None, 0.05 * (bursts + 1), 0, "unfinished", SIZE, 0, None])
+    return rows
+
+
+def _decoded(rows: list[list[object]]) -> list[dict[str, object]]:
+    return records.decode(records.encode("bench", "t", rows))[1]
+
+
+@pytest.mark.parametrize(("order", "pairwise", "between", "run"), [("blocks", 10, 0, 10), ("alternate", 1, 0, 1)])
+def test_breakdown_of_bursts_served_in_blocks_or_alternately(order: str, pairwise: int, between: int,
+                                                             run: int) -> None:
+    (band,) = servicediff.breakdown(_decoded(_rows(order))).values()
+    assert band == {"f/g": {"pairwise": pairwise * SIZE, "between_bursts": between * SIZE, "longest_run": run}}
+
+
+def test_a_burst_that_one_flow_misses_counts_between_bursts_too() -> None:
+    """g gets nothing in one burst while both wait: that is a difference between bursts as well."""
+    rows = [r for r in _rows("alternate") if not (r[0] == "g" and isinstance(r[4], float) and 0.30 <= r[4] < 0.31)]
+    (band,) = servicediff.breakdown(_decoded(rows)).values()
+    assert band["f/g"]["between_bursts"] == 5 * SIZE  # the burst g missed
+    assert band["f/g"]["pairwise"] == 6 * SIZE  # and f's first dispatch of a neighbouring burst
+
+
+def test_cli_prints_each_run_and_pair(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(records.encode("bench", "t", _rows("blocks"), label="shards=4", run=0))
+    assert servicediff.main([str(path), "--burst-gap", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "== source=bench label=shards=4 run=0" in out
+    assert "f/g" in out and "10,000" in out
