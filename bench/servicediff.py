@@ -30,7 +30,7 @@ import numpy as np
 
 from bench.fairness import units
 from flowshard import records
-from flowshard.analysis import pairwise_service_difference, union_intervals
+from flowshard.analysis import MAX_PAIRED_FLOWS, pairwise_service_difference, union_intervals
 from flowshard.simulate import UNITS, read_scenario
 
 
@@ -78,12 +78,14 @@ def longest_run(joint: list[tuple[float, float]], at: np.ndarray, who: np.ndarra
 def breakdown(rows: Sequence[dict[str, Any]], *, unit_of: dict[str, str] | None = None,
               weights: dict[str, float] | None = None, window: tuple[float, float] | None = None,
               burst_gap: float = 0.005) -> dict[str, dict[str, dict[str, float]]]:
-    """Per band, per pair "f/g": {"pairwise", "between_bursts", "longest_run"} (see the module)."""
+    """Per band, per pair "f/g": {"pairwise", "between_bursts", "longest_run"} (see the module). Bands of
+    more than MAX_PAIRED_FLOWS flows are left out, as the bench leaves out their pairwise figure."""
     weights = weights or {}
     out: dict[str, dict[str, dict[str, float]]] = {}
     for band in sorted({r["band"] for r in rows}):
         mine = [r for r in rows if r["band"] == band and not r["outcome"].startswith(("rejected", "error"))]
-        if not mine:
+        if not mine or len({r["flow"] for r in mine}) > MAX_PAIRED_FLOWS:  # as the bench: no pairs past that
+            out[band] = {}
             continue
         lo, hi = window if window is not None else (min(r["arrival"] for r in mine), max(r["done"] for r in mine))
         unit = (unit_of or {}).get(band, "bytes")
@@ -150,6 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"== {label}")
         for band, pairs in breakdown(rows, unit_of=unit_of, weights=weights, window=window,
                                      burst_gap=args.burst_gap / 1e3).items():
+            if not pairs:
+                print(f"band {band}: no pairs (fewer than 2 flows, or more than {MAX_PAIRED_FLOWS})")
+                continue
             print(f"band {band}: pair  pairwise  between-bursts  longest-run")
             for name, fig in sorted(pairs.items(), key=lambda kv: -kv[1]["pairwise"]):
                 print(f"  {name:24s} {fig['pairwise']:>10,.0f} {fig['between_bursts']:>14,.0f}"
