@@ -7,7 +7,8 @@ band, per pair of flows: the service difference as the VTC paper defines it (the
 |W_f(t1, t2) - W_g(t1, t2)| over the intervals in which both were backlogged throughout: from the
 arrival at the service to the dispatch, as `bench.fairness.pairwise_difference` takes it), the same
 counted only between bursts of dispatches (a burst: dispatches of the band less than `--burst-gap`
-apart; a burst counts at once, its order inside left out), and the longest run of one flow's
+apart; only intervals whose ends fall between bursts, so each burst counts whole and its order
+inside is left out), and the longest run of one flow's
 dispatches with none of the other's while both were backlogged (the difference's lower bound).
 
 The band figure the bench reports (`pairwise`) is the largest pair's first figure. When the
@@ -51,13 +52,16 @@ def _joint(fa: tuple[np.ndarray, np.ndarray], ga: tuple[np.ndarray, np.ndarray])
 
 
 def between_bursts(joint: list[tuple[float, float]], starts: np.ndarray, ends: np.ndarray, net: np.ndarray) -> float:
-    """The largest |W_f(t1, t2) - W_g(t1, t2)| over the intervals inside a joint interval whose ends fall
-    between bursts: bursts (sorted, disjoint) from `starts` to `ends`, `net` their units, +f -g."""
-    level = np.concatenate([[0.0], np.cumsum(net)])  # level[k]: after the first k bursts
+    """The largest |W_f(t1, t2) - W_g(t1, t2)| over t1 < t2 of one joint interval that both fall between
+    bursts (bursts sorted and disjoint, from `starts` to `ends`; `net`: each burst's units, +f -g). The
+    value between bursts j-1 and j is the level after the first j bursts; that gap meets [a, b] when
+    burst j starts after a and burst j-1 ends before b. A burst that holds the dispatch ending a
+    flow's backlog is not counted whole: its order inside is what this figure leaves out."""
+    level = np.concatenate([[0.0], np.cumsum(net)])  # level[j]: after the first j bursts
     best = 0.0
     for a, b in joint:
-        lo, hi = np.searchsorted(starts, a, side="left"), np.searchsorted(ends, b, side="right")
-        if hi > lo:  # bursts lo..hi-1 lie inside [a, b]
+        lo, hi = np.searchsorted(starts, a, side="right"), np.searchsorted(ends, b, side="left")
+        if hi > lo:
             values = level[lo : hi + 1]
             best = max(best, float(values.max() - values.min()))
     return best

@@ -58,6 +58,20 @@ def test_a_burst_that_one_flow_misses_counts_between_bursts_too() -> None:
     assert band["f/g"]["pairwise"] == 6 * SIZE  # and f's first dispatch of a neighbouring burst
 
 
+def test_a_request_served_last_in_its_burst_is_not_a_difference_between_bursts() -> None:
+    """A thin flow's request that arrives just before a burst and is dispatched last in it waited
+    through the heavy flow's block of 5: 5 requests by the paper's definition, none between bursts."""
+    rows: list[list[object]] = []
+    for k in range(10):
+        t0 = 0.05 * (k + 1)
+        for i in range(5):
+            rows.append(["heavy", "p0", len(rows), 0.0, t0 + i * 1e-4, t0 + 0.05, 0, "dispatched", SIZE, 0, 0.05])
+        rows.append(["thin", "p0", len(rows), t0 - 1e-4, t0 + 5e-4, t0 + 0.05, 1, "dispatched", SIZE, 0, 0.05])
+    rows.append(["heavy", "p0", len(rows), 0.0, None, 0.6, 0, "unfinished", SIZE, 0, None])
+    (band,) = servicediff.breakdown(_decoded(rows)).values()
+    assert band["heavy/thin"] == {"pairwise": 5 * SIZE, "between_bursts": 0.0, "longest_run": 5}
+
+
 def test_cli_prints_each_run_and_pair(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "r.jsonl"
     path.write_bytes(records.encode("bench", "t", _rows("blocks"), label="shards=4", run=0))
