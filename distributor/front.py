@@ -68,6 +68,7 @@ from flowshard.codec import (
     Result,
     Shutdown,
     ToAcceptor,
+    log_drop,
 )
 from flowshard.config import Config
 from flowshard.types import OUTCOMES
@@ -103,7 +104,7 @@ class Upstream(asyncio.Protocol):
         self._sole = sole  # the only acceptor: every release passes through this process
         self._loop = loop
         self._reader = BatchReader(ToAcceptor)
-        self._writer = BatchWriter()
+        self._writer = BatchWriter(on_drop=self._dropped)
         self._transport: asyncio.Transport | None = None
         self._flush_scheduled = False
         self._next_key = 1
@@ -155,6 +156,23 @@ class Upstream(asyncio.Protocol):
     def _finish(self) -> None:
         if not self.finished.done():
             self.finished.set_result(None)
+
+    def _dropped(self, message: Any, problem: Exception) -> None:
+        """A message the link could not encode (a value validation let through): logged, and whoever
+        waits for its answer is answered here, as if the distributor had failed on it, instead of
+        never (the client's request, and its connection's place, held for good)."""
+        log_drop(message, problem)
+        kind = type(message)
+        if kind is LinkAdmit:
+            entry = self._admissions.pop(message.key, None)
+            fail = getattr(entry[0], "fail", None) if entry is not None else None
+            if entry is not None and fail is not None:
+                fail(entry[1], f"internal error: the request could not be forwarded ({problem})")
+        elif kind is LinkRelease and message.key:
+            waiting = self._releases.pop(message.key, None)
+            if waiting is not None:
+                ticket, done = waiting
+                done(ticket, False)
 
     def send(self, message: Any) -> None:
         self._writer.add(message)

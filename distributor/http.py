@@ -37,6 +37,7 @@ from flowshard.types import Outcome
 from flowshard.validate import (
     ADMIT_ALIASES,
     ADMIT_FIELDS,
+    MAX_TICKET,
     RELEASE_FIELDS,
     AdmitBody,
     ReleaseBody,
@@ -690,6 +691,9 @@ class HttpConnection(asyncio.Protocol):
         problem = check_release_tokens(r.tokens)
         if problem is not None:
             self._respond(_error(422, problem, conn), close)
+            return
+        if not 0 < r.ticket <= MAX_TICKET:  # names no ticket (and an acceptor's link carries 64 bits only)
+            self._respond(_error(404, f"ticket {r.ticket} is unknown or already released", conn), close)
             return
         slot = self.slot_open(conn, close)
 

@@ -54,6 +54,7 @@ from flowshard.shm import ShmLayout, ShmStats
 from flowshard.slots import SlotTable
 from flowshard.stats import N_WAIT_BUCKETS
 from flowshard.types import N_OUTCOMES, OUTCOMES, Outcome
+from flowshard.validate import MAX_TICKET
 
 _DISPATCHED = Outcome.DISPATCHED
 log = logging.getLogger(__name__)
@@ -82,8 +83,7 @@ class Ticket(msgspec.Struct, gc=False):
 
 # Tickets are capabilities: random, so a client can release only a ticket it was given (on any of its
 # connections: clients pool them), never another client's by guessing. 53 bits: exact as a JSON number.
-TICKET_BITS = 53
-_TICKET_MASK = (1 << TICKET_BITS) - 1
+_TICKET_MASK = MAX_TICKET
 
 
 class WorkerLink(asyncio.Protocol):

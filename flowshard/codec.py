@@ -373,7 +373,7 @@ class BatchWriter:
     def __init__(self, on_drop: Callable[[Any, Exception], None] | None = None) -> None:
         self._encoder = msgspec.msgpack.Encoder()
         self._messages: list[Any] = []
-        self.on_drop = on_drop or _log_drop
+        self.on_drop = on_drop or log_drop
         self.dropped = 0
 
     def add(self, message: Any) -> None:
@@ -417,7 +417,8 @@ class BatchWriter:
         _LEN.pack_into(buf, start, len(buf) - start - 4)
 
 
-def _log_drop(message: Any, problem: Exception) -> None:
+def log_drop(message: Any, problem: Exception) -> None:
+    """The default `BatchWriter.on_drop`: an error in the log, naming the message and why."""
     logging.getLogger(__name__).error("%s not sent: it cannot be encoded (%s)", type(message).__name__, problem)
 
 

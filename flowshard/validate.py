@@ -21,6 +21,11 @@ MAX_SECONDS = 7 * 86400.0
 MAX_TOKENS = 1 << 32
 MAX_WEIGHT = 1e6
 MAX_PRIORITY = 1 << 31
+# Tickets are random integers below 2^53, exact in any JSON parser's double. A release of a number
+# outside 1..MAX_TICKET is answered "unknown" at the boundary: it cannot name a ticket, and beyond
+# 64 bits it could not even be forwarded to the distributor over an acceptor's link.
+TICKET_BITS = 53
+MAX_TICKET = (1 << TICKET_BITS) - 1
 
 
 class AdmitBody(msgspec.Struct, forbid_unknown_fields=True):

@@ -125,3 +125,38 @@ def test_a_dead_acceptor_s_unreported_tickets_are_released_unless_its_log_says_t
     assert sorted(released) == [1, 3]  # 2's client may hold its ticket: kept for its lease
     assert guards == [("http", "undeliverable")] * 2
     assert link.delivery is None and not link.unconfirmed
+
+
+def test_an_acceptor_answers_what_its_link_could_not_carry() -> None:
+    """A message the link cannot encode (a value past 64 bits that validation let through) is logged and
+    left out of the batch; whoever waited for its answer used to wait for good (review 2026-12-05: a
+    release of ticket 2^64 over HTTP was never answered). Now the release is answered "unknown" and the
+    admission fails (the fronts' 500), and the rest of the pass still goes."""
+
+    class Waiter:
+        def __init__(self) -> None:
+            self.failed: list[tuple[Any, str]] = []
+
+        def fail(self, cid: Any, message: str) -> None:
+            self.failed.append((cid, message))
+
+        def deliver(self, *args: Any) -> None:
+            raise AssertionError("nothing is delivered here")
+
+    async def main() -> None:
+        upstream = Upstream(0, asyncio.get_running_loop())
+        link = RecordingLink()
+        upstream.connection_made(link)  # type: ignore[arg-type]
+        waiter = Waiter()
+        answers: list[tuple[int, bool]] = []
+        upstream.release_then(1 << 64, -1, lambda ticket, ok: answers.append((ticket, ok)))
+        upstream.admit(waiter, "c1", "flow", 1 << 70, 10, 0.0, 0.0, 0, 0.0, True)  # type: ignore[arg-type]
+        upstream.admit(waiter, "c2", "flow", 0, 10, 0.0, 0.0, 0, 0.0, True)  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)  # the pass's flush
+        assert answers == [(1 << 64, False)]
+        assert [cid for cid, _ in waiter.failed] == ["c1"]
+        assert "could not be forwarded" in waiter.failed[0][1]
+        assert [m.flow for m in link.got if type(m) is LinkAdmit] == ["flow"]  # c2's went
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())

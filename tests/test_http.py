@@ -1097,3 +1097,29 @@ def test_dispatched_answer_waiting_behind_a_queued_one_is_released_when_the_clie
         c.close()
 
     uvloop.run(asyncio.wait_for(main(), 20.0))
+
+
+def test_a_release_of_a_number_that_can_name_no_ticket_is_404_without_asking() -> None:
+    """Tickets are 1..2^53-1: anything else is unknown at the boundary. Beyond 64 bits an acceptor could
+    not even forward it (its link is msgpack): it logged the encoding error and never answered, and the
+    connection held its place in max_connections for good (review, 2026-12-05)."""
+    asked: list[int] = []
+
+    class Asking(FakeAdmission):
+        def release(self, ticket: int) -> bool:
+            asked.append(ticket)
+            return super().release(ticket)
+
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        for ticket in (0, -1, 1 << 53, 1 << 64, -(1 << 63) - 1, 10**40):
+            c.send(post("/v1/release", {"ticket": ticket}))
+            r = await c.response()
+            assert r.status == 404, (ticket, r)
+            assert r.json()["error"]["message"] == f"ticket {ticket} is unknown or already released"
+        c.send(post("/v1/release", {"ticket": (1 << 53) - 1}))  # the largest possible ticket is asked about
+        assert (await c.response()).status == 404
+        c.close()
+
+    serve(t, Asking())
+    assert asked == [(1 << 53) - 1]

@@ -215,3 +215,20 @@ def test_undelivered_http_ticket_of_a_hung_acceptor_does_not_hold_the_budget_for
         )
 
     run(body(), timeout=60)
+
+
+def test_a_release_of_a_ticket_beyond_64_bits_is_answered_with_acceptors(launch: Any) -> None:
+    """Review 2026-12-05 (D1): with acceptors, `POST /v1/release {"ticket": 2**64}` was never answered
+    (its LinkRelease could not be encoded: logged and dropped), and the connection, pending forever,
+    kept its place in max_connections. Now 404 as without acceptors, and the connection serves on."""
+    svc = launch(shards=1, acceptors=1, budget=None)
+
+    async def body() -> None:
+        conn = await HttpConn.open(svc.http_port)
+        for ticket in (1 << 64, -(1 << 63) - 1):
+            r = await conn.request("POST", "/v1/release", {"ticket": ticket}, timeout=5)
+            assert r.status == 404 and "unknown or already released" in r.json()["error"]["message"], r
+        assert await _admit_on(conn) == 200  # the same connection still serves
+        conn.close()
+
+    run(body(), timeout=30)
