@@ -16,9 +16,12 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import time
 
 import pytest
 from conftest import FAIRNESS_NAMES, ORDERING_NAMES, Ids, Ledger, drain, flows_of, make_engine, reconcile, submit
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flowshard.fairness import FAIRNESS, DeficitRoundRobin, GlobalFcfs, RoundRobin, VirtualTokenCounter
 from flowshard.types import Outcome
@@ -400,3 +403,91 @@ def test_policies_only_see_active_flows():
         assert policy.pick().id == "b"
         engine.dispatch(0.0)
         assert policy.pick() is None
+
+
+# ---------------------------------------------------------------------------------------- drr's empty rounds
+
+
+def _old_drr_pick(policy: DeficitRoundRobin):  # type: ignore[no-untyped-def]
+    """DRR's pick as it was: one top-up per flow per round until a head fits (the reference)."""
+    ring = policy._ring
+    while ring:
+        flow = next(iter(ring))
+        size = flow.queue.peek().request.size
+        if flow.deficit >= size:
+            return flow
+        flow.deficit += policy._quantum * flow.weight
+        ring.move_to_end(flow)
+    return None
+
+
+@pytest.mark.parametrize("weight", [1e-7, 1e-300, 5e-324])
+def test_drr_a_tiny_weight_does_not_stop_the_shard(weight: float) -> None:
+    """Review 2026-12-05 (D2): a request with weight 1e-300 under drr looped in the shard's pick until
+    the heartbeat killed it (5 s: every request it held ended `shard_failure`); 1e-7 stalled it 4 s.
+    The empty rounds are skipped in one step: the tiny flow is served at once when it is alone, and a
+    normal flow beside it is not held up."""
+    engine = make_engine([{"priority": 0, "fairness": "drr", "quantum": 500}], max_inflight_requests=None)
+    ids = Ids()
+    submit(engine, ids, "tiny", size=1000, weight=weight)
+    submit(engine, ids, "tiny", size=1000, weight=weight)
+    t0 = time.process_time()
+    assert flows_of(drain(engine)) == "tiny" * 2
+    submit(engine, ids, "tiny", size=1000, weight=weight)
+    submit(engine, ids, "normal", size=1000)
+    submit(engine, ids, "normal", size=1000)
+    assert flows_of(drain(engine)).replace("tiny", "t").replace("normal", "n") in ("nnt", "tnn")
+    assert time.process_time() - t0 < 0.5
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    weights=st.lists(st.sampled_from([1 / 64, 0.125, 0.25, 0.75, 1.0, 2.5]), min_size=1, max_size=5),
+    sizes=st.lists(st.integers(1, 5000), min_size=1, max_size=40),
+    quantum=st.sampled_from([1, 7, 100, 500]),
+)
+def test_drr_skipping_empty_rounds_picks_as_one_round_at_a_time(
+    weights: list[float], sizes: list[int], quantum: int,
+) -> None:
+    """The same picks, in the same order, as the round-by-round DRR (weights and a fixed quantum that
+    make many empty rounds; weights exact in binary floating point, so both sum exactly: with 0.01,
+    102,600 additions and one multiplication round differently, and two flows that tie in exact
+    arithmetic may go in either order)."""
+    def run(pick_old: bool) -> list[str]:
+        engine = make_engine([{"priority": 0, "fairness": "drr", "quantum": quantum}], max_inflight_requests=None)
+        ids = Ids()
+        for k, size in enumerate(sizes):
+            f = k % len(weights)
+            submit(engine, ids, f"f{f}", size=size, weight=weights[f])
+        policy = engine.bands[0].fairness
+        assert isinstance(policy, DeficitRoundRobin)
+        if pick_old:
+            policy.pick = lambda: _old_drr_pick(policy)  # type: ignore[method-assign]
+        return [item.request.flow for item in drain(engine)]
+
+    assert run(False) == run(True)
+
+
+def test_drr_the_simulator_finishes_with_a_tiny_weight_alone_in_its_band() -> None:
+    """The simulator runs the same policy: a lone flow of weight 1e-300 made `flowshard simulate` spin
+    without end (review 2026-12-05)."""
+    from flowshard.scenario import load_scenario
+    from flowshard.simulate import simulate
+
+    scenario = load_scenario("""
+[server.budget]
+max_inflight_requests = 1
+[[server.bands]]
+priority = 0
+fairness = "drr"
+[workload]
+duration = 5.0
+[[workload.flows]]
+id = "a"
+weight = 1e-300
+size = 1000
+service = 0.5
+arrival = { kind = "poisson", rate = 10 }
+""")
+    report = simulate(scenario)
+    assert report.totals.counts.dispatched == 10
