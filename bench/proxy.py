@@ -41,6 +41,7 @@ import aiohttp
 import uvloop
 
 from bench.procstat import ProcId, children, sample
+from bench.runner import die_with_parent
 
 _FAKE_READY = re.compile(r"fakeoai ready: (http://\S+) pid=(\d+)")
 _SERVE_READY = re.compile(r"flowshard ready: http=(http://\S+) ")
@@ -77,8 +78,10 @@ class Result:
 
 
 def _start(cmd: list[str], ready: re.Pattern[str]) -> tuple[subprocess.Popen[bytes], str]:
+    # with the bench's own death (SIGTERM from a CI timeout) it gets SIGTERM too: the service drains
+    # and removes its segment, the fake backend exits (they were left running before)
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=die_with_parent)
     assert proc.stderr is not None
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

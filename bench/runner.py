@@ -53,7 +53,7 @@ class BenchError(Exception):
     after the processes' own stderr."""
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """preexec_fn: the child gets SIGTERM if the bench process dies (no orphans on Ctrl-C or a crash)."""
     with contextlib.suppress(OSError):
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
@@ -111,7 +111,7 @@ class Server:
     def _start(cls, kind: str, argv: list[str]) -> Server:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True, preexec_fn=_die_with_parent,
+            start_new_session=True, preexec_fn=die_with_parent,
         )
         assert proc.stderr is not None
         tail: collections.deque[str] = collections.deque(maxlen=50)
@@ -318,7 +318,7 @@ async def run_once(
             for _, path in specs:
                 procs.append(await asyncio.create_subprocess_exec(
                     sys.executable, "-P", "-m", "bench.loadgen", path, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=die_with_parent,
                 ))
             return await _drive(scenario, server, options, procs, specs, progress)
         finally:
