@@ -399,6 +399,11 @@ class FlowshardCollector(Collector):
         yield _counter(
             "flowshard_tickets_expired", "Tickets whose lease expired unreleased.", d.counters["tickets_expired"]
         )
+        yield _counter(
+            "flowshard_dispatches_unclaimed",
+            "Dispatches decided as their client left (cancelled while being dispatched): no ticket, budget freed.",
+            d.counters["dispatches_unclaimed"],
+        )
         yield _gauge("flowshard_flow_slots_used", "Shared-memory flow slots owned by a flow.", len(d.slots))
         yield _gauge("flowshard_flow_slots_total", "Shared-memory flow slots configured.", d.slots.slots)
         yield _counter(

@@ -169,7 +169,7 @@ class Distributor:
         self.stop_requested = False  # a signal arrived before start() finished
         self.started = time.monotonic()
         self.counters = {"tickets_expired": 0, "tickets_released": 0, "worker_restarts": 0, "fast_path": 0,
-                         "acceptor_restarts": 0}
+                         "acceptor_restarts": 0, "dispatches_unclaimed": 0}
         self.guards = Guards()  # protective actions of the fronts (distributor/guards.py)
         self.fd_reserve: FdReserve | None = None  # descriptors kept for worker restarts (fdreserve.py)
         self.segment: Any = None
@@ -381,8 +381,9 @@ class Distributor:
                 shm.add_dispatched(writer)
         owner = p.owner
         if owner is None:
-            if outcome == _DISPATCHED:
-                self.ledger.release(p.size)  # the client left while this was being dispatched
+            if outcome == _DISPATCHED:  # the client left while this was being dispatched: no ticket
+                self.ledger.release(p.size)
+                self.counters["dispatches_unclaimed"] += 1  # (so dispatched = tickets issued + these)
                 self._schedule_plan()
             return
         waiter, cid, leased, audit = owner
