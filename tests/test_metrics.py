@@ -457,3 +457,31 @@ def test_metric_and_stats_views_agree(dist: Distributor) -> None:
             assert sample == band["outcomes"][o.label]
     families = Counter(n for n, _ in s)
     assert families["flowshard_flow_queue_bytes"] == 2 + 2  # a, b, and one "other" per band
+
+
+def test_the_stats_snapshot_waits_for_a_writer_caught_mid_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard preempted in the middle of its batch (seq odd) for longer than 1,000 immediate retries made
+    a scrape read `consistent: false` on a healthy service (review 2026-12-05, D5): the retries now
+    pause (1 ms every 50th), and a writer that finishes meanwhile is read consistently."""
+    import distributor.metrics as metrics
+    from flowshard.shm import ShmLayout, ShmStats
+
+    layout = ShmLayout(8, 2, 1)
+    shm = ShmStats(bytearray(layout.nbytes), layout, init=True)
+    shm.begin_write(1)  # shard 1 mid-batch
+    slept: list[float] = []
+    resumes = [3]  # the writer is scheduled again during the third pause (then: never)
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if len(slept) == resumes[0]:
+            shm.end_write(1)
+
+    monkeypatch.setattr(metrics.time, "sleep", sleep)
+    assert shm.snapshot(on_retry=metrics._Pause()).consistent
+    assert slept == [0.001] * 3
+    shm.begin_write(1)  # stopped for good: still reported, after at most 20 pauses
+    slept.clear()
+    resumes[0] = 0
+    assert not shm.snapshot(on_retry=metrics._Pause()).consistent
+    assert len(slept) == 20
