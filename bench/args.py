@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=float, help="override the scenario's warmup (seconds)")
     p.add_argument("--procs", type=int, default=1, help="load-generator processes (default 1)")
     p.add_argument("--conns", type=int, default=0,
-                   help="connections per generator process (default: binary 1 per 50,000 requests the run may "
+                   help="connections per generator process (default 0: binary 1 per 50,000 requests the run may "
                         "hold pending; HTTP: closed-loop clients + 16, growing as needed)")
     p.add_argument("--max-conns", type=int, default=512, help="HTTP: most connections per generator process")
     p.add_argument("--timer-lead-us", type=float, default=60.0,

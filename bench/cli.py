@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import math
 import os
 import platform
 import shlex
@@ -41,7 +42,7 @@ from bench.report import (
 )
 from bench.runner import BenchError, Options, RunRecord, Server, run_once
 from flowshard import records
-from flowshard.config import MAX_SHARDS, ConfigError
+from flowshard.config import MAX_ACCEPTORS, MAX_SHARDS, ConfigError
 from flowshard.scenario import (
     Bursts,
     Closed,
@@ -87,6 +88,14 @@ def adjust(scenario: Scenario, *, rate: float | None = None, concurrency: int | 
             if isinstance(a, Closed):
                 share = max(1, round(a.concurrency * concurrency / clients))
                 flows[i] = replace(f, arrival=replace(a, concurrency=share))
+    if duration is not None and not 0 < duration < math.inf:
+        raise ConfigError(f"--duration: {duration:g} is not allowed; seconds above 0")
+    if warmup is not None and not 0 <= warmup < math.inf:
+        raise ConfigError(f"--warmup: {warmup:g} is not allowed; 0 seconds or more")
+    end = workload.duration if duration is None else duration
+    if warmup is not None and warmup >= end:
+        raise ConfigError(f"--warmup: {warmup:g} s is not shorter than the run ({end:g} s"
+                          f"{'' if duration is not None else ', the scenario' + chr(39) + 's duration'})")
     changes: dict[str, Any] = {"flows": flows}
     if duration is not None:
         changes["duration"] = duration
@@ -184,11 +193,18 @@ def run_all(args: argparse.Namespace, base: Scenario, records_out: BinaryIO | No
             accs = [a.strip() for a in args.acceptors.split(",")]
             if any(a != "auto" and not a.isdigit() for a in accs):
                 raise ConfigError(f"--acceptors: {args.acceptors!r}: expected counts like 0,2 or auto")
+            too_many = [a for a in accs if a != "auto" and int(a) > MAX_ACCEPTORS]
+            if too_many:
+                raise ConfigError(f"--acceptors: {too_many[0]} is not allowed; 0 to {MAX_ACCEPTORS}, or auto")
             configs += [Config("flowshard", n, transport, rate, a) for n in shards for a in accs]
         if args.baseline:
             configs.append(Config("echo", 0, transport, rate))
     if args.runs < 1 or args.procs < 1:
         raise ConfigError("--runs and --procs must be at least 1")
+    for flag, value, low in (("--conns", args.conns, 0), ("--max-conns", args.max_conns, 1),
+                             ("--timer-lead-us", args.timer_lead_us, 0), ("--drain-timeout", args.drain_timeout, 0)):
+        if value is not None and not value >= low:
+            raise ConfigError(f"--{flag[2:]}: {value:g} is not allowed; {low} or more")
     scenarios = {
         rate: adjust(base, rate=rate, concurrency=args.concurrency, duration=args.duration, warmup=args.warmup)
         for rate in rates

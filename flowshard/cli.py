@@ -15,9 +15,16 @@ from pathlib import Path
 
 import msgspec
 
-from flowshard.config import MAX_SHARDS, Config, ConfigError, check_backend_url, convert, dump_config, parse_toml
-
-MAX_ACCEPTORS = 64  # acceptor processes (serve --acceptors)
+from flowshard.config import (
+    MAX_ACCEPTORS,
+    MAX_SHARDS,
+    Config,
+    ConfigError,
+    check_backend_url,
+    convert,
+    dump_config,
+    parse_toml,
+)
 
 
 def read_config(path: str | None) -> Config:

@@ -23,6 +23,7 @@ from flowshard.queues import ORDERINGS
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 UNLIMITED = "unlimited"
 MAX_SHARDS = 256  # shard workers one service may run: each is a process with its own socket pair
+MAX_ACCEPTORS = 64  # acceptor processes (serve --acceptors)
 # A limit: a positive integer, or "unlimited" (TOML has no null: an omitted key takes its default, which
 # is bounded for the global queue limits and the in-flight request budget, "unlimited" for the others).
 Limit = PositiveInt | Literal["unlimited"] | None

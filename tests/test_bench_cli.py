@@ -193,7 +193,16 @@ def test_bench_drives_a_running_service_with_target(tmp_path: Path, launch: Any)
         (["--shards", "1,x"], "--shards: expected comma-separated numbers, got '1,x'"),
         (["--runs", "0"], "--runs and --procs must be at least 1"),
         (["--shards", "1,257"], "--shards: 257 is not allowed; 1 to 256"),
-        (["--warmup", "-1"], "workload.warmup"),
+        (["--warmup", "-1"], "--warmup: -1 is not allowed; 0 seconds or more"),
+        # review 2026-12-05 (D6): these printed a traceback, or were accepted silently
+        (["--duration", "0"], "--duration: 0 is not allowed; seconds above 0"),
+        (["--duration", "-1"], "--duration: -1 is not allowed; seconds above 0"),
+        (["--warmup", "100"], "--warmup: 100 s is not shorter than the run"),
+        (["--duration", "2", "--warmup", "2"], "--warmup: 2 s is not shorter than the run (2 s)"),
+        (["--acceptors", "65"], "--acceptors: 65 is not allowed; 0 to 64, or auto"),
+        (["--conns", "-1"], "--conns: -1 is not allowed; 0 or more"),
+        (["--timer-lead-us", "-5"], "--timer-lead-us: -5 is not allowed; 0 or more"),
+        (["--drain-timeout", "-1"], "--drain-timeout: -1 is not allowed; 0 or more"),
         (["--plot", "/nonexistent/dir/x.png"], "--plot: cannot write /nonexistent/dir/x.png"),
     ],
 )
