@@ -256,6 +256,10 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
         warnings.append(f"{pool_waits} HTTP admissions waited for a free connection (raise --max-conns)")
     warnings += record.problems
     stats = record.stats or {}
+    mismatch = config_mismatch(config, stats)
+    if mismatch:
+        warnings.append(f"the service's configuration is not the scenario's [server] ({mismatch}): its bands "
+                        "are labelled, and its fairness judged, by the scenario's (a --target keeps its own)")
     return {
         **meta,
         "window_s": window,
@@ -358,6 +362,30 @@ def _timeline(log: dict[str, np.ndarray], instances: Sequence[Any], duration: fl
     top = sorted(series, key=lambda n: -float(series[n].sum()))[:TIMELINE_SERIES]
     return {"bin_s": bin_s, "unit": "dispatches/s", "by": "flow" if per_flow else "group",
             "series": {n: [round(float(x), 1) for x in series[n]] for n in top}}
+
+
+def config_mismatch(config: Any, stats: dict[str, Any]) -> str:
+    """What differs between the scenario's `[server]` and the service's own (its `/v1/stats`): the budget
+    and the bands' priorities and policies; "" when they agree or the stats are not there (echo)."""
+    totals, bands = stats.get("totals"), stats.get("bands")
+    if not totals or not bands:
+        return ""
+    out = []
+    for key, mine in (("max_inflight_requests", config.budget.max_inflight_requests),
+                      ("max_inflight_bytes", config.budget.max_inflight_bytes)):
+        if key in totals and totals[key] != mine:
+            out.append(f"{key} {_limit_text(totals[key])}, the scenario's {_limit_text(mine)}")
+    theirs = [(b.get("priority"), b.get("fairness"), b.get("ordering")) for b in bands]
+    mine_bands = [(b.priority, b.fairness, b.ordering) for b in config.bands]
+    if theirs != mine_bands:
+        def show(rows: list[tuple[Any, Any, Any]]) -> str:
+            return ", ".join(f"{p} {f}/{o}" for p, f, o in rows)
+        out.append(f"bands {show(theirs)}, the scenario's {show(mine_bands)}")
+    return "; ".join(out)
+
+
+def _limit_text(value: Any) -> str:
+    return "unlimited" if value is None else str(value)
 
 
 def _reference(

@@ -477,6 +477,8 @@ def stats_snapshot(distributor: Distributor, top_flows: int = TOP_FLOWS) -> dict
                 "index": bi,
                 "priority": bc.priority,
                 "name": bc.name,
+                "fairness": bc.fairness,
+                "ordering": bc.ordering,
                 "queued_items": lb.queued_items,
                 "queued_bytes": lb.queued_bytes,
                 "max_requests": _limit(lb.max_items),  # the band's `max_requests`

@@ -169,7 +169,7 @@ def test_plot_without_matplotlib_says_so(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 def test_adjust_validates_like_a_file() -> None:
     s = load_scenario(SCENARIO)
-    with pytest.raises(ConfigError, match=r"workload.warmup"):
+    with pytest.raises(ConfigError, match=r"--warmup: -1 is not allowed"):  # named by its flag
         adjust(s, warmup=-1.0)
     with pytest.raises(ConfigError, match=r"workload.flows\[0\].arrival.rate"):
         adjust(s, rate=1e12)  # beyond what a flow's rate may be
@@ -342,3 +342,20 @@ def test_blocked_by_higher_is_the_time_a_band_above_had_work_waiting() -> None:
     assert blocked_by_higher(log, band_of_flow, [0.5, 1.0, 1.0], (0.0, 10.0)) == pytest.approx([0.0, 0.0, 0.9])
     # clipped to the window
     assert blocked_by_higher(log, band_of_flow, [1.0, 1.0, 1.0], (5.0, 10.0)) == pytest.approx([0.0, 0.66, 1.0])
+
+
+def test_a_service_configured_unlike_the_scenario_is_named() -> None:
+    """Review 2026-12-05 (D8): `bench --target` judged a service on the built-in defaults (budget 100,
+    round-robin) by the scenario's [server] (budget 16, drr) and called it UNFAIR, silently."""
+    from bench.report import config_mismatch
+    from flowshard.config import BandConfig, BudgetConfig, Config
+
+    scenario = Config(bands=[BandConfig(priority=0, fairness="drr")], budget=BudgetConfig(max_inflight_requests=16))
+    same = {"totals": {"max_inflight_requests": 16, "max_inflight_bytes": None},
+            "bands": [{"priority": 0, "fairness": "drr", "ordering": "fcfs"}]}
+    assert config_mismatch(scenario, same) == ""
+    assert config_mismatch(scenario, {}) == ""  # an echo server: nothing to compare
+    other = {"totals": {"max_inflight_requests": 100, "max_inflight_bytes": None},
+             "bands": [{"priority": 0, "fairness": "round-robin", "ordering": "fcfs"}]}
+    assert config_mismatch(scenario, other) == (
+        "max_inflight_requests 100, the scenario's 16; bands 0 round-robin/fcfs, the scenario's 0 drr/fcfs")
