@@ -318,6 +318,7 @@ class BinaryConnection(asyncio.Protocol):
             return
         if len(pending) >= self._max_inflight:
             limit = self._max_inflight
+            self._hub.guards.hit("binary", "too_many_pending")
             self._send(Error(cid, 429, f"too many admissions in flight on this connection (limit {limit})"))
             return
         problem = check_admit(

@@ -260,13 +260,17 @@ async def test_duplicate_in_flight_id_is_400_and_reusable_once_answered() -> Non
 
 @on_loop()
 async def test_too_many_in_flight_is_429() -> None:
+    from distributor.guards import Guards
+
     fake = FakeAdmission()
-    async with serving(fake, BinaryLimits(max_inflight_per_connection=3)) as addr:
+    guards = Guards()
+    async with serving(fake, BinaryLimits(max_inflight_per_connection=3), guards) as addr:
         raw = await Raw.open(addr)
         await raw.send(*(Admit(i, HOLD) for i in range(4)))
         [err] = await raw.recv(1)
         assert type(err) is Error and (err.id, err.status) == (3, 429)
         assert len(fake.held) == 3
+        assert guards[("binary", "too_many_pending")] == 1  # a protective action, counted (review 2026-12-05)
         fake.complete(1)
         await raw.recv(1)
         await raw.send(Admit(9, "a"))  # room again
