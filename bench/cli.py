@@ -254,7 +254,7 @@ def run_all(args: argparse.Namespace, base: Scenario, records_out: BinaryIO | No
                 report, why = simcompare.predict(scenario, None if args.quiet else sys.stderr, n)
                 by_shards[n] = (report, why)
             first, why = by_shards[counts[0]]
-            sims[str(rate)] = {"report": simcompare.encode(first), "skipped": why, "_report": first,
+            sims[rate_key(rate)] = {"report": simcompare.encode(first), "skipped": why, "_report": first,
                                "_by_shards": {n: r for n, (r, _) in by_shards.items()},
                                "by_shards": {str(n): simcompare.encode(r) for n, (r, _) in by_shards.items()
                                              if n != counts[0]}}
@@ -284,11 +284,16 @@ def render(result: dict[str, Any]) -> str:
             parts.append(sim["skipped"])
             continue
         for c in configs:
-            if str(c.rate) == rate and c.kind != "echo":
+            if rate_key(c.rate) == rate and c.kind != "echo":
                 report = _sim_for(sim, c)
                 if report is not None:
                     parts.append(simcompare.render(c.label, simcompare.comparison(report, runs[c])))
     return "\n\n".join(parts) + "\n"
+
+
+def rate_key(rate: float | None) -> str:
+    """The key of a rate's simulation in `--json`: the --rate given, or "scenario" (its own rates)."""
+    return "scenario" if rate is None else str(rate)
 
 
 def _sim_for(sim: dict[str, Any], config: Config) -> Any:
@@ -316,7 +321,7 @@ def to_json(result: dict[str, Any], args: argparse.Namespace, command: str) -> b
             rate: {"report": s["report"], "skipped": s["skipped"] or None,
                    "by_shards": s["by_shards"],  # the reports at the other shard counts ("report": the first)
                    "comparison": {c.label: simcompare.comparison(_sim_for(s, c), result["runs"][c])
-                                  for c in configs if str(c.rate) == rate and c.kind != "echo"
+                                  for c in configs if rate_key(c.rate) == rate and c.kind != "echo"
                                   and _sim_for(s, c) is not None}
                    if s["_report"] is not None else None}
             for rate, s in result["sims"].items()

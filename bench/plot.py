@@ -38,7 +38,7 @@ def plot(path: str, result: dict[str, Any]) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
-        return "plot: matplotlib is not installed (pip install 'flowshard[plot]'); no plot drawn"
+        return "plot: matplotlib is not installed (pip install '.[plot]' in the checkout); no plot drawn"
     configs = result["configs"]
     runs = result["runs"]
     first = median_run(runs[configs[0]])

@@ -136,7 +136,7 @@ def test_bench_binary_two_bands_against_flowshard(tmp_path: Path) -> None:
     proj = run["projection"]["with_generator"]
     assert set(proj) == {"2", "4", "8", "16"} and all(v["per_s"] > 0 for v in proj.values())
     assert "dispatches/s" in config["summary"] and config["summary"]["dispatches/s"]["n"] == 1
-    sim = doc["simulation"]["None"]
+    sim = doc["simulation"]["scenario"]
     assert sim["report"]["scenario"] == "tiny" and "shards=1" in sim["comparison"]
 
 
@@ -145,7 +145,7 @@ def test_bench_predicts_each_shard_count_with_the_n_shard_simulation(tmp_path: P
     one (the service's ledger and 2 engines), not both with one shard."""
     proc = _run_bench(tmp_path, TINY, "--json", str(tmp_path / "out.json"), "--shards", "1,2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    sim = json.loads((tmp_path / "out.json").read_text())["simulation"]["None"]
+    sim = json.loads((tmp_path / "out.json").read_text())["simulation"]["scenario"]
     assert "shards" not in sim["report"] and sim["by_shards"]["2"]["shards"] == 2
     assert set(sim["comparison"]) == {"shards=1", "shards=2"}
     two = sim["comparison"]["shards=2"]["groups"]
