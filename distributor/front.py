@@ -117,6 +117,7 @@ class Upstream(asyncio.Protocol):
         self._delivery = delivery
         self._accepting = False
         self._ready = False
+        self.http: HttpHub | None = None  # its HTTP connections hold their writes while a batch is read
         self.finished: asyncio.Future[None] = loop.create_future()
 
     # ------------------------------------------------------------ link
@@ -125,6 +126,19 @@ class Upstream(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        http = self.http
+        if http is None:
+            self._received(data)
+            return
+        # The answers of this read are written once per connection, after it: a connection's
+        # pipelined requests answered together (its releases, say) leave in one write, not one each
+        http.defer()
+        try:
+            self._received(data)
+        finally:
+            http.flush_deferred()
+
+    def _received(self, data: bytes) -> None:
         for msg in self._reader.feed(data):
             kind = type(msg)
             if kind is Result or kind is Audited:
@@ -405,6 +419,7 @@ async def run(
     # connections and hands each with its verdict (distributor.acceptors); the fronts apply it as
     # they would decide it in the distributor's process, and name the service's limit when refusing
     http = HttpHub(upstream, HttpLimits.of_service(svc), svc.lease, loop, guards)
+    upstream.http = http
     binary = BinaryHub(upstream, BinaryLimits.of_service(svc), loop, guards)
     handed = Handover(handover, loop, upstream, http, binary)
     upstream.send(Hello(index, os.getpid()))

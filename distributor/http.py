@@ -222,8 +222,8 @@ class HttpHub:
     server's factory, or an acceptor's for the connections handed to it)."""
 
     __slots__ = (
-        "admission", "guards", "lease", "limits", "linger", "loop", "on_close", "open", "probe", "proxy", "reserve",
-        "unheld_at",
+        "admission", "deferred", "guards", "lease", "limits", "linger", "loop", "on_close", "open", "probe", "proxy",
+        "reserve", "unheld_at",
     )
 
     def __init__(
@@ -247,6 +247,26 @@ class HttpHub:
         self.probe = min(self.linger, 0.25)
         # Reading resumes once a held connection's queue drops to this (hysteresis).
         self.unheld_at = max(0, limits.max_pipelined // 2)
+        # Between defer() and flush_deferred(): connections with answers ready to write, written at
+        # the flush, one write per connection (an acceptor holds its writes while it reads a batch of
+        # answers from the distributor: the pipelined releases of one connection go out together)
+        self.deferred: list[HttpConnection] | None = None
+
+    def defer(self) -> None:
+        """Hold the connections' writes of answers delivered from now until `flush_deferred`."""
+        if self.deferred is None:
+            self.deferred = []
+
+    def flush_deferred(self) -> None:
+        """Write what each connection holds since `defer` (in the order they were first delivered to)."""
+        held, self.deferred = self.deferred, None
+        if held:
+            for conn in held:
+                conn._deferred = False
+                try:
+                    conn._flush()
+                except Exception:
+                    log.exception("writing held answers failed")
 
     def __call__(self, verdict: int = CONN_CHECK) -> HttpConnection:
         return HttpConnection(self, verdict)
@@ -292,6 +312,7 @@ class HttpConnection(asyncio.Protocol):
         self._sent: list[int] = []  # tickets of dispatched answers written since the client's last request
         self._probing = False  # the client sent EOF right after answers were written: were they delivered?
         self._unhold_scheduled = False
+        self._deferred = False  # in the hub's `deferred`: its answers are written at the hub's flush
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self._last_active = 0.0
@@ -509,14 +530,23 @@ class HttpConnection(asyncio.Protocol):
         if self._closing or self._transport.is_closing():  # is_closing: uvloop dropped it on a read error
             self._closing = True  # the slot stays queued, unwritten: connection_lost settles it
         elif self._queue[0] is slot:
+            self._flush_ready()
+
+    def _flush_ready(self) -> None:
+        """The head of the queue is ready: write it now, or at the hub's flush while it defers."""
+        held = self._sh.deferred
+        if held is None:
             self._flush()
+        elif not self._deferred:
+            self._deferred = True
+            held.append(self)
 
     def fail(self, cid: Any, message: str) -> None:
         slot: _Slot = cid
         if not self._dead and slot.data is None:
             slot.data = _error(500, message, slot.conn)
             if not self._closing and self._queue and self._queue[0] is slot:
-                self._flush()
+                self._flush_ready()
 
     # ------------------------------------------------------------------ httptools callbacks
 
@@ -810,7 +840,7 @@ class HttpConnection(asyncio.Protocol):
         if self._closing or self._transport.is_closing():
             self._closing = True
         elif self._queue[0] is slot:
-            self._flush()
+            self._flush_ready()
 
     # ------------------------------------------------------------------ response queue
 
