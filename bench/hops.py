@@ -8,7 +8,8 @@ counters in `GET /v1/stats` (frames to and from each shard; a shard's frames in 
 frames seen from its side). Everything is sampled at the start and the end of the whole run
 (warm-up included) and divided by the requests dispatched in between.
 
-    python -m bench.hops SCENARIO.toml [--shards 1,2,4,8] [--procs 2] [--duration S] [--json FILE]
+    python -m bench.hops SCENARIO.toml [--shards 1,2,4,8] [--procs 2] [--acceptors K] [--http] [--no-audit]
+                         [--duration S] [--json FILE]
 """
 
 from __future__ import annotations
@@ -62,14 +63,14 @@ def _frames(stats: dict[str, Any] | None) -> tuple[int, int]:
     return (sum(s.get("frames_to", 0) for s in stats["shards"]), sum(s.get("frames_from", 0) for s in stats["shards"]))
 
 
-async def measure(path: str, shards: int, procs: int, duration: float | None, acceptors: str = "auto"
-                  ) -> dict[str, Any]:
+async def measure(path: str, shards: int, procs: int, duration: float | None, acceptors: str = "auto",
+                  http: bool = False, audit: bool = True) -> dict[str, Any]:
     scenario = adjust(read_scenario(path), duration=duration)
     with tempfile.TemporaryDirectory(prefix="flowshard-hops-") as tmp:
         server = Server.start_flowshard(scenario, shards, tmp, acceptors)
         try:
             before, stats0 = _snapshot(server), await server.stats()
-            await run_once(scenario, server, Options(procs=procs))
+            await run_once(scenario, server, Options(procs=procs, transport="http" if http else "binary", audit=audit))
             after, stats1 = _snapshot(server), await server.stats()
         finally:
             server.stop()
@@ -105,13 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", default="1,2,4,8", type=_shard_list, help="comma-separated, each 1..256")
     parser.add_argument("--procs", type=int, default=2, help="load-generator processes (default 2)")
     parser.add_argument("--acceptors", default="auto", help="serve --acceptors (default auto)")
+    parser.add_argument("--http", action="store_true", help="HTTP/JSON clients instead of binary ones")
+    parser.add_argument("--no-audit", action="store_true", help="admissions without the service's view")
     parser.add_argument("--duration", type=float, default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     results = []
     for n in args.shards:
         try:
-            r = asyncio.run(measure(args.scenario, n, args.procs, args.duration, args.acceptors))
+            r = asyncio.run(measure(args.scenario, n, args.procs, args.duration, args.acceptors, args.http,
+                                    not args.no_audit))
         except (ConfigError, BenchError) as exc:
             print(f"python -m bench.hops: {exc}", file=sys.stderr)
             return 2
@@ -123,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['frames_to_shards']:.2f} / {r['frames_from_shards']:.2f} per request"
               + (f"; acceptors (sum) {a['cpu_us']:.1f} µs, {a['reads']:.2f} reads, {a['writes']:.2f} writes"
                  if (a := r["per_process"].get("acceptors (sum)")) else ""), flush=True)
+        for role, p in r["per_process"].items():
+            if role.startswith("acceptor") and not role.startswith("acceptors"):
+                print(f"  {role}: {p['cpu_us']:.1f} µs, {p['reads']:.2f} reads, {p['writes']:.2f} writes", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
