@@ -180,6 +180,7 @@ def _error(status: int, message: str, conn: bytes = b"", extra: bytes = b"", *, 
     return _render(_HEAD[status], _encode(_ErrorBody(_Error(status, message))), conn, extra, no_body=no_body)
 
 
+_RELEASED: Final = {conn: _render(_H200, b'{"released":true}', conn) for conn in (b"", _CONN_KEEP, _CONN_CLOSE)}
 _TOO_MANY: Final = _error(503, "too many connections, retry later", _CONN_CLOSE, b"retry-after: 1\r\n")
 
 
@@ -725,13 +726,22 @@ class HttpConnection(asyncio.Protocol):
         if not 0 < r.ticket <= MAX_TICKET:  # names no ticket (and an acceptor's link carries 64 bits only)
             self._respond(_error(404, f"ticket {r.ticket} is unknown or already released", conn), close)
             return
-        slot = self.slot_open(conn, close)
+        slot = _Slot(conn, close)
+        if close:
+            self._stopped = True
+        self._queue.append(slot)
 
         def answered(ticket: int, ok: bool) -> None:
+            if self._dead or slot.data is not None:
+                return
             if ok:
-                self.slot_respond(slot, _render(_H200, b'{"released":true}', conn))
+                slot.data = _RELEASED.get(conn) or _render(_H200, b'{"released":true}', conn)
             else:
-                self.slot_respond(slot, _error(404, f"ticket {ticket} is unknown or already released", conn))
+                slot.data = _error(404, f"ticket {ticket} is unknown or already released", conn)
+            if self._closing or self._transport.is_closing():
+                self._closing = True  # the slot stays queued, unwritten: connection_lost settles it
+            elif self._queue[0] is slot:
+                self._flush_ready()
 
         try:
             self._admission.release_then(r.ticket, -1 if r.tokens is None else r.tokens, answered)
