@@ -92,6 +92,7 @@ class _Distributor(_Transport):
         self.upstream: Upstream | None = None
         self.ticket = 0
         self.delivered = 0
+        self.released = 0
 
     def write(self, data: bytes) -> None:
         t = time.thread_time()
@@ -102,6 +103,7 @@ class _Distributor(_Transport):
                 self.ticket += 1
                 out.add(Result(msg.key, int(Outcome.DISPATCHED), self.ticket, 0.0001))
             elif kind is LinkRelease:
+                self.released += 1
                 if msg.key:
                     out.add(LinkReleased(msg.key, True))
             elif kind is LinkDelivered:
@@ -250,7 +252,8 @@ async def _run(requests: int, clients: int, releasers: int) -> dict[str, float]:
     for conn in conns:
         conn.connection_lost(None)
     n = load.answered
-    return {"requests": n, "acceptor_us": (elapsed - clock.spent) / n * 1e6, "outside_us": clock.spent / n * 1e6}
+    return {"requests": n, "releases": far.released, "acceptor_us": (elapsed - clock.spent) / n * 1e6,
+            "outside_us": clock.spent / n * 1e6}
 
 
 def measure(requests: int = 200_000, clients: int = 64, releasers: int = 2, profile: bool = False) -> dict[str, float]:
@@ -273,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="best of RUNS")
     parser.add_argument("--profile", action="store_true", help="cProfile one run")
     args = parser.parse_args(argv)
+    for name in ("requests", "clients", "releasers", "runs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: {getattr(args, name)} is below 1")
     if args.profile:
         measure(args.requests, args.clients, args.releasers, profile=True)
         return 0
