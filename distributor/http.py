@@ -4,7 +4,8 @@ Callback style throughout: a request is parsed by httptools callbacks, handed to
 and answered when the distributor calls `HttpConnection.deliver` — no Future or Task per request.
 Responses leave strictly in request order (pipelining): each request takes a slot in a per-connection
 queue and the head of the queue is written as soon as it is ready. Responses produced while one
-`data_received` call is parsed are written with one `transport.write`.
+`data_received` call is parsed are written with one `transport.write`; so are, in an acceptor, those
+delivered while one read of its link is decoded (`HttpHub.defer`).
 
 Every admission made on a connection is either answered (its response written) or, when the
 connection is lost first, settled from `connection_lost` only — so the distributor is never
