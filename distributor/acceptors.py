@@ -79,7 +79,8 @@ def auto_acceptors(shards: int, cpus: int) -> int:
     core of its own only adds a hop, so a small machine (2 cores) runs none, as before acceptors
     existed. Measured in docs/benchmarks.md ("Acceptor processes"). Not more than 2 up to 4 shards:
     3 measured below 2 for HTTP at 1 and 2 shards and for binary at 1 (each link's batches get
-    smaller and the distributor reads more often per request; docs/benchmarks.md, "fifth round")."""
+    smaller and the distributor reads more often per request; docs/benchmarks.md, "Issue 12, fifth
+    round: HTTP through acceptors")."""
     return max(0, min(max(2, (shards + 1) // 2), cpus - shards - 1))
 
 
