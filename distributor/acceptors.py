@@ -26,6 +26,7 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from distributor.api import (
@@ -49,14 +50,19 @@ from flowshard.codec import (
     Hello,
     LinkAdmit,
     LinkAnswer,
+    LinkBackendHealth,
+    LinkBackends,
     LinkCancel,
     LinkConns,
     LinkDelivered,
     LinkGuard,
+    LinkProxyAsk,
+    LinkProxyReport,
     LinkQuery,
     LinkRelease,
     LinkReleased,
     LinkState,
+    LinkStop,
     Result,
     Shutdown,
 )
@@ -99,6 +105,15 @@ class AcceptorLink(asyncio.Protocol):
         # leased tickets answered through this acceptor and not yet reported written to their client:
         # released if it dies (an answer it never wrote must not hold the budget for the lease)
         self.unconfirmed: set[int] = set()
+        # proxy mode: its proxied admissions not yet answered (keys), their tickets until released (the
+        # drain waits for them; its death releases them, as a binary connection's), and of those the
+        # ones not yet sent to a backend (the utilization detector's `unsent`); per backend, the
+        # requests it sent there and not yet reported finished (finished when it dies: the backend
+        # saw their connections close)
+        self.proxied_keys: set[int] = set()
+        self.proxied: set[int] = set()
+        self.unsent: set[int] = set()
+        self.backend_open: list[int] = [0] * len(service.config.proxy.backends)
         self.ready = False  # said Hello: its fronts serve
         self.lost = False
         self.pid = 0
@@ -150,11 +165,15 @@ class AcceptorLink(asyncio.Protocol):
         if kind is LinkAdmit:
             key = msg.key
             pending[key] = _NOT_YET
+            if msg.proxied:
+                self.proxied_keys.add(key)
             request_id = svc.admit(self, key, msg.flow, msg.priority, msg.size, msg.ttl, msg.slo, msg.tokens,
                                    msg.weight, msg.leased, msg.audit)
             if key in pending:
                 pending[key] = request_id
         elif kind is LinkRelease:
+            if self.proxied:
+                self._proxied_released(msg.ticket)
             ok = svc.release(msg.ticket, msg.tokens)
             if msg.key:
                 self.send(LinkReleased(msg.key, ok))
@@ -162,7 +181,13 @@ class AcceptorLink(asyncio.Protocol):
             unconfirmed = self.unconfirmed
             for ticket in msg.tickets:
                 unconfirmed.discard(ticket)
+        elif kind is LinkBackends:
+            self._backend_events(msg)
+        elif kind is LinkProxyReport:
+            if svc.acceptors is not None:
+                svc.acceptors.proxy_report(self, msg.key, msg.body)
         elif kind is LinkCancel:
+            self.proxied_keys.discard(msg.key)
             request_id = pending.pop(msg.key, _NOT_YET)
             if request_id != _NOT_YET:
                 svc.cancel(request_id)
@@ -182,6 +207,46 @@ class AcceptorLink(asyncio.Protocol):
             self.ready = True
             svc.on_acceptor_hello(self)
 
+    def _proxied_released(self, ticket: int) -> None:
+        self.proxied.discard(ticket)
+        if ticket in self.unsent:
+            self.unsent.discard(ticket)
+            self.service.proxy.unsent -= 1
+
+    def _backend_events(self, msg: LinkBackends) -> None:
+        """Its proxy sent requests to backends and saw some finish: the detector counts them as the
+        one-process proxy does (`PoolUtilization.sent` / `finished`, `Proxy.unsent`)."""
+        proxy = self.service.proxy
+        util = proxy.utilization if proxy is not None else None
+        if util is None:
+            return
+        opened = self.backend_open
+        for b, (sent, finished) in enumerate(zip(msg.sent, msg.finished, strict=False)):
+            if b < len(util.loads):
+                util.loads[b].sent += sent
+                util.loads[b].finished += finished
+                opened[b] += sent - finished
+        unsent = self.unsent
+        for ticket in msg.marked:
+            if ticket in unsent:
+                unsent.discard(ticket)
+                proxy.unsent -= 1
+
+    def _proxied_lost(self) -> None:
+        """Its process is gone: its requests in flight to the backends are over (their connections
+        closed with it), its unsent dispatches are released (release_all)."""
+        proxy = self.service.proxy
+        util = proxy.utilization if proxy is not None else None
+        if util is not None:
+            for b, count in enumerate(self.backend_open):
+                util.loads[b].finished += max(0, count)
+        if proxy is not None:
+            proxy.unsent -= len(self.unsent)
+        self.backend_open = [0] * len(self.backend_open)
+        self.unsent.clear()
+        self.proxied.clear()
+        self.proxied_keys.clear()
+
     def close_delivery(self) -> None:
         if self.delivery is not None:
             self.delivery.close()
@@ -198,7 +263,8 @@ class AcceptorLink(asyncio.Protocol):
         for request_id in pending.values():
             if request_id != _NOT_YET:
                 svc.cancel(request_id)
-        svc.release_all(self)
+        self._proxied_lost()
+        svc.release_all(self)  # its binary connections' tickets and its proxied requests' (not leased)
         # Answers it was sent and did not report written: those not in its delivery log never left it
         # (nobody holds their tickets: released now); those in it may have reached their clients in
         # its last pass (kept for their lease: released under a client, in flight would pass the budget)
@@ -220,6 +286,14 @@ class AcceptorLink(asyncio.Protocol):
             return
         if ticket and self.service.tickets[ticket].deadline != math.inf:  # leased (HTTP): confirmed when written
             self.unconfirmed.add(ticket)
+        if self.proxied_keys and cid in self.proxied_keys:
+            self.proxied_keys.discard(cid)
+            if ticket:  # held until its proxy releases it (or this acceptor dies)
+                self.proxied.add(ticket)
+                proxy = self.service.proxy
+                if proxy is not None and proxy.utilization is not None:  # unsent until LinkBackends says
+                    self.unsent.add(ticket)
+                    proxy.unsent += 1
         if audit is None:
             self.send(Result(cid, outcome, ticket, wait, retry_after))
         else:
@@ -254,6 +328,7 @@ ACCEPT_BATCH = 64  # connections accepted per readiness callback (then the loop 
 ACCEPT_PAUSE = 0.1  # after an accept error (out of descriptors): listen again after this
 HANDOVER_QUIET = 1.0  # an acceptor not heard from this long gets no new connection
 HEARTBEAT_STALE = 5.0  # nor heard from this long: hung; killed, and started again (as a worker)
+PROXY_REPORT_WAIT = 1.0  # proxy mode: the most /metrics and /v1/stats wait for the acceptors' counters
 
 
 class Acceptors:
@@ -279,6 +354,8 @@ class Acceptors:
         self._listening = False
         self._stopping = False
         self.all_ready: asyncio.Event = asyncio.Event()
+        self._asks: dict[int, tuple[set[int], Callable[[], None]]] = {}  # proxy reports awaited, per query
+        self._next_ask = 1
 
     async def start(self) -> None:
         for index in range(self.count):
@@ -386,6 +463,11 @@ class Acceptors:
     def hello(self, link: AcceptorLink) -> None:
         self._state = None  # tell the newcomer
         self.push_state()
+        proxy = self.service.proxy
+        if proxy is not None:  # and which backends the scraper has out
+            for index in range(len(proxy.pool.backends)):
+                if proxy.scrape_down_for(index) > 0:
+                    link.send(self._health(index))
         if all(x is not None and x.ready for x in self.links):
             self.all_ready.set()
 
@@ -399,10 +481,77 @@ class Acceptors:
             if link is not None and link.ready:
                 link.send(LinkState(*state))
 
+    # ------------------------------------------------------------ proxy mode
+
+    def gather_proxy_reports(self, then: Callable[[], None]) -> None:
+        """Ask every live acceptor for its proxy's counters (`LinkProxyAsk`), then call `then` once all
+        have answered, or after PROXY_REPORT_WAIT with the reports of those that did (the others'
+        last ones are kept: `Proxy.remote`). A counter an acceptor had counted when it was asked is
+        in the answer: a client that saw its response end and then asks sees it counted."""
+        waiting = {link.index for link in self.links if link is not None and link.ready}
+        if not waiting:
+            then()
+            return
+        key = self._next_ask
+        self._next_ask = key + 1
+        self._asks[key] = (waiting, then)
+        for index in waiting:
+            link = self.links[index]
+            assert link is not None
+            link.send(LinkProxyAsk(key))
+        asyncio.get_running_loop().call_later(PROXY_REPORT_WAIT, self._answered, key, None)
+
+    def proxy_report(self, link: AcceptorLink, key: int, body: bytes) -> None:
+        proxy = self.service.proxy
+        if proxy is not None and self.links[link.index] is link:
+            try:
+                proxy.remote_report(link.index, body)
+            except (ValueError, TypeError) as exc:  # msgspec's DecodeError is a ValueError
+                log.error("acceptor %d: unreadable proxy report: %s", link.index, exc)
+        self._answered(key, link.index)
+
+    def _answered(self, key: int, index: int | None) -> None:
+        entry = self._asks.get(key)
+        if entry is None:
+            return
+        waiting, then = entry
+        if index is not None:
+            waiting.discard(index)
+            if waiting:
+                return
+        del self._asks[key]
+        then()
+
+    def _health(self, index: int) -> LinkBackendHealth:
+        proxy = self.service.proxy
+        return LinkBackendHealth(index, proxy.scrape_down_for(index), proxy.pool.backends[index].last_error)
+
+    def backend_health(self, index: int) -> None:
+        """The distributor's scraper took backend `index` out or back in: every acceptor's proxy too."""
+        message = self._health(index)
+        for link in self.links:
+            if link is not None and link.ready:
+                link.send(message)
+
+    def proxied_running(self) -> bool:
+        """A proxied request holds a ticket in some acceptor (the drain waits for them)."""
+        return any(link is not None and link.proxied for link in self.links)
+
+    def stop_proxies(self, why: str) -> None:
+        """The service stops: each acceptor's proxy ends what it still relays, saying why (LinkStop)."""
+        for link in self.links:
+            if link is not None and link.ready:
+                link.send(LinkStop(why))
+                link.flush()
+
     def lost(self, link: AcceptorLink) -> None:
         index = link.index
         if self.links[index] is not link:
             return
+        if self.service.proxy is not None:
+            self.service.proxy.acceptor_exited(index)
+            for key in list(self._asks):
+                self._answered(key, index)
         self.links[index] = None
         proc = self.procs[index]
         if proc is not None:  # reaped first, so its pid is not left a zombie

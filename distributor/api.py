@@ -73,12 +73,14 @@ class Admission(Protocol):
 
     def admit(
         self, waiter: Waiter, cid: Any, flow: str, priority: int, size: int, ttl: float, slo: float,
-        tokens: int, weight: float, leased: bool, audit: bool = False,
+        tokens: int, weight: float, leased: bool, audit: bool = False, *, proxied: bool = False,
     ) -> int:
         """Admit an already validated request; returns its request id. The outcome comes by
         `waiter.deliver` — possibly before this returns (rejections, the idle fast path).
         `leased`: the ticket expires after the configured lease unless released (HTTP).
-        `audit`: deliver the request's `Audit` with its outcome."""
+        `audit`: deliver the request's `Audit` with its outcome. `proxied`: a proxied request (proxy
+        mode, not leased: its proxy releases it); from an acceptor process the distributor counts
+        these for the drain and the utilization detector (distributor.acceptors)."""
 
     def cancel(self, request_id: int) -> None:
         """The client of a pending admission went away: evict it (`cancelled`) or, if it is

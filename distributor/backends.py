@@ -106,9 +106,10 @@ class Scraper:
 
     def __init__(
         self, pool: BackendPool, utilization: PoolUtilization, session: aiohttp.ClientSession, config: ProxyConfig,
-        on_room: Callable[[], None],
+        on_room: Callable[[], None], on_health: Callable[[int], None] | None = None,
     ) -> None:
         self.pool = pool
+        self.on_health = on_health  # a backend was taken out, or back in, by a scrape (its index)
         self.utilization = utilization
         self.session = session
         self.config = config
@@ -155,10 +156,14 @@ class Scraper:
                 # Nothing listens there: a health signal as good as a failed request, and the only one
                 # while its stale metrics keep every request from being sent to it.
                 self.pool.failed(backend, loop.time(), "scrape", detail)
+                if self.on_health is not None:
+                    self.on_health(index)
             return
         self.errors[index] = ""
         backend = self.pool.backends[index]
         if backend.last_kind == "scrape" and not self.pool.up(backend, loop.time()):
             self.pool.succeeded(backend)  # it answers again: back at once, not after its back-off
+            if self.on_health is not None:
+                self.on_health(index)
         if self.utilization.scraped(index, sent_at, mark, figures):
             self.on_room()

@@ -57,14 +57,18 @@ from flowshard.codec import (
     Hello,
     LinkAdmit,
     LinkAnswer,
+    LinkBackendHealth,
     LinkCancel,
     LinkConns,
     LinkDelivered,
     LinkGuard,
+    LinkProxyAsk,
+    LinkProxyReport,
     LinkQuery,
     LinkRelease,
     LinkReleased,
     LinkState,
+    LinkStop,
     Result,
     Shutdown,
     ToAcceptor,
@@ -77,6 +81,7 @@ from workers.worker import attach_to_distributor
 if TYPE_CHECKING:
     from distributor.binary import BinaryHub
     from distributor.http import HttpHub
+    from distributor.proxy import Proxy
 
 log = logging.getLogger(__name__)
 FLUSH_GRACE = 0.5  # after Shutdown: how long the last answers get to leave before the process exits
@@ -118,6 +123,8 @@ class Upstream(asyncio.Protocol):
         self._accepting = False
         self._ready = False
         self.http: HttpHub | None = None  # its HTTP connections hold their writes while a batch is read
+        self.proxy: Proxy | None = None  # proxy mode: this process's own (distributor.proxy)
+        self.proxy_closing: asyncio.Task[None] | None = None  # its close(), once the distributor said LinkStop
         self.finished: asyncio.Future[None] = loop.create_future()
 
     # ------------------------------------------------------------ link
@@ -159,6 +166,15 @@ class Upstream(asyncio.Protocol):
                     answer(msg.body, msg.ctype)
             elif kind is LinkState:
                 self._accepting, self._ready = msg.accepting, msg.ready
+            elif kind is LinkProxyAsk:
+                if self.proxy is not None:
+                    self.send(LinkProxyReport(msg.key, self.proxy.encoded_report()))
+            elif kind is LinkBackendHealth:
+                if self.proxy is not None:
+                    self.proxy.scrape_health(msg.backend, msg.down_for, msg.detail)
+            elif kind is LinkStop:
+                if self.proxy is not None and self.proxy_closing is None:
+                    self.proxy_closing = self._loop.create_task(self.proxy.close(why=msg.why))
             elif kind is Shutdown:
                 self._loop.call_later(FLUSH_GRACE, self._finish)
 
@@ -236,12 +252,12 @@ class Upstream(asyncio.Protocol):
 
     def admit(
         self, waiter: Waiter, cid: Any, flow: str, priority: int, size: int, ttl: float, slo: float,
-        tokens: int, weight: float, leased: bool, audit: bool = False,
+        tokens: int, weight: float, leased: bool, audit: bool = False, *, proxied: bool = False,
     ) -> int:
         key = self._next_key
         self._next_key = key + 1
         self._admissions[key] = (waiter, cid, leased)
-        self.send(LinkAdmit(key, flow, priority, size, ttl, slo, tokens, weight, leased, audit))
+        self.send(LinkAdmit(key, flow, priority, size, ttl, slo, tokens, weight, leased, audit, proxied))
         return key
 
     def cancel(self, request_id: int) -> None:
@@ -418,7 +434,14 @@ async def run(
     # max_connections and the admin reserve are the service's: the distributor counts every front's
     # connections and hands each with its verdict (distributor.acceptors); the fronts apply it as
     # they would decide it in the distributor's process, and name the service's limit when refusing
-    http = HttpHub(upstream, HttpLimits.of_service(svc), svc.lease, loop, guards)
+    proxy = None
+    if config.proxy.backends:  # proxy mode: this process relays its own clients' requests (distributor.proxy)
+        from distributor.proxy import BackendReport, Proxy
+
+        report = BackendReport(len(config.proxy.backends), upstream.send, loop) if config.proxy.utilization else None
+        proxy = upstream.proxy = Proxy(config, upstream, lambda: None, report=report)
+        await proxy.start()
+    http = HttpHub(upstream, HttpLimits.of_service(svc), svc.lease, loop, guards, proxy)
     upstream.http = http
     binary = BinaryHub(upstream, BinaryLimits.of_service(svc), loop, guards)
     handed = Handover(handover, loop, upstream, http, binary)
@@ -427,6 +450,8 @@ async def run(
         await upstream.finished
     finally:
         handed.close()
+        if proxy is not None:  # told to stop (LinkStop): its close ends the streams; else the distributor is gone
+            await (upstream.proxy_closing or proxy.close(why="stopped"))
         transport.close()
 
 

@@ -29,7 +29,7 @@ import functools
 import http
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
@@ -40,6 +40,7 @@ from yarl import URL
 from distributor.api import Admission, Audit
 from distributor.backends import Backend, BackendPool, Scraper
 from flowshard.classify import Classified, ClassifyError, SseUsage, Usage, classify, usage_from_body
+from flowshard.codec import LinkBackends
 from flowshard.config import Config
 from flowshard.types import Outcome
 from flowshard.utilization import PoolUtilization
@@ -169,6 +170,106 @@ class ProxyStats:
         self.responses[key] = self.responses.get(key, 0) + 1
 
 
+class BackendFigures(msgspec.Struct, array_like=True):
+    """One backend as one proxy sees it (its own in-flight count and passive health)."""
+
+    inflight: int = 0
+    requests: int = 0
+    up: bool = True
+    errors: dict[str, int] = msgspec.field(default_factory=dict)
+    last_error: str = ""
+
+
+class ProxyReport(msgspec.Struct, array_like=True):
+    """One proxy's counters, or several proxies' summed: what /metrics and /v1/stats render. With
+    acceptor processes each acceptor's proxy sends its own (`LinkProxyReport`) when the distributor
+    renders, and the distributor sums them (`Proxy.view`)."""
+
+    responses: list[tuple[str, int, int]] = msgspec.field(default_factory=list)  # (route, status, count)
+    dropped: dict[str, int] = msgspec.field(default_factory=dict)
+    client_disconnects: int = 0
+    retries: int = 0
+    no_backend: int = 0
+    midstream_failures: int = 0
+    internal_errors: int = 0
+    tokens: dict[str, int] = msgspec.field(default_factory=lambda: {"estimated": 0, "prompt": 0, "completion": 0})
+    chunks: int = 0
+    active: int = 0
+    backends: list[BackendFigures] = msgspec.field(default_factory=list)
+
+    def add(self, other: ProxyReport, *, gauges: bool = True) -> None:
+        """Sum `other` into this one; `gauges` False: its counters only (an acceptor that exited: its
+        requests in flight and its view of the backends' health went with it)."""
+        responses = {(route, status): n for route, status, n in self.responses}
+        for route, status, n in other.responses:
+            responses[route, status] = responses.get((route, status), 0) + n
+        self.responses = [(route, status, n) for (route, status), n in sorted(responses.items())]
+        for label, n in other.dropped.items():
+            self.dropped[label] = self.dropped.get(label, 0) + n
+        for kind, n in other.tokens.items():
+            self.tokens[kind] = self.tokens.get(kind, 0) + n
+        self.client_disconnects += other.client_disconnects
+        self.retries += other.retries
+        self.no_backend += other.no_backend
+        self.midstream_failures += other.midstream_failures
+        self.internal_errors += other.internal_errors
+        self.chunks += other.chunks
+        if gauges:
+            self.active += other.active
+        for mine, theirs in zip(self.backends, other.backends, strict=False):
+            mine.requests += theirs.requests
+            for kind, n in theirs.errors.items():
+                mine.errors[kind] = mine.errors.get(kind, 0) + n
+            if gauges:
+                mine.inflight += theirs.inflight
+                mine.up = mine.up and theirs.up
+                mine.last_error = mine.last_error or theirs.last_error
+
+
+_encode_report = msgspec.msgpack.Encoder().encode
+_decode_report = msgspec.msgpack.Decoder(ProxyReport).decode
+
+
+class BackendReport:
+    """In an acceptor process with the utilization detector on: the detector's events (requests sent
+    to a backend and finished there, dispatches no longer waiting to be sent) are the proxy's, the
+    detector is the distributor's (one view for the one ledger). They go there as one `LinkBackends`
+    frame at the end of each pass in which any happened."""
+
+    __slots__ = ("_loop", "_scheduled", "_send", "finished_counts", "marked", "sent_counts")
+
+    def __init__(self, backends: int, send: Callable[[Any], None], loop: asyncio.AbstractEventLoop) -> None:
+        self.sent_counts = [0] * backends
+        self.finished_counts = [0] * backends
+        self.marked: list[int] = []
+        self._send = send
+        self._loop = loop
+        self._scheduled = False
+
+    def sent(self, backend: int) -> None:
+        self.sent_counts[backend] += 1
+        self._schedule()
+
+    def finished(self, backend: int) -> None:
+        self.finished_counts[backend] += 1
+        self._schedule()
+
+    def mark(self, ticket: int) -> None:
+        self.marked.append(ticket)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        n = len(self.sent_counts)
+        self._send(LinkBackends(self.sent_counts, self.finished_counts, self.marked))
+        self.sent_counts, self.finished_counts, self.marked = [0] * n, [0] * n, []
+
+
 class Exchange:
     """One proxied request: the admission's waiter, the upstream call, the client's response slot."""
 
@@ -266,16 +367,27 @@ class Exchange:
 class Proxy:
     """The OpenAI routes, the backend pool, the scraper and the upstream connection pool."""
 
-    def __init__(self, config: Config, admission: Admission, on_room: Any) -> None:
+    def __init__(self, config: Config, admission: Admission, on_room: Callable[[], None], *,
+                 report: BackendReport | None = None) -> None:
+        """`admission`: the distributor (one process) or the acceptor's `Upstream`. `on_room`: the
+        scraper found the pool's saturation lower (the distributor re-plans its grants). `report`:
+        in an acceptor, where the detector's events go (the detector itself is the distributor's,
+        whose Proxy then serves no route: it scrapes, and sums the acceptors' counters)."""
         self.config = config
         self.pc = config.proxy
         self.admission = admission
         self.default_priority = config.default_band.priority
         self.pool = BackendPool(self.pc.backends, self.pc.backoff, self.pc.max_backoff)
+        self.report_to = report
         self.utilization = (
             PoolUtilization(len(self.pc.backends), self.pc.queue_threshold, self.pc.kv_threshold, self.pc.staleness)
-            if self.pc.utilization else None
+            if self.pc.utilization and report is None else None
         )
+        # where the requests sent to and finished at each backend are counted: the detector, or the report
+        self.counts: PoolUtilization | BackendReport | None = report if report is not None else self.utilization
+        self.on_health: Callable[[int], None] | None = None  # the distributor with acceptors: tell them
+        self.remote: dict[int, ProxyReport] = {}  # the distributor with acceptors: each one's last report
+        self.retired = ProxyReport()  # ... and the counters of those that exited
         self.routes = ROUTES
         self.stats = ProxyStats()
         self.active: set[Exchange] = set()
@@ -294,7 +406,8 @@ class Proxy:
         self.session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
                                              skip_auto_headers=("User-Agent", "Accept-Encoding"))
         if self.utilization is not None:
-            self.scraper = Scraper(self.pool, self.utilization, self.session, self.pc, self._on_room)
+            self.scraper = Scraper(self.pool, self.utilization, self.session, self.pc, self._on_room,
+                                   self._scrape_health)
             self.scraper.start()
 
     async def close(self, *, why: str = "drain") -> None:
@@ -327,6 +440,31 @@ class Proxy:
             await self.session.close()
             self.session = None
 
+    def _scrape_health(self, index: int) -> None:
+        if self.on_health is not None:
+            self.on_health(index)
+
+    def scrape_down_for(self, index: int) -> float:
+        """How long the scraper has taken backend `index` out for (0: it has not)."""
+        b = self.pool.backends[index]
+        return max(0.0, b.down_until - self.loop.time()) if b.last_kind == "scrape" else 0.0
+
+    def scrape_health(self, index: int, down_for: float, detail: str) -> None:
+        """In an acceptor: the distributor's scraper took a backend out (`down_for` seconds: nothing
+        listens there), or back in (0). Applied to this proxy's pool as its scraper would, without
+        counting the error again (the distributor counted it)."""
+        if not 0 <= index < len(self.pool.backends):
+            return
+        b = self.pool.backends[index]
+        now = self.loop.time()
+        if down_for > 0:
+            if self.pool.up(b, now):
+                b.down_until = now + down_for
+                b.last_kind = "scrape"
+                b.last_error = detail[:300]
+        elif b.last_kind == "scrape" and not self.pool.up(b, now):
+            self.pool.succeeded(b)
+
     def saturation(self, grants: int) -> float:
         """The utilization detector's input to the ledger: requests admitted but not yet sent anywhere
         (grants on their way to a shard, dispatches whose task has not run yet) count too."""
@@ -339,6 +477,8 @@ class Proxy:
         if ex.unsent:
             ex.unsent = False
             self.unsent -= 1
+            if self.report_to is not None:
+                self.report_to.mark(ex.ticket)
 
     # ------------------------------------------------------------------ the HTTP front calls these
 
@@ -413,7 +553,7 @@ class Proxy:
         slot.exchange = exchange
         # leased=False: the proxy itself releases the ticket when the response ends (or the client leaves)
         exchange.rid = self.admission.admit(exchange, slot, item.flow, item.priority, item.size, 0.0, item.slo,
-                                            item.tokens, 0.0, False)
+                                            item.tokens, 0.0, False, proxied=True)
 
     # ------------------------------------------------------------------ upstream
 
@@ -453,7 +593,7 @@ class Proxy:
         """One try on `backend`. False: it failed before any byte reached the client (try another)."""
         assert self.session is not None
         loop = self.loop
-        util = self.utilization
+        util = self.counts
         counted = method == "POST"
         backend.inflight += 1
         backend.requests += 1
@@ -599,12 +739,47 @@ class Proxy:
 
     # ------------------------------------------------------------------ observability
 
-    def metrics(self) -> Iterator[Metric]:
+    def report(self) -> ProxyReport:
+        """This proxy's own counters and its view of the backends."""
         st = self.stats
+        now = self.loop.time()
+        return ProxyReport(
+            [(route, status, n) for (route, status), n in sorted(st.responses.items())], dict(st.dropped),
+            st.client_disconnects, st.retries, st.no_backend, st.midstream_failures, st.internal_errors,
+            dict(st.tokens), st.chunks, len(self.active),
+            [BackendFigures(b.inflight, b.requests, self.pool.up(b, now), dict(b.errors), b.last_error)
+             for b in self.pool.backends],
+        )
+
+    def encoded_report(self) -> bytes:
+        return _encode_report(self.report())
+
+    def remote_report(self, acceptor: int, body: bytes) -> None:
+        """An acceptor's proxy sent its counters (cumulative since it started)."""
+        self.remote[acceptor] = _decode_report(body)
+
+    def acceptor_exited(self, acceptor: int) -> None:
+        """Its counters as last reported stay counted (what it counted after that is lost with it)."""
+        last = self.remote.pop(acceptor, None)
+        if last is not None:
+            self.retired.add(last, gauges=False)
+
+    def view(self) -> ProxyReport:
+        """What /metrics and /v1/stats show: this proxy's counters, plus, with acceptor processes, the
+        sum of theirs (as last reported, and those of acceptors that exited). A backend is up when no
+        proxy has it out after a failure."""
+        view = self.report()
+        view.add(self.retired, gauges=False)
+        for report in self.remote.values():
+            view.add(report)
+        return view
+
+    def metrics(self) -> Iterator[Metric]:
+        st = self.view()
         now = self.loop.time()
         responses = CounterMetricFamily("flowshard_proxy_responses", "Proxied responses by route and HTTP status.",
                                         labels=["route", "code"])
-        for (route, status), count in sorted(st.responses.items()):
+        for route, status, count in st.responses:
             responses.add_metric([route, str(status)], count)
         yield responses
         dropped = CounterMetricFamily("flowshard_proxy_dropped", "Proxied requests refused by flow control.",
@@ -630,13 +805,13 @@ class Proxy:
         inflight = GaugeMetricFamily("flowshard_backend_inflight_requests", "Requests in flight to the backend.",
                                      labels=["backend"])
         up = GaugeMetricFamily("flowshard_backend_up", "0 while the backend is out after a failure (passive "
-                               "health), else 1.", labels=["backend"])
+                               "health; with acceptor processes, out in any of them), else 1.", labels=["backend"])
         errors = CounterMetricFamily("flowshard_backend_errors", "Backend failures by kind (connect, http_5xx, "
                                      "midstream).", labels=["backend", "kind"])
-        for b in self.pool.backends:
-            inflight.add_metric([b.name], b.inflight)
-            up.add_metric([b.name], 1 if self.pool.up(b, now) else 0)
-            for kind, count in sorted(b.errors.items()):
+        for b, fig in zip(self.pool.backends, st.backends, strict=True):
+            inflight.add_metric([b.name], fig.inflight)
+            up.add_metric([b.name], 1 if fig.up else 0)
+            for kind, count in sorted(fig.errors.items()):
                 errors.add_metric([b.name, kind], count)
         yield from (inflight, up, errors)
         util = self.utilization
@@ -671,15 +846,15 @@ class Proxy:
 
     def snapshot(self) -> dict[str, Any]:
         """The `proxy` part of `GET /v1/stats`."""
-        st = self.stats
+        st = self.view()
         now = self.loop.time()
         util = self.utilization
         if util is not None:
             util.expire(now)
         backends = []
-        for b in self.pool.backends:
-            entry: dict[str, Any] = {"url": b.name, "inflight": b.inflight, "requests": b.requests,
-                                     "up": self.pool.up(b, now), "errors": dict(b.errors), "last_error": b.last_error}
+        for b, fig in zip(self.pool.backends, st.backends, strict=True):
+            entry: dict[str, Any] = {"url": b.name, "inflight": fig.inflight, "requests": fig.requests,
+                                     "up": fig.up, "errors": dict(fig.errors), "last_error": fig.last_error}
             if util is not None:
                 load = util.loads[b.index]
                 entry.update(saturation=util.backend_saturation(b.index), stale=util.stale(b.index),
@@ -687,9 +862,9 @@ class Proxy:
                              last_scrape_error=self.scraper.errors[b.index] if self.scraper else "")
             backends.append(entry)
         return {
-            "active": len(self.active),
+            "active": st.active,
             "pool_saturation": util.saturation() if util is not None else None,
-            "responses": {f"{route} {status}": n for (route, status), n in sorted(st.responses.items())},
+            "responses": {f"{route} {status}": n for route, status, n in st.responses},
             "dropped": dict(st.dropped), "client_disconnects": st.client_disconnects, "retries": st.retries,
             "no_backend": st.no_backend, "midstream_failures": st.midstream_failures,
             "internal_errors": st.internal_errors, "tokens": dict(st.tokens),

@@ -135,8 +135,6 @@ class Distributor:
             raise ValueError("--shards must be at least 1")
         if acceptors < 0:
             raise ValueError("--acceptors must be 0 or more")
-        if acceptors and config.proxy.backends:
-            raise ValueError("proxy mode serves its clients in the distributor: --acceptors must be 0")
         self.config = config
         self._worker_config = config_preamble(config)  # encoded once, written first to every worker
         self.n_shards = shards
@@ -211,7 +209,7 @@ class Distributor:
 
     def admit(
         self, waiter: Waiter, cid: Any, flow: str, priority: int, size: int, ttl: float, slo: float,
-        tokens: int, weight: float, leased: bool, audit: bool = False,
+        tokens: int, weight: float, leased: bool, audit: bool = False, *, proxied: bool = False,
     ) -> int:
         request_id = self._next_id  # also the arrival sequence number an audit reports
         self._next_id = request_id + 1
@@ -258,6 +256,13 @@ class Distributor:
         done(ticket, self.release(ticket, tokens))
 
     def query(self, what: str, done: Callable[[bytes, str], None]) -> None:
+        if self.proxy is not None and self.acceptors is not None:
+            # proxy mode with acceptors: their proxies' counters first (a round trip to each)
+            self.acceptors.gather_proxy_reports(lambda: self._answer(what, done))
+        else:
+            self._answer(what, done)
+
+    def _answer(self, what: str, done: Callable[[bytes, str], None]) -> None:
         if what == "metrics":
             done(*self.metrics())
         else:
@@ -704,6 +709,7 @@ class Distributor:
         except TimeoutError:
             await self.close()
             raise RuntimeError(f"shard workers did not start within {WORKER_START_TIMEOUT:.0f} s") from None
+        await self._start_proxy()
         if self.n_acceptors:
             await self._start_acceptors()
         else:
@@ -715,12 +721,11 @@ class Distributor:
             self.acceptors.listen()
         self._housekeeper = self._loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeeping)
 
-    async def _start_fronts(self) -> None:
-        """The HTTP and binary fronts in this process (and proxy mode's, which lives only here)."""
-        from distributor.binary import BinaryLimits, start_binary_server
-        from distributor.http import HttpLimits, start_http_server
-
-        svc = self.config.service
+    async def _start_proxy(self) -> None:
+        """Proxy mode: this process's `Proxy`. Without acceptors it serves the OpenAI routes of the HTTP
+        front here; with them each acceptor runs its own for its connections, and this one serves no
+        route: it scrapes the backends for the utilization detector (one view for the one ledger),
+        and sums the acceptors' counters for /metrics and /v1/stats (distributor.acceptors)."""
         if self.config.proxy.backends:
             from distributor.proxy import Proxy
 
@@ -728,6 +733,13 @@ class Distributor:
             await self.proxy.start()
             if self.proxy.utilization is not None:
                 self.ledger.external_saturation = self.proxy.saturation
+
+    async def _start_fronts(self) -> None:
+        """The HTTP and binary fronts in this process (with proxy mode's routes, if any)."""
+        from distributor.binary import BinaryLimits, start_binary_server
+        from distributor.http import HttpLimits, start_http_server
+
+        svc = self.config.service
         http = await start_http_server(
             self, svc.host, svc.port,
             HttpLimits.of_service(svc),
@@ -748,6 +760,8 @@ class Distributor:
         http = socket.create_server((svc.host, svc.port), backlog=listen_backlog(svc.max_connections))
         binary = socket.create_server((svc.host, svc.binary_port), backlog=LISTEN_BACKLOG)
         self.acceptors = Acceptors(self, self.n_acceptors, http, binary, self._worker_config)
+        if self.proxy is not None:
+            self.proxy.on_health = self.acceptors.backend_health
         await self.acceptors.start()
         try:
             await asyncio.wait_for(self.acceptors.all_ready.wait(), WORKER_START_TIMEOUT)
@@ -811,11 +825,17 @@ class Distributor:
 
     async def _drain_then_close(self) -> None:
         deadline = time.monotonic() + self.config.service.drain_timeout
-        while (self.ledger.queued_items or self._parked() or (self.proxy and self.proxy.active)) and (
+        while (self.ledger.queued_items or self._parked() or self._proxied_running()) and (
             time.monotonic() < deadline
         ):
             await asyncio.sleep(0.02)
         await self.close(why="drain")
+
+    def _proxied_running(self) -> bool:
+        """Proxy mode: a proxied request is being relayed, here or in an acceptor (its ticket held)."""
+        if self.proxy is None:
+            return False
+        return bool(self.proxy.active) or (self.acceptors is not None and self.acceptors.proxied_running())
 
     def _parked(self) -> bool:
         return any(p.state == PendingState.NEW for p in self.pending.values())
@@ -833,6 +853,8 @@ class Distributor:
         for server in self.servers:
             server.close()
         if self.proxy is not None:
+            if self.acceptors is not None:  # theirs end their streams as this one would (LinkStop)
+                self.acceptors.stop_proxies(why)
             await self.proxy.close(why=why)  # ends the responses still streaming; their tickets are released
         for s in self.shards:
             if s.link is not None:

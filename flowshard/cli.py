@@ -73,7 +73,7 @@ def _serve(args: argparse.Namespace) -> int:
         sys.stderr.write("flowshard: no --config: on the built-in defaults, whose dispatch budget "
                          "(max_inflight_requests = 100) is a placeholder; set it to what your backends run at once "
                          "(README, \"Configuration\")\n")
-    acceptors = _acceptors(args.acceptors, args.shards, bool(config.proxy.backends))
+    acceptors = _acceptors(args.acceptors, args.shards)
     try:
         uvloop.run(serve(config, args.shards, acceptors))
     except OSError as exc:  # cannot listen (address in use, permission): one line, not a traceback
@@ -82,21 +82,18 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _acceptors(given: str, shards: int, proxy: bool) -> int:
+def _acceptors(given: str, shards: int) -> int:
     """--acceptors: "auto" (what `distributor.acceptors.auto_acceptors` measured best) or a count."""
     from distributor.acceptors import auto_acceptors
 
     if given == "auto":
-        return 0 if proxy else auto_acceptors(shards, os.cpu_count() or 1)
+        return auto_acceptors(shards, os.cpu_count() or 1)
     try:
         count = int(given)
     except ValueError:
         raise ConfigError(f"--acceptors: {given!r} is not a number or \"auto\"") from None
     if not 0 <= count <= MAX_ACCEPTORS:
         raise ConfigError(f"--acceptors: {count} is not allowed; 0 to {MAX_ACCEPTORS}, or auto")
-    if count and proxy:
-        raise ConfigError("--acceptors: proxy mode (--backend or [proxy] backends) runs its fronts in the "
-                          "distributor; use --acceptors 0 (or auto) with it")
     return count
 
 

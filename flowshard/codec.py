@@ -247,6 +247,7 @@ class LinkAdmit(msgspec.Struct, tag=20, array_like=True, gc=False):
     weight: float
     leased: bool
     audit: bool = False
+    proxied: bool = False  # a proxied request (proxy mode): the distributor counts it unsent until `LinkBackends`
 
 
 class LinkCancel(msgspec.Struct, tag=21, array_like=True, gc=False):
@@ -298,6 +299,51 @@ class LinkDelivered(msgspec.Struct, tag=29, array_like=True, gc=False):
     tickets: list[int]
 
 
+class LinkBackends(msgspec.Struct, tag=30, array_like=True, gc=False):
+    """Acceptor -> distributor, at the end of a pass in which its proxy sent requests to backends or
+    saw them finish (proxy mode with the utilization detector): per backend, requests sent and
+    requests finished since the last report (the detector's between-scrapes correction, kept in the
+    distributor), and the tickets of proxied dispatches no longer waiting to be sent (sent, or ended
+    before: the detector's `unsent` term)."""
+
+    sent: list[int]
+    finished: list[int]
+    marked: list[int]
+
+
+class LinkProxyAsk(msgspec.Struct, tag=31, array_like=True, gc=False):
+    """Distributor -> acceptor: send your proxy's counters (`LinkProxyReport`); asked while the
+    distributor renders GET /metrics or GET /v1/stats in proxy mode."""
+
+    key: int
+
+
+class LinkProxyReport(msgspec.Struct, tag=32, array_like=True, gc=False):
+    """Acceptor -> distributor: the answer to `LinkProxyAsk`: its proxy's counters, msgpack
+    (`distributor.proxy.ProxyReport`), cumulative since the acceptor started."""
+
+    key: int
+    body: bytes
+
+
+class LinkStop(msgspec.Struct, tag=33, array_like=True, gc=False):
+    """Distributor -> acceptor: the service stops (`why`: "drain", "signal" or "stopped", as
+    `Proxy.close`): end the proxied requests still running, saying why. `Shutdown` follows."""
+
+    why: str
+
+
+class LinkBackendHealth(msgspec.Struct, tag=34, array_like=True, gc=False):
+    """Distributor -> acceptor (proxy mode with the utilization detector): the distributor's scraper
+    could not connect to `backend` (nothing listens there: out for `down_for` seconds, as a failed
+    request takes it out) or, `down_for` 0, reached it again after that; sent on each change and to
+    an acceptor that starts. The acceptor's proxy applies it to its own pool (`Proxy.scrape_health`)."""
+
+    backend: int
+    down_for: float
+    detail: str = ""
+
+
 class LinkReleased(msgspec.Struct, tag=25, array_like=True, gc=False):
     """Distributor -> acceptor: the answer to a `LinkRelease` that asked for one."""
 
@@ -325,8 +371,10 @@ ToWorker = Enqueue | Grant | Cancel | Shutdown | Charge
 FromWorker = Done | GrantBack | Hello
 FromClient = Admit | Release
 ToClient = Result | Error | Released | Audited
-FromAcceptor = LinkAdmit | LinkCancel | LinkRelease | LinkQuery | LinkGuard | LinkConns | LinkDelivered | Hello
-ToAcceptor = Result | Audited | Error | LinkReleased | LinkAnswer | LinkState | Shutdown
+FromAcceptor = (LinkAdmit | LinkCancel | LinkRelease | LinkQuery | LinkGuard | LinkConns | LinkDelivered | Hello
+                | LinkBackends | LinkProxyReport)
+ToAcceptor = (Result | Audited | Error | LinkReleased | LinkAnswer | LinkState | Shutdown | LinkProxyAsk | LinkStop
+              | LinkBackendHealth)
 
 
 class FrameWriter:

@@ -28,7 +28,6 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from http.client import HTTPConnection
@@ -127,15 +126,6 @@ def default_acceptors() -> int | str:
     return value if value == "auto" else int(value)
 
 
-def _proxy_mode(config_path: Path) -> bool:
-    """The config names proxy backends (serve refuses --acceptors > 0 then)."""
-    try:
-        data = tomllib.loads(config_path.read_text())
-    except (OSError, tomllib.TOMLDecodeError):
-        return False
-    return bool(data.get("proxy", {}).get("backends"))
-
-
 def segments(pid: int) -> list[str]:
     """The shared-memory segments named after distributor `pid`."""
     return sorted(glob.glob(f"/dev/shm/flowshard-{pid}-*"))
@@ -161,7 +151,7 @@ class Service:
         port: int = 0, binary_port: int = 0, acceptors: int | str | None = None,
     ) -> None:
         if acceptors is None:
-            acceptors = 0 if _proxy_mode(config_path) else default_acceptors()  # proxy mode: fronts stay
+            acceptors = default_acceptors()
         self.acceptors = acceptors  # --acceptors (an int, or "auto")
         self.on_ready = on_ready  # called from the stderr reader the moment the ready line is read
         self.config_path = config_path
