@@ -863,6 +863,8 @@ class Proxy:
             backends.append(entry)
         return {
             "active": st.active,
+            # dispatched, not yet sent to a backend (the detector counts them; with acceptors, as they report)
+            "unsent": self.unsent,
             "pool_saturation": util.saturation() if util is not None else None,
             "responses": {f"{route} {status}": n for route, status, n in st.responses},
             "dropped": dict(st.dropped), "client_disconnects": st.client_disconnects, "retries": st.retries,

@@ -258,9 +258,20 @@ class Distributor:
     def query(self, what: str, done: Callable[[bytes, str], None]) -> None:
         if self.proxy is not None and self.acceptors is not None:
             # proxy mode with acceptors: their proxies' counters first (a round trip to each)
-            self.acceptors.gather_proxy_reports(lambda: self._answer(what, done))
+            self.acceptors.gather_proxy_reports(lambda: self._answer_later(what, done))
         else:
             self._answer(what, done)
+
+    def _answer_later(self, what: str, done: Callable[[bytes, str], None]) -> None:
+        """`_answer` from a link's frame or a timer: a failure is answered (the caller is not the link)."""
+        try:
+            if self.shm is None:  # closed while the acceptors' reports were awaited
+                done(b"the service stopped", "")  # (an empty content type: failed)
+            else:
+                self._answer(what, done)
+        except Exception as exc:
+            log.exception("rendering %s failed", what)
+            done(type(exc).__name__.encode(), "")
 
     def _answer(self, what: str, done: Callable[[bytes, str], None]) -> None:
         if what == "metrics":
