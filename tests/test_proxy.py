@@ -54,9 +54,10 @@ def settled(service: Any) -> dict[str, Any]:
         time.sleep(0.01)
 
 
-def test_openai_client_streaming_and_not_every_route(launch: Any, fake_backend: Any) -> None:
+@pytest.mark.parametrize("acceptors", [0, 2])  # the proxy in the distributor, and in 2 acceptors
+def test_openai_client_streaming_and_not_every_route(launch: Any, fake_backend: Any, acceptors: int) -> None:
     fake = fake_backend(ttft=0.005, itl=0.001)
-    svc = launch(proxy_config([fake.url], budget=4))
+    svc = launch(proxy_config([fake.url], budget=4), acceptors=acceptors)
     c = client(svc)
     r = c.chat.completions.create(model="m", messages=MSG, max_tokens=5)
     assert r.choices[0].message.content == " tok" * 5
@@ -151,11 +152,12 @@ def test_queue_full_is_a_rate_limit_error_with_retry_after_and_a_dropped_reason(
     assert s["proxy"]["dropped"] == {"rejected:capacity": 1}
 
 
+@pytest.mark.parametrize("acceptors", [0, 2])  # the proxy in the distributor, and in 2 acceptors
 def test_client_disconnect_mid_stream_releases_the_ticket_and_closes_upstream(
-    launch: Any, fake_backend: Any
+    launch: Any, fake_backend: Any, acceptors: int
 ) -> None:
     fake = fake_backend(ttft=0.01, itl=0.02)
-    svc = launch(proxy_config([fake.url], budget=1))
+    svc = launch(proxy_config([fake.url], budget=1), acceptors=acceptors)
     c = client(svc)
     stream = c.chat.completions.create(model="m", messages=MSG, max_tokens=200, stream=True)
     pieces = iter(stream)
@@ -370,9 +372,10 @@ def test_proxy_body_limit_is_its_own(launch: Any, fake_backend: Any) -> None:
     assert settled(svc)["proxy"]["tokens"]["estimated"] == 25_000 + 1  # 4 characters a token + max_tokens
 
 
-def test_sigterm_lets_a_running_stream_finish(launch: Any, fake_backend: Any) -> None:
+@pytest.mark.parametrize("acceptors", [0, 2])  # the proxy in the distributor, and in 2 acceptors
+def test_sigterm_lets_a_running_stream_finish(launch: Any, fake_backend: Any, acceptors: int) -> None:
     fake = fake_backend(ttft=0.01, itl=0.02)
-    svc = launch(proxy_config([fake.url], budget=4, service={"drain_timeout": 5.0}))
+    svc = launch(proxy_config([fake.url], budget=4, service={"drain_timeout": 5.0}), acceptors=acceptors)
     c = client(svc)
     stream = iter(c.chat.completions.create(model="m", messages=MSG, max_tokens=30, stream=True))
     next(stream)
@@ -465,15 +468,16 @@ def _until(cond: Any, timeout: float = 5.0) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.parametrize("acceptors", [0, 2])  # the proxy in the distributor, and in 2 acceptors
 def test_drain_end_ends_a_running_stream_with_an_error_event_and_closes_upstream(
-    launch: Any, fake_backend: Any
+    launch: Any, fake_backend: Any, acceptors: int
 ) -> None:
     """A stream still running when the drain ends is ended like one whose backend failed mid-stream:
     an SSE error event, which the openai client raises as APIError with the reason (not a cut
     connection, APIConnectionError); the backend sees its request closed; the service exits 0 in time."""
     drain = 0.5
     fake = fake_backend(ttft=0.01, itl=0.05)
-    svc = launch(proxy_config([fake.url], budget=4, service={"drain_timeout": drain}))
+    svc = launch(proxy_config([fake.url], budget=4, service={"drain_timeout": drain}), acceptors=acceptors)
     pieces = iter(client(svc).chat.completions.create(model="m", messages=MSG, max_tokens=400, stream=True))
     got = [next(pieces).choices[0].delta.content]
     signalled = time.monotonic()
@@ -1080,15 +1084,16 @@ def test_a_failure_inside_flowshards_own_stream_relay_ends_with_an_error_event_n
     assert len(failed) == 2 and all(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in failed)
 
 
+@pytest.mark.parametrize("acceptors", [0, 2])  # the proxy in the distributor, and in 2 acceptors
 def test_a_second_signal_ends_running_requests_saying_so_not_at_the_end_of_the_drain(
-    launch: Any, fake_backend: Any
+    launch: Any, fake_backend: Any, acceptors: int
 ) -> None:
     """SIGTERM starts a long drain; a second SIGTERM stops at once. The stream still running then ends
     with the SSE error event `shutting_down` saying a second signal forced the stop (it used to say
     "at the end of the drain", which had not come), and so does the 503 of a non-streamed answer
     still awaited; both upstream requests are closed and the service exits 0 long before the drain."""
     fake = fake_backend(ttft=0.01, itl=0.05)
-    svc = launch(proxy_config([fake.url], budget=4, service={"drain_timeout": 60.0}))
+    svc = launch(proxy_config([fake.url], budget=4, service={"drain_timeout": 60.0}), acceptors=acceptors)
     host, port = svc.url("").split("//")[1].split("/")[0].rsplit(":", 1)
     body = json.dumps({"model": "m", "messages": MSG, "max_tokens": 400}).encode()
     whole = socket.create_connection((host, int(port)), timeout=10)

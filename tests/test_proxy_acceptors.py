@@ -1,0 +1,148 @@
+"""Proxy mode served by acceptor processes (`serve --backend URL --acceptors K`): each acceptor relays
+its own clients' requests through its own `Proxy`, admitting through the distributor's one ledger.
+
+Real processes and sockets: the official `openai` client -> `flowshard serve --acceptors 2` -> the
+fake OpenAI backend (`bench.fakeoai`). (The rest of the proxy suite runs with acceptors too:
+FLOWSHARD_TEST_ACCEPTORS=2, and its key tests are parametrized over 0 and 2.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import openai
+from proxykit import fake_backend, proxy_config
+from servicekit import band_outcomes, launch, metric
+
+__all__ = ["fake_backend", "launch"]
+
+MSG = [{"role": "user", "content": "hello there, how are you"}]
+ROUTE = "/v1/chat/completions"
+
+
+def client(service: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=service.url("/v1"), api_key="sk-test", max_retries=0, timeout=10)
+
+
+def until(cond: Any, timeout: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := cond()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+    return value
+
+
+def settled(svc: Any) -> dict[str, Any]:
+    def quiet() -> dict[str, Any] | None:
+        s = svc.stats()
+        t = s["totals"]
+        return s if (t["inflight"], t["pending"], t["tickets"], s["proxy"]["active"]) == (0, 0, 0, 0) else None
+
+    return until(quiet)  # type: ignore[no-any-return]
+
+
+def outcomes(s: dict[str, Any]) -> dict[str, int]:
+    return {k: v for k, v in band_outcomes(s).items() if v}
+
+
+def acceptors_up(svc: Any, restarts: int) -> bool:
+    try:
+        s = svc.stats()
+    except OSError:  # handed to the acceptor being killed, before the distributor knew
+        return False
+    return all(a["up"] for a in s["acceptors"]) and s["counters"]["acceptor_restarts"] == restarts
+
+
+def test_an_acceptor_killed_mid_stream_has_its_proxied_tickets_released(launch: Any, fake_backend: Any) -> None:
+    """SIGKILL an acceptor while it relays two streams (another relays two more): the distributor
+    releases the dead one's tickets at once (in flight 4 -> 2), the backend sees those requests
+    closed, every request keeps exactly one outcome (dispatched), nothing stays counted unsent,
+    the acceptor is started again and serves proxied requests."""
+    fake = fake_backend(ttft=0.01, itl=0.05)
+    proxy = {"utilization": True, "scrape_interval": 0.05, "queue_threshold": 50}
+    svc = launch(proxy_config([fake.url], budget=4, proxy=proxy), acceptors=2)
+    streams = []
+    for _ in range(4):  # one client (one connection) each: the distributor hands them 2 and 2
+        stream = client(svc).chat.completions.create(model="m", messages=MSG, max_tokens=400, stream=True)
+        pieces = iter(stream)
+        next(pieces)
+        streams.append((stream, pieces))
+    s = svc.stats()
+    assert s["totals"]["inflight"] == 4 and s["proxy"]["active"] == 4, s["totals"]
+    assert sorted(a["connections"] for a in s["acceptors"]) in ([2, 2], [2, 3]), s["acceptors"]  # (+ this query's)
+    victim = svc.acceptor_procs()[0]
+    victim.kill()
+    cut = 0
+    for _stream, pieces in streams:
+        try:
+            for _ in range(20):  # (what reached this client before the kill is read first: 1 s of stream)
+                next(pieces)
+        except Exception:  # its connection died with the acceptor, mid-stream
+            cut += 1
+    assert cut == 2
+    until(lambda: svc.stats()["totals"]["inflight"] == 2)  # released by the distributor, not by a lease
+    until(lambda: fake.stats()["aborted"] == 2)  # the dead acceptor's upstream connections closed
+    for stream, _pieces in streams:
+        with contextlib.suppress(Exception):
+            stream.close()  # the two left: their clients leave
+    s = settled(svc)
+    assert outcomes(s) == {"dispatched": 4}, outcomes(s)  # exactly one outcome each
+    assert s["counters"]["tickets_released"] == 4 and s["counters"]["tickets_expired"] == 0
+    assert s["proxy"]["unsent"] == 0
+    until(lambda: fake.stats()["aborted"] == 4 and fake.stats()["running"] == 0)
+    until(lambda: acceptors_up(svc, 1))
+    for _ in range(4):  # both acceptors (the new one too) relay again; the budget of 4 is all free
+        assert client(svc).chat.completions.create(model="m", messages=MSG, max_tokens=2).choices[0].message.content
+    s = settled(svc)
+    assert outcomes(s) == {"dispatched": 8} and s["proxy"]["unsent"] == 0
+
+
+def test_the_acceptors_proxy_counters_show_in_metrics_and_stats(launch: Any, fake_backend: Any) -> None:
+    """Counted in the acceptors, rendered by the distributor: /metrics and /v1/stats, asked on any
+    connection (any acceptor), sum every acceptor's proxy; an acceptor that exits keeps what it had
+    reported counted (the counters do not go back)."""
+    fake = fake_backend(ttft=0.0, itl=0.0)
+    svc = launch(proxy_config([fake.url], budget=4), acceptors=2)
+    for n in range(4):  # one connection each: both acceptors relay some
+        c = client(svc)
+        if n % 2:
+            assert c.chat.completions.create(model="m", messages=MSG, max_tokens=3).choices[0].message.content
+        else:
+            assert len(list(c.chat.completions.create(model="m", messages=MSG, max_tokens=3, stream=True))) >= 3
+    for _ in range(3):  # each on a new connection
+        samples = svc.metrics()
+        assert metric(samples, "flowshard_proxy_responses_total", route=ROUTE, code="200") == 4
+        assert metric(samples, "flowshard_proxy_stream_chunks_total") >= 2  # (coalesced: no delay)
+        assert metric(samples, "flowshard_proxy_tokens_total", kind="completion") == 12
+        assert metric(samples, "flowshard_backend_up", backend=fake.url) == 1
+    s = svc.stats()["proxy"]
+    assert s["responses"] == {f"{ROUTE} 200": 4} and s["backends"][0]["requests"] == 4, s
+    svc.acceptor_procs()[0].kill()
+    until(lambda: acceptors_up(svc, 1))
+    samples = svc.metrics()
+    assert metric(samples, "flowshard_proxy_responses_total", route=ROUTE, code="200") == 4
+    assert metric(samples, "flowshard_proxy_tokens_total", kind="completion") == 12
+
+
+def test_proxy_reports_sum_counters_and_an_exited_acceptor_keeps_only_its_counters() -> None:
+    from distributor.proxy import BackendFigures, ProxyReport, _decode_report, _encode_report
+
+    a = ProxyReport([(ROUTE, 200, 3)], {"rejected:capacity": 1}, chunks=5, active=2,
+                    backends=[BackendFigures(2, 10, True, {"connect": 1}, "")])
+    b = ProxyReport([(ROUTE, 200, 1), (ROUTE, 429, 2)], chunks=1, active=1,
+                    backends=[BackendFigures(1, 4, False, {"connect": 2, "midstream": 1}, "boom")])
+    b = _decode_report(_encode_report(b))  # as it crosses the link
+    view = ProxyReport(backends=[BackendFigures()])
+    view.add(a)
+    view.add(b)
+    assert view.responses == [(ROUTE, 200, 4), (ROUTE, 429, 2)] and view.chunks == 6 and view.active == 3
+    assert view.dropped == {"rejected:capacity": 1}
+    fig = view.backends[0]
+    assert (fig.inflight, fig.requests, fig.up, fig.errors, fig.last_error) == (
+        3, 14, False, {"connect": 3, "midstream": 1}, "boom")  # out in one acceptor: shown out
+    retired = ProxyReport(backends=[BackendFigures()])
+    retired.add(b, gauges=False)  # an acceptor that exited: its counters, not its in-flight nor its health
+    assert retired.active == 0 and retired.backends[0].inflight == 0 and retired.backends[0].up
+    assert retired.backends[0].requests == 4 and retired.responses == [(ROUTE, 200, 1), (ROUTE, 429, 2)]
