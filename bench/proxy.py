@@ -59,6 +59,7 @@ class Result:
     total_ms: list[float] = field(default_factory=list)
     chunks: int = 0
     flowshard_cpu_s: float = 0.0
+    distributor_cpu_s: float = 0.0  # of which the distributor process's (the rest: workers, acceptors)
     generator_cpu_s: float = 0.0
     window_s: float = 0.0
 
@@ -74,6 +75,7 @@ class Result:
             out[f"{which}_p50"] = self.pct(which, 0.5)
             out[f"{which}_p99"] = self.pct(which, 0.99)
         out["flowshard_cpu_us_per_request"] = self.flowshard_cpu_s / max(self.completed, 1) * 1e6
+        out["distributor_cpu_us_per_request"] = self.distributor_cpu_s / max(self.completed, 1) * 1e6
         return out
 
 
@@ -171,7 +173,7 @@ async def _play(urls: list[str], results: list[Result], rate: float, duration: f
                                      timeout=aiohttp.ClientTimeout(total=120)) as session:
         start = loop.time()
         t = start
-        cpu0 = gen0 = 0.0
+        cpu0 = gen0 = dist0 = 0.0
         measuring = False
         while True:
             t += rng.expovariate(rate)
@@ -179,7 +181,7 @@ async def _play(urls: list[str], results: list[Result], rate: float, duration: f
                 break
             if not measuring and t - start >= warmup:
                 measuring = True
-                cpu0, gen0 = _cpu(flowshard), _self_cpu()
+                cpu0, gen0, dist0 = _cpu(flowshard), _self_cpu(), _cpu(flowshard[:1])
                 window_start = loop.time()
             delay = t - loop.time()
             if delay > 0:
@@ -193,6 +195,7 @@ async def _play(urls: list[str], results: list[Result], rate: float, duration: f
         for r in results:
             r.window_s = loop.time() - window_start
             r.flowshard_cpu_s = _cpu(flowshard) - cpu0  # all of it is the proxied requests'
+            r.distributor_cpu_s = _cpu(flowshard[:1]) - dist0  # (_tree lists the distributor first)
             r.generator_cpu_s = _self_cpu() - gen0
 
 
@@ -238,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--utilization", action="store_true", help="also gate on the scraped metrics")
     parser.add_argument("--sequential", type=int, default=0, metavar="N",
                         help="instead: N requests one at a time each way (backend without delays)")
+    parser.add_argument("--acceptors", default="0", help="serve --acceptors (the relay in K acceptor processes)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
     service_time = args.ttft + args.itl * (args.tokens - 1)
@@ -254,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         config = Path(tmp) / "proxy.toml"
         config.write_text(_config(budget, args.utilization))
         serve, serve_url = _start([sys.executable, "-m", "flowshard.cli", "serve", "--config", str(config),
-                                   "--port", "0", "--binary-port", "0", "--backend", fake_url], _SERVE_READY)
+                                   "--port", "0", "--binary-port", "0", "--backend", fake_url,
+                                   "--acceptors", str(args.acceptors)], _SERVE_READY)
         results: list[Result] = []
         try:
             if args.sequential:
@@ -283,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"TTFT p50 {s['ttft_ms_p50']:7.2f} p99 {s['ttft_ms_p99']:7.2f} ms, "
                               f"total p50 {s['total_ms_p50']:7.2f} p99 {s['total_ms_p99']:7.2f} ms"
                               + (f", flowshard {s['flowshard_cpu_us_per_request']:.0f} µs CPU/request"
+                                 f" (distributor {s['distributor_cpu_us_per_request']:.0f})"
                                  if mode == "proxy" else ""), flush=True)
         finally:
             _stop(serve)
@@ -298,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
 def _report(results: list[Result], args: argparse.Namespace) -> dict[str, Any]:
     """Medians over runs of: proxy minus direct at p50 / p99, CPU per request, CPU per chunk."""
     lines = ["", "| load | rate req/s | added TTFT p50 / p99 ms | added total p50 / p99 ms | "
-                 "flowshard CPU µs/request | chunks/request |", "|---|---|---|---|---|---|"]
+                 "flowshard CPU µs/request | of which distributor | chunks/request |", "|---|---|---|---|---|---|---|"]
     summary: dict[str, Any] = {}
     for load in ("light", "near-saturation"):
         direct = [r for r in results if r.load == load and r.mode == "direct"]
@@ -309,10 +315,13 @@ def _report(results: list[Result], args: argparse.Namespace) -> dict[str, Any]:
                 diffs = [p.pct(which, q) - d.pct(which, q) for d, p in zip(direct, proxy, strict=True)]
                 added[f"{which}_{name}"] = statistics.median(diffs)
         cpu = statistics.median(p.flowshard_cpu_s / max(p.completed, 1) * 1e6 for p in proxy)
+        dist = statistics.median(p.distributor_cpu_s / max(p.completed, 1) * 1e6 for p in proxy)
         chunks = statistics.median(p.chunks / max(p.completed, 1) for p in proxy)
-        summary[load] = {"rate": proxy[0].rate, "added": added, "cpu_us_per_request": cpu, "chunks": chunks}
+        summary[load] = {"rate": proxy[0].rate, "added": added, "cpu_us_per_request": cpu,
+                         "distributor_cpu_us_per_request": dist, "chunks": chunks}
         lines.append(f"| {load} | {proxy[0].rate:.0f} | {added['ttft_ms_p50']:.2f} / {added['ttft_ms_p99']:.2f} | "
-                     f"{added['total_ms_p50']:.2f} / {added['total_ms_p99']:.2f} | {cpu:.0f} | {chunks:.1f} |")
+                     f"{added['total_ms_p50']:.2f} / {added['total_ms_p99']:.2f} | {cpu:.0f} | {dist:.0f} | "
+                     f"{chunks:.1f} |")
     short = [r for r in results if r.load == "light" and r.mode == "proxy"]
     long = [r for r in results if r.load == "long"]
     slopes = []
