@@ -113,7 +113,7 @@ class AcceptorLink(asyncio.Protocol):
         self.proxied_keys: set[int] = set()
         self.proxied: set[int] = set()
         self.unsent: set[int] = set()
-        self.backend_open: list[int] = [0] * len(service.config.proxy.backends)
+        self.backend_open: list[int] = []  # (sized at its first LinkBackends)
         self.ready = False  # said Hello: its fronts serve
         self.lost = False
         self.pid = 0
@@ -221,6 +221,8 @@ class AcceptorLink(asyncio.Protocol):
         if util is None:
             return
         opened = self.backend_open
+        if not opened:
+            opened = self.backend_open = [0] * len(util.loads)
         for b, (sent, finished) in enumerate(zip(msg.sent, msg.finished, strict=False)):
             if b < len(util.loads):
                 util.loads[b].sent += sent
@@ -235,17 +237,17 @@ class AcceptorLink(asyncio.Protocol):
     def _proxied_lost(self) -> None:
         """Its process is gone: its requests in flight to the backends are over (their connections
         closed with it), its unsent dispatches are released (release_all)."""
-        proxy = self.service.proxy
-        util = proxy.utilization if proxy is not None else None
-        if util is not None:
-            for b, count in enumerate(self.backend_open):
-                util.loads[b].finished += max(0, count)
-        if proxy is not None:
-            proxy.unsent -= len(self.unsent)
-        self.backend_open = [0] * len(self.backend_open)
-        self.unsent.clear()
         self.proxied.clear()
         self.proxied_keys.clear()
+        if not (self.unsent or self.backend_open):  # no detector here, or it never sent anything
+            return
+        proxy = self.service.proxy
+        util = proxy.utilization
+        for b, count in enumerate(self.backend_open):
+            util.loads[b].finished += max(0, count)
+        proxy.unsent -= len(self.unsent)
+        self.backend_open = []
+        self.unsent.clear()
 
     def close_delivery(self) -> None:
         if self.delivery is not None:

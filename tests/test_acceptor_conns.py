@@ -53,7 +53,7 @@ class _Rig:
     """`Acceptors` with `count` links, each to a `Handover` in this loop over a real SEQPACKET pair."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
-        service = SimpleNamespace(config=SimpleNamespace(service=SimpleNamespace(max_connections=LIMIT)))
+        service = SimpleNamespace(config=SimpleNamespace(service=SimpleNamespace(max_connections=LIMIT)), proxy=None)
         self.listeners = [socket.socket(), socket.socket()]
         self.acceptors = Acceptors(service, count, *self.listeners, b"")  # type: ignore[arg-type]
         self.handovers: list[Handover] = []
