@@ -146,3 +146,14 @@ def test_proxy_reports_sum_counters_and_an_exited_acceptor_keeps_only_its_counte
     retired.add(b, gauges=False)  # an acceptor that exited: its counters, not its in-flight nor its health
     assert retired.active == 0 and retired.backends[0].inflight == 0 and retired.backends[0].up
     assert retired.backends[0].requests == 4 and retired.responses == [(ROUTE, 200, 1), (ROUTE, 429, 2)]
+
+
+def test_acceptors_in_proxy_mode_follow_the_rule_without_backends() -> None:
+    """`--acceptors auto` no longer means 0 in proxy mode, and a count is no longer refused."""
+    import os
+
+    from distributor.acceptors import auto_acceptors
+    from flowshard.cli import _acceptors
+
+    assert _acceptors("auto", 1) == auto_acceptors(1, os.cpu_count() or 1)  # (0 on this 2-core machine)
+    assert _acceptors("2", 1) == 2
