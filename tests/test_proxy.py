@@ -289,15 +289,16 @@ def test_a_flooding_tenant_next_to_a_light_one(launch: Any, fake_backend: Any, f
 
 
 @pytest.mark.parametrize("utilization", [True, False])
+@pytest.mark.parametrize("acceptors", [0, 2])  # the detector fed by the distributor's proxy, or the acceptors'
 def test_scraped_saturation_holds_requests_back_and_releases_them_as_the_backend_drains(
-    launch: Any, fake_backend: Any, utilization: bool
+    launch: Any, fake_backend: Any, acceptors: int, utilization: bool
 ) -> None:
     """A backend with a batch of 1: with the utilization detector flowshard keeps the backend's
     waiting queue near the threshold and holds the rest itself; without it (negative control) every
     request goes straight into the backend's queue."""
     fake = fake_backend(ttft=0.01, itl=0.01, max_running=1)
     proxy = {"utilization": utilization, "queue_threshold": 2.0, "scrape_interval": 0.02, "staleness": 1.0}
-    svc = launch(proxy_config([fake.url], proxy=proxy, budget="unlimited"))
+    svc = launch(proxy_config([fake.url], proxy=proxy, budget="unlimited"), acceptors=acceptors)
 
     async def go() -> int:
         c = aclient(svc)
@@ -757,7 +758,8 @@ def test_the_release_carries_the_backends_actual_usage(fake_backend: Any, stream
     run(go())
 
 
-def test_a_pool_with_no_backend_listening_answers_503_at_once_not_after_a_ttl(launch: Any) -> None:
+@pytest.mark.parametrize("acceptors", [0, 2])  # the detector fed by the distributor's proxy, or the acceptors'
+def test_a_pool_with_no_backend_listening_answers_503_at_once_not_after_a_ttl(launch: Any, acceptors: int) -> None:
     """Nothing listens at the only backend: its scrapes fail to connect, which takes it out like a
     failed request would, and a request gets 503 `no_backend` at once. (It used to count only as
     stale metrics, i.e. saturated: every request waited its whole TTL for a 429.)"""
@@ -766,7 +768,7 @@ def test_a_pool_with_no_backend_listening_answers_503_at_once_not_after_a_ttl(la
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     sock.close()  # bound, never listening: connections are refused
     proxy = {"utilization": True, "scrape_interval": 0.02, "staleness": 0.2}
-    svc = launch(proxy_config([url], proxy=proxy, budget="unlimited", extra="default_ttl = 30.0"))
+    svc = launch(proxy_config([url], proxy=proxy, budget="unlimited", extra="default_ttl = 30.0"), acceptors=acceptors)
     deadline = time.monotonic() + 5
     while svc.stats()["proxy"]["backends"][0]["up"]:
         assert time.monotonic() < deadline

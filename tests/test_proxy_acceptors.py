@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import openai
+import pytest
 from proxykit import fake_backend, proxy_config
 from servicekit import band_outcomes, launch, metric
 
@@ -157,3 +158,36 @@ def test_acceptors_in_proxy_mode_follow_the_rule_without_backends() -> None:
 
     assert _acceptors("auto", 1) == auto_acceptors(1, os.cpu_count() or 1)  # (0 on this 2-core machine)
     assert _acceptors("2", 1) == 2
+
+
+@pytest.mark.parametrize("acceptors", [0, 2])
+def test_the_detector_counts_what_the_proxies_sent_and_finished_since_the_scrape(
+    launch: Any, fake_backend: Any, acceptors: int
+) -> None:
+    """One scrape, then none for the test (scrape_interval 30 s): the pool's saturation moves only by
+    what the proxies (the distributor's, or the acceptors' through LinkBackends) report sent and
+    finished. Requests one at a time all pass (each finish is counted); two streams open make it
+    2 / queue_threshold = 1, so a third waits until one of them ends."""
+    fake = fake_backend(ttft=0.0, itl=0.05)
+    proxy = {"utilization": True, "scrape_interval": 30.0, "staleness": 60.0, "queue_threshold": 2}
+    svc = launch(proxy_config([fake.url], proxy=proxy, budget="unlimited", extra="default_ttl = 20.0"),
+                 acceptors=acceptors)
+    until(lambda: not svc.stats()["proxy"]["backends"][0]["stale"])
+    for _ in range(4):
+        assert client(svc).chat.completions.create(model="m", messages=MSG, max_tokens=2).choices[0].message.content
+        until(lambda: svc.stats()["proxy"]["pool_saturation"] == 0)
+    streams = []
+    for _ in range(2):
+        pieces = iter(client(svc).chat.completions.create(model="m", messages=MSG, max_tokens=40, stream=True))
+        next(pieces)
+        streams.append(pieces)
+    s = until(lambda: (lambda s: s if s["proxy"]["pool_saturation"] >= 1.0 else None)(svc.stats()))
+    assert s["proxy"]["unsent"] == 0 and s["proxy"]["backends"][0]["inflight"] == 2
+    t0 = time.monotonic()
+    assert client(svc).chat.completions.create(model="m", messages=MSG, max_tokens=1).choices[0].message.content
+    held = time.monotonic() - t0
+    assert 0.8 < held < 8.0, held  # the streams take 2 s (40 tokens, 50 ms apart)
+    for pieces in streams:
+        assert len(list(pieces)) >= 38
+    s = settled(svc)
+    assert outcomes(s) == {"dispatched": 7} and s["proxy"]["unsent"] == 0
