@@ -20,6 +20,13 @@ and even this process (released by the client on any connection, or by the lease
 dies, the distributor cancels what its clients were waiting for and releases their binary tickets,
 then starts a new one; if the distributor goes away, this process exits.
 
+In proxy mode each acceptor also runs the OpenAI routes for its connections with its own
+`distributor.proxy.Proxy` (backend pool, upstream connections, relay), admitting through `Upstream`
+(not leased: the proxy releases each ticket when its exchange ends; the distributor releases them
+if this process dies). It answers `LinkProxyAsk` with its counters, sends the detector's events
+(`LinkBackends`), applies the distributor's scrape health (`LinkBackendHealth`) and ends what it
+relays on `LinkStop`, as the one-process proxy does at the end of a drain.
+
     python -m distributor.front --index K --acceptors N --fd FD --handover-fd FD --delivered-fd FD   (by serve)
 """
 

@@ -19,6 +19,10 @@ its upstream request is closed and its connection closed after the answer.
 
 Each proxied request is one asyncio task (the upstream call needs one); the response bytes are
 copied in this front process (see docs/proxy.md for the measured cost per request and per chunk).
+That is the distributor without acceptor processes, or each acceptor (`distributor.front`), whose
+`Proxy` admits through its `Upstream` and sends the utilization detector's events to the
+distributor (`BackendReport`); the distributor's own `Proxy` then serves no route: it scrapes, and
+sums the acceptors' counters for /metrics and /v1/stats (`ProxyReport`, `view`).
 """
 
 from __future__ import annotations
