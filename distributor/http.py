@@ -25,7 +25,7 @@ import logging
 import math
 import socket
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
 
 import httptools
@@ -313,6 +313,7 @@ class HttpConnection(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None  # proxy mode: a stream waits here while paused
         self._sent: list[int] = []  # tickets of dispatched answers written since the client's last request
         self._probing = False  # the client sent EOF right after answers were written: were they delivered?
+        self._eof_wait = False  # the client sent EOF; answers to its earlier requests are still on their way
         self._unhold_scheduled = False
         self._deferred = False  # in the hub's `deferred`: its answers are written at the hub's flush
         self._timer: asyncio.TimerHandle | None = None
@@ -423,13 +424,50 @@ class HttpConnection(asyncio.Protocol):
 
         If dispatched answers were written since its last request, it may have left before they
         arrived (fire and forget): then its kernel answers them with a reset. Keep the socket for a
-        round trip and look (`_on_timer`): an undelivered answer releases its ticket at once."""
+        round trip and look (`_on_timer`): an undelivered answer releases its ticket at once.
+
+        Answers that are not admissions' (a release's, /v1/stats, /metrics) and are still on their
+        way are written first, as in the distributor's own process, where they are known before the
+        EOF is read: in an acceptor they come a hop later, and a half-closing client (`curl` with
+        `--no-keepalive`-style tools, a shell's `printf | nc`) got none of them, its release applied
+        unconfirmed (review, 2026-12-05). Admissions and proxied requests are not waited for: their
+        client is gone, they are cancelled, and nothing after the first of them can be answered."""
+        if not self._dead and self._answers_on_their_way():
+            self._eof_wait = True
+            self._arm(self._loop.time() + self._sh.linger, force=True)  # they come in ms; give up then
+            return True  # keep the transport: our side still writes
+        return self._end_after_eof()
+
+    def _end_after_eof(self) -> bool:
         self._closing = True
         if self._sent and not self._dead:
             self._probing = True
             self._arm(self._loop.time() + self._sh.probe, force=True)
             return True
         return False
+
+    def _answers_on_their_way(self) -> bool:
+        """At the client's EOF: settle the queue from its first admission or proxied request without an
+        answer on (their client is gone: `_settle`), and say whether an answer before it is still on
+        its way (then the connection waits for it, `_answered_after_eof`)."""
+        q = self._queue
+        cut = next((k for k, slot in enumerate(q)
+                    if slot.data is None and (slot.rid is not None or slot.exchange is not None)), len(q))
+        if cut < len(q):
+            gone = [q.pop() for _ in range(len(q) - cut)]
+            gone.reverse()
+            self._settle(gone)
+        return any(slot.data is None for slot in q)
+
+    def _answered_after_eof(self) -> None:
+        """The last answer waited for after the client's EOF is written: close as at the EOF."""
+        self._eof_wait = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timer_at = math.inf
+        if not self._end_after_eof():
+            self._transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._dead:
@@ -445,10 +483,18 @@ class HttpConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        admission = self._admission
         if exc is not None:  # reset or broken pipe: the answers written since its last request are lost
             self._release_sent()
-        for slot in self._queue:  # nothing in it was written: settle every admission
+        self._settle(self._queue)  # nothing in it was written
+        self._queue.clear()
+        self._held = None
+        self._wake_writers()
+
+    def _settle(self, slots: Iterable[_Slot]) -> None:
+        """Slots that will never be written: cancel their admissions, release their tickets, tell
+        their proxied exchanges the client is gone."""
+        admission = self._admission
+        for slot in slots:
             try:
                 if slot.exchange is not None:
                     slot.exchange.client_gone()
@@ -459,9 +505,6 @@ class HttpConnection(asyncio.Protocol):
                     admission.release(slot.ticket)
             except Exception:
                 log.exception("settling admission %s (ticket %s) failed", slot.rid, slot.ticket)
-        self._queue.clear()
-        self._held = None
-        self._wake_writers()
 
     def pause_writing(self) -> None:
         """Responses wait unsent beyond write_high: stop reading the client's input (it makes no new
@@ -909,6 +952,9 @@ class HttpConnection(asyncio.Protocol):
         if out is None:
             if batch:
                 self._write(batch[0] if len(batch) == 1 else b"".join(batch))
+            if self._eof_wait and not q and not self._closing:
+                self._answered_after_eof()
+                return
             if not q and not self._msg_at and not self._stopped:
                 self._last_active = self._loop.time()
                 self._idle()
@@ -1031,6 +1077,13 @@ class HttpConnection(asyncio.Protocol):
         self._timer = None
         self._timer_at = math.inf
         if self._dead:
+            return
+        if self._eof_wait:  # the answers the client's EOF waited for did not come: what remains is lost
+            self._eof_wait = False
+            self._settle(self._queue)
+            self._queue.clear()
+            if not self._end_after_eof():
+                self._transport.close()
             return
         if self._closing:
             if self._probing:

@@ -1123,3 +1123,50 @@ def test_a_release_of_a_number_that_can_name_no_ticket_is_404_without_asking() -
 
     serve(t, Asking())
     assert asked == [(1 << 53) - 1]
+
+
+class AnswersLater(FakeAdmission):
+    """As an acceptor's Upstream: releases and queries are answered a hop later (next loop turn)."""
+
+    def release_then(self, ticket: int, tokens: int, done: Any) -> None:
+        asyncio.get_running_loop().call_later(0.02, lambda: done(ticket, self.release(ticket)))
+
+    def query(self, what: str, done: Any) -> None:
+        body = json.dumps(self.stats_body).encode()
+        asyncio.get_running_loop().call_later(0.02, lambda: done(body, "application/json"))
+
+
+def test_half_close_waits_for_answers_on_their_way() -> None:
+    """Review 2026-12-05 (F1): in an acceptor a release's and /v1/stats' answers come a hop later, and
+    a client that half-closed right after its requests got none of them (its release applied,
+    unconfirmed); in the distributor's own process they are known before the EOF is read. Now they
+    are written, in order, then the connection closes."""
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(admit("a"))
+        ticket = (await c.response()).json()["ticket"]
+        c.send(post("/v1/release", {"ticket": ticket}) + get("/v1/stats") + get("/healthz"))
+        c.writer.write_eof()
+        answers = [await c.response() for _ in range(3)]
+        assert [(r.status, r.json()) for r in answers[:2]] == [(200, {"released": True}), (200, fake.stats_body)]
+        assert answers[2].status == 200
+        assert await c.closed()
+        assert fake.released == [ticket]
+
+    serve(t, AnswersLater())
+
+
+def test_half_close_does_not_wait_past_a_pending_admission() -> None:
+    """The admission rule stands: its client is gone, it is cancelled; nothing after it can be
+    answered in order, and what is before it still is."""
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(get("/v1/stats") + admit(HOLD) + get("/v1/stats"))
+        await until(lambda: len(fake.admits) == 1)
+        c.writer.write_eof()
+        r = await c.response()
+        assert r.status == 200 and r.json() == fake.stats_body
+        assert await c.closed()
+        await until(lambda: fake.cancels == [1])
+
+    serve(t, AnswersLater())

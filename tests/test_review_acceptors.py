@@ -232,3 +232,32 @@ def test_a_release_of_a_ticket_beyond_64_bits_is_answered_with_acceptors(launch:
         conn.close()
 
     run(body(), timeout=30)
+
+
+def test_a_half_closed_http_connection_gets_the_answers_of_its_requests_with_acceptors(launch: Any) -> None:
+    """Review 2026-12-05 (F1): with acceptors, a client that sent its request and then half-closed
+    (shutdown(SHUT_WR)) got no answer from the distributor (a release, /v1/stats): only the acceptor's
+    own (/healthz). Without acceptors it got them all. Now both."""
+    svc = launch(shards=1, acceptors=1, budget=None)
+
+    async def body() -> None:
+        conn = await HttpConn.open(svc.http_port)
+        r = await conn.request("POST", "/v1/admit", {"flow": "c"}, timeout=5)
+        ticket = r.json()["ticket"]
+        conn.send("POST", "/v1/release", {"ticket": ticket})
+        conn.send("GET", "/v1/stats")
+        conn.send("GET", "/healthz")
+        conn.writer.write_eof()
+        answers = [await conn.response(timeout=5) for _ in range(3)]
+        assert [a.status for a in answers] == [200, 200, 200], answers
+        assert answers[0].json() == {"released": True} and "bands" in answers[1].json()
+        assert await conn.reader.read() == b""  # then closed
+        conn.close()
+        for request in (("POST", "/v1/release", {"ticket": 5}), ("GET", "/metrics", None)):
+            c = await HttpConn.open(svc.http_port)
+            c.send(*request)
+            c.writer.write_eof()
+            assert (await c.response(timeout=5)).status in (404, 200)
+            c.close()
+
+    run(body(), timeout=30)
