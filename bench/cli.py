@@ -126,10 +126,10 @@ def window_note(base: Scenario, scenario: Scenario, warmup_flag: float | None) -
 def _list(text: str, kind: type, name: str) -> list[Any]:
     """Comma-separated positive numbers, each once, in the order given."""
     try:
-        values = [kind(x) for x in text.split(",") if x.strip()]
+        values = [kind(x) for x in text.split(",")]  # (an empty item, as in "1,,2", is not a number)
     except ValueError:
         raise ConfigError(f"{name}: expected comma-separated numbers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
+    if not values or any(not 0 < v < math.inf for v in values):
         raise ConfigError(f"{name}: expected positive numbers, got {text!r}")
     return list(dict.fromkeys(values))
 
@@ -201,10 +201,6 @@ def run_all(args: argparse.Namespace, base: Scenario, records_out: BinaryIO | No
             configs.append(Config("echo", 0, transport, rate))
     if args.runs < 1 or args.procs < 1:
         raise ConfigError("--runs and --procs must be at least 1")
-    for flag, value, low in (("--conns", args.conns, 0), ("--max-conns", args.max_conns, 1),
-                             ("--timer-lead-us", args.timer_lead_us, 0), ("--drain-timeout", args.drain_timeout, 0)):
-        if value is not None and not value >= low:
-            raise ConfigError(f"--{flag[2:]}: {value:g} is not allowed; {low} or more")
     scenarios = {
         rate: adjust(base, rate=rate, concurrency=args.concurrency, duration=args.duration, warmup=args.warmup)
         for rate in rates
@@ -330,9 +326,20 @@ def to_json(result: dict[str, Any], args: argparse.Namespace, command: str) -> b
     return msgspec.json.encode(doc)
 
 
+def check_numbers(args: argparse.Namespace) -> None:
+    """The numeric flags in range (finite, at least their least value), before anything starts."""
+    for flag, value, low in (("--conns", args.conns, 0), ("--max-conns", args.max_conns, 1),
+                             ("--timer-lead-us", args.timer_lead_us, 0), ("--drain-timeout", args.drain_timeout, 0),
+                             ("--wait-quiet", args.wait_quiet, 0), ("--proxy-ttft", args.proxy_ttft, 0),
+                             ("--proxy-itl", args.proxy_itl, 0)):
+        if value is not None and not low <= value < math.inf:
+            raise ConfigError(f"{flag}: {value:g} is not allowed; a number, {low} or more")
+
+
 def main(args: argparse.Namespace, command: str | None = None) -> int:
     """`flowshard bench`: run, print the tables, write JSON and the plot if asked."""
     command = command or "flowshard " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    check_numbers(args)
     base = read_scenario(args.scenario)
     for flag, path in (("--json", args.json), ("--plot", args.plot), ("--records", args.records)):
         folder = Path(path).resolve().parent if path else None
