@@ -96,6 +96,9 @@ class FlowUsage:
         self.finish = 0.0  # its own virtual finish time: its start plus what it was served, per weight
 
 
+_NO_USAGE = FlowUsage()  # what a flow with nothing queued holds, for `Ledger.check` (read only)
+
+
 class LedgerBand:
     """Counts for one band: totals, per flow, per shard, grants outstanding, arrival order."""
 
@@ -241,7 +244,7 @@ class Ledger:
         already being displaced; they are chosen only if together they free enough.
         """
         band = self.bands[p.band]
-        flow = band.flows.get(p.flow) or FlowUsage()
+        flow = band.flows.get(p.flow) or _NO_USAGE  # a flow starting afresh holds nothing (no object made)
         need = shortfall(p.size, flow, band, self, self.max_bytes - self.reserved_bytes,
                          self.max_items - self.reserved_items, band.held, band.flow_held.get(p.flow, NOTHING_HELD))
         if need is None:
@@ -391,7 +394,10 @@ class Ledger:
         arriving later is not taken as covered by them (that would let a lower band go first).
         """
         band = self.bands[p.band]
-        clock = self.clock
+        # Only an uncovered exit can leave more work uncovered: a covered one takes a request and its
+        # live grant together (the shard's items fall by one, its live grants are already counted
+        # down by `grant_answered`), so its uncovered count cannot rise and is not computed.
+        clock = self.clock if not covered else None
         before = band.uncovered(p.shard) if clock is not None else 0
         if not covered:
             band.shard_stale[p.shard] = band.shard_granted[p.shard]
@@ -419,7 +425,9 @@ class Ledger:
         self.queued_bytes -= p.size
         p.state = PendingState.DONE
         if clock is not None:
-            self._rose(band, band.uncovered(p.shard) - before)
+            rise = band.uncovered(p.shard) - before
+            if rise > 0:  # (usually none: a dispatch on its own grant uncovers nothing)
+                self._rose(band, rise)
         newcomer = p.displacer
         if newcomer is not None:
             p.displacer = None
@@ -490,7 +498,8 @@ class Ledger:
             band.granted += 1
             band.shard_granted[shard] += 1
             self.grants_out += 1
-            self.grants_bytes += max(reserve, 0)
+            if reserve > 0:
+                self.grants_bytes += reserve
             self._grants[shard].append((band.index, reserve, charge, saturation))
             out.append((shard, band.index, reserve, saturation))
             if band.fair:
@@ -647,14 +656,18 @@ class Ledger:
         band.granted -= 1
         band.shard_granted[shard] -= 1
         self.grants_out -= 1
-        self.grants_bytes -= max(reserve, 0)
+        if reserve > 0:
+            self.grants_bytes -= reserve
         if dispatched_size is not None:
             self.budget.acquire(dispatched_size)
-            self._need.pop((band_index, shard), None)
+            if self._need:  # (usually empty: no key tuple built per dispatch then)
+                self._need.pop((band_index, shard), None)
         elif need:
             self._need[(band_index, shard)] = need
         if track:
-            self._rose(band, band.uncovered(shard) - before)
+            rise = band.uncovered(shard) - before
+            if rise > 0:
+                self._rose(band, rise)
         if dispatched is not None and dispatched_at and dispatched.band:
             self._to_judge.append((dispatched_at, dispatched.band, saturation))
         return band_index, live
