@@ -296,10 +296,12 @@ class AcceptorLink(asyncio.Protocol):
                 if proxy is not None and proxy.utilization is not None:  # unsent until LinkBackends says
                     self.unsent.add(ticket)
                     proxy.unsent += 1
-        if audit is None:
-            self.send(Result(cid, outcome, ticket, wait, retry_after))
-        else:
-            self.send(Audited(cid, outcome, ticket, wait, retry_after, *audit))
+        # `send`, inline: once per request
+        self._writer.add(Result(cid, outcome, ticket, wait, retry_after) if audit is None
+                         else Audited(cid, outcome, ticket, wait, retry_after, *audit))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
 
     def send(self, message: Any) -> None:
         self._writer.add(message)

@@ -143,6 +143,8 @@ class Distributor:
         self.ledger = Ledger(config, shards)
         self._bands = len(config.bands)
         self._fast_path = config.service.fast_path
+        self._single = shards == 1
+        self._lease = config.service.lease
         if self._bands > 1:  # the exact inversion count (Ledger.close_window) needs the events' times
             self.ledger.clock = time.monotonic_ns
         self._waiting = [0] * self._bands  # what band_waiting in shared memory says (ns since, 0: no)
@@ -214,12 +216,13 @@ class Distributor:
         request_id = self._next_id  # also the arrival sequence number an audit reports
         self._next_id = request_id + 1
         band = self.ledger.band_index(priority)
-        p = Pending(request_id, flow, band, size, owner=(waiter, cid, leased, audit), received=time.monotonic(),
+        now = time.monotonic()
+        p = Pending(request_id, flow, band, size, owner=(waiter, cid, leased, audit), received=now,
                     tokens=tokens, weight=weight)
         p.payload = (priority, ttl, slo, tokens, weight)
         self.pending[request_id] = p
         if self._accepting:
-            self._admit(p)
+            self._admit(p, now)
         else:
             self._finish(p, Outcome.REJECTED_SHUTTING_DOWN, 0.0)
         return request_id
@@ -246,10 +249,19 @@ class Distributor:
             self.ledger.correct(held.priority, held.shard, float(tokens - held.cost), held.flow)
         if held.deadline != math.inf:
             self._leases.pop(ticket, None)
-        self._disown(held)
+            self._disown(held)
+        else:  # binary or proxied (the common case, inline: `_disown` without its lease branch)
+            owned = self._owned.get(held.owner)
+            if owned is not None:
+                owned.discard(ticket)
+                if not owned:
+                    del self._owned[held.owner]
         self.ledger.release(held.size)
         self.counters["tickets_released"] += 1
-        self._schedule_plan()
+        self._plan_needed = True  # (`_schedule_plan`, inline: once per request)
+        if not self._pass_scheduled and self._loop is not None:
+            self._pass_scheduled = True
+            self._loop.call_soon(self._end_pass)
         return True
 
     def release_then(self, ticket: int, tokens: int, done: Callable[[int, bool], None]) -> None:
@@ -302,6 +314,7 @@ class Distributor:
             unconfirmed = getattr(held.owner, "unconfirmed", None)  # (distributor.acceptors)
             if unconfirmed is not None:
                 unconfirmed.discard(held.id)
+            return  # (a leased ticket is never in `_owned`: `_finish` files only the others there)
         owned = self._owned.get(held.owner)
         if owned is not None:
             owned.discard(held.id)
@@ -320,7 +333,8 @@ class Distributor:
 
     # ------------------------------------------------------------------ admission internals
 
-    def _admit(self, p: Pending) -> None:
+    def _admit(self, p: Pending, now: float) -> None:
+        """`now`: the clock read with the admission (one read per request, not one per step)."""
         ledger = self.ledger
         if self._stopping:
             self._finish(p, Outcome.REJECTED_SHUTTING_DOWN, 0.0)
@@ -341,23 +355,25 @@ class Distributor:
                 self._send(victim.shard, Cancel(victim.id, Outcome.EVICTED_DISPLACED))
             ttl = p.payload[1] or self.config.default_ttl
             if ttl and self._loop is not None:  # parked: its TTL runs here, not on a shard
-                delay = max(0.0, p.received + ttl - time.monotonic())
+                delay = max(0.0, p.received + ttl - now)
                 self._parked_ttl[p.id] = self._loop.call_later(delay, self._parked_expired, p)
         else:
-            self._route(p)
+            self._route(p, now)
 
-    def _route(self, p: Pending) -> None:
+    def _route(self, p: Pending, now: float) -> None:
         shm = self.shm
         assert shm is not None
-        now = time.monotonic()
         slot = self.slots.slot(p.flow, now)
         # Flow affinity keeps a backlogged flow on one shard (its order is that shard's to keep); the
         # shard is live: a dead shard's requests are all ended, so no flow is left pointing at it.
-        single = self.n_shards == 1  # one shard: no choice to make, nothing read from shared memory
+        single = self._single  # one shard: no choice to make, nothing read from shared memory
         shard = -1 if single else self.ledger.affine_shard(p)
         if shard < 0:  # the flow starts afresh: JSQ-Bytes over the shared-memory counters
-            self._rr += 1
-            shard = 0 if single else shm.jsq_pick(slot, self._rr)
+            if single:
+                shard = 0
+            else:
+                self._rr += 1
+                shard = shm.jsq_pick(slot, self._rr)
             if not self.shards[shard].ready:
                 live = [s.index for s in self.shards if s.ready]
                 if not live:
@@ -374,8 +390,13 @@ class Distributor:
         priority, ttl, slo, tokens, weight = p.payload
         # TTL and SLO deadlines run from the arrival here: the shard gets the receive time, so the
         # gaps between arrivals survive the hop and equal TTLs keep arrival order under edf.
-        self._send(shard, Enqueue(p.id, p.flow, slot, priority, p.size, ttl, slo, tokens, weight, p.received))
-        self._schedule_plan()
+        s = self.shards[shard]  # `_send` and `_schedule_plan`, inline: once per queued request
+        s.writer.add(Enqueue(p.id, p.flow, slot, priority, p.size, ttl, slo, tokens, weight, p.received))
+        s.frames_to += 1
+        self._plan_needed = True
+        if not self._pass_scheduled and self._loop is not None:
+            self._pass_scheduled = True
+            self._loop.call_soon(self._end_pass)
 
     def _finish(
         self, p: Pending, outcome: Outcome, wait: float, *, counted_by_shard: bool = False, at: float = 0.0,
@@ -406,8 +427,12 @@ class Distributor:
         ticket = 0
         retry_after = 0
         if outcome == _DISPATCHED:
-            ticket = self._new_ticket()
-            deadline = time.monotonic() + self.config.service.lease if leased else math.inf
+            # `_new_ticket`'s common case, inline (a pooled random word, not taken): once per dispatch
+            pool = self._random
+            ticket = pool.pop() & _TICKET_MASK if pool else 0
+            if not ticket or ticket in self.tickets:
+                ticket = self._new_ticket()
+            deadline = time.monotonic() + self._lease if leased else math.inf
             self.tickets[ticket] = Ticket(ticket, p.size, waiter, deadline, p.shard, p.flow, p.payload[0],
                                           p.tokens or p.size)
             if leased:  # HTTP: held until released or the lease ends, whatever becomes of the connection
@@ -493,11 +518,12 @@ class Distributor:
             self._finish(p, Outcome.EVICTED_CANCELLED, 0.0)
             return
         ttl = p.payload[1] or self.config.default_ttl
-        waited = time.monotonic() - p.received
+        now = time.monotonic()
+        waited = now - p.received
         if ttl and waited >= ttl:
             self._finish(p, Outcome.EVICTED_TTL, waited)
         else:
-            self._admit(p)
+            self._admit(p, now)
 
     def _on_hello(self, shard: int, hello: Hello) -> None:
         s = self.shards[shard]
