@@ -57,6 +57,7 @@ from flowshard.types import N_OUTCOMES, OUTCOMES, Outcome
 from flowshard.validate import MAX_TICKET
 
 _DISPATCHED = Outcome.DISPATCHED
+_DONE = PendingState.DONE  # (a module global: an enum class attribute costs ~75 ns a read on 3.11)
 log = logging.getLogger(__name__)
 WORKER_START_TIMEOUT = 30.0
 SPAWN_RETRY_MIN = 0.1  # a failed worker start is retried after this, doubling up to SPAWN_RETRY_MAX
@@ -408,7 +409,7 @@ class Distributor:
         `at`: the shard's time of the outcome, when a shard decided it.
         """
         del self.pending[p.id]
-        p.state = PendingState.DONE
+        p.state = _DONE
         shm = self.shm
         if shm is not None and not counted_by_shard:
             writer = self.n_shards

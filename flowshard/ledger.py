@@ -61,6 +61,12 @@ class PendingState(enum.IntEnum):
     DONE = 3
 
 
+# The members the hot path sets, as plain names: on Python 3.11 `PendingState.QUEUED` goes through the
+# enum class's attribute lookup, ~75 ns a read against ~9 for a module global (timeit), 2-3 per request.
+_QUEUED = PendingState.QUEUED
+_DONE = PendingState.DONE
+
+
 class Pending(msgspec.Struct, gc=False):
     """A request the distributor is answerable for, from admission to its final outcome."""
 
@@ -330,7 +336,7 @@ class Ledger:
         return used < budget.max_requests and (used_bytes + p.size <= budget.max_bytes or used == 0)
 
     def dispatched_directly(self, p: Pending) -> None:
-        p.state = PendingState.DONE
+        p.state = _DONE
         self.budget.acquire(p.size)
 
     def affine_shard(self, p: Pending) -> int:
@@ -346,7 +352,7 @@ class Ledger:
     def enqueue(self, p: Pending, shard: int) -> None:
         """`p` is being sent to `shard`; from now on it counts as queued there."""
         p.shard = shard
-        p.state = PendingState.QUEUED
+        p.state = _QUEUED
         band = self.bands[p.band]
         flow = band.flows.get(p.flow)
         if flow is None:
@@ -369,15 +375,16 @@ class Ledger:
                 flow.weight = p.weight
             p.cost = cost = band.cost(p)
             band.shard_cost[shard] += cost
+        size = p.size
         flow.queued_items += 1
-        flow.queued_bytes += p.size
+        flow.queued_bytes += size
         band.order[p.id] = p
         band.queued_items += 1
-        band.queued_bytes += p.size
+        band.queued_bytes += size
         band.shard_items[shard] += 1
-        band.shard_bytes[shard] += p.size
+        band.shard_bytes[shard] += size
         self.queued_items += 1
-        self.queued_bytes += p.size
+        self.queued_bytes += size
         clock = self.clock
         if (
             clock is not None and band.index < self._lowest
@@ -394,38 +401,39 @@ class Ledger:
         arriving later is not taken as covered by them (that would let a lower band go first).
         """
         band = self.bands[p.band]
+        shard, size = p.shard, p.size  # (read once: each is used up to 8 times below)
         # Only an uncovered exit can leave more work uncovered: a covered one takes a request and its
         # live grant together (the shard's items fall by one, its live grants are already counted
         # down by `grant_answered`), so its uncovered count cannot rise and is not computed.
         clock = self.clock if not covered else None
-        before = band.uncovered(p.shard) if clock is not None else 0
+        before = band.uncovered(shard) if clock is not None else 0
         if not covered:
-            band.shard_stale[p.shard] = band.shard_granted[p.shard]
-            self._need.pop((p.band, p.shard), None)
+            band.shard_stale[shard] = band.shard_granted[shard]
+            self._need.pop((p.band, shard), None)
         flow = band.flows[p.flow]
         flow.queued_items -= 1
-        flow.queued_bytes -= p.size
+        flow.queued_bytes -= size
         if band.fair:
-            band.shard_cost[p.shard] -= p.cost
+            band.shard_cost[shard] -= p.cost
             if not flow.queued_items:  # it takes its finish time, so its service with it
-                if band.shard_weight[p.shard] - flow.weight < 1e-9:  # no flow left there (and no float dust)
-                    band.shard_weight[p.shard] = band.shard_tags[p.shard] = 0.0
+                if band.shard_weight[shard] - flow.weight < 1e-9:  # no flow left there (and no float dust)
+                    band.shard_weight[shard] = band.shard_tags[shard] = 0.0
                 else:
-                    self._reweigh(band, p.shard, -flow.weight, -flow.weight * flow.finish)
+                    self._reweigh(band, shard, -flow.weight, -flow.weight * flow.finish)
         if not flow.queued_items:
             del band.flows[p.flow]
             if band.fair and flow.finish > band.vclock:
                 self._remember(band, p.flow, flow.finish)
         del band.order[p.id]
         band.queued_items -= 1
-        band.queued_bytes -= p.size
-        band.shard_items[p.shard] -= 1
-        band.shard_bytes[p.shard] -= p.size
+        band.queued_bytes -= size
+        band.shard_items[shard] -= 1
+        band.shard_bytes[shard] -= size
         self.queued_items -= 1
-        self.queued_bytes -= p.size
-        p.state = PendingState.DONE
+        self.queued_bytes -= size
+        p.state = _DONE
         if clock is not None:
-            rise = band.uncovered(p.shard) - before
+            rise = band.uncovered(shard) - before
             if rise > 0:  # (usually none: a dispatch on its own grant uncovers nothing)
                 self._rose(band, rise)
         newcomer = p.displacer
