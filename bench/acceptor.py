@@ -25,10 +25,10 @@ import cProfile
 import gc
 import pstats
 import time
-from typing import Any
 
 import uvloop
 
+from bench.inproc import MemoryTransport
 from distributor.front import Upstream
 from distributor.guards import Guards
 from distributor.http import HttpConnection, HttpHub, HttpLimits
@@ -51,39 +51,7 @@ class _Clock:
     spent = 0.0
 
 
-class _Transport:
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def set_write_buffer_limits(self, high: int) -> None:
-        pass
-
-    def is_closing(self) -> bool:
-        return False
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-
-class _Distributor(_Transport):
+class _Distributor(MemoryTransport):
     """The link's far end: answers every admission (dispatched) and release (ok) in the next pass."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, clock: _Clock) -> None:
@@ -155,7 +123,7 @@ class _Load:
             self.done.set_result(None)
 
 
-class _Client(_Transport):
+class _Client(MemoryTransport):
     """One admission connection: admit, and again as soon as the answer came (in the next pass)."""
 
     def __init__(self, load: _Load, flow: str, releaser: _Releaser) -> None:
@@ -187,7 +155,7 @@ class _Client(_Transport):
         self.load.clock.spent += time.thread_time() - t
 
 
-class _Releaser(_Transport):
+class _Releaser(MemoryTransport):
     """A release connection: a pass's releases in one send, pipelined."""
 
     def __init__(self, load: _Load) -> None:

@@ -105,9 +105,9 @@ class _Tally:
                 "outside_us": 1e6 * outside.spent / n}
 
 
-class _Transport:
+class MemoryTransport:
     """What the protocols call on a transport besides `write`: nothing to do in memory (never full,
-    never closing)."""
+    never closing). Shared by the in-process benchmarks and tests."""
 
     def get_write_buffer_size(self) -> int:
         return 0
@@ -124,6 +124,12 @@ class _Transport:
     def resume_reading(self) -> None:
         pass
 
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -134,7 +140,7 @@ class _Transport:
         return default
 
 
-class _ToWorker(_Transport):
+class _ToWorker(MemoryTransport):
     """The distributor's end of a shard's socket pair: what is written arrives at the worker in the next
     loop pass (one read, as over a socket pair)."""
 
@@ -150,7 +156,7 @@ class _ToWorker(_Transport):
         self.clock.spent += time.thread_time() - t
 
 
-class _ToDistributor(_Transport):
+class _ToDistributor(MemoryTransport):
     """The worker's end: its frames arrive at the distributor's WorkerLink in the next pass."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -162,7 +168,7 @@ class _ToDistributor(_Transport):
             self.loop.call_soon(self.link.data_received, data)
 
 
-class _Client(_Transport):
+class _Client(MemoryTransport):
     """Closed-loop clients on one binary connection: each Result releases its ticket and admits the next
     request (in the next pass, as a client would). Its own work is timed apart."""
 
@@ -254,7 +260,7 @@ class _Client(_Transport):
         self.conn.data_received(self.writer.take())
 
 
-class _HttpClient(_Transport):
+class _HttpClient(MemoryTransport):
     """One closed-loop client on its own keep-alive HTTP connection (the connection's transport):
     admit, release the ticket, admit again. Its own parsing is timed apart."""
 

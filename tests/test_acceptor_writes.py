@@ -15,6 +15,7 @@ from typing import Any
 
 import uvloop
 
+from bench.inproc import MemoryTransport
 from distributor.front import Upstream
 from distributor.guards import Guards
 from distributor.http import HttpHub, HttpLimits
@@ -22,7 +23,7 @@ from flowshard.codec import BatchReader, BatchWriter, FromAcceptor, LinkAdmit, L
 from flowshard.types import Outcome
 
 
-class _Recorder:
+class _Recorder(MemoryTransport):
     """A transport that keeps every write (the client's socket, or the acceptor's link)."""
 
     def __init__(self, link: bool = False) -> None:
@@ -34,36 +35,6 @@ class _Recorder:
         self.writes.append(data)
         if self._reader is not None:
             self.got += self._reader.feed(data)
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def set_write_buffer_limits(self, high: int) -> None:
-        pass
-
-    def is_closing(self) -> bool:
-        return False
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
 
 
 def _post(path: bytes, body: bytes) -> bytes:
