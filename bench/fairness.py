@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -43,8 +44,21 @@ from flowshard.analysis import (
 from flowshard.reference import FlowRef
 from flowshard.simulate import UNITS
 
-__all__ = ["UNITS", "apparent_inversions", "blocked_by_higher", "busy", "fair_shares", "offered_segments", "overtaken",
-           "pairwise_difference", "round_trips", "service_difference", "slot_holds", "window_demands"]
+__all__ = [
+    "UNITS",
+    "apparent_inversions",
+    "backlogs_and_service",
+    "blocked_by_higher",
+    "busy",
+    "fair_shares",
+    "offered_segments",
+    "overtaken",
+    "pairwise_difference",
+    "round_trips",
+    "service_difference",
+    "slot_holds",
+    "window_demands",
+]
 
 _DISPATCHED = 0
 _REJECTED = (1, 2)
@@ -306,17 +320,28 @@ def pairwise_difference(log: dict[str, np.ndarray], flows: np.ndarray, weights: 
     dispatched = log["outcome"][mask] == _DISPATCHED
     at = np.where(viewed & dispatched & np.isfinite(log["s_disp"][mask]), log["s_disp"][mask], log["done"][mask])
     amount = units(unit, log["size"][mask], log["tokens"][mask])
+    backlog, served = backlogs_and_service(flow, start, at, dispatched, amount, weights, window)
+    return pairwise_service_difference(backlog, served)
+
+
+def backlogs_and_service(
+    flow: np.ndarray, start: np.ndarray, at: np.ndarray, dispatched: np.ndarray, amount: np.ndarray,
+    weights: dict[Any, float], window: tuple[float, float],
+) -> tuple[dict[Any, tuple[np.ndarray, np.ndarray]], dict[Any, tuple[np.ndarray, np.ndarray]]]:
+    """Per flow, within `window`: the intervals it was backlogged (a request from `start` to `at`, its
+    dispatch or end) and its weighted service (dispatch times, amounts): what
+    `flowshard.analysis.pairwise_service_difference` takes. Shared with `bench.servicediff`."""
     lo, hi = window
-    backlog: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    served: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for f in np.unique(flow).tolist():
+    backlog: dict[Any, tuple[np.ndarray, np.ndarray]] = {}
+    served: dict[Any, tuple[np.ndarray, np.ndarray]] = {}
+    for f in sorted(set(flow.tolist())):
         mine = flow == f
         s, e = np.maximum(start[mine], lo), np.minimum(at[mine], hi)
         keep = s <= e
         backlog[f] = union_intervals(s[keep], e[keep])
         d = mine & dispatched & (at >= lo) & (at <= hi)
         served[f] = (at[d], amount[d] / weights.get(f, 1.0))
-    return pairwise_service_difference(backlog, served)
+    return backlog, served
 
 
 def round_trips(log: dict[str, np.ndarray], n_flows: int) -> list[float]:

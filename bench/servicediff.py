@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from bench.fairness import units
+from bench.fairness import backlogs_and_service, units
 from flowshard import records
-from flowshard.analysis import MAX_PAIRED_FLOWS, pairwise_service_difference, union_intervals
+from flowshard.analysis import MAX_PAIRED_FLOWS, pairwise_service_difference
 from flowshard.simulate import UNITS, read_scenario
 
 
@@ -102,14 +102,7 @@ def breakdown(rows: Sequence[dict[str, Any]], *, unit_of: dict[str, str] | None 
         d_at = np.sort(at[disp & (at >= lo) & (at <= hi)])
         cut = np.diff(d_at) >= burst_gap
         starts, ends = d_at[np.insert(cut, 0, True)], d_at[np.append(cut, True)]
-        backlog, served = {}, {}
-        for f in sorted(set(flow.tolist())):
-            m = flow == f
-            s, e = np.maximum(start[m], lo), np.minimum(at[m], hi)
-            keep = s <= e
-            backlog[f] = union_intervals(s[keep], e[keep])
-            d = m & disp & (at >= lo) & (at <= hi)
-            served[f] = (at[d], amount[d] / weights.get(f, 1.0))
+        backlog, served = backlogs_and_service(flow, start, at, disp, amount, weights, (lo, hi))
         pairs: dict[str, dict[str, float]] = {}
         names = sorted(backlog)
         for i, f in enumerate(names):
