@@ -572,6 +572,10 @@ class HttpConnection(asyncio.Protocol):
             head, status, reason = _REFUSALS[outcome]
             body = _encode(_Refused(status, reason, int(wait * 1e6) / 1000.0, retry_after, extra))
             slot.data = _render(head, body, slot.conn, b"retry-after: %d\r\n" % retry_after)
+        self._filled(slot)
+
+    def _filled(self, slot: _Slot) -> None:
+        """`slot` has its response: write it if it heads the queue."""
         if self._closing or self._transport.is_closing():  # is_closing: uvloop dropped it on a read error
             self._closing = True  # the slot stays queued, unwritten: connection_lost settles it
         elif self._queue[0] is slot:
@@ -742,10 +746,7 @@ class HttpConnection(asyncio.Protocol):
         if problem is not None:
             self._respond(_error(422, problem, conn), close)
             return
-        slot = _Slot(conn, close)
-        if close:
-            self._stopped = True
-        self._queue.append(slot)
+        slot = self._open(conn, close)
         try:
             slot.rid = self._admission.admit(
                 self, slot, a.flow, a.priority, a.bytes, a.ttl, a.slo, a.tokens, a.weight, True, a.audit,
@@ -770,10 +771,7 @@ class HttpConnection(asyncio.Protocol):
         if not 0 < r.ticket <= MAX_TICKET:  # names no ticket (and an acceptor's link carries 64 bits only)
             self._respond(_error(404, f"ticket {r.ticket} is unknown or already released", conn), close)
             return
-        slot = _Slot(conn, close)
-        if close:
-            self._stopped = True
-        self._queue.append(slot)
+        slot = self._open(conn, close)
 
         def answered(ticket: int, ok: bool) -> None:
             if self._dead or slot.data is not None:
@@ -782,10 +780,7 @@ class HttpConnection(asyncio.Protocol):
                 slot.data = _RELEASED.get(conn) or _render(_H200, b'{"released":true}', conn)
             else:
                 slot.data = _error(404, f"ticket {ticket} is unknown or already released", conn)
-            if self._closing or self._transport.is_closing():
-                self._closing = True  # the slot stays queued, unwritten: connection_lost settles it
-            elif self._queue[0] is slot:
-                self._flush_ready()
+            self._filled(slot)
 
         try:
             self._admission.release_then(r.ticket, -1 if r.tokens is None else r.tokens, answered)
@@ -841,8 +836,13 @@ class HttpConnection(asyncio.Protocol):
 
     def slot_open(self, conn: bytes, close: int) -> _Slot:
         """A place in the response order for a proxied request, answered later through the slot_* calls."""
-        slot = _Slot(conn, close)
+        slot = self._open(conn, close)
         slot.chunks = []
+        return slot
+
+    def _open(self, conn: bytes, close: int) -> _Slot:
+        """A place in the response order for the request just parsed, its answer to come later."""
+        slot = _Slot(conn, close)
         if close:
             self._stopped = True
         self._queue.append(slot)
@@ -891,10 +891,7 @@ class HttpConnection(asyncio.Protocol):
         chunks = slot.chunks
         slot.data = b"".join(chunks) + tail if chunks else tail
         slot.chunks = None
-        if self._closing or self._transport.is_closing():
-            self._closing = True
-        elif self._queue[0] is slot:
-            self._flush_ready()
+        self._filled(slot)
 
     # ------------------------------------------------------------------ response queue
 
