@@ -209,6 +209,11 @@ class AcceptorLink(asyncio.Protocol):
 
     def _proxied_released(self, ticket: int) -> None:
         self.proxied.discard(ticket)
+        self._proxied_sent(ticket)
+
+    def _proxied_sent(self, ticket: int) -> None:
+        """Its proxy sent this dispatch to a backend (or released it): the detector no longer counts
+        it as dispatched but not yet sent."""
         if ticket in self.unsent:
             self.unsent.discard(ticket)
             self.service.proxy.unsent -= 1
@@ -228,11 +233,8 @@ class AcceptorLink(asyncio.Protocol):
                 util.loads[b].sent += sent
                 util.loads[b].finished += finished
                 opened[b] += sent - finished
-        unsent = self.unsent
         for ticket in msg.marked:
-            if ticket in unsent:
-                unsent.discard(ticket)
-                proxy.unsent -= 1
+            self._proxied_sent(ticket)
 
     def _proxied_lost(self) -> None:
         """Its process is gone: its requests in flight to the backends are over (their connections

@@ -158,15 +158,9 @@ class Upstream(asyncio.Protocol):
             if kind is Result or kind is Audited:
                 self._answered(msg)
             elif kind is Error:  # the distributor failed on this admission (a bug): the front says 500
-                entry = self._admissions.pop(msg.id, None)
-                fail = getattr(entry[0], "fail", None) if entry is not None else None
-                if entry is not None and fail is not None:  # the fronts' connections have `fail(cid, message)`
-                    fail(entry[1], msg.message)
+                self._fail_admission(msg.id, msg.message)
             elif kind is LinkReleased:
-                waiting = self._releases.pop(msg.key, None)
-                if waiting is not None:
-                    ticket, done = waiting
-                    done(ticket, msg.ok)
+                self._answer_release(msg.key, msg.ok)
             elif kind is LinkAnswer:
                 answer = self._queries.pop(msg.key, None)
                 if answer is not None:
@@ -201,15 +195,21 @@ class Upstream(asyncio.Protocol):
         log_drop(message, problem)
         kind = type(message)
         if kind is LinkAdmit:
-            entry = self._admissions.pop(message.key, None)
-            fail = getattr(entry[0], "fail", None) if entry is not None else None
-            if entry is not None and fail is not None:
-                fail(entry[1], f"internal error: the request could not be forwarded ({problem})")
+            self._fail_admission(message.key, f"internal error: the request could not be forwarded ({problem})")
         elif kind is LinkRelease and message.key:
-            waiting = self._releases.pop(message.key, None)
-            if waiting is not None:
-                ticket, done = waiting
-                done(ticket, False)
+            self._answer_release(message.key, False)
+
+    def _fail_admission(self, key: int, message: str) -> None:
+        entry = self._admissions.pop(key, None)
+        fail = getattr(entry[0], "fail", None) if entry is not None else None
+        if entry is not None and fail is not None:  # the fronts' connections have `fail(cid, message)`
+            fail(entry[1], message)
+
+    def _answer_release(self, key: int, ok: bool) -> None:
+        waiting = self._releases.pop(key, None)
+        if waiting is not None:
+            ticket, done = waiting
+            done(ticket, ok)
 
     def send(self, message: Any) -> None:
         self._writer.add(message)
