@@ -21,14 +21,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import cProfile
 import gc
-import pstats
 import time
 
-import uvloop
-
-from bench.inproc import MemoryTransport
+from bench.inproc import MemoryTransport, run_once
 from distributor.front import Upstream
 from distributor.guards import Guards
 from distributor.http import HttpConnection, HttpHub, HttpLimits
@@ -225,15 +221,7 @@ async def _run(requests: int, clients: int, releasers: int) -> dict[str, float]:
 
 
 def measure(requests: int = 200_000, clients: int = 64, releasers: int = 2, profile: bool = False) -> dict[str, float]:
-    profiler = cProfile.Profile() if profile else None
-    if profiler is not None:
-        profiler.enable()
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        result = runner.run(_run(requests, clients, releasers))
-    if profiler is not None:
-        profiler.disable()
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
-    return result
+    return run_once(_run(requests, clients, releasers), profile)
 
 
 def main(argv: list[str] | None = None) -> int:

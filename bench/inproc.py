@@ -41,6 +41,7 @@ import pstats
 import random
 import sys
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 import uvloop
@@ -396,12 +397,18 @@ def measure(shards: int, requests: int = 200_000, clients: int = 64, flows: int 
             budget: int | None = None, fairness: str = "round-robin", spread: bool = False,
             ) -> dict[str, float]:
     """Run the closed loop once; the distributor's µs per dispatched request (and the rest's)."""
+    return run_once(_run(shards, requests, clients, flows, bands, link, http, leased, budget, fairness, spread),
+                    profile)
+
+
+def run_once(run: Coroutine[Any, Any, dict[str, float]], profile: bool) -> dict[str, float]:
+    """Run one closed loop on a fresh uvloop loop; with `profile`, under cProfile, its 30 costliest
+    functions printed. (`bench.acceptor` runs its loops this way too.)"""
     profiler = cProfile.Profile() if profile else None
     if profiler is not None:
         profiler.enable()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        result = runner.run(_run(shards, requests, clients, flows, bands, link, http, leased, budget, fairness,
-                                 spread))
+        result = runner.run(run)
     if profiler is not None:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
