@@ -678,8 +678,7 @@ class Distributor:
             self._send(shard, Grant(*block))
         woken = self._woken
         if len(woken) > 1:  # least left waiting first, then in plan order (a stable sort keeps it)
-            bands = self.ledger.bands
-            woken.sort(key=lambda n: sum(band.uncovered(n) for band in bands))
+            woken.sort(key=self.ledger.uncovered)
 
     def _send(self, shard: int, message: Any) -> None:
         s = self.shards[shard]

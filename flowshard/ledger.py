@@ -339,6 +339,11 @@ class Ledger:
         p.state = _DONE
         self.budget.acquire(p.size)
 
+    def uncovered(self, shard: int) -> int:
+        """The requests on `shard`, over all bands, that no live grant covers: a pass writes its granted
+        shards least first (`Distributor._flush`, and the N-shard simulation's `blocks`)."""
+        return sum(band.uncovered(shard) for band in self.bands)
+
     def affine_shard(self, p: Pending) -> int:
         """The shard `p` must go to so its flow is served in order, or -1 if any shard will do.
 

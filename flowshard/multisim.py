@@ -128,8 +128,7 @@ class ShardedService:
         for grant in grants:
             per.setdefault(grant[0], []).append(grant)
         order = list(per)  # first-grant (plan) order; a stable sort keeps it among ties
-        bands = self.ledger.bands
-        order.sort(key=lambda n: sum(band.uncovered(n) for band in bands))
+        order.sort(key=self.ledger.uncovered)
         return [grant for n in order for grant in per[n]]
 
     def release(self, item: Item, actual: int | None = None) -> None:
