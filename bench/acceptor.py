@@ -83,7 +83,7 @@ class _Distributor(MemoryTransport):
 
 def _responses(buf: bytearray) -> list[bytes]:
     """The complete responses' bodies in `buf` (removed from it)."""
-    out = []
+    out: list[bytes] = []
     while True:
         end = buf.find(b"\r\n\r\n")
         if end < 0:

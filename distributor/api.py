@@ -109,12 +109,6 @@ class Admission(Protocol):
     def release_all(self, waiter: Waiter) -> int:
         """The connection closed: release every ticket it holds (binary protocol)."""
 
-    def stats(self) -> dict[str, Any]:
-        """The JSON snapshot for `GET /v1/stats`."""
-
-    def metrics(self) -> tuple[bytes, str]:
-        """(body, content type) for `GET /metrics`."""
-
     @property
     def ready(self) -> bool:
         """All shards are up and the service accepts work (`GET /readyz`)."""

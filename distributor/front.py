@@ -237,8 +237,7 @@ class Upstream(asyncio.Protocol):
         waiter, cid, leased = entry
         audit = None
         if type(msg) is Audited:
-            m = cast(Audited, msg)
-            audit = Audit(m.seq, m.shard, m.received, m.enqueued, m.dispatched, m.decided)
+            audit = Audit(msg.seq, msg.shard, msg.received, msg.enqueued, msg.dispatched, msg.decided)
         if msg.ticket and not leased:
             owned = self._owned.get(waiter)
             if owned is None:

@@ -76,7 +76,7 @@ class ShardWorker(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         self.writer.add(Hello(self.shard, os.getpid()))
-        transport.write(self.writer.take())
+        self.transport.write(self.writer.take())
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.finished.done():
