@@ -161,6 +161,7 @@ class Distributor:
         self._next_id = 1
         self._random = array.array("Q")  # pooled random words for tickets (from the OS's CSPRNG)
         self._rr = 0
+        self._jsq_slack = config.service.jsq_slack_bytes
         self._pass_scheduled = False
         self._plan_needed = False
         self._woken: list[int] = []  # this pass's granted shards, in the order to write them (_flush)
@@ -374,7 +375,7 @@ class Distributor:
                 shard = 0
             else:
                 self._rr += 1
-                shard = shm.jsq_pick(slot, self._rr)
+                shard = shm.jsq_pick(slot, self._rr, self._jsq_slack)
             if not self.shards[shard].ready:
                 live = [s.index for s in self.shards if s.ready]
                 if not live:

@@ -58,6 +58,7 @@ class ShardedService:
         self.bands = self.engines[0].bands  # band configs, as `Engine.bands` (counts: see `engines`)
         self.budget: Budget = ledger.budget
         self.fast_path = config.service.fast_path
+        self._jsq_slack = config.service.jsq_slack_bytes
         self.ceilings = [b.ceiling for b in config.bands]
         self.default_ttl = config.default_ttl
         self.blocks = blocks
@@ -220,8 +221,8 @@ class ShardedService:
         self.engines[shard].submit(cast(Request, p.payload), now, p.received)
 
     def _jsq_pick(self, flow: str) -> int:
-        """JSQ-Bytes as `ShmStats.jsq_pick`: fewest queued bytes of this flow, then of the shard, then
-        round robin over the tied shards."""
+        """JSQ-Bytes as `ShmStats.jsq_pick`: fewest queued bytes of this flow, then of the shard (within
+        the slack: the lowest-numbered), then round robin over the tied shards."""
         queued = self._flow_bytes.get(flow)
         if queued is None:
             tied = list(range(self.n))
@@ -230,6 +231,8 @@ class ShardedService:
             tied = [s for s, v in enumerate(queued) if v == best]
         if len(tied) > 1:
             low = min(self._shard_bytes[s] for s in tied)
+            if self._jsq_slack:  # the lowest-numbered within the slack of the least loaded
+                return next(s for s in tied if self._shard_bytes[s] <= low + self._jsq_slack)
             tied = [s for s in tied if self._shard_bytes[s] == low]
         return tied[self._rr % len(tied)]
 

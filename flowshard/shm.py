@@ -458,13 +458,16 @@ class ShmStats:
             and np.array_equal(self.enq_bytes[slot], self.deq_bytes[slot])
         )
 
-    def jsq_pick(self, slot: int, rr_counter: int) -> int:
+    def jsq_pick(self, slot: int, rr_counter: int, slack: int = 0) -> int:
         """JSQ-Bytes: the shard holding the fewest queued bytes of flow ``slot``.
 
         Ties: the tied shard with the fewest total queued bytes (all flows and bands: the per-shard
         totals, written with the band table, so a pick reads 2N cells instead of 2BN); still tied:
         ``sorted(tied)[rr_counter % len(tied)]``, so a caller that increments the counter on every pick
-        spreads new flows round robin. In-transit requests count as queued.
+        spreads new flows round robin. With ``slack`` > 0 (`ServiceConfig.jsq_slack_bytes`) the
+        second step is instead the lowest-numbered tied shard whose total is within ``slack`` bytes of
+        the least: light load packs onto few shards, and no shard holds more than ``slack`` bytes
+        above the least loaded one when it gets a new flow. In-transit requests count as queued.
         Pure Python over the memoryview: for the handful of shards in a process this beats numpy's
         per-call overhead (measured).
         """
@@ -488,6 +491,12 @@ class ShmStats:
                 return tied[0]
         e, d = self._w_senq, self._w_sdeq
         enq, deq = q[e : e + n].tolist(), q[d : d + n].tolist()
+        if slack:  # the lowest-numbered shard within `slack` bytes of the least loaded
+            totals = [enq[s] - deq[s] for s in tied]
+            bound = min(totals) + slack
+            for s, t in zip(tied, totals, strict=True):
+                if t <= bound:
+                    return s
         low_tied: list[int] = []
         low = 0
         for s in tied:

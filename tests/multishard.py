@@ -411,7 +411,8 @@ class Model:
         self._send(shard, Enqueue(p.id, p.flow, 0, priority, p.size, ttl, 0.0, 0, 0.0))
 
     def jsq_pick(self, flow: str) -> int:
-        """JSQ-Bytes as in shm.jsq_pick: fewest queued bytes of the flow, then fewest in total, then RR."""
+        """JSQ-Bytes as in shm.jsq_pick: fewest queued bytes of the flow, then fewest in total (with a
+        slack: the lowest-numbered within it of the least), then RR."""
         self.rr += 1
         queued = [self.jsq_queued[(flow, n)] for n in range(self.n)]
         best = min(queued)
@@ -419,6 +420,9 @@ class Model:
         if len(tied) > 1:
             totals = {n: sum(v for (_, m), v in self.jsq_queued.items() if m == n) for n in tied}
             low = min(totals.values())
+            slack = self.config.service.jsq_slack_bytes
+            if slack:
+                return min(n for n in tied if totals[n] <= low + slack)
             tied = [n for n in tied if totals[n] == low]
         return sorted(tied)[self.rr % len(tied)]
 

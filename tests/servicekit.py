@@ -422,7 +422,7 @@ def config_text(
     lines.append("[budget]")
     lines.append(f"max_inflight_requests = {value(budget if budget is not None else 'unlimited')}")
     lines.append(f"max_inflight_bytes = {value(budget_bytes if budget_bytes is not None else 'unlimited')}")
-    svc = {"drain_timeout": 1.0}
+    svc: dict[str, Any] = {"drain_timeout": 1.0, "jsq_slack_bytes": 0}  # exact JSQ-Bytes: flows spread over shards
     svc.update(service or {})
     lines.append("[service]")
     lines += [f"{k} = {value(v)}" for k, v in svc.items()]

@@ -44,7 +44,7 @@ class Rig:
         config = Config(
             bands=[BandConfig(priority=HIGH, name="high"), BandConfig(priority=LOW, name="low")],
             budget=BudgetConfig(max_inflight_requests=budget),
-            service=ServiceConfig(fast_path=False),
+            service=ServiceConfig(fast_path=False, jsq_slack_bytes=0),  # flows spread over the shards
             flow_slots=64,
         )
         self.d = d = Distributor(config, shards=2)

@@ -56,9 +56,10 @@ MODEL_SETTINGS = settings(
 )
 
 
-def config(bands=None, *, fast_path: bool = True, **kw) -> Config:
+def config(bands=None, *, fast_path: bool = True, jsq_slack_bytes: int = 0, **kw) -> Config:
+    """A model config; JSQ-Bytes exact (no slack) unless asked, so that flows spread over the shards."""
     kw.setdefault("default_ttl", 0)
-    return make_config(bands, service=ServiceConfig(fast_path=fast_path), **kw)
+    return make_config(bands, service=ServiceConfig(fast_path=fast_path, jsq_slack_bytes=jsq_slack_bytes), **kw)
 
 
 def _maybe(strategy, none_weight: int = 1):
@@ -98,6 +99,8 @@ def configs(
     return config(
         bands,
         fast_path=draw(st.booleans()),
+        # exact JSQ-Bytes (flows spread), or a slack of a few requests' bytes (flows pack, then spill)
+        jsq_slack_bytes=draw(st.sampled_from([0, 0, 30])),
         max_queued_requests=draw(st.integers(6, 16) if scarce else st.integers(3, 12) | _maybe(st.integers(3, 12))),
         max_queued_bytes=None if scarce else draw(_maybe(st.integers(50, 400))),
         max_inflight_requests=draw(st.integers(2, 6) if scarce else st.one_of(st.integers(1, 4), st.none())),

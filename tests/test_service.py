@@ -477,6 +477,33 @@ def test_jsq_bytes_places_new_flows_and_a_backlogged_flow_stays_on_its_shard(lau
     run(main())
 
 
+def test_jsq_slack_packs_new_flows_onto_shard_0_until_it_is_the_slack_ahead(launch: Any) -> None:
+    """With `jsq_slack_bytes`, a flow starting afresh goes to the lowest-numbered shard within the
+    slack of the least loaded: light load stays on shard 0 (one shard's writes and wake-ups), and
+    once shard 0 holds more than the slack above the others, new flows go to the next shard. The
+    flows already placed stay where they are (affinity)."""
+    svc = launch(shards=4, budget=1, service={"drain_timeout": 0.2, "jsq_slack_bytes": 10_000})
+
+    async def main() -> None:
+        async with Client.connect(svc.host, svc.binary_port) as c:
+            hold = await c.admit("hold")
+            assert hold.outcome is D
+            small = [c.admit(f"s{i}", size=1000) for i in range(10)]  # 10,000 B: within the slack
+            s = await _queued(svc, 10)
+            assert [sh["queued_bytes"][0] for sh in s["shards"]] == [10_000, 0, 0, 0]
+            more = [c.admit(f"t{i}", size=1000) for i in range(3)]  # shard 0 is 10,000 ahead: still within
+            s = await _queued(svc, 13)
+            assert [sh["queued_bytes"][0] for sh in s["shards"]] == [11_000, 2_000, 0, 0]
+            again = [c.admit("s0", size=1000) for _ in range(2)]  # a backlogged flow stays on its shard
+            s = await _queued(svc, 15)
+            assert [sh["queued_bytes"][0] for sh in s["shards"]] == [13_000, 2_000, 0, 0]
+        assert all(isinstance(x, ConnectionError)
+                   for x in await asyncio.gather(*small, *more, *again, return_exceptions=True))
+        await _queued(svc, 0)
+
+    run(main())
+
+
 # ---------------------------------------------------------------------------------------------- exact limits
 
 

@@ -232,11 +232,40 @@ def test_jsq_matches_reference(n: int, b: int, data: st.DataObject) -> None:
         if data.draw(st.booleans()):  # it left again: counters equal but not zero (a flow afresh)
             stats.add_deq(slot, shard, band, nbytes)
     rr = data.draw(st.integers(0, 10**6))
+    slack = data.draw(st.sampled_from([0, 0, 1, 2, 5]))
     flow_q = (stats.enq_bytes[0] - stats.deq_bytes[0]).tolist()
     total = (stats.band_enq_bytes - stats.band_deq_bytes).sum(axis=0).tolist()
     level1 = [s for s in range(n) if flow_q[s] == min(flow_q)]
-    level2 = [s for s in level1 if total[s] == min(total[t] for t in level1)]
-    assert stats.jsq_pick(0, rr) == level2[rr % len(level2)]
+    low = min(total[t] for t in level1)
+    if slack and len(level1) > 1:
+        expected = min(s for s in level1 if total[s] <= low + slack)
+    else:
+        level2 = [s for s in level1 if total[s] == low]
+        expected = level2[rr % len(level2)]
+    assert stats.jsq_pick(0, rr, slack) == expected
+
+
+def test_jsq_slack_packs_new_flows_onto_the_lowest_shard_until_it_is_slack_bytes_ahead() -> None:
+    """With a slack, a flow starting afresh goes to the lowest-numbered shard within `slack` bytes of
+    the least loaded one, whatever the round-robin counter: light load packs onto shard 0, and a
+    shard that gets `slack` bytes ahead takes no new flow until the others catch up."""
+    stats = make(f=8, n=4, b=1)
+    assert {stats.jsq_pick(0, rr, 100) for rr in range(8)} == {0}
+    stats.add_enq(1, 0, 0, 100)  # shard 0 exactly `slack` ahead: still within it
+    assert stats.jsq_pick(0, 5, 100) == 0
+    stats.add_enq(2, 0, 0, 1)  # 101 ahead: the next within the slack, shard 1
+    assert {stats.jsq_pick(0, rr, 100) for rr in range(8)} == {1}
+    stats.add_enq(3, 1, 0, 60)
+    stats.add_enq(4, 2, 0, 30)  # totals 101, 60, 30, 0: within 100 of 0 -> 1 is the lowest
+    assert stats.jsq_pick(0, 0, 100) == 1
+    assert stats.jsq_pick(0, 0, 40) == 2
+    assert stats.jsq_pick(0, 0, 0) == 3  # no slack: exact JSQ-Bytes
+    # the flow's own bytes still come first: it is where its bytes are fewest, slack or not
+    stats.add_enq(0, 0, 0, 0)
+    stats.add_enq(0, 1, 0, 5)
+    stats.add_enq(0, 2, 0, 5)
+    stats.add_enq(0, 3, 0, 5)
+    assert stats.jsq_pick(0, 0, 10**9) == 0
 
 
 # ---------------------------------------------------------------------------------------------- seqlock

@@ -39,7 +39,10 @@ from flowshard.simulate import (
 SCENARIOS = Path(__file__).resolve().parent.parent / "bench" / "scenarios"
 
 
-def _scenario(name: str, *, fairness: str | None = None, fast_path: bool | None = None, **workload: Any) -> Scenario:
+def _scenario(name: str, *, fairness: str | None = None, fast_path: bool | None = None, jsq_slack_bytes: int | None = 0,
+              **workload: Any) -> Scenario:
+    """A shipped scenario, changed as asked. JSQ-Bytes exact (`jsq_slack_bytes` 0) unless asked
+    (None: the scenario's own, the default slack): these tests judge flows spread over the shards."""
     scenario = read_scenario(str(SCENARIOS / f"{name}.toml"))
     server = scenario.server
     if fairness is not None:
@@ -47,6 +50,9 @@ def _scenario(name: str, *, fairness: str | None = None, fast_path: bool | None 
                                                         for b in server.bands])
     if fast_path is not None:
         server = msgspec.structs.replace(server, service=msgspec.structs.replace(server.service, fast_path=fast_path))
+    if jsq_slack_bytes is not None:
+        server = msgspec.structs.replace(
+            server, service=msgspec.structs.replace(server.service, jsq_slack_bytes=jsq_slack_bytes))
     return msgspec.structs.replace(scenario, server=server,
                                    workload=msgspec.structs.replace(scenario.workload, **workload))
 

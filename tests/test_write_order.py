@@ -52,7 +52,7 @@ def test_shards_are_written_in_the_order_their_grants_were_planned() -> None:
         config = Config(
             bands=[BandConfig(priority=0, name="p0", fairness="drr")],
             budget=BudgetConfig(max_inflight_requests=2),
-            service=ServiceConfig(fast_path=False),
+            service=ServiceConfig(fast_path=False, jsq_slack_bytes=0),  # flows spread over the shards
             flow_slots=64,
         )
         d = Distributor(config, shards=shards)
