@@ -137,17 +137,29 @@ class _Pause:
     the middle of its batch (its seq odd) can stay there for a scheduling quantum, longer than 1,000
     immediate retries last: then the figures read `consistent: false` though nothing was wrong (1-5 %
     of scrapes on a busy 2-core machine, review 2026-12-05). At most ~20 ms more per scrape, and only
-    while a writer is caught mid-batch; a writer still mid-batch after that is stopped or dead."""
+    while a writer is caught mid-batch; a writer still mid-batch after that is stopped or dead.
+
+    The bound is the scrape's, not each writer's: one hook serves the whole snapshot and, once it has
+    let 1,000 retries (20 pauses) go by, it gives up on every writer still busy after its first look.
+    With S shards stopped mid-batch a scrape blocked the event loop S x 20 ms (review 18); a shard
+    merely preempted behind a stopped one has had those 20 ms to finish, so its first look reads it."""
 
     __slots__ = ("_retries",)
+
+    RETRIES: Final = 1000  # over the whole snapshot: 20 pauses of 1 ms
+    EVERY: Final = 50
 
     def __init__(self) -> None:
         self._retries = 0
 
-    def __call__(self, writer: int) -> None:
+    def __call__(self, writer: int) -> bool:
+        """True (give up on ``writer``) once the snapshot's retries are spent; else maybe pause."""
+        if self._retries >= self.RETRIES:
+            return True
         self._retries += 1
-        if self._retries % 50 == 0:
+        if self._retries % self.EVERY == 0:
             time.sleep(0.001)
+        return False
 
 
 def _view(distributor: Distributor, k: int = TOP_FLOWS) -> _View:

@@ -521,14 +521,16 @@ class ShmStats:
         for name in _SHARED_ROWS:
             yield name, writer
 
-    def snapshot(self, max_retries: int = 1000, on_retry: Callable[[int], None] | None = None) -> ShmSnapshot:
+    def snapshot(self, max_retries: int = 1000, on_retry: Callable[[int], bool | None] | None = None) -> ShmSnapshot:
         """A copy of every array, per-writer consistent under the seqlock.
 
         Copies everything once, then re-copies the rows of any writer whose seq was odd or moved, up to
         ``max_retries`` times each; a writer still busy after that (e.g. it died mid-batch) is taken as
         is and listed in ``inconsistent_writers``. Shard rows are copied before the distributor's so
         every deq seen has its enq seen too (enq is counted before the request is sent).
-        ``on_retry(writer)`` runs before each retry (a hook for tests, or a pause).
+        ``on_retry(writer)`` runs before each retry (a hook for tests, or a pause); when it returns True
+        that writer is given up on at once (a budget spent over the whole snapshot: each writer still
+        gets its first look, with no retry).
         """
         nw = self.layout.writers
         seq = self.seq
@@ -543,8 +545,8 @@ class ShmStats:
         for w in bad:
             ok = False
             for attempt in range(max_retries + 1):
-                if attempt and on_retry is not None:
-                    on_retry(w)
+                if attempt and on_retry is not None and on_retry(w):
+                    break
                 s1 = int(seq[w])
                 if s1 & 1:
                     continue

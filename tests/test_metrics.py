@@ -485,3 +485,30 @@ def test_the_stats_snapshot_waits_for_a_writer_caught_mid_batch(monkeypatch: pyt
     resumes[0] = 0
     assert not shm.snapshot(on_retry=metrics._Pause()).consistent
     assert len(slept) == 20
+
+
+def test_the_snapshot_pause_is_bounded_per_scrape_not_per_stuck_writer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pause bound was per stuck writer (review 18): `ShmStats.snapshot` retried each busy writer
+    up to 1,000 times and `_Pause` slept 1 ms every 50th retry, so with S shards stopped mid-batch (a
+    SIGSTOP of the process group, a host stall) one /metrics or /v1/stats blocked the distributor's
+    event loop S x 20 ms (16 shards: 320 ms per scrape, during which no admission is decided). Now the
+    20 pauses are the scrape's, and a shard preempted behind the stopped ones is still read on its
+    first look."""
+    import distributor.metrics as metrics
+    from flowshard.shm import ShmLayout, ShmStats
+
+    layout = ShmLayout(8, 16, 1)
+    shm = ShmStats(bytearray(layout.nbytes), layout, init=True)
+    for shard in range(16):
+        shm.begin_write(shard)  # every shard stopped mid-batch
+    slept: list[float] = []
+    monkeypatch.setattr(metrics.time, "sleep", slept.append)
+    snap = shm.snapshot(on_retry=metrics._Pause())
+    assert not snap.consistent and snap.inconsistent_writers == tuple(range(16))
+    assert sum(slept) <= 0.025, f"{len(slept)} pauses, {sum(slept) * 1000:.0f} ms of the distributor's loop"
+    assert len(slept) == 20  # one stuck writer's bound, as before
+
+    shm.end_write(9)  # shard 9 was only preempted: it finished while the reader waited on shard 0
+    slept.clear()
+    snap = shm.snapshot(on_retry=metrics._Pause())
+    assert snap.inconsistent_writers == tuple(s for s in range(16) if s != 9) and len(slept) == 20

@@ -294,6 +294,25 @@ def test_snapshot_gives_up_on_a_writer_stuck_mid_write() -> None:
     assert snap.seq[1] % 2 == 1
 
 
+def test_snapshot_gives_up_on_a_writer_when_the_hook_says_so() -> None:
+    """A hook returning True ends that writer's retries: the others still get their first look."""
+    stats = make(n=3)
+    stats.begin_write(0)
+    stats.begin_write(1)
+    stats.add_deq(2, 1, 0, 100)
+    stats.end_write(1)
+    stats.begin_write(1)  # shard 1 finished a batch and started the next: its seq moved and is odd
+    calls: list[int] = []
+
+    def spent(writer: int) -> bool:
+        calls.append(writer)
+        return True
+
+    snap = stats.snapshot(max_retries=5, on_retry=spent)
+    assert snap.inconsistent_writers == (0, 1) and calls == [0, 1]
+    assert snap.seq[3] == 0  # the distributor's rows: read on their first look
+
+
 def test_snapshot_retries_until_the_writer_finishes() -> None:
     stats = make(n=3)
     stats.add_enq(2, 1, 0, 100)  # the distributor sent an item to shard 1
