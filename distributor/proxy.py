@@ -391,7 +391,9 @@ class Proxy:
         self.counts: PoolUtilization | BackendReport | None = report if report is not None else self.utilization
         self.on_health: Callable[[int], None] | None = None  # the distributor with acceptors: tell them
         self.remote: dict[int, ProxyReport] = {}  # the distributor with acceptors: each one's last report
-        self.retired = ProxyReport()  # ... and the counters of those that exited
+        # ... and the counters of those that exited: one entry per configured backend, as every report
+        # has (`ProxyReport.add` sums backend by backend; with none here theirs were dropped)
+        self.retired = ProxyReport(backends=[BackendFigures() for _ in self.pc.backends])
         self.routes = ROUTES
         self.stats = ProxyStats()
         self.active: set[Exchange] = set()

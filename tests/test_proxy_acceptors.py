@@ -149,6 +149,34 @@ def test_proxy_reports_sum_counters_and_an_exited_acceptor_keeps_only_its_counte
     assert retired.backends[0].requests == 4 and retired.responses == [(ROUTE, 200, 1), (ROUTE, 429, 2)]
 
 
+def test_an_exited_acceptors_backend_counters_stay_counted() -> None:
+    """An acceptor reported 7 requests and 3 connect errors on backend 0, then exited: /metrics'
+    `flowshard_backend_errors` (a counter) and /v1/stats' per-backend `requests` must keep them
+    (`acceptor_exited`). `Proxy.retired` started with no backends (review 18), so `ProxyReport.add`'s
+    zip over them dropped these: the counters went backwards when an acceptor was restarted."""
+    import asyncio
+
+    from distributor.proxy import BackendFigures, Proxy, ProxyReport
+    from flowshard.config import Config, ProxyConfig
+
+    async def go() -> None:
+        config = Config(proxy=ProxyConfig(backends=["http://127.0.0.1:9", "http://127.0.0.1:10"], utilization=False))
+        proxy = Proxy(config, None, lambda: None)  # type: ignore[arg-type]
+        report = ProxyReport(responses=[(ROUTE, 200, 7)],
+                             backends=[BackendFigures(inflight=1, requests=7, errors={"connect": 3}),
+                                       BackendFigures(requests=2)])
+        proxy.remote[0] = report
+        before = proxy.view().backends
+        assert [(b.requests, b.errors) for b in before] == [(7, {"connect": 3}), (2, {})]
+        proxy.acceptor_exited(0)
+        view = proxy.view()
+        assert view.responses == [(ROUTE, 200, 7)]  # the route counters are kept ...
+        after = view.backends  # ... the backend ones too (not its in-flight: that went with it)
+        assert [(b.inflight, b.requests, b.errors) for b in after] == [(0, 7, {"connect": 3}), (0, 2, {})], after
+
+    asyncio.run(go())
+
+
 def test_acceptors_in_proxy_mode_follow_the_rule_without_backends() -> None:
     """`--acceptors auto` no longer means 0 in proxy mode, and a count is no longer refused."""
     import os
