@@ -155,8 +155,8 @@ class AcceptorLink(asyncio.Protocol):
                 self._handle(msg)
             except Exception:  # a bug must not cut off every client of this acceptor
                 log.exception("acceptor %d: handling %s failed", self.index, type(msg).__name__)
-                if type(msg) is LinkAdmit and self.pending.pop(msg.key, None) is not None:
-                    self.send(Error(msg.key, 500, "internal error while admitting"))
+                if type(msg) is LinkAdmit:
+                    self.fail(msg.key, "internal error while admitting")
 
     def _handle(self, msg: Any) -> None:
         svc = self.service
@@ -206,6 +206,13 @@ class AcceptorLink(asyncio.Protocol):
             self.pid = msg.pid
             self.ready = True
             svc.on_acceptor_hello(self)
+
+    def fail(self, cid: Any, message: str) -> None:
+        """Admission `cid` failed here: no outcome will come, its acceptor answers its client (`Error`).
+        A proxied one is no longer awaited (the drain does not wait for it)."""
+        self.proxied_keys.discard(cid)
+        if self.pending.pop(cid, None) is not None:
+            self.send(Error(cid, 500, message))
 
     def _proxied_released(self, ticket: int) -> None:
         self.proxied.discard(ticket)

@@ -62,6 +62,12 @@ class Waiter(Protocol):
         """The final outcome of admission `cid`. `ticket` is non-zero only for `dispatched`; `audit` is
         given when the admission asked for it."""
 
+    def fail(self, cid: Any, message: str) -> None:
+        """Admission `cid` failed on an internal error (a bug: the distributor raised on it, or the
+        acceptor's link could not carry it): no outcome will come; its client is answered 500. Called by
+        an acceptor's `Upstream` on its fronts' waiters (the HTTP and binary connections, a proxied
+        `Exchange`); the distributor's `AcceptorLink` passes it on to its acceptor."""
+
 
 class Admission(Protocol):
     """Implemented by `distributor.service.Distributor` (fronts in its own process) and by

@@ -201,9 +201,9 @@ class Upstream(asyncio.Protocol):
 
     def _fail_admission(self, key: int, message: str) -> None:
         entry = self._admissions.pop(key, None)
-        fail = getattr(entry[0], "fail", None) if entry is not None else None
-        if entry is not None and fail is not None:  # the fronts' connections have `fail(cid, message)`
-            fail(entry[1], message)
+        if entry is not None:  # every waiter answers its client (a proxied `Exchange` too: review 18)
+            waiter, cid, _ = entry
+            waiter.fail(cid, message)
 
     def _answer_release(self, key: int, ok: bool) -> None:
         waiting = self._releases.pop(key, None)

@@ -329,6 +329,20 @@ class Exchange:
             self.slot, error_response(status, message, kind, outcome.label.replace(":", "_"), None, self.conn_hdr,
                                       extra))
 
+    def fail(self, cid: Any, message: str) -> None:
+        """The admission failed on an internal error (in an acceptor: the distributor answered `Error`,
+        or the link could not carry the admission): no outcome will come. A 500, as the one-process
+        proxy answers when its admission raises, counted as an internal error. Once: a request already
+        answered or dispatched is not answered again."""
+        if self.refused or self.task is not None:
+            return
+        self.refused = True  # answered: nothing left to cancel if the client goes
+        self.proxy.stats.internal_errors += 1
+        log.error("admitting a proxied %s failed: %s", self.route, message)
+        if not self.gone:
+            self.conn.slot_respond(self.slot, error_response(500, f"flowshard: {message}", "server_error",
+                                                             "internal_error", None, self.conn_hdr))
+
     # ------------------------------------------------------------------ lifecycle
 
     def client_gone(self) -> None:

@@ -177,6 +177,73 @@ def test_an_exited_acceptors_backend_counters_stay_counted() -> None:
     asyncio.run(go())
 
 
+def test_a_proxied_admission_the_distributor_failed_is_answered_500() -> None:
+    """The distributor answers `Error(key)` when it fails on an acceptor's admission (AcceptorLink's
+    except branch; `Upstream._dropped` does the same for a frame it cannot encode). For an HTTP admit
+    the waiter is the connection, which had `fail`: 500. For a proxied request the waiter is the
+    `Exchange`, which had none (review 18): `_fail_admission` popped the entry and answered nothing,
+    so the client's request, and every response pipelined behind it, waited until the client gave
+    up; and the distributor kept the key among the proxied admissions it waits for."""
+    import asyncio
+    import logging
+
+    from distributor.acceptors import AcceptorLink
+    from distributor.front import Upstream
+    from distributor.proxy import Exchange, Proxy
+    from flowshard.classify import Classified
+    from flowshard.codec import BatchWriter, Error, LinkAdmit
+    from flowshard.config import Config, ProxyConfig
+
+    class Conn:  # what the exchange's client is sent
+        def __init__(self) -> None:
+            self.answers: list[bytes] = []
+
+        def slot_respond(self, slot: Any, data: bytes) -> None:
+            self.answers.append(data)
+
+    class Failing:  # the distributor's admit raises (a bug)
+        def admit(self, *args: Any, **kw: Any) -> int:
+            raise RuntimeError("boom")
+
+    async def go() -> None:
+        # the distributor's side: the failed proxied admission is answered, and no longer awaited
+        link = AcceptorLink(Failing(), 0, b"")  # type: ignore[arg-type]
+        sent: list[Any] = []
+        link.send = sent.append  # type: ignore[method-assign]
+        w = BatchWriter()
+        w.add(LinkAdmit(7, "f", 0, 10, 0.0, 0.0, 10, 0.0, False, False, True))
+        logging.disable(logging.ERROR)
+        try:
+            link.data_received(w.take())
+        finally:
+            logging.disable(logging.NOTSET)
+        assert [(type(m), m.id) for m in sent] == [(Error, 7)] and not link.proxied_keys and not link.pending
+
+        # the acceptor's side: the exchange answers its client 500, as the one-process proxy does
+        up = Upstream(0, asyncio.get_running_loop())
+        proxy = Proxy(Config(proxy=ProxyConfig(backends=["http://127.0.0.1:9"], utilization=False)), up,
+                      lambda: None)
+        conn, slot = Conn(), object()
+        item = Classified(flow="f", priority=0, slo=0.0, size=10, tokens=10, prompt_tokens=5, model="m",
+                          stream=False, strip_usage=False, body=b"{}")
+        ex = Exchange(proxy, conn, slot, ROUTE, item, [], b"")  # type: ignore[arg-type]
+        ex.rid = key = up.admit(ex, slot, "f", 0, 10, 0.0, 0.0, 10, 0.0, False, proxied=True)
+        w.add(Error(key, 500, sent[0].message))  # what the distributor's side sent, to this admission
+        logging.disable(logging.ERROR)
+        try:
+            up.data_received(w.take())
+        finally:
+            logging.disable(logging.NOTSET)
+        assert len(conn.answers) == 1, "the proxied request got no answer (its slot waits forever)"
+        head, _, body = conn.answers[0].partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 500") and b'"internal_error"' in body, conn.answers
+        assert proxy.report().internal_errors == 1
+        ex.client_gone()  # answered: nothing to cancel, nothing answered twice
+        assert len(conn.answers) == 1
+
+    asyncio.run(go())
+
+
 def test_acceptors_in_proxy_mode_follow_the_rule_without_backends() -> None:
     """`--acceptors auto` no longer means 0 in proxy mode, and a count is no longer refused."""
     import os
