@@ -191,13 +191,18 @@ class Upstream(asyncio.Protocol):
     def _dropped(self, message: Any, problem: Exception) -> None:
         """A message the link could not encode (a value validation let through): logged, and whoever
         waits for its answer is answered here, as if the distributor had failed on it, instead of
-        never (the client's request, and its connection's place, held for good)."""
+        never (the client's request, and its connection's place, held for good). A release with a
+        tokens correction goes again without it (next pass): the ticket is released uncorrected
+        rather than held, a proxied one (no key, no answer awaited) for the life of this process."""
         log_drop(message, problem)
         kind = type(message)
         if kind is LinkAdmit:
             self._fail_admission(message.key, f"internal error: the request could not be forwarded ({problem})")
-        elif kind is LinkRelease and message.key:
-            self._answer_release(message.key, False)
+        elif kind is LinkRelease:
+            if message.tokens != -1:
+                self.send(LinkRelease(message.ticket, -1, message.key))
+            elif message.key:
+                self._answer_release(message.key, False)
 
     def _fail_admission(self, key: int, message: str) -> None:
         entry = self._admissions.pop(key, None)

@@ -244,6 +244,55 @@ def test_a_proxied_admission_the_distributor_failed_is_answered_500() -> None:
     asyncio.run(go())
 
 
+def test_a_proxied_release_the_link_cannot_carry_goes_again_without_its_tokens() -> None:
+    """An acceptor's proxy releases each ticket with the backend's reported usage (review 18: then
+    unchecked; `Proxy._settle_usage` now refuses one out of range, test_proxy). Two values of 2^64-1
+    summed past what msgpack carries: the link's BatchWriter dropped the `LinkRelease`, and
+    `Upstream._dropped` answered only releases with a key, which a proxied release has not, so the
+    distributor never released the ticket (not leased: one budget slot lost for the life of the
+    acceptor, and the drain waited for it until drain_timeout). Now it goes again, uncorrected."""
+    import asyncio
+    import logging
+
+    from distributor.front import Upstream
+    from flowshard.codec import BatchReader, BatchWriter, FromAcceptor, LinkRelease, LinkReleased
+
+    class Transport:
+        def __init__(self) -> None:
+            self.data = b""
+
+        def write(self, data: bytes) -> None:
+            self.data += data
+
+        def is_closing(self) -> bool:
+            return False
+
+    async def go() -> None:
+        up = Upstream(0, asyncio.get_running_loop())
+        transport = Transport()
+        up.connection_made(transport)  # type: ignore[arg-type]
+        answers: list[tuple[int, bool]] = []
+        logging.disable(logging.ERROR)  # (the drop is logged)
+        try:
+            up.release(4242, 2 * (2**64 - 1))  # (Exchange._done, with what the backend had reported)
+            up.release_then(4343, 2**64, lambda ticket, ok: answers.append((ticket, ok)))  # (POST /v1/release)
+            for _ in range(4):  # the flush at the end of the pass, and the one after the drop
+                await asyncio.sleep(0)
+        finally:
+            logging.disable(logging.NOTSET)
+        sent = BatchReader(FromAcceptor).feed(transport.data) if transport.data else []
+        releases = [(m.ticket, m.tokens) for m in sent if type(m) is LinkRelease]
+        assert releases == [(4242, -1), (4343, -1)], "the release never left"
+        key = next(m.key for m in sent if type(m) is LinkRelease and m.ticket == 4343)
+        assert key and not answers  # the one that awaits an answer still does: the distributor's
+        w = BatchWriter()
+        w.add(LinkReleased(key, True))
+        up.data_received(w.take())
+        assert answers == [(4343, True)]
+
+    asyncio.run(go())
+
+
 def test_acceptors_in_proxy_mode_follow_the_rule_without_backends() -> None:
     """`--acceptors auto` no longer means 0 in proxy mode, and a count is no longer refused."""
     import os
