@@ -43,7 +43,7 @@ from yarl import URL
 
 from distributor.api import Admission, Audit
 from distributor.backends import Backend, BackendPool, Scraper
-from flowshard.classify import Classified, ClassifyError, SseUsage, Usage, classify, usage_from_body
+from flowshard.classify import Classified, ClassifyError, SseUsage, Usage, classify, usage_from_body, usage_problem
 from flowshard.codec import LinkBackends
 from flowshard.config import Config
 from flowshard.types import Outcome
@@ -669,7 +669,7 @@ class Proxy:
                                 f"{type(exc).__name__}", "server_error", "backend_failed")
             return
         if resp.status == 200 and ex.item.size:
-            self._settle_usage(ex, usage_from_body(data))
+            self._settle_usage(ex, backend, usage_from_body(data))
         self.stats.response(ex.route, resp.status)
         head = _response_head(resp.status, self._response_headers(resp), ex.conn_hdr,
                               b"content-length: %d\r\n" % len(data))
@@ -708,7 +708,7 @@ class Proxy:
             return
         rest = relay.end()
         if resp.status == 200:
-            self._settle_usage(ex, relay.usage)
+            self._settle_usage(ex, backend, relay.usage)
         if not ended:
             conn.slot_end(slot, (b"%x\r\n%b\r\n" % (len(rest), rest) if rest else b"") + b"0\r\n\r\n")
 
@@ -749,9 +749,21 @@ class Proxy:
         self.stats.response(ex.route, status)
         ex.conn.slot_respond(ex.slot, error_response(status, message, type_, code, None, ex.conn_hdr, extra))
 
-    def _settle_usage(self, ex: Exchange, usage: Usage | None) -> None:
+    def _settle_usage(self, ex: Exchange, backend: Backend, usage: Usage | None) -> None:
         """The request's actual tokens: counted, and kept for the release, which corrects the flow's
-        fairness charge from the admission estimate to what the backend served."""
+        fairness charge from the admission estimate to what the backend served. A usage out of range
+        (`usage_problem`: negative, or past 2^32 tokens) is taken as none reported (the estimate
+        stands), counted as the backend's error of kind `usage` (it stays up) and logged once per
+        backend: believed, it would skew the flow's charge without bound and, with acceptor
+        processes, make the release unencodable on the link (review 18)."""
+        if usage is not None and (problem := usage_problem(usage)) is not None:
+            count = backend.errors.get("usage", 0) + 1
+            backend.errors["usage"] = count
+            if count == 1:
+                log.warning("backend %s reported a usage out of range (%s): taken as no usage reported; "
+                            "counted in flowshard_backend_errors_total{kind=\"usage\"}, not logged again",
+                            backend.name, problem)
+            usage = None
         if usage is not None:
             self.stats.tokens["prompt"] += usage.prompt_tokens
             self.stats.tokens["completion"] += usage.completion_tokens
@@ -827,7 +839,8 @@ class Proxy:
         up = GaugeMetricFamily("flowshard_backend_up", "0 while the backend is out after a failure (passive "
                                "health; with acceptor processes, out in any of them), else 1.", labels=["backend"])
         errors = CounterMetricFamily("flowshard_backend_errors", "Backend failures by kind (connect, http_5xx, "
-                                     "midstream).", labels=["backend", "kind"])
+                                     "midstream, scrape; usage: a usage out of range, ignored).",
+                                     labels=["backend", "kind"])
         for b, fig in zip(self.pool.backends, st.backends, strict=True):
             inflight.add_metric([b.name], fig.inflight)
             up.add_metric([b.name], 1 if fig.up else 0)

@@ -27,7 +27,7 @@ import msgspec
 from flowshard.config import ProxyConfig
 from flowshard.validate import MAX_FLOW_ID, MAX_PRIORITY, MAX_SECONDS, MAX_TOKENS, json_problem
 
-__all__ = ["Classified", "ClassifyError", "SseUsage", "Usage", "classify", "usage_from_body"]
+__all__ = ["Classified", "ClassifyError", "SseUsage", "Usage", "classify", "usage_from_body", "usage_problem"]
 
 
 class ClassifyError(ValueError):
@@ -221,6 +221,18 @@ def usage_from_body(body: bytes) -> Usage | None:
         return _decode_usage(body).usage
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
+
+
+def usage_problem(usage: Usage) -> str | None:
+    """None if a backend's reported usage can be taken as the request's actual cost: its prompt and
+    completion tokens non-negative and their sum within `MAX_TOKENS` (2^32), the bound of a request's
+    `tokens` everywhere (`flowshard.validate`: an admission's estimate, a release's correction). Else
+    why not: the backend's word is not a cost (msgspec decodes any 64-bit integer, and a sum of two
+    past 2^64 cannot even be carried on a link)."""
+    prompt, completion = usage.prompt_tokens, usage.completion_tokens
+    if prompt < 0 or completion < 0 or prompt + completion > MAX_TOKENS:
+        return f"prompt_tokens {prompt} + completion_tokens {completion} is outside [0, 2^32]"
+    return None
 
 
 MAX_EVENT = 1 << 20  # a partial event held longer than this is forwarded as it is (memory stays bounded)

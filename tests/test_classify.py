@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowshard.classify import MAX_EVENT, ClassifyError, SseUsage, Usage, classify, usage_from_body
+from flowshard.classify import MAX_EVENT, ClassifyError, SseUsage, Usage, classify, usage_from_body, usage_problem
 from flowshard.config import ConfigError, ProxyConfig, load_config
 
 CHAT = "/v1/chat/completions"
@@ -180,6 +180,15 @@ def test_usage_from_body() -> None:
     assert usage_from_body(b'{"id":"x"}') is None
     assert usage_from_body(b"not json") is None
     assert usage_from_body(b'{"usage":"weird"}') is None
+
+
+def test_a_usage_is_a_cost_only_within_the_bound_of_tokens() -> None:
+    """Non-negative, and prompt + completion within 2^32 (`validate.MAX_TOKENS`): else the proxy takes
+    it as no usage reported (test_proxy)."""
+    assert usage_problem(Usage(4, 6)) is None and usage_problem(Usage(2**32, 0)) is None
+    for prompt, completion in [(-1, 0), (0, -1), (2**32, 1), (2**64 - 1, 2**64 - 1)]:
+        assert usage_problem(Usage(prompt, completion)) == (
+            f"prompt_tokens {prompt} + completion_tokens {completion} is outside [0, 2^32]")
 
 
 def test_proxy_config_errors_name_the_field() -> None:

@@ -758,6 +758,75 @@ def test_the_release_carries_the_backends_actual_usage(fake_backend: Any, stream
     run(go())
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_backends_usage_out_of_range_is_taken_as_none_reported(caplog: pytest.LogCaptureFixture,
+                                                                  stream: bool) -> None:
+    """`Proxy._settle_usage` took the backend's `usage` as the request's actual cost unchecked
+    (review 18): msgspec decodes any 64-bit integer, so a backend reporting 2^64-1 tokens skewed the
+    flow's vtc charge without bound and, with acceptors, made the release unencodable on the link (its
+    ticket never released: test_proxy_acceptors). Out of range (negative, or past 2^32 in all, the
+    bound of `tokens` everywhere) is now no usage reported: released without a correction, nothing
+    added to the token counters, the backend's `usage` error counted (it stays up) and logged once."""
+    import aiohttp
+    from aiohttp import web
+
+    from distributor.http import HttpLimits, start_http_server
+    from distributor.proxy import Proxy
+    from flowshard.config import Config, ProxyConfig
+
+    bad = [(2**64 - 1, 2**64 - 1), (-1, 5), (5, -1), (2**32, 1), (2**31, 2**31 + 1)]
+    usages = iter([*bad, (2**32, 0)])  # the last: the bound itself is a cost
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        usage = b'{"prompt_tokens":%d,"completion_tokens":%d}' % next(usages)
+        if not stream:
+            return web.Response(body=b'{"object":"chat.completion","choices":[],"usage":%b}' % usage,
+                                content_type="application/json")
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n')
+        await resp.write(b'data: {"choices":[],"usage":%b}\n\ndata: [DONE]\n\n' % usage)
+        await resp.write_eof()
+        return resp
+
+    async def go() -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", completions)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        sock = socket.create_server(("127.0.0.1", 0))
+        await web.SockSite(runner, sock).start()
+        admission = _RecordingAdmission()
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        proxy = Proxy(Config(proxy=ProxyConfig(backends=[url], utilization=False)), admission, lambda: None)
+        await proxy.start()
+        server = await start_http_server(admission, "127.0.0.1", 0, HttpLimits(), lease=300.0, proxy=proxy)
+        try:
+            async with aiohttp.ClientSession() as client:
+                for n in range(len(bad) + 1):
+                    async with client.post(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+                                           "/v1/chat/completions",
+                                           json={"model": "m", "messages": MSG, "stream": stream}) as r:
+                        assert r.status == 200
+                        body = await r.read()
+                        assert b"usage" not in body or not stream  # (the client did not ask: stripped)
+                    deadline = time.monotonic() + 5
+                    while len(admission.released) <= n:
+                        assert time.monotonic() < deadline
+                        await asyncio.sleep(0.01)
+            assert admission.released == [(1001 + n, -1) for n in range(len(bad))] + [(1006, 2**32)]
+            st = proxy.snapshot()
+            assert (st["tokens"]["prompt"], st["tokens"]["completion"]) == (2**32, 0)
+            assert st["backends"][0]["errors"] == {"usage": len(bad)} and st["backends"][0]["up"]
+            assert len([r for r in caplog.records if "out of range" in r.getMessage()]) == 1
+        finally:
+            server.close()
+            await proxy.close()
+            await runner.cleanup()
+
+    run(go())
+
+
 @pytest.mark.parametrize("acceptors", [0, 2])  # the detector fed by the distributor's proxy, or the acceptors'
 def test_a_pool_with_no_backend_listening_answers_503_at_once_not_after_a_ttl(launch: Any, acceptors: int) -> None:
     """Nothing listens at the only backend: its scrapes fail to connect, which takes it out like a
