@@ -297,7 +297,10 @@ class HttpConnection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._queue: deque[_Slot] = deque()
         self._out: list[bytes] | None = None  # responses collected during one data_received
-        self._out_bytes = 0  # their size: with the transport's buffer, what the client has not read
+        self._out_bytes = 0  # their size
+        # Tickets of the dispatched answers in `_out`: given to the transport with them (`_spill`), or,
+        # if the connection is dropped first, released (never written: nobody got them).
+        self._out_tickets: list[int] = []
         self._end_kind = _KEEP  # a close decided during data_received, carried out after the write
         self._stopped = False
         self._closing = False
@@ -311,7 +314,9 @@ class HttpConnection(asyncio.Protocol):
         self._paused = False
         self._wpaused = False  # reading paused because unsent responses passed write_high
         self._writable: asyncio.Future[None] | None = None  # proxy mode: a stream waits here while paused
-        self._sent: list[int] = []  # tickets of dispatched answers written since the client's last request
+        # Tickets of dispatched answers written since the client last sent anything (a request it sent
+        # before an answer was written proves nothing about that answer: pipelined in the same read)
+        self._sent: list[int] = []
         self._probing = False  # the client sent EOF right after answers were written: were they delivered?
         self._eof_wait = False  # the client sent EOF; answers to its earlier requests are still on their way
         self._unhold_scheduled = False
@@ -382,6 +387,12 @@ class HttpConnection(asyncio.Protocol):
                     self._sh.guards.hit("http", "linger_overflow")
                     reset(self._transport)
             return
+        self._sent.clear()  # it sent more after those answers were written: it is still there
+        self._parse(data)
+
+    def _parse(self, data: bytes) -> None:
+        """Parse input read from the client (now, or kept while the pipeline was full), answering what
+        can be answered at once with one write at the end."""
         out: list[bytes] = []
         self._out = out
         try:
@@ -404,10 +415,8 @@ class HttpConnection(asyncio.Protocol):
                 self._head_raw = raw = raw + len(data)
                 if raw > self._limits.max_header_bytes:
                     self._fail_head()
+        self._spill()
         self._out = None
-        self._out_bytes = 0
-        if out and not self._closing:
-            self._write(out[0] if len(out) == 1 else b"".join(out))
         kind = self._end_kind
         if kind:
             self._end_kind = _KEEP
@@ -603,10 +612,11 @@ class HttpConnection(asyncio.Protocol):
         """Per-request state was reset when the previous request completed (or at start)."""
         if self._stopped:
             raise _Stop  # a closing response is queued: the rest of this input is ignored
-        if self._out_bytes + self._transport.get_write_buffer_size() > self._limits.write_buffer_limit:
+        if self._out_bytes > self._limits.write_high:
+            self._spill()  # what the client has not read is what the transport could not hand on
+        if self._transport.get_write_buffer_size() > self._limits.write_buffer_limit:
             self._drop()  # it does not read what it asked for: render nothing more for it
             raise _Stop
-        self._sent.clear()  # it sends another request: it is still there
         self._msg_at = self._last_active = now = self._loop.time()
         self._fresh = False
         self._head_raw = _HEAD_BEGUN
@@ -791,7 +801,8 @@ class HttpConnection(asyncio.Protocol):
     def _not_reading(self) -> bool:
         """An expensive answer (stats, metrics) for a client that has not read write_high bytes of
         earlier answers: drop it instead of rendering (pipelined scrapes must not stall the loop)."""
-        if self._out_bytes + self._transport.get_write_buffer_size() > self._limits.write_high:
+        self._spill()  # the answers before it first: a client that reads takes them (review 18, D1)
+        if self._closing or self._transport.get_write_buffer_size() > self._limits.write_high:
             self._drop()
             return True
         return False
@@ -915,6 +926,31 @@ class HttpConnection(asyncio.Protocol):
         elif not self._closing:
             self._write(data)
 
+    def _spill(self) -> None:
+        """Hand the answers collected during this parse (`_out`) to the transport now, in order; or,
+        once the connection is dropped, release the tickets among them: they were never written, and a
+        ticket nobody got would hold the budget until its lease (review 18, D1)."""
+        out = self._out
+        tickets = self._out_tickets
+        if out is None or not (out or tickets):
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self._out_bytes = 0
+        self._out_tickets = []
+        if self._closing or self._transport.is_closing():
+            for ticket in tickets:
+                try:
+                    self._admission.release_then(ticket, -1, self._undeliverable)
+                except Exception:
+                    log.exception("releasing unwritten ticket %s failed", ticket)
+            return
+        for ticket in tickets:
+            self._admission.delivered(ticket)  # right before the write (distributor.deliverylog)
+        self._sent.extend(tickets)
+        if data:
+            self._write(data)
+
     def _flush(self) -> None:
         """Write every ready response at the head of the queue, in order. Not once closing: what is
         still queued then was never written, and connection_lost settles it."""
@@ -938,8 +974,11 @@ class HttpConnection(asyncio.Protocol):
                 if out is not None:
                     self._out_bytes += len(data)
                 if slot.ticket:
-                    self._sent.append(slot.ticket)
-                    self._admission.delivered(slot.ticket)
+                    if out is not None:
+                        self._out_tickets.append(slot.ticket)  # delivered when `_spill` writes them
+                    else:
+                        self._sent.append(slot.ticket)
+                        self._admission.delivered(slot.ticket)
             if data is _CONTINUE and not q:  # its request is still in progress: it waited for us till now
                 self._msg_at = now = self._loop.time()
                 self._arm(now + self._header_timeout)
@@ -975,7 +1014,7 @@ class HttpConnection(asyncio.Protocol):
         if self._msg_at:  # a request cut short by the hold: the wait was ours, its time starts again
             self._msg_at = self._loop.time()
         if held:
-            self.data_received(bytes(held))
+            self._parse(bytes(held))  # not `data_received`: read before the answers written since
 
     def _finish(self, kind: int) -> None:
         """End the connection after what has been written; deferred to the end of data_received."""

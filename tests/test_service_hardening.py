@@ -14,6 +14,7 @@ import struct
 import time
 from typing import Any
 
+import pytest
 from servicekit import HttpConn, admit_http, ahttp, launch, metric, parse_metrics, run
 
 from distributor.http import ADMIN_RESERVE
@@ -189,5 +190,35 @@ def test_monitoring_sees_a_service_flooded_with_connections(launch: Any) -> None
         await asyncio.sleep(0.1)
         r = await admit_http(port, "after")  # the flood gone: work is admitted again
         assert r.status == 200, r
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------------------------- review 18
+
+
+@pytest.mark.parametrize("acceptors", [0, 1])
+def test_a_pipelining_client_that_reads_gets_its_answers_and_the_budget_comes_back(launch: Any, acceptors: int) -> None:
+    """Review 18, D1: with `--acceptors 0` one connection sending 8 x [admit, GET /metrics] (reading
+    all along) got no answer, was dropped as a slow reader, and its 8 dispatches kept the whole
+    budget (8) until the lease; with acceptors it got them all. Now both modes answer all 16."""
+    svc = launch(shards=1, acceptors=acceptors, budget=8)
+
+    async def main() -> None:
+        conn = await HttpConn.open(svc.http_port)
+        for _ in range(8):
+            conn.send("POST", "/v1/admit", {"flow": "a"})
+            conn.send("GET", "/metrics")
+        answers = [await conn.response(timeout=5) for _ in range(16)]
+        assert [a.status for a in answers] == [200] * 16
+        assert all(b"flowshard_inflight_requests" in a.body for a in answers[1::2])
+        for a in answers[::2]:
+            conn.send("POST", "/v1/release", {"ticket": a.json()["ticket"]})
+        assert [(await conn.response(timeout=5)).status for _ in range(8)] == [200] * 8
+        conn.close()
+        stats = (await ahttp(svc.http_port, "GET", "/v1/stats")).json()
+        assert stats["totals"]["inflight"] == 0
+        samples = parse_metrics((await ahttp(svc.http_port, "GET", "/metrics")).body.decode())
+        assert metric(samples, "flowshard_protective_actions_total", front="http", action="slow_reader") == 0
 
     run(main())
