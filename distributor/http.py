@@ -181,6 +181,13 @@ def _error(status: int, message: str, conn: bytes = b"", extra: bytes = b"", *, 
     return _render(_HEAD[status], _encode(_ErrorBody(_Error(status, message))), conn, extra, no_body=no_body)
 
 
+def _cancelled(conn: bytes) -> bytes:
+    """The answer of an admission its client abandoned by sending EOF before its answer was written
+    (cancelled, or its dispatch released at once): the requests after it are still answered."""
+    body = _encode(_Refused(Outcome.EVICTED_CANCELLED.status, Outcome.EVICTED_CANCELLED.reason, 0.0, 1))
+    return _render(_HEAD[503], body, conn, b"retry-after: 1\r\n")
+
+
 _RELEASED: Final = {conn: _render(_H200, b'{"released":true}', conn) for conn in (b"", _CONN_KEEP, _CONN_CLOSE)}
 _TOO_MANY: Final = _error(503, "too many connections, retry later", _CONN_CLOSE, b"retry-after: 1\r\n")
 
@@ -428,8 +435,8 @@ class HttpConnection(asyncio.Protocol):
             self._held = bytearray()
 
     def eof_received(self) -> bool:
-        """The client closed its side: it is gone (HTTP/1.1 gives a half-close no meaning for pending
-        requests). Its admissions are settled in `connection_lost`; the transport closes.
+        """The client closed its side: as far as admissions go it is gone (HTTP/1.1 gives a half-close
+        no meaning for pending requests), but every request it sent before is answered, in order.
 
         If dispatched answers were written since its last request, it may have left before they
         arrived (fire and forget): then its kernel answers them with a reset. Keep the socket for a
@@ -439,8 +446,13 @@ class HttpConnection(asyncio.Protocol):
         way are written first, as in the distributor's own process, where they are known before the
         EOF is read: in an acceptor they come a hop later, and a half-closing client (`curl` with
         `--no-keepalive`-style tools, a shell's `printf | nc`) got none of them, its release applied
-        unconfirmed (review, 2026-12-05). Admissions and proxied requests are not waited for: their
-        client is gone, they are cancelled, and nothing after the first of them can be answered."""
+        unconfirmed (review, 2026-12-05). Admissions are not waited for: their client is gone; one whose
+        answer is not written yet is cancelled (a dispatch released) and answered `503 evicted:
+        cancelled`, as is one read but not yet parsed (kept while the pipeline was full), which is
+        never admitted; so a release after it is answered too, never applied unconfirmed (review 18,
+        D3: the input kept unparsed at the EOF was thrown away, and the releases after a pending
+        admission were applied without an answer). A proxied request is cancelled likewise (503);
+        only one whose answer is being streamed cuts the connection there."""
         if not self._dead and self._answers_on_their_way():
             self._eof_wait = True
             self._arm(self._loop.time() + self._sh.linger, force=True)  # they come in ms; give up then
@@ -456,17 +468,48 @@ class HttpConnection(asyncio.Protocol):
         return False
 
     def _answers_on_their_way(self) -> bool:
-        """At the client's EOF: settle the queue from its first admission or proxied request without an
-        answer on (their client is gone: `_settle`), and say whether an answer before it is still on
-        its way (then the connection waits for it, `_answered_after_eof`)."""
+        """At the client's EOF: its admissions whose answers are not written are cancelled (a dispatched
+        one released) and answered `evicted: cancelled`; likewise its proxied requests, but for one
+        whose answer is being streamed (at the head): the queue is cut there, settled from it on.
+        Says whether an answer is still on its way, or input is kept unparsed (then the connection
+        waits for them, `_answered_after_eof`)."""
         q = self._queue
-        cut = next((k for k, slot in enumerate(q)
-                    if slot.data is None and (slot.rid is not None or slot.exchange is not None)), len(q))
+        admission = self._admission
+        cut = len(q)
+        for k, slot in enumerate(q):
+            try:
+                if slot.exchange is not None:
+                    if slot.data is None:
+                        if k == 0:
+                            cut = 0  # its answer may be partly written: nothing after it can be
+                            break
+                        slot.exchange.client_gone()
+                        slot.chunks = None
+                        slot.data = self._error_for(503, "the client closed its side: not forwarded",
+                                                    slot.conn, path=b"/v1/")
+                elif slot.data is None:
+                    if slot.rid is not None:
+                        admission.cancel(slot.rid)
+                        slot.data = _cancelled(slot.conn)
+                elif slot.ticket:  # dispatched, its answer not yet written (behind one still on its way)
+                    ticket, slot.ticket = slot.ticket, 0
+                    slot.data = _cancelled(slot.conn)
+                    admission.release(ticket)
+            except Exception:
+                log.exception("settling admission %s (ticket %s) at EOF failed", slot.rid, slot.ticket)
         if cut < len(q):
             gone = [q.pop() for _ in range(len(q) - cut)]
             gone.reverse()
             self._settle(gone)
-        return any(slot.data is None for slot in q)
+            self._held = None  # nothing after the cut can be answered: not parsed, never applied
+        elif q and q[0].data is not None:
+            self._flush()  # the head is ready now
+        return not self._closing and (self._held is not None or any(slot.data is None for slot in q))
+
+    def _eof_done(self) -> None:
+        """After the client's EOF: once every answer is written and no input is kept unparsed, close."""
+        if self._eof_wait and not self._queue and self._held is None and not self._closing:
+            self._answered_after_eof()
 
     def _answered_after_eof(self) -> None:
         """The last answer waited for after the client's EOF is written: close as at the EOF."""
@@ -723,6 +766,10 @@ class HttpConnection(asyncio.Protocol):
             proxy = self._sh.proxy
             assert proxy is not None
             if route is None and (path in proxy.routes or proxy.serves(path)):
+                if self._eof_wait:  # read before the client's EOF, parsed after it: not forwarded
+                    self._respond(self._error_for(503, "the client closed its side: not forwarded", conn,
+                                                  path=path), close)
+                    return
                 try:
                     proxy.handle(self, method, path, headers, body, conn, close, b"" if q < 0 else url[q:])
                 except Exception as exc:
@@ -755,6 +802,9 @@ class HttpConnection(asyncio.Protocol):
         problem = check_admit(a.flow, a.priority, a.bytes, a.ttl, a.slo, a.tokens, a.weight)
         if problem is not None:
             self._respond(_error(422, problem, conn), close)
+            return
+        if self._eof_wait:  # read before the client's EOF, parsed after it: its client is gone
+            self._respond(_cancelled(conn), close)
             return
         slot = self._open(conn, close)
         try:
@@ -988,7 +1038,9 @@ class HttpConnection(asyncio.Protocol):
         if out is None:
             if batch:
                 self._write(batch[0] if len(batch) == 1 else b"".join(batch))
-            if self._eof_wait and not q and not self._closing:
+                if self._eof_wait and not close:  # progress: the give-up time runs from the last answer
+                    self._arm(self._loop.time() + self._sh.linger, force=True)
+            if self._eof_wait and not q and self._held is None and not self._closing:
                 self._answered_after_eof()
                 return
             if not q and not self._msg_at and not self._stopped:
@@ -1015,6 +1067,7 @@ class HttpConnection(asyncio.Protocol):
             self._msg_at = self._loop.time()
         if held:
             self._parse(bytes(held))  # not `data_received`: read before the answers written since
+        self._eof_done()
 
     def _finish(self, kind: int) -> None:
         """End the connection after what has been written; deferred to the end of data_received."""
@@ -1022,6 +1075,9 @@ class HttpConnection(asyncio.Protocol):
             self._end_kind = max(self._end_kind, kind)
             return
         if self._closing:
+            return
+        if self._eof_wait:  # the client's EOF came first: close as after it (nothing more is read)
+            self._answered_after_eof()
             return
         if kind == _LINGER:
             self._linger(self._sh.linger)
@@ -1114,12 +1170,15 @@ class HttpConnection(asyncio.Protocol):
         self._timer_at = math.inf
         if self._dead:
             return
-        if self._eof_wait:  # the answers the client's EOF waited for did not come: what remains is lost
+        if self._eof_wait:
+            # The answers the client's EOF waited for did not come (none for `linger` seconds; the
+            # distributor is stuck): what remains is lost, the input kept unparsed is never applied.
+            # Reset, not FIN, so that the client sees the cut (counted close_timeout).
             self._eof_wait = False
-            self._settle(self._queue)
-            self._queue.clear()
-            if not self._end_after_eof():
-                self._transport.close()
+            self._closing = True
+            self._held = None
+            self._sh.guards.hit("http", "close_timeout")
+            reset(self._transport)
             return
         if self._closing:
             if self._probing:

@@ -826,6 +826,8 @@ def test_half_close_gets_ready_answers_and_cancels_pending() -> None:
         await until(lambda: len(fake.admits) == 2)
         c.writer.write_eof()  # EOF: the client is gone as far as pending requests go
         assert (await c.response()).status == 200  # what was ready before the EOF still arrives
+        r = await c.response()  # the pending one is cancelled, and says so (review 18, D3)
+        assert (r.status, r.json()["outcome"], r.json()["reason"]) == (503, "evicted", "cancelled"), r
         assert await c.closed()
         await until(lambda: fake.cancels == [2])
 
@@ -1085,7 +1087,11 @@ def test_dispatched_answer_waiting_behind_a_queued_one_is_released_when_the_clie
             c.close()
         else:
             c.writer.write_eof()
-            assert await asyncio.wait_for(c.reader.read(), 3.0) == b""  # nothing written out of order
+            # Both are its client's abandoned admissions: a cancelled, b's ticket released; each says so
+            # (review 18, D3: answered, so that what follows them can be answered in order too)
+            rest = await asyncio.wait_for(c.reader.read(), 3.0)
+            assert rest.count(b" 503 ") == 2 and rest.count(b'"reason":"cancelled"') == 2, rest
+            assert b"ticket" not in rest
         s = await svc.until_stats(
             lambda s: (s["totals"]["inflight"], s["totals"]["tickets"], s["totals"]["pending"]) == (0, 0, 0),
             timeout=3.0,
@@ -1156,17 +1162,96 @@ def test_half_close_waits_for_answers_on_their_way() -> None:
     serve(t, AnswersLater())
 
 
-def test_half_close_does_not_wait_past_a_pending_admission() -> None:
-    """The admission rule stands: its client is gone, it is cancelled; nothing after it can be
-    answered in order, and what is before it still is."""
+def test_half_close_cancels_a_pending_admission_and_answers_what_follows_it() -> None:
+    """The admission rule stands: its client is gone, it is cancelled. It is answered so (503 evicted:
+    cancelled), so that the requests after it are answered in order too: a release among them was
+    applied without an answer before (review 18, D3)."""
     async def t(port: int, fake: FakeAdmission) -> None:
         c = await Client.open(port)
-        c.send(get("/v1/stats") + admit(HOLD) + get("/v1/stats"))
-        await until(lambda: len(fake.admits) == 1)
+        c.send(admit("a"))
+        ticket = (await c.response()).json()["ticket"]
+        c.send(get("/v1/stats") + admit(HOLD) + get("/v1/stats") + post("/v1/release", {"ticket": ticket}))
+        await until(lambda: len(fake.admits) == 2)
         c.writer.write_eof()
         r = await c.response()
         assert r.status == 200 and r.json() == fake.stats_body
+        r = await c.response()
+        assert (r.status, r.json()["outcome"], r.json()["reason"]) == (503, "evicted", "cancelled"), r
+        r = await c.response()
+        assert r.status == 200 and r.json() == fake.stats_body
+        r = await c.response()
+        assert (r.status, r.json()) == (200, {"released": True})
         assert await c.closed()
-        await until(lambda: fake.cancels == [1])
+        await until(lambda: fake.cancels == [2])
+        assert fake.released == [ticket]
 
     serve(t, AnswersLater())
+
+
+class AnswersSlowly(FakeAdmission):
+    """As AnswersLater, 50 ms later: the client's EOF is read before the answers come."""
+
+    def release_then(self, ticket: int, tokens: int, done: Any) -> None:
+        asyncio.get_running_loop().call_later(0.05, lambda: done(ticket, self.release(ticket)))
+
+    def query(self, what: str, done: Any) -> None:
+        body = json.dumps(self.stats_body).encode()
+        asyncio.get_running_loop().call_later(0.05, lambda: done(body, "application/json"))
+
+
+def test_half_close_answers_the_requests_kept_unparsed_while_the_pipeline_was_full() -> None:
+    """Review 18, D3: past max_pipelined unanswered requests the input is kept unparsed; a client that
+    half-closed then got the answers of what was parsed, then FIN: the rest (read before its EOF)
+    was thrown away, unanswered and never applied, and nothing said so (1607 of 2000 answers). Now
+    it is parsed as the pipeline drains and answered; an admission among it is not admitted (its
+    client is gone) and answered `evicted: cancelled`, so what follows it is answered too."""
+    guards = Guards()
+
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(admit("a") + admit("b"))
+        tickets = [(await c.response()).json()["ticket"] for _ in range(2)]
+        requests = [post("/v1/release", {"ticket": 5}), get("/v1/stats"), get("/healthz")] * 10
+        requests[20] = post("/v1/release", {"ticket": tickets[0]})
+        requests[21] = admit("late")
+        requests[28] = post("/v1/release", {"ticket": tickets[1]})
+        c.send(b"".join(requests[:6]))
+        conn = fake.admits[0]["waiter"]
+        await until(lambda: conn._held is not None)  # max_pipelined unanswered: the rest is kept unparsed
+        c.send(b"".join(requests[6:]))
+        c.writer.write_eof()
+        answers = [await c.response() for _ in range(30)]
+        expected = [404, 200, 200] * 10
+        expected[20:22] = [200, 503]
+        expected[28] = 200
+        assert [a.status for a in answers] == expected
+        assert answers[20].json() == {"released": True} and answers[28].json() == {"released": True}
+        assert (answers[21].json()["outcome"], answers[21].json()["reason"]) == ("evicted", "cancelled")
+        assert await c.closed()
+        assert sorted(fake.released) == sorted(tickets)
+        assert len(fake.admits) == 2  # "late" was read before the EOF, parsed after it: never admitted
+
+    serve(t, AnswersSlowly(), guards=guards, max_pipelined=4)
+    assert guards[("http", "close_timeout")] == 0
+
+
+def test_half_close_whose_answers_never_come_is_reset_not_closed_as_if_complete() -> None:
+    """After the client's EOF the answers on their way are waited for while they come; if none comes
+    for `linger` seconds (the distributor is stuck) the connection is reset (close_timeout), so that
+    the client does not take a FIN for the end of its answers (review 18, D3)."""
+    guards = Guards()
+
+    class NeverAnswers(FakeAdmission):
+        def release_then(self, ticket: int, tokens: int, done: Any) -> None:
+            pass
+
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(get("/healthz") + post("/v1/release", {"ticket": 5}) + get("/healthz"))
+        c.writer.write_eof()
+        assert (await c.response()).status == 200
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(c.reader.read(), 2.0)
+
+    serve(t, NeverAnswers(), guards=guards, header_timeout=0.2)
+    assert guards[("http", "close_timeout")] == 1

@@ -1237,3 +1237,37 @@ def test_the_running_requests_are_told_why_the_service_stopped() -> None:
     assert said["drain"] == "at the end of the drain (drain_timeout 7.5 s)"
     assert said["signal"] == "when a second signal forced the stop during the drain"
     assert "drain_timeout" not in said["stopped"] and said["stopped"].startswith("when the service stopped")
+
+
+@pytest.mark.parametrize("acceptors", [0, 1])
+def test_half_close_answers_a_queued_proxied_request_503_and_what_follows_it(
+    launch: Any, fake_backend: Any, acceptors: int
+) -> None:
+    """Review 18, D3: a client's EOF cancels its admissions and proxied requests without an answer;
+    each is answered (an admission 503 evicted: cancelled, a proxied request a 503 error), so the
+    requests after them are answered in order before the FIN (the stream was cut at the first one,
+    a release after it applied without an answer)."""
+    fake = fake_backend(ttft=0.005, itl=0.001)
+    svc = launch(proxy_config([fake.url], budget=1), acceptors=acceptors)
+
+    async def main() -> None:
+        held = await HttpConn.open(svc.http_port)
+        ticket = (await held.request("POST", "/v1/admit", {"flow": "hold"}, timeout=5)).json()["ticket"]
+        conn = await HttpConn.open(svc.http_port)
+        conn.send("POST", "/v1/admit", {"flow": "a"})  # queued: the budget (1) is held
+        conn.send("POST", "/v1/chat/completions", {"model": "m", "messages": MSG, "max_tokens": 2})
+        conn.send("GET", "/healthz")
+        await asyncio.sleep(0.2)  # both queued in the distributor
+        conn.writer.write_eof()
+        answers = [await conn.response(timeout=5) for _ in range(3)]
+        assert [a.status for a in answers] == [503, 503, 200], answers
+        assert answers[0].json()["reason"] == "cancelled"
+        assert "error" in answers[1].json()
+        assert await conn.closed_by_peer()
+        conn.close()
+        assert (await held.request("POST", "/v1/release", {"ticket": ticket}, timeout=5)).status == 200
+        held.close()
+
+    run(main())
+    s = settled(svc)
+    assert band_outcomes(s)["evicted:cancelled"] == 2
