@@ -8,10 +8,16 @@ queue and the head of the queue is written as soon as it is ready. Responses pro
 delivered while one read of its link is decoded (`HttpHub.defer`).
 
 Every admission made on a connection is either answered (its response written) or, when the
-connection is lost first, settled from `connection_lost` only — so the distributor is never
-re-entered from inside its own `deliver` call: one still pending is cancelled exactly once with
-`admission.cancel(request_id)`, one dispatched but not yet written (waiting behind an earlier
-response, or delivered to a closing connection) has its ticket released with `admission.release`.
+connection is lost first or its client sends EOF, settled from `connection_lost` or `eof_received`
+only — so the distributor is never re-entered from inside its own `deliver` call: one still pending
+is cancelled exactly once with `admission.cancel(request_id)`, one dispatched but not yet written
+(waiting behind an earlier response, or delivered to a closing connection) has its ticket released
+with `admission.release`. At an EOF both are answered `evicted: cancelled`, so that the requests
+after them are still answered in order (README, "A client that half-closes").
+
+A dispatched answer's ticket counts as delivered (`admission.delivered`) only as it is handed to the
+transport; the answers of one read are collected and written together (`_spill`), and written before
+a client is judged a slow reader.
 
 Timeouts use one lazily re-armed timer per connection: the hot path only stores a time stamp, the
 timer is moved only when a deadline moves earlier (roughly twice per `header_timeout` under load).
