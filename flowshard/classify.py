@@ -238,6 +238,20 @@ def usage_problem(usage: Usage) -> str | None:
 MAX_EVENT = 1 << 20  # a partial event held longer than this is forwarded as it is (memory stays bounded)
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 _EVENT_END = re.compile(rb"(?<=\n\n)|(?<=\r\n\r\n)")
+# A `"usage": null` member, with any JSON whitespace (RFC 8259: space, tab, CR, LF) around its comma and
+# colon: after another member (`, "usage" : null`, before `,` or `}`), or the first of its object
+# (`{"usage": null,`). Never inside a string: there a `"` is escaped, so it follows a backslash, never
+# `,`/`{` and whitespace.
+_WS = rb"[ \t\r\n]*"
+_USAGE_NULL = re.compile(
+    _WS + rb"," + _WS + rb'"usage"' + _WS + rb":" + _WS + rb"null(?=" + _WS + rb"[,}])"
+    + rb"|(?<=\{)" + _WS + rb'"usage"' + _WS + rb":" + _WS + rb"null" + _WS + rb","
+)
+
+
+def _strip_usage_null(data: bytes) -> bytes:
+    """`data` without its `"usage": null` members: one substring search when there are none."""
+    return _USAGE_NULL.sub(b"", data) if b'"usage"' in data else data
 
 
 class SseUsage:
@@ -246,7 +260,7 @@ class SseUsage:
     `feed` returns the complete events received so far (a partial event waits for its end, so
     every write to the client is whole events); `end` returns what is left. With `strip_usage`,
     the usage-only chunk (no choices) that flowshard asked for on the client's behalf is dropped, and
-    so is the `"usage":null` that OpenAI-style servers then add to every other chunk.
+    so is the `"usage":null` that OpenAI-style servers then add to every other chunk (however spaced).
     Only events that carry a usage object are decoded; the rest pass as bytes.
     """
 
@@ -269,7 +283,7 @@ class SseUsage:
             return b""
         complete, self._rest = buf[:cut], buf[cut:]
         if self.strip:  # the `"usage":null` the backend adds to every chunk once asked for usage
-            complete = complete.replace(b',"usage":null', b"")
+            complete = _strip_usage_null(complete)
         if _USAGE_OBJECT.search(complete) is None:
             return complete
         return self._events(complete)
@@ -277,7 +291,7 @@ class SseUsage:
     def end(self) -> bytes:
         rest, self._rest = self._rest, b""
         if self.strip:
-            rest = rest.replace(b',"usage":null', b"")
+            rest = _strip_usage_null(rest)
         if rest and _USAGE_OBJECT.search(rest) is not None:
             return self._events(rest)
         return rest

@@ -174,6 +174,30 @@ def test_sse_relay_crlf_and_a_usage_chunk_with_choices_is_kept() -> None:
     assert relay.usage == Usage(1, 1, 0)
 
 
+def test_sse_relay_strips_usage_null_however_the_backend_spaces_its_json() -> None:
+    """Review 18: a backend encoding with spaces (Python's json.dumps default) had its `"usage": null`
+    reach the client; any JSON whitespace around the comma and colon, in any member position."""
+    spaced = (
+        b'data: {"id": "1", "choices": [{"index": 0, "delta": {"content": "a"}}], "usage": null}\n\n'
+        b'data: {"id":"1" ,\t"usage"\r\n:\n null , "choices":[]}\n\n'
+        b'data: { "usage" : null, "id": "1"}\n\n'
+        b'data: {"id": "1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}\n\n'
+        b'data: {"id": "1", "choices": [{"delta": {"content": "say ,\\"usage\\": null"}}]}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    relay = SseUsage(True)
+    out = relay.feed(spaced[:40]) + relay.feed(spaced[40:]) + relay.end()
+    assert relay.usage == Usage(3, 2, 0)
+    assert out == (
+        b'data: {"id": "1", "choices": [{"index": 0, "delta": {"content": "a"}}]}\n\n'
+        b'data: {"id":"1" , "choices":[]}\n\n'
+        b'data: { "id": "1"}\n\n'
+        b'data: {"id": "1", "choices": [{"delta": {"content": "say ,\\"usage\\": null"}}]}\n\n'  # a string: kept
+        b"data: [DONE]\n\n"
+    )
+    assert SseUsage(False).feed(spaced) == spaced  # the client asked for usage: all of it passes
+
+
 def test_usage_from_body() -> None:
     assert usage_from_body(b'{"id":"x","usage":{"prompt_tokens":4,"completion_tokens":6,"total_tokens":10}}') == (
         Usage(4, 6, 10))
