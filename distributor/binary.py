@@ -14,6 +14,8 @@ Replies (service -> client): `Result(id, outcome, ticket, wait, retry_after)` fo
 this connection, 500 the distributor failed on this request. An Admit's id is 0 or more (a negative
 id is a malformed frame), so `Error(-1, ...)` is always about the connection, which is closed right
 after: 400 malformed or oversized frame, 408 a frame not completed in time, 503 too many connections.
+The frames before a malformed one are handled first, and the answers decided for them then are sent
+before that Error (with acceptors, after a round trip: `Admission.after`).
 
 What one connection may cost is bounded (README "Resource limits"): an incomplete frame must
 complete within `frame_timeout`; replies the client does not read stop the reading of its input
@@ -127,9 +129,9 @@ class BinaryConnection(asyncio.Protocol):
     """
 
     __slots__ = (
-        "_admission", "_closing_at", "_counted", "_discarded", "_flush_scheduled", "_frame_at", "_hub", "_input_held",
-        "_lost", "_max_inflight", "_open", "_out", "_pending", "_reader", "_stalled_at", "_timer", "_transport",
-        "_verdict",
+        "_admission", "_closing_at", "_counted", "_discarded", "_failing", "_flush_scheduled", "_frame_at", "_hub",
+        "_input_held", "_lost", "_max_inflight", "_open", "_out", "_pending", "_reader", "_stalled_at", "_timer",
+        "_transport", "_verdict",
     )
 
     def __init__(self, hub: BinaryHub, verdict: int = CONN_CHECK) -> None:
@@ -152,6 +154,7 @@ class BinaryConnection(asyncio.Protocol):
         self._stalled_at = 0.0  # loop time replies went over write_high unread; 0.0: they did not
         self._closing_at = 0.0  # loop time a close began that waits for the client to read; 0.0: none
         self._input_held = False  # complete frames kept unread in the reader while replies wait
+        self._failing = False  # a protocol error waits for the answers to what came before it
 
     # ------------------------------------------------------------ transport callbacks
 
@@ -196,15 +199,15 @@ class BinaryConnection(asyncio.Protocol):
             try:
                 messages = reader.feed(data, BATCH)
             except FrameError as exc:
+                # the frames before the bad one are handled, in order, as if read before it; their
+                # answers decided then go out before Error(-1, 400) (`_fail`)
+                self._handle(exc.messages)
                 self._hub.guards.hit("binary", "malformed")
-                self._fail(400, str(exc))
+                if self._open:
+                    self._fail(400, str(exc))
                 return
             data = b""
-            for msg in messages:
-                if type(msg) is Admit:
-                    self._admit(msg)
-                else:
-                    self._release(msg)
+            self._handle(messages)
             if len(messages) < BATCH or not self._open:
                 break
             progressed = True
@@ -216,6 +219,15 @@ class BinaryConnection(asyncio.Protocol):
             self._frame_at = self._hub.loop.time()
             if self._timer is None:
                 self._arm(self._frame_at + self._hub.limits.frame_timeout)
+
+    def _handle(self, messages: list[Admit | Release]) -> None:
+        for msg in messages:
+            if not self._open:  # (an Admit that failed the connection: nothing after it is handled)
+                return
+            if type(msg) is Admit:
+                self._admit(msg)
+            else:
+                self._release(cast(Release, msg))
 
     def _release(self, msg: Release) -> None:
         ticket = msg.ticket
@@ -298,14 +310,14 @@ class BinaryConnection(asyncio.Protocol):
                 log.error("dispatch of request %d delivered to a closed binary connection", request_id)
                 self._admission.release(ticket)
             return
-        if self._open:
+        if self._open or self._failing:
             if audit is None:
                 self._send(Result(cid, outcome, ticket, wait, retry_after))  # msgspec encodes an IntEnum as its value
             else:
                 self._send(Audited(cid, outcome, ticket, wait, retry_after, *audit))
 
     def fail(self, cid: Any, message: str) -> None:
-        if self._pending.pop(cid, None) is not None and self._open:
+        if self._pending.pop(cid, None) is not None and (self._open or self._failing):
             self._send(Error(cid, 500, message))
 
     # ------------------------------------------------------------ internals
@@ -369,11 +381,20 @@ class BinaryConnection(asyncio.Protocol):
             self._transport.abort()
 
     def _fail(self, status: int, message: str) -> None:
-        """A protocol error: say why, then close (pending admissions are cancelled on connection_lost)."""
+        """A protocol error: nothing more is read; once the answers decided for what came before it
+        have been sent (with acceptors they come a round trip later: `Admission.after`), say why,
+        then close (admissions still pending are cancelled on connection_lost)."""
         log.info("binary client %s: %s: closing", self._peer(), message)
-        self._send(Error(-1, status, message))
         self._open = False
-        self._close()
+        self._failing = True
+        error = Error(-1, status, message)
+        self._admission.after(lambda: self._failed(error))
+
+    def _failed(self, error: Error) -> None:
+        self._failing = False
+        if not self._lost:
+            self._send(error)
+            self._close()
 
     def _close(self) -> None:
         """Send the last replies and FIN; if the client has not taken them within close_timeout,

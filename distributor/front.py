@@ -297,6 +297,15 @@ class Upstream(asyncio.Protocol):
         self._releases[key] = (ticket, done)
         self.send(LinkRelease(ticket, tokens, key))
 
+    def after(self, done: Callable[[], None]) -> None:
+        """A release naming no ticket (0, never issued) as a barrier: the distributor handles this
+        link's messages in order and answers a release (False here) right as it handles it, after
+        the answers it decided at once for the messages before."""
+        key = self._next_key
+        self._next_key = key + 1
+        self._releases[key] = (0, lambda _ticket, _ok: done())
+        self.send(LinkRelease(0, -1, key))
+
     def _disown(self, ticket: int) -> None:
         waiter = self._owner.pop(ticket, None)
         if waiter is not None:

@@ -269,6 +269,9 @@ class Distributor:
     def release_then(self, ticket: int, tokens: int, done: Callable[[int, bool], None]) -> None:
         done(ticket, self.release(ticket, tokens))
 
+    def after(self, done: Callable[[], None]) -> None:
+        done()  # every call before this one was handled, and answered, when it returned
+
     def query(self, what: str, done: Callable[[bytes, str], None]) -> None:
         if self.proxy is not None and self.acceptors is not None:
             # proxy mode with acceptors: their proxies' counters first (a round trip to each)

@@ -35,7 +35,10 @@ MAX_BATCH_FRAME = 1 << 28
 
 
 class FrameError(ValueError):
-    """The peer sent bytes that are not a valid frame; the connection must be closed."""
+    """The peer sent bytes that are not a valid frame; the connection must be closed. `messages`: the
+    complete messages `FrameReader.feed` decoded before it in the same call (theirs to answer)."""
+
+    messages: list[Any] = []  # noqa: RUF012 - replaced, never mutated
 
 
 # ---------------------------------------------------------------- the worker's configuration
@@ -552,7 +555,8 @@ class FrameReader:
 
     def feed(self, data: bytes, limit: int = 1 << 62) -> list[Any]:
         """Every complete message now available, or the first `limit` of them (the rest stay buffered:
-        `feed(b"", limit)` goes on). Raises FrameError on a malformed stream."""
+        `feed(b"", limit)` goes on). Raises FrameError on a malformed stream, carrying the messages
+        before the bad frame (`FrameError.messages`)."""
         buf = self._buf
         buf += data
         out: list[Any] = []
@@ -580,6 +584,9 @@ class FrameReader:
                 left -= 1
                 if not left:
                     break
+        except FrameError as exc:
+            exc.messages = out
+            raise
         finally:
             view.release()
         if pos:

@@ -16,6 +16,9 @@ class AnswersAtOnce:
         release: Any = getattr(self, "release")  # noqa: B009 - the fake's own, some without `tokens`
         done(ticket, release(ticket) if tokens < 0 else release(ticket, tokens))
 
+    def after(self, done: Any) -> None:
+        done()
+
     def query(self, what: str, done: Any) -> None:
         if what == "metrics":
             done(*getattr(self, "metrics")())  # noqa: B009

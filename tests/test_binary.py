@@ -19,7 +19,16 @@ import uvloop
 from fakes import AnswersAtOnce
 
 from distributor.binary import BinaryConnection, BinaryLimits, start_binary_server
-from flowshard.codec import Admit, Error, FrameReader, FrameWriter, Release, Released, Result, ToClient
+from flowshard.codec import (
+    Admit,
+    Error,
+    FrameReader,
+    FrameWriter,
+    Release,
+    Released,
+    Result,
+    ToClient,
+)
 from flowshard.types import Outcome
 
 TIMEOUT = 2.0
@@ -303,6 +312,56 @@ async def test_release_ok_then_false() -> None:
         await raw.send(Release(res.ticket), Release(res.ticket), Release(424242))
         assert await raw.recv(3) == [Released(res.ticket, True), Released(res.ticket, False), Released(424242, False)]
         raw.close()
+
+
+class LinkLike(FakeAdmission):
+    """Answers releases and `after` later, in order, when the test says (`answer`): as an acceptor's
+    link does, a round trip after (distributor.front.Upstream)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[Callable[[], None]] = []
+
+    def release_then(self, ticket: int, tokens: int, done: Any) -> None:
+        self.waiting.append(lambda: done(ticket, self.release(ticket)))
+
+    def after(self, done: Any) -> None:
+        self.waiting.append(done)
+
+    def answer(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for answer in waiting:
+            answer()
+
+
+@pytest.mark.parametrize("link", [False, True], ids=["answered-at-once", "answered-later"])
+@on_loop()
+async def test_frames_before_a_malformed_one_in_the_same_read_are_handled_and_answered_first(link: bool) -> None:
+    """Review 18: an Admit in the same read as a following malformed frame got no answer (the reader
+    raised and lost it). Every frame before the bad one is handled in order; the answers decided then
+    go out before Error(-1, 400), with acceptors too (after their round trip); an admission left
+    waiting is cancelled with the connection."""
+    fake = LinkLike() if link else FakeAdmission()
+    async with serving(fake) as addr:
+        raw = await Raw.open(addr)
+        await raw.send(Admit(1, "a"))
+        [first] = await raw.recv(1)
+        w = FrameWriter()
+        for m in (Admit(2, "a"), Release(first.ticket), Admit(3, HOLD), Admit(4, "capacity")):
+            w.add(m)
+        await raw.send_bytes(w.take() + b"\x00\x00\x00\x02\x91\x63")  # then [99]: not a message
+        if link:
+            await until(lambda: len(fake.waiting) == 2)  # the release, then the error's barrier
+            fake.answer()
+        replies = await raw.recv_until_eof()
+        *answers, err = replies  # (an Admit's answer and a Release's may come in either order)
+        assert sorted(map(repr, answers)) == sorted(map(repr, [
+            Result(2, int(Outcome.DISPATCHED), 1002, 0.25, 0), Released(first.ticket, True),
+            Result(4, int(Outcome.REJECTED_CAPACITY), 0, 0.25, 3)])), replies
+        assert type(err) is Error and (err.id, err.status) == (-1, 400)
+        assert err.message == "malformed frame: message type: 99 is not one of 10 (Admit), 11 (Release)"
+        await until(lambda: bool(fake.release_alls))
+        assert fake.cancels == [3]
 
 
 # ---------------------------------------------------------------------------------------------- protocol errors

@@ -45,7 +45,7 @@ from servicekit import (
 
 from distributor.http import ADMIN_RESERVE
 from flowshard.client import AdmitResult, Client, ConnectionClosed
-from flowshard.codec import Admit, Error, FrameReader, FrameWriter, ToClient
+from flowshard.codec import Admit, Error, FrameReader, FrameWriter, Release, ToClient
 from flowshard.types import Outcome
 
 __all__ = ["launch"]
@@ -864,5 +864,47 @@ def test_binary_release_answers_keep_the_order_of_the_releases(launch: Any, acce
             assert await asyncio.gather(*answers) == [False, True, False, True]
             s = await svc.until_stats(lambda s: s["totals"]["inflight"] == 0)
             assert s["counters"]["tickets_released"] == 2
+
+    run(main())
+
+
+# ---------------------------------------------------------------------------------------------- review 18
+
+
+def _raw_frames(*messages: Any) -> bytes:
+    fw = FrameWriter()
+    for m in messages:
+        fw.add(m)
+    return fw.take()
+
+
+async def _replies_until_eof(r: asyncio.StreamReader, kind: Any = ToClient) -> list[Any]:
+    frames, out = FrameReader(kind), []
+    while data := await asyncio.wait_for(r.read(1 << 16), 5):
+        out += frames.feed(data)
+    return out
+
+
+@pytest.mark.parametrize("acceptors", [0, 2])
+def test_binary_frames_before_a_malformed_one_are_answered_before_its_error(launch: Any, acceptors: int) -> None:
+    """Review 18 (D6): an Admit in the same read as a following malformed frame got no answer. Now
+    every frame before it is handled in order and what was decided then is answered before
+    Error(-1, 400), whether the front runs in the distributor or in an acceptor (a round trip later);
+    an admission that had to queue is cancelled with the connection."""
+    svc = launch(shards=1, acceptors=acceptors, budget=2)
+
+    async def main() -> None:
+        r, w = await asyncio.open_connection(svc.host, svc.binary_port)
+        bad = b"\x00\x00\x00\x02\x91\x63"  # [99]: no such message
+        w.write(_raw_frames(Admit(1, "a"), Admit(2, "a"), Admit(3, "a", ttl=30.0), Release(10**9)) + bad)
+        replies = await _replies_until_eof(r)
+        w.close()
+        *answers, err = replies
+        assert sorted((type(a).__name__, getattr(a, "id", 0), getattr(a, "outcome", 0)) for a in answers) == [
+            ("Released", 0, 0), ("Result", 1, D), ("Result", 2, D)], replies
+        assert type(err) is Error and (err.id, err.status) == (-1, 400), replies
+        assert "message type: 99" in err.message
+        s = await svc.until_stats(lambda s: s["totals"]["inflight"] == 0 and s["totals"]["pending"] == 0)
+        assert band_outcomes(s).get("evicted:cancelled") == 1, band_outcomes(s)
 
     run(main())
