@@ -104,8 +104,8 @@ class Admission(Protocol):
         """Call `done()` once every call made before this one has been handled and the answers it
         decided at once (a release's, a rejection's, a dispatch on the idle fast path) delivered: at
         once in the distributor's process, after a round trip from an acceptor process (its link is
-        answered in order). A binary connection sends a protocol error's Error(-1, ...) only after the
-        answers still on their way."""
+        answered in order). A binary connection answers in order what comes after the replies still
+        on their way: a protocol error's Error(-1, ...), a refused Release."""
 
     def query(self, what: str, done: Callable[[bytes, str], None]) -> None:
         """The body and content type of GET /v1/stats (`what` "stats", JSON) or GET /metrics

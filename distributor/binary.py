@@ -9,7 +9,9 @@ cancelled and every ticket it holds is released. One `asyncio.Protocol` per conn
 style: the distributor delivers outcomes by calling `deliver`, no Task or Future per request.
 
 Replies (service -> client): `Result(id, outcome, ticket, wait, retry_after)` for an admission;
-`Released(ticket, ok)` for a release; `Error(id, status, message)` where `status` is HTTP-like:
+`Released(ticket, ok)` for a release, in the order of the releases (`ReleaseRefused`, a Released with
+status 422 and a message, for one whose `tokens` is out of range: the ticket is kept, as HTTP's 422);
+`Error(id, status, message)` where `status` is HTTP-like:
 422 invalid field (the message names it), 400 duplicate in-flight id, 429 too many in flight on
 this connection, 500 the distributor failed on this request. An Admit's id is 0 or more (a negative
 id is a malformed frame), so `Error(-1, ...)` is always about the connection, which is closed right
@@ -46,10 +48,11 @@ from flowshard.codec import (
     FromClient,
     Release,
     Released,
+    ReleaseRefused,
     Result,
 )
 from flowshard.types import Outcome
-from flowshard.validate import check_admit, check_release_tokens
+from flowshard.validate import MAX_TOKENS, check_admit, check_release_tokens
 
 if TYPE_CHECKING:
     from flowshard.config import ServiceConfig
@@ -230,15 +233,24 @@ class BinaryConnection(asyncio.Protocol):
                 self._release(cast(Release, msg))
 
     def _release(self, msg: Release) -> None:
-        ticket = msg.ticket
-        # the frame has no error reply: an out-of-range actual cost is dropped, the ticket still released
-        # (never held by a bad field); the Python client refuses such values
-        tokens = msg.tokens if check_release_tokens(msg.tokens, allow_unset=True) is None else -1
-        self._admission.release_then(ticket, tokens, self._released)
+        tokens = msg.tokens
+        if tokens != -1 and not 0 <= tokens <= MAX_TOKENS:
+            # As HTTP's 422: refused, naming the field, and the ticket not released; answered in its
+            # turn among this connection's releases (whose answers may be on their way: `after`).
+            # -1 is the wire's "none reported" (what an absent field decodes to, as HTTP's absent field).
+            problem = check_release_tokens(tokens) or "tokens: out of range"
+            ticket = msg.ticket
+            self._admission.after(lambda: self._refused(ticket, problem))
+            return
+        self._admission.release_then(msg.ticket, tokens, self._released)
 
     def _released(self, ticket: int, ok: bool) -> None:
         if not self._lost:
             self._send(Released(ticket, ok))
+
+    def _refused(self, ticket: int, problem: str) -> None:
+        if not self._lost:
+            self._send(ReleaseRefused(ticket, False, 422, problem))
 
     def _reading(self) -> None:
         """Read while neither replies wait beyond write_high nor complete frames are kept unread."""
@@ -354,7 +366,7 @@ class BinaryConnection(asyncio.Protocol):
         if cid in pending:
             pending[cid] = request_id
 
-    def _send(self, message: Result | Audited | Error | Released) -> None:
+    def _send(self, message: Result | Audited | Error | Released | ReleaseRefused) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._hub.loop.call_soon(self._flush)

@@ -229,6 +229,19 @@ class Released(msgspec.Struct, tag=14, array_like=True, gc=False):
     ok: bool
 
 
+class ReleaseRefused(msgspec.Struct, tag=14, array_like=True, gc=False):
+    """Service -> client: the answer to a Release that is not valid (a field out of range, as HTTP's
+    422): a `Released(ticket, false)` (the ticket is not released) with two trailing fields, the
+    HTTP-like `status` and a `message` naming the field. A peer that knows only `Released` (the
+    Python client's decoder) reads `Released(ticket, false)`: trailing fields are ignored. Sent, never
+    decoded, by the service."""
+
+    ticket: int
+    ok: bool
+    status: int
+    message: str
+
+
 # ---------------------------------------------------------------- acceptor <-> distributor
 #
 # An acceptor process (`distributor.front`) serves the client connections the distributor accepted

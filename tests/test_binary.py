@@ -14,6 +14,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import msgspec
 import pytest
 import uvloop
 from fakes import AnswersAtOnce
@@ -21,11 +22,13 @@ from fakes import AnswersAtOnce
 from distributor.binary import BinaryConnection, BinaryLimits, start_binary_server
 from flowshard.codec import (
     Admit,
+    Audited,
     Error,
     FrameReader,
     FrameWriter,
     Release,
     Released,
+    ReleaseRefused,
     Result,
     ToClient,
 )
@@ -107,7 +110,7 @@ class FakeAdmission(AnswersAtOnce):
         self.cancels.append(request_id)
         self.held.pop(request_id, None)
 
-    def release(self, ticket: int) -> bool:
+    def release(self, ticket: int, tokens: int = -1) -> bool:
         self.releases.append(ticket)
         return self.tickets.pop(ticket, None) is not None
 
@@ -314,6 +317,19 @@ async def test_release_ok_then_false() -> None:
         raw.close()
 
 
+class ReleasedFull(msgspec.Struct, tag=14, array_like=True):
+    """A Released frame as a peer reading its trailing fields sees it (a refused Release's status and
+    message: `flowshard.codec.ReleaseRefused`)."""
+
+    ticket: int
+    ok: bool
+    status: int = 0
+    message: str = ""
+
+
+FULL = Result | Error | ReleasedFull | Audited  # what a raw peer reads, trailing fields included
+
+
 class LinkLike(FakeAdmission):
     """Answers releases and `after` later, in order, when the test says (`answer`): as an acceptor's
     link does, a round trip after (distributor.front.Upstream)."""
@@ -332,6 +348,39 @@ class LinkLike(FakeAdmission):
         waiting, self.waiting = self.waiting, []
         for answer in waiting:
             answer()
+
+
+@pytest.mark.parametrize("link", [False, True], ids=["answered-at-once", "answered-later"])
+@on_loop()
+async def test_release_tokens_out_of_range_is_refused_422_naming_the_field_as_http_does(link: bool) -> None:
+    """Review 18: binary took any 64-bit Release.tokens (and dropped it silently); HTTP answers 422
+    outside [0, 2^32] and keeps the ticket. The binary answer is Released(ticket, false) with a 422 and
+    the message as trailing fields, in its turn among the connection's releases; -1 is "none"."""
+    fake = LinkLike() if link else FakeAdmission()
+    async with serving(fake) as addr:
+        raw = Raw(*await asyncio.open_connection(*addr), kind=FULL)
+        await raw.send(Admit(1, "a"))
+        [res] = await raw.recv(1)
+        t = res.ticket
+        bad = [2**32 + 1, -5, 2**40, 2**63 - 1, -(2**63)]
+        await raw.send(Release(424242), *(Release(t, tokens) for tokens in bad))
+        if link:
+            await until(lambda: len(fake.waiting) == 1 + len(bad))
+            fake.answer()
+        replies = await raw.recv(1 + len(bad))
+        assert replies[0] == ReleasedFull(424242, False)
+        for tokens, reply in zip(bad, replies[1:], strict=True):
+            assert reply == ReleasedFull(t, False, 422, f"tokens: {tokens} is outside [0, 2^32]")
+        w = FrameWriter()  # what a peer that knows only Released (the Python client) reads
+        w.add(ReleaseRefused(t, False, 422, "tokens: -5 is outside [0, 2^32]"))
+        assert FrameReader(ToClient).feed(w.take()) == [Released(t, False)]
+        assert fake.releases == [424242] and t in fake.tickets  # not released
+        await raw.send(Release(t, 2**32), Release(t, -1))
+        if link:
+            await until(lambda: len(fake.waiting) == 2)
+            fake.answer()
+        assert await raw.recv(2) == [ReleasedFull(t, True), ReleasedFull(t, False)]
+        raw.close()
 
 
 @pytest.mark.parametrize("link", [False, True], ids=["answered-at-once", "answered-later"])

@@ -908,3 +908,33 @@ def test_binary_frames_before_a_malformed_one_are_answered_before_its_error(laun
         assert band_outcomes(s).get("evicted:cancelled") == 1, band_outcomes(s)
 
     run(main())
+
+
+@pytest.mark.parametrize("acceptors", [0, 2])
+def test_binary_release_tokens_out_of_range_is_refused_as_http_refuses_it(launch: Any, acceptors: int) -> None:
+    """Review 18 (D4): binary took Release.tokens 2^32+1, 2^40, 2^63-1, -5 (Released ok=true); HTTP
+    answers 422 outside [0, 2^32] and keeps the ticket. Binary now answers Released(ticket, false)
+    with 422 and the message as trailing fields, the ticket kept, in both modes."""
+    from test_binary import FULL, ReleasedFull
+
+    svc = launch(shards=1, acceptors=acceptors, budget=2)
+
+    async def main() -> None:
+        r, w = await asyncio.open_connection(svc.host, svc.binary_port)
+        frames = FrameReader(FULL)
+        w.write(_raw_frames(Admit(1, "a", tokens=10)))
+        [res] = frames.feed(await asyncio.wait_for(r.read(1 << 16), 5))
+        t = res.ticket
+        bad = [2**32 + 1, 2**40, 2**63 - 1, -5]
+        w.write(_raw_frames(Release(10**9), *(Release(t, tokens) for tokens in bad)))
+        got: list[Any] = []
+        while len(got) < 1 + len(bad):
+            got += frames.feed(await asyncio.wait_for(r.read(1 << 16), 5))
+        assert got == [ReleasedFull(10**9, False)] + [
+            ReleasedFull(t, False, 422, f"tokens: {tokens} is outside [0, 2^32]") for tokens in bad]
+        assert (await svc.astats())["totals"]["inflight"] == 1  # not released, as HTTP's 422
+        w.write(_raw_frames(Release(t, 2**32)))
+        assert frames.feed(await asyncio.wait_for(r.read(1 << 16), 5)) == [ReleasedFull(t, True)]
+        w.close()
+
+    run(main())
