@@ -21,7 +21,8 @@ before that Error (with acceptors, after a round trip: `Admission.after`).
 
 What one connection may cost is bounded (README "Resource limits"): an incomplete frame must
 complete within `frame_timeout`; replies the client does not read stop the reading of its input
-once `write_high` bytes wait (it cannot make more work while it does not read), and it is dropped
+once `write_high` bytes wait, unsent or on their way (releases whose answers have not come: with acceptors
+a round trip; it cannot make more work while it does not read), and it is dropped
 when they pass `max_write_buffer` or stay stuck for `write_timeout`; a connection condemned by a
 protocol error is aborted if its last bytes are not read within `close_timeout`.
 """
@@ -64,6 +65,13 @@ _NOT_YET = -1  # request id of an admission whose `admit` call has not returned 
 # does not read cost (BATCH replies of at most ~100 bytes) while costing a big read next to nothing.
 BATCH = 1024
 LISTEN_BACKLOG = 1024  # the listening socket's accept queue
+# What a reply still to come weighs against write_high and max_write_buffer: a Release's answer (a
+# Released frame, its ticket at 64 bits). With acceptor processes a release is answered a round trip
+# after it is read, so replies waiting counts those on their way as well as those unsent (README).
+_w = FrameWriter()
+_w.add(Released(1 << 63, False))
+REPLY_BYTES = len(_w.take())
+del _w
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,9 +140,9 @@ class BinaryConnection(asyncio.Protocol):
     """
 
     __slots__ = (
-        "_admission", "_closing_at", "_counted", "_discarded", "_failing", "_flush_scheduled", "_frame_at", "_hub",
-        "_input_held", "_lost", "_max_inflight", "_open", "_out", "_pending", "_reader", "_stalled_at", "_timer",
-        "_transport", "_verdict",
+        "_admission", "_awaiting", "_closing_at", "_counted", "_discarded", "_failing", "_flush_scheduled", "_frame_at",
+        "_hub", "_input_held", "_lost", "_max_inflight", "_open", "_out", "_pending", "_reader", "_stalled_at",
+        "_timer", "_transport", "_verdict",
     )
 
     def __init__(self, hub: BinaryHub, verdict: int = CONN_CHECK) -> None:
@@ -157,6 +165,9 @@ class BinaryConnection(asyncio.Protocol):
         self._stalled_at = 0.0  # loop time replies went over write_high unread; 0.0: they did not
         self._closing_at = 0.0  # loop time a close began that waits for the client to read; 0.0: none
         self._input_held = False  # complete frames kept unread in the reader while replies wait
+        # Releases read whose answers have not come yet (never more than for a moment in the
+        # distributor's process; a round trip with acceptors): replies waiting as much as those unsent
+        self._awaiting = 0
         self._failing = False  # a protocol error waits for the answers to what came before it
 
     # ------------------------------------------------------------ transport callbacks
@@ -214,7 +225,7 @@ class BinaryConnection(asyncio.Protocol):
             if len(messages) < BATCH or not self._open:
                 break
             progressed = True
-            if len(self._out) > write_high:
+            if self._waiting() > write_high:
                 self._input_held = True
                 self._reading()
                 return
@@ -232,8 +243,13 @@ class BinaryConnection(asyncio.Protocol):
             else:
                 self._release(cast(Release, msg))
 
+    def _waiting(self) -> int:
+        """Bytes of replies waiting in this process: unsent, and on their way (releases in flight)."""
+        return len(self._out) + self._awaiting * REPLY_BYTES
+
     def _release(self, msg: Release) -> None:
         tokens = msg.tokens
+        self._awaiting += 1
         if tokens != -1 and not 0 <= tokens <= MAX_TOKENS:
             # As HTTP's 422: refused, naming the field, and the ticket not released; answered in its
             # turn among this connection's releases (whose answers may be on their way: `after`).
@@ -245,10 +261,12 @@ class BinaryConnection(asyncio.Protocol):
         self._admission.release_then(msg.ticket, tokens, self._released)
 
     def _released(self, ticket: int, ok: bool) -> None:
+        self._awaiting -= 1
         if not self._lost:
             self._send(Released(ticket, ok))
 
     def _refused(self, ticket: int, problem: str) -> None:
+        self._awaiting -= 1
         if not self._lost:
             self._send(ReleaseRefused(ticket, False, 422, problem))
 
@@ -262,7 +280,7 @@ class BinaryConnection(asyncio.Protocol):
                 transport.resume_reading()
 
     def _resume_input(self) -> None:
-        if self._input_held and self._open and not self._stalled_at:
+        if self._input_held and self._open and not self._stalled_at and self._waiting() <= self._hub.limits.write_high:
             self._input_held = False
             self._reading()
             self._process()
@@ -378,8 +396,9 @@ class BinaryConnection(asyncio.Protocol):
         transport = self._transport
         if self._out and transport is not None and not transport.is_closing():
             transport.write(self._out.take())
-            if self._open and transport.get_write_buffer_size() > self._hub.limits.max_write_buffer:
-                self._drop(f"{transport.get_write_buffer_size()} bytes of replies unread")
+            waiting = transport.get_write_buffer_size() + self._awaiting * REPLY_BYTES  # (and on their way)
+            if self._open and waiting > self._hub.limits.max_write_buffer:
+                self._drop(f"{waiting} bytes of replies unread")
         if self._input_held and not self._stalled_at:  # the kernel took the replies: go on
             self._hub.loop.call_soon(self._resume_input)
 

@@ -7,9 +7,9 @@ import asyncio
 import socket
 import struct
 
-from test_binary import HOLD, FakeAdmission, Raw, on_loop, serving, until
+from test_binary import HOLD, FakeAdmission, LinkLike, Raw, on_loop, serving, until
 
-from distributor.binary import BinaryConnection, BinaryLimits
+from distributor.binary import BATCH, REPLY_BYTES, BinaryConnection, BinaryLimits
 from distributor.guards import Guards
 from flowshard.codec import Admit, Error, FrameWriter, Release, Result
 
@@ -137,6 +137,36 @@ async def test_a_client_that_does_not_read_stops_being_read_then_is_dropped() ->
         # Bounded by the high-water mark plus the replies of one batch of frames (~12 KB of Released).
         assert peak < limits.write_high + 32_000, peak
         assert guards[("binary", "slow_reader")] == 1
+        raw.writer.transport.abort()
+
+
+@on_loop()
+async def test_releases_waiting_for_their_answers_count_as_replies_waiting() -> None:
+    """Review 18 (D2): with acceptors a release is answered a round trip after it is read, so a
+    client that never reads had every frame read and forwarded (300k releases: +85 MiB in the
+    acceptor) while its replies waiting stayed at zero. Releases on their way count against
+    write_high as their replies will: reading stops, and the client is dropped as in one process."""
+    fake = LinkLike()
+    guards = Guards()
+    limits = BinaryLimits(write_high=16 << 10, write_timeout=0.3)
+    async with serving(fake, limits, guards) as addr:
+        raw, conn = await _small_buffers(addr, fake)
+        raw.writer.write(_releases(50_000))  # ~450 KB of frames, and the client reads nothing
+        await asyncio.sleep(0.3)
+        bound = limits.write_high // REPLY_BYTES + BATCH
+        assert 0 < len(fake.waiting) <= bound, len(fake.waiting)  # not 50,000
+        assert conn._input_held
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        answered = 0
+        while not fake.release_alls and loop.time() - t0 < 2.0:  # the answers come, and stay unread
+            answered += len(fake.waiting)
+            fake.answer()
+            assert len(fake.waiting) <= bound
+            await asyncio.sleep(0.01)
+        assert fake.release_alls == [conn]
+        assert guards[("binary", "slow_reader")] == 1
+        assert answered < 40_000  # it stopped being read
         raw.writer.transport.abort()
 
 

@@ -938,3 +938,34 @@ def test_binary_release_tokens_out_of_range_is_refused_as_http_refuses_it(launch
         w.close()
 
     run(main())
+
+
+def _hwm_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_a_binary_client_that_does_not_read_costs_its_acceptor_what_it_costs_the_distributor(launch: Any) -> None:
+    """Review 18 (D2): one connection sending 300k releases (3.6 MB) and reading nothing took its
+    acceptor from 42 to 125 MiB: every frame was read and forwarded, the replies on their way not
+    counted. Now they count against write_high: the acceptor stops reading (a few MiB at most)."""
+    svc = launch(shards=1, acceptors=2, budget=2)
+    pids = list(acceptor_pids(svc, 2).values())
+    before = {pid: _hwm_kib(pid) for pid in pids}
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((svc.host, svc.binary_port))
+    sock.setblocking(False)
+    data = _raw_frames(*(Release(10**9 + i) for i in range(300_000)))
+    sent, deadline = 0, time.monotonic() + 1.5
+    while sent < len(data) and time.monotonic() < deadline:
+        try:
+            sent += sock.send(data[sent : sent + (1 << 16)])
+        except BlockingIOError:
+            time.sleep(0.01)
+    time.sleep(0.3)
+    grown = max(_hwm_kib(pid) - before[pid] for pid in pids)
+    sock.close()
+    assert grown < 16 << 10, f"an acceptor grew {grown} KiB (sent {sent} bytes)"
