@@ -57,6 +57,11 @@ from flowshard.types import N_OUTCOMES, OUTCOMES, Outcome
 from flowshard.validate import MAX_TICKET
 
 _DISPATCHED = Outcome.DISPATCHED
+_CANCELLED = Outcome.EVICTED_CANCELLED
+_REJECTED_CAPACITY = Outcome.REJECTED_CAPACITY
+_INF = math.inf
+_monotonic = time.monotonic  # (module globals: a read of `time.monotonic` is two lookups, once or twice a request)
+_monotonic_ns = time.monotonic_ns
 _DONE = PendingState.DONE  # (a module global: an enum class attribute costs ~75 ns a read on 3.11)
 log = logging.getLogger(__name__)
 WORKER_START_TIMEOUT = 30.0
@@ -143,6 +148,8 @@ class Distributor:
         self.acceptors: Any = None  # distributor.acceptors.Acceptors when n_acceptors > 0
         self.ledger = Ledger(config, shards)
         self._bands = len(config.bands)
+        self._multiband = self._bands > 1
+        self._band_of, self._default_band = self.ledger.band_of, self.ledger.default_band  # (admit reads them)
         self._fast_path = config.service.fast_path
         self._single = shards == 1
         self._lease = config.service.lease
@@ -217,11 +224,11 @@ class Distributor:
     ) -> int:
         request_id = self._next_id  # also the arrival sequence number an audit reports
         self._next_id = request_id + 1
-        band = self.ledger.band_index(priority)
-        now = time.monotonic()
-        p = Pending(request_id, flow, band, size, owner=(waiter, cid, leased, audit), received=now,
+        now = _monotonic()
+        # the band: `Ledger.band_index`, its table read here (once per request)
+        p = Pending(request_id, flow, self._band_of.get(priority, self._default_band), size,
+                    owner=(waiter, cid, leased, audit), payload=(priority, ttl, slo, tokens, weight), received=now,
                     tokens=tokens, weight=weight)
-        p.payload = (priority, ttl, slo, tokens, weight)
         self.pending[request_id] = p
         if self._accepting:
             self._admit(p, now)
@@ -249,10 +256,13 @@ class Distributor:
             # the flow's VTC counter lives on the shard that dispatched it (the fast path charges none)
             self._send(held.shard, Charge(held.flow, held.priority, float(tokens - held.cost)))
             self.ledger.correct(held.priority, held.shard, float(tokens - held.cost), held.flow)
-        if held.deadline != math.inf:
+        # `_disown`, inline (once per request)
+        if held.deadline != _INF:  # leased (HTTP)
             self._leases.pop(ticket, None)
-            self._disown(held)
-        else:  # binary or proxied (the common case, inline: `_disown` without its lease branch)
+            unconfirmed = getattr(held.owner, "unconfirmed", None)  # (distributor.acceptors)
+            if unconfirmed:
+                unconfirmed.discard(ticket)
+        else:  # binary or proxied
             owned = self._owned.get(held.owner)
             if owned is not None:
                 owned.discard(ticket)
@@ -354,7 +364,8 @@ class Distributor:
         victims = ledger.check(p)
         if victims is None:
             self._finish(p, Outcome.REJECTED_CAPACITY, 0.0)
-        elif victims:
+            return
+        if victims:
             ledger.mark_victims(p, victims)
             for victim in victims:
                 self._send(victim.shard, Cancel(victim.id, Outcome.EVICTED_DISPLACED))
@@ -362,17 +373,16 @@ class Distributor:
             if ttl and self._loop is not None:  # parked: its TTL runs here, not on a shard
                 delay = max(0.0, p.received + ttl - now)
                 self._parked_ttl[p.id] = self._loop.call_later(delay, self._parked_expired, p)
-        else:
-            self._route(p, now)
-
-    def _route(self, p: Pending, now: float) -> None:
+            return
+        # It fits: routed to a shard and queued there (inline, not a function of its own: once per request)
         shm = self.shm
         assert shm is not None
-        slot = self.slots.slot(p.flow, now)
+        flow, band = p.flow, p.band
+        slot = self.slots.slot(flow, now)
         # Flow affinity keeps a backlogged flow on one shard (its order is that shard's to keep); the
         # shard is live: a dead shard's requests are all ended, so no flow is left pointing at it.
         single = self._single  # one shard: no choice to make, nothing read from shared memory
-        shard = -1 if single else self.ledger.affine_shard(p)
+        shard = -1 if single else ledger.affine_shard(p)
         if shard < 0:  # the flow starts afresh: JSQ-Bytes over the shared-memory counters
             if single:
                 shard = 0
@@ -387,16 +397,16 @@ class Distributor:
                 queued = shm.queued_bytes(slot)
                 shard = min(live, key=lambda n: int(queued[n]))
         p.slot = slot
-        self.ledger.enqueue(p, shard)
-        shm.add_enq(slot, shard, p.band, p.size)
-        if self._bands > 1 and not self._waiting[p.band]:  # queued from now on, and no grant covers it yet
-            self._waiting[p.band] = since = time.monotonic_ns()
-            shm.set_waiting(p.band, since)
+        ledger.enqueue(p, shard)
+        shm.add_enq(slot, shard, band, p.size)
+        if self._multiband and not self._waiting[band]:  # queued from now on, and no grant covers it yet
+            self._waiting[band] = since = _monotonic_ns()
+            shm.set_waiting(band, since)
         priority, ttl, slo, tokens, weight = p.payload
         # TTL and SLO deadlines run from the arrival here: the shard gets the receive time, so the
         # gaps between arrivals survive the hop and equal TTLs keep arrival order under edf.
         s = self.shards[shard]  # `_send` and `_schedule_plan`, inline: once per queued request
-        s.writer.add(Enqueue(p.id, p.flow, slot, priority, p.size, ttl, slo, tokens, weight, p.received))
+        s.writer.add(Enqueue(p.id, flow, slot, priority, p.size, ttl, slo, tokens, weight, p.received))
         s.frames_to += 1
         self._plan_needed = True
         if not self._pass_scheduled and self._loop is not None:
@@ -404,7 +414,7 @@ class Distributor:
             self._loop.call_soon(self._end_pass)
 
     def _finish(
-        self, p: Pending, outcome: Outcome, wait: float, *, counted_by_shard: bool = False, at: float = 0.0,
+        self, p: Pending, outcome: Outcome, wait: float, counted_by_shard: bool = False, at: float = 0.0,
         decided: int = 0,
     ) -> None:
         """Deliver the final outcome of `p` (exactly once), or release what it holds if nobody waits.
@@ -433,13 +443,12 @@ class Distributor:
         retry_after = 0
         if outcome == _DISPATCHED:
             # `_new_ticket`'s common case, inline (a pooled random word, not taken): once per dispatch
-            pool = self._random
+            pool, tickets, size = self._random, self.tickets, p.size
             ticket = pool.pop() & _TICKET_MASK if pool else 0
-            if not ticket or ticket in self.tickets:
+            if not ticket or ticket in tickets:
                 ticket = self._new_ticket()
-            deadline = time.monotonic() + self._lease if leased else math.inf
-            self.tickets[ticket] = Ticket(ticket, p.size, waiter, deadline, p.shard, p.flow, p.payload[0],
-                                          p.tokens or p.size)
+            deadline = _monotonic() + self._lease if leased else _INF
+            tickets[ticket] = Ticket(ticket, size, waiter, deadline, p.shard, p.flow, p.payload[0], p.tokens or size)
             if leased:  # HTTP: held until released or the lease ends, whatever becomes of the connection
                 self._leases[ticket] = deadline
             else:  # binary: the connection is the lease (release_all when it closes)
@@ -447,9 +456,9 @@ class Distributor:
                 if owned is None:
                     owned = self._owned[waiter] = set()
                 owned.add(ticket)
-        elif outcome != Outcome.EVICTED_CANCELLED:
+        elif outcome != _CANCELLED:
             retry = self.retry[p.band]
-            retry_after = retry.rejected(time.monotonic()) if outcome == Outcome.REJECTED_CAPACITY else retry.value
+            retry_after = retry.rejected(_monotonic()) if outcome == _REJECTED_CAPACITY else retry.value
         if audit:
             waiter.deliver(cid, p.id, outcome, ticket, wait, retry_after, self._audit(p, outcome, wait, at, decided))
         else:
@@ -486,7 +495,7 @@ class Distributor:
                     band, live = ledger.grant_answered(shard, p.size, dispatched=p, dispatched_at=msg.decided)
                     covered = live and band == p.band
                 newcomer = ledger.leave(p, covered=covered)
-                self._finish(p, outcome, msg.wait, counted_by_shard=True, at=msg.at, decided=msg.decided)
+                self._finish(p, outcome, msg.wait, True, msg.at, msg.decided)  # (counted_by_shard, at, decided)
                 if newcomer is not None:
                     self._retry_newcomer(newcomer)
             elif kind is GrantBack:
