@@ -524,6 +524,7 @@ class Proxy:
         except Exception as exc:  # a bug of ours: the slot must still be answered, or the connection stalls
             log.exception("proxy handler for %r failed", path[:200])
             if slot.exchange is None or slot.exchange.task is None:  # (a no-op if the slot was answered)
+                self.stats.internal_errors += 1  # as an acceptor's failed admission is (Exchange.fail)
                 conn.slot_respond(slot, error_response(500, f"flowshard: internal error: {type(exc).__name__}",
                                                        "server_error", "internal_error", None, conn_hdr))
 

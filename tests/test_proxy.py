@@ -659,6 +659,7 @@ def test_a_failure_inside_the_proxy_handler_answers_500_and_the_connection_goes_
             conn.send("POST", "/v1/chat/completions", {"model": "m", "messages": MSG})
             r = await conn.response(5)
             assert r.status == 500 and r.json()["error"]["code"] == "internal_error", r
+            assert proxy.stats.internal_errors == 1  # counted, as an acceptor counts a failed admission
             assert (await conn.request("GET", "/healthz", timeout=5)).status == 200  # the pipeline did not stall
             conn.close()
         finally:
