@@ -33,6 +33,7 @@ import heapq
 import math
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from itertools import compress
 from typing import Any
 
 import msgspec
@@ -188,9 +189,19 @@ class LedgerBand:
         return max(p.size, 1)
 
     def grantable(self) -> bool:
-        """Some shard holds more of this band's requests than live grants (per shard, not in total)."""
-        for items, granted, stale in zip(self.shard_items, self.shard_granted, self.shard_stale, strict=True):
-            if items > granted - stale:
+        """Some shard holds more of this band's requests than live grants (per shard, not in total).
+
+        Looks only at the shards holding some of the band's work (`compress`, in C), so a band whose
+        work sits on one shard costs what it does at one shard: a shard holding nothing is never
+        grantable (its live grants, granted - stale, are never negative)."""
+        if not self.queued_items:
+            return False
+        items = self.shard_items
+        if not self.granted:  # no grant out: any request is uncovered
+            return True
+        granted, stale = self.shard_granted, self.shard_stale
+        for n in compress(range(len(items)), items):  # noqa: SIM110 (a loop: no generator made per call)
+            if items[n] > granted[n] - stale[n]:
                 return True
         return False
 
@@ -511,7 +522,13 @@ class Ledger:
             if band is None:
                 return out
             index, fair = band.index, band.fair
-            shard = heapq.heappop(heap)[2] if fair else 0 if single else self._pick_shard(band)
+            # A fair band with one open shard (its work on one shard, the packed case) grants it and
+            # leaves it in its heap: its rank is compared with nothing, so it is not recomputed.
+            alone = fair and len(heap) == 1
+            if alone:
+                shard = heap[0][2]
+            else:
+                shard = heapq.heappop(heap)[2] if fair else 0 if single else self._pick_shard(band)
             reserve = -1
             if max_bytes != _INF:
                 hint = max(self._need.get((index, shard), 0), self._typical_size(band, shard))
@@ -538,7 +555,10 @@ class Ledger:
             out.append((shard, index, reserve, saturation))
             if fair:
                 live = band.shard_granted[shard] - band.shard_stale[shard]
-                if band.shard_items[shard] > live:
+                if band.shard_items[shard] <= live:
+                    if alone:
+                        heap.clear()
+                elif not alone:
                     heapq.heappush(heap, (*self._shard_rank(band, shard, live), shard))
 
     def _open_shards(self, band: LedgerBand) -> list[tuple[float, float, int]]:
@@ -547,12 +567,13 @@ class Ledger:
         where a scan of the shards per grant made a plan O(N) per grant (measured: it grew the
         distributor's cost per request with the shard count)."""
         ranked = []
-        counts = zip(band.shard_items, band.shard_granted, band.shard_stale, strict=True)
-        for n, (items, granted, stale) in enumerate(counts):
-            live = granted - stale
-            if items > live:
+        items, granted, stale = band.shard_items, band.shard_granted, band.shard_stale
+        for n in compress(range(len(items)), items):  # only the shards holding some (in C): see grantable
+            live = granted[n] - stale[n]
+            if items[n] > live:
                 ranked.append((*self._shard_rank(band, n, live), n))
-        heapq.heapify(ranked)
+        if len(ranked) > 1:
+            heapq.heapify(ranked)
         return ranked
 
     @staticmethod
@@ -778,10 +799,12 @@ class Ledger:
         for band in self.bands[:-1]:
             rises = band.rises
             short = 0
-            if band.queued_items:
-                for items, granted, stale in zip(band.shard_items, band.shard_granted, band.shard_stale, strict=True):
-                    if items > granted - stale:
-                        short += items - granted + stale
+            if band.queued_items:  # (only the shards holding some of the band's work: see grantable)
+                items, granted, stale = band.shard_items, band.shard_granted, band.shard_stale
+                for n in compress(range(len(items)), items):
+                    uncovered = items[n] - granted[n] + stale[n]
+                    if uncovered > 0:
+                        short += uncovered
             intervals = band.short
             if short:
                 lo = start if len(rises) < short else rises[len(rises) - short]
