@@ -26,7 +26,7 @@ planned across bands), e.g. `--clients 5000 --flows 5000 --bands 8 --spread --bu
 drr` for matrix L100 P8 F5000 W5000.
 
     python -m bench.inproc [--shards 1,4,8] [--requests 200000] [--clients 64] [--flows 16]
-                           [--bands 1] [--spread] [--budget N] [--fairness round-robin]
+                           [--bands 1] [--spread] [--budget N] [--fairness round-robin] [--jsq-slack BYTES]
                            [--link | --http | --http-link] [--profile]
 """
 
@@ -319,11 +319,15 @@ class _HttpClient(MemoryTransport):
         self.clock.spent += time.thread_time() - t
 
 
-def _config(bands: int, flows: int, budget: int | None = None, fairness: str = "round-robin") -> Config:
+def _config(bands: int, flows: int, budget: int | None = None, fairness: str = "round-robin",
+            jsq_slack: int | None = None) -> Config:
+    service = ServiceConfig(fast_path=False)
+    if jsq_slack is not None:
+        service = ServiceConfig(fast_path=False, jsq_slack_bytes=jsq_slack)
     return Config(
         bands=[BandConfig(priority=bands - i, fairness=fairness) for i in range(bands)],
         budget=BudgetConfig(max_inflight_requests=budget),
-        service=ServiceConfig(fast_path=False),
+        service=service,
         flow_slots=max(64, 2 * flows),
         default_ttl=60.0,
     )
@@ -331,10 +335,10 @@ def _config(bands: int, flows: int, budget: int | None = None, fairness: str = "
 
 async def _run(
     shards: int, requests: int, clients: int, flows: int, bands: int, link: bool, http: bool, leased: bool = False,
-    budget: int | None = None, fairness: str = "round-robin", spread: bool = False,
+    budget: int | None = None, fairness: str = "round-robin", spread: bool = False, jsq_slack: int | None = None,
 ) -> dict[str, float]:
     loop = asyncio.get_running_loop()
-    config = _config(bands, flows, budget, fairness)
+    config = _config(bands, flows, budget, fairness, jsq_slack)
     d = Distributor(config, shards)
     d.shm = ShmStats(bytearray(d.layout.nbytes), d.layout, init=True)
     d._loop = loop
@@ -395,10 +399,10 @@ async def _run_http(
 def measure(shards: int, requests: int = 200_000, clients: int = 64, flows: int = 16, bands: int = 1,
             link: bool = False, profile: bool = False, http: bool = False, leased: bool = False,
             budget: int | None = None, fairness: str = "round-robin", spread: bool = False,
-            ) -> dict[str, float]:
+            jsq_slack: int | None = None) -> dict[str, float]:
     """Run the closed loop once; the distributor's µs per dispatched request (and the rest's)."""
-    return run_once(_run(shards, requests, clients, flows, bands, link, http, leased, budget, fairness, spread),
-                    profile)
+    return run_once(_run(shards, requests, clients, flows, bands, link, http, leased, budget, fairness, spread,
+                         jsq_slack), profile)
 
 
 def run_once(run: Coroutine[Any, Any, dict[str, float]], profile: bool) -> dict[str, float]:
@@ -427,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=None,
                         help="max_inflight_requests (default: unlimited, so nothing waits for budget)")
     parser.add_argument("--fairness", default="round-robin", choices=("round-robin", "drr", "vtc", "global-fcfs"))
+    parser.add_argument("--jsq-slack", type=int, default=None, metavar="BYTES",
+                        help="service.jsq_slack_bytes (default: the service's; 1073741824 packs every flow "
+                             "onto shard 0, 0 spreads them)")
     parser.add_argument("--runs", type=int, default=3, help="best of RUNS per shard count")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--link", action="store_true", help="the clients behind an acceptor (its link)")
@@ -447,10 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     for shards in counts:
         if args.profile:
             measure(shards, args.requests, args.clients, args.flows, args.bands, args.link, True, args.http,
-                    args.http_link, args.budget, args.fairness, args.spread)
+                    args.http_link, args.budget, args.fairness, args.spread, args.jsq_slack)
             continue
         runs = [measure(shards, args.requests, args.clients, args.flows, args.bands, args.link, http=args.http,
-                        leased=args.http_link, budget=args.budget, fairness=args.fairness, spread=args.spread)
+                        leased=args.http_link, budget=args.budget, fairness=args.fairness, spread=args.spread,
+                        jsq_slack=args.jsq_slack)
                 for _ in range(args.runs)]
         best = min(runs, key=lambda r: r["distributor_us"])
         print(f"shards={shards}: distributor {best['distributor_us']:.2f} µs/request "
