@@ -27,7 +27,8 @@ __all__ = ["plot"]
 
 # process kinds in the CPU panel: (aggregate figure, legend label)
 COST_PARTS = [("distributor µs/req", "distributor"), ("workers µs/req (sum)", "workers"),
-              ("echo µs/req", "echo server"), ("loadgen µs/req", "load generator")]
+              ("acceptors µs/req (sum)", "acceptors"), ("echo µs/req", "echo server"),
+              ("loadgen µs/req", "load generator")]
 
 
 def plot(path: str, result: dict[str, Any]) -> str:

@@ -478,7 +478,7 @@ def _sorted_figures(values: Sequence[float], scale: float) -> dict[str, float | 
 
 
 def _kind(role: str) -> str:
-    for prefix in ("worker", "loadgen"):
+    for prefix in ("worker", "loadgen", "acceptor"):
         if role.startswith(prefix):
             return prefix + "s"
     return role
@@ -521,7 +521,7 @@ def _cpu(record: RunRecord, requests: int, warnings: list[str], spun: dict[str, 
     busy = record.machine_end.busy - record.machine_start.busy
     steal = record.machine_end.steal - record.machine_start.steal
     foreign = max(0.0, busy - ours) / window
-    server_roles = {"distributor", "workers", "echo", "tracker"}
+    server_roles = {"distributor", "workers", "acceptors", "echo", "tracker"}
     # a --target's processes are not ours to read: no server cost, no projection from the generator alone
     measured_server = any(k in server_roles - {"tracker"} for k in kinds)
     if foreign > FOREIGN:
@@ -671,10 +671,12 @@ METRICS: list[tuple[str, Getter]] = [
     ("server CPU µs/req", _path("cpu", "server_us_per_req")),
     ("distributor µs/req", _kind_us("distributor")),
     ("workers µs/req (sum)", _kind_us("workers")),
+    ("acceptors µs/req (sum)", _kind_us("acceptors")),
     ("echo µs/req", _kind_us("echo")),
     ("loadgen µs/req", _kind_us("loadgens")),
     ("distributor util", _kind_util("distributor")),
     ("workers util (sum)", _kind_util("workers")),
+    ("acceptors util (sum)", _kind_util("acceptors")),
     ("loadgen util", _kind_util("loadgens")),
     ("other processes (cores)", _path("cpu", "machine", "foreign_cores")),
     ("steal (cores)", _path("cpu", "machine", "steal_cores")),

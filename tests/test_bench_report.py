@@ -316,6 +316,24 @@ def test_a_target_gets_no_server_cost_and_its_own_cpu_is_not_called_a_disturbanc
     assert len(warnings) == 1 and "figures are disturbed" in warnings[0]
 
 
+def test_the_server_cpu_counts_the_acceptor_processes() -> None:
+    """With acceptors the server's CPU per request is the distributor's, the workers' and the
+    acceptors' (it left the acceptors out, so a configuration with acceptors looked cheaper)."""
+    from types import SimpleNamespace
+
+    from bench.procstat import CpuSample, MachineSample, ProcId
+    from bench.report import _cpu
+
+    procs = {ProcId(1, 1, "distributor"): 0.4, ProcId(2, 2, "worker0"): 0.2, ProcId(3, 3, "acceptor0"): 0.1,
+             ProcId(4, 4, "acceptor1"): 0.15, ProcId(5, 5, "loadgen0"): 0.3}
+    rec = SimpleNamespace(window=1.0, cpu_start={p: CpuSample(0.0, 0.0) for p in procs},
+                          cpu_end={p: CpuSample(cpu, 0.0) for p, cpu in procs.items()},
+                          machine_start=MachineSample(0.0, 0.0, 0.0), machine_end=MachineSample(1.15, 0.0, 0.0))
+    got = _cpu(rec, 1000, [], {})
+    assert got["server_us_per_req"] == pytest.approx(850.0)
+    assert got["kinds"]["acceptors"] == {"processes": 2, "cpu_s": 0.25, "util": 0.25, "us_per_req": 250.0}
+
+
 def test_blocked_by_higher_is_the_time_a_band_above_had_work_waiting() -> None:
     """Strict priority's share for the reference: a request waits from its arrival at the service to its
     dispatch (the audit's times; else sent and answered), an unfinished one until the end; rejections
