@@ -385,6 +385,7 @@ class HttpConnection(asyncio.Protocol):
         if self._stopped or self._held is not None or self._closing:
             held = self._held
             if held is not None and not self._stopped:
+                self._sent.clear()  # it sent more after those answers were written: it is still there
                 held += data
                 if len(held) > self._limits.max_header_bytes + self._limits.max_body_bytes and not self._paused:
                     self._paused = True
@@ -486,7 +487,7 @@ class HttpConnection(asyncio.Protocol):
             try:
                 if slot.exchange is not None:
                     if slot.data is None:
-                        if k == 0:
+                        if k == 0 and slot.exchange.started:
                             cut = 0  # its answer may be partly written: nothing after it can be
                             break
                         slot.exchange.client_gone()

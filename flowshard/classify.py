@@ -244,7 +244,7 @@ _EVENT_END = re.compile(rb"(?<=\n\n)|(?<=\r\n\r\n)")
 # `,`/`{` and whitespace.
 _WS = rb"[ \t\r\n]*"
 _USAGE_NULL = re.compile(
-    _WS + rb"," + _WS + rb'"usage"' + _WS + rb":" + _WS + rb"null(?=" + _WS + rb"[,}])"
+    rb"(?<![ \t\r\n])" + _WS + rb"," + _WS + rb'"usage"' + _WS + rb":" + _WS + rb"null(?=" + _WS + rb"[,}])"
     + rb"|(?<=\{)" + _WS + rb'"usage"' + _WS + rb":" + _WS + rb"null" + _WS + rb","
 )
 

@@ -242,3 +242,21 @@ def test_sse_relay_holds_at_most_one_bounded_partial_event() -> None:
     out = relay.feed(blob)  # a "stream" that never ends an event: forwarded, not accumulated
     assert out == b"data: " + b"x" * 1000 + blob
     assert relay.end() == b""
+
+
+def test_usage_null_strip_is_not_quadratic_in_a_run_of_whitespace() -> None:
+    """`_USAGE_NULL` starts with `[ \\t\\r\\n]*,`: at every position of a run of k whitespace bytes the
+    engine consumes the rest of the run and backtracks: O(k^2) per run, on the event loop, for any
+    streamed chunk that holds `"usage"` (every chunk, once flowshard asked for usage). A backend's
+    event with 64 KiB of spaces in a string (MAX_EVENT allows 1 MiB) must not stall the loop."""
+    import time
+
+    from flowshard.classify import SseUsage
+
+    event = b'data: {"choices":[{"delta":{"content":"' + b" " * 65536 + b'"}}],"usage":null}\n\n'
+    relay = SseUsage(True)
+    t = time.perf_counter()
+    out = relay.feed(event)
+    spent = time.perf_counter() - t
+    assert b'"usage"' not in out
+    assert spent < 1.0, f"{spent:.2f} s for one 64 KiB event"  # linear: ~1 ms; quadratic: ~4 s
