@@ -1185,6 +1185,7 @@ class HttpConnection(asyncio.Protocol):
             self._closing = True
             self._held = None
             self._sh.guards.hit("http", "close_timeout")
+            self._probe()  # as a closing connection does: answers its kernel refused are undelivered
             reset(self._transport)
             return
         if self._closing:

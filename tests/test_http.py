@@ -1255,3 +1255,31 @@ def test_half_close_whose_answers_never_come_is_reset_not_closed_as_if_complete(
 
     serve(t, NeverAnswers(), guards=guards, header_timeout=0.2)
     assert guards[("http", "close_timeout")] == 1
+
+
+def test_half_close_given_up_releases_the_answers_its_client_never_took() -> None:
+    """When the answers a half-closed client waits for never come, the connection is reset; a dispatched
+    answer written before that, which the client never read (it closed its socket: its kernel
+    refused the bytes), is undelivered: its ticket is released, as at any close that finds the
+    socket reset (it kept its lease instead)."""
+    guards = Guards()
+
+    class NeverAnswersFive(FakeAdmission):
+        def release_then(self, ticket: int, tokens: int, done: Any) -> None:
+            if ticket != 5:  # the distributor is stuck on that one
+                super().release_then(ticket, tokens, done)
+
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(admit("a") + post("/v1/release", {"ticket": 5}))  # the admission answered, the release never
+        c.writer.write_eof()
+        await until(lambda: len(fake.admits) == 1)
+        await asyncio.sleep(0.05)  # the admission's answer is in the client's socket, unread
+        sock = c.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()  # RST: the answer was never taken
+        await until(lambda: guards[("http", "close_timeout")] == 1, timeout=2.0)
+        await until(lambda: fake.released == [TICKET_BASE + 1], timeout=1.0)
+
+    serve(t, NeverAnswersFive(), guards=guards, header_timeout=0.2)
+    assert guards[("http", "undeliverable")] == 1
