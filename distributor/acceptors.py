@@ -348,6 +348,7 @@ ACCEPT_BATCH = 64  # connections accepted per readiness callback (then the loop 
 ACCEPT_PAUSE = 0.1  # after an accept error (out of descriptors): listen again after this
 HANDOVER_QUIET = 1.0  # an acceptor not heard from this long gets no new connection
 HEARTBEAT_STALE = 5.0  # nor heard from this long: hung; killed, and started again (as a worker)
+SELF_STALL = 0.5  # the checks (every 0.25 s) this far apart: the distributor itself did not run
 PROXY_REPORT_WAIT = 1.0  # proxy mode: the most /metrics and /v1/stats wait for the acceptors' counters
 
 
@@ -376,6 +377,7 @@ class Acceptors:
         self.all_ready: asyncio.Event = asyncio.Event()
         self._asks: dict[int, tuple[set[int], Callable[[], None]]] = {}  # proxy reports awaited, per query
         self._next_ask = 1
+        self._checked = time.monotonic()  # the last check_heartbeats
 
     async def start(self) -> None:
         for index in range(self.count):
@@ -462,7 +464,10 @@ class Acceptors:
         verdict = self.verdict(kind)
         message = kind + bytes((verdict,))
         quiet = time.monotonic() - HANDOVER_QUIET  # an acceptor silent this long may be hung: none for it
-        live = sorted((link for link in self.links if link is not None and link.ready and link.heard > quiet),
+        ready = [link for link in self.links if link is not None and link.ready]
+        # All quiet: more likely this process did not run (its links hold their heartbeats unread)
+        # than that every acceptor hung; a hung one's queue refuses the send, and it is killed later.
+        live = sorted([link for link in ready if link.heard > quiet] or ready,
                       key=lambda x: (x.load(kind), x.refused[kind]))
         for link in live:
             if link.handover is None:
@@ -604,8 +609,19 @@ class Acceptors:
                 delay = min(RESPAWN_MAX, delay * 2)
 
     def check_heartbeats(self) -> None:
-        """Kill an acceptor that has said nothing for HEARTBEAT_STALE (its link's loss restarts it)."""
-        stale = time.monotonic() - HEARTBEAT_STALE
+        """Kill an acceptor that has said nothing for HEARTBEAT_STALE (its link's loss restarts it).
+
+        Silence counts only while this process runs: after a stall of its own (stopped, or the host
+        paused it) the heartbeats wait unread in its links, so every acceptor's silence starts again
+        from then (it killed healthy acceptors after a 5 s pause of the distributor)."""
+        now = time.monotonic()
+        stalled, self._checked = now - self._checked > SELF_STALL, now
+        if stalled:
+            for link in self.links:
+                if link is not None:
+                    link.heard = max(link.heard, now)
+            return
+        stale = now - HEARTBEAT_STALE
         for index, link in enumerate(self.links):
             proc = self.procs[index]
             if link is not None and link.ready and link.heard < stale and proc is not None:

@@ -969,3 +969,34 @@ def test_a_binary_client_that_does_not_read_costs_its_acceptor_what_it_costs_the
     grown = max(_hwm_kib(pid) - before[pid] for pid in pids)
     sock.close()
     assert grown < 16 << 10, f"an acceptor grew {grown} KiB (sent {sent} bytes)"
+
+
+@pytest.mark.parametrize("pause", [1.5, 5.5])
+def test_a_pause_of_the_distributor_neither_refuses_connections_nor_kills_acceptors(launch: Any, pause: float) -> None:
+    """The distributor stopped for `pause` s (SIGSTOP: a host stall, a debugger) reads its links late:
+    the acceptors' heartbeats wait unread there. Their silence is not counted for that time: a
+    connection that arrived during the pause is served (after 1 s it was closed: "no acceptor could
+    take a connection"), and after 5 s both healthy acceptors were killed, dropping their clients
+    (a binary connection's ticket released)."""
+    svc = launch(budget=4, acceptors=2)
+    acceptors = {p.pid for p in svc.acceptor_procs()}
+
+    async def main() -> None:
+        async with Client.connect(svc.host, svc.binary_port) as held:
+            ticket = await held.admit("held")
+            assert ticket.outcome is D
+            os.kill(svc.pid, signal.SIGSTOP)
+            try:
+                conn = await asyncio.wait_for(HttpConn.open(svc.http_port), 2.0)  # the kernel's backlog takes it
+                conn.send("GET", "/healthz")
+                await asyncio.sleep(pause)
+            finally:
+                os.kill(svc.pid, signal.SIGCONT)
+            assert (await conn.response(5.0)).status == 200
+            conn.close()
+            await asyncio.sleep(0.6)  # past the checks after the pause
+            assert {p.pid for p in svc.acceptor_procs()} == acceptors
+            assert metric(await svc.ametrics(), "flowshard_acceptor_restarts_total") == 0
+            assert (await held.release(ticket.ticket)) is True  # its connection lived through it
+
+    run(main())
