@@ -337,6 +337,8 @@ class HttpConnection(asyncio.Protocol):
         self._eof_wait = False  # the client sent EOF; answers to its earlier requests are still on their way
         self._unhold_scheduled = False
         self._deferred = False  # in the hub's `deferred`: its answers are written at the hub's flush
+        self._asking = False  # a /v1/stats or /metrics render asked of the distributor, not yet answered
+        self._asks: deque[tuple[str, _Slot, bytes, bool]] = deque()  # the ones waiting behind it
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self._last_active = 0.0
@@ -906,15 +908,36 @@ class HttpConnection(asyncio.Protocol):
     def _ask(self, what: str, conn: bytes, close: int, head: bool) -> None:
         """GET /v1/stats or /metrics: rendered by the distributor (in this process, or over an
         acceptor's link, when its answer keeps its place in the response order). An empty content
-        type says the rendering failed (the body names the exception)."""
+        type says the rendering failed (the body names the exception).
+
+        One render per connection at a time: from an acceptor, the answer comes a hop later, and a
+        client pipelining scrapes without reading had the distributor render every one it sent
+        before its unread answers could be judged (~12 MiB of the distributor's memory per such
+        client). The next is asked once the last is answered, after the same check as at parsing."""
         slot = self.slot_open(conn, close)
+        if self._asking:
+            self._asks.append((what, slot, conn, head))
+        else:
+            self._ask_now(what, slot, conn, head)
+
+    def _ask_now(self, what: str, slot: _Slot, conn: bytes, head: bool) -> None:
+        self._asking = True
 
         def answered(payload: bytes, ctype: str) -> None:
+            self._asking = False
             if not ctype:
                 self.slot_respond(slot, _error(500, f"internal error: {payload.decode('utf-8', 'replace')}", conn))
-                return
-            status = b"HTTP/1.1 200 OK\r\ncontent-type: %b\r\n" % ctype.encode("latin-1")
-            self.slot_respond(slot, _render(status, payload, conn, no_body=head))
+            else:
+                status = b"HTTP/1.1 200 OK\r\ncontent-type: %b\r\n" % ctype.encode("latin-1")
+                self.slot_respond(slot, _render(status, payload, conn, no_body=head))
+            if self._asks and not self._asking:
+                if self._dead or self._closing:
+                    self._asks.clear()  # gone or going: its slots end with the connection
+                elif self._transport.get_write_buffer_size() > self._limits.write_high:
+                    self._asks.clear()  # not reading: dropped, as at parsing (its slots end with it)
+                    self._drop()
+                else:
+                    self._ask_now(*self._asks.popleft())
 
         try:
             self._admission.query(what, answered)

@@ -1283,3 +1283,41 @@ def test_half_close_given_up_releases_the_answers_its_client_never_took() -> Non
 
     serve(t, NeverAnswersFive(), guards=guards, header_timeout=0.2)
     assert guards[("http", "undeliverable")] == 1
+
+
+def test_one_render_per_connection_is_asked_at_a_time() -> None:
+    """From an acceptor a /v1/stats answer comes a hop later; a client pipelining scrapes had the
+    distributor render every one it sent before its unread answers could be judged (~12 MiB of the
+    distributor's memory per such client, review of the sixth round). One render per connection is
+    asked at a time, the next when it is answered (after the same not-reading check as at parsing);
+    they are all answered, in order."""
+
+    big = {"big": "x" * 2000}
+
+    class CountsRenders(FakeAdmission):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stats_body = big
+            self.asked = self.most = self.outstanding = 0
+
+        def query(self, what: str, done: Any) -> None:
+            self.asked += 1
+            self.outstanding += 1
+            self.most = max(self.most, self.outstanding)
+            body = json.dumps(self.stats_body).encode()
+
+            def answer() -> None:
+                self.outstanding -= 1
+                done(body, "application/json")
+
+            asyncio.get_running_loop().call_later(0.001, answer)
+
+    async def reads(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(get("/v1/stats") * 30 + get("/healthz"))
+        answers = [await c.response() for _ in range(31)]
+        assert [a.status for a in answers] == [200] * 31 and answers[0].json() == big
+        c.close()
+
+    fake = serve(reads, CountsRenders())
+    assert (fake.asked, fake.most) == (30, 1)
