@@ -31,6 +31,7 @@ from flowshard.config import Config
 from flowshard.engine import Engine
 from flowshard.flow import FlowQueue
 from flowshard.ledger import Ledger, Pending, PendingState
+from flowshard.shm import pack_within_slack
 from flowshard.types import Item, ItemState, Outcome, Request
 
 _INF = math.inf
@@ -230,9 +231,9 @@ class ShardedService:
             best = min(queued)
             tied = [s for s, v in enumerate(queued) if v == best]
         if len(tied) > 1:
+            if self._jsq_slack:
+                return pack_within_slack(tied, [self._shard_bytes[s] for s in tied], self._jsq_slack)
             low = min(self._shard_bytes[s] for s in tied)
-            if self._jsq_slack:  # the lowest-numbered within the slack of the least loaded
-                return next(s for s in tied if self._shard_bytes[s] <= low + self._jsq_slack)
             tied = [s for s in tied if self._shard_bytes[s] == low]
         return tied[self._rr % len(tied)]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import numpy as np
@@ -74,6 +74,17 @@ def _first_word(buf: Buffer) -> int:
             return 0
         with raw[:8] as head, head.cast("q") as q:
             return int(q[0])
+
+
+def pack_within_slack(shards: Iterable[int], totals: Sequence[int], slack: int) -> int:
+    """JSQ-Bytes's slack (`ServiceConfig.jsq_slack_bytes` > 0): of `shards`, in index order, the first
+    whose queued bytes (`totals`, one per shard) are within `slack` of the least. One rule for the
+    service's pick (`ShmStats.jsq_pick`) and the N-shard simulation's."""
+    bound = min(totals) + slack
+    for s, t in zip(shards, totals, strict=True):  # a loop, not next() over a generator: ~2x faster (timeit)
+        if t <= bound:
+            return s
+    raise ValueError("no shards")  # (only if there are none: the least is always within)
 
 
 def _align(n: int) -> int:
@@ -488,7 +499,7 @@ class ShmStats:
             # where every flow starts afresh)
             totals = list(map(operator.sub, row(raw, self._b_senq), row(raw, self._b_sdeq)))
             low = min(totals)
-            if slack:  # the lowest-numbered shard within `slack` bytes of the least loaded
+            if slack:  # `pack_within_slack` inlined: once per flow starting afresh, 0.4 µs less at 8 shards (timeit)
                 bound = low + slack
                 for s, t in enumerate(totals):
                     if t <= bound:
@@ -508,12 +519,8 @@ class ShmStats:
         if len(tied) == 1:
             return tied[0]
         enq, deq = row(raw, self._b_senq), row(raw, self._b_sdeq)
-        if slack:  # the lowest-numbered shard within `slack` bytes of the least loaded
-            totals = [enq[s] - deq[s] for s in tied]
-            bound = min(totals) + slack
-            for s, t in zip(tied, totals, strict=True):
-                if t <= bound:
-                    return s
+        if slack:
+            return pack_within_slack(tied, [enq[s] - deq[s] for s in tied], slack)
         low_tied: list[int] = []
         low = 0
         for s in tied:
