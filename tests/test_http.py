@@ -1321,3 +1321,34 @@ def test_one_render_per_connection_is_asked_at_a_time() -> None:
 
     fake = serve(reads, CountsRenders())
     assert (fake.asked, fake.most) == (30, 1)
+
+
+@pytest.mark.parametrize("pipeline_full", [False, True], ids=["pipeline_open", "pipeline_full"])
+def test_an_answer_the_client_read_before_sending_more_is_not_released_at_its_reset(pipeline_full: bool) -> None:
+    """`HttpConnection._sent` is "tickets of dispatched answers written since the client last sent
+    anything": data read from the client clears it (data_received). Data read while the pipeline is
+    full goes into `_held` and returns before that clear, so an answer the client read, and then
+    sent more after, is still taken as undelivered: its ticket is released at the client's reset
+    while the client holds it (in flight under-counted), and `_sent` grows for as long as the
+    client keeps the pipeline full."""
+
+    async def t(port: int, fake: FakeAdmission) -> None:
+        c = await Client.open(port)
+        c.send(b"".join(admit(HOLD) for _ in range(4)))
+        await until(lambda: len(fake.admits) == 4)
+        conn = fake.admits[0]["waiter"]
+        assert (conn._held is not None) == pipeline_full
+        fake.finish(1)  # dispatched: written at once (3 left unanswered: the pipeline stays held when full)
+        r = await c.response()
+        assert r.json()["ticket"] == TICKET_BASE + 1  # the client has read it
+        c.send(admit(HOLD))  # ... and sends more after it: it is still there
+        await asyncio.sleep(0.05)
+        assert not conn._sent  # the client sent more after reading them: nothing written is undelivered
+        sock = c.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()  # RST
+        await until(lambda: len(fake.cancels) >= 3)
+        await asyncio.sleep(0.05)
+        assert fake.released == [], f"ticket(s) {fake.released} released while the client holds them"
+
+    serve(t, max_pipelined=4 if pipeline_full else 64)

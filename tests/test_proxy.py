@@ -1240,6 +1240,19 @@ def test_the_running_requests_are_told_why_the_service_stopped() -> None:
     assert "drain_timeout" not in said["stopped"] and said["stopped"].startswith("when the service stopped")
 
 
+@contextlib.asynccontextmanager
+async def _budget_held(svc: Any) -> AsyncIterator[HttpConn]:
+    """The budget (1) held by another connection for the block: yields a fresh connection whose
+    requests queue; then the hold is released (200: nothing released it meanwhile)."""
+    held = await HttpConn.open(svc.http_port)
+    ticket = (await held.request("POST", "/v1/admit", {"flow": "hold"}, timeout=5)).json()["ticket"]
+    conn = await HttpConn.open(svc.http_port)
+    yield conn
+    conn.close()
+    assert (await held.request("POST", "/v1/release", {"ticket": ticket}, timeout=5)).status == 200
+    held.close()
+
+
 @pytest.mark.parametrize("acceptors", [0, 1])
 def test_half_close_answers_a_queued_proxied_request_503_and_what_follows_it(
     launch: Any, fake_backend: Any, acceptors: int
@@ -1252,23 +1265,45 @@ def test_half_close_answers_a_queued_proxied_request_503_and_what_follows_it(
     svc = launch(proxy_config([fake.url], budget=1), acceptors=acceptors)
 
     async def main() -> None:
-        held = await HttpConn.open(svc.http_port)
-        ticket = (await held.request("POST", "/v1/admit", {"flow": "hold"}, timeout=5)).json()["ticket"]
-        conn = await HttpConn.open(svc.http_port)
-        conn.send("POST", "/v1/admit", {"flow": "a"})  # queued: the budget (1) is held
-        conn.send("POST", "/v1/chat/completions", {"model": "m", "messages": MSG, "max_tokens": 2})
-        conn.send("GET", "/healthz")
-        await asyncio.sleep(0.2)  # both queued in the distributor
-        conn.writer.write_eof()
-        answers = [await conn.response(timeout=5) for _ in range(3)]
-        assert [a.status for a in answers] == [503, 503, 200], answers
-        assert answers[0].json()["reason"] == "cancelled"
-        assert "error" in answers[1].json()
-        assert await conn.closed_by_peer()
-        conn.close()
-        assert (await held.request("POST", "/v1/release", {"ticket": ticket}, timeout=5)).status == 200
-        held.close()
+        async with _budget_held(svc) as conn:
+            conn.send("POST", "/v1/admit", {"flow": "a"})  # queued: the budget (1) is held
+            conn.send("POST", "/v1/chat/completions", {"model": "m", "messages": MSG, "max_tokens": 2})
+            conn.send("GET", "/healthz")
+            await asyncio.sleep(0.2)  # both queued in the distributor
+            conn.writer.write_eof()
+            answers = [await conn.response(timeout=5) for _ in range(3)]
+            assert [a.status for a in answers] == [503, 503, 200], answers
+            assert answers[0].json()["reason"] == "cancelled"
+            assert "error" in answers[1].json()
+            assert await conn.closed_by_peer()
 
     run(main())
     s = settled(svc)
     assert band_outcomes(s)["evicted:cancelled"] == 2
+
+
+@pytest.mark.parametrize("acceptors", [0, 1])
+def test_half_close_answers_a_release_behind_a_queued_proxied_request_at_the_head(
+    launch: Any, fake_backend: Any, acceptors: int
+) -> None:
+    """`_answers_on_their_way` cut the queue at a proxied request at its head whose answer was not in
+    (`k == 0`), "its answer may be partly written", though nothing of it was written while it waited
+    for its admission (`Exchange.started` False). The docstring's rule: only one being streamed cuts.
+    So a release pipelined behind a queued proxied request was applied, unanswered (review of the
+    sixth round)."""
+    fake = fake_backend(ttft=0.005, itl=0.001)
+    svc = launch(proxy_config([fake.url], budget=1), acceptors=acceptors)
+
+    async def main() -> None:
+        async with _budget_held(svc) as conn:
+            conn.send("POST", "/v1/chat/completions", {"model": "m", "messages": MSG, "max_tokens": 2})  # queued
+            conn.send("POST", "/v1/release", {"ticket": 5})  # names no ticket: 404, after the proxied one
+            conn.send("GET", "/healthz")
+            await asyncio.sleep(0.3)  # the proxied request queued in the distributor (the budget, 1, is held)
+            conn.writer.write_eof()
+            rest = await asyncio.wait_for(conn.reader.read(), 5)
+            # expected: 503 (the proxied request, its client gone), 404 (the release), 200 (healthz)
+            assert rest.count(b"HTTP/1.1 ") == 3, rest
+
+    run(main())
+    settled(svc)
