@@ -1132,14 +1132,16 @@ def test_a_release_of_a_number_that_can_name_no_ticket_is_404_without_asking() -
 
 
 class AnswersLater(FakeAdmission):
-    """As an acceptor's Upstream: releases and queries are answered a hop later (next loop turn)."""
+    """As an acceptor's Upstream: releases and queries are answered a hop later (`delay` s)."""
+
+    delay = 0.02
 
     def release_then(self, ticket: int, tokens: int, done: Any) -> None:
-        asyncio.get_running_loop().call_later(0.02, lambda: done(ticket, self.release(ticket)))
+        asyncio.get_running_loop().call_later(self.delay, lambda: done(ticket, self.release(ticket)))
 
     def query(self, what: str, done: Any) -> None:
         body = json.dumps(self.stats_body).encode()
-        asyncio.get_running_loop().call_later(0.02, lambda: done(body, "application/json"))
+        asyncio.get_running_loop().call_later(self.delay, lambda: done(body, "application/json"))
 
 
 def test_half_close_waits_for_answers_on_their_way() -> None:
@@ -1188,15 +1190,10 @@ def test_half_close_cancels_a_pending_admission_and_answers_what_follows_it() ->
     serve(t, AnswersLater())
 
 
-class AnswersSlowly(FakeAdmission):
+class AnswersSlowly(AnswersLater):
     """As AnswersLater, 50 ms later: the client's EOF is read before the answers come."""
 
-    def release_then(self, ticket: int, tokens: int, done: Any) -> None:
-        asyncio.get_running_loop().call_later(0.05, lambda: done(ticket, self.release(ticket)))
-
-    def query(self, what: str, done: Any) -> None:
-        body = json.dumps(self.stats_body).encode()
-        asyncio.get_running_loop().call_later(0.05, lambda: done(body, "application/json"))
+    delay = 0.05
 
 
 def test_half_close_answers_the_requests_kept_unparsed_while_the_pipeline_was_full() -> None:
