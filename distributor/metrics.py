@@ -90,6 +90,7 @@ class _View:
     inversions: I64  # [B] (the distributor's row): dispatches that took budget a higher band's waiting work needed
     narrowed: I64  # [B]: grants handed back for a higher band that waited uncovered
     heartbeat_age: list[float | None]  # per shard, seconds; None before the first heartbeat
+    backlog: list[int]  # per shard: bytes of Enqueues sent to it not read yet (JSQ-Bytes's slack packs by it)
     consistent: bool
     top: list[TopFlow]
     other_items: list[int]  # per band: queued items of flows not in `top`
@@ -176,6 +177,7 @@ def _view(distributor: Distributor, k: int = TOP_FLOWS) -> _View:
         inversions: I64 = snap["inversions"].sum(axis=0)
         narrowed: I64 = snap["narrowed"].sum(axis=0)
         beats = snap["heartbeat_ns"].tolist()
+        backlog = (snap["shard_enq_bytes"] - snap["shard_taken_bytes"]).tolist()
         consistent = snap.consistent
     else:  # not started yet, or closed: the shared counters are gone, report zeros
         outcomes = np.zeros((b, layout.outcomes), np.int64)
@@ -186,6 +188,7 @@ def _view(distributor: Distributor, k: int = TOP_FLOWS) -> _View:
         inversions = np.zeros(b, np.int64)
         narrowed = np.zeros(b, np.int64)
         beats = [0] * n
+        backlog = [0] * n
         consistent = True
     now_ns = time.monotonic_ns()  # workers stamp CLOCK_MONOTONIC too: system-wide, comparable here
     ages = [max(0.0, (now_ns - beat) / 1e9) if beat else None for beat in beats]
@@ -200,6 +203,7 @@ def _view(distributor: Distributor, k: int = TOP_FLOWS) -> _View:
         inversions=inversions,
         narrowed=narrowed,
         heartbeat_age=ages,
+        backlog=backlog,
         consistent=consistent,
         top=top,
         other_items=other_items,
@@ -299,6 +303,16 @@ class FlowshardCollector(Collector):
                 shard_size.add_metric([shard, band], items[si])
                 shard_bytes.add_metric([shard, band], nbytes[si])
         yield from (shard_size, shard_bytes)
+
+        backlog = GaugeMetricFamily(
+            "flowshard_shard_input_backlog_bytes",
+            "Bytes of requests sent to each shard that it has not read yet: how far behind its input it is "
+            "(JSQ-Bytes's slack sends a new flow to the lowest-numbered shard within jsq_slack_bytes of the least).",
+            labels=["shard"],
+        )
+        for si, shard in enumerate(shards):
+            backlog.add_metric([shard], v.backlog[si])
+        yield backlog
 
         flow_size = GaugeMetricFamily(
             "flowshard_flow_queue_size",
@@ -524,6 +538,7 @@ def stats_snapshot(distributor: Distributor, top_flows: int = TOP_FLOWS) -> dict
                 "dispatched": dispatched[si],
                 "grants_outstanding": ledger.outstanding_grants(si),
                 "heartbeat_age_seconds": v.heartbeat_age[si],
+                "input_backlog_bytes": v.backlog[si],  # sent to it, not read yet
                 "frames_to": s.frames_to,  # frames sent to this shard, and received from it (bench.hops)
                 "frames_from": s.frames_from,
             }

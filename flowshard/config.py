@@ -97,10 +97,11 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_connections: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 4096
     header_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
     idle_timeout: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 75.0
-    # JSQ-Bytes's slack for a flow starting afresh: a shard within this many queued bytes of the
-    # least loaded counts as shortest, and the lowest-numbered of those wins. Light load packs onto
-    # few shards (fewer per-pass writes and wake-ups); a shard that falls this far behind gets no
-    # new flows. 0: exact JSQ-Bytes, ties round robin.
+    # JSQ-Bytes's slack for a flow starting afresh: a shard whose input backlog (bytes routed to it
+    # that it has not read yet) is within this many bytes of the least backlogged counts as
+    # shortest, and the lowest-numbered of those wins. Work packs onto few shards while they keep up
+    # (fewer per-pass writes and wake-ups), however deep their queues; a shard that falls this far
+    # behind its input gets no new flows. 0: exact JSQ-Bytes over queued bytes, ties round robin.
     jsq_slack_bytes: Annotated[int, msgspec.Meta(ge=0, le=1 << 40)] = 256 * 1024
 
 

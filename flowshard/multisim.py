@@ -222,8 +222,11 @@ class ShardedService:
         self.engines[shard].submit(cast(Request, p.payload), now, p.received)
 
     def _jsq_pick(self, flow: str) -> int:
-        """JSQ-Bytes as `ShmStats.jsq_pick`: fewest queued bytes of this flow, then of the shard (within
-        the slack: the lowest-numbered), then round robin over the tied shards."""
+        """JSQ-Bytes as `ShmStats.jsq_pick`: fewest queued bytes of this flow, then (with a slack) the
+        lowest-numbered shard whose input backlog is within the slack of the least, else the fewest
+        queued bytes of the shard, then round robin over the tied shards. Here a shard reads each
+        Enqueue as it is sent, so every backlog is 0 and the slack packs onto the first tied shard:
+        the service does the same while its shards keep up with their input."""
         queued = self._flow_bytes.get(flow)
         if queued is None:
             tied = list(range(self.n))
@@ -232,7 +235,7 @@ class ShardedService:
             tied = [s for s, v in enumerate(queued) if v == best]
         if len(tied) > 1:
             if self._jsq_slack:
-                return pack_within_slack(tied, [self._shard_bytes[s] for s in tied], self._jsq_slack)
+                return pack_within_slack(tied, [0] * len(tied), self._jsq_slack)
             low = min(self._shard_bytes[s] for s in tied)
             tied = [s for s in tied if self._shard_bytes[s] == low]
         return tied[self._rr % len(tied)]

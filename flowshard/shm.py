@@ -37,7 +37,7 @@ __all__ = [
 I64 = npt.NDArray[np.int64]
 
 MAGIC: Final = int.from_bytes(b"FLOWSHM\0", "little")  # first header word: "this is a stats segment"
-VERSION: Final = 3
+VERSION: Final = 4
 HEADER_WORDS: Final = 8  # magic, version, F, N, B, O, H, nbytes
 _ALIGN: Final = 64  # one cache line: arrays of different writers never share a line at their edges
 
@@ -62,7 +62,10 @@ class ArraySpec(NamedTuple):
 
 
 # Arrays written by shards, then by the distributor; snapshot() copies in this order (see there why).
-_SHARD_ARRAYS: Final = ("deq_bytes", "deq_items", "band_deq_bytes", "band_deq_items", "shard_deq_bytes", "heartbeat_ns")
+_SHARD_ARRAYS: Final = (
+    "deq_bytes", "deq_items", "band_deq_bytes", "band_deq_items", "shard_deq_bytes", "shard_taken_bytes",
+    "heartbeat_ns",
+)
 _DIST_ARRAYS: Final = ("enq_bytes", "enq_items", "band_enq_bytes", "band_enq_items", "shard_enq_bytes", "band_waiting")
 _SHARED_ROWS: Final = ("outcomes", "wait_hist", "dispatched", "inversions", "narrowed")  # row w: writer w
 ARRAY_NAMES: Final = ("seq", *_SHARD_ARRAYS, *_SHARED_ROWS, *_DIST_ARRAYS)
@@ -76,12 +79,12 @@ def _first_word(buf: Buffer) -> int:
             return int(q[0])
 
 
-def pack_within_slack(shards: Iterable[int], totals: Sequence[int], slack: int) -> int:
+def pack_within_slack(shards: Iterable[int], backlogs: Sequence[int], slack: int) -> int:
     """JSQ-Bytes's slack (`ServiceConfig.jsq_slack_bytes` > 0): of `shards`, in index order, the first
-    whose queued bytes (`totals`, one per shard) are within `slack` of the least. One rule for the
-    service's pick (`ShmStats.jsq_pick`) and the N-shard simulation's."""
-    bound = min(totals) + slack
-    for s, t in zip(shards, totals, strict=True):  # a loop, not next() over a generator: ~2x faster (timeit)
+    whose input backlog (`backlogs`, one per shard: `ShmStats.shard_backlog_bytes`) is within `slack`
+    of the least. One rule for the service's pick (`ShmStats.jsq_pick`) and the N-shard simulation's."""
+    bound = min(backlogs) + slack
+    for s, t in zip(shards, backlogs, strict=True):  # a loop, not next() over a generator: ~2x faster (timeit)
         if t <= bound:
             return s
     raise ValueError("no shards")  # (only if there are none: the least is always within)
@@ -121,6 +124,9 @@ class ShmLayout:
             "band_deq_items": (b, n),
             # each shard's bytes over all flows and bands (JSQ-Bytes's tie-break reads 2N cells, not 2BN)
             "shard_deq_bytes": (n,),
+            # each shard's bytes of Enqueues it has read: shard_enq_bytes - this = its input backlog (the
+            # bytes sent that it has not taken in yet), what JSQ-Bytes's slack packs by
+            "shard_taken_bytes": (n,),
             "heartbeat_ns": (n,),
             "outcomes": (n + 1, b, o),
             "wait_hist": (n + 1, b, h),
@@ -310,6 +316,7 @@ class ShmStats:
     band_enq_items: I64
     shard_enq_bytes: I64
     shard_deq_bytes: I64
+    shard_taken_bytes: I64
 
     def __init__(self, buf: Buffer, layout: ShmLayout | None = None, *, init: bool = False) -> None:
         """View ``buf``. ``layout=None`` reads it from the header; ``init=True`` (creator only) writes it."""
@@ -351,6 +358,7 @@ class ShmStats:
         self._d_bdeq_i = w["band_deq_items"] - w["band_deq_bytes"]
         self._w_senq = w["shard_enq_bytes"]
         self._w_sdeq = w["shard_deq_bytes"]
+        self._w_stake = w["shard_taken_bytes"]
         self._w_out = w["outcomes"]
         self._w_hist = w["wait_hist"]
         self._w_disp = w["dispatched"]
@@ -361,7 +369,7 @@ class ShmStats:
         # jsq_pick's reads: a row of N cells (native int64, as `_q`) at a byte offset, and its rows' offsets
         self._row_n = struct.Struct(f"{layout.shards}q").unpack_from
         self._b_enq, self._b_deq = 8 * self._w_enq_b, 8 * self._w_deq_b
-        self._b_senq, self._b_sdeq = 8 * self._w_senq, 8 * self._w_sdeq
+        self._b_senq, self._b_sdeq, self._b_stake = 8 * self._w_senq, 8 * self._w_sdeq, 8 * self._w_stake
         self._row_out = layout.bands * layout.outcomes
         self._row_hist = layout.bands * layout.hist_buckets
 
@@ -401,6 +409,10 @@ class ShmStats:
         q[i] += nbytes
         q[i + self._d_bdeq_i] += items
         q[self._w_sdeq + shard] += nbytes
+
+    def add_taken(self, shard: int, nbytes: int) -> None:
+        """Shard ``shard`` only: it has read Enqueues of ``nbytes`` in all (its input backlog shrinks)."""
+        self._q[self._w_stake + shard] += nbytes
 
     def add_outcome(self, writer: int, band: int, outcome: int, n: int = 1) -> None:
         """Writer ``writer`` only: count final outcomes (index per the outcome enum, < O)."""
@@ -468,6 +480,12 @@ class ShmStats:
         out: I64 = self.shard_enq_bytes - self.shard_deq_bytes
         return out
 
+    def shard_backlog_bytes(self) -> I64:
+        """Per shard, the bytes of Enqueues sent to it that it has not read yet (length N): how far
+        behind its input it is. Queued work waiting for budget is not in it (JSQ-Bytes's slack)."""
+        out: I64 = self.shard_enq_bytes - self.shard_taken_bytes
+        return out
+
     def flow_idle(self, slot: int) -> bool:
         """True when nothing of the flow is queued anywhere: its slot may be freed (DESIGN.md §5)."""
         return bool(
@@ -478,32 +496,41 @@ class ShmStats:
     def jsq_pick(self, slot: int, rr_counter: int, slack: int = 0) -> int:
         """JSQ-Bytes: the shard holding the fewest queued bytes of flow ``slot``.
 
-        Ties: the tied shard with the fewest total queued bytes (all flows and bands: the per-shard
-        totals, written with the band table, so a pick reads 2N cells instead of 2BN); still tied:
-        ``sorted(tied)[rr_counter % len(tied)]``, so a caller that increments the counter on every pick
-        spreads new flows round robin. With ``slack`` > 0 (`ServiceConfig.jsq_slack_bytes`) the
-        second step is instead the lowest-numbered tied shard whose total is within ``slack`` bytes of
-        the least: light load packs onto few shards, and no shard holds more than ``slack`` bytes
-        above the least loaded one when it gets a new flow. In-transit requests count as queued.
+        Ties, with ``slack`` 0: the tied shard with the fewest total queued bytes (all flows and bands:
+        the per-shard totals, written with the band table, so a pick reads 2N cells instead of 2BN);
+        still tied: ``sorted(tied)[rr_counter % len(tied)]``, so a caller that increments the counter
+        on every pick spreads new flows round robin. In-transit requests count as queued.
+
+        With ``slack`` > 0 (`ServiceConfig.jsq_slack_bytes`, the default) the ties go instead to the
+        lowest-numbered tied shard whose **input backlog** (`shard_backlog_bytes`: bytes sent to it
+        that it has not read yet) is within ``slack`` of the least: the work packs onto few shards
+        while they keep up, and spills to the next one only when a shard falls behind its input. A
+        deep queue waiting for budget is not load on its shard (a shard's work is per arrival and
+        per dispatch, and dispatches are paced by the budget), so it does not spread the flows.
         Pure Python over the memoryview: for the handful of shards in a process this beats numpy's
         per-call overhead (measured).
         """
         # N cells read as one `struct.unpack_from` each (a tuple): half the cost of a memoryview slice's
-        # `tolist()` (timeit); a pick reads four rows, once per request of a flow that starts afresh
+        # `tolist()` (timeit); a pick reads up to four rows, once per request of a flow that starts afresh
         raw, row, n = self._raw, self._row_n, self._n
         enq = row(raw, self._b_enq + 8 * slot * n)
         deq = row(raw, self._b_deq + 8 * slot * n)
         if enq == deq:  # nothing of the flow anywhere (it starts afresh): every shard ties
+            if slack:
+                q = self._q
+                if q[self._w_senq] - q[self._w_stake] <= slack:  # shard 0 keeps up (every backlog is >= 0)
+                    return 0
+                # `pack_within_slack` inlined: once per flow starting afresh, 0.4 µs less at 8 shards (timeit)
+                backlog = list(map(operator.sub, row(raw, self._b_senq), row(raw, self._b_stake)))
+                bound = min(backlog) + slack
+                for s, t in enumerate(backlog):
+                    if t <= bound:
+                        return s
             # The shards with the fewest bytes in all, in index order, found by C calls (list.index and
             # count) rather than the loop below over every shard (once per request in the matrix shape,
             # where every flow starts afresh)
             totals = list(map(operator.sub, row(raw, self._b_senq), row(raw, self._b_sdeq)))
             low = min(totals)
-            if slack:  # `pack_within_slack` inlined: once per flow starting afresh, 0.4 µs less at 8 shards (timeit)
-                bound = low + slack
-                for s, t in enumerate(totals):
-                    if t <= bound:
-                        return s
             at = totals.index(low)
             for _ in range(rr_counter % totals.count(low)):
                 at = totals.index(low, at + 1)
@@ -518,9 +545,11 @@ class ShmStats:
                 tied.append(s)
         if len(tied) == 1:
             return tied[0]
-        enq, deq = row(raw, self._b_senq), row(raw, self._b_sdeq)
+        enq = row(raw, self._b_senq)
         if slack:
-            return pack_within_slack(tied, [enq[s] - deq[s] for s in tied], slack)
+            taken = row(raw, self._b_stake)
+            return pack_within_slack(tied, [enq[s] - taken[s] for s in tied], slack)
+        deq = row(raw, self._b_sdeq)
         low_tied: list[int] = []
         low = 0
         for s in tied:
@@ -541,6 +570,7 @@ class ShmStats:
             for name in ("deq_bytes", "deq_items", "band_deq_bytes", "band_deq_items"):
                 yield name, col
             yield "shard_deq_bytes", writer
+            yield "shard_taken_bytes", writer
             yield "heartbeat_ns", writer
         for name in _SHARED_ROWS:
             yield name, writer
@@ -630,4 +660,5 @@ class ShmStats:
         self.band_deq_bytes[:, n] = self.band_enq_bytes[:, n]
         self.band_deq_items[:, n] = self.band_enq_items[:, n]
         self.shard_deq_bytes[n] = self.shard_enq_bytes[n]
+        self.shard_taken_bytes[n] = self.shard_enq_bytes[n]
         self._q[i] += 1

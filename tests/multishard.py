@@ -411,18 +411,21 @@ class Model:
         self._send(shard, Enqueue(p.id, p.flow, 0, priority, p.size, ttl, 0.0, 0, 0.0))
 
     def jsq_pick(self, flow: str) -> int:
-        """JSQ-Bytes as in shm.jsq_pick: fewest queued bytes of the flow, then fewest in total (with a
-        slack: the lowest-numbered within it of the least), then RR."""
+        """JSQ-Bytes as in shm.jsq_pick: fewest queued bytes of the flow, then (with a slack) the
+        lowest-numbered shard whose input backlog (its Enqueues still in transit) is within the slack
+        of the least, else the fewest queued bytes in total, then RR."""
         self.rr += 1
         queued = [self.jsq_queued[(flow, n)] for n in range(self.n)]
         best = min(queued)
         tied = [n for n in range(self.n) if queued[n] == best]
         if len(tied) > 1:
-            totals = {n: sum(v for (_, m), v in self.jsq_queued.items() if m == n) for n in tied}
-            low = min(totals.values())
             slack = self.config.service.jsq_slack_bytes
             if slack:
-                return min(n for n in tied if totals[n] <= low + slack)
+                backlog = {n: sum(m.size for m, _ in self.shards[n].inbox if type(m) is Enqueue) for n in tied}
+                least = min(backlog.values())
+                return min(n for n in tied if backlog[n] <= least + slack)
+            totals = {n: sum(v for (_, m), v in self.jsq_queued.items() if m == n) for n in tied}
+            low = min(totals.values())
             tied = [n for n in tied if totals[n] == low]
         return sorted(tied)[self.rr % len(tied)]
 

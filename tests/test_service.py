@@ -18,6 +18,7 @@ binary connection closes. Faults (worker crash, distributor SIGKILL, bad input) 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 import time
@@ -477,28 +478,53 @@ def test_jsq_bytes_places_new_flows_and_a_backlogged_flow_stays_on_its_shard(lau
     run(main())
 
 
-def test_jsq_slack_packs_new_flows_onto_shard_0_until_it_is_the_slack_ahead(launch: Any) -> None:
-    """With `jsq_slack_bytes`, a flow starting afresh goes to the lowest-numbered shard within the
-    slack of the least loaded: light load stays on shard 0 (one shard's writes and wake-ups), and
-    once shard 0 holds more than the slack above the others, new flows go to the next shard. The
-    flows already placed stay where they are (affinity)."""
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_jsq_slack_packs_new_flows_onto_shard_0_until_it_falls_the_slack_behind(launch: Any) -> None:
+    """With `jsq_slack_bytes`, a flow starting afresh goes to the lowest-numbered shard whose input
+    backlog (bytes sent to it, not read yet) is within the slack of the least: work packs onto shard
+    0 while it keeps up, however much it queues (a queue waiting for budget is not load), and a
+    shard that falls more than the slack behind its input (here: stopped) gets no new flow until it
+    reads. Flows already placed stay where they are (affinity)."""
     svc = launch(shards=4, budget=1, service={"drain_timeout": 0.2, "jsq_slack_bytes": 10_000})
 
     async def main() -> None:
         async with Client.connect(svc.host, svc.binary_port) as c:
             hold = await c.admit("hold")
             assert hold.outcome is D
-            small = [c.admit(f"s{i}", size=1000) for i in range(10)]  # 10,000 B: within the slack
-            s = await _queued(svc, 10)
-            assert [sh["queued_bytes"][0] for sh in s["shards"]] == [10_000, 0, 0, 0]
-            more = [c.admit(f"t{i}", size=1000) for i in range(3)]  # shard 0 is 10,000 ahead: still within
-            s = await _queued(svc, 13)
-            assert [sh["queued_bytes"][0] for sh in s["shards"]] == [11_000, 2_000, 0, 0]
-            again = [c.admit("s0", size=1000) for _ in range(2)]  # a backlogged flow stays on its shard
-            s = await _queued(svc, 15)
-            assert [sh["queued_bytes"][0] for sh in s["shards"]] == [13_000, 2_000, 0, 0]
+            deep: list[asyncio.Future[AdmitResult]] = []
+            for k in range(3):  # 30,000 B queued, all on shard 0: each 10,000 B within the slack once it read the last
+                deep += [c.admit(f"d{k}{i}", size=1000) for i in range(10)]
+                s = await _queued(svc, 10 * (k + 1))
+                s = await svc.until_stats(lambda s: s["shards"][0]["input_backlog_bytes"] == 0)
+            assert [sh["queued_bytes"][0] for sh in s["shards"]] == [30_000, 0, 0, 0]
+            worker = s["shards"][0]["pid"]
+            os.kill(worker, signal.SIGSTOP)  # shard 0 stops reading its input
+            try:
+                while not _stopped(worker):
+                    await asyncio.sleep(0.001)
+                # 11,000 B reach a stopped shard 0 (its backlog 0 .. 10,000 at their picks: within), then
+                # it is 11,000 behind: the next flows go to shard 1, which reads them
+                behind = [c.admit(f"b{i}", size=1000) for i in range(14)]
+                s = await _queued(svc, 44)
+                assert [sh["queued_bytes"][0] for sh in s["shards"]] == [41_000, 3_000, 0, 0]
+                assert s["shards"][0]["input_backlog_bytes"] == 11_000
+                again = [c.admit("d00", size=1000)]  # a flow placed on shard 0 stays there, stopped or not
+                s = await _queued(svc, 45)
+                assert [sh["queued_bytes"][0] for sh in s["shards"]] == [42_000, 3_000, 0, 0]
+            finally:
+                os.kill(worker, signal.SIGCONT)
+            await svc.until_stats(lambda s: s["shards"][0]["input_backlog_bytes"] == 0)
+            after = [c.admit(f"a{i}", size=1000) for i in range(3)]  # it caught up: new flows pack there again
+            s = await _queued(svc, 48)
+            assert [sh["queued_bytes"][0] for sh in s["shards"]] == [45_000, 3_000, 0, 0]
+            samples = await svc.ametrics()
+            assert metric(samples, "flowshard_shard_input_backlog_bytes", shard="0") == 0
         assert all(isinstance(x, ConnectionError)
-                   for x in await asyncio.gather(*small, *more, *again, return_exceptions=True))
+                   for x in await asyncio.gather(*deep, *behind, *again, *after, return_exceptions=True))
         await _queued(svc, 0)
 
     run(main())

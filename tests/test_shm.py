@@ -37,6 +37,7 @@ def test_layout_offsets_aligned_disjoint_and_nbytes_exact(dims: tuple[int, ...])
         "band_enq_bytes": (b, n), "band_enq_items": (b, n), "band_deq_bytes": (b, n), "band_deq_items": (b, n),
         "outcomes": (n + 1, b, o), "wait_hist": (n + 1, b, h), "dispatched": (n + 1,),
         "heartbeat_ns": (n,), "seq": (n + 1,), "shard_enq_bytes": (n,), "shard_deq_bytes": (n,),
+        "shard_taken_bytes": (n,),
         "band_waiting": (b,), "inversions": (n + 1, b), "narrowed": (n + 1, b),
     }  # fmt: skip
     assert {s.name: s.shape for s in layout.specs} == expected
@@ -229,37 +230,46 @@ def test_jsq_matches_reference(n: int, b: int, data: st.DataObject) -> None:
         slot, shard, band = data.draw(st.tuples(st.integers(0, 2), st.integers(0, n - 1), st.integers(0, b - 1)))
         nbytes = data.draw(st.integers(0, 3))
         stats.add_enq(slot, shard, band, nbytes)
-        if data.draw(st.booleans()):  # it left again: counters equal but not zero (a flow afresh)
-            stats.add_deq(slot, shard, band, nbytes)
+        if data.draw(st.booleans()):  # the shard read it (its input backlog shrinks)
+            stats.add_taken(shard, nbytes)
+            if data.draw(st.booleans()):  # it left again: counters equal but not zero (a flow afresh)
+                stats.add_deq(slot, shard, band, nbytes)
     rr = data.draw(st.integers(0, 10**6))
     slack = data.draw(st.sampled_from([0, 0, 1, 2, 5]))
     flow_q = (stats.enq_bytes[0] - stats.deq_bytes[0]).tolist()
     total = (stats.band_enq_bytes - stats.band_deq_bytes).sum(axis=0).tolist()
+    backlog = (stats.shard_enq_bytes - stats.shard_taken_bytes).tolist()  # sent, not read yet
     level1 = [s for s in range(n) if flow_q[s] == min(flow_q)]
     low = min(total[t] for t in level1)
     if slack and len(level1) > 1:
-        expected = min(s for s in level1 if total[s] <= low + slack)
+        least = min(backlog[t] for t in level1)
+        expected = min(s for s in level1 if backlog[s] <= least + slack)
     else:
         level2 = [s for s in level1 if total[s] == low]
         expected = level2[rr % len(level2)]
     assert stats.jsq_pick(0, rr, slack) == expected
 
 
-def test_jsq_slack_packs_new_flows_onto_the_lowest_shard_until_it_is_slack_bytes_ahead() -> None:
-    """With a slack, a flow starting afresh goes to the lowest-numbered shard within `slack` bytes of
-    the least loaded one, whatever the round-robin counter: light load packs onto shard 0, and a
-    shard that gets `slack` bytes ahead takes no new flow until the others catch up."""
+def test_jsq_slack_packs_new_flows_onto_the_lowest_shard_until_it_falls_slack_bytes_behind() -> None:
+    """With a slack, a flow starting afresh goes to the lowest-numbered shard whose input backlog
+    (bytes sent, not yet read) is within `slack` bytes of the least, whatever the round-robin
+    counter: work packs onto shard 0 while it keeps up, and a shard that falls `slack` bytes behind
+    its input takes no new flow until it reads. Bytes it has read and queues do not count."""
     stats = make(f=8, n=4, b=1)
     assert {stats.jsq_pick(0, rr, 100) for rr in range(8)} == {0}
-    stats.add_enq(1, 0, 0, 100)  # shard 0 exactly `slack` ahead: still within it
+    stats.add_enq(1, 0, 0, 100)  # shard 0 exactly `slack` behind: still within it
     assert stats.jsq_pick(0, 5, 100) == 0
-    stats.add_enq(2, 0, 0, 1)  # 101 ahead: the next within the slack, shard 1
+    stats.add_enq(2, 0, 0, 1)  # 101 behind: the next within the slack, shard 1
     assert {stats.jsq_pick(0, rr, 100) for rr in range(8)} == {1}
     stats.add_enq(3, 1, 0, 60)
-    stats.add_enq(4, 2, 0, 30)  # totals 101, 60, 30, 0: within 100 of 0 -> 1 is the lowest
+    stats.add_enq(4, 2, 0, 30)  # backlogs 101, 60, 30, 0: within 100 of 0 -> 1 is the lowest
     assert stats.jsq_pick(0, 0, 100) == 1
     assert stats.jsq_pick(0, 0, 40) == 2
-    assert stats.jsq_pick(0, 0, 0) == 3  # no slack: exact JSQ-Bytes
+    assert stats.jsq_pick(0, 0, 0) == 3  # no slack: exact JSQ-Bytes over queued bytes
+    stats.add_taken(0, 101)  # shard 0 read its input: it queues 101 bytes, and is behind by nothing
+    assert stats.shard_backlog_bytes().tolist() == [0, 60, 30, 0]
+    assert {stats.jsq_pick(0, rr, 100) for rr in range(8)} == {0}
+    assert stats.jsq_pick(0, 0, 0) == 3  # (exact JSQ-Bytes still counts what it queues)
     # the flow's own bytes still come first: it is where its bytes are fewest, slack or not
     stats.add_enq(0, 0, 0, 0)
     stats.add_enq(0, 1, 0, 5)
@@ -446,6 +456,9 @@ def test_reset_shard_zeroes_only_that_shards_queued_counts() -> None:
         np.testing.assert_array_equal(after[name][:, [0, 2]], before[name][:, [0, 2]], err_msg=name)
     np.testing.assert_array_equal(after.shard_deq_bytes[[0, 2]], before.shard_deq_bytes[[0, 2]])
     assert after.shard_deq_bytes[1] == after.shard_enq_bytes[1]
+    # what was in transit to it is lost with it: its input backlog is gone too, the others' kept
+    assert after.shard_taken_bytes.tolist() == [0, int(after.shard_enq_bytes[1]), 0]
+    assert stats.shard_backlog_bytes().tolist()[1] == 0
     for name in ("enq_bytes", "enq_items", "band_enq_bytes", "band_enq_items", "shard_enq_bytes", "outcomes",
                  "dispatched"):
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)

@@ -89,10 +89,12 @@ class ShardWorker(asyncio.Protocol):
         engine = self.engine
         stats = self.stats
         stats.begin_write(self.shard)
+        taken = 0  # bytes of the Enqueues read: the input backlog JSQ-Bytes's slack packs by
         try:
             for msg in self.reader.feed(data):
                 kind = type(msg)
                 if kind is Enqueue:
+                    taken += msg.size
                     self.slots[msg.id] = msg.slot
                     engine.submit(
                         Request(msg.id, msg.flow, msg.priority, msg.size, msg.ttl, msg.slo, msg.tokens, msg.weight),
@@ -114,6 +116,8 @@ class ShardWorker(asyncio.Protocol):
                 if engine.outbox:
                     self._drain()
         finally:
+            if taken:
+                stats.add_taken(self.shard, taken)
             stats.end_write(self.shard)
         self._flush()
         if self._closing:
