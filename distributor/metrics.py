@@ -177,7 +177,7 @@ def _view(distributor: Distributor, k: int = TOP_FLOWS) -> _View:
         inversions: I64 = snap["inversions"].sum(axis=0)
         narrowed: I64 = snap["narrowed"].sum(axis=0)
         beats = snap["heartbeat_ns"].tolist()
-        backlog = (snap["shard_enq_bytes"] - snap["shard_taken_bytes"]).tolist()
+        backlog = (snap["shard_sent_bytes"] - snap["shard_taken_bytes"]).tolist()
         consistent = snap.consistent
     else:  # not started yet, or closed: the shared counters are gone, report zeros
         outcomes = np.zeros((b, layout.outcomes), np.int64)

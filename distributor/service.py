@@ -390,13 +390,12 @@ class Distributor:
             else:
                 self._rr += 1
                 shard = shm.jsq_pick(slot, self._rr, self._jsq_slack)
-            if not self.shards[shard].ready:
+            if not self.shards[shard].ready:  # (a shard restarting): the same rule over the live ones
                 live = [s.index for s in self.shards if s.ready]
                 if not live:
                     self._finish(p, Outcome.EVICTED_SHARD_FAILURE, 0.0)
                     return
-                queued = shm.queued_bytes(slot)
-                shard = min(live, key=lambda n: int(queued[n]))
+                shard = shm.jsq_pick_among(slot, live, self._rr, self._jsq_slack)
         p.slot = slot
         ledger.enqueue(p, shard)
         shm.add_enq(slot, shard, band, p.size)
@@ -568,7 +567,7 @@ class Distributor:
         lost = self.ledger.shard_failed(shard)
         for p in lost:
             newcomer = self.ledger.leave(p)
-            self._finish(p, Outcome.EVICTED_SHARD_FAILURE, now - p.received)
+            self._finish(p, Outcome.EVICTED_SHARD_FAILURE, now - p.received, at=now)  # (audit: its shard)
             if newcomer is not None:
                 self._retry_newcomer(newcomer)
         assert self.shm is not None

@@ -66,7 +66,9 @@ _SHARD_ARRAYS: Final = (
     "deq_bytes", "deq_items", "band_deq_bytes", "band_deq_items", "shard_deq_bytes", "shard_taken_bytes",
     "heartbeat_ns",
 )
-_DIST_ARRAYS: Final = ("enq_bytes", "enq_items", "band_enq_bytes", "band_enq_items", "shard_enq_bytes", "band_waiting")
+_DIST_ARRAYS: Final = (
+    "enq_bytes", "enq_items", "band_enq_bytes", "band_enq_items", "shard_enq_bytes", "shard_sent_bytes", "band_waiting",
+)
 _SHARED_ROWS: Final = ("outcomes", "wait_hist", "dispatched", "inversions", "narrowed")  # row w: writer w
 ARRAY_NAMES: Final = ("seq", *_SHARD_ARRAYS, *_SHARED_ROWS, *_DIST_ARRAYS)
 
@@ -77,6 +79,16 @@ def _first_word(buf: Buffer) -> int:
             return 0
         with raw[:8] as head, head.cast("q") as q:
             return int(q[0])
+
+
+MIN_BACKLOG_BYTES: Final = 1024
+
+
+def backlog_bytes(size: int) -> int:
+    """What one request adds to its shard's input backlog: its bytes, at least `MIN_BACKLOG_BYTES`. A
+    shard's work per request is mostly per request, not per byte, so requests declaring no bytes
+    (HTTP's `bytes` is optional) must still show a shard that stops reading them falling behind."""
+    return size if size > MIN_BACKLOG_BYTES else MIN_BACKLOG_BYTES
 
 
 def pack_within_slack(shards: Iterable[int], backlogs: Sequence[int], slack: int) -> int:
@@ -124,8 +136,8 @@ class ShmLayout:
             "band_deq_items": (b, n),
             # each shard's bytes over all flows and bands (JSQ-Bytes's tie-break reads 2N cells, not 2BN)
             "shard_deq_bytes": (n,),
-            # each shard's bytes of Enqueues it has read: shard_enq_bytes - this = its input backlog (the
-            # bytes sent that it has not taken in yet), what JSQ-Bytes's slack packs by
+            # each shard's input read, in `backlog_bytes` units: shard_sent_bytes - this = its input backlog
+            # (what was routed to it that it has not taken in yet), what JSQ-Bytes's slack packs by
             "shard_taken_bytes": (n,),
             "heartbeat_ns": (n,),
             "outcomes": (n + 1, b, o),
@@ -136,6 +148,7 @@ class ShmLayout:
             "band_enq_bytes": (b, n),
             "band_enq_items": (b, n),
             "shard_enq_bytes": (n,),
+            "shard_sent_bytes": (n,),  # input routed to each shard, in `backlog_bytes` units
             # strict priority at the moment of dispatch (see Distributor._publish_waiting, ShardWorker):
             "band_waiting": (b,),  # since when (ns) the band has queued work no grant covers; 0: none
             "inversions": (n + 1, b),  # priority inversions per band; only the distributor's row N is written
@@ -317,6 +330,7 @@ class ShmStats:
     shard_enq_bytes: I64
     shard_deq_bytes: I64
     shard_taken_bytes: I64
+    shard_sent_bytes: I64
 
     def __init__(self, buf: Buffer, layout: ShmLayout | None = None, *, init: bool = False) -> None:
         """View ``buf``. ``layout=None`` reads it from the header; ``init=True`` (creator only) writes it."""
@@ -359,6 +373,7 @@ class ShmStats:
         self._w_senq = w["shard_enq_bytes"]
         self._w_sdeq = w["shard_deq_bytes"]
         self._w_stake = w["shard_taken_bytes"]
+        self._w_ssent = w["shard_sent_bytes"]
         self._w_out = w["outcomes"]
         self._w_hist = w["wait_hist"]
         self._w_disp = w["dispatched"]
@@ -369,7 +384,8 @@ class ShmStats:
         # jsq_pick's reads: a row of N cells (native int64, as `_q`) at a byte offset, and its rows' offsets
         self._row_n = struct.Struct(f"{layout.shards}q").unpack_from
         self._b_enq, self._b_deq = 8 * self._w_enq_b, 8 * self._w_deq_b
-        self._b_senq, self._b_sdeq, self._b_stake = 8 * self._w_senq, 8 * self._w_sdeq, 8 * self._w_stake
+        self._b_senq, self._b_sdeq = 8 * self._w_senq, 8 * self._w_sdeq
+        self._b_ssent, self._b_stake = 8 * self._w_ssent, 8 * self._w_stake
         self._row_out = layout.bands * layout.outcomes
         self._row_hist = layout.bands * layout.hist_buckets
 
@@ -398,6 +414,8 @@ class ShmStats:
         q[i] += nbytes
         q[i + self._d_benq_i] += items
         q[self._w_senq + shard] += nbytes
+        floor = MIN_BACKLOG_BYTES * items  # `backlog_bytes` per item, inline
+        q[self._w_ssent + shard] += nbytes if nbytes > floor else floor
 
     def add_deq(self, slot: int, shard: int, band: int, nbytes: int, items: int = 1) -> None:
         """Shard ``shard`` only: count an item that left its queue, for any reason."""
@@ -411,7 +429,8 @@ class ShmStats:
         q[self._w_sdeq + shard] += nbytes
 
     def add_taken(self, shard: int, nbytes: int) -> None:
-        """Shard ``shard`` only: it has read Enqueues of ``nbytes`` in all (its input backlog shrinks)."""
+        """Shard ``shard`` only: it has read Enqueues of ``nbytes`` in all, in `backlog_bytes` units (the sum
+        of theirs): its input backlog shrinks."""
         self._q[self._w_stake + shard] += nbytes
 
     def add_outcome(self, writer: int, band: int, outcome: int, n: int = 1) -> None:
@@ -481,9 +500,10 @@ class ShmStats:
         return out
 
     def shard_backlog_bytes(self) -> I64:
-        """Per shard, the bytes of Enqueues sent to it that it has not read yet (length N): how far
-        behind its input it is. Queued work waiting for budget is not in it (JSQ-Bytes's slack)."""
-        out: I64 = self.shard_enq_bytes - self.shard_taken_bytes
+        """Per shard, the requests routed to it that it has not read yet, in `backlog_bytes` units
+        (length N): how far behind its input it is. Queued work waiting for budget is not in it
+        (JSQ-Bytes's slack)."""
+        out: I64 = self.shard_sent_bytes - self.shard_taken_bytes
         return out
 
     def flow_idle(self, slot: int) -> bool:
@@ -502,8 +522,9 @@ class ShmStats:
         on every pick spreads new flows round robin. In-transit requests count as queued.
 
         With ``slack`` > 0 (`ServiceConfig.jsq_slack_bytes`, the default) the ties go instead to the
-        lowest-numbered tied shard whose **input backlog** (`shard_backlog_bytes`: bytes sent to it
-        that it has not read yet) is within ``slack`` of the least: the work packs onto few shards
+        lowest-numbered tied shard whose **input backlog** (`shard_backlog_bytes`: the requests routed
+        to it that it has not read yet, each its bytes and at least 1 KiB) is within ``slack`` of the
+        least: the work packs onto few shards
         while they keep up, and spills to the next one only when a shard falls behind its input. A
         deep queue waiting for budget is not load on its shard (a shard's work is per arrival and
         per dispatch, and dispatches are paced by the budget), so it does not spread the flows.
@@ -518,10 +539,10 @@ class ShmStats:
         if enq == deq:  # nothing of the flow anywhere (it starts afresh): every shard ties
             if slack:
                 q = self._q
-                if q[self._w_senq] - q[self._w_stake] <= slack:  # shard 0 keeps up (every backlog is >= 0)
+                if q[self._w_ssent] - q[self._w_stake] <= slack:  # shard 0 keeps up (every backlog is >= 0)
                     return 0
                 # `pack_within_slack` inlined: once per flow starting afresh, 0.4 µs less at 8 shards (timeit)
-                backlog = list(map(operator.sub, row(raw, self._b_senq), row(raw, self._b_stake)))
+                backlog = list(map(operator.sub, row(raw, self._b_ssent), row(raw, self._b_stake)))
                 bound = min(backlog) + slack
                 for s, t in enumerate(backlog):
                     if t <= bound:
@@ -545,11 +566,10 @@ class ShmStats:
                 tied.append(s)
         if len(tied) == 1:
             return tied[0]
-        enq = row(raw, self._b_senq)
         if slack:
-            taken = row(raw, self._b_stake)
-            return pack_within_slack(tied, [enq[s] - taken[s] for s in tied], slack)
-        deq = row(raw, self._b_sdeq)
+            sent, taken = row(raw, self._b_ssent), row(raw, self._b_stake)
+            return pack_within_slack(tied, [sent[s] - taken[s] for s in tied], slack)
+        enq, deq = row(raw, self._b_senq), row(raw, self._b_sdeq)
         low_tied: list[int] = []
         low = 0
         for s in tied:
@@ -558,6 +578,22 @@ class ShmStats:
                 low, low_tied = t, [s]
             elif t == low:
                 low_tied.append(s)
+        return low_tied[rr_counter % len(low_tied)]
+
+    def jsq_pick_among(self, slot: int, shards: Sequence[int], rr_counter: int, slack: int = 0) -> int:
+        """`jsq_pick`'s rule over ``shards`` only (in index order, not empty): the live shards, when a pick
+        landed on one that is down. Rare, so written plainly (numpy reads)."""
+        queued = self.queued_bytes(slot).tolist()
+        best = min(queued[s] for s in shards)
+        tied = [s for s in shards if queued[s] == best]
+        if len(tied) == 1:
+            return tied[0]
+        if slack:
+            backlog = self.shard_backlog_bytes().tolist()
+            return pack_within_slack(tied, [backlog[s] for s in tied], slack)
+        totals = self.shard_queued_bytes().tolist()
+        low = min(totals[s] for s in tied)
+        low_tied = [s for s in tied if totals[s] == low]
         return low_tied[rr_counter % len(low_tied)]
 
     def _writer_cells(self, writer: int) -> Iterator[tuple[str, Any]]:
@@ -660,5 +696,5 @@ class ShmStats:
         self.band_deq_bytes[:, n] = self.band_enq_bytes[:, n]
         self.band_deq_items[:, n] = self.band_enq_items[:, n]
         self.shard_deq_bytes[n] = self.shard_enq_bytes[n]
-        self.shard_taken_bytes[n] = self.shard_enq_bytes[n]
+        self.shard_taken_bytes[n] = self.shard_sent_bytes[n]
         self._q[i] += 1

@@ -39,6 +39,7 @@ from flowshard.codec import Cancel, Done, Enqueue, Grant, GrantBack
 from flowshard.config import Config
 from flowshard.engine import Engine
 from flowshard.ledger import Ledger, Pending, PendingState
+from flowshard.shm import backlog_bytes
 from flowshard.types import Outcome, Request
 
 INF = math.inf
@@ -397,7 +398,7 @@ class Model:
             if not live:
                 self._finish(p, Outcome.EVICTED_SHARD_FAILURE)
                 return
-            shard = min(live, key=lambda n: self.jsq_queued[(p.flow, n)])
+            shard = self.jsq_pick(p.flow, among=live)
         self.ledger.enqueue(p, shard)
         req = self.reqs[p.id]
         req.routed = True
@@ -410,18 +411,22 @@ class Model:
         self._log(f"#{p.id} -> shard {shard}")
         self._send(shard, Enqueue(p.id, p.flow, 0, priority, p.size, ttl, 0.0, 0, 0.0))
 
-    def jsq_pick(self, flow: str) -> int:
+    def jsq_pick(self, flow: str, among: list[int] | None = None) -> int:
         """JSQ-Bytes as in shm.jsq_pick: fewest queued bytes of the flow, then (with a slack) the
         lowest-numbered shard whose input backlog (its Enqueues still in transit) is within the slack
-        of the least, else the fewest queued bytes in total, then RR."""
-        self.rr += 1
-        queued = [self.jsq_queued[(flow, n)] for n in range(self.n)]
-        best = min(queued)
-        tied = [n for n in range(self.n) if queued[n] == best]
+        of the least, else the fewest queued bytes in total, then RR. `among`: over these shards only
+        (the live ones, as `ShmStats.jsq_pick_among`)."""
+        shards = list(range(self.n)) if among is None else among
+        if among is None:
+            self.rr += 1
+        queued = {n: self.jsq_queued[(flow, n)] for n in shards}
+        best = min(queued.values())
+        tied = [n for n in shards if queued[n] == best]
         if len(tied) > 1:
             slack = self.config.service.jsq_slack_bytes
             if slack:
-                backlog = {n: sum(m.size for m, _ in self.shards[n].inbox if type(m) is Enqueue) for n in tied}
+                backlog = {n: sum(backlog_bytes(m.size) for m, _ in self.shards[n].inbox if type(m) is Enqueue)
+                           for n in tied}
                 least = min(backlog.values())
                 return min(n for n in tied if backlog[n] <= least + slack)
             totals = {n: sum(v for (_, m), v in self.jsq_queued.items() if m == n) for n in tied}

@@ -485,47 +485,74 @@ def _stopped(pid: int) -> bool:
 
 def test_jsq_slack_packs_new_flows_onto_shard_0_until_it_falls_the_slack_behind(launch: Any) -> None:
     """With `jsq_slack_bytes`, a flow starting afresh goes to the lowest-numbered shard whose input
-    backlog (bytes sent to it, not read yet) is within the slack of the least: work packs onto shard
-    0 while it keeps up, however much it queues (a queue waiting for budget is not load), and a
-    shard that falls more than the slack behind its input (here: stopped) gets no new flow until it
-    reads. Flows already placed stay where they are (affinity)."""
-    svc = launch(shards=4, budget=1, service={"drain_timeout": 0.2, "jsq_slack_bytes": 10_000})
+    backlog (requests routed to it, not read yet: each its bytes, at least 1 KiB) is within the
+    slack of the least: work packs onto shard 0 while it keeps up, however much it queues (a queue
+    waiting for budget is not load), and a shard that falls more than the slack behind its input
+    (here: stopped) gets no new flow until it reads, also when the requests declare no bytes.
+    Flows already placed stay where they are (affinity)."""
+    kib = 1024
+    svc = launch(shards=4, budget=1, service={"drain_timeout": 0.2, "jsq_slack_bytes": 10 * kib})
+
+    def items(s: dict[str, Any]) -> list[int]:
+        return [sh["queued_items"][0] for sh in s["shards"]]
 
     async def main() -> None:
         async with Client.connect(svc.host, svc.binary_port) as c:
             hold = await c.admit("hold")
             assert hold.outcome is D
             deep: list[asyncio.Future[AdmitResult]] = []
-            for k in range(3):  # 30,000 B queued, all on shard 0: each 10,000 B within the slack once it read the last
-                deep += [c.admit(f"d{k}{i}", size=1000) for i in range(10)]
+            for k in range(3):  # 30 queued, all on shard 0: each 10 KiB within the slack once it read the last
+                deep += [c.admit(f"d{k}{i}", size=kib) for i in range(10)]
                 s = await _queued(svc, 10 * (k + 1))
                 s = await svc.until_stats(lambda s: s["shards"][0]["input_backlog_bytes"] == 0)
-            assert [sh["queued_bytes"][0] for sh in s["shards"]] == [30_000, 0, 0, 0]
+            assert items(s) == [30, 0, 0, 0]
             worker = s["shards"][0]["pid"]
             os.kill(worker, signal.SIGSTOP)  # shard 0 stops reading its input
             try:
                 while not _stopped(worker):
                     await asyncio.sleep(0.001)
-                # 11,000 B reach a stopped shard 0 (its backlog 0 .. 10,000 at their picks: within), then
-                # it is 11,000 behind: the next flows go to shard 1, which reads them
-                behind = [c.admit(f"b{i}", size=1000) for i in range(14)]
+                # requests of no bytes count 1 KiB each: 11 reach a stopped shard 0 (its backlog 0 .. 10 KiB at
+                # their picks: within), then it is 11 KiB behind and the next flows go to shard 1, which reads them
+                behind = [c.admit(f"b{i}", size=0) for i in range(14)]
                 s = await _queued(svc, 44)
-                assert [sh["queued_bytes"][0] for sh in s["shards"]] == [41_000, 3_000, 0, 0]
-                assert s["shards"][0]["input_backlog_bytes"] == 11_000
-                again = [c.admit("d00", size=1000)]  # a flow placed on shard 0 stays there, stopped or not
+                assert items(s) == [41, 3, 0, 0]
+                assert [sh["input_backlog_bytes"] for sh in s["shards"]] == [11 * kib, 0, 0, 0]
+                again = [c.admit("d00", size=kib)]  # a flow placed on shard 0 stays there, stopped or not
                 s = await _queued(svc, 45)
-                assert [sh["queued_bytes"][0] for sh in s["shards"]] == [42_000, 3_000, 0, 0]
+                assert items(s) == [42, 3, 0, 0]
             finally:
                 os.kill(worker, signal.SIGCONT)
             await svc.until_stats(lambda s: s["shards"][0]["input_backlog_bytes"] == 0)
-            after = [c.admit(f"a{i}", size=1000) for i in range(3)]  # it caught up: new flows pack there again
+            after = [c.admit(f"a{i}", size=kib) for i in range(3)]  # it caught up: new flows pack there again
             s = await _queued(svc, 48)
-            assert [sh["queued_bytes"][0] for sh in s["shards"]] == [45_000, 3_000, 0, 0]
+            assert items(s) == [45, 3, 0, 0]
             samples = await svc.ametrics()
             assert metric(samples, "flowshard_shard_input_backlog_bytes", shard="0") == 0
         assert all(isinstance(x, ConnectionError)
                    for x in await asyncio.gather(*deep, *behind, *again, *after, return_exceptions=True))
         await _queued(svc, 0)
+
+    run(main())
+
+
+def test_a_request_lost_with_its_shard_is_audited_with_that_shard(launch: Any) -> None:
+    """A queued request that ends `evicted: shard_failure` (its worker killed) was queued on a shard:
+    its audit says which, and when it was queued (on arrival), as a TTL or shutdown eviction's does,
+    not -1 (the idle fast path's, a rejection's)."""
+    svc = launch(shards=2, budget=1, service={"drain_timeout": 0.2, "jsq_slack_bytes": 0})
+
+    async def main() -> None:
+        async with Client.connect(svc.host, svc.binary_port) as c:
+            hold = await c.admit("hold")
+            assert hold.outcome is D
+            queued = c.admit("q", size=100, audit=True)
+            s = await _queued(svc, 1)
+            shard = next(i for i, sh in enumerate(s["shards"]) if sum(sh["queued_items"]))
+            os.kill(s["shards"][shard]["pid"], signal.SIGKILL)
+            r = await asyncio.wait_for(queued, 5)
+            assert r.outcome is Outcome.EVICTED_SHARD_FAILURE
+            assert r.service is not None and r.service.shard == shard
+            assert r.service.enqueued == r.service.received and r.service.dispatched == 0.0
 
     run(main())
 

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowshard.shm import ARRAY_NAMES, HEADER_WORDS, MAGIC, ShmLayout, ShmStats
+from flowshard.shm import ARRAY_NAMES, HEADER_WORDS, MAGIC, ShmLayout, ShmStats, backlog_bytes
 
 
 def make(f: int = 6, n: int = 3, b: int = 3, o: int = 8, h: int = 17) -> ShmStats:
@@ -37,7 +37,7 @@ def test_layout_offsets_aligned_disjoint_and_nbytes_exact(dims: tuple[int, ...])
         "band_enq_bytes": (b, n), "band_enq_items": (b, n), "band_deq_bytes": (b, n), "band_deq_items": (b, n),
         "outcomes": (n + 1, b, o), "wait_hist": (n + 1, b, h), "dispatched": (n + 1,),
         "heartbeat_ns": (n,), "seq": (n + 1,), "shard_enq_bytes": (n,), "shard_deq_bytes": (n,),
-        "shard_taken_bytes": (n,),
+        "shard_taken_bytes": (n,), "shard_sent_bytes": (n,),
         "band_waiting": (b,), "inversions": (n + 1, b), "narrowed": (n + 1, b),
     }  # fmt: skip
     assert {s.name: s.shape for s in layout.specs} == expected
@@ -114,6 +114,8 @@ def test_single_writer_counter_arithmetic_touches_only_its_cells() -> None:
     exp["band_enq_items"][2, 0] = 3
     exp["shard_enq_bytes"][2] = 350
     exp["shard_enq_bytes"][0] = 7
+    exp["shard_sent_bytes"][2] = 2 * 1024  # the input backlog's unit: each request its bytes, at least 1 KiB
+    exp["shard_sent_bytes"][0] = 3 * 1024
 
     stats.add_deq(4, 2, 1, 300)
     exp["deq_bytes"][4, 2] = 300
@@ -231,14 +233,14 @@ def test_jsq_matches_reference(n: int, b: int, data: st.DataObject) -> None:
         nbytes = data.draw(st.integers(0, 3))
         stats.add_enq(slot, shard, band, nbytes)
         if data.draw(st.booleans()):  # the shard read it (its input backlog shrinks)
-            stats.add_taken(shard, nbytes)
+            stats.add_taken(shard, backlog_bytes(nbytes))
             if data.draw(st.booleans()):  # it left again: counters equal but not zero (a flow afresh)
                 stats.add_deq(slot, shard, band, nbytes)
     rr = data.draw(st.integers(0, 10**6))
     slack = data.draw(st.sampled_from([0, 0, 1, 2, 5]))
     flow_q = (stats.enq_bytes[0] - stats.deq_bytes[0]).tolist()
     total = (stats.band_enq_bytes - stats.band_deq_bytes).sum(axis=0).tolist()
-    backlog = (stats.shard_enq_bytes - stats.shard_taken_bytes).tolist()  # sent, not read yet
+    backlog = (stats.shard_sent_bytes - stats.shard_taken_bytes).tolist()  # sent, not read yet
     level1 = [s for s in range(n) if flow_q[s] == min(flow_q)]
     low = min(total[t] for t in level1)
     if slack and len(level1) > 1:
@@ -248,27 +250,41 @@ def test_jsq_matches_reference(n: int, b: int, data: st.DataObject) -> None:
         level2 = [s for s in level1 if total[s] == low]
         expected = level2[rr % len(level2)]
     assert stats.jsq_pick(0, rr, slack) == expected
+    assert stats.jsq_pick_among(0, range(n), rr, slack) == expected  # the rule over every shard: the same
+    live = sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1)))  # over some (the live ones)
+    level1 = [s for s in live if flow_q[s] == min(flow_q[t] for t in live)]
+    if slack and len(level1) > 1:
+        least = min(backlog[t] for t in level1)
+        expected = min(s for s in level1 if backlog[s] <= least + slack)
+    else:
+        low = min(total[t] for t in level1)
+        level2 = [s for s in level1 if total[s] == low]
+        expected = level2[rr % len(level2)]
+    assert stats.jsq_pick_among(0, live, rr, slack) == expected
 
 
 def test_jsq_slack_packs_new_flows_onto_the_lowest_shard_until_it_falls_slack_bytes_behind() -> None:
     """With a slack, a flow starting afresh goes to the lowest-numbered shard whose input backlog
-    (bytes sent, not yet read) is within `slack` bytes of the least, whatever the round-robin
-    counter: work packs onto shard 0 while it keeps up, and a shard that falls `slack` bytes behind
-    its input takes no new flow until it reads. Bytes it has read and queues do not count."""
+    (requests sent, not yet read: each its bytes, at least 1 KiB) is within `slack` of the least,
+    whatever the round-robin counter: work packs onto shard 0 while it keeps up, and a shard that
+    falls `slack` behind its input takes no new flow until it reads. What it has read and queues
+    does not count."""
     stats = make(f=8, n=4, b=1)
-    assert {stats.jsq_pick(0, rr, 100) for rr in range(8)} == {0}
-    stats.add_enq(1, 0, 0, 100)  # shard 0 exactly `slack` behind: still within it
-    assert stats.jsq_pick(0, 5, 100) == 0
-    stats.add_enq(2, 0, 0, 1)  # 101 behind: the next within the slack, shard 1
-    assert {stats.jsq_pick(0, rr, 100) for rr in range(8)} == {1}
-    stats.add_enq(3, 1, 0, 60)
-    stats.add_enq(4, 2, 0, 30)  # backlogs 101, 60, 30, 0: within 100 of 0 -> 1 is the lowest
-    assert stats.jsq_pick(0, 0, 100) == 1
-    assert stats.jsq_pick(0, 0, 40) == 2
+    slack = 10_000
+    assert {stats.jsq_pick(0, rr, slack) for rr in range(8)} == {0}
+    stats.add_enq(1, 0, 0, 10_000)  # shard 0 exactly `slack` behind: still within it
+    assert stats.jsq_pick(0, 5, slack) == 0
+    stats.add_enq(2, 0, 0, 0)  # a request of no bytes counts 1 KiB: 11,024 behind, the next within is shard 1
+    assert stats.shard_backlog_bytes().tolist() == [11_024, 0, 0, 0]
+    assert {stats.jsq_pick(0, rr, slack) for rr in range(8)} == {1}
+    stats.add_enq(3, 1, 0, 6_000)
+    stats.add_enq(4, 2, 0, 3_000)  # backlogs 11,024, 6,000, 3,000, 0: within 10,000 of 0 -> 1 is the lowest
+    assert stats.jsq_pick(0, 0, slack) == 1
+    assert stats.jsq_pick(0, 0, 4_000) == 2
     assert stats.jsq_pick(0, 0, 0) == 3  # no slack: exact JSQ-Bytes over queued bytes
-    stats.add_taken(0, 101)  # shard 0 read its input: it queues 101 bytes, and is behind by nothing
-    assert stats.shard_backlog_bytes().tolist() == [0, 60, 30, 0]
-    assert {stats.jsq_pick(0, rr, 100) for rr in range(8)} == {0}
+    stats.add_taken(0, 10_000 + 1_024)  # shard 0 read its input: it queues 10,000 bytes, and is behind by nothing
+    assert stats.shard_backlog_bytes().tolist() == [0, 6_000, 3_000, 0]
+    assert {stats.jsq_pick(0, rr, slack) for rr in range(8)} == {0}
     assert stats.jsq_pick(0, 0, 0) == 3  # (exact JSQ-Bytes still counts what it queues)
     # the flow's own bytes still come first: it is where its bytes are fewest, slack or not
     stats.add_enq(0, 0, 0, 0)
@@ -457,7 +473,7 @@ def test_reset_shard_zeroes_only_that_shards_queued_counts() -> None:
     np.testing.assert_array_equal(after.shard_deq_bytes[[0, 2]], before.shard_deq_bytes[[0, 2]])
     assert after.shard_deq_bytes[1] == after.shard_enq_bytes[1]
     # what was in transit to it is lost with it: its input backlog is gone too, the others' kept
-    assert after.shard_taken_bytes.tolist() == [0, int(after.shard_enq_bytes[1]), 0]
+    assert after.shard_taken_bytes.tolist() == [0, int(after.shard_sent_bytes[1]), 0]
     assert stats.shard_backlog_bytes().tolist()[1] == 0
     for name in ("enq_bytes", "enq_items", "band_enq_bytes", "band_enq_items", "shard_enq_bytes", "outcomes",
                  "dispatched"):

@@ -42,7 +42,7 @@ from flowshard.codec import (
 )
 from flowshard.config import Config
 from flowshard.engine import Engine
-from flowshard.shm import ShmStats
+from flowshard.shm import MIN_BACKLOG_BYTES, ShmStats
 from flowshard.stats import wait_bucket
 from flowshard.types import Outcome, Request
 
@@ -89,12 +89,12 @@ class ShardWorker(asyncio.Protocol):
         engine = self.engine
         stats = self.stats
         stats.begin_write(self.shard)
-        taken = 0  # bytes of the Enqueues read: the input backlog JSQ-Bytes's slack packs by
+        taken = 0  # the Enqueues read, in `backlog_bytes` units: the input backlog JSQ-Bytes's slack packs by
         try:
             for msg in self.reader.feed(data):
                 kind = type(msg)
                 if kind is Enqueue:
-                    taken += msg.size
+                    taken += msg.size if msg.size > MIN_BACKLOG_BYTES else MIN_BACKLOG_BYTES  # `backlog_bytes`, inline
                     self.slots[msg.id] = msg.slot
                     engine.submit(
                         Request(msg.id, msg.flow, msg.priority, msg.size, msg.ttl, msg.slo, msg.tokens, msg.weight),
