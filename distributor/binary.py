@@ -140,9 +140,9 @@ class BinaryConnection(asyncio.Protocol):
     """
 
     __slots__ = (
-        "_admission", "_awaiting", "_closing_at", "_counted", "_discarded", "_failing", "_flush_scheduled", "_frame_at",
-        "_hub", "_input_held", "_lost", "_max_inflight", "_open", "_out", "_pending", "_reader", "_stalled_at",
-        "_timer", "_transport", "_verdict",
+        "_admission", "_awaiting", "_closing_at", "_counted", "_discarded", "_ended", "_failing", "_flush_scheduled",
+        "_frame_at", "_hub", "_input_held", "_lost", "_max_inflight", "_open", "_out", "_pending", "_reader",
+        "_stalled_at", "_timer", "_transport", "_verdict",
     )
 
     def __init__(self, hub: BinaryHub, verdict: int = CONN_CHECK) -> None:
@@ -159,6 +159,7 @@ class BinaryConnection(asyncio.Protocol):
         self._counted = False  # accepted within max_connections
         self._open = False  # serving: from an accepted connection_made until closing starts
         self._lost = False
+        self._ended = False  # its lease ended: pending admissions cancelled, tickets released
         self._discarded = 0  # input read and thrown away since the connection began to close
         self._timer: asyncio.TimerHandle | None = None
         self._frame_at = 0.0  # loop time the incomplete frame now held began; 0.0: none
@@ -314,6 +315,14 @@ class BinaryConnection(asyncio.Protocol):
         if not self._counted:  # refused in connection_made: it never admitted anything
             return
         hub.connections -= 1
+        self._end_lease()
+
+    def _end_lease(self) -> None:
+        """The connection is the lease of its tickets: cancel what it waits for, release what it holds.
+        Once, at its loss or as soon as a protocol error is answered (nothing of it is read then)."""
+        if self._ended:
+            return
+        self._ended = True
         pending, self._pending = self._pending, {}
         admission = self._admission
         for request_id in pending.values():
@@ -334,8 +343,8 @@ class BinaryConnection(asyncio.Protocol):
     ) -> None:
         """The outcome of admission `cid`, written with the other replies of this loop pass."""
         if self._pending.pop(cid, None) is None:
-            if self._lost and ticket:
-                # A dispatch delivered after the connection closed breaks the `cancel` contract;
+            if self._ended and ticket:
+                # A dispatch delivered after the connection's lease ended breaks the `cancel` contract;
                 # release it anyway so no capacity leaks (invariant 6).
                 log.error("dispatch of request %d delivered to a closed binary connection", request_id)
                 self._admission.release(ticket)
@@ -414,7 +423,7 @@ class BinaryConnection(asyncio.Protocol):
     def _fail(self, status: int, message: str) -> None:
         """A protocol error: nothing more is read; once the answers decided for what came before it
         have been sent (with acceptors they come a round trip later: `Admission.after`), say why,
-        then close (admissions still pending are cancelled on connection_lost)."""
+        then close; the connection's lease ends with that answer (`_failed`)."""
         log.info("binary client %s: %s: closing", self._peer(), message)
         self._open = False
         self._failing = True
@@ -422,10 +431,13 @@ class BinaryConnection(asyncio.Protocol):
         self._admission.after(lambda: self._failed(error))
 
     def _failed(self, error: Error) -> None:
+        """Answered and half-closed: the lease ends now, not when the client closes or the linger
+        ends (its tickets held ~close_timeout longer by a client that keeps its socket open)."""
         self._failing = False
         if not self._lost:
             self._send(error)
             self._close()
+            self._end_lease()
 
     def _close(self) -> None:
         """Send the last replies and FIN; if the client has not taken them within close_timeout,

@@ -911,6 +911,30 @@ def test_binary_frames_before_a_malformed_one_are_answered_before_its_error(laun
 
 
 @pytest.mark.parametrize("acceptors", [0, 2])
+def test_a_protocol_error_ends_the_connections_lease_once_answered_not_when_the_client_closes(
+    launch: Any, acceptors: int,
+) -> None:
+    """A client that read Error(-1, 400) and the FIN but kept its socket open held its ticket (and its
+    queued admission) ~2 s longer, until the linger's close_timeout. Once the error is answered and
+    the connection half-closed nothing of it is read: its lease ends then, in both modes."""
+    svc = launch(shards=1, acceptors=acceptors, budget=1)
+
+    async def main() -> None:
+        r, w = await asyncio.open_connection(svc.host, svc.binary_port)
+        w.write(_raw_frames(Admit(1, "a"), Admit(2, "a", ttl=30.0)))
+        await svc.until_stats(lambda s: s["totals"]["inflight"] == 1 and s["totals"]["pending"] == 1)
+        w.write(b"\x00\x00\x00\x02\x91\x63")  # [99]: no such message
+        replies = await _replies_until_eof(r)
+        assert [(type(m).__name__, m.id) for m in replies] == [("Result", 1), ("Error", -1)], replies
+        # well within close_timeout (2 s), while the client still holds its end open
+        s = await svc.until_stats(lambda s: s["totals"]["inflight"] == 0 and s["totals"]["pending"] == 0, timeout=1.2)
+        assert band_outcomes(s).get("evicted:cancelled") == 1, band_outcomes(s)
+        w.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("acceptors", [0, 2])
 def test_binary_release_tokens_out_of_range_is_refused_as_http_refuses_it(launch: Any, acceptors: int) -> None:
     """Review 18 (D4): binary took Release.tokens 2^32+1, 2^40, 2^63-1, -5 (Released ok=true); HTTP
     answers 422 outside [0, 2^32] and keeps the ticket. Binary now answers Released(ticket, false)
