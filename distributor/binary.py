@@ -21,8 +21,8 @@ before that Error (with acceptors, after a round trip: `Admission.after`).
 
 What one connection may cost is bounded (README "Resource limits"): an incomplete frame must
 complete within `frame_timeout`; replies the client does not read stop the reading of its input
-once `write_high` bytes wait, unsent or on their way (releases whose answers have not come: with acceptors
-a round trip; it cannot make more work while it does not read), and it is dropped
+once `write_high` bytes wait, unsent or on their way (releases and admissions whose answers have not
+come: with acceptors a round trip; it cannot make more work while it does not read), and it is dropped
 when they pass `max_write_buffer` or stay stuck for `write_timeout`; a connection condemned by a
 protocol error is aborted if its last bytes are not read within `close_timeout`.
 """
@@ -66,8 +66,9 @@ _NOT_YET = -1  # request id of an admission whose `admit` call has not returned 
 BATCH = 1024
 LISTEN_BACKLOG = 1024  # the listening socket's accept queue
 # What a reply still to come weighs against write_high and max_write_buffer: a Release's answer (a
-# Released frame, its ticket at 64 bits). With acceptor processes a release is answered a round trip
-# after it is read, so replies waiting counts those on their way as well as those unsent (README).
+# Released frame, its ticket at 64 bits). With acceptor processes a release, or an admission decided
+# at once, is answered a round trip after it is read, so replies waiting counts those on their way as
+# well as those unsent (README; admissions against write_high only, until shown queued).
 _w = FrameWriter()
 _w.add(Released(1 << 63, False))
 REPLY_BYTES = len(_w.take())
@@ -140,9 +141,9 @@ class BinaryConnection(asyncio.Protocol):
     """
 
     __slots__ = (
-        "_admission", "_awaiting", "_closing_at", "_counted", "_discarded", "_ended", "_failing", "_flush_scheduled",
-        "_frame_at", "_hub", "_input_held", "_lost", "_max_inflight", "_open", "_out", "_pending", "_reader",
-        "_stalled_at", "_timer", "_transport", "_verdict",
+        "_admission", "_asked", "_awaiting", "_closing_at", "_counted", "_covered", "_discarded", "_ended", "_failing",
+        "_flush_scheduled", "_frame_at", "_fresh", "_hub", "_input_held", "_last_id", "_lost", "_max_inflight", "_open",
+        "_out", "_pending", "_reader", "_stalled_at", "_sure", "_timer", "_transport", "_verdict",
     )
 
     def __init__(self, hub: BinaryHub, verdict: int = CONN_CHECK) -> None:
@@ -169,6 +170,15 @@ class BinaryConnection(asyncio.Protocol):
         # Releases read whose answers have not come yet (never more than for a moment in the
         # distributor's process; a round trip with acceptors): replies waiting as much as those unsent
         self._awaiting = 0
+        # Admissions whose answers may be on their way (decided at once by the distributor, not yet
+        # come: a round trip with acceptors) count as replies waiting too, until a round trip asked
+        # with `Admission.after` shows the rest queued (`_confirm`). Request ids increase: those
+        # above `_sure` are fresh, and those up to `_asked` are covered by the round trip asked.
+        self._fresh = 0
+        self._covered = 0
+        self._sure = _NOT_YET
+        self._asked = _NOT_YET  # _NOT_YET: no round trip asked
+        self._last_id = _NOT_YET
         self._failing = False  # a protocol error waits for the answers to what came before it
 
     # ------------------------------------------------------------ transport callbacks
@@ -223,13 +233,16 @@ class BinaryConnection(asyncio.Protocol):
                 return
             data = b""
             self._handle(messages)
-            if len(messages) < BATCH or not self._open:
+            if not self._open:
                 break
-            progressed = True
             if self._waiting() > write_high:
                 self._input_held = True
                 self._reading()
+                self._confirm()
                 return
+            if len(messages) < BATCH:
+                break
+            progressed = True
         if reader.pending and (messages or progressed or not held):  # a new frame is incomplete: its clock starts
             self._frame_at = self._hub.loop.time()
             if self._timer is None:
@@ -245,8 +258,33 @@ class BinaryConnection(asyncio.Protocol):
                 release(msg)
 
     def _waiting(self) -> int:
-        """Bytes of replies waiting in this process: unsent, and on their way (releases in flight)."""
-        return len(self._out) + self._awaiting * REPLY_BYTES
+        """Bytes of replies waiting in this process: unsent, and on their way (releases in flight,
+        admissions not yet known to be queued)."""
+        return len(self._out) + (self._awaiting + self._fresh) * REPLY_BYTES
+
+    def _confirm(self) -> None:
+        """The input is held: ask a round trip (one at a time), after which the fresh admissions still
+        without an answer are known to be queued and count no more (in the distributor's process the
+        answers decided at once are written at once, and a queued admission is no reply waiting)."""
+        if self._fresh and self._asked == _NOT_YET:
+            self._asked = self._last_id
+            self._covered = self._fresh
+            self._admission.after(self._confirmed)
+
+    def _confirmed(self) -> None:
+        if self._asked == _NOT_YET:  # the lease ended meanwhile
+            return
+        self._fresh -= self._covered
+        self._covered = 0
+        self._sure, self._asked = self._asked, _NOT_YET
+        if self._input_held:
+            self._hub.loop.call_soon(self._resume_input)
+
+    def _answered(self, request_id: int) -> None:
+        """An admission counted fresh has its answer."""
+        self._fresh -= 1
+        if request_id <= self._asked:
+            self._covered -= 1
 
     def _release(self, msg: Release) -> None:
         tokens = msg.tokens
@@ -323,6 +361,8 @@ class BinaryConnection(asyncio.Protocol):
         if self._ended:
             return
         self._ended = True
+        self._fresh = self._covered = 0
+        self._asked = _NOT_YET
         pending, self._pending = self._pending, {}
         admission = self._admission
         for request_id in pending.values():
@@ -342,13 +382,16 @@ class BinaryConnection(asyncio.Protocol):
         audit: Audit | None = None,
     ) -> None:
         """The outcome of admission `cid`, written with the other replies of this loop pass."""
-        if self._pending.pop(cid, None) is None:
+        counted = self._pending.pop(cid, None)  # the request id it was counted under
+        if counted is None:
             if self._ended and ticket:
                 # A dispatch delivered after the connection's lease ended breaks the `cancel` contract;
                 # release it anyway so no capacity leaks (invariant 6).
                 log.error("dispatch of request %d delivered to a closed binary connection", request_id)
                 self._admission.release(ticket)
             return
+        if counted > self._sure:
+            self._answered(counted)
         if self._open or self._failing:
             if audit is None:
                 self._send(Result(cid, outcome, ticket, wait, retry_after))  # msgspec encodes an IntEnum as its value
@@ -356,7 +399,12 @@ class BinaryConnection(asyncio.Protocol):
                 self._send(Audited(cid, outcome, ticket, wait, retry_after, *audit))
 
     def fail(self, cid: Any, message: str) -> None:
-        if self._pending.pop(cid, None) is not None and (self._open or self._failing):
+        request_id = self._pending.pop(cid, None)
+        if request_id is None:
+            return
+        if request_id > self._sure:
+            self._answered(request_id)
+        if self._open or self._failing:
             self._send(Error(cid, 500, message))
 
     # ------------------------------------------------------------ internals
@@ -391,7 +439,8 @@ class BinaryConnection(asyncio.Protocol):
                 self._send(Error(cid, 500, "internal error while admitting"))
             return
         if cid in pending:
-            pending[cid] = request_id
+            pending[cid] = self._last_id = request_id
+            self._fresh += 1
 
     def _send(self, message: Result | Audited | Error | Released | ReleaseRefused) -> None:
         if not self._flush_scheduled:

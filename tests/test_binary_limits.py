@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+from typing import Any
 
-from test_binary import HOLD, FakeAdmission, LinkLike, Raw, on_loop, serving, until
+import pytest
+from test_binary import FLOW_OUTCOMES, HOLD, FakeAdmission, LinkLike, Raw, on_loop, serving, until
 
 from distributor.binary import BATCH, REPLY_BYTES, BinaryConnection, BinaryLimits
 from distributor.guards import Guards
-from flowshard.codec import Admit, Error, FrameWriter, Release, Result
+from flowshard.codec import Admit, Error, FrameWriter, Release, Released, Result
+from flowshard.types import Outcome
 
 
 async def _small_buffers(addr: tuple[str, int], fake: FakeAdmission) -> tuple[Raw, BinaryConnection]:
@@ -168,6 +171,88 @@ async def test_releases_waiting_for_their_answers_count_as_replies_waiting() -> 
         assert guards[("binary", "slow_reader")] == 1
         assert answered < 40_000  # it stopped being read
         raw.writer.transport.abort()
+
+
+class AdmitsLater(LinkLike):
+    """Answers admissions too a round trip later, in order with releases and `after` (an acceptor's
+    link): what the distributor decides at once comes with the next `answer`; HOLD stays queued."""
+
+    def admit(self, waiter: Any, cid: Any, flow: str, *args: Any, **kwargs: Any) -> int:
+        rid = self.next_id
+        self.next_id += 1
+        if waiter not in self.waiters:
+            self.waiters.append(waiter)
+        self.seen.set()
+        if flow == HOLD:
+            self.held[rid] = (waiter, cid, 0)
+        else:
+            outcome = FLOW_OUTCOMES.get(flow, Outcome.DISPATCHED)
+            self.waiting.append(lambda: self._finish(rid, waiter, cid, 0, outcome))
+        return rid
+
+
+def _admits(n: int, flow: str, first: int = 1) -> bytes:
+    w = FrameWriter()
+    for i in range(first, first + n):
+        w.add(Admit(i, flow))
+    return w.take()
+
+
+@on_loop()
+async def test_admissions_whose_answers_may_be_on_their_way_count_as_replies_waiting() -> None:
+    """With acceptors an admission the distributor answers at once (a rejection, a dispatch on the
+    idle fast path) is answered a round trip after it is read, so a client that never read had every
+    admission read and forwarded, up to the 65,536 pending per connection, while its replies waiting
+    stayed at zero. They count as their replies will until a round trip shows them queued: reading
+    stops, and the client is dropped as in one process."""
+    fake = AdmitsLater()
+    guards = Guards()
+    limits = BinaryLimits(write_high=16 << 10, write_timeout=0.3)
+    async with serving(fake, limits, guards) as addr:
+        raw, conn = await _small_buffers(addr, fake)
+        raw.writer.write(_admits(50_000, "capacity"))  # ~900 KB of frames, and the client reads nothing
+        await asyncio.sleep(0.3)
+        bound = limits.write_high // REPLY_BYTES + BATCH
+        assert 0 < fake.next_id - 1 <= bound, fake.next_id  # not 50,000
+        assert conn._input_held
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        while not fake.release_alls and loop.time() - t0 < 1.2:  # the answers come, and stay unread
+            fake.answer()
+            await asyncio.sleep(0.01)
+        assert fake.release_alls == [conn]
+        assert guards[("binary", "slow_reader")] == 1
+        assert fake.next_id < 40_000  # it stopped being read
+        raw.writer.transport.abort()
+
+
+@pytest.mark.parametrize("link", [False, True], ids=["answered-at-once", "answered-later"])
+@on_loop()
+async def test_queued_admissions_are_no_replies_waiting_once_a_round_trip_shows_them_queued(link: bool) -> None:
+    """The other side of the bound above: admissions left queued count as nothing, as in one process,
+    so a client that reads may pipeline thousands behind the budget and its releases are still read."""
+    fake = AdmitsLater() if link else FakeAdmission()
+    limits = BinaryLimits(write_high=16 << 10)
+    async with serving(fake, limits) as addr:
+        raw = await Raw.open(addr)
+        await raw.send(Admit(0, "a"))
+        if link:
+            await until(lambda: bool(fake.waiters))
+            fake.answer()
+        [res] = await raw.recv(1)
+        w = FrameWriter()
+        w.add(Release(res.ticket))
+        await raw.send_bytes(_admits(5000, HOLD) + w.take())
+        while len(fake.held) < 5000 or (link and not fake.waiting):  # each round trip lets more be read
+            if link:
+                fake.answer()
+            await asyncio.sleep(0.005)
+        if link:
+            fake.answer()
+        assert await raw.recv(1) == [Released(res.ticket, True)]
+        conn: BinaryConnection = fake.waiters[-1]
+        assert not conn._input_held and conn._waiting() <= limits.write_high
+        raw.close()
 
 
 @on_loop()
