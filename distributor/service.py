@@ -231,11 +231,25 @@ class Distributor:
                     owner=(waiter, cid, leased, audit), payload=(priority, ttl, slo, tokens, weight), received=now,
                     tokens=tokens, weight=weight)
         self.pending[request_id] = p
-        if self._accepting:
-            self._admit(p, now)
-        else:
-            self._finish(p, Outcome.REJECTED_SHUTTING_DOWN, 0.0)
+        try:
+            if self._accepting:
+                self._admit(p, now)
+            else:
+                self._finish(p, Outcome.REJECTED_SHUTTING_DOWN, 0.0)
+        except Exception:
+            self._abandon(request_id)
+            raise
         return request_id
+
+    def _abandon(self, request_id: int) -> None:
+        """`admit` raised: its caller answers the client 500 and awaits no outcome (Waiter.fail), so
+        whatever of the request was queued is ended as a cancelled one (a dispatch that meets it is
+        released at once): one outcome per request, and no ticket held until its connection or
+        acceptor is gone."""
+        try:
+            self.cancel(request_id)
+        except Exception:
+            log.exception("ending request %d after its admission failed", request_id)
 
     def cancel(self, request_id: int) -> None:
         p = self.pending.get(request_id)
