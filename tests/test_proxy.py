@@ -25,7 +25,7 @@ from typing import Any
 import openai
 import pytest
 from proxykit import fake_backend, proxy_config
-from servicekit import HttpConn, band_outcomes, launch, metric, run
+from servicekit import HttpConn, band_outcomes, launch, metric, run, wait_until
 
 from flowshard.types import Outcome
 
@@ -832,24 +832,31 @@ def test_a_backends_usage_out_of_range_is_taken_as_none_reported(caplog: pytest.
 def test_a_pool_with_no_backend_listening_answers_503_at_once_not_after_a_ttl(launch: Any, acceptors: int) -> None:
     """Nothing listens at the only backend: its scrapes fail to connect, which takes it out like a
     failed request would, and a request gets 503 `no_backend` at once. (It used to count only as
-    stale metrics, i.e. saturated: every request waited its whole TTL for a 429.)"""
+    stale metrics, i.e. saturated: every request waited its whole TTL for a 429.)
+
+    Robust on a loaded machine: a scrape takes the backend out for `backoff` (1 s by default, then
+    2 s, ...) and the next failed scrape after that takes it out again, so with the default a request
+    that came a little late could land in that gap (sent to the backend: 502) — the back-off here
+    outlasts the test; the client is built before the clock starts; and the counter is read until
+    every acceptor has reported (its report may take over the 1 s a render waits for it)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     sock.close()  # bound, never listening: connections are refused
-    proxy = {"utilization": True, "scrape_interval": 0.02, "staleness": 0.2}
+    proxy = {"utilization": True, "scrape_interval": 0.02, "staleness": 0.2, "backoff": 30.0}
     svc = launch(proxy_config([url], proxy=proxy, budget="unlimited", extra="default_ttl = 30.0"), acceptors=acceptors)
     deadline = time.monotonic() + 5
     while svc.stats()["proxy"]["backends"][0]["up"]:
         assert time.monotonic() < deadline
         time.sleep(0.02)
+    api = client(svc)
     t0 = time.monotonic()
     with pytest.raises(openai.InternalServerError) as err:
-        client(svc).chat.completions.create(model="m", messages=MSG, max_tokens=1)
+        api.chat.completions.create(model="m", messages=MSG, max_tokens=1)
     assert time.monotonic() - t0 < 2.0
     assert err.value.status_code == 503 and err.value.code == "no_backend"
     assert int(err.value.response.headers["retry-after"]) >= 1
-    assert metric(svc.metrics(), "flowshard_proxy_no_backend_total") >= 1
+    assert wait_until(lambda: metric(svc.metrics(), "flowshard_proxy_no_backend_total") >= 1, 10.0, 0.1)
 
 
 @contextlib.asynccontextmanager
