@@ -1260,7 +1260,9 @@ class HttpConnection(asyncio.Protocol):
         # Held input, or a 100 Continue queued behind earlier answers: the request waits on us.
         if self._msg_at and self._held is None and not (self._queue and self._queue[-1].data is _CONTINUE):
             due = self._msg_at + limits.header_timeout
-            if now >= due:
+            if now >= due and self._wpaused:
+                self._drop()  # its request waits on our reading, paused because its answers wait unread
+            elif now >= due:
                 self._msg_at = 0.0
                 self._head_raw = _NOT_IN_HEAD
                 self._sh.guards.hit("http", "header_timeout")
@@ -1272,7 +1274,9 @@ class HttpConnection(asyncio.Protocol):
             self._arm(now + limits.idle_timeout)  # waiting on the distributor, not on the client
         else:
             due = self._last_active + (limits.header_timeout if self._fresh else limits.idle_timeout)
-            if now >= due:
+            if now >= due and self._wpaused:
+                self._drop()  # idle with its answers unread: a slow reader, as past write_buffer_limit
+            elif now >= due:
                 self._closing = True
                 self._close_now()
             else:

@@ -281,3 +281,42 @@ def test_a_half_closed_large_pipeline_is_answered_in_full(launch: Any, acceptors
         assert stats["totals"]["inflight"] == sum(1 for i, s in enumerate(statuses) if kinds[i] == 6 and s == 200)
 
     run(main())
+
+
+@pytest.mark.parametrize("acceptors", [0, 2])
+def test_a_client_flooding_requests_answered_at_once_without_reading_is_dropped_as_a_slow_reader(
+    launch: Any, acceptors: int,
+) -> None:
+    """A client pipelining 422s (answered at once, by the front) and reading none: its reading stops at
+    write_high, so the request it was sending when it stopped waited on us, and it was counted as a
+    header_timeout (408) then close_timeout — not as what it is. Whatever is in progress, a client
+    whose answers wait unread at a deadline is dropped as a slow reader, as one whose answers reach
+    the 1 MiB bound."""
+    svc = launch(shards=1, acceptors=acceptors, service={"header_timeout": 1.0})
+    request = (b"POST /v1/admit HTTP/1.1\r\nhost: x\r\nx-pad: %s\r\ncontent-length: 13\r\n\r\n"
+               b'{"flow": ""}\n' % (b"p" * 37))
+    data = request * 20_000  # ~3.7 MB: far more than write_high of 422s; it ends mid-request anywhere
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((svc.host, svc.http_port))
+    sock.setblocking(False)
+    sent, deadline = 0, time.monotonic() + 8.0
+    dropped = False
+    while time.monotonic() < deadline and not dropped:
+        try:
+            sent += sock.send(data[sent : sent + (1 << 16)])
+        except BlockingIOError:
+            time.sleep(0.02)
+        except OSError:  # reset: dropped
+            dropped = True
+        if sent >= len(data):
+            time.sleep(0.05)
+    sock.close()
+
+    async def main() -> None:
+        samples = parse_metrics((await ahttp(svc.http_port, "GET", "/metrics")).body.decode())
+        actions = {a: metric(samples, "flowshard_protective_actions_total", front="http", action=a)
+                   for a in ("slow_reader", "header_timeout", "close_timeout")}
+        assert actions == {"slow_reader": 1, "header_timeout": 0, "close_timeout": 0}, (actions, sent)
+
+    run(main())
