@@ -25,7 +25,7 @@ from typing import Any
 import openai
 import pytest
 from proxykit import fake_backend, proxy_config
-from servicekit import HttpConn, band_outcomes, launch, metric, run, wait_until
+from servicekit import HttpConn, ahttp, band_outcomes, launch, metric, run, wait_until
 
 from flowshard.types import Outcome
 
@@ -1287,6 +1287,35 @@ def test_half_close_answers_a_queued_proxied_request_503_and_what_follows_it(
     run(main())
     s = settled(svc)
     assert band_outcomes(s)["evicted:cancelled"] == 2
+
+
+@pytest.mark.parametrize("acceptors", [0, 1])
+def test_half_close_during_a_stream_cuts_it_and_a_release_behind_it_is_applied_unanswered(
+    launch: Any, fake_backend: Any, acceptors: int
+) -> None:
+    """What the README says of a client's EOF while its answer is being streamed (its head written):
+    nothing after an unfinished answer can be answered, so the stream is cut (no last chunk) and the
+    connection closed; a release pipelined behind it and parsed before the EOF has been applied, with
+    no answer. Pinned, so that a change to it changes the README too."""
+    fake = fake_backend(ttft=0.005, itl=0.05)
+    svc = launch(proxy_config([fake.url], budget=2), acceptors=acceptors)
+    stream = {"model": "m", "messages": MSG, "max_tokens": 200, "stream": True}
+
+    async def main() -> None:
+        ticket = (await ahttp(svc.http_port, "POST", "/v1/admit", {"flow": "held"})).json()["ticket"]
+        conn = await HttpConn.open(svc.http_port)
+        conn.send("POST", "/v1/chat/completions", stream)
+        conn.send("POST", "/v1/release", {"ticket": ticket})
+        head = await asyncio.wait_for(conn.reader.readuntil(b" tok"), 5)  # the stream is being relayed
+        conn.writer.write_eof()
+        rest = head + await asyncio.wait_for(conn.reader.read(), 5)
+        assert rest.count(b"HTTP/1.1 ") == 1 and b"[DONE]" not in rest, rest[-300:]  # cut: no release answer
+        assert not rest.endswith(b"0\r\n\r\n")  # the chunked body is left unfinished
+        conn.close()
+        await svc.until_stats(lambda s: s["totals"]["inflight"] == 0)  # the release was applied
+
+    run(main())
+    settled(svc)
 
 
 @pytest.mark.parametrize("acceptors", [0, 1])
