@@ -105,7 +105,8 @@ class Admission(Protocol):
         decided at once (a release's, a rejection's, a dispatch on the idle fast path) delivered: at
         once in the distributor's process, after a round trip from an acceptor process (its link is
         answered in order). A binary connection answers in order what comes after the replies still
-        on their way: a protocol error's Error(-1, ...), a refused Release."""
+        on their way: a protocol error's Error(-1, ...), a refused Release; and learns which of its
+        admissions without an answer are queued, not answered on their way (its replies waiting)."""
 
     def query(self, what: str, done: Callable[[bytes, str], None]) -> None:
         """The body and content type of GET /v1/stats (`what` "stats", JSON) or GET /metrics
