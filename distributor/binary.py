@@ -278,7 +278,12 @@ class BinaryConnection(asyncio.Protocol):
         self._covered = 0
         self._sure, self._asked = self._asked, _NOT_YET
         if self._input_held:
-            self._hub.loop.call_soon(self._resume_input)
+            if self._waiting() > self._hub.limits.write_high:
+                # admissions read after the ask (the reading resumed meanwhile) hold it: ask again, or
+                # nothing would (they may be queued behind a release kept unread)
+                self._confirm()
+            else:
+                self._hub.loop.call_soon(self._resume_input)
 
     def _answered(self, request_id: int) -> None:
         """An admission counted fresh has its answer."""
@@ -319,10 +324,14 @@ class BinaryConnection(asyncio.Protocol):
                 transport.resume_reading()
 
     def _resume_input(self) -> None:
-        if self._input_held and self._open and not self._stalled_at and self._waiting() <= self._hub.limits.write_high:
+        if not (self._input_held and self._open and not self._stalled_at):
+            return
+        if self._waiting() <= self._hub.limits.write_high:
             self._input_held = False
             self._reading()
             self._process()
+        else:
+            self._confirm()  # still held by admissions not known queued: a round trip shows which are
 
     def pause_writing(self) -> None:
         """Replies wait beyond `write_high`: stop reading (the client makes no new work while it does

@@ -245,7 +245,9 @@ class Distributor:
         """`admit` raised: its caller answers the client 500 and awaits no outcome (Waiter.fail), so
         whatever of the request was queued is ended as a cancelled one (a dispatch that meets it is
         released at once): one outcome per request, and no ticket held until its connection or
-        acceptor is gone."""
+        acceptor is gone. `_admit` adds a queued request's Enqueue right after the ledger counts it,
+        so the shard gets the cancel's request; only a failure inside `Ledger.enqueue` (arithmetic)
+        would leave the ledger counting one the shard never gets."""
         try:
             self.cancel(request_id)
         except Exception:
@@ -411,16 +413,18 @@ class Distributor:
                     return
                 shard = shm.jsq_pick_among(slot, live, self._rr, self._jsq_slack)
         p.slot = slot
+        priority, ttl, slo, tokens, weight = p.payload
         ledger.enqueue(p, shard)
+        # The Enqueue right after the ledger counts it queued (written at the end of the pass, after the
+        # counters below): from here a failure (`_abandon`) can cancel it on its shard. TTL and SLO
+        # deadlines run from the arrival here: the shard gets the receive time, so the gaps between
+        # arrivals survive the hop and equal TTLs keep arrival order under edf.
+        s = self.shards[shard]  # `_send` and `_schedule_plan`, inline: once per queued request
+        s.writer.add(Enqueue(p.id, flow, slot, priority, p.size, ttl, slo, tokens, weight, p.received))
         shm.add_enq(slot, shard, band, p.size)
         if self._multiband and not self._waiting[band]:  # queued from now on, and no grant covers it yet
             self._waiting[band] = since = _monotonic_ns()
             shm.set_waiting(band, since)
-        priority, ttl, slo, tokens, weight = p.payload
-        # TTL and SLO deadlines run from the arrival here: the shard gets the receive time, so the
-        # gaps between arrivals survive the hop and equal TTLs keep arrival order under edf.
-        s = self.shards[shard]  # `_send` and `_schedule_plan`, inline: once per queued request
-        s.writer.add(Enqueue(p.id, flow, slot, priority, p.size, ttl, slo, tokens, weight, p.received))
         s.frames_to += 1
         self._written.add(shard)
         self._plan_needed = True

@@ -404,18 +404,19 @@ class ShmStats:
 
     # ------------------------------------------------------------------ hot-path writers
 
-    def add_enq(self, slot: int, shard: int, band: int, nbytes: int, items: int = 1) -> None:
-        """Distributor only: count an enqueue sent to ``shard`` (flow and band tables)."""
+    def add_enq(self, slot: int, shard: int, band: int, nbytes: int) -> None:
+        """Distributor only: count one request of ``nbytes`` sent to ``shard`` (flow and band tables, the
+        shard's total, and its input backlog: one request, as its shard takes it, so it never falls
+        below what the shard has taken)."""
         q = self._q
         i = self._w_enq_b + slot * self._n + shard
         q[i] += nbytes
-        q[i + self._d_enq_i] += items
+        q[i + self._d_enq_i] += 1
         i = self._w_benq_b + band * self._n + shard
         q[i] += nbytes
-        q[i + self._d_benq_i] += items
+        q[i + self._d_benq_i] += 1
         q[self._w_senq + shard] += nbytes
-        floor = MIN_BACKLOG_BYTES * items  # `backlog_bytes` per item, inline
-        q[self._w_ssent + shard] += nbytes if nbytes > floor else floor
+        q[self._w_ssent + shard] += nbytes if nbytes > MIN_BACKLOG_BYTES else MIN_BACKLOG_BYTES  # `backlog_bytes`
 
     def add_deq(self, slot: int, shard: int, band: int, nbytes: int, items: int = 1) -> None:
         """Shard ``shard`` only: count an item that left its queue, for any reason."""

@@ -197,6 +197,9 @@ class Model:
         self.dist_grants: list[deque[GrantRecord]] = [deque() for _ in range(shards)]
         self.inflight: dict[int, int] = {}  # ground truth: dispatched (by a shard or fast path), not released
         self.jsq_queued: dict[tuple[str, int], int] = defaultdict(int)  # shm-style enq - deq, per (flow, shard)
+        # a crashed shard's unread Enqueues, and those sent to it since, until its loss is noticed: in the
+        # service they stay in its input backlog (sent, never taken) until `reset_shard`
+        self.lost_backlog = [0] * shards
         self.dispatches: list[DispatchRecord] = []
         self.violations: list[str] = []  # invariant 3 (strict priority) broken at a dispatch
         self.ceiling_violations: list[str] = []  # a band dispatched at or above its ceiling
@@ -425,14 +428,18 @@ class Model:
         if len(tied) > 1:
             slack = self.config.service.jsq_slack_bytes
             if slack:
-                backlog = {n: sum(backlog_bytes(m.size) for m, _ in self.shards[n].inbox if type(m) is Enqueue)
-                           for n in tied}
+                backlog = {n: self.backlog(n) for n in tied}
                 least = min(backlog.values())
                 return min(n for n in tied if backlog[n] <= least + slack)
             totals = {n: sum(v for (_, m), v in self.jsq_queued.items() if m == n) for n in tied}
             low = min(totals.values())
             tied = [n for n in tied if totals[n] == low]
         return sorted(tied)[self.rr % len(tied)]
+
+    def backlog(self, n: int) -> int:
+        """Shard n's input backlog as `ShmStats.shard_backlog_bytes` has it: its Enqueues in transit
+        (`backlog_bytes` each), and those a crash lost until the loss is noticed."""
+        return self.lost_backlog[n] + sum(backlog_bytes(m.size) for m, _ in self.shards[n].inbox if type(m) is Enqueue)
 
     def _finish(self, p: Pending, outcome: Outcome) -> None:
         """service._finish: the final outcome, delivered at most once; a dispatch nobody waits for is released."""
@@ -548,6 +555,8 @@ class Model:
         shard = self.shards[n]
         if not shard.alive:
             self._log(f"  (lost: {type(msg).__name__} to crashed shard {n})")
+            if kind is Enqueue:
+                self.lost_backlog[n] += backlog_bytes(msg.size)
             return
         if type(msg) is Cancel:
             self.cancels_sent += 1
@@ -679,6 +688,7 @@ class Model:
         shard.alive = False
         self.crashes += 1
         self._log(f"shard {n} crashes ({len(shard.inbox)} unread messages lost)")
+        self.lost_backlog[n] = self.backlog(n)
         shard.inbox.clear()
 
     def notice_crash(self, n: int) -> list[int]:
@@ -708,6 +718,7 @@ class Model:
         fresh.restarts = restarts
         for key in [k for k in self.jsq_queued if k[1] == n]:
             self.jsq_queued[key] = 0
+        self.lost_backlog[n] = 0  # (reset_shard)
         self._plan()
         return got
 

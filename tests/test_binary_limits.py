@@ -190,6 +190,12 @@ class AdmitsLater(LinkLike):
             self.waiting.append(lambda: self._finish(rid, waiter, cid, 0, outcome))
         return rid
 
+    def answer_some(self, n: int) -> None:
+        """The link's next read holds the first `n` answers only (the rest come in a later one)."""
+        now, self.waiting = self.waiting[:n], self.waiting[n:]
+        for answer in now:
+            answer()
+
 
 def _admits(n: int, flow: str, first: int = 1) -> bytes:
     w = FrameWriter()
@@ -252,6 +258,41 @@ async def test_queued_admissions_are_no_replies_waiting_once_a_round_trip_shows_
         assert await raw.recv(1) == [Released(res.ticket, True)]
         conn: BinaryConnection = fake.waiters[-1]
         assert not conn._input_held and conn._waiting() <= limits.write_high
+        raw.close()
+
+
+@on_loop()
+async def test_admissions_read_while_a_round_trip_is_out_are_confirmed_by_another() -> None:
+    """Reading resumed while a round trip was out (the answers it covered came in one read of the link,
+    its own answer in the next), then held again by queued admissions read meanwhile: once the round
+    trip comes back, another is asked for them. Only one is out at a time, so without it nothing asked
+    again, the reading stayed paused with no timer, and the release behind those admissions (the
+    budget they wait for) was never read (review 21)."""
+    fake = AdmitsLater()
+    limits = BinaryLimits(write_high=16 << 10)
+    async with serving(fake, limits) as addr:
+        raw = await Raw.open(addr)
+        await raw.send(Admit(0, "a"))
+        await until(lambda: bool(fake.waiting))
+        fake.answer()
+        [res] = await raw.recv(1)
+        decided = limits.write_high // REPLY_BYTES + 1  # just past write_high once all are read
+        await raw.send_bytes(_admits(decided, "capacity"))  # decided at once: answered a round trip later
+        conn: BinaryConnection = fake.waiters[-1]
+        await until(lambda: conn._input_held)
+        assert len(fake.waiting) == decided + 1  # their answers, then the round trip asked
+        w = FrameWriter()
+        w.add(Release(res.ticket))  # frees the budget the admissions before it wait for
+        await raw.send_bytes(_admits(3 * BATCH, HOLD, first=10_000) + w.take())
+        fake.answer_some(decided)  # one read of the link: the answers, not yet the round trip's
+        assert len(await raw.recv(decided)) == decided  # the client reads them: reading resumes
+        await until(lambda: conn._input_held and len(fake.held) > 0)  # and stops again, over queued ones
+        for _ in range(50):  # the link's next reads: the round trip's answer, and any asked after it
+            fake.answer()
+            if fake.releases:
+                break
+            await asyncio.sleep(0.01)
+        assert fake.releases == [res.ticket]
         raw.close()
 
 

@@ -103,7 +103,8 @@ def test_single_writer_counter_arithmetic_touches_only_its_cells() -> None:
 
     stats.add_enq(4, 2, 1, 300)
     stats.add_enq(4, 2, 1, 50)
-    stats.add_enq(0, 0, 2, 7, items=3)
+    for nbytes in (3, 2, 2):  # three requests of 7 bytes in all
+        stats.add_enq(0, 0, 2, nbytes)
     exp["enq_bytes"][4, 2] = 350
     exp["enq_items"][4, 2] = 2
     exp["band_enq_bytes"][1, 2] = 350
