@@ -53,6 +53,10 @@ SHORTFALL_HORIZON_NS = 10_000_000_000
 _MAX_INTERVALS = 4096
 # Finish times kept per band for flows that emptied ahead of the band's virtual clock (Ledger._remember).
 _FINISH_MEMORY = 4096
+# Requests that leave a fair band while it sits on one shard (or none) before it drops its fair state
+# (Ledger._settle): a band that comes back to two shards within that many is still fair, so one whose
+# flows keep spilling over and back pays no re-base each time, and forgets no finish time.
+_CALM = 64
 
 
 class PendingState(enum.IntEnum):
@@ -98,7 +102,9 @@ class FlowUsage(msgspec.Struct, gc=False):
     shard: int = -1  # while it holds anything, every request of the flow is on this shard
     queued_bytes: int = 0
     queued_items: int = 0
-    weight: float = 1.0  # its share under drr/vtc (round-robin: 1), as the shard's engine has it
+    # its share under drr/vtc (round-robin: 1), as the shard's engine has it; 0: the configured weight (a
+    # band keeping no fair state records only a request's own weight, for its re-base: Ledger._rebase)
+    weight: float = 0.0
     finish: float = 0.0  # its own virtual finish time: its start plus what it was served, per weight
 
 
@@ -110,6 +116,7 @@ class LedgerBand:
 
     __slots__ = (
         "bounded",
+        "calm",
         "ceiling",
         "cost_kind",
         "displacement",
@@ -121,6 +128,7 @@ class LedgerBand:
         "flows",
         "granted",
         "held",
+        "home",
         "index",
         "max_bytes",
         "max_items",
@@ -136,11 +144,13 @@ class LedgerBand:
         "shard_tags",
         "shard_vtime",
         "shard_weight",
+        "sharing",
         "short",
+        "spread",
         "vclock",
     )
 
-    def __init__(self, index: int, config: Config, shards: int) -> None:
+    def __init__(self, index: int, config: Config, shards: int, *, lone: bool = True) -> None:
         bc = config.bands[index]
         self.index = index
         self.ceiling = bc.ceiling
@@ -165,7 +175,16 @@ class LedgerBand:
         # Fair shares across shards (see Ledger._shard_rank): what each shard's queued requests cost in
         # the band's fairness unit, the weight of the flows it holds, and its virtual time.
         self.cost_kind = _COST_KIND[bc.fairness]
-        self.fair = shards > 1 and self.cost_kind != _ARRIVALS  # one shard: nothing to share (lean)
+        self.sharing = shards > 1 and self.cost_kind != _ARRIVALS  # one shard: nothing to share (lean)
+        # The fair state is kept only while the band's flows sit on two shards or more (and for _CALM
+        # requests after): on one, the grant's shard is that one (Ledger._rebase, Ledger._settle).
+        # `lone` False keeps it always (the reference the tests compare with).
+        self.fair = self.sharing and not lone
+        # While not fair, the shard holding all of the band's work (any, while it holds none); -1: the
+        # band keeps no such shard (fair, or global-fcfs at N shards: it picks by arrival).
+        self.home = 0 if shards == 1 or (self.sharing and lone) else -1
+        self.spread = 0  # while fair: the shards holding its flows
+        self.calm = 0  # while fair: the requests that left it since it last held flows on two shards
         self.shard_cost = [0] * shards
         self.shard_weight = [0.0] * shards
         self.shard_vtime = [0.0] * shards
@@ -223,10 +242,11 @@ class LedgerBand:
 class Ledger:
     """All of the distributor's admission and dispatch bookkeeping; no I/O, no clock."""
 
-    def __init__(self, config: Config, shards: int) -> None:
+    def __init__(self, config: Config, shards: int, *, lone: bool = True) -> None:
         self.config = config
         self.shards = shards
-        self.bands = [LedgerBand(i, config, shards) for i in range(len(config.bands))]
+        self.bands = [LedgerBand(i, config, shards, lone=lone) for i in range(len(config.bands))]
+        self._calm = _CALM if lone else _INF
         self.band_of = {b.priority: i for i, b in enumerate(config.bands)}  # priority -> band index
         self.default_band = self.band_of[config.default_band.priority]  # of a priority that has no band
         self.max_bytes = limit(config.max_queued_bytes)
@@ -391,6 +411,8 @@ class Ledger:
         fair = band.fair
         flow = band.flows.get(name)
         if flow is None:  # the shell routes the flow's next requests to `shard` (affine_shard)
+            if not fair and band.home != shard and band.sharing:  # a flow of a lone band away from its home
+                fair = self._spread_to(band, shard)
             if not fair:
                 flow = band.flows[name] = FlowUsage(shard)
             else:
@@ -401,6 +423,9 @@ class Ledger:
                     band.shard_vtime[shard] = start
                     band.shard_weight[shard] = weight
                     band.shard_tags[shard] = weight * start
+                    band.spread += 1
+                    if band.spread > 1:
+                        band.calm = 0
                 else:
                     self._reweigh(band, shard, weight, weight * start)
         if fair:
@@ -410,6 +435,8 @@ class Ledger:
                 flow.weight = p.weight
             p.cost = cost = band.cost(p)
             band.shard_cost[shard] += cost
+        elif p.weight > 0:  # the latest request's weight is the flow's (kept for a re-base)
+            flow.weight = p.weight
         flow.queued_items += 1
         flow.queued_bytes += size
         band.order[p.id] = p
@@ -448,18 +475,6 @@ class Ledger:
         flow = band.flows[name]
         flow.queued_items = left = flow.queued_items - 1
         flow.queued_bytes -= size
-        if band.fair:
-            band.shard_cost[shard] -= p.cost
-            if not left:  # it takes its finish time, so its service with it
-                if band.shard_weight[shard] - flow.weight < 1e-9:  # no flow left there (and no float dust)
-                    band.shard_weight[shard] = band.shard_tags[shard] = 0.0
-                else:
-                    self._reweigh(band, shard, -flow.weight, -flow.weight * flow.finish)
-                del band.flows[name]
-                if flow.finish > band.vclock:
-                    self._remember(band, name, flow.finish)
-        elif not left:
-            del band.flows[name]
         del band.order[p.id]
         band.queued_items -= 1
         band.queued_bytes -= size
@@ -468,6 +483,23 @@ class Ledger:
         self.queued_items -= 1
         self.queued_bytes -= size
         p.state = _DONE
+        if band.fair:
+            band.shard_cost[shard] -= p.cost
+            if not left:  # it takes its finish time, so its service with it
+                if band.shard_weight[shard] - flow.weight < 1e-9:  # no flow left there (and no float dust)
+                    band.shard_weight[shard] = band.shard_tags[shard] = 0.0
+                    band.spread -= 1
+                else:
+                    self._reweigh(band, shard, -flow.weight, -flow.weight * flow.finish)
+                del band.flows[name]
+                if flow.finish > band.vclock:
+                    self._remember(band, name, flow.finish)
+            if band.spread < 2:  # on one shard (or none): after _CALM requests, it keeps no fair state
+                band.calm += 1
+                if band.calm >= self._calm:
+                    self._settle(band)
+        elif not left:
+            del band.flows[name]
         if clock is not None:
             rise = band.uncovered(shard) - before
             if rise > 0:  # (usually none: a dispatch on its own grant uncovers nothing)
@@ -493,7 +525,6 @@ class Ledger:
         budget = self.budget
         max_requests, max_bytes = budget.max_requests, budget.max_bytes
         bands, grants, external = self.bands, self._grants, self.external_saturation  # (read once per plan)
-        single = self.shards == 1
         out: list[tuple[int, int, int, float]] = []
         # A fair band's shards that hold more requests than live grants, ranked (`_open_shards`); built
         # at the band's first look in this plan, then only the granted shard's rank changes.
@@ -521,9 +552,9 @@ class Ledger:
                     if heap:
                         band = candidate
                         break
-                elif (  # `grantable()`, at one shard inline (once per grant or more)
-                    candidate.shard_items[0] > candidate.shard_granted[0] - candidate.shard_stale[0] if single
-                    else candidate.grantable()
+                elif (  # `grantable()`, inline where the band's work is on one shard (once per grant or more)
+                    candidate.shard_items[home] > candidate.shard_granted[home] - candidate.shard_stale[home]
+                    if (home := candidate.home) >= 0 else candidate.grantable()
                 ):
                     band = candidate
                     break
@@ -536,7 +567,8 @@ class Ledger:
             if alone:
                 shard = heap[0][2]
             else:
-                shard = heapq.heappop(heap)[2] if fair else 0 if single else self._pick_shard(band)
+                # (not fair: `home` is the band's, read as it was chosen)
+                shard = heapq.heappop(heap)[2] if fair else home if home >= 0 else self._oldest_uncovered(band)
             reserve = -1
             if max_bytes != _INF:
                 hint = max(self._need.get((index, shard), 0), self._typical_size(band, shard))
@@ -603,21 +635,14 @@ class Ledger:
         return band.shard_vtime[shard], -(band.shard_bytes[shard] / (live + 1) + 1e-9 * (items - live))
 
     @staticmethod
-    def _pick_shard(band: LedgerBand) -> int:
-        """The shard a band that is not fair-shared grants next: its only shard, or under global-fcfs
-        (which shares by nothing but arrival) the shard holding the oldest request that no live grant
-        covers (`_oldest_uncovered`). Fair bands rank their shards instead (`_shard_rank`)."""
-        if len(band.shard_items) == 1:
-            return 0
-        return Ledger._oldest_uncovered(band)
-
-    @staticmethod
     def _oldest_uncovered(band: LedgerBand) -> int:
-        """global-fcfs across shards: the shard of the band's oldest queued request not covered by a
-        live grant. A shard answers its grants with its own oldest requests (its policy is
-        global-fcfs too), so its first `live grants` requests in arrival order are covered. Costs
-        O(live grants of the band) per pick. (Granting by bytes held instead starved a shard holding
-        one small request next to shards that closed-loop flows kept refilling.)"""
+        """global-fcfs across shards (it shares by nothing but arrival; fair bands rank their shards
+        instead, `_shard_rank`, and a lone band grants its `home`): the shard of the band's oldest
+        queued request not covered by a live grant. A shard answers its grants with its own oldest
+        requests (its policy is global-fcfs too), so its first `live grants` requests in arrival
+        order are covered. Costs O(live grants of the band) per pick. (Granting by bytes held instead
+        starved a shard holding one small request next to shards that closed-loop flows kept
+        refilling.)"""
         covered = [g - s for g, s in zip(band.shard_granted, band.shard_stale, strict=True)]
         for p in band.order.values():
             n = p.shard
@@ -672,6 +697,64 @@ class Ledger:
         band.shard_weight[shard], band.shard_tags[shard] = new_weight, new_tags
         if old_weight:
             band.shard_vtime[shard] += new_tags / new_weight - old_tags / old_weight
+
+    def _spread_to(self, band: LedgerBand, shard: int) -> bool:
+        """A band keeping no fair state gets a flow on `shard`, which is not its home: if it holds
+        nothing, `shard` becomes its home; else its flows are on two shards from now, and it is fair
+        (`_rebase`). Returns whether it is."""
+        if not band.queued_items:
+            band.home = shard
+            return False
+        self._rebase(band)
+        return True
+
+    def _rebase(self, band: LedgerBand) -> None:
+        """Rebuild the fair state of a band whose flows all sit on its home shard, from what the ledger
+        holds, as the always-fair ledger holds a band served on one shard: the latest grant started at
+        the band's virtual clock (where the flow about to join elsewhere starts, `_start`), so the
+        home shard's virtual time is one typical charge ahead of it; its flows share one finish time,
+        that less an estimate for each of the band's grants outstanding there (now their charge, as
+        `plan_grants` would have set it). Exact in what it keeps (weights, costs, grants); what it
+        cannot know is how the flows' finish times differed and how far ahead of the clock those
+        that emptied were (`_settle`); and a home whose band was not granted since it last emptied
+        is one charge ahead where the always-fair ledger has it at the clock.
+        O(flows + queued requests of the band + grants outstanding on its home), once per spread."""
+        home, index, clock = band.home, band.index, band.vclock
+        shards = len(band.shard_items)
+        band.fair, band.home, band.spread, band.calm = True, -1, 1, 0
+        band.shard_cost, band.shard_weight, band.shard_tags = [0] * shards, [0.0] * shards, [0.0] * shards
+        cost = 0
+        for p in band.order.values():
+            p.cost = c = band.cost(p)
+            cost += c
+        configured, turns, weight = self._weights, band.cost_kind == _TURNS, 0.0
+        for name, flow in band.flows.items():
+            flow.weight = 1.0 if turns else flow.weight or configured.get(name, 1.0)
+            weight += flow.weight
+        charge = cost / band.queued_items / weight
+        grants = self._grants[home]
+        outstanding = sum(1 for g in grants if g[0] == index)
+        if outstanding:
+            self._grants[home] = deque((b, r, charge if b == index else c, s) for b, r, c, s in grants)
+        finish = clock + charge - outstanding * charge
+        for flow in band.flows.values():
+            flow.finish = finish
+        band.shard_cost[home] = cost
+        band.shard_weight[home] = weight
+        band.shard_tags[home] = weight * finish
+        band.shard_vtime[home] = clock + charge
+
+    @staticmethod
+    def _settle(band: LedgerBand) -> None:
+        """A fair band has sat on one shard (or none) for _CALM requests: it keeps no fair state until
+        its flows are on two shards again (`_rebase`), as at one shard, where the grant's shard is
+        its home. What it forgets: how far its flows' finish times were apart, and those of the
+        flows that emptied ahead of its clock (each ahead by about its last request's cost over its
+        weight at most; docs/architecture.md, "Fairness across shards")."""
+        band.fair = False
+        band.flow_finish.clear()
+        items = band.shard_items
+        band.home = next(compress(range(len(items)), items), 0)
 
     @staticmethod
     def _typical_size(band: LedgerBand, shard: int) -> int:

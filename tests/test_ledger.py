@@ -763,7 +763,12 @@ def test_model_detects_a_ledger_that_miscounts():
 
 
 class NoAffinityLedger(Ledger):
-    """The routing before flow affinity (negative control): every request placed by JSQ-Bytes alone."""
+    """The routing before flow affinity (negative control): every request placed by JSQ-Bytes alone.
+    Always fair: a band on one shard grants only that shard, which affinity makes the only one holding
+    its work (Ledger._spread_to looks at a flow's first request only)."""
+
+    def __init__(self, config: Config, shards: int) -> None:
+        super().__init__(config, shards, lone=False)
 
     def affine_shard(self, p: Pending) -> int:
         return -1
@@ -981,8 +986,9 @@ def test_a_flow_that_empties_and_returns_at_once_gets_no_more_than_its_share():
 def test_a_vtc_correction_moves_the_flows_finish_time_and_its_shards_virtual_time():
     """A released request's actual tokens differ from those declared: the flow's finish time moves (so
     it takes the corrected service with it when it empties), and its shard's virtual time with it;
-    after the flow emptied ahead of the band's clock, its remembered finish time (its next start)."""
-    ledger = Ledger(config([{"priority": 0, "fairness": "vtc"}], max_inflight_requests=10), 2)
+    after the flow emptied ahead of the band's clock, its remembered finish time (its next start).
+    (The always-fair ledger, whose flows start at 0 here; tests/test_ledger_lone.py has it after a re-base.)"""
+    ledger = Ledger(config([{"priority": 0, "fairness": "vtc"}], max_inflight_requests=10), 2, lone=False)
     band = ledger.bands[0]
     a1, a2, b1 = (Pending(i, f, 0, 100, tokens=t) for i, f, t in ((1, "a", 1000), (2, "a", 1000), (3, "b", 3000)))
     ledger.enqueue(a1, 0)
