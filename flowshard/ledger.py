@@ -54,8 +54,10 @@ _MAX_INTERVALS = 4096
 # Finish times kept per band for flows that emptied ahead of the band's virtual clock (Ledger._remember).
 _FINISH_MEMORY = 4096
 # Requests that leave a fair band while it sits on one shard (or none) before it drops its fair state
-# (Ledger._settle): a band that comes back to two shards within that many is still fair, so one whose
-# flows keep spilling over and back pays no re-base each time, and forgets no finish time.
+# (Ledger._settle), at least; and at least as many as it holds queued, which its next re-base costs. A
+# band that comes back to two shards within that many is still fair, so one whose flows keep spilling
+# over and back pays no re-base each time (and forgets no finish time), and however it flaps a re-base
+# costs O(1) per request that left it, amortised.
 _CALM = 64
 
 
@@ -494,9 +496,9 @@ class Ledger:
                 del band.flows[name]
                 if flow.finish > band.vclock:
                     self._remember(band, name, flow.finish)
-            if band.spread < 2:  # on one shard (or none): after _CALM requests, it keeps no fair state
+            if band.spread < 2:  # on one shard (or none): after a while (_CALM), it keeps no fair state
                 band.calm += 1
-                if band.calm >= self._calm:
+                if band.calm >= self._calm and band.calm >= band.queued_items:
                     self._settle(band)
         elif not left:
             del band.flows[name]
@@ -746,7 +748,7 @@ class Ledger:
 
     @staticmethod
     def _settle(band: LedgerBand) -> None:
-        """A fair band has sat on one shard (or none) for _CALM requests: it keeps no fair state until
+        """A fair band has sat on one shard (or none) for a while (_CALM): it keeps no fair state until
         its flows are on two shards again (`_rebase`), as at one shard, where the grant's shard is
         its home. What it forgets: how far its flows' finish times were apart, and those of the
         flows that emptied ahead of its clock (each ahead by about its last request's cost over its
