@@ -138,6 +138,7 @@ class LedgerBand:
         "queued_bytes",
         "queued_items",
         "rises",
+        "served",
         "shard_bytes",
         "shard_cost",
         "shard_granted",
@@ -187,6 +188,7 @@ class LedgerBand:
         self.home = 0 if shards == 1 or (self.sharing and lone) else -1
         self.spread = 0  # while fair: the shards holding its flows
         self.calm = 0  # while fair: the requests that left it since it last held flows on two shards
+        self.served = False  # while not fair: granted since it last took a home (Ledger._rebase)
         self.shard_cost = [0] * shards
         self.shard_weight = [0.0] * shards
         self.shard_vtime = [0.0] * shards
@@ -566,11 +568,13 @@ class Ledger:
             # A fair band with one open shard (its work on one shard, the packed case) grants it and
             # leaves it in its heap: its rank is compared with nothing, so it is not recomputed.
             alone = fair and len(heap) == 1
-            if alone:
+            if not fair:  # (`home` is the band's, read as it was chosen)
+                shard = home if home >= 0 else self._oldest_uncovered(band)
+                band.served = True
+            elif alone:
                 shard = heap[0][2]
             else:
-                # (not fair: `home` is the band's, read as it was chosen)
-                shard = heapq.heappop(heap)[2] if fair else home if home >= 0 else self._oldest_uncovered(band)
+                shard = heapq.heappop(heap)[2]
             reserve = -1
             if max_bytes != _INF:
                 hint = max(self._need.get((index, shard), 0), self._typical_size(band, shard))
@@ -705,21 +709,20 @@ class Ledger:
         nothing, `shard` becomes its home; else its flows are on two shards from now, and it is fair
         (`_rebase`). Returns whether it is."""
         if not band.queued_items:
-            band.home = shard
+            band.home, band.served = shard, False
             return False
         self._rebase(band)
         return True
 
     def _rebase(self, band: LedgerBand) -> None:
         """Rebuild the fair state of a band whose flows all sit on its home shard, from what the ledger
-        holds, as the always-fair ledger holds a band served on one shard: the latest grant started at
-        the band's virtual clock (where the flow about to join elsewhere starts, `_start`), so the
-        home shard's virtual time is one typical charge ahead of it; its flows share one finish time,
-        that less an estimate for each of the band's grants outstanding there (now their charge, as
-        `plan_grants` would have set it). Exact in what it keeps (weights, costs, grants); what it
-        cannot know is how the flows' finish times differed and how far ahead of the clock those
-        that emptied were (`_settle`); and a home whose band was not granted since it last emptied
-        is one charge ahead where the always-fair ledger has it at the clock.
+        holds, as the always-fair ledger holds a band on one shard: if it was granted there (`served`),
+        the latest grant started at the band's virtual clock (where the flow about to join elsewhere
+        starts, `_start`), so the home shard's virtual time is one typical charge ahead of it, else at
+        it; its flows share one finish time, that less an estimate for each of the band's grants
+        outstanding there (now their charge, as `plan_grants` would have set it). Exact in what it
+        keeps (weights, costs, grants); what it cannot know is how the flows' finish times differed,
+        and how far ahead of the clock those that emptied were (`_settle`).
         O(flows + queued requests of the band + grants outstanding on its home), once per spread."""
         home, index, clock = band.home, band.index, band.vclock
         shards = len(band.shard_items)
@@ -738,13 +741,14 @@ class Ledger:
         outstanding = sum(1 for g in grants if g[0] == index)
         if outstanding:
             self._grants[home] = deque((b, r, charge if b == index else c, s) for b, r, c, s in grants)
-        finish = clock + charge - outstanding * charge
+        vtime = clock + charge if band.served else clock
+        finish = vtime - outstanding * charge
         for flow in band.flows.values():
             flow.finish = finish
         band.shard_cost[home] = cost
         band.shard_weight[home] = weight
         band.shard_tags[home] = weight * finish
-        band.shard_vtime[home] = clock + charge
+        band.shard_vtime[home] = vtime
 
     @staticmethod
     def _settle(band: LedgerBand) -> None:
@@ -753,7 +757,7 @@ class Ledger:
         its home. What it forgets: how far its flows' finish times were apart, and those of the
         flows that emptied ahead of its clock (each ahead by about its last request's cost over its
         weight at most; docs/architecture.md, "Fairness across shards")."""
-        band.fair = False
+        band.fair, band.served = False, True
         band.flow_finish.clear()
         items = band.shard_items
         band.home = next(compress(range(len(items)), items), 0)
