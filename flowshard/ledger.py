@@ -8,6 +8,8 @@ requests still in transit to a shard, and hands out grants:
 - the highest band with ungranted work whose ceiling is not reached is granted first;
 - among the shards holding that band's work, the one with the smallest virtual time (fair shares
   by the weight of the flows each holds, `_shard_rank`; global-fcfs: the oldest uncovered request);
+  a band whose flows all sit on one shard (the packed case) grants that one and keeps no fair state,
+  as at one shard, until a flow of it goes to a second shard (`_rebase`, `_settle`);
 - a grant reserves one request slot of the budget, and under a byte budget a number of bytes
   (twice the band's average queued size on that shard, or what the shard said its head needs);
   the shard answers each grant, in order, with one dispatch or one hand-back.
@@ -93,7 +95,7 @@ class Pending(msgspec.Struct, gc=False):
     reserved_items: int = 0
     tokens: int = 0  # declared tokens (0: none): a vtc band's cost, as in the engine
     weight: float = 0.0  # the request's own weight (0: the flow's configured weight), as in the engine
-    cost: int = 0  # in a fair band: what its dispatch costs its flow (LedgerBand.cost), set when queued
+    cost: int = 0  # in a fair band: what its dispatch costs its flow (LedgerBand.cost), set when queued or re-based
 
 
 class FlowUsage(msgspec.Struct, gc=False):
@@ -529,6 +531,7 @@ class Ledger:
         budget = self.budget
         max_requests, max_bytes = budget.max_requests, budget.max_bytes
         bands, grants, external = self.bands, self._grants, self.external_saturation  # (read once per plan)
+        single = self.shards == 1
         out: list[tuple[int, int, int, float]] = []
         # A fair band's shards that hold more requests than live grants, ranked (`_open_shards`); built
         # at the band's first look in this plan, then only the granted shard's rank changes.
@@ -556,8 +559,9 @@ class Ledger:
                     if heap:
                         band = candidate
                         break
-                elif (  # `grantable()`, inline where the band's work is on one shard (once per grant or more)
-                    candidate.shard_items[home] > candidate.shard_granted[home] - candidate.shard_stale[home]
+                elif (  # `grantable()`, inline at one shard and where the band's work is on one (once per grant)
+                    candidate.shard_items[0] > candidate.shard_granted[0] - candidate.shard_stale[0] if single
+                    else candidate.shard_items[home] > candidate.shard_granted[home] - candidate.shard_stale[home]
                     if (home := candidate.home) >= 0 else candidate.grantable()
                 ):
                     band = candidate
@@ -568,7 +572,9 @@ class Ledger:
             # A fair band with one open shard (its work on one shard, the packed case) grants it and
             # leaves it in its heap: its rank is compared with nothing, so it is not recomputed.
             alone = fair and len(heap) == 1
-            if not fair:  # (`home` is the band's, read as it was chosen)
+            if single:
+                shard = 0
+            elif not fair:  # (`home` is the band's, read as it was chosen)
                 shard = home if home >= 0 else self._oldest_uncovered(band)
                 band.served = True
             elif alone:
@@ -730,8 +736,8 @@ class Ledger:
         band.shard_cost, band.shard_weight, band.shard_tags = [0] * shards, [0.0] * shards, [0.0] * shards
         cost = 0
         for p in band.order.values():
-            p.cost = c = band.cost(p)
-            cost += c
+            p.cost = one = band.cost(p)
+            cost += one
         configured, turns, weight = self._weights, band.cost_kind == _TURNS, 0.0
         for name, flow in band.flows.items():
             flow.weight = 1.0 if turns else flow.weight or configured.get(name, 1.0)
