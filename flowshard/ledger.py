@@ -572,15 +572,15 @@ class Ledger:
             # A fair band with one open shard (its work on one shard, the packed case) grants it and
             # leaves it in its heap: its rank is compared with nothing, so it is not recomputed.
             alone = fair and len(heap) == 1
-            if single:
+            if alone:
+                shard = heap[0][2]
+            elif fair:
+                shard = heapq.heappop(heap)[2]
+            elif single:
                 shard = 0
-            elif not fair:  # (`home` is the band's, read as it was chosen)
+            else:  # (`home` is the band's, read as it was chosen)
                 shard = home if home >= 0 else self._oldest_uncovered(band)
                 band.served = True
-            elif alone:
-                shard = heap[0][2]
-            else:
-                shard = heapq.heappop(heap)[2]
             reserve = -1
             if max_bytes != _INF:
                 hint = max(self._need.get((index, shard), 0), self._typical_size(band, shard))
