@@ -496,6 +496,9 @@ def test_jsq_slack_packs_new_flows_onto_shard_0_until_it_falls_the_slack_behind(
     def items(s: dict[str, Any]) -> list[int]:
         return [sh["queued_items"][0] for sh in s["shards"]]
 
+    def backlogs(s: dict[str, Any]) -> list[int]:
+        return [sh["input_backlog_bytes"] for sh in s["shards"]]
+
     async def main() -> None:
         async with Client.connect(svc.host, svc.binary_port) as c:
             hold = await c.admit("hold")
@@ -517,7 +520,7 @@ def test_jsq_slack_packs_new_flows_onto_shard_0_until_it_falls_the_slack_behind(
                 s = await _queued(svc, 44)
                 assert items(s) == [41, 3, 0, 0]
                 # shard 0 stays 11 KiB behind; shard 1 reads its three (not necessarily by the time they count)
-                await svc.until_stats(lambda s: [sh["input_backlog_bytes"] for sh in s["shards"]] == [11 * kib, 0, 0, 0])
+                await svc.until_stats(lambda s: backlogs(s) == [11 * kib, 0, 0, 0])
                 again = [c.admit("d00", size=kib)]  # a flow placed on shard 0 stays there, stopped or not
                 s = await _queued(svc, 45)
                 assert items(s) == [42, 3, 0, 0]
