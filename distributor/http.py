@@ -329,6 +329,7 @@ class HttpConnection(asyncio.Protocol):
         self._held: bytearray | None = None  # input kept unparsed while max_pipelined is reached
         self._paused = False
         self._wpaused = False  # reading paused because unsent responses passed write_high
+        self._wpaused_at = 0.0  # since when (loop time), while `_wpaused`
         self._writable: asyncio.Future[None] | None = None  # proxy mode: a stream waits here while paused
         # Tickets of dispatched answers written since the client last sent anything (a request it sent
         # before an answer was written proves nothing about that answer: pipelined in the same read)
@@ -579,6 +580,8 @@ class HttpConnection(asyncio.Protocol):
         if self._transport.get_write_buffer_size() > self._limits.write_buffer_limit:
             self._drop()
             return
+        if not self._wpaused:
+            self._wpaused_at = self._loop.time()
         self._wpaused = True
         if not self._paused:
             self._pause_reading()
@@ -1261,7 +1264,14 @@ class HttpConnection(asyncio.Protocol):
         if self._msg_at and self._held is None and not (self._queue and self._queue[-1].data is _CONTINUE):
             due = self._msg_at + limits.header_timeout
             if now >= due and self._wpaused:
-                self._drop()  # its request waits on our reading, paused because its answers wait unread
+                # its request waits on our reading, paused because its answers wait unread: a slow reader
+                # once they have waited unread for header_timeout (one that reads, if slowly, a stream
+                # say, resumes the writing meanwhile and gets the 408 below when the timer finds it so)
+                stuck = self._wpaused_at + limits.header_timeout
+                if now >= stuck:
+                    self._drop()
+                else:
+                    self._arm(stuck)
             elif now >= due:
                 self._msg_at = 0.0
                 self._head_raw = _NOT_IN_HEAD
@@ -1274,8 +1284,12 @@ class HttpConnection(asyncio.Protocol):
             self._arm(now + limits.idle_timeout)  # waiting on the distributor, not on the client
         else:
             due = self._last_active + (limits.header_timeout if self._fresh else limits.idle_timeout)
-            if now >= due and self._wpaused:
-                self._drop()  # idle with its answers unread: a slow reader, as past write_buffer_limit
+            if now >= due and self._wpaused:  # idle with its answers unread: a slow reader, as past write_buffer_limit
+                stuck = self._wpaused_at + limits.header_timeout
+                if now >= stuck:
+                    self._drop()
+                else:
+                    self._arm(stuck)
             elif now >= due:
                 self._closing = True
                 self._close_now()

@@ -9,9 +9,12 @@ import socket
 import struct
 from typing import Any
 
+import pytest
 from test_http import HOLD, TICKET_BASE, Client, FakeAdmission, admit, get, serve, until
 
+from bench.inproc import MemoryTransport
 from distributor.guards import Guards
+from distributor.http import HttpHub, HttpLimits
 
 # ---------------------------------------------------------------------------------------------- defect 3
 
@@ -336,3 +339,50 @@ def test_a_dropped_pipelining_client_gives_back_the_tickets_of_answers_it_never_
     serve(t, fake, guards=guards)
     assert guards[("http", "slow_reader")] == 1
     assert guards[("http", "undeliverable")] == 8
+
+
+class _Socket(MemoryTransport):
+    """A client's socket in memory: what is written, and whether it was aborted."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+@pytest.mark.parametrize("reads", [False, True], ids=["never-reads", "reads-slowly"])
+def test_a_client_is_dropped_as_a_slow_reader_once_its_answers_waited_unread_for_header_timeout(reads: bool) -> None:
+    """A request cut short waits on the service's reading while that is paused for answers left unread:
+    the client is a slow reader, dropped, once they have waited unread for header_timeout. One whose
+    writing resumed meanwhile (it reads, if slowly: a long stream) gets the 408 of a request not
+    received in time, as before (review 21: it was aborted if the timer found its writing paused)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        guards = Guards()
+        hub = HttpHub(FakeAdmission(), HttpLimits(header_timeout=0.5), 30.0, loop, guards)
+        sock = _Socket()
+        conn = hub()
+        conn.connection_made(sock)  # type: ignore[arg-type]
+        conn.data_received(b"POST /v1/admit HTTP/1.1\r\nhost: t\r\n")  # cut short: its clock starts
+        if reads:
+            await asyncio.sleep(0.35)
+        conn.pause_writing()  # its kernel buffer is full of answers
+        await asyncio.sleep(0.25)
+        if reads:  # paused for 0.25 s when the request's 0.5 s ran out: not yet a slow reader
+            assert not sock.aborted
+            conn.resume_writing()  # it read
+        await asyncio.sleep(0.6)
+        if reads:
+            assert not sock.aborted and guards[("http", "header_timeout")] == 1
+            assert b"HTTP/1.1 408" in b"".join(sock.writes)
+        else:
+            assert sock.aborted and guards[("http", "slow_reader")] == 1
+            assert guards[("http", "header_timeout")] == 0
+
+    asyncio.run(main())
