@@ -220,8 +220,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             names.add(band.name)
         self.bands.sort(key=lambda b: -b.priority)
         for flow, weight in self.weights.items():
-            if not (math.isfinite(weight) and 0 < weight <= 1e6):
-                raise ValueError(f"weights: flow {_toml_value(flow)} has weight {weight!r}; allowed: > 0 and <= 1e6")
+            if not (math.isfinite(weight) and 1e-6 <= weight <= 1e6):  # validate.MIN_WEIGHT, MAX_WEIGHT
+                raise ValueError(f"weights: flow {_toml_value(flow)} has weight {weight!r}; allowed: 1e-6 to 1e6")
         if self.default_priority is not None and self.default_priority not in seen:
             raise ValueError(
                 f"default_priority {self.default_priority} names no band; "

@@ -425,7 +425,7 @@ class Ledger:
                 weight = self._weights.get(name, 1.0) if band.cost_kind != _TURNS else 1.0
                 start = self._start(band, shard, name)
                 flow = band.flows[name] = FlowUsage(shard, weight=weight, finish=start)
-                if not band.shard_weight[shard]:  # the shard's first flow of the band: it starts with it
+                if not band.shard_items[shard]:  # the shard's first flow of the band (counted: a weight can be tiny)
                     band.shard_vtime[shard] = start
                     band.shard_weight[shard] = weight
                     band.shard_tags[shard] = weight * start
@@ -492,7 +492,7 @@ class Ledger:
         if band.fair:
             band.shard_cost[shard] -= p.cost
             if not left:  # it takes its finish time, so its service with it
-                if band.shard_weight[shard] - flow.weight < 1e-9:  # no flow left there (and no float dust)
+                if not band.shard_items[shard]:  # no flow left there (counted, not inferred from float weights)
                     band.shard_weight[shard] = band.shard_tags[shard] = 0.0
                     band.spread -= 1
                 else:
@@ -506,6 +506,8 @@ class Ledger:
                     self._settle(band)
         elif not left:
             del band.flows[name]
+            if not band.queued_items:  # empty: its next home starts at the clock (as the always-fair ledger's)
+                band.served = False
         if clock is not None:
             rise = band.uncovered(shard) - before
             if rise > 0:  # (usually none: a dispatch on its own grant uncovers nothing)
@@ -743,9 +745,9 @@ class Ledger:
             flow.weight = 1.0 if turns else flow.weight or configured.get(name, 1.0)
             weight += flow.weight
         charge = cost / band.queued_items / weight
-        grants = self._grants[home]
-        outstanding = sum(1 for g in grants if g[0] == index)
+        outstanding = band.shard_granted[home]  # (the band's grants there, stale ones included)
         if outstanding:
+            grants = self._grants[home]
             self._grants[home] = deque((b, r, charge if b == index else c, s) for b, r, c, s in grants)
         vtime = clock + charge if band.served else clock
         finish = vtime - outstanding * charge

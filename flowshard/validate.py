@@ -20,6 +20,10 @@ MAX_SIZE = 1 << 40  # 1 TiB: a size beyond this is a client bug, not a request
 MAX_SECONDS = 7 * 86400.0
 MAX_TOKENS = 1 << 32
 MAX_WEIGHT = 1e6
+# The smallest weight other than 0 (a request's 0: its flow's configured weight). Weights meet costs of up
+# to 2^40 bytes or 2^32 tokens in the fair shares' arithmetic: a weight of 1e-300 made a virtual time
+# infinite (review 22); 1e-6 keeps every figure finite and exact enough, a million-to-one range.
+MIN_WEIGHT = 1e-6
 MAX_PRIORITY = 1 << 31
 # Tickets are random integers below 2^53, exact in any JSON parser's double. A release of a number
 # outside 1..MAX_TICKET is answered "unknown" at the boundary: it cannot name a ticket, and beyond
@@ -217,6 +221,6 @@ def check_admit(
         return f"slo: {slo} is outside [0, {MAX_SECONDS:.0f}] seconds"
     if not 0 <= tokens <= MAX_TOKENS:
         return f"tokens: {tokens} is outside [0, 2^32]"
-    if not 0 <= weight <= MAX_WEIGHT:
-        return f"weight: {weight} is outside [0, {MAX_WEIGHT:.0f}] (0: the flow's configured weight)"
+    if not (weight == 0 or MIN_WEIGHT <= weight <= MAX_WEIGHT):  # (false for NaN)
+        return f"weight: {weight} is outside [{MIN_WEIGHT:g}, {MAX_WEIGHT:.0f}] and not 0 (the configured weight)"
     return None

@@ -193,9 +193,11 @@ def test_invalid_weight_names_the_flow_and_the_value():
     with pytest.raises(ConfigError) as excinfo:
         load_config('[weights]\n"tenant-x" = -1.5\n')
     message = str(excinfo.value)
-    assert "weights" in message and "> 0" in message
+    assert "weights" in message and "1e-6 to 1e6" in message
     assert "tenant-x" in message, message
     assert "-1.5" in message, message
+    with pytest.raises(ConfigError, match="1e-10; allowed: 1e-6 to 1e6"):  # finite, but too small for the fair shares
+        load_config('[weights]\n"tenant-x" = 1e-10\n')
 
 
 def test_config_error_is_a_value_error_and_carries_the_source_name():

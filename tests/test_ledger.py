@@ -145,6 +145,34 @@ def test_limits_and_budget_hold_at_every_step(cfg, shards, seed, steps, crash, b
     m.check_empty()
 
 
+def _restless(config: Config, shards: int) -> Ledger:
+    """A ledger whose bands settle (drop their fair state) after two requests on one shard instead of
+    64: the lone/fair transitions (re-base, settle, re-spill) many times per run (review 22: at 64
+    the model's small queues never reached a settle)."""
+    ledger = Ledger(config, shards)
+    ledger._calm = 2
+    return ledger
+
+
+@MODEL_SETTINGS
+@given(
+    cfg=configs(monotone_ceilings=False),
+    shards=st.integers(2, 4),
+    seed=st.integers(0, 2**32 - 1),
+    steps=st.integers(50, 300),
+    crash=st.sampled_from([0, 0, 1]),
+)
+def test_bands_that_settle_and_spread_again_keep_every_invariant(cfg, shards, seed, steps, crash):
+    """As above, with bands moving between one shard (lone, no fair state) and several (fair) all the
+    time: every count, limit and budget check of the model, strict priority at each dispatch and
+    nothing left stuck at the end."""
+    m = Model(cfg, shards, seed=seed, ttls=(0.0, 0.0, 1.0), sizes=(0, 60), weights={"crash": crash, "cancel": 6},
+              ledger_factory=_restless, raise_on_priority_violation=True)
+    m.run(steps)
+    m.drain()
+    m.check_empty()
+
+
 def test_oversized_request_runs_alone_and_nothing_joins_it():
     m = Model(config(max_inflight_bytes=100), 2, fast_path=False)
     big = m.admit("a", 0, 150)

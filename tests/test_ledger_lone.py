@@ -406,3 +406,28 @@ def test_a_spill_after_the_home_was_served_differs_by_a_request_per_shard_at_mos
 
     lag, granted = granted_per_shard(fairness, 4, route)
     assert lag <= 1, (lag, granted)
+
+
+def test_the_shards_a_band_is_on_are_counted_not_inferred_from_tiny_weights() -> None:
+    """Review 22: a shard's first flow and its last were told from its weight sum, and a sum below 1e-9
+    read as "no flow there". With flows of weight 1e-10 a shard still holding one was counted off the
+    band's spread, the band settled onto its other shard, and the work left on this one was never
+    granted while a lower band was (strict priority broken; in the service, a grant/hand-back loop).
+    The fronts and the configuration now refuse weights below 1e-6 (`validate.MIN_WEIGHT`), and the
+    ledger counts requests."""
+    d = Driver(Ledger(config("drr", budget=1, bands=2), 2))
+    band = d.ledger.bands[0]
+    for _ in range(CALM + 6):
+        d.route("a", 0)
+    d.route("x", 1, weight=1e-10)
+    y = d.route("y", 1, weight=1e-10)
+    assert band.fair and band.spread == 2
+    d.cancel(next(p for p in d.queued.values() if p.flow == "x"))
+    assert band.spread == 2  # y is still on shard 1
+    for p in [p for p in d.queued.values() if p.flow == "a"]:
+        d.cancel(p)
+    assert band.shard_items == [0, 1]
+    assert band.fair or band.home == 1  # never settled onto shard 0 while y waits on shard 1
+    d.route("low", 0, band=1)
+    assert [(s, b) for s, b, _, _ in d.plan()] == [(1, 0)]  # band 0's request first, where it is
+    assert d.answer() is y

@@ -386,6 +386,7 @@ BAD_ADMITS: list[tuple[str, Any, tuple[int, ...], str]] = [
     ("absurd priority", {"flow": "a", "priority": 1 << 40}, (422,), "priority"),
     ("negative tokens", {"flow": "a", "tokens": -3}, (422,), "tokens"),
     ("negative weight", {"flow": "a", "weight": -1.0}, (422,), "weight"),
+    ("tiny weight", {"flow": "a", "weight": 1e-10}, (422,), "weight"),  # 0 or 1e-6 .. 1e6 (review 22)
 ]
 
 
