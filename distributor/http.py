@@ -1263,15 +1263,8 @@ class HttpConnection(asyncio.Protocol):
         # Held input, or a 100 Continue queued behind earlier answers: the request waits on us.
         if self._msg_at and self._held is None and not (self._queue and self._queue[-1].data is _CONTINUE):
             due = self._msg_at + limits.header_timeout
-            if now >= due and self._wpaused:
-                # its request waits on our reading, paused because its answers wait unread: a slow reader
-                # once they have waited unread for header_timeout (one that reads, if slowly, a stream
-                # say, resumes the writing meanwhile and gets the 408 below when the timer finds it so)
-                stuck = self._wpaused_at + limits.header_timeout
-                if now >= stuck:
-                    self._drop()
-                else:
-                    self._arm(stuck)
+            if now >= due and self._wpaused:  # its request waits on our reading, paused for its unread answers
+                self._drop_if_stuck(now)
             elif now >= due:
                 self._msg_at = 0.0
                 self._head_raw = _NOT_IN_HEAD
@@ -1284,17 +1277,23 @@ class HttpConnection(asyncio.Protocol):
             self._arm(now + limits.idle_timeout)  # waiting on the distributor, not on the client
         else:
             due = self._last_active + (limits.header_timeout if self._fresh else limits.idle_timeout)
-            if now >= due and self._wpaused:  # idle with its answers unread: a slow reader, as past write_buffer_limit
-                stuck = self._wpaused_at + limits.header_timeout
-                if now >= stuck:
-                    self._drop()
-                else:
-                    self._arm(stuck)
+            if now >= due and self._wpaused:  # idle with its answers unread
+                self._drop_if_stuck(now)
             elif now >= due:
                 self._closing = True
                 self._close_now()
             else:
                 self._arm(due)
+
+    def _drop_if_stuck(self, now: float) -> None:
+        """Its answers wait unread (the writing is paused): a slow reader, dropped as past
+        write_buffer_limit, once they have waited so for header_timeout. One that reads, if slowly (a
+        long stream), resumes the writing meanwhile, and the timer then finds it so (a 408, or idle)."""
+        stuck = self._wpaused_at + self._limits.header_timeout
+        if now >= stuck:
+            self._drop()
+        else:
+            self._arm(stuck)
 
     def _probe(self) -> None:
         """After the client's EOF: a pending socket error (its kernel reset the connection when our

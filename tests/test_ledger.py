@@ -132,14 +132,12 @@ def test_limits_and_budget_hold_at_every_step(cfg, shards, seed, steps, crash, b
     """Queued bytes/items within global, band and flow limits; in flight + grants within the request
     budget; in-flight bytes within the byte budget unless one oversized request runs alone; the
     ledger's counters equal the model's own (checked by Model.check after every step)."""
-    m = Model(
-        cfg,
-        shards,
-        seed=seed,
-        ttls=(0.0, 0.0, 1.0, 3.0),
-        sizes=(0, 160 if big else 60),
-        weights={"crash": crash, "cancel": 6},
-    )
+    _run(Model(cfg, shards, seed=seed, ttls=(0.0, 0.0, 1.0, 3.0), sizes=(0, 160 if big else 60),
+               weights={"crash": crash, "cancel": 6}), steps)
+
+
+def _run(m: Model, steps: int) -> None:
+    """Random steps, then everything delivered and released: nothing may be left anywhere."""
     m.run(steps)
     m.drain()
     m.check_empty()
@@ -166,11 +164,8 @@ def test_bands_that_settle_and_spread_again_keep_every_invariant(cfg, shards, se
     """As above, with bands moving between one shard (lone, no fair state) and several (fair) all the
     time: every count, limit and budget check of the model, strict priority at each dispatch and
     nothing left stuck at the end."""
-    m = Model(cfg, shards, seed=seed, ttls=(0.0, 0.0, 1.0), sizes=(0, 60), weights={"crash": crash, "cancel": 6},
-              ledger_factory=_restless, raise_on_priority_violation=True)
-    m.run(steps)
-    m.drain()
-    m.check_empty()
+    _run(Model(cfg, shards, seed=seed, ttls=(0.0, 0.0, 1.0), sizes=(0, 60), weights={"crash": crash, "cancel": 6},
+               ledger_factory=_restless, raise_on_priority_violation=True), steps)
 
 
 def test_oversized_request_runs_alone_and_nothing_joins_it():
