@@ -330,6 +330,11 @@ class BinaryConnection(asyncio.Protocol):
             self._input_held = False
             self._reading()
             self._process()
+            if self._open and not self._input_held and self._reader.pending:
+                # an incomplete frame kept while the input was held: its clock starts now (the time held
+                # was the service's, not the client's); `_process` starts it only for bytes it read
+                self._frame_at = self._hub.loop.time()
+                self._arm(self._frame_at + self._hub.limits.frame_timeout)
         else:
             self._confirm()  # still held by admissions not known queued: a round trip shows which are
 

@@ -90,7 +90,7 @@ class _View:
     inversions: I64  # [B] (the distributor's row): dispatches that took budget a higher band's waiting work needed
     narrowed: I64  # [B]: grants handed back for a higher band that waited uncovered
     heartbeat_age: list[float | None]  # per shard, seconds; None before the first heartbeat
-    backlog: list[int]  # per shard: bytes of Enqueues sent to it not read yet (JSQ-Bytes's slack packs by it)
+    backlog: list[int]  # per shard: requests routed to it not read yet, in `shm.backlog_bytes` units
     consistent: bool
     top: list[TopFlow]
     other_items: list[int]  # per band: queued items of flows not in `top`
@@ -306,8 +306,9 @@ class FlowshardCollector(Collector):
 
         backlog = GaugeMetricFamily(
             "flowshard_shard_input_backlog_bytes",
-            "Bytes of requests sent to each shard that it has not read yet: how far behind its input it is "
-            "(JSQ-Bytes's slack sends a new flow to the lowest-numbered shard within jsq_slack_bytes of the least).",
+            "The requests routed to each shard that it has not read yet, each counted as its bytes and at least "
+            "1 KiB: how far behind its input it is (JSQ-Bytes's slack sends a new flow to the lowest-numbered "
+            "shard within jsq_slack_bytes of the least).",
             labels=["shard"],
         )
         for si, shard in enumerate(shards):

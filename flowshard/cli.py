@@ -271,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--shards", type=int, default=1, metavar="N",
                           help=f"simulate the service with N shards, 1 to {MAX_SHARDS} (default 1): the distributor's "
                                "ledger (limits, budget, grants, flow affinity, JSQ-Bytes) and N shard engines, "
-                               "hops taking no time, in a fixed order")
+                               "hops taking no time, in a fixed order. No shard falls behind then, so at the "
+                               "default jsq_slack_bytes every flow stays on shard 0, as in a service that keeps "
+                               "up; set [server.service] jsq_slack_bytes = 0 in the scenario to spread them")
     simulate.set_defaults(func=_simulate)
 
     from bench.args import DESCRIPTION as BENCH

@@ -19,6 +19,7 @@ import msgspec
 
 from flowshard.fairness import FAIRNESS
 from flowshard.queues import ORDERINGS
+from flowshard.validate import MAX_WEIGHT, MIN_WEIGHT
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 UNLIMITED = "unlimited"
@@ -220,7 +221,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             names.add(band.name)
         self.bands.sort(key=lambda b: -b.priority)
         for flow, weight in self.weights.items():
-            if not (math.isfinite(weight) and 1e-6 <= weight <= 1e6):  # validate.MIN_WEIGHT, MAX_WEIGHT
+            if not (math.isfinite(weight) and MIN_WEIGHT <= weight <= MAX_WEIGHT):
                 raise ValueError(f"weights: flow {_toml_value(flow)} has weight {weight!r}; allowed: 1e-6 to 1e6")
         if self.default_priority is not None and self.default_priority not in seen:
             raise ValueError(

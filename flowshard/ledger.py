@@ -765,7 +765,7 @@ class Ledger:
         its home. What it forgets: how far its flows' finish times were apart, and those of the
         flows that emptied ahead of its clock (each ahead by about its last request's cost over its
         weight at most; docs/architecture.md, "Fairness across shards")."""
-        band.fair, band.served = False, True
+        band.fair, band.served = False, band.queued_items > 0  # (settled as it emptied: its next home starts afresh)
         band.flow_finish.clear()
         items = band.shard_items
         band.home = next(compress(range(len(items)), items), 0)

@@ -24,6 +24,7 @@ from typing import Annotated, Any, ClassVar
 import msgspec
 
 from flowshard.config import Config, ConfigError, convert, parse_toml
+from flowshard.validate import MAX_WEIGHT, MIN_WEIGHT
 
 NonNegative = Annotated[float, msgspec.Meta(ge=0, le=1e15)]
 Positive = Annotated[float, msgspec.Meta(gt=0, le=1e15)]
@@ -220,7 +221,7 @@ class FlowSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     id: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     count: Annotated[int, msgspec.Meta(ge=1, le=MAX_FLOWS)] = 1
     priority: int = 0
-    weight: Annotated[float, msgspec.Meta(gt=0, le=1e6)] | None = None  # None: server `weights`, else 1
+    weight: Annotated[float, msgspec.Meta(ge=MIN_WEIGHT, le=MAX_WEIGHT)] | None = None  # None: server `weights`, else 1
     arrival: Arrival
     size: DistField = 1000.0  # bytes
     tokens: DistField | None = None  # None: not declared (fairness then charges bytes)

@@ -296,6 +296,41 @@ async def test_admissions_read_while_a_round_trip_is_out_are_confirmed_by_anothe
         raw.close()
 
 
+@pytest.mark.parametrize("link", [False, True], ids=["answered-at-once", "answered-later"])
+@on_loop()
+async def test_an_incomplete_frame_kept_while_the_input_was_held_still_has_to_complete_in_time(link: bool) -> None:
+    """Admissions answered at once pass write_high, so the input is held; behind them, the first bytes
+    of one more frame. Once the client has read its answers the input resumes, and that frame's clock
+    starts: it must complete within frame_timeout like any other (review 24: the clock never started,
+    and a client could keep its connection, one of max_connections, for ever with ~100 KB)."""
+    fake = AdmitsLater() if link else FakeAdmission()
+    limits = BinaryLimits(write_high=4 << 10, frame_timeout=0.3)
+    async with serving(fake, limits) as addr:
+        raw = await Raw.open(addr)
+        w = FrameWriter()
+        w.add(Admit(999_999, "capacity"))
+        n = 400  # ~5 KB of answers: past write_high
+        await raw.send_bytes(_admits(n, "capacity") + w.take()[:5])
+        await until(lambda: bool(fake.waiters))
+        conn: BinaryConnection = fake.waiters[-1]
+        got: list[Any] = []
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        while len(got) < n and loop.time() - t0 < 5:  # the client reads its answers (with a link, as they come)
+            if link:
+                fake.answer()
+            got += await raw.recv(1)
+        assert len(got) == n and all(type(m) is Result for m in got)
+        error = asyncio.ensure_future(raw.recv(1))
+        while not error.done() and loop.time() - t0 < 5:  # (with a link, the error waits for a round trip)
+            if link:
+                fake.answer()
+            await asyncio.sleep(0.01)
+        assert error.done() and error.result() == [Error(-1, 408, "frame not completed within 0.3 s")]
+        assert not conn._open
+        raw.close()
+
+
 @on_loop()
 async def test_write_buffer_over_the_hard_limit_drops_at_once() -> None:
     fake = FakeAdmission()

@@ -431,3 +431,27 @@ def test_the_shards_a_band_is_on_are_counted_not_inferred_from_tiny_weights() ->
     d.route("low", 0, band=1)
     assert [(s, b) for s, b, _, _ in d.plan()] == [(1, 0)]  # band 0's request first, where it is
     assert d.answer() is y
+
+
+def test_a_band_that_settles_as_it_empties_starts_its_next_home_at_the_clock() -> None:
+    """Review 24: a band that settled with the leave that emptied it kept `served`, so a flow on its
+    home and one spilling to another shard in the same pass re-based it one charge ahead of the clock,
+    and the spilled flow went first; the always-fair ledger starts both at the clock."""
+
+    def order(lone: bool) -> list[int]:
+        d = Driver(Ledger(config(budget=2), 4, lone=lone))
+        band = band0(d)
+        d.route("x", 0)
+        d.route("y", 1)  # fair: two shards
+        d.serve(2)
+        for _ in range(CALM):  # one request at a time on shard 0: the band empties each time, and settles
+            if band.fair or not lone:
+                d.route("x", 0)
+                d.serve(1)
+        assert not lone or (not band.fair and not band.served)
+        d.route("a", 0, size=1000)
+        d.route("a", 0, size=1000)
+        d.route("b", 1, size=1000)  # spills in the same pass
+        return [d.serve(1)[0] for _ in range(3)]
+
+    assert order(lone=True) == order(lone=False) == [0, 1, 0]

@@ -470,7 +470,8 @@ def test_drr_skipping_empty_rounds_picks_as_one_round_at_a_time(
 
 def test_drr_the_simulator_finishes_with_a_tiny_weight_alone_in_its_band() -> None:
     """The simulator runs the same policy: a lone flow of weight 1e-300 made `flowshard simulate` spin
-    without end (review 2026-12-05)."""
+    without end (review 2026-12-05). Scenarios now refuse weights below 1e-6, as the service does
+    (review 24): the smallest one allowed."""
     from flowshard.scenario import load_scenario
     from flowshard.simulate import simulate
 
@@ -484,7 +485,7 @@ fairness = "drr"
 duration = 5.0
 [[workload.flows]]
 id = "a"
-weight = 1e-300
+weight = 1e-6
 size = 1000
 service = 0.5
 arrival = { kind = "poisson", rate = 10 }

@@ -307,3 +307,11 @@ def test_shapes_round_sizes_and_tokens_and_add_per_token_service() -> None:
     assert all(s[1:] == (1000, 1, 0.75) for s in shapes)  # tokens at least 1 once declared
     undeclared = _stream(_spec(size=99.5), n=1)[0]
     assert undeclared[1:3] == (100, 0)
+
+
+def test_a_flow_weight_has_the_services_bounds() -> None:
+    """One scenario feeds both the simulator and the load generator (DESIGN §8): a weight the service
+    refuses (below 1e-6, review 24) is refused here too, not simulated then answered 422 by the service."""
+    assert "weight" in _error(_minimal(weight=1e-7))
+    assert "weight" in _error(_minimal(weight=2e6))
+    assert _load(_minimal(weight=1e-6)).workload.flows[0].weight == 1e-6

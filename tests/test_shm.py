@@ -624,3 +624,14 @@ def test_counters_cross_processes_through_real_shared_memory() -> None:
         shm.unlink()
     if os.path.isdir("/dev/shm"):
         assert not os.path.exists(os.path.join("/dev/shm", name.lstrip("/")))
+
+
+@pytest.mark.parametrize("size", [0, 1, 1023, 1024, 1025, 1 << 40])
+def test_the_distributor_counts_each_request_into_the_backlog_as_backlog_bytes_says(size: int) -> None:
+    """`add_enq` inlines `backlog_bytes` (the worker too, checked end to end by the service's packing
+    test: a backlog that did not come back to 0 would never let it pass)."""
+    stats = make(f=2, n=2, b=1)
+    stats.add_enq(0, 1, 0, size)
+    assert stats.shard_sent_bytes.tolist() == [0, backlog_bytes(size)]
+    stats.add_taken(1, backlog_bytes(size))
+    assert stats.shard_backlog_bytes().tolist() == [0, 0]
