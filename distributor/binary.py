@@ -237,16 +237,17 @@ class BinaryConnection(asyncio.Protocol):
                 break
             if self._waiting() > write_high:
                 self._input_held = True
+                self._frame_at = 0.0  # an incomplete frame's clock stops: the time held is the service's
                 self._reading()
                 self._confirm()
                 return
             if len(messages) < BATCH:
                 break
             progressed = True
-        if reader.pending and (messages or progressed or not held):  # a new frame is incomplete: its clock starts
+        # a new frame is incomplete, or one kept while the input was held: its clock starts
+        if reader.pending and (messages or progressed or not held or not self._frame_at):
             self._frame_at = self._hub.loop.time()
-            if self._timer is None:
-                self._arm(self._frame_at + self._hub.limits.frame_timeout)
+            self._arm(self._frame_at + self._hub.limits.frame_timeout)  # (kept if an earlier one is set)
 
     def _handle(self, messages: list[Any]) -> None:
         """Admit and Release frames, in order (the front's hottest loop: no call per frame but its own)."""
@@ -330,11 +331,6 @@ class BinaryConnection(asyncio.Protocol):
             self._input_held = False
             self._reading()
             self._process()
-            if self._open and not self._input_held and self._reader.pending:
-                # an incomplete frame kept while the input was held: its clock starts now (the time held
-                # was the service's, not the client's); `_process` starts it only for bytes it read
-                self._frame_at = self._hub.loop.time()
-                self._arm(self._frame_at + self._hub.limits.frame_timeout)
         else:
             self._confirm()  # still held by admissions not known queued: a round trip shows which are
 
