@@ -77,17 +77,20 @@ RESPAWN_MIN = 0.05  # a dying acceptor is restarted after this, doubling up to R
 RESPAWN_MAX = 5.0
 
 
-def auto_acceptors(shards: int, cpus: int) -> int:
+def auto_acceptors(shards: int, cpus: int, proxy: bool = False) -> int:
     """How many acceptor processes `serve --shards N` starts by default (`--acceptors auto`).
 
-    Half as many as shards, at least 2 (one HTTP acceptor costs about as much per request as the
-    distributor), within the cores left after the distributor and the shards: an acceptor without a
-    core of its own only adds a hop, so a small machine (2 cores) runs none, as before acceptors
-    existed. Measured in docs/benchmarks.md ("Acceptor processes"). Not more than 2 up to 4 shards:
-    3 measured below 2 for HTTP at 1 and 2 shards and for binary at 1 (each link's batches get
-    smaller and the distributor reads more often per request; docs/benchmarks.md, "Issue 12, fifth
-    round: HTTP through acceptors")."""
-    return max(0, min(max(2, (shards + 1) // 2), cpus - shards - 1))
+    2 (one HTTP acceptor costs about as much per request as the distributor), within the cores left
+    after the distributor and the shards: an acceptor without a core of its own only adds a hop, so
+    a small machine (2 cores) runs none, as before acceptors existed. Not more for more shards: the
+    distributor reads each link, so more acceptors mean smaller batches per link and more reads per
+    request for it. 3 measured below 2 at 1 and 2 shards (HTTP, binary), and 4 against 2 at 8 shards
+    was worse for HTTP and no better for binary or the matrix (docs/benchmarks.md, "Issue 12, fifth
+    round: HTTP through acceptors" and "Issue 12, seventh round: against the baseline"). Proxy mode
+    keeps half the shard count, at least 2: there the acceptors relay every streamed chunk (~0.1 ms
+    of CPU each), which is their work, not the distributor's."""
+    wanted = max(2, (shards + 1) // 2) if proxy else 2
+    return max(0, min(wanted, cpus - shards - 1))
 
 
 class AcceptorLink(asyncio.Protocol):

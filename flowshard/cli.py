@@ -73,7 +73,7 @@ def _serve(args: argparse.Namespace) -> int:
         sys.stderr.write("flowshard: no --config: on the built-in defaults, whose dispatch budget "
                          "(max_inflight_requests = 100) is a placeholder; set it to what your backends run at once "
                          "(README, \"Configuration\")\n")
-    acceptors = _acceptors(args.acceptors, args.shards)
+    acceptors = _acceptors(args.acceptors, args.shards, proxy=bool(config.proxy.backends))
     try:
         uvloop.run(serve(config, args.shards, acceptors))
     except OSError as exc:  # cannot listen (address in use, permission): one line, not a traceback
@@ -82,12 +82,12 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _acceptors(given: str, shards: int) -> int:
+def _acceptors(given: str, shards: int, proxy: bool = False) -> int:
     """--acceptors: "auto" (what `distributor.acceptors.auto_acceptors` measured best) or a count."""
     from distributor.acceptors import auto_acceptors
 
     if given == "auto":
-        return auto_acceptors(shards, os.cpu_count() or 1)
+        return auto_acceptors(shards, os.cpu_count() or 1, proxy)
     try:
         count = int(given)
     except ValueError:
@@ -235,9 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "--shards 1,2,4` on your machine shows otherwise")
     serve.add_argument("--acceptors", default="auto", metavar="K",
                        help=f"processes that accept and answer clients (HTTP and binary) next to the distributor, "
-                            f"0 to {MAX_ACCEPTORS}; 0 runs them in the distributor. auto (default): half the shard "
-                            "count, at least 2, within the cores left after the distributor and the shards (so 0 "
-                            "on a 2-core machine, 2 with 1-4 shards on 16 cores; README: \"The service\")")
+                            f"0 to {MAX_ACCEPTORS}; 0 runs them in the distributor. auto (default): 2 (in proxy mode "
+                            "half the shard count, at least 2), within the cores left after the distributor and the "
+                            "shards (so 0 on a 2-core machine, 2 on 16 cores; README: \"The service\")")
     serve.add_argument("--config", metavar="FILE", help="configuration TOML (default: the built-in defaults; "
                                                         "`flowshard config check FILE` shows what it means)")
     serve.add_argument("--host", help="listen address for both ports (default: [service] host, 127.0.0.1)")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from typing import Any
 
@@ -261,3 +262,17 @@ def test_a_half_closed_http_connection_gets_the_answers_of_its_requests_with_acc
             c.close()
 
     run(body(), timeout=30)
+
+
+def test_auto_acceptors_is_two_whatever_the_shards_but_half_the_shards_in_proxy_mode() -> None:
+    """4 acceptors at 8 shards measured no better than 2 for binary and the matrix and worse for HTTP
+    (docs/benchmarks.md): `auto` starts 2 at every shard count, within the cores left; proxy mode,
+    whose acceptors relay every chunk, keeps half the shard count (at least 2)."""
+    from distributor.acceptors import auto_acceptors
+    from flowshard.cli import _acceptors
+
+    assert [auto_acceptors(n, 16) for n in (1, 2, 4, 8)] == [2, 2, 2, 2]
+    assert [auto_acceptors(n, 16, proxy=True) for n in (1, 2, 4, 8)] == [2, 2, 2, 4]
+    assert auto_acceptors(1, 2) == 0 and auto_acceptors(2, 4) == 1 and auto_acceptors(8, 32, proxy=True) == 4
+    assert auto_acceptors(12, 16) == 2 and auto_acceptors(14, 16) == 1 and auto_acceptors(15, 16) == 0
+    assert _acceptors("auto", 8, proxy=True) == auto_acceptors(8, os.cpu_count() or 1, proxy=True)
