@@ -95,7 +95,9 @@ class Pending(msgspec.Struct, gc=False):
     reserved_items: int = 0
     tokens: int = 0  # declared tokens (0: none): a vtc band's cost, as in the engine
     weight: float = 0.0  # the request's own weight (0: the flow's configured weight), as in the engine
-    cost: int = 0  # in a fair band: what its dispatch costs its flow (LedgerBand.cost), set when queued or re-based
+    # in a fair band: what its dispatch costs its flow (LedgerBand.cost), set when queued while fair; 0 when
+    # queued while the band kept no fair state (then computed where needed)
+    cost: int = 0
 
 
 class FlowUsage(msgspec.Struct, gc=False):
@@ -134,6 +136,7 @@ class LedgerBand:
         "held",
         "home",
         "index",
+        "lone_cost",
         "max_bytes",
         "max_items",
         "order",
@@ -191,6 +194,9 @@ class LedgerBand:
         self.spread = 0  # while fair: the shards holding its flows
         self.calm = 0  # while fair: the requests that left it since it last held flows on two shards
         self.served = False  # while not fair: granted since it last took a home (Ledger._rebase)
+        # while not fair, of a drr or vtc band at N shards: what its queued requests cost, summed (their
+        # own `Pending.cost` is left 0 then), so a re-base need not visit each of them (Ledger._rebase)
+        self.lone_cost = 0
         self.shard_cost = [0] * shards
         self.shard_weight = [0.0] * shards
         self.shard_vtime = [0.0] * shards
@@ -441,8 +447,12 @@ class Ledger:
                 flow.weight = p.weight
             p.cost = cost = band.cost(p)
             band.shard_cost[shard] += cost
-        elif p.weight > 0:  # the latest request's weight is the flow's (kept for a re-base)
-            flow.weight = p.weight
+        else:
+            if p.weight > 0:  # the latest request's weight is the flow's (kept for a re-base)
+                flow.weight = p.weight
+            kind = band.cost_kind  # (`LedgerBand.cost`, inline; round-robin's is the count of requests)
+            if band.sharing and kind != _TURNS:
+                band.lone_cost += (p.tokens or size or 1) if kind == _TOKENS else size or 1
         flow.queued_items += 1
         flow.queued_bytes += size
         band.order[p.id] = p
@@ -490,7 +500,7 @@ class Ledger:
         self.queued_bytes -= size
         p.state = _DONE
         if band.fair:
-            band.shard_cost[shard] -= p.cost
+            band.shard_cost[shard] -= p.cost or band.cost(p)
             if not left:  # it takes its finish time, so its service with it
                 if not band.shard_items[shard]:  # no flow left there (counted, not inferred from float weights)
                     band.shard_weight[shard] = band.shard_tags[shard] = 0.0
@@ -504,10 +514,14 @@ class Ledger:
                 band.calm += 1
                 if band.calm >= self._calm and band.calm >= band.queued_items:
                     self._settle(band)
-        elif not left:
-            del band.flows[name]
-            if not band.queued_items:  # empty: its next home starts at the clock (as the always-fair ledger's)
-                band.served = False
+        else:
+            kind = band.cost_kind
+            if band.sharing and kind != _TURNS:
+                band.lone_cost -= (p.tokens or size or 1) if kind == _TOKENS else size or 1
+            if not left:
+                del band.flows[name]
+                if not band.queued_items:  # empty: its next home starts at the clock (as the always-fair ledger's)
+                    band.served = False
         if clock is not None:
             rise = band.uncovered(shard) - before
             if rise > 0:  # (usually none: a dispatch on its own grant uncovers nothing)
@@ -731,15 +745,13 @@ class Ledger:
         outstanding there (now their charge, as `plan_grants` would have set it). Exact in what it
         keeps (weights, costs, grants); what it cannot know is how the flows' finish times differed,
         and how far ahead of the clock those that emptied were (`_settle`).
-        O(flows + queued requests of the band + grants outstanding on its home), once per spread."""
+        O(flows + grants outstanding on its home), once per spread: not O(its queued requests), whose
+        costs are summed as they come and go (`lone_cost`), each computed where it is needed."""
         home, index, clock = band.home, band.index, band.vclock
         shards = len(band.shard_items)
         band.fair, band.home, band.spread, band.calm = True, -1, 1, 0
         band.shard_cost, band.shard_weight, band.shard_tags = [0] * shards, [0.0] * shards, [0.0] * shards
-        cost = 0
-        for p in band.order.values():
-            p.cost = one = band.cost(p)
-            cost += one
+        cost = band.queued_items if band.cost_kind == _TURNS else band.lone_cost
         configured, turns, weight = self._weights, band.cost_kind == _TURNS, 0.0
         for name, flow in band.flows.items():
             flow.weight = 1.0 if turns else flow.weight or configured.get(name, 1.0)
@@ -768,7 +780,8 @@ class Ledger:
         band.fair, band.served = False, band.queued_items > 0  # (settled as it emptied: its next home starts afresh)
         band.flow_finish.clear()
         items = band.shard_items
-        band.home = next(compress(range(len(items)), items), 0)
+        band.home = home = next(compress(range(len(items)), items), 0)
+        band.lone_cost = band.shard_cost[home]  # (every queued request is there)
 
     @staticmethod
     def _typical_size(band: LedgerBand, shard: int) -> int:
@@ -800,7 +813,7 @@ class Ledger:
             if owner.fair:
                 flow = owner.flows.get(dispatched.flow)
                 if flow is not None:
-                    cost = dispatched.cost
+                    cost = dispatched.cost or owner.cost(dispatched)
                     flow.finish += cost / (flow.weight or 1.0)
                     owner.shard_tags[shard] += cost if flow.weight else 0.0
                     if owner is not band and owner.shard_weight[shard]:  # a narrowed grant served it here
@@ -808,8 +821,8 @@ class Ledger:
         if charge:
             weight = band.shard_weight[shard]
             real = charge
-            if served == band_index and weight:
-                real = dispatched.cost / weight  # type: ignore[union-attr]
+            if served == band_index and weight and dispatched is not None:  # (served: -1 without one)
+                real = (dispatched.cost or band.cost(dispatched)) / weight
             band.shard_vtime[shard] += (real if dispatched_size is not None else 0.0) - charge
         live = band.shard_stale[shard] == 0
         if not live:
