@@ -125,6 +125,7 @@ class LedgerBand:
         "calm",
         "ceiling",
         "cost_kind",
+        "counts_home",
         "displacement",
         "fair",
         "flow_finish",
@@ -189,9 +190,13 @@ class LedgerBand:
         # `lone` False keeps it always (the reference the tests compare with).
         self.fair = self.sharing and not lone
         # While not fair, the shard holding all of the band's work (any, while it holds none); -1: the
-        # band keeps no such shard (fair, or global-fcfs at N shards: it picks by arrival).
-        self.home = 0 if shards == 1 or (self.sharing and lone) else -1
-        self.spread = 0  # while fair: the shards holding its flows
+        # band keeps no such shard (fair; global-fcfs at N shards while its work is on two or more: it
+        # picks by arrival, `Ledger._oldest_uncovered`).
+        self.home = 0 if shards == 1 or lone else -1
+        # global-fcfs at N shards: its home is counted (`spread`) rather than kept by the lone ledger's
+        # transitions: whatever shards its work is on, the oldest uncovered request is on one of them
+        self.counts_home = shards > 1 and self.cost_kind == _ARRIVALS and lone
+        self.spread = 0  # while fair, the shards holding its flows; counts_home: the shards holding its work
         self.calm = 0  # while fair: the requests that left it since it last held flows on two shards
         self.served = False  # while not fair: granted since it last took a home (Ledger._rebase)
         # while not fair, of a drr or vtc band at N shards: what its queued requests cost, summed (their
@@ -458,6 +463,9 @@ class Ledger:
         band.order[p.id] = p
         band.queued_items += 1
         band.queued_bytes += size
+        if band.counts_home and not band.shard_items[shard]:  # global-fcfs, its first request on `shard`
+            band.spread = spread = band.spread + 1
+            band.home = shard if spread == 1 else -1
         band.shard_items[shard] += 1
         band.shard_bytes[shard] += size
         self.queued_items += 1
@@ -495,6 +503,11 @@ class Ledger:
         band.queued_items -= 1
         band.queued_bytes -= size
         band.shard_items[shard] -= 1
+        if band.counts_home and not band.shard_items[shard]:  # global-fcfs, its last request on `shard`
+            band.spread -= 1
+            if band.spread == 1:  # all of its work on one shard again: that one is its home
+                items = band.shard_items
+                band.home = next(compress(range(len(items)), items))
         band.shard_bytes[shard] -= size
         self.queued_items -= 1
         self.queued_bytes -= size
@@ -665,7 +678,8 @@ class Ledger:
     @staticmethod
     def _oldest_uncovered(band: LedgerBand) -> int:
         """global-fcfs across shards (it shares by nothing but arrival; fair bands rank their shards
-        instead, `_shard_rank`, and a lone band grants its `home`): the shard of the band's oldest
+        instead, `_shard_rank`, and a lone band grants its `home`, as does a global-fcfs band whose
+        work is on one shard, `LedgerBand.counts_home`): the shard of the band's oldest
         queued request not covered by a live grant. A shard answers its grants with its own oldest
         requests (its policy is global-fcfs too), so its first `live grants` requests in arrival
         order are covered. Costs O(live grants of the band) per pick. (Granting by bytes held instead

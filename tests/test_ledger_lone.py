@@ -286,7 +286,7 @@ OPS = st.lists(st.tuples(st.sampled_from(["route", "route", "route", "plan", "an
 
 @settings(max_examples=150, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(fairness=st.sampled_from(["round-robin", "drr", "vtc"]), shards=st.integers(2, 4),
+@given(fairness=st.sampled_from(["round-robin", "drr", "vtc", "global-fcfs"]), shards=st.integers(2, 4),
        budget=st.integers(1, 6), byte_budget=st.sampled_from([None, None, 150, 400]), packed=st.booleans(),
        calm=st.sampled_from([1, 4, CALM]), ops=OPS)
 def test_the_lone_ledger_grants_the_same_bands_and_keeps_the_same_counts_as_the_always_fair_one(
@@ -301,7 +301,9 @@ def test_the_lone_ledger_grants_the_same_bands_and_keeps_the_same_counts_as_the_
     what follows in the plan follows from it). The sequence ends there (the two then hold different
     requests). `calm` shortens the
     hysteresis (a band settles after that many requests on one shard, and as many as it holds), so that
-    short sequences go back and forth between the modes."""
+    short sequences go back and forth between the modes. A global-fcfs band keeps no fair state in
+    either; the lone ledger's grants it its home while its work is on one shard, where the other
+    looks for the oldest uncovered request: their plans never differ."""
     cfg = config(fairness, budget=budget, bands=2, max_inflight_bytes=byte_budget)
     lone, fair = Driver(Ledger(cfg, shards)), Driver(Ledger(cfg, shards, lone=False))
     lone.ledger._calm = calm
@@ -354,7 +356,9 @@ def test_the_lone_ledger_grants_the_same_bands_and_keeps_the_same_counts_as_the_
         check_costs(lone.ledger)
         check_costs(fair.ledger)
         for band in lone.ledger.bands:
-            if not band.fair:  # lone: all its work on its home
+            if band.counts_home:  # global-fcfs: a home while (and only while) its work is on one shard
+                assert (band.home >= 0) == on_one_shard(band)
+            if not band.fair and band.home >= 0:  # lone: all its work on its home
                 assert all(p.shard == band.home for p in band.order.values())
 
 
