@@ -50,6 +50,7 @@ __all__ = [
     "backlogs_and_service",
     "blocked_by_higher",
     "busy",
+    "closed_cycles",
     "fair_shares",
     "offered_segments",
     "overtaken",
@@ -62,6 +63,9 @@ __all__ = [
 
 _DISPATCHED = 0
 _REJECTED = (1, 2)
+# A flow's measured cycle is used once its clients sent this many requests each in the window, on
+# average: each client's count is off by at most one cycle at the window's edges (none on average).
+MIN_SENDS_PER_CLIENT = 4
 
 
 def _outstanding(outcome: np.ndarray) -> np.ndarray:
@@ -356,3 +360,51 @@ def round_trips(log: dict[str, np.ndarray], n_flows: int) -> list[float]:
     total = np.bincount(flow, weights=trip, minlength=n_flows)
     count = np.bincount(flow, minlength=n_flows)
     return [float(t / c) if c else 0.0 for t, c in zip(total, count, strict=True)]
+
+
+def closed_cycles(log: dict[str, np.ndarray], clients: Sequence[int], active: Sequence[tuple[float, float]],
+                  gaps: Sequence[float], min_sends: float = MIN_SENDS_PER_CLIENT) -> list[float | None]:
+    """Per closed-loop flow (`clients[f]` > 0), the mean seconds of one client's cycle (from a send to its
+    next send) less its waits at the service: the cycle its clients would have had if the service had
+    never made them wait, whatever else slowed them (round trips, the generator's own loop). None for an
+    open-loop flow, and where too few requests were sent to measure it (fewer than `min_sends` per
+    client: a flow starved all window), which leaves the model's cycle to the reference.
+
+    Over the flow's `active` part of the window, each of its clients is always in some cycle, so their
+    cycles sum to clients x its length; the waits, clipped to it, are taken out: a dispatched request's
+    from its arrival at the service to its dispatch (its audit's `received` to `dispatched`; else the
+    service's reported queue wait, from its send), one still unfinished from its arrival until the end,
+    and the whole cycle of one that failed (rejected, evicted, refused: send to answer, then `gaps[f]`,
+    E[max(think, backoff)], before the next send), which the service's answer cost it. What is left,
+    divided by the requests sent in that time that did not fail, is the mean unwaited cycle. No
+    client needs to be told apart: the sum over a flow's clients is what counts."""
+    n_flows = len(clients)
+    out: list[float | None] = [None] * n_flows
+    if not any(clients) or len(log["flow"]) == 0:
+        return out
+    flow = log["flow"]
+    outcome = log["outcome"]
+    sent = log["sent"]
+    dispatched = outcome == _DISPATCHED
+    unfinished = outcome == UNFINISHED
+    failed = ~(dispatched | unfinished)
+    audited = np.isfinite(log["s_recv"]) & np.isfinite(log["s_disp"])
+    arrived = np.where(np.isfinite(log["s_recv"]), log["s_recv"], sent)
+    start = np.where(dispatched & ~audited, sent, arrived)
+    end = np.where(audited, log["s_disp"], sent + log["wait"].astype(np.float64))
+    end = np.where(unfinished, log["done"], end)
+    start = np.where(failed, sent, start)
+    end = np.where(failed, log["done"] + np.asarray(gaps, dtype=np.float64)[flow], end)
+    lo = np.asarray([a[0] for a in active], dtype=np.float64)[flow]
+    hi = np.asarray([a[1] for a in active], dtype=np.float64)[flow]
+    waited = np.maximum(np.minimum(end, hi) - np.maximum(start, lo), 0.0)
+    wait = np.bincount(flow, weights=waited, minlength=n_flows)
+    cycles = np.bincount(flow[(sent >= lo) & (sent < hi) & ~failed], minlength=n_flows)
+    for f, c in enumerate(clients):
+        length = active[f][1] - active[f][0]
+        if c <= 0 or length <= 0 or cycles[f] < min_sends * c:
+            continue
+        free = c * length - float(wait[f])
+        if free > 0:
+            out[f] = free / float(cycles[f])
+    return out

@@ -28,6 +28,7 @@ from bench.fairness import (
     apparent_inversions,
     blocked_by_higher,
     busy,
+    closed_cycles,
     fair_shares,
     offered_segments,
     overtaken,
@@ -41,8 +42,8 @@ from bench.histogram import Histogram
 from bench.loadgen import LOG_COLUMNS, UNFINISHED, GenResult, band_index
 from bench.runner import RunRecord
 from flowshard.analysis import jain_index, percentile
-from flowshard.reference import FlowRef, Verdict, judge, segments
-from flowshard.scenario import Scenario, closed_clients, expand_flows, offered_rate
+from flowshard.reference import FlowRef, Verdict, failed_gap, judge, segments
+from flowshard.scenario import Closed, Scenario, closed_clients, expand_flows, offered_rate
 from flowshard.simulate import reference_line
 from flowshard.types import Outcome
 
@@ -405,12 +406,22 @@ def _reference(
     unit_of_flow = [unit_of_band[int(band_of[f])] for f in range(n)]
     k = {"requests": 0, "bytes": 1, "cost": 2}
     holds = slot_holds(log, n)
+    # closed-loop flows: their clients' measured cycles, less their waits at the service, are their demand
+    specs = [i.spec for i in instances]
+    clients = [s.arrival.concurrency if isinstance(s.arrival, Closed) else 0 for s in specs]
+    active = [(max(s.start, window[0]), min(s.stop if s.stop is not None else window[1], window[1])) for s in specs]
+    gap_of: dict[int, float] = {}  # (flows of one entry share their spec)
+    for s in specs:
+        if id(s) not in gap_of:
+            gap_of[id(s)] = failed_gap(s)
+    gaps = [gap_of[id(s)] for s in specs]
     refs, verdicts = judge(
         scenario, unit_of_band, [int(b) for b in band_of], [i.id for i in instances], [i.spec for i in instances],
         weights, offered_segments(log, n, unit_of_flow, segments(scenario)),
         [win[f][k[unit_of_flow[f]]] for f in range(n)], busy(log, n, window, holds),
         overhead=round_trips(log, n), hold=holds,
         blocked=blocked_by_higher(log, band_of, [bc.ceiling for bc in bands], window),
+        cycle=closed_cycles(log, clients, active, gaps),
     )
     return refs, verdicts, overtaken(log, band_of, len(bands), window)
 

@@ -5,7 +5,10 @@ actually got (Kubernetes APF's fairness tests compute it this way):
 - open loop: the work it offered (arrivals in the window, rejected ones too: an arrival is demand,
   plus what it still had queued when the window opened);
 - closed loop: clients x E[units] / (E[service] + E[think]) per second, over the part of the window
-  the flow was active: what its clients would send if no request ever waited.
+  the flow was active: what its clients would send if no request ever waited. A real run (the bench)
+  measures that cycle instead: its clients' mean time between sends less their waits at the service
+  (`bench.fairness.closed_cycles`), which includes what the model cannot know (round trips, the
+  generator's own loop).
 (Counting only *admitted* work, as the first reports did, lets a closed-loop flow's demand shrink with
 the service it gets, so a policy without any fairness scores as fair.)
 
@@ -103,17 +106,37 @@ class FlowRef(msgspec.Struct, kw_only=True):
     tolerance: float = 0.0  # the error it may show: the margin plus sampling noise (see `allowance`)
 
 
+def cycle_of(m: Means, overhead: float = 0.0, measured: float | None = None) -> float:
+    """The seconds of one closed-loop client's cycle had the service never made it wait: `measured` (a
+    real run's own figure: its clients' mean cycle less their waits at the service, see
+    `bench.fairness.closed_cycles`) where there is one, else the model's service + think + `overhead`
+    (the round trip per request)."""
+    return measured if measured is not None else m.service + m.think + overhead
+
+
+def failed_gap(spec: FlowSpec) -> float:
+    """E[max(think, backoff)]: the mean seconds a closed-loop client waits after a request that failed
+    (rejected, evicted, refused) before it sends again; 0 for an open-loop flow."""
+    a = spec.arrival
+    if not isinstance(a, Closed):
+        return 0.0
+    sample = as_dist(a.think).sampler()
+    return sum(max(a.backoff, sample((k + 0.5) / _GRID)) for k in range(_GRID)) / _GRID
+
+
 def intrinsic(
     spec: FlowSpec, m: Means, unit: str, window: tuple[float, float], offered: float, overhead: float = 0.0,
-    hold: float = 0.0,
+    hold: float = 0.0, measured: float | None = None,
 ) -> FlowRef:
     """A flow's reference entry; `offered`: the units that arrived in the window (open loop only);
     `overhead`: seconds a closed-loop client spends per request on the round trip, `hold`: seconds a
-    request holds its slot beyond its service (both real time: answer and release in transit)."""
+    request holds its slot beyond its service (both real time: answer and release in transit);
+    `measured`: a closed-loop client's measured cycle less its waits at the service, which replaces
+    the model's (see `cycle_of`)."""
     start, end = window
     per = unit_of(unit, m)
     if isinstance(spec.arrival, Closed):
-        cycle = m.service + m.think + overhead
+        cycle = cycle_of(m, overhead, measured)
         demand = spec.arrival.concurrency * per / cycle * active_fraction(spec, start, end) if cycle > 0 else 0.0
     else:
         demand = offered / (end - start)
@@ -228,6 +251,7 @@ def judge(
     overhead: Sequence[float] | None = None,
     hold: Sequence[float] | None = None,
     blocked: Sequence[float] | None = None,
+    cycle: Sequence[float | None] | None = None,
 ) -> tuple[list[FlowRef], list[Verdict]]:
     """The reference of every flow and the verdict of every band.
 
@@ -246,7 +270,10 @@ def judge(
     answer travels; see `intrinsic`). `blocked[b]`: the fraction of the window in which a band above b
     had work waiting (strict priority: b may use the budget only in the rest), which caps b's share at
     its ceiling of the budget over the rest of the window: averages alone left a band below a
-    backlogged one the few slots in transit as a share it never could use.
+    backlogged one the few slots in transit as a share it never could use. `cycle[f]` (real time): a
+    closed-loop client's measured cycle less its waits at the service (None: not measured), its
+    demand's cycle in place of the model's service + think + `overhead[f]`: a generator saturated by
+    its own loop sends less often than the model says, whatever the policy.
     """
     w = scenario.workload
     cuts = segments(scenario)
@@ -259,7 +286,7 @@ def judge(
         if m is None:  # (setdefault would compute it for every flow: flows of one group share a spec)
             m = cache[id(spec)] = means(spec)
         ref = intrinsic(spec, m, units[band_of[f]], window, sum(offered[f]), overhead[f] if overhead else 0.0,
-                        hold[f] if hold else 0.0)
+                        hold[f] if hold else 0.0, cycle[f] if cycle else None)
         ref.weight = weights[f]
         ref.measured = served[f] / length
         refs.append(ref)
@@ -307,9 +334,9 @@ def judge(
                 if isinstance(spec.arrival, Closed):
                     active = spec.start <= lo and (spec.stop is None or spec.stop >= hi)
                     m = cache[id(spec)]
-                    cycle = m.service + m.think + (overhead[f] if overhead else 0.0)
+                    c = cycle_of(m, overhead[f] if overhead else 0.0, cycle[f] if cycle else None)
                     per = unit_of(units[b], m)
-                    d = spec.arrival.concurrency * per / cycle if active and cycle > 0 else 0.0
+                    d = spec.arrival.concurrency * per / c if active and c > 0 else 0.0
                 else:
                     d = offered[f][s] / (hi - lo)
                 piece.append(FlowRef(demand=d, seconds=ref.seconds, byte_seconds=ref.byte_seconds, weight=ref.weight))
