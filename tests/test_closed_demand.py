@@ -37,32 +37,34 @@ def _scenario(budget: str, fairness: str, clients: tuple[int, int], service: flo
 
 
 def _clients(flow: int, clients: int, *, cycle: float, way_in: float, wait: float, way_back: float,
-             service: float, end: float) -> list[tuple[Any, ...]]:
+             service: float, end: float, hop: float = 0.0) -> list[tuple[Any, ...]]:
     """Rows of `clients` closed-loop clients, each sending every `cycle` seconds (phases spread): a
-    request reaches the service after `way_in`, waits `wait` there, its answer takes `way_back`; it is
-    held `service`; the rest of the cycle is the generator's own (its loop, think). A request still
-    without an answer at `end` is logged unfinished, as the generator logs it."""
+    request reaches the service after `way_in`, its shard's queue `hop` later (the service's own way),
+    waits `wait` there, its answer takes `way_back`; it is held `service`; the rest of the cycle is the
+    generator's own (its loop, think). A request still without an answer at `end` is logged
+    unfinished, as the generator logs it."""
     rows: list[tuple[Any, ...]] = []
     for k in range(clients):
         sent = cycle * k / clients
         while sent < end:
-            recv, disp = sent + way_in, sent + way_in + wait
+            recv = sent + way_in
+            disp = recv + hop + wait
             done = disp + way_back
             if done < end:
-                rows.append((flow, sent, done, 0, wait, service, recv, disp))
+                rows.append((flow, sent, done, 0, wait, service, recv, recv + hop, disp))
             else:
-                rows.append((flow, sent, end, UNFINISHED, 0.0, service, NAN, NAN))
+                rows.append((flow, sent, end, UNFINISHED, 0.0, service, NAN, NAN, NAN))
             sent += cycle
     return rows
 
 
 def _log(rows: list[tuple[Any, ...]]) -> dict[str, np.ndarray]:
-    """rows: (flow, sent, done, outcome, wait, service, s_recv, s_disp), 1,000 bytes each."""
+    """rows: (flow, sent, done, outcome, wait, service, s_recv, s_enq, s_disp), 1,000 bytes each."""
     cols = list(zip(*rows, strict=True))
     n = len(rows)
     given = {"flow": cols[0], "intended": cols[1], "sent": cols[1], "done": cols[2], "outcome": cols[3],
-             "wait": cols[4], "service": cols[5], "s_recv": cols[6], "s_disp": cols[7], "size": [1000] * n,
-             "tokens": [0] * n, "seq": [-1] * n, "shard": [0] * n, "s_enq": [NAN] * n}
+             "wait": cols[4], "service": cols[5], "s_recv": cols[6], "s_enq": cols[7], "s_disp": cols[8],
+             "size": [1000] * n, "tokens": [0] * n, "seq": [-1] * n, "shard": [0] * n}
     return {name: np.asarray(given[name], dtype=_DTYPES[code]) for name, code in LOG_COLUMNS.items()}
 
 
@@ -85,14 +87,18 @@ def _verdict(scenario: Scenario, log: dict[str, np.ndarray]) -> tuple[Verdict, d
     return verdicts[0], errors
 
 
-def test_a_generator_saturated_by_its_own_loop_does_not_make_a_fair_peak_run_unfair() -> None:
+@pytest.mark.parametrize("hop", [0.0, 0.0015])
+def test_a_generator_saturated_by_its_own_loop_does_not_make_a_fair_peak_run_unfair(hop: float) -> None:
     """The review's peak run (docs/fairness.md): 48 and 8 clients, round robin, unlimited budget, service 0,
     nothing waiting at the service; each client's cycle is twice its round trip (the rest: the
     generator's loop between an answer and the next send). Each flow got service in proportion to its
     clients, all it asked for. The round-trip model owed the 8-client flow 8 / round trip and called it
-    UNFAIR (-50 %); its measured cycle owes it what it sent."""
+    UNFAIR (-50 %); its measured cycle owes it what it sent. With `hop`, the idle fast path off: 1.5 ms
+    of the cycle from the service's receipt to its shard's queue, which is the service's own way, not
+    a wait (the old round trip took it out as one)."""
     scenario = _scenario('"unlimited"', "round-robin", (48, 8), 0.0, 3.0)
-    timing = {"cycle": 0.010, "way_in": 0.002, "wait": 0.0, "way_back": 0.003, "service": 0.0, "end": 3.0}
+    timing = {"cycle": 0.010, "way_in": 0.002 - hop, "hop": hop, "wait": 0.0, "way_back": 0.003, "service": 0.0,
+              "end": 3.0}
     log = _log(_clients(0, 48, **timing) + _clients(1, 8, **timing))
     verdict, errors = _verdict(scenario, log)
     assert verdict.fair, verdict.off
@@ -134,7 +140,7 @@ def test_a_flow_starved_all_window_is_still_unfair() -> None:
     (service + think), and it is named, as before."""
     scenario = _scenario("8", "round-robin", (24, 8), 0.1, 3.0)
     log = _log(_clients(0, 24, cycle=0.306, way_in=0.0005, wait=0.204, way_back=0.001, service=0.1, end=3.0)
-               + [(1, 0.01 * k, 3.0, UNFINISHED, 0.0, 0.1, NAN, NAN) for k in range(8)])
+               + [(1, 0.01 * k, 3.0, UNFINISHED, 0.0, 0.1, NAN, NAN, NAN) for k in range(8)])
     assert closed_cycles(log, [24, 8], [(1.0, 3.0)] * 2, [0.1, 0.1])[1] is None
     verdict, errors = _verdict(scenario, log)
     assert not verdict.fair
@@ -142,17 +148,18 @@ def test_a_flow_starved_all_window_is_still_unfair() -> None:
 
 
 def test_closed_cycles_take_out_waits_and_failed_cycles() -> None:
-    """One client over [0, 10]: two dispatches (audited waits 1 s and 2 s; no audit: the reported queue
-    wait of 0.5 s), a rejection answered after 0.2 s then backing off 0.3 s (its whole cycle is the
-    service's), a request unfinished from 9 s (its wait clipped to the window). Left: 10 - 1 - 2 - 0.5 -
-    0.5 - 1 = 5 s over the 4 sends that did not fail. An open-loop flow (0 clients) has none."""
+    """One client over [0, 10]: three dispatches (queue waits reported: 1 s, 2 s from the audit's
+    `enqueued`, not from `received`: the way to the shard is not a wait; no audit: 0.5 s from the
+    send), a rejection answered after 0.2 s then backing off 0.3 s (its whole cycle is the service's),
+    a request unfinished from 9 s (its wait clipped to the window). Left: 10 - 1 - 2 - 0.5 - 0.5 - 1 =
+    5 s over the 4 sends that did not fail. An open-loop flow (0 clients) has none."""
     rows = [
-        (0, 0.0, 1.5, 0, 1.0, 0.0, 0.1, 1.1),
-        (0, 2.0, 4.2, 0, 2.0, 0.0, 2.1, 4.1),
-        (0, 5.0, 5.6, 0, 0.5, 0.0, NAN, NAN),
-        (0, 6.0, 6.2, 1, 0.0, 0.0, 6.05, NAN),
-        (0, 9.0, 12.0, UNFINISHED, 0.0, 0.0, NAN, NAN),
-        (1, 3.0, 3.1, 0, 0.0, 0.0, NAN, NAN),
+        (0, 0.0, 1.5, 0, 1.0, 0.0, 0.1, 0.3, 1.3),
+        (0, 2.0, 4.2, 0, 2.0, 0.0, 2.0, 2.05, 4.05),
+        (0, 5.0, 5.6, 0, 0.5, 0.0, NAN, NAN, NAN),
+        (0, 6.0, 6.2, 1, 0.0, 0.0, 6.05, NAN, NAN),
+        (0, 9.0, 12.0, UNFINISHED, 0.0, 0.0, NAN, NAN, NAN),
+        (1, 3.0, 3.1, 0, 0.0, 0.0, NAN, NAN, NAN),
     ]
     log = _log(rows)
     got = closed_cycles(log, [1, 0], [(0.0, 10.0), (0.0, 10.0)], [0.3, 0.0], min_sends=1)
