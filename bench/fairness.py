@@ -8,8 +8,10 @@ client-side equivalents, with their limits stated:
   (`analysis.max_min_fair`) of the band's measured service over each flow's demand in the window: the
   intrinsic demand of `flowshard.reference` (`window_demands`: for an open-loop flow the work it
   offered in the window plus what it still had queued or outstanding when the window opened, so a
-  flow busy with an earlier backlog all window is not "fair 0 %"). This is the classic static reference; the
-  simulator's fluid reference follows arrivals over time, so light or late flows can differ a little.
+  flow busy with an earlier backlog all window is not "fair 0 %"; for a closed-loop flow what its
+  clients could send at their measured cycle less their waits at the service, `closed_cycles`). This
+  is the classic static reference; the simulator's fluid reference follows arrivals over time, so
+  light or late flows can differ a little.
 - Jain's index over share / fair share of the flows that offered work in the window.
 - service difference: the largest gap, at any time in the window, in weighted service between two
   flows of a band that both had a request outstanding (sent, no outcome yet), each counted from when
