@@ -405,7 +405,7 @@ class Distributor:
                 shard = 0
             else:
                 self._rr += 1
-                shard = shm.jsq_pick(slot, self._rr, self._jsq_slack)
+                shard = shm.jsq_pick(slot, self._rr, self._jsq_slack, not ledger.slot_items[slot])  # type: ignore[index]
             if not self.shards[shard].ready:  # (a shard restarting): the same rule over the live ones
                 live = [s.index for s in self.shards if s.ready]
                 if not live:

@@ -269,6 +269,11 @@ class Ledger:
         self.max_bytes = limit(config.max_queued_bytes)
         self.max_items = limit(config.max_queued_requests)
         self.queued_items = self.queued_bytes = 0
+        # N shards: per shared-memory flow slot (`Pending.slot`), its requests queued or in transit, all
+        # bands: 0 tells the shell the slot holds nothing on any shard (its enq and deq counters agree:
+        # a shard counts a request's deq before it reports it, and it leaves here only then), so
+        # JSQ-Bytes need not read the slot's counters (`ShmStats.jsq_pick`, `fresh`). None at one shard.
+        self.slot_items: list[int] | None = [0] * config.flow_slots if shards > 1 else None
         self.reserved_items = self.reserved_bytes = 0  # global room held for parked newcomers
         self.budget = Budget(limit(config.budget.max_inflight_requests), limit(config.budget.max_inflight_bytes))
         # A dispatched request's ticket was released: the budget's own `release`, bound here rather than
@@ -470,6 +475,9 @@ class Ledger:
         band.shard_bytes[shard] += size
         self.queued_items += 1
         self.queued_bytes += size
+        slot_items = self.slot_items
+        if slot_items is not None:
+            slot_items[p.slot] += 1
         clock = self.clock
         if (
             clock is not None and band.index < self._lowest
@@ -511,6 +519,9 @@ class Ledger:
         band.shard_bytes[shard] -= size
         self.queued_items -= 1
         self.queued_bytes -= size
+        slot_items = self.slot_items
+        if slot_items is not None:
+            slot_items[p.slot] -= 1
         p.state = _DONE
         if band.fair:
             band.shard_cost[shard] -= p.cost or band.cost(p)

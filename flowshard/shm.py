@@ -514,7 +514,7 @@ class ShmStats:
             and np.array_equal(self.enq_bytes[slot], self.deq_bytes[slot])
         )
 
-    def jsq_pick(self, slot: int, rr_counter: int, slack: int = 0) -> int:
+    def jsq_pick(self, slot: int, rr_counter: int, slack: int = 0, fresh: bool = False) -> int:
         """JSQ-Bytes: the shard holding the fewest queued bytes of flow ``slot``.
 
         Ties, with ``slack`` 0: the tied shard with the fewest total queued bytes (all flows and bands:
@@ -531,13 +531,19 @@ class ShmStats:
         per dispatch, and dispatches are paced by the budget), so it does not spread the flows.
         Pure Python over the memoryview: for the handful of shards in a process this beats numpy's
         per-call overhead (measured).
+
+        ``fresh``: the caller knows nothing of the flow is queued or in transit anywhere (the ledger's
+        `slot_items`), so its counters agree and are not read: the same pick, ~0.5 µs less at 8 shards
+        where every flow starts afresh (the matrix shape).
         """
         # N cells read as one `struct.unpack_from` each (a tuple): half the cost of a memoryview slice's
         # `tolist()` (timeit); a pick reads up to four rows, once per request of a flow that starts afresh
         raw, row, n = self._raw, self._row_n, self._n
-        enq = row(raw, self._b_enq + 8 * slot * n)
-        deq = row(raw, self._b_deq + 8 * slot * n)
-        if enq == deq:  # nothing of the flow anywhere (it starts afresh): every shard ties
+        if not fresh:
+            enq = row(raw, self._b_enq + 8 * slot * n)
+            deq = row(raw, self._b_deq + 8 * slot * n)
+            fresh = enq == deq
+        if fresh:  # nothing of the flow anywhere (it starts afresh): every shard ties
             if slack:
                 q = self._q
                 if q[self._w_ssent] - q[self._w_stake] <= slack:  # shard 0 keeps up (every backlog is >= 0)

@@ -43,7 +43,7 @@ class Driver:
 
     def route(self, flow: str, shard: int, *, band: int = 0, size: int = 100, tokens: int = 0,
               weight: float = 0.0) -> Pending:
-        p = Pending(self.next_id, flow, band, size, tokens=tokens, weight=weight)
+        p = Pending(self.next_id, flow, band, size, tokens=tokens, weight=weight, slot=ord(flow[0]) % 7)
         self.next_id += 1
         affine = self.ledger.affine_shard(p)
         self.ledger.enqueue(p, shard if affine < 0 else affine)
@@ -355,6 +355,8 @@ def test_the_lone_ledger_grants_the_same_bands_and_keeps_the_same_counts_as_the_
         assert counts(lone.ledger) == counts(fair.ledger)
         check_costs(lone.ledger)
         check_costs(fair.ledger)
+        queued = [p for b in lone.ledger.bands for p in b.order.values()]
+        assert lone.ledger.slot_items[:7] == [sum(p.slot == n for p in queued) for n in range(7)]  # all bands
         for band in lone.ledger.bands:
             if band.counts_home:  # global-fcfs: a home while (and only while) its work is on one shard
                 assert (band.home >= 0) == on_one_shard(band)

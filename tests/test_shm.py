@@ -251,6 +251,8 @@ def test_jsq_matches_reference(n: int, b: int, data: st.DataObject) -> None:
         level2 = [s for s in level1 if total[s] == low]
         expected = level2[rr % len(level2)]
     assert stats.jsq_pick(0, rr, slack) == expected
+    if flow_q == [0] * n and (stats.enq_items[0] == stats.deq_items[0]).all():  # the caller may say so: the same
+        assert stats.jsq_pick(0, rr, slack, fresh=True) == expected
     assert stats.jsq_pick_among(0, range(n), rr, slack) == expected  # the rule over every shard: the same
     live = sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1)))  # over some (the live ones)
     level1 = [s for s in live if flow_q[s] == min(flow_q[t] for t in live)]
