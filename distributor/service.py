@@ -50,7 +50,7 @@ from flowshard.codec import (
 from flowshard.config import Config
 from flowshard.ledger import Ledger, Pending, PendingState
 from flowshard.retry import RetryAfter
-from flowshard.shm import ShmLayout, ShmStats
+from flowshard.shm import MIN_BACKLOG_BYTES, ShmLayout, ShmStats
 from flowshard.slots import SlotTable
 from flowshard.stats import N_WAIT_BUCKETS
 from flowshard.types import N_OUTCOMES, OUTCOMES, Outcome
@@ -131,6 +131,9 @@ class Shard:
         self.failing_since = 0.0  # monotonic time the current run of failed attempts began; 0: none
         self.frames_to = 0  # frames sent to and received from this shard, for `bench.hops`
         self.frames_from = 0
+        # this pass's Enqueues to it, in `shm.backlog_bytes` units: its input backlog (`add_sent`) grows by
+        # them when the pass ends (`Distributor._flush`), so every pick of a pass sees it as it began
+        self.sent = 0
 
 
 class Distributor:
@@ -421,7 +424,9 @@ class Distributor:
         # arrivals survive the hop and equal TTLs keep arrival order under edf.
         s = self.shards[shard]  # `_send` and `_schedule_plan`, inline: once per queued request
         s.writer.add(Enqueue(p.id, flow, slot, priority, p.size, ttl, slo, tokens, weight, p.received))
-        shm.add_enq(slot, shard, band, p.size)
+        size = p.size
+        shm.add_enq(slot, shard, band, size)
+        s.sent += size if size > MIN_BACKLOG_BYTES else MIN_BACKLOG_BYTES  # (`shm.backlog_bytes`, inline)
         if self._multiband and not self._waiting[band]:  # queued from now on, and no grant covers it yet
             self._waiting[band] = since = _monotonic_ns()
             shm.set_waiting(band, since)
@@ -574,6 +579,7 @@ class Distributor:
         s.link = None
         s.ready = False
         s.writer = BatchWriter()
+        s.sent = 0  # (its Enqueues go with the writer; what was counted sent, reset_shard takes as read)
         if self._stopping:
             return
         self._state_changed()
@@ -738,8 +744,18 @@ class Distributor:
 
         Only the shards given frames since the last write are looked at (`_written`), not every shard:
         with the work packed on one shard a pass costs what it does at one shard. A shard whose link
-        is down keeps its frames, and its place there, until the link is back."""
+        is down keeps its frames, and its place there, until the link is back.
+
+        Before any write, each shard's input backlog grows by the Enqueues this pass routed to it
+        (`Shard.sent`), written to it or kept: the picks of the next pass see them."""
         shards = self.shards
+        shm = self.shm
+        if shm is not None:
+            for n in self._written:
+                s = shards[n]
+                if s.sent:
+                    shm.add_sent(n, s.sent)
+                    s.sent = 0
         woken = self._woken
         if woken:
             self._woken = []

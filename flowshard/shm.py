@@ -405,9 +405,8 @@ class ShmStats:
     # ------------------------------------------------------------------ hot-path writers
 
     def add_enq(self, slot: int, shard: int, band: int, nbytes: int) -> None:
-        """Distributor only: count one request of ``nbytes`` sent to ``shard`` (flow and band tables, the
-        shard's total, and its input backlog: one request, as its shard takes it, so it never falls
-        below what the shard has taken)."""
+        """Distributor only: count one request of ``nbytes`` routed to ``shard`` (flow and band tables, the
+        shard's total). Its input backlog grows when the pass's Enqueues are written (`add_sent`)."""
         q = self._q
         i = self._w_enq_b + slot * self._n + shard
         q[i] += nbytes
@@ -416,7 +415,6 @@ class ShmStats:
         q[i] += nbytes
         q[i + self._d_benq_i] += 1
         q[self._w_senq + shard] += nbytes
-        q[self._w_ssent + shard] += nbytes if nbytes > MIN_BACKLOG_BYTES else MIN_BACKLOG_BYTES  # `backlog_bytes`
 
     def add_deq(self, slot: int, shard: int, band: int, nbytes: int, items: int = 1) -> None:
         """Shard ``shard`` only: count an item that left its queue, for any reason."""
@@ -428,6 +426,14 @@ class ShmStats:
         q[i] += nbytes
         q[i + self._d_bdeq_i] += items
         q[self._w_sdeq + shard] += nbytes
+
+    def add_sent(self, shard: int, nbytes: int) -> None:
+        """Distributor only: Enqueues of ``nbytes`` in all, in `backlog_bytes` units, are being written to
+        ``shard`` (before the write, so the shard never takes more than was sent): its input backlog
+        grows by what one pass routed to it, at the pass's end. So the picks of a pass see the backlog
+        as it was when the pass began, and a pass that routes many new flows packs them on one shard
+        rather than spilling within itself (JSQ-Bytes's slack)."""
+        self._q[self._w_ssent + shard] += nbytes
 
     def add_taken(self, shard: int, nbytes: int) -> None:
         """Shard ``shard`` only: it has read Enqueues of ``nbytes`` in all, in `backlog_bytes` units (the sum

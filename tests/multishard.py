@@ -200,6 +200,7 @@ class Model:
         # a crashed shard's unread Enqueues, and those sent to it since, until its loss is noticed: in the
         # service they stay in its input backlog (sent, never taken) until `reset_shard`
         self.lost_backlog = [0] * shards
+        self.pass_sent = [0] * shards  # inside `one_pass()`: its Enqueues, not yet in the backlog (service._flush)
         self.dispatches: list[DispatchRecord] = []
         self.violations: list[str] = []  # invariant 3 (strict priority) broken at a dispatch
         self.ceiling_violations: list[str] = []  # a band dispatched at or above its ceiling
@@ -438,8 +439,10 @@ class Model:
 
     def backlog(self, n: int) -> int:
         """Shard n's input backlog as `ShmStats.shard_backlog_bytes` has it: its Enqueues in transit
-        (`backlog_bytes` each), and those a crash lost until the loss is noticed."""
-        return self.lost_backlog[n] + sum(backlog_bytes(m.size) for m, _ in self.shards[n].inbox if type(m) is Enqueue)
+        (`backlog_bytes` each), and those a crash lost until the loss is noticed; not those of the pass
+        under way (the service counts a pass's Enqueues as it writes them, at its end)."""
+        return (self.lost_backlog[n] - self.pass_sent[n]
+                + sum(backlog_bytes(m.size) for m, _ in self.shards[n].inbox if type(m) is Enqueue))
 
     def _finish(self, p: Pending, outcome: Outcome) -> None:
         """service._finish: the final outcome, delivered at most once; a dispatch nobody waits for is released."""
@@ -515,6 +518,7 @@ class Model:
             yield
         finally:
             self._passing = False
+            self.pass_sent = [0] * self.n
             if self._plan_wanted:
                 self._plan_wanted = False
                 self._plan()
@@ -546,6 +550,8 @@ class Model:
         kind = type(msg)
         if kind is Enqueue:
             self.reqs[msg.id].enq_stamp = self.stamp
+            if self._passing:
+                self.pass_sent[n] += backlog_bytes(msg.size)
             self.reqs[msg.id].cancel_stamp = 0
         elif kind is Cancel:
             req = self.reqs[msg.id]

@@ -486,9 +486,10 @@ def _stopped(pid: int) -> bool:
 def test_jsq_slack_packs_new_flows_onto_shard_0_until_it_falls_the_slack_behind(launch: Any) -> None:
     """With `jsq_slack_bytes`, a flow starting afresh goes to the lowest-numbered shard whose input
     backlog (requests routed to it, not read yet: each its bytes, at least 1 KiB) is within the
-    slack of the least: work packs onto shard 0 while it keeps up, however much it queues (a queue
-    waiting for budget is not load), and a shard that falls more than the slack behind its input
-    (here: stopped) gets no new flow until it reads, also when the requests declare no bytes.
+    slack of the least when the distributor's pass began: work packs onto shard 0 while it keeps
+    up, however much it queues (a queue waiting for budget is not load), and a shard that falls more
+    than the slack behind its input (here: stopped) gets no new flow until it reads, also when the
+    requests declare no bytes.
     Flows already placed stay where they are (affinity)."""
     kib = 1024
     svc = launch(shards=4, budget=1, service={"drain_timeout": 0.2, "jsq_slack_bytes": 10 * kib})
@@ -514,9 +515,14 @@ def test_jsq_slack_packs_new_flows_onto_shard_0_until_it_falls_the_slack_behind(
             try:
                 while not _stopped(worker):
                     await asyncio.sleep(0.001)
-                # requests of no bytes count 1 KiB each: 11 reach a stopped shard 0 (its backlog 0 .. 10 KiB at
-                # their picks: within), then it is 11 KiB behind and the next flows go to shard 1, which reads them
-                behind = [c.admit(f"b{i}", size=0) for i in range(14)]
+                # requests of no bytes count 1 KiB each: 11 reach a stopped shard 0 (its backlog at most 10 KiB
+                # when any of their passes began: within), then it is 11 KiB behind and the next flows, in a
+                # later pass, go to shard 1, which reads them
+                behind = [c.admit(f"b{i}", size=0) for i in range(11)]
+                s = await _queued(svc, 41)
+                assert items(s) == [41, 0, 0, 0]
+                await svc.until_stats(lambda s: backlogs(s)[0] == 11 * kib)
+                behind += [c.admit(f"b{i}", size=0) for i in range(11, 14)]
                 s = await _queued(svc, 44)
                 assert items(s) == [41, 3, 0, 0]
                 # shard 0 stays 11 KiB behind; shard 1 reads its three (not necessarily by the time they count)

@@ -115,7 +115,9 @@ def test_single_writer_counter_arithmetic_touches_only_its_cells() -> None:
     exp["band_enq_items"][2, 0] = 3
     exp["shard_enq_bytes"][2] = 350
     exp["shard_enq_bytes"][0] = 7
-    exp["shard_sent_bytes"][2] = 2 * 1024  # the input backlog's unit: each request its bytes, at least 1 KiB
+    stats.add_sent(2, 2 * 1024)  # the pass's Enqueues written: each request its bytes, at least 1 KiB
+    stats.add_sent(0, 3 * 1024)
+    exp["shard_sent_bytes"][2] = 2 * 1024
     exp["shard_sent_bytes"][0] = 3 * 1024
 
     stats.add_deq(4, 2, 1, 300)
@@ -233,6 +235,7 @@ def test_jsq_matches_reference(n: int, b: int, data: st.DataObject) -> None:
         slot, shard, band = data.draw(st.tuples(st.integers(0, 2), st.integers(0, n - 1), st.integers(0, b - 1)))
         nbytes = data.draw(st.integers(0, 3))
         stats.add_enq(slot, shard, band, nbytes)
+        stats.add_sent(shard, backlog_bytes(nbytes))  # (the pass ended: it was written to the shard)
         if data.draw(st.booleans()):  # the shard read it (its input backlog shrinks)
             stats.add_taken(shard, backlog_bytes(nbytes))
             if data.draw(st.booleans()):  # it left again: counters equal but not zero (a flow afresh)
@@ -275,13 +278,17 @@ def test_jsq_slack_packs_new_flows_onto_the_lowest_shard_until_it_falls_slack_by
     stats = make(f=8, n=4, b=1)
     slack = 10_000
     assert {stats.jsq_pick(0, rr, slack) for rr in range(8)} == {0}
-    stats.add_enq(1, 0, 0, 10_000)  # shard 0 exactly `slack` behind: still within it
+    def route(slot: int, shard: int, nbytes: int) -> None:  # routed, and its pass written
+        stats.add_enq(slot, shard, 0, nbytes)
+        stats.add_sent(shard, backlog_bytes(nbytes))
+
+    route(1, 0, 10_000)  # shard 0 exactly `slack` behind: still within it
     assert stats.jsq_pick(0, 5, slack) == 0
-    stats.add_enq(2, 0, 0, 0)  # a request of no bytes counts 1 KiB: 11,024 behind, the next within is shard 1
+    route(2, 0, 0)  # a request of no bytes counts 1 KiB: 11,024 behind, the next within is shard 1
     assert stats.shard_backlog_bytes().tolist() == [11_024, 0, 0, 0]
     assert {stats.jsq_pick(0, rr, slack) for rr in range(8)} == {1}
-    stats.add_enq(3, 1, 0, 6_000)
-    stats.add_enq(4, 2, 0, 3_000)  # backlogs 11,024, 6,000, 3,000, 0: within 10,000 of 0 -> 1 is the lowest
+    route(3, 1, 6_000)
+    route(4, 2, 3_000)  # backlogs 11,024, 6,000, 3,000, 0: within 10,000 of 0 -> 1 is the lowest
     assert stats.jsq_pick(0, 0, slack) == 1
     assert stats.jsq_pick(0, 0, 4_000) == 2
     assert stats.jsq_pick(0, 0, 0) == 3  # no slack: exact JSQ-Bytes over queued bytes
@@ -458,6 +465,7 @@ def test_reset_shard_zeroes_only_that_shards_queued_counts() -> None:
     for slot in range(4):
         for shard in range(3):
             stats.add_enq(slot, shard, slot % 2, 10 * (slot + 1) + shard)
+            stats.add_sent(shard, backlog_bytes(10 * (slot + 1) + shard))
     stats.add_deq(0, 1, 0, 10)
     stats.add_deq(1, 0, 1, 20)
     stats.add_outcome(1, 0, 0)
@@ -628,12 +636,13 @@ def test_counters_cross_processes_through_real_shared_memory() -> None:
         assert not os.path.exists(os.path.join("/dev/shm", name.lstrip("/")))
 
 
-@pytest.mark.parametrize("size", [0, 1, 1023, 1024, 1025, 1 << 40])
-def test_the_distributor_counts_each_request_into_the_backlog_as_backlog_bytes_says(size: int) -> None:
-    """`add_enq` inlines `backlog_bytes` (the worker too, checked end to end by the service's packing
-    test: a backlog that did not come back to 0 would never let it pass)."""
+def test_a_routed_request_is_input_backlog_only_once_its_pass_is_written() -> None:
+    """`add_enq` counts a request queued on its shard; its input backlog grows when the distributor
+    writes the pass's Enqueues (`add_sent`), as the shard takes them (`add_taken`)."""
     stats = make(f=2, n=2, b=1)
-    stats.add_enq(0, 1, 0, size)
-    assert stats.shard_sent_bytes.tolist() == [0, backlog_bytes(size)]
-    stats.add_taken(1, backlog_bytes(size))
+    stats.add_enq(0, 1, 0, 5_000)
+    assert stats.shard_backlog_bytes().tolist() == [0, 0] and stats.shard_enq_bytes.tolist() == [0, 5_000]
+    stats.add_sent(1, backlog_bytes(5_000))
+    assert stats.shard_backlog_bytes().tolist() == [0, 5_000]
+    stats.add_taken(1, backlog_bytes(5_000))
     assert stats.shard_backlog_bytes().tolist() == [0, 0]

@@ -1,0 +1,99 @@
+"""JSQ-Bytes's slack judges a shard by its input backlog as the distributor's pass began.
+
+A pass's Enqueues are counted into their shards' input backlogs when the pass is written
+(`Distributor._flush`, `ShmStats.add_sent`), so every pick of a pass sees the backlogs the shards had
+left unread before it: a pass that routes many new flows packs them all onto shard 0 when it keeps
+up, and only a shard that did not read its input (a slow or stopped one) gets no new flow. (Counted
+per request, a pass routing more than the slack spilled within itself: in the matrix shape, with
+thousands of single-request flows, every pass spread its flows over several shards, which cost the
+distributor a write, a wake-up and fair-share bookkeeping per extra shard.) A real Distributor in one
+process, its shard links fakes that keep what is written."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from distributor.service import Distributor
+from flowshard.config import BandConfig, BudgetConfig, Config, ServiceConfig
+from flowshard.shm import ShmStats, backlog_bytes
+from flowshard.types import Outcome
+
+KIB = 1024
+
+
+class Waiter:
+    def deliver(self, cid: Any, request_id: int, outcome: Outcome, *rest: Any) -> None:
+        pass
+
+
+class Link:
+    """A worker link that keeps what is written (the shard never reads it: its backlog stays)."""
+
+    def __init__(self) -> None:
+        self.transport = self
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+def distributor(shards: int, slack: int) -> Distributor:
+    config = Config(
+        bands=[BandConfig(priority=0, name="p0", fairness="round-robin")],
+        budget=BudgetConfig(max_inflight_requests=1),
+        service=ServiceConfig(fast_path=False, jsq_slack_bytes=slack),
+        flow_slots=256,
+        max_queued_bytes=None,
+    )
+    d = Distributor(config, shards=shards)
+    d.shm = ShmStats(bytearray(d.layout.nbytes), d.layout, init=True)
+    d._accepting = True
+    for s in d.shards:
+        s.ready = True
+        s.link = Link()  # type: ignore[assignment]
+    return d
+
+
+def test_a_pass_packs_its_new_flows_and_the_next_pass_sees_what_was_not_read() -> None:
+    async def main() -> None:
+        d = distributor(4, 10 * KIB)
+        d._loop = asyncio.get_running_loop()
+        waiter = Waiter()
+        ids = iter(range(1, 10**6))
+
+        def admit(flow: str, size: int) -> int:
+            rid = d.admit(waiter, next(ids), flow, 0, size, 0.0, 0.0, 0, 0.0, False)
+            return d.pending[rid].shard
+
+        sizes = [0, 1, 1023, 1024, 1025, 5000] * 5  # 30 new flows, 61 KiB of backlog: six times the slack
+        placed = [admit(f"a{i}", size) for i, size in enumerate(sizes)]  # one pass (no loop turn between)
+        assert placed == [0] * 30
+        assert d.shm is not None and d.shm.shard_backlog_bytes().tolist() == [0, 0, 0, 0]  # not written yet
+        await asyncio.sleep(0)  # the pass ends: written, and counted as each shard will take them
+        assert d.shm.shard_backlog_bytes().tolist() == [sum(map(backlog_bytes, sizes)), 0, 0, 0]
+        assert admit("b", 100) == 1  # shard 0 has not read them: the slack behind, it gets no new flow
+        assert admit("a0", 100) == 0  # (a flow already there stays: affinity)
+        await asyncio.sleep(0)
+        assert d.shm.shard_backlog_bytes().tolist() == [sum(map(backlog_bytes, sizes)) + KIB, KIB, 0, 0]
+        d.shm.add_taken(0, int(d.shm.shard_backlog_bytes()[0]))  # shard 0 reads its input
+        assert admit("c", 100) == 0
+
+    asyncio.run(main())
+
+
+def test_a_shard_lost_in_the_pass_that_routed_to_it_keeps_no_backlog() -> None:
+    """The Enqueues of the pass go with the lost shard's writer: not counted after its reset, or the
+    shard's replacement would look behind its input forever and get no new flow."""
+    async def main() -> None:
+        d = distributor(2, 10 * KIB)
+        d._loop = asyncio.get_running_loop()
+        rid = d.admit(Waiter(), 1, "a", 0, 50 * KIB, 0.0, 0.0, 0, 0.0, False)
+        assert d.pending[rid].shard == 0 and d.shards[0].sent == 50 * KIB
+        d._stopping = True  # (on_worker_lost's own part only: no respawn in this test)
+        d.on_worker_lost(0, d.shards[0].link)  # type: ignore[arg-type]
+        assert d.shards[0].sent == 0
+        await asyncio.sleep(0)
+        assert d.shm is not None and d.shm.shard_backlog_bytes().tolist() == [0, 0]
+
+    asyncio.run(main())
