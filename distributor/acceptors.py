@@ -305,7 +305,7 @@ class AcceptorLink(asyncio.Protocol):
             if self.lost and ticket:  # as a closed binary connection: no capacity may leak
                 self.service.release(ticket)
             return
-        if ticket and self.service.tickets[ticket].deadline != math.inf:  # leased (HTTP): confirmed when written
+        if ticket and ticket in self.service.leases:  # leased (HTTP): confirmed when written
             self.unconfirmed.add(ticket)
         if self.proxied_keys and cid in self.proxied_keys:
             self.proxied_keys.discard(cid)

@@ -485,7 +485,7 @@ class Ledger:
         ):
             band.rises.append(clock())  # one more request no live grant covers
 
-    def leave(self, p: Pending, *, covered: bool = False) -> Pending | None:
+    def leave(self, p: Pending, covered: bool = False) -> Pending | None:
         """`p` left its shard's queue (any outcome). Returns a parked newcomer now free to retry.
 
         `covered`: p left through a dispatch answering a live grant of its own band on its shard.
@@ -814,7 +814,7 @@ class Ledger:
         return math.ceil(band.shard_bytes[shard] / items) if items else 0
 
     def grant_answered(
-        self, shard: int, dispatched_size: int | None, need: int = 0, *, dispatched: Pending | None = None,
+        self, shard: int, dispatched_size: int | None, need: int = 0, dispatched: Pending | None = None,
         dispatched_at: int = 0,
     ) -> tuple[int, bool]:
         """The shard answered its oldest grant: a dispatch of `dispatched_size` bytes, or a hand-back.

@@ -17,30 +17,31 @@ class SlotTable:
     def __init__(self, slots: int, gc_timeout: float) -> None:
         self.slots = slots
         self.gc_timeout = gc_timeout
-        self._slot_of: dict[str, int] = {}
-        self._last_used: dict[str, float] = {}
+        # (public: the distributor reads them inline in its admission, `slot`'s common case)
+        self.slot_of: dict[str, int] = {}
+        self.last_used: dict[str, float] = {}
         self._free = list(range(slots - 1, -1, -1))
         self.shared = 0  # routings that used a shared (hashed) slot because the table was full
 
     def slot(self, flow: str, now: float) -> int:
-        slot = self._slot_of.get(flow)
+        slot = self.slot_of.get(flow)
         if slot is None:
             if not self._free:
                 self.shared += 1
                 return zlib.crc32(flow.encode()) % self.slots
-            slot = self._slot_of[flow] = self._free.pop()
-        self._last_used[flow] = now
+            slot = self.slot_of[flow] = self._free.pop()
+        self.last_used[flow] = now
         return slot
 
     def collect(self, now: float, busy: Callable[[str], bool]) -> int:
         """Free the slots of flows unused for `gc_timeout` that hold no work. A periodic O(flows) pass."""
         freed = 0
-        for flow, last in list(self._last_used.items()):
+        for flow, last in list(self.last_used.items()):
             if now - last >= self.gc_timeout and not busy(flow):
-                del self._last_used[flow]
-                self._free.append(self._slot_of.pop(flow))
+                del self.last_used[flow]
+                self._free.append(self.slot_of.pop(flow))
                 freed += 1
         return freed
 
     def __len__(self) -> int:
-        return len(self._slot_of)
+        return len(self.slot_of)
