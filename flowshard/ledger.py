@@ -61,6 +61,9 @@ _FINISH_MEMORY = 4096
 # over and back pays no re-base each time (and forgets no finish time), and however it flaps a re-base
 # costs O(1) per request that left it, amortised.
 _CALM = 64
+# `plan_grants` grants a run of grants to one band and shard without choosing the band for each (the same
+# grants: tests/test_ledger_lone.py turns it off and compares).
+_RUNS = True
 
 
 class PendingState(enum.IntEnum):
@@ -645,7 +648,28 @@ class Ledger:
                 self.grants_bytes += reserve
             grants[shard].append((index, reserve, charge, saturation))
             out.append((shard, index, reserve, saturation))
-            if fair:
+            if not fair and max_bytes == _INF and external is None and (single or home >= 0) and _RUNS:
+                # A run (at one shard, or a band on its home shard, with no byte budget and no second
+                # detector): the loop would choose this band and shard again while that shard holds more
+                # of its requests than live grants and the saturation stays below its ceiling. A band
+                # above it skipped for its ceiling stays skipped (the saturation only grows in a plan),
+                # one with nothing grantable gets nothing here. So the same grants, without the choice
+                # of a band for each (once per grant); the loop goes on where the run stops.
+                items, granted, stale = band.shard_items, band.shard_granted, band.shard_stale
+                queue, ceiling = grants[shard], band.ceiling
+                while items[shard] > granted[shard] - stale[shard]:
+                    used = budget.inflight + self.grants_out
+                    if used >= max_requests:
+                        return out
+                    saturation = used / max_requests  # (the bytes' term is 0: no byte budget)
+                    if saturation >= ceiling:
+                        break
+                    band.granted += 1
+                    granted[shard] += 1
+                    self.grants_out += 1
+                    queue.append((index, -1, 0.0, saturation))
+                    out.append((shard, index, -1, saturation))
+            elif fair:
                 live = band.shard_granted[shard] - band.shard_stale[shard]
                 if band.shard_items[shard] <= live:
                     if alone:

@@ -474,3 +474,55 @@ def test_a_band_that_settles_as_it_empties_starts_its_next_home_at_the_clock() -
         return [d.serve(1)[0] for _ in range(3)]
 
     assert order(lone=True) == order(lone=False) == [0, 1, 0]
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(fairness=st.sampled_from(["round-robin", "drr", "global-fcfs"]), shards=st.integers(1, 3),
+       bands=st.integers(1, 3), budget=st.sampled_from([None, 1, 2, 5, 9]),
+       byte_budget=st.sampled_from([None, None, None, 300]),
+       ceilings=st.lists(st.sampled_from([1.0, 1.0, 0.9, 0.6, 0.3]), min_size=3, max_size=3),
+       packed=st.booleans(), ops=OPS)
+def test_a_run_of_grants_is_the_grants_the_loop_would_plan_one_by_one(
+        fairness, shards, bands, budget, byte_budget, ceilings, packed, ops):
+    """`plan_grants` grants runs to one band and shard without choosing the band for each (eighth round,
+    docs/benchmarks.md): the same random sequences as above, with and without runs, plan exactly the same
+    grants (shard, band, reserve, saturation) and keep exactly the same counts and grants outstanding."""
+    cfg = make_config([{"priority": bands - 1 - i, "fairness": fairness, "ceiling": ceilings[i]} for i in range(bands)],
+                      max_inflight_requests=budget, max_inflight_bytes=byte_budget, max_queued_requests=None,
+                      max_queued_bytes=None, service=ServiceConfig(fast_path=False), default_ttl=0)
+    runs, loop = Driver(Ledger(cfg, shards)), Driver(Ledger(cfg, shards))
+    runs.ledger.clock = loop.ledger.clock = iter(range(10**9)).__next__
+    planned = 0
+    try:
+        for op, x in ops:
+            if op == "route":
+                flow, band, shard = "abcdef"[x % 6], x // 6 % bands, 0 if packed and x % 5 else x // 12 % shards
+                for d in (runs, loop):
+                    d.route(flow, shard, band=band, size=1 + x % 57)
+            elif op == "plan":
+                ledger_module._RUNS = True
+                with_runs = runs.plan()
+                ledger_module._RUNS = False
+                assert loop.plan() == with_runs
+                planned += len(with_runs)
+            elif op in ("answer", "back") and runs.grants:
+                for d in (runs, loop):
+                    d.answer(hand_back=op == "back")
+            elif op == "cancel" and runs.queued:
+                victim = sorted(runs.queued)[x % len(runs.queued)]
+                for d in (runs, loop):
+                    d.cancel(d.queued[victim])
+            elif op == "release" and runs.tickets:
+                for d in (runs, loop):
+                    d.release()
+            elif op == "fail":
+                shard = x % shards
+                for d in (runs, loop):
+                    for p in d.ledger.shard_failed(shard):
+                        d.cancel(p)
+                    d.grants = deque(g for g in d.grants if g[0] != shard)
+            assert counts(runs.ledger) == counts(loop.ledger)
+            assert list(map(list, runs.ledger._grants)) == list(map(list, loop.ledger._grants))
+    finally:
+        ledger_module._RUNS = True
