@@ -173,8 +173,11 @@ class AcceptorLink(asyncio.Protocol):
                     if self.proxied:
                         self._proxied_released(msg.ticket)
                     ok = svc.release(msg.ticket, msg.tokens)
-                    if msg.key:
-                        self.send(LinkReleased(msg.key, ok))
+                    if msg.key:  # `send`, inline: once per HTTP release
+                        self._writer.add(LinkReleased(msg.key, ok))
+                        if not self._flush_scheduled:
+                            self._flush_scheduled = True
+                            asyncio.get_running_loop().call_soon(self.flush)
                 else:
                     self._handle(msg)
             except Exception:  # a bug must not cut off every client of this acceptor
@@ -188,9 +191,7 @@ class AcceptorLink(asyncio.Protocol):
         pending = self.pending
         kind = type(msg)
         if kind is LinkDelivered:
-            unconfirmed = self.unconfirmed
-            for ticket in msg.tickets:
-                unconfirmed.discard(ticket)
+            self.unconfirmed.difference_update(msg.tickets)  # (a discard each, in C)
         elif kind is LinkBackends:
             self._backend_events(msg)
         elif kind is LinkProxyReport:

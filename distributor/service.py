@@ -85,6 +85,9 @@ class Ticket(msgspec.Struct, gc=False):
     flow: str = ""
     priority: int = 0
     cost: int = 0  # what fairness charged at dispatch: declared tokens, else bytes
+    # not leased: its owner's set in `Distributor._owned` (read by its release without a lookup; a set
+    # leaves `_owned` only once empty, so the set of a ticket still held is its owner's there)
+    owned: set[int] | None = None
 
 
 # Tickets are capabilities: random, so a client can release only a ticket it was given (on any of its
@@ -285,7 +288,7 @@ class Distributor:
             if unconfirmed:
                 unconfirmed.discard(ticket)
         else:  # binary or proxied
-            owned = self._owned.get(held.owner)
+            owned = held.owned
             if owned is not None:
                 owned.discard(ticket)
                 if not owned:
@@ -488,15 +491,18 @@ class Distributor:
             ticket = pool.pop() & _TICKET_MASK if pool else 0
             if not ticket or ticket in tickets:
                 ticket = self._new_ticket()
-            deadline = _monotonic() + self._lease if leased else _INF
-            tickets[ticket] = Ticket(ticket, size, waiter, deadline, p.shard, p.flow, p.payload[0], p.tokens or size)
             if leased:  # HTTP: held until released or the lease ends, whatever becomes of the connection
+                deadline = _monotonic() + self._lease
+                tickets[ticket] = Ticket(ticket, size, waiter, deadline, p.shard, p.flow, p.payload[0],
+                                         p.tokens or size)
                 self.leases[ticket] = deadline
             else:  # binary: the connection is the lease (release_all when it closes)
                 owned = self._owned.get(waiter)
                 if owned is None:
                     owned = self._owned[waiter] = set()
                 owned.add(ticket)
+                tickets[ticket] = Ticket(ticket, size, waiter, _INF, p.shard, p.flow, p.payload[0], p.tokens or size,
+                                         owned)
         elif outcome != _CANCELLED:
             retry = self.retry[p.band]
             retry_after = retry.rejected(_monotonic()) if outcome == _REJECTED_CAPACITY else retry.value
@@ -719,8 +725,10 @@ class Distributor:
         if self._stopping:  # past the drain: what close() releases (ended streams) must not dispatch what
             return  # is still queued, which ends `evicted: shutdown`
         blocks: dict[int, list[Any]] = {}  # shard -> its open block: [band, max_bytes, saturation, count]
+        last, block = -1, None  # the previous grant's shard and its block (a plan's runs go to one shard)
         for shard, band, max_bytes, saturation in self.ledger.plan_grants():
-            block = blocks.get(shard)
+            if shard != last:
+                last, block = shard, blocks.get(shard)
             if block is not None and block[0] == band and block[1] == max_bytes:
                 block[2] = saturation
                 block[3] += 1
@@ -729,7 +737,7 @@ class Distributor:
                 self._send(shard, Grant(*block))
             else:
                 self._woken.append(shard)
-            blocks[shard] = [band, max_bytes, saturation, 1]
+            blocks[shard] = block = [band, max_bytes, saturation, 1]
         for shard, block in blocks.items():
             self._send(shard, Grant(*block))
         woken = self._woken
