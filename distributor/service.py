@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -168,7 +168,12 @@ class Distributor:
         self.shards = [Shard(i) for i in range(shards)]
         self.retry = [RetryAfter() for _ in config.bands]
         self.pending: dict[int, Pending] = {}
-        self._parked_ttl: dict[int, asyncio.TimerHandle] = {}  # parked newcomer -> its TTL timer
+        self._parked_ttl: dict[int, asyncio.TimerHandle] = {}  # parked newcomer (or one held behind it) -> TTL timer
+        # A flow's order (DESIGN §4.7) across displacement: per (band, flow), its request parked until its
+        # victims leave, and the requests of the flow that arrived after it, held (in arrival order) until
+        # it is queued or ended, so none of them is queued (or dispatched) ahead of it (`_hold_behind`)
+        self._parked_of: dict[tuple[int, str], Pending] = {}
+        self._held: dict[tuple[int, str], deque[Pending]] = {}
         self.tickets: dict[int, Ticket] = {}
         self._owned: dict[Any, set[int]] = {}  # waiter -> its tickets, so a closing connection frees them fast
         # leased ticket -> deadline, in deadline order (an acceptor link reads it: is a ticket leased?)
@@ -271,7 +276,11 @@ class Distributor:
         elif p.state == PendingState.NEW:
             if p.victims_left:  # parked for displacement: its held room goes back now
                 self._unpark(p)
-            self._finish(p, Outcome.EVICTED_CANCELLED, 0.0)
+                self._finish(p, Outcome.EVICTED_CANCELLED, 0.0)
+                self._unblock(p)
+            else:
+                self._unhold(p)
+                self._finish(p, Outcome.EVICTED_CANCELLED, 0.0)
 
     def release(self, ticket: int, tokens: int = -1) -> bool:
         held = self.tickets.pop(ticket, None)
@@ -384,6 +393,10 @@ class Distributor:
         if self._stopping:
             self._finish(p, Outcome.REJECTED_SHUTTING_DOWN, 0.0)
             return
+        parked = self._parked_of
+        if parked and parked.get((p.band, p.flow), p) is not p:  # an earlier request of its flow is parked
+            self._hold_behind(p, now)
+            return
         # The fast path first: a request dispatched at once never queues, so the queue limits do not
         # apply to it (a full queue of a lower band must not turn away work the backends have room for).
         if self._fast_path and ledger.can_dispatch_now(p):
@@ -397,6 +410,7 @@ class Distributor:
             return
         if victims:
             ledger.mark_victims(p, victims)
+            parked[(p.band, p.flow)] = p
             for victim in victims:
                 self._send(victim.shard, Cancel(victim.id, Outcome.EVICTED_DISPLACED))
             ttl = p.payload[1] or self.config.default_ttl
@@ -554,11 +568,55 @@ class Distributor:
 
     def _parked_expired(self, p: Pending) -> None:
         """A parked newcomer's TTL ran out before its victims left (one held on a stopped shard, say):
-        it ends `evicted: ttl` at its deadline, as a queued request would, and its held room goes back."""
+        it ends `evicted: ttl` at its deadline, as a queued request would, and its held room goes back.
+        (Or one held behind a parked request of its flow: it ends so too.)"""
         self._parked_ttl.pop(p.id, None)
-        if p.state == PendingState.NEW and p.victims_left:
+        if p.state != PendingState.NEW:
+            return
+        if p.victims_left:
             self._unpark(p)
             self._finish(p, Outcome.EVICTED_TTL, time.monotonic() - p.received)
+            self._unblock(p)
+        elif self._unhold(p):
+            self._finish(p, Outcome.EVICTED_TTL, time.monotonic() - p.received)
+
+    def _hold_behind(self, p: Pending, now: float) -> None:
+        """An earlier request of p's flow (same band) is parked until its victims leave: p waits behind
+        it, admitted only once that one is queued or ended (`_unblock`), so the flow's requests reach
+        their shard in arrival order (a later one whose room was free, or whose victims left first on
+        a faster shard, was queued, and dispatched, ahead: the flow's order broken under fcfs). Its
+        TTL runs here, as a parked request's. Holds no room: it is checked when admitted."""
+        self._held.setdefault((p.band, p.flow), deque()).append(p)
+        ttl = p.payload[1] or self.config.default_ttl
+        if ttl and self._loop is not None:
+            self._parked_ttl[p.id] = self._loop.call_later(max(0.0, p.received + ttl - now), self._parked_expired, p)
+
+    def _unhold(self, p: Pending) -> bool:
+        """Take p out of the requests held behind its flow's parked one (it ends). Whether it was there."""
+        self._forget_parked_ttl(p)
+        key = (p.band, p.flow)
+        held = self._held.get(key)
+        if held is None or p not in held:
+            return False
+        held.remove(p)  # (rare: a held request cancelled or out of time)
+        if not held:
+            del self._held[key]
+        return True
+
+    def _unblock(self, p: Pending) -> None:
+        """p was parked for displacement and is not now (queued, dispatched or ended): the requests of its
+        flow held behind it are admitted in arrival order, until one of them parks in its turn."""
+        key = (p.band, p.flow)
+        if p.state == PendingState.NEW and p.victims_left:  # parked again (its retry found more victims)
+            return
+        if self._parked_of.get(key) is p:
+            del self._parked_of[key]
+        held = self._held.get(key)
+        while held and key not in self._parked_of:
+            q = held.popleft()
+            if not held:
+                del self._held[key]
+            self._retry_newcomer(q, unblock=False)
 
     def _unpark(self, p: Pending) -> None:
         self._forget_parked_ttl(p)
@@ -569,23 +627,27 @@ class Distributor:
         if timer is not None:
             timer.cancel()
 
-    def _retry_newcomer(self, p: Pending) -> None:
-        """A request parked for displacement: its victims have left; admit it now (or give up).
+    def _retry_newcomer(self, p: Pending, unblock: bool = True) -> None:
+        """A request parked for displacement: its victims have left; admit it now (or give up). (Or
+        one held behind such a request of its flow, which is no longer parked: `_unblock`.)
 
         Its TTL timer, armed when it was parked, is cancelled; if the TTL ran out meanwhile (the
         timer not run yet) it ends `evicted: ttl` here, never dispatched (the fast path does not look
-        at TTLs)."""
+        at TTLs). Then, unless it parked again, the requests of its flow held behind it go
+        (`unblock`: not when `_unblock` itself retries them, one after the other)."""
         self._forget_parked_ttl(p)
         if p.owner is None:
             self._finish(p, Outcome.EVICTED_CANCELLED, 0.0)
-            return
-        ttl = p.payload[1] or self.config.default_ttl
-        now = time.monotonic()
-        waited = now - p.received
-        if ttl and waited >= ttl:
-            self._finish(p, Outcome.EVICTED_TTL, waited)
         else:
-            self._admit(p, now)
+            ttl = p.payload[1] or self.config.default_ttl
+            now = time.monotonic()
+            waited = now - p.received
+            if ttl and waited >= ttl:
+                self._finish(p, Outcome.EVICTED_TTL, waited)
+            else:
+                self._admit(p, now)
+        if unblock and self._parked_of:
+            self._unblock(p)
 
     def _on_hello(self, shard: int, hello: Hello) -> None:
         s = self.shards[shard]
