@@ -675,14 +675,16 @@ class Distributor:
             s.proc.wait()
         now = time.monotonic()
         lost = self.ledger.shard_failed(shard)
+        # Its cells first (it is reaped: nothing writes them now), so that a newcomer a lost victim frees
+        # below is routed by counters that agree with the ledger (JSQ-Bytes's `fresh` pick needs them to)
+        assert self.shm is not None
+        self.shm.reset_shard(shard)
+        self.shm.heartbeat_ns[shard] = 0  # the dead worker's last beat must not condemn its successor
         for p in lost:
             newcomer = self.ledger.leave(p)
             self._finish(p, Outcome.EVICTED_SHARD_FAILURE, now - p.received, at=now)  # (audit: its shard)
             if newcomer is not None:
                 self._retry_newcomer(newcomer)
-        assert self.shm is not None
-        self.shm.reset_shard(shard)
-        self.shm.heartbeat_ns[shard] = 0  # the dead worker's last beat must not condemn its successor
         s.restarts += 1
         self.counters["worker_restarts"] += 1
         assert self._loop is not None

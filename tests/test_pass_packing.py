@@ -97,3 +97,52 @@ def test_a_shard_lost_in_the_pass_that_routed_to_it_keeps_no_backlog() -> None:
         assert d.shm is not None and d.shm.shard_backlog_bytes().tolist() == [0, 0]
 
     asyncio.run(main())
+
+
+def test_a_newcomer_freed_by_a_lost_shard_is_routed_by_counters_that_agree_with_the_ledger() -> None:
+    """A shard dies holding the victim of a parked newcomer: the victim's leave frees the newcomer, which
+    is routed at once. Its flow holds nothing now (the ledger's `slot_items`), so JSQ-Bytes does not
+    read its counters (`fresh`): they must agree already, the dead shard's column reset first (they
+    did not: the pick then differed from what the counters' rule gives; a review found it)."""
+    config = Config(
+        bands=[BandConfig(priority=1, displacement=True), BandConfig(priority=0)],
+        budget=BudgetConfig(max_inflight_requests=1),
+        service=ServiceConfig(fast_path=False, jsq_slack_bytes=10 * KIB),
+        flow_slots=64, max_queued_requests=2, max_queued_bytes=None, default_ttl=0,
+    )
+    d = Distributor(config, shards=3)
+    d.shm = shm = ShmStats(bytearray(d.layout.nbytes), d.layout, init=True)
+    d._accepting = True
+    for s in d.shards:
+        s.ready = True
+        s.link = Link()  # type: ignore[assignment]
+    d._respawn = lambda shard: None  # type: ignore[method-assign]  (no worker process in this test)
+    picks: list[tuple[bool, int, int]] = []
+    pick = shm.jsq_pick
+
+    def checked(slot: int, rr: int, slack: int = 0, fresh: bool = False) -> int:
+        picks.append((fresh, pick(slot, rr, slack, fresh), pick(slot, rr, slack, False)))
+        return picks[-1][1]
+
+    shm.jsq_pick = checked  # type: ignore[method-assign]
+
+    async def main() -> None:
+        d._loop = asyncio.get_running_loop()
+        waiter = Waiter()
+        shm.add_sent(0, 50 * KIB)
+        shm.add_sent(1, 50 * KIB)  # shards 0 and 1 behind their input: the victim goes to shard 2
+        victim = d.admit(waiter, 1, "x", 0, 100, 0.0, 0.0, 0, 0.0, False)
+        d.admit(waiter, 2, "y", 0, 100, 0.0, 0.0, 0, 0.0, False)
+        await asyncio.sleep(0)
+        assert d.pending[victim].shard == 2
+        shm.add_taken(2, int(shm.shard_backlog_bytes()[2]))
+        shm.add_taken(0, 35 * KIB)
+        shm.add_taken(1, 45 * KIB)  # backlogs 15 KiB, 5 KiB, 0: shard 1 is within the slack of the least
+        newcomer = d.admit(waiter, 3, "x", 1, 100, 0.0, 0.0, 0, 0.0, False)  # the queue is full: it displaces
+        assert d.pending[newcomer].victims_left == 1
+        picks.clear()
+        d.on_worker_lost(2, d.shards[2].link)  # type: ignore[arg-type]
+        assert picks == [(True, 1, 1)]  # the fresh pick is the counters' own
+        assert d.pending[newcomer].shard == 1
+
+    asyncio.run(main())
