@@ -124,3 +124,22 @@ def test_old_grant_frames_without_count_still_decode_as_one() -> None:
     raw = msgspec.msgpack.encode([[2, 0, -1, 0.0]])  # a batch of one: tag, band, max_bytes, saturation
     (grant,) = BatchReader(ToWorker).feed(len(raw).to_bytes(4, "big") + raw)
     assert grant == Grant(0, -1, 0.0, 1)
+
+
+def test_a_grant_checks_the_heads_deadline_at_its_own_clock_read_not_the_batchs(monkeypatch: Any) -> None:
+    """A batch of frames is read at one clock; a grant in it reads the clock again, so a head whose TTL
+    ran out while the batch was being handled (a long batch) is not dispatched: it ends `evicted: ttl`
+    and the grant is handed back. (With the batch's clock it was dispatched past its deadline.)"""
+    async def main() -> None:
+        worker, t, _ = await _worker(1)
+        now = [1000.0]
+        monkeypatch.setattr("workers.worker.time.monotonic", lambda: now[0])
+        worker.data_received(frames(Enqueue(1, "f", 0, 1, 10, 0.5, 0.0, 0, 0.0, 1000.0)))  # deadline 1000.5
+        clocks = iter([1000.2, 1000.7])  # the next batch is read at 1000.2; its grant is taken at 1000.7
+        monkeypatch.setattr("workers.worker.time.monotonic", lambda: next(clocks, 1000.7))
+        t.got.clear()
+        worker.data_received(frames(Grant(0, -1, 0.0, 1)))
+        assert [(type(m), getattr(m, "outcome", None)) for m in t.got] == [
+            (Done, int(Outcome.EVICTED_TTL)), (GrantBack, None)]
+
+    asyncio.run(main())
