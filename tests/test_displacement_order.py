@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from test_pass_packing import Link
+
 from distributor.service import Distributor
 from flowshard.codec import BatchReader, Cancel, Done, Enqueue, ToWorker
 from flowshard.config import BandConfig, BudgetConfig, Config, ServiceConfig
@@ -29,15 +31,6 @@ class Waiter:
 
     def deliver(self, cid: Any, request_id: int, outcome: Outcome, *rest: Any) -> None:
         self.outcomes[cid] = outcome
-
-
-class Link:
-    def __init__(self) -> None:
-        self.transport = self
-        self.written: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
 
 
 class Service:

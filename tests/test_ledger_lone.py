@@ -275,6 +275,27 @@ def check_costs(ledger: Ledger) -> None:
             assert b.lone_cost == sum(b.cost(p) for p in b.order.values())
 
 
+def both_step(op: str, x: int, first: Driver, second: Driver, shards: int) -> None:
+    """The same answer, hand-back, cancel, release or shard failure in two drivers kept in lockstep
+    (`first`'s state decides whether the step applies: the two hold the same requests)."""
+    if op in ("answer", "back") and first.grants:
+        for d in (first, second):
+            d.answer(hand_back=op == "back")
+    elif op == "cancel" and first.queued:
+        victim = sorted(first.queued)[x % len(first.queued)]
+        for d in (first, second):
+            d.cancel(d.queued[victim])
+    elif op == "release" and first.tickets:
+        for d in (first, second):
+            d.release()
+    elif op == "fail":
+        shard = x % shards
+        for d in (first, second):
+            for p in d.ledger.shard_failed(shard):
+                d.cancel(p)
+            d.grants = deque(g for g in d.grants if g[0] != shard)
+
+
 def on_one_shard(band: LedgerBand) -> bool:
     return sum(1 for n in band.shard_items if n) <= 1
 
@@ -336,22 +357,8 @@ def test_the_lone_ledger_grants_the_same_bands_and_keeps_the_same_counts_as_the_
                     assert all(s0 == s1 or lone.ledger.bands[b].fair
                                for (s0, b, _, _), (s1, *_) in zip(*both, strict=True))
                 return
-        elif op in ("answer", "back") and lone.grants:
-            for d in (lone, fair):
-                d.answer(hand_back=op == "back")
-        elif op == "cancel" and lone.queued:
-            victim = sorted(lone.queued)[x % len(lone.queued)]
-            for d in (lone, fair):
-                d.cancel(d.queued[victim])
-        elif op == "release" and lone.tickets:
-            for d in (lone, fair):
-                d.release()
-        elif op == "fail":
-            shard = x % shards
-            for d in (lone, fair):
-                for p in d.ledger.shard_failed(shard):
-                    d.cancel(p)
-                d.grants = deque(g for g in d.grants if g[0] != shard)
+        else:
+            both_step(op, x, lone, fair, shards)
         assert counts(lone.ledger) == counts(fair.ledger)
         check_costs(lone.ledger)
         check_costs(fair.ledger)
@@ -506,22 +513,8 @@ def test_a_run_of_grants_is_the_grants_the_loop_would_plan_one_by_one(
                 ledger_module._RUNS = False
                 assert loop.plan() == with_runs
                 planned += len(with_runs)
-            elif op in ("answer", "back") and runs.grants:
-                for d in (runs, loop):
-                    d.answer(hand_back=op == "back")
-            elif op == "cancel" and runs.queued:
-                victim = sorted(runs.queued)[x % len(runs.queued)]
-                for d in (runs, loop):
-                    d.cancel(d.queued[victim])
-            elif op == "release" and runs.tickets:
-                for d in (runs, loop):
-                    d.release()
-            elif op == "fail":
-                shard = x % shards
-                for d in (runs, loop):
-                    for p in d.ledger.shard_failed(shard):
-                        d.cancel(p)
-                    d.grants = deque(g for g in d.grants if g[0] != shard)
+            else:
+                both_step(op, x, runs, loop, shards)
             assert counts(runs.ledger) == counts(loop.ledger)
             assert list(map(list, runs.ledger._grants)) == list(map(list, loop.ledger._grants))
     finally:

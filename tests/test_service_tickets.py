@@ -6,21 +6,11 @@ still held; nothing is left behind. A real Distributor in one process, its idle 
 
 from __future__ import annotations
 
-from typing import Any
+from test_write_order import Waiter  # (it keeps the tickets it is given)
 
 from distributor.service import Distributor
 from flowshard.config import BandConfig, BudgetConfig, Config, ServiceConfig
 from flowshard.shm import ShmStats
-from flowshard.types import Outcome
-
-
-class Waiter:
-    def __init__(self) -> None:
-        self.tickets: list[int] = []
-
-    def deliver(self, cid: Any, request_id: int, outcome: Outcome, ticket: int, *rest: Any) -> None:
-        assert outcome == Outcome.DISPATCHED
-        self.tickets.append(ticket)
 
 
 def _distributor() -> Distributor:
