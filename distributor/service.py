@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -170,10 +170,12 @@ class Distributor:
         self.pending: dict[int, Pending] = {}
         self._parked_ttl: dict[int, asyncio.TimerHandle] = {}  # parked newcomer (or one held behind it) -> TTL timer
         # A flow's order (DESIGN §4.7) across displacement: per (band, flow), its request parked until its
-        # victims leave, and the requests of the flow that arrived after it, held (in arrival order) until
-        # it is queued or ended, so none of them is queued (or dispatched) ahead of it (`_hold_behind`)
+        # victims leave, and the requests of the flow that arrived after it, held (in arrival order, each
+        # admitted: its room held, its victims marked) until it is queued or ended, so none of them is
+        # queued (or dispatched) ahead of it (`_admit`, `_unblock`, `_release_held`)
         self._parked_of: dict[tuple[int, str], Pending] = {}
-        self._held: dict[tuple[int, str], deque[Pending]] = {}
+        self._held: dict[tuple[int, str], dict[int, Pending]] = {}
+        self._releasing: set[tuple[int, str]] = set()  # keys whose held requests go at the end of this pass
         self.tickets: dict[int, Ticket] = {}
         self._owned: dict[Any, set[int]] = {}  # waiter -> its tickets, so a closing connection frees them fast
         # leased ticket -> deadline, in deadline order (an acceptor link reads it: is a ticket leased?)
@@ -274,12 +276,14 @@ class Distributor:
         if p.state == PendingState.QUEUED:
             self._send(p.shard, Cancel(p.id, Outcome.EVICTED_CANCELLED))
         elif p.state == PendingState.NEW:
-            if p.victims_left:  # parked for displacement: its held room goes back now
+            if self._take_held(p):  # held behind its flow's parked request: its held room goes back now
+                self._unpark(p)
+                self._finish(p, Outcome.EVICTED_CANCELLED, 0.0)
+            elif p.victims_left:  # parked for displacement: its held room goes back now
                 self._unpark(p)
                 self._finish(p, Outcome.EVICTED_CANCELLED, 0.0)
                 self._unblock(p)
             else:
-                self._unhold(p)
                 self._finish(p, Outcome.EVICTED_CANCELLED, 0.0)
 
     def release(self, ticket: int, tokens: int = -1) -> bool:
@@ -393,13 +397,14 @@ class Distributor:
         if self._stopping:
             self._finish(p, Outcome.REJECTED_SHUTTING_DOWN, 0.0)
             return
+        # An earlier request of its flow (and band) parked until its victims leave: p is admitted as
+        # any request (rejected at once if it cannot fit; else its room held, its victims marked) but
+        # waits behind it, so the flow's requests reach their shard in arrival order (`_release_held`)
         parked = self._parked_of
-        if parked and parked.get((p.band, p.flow), p) is not p:  # an earlier request of its flow is parked
-            self._hold_behind(p, now)
-            return
+        behind = bool(parked) and parked.get((p.band, p.flow), p) is not p
         # The fast path first: a request dispatched at once never queues, so the queue limits do not
         # apply to it (a full queue of a lower band must not turn away work the backends have room for).
-        if self._fast_path and ledger.can_dispatch_now(p):
+        if not behind and self._fast_path and ledger.can_dispatch_now(p):
             ledger.dispatched_directly(p)
             self.counters["fast_path"] += 1
             self._finish(p, _DISPATCHED, 0.0)
@@ -408,13 +413,16 @@ class Distributor:
         if victims is None:
             self._finish(p, Outcome.REJECTED_CAPACITY, 0.0)
             return
-        if victims:
-            ledger.mark_victims(p, victims)
-            parked[(p.band, p.flow)] = p
+        if victims or behind:
+            ledger.mark_victims(p, victims)  # (its room held: what is free now, and each victim's as it leaves)
             for victim in victims:
                 self._send(victim.shard, Cancel(victim.id, Outcome.EVICTED_DISPLACED))
+            if behind:
+                self._held.setdefault((p.band, p.flow), {})[p.id] = p
+            else:
+                parked[(p.band, p.flow)] = p
             ttl = p.payload[1] or self.config.default_ttl
-            if ttl and self._loop is not None:  # parked: its TTL runs here, not on a shard
+            if ttl and self._loop is not None:  # parked (or held): its TTL runs here, not on a shard
                 delay = max(0.0, p.received + ttl - now)
                 self._parked_ttl[p.id] = self._loop.call_later(delay, self._parked_expired, p)
             return
@@ -569,54 +577,71 @@ class Distributor:
     def _parked_expired(self, p: Pending) -> None:
         """A parked newcomer's TTL ran out before its victims left (one held on a stopped shard, say):
         it ends `evicted: ttl` at its deadline, as a queued request would, and its held room goes back.
-        (Or one held behind a parked request of its flow: it ends so too.)"""
+        (Or one held behind a parked request of its flow: it ends so too, alone.)"""
         self._parked_ttl.pop(p.id, None)
         if p.state != PendingState.NEW:
             return
-        if p.victims_left:
+        if self._take_held(p):
+            self._unpark(p)
+            self._finish(p, Outcome.EVICTED_TTL, time.monotonic() - p.received)
+        elif p.victims_left:
             self._unpark(p)
             self._finish(p, Outcome.EVICTED_TTL, time.monotonic() - p.received)
             self._unblock(p)
-        elif self._unhold(p):
-            self._finish(p, Outcome.EVICTED_TTL, time.monotonic() - p.received)
 
-    def _hold_behind(self, p: Pending, now: float) -> None:
-        """An earlier request of p's flow (same band) is parked until its victims leave: p waits behind
-        it, admitted only once that one is queued or ended (`_unblock`), so the flow's requests reach
-        their shard in arrival order (a later one whose room was free, or whose victims left first on
-        a faster shard, was queued, and dispatched, ahead: the flow's order broken under fcfs). Its
-        TTL runs here, as a parked request's. Holds no room: it is checked when admitted."""
-        self._held.setdefault((p.band, p.flow), deque()).append(p)
-        ttl = p.payload[1] or self.config.default_ttl
-        if ttl and self._loop is not None:
-            self._parked_ttl[p.id] = self._loop.call_later(max(0.0, p.received + ttl - now), self._parked_expired, p)
-
-    def _unhold(self, p: Pending) -> bool:
-        """Take p out of the requests held behind its flow's parked one (it ends). Whether it was there."""
-        self._forget_parked_ttl(p)
+    def _take_held(self, p: Pending) -> bool:
+        """Take p out of the requests held behind its flow's parked one. Whether it was there."""
         key = (p.band, p.flow)
         held = self._held.get(key)
-        if held is None or p not in held:
+        if held is None or held.pop(p.id, None) is None:
             return False
-        held.remove(p)  # (rare: a held request cancelled or out of time)
         if not held:
             del self._held[key]
         return True
 
     def _unblock(self, p: Pending) -> None:
-        """p was parked for displacement and is not now (queued, dispatched or ended): the requests of its
-        flow held behind it are admitted in arrival order, until one of them parks in its turn."""
+        """p, its flow's parked request, is not parked now (queued, dispatched or ended): the requests
+        held behind it go, at the end of this pass (`_release_held`): a client that leaves has all of
+        its requests cancelled first, so none of them is admitted for nobody meanwhile."""
         key = (p.band, p.flow)
-        if p.state == PendingState.NEW and p.victims_left:  # parked again (its retry found more victims)
+        if self._parked_of.get(key) is not p or (p.state == PendingState.NEW and p.victims_left):
+            return  # (not its flow's parked request; or parked again: its retry found more victims)
+        if key in self._releasing:
             return
-        if self._parked_of.get(key) is p:
-            del self._parked_of[key]
+        self._releasing.add(key)
+        if self._loop is not None:
+            self._loop.call_soon(self._release_held, key)
+        else:
+            self._release_held(key)
+
+    def _release_held(self, key: tuple[int, str]) -> None:
+        """The requests held behind a flow's parked request, which is not parked any more, in arrival
+        order: each was admitted as it arrived (its room held, its victims marked); one whose victims
+        have not all left is the flow's parked request from now on, and the rest stay behind it; the
+        others are queued (or dispatched) in turn, as their room, held until now, allows."""
+        self._releasing.discard(key)
+        if self._stopping:
+            return
+        head = self._parked_of.pop(key, None)
+        if head is not None and head.state == PendingState.NEW and head.victims_left:
+            self._parked_of[key] = head  # (cannot happen: a parked request's retry is what unblocks)
+            return
         held = self._held.get(key)
-        while held and key not in self._parked_of:
-            q = held.popleft()
+        while held:
+            q = held.pop(next(iter(held)))
             if not held:
                 del self._held[key]
-            self._retry_newcomer(q, unblock=False)
+            if q.victims_left:  # still waiting for its own victims: the flow's parked request now
+                self._parked_of[key] = q
+                return
+            try:
+                self.ledger.abandon(q)  # its room goes back, and is what admits it again below
+                self._retry_newcomer(q, unblock=False)
+            except Exception:
+                log.exception("admitting request %d, held behind its flow's displacing request", q.id)
+                self._abandon(q.id)
+            if key in self._parked_of:  # it had to displace in turn: the rest wait behind it
+                return
 
     def _unpark(self, p: Pending) -> None:
         self._forget_parked_ttl(p)
@@ -629,12 +654,16 @@ class Distributor:
 
     def _retry_newcomer(self, p: Pending, unblock: bool = True) -> None:
         """A request parked for displacement: its victims have left; admit it now (or give up). (Or
-        one held behind such a request of its flow, which is no longer parked: `_unblock`.)
+        one held behind its flow's parked request: released, `_release_held`; or still held, whose
+        own victims have left: it stays, its room held again.)
 
         Its TTL timer, armed when it was parked, is cancelled; if the TTL ran out meanwhile (the
         timer not run yet) it ends `evicted: ttl` here, never dispatched (the fast path does not look
         at TTLs). Then, unless it parked again, the requests of its flow held behind it go
-        (`unblock`: not when `_unblock` itself retries them, one after the other)."""
+        (`unblock`: not when `_release_held` itself retries them, one after the other)."""
+        if p.id in self._held.get((p.band, p.flow), ()):
+            self.ledger.mark_victims(p, [])  # (its victims gone, its room back: held again, as it waits)
+            return
         self._forget_parked_ttl(p)
         if p.owner is None:
             self._finish(p, Outcome.EVICTED_CANCELLED, 0.0)
@@ -1053,6 +1082,8 @@ class Distributor:
         for timer in self._parked_ttl.values():
             timer.cancel()
         self._parked_ttl.clear()
+        self._parked_of.clear()
+        self._held.clear()
         for p in list(self.pending.values()):  # anything a worker did not report (it died, or never got it)
             if p.state in (PendingState.QUEUED, PendingState.DISPLACING):
                 self.ledger.leave(p)

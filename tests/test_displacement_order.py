@@ -82,28 +82,32 @@ def test_a_later_request_of_a_parked_flow_is_queued_after_it_though_its_victim_l
         for n in (0, 1):
             svc.sent(n)
         t1 = svc.admit("t1", "t", 1)  # displaces the newest low request: parked until it leaves
-        t2 = svc.admit("t2", "t", 1)  # the same flow, later: held behind t1 (it displaces nobody yet)
+        t2 = svc.admit("t2", "t", 1)  # the same flow, later: admitted (it displaces the other) but held behind t1
         await asyncio.sleep(0)
-        assert d.pending[t1].victims_left == 1 and d.pending[t2].state == PendingState.NEW
+        assert d.pending[t1].victims_left == 1 and d.pending[t2].victims_left == 1
+        assert [d.pending[rid].state for rid in low] == [PendingState.DISPLACING] * 2  # no grant can take them
         cancels = [m.id for n in (0, 1) for m in svc.sent(n) if type(m) is Cancel]
-        assert cancels == [low[1]]  # only t1's victim; before the fix t2 took low[0] too
-        svc.evicted(on[low[1]], low[1])  # t1's victim leaves: t1 is queued, then t2 displaces low[0]
+        assert sorted(cancels) == sorted(low)
+        svc.evicted(on[low[0]], low[0])  # t2's victim leaves first: t2 still waits behind t1, its room held
         await asyncio.sleep(0)
-        assert d.pending[t1].state == PendingState.QUEUED and d.pending[t2].victims_left == 1
-        svc.evicted(on[low[0]], low[0])
-        await asyncio.sleep(0)
-        assert d.pending[t2].state == PendingState.QUEUED and d.pending[t2].shard == d.pending[t1].shard
+        assert d.pending[t2].state == PendingState.NEW and d.pending[t2].victims_left == 0
+        assert d._held[(0, "t")] == {t2: d.pending[t2]} and d.ledger.reserved_items == 1
+        svc.evicted(on[low[1]], low[1])  # t1's victim leaves: t1 is queued, then (end of the pass) t2
+        for _ in range(2):  # (t2's Enqueue is written at the end of the pass that released it)
+            await asyncio.sleep(0)
+        assert d.pending[t1].state == PendingState.QUEUED and d.pending[t2].state == PendingState.QUEUED
+        assert d.pending[t2].shard == d.pending[t1].shard
         enqueued = [m.id for n in (0, 1) for m in svc.sent(n) if type(m) is Enqueue]
         assert enqueued == [t1, t2]  # in arrival order, on one shard (affinity)
-        assert not d._parked_of and not d._held
+        assert not d._parked_of and not d._held and d.ledger.reserved_items == 0
 
     asyncio.run(main())
 
 
-def test_requests_held_behind_a_parked_one_go_when_it_ends_and_one_held_may_end_alone() -> None:
-    """The parked request's client leaves: the ones held behind it are admitted in order (the first
-    displaces again, the next waits behind it). A held request whose TTL runs out, or whose client
-    leaves, ends alone; nothing of the ledger is held for it."""
+def test_a_request_held_behind_is_admitted_as_it_arrives_and_may_end_alone() -> None:
+    """A request held behind its flow's parked one is admitted when it arrives: turned away at once
+    if it cannot fit (not held for nothing: the queue limits bound what is held), its victims marked
+    (no lower band takes the budget meanwhile). One whose TTL runs out ends alone."""
     async def main() -> None:
         svc = Service(shards=2)
         d = svc.d
@@ -111,22 +115,40 @@ def test_requests_held_behind_a_parked_one_go_when_it_ends_and_one_held_may_end_
         await asyncio.sleep(0)
         t1 = svc.admit("t1", "t", 1)
         t2 = svc.admit("t2", "t", 1, ttl=30.0)
-        t3 = svc.admit("t3", "t", 1)
-        t4 = svc.admit("t4", "t", 1)
-        assert [d.pending[r].state for r in (t2, t3, t4)] == [PendingState.NEW] * 3
+        t3 = svc.admit("t3", "t", 1)  # nothing left to displace: rejected at once, as without t1 parked
+        assert svc.waiter.outcomes["t3"] == Outcome.REJECTED_CAPACITY and t3 not in d.pending
         d._parked_expired(d.pending[t2])  # (its TTL timer, run by hand): it ends alone
-        assert svc.waiter.outcomes["t2"] == Outcome.EVICTED_TTL
-        d.cancel(t1)  # the parked one's client leaves: its room goes back, t3 is admitted and parks in turn
-        assert svc.waiter.outcomes.get("t1") is None and t1 not in d.pending  # (nobody to answer)
-        assert d.pending[t3].victims_left == 1 and d.pending[t4].state == PendingState.NEW
-        assert d._parked_of[(0, "t")] is d.pending[t3] and list(d._held[(0, "t")]) == [d.pending[t4]]
-        d.cancel(t4)  # a held one's client leaves
-        assert t4 not in d.pending and not d._held
-        assert d.ledger.queued_items == 2  # the two low requests, one of them now t3's victim
-        for victim in low:
-            if d.pending[victim].state == PendingState.DISPLACING:
-                svc.evicted(d.pending[victim].shard, victim)
+        assert svc.waiter.outcomes["t2"] == Outcome.EVICTED_TTL and not d._held
+        assert d.pending[t1].victims_left == 1 and d._parked_of[(0, "t")] is d.pending[t1]
+        for victim in low:  # both are evicted all the same (t2's too)
+            svc.evicted(d.pending[victim].shard, victim)
         await asyncio.sleep(0)
-        assert d.pending[t3].state == PendingState.QUEUED and not d._parked_of and not d._held
+        assert d.pending[t1].state == PendingState.QUEUED and not d._parked_of and not d._held
+        assert d.ledger.reserved_items == 0 and d.ledger.queued_items == 1
+
+    asyncio.run(main())
+
+
+def test_a_client_that_leaves_has_none_of_its_held_requests_admitted_for_nobody() -> None:
+    """The fronts cancel a closing client's requests one by one, oldest first: the parked one's cancel
+    must not admit the ones held behind it (they would be queued, or dispatched, for nobody). They go
+    at the end of the pass, by when their own cancels have ended them."""
+    async def main() -> None:
+        svc = Service(shards=2)
+        d = svc.d
+        low = [svc.admit(f"l{i}", f"low{i}", 0) for i in range(2)]
+        await asyncio.sleep(0)
+        for n in (0, 1):
+            svc.sent(n)
+        t1 = svc.admit("t1", "t", 1)
+        t2 = svc.admit("t2", "t", 1)
+        d.cancel(t1)
+        d.cancel(t2)
+        await asyncio.sleep(0)
+        assert t1 not in d.pending and t2 not in d.pending and not svc.waiter.outcomes
+        assert not [m for n in (0, 1) for m in svc.sent(n) if type(m) is Enqueue]
+        assert not d._parked_of and not d._held and d.ledger.reserved_items == 0
+        assert d.ledger.queued_items == 2  # the two victims, evicted all the same
+        assert [d.pending[rid].state for rid in low] == [PendingState.DISPLACING] * 2
 
     asyncio.run(main())

@@ -9,7 +9,7 @@ from typing import Any
 
 from conftest import make_config
 
-from flowshard.codec import BatchReader, BatchWriter, Done, Enqueue, FromWorker, Grant, GrantBack, ToWorker
+from flowshard.codec import BatchReader, BatchWriter, Cancel, Done, Enqueue, FromWorker, Grant, GrantBack, ToWorker
 from flowshard.engine import Engine
 from flowshard.shm import ShmLayout, ShmStats
 from flowshard.stats import N_WAIT_BUCKETS
@@ -141,5 +141,22 @@ def test_a_grant_checks_the_heads_deadline_at_its_own_clock_read_not_the_batchs(
         worker.data_received(frames(Grant(0, -1, 0.0, 1)))
         assert [(type(m), getattr(m, "outcome", None)) for m in t.got] == [
             (Done, int(Outcome.EVICTED_TTL)), (GrantBack, None)]
+
+    asyncio.run(main())
+
+
+def test_the_stamps_of_a_batch_never_run_backwards_after_a_grant_reads_its_clock(monkeypatch: Any) -> None:
+    """A grant reads the clock as it is taken; the frames after it in the batch take that later clock,
+    so a cancel read after a dispatch is not stamped before it (a review's note)."""
+    async def main() -> None:
+        worker, t, _ = await _worker(1)
+        clock = iter(range(10**6))  # every read a tenth of a second after the last
+        monkeypatch.setattr("workers.worker.time.monotonic", lambda: 1000.0 + next(clock) / 10)
+        worker.data_received(frames(_enqueue(1, 1), _enqueue(2, 1)))
+        t.got.clear()
+        worker.data_received(frames(Grant(0, -1, 0.0, 1), Cancel(2, int(Outcome.EVICTED_CANCELLED))))
+        done = [m for m in t.got if type(m) is Done]
+        assert [(m.id, m.outcome) for m in done] == [(1, int(Outcome.DISPATCHED)), (2, int(Outcome.EVICTED_CANCELLED))]
+        assert done[1].at >= done[0].at
 
     asyncio.run(main())

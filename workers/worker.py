@@ -104,8 +104,10 @@ class ShardWorker(asyncio.Protocol):
                 elif kind is Grant:
                     max_bytes = math.inf if msg.max_bytes < 0 else msg.max_bytes
                     for _ in range(msg.count):  # a block: each grant answered in order, each at its own clock
-                        # read (not the batch's): a head's deadline is checked as it is dispatched, exactly
-                        self._grant(time.monotonic(), msg.band, max_bytes, msg.saturation)
+                        # read (not the batch's): a head's deadline is checked as it is dispatched, exactly;
+                        # what follows in the batch takes the later clock (its stamps never run backwards)
+                        now = time.monotonic()
+                        self._grant(now, msg.band, max_bytes, msg.saturation)
                     continue
                 elif kind is Cancel:
                     engine.cancel(msg.id, now, Outcome(msg.outcome))
