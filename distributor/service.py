@@ -276,15 +276,10 @@ class Distributor:
         if p.state == PendingState.QUEUED:
             self._send(p.shard, Cancel(p.id, Outcome.EVICTED_CANCELLED))
         elif p.state == PendingState.NEW:
-            if self._take_held(p):  # held behind its flow's parked request: its held room goes back now
+            if self._take_held(p) or p.victims_left:  # held, or parked for displacement: its room goes back now
                 self._unpark(p)
-                self._finish(p, Outcome.EVICTED_CANCELLED, 0.0)
-            elif p.victims_left:  # parked for displacement: its held room goes back now
-                self._unpark(p)
-                self._finish(p, Outcome.EVICTED_CANCELLED, 0.0)
-                self._unblock(p)
-            else:
-                self._finish(p, Outcome.EVICTED_CANCELLED, 0.0)
+            self._finish(p, Outcome.EVICTED_CANCELLED, 0.0)
+            self._unblock(p)  # (if it was its flow's parked request, those held behind it go)
 
     def release(self, ticket: int, tokens: int = -1) -> bool:
         held = self.tickets.pop(ticket, None)
@@ -373,7 +368,7 @@ class Distributor:
             if unconfirmed is not None:
                 unconfirmed.discard(held.id)
             return  # (a leased ticket is never in `_owned`: `_finish` files only the others there)
-        owned = self._owned.get(held.owner)
+        owned = held.owned
         if owned is not None:
             owned.discard(held.id)
             if not owned:
@@ -579,15 +574,10 @@ class Distributor:
         it ends `evicted: ttl` at its deadline, as a queued request would, and its held room goes back.
         (Or one held behind a parked request of its flow: it ends so too, alone.)"""
         self._parked_ttl.pop(p.id, None)
-        if p.state != PendingState.NEW:
-            return
-        if self._take_held(p):
+        if p.state == PendingState.NEW and (self._take_held(p) or p.victims_left):
             self._unpark(p)
             self._finish(p, Outcome.EVICTED_TTL, time.monotonic() - p.received)
-        elif p.victims_left:
-            self._unpark(p)
-            self._finish(p, Outcome.EVICTED_TTL, time.monotonic() - p.received)
-            self._unblock(p)
+            self._unblock(p)  # (if it was its flow's parked request, those held behind it go)
 
     def _take_held(self, p: Pending) -> bool:
         """Take p out of the requests held behind its flow's parked one. Whether it was there."""
@@ -622,10 +612,7 @@ class Distributor:
         self._releasing.discard(key)
         if self._stopping:
             return
-        head = self._parked_of.pop(key, None)
-        if head is not None and head.state == PendingState.NEW and head.victims_left:
-            self._parked_of[key] = head  # (cannot happen: a parked request's retry is what unblocks)
-            return
+        del self._parked_of[key]  # (`_unblock` saw it not parked; nothing parks it again)
         held = self._held.get(key)
         while held:
             q = held.pop(next(iter(held)))
