@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from test_pass_packing import Link
+from test_unclaimed import Link
 
 from distributor.service import Distributor
 from flowshard.codec import BatchReader, Cancel, Done, Enqueue, ToWorker
@@ -63,7 +63,7 @@ class Service:
     def sent(self, shard: int) -> list[Any]:
         """What the distributor wrote to `shard` since last asked."""
         link = self.links[shard]
-        data, self.seen[shard] = link.written[self.seen[shard]:], len(link.written)
+        data, self.seen[shard] = link.inbox[self.seen[shard]:], len(link.inbox)
         return BatchReader(ToWorker).feed(b"".join(data))
 
     def evicted(self, shard: int, rid: int) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from test_unclaimed import Link  # (a worker link that keeps what is written: the shard never reads it)
+
 from distributor.service import Distributor
 from flowshard.config import BandConfig, BudgetConfig, Config, ServiceConfig
 from flowshard.shm import ShmStats, backlog_bytes
@@ -25,17 +27,6 @@ KIB = 1024
 class Waiter:
     def deliver(self, cid: Any, request_id: int, outcome: Outcome, *rest: Any) -> None:
         pass
-
-
-class Link:
-    """A worker link that keeps what is written (the shard never reads it: its backlog stays)."""
-
-    def __init__(self) -> None:
-        self.transport = self
-        self.written: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
 
 
 def distributor(shards: int, slack: int) -> Distributor:
