@@ -184,6 +184,10 @@ class Distributor:
         self._random = array.array("Q")  # pooled random words for tickets (from the OS's CSPRNG)
         self._rr = 0
         self._jsq_slack = config.service.jsq_slack_bytes
+        # With a slack, JSQ-Bytes's pick for a flow starting afresh reads only the shards' input backlogs,
+        # which change within a pass only as shards read: the pass's first such pick is its others' (-1:
+        # none yet; reset by `_flush` and when a shard goes down or comes up)
+        self._fresh_pick = -1
         self._pass_scheduled = False
         self._plan_needed = False
         self._woken: list[int] = []  # this pass's granted shards, in the order to write them (_flush)
@@ -444,8 +448,14 @@ class Distributor:
             if single:
                 shard = 0
             else:
-                self._rr += 1
-                shard = shm.jsq_pick(slot, self._rr, self._jsq_slack, not ledger.slot_items[slot])  # type: ignore[index]
+                fresh = not ledger.slot_items[slot]  # type: ignore[index]
+                if fresh and self._fresh_pick >= 0:
+                    shard = self._fresh_pick
+                else:
+                    self._rr += 1
+                    shard = shm.jsq_pick(slot, self._rr, self._jsq_slack, fresh)
+                    if fresh and self._jsq_slack and self.shards[shard].ready:
+                        self._fresh_pick = shard
             if not self.shards[shard].ready:  # (a shard restarting): the same rule over the live ones
                 live = [s.index for s in self.shards if s.ready]
                 if not live:
@@ -669,6 +679,7 @@ class Distributor:
         s = self.shards[shard]
         s.ready = True
         s.pid = hello.pid
+        self._fresh_pick = -1
         if self._all_ready is not None and all(x.ready for x in self.shards):
             self._all_ready.set()
         self._state_changed()
@@ -680,6 +691,7 @@ class Distributor:
             return
         s.link = None
         s.ready = False
+        self._fresh_pick = -1
         s.writer = BatchWriter()
         s.sent = 0  # (its Enqueues go with the writer; what was counted sent, reset_shard takes as read)
         if self._stopping:
@@ -854,6 +866,7 @@ class Distributor:
 
         Before any write, each shard's input backlog grows by the Enqueues this pass routed to it
         (`Shard.sent`), written to it or kept: the picks of the next pass see them."""
+        self._fresh_pick = -1  # the next pass reads the backlogs this one leaves
         shards = self.shards
         shm = self.shm
         if shm is not None:

@@ -137,3 +137,50 @@ def test_a_newcomer_freed_by_a_lost_shard_is_routed_by_counters_that_agree_with_
         assert d.pending[newcomer].shard == 1
 
     asyncio.run(main())
+
+
+def test_a_pass_picks_once_for_its_new_flows_and_never_a_lost_shard() -> None:
+    """With a slack, a flow starting afresh is placed by the shards' input backlogs alone, so the pass's
+    first such pick is taken for the rest of the pass (`Distributor._fresh_pick`): a shard reading its
+    input within the pass changes the next pass's picks, not this one's. A shard lost within the pass
+    is never picked again, and a flow already queued somewhere is still picked for by its counters."""
+    async def main() -> None:
+        d = distributor(3, 10 * KIB)
+        d._loop = asyncio.get_running_loop()
+        d._respawn = lambda shard: None  # type: ignore[method-assign]  (no worker process in this test)
+        shm = d.shm
+        assert shm is not None
+        waiter = Waiter()
+        ids = iter(range(1, 10**6))
+
+        def admit(flow: str, size: int = 100) -> int:
+            rid = d.admit(waiter, next(ids), flow, 0, size, 0.0, 0.0, 0, 0.0, False)
+            return d.pending[rid].shard
+
+        shm.add_sent(0, 50 * KIB)  # shard 0 behind its input: new flows go to shard 1
+        assert [admit(f"a{i}") for i in range(5)] == [1] * 5
+        shm.add_taken(0, 50 * KIB)  # shard 0 reads it within the pass: this pass keeps its pick
+        assert admit("b") == 1
+        await asyncio.sleep(0)
+        assert admit("c") == 0  # the next pass reads the backlogs again
+        shm.add_sent(0, 50 * KIB)
+        d.on_worker_lost(0, d.shards[0].link)  # type: ignore[arg-type]  (within the pass: shard 0 is gone)
+        assert admit("d") == 1 and admit("e") == 1  # never the lost shard, whatever was picked before
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+
+
+def test_without_a_slack_each_new_flow_is_picked_for_on_its_own() -> None:
+    """Slack 0 is exact JSQ-Bytes over queued bytes (ties round robin): every pick reads the counters,
+    which each pick of the pass moves, so nothing is reused (the control for the test above)."""
+    async def main() -> None:
+        d = distributor(3, 0)
+        d._loop = asyncio.get_running_loop()
+        waiter = Waiter()
+        placed = [d.pending[d.admit(waiter, i + 1, f"f{i}", 0, 100, 0.0, 0.0, 0, 0.0, False)].shard
+                  for i in range(6)]
+        assert sorted(placed) == [0, 0, 1, 1, 2, 2]  # spread: one pass, three shards
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
