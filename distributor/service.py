@@ -634,9 +634,12 @@ class Distributor:
             try:
                 self.ledger.abandon(q)  # its room goes back, and is what admits it again below
                 self._retry_newcomer(q, unblock=False)
-            except Exception:
+            except Exception:  # as `admit`'s caller does: the request ends, and its client is answered 500
                 log.exception("admitting request %d, held behind its flow's displacing request", q.id)
+                owner = q.owner if q.id in self.pending else None  # (none: its outcome was given)
                 self._abandon(q.id)
+                if owner is not None:
+                    owner[0].fail(owner[1], "internal error while admitting")
             if key in self._parked_of:  # it had to displace in turn: the rest wait behind it
                 return
 

@@ -358,11 +358,16 @@ class Ledger:
         left): the room held for it goes back now, and its victims, already being cancelled, owe it
         nothing when they leave. Without this a victim held on a stopped shard kept the newcomer
         waiting past its TTL, and the room held with it, until that shard was killed (seconds).
-        Scans the bands below the newcomer's (where its victims are); it is rare."""
-        for band in self.bands[newcomer.band + 1 :]:
-            for victim in band.order.values():
-                if victim.displacer is newcomer:
-                    victim.displacer = None
+        While some of its victims have not left, scans the bands below the newcomer's (where they
+        are): rare. With none left (a request held behind its flow's parked one whose victims have
+        all gone, released in turn) no victim points at it and nothing is scanned: one such release
+        per held request scanned every lower band's queue (a review: 400 held behind 40,000 queued
+        below, 0.56 s in one callback)."""
+        if newcomer.victims_left:  # (each victim that left cleared its pointer: `leave`)
+            for band in self.bands[newcomer.band + 1 :]:
+                for victim in band.order.values():
+                    if victim.displacer is newcomer:
+                        victim.displacer = None
         newcomer.victims_left = 0
         self._reserve(newcomer, -newcomer.reserved_bytes, -newcomer.reserved_items)
         self._hold_in_band(newcomer, -1)
