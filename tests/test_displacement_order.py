@@ -66,6 +66,17 @@ class Service:
         data, self.seen[shard] = link.inbox[self.seen[shard]:], len(link.inbox)
         return BatchReader(ToWorker).feed(b"".join(data))
 
+    async def parked_and_held(self) -> tuple[list[int], int, int]:
+        """Two low requests fill the queue; then t1 of flow "t" (high band) displaces one and is parked,
+        and t2 of the same flow displaces the other and is held behind t1."""
+        low = [self.admit(f"l{i}", f"low{i}", 0) for i in range(2)]
+        await asyncio.sleep(0)
+        t1 = self.admit("t1", "t", 1)
+        t2 = self.admit("t2", "t", 1)
+        await asyncio.sleep(0)
+        assert t2 in self.d._held[(0, "t")]
+        return low, t1, t2
+
     def evicted(self, shard: int, rid: int) -> None:
         """The shard answers a Cancel: the request left its queue, displaced."""
         self.d.on_worker_frames(shard, [Done(rid, int(Outcome.EVICTED_DISPLACED), 0.01)])
@@ -173,12 +184,7 @@ def test_a_held_request_whose_admission_fails_is_answered_500_once() -> None:
         svc = Service(shards=2)
         d = svc.d
         svc.waiter = waiter = FailingWaiter()
-        low = [svc.admit(f"l{i}", f"low{i}", 0) for i in range(2)]
-        await asyncio.sleep(0)
-        t1 = svc.admit("t1", "t", 1)
-        t2 = svc.admit("t2", "t", 1)  # held behind t1
-        await asyncio.sleep(0)
-        assert t2 in d._held[(0, "t")]
+        low, t1, t2 = await svc.parked_and_held()
         check = d.ledger.check
 
         def failing(p: Any) -> Any:
@@ -212,11 +218,7 @@ def test_releasing_held_requests_whose_victims_left_scans_no_lower_band() -> Non
     async def main() -> None:
         svc = Service(shards=2)
         d = svc.d
-        low = [svc.admit(f"l{i}", f"low{i}", 0) for i in range(2)]
-        await asyncio.sleep(0)
-        t1 = svc.admit("t1", "t", 1)
-        t2 = svc.admit("t2", "t", 1)
-        await asyncio.sleep(0)
+        low, t1, t2 = await svc.parked_and_held()
         victim_of_t2 = next(rid for rid in low if d.pending[rid].displacer is d.pending[t2])
         svc.evicted(d.pending[victim_of_t2].shard, victim_of_t2)
         await asyncio.sleep(0)
