@@ -298,6 +298,10 @@ class Upstream(asyncio.Protocol):
             self.send(LinkRelease(ticket, tokens))
             done(ticket, True)
             return
+        # Asked: whatever the answer, the ticket is released (now, or before) and no connection of
+        # ours holds it any more (kept, its connection's close released it again, and a later release
+        # of it took the shortcut above: True where the distributor says False; a review)
+        self._disown(ticket)
         key = self._next_key
         self._next_key = key + 1
         self._releases[key] = (ticket, done)
