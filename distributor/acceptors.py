@@ -352,6 +352,7 @@ ACCEPT_BATCH = 64  # connections accepted per readiness callback (then the loop 
 ACCEPT_PAUSE = 0.1  # after an accept error (out of descriptors): listen again after this
 HANDOVER_QUIET = 1.0  # an acceptor not heard from this long gets no new connection
 HEARTBEAT_STALE = 5.0  # nor heard from this long: hung; killed, and started again (as a worker)
+START_TIMEOUT = 30.0  # a restarted acceptor without its Hello this long after its start: hung; killed too
 SELF_STALL = 0.5  # the checks (every 0.25 s) this far apart: the distributor itself did not run
 PROXY_REPORT_WAIT = 1.0  # proxy mode: the most /metrics and /v1/stats wait for the acceptors' counters
 
@@ -613,7 +614,9 @@ class Acceptors:
                 delay = min(RESPAWN_MAX, delay * 2)
 
     def check_heartbeats(self) -> None:
-        """Kill an acceptor that has said nothing for HEARTBEAT_STALE (its link's loss restarts it).
+        """Kill an acceptor that has said nothing for HEARTBEAT_STALE (its link's loss restarts it),
+        or a restarted one still without its Hello START_TIMEOUT after its start (it hung before
+        serving: its place was kept, and with one acceptor every new connection closed, for good).
 
         Silence counts only while this process runs: after a stall of its own (stopped, or the host
         paused it) the heartbeats wait unread in its links, so every acceptor's silence starts again
@@ -628,10 +631,16 @@ class Acceptors:
         stale = now - HEARTBEAT_STALE
         for index, link in enumerate(self.links):
             proc = self.procs[index]
-            if link is not None and link.ready and link.heard < stale and proc is not None:
+            if link is None or proc is None:
+                continue
+            if link.ready and link.heard < stale:
                 log.error("acceptor %d silent for %.0f s: killing it", index, HEARTBEAT_STALE)
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
+            elif not link.ready and now - self._last_start[index] > START_TIMEOUT:
+                log.error("acceptor %d not started within %.0f s: killing it", index, START_TIMEOUT)
+            else:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
 
     def stop_listening(self) -> None:
         """Draining: no new connections (the port closes); the acceptors keep serving theirs."""

@@ -131,6 +131,7 @@ class Shard:
         self.last_restart = -math.inf
         self.pid = 0
         self.spawn_failures = 0  # failed attempts to start this shard's worker, ever
+        self.spawned_at = 0.0  # when its worker last started (monotonic): its Hello is due within WORKER_START_TIMEOUT
         self.failing_since = 0.0  # monotonic time the current run of failed attempts began; 0: none
         self.frames_to = 0  # frames sent to and received from this shard, for `bench.hops`
         self.frames_from = 0
@@ -913,6 +914,7 @@ class Distributor:
         except BaseException:
             s.link = None
             raise
+        s.spawned_at = time.monotonic()
 
     async def start(self) -> None:
         """Create shared memory, start the workers, wait until each says hello, open the listeners."""
@@ -1016,13 +1018,24 @@ class Distributor:
         self._housekeeper = self._loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeeping)
 
     def _check_heartbeats(self, now_ns: int) -> None:
-        """A worker that stopped beating is wedged: kill it, and the crash path restarts it."""
+        """A worker that stopped beating is wedged: kill it, and the crash path restarts it. So is a
+        restarted one still without its Hello WORKER_START_TIMEOUT after its start (it hung before
+        serving: its shard stayed down, and at one shard every request that would queue failed)."""
         assert self.shm is not None
         for s in self.shards:
-            beat = int(self.shm.heartbeat_ns[s.index])
-            if s.ready and s.proc is not None and beat and now_ns - beat > HEARTBEAT_STALE * 1e9:
-                with contextlib.suppress(ProcessLookupError):
-                    s.proc.kill()
+            if s.proc is None or s.link is None:
+                continue
+            if s.ready:
+                beat = int(self.shm.heartbeat_ns[s.index])
+                if not (beat and now_ns - beat > HEARTBEAT_STALE * 1e9):
+                    continue
+                log.error("shard %d: its worker stopped beating for %.0f s: killing it", s.index, HEARTBEAT_STALE)
+            elif now_ns / 1e9 - s.spawned_at > WORKER_START_TIMEOUT:
+                log.error("shard %d: its worker not started within %.0f s: killing it", s.index, WORKER_START_TIMEOUT)
+            else:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                s.proc.kill()
 
     def _flow_busy(self, flow: str) -> bool:
         return any(flow in band.flows for band in self.ledger.bands)

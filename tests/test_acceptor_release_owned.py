@@ -88,6 +88,11 @@ def _run(sole: bool, rounds: int) -> tuple[Upstream, Any, _Recorder, _Recorder]:
     return asyncio.run(main())
 
 
+async def _close(conn: Any) -> None:
+    conn.connection_lost(None)
+    await asyncio.sleep(0)
+
+
 def test_a_released_ticket_leaves_the_connection_whichever_acceptor_count() -> None:
     for sole in (False, True):
         upstream, conn, link, client = _run(sole, 50)
@@ -95,11 +100,7 @@ def test_a_released_ticket_leaves_the_connection_whichever_acceptor_count() -> N
             [(t, ok) for i in range(50) for t, ok in ((999, False), (1000 + i, True))]
         assert not upstream._owner and not upstream._owned  # nothing left to release at its close
 
-        async def close() -> None:
-            conn.connection_lost(None)
-            await asyncio.sleep(0)
-
-        asyncio.run(close())
+        asyncio.run(_close(conn))
         assert not [m for m in link.got if type(m) is LinkRelease]  # nothing released twice
 
 
