@@ -26,6 +26,7 @@ import os
 import socket
 import subprocess
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -350,6 +351,7 @@ class _Answer:
 
 ACCEPT_BATCH = 64  # connections accepted per readiness callback (then the loop serves the rest)
 ACCEPT_PAUSE = 0.1  # after an accept error (out of descriptors): listen again after this
+HANDOVER_RETRY = 0.005  # every live acceptor's hand-over queue full (a burst of connections): try again then
 HANDOVER_QUIET = 1.0  # an acceptor not heard from this long gets no new connection
 HEARTBEAT_STALE = 5.0  # nor heard from this long: hung; killed, and started again (as a worker)
 START_TIMEOUT = 30.0  # a restarted acceptor without its Hello this long after its start: hung; killed too
@@ -383,6 +385,11 @@ class Acceptors:
         self._asks: dict[int, tuple[set[int], Callable[[], None]]] = {}  # proxy reports awaited, per query
         self._next_ask = 1
         self._checked = time.monotonic()  # the last check_heartbeats
+        # Connections accepted that no acceptor could take yet (each live one's hand-over queue full: a
+        # burst of connections), handed in order as the queues drain; meanwhile nothing more is
+        # accepted, and the rest wait in the listen backlog, as they do for one process
+        self._waiting: deque[tuple[bytes, socket.socket]] = deque()
+        self._retry_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         for index in range(self.count):
@@ -421,11 +428,16 @@ class Acceptors:
 
     def listen(self) -> None:
         """Start accepting (once every acceptor said hello and the service accepts work)."""
+        for sock in self.listeners.values():
+            sock.setblocking(False)
+        self._listening = True
+        self._read_listeners()
+
+    def _read_listeners(self) -> None:
         loop = asyncio.get_running_loop()
         for kind, sock in self.listeners.items():
-            sock.setblocking(False)
-            loop.add_reader(sock.fileno(), self._accept, kind, sock)
-        self._listening = True
+            if self._listening and sock.fileno() >= 0:
+                loop.add_reader(sock.fileno(), self._accept, kind, sock)
 
     def _accept(self, kind: bytes, sock: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
@@ -437,20 +449,65 @@ class Acceptors:
                 log.warning("accepting a connection failed (%s); pausing %.1f s", exc, ACCEPT_PAUSE)
                 self._pause(kind, sock)
                 return
+            waits = False
             try:
-                self._hand(kind, conn)
+                waits = not self._hand(kind, conn)
             finally:
-                conn.close()  # the acceptor holds its own copy now (or the client sees the close)
+                if not waits:
+                    conn.close()  # the acceptor holds its own copy now (or the client sees the close)
+            if waits:
+                self._hold(kind, conn)
+                return
 
     def _pause(self, kind: bytes, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         loop.remove_reader(sock.fileno())
 
         def resume() -> None:
-            if self._listening and sock.fileno() >= 0:
+            if self._listening and not self._waiting and sock.fileno() >= 0:
                 loop.add_reader(sock.fileno(), self._accept, kind, sock)
 
         loop.call_later(ACCEPT_PAUSE, resume)
+
+    def _hold(self, kind: bytes, conn: socket.socket) -> None:
+        """No live acceptor can take `conn` now (a burst filled their hand-over queues): keep it, accept
+        nothing more until it and any kept before it are handed (`_retry`). Closing it (as before) gave
+        clients of a burst well within `max_connections` an EOF unanswered (a review: 1,022 of 3,000
+        connections opened at once with 2 acceptors; none without acceptors, where they wait in the
+        listen backlog)."""
+        self._waiting.append((kind, conn))
+        loop = asyncio.get_running_loop()
+        for sock in self.listeners.values():
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(sock.fileno())
+        if self._retry_timer is None:
+            self._retry_timer = loop.call_later(HANDOVER_RETRY, self._retry)
+
+    def _retry(self) -> None:
+        """Hand the kept connections, oldest first, while the acceptors' queues take them; then accept again."""
+        self._retry_timer = None
+        waiting = self._waiting
+        while waiting:
+            kind, conn = waiting[0]
+            waits = True
+            try:
+                waits = not self._hand(kind, conn)
+            finally:
+                if not waits:
+                    waiting.popleft()
+                    conn.close()
+            if waits:
+                self._retry_timer = asyncio.get_running_loop().call_later(HANDOVER_RETRY, self._retry)
+                return
+        self._read_listeners()
+
+    def _drop_waiting(self) -> None:
+        """Stopping: the connections still kept are closed (as a listen backlog is when its port closes)."""
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+        while self._waiting:
+            self._waiting.popleft()[1].close()
 
     def verdict(self, kind: bytes) -> int:
         """How a new connection of a front counts (distributor.api), by the connections of that front
@@ -462,10 +519,10 @@ class Acceptors:
         return connection_verdict(sum(link.open(normal) for link in links),
                                   sum(link.open(reserved) for link in links) if reserve else 0, limit, reserve)
 
-    def _hand(self, kind: bytes, conn: socket.socket) -> None:
+    def _hand(self, kind: bytes, conn: socket.socket) -> bool:
         """To the live acceptor with the fewest open connections of this front, with the verdict the
         front applies (served, in the admin reserve, or refused as over the limits); none live:
-        closed (a dead one is restarted)."""
+        closed (a dead one is restarted). False: every live one's hand-over queue is full (try again)."""
         verdict = self.verdict(kind)
         message = kind + bytes((verdict,))
         quiet = time.monotonic() - HANDOVER_QUIET  # an acceptor silent this long may be hung: none for it
@@ -474,19 +531,26 @@ class Acceptors:
         # than that every acceptor hung; a hung one's queue refuses the send, and it is killed later.
         live = sorted([link for link in ready if link.heard > quiet] or ready,
                       key=lambda x: (x.load(kind), x.refused[kind]))
+        full = False
         for link in live:
             if link.handover is None:
                 continue
             try:
                 socket.send_fds(link.handover, [message], [conn.fileno()])
-            except OSError:  # its queue is full (it is stuck) or it is gone: the next one
+            except BlockingIOError:  # its queue is full (behind on a burst, or stuck): the next one
+                full = True
+                continue
+            except OSError:  # it is gone: the next one
                 continue
             if verdict == CONN_REFUSED:
                 link.refused[kind] += 1
             else:
                 link.handed[kind, verdict] += 1
-            return
+            return True
+        if full and not self._stopping:
+            return False
         log.warning("no acceptor could take a connection: closed")
+        return True
 
     # ------------------------------------------------------------ state and supervision
 
@@ -659,6 +723,7 @@ class Acceptors:
         answers leave), wait for it, and kill one that does not exit."""
         self.stop_listening()
         self._stopping = True
+        self._drop_waiting()
         for link in self.links:
             if link is not None:
                 link.send(Shutdown())
