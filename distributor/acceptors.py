@@ -185,6 +185,8 @@ class AcceptorLink(asyncio.Protocol):
                 log.exception("acceptor %d: handling %s failed", self.index, type(msg).__name__)
                 if type(msg) is LinkAdmit:
                     self.fail(msg.key, "internal error while admitting")
+                elif type(msg) is LinkRelease and msg.key:  # its answer is awaited: the front says 500
+                    self.send(Error(msg.key, 500, "internal error while releasing"))
 
     def _handle(self, msg: Any) -> None:
         """Any message but an admission or a release (`data_received` handles those)."""

@@ -96,9 +96,15 @@ class Admission(Protocol):
         """Free a dispatched request's ticket. False for unknown or already released tickets.
         `tokens` >= 0: the request's actual cost, to correct its flow's fairness charge."""
 
-    def release_then(self, ticket: int, tokens: int, done: Callable[[int, bool], None]) -> None:
+    def release_then(
+        self, ticket: int, tokens: int, done: Callable[[int, bool], None],
+        failed: Callable[[str], None] | None = None,
+    ) -> None:
         """`release`, answered by `done(ticket, ok)`: at once in the distributor's process, after a
-        round trip from an acceptor process (`distributor.front`). `tokens` -1: none reported."""
+        round trip from an acceptor process (`distributor.front`). `tokens` -1: none reported.
+        The distributor failing on it (a bug): in its process the call raises; from an acceptor,
+        `failed(message)` is called instead of `done` (without `failed`: `done(ticket, False)`), so
+        the front answers as it does when the call raises."""
 
     def after(self, done: Callable[[], None]) -> None:
         """Call `done()` once every call made before this one has been handled and the answers it

@@ -257,6 +257,8 @@ class BinaryConnection(asyncio.Protocol):
                 admit(msg)
             else:
                 release(msg)
+                if not self._open:  # the release failed (a bug), and with it the connection: nothing after it
+                    return
 
     def _waiting(self) -> int:
         """Bytes of replies waiting in this process: unsent, and on their way (releases in flight,
@@ -303,12 +305,24 @@ class BinaryConnection(asyncio.Protocol):
             ticket = msg.ticket
             self._admission.after(lambda: self._refused(ticket, problem))
             return
-        self._admission.release_then(msg.ticket, tokens, self._released)
+        try:
+            self._admission.release_then(msg.ticket, tokens, self._released, self._release_failed)
+        except Exception:
+            log.exception("release failed for a binary client")
+            self._release_failed("internal error while releasing")
 
     def _released(self, ticket: int, ok: bool) -> None:
         self._awaiting -= 1
         if not self._lost:
             self._send(Released(ticket, ok))
+
+    def _release_failed(self, message: str) -> None:
+        """The distributor failed on a release (a bug): nothing more is read, the answers before it
+        go out, then `Error(-1, 500)` and the close (in one process the exception closed the
+        connection unanswered; from an acceptor nothing answered it and later answers shifted)."""
+        self._awaiting -= 1
+        if self._open:
+            self._fail(500, message)
 
     def _refused(self, ticket: int, problem: str) -> None:
         self._awaiting -= 1

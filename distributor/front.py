@@ -121,7 +121,8 @@ class Upstream(asyncio.Protocol):
         self._flush_scheduled = False
         self._next_key = 1
         self._admissions: dict[int, tuple[Waiter, Any, bool]] = {}  # key -> (waiter, cid, leased)
-        self._releases: dict[int, tuple[int, Callable[[int, bool], None]]] = {}  # key -> (ticket, answer)
+        # key -> (ticket, answer, what to do if the distributor failed on it: `release_then`)
+        self._releases: dict[int, tuple[int, Callable[[int, bool], None], Callable[[str], None] | None]] = {}
         self._queries: dict[int, Callable[[bytes, str], None]] = {}
         self._owned: dict[Any, set[int]] = {}  # binary waiter -> its tickets (the connection is the lease)
         self._owner: dict[int, Any] = {}  # and back
@@ -157,8 +158,11 @@ class Upstream(asyncio.Protocol):
             kind = type(msg)
             if kind is Result or kind is Audited:
                 self._answered(msg)
-            elif kind is Error:  # the distributor failed on this admission (a bug): the front says 500
-                self._fail_admission(msg.id, msg.message)
+            elif kind is Error:  # the distributor failed on this admission or release (a bug): the front says 500
+                if msg.id in self._releases:
+                    self._fail_release(msg.id, msg.message)
+                else:
+                    self._fail_admission(msg.id, msg.message)
             elif kind is LinkReleased:  # `_answer_release` inlined: one per HTTP release (measured)
                 waiting = self._releases.pop(msg.key, None)
                 if waiting is not None:
@@ -215,8 +219,17 @@ class Upstream(asyncio.Protocol):
     def _answer_release(self, key: int, ok: bool) -> None:
         waiting = self._releases.pop(key, None)
         if waiting is not None:
-            ticket, done = waiting
+            ticket, done, _ = waiting
             done(ticket, ok)
+
+    def _fail_release(self, key: int, message: str) -> None:
+        """The distributor raised on this release: the front answers as when the call raises in one
+        process (HTTP 500; the binary connection fails), or, asked without `failed`, not released."""
+        ticket, done, failed = self._releases.pop(key)
+        if failed is not None:
+            failed(message)
+        else:
+            done(ticket, False)
 
     def send(self, message: Any) -> None:
         self._writer.add(message)
@@ -287,7 +300,10 @@ class Upstream(asyncio.Protocol):
         self.send(LinkRelease(ticket, tokens))
         return True
 
-    def release_then(self, ticket: int, tokens: int, done: Callable[[int, bool], None]) -> None:
+    def release_then(
+        self, ticket: int, tokens: int, done: Callable[[int, bool], None],
+        failed: Callable[[str], None] | None = None,
+    ) -> None:
         if self._sole and not self._releases and ticket in self._owner:
             # A binary ticket of one of our connections: the distributor holds it until it is released
             # through us or that connection closes (no lease), so the answer is known: no round trip.
@@ -304,7 +320,7 @@ class Upstream(asyncio.Protocol):
         self._disown(ticket)
         key = self._next_key
         self._next_key = key + 1
-        self._releases[key] = (ticket, done)
+        self._releases[key] = (ticket, done, failed)
         self._writer.add(LinkRelease(ticket, tokens, key))
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -316,7 +332,7 @@ class Upstream(asyncio.Protocol):
         the answers it decided at once for the messages before."""
         key = self._next_key
         self._next_key = key + 1
-        self._releases[key] = (0, lambda _ticket, _ok: done())
+        self._releases[key] = (0, lambda _ticket, _ok: done(), None)
         self.send(LinkRelease(0, -1, key))
 
     def _disown(self, ticket: int) -> None:

@@ -885,11 +885,15 @@ class HttpConnection(asyncio.Protocol):
                 slot.data = _error(404, f"ticket {ticket} is unknown or already released", conn)
             self._filled(slot)
 
+        def failed(message: str) -> None:  # (from an acceptor: the distributor raised on it)
+            if not self._dead and slot.data is None:
+                self.slot_respond(slot, _error(500, message, conn))
+
         try:
-            self._admission.release_then(r.ticket, -1 if r.tokens is None else r.tokens, answered)
+            self._admission.release_then(r.ticket, -1 if r.tokens is None else r.tokens, answered, failed)
         except Exception as exc:
             log.exception("release failed")
-            self.slot_respond(slot, _error(500, f"internal error: {type(exc).__name__}", conn))
+            failed(f"internal error: {type(exc).__name__}")
 
     def _not_reading(self) -> bool:
         """An expensive answer (stats, metrics) for a client that has not read write_high bytes of

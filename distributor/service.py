@@ -319,8 +319,11 @@ class Distributor:
             self._loop.call_soon(self._end_pass)
         return True
 
-    def release_then(self, ticket: int, tokens: int, done: Callable[[int, bool], None]) -> None:
-        done(ticket, self.release(ticket, tokens))
+    def release_then(
+        self, ticket: int, tokens: int, done: Callable[[int, bool], None],
+        failed: Callable[[str], None] | None = None,
+    ) -> None:
+        done(ticket, self.release(ticket, tokens))  # (raising, if it fails: the caller answers)
 
     def after(self, done: Callable[[], None]) -> None:
         done()  # every call before this one was handled, and answered, when it returned

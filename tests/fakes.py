@@ -12,7 +12,7 @@ class AnswersAtOnce:
     """The asynchronous half of `distributor.api.Admission` (release_then, query) on top of a fake's
     synchronous release, stats and metrics: answered at once, as the distributor's own process does."""
 
-    def release_then(self, ticket: int, tokens: int, done: Any) -> None:
+    def release_then(self, ticket: int, tokens: int, done: Any, failed: Any = None) -> None:
         release: Any = getattr(self, "release")  # noqa: B009 - the fake's own, some without `tokens`
         done(ticket, release(ticket) if tokens < 0 else release(ticket, tokens))
 

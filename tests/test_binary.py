@@ -338,7 +338,7 @@ class LinkLike(FakeAdmission):
         super().__init__()
         self.waiting: list[Callable[[], None]] = []
 
-    def release_then(self, ticket: int, tokens: int, done: Any) -> None:
+    def release_then(self, ticket: int, tokens: int, done: Any, failed: Any = None) -> None:
         self.waiting.append(lambda: done(ticket, self.release(ticket)))
 
     def after(self, done: Any) -> None:

@@ -1136,7 +1136,7 @@ class AnswersLater(FakeAdmission):
 
     delay = 0.02
 
-    def release_then(self, ticket: int, tokens: int, done: Any) -> None:
+    def release_then(self, ticket: int, tokens: int, done: Any, failed: Any = None) -> None:
         asyncio.get_running_loop().call_later(self.delay, lambda: done(ticket, self.release(ticket)))
 
     def query(self, what: str, done: Any) -> None:
@@ -1239,7 +1239,7 @@ def test_half_close_whose_answers_never_come_is_reset_not_closed_as_if_complete(
     guards = Guards()
 
     class NeverAnswers(FakeAdmission):
-        def release_then(self, ticket: int, tokens: int, done: Any) -> None:
+        def release_then(self, ticket: int, tokens: int, done: Any, failed: Any = None) -> None:
             pass
 
     async def t(port: int, fake: FakeAdmission) -> None:
@@ -1262,7 +1262,7 @@ def test_half_close_given_up_releases_the_answers_its_client_never_took() -> Non
     guards = Guards()
 
     class NeverAnswersFive(FakeAdmission):
-        def release_then(self, ticket: int, tokens: int, done: Any) -> None:
+        def release_then(self, ticket: int, tokens: int, done: Any, failed: Any = None) -> None:
             if ticket != 5:  # the distributor is stuck on that one
                 super().release_then(ticket, tokens, done)
 
