@@ -1173,7 +1173,8 @@ def reference_line(name: str, fairness: str, unit: str, verdict: Verdict, most: 
     if verdict.fair:
         if verdict.max_error is not None and verdict.max_error > verdict.margin:  # let through as noise
             return head + (f"fair: every flow within {margin} plus its sampling noise of its max-min allocation "
-                           f"of intrinsic demand (largest error {verdict.max_error * 100:.1f}%)")
+                           f"of intrinsic demand (largest error {verdict.max_error * 100:.1f}%, within that "
+                           f"flow's sampling noise: its requests vary, and a short run judges loosely)")
         return head + f"fair: every flow within {margin} of its max-min allocation of intrinsic demand"
     more = f" (+{len(verdict.off) - most} more)" if len(verdict.off) > most else ""
     return head + f"UNFAIR: {len(verdict.off)} flows off their max-min allocation by more than {margin}: " + \
