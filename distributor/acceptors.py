@@ -491,14 +491,15 @@ class Acceptors:
         waiting = self._waiting
         while waiting:
             kind, conn = waiting[0]
-            waits = True
             try:
                 waits = not self._hand(kind, conn)
-            finally:
-                if not waits:
-                    waiting.popleft()
-                    conn.close()
-            if waits:
+            except Exception:  # (as in `_accept`: that connection is closed, the others go on)
+                log.exception("handing a connection to an acceptor failed: closed")
+                waits = False
+            if not waits:
+                waiting.popleft()
+                conn.close()
+            else:
                 self._retry_timer = asyncio.get_running_loop().call_later(HANDOVER_RETRY, self._retry)
                 return
         self._read_listeners()

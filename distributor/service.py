@@ -68,6 +68,7 @@ WORKER_START_TIMEOUT = 30.0
 SPAWN_RETRY_MIN = 0.1  # a failed worker start is retried after this, doubling up to SPAWN_RETRY_MAX
 SPAWN_RETRY_MAX = 5.0
 HOUSEKEEPING_INTERVAL = 0.25
+SELF_STALL = 0.5  # housekeeping ticks this far apart: this process did not run (stopped, or its host paused)
 HEARTBEAT_STALE = 5.0
 # At the end of the drain: a worker that has sent nothing for this long after `Shutdown` is not waited
 # for (a healthy one reports its evictions and closes its link within milliseconds)
@@ -198,6 +199,7 @@ class Distributor:
         self._started = False
         self.stop_requested = False  # a signal arrived before start() finished
         self.started = time.monotonic()
+        self._checked = self.started  # the last _check_heartbeats
         self.counters = {"tickets_expired": 0, "tickets_released": 0, "worker_restarts": 0, "fast_path": 0,
                          "acceptor_restarts": 0, "dispatches_unclaimed": 0}
         self.guards = Guards()  # protective actions of the fronts (distributor/guards.py)
@@ -640,7 +642,7 @@ class Distributor:
                 self._retry_newcomer(q, unblock=False)
             except Exception:  # as `admit`'s caller does: the request ends, and its client is answered 500
                 log.exception("admitting request %d, held behind its flow's displacing request", q.id)
-                owner = q.owner if q.id in self.pending else None  # (none: its outcome was given)
+                owner = q.owner  # (every waiter's `fail` ignores a request it was answered for)
                 self._abandon(q.id)
                 if owner is not None:
                     owner[0].fail(owner[1], "internal error while admitting")
@@ -909,6 +911,7 @@ class Distributor:
         s = self.shards[shard]
         link = WorkerLink(self, shard, self._worker_config)
         s.link = link
+        s.spawned_at = time.monotonic()  # (before the await: a check meanwhile must not judge the old start)
         try:
             s.proc, _ = await spawn_linked(
                 lambda fds: ["workers", "--shard", str(shard), "--fd", str(fds[0]), "--shm", self.segment.name],
@@ -917,7 +920,6 @@ class Distributor:
         except BaseException:
             s.link = None
             raise
-        s.spawned_at = time.monotonic()
 
     async def start(self) -> None:
         """Create shared memory, start the workers, wait until each says hello, open the listeners."""
@@ -1025,6 +1027,10 @@ class Distributor:
         restarted one still without its Hello WORKER_START_TIMEOUT after its start (it hung before
         serving: its shard stayed down, and at one shard every request that would queue failed)."""
         assert self.shm is not None
+        now = now_ns / 1e9
+        stalled, self._checked = now - self._checked > SELF_STALL, now
+        if stalled:  # this process did not run: what its workers sent meanwhile (a Hello) is still unread
+            return
         for s in self.shards:
             if s.proc is None or s.link is None:
                 continue
@@ -1033,7 +1039,7 @@ class Distributor:
                 if not (beat and now_ns - beat > HEARTBEAT_STALE * 1e9):
                     continue
                 log.error("shard %d: its worker stopped beating for %.0f s: killing it", s.index, HEARTBEAT_STALE)
-            elif now_ns / 1e9 - s.spawned_at > WORKER_START_TIMEOUT:
+            elif now - s.spawned_at > WORKER_START_TIMEOUT:
                 log.error("shard %d: its worker not started within %.0f s: killing it", s.index, WORKER_START_TIMEOUT)
             else:
                 continue

@@ -204,6 +204,33 @@ def test_a_held_request_whose_admission_fails_is_answered_500_once() -> None:
     asyncio.run(main())
 
 
+def test_a_held_request_whose_ending_fails_midway_is_answered_500() -> None:
+    """The error may come after the request left `pending` (inside `_finish`, before its answer):
+    its client is answered 500 all the same (a waiter's `fail` ignores a request it was answered)."""
+    async def main() -> None:
+        svc = Service(shards=2)
+        d = svc.d
+        svc.waiter = waiter = FailingWaiter()
+        low, _, t2 = await svc.parked_and_held()
+        check = d.ledger.check
+        d.ledger.check = lambda p: None if p.id == t2 else check(p)  # type: ignore[method-assign]  (rejected)
+
+        class Raising:  # ... and ending it raises, after it left `pending`
+            value = 1
+
+            def rejected(self, now: float) -> int:
+                raise RuntimeError("injected")
+
+        d.retry[0] = Raising()  # type: ignore[call-overload]
+        for rid in low:
+            svc.evicted(d.pending[rid].shard, rid)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert t2 not in d.pending and waiter.failed == ["t2"] and "t2" not in waiter.outcomes
+
+    asyncio.run(main())
+
+
 class Unscannable(dict):  # type: ignore[type-arg]
     """A band's queue whose scan is an error (the ledger reads it only by key otherwise)."""
 

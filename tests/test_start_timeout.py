@@ -9,6 +9,7 @@ Distributor and Acceptors, the processes fakes that record a kill (a review's fi
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 
@@ -76,3 +77,53 @@ def test_an_acceptor_hung_before_its_hello_is_killed_once_its_start_has_taken_to
         ready.ready = True  # said Hello long ago, and heard from just now: healthy
         acceptors.check_heartbeats()
         assert [p.killed for p in procs] == [1, 0, 0]
+
+
+def test_after_a_stall_of_the_distributor_nothing_is_judged_until_it_has_read_what_came_meanwhile() -> None:
+    """A check that follows a stall of the distributor itself (stopped, or its host paused) kills
+    nothing: the Hello of a worker that started meanwhile may wait unread in its link (uvloop runs a
+    due timer before the reads of the same turn). The next check judges as usual."""
+    d = _distributor()
+    now = time.monotonic()
+    proc = FakeProc()
+    s = d.shards[0]
+    s.proc = proc  # type: ignore[assignment]
+    s.link = object()  # type: ignore[assignment]
+    s.ready = False
+    s.spawned_at = now - WORKER_START_TIMEOUT - 1
+    d._checked = now - 40.0  # the previous check was 40 s ago: this process did not run
+    d._check_heartbeats(time.monotonic_ns())
+    assert proc.killed == 0
+    d._check_heartbeats(time.monotonic_ns())  # a tick later: still no Hello, so it is hung
+    assert proc.killed == 1
+
+
+def test_a_kept_connection_that_cannot_be_handed_is_closed_and_accepting_goes_on() -> None:
+    """A connection kept for the acceptors (`_hold`, a burst) whose hand-over raises (a bug) is closed,
+    as `_accept` closes one, and the listeners are read again: the service does not stop accepting."""
+    import asyncio
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        d = _distributor()
+        with socket.create_server(("127.0.0.1", 0)) as http, socket.create_server(("127.0.0.1", 0)) as binary:
+            acceptors = Acceptors(d, 1, http, binary, b"")
+            acceptors._listening = True
+            kept, _ = socket.socketpair()
+
+            def broken(kind: bytes, conn: socket.socket) -> bool:
+                raise RuntimeError("injected")
+
+            acceptors._hand = broken  # type: ignore[method-assign]
+            acceptors._hold(b"h", kept)
+            assert not loop.remove_reader(http.fileno())  # not read while a connection is kept
+            await asyncio.sleep(0.05)
+            assert not acceptors._waiting and kept.fileno() == -1  # closed
+            assert loop.remove_reader(http.fileno()) and loop.remove_reader(binary.fileno())  # read again
+            _.close()
+
+    logging.disable(logging.CRITICAL)
+    try:
+        asyncio.run(main())
+    finally:
+        logging.disable(logging.NOTSET)
