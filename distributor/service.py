@@ -468,6 +468,8 @@ class Distributor:
                     self._finish(p, Outcome.EVICTED_SHARD_FAILURE, 0.0)
                     return
                 shard = shm.jsq_pick_among(slot, live, self._rr, self._jsq_slack)
+                if fresh and self._jsq_slack:  # (the live shard the pass's other fresh flows go to)
+                    self._fresh_pick = shard
         p.slot = slot
         priority, ttl, slo, tokens, weight = p.payload
         ledger.enqueue(p, shard)

@@ -165,7 +165,16 @@ def test_a_pass_picks_once_for_its_new_flows_and_never_a_lost_shard() -> None:
         assert admit("c") == 0  # the next pass reads the backlogs again
         shm.add_sent(0, 50 * KIB)
         d.on_worker_lost(0, d.shards[0].link)  # type: ignore[arg-type]  (within the pass: shard 0 is gone)
+        among = shm.jsq_pick_among
+        calls: list[int] = []
+
+        def counted(*args: Any) -> int:
+            calls.append(among(*args))
+            return calls[-1]
+
+        shm.jsq_pick_among = counted  # type: ignore[method-assign]
         assert admit("d") == 1 and admit("e") == 1  # never the lost shard, whatever was picked before
+        assert calls == [1]  # the pick over the live shards is made once too
         await asyncio.sleep(0)
 
     asyncio.run(main())
