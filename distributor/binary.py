@@ -313,7 +313,7 @@ class BinaryConnection(asyncio.Protocol):
 
     def _released(self, ticket: int, ok: bool) -> None:
         self._awaiting -= 1
-        if not self._lost:
+        if not self._lost and (self._open or self._failing):
             self._send(Released(ticket, ok))
 
     def _release_failed(self, message: str) -> None:
@@ -323,10 +323,14 @@ class BinaryConnection(asyncio.Protocol):
         self._awaiting -= 1
         if self._open:
             self._fail(500, message)
+            # Nothing after it is answered, as in one process (where it stops the reading at once):
+            # through an acceptor, the frames after it were already forwarded, and their answers (and
+            # those of admissions still queued) may come before the barrier `_fail` waits for
+            self._failing = False
 
     def _refused(self, ticket: int, problem: str) -> None:
         self._awaiting -= 1
-        if not self._lost:
+        if not self._lost and (self._open or self._failing):
             self._send(ReleaseRefused(ticket, False, 422, problem))
 
     def _reading(self) -> None:

@@ -24,7 +24,7 @@ from distributor.front import Upstream
 from distributor.guards import Guards
 from distributor.http import HttpHub, HttpLimits
 from distributor.service import Distributor
-from flowshard.codec import Error, FrameReader, FrameWriter, Release, ToClient
+from flowshard.codec import Admit, Error, FrameReader, FrameWriter, Release, ToClient
 from flowshard.config import Config
 
 
@@ -115,3 +115,27 @@ def test_binary_a_failed_release_fails_the_connection_with_500(acceptor: bool) -
     finally:
         logging.disable(logging.NOTSET)
     assert answers == [Error(-1, 500, "internal error while releasing")] and closed
+
+
+def test_binary_nothing_after_a_failed_release_is_answered_through_an_acceptor_either() -> None:
+    """One process stops at the failed release: a Release and an Admit sent after it in the same read
+    are never handled. Through an acceptor they were already forwarded; their answers, which may come
+    before the connection's barrier, are dropped, so the client sees what one process shows it."""
+    async def main(acceptor: bool) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        admission, _ = _admission(loop, acceptor)
+        client, conn = _Client(), BinaryHub(admission, BinaryLimits(), loop, Guards())()
+        conn.connection_made(client)  # type: ignore[arg-type]
+        writer = FrameWriter()
+        for message in (Release(77), Release(78), Admit(5, "f")):
+            writer.add(message)
+        conn.data_received(writer.take())
+        await _turns()
+        return FrameReader(ToClient).feed(client.data)
+
+    logging.disable(logging.CRITICAL)
+    try:
+        one, through = asyncio.run(main(False)), asyncio.run(main(True))
+    finally:
+        logging.disable(logging.NOTSET)
+    assert one == through == [Error(-1, 500, "internal error while releasing")]
