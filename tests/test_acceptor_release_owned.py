@@ -59,16 +59,22 @@ def _batch(*messages: Any) -> bytes:
     return writer.take()
 
 
+def _wired(sole: bool) -> tuple[Upstream, Any, _Recorder, _Recorder]:
+    """An acceptor's Upstream (its link recorded) and one binary connection on it (its client recorded)."""
+    loop = asyncio.get_running_loop()
+    upstream = Upstream(0, loop, sole=sole)
+    upstream._accepting = upstream._ready = True
+    link = _Recorder(BatchReader(FromAcceptor))
+    upstream.connection_made(link)  # type: ignore[arg-type]
+    conn = BinaryHub(upstream, BinaryLimits(), loop, Guards())()
+    client = _Recorder(FrameReader(ToClient))
+    conn.connection_made(client)  # type: ignore[arg-type]
+    return upstream, conn, link, client
+
+
 def _run(sole: bool, rounds: int) -> tuple[Upstream, Any, _Recorder, _Recorder]:
     async def main() -> tuple[Upstream, Any, _Recorder, _Recorder]:
-        loop = asyncio.get_running_loop()
-        upstream = Upstream(0, loop, sole=sole)
-        upstream._accepting = upstream._ready = True
-        link = _Recorder(BatchReader(FromAcceptor))
-        upstream.connection_made(link)  # type: ignore[arg-type]
-        conn = BinaryHub(upstream, BinaryLimits(), loop, Guards())()
-        client = _Recorder(FrameReader(ToClient))
-        conn.connection_made(client)  # type: ignore[arg-type]
+        upstream, conn, link, client = _wired(sole)
         for i in range(rounds):
             ticket = 1000 + i
             conn.data_received(_frames(Admit(i, "f")))
@@ -108,14 +114,7 @@ def test_a_second_release_of_a_released_ticket_is_asked_not_assumed() -> None:
     """One acceptor: after a release that asked, releasing the same ticket again must ask too (the
     shortcut is only for a ticket the connection still holds), and is answered False as in one process."""
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        upstream = Upstream(0, loop, sole=True)
-        upstream._accepting = upstream._ready = True
-        link = _Recorder(BatchReader(FromAcceptor))
-        upstream.connection_made(link)  # type: ignore[arg-type]
-        conn = BinaryHub(upstream, BinaryLimits(), loop, Guards())()
-        client = _Recorder(FrameReader(ToClient))
-        conn.connection_made(client)  # type: ignore[arg-type]
+        upstream, conn, link, client = _wired(True)
         conn.data_received(_frames(Admit(1, "f")))
         await asyncio.sleep(0)
         (admit,) = [m for m in link.got if type(m) is LinkAdmit]

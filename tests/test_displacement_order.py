@@ -176,15 +176,21 @@ class FailingWaiter(Waiter):
         self.failed.append(cid)
 
 
+async def _failing_client() -> tuple[Service, FailingWaiter, list[int], int, int]:
+    """`Service.parked_and_held` for a client whose waiter records the 500s it is answered (`fail`)."""
+    svc = Service(shards=2)
+    svc.waiter = waiter = FailingWaiter()
+    low, t1, t2 = await svc.parked_and_held()
+    return svc, waiter, low, t1, t2
+
+
 def test_a_held_request_whose_admission_fails_is_answered_500_once() -> None:
     """An error admitting a held request when its turn comes (`_release_held`) ends it and answers its
     client 500, as `admit`'s callers do for a failed admission: one answer, no request left. (It ended
     silently: `_abandon` drops the owner, and nobody answered; a white-box review.)"""
     async def main() -> None:
-        svc = Service(shards=2)
+        svc, waiter, low, t1, t2 = await _failing_client()
         d = svc.d
-        svc.waiter = waiter = FailingWaiter()
-        low, t1, t2 = await svc.parked_and_held()
         check = d.ledger.check
 
         def failing(p: Any) -> Any:
@@ -208,10 +214,8 @@ def test_a_held_request_whose_ending_fails_midway_is_answered_500() -> None:
     """The error may come after the request left `pending` (inside `_finish`, before its answer):
     its client is answered 500 all the same (a waiter's `fail` ignores a request it was answered)."""
     async def main() -> None:
-        svc = Service(shards=2)
+        svc, waiter, low, _, t2 = await _failing_client()
         d = svc.d
-        svc.waiter = waiter = FailingWaiter()
-        low, _, t2 = await svc.parked_and_held()
         check = d.ledger.check
         d.ledger.check = lambda p: None if p.id == t2 else check(p)  # type: ignore[method-assign]  (rejected)
 
