@@ -155,6 +155,9 @@ class Distributor:
         self.n_acceptors = acceptors  # 0: the fronts run in this process (distributor.acceptors)
         self.acceptors: Any = None  # distributor.acceptors.Acceptors when n_acceptors > 0
         self.ledger = Ledger(config, shards)
+        # per band: the ceilings (below 1) of the bands above it, where a Grant block is cut (`_plan`)
+        self._cuts = [[b.ceiling for b in self.ledger.bands[:i] if b.ceiling < 1.0]
+                      for i in range(len(self.ledger.bands))]
         self._budget = self.ledger.budget  # (release reads it once per request)
         self._bands = len(config.bands)
         self._multiband = self._bands > 1
@@ -823,16 +826,23 @@ class Distributor:
     def _plan(self) -> None:
         """Send the grants the ledger plans. A shard's consecutive grants for the same band and byte cap
         go as one block (one frame, answered grant by grant, in the order the ledger expects). The
-        block carries the highest saturation of its grants: the band the ledger chose for each of
-        them is below its ceiling even there."""
+        block carries one saturation, the highest of its grants': the band the ledger chose for each
+        of them is below its ceiling even there. The shard judges the bands above the grant's by it
+        too (which of them it may serve or narrow the grant to), so a grant whose saturation reaches
+        the ceiling of a band above starts a new block: every saturation in a block gives those bands
+        the same eligibility. (One saturation for the whole block kept a band eligible for the early
+        grants from them: low requests were dispatched while it waited; a white-box review.)"""
         if self._stopping:  # past the drain: what close() releases (ended streams) must not dispatch what
             return  # is still queued, which ends `evicted: shutdown`
         blocks: dict[int, list[Any]] = {}  # shard -> its open block: [band, max_bytes, saturation, count]
         last, block = -1, None  # the previous grant's shard and its block (a plan's runs go to one shard)
+        cuts = self._cuts
         for shard, band, max_bytes, saturation in self.ledger.plan_grants():
             if shard != last:
                 last, block = shard, blocks.get(shard)
-            if block is not None and block[0] == band and block[1] == max_bytes:
+            if block is not None and block[0] == band and block[1] == max_bytes and (
+                not cuts[band] or not any(block[2] < c <= saturation for c in cuts[band])
+            ):
                 block[2] = saturation
                 block[3] += 1
                 continue

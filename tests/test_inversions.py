@@ -19,6 +19,7 @@ from test_worker import FakeTransport
 
 from distributor.metrics import stats_snapshot
 from distributor.service import Distributor
+from flowshard.codec import BatchReader, Grant, ToWorker
 from flowshard.config import BandConfig, BudgetConfig, Config, ServiceConfig
 from flowshard.engine import Engine
 from flowshard.shm import ShmStats
@@ -40,9 +41,9 @@ class Waiter:
 class Rig:
     """A Distributor with two in-process workers (one ShmStats over one buffer, as the segment is)."""
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, high_ceiling: float = 1.0) -> None:
         config = Config(
-            bands=[BandConfig(priority=HIGH, name="high"), BandConfig(priority=LOW, name="low")],
+            bands=[BandConfig(priority=HIGH, name="high", ceiling=high_ceiling), BandConfig(priority=LOW, name="low")],
             budget=BudgetConfig(max_inflight_requests=budget),
             service=ServiceConfig(fast_path=False, jsq_slack_bytes=0),  # flows spread over the shards
             flow_slots=64,
@@ -240,6 +241,49 @@ def test_a_grant_reaching_its_shard_after_high_was_published_is_narrowed_not_cou
         rig.end_pass()
         assert rig.waiter.outcomes[high_cid][0] is D and low not in rig.waiter.outcomes
         assert rig.inversions() == [0, 0] and rig.narrowed() == [0, 1]
+
+    _run(main)
+
+
+def test_a_grant_block_is_cut_where_a_higher_band_reaches_its_ceiling() -> None:
+    """Three low grants planned at saturations 0, 0.25 and 0.5 (budget 4) while high's ceiling is 0.5:
+    high is eligible for the first two, not the third. A block carries one saturation, so they go as
+    two blocks; high, routed before the shard reads them, has the first two narrowed to it (handed
+    back: it is on the other shard) and the third serves low. As one block (saturation 0.5) the shard
+    judged high ineligible for all three: three lows dispatched while high waited, two inversions
+    counted by the service itself (a white-box review)."""
+
+    def main() -> None:
+        rig = Rig(budget=4, high_ceiling=0.5)
+        lows = [rig.admit("l", LOW) for _ in range(3)]
+        a = lows[0][1]
+        rig.end_pass()
+        data = rig.d.shards[a].writer.take()
+        grants = [(m.saturation, m.count) for m in BatchReader(ToWorker).feed(data) if type(m) is Grant]
+        assert grants == [(0.25, 2), (0.5, 1)]
+        high_cid, b = rig.admit("h", HIGH)  # routed (published) before shard a reads its grants
+        rig.workers[a].data_received(data)
+        rig.from_shard(a)
+        rig.end_pass()
+        rig.to_shard(b)
+        rig.from_shard(b)
+        rig.end_pass()
+        dispatched = sorted(cid for cid, (outcome, _) in rig.waiter.outcomes.items() if outcome is D)
+        assert dispatched == sorted([lows[0][0], high_cid])
+        assert rig.inversions() == [0, 0] and rig.narrowed() == [0, 2]
+
+    _run(main)
+
+
+def test_without_ceilings_a_plan_s_grants_to_one_shard_go_as_one_block() -> None:
+    """The control: no band has a ceiling below 1, so nothing cuts a block."""
+
+    def main() -> None:
+        rig = Rig(budget=4)
+        lows = [rig.admit("l", LOW) for _ in range(3)]
+        rig.end_pass()
+        data = rig.d.shards[lows[0][1]].writer.take()
+        assert [(m.saturation, m.count) for m in BatchReader(ToWorker).feed(data) if type(m) is Grant] == [(0.5, 3)]
 
     _run(main)
 
