@@ -218,6 +218,11 @@ class VirtualTokenCounter:
         flow.vtc = max(flow.vtc, low.vtc if low is not None else self._floor)
         self._active += 1
         heapq.heappush(self._heap, (flow.vtc, self._stamp(flow), flow))
+        self._compact()
+
+    def _compact(self) -> None:
+        """Drop the stale entries once they outnumber the live ones (by a slack): a stale entry above
+        every live counter is never popped, so without this the heap would grow for good."""
         if len(self._heap) > 2 * self._active + _COMPACT_SLACK:
             self._heap = [e for e in self._heap if e[1] == e[2].stamp]
             heapq.heapify(self._heap)
@@ -236,8 +241,10 @@ class VirtualTokenCounter:
         counter by delta / weight (as the VTC paper charges the tokens actually served, and APF
         corrects its virtual time with the measured service). A backlogged flow's entry is renewed."""
         flow.vtc += delta / flow.weight
-        if flow.stamp:
+        if flow.stamp:  # (the old entry goes stale: compacted, as activate's are; a review saw 36,669
+            # entries for 2 flows after 50,000 dispatches whose releases reported fewer tokens)
             heapq.heappush(self._heap, (flow.vtc, self._stamp(flow), flow))
+            self._compact()
 
     pick = _top  # the least-served backlogged flow
 

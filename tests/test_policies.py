@@ -321,6 +321,26 @@ def test_vtc_charges_declared_tokens_over_weight():
     assert b.flow.vtc == 5 / 2.0, "5 bytes (no tokens declared) / weight 2"
 
 
+def test_vtc_corrections_of_backlogged_flows_do_not_grow_its_heap_for_good():
+    """A correction renews a backlogged flow's entry; the old one goes stale. Releases that report
+    fewer tokens than declared put the stale entries above every live counter, where nothing pops
+    them: compacted as activations' are, the heap stays within a slack of its live flows (a review
+    saw 36,669 entries for 2 backlogged flows after 50,000 dispatches)."""
+    engine = engine_for("vtc")
+    ids = Ids()
+    for flow in "ab":
+        for _ in range(4):
+            submit(engine, ids, flow, size=100, tokens=100)
+    vtc = engine.bands[0].fairness
+    for _ in range(5000):
+        item = engine.dispatch(0.0)
+        assert item is not None
+        flow = item.request.flow
+        submit(engine, ids, flow, size=100, tokens=100)  # the flow stays backlogged
+        assert engine.correct(flow, 0, -100.0)  # released having used no tokens
+    assert len(vtc._heap) <= 2 * 2 + 64, len(vtc._heap)  # (_COMPACT_SLACK)
+
+
 def test_vtc_lifts_a_returning_flow_to_the_least_backlogged_counter():
     engine = engine_for("vtc")
     ids = Ids()
