@@ -4,6 +4,7 @@ narrowing of a grant when the distributor's cells say a higher band waits ungran
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -158,5 +159,38 @@ def test_the_stamps_of_a_batch_never_run_backwards_after_a_grant_reads_its_clock
         done = [m for m in t.got if type(m) is Done]
         assert [(m.id, m.outcome) for m in done] == [(1, int(Outcome.DISPATCHED)), (2, int(Outcome.EVICTED_CANCELLED))]
         assert done[1].at >= done[0].at
+
+    asyncio.run(main())
+
+
+class AbortableTransport(FakeTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_a_failing_expiry_stops_the_worker_instead_of_losing_outcomes() -> None:
+    """An error in the TTL timer's work (a bug) ends the worker, as an error reading its link does:
+    the distributor then ends its requests `shard_failure` and starts another. Logged and carried on
+    (as the loop does with a callback's error), the requests already taken out of the engine had no
+    outcome, for good (a review)."""
+    async def main() -> None:
+        worker, _, _ = await _worker(1)
+        transport = AbortableTransport()
+        worker.transport = transport  # type: ignore[assignment]
+
+        def failing(now: float) -> None:
+            raise IndexError("injected")
+
+        worker.engine.expire = failing  # type: ignore[method-assign]
+        logging.disable(logging.CRITICAL)
+        try:
+            worker._on_timer()
+        finally:
+            logging.disable(logging.NOTSET)
+        assert transport.aborted and worker.finished.done()
 
     asyncio.run(main())
