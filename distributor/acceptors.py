@@ -357,7 +357,6 @@ HANDOVER_RETRY = 0.005  # every live acceptor's hand-over queue full (a burst of
 HANDOVER_QUIET = 1.0  # an acceptor not heard from this long gets no new connection
 HEARTBEAT_STALE = 5.0  # nor heard from this long: hung; killed, and started again (as a worker)
 START_TIMEOUT = 30.0  # a restarted acceptor without its Hello this long after its start: hung; killed too
-SELF_STALL = 0.5  # the checks (every 0.25 s) this far apart: the distributor itself did not run
 PROXY_REPORT_WAIT = 1.0  # proxy mode: the most /metrics and /v1/stats wait for the acceptors' counters
 
 
@@ -386,7 +385,6 @@ class Acceptors:
         self.all_ready: asyncio.Event = asyncio.Event()
         self._asks: dict[int, tuple[set[int], Callable[[], None]]] = {}  # proxy reports awaited, per query
         self._next_ask = 1
-        self._checked = time.monotonic()  # the last check_heartbeats
         # Connections accepted that no acceptor could take yet (each live one's hand-over queue full: a
         # burst of connections), handed in order as the queues drain; meanwhile nothing more is
         # accepted, and the rest wait in the listen backlog, as they do for one process
@@ -451,13 +449,7 @@ class Acceptors:
                 log.warning("accepting a connection failed (%s); pausing %.1f s", exc, ACCEPT_PAUSE)
                 self._pause(kind, sock)
                 return
-            waits = False
-            try:
-                waits = not self._hand(kind, conn)
-            finally:
-                if not waits:
-                    conn.close()  # the acceptor holds its own copy now (or the client sees the close)
-            if waits:
+            if not self._hand_or_keep(kind, conn):
                 self._hold(kind, conn)
                 return
 
@@ -470,6 +462,18 @@ class Acceptors:
                 loop.add_reader(sock.fileno(), self._accept, kind, sock)
 
         loop.call_later(ACCEPT_PAUSE, resume)
+
+    def _hand_or_keep(self, kind: bytes, conn: socket.socket) -> bool:
+        """Hand `conn` (`_hand`) and close this process's copy: the acceptor holds its own now (or, none
+        up, the client sees the close); an error handing it closes it too, logged. False: every live
+        acceptor's queue is full, and `conn` stays open, to be tried again."""
+        try:
+            if not self._hand(kind, conn):
+                return False
+        except Exception:
+            log.exception("handing a connection to an acceptor failed: closed")
+        conn.close()
+        return True
 
     def _hold(self, kind: bytes, conn: socket.socket) -> None:
         """No live acceptor can take `conn` now (a burst filled their hand-over queues): keep it, accept
@@ -491,17 +495,10 @@ class Acceptors:
         waiting = self._waiting
         while waiting:
             kind, conn = waiting[0]
-            try:
-                waits = not self._hand(kind, conn)
-            except Exception:  # (as in `_accept`: that connection is closed, the others go on)
-                log.exception("handing a connection to an acceptor failed: closed")
-                waits = False
-            if not waits:
-                waiting.popleft()
-                conn.close()
-            else:
+            if not self._hand_or_keep(kind, conn):
                 self._retry_timer = asyncio.get_running_loop().call_later(HANDOVER_RETRY, self._retry)
                 return
+            waiting.popleft()
         self._read_listeners()
 
     def _drop_waiting(self) -> None:
@@ -680,16 +677,16 @@ class Acceptors:
                 await asyncio.sleep(delay)
                 delay = min(RESPAWN_MAX, delay * 2)
 
-    def check_heartbeats(self) -> None:
+    def check_heartbeats(self, stalled: bool) -> None:
         """Kill an acceptor that has said nothing for HEARTBEAT_STALE (its link's loss restarts it),
         or a restarted one still without its Hello START_TIMEOUT after its start (it hung before
         serving: its place was kept, and with one acceptor every new connection closed, for good).
 
-        Silence counts only while this process runs: after a stall of its own (stopped, or the host
-        paused it) the heartbeats wait unread in its links, so every acceptor's silence starts again
-        from then (it killed healthy acceptors after a 5 s pause of the distributor)."""
+        Silence counts only while this process runs: after a stall of its own (`stalled`, judged by
+        `Distributor._check_heartbeats`: stopped, or the host paused it) the heartbeats wait unread in
+        its links, so every acceptor's silence starts again from then (it killed healthy acceptors
+        after a 5 s pause of the distributor)."""
         now = time.monotonic()
-        stalled, self._checked = now - self._checked > SELF_STALL, now
         if stalled:
             for link in self.links:
                 if link is not None:

@@ -454,25 +454,22 @@ class Distributor:
             if usage is not None:
                 shard = usage.shard
         if shard < 0:  # the flow starts afresh: JSQ-Bytes over the shared-memory counters
+            fresh = not single and not ledger.slot_items[slot]  # type: ignore[index]
             if single:
                 shard = 0
+            elif fresh and self._fresh_pick >= 0:
+                shard = self._fresh_pick
             else:
-                fresh = not ledger.slot_items[slot]  # type: ignore[index]
-                if fresh and self._fresh_pick >= 0:
-                    shard = self._fresh_pick
-                else:
-                    self._rr += 1
-                    shard = shm.jsq_pick(slot, self._rr, self._jsq_slack, fresh)
-                    if fresh and self._jsq_slack and self.shards[shard].ready:
-                        self._fresh_pick = shard
+                self._rr += 1
+                shard = shm.jsq_pick(slot, self._rr, self._jsq_slack, fresh)
             if not self.shards[shard].ready:  # (a shard restarting): the same rule over the live ones
                 live = [s.index for s in self.shards if s.ready]
                 if not live:
                     self._finish(p, Outcome.EVICTED_SHARD_FAILURE, 0.0)
                     return
                 shard = shm.jsq_pick_among(slot, live, self._rr, self._jsq_slack)
-                if fresh and self._jsq_slack:  # (the live shard the pass's other fresh flows go to)
-                    self._fresh_pick = shard
+            if fresh and self._jsq_slack:  # a live shard: the pass's other fresh flows go there too
+                self._fresh_pick = shard
         p.slot = slot
         priority, ttl, slo, tokens, weight = p.payload
         ledger.enqueue(p, shard)
@@ -1028,21 +1025,25 @@ class Distributor:
                 self._schedule_plan()
         for retry in self.retry:
             retry.tick(now)
-        self._check_heartbeats(time.monotonic_ns())
+        stalled = self._check_heartbeats(time.monotonic_ns())
         if self.acceptors is not None:
-            self.acceptors.check_heartbeats()
+            self.acceptors.check_heartbeats(stalled)
         self.slots.collect(now, self._flow_busy)
         self._housekeeper = self._loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeeping)
 
-    def _check_heartbeats(self, now_ns: int) -> None:
+    def _check_heartbeats(self, now_ns: int) -> bool:
         """A worker that stopped beating is wedged: kill it, and the crash path restarts it. So is a
         restarted one still without its Hello WORKER_START_TIMEOUT after its start (it hung before
-        serving: its shard stayed down, and at one shard every request that would queue failed)."""
+        serving: its shard stayed down, and at one shard every request that would queue failed).
+
+        Returns whether this process itself had stalled since the last check (stopped, or its host
+        paused it): then nothing is judged, since what was sent meanwhile (a Hello, an acceptor's
+        heartbeat) is still unread; the acceptors' check is told so too."""
         assert self.shm is not None
         now = now_ns / 1e9
         stalled, self._checked = now - self._checked > SELF_STALL, now
-        if stalled:  # this process did not run: what its workers sent meanwhile (a Hello) is still unread
-            return
+        if stalled:
+            return True
         for s in self.shards:
             if s.proc is None or s.link is None:
                 continue
@@ -1057,6 +1058,7 @@ class Distributor:
                 continue
             with contextlib.suppress(ProcessLookupError):
                 s.proc.kill()
+        return False
 
     def _flow_busy(self, flow: str) -> bool:
         return any(flow in band.flows for band in self.ledger.bands)

@@ -75,7 +75,7 @@ def test_an_acceptor_hung_before_its_hello_is_killed_once_its_start_has_taken_to
         ready = acceptors.links[2]
         assert ready is not None
         ready.ready = True  # said Hello long ago, and heard from just now: healthy
-        acceptors.check_heartbeats()
+        acceptors.check_heartbeats(False)
         assert [p.killed for p in procs] == [1, 0, 0]
 
 

@@ -47,6 +47,7 @@ from flowshard.shm import MIN_BACKLOG_BYTES, ShmStats
 from flowshard.stats import wait_bucket
 from flowshard.types import Outcome, Request
 
+log = logging.getLogger(__name__)
 _DISPATCHED = Outcome.DISPATCHED
 HEARTBEAT_INTERVAL = 0.1
 GC_INTERVAL = 5.0
@@ -216,7 +217,7 @@ class ShardWorker(asyncio.Protocol):
         it), so the distributor ends what it held (`shard_failure`) and starts another. Logged and
         carried on, the requests taken out of the engine would have had no outcome, for good (a
         review: a failing expiry left them unanswered and their shared-memory counts queued)."""
-        logging.getLogger("flowshard.worker").exception("shard %d: %s failed: stopping", self.shard, what)
+        log.exception("shard %d: %s failed: stopping", self.shard, what)
         if self.transport is not None:
             self.transport.abort()
         if not self.finished.done():
