@@ -194,3 +194,51 @@ def test_a_failing_expiry_stops_the_worker_instead_of_losing_outcomes() -> None:
         assert transport.aborted and worker.finished.done()
 
     asyncio.run(main())
+
+
+def test_a_frame_out_of_range_stops_the_worker_before_it_touches_anything() -> None:
+    """A slot, band or outcome no distributor sends (a bug on the link) stops the worker (fail-stop:
+    the distributor then ends its requests `shard_failure` and starts another). Acted on, a negative
+    slot indexed another flow's cells of shared memory and a negative band another band's queue,
+    silently (a review: the worker took the distributor's frames unchecked)."""
+    bad = [
+        Enqueue(1, "f", -1, 1, 10, 0.0, 0.0, 0, 0.0),  # slot below the table
+        Enqueue(1, "f", 16, 1, 10, 0.0, 0.0, 0, 0.0),  # slot past it (16 slots)
+        Enqueue(1, "f", 0, 1, -5, 0.0, 0.0, 0, 0.0),  # a negative size
+        Grant(-1, -1, 0.0, 1),  # band below the first
+        Grant(2, -1, 0.0, 1),  # band past the last (2 bands)
+        Cancel(1, 99),  # no such outcome
+    ]
+    for msg in bad:
+        async def main(msg: Any = msg) -> None:
+            worker, _, stats = await _worker(2)
+            transport = AbortableTransport()
+            worker.transport = transport  # type: ignore[assignment]
+            before = bytes(stats._raw)
+            logging.disable(logging.CRITICAL)
+            try:
+                worker.data_received(frames(msg))
+            finally:
+                logging.disable(logging.NOTSET)
+            assert transport.aborted and worker.finished.done(), msg
+            assert not worker.engine.outbox and not worker.slots, msg
+            if type(msg) is not Cancel:
+                # nothing counted (the seqlock's counter moved, nothing else)
+                changed = [i for i, (a, b) in enumerate(zip(before, bytes(stats._raw), strict=True)) if a != b]
+                assert len(changed) <= 8, (msg, changed)
+
+        asyncio.run(main())
+
+
+def test_frames_in_range_keep_the_worker_running() -> None:
+    """The control: the last slot and band, and a Cancel with a real outcome, are taken."""
+    async def main() -> None:
+        worker, _, _ = await _worker(2)
+        transport = AbortableTransport()
+        worker.transport = transport  # type: ignore[assignment]
+        worker.data_received(frames(Enqueue(1, "f", 15, 1, 10, 0.0, 0.0, 0, 0.0),
+                                    Enqueue(2, "g", 0, 1, 0, 0.0, 0.0, 0, 0.0),
+                                    Cancel(2, Outcome.EVICTED_CANCELLED), Grant(1, -1, 0.0, 1)))
+        assert not transport.aborted and not worker.finished.done()
+
+    asyncio.run(main())

@@ -53,6 +53,12 @@ HEARTBEAT_INTERVAL = 0.1
 GC_INTERVAL = 5.0
 
 
+class FrameError(ValueError):
+    """A frame the distributor cannot have meant (a slot or band out of range): a bug on the link.
+    The worker stops (fail-stop) rather than act on it: a negative slot or band would index another
+    cell of shared memory or another band's queue, silently."""
+
+
 class ShardWorker(asyncio.Protocol):
     """The protocol on the worker's end of the socket pair."""
 
@@ -74,6 +80,8 @@ class ShardWorker(asyncio.Protocol):
         self._beat: asyncio.TimerHandle | None = None
         self._closing = False
         self._stopped = False
+        self._n_slots = stats.layout.flow_slots
+        self._n_bands = len(engine.bands)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
@@ -96,6 +104,8 @@ class ShardWorker(asyncio.Protocol):
             for msg in self.reader.feed(data):
                 kind = type(msg)
                 if kind is Enqueue:
+                    if not (0 <= msg.slot < self._n_slots and msg.size >= 0):
+                        raise FrameError(f"Enqueue {msg.id}: slot {msg.slot} or size {msg.size} out of range")
                     taken += msg.size if msg.size > MIN_BACKLOG_BYTES else MIN_BACKLOG_BYTES  # `backlog_bytes`, inline
                     self.slots[msg.id] = msg.slot
                     engine.submit(
@@ -104,6 +114,8 @@ class ShardWorker(asyncio.Protocol):
                         msg.arrived or None,  # deadlines run from the arrival at the distributor
                     )
                 elif kind is Grant:
+                    if not 0 <= msg.band < self._n_bands:
+                        raise FrameError(f"Grant: band {msg.band} out of range")
                     max_bytes = math.inf if msg.max_bytes < 0 else msg.max_bytes
                     for _ in range(msg.count):  # a block: each grant answered in order, each at its own clock
                         # read (not the batch's): a head's deadline is checked as it is dispatched, exactly;
@@ -120,6 +132,9 @@ class ShardWorker(asyncio.Protocol):
                     engine.shutdown(now)
                 if engine.outbox:
                     self._drain()
+        except (FrameError, ValueError):  # (ValueError: a Cancel's outcome that is none)
+            self._fail_stop("reading a frame")
+            return
         finally:
             if taken:
                 stats.add_taken(self.shard, taken)
@@ -213,10 +228,11 @@ class ShardWorker(asyncio.Protocol):
         self._arm_timer()
 
     def _fail_stop(self, what: str) -> None:
-        """A bug in a timer's work: end this worker, as an error reading the link does (the loop closes
-        it), so the distributor ends what it held (`shard_failure`) and starts another. Logged and
-        carried on, the requests taken out of the engine would have had no outcome, for good (a
-        review: a failing expiry left them unanswered and their shared-memory counts queued)."""
+        """A bug in a timer's work, or a frame no distributor means: end this worker, as an error
+        reading the link does (the loop closes it), so the distributor ends what it held
+        (`shard_failure`) and starts another. Logged and carried on, the requests taken out of the
+        engine would have had no outcome, for good (a review: a failing expiry left them unanswered
+        and their shared-memory counts queued)."""
         log.exception("shard %d: %s failed: stopping", self.shard, what)
         if self.transport is not None:
             self.transport.abort()
