@@ -101,6 +101,9 @@ class Pending(msgspec.Struct, gc=False):
     # in a fair band: what its dispatch costs its flow (LedgerBand.cost), set when queued while fair; 0 when
     # queued while the band kept no fair state (then computed where needed)
     cost: int = 0
+    # the grant plans made before it was queued (`Ledger.plans`): a grant planned since is written to its
+    # shard after its Enqueue and may serve it; one planned before may not (`LedgerBand.shard_late`)
+    plans: int = 0
 
 
 class FlowUsage(msgspec.Struct, gc=False):
@@ -152,6 +155,8 @@ class LedgerBand:
         "shard_cost",
         "shard_granted",
         "shard_items",
+        "shard_late",
+        "shard_planned",
         "shard_stale",
         "shard_tags",
         "shard_vtime",
@@ -183,6 +188,11 @@ class LedgerBand:
         self.shard_bytes = [0] * shards
         self.shard_granted = [0] * shards
         self.shard_stale = [0] * shards  # the oldest grants outstanding here that no queued request may need
+        # Of the requests here, those queued since the band's latest grant to the shard was planned (in
+        # plan number `shard_planned`): behind every grant outstanding there on the link, so none can
+        # serve them. An exit that leaves grants unused counts as stale those the others cannot use.
+        self.shard_late = [0] * shards
+        self.shard_planned = [0] * shards
         self.granted = 0
         # Fair shares across shards (see Ledger._shard_rank): what each shard's queued requests cost in
         # the band's fairness unit, the weight of the flows it holds, and its virtual time.
@@ -286,6 +296,7 @@ class Ledger:
         self.grants_bytes = 0
         # per shard, its grants outstanding in the order it answers them: (band, reserve, charge, saturation)
         self._grants: list[deque[tuple[int, int, float, float]]] = [deque() for _ in range(shards)]
+        self.plans = 0  # grant plans made so far (`Pending.plans`, `LedgerBand.shard_planned`)
         self._weights = config.weights
         self._need: dict[tuple[int, int], int] = {}
         # A second saturation detector (proxy mode's utilization detector), given the grants still
@@ -480,6 +491,8 @@ class Ledger:
             band.spread = spread = band.spread + 1
             band.home = shard if spread == 1 else -1
         band.shard_items[shard] += 1
+        band.shard_late[shard] += 1  # (behind any grant outstanding there)
+        p.plans = self.plans
         band.shard_bytes[shard] += size
         self.queued_items += 1
         self.queued_bytes += size
@@ -498,8 +511,15 @@ class Ledger:
 
         `covered`: p left through a dispatch answering a live grant of its own band on its shard.
         Any other exit (cancel, TTL, displacement, a dispatch on another band's grant) may leave a
-        grant outstanding there that was meant for p: count those grants as stale, so a request
-        arriving later is not taken as covered by them (that would let a lower band go first).
+        grant outstanding there that was meant for p: the grants the band's other requests there
+        cannot use count as stale, so a request arriving later is not taken as covered by them (that
+        would let a lower band go first). Those others are the requests queued before the band's
+        latest grant there was planned (`shard_late` counts the rest): each outstanding grant serves
+        one of them, or comes back. (Every grant outstanding counted stale, the rule before, took the
+        others as uncovered too: a TTL expiry or a cancel made the next plan grant them again, the
+        lower bands' grants were narrowed for work that had its grants, and the inversion counter
+        counted their dispatches: a review.) A covered exit is never a late request: the grant that
+        served it was written after its Enqueue.
         """
         band = self.bands[p.band]
         shard, size = p.shard, p.size  # (read once: each is used up to 8 times below)
@@ -509,7 +529,8 @@ class Ledger:
         clock = self.clock if not covered else None
         before = band.uncovered(shard) if clock is not None else 0
         if not covered:
-            band.shard_stale[shard] = band.shard_granted[shard]
+            if p.plans >= band.shard_planned[shard]:  # queued after the latest grant there was planned
+                band.shard_late[shard] -= 1
             self._need.pop((p.band, shard), None)
         name = p.flow
         flow = band.flows[name]
@@ -519,6 +540,11 @@ class Ledger:
         band.queued_items -= 1
         band.queued_bytes -= size
         band.shard_items[shard] -= 1
+        if not covered:  # the grants outstanding there beyond the requests that may use them are stale
+            granted = band.shard_granted[shard]
+            unusable = granted - band.shard_items[shard] + band.shard_late[shard]
+            if unusable > band.shard_stale[shard]:
+                band.shard_stale[shard] = unusable if unusable < granted else granted
         if band.counts_home and not band.shard_items[shard]:  # global-fcfs, its last request on `shard`
             band.spread -= 1
             if band.spread == 1:  # all of its work on one shard again: that one is its home
@@ -579,6 +605,7 @@ class Ledger:
         budget = self.budget
         max_requests, max_bytes = budget.max_requests, budget.max_bytes
         bands, grants, external = self.bands, self._grants, self.external_saturation  # (read once per plan)
+        self.plans = plans = self.plans + 1
         single = self.shards == 1
         out: list[tuple[int, int, int, float]] = []
         # A fair band's shards that hold more requests than live grants, ranked (`_open_shards`); built
@@ -648,6 +675,8 @@ class Ledger:
                 band.shard_vtime[shard] = start + charge
             band.granted += 1
             band.shard_granted[shard] += 1
+            band.shard_late[shard] = 0  # every request there now is ahead of this grant on the link
+            band.shard_planned[shard] = plans
             self.grants_out += 1
             if reserve > 0:
                 self.grants_bytes += reserve

@@ -12,6 +12,7 @@ was left without one by the distributor's next plan (docs/architecture.md, "Stri
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -318,5 +319,93 @@ def test_a_dispatch_on_a_stale_read_while_high_is_short_is_counted_once_however_
         rig.end_pass()
         assert rig.waiter.outcomes[low][0] is D and high_cid not in rig.waiter.outcomes
         assert rig.inversions() == [0, 1]
+
+    _run(main)
+
+
+def test_an_expiry_leaves_its_bands_other_requests_on_the_shard_covered() -> None:
+    """High A (TTL 50 ms) and B queue on one shard, low L on the other, the budget full. A expires on
+    its shard; then a plan grants high twice there (for A and B) and low once. The shard dispatches B
+    on the first grant and hands the second back; the distributor reads A's expiry first, then L's
+    dispatch, then the rest. B had its grant all along and no high request was queued anywhere when
+    L went: no inversion, nothing narrowed. (An exit without its own grant counted every grant of its
+    band on the shard stale: B taken as uncovered, L's dispatch counted as an inversion, and the next
+    plans granted B again; a review.)"""
+
+    def main() -> None:
+        rig = Rig(budget=3)
+        d = rig.d
+        fill = [rig.admit(f"x{i}", LOW) for i in range(3)]
+        rig.end_pass()
+        for n in (0, 1):
+            rig.to_shard(n)
+        for n in (0, 1):
+            rig.from_shard(n)
+        tickets = [rig.waiter.outcomes[cid][1] for cid, _ in fill]
+        assert all(tickets)
+        a_cid = rig._cid = rig._cid + 1
+        a = d.admit(rig.waiter, a_cid, "h", HIGH, 100, 0.05, 0.0, 0, 0.0, False)
+        b_cid, sh = rig.admit("h", HIGH)
+        l_cid, sl = rig.admit("l", LOW)
+        assert d.pending[a].shard == sh != sl
+        rig.end_pass()  # no budget: nothing granted
+        rig.to_shard(sh)
+        rig.to_shard(sl)
+        time.sleep(0.06)
+        rig.workers[sh]._on_timer()  # A expires on its shard: its Done is on its way
+        for ticket in tickets:
+            assert d.release(ticket)
+        rig.end_pass()  # two high grants on sh, one low on sl
+        rig.to_shard(sh)  # B dispatched on the first, the second handed back
+        got = rig.transports[sh].got
+        expired, rest = got[:1], got[1:]
+        got[:] = []
+        assert expired[0].id == a and expired[0].outcome == Outcome.EVICTED_TTL
+        d.on_worker_frames(sh, expired)  # the distributor reads A's expiry alone
+        assert d.ledger.bands[0].uncovered(sh) == 0  # B has its grant (it was dispatched on it)
+        rig.to_shard(sl)  # L dispatched on its own grant
+        rig.from_shard(sl)
+        rig.end_pass()
+        d.on_worker_frames(sh, rest)
+        rig.end_pass()
+        outcomes = {cid: rig.waiter.outcomes[cid][0] for cid in (a_cid, b_cid, l_cid)}
+        assert outcomes == {a_cid: Outcome.EVICTED_TTL, b_cid: D, l_cid: D}
+        assert rig.inversions() == [0, 0] and rig.narrowed() == [0, 0]
+        assert d.ledger.grants_out == 0
+
+    _run(main)
+
+
+def test_a_request_queued_behind_the_grant_is_not_covered_by_it_after_an_expiry() -> None:
+    """The control: high A (TTL 50 ms) has its grant on the way; high B is queued after that grant
+    was planned (its Enqueue follows the grant on the link), with no budget for another. A expires
+    before its shard reads the grant, which then finds nothing to serve (B comes after it). When the
+    distributor reads A's expiry, B is uncovered: the grant outstanding there is stale, though the
+    counts alone (one request, one grant) would take B as covered by it."""
+
+    def main() -> None:
+        rig = Rig(budget=1)
+        d = rig.d
+        a_cid = rig._cid = rig._cid + 1
+        a = d.admit(rig.waiter, a_cid, "h", HIGH, 100, 0.05, 0.0, 0, 0.0, False)
+        sh = d.pending[a].shard
+        rig.end_pass()  # A's grant planned, after A's Enqueue
+        b_cid, b_shard = rig.admit("h", HIGH)  # B's Enqueue after the grant
+        assert b_shard == sh
+        time.sleep(0.06)
+        rig.to_shard(sh)  # A expired at the grant, which is handed back; then B queued
+        got = rig.transports[sh].got
+        expired, rest = got[:1], got[1:]
+        got[:] = []
+        assert expired[0].id == a and expired[0].outcome == Outcome.EVICTED_TTL
+        d.on_worker_frames(sh, expired)
+        band = d.ledger.bands[0]
+        assert (band.shard_items[sh], band.shard_granted[sh]) == (1, 1)
+        assert band.uncovered(sh) == 1  # B: the grant outstanding cannot serve it
+        d.on_worker_frames(sh, rest)  # the hand-back
+        rig.end_pass()  # B granted now
+        rig.to_shard(sh)
+        rig.from_shard(sh)
+        assert rig.waiter.outcomes[b_cid][0] is D
 
     _run(main)
