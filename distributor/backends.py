@@ -25,6 +25,10 @@ from flowshard.utilization import PoolUtilization, ScrapeError, parse_metrics
 __all__ = ["Backend", "BackendPool", "Scraper"]
 
 log = logging.getLogger(__name__)
+# A backend's metrics body past this is a scrape error: parsed every `scrape_interval` (0.05 s by
+# default), a 20 MB one kept the distributor at 98 % CPU (a review); vLLM's and SGLang's are ~100 KB.
+MAX_METRICS_BYTES = 1 << 20
+ERROR_ANSWERS_TO_FAIL = 3  # 5xx answers in a row that take a backend out (`BackendPool.answered_error`)
 
 
 def redacted(url: str) -> str:
@@ -42,7 +46,8 @@ class Backend:
     """One backend: its URL, what it holds now, and its health."""
 
     __slots__ = (
-        "down_until", "errors", "failures", "index", "inflight", "last_error", "last_kind", "name", "requests", "url"
+        "down_until", "error_answers", "errors", "failures", "index", "inflight", "last_error", "last_kind", "name",
+        "requests", "url",
     )
 
     def __init__(self, index: int, url: str) -> None:
@@ -51,6 +56,7 @@ class Backend:
         self.name = redacted(url)  # what logs, metrics and stats show: never a password in the URL
         self.inflight = 0
         self.failures = 0  # consecutive
+        self.error_answers = 0  # 5xx answers in a row (no success between)
         self.down_until = -math.inf
         self.requests = 0  # sent, ever
         self.errors: dict[str, int] = {}  # kind -> count
@@ -86,14 +92,27 @@ class BackendPool:
         return any(b.down_until <= now and b.index not in exclude for b in self.backends)
 
     def failed(self, backend: Backend, now: float, kind: str, detail: str) -> None:
+        """Counted, and taken out for its back-off (doubling per failure in a row)."""
         backend.failures += 1
         backend.errors[kind] = backend.errors.get(kind, 0) + 1
         backend.last_error = detail[:300]
         backend.last_kind = kind
         backend.down_until = now + min(self.max_backoff, self.backoff * 2 ** min(backend.failures - 1, 30))
 
+    def answered_error(self, backend: Backend, now: float, status: int) -> None:
+        """A 5xx answer: counted; taken out (`failed`) at the `ERROR_ANSWERS_TO_FAIL`-th in a row only.
+        One request's own error, retried on each backend, took every one out at its first (a review:
+        one such request a second kept a healthy pool out, 119 of 120 other requests answered 503
+        `no_backend`); a backend answering nothing but errors is out at its third."""
+        backend.error_answers += 1
+        if backend.error_answers >= ERROR_ANSWERS_TO_FAIL:
+            self.failed(backend, now, f"http_{status}", f"HTTP {status}")
+        else:
+            backend.errors[f"http_{status}"] = backend.errors.get(f"http_{status}", 0) + 1
+            backend.last_error = f"HTTP {status}"
+
     def succeeded(self, backend: Backend) -> None:
-        backend.failures = 0
+        backend.failures = backend.error_answers = 0
         backend.down_until = -math.inf
 
     def next_up(self, now: float) -> float:
@@ -143,15 +162,20 @@ class Scraper:
         mark = self.utilization.scrape_started(index)
         sent_at = loop.time()
         try:
-            async with self.session.get(url, timeout=timeout) as resp:
-                body = await resp.read()
+            # (no redirect followed: the backend's own metrics or none; a 3xx is an error)
+            async with self.session.get(url, timeout=timeout, allow_redirects=False) as resp:
                 if resp.status != 200:
                     raise ScrapeError(f"HTTP {resp.status}")
+                body = await _read_at_most(resp, MAX_METRICS_BYTES)
             figures = parse_metrics(body)
         except (aiohttp.ClientError, TimeoutError, ScrapeError, OSError) as exc:
             self.utilization.scrape_failed(index)
-            self.errors[index] = detail = f"{type(exc).__name__}: {exc}"[:300]
+            detail = f"{type(exc).__name__}: {exc}"[:300]
             backend = self.pool.backends[index]
+            if not self.errors[index]:  # logged as the scrapes turn bad (counted each time), not each time
+                log.warning("backend %s: metrics scrape failed (%s): its saturation counts as 1 once its "
+                            "last good scrape is older than staleness", backend.name, detail)
+            self.errors[index] = detail
             if isinstance(exc, aiohttp.ClientConnectorError) and self.pool.up(backend, loop.time()):
                 # Nothing listens there: a health signal as good as a failed request, and the only one
                 # while its stale metrics keep every request from being sent to it.
@@ -159,11 +183,25 @@ class Scraper:
                 if self.on_health is not None:
                     self.on_health(index)
             return
-        self.errors[index] = ""
         backend = self.pool.backends[index]
+        if self.errors[index]:
+            log.warning("backend %s: metrics scrapes succeed again", backend.name)
+        self.errors[index] = ""
         if backend.last_kind == "scrape" and not self.pool.up(backend, loop.time()):
             self.pool.succeeded(backend)  # it answers again: back at once, not after its back-off
             if self.on_health is not None:
                 self.on_health(index)
         if self.utilization.scraped(index, sent_at, mark, figures):
             self.on_room()
+
+
+async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, or ScrapeError once it passes `limit` bytes (declared or read)."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise ScrapeError(f"metrics body of {resp.content_length} bytes is over {limit}")
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        body += chunk
+        if len(body) > limit:
+            raise ScrapeError(f"metrics body is over {limit} bytes")
+    return bytes(body)

@@ -554,6 +554,11 @@ class HttpConnection(asyncio.Protocol):
         self._settle(self._queue)  # nothing in it was written
         self._queue.clear()
         self._held = None
+        # What a request cut short had received, freed now rather than when the cyclic GC finds this
+        # connection (it and its parser refer to each other): up to a proxied body each, 16 MiB by
+        # default (a review: 1.7 GB held after rounds of uploads timed out, until a collection ran)
+        self._body = bytearray()
+        self._url = bytearray()
         self._wake_writers()
 
     def _settle(self, slots: Iterable[_Slot]) -> None:
@@ -582,6 +587,7 @@ class HttpConnection(asyncio.Protocol):
             return
         if not self._wpaused:
             self._wpaused_at = self._loop.time()
+            self._arm(self._wpaused_at + self._limits.header_timeout)  # judged then (`_drop_if_stuck`)
         self._wpaused = True
         if not self._paused:
             self._pause_reading()
@@ -1277,6 +1283,11 @@ class HttpConnection(asyncio.Protocol):
                 self._respond(self._error_for(408, message, _CONN_CLOSE), _LINGER)
             else:
                 self._arm(due)
+        elif self._wpaused and self._queue:
+            # An answer in progress (a proxied stream or large body) waits on the client's reading:
+            # judged as a slow reader (a review: a stream's client that stopped reading held its
+            # request's budget until it closed, the relay waiting on it with no timeout)
+            self._drop_if_stuck(now)
         elif self._queue or self._held is not None or self._stopped:
             self._arm(now + limits.idle_timeout)  # waiting on the distributor, not on the client
         else:

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import http
 import logging
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
@@ -70,8 +72,7 @@ _DROP_REQUEST: Final = frozenset({
     "content-length", "accept-encoding", "expect", "proxy-authorization",
 })
 _DROP_RESPONSE: Final = frozenset({
-    "connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "date", "server",
-    "trailer", "upgrade",
+    "connection", "keep-alive", "transfer-encoding", "content-length", "date", "server", "trailer", "upgrade",
 })
 _BUSY: Final = frozenset({Outcome.REJECTED_CAPACITY, Outcome.EVICTED_TTL, Outcome.EVICTED_DISPLACED})
 _WHY: Final = {
@@ -87,6 +88,17 @@ _WHY: Final = {
 _encode = msgspec.json.Encoder().encode
 _DONE: Final = b"data: [DONE]\n\n"  # OpenAI's end of stream
 _FLUSH_AT_CLOSE: Final = 0.5  # the most close() waits for the answers it ended to leave this process
+_PIECE: Final = 1 << 16  # a non-streamed answer larger than this is written in pieces of it (backpressure)
+# after `data: [DONE]` the client has its whole answer: the backend's end of the response is awaited this
+# long (to keep its connection), then the response is closed (the backend is not counted as failing)
+_DONE_GRACE: Final = 1.0
+# `GET /v1/models[/{id}]` is passed through without admission: one at a time per client connection (its
+# answers go in order anyway) and at most this many at once in all, so a client pipelining them cannot
+# open a backend connection each (a review: 3 connections opened 3,000, and at `ulimit -n` every other
+# client was reset)
+MAX_PASSTHROUGHS: Final = 32
+# a local shortage (descriptors, buffers) while connecting is ours, not the backend's failure
+_LOCAL_SHORTAGE: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 
@@ -278,7 +290,7 @@ class Exchange:
     """One proxied request: the admission's waiter, the upstream call, the client's response slot."""
 
     __slots__ = ("actual", "backend", "conn", "conn_hdr", "gone", "headers", "item", "path", "proxy", "refused", "rid",
-                 "route", "slot", "started", "task", "ticket", "unsent")
+                 "route", "sized", "slot", "started", "task", "ticket", "unsent")
 
     def __init__(self, proxy: Proxy, conn: HttpConnection, slot: _Slot, route: str, item: Classified,
                  headers: list[tuple[str, str]], conn_hdr: bytes, path: str = "") -> None:
@@ -297,6 +309,7 @@ class Exchange:
         self.refused = False
         self.unsent = False  # dispatched, not yet sent to a backend: counted by the utilization detector
         self.started = False  # the response head went to the client (a stream is being relayed)
+        self.sized = False  # ... with a content-length (a large JSON body written in pieces): no tail can end it
         self.backend: Backend | None = None
         self.actual = -1  # the tokens the backend reported using (prompt + completion); -1: not known
 
@@ -413,6 +426,10 @@ class Proxy:
         self.active: set[Exchange] = set()
         self.unsent = 0  # dispatched requests whose task has not sent them to a backend yet
         self._on_room = on_room
+        self._passthroughs = asyncio.Semaphore(MAX_PASSTHROUGHS)
+        # each connection's latest passthrough: the next one waits for it
+        self._last_passthrough: weakref.WeakKeyDictionary[HttpConnection, asyncio.Task[None]] = (
+            weakref.WeakKeyDictionary())
         self.session: aiohttp.ClientSession | None = None
         self.scraper: Scraper | None = None
         self.closing = False  # close() began: what it cancels is answered `shutting_down` (end_at_close)
@@ -545,7 +562,9 @@ class Proxy:
             exchange = Exchange(self, conn, slot, route, _PASSTHROUGH, headers, conn_hdr,
                                 (path + query).decode("latin-1"))
             slot.exchange = exchange
-            exchange.task = self.loop.create_task(self.forward(exchange, method=method.decode()))
+            before = self._last_passthrough.get(conn)
+            exchange.task = self.loop.create_task(self._pass_through(exchange, method.decode(), before))
+            self._last_passthrough[conn] = exchange.task
             self.active.add(exchange)
             exchange.task.add_done_callback(exchange._done)
             return
@@ -578,6 +597,13 @@ class Proxy:
 
     # ------------------------------------------------------------------ upstream
 
+    async def _pass_through(self, ex: Exchange, method: str, before: asyncio.Task[None] | None) -> None:
+        """A GET passed through: after the connection's previous one, within `MAX_PASSTHROUGHS` in all."""
+        if before is not None and not before.done():
+            await asyncio.wait([before])  # (however it ended)
+        async with self._passthroughs:
+            await self.forward(ex, method)
+
     async def forward(self, ex: Exchange, method: str = "POST") -> None:
         """Send the request to a backend (retrying another on a connect error or 5xx), relay the answer."""
         assert self.session is not None
@@ -586,6 +612,9 @@ class Proxy:
         headers = [(n, v) for n, v in ex.headers if n not in _DROP_REQUEST]
         if method == "POST":
             headers = [(n, v) for n, v in headers if n != "content-type"] + [("content-type", "application/json")]
+        # the answer uncompressed (its usage is read, a stream re-framed); one compressed anyway keeps its
+        # `content-encoding` (passed through)
+        headers.append(("accept-encoding", "identity"))
         tried: set[int] = set()
         attempt = 0
         while True:
@@ -627,8 +656,16 @@ class Proxy:
             # the path and query as the client sent them, not re-quoted (`?api-version=...` and the like)
             url = URL(_encoded_base(backend.url) + ex.path, encoded=True)
             try:
-                resp = await self.session.request(method, url, data=ex.item.body or None, headers=headers)
+                # (a redirect is the client's to follow: passed through, not re-sent with its body and
+                # credentials to wherever the backend says; a review)
+                resp = await self.session.request(method, url, data=ex.item.body or None, headers=headers,
+                                                  allow_redirects=False)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                if getattr(exc, "errno", None) in _LOCAL_SHORTAGE:  # ours: no backend is to blame, none is tried
+                    log.error("connecting to backend %s: %s (not counted as the backend's)", backend.name, exc)
+                    self._respond_error(ex, 503, f"flowshard: cannot open a connection to a backend: {exc}",
+                                        "service_unavailable", "local_resources", extra=b"retry-after: 1\r\n")
+                    return True
                 self.pool.failed(backend, loop.time(), "connect", f"{type(exc).__name__}: {exc}")
                 if last:
                     self._respond_error(ex, 502, f"flowshard: backend {backend.name} failed: {type(exc).__name__}",
@@ -636,7 +673,7 @@ class Proxy:
                     return True
                 return False
             if resp.status >= 500:
-                self.pool.failed(backend, loop.time(), f"http_{resp.status}", f"HTTP {resp.status}")
+                self.pool.answered_error(backend, loop.time(), resp.status)
                 if not last:
                     return False
             else:
@@ -674,7 +711,21 @@ class Proxy:
         self.stats.response(ex.route, resp.status)
         head = _response_head(resp.status, self._response_headers(resp), ex.conn_hdr,
                               b"content-length: %d\r\n" % len(data))
-        ex.conn.slot_respond(ex.slot, head + data)
+        if len(data) <= _PIECE:
+            ex.conn.slot_respond(ex.slot, head + data)
+            return
+        # A large body goes in pieces, each after the client has read enough of the last (as a stream
+        # does): written whole, more than write_buffer_limit of it unsent at once dropped a client that
+        # was reading at full speed as a slow reader (a review: a 1.5 MB answer cut at 200 KB).
+        conn, slot = ex.conn, ex.slot
+        ex.started = ex.sized = True
+        unread = conn.slot_write(slot, head)
+        with memoryview(data) as view:
+            for at in range(0, len(data), _PIECE):
+                if unread is not None:
+                    await unread
+                unread = conn.slot_write(slot, bytes(view[at:at + _PIECE]))
+        conn.slot_end(slot)
 
     async def _relay_stream(self, ex: Exchange, backend: Backend, resp: aiohttp.ClientResponse) -> None:
         conn, slot = ex.conn, ex.slot
@@ -688,15 +739,25 @@ class Proxy:
         try:
             async for data in resp.content.iter_any():
                 out = relay.feed(data)
-                if out and not ended:
+                if out:
                     stats.chunks += 1
                     if out.endswith(_DONE):  # the client has all it needs: end its response now
                         ended = True
                         conn.slot_end(slot, b"%x\r\n%b\r\n0\r\n\r\n" % (len(out), out))
-                    else:
-                        unread = conn.slot_write(slot, b"%x\r\n%b\r\n" % (len(out), out))
-                        if unread is not None:  # the client reads slower than the backend writes
-                            await unread
+                        break
+                    unread = conn.slot_write(slot, b"%x\r\n%b\r\n" % (len(out), out))
+                    if unread is not None:  # the client reads slower than the backend writes
+                        await unread
+            if ended:  # what may follow [DONE] is owed to nobody: the response's end, awaited briefly
+                try:
+                    async with asyncio.timeout(_DONE_GRACE):
+                        async for data in resp.content.iter_any():
+                            relay.feed(data)
+                except TimeoutError:
+                    # The backend keeps the response open after [DONE] (a review: its ticket was held for
+                    # read_timeout, 600 s by default, and the backend then counted as failing): closed
+                    # here, its connection dropped; not a failure, the client had its whole answer.
+                    resp.close()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             resp.close()
             stats.midstream_failures += 1
@@ -719,6 +780,9 @@ class Proxy:
         raises as `APIError`), then the chunked end. What the relay still holds is an event cut short
         (`SseUsage.feed` passes every complete one): it is dropped, as a server-sent-events reader drops
         an unterminated event, rather than glued to the error. A no-op once the response has ended."""
+        if ex.sized:  # a body with a content-length cut short: closing is all that can tell the client
+            ex.conn.slot_end(ex.slot, close=True)
+            return
         tail = b"data: " + _encode(_ErrorBody(_ErrorDetail(message, type_, None, code))) + b"\n\n"
         ex.conn.slot_end(ex.slot, b"%x\r\n%b\r\n0\r\n\r\n" % (len(tail), tail), close=close)
 

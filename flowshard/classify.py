@@ -152,7 +152,9 @@ def _count(body: dict[str, Any], name: str) -> int | None:
     if value is None:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ClassifyError(400, f"{name}: {value!r} must be a non-negative integer", name)
+        shown = msgspec.json.encode(value).decode()  # as the client wrote it (`true`, not Python's `True`)
+        shown = shown if len(shown) <= 40 else shown[:40] + "..."
+        raise ClassifyError(400, f"{name}: {shown} must be a non-negative integer", name)
     if value > MAX_TOKENS:  # the bound of `tokens` everywhere: a larger one is not a cost (it was capped)
         raise ClassifyError(400, f"{name}: {value} is above the maximum 4294967296 (2^32)", name)
     return value

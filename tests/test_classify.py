@@ -108,7 +108,9 @@ BODY_400: list[tuple[str, bytes, str]] = [
     ("missing required field", b'{"messages": []}', "model: a non-empty string is required"),
     ("wrong type", b'{"model": 5}', "model: a non-empty string is required"),
     ("wrong type: max_tokens", b'{"model": "m", "max_tokens": "lots"}',
-     "max_tokens: 'lots' must be a non-negative integer"),
+     'max_tokens: "lots" must be a non-negative integer'),
+    ("wrong type: max_completion_tokens", b'{"model": "m", "max_completion_tokens": true}',
+     "max_completion_tokens: true must be a non-negative integer"),
     # an integer past the bound of `tokens` everywhere (2^32) was taken and capped, where the same
     # number written as a float got a 400 (a review)
     ("out of range: max_tokens", b'{"model": "m", "max_tokens": 1180591620717411303424}',

@@ -1,0 +1,324 @@
+"""Proxy mode against backends and clients that misbehave (a review of proxy mode): a large answer to a
+client reading through a small window, a stream whose client stops reading, a backend that keeps a
+stream open after `[DONE]`, redirects, compressed answers, pipelined pass-throughs, one request's own
+5xx, and metrics bodies too large to parse. In one process: a real aiohttp backend, the real proxy
+and HTTP front, and an admission that dispatches at once and records the releases."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from servicekit import run
+from test_proxy import MSG, _RecordingAdmission
+
+from distributor.backends import ERROR_ANSWERS_TO_FAIL, MAX_METRICS_BYTES, BackendPool, Scraper
+from distributor.http import HttpLimits, start_http_server
+from distributor.proxy import MAX_PASSTHROUGHS, Proxy
+from flowshard.config import Config, ProxyConfig
+from flowshard.utilization import PoolUtilization
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+CHAT = b"/v1/chat/completions"
+
+
+class Rig:
+    def __init__(self, backend: str, port: int, proxy: Proxy, admission: _RecordingAdmission) -> None:
+        self.backend = backend
+        self.port = port
+        self.proxy = proxy
+        self.admission = admission
+
+
+@contextlib.asynccontextmanager
+async def rig(routes: list[tuple[str, str, Handler]], limits: HttpLimits | None = None,
+              **proxy: Any) -> AsyncIterator[Rig]:
+    app = web.Application()
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = socket.create_server(("127.0.0.1", 0))
+    await web.SockSite(runner, sock).start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    admission = _RecordingAdmission()
+    px = Proxy(Config(proxy=ProxyConfig(backends=[url], utilization=False, **proxy)), admission, lambda: None)
+    await px.start()
+    server = await start_http_server(admission, "127.0.0.1", 0, limits or HttpLimits(), lease=300.0, proxy=px)
+    try:
+        yield Rig(url, server.sockets[0].getsockname()[1], px, admission)
+    finally:
+        server.close()
+        await px.close()
+        await runner.cleanup()
+
+
+def _post(path: bytes = CHAT, **fields: Any) -> bytes:
+    body = json.dumps({"model": "m", "messages": MSG, **fields}).encode()
+    return b"POST %b HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%b" % (path, len(body), body)
+
+
+def _read_answer(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One content-length answer, read as fast as it comes: (head, body)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(1 << 16)
+        assert data, buf[:200]
+        buf += data
+    head, body = buf.split(b"\r\n\r\n", 1)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        data = sock.recv(1 << 16)
+        if not data:
+            break
+        body += data
+    return head, body
+
+
+async def _released(admission: _RecordingAdmission, n: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while len(admission.released) < n:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+def test_a_large_answer_reaches_a_client_reading_through_a_small_window() -> None:
+    """A 4 MiB JSON answer to a client that reads as fast as it can, over a connection with an
+    Ethernet-sized segment (the service's kernel send buffer then stays small): it gets all of it.
+    Written in one piece, more than `write_buffer_limit` of it waited unsent and the client was
+    dropped as a slow reader, its answer cut short (a review: 202,644 of 1,487,445 bytes)."""
+    size = 4 << 20
+    payload = b'{"object":"embedding","data":"' + b"x" * size + b'"}'
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.Response(body=payload, content_type="application/json")
+
+    async def go() -> None:
+        async with rig([("POST", "/v1/chat/completions", answer)],
+                       HttpLimits(write_buffer_limit=256 << 10)) as r:
+            def client() -> tuple[bytes, bytes]:
+                with socket.socket() as s:
+                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1460)
+                    s.connect(("127.0.0.1", r.port))
+                    s.settimeout(30)
+                    s.sendall(_post())
+                    return _read_answer(s)
+
+            head, body = await asyncio.to_thread(client)
+            assert head.startswith(b"HTTP/1.1 200")
+            assert body == payload
+            assert await _released(r.admission, 1, 5.0)
+
+    run(go(), timeout=60.0)
+
+
+def test_a_stream_whose_client_stops_reading_is_dropped_and_its_budget_freed() -> None:
+    """A client starts a stream and never reads it: once its unread answer stops the writing for
+    `header_timeout`, it is dropped as a slow reader and the request's ticket released. It held its
+    slot of the budget for as long as it kept the connection open (a review: 90 s and counting)."""
+    event = b"data: " + json.dumps({"choices": [{"delta": {"content": "y" * 4000}}]}).encode() + b"\n\n"
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await resp.write(event)
+        return resp
+
+    async def go() -> None:
+        async with rig([("POST", "/v1/chat/completions", endless)], HttpLimits(header_timeout=1.0)) as r:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.connect(("127.0.0.1", r.port))
+                s.sendall(_post(stream=True))
+                t0 = time.monotonic()
+                assert await _released(r.admission, 1, 10.0), "the ticket is still held"
+                assert time.monotonic() - t0 < 6.0
+
+    run(go(), timeout=30.0)
+
+
+def test_a_backend_keeping_a_stream_open_after_done_does_not_hold_the_ticket() -> None:
+    """The backend sends the answer and `[DONE]`, then keeps the response open: the client has its
+    whole answer at once, the ticket is released within ~1 s, and the backend is not counted as
+    failing. (It was held for `read_timeout`, 600 s by default, and the backend then taken out.)"""
+
+    async def stalls(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n')
+        await asyncio.sleep(4)  # (longer than the grace, shorter than the test)
+        return resp
+
+    async def go() -> None:
+        async with rig([("POST", "/v1/chat/completions", stalls)], read_timeout=30.0) as r:
+            reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+            writer.write(_post(stream=True))
+            t0 = time.monotonic()
+            got = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 5.0)
+            assert b"data: [DONE]" in got
+            assert await _released(r.admission, 1, 3.0)
+            assert time.monotonic() - t0 < 3.0
+            backend = r.proxy.pool.backends[0]
+            assert backend.errors == {} and r.proxy.pool.up(backend, r.proxy.loop.time())
+            writer.close()
+
+    run(go(), timeout=30.0)
+
+
+def test_a_redirect_is_passed_through_not_followed() -> None:
+    """A backend answering 307 elsewhere: the client gets the 307; flowshard does not re-send the
+    client's body and credentials to where the backend points."""
+    followed: list[str] = []
+
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        raise web.HTTPTemporaryRedirect("/elsewhere")
+
+    async def elsewhere(request: web.Request) -> web.StreamResponse:
+        followed.append(request.headers.get("x-api-key", ""))
+        return web.json_response({"internal": "admin data"})
+
+    async def go() -> None:
+        async with rig([("POST", "/v1/chat/completions", redirect), ("POST", "/elsewhere", elsewhere)]) as r:
+            reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+            writer.write(_post().replace(b"host: x\r\n", b"host: x\r\nx-api-key: secret\r\n"))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            assert head.startswith(b"HTTP/1.1 307") and b"location: /elsewhere" in head.lower()
+            assert followed == []
+            writer.close()
+
+    run(go())
+
+
+def test_a_compressed_answer_keeps_its_content_encoding_and_identity_is_asked() -> None:
+    """The proxy asks for `accept-encoding: identity`; a backend compressing anyway has its
+    `content-encoding` passed on with the body, so the client can decode it (it was dropped, the
+    gzip bytes labelled plain JSON)."""
+    asked: list[str] = []
+    plain = b'{"object":"chat.completion","choices":[]}'
+
+    async def gzipped(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        asked.append(request.headers.get("accept-encoding", ""))
+        return web.Response(body=gzip.compress(plain), headers={"content-type": "application/json",
+                                                                 "content-encoding": "gzip"})
+
+    async def go() -> None:
+        async with rig([("POST", "/v1/chat/completions", gzipped)]) as r:
+            def client() -> tuple[bytes, bytes]:
+                with socket.create_connection(("127.0.0.1", r.port), timeout=10) as s:
+                    s.sendall(_post().replace(b"host: x\r\n", b"host: x\r\naccept-encoding: gzip\r\n"))
+                    return _read_answer(s)
+
+            head, body = await asyncio.to_thread(client)
+            assert b"content-encoding: gzip" in head.lower()
+            assert gzip.decompress(body) == plain
+            assert asked == ["identity"]
+
+    run(go())
+
+
+def test_pipelined_passthroughs_go_one_at_a_time_per_connection() -> None:
+    """`GET /v1/models/{id}` is passed through without admission: 100 pipelined on one connection
+    are answered in order, one backend request at a time (they opened one backend connection each,
+    3,000 for 3 clients, until descriptors ran out for everyone)."""
+    running = peak = 0
+
+    async def model(request: web.Request) -> web.StreamResponse:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.002)
+        running -= 1
+        return web.json_response({"id": request.match_info["name"], "object": "model"})
+
+    async def go() -> None:
+        async with rig([("GET", "/v1/models/{name}", model)]) as r:
+            reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+            writer.write(b"".join(b"GET /v1/models/m%d HTTP/1.1\r\nhost: x\r\n\r\n" % n for n in range(60)))
+            ids = []
+            for _ in range(60):
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                ids.append(json.loads(await reader.readexactly(length))["id"])
+            assert ids == [f"m{n}" for n in range(60)]
+            assert peak == 1
+            writer.close()
+
+    run(go(), timeout=30.0)
+    assert MAX_PASSTHROUGHS >= 1
+
+
+def test_one_requests_own_5xx_does_not_take_the_pool_out() -> None:
+    """5xx answers take a backend out only at the third in a row: a request that gets a 500 from
+    every backend (retried on each) leaves them all up, while a backend answering nothing but errors
+    is out at its third."""
+    pool = BackendPool(["http://a", "http://b"], backoff=1.0, max_backoff=30.0)
+    a, b = pool.backends
+    for _ in range(20):  # the poison request, on both; ordinary requests succeed between
+        pool.answered_error(a, 0.0, 500)
+        pool.answered_error(b, 0.0, 500)
+        pool.succeeded(a)
+        pool.succeeded(b)
+        assert pool.up(a, 0.0) and pool.up(b, 0.0)
+    assert a.errors == {"http_500": 20}
+    for _ in range(ERROR_ANSWERS_TO_FAIL):
+        assert pool.up(a, 0.0)
+        pool.answered_error(a, 0.0, 503)
+    assert not pool.up(a, 0.0) and a.last_kind == "http_503"
+
+
+def test_a_metrics_body_too_large_or_redirected_is_a_scrape_error() -> None:
+    """A metrics body past `MAX_METRICS_BYTES` is not read whole nor parsed (a 20 MB one kept the
+    distributor at 98 % CPU), with or without a content-length; a redirect is not followed."""
+    big = b"# padding\n" * (MAX_METRICS_BYTES // 10 + 10)
+
+    async def sized(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=big, content_type="text/plain")
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/plain"})
+        await resp.prepare(request)
+        for at in range(0, len(big), 1 << 16):
+            await resp.write(big[at:at + (1 << 16)])
+        await resp.write_eof()
+        return resp
+
+    async def moved(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPFound("http://127.0.0.1:9/metrics")
+
+    async def go() -> None:
+        for handler, error in ((sized, "over"), (chunked, "over"), (moved, "HTTP 302")):
+            app = web.Application()
+            app.router.add_get("/metrics", handler)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            sock = socket.create_server(("127.0.0.1", 0))
+            await web.SockSite(runner, sock).start()
+            config = ProxyConfig(backends=[f"http://127.0.0.1:{sock.getsockname()[1]}"])
+            pool = BackendPool(config.backends, 1.0, 30.0)
+            util = PoolUtilization(1, config.queue_threshold, config.kv_threshold, config.staleness)
+            import aiohttp
+
+            async with aiohttp.ClientSession() as session:
+                scraper = Scraper(pool, util, session, config, lambda: None)
+                await scraper._scrape(0, aiohttp.ClientTimeout(total=5.0))
+                assert error in scraper.errors[0], (handler.__name__, scraper.errors)
+            await runner.cleanup()
+
+    run(go())
