@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tracemalloc
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowshard.classify import MAX_EVENT, ClassifyError, SseUsage, Usage, classify, usage_from_body, usage_problem
+from flowshard.classify import (
+    LARGE_BODY,
+    MAX_EVENT,
+    ClassifyError,
+    SseUsage,
+    Usage,
+    classify,
+    usage_from_body,
+    usage_problem,
+)
 from flowshard.config import ConfigError, ProxyConfig, load_config
 
 CHAT = "/v1/chat/completions"
@@ -268,3 +278,61 @@ def test_usage_null_strip_is_not_quadratic_in_a_run_of_whitespace() -> None:
     spent = time.perf_counter() - t
     assert b'"usage"' not in out
     assert spent < 1.0, f"{spent:.2f} s for one 64 KiB event"  # linear: ~1 ms; quadratic: ~4 s
+
+
+def _large(**fields: object) -> bytes:
+    """A body past LARGE_BODY: many small messages (the shape that cost most to build as objects)."""
+    doc: dict[str, object] = {"model": "llama", "messages": [{"role": "user", "content": "hi there"}] * 40000,
+                              "temperature": 0.5, "tools": [{"type": "function", "function": {"name": "f"}}]}
+    doc.update(fields)
+    data = json.dumps(doc).encode()
+    assert len(data) > LARGE_BODY
+    return data
+
+
+def test_a_large_body_is_read_at_its_top_level_only() -> None:
+    """Past LARGE_BODY the prompt is not decoded: its JSON length stands for its characters (an
+    estimate, corrected at release by the backend's usage), and classifying builds no Python object
+    per message (a review: a legal 16 MiB body took 1.7 s and 242 MiB, on the loop serving every
+    client). Everything else reads as for a small body."""
+    data = _large(max_tokens=7)
+    tracemalloc.start()
+    try:
+        item = classify(cfg(), CHAT, {}, data, 0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < len(data) // 4  # (the whole decode: many times the body)
+    raw_messages = json.dumps(json.loads(data)["messages"]).encode()
+    assert item.prompt_tokens == -(-len(raw_messages) // 4)  # ceil(JSON length / chars_per_token)
+    assert item.tokens == item.prompt_tokens + 7 and item.model == "llama" and not item.stream
+    assert item.body is data and item.size == len(data)
+
+
+def test_a_large_streamed_body_gets_include_usage_with_its_other_fields_unchanged() -> None:
+    data = _large(stream=True, stream_options={"continuous_usage_stats": False})
+    item = classify(cfg(), CHAT, {}, data, 0)
+    assert item.stream and item.strip_usage
+    sent, original = json.loads(item.body), json.loads(data)
+    assert sent.pop("stream_options") == {"continuous_usage_stats": False, "include_usage": True}
+    original.pop("stream_options")
+    assert sent == original
+
+
+def test_a_large_body_is_validated_as_a_small_one() -> None:
+    big = b'"' + b"x" * LARGE_BODY + b'"'
+    cases = [
+        (b"[" + big + b"]", "request body must be a JSON object, got an array"),
+        (big, "request body must be a JSON object, got a string"),
+        (b'{"model": "m", "prompt": ' + big + b", }",
+         "request body is not valid JSON: trailing comma in object (byte 262173)"),
+        (b'{"prompt": ' + big + b"}", "model: a non-empty string is required"),
+        (b'{"model": "m", "prompt": ' + big + b', "max_tokens": -1}', "max_tokens: -1 must be a non-negative integer"),
+        (b'{"model": "m", "prompt": ' + big + b', "stream": "yes"}', "stream: must be true or false"),
+        (b'{"model": "m", "stream_options": {"a": ' + big + b"}}",
+         "stream_options: 262153 bytes of JSON, at most 65536"),
+    ]
+    for payload, message in cases:
+        with pytest.raises(ClassifyError) as exc:
+            classify(cfg(), "/v1/completions", {}, payload, 0)
+        assert (exc.value.status, exc.value.message) == (400, message), message
