@@ -369,6 +369,15 @@ async def test_a_connection_condemned_by_a_protocol_error_is_gone_within_close_t
         raw.writer.transport.abort()
 
 
+def _sysctl_max(name: str) -> int:
+    """The largest buffer the kernel may autotune a TCP socket's to (`net.ipv4.<name>`'s third field)."""
+    try:
+        with open(f"/proc/sys/net/ipv4/{name}") as f:
+            return int(f.read().split()[2])
+    except (OSError, IndexError, ValueError):
+        return 6 << 20
+
+
 @on_loop()
 async def test_a_condemned_connection_that_keeps_sending_is_reset_past_max_linger_bytes() -> None:
     """Input after a protocol error is read and discarded while the close waits for the client; a
@@ -380,14 +389,17 @@ async def test_a_condemned_connection_that_keeps_sending_is_reset_past_max_linge
         await raw.send_bytes(b"\x00\x00\x00\x03\xc1\xc1\xc1")
         t0 = asyncio.get_running_loop().time()
         sent = 0
+        # more than the kernel's buffers can hold (both ends autotune up to their tcp_rmem/tcp_wmem
+        # maxima, 32 MiB on some machines): past them only a reset can end the sending
+        cap = max(4 << 20, 2 * (_sysctl_max("tcp_rmem") + _sysctl_max("tcp_wmem")))
         try:
-            while sent < 4 << 20:
+            while sent < cap:
                 await raw.send_bytes(b"x" * 65536)
                 sent += 65536
         except ConnectionError:
             pass
         await until(lambda: guards[("binary", "linger_overflow")] == 1)
         assert asyncio.get_running_loop().time() - t0 < 2.5  # not the 5 s close_timeout
-        assert sent < 4 << 20
+        assert sent < cap
         assert guards[("binary", "malformed")] == 1
         raw.writer.transport.abort()
