@@ -170,3 +170,17 @@ def share_error(measured: float, expected: float) -> float:
 @pytest.fixture
 def ids() -> Ids:
     return Ids()
+
+
+def past_kernel_buffers() -> int:
+    """Bytes a client must send to be sure they cannot all sit in the kernel's buffers of one loopback
+    connection (each end's autotunes up to its tcp_rmem/tcp_wmem maximum: 32 MiB on some machines):
+    past them only the peer's reading, or its reset, lets the sending go on."""
+    total = 0
+    for name in ("tcp_rmem", "tcp_wmem"):
+        try:
+            with open(f"/proc/sys/net/ipv4/{name}") as f:
+                total += int(f.read().split()[2])
+        except (OSError, IndexError, ValueError):
+            total += 6 << 20
+    return max(4 << 20, 2 * total)

@@ -9,6 +9,7 @@ import struct
 from typing import Any
 
 import pytest
+from conftest import past_kernel_buffers
 from test_binary import FLOW_OUTCOMES, HOLD, FakeAdmission, LinkLike, Raw, on_loop, serving, until
 
 from distributor.binary import BATCH, REPLY_BYTES, BinaryConnection, BinaryLimits
@@ -369,15 +370,6 @@ async def test_a_connection_condemned_by_a_protocol_error_is_gone_within_close_t
         raw.writer.transport.abort()
 
 
-def _sysctl_max(name: str) -> int:
-    """The largest buffer the kernel may autotune a TCP socket's to (`net.ipv4.<name>`'s third field)."""
-    try:
-        with open(f"/proc/sys/net/ipv4/{name}") as f:
-            return int(f.read().split()[2])
-    except (OSError, IndexError, ValueError):
-        return 6 << 20
-
-
 @on_loop()
 async def test_a_condemned_connection_that_keeps_sending_is_reset_past_max_linger_bytes() -> None:
     """Input after a protocol error is read and discarded while the close waits for the client; a
@@ -391,7 +383,7 @@ async def test_a_condemned_connection_that_keeps_sending_is_reset_past_max_linge
         sent = 0
         # more than the kernel's buffers can hold (both ends autotune up to their tcp_rmem/tcp_wmem
         # maxima, 32 MiB on some machines): past them only a reset can end the sending
-        cap = max(4 << 20, 2 * (_sysctl_max("tcp_rmem") + _sysctl_max("tcp_wmem")))
+        cap = past_kernel_buffers()
         try:
             while sent < cap:
                 await raw.send_bytes(b"x" * 65536)
