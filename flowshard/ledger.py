@@ -153,6 +153,7 @@ class LedgerBand:
         "served",
         "shard_bytes",
         "shard_cost",
+        "shard_fresh",
         "shard_granted",
         "shard_items",
         "shard_late",
@@ -193,6 +194,7 @@ class LedgerBand:
         # serve them. An exit that leaves grants unused counts as stale those the others cannot use.
         self.shard_late = [0] * shards
         self.shard_planned = [0] * shards
+        self.shard_fresh = [0] * shards  # of the grants outstanding here, those of plan `shard_planned` (the newest)
         self.granted = 0
         # Fair shares across shards (see Ledger._shard_rank): what each shard's queued requests cost in
         # the band's fairness unit, the weight of the flows it holds, and its virtual time.
@@ -513,13 +515,17 @@ class Ledger:
         Any other exit (cancel, TTL, displacement, a dispatch on another band's grant) may leave a
         grant outstanding there that was meant for p: the grants the band's other requests there
         cannot use count as stale, so a request arriving later is not taken as covered by them (that
-        would let a lower band go first). Those others are the requests queued before the band's
-        latest grant there was planned (`shard_late` counts the rest): each outstanding grant serves
-        one of them, or comes back. (Every grant outstanding counted stale, the rule before, took the
-        others as uncovered too: a TTL expiry or a cancel made the next plan grant them again, the
-        lower bands' grants were narrowed for work that had its grants, and the inversion counter
-        counted their dispatches: a review.) A covered exit is never a late request: the grant that
-        served it was written after its Enqueue.
+        would let a lower band go first). A grant serves only requests whose Enqueue went before it
+        on the link. The grants of the band's latest plan there (`shard_fresh`) follow every request
+        queued before that plan (all but `shard_late`): they are counted usable up to those requests'
+        number; grants of earlier plans may precede requests queued since, so they are counted stale
+        (never taken as covering what they cannot serve; at worst a phantom the next answers clear).
+        (Every grant outstanding counted stale, the first rule, took the others as uncovered too: a
+        TTL expiry or a cancel made the next plan grant them again, lower bands' grants were narrowed
+        for work that had its grants, and the inversion counter counted their dispatches; the latest
+        plan's limit alone, the second, took earlier plans' grants as serving requests queued after
+        them: a lower band could go first. Reviews.) A covered exit is never a late request: the
+        grant that served it was written after its Enqueue.
         """
         band = self.bands[p.band]
         shard, size = p.shard, p.size  # (read once: each is used up to 8 times below)
@@ -542,7 +548,10 @@ class Ledger:
         band.shard_items[shard] -= 1
         if not covered:  # the grants outstanding there beyond the requests that may use them are stale
             granted = band.shard_granted[shard]
-            unusable = granted - band.shard_items[shard] + band.shard_late[shard]
+            # grants planned before the latest plan may precede the requests queued since on the link:
+            # taken as serving nothing (only the latest plan's grants follow every non-late request)
+            unusable = max(granted - band.shard_items[shard] + band.shard_late[shard],
+                           granted - band.shard_fresh[shard])
             if unusable > band.shard_stale[shard]:
                 band.shard_stale[shard] = unusable if unusable < granted else granted
         if band.counts_home and not band.shard_items[shard]:  # global-fcfs, its last request on `shard`
@@ -676,6 +685,9 @@ class Ledger:
             band.granted += 1
             band.shard_granted[shard] += 1
             band.shard_late[shard] = 0  # every request there now is ahead of this grant on the link
+            if band.shard_planned[shard] != plans:
+                band.shard_fresh[shard] = 0
+            band.shard_fresh[shard] += 1
             band.shard_planned[shard] = plans
             self.grants_out += 1
             if reserve > 0:
@@ -700,6 +712,7 @@ class Ledger:
                         break
                     band.granted += 1
                     granted[shard] += 1
+                    band.shard_fresh[shard] += 1
                     self.grants_out += 1
                     queue.append((index, -1, 0.0, saturation))
                     out.append((shard, index, -1, saturation))
@@ -912,6 +925,8 @@ class Ledger:
             band.shard_stale[shard] -= 1
         band.granted -= 1
         band.shard_granted[shard] -= 1
+        if band.shard_fresh[shard] > band.shard_granted[shard]:  # the newest are answered last
+            band.shard_fresh[shard] = band.shard_granted[shard]
         self.grants_out -= 1
         if reserve > 0:
             self.grants_bytes -= reserve
@@ -971,6 +986,7 @@ class Ledger:
         self._grants[shard].clear()
         for band in self.bands:
             band.shard_stale[shard] = 0
+            band.shard_fresh[shard] = 0
         for key in [k for k in self._need if k[1] == shard]:
             del self._need[key]
         lost = [p for band in self.bands for p in band.order.values() if p.shard == shard]

@@ -1202,3 +1202,36 @@ def test_a_higher_band_over_its_ceiling_at_the_grant_is_not_taken_from():
     _dispatch(ledger, second, 26)  # on the grant planned at 0.5: high's ceiling
     ledger.plan_grants()
     assert ledger.close_window(30) == [1] and ledger.inversions == [0, 1]
+
+
+def test_an_exit_without_its_grant_counts_grants_of_earlier_plans_as_stale() -> None:
+    """A grant serves only requests whose Enqueue went before it on the link. The shard's link:
+    E1 E2 G1 G2 E3 E4 E5 G3 E6 (two plans, budget 3). H1 and H2 expire before G1 and G2 arrive, so
+    those two come back; G3 serves H3; H4, H5 and H6 have no grant that can serve them. After the
+    ledger reads both expiries it must count 3 uncovered: not 2 (taking G1 and G2 as able to serve
+    the requests queued after them: a lower band would then go first; a review of this round's first
+    rule) nor 4 (every grant stale, the rule before: a phantom, re-granted and counted as inversions)."""
+    config = make_config([{"priority": 0}], service=ServiceConfig(fast_path=False), max_inflight_requests=3,
+                         default_ttl=0)
+    ledger = Ledger(config, 1)
+    h = [Pending(n, f"f{n}", 0, 100) for n in range(1, 7)]
+    ledger.enqueue(h[0], 0)
+    ledger.enqueue(h[1], 0)
+    assert len(ledger.plan_grants()) == 2  # G1, G2
+    for p in h[2:5]:
+        ledger.enqueue(p, 0)
+    assert len(ledger.plan_grants()) == 1  # G3: the budget's last
+    ledger.enqueue(h[5], 0)
+    band = ledger.bands[0]
+    assert band.uncovered(0) == 3  # H4, H5, H6 by the counts (6 requests, 3 grants)
+    ledger.leave(h[0])  # H1 expired on the shard
+    ledger.leave(h[1])  # H2 too
+    assert band.uncovered(0) == 3
+    # the shard's answers, in order: G1 and G2 back, G3 dispatching H3
+    ledger.grant_answered(0, None)
+    ledger.grant_answered(0, None)
+    assert band.uncovered(0) == 3
+    served, live = ledger.grant_answered(0, h[2].size, 0, h[2])
+    assert (served, live) == (0, True)
+    ledger.leave(h[2], covered=True)
+    assert band.uncovered(0) == 3 and band.shard_stale[0] == 0 and band.shard_granted[0] == 0
