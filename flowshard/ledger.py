@@ -194,7 +194,8 @@ class LedgerBand:
         # serve them. An exit that leaves grants unused counts as stale those the others cannot use.
         self.shard_late = [0] * shards
         self.shard_planned = [0] * shards
-        self.shard_fresh = [0] * shards  # of the grants outstanding here, those of plan `shard_planned` (the newest)
+        # grants planned here by plan `shard_planned` (those still out: at most `shard_granted` of them)
+        self.shard_fresh = [0] * shards
         self.granted = 0
         # Fair shares across shards (see Ledger._shard_rank): what each shard's queued requests cost in
         # the band's fairness unit, the weight of the flows it holds, and its virtual time.
@@ -550,8 +551,9 @@ class Ledger:
             granted = band.shard_granted[shard]
             # grants planned before the latest plan may precede the requests queued since on the link:
             # taken as serving nothing (only the latest plan's grants follow every non-late request)
+            # (the latest plan's grants are answered last: those still out are at most `granted`)
             unusable = max(granted - band.shard_items[shard] + band.shard_late[shard],
-                           granted - band.shard_fresh[shard])
+                           granted - min(band.shard_fresh[shard], granted))
             if unusable > band.shard_stale[shard]:
                 band.shard_stale[shard] = unusable if unusable < granted else granted
         if band.counts_home and not band.shard_items[shard]:  # global-fcfs, its last request on `shard`
@@ -925,8 +927,6 @@ class Ledger:
             band.shard_stale[shard] -= 1
         band.granted -= 1
         band.shard_granted[shard] -= 1
-        if band.shard_fresh[shard] > band.shard_granted[shard]:  # the newest are answered last
-            band.shard_fresh[shard] = band.shard_granted[shard]
         self.grants_out -= 1
         if reserve > 0:
             self.grants_bytes -= reserve
