@@ -65,6 +65,9 @@ log = logging.getLogger(__name__)
 ADMIN_RESERVE: Final = 16
 # What a connection of the admin reserve may ask for: the probes and the scrapes.
 ADMIN_PATHS: Final = frozenset({b"/healthz", b"/readyz", b"/metrics", b"/v1/stats"})
+# A client whose unread answers stop the writing is dropped after header_timeout unless it reads at least
+# this many bytes a second meanwhile (`HttpConnection._drop_if_stuck`): slowly is fine, not at all is not
+MIN_READ_RATE: Final = 1024
 
 
 class HttpLimits(msgspec.Struct, frozen=True, kw_only=True):
@@ -223,7 +226,7 @@ class _Slot:
     queue; pieces that arrive while an earlier response is still pending wait in `chunks`.
     """
 
-    __slots__ = ("chunks", "close", "conn", "data", "exchange", "rid", "ticket")
+    __slots__ = ("chunks", "close", "conn", "data", "exchange", "rid", "ticket", "turn")
 
     def __init__(self, conn: bytes, close: int, data: bytes | None = None) -> None:
         self.conn = conn
@@ -233,6 +236,7 @@ class _Slot:
         self.ticket = 0  # a dispatched response's ticket: released if the slot is never written
         self.chunks: list[bytes] | None = None  # a streamed response's pieces not yet written
         self.exchange: Exchange | None = None  # proxy mode: told when the client goes away
+        self.turn: asyncio.Future[None] | None = None  # proxy mode: awaited until the slot heads the queue
 
 
 class HttpHub:
@@ -330,6 +334,7 @@ class HttpConnection(asyncio.Protocol):
         self._paused = False
         self._wpaused = False  # reading paused because unsent responses passed write_high
         self._wpaused_at = 0.0  # since when (loop time), while `_wpaused`
+        self._wpaused_size = 0  # the unsent bytes then (fewer since: the client reads)
         self._writable: asyncio.Future[None] | None = None  # proxy mode: a stream waits here while paused
         # Tickets of dispatched answers written since the client last sent anything (a request it sent
         # before an answer was written proves nothing about that answer: pipelined in the same read)
@@ -552,6 +557,9 @@ class HttpConnection(asyncio.Protocol):
         if exc is not None:  # reset or broken pipe: the answers written since its last request are lost
             self._release_sent()
         self._settle(self._queue)  # nothing in it was written
+        for slot in self._queue:
+            if slot.turn is not None and not slot.turn.done():
+                slot.turn.set_result(None)  # (its task is cancelled: the client is gone)
         self._queue.clear()
         self._held = None
         # What a request cut short had received, freed now rather than when the cyclic GC finds this
@@ -587,6 +595,7 @@ class HttpConnection(asyncio.Protocol):
             return
         if not self._wpaused:
             self._wpaused_at = self._loop.time()
+            self._wpaused_size = self._transport.get_write_buffer_size()
             self._arm(self._wpaused_at + self._limits.header_timeout)  # judged then (`_drop_if_stuck`)
         self._wpaused = True
         if not self._paused:
@@ -987,6 +996,17 @@ class HttpConnection(asyncio.Protocol):
         """The slot's complete response."""
         self.slot_end(slot, data)
 
+    def slot_turn(self, slot: _Slot) -> asyncio.Future[None] | None:
+        """None if `slot` heads the queue (what it writes goes out as it comes, with backpressure);
+        else a future done when it does, or when the connection is gone. A large answer written
+        before its turn would be kept whole and written at once then (a review: past
+        write_buffer_limit, a client reading at full speed was dropped)."""
+        if self._dead or (self._queue and self._queue[0] is slot):
+            return None
+        if slot.turn is None:
+            slot.turn = self._loop.create_future()
+        return slot.turn
+
     def slot_write(self, slot: _Slot, data: bytes) -> asyncio.Future[None] | None:
         """A piece of a streamed response: written now if the slot is at the head, else kept.
 
@@ -1109,6 +1129,10 @@ class HttpConnection(asyncio.Protocol):
             if slot.close:
                 close = slot.close
                 break
+        if q and q[0].turn is not None:  # its relay waits for its turn: it has it
+            turn, q[0].turn = q[0].turn, None
+            if not turn.done():
+                turn.set_result(None)
         if out is None:
             if batch:  # `_write` inlined, and `_idle` below: this runs once per request (measured)
                 transport = self._transport
@@ -1303,7 +1327,12 @@ class HttpConnection(asyncio.Protocol):
     def _drop_if_stuck(self, now: float) -> None:
         """Its answers wait unread (the writing is paused): a slow reader, dropped as past
         write_buffer_limit, once they have waited so for header_timeout. One that reads, if slowly (a
-        long stream), resumes the writing meanwhile, and the timer then finds it so (a 408, or idle)."""
+        long stream), resumes the writing meanwhile, and the timer then finds it so (a 408, or idle);
+        one that reads at `MIN_READ_RATE` or more while paused is judged again from now (a review: a
+        stream's client reading 3 KB/s was dropped, its pauses longer than header_timeout)."""
+        size = self._transport.get_write_buffer_size()
+        if self._wpaused_size - size >= MIN_READ_RATE * (now - self._wpaused_at):
+            self._wpaused_size, self._wpaused_at = size, now
         stuck = self._wpaused_at + self._limits.header_timeout
         if now >= stuck:
             self._drop()

@@ -34,6 +34,7 @@ import functools
 import http
 import logging
 import math
+import os
 import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
@@ -374,6 +375,8 @@ class Exchange:
     def _done(self, task: asyncio.Task[None]) -> None:
         proxy = self.proxy
         proxy.active.discard(self)
+        if proxy._last_passthrough.get(self.conn) is task:  # (its traceback would keep the connection alive)
+            del proxy._last_passthrough[self.conn]
         proxy.mark_sent(self)
         if task.cancelled():
             if proxy.closing and not self.gone:  # the drain ended with it still running
@@ -661,9 +664,11 @@ class Proxy:
                 resp = await self.session.request(method, url, data=ex.item.body or None, headers=headers,
                                                   allow_redirects=False)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                if getattr(exc, "errno", None) in _LOCAL_SHORTAGE:  # ours: no backend is to blame, none is tried
+                code = getattr(exc, "errno", None)
+                if code in _LOCAL_SHORTAGE:  # ours: no backend is to blame, none is tried
                     log.error("connecting to backend %s: %s (not counted as the backend's)", backend.name, exc)
-                    self._respond_error(ex, 503, f"flowshard: cannot open a connection to a backend: {exc}",
+                    why = os.strerror(code)  # (not the backend's address: the client is told only what)
+                    self._respond_error(ex, 503, f"flowshard: cannot open a connection to a backend: {why}",
                                         "service_unavailable", "local_resources", extra=b"retry-after: 1\r\n")
                     return True
                 self.pool.failed(backend, loop.time(), "connect", f"{type(exc).__name__}: {exc}")
@@ -718,6 +723,9 @@ class Proxy:
         # does): written whole, more than write_buffer_limit of it unsent at once dropped a client that
         # was reading at full speed as a slow reader (a review: a 1.5 MB answer cut at 200 KB).
         conn, slot = ex.conn, ex.slot
+        turn = conn.slot_turn(slot)
+        if turn is not None:  # behind an answer still in progress: its pieces would pile up unwritten
+            await turn
         ex.started = ex.sized = True
         unread = conn.slot_write(slot, head)
         with memoryview(data) as view:
@@ -760,10 +768,12 @@ class Proxy:
                     resp.close()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             resp.close()
+            if ended:  # after [DONE]: the client had its whole answer, and the backend did not fail it
+                if resp.status == 200:
+                    self._settle_usage(ex, backend, relay.usage)
+                return
             stats.midstream_failures += 1
             self.pool.failed(backend, self.loop.time(), "midstream", f"{type(exc).__name__}: {exc}")
-            if ended:  # the client had its whole answer
-                return
             self._end_stream_with_error(ex, f"flowshard: backend {backend.name} failed mid-stream "
                                         f"({type(exc).__name__}); the response is incomplete", "server_error",
                                         "backend_failed")

@@ -162,7 +162,7 @@ def _count(body: dict[str, Any], name: str) -> int | None:
     if value is None:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        shown = msgspec.json.encode(value).decode()  # as the client wrote it (`true`, not Python's `True`)
+        shown = msgspec.json.encode(value).decode()  # as JSON (`true`, not Python's `True`)
         shown = shown if len(shown) <= 40 else shown[:40] + "..."
         raise ClassifyError(400, f"{name}: {shown} must be a non-negative integer", name)
     if value > MAX_TOKENS:  # the bound of `tokens` everywhere: a larger one is not a cost (it was capped)

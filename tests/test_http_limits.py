@@ -15,7 +15,7 @@ from test_http import HOLD, TICKET_BASE, Client, FakeAdmission, admit, get, serv
 
 from bench.inproc import MemoryTransport
 from distributor.guards import Guards
-from distributor.http import HttpHub, HttpLimits
+from distributor.http import MIN_READ_RATE, HttpHub, HttpLimits
 
 # ---------------------------------------------------------------------------------------------- defect 3
 
@@ -386,5 +386,43 @@ def test_a_client_is_dropped_as_a_slow_reader_once_its_answers_waited_unread_for
         else:
             assert sock.aborted and guards[("http", "slow_reader")] == 1
             assert guards[("http", "header_timeout")] == 0
+
+    asyncio.run(main())
+
+
+class _Buffered(_Socket):
+    """A socket whose unsent bytes the test sets (what the client has not read yet)."""
+
+    def __init__(self, unsent: int) -> None:
+        super().__init__()
+        self.unsent = unsent
+
+    def get_write_buffer_size(self) -> int:
+        return self.unsent
+
+
+@pytest.mark.parametrize("rate", [3 * MIN_READ_RATE, MIN_READ_RATE // 2, 0], ids=["reads", "trickles", "never"])
+def test_a_paused_client_is_judged_by_how_fast_it_reads(rate: int) -> None:
+    """While its unread answers stop the writing, a client that reads at `MIN_READ_RATE` or more is
+    judged again from each check (a stream read slowly but steadily keeps going: a review found one
+    reading 3 KB/s dropped, its pause longer than header_timeout); one that reads less, or nothing,
+    is dropped as a slow reader once header_timeout has passed."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        guards = Guards()
+        hub = HttpHub(FakeAdmission(), HttpLimits(header_timeout=1.0), 30.0, loop, guards)
+        sock = _Buffered(200_000)
+        conn = hub()
+        conn.connection_made(sock)  # type: ignore[arg-type]
+        conn.pause_writing()
+        start = conn._wpaused_at
+        for second in range(1, 6):
+            sock.unsent -= rate
+            conn._drop_if_stuck(start + second + 0.01)
+            if sock.aborted:
+                break
+        assert sock.aborted == (rate < MIN_READ_RATE)
+        assert guards[("http", "slow_reader")] == (rate < MIN_READ_RATE)
 
     asyncio.run(main())

@@ -65,9 +65,9 @@ def _post(path: bytes = CHAT, **fields: Any) -> bytes:
     return b"POST %b HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%b" % (path, len(body), body)
 
 
-def _read_answer(sock: socket.socket) -> tuple[bytes, bytes]:
-    """One content-length answer, read as fast as it comes: (head, body)."""
-    buf = b""
+def _read_answer(sock: socket.socket, buf: bytes = b"") -> tuple[bytes, bytes, bytes]:
+    """One content-length answer, read as fast as it comes, after `buf` (read before): (head, body,
+    what was read past it)."""
     while b"\r\n\r\n" not in buf:
         data = sock.recv(1 << 16)
         assert data, buf[:200]
@@ -80,7 +80,7 @@ def _read_answer(sock: socket.socket) -> tuple[bytes, bytes]:
         if not data:
             break
         body += data
-    return head, body
+    return head, body[:length], body[length:]
 
 
 async def _released(admission: _RecordingAdmission, n: int, within: float) -> bool:
@@ -107,7 +107,7 @@ def test_a_large_answer_reaches_a_client_reading_through_a_small_window() -> Non
     async def go() -> None:
         async with rig([("POST", "/v1/chat/completions", answer)],
                        HttpLimits(write_buffer_limit=256 << 10)) as r:
-            def client() -> tuple[bytes, bytes]:
+            def client() -> tuple[bytes, bytes, bytes]:
                 with socket.socket() as s:
                     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1460)
                     s.connect(("127.0.0.1", r.port))
@@ -115,7 +115,7 @@ def test_a_large_answer_reaches_a_client_reading_through_a_small_window() -> Non
                     s.sendall(_post())
                     return _read_answer(s)
 
-            head, body = await asyncio.to_thread(client)
+            head, body, _ = await asyncio.to_thread(client)
             assert head.startswith(b"HTTP/1.1 200")
             assert body == payload
             assert await _released(r.admission, 1, 5.0)
@@ -220,12 +220,12 @@ def test_a_compressed_answer_keeps_its_content_encoding_and_identity_is_asked() 
 
     async def go() -> None:
         async with rig([("POST", "/v1/chat/completions", gzipped)]) as r:
-            def client() -> tuple[bytes, bytes]:
+            def client() -> tuple[bytes, bytes, bytes]:
                 with socket.create_connection(("127.0.0.1", r.port), timeout=10) as s:
                     s.sendall(_post().replace(b"host: x\r\n", b"host: x\r\naccept-encoding: gzip\r\n"))
                     return _read_answer(s)
 
-            head, body = await asyncio.to_thread(client)
+            head, body, _ = await asyncio.to_thread(client)
             assert b"content-encoding: gzip" in head.lower()
             assert gzip.decompress(body) == plain
             assert asked == ["identity"]
@@ -320,5 +320,143 @@ def test_a_metrics_body_too_large_or_redirected_is_a_scrape_error() -> None:
                 await scraper._scrape(0, aiohttp.ClientTimeout(total=5.0))
                 assert error in scraper.errors[0], (handler.__name__, scraper.errors)
             await runner.cleanup()
+
+    run(go())
+
+
+def test_a_stream_read_slowly_but_steadily_is_not_dropped() -> None:
+    """A client reading a stream at ~3 KB/s while the backend writes ~12 KB/s: its unread answer
+    stops the writing for longer than `header_timeout` at a time, but it reads more than
+    `MIN_READ_RATE` meanwhile, so it keeps its stream (a review: it was dropped, the stream cut, once
+    one pause outlasted header_timeout)."""
+    event = b"data: " + json.dumps({"choices": [{"delta": {"content": "z" * 200}}]}).encode() + b"\n\n"
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await resp.write(event)
+                await asyncio.sleep(0.02)
+        return resp
+
+    async def go() -> None:
+        limits = HttpLimits(header_timeout=1.0, write_high=4096)
+        async with rig([("POST", "/v1/chat/completions", endless)], limits) as r:
+            def client() -> int:
+                with socket.socket() as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                    s.connect(("127.0.0.1", r.port))
+                    s.settimeout(5)
+                    s.sendall(_post(stream=True))
+                    got = 0
+                    end = time.monotonic() + 8.0
+                    while time.monotonic() < end:
+                        data = s.recv(300)
+                        assert data, f"dropped after {got} bytes"
+                        got += len(data)
+                        time.sleep(0.1)  # ~3 KB/s
+                    assert r.admission.released == []  # still running (before this client closes)
+                    return got
+
+            got = await asyncio.to_thread(client)
+            assert got > 15_000
+
+    run(go(), timeout=30.0)
+
+
+def test_a_large_answer_behind_a_slow_one_on_the_same_connection_arrives_whole() -> None:
+    """Pipelined: a small answer the backend takes 0.3 s to give, then a 4 MiB one. The large one
+    waits for its turn before its pieces are written (kept until then and written at once, it passed
+    write_buffer_limit and the client was dropped, reading at full speed)."""
+    big = b'{"object":"embedding","data":"' + b"w" * (4 << 20) + b'"}'
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        doc = await request.json()
+        if doc.get("max_tokens") == 1:
+            await asyncio.sleep(0.3)
+            return web.json_response({"object": "chat.completion", "choices": []})
+        return web.Response(body=big, content_type="application/json")
+
+    async def go() -> None:
+        async with rig([("POST", "/v1/chat/completions", answer)], HttpLimits(write_buffer_limit=256 << 10)) as r:
+            def client() -> list[int]:
+                with socket.socket() as s:
+                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1460)
+                    s.connect(("127.0.0.1", r.port))
+                    s.settimeout(30)
+                    s.sendall(_post(max_tokens=1) + _post(max_tokens=2))
+                    sizes = []
+                    rest = b""
+                    for _ in range(2):
+                        head, body, rest = _read_answer(s, rest)
+                        assert head.startswith(b"HTTP/1.1 200"), head
+                        sizes.append(len(body))
+                    return sizes
+
+            sizes = await asyncio.to_thread(client)
+            assert sizes[1] == len(big)
+
+    run(go(), timeout=60.0)
+
+
+def test_a_backend_resetting_after_done_is_not_counted_as_failing() -> None:
+    """The client had its whole stream when the backend reset the connection: the backend stays up
+    and no mid-stream failure is counted."""
+
+    async def resets(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n')
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.abort()
+        return resp
+
+    async def go() -> None:
+        async with rig([("POST", "/v1/chat/completions", resets)]) as r:
+            reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+            writer.write(_post(stream=True))
+            got = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 5.0)
+            assert b"data: [DONE]" in got
+            assert await _released(r.admission, 1, 3.0)
+            backend = r.proxy.pool.backends[0]
+            assert backend.errors == {} and r.proxy.stats.midstream_failures == 0
+            writer.close()
+
+    run(go())
+
+
+def test_passthroughs_whose_clients_left_keep_no_connection_alive() -> None:
+    """Clients that leave while their `GET /v1/models` is at the backend: once their tasks end,
+    nothing keeps their connections (the per-connection chain kept each one's task, whose traceback
+    kept the connection: 200 clients, 200 connections alive after a collection)."""
+    import gc
+
+    from distributor.http import HttpConnection
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.5)
+        return web.json_response({"object": "list", "data": []})
+
+    async def go() -> None:
+        async with rig([("GET", "/v1/models", slow)]) as r:
+            writers = []
+            for _ in range(20):
+                _, writer = await asyncio.open_connection("127.0.0.1", r.port)
+                writer.write(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
+                writers.append(writer)
+            await asyncio.sleep(0.1)
+            for writer in writers:
+                writer.transport.abort()
+            deadline = time.monotonic() + 5
+            while r.proxy.active and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.05)
+            gc.collect()
+            alive = [o for o in gc.get_objects() if isinstance(o, HttpConnection)]
+            assert alive == [] and len(r.proxy._last_passthrough) == 0
 
     run(go())
