@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from servicekit import run
 from test_proxy import MSG, _RecordingAdmission
@@ -38,8 +39,8 @@ class Rig:
 
 
 @contextlib.asynccontextmanager
-async def rig(routes: list[tuple[str, str, Handler]], limits: HttpLimits | None = None,
-              **proxy: Any) -> AsyncIterator[Rig]:
+async def backend(routes: list[tuple[str, str, Handler]]) -> AsyncIterator[str]:
+    """An aiohttp backend serving `routes` on a free port: its URL."""
     app = web.Application()
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)
@@ -47,17 +48,43 @@ async def rig(routes: list[tuple[str, str, Handler]], limits: HttpLimits | None 
     await runner.setup()
     sock = socket.create_server(("127.0.0.1", 0))
     await web.SockSite(runner, sock).start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    admission = _RecordingAdmission()
-    px = Proxy(Config(proxy=ProxyConfig(backends=[url], utilization=False, **proxy)), admission, lambda: None)
-    await px.start()
-    server = await start_http_server(admission, "127.0.0.1", 0, limits or HttpLimits(), lease=300.0, proxy=px)
     try:
-        yield Rig(url, server.sockets[0].getsockname()[1], px, admission)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
-        server.close()
-        await px.close()
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def rig(routes: list[tuple[str, str, Handler]], limits: HttpLimits | None = None,
+              **proxy: Any) -> AsyncIterator[Rig]:
+    async with backend(routes) as url:
+        admission = _RecordingAdmission()
+        px = Proxy(Config(proxy=ProxyConfig(backends=[url], utilization=False, **proxy)), admission, lambda: None)
+        await px.start()
+        server = await start_http_server(admission, "127.0.0.1", 0, limits or HttpLimits(), lease=300.0, proxy=px)
+        try:
+            yield Rig(url, server.sockets[0].getsockname()[1], px, admission)
+        finally:
+            server.close()
+            await px.close()
+
+
+def endless_stream(content: str, pause: float) -> Handler:
+    """A backend route streaming one event of `content` every `pause` seconds until the client goes."""
+    event = b"data: " + json.dumps({"choices": [{"delta": {"content": content}}]}).encode() + b"\n\n"
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await resp.write(event)
+                if pause:
+                    await asyncio.sleep(pause)
+        return resp
+
+    return stream
 
 
 def _post(path: bytes = CHAT, **fields: Any) -> bytes:
@@ -127,19 +154,10 @@ def test_a_stream_whose_client_stops_reading_is_dropped_and_its_budget_freed() -
     """A client starts a stream and never reads it: once its unread answer stops the writing for
     `header_timeout`, it is dropped as a slow reader and the request's ticket released. It held its
     slot of the budget for as long as it kept the connection open (a review: 90 s and counting)."""
-    event = b"data: " + json.dumps({"choices": [{"delta": {"content": "y" * 4000}}]}).encode() + b"\n\n"
-
-    async def endless(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
-        await resp.prepare(request)
-        with contextlib.suppress(ConnectionError):
-            while True:
-                await resp.write(event)
-        return resp
 
     async def go() -> None:
-        async with rig([("POST", "/v1/chat/completions", endless)], HttpLimits(header_timeout=1.0)) as r:
+        route = ("POST", "/v1/chat/completions", endless_stream("y" * 4000, 0.0))
+        async with rig([route], HttpLimits(header_timeout=1.0)) as r:
             with socket.socket() as s:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
                 s.connect(("127.0.0.1", r.port))
@@ -304,22 +322,13 @@ def test_a_metrics_body_too_large_or_redirected_is_a_scrape_error() -> None:
 
     async def go() -> None:
         for handler, error in ((sized, "over"), (chunked, "over"), (moved, "HTTP 302")):
-            app = web.Application()
-            app.router.add_get("/metrics", handler)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            sock = socket.create_server(("127.0.0.1", 0))
-            await web.SockSite(runner, sock).start()
-            config = ProxyConfig(backends=[f"http://127.0.0.1:{sock.getsockname()[1]}"])
-            pool = BackendPool(config.backends, 1.0, 30.0)
-            util = PoolUtilization(1, config.queue_threshold, config.kv_threshold, config.staleness)
-            import aiohttp
-
-            async with aiohttp.ClientSession() as session:
+            async with backend([("GET", "/metrics", handler)]) as url, aiohttp.ClientSession() as session:
+                config = ProxyConfig(backends=[url])
+                pool = BackendPool(config.backends, 1.0, 30.0)
+                util = PoolUtilization(1, config.queue_threshold, config.kv_threshold, config.staleness)
                 scraper = Scraper(pool, util, session, config, lambda: None)
                 await scraper._scrape(0, aiohttp.ClientTimeout(total=5.0))
                 assert error in scraper.errors[0], (handler.__name__, scraper.errors)
-            await runner.cleanup()
 
     run(go())
 
@@ -329,21 +338,10 @@ def test_a_stream_read_slowly_but_steadily_is_not_dropped() -> None:
     stops the writing for longer than `header_timeout` at a time, but it reads more than
     `MIN_READ_RATE` meanwhile, so it keeps its stream (a review: it was dropped, the stream cut, once
     one pause outlasted header_timeout)."""
-    event = b"data: " + json.dumps({"choices": [{"delta": {"content": "z" * 200}}]}).encode() + b"\n\n"
-
-    async def endless(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
-        await resp.prepare(request)
-        with contextlib.suppress(ConnectionError):
-            while True:
-                await resp.write(event)
-                await asyncio.sleep(0.02)
-        return resp
 
     async def go() -> None:
         limits = HttpLimits(header_timeout=1.0, write_high=4096)
-        async with rig([("POST", "/v1/chat/completions", endless)], limits) as r:
+        async with rig([("POST", "/v1/chat/completions", endless_stream("z" * 200, 0.02))], limits) as r:
             def client() -> int:
                 with socket.socket() as s:
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
