@@ -94,7 +94,7 @@ _PIECE: Final = 1 << 16  # a non-streamed answer larger than this is written in 
 # long (to keep its connection), then the response is closed (the backend is not counted as failing)
 _DONE_GRACE: Final = 1.0
 # `GET /v1/models[/{id}]` is passed through without admission: one at a time per client connection (its
-# answers go in order anyway) and at most this many at once in all, so a client pipelining them cannot
+# answers go in order anyway) and at most this many at once per process, so a client pipelining them cannot
 # open a backend connection each (a review: 3 connections opened 3,000, and at `ulimit -n` every other
 # client was reset)
 MAX_PASSTHROUGHS: Final = 32
@@ -601,7 +601,7 @@ class Proxy:
     # ------------------------------------------------------------------ upstream
 
     async def _pass_through(self, ex: Exchange, method: str, before: asyncio.Task[None] | None) -> None:
-        """A GET passed through: after the connection's previous one, within `MAX_PASSTHROUGHS` in all."""
+        """A GET passed through: after the connection's previous one, within `MAX_PASSTHROUGHS` in this process."""
         if before is not None and not before.done():
             await asyncio.wait([before])  # (however it ended)
         async with self._passthroughs:
