@@ -549,9 +549,8 @@ class Ledger:
         band.shard_items[shard] -= 1
         if not covered:  # the grants outstanding there beyond the requests that may use them are stale
             granted = band.shard_granted[shard]
-            # grants planned before the latest plan may precede the requests queued since on the link:
-            # taken as serving nothing (only the latest plan's grants follow every non-late request)
-            # (the latest plan's grants are answered last: those still out are at most `granted`)
+            # beyond the requests queued before the latest plan; and every grant of an earlier plan (it
+            # may precede those queued since): the latest plan's are answered last, at most `granted` out
             unusable = max(granted - band.shard_items[shard] + band.shard_late[shard],
                            granted - min(band.shard_fresh[shard], granted))
             if unusable > band.shard_stale[shard]:
