@@ -291,7 +291,7 @@ class Exchange:
     """One proxied request: the admission's waiter, the upstream call, the client's response slot."""
 
     __slots__ = ("actual", "backend", "conn", "conn_hdr", "gone", "headers", "item", "path", "proxy", "refused", "rid",
-                 "route", "slot", "started", "task", "ticket", "unsent")
+                 "route", "sized", "slot", "started", "task", "ticket", "unsent")
 
     def __init__(self, proxy: Proxy, conn: HttpConnection, slot: _Slot, route: str, item: Classified,
                  headers: list[tuple[str, str]], conn_hdr: bytes, path: str = "") -> None:
@@ -310,6 +310,7 @@ class Exchange:
         self.refused = False
         self.unsent = False  # dispatched, not yet sent to a backend: counted by the utilization detector
         self.started = False  # the response head went to the client (a stream is being relayed)
+        self.sized = False  # ... with a content-length (a large JSON body written in pieces): no tail can end it
         self.backend: Backend | None = None
         self.actual = -1  # the tokens the backend reported using (prompt + completion); -1: not known
 
@@ -426,7 +427,6 @@ class Proxy:
         self.routes = ROUTES
         self.stats = ProxyStats()
         self.active: set[Exchange] = set()
-        self.writing: set[asyncio.Task[None]] = set()  # large answers being written (`_write_body`)
         self.unsent = 0  # dispatched requests whose task has not sent them to a backend yet
         self._on_room = on_room
         self._passthroughs = asyncio.Semaphore(MAX_PASSTHROUGHS)
@@ -474,13 +474,8 @@ class Proxy:
         # what was written is in the transports' buffers only while a client reads slowly; at exit it
         # would be lost (the kernel's send queue is not: the socket's close still sends it)
         until = self.loop.time() + _FLUSH_AT_CLOSE
-        while ((self.writing or any(ex.conn.write_buffered() for ex in running))
-               and self.loop.time() < until):
+        while any(ex.conn.write_buffered() for ex in running) and self.loop.time() < until:
             await asyncio.sleep(0.01)
-        for task in list(self.writing):  # a large answer to a client reading too slowly: cut
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
         if self.session is not None:
             await self.session.close()
             self.session = None
@@ -725,34 +720,20 @@ class Proxy:
             ex.conn.slot_respond(ex.slot, head + data)
             return
         # A large body goes in pieces, each after the client has read enough of the last (as a stream
-        # does), by a task of its own: the backend is done with it, so the wait for its turn on the
-        # connection and for the client's reading holds neither the backend's count, nor the ticket,
-        # nor a passthrough's place (a review), as a small answer handed to the connection holds none.
-        # Written whole, more than write_buffer_limit of it unsent at once dropped a client that was
-        # reading at full speed as a slow reader (a review: a 1.5 MB answer cut at 200 KB).
-        task = self.loop.create_task(self._write_body(ex.conn, ex.slot, head, data))
-        self.writing.add(task)
-        task.add_done_callback(self.writing.discard)
-
-    @staticmethod
-    async def _write_body(conn: HttpConnection, slot: _Slot, head: bytes, data: bytes) -> None:
-        try:
-            turn = conn.slot_turn(slot)
-            if turn is not None:  # behind an answer still in progress: its pieces would pile up unwritten
-                await turn
-            unread = conn.slot_write(slot, head)
-            with memoryview(data) as view:
-                for at in range(0, len(data), _PIECE):
-                    if unread is not None:
-                        await unread
-                    unread = conn.slot_write(slot, bytes(view[at:at + _PIECE]))
-            conn.slot_end(slot)
-        except asyncio.CancelledError:  # the service is stopping (`close`): the body is cut, the connection too
-            conn.slot_end(slot, close=True)
-            raise
-        except Exception:  # a bug of ours: the connection must not wait for this slot for ever
-            log.exception("writing a proxied answer failed")
-            conn.slot_end(slot, close=True)
+        # does): written whole, more than write_buffer_limit of it unsent at once dropped a client that
+        # was reading at full speed as a slow reader (a review: a 1.5 MB answer cut at 200 KB).
+        conn, slot = ex.conn, ex.slot
+        turn = conn.slot_turn(slot)
+        if turn is not None:  # behind an answer still in progress: its pieces would pile up unwritten
+            await turn
+        ex.started = ex.sized = True
+        unread = conn.slot_write(slot, head)
+        with memoryview(data) as view:
+            for at in range(0, len(data), _PIECE):
+                if unread is not None:
+                    await unread
+                unread = conn.slot_write(slot, bytes(view[at:at + _PIECE]))
+        conn.slot_end(slot)
 
     async def _relay_stream(self, ex: Exchange, backend: Backend, resp: aiohttp.ClientResponse) -> None:
         conn, slot = ex.conn, ex.slot
@@ -809,6 +790,9 @@ class Proxy:
         raises as `APIError`), then the chunked end. What the relay still holds is an event cut short
         (`SseUsage.feed` passes every complete one): it is dropped, as a server-sent-events reader drops
         an unterminated event, rather than glued to the error. A no-op once the response has ended."""
+        if ex.sized:  # a body with a content-length cut short: closing is all that can tell the client
+            ex.conn.slot_end(ex.slot, close=True)
+            return
         tail = b"data: " + _encode(_ErrorBody(_ErrorDetail(message, type_, None, code))) + b"\n\n"
         ex.conn.slot_end(ex.slot, b"%x\r\n%b\r\n0\r\n\r\n" % (len(tail), tail), close=close)
 
