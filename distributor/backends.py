@@ -94,8 +94,7 @@ class BackendPool:
     def failed(self, backend: Backend, now: float, kind: str, detail: str) -> None:
         """Counted, and taken out for its back-off (doubling per failure in a row)."""
         backend.failures += 1
-        backend.errors[kind] = backend.errors.get(kind, 0) + 1
-        backend.last_error = detail[:300]
+        self._count(backend, kind, detail)
         backend.last_kind = kind
         backend.down_until = now + min(self.max_backoff, self.backoff * 2 ** min(backend.failures - 1, 30))
 
@@ -108,8 +107,12 @@ class BackendPool:
         if backend.error_answers >= ERROR_ANSWERS_TO_FAIL:
             self.failed(backend, now, f"http_{status}", f"HTTP {status}")
         else:
-            backend.errors[f"http_{status}"] = backend.errors.get(f"http_{status}", 0) + 1
-            backend.last_error = f"HTTP {status}"
+            self._count(backend, f"http_{status}", f"HTTP {status}")
+
+    @staticmethod
+    def _count(backend: Backend, kind: str, detail: str) -> None:
+        backend.errors[kind] = backend.errors.get(kind, 0) + 1
+        backend.last_error = detail[:300]
 
     def succeeded(self, backend: Backend) -> None:
         backend.failures = backend.error_answers = 0

@@ -557,9 +557,6 @@ class HttpConnection(asyncio.Protocol):
         if exc is not None:  # reset or broken pipe: the answers written since its last request are lost
             self._release_sent()
         self._settle(self._queue)  # nothing in it was written
-        for slot in self._queue:
-            if slot.turn is not None and not slot.turn.done():
-                slot.turn.set_result(None)  # (its task is cancelled: the client is gone)
         self._queue.clear()
         self._held = None
         # What a request cut short had received, freed now rather than when the cyclic GC finds this
@@ -998,7 +995,8 @@ class HttpConnection(asyncio.Protocol):
 
     def slot_turn(self, slot: _Slot) -> asyncio.Future[None] | None:
         """None if `slot` heads the queue (what it writes goes out as it comes, with backpressure);
-        else a future done when it does, or when the connection is gone. A large answer written
+        else a future done when it does (`_flush`; if the client goes first, `_settle` cancels the
+        request's task that awaits it). A large answer written
         before its turn would be kept whole and written at once then (a review: past
         write_buffer_limit, a client reading at full speed was dropped)."""
         if self._dead or (self._queue and self._queue[0] is slot):

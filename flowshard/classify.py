@@ -166,7 +166,7 @@ def _count(body: dict[str, Any], name: str) -> int | None:
         shown = shown if len(shown) <= 40 else shown[:40] + "..."
         raise ClassifyError(400, f"{name}: {shown} must be a non-negative integer", name)
     if value > MAX_TOKENS:  # the bound of `tokens` everywhere: a larger one is not a cost (it was capped)
-        raise ClassifyError(400, f"{name}: {value} is above the maximum 4294967296 (2^32)", name)
+        raise ClassifyError(400, f"{name}: {value} is above the maximum {MAX_TOKENS} (2^32)", name)
     return value
 
 
