@@ -10,7 +10,8 @@ admission.
 
 Refusals become OpenAI-shaped errors: 429 (capacity, TTL, displacement) or 503 (shutting down,
 shard failure), with `Retry-After` and `x-llm-d-request-dropped-reason`. Backend failures before
-the response started are retried on another backend (`retries`); a backend failing mid-stream
+the response started are retried on another backend (`retries`), but for a backend that said
+nothing for `read_timeout` (a 504: it may still be generating); a backend failing mid-stream
 ends the stream with an SSE error event, which the openai client raises as an `APIError`, and so
 does an unexpected exception of flowshard's own once the stream has begun (code `internal_error`;
 before it began, a 500). A stream still running when the service's drain ends is ended the same
@@ -670,6 +671,15 @@ class Proxy:
                     why = os.strerror(code)  # (not the backend's address: the client is told only what)
                     self._respond_error(ex, 503, f"flowshard: cannot open a connection to a backend: {why}",
                                         "service_unavailable", "local_resources", extra=b"retry-after: 1\r\n")
+                    return True
+                if isinstance(exc, aiohttp.SocketTimeoutError):
+                    # The request was sent and the backend said nothing for `read_timeout`: it may still
+                    # be generating. Not tried again: another backend would take as long, and the
+                    # client would wait `read_timeout` once per backend (a long generation run on each)
+                    self.pool.failed(backend, loop.time(), "timeout", f"no answer within {self.pc.read_timeout:g} s")
+                    self._respond_error(ex, 504, f"flowshard: backend {backend.name} did not answer within "
+                                        f"read_timeout ({self.pc.read_timeout:g} s)", "server_error",
+                                        "backend_timeout")
                     return True
                 self.pool.failed(backend, loop.time(), "connect", f"{type(exc).__name__}: {exc}")
                 if last:

@@ -458,3 +458,48 @@ def test_passthroughs_whose_clients_left_keep_no_connection_alive() -> None:
             assert alive == [] and len(r.proxy._last_passthrough) == 0
 
     run(go())
+
+
+def test_a_backend_silent_past_read_timeout_is_a_504_not_a_try_on_every_backend() -> None:
+    """The request reached the backend, which said nothing for `read_timeout`: the client gets a 504
+    `backend_timeout` after one `read_timeout`, the request is not sent to another backend (it was:
+    the client waited `read_timeout` once per backend, and each ran the generation), and the backend
+    is counted as timing out and taken out."""
+    seen: list[str] = []
+
+    def silent(name: str) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            await request.read()
+            seen.append(name)
+            await asyncio.sleep(5)
+            return web.json_response({"choices": []})
+        return handler
+
+    async def go() -> None:
+        async with backend([("POST", "/v1/chat/completions", silent("a"))]) as a, \
+                backend([("POST", "/v1/chat/completions", silent("b"))]) as b:
+            admission = _RecordingAdmission()
+            px = Proxy(Config(proxy=ProxyConfig(backends=[a, b], utilization=False, read_timeout=0.5)),
+                       admission, lambda: None)
+            await px.start()
+            server = await start_http_server(admission, "127.0.0.1", 0, HttpLimits(), lease=300.0, proxy=px)
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+                writer.write(_post())
+                t0 = time.monotonic()
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+                assert head.startswith(b"HTTP/1.1 504"), head
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                body = json.loads(await reader.readexactly(length))
+                assert body["error"]["code"] == "backend_timeout" and "read_timeout" in body["error"]["message"]
+                assert time.monotonic() - t0 < 1.5  # one read_timeout, not one per backend
+                assert len(seen) == 1 and px.stats.retries == 0
+                tried = next(x for x in px.pool.backends if x.errors)
+                assert tried.errors == {"timeout": 1} and not px.pool.up(tried, px.loop.time())
+                assert await _released(admission, 1, 2.0)
+                writer.close()
+            finally:
+                server.close()
+                await px.close()
+
+    run(go(), timeout=30.0)
