@@ -334,7 +334,7 @@ class HttpConnection(asyncio.Protocol):
         self._paused = False
         self._wpaused = False  # reading paused because unsent responses passed write_high
         self._wpaused_at = 0.0  # since when (loop time), while `_wpaused`
-        self._wpaused_size = 0  # the unsent bytes then (fewer since: the client reads)
+        self._wpaused_size = 0  # the unsent bytes then, plus those written since (fewer now: what the client read)
         self._writable: asyncio.Future[None] | None = None  # proxy mode: a stream waits here while paused
         # Tickets of dispatched answers written since the client last sent anything (a request it sent
         # before an answer was written proves nothing about that answer: pipelined in the same read)
@@ -607,6 +607,8 @@ class HttpConnection(asyncio.Protocol):
 
     def _write(self, data: bytes) -> None:
         transport = self._transport
+        if self._wpaused:  # written while paused: not counted against what the client reads meanwhile
+            self._wpaused_size += len(data)
         transport.write(data)
         if transport.get_write_buffer_size() > self._limits.write_buffer_limit:
             self._drop()
@@ -1134,7 +1136,10 @@ class HttpConnection(asyncio.Protocol):
         if out is None:
             if batch:  # `_write` inlined, and `_idle` below: this runs once per request (measured)
                 transport = self._transport
-                transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
+                data = batch[0] if len(batch) == 1 else b"".join(batch)
+                if self._wpaused:  # (as in `_write`)
+                    self._wpaused_size += len(data)
+                transport.write(data)
                 if transport.get_write_buffer_size() > self._limits.write_buffer_limit:
                     self._drop()
                 if self._eof_wait and not close:  # progress: the give-up time runs from the last answer

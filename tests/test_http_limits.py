@@ -400,6 +400,10 @@ class _Buffered(_Socket):
     def get_write_buffer_size(self) -> int:
         return self.unsent
 
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.unsent += len(data)
+
 
 @pytest.mark.parametrize("rate", [3 * MIN_READ_RATE, MIN_READ_RATE // 2, 0], ids=["reads", "trickles", "never"])
 def test_a_paused_client_is_judged_by_how_fast_it_reads(rate: int) -> None:
@@ -424,5 +428,28 @@ def test_a_paused_client_is_judged_by_how_fast_it_reads(rate: int) -> None:
                 break
         assert sock.aborted == (rate < MIN_READ_RATE)
         assert guards[("http", "slow_reader")] == (rate < MIN_READ_RATE)
+
+    asyncio.run(main())
+
+
+def test_a_paused_client_is_judged_by_what_it_reads_not_by_what_is_left_unsent() -> None:
+    """Answers written while the writing is paused (a stream's next events, pipelined answers) are
+    not taken from what the client read: one reading 3 KiB/s while 2.5 KiB/s more is written keeps
+    its connection. (Judged by the fall of the unsent bytes alone, it read 0.5 KiB/s and was dropped.)"""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        guards = Guards()
+        hub = HttpHub(FakeAdmission(), HttpLimits(header_timeout=1.0), 30.0, loop, guards)
+        sock = _Buffered(200_000)
+        conn = hub()
+        conn.connection_made(sock)  # type: ignore[arg-type]
+        conn.pause_writing()
+        start = conn._wpaused_at
+        for second in range(1, 6):
+            conn._write(b"x" * (5 * MIN_READ_RATE // 2))
+            sock.unsent -= 3 * MIN_READ_RATE
+            conn._drop_if_stuck(start + second + 0.01)
+        assert not sock.aborted and guards[("http", "slow_reader")] == 0
 
     asyncio.run(main())
