@@ -494,6 +494,7 @@ def stats_snapshot(distributor: Distributor, top_flows: int = TOP_FLOWS) -> dict
     v = _view(d, top_flows)
     ledger = d.ledger
     budget = ledger.budget
+    now = time.monotonic()
     labels = [o.label for o in _OUTCOMES]
     bands: list[dict[str, Any]] = []
     for bi, bc in enumerate(d.config.bands):
@@ -538,6 +539,9 @@ def stats_snapshot(distributor: Distributor, top_flows: int = TOP_FLOWS) -> dict
                 "queued_bytes": v.shard_bytes[:, si].tolist(),
                 "dispatched": dispatched[si],
                 "grants_outstanding": ledger.outstanding_grants(si),
+                # its grants unanswered this long (s) since one was planned (0: none): from
+                # ledger.ANSWER_TIMEOUT it gets no more until it answers
+                "grants_unanswered_seconds": ledger.unanswered_for(si, now),
                 "heartbeat_age_seconds": v.heartbeat_age[si],
                 "input_backlog_bytes": v.backlog[si],  # sent to it, not read yet
                 "frames_to": s.frames_to,  # frames sent to this shard, and received from it (bench.hops)

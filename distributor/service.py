@@ -167,6 +167,8 @@ class Distributor:
         self._lease = config.service.lease
         if self._bands > 1:  # the exact inversion count (Ledger.close_window) needs the events' times
             self.ledger.clock = time.monotonic_ns
+        if shards > 1:  # a shard that stops answering its grants gets no more (ledger.ANSWER_TIMEOUT)
+            self.ledger.timer = time.monotonic
         self._waiting = [0] * self._bands  # what band_waiting in shared memory says (ns since, 0: no)
         self.slots = SlotTable(config.flow_slots, config.flow_gc_timeout)
         self.layout = ShmLayout(config.flow_slots, shards, len(config.bands), N_OUTCOMES, N_WAIT_BUCKETS)

@@ -64,6 +64,14 @@ _CALM = 64
 # `plan_grants` grants a run of grants to one band and shard without choosing the band for each (the same
 # grants: tests/test_ledger_lone.py turns it off and compares).
 _RUNS = True
+# N shards, with `Ledger.timer` set: a shard that has answered none of its grants for this long (s)
+# since one was planned gets no more until it answers one (`Ledger.asked_at`). A stopped or wedged
+# worker answers nothing until the watchdog kills it (5 s): with no bound it took every grant a plan
+# had to give (its queue stays uncovered) and the other shards, their higher bands included, waited
+# for budget that sat in its grants (a review: 14-20 of a budget of 20 for ~5 s). A shard at work
+# answers within micro- to milliseconds. (A bound on the plans it may be ahead, tried first, took
+# grants from healthy shards whose answers were merely on their way: plans come every pass.)
+ANSWER_TIMEOUT = 0.1
 
 
 class PendingState(enum.IntEnum):
@@ -297,6 +305,12 @@ class Ledger:
         self.release: Callable[[int], None] = self.budget.release
         self.grants_out = 0
         self.grants_bytes = 0
+        # N shards: the clock (monotonic s) that judges a shard behind on its answers (`ANSWER_TIMEOUT`;
+        # None: never judged), and per shard when a grant was first planned for it since it last
+        # answered one (inf: none since)
+        self.timer: Callable[[], float] | None = None
+        self.asked_at = [_INF] * shards
+        self._cutoff = -_INF  # the plan's (`_open_shards`): a shard asked before it is behind
         # per shard, its grants outstanding in the order it answers them: (band, reserve, charge, saturation)
         self._grants: list[deque[tuple[int, int, float, float]]] = [deque() for _ in range(shards)]
         self.plans = 0  # grant plans made so far (`Pending.plans`, `LedgerBand.shard_planned`)
@@ -610,8 +624,26 @@ class Ledger:
     def plan_grants(self) -> list[tuple[int, int, int, float]]:
         """Grants to send now, as (shard, band, max_bytes or -1 for any, saturation); already reserved.
 
-        The saturation goes with the grant so the shard skips bands at or above their ceiling.
+        The saturation goes with the grant so the shard skips bands at or above their ceiling. With N
+        shards and `timer` set, a shard that has answered none of its grants for `ANSWER_TIMEOUT`
+        since one was planned gets none (it may be stopped): a fair band's other shards are granted
+        without it, and a band whose uncovered work is only there waits for it, as every band below
+        does (strict priority; a global-fcfs band whose oldest request is there, and a band whose
+        work is all there, likewise).
         """
+        timer = self.timer if self.shards > 1 else None
+        if timer is None:
+            return self._plan(-_INF)
+        now = timer()
+        out = self._plan(now - ANSWER_TIMEOUT)
+        if out:
+            asked_at = self.asked_at
+            for shard in {grant[0] for grant in out}:
+                if asked_at[shard] == _INF:
+                    asked_at[shard] = now
+        return out
+
+    def _plan(self, cutoff: float) -> list[tuple[int, int, int, float]]:
         budget = self.budget
         max_requests, max_bytes = budget.max_requests, budget.max_bytes
         bands, grants, external = self.bands, self._grants, self.external_saturation  # (read once per plan)
@@ -622,6 +654,11 @@ class Ledger:
         # at the band's first look in this plan, then only the granted shard's rank changes.
         open_shards: dict[int, list[tuple[float, float, int]]] = {}
         heap: list[tuple[float, float, int]] = []
+        # a shard behind on its answers (ANSWER_TIMEOUT: a grant planned for it before `cutoff`, none
+        # answered since) gets no grant in this plan
+        asked_at = self.asked_at
+        behind = not single and min(asked_at) < cutoff
+        self._cutoff = cutoff if behind else -_INF  # (for `_open_shards`)
         while True:
             used = budget.inflight + self.grants_out
             if used >= max_requests:
@@ -644,6 +681,8 @@ class Ledger:
                     if heap:
                         band = candidate
                         break
+                    if behind and candidate.grantable():  # its uncovered work is on shards behind: it waits
+                        return out
                 elif (  # `grantable()`, inline at one shard and where the band's work is on one (once per grant)
                     candidate.shard_items[0] > candidate.shard_granted[0] - candidate.shard_stale[0] if single
                     else candidate.shard_items[home] > candidate.shard_granted[home] - candidate.shard_stale[home]
@@ -665,6 +704,8 @@ class Ledger:
                 shard = 0
             else:  # (`home` is the band's, read as it was chosen)
                 shard = home if home >= 0 else self._oldest_uncovered(band)
+                if behind and asked_at[shard] < cutoff:  # it waits for that shard
+                    return out
                 band.served = True
             reserve = -1
             if max_bytes != _INF:
@@ -732,9 +773,10 @@ class Ledger:
         distributor's cost per request with the shard count)."""
         ranked = []
         items, granted, stale = band.shard_items, band.shard_granted, band.shard_stale
+        cutoff, asked_at = self._cutoff, self.asked_at  # (a shard asked before the cutoff is behind: plan_grants)
         for n in compress(range(len(items)), items):  # only the shards holding some (in C): see grantable
             live = granted[n] - stale[n]
-            if items[n] > live:
+            if items[n] > live and asked_at[n] >= cutoff:
                 ranked.append((*self._shard_rank(band, n, live), n))
         if len(ranked) > 1:
             heapq.heapify(ranked)
@@ -900,6 +942,7 @@ class Ledger:
         is judged after the next plan (`close_window`).
         """
         band_index, reserve, charge, saturation = self._grants[shard].popleft()
+        self.asked_at[shard] = _INF
         band = self.bands[band_index]
         served = dispatched.band if dispatched is not None else -1  # (read once)
         # a dispatch of the grant's own band on a live grant leaves it covered (`leave(covered=True)`): no rise
@@ -983,6 +1026,7 @@ class Ledger:
             self.grants_out -= 1
             self.grants_bytes -= max(reserve, 0)
         self._grants[shard].clear()
+        self.asked_at[shard] = _INF
         for band in self.bands:
             band.shard_stale[shard] = 0
             band.shard_fresh[shard] = 0
@@ -993,6 +1037,11 @@ class Ledger:
 
     def outstanding_grants(self, shard: int) -> int:
         return len(self._grants[shard])
+
+    def unanswered_for(self, shard: int, now: float) -> float:
+        """How long (s) `shard` has answered none of its grants since one was planned (0: none out)."""
+        asked = self.asked_at[shard]
+        return max(0.0, now - asked) if asked != _INF and self._grants[shard] else 0.0
 
     # ------------------------------------------------------------------ exact inversion count
 

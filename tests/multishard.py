@@ -162,10 +162,13 @@ class Model:
         raise_on_priority_violation: bool = False,
         trace_len: int = 60,
         narrow: bool = True,
+        answer_timer: bool = False,
     ) -> None:
         self.config = config
         self.n = shards
         self.ledger = ledger_factory(config, shards)
+        if answer_timer:  # the service's rule for shards behind on their answers, on the model's clock
+            self.ledger.timer = lambda: self.now
         self.shards = [Shard(i, config) for i in range(shards)]
         self.choices = choices or Choices(seed)
         self.fast_path = config.service.fast_path if fast_path is None else fast_path

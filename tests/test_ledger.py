@@ -143,6 +143,77 @@ def _run(m: Model, steps: int) -> None:
     m.check_empty()
 
 
+@MODEL_SETTINGS
+@given(
+    cfg=configs(monotone_ceilings=False),
+    shards=st.integers(2, 4),
+    seed=st.integers(0, 2**32 - 1),
+    steps=st.integers(50, 300),
+    crash=st.sampled_from([0, 0, 1]),
+)
+def test_shards_behind_on_their_answers_keep_every_invariant(cfg, shards, seed, steps, crash):
+    """With the rule for shards behind on their answers on (`ledger.ANSWER_TIMEOUT`, on the model's
+    clock, which moves 0.25-2 s a step: a shard not delivered to for a step is behind): every count,
+    limit and budget check, strict priority at each dispatch, nothing left stuck at the end."""
+    _run(Model(cfg, shards, seed=seed, ttls=(0.0, 0.0, 1.0), sizes=(0, 60), weights={"crash": crash, "cancel": 6},
+               raise_on_priority_violation=True, answer_timer=True), steps)
+
+
+def _frozen_shard_run(frozen_band: int, *, timer: bool) -> tuple[dict[str, int], list[tuple[float, int]]]:
+    """Shard 0 stops answering (nothing is delivered to it); shard 1 holds a low-band flow, shard 2 a
+    high-band one; the others' grants are answered and their tickets released, a round every 0.25 s
+    (requests that take about that long on the backends) for 5 s (the watchdog's). `frozen_band`:
+    the band of shard 0's flow. Returns the healthy flows' dispatches, and the grants shard 0 held
+    at each round (time, grants)."""
+    cfg = config(HI_LO, max_inflight_requests=6, fast_path=False, max_queued_requests=None, max_queued_bytes=None)
+    m = Model(cfg, 3, answer_timer=timer)
+    priority = m.priorities[frozen_band]
+    for _ in range(30):
+        m.admit("frozen", priority, 10, shard=0)
+        m.admit("low", m.priorities[1], 10, shard=1)
+        m.admit("high", m.priorities[0], 10, shard=2)
+    counted: dict[str, int] = {"low": 0, "high": 0}
+    held: list[tuple[float, int]] = []
+    seen = 0
+    for _ in range(20):
+        for n in (1, 2):
+            m.deliver_all_to(n)
+            m.deliver_all_from(n)
+        held.append((m.now, m.ledger.outstanding_grants(0)))
+        for rec in m.dispatches[seen:]:
+            flow = m.reqs[rec.id].flow
+            if flow in counted:
+                counted[flow] += 1
+        seen = len(m.dispatches)
+        for ticket in list(m.tickets):
+            m.release(ticket)
+        m.advance(0.25)
+    return counted, held
+
+
+def test_a_shard_that_stops_answering_gets_no_more_grants_and_the_others_keep_the_budget():
+    """A stopped worker (the review's SIGSTOP): its grants are never answered. Once it has answered
+    none for `ANSWER_TIMEOUT` it gets no more, and the other shards' flows, of its band and above,
+    share the rest of the budget; without the rule (negative control) it soaks up the whole budget
+    and the low flow on the healthy shard stalls until the watchdog would kill it."""
+    counted, held = _frozen_shard_run(1, timer=True)
+    judged = {grants for at, grants in held if at > ledger_module.ANSWER_TIMEOUT}
+    assert len(judged) == 1 and max(judged) < 6, held  # none more once judged behind
+    assert counted == {"low": 30, "high": 30}, counted  # every request of theirs dispatched
+    counted, held = _frozen_shard_run(1, timer=False)
+    assert held[-1][1] == 6 and counted["low"] < 30, (held, counted)  # the low flow on shard 1 stalls
+
+
+def test_a_stopped_shard_holding_the_higher_band_keeps_the_lower_bands_waiting_not_the_budget():
+    """Strict priority holds: the high band's work on the stopped shard waits, and so does the low
+    band elsewhere (the plan stops at the high band); the high band's other shard gets the budget,
+    and none of it goes to the stopped shard once it is judged behind."""
+    counted, held = _frozen_shard_run(0, timer=True)
+    judged = {grants for at, grants in held if at > ledger_module.ANSWER_TIMEOUT}
+    assert len(judged) == 1 and max(judged) < 6, held
+    assert counted == {"low": 0, "high": 30}, counted
+
+
 def _restless(config: Config, shards: int) -> Ledger:
     """A ledger whose bands settle (drop their fair state) after two requests on one shard instead of
     64: the lone/fair transitions (re-base, settle, re-spill) many times per run (review 22: at 64

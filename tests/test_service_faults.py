@@ -238,6 +238,58 @@ def test_hung_worker_is_detected_killed_and_replaced(launch: Any) -> None:
     run(main(), timeout=HEARTBEAT_STALE + 15)
 
 
+def test_a_stopped_worker_does_not_take_the_other_shards_budget(launch: Any) -> None:
+    """A worker stopped (SIGSTOP) answers no grant until the watchdog kills it (5 s). Once it has
+    answered none for `ledger.ANSWER_TIMEOUT` it gets no more: the flows on the other shards keep the
+    budget and go on being dispatched meanwhile (a review: the stopped shard's grants took 14 to 20
+    of a budget of 20 and the healthy shards' flows stopped). Requests held 0.3 s each, as a backend
+    would; flows spread over the shards (slack 0)."""
+    svc = launch(shards=3, budget=4, service={"jsq_slack_bytes": 0, "fast_path": False})
+    dispatched: Counter[str] = Counter()
+    stop = asyncio.Event()
+
+    async def client(c: Client, flow: str) -> None:
+        while not stop.is_set():
+            r = await c.admit(flow, size=10)
+            if r.dispatched:
+                dispatched[flow] += 1
+                await asyncio.sleep(0.3)
+                await c.release(r.ticket)
+
+    async def held_for(c: Client, admitted: Any) -> None:
+        r = await admitted
+        if r.dispatched:
+            await asyncio.sleep(0.3)
+            await c.release(r.ticket)
+
+    async def main() -> None:
+        async with Client.connect(svc.host, svc.binary_port) as c:
+            # a backlog on one shard (flow affinity), each request held 0.3 s once dispatched
+            deep = [asyncio.create_task(held_for(c, c.admit("deep", size=10))) for _ in range(40)]
+            tasks = [asyncio.create_task(client(c, f"f{i % 3}")) for i in range(6)]
+            await asyncio.sleep(1.0)
+            s = await svc.astats()
+            n = max(range(3), key=lambda i: shard_queued(s)[i])  # the deep flow's shard
+            stopped = s["shards"][n]["pid"]
+            os.kill(stopped, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(0.5)  # judged behind; what it held then stays with it
+                before = dispatched.copy()
+                held = (await svc.astats())["shards"][n]["grants_outstanding"]
+                await asyncio.sleep(2.0)
+                s = await svc.astats()
+                others = sum(dispatched[f] - before[f] for f in dispatched)
+                assert held < 4 and s["shards"][n]["grants_outstanding"] < 4, (held, s["shards"][n])
+                assert others >= 6, (before, dispatched)  # ~2 x 2 s / 0.3 s a client; with the budget taken, 0
+            finally:
+                os.kill(stopped, signal.SIGCONT)
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks), 10)
+            await asyncio.wait_for(asyncio.gather(*deep), 30)
+
+    run(main(), timeout=30)
+
+
 # ---------------------------------------------------------------------------------------------- distributor death
 
 
