@@ -566,6 +566,8 @@ class Distributor:
     def on_worker_frames(self, shard: int, messages: list[Any]) -> None:
         self.shards[shard].frames_from += len(messages)
         ledger = self.ledger
+        if not self._single:
+            ledger.heard_from(shard)  # (ledger.ANSWER_TIMEOUT)
         pending = self.pending
         for msg in messages:
             kind = type(msg)

@@ -481,6 +481,7 @@ class Model:
     def _on_shard_message(self, n: int, msg: Any) -> None:
         """service.on_worker_frames for one message, then plan."""
         ledger = self.ledger
+        ledger.heard_from(n)
         if type(msg) is Done:
             p = self.pending.get(msg.id)
             if p is None:
