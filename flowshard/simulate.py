@@ -27,7 +27,8 @@ Measurement choices (the report's fields name them):
   demand (flowshard.reference): measured service per second vs its allocation, flows off by more
   than `fair_margin` named. Jain's index is over measured / allocation of the flows with one.
 - `overtaken`: per band, the fraction of the window's dispatches that overtook an earlier-arrived
-  request of their own flow (dispatched later): ordering violations, 0 under fcfs on one engine.
+  request of their own flow (dispatched later): ordering violations under fcfs, and under edf or
+  slo-deadline since a scenario entry's requests share one TTL and SLO; 0 on one engine.
 - `max_service_diff`: the largest gap, at any time, in weighted service (unit / weight) between
   flows of a band that are backlogged at that time, counted from when each became backlogged (VTC
   paper style; a flow that becomes backlogged starts level with the least-served backlogged flow).
