@@ -284,8 +284,10 @@ class Ledger:
     """All of the distributor's admission and dispatch bookkeeping; no I/O, no clock."""
 
     # (slots: past 30 attributes an instance's dict stops sharing its keys on Python 3.11, and every
-    # attribute read on the hot path got slower: +3-4 % of the distributor's Python, measured)
+    # attribute read on the hot path got slower: +3-4 % of the distributor's Python, measured. A
+    # `__dict__` too, for what is not listed: tests replace a method on one ledger.)
     __slots__ = (
+        "__dict__",
         "_calm",
         "_cutoff",
         "_grants",
