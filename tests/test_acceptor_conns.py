@@ -8,8 +8,8 @@ test_service_acceptors.py ("connection limits").
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
+import gc
 import os
 import socket
 import time
