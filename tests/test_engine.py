@@ -674,6 +674,20 @@ def test_collect_garbage_forgets_idle_flows_only_after_the_timeout(ids):
     assert engine.flows() == []
 
 
+def test_idle_flows_beyond_flow_slots_are_forgotten_oldest_first(ids):
+    """Every request its own flow: a shard remembers at most `flow_slots` idle flows, whatever the
+    timeout (a soak review: 220 MB at 390 new flows a second for 300 s); the longest idle go first, a
+    flow holding work never."""
+    engine = make_engine(flow_gc_timeout=300.0, flow_slots=4)
+    held = submit(engine, ids, "held", now=0.0)  # holds work throughout
+    for i in range(10):
+        item = submit(engine, ids, f"f{i}", now=float(i))
+        engine.cancel(item.id, float(i))  # idle from now
+        assert len(engine._idle) <= 4
+    assert set(engine.bands[0].flows) == {"held", "f6", "f7", "f8", "f9"}
+    assert held.outcome == -1 and engine.queued_items == 1  # (-1: none yet)
+
+
 def test_collect_garbage_collects_flows_that_only_saw_rejections(ids):
     engine = make_engine(flow_gc_timeout=1.0, max_queued_requests=1)
     submit(engine, ids, "a")
