@@ -503,3 +503,51 @@ def test_a_backend_silent_past_read_timeout_is_a_504_not_a_try_on_every_backend(
                 await px.close()
 
     run(go(), timeout=30.0)
+
+
+def test_scrapes_keep_to_their_own_connection_and_leave_the_requests_pool_alone() -> None:
+    """The scraper has its own session: its scrapes (every 50 ms) go over one connection of their own,
+    not over the requests' idle connections. Sharing the pool, each scrape took the connection idle
+    longest, so none was idle for the keep-alive timeout and the pool never shrank after a peak (a
+    soak review: 15 connections to the backend still held 80 s after the load)."""
+    chats: set[Any] = set()
+    scrapes: list[Any] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        assert request.transport is not None
+        chats.add(request.transport.get_extra_info("peername"))
+        await asyncio.sleep(0.2)  # (the burst's requests overlap: one connection each)
+        return web.json_response({"choices": [{"message": {"content": "hi"}}]})
+
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        scrapes.append(request.transport.get_extra_info("peername"))
+        return web.Response(body=b"vllm:num_requests_waiting 0\nvllm:kv_cache_usage_perc 0.1\n")
+
+    async def go() -> None:
+        async with backend([("POST", "/v1/chat/completions", chat), ("GET", "/metrics", metrics)]) as url:
+            admission = _RecordingAdmission()
+            px = Proxy(Config(proxy=ProxyConfig(backends=[url], utilization=True, scrape_interval=0.02)),
+                       admission, lambda: None)
+            await px.start()
+            server = await start_http_server(admission, "127.0.0.1", 0, HttpLimits(), lease=300.0, proxy=px)
+            try:
+                port = server.sockets[0].getsockname()[1]
+                conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(6)]
+                for _, writer in conns:
+                    writer.write(_post())
+                for reader, _ in conns:
+                    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+                assert len(chats) == 6
+                del scrapes[:]
+                await asyncio.sleep(0.5)  # ~25 scrapes with the requests' 6 connections idle
+                assert len(scrapes) >= 10 and not set(scrapes) & chats, (set(scrapes), chats)
+                assert len(set(scrapes)) == 1
+                for _, writer in conns:
+                    writer.close()
+            finally:
+                server.close()
+                await px.close()
+
+    run(go(), timeout=30.0)
