@@ -740,8 +740,8 @@ class Ledger:
             elif single:
                 shard = 0
             else:  # (`home` is the band's, read as it was chosen)
-                shard = home if home >= 0 else self._oldest_uncovered(band)
-                if behind and asked_at[shard] < cutoff:  # it waits for that shard
+                shard = home if home >= 0 else self._oldest_uncovered(band, asked_at, cutoff)
+                if behind and (shard < 0 or asked_at[shard] < cutoff):  # its work is on shards behind: it waits
                     return out
                 band.served = True
             reserve = -1
@@ -813,8 +813,15 @@ class Ledger:
         cutoff, asked_at = self._cutoff, self.asked_at  # (a shard asked before the cutoff is behind: plan_grants)
         for n in compress(range(len(items)), items):  # only the shards holding some (in C): see grantable
             live = granted[n] - stale[n]
-            if items[n] > live and asked_at[n] >= cutoff:
-                ranked.append((*self._shard_rank(band, n, live), n))
+            if items[n] > live:
+                if asked_at[n] >= cutoff:
+                    ranked.append((*self._shard_rank(band, n, live), n))
+                elif band.shard_vtime[n] < band.vclock:
+                    # behind on its answers, so passed over: its virtual time keeps up with the band's,
+                    # as an idle shard's does when it comes back, so that once it answers it does not
+                    # take every grant until it has caught up with the service the others had meanwhile
+                    # (a review: the healthy shards got nothing for 2 s after a 4.5 s stop)
+                    band.shard_vtime[n] = band.vclock
         if len(ranked) > 1:
             heapq.heapify(ranked)
         return ranked
@@ -838,7 +845,7 @@ class Ledger:
         return band.shard_vtime[shard], -(band.shard_bytes[shard] / (live + 1) + 1e-9 * (items - live))
 
     @staticmethod
-    def _oldest_uncovered(band: LedgerBand) -> int:
+    def _oldest_uncovered(band: LedgerBand, asked_at: list[float], cutoff: float) -> int:
         """global-fcfs across shards (it shares by nothing but arrival; fair bands rank their shards
         instead, `_shard_rank`, and a lone band grants its `home`, as does a global-fcfs band whose
         work is on one shard, `LedgerBand.counts_home`): the shard of the band's oldest
@@ -846,13 +853,15 @@ class Ledger:
         requests (its policy is global-fcfs too), so its first `live grants` requests in arrival
         order are covered. Costs O(live grants of the band) per pick. (Granting by bytes held instead
         starved a shard holding one small request next to shards that closed-loop flows kept
-        refilling.)"""
+        refilling.) A shard behind on its answers (a grant for it planned before `cutoff`, none
+        answered since: `plan_grants`) is passed over: its requests cannot be served, and waiting on
+        them stalled the band, and every band below, with budget free (a review). -1: none."""
         covered = [g - s for g, s in zip(band.shard_granted, band.shard_stale, strict=True)]
         for p in band.order.values():
             n = p.shard
             if covered[n] > 0:
                 covered[n] -= 1
-            else:
+            elif asked_at[n] >= cutoff:
                 return n
         return -1
 
