@@ -143,14 +143,18 @@ def _run(m: Model, steps: int) -> None:
     m.check_empty()
 
 
+# random runs of 2-4 shards (the two tests below)
+RANDOM_RUNS = {
+    "cfg": configs(monotone_ceilings=False),
+    "shards": st.integers(2, 4),
+    "seed": st.integers(0, 2**32 - 1),
+    "steps": st.integers(50, 300),
+    "crash": st.sampled_from([0, 0, 1]),
+}
+
+
 @MODEL_SETTINGS
-@given(
-    cfg=configs(monotone_ceilings=False),
-    shards=st.integers(2, 4),
-    seed=st.integers(0, 2**32 - 1),
-    steps=st.integers(50, 300),
-    crash=st.sampled_from([0, 0, 1]),
-)
+@given(**RANDOM_RUNS)
 def test_shards_behind_on_their_answers_keep_every_invariant(cfg, shards, seed, steps, crash):
     """With the rule for shards behind on their answers on (`ledger.ANSWER_TIMEOUT`, on the model's
     clock, which moves 0.25-2 s a step: a shard not delivered to for a step is behind): every count,
@@ -274,13 +278,7 @@ def _restless(config: Config, shards: int) -> Ledger:
 
 
 @MODEL_SETTINGS
-@given(
-    cfg=configs(monotone_ceilings=False),
-    shards=st.integers(2, 4),
-    seed=st.integers(0, 2**32 - 1),
-    steps=st.integers(50, 300),
-    crash=st.sampled_from([0, 0, 1]),
-)
+@given(**RANDOM_RUNS)
 def test_bands_that_settle_and_spread_again_keep_every_invariant(cfg, shards, seed, steps, crash):
     """As above, with bands moving between one shard (lone, no fair state) and several (fair) all the
     time: every count, limit and budget check of the model, strict priority at each dispatch and
