@@ -934,8 +934,8 @@ class Proxy:
                                      labels=["backend"])
         up = GaugeMetricFamily("flowshard_backend_up", "0 while the backend is out after a failure (passive "
                                "health; with acceptor processes, out in any of them), else 1.", labels=["backend"])
-        errors = CounterMetricFamily("flowshard_backend_errors", "Backend failures by kind (connect, http_5xx, "
-                                     "midstream, scrape; usage: a usage out of range, ignored).",
+        errors = CounterMetricFamily("flowshard_backend_errors", "Backend failures by kind (connect, timeout, "
+                                     "http_5xx, midstream, scrape; usage: a usage out of range, ignored).",
                                      labels=["backend", "kind"])
         for b, fig in zip(self.pool.backends, st.backends, strict=True):
             inflight.add_metric([b.name], fig.inflight)

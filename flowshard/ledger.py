@@ -72,6 +72,10 @@ _RUNS = True
 # answers within micro- to milliseconds. (A bound on the plans it may be ahead, tried first, took
 # grants from healthy shards whose answers were merely on their way: plans come every pass.)
 ANSWER_TIMEOUT = 0.1
+# global-fcfs across shards, a shard behind on its answers: how many of its uncovered requests, oldest
+# first, `_oldest_uncovered` passes over for one elsewhere; past them the band waits (bounded work per
+# grant: the whole backlog of a stopped shard, scanned per grant, cost 1.6 ms a plan at 50,000, a review)
+PASS_OVER = 256
 
 
 class PendingState(enum.IntEnum):
@@ -854,15 +858,21 @@ class Ledger:
         order are covered. Costs O(live grants of the band) per pick. (Granting by bytes held instead
         starved a shard holding one small request next to shards that closed-loop flows kept
         refilling.) A shard behind on its answers (a grant for it planned before `cutoff`, none
-        answered since: `plan_grants`) is passed over: its requests cannot be served, and waiting on
-        them stalled the band, and every band below, with budget free (a review). -1: none."""
+        answered since: `plan_grants`) is passed over, up to `PASS_OVER` of its requests (O(live grants
+        + PASS_OVER) then): its requests cannot be served, and waiting on them stalled the band, and
+        every band below, with budget free (a review). -1: none within that."""
         covered = [g - s for g, s in zip(band.shard_granted, band.shard_stale, strict=True)]
+        passed = 0
         for p in band.order.values():
             n = p.shard
             if covered[n] > 0:
                 covered[n] -= 1
             elif asked_at[n] >= cutoff:
                 return n
+            else:
+                passed += 1
+                if passed > PASS_OVER:
+                    return -1
         return -1
 
     @staticmethod

@@ -686,6 +686,13 @@ def test_idle_flows_beyond_flow_slots_are_forgotten_oldest_first(ids):
         assert len(engine._idle) <= 4
     assert set(engine.bands[0].flows) == {"held", "f6", "f7", "f8", "f9"}
     assert held.outcome == -1 and engine.queued_items == 1  # (-1: none yet)
+    # many queued flows emptied at once (no new flow since): the periodic collection trims them
+    items = [submit(engine, ids, f"g{i}", now=20.0) for i in range(12)]
+    for item in items:
+        engine.cancel(item.id, 21.0)
+    assert len(engine._idle) == 14  # (g0 made f6 and f7 go: two a new flow)
+    assert engine.collect_garbage(22.0) == 10 and len(engine._idle) == 4
+    assert set(engine.bands[0].flows) == {"held", "g8", "g9", "g10", "g11"}
 
 
 def test_collect_garbage_collects_flows_that_only_saw_rejections(ids):
