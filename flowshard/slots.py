@@ -12,6 +12,11 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 
+# the flows one `collect` call looks at: a full table is swept over several calls (the distributor's
+# housekeeping, every 0.25 s), not copied and walked whole each time (0.6 % of an idle core with the
+# default 16,384 slots taken, a soak review)
+SWEEP = 2048
+
 
 class SlotTable:
     def __init__(self, slots: int, gc_timeout: float) -> None:
@@ -22,6 +27,7 @@ class SlotTable:
         self.last_used: dict[str, float] = {}
         self._free = list(range(slots - 1, -1, -1))
         self.shared = 0  # routings that used a shared (hashed) slot because the table was full
+        self._sweep: list[str] = []  # the flows `collect` has still to look at in this sweep
 
     def slot(self, flow: str, now: float) -> int:
         slot = self.slot_of.get(flow)
@@ -34,11 +40,18 @@ class SlotTable:
         return slot
 
     def collect(self, now: float, busy: Callable[[str], bool]) -> int:
-        """Free the slots of flows unused for `gc_timeout` that hold no work. A periodic O(flows) pass."""
+        """Free the slots of flows unused for `gc_timeout` that hold no work. Periodic: each call looks at
+        the next `SWEEP` flows of a sweep over the table (a new sweep starts where one ends), so a
+        slot is freed within `gc_timeout` plus one sweep's calls."""
+        if not self._sweep:
+            self._sweep = list(self.last_used)
+        sweep, last_used = self._sweep, self.last_used
         freed = 0
-        for flow, last in list(self.last_used.items()):
-            if now - last >= self.gc_timeout and not busy(flow):
-                del self.last_used[flow]
+        for _ in range(min(SWEEP, len(sweep))):
+            flow = sweep.pop()
+            last = last_used.get(flow)
+            if last is not None and now - last >= self.gc_timeout and not busy(flow):
+                del last_used[flow]
                 self._free.append(self.slot_of.pop(flow))
                 freed += 1
         return freed

@@ -71,3 +71,17 @@ def test_slot_table_reuses_idle_slots_and_shares_when_full():
     assert table.slot("d", 12.0) == b, "b's slot went to the next new flow"
     assert table.collect(100.0, lambda flow: False) == 2
     assert len(table) == 0
+
+
+def test_slot_table_sweeps_a_full_table_over_several_calls():
+    """Each collection looks at `SWEEP` flows at most (a full table walked whole every 0.25 s cost an
+    idle distributor 0.6 % of a core); every idle flow is freed once the sweep has reached it."""
+    from flowshard.slots import SWEEP
+
+    n = 2 * SWEEP + 10
+    table = SlotTable(slots=n, gc_timeout=10.0)
+    for i in range(n):
+        table.slot(f"f{i}", 0.0)
+    freed = [table.collect(20.0, lambda flow: flow == "f0") for _ in range(3)]
+    assert freed == [SWEEP, SWEEP, 9] and len(table) == 1  # f0 holds work: kept
+    assert table.collect(21.0, lambda flow: False) == 1 and len(table) == 0  # a new sweep
