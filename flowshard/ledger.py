@@ -35,7 +35,7 @@ import heapq
 import math
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from itertools import compress
+from itertools import compress, islice
 from typing import Any
 
 import msgspec
@@ -72,10 +72,7 @@ _RUNS = True
 # answers within micro- to milliseconds. (A bound on the plans it may be ahead, tried first, took
 # grants from healthy shards whose answers were merely on their way: plans come every pass.)
 ANSWER_TIMEOUT = 0.1
-# global-fcfs across shards, a shard behind on its answers: how many of its uncovered requests, oldest
-# first, `_oldest_uncovered` passes over for one elsewhere; past them the band waits (bounded work per
-# grant: the whole backlog of a stopped shard, scanned per grant, cost 1.6 ms a plan at 50,000, a review)
-PASS_OVER = 256
+
 
 
 class PendingState(enum.IntEnum):
@@ -145,6 +142,7 @@ class LedgerBand:
         "cost_kind",
         "counts_home",
         "displacement",
+        "enqueued",
         "fair",
         "flow_finish",
         "flow_held",
@@ -169,6 +167,7 @@ class LedgerBand:
         "shard_granted",
         "shard_items",
         "shard_late",
+        "shard_order",
         "shard_planned",
         "shard_stale",
         "shard_tags",
@@ -196,6 +195,13 @@ class LedgerBand:
         self.held = NOTHING_HELD
         self.flow_held: dict[str, tuple[int, int]] = {}
         self.order: OrderedDict[int, Pending] = OrderedDict()  # queued requests, newest last
+        # global-fcfs at N shards: per shard, its queued requests' ids -> the band's enqueue count then
+        # (`enqueued`), in its order, so that `Ledger._oldest_uncovered` can pass over a shard behind on
+        # its answers without scanning its requests
+        self.enqueued = 0
+        self.shard_order: list[dict[int, int]] | None = (
+            [{} for _ in range(shards)] if shards > 1 and _COST_KIND[bc.fairness] == _ARRIVALS
+            else None)
         self.queued_items = self.queued_bytes = 0
         self.shard_items = [0] * shards
         self.shard_bytes = [0] * shards
@@ -543,6 +549,9 @@ class Ledger:
         flow.queued_items += 1
         flow.queued_bytes += size
         band.order[p.id] = p
+        if band.shard_order is not None:
+            band.enqueued += 1
+            band.shard_order[shard][p.id] = band.enqueued
         band.queued_items += 1
         band.queued_bytes += size
         if band.counts_home and not band.shard_items[shard]:  # global-fcfs, its first request on `shard`
@@ -599,6 +608,8 @@ class Ledger:
         flow.queued_items = left = flow.queued_items - 1
         flow.queued_bytes -= size
         del band.order[p.id]
+        if band.shard_order is not None:
+            del band.shard_order[shard][p.id]
         band.queued_items -= 1
         band.queued_bytes -= size
         band.shard_items[shard] -= 1
@@ -669,8 +680,8 @@ class Ledger:
         shards and `timer` set, a shard that has answered none of its grants for `ANSWER_TIMEOUT`
         since one was planned gets none (it may be stopped): a fair band's other shards are granted
         without it, and a band whose uncovered work is only there waits for it, as every band below
-        does (strict priority; a global-fcfs band whose oldest request is there, and a band whose
-        work is all there, likewise).
+        does (strict priority; a band whose work is all there likewise; a global-fcfs band passes
+        over its requests for the oldest elsewhere: `_oldest_uncovered`).
         """
         timer = self.timer  # (None at one shard: the service sets it with more)
         if timer is None:
@@ -858,22 +869,28 @@ class Ledger:
         order are covered. Costs O(live grants of the band) per pick. (Granting by bytes held instead
         starved a shard holding one small request next to shards that closed-loop flows kept
         refilling.) A shard behind on its answers (a grant for it planned before `cutoff`, none
-        answered since: `plan_grants`) is passed over, up to `PASS_OVER` of its requests (O(live grants
-        + PASS_OVER) then): its requests cannot be served, and waiting on them stalled the band, and
-        every band below, with budget free (a review). -1: none within that."""
+        answered since: `plan_grants`) is passed over: its requests cannot be served, and waiting on
+        them stalled the band, and every band below, with budget free (a review). Then each other
+        shard's oldest uncovered request is found in its own order (`LedgerBand.shard_order`), O(live
+        grants + N): scanning the band's order past a stopped shard's backlog cost 1.6 ms a plan at
+        50,000 (a second review). -1: none (its uncovered work is all on shards behind)."""
         covered = [g - s for g, s in zip(band.shard_granted, band.shard_stale, strict=True)]
-        passed = 0
-        for p in band.order.values():
-            n = p.shard
-            if covered[n] > 0:
-                covered[n] -= 1
-            elif asked_at[n] >= cutoff:
-                return n
-            else:
-                passed += 1
-                if passed > PASS_OVER:
-                    return -1
-        return -1
+        if cutoff == -_INF or band.shard_order is None:  # no shard behind in this plan
+            for p in band.order.values():
+                n = p.shard
+                if covered[n] > 0:
+                    covered[n] -= 1
+                else:
+                    return n
+            return -1
+        best, oldest = -1, _INF
+        for n, queued in enumerate(band.shard_order):
+            if len(queued) <= covered[n] or asked_at[n] < cutoff:
+                continue
+            at = next(islice(queued.values(), covered[n], None))  # its first request no live grant covers
+            if at < oldest:
+                best, oldest = n, at
+        return best
 
     @staticmethod
     def _start(band: LedgerBand, shard: int, flow: str) -> float:

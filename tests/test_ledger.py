@@ -269,22 +269,45 @@ def test_the_other_shards_go_on_while_one_is_stopped_and_share_with_it_once_it_a
         assert first["f1"] >= 2 and first["f2"] >= 2, after[:4]
 
 
-@pytest.mark.parametrize("ahead", [3, ledger_module.PASS_OVER, ledger_module.PASS_OVER + 1])
-def test_global_fcfs_passes_over_a_bounded_number_of_a_stopped_shards_requests(ahead):
+@pytest.mark.parametrize("ahead", [3, 300, 20_000])
+def test_global_fcfs_passes_over_a_stopped_shards_requests_whatever_their_number(ahead):
     """global-fcfs across shards with shard 0 behind on its answers: the oldest uncovered request
-    elsewhere is found past up to `PASS_OVER` of shard 0's (their number bounds the work per grant:
-    the whole backlog scanned per grant cost 1.6 ms a plan at 50,000, a review); past them the band
-    waits, as it did before shards behind were passed over."""
+    elsewhere is found however many of shard 0's are older, in each shard's own order (scanning the
+    band's order past them cost 1.6 ms a plan at 50,000; a cap on the scan stalled the band once the
+    stopped shard's backlog passed it: two reviews)."""
     cfg = config([{"priority": 0, "fairness": "global-fcfs"}], max_inflight_requests=None,
                  max_queued_requests=None, max_queued_bytes=None)
-    ledger = Ledger(cfg, 2)
+    ledger = Ledger(cfg, 3)
     for i in range(ahead):
         ledger.enqueue(Pending(i + 1, "stuck", 0, 10), 0)
-    ledger.enqueue(Pending(ahead + 1, "fine", 0, 10), 1)
-    asked_at = [0.0, math.inf]  # shard 0 asked at 0.0, never answered
-    found = ledger._oldest_uncovered(ledger.bands[0], asked_at, 0.5)
-    assert found == (1 if ahead <= ledger_module.PASS_OVER else -1)
+    ledger.enqueue(Pending(ahead + 1, "fine", 0, 10), 2)
+    ledger.enqueue(Pending(ahead + 2, "later", 0, 10), 1)
+    asked_at = [0.0, math.inf, math.inf]  # shard 0 asked at 0.0, never answered
+    assert ledger._oldest_uncovered(ledger.bands[0], asked_at, 0.5) == 2
     assert ledger._oldest_uncovered(ledger.bands[0], asked_at, -math.inf) == 0  # none behind: the oldest
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.booleans()), min_size=1, max_size=40), st.lists(st.integers(0, 5),
+       min_size=3, max_size=3))
+def test_global_fcfs_picks_the_same_oldest_uncovered_request_by_either_order(ops, grants):
+    """The pick through each shard's own order (used while a shard is behind) is the pick through the
+    band's order, when no shard is behind: requests queued and leaving at random, grants at random."""
+    cfg = config([{"priority": 0, "fairness": "global-fcfs"}], max_inflight_requests=None,
+                 max_queued_requests=None, max_queued_bytes=None)
+    ledger = Ledger(cfg, 3)
+    band = ledger.bands[0]
+    queued: list[Pending] = []
+    for i, (shard, leave) in enumerate(ops):
+        if leave and queued:
+            ledger.leave(queued.pop(len(queued) // 2))
+        else:
+            p = Pending(i + 1, f"f{i % 4}", 0, 10)
+            ledger.enqueue(p, shard)
+            queued.append(p)
+    band.shard_granted = [min(g, items) for g, items in zip(grants, band.shard_items, strict=True)]
+    none_behind = [math.inf] * 3
+    assert ledger._oldest_uncovered(band, none_behind, 0.5) == ledger._oldest_uncovered(band, none_behind, -math.inf)
 
 
 def _restless(config: Config, shards: int) -> Ledger:
