@@ -74,7 +74,6 @@ _RUNS = True
 ANSWER_TIMEOUT = 0.1
 
 
-
 class PendingState(enum.IntEnum):
     NEW = 0  # admitted by no one yet (parked while its displacement victims leave)
     QUEUED = 1  # routed to a shard (possibly still in transit)
