@@ -16,6 +16,8 @@ from __future__ import annotations
 import heapq
 import math
 import random
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 from conftest import FAIRNESS_NAMES, ORDERING_NAMES, make_config
@@ -164,6 +166,22 @@ def test_shards_behind_on_their_answers_keep_every_invariant(cfg, shards, seed, 
                raise_on_priority_violation=True, answer_timer=True), steps)
 
 
+def _rounds(m: Model, rounds: int, live: Callable[[float], Sequence[int]]) -> Iterator[tuple[float, Counter[str]]]:
+    """Rounds of 0.25 s, requests held one round: each delivers everything to and from the shards
+    `live(now)` names, yields (now, the round's dispatches per flow), then releases every ticket."""
+    seen = 0
+    for _ in range(rounds):
+        for n in live(m.now):
+            m.deliver_all_to(n)
+            m.deliver_all_from(n)
+        got = Counter(m.reqs[rec.id].flow for rec in m.dispatches[seen:])
+        seen = len(m.dispatches)
+        yield m.now, got
+        for ticket in list(m.tickets):
+            m.release(ticket)
+        m.advance(0.25)
+
+
 def _frozen_shard_run(frozen_band: int, *, timer: bool) -> tuple[dict[str, int], list[tuple[float, int]]]:
     """Shard 0 stops answering (nothing is delivered to it); shard 1 holds a low-band flow, shard 2 a
     high-band one; the others' grants are answered and their tickets released, a round every 0.25 s
@@ -179,20 +197,10 @@ def _frozen_shard_run(frozen_band: int, *, timer: bool) -> tuple[dict[str, int],
         m.admit("high", m.priorities[0], 10, shard=2)
     counted: dict[str, int] = {"low": 0, "high": 0}
     held: list[tuple[float, int]] = []
-    seen = 0
-    for _ in range(20):
-        for n in (1, 2):
-            m.deliver_all_to(n)
-            m.deliver_all_from(n)
-        held.append((m.now, m.ledger.outstanding_grants(0)))
-        for rec in m.dispatches[seen:]:
-            flow = m.reqs[rec.id].flow
-            if flow in counted:
-                counted[flow] += 1
-        seen = len(m.dispatches)
-        for ticket in list(m.tickets):
-            m.release(ticket)
-        m.advance(0.25)
+    for now, got in _rounds(m, 20, lambda now: (1, 2)):
+        held.append((now, m.ledger.outstanding_grants(0)))
+        for flow in counted:
+            counted[flow] += got[flow]
     return counted, held
 
 
@@ -232,24 +240,16 @@ def _stop_and_resume(fairness: str, *, stop: float, resume: float, rounds: int =
             m.admit(f"f{n}", 0, 10, shard=n)
     during: dict[str, int] = {"f0": 0, "f1": 0, "f2": 0}
     after: list[dict[str, int]] = []
-    seen = 0
-    for _ in range(rounds):
-        live = [1, 2] if stop <= m.now < resume else [0, 1, 2]
-        for n in live:
-            m.deliver_all_to(n)
-            m.deliver_all_from(n)
-        got = {"f0": 0, "f1": 0, "f2": 0}
-        for rec in m.dispatches[seen:]:
-            got[m.reqs[rec.id].flow] += 1
-        seen = len(m.dispatches)
-        if stop <= m.now < resume:
-            for f, k in got.items():
-                during[f] += k
-        elif m.now >= resume:
-            after.append(got)
-        for ticket in list(m.tickets):
-            m.release(ticket)
-        m.advance(0.25)
+
+    def stopped(now: float) -> bool:
+        return stop <= now < resume
+
+    for now, got in _rounds(m, rounds, lambda now: (1, 2) if stopped(now) else (0, 1, 2)):
+        if stopped(now):
+            for flow in during:
+                during[flow] += got[flow]
+        elif now >= resume:
+            after.append({flow: got[flow] for flow in during})
     return during, after
 
 
