@@ -298,7 +298,6 @@ class Ledger:
     __slots__ = (
         "__dict__",
         "_calm",
-        "_cutoff",
         "_grants",
         "_lowest",
         "_need",
@@ -356,7 +355,6 @@ class Ledger:
         # heard from (`heard_from`; inf: none since)
         self.timer: Callable[[], float] | None = None
         self.asked_at = [_INF] * shards
-        self._cutoff = -_INF  # the plan's (`_open_shards`): a shard asked before it is behind
         # per shard, its grants outstanding in the order it answers them: (band, reserve, charge, saturation)
         self._grants: list[deque[tuple[int, int, float, float]]] = [deque() for _ in range(shards)]
         self.plans = 0  # grant plans made so far (`Pending.plans`, `LedgerBand.shard_planned`)
@@ -709,7 +707,8 @@ class Ledger:
         # answered since) gets no grant in this plan
         asked_at = self.asked_at
         behind = not single and min(asked_at) < cutoff
-        self._cutoff = cutoff if behind else -_INF  # (for `_open_shards`)
+        if not behind:
+            cutoff = -_INF  # (so the picks below take their paths for no shard behind)
         while True:
             used = budget.inflight + self.grants_out
             if used >= max_requests:
@@ -728,7 +727,7 @@ class Ledger:
                 if candidate.fair:
                     heap = open_shards.get(candidate.index)  # type: ignore[assignment]
                     if heap is None:
-                        heap = open_shards[candidate.index] = self._open_shards(candidate)
+                        heap = open_shards[candidate.index] = self._open_shards(candidate, cutoff)
                     if heap:
                         band = candidate
                         break
@@ -817,14 +816,14 @@ class Ledger:
                 elif not alone:
                     heapq.heappush(heap, (*self._shard_rank(band, shard, live), shard))
 
-    def _open_shards(self, band: LedgerBand) -> list[tuple[float, float, int]]:
+    def _open_shards(self, band: LedgerBand, cutoff: float) -> list[tuple[float, float, int]]:
         """A fair band's shards holding more requests than live grants, as a heap by `_shard_rank`
         (then by index): its next grant goes to the first. O(N) once per plan, O(log N) per grant,
         where a scan of the shards per grant made a plan O(N) per grant (measured: it grew the
-        distributor's cost per request with the shard count)."""
+        distributor's cost per request with the shard count). A shard asked before `cutoff` is
+        behind on its answers and left out (`plan_grants`)."""
         ranked = []
-        items, granted, stale = band.shard_items, band.shard_granted, band.shard_stale
-        cutoff, asked_at = self._cutoff, self.asked_at  # (a shard asked before the cutoff is behind: plan_grants)
+        items, granted, stale, asked_at = band.shard_items, band.shard_granted, band.shard_stale, self.asked_at
         for n in compress(range(len(items)), items):  # only the shards holding some (in C): see grantable
             live = granted[n] - stale[n]
             if items[n] > live:
