@@ -42,7 +42,8 @@ class SlotTable:
     def collect(self, now: float, busy: Callable[[str], bool]) -> int:
         """Free the slots of flows unused for `gc_timeout` that hold no work. Periodic: each call looks at
         the next `SWEEP` flows of a sweep over the table (a new sweep starts where one ends), so a
-        slot is freed within `gc_timeout` plus one sweep's calls."""
+        slot is freed within `gc_timeout` plus one or two sweeps' calls (two when it was looked at just
+        before its timeout and comes last in the next sweep)."""
         if not self._sweep:
             self._sweep = list(self.last_used)
         sweep, last_used = self._sweep, self.last_used
