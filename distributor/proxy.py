@@ -442,22 +442,25 @@ class Proxy:
         self.loop = asyncio.get_running_loop()  # constructed by the distributor's start()
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.pc.connect_timeout,
-                                        sock_read=self.pc.read_timeout)
-        self.session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
-                                             skip_auto_headers=("User-Agent", "Accept-Encoding"))
+        self.session = self._client_session(limit=0)
         if self.utilization is not None:
             # Its own session, one connection per backend: sharing the requests' pool, a scrape every
             # 50 ms took the idle connection longest unused (aiohttp's pool is first in, first out),
             # so none stayed idle for the keep-alive timeout and the pool never shrank after a peak (a
             # soak review: 15 connections to the backend held 80 s after the load)
-            self.scrape_session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit_per_host=1, ttl_dns_cache=300), timeout=timeout,
-                auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding"))
+            self.scrape_session = self._client_session(limit=100, limit_per_host=1)
             self.scraper = Scraper(self.pool, self.utilization, self.scrape_session, self.pc, self._on_room,
                                    self._scrape_health)
             self.scraper.start()
+
+    def _client_session(self, limit: int, limit_per_host: int = 0) -> aiohttp.ClientSession:
+        """A session to the backends, its connector's limits as given (0: none): bodies kept as they come
+        (usage is read from them, streams are re-framed; a compressed one is passed through)."""
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.pc.connect_timeout,
+                                        sock_read=self.pc.read_timeout)
+        connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit_per_host, ttl_dns_cache=300)
+        return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
+                                     skip_auto_headers=("User-Agent", "Accept-Encoding"))
 
     async def close(self, *, why: str = "drain") -> None:
         """The service is stopping (`why`: "drain", its drain ended; "signal", a second signal cut the
