@@ -55,18 +55,25 @@ async def backend(routes: list[tuple[str, str, Handler]]) -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
+async def proxying(urls: list[str], limits: HttpLimits | None = None, **proxy: Any) -> AsyncIterator[Rig]:
+    """The proxy and its HTTP front in front of the backends at `urls` (the utilization detector off
+    unless `proxy` says otherwise), with an admission that dispatches at once."""
+    admission = _RecordingAdmission()
+    px = Proxy(Config(proxy=ProxyConfig(backends=urls, **{"utilization": False, **proxy})), admission, lambda: None)
+    await px.start()
+    server = await start_http_server(admission, "127.0.0.1", 0, limits or HttpLimits(), lease=300.0, proxy=px)
+    try:
+        yield Rig(urls[0], server.sockets[0].getsockname()[1], px, admission)
+    finally:
+        server.close()
+        await px.close()
+
+
+@contextlib.asynccontextmanager
 async def rig(routes: list[tuple[str, str, Handler]], limits: HttpLimits | None = None,
               **proxy: Any) -> AsyncIterator[Rig]:
-    async with backend(routes) as url:
-        admission = _RecordingAdmission()
-        px = Proxy(Config(proxy=ProxyConfig(backends=[url], utilization=False, **proxy)), admission, lambda: None)
-        await px.start()
-        server = await start_http_server(admission, "127.0.0.1", 0, limits or HttpLimits(), lease=300.0, proxy=px)
-        try:
-            yield Rig(url, server.sockets[0].getsockname()[1], px, admission)
-        finally:
-            server.close()
-            await px.close()
+    async with backend(routes) as url, proxying([url], limits, **proxy) as r:
+        yield r
 
 
 def endless_stream(content: str, pause: float) -> Handler:
@@ -477,30 +484,23 @@ def test_a_backend_silent_past_read_timeout_is_a_504_not_a_try_on_every_backend(
 
     async def go() -> None:
         async with backend([("POST", "/v1/chat/completions", silent("a"))]) as a, \
-                backend([("POST", "/v1/chat/completions", silent("b"))]) as b:
-            admission = _RecordingAdmission()
-            px = Proxy(Config(proxy=ProxyConfig(backends=[a, b], utilization=False, read_timeout=0.5)),
-                       admission, lambda: None)
-            await px.start()
-            server = await start_http_server(admission, "127.0.0.1", 0, HttpLimits(), lease=300.0, proxy=px)
-            try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
-                writer.write(_post())
-                t0 = time.monotonic()
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
-                assert head.startswith(b"HTTP/1.1 504"), head
-                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-                body = json.loads(await reader.readexactly(length))
-                assert body["error"]["code"] == "backend_timeout" and "read_timeout" in body["error"]["message"]
-                assert time.monotonic() - t0 < 1.5  # one read_timeout, not one per backend
-                assert len(seen) == 1 and px.stats.retries == 0
-                tried = next(x for x in px.pool.backends if x.errors)
-                assert tried.errors == {"timeout": 1} and not px.pool.up(tried, px.loop.time())
-                assert await _released(admission, 1, 2.0)
-                writer.close()
-            finally:
-                server.close()
-                await px.close()
+                backend([("POST", "/v1/chat/completions", silent("b"))]) as b, \
+                proxying([a, b], read_timeout=0.5) as r:
+            px = r.proxy
+            reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+            writer.write(_post())
+            t0 = time.monotonic()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            assert head.startswith(b"HTTP/1.1 504"), head
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            body = json.loads(await reader.readexactly(length))
+            assert body["error"]["code"] == "backend_timeout" and "read_timeout" in body["error"]["message"]
+            assert time.monotonic() - t0 < 1.5  # one read_timeout, not one per backend
+            assert len(seen) == 1 and px.stats.retries == 0
+            tried = next(x for x in px.pool.backends if x.errors)
+            assert tried.errors == {"timeout": 1} and not px.pool.up(tried, px.loop.time())
+            assert await _released(r.admission, 1, 2.0)
+            writer.close()
 
     run(go(), timeout=30.0)
 
@@ -526,28 +526,19 @@ def test_scrapes_keep_to_their_own_connection_and_leave_the_requests_pool_alone(
         return web.Response(body=b"vllm:num_requests_waiting 0\nvllm:kv_cache_usage_perc 0.1\n")
 
     async def go() -> None:
-        async with backend([("POST", "/v1/chat/completions", chat), ("GET", "/metrics", metrics)]) as url:
-            admission = _RecordingAdmission()
-            px = Proxy(Config(proxy=ProxyConfig(backends=[url], utilization=True, scrape_interval=0.02)),
-                       admission, lambda: None)
-            await px.start()
-            server = await start_http_server(admission, "127.0.0.1", 0, HttpLimits(), lease=300.0, proxy=px)
-            try:
-                port = server.sockets[0].getsockname()[1]
-                conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(6)]
-                for _, writer in conns:
-                    writer.write(_post())
-                for reader, _ in conns:
-                    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
-                assert len(chats) == 6
-                del scrapes[:]
-                await asyncio.sleep(0.5)  # ~25 scrapes with the requests' 6 connections idle
-                assert len(scrapes) >= 10 and not set(scrapes) & chats, (set(scrapes), chats)
-                assert len(set(scrapes)) == 1
-                for _, writer in conns:
-                    writer.close()
-            finally:
-                server.close()
-                await px.close()
+        async with rig([("POST", "/v1/chat/completions", chat), ("GET", "/metrics", metrics)],
+                       utilization=True, scrape_interval=0.02) as r:
+            conns = [await asyncio.open_connection("127.0.0.1", r.port) for _ in range(6)]
+            for _, writer in conns:
+                writer.write(_post())
+            for reader, _ in conns:
+                await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            assert len(chats) == 6
+            del scrapes[:]
+            await asyncio.sleep(0.5)  # ~25 scrapes with the requests' 6 connections idle
+            assert len(scrapes) >= 10 and not set(scrapes) & chats, (set(scrapes), chats)
+            assert len(set(scrapes)) == 1
+            for _, writer in conns:
+                writer.close()
 
     run(go(), timeout=30.0)
