@@ -1,7 +1,7 @@
 """Proxy mode's backends: which one gets a request, passive health, and the metrics scraper.
 
 flowshard is not an endpoint picker, but the proxy must send each request somewhere: the healthy
-backend with the fewest requests in flight (ties round robin). Health is passive: a connect error,
+backend with the fewest requests in flight (ties round robin). Health is passive: a failure before the answer,
 a timeout or a 5xx takes a backend out for `backoff` seconds, doubling per consecutive failure up to
 `max_backoff`; one success brings it back. The scraper reads every backend's Prometheus metrics
 each `scrape_interval` into the core's `PoolUtilization` and calls `on_room` when the pool's

@@ -103,6 +103,19 @@ MAX_PASSTHROUGHS: Final = 32
 _LOCAL_SHORTAGE: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
+def _failure_kind(exc: BaseException) -> str:
+    """What a failed request to a backend, before its answer's head, is counted as: `connect` (no
+    connection: the backend never had the request), `reset` (the connection was closed or reset after
+    the request was written: the backend may have read it) or `protocol` (the backend's answer was not
+    HTTP). Each is tried on another backend (`retries`): an inference request changes nothing but the
+    backend's load, and a `reset` is also what a connection the backend closed while idle gives."""
+    if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
+        return "connect"
+    if isinstance(exc, (aiohttp.ClientConnectionError, OSError)):
+        return "reset"
+    return "protocol"
+
+
 
 @functools.lru_cache(maxsize=256)
 def _encoded_base(url: str) -> str:
@@ -458,7 +471,11 @@ class Proxy:
         (usage is read from them, streams are re-framed; a compressed one is passed through)."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.pc.connect_timeout,
                                         sock_read=self.pc.read_timeout)
-        connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit_per_host, ttl_dns_cache=300)
+        # Idle connections are closed after `keepalive_timeout`, below the backends' own (vLLM's and
+        # SGLang's servers close theirs after 5 s): a request sent on a connection the backend is closing
+        # fails as a `reset`, after it may have been read.
+        connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit_per_host, ttl_dns_cache=300,
+                                         keepalive_timeout=self.pc.keepalive_timeout)
         return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
                                      skip_auto_headers=("User-Agent", "Accept-Encoding"))
 
@@ -623,7 +640,7 @@ class Proxy:
             await self.forward(ex, method)
 
     async def forward(self, ex: Exchange, method: str = "POST") -> None:
-        """Send the request to a backend (retrying another on a connect error or 5xx), relay the answer."""
+        """Send the request to a backend (another after a failure before its answer, or a 5xx); relay the answer."""
         assert self.session is not None
         pc = self.pc
         loop = self.loop
@@ -695,10 +712,12 @@ class Proxy:
                                         f"read_timeout ({self.pc.read_timeout:g} s)", "server_error",
                                         "backend_timeout")
                     return True
-                self.pool.failed(backend, loop.time(), "connect", f"{type(exc).__name__}: {exc}")
+                kind = _failure_kind(exc)
+                self.pool.failed(backend, loop.time(), kind, f"{type(exc).__name__}: {exc}")
                 if last:
+                    code = "backend_unreachable" if kind == "connect" else "backend_failed"
                     self._respond_error(ex, 502, f"flowshard: backend {backend.name} failed: {type(exc).__name__}",
-                                        "server_error", "backend_unreachable")
+                                        "server_error", code)
                     return True
                 return False
             if resp.status >= 500:
@@ -937,8 +956,9 @@ class Proxy:
                                      labels=["backend"])
         up = GaugeMetricFamily("flowshard_backend_up", "0 while the backend is out after a failure (passive "
                                "health; with acceptor processes, out in any of them), else 1.", labels=["backend"])
-        errors = CounterMetricFamily("flowshard_backend_errors", "Backend failures by kind (connect, timeout, "
-                                     "http_5xx, midstream, scrape; usage: a usage out of range, ignored).",
+        errors = CounterMetricFamily("flowshard_backend_errors", "Backend failures by kind (connect, reset, "
+                                     "protocol, timeout, http_5xx, midstream, scrape; usage: a usage out of range, "
+                                     "ignored).",
                                      labels=["backend", "kind"])
         for b, fig in zip(self.pool.backends, st.backends, strict=True):
             inflight.add_metric([b.name], fig.inflight)

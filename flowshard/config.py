@@ -139,11 +139,13 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     kv_threshold: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.8  # KV-cache use that means saturated
     scrape_interval: Annotated[float, msgspec.Meta(ge=0.005, le=3600)] = 0.05
     staleness: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 0.2  # older metrics count as saturated
-    retries: Annotated[int, msgspec.Meta(ge=0, le=16)] = 2  # further backends tried after a connect error or 5xx
+    retries: Annotated[int, msgspec.Meta(ge=0, le=16)] = 2  # other backends tried after a failure or a 5xx
     backoff: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 1.0  # a failing backend is out this long, doubling
     max_backoff: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 30.0
     connect_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
     read_timeout: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 600.0  # longest silence from a backend
+    # idle connections to a backend are closed after this: below the backends' own (vLLM, SGLang: 5 s)
+    keepalive_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 4.0
 
     def __post_init__(self) -> None:
         self.backends = [check_backend_url(url, "backends") for url in self.backends]

@@ -226,7 +226,8 @@ def test_backend_dying_mid_stream_is_a_clean_error_and_one_outcome(launch: Any, 
     time.sleep(0.05)  # past the back-off that the failure above started
     with pytest.raises(openai.APIStatusError) as exc:
         c.chat.completions.create(model="m", messages=MSG, max_tokens=2)
-    assert exc.value.status_code == 502 and exc.value.body["code"] == "backend_unreachable"  # type: ignore[index]
+    assert exc.value.status_code == 502 and exc.value.body["code"] == "backend_failed"  # type: ignore[index]
+    assert settled(svc)["proxy"]["backends"][0]["errors"] == {"midstream": 1, "reset": 1}  # it had the request
     assert settled(svc)["totals"]["inflight"] == 0
 
 

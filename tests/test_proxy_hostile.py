@@ -542,3 +542,88 @@ def test_scrapes_keep_to_their_own_connection_and_leave_the_requests_pool_alone(
                 writer.close()
 
     run(go(), timeout=30.0)
+
+
+@contextlib.asynccontextmanager
+async def raw_backend(answer: bytes | None) -> AsyncIterator[tuple[str, list[bytes]]]:
+    """A backend on raw sockets: it reads a request's head and body, then writes `answer` and closes
+    (None: closes at once, without a byte). Yields its URL and the bodies it read."""
+    bodies: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            bodies.append(await reader.readexactly(length))
+            if answer is not None:
+                writer.write(answer)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", bodies
+    finally:
+        server.close()
+
+
+def test_backend_failures_are_counted_by_what_is_known_of_them_and_tried_elsewhere() -> None:
+    """Three backends fail three ways before an answer: one cannot be connected to (`connect`: it never
+    had the request), one reads the request and closes the connection (`reset`: it may have run it),
+    one answers something that is not HTTP (`protocol`). Each is counted as what it was (every one
+    was `connect` before, a reset included), each is tried once, and the client gets one 502 whose
+    code says what the last try met (`backend_failed`, not `backend_unreachable`, once a backend had
+    the request)."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{s.getsockname()[1]}"
+
+    async def go() -> None:
+        async with raw_backend(None) as (resets, reset_bodies), \
+                raw_backend(b"garbage that is no status line\r\n\r\n") as (garbage, garbage_bodies), \
+                proxying([refused, resets, garbage], retries=2) as r:
+            px = r.proxy
+            reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+            writer.write(_post())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            assert head.startswith(b"HTTP/1.1 502"), head
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            error = json.loads(await reader.readexactly(length))["error"]
+            errors = {b.url: b.errors for b in px.pool.backends}
+            assert errors == {refused: {"connect": 1}, resets: {"reset": 1}, garbage: {"protocol": 1}}, errors
+            assert len(reset_bodies) == 1 and len(garbage_bodies) == 1 and px.stats.retries == 2
+            last = max(px.pool.backends, key=lambda b: b.down_until)  # (the latest failure: out the longest)
+            assert error["code"] == ("backend_unreachable" if last.url == refused else "backend_failed"), error
+            assert await _released(r.admission, 1, 2.0)
+            writer.close()
+
+    run(go(), timeout=30.0)
+
+
+def test_idle_backend_connections_are_closed_after_keepalive_timeout() -> None:
+    """A connection idle for longer than `keepalive_timeout` is not written to again: the next
+    request opens a new one (aiohttp's default kept it 15 s, past vLLM's and SGLang's own 5 s, so a
+    request could be written on a connection the backend was closing: a `reset`, the generation
+    perhaps run twice)."""
+    peers: list[Any] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        assert request.transport is not None
+        peers.append(request.transport.get_extra_info("peername"))
+        return web.json_response({"choices": [{"message": {"content": "hi"}}]})
+
+    async def go() -> None:
+        async with rig([("POST", "/v1/chat/completions", chat)], keepalive_timeout=0.3) as r:
+            reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+            for pause in (0.0, 0.05, 0.8):  # reused after 50 ms; not after 0.8 s
+                await asyncio.sleep(pause)
+                writer.write(_post())
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+                assert head.startswith(b"HTTP/1.1 200"), head
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+            assert peers[0] == peers[1] and peers[2] != peers[1], peers
+            writer.close()
+
+    run(go(), timeout=30.0)
