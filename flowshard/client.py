@@ -133,9 +133,10 @@ class Client:
         """Ask to admit a request of `size` bytes; the Future resolves when it has an outcome.
 
         `ttl`/`slo` in seconds (0: the configured default TTL / no SLO), `tokens` 0: not declared,
-        `weight` 0: the flow's configured weight; `audit`: the result carries the service's view of the
-        request (`AdmitResult.service`). The Future raises FlowshardError when the service
-        refuses the call (invalid field: 422) and ConnectionClosed when the connection is gone; the
+        `weight` 0: the flow's weight as it stands (its latest non-zero one, else the configured one);
+        `audit`: the result carries the service's view of the request (`AdmitResult.service`). The
+        Future raises FlowshardError when the service refuses the call (invalid field: 422) and
+        ConnectionClosed when the connection is gone; the
         call itself raises TypeError/ValueError for values the wire cannot carry. Cancelling the
         Future does not cancel the admission (the protocol has no such message); if it is then
         dispatched, its ticket is released at once.

@@ -33,6 +33,8 @@ class Fairness(Protocol):
     def pick(self) -> FlowQueue | None: ...
     def charge(self, flow: FlowQueue, item: Item) -> None: ...
     def correct(self, flow: FlowQueue, delta: float) -> None: ...
+    def forget(self, flow: FlowQueue) -> None: ...
+    def recall(self, flow: FlowQueue) -> None: ...
 
 
 class RoundRobin:
@@ -55,6 +57,12 @@ class RoundRobin:
 
     def correct(self, flow: FlowQueue, delta: float) -> None:
         pass  # charges turns or declared bytes: nothing to correct
+
+    def forget(self, flow: FlowQueue) -> None:
+        pass  # nothing of a flow outlives its backlog here
+
+    def recall(self, flow: FlowQueue) -> None:
+        pass
 
     def pick(self) -> FlowQueue | None:
         return next(iter(self._ring)) if self._ring else None
@@ -119,6 +127,12 @@ class DeficitRoundRobin:
     def correct(self, flow: FlowQueue, delta: float) -> None:
         pass  # charges turns or declared bytes: nothing to correct
 
+    def forget(self, flow: FlowQueue) -> None:
+        pass  # nothing of a flow outlives its backlog here
+
+    def recall(self, flow: FlowQueue) -> None:
+        pass
+
     def pick(self) -> FlowQueue | None:
         ring = self._ring
         misses = 0
@@ -181,6 +195,9 @@ class DeficitRoundRobin:
             self._previous_max, self._epoch_max = self._epoch_max, 0
 
 
+REMEMBERED_AHEAD = 4096  # per band: the counters of forgotten VTC flows still ahead (`VirtualTokenCounter.forget`)
+
+
 class VirtualTokenCounter:
     """Virtual token counter (Sheng et al., OSDI'24): serve the backlogged flow with the least service.
 
@@ -198,6 +215,7 @@ class VirtualTokenCounter:
         self._active = 0
         self._floor = 0.0
         self._tick = 0  # unique, increasing: valid-entry stamps and the tie-break (first come first)
+        self._ahead: dict[str, float] = {}  # forgotten flows' counters that were ahead (`forget`), oldest first
 
     def _stamp(self, flow: FlowQueue) -> int:
         self._tick += 1
@@ -245,6 +263,26 @@ class VirtualTokenCounter:
             # entries for 2 flows after 50,000 dispatches whose releases reported fewer tokens)
             heapq.heappush(self._heap, (flow.vtc, self._stamp(flow), flow))
             self._compact()
+
+    def forget(self, flow: FlowQueue) -> None:
+        """The shard forgets `flow` (idle): its counter is kept if it is ahead of where the flow would be
+        lifted to on its return, so a flow served ahead (an under-declared request, corrected at its
+        release) still pays back when it comes back (a review: 8 throw-away flow ids pushed such a flow
+        out of the shard's memory and its share of actual tokens went from 0.51 to 0.91). A flow at or
+        behind that point loses nothing: it is lifted anyway. At most `REMEMBERED_AHEAD` per band, the
+        oldest forgotten first; flows that arrive for nothing (throw-away ids) are never ahead."""
+        low = self._top()
+        if flow.vtc > (low.vtc if low is not None else self._floor):
+            ahead = self._ahead
+            ahead[flow.id] = flow.vtc
+            if len(ahead) > REMEMBERED_AHEAD:
+                del ahead[next(iter(ahead))]
+
+    def recall(self, flow: FlowQueue) -> None:
+        """`flow` is known again (a new `FlowQueue`): its counter, if it was ahead when it was forgotten."""
+        vtc = self._ahead.pop(flow.id, None)
+        if vtc is not None:
+            flow.vtc = vtc
 
     pick = _top  # the least-served backlogged flow
 
@@ -314,6 +352,12 @@ class GlobalFcfs:
     def correct(self, flow: FlowQueue, delta: float) -> None:
         pass  # no fairness: nothing to correct
 
+    def forget(self, flow: FlowQueue) -> None:
+        pass  # nothing of a flow outlives its backlog here
+
+    def recall(self, flow: FlowQueue) -> None:
+        pass
+
 
 class _ArrivalList(Protocol):
     oldest: Item | None
@@ -345,6 +389,12 @@ class ArrivalFcfs:
 
     def correct(self, flow: FlowQueue, delta: float) -> None:
         pass  # charges turns or declared bytes: nothing to correct
+
+    def forget(self, flow: FlowQueue) -> None:
+        pass  # nothing of a flow outlives its backlog here
+
+    def recall(self, flow: FlowQueue) -> None:
+        pass
 
     def pick(self) -> FlowQueue | None:
         oldest = self._band.oldest
