@@ -36,6 +36,7 @@ import http
 import logging
 import math
 import os
+import re
 import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
@@ -88,7 +89,10 @@ _WHY: Final = {
 }
 
 _encode = msgspec.json.Encoder().encode
-_DONE: Final = b"data: [DONE]\n\n"  # OpenAI's end of stream
+# OpenAI's end of stream: an event whose data is `[DONE]`, wherever it falls in what one read gave (the
+# SSE format allows no space after `data:` and any of its line ends; a review: `[DONE]` followed by
+# another event in the same read, or ended by CRLF, was not seen, and the client waited for read_timeout)
+_DONE: Final = re.compile(rb"(?:\A|\n|\r)data: ?\[DONE\](?:\r\n|\n|\r)(?:\r\n|\n|\r)")
 _FLUSH_AT_CLOSE: Final = 0.5  # the most close() waits for the answers it ended to leave this process
 _PIECE: Final = 1 << 16  # a non-streamed answer larger than this is written in pieces of it (backpressure)
 # after `data: [DONE]` the client has its whole answer: the backend's end of the response is awaited this
@@ -792,7 +796,9 @@ class Proxy:
                 out = relay.feed(data)
                 if out:
                     stats.chunks += 1
-                    if out.endswith(_DONE):  # the client has all it needs: end its response now
+                    done = _DONE.search(out) if b"[DONE]" in out else None
+                    if done is not None:  # the client has all it needs: end its response now
+                        out = out[:done.end()]  # (what follows is owed to nobody)
                         ended = True
                         conn.slot_end(slot, b"%x\r\n%b\r\n0\r\n\r\n" % (len(out), out))
                         break

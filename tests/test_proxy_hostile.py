@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from servicekit import run
 from test_proxy import MSG, _RecordingAdmission
@@ -624,6 +625,39 @@ def test_idle_backend_connections_are_closed_after_keepalive_timeout() -> None:
                 length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
                 await reader.readexactly(length)
             assert peers[0] == peers[1] and peers[2] != peers[1], peers
+            writer.close()
+
+    run(go(), timeout=30.0)
+
+
+@pytest.mark.parametrize("done", [b"data: [DONE]\n\ndata: {\"late\": 1}\n\n", b"data:[DONE]\r\n\r\n",
+                                  b"data: [DONE]\n\n: ping\n\n"])
+def test_a_stream_ends_at_done_wherever_it_falls_in_a_read(done: bytes) -> None:
+    """`[DONE]` followed by more in the same read, ended by CRLF, or without the space: the client's
+    response ends there (nothing after it is relayed), the ticket is released, and the backend, which
+    keeps streaming, is not counted as failing (a review: the client got events after `[DONE]` and its
+    response never ended, or waited for read_timeout and got a `backend_failed` error after it)."""
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            await resp.write(event + done)
+            while True:
+                await asyncio.sleep(0.05)
+                await resp.write(b'data: {"after": "done"}\n\n')
+        return resp
+
+    async def go() -> None:
+        async with rig([("POST", "/v1/chat/completions", stream)], read_timeout=30.0) as r:
+            reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+            writer.write(_post(stream=True))
+            got = await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), 5.0)
+            assert b"[DONE]" in got and b"late" not in got and b"after" not in got and b"ping" not in got, got
+            assert await _released(r.admission, 1, 3.0)
+            assert r.proxy.pool.backends[0].errors == {} and r.proxy.stats.midstream_failures == 0
             writer.close()
 
     run(go(), timeout=30.0)
