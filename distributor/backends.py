@@ -124,7 +124,10 @@ class BackendPool:
 
 
 class Scraper:
-    """Scrapes each backend's metrics every `scrape_interval`, all backends concurrently."""
+    """Scrapes each backend's metrics every `scrape_interval`, each backend in a loop of its own: one
+    whose metrics are slow to come, or never come, does not delay the others' (a review: scraped in
+    rounds that awaited every backend, a hung `/metrics` made a healthy backend's figures stale in 20 %
+    of the samples and held 13 % of the requests)."""
 
     def __init__(
         self, pool: BackendPool, utilization: PoolUtilization, session: aiohttp.ClientSession, config: ProxyConfig,
@@ -137,25 +140,33 @@ class Scraper:
         self.config = config
         self.on_room = on_room
         self.errors: list[str] = ["" for _ in pool.backends]  # the last scrape error per backend
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run(b.index)) for b in self.pool.backends]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
 
-    async def _run(self) -> None:
+    async def _run(self, index: int) -> None:
         loop = asyncio.get_running_loop()
-        interval = self.config.scrape_interval
-        timeout = aiohttp.ClientTimeout(total=self.config.staleness)
+        config = self.config
+        interval = config.scrape_interval
+        # A connection not made within half of `staleness` is one that cannot be made (a host that drops
+        # the SYNs): counted so (`ConnectionTimeoutError`), as a refused one is. Under the whole scrape's
+        # timeout alone it was a plain timeout, the backend was never taken out, and a request paid
+        # `connect_timeout` (5 s) before trying another, once per back-off (a review).
+        timeout = aiohttp.ClientTimeout(total=config.staleness,
+                                        sock_connect=min(config.connect_timeout, config.staleness / 2))
         while True:
             started = loop.time()
-            await asyncio.gather(*(self._scrape(b.index, timeout) for b in self.pool.backends))
+            await self._scrape(index, timeout)
             self.utilization.expire(loop.time())
             await asyncio.sleep(max(0.0, started + interval - loop.time()))
 
@@ -179,7 +190,8 @@ class Scraper:
                 log.warning("backend %s: metrics scrape failed (%s): its saturation counts as 1 once its "
                             "last good scrape is older than staleness", backend.name, detail)
             self.errors[index] = detail
-            if isinstance(exc, aiohttp.ClientConnectorError) and self.pool.up(backend, loop.time()):
+            cannot_connect = isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+            if cannot_connect and self.pool.up(backend, loop.time()):
                 # Nothing listens there: a health signal as good as a failed request, and the only one
                 # while its stale metrics keep every request from being sent to it.
                 self.pool.failed(backend, loop.time(), "scrape", detail)

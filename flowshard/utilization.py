@@ -47,15 +47,16 @@ class Scraped(msgspec.Struct, frozen=True):
 def parse_metrics(text: bytes) -> Scraped:
     """Read the waiting queue, running count and KV-cache use from a Prometheus text page.
 
-    Only the lines of the known metrics are parsed (a vLLM page is mostly histograms). A page with
-    neither a waiting queue nor a KV-cache metric cannot say anything: ScrapeError.
+    Only the lines of the known metrics are parsed (a vLLM page is mostly histograms), found by a
+    search for each name rather than a split of the page into lines: the work is the page's bytes
+    scanned, not a Python step per line (a review: a 0.9 MiB page of short lines cost 18 ms a parse,
+    scraped every 50 ms). A page with neither a waiting queue nor a KV-cache metric cannot say
+    anything: ScrapeError.
     """
     waiting = running = 0.0
     kv = -1.0
     seen_waiting = False
-    for line in text.split(b"\n"):
-        if not line.startswith(_PREFIXES):
-            continue
+    for line in _known_lines(text):
         brace = line.find(b"}")
         name_end = line.find(b"{")
         if name_end < 0:
@@ -83,6 +84,19 @@ def parse_metrics(text: bytes) -> Scraped:
         raise ScrapeError("no known saturation metric (vllm:num_requests_waiting, vllm:kv_cache_usage_perc, "
                           "sglang:num_queue_reqs, sglang:token_usage)")
     return Scraped(waiting, running, min(max(kv, 0.0), 1.0))
+
+
+def _known_lines(text: bytes) -> list[bytes]:
+    """The lines of `text` that begin with a known metric's name (as a split on newlines would give them)."""
+    lines: list[bytes] = []
+    for name in _PREFIXES:
+        at = text.find(name)
+        while at >= 0:
+            if not at or text[at - 1] == 0x0A:  # at a line's start (not a HELP or TYPE line's name)
+                end = text.find(b"\n", at)
+                lines.append(text[at:] if end < 0 else text[at:end])
+            at = text.find(name, at + len(name))
+    return lines
 
 
 class BackendLoad:

@@ -661,3 +661,76 @@ def test_a_stream_ends_at_done_wherever_it_falls_in_a_read(done: bytes) -> None:
             writer.close()
 
     run(go(), timeout=30.0)
+
+
+def _metrics_handler(pause: float) -> Handler:
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(pause)
+        return web.Response(body=b"vllm:num_requests_waiting 0\nvllm:kv_cache_usage_perc 0.1\n")
+    return metrics
+
+
+def test_a_backend_whose_metrics_hang_does_not_make_the_others_stale() -> None:
+    """Each backend is scraped on its own: a `/metrics` that never answers leaves the other backend's
+    figures (40 ms to come) fresh. Scraped in rounds that awaited every backend, each round took
+    `staleness`, and the healthy backend's figures, as old as the round when its next came, were stale
+    at the end of each (in ~20 % of the samples, a review; requests were held meanwhile)."""
+    async def go() -> None:
+        async with backend([("GET", "/metrics", _metrics_handler(1.0))]) as hung, \
+                backend([("GET", "/metrics", _metrics_handler(0.04))]) as fine, \
+                proxying([hung, fine], utilization=True, scrape_interval=0.02, staleness=0.1) as r:
+            util = r.proxy.utilization
+            assert util is not None
+            await asyncio.sleep(0.3)
+            samples = []
+            for _ in range(150):
+                await asyncio.sleep(0.005)
+                util.expire(r.proxy.loop.time())
+                samples.append(util.stale(1))
+            assert not any(samples), f"the healthy backend was stale in {sum(samples)} of {len(samples)} samples"
+            assert util.stale(0)
+
+    run(go(), timeout=30.0)
+
+
+def test_a_backend_that_drops_connections_is_taken_out_by_the_scraper() -> None:
+    """A host that drops the SYNs (here: a listener whose accept queue is full): its scrape's connection
+    is not made within half of `staleness`, which counts as one that cannot be made, so the scraper
+    takes it out and no request pays `connect_timeout` on it (under the scrape's whole timeout it was a
+    plain timeout, never a health signal: about one request per back-off waited `connect_timeout`)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    filler = socket.create_connection(listener.getsockname())  # the queue is full from here on
+    dead = f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.json_response({"choices": [{"message": {"content": "hi"}}]})
+
+    async def go() -> None:
+        async with backend([("GET", "/metrics", _metrics_handler(0.0)),
+                            ("POST", "/v1/chat/completions", chat)]) as fine, \
+                proxying([dead, fine], utilization=True, scrape_interval=0.02, staleness=0.2,
+                         connect_timeout=5.0) as r:
+            pool = r.proxy.pool
+            deadline = time.monotonic() + 3.0
+            while pool.up(pool.backends[0], r.proxy.loop.time()) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert not pool.up(pool.backends[0], r.proxy.loop.time()), pool.backends[0].errors
+            assert pool.backends[0].errors.get("scrape", 0) >= 1
+            reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+            for _ in range(3):
+                t0 = time.monotonic()
+                writer.write(_post())
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+                assert head.startswith(b"HTTP/1.1 200") and time.monotonic() - t0 < 1.0, head
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+            writer.close()
+
+    try:
+        run(go(), timeout=30.0)
+    finally:
+        filler.close()
+        listener.close()

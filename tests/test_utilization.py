@@ -59,6 +59,67 @@ def test_parse_errors(page: bytes, says: str) -> None:
         parse_metrics(page)
 
 
+def _parse_by_lines(text: bytes) -> Scraped | str:
+    """The parse as it was, a split of the page into lines: the oracle for the search by name."""
+    from flowshard.utilization import _PREFIXES, KV, RUNNING, WAITING
+
+    waiting = running = 0.0
+    kv, seen_waiting = -1.0, False
+    for line in text.split(b"\n"):
+        if not line.startswith(_PREFIXES):
+            continue
+        brace, name_end = line.find(b"}"), line.find(b"{")
+        if name_end < 0:
+            name_end = line.find(b" ")
+            fields = line[name_end:].split()
+        else:
+            fields = line[brace + 1 :].split()
+        name = line[:name_end]
+        if not fields:
+            continue
+        try:
+            value = float(fields[0])
+        except ValueError:
+            return "error"
+        if not math.isfinite(value) or value < 0:
+            return "error"
+        if name in WAITING:
+            waiting, seen_waiting = waiting + value, True
+        elif name in RUNNING:
+            running += value
+        elif name in KV:
+            kv = max(kv, value)
+    if not seen_waiting and kv < 0:
+        return "error"
+    return Scraped(waiting, running, min(max(kv, 0.0), 1.0))
+
+
+_LINES = st.sampled_from([
+    b"vllm:num_requests_waiting 3", b'vllm:num_requests_waiting{m="a"} 2.5', b"vllm:num_requests_running 4",
+    b"vllm:kv_cache_usage_perc 0.5", b'vllm:gpu_cache_usage_perc{e="1"} 0.25', b"sglang:num_queue_reqs 1",
+    b"sglang:token_usage 0.75", b"tgi_queue_size 6", b"# HELP vllm:num_requests_waiting waiting",
+    b"# TYPE vllm:num_requests_waiting gauge", b"vllm:num_requests_waiting_total 9",
+    b'other{label="vllm:num_requests_waiting 5"} 1', b"xvllm:num_requests_waiting 7", b"", b"junk",
+    b"vllm:num_requests_waiting", b"vllm:kv_cache_usage_perc NaN", b"vllm:num_requests_waiting\t8",
+    b"vllm:num_requests_running -1", b'vllm:num_requests_waiting{a="b"} lots',
+])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_LINES, max_size=12), st.sampled_from([b"\n", b"\r\n"]), st.booleans())
+def test_the_parse_by_name_reads_what_a_parse_line_by_line_reads(lines: list[bytes], end: bytes, last: bool) -> None:
+    """The known metrics are found by a search for their names, not a split of the page into lines (a
+    review: 18 ms a parse for a 0.9 MiB page of short lines, now ~1 ms): the same figures, and an
+    error where the line-by-line parse had one, on pages of every kind of line."""
+    page = end.join(lines) + (end if last else b"")
+    want = _parse_by_lines(page)
+    if want == "error":
+        with pytest.raises(ScrapeError):
+            parse_metrics(page)
+    else:
+        assert parse_metrics(page) == want
+
+
 def scraped(pool: PoolUtilization, backend: int, at: float, waiting: float = 0, running: float = 0,
             kv: float = 0) -> bool:
     mark = pool.scrape_started(backend)
