@@ -176,6 +176,14 @@ def _status_line(status: int) -> bytes:
     return b"HTTP/1.1 %d %b\r\n" % (status, phrase.encode("latin-1"))
 
 
+def _connection_named(headers: list[tuple[str, str]]) -> frozenset[str]:
+    """The header names a `connection` header lists (lower case): hop-by-hop, not forwarded."""
+    values = [v for n, v in headers if n == "connection"]
+    if not values:
+        return frozenset()
+    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
+
+
 def _response_head(status: int, headers: list[tuple[str, str]], conn: bytes, framing: bytes) -> bytes:
     lines = [_status_line(status)]
     for name, value in headers:
@@ -648,7 +656,8 @@ class Proxy:
         assert self.session is not None
         pc = self.pc
         loop = self.loop
-        headers = [(n, v) for n, v in ex.headers if n not in _DROP_REQUEST]
+        named = _connection_named(ex.headers)  # hop-by-hop too, for this connection (RFC 9110 7.6.1)
+        headers = [(n, v) for n, v in ex.headers if n not in _DROP_REQUEST and n not in named]
         if method == "POST":
             headers = [(n, v) for n, v in headers if n != "content-type"] + [("content-type", "application/json")]
         # the answer uncompressed (its usage is read, a stream re-framed); one compressed anyway keeps its
@@ -724,6 +733,14 @@ class Proxy:
                                         "server_error", code)
                     return True
                 return False
+            if resp.status < 200:  # (100 and 103 are read past by aiohttp) an upgrade nobody asked for
+                resp.close()
+                self.pool.failed(backend, loop.time(), "protocol", f"a {resp.status} answer to a {method}")
+                if last:
+                    self._respond_error(ex, 502, f"flowshard: backend {backend.name} answered {resp.status}",
+                                        "server_error", "backend_failed")
+                    return True
+                return False
             if resp.status >= 500:
                 self.pool.answered_error(backend, loop.time(), resp.status)
                 if not last:
@@ -733,7 +750,7 @@ class Proxy:
             if resp.content_type == "text/event-stream":
                 await self._relay_stream(ex, backend, resp)
             else:
-                await self._relay_body(ex, backend, resp)
+                await self._relay_body(ex, backend, resp, head_only=method == "HEAD")
             return True
         except BaseException:  # the client left (cancelled), the drain ended, or a bug of ours
             if resp is not None:
@@ -747,9 +764,15 @@ class Proxy:
                 util.finished(backend.index)
 
     def _response_headers(self, resp: aiohttp.ClientResponse) -> list[tuple[str, str]]:
-        return [(k.lower(), v) for k, v in resp.headers.items() if k.lower() not in _DROP_RESPONSE]
+        headers = [(k.lower(), v) for k, v in resp.headers.items()]
+        named = _connection_named(headers)
+        return [(k, v) for k, v in headers if k not in _DROP_RESPONSE and k not in named]
 
-    async def _relay_body(self, ex: Exchange, backend: Backend, resp: aiohttp.ClientResponse) -> None:
+    async def _relay_body(self, ex: Exchange, backend: Backend, resp: aiohttp.ClientResponse,
+                          head_only: bool = False) -> None:
+        """A whole answer: its body with its length, or none where the status has none (1xx, 204, 304:
+        RFC 9110 forbids the length on a 204, and on a 304 it would be the 200's) and, to a HEAD, the
+        length the backend gave (a review: `content-length: 0` where the backend said 174)."""
         try:
             data = await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -761,8 +784,14 @@ class Proxy:
         if resp.status == 200 and ex.item.size:
             self._settle_usage(ex, backend, usage_from_body(data))
         self.stats.response(ex.route, resp.status)
-        head = _response_head(resp.status, self._response_headers(resp), ex.conn_hdr,
-                              b"content-length: %d\r\n" % len(data))
+        if resp.status in (204, 304):
+            framing, data = b"", b""
+        elif head_only:
+            length = resp.headers.get("content-length", "")
+            framing, data = (b"content-length: %d\r\n" % int(length) if length.isdigit() else b""), b""
+        else:
+            framing = b"content-length: %d\r\n" % len(data)
+        head = _response_head(resp.status, self._response_headers(resp), ex.conn_hdr, framing)
         if len(data) <= _PIECE:
             ex.conn.slot_respond(ex.slot, head + data)
             return

@@ -734,3 +734,67 @@ def test_a_backend_that_drops_connections_is_taken_out_by_the_scraper() -> None:
     finally:
         filler.close()
         listener.close()
+
+
+def test_a_101_answer_is_a_protocol_failure_tried_elsewhere_not_passed_on() -> None:
+    """A backend answering a POST `101 Switching Protocols` (nobody asked for an upgrade): counted as a
+    `protocol` failure and the request tried on another backend; the client never sees the 101 (a
+    review: it was passed on as the final answer, which h11 and the openai client reject)."""
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.json_response({"choices": [{"message": {"content": "hi"}}]})
+
+    async def go() -> None:
+        async with raw_backend(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n") \
+                as (upgrades, bodies), backend([("POST", "/v1/chat/completions", chat)]) as fine, \
+                proxying([upgrades, fine], retries=1) as r:
+            reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+            for _ in range(2):  # whichever backend is tried first
+                writer.write(_post())
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+                assert head.startswith(b"HTTP/1.1 200"), head
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+            errors = {b.url: b.errors for b in r.proxy.pool.backends}
+            assert errors[upgrades] == {"protocol": 1} and errors[fine] == {}, errors
+            writer.close()
+
+    run(go(), timeout=30.0)
+
+
+def test_what_a_backend_answers_without_a_body_keeps_its_framing() -> None:
+    """A 204 goes on without a `content-length` (RFC 9110 forbids it there), a HEAD's answer keeps the
+    length the backend gave, and headers that a `connection` header names are hop-by-hop: not
+    forwarded, either way (a review: `content-length: 0` on both; `x-hop` reached the backend)."""
+    seen: list[dict[str, str]] = []
+
+    async def no_content(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        seen.append(dict(request.headers))
+        return web.Response(status=204, headers={"connection": "x-back", "x-back": "1", "x-kept": "2"})
+
+    async def models(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"object": "list", "data": [{"id": "m"}]})
+
+    async def go() -> None:
+        async with rig([("POST", "/v1/chat/completions", no_content), ("GET", "/v1/models", models),
+                        ("HEAD", "/v1/models", models)]) as r:
+            reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+            body = json.dumps({"model": "m", "messages": MSG}).encode()
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: keep-alive, x-hop\r\n"
+                         b"x-hop: secret\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body))
+            head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)).lower()
+            assert head.startswith(b"http/1.1 204") and b"content-length" not in head, head
+            assert b"x-back" not in head and b"x-kept: 2" in head, head
+            assert "x-hop" not in {k.lower() for k in seen[0]}, seen
+            writer.write(b"HEAD /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
+            head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)).lower()
+            want = len(json.dumps({"object": "list", "data": [{"id": "m"}]}))
+            assert head.startswith(b"http/1.1 200") and b"content-length: %d\r\n" % want in head, head
+            writer.write(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")  # no body was left behind the HEAD
+            head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)).lower()
+            assert head.startswith(b"http/1.1 200"), head
+            assert json.loads(await reader.readexactly(want)) == {"object": "list", "data": [{"id": "m"}]}
+            writer.close()
+
+    run(go(), timeout=30.0)
