@@ -133,7 +133,7 @@ class Client:
         """Ask to admit a request of `size` bytes; the Future resolves when it has an outcome.
 
         `ttl`/`slo` in seconds (0: the configured default TTL / no SLO), `tokens` 0: not declared,
-        `weight` 0: the flow's weight as it stands (its latest non-zero one, else the configured one);
+        `weight` 0: the flow's configured weight (a flow has its latest request's weight);
         `audit`: the result carries the service's view of the request (`AdmitResult.service`). The
         Future raises FlowshardError when the service refuses the call (invalid field: 422) and
         ConnectionClosed when the connection is gone; the

@@ -157,8 +157,11 @@ class Engine:
         if self.enforce_limits and not self._make_room(band, flow, size, now):
             return self._reject(item, Outcome.REJECTED_CAPACITY, now)
 
-        if request.weight > 0:
-            flow.weight = request.weight  # the latest admitted request's weight is the flow's
+        # The latest admitted request's weight is the flow's, 0 its configured one: not the last non-zero
+        # one, which stayed with the flow only while the shard remembered it (two reviews: a client's
+        # share went from 4x to 1x as other tenants' new flows pushed its flow out)
+        weight = request.weight
+        flow.weight = weight if weight > 0 else flow.configured
         self._items[request.id] = item
         newest = band.newest
         item.prev = newest

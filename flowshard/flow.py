@@ -16,6 +16,7 @@ class FlowQueue:
 
     __slots__ = (
         "band",
+        "configured",
         "deficit",
         "id",
         "queue",
@@ -31,6 +32,7 @@ class FlowQueue:
         self.band = band
         self.queue = queue
         self.weight = weight
+        self.configured = weight  # `[weights]`, else 1: the weight of a request that gives none (0)
         self.queued_items = 0
         self.queued_bytes = 0
         self.deficit = 0.0

@@ -531,15 +531,15 @@ class Ledger:
                 else:
                     self._reweigh(band, shard, weight, weight * start)
         if fair:
-            if p.weight > 0 and band.cost_kind != _TURNS and p.weight != flow.weight:
-                # the latest request's weight is the flow's
-                self._reweigh(band, shard, p.weight - flow.weight, (p.weight - flow.weight) * flow.finish)
-                flow.weight = p.weight
+            if band.cost_kind != _TURNS:  # the latest request's weight is the flow's (0: the configured one)
+                weight = p.weight if p.weight > 0 else self._weights.get(name, 1.0)
+                if weight != flow.weight:
+                    self._reweigh(band, shard, weight - flow.weight, (weight - flow.weight) * flow.finish)
+                    flow.weight = weight
             p.cost = cost = band.cost(p)
             band.shard_cost[shard] += cost
         else:
-            if p.weight > 0:  # the latest request's weight is the flow's (kept for a re-base)
-                flow.weight = p.weight
+            flow.weight = p.weight  # the latest request's weight is the flow's (0: the configured; for a re-base)
             kind = band.cost_kind  # (`LedgerBand.cost`, inline; round-robin's is the count of requests)
             if band.sharing and kind != _TURNS:
                 band.lone_cost += (p.tokens or size or 1) if kind == _TOKENS else size or 1

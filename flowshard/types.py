@@ -50,8 +50,8 @@ class Request(msgspec.Struct, frozen=True, gc=False):
     """What a client asks to admit. Validated at the boundary before it reaches the engine.
 
     `ttl` and `slo` are seconds (0: use the configured default TTL / no SLO). `weight` 0 means
-    "the flow's weight as it stands" (its latest non-zero request weight while the shard remembers the
-    flow, else the configured one). `tokens` 0 means "not declared".
+    "use the flow's configured weight" (a flow has its latest request's weight). `tokens` 0 means "not
+    declared".
     """
 
     id: int

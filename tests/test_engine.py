@@ -724,6 +724,22 @@ def test_a_vtc_flow_forgotten_while_ahead_keeps_its_counter(ids):
     assert engine.bands[0].fairness._ahead == {}  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("flow_slots", [16384, 2])
+def test_a_request_without_a_weight_gives_its_flow_the_configured_weight(ids, flow_slots: int):
+    """0 is the configured weight (`[weights]`, else 1), whether or not the shard still remembers the
+    flow: the last non-zero weight stayed with a flow only while it was remembered, so a client's
+    share went from 4x to 1x as other tenants' new flows pushed its flow out (two reviews)."""
+    engine = make_engine([{"priority": 0, "fairness": "drr"}], flow_slots=flow_slots, weights={"c": 2.5})
+    for flow in ("a", "c"):
+        assert engine.dispatch(0.0) is None
+        submit(engine, ids, flow, size=10, weight=4.0)
+        assert engine.bands[0].flows[flow].weight == 4.0
+        engine.dispatch(0.0)
+        submit(engine, ids, flow, now=1.0, size=10)
+        assert engine.bands[0].flows[flow].weight == (2.5 if flow == "c" else 1.0)
+        engine.dispatch(1.0)
+
+
 def test_forgotten_vtc_counters_kept_are_bounded(ids):
     """Each flow served and forgotten while ahead is kept, up to REMEMBERED_AHEAD per band, the oldest
     forgotten going first."""

@@ -519,3 +519,22 @@ def test_a_run_of_grants_is_the_grants_the_loop_would_plan_one_by_one(
             assert list(map(list, runs.ledger._grants)) == list(map(list, loop.ledger._grants))
     finally:
         ledger_module._RUNS = True
+
+
+def test_a_request_without_a_weight_gives_its_flow_the_configured_weight() -> None:
+    """The latest request's weight is the flow's, 0 the configured one (`[weights]`, else 1) — not the
+    last non-zero one, which the shard kept only while it remembered the flow — in the fair ledger and
+    in the lone one's record for its re-base, as in the engine."""
+    d = Driver(Ledger(config("vtc", weights={"b": 2.0}), 4))
+    d.route("a", 0, weight=4.0)
+    d.route("b", 1, weight=3.0)  # spread: fair
+    band = d.ledger.bands[0]
+    assert band.fair and band.flows["a"].weight == 4.0 and band.flows["b"].weight == 3.0
+    d.route("a", 0)
+    d.route("b", 1)
+    assert band.flows["a"].weight == 1.0 and band.flows["b"].weight == 2.0
+    assert band.shard_weight[:2] == [1.0, 2.0]
+    lone = Driver(Ledger(config("vtc"), 4))
+    lone.route("a", 0, weight=4.0)
+    lone.route("a", 0)
+    assert not lone.ledger.bands[0].fair and lone.ledger.bands[0].flows["a"].weight == 0.0  # (re-base: configured)

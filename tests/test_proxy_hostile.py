@@ -746,7 +746,7 @@ def test_a_101_answer_is_a_protocol_failure_tried_elsewhere_not_passed_on() -> N
 
     async def go() -> None:
         async with raw_backend(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n") \
-                as (upgrades, bodies), backend([("POST", "/v1/chat/completions", chat)]) as fine, \
+                as (upgrades, _bodies), backend([("POST", "/v1/chat/completions", chat)]) as fine, \
                 proxying([upgrades, fine], retries=1) as r:
             reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
             for _ in range(2):  # whichever backend is tried first
