@@ -1070,8 +1070,12 @@ class Ledger:
         """A released request's actual cost differed from its charge by `delta` (vtc: tokens): move its
         flow's finish time, and the virtual time of the shard holding it, as that shard moves the
         flow's counter, so the shares across shards follow the corrected service too, not only the
-        order within a shard. A flow that emptied since: its remembered finish time (its next start);
-        one forgotten (it was behind the clock): the virtual time of the shard that dispatched it."""
+        order within a shard. A flow that emptied since: its remembered finish time (its next start).
+        One forgotten (it emptied behind the clock): served more than it was charged, it starts that
+        much after the clock next time (remembered as a finish time); served less, nothing (idle time
+        banks no credit). Its declared costs understated its service, which may be why it fell
+        behind. (The virtual time of the shard that dispatched it was moved instead: holding no other
+        flow of the band, it dropped the correction; holding others, it charged them for the service.)"""
         band = self.bands[self.band_index(priority)]
         if band.fair and band.cost_kind == _TOKENS and 0 <= shard < len(band.shard_vtime):
             usage = band.flows.get(flow)
@@ -1080,10 +1084,13 @@ class Ledger:
                 shard = usage.shard
                 if usage.weight:
                     band.shard_tags[shard] += delta
-            elif flow in band.flow_finish:  # emptied ahead of the clock: its next start moves
-                band.flow_finish[flow] += delta / (self._weights.get(flow, 1.0) or 1.0)
+            else:
+                if flow in band.flow_finish:  # emptied ahead of the clock: its next start moves
+                    band.flow_finish[flow] += delta / (self._weights.get(flow, 1.0) or 1.0)
+                elif delta > 0:  # forgotten: its next start, from the clock
+                    self._remember(band, flow, band.vclock + delta / (self._weights.get(flow, 1.0) or 1.0))
                 return
-            weight = band.shard_weight[shard]  # else (forgotten) the shard that dispatched it, as before
+            weight = band.shard_weight[shard]
             if weight:
                 band.shard_vtime[shard] += delta / weight
 

@@ -1192,6 +1192,35 @@ def test_a_vtc_correction_moves_the_flows_finish_time_and_its_shards_virtual_tim
     assert band.flow_finish["b"] == 3500.0
 
 
+def test_a_correction_for_a_flow_forgotten_behind_the_clock_delays_its_next_start():
+    """A flow that declared 1 token and was served 1,000 emptied behind the band's clock (its declared
+    costs understated its service), so the ledger forgot it; the correction then arrives. It starts
+    that much after the clock next time. It went to the virtual time of the shard that dispatched it,
+    which held no other flow, and was lost (a review's reading of the code). A negative correction
+    banks no credit."""
+    ledger = Ledger(config([{"priority": 0, "fairness": "vtc"}], max_inflight_requests=10), 2, lone=False)
+    band = ledger.bands[0]
+    b = [Pending(i, "b", 0, 100, tokens=1000) for i in (1, 2, 3)]
+    for p in b:
+        ledger.enqueue(p, 0)
+    h = Pending(4, "h", 0, 100, tokens=1)
+    ledger.enqueue(h, 1)
+    grants = ledger.plan_grants()
+    assert sorted(g[0] for g in grants) == [0, 0, 0, 1]
+    for p in (b[0], h):
+        _, live = ledger.grant_answered(p.shard, p.size, dispatched=p)
+        ledger.leave(p, covered=live)
+    assert "h" not in band.flows and "h" not in band.flow_finish  # behind the clock: forgotten
+    clock, vtimes = band.vclock, list(band.shard_vtime)
+    ledger.correct(0, 1, 999.0, "h")
+    assert band.flow_finish["h"] == clock + 999.0 and band.shard_vtime == vtimes
+    ledger.correct(0, 1, -5000.0, "g")  # a forgotten flow served less: no credit, nothing moves
+    assert "g" not in band.flow_finish and band.shard_vtime == vtimes
+    again = Pending(5, "h", 0, 100, tokens=1000)
+    ledger.enqueue(again, 1)
+    assert band.flows["h"].finish == clock + 999.0
+
+
 def test_finish_times_kept_are_bounded():
     band = Ledger(config([{"priority": 0, "fairness": "drr"}]), 2).bands[0]
     band.vclock = 100.0
