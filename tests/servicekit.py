@@ -544,10 +544,11 @@ class HttpConn:
     def send(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> None:
         self.writer.write(_request_bytes(method, path, body, headers))
 
-    async def response(self, timeout: float = 10.0) -> Response:
-        return await asyncio.wait_for(self._response(), timeout)
+    async def response(self, timeout: float = 10.0, head: bool = False) -> Response:
+        return await asyncio.wait_for(self._response(head), timeout)
 
-    async def _response(self) -> Response:
+    async def _response(self, head: bool = False) -> Response:
+        """`head`: the answer to a HEAD, whose content-length is that of a body it does not carry."""
         status_line = await self.reader.readline()
         if not status_line:
             raise ConnectionError("connection closed before a response")
@@ -560,13 +561,13 @@ class HttpConn:
                 break
             k, _, v = line.decode("latin-1").partition(":")
             headers[k.strip().lower()] = v.strip()
-        n = int(headers.get("content-length", "0"))
+        n = 0 if head else int(headers.get("content-length", "0"))
         body = await self.reader.readexactly(n) if n else b""
         return Response(status, headers, body)
 
     async def request(self, method: str, path: str, body: Any = None, timeout: float = 10.0) -> Response:
         self.send(method, path, body)
-        return await self.response(timeout)
+        return await self.response(timeout, head=method == "HEAD")
 
     async def closed_by_peer(self, timeout: float = 3.0) -> bool:
         """True when the server closes the connection (EOF or reset) within `timeout`; data is discarded."""
