@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import math
 from collections.abc import Callable
+from typing import Final
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -22,7 +24,7 @@ import aiohttp
 from flowshard.config import ProxyConfig
 from flowshard.utilization import PoolUtilization, ScrapeError, parse_metrics
 
-__all__ = ["Backend", "BackendPool", "Scraper"]
+__all__ = ["LOCAL_SHORTAGE", "SCRAPE_CONNECT_TIMEOUT", "Backend", "BackendPool", "Scraper"]
 
 log = logging.getLogger(__name__)
 # A backend's metrics body past this is a scrape error: parsed every `scrape_interval` (0.05 s by
@@ -123,6 +125,13 @@ class BackendPool:
         return max(0.0, min(b.down_until for b in self.backends) - now)
 
 
+# the longest a metrics scrape waits for its connection (TLS included) before the backend counts as one
+# that cannot be connected to (or `connect_timeout`, if shorter)
+SCRAPE_CONNECT_TIMEOUT: Final = 1.0
+# what failing to connect means is short here, not the backend's fault: no backend is taken out for it
+LOCAL_SHORTAGE: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
+
+
 class Scraper:
     """Scrapes each backend's metrics every `scrape_interval`, each backend in a loop of its own: one
     whose metrics are slow to come, or never come, does not delay the others' (a review: scraped in
@@ -158,12 +167,14 @@ class Scraper:
         loop = asyncio.get_running_loop()
         config = self.config
         interval = config.scrape_interval
-        # A connection not made within half of `staleness` is one that cannot be made (a host that drops
-        # the SYNs): counted so (`ConnectionTimeoutError`), as a refused one is. Under the whole scrape's
-        # timeout alone it was a plain timeout, the backend was never taken out, and a request paid
-        # `connect_timeout` (5 s) before trying another, once per back-off (a review).
-        timeout = aiohttp.ClientTimeout(total=config.staleness,
-                                        sock_connect=min(config.connect_timeout, config.staleness / 2))
+        # A connection not made (TLS included) within SCRAPE_CONNECT_TIMEOUT (or `connect_timeout` if
+        # shorter) is one that cannot be made, a host that drops the SYNs: counted so
+        # (`ConnectionTimeoutError`), as a refused one is. Under the whole scrape's timeout (`staleness`)
+        # alone it was a plain timeout, the backend was never taken out, and a request paid
+        # `connect_timeout` (5 s) before trying another, once per back-off (a review). Not a share of
+        # `staleness`: half of 0.2 s took out an https backend whose handshake took 0.13 s (a review).
+        connect = min(config.connect_timeout, SCRAPE_CONNECT_TIMEOUT)
+        timeout = aiohttp.ClientTimeout(total=connect + config.staleness, sock_connect=connect)
         while True:
             started = loop.time()
             await self._scrape(index, timeout)
@@ -191,6 +202,8 @@ class Scraper:
                             "last good scrape is older than staleness", backend.name, detail)
             self.errors[index] = detail
             cannot_connect = isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+            if getattr(exc, "errno", None) in LOCAL_SHORTAGE:  # ours (descriptors, ports): not the backend's
+                cannot_connect = False
             if cannot_connect and self.pool.up(backend, loop.time()):
                 # Nothing listens there: a health signal as good as a failed request, and the only one
                 # while its stale metrics keep every request from being sent to it.

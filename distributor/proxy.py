@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import http
 import logging
@@ -47,7 +46,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from yarl import URL
 
 from distributor.api import Admission, Audit
-from distributor.backends import Backend, BackendPool, Scraper
+from distributor.backends import LOCAL_SHORTAGE, Backend, BackendPool, Scraper
 from flowshard.classify import Classified, ClassifyError, SseUsage, Usage, classify, usage_from_body, usage_problem
 from flowshard.codec import LinkBackends
 from flowshard.config import Config
@@ -89,10 +88,15 @@ _WHY: Final = {
 }
 
 _encode = msgspec.json.Encoder().encode
-# OpenAI's end of stream: an event whose data is `[DONE]`, wherever it falls in what one read gave (the
-# SSE format allows no space after `data:` and any of its line ends; a review: `[DONE]` followed by
-# another event in the same read, or ended by CRLF, was not seen, and the client waited for read_timeout)
-_DONE: Final = re.compile(rb"(?:\A|\n|\r)data: ?\[DONE\](?:\r\n|\n|\r)(?:\r\n|\n|\r)")
+# OpenAI's end of stream: an event whose data is `[DONE]` (no space after `data:` is valid SSE, and so
+# are CRLF line ends and comment lines in the event), wherever it falls in what one read gave (a review:
+# `[DONE]` followed by another event in the same read, or ended by CRLF, was not seen, and the client
+# waited for read_timeout). Its event begins at the start of what the relay passes or after a blank line
+# (`SseUsage.feed` passes whole events, cut at LF LF or CRLF CRLF), has no other data line, and ends at
+# the next blank line.
+_DONE: Final = re.compile(
+    rb"(?:\A|\n\n|\r\n\r\n)(?:(?!data)[^\r\n]+\r?\n)*data: ?\[DONE\]\r?\n(?:(?!data)[^\r\n]+\r?\n)*\r?\n"
+)
 _FLUSH_AT_CLOSE: Final = 0.5  # the most close() waits for the answers it ended to leave this process
 _PIECE: Final = 1 << 16  # a non-streamed answer larger than this is written in pieces of it (backpressure)
 # after `data: [DONE]` the client has its whole answer: the backend's end of the response is awaited this
@@ -104,7 +108,7 @@ _DONE_GRACE: Final = 1.0
 # client was reset)
 MAX_PASSTHROUGHS: Final = 32
 # a local shortage (descriptors, buffers) while connecting is ours, not the backend's failure
-_LOCAL_SHORTAGE: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_LOCAL_SHORTAGE: Final = LOCAL_SHORTAGE  # ours (descriptors, buffers, memory, local ports), not the backend's
 
 
 def _failure_kind(exc: BaseException) -> str:
@@ -747,7 +751,7 @@ class Proxy:
                     return False
             else:
                 self.pool.succeeded(backend)
-            if resp.content_type == "text/event-stream":
+            if resp.content_type == "text/event-stream" and method != "HEAD" and resp.status not in (204, 304):
                 await self._relay_stream(ex, backend, resp)
             else:
                 await self._relay_body(ex, backend, resp, head_only=method == "HEAD")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gzip
 import json
 import socket
@@ -695,7 +696,7 @@ def test_a_backend_whose_metrics_hang_does_not_make_the_others_stale() -> None:
 
 def test_a_backend_that_drops_connections_is_taken_out_by_the_scraper() -> None:
     """A host that drops the SYNs (here: a listener whose accept queue is full): its scrape's connection
-    is not made within half of `staleness`, which counts as one that cannot be made, so the scraper
+    is not made within `SCRAPE_CONNECT_TIMEOUT` (1 s), which counts as one that cannot be made, so the scraper
     takes it out and no request pays `connect_timeout` on it (under the scrape's whole timeout it was a
     plain timeout, never a health signal: about one request per back-off waited `connect_timeout`)."""
     listener = socket.socket()
@@ -798,3 +799,58 @@ def test_what_a_backend_answers_without_a_body_keeps_its_framing() -> None:
             writer.close()
 
     run(go(), timeout=30.0)
+
+
+def test_done_ends_only_an_event_whose_data_is_done() -> None:
+    """The end of stream is an event whose data is `[DONE]`: not a `data: [DONE]` line of an event
+    with other data (a review: `data: x\\ndata: [DONE]` ended the stream and dropped what followed),
+    nor `[DONE]` inside a JSON string; with comment or other field lines in its event, it is."""
+    from distributor.proxy import _DONE
+
+    ends = [b"data: [DONE]\n\n", b"data:[DONE]\r\n\r\n", b"data: [DONE]\n: ping\n\n", b"event: end\ndata: [DONE]\n\n",
+            b'data: {"a": 1}\n\ndata: [DONE]\n\ndata: {"late": 1}\n\n']
+    not_ends = [b"data: x\ndata: [DONE]\n\n", b"data: [DONE]\ndata: x\n\n", b'data: {"c": "data: [DONE]\\n\\n"}\n\n',
+                b"data: [DONE]x\n\n", b"xdata: [DONE]\n\n"]
+    for page in ends:
+        done = _DONE.search(page)
+        assert done is not None and page[: done.end()].endswith((b"\n\n", b"\r\n\r\n")), page
+        assert b"late" not in page[: done.end()], page
+    for page in not_ends:
+        assert _DONE.search(page) is None, page
+
+
+@pytest.mark.parametrize("case", ["head", "204"])
+def test_an_answer_without_a_body_is_not_relayed_as_a_stream(case: str) -> None:
+    """A HEAD's answer, or a 204, labelled `text/event-stream`: no chunked body follows it (a review:
+    `transfer-encoding: chunked` and `0\\r\\n\\r\\n` were written, which the client read as the start
+    of its next answer)."""
+    async def stream_typed(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        status = 204 if case == "204" else 200
+        return web.Response(status=status, headers={"content-type": "text/event-stream"})
+
+    async def models(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"data": []})
+
+    async def go() -> None:
+        routes = [("POST", "/v1/chat/completions", stream_typed), ("HEAD", "/v1/models", stream_typed),
+                  ("GET", "/v1/models", models)]
+        async with rig(routes) as r:
+            reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+            writer.write(b"HEAD /v1/models HTTP/1.1\r\nhost: x\r\n\r\n" if case == "head" else _post(stream=True))
+            head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)).lower()
+            assert b"transfer-encoding" not in head, head
+            writer.write(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")  # the next answer starts cleanly
+            nxt = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            assert nxt.startswith(b"HTTP/1.1 200"), nxt
+            writer.close()
+
+    run(go(), timeout=30.0)
+
+
+def test_a_local_port_shortage_is_not_the_backends_failure() -> None:
+    """No free local port (EADDRNOTAVAIL) is ours: answered 503 `local_resources`, no backend taken out
+    (a review: it was filed as the backend's `connect` failure, backends went out one after another)."""
+    from distributor.backends import LOCAL_SHORTAGE
+
+    assert errno.EADDRNOTAVAIL in LOCAL_SHORTAGE
