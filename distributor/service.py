@@ -89,6 +89,7 @@ class Ticket(msgspec.Struct, gc=False):
     # not leased: its owner's set in `Distributor._owned` (read by its release without a lookup; a set
     # leaves `_owned` only once empty, so the set of a ticket still held is its owner's there)
     owned: set[int] | None = None
+    weight: float = 0.0  # the request's own weight (0: its flow's configured one), for a cost correction
 
 
 # Tickets are capabilities: random, so a client can release only a ticket it was given (on any of its
@@ -299,8 +300,8 @@ class Distributor:
             return False
         if tokens >= 0 and held.shard >= 0 and tokens != held.cost:
             # the flow's VTC counter lives on the shard that dispatched it (the fast path charges none)
-            self._send(held.shard, Charge(held.flow, held.priority, float(tokens - held.cost)))
-            self.ledger.correct(held.priority, held.shard, float(tokens - held.cost), held.flow)
+            self._send(held.shard, Charge(held.flow, held.priority, float(tokens - held.cost), held.weight))
+            self.ledger.correct(held.priority, held.shard, float(tokens - held.cost), held.flow, held.weight)
         # `_disown`, inline (once per request)
         if held.deadline != _INF:  # leased (HTTP)
             self.leases.pop(ticket, None)
@@ -531,7 +532,7 @@ class Distributor:
             if leased:  # HTTP: held until released or the lease ends, whatever becomes of the connection
                 deadline = _monotonic() + self._lease
                 tickets[ticket] = Ticket(ticket, size, waiter, deadline, p.shard, p.flow, p.payload[0],
-                                         p.tokens or size)
+                                         p.tokens or size, None, p.weight)
                 self.leases[ticket] = deadline
             else:  # binary: the connection is the lease (release_all when it closes)
                 owned = self._owned.get(waiter)
@@ -539,7 +540,7 @@ class Distributor:
                     owned = self._owned[waiter] = set()
                 owned.add(ticket)
                 tickets[ticket] = Ticket(ticket, size, waiter, _INF, p.shard, p.flow, p.payload[0], p.tokens or size,
-                                         owned)
+                                         owned, p.weight)
         elif outcome != _CANCELLED:
             retry = self.retry[p.band]
             retry_after = retry.rejected(_monotonic()) if outcome == _REJECTED_CAPACITY else retry.value

@@ -116,6 +116,7 @@ class Charge(msgspec.Struct, tag=8, array_like=True, gc=False):
     flow: str
     priority: int
     delta: float
+    weight: float = 0.0  # the request's own weight, which it was charged at (0: the flow's configured one)
 
 
 class Shutdown(msgspec.Struct, tag=4, array_like=True, gc=False):

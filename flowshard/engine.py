@@ -468,16 +468,21 @@ class Engine:
             raise ValueError(f"request {item.request.id} holds no budget (not pump-dispatched, or released)") from None
         self.budget.release(item.request.size)
         if actual is not None:
-            self.correct(item.request.flow, item.request.priority, actual - item.cost)
+            request = item.request
+            self.correct(request.flow, request.priority, actual - item.cost, request.weight)
 
-    def correct(self, flow_id: str, priority: int, delta: float) -> bool:
-        """Correct a flow's fairness charge by `delta` cost units (VTC: its counter moves by
-        delta / weight). False if the flow is no longer known here (collected after idling)."""
+    def correct(self, flow_id: str, priority: int, delta: float, weight: float = 0.0) -> bool:
+        """Correct a flow's fairness charge by `delta` cost units (VTC: its counter moves by delta /
+        weight; `weight` the request's own, 0: the flow's configured one). False if the flow is no
+        longer known here (collected after idling: VTC keeps a positive correction for its return)."""
         band = self.bands[self.band_index(priority)]
         flow = band.flows.get(flow_id)
+        if weight <= 0:
+            weight = flow.configured if flow is not None else self.config.weights.get(flow_id, 1.0)
         if flow is None:
+            band.fairness.correct_forgotten(flow_id, delta, weight)
             return False
-        band.fairness.correct(flow, delta)
+        band.fairness.correct(flow, delta, weight)
         return True
 
     # ------------------------------------------------------------------ reading

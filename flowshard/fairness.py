@@ -32,7 +32,8 @@ class Fairness(Protocol):
     def head_changed(self, flow: FlowQueue) -> None: ...
     def pick(self) -> FlowQueue | None: ...
     def charge(self, flow: FlowQueue, item: Item) -> None: ...
-    def correct(self, flow: FlowQueue, delta: float) -> None: ...
+    def correct(self, flow: FlowQueue, delta: float, weight: float) -> None: ...
+    def correct_forgotten(self, flow_id: str, delta: float, weight: float) -> None: ...
     def forget(self, flow: FlowQueue) -> None: ...
     def recall(self, flow: FlowQueue) -> None: ...
 
@@ -55,11 +56,14 @@ class RoundRobin:
     def head_changed(self, flow: FlowQueue) -> None:
         pass
 
-    def correct(self, flow: FlowQueue, delta: float) -> None:
+    def correct(self, flow: FlowQueue, delta: float, weight: float) -> None:
         pass  # charges turns or declared bytes: nothing to correct
 
     def forget(self, flow: FlowQueue) -> None:
         pass  # nothing of a flow outlives its backlog here
+
+    def correct_forgotten(self, flow_id: str, delta: float, weight: float) -> None:
+        pass
 
     def recall(self, flow: FlowQueue) -> None:
         pass
@@ -124,11 +128,14 @@ class DeficitRoundRobin:
     def head_changed(self, flow: FlowQueue) -> None:
         pass
 
-    def correct(self, flow: FlowQueue, delta: float) -> None:
+    def correct(self, flow: FlowQueue, delta: float, weight: float) -> None:
         pass  # charges turns or declared bytes: nothing to correct
 
     def forget(self, flow: FlowQueue) -> None:
         pass  # nothing of a flow outlives its backlog here
+
+    def correct_forgotten(self, flow_id: str, delta: float, weight: float) -> None:
+        pass
 
     def recall(self, flow: FlowQueue) -> None:
         pass
@@ -254,11 +261,14 @@ class VirtualTokenCounter:
     def head_changed(self, flow: FlowQueue) -> None:
         pass
 
-    def correct(self, flow: FlowQueue, delta: float) -> None:
+    def correct(self, flow: FlowQueue, delta: float, weight: float) -> None:
         """A dispatched request's actual cost differed from its declared one by `delta`: move the flow's
-        counter by delta / weight (as the VTC paper charges the tokens actually served, and APF
-        corrects its virtual time with the measured service). A backlogged flow's entry is renewed."""
-        flow.vtc += delta / flow.weight
+        counter by delta / weight, `weight` the request's own, which it was charged at (as the VTC paper
+        charges the tokens actually served, and APF corrects its virtual time with the measured
+        service; divided by the flow's weight at release, a request charged at weight 4 and corrected
+        after one at weight 1 was queued left the counter 7,490 below where it began: a review). A
+        backlogged flow's entry is renewed."""
+        flow.vtc += delta / weight
         if flow.stamp:  # (the old entry goes stale: compacted, as activate's are; a review saw 36,669
             # entries for 2 flows after 50,000 dispatches whose releases reported fewer tokens)
             heapq.heappush(self._heap, (flow.vtc, self._stamp(flow), flow))
@@ -278,6 +288,21 @@ class VirtualTokenCounter:
             if len(ahead) > REMEMBERED_AHEAD:
                 del ahead[next(iter(ahead))]
 
+    def correct_forgotten(self, flow_id: str, delta: float, weight: float) -> None:
+        """A correction for a flow forgotten since its request was dispatched (its only one, so it was
+        idle, and collectable, while the request ran): kept for its return, as `forget` keeps a counter
+        ahead (a review: pushed out during the generation, the correction was dropped). Served more than
+        charged, it returns that much above where it would be lifted to; served less, nothing (idle
+        time banks no credit)."""
+        ahead = self._ahead
+        if flow_id in ahead:
+            ahead[flow_id] += delta / weight
+        elif delta > 0:
+            low = self._top()
+            ahead[flow_id] = (low.vtc if low is not None else self._floor) + delta / weight
+            if len(ahead) > REMEMBERED_AHEAD:
+                del ahead[next(iter(ahead))]
+
     def recall(self, flow: FlowQueue) -> None:
         """`flow` is known again (a new `FlowQueue`): its counter, if it was ahead when it was forgotten."""
         vtc = self._ahead.pop(flow.id, None)
@@ -288,7 +313,8 @@ class VirtualTokenCounter:
 
     def charge(self, flow: FlowQueue, item: Item) -> None:
         self._floor = vtc = flow.vtc
-        vtc += item.cost / flow.weight
+        weight = item.request.weight  # the request's own (0: the flow's configured), as `correct` divides by
+        vtc += item.cost / (weight if weight > 0 else flow.configured)
         flow.vtc = vtc
         self._tick = tick = self._tick + 1
         flow.stamp = tick
@@ -349,11 +375,14 @@ class GlobalFcfs:
     def charge(self, flow: FlowQueue, item: Item) -> None:
         heapq.heappop(self._heap)
 
-    def correct(self, flow: FlowQueue, delta: float) -> None:
+    def correct(self, flow: FlowQueue, delta: float, weight: float) -> None:
         pass  # no fairness: nothing to correct
 
     def forget(self, flow: FlowQueue) -> None:
         pass  # nothing of a flow outlives its backlog here
+
+    def correct_forgotten(self, flow_id: str, delta: float, weight: float) -> None:
+        pass
 
     def recall(self, flow: FlowQueue) -> None:
         pass
@@ -387,11 +416,14 @@ class ArrivalFcfs:
     def head_changed(self, flow: FlowQueue) -> None:
         pass
 
-    def correct(self, flow: FlowQueue, delta: float) -> None:
+    def correct(self, flow: FlowQueue, delta: float, weight: float) -> None:
         pass  # charges turns or declared bytes: nothing to correct
 
     def forget(self, flow: FlowQueue) -> None:
         pass  # nothing of a flow outlives its backlog here
+
+    def correct_forgotten(self, flow_id: str, delta: float, weight: float) -> None:
+        pass
 
     def recall(self, flow: FlowQueue) -> None:
         pass

@@ -1066,7 +1066,7 @@ class Ledger:
             saturation = max(saturation, self.external_saturation(self.grants_out))
         return saturation
 
-    def correct(self, priority: int, shard: int, delta: float, flow: str) -> None:
+    def correct(self, priority: int, shard: int, delta: float, flow: str, weight: float = 0.0) -> None:
         """A released request's actual cost differed from its charge by `delta` (vtc: tokens): move its
         flow's finish time, and the virtual time of the shard holding it, as that shard moves the
         flow's counter, so the shares across shards follow the corrected service too, not only the
@@ -1075,24 +1075,25 @@ class Ledger:
         much after the clock next time (remembered as a finish time); served less, nothing (idle time
         banks no credit). Its declared costs understated its service, which may be why it fell
         behind. (The virtual time of the shard that dispatched it was moved instead: holding no other
-        flow of the band, it dropped the correction; holding others, it charged them for the service.)"""
+        flow of the band, it dropped the correction; holding others, it charged them for the service.)
+        `weight`: the request's own (0: the flow's configured one), as the shard divides by it."""
         band = self.bands[self.band_index(priority)]
         if band.fair and band.cost_kind == _TOKENS and 0 <= shard < len(band.shard_vtime):
+            moved = delta / (weight if weight > 0 else self._weights.get(flow, 1.0) or 1.0)
             usage = band.flows.get(flow)
-            if usage is not None:  # still queued: its finish time, and its shard's mean with it
-                usage.finish += delta / (usage.weight or 1.0)
-                shard = usage.shard
-                if usage.weight:
-                    band.shard_tags[shard] += delta
-            else:
+            if usage is None:
                 if flow in band.flow_finish:  # emptied ahead of the clock: its next start moves
-                    band.flow_finish[flow] += delta / (self._weights.get(flow, 1.0) or 1.0)
+                    band.flow_finish[flow] += moved
                 elif delta > 0:  # forgotten: its next start, from the clock
-                    self._remember(band, flow, band.vclock + delta / (self._weights.get(flow, 1.0) or 1.0))
+                    self._remember(band, flow, band.vclock + moved)
                 return
-            weight = band.shard_weight[shard]
-            if weight:
-                band.shard_vtime[shard] += delta / weight
+            usage.finish += moved  # still queued: its finish time, and its shard's mean with it
+            shard = usage.shard
+            if usage.weight:
+                band.shard_tags[shard] += usage.weight * moved
+                total = band.shard_weight[shard]
+                if total:
+                    band.shard_vtime[shard] += usage.weight * moved / total
 
     def shard_failed(self, shard: int) -> list[Pending]:
         """Forget a dead shard's grants; return the requests it held (to end as shard failures)."""

@@ -87,16 +87,18 @@ def parse_metrics(text: bytes) -> Scraped:
 
 
 def _known_lines(text: bytes) -> list[bytes]:
-    """The lines of `text` that begin with a known metric's name (as a split on newlines would give them)."""
-    lines: list[bytes] = []
+    """The lines of `text` that begin with a known metric's name, in the page's order (as a split on
+    newlines gives them: the sums add in the same order, to the last bit)."""
+    found: list[tuple[int, bytes]] = []
     for name in _PREFIXES:
         at = text.find(name)
         while at >= 0:
             if not at or text[at - 1] == 0x0A:  # at a line's start (not a HELP or TYPE line's name)
                 end = text.find(b"\n", at)
-                lines.append(text[at:] if end < 0 else text[at:end])
+                found.append((at, text[at:] if end < 0 else text[at:end]))
             at = text.find(name, at + len(name))
-    return lines
+    found.sort()
+    return [line for _, line in found]
 
 
 class BackendLoad:

@@ -740,6 +740,42 @@ def test_a_request_without_a_weight_gives_its_flow_the_configured_weight(ids, fl
         engine.dispatch(1.0)
 
 
+def test_a_vtc_flow_pushed_out_while_its_request_runs_still_pays_back(ids):
+    """The correction comes at release, after the generation; a flow whose only request was dispatched
+    is idle, so collectable, meanwhile. Pushed out then, it keeps the correction for its return (a
+    review: `correct` found no flow and dropped it, 'BABABBB')."""
+    engine = make_engine([{"priority": 0, "fairness": "vtc"}], flow_slots=3, flow_gc_timeout=300.0)
+    first = submit(engine, ids, "A", size=1, tokens=1)
+    assert engine.dispatch(0.0) is first
+    for _ in range(5):
+        submit(engine, ids, "B", now=0.5, size=1, tokens=100)
+    for i in range(4):
+        engine.cancel(submit(engine, ids, f"n{i}", now=1.0).id, 1.0)
+    assert "A" not in engine.bands[0].flows
+    assert engine.correct("A", 0, 10_000 - first.cost) is False  # (not known here now)
+    engine.correct("gone", 0, -500.0)  # served less than charged, and forgotten: no credit kept
+    for _ in range(2):
+        submit(engine, ids, "A", now=2.0, size=1, tokens=100)
+    assert "".join(engine.dispatch(3.0).request.flow for _ in range(7)) == "BBBBBAA"
+    assert "gone" not in engine.bands[0].fairness._ahead  # type: ignore[attr-defined]
+
+
+def test_a_vtc_correction_divides_by_the_weight_the_request_was_charged_at(ids):
+    """A request charged at weight 4 and corrected after a request without a weight (the configured 1)
+    was queued: its counter moves by delta / 4, not by delta / 1 (a review: -7,490 for a request served
+    10 tokens at weight 4, a credit over every other flow)."""
+    engine = make_engine([{"priority": 0, "fairness": "vtc"}], max_inflight_requests=4)
+    a1 = submit(engine, ids, "A", size=1, tokens=10_000, weight=4.0)
+    engine.pump(0.0)
+    assert engine.take_outbox() == [a1]
+    flow = engine.bands[0].flows["A"]
+    assert flow.vtc == 2500.0
+    submit(engine, ids, "A", now=0.1, size=1, tokens=100, weight=0.0)
+    assert flow.weight == 1.0
+    engine.release(a1, actual=10)
+    assert flow.vtc == 2.5
+
+
 def test_forgotten_vtc_counters_kept_are_bounded(ids):
     """Each flow served and forgotten while ahead is kept, up to REMEMBERED_AHEAD per band, the oldest
     forgotten going first."""

@@ -1221,6 +1221,29 @@ def test_a_correction_for_a_flow_forgotten_behind_the_clock_delays_its_next_star
     assert band.flows["h"].finish == clock + 999.0
 
 
+def test_a_ledger_correction_divides_by_the_requests_own_weight():
+    """A flow sending weight 4: its correction moves its finish time by delta / 4, as the shard moves its
+    counter, whether it is queued, remembered or forgotten (a review: the configured weight, 1, was used
+    for the last two)."""
+    ledger = Ledger(config([{"priority": 0, "fairness": "vtc"}], max_inflight_requests=10), 2, lone=False)
+    band = ledger.bands[0]
+    for i in (1, 2, 3):
+        ledger.enqueue(Pending(i, "b", 0, 100, tokens=1000), 0)
+    h = Pending(4, "h", 0, 100, tokens=1, weight=4.0)
+    ledger.enqueue(h, 1)
+    ledger.plan_grants()
+    b1 = next(p for p in band.order.values() if p.flow == "b")
+    for p in (b1, h):
+        _, live = ledger.grant_answered(p.shard, p.size, dispatched=p)
+        ledger.leave(p, covered=live)
+    assert "h" not in band.flows and "h" not in band.flow_finish
+    clock = band.vclock
+    ledger.correct(0, 1, 1000.0, "h", 4.0)
+    assert band.flow_finish["h"] == clock + 250.0
+    ledger.correct(0, 1, 1000.0, "h", 4.0)
+    assert band.flow_finish["h"] == clock + 500.0
+
+
 def test_finish_times_kept_are_bounded():
     band = Ledger(config([{"priority": 0, "fairness": "drr"}]), 2).bands[0]
     band.vclock = 100.0

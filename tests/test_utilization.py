@@ -95,6 +95,7 @@ def _parse_by_lines(text: bytes) -> Scraped | str:
 
 
 _LINES = st.sampled_from([
+    b"vllm:num_requests_waiting 0.1", b"sglang:num_queue_reqs 0.2", b'vllm:num_requests_waiting{a="c"} 0.3',
     b"vllm:num_requests_waiting 3", b'vllm:num_requests_waiting{m="a"} 2.5', b"vllm:num_requests_running 4",
     b"vllm:kv_cache_usage_perc 0.5", b'vllm:gpu_cache_usage_perc{e="1"} 0.25', b"sglang:num_queue_reqs 1",
     b"sglang:token_usage 0.75", b"tgi_queue_size 6", b"# HELP vllm:num_requests_waiting waiting",

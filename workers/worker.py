@@ -126,7 +126,7 @@ class ShardWorker(asyncio.Protocol):
                 elif kind is Cancel:
                     engine.cancel(msg.id, now, Outcome(msg.outcome))
                 elif kind is Charge:
-                    engine.correct(msg.flow, msg.priority, msg.delta)
+                    engine.correct(msg.flow, msg.priority, msg.delta, msg.weight)
                 elif kind is Shutdown:
                     self._closing = True
                     engine.shutdown(now)
