@@ -208,7 +208,8 @@ REMEMBERED_AHEAD = 4096  # per band: the counters of forgotten VTC flows still a
 class VirtualTokenCounter:
     """Virtual token counter (Sheng et al., OSDI'24): serve the backlogged flow with the least service.
 
-    Each flow's counter grows by `cost / weight` per dispatch (cost: the request's declared tokens,
+    Each flow's counter grows by `cost / weight` per dispatch (weight: the request's own, 0: the flow's
+    configured one; cost: the request's declared tokens,
     else its bytes). A flow that becomes backlogged again is lifted to the smallest counter among
     the backlogged flows (or, if none, to the counter of the last flow served), so time spent idle
     is not banked as credit. Keeps a heap of (counter, stamp, flow); stale entries are skipped.
