@@ -38,7 +38,22 @@ class Fairness(Protocol):
     def recall(self, flow: FlowQueue) -> None: ...
 
 
-class RoundRobin:
+class _Memoryless:
+    """A policy that keeps nothing of a flow beyond its backlog: forgetting a flow loses nothing."""
+
+    __slots__ = ()
+
+    def forget(self, flow: FlowQueue) -> None:
+        pass
+
+    def correct_forgotten(self, flow_id: str, delta: float, weight: float) -> None:
+        pass
+
+    def recall(self, flow: FlowQueue) -> None:
+        pass
+
+
+class RoundRobin(_Memoryless):
     """Backlogged flows take turns, one request each. Fair in turns, not in bytes."""
 
     name: ClassVar[str] = "round-robin"
@@ -59,15 +74,6 @@ class RoundRobin:
     def correct(self, flow: FlowQueue, delta: float, weight: float) -> None:
         pass  # charges turns or declared bytes: nothing to correct
 
-    def forget(self, flow: FlowQueue) -> None:
-        pass  # nothing of a flow outlives its backlog here
-
-    def correct_forgotten(self, flow_id: str, delta: float, weight: float) -> None:
-        pass
-
-    def recall(self, flow: FlowQueue) -> None:
-        pass
-
     def pick(self) -> FlowQueue | None:
         return next(iter(self._ring)) if self._ring else None
 
@@ -75,7 +81,7 @@ class RoundRobin:
         self._ring.move_to_end(flow)
 
 
-class DeficitRoundRobin:
+class DeficitRoundRobin(_Memoryless):
     """Deficit round robin (Shreedhar & Varghese) in bytes, with per-flow weights.
 
     Each turn a flow may send up to its deficit; a flow whose head does not fit gets
@@ -130,15 +136,6 @@ class DeficitRoundRobin:
 
     def correct(self, flow: FlowQueue, delta: float, weight: float) -> None:
         pass  # charges turns or declared bytes: nothing to correct
-
-    def forget(self, flow: FlowQueue) -> None:
-        pass  # nothing of a flow outlives its backlog here
-
-    def correct_forgotten(self, flow_id: str, delta: float, weight: float) -> None:
-        pass
-
-    def recall(self, flow: FlowQueue) -> None:
-        pass
 
     def pick(self) -> FlowQueue | None:
         ring = self._ring
@@ -322,7 +319,7 @@ class VirtualTokenCounter:
         _heapreplace(self._heap, (vtc, tick, flow))
 
 
-class GlobalFcfs:
+class GlobalFcfs(_Memoryless):
     """No fairness: the best head across all flows by the band's ordering (upstream "global strict").
 
     Under FCFS ordering this is exact arrival order across the band; a flooding flow takes the
@@ -379,21 +376,12 @@ class GlobalFcfs:
     def correct(self, flow: FlowQueue, delta: float, weight: float) -> None:
         pass  # no fairness: nothing to correct
 
-    def forget(self, flow: FlowQueue) -> None:
-        pass  # nothing of a flow outlives its backlog here
-
-    def correct_forgotten(self, flow_id: str, delta: float, weight: float) -> None:
-        pass
-
-    def recall(self, flow: FlowQueue) -> None:
-        pass
-
 
 class _ArrivalList(Protocol):
     oldest: Item | None
 
 
-class ArrivalFcfs:
+class ArrivalFcfs(_Memoryless):
     """Global FCFS under FCFS ordering, in O(1) with no heap: the band's oldest queued item goes next.
 
     The band already threads its queued items oldest first (for displacement); under FCFS the
@@ -419,15 +407,6 @@ class ArrivalFcfs:
 
     def correct(self, flow: FlowQueue, delta: float, weight: float) -> None:
         pass  # charges turns or declared bytes: nothing to correct
-
-    def forget(self, flow: FlowQueue) -> None:
-        pass  # nothing of a flow outlives its backlog here
-
-    def correct_forgotten(self, flow_id: str, delta: float, weight: float) -> None:
-        pass
-
-    def recall(self, flow: FlowQueue) -> None:
-        pass
 
     def pick(self) -> FlowQueue | None:
         oldest = self._band.oldest

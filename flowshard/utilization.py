@@ -53,10 +53,15 @@ def parse_metrics(text: bytes) -> Scraped:
     scraped every 50 ms). A page with neither a waiting queue nor a KV-cache metric cannot say
     anything: ScrapeError.
     """
+    return read_lines(_known_lines(text))
+
+
+def read_lines(lines: list[bytes]) -> Scraped:
+    """The figures of the known metrics' lines, in order (`parse_metrics`)."""
     waiting = running = 0.0
     kv = -1.0
     seen_waiting = False
-    for line in _known_lines(text):
+    for line in lines:
         brace = line.find(b"}")
         name_end = line.find(b"{")
         if name_end < 0:

@@ -61,37 +61,12 @@ def test_parse_errors(page: bytes, says: str) -> None:
 
 def _parse_by_lines(text: bytes) -> Scraped | str:
     """The parse as it was, a split of the page into lines: the oracle for the search by name."""
-    from flowshard.utilization import _PREFIXES, KV, RUNNING, WAITING
+    from flowshard.utilization import _PREFIXES, read_lines
 
-    waiting = running = 0.0
-    kv, seen_waiting = -1.0, False
-    for line in text.split(b"\n"):
-        if not line.startswith(_PREFIXES):
-            continue
-        brace, name_end = line.find(b"}"), line.find(b"{")
-        if name_end < 0:
-            name_end = line.find(b" ")
-            fields = line[name_end:].split()
-        else:
-            fields = line[brace + 1 :].split()
-        name = line[:name_end]
-        if not fields:
-            continue
-        try:
-            value = float(fields[0])
-        except ValueError:
-            return "error"
-        if not math.isfinite(value) or value < 0:
-            return "error"
-        if name in WAITING:
-            waiting, seen_waiting = waiting + value, True
-        elif name in RUNNING:
-            running += value
-        elif name in KV:
-            kv = max(kv, value)
-    if not seen_waiting and kv < 0:
+    try:
+        return read_lines([line for line in text.split(b"\n") if line.startswith(_PREFIXES)])
+    except ScrapeError:
         return "error"
-    return Scraped(waiting, running, min(max(kv, 0.0), 1.0))
 
 
 _LINES = st.sampled_from([
