@@ -834,6 +834,11 @@ class Proxy:
                         out = out[:done.end()]  # (what follows is owed to nobody)
                         ended = True
                         conn.slot_end(slot, b"%x\r\n%b\r\n0\r\n\r\n" % (len(out), out))
+                        if resp.status == 200:  # (a stream's usage comes before its [DONE])
+                            self._settle_usage(ex, backend, relay.usage)
+                        ticket, ex.ticket = ex.ticket, 0
+                        if ticket:  # the client has its whole answer: the budget goes back now, not after
+                            self.admission.release(ticket, ex.actual)  # the backend's end (a review: 1 s)
                         break
                     unread = conn.slot_write(slot, b"%x\r\n%b\r\n" % (len(out), out))
                     if unread is not None:  # the client reads slower than the backend writes
@@ -851,8 +856,6 @@ class Proxy:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             resp.close()
             if ended:  # after [DONE]: the client had its whole answer, and the backend did not fail it
-                if resp.status == 200:
-                    self._settle_usage(ex, backend, relay.usage)
                 return
             stats.midstream_failures += 1
             self.pool.failed(backend, self.loop.time(), "midstream", f"{type(exc).__name__}: {exc}")
@@ -861,7 +864,7 @@ class Proxy:
                                         "backend_failed")
             return
         rest = relay.end()
-        if resp.status == 200:
+        if resp.status == 200 and not ended:
             self._settle_usage(ex, backend, relay.usage)
         if not ended:
             conn.slot_end(slot, (b"%x\r\n%b\r\n" % (len(rest), rest) if rest else b"") + b"0\r\n\r\n")

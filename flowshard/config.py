@@ -144,7 +144,7 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_backoff: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 30.0
     connect_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
     read_timeout: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 600.0  # longest silence from a backend
-    # idle connections to a backend are closed after this: below the backends' own (vLLM, SGLang: 5 s)
+    # an idle connection to a backend is not reused after this: below the backends' own (vLLM, SGLang: 5 s)
     keepalive_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 4.0
 
     def __post_init__(self) -> None:

@@ -180,8 +180,9 @@ def test_a_stream_whose_client_stops_reading_is_dropped_and_its_budget_freed() -
 
 def test_a_backend_keeping_a_stream_open_after_done_does_not_hold_the_ticket() -> None:
     """The backend sends the answer and `[DONE]`, then keeps the response open: the client has its
-    whole answer at once, the ticket is released within ~1 s, and the backend is not counted as
-    failing. (It was held for `read_timeout`, 600 s by default, and the backend then taken out.)"""
+    whole answer at once, the ticket is released at once (not after the 1 s grace for the backend's
+    end: a review), and the backend is not counted as failing. (It was held for `read_timeout`, 600 s
+    by default, and the backend then taken out.)"""
 
     async def stalls(request: web.Request) -> web.StreamResponse:
         await request.read()
@@ -199,7 +200,8 @@ def test_a_backend_keeping_a_stream_open_after_done_does_not_hold_the_ticket() -
             got = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 5.0)
             assert b"data: [DONE]" in got
             assert await _released(r.admission, 1, 3.0)
-            assert time.monotonic() - t0 < 3.0
+            assert time.monotonic() - t0 < 0.5  # (the grace is 1 s)
+            await asyncio.sleep(1.2)  # past the grace: the backend's response closed, not counted against it
             backend = r.proxy.pool.backends[0]
             assert backend.errors == {} and r.proxy.pool.up(backend, r.proxy.loop.time())
             writer.close()
