@@ -1018,21 +1018,36 @@ class Ledger:
         # a dispatch of the grant's own band on a live grant leaves it covered (`leave(covered=True)`): no rise
         track = self.clock is not None and served != band_index
         before = band.uncovered(shard) if track else 0
+        tags = -1.0  # what the dispatch adds to its shard's weighted finish times (below), if its flow is known
         if dispatched is not None and dispatched_size is not None:
             owner = self.bands[served]  # a narrowed grant serves a higher band's request
             if owner.fair:
                 flow = owner.flows.get(dispatched.flow)
                 if flow is not None:
                     cost = dispatched.cost or owner.cost(dispatched)
-                    flow.finish += cost / (flow.weight or 1.0)
-                    owner.shard_tags[shard] += cost if flow.weight else 0.0
+                    # charged at the request's own weight (0: the configured one), as the shard's engine
+                    # charges it and as `correct` refunds it: at its flow's latest weight, a request's
+                    # refund at its own let one request of a flow mixing weights take a shard's finish
+                    # time far below the others, and every grant of the band with it (a review)
+                    own = 1.0 if owner.cost_kind == _TURNS else (
+                        dispatched.weight if dispatched.weight > 0 else self._weights.get(dispatched.flow, 1.0))
+                    weight = flow.weight
+                    if own == weight or not weight:  # (the common case, in the same float steps as ever)
+                        flow.finish += cost / (weight or 1.0)
+                        tags = float(cost)
+                        owner.shard_tags[shard] += cost if weight else 0.0
+                    else:
+                        moved = cost / own
+                        flow.finish += moved
+                        tags = weight * moved
+                        owner.shard_tags[shard] += tags
                     if owner is not band and owner.shard_weight[shard]:  # a narrowed grant served it here
-                        owner.shard_vtime[shard] += cost / owner.shard_weight[shard]
+                        owner.shard_vtime[shard] += tags / owner.shard_weight[shard]
         if charge:
             weight = band.shard_weight[shard]
             real = charge
             if served == band_index and weight and dispatched is not None:  # (served: -1 without one)
-                real = (dispatched.cost or band.cost(dispatched)) / weight
+                real = (tags if tags >= 0 else dispatched.cost or band.cost(dispatched)) / weight
             band.shard_vtime[shard] += (real if dispatched_size is not None else 0.0) - charge
         live = band.shard_stale[shard] == 0
         if not live:

@@ -1448,3 +1448,47 @@ def test_an_exit_without_its_grant_counts_grants_of_earlier_plans_as_stale() -> 
     assert (served, live) == (0, True)
     ledger.leave(h[2], covered=True)
     assert band.uncovered(0) == 3 and band.shard_stale[0] == 0 and band.shard_granted[0] == 0
+
+
+def _mixed_weight_run(last_weight: float) -> dict[int, int]:
+    """Budget 1, vtc, two shards: flow `a` on shard 0 declares 4,096 tokens at weight 1 and is served 96
+    (corrected at each release); its latest queued request says `last_weight`. Flow `v` on shard 1
+    sends weight 4, 100 tokens, exact. The dispatches per shard of 200."""
+    ledger = Ledger(config([{"priority": 0, "fairness": "vtc"}], fast_path=False, max_inflight_requests=1), 2,
+                    lone=False)
+    ids = iter(range(1, 10_000))
+    queued: dict[int, list[Pending]] = {0: [], 1: []}
+
+    def add(flow: str, shard: int, tokens: int, weight: float) -> None:
+        p = Pending(next(ids), flow, 0, 100, tokens=tokens, weight=weight)
+        ledger.enqueue(p, shard)
+        queued[shard].append(p)
+
+    for _ in range(300):
+        add("a", 0, 4096, 1.0)
+    add("a", 0, 4096, last_weight)
+    for _ in range(300):
+        add("v", 1, 100, 4.0)
+    got = {0: 0, 1: 0}
+    for _ in range(200):
+        (shard, _, _, _), = ledger.plan_grants()
+        p = queued[shard].pop(0)
+        _, live = ledger.grant_answered(shard, p.size, dispatched=p)
+        ledger.leave(p, covered=live)
+        ledger.release(p.size)
+        if p.flow == "a":
+            ledger.correct(0, shard, float(96 - 4096), p.flow, p.weight)
+        got[shard] += 1
+    return got
+
+
+def test_a_dispatch_is_charged_at_the_weight_its_correction_refunds():
+    """The ledger charges a dispatch at the request's own weight, as its correction refunds it: charged
+    at its flow's latest weight (4, its last queued request's) and refunded at its own (1), each of the
+    flow's requests left its shard's finish time 3,000 lower, and that shard took every grant of the
+    band (a review: {0: 200, 1: 0}; served 96 tokens per weight against the other's 25, the other flow is
+    owed ~3.8 times the requests)."""
+    baseline = _mixed_weight_run(1.0)
+    assert baseline[1] > 2.5 * baseline[0], baseline
+    mixed = _mixed_weight_run(4.0)
+    assert mixed[1] > 2.5 * mixed[0], mixed
