@@ -127,9 +127,11 @@ class BackendPool:
 
 # the longest a metrics scrape waits for its connection (TLS included) before the backend counts as one
 # that cannot be connected to (or `connect_timeout`, if shorter)
-SCRAPE_CONNECT_TIMEOUT: Final = 1.0
+SCRAPE_CONNECT_TIMEOUT: Final = 2.0  # (past Linux's first SYN retransmit, at 1 s: one lost SYN is not a dead host)
 # what failing to connect means is short here, not the backend's fault: no backend is taken out for it
-LOCAL_SHORTAGE: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
+# (not EADDRNOTAVAIL: besides a local port shortage it is what an IPv6 backend gives on a host without IPv6,
+# a failure of that backend's for good, which must take it out: a review)
+LOCAL_SHORTAGE: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class Scraper:

@@ -92,10 +92,10 @@ _encode = msgspec.json.Encoder().encode
 # are CRLF line ends and comment lines in the event), wherever it falls in what one read gave (a review:
 # `[DONE]` followed by another event in the same read, or ended by CRLF, was not seen, and the client
 # waited for read_timeout). Its event begins at the start of what the relay passes or after a blank line
-# (`SseUsage.feed` passes whole events, cut at LF LF or CRLF CRLF), has no other data line, and ends at
-# the next blank line.
+# (`SseUsage.feed` passes whole events, cut at LF LF or CRLF CRLF; blank lines may come first: a lone LF
+# in a read of its own, a review), has no other data line, and ends at the next blank line.
 _DONE: Final = re.compile(
-    rb"(?:\A|\n\n|\r\n\r\n)(?:(?!data)[^\r\n]+\r?\n)*data: ?\[DONE\]\r?\n(?:(?!data)[^\r\n]+\r?\n)*\r?\n"
+    rb"(?:\A|\r?\n\r?\n)(?:\r?\n)*(?:(?!data)[^\r\n]+\r?\n)*data: ?\[DONE\]\r?\n(?:(?!data)[^\r\n]+\r?\n)*\r?\n"
 )
 _FLUSH_AT_CLOSE: Final = 0.5  # the most close() waits for the answers it ended to leave this process
 _PIECE: Final = 1 << 16  # a non-streamed answer larger than this is written in pieces of it (backpressure)

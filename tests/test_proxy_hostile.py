@@ -698,7 +698,7 @@ def test_a_backend_whose_metrics_hang_does_not_make_the_others_stale() -> None:
 
 def test_a_backend_that_drops_connections_is_taken_out_by_the_scraper() -> None:
     """A host that drops the SYNs (here: a listener whose accept queue is full): its scrape's connection
-    is not made within `SCRAPE_CONNECT_TIMEOUT` (1 s), which counts as one that cannot be made, so the scraper
+    is not made within `SCRAPE_CONNECT_TIMEOUT` (2 s), which counts as one that cannot be made, so the scraper
     takes it out and no request pays `connect_timeout` on it (under the scrape's whole timeout it was a
     plain timeout, never a health signal: about one request per back-off waited `connect_timeout`)."""
     listener = socket.socket()
@@ -809,7 +809,8 @@ def test_done_ends_only_an_event_whose_data_is_done() -> None:
     nor `[DONE]` inside a JSON string; with comment or other field lines in its event, it is."""
     from distributor.proxy import _DONE
 
-    ends = [b"data: [DONE]\n\n", b"data:[DONE]\r\n\r\n", b"data: [DONE]\n: ping\n\n", b"event: end\ndata: [DONE]\n\n",
+    ends = [b"data: [DONE]\n\n", b"\ndata: [DONE]\n\n", b"\r\n\r\ndata: [DONE]\r\n\r\n", b"data:[DONE]\r\n\r\n",
+            b"data: [DONE]\n: ping\n\n", b"event: end\ndata: [DONE]\n\n",
             b'data: {"a": 1}\n\ndata: [DONE]\n\ndata: {"late": 1}\n\n']
     not_ends = [b"data: x\ndata: [DONE]\n\n", b"data: [DONE]\ndata: x\n\n", b'data: {"c": "data: [DONE]\\n\\n"}\n\n',
                 b"data: [DONE]x\n\n", b"xdata: [DONE]\n\n"]
@@ -850,9 +851,13 @@ def test_an_answer_without_a_body_is_not_relayed_as_a_stream(case: str) -> None:
     run(go(), timeout=30.0)
 
 
-def test_a_local_port_shortage_is_not_the_backends_failure() -> None:
-    """No free local port (EADDRNOTAVAIL) is ours: answered 503 `local_resources`, no backend taken out
-    (a review: it was filed as the backend's `connect` failure, backends went out one after another)."""
+def test_an_address_not_available_is_the_backends_failure() -> None:
+    """EADDRNOTAVAIL is not taken as a local shortage (503 `local_resources`, no backend taken out): an
+    IPv6 backend on a host without IPv6 gives it for good, and was never taken out, every request
+    routed to it answered 503 (a review); it counts as the backend's `connect` failure."""
     from distributor.backends import LOCAL_SHORTAGE
+    from distributor.proxy import _failure_kind
 
-    assert errno.EADDRNOTAVAIL in LOCAL_SHORTAGE
+    assert errno.EADDRNOTAVAIL not in LOCAL_SHORTAGE and errno.EMFILE in LOCAL_SHORTAGE
+    exc = aiohttp.ClientConnectorError(None, OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address"))
+    assert _failure_kind(exc) == "connect"
