@@ -909,16 +909,18 @@ class Ledger:
     def _remember(band: LedgerBand, flow: str, finish: float) -> None:
         """Keep the finish time of a flow that emptied ahead of the band's virtual clock, for its next
         start. An entry is needed only until the clock passes it; at most _FINISH_MEMORY per band are
-        kept (over that, the ones the clock passed go, then the oldest: those flows would start at the
-        clock, a lead of at most what they were ahead). Amortised O(1)."""
+        kept (over that, the ones the clock passed go, then all but the half furthest ahead: those
+        flows would start at the clock, a lead of at most what they were ahead; the oldest went first
+        before, so throw-away flows each a request ahead could push out a large debt). Amortised
+        O(log n)."""
         memory = band.flow_finish
         memory[flow] = finish
         if len(memory) > _FINISH_MEMORY:
             clock = band.vclock
-            for name in [name for name, f in memory.items() if f <= clock]:
-                del memory[name]
-            while len(memory) > _FINISH_MEMORY // 2:
-                del memory[next(iter(memory))]
+            kept = {name: f for name, f in memory.items() if f > clock}
+            if len(kept) > _FINISH_MEMORY // 2:
+                kept = dict(heapq.nlargest(_FINISH_MEMORY // 2, kept.items(), key=lambda e: e[1]))
+            band.flow_finish = kept
 
     @staticmethod
     def _reweigh(band: LedgerBand, shard: int, weight: float, tags: float) -> None:

@@ -1254,6 +1254,11 @@ def test_finish_times_kept_are_bounded():
     Ledger._remember(band, "new", 200.0)
     assert len(band.flow_finish) <= cap // 2 and band.flow_finish["new"] == 200.0
     assert all(f > band.vclock for f in band.flow_finish.values())
+    # a large debt is not washed out by flows each a little ahead: over the bound the furthest ahead stay
+    Ledger._remember(band, "debt", 1e9)
+    for i in range(2 * cap):
+        Ledger._remember(band, f"thin{i}", 101.0)
+    assert band.flow_finish["debt"] == 1e9 and len(band.flow_finish) <= cap
 
 
 # =========================================================================== invariant 3 at the moment of dispatch
