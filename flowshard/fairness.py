@@ -220,7 +220,8 @@ class VirtualTokenCounter:
         self._active = 0
         self._floor = 0.0
         self._tick = 0  # unique, increasing: valid-entry stamps and the tie-break (first come first)
-        self._ahead: dict[str, float] = {}  # forgotten flows' counters that were ahead (`forget`), oldest first
+        # forgotten flows' counters that were ahead (`forget`), and the weight each was charged at
+        self._ahead: dict[str, tuple[float, float]] = {}
 
     def _stamp(self, flow: FlowQueue) -> int:
         self._tick += 1
@@ -280,25 +281,26 @@ class VirtualTokenCounter:
         behind that point loses nothing: it is lifted anyway. At most `REMEMBERED_AHEAD` per band
         (`_keep`); flows that arrive for nothing (throw-away ids) are never ahead."""
         if flow.vtc > self._lift():
-            self._keep(flow.id, flow.vtc)
+            self._keep(flow.id, flow.vtc, flow.weight)
 
     def _lift(self) -> float:
         """Where a flow that becomes backlogged now is lifted to (`activate`)."""
         low = self._top()
         return low.vtc if low is not None else self._floor
 
-    def _keep(self, flow_id: str, vtc: float) -> None:
+    def _keep(self, flow_id: str, vtc: float, weight: float) -> None:
         """Keep a forgotten flow's counter ahead. Over `REMEMBERED_AHEAD`: those no longer ahead go, then
-        all but the half furthest ahead (amortised O(log n)): evicting the oldest let 4,104 throw-away
-        flows, each served one token, wash out a debt of 100,000 (a review); the largest debts stay."""
+        all but the half that owe the most service, their lead times their weight (amortised O(log n)).
+        Evicting the oldest let 4,104 throw-away flows, each served one token, wash out a debt of
+        100,000, and ranked by the lead alone, throw-away requests at weight 1e-6 could (reviews)."""
         ahead = self._ahead
-        ahead[flow_id] = vtc
+        ahead[flow_id] = (vtc, weight)
         if len(ahead) > REMEMBERED_AHEAD:
             lift = self._lift()
-            kept = {f: v for f, v in ahead.items() if v > lift}
-            if len(kept) > REMEMBERED_AHEAD // 2:
-                kept = dict(heapq.nlargest(REMEMBERED_AHEAD // 2, kept.items(), key=lambda e: e[1]))
-            self._ahead = kept
+            owed = {f: (v - lift) * w for f, (v, w) in ahead.items() if v > lift}
+            if len(owed) > REMEMBERED_AHEAD // 2:
+                owed = dict(heapq.nlargest(REMEMBERED_AHEAD // 2, owed.items(), key=lambda e: e[1]))
+            self._ahead = {f: ahead[f] for f in owed}
 
     def correct_forgotten(self, flow_id: str, delta: float, weight: float) -> None:
         """A correction for a flow forgotten since its request was dispatched (its only one, so it was
@@ -307,16 +309,17 @@ class VirtualTokenCounter:
         charged, it returns that much above where it would be lifted to; served less, nothing (idle
         time banks no credit)."""
         ahead = self._ahead
-        if flow_id in ahead:
-            ahead[flow_id] += delta / weight
+        entry = ahead.get(flow_id)
+        if entry is not None:
+            ahead[flow_id] = (entry[0] + delta / weight, entry[1])
         elif delta > 0:  # (at most delta / weight more than it would pay remembered: its counter is unknown)
-            self._keep(flow_id, self._lift() + delta / weight)
+            self._keep(flow_id, self._lift() + delta / weight, weight)
 
     def recall(self, flow: FlowQueue) -> None:
         """`flow` is known again (a new `FlowQueue`): its counter, if it was ahead when it was forgotten."""
-        vtc = self._ahead.pop(flow.id, None)
-        if vtc is not None:
-            flow.vtc = vtc
+        entry = self._ahead.pop(flow.id, None)
+        if entry is not None:
+            flow.vtc = entry[0]
 
     pick = _top  # the least-served backlogged flow
 

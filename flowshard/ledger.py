@@ -143,6 +143,7 @@ class LedgerBand:
         "displacement",
         "enqueued",
         "fair",
+        "finish_weight",
         "flow_finish",
         "flow_held",
         "flow_max_bytes",
@@ -247,6 +248,7 @@ class LedgerBand:
         # the finish times of flows that emptied while ahead of it (see Ledger._start).
         self.vclock = 0.0
         self.flow_finish: dict[str, float] = {}
+        self.finish_weight: dict[str, float] = {}  # their weights, to rank what they owe (`Ledger._remember`)
 
     def cost(self, p: Pending) -> int:
         """What dispatching `p` costs its flow under this band's fairness: turns, bytes or tokens."""
@@ -522,7 +524,11 @@ class Ledger:
                 start = self._start(band, shard, name)
                 flow = band.flows[name] = FlowUsage(shard, weight=weight, finish=start)
                 if not band.shard_items[shard]:  # the shard's first flow of the band (counted: a weight can be tiny)
-                    band.shard_vtime[shard] = start
+                    # plus the estimates of the band's grants still out there (a request that left without
+                    # its grant: the answer takes its estimate out again; a review: lost here, the shard's
+                    # virtual time fell by it, as far as the estimate is large, and it took every grant)
+                    band.shard_vtime[shard] = start + (sum(c for b, _, c, _ in self._grants[shard] if b == band.index)
+                                                       if band.shard_granted[shard] else 0.0)
                     band.shard_weight[shard] = weight
                     band.shard_tags[shard] = weight * start
                     band.spread += 1
@@ -640,7 +646,7 @@ class Ledger:
                     self._reweigh(band, shard, -flow.weight, -flow.weight * flow.finish)
                 del band.flows[name]
                 if flow.finish > band.vclock:
-                    self._remember(band, name, flow.finish)
+                    self._remember(band, name, flow.finish, flow.weight or 1.0)
             if band.spread < 2:  # on one shard (or none): after a while (_CALM), it keeps no fair state
                 band.calm += 1
                 if band.calm >= self._calm and band.calm >= band.queued_items:
@@ -903,24 +909,28 @@ class Ledger:
         4-8 % less than its max-min allocation at 4 and 8 shards against 1-3 % at one); while a flow that
         empties and comes back at once cannot take the grant ahead of them each time (its finish
         time is remembered: `_remember`). `shard` is unused here (a subclass may use it)."""
+        band.finish_weight.pop(flow, None)
         return max(band.vclock, band.flow_finish.pop(flow, 0.0))
 
     @staticmethod
-    def _remember(band: LedgerBand, flow: str, finish: float) -> None:
+    def _remember(band: LedgerBand, flow: str, finish: float, weight: float) -> None:
         """Keep the finish time of a flow that emptied ahead of the band's virtual clock, for its next
         start. An entry is needed only until the clock passes it; at most _FINISH_MEMORY per band are
-        kept (over that, the ones the clock passed go, then all but the half furthest ahead: those
-        flows would start at the clock, a lead of at most what they were ahead; the oldest went first
-        before, so throw-away flows each a request ahead could push out a large debt). Amortised
-        O(log n)."""
+        kept (over that, the ones the clock passed go, then all but the half that owe the most service,
+        their lead times their weight: those flows would start at the clock, a lead of at most what
+        they were ahead; the oldest went first before, so throw-away flows each a request ahead could
+        push out a large debt, and ranked by the lead alone, throw-away requests at a tiny weight
+        could, a review). Amortised O(log n)."""
         memory = band.flow_finish
         memory[flow] = finish
+        band.finish_weight[flow] = weight
         if len(memory) > _FINISH_MEMORY:
-            clock = band.vclock
-            kept = {name: f for name, f in memory.items() if f > clock}
-            if len(kept) > _FINISH_MEMORY // 2:
-                kept = dict(heapq.nlargest(_FINISH_MEMORY // 2, kept.items(), key=lambda e: e[1]))
-            band.flow_finish = kept
+            clock, weights = band.vclock, band.finish_weight
+            owed = {name: (f - clock) * weights.get(name, 1.0) for name, f in memory.items() if f > clock}
+            if len(owed) > _FINISH_MEMORY // 2:
+                owed = dict(heapq.nlargest(_FINISH_MEMORY // 2, owed.items(), key=lambda e: e[1]))
+            band.flow_finish = {name: memory[name] for name in owed}
+            band.finish_weight = {name: weights.get(name, 1.0) for name in owed}
 
     @staticmethod
     def _reweigh(band: LedgerBand, shard: int, weight: float, tags: float) -> None:
@@ -991,6 +1001,7 @@ class Ledger:
         weight at most; docs/architecture.md, "Fairness across shards")."""
         band.fair, band.served = False, band.queued_items > 0  # (settled as it emptied: its next home starts afresh)
         band.flow_finish.clear()
+        band.finish_weight.clear()
         items = band.shard_items
         band.home = home = next(compress(range(len(items)), items), 0)
         band.lone_cost = band.shard_cost[home]  # (every queued request is there)
@@ -1050,6 +1061,8 @@ class Ledger:
             real = charge
             if served == band_index and weight and dispatched is not None:  # (served: -1 without one)
                 real = (tags if tags >= 0 else dispatched.cost or band.cost(dispatched)) / weight
+            elif served >= 0 and served != band_index:  # narrowed: it served none of this band, as a hand-back
+                real = 0.0  # (its estimate stayed: the band's flows there lost a turn per narrowed grant, a review)
             band.shard_vtime[shard] += (real if dispatched_size is not None else 0.0) - charge
         live = band.shard_stale[shard] == 0
         if not live:
@@ -1096,13 +1109,14 @@ class Ledger:
         `weight`: the request's own (0: the flow's configured one), as the shard divides by it."""
         band = self.bands[self.band_index(priority)]
         if band.fair and band.cost_kind == _TOKENS and 0 <= shard < len(band.shard_vtime):
-            moved = delta / (weight if weight > 0 else self._weights.get(flow, 1.0) or 1.0)
+            own = weight if weight > 0 else self._weights.get(flow, 1.0) or 1.0
+            moved = delta / own
             usage = band.flows.get(flow)
             if usage is None:
                 if flow in band.flow_finish:  # emptied ahead of the clock: its next start moves
                     band.flow_finish[flow] += moved
                 elif delta > 0:  # forgotten: its next start, from the clock
-                    self._remember(band, flow, band.vclock + moved)
+                    self._remember(band, flow, band.vclock + moved, own)
                 return
             usage.finish += moved  # still queued: its finish time, and its shard's mean with it
             shard = usage.shard

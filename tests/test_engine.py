@@ -798,16 +798,17 @@ def test_a_kept_debt_is_not_washed_out_by_throw_away_flows(ids):
     counters furthest ahead stay (a review: evicting the oldest let 4,104 such flows wash it out)."""
     from flowshard.fairness import REMEMBERED_AHEAD
 
-    engine = make_engine([{"priority": 0, "fairness": "vtc"}], flow_slots=3, flow_gc_timeout=300.0)
-    first = submit(engine, ids, "A", size=1, tokens=1)
-    assert engine.dispatch(0.0) is first
-    engine.correct("A", 0, 100_000.0)
-    for i in range(REMEMBERED_AHEAD + 10):
-        item = submit(engine, ids, f"t{i}", now=1.0, size=1, tokens=1)
-        assert engine.dispatch(1.0) is item
-    engine.collect_garbage(2.0)
-    ahead = engine.bands[0].fairness._ahead  # type: ignore[attr-defined]
-    assert "A" in ahead and len(ahead) <= REMEMBERED_AHEAD
+    for weight in (0.0, 1e-6):  # (at a tiny weight each throw-away flow is far ahead, but owes a token)
+        engine = make_engine([{"priority": 0, "fairness": "vtc"}], flow_slots=3, flow_gc_timeout=300.0)
+        first = submit(engine, ids, "A", size=1, tokens=1)
+        assert engine.dispatch(0.0) is first
+        engine.correct("A", 0, 100_000.0)
+        for i in range(REMEMBERED_AHEAD + 10):
+            item = submit(engine, ids, f"t{i}", now=1.0, size=1, tokens=1, weight=weight)
+            assert engine.dispatch(1.0) is item
+        engine.collect_garbage(2.0)
+        ahead = engine.bands[0].fairness._ahead  # type: ignore[attr-defined]
+        assert "A" in ahead and len(ahead) <= REMEMBERED_AHEAD, weight
 
 
 def test_collect_garbage_forgets_at_most_a_batch_a_call_also_past_the_timeout(ids):
