@@ -107,8 +107,6 @@ _DONE_GRACE: Final = 1.0
 # open a backend connection each (a review: 3 connections opened 3,000, and at `ulimit -n` every other
 # client was reset)
 MAX_PASSTHROUGHS: Final = 32
-# a local shortage (descriptors, buffers) while connecting is ours, not the backend's failure
-_LOCAL_SHORTAGE: Final = LOCAL_SHORTAGE  # ours (descriptors, buffers, memory, local ports), not the backend's
 
 
 def _failure_kind(exc: BaseException) -> str:
@@ -714,7 +712,7 @@ class Proxy:
                                                   allow_redirects=False)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 code = getattr(exc, "errno", None)
-                if code in _LOCAL_SHORTAGE:  # ours: no backend is to blame, none is tried
+                if code in LOCAL_SHORTAGE:  # ours: no backend is to blame, none is tried
                     log.error("connecting to backend %s: %s (not counted as the backend's)", backend.name, exc)
                     why = os.strerror(code)  # (not the backend's address: the client is told only what)
                     self._respond_error(ex, 503, f"flowshard: cannot open a connection to a backend: {why}",
@@ -863,10 +861,10 @@ class Proxy:
                                         f"({type(exc).__name__}); the response is incomplete", "server_error",
                                         "backend_failed")
             return
-        rest = relay.end()
-        if resp.status == 200 and not ended:
-            self._settle_usage(ex, backend, relay.usage)
-        if not ended:
+        if not ended:  # (ended at [DONE]: settled and answered there)
+            rest = relay.end()
+            if resp.status == 200:
+                self._settle_usage(ex, backend, relay.usage)
             conn.slot_end(slot, (b"%x\r\n%b\r\n" % (len(rest), rest) if rest else b"") + b"0\r\n\r\n")
 
     def _end_stream_with_error(self, ex: Exchange, message: str, type_: str, code: str, *,

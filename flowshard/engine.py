@@ -30,8 +30,8 @@ from flowshard.types import N_OUTCOMES, Item, ItemState, Outcome, Request
 _INF = math.inf
 _DONE = ItemState.DONE
 _DISPATCHED = Outcome.DISPATCHED
-# the most idle flows beyond `flow_slots` one `collect_garbage` forgets (a worker calls it every 0.1 s;
-# 84,000 at once took 18 ms, a review)
+# the most idle flows one `collect_garbage` forgets, timed out or beyond `flow_slots` (a worker calls it
+# every 0.1 s; 84,000 at once took 18 ms, a review)
 GC_BATCH = 8192
 
 
