@@ -71,9 +71,12 @@ PROGRESS_EVERY = 0.25
 NEXT_PASS = 50e-6  # a think/service time shorter than this ends on the next loop pass (no timer)
 # column name -> array typecode of the per-request log
 # seq, shard, s_recv, s_enq, s_disp: the service's view of the request from its answer (see
-# flowshard.codec.Audited; times relative to T0 on the same clock): -1, -2, nan when it gave none
+# flowshard.codec.Audited; times relative to T0 on the same clock): -1, -2, nan when it gave none.
+# released: when the generator released a dispatched request's ticket, its service time over (a
+# timer fires late, ~0.1-0.2 ms here, and the slot is held until then); nan if it did not in the run
 LOG_COLUMNS = {"flow": "i", "intended": "d", "sent": "d", "done": "d", "outcome": "b", "size": "q", "tokens": "q",
-               "wait": "f", "service": "f", "seq": "q", "shard": "i", "s_recv": "d", "s_enq": "d", "s_disp": "d"}
+               "wait": "f", "service": "f", "seq": "q", "shard": "i", "s_recv": "d", "s_enq": "d", "s_disp": "d",
+               "released": "d"}
 NO_VIEW = (-1, -2, math.nan, math.nan, math.nan)
 
 
@@ -394,12 +397,13 @@ class Generator:
                 win[1] += size
                 win[2] += cost
             self.tickets.add(ticket)
+            row = -1 if self.log_truncated else self.log_rows - 1  # (its row, logged just above)
             if service >= NEXT_PASS:
-                self.loop.call_later(service, self._end_service, flow, ticket)
+                self.loop.call_later(service, self._end_service, flow, ticket, row)
             elif service > 0:
-                self.loop.call_soon(self._end_service, flow, ticket)
+                self.loop.call_soon(self._end_service, flow, ticket, row)
             else:
-                self._end_service(flow, ticket)
+                self._end_service(flow, ticket, row)
         elif flow.closed is not None:
             self._next_closed(flow, failed=True)
 
@@ -427,12 +431,14 @@ class Generator:
         if len(self.errors) < 5:
             self.errors.append(message)
 
-    def _end_service(self, flow: _Flow, ticket: int) -> None:
+    def _end_service(self, flow: _Flow, ticket: int, row: int) -> None:
         self.timer.work += 1
         if self.finished:
             return  # still held at the end: `in flight at end`, released in `_finish`
         self.tickets.discard(ticket)
         self.released_sent += 1
+        if row >= 0:
+            self.log["released"][row] = time.monotonic() - self.t0
         self._release(ticket)
         if flow.closed is not None:
             self._next_closed(flow, failed=False)
@@ -473,6 +479,7 @@ class Generator:
         log["s_recv"].append(received)
         log["s_enq"].append(enqueued)
         log["s_disp"].append(dispatched)
+        log["released"].append(math.nan)
 
     # ------------------------------------------------------------ the run
 

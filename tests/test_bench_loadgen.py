@@ -162,6 +162,21 @@ service = 0.05
 """
 
 
+def test_the_log_says_when_each_dispatch_was_released() -> None:
+    """`released`: the generator's release of each dispatched request, about its service time after
+    the answer (a timer set from the loop's cached time may end it up to a loop pass early; its
+    lateness is slot time the fairness reference counts)."""
+    result, _gen, _service = _drive(STARVED.replace("service = 0.0", "service = 0.003"), limit=4)
+    log = _log(result)
+    dispatched = log["outcome"] == 0
+    released = log["released"][dispatched]
+    assert dispatched.sum() > 20 and np.isfinite(released).mean() > 0.9
+    ended = np.isfinite(released)
+    late = released[ended] - log["done"][dispatched][ended] - log["service"][dispatched][ended]
+    assert (late > -0.002).all() and abs(late.mean()) < 0.002
+    assert np.isnan(log["released"][~dispatched]).all()
+
+
 def test_drain_releases_tickets_so_the_queue_empties(tmp_path: Path) -> None:
     # 80 req/s offered, 40 req/s served: about half is still queued when the arrivals stop
     doc = _bench(tmp_path, DRAIN, "--shards", "1", "--drain-timeout", "4")
