@@ -345,6 +345,11 @@ def main(args: argparse.Namespace, command: str | None = None) -> int:
         folder = Path(path).resolve().parent if path else None
         if folder is not None and not (folder.is_dir() and os.access(folder, os.W_OK)):
             raise ConfigError(f"{flag}: cannot write {path}: {folder} is not a writable folder")
+    if args.plot:
+        from bench.plot import plot_missing
+
+        if (missing := plot_missing()) is not None:  # (said after the whole run, it cost the run)
+            raise ConfigError(f"--plot: {missing}")
     if args.proxy:
         from bench.proxyscenario import run_proxy_scenario
 

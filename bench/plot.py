@@ -23,12 +23,24 @@ from typing import Any
 from bench.histogram import Histogram
 from bench.report import aggregate, median_run
 
-__all__ = ["plot"]
+__all__ = ["plot", "plot_missing"]
 
 # process kinds in the CPU panel: (aggregate figure, legend label)
 COST_PARTS = [("distributor µs/req", "distributor"), ("workers µs/req (sum)", "workers"),
               ("acceptors µs/req (sum)", "acceptors"), ("echo µs/req", "echo server"),
               ("loadgen µs/req", "load generator")]
+
+
+INSTALL_HINT = "`.venv/bin/pip install -e '.[plot]'` in the checkout, or `scripts/bootstrap.sh test`"
+
+
+def plot_missing() -> str | None:
+    """Why --plot cannot draw (checked before a run, not after it), or None."""
+    try:
+        import matplotlib  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
+    except ImportError:
+        return f"needs matplotlib, which is not installed: {INSTALL_HINT}"
+    return None
 
 
 def plot(path: str, result: dict[str, Any]) -> str:
@@ -39,7 +51,7 @@ def plot(path: str, result: dict[str, Any]) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
-        return "plot: matplotlib is not installed (pip install '.[plot]' in the checkout); no plot drawn"
+        return f"plot: matplotlib is not installed ({INSTALL_HINT}); no plot drawn"
     configs = result["configs"]
     runs = result["runs"]
     first = median_run(runs[configs[0]])

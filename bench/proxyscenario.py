@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import sys
 import tempfile
 import time
@@ -55,11 +54,18 @@ class _FlowStats:
         self.total: list[float] = []
 
 
-def _pct(values: list[float], q: float) -> float:
+def _pct(values: list[float], q: float) -> float | None:
+    """The q-quantile, or None where nothing completed (`–` in the table, null in the JSON)."""
     if not values:
-        return math.nan
+        return None
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _pcts(values: list[float]) -> str:
+    """p50 / p99 for the table."""
+    p50, p99 = _pct(values, 0.5), _pct(values, 0.99)
+    return "– / –" if p50 is None or p99 is None else f"{p50:.1f} / {p99:.1f}"
 
 
 class _Player:
@@ -217,8 +223,7 @@ def run_proxy_scenario(args: argparse.Namespace, scenario: Scenario) -> int:
         if st.errors:
             refused += f", errors {st.errors}"
         lines.append(f"| {st.flow} | {st.band} | {st.sent} | {st.completed} | {refused} | {st.unfinished} | "
-                     f"{_pct(st.ttft, 0.5):.1f} / {_pct(st.ttft, 0.99):.1f} | "
-                     f"{_pct(st.total, 0.5):.1f} / {_pct(st.total, 0.99):.1f} | {st.tokens / span:.0f} |")
+                     f"{_pcts(st.ttft)} | {_pcts(st.total)} | {st.tokens / span:.0f} |")
         rows.append({"flow": st.flow, "band": st.band, "sent": st.sent, "completed": st.completed,
                      "refused": st.refused, "errors": st.errors, "unfinished": st.unfinished, "tokens": st.tokens,
                      "ttft_ms_p50": _pct(st.ttft, 0.5), "ttft_ms_p99": _pct(st.ttft, 0.99),

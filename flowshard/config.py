@@ -365,7 +365,8 @@ def explain(message: str, data: Any, type_: Any, where: str) -> str:
         return f"{prefix}expected {_describe(expected)}{rest}{got}"
     if message.startswith("Invalid enum value"):
         return f"{prefix}{message}"
-    return f"{prefix}{message}{' (got ' + _shown(value) + ')' if found and not isinstance(value, dict | list) else ''}"
+    shown_value = found and not isinstance(value, dict | list) and f"'{value}'" not in message  # (said once)
+    return f"{prefix}{message}{' (got ' + _shown(value) + ')' if shown_value else ''}"
 
 
 def convert(data: dict[str, Any], type_: type[T], *, where: str = "config") -> T:

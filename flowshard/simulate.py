@@ -1287,7 +1287,7 @@ def check_size(scenario: Scenario, where: str, *, force: bool = False, shards: i
         return None
     at = f"{shards} shards, " if shards > 1 else ""
     head = (f"{where}: about {est.events:,.0f} events to simulate ({est.requests:,.0f} requests), "
-            f"roughly {_human(est.seconds)} at ~{at}{events_per_second(shards) / 1000:.0f}k events/s")
+            f"roughly {_human(est.seconds)} ({at}~{events_per_second(shards) / 1000:.0f}k events/s)")
     flows = [f"  {f.id}: {f.why}: {f.per_second:,.0f} requests per virtual second" for f in est.flows[:3]]
     change = ("  To make it quicker: lengthen think or service times, lower the concurrency or the rates, or "
               f"shorten [workload] duration (now {scenario.workload.duration:g} s).")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +227,23 @@ def test_bench_bad_flags_get_one_line_errors(
     err = capsys.readouterr().err
     assert err.startswith("flowshard: ") and message in err and "Traceback" not in err
     assert err.count("\n") == 1, err  # one line
+
+
+def test_bench_plot_without_matplotlib_fails_before_running(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Said after the whole run (a newcomer's review: the first README example ran, then drew
+    nothing), --plot without matplotlib cost the run; now it is a one-line error before anything
+    starts, saying how to install it (editable: a plain `pip install '.[plot]'` replaced the
+    checkout's editable install)."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(FREE)
+    started = time.monotonic()
+    assert cli.main(["bench", str(scenario), "--quiet", "--plot", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flowshard: --plot: needs matplotlib, which is not installed") and "-e '.[plot]'" in err
+    assert err.count("\n") == 1 and time.monotonic() - started < 1.0 and not (tmp_path / "p.png").exists()
 
 
 def test_bench_bad_flag_from_the_command_line_is_a_one_line_error_and_status_2(tmp_path: Path) -> None:

@@ -138,3 +138,33 @@ def test_serve_without_a_config_says_the_budget_is_a_placeholder() -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.parametrize(("argv", "usage", "extra"), [
+    (["serve", "--shardz", "2"], "usage: flowshard serve ", "--shardz 2"),
+    (["simulate", "demo", "--bogus"], "usage: flowshard simulate ", "--bogus"),
+    (["config", "check", "a.toml", "b.toml"], "usage: flowshard config check ", "b.toml"),
+])
+def test_an_unknown_flag_is_told_with_its_commands_usage(
+    capsys: pytest.CaptureFixture[str], argv: list[str], usage: str, extra: str
+) -> None:
+    """A newcomer's review: `serve --shardz 2` printed the top level's usage, which lists no flag of serve."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(usage) and err.endswith(f"error: unrecognized arguments: {extra}\n"), err
+
+
+def test_a_bad_serve_flag_is_the_only_line_without_a_config(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every flag is checked before the no --config notice, so a bad one is the one line printed."""
+    assert cli.main(["serve", "--acceptors", "x"]) == 2
+    assert capsys.readouterr().err == "flowshard: --acceptors: 'x' is not a number or \"auto\"\n"
+
+
+def test_a_bad_choice_in_a_scenario_shows_its_value_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text('[workload]\nduration = 1\n[[workload.flows]]\nid = "a"\narrival = { kind = "poison", rate = 1 }\n')
+    assert cli.main(["simulate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("poison") == 1 and "allowed: poisson, constant, bursts, closed" in err, err

@@ -321,6 +321,18 @@ def test_config_check_of_a_scenario_points_at_its_server_table(tmp_path, capsys)
     assert f"flowshard simulate {path}" in err
 
 
+@pytest.mark.parametrize("text", ["max_queued_requests = 10\n[server]\nport = 9000\n", "[server]\nport = 9000\n"])
+def test_a_configuration_with_server_for_service_is_told_the_key(tmp_path, capsys, text):
+    """A [server] table without a [workload] is a misspelt [service], not a scenario (a newcomer's
+    review: `config check` sent the file to `simulate`, which sent it back)."""
+    from flowshard import cli
+
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    assert cli.main(["config", "check", str(path)]) == 2
+    assert capsys.readouterr().err == f"flowshard: {path}: unknown key `server`; did you mean `service`?\n"
+
+
 def test_dump_round_trips_a_proxy_table():
     text = (
         '[proxy]\nbackends = ["http://10.0.0.5:8000", "https://gpu-2:443/base"]\nflow_headers = ["x-tenant"]\n'

@@ -655,6 +655,9 @@ def test_flowshard_bench_plays_a_scenario_through_proxy_mode(tmp_path: Any) -> N
     flows = {f["flow"]: f for f in json.loads(out.read_text())["flows"]}
     assert flows["checkout"]["band"] == "critical" and flows["checkout"]["completed"] > 0
     assert all(f["errors"] == 0 for f in flows.values())
+    # a flow that completed nothing (the lowest band's, starved here) has no latency: "–" and null, not nan
+    assert "nan" not in proc.stdout and "NaN" not in out.read_text()
+    assert all(f["ttft_ms_p50"] is None and f["total_ms_p50"] is None for f in flows.values() if not f["completed"])
 
 
 class _FailingAdmission:
