@@ -9,7 +9,7 @@ live in one segment with one writer per cell, so there are no per-process files 
 Cost per scrape: O(bands x shards x outcomes) numpy sums over a copy of the segment, plus the
 top-K flow selection, which reads each queued flow's byte count once at C speed (see `_top_flows`;
 ~9 ms per 100k queued flows; a whole scrape of an idle service ~0.4 ms). Values per (band, flow) are
-the ledger's, exact; `flow="other"` per band is the band total minus the listed flows, so series are
+the ledger's, exact; `flow=""` per band is the band total minus the listed flows, so series are
 capped at K + bands whatever the number of flows. Nothing here is per request.
 
 The wait histogram counts the queue wait of dispatched requests (shards observe it when they
@@ -47,8 +47,10 @@ if TYPE_CHECKING:
 
 __all__ = ["TOP_FLOWS", "FlowshardCollector", "render_metrics", "stats_snapshot", "wait_sum_estimate"]
 
-TOP_FLOWS: Final = 20  # per-flow series kept (by queued bytes); the rest are summed into flow="other"
-OTHER_FLOW: Final = "other"
+TOP_FLOWS: Final = 20  # per-flow series kept (by queued bytes); the rest are summed into flow=""
+# The rest's label: the empty string, which no flow id can be (1 to 256 characters). It was "other",
+# and a tenant that named its flow "other" was never listed: it hid in the rest (a review).
+REST_FLOW: Final = ""
 DISTRIBUTOR_SHARD: Final = "distributor"  # shard label of the distributor's own dispatches (idle fast path)
 
 I64 = npt.NDArray[np.int64]
@@ -69,7 +71,7 @@ def wait_sum_estimate(counts: npt.ArrayLike) -> float:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TopFlow:
-    """One of the flows listed by name (the rest are summed as `flow="other"`)."""
+    """One of the flows listed by name (the rest are summed as `flow=""`)."""
 
     band: int
     flow: str
@@ -104,15 +106,14 @@ def _top_flows(distributor: Distributor, k: int) -> tuple[list[TopFlow], list[in
     Per band, one C-speed pass copies the queued bytes into numpy and `argpartition` picks the band's
     k largest (measured on a loaded 2-core box: ~9 ms per 100k queued flows, ~21 ms with `heapq.nlargest`);
     then the <= k x bands candidates are sorted. Among flows with equal bytes, which are listed is
-    arbitrary. A real flow named "other" is never listed on its own (it would collide with the
-    aggregate): one spare candidate per band covers it.
+    arbitrary.
     """
     bands = distributor.ledger.bands
     candidates: list[TopFlow] = []
     for b in bands:
         flows = b.flows
         count = len(flows)
-        take = min(k + 1, count)
+        take = min(k, count)
         if take == 0:
             continue
         names = list(flows)
@@ -120,9 +121,8 @@ def _top_flows(distributor: Distributor, k: int) -> tuple[list[TopFlow], list[in
             sizes = np.fromiter((u.queued_bytes for u in flows.values()), np.int64, count)
             names = [names[i] for i in np.argpartition(sizes, count - take)[count - take :].tolist()]
         for flow in names:
-            if flow != OTHER_FLOW:
-                usage = flows[flow]
-                candidates.append(TopFlow(b.index, flow, usage.queued_items, usage.queued_bytes))
+            usage = flows[flow]
+            candidates.append(TopFlow(b.index, flow, usage.queued_items, usage.queued_bytes))
     candidates.sort(key=lambda t: (-t.bytes, -t.items, t.band, t.flow))
     top = candidates[:k]
     other_items = [b.queued_items for b in bands]
@@ -317,20 +317,20 @@ class FlowshardCollector(Collector):
 
         flow_size = GaugeMetricFamily(
             "flowshard_flow_queue_size",
-            f'Requests queued per flow: the top {self.top_flows} flows by bytes, the rest summed as flow="other".',
+            f'Requests queued per flow: the top {self.top_flows} flows by bytes, the rest summed as flow="".',
             labels=["band", "flow"],
         )
         flow_bytes = GaugeMetricFamily(
             "flowshard_flow_queue_bytes",
-            f'Bytes queued per flow: the top {self.top_flows} flows by bytes, the rest summed as flow="other".',
+            f'Bytes queued per flow: the top {self.top_flows} flows by bytes, the rest summed as flow="".',
             labels=["band", "flow"],
         )
         for t in v.top:
             flow_size.add_metric([bands[t.band], t.flow], t.items)
             flow_bytes.add_metric([bands[t.band], t.flow], t.bytes)
         for bi, band in enumerate(bands):
-            flow_size.add_metric([band, OTHER_FLOW], v.other_items[bi])
-            flow_bytes.add_metric([band, OTHER_FLOW], v.other_bytes[bi])
+            flow_size.add_metric([band, REST_FLOW], v.other_items[bi])
+            flow_bytes.add_metric([band, REST_FLOW], v.other_bytes[bi])
         yield from (flow_size, flow_bytes)
 
         yield _gauge("flowshard_inflight_requests", "Dispatched requests holding a ticket.", budget.inflight)

@@ -147,31 +147,35 @@ def test_queue_per_band_from_ledger_and_per_shard_from_shared_memory(dist: Distr
     assert value(s, "flowshard_queue_total_limit_requests") == 100_000
 
 
-def test_per_flow_series_capped_at_top_k_plus_other_per_band(dist: Distributor) -> None:
+def test_per_flow_series_capped_at_top_k_plus_the_rest_per_band(dist: Distributor) -> None:
     n_low = TOP_FLOWS + 15
     for i in range(n_low):  # low-band flow i holds 10 * (i + 1) bytes in two requests
         enqueue(dist, f"low-{i}", LOW, 5 * (i + 1), shard=i % 2)
         enqueue(dist, f"low-{i}", LOW, 5 * (i + 1), shard=(i + 1) % 2)
     enqueue(dist, "big", HIGH, 10_000, shard=0)
     enqueue(dist, "tiny", HIGH, 1, shard=1)
-    enqueue(dist, "other", HIGH, 9_000, shard=1)  # a real flow named "other" must not collide with the aggregate
+    # a real flow named "other" is listed by its name like any flow (it was hidden in the rest, which
+    # was labelled "other": a review); the rest is flow="", an id no flow can have
+    enqueue(dist, "other", HIGH, 9_000, shard=1)
     s = scrape(dist)
     sizes, nbytes = series(s, "flowshard_flow_queue_size"), series(s, "flowshard_flow_queue_bytes")
     assert sizes.keys() == nbytes.keys()
-    named = {dict(k)["flow"]: v for k, v in nbytes.items() if dict(k)["flow"] != "other"}
+    named = {dict(k)["flow"]: v for k, v in nbytes.items() if dict(k)["flow"] != ""}
     assert len(named) == TOP_FLOWS
-    assert len(nbytes) == TOP_FLOWS + 2  # one "other" per band
-    expected = {"big"} | {f"low-{i}" for i in range(n_low - TOP_FLOWS + 1, n_low)}
+    assert len(nbytes) == TOP_FLOWS + 2  # one rest per band
+    expected = {"big", "other"} | {f"low-{i}" for i in range(n_low - TOP_FLOWS + 2, n_low)}
     assert set(named) == expected
-    assert named["big"] == 10_000
+    assert named["big"] == 10_000 and named["other"] == 9_000
     assert named[f"low-{n_low - 1}"] == 10 * n_low
     assert value(s, "flowshard_flow_queue_size", band="low", flow=f"low-{n_low - 1}") == 2
-    # "other" is the rest of its band: the per-flow series of a band sum to the band's queue.
-    low_rest = sum(10 * (i + 1) for i in range(n_low - TOP_FLOWS + 1))
-    assert value(s, "flowshard_flow_queue_bytes", band="low", flow="other") == low_rest
-    assert value(s, "flowshard_flow_queue_size", band="low", flow="other") == 2 * (n_low - TOP_FLOWS + 1)
-    assert value(s, "flowshard_flow_queue_bytes", band="high", flow="other") == 9_001
-    assert value(s, "flowshard_flow_queue_size", band="high", flow="other") == 2
+    # the rest of its band: the per-flow series of a band sum to the band's queue.
+    low_rest = sum(10 * (i + 1) for i in range(n_low - TOP_FLOWS + 2))
+    assert value(s, "flowshard_flow_queue_bytes", band="low", flow="") == low_rest
+    assert value(s, "flowshard_flow_queue_size", band="low", flow="") == 2 * (n_low - TOP_FLOWS + 2)
+    assert value(s, "flowshard_flow_queue_bytes", band="high", flow="") == 1
+    assert value(s, "flowshard_flow_queue_size", band="high", flow="") == 1
+    top = {t["flow"]: t["queued_bytes"] for t in stats_snapshot(dist)["top_flows"]}
+    assert top.keys() == expected and top["other"] == 9_000  # /v1/stats lists it too
     for band in ("high", "low"):
         in_band = [v for k, v in nbytes.items() if dict(k)["band"] == band]
         assert sum(in_band) == value(s, "flowshard_queue_bytes", band=band)
@@ -179,7 +183,10 @@ def test_per_flow_series_capped_at_top_k_plus_other_per_band(dist: Distributor) 
         assert sum(items) == value(s, "flowshard_queue_size", band=band)
 
 
-def test_a_flow_named_other_never_costs_a_top_slot(dist: Distributor) -> None:
+def test_a_flow_named_other_is_listed_like_any_flow_and_the_rest_is_unnamed(dist: Distributor) -> None:
+    """The rest of a band was labelled flow="other", and a real flow of that name was never listed,
+    in /metrics or /v1/stats: a tenant could hide from top-flow dashboards by its name (a review).
+    The rest is flow="" now, which no flow id can be."""
     for flow, size in (("other", 100), ("a", 90), ("b", 80), ("c", 70), ("d", 1)):
         enqueue(dist, flow, LOW, size, shard=0)
     enqueue(dist, "h", HIGH, 5, shard=1)
@@ -190,16 +197,16 @@ def test_a_flow_named_other_never_costs_a_top_slot(dist: Distributor) -> None:
         if family.name == "flowshard_flow_queue_bytes"
         for s in family.samples
     }
-    assert flows == {("low", "a"): 90, ("low", "b"): 80, ("low", "c"): 70, ("low", "other"): 101, ("high", "other"): 5}
+    assert flows == {("low", "other"): 100, ("low", "a"): 90, ("low", "b"): 80, ("low", ""): 71, ("high", ""): 5}
     top = stats_snapshot(dist, top_flows=3)["top_flows"]
-    assert [(t["flow"], t["queued_bytes"]) for t in top] == [("a", 90), ("b", 80), ("c", 70)]
+    assert [(t["flow"], t["queued_bytes"]) for t in top] == [("other", 100), ("a", 90), ("b", 80)]
 
 
-def test_per_flow_other_is_zero_when_nothing_is_queued(dist: Distributor) -> None:
+def test_per_flow_rest_is_zero_when_nothing_is_queued(dist: Distributor) -> None:
     s = scrape(dist)
     assert series(s, "flowshard_flow_queue_bytes") == {
-        frozenset({("band", "high"), ("flow", "other")}): 0,
-        frozenset({("band", "low"), ("flow", "other")}): 0,
+        frozenset({("band", "high"), ("flow", "")}): 0,
+        frozenset({("band", "low"), ("flow", "")}): 0,
     }
 
 
