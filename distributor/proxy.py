@@ -701,17 +701,6 @@ class Proxy:
         if util is not None and counted:
             util.sent(backend.index)
         ex.backend = backend
-        left = False
-
-        def leave() -> None:
-            """The backend's part is over (once): its count, and the detector's."""
-            nonlocal left
-            if not left:
-                left = True
-                backend.inflight -= 1
-                if util is not None and counted:
-                    util.finished(backend.index)
-
         resp: aiohttp.ClientResponse | None = None
         try:
             # the path and query as the client sent them, not re-quoted (`?api-version=...` and the like)
@@ -763,7 +752,7 @@ class Proxy:
             if resp.content_type == "text/event-stream" and method != "HEAD" and resp.status not in (204, 304):
                 await self._relay_stream(ex, backend, resp)
             else:
-                await self._relay_body(ex, backend, resp, leave, head_only=method == "HEAD")
+                await self._relay_body(ex, backend, resp, head_only=method == "HEAD")
             return True
         except BaseException:  # the client left (cancelled), the drain ended, or a bug of ours
             if resp is not None:
@@ -772,7 +761,9 @@ class Proxy:
         finally:
             if resp is not None and not resp.closed:
                 resp.release()
-            leave()
+            backend.inflight -= 1
+            if util is not None and counted:
+                util.finished(backend.index)
 
     def _response_headers(self, resp: aiohttp.ClientResponse) -> list[tuple[str, str]]:
         headers = [(k.lower(), v) for k, v in resp.headers.items()]
@@ -780,11 +771,10 @@ class Proxy:
         return [(k, v) for k, v in headers if k not in _DROP_RESPONSE and k not in named]
 
     async def _relay_body(self, ex: Exchange, backend: Backend, resp: aiohttp.ClientResponse,
-                          leave: Callable[[], None], head_only: bool = False) -> None:
+                          head_only: bool = False) -> None:
         """A whole answer: its body with its length, or none where the status has none (1xx, 204, 304:
         RFC 9110 forbids the length on a 204, and on a 304 it would be the 200's) and, to a HEAD, the
-        length the backend gave (a review: `content-length: 0` where the backend said 174). `leave`
-        ends the backend's part, called here before a large body is written (below)."""
+        length the backend gave (a review: `content-length: 0` where the backend said 174)."""
         try:
             data = await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -810,14 +800,6 @@ class Proxy:
         # A large body goes in pieces, each after the client has read enough of the last (as a stream
         # does): written whole, more than write_buffer_limit of it unsent at once dropped a client that
         # was reading at full speed as a slow reader (a review: a 1.5 MB answer cut at 200 KB).
-        # The backend is done with it: its connection, its count and the request's ticket go back now,
-        # not once the client has read it all (a large answer pipelined behind a long stream, or read
-        # slowly, held a place of the budget while no backend was working on it).
-        resp.release()
-        leave()
-        ticket, ex.ticket = ex.ticket, 0
-        if ticket:
-            self.admission.release(ticket, ex.actual)
         conn, slot = ex.conn, ex.slot
         turn = conn.slot_turn(slot)
         if turn is not None:  # behind an answer still in progress: its pieces would pile up unwritten

@@ -1087,29 +1087,11 @@ class Distributor:
 
     async def _drain_then_close(self) -> None:
         deadline = time.monotonic() + self.config.service.drain_timeout
-        while time.monotonic() < deadline:
-            busy = self.ledger.queued_items or self._parked() or self._proxied_running()
-            if not busy and not await self._acceptors_relaying():
-                break
+        while (self.ledger.queued_items or self._parked() or self._proxied_running()) and (
+            time.monotonic() < deadline
+        ):
             await asyncio.sleep(0.02)
         await self.close(why="drain")
-
-    async def _acceptors_relaying(self) -> bool:
-        """Proxy mode with acceptors: an acceptor's proxy still writes an answer whose ticket went back
-        (a large one, read whole from its backend, that its client is still reading): asked of each
-        (its report's `active`), since the distributor holds no ticket for it. Here, `proxy.active`
-        counts it (`_proxied_running`)."""
-        if self.proxy is None or self.acceptors is None:
-            return False
-        answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def then() -> None:
-            if not answered.done():
-                answered.set_result(None)
-
-        self.acceptors.gather_proxy_reports(then)
-        await answered
-        return any(report.active for report in self.proxy.remote.values())
 
     def _proxied_running(self) -> bool:
         """Proxy mode: a proxied request is being relayed, here or in an acceptor (its ticket held)."""
