@@ -26,6 +26,7 @@ from distributor.backends import ERROR_ANSWERS_TO_FAIL, MAX_METRICS_BYTES, Backe
 from distributor.http import HttpLimits, start_http_server
 from distributor.proxy import MAX_PASSTHROUGHS, Proxy
 from flowshard.config import Config, ProxyConfig
+from flowshard.types import Outcome
 from flowshard.utilization import PoolUtilization
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -408,6 +409,70 @@ def test_a_large_answer_behind_a_slow_one_on_the_same_connection_arrives_whole()
             assert sizes[1] == len(big)
 
     run(go(), timeout=60.0)
+
+
+class _BudgetAdmission(_RecordingAdmission):
+    """Dispatches in arrival order within a budget of tickets, as the distributor does."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__()
+        self.budget = budget
+        self.out: set[int] = set()
+        self.waiting: list[tuple[Any, Any, int]] = []
+
+    def admit(self, waiter: Any, cid: Any, *args: Any, **kw: Any) -> int:
+        self._next += 1
+        self.waiting.append((waiter, cid, self._next))
+        asyncio.get_running_loop().call_soon(self._pump)
+        return self._next
+
+    def _pump(self) -> None:
+        while self.waiting and len(self.out) < self.budget:
+            waiter, cid, rid = self.waiting.pop(0)
+            self.out.add(1000 + rid)
+            waiter.deliver(cid, rid, Outcome.DISPATCHED, 1000 + rid, 0.0, 0)
+
+    def release(self, ticket: int, tokens: int = -1) -> bool:
+        assert ticket in self.out, ticket  # exactly once
+        self.out.discard(ticket)
+        asyncio.get_running_loop().call_soon(self._pump)
+        return super().release(ticket, tokens)
+
+
+def test_the_budget_bounds_the_answers_the_proxy_holds_for_a_pipelining_client() -> None:
+    """A whole answer keeps its ticket until it is written to its client, not only until its backend
+    is done with it: that is what bounds the answers the proxy holds in memory. Released as soon as
+    they were read whole (tried in the thirteenth round), a client pipelining 10 large requests
+    behind a stream had all 10 fetched and held while the stream ran, and 30 held +50 MiB in a real
+    service, where the budget had held one (a review)."""
+    big = b'{"object":"embedding","data":"' + b"w" * (1 << 20) + b'"}'
+    served = {"big": 0}
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        doc = await request.json()
+        if doc.get("stream"):
+            return await endless_stream("a", 0.05)(request)
+        served["big"] += 1
+        return web.Response(body=big, content_type="application/json")
+
+    async def go() -> None:
+        async with backend([("POST", "/v1/chat/completions", answer)]) as url:
+            admission = _BudgetAdmission(2)
+            px = Proxy(Config(proxy=ProxyConfig(backends=[url], utilization=False)), admission, lambda: None)
+            await px.start()
+            server = await start_http_server(admission, "127.0.0.1", 0, HttpLimits(), lease=300.0, proxy=px)
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+                writer.write(_post(stream=True) + b"".join(_post(max_tokens=2) for _ in range(10)))
+                await asyncio.sleep(1.5)  # the endless stream heads the connection
+                assert served["big"] == 1 and len(admission.out) == 2 and len(px.active) == 2
+                writer.close()
+                assert await _released(admission, 2, 5.0)  # the client left: both released, once
+            finally:
+                server.close()
+                await px.close()
+
+    run(go(), timeout=30.0)
 
 
 def test_a_backend_resetting_after_done_is_not_counted_as_failing() -> None:
