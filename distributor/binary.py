@@ -367,6 +367,33 @@ class BinaryConnection(asyncio.Protocol):
         else:
             self._reading()
 
+    def eof_received(self) -> bool | None:
+        """The client half-closed: nothing more comes. What it sent before is answered, then FIN, and
+        its lease ends (admissions still queued are cancelled without an answer, tickets released), as
+        in one process, where those answers are decided within the reads before the EOF. Through an
+        acceptor they come a round trip later (`Admission.after`): closed at once, they were dropped,
+        so an admission dispatched at once or a release (applied) went unanswered (a review)."""
+        if self._lost:
+            return None
+        if not self._open:  # a protocol error waits for its answers (`_fail`), or it was dropped
+            return True if self._failing else None
+        self._open = False
+        self._failing = True  # the answers on their way still go out
+        self._admission.after(self._half_closed)
+        return True  # the transport stays open for them (`_half_closed` closes it)
+
+    def _half_closed(self) -> None:
+        self._failing = False
+        if self._lost:
+            return
+        self._end_lease()
+        self._flush()
+        transport = self._transport
+        if transport is not None and not unsent(transport):
+            transport.close()
+        else:  # the client has not read them all yet: FIN after them, reset past close_timeout
+            self._close()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._open = False
         if self._timer is not None:

@@ -462,7 +462,7 @@ def test_the_budget_bounds_the_answers_the_proxy_holds_for_a_pipelining_client()
             await px.start()
             server = await start_http_server(admission, "127.0.0.1", 0, HttpLimits(), lease=300.0, proxy=px)
             try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+                _reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
                 writer.write(_post(stream=True) + b"".join(_post(max_tokens=2) for _ in range(10)))
                 await asyncio.sleep(1.5)  # the endless stream heads the connection
                 assert served["big"] == 1 and len(admission.out) == 2 and len(px.active) == 2

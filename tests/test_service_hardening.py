@@ -328,3 +328,51 @@ def test_a_client_flooding_requests_answered_at_once_without_reading_is_dropped_
         assert actions == {"slow_reader": 1, "header_timeout": 0, "close_timeout": 0}, (actions, sent)
 
     run(main())
+
+
+@pytest.mark.parametrize("acceptors", [0, 2])
+def test_a_binary_client_that_half_closes_gets_the_answers_decided_before_its_eof(launch: Any, acceptors: int) -> None:
+    """Admit (dispatched at once) then EOF; Release then EOF: the Result and the Released come, then
+    FIN, in both modes. Through acceptors the answers come a round trip after the EOF, and the
+    connection was closed at the EOF: both were dropped (a review), the release applied unanswered.
+    Its queued admission is cancelled without an answer, and its ticket released with the lease."""
+    from flowshard.codec import Release, Released, Result
+
+    svc = launch(shards=2, acceptors=acceptors, budget=1)
+
+    async def half_closed(*messages: Any) -> list[Any]:
+        r, w = await asyncio.open_connection(svc.host, svc.binary_port)
+        fw = FrameWriter()
+        for m in messages:
+            fw.add(m)
+        w.write(fw.take())
+        w.write_eof()
+        frames = FrameReader(ToClient).feed(await asyncio.wait_for(r.read(), 5))  # up to the FIN
+        w.close()
+        return frames
+
+    async def scenario() -> None:
+        r, w = await asyncio.open_connection(svc.host, svc.binary_port)  # holds the budget's one ticket
+        fw = FrameWriter()
+        fw.add(Admit(7, "held"))
+        w.write(fw.take())
+        reader = FrameReader(ToClient)
+        held: list[Any] = []
+        while not held:
+            held = reader.feed(await asyncio.wait_for(r.read(4096), 5))
+        ticket = held[0].ticket
+        assert type(held[0]) is Result and ticket
+        # released from another connection, which then half-closes: answered, true
+        assert await half_closed(Release(ticket)) == [Released(ticket, True)]
+        # dispatched at once (the budget is free again), the next one queued behind it: cancelled unanswered
+        [first] = await half_closed(Admit(1, "a"), Admit(2, "b"))
+        assert type(first) is Result and first.id == 1 and first.outcome == 0 and first.ticket, first
+        w.close()
+
+    asyncio.run(scenario())
+    deadline = time.monotonic() + 5
+    while (s := svc.stats())["totals"]["inflight"] and time.monotonic() < deadline:  # a's lease ended at its FIN
+        time.sleep(0.02)
+    assert s["totals"]["inflight"] == 0 and s["totals"]["pending"] == 0
+    outcomes = {k: v for k, v in s["bands"][0]["outcomes"].items() if v}
+    assert outcomes == {"dispatched": 2, "evicted:cancelled": 1}, outcomes
