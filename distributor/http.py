@@ -113,7 +113,8 @@ class HttpLimits(msgspec.Struct, frozen=True, kw_only=True):
 _REASONS: Final = {
     100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
     408: "Request Timeout", 413: "Content Too Large", 422: "Unprocessable Content", 429: "Too Many Requests",
-    431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
+    503: "Service Unavailable",
 }
 _JSON_CT: Final = b"content-type: application/json\r\n"
 _HEAD: Final = {code: b"HTTP/1.1 %d %s\r\n" % (code, reason.encode()) + _JSON_CT for code, reason in _REASONS.items()}
@@ -358,6 +359,7 @@ class HttpConnection(asyncio.Protocol):
         self._body = bytearray()
         self._clen = -1
         self._chunked = False
+        self._coding = b""  # a transfer coding other than chunked (501: it is not decoded)
         self._in_body = False  # the head is complete: a header now is a trailer
         self._ka_header = False
         self._expect = False
@@ -750,6 +752,8 @@ class HttpConnection(asyncio.Protocol):
             self._expect = value.lower() == b"100-continue"
         elif n == 17 and name.lower() == b"transfer-encoding":
             self._chunked = True  # llhttp accepts a request's Transfer-Encoding only when it ends in chunked
+            if value.strip().lower() != b"chunked":  # ... but a coding before it would go undecoded
+                self._coding = value
 
     def on_headers_complete(self) -> None:
         self._head_raw = _NOT_IN_HEAD
@@ -769,6 +773,13 @@ class HttpConnection(asyncio.Protocol):
                     503, "too many connections, retry later", _CONN_CLOSE, b"retry-after: 1\r\n", path=path)
                 self._respond(too_many, _LINGER)
                 raise _Stop
+        if self._coding:  # RFC 9112 6.1: a coding the server does not understand is a 501
+            self._msg_at = 0.0
+            self._sh.guards.hit("http", "malformed")
+            coding = self._coding.decode("latin-1")[:100]
+            self._respond(self._error_for(501, f"transfer-encoding: {coding!r}: only chunked is supported",
+                                          _CONN_CLOSE), _LINGER)
+            raise _Stop
         self._in_body = True
         proxy = self._sh.proxy
         if proxy is not None:
@@ -814,6 +825,7 @@ class HttpConnection(asyncio.Protocol):
         self._head_bytes = 0
         self._clen = -1
         self._chunked = self._ka_header = self._expect = False
+        self._coding = b""
         route = _ROUTES.get(url)  # the usual URL has no query string: no search for one (measured)
         if route is None:
             q = url.find(b"?")
