@@ -64,6 +64,7 @@ from flowshard.codec import (
     LinkReleased,
     LinkState,
     LinkStop,
+    LinkUnclaimed,
     Result,
     Shutdown,
 )
@@ -200,6 +201,10 @@ class AcceptorLink(asyncio.Protocol):
         elif kind is LinkProxyReport:
             if svc.acceptors is not None:
                 svc.acceptors.proxy_report(self, msg.key, msg.body)
+        elif kind is LinkUnclaimed:
+            if self.proxied:
+                self._proxied_released(msg.ticket)
+            svc.unclaim(msg.ticket)
         elif kind is LinkCancel:
             self.proxied_keys.discard(msg.key)
             request_id = pending.pop(msg.key, _NOT_YET)

@@ -96,6 +96,11 @@ class Admission(Protocol):
         """Free a dispatched request's ticket. False for unknown or already released tickets.
         `tokens` >= 0: the request's actual cost, to correct its flow's fairness charge."""
 
+    def unclaim(self, ticket: int) -> None:
+        """Free the ticket of a dispatch whose client had gone before its answer could be written (it
+        is answered `evicted: cancelled`): counted unclaimed, as a dispatch its client left during,
+        not as a release."""
+
     def release_then(
         self, ticket: int, tokens: int, done: Callable[[int, bool], None],
         failed: Callable[[str], None] | None = None,

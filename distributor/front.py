@@ -76,6 +76,7 @@ from flowshard.codec import (
     LinkReleased,
     LinkState,
     LinkStop,
+    LinkUnclaimed,
     Result,
     Shutdown,
     ToAcceptor,
@@ -252,7 +253,7 @@ class Upstream(asyncio.Protocol):
         entry = self._admissions.pop(msg.id, None)
         if entry is None:  # cancelled: its client went away; a dispatch that raced with it is released
             if msg.ticket:
-                self.send(LinkRelease(msg.ticket))
+                self.send(LinkUnclaimed(msg.ticket))
             return
         waiter, cid, leased = entry
         audit = None
@@ -293,6 +294,10 @@ class Upstream(asyncio.Protocol):
     def cancel(self, request_id: int) -> None:
         if self._admissions.pop(request_id, None) is not None:
             self.send(LinkCancel(request_id))
+
+    def unclaim(self, ticket: int) -> None:
+        self._disown(ticket)
+        self.send(LinkUnclaimed(ticket))
 
     def release(self, ticket: int, tokens: int = -1) -> bool:
         """Sent, not answered: True means only that the release is on its way (use release_then)."""

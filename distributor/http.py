@@ -515,7 +515,7 @@ class HttpConnection(asyncio.Protocol):
                 elif slot.ticket:  # dispatched, its answer not yet written (behind one still on its way)
                     ticket, slot.ticket = slot.ticket, 0
                     slot.data = _cancelled(slot.conn)
-                    admission.release(ticket)
+                    admission.unclaim(ticket)  # (answered cancelled: not counted as a ticket released)
             except Exception:
                 log.exception("settling admission %s (ticket %s) at EOF failed", slot.rid, slot.ticket)
         if cut < len(q):

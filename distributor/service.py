@@ -327,6 +327,11 @@ class Distributor:
             self._loop.call_soon(self._end_pass)
         return True
 
+    def unclaim(self, ticket: int) -> None:
+        if self.release(ticket):
+            self.counters["tickets_released"] -= 1
+            self.counters["dispatches_unclaimed"] += 1  # (so dispatched = tickets issued + these)
+
     def release_then(
         self, ticket: int, tokens: int, done: Callable[[int, bool], None],
         failed: Callable[[str], None] | None = None,

@@ -273,6 +273,14 @@ class LinkCancel(msgspec.Struct, tag=21, array_like=True, gc=False):
     key: int
 
 
+class LinkUnclaimed(msgspec.Struct, tag=35, array_like=True, gc=False):
+    """Acceptor -> distributor: `ticket`, a dispatch whose client had gone (its admission cancelled
+    as it was dispatched, or its answer cut by the client's EOF), is released unclaimed
+    (Admission.unclaim)."""
+
+    ticket: int
+
+
 class LinkRelease(msgspec.Struct, tag=22, array_like=True, gc=False):
     """Acceptor -> distributor: release `ticket`; `key` > 0 asks for a `LinkReleased` answer."""
 
@@ -389,7 +397,7 @@ FromWorker = Done | GrantBack | Hello
 FromClient = Admit | Release
 ToClient = Result | Error | Released | Audited
 FromAcceptor = (LinkAdmit | LinkCancel | LinkRelease | LinkQuery | LinkGuard | LinkConns | LinkDelivered | Hello
-                | LinkBackends | LinkProxyReport)
+                | LinkBackends | LinkProxyReport | LinkUnclaimed)
 ToAcceptor = (Result | Audited | Error | LinkReleased | LinkAnswer | LinkState | Shutdown | LinkProxyAsk | LinkStop
               | LinkBackendHealth)
 
