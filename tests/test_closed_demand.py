@@ -64,7 +64,8 @@ def _log(rows: list[tuple[Any, ...]]) -> dict[str, np.ndarray]:
     n = len(rows)
     given = {"flow": cols[0], "intended": cols[1], "sent": cols[1], "done": cols[2], "outcome": cols[3],
              "wait": cols[4], "service": cols[5], "s_recv": cols[6], "s_enq": cols[7], "s_disp": cols[8],
-             "size": [1000] * n, "tokens": [0] * n, "seq": [-1] * n, "shard": [0] * n}
+             "size": [1000] * n, "tokens": [0] * n, "seq": [-1] * n, "shard": [0] * n,
+             "released": [math.nan] * n}  # (not released in the log: no timer lateness)
     return {name: np.asarray(given[name], dtype=_DTYPES[code]) for name, code in LOG_COLUMNS.items()}
 
 
