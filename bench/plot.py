@@ -169,7 +169,8 @@ def _latency(ax: Any, labels: list[str], aggs: list[dict[str, Any]]) -> None:
             many = stat.get("n", 1) > 1 and stat["min"] != stat["max"]
             err = [[med - stat["min"] / 1000], [stat["max"] / 1000 - med]] if many else None
             ax.bar(x, med, width, yerr=err, capsize=3, color=f"C{k}", label=name if i == 0 else None)
-            ax.text(x, stat["max"] / 1000 if many else med, _ms(med), ha="center", va="bottom", fontsize=8)
+            mark = "≥ " if stat.get("lower_bound") else ""  # (among requests unanswered at the end, as the table says)
+            ax.text(x, stat["max"] / 1000 if many else med, mark + _ms(med), ha="center", va="bottom", fontsize=8)
             top = max(top, stat["max"] / 1000)
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, fontsize=9)

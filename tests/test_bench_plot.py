@@ -116,3 +116,14 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     path = tmp_path / "p.png"
     message = bench_plot.plot(str(path), {"configs": [config], "runs": {config: [_run(100.0, 2000.0, [1.0, 3.0])]}})
     assert message == f"plot: written to {path}" and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_latency_that_is_a_lower_bound_is_marked_as_in_the_table() -> None:
+    """A review: the table prints a percentile that falls among requests still unanswered at the end as
+    "≥ X"; the plot printed it as X."""
+    fig, ax = plt.subplots()
+    stat = {"median": 30_000.0, "min": 30_000.0, "max": 30_000.0, "n": 1}
+    figures = {"latency p50 µs": dict(stat), "latency p99 µs": {**stat, "lower_bound": True}}
+    bench_plot._latency(ax, ["shards=1"], [figures])
+    assert [t.get_text() for t in ax.texts] == ["30 ms", "≥ 30 ms"]
+    plt.close(fig)
