@@ -537,15 +537,15 @@ class Distributor:
             if leased:  # HTTP: held until released or the lease ends, whatever becomes of the connection
                 deadline = _monotonic() + self._lease
                 tickets[ticket] = Ticket(ticket, size, waiter, deadline, p.shard, p.flow, p.payload[0],
-                                         p.tokens or size, None, p.weight)
+                                         p.tokens or size or 1, None, p.weight)
                 self.leases[ticket] = deadline
             else:  # binary: the connection is the lease (release_all when it closes)
                 owned = self._owned.get(waiter)
                 if owned is None:
                     owned = self._owned[waiter] = set()
                 owned.add(ticket)
-                tickets[ticket] = Ticket(ticket, size, waiter, _INF, p.shard, p.flow, p.payload[0], p.tokens or size,
-                                         owned, p.weight)
+                tickets[ticket] = Ticket(ticket, size, waiter, _INF, p.shard, p.flow, p.payload[0],
+                                         p.tokens or size or 1, owned, p.weight)
         elif outcome != _CANCELLED:
             retry = self.retry[p.band]
             retry_after = retry.rejected(_monotonic()) if outcome == _REJECTED_CAPACITY else retry.value

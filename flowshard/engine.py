@@ -149,7 +149,8 @@ class Engine:
         deadline = arrived + ttl if ttl > 0 else _INF
         seq = self._seq
         self._seq = seq + 1
-        cost = request.tokens or size
+        cost = request.tokens or size or 1  # (vtc: a request that declares nothing still costs 1, as the
+        # ledger charges it: at 0 its flow's counter never grew, and it starved every flow that declared)
         key = band.ordering.key(request, seq, arrived, deadline)
         item = Item(request, flow, band.index, seq, key, now, deadline, cost)
         if self.shutting_down:

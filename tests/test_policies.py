@@ -64,7 +64,7 @@ def test_registry():
     assert set(FAIRNESS) == set(FAIRNESS_NAMES)
     for name, cls in FAIRNESS.items():
         assert cls.name == name
-        assert cls.tracks_heads is (cls is GlobalFcfs)
+        assert cls.tracks_heads is (cls in (GlobalFcfs, DeficitRoundRobin))  # (drr: a parked flow's head)
         assert cls(100).pick() is None
 
 
@@ -428,19 +428,6 @@ def test_policies_only_see_active_flows():
 # ---------------------------------------------------------------------------------------- drr's empty rounds
 
 
-def _old_drr_pick(policy: DeficitRoundRobin):  # type: ignore[no-untyped-def]
-    """DRR's pick as it was: one top-up per flow per round until a head fits (the reference)."""
-    ring = policy._ring
-    while ring:
-        flow = next(iter(ring))
-        size = flow.queue.peek().request.size
-        if flow.deficit >= size:
-            return flow
-        flow.deficit += policy._quantum * flow.weight
-        ring.move_to_end(flow)
-    return None
-
-
 @pytest.mark.parametrize("weight", [1e-7, 1e-300, 5e-324])
 def test_drr_a_tiny_weight_does_not_stop_the_shard(weight: float) -> None:
     """Review 2026-12-05 (D2): a request with weight 1e-300 under drr looped in the shard's pick until
@@ -460,32 +447,56 @@ def test_drr_a_tiny_weight_does_not_stop_the_shard(weight: float) -> None:
     assert time.process_time() - t0 < 0.5
 
 
+def _classic_drr(flows: list[tuple[float, list[int]]], quantum: int) -> list[tuple[int, int]]:
+    """Shreedhar & Varghese's DRR, round by round, every queue there from the start (the reference):
+    each round a flow gets `quantum * weight` more and sends while its head fits; one that empties
+    leaves. The picks as (flow, size)."""
+    queues = [list(sizes) for _, sizes in flows]
+    deficit = [0.0] * len(flows)
+    active = [f for f, q in enumerate(queues) if q]
+    out: list[tuple[int, int]] = []
+    while active:
+        for f in list(active):
+            deficit[f] += quantum * flows[f][0]
+            while queues[f] and deficit[f] >= queues[f][0]:
+                size = queues[f].pop(0)
+                deficit[f] -= max(size, 1)
+                out.append((f, size))
+            if not queues[f]:
+                deficit[f] = 0.0
+                active.remove(f)
+    return out
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     weights=st.lists(st.sampled_from([1 / 64, 0.125, 0.25, 0.75, 1.0, 2.5]), min_size=1, max_size=5),
     sizes=st.lists(st.integers(1, 5000), min_size=1, max_size=40),
     quantum=st.sampled_from([1, 7, 100, 500]),
 )
-def test_drr_skipping_empty_rounds_picks_as_one_round_at_a_time(
+def test_drr_parking_heads_for_their_rounds_serves_as_round_by_round_drr(
     weights: list[float], sizes: list[int], quantum: int,
 ) -> None:
-    """The same picks, in the same order, as the round-by-round DRR (weights and a fixed quantum that
-    make many empty rounds; weights exact in binary floating point, so both sum exactly: with 0.01,
-    102,600 additions and one multiplication round differently, and two flows that tie in exact
-    arithmetic may go in either order)."""
-    def run(pick_old: bool) -> list[str]:
-        engine = make_engine([{"priority": 0, "fairness": "drr", "quantum": quantum}], max_inflight_requests=None)
-        ids = Ids()
-        for k, size in enumerate(sizes):
-            f = k % len(weights)
-            submit(engine, ids, f"f{f}", size=size, weight=weights[f])
-        policy = engine.bands[0].fairness
-        assert isinstance(policy, DeficitRoundRobin)
-        if pick_old:
-            policy.pick = lambda: _old_drr_pick(policy)  # type: ignore[method-assign]
-        return [item.request.flow for item in drain(engine)]
-
-    assert run(False) == run(True)
+    """A head that needs many rounds is parked until its round, not visited in each (weights and a
+    fixed quantum that make many such rounds; weights exact in binary floating point). The same
+    requests go in the same rounds as the round-by-round DRR; within a round a woken flow may go after
+    others that the reference puts after it, so at any point of the sequence a flow is at most one
+    turn (its weight's quantum and a request) ahead or behind."""
+    flows = [(weights[f], sizes[f::len(weights)]) for f in range(len(weights))]
+    engine = make_engine([{"priority": 0, "fairness": "drr", "quantum": quantum}], max_inflight_requests=None)
+    ids = Ids()
+    for k, size in enumerate(sizes):
+        f = k % len(weights)
+        submit(engine, ids, f"f{f}", size=size, weight=weights[f])
+    got = [(int(item.request.flow[1:]), item.request.size) for item in drain(engine)]
+    want = _classic_drr(flows, quantum)
+    assert sorted(got) == sorted(want)
+    served_got, served_want = [0] * len(flows), [0] * len(flows)
+    for (f, size), (g, other) in zip(got, want, strict=True):
+        served_got[f] += size
+        served_want[g] += other
+        for h, (w, _) in enumerate(flows):
+            assert abs(served_got[h] - served_want[h]) <= quantum * w + max(sizes), (h, got, want)
 
 
 def test_drr_the_simulator_finishes_with_a_tiny_weight_alone_in_its_band() -> None:
@@ -512,3 +523,16 @@ arrival = { kind = "poisson", rate = 10 }
 """)
     report = simulate(scenario)
     assert report.totals.counts.dispatched == 10
+
+
+def test_vtc_a_request_that_declares_no_size_or_tokens_still_costs_1() -> None:
+    """At 0 its flow's counter never grew, so a flow of such requests took every turn from flows that
+    declared theirs (a review: 0 dispatches for a 2-client flow of 1,000-byte requests next to a
+    16-client one of undeclared ones; the ledger already charged them 1). Now each costs 1: byte-fair,
+    so the declared flow gets one dispatch per 1,000 of the other's, where it got none."""
+    from fairsim import FlowSpec, run
+
+    engine = make_engine([{"priority": 0, "fairness": "vtc"}], max_inflight_requests=4, default_ttl=0)
+    served = run(engine, [FlowSpec("undeclared", clients=16, size=0), FlowSpec("declared", clients=2, size=1000)],
+                 duration=30.0, service=0.01).served(5.0, 30.0)
+    assert 5 <= served.get("declared", 0) <= 0.002 * served["undeclared"], served
