@@ -141,7 +141,8 @@ class BinaryConnection(asyncio.Protocol):
     """
 
     __slots__ = (
-        "_admission", "_asked", "_awaiting", "_closing_at", "_counted", "_covered", "_discarded", "_ended", "_failing",
+        "_admission", "_asked", "_awaiting", "_closing_at", "_counted", "_covered", "_discarded", "_ended", "_eof_wait",
+        "_failing",
         "_flush_scheduled", "_frame_at", "_fresh", "_hub", "_input_held", "_last_id", "_lost", "_max_inflight", "_open",
         "_out", "_pending", "_reader", "_stalled_at", "_sure", "_timer", "_transport", "_verdict",
     )
@@ -166,6 +167,7 @@ class BinaryConnection(asyncio.Protocol):
         self._frame_at = 0.0  # loop time the incomplete frame now held began; 0.0: none
         self._stalled_at = 0.0  # loop time replies went over write_high unread; 0.0: they did not
         self._closing_at = 0.0  # loop time a close began that waits for the client to read; 0.0: none
+        self._eof_wait: asyncio.TimerHandle | None = None  # the client's EOF: how long its answers may take
         self._input_held = False  # complete frames kept unread in the reader while replies wait
         # Releases read whose answers have not come yet (never more than for a moment in the
         # distributor's process; a round trip with acceptors): replies waiting as much as those unsent
@@ -380,10 +382,27 @@ class BinaryConnection(asyncio.Protocol):
         self._open = False
         self._failing = True  # the answers on their way still go out
         self._admission.after(self._half_closed)
+        if self._failing:  # (through an acceptor: a round trip) bounded, as HTTP's wait after an EOF is
+            self._eof_wait = self._hub.loop.call_later(self._hub.limits.close_timeout, self._half_close_stuck)
         return True  # the transport stays open for them (`_half_closed` closes it)
+
+    def _half_close_stuck(self) -> None:
+        """The answers to what came before the EOF did not come within close_timeout: the distributor or
+        the link is stuck. Reset (not a FIN that would look complete) and end the lease, rather than hold
+        the connection for as long as it stays stuck (a review)."""
+        self._eof_wait = None
+        if self._failing and not self._lost:
+            self._failing = False
+            self._hub.guards.hit("binary", "close_timeout")
+            if self._transport is not None:
+                reset(self._transport)
+            self._end_lease()
 
     def _half_closed(self) -> None:
         self._failing = False
+        if self._eof_wait is not None:
+            self._eof_wait.cancel()
+            self._eof_wait = None
         if self._lost:
             return
         self._end_lease()

@@ -579,8 +579,8 @@ class HttpConnection(asyncio.Protocol):
                 elif slot.data is None:
                     if slot.rid is not None:
                         admission.cancel(slot.rid)
-                elif slot.ticket:
-                    admission.release(slot.ticket)
+                elif slot.ticket:  # dispatched, its answer never written: its client never had it
+                    admission.unclaim(slot.ticket)
             except Exception:
                 log.exception("settling admission %s (ticket %s) failed", slot.rid, slot.ticket)
 

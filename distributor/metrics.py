@@ -446,7 +446,8 @@ class FlowshardCollector(Collector):
         )
         yield _counter(
             "flowshard_dispatches_unclaimed",
-            "Dispatches decided as their client left (cancelled while being dispatched): no ticket, budget freed.",
+            "Dispatches whose client had gone before their answer (cancelled while being dispatched, or an answer "
+            "cut by the client's leaving): budget freed at once, not counted as a ticket released.",
             d.counters["dispatches_unclaimed"],
         )
         yield _gauge("flowshard_flow_slots_used", "Shared-memory flow slots owned by a flow.", len(d.slots))

@@ -714,6 +714,7 @@ class _RecordingAdmission(_FailingAdmission):
 
     def __init__(self) -> None:
         self.released: list[tuple[int, int]] = []
+        self.unclaimed: list[int] = []  # released as never forwarded: the client left first
         self._next = 0
 
     def admit(self, waiter: Any, cid: Any, *args: Any, **kw: Any) -> int:
@@ -725,6 +726,9 @@ class _RecordingAdmission(_FailingAdmission):
     def release(self, ticket: int, tokens: int = -1) -> bool:
         self.released.append((ticket, tokens))
         return True
+
+    def unclaim(self, ticket: int) -> None:
+        self.unclaimed.append(ticket)
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -438,6 +438,11 @@ class _BudgetAdmission(_RecordingAdmission):
         asyncio.get_running_loop().call_soon(self._pump)
         return super().release(ticket, tokens)
 
+    def unclaim(self, ticket: int) -> None:
+        self.release(ticket)
+        self.released.pop()
+        self.unclaimed.append(ticket)
+
 
 def test_the_budget_bounds_the_answers_the_proxy_holds_for_a_pipelining_client() -> None:
     """A whole answer keeps its ticket until it is written to its client, not only until its backend
