@@ -162,6 +162,7 @@ class Engine:
         # one, which stayed with the flow only while the shard remembered it (two reviews: a client's
         # share went from 4x to 1x as other tenants' new flows pushed its flow out)
         weight = request.weight
+        was_weight = flow.weight
         flow.weight = weight if weight > 0 else flow.configured
         self._items[request.id] = item
         newest = band.newest
@@ -183,8 +184,8 @@ class Engine:
         if was_idle:
             self._idle.pop(flow, None)
             band.fairness.activate(flow)
-        elif band.fairness.tracks_heads and queue.peek() is item:
-            band.fairness.head_changed(flow)
+        elif band.fairness.tracks_heads and (queue.peek() is item or flow.weight != was_weight):
+            band.fairness.head_changed(flow)  # (drr: a parked flow is woken by a new head or weight)
         if deadline != _INF:
             self._timed += 1
             heapq.heappush(self._expiry, (deadline, seq, item))

@@ -536,3 +536,65 @@ def test_vtc_a_request_that_declares_no_size_or_tokens_still_costs_1() -> None:
     served = run(engine, [FlowSpec("undeclared", clients=16, size=0), FlowSpec("declared", clients=2, size=1000)],
                  duration=30.0, service=0.01).served(5.0, 30.0)
     assert 5 <= served.get("declared", 0) <= 0.002 * served["undeclared"], served
+
+
+def test_drr_a_parked_flow_whose_weight_changes_is_woken_and_credited_at_its_old_weight() -> None:
+    """A review: a flow parked at weight 1e-6 (a million rounds to go) stayed parked after its requests
+    came at weight 1, and with its head cancelled it was credited those rounds at the new weight and
+    sent 998 requests in a row. Now the new weight wakes it, and the rounds it sat out count at the old:
+    the two flows alternate, as round-by-round DRR has them."""
+    from flowshard.types import Request
+
+    engine = make_engine([{"priority": 0, "fairness": "drr", "quantum": 1000}], max_inflight_requests=None)
+    rid = 0
+
+    def add(flow: str, weight: float = 0.0) -> None:
+        nonlocal rid
+        rid += 1
+        engine.submit(Request(rid, flow, size=1000, weight=weight), 0.0)
+
+    for _ in range(4000):
+        add("fast")
+    add("slow", 1e-6)
+    for _ in range(1000):
+        engine.dispatch(0.0)
+    for _ in range(2000):
+        add("slow", 1.0)
+    order = "".join(engine.dispatch(0.0).request.flow[0] for _ in range(3000))
+    assert "ss" not in order and order.count("s") >= 1400, order[:80]
+
+
+def test_drr_a_huge_request_at_a_tiny_weight_does_not_jump_the_queue() -> None:
+    """More top-ups than are counted (a weight near 0): it went next (a review: a 2 MB request at
+    weight 1e-6 beside a weight-1e6 flow was dispatched second); now it waits for the others to be
+    gone, as its weight says, and goes once it is alone."""
+    from flowshard.types import Request
+
+    engine = make_engine([{"priority": 0, "fairness": "drr"}], max_inflight_requests=None, max_queued_bytes=None)
+    for i in range(1, 2001):
+        engine.submit(Request(i, "huge-weight", size=1, weight=1e6), 0.0)
+    assert engine.dispatch(0.0).request.flow == "huge-weight"  # (the quantum: 1e-6 a turn)
+    engine.submit(Request(5000, "tiny-weight", size=2_000_000, weight=1e-6), 0.0)
+    order = [engine.dispatch(0.0).request.flow for _ in range(2000)]
+    assert order[:1999] == ["huge-weight"] * 1999 and order[1999] == "tiny-weight"
+
+
+def test_drr_the_parked_heap_drops_the_entries_of_flows_that_left() -> None:
+    """A review: 20,000 throw-away flows, each with one parked head then cancelled, left 20,000 heap
+    entries (and their queues) alive until their rounds, maybe a million rounds away."""
+    from flowshard.types import Request
+
+    engine = make_engine([{"priority": 0, "fairness": "drr", "quantum": 1000}], max_inflight_requests=None)
+    policy = engine.bands[0].fairness
+    assert isinstance(policy, DeficitRoundRobin)
+    for i in range(50):
+        engine.submit(Request(i + 1, "steady", size=1000), 0.0)
+    rid = 100
+    for i in range(5000):
+        rid += 1
+        engine.submit(Request(rid, f"gone-{i}", size=100_000), 0.0)
+        engine.dispatch(0.0)  # ("steady" goes; the new flow is visited once and parked)
+        engine.cancel(rid, 0.0)
+        rid += 1
+        engine.submit(Request(rid, "steady", size=1000), 0.0)
+    assert len(policy._parked) <= 2 * len(policy._parked_at) + 64
