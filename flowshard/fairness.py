@@ -187,8 +187,9 @@ class DeficitRoundRobin(_Memoryless):
             self._compact()
 
     def _unpark(self, flow: FlowQueue, parked: _Parked) -> None:
-        stamp = self._tail()
-        flow.deficit += min(parked.ups, max(0, stamp - parked.since - 1)) * parked.topup
+        stamp = max(self._tail(), parked.since + 1)  # (not back in the round it was parked in: a second
+        # turn there, with a second top-up; a review)
+        flow.deficit += min(parked.ups, stamp - parked.since - 1) * parked.topup
         self._ring[flow] = stamp
 
     def _compact(self) -> None:
@@ -201,13 +202,13 @@ class DeficitRoundRobin(_Memoryless):
             heapq.heapify(self._parked)
 
     def _requantum(self, quantum: float) -> None:
-        """A new quantum. One that grew leaves the flows parked before it waiting for more rounds than
-        they need (their rounds were counted at the old one): they are woken a few a pick (with the
-        top-ups of the rounds they sat out, at the old) and parked again at the new; all at once, one
-        pick walked 20,000 of them (a review: 33 ms). One that shrank lets them wake early: they are
-        parked again when they do not fit."""
+        """A new quantum: the flows parked before it had their rounds counted, and their top-ups sized,
+        at the old one (grown, they would wait for rounds they no longer need; shrunk, they would be
+        paid the old top-up for every round until their due one: a 20 MB head got 17 times its share,
+        a review). They are woken a few a pick, with the top-ups of the rounds they sat out at the old,
+        and parked again at the new; all at once, one pick walked 20,000 of them (a review: 33 ms)."""
         old, self._quantum = self._quantum, quantum
-        if quantum > old and self._parked_at:
+        if quantum != old and self._parked_at:
             self._regrown = list(self._parked_at)
 
     def _rewake(self) -> None:
@@ -228,20 +229,26 @@ class DeficitRoundRobin(_Memoryless):
         ring = self._ring
         return next(reversed(ring.values())) if ring else self._round
 
+    def _earliest(self) -> int | None:
+        """The round the earliest parked flow fits in (stale entries dropped), or None."""
+        parked, at = self._parked, self._parked_at
+        while parked:
+            top = at.get(parked[0][2])
+            if top is not None and top.seq == parked[0][1]:
+                return parked[0][0]
+            heapq.heappop(parked)  # (stale)
+        return None
+
     def _wake(self) -> None:
         """Parked flows whose round is next (or, with the ring empty, the earliest) join its back."""
         parked, at, ring = self._parked, self._parked_at, self._ring
         if ring:
             now = next(iter(ring.values()))
         else:
-            while parked:
-                top = at.get(parked[0][2])
-                if top is not None and top.seq == parked[0][1]:
-                    break
-                heapq.heappop(parked)  # (stale)
-            if not parked:
+            earliest = self._earliest()
+            if earliest is None:
                 return
-            now = max(self._round, parked[0][0] - 1)  # nothing in the ring: the rounds between pass at once
+            now = max(self._round, earliest - 1)  # nothing in the ring: the rounds between pass at once
         self._round = now
         woken = 0
         while parked and parked[0][0] <= now + 1 and woken < _REWAKE_AT_ONCE:
@@ -286,7 +293,10 @@ class DeficitRoundRobin(_Memoryless):
                 continue
             del ring[flow]
             if need > _MAX_PARK:  # a weight near 0: more rounds than are counted
-                if not ring and not self._parked_at:  # alone: nobody waits behind it, it goes
+                earliest = self._earliest()
+                if not ring and (earliest is None or earliest - stamp > _MAX_PARK):
+                    # nobody counted waits behind it (only others like it, if any): it goes; parked
+                    # again and again instead, a few such heads took a million wakes in one pick
                     flow.deficit = size
                     ring[flow] = stamp + 1
                     continue
