@@ -422,12 +422,11 @@ class Exchange:
                 self.conn.slot_respond(self.slot, error_response(500, "flowshard: internal error", "server_error",
                                                                  "internal_error", None, self.conn_hdr))
         ticket, self.ticket = self.ticket, 0
-        if not ticket:
-            pass
-        elif self.gone and self.backend is None:  # its client left before any backend had it
-            proxy.admission.unclaim(ticket)
-        else:  # with the actual usage, so vtc charges what was served, not the estimate
-            proxy.admission.release(ticket, self.actual)
+        if ticket:
+            if self.gone and self.backend is None:  # its client left before any backend had it
+                proxy.admission.unclaim(ticket)
+            else:  # with the actual usage, so vtc charges what was served, not the estimate
+                proxy.admission.release(ticket, self.actual)
 
 
 class Proxy:

@@ -294,7 +294,7 @@ class Distributor:
             self._finish(p, Outcome.EVICTED_CANCELLED, 0.0)
             self._unblock(p)  # (if it was its flow's parked request, those held behind it go)
 
-    def release(self, ticket: int, tokens: int = -1) -> bool:
+    def release(self, ticket: int, tokens: int = -1, counted: str = "tickets_released") -> bool:
         held = self.tickets.pop(ticket, None)
         if held is None:
             return False
@@ -320,7 +320,7 @@ class Distributor:
             raise ValueError("release without a matching dispatch")
         budget.inflight -= 1
         budget.inflight_bytes -= size
-        self.counters["tickets_released"] += 1
+        self.counters[counted] += 1
         self._plan_needed = True  # (`_schedule_plan`, inline: once per request)
         if not self._pass_scheduled and self._loop is not None:
             self._pass_scheduled = True
@@ -328,9 +328,7 @@ class Distributor:
         return True
 
     def unclaim(self, ticket: int) -> None:
-        if self.release(ticket):
-            self.counters["tickets_released"] -= 1
-            self.counters["dispatches_unclaimed"] += 1  # (so dispatched = tickets issued + these)
+        self.release(ticket, counted="dispatches_unclaimed")  # (so dispatched = tickets issued + these)
 
     def release_then(
         self, ticket: int, tokens: int, done: Callable[[int, bool], None],
