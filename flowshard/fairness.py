@@ -22,9 +22,9 @@ _heapreplace = heapq.heapreplace
 _COMPACT_SLACK = 64
 _EPOCH = 1024  # adaptive DRR: dispatches per epoch of the quantum's size memory (its median, once an epoch)
 _PARK_AFTER = 3  # DRR: a head needing more top-ups than this waits for its round parked, not visited in each
-_REWAKE = 64  # DRR: flows parked before the quantum grew, woken a pick
+_REWAKE = 64  # DRR: flows parked before the quantum changed, woken a pick
 _REWAKE_AT_ONCE = 256  # DRR: parked flows whose round has come, woken a pick at most
-_MAX_PARK = float(1 << 60)  # DRR: top-ups beyond this (a weight near 0) are not counted: the flow goes next
+_MAX_PARK = float(1 << 60)  # DRR: top-ups beyond this (a weight near 0) are not counted: it waits for the rest
 
 
 class Fairness(Protocol):
@@ -117,7 +117,8 @@ class DeficitRoundRobin(_Memoryless):
 
     Rounds are counted, so a head that needs many top-ups does not cost a visit in each of those
     rounds: a flow whose head will not fit for m more rounds is parked until the round it fits in and
-    given the m top-ups then (at the quantum of that time), the same turns as visiting it every round
+    given the m top-ups then (at the quantum and weight it was parked at), the same turns as visiting
+    it every round
     (in a round, woken flows go after those already there). A pick is O(log parked) amortised
     whatever the sizes: with a typical-size quantum, a head far above it (or a tiny weight) needs
     many rounds, and visiting it in each made one dispatch walk every such flow (a review: 20,000
@@ -125,13 +126,13 @@ class DeficitRoundRobin(_Memoryless):
     """
 
     name: ClassVar[str] = "drr"
-    tracks_heads: ClassVar[bool] = True  # a parked flow whose head changes is woken (it may fit sooner)
+    tracks_heads: ClassVar[bool] = True  # a parked flow whose head or weight changes is woken
 
     def __init__(self, quantum: int = 0) -> None:
         self._ring: OrderedDict[FlowQueue, int] = OrderedDict()  # flow -> the round it is visited in
         self._parked: list[tuple[int, int, FlowQueue]] = []  # (round it fits in, seq, flow); stale if not in:
         self._parked_at: dict[FlowQueue, _Parked] = {}
-        self._regrown: list[FlowQueue] = []  # parked before the quantum grew: to wake a few a pick
+        self._regrown: list[FlowQueue] = []  # parked before the quantum changed: to wake a few a pick
         self._seq = 0
         self._round = 0  # the round being visited (the front flow's, or the last one's)
         self._fixed = quantum > 0
@@ -196,8 +197,8 @@ class DeficitRoundRobin(_Memoryless):
         """Drop the heap's stale entries once they outnumber the live ones: a parked flow that left or
         was woken early leaves its entry until its round, which can be a million rounds away (a review:
         20,000 throw-away flows kept 20,000 entries and their queues alive)."""
-        parked, at = self._parked, self._parked_at
-        if len(parked) > 2 * len(at) + 64:
+        at = self._parked_at
+        if len(self._parked) > 2 * len(at) + _COMPACT_SLACK:
             self._parked = [(entry.due, entry.seq, flow) for flow, entry in at.items()]
             heapq.heapify(self._parked)
 
@@ -212,7 +213,7 @@ class DeficitRoundRobin(_Memoryless):
             self._regrown = list(self._parked_at)
 
     def _rewake(self) -> None:
-        """Wake up to `_REWAKE` of the flows parked before the quantum grew."""
+        """Wake up to `_REWAKE` of the flows parked before the quantum changed."""
         regrown, at = self._regrown, self._parked_at
         for _ in range(min(_REWAKE, len(regrown))):
             flow = regrown.pop()
@@ -229,13 +230,18 @@ class DeficitRoundRobin(_Memoryless):
         ring = self._ring
         return next(reversed(ring.values())) if ring else self._round
 
+    def _live(self, seq: int, flow: FlowQueue) -> _Parked | None:
+        """The parking a heap entry stands for, or None if it is stale (the flow left, or was woken)."""
+        entry = self._parked_at.get(flow)
+        return entry if entry is not None and entry.seq == seq else None
+
     def _earliest(self) -> int | None:
         """The round the earliest parked flow fits in (stale entries dropped), or None."""
-        parked, at = self._parked, self._parked_at
+        parked = self._parked
         while parked:
-            top = at.get(parked[0][2])
-            if top is not None and top.seq == parked[0][1]:
-                return parked[0][0]
+            due, seq, flow = parked[0]
+            if self._live(seq, flow) is not None:
+                return due
             heapq.heappop(parked)  # (stale)
         return None
 
@@ -255,14 +261,13 @@ class DeficitRoundRobin(_Memoryless):
             woken += 1  # (more due at once join on the next picks, a round late at most: one pick woke
             # 20,000 parked in the same round, 28 ms)
             _due, seq, flow = heapq.heappop(parked)
-            entry = at.get(flow)
-            if entry is None or entry.seq != seq:
-                continue  # stale: it left, or was woken by a new head
-            del at[flow]
-            self._unpark(flow, entry)
+            entry = self._live(seq, flow)
+            if entry is not None:
+                del at[flow]
+                self._unpark(flow, entry)
 
     def pick(self) -> FlowQueue | None:
-        ring, parked = self._ring, self._parked
+        ring = self._ring
         if self._regrown:
             self._rewake()
         while True:
@@ -332,6 +337,16 @@ class DeficitRoundRobin(_Memoryless):
 
 
 REMEMBERED_AHEAD = 4096  # per band: the counters of forgotten VTC flows still ahead (`VirtualTokenCounter.forget`)
+
+
+def most_owed(owed: dict[str, float], keep: int) -> list[str]:
+    """Of forgotten flows still ahead, the `keep` that owe the most (`owed`: each one's lead times its
+    weight), to remember when there are too many: evicting the oldest let throw-away flows wash out a
+    large debt, and ranking by the lead alone let throw-away requests at a tiny weight do it (reviews).
+    For the shard's vtc counters and the ledger's finish times alike."""
+    if len(owed) <= keep:
+        return list(owed)
+    return [name for name, _ in heapq.nlargest(keep, owed.items(), key=lambda e: e[1])]
 
 
 class VirtualTokenCounter:
@@ -422,17 +437,14 @@ class VirtualTokenCounter:
 
     def _keep(self, flow_id: str, vtc: float, weight: float) -> None:
         """Keep a forgotten flow's counter ahead. Over `REMEMBERED_AHEAD`: those no longer ahead go, then
-        all but the half that owe the most service, their lead times their weight (amortised O(log n)).
-        Evicting the oldest let 4,104 throw-away flows, each served one token, wash out a debt of
-        100,000, and ranked by the lead alone, throw-away requests at weight 1e-6 could (reviews)."""
+        all but the half that owe the most service (`most_owed`; amortised O(log n)); 4,104 throw-away
+        flows, each served one token, washed out a debt of 100,000 when the oldest went first."""
         ahead = self._ahead
         ahead[flow_id] = (vtc, weight)
         if len(ahead) > REMEMBERED_AHEAD:
             lift = self._lift()
             owed = {f: (v - lift) * w for f, (v, w) in ahead.items() if v > lift}
-            if len(owed) > REMEMBERED_AHEAD // 2:
-                owed = dict(heapq.nlargest(REMEMBERED_AHEAD // 2, owed.items(), key=lambda e: e[1]))
-            self._ahead = {f: ahead[f] for f in owed}
+            self._ahead = {f: ahead[f] for f in most_owed(owed, REMEMBERED_AHEAD // 2)}
 
     def correct_forgotten(self, flow_id: str, delta: float, weight: float) -> None:
         """A correction for a flow forgotten since its request was dispatched (its only one, so it was

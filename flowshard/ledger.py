@@ -43,6 +43,7 @@ import msgspec
 from flowshard.budget import Budget
 from flowshard.capacity import NOTHING_HELD, shortfall
 from flowshard.config import Config, limit
+from flowshard.fairness import most_owed
 
 _INF = math.inf
 _TURNS, _BYTES, _TOKENS, _ARRIVALS = range(4)
@@ -927,10 +928,9 @@ class Ledger:
         if len(memory) > _FINISH_MEMORY:
             clock, weights = band.vclock, band.finish_weight
             owed = {name: (f - clock) * weights.get(name, 1.0) for name, f in memory.items() if f > clock}
-            if len(owed) > _FINISH_MEMORY // 2:
-                owed = dict(heapq.nlargest(_FINISH_MEMORY // 2, owed.items(), key=lambda e: e[1]))
-            band.flow_finish = {name: memory[name] for name in owed}
-            band.finish_weight = {name: weights.get(name, 1.0) for name in owed}
+            kept = most_owed(owed, _FINISH_MEMORY // 2)
+            band.flow_finish = {name: memory[name] for name in kept}
+            band.finish_weight = {name: weights.get(name, 1.0) for name in kept}
 
     @staticmethod
     def _reweigh(band: LedgerBand, shard: int, weight: float, tags: float) -> None:
