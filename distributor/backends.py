@@ -24,7 +24,7 @@ import aiohttp
 from flowshard.config import ProxyConfig
 from flowshard.utilization import PoolUtilization, ScrapeError, parse_metrics
 
-__all__ = ["LOCAL_SHORTAGE", "SCRAPE_CONNECT_TIMEOUT", "Backend", "BackendPool", "Scraper"]
+__all__ = ["LOCAL_SHORTAGE", "SCRAPE_CONNECT_TIMEOUT", "Backend", "BackendPool", "Scraper", "failure_kind"]
 
 log = logging.getLogger(__name__)
 # A backend's metrics body past this is a scrape error: parsed every `scrape_interval` (0.05 s by
@@ -134,6 +134,19 @@ SCRAPE_CONNECT_TIMEOUT: Final = 2.0  # (past Linux's first SYN retransmit, at 1 
 LOCAL_SHORTAGE: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
+def failure_kind(exc: BaseException) -> str:
+    """What a failed request to a backend, before its answer's head, is counted as: `connect` (no
+    connection: the backend never had the request), `reset` (the connection was closed or reset after
+    the request was written: the backend may have read it) or `protocol` (the backend's answer was not
+    HTTP). Each is tried on another backend (`retries`): an inference request changes nothing but the
+    backend's load, and a `reset` is also what a connection the backend closed while idle gives."""
+    if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
+        return "connect"
+    if isinstance(exc, (aiohttp.ClientConnectionError, OSError)):
+        return "reset"
+    return "protocol"
+
+
 class Scraper:
     """Scrapes each backend's metrics every `scrape_interval`, each backend in a loop of its own: one
     whose metrics are slow to come, or never come, does not delay the others' (a review: scraped in
@@ -203,7 +216,7 @@ class Scraper:
                 log.warning("backend %s: metrics scrape failed (%s): its saturation counts as 1 once its "
                             "last good scrape is older than staleness", backend.name, detail)
             self.errors[index] = detail
-            cannot_connect = isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+            cannot_connect = failure_kind(exc) == "connect"
             if getattr(exc, "errno", None) in LOCAL_SHORTAGE:  # ours (descriptors, ports): not the backend's
                 cannot_connect = False
             if cannot_connect and self.pool.up(backend, loop.time()):

@@ -46,7 +46,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from yarl import URL
 
 from distributor.api import Admission, Audit
-from distributor.backends import LOCAL_SHORTAGE, Backend, BackendPool, Scraper
+from distributor.backends import LOCAL_SHORTAGE, Backend, BackendPool, Scraper, failure_kind
 from flowshard.classify import Classified, ClassifyError, SseUsage, Usage, classify, usage_from_body, usage_problem
 from flowshard.codec import LinkBackends
 from flowshard.config import Config
@@ -107,19 +107,6 @@ _DONE_GRACE: Final = 1.0
 # open a backend connection each (a review: 3 connections opened 3,000, and at `ulimit -n` every other
 # client was reset)
 MAX_PASSTHROUGHS: Final = 32
-
-
-def _failure_kind(exc: BaseException) -> str:
-    """What a failed request to a backend, before its answer's head, is counted as: `connect` (no
-    connection: the backend never had the request), `reset` (the connection was closed or reset after
-    the request was written: the backend may have read it) or `protocol` (the backend's answer was not
-    HTTP). Each is tried on another backend (`retries`): an inference request changes nothing but the
-    backend's load, and a `reset` is also what a connection the backend closed while idle gives."""
-    if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
-        return "connect"
-    if isinstance(exc, (aiohttp.ClientConnectionError, OSError)):
-        return "reset"
-    return "protocol"
 
 
 
@@ -421,12 +408,17 @@ class Exchange:
             else:
                 self.conn.slot_respond(self.slot, error_response(500, "flowshard: internal error", "server_error",
                                                                  "internal_error", None, self.conn_hdr))
+        self.give_back()
+
+    def give_back(self) -> None:
+        """Its ticket goes back, once: unclaimed if its client left before any backend had it, else
+        released with the actual usage, so vtc charges what was served, not the estimate."""
         ticket, self.ticket = self.ticket, 0
         if ticket:
-            if self.gone and self.backend is None:  # its client left before any backend had it
-                proxy.admission.unclaim(ticket)
-            else:  # with the actual usage, so vtc charges what was served, not the estimate
-                proxy.admission.release(ticket, self.actual)
+            if self.gone and self.backend is None:
+                self.proxy.admission.unclaim(ticket)
+            else:
+                self.proxy.admission.release(ticket, self.actual)
 
 
 class Proxy:
@@ -730,7 +722,7 @@ class Proxy:
                                         f"read_timeout ({self.pc.read_timeout:g} s)", "server_error",
                                         "backend_timeout")
                     return True
-                kind = _failure_kind(exc)
+                kind = failure_kind(exc)
                 self.pool.failed(backend, loop.time(), kind, f"{type(exc).__name__}: {exc}")
                 if last:
                     code = "backend_unreachable" if kind == "connect" else "backend_failed"
@@ -837,9 +829,8 @@ class Proxy:
                         conn.slot_end(slot, b"%x\r\n%b\r\n0\r\n\r\n" % (len(out), out))
                         if resp.status == 200:  # (a stream's usage comes before its [DONE])
                             self._settle_usage(ex, backend, relay.usage)
-                        ticket, ex.ticket = ex.ticket, 0
-                        if ticket:  # the client has its whole answer: the budget goes back now, not after
-                            self.admission.release(ticket, ex.actual)  # the backend's end (a review: 1 s)
+                        ex.give_back()  # the client has its whole answer: the budget goes back now, not
+                        # after the backend's end (a review: 1 s)
                         break
                     unread = conn.slot_write(slot, b"%x\r\n%b\r\n" % (len(out), out))
                     if unread is not None:  # the client reads slower than the backend writes

@@ -926,7 +926,7 @@ def test_an_address_not_available_is_the_backends_failure() -> None:
     IPv6 backend on a host without IPv6 gives it for good, and was never taken out, every request
     routed to it answered 503 (a review); it counts as the backend's `connect` failure."""
     from distributor.backends import LOCAL_SHORTAGE
-    from distributor.proxy import _failure_kind
+    from distributor.backends import failure_kind as _failure_kind
 
     assert errno.EADDRNOTAVAIL not in LOCAL_SHORTAGE and errno.EMFILE in LOCAL_SHORTAGE
     exc = aiohttp.ClientConnectorError(None, OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address"))
