@@ -98,8 +98,8 @@ class Admission(Protocol):
 
     def unclaim(self, ticket: int) -> None:
         """Free the ticket of a dispatch whose client had gone before its answer could be written (it
-        is answered `evicted: cancelled`): counted unclaimed, as a dispatch its client left during,
-        not as a release."""
+        is answered `evicted: cancelled`, or not at all): counted unclaimed, as a dispatch its client
+        left during, not as a release."""
 
     def release_then(
         self, ticket: int, tokens: int, done: Callable[[int, bool], None],

@@ -274,9 +274,9 @@ class LinkCancel(msgspec.Struct, tag=21, array_like=True, gc=False):
 
 
 class LinkUnclaimed(msgspec.Struct, tag=35, array_like=True, gc=False):
-    """Acceptor -> distributor: `ticket`, a dispatch whose client had gone (its admission cancelled
-    as it was dispatched, or its answer cut by the client's EOF), is released unclaimed
-    (Admission.unclaim)."""
+    """Acceptor -> distributor: `ticket`, a dispatch whose client had gone before its answer was
+    written (its admission cancelled as it was dispatched, its answer cut by the client's EOF or
+    reset, a proxied request no backend had yet), is released unclaimed (Admission.unclaim)."""
 
     ticket: int
 
