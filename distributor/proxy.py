@@ -89,13 +89,16 @@ _WHY: Final = {
 
 _encode = msgspec.json.Encoder().encode
 # OpenAI's end of stream: an event whose data is `[DONE]` (no space after `data:` is valid SSE, and so
-# are CRLF line ends and comment lines in the event), wherever it falls in what one read gave (a review:
-# `[DONE]` followed by another event in the same read, or ended by CRLF, was not seen, and the client
-# waited for read_timeout). Its event begins at the start of what the relay passes or after a blank line
-# (`SseUsage.feed` passes whole events, cut at LF LF or CRLF CRLF; blank lines may come first: a lone LF
-# in a read of its own, a review), has no other data line, and ends at the next blank line.
+# are comment lines in the event, and line ends of CRLF, LF or a CR alone), wherever it falls in what one
+# read gave (a review: `[DONE]` followed by another event in the same read, or ended by CRLF, was not
+# seen, and the client waited for read_timeout; ended by CRs alone, the same). Its event begins at the
+# start of what the relay passes or after a blank line (`SseUsage.feed` passes whole events; blank lines
+# may come first: a lone LF in a read of its own, a review), has no other data line, and ends at the
+# next blank line. (A CR followed by LF is one line end: `\r(?!\n)` keeps it from reading as two.)
+_EOL = rb"(?:\r\n|\r(?!\n)|\n)"
 _DONE: Final = re.compile(
-    rb"(?:\A|\r?\n\r?\n)(?:\r?\n)*(?:(?!data)[^\r\n]+\r?\n)*data: ?\[DONE\]\r?\n(?:(?!data)[^\r\n]+\r?\n)*\r?\n"
+    rb"(?:\A|" + _EOL + _EOL + rb")" + _EOL + rb"*(?:(?!data)[^\r\n]+" + _EOL + rb")*data: ?\[DONE\]" + _EOL
+    + rb"(?:(?!data)[^\r\n]+" + _EOL + rb")*" + _EOL
 )
 _FLUSH_AT_CLOSE: Final = 0.5  # the most close() waits for the answers it ended to leave this process
 _PIECE: Final = 1 << 16  # a non-streamed answer larger than this is written in pieces of it (backpressure)
@@ -305,11 +308,11 @@ class BackendReport:
 class Exchange:
     """One proxied request: the admission's waiter, the upstream call, the client's response slot."""
 
-    __slots__ = ("actual", "backend", "conn", "conn_hdr", "gone", "headers", "item", "path", "proxy", "refused", "rid",
-                 "route", "sized", "slot", "started", "task", "ticket", "unsent")
+    __slots__ = ("actual", "backend", "conn", "conn_hdr", "gone", "head", "headers", "item", "path", "proxy", "refused",
+                 "rid", "route", "sized", "slot", "started", "task", "ticket", "unsent")
 
     def __init__(self, proxy: Proxy, conn: HttpConnection, slot: _Slot, route: str, item: Classified,
-                 headers: list[tuple[str, str]], conn_hdr: bytes, path: str = "") -> None:
+                 headers: list[tuple[str, str]], conn_hdr: bytes, path: str = "", head: bool = False) -> None:
         self.proxy = proxy
         self.conn = conn
         self.slot = slot
@@ -318,6 +321,7 @@ class Exchange:
         self.item = item
         self.headers = headers
         self.conn_hdr = conn_hdr
+        self.head = head  # a HEAD: its answers, errors included, carry no body (RFC 9110 9.3.2; a review)
         self.rid: int | None = None
         self.ticket = 0
         self.task: asyncio.Task[None] | None = None
@@ -407,7 +411,8 @@ class Exchange:
                     "response is incomplete", "server_error", "internal_error", close=True)
             else:
                 self.conn.slot_respond(self.slot, error_response(500, "flowshard: internal error", "server_error",
-                                                                 "internal_error", None, self.conn_hdr))
+                                                                 "internal_error", None, self.conn_hdr,
+                                                                 no_body=self.head))
         self.give_back()
 
     def give_back(self) -> None:
@@ -587,7 +592,8 @@ class Proxy:
             if slot.exchange is None or slot.exchange.task is None:  # (a no-op if the slot was answered)
                 self.stats.internal_errors += 1  # as an acceptor's failed admission is (Exchange.fail)
                 conn.slot_respond(slot, error_response(500, f"flowshard: internal error: {type(exc).__name__}",
-                                                       "server_error", "internal_error", None, conn_hdr))
+                                                       "server_error", "internal_error", None, conn_hdr,
+                                                       no_body=method == b"HEAD"))
 
     def _handle(self, conn: HttpConnection, slot: _Slot, method: bytes, path: bytes,
                 raw_headers: list[tuple[bytes, bytes]], body: bytes, conn_hdr: bytes, query: bytes) -> None:
@@ -604,7 +610,7 @@ class Proxy:
             # the path and query as received (llhttp let only printable ASCII through): forward() sends
             # them unchanged, not re-quoted
             exchange = Exchange(self, conn, slot, route, _PASSTHROUGH, headers, conn_hdr,
-                                (path + query).decode("latin-1"))
+                                (path + query).decode("latin-1"), head=method == b"HEAD")
             slot.exchange = exchange
             before = self._last_passthrough.get(conn)
             exchange.task = self.loop.create_task(self._pass_through(exchange, method.decode(), before))
@@ -810,6 +816,12 @@ class Proxy:
 
     async def _relay_stream(self, ex: Exchange, backend: Backend, resp: aiohttp.ClientResponse) -> None:
         conn, slot = ex.conn, ex.slot
+        turn = conn.slot_turn(slot)
+        if turn is not None:  # behind an answer still in progress: read nothing until it is this one's
+            # turn (its ticket held meanwhile, which bounds what the proxy keeps: read at once, five
+            # pipelined 60 MiB streams were held whole behind a slow one, each ticket back at its
+            # [DONE]; a review)
+            await turn
         relay = SseUsage(ex.item.strip_usage)
         self.stats.response(ex.route, resp.status)
         ex.started = True
@@ -893,13 +905,15 @@ class Proxy:
             message = f"flowshard: the service is shutting down: the request was still in progress {when}"
             self.stats.response(ex.route, 503)
             ex.conn.slot_end(ex.slot, error_response(503, message, "service_unavailable", "shutting_down", None,
-                                                     b"connection: close\r\n", b"retry-after: 1\r\n"),
+                                                     b"connection: close\r\n", b"retry-after: 1\r\n",
+                                                     no_body=ex.head),
                              close=True)
 
     def _respond_error(self, ex: Exchange, status: int, message: str, type_: str, code: str,
                        extra: bytes = b"") -> None:
         self.stats.response(ex.route, status)
-        ex.conn.slot_respond(ex.slot, error_response(status, message, type_, code, None, ex.conn_hdr, extra))
+        ex.conn.slot_respond(ex.slot, error_response(status, message, type_, code, None, ex.conn_hdr, extra,
+                                                     no_body=ex.head))
 
     def _settle_usage(self, ex: Exchange, backend: Backend, usage: Usage | None) -> None:
         """The request's actual tokens: counted, and kept for the release, which corrects the flow's

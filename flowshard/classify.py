@@ -279,7 +279,12 @@ def usage_problem(usage: Usage) -> str | None:
 
 MAX_EVENT = 1 << 20  # a partial event held longer than this is forwarded as it is (memory stays bounded)
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
-_EVENT_END = re.compile(rb"(?<=\n\n)|(?<=\r\n\r\n)")
+# An event's end: a line end followed by another (a blank line). Line ends are CRLF, LF or a CR alone
+# (the WHATWG server-sent-events grammar: a review saw CR-only streams, and LF lines ended by a CRLF
+# blank line, held whole until the backend ended them); a CR followed by LF is one line end, never two.
+# A CR at the end of what was read ends the event whatever comes next (LF or not, the blank line has
+# begun), so cutting after it is safe.
+_BLANK_LINE = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r|\n)")
 # A `"usage": null` member, with any JSON whitespace (RFC 8259: space, tab, CR, LF) around its comma and
 # colon: after another member (`, "usage" : null`, before `,` or `}`), or the first of its object
 # (`{"usage": null,`). Never inside a string: there a `"` is escaped, so it follows a backslash, never
@@ -315,8 +320,14 @@ class SseUsage:
 
     def feed(self, data: bytes) -> bytes:
         buf = self._rest + data if self._rest else data
-        lf, crlf = buf.rfind(b"\n\n"), buf.rfind(b"\r\n\r\n")
-        cut = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+        if b"\r" in buf:
+            cut = 0
+            for match in _BLANK_LINE.finditer(buf):
+                cut = match.end()
+        else:  # LF line ends only (the usual): the last blank line is the last LF LF
+            cut = buf.rfind(b"\n\n") + 2
+            if cut < 2:
+                cut = 0
         if not cut:  # no event is complete yet
             if len(buf) > MAX_EVENT:  # not server-sent events after all: pass it on rather than hold it
                 self._rest = b""
@@ -340,7 +351,13 @@ class SseUsage:
 
     def _events(self, data: bytes) -> bytes:
         out: list[bytes] = []
-        for event in _EVENT_END.split(data):
+        start = 0
+        events = []
+        for match in _BLANK_LINE.finditer(data):
+            events.append(data[start:match.end()])
+            start = match.end()
+        events.append(data[start:])
+        for event in events:
             if not event or _USAGE_OBJECT.search(event) is None:
                 out.append(event)
                 continue

@@ -184,6 +184,70 @@ def test_sse_relay_is_the_same_however_the_stream_is_cut(cuts: list[int], strip:
         assert not forwarded or forwarded.endswith(b"\n\n")
 
 
+_LINE_ENDS = (b"\n", b"\r", b"\r\n")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_LINE_ENDS), st.sampled_from(_LINE_ENDS)), min_size=4, max_size=4),
+       st.lists(st.integers(min_value=0, max_value=2000), max_size=10), st.booleans())
+def test_sse_relay_passes_each_event_as_it_ends_whatever_its_line_ends(
+    ends: list[tuple[bytes, bytes]], cuts: list[int], strip: bool,
+) -> None:
+    """Line ends are CRLF, LF or a CR alone, an event ends at a blank line (the WHATWG grammar): each
+    event is passed on as soon as its blank line is read, however the stream is cut, and nothing is
+    changed but the usage chunk flowshard asked for. With the LF and CRLF blank lines alone
+    recognised, a CR-only stream (or LF lines ended by a CRLF blank line) was held whole until the
+    backend ended it (a review)."""
+    lines = [b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}',
+             b": a comment",
+             b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}',
+             b"data: [DONE]"]
+    events, bounds = [], []
+    for line, (end, blank) in zip(lines, ends, strict=True):
+        if end == b"\r" and blank == b"\n":  # CR then LF is one line end, not a blank line
+            blank = b"\r\n"
+        events.append(line + end + blank)
+        bounds.append(sum(map(len, events)))
+    stream = b"".join(events)
+    points = sorted({c % (len(stream) + 1) for c in cuts} | set(bounds))
+    relay = SseUsage(strip)
+    out, fed = b"", 0
+    for point in points:
+        out += relay.feed(stream[fed:point])
+        fed = point
+        if point in bounds:  # an event has just ended: everything so far was passed on
+            expected = [i for i in (0, 2, 3) if bounds[i] <= point and not (strip and i == 2)]
+            assert _sse_events(out) == [_sse_events(events[i])[0] for i in expected], (point, out)
+    out += relay.end()
+    assert relay.usage == Usage(3, 2, 5)
+    if strip:  # (the LF of a CRLF blank line may be read apart from its CR: an empty line either way)
+        assert _sse_events(out) == _sse_events(b"".join(e for i, e in enumerate(events) if i != 2))
+    else:
+        assert out == stream
+
+
+def _sse_events(data: bytes) -> list[bytes]:
+    """The events a server-sent-events reader dispatches from `data` (their data), per the WHATWG grammar."""
+    events, buf, line_start, i = [], b"", 0, 0
+    lines = []
+    while i < len(data):
+        c = data[i:i + 1]
+        if c in (b"\r", b"\n"):
+            lines.append(data[line_start:i])
+            i += 2 if data[i:i + 2] == b"\r\n" else 1
+            line_start = i
+        else:
+            i += 1
+    for line in lines:
+        if not line:
+            if buf:
+                events.append(buf)
+            buf = b""
+        elif line.startswith(b"data:"):
+            buf += (b"\n" if buf else b"") + line[5:].removeprefix(b" ")
+    return events
+
+
 def test_sse_relay_crlf_and_a_usage_chunk_with_choices_is_kept() -> None:
     event = b'data: {"choices":[{"index":0,"delta":{}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}\r\n\r\n'
     relay = SseUsage(True)

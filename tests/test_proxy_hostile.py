@@ -480,6 +480,49 @@ def test_the_budget_bounds_the_answers_the_proxy_holds_for_a_pipelining_client()
     run(go(), timeout=30.0)
 
 
+def test_a_stream_pipelined_behind_another_is_not_read_before_its_turn() -> None:
+    """A stream waits for the answers ahead of it on its connection before anything of it is read,
+    its ticket held, so the budget bounds what the proxy keeps. Read at once (a review), five 60 MiB
+    streams pipelined behind a slow one were read whole into memory in 2 s, each ticket given back at
+    its [DONE], the client having none of them."""
+    piece = b"data: " + json.dumps({"choices": [{"delta": {"content": "x" * 4000}}]}).encode() + b"\n\n"
+    written = {"big": 0, "streams": 0}
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        doc = await request.json()
+        if doc.get("max_tokens") == 1:
+            return await endless_stream("a", 0.05)(request)
+        written["streams"] += 1
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(10_000):  # ~40 MB
+                await resp.write(piece)
+                written["big"] += len(piece)
+            await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def go() -> None:
+        async with backend([("POST", "/v1/chat/completions", answer)]) as url:
+            admission = _BudgetAdmission(2)
+            px = Proxy(Config(proxy=ProxyConfig(backends=[url], utilization=False)), admission, lambda: None)
+            await px.start()
+            server = await start_http_server(admission, "127.0.0.1", 0, HttpLimits(), lease=300.0, proxy=px)
+            try:
+                _reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+                writer.write(_post(stream=True, max_tokens=1) + b"".join(_post(stream=True) for _ in range(5)))
+                await asyncio.sleep(2.0)  # the endless stream heads the connection
+                assert admission.released == [] and len(admission.out) == 2 and len(px.active) == 2
+                assert written["streams"] == 1 and written["big"] < 20_000_000, written  # (socket buffers)
+                writer.close()
+                assert await _released(admission, 2, 5.0)  # the client left: both released, once
+            finally:
+                server.close()
+                await px.close()
+
+    run(go(), timeout=30.0)
+
+
 def test_a_backend_resetting_after_done_is_not_counted_as_failing() -> None:
     """The client had its whole stream when the backend reset the connection: the backend stays up
     and no mid-stream failure is counted."""
@@ -674,6 +717,31 @@ def test_backend_failures_are_counted_by_what_is_known_of_them_and_tried_elsewhe
     run(go(), timeout=30.0)
 
 
+def test_a_passed_through_head_that_fails_gets_an_error_without_a_body() -> None:
+    """A `HEAD /v1/models` no backend answers gets its error status with no body (RFC 9110 9.3.2): the
+    next response on the connection follows its head at once. With the body, a keep-alive client read
+    it as the next status line (a review: aiohttp raised "Bad status line", curl saw excess bytes)."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{s.getsockname()[1]}"
+
+    async def go() -> None:
+        async with proxying([refused]) as r:
+            reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+            for _ in range(2):  # a failing backend (502), then none left up (503)
+                writer.write(b"HEAD /v1/models HTTP/1.1\r\nhost: x\r\n\r\nGET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
+                assert head.startswith((b"HTTP/1.1 502", b"HTTP/1.1 503")), head
+                assert b"content-length: " in head.lower()  # (the length of the body a GET would get)
+                health = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+                assert health.startswith(b"HTTP/1.1 200"), health
+                length = int(health.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                assert json.loads(await reader.readexactly(length)) == {"status": "ok"}
+            writer.close()
+
+    run(go(), timeout=30.0)
+
+
 def test_idle_backend_connections_are_closed_after_keepalive_timeout() -> None:
     """A connection idle for longer than `keepalive_timeout` is not written to again: the next
     request opens a new one (aiohttp's default kept it 15 s, past vLLM's and SGLang's own 5 s, so a
@@ -704,12 +772,13 @@ def test_idle_backend_connections_are_closed_after_keepalive_timeout() -> None:
 
 
 @pytest.mark.parametrize("done", [b"data: [DONE]\n\ndata: {\"late\": 1}\n\n", b"data:[DONE]\r\n\r\n",
-                                  b"data: [DONE]\n\n: ping\n\n"])
+                                  b"data: [DONE]\n\n: ping\n\n", b"data: [DONE]\r\r", b"data: [DONE]\n\r\n"])
 def test_a_stream_ends_at_done_wherever_it_falls_in_a_read(done: bytes) -> None:
-    """`[DONE]` followed by more in the same read, ended by CRLF, or without the space: the client's
-    response ends there (nothing after it is relayed), the ticket is released, and the backend, which
-    keeps streaming, is not counted as failing (a review: the client got events after `[DONE]` and its
-    response never ended, or waited for read_timeout and got a `backend_failed` error after it)."""
+    """`[DONE]` followed by more in the same read, ended by CRLF, by CRs alone or by an LF and a CRLF
+    blank line, or without the space: the client's response ends there (nothing after it is
+    relayed), the ticket is released, and the backend, which keeps streaming, is not counted as
+    failing (a review: the client got events after `[DONE]` and its response never ended, or waited
+    for read_timeout and got a `backend_failed` error after it; with CRs, the same)."""
     event = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
 
     async def stream(request: web.Request) -> web.StreamResponse:
