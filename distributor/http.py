@@ -29,6 +29,7 @@ import asyncio
 import errno
 import logging
 import math
+import re
 import socket
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -123,8 +124,9 @@ _CONN_CLOSE: Final = b"connection: close\r\n"
 _CONN_KEEP: Final = b"connection: keep-alive\r\n"  # only for HTTP/1.0 clients that asked for it
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
-# The lengths of the header names on_header looks at: content-length, connection, expect, transfer-encoding.
-_HEADER_LENGTHS: Final = frozenset((14, 10, 6, 17))
+# The lengths of the header names on_header looks at: content-length, connection, expect, transfer-encoding, host.
+_HEADER_LENGTHS: Final = frozenset((14, 10, 6, 17, 4))
+_ABSOLUTE_FORM: Final = re.compile(rb"[hH][tT][tT][pP][sS]?://[^/?#]*")  # a request target's scheme and authority
 
 # `_head_raw` outside a request head, and in the chunk where the head began.
 _NOT_IN_HEAD: Final = -2
@@ -363,6 +365,7 @@ class HttpConnection(asyncio.Protocol):
         self._in_body = False  # the head is complete: a header now is a trailer
         self._ka_header = False
         self._expect = False
+        self._hosts = 0  # Host header lines (RFC 9112 3.2: exactly one in an HTTP/1.1 request, at most one else)
         self._body_limit = shared.limits.max_body_bytes
         self._headers: list[tuple[bytes, bytes]] | None = [] if shared.proxy is not None else None
 
@@ -750,6 +753,8 @@ class HttpConnection(asyncio.Protocol):
                 self._ka_header = b"keep-alive" in value.lower()
         elif n == 6 and name.lower() == b"expect":
             self._expect = value.lower() == b"100-continue"
+        elif n == 4 and name.lower() == b"host":
+            self._hosts += 1
         elif n == 17 and name.lower() == b"transfer-encoding":
             self._chunked = True  # llhttp accepts a request's Transfer-Encoding only when it ends in chunked
             if value.strip().lower() != b"chunked":  # ... but a coding before it would go undecoded
@@ -761,6 +766,24 @@ class HttpConnection(asyncio.Protocol):
         if self._head_bytes > limits.max_header_bytes:
             self._fail_head()  # before _in_body is set: these are headers, not trailers
             raise _Stop
+        hosts, self._hosts = self._hosts, 0
+        if hosts != 1 and (hosts or self._parser.get_http_version() != "1.0"):
+            # RFC 9112 3.2: a 400 for an HTTP/1.1 request without Host and any request with two (a
+            # review: both were served, and forwarded to a backend in proxy mode)
+            self._msg_at = 0.0
+            self._sh.guards.hit("http", "malformed")
+            message = "more than one Host header" if hosts else "an HTTP/1.1 request must have a Host header"
+            self._respond(self._error_for(400, message, _CONN_CLOSE, no_body=self._parser.get_method() == b"HEAD"),
+                          _LINGER)
+            raise _Stop
+        url = self._url
+        if url[:1] != b"/":
+            absolute = _ABSOLUTE_FORM.match(url)
+            if absolute is not None:  # RFC 9112 3.2.2: a server must accept it; the path is what follows
+                # the authority (a review: `POST http://x/v1/chat/completions` was a 404)
+                del url[:absolute.end()]
+                if url[:1] != b"/":
+                    url[0:0] = b"/"
         if self._reserve:
             q = self._url.find(b"?")
             path = bytes(self._url if q < 0 else self._url[:q])
@@ -846,7 +869,8 @@ class HttpConnection(asyncio.Protocol):
                                                   path=path), close)
                     return
                 try:
-                    proxy.handle(self, method, path, headers, body, conn, close, b"" if q < 0 else url[q:])
+                    proxy.handle(self, method, path, headers, body, conn, close, b"" if q < 0 else url[q:],
+                                 self._parser.get_http_version() == "1.0")
                 except Exception as exc:
                     log.exception("proxy handler for %s failed", path[:200])
                     self._respond(self._error_for(500, f"internal error: {type(exc).__name__}", conn, path=path), close)

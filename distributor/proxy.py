@@ -75,6 +75,7 @@ _DROP_REQUEST: Final = frozenset({
 })
 _DROP_RESPONSE: Final = frozenset({
     "connection", "keep-alive", "transfer-encoding", "content-length", "date", "server", "trailer", "upgrade",
+    "proxy-connection",
 })
 _BUSY: Final = frozenset({Outcome.REJECTED_CAPACITY, Outcome.EVICTED_TTL, Outcome.EVICTED_DISPLACED})
 _WHY: Final = {
@@ -100,6 +101,8 @@ _DONE: Final = re.compile(
     rb"(?:\A|" + _EOL + _EOL + rb")" + _EOL + rb"*(?:(?!data)[^\r\n]+" + _EOL + rb")*data: ?\[DONE\]" + _EOL
     + rb"(?:(?!data)[^\r\n]+" + _EOL + rb")*" + _EOL
 )
+_CHUNKED: Final = b"transfer-encoding: chunked\r\n"
+_CONN_CLOSE: Final = b"connection: close\r\n"
 _FLUSH_AT_CLOSE: Final = 0.5  # the most close() waits for the answers it ended to leave this process
 _PIECE: Final = 1 << 16  # a non-streamed answer larger than this is written in pieces of it (backpressure)
 # after `data: [DONE]` the client has its whole answer: the backend's end of the response is awaited this
@@ -308,8 +311,8 @@ class BackendReport:
 class Exchange:
     """One proxied request: the admission's waiter, the upstream call, the client's response slot."""
 
-    __slots__ = ("actual", "backend", "conn", "conn_hdr", "gone", "head", "headers", "item", "path", "proxy", "refused",
-                 "rid", "route", "sized", "slot", "started", "task", "ticket", "unsent")
+    __slots__ = ("actual", "backend", "chunked", "conn", "conn_hdr", "gone", "head", "headers", "item", "path", "proxy",
+                 "refused", "rid", "route", "sized", "slot", "started", "task", "ticket", "unsent")
 
     def __init__(self, proxy: Proxy, conn: HttpConnection, slot: _Slot, route: str, item: Classified,
                  headers: list[tuple[str, str]], conn_hdr: bytes, path: str = "", head: bool = False) -> None:
@@ -322,6 +325,9 @@ class Exchange:
         self.headers = headers
         self.conn_hdr = conn_hdr
         self.head = head  # a HEAD: its answers, errors included, carry no body (RFC 9110 9.3.2; a review)
+        # A stream's framing: chunked, or (an HTTP/1.0 client, which cannot be sent Transfer-Encoding,
+        # RFC 9112 6.1: a review saw chunk sizes in a 1.0 client's stream) ended by closing the connection
+        self.chunked = True
         self.rid: int | None = None
         self.ticket = 0
         self.task: asyncio.Task[None] | None = None
@@ -581,12 +587,14 @@ class Proxy:
         return self.pc.max_body_bytes if path in POST_ROUTES else None
 
     def handle(self, conn: HttpConnection, method: bytes, path: bytes, raw_headers: list[tuple[bytes, bytes]],
-               body: bytes, conn_hdr: bytes, close: int, query: bytes = b"") -> None:
+               body: bytes, conn_hdr: bytes, close: int, query: bytes = b"", http10: bool = False) -> None:
         """`query`: the request's query string with its `?`, as received (b"": none); a passed-through
-        GET forwards it unchanged."""
+        GET forwards it unchanged. `http10`: an HTTP/1.0 request (a stream to it is ended by closing)."""
         slot = conn.slot_open(conn_hdr, close)
         try:
             self._handle(conn, slot, method, path, raw_headers, body, conn_hdr, query)
+            if http10 and slot.exchange is not None:
+                slot.exchange.chunked = False
         except Exception as exc:  # a bug of ours: the slot must still be answered, or the connection stalls
             log.exception("proxy handler for %r failed", path[:200])
             if slot.exchange is None or slot.exchange.task is None:  # (a no-op if the slot was answered)
@@ -825,8 +833,9 @@ class Proxy:
         relay = SseUsage(ex.item.strip_usage)
         self.stats.response(ex.route, resp.status)
         ex.started = True
-        conn.slot_write(slot, _response_head(resp.status, self._response_headers(resp), ex.conn_hdr,
-                                             b"transfer-encoding: chunked\r\n"))
+        chunked = ex.chunked
+        conn.slot_write(slot, _response_head(resp.status, self._response_headers(resp), ex.conn_hdr, _CHUNKED)
+                        if chunked else _response_head(resp.status, self._response_headers(resp), _CONN_CLOSE, b""))
         stats = self.stats
         ended = False
         try:
@@ -838,13 +847,14 @@ class Proxy:
                     if done is not None:  # the client has all it needs: end its response now
                         out = out[:done.end()]  # (what follows is owed to nobody)
                         ended = True
-                        conn.slot_end(slot, b"%x\r\n%b\r\n0\r\n\r\n" % (len(out), out))
+                        conn.slot_end(slot, b"%x\r\n%b\r\n0\r\n\r\n" % (len(out), out) if chunked else out,
+                                      close=not chunked)
                         if resp.status == 200:  # (a stream's usage comes before its [DONE])
                             self._settle_usage(ex, backend, relay.usage)
                         ex.give_back()  # the client has its whole answer: the budget goes back now, not
                         # after the backend's end (a review: 1 s)
                         break
-                    unread = conn.slot_write(slot, b"%x\r\n%b\r\n" % (len(out), out))
+                    unread = conn.slot_write(slot, b"%x\r\n%b\r\n" % (len(out), out) if chunked else out)
                     if unread is not None:  # the client reads slower than the backend writes
                         await unread
             if ended:  # what may follow [DONE] is owed to nobody: the response's end, awaited briefly
@@ -871,7 +881,10 @@ class Proxy:
             rest = relay.end()
             if resp.status == 200:
                 self._settle_usage(ex, backend, relay.usage)
-            conn.slot_end(slot, (b"%x\r\n%b\r\n" % (len(rest), rest) if rest else b"") + b"0\r\n\r\n")
+            if chunked:
+                conn.slot_end(slot, (b"%x\r\n%b\r\n" % (len(rest), rest) if rest else b"") + b"0\r\n\r\n")
+            else:
+                conn.slot_end(slot, rest, close=True)
 
     def _end_stream_with_error(self, ex: Exchange, message: str, type_: str, code: str, *,
                                close: bool = False) -> None:
@@ -883,7 +896,10 @@ class Proxy:
             ex.conn.slot_end(ex.slot, close=True)
             return
         tail = b"data: " + _encode(_ErrorBody(_ErrorDetail(message, type_, None, code))) + b"\n\n"
-        ex.conn.slot_end(ex.slot, b"%x\r\n%b\r\n0\r\n\r\n" % (len(tail), tail), close=close)
+        if ex.chunked:
+            ex.conn.slot_end(ex.slot, b"%x\r\n%b\r\n0\r\n\r\n" % (len(tail), tail), close=close)
+        else:
+            ex.conn.slot_end(ex.slot, tail, close=True)
 
     def ended_when(self) -> str:
         """When, in words, the running requests were ended (`close`'s `why`)."""
@@ -905,7 +921,7 @@ class Proxy:
             message = f"flowshard: the service is shutting down: the request was still in progress {when}"
             self.stats.response(ex.route, 503)
             ex.conn.slot_end(ex.slot, error_response(503, message, "service_unavailable", "shutting_down", None,
-                                                     b"connection: close\r\n", b"retry-after: 1\r\n",
+                                                     _CONN_CLOSE, b"retry-after: 1\r\n",
                                                      no_body=ex.head),
                              close=True)
 

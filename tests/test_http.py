@@ -529,7 +529,7 @@ def test_out_of_range_admit_bodies_422(body: str, names: str) -> None:
 def test_body_over_limit_413_before_the_body_nothing_admitted() -> None:
     async def t(port: int, fake: FakeAdmission) -> None:
         c = await Client.open(port)
-        c.send(b"POST /v1/admit HTTP/1.1\r\nContent-Length: 5000\r\n\r\n")  # the body never comes
+        c.send(b"POST /v1/admit HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")  # the body never comes
         r = await c.response()
         assert r.status == 413 and r.headers["connection"] == "close"
         assert "5000" in r.json()["error"]["message"]
@@ -541,7 +541,7 @@ def test_body_over_limit_413_before_the_body_nothing_admitted() -> None:
         assert await c.closed()
 
         c = await Client.open(port)  # chunked: caught while the body streams in
-        c.send(b"POST /v1/admit HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        c.send(b"POST /v1/admit HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
         for _ in range(3):
             c.send(b"%x\r\n%b\r\n" % (600, b" " * 600))
         assert (await c.response()).status == 413
@@ -555,7 +555,7 @@ def test_chunked_body_within_limit_is_admitted() -> None:
     async def t(port: int, fake: FakeAdmission) -> None:
         c = await Client.open(port)
         body = b'{"flow": "chunky", "bytes": 3}'
-        c.send(b"POST /v1/admit HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        c.send(b"POST /v1/admit HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
         c.send(b"%x\r\n%b\r\n%x\r\n%b\r\n0\r\n\r\n" % (10, body[:10], len(body) - 10, body[10:]))
         assert (await c.response()).status == 200
         c.close()
@@ -571,7 +571,7 @@ def test_a_transfer_coding_other_than_chunked_is_501_not_read_undecoded(coding: 
     async def t(port: int, fake: FakeAdmission) -> None:
         c = await Client.open(port)
         body = b'{"flow": "z", "bytes": 3}'
-        c.send(b"POST /v1/admit HTTP/1.1\r\nTransfer-Encoding: %b\r\n\r\n%x\r\n%b\r\n0\r\n\r\n"
+        c.send(b"POST /v1/admit HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: %b\r\n\r\n%x\r\n%b\r\n0\r\n\r\n"
                % (coding, len(body), body))
         r = await c.response()
         assert r.status == 501, r
@@ -587,7 +587,7 @@ def test_chunked_body_of_one_byte_chunks_up_to_the_limit() -> None:
     """Many tiny chunks add up in place (no copy per chunk); the limit counts them all."""
 
     def chunked(body: bytes) -> bytes:
-        head = b"POST /v1/admit HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        head = b"POST /v1/admit HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
         return head + b"".join(b"1\r\n%c\r\n" % byte for byte in body) + b"0\r\n\r\n"
 
     limit = 65536
@@ -611,7 +611,7 @@ def test_chunked_body_of_one_byte_chunks_up_to_the_limit() -> None:
 def test_request_line_in_pieces_is_routed() -> None:
     async def t(port: int, fake: FakeAdmission) -> None:
         c = await Client.open(port)
-        for piece in (b"GET /ready", b"z?verbose=", b"1&x=", b"y" * 500, b" HTTP/1.1\r\n\r\n"):
+        for piece in (b"GET /ready", b"z?verbose=", b"1&x=", b"y" * 500, b" HTTP/1.1\r\nHost: x\r\n\r\n"):
             c.send(piece)
             await asyncio.sleep(0.005)  # separate reads: the URL arrives in several callbacks
         r = await c.response()
@@ -630,7 +630,7 @@ def test_headers_over_limit_431() -> None:
         assert await c.closed()
 
         c = await Client.open(port)  # one endless header value, dribbled in pieces
-        c.send(b"GET /healthz HTTP/1.1\r\nX-Big: ")
+        c.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
         for _ in range(6):
             await asyncio.sleep(0.005)
             c.send(b"z" * 600)
@@ -654,7 +654,7 @@ def test_malformed_http_400_and_close() -> None:
         assert "malformed HTTP request" in r.json()["error"]["message"]
         assert await c.closed()
         c = await Client.open(port)
-        c.send(b"POST /v1/admit HTTP/1.1\r\nContent-Length: 12x\r\n\r\n")
+        c.send(b"POST /v1/admit HTTP/1.1\r\nHost: x\r\nContent-Length: 12x\r\n\r\n")
         assert (await c.response()).status == 400
         assert await c.closed()
 
@@ -761,7 +761,7 @@ def test_slow_client_408_and_closed() -> None:
     async def t(port: int, fake: FakeAdmission) -> None:
         c = await Client.open(port)
         started = time.monotonic()
-        c.send(b'POST /v1/admit HTTP/1.1\r\nContent-Length: 40\r\n\r\n{"flow": ')
+        c.send(b'POST /v1/admit HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\n\r\n{"flow": ')
         r = await c.response()
         assert r.status == 408 and r.headers["connection"] == "close"
         assert 0.15 < time.monotonic() - started < 0.8
@@ -769,7 +769,7 @@ def test_slow_client_408_and_closed() -> None:
 
         c = await Client.open(port)  # headers trickling in, each piece well within the timeout
         started = time.monotonic()
-        c.send(b"GET /healthz HTTP/1.1\r\n")
+        c.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
         for _ in range(12):  # 0.24 s: past the timeout (the server drains input while it lingers)
             await asyncio.sleep(0.02)
             c.send(b"X-A: b\r\n")
@@ -949,11 +949,40 @@ def test_connection_close_and_http10() -> None:
     serve(t)
 
 
+def test_host_header_rules_and_the_absolute_form() -> None:
+    """RFC 9112 3.2: an HTTP/1.1 request without Host, or any request with two Host lines, is a 400
+    (a review: both were served, and in proxy mode forwarded); an HTTP/1.0 request may omit it. RFC
+    9112 3.2.2: a request target in absolute form is accepted, its path is what follows the authority
+    (it was a 404)."""
+    async def t(port: int, fake: FakeAdmission) -> None:
+        for request, why in [(b"GET /healthz HTTP/1.1\r\n\r\n", b"must have a Host"),
+                             (b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", b"more than one Host"),
+                             (b"GET /healthz HTTP/1.0\r\nHost: a\r\nhost: a\r\n\r\n", b"more than one Host")]:
+            c = await Client.open(port)
+            c.send(request)
+            r = await c.response()
+            assert r.status == 400 and why in r.body, (request, r.status, r.body)
+            assert await c.closed()
+        c = await Client.open(port)
+        c.send(b"GET /healthz HTTP/1.0\r\n\r\n")
+        assert (await c.response()).status == 200
+        c = await Client.open(port)
+        for target in (b"http://flowshard:8080/healthz", b"HTTPS://x/healthz?y=1"):
+            c.send(b"GET %b HTTP/1.1\r\nHost: x\r\n\r\n" % target)
+            r = await c.response()
+            assert r.status == 200 and r.body == b'{"status":"ok"}', (target, r.status, r.body)
+        c.send(b"GET http://x HTTP/1.1\r\nHost: x\r\n\r\n")  # no path: "/", not one of ours
+        assert (await c.response()).status == 404
+        c.close()
+
+    serve(t)
+
+
 def test_expect_100_continue() -> None:
     async def t(port: int, fake: FakeAdmission) -> None:
         c = await Client.open(port)
         body = b'{"flow": "a"}'
-        c.send(b"POST /v1/admit HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+        c.send(b"POST /v1/admit HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
         assert await asyncio.wait_for(c.reader.readline(), 1) == b"HTTP/1.1 100 Continue\r\n"
         assert await c.reader.readline() == b"\r\n"
         c.send(body)
@@ -973,7 +1002,7 @@ def test_expect_100_continue_chunked() -> None:
     async def t(port: int, fake: FakeAdmission) -> None:
         c = await Client.open(port)
         body = b'{"flow": "chunky"}'
-        c.send(b"POST /v1/admit HTTP/1.1\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n")
+        c.send(b"POST /v1/admit HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n")
         await _continue(c)  # only then does the client send its body
         c.send(b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body))
         assert (await c.response()).status == 200
@@ -990,7 +1019,7 @@ def test_expect_100_continue_waits_for_earlier_answers() -> None:
     async def t(port: int, fake: FakeAdmission) -> None:
         c = await Client.open(port)
         body = b'{"flow": "second"}'
-        expect = b"POST /v1/admit HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+        expect = b"POST /v1/admit HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
         c.send(admit(HOLD) + expect)
         await until(lambda: len(fake.admits) == 1)
         await c.silent(0.4)  # past header_timeout: neither a 100 ahead of the first answer, nor a 408

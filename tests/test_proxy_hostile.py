@@ -742,6 +742,37 @@ def test_a_passed_through_head_that_fails_gets_an_error_without_a_body() -> None
     run(go(), timeout=30.0)
 
 
+@pytest.mark.parametrize("keep_alive", [False, True])
+def test_an_http10_client_gets_its_stream_ended_by_close_not_chunked(keep_alive: bool) -> None:
+    """A server must not send Transfer-Encoding to an HTTP/1.0 request (RFC 9112 6.1): its stream comes
+    as the events themselves, ended by closing the connection, whether or not it asked to keep it
+    alive (a review: chunk sizes in the body, and with keep-alive no end the client could find)."""
+    events = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(events)
+        return resp
+
+    async def go() -> None:
+        async with rig([("POST", "/v1/chat/completions", stream)]) as r:
+            reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+            request = _post(stream=True).replace(b"HTTP/1.1\r\n", b"HTTP/1.0\r\n", 1)
+            if keep_alive:
+                request = request.replace(b"\r\n", b"\r\nconnection: keep-alive\r\n", 1)
+            writer.write(request)
+            got = await asyncio.wait_for(reader.read(), 5.0)  # to the end: the connection is closed
+            head, body = got.split(b"\r\n\r\n", 1)
+            assert b"transfer-encoding" not in head.lower() and b"connection: close" in head.lower(), head
+            assert body == events, body
+            assert await _released(r.admission, 1, 3.0)
+            writer.close()
+
+    run(go(), timeout=30.0)
+
+
 def test_idle_backend_connections_are_closed_after_keepalive_timeout() -> None:
     """A connection idle for longer than `keepalive_timeout` is not written to again: the next
     request opens a new one (aiohttp's default kept it 15 s, past vLLM's and SGLang's own 5 s, so a
@@ -907,13 +938,15 @@ def test_a_101_answer_is_a_protocol_failure_tried_elsewhere_not_passed_on() -> N
 def test_what_a_backend_answers_without_a_body_keeps_its_framing() -> None:
     """A 204 goes on without a `content-length` (RFC 9110 forbids it there), a HEAD's answer keeps the
     length the backend gave, and headers that a `connection` header names are hop-by-hop: not
-    forwarded, either way (a review: `content-length: 0` on both; `x-hop` reached the backend)."""
+    forwarded, either way, nor is `proxy-connection` (reviews: `content-length: 0` on both; `x-hop`
+    reached the backend; `proxy-connection` reached the client)."""
     seen: list[dict[str, str]] = []
 
     async def no_content(request: web.Request) -> web.StreamResponse:
         await request.read()
         seen.append(dict(request.headers))
-        return web.Response(status=204, headers={"connection": "x-back", "x-back": "1", "x-kept": "2"})
+        return web.Response(status=204, headers={"connection": "x-back", "x-back": "1", "x-kept": "2",
+                                                 "proxy-connection": "keep-alive"})
 
     async def models(request: web.Request) -> web.StreamResponse:
         return web.json_response({"object": "list", "data": [{"id": "m"}]})
@@ -927,7 +960,7 @@ def test_what_a_backend_answers_without_a_body_keeps_its_framing() -> None:
                          b"x-hop: secret\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body))
             head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)).lower()
             assert head.startswith(b"http/1.1 204") and b"content-length" not in head, head
-            assert b"x-back" not in head and b"x-kept: 2" in head, head
+            assert b"x-back" not in head and b"proxy-connection" not in head and b"x-kept: 2" in head, head
             assert "x-hop" not in {k.lower() for k in seen[0]}, seen
             writer.write(b"HEAD /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
             head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)).lower()
