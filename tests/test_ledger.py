@@ -353,6 +353,25 @@ def test_byte_budget_is_exact_across_shards():
     m.check_empty()
 
 
+def test_a_byte_grant_below_a_queued_request_ends_the_plan():
+    """Under a byte budget a grant's reserve follows its shard's mean request size, which can be below
+    its head's: 500, 0 and 0 bytes queued made 334-byte grants, handed back for the 500-byte head,
+    while the same plan granted the lower band on the other shard, which dispatched first (a review:
+    the service counted the inversion). A reserve below the largest request queued there now ends
+    the plan: the lower band waits for the next one, after the answer."""
+    cfg = config([{"priority": 10, "name": "high"}, {"priority": 0, "name": "low"}], max_inflight_bytes=2202,
+                 max_inflight_requests=10, fast_path=False)
+    m = Model(cfg, 2, raise_on_priority_violation=True)
+    m.admit("x", 0, 1000, shard=1)
+    m.settle()
+    highs = [m.admit("h", 10, size, shard=0) for size in (500, 0, 0)]
+    low = m.admit("l", 0, 100, shard=1)
+    m.settle()
+    assert [d.id for d in m.dispatches][1:] == [*highs, low]
+    m.drain()
+    m.check_empty()
+
+
 # =========================================================================== invariant 3: strict priority
 
 
