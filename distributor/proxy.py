@@ -973,7 +973,8 @@ class Proxy:
         self.remote[acceptor] = _decode_report(body)
 
     def acceptor_exited(self, acceptor: int) -> None:
-        """Its counters as last reported stay counted (what it counted after that is lost with it)."""
+        """Its counters as last reported stay counted (what it counted after that, at most one heartbeat's
+        worth, `distributor.front.REPORT_INTERVAL`, is lost with it)."""
         last = self.remote.pop(acceptor, None)
         if last is not None:
             self.retired.add(last, gauges=False)

@@ -344,8 +344,9 @@ class LinkProxyAsk(msgspec.Struct, tag=31, array_like=True, gc=False):
 
 
 class LinkProxyReport(msgspec.Struct, tag=32, array_like=True, gc=False):
-    """Acceptor -> distributor: the answer to `LinkProxyAsk`: its proxy's counters, msgpack
-    (`distributor.proxy.ProxyReport`), cumulative since the acceptor started."""
+    """Acceptor -> distributor: the answer to `LinkProxyAsk` (or, with `key` 0, pushed with its
+    heartbeat when they changed): its proxy's counters, msgpack (`distributor.proxy.ProxyReport`),
+    cumulative since the acceptor started."""
 
     key: int
     body: bytes

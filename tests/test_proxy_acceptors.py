@@ -127,6 +127,23 @@ def test_the_acceptors_proxy_counters_show_in_metrics_and_stats(launch: Any, fak
     assert metric(samples, "flowshard_proxy_tokens_total", kind="completion") == 12
 
 
+def test_an_acceptor_killed_between_scrapes_keeps_what_it_had_counted(launch: Any, fake_backend: Any) -> None:
+    """Each acceptor pushes its proxy's counters when they change (every 0.25 s at most), not only when
+    a scrape asks: killed with no scrape since it relayed, it keeps them counted. Asked only at a
+    scrape, such an acceptor took every count since the last one with it (a review: 14 of 40)."""
+    fake = fake_backend(ttft=0.0, itl=0.0)
+    svc = launch(proxy_config([fake.url], budget=4), acceptors=2)
+    for _ in range(6):  # one connection each: both acceptors relay some
+        assert client(svc).chat.completions.create(model="m", messages=MSG, max_tokens=3).choices[0].message.content
+    time.sleep(0.6)  # (two pushes' time)
+    for victim in svc.acceptor_procs():
+        victim.kill()
+    until(lambda: acceptors_up(svc, 2), timeout=15.0)
+    samples = svc.metrics()
+    assert metric(samples, "flowshard_proxy_responses_total", route=ROUTE, code="200") == 6
+    assert metric(samples, "flowshard_proxy_tokens_total", kind="completion") == 18
+
+
 def test_proxy_reports_sum_counters_and_an_exited_acceptor_keeps_only_its_counters() -> None:
     from distributor.proxy import BackendFigures, ProxyReport, _decode_report, _encode_report
 
