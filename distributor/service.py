@@ -120,6 +120,18 @@ class WorkerLink(asyncio.Protocol):
         self.service.on_worker_lost(self.shard, self)
 
 
+def _exit_words(status: int | None) -> str:
+    """How a worker ended, in words, from its exit status (`Popen.poll()`; None: it was still running)."""
+    if status is None:
+        return "closed its link"
+    if status < 0:
+        try:
+            return f"was killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"was killed by signal {-status}"
+    return f"exited with status {status}"
+
+
 class Shard:
     """Supervision state of one worker process."""
 
@@ -716,12 +728,19 @@ class Distributor:
         if self._stopping:
             return
         self._state_changed()
+        status = None
         if s.proc is not None:  # reaped first: a worker still running could write its cells after the reset
-            with contextlib.suppress(ProcessLookupError):
-                s.proc.kill()
-            s.proc.wait()
+            try:  # (its link closes as it exits: a dying worker is reaped within moments)
+                status = s.proc.wait(timeout=0.1)
+            except subprocess.TimeoutExpired:  # still running, its link lost: killed here
+                with contextlib.suppress(ProcessLookupError):
+                    s.proc.kill()
+                s.proc.wait()
         now = time.monotonic()
         lost = self.ledger.shard_failed(shard)
+        # (said once per death: a killed or crashed worker was restarted without a line in the log; a review)
+        log.error("shard %d: its worker (pid %d) %s: %d queued request(s) end evicted: shard_failure; restarting it",
+                  shard, s.pid, _exit_words(status), len(lost))
         # Its cells first (it is reaped: nothing writes them now), so that a newcomer a lost victim frees
         # below is routed by counters that agree with the ledger (JSQ-Bytes's `fresh` pick needs them to)
         assert self.shm is not None

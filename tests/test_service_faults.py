@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import struct
@@ -202,6 +203,9 @@ def test_worker_sigkill_under_load_evicts_its_requests_and_restarts(launch: Any)
 
     run(main())
     assert svc.terminate() == 0
+    # the death is said once, with what it cost (a review: only the heartbeat's kill was logged)
+    assert re.search(r"shard 0: its worker \(pid \d+\) was killed by SIGKILL: \d+ queued request\(s\) end "
+                     r"evicted: shard_failure; restarting it", svc.stderr()), svc.stderr()
 
 
 def test_hung_worker_is_detected_killed_and_replaced(launch: Any) -> None:
