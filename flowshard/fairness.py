@@ -354,9 +354,14 @@ class VirtualTokenCounter:
 
     Each flow's counter grows by `cost / weight` per dispatch (weight: the request's own, 0: the flow's
     configured one; cost: the request's declared tokens,
-    else its bytes). A flow that becomes backlogged again is lifted to the smallest counter among
-    the backlogged flows (or, if none, to the counter of the last flow served), so time spent idle
-    is not banked as credit. Keeps a heap of (counter, stamp, flow); stale entries are skipped.
+    else its bytes). A flow that becomes backlogged again is lifted to the counter the latest dispatch
+    started from (start-time fair queueing's virtual time: at most one request's charge below the
+    least backlogged counter), so time spent idle is not banked as credit beyond that. (It was lifted
+    to the least backlogged counter, as in the paper: a flow whose queue empties for a client's round
+    trip after each dispatch, while the other flow takes the slot, came back behind that flow's whole
+    charge each time; 30-token requests next to 1,020-token ones got 0.84 of their token share and
+    the other flow 6.2 times its, a review.) Keeps a heap of (counter, stamp, flow); stale entries
+    are skipped.
     """
 
     name: ClassVar[str] = "vtc"
@@ -385,8 +390,9 @@ class VirtualTokenCounter:
         return None
 
     def activate(self, flow: FlowQueue) -> None:
-        low = self._top()
-        flow.vtc = max(flow.vtc, low.vtc if low is not None else self._floor)
+        floor = self._floor
+        if flow.vtc < floor:
+            flow.vtc = floor
         self._active += 1
         heapq.heappush(self._heap, (flow.vtc, self._stamp(flow), flow))
         self._compact()
@@ -432,8 +438,7 @@ class VirtualTokenCounter:
 
     def _lift(self) -> float:
         """Where a flow that becomes backlogged now is lifted to (`activate`)."""
-        low = self._top()
-        return low.vtc if low is not None else self._floor
+        return self._floor
 
     def _keep(self, flow_id: str, vtc: float, weight: float) -> None:
         """Keep a forgotten flow's counter ahead. Over `REMEMBERED_AHEAD`: those no longer ahead go, then
