@@ -107,7 +107,7 @@ def flow_of(config: ProxyConfig, headers: Mapping[str, str]) -> str:
 
 def priority_of(config: ProxyConfig, headers: Mapping[str, str], model: str, default: int) -> int:
     """The priority header, else the objective's, else the model's (from the config), else `default`."""
-    raw = headers.get(config.priority_header, "").strip()
+    raw = headers.get(config.priority_header, "").strip() if config.priority_header else ""  # ("": not read)
     if raw:
         try:
             priority = int(raw)
@@ -118,7 +118,7 @@ def priority_of(config: ProxyConfig, headers: Mapping[str, str], model: str, def
             raise ClassifyError(400, f"header {config.priority_header}: {priority} is outside [-2^31, 2^31)",
                                 config.priority_header)
         return priority
-    objective = headers.get(config.objective_header, "").strip()
+    objective = headers.get(config.objective_header, "").strip() if config.objective_header else ""
     if objective and objective in config.objectives:
         return config.objectives[objective]
     if model in config.models:
@@ -128,7 +128,7 @@ def priority_of(config: ProxyConfig, headers: Mapping[str, str], model: str, def
 
 def slo_of(config: ProxyConfig, headers: Mapping[str, str]) -> float:
     """The time-to-first-token objective in seconds (the header is in milliseconds); 0 when absent."""
-    raw = headers.get(config.slo_header, "").strip()
+    raw = headers.get(config.slo_header, "").strip() if config.slo_header else ""
     if not raw:
         return 0.0
     try:

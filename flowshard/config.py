@@ -151,8 +151,9 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         self.backends = [check_backend_url(url, "backends") for url in self.backends]
         if len(set(self.backends)) != len(self.backends):
             raise ValueError(f"backends: {self.backends!r} names a backend twice")
-        for name in ("priority_header", "objective_header", "slo_header"):
-            setattr(self, name, _header_name(getattr(self, name), name))
+        for name in ("priority_header", "objective_header", "slo_header"):  # "": not read (clients cannot set it)
+            value = getattr(self, name)
+            setattr(self, name, _header_name(value, name) if value.strip() else "")
         self.flow_headers = [_header_name(h, "flow_headers") for h in self.flow_headers]
         if not self.default_flow or len(self.default_flow) > 256:
             raise ValueError(f"default_flow: {self.default_flow!r} must be 1 to 256 characters")

@@ -59,6 +59,17 @@ def test_priority_header_then_objective_then_model_then_default() -> None:
                     body(), 0).priority == -3
 
 
+def test_headers_named_empty_are_not_read_so_clients_cannot_choose() -> None:
+    """In front of untrusted clients: `flow_headers = []` and `priority_header = ""` (a review: with the
+    defaults a client chose its own flow, API key or not, and its own band; `""` was refused)."""
+    c = load_config('[proxy]\nbackends = ["http://10.0.0.5:8000"]\nflow_headers = []\npriority_header = ""\n'
+                    'objective_header = ""\nslo_header = ""\n').proxy
+    headers = {"x-flowshard-flow": "mine", "x-flowshard-priority": "10", "authorization": "Bearer sk-1",
+               "x-gateway-inference-objective": "chat", "x-slo-ttft-ms": "5", "": "10"}
+    item = classify(c, CHAT, headers, body(), 3)
+    assert item.flow.startswith("key:") and item.priority == 3 and item.slo == 0.0
+
+
 def test_slo_and_cost_estimate() -> None:
     c = cfg(default_max_tokens=100)
     item = classify(c, CHAT, {"x-slo-ttft-ms": "250"}, body(max_tokens=30), 0)
