@@ -186,7 +186,6 @@ _decode_release: Final = msgspec.json.Decoder(ReleaseBody).decode
 _BUSY: Final = frozenset({Outcome.REJECTED_CAPACITY, Outcome.EVICTED_TTL, Outcome.EVICTED_DISPLACED})
 # Outcome -> (pre-built head, status word, reason). `evicted: cancelled` is never delivered to a live
 # connection by a correct distributor; if it is, a 503 keeps the pipeline from hanging.
-_STOPPING: Final = frozenset((Outcome.REJECTED_SHUTTING_DOWN, Outcome.EVICTED_SHUTDOWN))
 _REFUSALS: Final = {
     o: (_HEAD[429 if o in _BUSY else 503], o.status, o.reason) for o in Outcome if o is not Outcome.DISPATCHED
 }
@@ -671,14 +670,7 @@ class HttpConnection(asyncio.Protocol):
         else:
             head, status, reason = _REFUSALS[outcome]
             body = _encode(_Refused(status, reason, int(wait * 1e6) / 1000.0, retry_after, extra))
-            conn = slot.conn
-            if outcome in _STOPPING:  # the service is going: this connection is closed after the answer,
-                # and says so, so the client opens a new one (refused: it fails over) instead of sending
-                # its next request as the process exits (a review: 10 of 10 keep-alive clients lost one)
-                conn = _CONN_CLOSE
-                slot.close = max(slot.close, _CLOSE)
-                self._stopped = True
-            slot.data = _render(head, body, conn, b"retry-after: %d\r\n" % retry_after)
+            slot.data = _render(head, body, slot.conn, b"retry-after: %d\r\n" % retry_after)
         # `_filled` inlined: once per admission (measured)
         if self._closing or self._transport.is_closing():  # is_closing: uvloop dropped it on a read error
             self._closing = True  # the slot stays queued, unwritten: connection_lost settles it

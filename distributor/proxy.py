@@ -78,7 +78,6 @@ _DROP_RESPONSE: Final = frozenset({
     "proxy-connection",
 })
 _BUSY: Final = frozenset({Outcome.REJECTED_CAPACITY, Outcome.EVICTED_TTL, Outcome.EVICTED_DISPLACED})
-_STOPPING: Final = frozenset({Outcome.REJECTED_SHUTTING_DOWN, Outcome.EVICTED_SHUTDOWN})
 _WHY: Final = {
     Outcome.REJECTED_CAPACITY: "the queue is full",
     Outcome.EVICTED_TTL: "it waited in the queue past its TTL",
@@ -365,11 +364,9 @@ class Exchange:
         message = f"flowshard: {label}: {_WHY[outcome]}; retry after {retry_after} s"
         extra = b"retry-after: %d\r\nx-llm-d-request-dropped-reason: %b\r\n" % (retry_after, reason.encode())
         kind = "rate_limit_exceeded" if status == 429 else "service_unavailable"
-        stopping = outcome in _STOPPING  # the service is going: the connection is closed after this answer,
-        # and says so (a review: keep-alive clients sent their next request as the process exited)
-        self.conn.slot_end(
-            self.slot, error_response(status, message, kind, outcome.label.replace(":", "_"), None,
-                                      _CONN_CLOSE if stopping else self.conn_hdr, extra), close=stopping)
+        self.conn.slot_respond(
+            self.slot, error_response(status, message, kind, outcome.label.replace(":", "_"), None, self.conn_hdr,
+                                      extra))
 
     def fail(self, cid: Any, message: str) -> None:
         """The admission failed on an internal error (in an acceptor: the distributor answered `Error`,

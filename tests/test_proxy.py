@@ -459,7 +459,6 @@ def test_drain_deadline_ends_a_queued_request_with_shutdown_not_a_late_dispatch(
     head, _, payload = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503"), answer
     assert b"x-llm-d-request-dropped-reason: evicted-shutdown" in head.lower(), answer
-    assert b"\r\nconnection: close" in head.lower(), answer  # (and closed: the recv loop above ended)
     assert json.loads(payload)["error"]["code"] == "evicted_shutdown"
     with pytest.raises(openai.APIError):
         list(stream)

@@ -728,7 +728,7 @@ def test_sigterm_drains_through_the_acceptors(launch: Any) -> None:
         futs = [c.admit(f"q{i}", size=10) for i in range(3) for c in cs]
         hs = [asyncio.ensure_future(admit_http(svc.http_port, f"h{i}", bytes=10, timeout=10)) for i in range(2)]
         await _queued(svc, 8)
-        keep, _ = await http_conns_on(svc, 2)
+        keep, _ = await http_conns_on(svc, 1)
         assert (await keep[0].request("GET", "/readyz")).status == 200
         svc.signal(signal.SIGTERM)
         # new connections are refused once the drain has begun (the distributor closed its ports)
@@ -748,9 +748,8 @@ def test_sigterm_drains_through_the_acceptors(launch: Any) -> None:
         assert late.outcome is Outcome.REJECTED_SHUTTING_DOWN, late
         r = await keep[0].request("POST", "/v1/admit", {"flow": "late"})
         assert r.status == 503 and (r.json()["outcome"], r.json()["reason"]) == ("rejected", "shutting_down"), r
-        assert r.headers["connection"] == "close" and await keep[0].closed_by_peer()  # (its next would race the exit)
-        assert (await keep[1].request("GET", "/readyz")).status == 503
-        keep[1].close()
+        assert (await keep[0].request("GET", "/readyz")).status == 503
+        keep[0].close()
         # the queue still drains while it may: one released ticket -> one more dispatch; the rest end
         # as evicted:shutdown when the drain times out, delivered through the acceptors
         assert await cs[0].release(hold.ticket)
