@@ -132,6 +132,42 @@ class FlowUsage(msgspec.Struct, gc=False):
 _NO_USAGE = FlowUsage()  # what a flow with nothing queued holds, for `Ledger.check` (read only)
 
 
+class QueuedSizes:
+    """The sizes of the requests queued on one (band, shard), for the largest of them (byte budgets only):
+    a count per size and a max-heap of sizes, cleaned lazily (amortised O(log n) per request)."""
+
+    __slots__ = ("count", "heap")
+
+    def __init__(self) -> None:
+        self.count: dict[int, int] = {}
+        self.heap: list[int] = []  # sizes, negated; one whose count is gone is stale
+
+    def add(self, size: int) -> None:
+        count = self.count
+        n = count.get(size, 0)
+        count[size] = n + 1
+        if not n:
+            heap = self.heap
+            heapq.heappush(heap, -size)
+            if len(heap) > 2 * len(count) + 64:  # stale entries below the top: rebuilt from the counts
+                self.heap = heap = [-s for s in count]
+                heapq.heapify(heap)
+
+    def remove(self, size: int) -> None:
+        count = self.count
+        n = count[size] - 1
+        if n:
+            count[size] = n
+        else:
+            del count[size]
+
+    def largest(self) -> int:
+        heap, count = self.heap, self.count
+        while heap and -heap[0] not in count:
+            heapq.heappop(heap)
+        return -heap[0] if heap else 0
+
+
 class LedgerBand:
     """Counts for one band: totals, per flow, per shard, grants outstanding, arrival order."""
 
@@ -167,10 +203,10 @@ class LedgerBand:
         "shard_fresh",
         "shard_granted",
         "shard_items",
-        "shard_largest",
         "shard_late",
         "shard_order",
         "shard_planned",
+        "shard_sizes",
         "shard_stale",
         "shard_tags",
         "shard_vtime",
@@ -178,6 +214,7 @@ class LedgerBand:
         "sharing",
         "short",
         "spread",
+        "unsure",
         "vclock",
     )
 
@@ -207,9 +244,12 @@ class LedgerBand:
         self.queued_items = self.queued_bytes = 0
         self.shard_items = [0] * shards
         self.shard_bytes = [0] * shards
-        # the largest request queued here since the band's queue here was last empty: at least its
-        # head's size, so a grant of that many bytes cannot be handed back for the head's size
-        self.shard_largest = [0] * shards
+        # Under a byte budget, the sizes queued here (their largest: a grant of at least that many bytes
+        # cannot be handed back for its head's size); and the band's grants out whose bytes may fall
+        # short of their head, while the bands below wait (`Ledger._plan`)
+        self.shard_sizes = ([QueuedSizes() for _ in range(shards)]
+                            if config.budget.max_inflight_bytes is not None else None)
+        self.unsure = 0
         self.shard_granted = [0] * shards
         self.shard_stale = [0] * shards  # the oldest grants outstanding here that no queued request may need
         # Of the requests here, those queued since the band's latest grant to the shard was planned (in
@@ -363,7 +403,8 @@ class Ledger:
         self.timer: Callable[[], float] | None = None
         self.asked_at = [_INF] * shards
         # per shard, its grants outstanding in the order it answers them: (band, reserve, charge, saturation)
-        self._grants: list[deque[tuple[int, int, float, float]]] = [deque() for _ in range(shards)]
+        # per shard, its grants in the order it answers them: (band, reserve, charge, saturation, unsure)
+        self._grants: list[deque[tuple[int, int, float, float, bool]]] = [deque() for _ in range(shards)]
         self.plans = 0  # grant plans made so far (`Pending.plans`, `LedgerBand.shard_planned`)
         self._weights = config.weights
         self._need: dict[tuple[int, int], int] = {}
@@ -532,7 +573,7 @@ class Ledger:
                     # plus the estimates of the band's grants still out there (a request that left without
                     # its grant: the answer takes its estimate out again; a review: lost here, the shard's
                     # virtual time fell by it, as far as the estimate is large, and it took every grant)
-                    band.shard_vtime[shard] = start + (sum(c for b, _, c, _ in self._grants[shard] if b == band.index)
+                    band.shard_vtime[shard] = start + (sum(g[2] for g in self._grants[shard] if g[0] == band.index)
                                                        if band.shard_granted[shard] else 0.0)
                     band.shard_weight[shard] = weight
                     band.shard_tags[shard] = weight * start
@@ -565,10 +606,10 @@ class Ledger:
         if band.counts_home and not band.shard_items[shard]:  # global-fcfs, its first request on `shard`
             band.spread = spread = band.spread + 1
             band.home = shard if spread == 1 else -1
-        items = band.shard_items[shard]
-        if not items or size > band.shard_largest[shard]:
-            band.shard_largest[shard] = size
-        band.shard_items[shard] = items + 1
+        sizes = band.shard_sizes
+        if sizes is not None:
+            sizes[shard].add(size)
+        band.shard_items[shard] += 1
         band.shard_late[shard] += 1  # (behind any grant outstanding there)
         p.plans = self.plans
         band.shard_bytes[shard] += size
@@ -624,6 +665,9 @@ class Ledger:
         band.queued_items -= 1
         band.queued_bytes -= size
         band.shard_items[shard] -= 1
+        sizes = band.shard_sizes
+        if sizes is not None:
+            sizes[shard].remove(size)
         if not covered:  # the grants outstanding there beyond the requests that may use them are stale
             granted = band.shard_granted[shard]
             # beyond the requests queued before the latest plan; and every grant of an earlier plan (it
@@ -754,6 +798,8 @@ class Ledger:
                 ):
                     band = candidate
                     break
+                if candidate.unsure:  # its grants may come back for their heads' sizes: the bands below wait
+                    return out
             if band is None:
                 return out
             index, fair = band.index, band.fair
@@ -776,15 +822,18 @@ class Ledger:
             if max_bytes != _INF:
                 hint = max(self._need.get((index, shard), 0), self._typical_size(band, shard))
                 room = max_bytes - used_bytes
-                largest = band.shard_largest[shard]
+                largest = band.shard_sizes[shard].largest()  # type: ignore[index]  # (a byte budget: kept)
                 if used == 0:
                     reserve = int(max(room, hint, largest))
                 elif room >= hint:
-                    reserve = int(min(room, max(2 * hint, largest)))
-                    # A reserve below a request queued there may be handed back for its head's size, and
-                    # the band is counted covered meanwhile: a lower band granted in this plan went
-                    # ahead of it on another shard (a review: 334-byte grants for a 500-byte head, the
-                    # mean of 500, 0 and 0; 1,202 bytes free). So this plan ends with this grant.
+                    reserve = int(min(room, 2 * hint))
+                    # A reserve below a request queued there may be handed back for its head's size, with
+                    # the band counted covered meanwhile: a lower band granted then went ahead of it on
+                    # another shard (a review: 334-byte grants for a 500-byte head, the mean of 500, 0
+                    # and 0; 1,202 bytes free). Such a grant is `unsure`: until it is answered the bands
+                    # below get no grant. (Reserving the largest instead cut a backlog of 100-byte
+                    # requests to one grant a plan for as long as a 90 kB one was queued, or, kept as
+                    # a bound that fell only as the queue emptied, for ever after: a review.)
                     unsure = reserve < largest
                 else:
                     return out  # the head likely does not fit: wait for releases (strict priority)
@@ -805,10 +854,10 @@ class Ledger:
             self.grants_out += 1
             if reserve > 0:
                 self.grants_bytes += reserve
-            grants[shard].append((index, reserve, charge, saturation))
+            grants[shard].append((index, reserve, charge, saturation, unsure))
             out.append((shard, index, reserve, saturation))
             if unsure:
-                return out
+                band.unsure += 1
             if not fair and max_bytes == _INF and external is None and (single or home >= 0) and _RUNS:
                 # A run (at one shard, or a band on its home shard, with no byte budget and no second
                 # detector): the loop would choose this band and shard again while that shard holds more
@@ -829,7 +878,7 @@ class Ledger:
                     granted[shard] += 1
                     band.shard_fresh[shard] += 1
                     self.grants_out += 1
-                    queue.append((index, -1, 0.0, saturation))
+                    queue.append((index, -1, 0.0, saturation, False))
                     out.append((shard, index, -1, saturation))
             elif fair:
                 live = band.shard_granted[shard] - band.shard_stale[shard]
@@ -998,7 +1047,7 @@ class Ledger:
         outstanding = band.shard_granted[home]  # (the band's grants there, stale ones included)
         if outstanding:
             grants = self._grants[home]
-            self._grants[home] = deque((b, r, charge if b == index else c, s) for b, r, c, s in grants)
+            self._grants[home] = deque((b, r, charge if b == index else c, s, u) for b, r, c, s, u in grants)
         vtime = clock + charge if band.served else clock
         finish = vtime - outstanding * charge
         for flow in band.flows.values():
@@ -1041,8 +1090,10 @@ class Ledger:
         at `dispatched_at` (ns, the shard's clock read after its engine committed it; 0: not known)
         is judged after the next plan (`close_window`).
         """
-        band_index, reserve, charge, saturation = self._grants[shard].popleft()
+        band_index, reserve, charge, saturation, unsure = self._grants[shard].popleft()
         band = self.bands[band_index]
+        if unsure:
+            band.unsure -= 1
         served = dispatched.band if dispatched is not None else -1  # (read once)
         # a dispatch of the grant's own band on a live grant leaves it covered (`leave(covered=True)`): no rise
         track = self.clock is not None and served != band_index
@@ -1144,8 +1195,9 @@ class Ledger:
 
     def shard_failed(self, shard: int) -> list[Pending]:
         """Forget a dead shard's grants; return the requests it held (to end as shard failures)."""
-        for band_index, reserve, _, _ in self._grants[shard]:
+        for band_index, reserve, _, _, unsure in self._grants[shard]:
             band = self.bands[band_index]
+            band.unsure -= unsure
             band.granted -= 1
             band.shard_granted[shard] -= 1
             self.grants_out -= 1

@@ -353,12 +353,12 @@ def test_byte_budget_is_exact_across_shards():
     m.check_empty()
 
 
-def test_a_byte_grant_below_a_queued_request_ends_the_plan():
+def test_a_byte_grant_below_a_queued_request_holds_the_bands_below_until_answered():
     """Under a byte budget a grant's reserve follows its shard's mean request size, which can be below
     its head's: 500, 0 and 0 bytes queued made 334-byte grants, handed back for the 500-byte head,
-    while the same plan granted the lower band on the other shard, which dispatched first (a review:
-    the service counted the inversion). A reserve below the largest request queued there now ends
-    the plan: the lower band waits for the next one, after the answer."""
+    while the band, counted covered, let a lower band be granted on the other shard, which dispatched
+    first (a review: the service counted the inversion). Such a grant is unsure: until it is answered
+    the bands below get nothing, in this plan or the next."""
     cfg = config([{"priority": 10, "name": "high"}, {"priority": 0, "name": "low"}], max_inflight_bytes=2202,
                  max_inflight_requests=10, fast_path=False)
     m = Model(cfg, 2, raise_on_priority_violation=True)
@@ -370,6 +370,41 @@ def test_a_byte_grant_below_a_queued_request_ends_the_plan():
     assert [d.id for d in m.dispatches][1:] == [*highs, low]
     m.drain()
     m.check_empty()
+
+    ledger = Ledger(cfg, 2)
+    held = Pending(1, "x", 1, 1000)
+    ledger.enqueue(held, 1)
+    ledger.plan_grants()
+    ledger.grant_answered(1, 1000)
+    ledger.leave(held, covered=True)
+    for i, size in enumerate((500, 0, 0)):
+        ledger.enqueue(Pending(2 + i, "h", 0, size), 0)
+    assert [g[:3] for g in ledger.plan_grants()] == [(0, 0, 334)] * 3  # each below the 500-byte head
+    ledger.enqueue(Pending(5, "l", 1, 100), 1)
+    assert ledger.plan_grants() == []  # the next plan too: low waits for the high grants' answers
+    for _ in range(3):
+        ledger.grant_answered(0, None, need=500)
+    assert [g[:2] for g in ledger.plan_grants()][:1] == [(0, 0)]  # high first, now with room for its head
+
+
+def test_a_large_request_long_gone_does_not_shrink_byte_plans():
+    """The largest request queued on a (band, shard) is counted exactly, not as a bound that falls
+    only when its queue empties: one 90 kB request served earlier cut a backlog of 100-byte requests
+    to one grant a plan for good (a review)."""
+    ledger = Ledger(config(max_inflight_bytes=100_000, max_inflight_requests=None), 1)
+    big = Pending(1, "a", 0, 90_000)
+    ledger.enqueue(big, 0)
+    backlog = [Pending(2 + i, "a", 0, 100) for i in range(1000)]
+    for p in backlog:
+        ledger.enqueue(p, 0)
+    ledger.plan_grants()
+    ledger.grant_answered(0, 90_000)
+    ledger.leave(big, covered=True)
+    ledger.budget.release(90_000)
+    assert len(ledger.plan_grants()) == 1  # nothing in flight: one grant takes the whole room
+    ledger.grant_answered(0, 100)
+    ledger.leave(backlog[0], covered=True)
+    assert len(ledger.plan_grants()) > 100  # 200 bytes each, of the 99,900 left
 
 
 # =========================================================================== invariant 3: strict priority
