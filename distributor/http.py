@@ -1049,9 +1049,10 @@ class HttpConnection(asyncio.Protocol):
         request's task that awaits it). A large answer written
         before its turn would be kept whole and written at once then (a review: past
         write_buffer_limit, a client reading at full speed was dropped)."""
-        if self._dead or (self._queue and self._queue[0] is slot):
+        if self._dead or (self._queue and self._queue[0] is slot and not self._closing):
             return None
-        if slot.turn is None:
+        if slot.turn is None:  # (closing after an answer ahead of it, a 1.0 stream's: the turn never comes,
+            # the close ends its task; a review: given it, a stream was read whole while the close went on)
             slot.turn = self._loop.create_future()
         return slot.turn
 
@@ -1177,7 +1178,9 @@ class HttpConnection(asyncio.Protocol):
             if slot.close:
                 close = slot.close
                 break
-        if q and q[0].turn is not None:  # its relay waits for its turn: it has it
+        if q and q[0].turn is not None and not close:  # its relay waits for its turn: it has it (not behind
+            # a closing answer: it never comes; the close ends its task. A review: behind an HTTP/1.0
+            # stream, a pipelined one was read whole into memory while the connection closed)
             turn, q[0].turn = q[0].turn, None
             if not turn.done():
                 turn.set_result(None)

@@ -35,7 +35,6 @@ import http
 import logging
 import math
 import os
-import re
 import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
@@ -47,7 +46,16 @@ from yarl import URL
 
 from distributor.api import Admission, Audit
 from distributor.backends import LOCAL_SHORTAGE, Backend, BackendPool, Scraper, failure_kind
-from flowshard.classify import Classified, ClassifyError, SseUsage, Usage, classify, usage_from_body, usage_problem
+from flowshard.classify import (
+    Classified,
+    ClassifyError,
+    SseUsage,
+    Usage,
+    classify,
+    done_end,
+    usage_from_body,
+    usage_problem,
+)
 from flowshard.codec import LinkBackends
 from flowshard.config import Config
 from flowshard.types import Outcome
@@ -89,18 +97,6 @@ _WHY: Final = {
 }
 
 _encode = msgspec.json.Encoder().encode
-# OpenAI's end of stream: an event whose data is `[DONE]` (no space after `data:` is valid SSE, and so
-# are comment lines in the event, and line ends of CRLF, LF or a CR alone), wherever it falls in what one
-# read gave (a review: `[DONE]` followed by another event in the same read, or ended by CRLF, was not
-# seen, and the client waited for read_timeout; ended by CRs alone, the same). Its event begins at the
-# start of what the relay passes or after a blank line (`SseUsage.feed` passes whole events; blank lines
-# may come first: a lone LF in a read of its own, a review), has no other data line, and ends at the
-# next blank line. (A CR followed by LF is one line end: `\r(?!\n)` keeps it from reading as two.)
-_EOL = rb"(?:\r\n|\r(?!\n)|\n)"
-_DONE: Final = re.compile(
-    rb"(?:\A|" + _EOL + _EOL + rb")" + _EOL + rb"*(?:(?!data)[^\r\n]+" + _EOL + rb")*data: ?\[DONE\]" + _EOL
-    + rb"(?:(?!data)[^\r\n]+" + _EOL + rb")*" + _EOL
-)
 _CHUNKED: Final = b"transfer-encoding: chunked\r\n"
 _CONN_CLOSE: Final = b"connection: close\r\n"
 _FLUSH_AT_CLOSE: Final = 0.5  # the most close() waits for the answers it ended to leave this process
@@ -843,9 +839,11 @@ class Proxy:
                 out = relay.feed(data)
                 if out:
                     stats.chunks += 1
-                    done = _DONE.search(out) if b"[DONE]" in out else None
-                    if done is not None:  # the client has all it needs: end its response now
-                        out = out[:done.end()]  # (what follows is owed to nobody)
+                    done = done_end(out)  # OpenAI's end of stream, wherever it falls in this read (a review:
+                    # followed by another event in the same read, or ended by CRLF or CRs, it was not seen,
+                    # and the client waited for read_timeout)
+                    if done >= 0:  # the client has all it needs: end its response now
+                        out = out[:done]  # (what follows is owed to nobody)
                         ended = True
                         conn.slot_end(slot, b"%x\r\n%b\r\n0\r\n\r\n" % (len(out), out) if chunked else out,
                                       close=not chunked)

@@ -20,11 +20,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 from servicekit import run
+from test_classify import _sse_events
 from test_proxy import MSG, _RecordingAdmission
 
 from distributor.backends import ERROR_ANSWERS_TO_FAIL, MAX_METRICS_BYTES, BackendPool, Scraper
 from distributor.http import HttpLimits, start_http_server
 from distributor.proxy import MAX_PASSTHROUGHS, Proxy
+from flowshard.classify import done_end
 from flowshard.config import Config, ProxyConfig
 from flowshard.types import Outcome
 from flowshard.utilization import PoolUtilization
@@ -773,6 +775,43 @@ def test_an_http10_client_gets_its_stream_ended_by_close_not_chunked(keep_alive:
     run(go(), timeout=30.0)
 
 
+def test_a_stream_pipelined_behind_an_http10_stream_is_never_read() -> None:
+    """An HTTP/1.0 stream ends by closing its connection: a stream pipelined behind it never gets its
+    turn, so nothing of it is read, and the close ends its exchange (its ticket released). Handed
+    the turn anyway (a review), it was read whole into memory while the connection closed: 197 MB."""
+    piece = b"data: " + json.dumps({"choices": [{"delta": {"content": "x" * 4000}}]}).encode() + b"\n\n"
+    written = {"big": 0}
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        doc = await request.json()
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            if doc.get("max_tokens") == 1:
+                await resp.write(piece + b"data: [DONE]\n\n")
+                return resp
+            for _ in range(10_000):  # ~40 MB
+                await resp.write(piece)
+                written["big"] += len(piece)
+        return resp
+
+    async def go() -> None:
+        async with rig([("POST", "/v1/chat/completions", answer)]) as r:
+            reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+            http10 = b"HTTP/1.0\r\nconnection: keep-alive\r\n"
+            first = _post(stream=True, max_tokens=1).replace(b"HTTP/1.1\r\n", http10, 1)
+            second = _post(stream=True).replace(b"HTTP/1.1\r\n", http10, 1)
+            writer.write(first + second)
+            got = await asyncio.wait_for(reader.read(), 10.0)  # stream 1, then the close
+            assert got.count(b"HTTP/1.") == 1 and got.endswith(b"data: [DONE]\n\n"), got[-200:]
+            await asyncio.sleep(1.0)
+            assert written["big"] < 20_000_000, written
+            writer.close()
+            assert await _released(r.admission, 2, 5.0)
+
+    run(go(), timeout=30.0)
+
+
 def test_idle_backend_connections_are_closed_after_keepalive_timeout() -> None:
     """A connection idle for longer than `keepalive_timeout` is not written to again: the next
     request opens a new one (aiohttp's default kept it 15 s, past vLLM's and SGLang's own 5 s, so a
@@ -978,20 +1017,24 @@ def test_what_a_backend_answers_without_a_body_keeps_its_framing() -> None:
 def test_done_ends_only_an_event_whose_data_is_done() -> None:
     """The end of stream is an event whose data is `[DONE]`: not a `data: [DONE]` line of an event
     with other data (a review: `data: x\\ndata: [DONE]` ended the stream and dropped what followed),
-    nor `[DONE]` inside a JSON string; with comment or other field lines in its event, it is."""
-    from distributor.proxy import _DONE
-
+    nor `[DONE]` inside a JSON string; with comment or other field lines in its event, and any line
+    ends, it is. Found in linear time: a regex over the line ends before it backtracked quadratically
+    (a review: 12,000 CRs before a `[DONE]` in a content string stalled the event loop 3 s)."""
     ends = [b"data: [DONE]\n\n", b"\ndata: [DONE]\n\n", b"\r\n\r\ndata: [DONE]\r\n\r\n", b"data:[DONE]\r\n\r\n",
-            b"data: [DONE]\n: ping\n\n", b"event: end\ndata: [DONE]\n\n",
-            b'data: {"a": 1}\n\ndata: [DONE]\n\ndata: {"late": 1}\n\n']
+            b"data: [DONE]\n: ping\n\n", b"event: end\ndata: [DONE]\n\n", b"data: [DONE]\r\r", b"data: [DONE]\n\r\n",
+            b'data: {"a": 1}\n\ndata: [DONE]\n\ndata: {"late": 1}\n\n', b'data: {"a": 1}\r\rdata: [DONE]\r\r']
     not_ends = [b"data: x\ndata: [DONE]\n\n", b"data: [DONE]\ndata: x\n\n", b'data: {"c": "data: [DONE]\\n\\n"}\n\n',
-                b"data: [DONE]x\n\n", b"xdata: [DONE]\n\n"]
+                b"data: [DONE]x\n\n", b"xdata: [DONE]\n\n", b"data: [DONE]\rdata: x\r\r", b"data: [DONE]\n"]
     for page in ends:
-        done = _DONE.search(page)
-        assert done is not None and page[: done.end()].endswith((b"\n\n", b"\r\n\r\n")), page
-        assert b"late" not in page[: done.end()], page
+        end = done_end(page)
+        assert end > 0 and _sse_events(page[:end])[-1:] == [b"[DONE]"] and b"late" not in page[:end], page
     for page in not_ends:
-        assert _DONE.search(page) is None, page
+        assert done_end(page) == -1, page
+    for pad in (b"\r", b"\n", b"\r\n"):
+        page = pad * 20_000 + b'data: {"choices":[{"delta":{"content":"say [DONE]"}}]}\n\n'
+        started = time.perf_counter()
+        assert done_end(page) == -1
+        assert time.perf_counter() - started < 0.5  # (linear: ~5 ms)
 
 
 @pytest.mark.parametrize("case", ["head", "204"])
