@@ -356,7 +356,8 @@ class VirtualTokenCounter:
     configured one; cost: the request's declared tokens,
     else its bytes). A flow that becomes backlogged again is lifted to the counter the latest dispatch
     started from (start-time fair queueing's virtual time: at most one request's charge below the
-    least backlogged counter), so time spent idle is not banked as credit beyond that. (It was lifted
+    least backlogged counter; moved up by later corrections), and a new flow to the least backlogged
+    counter, so time spent idle is not banked as credit beyond that. (It was lifted
     to the least backlogged counter, as in the paper: a flow whose queue empties for a client's round
     trip after each dispatch, while the other flow takes the slot, came back behind that flow's whole
     charge each time; 30-token requests next to 1,020-token ones got 0.84 of their token share and
@@ -390,9 +391,13 @@ class VirtualTokenCounter:
         return None
 
     def activate(self, flow: FlowQueue) -> None:
-        floor = self._floor
-        if flow.vtc < floor:
-            flow.vtc = floor
+        # A flow served before comes back where the latest dispatch started; a new one (never charged
+        # here: its counter is 0) level with the least served, as in the paper: started one charge
+        # lower, flow ids used once each took more at a steady flow's expense (a review: its share of
+        # tokens 0.34 -> 0.21 against 4 such clients)
+        lift = self._floor if flow.vtc > 0.0 else self._lift()
+        if flow.vtc < lift:
+            flow.vtc = lift
         self._active += 1
         heapq.heappush(self._heap, (flow.vtc, self._stamp(flow), flow))
         self._compact()
@@ -420,11 +425,20 @@ class VirtualTokenCounter:
         service; divided by the flow's weight at release, a request charged at weight 4 and corrected
         after one at weight 1 was queued left the counter 7,490 below where it began: a review). A
         backlogged flow's entry is renewed."""
-        flow.vtc += delta / weight
+        moved = delta / weight
+        flow.vtc += moved
         if flow.stamp:  # (the old entry goes stale: compacted, as activate's are; a review saw 36,669
             # entries for 2 flows after 50,000 dispatches whose releases reported fewer tokens)
             heapq.heappush(self._heap, (flow.vtc, self._stamp(flow), flow))
             self._compact()
+            if moved > 0:  # a backlogged flow had service that was not counted: where a returning flow
+                # starts moves with it, up to the least backlogged counter (a review: kept where the
+                # latest dispatch started, a flow idle while another's 1-token declarations were
+                # corrected to 1,000 came back 3,900 tokens ahead of it). An idle flow's correction is
+                # its own to pay back when it returns.
+                low = self._top()
+                if low is not None:
+                    self._floor = max(self._floor, min(self._floor + moved, low.vtc))
 
     def forget(self, flow: FlowQueue) -> None:
         """The shard forgets `flow` (idle): its counter is kept if it is ahead of where the flow would be
@@ -437,8 +451,11 @@ class VirtualTokenCounter:
             self._keep(flow.id, flow.vtc, flow.weight)
 
     def _lift(self) -> float:
-        """Where a flow that becomes backlogged now is lifted to (`activate`)."""
-        return self._floor
+        """Where a new flow (a forgotten one, if it comes back) is lifted to: the least backlogged
+        counter, or where the latest dispatch started if that is higher or none is backlogged."""
+        low = self._top()
+        floor = self._floor
+        return low.vtc if low is not None and low.vtc > floor else floor
 
     def _keep(self, flow_id: str, vtc: float, weight: float) -> None:
         """Keep a forgotten flow's counter ahead. Over `REMEMBERED_AHEAD`: those no longer ahead go, then
