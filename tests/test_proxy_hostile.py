@@ -446,6 +446,23 @@ class _BudgetAdmission(_RecordingAdmission):
         self.unclaimed.append(ticket)
 
 
+@contextlib.asynccontextmanager
+async def budgeted(routes: list[tuple[str, str, Handler]], budget: int) -> AsyncIterator[
+        tuple[_BudgetAdmission, Proxy, int]]:
+    """The proxy and its HTTP front in front of a backend serving `routes`, with an admission that
+    dispatches in arrival order within `budget` tickets: (admission, proxy, the front's port)."""
+    async with backend(routes) as url:
+        admission = _BudgetAdmission(budget)
+        px = Proxy(Config(proxy=ProxyConfig(backends=[url], utilization=False)), admission, lambda: None)
+        await px.start()
+        server = await start_http_server(admission, "127.0.0.1", 0, HttpLimits(), lease=300.0, proxy=px)
+        try:
+            yield admission, px, server.sockets[0].getsockname()[1]
+        finally:
+            server.close()
+            await px.close()
+
+
 def test_the_budget_bounds_the_answers_the_proxy_holds_for_a_pipelining_client() -> None:
     """A whole answer keeps its ticket until it is written to its client, not only until its backend
     is done with it: that is what bounds the answers the proxy holds in memory. Released as soon as
@@ -463,21 +480,13 @@ def test_the_budget_bounds_the_answers_the_proxy_holds_for_a_pipelining_client()
         return web.Response(body=big, content_type="application/json")
 
     async def go() -> None:
-        async with backend([("POST", "/v1/chat/completions", answer)]) as url:
-            admission = _BudgetAdmission(2)
-            px = Proxy(Config(proxy=ProxyConfig(backends=[url], utilization=False)), admission, lambda: None)
-            await px.start()
-            server = await start_http_server(admission, "127.0.0.1", 0, HttpLimits(), lease=300.0, proxy=px)
-            try:
-                _reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
-                writer.write(_post(stream=True) + b"".join(_post(max_tokens=2) for _ in range(10)))
-                await asyncio.sleep(1.5)  # the endless stream heads the connection
-                assert served["big"] == 1 and len(admission.out) == 2 and len(px.active) == 2
-                writer.close()
-                assert await _released(admission, 2, 5.0)  # the client left: both released, once
-            finally:
-                server.close()
-                await px.close()
+        async with budgeted([("POST", "/v1/chat/completions", answer)], 2) as (admission, px, port):
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(_post(stream=True) + b"".join(_post(max_tokens=2) for _ in range(10)))
+            await asyncio.sleep(1.5)  # the endless stream heads the connection
+            assert served["big"] == 1 and len(admission.out) == 2 and len(px.active) == 2
+            writer.close()
+            assert await _released(admission, 2, 5.0)  # the client left: both released, once
 
     run(go(), timeout=30.0)
 
@@ -505,22 +514,14 @@ def test_a_stream_pipelined_behind_another_is_not_read_before_its_turn() -> None
         return resp
 
     async def go() -> None:
-        async with backend([("POST", "/v1/chat/completions", answer)]) as url:
-            admission = _BudgetAdmission(2)
-            px = Proxy(Config(proxy=ProxyConfig(backends=[url], utilization=False)), admission, lambda: None)
-            await px.start()
-            server = await start_http_server(admission, "127.0.0.1", 0, HttpLimits(), lease=300.0, proxy=px)
-            try:
-                _reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
-                writer.write(_post(stream=True, max_tokens=1) + b"".join(_post(stream=True) for _ in range(5)))
-                await asyncio.sleep(2.0)  # the endless stream heads the connection
-                assert admission.released == [] and len(admission.out) == 2 and len(px.active) == 2
-                assert written["streams"] == 1 and written["big"] < 20_000_000, written  # (socket buffers)
-                writer.close()
-                assert await _released(admission, 2, 5.0)  # the client left: both released, once
-            finally:
-                server.close()
-                await px.close()
+        async with budgeted([("POST", "/v1/chat/completions", answer)], 2) as (admission, px, port):
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(_post(stream=True, max_tokens=1) + b"".join(_post(stream=True) for _ in range(5)))
+            await asyncio.sleep(2.0)  # the endless stream heads the connection
+            assert admission.released == [] and len(admission.out) == 2 and len(px.active) == 2
+            assert written["streams"] == 1 and written["big"] < 20_000_000, written  # (socket buffers)
+            writer.close()
+            assert await _released(admission, 2, 5.0)  # the client left: both released, once
 
     run(go(), timeout=30.0)
 
