@@ -43,6 +43,7 @@ class _Upstream:
     def __init__(self, link: AcceptorLink) -> None:
         self.link = link
         self.sent: list[Any] = []
+        self.proxy = None  # (not proxy mode: no counters to push)
 
     def send(self, message: Any) -> None:
         self.sent.append(message)
