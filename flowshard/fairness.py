@@ -336,6 +336,7 @@ class DeficitRoundRobin(_Memoryless):
         self._requantum(typical)
 
 
+_SPAN_WINDOW = 256  # vtc: dispatches per window of the largest charge (a returning flow's reach)
 REMEMBERED_AHEAD = 4096  # per band: the counters of forgotten VTC flows still ahead (`VirtualTokenCounter.forget`)
 
 
@@ -356,8 +357,9 @@ class VirtualTokenCounter:
     configured one; cost: the request's declared tokens,
     else its bytes). A flow that becomes backlogged again is lifted to the counter the latest dispatch
     started from (start-time fair queueing's virtual time: at most one request's charge below the
-    least backlogged counter; moved up by later corrections), and a new flow to the least backlogged
-    counter, so time spent idle is not banked as credit beyond that. (It was lifted
+    least backlogged counter, also after corrections raised the counters: within the largest charge
+    of the latest few hundred dispatches of it), and a new flow to the least backlogged counter, so
+    time spent idle is not banked as credit beyond one request's charge. (It was lifted
     to the least backlogged counter, as in the paper: a flow whose queue empties for a client's round
     trip after each dispatch, while the other flow takes the slot, came back behind that flow's whole
     charge each time; 30-token requests next to 1,020-token ones got 0.84 of their token share and
@@ -371,7 +373,10 @@ class VirtualTokenCounter:
     def __init__(self, quantum: int = 0) -> None:
         self._heap: list[tuple[float, int, FlowQueue]] = []
         self._active = 0
-        self._floor = 0.0
+        self._floor = 0.0  # where the latest dispatch started (its flow's counter before the charge)
+        # the largest charge of the latest dispatches (this window of _SPAN_WINDOW and the one before)
+        self._span = self._span_before = 0.0
+        self._spans = 0
         self._tick = 0  # unique, increasing: valid-entry stamps and the tie-break (first come first)
         # forgotten flows' counters that were ahead (`forget`), and the weight each was charged at
         self._ahead: dict[str, tuple[float, float]] = {}
@@ -391,11 +396,21 @@ class VirtualTokenCounter:
         return None
 
     def activate(self, flow: FlowQueue) -> None:
-        # A flow served before comes back where the latest dispatch started; a new one (never charged
-        # here: its counter is 0) level with the least served, as in the paper: started one charge
-        # lower, flow ids used once each took more at a steady flow's expense (a review: its share of
-        # tokens 0.34 -> 0.21 against 4 such clients)
-        lift = self._floor if flow.vtc > 0.0 else self._lift()
+        # A flow served before comes back where the latest dispatch started, and at most one large
+        # charge below the least backlogged counter (corrections can raise the counters past where the
+        # latest dispatch started: a flow idle meanwhile came back 3,900 tokens ahead, reviews); a new
+        # one (never charged here: its counter is 0) level with the least backlogged, as in the paper
+        # (started one charge lower, flow ids used once each took more at a steady flow's expense: a
+        # review, its share of tokens 0.34 -> 0.21 against 4 such clients)
+        if flow.vtc > 0.0:
+            lift = self._floor
+            low = self._top()
+            if low is not None:
+                reach = low.vtc - (self._span if self._span > self._span_before else self._span_before)
+                if reach > lift:
+                    lift = reach
+        else:
+            lift = self._lift()
         if flow.vtc < lift:
             flow.vtc = lift
         self._active += 1
@@ -425,20 +440,11 @@ class VirtualTokenCounter:
         service; divided by the flow's weight at release, a request charged at weight 4 and corrected
         after one at weight 1 was queued left the counter 7,490 below where it began: a review). A
         backlogged flow's entry is renewed."""
-        moved = delta / weight
-        flow.vtc += moved
+        flow.vtc += delta / weight
         if flow.stamp:  # (the old entry goes stale: compacted, as activate's are; a review saw 36,669
             # entries for 2 flows after 50,000 dispatches whose releases reported fewer tokens)
             heapq.heappush(self._heap, (flow.vtc, self._stamp(flow), flow))
             self._compact()
-            if moved > 0:  # a backlogged flow had service that was not counted: where a returning flow
-                # starts moves with it, up to the least backlogged counter (a review: kept where the
-                # latest dispatch started, a flow idle while another's 1-token declarations were
-                # corrected to 1,000 came back 3,900 tokens ahead of it). An idle flow's correction is
-                # its own to pay back when it returns.
-                low = self._top()
-                if low is not None:
-                    self._floor = max(self._floor, min(self._floor + moved, low.vtc))
 
     def forget(self, flow: FlowQueue) -> None:
         """The shard forgets `flow` (idle): its counter is kept if it is ahead of where the flow would be
@@ -492,7 +498,13 @@ class VirtualTokenCounter:
     def charge(self, flow: FlowQueue, item: Item) -> None:
         self._floor = vtc = flow.vtc
         weight = item.request.weight  # the request's own (0: the flow's configured), as `correct` divides by
-        vtc += item.cost / (weight if weight > 0 else flow.configured)
+        cost = item.cost / (weight if weight > 0 else flow.configured)
+        if cost > self._span:
+            self._span = cost
+        self._spans += 1
+        if self._spans == _SPAN_WINDOW:
+            self._span_before, self._span, self._spans = self._span, 0.0, 0
+        vtc += cost
         flow.vtc = vtc
         self._tick = tick = self._tick + 1
         flow.stamp = tick

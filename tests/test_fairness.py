@@ -251,25 +251,28 @@ def test_vtc_a_new_flow_starts_level_with_the_least_served():
     assert flows["new"].vtc == low
 
 
-def test_vtc_corrections_move_where_a_returning_flow_starts():
-    """Corrections that raise a backlogged counter after the latest dispatch move where a returning
-    flow starts with them: kept where the latest dispatch started, a flow idle while another's
-    1-token declarations were corrected to 1,000 came back 3,900 tokens ahead of it (a review)."""
+@pytest.mark.parametrize("queued", [True, False])
+def test_vtc_a_returning_flow_starts_within_a_charge_of_the_least_served_after_corrections(queued):
+    """Corrections raise a counter after the latest dispatch, past where that dispatch started: a flow
+    idle meanwhile comes back within the largest recent charge of the least backlogged counter, not
+    where the latest dispatch started (reviews: 3,900 tokens ahead, 39 dispatches before the other,
+    whether the corrected flow had requests queued meanwhile or all of them in flight)."""
     engine = make_engine([{"priority": 10, "fairness": "round-robin"}, {"priority": 0, "fairness": "vtc"}],
                          max_inflight_requests=4, default_ttl=0)
     ids = iter(range(1, 10**6))
     first = engine.submit(Request(next(ids), "y", 0, 100, tokens=100), 0.0)  # y served once, then idle
     engine.pump(0.0)
     engine.release(first, 100)
-    xs = [engine.submit(Request(next(ids), "x", 0, 100, tokens=1), 0.0) for _ in range(8)]
-    engine.pump(0.0)  # 4 of x in flight, 4 queued
+    xs = [engine.submit(Request(next(ids), "x", 0, 100, tokens=1), 0.0) for _ in range(8 if queued else 4)]
+    engine.pump(0.0)  # 4 of x in flight (and 4 queued, or none)
     highs = [engine.submit(Request(next(ids), "h", 10, 100), 0.0) for _ in range(4)]
     for item in xs[:4]:
         engine.release(item, 1000)  # each x used 1,000 tokens; the slot goes to the higher band
         engine.pump(0.0)
     engine.take_outbox()
-    for _ in range(60):
-        engine.submit(Request(next(ids), "y", 0, 100, tokens=100), 0.0)
+    for flow in ("x", "y"):  # x back (or still there) first, then y
+        for _ in range(60):
+            engine.submit(Request(next(ids), flow, 0, 100, tokens=100), 0.0)
     order: list[str] = []
     for item in highs:
         engine.release(item)
