@@ -336,7 +336,6 @@ class DeficitRoundRobin(_Memoryless):
         self._requantum(typical)
 
 
-_SPAN_WINDOW = 256  # vtc: dispatches per window of the largest charge (a returning flow's reach)
 REMEMBERED_AHEAD = 4096  # per band: the counters of forgotten VTC flows still ahead (`VirtualTokenCounter.forget`)
 
 
@@ -355,16 +354,9 @@ class VirtualTokenCounter:
 
     Each flow's counter grows by `cost / weight` per dispatch (weight: the request's own, 0: the flow's
     configured one; cost: the request's declared tokens,
-    else its bytes). A flow that becomes backlogged again is lifted to the counter the latest dispatch
-    started from (start-time fair queueing's virtual time: at most one request's charge below the
-    least backlogged counter, also after corrections raised the counters: within the largest charge
-    of the latest few hundred dispatches of it), and a new flow to the least backlogged counter, so
-    time spent idle is not banked as credit beyond one request's charge. (It was lifted
-    to the least backlogged counter, as in the paper: a flow whose queue empties for a client's round
-    trip after each dispatch, while the other flow takes the slot, came back behind that flow's whole
-    charge each time; 30-token requests next to 1,020-token ones got 0.84 of their token share and
-    the other flow 6.2 times its, a review.) Keeps a heap of (counter, stamp, flow); stale entries
-    are skipped.
+    else its bytes). A flow that becomes backlogged again is lifted to the smallest counter among
+    the backlogged flows (or, if none, to the counter of the last flow served), so time spent idle
+    is not banked as credit. Keeps a heap of (counter, stamp, flow); stale entries are skipped.
     """
 
     name: ClassVar[str] = "vtc"
@@ -373,10 +365,7 @@ class VirtualTokenCounter:
     def __init__(self, quantum: int = 0) -> None:
         self._heap: list[tuple[float, int, FlowQueue]] = []
         self._active = 0
-        self._floor = 0.0  # where the latest dispatch started (its flow's counter before the charge)
-        # the largest charge of the latest dispatches (this window of _SPAN_WINDOW and the one before)
-        self._span = self._span_before = 0.0
-        self._spans = 0
+        self._floor = 0.0
         self._tick = 0  # unique, increasing: valid-entry stamps and the tie-break (first come first)
         # forgotten flows' counters that were ahead (`forget`), and the weight each was charged at
         self._ahead: dict[str, tuple[float, float]] = {}
@@ -396,23 +385,8 @@ class VirtualTokenCounter:
         return None
 
     def activate(self, flow: FlowQueue) -> None:
-        # A flow served before comes back where the latest dispatch started, and at most one large
-        # charge below the least backlogged counter (corrections can raise the counters past where the
-        # latest dispatch started: a flow idle meanwhile came back 3,900 tokens ahead, reviews); a new
-        # one (never charged here: its counter is 0) level with the least backlogged, as in the paper
-        # (started one charge lower, flow ids used once each took more at a steady flow's expense: a
-        # review, its share of tokens 0.34 -> 0.21 against 4 such clients)
-        if flow.vtc > 0.0:
-            lift = self._floor
-            low = self._top()
-            if low is not None:
-                reach = low.vtc - (self._span if self._span > self._span_before else self._span_before)
-                if reach > lift:
-                    lift = reach
-        else:
-            lift = self._lift()
-        if flow.vtc < lift:
-            flow.vtc = lift
+        low = self._top()
+        flow.vtc = max(flow.vtc, low.vtc if low is not None else self._floor)
         self._active += 1
         heapq.heappush(self._heap, (flow.vtc, self._stamp(flow), flow))
         self._compact()
@@ -457,11 +431,9 @@ class VirtualTokenCounter:
             self._keep(flow.id, flow.vtc, flow.weight)
 
     def _lift(self) -> float:
-        """Where a new flow (a forgotten one, if it comes back) is lifted to: the least backlogged
-        counter, or where the latest dispatch started if that is higher or none is backlogged."""
+        """Where a flow that becomes backlogged now is lifted to (`activate`)."""
         low = self._top()
-        floor = self._floor
-        return low.vtc if low is not None and low.vtc > floor else floor
+        return low.vtc if low is not None else self._floor
 
     def _keep(self, flow_id: str, vtc: float, weight: float) -> None:
         """Keep a forgotten flow's counter ahead. Over `REMEMBERED_AHEAD`: those no longer ahead go, then
@@ -498,13 +470,7 @@ class VirtualTokenCounter:
     def charge(self, flow: FlowQueue, item: Item) -> None:
         self._floor = vtc = flow.vtc
         weight = item.request.weight  # the request's own (0: the flow's configured), as `correct` divides by
-        cost = item.cost / (weight if weight > 0 else flow.configured)
-        if cost > self._span:
-            self._span = cost
-        self._spans += 1
-        if self._spans == _SPAN_WINDOW:
-            self._span_before, self._span, self._spans = self._span, 0.0, 0
-        vtc += cost
+        vtc += item.cost / (weight if weight > 0 else flow.configured)
         flow.vtc = vtc
         self._tick = tick = self._tick + 1
         flow.stamp = tick

@@ -229,20 +229,10 @@ def test_negative_control_vtc_without_lift_lets_the_returning_flow_monopolise():
     assert gap > 50 * 100
 
 
-class LiftToLeastVTC(VirtualTokenCounter):
-    """Negative control: the lift before the fourteenth round, to the least backlogged counter."""
-
-    def activate(self, flow):
-        low = self._top()
-        flow.vtc = max(flow.vtc, low.vtc if low is not None else self._floor)
-        self._active += 1
-        heapq.heappush(self._heap, (flow.vtc, self._stamp(flow), flow))
-
-
 def test_vtc_a_new_flow_starts_level_with_the_least_served():
-    """A flow never served here (a new id) starts at the least backlogged counter, as in the paper, not
-    where the latest dispatch started: one charge lower, ids used once each took more (a review: a
-    steady flow's token share against 4 such clients 0.34 -> 0.21)."""
+    """A flow never served here (a new id) starts at the least backlogged counter, as in the paper (a
+    start one charge lower, tried in the fourteenth round, let ids used once each take a steady
+    flow's token share from 0.34 to 0.21 against 4 such clients: a review)."""
     engine = engine_for("vtc")
     flows = engine.bands[0].flows
     run(engine, RETURNING[:2], duration=40.0, jitter=JITTER, seed=3)  # a and b backlogged
@@ -253,10 +243,10 @@ def test_vtc_a_new_flow_starts_level_with_the_least_served():
 
 @pytest.mark.parametrize("queued", [True, False])
 def test_vtc_a_returning_flow_starts_within_a_charge_of_the_least_served_after_corrections(queued):
-    """Corrections raise a counter after the latest dispatch, past where that dispatch started: a flow
-    idle meanwhile comes back within the largest recent charge of the least backlogged counter, not
-    where the latest dispatch started (reviews: 3,900 tokens ahead, 39 dispatches before the other,
-    whether the corrected flow had requests queued meanwhile or all of them in flight)."""
+    """Corrections raise a counter after the latest dispatch: a flow idle meanwhile comes back level
+    with the least backlogged counter, not ahead of it by the corrections (the fourteenth round's
+    start-time lifts let it come back 3,900 tokens ahead, 39 dispatches before the other, whether
+    the corrected flow had requests queued meanwhile or all of them in flight: reviews)."""
     engine = make_engine([{"priority": 10, "fairness": "round-robin"}, {"priority": 0, "fairness": "vtc"}],
                          max_inflight_requests=4, default_ttl=0)
     ids = iter(range(1, 10**6))
@@ -286,31 +276,7 @@ def test_vtc_a_returning_flow_starts_within_a_charge_of_the_least_served_after_c
     assert order.index("x") <= 1, "".join(order)  # y ahead by one request at most
 
 
-@pytest.mark.parametrize("control", [False, True])
-def test_vtc_a_short_request_flow_whose_queue_empties_between_requests_keeps_its_token_share(control):
-    """A proxy-mode review: 5 clients of 30-token requests next to 8 of 1,020-token ones, 4 slots, each
-    client back 2 ms after its answer (its round trip). Token-fair shares are equal rates, 477 tokens/s
-    each (the short flow 3.89 slots). Its queue empties for those 2 ms after each dispatch, the long
-    flow takes a slot meanwhile (work conserving), and the short flow comes back: lifted to the least
-    backlogged counter, the long flow's after that 1,020-token charge, it lost the credit each time
-    (0.84 of its share, the long flow 6.2 times its). Lifted to where the latest dispatch started, it
-    keeps it: 0.98."""
-    engine = make_engine([{"priority": 0, "fairness": "vtc"}], max_inflight_requests=4, default_ttl=0)
-    if control:
-        engine.bands[0].fairness = LiftToLeastVTC()
-    specs = [FlowSpec("short", clients=5, think=0.002, size=200, tokens=30),
-             FlowSpec("long", clients=8, think=0.002, size=4000, tokens=1020)]
-    rates = run(engine, specs, duration=120.0, service=0.245, jitter=0.05, seed=2).rates(10.0, 120.0, by="cost")
-    fair = 477.0
-    if control:
-        assert rates["short"] < 0.9 * fair and rates["long"] > 4 * fair, rates
-    else:
-        assert rates["short"] > 0.95 * fair and rates["long"] < 1.6 * fair, rates
-
-
-def test_vtc_returning_flow_counter_is_lifted_to_where_the_latest_dispatch_started():
-    """Lifted to the counter the latest dispatch started from (start-time fair queueing's virtual
-    time): idle credit is not banked, beyond one request's charge below the least backlogged."""
+def test_vtc_returning_flow_counter_is_lifted_to_the_least_backlogged():
     engine = engine_for("vtc")
     flows = engine.bands[0].flows
     run(engine, RETURNING[:3], duration=RETURN_AT, jitter=JITTER, seed=3)  # c active, then idle while a and b run on
@@ -318,4 +284,4 @@ def test_vtc_returning_flow_counter_is_lifted_to_where_the_latest_dispatch_start
     low = min(flows["a"].vtc, flows["b"].vtc)
     assert c_before < low - 1000
     engine.submit(Request(10**9, "c", tokens=100), RETURN_AT)
-    assert low - 100 <= flows["c"].vtc <= low, "lifted: no banking of idle credit"
+    assert flows["c"].vtc == low, "lifted: no banking of idle credit"
