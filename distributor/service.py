@@ -121,7 +121,7 @@ class WorkerLink(asyncio.Protocol):
 
 
 def _exit_words(status: int | None) -> str:
-    """How a worker ended, in words, from its exit status (`Popen.poll()`; None: it was still running)."""
+    """How a worker ended, in words, from its exit status (None: it was still running, and was killed)."""
     if status is None:
         return "closed its link"
     if status < 0:

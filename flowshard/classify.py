@@ -309,16 +309,25 @@ def done_end(data: bytes) -> int:
     `[DONE]` in a content string stalled the event loop 3 s, a review)."""
     if b"[DONE]" not in data:
         return -1
-    start = 0
-    for match in _BLANK_LINE.finditer(data):
-        end = match.end()
-        if b"[DONE]" in data[start:end]:
-            values = [line[5:] if line[4:5] == b":" else b"" for line in data[start:end].splitlines()
+    end = 0
+    for event in _split_events(data):
+        end += len(event)
+        if b"[DONE]" in event:
+            values = [line[5:] if line[4:5] == b":" else b"" for line in event.splitlines()
                       if line[:4] == b"data" and (len(line) == 4 or line[4:5] == b":")]
-            if len(values) == 1 and values[0].removeprefix(b" ") == b"[DONE]":
+            if len(values) == 1 and values[0].removeprefix(b" ") == b"[DONE]" and _BLANK_LINE.search(event):
                 return end
-        start = end
     return -1
+
+
+def _split_events(data: bytes) -> list[bytes]:
+    """`data` cut after each blank line: its events, then what follows the last one (maybe empty)."""
+    events, start = [], 0
+    for match in _BLANK_LINE.finditer(data):
+        events.append(data[start:match.end()])
+        start = match.end()
+    events.append(data[start:])
+    return events
 
 
 class SseUsage:
@@ -371,13 +380,7 @@ class SseUsage:
 
     def _events(self, data: bytes) -> bytes:
         out: list[bytes] = []
-        start = 0
-        events = []
-        for match in _BLANK_LINE.finditer(data):
-            events.append(data[start:match.end()])
-            start = match.end()
-        events.append(data[start:])
-        for event in events:
+        for event in _split_events(data):
             if not event or _USAGE_OBJECT.search(event) is None:
                 out.append(event)
                 continue
