@@ -310,12 +310,12 @@ def done_end(data: bytes) -> int:
     if b"[DONE]" not in data:
         return -1
     end = 0
-    for event in _split_events(data):
+    for event in _split_events(data)[:-1]:  # (the complete ones: what follows the last blank line is not)
         end += len(event)
         if b"[DONE]" in event:
             values = [line[5:] if line[4:5] == b":" else b"" for line in event.splitlines()
                       if line[:4] == b"data" and (len(line) == 4 or line[4:5] == b":")]
-            if len(values) == 1 and values[0].removeprefix(b" ") == b"[DONE]" and _BLANK_LINE.search(event):
+            if len(values) == 1 and values[0].removeprefix(b" ") == b"[DONE]":
                 return end
     return -1
 

@@ -402,8 +402,7 @@ class Ledger:
         # heard from (`heard_from`; inf: none since)
         self.timer: Callable[[], float] | None = None
         self.asked_at = [_INF] * shards
-        # per shard, its grants outstanding in the order it answers them: (band, reserve, charge, saturation)
-        # per shard, its grants in the order it answers them: (band, reserve, charge, saturation, unsure)
+        # per shard, its grants outstanding in the order it answers them: (band, reserve, charge, saturation, unsure)
         self._grants: list[deque[tuple[int, int, float, float, bool]]] = [deque() for _ in range(shards)]
         self.plans = 0  # grant plans made so far (`Pending.plans`, `LedgerBand.shard_planned`)
         self._weights = config.weights
