@@ -311,7 +311,8 @@ class Exchange:
                  "refused", "rid", "route", "sized", "slot", "started", "task", "ticket", "unsent")
 
     def __init__(self, proxy: Proxy, conn: HttpConnection, slot: _Slot, route: str, item: Classified,
-                 headers: list[tuple[str, str]], conn_hdr: bytes, path: str = "", head: bool = False) -> None:
+                 headers: list[tuple[str, str]], conn_hdr: bytes, path: str = "", head: bool = False,
+                 chunked: bool = True) -> None:
         self.proxy = proxy
         self.conn = conn
         self.slot = slot
@@ -323,7 +324,7 @@ class Exchange:
         self.head = head  # a HEAD: its answers, errors included, carry no body (RFC 9110 9.3.2; a review)
         # A stream's framing: chunked, or (an HTTP/1.0 client, which cannot be sent Transfer-Encoding,
         # RFC 9112 6.1: a review saw chunk sizes in a 1.0 client's stream) ended by closing the connection
-        self.chunked = True
+        self.chunked = chunked
         self.rid: int | None = None
         self.ticket = 0
         self.task: asyncio.Task[None] | None = None
@@ -416,6 +417,17 @@ class Exchange:
                                                                  "internal_error", None, self.conn_hdr,
                                                                  no_body=self.head))
         self.give_back()
+
+    def piece(self, data: bytes) -> bytes:
+        """A piece of its streamed answer, framed: a chunk, or as it is (closed at the end)."""
+        return b"%x\r\n%b\r\n" % (len(data), data) if self.chunked and data else data
+
+    def end_stream(self, tail: bytes, *, close: bool = False) -> None:
+        """Its streamed answer's last piece and end: the last chunk, or the connection's close."""
+        if self.chunked:
+            self.conn.slot_end(self.slot, self.piece(tail) + b"0\r\n\r\n", close=close)
+        else:
+            self.conn.slot_end(self.slot, tail, close=True)
 
     def give_back(self) -> None:
         """Its ticket goes back, once: unclaimed if its client left before any backend had it, else
@@ -588,9 +600,7 @@ class Proxy:
         GET forwards it unchanged. `http10`: an HTTP/1.0 request (a stream to it is ended by closing)."""
         slot = conn.slot_open(conn_hdr, close)
         try:
-            self._handle(conn, slot, method, path, raw_headers, body, conn_hdr, query)
-            if http10 and slot.exchange is not None:
-                slot.exchange.chunked = False
+            self._handle(conn, slot, method, path, raw_headers, body, conn_hdr, query, http10)
         except Exception as exc:  # a bug of ours: the slot must still be answered, or the connection stalls
             log.exception("proxy handler for %r failed", path[:200])
             if slot.exchange is None or slot.exchange.task is None:  # (a no-op if the slot was answered)
@@ -600,7 +610,8 @@ class Proxy:
                                                        no_body=method == b"HEAD"))
 
     def _handle(self, conn: HttpConnection, slot: _Slot, method: bytes, path: bytes,
-                raw_headers: list[tuple[bytes, bytes]], body: bytes, conn_hdr: bytes, query: bytes) -> None:
+                raw_headers: list[tuple[bytes, bytes]], body: bytes, conn_hdr: bytes, query: bytes,
+                http10: bool) -> None:
         route = path.decode("latin-1")
         headers = [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in raw_headers]
         model = path not in ROUTES  # (the front sends only ROUTES and what `serves`)
@@ -614,7 +625,7 @@ class Proxy:
             # the path and query as received (llhttp let only printable ASCII through): forward() sends
             # them unchanged, not re-quoted
             exchange = Exchange(self, conn, slot, route, _PASSTHROUGH, headers, conn_hdr,
-                                (path + query).decode("latin-1"), head=method == b"HEAD")
+                                (path + query).decode("latin-1"), head=method == b"HEAD", chunked=not http10)
             slot.exchange = exchange
             before = self._last_passthrough.get(conn)
             exchange.task = self.loop.create_task(self._pass_through(exchange, method.decode(), before))
@@ -643,7 +654,8 @@ class Proxy:
                                                    b"retry-after: %d\r\n" % retry))
             return
         self.stats.tokens["estimated"] += item.tokens
-        exchange = Exchange(self, conn, slot, route, item, headers, conn_hdr, (path + query).decode("latin-1"))
+        exchange = Exchange(self, conn, slot, route, item, headers, conn_hdr, (path + query).decode("latin-1"),
+                            chunked=not http10)
         slot.exchange = exchange
         # leased=False: the proxy itself releases the ticket when the response ends (or the client leaves)
         exchange.rid = self.admission.admit(exchange, slot, item.flow, item.priority, item.size, 0.0, item.slo,
@@ -829,9 +841,9 @@ class Proxy:
         relay = SseUsage(ex.item.strip_usage)
         self.stats.response(ex.route, resp.status)
         ex.started = True
-        chunked = ex.chunked
-        conn.slot_write(slot, _response_head(resp.status, self._response_headers(resp), ex.conn_hdr, _CHUNKED)
-                        if chunked else _response_head(resp.status, self._response_headers(resp), _CONN_CLOSE, b""))
+        headers = self._response_headers(resp)
+        conn.slot_write(slot, _response_head(resp.status, headers, ex.conn_hdr, _CHUNKED) if ex.chunked
+                        else _response_head(resp.status, headers, _CONN_CLOSE, b""))
         stats = self.stats
         ended = False
         try:
@@ -845,14 +857,13 @@ class Proxy:
                     if done >= 0:  # the client has all it needs: end its response now
                         out = out[:done]  # (what follows is owed to nobody)
                         ended = True
-                        conn.slot_end(slot, b"%x\r\n%b\r\n0\r\n\r\n" % (len(out), out) if chunked else out,
-                                      close=not chunked)
+                        ex.end_stream(out)
                         if resp.status == 200:  # (a stream's usage comes before its [DONE])
                             self._settle_usage(ex, backend, relay.usage)
                         ex.give_back()  # the client has its whole answer: the budget goes back now, not
                         # after the backend's end (a review: 1 s)
                         break
-                    unread = conn.slot_write(slot, b"%x\r\n%b\r\n" % (len(out), out) if chunked else out)
+                    unread = conn.slot_write(slot, ex.piece(out))
                     if unread is not None:  # the client reads slower than the backend writes
                         await unread
             if ended:  # what may follow [DONE] is owed to nobody: the response's end, awaited briefly
@@ -879,10 +890,7 @@ class Proxy:
             rest = relay.end()
             if resp.status == 200:
                 self._settle_usage(ex, backend, relay.usage)
-            if chunked:
-                conn.slot_end(slot, (b"%x\r\n%b\r\n" % (len(rest), rest) if rest else b"") + b"0\r\n\r\n")
-            else:
-                conn.slot_end(slot, rest, close=True)
+            ex.end_stream(rest)
 
     def _end_stream_with_error(self, ex: Exchange, message: str, type_: str, code: str, *,
                                close: bool = False) -> None:
@@ -894,10 +902,7 @@ class Proxy:
             ex.conn.slot_end(ex.slot, close=True)
             return
         tail = b"data: " + _encode(_ErrorBody(_ErrorDetail(message, type_, None, code))) + b"\n\n"
-        if ex.chunked:
-            ex.conn.slot_end(ex.slot, b"%x\r\n%b\r\n0\r\n\r\n" % (len(tail), tail), close=close)
-        else:
-            ex.conn.slot_end(ex.slot, tail, close=True)
+        ex.end_stream(tail, close=close)
 
     def ended_when(self) -> str:
         """When, in words, the running requests were ended (`close`'s `why`)."""
