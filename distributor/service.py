@@ -90,6 +90,8 @@ class Ticket(msgspec.Struct, gc=False):
     # leaves `_owned` only once empty, so the set of a ticket still held is its owner's there)
     owned: set[int] | None = None
     weight: float = 0.0  # the request's own weight (0: its flow's configured one), for a cost correction
+    seq: int = -1  # its shard's `Done.seq`, which the correction names (`Charge.seq`)
+    request: int = -1  # the request's id (arrival sequence), which the ledger's correction names
 
 
 # Tickets are capabilities: random, so a client can release only a ticket it was given (on any of its
@@ -312,8 +314,9 @@ class Distributor:
             return False
         if tokens >= 0 and held.shard >= 0 and tokens != held.cost:
             # the flow's VTC counter lives on the shard that dispatched it (the fast path charges none)
-            self._send(held.shard, Charge(held.flow, held.priority, float(tokens - held.cost), held.weight))
-            self.ledger.correct(held.priority, held.shard, float(tokens - held.cost), held.flow, held.weight)
+            self._send(held.shard, Charge(held.flow, held.priority, float(tokens - held.cost), held.weight, held.seq))
+            self.ledger.correct(held.priority, held.shard, float(tokens - held.cost), held.flow, held.weight,
+                                held.request)
         # `_disown`, inline (once per request)
         if held.deadline != _INF:  # leased (HTTP)
             self.leases.pop(ticket, None)
@@ -512,7 +515,7 @@ class Distributor:
 
     def _finish(
         self, p: Pending, outcome: Outcome, wait: float, counted_by_shard: bool = False, at: float = 0.0,
-        decided: int = 0,
+        decided: int = 0, seq: int = -1,
     ) -> None:
         """Deliver the final outcome of `p` (exactly once), or release what it holds if nobody waits.
 
@@ -547,7 +550,7 @@ class Distributor:
             if leased:  # HTTP: held until released or the lease ends, whatever becomes of the connection
                 deadline = _monotonic() + self._lease
                 tickets[ticket] = Ticket(ticket, size, waiter, deadline, p.shard, p.flow, p.payload[0],
-                                         p.tokens or size or 1, None, p.weight)
+                                         p.tokens or size or 1, None, p.weight, seq, p.id)
                 self.leases[ticket] = deadline
             else:  # binary: the connection is the lease (release_all when it closes)
                 owned = self._owned.get(waiter)
@@ -555,7 +558,7 @@ class Distributor:
                     owned = self._owned[waiter] = set()
                 owned.add(ticket)
                 tickets[ticket] = Ticket(ticket, size, waiter, _INF, p.shard, p.flow, p.payload[0],
-                                         p.tokens or size or 1, owned, p.weight)
+                                         p.tokens or size or 1, owned, p.weight, seq, p.id)
         elif outcome != _CANCELLED:
             retry = self.retry[p.band]
             retry_after = retry.rejected(_monotonic()) if outcome == _REJECTED_CAPACITY else retry.value
@@ -598,7 +601,7 @@ class Distributor:
                     band, live = ledger.grant_answered(shard, p.size, 0, p, msg.decided)
                     covered = live and band == p.band
                 newcomer = ledger.leave(p, covered)
-                self._finish(p, outcome, msg.wait, True, msg.at, msg.decided)  # (counted_by_shard, at, decided)
+                self._finish(p, outcome, msg.wait, True, msg.at, msg.decided, msg.seq)  # (counted_by_shard, at, ...)
                 if newcomer is not None:
                     self._retry_newcomer(newcomer)
             elif kind is GrantBack:

@@ -117,6 +117,7 @@ class Charge(msgspec.Struct, tag=8, array_like=True, gc=False):
     priority: int
     delta: float
     weight: float = 0.0  # the request's own weight, which it was charged at (0: the flow's configured one)
+    seq: int = -1  # the shard's `Item.seq` of the request (its `Done.seq`; -1: not known)
 
 
 class Shutdown(msgspec.Struct, tag=4, array_like=True, gc=False):
@@ -136,6 +137,7 @@ class Done(msgspec.Struct, tag=5, array_like=True, gc=False):
     # a dispatch: the shard's CLOCK_MONOTONIC ns read right after its engine committed it, for the
     # distributor's exact inversion count (Ledger.close_window) and the audit (`Audited.decided`)
     decided: int = 0
+    seq: int = -1  # a dispatch: the shard engine's `Item.seq`, which a later `Charge` for it names
 
 
 class GrantBack(msgspec.Struct, tag=6, array_like=True, gc=False):

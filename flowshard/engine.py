@@ -183,6 +183,7 @@ class Engine:
         queue.push(item)
         if was_idle:
             self._idle.pop(flow, None)
+            flow.since = seq
             band.fairness.activate(flow)
         elif band.fairness.tracks_heads and (queue.peek() is item or flow.weight != was_weight):
             band.fairness.head_changed(flow)  # (drr: a parked flow is woken by a new head or weight)
@@ -471,12 +472,16 @@ class Engine:
         self.budget.release(item.request.size)
         if actual is not None:
             request = item.request
-            self.correct(request.flow, request.priority, actual - item.cost, request.weight)
+            self.correct(request.flow, request.priority, actual - item.cost, request.weight, item.seq)
 
-    def correct(self, flow_id: str, priority: int, delta: float, weight: float = 0.0) -> bool:
+    def correct(self, flow_id: str, priority: int, delta: float, weight: float = 0.0, seq: int | None = None) -> bool:
         """Correct a flow's fairness charge by `delta` cost units (VTC: its counter moves by delta /
         weight; `weight` the request's own, 0: the flow's configured one). False if the flow is no
-        longer known here (collected after idling: VTC keeps a positive correction for its return)."""
+        longer known here (collected after idling: VTC keeps a positive correction for its return).
+
+        `seq`: the request's `Item.seq`, if known. One that arrived before its flow last became
+        backlogged cannot take the counter back below where that return lifted it to (see
+        `VirtualTokenCounter.correct`); None: treated as a request of the flow's present backlog."""
         band = self.bands[self.band_index(priority)]
         flow = band.flows.get(flow_id)
         if weight <= 0:
@@ -484,7 +489,7 @@ class Engine:
         if flow is None:
             band.fairness.correct_forgotten(flow_id, delta, weight)
             return False
-        band.fairness.correct(flow, delta, weight)
+        band.fairness.correct(flow, delta, weight, seq is not None and seq < flow.since)
         return True
 
     # ------------------------------------------------------------------ reading

@@ -36,7 +36,7 @@ class Fairness(Protocol):
     def head_changed(self, flow: FlowQueue) -> None: ...
     def pick(self) -> FlowQueue | None: ...
     def charge(self, flow: FlowQueue, item: Item) -> None: ...
-    def correct(self, flow: FlowQueue, delta: float, weight: float) -> None: ...
+    def correct(self, flow: FlowQueue, delta: float, weight: float, before: bool = False) -> None: ...
     def correct_forgotten(self, flow_id: str, delta: float, weight: float) -> None: ...
     def forget(self, flow: FlowQueue) -> None: ...
     def recall(self, flow: FlowQueue) -> None: ...
@@ -75,7 +75,7 @@ class RoundRobin(_Memoryless):
     def head_changed(self, flow: FlowQueue) -> None:
         pass
 
-    def correct(self, flow: FlowQueue, delta: float, weight: float) -> None:
+    def correct(self, flow: FlowQueue, delta: float, weight: float, before: bool = False) -> None:
         pass  # charges turns or declared bytes: nothing to correct
 
     def pick(self) -> FlowQueue | None:
@@ -222,7 +222,7 @@ class DeficitRoundRobin(_Memoryless):
                 self._unpark(flow, parked)
         self._compact()
 
-    def correct(self, flow: FlowQueue, delta: float, weight: float) -> None:
+    def correct(self, flow: FlowQueue, delta: float, weight: float, before: bool = False) -> None:
         pass  # charges turns or declared bytes: nothing to correct
 
     def _tail(self) -> int:
@@ -386,9 +386,11 @@ class VirtualTokenCounter:
 
     def activate(self, flow: FlowQueue) -> None:
         low = self._top()
-        flow.vtc = max(flow.vtc, low.vtc if low is not None else self._floor)
+        lift = low.vtc if low is not None else self._floor
+        vtc = flow.vtc = max(flow.vtc, lift)
+        flow.lead = vtc - lift  # how far a refund of a request from before now may take it back (`correct`)
         self._active += 1
-        heapq.heappush(self._heap, (flow.vtc, self._stamp(flow), flow))
+        heapq.heappush(self._heap, (vtc, self._stamp(flow), flow))
         self._compact()
 
     def _compact(self) -> None:
@@ -407,14 +409,28 @@ class VirtualTokenCounter:
     def head_changed(self, flow: FlowQueue) -> None:
         pass
 
-    def correct(self, flow: FlowQueue, delta: float, weight: float) -> None:
+    def correct(self, flow: FlowQueue, delta: float, weight: float, before: bool = False) -> None:
         """A dispatched request's actual cost differed from its declared one by `delta`: move the flow's
         counter by delta / weight, `weight` the request's own, which it was charged at (as the VTC paper
         charges the tokens actually served, and APF corrects its virtual time with the measured
         service; divided by the flow's weight at release, a request charged at weight 4 and corrected
         after one at weight 1 was queued left the counter 7,490 below where it began: a review). A
-        backlogged flow's entry is renewed."""
-        flow.vtc += delta / weight
+        backlogged flow's entry is renewed.
+
+        `before`: the request arrived before the flow last became backlogged. A refund of such a request
+        takes the counter back at most to where the lift (`activate`) would have put it, plus what the
+        flow was charged since (`flow.lead`, its distance above that point): its declared cost had kept
+        the counter ahead, so the lift was skipped, and the whole refund would bank the time the flow
+        spent idle meanwhile (a review: a request declaring 2**32 tokens, refunded after its flow came
+        back, gave that flow 1,007 dispatches in a row). Had the cost been known at dispatch, the flow
+        would have been lifted; this is where it would stand."""
+        moved = delta / weight
+        if before:
+            lead = flow.lead
+            if moved < -lead:
+                moved = -lead
+            flow.lead = lead + moved
+        flow.vtc += moved
         if flow.stamp:  # (the old entry goes stale: compacted, as activate's are; a review saw 36,669
             # entries for 2 flows after 50,000 dispatches whose releases reported fewer tokens)
             heapq.heappush(self._heap, (flow.vtc, self._stamp(flow), flow))
@@ -531,7 +547,7 @@ class GlobalFcfs(_Memoryless):
     def charge(self, flow: FlowQueue, item: Item) -> None:
         heapq.heappop(self._heap)
 
-    def correct(self, flow: FlowQueue, delta: float, weight: float) -> None:
+    def correct(self, flow: FlowQueue, delta: float, weight: float, before: bool = False) -> None:
         pass  # no fairness: nothing to correct
 
 
@@ -563,7 +579,7 @@ class ArrivalFcfs(_Memoryless):
     def head_changed(self, flow: FlowQueue) -> None:
         pass
 
-    def correct(self, flow: FlowQueue, delta: float, weight: float) -> None:
+    def correct(self, flow: FlowQueue, delta: float, weight: float, before: bool = False) -> None:
         pass  # charges turns or declared bytes: nothing to correct
 
     def pick(self) -> FlowQueue | None:

@@ -127,6 +127,8 @@ class FlowUsage(msgspec.Struct, gc=False):
     # band keeping no fair state records only a request's own weight, for its re-base: Ledger._rebase)
     weight: float = 0.0
     finish: float = 0.0  # its own virtual finish time: its start plus what it was served, per weight
+    since: int = 0  # the id (arrival sequence) of the request that made it (`Ledger.correct`)
+    lead: float = 0.0  # how far its start was ahead of the band's clock, less refunds from before `since`
 
 
 _NO_USAGE = FlowUsage()  # what a flow with nothing queued holds, for `Ledger.check` (read only)
@@ -563,11 +565,11 @@ class Ledger:
             if not fair and band.home != shard and band.sharing:  # a flow of a lone band away from its home
                 fair = self._spread_to(band, shard)
             if not fair:
-                flow = band.flows[name] = FlowUsage(shard)
+                flow = band.flows[name] = FlowUsage(shard, since=p.id)
             else:
                 weight = self._weights.get(name, 1.0) if band.cost_kind != _TURNS else 1.0
                 start = self._start(band, shard, name)
-                flow = band.flows[name] = FlowUsage(shard, weight=weight, finish=start)
+                flow = band.flows[name] = FlowUsage(shard, 0, 0, weight, start, p.id, start - band.vclock)
                 if not band.shard_items[shard]:  # the shard's first flow of the band (counted: a weight can be tiny)
                     # plus the estimates of the band's grants still out there (a request that left without
                     # its grant: the answer takes its estimate out again; a review: lost here, the shard's
@@ -1162,7 +1164,9 @@ class Ledger:
             saturation = max(saturation, self.external_saturation(self.grants_out))
         return saturation
 
-    def correct(self, priority: int, shard: int, delta: float, flow: str, weight: float = 0.0) -> None:
+    def correct(
+        self, priority: int, shard: int, delta: float, flow: str, weight: float = 0.0, request: int = -1,
+    ) -> None:
         """A released request's actual cost differed from its charge by `delta` (vtc: tokens): move its
         flow's finish time, and the virtual time of the shard holding it, as that shard moves the
         flow's counter, so the shares across shards follow the corrected service too, not only the
@@ -1172,7 +1176,13 @@ class Ledger:
         banks no credit). Its declared costs understated its service, which may be why it fell
         behind. (The virtual time of the shard that dispatched it was moved instead: holding no other
         flow of the band, it dropped the correction; holding others, it charged them for the service.)
-        `weight`: the request's own (0: the flow's configured one), as the shard divides by it."""
+        `weight`: the request's own (0: the flow's configured one), as the shard divides by it.
+        `request`: the request's id (-1: not known). One from before its flow's queued requests began
+        (it was dispatched, the flow emptied and came back) refunds at most the flow's `lead`: how far
+        its start was ahead of the clock, which its declared cost had kept it. The whole refund would
+        take its finish time below the clock by the time it spent empty (a review: a request declaring
+        2**32 tokens, refunded after its flow came back, banked that time), where its start would have
+        been the clock had the cost been known at dispatch; the shard's counter is bounded alike."""
         band = self.bands[self.band_index(priority)]
         if band.fair and band.cost_kind == _TOKENS and 0 <= shard < len(band.shard_vtime):
             own = weight if weight > 0 else self._weights.get(flow, 1.0) or 1.0
@@ -1184,6 +1194,11 @@ class Ledger:
                 elif delta > 0:  # forgotten: its next start, from the clock
                     self._remember(band, flow, band.vclock + moved, own)
                 return
+            if 0 <= request < usage.since:  # (from before it came back: at most its lead)
+                lead = usage.lead
+                if moved < -lead:
+                    moved = -lead
+                usage.lead = lead + moved
             usage.finish += moved  # still queued: its finish time, and its shard's mean with it
             shard = usage.shard
             if usage.weight:

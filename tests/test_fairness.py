@@ -285,3 +285,73 @@ def test_vtc_returning_flow_counter_is_lifted_to_the_least_backlogged():
     assert c_before < low - 1000
     engine.submit(Request(10**9, "c", tokens=100), RETURN_AT)
     assert flows["c"].vtc == low, "lifted: no banking of idle credit"
+
+
+def _refund_after_return(engine, refund_seq: bool = True) -> list[str]:
+    """f dispatches one request declaring 2**32 tokens and goes idle while it runs; a keeps the other
+    slot busy (100 tokens a request); f comes back with 100-token requests while its big request is
+    still in flight (its counter is ahead: not lifted), then releases it having used 10 tokens. The
+    order of the 40 dispatches after that refund."""
+    ids = iter(range(1, 10**6))
+    big = engine.submit(Request(next(ids), "f", 0, 100, tokens=2**32), 0.0)
+    for _ in range(200):
+        engine.submit(Request(next(ids), "a", 0, 100, tokens=100), 0.0)
+    engine.pump(0.0)
+    running = [i for i in engine.take_outbox() if i.request.flow == "a"]
+    for _ in range(150):  # a alone for 150 dispatches: f is idle, its request in flight
+        item = running.pop()
+        engine.release(item, 100)
+        engine.pump(0.0)
+        running += engine.take_outbox()
+    for _ in range(100):
+        engine.submit(Request(next(ids), "f", 0, 100, tokens=100), 0.0)
+    if refund_seq:
+        engine.release(big, 10)
+    else:  # the refund named by no request: treated as one of the flow's present backlog (as before)
+        engine._held.remove(big.request.id)
+        engine.budget.release(big.request.size)
+        engine.correct("f", 0, 10 - big.cost, 0.0)
+    engine.pump(0.0)
+    out = engine.take_outbox()
+    order = [i.request.flow for i in out]
+    running += out
+    while len(order) < 40:  # the oldest in flight ends (as declared), its slot goes to the next pick
+        item = running.pop(0)
+        engine.release(item, item.cost)
+        engine.pump(0.0)
+        out = engine.take_outbox()
+        order += [i.request.flow for i in out]
+        running += out
+    return order[:40]
+
+
+def test_vtc_a_refund_after_return_banks_no_idle_time():
+    """A refund for a request that arrived before its flow came back takes the counter back at most to
+    where the return would have lifted it: f then shares with a from where a stands, as a flow
+    returning from idle does, instead of being served for the 150 dispatches it spent idle (a review:
+    1,007 dispatches in a row). Negative control: the same refund named by no request (the old rule)
+    gives f the run."""
+    engine = make_engine([{"priority": 0, "fairness": "vtc"}], max_inflight_requests=2, default_ttl=0)
+    order = "".join(f for f in _refund_after_return(engine))
+    assert "fff" not in order, order  # alternating, one ahead at most
+    assert order.count("f") <= 21, order
+    control = make_engine([{"priority": 0, "fairness": "vtc"}], max_inflight_requests=2, default_ttl=0)
+    assert "".join(_refund_after_return(control, refund_seq=False)).startswith("f" * 30)
+
+
+def test_vtc_refund_of_a_request_from_the_present_backlog_is_whole():
+    """A refund for a request dispatched after the flow came back is applied whole: the flow was charged
+    its declared cost from where the lift put it, and pays back to there."""
+    engine = make_engine([{"priority": 0, "fairness": "vtc"}], max_inflight_requests=1, default_ttl=0)
+    flows = engine.bands[0].flows
+    engine.submit(Request(1, "a", 0, 100, tokens=100), 0.0)
+    engine.pump(0.0)
+    [a] = engine.take_outbox()
+    engine.submit(Request(2, "f", 0, 100, tokens=1000), 0.0)  # f comes, behind a's request in flight
+    start = flows["f"].vtc
+    engine.release(a, 100)
+    engine.pump(0.0)
+    [f] = engine.take_outbox()
+    assert flows["f"].vtc == start + 1000
+    engine.release(f, 10)  # f's request arrived after f became backlogged: refunded whole
+    assert flows["f"].vtc == start + 10

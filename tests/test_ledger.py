@@ -1641,3 +1641,46 @@ def test_a_narrowed_grant_takes_its_bands_estimate_out_as_a_hand_back_does():
     flows = [f for f in b1.flows.values() if f.shard == shard]
     mean = sum(f.weight * f.finish for f in flows) / sum(f.weight for f in flows)
     assert b1.shard_vtime[shard] == mean  # (it was the mean + the narrowed grant's charge: a review)
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_a_refund_after_its_flow_came_back_takes_its_finish_time_back_to_the_clock_at_most(named):
+    """f's request declared 2**32 tokens; f emptied far ahead of the clock (remembered), a was served on,
+    and f came back while its request was in flight, starting at its remembered finish time. The refund
+    (it used 10 tokens) then takes f's finish time back at most to the clock it came back at: the
+    whole refund put it 100,000 tokens behind, f's shard took the band's grants for that long (a review
+    of the shard's counter). A refund named by no request (-1, the old rule) is applied whole: the
+    negative control."""
+    ledger = Ledger(config([{"priority": 0, "fairness": "vtc"}], max_inflight_requests=10), 2, lone=False)
+    band = ledger.bands[0]
+    big = Pending(1, "f", 0, 100, tokens=2**32)
+    ledger.enqueue(big, 1)
+    a = [Pending(i, "a", 0, 100, tokens=1000) for i in range(2, 200)]
+    for p in a:
+        ledger.enqueue(p, 0)
+
+    def serve(p: Pending) -> None:
+        while not ledger.outstanding_grants(p.shard):
+            assert ledger.plan_grants()
+        _, live = ledger.grant_answered(p.shard, p.size, dispatched=p)
+        ledger.leave(p, covered=live)
+
+    serve(big)  # (in flight to the end)
+    assert band.flow_finish["f"] == 2**32  # emptied ahead: remembered
+    for p in a[:100]:
+        serve(p)
+        ledger.release(p.size)
+    back = Pending(500, "f", 0, 100, tokens=1000)
+    clock = band.vclock
+    assert clock >= 90_000
+    ledger.enqueue(back, 1)
+    assert band.flows["f"].finish == 2**32  # not lifted: ahead
+    ledger.correct(0, 1, 10.0 - 2**32, "f", 0.0, big.id if named else -1)
+    if named:
+        assert band.flows["f"].finish == clock and band.shard_vtime[1] >= clock
+    else:
+        assert band.flows["f"].finish == 10.0 and band.shard_vtime[1] < clock - 80_000
+    # a refund for a request of f's present backlog (id 500 and on) is applied whole
+    start = band.flows["f"].finish
+    ledger.correct(0, 1, -990.0, "f", 0.0, back.id)
+    assert band.flows["f"].finish == start - 990.0

@@ -132,3 +132,40 @@ async def _first(futures: dict[str, Any]) -> str:
                 return name
         await asyncio.sleep(0.005)
     raise AssertionError("no dispatch")
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_refund_after_its_flow_came_back_banks_no_idle_time(launch: Any, shards: int) -> None:
+    """f's request declares 2**32 tokens and runs while f is idle and a is served 40 times; f comes
+    back with requests while it still runs (its counter ahead: not lifted), then releases it having
+    used 10 tokens. f and a then share the slot from where a stands. The whole refund (before the
+    fix) gave f every dispatch that followed: 40 of its 40 requests before any of a's."""
+    svc = launch(shards=shards, budget=2, bands=[{"priority": 0, "fairness": "vtc"}], service={"fast_path": False})
+
+    async def main() -> tuple[str, set[tuple[str, int]]]:
+        async with Client.connect(svc.host, svc.binary_port) as c:
+            big = await c.admit("f", size=100, tokens=2**32)
+            assert big.outcome is D
+            for _ in range(40):  # a alone on the other slot, f idle
+                r = await c.admit("a", size=100, tokens=100)
+                assert r.outcome is D and await c.release(r.ticket, 100)
+            hold = await c.admit("a", size=100, tokens=100)
+            futures: dict[str, Any] = {}
+            for i in range(40):  # one at a time: each flow stays on its shard
+                futures[f"a{i}"] = c.admit("a", size=100, tokens=100, audit=True)
+                futures[f"f{i}"] = c.admit("f", size=100, tokens=100, audit=True)
+            await svc.until_stats(lambda s: s["totals"]["queued_items"] == 80)
+            assert await c.release(big.ticket, 10)
+            order: list[str] = []
+            ticket = hold.ticket
+            while len(order) < 30:
+                done = await _first({n: f for n, f in futures.items() if n not in order})
+                order.append(done)
+                assert await c.release(ticket, 100)
+                ticket = futures[done].result().ticket
+            return "".join(n[0] for n in order), {(n[0], futures[n].result().service.shard) for n in order}
+
+    order, placed = run(main())
+    if shards == 2:  # each flow on a shard of its own: the distributor's ledger shares the grants
+        assert len(placed) == 2 and len({s for _, s in placed}) == 2, placed
+    assert "fff" not in order and order.count("f") <= 16, order

@@ -126,7 +126,7 @@ class ShardWorker(asyncio.Protocol):
                 elif kind is Cancel:
                     engine.cancel(msg.id, now, Outcome(msg.outcome))
                 elif kind is Charge:
-                    engine.correct(msg.flow, msg.priority, msg.delta, msg.weight)
+                    engine.correct(msg.flow, msg.priority, msg.delta, msg.weight, msg.seq if msg.seq >= 0 else None)
                 elif kind is Shutdown:
                     self._closing = True
                     engine.shutdown(now)
@@ -183,7 +183,10 @@ class ShardWorker(asyncio.Protocol):
             request = item.request
             outcome = item.outcome
             wait = item.finished_at - item.enqueued_at
-            add(Done(request.id, outcome, wait, item.finished_at, self._decided if outcome == _DISPATCHED else 0))
+            if outcome == _DISPATCHED:
+                add(Done(request.id, outcome, wait, item.finished_at, self._decided, item.seq))
+            else:
+                add(Done(request.id, outcome, wait, item.finished_at))
             stats.add_deq(slots.pop(request.id), shard, item.band, request.size)
             stats.add_outcome(shard, item.band, outcome)
             if outcome == _DISPATCHED:
