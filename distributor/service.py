@@ -91,7 +91,7 @@ class Ticket(msgspec.Struct, gc=False):
     owned: set[int] | None = None
     weight: float = 0.0  # the request's own weight (0: its flow's configured one), for a cost correction
     seq: int = -1  # its shard's `Done.seq`, which the correction names (`Charge.seq`)
-    request: int = -1  # the request's id (arrival sequence), which the ledger's correction names
+    charged: int = -1  # its `Pending.charged`, which the ledger's correction names
 
 
 # Tickets are capabilities: random, so a client can release only a ticket it was given (on any of its
@@ -316,7 +316,7 @@ class Distributor:
             # the flow's VTC counter lives on the shard that dispatched it (the fast path charges none)
             self._send(held.shard, Charge(held.flow, held.priority, float(tokens - held.cost), held.weight, held.seq))
             self.ledger.correct(held.priority, held.shard, float(tokens - held.cost), held.flow, held.weight,
-                                held.request)
+                                held.charged)
         # `_disown`, inline (once per request)
         if held.deadline != _INF:  # leased (HTTP)
             self.leases.pop(ticket, None)
@@ -550,7 +550,7 @@ class Distributor:
             if leased:  # HTTP: held until released or the lease ends, whatever becomes of the connection
                 deadline = _monotonic() + self._lease
                 tickets[ticket] = Ticket(ticket, size, waiter, deadline, p.shard, p.flow, p.payload[0],
-                                         p.tokens or size or 1, None, p.weight, seq, p.id)
+                                         p.tokens or size or 1, None, p.weight, seq, p.charged)
                 self.leases[ticket] = deadline
             else:  # binary: the connection is the lease (release_all when it closes)
                 owned = self._owned.get(waiter)
@@ -558,7 +558,7 @@ class Distributor:
                     owned = self._owned[waiter] = set()
                 owned.add(ticket)
                 tickets[ticket] = Ticket(ticket, size, waiter, _INF, p.shard, p.flow, p.payload[0],
-                                         p.tokens or size or 1, owned, p.weight, seq, p.id)
+                                         p.tokens or size or 1, owned, p.weight, seq, p.charged)
         elif outcome != _CANCELLED:
             retry = self.retry[p.band]
             retry_after = retry.rejected(_monotonic()) if outcome == _REJECTED_CAPACITY else retry.value

@@ -25,6 +25,12 @@ _PARK_AFTER = 3  # DRR: a head needing more top-ups than this waits for its roun
 _REWAKE = 64  # DRR: flows parked before the quantum changed, woken a pick
 _REWAKE_AT_ONCE = 256  # DRR: parked flows whose round has come, woken a pick at most
 _MAX_PARK = float(1 << 60)  # DRR: top-ups beyond this (a weight near 0) are not counted: it waits for the rest
+# VTC: once the least-served counter passes this, the band's counters are re-based to it (`_rebase`): a
+# charge of up to 2**32 tokens at a weight down to 1e-6 moves a counter by up to 4.3e15, and past ~2**53
+# a float no longer holds a request's charge (a review: 10,000 such requests from throw-away flows lifted
+# every flow to 4.3e19, where charges of 1,000 tokens moved no counter, until a restart). 2**40 keeps
+# charges to 1e-4 of a token.
+_REBASE_AT = float(1 << 40)
 
 
 class Fairness(Protocol):
@@ -366,6 +372,7 @@ class VirtualTokenCounter:
         self._heap: list[tuple[float, int, FlowQueue]] = []
         self._active = 0
         self._floor = 0.0
+        self._shift = 0  # what `_rebase` has taken off the counters so far (exact: an int)
         self._tick = 0  # unique, increasing: valid-entry stamps and the tie-break (first come first)
         # forgotten flows' counters that were ahead (`forget`), and the weight each was charged at
         self._ahead: dict[str, tuple[float, float]] = {}
@@ -385,6 +392,8 @@ class VirtualTokenCounter:
         return None
 
     def activate(self, flow: FlowQueue) -> None:
+        if flow.shifted != self._shift:
+            self._sync(flow)
         low = self._top()
         lift = low.vtc if low is not None else self._floor
         vtc = flow.vtc = max(flow.vtc, lift)
@@ -424,6 +433,8 @@ class VirtualTokenCounter:
         spent idle meanwhile (a review: a request declaring 2**32 tokens, refunded after its flow came
         back, gave that flow 1,007 dispatches in a row). Had the cost been known at dispatch, the flow
         would have been lifted; this is where it would stand."""
+        if flow.shifted != self._shift:
+            self._sync(flow)
         moved = delta / weight
         if before:
             lead = flow.lead
@@ -443,6 +454,8 @@ class VirtualTokenCounter:
         out of the shard's memory and its share of actual tokens went from 0.51 to 0.91). A flow at or
         behind that point loses nothing: it is lifted anyway. At most `REMEMBERED_AHEAD` per band
         (`_keep`); flows that arrive for nothing (throw-away ids) are never ahead."""
+        if flow.shifted != self._shift:
+            self._sync(flow)
         if flow.vtc > self._lift():
             self._keep(flow.id, flow.vtc, flow.weight)
 
@@ -477,20 +490,51 @@ class VirtualTokenCounter:
 
     def recall(self, flow: FlowQueue) -> None:
         """`flow` is known again (a new `FlowQueue`): its counter, if it was ahead when it was forgotten."""
+        flow.shifted = self._shift  # (a new flow's 0, or its kept counter, is measured from now)
         entry = self._ahead.pop(flow.id, None)
         if entry is not None:
             flow.vtc = entry[0]
 
     pick = _top  # the least-served backlogged flow
 
+    def _rebase(self, base: float) -> None:
+        """Take `base` (the least-served backlogged counter, past `_REBASE_AT`) off the band's counters: the
+        order and the differences stay, and charges are held exactly again. The backlogged flows' now
+        (each is served between two re-bases unless a later flow is lifted past it: amortised O(1) a
+        dispatch) and the remembered ones' (those left behind the new floor are dropped: they would be
+        lifted anyway); an idle flow's when it is next used (`_sync`, by `shifted`), so an idle flow
+        costs nothing here."""
+        whole = int(base)
+        self._shift += whole
+        shift = self._shift
+        live = []
+        for _, stamp, flow in self._heap:
+            if stamp == flow.stamp:
+                flow.vtc -= whole
+                flow.shifted = shift
+                live.append((flow.vtc, stamp, flow))
+        heapq.heapify(live)
+        self._heap = live
+        self._floor -= whole
+        floor = self._lift()
+        ahead = self._ahead
+        self._ahead = {name: (vtc - whole, weight) for name, (vtc, weight) in ahead.items() if vtc - whole > floor}
+
+    def _sync(self, flow: FlowQueue) -> None:
+        """An idle flow's counter, measured from the latest re-base (`_rebase`)."""
+        flow.vtc -= self._shift - flow.shifted
+        flow.shifted = self._shift
+
     def charge(self, flow: FlowQueue, item: Item) -> None:
-        self._floor = vtc = flow.vtc
+        self._floor = least = vtc = flow.vtc  # (the pick: the least served)
         weight = item.request.weight  # the request's own (0: the flow's configured), as `correct` divides by
         vtc += item.cost / (weight if weight > 0 else flow.configured)
         flow.vtc = vtc
         self._tick = tick = self._tick + 1
         flow.stamp = tick
         _heapreplace(self._heap, (vtc, tick, flow))
+        if least > _REBASE_AT:
+            self._rebase(least)
 
 
 class GlobalFcfs(_Memoryless):

@@ -11,7 +11,7 @@ class FlowQueue:
     `queued_items`/`queued_bytes` are what it holds now: two plain counters (the monotonic
     enqueue/dequeue pairs live in the shared-memory layout, not here), so a request touches two
     fields of the flow and no per-flow list. Outcomes and wait histograms are kept per band.
-    `deficit` (DRR) and `vtc`/`stamp`/`lead` (VTC) belong to the band's fairness policy.
+    `deficit` (DRR) and `vtc`/`stamp`/`lead`/`shifted` (VTC) belong to the band's fairness policy.
     """
 
     __slots__ = (
@@ -23,6 +23,7 @@ class FlowQueue:
         "queue",
         "queued_bytes",
         "queued_items",
+        "shifted",
         "since",
         "stamp",
         "vtc",
@@ -42,6 +43,7 @@ class FlowQueue:
         self.stamp = 0
         self.since = 0  # the engine's seq of the request that last made it backlogged
         self.lead = 0.0  # VTC: how far its counter stands above where it was lifted to then (`correct`)
+        self.shifted = 0  # VTC: its policy's re-base total its counter is measured from (`VirtualTokenCounter._rebase`)
 
     def __repr__(self) -> str:
         return f"FlowQueue({self.id!r}, band={self.band}, queued={self.queued_items})"

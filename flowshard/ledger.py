@@ -56,6 +56,11 @@ SHORTFALL_HORIZON_NS = 10_000_000_000
 _MAX_INTERVALS = 4096
 # Finish times kept per band for flows that emptied ahead of the band's virtual clock (Ledger._remember).
 _FINISH_MEMORY = 4096
+# Once a fair band's virtual clock passes this, its virtual times are re-based to it (`_rebase_clock`):
+# as the shards' VTC counters (fairness._REBASE_AT), past ~2**53 a float no longer holds a grant's charge
+# (a review: requests of 2**32 tokens at weight 1e-6 took the clock to 2.1e19, where two shards' virtual
+# times stayed one float apart and the one behind took every grant, until a restart).
+_REBASE_AT = float(1 << 40)
 # Requests that leave a fair band while it sits on one shard (or none) before it drops its fair state
 # (Ledger._settle), at least; and at least as many as it holds queued, which its next re-base costs. A
 # band that comes back to two shards within that many is still fair, so one whose flows keep spilling
@@ -113,6 +118,9 @@ class Pending(msgspec.Struct, gc=False):
     # the grant plans made before it was queued (`Ledger.plans`): a grant planned since is written to its
     # shard after its Enqueue and may serve it; one planned before may not (`LedgerBand.shard_late`)
     plans: int = 0
+    # dispatched in a fair band: the number of its charge to its flow's finish time (`Ledger.charges`);
+    # 0: not charged. A refund names it (`Ledger.correct`)
+    charged: int = 0
 
 
 class FlowUsage(msgspec.Struct, gc=False):
@@ -127,7 +135,7 @@ class FlowUsage(msgspec.Struct, gc=False):
     # band keeping no fair state records only a request's own weight, for its re-base: Ledger._rebase)
     weight: float = 0.0
     finish: float = 0.0  # its own virtual finish time: its start plus what it was served, per weight
-    since: int = 0  # the id (arrival sequence) of the request that made it (`Ledger.correct`)
+    since: int = 0  # the ledger's charges (`Ledger.charges`) when it was made: earlier ones are from before it
     lead: float = 0.0  # how far its start was ahead of the band's clock, less refunds from before `since`
 
 
@@ -182,6 +190,7 @@ class LedgerBand:
         "displacement",
         "enqueued",
         "fair",
+        "fair_since",
         "finish_weight",
         "flow_finish",
         "flow_held",
@@ -294,6 +303,7 @@ class LedgerBand:
         # The band's virtual clock: the virtual time at which its latest grant started (SFQ's v(t)), and
         # the finish times of flows that emptied while ahead of it (see Ledger._start).
         self.vclock = 0.0
+        self.fair_since = 0  # the ledger's charges when its fair state was last rebuilt (`Ledger._rebase`)
         self.flow_finish: dict[str, float] = {}
         self.finish_weight: dict[str, float] = {}  # their weights, to rank what they owe (`Ledger._remember`)
 
@@ -398,6 +408,9 @@ class Ledger:
         # wrapped in a method (one call less per request)
         self.release: Callable[[int], None] = self.budget.release
         self.grants_out = 0
+        # the dispatches charged to a flow's finish time so far (each `Pending.charged` its number): a refund
+        # is judged by when its request was charged (`correct`)
+        self.charges = 0
         self.grants_bytes = 0
         # N shards: the clock (monotonic s) that judges a shard behind on its answers (`ANSWER_TIMEOUT`;
         # None: never judged), and per shard when a grant was first planned for it since it was last
@@ -565,11 +578,11 @@ class Ledger:
             if not fair and band.home != shard and band.sharing:  # a flow of a lone band away from its home
                 fair = self._spread_to(band, shard)
             if not fair:
-                flow = band.flows[name] = FlowUsage(shard, since=p.id)
+                flow = band.flows[name] = FlowUsage(shard)
             else:
                 weight = self._weights.get(name, 1.0) if band.cost_kind != _TURNS else 1.0
                 start = self._start(band, shard, name)
-                flow = band.flows[name] = FlowUsage(shard, 0, 0, weight, start, p.id, start - band.vclock)
+                flow = band.flows[name] = FlowUsage(shard, 0, 0, weight, start, self.charges, start - band.vclock)
                 if not band.shard_items[shard]:  # the shard's first flow of the band (counted: a weight can be tiny)
                     # plus the estimates of the band's grants still out there (a request that left without
                     # its grant: the answer takes its estimate out again; a review: lost here, the shard's
@@ -895,6 +908,8 @@ class Ledger:
         where a scan of the shards per grant made a plan O(N) per grant (measured: it grew the
         distributor's cost per request with the shard count). A shard asked before `cutoff` is
         behind on its answers and left out (`plan_grants`)."""
+        if band.vclock > _REBASE_AT:
+            self._rebase_clock(band)
         ranked = []
         items, granted, stale, asked_at = band.shard_items, band.shard_granted, band.shard_stale, self.asked_at
         for n in compress(range(len(items)), items):  # only the shards holding some (in C): see grantable
@@ -911,6 +926,26 @@ class Ledger:
         if len(ranked) > 1:
             heapq.heapify(ranked)
         return ranked
+
+    @staticmethod
+    def _rebase_clock(band: LedgerBand) -> None:
+        """Take the band's virtual clock off every virtual time it holds (`_REBASE_AT`): its flows' finish
+        times, the shards' virtual times and weighted sums, the remembered finish times (those left
+        behind the clock are dropped: they would start at the clock anyway). Order and differences
+        stay. O(flows queued + remembered + shards), before a plan ranks the shards; the clock must
+        pass 2**40 again for the next (or the flows remembered ahead be re-based each time: each is
+        at most one request's charge ahead)."""
+        base = band.vclock
+        band.vclock = 0.0
+        for flow in band.flows.values():
+            flow.finish -= base
+        vtime, tags, weight = band.shard_vtime, band.shard_tags, band.shard_weight
+        for n in range(len(vtime)):
+            vtime[n] -= base
+            tags[n] -= base * weight[n]
+        ahead = {name: finish - base for name, finish in band.flow_finish.items() if finish > base}
+        band.flow_finish = ahead
+        band.finish_weight = {name: w for name, w in band.finish_weight.items() if name in ahead}
 
     @staticmethod
     def _shard_rank(band: LedgerBand, shard: int, live: int) -> tuple[float, float]:
@@ -1038,6 +1073,7 @@ class Ledger:
         home, index, clock = band.home, band.index, band.vclock
         shards = len(band.shard_items)
         band.fair, band.home, band.spread, band.calm = True, -1, 1, 0
+        band.fair_since = self.charges  # (the finish times below hold no charge made before: `correct`)
         band.shard_cost, band.shard_weight, band.shard_tags = [0] * shards, [0.0] * shards, [0.0] * shards
         cost = band.queued_items if band.cost_kind == _TURNS else band.lone_cost
         configured, turns, weight = self._weights, band.cost_kind == _TURNS, 0.0
@@ -1105,6 +1141,7 @@ class Ledger:
             if owner.fair:
                 flow = owner.flows.get(dispatched.flow)
                 if flow is not None:
+                    self.charges = dispatched.charged = self.charges + 1
                     cost = dispatched.cost or owner.cost(dispatched)
                     # charged at the request's own weight (0: the configured one), as the shard's engine
                     # charges it and as `correct` refunds it: at its flow's latest weight, a request's
@@ -1165,7 +1202,7 @@ class Ledger:
         return saturation
 
     def correct(
-        self, priority: int, shard: int, delta: float, flow: str, weight: float = 0.0, request: int = -1,
+        self, priority: int, shard: int, delta: float, flow: str, weight: float = 0.0, charged: int = -1,
     ) -> None:
         """A released request's actual cost differed from its charge by `delta` (vtc: tokens): move its
         flow's finish time, and the virtual time of the shard holding it, as that shard moves the
@@ -1177,16 +1214,23 @@ class Ledger:
         behind. (The virtual time of the shard that dispatched it was moved instead: holding no other
         flow of the band, it dropped the correction; holding others, it charged them for the service.)
         `weight`: the request's own (0: the flow's configured one), as the shard divides by it.
-        `request`: the request's id (-1: not known). One from before its flow's queued requests began
-        (it was dispatched, the flow emptied and came back) refunds at most the flow's `lead`: how far
-        its start was ahead of the clock, which its declared cost had kept it. The whole refund would
-        take its finish time below the clock by the time it spent empty (a review: a request declaring
-        2**32 tokens, refunded after its flow came back, banked that time), where its start would have
+        `charged`: the request's `Pending.charged` (-1: not known, applied whole). A refund of a dispatch
+        never charged in the band's present fair state (0: dispatched while the band kept none, or
+        before it was last rebuilt: `_rebase`) is dropped: the finish times hold no charge to refund (a
+        review: a 2**32-token request dispatched while its band sat on one shard, refunded once it was
+        spread, took its shard's virtual time 4.3e9 below the others, and its flow every grant). A
+        positive one is applied (an under-declarer pays for what it was served). One charged before
+        its flow's queued requests began (it was dispatched, the flow emptied and came back: `since`)
+        refunds at most the flow's `lead`: how far its start was ahead of the clock, which its
+        declared cost had kept it. The whole refund would take its finish time below the clock by the
+        time it spent empty (a review: 848 grants in a row at 4 shards), where its start would have
         been the clock had the cost been known at dispatch; the shard's counter is bounded alike."""
         band = self.bands[self.band_index(priority)]
         if band.fair and band.cost_kind == _TOKENS and 0 <= shard < len(band.shard_vtime):
             own = weight if weight > 0 else self._weights.get(flow, 1.0) or 1.0
             moved = delta / own
+            if moved < 0 and 0 <= charged <= band.fair_since:  # (0: never charged)
+                return
             usage = band.flows.get(flow)
             if usage is None:
                 if flow in band.flow_finish:  # emptied ahead of the clock: its next start moves
@@ -1194,7 +1238,7 @@ class Ledger:
                 elif delta > 0:  # forgotten: its next start, from the clock
                     self._remember(band, flow, band.vclock + moved, own)
                 return
-            if 0 <= request < usage.since:  # (from before it came back: at most its lead)
+            if 0 <= charged <= usage.since:  # (charged before it came back: at most its lead)
                 lead = usage.lead
                 if moved < -lead:
                     moved = -lead

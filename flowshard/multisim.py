@@ -65,7 +65,9 @@ class ShardedService:
         self.blocks = blocks
         self.outbox: list[Item] = []
         self.pending: dict[int, Pending] = {}
-        self._held: set[int] = set()  # dispatched, not yet released (the tickets)
+        # dispatched, not yet released (the tickets): request id -> (its shard, FAST_PATH: none; its
+        # `Pending.charged`), which a cost correction names (`Distributor.release`)
+        self._held: dict[int, tuple[int, int]] = {}
         # JSQ-Bytes, as the shared-memory counters hold it: queued bytes per flow id (all bands) and shard,
         # and per shard; in-transit counts as queued (enq at routing, deq when the shard posts the outcome)
         self._flow_bytes: dict[str, list[int]] = {}
@@ -134,14 +136,19 @@ class ShardedService:
         return [grant for n in order for grant in per[n]]
 
     def release(self, item: Item, actual: int | None = None) -> None:
-        """The client released the ticket of a dispatched request (`Distributor.release`). `actual` (a
-        token count correcting the charge) is not modelled: the simulator never reports one."""
-        if actual is not None:
-            raise NotImplementedError("ShardedService.release: cost corrections (actual) are not modelled")
+        """The client released the ticket of a dispatched request (`Distributor.release`). `actual`: its
+        actual cost (tokens); as the service does, a difference from what it was charged goes to the
+        shard that dispatched it (its engine's `correct`, by the item's `seq`, as `Charge` names it) and
+        to the ledger (`Ledger.correct`, by its `Pending.charged`). The fast path charges none."""
         try:
-            self._held.remove(item.request.id)
+            shard, charged = self._held.pop(item.request.id)
         except KeyError:
             raise ValueError(f"request {item.request.id} holds no budget (not dispatched, or released)") from None
+        if actual is not None and shard != FAST_PATH and actual != item.cost:
+            request = item.request
+            delta = float(actual - item.cost)
+            self.engines[shard].correct(request.flow, request.priority, delta, request.weight, item.seq)
+            self.ledger.correct(request.priority, shard, delta, request.flow, request.weight, charged)
         self.ledger.release(item.request.size)
 
     def expire(self, now: float) -> int:
@@ -182,7 +189,7 @@ class ShardedService:
             self.fast_paths += 1
             if self.where is not None:
                 self.where[p.id] = FAST_PATH
-            self._held.add(p.id)
+            self._held[p.id] = (FAST_PATH, 0)
             self._finish(p, _DISPATCHED, now)
             return
         victims = ledger.check(p)
@@ -265,7 +272,7 @@ class ShardedService:
                 band, live = ledger.grant_answered(shard, size, dispatched=p)
                 covered = live and band == p.band
                 self.dispatched[shard] += 1
-                self._held.add(p.id)
+                self._held[p.id] = (shard, p.charged)
             newcomer = ledger.leave(p, covered=covered)
             del self.pending[p.id]
             p.state = PendingState.DONE

@@ -1675,12 +1675,13 @@ def test_a_refund_after_its_flow_came_back_takes_its_finish_time_back_to_the_clo
     assert clock >= 90_000
     ledger.enqueue(back, 1)
     assert band.flows["f"].finish == 2**32  # not lifted: ahead
-    ledger.correct(0, 1, 10.0 - 2**32, "f", 0.0, big.id if named else -1)
+    assert big.charged > 0
+    ledger.correct(0, 1, 10.0 - 2**32, "f", 0.0, big.charged if named else -1)
     if named:
         assert band.flows["f"].finish == clock and band.shard_vtime[1] >= clock
     else:
         assert band.flows["f"].finish == 10.0 and band.shard_vtime[1] < clock - 80_000
-    # a refund for a request of f's present backlog (id 500 and on) is applied whole
+    # a refund for a request charged since f came back is applied whole
     start = band.flows["f"].finish
-    ledger.correct(0, 1, -990.0, "f", 0.0, back.id)
+    ledger.correct(0, 1, -990.0, "f", 0.0, ledger.charges + 1)
     assert band.flows["f"].finish == start - 990.0
