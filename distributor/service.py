@@ -313,8 +313,11 @@ class Distributor:
         if held is None:
             return False
         if tokens >= 0 and held.shard >= 0 and tokens != held.cost:
-            # the flow's VTC counter lives on the shard that dispatched it (the fast path charges none)
-            self._send(held.shard, Charge(held.flow, held.priority, float(tokens - held.cost), held.weight, held.seq))
+            # the flow's VTC counter lives on the shard that dispatched it (the fast path charges none); not
+            # if that worker has died since (seq -1: its successor's counters never held the charge)
+            if held.seq >= 0:
+                self._send(held.shard, Charge(held.flow, held.priority, float(tokens - held.cost), held.weight,
+                                              held.seq))
             self.ledger.correct(held.priority, held.shard, float(tokens - held.cost), held.flow, held.weight,
                                 held.charged)
         # `_disown`, inline (once per request)
@@ -741,6 +744,9 @@ class Distributor:
                 s.proc.wait()
         now = time.monotonic()
         lost = self.ledger.shard_failed(shard)
+        for held in self.tickets.values():  # its tickets' charges died with it: no correction goes to its
+            if held.shard == shard:  # successor, whose counters start afresh (a refund of a charge it
+                held.seq = -1  # never made would bank; `release`)
         # (said once per death: a killed or crashed worker was restarted without a line in the log; a review)
         log.error("shard %d: its worker (pid %d) %s: %d queued request(s) end evicted: shard_failure; restarting it",
                   shard, s.pid, _exit_words(status), len(lost))

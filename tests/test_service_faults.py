@@ -958,3 +958,42 @@ def test_the_drain_does_not_wait_on_a_stopped_worker(launch: Any) -> None:
         assert exited == 0 and time.monotonic() - t0 < drain + 1.5, time.monotonic() - t0  # was drain + ~2.6 s
 
     run(main())
+
+
+def test_a_refund_for_a_dead_workers_dispatch_does_not_reach_its_successor(launch: Any) -> None:
+    """f's request declaring 2**32 tokens is dispatched by shard 0's worker, which is then killed; its
+    successor's counters (and sequence numbers) start afresh. f and a then queue, and f's ticket is
+    released having used 10 tokens: the refund of a charge the new worker never made must not reach it
+    (it put f 2**32 behind there: every dispatch after it went to f), so f and a alternate."""
+    svc = launch(shards=1, budget=2, bands=[{"priority": 0, "fairness": "vtc"}], service={"fast_path": False})
+
+    async def main() -> str:
+        async with Client.connect(svc.host, svc.binary_port) as c:
+            for _ in range(50):  # (the old worker's sequence numbers run ahead of its successor's)
+                r = await c.admit("a", size=100, tokens=100)
+                assert await c.release(r.ticket, 100)
+            big = await c.admit("f", size=100, tokens=2**32)
+            assert big.outcome is D
+            old = (await svc.astats())["shards"][0]["pid"]
+            os.kill(old, signal.SIGKILL)
+            await svc.until_stats(lambda s: s["shards"][0]["ready"] and s["shards"][0]["pid"] not in (0, old))
+            hold = await c.admit("a", size=100, tokens=100)
+            assert hold.outcome is D
+            futures: dict[str, Any] = {}
+            for i in range(20):
+                futures[f"f{i}"] = c.admit("f", size=100, tokens=100)
+                futures[f"a{i}"] = c.admit("a", size=100, tokens=100)
+            await svc.until_stats(lambda s: s["totals"]["queued_items"] == 40)
+            assert await c.release(big.ticket, 10)
+            order: list[str] = []
+            ticket = hold.ticket
+            while len(order) < 16:
+                await until(lambda: any(f.done() for n, f in futures.items() if n not in order), 5)
+                done = next(n for n, f in futures.items() if n not in order and f.done())
+                order.append(done)
+                assert await c.release(ticket, 100)
+                ticket = futures[done].result().ticket
+            return "".join(n[0] for n in order)
+
+    order = run(main())
+    assert "fff" not in order, order
