@@ -11,7 +11,7 @@ class FlowQueue:
     `queued_items`/`queued_bytes` are what it holds now: two plain counters (the monotonic
     enqueue/dequeue pairs live in the shared-memory layout, not here), so a request touches two
     fields of the flow and no per-flow list. Outcomes and wait histograms are kept per band.
-    `deficit` (DRR) and `vtc`/`stamp`/`lead`/`shifted` (VTC) belong to the band's fairness policy.
+    `deficit` (DRR) and `vtc`/`stamp`/`lead`/`lag`/`shifted` (VTC) belong to the band's fairness policy.
     """
 
     __slots__ = (
@@ -19,6 +19,7 @@ class FlowQueue:
         "configured",
         "deficit",
         "id",
+        "lag",
         "lead",
         "queue",
         "queued_bytes",
@@ -43,6 +44,7 @@ class FlowQueue:
         self.stamp = 0
         self.since = 0  # the engine's seq of the request that last made it backlogged
         self.lead = 0.0  # VTC: how far its counter stands above where it was lifted to then (`correct`)
+        self.lag = 0.0  # VTC: how far it stood behind the least backlogged counter when it last emptied
         self.shifted = 0  # VTC: its policy's re-base total its counter is measured from (`VirtualTokenCounter._rebase`)
 
     def __repr__(self) -> str:

@@ -136,7 +136,8 @@ class FlowUsage(msgspec.Struct, gc=False):
     weight: float = 0.0
     finish: float = 0.0  # its own virtual finish time: its start plus what it was served, per weight
     since: int = 0  # the ledger's charges (`Ledger.charges`) when it was made: earlier ones are from before it
-    lead: float = 0.0  # how far its start was ahead of the band's clock, less refunds from before `since`
+    lead: float = 0.0  # its start less the band's clock then (< 0: the lag it kept, `_start`), less refunds since
+    lag: float = 0.0  # how far it stood behind the band's clock when it last emptied (`correct`), if it did
 
 
 _NO_USAGE = FlowUsage()  # what a flow with nothing queued holds, for `Ledger.check` (read only)
@@ -191,6 +192,7 @@ class LedgerBand:
         "enqueued",
         "fair",
         "fair_since",
+        "finish_clock",
         "finish_weight",
         "flow_finish",
         "flow_held",
@@ -306,6 +308,7 @@ class LedgerBand:
         self.fair_since = 0  # the ledger's charges when its fair state was last rebuilt (`Ledger._rebase`)
         self.flow_finish: dict[str, float] = {}
         self.finish_weight: dict[str, float] = {}  # their weights, to rank what they owe (`Ledger._remember`)
+        self.finish_clock: dict[str, float] = {}  # the band's clock when each emptied (`Ledger._start`)
 
     def cost(self, p: Pending) -> int:
         """What dispatching `p` costs its flow under this band's fairness: turns, bytes or tokens."""
@@ -581,8 +584,11 @@ class Ledger:
                 flow = band.flows[name] = FlowUsage(shard)
             else:
                 weight = self._weights.get(name, 1.0) if band.cost_kind != _TURNS else 1.0
+                emptied = band.finish_clock.get(name)
+                finish = band.flow_finish.get(name, 0.0)
                 start = self._start(band, shard, name)
-                flow = band.flows[name] = FlowUsage(shard, 0, 0, weight, start, self.charges, start - band.vclock)
+                lag = 0.0 if emptied is None else emptied - finish  # (`correct`: before)
+                flow = band.flows[name] = FlowUsage(shard, 0, 0, weight, start, self.charges, start - band.vclock, lag)
                 if not band.shard_items[shard]:  # the shard's first flow of the band (counted: a weight can be tiny)
                     # plus the estimates of the band's grants still out there (a request that left without
                     # its grant: the answer takes its estimate out again; a review: lost here, the shard's
@@ -943,9 +949,12 @@ class Ledger:
         for n in range(len(vtime)):
             vtime[n] -= base
             tags[n] -= base * weight[n]
-        ahead = {name: finish - base for name, finish in band.flow_finish.items() if finish > base}
-        band.flow_finish = ahead
-        band.finish_weight = {name: w for name, w in band.finish_weight.items() if name in ahead}
+        emptied = band.finish_clock
+        kept = {name: finish - base for name, finish in band.flow_finish.items()
+                if finish > base or finish < emptied.get(name, finish)}  # (ahead, or keeping a lag: `_start`)
+        band.flow_finish = kept
+        band.finish_weight = {name: w for name, w in band.finish_weight.items() if name in kept}
+        band.finish_clock = {name: emptied[name] - base for name in kept if name in emptied}
 
     @staticmethod
     def _shard_rank(band: LedgerBand, shard: int, live: int) -> tuple[float, float]:
@@ -1012,7 +1021,12 @@ class Ledger:
         empties and comes back at once cannot take the grant ahead of them each time (its finish
         time is remembered: `_remember`). `shard` is unused here (a subclass may use it)."""
         band.finish_weight.pop(flow, None)
-        return max(band.vclock, band.flow_finish.pop(flow, 0.0))
+        clock = band.vclock
+        emptied = band.finish_clock.pop(flow, None)
+        finish = band.flow_finish.pop(flow, clock)
+        if emptied is not None and finish < emptied:  # refunds since it emptied: it stood behind the clock
+            return clock - (emptied - finish)  # then, held back by its declared costs; it keeps that (`correct`)
+        return max(clock, finish)
 
     @staticmethod
     def _remember(band: LedgerBand, flow: str, finish: float, weight: float) -> None:
@@ -1026,12 +1040,14 @@ class Ledger:
         memory = band.flow_finish
         memory[flow] = finish
         band.finish_weight[flow] = weight
+        band.finish_clock[flow] = band.vclock
         if len(memory) > _FINISH_MEMORY:
-            clock, weights = band.vclock, band.finish_weight
+            clock, weights, emptied = band.vclock, band.finish_weight, band.finish_clock
             owed = {name: (f - clock) * weights.get(name, 1.0) for name, f in memory.items() if f > clock}
             kept = most_owed(owed, _FINISH_MEMORY // 2)
             band.flow_finish = {name: memory[name] for name in kept}
             band.finish_weight = {name: weights.get(name, 1.0) for name in kept}
+            band.finish_clock = {name: emptied.get(name, clock) for name in kept}
 
     @staticmethod
     def _reweigh(band: LedgerBand, shard: int, weight: float, tags: float) -> None:
@@ -1104,6 +1120,7 @@ class Ledger:
         band.fair, band.served = False, band.queued_items > 0  # (settled as it emptied: its next home starts afresh)
         band.flow_finish.clear()
         band.finish_weight.clear()
+        band.finish_clock.clear()
         items = band.shard_items
         band.home = home = next(compress(range(len(items)), items), 0)
         band.lone_cost = band.shard_cost[home]  # (every queued request is there)
@@ -1238,10 +1255,13 @@ class Ledger:
                 elif delta > 0:  # forgotten: its next start, from the clock
                     self._remember(band, flow, band.vclock + moved, own)
                 return
-            if 0 <= charged <= usage.since:  # (charged before it came back: at most its lead)
+            if 0 <= charged <= usage.since:  # (charged before it came back: as the shard's VTC bounds it)
                 lead = usage.lead
-                if moved < -lead:
-                    moved = -lead
+                lag = usage.lag = usage.lag - moved
+                if moved < 0:
+                    low = -lag if lag > 0.0 else 0.0
+                    if lead + moved < low:
+                        moved = low - lead if low < lead else 0.0
                 usage.lead = lead + moved
             usage.finish += moved  # still queued: its finish time, and its shard's mean with it
             shard = usage.shard
