@@ -43,7 +43,7 @@ import msgspec
 from flowshard.budget import Budget
 from flowshard.capacity import NOTHING_HELD, shortfall
 from flowshard.config import Config, limit
-from flowshard.fairness import most_owed
+from flowshard.fairness import MAX_LAG, most_owed
 
 _INF = math.inf
 _TURNS, _BYTES, _TOKENS, _ARRIVALS = range(4)
@@ -1025,7 +1025,7 @@ class Ledger:
         emptied = band.finish_clock.pop(flow, None)
         finish = band.flow_finish.pop(flow, clock)
         if emptied is not None and finish < emptied:  # refunds since it emptied: it stood behind the clock
-            return clock - (emptied - finish)  # then, held back by its declared costs; it keeps that (`correct`)
+            return clock - min(emptied - finish, MAX_LAG)  # then, held back by its declared costs; it keeps that
         return max(clock, finish)
 
     @staticmethod
@@ -1259,7 +1259,7 @@ class Ledger:
                 lead = usage.lead
                 lag = usage.lag = usage.lag - moved
                 if moved < 0:
-                    low = -lag if lag > 0.0 else 0.0
+                    low = -min(lag, MAX_LAG) if lag > 0.0 else 0.0
                     if lead + moved < low:
                         moved = low - lead if low < lead else 0.0
                 usage.lead = lead + moved

@@ -291,3 +291,45 @@ def test_an_over_declaring_flow_that_pauses_gets_what_an_exact_one_would(shards)
     assert abs(got - oracle) <= 0.006, (got, oracle)
     if shards == 1:
         assert token_shares(1, over=True, seed=1, control=True)["over_bursty"] <= oracle - 0.012
+
+
+@pytest.mark.parametrize("capped", [True, False])
+@pytest.mark.parametrize("trick", ["tokens", "weight"])
+def test_a_flow_parked_far_ahead_gives_a_flow_emptying_beside_it_no_more_than_max_lag(trick, capped, monkeypatch):
+    """s is parked far ahead (one request declaring 2**32 tokens, or weight 1e-6) and kept backlogged; a
+    empties while s is the only other flow backlogged, so a stood far behind it (its lag); h, empty at
+    that moment, comes back and is lifted to s's counter. a keeps at most MAX_LAG of its lag: 5
+    dispatches ahead of h, then they alternate. Uncapped (the negative control) a took 20,000 of 20,000
+    (a review)."""
+    if not capped:
+        monkeypatch.setattr(fairness, "MAX_LAG", math.inf)
+    d = Driver(1)
+    for _ in range(4):
+        d.submit("h")
+    d.pump()  # h: 4 in flight (the budget), none queued
+    if trick == "tokens":
+        d.submit("s", BIG)
+        for _ in range(3):
+            d.submit("s", 1)
+    else:
+        for _ in range(4):
+            d.ids += 1
+            d.svc.submit(Request(d.ids, "s", 0, 1, tokens=1, weight=1e-6), 0.0)
+    d.submit("a", 1)
+    for _ in range(2):  # s's first (its huge charge), then a's: a empties, s the only other backlogged
+        d.svc.release(d.inflight.pop(0), None)
+        d.pump()
+    for _ in range(8):
+        d.submit("h")
+    for _ in range(8):
+        d.submit("a")
+    d.pump()
+    mark = len(d.log)
+    for _ in range(2000):
+        d.step({"h", "a"})
+    served = [f for f in d.log[mark:] if f in "ha"]
+    first_h = served.index("h") if "h" in served else len(served)
+    if capped:
+        assert first_h <= 6 and 0.45 <= served.count("a") / len(served) <= 0.55, (first_h, Counter(served))
+    else:
+        assert first_h >= 1000, (first_h, Counter(served))
