@@ -423,9 +423,11 @@ class VirtualTokenCounter:
         if not self._active:
             self._heap.clear()  # stale entries only: they would keep forgotten flows alive
             flow.lag = self._floor - flow.vtc
-        else:
-            low = self._top()
-            flow.lag = (low.vtc if low is not None else self._floor) - flow.vtc  # (`correct`: before)
+        else:  # (`_top`, inline: once a flow empties)
+            heap = self._heap
+            while heap and heap[0][1] != heap[0][2].stamp:
+                heapq.heappop(heap)
+            flow.lag = (heap[0][0] if heap else self._floor) - flow.vtc  # (`correct`: before)
 
     def head_changed(self, flow: FlowQueue) -> None:
         pass
