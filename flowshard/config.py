@@ -61,6 +61,9 @@ class BandConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ceiling: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
     displacement: bool = False
     quantum: Annotated[int, msgspec.Meta(ge=0, le=1 << 30)] = 0
+    # vtc: the most of its lag a flow that comes back keeps, in counter units (tokens at weight 1); 0: the
+    # paper's lift alone (docs/fairness.md §7)
+    max_lag: Annotated[float, msgspec.Meta(ge=0, le=float(1 << 40))] = 4096.0
 
     def __post_init__(self) -> None:
         _normalize_limits(self)

@@ -21,7 +21,7 @@ from typing import Any
 from flowshard.budget import Budget
 from flowshard.capacity import shortfall
 from flowshard.config import BandConfig, Config, limit
-from flowshard.fairness import FAIRNESS, ArrivalFcfs, Fairness
+from flowshard.fairness import FAIRNESS, ArrivalFcfs, Fairness, VirtualTokenCounter
 from flowshard.flow import FlowQueue
 from flowshard.queues import ORDERINGS
 from flowshard.stats import N_WAIT_BUCKETS, wait_bucket
@@ -72,6 +72,8 @@ class Band:
             self.fairness = ArrivalFcfs(self)  # the band's arrival list is the order: no heap
         else:
             self.fairness = FAIRNESS[config.fairness](config.quantum)
+            if isinstance(self.fairness, VirtualTokenCounter):
+                self.fairness.max_lag = config.max_lag
         self.ordering = ORDERINGS[config.ordering]
         self.max_bytes = limit(config.max_bytes)
         self.max_items = limit(config.max_requests)

@@ -33,9 +33,10 @@ _MAX_PARK = float(1 << 60)  # DRR: top-ups beyond this (a weight near 0) are not
 _REBASE_AT = float(1 << 40)
 _REBASE_EVERY = 64  # VTC: charges at least between two re-bases, so that an O(flows) re-base is amortised
 # VTC: the most of its lag (`deactivate`) a flow keeps when it comes back, in counter units (tokens at weight
-# 1): about one long request. Unbounded, the lag grew with whatever the least backlogged flow beside it
-# had been charged: a flow parked far ahead by one request of 2**32 tokens, refunded later, gave a flow
-# that emptied next to it 20,000 dispatches in a row against a steady tenant's none (a review).
+# 1), unless the band sets `max_lag`: about one long request. Unbounded, the lag grew with whatever the
+# least backlogged flow beside it had been charged: a flow parked far ahead by one request of 2**32
+# tokens, refunded later, gave a flow that emptied next to it 20,000 dispatches in a row against a
+# steady tenant's none (a review).
 MAX_LAG = 4096.0
 
 
@@ -380,6 +381,7 @@ class VirtualTokenCounter:
         self._floor = 0.0
         self._shift = 0  # what `_rebase` has taken off the counters so far (exact: an int)
         self._charges = 0  # charges since the latest re-base
+        self.max_lag = MAX_LAG  # (the band's `max_lag`, set by the engine's Band)
         self._tick = 0  # unique, increasing: valid-entry stamps and the tie-break (first come first)
         # forgotten flows' counters that were ahead (`forget`), and the weight each was charged at
         self._ahead: dict[str, tuple[float, float]] = {}
@@ -403,8 +405,9 @@ class VirtualTokenCounter:
             self._sync(flow)
         low = self._top()
         lift = low.vtc if low is not None else self._floor
-        lag = flow.lag  # (> 0: how far it stood behind when it emptied, at most MAX_LAG kept; `correct`)
-        vtc = flow.vtc = max(flow.vtc, lift - (lag if lag < MAX_LAG else MAX_LAG) if lag > 0.0 else lift)
+        lag = flow.lag  # (> 0: how far it stood behind when it emptied, at most max_lag kept; `correct`)
+        cap = self.max_lag
+        vtc = flow.vtc = max(flow.vtc, lift - (lag if lag < cap else cap) if lag > 0.0 else lift)
         flow.lead = vtc - lift  # how far above the lift point it stands (`correct`: before)
         self._active += 1
         heapq.heappush(self._heap, (vtc, self._stamp(flow), flow))
@@ -461,7 +464,7 @@ class VirtualTokenCounter:
             lead = flow.lead
             lag = flow.lag
             if moved < 0:
-                low = -min(lag, MAX_LAG) if lag > 0.0 else 0.0
+                low = -min(lag, self.max_lag) if lag > 0.0 else 0.0
                 if lead + moved < low:
                     moved = low - lead if low < lead else 0.0
             flow.lead = lead + moved

@@ -43,7 +43,7 @@ import msgspec
 from flowshard.budget import Budget
 from flowshard.capacity import NOTHING_HELD, shortfall
 from flowshard.config import Config, limit
-from flowshard.fairness import MAX_LAG, most_owed
+from flowshard.fairness import most_owed
 
 _INF = math.inf
 _TURNS, _BYTES, _TOKENS, _ARRIVALS = range(4)
@@ -206,6 +206,7 @@ class LedgerBand:
         "lone_cost",
         "max_bytes",
         "max_items",
+        "max_lag",
         "order",
         "queued_bytes",
         "queued_items",
@@ -240,6 +241,7 @@ class LedgerBand:
         self.max_items = limit(bc.max_requests)
         self.flow_max_bytes = limit(bc.flow_max_bytes)
         self.flow_max_items = limit(bc.flow_max_requests)
+        self.max_lag = bc.max_lag  # vtc: the most of its lag a flow keeps (`Ledger._start`, `correct`)
         # some limit of the band or of its flows is set (`Ledger.check` needs `shortfall` in full only then)
         self.bounded = (self.max_bytes, self.max_items, self.flow_max_bytes, self.flow_max_items) != (_INF,) * 4
         self.flows: dict[str, FlowUsage] = {}
@@ -1025,7 +1027,7 @@ class Ledger:
         emptied = band.finish_clock.pop(flow, None)
         finish = band.flow_finish.pop(flow, clock)
         if emptied is not None and finish < emptied:  # refunds since it emptied: it stood behind the clock
-            return clock - min(emptied - finish, MAX_LAG)  # then, held back by its declared costs; it keeps that
+            return clock - min(emptied - finish, band.max_lag)  # then, held back by its declared costs: kept
         return max(clock, finish)
 
     @staticmethod
@@ -1259,7 +1261,7 @@ class Ledger:
                 lead = usage.lead
                 lag = usage.lag = usage.lag - moved
                 if moved < 0:
-                    low = -min(lag, MAX_LAG) if lag > 0.0 else 0.0
+                    low = -min(lag, band.max_lag) if lag > 0.0 else 0.0
                     if lead + moved < low:
                         moved = low - lead if low < lead else 0.0
                 usage.lead = lead + moved

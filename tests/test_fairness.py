@@ -368,16 +368,17 @@ class NoLagVTC(VirtualTokenCounter):
         flow.lag = -math.inf
 
 
-@pytest.mark.parametrize("control", [False, True])
+@pytest.mark.parametrize("control", ["", "class", "max_lag = 0"])
 def test_vtc_a_thin_flow_keeps_the_credit_it_had_when_it_emptied(control):
     """5 clients of 30-token requests (`short`) next to 8 of 1,020-token ones (`long`), a budget of 4, each
     client back 2 ms after its answer: `short`'s queue empties after each dispatch, and a slot freed
     meanwhile goes to `long`. With the paper's lift `short` came back level with `long` after that
     charge and lost the credit it had (0.84 of its token share: the fourteenth round's proxy-mode
-    review and this model, the negative control); keeping how far it stood behind when it emptied, it
-    gets its share (477 tokens/s: 3.89 slots)."""
-    engine = make_engine([{"priority": 0, "fairness": "vtc"}], max_inflight_requests=4, default_ttl=0)
-    if control:
+    review and this model, the negative controls: a policy that keeps no lag, and `max_lag = 0`);
+    keeping how far it stood behind when it emptied, it gets its share (477 tokens/s: 3.89 slots)."""
+    band = {"priority": 0, "fairness": "vtc", "max_lag": 0.0 if control == "max_lag = 0" else 4096.0}
+    engine = make_engine([band], max_inflight_requests=4, default_ttl=0)
+    if control == "class":
         engine.bands[0].fairness = NoLagVTC()
     result = run(engine, [FlowSpec("short", clients=5, think=0.002, tokens=30),
                           FlowSpec("long", clients=8, think=0.002, tokens=1020)],
