@@ -80,6 +80,18 @@ def _unnamed(svc: ShardedService, item: Item, actual: int) -> None:
     svc.ledger.release(request.size)
 
 
+def _refund(d: Driver, big: Item, actual: int, named: bool) -> int:
+    """Release `big` at `actual` tokens, its refund named (as the service names it) or not (the control);
+    returns where the dispatches after it start in `d.log`."""
+    mark = len(d.log)
+    if named:
+        d.svc.release(big, actual)
+    else:
+        _unnamed(d.svc, big, actual)
+    d.pump()
+    return mark
+
+
 @pytest.mark.parametrize("named", [True, False])
 @pytest.mark.parametrize("shards", [2, 4])
 def test_a_refund_of_a_request_dispatched_while_the_band_sat_on_one_shard_moves_nothing(shards, named):
@@ -109,12 +121,7 @@ def test_a_refund_of_a_request_dispatched_while_the_band_sat_on_one_shard_moves_
     for _ in range(200):
         d.step(active)
     assert d.svc.ledger.bands[0].fair
-    mark = len(d.log)
-    if named:
-        d.svc.release(big, 0)
-    else:
-        _unnamed(d.svc, big, 0)
-    d.pump()
+    mark = _refund(d, big, 0, named)
     for _ in range(600):
         d.step(active)
     after = Counter(d.log[mark:])
@@ -147,12 +154,7 @@ def test_a_refund_after_its_flow_came_back_banks_no_idle_time_at_n_shards(shards
     for _ in range(8):  # f comes back
         d.submit("f")
     d.pump()
-    mark = len(d.log)
-    if named:
-        d.svc.release(big, 10)
-    else:
-        _unnamed(d.svc, big, 10)
-    d.pump()
+    mark = _refund(d, big, 10, named)
     active = {"f", *others}
     for _ in range(400):
         d.step(active)
