@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
-from flowshard.fairness import FAIRNESS
+from flowshard.fairness import FAIRNESS, MAX_LAG
 from flowshard.queues import ORDERINGS
 from flowshard.validate import MAX_WEIGHT, MIN_WEIGHT
 
@@ -63,7 +63,7 @@ class BandConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     quantum: Annotated[int, msgspec.Meta(ge=0, le=1 << 30)] = 0
     # vtc: the most of its lag a flow that comes back keeps, in counter units (tokens at weight 1); 0: the
     # paper's lift alone (docs/fairness.md §7)
-    max_lag: Annotated[float, msgspec.Meta(ge=0, le=float(1 << 40))] = 4096.0
+    max_lag: Annotated[float, msgspec.Meta(ge=0, le=float(1 << 40))] = MAX_LAG
 
     def __post_init__(self) -> None:
         _normalize_limits(self)

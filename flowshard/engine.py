@@ -199,6 +199,7 @@ class Engine:
         if len(idle) >= self.config.flow_slots:  # as many idle flows as the flow table holds: the oldest go
             self._forget_oldest_idle(2)  # (two a new flow: the excess shrinks, `collect_garbage` does the rest)
         flow = FlowQueue(flow_id, band.index, band.ordering.new_queue(), self.config.weights.get(flow_id, 1.0))
+        flow.born = self._seq
         band.fairness.recall(flow)
         band.flows[flow_id] = flow
         idle[flow] = now  # collectable until it holds an item
@@ -481,9 +482,11 @@ class Engine:
         weight; `weight` the request's own, 0: the flow's configured one). False if the flow is no
         longer known here (collected after idling: VTC keeps a positive correction for its return).
 
-        `seq`: the request's `Item.seq`, if known. One that arrived before its flow last became
-        backlogged cannot take the counter back below where that return lifted it to (see
-        `VirtualTokenCounter.correct`); None: treated as a request of the flow's present backlog."""
+        `seq`: the request's `Item.seq`, if known. A refund for one that arrived before its flow last
+        became backlogged takes the counter back at most to where that return lifted it to, less the
+        lag the flow kept (see `VirtualTokenCounter.correct`); for one from before the flow was last
+        forgotten, none: this queue's counter never held its charge, as for a flow not known at all
+        (a review: it was banked as lag); None: treated as a request of the flow's present backlog."""
         band = self.bands[self.band_index(priority)]
         flow = band.flows.get(flow_id)
         if weight <= 0:
@@ -491,7 +494,12 @@ class Engine:
         if flow is None:
             band.fairness.correct_forgotten(flow_id, delta, weight)
             return False
-        band.fairness.correct(flow, delta, weight, seq is not None and seq < flow.since)
+        if seq is not None and seq < flow.since:
+            if seq < flow.born and delta < 0:
+                return True  # (its charge went with the queue that was forgotten)
+            band.fairness.correct(flow, delta, weight, True)
+        else:
+            band.fairness.correct(flow, delta, weight)
         return True
 
     # ------------------------------------------------------------------ reading

@@ -32,8 +32,8 @@ _MAX_PARK = float(1 << 60)  # DRR: top-ups beyond this (a weight near 0) are not
 # charges to 1e-4 of a token.
 _REBASE_AT = float(1 << 40)
 _REBASE_EVERY = 64  # VTC: charges at least between two re-bases, so that an O(flows) re-base is amortised
-# VTC: the most of its lag (`deactivate`) a flow keeps when it comes back, in counter units (tokens at weight
-# 1), unless the band sets `max_lag`: about one long request. Unbounded, the lag grew with whatever the
+# VTC: the default of a band's `max_lag`, the most of its lag (`deactivate`) a flow keeps when it comes back,
+# in counter units (tokens at weight 1): about one long request. Unbounded, the lag grew with whatever the
 # least backlogged flow beside it had been charged: a flow parked far ahead by one request of 2**32
 # tokens, refunded later, gave a flow that emptied next to it 20,000 dispatches in a row against a
 # steady tenant's none (a review).
@@ -368,8 +368,10 @@ class VirtualTokenCounter:
     Each flow's counter grows by `cost / weight` per dispatch (weight: the request's own, 0: the flow's
     configured one; cost: the request's declared tokens,
     else its bytes). A flow that becomes backlogged again is lifted to the smallest counter among
-    the backlogged flows (or, if none, to the counter of the last flow served), so time spent idle
-    is not banked as credit. Keeps a heap of (counter, stamp, flow); stale entries are skipped.
+    the backlogged flows (or, if none, to where the latest dispatch started), less the lag it had when
+    it emptied (at most `max_lag`), so time spent idle is not banked as credit but credit earned while
+    backlogged is kept (`deactivate`, `activate`). Keeps a heap of (counter, stamp, flow); stale
+    entries are skipped.
     """
 
     name: ClassVar[str] = "vtc"

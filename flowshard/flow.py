@@ -16,6 +16,7 @@ class FlowQueue:
 
     __slots__ = (
         "band",
+        "born",
         "configured",
         "deficit",
         "id",
@@ -43,7 +44,8 @@ class FlowQueue:
         self.vtc = 0.0
         self.stamp = 0
         self.since = 0  # the engine's seq of the request that last made it backlogged
-        self.lead = 0.0  # VTC: how far its counter stands above where it was lifted to then (`correct`)
+        self.born = 0  # the engine's seq when this queue was made (the flow was new, or forgotten before)
+        self.lead = 0.0  # VTC: its counter less the lift point at its return (< 0: the lag it kept; `correct`)
         self.lag = 0.0  # VTC: how far it stood behind the least backlogged counter when it last emptied
         self.shifted = 0  # VTC: its policy's re-base total its counter is measured from (`VirtualTokenCounter._rebase`)
 

@@ -137,7 +137,10 @@ class FlowUsage(msgspec.Struct, gc=False):
     finish: float = 0.0  # its own virtual finish time: its start plus what it was served, per weight
     since: int = 0  # the ledger's charges (`Ledger.charges`) when it was made: earlier ones are from before it
     lead: float = 0.0  # its start less the band's clock then (< 0: the lag it kept, `_start`), less refunds since
-    lag: float = 0.0  # how far it stood behind the band's clock when it last emptied (`correct`), if it did
+    # how far it stood behind the band's clock when it last emptied (`correct`): known only for a flow that
+    # emptied ahead of the clock (remembered) and was refunded below it since; one that emptied behind the
+    # clock keeps none here (the shard's counters keep it: docs/fairness.md §7)
+    lag: float = 0.0
 
 
 _NO_USAGE = FlowUsage()  # what a flow with nothing queued holds, for `Ledger.check` (read only)
@@ -1240,8 +1243,9 @@ class Ledger:
         spread, took its shard's virtual time 4.3e9 below the others, and its flow every grant). A
         positive one is applied (an under-declarer pays for what it was served). One charged before
         its flow's queued requests began (it was dispatched, the flow emptied and came back: `since`)
-        refunds at most the flow's `lead`: how far its start was ahead of the clock, which its
-        declared cost had kept it. The whole refund would take its finish time below the clock by the
+        refunds at most the flow's `lead` (how far its start was ahead of the clock, which its declared
+        cost had kept it) plus min(lag, `max_lag`) (how far it stood behind the clock when it emptied,
+        which that refund raises). The whole refund would take its finish time below the clock by the
         time it spent empty (a review: 848 grants in a row at 4 shards), where its start would have
         been the clock had the cost been known at dispatch; the shard's counter is bounded alike."""
         band = self.bands[self.band_index(priority)]

@@ -1687,3 +1687,49 @@ def test_a_refund_after_its_flow_came_back_takes_its_finish_time_back_to_the_clo
     start = band.flows["f"].finish
     ledger.correct(0, 1, -990.0, "f", 0.0, ledger.charges + 1)
     assert band.flows["f"].finish == start - 990.0
+
+
+@pytest.mark.parametrize("max_lag", [4096.0, 1000.0, 0.0])
+@pytest.mark.parametrize("rebase", [False, True])
+def test_a_flow_refunded_below_the_clock_while_remembered_starts_that_lag_below_it(max_lag, rebase):
+    """f's request declared 5,000 tokens; f emptied ahead of the band's clock (remembered, with the clock
+    then) and was refunded 4,990 while idle, so it stood behind that clock when it emptied. It comes back
+    that far below the clock, at most the band's `max_lag` (0: at the clock, the paper's rule), and a
+    re-base of the clock in between changes nothing (it shifts the remembered clock too)."""
+    ledger = Ledger(config([{"priority": 0, "fairness": "vtc", "max_lag": max_lag}], max_inflight_requests=2),
+                    2, lone=False)
+    band = ledger.bands[0]
+    f = Pending(1, "f", 0, 100, tokens=5000)
+    ledger.enqueue(f, 1)
+    a = [Pending(i, "a", 0, 100, tokens=1000) for i in range(2, 40)]
+    for p in a:
+        ledger.enqueue(p, 0)
+
+    def serve(p: Pending) -> None:
+        while not ledger.outstanding_grants(p.shard):
+            assert ledger.plan_grants()
+        _, live = ledger.grant_answered(p.shard, p.size, dispatched=p)
+        ledger.leave(p, covered=live)
+
+    while not ledger.outstanding_grants(1):  # f's grant planned, then a served on: the clock moves on
+        assert ledger.plan_grants()
+    for p in a[:3]:
+        serve(p)
+        ledger.release(p.size)
+    _, live = ledger.grant_answered(1, f.size, dispatched=f)
+    ledger.leave(f, covered=live)
+    emptied = band.finish_clock["f"]
+    assert band.flow_finish["f"] > emptied  # ahead: remembered
+    for p in a[3:10]:
+        serve(p)
+        ledger.release(p.size)
+    ledger.correct(0, 1, -4990.0, "f", 0.0, f.charged)
+    lag = emptied - band.flow_finish["f"]
+    assert lag > 0
+    if rebase:
+        before = band.vclock
+        ledger._rebase_clock(band)
+        assert band.vclock == 0.0 and band.finish_clock["f"] == emptied - before
+    clock = band.vclock
+    ledger.enqueue(Pending(100, "f", 0, 100, tokens=1000), 1)
+    assert band.flows["f"].finish == pytest.approx(clock - min(lag, max_lag))
