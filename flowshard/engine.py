@@ -484,9 +484,11 @@ class Engine:
 
         `seq`: the request's `Item.seq`, if known. A refund for one that arrived before its flow last
         became backlogged takes the counter back at most to where that return lifted it to, less the
-        lag the flow kept (see `VirtualTokenCounter.correct`); for one from before the flow was last
-        forgotten, none: this queue's counter never held its charge, as for a flow not known at all
-        (a review: it was banked as lag); None: treated as a request of the flow's present backlog."""
+        lag the flow kept (see `VirtualTokenCounter.correct`); for one from before this queue was made
+        (the flow was forgotten since), at most to that lift point, with no lag: the queue holds its
+        charge only if it took back a counter kept ahead (`recall`), as for a flow not known at all
+        (reviews: banked as lag, then, dropped, the recalled flow paid all of it); None: treated as a
+        request of the flow's present backlog."""
         band = self.bands[self.band_index(priority)]
         flow = band.flows.get(flow_id)
         if weight <= 0:
@@ -494,12 +496,12 @@ class Engine:
         if flow is None:
             band.fairness.correct_forgotten(flow_id, delta, weight)
             return False
-        if seq is not None and seq < flow.since:
-            if seq < flow.born and delta < 0:
-                return True  # (its charge went with the queue that was forgotten)
-            band.fairness.correct(flow, delta, weight, True)
+        fairness = band.fairness
+        if seq is not None and seq < flow.born:  # (before `since`: a queue never backlogged has since 0)
+            if isinstance(fairness, VirtualTokenCounter):
+                fairness.correct_older(flow, delta, weight)
         else:
-            band.fairness.correct(flow, delta, weight)
+            fairness.correct(flow, delta, weight, seq is not None and seq < flow.since)
         return True
 
     # ------------------------------------------------------------------ reading

@@ -476,6 +476,32 @@ class VirtualTokenCounter:
             heapq.heappush(self._heap, (flow.vtc, self._stamp(flow), flow))
             self._compact()
 
+    def correct_older(self, flow: FlowQueue, delta: float, weight: float) -> None:
+        """A correction for a request from before `flow`'s queue was made (the flow was forgotten while it
+        ran): as `correct_forgotten` would have had it. Its counter holds that charge only if it took
+        back a counter kept ahead (`recall`: then its `lead` at its return), so a refund goes at most to
+        where its return was lifted to, and raises no lag; a positive one is applied whole, from where
+        it would be lifted to if it has not come back yet."""
+        moved = delta / weight
+        if flow.vtc == -math.inf:  # (made, never backlogged: its first request was turned away)
+            if moved > 0:
+                flow.vtc = self._lift() + moved
+                flow.shifted = self._shift
+            return
+        if flow.shifted != self._shift:
+            self._sync(flow)
+        if flow.since < flow.born:  # never backlogged since: as its kept counter (`activate` lifts it)
+            flow.vtc += moved
+            return
+        lead = flow.lead
+        if moved < 0:
+            moved = max(moved, -lead) if lead > 0.0 else 0.0
+        flow.lead = lead + moved
+        flow.vtc += moved
+        if flow.stamp:
+            heapq.heappush(self._heap, (flow.vtc, self._stamp(flow), flow))
+            self._compact()
+
     def forget(self, flow: FlowQueue) -> None:
         """The shard forgets `flow` (idle): its counter is kept if it is ahead of where the flow would be
         lifted to on its return, so a flow served ahead (an under-declared request, corrected at its

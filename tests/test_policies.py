@@ -24,7 +24,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowshard.fairness import FAIRNESS, DeficitRoundRobin, GlobalFcfs, RoundRobin, VirtualTokenCounter
-from flowshard.types import Outcome
+from flowshard.flow import FlowQueue
+from flowshard.queues import ORDERINGS
+from flowshard.types import Item, Outcome, Request
 
 COMBOS = list(itertools.product(FAIRNESS_NAMES, ORDERING_NAMES))
 FAIR = ("round-robin", "drr", "vtc")
@@ -641,3 +643,23 @@ def test_drr_several_heads_beyond_counting_do_not_stall_a_pick() -> None:
     started = time.process_time()
     assert engine.dispatch(0.0).request.flow.startswith("huge-")
     assert time.process_time() - started < 0.5
+
+
+def test_vtc_a_refund_after_a_return_keeps_at_most_max_lag_below_the_lift_point():
+    """x stood 10,000 behind a when it emptied (its lag); it comes back max_lag (100) below a's counter.
+    A refund of 5,000 for a request from before its return then raises its lag, but the counter stays
+    at most max_lag below the lift point."""
+    vtc = VirtualTokenCounter()
+    vtc.max_lag = 100.0
+    fcfs = ORDERINGS["fcfs"]
+    a, x = (FlowQueue(name, 0, fcfs.new_queue(), 1.0) for name in ("a", "x"))
+    vtc.activate(a)
+    vtc.activate(x)
+    request = Request(1, "a", 0, 1, tokens=10_000)
+    vtc.charge(a, Item(request, a, 0, 0, 0.0, 0.0, math.inf, 10_000))
+    vtc.deactivate(x)
+    assert x.lag == 10_000.0
+    vtc.activate(x)
+    assert x.vtc == 9_900.0
+    vtc.correct(x, -5_000.0, 1.0, True)
+    assert x.lag == 15_000.0 and x.vtc == 9_900.0
