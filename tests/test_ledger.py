@@ -1643,6 +1643,14 @@ def test_a_narrowed_grant_takes_its_bands_estimate_out_as_a_hand_back_does():
     assert b1.shard_vtime[shard] == mean  # (it was the mean + the narrowed grant's charge: a review)
 
 
+def _serve(ledger: Ledger, p: Pending) -> None:
+    """`p`'s shard answers a grant with it (planned first if none is out there)."""
+    while not ledger.outstanding_grants(p.shard):
+        assert ledger.plan_grants()
+    _, live = ledger.grant_answered(p.shard, p.size, dispatched=p)
+    ledger.leave(p, covered=live)
+
+
 @pytest.mark.parametrize("named", [True, False])
 def test_a_refund_after_its_flow_came_back_takes_its_finish_time_back_to_the_clock_at_most(named):
     """f's request declared 2**32 tokens; f emptied far ahead of the clock (remembered), a was served on,
@@ -1660,16 +1668,10 @@ def test_a_refund_after_its_flow_came_back_takes_its_finish_time_back_to_the_clo
     for p in a:
         ledger.enqueue(p, 0)
 
-    def serve(p: Pending) -> None:
-        while not ledger.outstanding_grants(p.shard):
-            assert ledger.plan_grants()
-        _, live = ledger.grant_answered(p.shard, p.size, dispatched=p)
-        ledger.leave(p, covered=live)
-
-    serve(big)  # (in flight to the end)
+    _serve(ledger, big)  # (in flight to the end)
     assert band.flow_finish["f"] == 2**32  # emptied ahead: remembered
     for p in a[:100]:
-        serve(p)
+        _serve(ledger, p)
         ledger.release(p.size)
     back = Pending(500, "f", 0, 100, tokens=1000)
     clock = band.vclock
@@ -1705,23 +1707,17 @@ def test_a_flow_refunded_below_the_clock_while_remembered_starts_that_lag_below_
     for p in a:
         ledger.enqueue(p, 0)
 
-    def serve(p: Pending) -> None:
-        while not ledger.outstanding_grants(p.shard):
-            assert ledger.plan_grants()
-        _, live = ledger.grant_answered(p.shard, p.size, dispatched=p)
-        ledger.leave(p, covered=live)
-
     while not ledger.outstanding_grants(1):  # f's grant planned, then a served on: the clock moves on
         assert ledger.plan_grants()
     for p in a[:3]:
-        serve(p)
+        _serve(ledger, p)
         ledger.release(p.size)
     _, live = ledger.grant_answered(1, f.size, dispatched=f)
     ledger.leave(f, covered=live)
     emptied = band.finish_clock["f"]
     assert band.flow_finish["f"] > emptied  # ahead: remembered
     for p in a[3:10]:
-        serve(p)
+        _serve(ledger, p)
         ledger.release(p.size)
     ledger.correct(0, 1, -4990.0, "f", 0.0, f.charged)
     lag = emptied - band.flow_finish["f"]
