@@ -497,7 +497,7 @@ class Engine:
             band.fairness.correct_forgotten(flow_id, delta, weight)
             return False
         fairness = band.fairness
-        if seq is not None and seq < flow.born:  # (before `since`: a queue never backlogged has since 0)
+        if seq is not None and seq < flow.born:  # (tested first: a queue not yet backlogged has `since` 0)
             if isinstance(fairness, VirtualTokenCounter):
                 fairness.correct_older(flow, delta, weight)
         else:
