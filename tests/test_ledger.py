@@ -1729,3 +1729,23 @@ def test_a_flow_refunded_below_the_clock_while_remembered_starts_that_lag_below_
     clock = band.vclock
     ledger.enqueue(Pending(100, "f", 0, 100, tokens=1000), 1)
     assert band.flows["f"].finish == pytest.approx(clock - min(lag, max_lag))
+
+
+def test_a_refund_from_before_a_return_moves_the_finish_time_at_most_max_lag_below_the_start():
+    """A flow whose queue began after a charge (numbered 1) gets a refund of that charge: it may take the
+    finish time below its start by the lag it kept, at most the band's `max_lag` (1,000), however large the
+    lag the refund reveals (here 5,000 + 4,990)."""
+    ledger = Ledger(config([{"priority": 0, "fairness": "vtc", "max_lag": 1000.0}], max_inflight_requests=10),
+                    2, lone=False)
+    band = ledger.bands[0]
+    a = Pending(1, "a", 0, 100, tokens=1000)
+    ledger.enqueue(a, 0)
+    _serve(ledger, a)
+    assert a.charged == 1
+    ledger.enqueue(Pending(2, "f", 0, 100, tokens=1000), 1)
+    usage = band.flows["f"]
+    start = usage.finish
+    assert usage.since == 1 and usage.lead == 0.0
+    usage.lag = 5000.0  # (as if it had emptied that far behind the clock)
+    ledger.correct(0, 1, -4990.0, "f", 0.0, a.charged)
+    assert usage.lag == 9990.0 and usage.finish == start - 1000.0
