@@ -496,12 +496,10 @@ class Engine:
         if flow is None:
             band.fairness.correct_forgotten(flow_id, delta, weight)
             return False
-        fairness = band.fairness
         if seq is not None and seq < flow.born:  # (tested first: a queue not yet backlogged has `since` 0)
-            if isinstance(fairness, VirtualTokenCounter):
-                fairness.correct_older(flow, delta, weight)
+            band.fairness.correct_older(flow, delta, weight)
         else:
-            fairness.correct(flow, delta, weight, seq is not None and seq < flow.since)
+            band.fairness.correct(flow, delta, weight, seq is not None and seq < flow.since)
         return True
 
     # ------------------------------------------------------------------ reading

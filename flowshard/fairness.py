@@ -50,6 +50,7 @@ class Fairness(Protocol):
     def pick(self) -> FlowQueue | None: ...
     def charge(self, flow: FlowQueue, item: Item) -> None: ...
     def correct(self, flow: FlowQueue, delta: float, weight: float, before: bool = False) -> None: ...
+    def correct_older(self, flow: FlowQueue, delta: float, weight: float) -> None: ...
     def correct_forgotten(self, flow_id: str, delta: float, weight: float) -> None: ...
     def forget(self, flow: FlowQueue) -> None: ...
     def recall(self, flow: FlowQueue) -> None: ...
@@ -64,6 +65,9 @@ class _Memoryless:
         pass
 
     def correct_forgotten(self, flow_id: str, delta: float, weight: float) -> None:
+        pass
+
+    def correct_older(self, flow: FlowQueue, delta: float, weight: float) -> None:
         pass
 
     def recall(self, flow: FlowQueue) -> None:
@@ -352,6 +356,18 @@ class DeficitRoundRobin(_Memoryless):
 REMEMBERED_AHEAD = 4096  # per band: the counters of forgotten VTC flows still ahead (`VirtualTokenCounter.forget`)
 
 
+def refund_bound(moved: float, lead: float, lag: float, max_lag: float) -> float:
+    """How far a correction of `moved` (counter or finish-time units) for a request from before its flow
+    last came back may move it: a refund at most `lead` (its distance above the lift point at that
+    return) plus min(lag, `max_lag`) (how far it truly stood behind when it emptied: `lag` with this
+    refund in it); a positive one whole. For the shard's VTC and the ledger's finish times alike."""
+    if moved < 0:
+        low = -min(lag, max_lag) if lag > 0.0 else 0.0
+        if lead + moved < low:
+            return low - lead if low < lead else 0.0
+    return moved
+
+
 def most_owed(owed: dict[str, float], keep: int) -> list[str]:
     """Of forgotten flows still ahead, the `keep` that owe the most (`owed`: each one's lead times its
     weight), to remember when there are too many: evicting the oldest let throw-away flows wash out a
@@ -405,14 +421,17 @@ class VirtualTokenCounter:
     def activate(self, flow: FlowQueue) -> None:
         if flow.shifted != self._shift:
             self._sync(flow)
-        low = self._top()
-        lift = low.vtc if low is not None else self._floor
+        lift = self._lift()
         lag = flow.lag  # (> 0: how far it stood behind when it emptied, at most max_lag kept; `correct`)
         cap = self.max_lag
         vtc = flow.vtc = max(flow.vtc, lift - (lag if lag < cap else cap) if lag > 0.0 else lift)
         flow.lead = vtc - lift  # how far above the lift point it stands (`correct`: before)
         self._active += 1
-        heapq.heappush(self._heap, (vtc, self._stamp(flow), flow))
+        self._renew(flow)
+
+    def _renew(self, flow: FlowQueue) -> None:
+        """A heap entry for `flow` at its counter now (an older one goes stale: compacted)."""
+        heapq.heappush(self._heap, (flow.vtc, self._stamp(flow), flow))
         self._compact()
 
     def _compact(self) -> None:
@@ -427,12 +446,7 @@ class VirtualTokenCounter:
         self._active -= 1
         if not self._active:
             self._heap.clear()  # stale entries only: they would keep forgotten flows alive
-            flow.lag = self._floor - flow.vtc
-        else:  # (`_top`, inline: once a flow empties)
-            heap = self._heap
-            while heap and heap[0][1] != heap[0][2].stamp:
-                heapq.heappop(heap)
-            flow.lag = (heap[0][0] if heap else self._floor) - flow.vtc  # (`correct`: before)
+        flow.lag = self._lift() - flow.vtc  # (`correct`: before)
 
     def head_changed(self, flow: FlowQueue) -> None:
         pass
@@ -463,18 +477,12 @@ class VirtualTokenCounter:
         if before or not flow.stamp:  # (a refund of a request from before it emptied: it stood that much
             flow.lag -= moved  # further behind then; a positive correction, less)
         if before:
-            lead = flow.lead
-            lag = flow.lag
-            if moved < 0:
-                low = -min(lag, self.max_lag) if lag > 0.0 else 0.0
-                if lead + moved < low:
-                    moved = low - lead if low < lead else 0.0
-            flow.lead = lead + moved
+            moved = refund_bound(moved, flow.lead, flow.lag, self.max_lag)
+            flow.lead += moved
         flow.vtc += moved
         if flow.stamp:  # (the old entry goes stale: compacted, as activate's are; a review saw 36,669
             # entries for 2 flows after 50,000 dispatches whose releases reported fewer tokens)
-            heapq.heappush(self._heap, (flow.vtc, self._stamp(flow), flow))
-            self._compact()
+            self._renew(flow)
 
     def correct_older(self, flow: FlowQueue, delta: float, weight: float) -> None:
         """A correction for a request from before `flow`'s queue was made (the flow was forgotten while it
@@ -493,14 +501,11 @@ class VirtualTokenCounter:
         if flow.since < flow.born:  # never backlogged since: as its kept counter (`activate` lifts it)
             flow.vtc += moved
             return
-        lead = flow.lead
-        if moved < 0:
-            moved = max(moved, -lead) if lead > 0.0 else 0.0
-        flow.lead = lead + moved
+        moved = refund_bound(moved, flow.lead, 0.0, 0.0)
+        flow.lead += moved
         flow.vtc += moved
         if flow.stamp:
-            heapq.heappush(self._heap, (flow.vtc, self._stamp(flow), flow))
-            self._compact()
+            self._renew(flow)
 
     def forget(self, flow: FlowQueue) -> None:
         """The shard forgets `flow` (idle): its counter is kept if it is ahead of where the flow would be

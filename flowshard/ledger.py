@@ -43,7 +43,7 @@ import msgspec
 from flowshard.budget import Budget
 from flowshard.capacity import NOTHING_HELD, shortfall
 from flowshard.config import Config, limit
-from flowshard.fairness import most_owed
+from flowshard.fairness import most_owed, refund_bound
 
 _INF = math.inf
 _TURNS, _BYTES, _TOKENS, _ARRIVALS = range(4)
@@ -1262,13 +1262,9 @@ class Ledger:
                     self._remember(band, flow, band.vclock + moved, own)
                 return
             if 0 <= charged <= usage.since:  # (charged before it came back: as the shard's VTC bounds it)
-                lead = usage.lead
-                lag = usage.lag = usage.lag - moved
-                if moved < 0:
-                    low = -min(lag, band.max_lag) if lag > 0.0 else 0.0
-                    if lead + moved < low:
-                        moved = low - lead if low < lead else 0.0
-                usage.lead = lead + moved
+                usage.lag -= moved
+                moved = refund_bound(moved, usage.lead, usage.lag, band.max_lag)
+                usage.lead += moved
             usage.finish += moved  # still queued: its finish time, and its shard's mean with it
             shard = usage.shard
             if usage.weight:
