@@ -589,10 +589,7 @@ class Ledger:
                 flow = band.flows[name] = FlowUsage(shard)
             else:
                 weight = self._weights.get(name, 1.0) if band.cost_kind != _TURNS else 1.0
-                emptied = band.finish_clock.get(name)
-                finish = band.flow_finish.get(name, 0.0)
-                start = self._start(band, shard, name)
-                lag = 0.0 if emptied is None else emptied - finish  # (`correct`: before)
+                start, lag = self._start(band, shard, name)
                 flow = band.flows[name] = FlowUsage(shard, 0, 0, weight, start, self.charges, start - band.vclock, lag)
                 if not band.shard_items[shard]:  # the shard's first flow of the band (counted: a weight can be tiny)
                     # plus the estimates of the band's grants still out there (a request that left without
@@ -1013,7 +1010,7 @@ class Ledger:
         return best
 
     @staticmethod
-    def _start(band: LedgerBand, shard: int, flow: str) -> float:
+    def _start(band: LedgerBand, shard: int, flow: str) -> tuple[float, float]:
         """The virtual start time of a flow that starts afresh (nothing queued or in transit) on `shard`:
         the band's virtual clock (the virtual time of its latest grant), or the flow's own finish time
         if that is later — start-time fair queueing (Goyal et al.) per flow, although the ledger's
@@ -1024,14 +1021,19 @@ class Ledger:
         holding flows, with ties to the shard holding more bytes, did: fair-alloc's 3-client flow got
         4-8 % less than its max-min allocation at 4 and 8 shards against 1-3 % at one); while a flow that
         empties and comes back at once cannot take the grant ahead of them each time (its finish
-        time is remembered: `_remember`). `shard` is unused here (a subclass may use it)."""
+        time is remembered: `_remember`). `shard` is unused here (a subclass may use it).
+        With its lag (`FlowUsage.lag`): how far its remembered finish time stands behind the clock when it
+        emptied (0: not remembered)."""
         band.finish_weight.pop(flow, None)
         clock = band.vclock
         emptied = band.finish_clock.pop(flow, None)
-        finish = band.flow_finish.pop(flow, clock)
-        if emptied is not None and finish < emptied:  # refunds since it emptied: it stood behind the clock
-            return clock - min(emptied - finish, band.max_lag)  # then, held back by its declared costs: kept
-        return max(clock, finish)
+        if emptied is None:
+            return clock, 0.0
+        finish = band.flow_finish.pop(flow)
+        lag = emptied - finish
+        if lag > 0.0:  # refunds since it emptied: it stood behind the clock then, held back by its declared
+            return clock - min(lag, band.max_lag), lag  # costs, and keeps that
+        return max(clock, finish), lag
 
     @staticmethod
     def _remember(band: LedgerBand, flow: str, finish: float, weight: float) -> None:

@@ -1120,7 +1120,7 @@ class MinActiveStartLedger(Ledger):
     @staticmethod
     def _start(band, shard, flow):
         others = [v for n, v in enumerate(band.shard_vtime) if n != shard and band.shard_weight[n]]
-        return min(others) if others else 0.0
+        return min(others) if others else 0.0, 0.0
 
     @staticmethod
     def _remember(band, flow, finish, weight):
