@@ -105,9 +105,14 @@ def flow_of(config: ProxyConfig, headers: Mapping[str, str]) -> str:
     return config.default_flow
 
 
+def _header(headers: Mapping[str, str], name: str) -> str:
+    """A configured header's value, stripped; "" if absent or if the name is "" (the header is not read)."""
+    return headers.get(name, "").strip() if name else ""
+
+
 def priority_of(config: ProxyConfig, headers: Mapping[str, str], model: str, default: int) -> int:
     """The priority header, else the objective's, else the model's (from the config), else `default`."""
-    raw = headers.get(config.priority_header, "").strip() if config.priority_header else ""  # ("": not read)
+    raw = _header(headers, config.priority_header)
     if raw:
         try:
             priority = int(raw)
@@ -118,7 +123,7 @@ def priority_of(config: ProxyConfig, headers: Mapping[str, str], model: str, def
             raise ClassifyError(400, f"header {config.priority_header}: {priority} is outside [-2^31, 2^31)",
                                 config.priority_header)
         return priority
-    objective = headers.get(config.objective_header, "").strip() if config.objective_header else ""
+    objective = _header(headers, config.objective_header)
     if objective and objective in config.objectives:
         return config.objectives[objective]
     if model in config.models:
@@ -128,7 +133,7 @@ def priority_of(config: ProxyConfig, headers: Mapping[str, str], model: str, def
 
 def slo_of(config: ProxyConfig, headers: Mapping[str, str]) -> float:
     """The time-to-first-token objective in seconds (the header is in milliseconds); 0 when absent."""
-    raw = headers.get(config.slo_header, "").strip() if config.slo_header else ""
+    raw = _header(headers, config.slo_header)
     if not raw:
         return 0.0
     try:
