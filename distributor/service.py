@@ -551,17 +551,15 @@ class Distributor:
             if not ticket or ticket in tickets:
                 ticket = self._new_ticket()
             if leased:  # HTTP: held until released or the lease ends, whatever becomes of the connection
-                deadline = _monotonic() + self._lease
-                tickets[ticket] = Ticket(ticket, size, waiter, deadline, p.shard, p.flow, p.payload[0],
-                                         p.tokens or size or 1, None, p.weight, seq, p.charged)
+                deadline, owned = _monotonic() + self._lease, None
                 self.leases[ticket] = deadline
             else:  # binary: the connection is the lease (release_all when it closes)
-                owned = self._owned.get(waiter)
+                deadline, owned = _INF, self._owned.get(waiter)
                 if owned is None:
                     owned = self._owned[waiter] = set()
                 owned.add(ticket)
-                tickets[ticket] = Ticket(ticket, size, waiter, _INF, p.shard, p.flow, p.payload[0],
-                                         p.tokens or size or 1, owned, p.weight, seq, p.charged)
+            tickets[ticket] = Ticket(ticket, size, waiter, deadline, p.shard, p.flow, p.payload[0],
+                                     p.tokens or size or 1, owned, p.weight, seq, p.charged)
         elif outcome != _CANCELLED:
             retry = self.retry[p.band]
             retry_after = retry.rejected(_monotonic()) if outcome == _REJECTED_CAPACITY else retry.value

@@ -15,11 +15,11 @@ from collections import OrderedDict
 from typing import ClassVar, NamedTuple, Protocol
 
 from flowshard.flow import FlowQueue
+from flowshard.heaps import COMPACT_SLACK, compacted
 from flowshard.types import Item, ItemState
 
 _DONE = ItemState.DONE
 _heapreplace = heapq.heapreplace
-_COMPACT_SLACK = 64
 _EPOCH = 1024  # adaptive DRR: dispatches per epoch of the quantum's size memory (its median, once an epoch)
 _PARK_AFTER = 3  # DRR: a head needing more top-ups than this waits for its round parked, not visited in each
 _REWAKE = 64  # DRR: flows parked before the quantum changed, woken a pick
@@ -215,7 +215,7 @@ class DeficitRoundRobin(_Memoryless):
         was woken early leaves its entry until its round, which can be a million rounds away (a review:
         20,000 throw-away flows kept 20,000 entries and their queues alive)."""
         at = self._parked_at
-        if len(self._parked) > 2 * len(at) + _COMPACT_SLACK:
+        if len(self._parked) > 2 * len(at) + COMPACT_SLACK:  # (rebuilt from the live ones, which `at` holds)
             self._parked = [(entry.due, entry.seq, flow) for flow, entry in at.items()]
             heapq.heapify(self._parked)
 
@@ -356,6 +356,11 @@ class DeficitRoundRobin(_Memoryless):
 REMEMBERED_AHEAD = 4096  # per band: the counters of forgotten VTC flows still ahead (`VirtualTokenCounter.forget`)
 
 
+def _stamped(entry: tuple[float, int, FlowQueue]) -> bool:
+    """A vtc heap entry is live while it carries its flow's latest stamp."""
+    return entry[1] == entry[2].stamp
+
+
 def refund_bound(moved: float, lead: float, lag: float, max_lag: float) -> float:
     """How far a correction of `moved` (counter or finish-time units) for a request from before its flow
     last came back may move it: a refund at most `lead` (its distance above the lift point at that
@@ -431,15 +436,9 @@ class VirtualTokenCounter:
 
     def _renew(self, flow: FlowQueue) -> None:
         """A heap entry for `flow` at its counter now (an older one goes stale: compacted)."""
-        heapq.heappush(self._heap, (flow.vtc, self._stamp(flow), flow))
-        self._compact()
-
-    def _compact(self) -> None:
-        """Drop the stale entries once they outnumber the live ones (by a slack): a stale entry above
-        every live counter is never popped, so without this the heap would grow for good."""
-        if len(self._heap) > 2 * self._active + _COMPACT_SLACK:
-            self._heap = [e for e in self._heap if e[1] == e[2].stamp]
-            heapq.heapify(self._heap)
+        heap = self._heap
+        heapq.heappush(heap, (flow.vtc, self._stamp(flow), flow))
+        self._heap = compacted(heap, self._active, _stamped)
 
     def deactivate(self, flow: FlowQueue) -> None:
         flow.stamp = 0  # no entry carries stamp 0: the flow's entry is now stale
@@ -621,9 +620,11 @@ class GlobalFcfs(_Memoryless):
         assert head is not None, "an active flow has a head"
         self._tick += 1
         heapq.heappush(self._heap, (head.key, head.seq, self._tick, head))
-        if len(self._heap) > 2 * self._active + _COMPACT_SLACK:
-            self._heap = [e for e in self._heap if self._valid(e[3])]
-            heapq.heapify(self._heap)
+        self._heap = compacted(self._heap, self._active, self._valid_entry)
+
+    @classmethod
+    def _valid_entry(cls, entry: tuple[float, int, int, Item]) -> bool:
+        return cls._valid(entry[3])
 
     @staticmethod
     def _valid(item: Item) -> bool:

@@ -67,6 +67,7 @@ from flowshard.config import MAX_SHARDS, ConfigError
 from flowshard.engine import Band as EngineBand
 from flowshard.engine import Engine
 from flowshard.estimate import estimate, events_per_second
+from flowshard.heaps import compacted
 from flowshard.multisim import ShardedService
 from flowshard.reference import FlowRef, Verdict, judge, segments
 from flowshard.scenario import Closed, FlowSource, Scenario, flow_sources, load_scenario
@@ -82,7 +83,6 @@ _REQUESTS, _BYTES, _COST = 0, 1, 2
 UNITS = {"round-robin": "requests", "drr": "bytes", "vtc": "cost", "global-fcfs": "cost"}
 _UNIT_KIND = {"requests": _REQUESTS, "bytes": _BYTES, "cost": _COST}
 _GC_PERIOD = 1.0  # seconds of virtual time between flow garbage collections
-_COMPACT_SLACK = 64
 _INF = math.inf
 _PROGRESS_STEPS = 4096  # event-loop steps between two progress calls
 Progress = Callable[[float, int], None]  # (virtual now, events so far)
@@ -333,6 +333,14 @@ class _Flow:
         self.dispatches: array[float] | None = None
 
 
+def _ticked(entry: tuple[float, int, _Flow]) -> bool:
+    return entry[1] == entry[2].ftick  # (its flow's latest entry)
+
+
+def _stamped(entry: tuple[float, int, _Flow]) -> bool:
+    return entry[1] == entry[2].stamp
+
+
 class _Reference:
     """The fair reference of one band: fluid weighted max-min (GPS) sharing of the band's own service.
 
@@ -369,9 +377,7 @@ class _Reference:
         self.tick += 1
         flow.ftick = self.tick
         heapq.heappush(self.heap, (flow.finish, self.tick, flow))
-        if len(self.heap) > 2 * self.owing + _COMPACT_SLACK:
-            self.heap = [e for e in self.heap if e[1] == e[2].ftick]
-            heapq.heapify(self.heap)
+        self.heap = compacted(self.heap, self.owing, _ticked)
 
     def withdraw(self, flow: _Flow, units: float, end: float, withdrawn: float) -> None:
         """Queued work left the queue unserved (TTL, cancel, displacement): stop owing whatever part of
@@ -455,11 +461,8 @@ class _Gap:
         flow.stamp = tick = self.tick
         heapq.heappush(self.low, (flow.rel, tick, flow))
         heapq.heappush(self.high, (-flow.rel, tick, flow))
-        if len(self.high) > 2 * self.backlogged + _COMPACT_SLACK:
-            self.low = [e for e in self.low if e[1] == e[2].stamp]
-            self.high = [e for e in self.high if e[1] == e[2].stamp]
-            heapq.heapify(self.low)
-            heapq.heapify(self.high)
+        self.low = compacted(self.low, self.backlogged, _stamped)
+        self.high = compacted(self.high, self.backlogged, _stamped)
 
     def start(self, flow: _Flow) -> None:
         low = self._top(self.low)
