@@ -1119,7 +1119,7 @@ class MinActiveStartLedger(Ledger):
 
     @staticmethod
     def _start(band, shard, flow):
-        others = [Ledger._shard_rank(band, n, 0)[0] for n, items in enumerate(band.shard_items) if n != shard and items]
+        others = [v for n, v in enumerate(band.shard_vtime) if n != shard and band.shard_weight[n]]
         return min(others) if others else 0.0, 0.0
 
     @staticmethod
@@ -1221,14 +1221,9 @@ def test_a_flow_that_empties_and_returns_at_once_gets_no_more_than_its_share():
     assert closed_loop_errors(8, clients, ledger_factory=ForgetfulLedger)["x"] > 0.05
 
 
-def shard_rank(band, shard: int) -> float:
-    """Where `shard` stands for the band's next grant: the finish time of its least-served flow."""
-    return Ledger._shard_rank(band, shard, 0)[0]
-
-
 def test_a_vtc_correction_moves_the_flows_finish_time_and_its_shards_virtual_time():
     """A released request's actual tokens differ from those declared: the flow's finish time moves (so
-    it takes the corrected service with it when it empties), and its shard's rank with it;
+    it takes the corrected service with it when it empties), and its shard's virtual time with it;
     after the flow emptied ahead of the band's clock, its remembered finish time (its next start).
     (The always-fair ledger, whose flows start at 0 here; tests/test_ledger_lone.py has it after a re-base.)"""
     ledger = Ledger(config([{"priority": 0, "fairness": "vtc"}], max_inflight_requests=10), 2, lone=False)
@@ -1241,12 +1236,10 @@ def test_a_vtc_correction_moves_the_flows_finish_time_and_its_shards_virtual_tim
     assert sorted(g[0] for g in grants) == [0, 0, 1]
     for p in (a1, a2, b1):
         _, live = ledger.grant_answered(p.shard, p.size, dispatched=p)
-        if p is a1:  # a2 still queued: a's finish time and shard 0's rank move by the correction (a's
-            # finish time holds the estimate of a2's grant, still out, too)
-            vtime = shard_rank(band, 0)
+        if p is a1:  # a2 still queued: a's finish time and shard 0's virtual time move by the correction
+            vtime = band.shard_vtime[0]
             ledger.correct(0, 0, -900.0, "a")
-            a = band.flows["a"]
-            assert a.finish - a.spec == 100.0 and a.spec == 1000.0 and shard_rank(band, 0) == vtime - 900.0
+            assert band.flows["a"].finish == 100.0 and band.shard_vtime[0] == vtime - 900.0
         ledger.leave(p, covered=live)
     assert band.vclock == 1000.0 and band.flow_finish == {"a": 1100.0, "b": 3000.0}  # both emptied ahead of it
     ledger.correct(0, 1, 500.0, "b")
@@ -1272,11 +1265,11 @@ def test_a_correction_for_a_flow_forgotten_behind_the_clock_delays_its_next_star
         _, live = ledger.grant_answered(p.shard, p.size, dispatched=p)
         ledger.leave(p, covered=live)
     assert "h" not in band.flows and "h" not in band.flow_finish  # behind the clock: forgotten
-    clock, vtimes = band.vclock, [shard_rank(band, n) for n in range(2)]
+    clock, vtimes = band.vclock, list(band.shard_vtime)
     ledger.correct(0, 1, 999.0, "h")
-    assert band.flow_finish["h"] == clock + 999.0 and [shard_rank(band, n) for n in range(2)] == vtimes
+    assert band.flow_finish["h"] == clock + 999.0 and band.shard_vtime == vtimes
     ledger.correct(0, 1, -5000.0, "g")  # a forgotten flow served less: no credit, nothing moves
-    assert "g" not in band.flow_finish and [shard_rank(band, n) for n in range(2)] == vtimes
+    assert "g" not in band.flow_finish and band.shard_vtime == vtimes
     again = Pending(5, "h", 0, 100, tokens=1000)
     ledger.enqueue(again, 1)
     assert band.flows["h"].finish == clock + 999.0
@@ -1629,8 +1622,7 @@ def test_a_narrowed_grant_takes_its_bands_estimate_out_as_a_hand_back_does():
     """(A review.) Band 1 (vtc, low) holds flow x on shard 0 and y on shard 1. A band-1 grant to shard 0 is
     narrowed to a band-0 request there: band 1's flows on shard 0 were served nothing, but the grant's
     estimate stays in band 1's shard-0 virtual time (real = charge when served != the grant's band),
-    while a hand-back would remove it. Shard 0's band-1 virtual time ends one charge above its mean.
-    (Now the estimate is held by the flow the grant was planned for, and comes out of it.)"""
+    while a hand-back would remove it. Shard 0's band-1 virtual time ends one charge above its mean."""
     ledger = Ledger(config([{"priority": 0, "fairness": "vtc"}, {"priority": 1, "fairness": "vtc"}], fast_path=False,
                            max_inflight_requests=1), 2, lone=False)
     x = Pending(1, "x", 1, 100, tokens=1000)
@@ -1647,8 +1639,8 @@ def test_a_narrowed_grant_takes_its_bands_estimate_out_as_a_hand_back_does():
     ledger.grant_answered(shard, h.size, dispatched=h)
     ledger.leave(h, covered=False)
     flows = [f for f in b1.flows.values() if f.shard == shard]
-    assert all(f.spec == 0.0 and f.planned == 0 for f in flows)
-    assert shard_rank(b1, shard) == min(f.finish for f in flows) == 0.0  # (one charge above it: a review)
+    mean = sum(f.weight * f.finish for f in flows) / sum(f.weight for f in flows)
+    assert b1.shard_vtime[shard] == mean  # (it was the mean + the narrowed grant's charge: a review)
 
 
 def _serve(ledger: Ledger, p: Pending) -> None:
@@ -1690,9 +1682,9 @@ def test_a_refund_after_its_flow_came_back_takes_its_finish_time_back_to_the_clo
     ledger.correct(0, 1, 10.0 - 2**32, "f", 0.0, big.charged if named else -1)
     if named:  # back to the clock, less how far f stood behind it when it emptied (the clock ran ahead with
         # the grants planned for a meanwhile, 8 of 1,000 tokens: the lag it keeps, `Ledger._start`)
-        assert clock - 8_000 <= band.flows["f"].finish <= clock and shard_rank(band, 1) >= clock - 8_000
+        assert clock - 8_000 <= band.flows["f"].finish <= clock and band.shard_vtime[1] >= clock - 8_000
     else:
-        assert band.flows["f"].finish == 10.0 and shard_rank(band, 1) < clock - 80_000
+        assert band.flows["f"].finish == 10.0 and band.shard_vtime[1] < clock - 80_000
     # a refund for a request charged since f came back is applied whole
     start = band.flows["f"].finish
     ledger.correct(0, 1, -990.0, "f", 0.0, ledger.charges + 1)
