@@ -33,6 +33,7 @@ import re
 import socket
 from collections import deque
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
 
 import httptools
@@ -40,7 +41,7 @@ import msgspec
 
 from distributor.api import CONN_CHECK, CONN_NORMAL, CONN_RESERVE, Admission, Audit, connection_verdict
 from distributor.guards import Guards
-from distributor.sockets import reset, unsent
+from distributor.sockets import TCP_ESTABLISHED, peer_state, reset, unsent
 from flowshard.types import Outcome
 from flowshard.validate import (
     ADMIT_ALIASES,
@@ -137,6 +138,14 @@ _KEEP: Final = 0
 _CLOSE: Final = 1  # the client asked: close after writing
 _LINGER: Final = 2  # an error: write, send FIN, drain what the client still sends, then close
 
+# While a connection's reading is paused, how often (s) to look whether its client reset or closed its side
+PEER_CHECK_EVERY: Final = 0.5
+_TICK: Final = 0.004  # the kernel's clock for TCP_INFO's times: one tick of HZ=250
+# A read of more than this (or with more than one dispatched answer unconfirmed) asks the kernel when the
+# client last sent data (`_confirm_sent`); a smaller one after one answer is a closed-loop client's next
+# request, sent after reading that answer (one system call less per request)
+_SMALL_READ: Final = 2048
+
 
 def _render(head: bytes, body: bytes, conn: bytes = b"", extra: bytes = b"", *, no_body: bool = False) -> bytes:
     """One complete response; `head` is a pre-built status line plus content type."""
@@ -220,6 +229,18 @@ class _Route(NamedTuple):
 
 class _Stop(Exception):
     """Raised inside a parser callback to stop parsing this connection's input (an error was queued)."""
+
+
+class _Parsed(NamedTuple):
+    """A complete request as parsed, for its handler: kept while the pipeline is full (`_later`)."""
+
+    url: bytes
+    body: bytes
+    conn: bytes
+    close: int
+    method: bytes
+    headers: list[tuple[bytes, bytes]] | None
+    http10: bool
 
 
 class _Slot:
@@ -334,14 +355,23 @@ class HttpConnection(asyncio.Protocol):
         self._reserve = False  # one of the admin reserve: only ADMIN_PATHS are served on it
         self._fresh = True  # no request seen yet: header_timeout, not idle_timeout, applies
         self._held: bytearray | None = None  # input kept unparsed while max_pipelined is reached
+        # Requests parsed while max_pipelined were in progress (one read holds many): handled, in order,
+        # as answers drain (`_unhold`), the input after them held meanwhile
+        self._later: deque[_Parsed | Callable[[], None]] = deque()
+        self._replaying = False  # handling them (`_handle_later`): answers take their turn as usual
         self._paused = False
+        # While its reading is paused: the timer that looks whether the client is still there
+        # (`_check_peer`), and whether it was found gone (reading is then never paused again)
+        self._watch: asyncio.TimerHandle | None = None
+        self._peer_gone = False
         self._wpaused = False  # reading paused because unsent responses passed write_high
         self._wpaused_at = 0.0  # since when (loop time), while `_wpaused`
         self._wpaused_size = 0  # the unsent bytes then, plus those written since (fewer now: what the client read)
         self._writable: asyncio.Future[None] | None = None  # proxy mode: a stream waits here while paused
         # Tickets of dispatched answers written since the client last sent anything (a request it sent
         # before an answer was written proves nothing about that answer: pipelined in the same read)
-        self._sent: list[int] = []
+        # (ticket, loop time it was written)
+        self._sent: list[tuple[int, float]] = []
         self._probing = False  # the client sent EOF right after answers were written: were they delivered?
         self._eof_wait = False  # the client sent EOF; answers to its earlier requests are still on their way
         self._unhold_scheduled = False
@@ -401,9 +431,11 @@ class HttpConnection(asyncio.Protocol):
         if self._stopped or self._held is not None or self._closing:
             held = self._held
             if held is not None and not self._stopped:
-                self._sent.clear()  # it sent more after those answers were written: it is still there
+                if self._sent:
+                    self._confirm_sent(len(data))
                 held += data
-                if len(held) > self._limits.max_header_bytes + self._limits.max_body_bytes and not self._paused:
+                if (len(held) > self._limits.max_header_bytes + self._limits.max_body_bytes and not self._paused
+                        and not self._peer_gone):
                     self._paused = True
                     self._pause_reading()
             else:  # stopped or closing: discarded, but read, so that EOF is seen ...
@@ -417,16 +449,43 @@ class HttpConnection(asyncio.Protocol):
                     self._sh.guards.hit("http", "linger_overflow")
                     reset(self._transport)
             return
-        self._sent.clear()  # it sent more after those answers were written: it is still there
+        sent = self._sent
+        if sent:  # (`_confirm_sent`'s common case inline: a closed-loop client's next request)
+            if len(sent) == 1 and len(data) <= _SMALL_READ and not self._peer_gone:
+                sent.clear()
+            else:
+                self._confirm_sent(len(data))
         self._parse(data)
 
-    def _parse(self, data: bytes) -> None:
+    def _confirm_sent(self, size: int) -> None:
+        """It sent more after those answers were written: it is still there, and they are not released
+        if it resets. Only what it sent after an answer was written counts, by the kernel's clock
+        (TCP_INFO): input read late (pipelined in one burst, or kept in the kernel while its reading
+        was paused) was sent before, and proves nothing (a review: 5,000 admissions pipelined without
+        reading, then a reset: the requests read after the answers were written kept their 100
+        tickets for the lease). A small read after one answer is taken as sent after it."""
+        if len(self._sent) == 1 and size <= _SMALL_READ and not self._peer_gone:
+            self._sent.clear()
+            return
+        peer = peer_state(self._transport)
+        if peer is None:
+            if not self._peer_gone:
+                self._sent.clear()  # (the kernel does not say: as before)
+            return
+        arrived = self._loop.time() - peer[1] - _TICK  # (its latest data, at the earliest)
+        self._sent = [entry for entry in self._sent if entry[1] >= arrived]
+
+    def _parse(self, data: bytes | None) -> None:
         """Parse input read from the client (now, or kept while the pipeline was full), answering what
-        can be answered at once with one write at the end."""
+        can be answered at once with one write at the end; None: handle the requests parsed past
+        max_pipelined (`_later`) instead, as far as the pipeline has room."""
         out: list[bytes] = []
         self._out = out
         try:
-            self._parser.feed_data(data)
+            if data is None:
+                self._handle_later()
+            else:
+                self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # Upgrade / CONNECT is not supported; the request itself was answered. Close after it.
             self._respond(b"", _CLOSE)
@@ -436,7 +495,7 @@ class HttpConnection(asyncio.Protocol):
                 self._sh.guards.hit("http", "malformed")
                 self._respond(self._error_for(400, f"malformed HTTP request: {exc}", _CONN_CLOSE), _LINGER)
         raw = self._head_raw
-        if raw != _NOT_IN_HEAD and not self._stopped:
+        if raw != _NOT_IN_HEAD and not self._stopped and data is not None:
             # Headers still incomplete: count every later chunk (the first one may also carry the
             # end of an earlier request, so it is left out) so that a never-ending header is bounded.
             if raw == _HEAD_BEGUN:
@@ -455,8 +514,9 @@ class HttpConnection(asyncio.Protocol):
         elif not self._queue:
             if not self._msg_at and self._last_active + self._idle_timeout < self._timer_at:
                 self._idle()
-        elif len(self._queue) >= self._limits.max_pipelined and not self._stopped:
-            self._held = bytearray()
+        elif self._held is None and (self._later or (len(self._queue) >= self._limits.max_pipelined
+                                     and not self._stopped)):
+            self._held = bytearray()  # (with requests waiting, `_unhold` handles them as answers drain)
 
     def eof_received(self) -> bool:
         """The client closed its side: as far as admissions go it is gone (HTTP/1.1 gives a half-close
@@ -526,6 +586,7 @@ class HttpConnection(asyncio.Protocol):
             gone.reverse()
             self._settle(gone)
             self._held = None  # nothing after the cut can be answered: not parsed, never applied
+            self._later.clear()
         elif q and q[0].data is not None:
             self._flush()  # the head is ready now
         return not self._closing and (self._held is not None or any(slot.data is None for slot in q))
@@ -559,11 +620,15 @@ class HttpConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         if exc is not None:  # reset or broken pipe: the answers written since its last request are lost
             self._release_sent()
         self._settle(self._queue)  # nothing in it was written
         self._queue.clear()
         self._held = None
+        self._later.clear()  # (never admitted)
         # What a request cut short had received, freed now rather than when the cyclic GC finds this
         # connection (it and its parser refer to each other): up to a proxied body each, 16 MiB by
         # default (a review: 1.7 GB held after rounds of uploads timed out, until a collection ran)
@@ -642,7 +707,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _release_sent(self) -> None:
         sent, self._sent = self._sent, []
-        for ticket in sent:
+        for ticket, _ in sent:
             try:
                 self._admission.release_then(ticket, -1, self._undeliverable)
             except Exception:
@@ -814,8 +879,10 @@ class HttpConnection(asyncio.Protocol):
             message = f"body of {self._clen} bytes is over the limit of {self._body_limit}"
             self._respond(self._error_for(413, message, _CONN_CLOSE), _LINGER)
             raise _Stop
-        if self._expect and (self._clen > 0 or self._chunked):
-            # An interim response: in its turn like a final one, never before an earlier request's answer.
+        if self._expect and (self._clen > 0 or self._chunked) and not self._later:
+            # An interim response: in its turn like a final one, never before an earlier request's answer
+            # (with requests parsed before it waiting in `_later`, none: it could only follow their
+            # answers, and the client sends its body after a wait of its own, RFC 9110 §10.1.1).
             self._respond(_CONTINUE, _KEEP)
 
     def on_chunk_header(self) -> None:
@@ -849,6 +916,39 @@ class HttpConnection(asyncio.Protocol):
         self._clen = -1
         self._chunked = self._ka_header = self._expect = False
         self._coding = b""
+        method = self._parser.get_method()
+        headers = self._headers
+        http10 = False  # (read for proxy mode only, where `headers` are kept)
+        if headers is not None:
+            self._headers = []
+            http10 = self._parser.get_http_version() == "1.0"
+        if self._later or (len(self._queue) >= self._limits.max_pipelined and not self._stopped):
+            # max_pipelined requests in progress: this one waits, parsed, for the answers to drain (a read
+            # is handled whole: one of 455 KB put 1,211 admissions in progress at once, a review)
+            self._later.append(_Parsed(url, body, conn, close, method, headers, http10))
+            if close:  # (nothing after it is parsed, as once it is handled: `on_message_begin`)
+                self._stopped = True
+            return
+        self._handle(url, body, conn, close, method, headers, http10)
+
+    def _handle_later(self) -> None:
+        """Handle the requests waiting in `_later`, in order, as far as the pipeline has room (an error
+        answer found parsing after them waits there too: `_respond`)."""
+        later = self._later
+        self._replaying = True
+        try:
+            while later and len(self._queue) < self._limits.max_pipelined and not self._closing:
+                item = later.popleft()
+                if isinstance(item, _Parsed):
+                    self._handle(*item)
+                else:
+                    item()
+        finally:
+            self._replaying = False
+
+    def _handle(self, url: bytes, body: bytes, conn: bytes, close: int, method: bytes,
+                headers: list[tuple[bytes, bytes]] | None, http10: bool) -> None:
+        """Route a complete request to its handler (or answer it: 404, 405, an error)."""
         route = _ROUTES.get(url)  # the usual URL has no query string: no search for one (measured)
         if route is None:
             q = url.find(b"?")
@@ -856,11 +956,8 @@ class HttpConnection(asyncio.Protocol):
             route = _ROUTES.get(path)
         else:
             q, path = -1, url
-        method = self._parser.get_method()
         head = method == b"HEAD"
-        headers = self._headers
         if headers is not None:
-            self._headers = []
             proxy = self._sh.proxy
             assert proxy is not None
             if route is None and (path in proxy.routes or proxy.serves(path)):
@@ -869,8 +966,7 @@ class HttpConnection(asyncio.Protocol):
                                                   path=path), close)
                     return
                 try:
-                    proxy.handle(self, method, path, headers, body, conn, close, b"" if q < 0 else url[q:],
-                                 self._parser.get_http_version() == "1.0")
+                    proxy.handle(self, method, path, headers, body, conn, close, b"" if q < 0 else url[q:], http10)
                 except Exception as exc:
                     log.exception("proxy handler for %s failed", path[:200])
                     self._respond(self._error_for(500, f"internal error: {type(exc).__name__}", conn, path=path), close)
@@ -1100,9 +1196,13 @@ class HttpConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ response queue
 
     def _respond(self, data: bytes, close: int) -> None:
-        """Answer the request just parsed: now if nothing is ahead of it, else in its turn."""
+        """Answer the request just parsed: now if nothing is ahead of it, else in its turn (after the
+        requests parsed before it and waiting in `_later`: it waits there too)."""
         if close:
             self._stopped = True
+        if self._later and not self._replaying:
+            self._later.append(partial(self._respond, data, close))
+            return
         if self._queue:
             self._queue.append(_Slot(b"", close, data))
             return
@@ -1140,7 +1240,8 @@ class HttpConnection(asyncio.Protocol):
             return
         for ticket in tickets:
             self._admission.delivered(ticket)  # right before the write (distributor.deliverylog)
-        self._sent.extend(tickets)
+        now = self._loop.time()
+        self._sent.extend((ticket, now) for ticket in tickets)
         if data:
             self._write(data)
 
@@ -1170,7 +1271,7 @@ class HttpConnection(asyncio.Protocol):
                     if out is not None:
                         self._out_tickets.append(slot.ticket)  # delivered when `_spill` writes them
                     else:
-                        self._sent.append(slot.ticket)
+                        self._sent.append((slot.ticket, self._loop.time()))  # (written below)
                         self._admission.delivered(slot.ticket)
             if data is _CONTINUE and not q:  # its request is still in progress: it waited for us till now
                 self._msg_at = now = self._loop.time()
@@ -1217,6 +1318,10 @@ class HttpConnection(asyncio.Protocol):
         held = self._held
         if held is None or self._closing:
             return
+        if self._later:
+            self._parse(None)  # the requests parsed past max_pipelined first, in order
+            if self._later or self._held is None or self._closing:  # (still full; or cut at the EOF)
+                return
         self._held = None
         if self._paused:
             self._paused = False
@@ -1298,8 +1403,30 @@ class HttpConnection(asyncio.Protocol):
         self._respond(self._error_for(431, message, _CONN_CLOSE), _LINGER)
 
     def _pause_reading(self) -> None:
-        if not self._transport.is_closing():
-            self._transport.pause_reading()
+        transport = self._transport
+        if not transport.is_closing() and not self._peer_gone:
+            transport.pause_reading()
+            if self._watch is None:
+                self._watch = self._loop.call_later(PEER_CHECK_EVERY, self._check_peer)
+
+    def _check_peer(self) -> None:
+        """Its reading is paused, so a reset or an EOF from the client goes unseen until it is read
+        again; with nothing to write meanwhile (its answers wait behind an admission still queued) its
+        admissions stayed queued until their TTL and its tickets held until their lease (a review: a
+        client pipelined 5,000 admissions, reset, and 100 tickets came back 299 s later). The kernel
+        knows: while paused, look every `PEER_CHECK_EVERY`, and once the client is gone read again, so
+        that the reset or the EOF takes its usual path."""
+        self._watch = None
+        transport = self._transport
+        if self._dead or transport.is_closing() or transport.is_reading():
+            return
+        peer = peer_state(transport)
+        if peer is None or peer[0] == TCP_ESTABLISHED:
+            self._watch = self._loop.call_later(PEER_CHECK_EVERY, self._check_peer)
+            return
+        self._peer_gone = True  # (what it reads from now on was sent before: `_confirm_sent` by the kernel's clock)
+        self._paused = False
+        transport.resume_reading()
 
     def _resume_reading(self) -> None:
         if not self._wpaused and not self._transport.is_closing():

@@ -1,5 +1,6 @@
 """What the fronts need from a connection's socket beyond the transport: how much of what was
-written the client has not taken yet, and a close that does not wait for it.
+written the client has not taken yet, a close that does not wait for it, and whether the client is
+still there while its input is not being read.
 
 A graceful close leaves unsent bytes to the kernel, which keeps an orphaned socket (FIN-WAIT-1) with
 megabytes queued for as long as the peer does not read; a reset (SO_LINGER 0) discards them.
@@ -15,6 +16,8 @@ import struct
 import termios
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+TCP_ESTABLISHED = 1  # tcp_info.tcpi_state (linux/tcp_states.h)
+_LAST_DATA_RECV, _TCP_INFO_LEN = 52, 56  # tcpi_last_data_recv's offset in struct tcp_info (linux/tcp.h), and the end
 
 
 def unsent(transport: asyncio.BaseTransport) -> int:
@@ -36,3 +39,21 @@ def reset(transport: asyncio.BaseTransport) -> None:
         with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     transport.abort()  # type: ignore[attr-defined]
+
+
+def peer_state(transport: asyncio.BaseTransport) -> tuple[int, float] | None:
+    """The connection's TCP state as the kernel knows it (TCP_INFO: ESTABLISHED 1, CLOSE after the
+    client's reset, CLOSE_WAIT after its FIN), whether or not its input has been read (a transport
+    whose reading is paused sees neither until it reads again), and the seconds since the client last
+    sent data (`tcpi_last_data_recv`, in the kernel's ticks: up to 4 ms). None for a socket that is
+    not TCP, or one that cannot be asked."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    except (OSError, ValueError):
+        return None
+    if len(info) < _TCP_INFO_LEN:
+        return None
+    return info[0], struct.unpack_from("I", info, _LAST_DATA_RECV)[0] / 1e3

@@ -481,3 +481,92 @@ def test_a_binary_client_half_closing_while_the_distributor_is_stalled_is_not_he
         os.kill(svc.pid, signal.SIGCONT)
         c.close()
     assert took < 4.0, took  # close_timeout (2 s), not the stall
+
+
+@pytest.mark.parametrize("acceptors", [0, 2])
+@pytest.mark.parametrize("how", ["rst", "fin"])
+@pytest.mark.parametrize("flood", [500, 5000])
+def test_a_client_that_pipelines_without_reading_then_leaves_gives_everything_back(
+    launch: Any, acceptors: int, how: str, flood: int,
+) -> None:
+    """Review 76: one connection pipelined 5,000 admissions without reading (a small receive buffer, so
+    little of their answers fits). A read is handled whole, so over 1,000 were in progress at once,
+    where the README bounds it at 64. Then it reset (or half-closed) while its reading was paused,
+    which nothing saw: its admissions stayed queued until their TTL, its tickets held until the
+    lease, and every other client waited. Now at most 64 are in progress, and within about a
+    second of its leaving its queued admissions are cancelled. 500 (~50 KB, sent at once, before any
+    answer is written; its reading is never paused): after a reset its tickets are released too, the
+    requests read after their answers were written having been sent before (by the kernel's clock).
+    5,000 (~0.5 MB: its reading paused, the kernel's look at the connection sees it leave; what it
+    sends as the service reads on may come after answers, so its tickets are not asserted)."""
+    svc = launch(shards=2, acceptors=acceptors, budget=20)
+    admit = _request_bytes("POST", "/v1/admit", {"flow": "pipe", "bytes": 10, "ttl": 60})
+
+    async def main() -> None:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)  # (500: all sent at once, before any
+        s.connect(("127.0.0.1", svc.http_port))  # answer is written: what it sends later proves it read them)
+        s.setblocking(False)
+        data, sent = admit * flood, 0
+        deadline = time.monotonic() + 10
+        while sent < len(data) and time.monotonic() < deadline:
+            try:
+                sent += s.send(data[sent:sent + 65536])
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(1.0)
+        totals = (await ahttp(svc.http_port, "GET", "/v1/stats")).json()["totals"]
+        assert 0 < totals["pending"] <= 64 and totals["inflight"] == 20, totals
+        if how == "rst":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        else:
+            s.shutdown(socket.SHUT_WR)
+        left = time.monotonic()
+        tickets_back = how == "rst" and flood == 500
+        while True:
+            totals = (await ahttp(svc.http_port, "GET", "/v1/stats")).json()["totals"]
+            if totals["pending"] == 0 and (not tickets_back or totals["inflight"] == 0):
+                break
+            assert time.monotonic() - left < 3.0, (totals["pending"], totals["inflight"])
+            await asyncio.sleep(0.05)
+        if tickets_back:
+            samples = parse_metrics((await ahttp(svc.http_port, "GET", "/metrics")).body.decode())
+            assert metric(samples, "flowshard_protective_actions_total", front="http", action="undeliverable") == 20
+        if how == "fin":
+            s.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("acceptors", [0, 1])
+@pytest.mark.parametrize("last", ["malformed", "close"])
+def test_requests_past_64_in_progress_are_answered_in_order_before_what_follows_them(
+    launch: Any, acceptors: int, last: str,
+) -> None:
+    """A read holds more than 64 requests: those past 64 wait, parsed, and are handled as answers
+    drain. What the same read has after them must wait too: a malformed request's 400 (with its
+    close) comes after all 100 answers, and a request asking to close is answered last. Answering the
+    400 at once put it after the first 64 and closed the connection on the other 36 unanswered."""
+    svc = launch(shards=1, acceptors=acceptors, budget=1)
+
+    async def main() -> None:
+        conn = await HttpConn.open(svc.http_port)
+        parts = [_request_bytes("POST", "/v1/admit", {"flow": "x", "ttl": 0.2}) for _ in range(99)]
+        if last == "malformed":
+            parts.append(_request_bytes("POST", "/v1/admit", {"flow": "x", "ttl": 0.2}))
+            parts.append(b"NOT HTTP AT ALL\r\n\r\n")
+        else:
+            parts.append(_request_bytes("POST", "/v1/admit", {"flow": "x", "ttl": 0.2}, keep_alive=False))
+        conn.send_raw(b"".join(parts))
+        statuses = []
+        with contextlib.suppress(ConnectionError):
+            while len(statuses) < 101:
+                statuses.append((await conn.response(timeout=5)).status)
+        assert statuses[0] == 200 and set(statuses[1:100]) == {429}, statuses
+        assert statuses[100:] == ([400] if last == "malformed" else []), statuses[95:]
+        assert await conn.closed_by_peer()
+        conn.close()
+
+    run(main())
