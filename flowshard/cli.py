@@ -32,9 +32,11 @@ def read_config(path: str | None) -> Config:
     if path is None:
         return Config()
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); a TOML file is UTF-8") from None
     data = parse_toml(text, where=path)
     if "workload" in data:  # (a [server] table alone is a configuration's misspelt [service]: named below)
         raise ConfigError(f"{path}: a scenario, not a configuration: its configuration is its [server] table "
@@ -57,6 +59,10 @@ def _serve(args: argparse.Namespace) -> int:
     config = read_config(args.config)
     flags = {"host": args.host, "port": args.port, "binary_port": args.binary_port}
     overrides = {k: v for k, v in flags.items() if v is not None}
+    for name in ("port", "binary_port"):
+        port = overrides.get(name)
+        if port is not None and not 0 <= port <= 65535:  # (the workers would refuse the configuration)
+            raise ConfigError(f"--{name.replace('_', '-')}: {port} is not a port: 0 to 65535 (0 picks a free one)")
     if overrides:
         config.service = msgspec.structs.replace(config.service, **overrides)
     if args.backend:

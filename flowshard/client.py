@@ -181,7 +181,7 @@ class Client:
         client holds; admissions still pending fail with ConnectionClosed."""
         if not self._closed:
             self._flush()
-            self._shut(ConnectionClosed("client closed"))
+            self._shut(ConnectionClosed("client closed"), quiet=True)
         await asyncio.shield(self._lost)
 
     @property
@@ -259,20 +259,25 @@ class Client:
         if self._out and transport is not None and not transport.is_closing():
             transport.write(self._out.take())
 
-    def _shut(self, reason: ConnectionClosed) -> None:
+    def _shut(self, reason: ConnectionClosed, quiet: bool = False) -> None:
         if self._reason is None:
             self._reason = reason
         self._closed = True
         if self._transport is not None:
             self._transport.close()
-        self._fail_pending()
+        self._fail_pending(quiet)
 
-    def _fail_pending(self) -> None:
+    def _fail_pending(self, quiet: bool = False) -> None:
+        """Fail the calls still without a reply. `quiet`: the caller closed the client with them pending,
+        so one nobody awaits is not logged as "Future exception was never retrieved" (a review: one line
+        and a traceback per pending admission); whoever awaits one still gets the ConnectionClosed."""
         admits, self._admits = self._admits, {}
         releases, self._releases = self._releases, collections.deque()
         for fut in (*admits.values(), *releases):
             if fut is not None and not fut.done():
                 fut.set_exception(self._closed_error())
+                if quiet:
+                    fut.exception()  # (marks it retrieved)
 
     def _closed_error(self) -> ConnectionClosed:
         """A fresh exception per call (one shared instance would collect every caller's traceback)."""

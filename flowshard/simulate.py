@@ -1266,7 +1266,9 @@ def read_scenario(path: str | None) -> Scenario:
     if path is None:
         return load_scenario(demo_text(), where="demo.toml")
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); a TOML file is UTF-8") from None
     except OSError as exc:
         shipped = _shipped(path) if "/" not in path and not path.endswith(".toml") else None
         if shipped is None:

@@ -168,3 +168,24 @@ def test_a_bad_choice_in_a_scenario_shows_its_value_once(tmp_path: Path, capsys:
     assert cli.main(["simulate", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("poison") == 1 and "allowed: poisson, constant, bursts, closed" in err, err
+
+
+@pytest.mark.parametrize("argv", [["serve", "--port", "-1"], ["serve", "--binary-port", "70000"]])
+def test_a_port_flag_out_of_range_is_one_line_and_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Review 75: the workers refused the configuration, crash-looped with tracebacks for 30 s, and
+    the service exited 1."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a port: 0 to 65535" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["config", "check"], ["serve", "--config"], ["simulate"]])
+def test_a_file_that_is_not_utf8_is_one_line_and_exit_2(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Review 75: a traceback (UnicodeDecodeError) and exit 1."""
+    path = tmp_path / "b.toml"
+    path.write_bytes(b"\xff\xfe[budget]\n")
+    assert cli.main([*command, str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "not UTF-8 text (byte 0)" in err and "Traceback" not in err

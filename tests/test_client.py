@@ -166,6 +166,22 @@ async def test_close_with_pending_admits_fails_them_and_the_server_cancels_them(
 
 
 @on_loop()
+async def test_closing_with_admits_nobody_awaits_logs_nothing() -> None:
+    """Review 75: leaving `async with Client` with admissions pending printed "Future exception was never
+    retrieved" and a traceback for each; the caller closed, so they are quiet (awaited, they raise)."""
+    fake = FakeAdmission()
+    async with serving(fake) as addr:
+        c = await Client.connect(*addr)
+        pending = [c.admit(HOLD) for _ in range(3)]
+        await fake.wait_held(3)
+        await c.close()
+        assert all(fut.done() for fut in pending)
+        assert all(not getattr(fut, "_log_traceback", False) for fut in pending)  # (asyncio's own flag)
+        with pytest.raises(ConnectionClosed):
+            await pending[0]
+
+
+@on_loop()
 async def test_service_closing_fails_pending_calls_with_connection_closed() -> None:
     fake = FakeAdmission()
     async with serving(fake) as addr, Client.connect(*addr) as c:
