@@ -167,8 +167,8 @@ def _view(distributor: Distributor, k: int = TOP_FLOWS) -> _View:
     layout = distributor.layout
     n, b = layout.shards, layout.bands
     shm = distributor.shm
-    if shm is not None:
-        snap = shm.snapshot(on_retry=_Pause())
+    snap = shm.snapshot(on_retry=_Pause()) if shm is not None else distributor.final_snapshot
+    if snap is not None:
         outcomes: I64 = snap["outcomes"].sum(axis=0)
         wait: I64 = snap["wait_hist"].sum(axis=0)
         shard_items: I64 = snap["band_enq_items"] - snap["band_deq_items"]
@@ -179,7 +179,7 @@ def _view(distributor: Distributor, k: int = TOP_FLOWS) -> _View:
         beats = snap["heartbeat_ns"].tolist()
         backlog = (snap["shard_sent_bytes"] - snap["shard_taken_bytes"]).tolist()
         consistent = snap.consistent
-    else:  # not started yet, or closed: the shared counters are gone, report zeros
+    else:  # not started yet: no shared counters, report zeros
         outcomes = np.zeros((b, layout.outcomes), np.int64)
         wait = np.zeros((b, layout.hist_buckets), np.int64)
         shard_items = np.zeros((b, n), np.int64)

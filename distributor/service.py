@@ -50,7 +50,7 @@ from flowshard.codec import (
 from flowshard.config import Config
 from flowshard.ledger import Ledger, Pending, PendingState
 from flowshard.retry import RetryAfter
-from flowshard.shm import MIN_BACKLOG_BYTES, ShmLayout, ShmStats
+from flowshard.shm import MIN_BACKLOG_BYTES, ShmLayout, ShmSnapshot, ShmStats
 from flowshard.slots import SlotTable
 from flowshard.stats import N_WAIT_BUCKETS
 from flowshard.types import N_OUTCOMES, OUTCOMES, Outcome
@@ -226,6 +226,9 @@ class Distributor:
         self.fd_reserve: FdReserve | None = None  # descriptors kept for worker restarts (fdreserve.py)
         self.segment: Any = None
         self.shm: ShmStats | None = None
+        # the shared counters as the workers left them, read once they stopped (`close`): what /metrics and
+        # /v1/stats still report after the segment is gone (counters must not fall back to 0: a review)
+        self.final_snapshot: ShmSnapshot | None = None
         self.servers: list[asyncio.Server] = []
         self.addresses: dict[str, tuple[str, int]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -1179,6 +1182,7 @@ class Distributor:
         if self.fd_reserve is not None:
             self.fd_reserve.close()
         if self.shm is not None:
+            self.final_snapshot = self.shm.snapshot(max_retries=10)
             self.shm.close()
             self.shm = None
         if self.segment is not None:

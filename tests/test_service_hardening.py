@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import resource
@@ -19,7 +20,9 @@ import pytest
 from servicekit import HttpConn, _request_bytes, admit_http, ahttp, launch, metric, parse_metrics, release_http, run
 
 from distributor.http import ADMIN_RESERVE
+from flowshard.client import Client
 from flowshard.codec import Admit, Error, FrameReader, FrameWriter, ToClient
+from flowshard.types import Outcome
 
 __all__ = ["launch"]
 
@@ -568,5 +571,45 @@ def test_requests_past_64_in_progress_are_answered_in_order_before_what_follows_
         assert statuses[100:] == ([400] if last == "malformed" else []), statuses[95:]
         assert await conn.closed_by_peer()
         conn.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("acceptors", [0, 2])
+def test_counters_never_fall_back_during_a_drain_to_its_last_scrape(launch: Any, acceptors: int) -> None:
+    """Review 76: on a keep-alive connection opened before SIGTERM, the scrapes after the workers had
+    exited reported every `flowshard_requests_total` and `flowshard_dispatched_total` as 0 (the shared
+    counters were gone), so the drain's last outcomes (`evicted: shutdown`) were never seen and
+    Prometheus counters fell. Now the counters as the workers left them are read once they stop."""
+    svc = launch(shards=2, acceptors=acceptors, budget=1, service={"drain_timeout": 0.5})
+
+    def total(samples: dict[Any, float], name: str) -> float:
+        return sum(v for (n, _), v in samples.items() if n == name)
+
+    async def main() -> None:
+        async with Client.connect("127.0.0.1", svc.binary_port) as c:
+            assert (await c.admit("held")).dispatched
+            queued = c.admit("queued")
+            await svc.until_stats(lambda st: st["totals"]["pending"] == 1)
+            conn = await HttpConn.open(svc.http_port)
+            seen: list[tuple[float, float, float]] = []
+            svc.signal(signal.SIGTERM)
+            with contextlib.suppress(ConnectionError, asyncio.TimeoutError, AssertionError):
+                while True:
+                    conn.send("GET", "/metrics")
+                    r = await conn.response(timeout=2)
+                    if r.status != 200:
+                        break
+                    samples = parse_metrics(r.body.decode())
+                    seen.append((total(samples, "flowshard_requests_total"),
+                                 total(samples, "flowshard_dispatched_total"),
+                                 metric(samples, "flowshard_requests_total", band="p0", outcome="evicted",
+                                        reason="shutdown")))
+                    await asyncio.sleep(0.005)
+            assert (await queued).outcome == Outcome.EVICTED_SHUTDOWN
+        assert len(seen) > 3, seen
+        for before, after in itertools.pairwise(seen):
+            assert after[0] >= before[0] and after[1] >= before[1], seen
+        svc.wait()
 
     run(main())
