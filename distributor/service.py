@@ -983,6 +983,11 @@ class Distributor:
         except TimeoutError:
             await self.close()
             raise RuntimeError(f"shard workers did not start within {WORKER_START_TIMEOUT:.0f} s") from None
+        # Render both once now: their first rendering imports and opens what it needs (prometheus-client,
+        # /proc), which a service out of descriptors could not, and monitoring got 500 `OSError` then (a
+        # review: a flood of 900 connections under `ulimit -n 600`)
+        self.stats()
+        self.metrics()
         await self._start_proxy()
         if self.n_acceptors:
             await self._start_acceptors()

@@ -140,6 +140,34 @@ def test_binary_frame_timeout_and_malformed_frames_show_in_metrics(launch: Any) 
     run(main())
 
 
+@pytest.mark.parametrize("acceptors", [0, 2])
+def test_monitoring_answers_a_service_out_of_descriptors(launch: Any, acceptors: int) -> None:
+    """Review 76: under `ulimit -n 600` with 900 connections opened, /v1/stats and /metrics on a
+    connection opened before answered `500 internal error: OSError` until they had been rendered
+    once: their first rendering imports and opens files. They are rendered once at start now."""
+    svc = launch(shards=1, acceptors=acceptors, budget=10)
+    headroom = 20
+
+    async def main() -> None:
+        admin = await HttpConn.open(svc.http_port)
+        limit = _fds(svc.pid) + headroom
+        resource.prlimit(svc.pid, resource.RLIMIT_NOFILE, (limit, limit))
+        held = []
+        try:
+            for _ in range(headroom * 3):  # binary connections until the distributor has no descriptor left
+                held.append(socket.create_connection((svc.host, svc.binary_port)))
+            await asyncio.sleep(0.5)
+            for path in ("/v1/stats", "/metrics", "/v1/stats"):
+                r = await admin.request("GET", path)
+                assert r.status == 200, (path, r)
+        finally:
+            for s in held:
+                s.close()
+        admin.close()
+
+    run(main())
+
+
 def test_monitoring_sees_a_service_flooded_with_connections(launch: Any) -> None:
     """max_connections held by a flood: /healthz, /readyz, /metrics and /v1/stats still answer on
     fresh connections (the admin reserve), an admission on one gets 503 and is closed, and the
