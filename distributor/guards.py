@@ -14,6 +14,7 @@ ACTIONS: Final[dict[str, tuple[str, ...]]] = {
         "too_many_connections",
         "admin_reserve",  # a connection beyond max_connections taken into the reserve kept for the admin paths
         "header_timeout",  # 408: a request's head and body did not arrive within header_timeout
+        "silent_connection",  # closed: it sent nothing within header_timeout
         "headers_too_large",  # 431: request line and headers over max_header_bytes
         "trailers_too_large",  # 431: chunked trailers over the same limit
         "body_too_large",  # 413

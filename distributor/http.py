@@ -1501,6 +1501,8 @@ class HttpConnection(asyncio.Protocol):
             if now >= due and self._wpaused:  # idle with its answers unread
                 self._drop_if_stuck(now)
             elif now >= due:
+                if self._fresh:  # it sent nothing at all: counted (an idle keep-alive closing is not)
+                    self._sh.guards.hit("http", "silent_connection")
                 self._closing = True
                 self._close_now()
             else:

@@ -437,3 +437,25 @@ def test_a_paused_client_is_judged_by_how_fast_it_reads(rate: int, written: int,
         assert guards[("http", "slow_reader")] == dropped
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("sends", [False, True])
+def test_a_connection_that_sends_nothing_is_closed_at_header_timeout_and_counted(sends: bool) -> None:
+    """Review 76: 500 connections that sent nothing were closed at header_timeout and counted nowhere,
+    where every protective action is. A keep-alive that goes idle between requests ends at
+    idle_timeout, its normal end: not counted."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        guards = Guards()
+        hub = HttpHub(FakeAdmission(), HttpLimits(header_timeout=0.2, idle_timeout=0.3), 30.0, loop, guards)
+        sock = _Socket()
+        conn = hub()
+        conn.connection_made(sock)  # type: ignore[arg-type]
+        if sends:
+            conn.data_received(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n")
+        await asyncio.sleep(0.6)
+        assert conn._closing  # (closed: this transport records nothing of it)
+        assert guards[("http", "silent_connection")] == (0 if sends else 1)
+
+    asyncio.run(main())
