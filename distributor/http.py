@@ -869,6 +869,8 @@ class HttpConnection(asyncio.Protocol):
                                           _CONN_CLOSE), _LINGER)
             raise _Stop
         self._in_body = True
+        if self._chunked:  # its first chunk-size line is counted as a head is, until a chunk's data comes:
+            self._head_raw = _HEAD_BEGUN  # (a line that never ends, an extension, was not: 30 MB read, a review)
         proxy = self._sh.proxy
         if proxy is not None:
             q = self._url.find(b"?")
@@ -887,7 +889,8 @@ class HttpConnection(asyncio.Protocol):
 
     def on_chunk_header(self) -> None:
         """A chunk's size line: if it was the last one (size 0), trailers follow. Count the raw bytes
-        from here on, as for an incomplete head, so that a never-ending trailer line is bounded too."""
+        from here on, as for an incomplete head, so that a never-ending trailer line is bounded too (and
+        the next size line, whose extension could be as long)."""
         self._head_raw = _HEAD_BEGUN
 
     def on_body(self, chunk: bytes) -> None:

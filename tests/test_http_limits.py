@@ -459,3 +459,24 @@ def test_a_connection_that_sends_nothing_is_closed_at_header_timeout_and_counted
         assert guards[("http", "silent_connection")] == (0 if sends else 1)
 
     asyncio.run(main())
+
+
+def test_a_chunk_size_line_that_never_ends_is_bounded_as_a_head_is() -> None:
+    """Review 76: a chunk-size line with an extension and no CRLF was read for 30 MB (3 s) and answered
+    408 at header_timeout: its bytes counted against no limit. Now as an incomplete head: 431 once
+    past 16 KiB (`trailers_too_large`: the head was complete)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        guards = Guards()
+        hub = HttpHub(FakeAdmission(), HttpLimits(), 30.0, loop, guards)
+        sock = _Socket()
+        conn = hub()
+        conn.connection_made(sock)  # type: ignore[arg-type]
+        conn.data_received(b"POST /v1/admit HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n5;ext=")
+        for _ in range(10):
+            conn.data_received(b"x" * 4096)
+        assert b"HTTP/1.1 431" in b"".join(sock.writes)
+        assert guards[("http", "trailers_too_large")] == 1
+
+    asyncio.run(main())
