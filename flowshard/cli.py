@@ -80,6 +80,9 @@ def _serve(args: argparse.Namespace) -> int:
         sys.stderr.write("flowshard: no --config: on the built-in defaults, whose dispatch budget "
                          "(max_inflight_requests = 100) is a placeholder; set it to what your backends run at once "
                          "(README, \"Configuration\")\n")
+    elif "max_inflight_requests" not in parse_toml(Path(args.config).read_text(encoding="utf-8")).get("budget", {}):
+        sys.stderr.write(f"flowshard: {args.config} sets no [budget] max_inflight_requests: the default of 100 is "
+                         "a placeholder; set it to what your backends run at once (README, \"Configuration\")\n")
     try:
         uvloop.run(serve(config, args.shards, acceptors))
     except OSError as exc:  # cannot listen (address in use, permission): one line, not a traceback

@@ -320,6 +320,12 @@ def _fits(value: Any, info: msgspec.inspect.Type | None) -> bool:
         info = info.type
     if isinstance(info, msgspec.inspect.FloatType):
         return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(info, msgspec.inspect.IntType):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(info, msgspec.inspect.StrType):
+        return isinstance(value, str)
+    if isinstance(info, msgspec.inspect.BoolType):
+        return isinstance(value, bool)
     return True
 
 

@@ -119,19 +119,27 @@ def test_help_does_not_load_the_service_or_the_scenarios() -> None:
     assert out.strip() == "[]"
 
 
-def test_serve_without_a_config_says_the_budget_is_a_placeholder() -> None:
+@pytest.mark.parametrize("config", [None, "", "[budget]\nmax_inflight_requests = 8\n"])
+def test_serve_without_a_budget_says_the_default_is_a_placeholder(config: str | None, tmp_path: Path) -> None:
+    """No --config, or one that sets no budget (review 75: the file's case ran the placeholder silently)."""
     import os
     import signal
 
-    proc = subprocess.Popen([sys.executable, "-m", "flowshard.cli", "serve", "--port", "0", "--binary-port", "0"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    argv = [sys.executable, "-m", "flowshard.cli", "serve", "--port", "0", "--binary-port", "0"]
+    if config is not None:
+        (tmp_path / "c.toml").write_text(config)
+        argv += ["--config", str(tmp_path / "c.toml")]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     try:
         assert proc.stderr is not None
-        first = proc.stderr.readline()
-        ready = proc.stderr.readline()
-        assert first.startswith("flowshard: no --config: on the built-in defaults") and "placeholder" in first
-        assert ready.startswith("flowshard ready: http=http://127.0.0.1:")
+        lines = [proc.stderr.readline()]
+        if config is None or "max_inflight_requests" not in config:
+            lines.append(proc.stderr.readline())
+            assert "placeholder" in lines[0], lines
+            assert lines[0].startswith("flowshard: no --config" if config is None else "flowshard: ")
+        ready = lines[-1]
+        assert ready.startswith("flowshard ready: http=http://127.0.0.1:"), lines
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
     finally:

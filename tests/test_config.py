@@ -170,6 +170,9 @@ def test_invalid_values_name_field_value_and_allowed(text, expected):
                                       "limit, got 1.5"),
         ('[weights]\n"a" = "heavy"\n', 'config: weights.a: expected a number, got "heavy"'),
         ('[weights]\nok = 2\n"tenant b" = "heavy"\n', 'config: weights."tenant b": expected a number, got "heavy"'),
+        # a table of integers (review 75: `proxy.objectives[...]`, the key not named)
+        ('[proxy]\nobjectives = {chat = "ten"}\n', 'config: proxy.objectives.chat: expected an integer, got "ten"'),
+        ('[proxy]\nmodels = {ok = 1, gpt = true}\n', "config: proxy.models.gpt: expected an integer, got true"),
         ('[[bands]]\npriority = "high"\n', 'config: bands[0].priority: expected an integer, got "high"'),
         ("max_queued_requests = 0\n", 'config: max_queued_requests: expected a positive integer, or "unlimited" for '
                                        "no limit, got 0"),
