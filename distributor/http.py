@@ -140,11 +140,6 @@ _LINGER: Final = 2  # an error: write, send FIN, drain what the client still sen
 
 # While a connection's reading is paused, how often (s) to look whether its client reset or closed its side
 PEER_CHECK_EVERY: Final = 0.5
-_TICK: Final = 0.004  # the kernel's clock for TCP_INFO's times: one tick of HZ=250
-# A read of more than this (or with more than one dispatched answer unconfirmed) asks the kernel when the
-# client last sent data (`_confirm_sent`); a smaller one after one answer is a closed-loop client's next
-# request, sent after reading that answer (one system call less per request)
-_SMALL_READ: Final = 2048
 
 
 def _render(head: bytes, body: bytes, conn: bytes = b"", extra: bytes = b"", *, no_body: bool = False) -> bytes:
@@ -229,6 +224,10 @@ class _Route(NamedTuple):
 
 class _Stop(Exception):
     """Raised inside a parser callback to stop parsing this connection's input (an error was queued)."""
+
+
+def _continue_later() -> None:
+    """A marker (never called): a 100 Continue waiting in `_later` behind requests parsed before it."""
 
 
 class _Parsed(NamedTuple):
@@ -372,7 +371,7 @@ class HttpConnection(asyncio.Protocol):
         # Tickets of dispatched answers written since the client last sent anything (a request it sent
         # before an answer was written proves nothing about that answer: pipelined in the same read)
         # (ticket, loop time it was written)
-        self._sent: list[tuple[int, float]] = []
+        self._sent: list[int] = []
         self._probing = False  # the client sent EOF right after answers were written: were they delivered?
         self._eof_wait = False  # the client sent EOF; answers to its earlier requests are still on their way
         self._unhold_scheduled = False
@@ -432,8 +431,8 @@ class HttpConnection(asyncio.Protocol):
         if self._stopped or self._held is not None or self._closing:
             held = self._held
             if held is not None and not self._stopped:
-                if self._sent:
-                    self._confirm_sent(len(data))
+                if not self._peer_gone:  # (read after it was found gone: sent before, proves nothing)
+                    self._sent.clear()  # it sent more after those answers were written: it is still there
                 held += data
                 if (len(held) > self._limits.max_header_bytes + self._limits.max_body_bytes and not self._paused
                         and not self._peer_gone):
@@ -450,31 +449,9 @@ class HttpConnection(asyncio.Protocol):
                     self._sh.guards.hit("http", "linger_overflow")
                     reset(self._transport)
             return
-        sent = self._sent
-        if sent:  # (`_confirm_sent`'s common case inline: a closed-loop client's next request)
-            if len(sent) == 1 and len(data) <= _SMALL_READ and not self._peer_gone:
-                sent.clear()
-            else:
-                self._confirm_sent(len(data))
+        if not self._peer_gone:
+            self._sent.clear()  # it sent more after those answers were written: it is still there
         self._parse(data)
-
-    def _confirm_sent(self, size: int) -> None:
-        """It sent more after those answers were written: it is still there, and they are not released
-        if it resets. Only what it sent after an answer was written counts, by the kernel's clock
-        (TCP_INFO): input read late (pipelined in one burst, or kept in the kernel while its reading
-        was paused) was sent before, and proves nothing (a review: 5,000 admissions pipelined without
-        reading, then a reset: the requests read after the answers were written kept their 100
-        tickets for the lease). A small read after one answer is taken as sent after it."""
-        if len(self._sent) == 1 and size <= _SMALL_READ and not self._peer_gone:
-            self._sent.clear()
-            return
-        peer = peer_state(self._transport)
-        if peer is None:
-            if not self._peer_gone:
-                self._sent.clear()  # (the kernel does not say: as before)
-            return
-        arrived = self._loop.time() - peer[1] - _TICK  # (its latest data, at the earliest)
-        self._sent = [entry for entry in self._sent if entry[1] >= arrived]
 
     def _parse(self, data: bytes | None) -> None:
         """Parse input read from the client (now, or kept while the pipeline was full), answering what
@@ -708,7 +685,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _release_sent(self) -> None:
         sent, self._sent = self._sent, []
-        for ticket, _ in sent:
+        for ticket in sent:
             try:
                 self._admission.release_then(ticket, -1, self._undeliverable)
             except Exception:
@@ -882,11 +859,13 @@ class HttpConnection(asyncio.Protocol):
             message = f"body of {self._clen} bytes is over the limit of {self._body_limit}"
             self._respond(self._error_for(413, message, _CONN_CLOSE), _LINGER)
             raise _Stop
-        if self._expect and (self._clen > 0 or self._chunked) and not self._later:
+        if self._expect and (self._clen > 0 or self._chunked):
             # An interim response: in its turn like a final one, never before an earlier request's answer
-            # (with requests parsed before it waiting in `_later`, none: it could only follow their
-            # answers, and the client sends its body after a wait of its own, RFC 9110 §10.1.1).
-            self._respond(_CONTINUE, _KEEP)
+            # (behind requests waiting in `_later`, it waits there too: `_handle_later`)
+            if self._later:
+                self._later.append(_continue_later)
+            else:
+                self._respond(_CONTINUE, _KEEP)
 
     def on_chunk_header(self) -> None:
         """A chunk's size line: if it was the last one (size 0), trailers follow. Count the raw bytes
@@ -988,6 +967,11 @@ class HttpConnection(asyncio.Protocol):
                 if isinstance(item, _Parsed):
                     self._replay = item
                     self.on_message_complete()
+                elif item is _continue_later:
+                    # its request's 100 Continue: sent unless the request is complete already (its body came
+                    # without it, and waits here too: then the 100 is no longer awaited)
+                    if not any(isinstance(rest, _Parsed) for rest in later):
+                        self._respond(_CONTINUE, _KEEP)
                 else:
                     item()
         finally:
@@ -1249,8 +1233,7 @@ class HttpConnection(asyncio.Protocol):
             return
         for ticket in tickets:
             self._admission.delivered(ticket)  # right before the write (distributor.deliverylog)
-        now = self._loop.time()
-        self._sent.extend((ticket, now) for ticket in tickets)
+        self._sent.extend(tickets)
         if data:
             self._write(data)
 
@@ -1280,7 +1263,7 @@ class HttpConnection(asyncio.Protocol):
                     if out is not None:
                         self._out_tickets.append(slot.ticket)  # delivered when `_spill` writes them
                     else:
-                        self._sent.append((slot.ticket, self._loop.time()))  # (written below)
+                        self._sent.append(slot.ticket)
                         self._admission.delivered(slot.ticket)
             if data is _CONTINUE and not q:  # its request is still in progress: it waited for us till now
                 self._msg_at = now = self._loop.time()
@@ -1430,10 +1413,10 @@ class HttpConnection(asyncio.Protocol):
         if self._dead or transport.is_closing() or transport.is_reading():
             return
         peer = peer_state(transport)
-        if peer is None or peer[0] == TCP_ESTABLISHED:
+        if peer is None or peer == TCP_ESTABLISHED:
             self._watch = self._loop.call_later(PEER_CHECK_EVERY, self._check_peer)
             return
-        self._peer_gone = True  # (what it reads from now on was sent before: `_confirm_sent` by the kernel's clock)
+        self._peer_gone = True  # (what it reads from now on it sent before: proves nothing about its answers)
         self._paused = False
         transport.resume_reading()
 

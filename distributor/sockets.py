@@ -17,7 +17,6 @@ import termios
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 TCP_ESTABLISHED = 1  # tcp_info.tcpi_state (linux/tcp_states.h)
-_LAST_DATA_RECV, _TCP_INFO_LEN = 52, 56  # tcpi_last_data_recv's offset in struct tcp_info (linux/tcp.h), and the end
 
 
 def unsent(transport: asyncio.BaseTransport) -> int:
@@ -41,19 +40,16 @@ def reset(transport: asyncio.BaseTransport) -> None:
     transport.abort()  # type: ignore[attr-defined]
 
 
-def peer_state(transport: asyncio.BaseTransport) -> tuple[int, float] | None:
-    """The connection's TCP state as the kernel knows it (TCP_INFO: ESTABLISHED 1, CLOSE after the
-    client's reset, CLOSE_WAIT after its FIN), whether or not its input has been read (a transport
-    whose reading is paused sees neither until it reads again), and the seconds since the client last
-    sent data (`tcpi_last_data_recv`, in the kernel's ticks: up to 4 ms). None for a socket that is
+def peer_state(transport: asyncio.BaseTransport) -> int | None:
+    """The connection's TCP state as the kernel knows it (TCP_INFO's `tcpi_state`: ESTABLISHED 1, CLOSE
+    after the client's reset, CLOSE_WAIT after its FIN), whether or not its input has been read (a
+    transport whose reading is paused sees neither until it reads again). None for a socket that is
     not TCP, or one that cannot be asked."""
     sock = transport.get_extra_info("socket")
     if sock is None:
         return None
     try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
     except (OSError, ValueError):
         return None
-    if len(info) < _TCP_INFO_LEN:
-        return None
-    return info[0], struct.unpack_from("I", info, _LAST_DATA_RECV)[0] / 1e3
+    return info[0] if info else None
