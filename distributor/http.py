@@ -370,7 +370,6 @@ class HttpConnection(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None  # proxy mode: a stream waits here while paused
         # Tickets of dispatched answers written since the client last sent anything (a request it sent
         # before an answer was written proves nothing about that answer: pipelined in the same read)
-        # (ticket, loop time it was written)
         self._sent: list[int] = []
         self._probing = False  # the client sent EOF right after answers were written: were they delivered?
         self._eof_wait = False  # the client sent EOF; answers to its earlier requests are still on their way
@@ -1404,10 +1403,10 @@ class HttpConnection(asyncio.Protocol):
     def _check_peer(self) -> None:
         """Its reading is paused, so a reset or an EOF from the client goes unseen until it is read
         again; with nothing to write meanwhile (its answers wait behind an admission still queued) its
-        admissions stayed queued until their TTL and its tickets held until their lease (a review: a
-        client pipelined 5,000 admissions, reset, and 100 tickets came back 299 s later). The kernel
-        knows: while paused, look every `PEER_CHECK_EVERY`, and once the client is gone read again, so
-        that the reset or the EOF takes its usual path."""
+        admissions stayed queued until their TTL, every other client waiting (a review: a client
+        pipelined 5,000 admissions without reading, then reset). The kernel knows: while paused, look
+        every `PEER_CHECK_EVERY`, and once the client is gone read again, so that the reset or the EOF
+        takes its usual path."""
         self._watch = None
         transport = self._transport
         if self._dead or transport.is_closing() or transport.is_reading():
