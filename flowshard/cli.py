@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -29,8 +30,13 @@ from flowshard.config import (
 
 def read_config(path: str | None) -> Config:
     """The configuration from a TOML file, or the built-in defaults when no file is given."""
+    return _read_config(path)[0]
+
+
+def _read_config(path: str | None) -> tuple[Config, dict[str, Any]]:
+    """`read_config`, and the TOML document as written (empty without a file): what it leaves out."""
     if path is None:
-        return Config()
+        return Config(), {}
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -41,7 +47,7 @@ def read_config(path: str | None) -> Config:
     if "workload" in data:  # (a [server] table alone is a configuration's misspelt [service]: named below)
         raise ConfigError(f"{path}: a scenario, not a configuration: its configuration is its [server] table "
                           f"(`flowshard simulate {path}` validates the whole scenario)")
-    return convert(data, Config, where=path)
+    return convert(data, Config, where=path), data
 
 
 def _config_check(args: argparse.Namespace) -> int:
@@ -56,7 +62,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from distributor.service import serve
 
-    config = read_config(args.config)
+    config, written = _read_config(args.config)
     flags = {"host": args.host, "port": args.port, "binary_port": args.binary_port}
     overrides = {k: v for k, v in flags.items() if v is not None}
     for name in ("port", "binary_port"):
@@ -80,7 +86,7 @@ def _serve(args: argparse.Namespace) -> int:
         sys.stderr.write("flowshard: no --config: on the built-in defaults, whose dispatch budget "
                          "(max_inflight_requests = 100) is a placeholder; set it to what your backends run at once "
                          "(README, \"Configuration\")\n")
-    elif "max_inflight_requests" not in parse_toml(Path(args.config).read_text(encoding="utf-8")).get("budget", {}):
+    elif "max_inflight_requests" not in written.get("budget", {}):
         sys.stderr.write(f"flowshard: {args.config} sets no [budget] max_inflight_requests: the default of 100 is "
                          "a placeholder; set it to what your backends run at once (README, \"Configuration\")\n")
     try:
