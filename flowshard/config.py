@@ -71,6 +71,12 @@ class BandConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError(f"fairness {self.fairness!r} is not one of {', '.join(FAIRNESS)}")
         if self.ordering not in ORDERINGS:
             raise ValueError(f"ordering {self.ordering!r} is not one of {', '.join(ORDERINGS)}")
+        # A key the band's policy would ignore is a mistake to name, not a setting to accept silently
+        # (its default may still be written out, as `flowshard config check` does)
+        if self.quantum != 0 and self.fairness != "drr":
+            raise ValueError(f"quantum applies only to fairness = \"drr\" (this band's is {self.fairness!r})")
+        if self.max_lag != MAX_LAG and self.fairness != "vtc":
+            raise ValueError(f"max_lag applies only to fairness = \"vtc\" (this band's is {self.fairness!r})")
         if not self.name:
             self.name = f"p{self.priority}"
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from flowshard.config import BandConfig, BudgetConfig, Config, ConfigError, ServiceConfig, dump_config, load_config
 from flowshard.engine import Engine
-from flowshard.fairness import FAIRNESS
+from flowshard.fairness import FAIRNESS, MAX_LAG
 from flowshard.queues import ORDERINGS
 
 FULL = """
@@ -182,6 +182,11 @@ def test_invalid_values_name_field_value_and_allowed(text, expected):
         ("[service]\nprot = 1\n", "config: service: unknown key `prot`; did you mean `port`?"),
         ("budget = 3\n", "config: budget: expected a table, got 3"),
         ("[[bands]]\nname = 'x'\n", "config: bands[0]: the required key `priority` is missing"),
+        # a key the band's policy would ignore (review 82 class: accepted, then silently unused)
+        ("[[bands]]\npriority = 0\nquantum = 100\n",
+         "config: bands[0]: quantum applies only to fairness = \"drr\" (this band's is 'round-robin')"),
+        ("[[bands]]\npriority = 0\nfairness = 'drr'\nmax_lag = 0\n",
+         "config: bands[0]: max_lag applies only to fairness = \"vtc\" (this band's is 'drr')"),
     ],
 )
 def test_errors_read_as_toml_not_as_python(text, message):
@@ -189,6 +194,15 @@ def test_errors_read_as_toml_not_as_python(text, message):
         load_config(text)
     assert str(excinfo.value) == message
     assert "`int" not in message and "`str" not in message and "null" not in message
+
+
+def test_policy_keys_are_accepted_on_their_own_policy_and_at_their_defaults_anywhere():
+    config = load_config("[[bands]]\npriority = 1\nfairness = 'drr'\nquantum = 100\n"
+                         "[[bands]]\npriority = 0\nfairness = 'vtc'\nmax_lag = 0\n")
+    assert [(b.quantum, b.max_lag) for b in config.bands] == [(100, MAX_LAG), (0, 0.0)]
+    # what `flowshard config check` writes out (every key, defaults included) loads again
+    plain = load_config(f"[[bands]]\npriority = 0\nquantum = 0\nmax_lag = {MAX_LAG}\n")
+    assert load_config(dump_config(plain)) == plain
 
 
 def test_invalid_weight_names_the_flow_and_the_value():
@@ -256,11 +270,12 @@ _limit = st.none() | st.integers(1, 1 << 40)
 @st.composite
 def configs(draw):
     priorities = draw(st.lists(st.integers(-1000, 1000), min_size=1, max_size=4, unique=True))
+    fairness = {p: draw(st.sampled_from(sorted(FAIRNESS))) for p in priorities}
     bands = [
         BandConfig(
             priority=p,
             name=draw(st.sampled_from(["", f"band {p}", f"b{p}-x"])),
-            fairness=draw(st.sampled_from(sorted(FAIRNESS))),
+            fairness=fairness[p],
             ordering=draw(st.sampled_from(sorted(ORDERINGS))),
             max_bytes=draw(_limit),
             max_requests=draw(_limit),
@@ -268,7 +283,8 @@ def configs(draw):
             flow_max_requests=draw(_limit),
             ceiling=draw(st.floats(0.001, 1.0)),
             displacement=draw(st.booleans()),
-            quantum=draw(st.integers(1, 1 << 30)),
+            quantum=draw(st.integers(1, 1 << 30)) if fairness[p] == "drr" else 0,
+            max_lag=draw(st.floats(0, float(1 << 40))) if fairness[p] == "vtc" else MAX_LAG,
         )
         for p in priorities
     ]

@@ -35,7 +35,8 @@ DURATION = 1250.0  # ~10k dispatches
 
 def engine_for(fairness: str, *, quantum: int = 500, **kw):
     return make_engine(
-        [{"priority": 0, "fairness": fairness, "quantum": quantum}], max_inflight_requests=L, default_ttl=0, **kw
+        [{"priority": 0, "fairness": fairness, **({"quantum": quantum} if fairness == "drr" else {})}],
+        max_inflight_requests=L, default_ttl=0, **kw,
     )
 
 

@@ -34,7 +34,10 @@ WEIGHTED = ("drr", "vtc")
 
 
 def engine_for(fairness: str, ordering: str = "fcfs", quantum: int = 16384, **kw):
-    return make_engine([{"priority": 0, "fairness": fairness, "ordering": ordering, "quantum": quantum}], **kw)
+    band = {"priority": 0, "fairness": fairness, "ordering": ordering}
+    if fairness == "drr":  # (only drr takes a quantum: config.BandConfig)
+        band["quantum"] = quantum
+    return make_engine([band], **kw)
 
 
 def random_workload(engine, ledger: Ledger, ids: Ids, rng: random.Random, n: int, now: float = 0.0, flows="abcde"):
