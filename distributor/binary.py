@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from distributor.api import CONN_CHECK, CONN_NORMAL, Admission, Audit, connection_verdict
 from distributor.guards import Guards
-from distributor.sockets import reset, unsent
+from distributor.sockets import detect_dead_peers, reset, unsent
 from flowshard.codec import (
     Admit,
     Audited,
@@ -125,11 +125,16 @@ class BinaryHub:
 
 async def start_binary_server(
     admission: Admission, host: str, port: int, limits: BinaryLimits | None = None, guards: Guards | None = None,
+    *, dead_peer_timeout: float = 0.0,
 ) -> asyncio.Server:
-    """Listen for binary-protocol clients (port 0: any free port, see `server.sockets`)."""
+    """Listen for binary-protocol clients (port 0: any free port, see `server.sockets`);
+    `dead_peer_timeout`: `distributor.sockets.detect_dead_peers`."""
     loop = asyncio.get_running_loop()
     hub = BinaryHub(admission, limits or BinaryLimits(), loop, guards if guards is not None else Guards())
-    return await loop.create_server(hub, host, port, backlog=LISTEN_BACKLOG)
+    server = await loop.create_server(hub, host, port, backlog=LISTEN_BACKLOG)
+    for sock in server.sockets:
+        detect_dead_peers(sock, dead_peer_timeout)
+    return server
 
 
 class BinaryConnection(asyncio.Protocol):

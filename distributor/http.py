@@ -41,7 +41,7 @@ import msgspec
 
 from distributor.api import CONN_CHECK, CONN_NORMAL, CONN_RESERVE, Admission, Audit, connection_verdict
 from distributor.guards import Guards
-from distributor.sockets import TCP_ESTABLISHED, peer_state, reset, unsent
+from distributor.sockets import TCP_ESTABLISHED, detect_dead_peers, peer_state, reset, unsent
 from flowshard.types import Outcome
 from flowshard.validate import (
     ADMIT_ALIASES,
@@ -1543,13 +1543,17 @@ def listen_backlog(max_connections: int) -> int:
 
 async def start_http_server(
     admission: Admission, host: str, port: int, limits: HttpLimits, *, lease: float, guards: Guards | None = None,
-    proxy: Proxy | None = None,
+    proxy: Proxy | None = None, dead_peer_timeout: float = 0.0,
 ) -> asyncio.Server:
     """Listen on (host, port) (port 0: any; read it from `server.sockets`). `lease` is reported to
     clients as `lease_s`: a dispatched ticket is released after it unless released earlier.
-    `proxy`: also serve the OpenAI routes (proxy mode)."""
+    `proxy`: also serve the OpenAI routes (proxy mode). `dead_peer_timeout`:
+    `distributor.sockets.detect_dead_peers`."""
     loop = asyncio.get_running_loop()
     shared = HttpHub(admission, limits, lease, loop, guards if guards is not None else Guards(), proxy)
-    return await loop.create_server(
+    server = await loop.create_server(
         shared, host, port, backlog=listen_backlog(limits.max_connections)
     )
+    for sock in server.sockets:
+        detect_dead_peers(sock, dead_peer_timeout)
+    return server

@@ -32,6 +32,7 @@ from distributor import segment
 from distributor.api import Audit, Waiter
 from distributor.fdreserve import FdReserve
 from distributor.guards import Guards
+from distributor.sockets import detect_dead_peers
 from distributor.spawn import spawn_linked
 from flowshard.codec import (
     BatchReader,
@@ -1022,9 +1023,10 @@ class Distributor:
         http = await start_http_server(
             self, svc.host, svc.port,
             HttpLimits.of_service(svc),
-            lease=svc.lease, guards=self.guards, proxy=self.proxy,
+            lease=svc.lease, guards=self.guards, proxy=self.proxy, dead_peer_timeout=svc.dead_peer_timeout,
         )
-        binary = await start_binary_server(self, svc.host, svc.binary_port, BinaryLimits.of_service(svc), self.guards)
+        binary = await start_binary_server(self, svc.host, svc.binary_port, BinaryLimits.of_service(svc), self.guards,
+                                           dead_peer_timeout=svc.dead_peer_timeout)
         self.servers = [http, binary]
         self.addresses = {"http": http.sockets[0].getsockname()[:2], "binary": binary.sockets[0].getsockname()[:2]}
 
@@ -1038,6 +1040,8 @@ class Distributor:
         svc = self.config.service
         http = socket.create_server((svc.host, svc.port), backlog=listen_backlog(svc.max_connections))
         binary = socket.create_server((svc.host, svc.binary_port), backlog=LISTEN_BACKLOG)
+        for listener in (http, binary):  # (the connections accepted from them inherit it)
+            detect_dead_peers(listener, svc.dead_peer_timeout)
         self.acceptors = Acceptors(self, self.n_acceptors, http, binary, self._worker_config)
         if self.proxy is not None:
             self.proxy.on_health = self.acceptors.backend_health

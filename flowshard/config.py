@@ -107,12 +107,20 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_connections: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 4096
     header_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
     idle_timeout: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 75.0
+    # A connection whose client's host stopped answering (crashed, cut off) is failed within about
+    # this long, and its lease ends with it (TCP keepalive and TCP_USER_TIMEOUT); 0: the kernel's
+    # defaults, under which such a binary client kept its tickets, and so budget, until a restart
+    dead_peer_timeout: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 60.0
     # JSQ-Bytes's slack for a flow starting afresh: a shard whose input backlog (bytes routed to it
     # that it has not read yet) is within this many bytes of the least backlogged counts as
     # shortest, and the lowest-numbered of those wins. Work packs onto few shards while they keep up
     # (fewer per-pass writes and wake-ups), however deep their queues; a shard that falls this far
     # behind its input gets no new flows. 0: exact JSQ-Bytes over queued bytes, ties round robin.
     jsq_slack_bytes: Annotated[int, msgspec.Meta(ge=0, le=1 << 40)] = 256 * 1024
+
+    def __post_init__(self) -> None:
+        if 0 < self.dead_peer_timeout < 1:  # (keepalive probes are whole seconds apart)
+            raise ValueError(f"dead_peer_timeout {self.dead_peer_timeout:g} is neither 0 (off) nor at least 1 second")
 
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z-]+$")  # an HTTP token, lower case

@@ -1,0 +1,151 @@
+"""A client whose host dies (no FIN, no reset: a crash, a power cut, a cable pulled) must not keep its
+lease. The connection is a binary client's lease, so before `dead_peer_timeout` such a client's
+tickets held budget for as long as the service ran: nothing ever closed the connection.
+
+The client runs in a network namespace of its own, joined to this one by a veth pair; taking its
+end of the pair down makes its host vanish from the service's view exactly as a dead host does
+(packets to it are dropped, nothing comes back). Needs root (namespaces, links); skipped without.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from servicekit import ROOT, Launcher, Service, config_text, launch, wait_until
+
+__all__ = ["launch"]  # (the fixture)
+
+CLIENT = """
+import asyncio, sys
+from flowshard.client import Client
+
+async def main():
+    client = await Client.connect(sys.argv[1], int(sys.argv[2]))
+    result = await client.admit("doomed")
+    print(result.outcome.name, result.ticket, flush=True)
+    await asyncio.sleep(120)  # holds its ticket; its host "dies" meanwhile
+
+asyncio.run(main())
+"""
+
+
+class DeadHost:
+    """A namespace with one address, 10.200.N.2, reachable from here at 10.200.N.1."""
+
+    def __init__(self) -> None:
+        n = os.getpid() % 250 + 1
+        self.name = f"fsdp{os.getpid()}"
+        self.here, self.there = f"10.200.{n}.1", f"10.200.{n}.2"
+        self.client: subprocess.Popen[str] | None = None
+
+    def ip(self, *args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+    def create(self) -> None:
+        self.ip("netns", "add", self.name)
+        self.ip("link", "add", f"{self.name}h", "type", "veth", "peer", "name", f"{self.name}t")
+        self.ip("link", "set", f"{self.name}t", "netns", self.name)
+        self.ip("addr", "add", f"{self.here}/24", "dev", f"{self.name}h")
+        self.ip("link", "set", f"{self.name}h", "up")
+        self.ip("-n", self.name, "addr", "add", f"{self.there}/24", "dev", f"{self.name}t")
+        self.ip("-n", self.name, "link", "set", f"{self.name}t", "up")
+
+    def run_client(self, port: int) -> tuple[str, int]:
+        """Start the client there; returns its admission's outcome and ticket."""
+        self.client = subprocess.Popen(
+            ["ip", "netns", "exec", self.name, sys.executable, "-c", CLIENT, self.here, str(port)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        assert self.client.stdout is not None
+        line = self.client.stdout.readline()
+        assert line, f"the client failed: {self.client.stderr.read() if self.client.stderr else ''}"
+        outcome, ticket = line.split()
+        return outcome, int(ticket)
+
+    def die(self) -> None:
+        """The client's host is gone: its link is down, so nothing reaches it and nothing comes back."""
+        self.ip("-n", self.name, "link", "set", f"{self.name}t", "down")
+
+    def destroy(self) -> None:
+        if self.client is not None:
+            self.client.kill()  # (it lives on in its namespace otherwise, and keeps the pair alive)
+            self.client.communicate()
+        subprocess.run(["ip", "link", "del", f"{self.name}h"], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+@pytest.fixture
+def dead_host() -> Iterator[DeadHost]:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 (a network namespace for the client)")
+    host = DeadHost()
+    try:
+        host.create()
+    except subprocess.CalledProcessError as exc:
+        host.destroy()
+        pytest.skip(f"cannot make a network namespace here: {exc.stderr.strip()}")
+    try:
+        yield host
+    finally:
+        host.destroy()
+
+
+def tickets(service: Service) -> int:
+    return int(service.stats()["totals"]["tickets"])
+
+
+@pytest.mark.parametrize("acceptors", [0, 2])
+def test_a_binary_client_whose_host_dies_loses_its_tickets_within_dead_peer_timeout(
+    launch: Launcher, dead_host: DeadHost, acceptors: int,
+) -> None:
+    service = launch(config_text(budget=1, service={"host": "0.0.0.0", "dead_peer_timeout": 2.0}),
+                     acceptors=acceptors)
+    outcome, ticket = dead_host.run_client(service.binary_port)
+    assert outcome == "DISPATCHED" and ticket
+    assert tickets(service) == 1  # it holds the whole budget
+    dead_host.die()
+    died = time.monotonic()
+    wait_until(lambda: tickets(service) == 0, timeout=15.0, interval=0.1)
+    # found within about the timeout (2 s: probes 1 s apart after 1 s of silence), not the kernel's hours
+    assert time.monotonic() - died < 10.0
+    assert service.stats()["totals"]["saturation"] == 0
+
+
+def test_negative_control_without_dead_peer_timeout_the_dead_client_keeps_its_ticket(
+    launch: Launcher, dead_host: DeadHost,
+) -> None:
+    """The same with the kernel's defaults: the ticket stays held (so the test above can fail)."""
+    service = launch(config_text(budget=1, service={"host": "0.0.0.0", "dead_peer_timeout": 0}), acceptors=0)
+    outcome, _ = dead_host.run_client(service.binary_port)
+    assert outcome == "DISPATCHED"
+    dead_host.die()
+    time.sleep(6.0)
+    assert tickets(service) == 1
+
+
+def test_the_default_asks_the_kernel_to_find_a_dead_peer_within_a_minute() -> None:
+    """What every listening socket gets by default (and passes on to the connections it accepts)."""
+    import socket
+
+    from distributor.sockets import detect_dead_peers
+    from flowshard.config import ServiceConfig
+
+    timeout = ServiceConfig().dead_peer_timeout
+    assert timeout == 60.0
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        detect_dead_peers(listener, timeout)
+        with socket.create_connection(listener.getsockname()) as _client:
+            accepted, _ = listener.accept()
+            with accepted:
+                opts = [accepted.getsockopt(level, name) for level, name in (
+                    (socket.SOL_SOCKET, socket.SO_KEEPALIVE), (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL), (socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+                    (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT))]
+    # probes after 30 s of silence, 3 of them 10 s apart: gone by ~60 s; unacknowledged data: 60 s
+    assert opts == [1, 30, 10, 3, 60_000]
