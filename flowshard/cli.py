@@ -70,7 +70,11 @@ def _serve(args: argparse.Namespace) -> int:
         if port is not None and not 0 <= port <= 65535:  # (the workers would refuse the configuration)
             raise ConfigError(f"--{name.replace('_', '-')}: {port} is not a port: 0 to 65535 (0 picks a free one)")
     if overrides:
-        config.service = msgspec.structs.replace(config.service, **overrides)
+        try:
+            config.service = msgspec.structs.replace(config.service, **overrides)
+        except ValueError as exc:  # (an empty --host; --port and --binary-port alike, or one equal to the file's)
+            named = " ".join(f"--{name.replace('_', '-')}" for name in overrides)
+            raise ConfigError(f"{named}: {exc}") from None
     if args.backend:
         try:
             backends = [check_backend_url(url) for url in args.backend]
@@ -92,7 +96,9 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         uvloop.run(serve(config, args.shards, acceptors))
     except OSError as exc:  # cannot listen (address in use, permission): one line, not a traceback
-        sys.stderr.write(f"flowshard: cannot start the service: {exc.strerror or exc}\n")
+        svc = config.service
+        sys.stderr.write(f"flowshard: cannot start the service on host {svc.host!r}, ports {svc.port} (HTTP) and "
+                         f"{svc.binary_port} (binary): {exc.strerror or exc}\n")
         return 2
     return 0
 

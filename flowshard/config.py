@@ -9,6 +9,7 @@ the in-flight request budget are bounded by default, every other limit is unlimi
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import math
 import re
@@ -19,9 +20,14 @@ import msgspec
 
 from flowshard.fairness import FAIRNESS, MAX_LAG
 from flowshard.queues import ORDERINGS
-from flowshard.validate import MAX_WEIGHT, MIN_WEIGHT
+from flowshard.validate import MAX_FLOW_ID, MAX_PRIORITY, MAX_WEIGHT, MIN_WEIGHT
 
-PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+# Limits are counted in 64-bit integers on the wire between the processes: a limit of 2^64 was accepted,
+# and the grant carrying it could not be sent, which stopped every dispatch for good (a review)
+MAX_LIMIT = 1 << 62
+PositiveInt = Annotated[int, msgspec.Meta(ge=1, le=MAX_LIMIT)]
+# What a client can ask for (flowshard.validate): a band no client can name would never be used
+Priority = Annotated[int, msgspec.Meta(ge=-MAX_PRIORITY, lt=MAX_PRIORITY)]
 UNLIMITED = "unlimited"
 MAX_SHARDS = 256  # shard workers one service may run: each is a process with its own socket pair
 MAX_ACCEPTORS = 64  # acceptor processes (serve --acceptors)
@@ -50,7 +56,7 @@ class ConfigError(ValueError):
 class BandConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """One priority band: its policies, its own limits and its saturation ceiling."""
 
-    priority: int
+    priority: Priority
     name: str = ""
     fairness: str = "round-robin"
     ordering: str = "fcfs"
@@ -119,6 +125,10 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     jsq_slack_bytes: Annotated[int, msgspec.Meta(ge=0, le=1 << 40)] = 256 * 1024
 
     def __post_init__(self) -> None:
+        if not self.host:  # (an empty host listens on every interface: say so, do not do it by accident)
+            raise ValueError('host is empty; to listen on every interface, say so: "0.0.0.0" (or "::")')
+        if self.port == self.binary_port != 0:
+            raise ValueError(f"port and binary_port are both {self.port}: the HTTP and binary fronts need one each")
         if 0 < self.dead_peer_timeout < 1:  # (keepalive probes are whole seconds apart)
             raise ValueError(f"dead_peer_timeout {self.dead_peer_timeout:g} is neither 0 (off) nor at least 1 second")
 
@@ -181,6 +191,8 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 f"staleness: {self.staleness} must be longer than scrape_interval ({self.scrape_interval}), "
                 "or every backend would count as saturated between scrapes"
             )
+        if self.backoff > self.max_backoff:
+            raise ValueError(f"backoff: {self.backoff} is above max_backoff ({self.max_backoff}), where it doubles to")
 
 
 def _header_name(name: str, field: str) -> str:
@@ -241,6 +253,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             names.add(band.name)
         self.bands.sort(key=lambda b: -b.priority)
         for flow, weight in self.weights.items():
+            if not 1 <= len(flow) <= MAX_FLOW_ID:
+                raise ValueError(f"weights: flow {_toml_value(flow[:40])}{'…' if len(flow) > 40 else ''} can never "
+                                 f"match: flow ids are 1 to {MAX_FLOW_ID} characters")
             if not (math.isfinite(weight) and MIN_WEIGHT <= weight <= MAX_WEIGHT):
                 raise ValueError(f"weights: flow {_toml_value(flow)} has weight {weight!r}; allowed: 1e-6 to 1e6")
         if self.default_priority is not None and self.default_priority not in seen:
@@ -278,7 +293,7 @@ _MISSING = re.compile(r"Object missing required field `([^`]*)`$")
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
                "object": "a table", "array": "an array", "null": ""}
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-LIMIT_HELP = 'a positive integer, or "unlimited" for no limit'
+LIMIT_HELP = 'a positive integer (at most 2^62), or "unlimited" for no limit'
 _Info = msgspec.inspect.Type | None
 
 
@@ -353,6 +368,8 @@ def _shown(value: Any) -> str:
         return "a table"
     if isinstance(value, list):
         return "an array"
+    if isinstance(value, datetime.date | datetime.time):  # (TOML's dates and times, as written)
+        return value.isoformat()
     return _toml_value(value)
 
 

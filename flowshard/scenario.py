@@ -23,8 +23,8 @@ from typing import Annotated, Any, ClassVar
 
 import msgspec
 
-from flowshard.config import Config, ConfigError, convert, parse_toml
-from flowshard.validate import MAX_WEIGHT, MIN_WEIGHT
+from flowshard.config import Config, ConfigError, Priority, convert, parse_toml
+from flowshard.validate import MAX_SIZE, MAX_TOKENS, MAX_WEIGHT, MIN_WEIGHT
 
 NonNegative = Annotated[float, msgspec.Meta(ge=0, le=1e15)]
 Positive = Annotated[float, msgspec.Meta(gt=0, le=1e15)]
@@ -220,7 +220,7 @@ class FlowSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
 
     id: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     count: Annotated[int, msgspec.Meta(ge=1, le=MAX_FLOWS)] = 1
-    priority: int = 0
+    priority: Priority = 0
     weight: Annotated[float, msgspec.Meta(ge=MIN_WEIGHT, le=MAX_WEIGHT)] | None = None  # None: server `weights`, else 1
     arrival: Arrival
     size: DistField = 1000.0  # bytes
@@ -233,6 +233,12 @@ class FlowSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     stop: Duration | None = None  # None: the workload's duration
 
     def __post_init__(self) -> None:
+        # what the service accepts from a client (flowshard.validate); draws beyond are clamped to it
+        for name, most, words in (("size", MAX_SIZE, "2^40 bytes"), ("tokens", MAX_TOKENS, "2^32 tokens")):
+            field = getattr(self, name)
+            if field is not None and as_dist(field).expected() > most:
+                raise ValueError(f"{name}: a mean of {as_dist(field).expected():g} is above {words}, "
+                                 "the most a request may declare")
         if self.stop is not None and self.stop <= self.start:
             raise ValueError(f"stop ({self.stop}) must be after start ({self.start})")
         if isinstance(self.arrival, Closed):
@@ -431,9 +437,9 @@ class FlowSource:
     def next(self) -> tuple[float, int, int, float]:
         draw = self.rng.random
         gap = self._gap(draw())
-        size = int(self._size(draw()) + 0.5)
+        size = min(MAX_SIZE, int(self._size(draw()) + 0.5))
         u = draw()  # drawn even when tokens are not declared: the draw order never changes
-        tokens = 0 if self._tokens is None else max(1, int(self._tokens(u) + 0.5))
+        tokens = 0 if self._tokens is None else max(1, min(MAX_TOKENS, int(self._tokens(u) + 0.5)))
         service = self._service(draw()) + self._per_token * tokens
         return gap, size, tokens, service
 

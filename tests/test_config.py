@@ -139,7 +139,8 @@ def test_unnamed_band_is_named_after_its_priority():
         ("bogus = 1\n", ["`bogus`", "unknown key", "allowed here: max_queued_bytes"]),
         ("[budget]\nmax_inflight = 3\n", ["budget: unknown key `max_inflight`", "did you mean", "_requests`"]),
         ("[[bands]]\npriority = 0\nnope = true\n", ["bands[0]", "nope", "unknown key"]),
-        ('max_queued_bytes = "lots"\n', ["max_queued_bytes", '"lots"', 'positive integer, or "unlimited"']),
+        ('max_queued_bytes = "lots"\n',
+         ["max_queued_bytes", '"lots"', 'positive integer (at most 2^62), or "unlimited"']),
         ("max_queued_requests = 0\n", ["max_queued_requests", "got 0", 'or "unlimited" for no limit']),
         ("[budget]\nmax_inflight_requests = -1\n", ["budget.max_inflight_requests", "-1", "positive integer"]),
         ("[[bands]]\npriority = 0\nflow_max_bytes = 0\n", ["bands[0].flow_max_bytes", "0", "positive integer"]),
@@ -166,15 +167,16 @@ def test_invalid_values_name_field_value_and_allowed(text, expected):
     ("text", "message"),
     [
         # the first hour's examples (issue 11): no Python type names, the value once, the key as written
-        ("max_queued_bytes = 1.5\n", 'config: max_queued_bytes: expected a positive integer, or "unlimited" for no '
-                                      "limit, got 1.5"),
+        ("max_queued_bytes = 1.5\n",
+         'config: max_queued_bytes: expected a positive integer (at most 2^62), or "unlimited" for no limit, got 1.5'),
         ('[weights]\n"a" = "heavy"\n', 'config: weights.a: expected a number, got "heavy"'),
         ('[weights]\nok = 2\n"tenant b" = "heavy"\n', 'config: weights."tenant b": expected a number, got "heavy"'),
         # a table of integers (review 75: `proxy.objectives[...]`, the key not named)
         ('[proxy]\nobjectives = {chat = "ten"}\n', 'config: proxy.objectives.chat: expected an integer, got "ten"'),
         ('[proxy]\nmodels = {ok = 1, gpt = true}\n', "config: proxy.models.gpt: expected an integer, got true"),
         ('[[bands]]\npriority = "high"\n', 'config: bands[0].priority: expected an integer, got "high"'),
-        ("max_queued_requests = 0\n", 'config: max_queued_requests: expected a positive integer, or "unlimited" for '
+        ("max_queued_requests = 0\n", 'config: max_queued_requests: expected a positive integer (at most 2^62), or '
+                                       '"unlimited" for '
                                        "no limit, got 0"),
         ("max_queued_byts = 5\n", "config: unknown key `max_queued_byts`; did you mean `max_queued_bytes`?"),
         ("[[bands]]\npriority = 1\nfairnes = 'drr'\n",
@@ -182,6 +184,21 @@ def test_invalid_values_name_field_value_and_allowed(text, expected):
         ("[service]\nprot = 1\n", "config: service: unknown key `prot`; did you mean `port`?"),
         ("budget = 3\n", "config: budget: expected a table, got 3"),
         ("[[bands]]\nname = 'x'\n", "config: bands[0]: the required key `priority` is missing"),
+        # values the service could not use (a review: a 2^64 byte budget stopped every dispatch; a band no
+        # client can name; an empty host listening on every interface; a weight no flow id can carry)
+        ("[budget]\nmax_inflight_bytes = 18446744073709551616\n", 'config: budget.max_inflight_bytes: expected a '
+         'positive integer (at most 2^62), or "unlimited" for no limit, got 18446744073709551616'),
+        ("[[bands]]\npriority = 2147483648\n", "config: bands[0].priority: expected an integer <= 2147483647, got "
+                                                  "2147483648"),
+        ('[service]\nhost = ""\n', 'config: service: host is empty; to listen on every interface, say so: '
+                                   '"0.0.0.0" (or "::")'),
+        ("[service]\nport = 9000\nbinary_port = 9000\n", "config: service: port and binary_port are both 9000: the "
+                                                          "HTTP and binary fronts need one each"),
+        ('[weights]\n"" = 2\n', 'config: weights: flow "" can never match: flow ids are 1 to 256 characters'),
+        ("[proxy]\nbackoff = 40.0\n", "config: proxy: backoff: 40.0 is above max_backoff (30.0), where it doubles "
+                                       "to"),
+        ("default_ttl = 1979-05-27T07:32:00Z\n",
+         "config: default_ttl: expected a number, got 1979-05-27T07:32:00+00:00"),
         # a key the band's policy would ignore (review 82 class: accepted, then silently unused)
         ("[[bands]]\npriority = 0\nquantum = 100\n",
          "config: bands[0]: quantum applies only to fairness = \"drr\" (this band's is 'round-robin')"),

@@ -31,6 +31,7 @@ from servicekit import (
     admit_http,
     ahttp,
     band_outcomes,
+    config_text,
     launch,
     metric,
     release_http,
@@ -1025,3 +1026,29 @@ def test_http_lease_expiry_frees_budget(launch: Any) -> None:
         assert (await release_http(port, w.json()["ticket"])).status == 200
 
     run(main())
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_the_largest_limits_allowed_still_dispatch_queued_work(launch: Any, shards: int) -> None:
+    """Every limit at the most the configuration accepts (2^62): a queued request is dispatched when
+    budget frees. (A review: a byte budget of 2^64 was accepted, and the grant carrying it could not
+    be encoded for the shard, so nothing queued was ever dispatched again.)"""
+    most = 1 << 62
+    svc = launch(config_text(budget=1, budget_bytes=most, max_queued_requests=most, max_queued_bytes=most,
+                             bands=[{"priority": 0, "max_bytes": most, "max_requests": most,
+                                     "flow_max_bytes": most, "flow_max_requests": most}]), shards=shards)
+
+    async def scenario() -> None:
+        async with Client.connect("127.0.0.1", svc.binary_port) as client:
+            first = await client.admit("a", size=100)
+            assert first.outcome is Outcome.DISPATCHED
+            queued = [client.admit(f"f{i}", size=100) for i in range(3)]
+            await asyncio.sleep(0.2)
+            assert not any(q.done() for q in queued)
+            await client.release(first.ticket)
+            for q in queued:
+                result = await asyncio.wait_for(q, 10.0)
+                assert result.outcome is Outcome.DISPATCHED
+                await client.release(result.ticket)
+
+    run(scenario())
