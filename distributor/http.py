@@ -129,9 +129,13 @@ _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HEADER_LENGTHS: Final = frozenset((14, 10, 6, 17, 4))
 _ABSOLUTE_FORM: Final = re.compile(rb"[hH][tT][tT][pP][sS]?://[^/?#]*")  # a request target's scheme and authority
 
-# `_head_raw` outside a request head, and in the chunk where the head began.
+# `_head_raw` outside a request head, and in the piece of input where the head began.
 _NOT_IN_HEAD: Final = -2
 _HEAD_BEGUN: Final = -1
+# A read is parsed this much at a time, so that a line that never ends is counted against the head's
+# limit from the piece after the one it began in, whatever came before it in the same read (a whole
+# read was left out: a 40 KB header or a 100 KB chunk extension in the read that began it passed, a review)
+_PIECE: Final = 4096
 
 # How a response ends the connection (a slot's `close`).
 _KEEP: Final = 0
@@ -461,8 +465,18 @@ class HttpConnection(asyncio.Protocol):
         try:
             if data is None:
                 self._handle_later()
-            else:
+            elif len(data) <= _PIECE:
                 self._parser.feed_data(data)
+                if self._head_raw != _NOT_IN_HEAD:  # (usually not: a request per read)
+                    self._count_head(len(data))
+            else:
+                view = memoryview(data)
+                for at in range(0, len(data), _PIECE):
+                    piece = view[at:at + _PIECE]
+                    self._parser.feed_data(piece)
+                    self._count_head(len(piece))
+                    if self._stopped:
+                        break
         except httptools.HttpParserUpgrade:
             # Upgrade / CONNECT is not supported; the request itself was answered. Close after it.
             self._respond(b"", _CLOSE)
@@ -471,16 +485,6 @@ class HttpConnection(asyncio.Protocol):
                 self._msg_at = 0.0
                 self._sh.guards.hit("http", "malformed")
                 self._respond(self._error_for(400, f"malformed HTTP request: {exc}", _CONN_CLOSE), _LINGER)
-        raw = self._head_raw
-        if raw != _NOT_IN_HEAD and not self._stopped and data is not None:
-            # Headers still incomplete: count every later chunk (the first one may also carry the
-            # end of an earlier request, so it is left out) so that a never-ending header is bounded.
-            if raw == _HEAD_BEGUN:
-                self._head_raw = 0
-            else:
-                self._head_raw = raw = raw + len(data)
-                if raw > self._limits.max_header_bytes:
-                    self._fail_head()
         if out or self._out_tickets:  # usually nothing: an admission's answer comes later (measured)
             self._spill()
         self._out = None
@@ -494,6 +498,19 @@ class HttpConnection(asyncio.Protocol):
         elif self._held is None and (self._later or (len(self._queue) >= self._limits.max_pipelined
                                      and not self._stopped)):
             self._held = bytearray()  # (with requests waiting, `_unhold` handles them as answers drain)
+
+    def _count_head(self, n: int) -> None:
+        """`n` bytes were parsed and a head (or a chunk-size line, or trailers) is still incomplete:
+        count them against the head's limit, unless it began in them (they may also hold the end of
+        what came before it: left out, so the bound is the limit plus at most one piece)."""
+        raw = self._head_raw
+        if raw != _NOT_IN_HEAD and not self._stopped:
+            if raw == _HEAD_BEGUN:
+                self._head_raw = 0
+            else:
+                self._head_raw = raw = raw + n
+                if raw > self._limits.max_header_bytes:
+                    self._fail_head()
 
     def eof_received(self) -> bool:
         """The client closed its side: as far as admissions go it is gone (HTTP/1.1 gives a half-close
@@ -870,6 +887,10 @@ class HttpConnection(asyncio.Protocol):
         """A chunk's size line: if it was the last one (size 0), trailers follow. Count the raw bytes
         from here on, as for an incomplete head, so that a never-ending trailer line is bounded too (and
         the next size line, whose extension could be as long)."""
+        self._head_raw = _HEAD_BEGUN
+
+    def on_chunk_complete(self) -> None:
+        """A chunk's data ended: the next chunk-size line begins (its extension is bounded like a head)."""
         self._head_raw = _HEAD_BEGUN
 
     def on_body(self, chunk: bytes) -> None:

@@ -49,10 +49,13 @@ def small_configs(draw):
             "flow_max_requests": draw(_maybe(st.integers(1, 5))),
             "ceiling": draw(st.sampled_from([0.5, 1.0])),
             "displacement": draw(st.booleans()),
-            "quantum": draw(st.integers(1, 64)),
         }
         for p in priorities
     ]
+    for band in bands:  # (a drr key: on another policy's band it is a configuration error)
+        quantum = draw(st.integers(1, 64))
+        if band["fairness"] == "drr":
+            band["quantum"] = quantum
     return make_config(
         bands,
         max_queued_bytes=draw(_maybe(st.integers(30, 300))),

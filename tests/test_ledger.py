@@ -18,6 +18,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import pytest
 from conftest import FAIRNESS_NAMES, ORDERING_NAMES, make_config
@@ -95,10 +96,13 @@ def configs(
             "flow_max_requests": limit(1, 5),
             "ceiling": ceilings[i],
             "displacement": draw(st.booleans()) if displacement is None else displacement,
-            "quantum": draw(st.integers(1, 64)),
         }
         for i in range(n)
     ]
+    for band in bands:  # (a drr key: on another policy's band it is a configuration error)
+        quantum = draw(st.integers(1, 64))
+        if band["fairness"] == "drr":
+            band["quantum"] = quantum
     return config(
         bands,
         fast_path=draw(st.booleans()),
@@ -1070,7 +1074,8 @@ def backlogged_service_difference(fairness: str, shards: int, *, weights: dict[s
     as soon as dispatched; the largest gap in weighted service (the band's unit) between two flows at
     any dispatch. The same oracle at every shard count: the flows never stop being backlogged."""
     weights = weights or {}
-    cfg = config([{"priority": 0, "fairness": fairness, "quantum": 64}], max_inflight_requests=4,
+    band: dict[str, Any] = {"priority": 0, "fairness": fairness, **({"quantum": 64} if fairness == "drr" else {})}
+    cfg = config([band], max_inflight_requests=4,
                  fast_path=False, max_queued_requests=None, max_queued_bytes=None, weights=weights)
     m = Model(cfg, shards, seed=seed, ledger_factory=ledger_factory)
     rng = random.Random(seed)
