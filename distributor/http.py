@@ -862,6 +862,15 @@ class HttpConnection(asyncio.Protocol):
             self._respond(self._error_for(501, f"transfer-encoding: {coding!r}: only chunked is supported",
                                           _CONN_CLOSE), _LINGER)
             raise _Stop
+        if (self._clen > 0 or self._chunked) and self._parser.should_upgrade():
+            # llhttp takes what follows an upgrade's head for the new protocol, so the body would be lost
+            # and the request answered as if it had none (a review: a misleading "the body is empty").
+            # Without a body the request is served and the connection closed after it, as before.
+            self._msg_at = 0.0
+            self._sh.guards.hit("http", "malformed")
+            self._respond(self._error_for(400, "connection: upgrade is not supported on a request with a body; "
+                                          "send it without", _CONN_CLOSE), _LINGER)
+            raise _Stop
         self._in_body = True
         if self._chunked:  # its first chunk-size line is counted as a head is, until a chunk's data comes:
             self._head_raw = _HEAD_BEGUN  # (a line that never ends, an extension, was not: 30 MB read, a review)

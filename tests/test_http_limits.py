@@ -535,3 +535,22 @@ def test_what_came_before_a_head_in_the_same_read_is_not_counted_against_it() ->
 
     guards = _one_connection(test)
     assert guards[("http", "headers_too_large")] == 0
+
+
+def test_an_upgrade_asked_with_a_body_is_refused_by_name_not_served_without_its_body() -> None:
+    body = b'{"flow":"m"}'
+    head = b"POST /v1/admit HTTP/1.1\r\nhost: a\r\nconnection: upgrade\r\nupgrade: websocket\r\n"
+
+    async def test(conn: Any, sock: _Socket) -> None:
+        conn.data_received(head + b"content-length: %d\r\n\r\n%b" % (len(body), body))
+        written = b"".join(sock.writes)
+        assert written.startswith(b"HTTP/1.1 400") and b"upgrade is not supported" in written, written[:300]
+
+    _one_connection(test)
+
+    async def bodyless(conn: Any, sock: _Socket) -> None:  # (curl --http2's h2c upgrade of a GET: served)
+        conn.data_received(b"GET /healthz HTTP/1.1\r\nhost: a\r\nconnection: upgrade, http2-settings\r\n"
+                           b"upgrade: h2c\r\nhttp2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")
+        assert b"".join(sock.writes).startswith(b"HTTP/1.1 200")
+
+    _one_connection(bodyless)
