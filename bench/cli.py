@@ -80,6 +80,8 @@ def adjust(scenario: Scenario, *, rate: float | None = None, concurrency: int | 
                 every = a.every / k
                 flows[i] = replace(f, arrival=replace(a, every=every, spread=min(a.spread, every)))
     if concurrency is not None:
+        if concurrency < 1:
+            raise ConfigError(f"--concurrency: {concurrency} is not a number of clients; at least 1")
         clients = closed_clients(scenario)
         if clients <= 0:
             raise ConfigError("--concurrency: the scenario has no closed-loop flows")

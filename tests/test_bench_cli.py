@@ -213,6 +213,7 @@ def test_bench_drives_a_running_service_with_target(tmp_path: Path, launch: Any)
         (["--shards", "1,,2"], "--shards: expected comma-separated numbers, got '1,,2'"),
         (["--rate", "inf"], "--rate: expected positive numbers, got 'inf'"),
         (["--plot", "/nonexistent/dir/x.png"], "--plot: cannot write /nonexistent/dir/x.png"),
+        (["--concurrency", "-3"], "--concurrency: -3 is not a number of clients; at least 1"),  # review 82
     ],
 )
 def test_bench_bad_flags_get_one_line_errors(
