@@ -23,7 +23,8 @@ What one connection may cost is bounded (README "Resource limits"): an incomplet
 complete within `frame_timeout`; replies the client does not read stop the reading of its input
 once `write_high` bytes wait, unsent or on their way (releases and admissions whose answers have not
 come: with acceptors a round trip; it cannot make more work while it does not read), and it is dropped
-when they pass `max_write_buffer` or stay stuck for `write_timeout`; a connection condemned by a
+when they pass `max_write_buffer` or stay above `write_high` for `write_timeout` while it reads
+less than `MIN_READ_RATE` a second (slowly is fine, not at all is not); a connection condemned by a
 protocol error is aborted if its last bytes are not read within `close_timeout`.
 """
 
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from distributor.api import CONN_CHECK, CONN_NORMAL, Admission, Audit, connection_verdict
 from distributor.guards import Guards
-from distributor.sockets import detect_dead_peers, reset, unsent
+from distributor.sockets import MIN_READ_RATE, detect_dead_peers, reset, unsent
 from flowshard.codec import (
     Admit,
     Audited,
@@ -82,7 +83,8 @@ class BinaryLimits:
     `write_high`: replies waiting for a client beyond this pause the reading of its input.
     `max_write_buffer`: beyond this the client is dropped (its tickets are released), rather than
     letting one slow reader hold service memory; `write_timeout`: likewise when its replies stay
-    above `write_high` this long. Safe at `max_connections`: see the README's resource table.
+    above `write_high` this long while it reads less than `MIN_READ_RATE` bytes a second. Safe at
+    `max_connections`: see the README's resource table.
     """
 
     max_connections: int = 4096
@@ -149,7 +151,7 @@ class BinaryConnection(asyncio.Protocol):
         "_admission", "_asked", "_awaiting", "_closing_at", "_counted", "_covered", "_discarded", "_ended", "_eof_wait",
         "_failing",
         "_flush_scheduled", "_frame_at", "_fresh", "_hub", "_input_held", "_last_id", "_lost", "_max_inflight", "_open",
-        "_out", "_pending", "_reader", "_stalled_at", "_sure", "_timer", "_transport", "_verdict",
+        "_out", "_pending", "_reader", "_stalled_at", "_stalled_unsent", "_sure", "_timer", "_transport", "_verdict",
     )
 
     def __init__(self, hub: BinaryHub, verdict: int = CONN_CHECK) -> None:
@@ -171,6 +173,7 @@ class BinaryConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._frame_at = 0.0  # loop time the incomplete frame now held began; 0.0: none
         self._stalled_at = 0.0  # loop time replies went over write_high unread; 0.0: they did not
+        self._stalled_unsent = 0  # `unsent` then, plus what was written since (less now: what the client read)
         self._closing_at = 0.0  # loop time a close began that waits for the client to read; 0.0: none
         self._eof_wait: asyncio.TimerHandle | None = None  # the client's EOF: how long its answers may take
         self._input_held = False  # complete frames kept unread in the reader while replies wait
@@ -364,6 +367,7 @@ class BinaryConnection(asyncio.Protocol):
         not read) and start the clock; `_flush` and the timer drop it past the hard limits."""
         if self._open and self._transport is not None:
             self._stalled_at = now = self._hub.loop.time()
+            self._stalled_unsent = unsent(self._transport)
             self._reading()
             self._arm(now + self._hub.limits.write_timeout)
 
@@ -532,7 +536,10 @@ class BinaryConnection(asyncio.Protocol):
         self._flush_scheduled = False
         transport = self._transport
         if self._out and transport is not None and not transport.is_closing():
-            transport.write(self._out.take())
+            data = self._out.take()
+            transport.write(data)
+            if self._stalled_at:
+                self._stalled_unsent += len(data)
             waiting = transport.get_write_buffer_size() + self._awaiting * REPLY_BYTES  # (and on their way)
             if self._open and waiting > self._hub.limits.max_write_buffer:
                 self._drop(f"{waiting} bytes of replies unread")
@@ -612,8 +619,11 @@ class BinaryConnection(asyncio.Protocol):
             return
         if self._stalled_at:
             if now >= self._stalled_at + limits.write_timeout:
-                self._drop(f"none read for {limits.write_timeout:g} s")
-                return
+                left = unsent(self._transport)
+                if self._stalled_unsent - left < MIN_READ_RATE * (now - self._stalled_at):
+                    self._drop(f"under {MIN_READ_RATE} bytes a second read for {limits.write_timeout:g} s")
+                    return
+                self._stalled_at, self._stalled_unsent = now, left  # it reads, if slowly: judged again from now
             due = min(due, self._stalled_at + limits.write_timeout)
         if self._frame_at and self._reader.pending and not self._input_held:
             if now >= self._frame_at + limits.frame_timeout:

@@ -41,7 +41,7 @@ import msgspec
 
 from distributor.api import CONN_CHECK, CONN_NORMAL, CONN_RESERVE, Admission, Audit, connection_verdict
 from distributor.guards import Guards
-from distributor.sockets import TCP_ESTABLISHED, detect_dead_peers, peer_state, reset, unsent
+from distributor.sockets import MIN_READ_RATE, TCP_ESTABLISHED, detect_dead_peers, peer_state, reset, unsent
 from flowshard.types import Outcome
 from flowshard.validate import (
     ADMIT_ALIASES,
@@ -67,9 +67,6 @@ log = logging.getLogger(__name__)
 ADMIN_RESERVE: Final = 16
 # What a connection of the admin reserve may ask for: the probes and the scrapes.
 ADMIN_PATHS: Final = frozenset({b"/healthz", b"/readyz", b"/metrics", b"/v1/stats"})
-# A client whose unread answers stop the writing is dropped after header_timeout unless it reads at least
-# this many bytes a second meanwhile (`HttpConnection._drop_if_stuck`): slowly is fine, not at all is not
-MIN_READ_RATE: Final = 1024
 
 
 class HttpLimits(msgspec.Struct, frozen=True, kw_only=True):
@@ -370,7 +367,7 @@ class HttpConnection(asyncio.Protocol):
         self._peer_gone = False
         self._wpaused = False  # reading paused because unsent responses passed write_high
         self._wpaused_at = 0.0  # since when (loop time), while `_wpaused`
-        self._wpaused_size = 0  # the unsent bytes then, plus those written since (fewer now: what the client read)
+        self._wpaused_size = 0  # `unsent` then, plus what was written since (less now: what the client read)
         self._writable: asyncio.Future[None] | None = None  # proxy mode: a stream waits here while paused
         # Tickets of dispatched answers written since the client last sent anything (a request it sent
         # before an answer was written proves nothing about that answer: pipelined in the same read)
@@ -656,7 +653,7 @@ class HttpConnection(asyncio.Protocol):
             return
         if not self._wpaused:
             self._wpaused_at = self._loop.time()
-            self._wpaused_size = self._transport.get_write_buffer_size()
+            self._wpaused_size = unsent(self._transport)
             self._arm(self._wpaused_at + self._limits.header_timeout)  # judged then (`_drop_if_stuck`)
         self._wpaused = True
         if not self._paused:
@@ -681,13 +678,11 @@ class HttpConnection(asyncio.Protocol):
     def _write_paused(self, data: bytes) -> None:
         """Write while the writing is paused: what this adds to the unsent bytes is not taken from what
         the client reads meanwhile (`_drop_if_stuck`; a client reading 3 KiB/s while a stream wrote
-        2.5 KiB/s more was dropped). Only what joins the unsent bytes counts: what the kernel takes at
-        once is not the client's reading, and counted as such let a client that reads nothing keep
-        its connection while the kernel's buffer filled."""
-        transport = self._transport
-        before = transport.get_write_buffer_size()
-        transport.write(data)
-        self._wpaused_size += transport.get_write_buffer_size() - before
+        2.5 KiB/s more was dropped). All of it joins `unsent` (what the kernel takes at once is not
+        acknowledged yet: counted as the client's reading, it let a client that reads nothing keep its
+        connection while the kernel's buffer filled)."""
+        self._transport.write(data)
+        self._wpaused_size += len(data)
 
     def _drop(self) -> None:
         """The client does not read: abort (a graceful close would wait for it). The answers written
@@ -1535,7 +1530,7 @@ class HttpConnection(asyncio.Protocol):
         long stream), resumes the writing meanwhile, and the timer then finds it so (a 408, or idle);
         one that reads at `MIN_READ_RATE` or more while paused is judged again from now (a review: a
         stream's client reading 3 KB/s was dropped, its pauses longer than header_timeout)."""
-        size = self._transport.get_write_buffer_size()
+        size = unsent(self._transport)
         if self._wpaused_size - size >= MIN_READ_RATE * (now - self._wpaused_at):
             self._wpaused_size, self._wpaused_at = size, now
         stuck = self._wpaused_at + self._limits.header_timeout

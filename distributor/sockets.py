@@ -17,6 +17,11 @@ import termios
 from typing import Any
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+# A client whose unread answers stop the writing is dropped after a timeout unless it reads at least
+# this many bytes a second meanwhile: slowly is fine, not at all is not. What it read is what it
+# acknowledged, `unsent` shrinking: the transport's own buffer drains only in steps of a third of the
+# kernel's (megabytes), so clients reading 4-128 KiB/s looked stuck for 10 s and were cut off (a review)
+MIN_READ_RATE = 1024
 TCP_ESTABLISHED = 1  # tcp_info.tcpi_state (linux/tcp_states.h)
 
 

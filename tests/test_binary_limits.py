@@ -4,11 +4,13 @@ against the binary server and `FakeAdmission` (see test_binary)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 from typing import Any
 
 import pytest
+import uvloop
 from conftest import past_kernel_buffers
 from test_binary import FLOW_OUTCOMES, HOLD, FakeAdmission, LinkLike, Raw, on_loop, serving, until
 
@@ -395,3 +397,42 @@ async def test_a_condemned_connection_that_keeps_sending_is_reset_past_max_linge
         assert sent < cap
         assert guards[("binary", "malformed")] == 1
         raw.writer.transport.abort()
+
+
+def test_a_client_reading_its_replies_steadily_from_deep_kernel_buffers_is_not_dropped() -> None:
+    """Review 81 (HTTP; the binary front judged the same way): a client reading 128 KiB/s kept its
+    replies above write_high for longer than write_timeout, since the transport's own buffer drains
+    only when the kernel has freed a third of its send buffer (megabytes): dropped. Judged by what
+    it acknowledged, it keeps its connection through several timeouts."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(asyncio.wait_for(_read_steadily(), 20.0))
+
+
+async def _read_steadily() -> None:
+    fake = FakeAdmission()
+    guards = Guards()
+    limits = BinaryLimits(write_timeout=1.5, max_write_buffer=64 << 20)
+    async with serving(fake, limits, guards) as addr:
+        sock = socket.socket()
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, addr)
+        n = 600_000  # ~7 MB of replies: more than the kernel's buffers hold
+        data = _releases(n)
+        sent = 0
+        got = 0
+        started = loop.time()
+        while loop.time() - started < 4.5:  # three timeouts
+            if sent < len(data):
+                with contextlib.suppress(BlockingIOError):
+                    sent += sock.send(data[sent:sent + (256 << 10)])
+            await asyncio.sleep(0.05)
+            try:
+                chunk = sock.recv(6400)  # 128 KiB/s
+            except BlockingIOError:
+                continue
+            assert chunk, f"dropped after {got} bytes"
+            got += len(chunk)
+        sock.close()
+        assert guards[("binary", "slow_reader")] == 0
+        assert got > 400_000

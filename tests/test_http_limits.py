@@ -554,3 +554,4 @@ def test_an_upgrade_asked_with_a_body_is_refused_by_name_not_served_without_its_
         assert b"".join(sock.writes).startswith(b"HTTP/1.1 200")
 
     _one_connection(bodyless)
+

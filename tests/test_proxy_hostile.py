@@ -378,6 +378,39 @@ def test_a_stream_read_slowly_but_steadily_is_not_dropped() -> None:
     run(go(), timeout=30.0)
 
 
+def test_a_stream_read_steadily_from_deep_kernel_buffers_is_not_dropped() -> None:
+    """Review 81: with a backend streaming flat out, clients reading 4-128 KiB/s were dropped as slow
+    readers, the stream cut: their reading was judged by the transport's own buffer, which drains
+    only when the kernel has freed a third of its send buffer (megabytes, many seconds at such
+    rates). Judged by what the client acknowledged it keeps its stream, through several timeouts.
+    (On loopback the kernel acknowledges a reader in 64 KiB steps, its segment size: at 128 KiB/s two
+    steps a second, four a timeout here.)"""
+
+    async def go() -> None:
+        limits = HttpLimits(header_timeout=2.0)
+        async with rig([("POST", "/v1/chat/completions", endless_stream("z" * 4000, 0.0))], limits) as r:
+            def client() -> int:
+                with socket.socket() as s:
+                    s.connect(("127.0.0.1", r.port))
+                    s.settimeout(5)
+                    s.sendall(_post(stream=True))
+                    time.sleep(0.5)  # the kernel's buffers fill, the writing pauses
+                    got = 0
+                    end = time.monotonic() + 7.0
+                    while time.monotonic() < end:
+                        data = s.recv(6400)  # 128 KiB/s
+                        assert data, f"dropped after {got} bytes"
+                        got += len(data)
+                        time.sleep(0.05)
+                    assert r.admission.released == []  # still running (before this client closes)
+                    return got
+
+            got = await asyncio.to_thread(client)
+            assert got > 600_000
+
+    run(go(), timeout=30.0)
+
+
 def test_a_large_answer_behind_a_slow_one_on_the_same_connection_arrives_whole() -> None:
     """Pipelined: a small answer the backend takes 0.3 s to give, then a 4 MiB one. The large one
     waits for its turn before its pieces are written (kept until then and written at once, it passed
