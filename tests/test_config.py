@@ -305,6 +305,8 @@ def configs(draw):
         )
         for p in priorities
     ]
+    port = draw(st.integers(0, 65535))
+    binary_port = draw(st.integers(0, 65535).filter(lambda p: p == 0 or p != port))  # (distinct, or 0: a free one)
     return Config(
         max_queued_bytes=draw(st.integers(1, 1 << 50)),
         max_queued_requests=draw(st.integers(1, 1 << 30)),
@@ -318,8 +320,8 @@ def configs(draw):
         ),
         service=ServiceConfig(
             host=draw(st.sampled_from(["127.0.0.1", "::1", "gateway.example"])),
-            port=draw(st.integers(0, 65535)),
-            binary_port=draw(st.integers(0, 65535)),
+            port=port,
+            binary_port=binary_port,
             lease=draw(st.floats(0.001, 7 * 86400)),
             drain_timeout=draw(st.floats(0, 7 * 86400)),
             fast_path=draw(st.booleans()),
