@@ -570,8 +570,14 @@ class Proxy:
         (grants on their way to a shard, dispatches whose task has not run yet) count too."""
         util = self.utilization
         assert util is not None
-        util.expire(self.loop.time())  # staleness as of this decision, not as of the last scrape round
-        return util.saturation(grants + self.unsent)
+        now = self.loop.time()
+        util.expire(now)  # staleness as of this decision, not as of the last scrape round
+        return util.saturation(grants + self.unsent, self._out_of_rotation(now))
+
+    def _out_of_rotation(self, now: float) -> set[int]:
+        """The backends that take no request now (failed, backing off), as the pool's picker sees them."""
+        pool = self.pool
+        return {b.index for b in pool.backends if not pool.up(b, now)}
 
     def mark_sent(self, ex: Exchange) -> None:
         if ex.unsent:
@@ -1061,8 +1067,9 @@ class Proxy:
             waiting.add_metric([b.name], load.waiting)
             kv.add_metric([b.name], load.kv)
         yield from (sat, age, stale, scrape_errors, waiting, kv)
-        yield GaugeMetricFamily("flowshard_pool_saturation", "Mean backend saturation (the utilization detector).",
-                                value=util.saturation())
+        pool = util.saturation(out=self._out_of_rotation(self.loop.time()))
+        yield GaugeMetricFamily("flowshard_pool_saturation", "Mean saturation of the backends in rotation (the "
+                                "utilization detector).", value=pool)
 
     def snapshot(self) -> dict[str, Any]:
         """The `proxy` part of `GET /v1/stats`."""
@@ -1085,7 +1092,7 @@ class Proxy:
             "active": st.active,
             # dispatched, not yet sent to a backend (the detector counts them; with acceptors, as they report)
             "unsent": self.unsent,
-            "pool_saturation": util.saturation() if util is not None else None,
+            "pool_saturation": util.saturation(out=self._out_of_rotation(now)) if util is not None else None,
             "responses": {f"{route} {status}": n for route, status, n in st.responses},
             "dropped": dict(st.dropped), "client_disconnects": st.client_disconnects, "retries": st.retries,
             "no_backend": st.no_backend, "midstream_failures": st.midstream_failures,

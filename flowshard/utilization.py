@@ -188,8 +188,12 @@ class PoolUtilization:
             kv += delta * load.kv / load.running  # each one takes an average running request's share
         return max(waiting / self.queue_threshold, kv / self.kv_threshold)
 
-    def saturation(self, unsent: int = 0) -> float:
-        """The pool's saturation: the mean over the backends; `unsent` admitted requests spread evenly."""
-        loads = self.loads
-        extra = unsent / len(loads)
-        return sum(self.backend_saturation(b, extra) for b in range(len(loads))) / len(loads)
+    def saturation(self, unsent: int = 0, out: frozenset[int] | set[int] = frozenset()) -> float:
+        """The pool's saturation: the mean over the backends in rotation (`out`: those that are not; none
+        left: over all of them); `unsent` admitted requests spread evenly over them. A backend out
+        takes no request, so its figures say nothing of what the pool can take: counted idle, it let
+        the others be driven past their threshold (a review: one of two out, the other at 1.6, the
+        pool at 0.8)."""
+        backends = [b for b in range(len(self.loads)) if b not in out] or range(len(self.loads))
+        extra = unsent / len(backends)
+        return sum(self.backend_saturation(b, extra) for b in backends) / len(backends)

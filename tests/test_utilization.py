@@ -233,3 +233,16 @@ def test_a_backend_url_is_shown_without_its_password() -> None:
     pool = BackendPool(["http://u:s3cret@127.0.0.1:9"], 1.0, 2.0)
     assert pool.backends[0].url == "http://u:s3cret@127.0.0.1:9"  # still used to connect
     assert "s3cret" not in pool.backends[0].name
+
+
+def test_a_backend_out_of_rotation_does_not_count_in_the_pool_figure() -> None:
+    """Review 81: a backend taken out after failed requests, its metrics still idle, kept the pool at
+    0.8 while the one left took everything at 1.6. It takes no request, so it does not count; with
+    none in rotation the mean is over all (their requests fail at once: `no_backend`)."""
+    pool = PoolUtilization(2, queue_threshold=5, kv_threshold=0.8, staleness=10.0)
+    scraped(pool, 0, 1.0, waiting=0)  # idle, but out
+    scraped(pool, 1, 1.0, waiting=8)  # 1.6
+    assert pool.saturation() == pytest.approx(0.8)
+    assert pool.saturation(out={0}) == pytest.approx(1.6)
+    assert pool.saturation(2, out={0}) == pytest.approx(2.0)  # admitted, not sent: all on the one left
+    assert pool.saturation(out={0, 1}) == pytest.approx(0.8)
