@@ -261,6 +261,8 @@ class AcceptorLink(asyncio.Protocol):
                 opened[b] += sent - finished
         for ticket in msg.marked:
             self._proxied_sent(ticket)
+        if msg.down_for:
+            proxy.remote_health(self.index, msg.down_for)
 
     def _proxied_lost(self) -> None:
         """Its process is gone: its requests in flight to the backends are over (their connections

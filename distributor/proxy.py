@@ -270,7 +270,7 @@ class BackendReport:
     detector is the distributor's (one view for the one ledger). They go there as one `LinkBackends`
     frame at the end of each pass in which any happened."""
 
-    __slots__ = ("_loop", "_scheduled", "_send", "finished_counts", "marked", "sent_counts")
+    __slots__ = ("_down", "_loop", "_scheduled", "_send", "finished_counts", "marked", "pool", "sent_counts")
 
     def __init__(self, backends: int, send: Callable[[Any], None], loop: asyncio.AbstractEventLoop) -> None:
         self.sent_counts = [0] * backends
@@ -279,6 +279,8 @@ class BackendReport:
         self._send = send
         self._loop = loop
         self._scheduled = False
+        self.pool: BackendPool | None = None  # the proxy's (set by it): which backends it keeps out
+        self._down = [0.0] * backends  # their `down_until` as last reported
 
     def sent(self, backend: int) -> None:
         self.sent_counts[backend] += 1
@@ -300,7 +302,14 @@ class BackendReport:
     def flush(self) -> None:
         self._scheduled = False
         n = len(self.sent_counts)
-        self._send(LinkBackends(self.sent_counts, self.finished_counts, self.marked))
+        down_for: list[float] = []
+        if self.pool is not None:  # (a failure comes with its request's events: reported in their pass)
+            down = [b.down_until for b in self.pool.backends]
+            if down != self._down:
+                self._down = down
+                now = self._loop.time()
+                down_for = [max(0.0, until - now) for until in down]
+        self._send(LinkBackends(self.sent_counts, self.finished_counts, self.marked, down_for))
         self.sent_counts, self.finished_counts, self.marked = [0] * n, [0] * n, []
 
 
@@ -455,6 +464,8 @@ class Proxy:
         self.default_priority = config.default_band.priority
         self.pool = BackendPool(self.pc.backends, self.pc.backoff, self.pc.max_backoff)
         self.report_to = report
+        if report is not None:
+            report.pool = self.pool
         self.utilization = (
             PoolUtilization(len(self.pc.backends), self.pc.queue_threshold, self.pc.kv_threshold, self.pc.staleness)
             if self.pc.utilization and report is None else None
@@ -463,6 +474,8 @@ class Proxy:
         self.counts: PoolUtilization | BackendReport | None = report if report is not None else self.utilization
         self.on_health: Callable[[int], None] | None = None  # the distributor with acceptors: tell them
         self.remote: dict[int, ProxyReport] = {}  # the distributor with acceptors: each one's last report
+        # ... and, per backend, until when (this loop's clock) each one's proxy keeps it out of rotation
+        self.remote_down: dict[int, list[float]] = {}
         # ... and the counters of those that exited: one entry per configured backend, as every report
         # has (`ProxyReport.add` sums backend by backend; with none here theirs were dropped)
         self.retired = ProxyReport(backends=[BackendFigures() for _ in self.pc.backends])
@@ -575,9 +588,19 @@ class Proxy:
         return util.saturation(grants + self.unsent, self._out_of_rotation(now))
 
     def _out_of_rotation(self, now: float) -> set[int]:
-        """The backends that take no request now (failed, backing off), as the pool's picker sees them."""
+        """The backends that take no request now (failed, backing off), as the pool's picker sees them:
+        this process's, and with acceptors any one's (each keeps its own pool: out in one, a backend
+        is out for a share of the requests, and soon for all, as the others meet its failures too)."""
         pool = self.pool
-        return {b.index for b in pool.backends if not pool.up(b, now)}
+        out = {b.index for b in pool.backends if not pool.up(b, now)}
+        for down in self.remote_down.values():
+            out.update(b for b, until in enumerate(down) if until > now)
+        return out
+
+    def remote_health(self, acceptor: int, down_for: list[float]) -> None:
+        """An acceptor's proxy took backends out of rotation, or back (`LinkBackends.down_for`)."""
+        now = self.loop.time()
+        self.remote_down[acceptor] = [now + d if d > 0 else 0.0 for d in down_for]
 
     def mark_sent(self, ex: Exchange) -> None:
         if ex.unsent:
@@ -984,6 +1007,7 @@ class Proxy:
     def acceptor_exited(self, acceptor: int) -> None:
         """Its counters as last reported stay counted (what it counted after that, at most one heartbeat's
         worth, `distributor.front.REPORT_INTERVAL`, is lost with it)."""
+        self.remote_down.pop(acceptor, None)
         last = self.remote.pop(acceptor, None)
         if last is not None:
             self.retired.add(last, gauges=False)

@@ -336,6 +336,10 @@ class LinkBackends(msgspec.Struct, tag=30, array_like=True, gc=False):
     sent: list[int]
     finished: list[int]
     marked: list[int]
+    # per backend, how long its proxy keeps it out of rotation from now (seconds; 0: in rotation), when
+    # that changed since its last report; empty when it did not (the pool's saturation counts only
+    # the backends in rotation: `Proxy.out_of_rotation`)
+    down_for: list[float] = []
 
 
 class LinkProxyAsk(msgspec.Struct, tag=31, array_like=True, gc=False):
