@@ -87,13 +87,23 @@ _decode_usage = msgspec.json.Decoder(_UsageOnly).decode
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
 _encode = msgspec.json.Encoder().encode
 _BEARER = re.compile(r"^\s*bearer\s+(\S+)\s*$", re.IGNORECASE)
+_INTEGER = re.compile(r"-?[0-9]+")
 
 
 def flow_of(config: ProxyConfig, headers: Mapping[str, str]) -> str:
-    """The first configured flow header present; else a hash of the API key; else the default flow."""
+    """The first configured flow header present; else a hash of the API key; else the default flow.
+
+    Header values arrive as latin-1 (one character per byte); a flow id is read as UTF-8, so that
+    `x-flowshard-flow: café` is the flow `café`, as `{"flow": "café"}` is at /v1/admit (a review: it
+    was `cafÃ©`, another flow, and its length counted in bytes)."""
     for name in config.flow_headers:
         value = headers.get(name, "").strip()
         if value:
+            if not value.isascii():
+                try:
+                    value = value.encode("latin-1").decode("utf-8")
+                except (UnicodeEncodeError, UnicodeDecodeError):
+                    raise ClassifyError(400, f"header {name}: not UTF-8", name) from None
             if len(value) > MAX_FLOW_ID:
                 raise ClassifyError(400, f"header {name}: {len(value)} characters, at most {MAX_FLOW_ID}", name)
             return value
@@ -115,6 +125,8 @@ def priority_of(config: ProxyConfig, headers: Mapping[str, str], model: str, def
     raw = _header(headers, config.priority_header)
     if raw:
         try:
+            if not _INTEGER.fullmatch(raw):  # (int() also takes "1_0", "+5", "٥": not what the README says)
+                raise ValueError
             priority = int(raw)
         except ValueError:
             raise ClassifyError(400, f"header {config.priority_header}: {raw[:40]!r} is not an integer",

@@ -49,6 +49,14 @@ def test_flow_header_order_then_api_key_hash_then_default() -> None:
     assert classify(c, CHAT, {"x-flowshard-flow": "  "}, body(), 0).flow == "default-flow"  # blank: absent
 
 
+def test_a_flow_header_is_read_as_utf8_as_a_json_flow_id_is() -> None:
+    """Header values reach the proxy one character per byte (latin-1); review 81: `café` was the flow
+    `cafÃ©`, not the /v1/admit flow `café`, and its length was counted in bytes."""
+    for flow in ("café", "租户-7", "é" * 256):
+        header = flow.encode().decode("latin-1")  # as the HTTP front hands it over
+        assert classify(cfg(), CHAT, {"x-flowshard-flow": header}, body(), 0).flow == flow
+
+
 def test_priority_header_then_objective_then_model_then_default() -> None:
     c = cfg(objectives={"chat": 10}, models={"llama": 5, "batchy": -1})
     assert classify(c, CHAT, {}, body(), 0).priority == 5
@@ -101,6 +109,11 @@ def test_slo_and_cost_estimate() -> None:
         ({"x-slo-ttft-ms": "soon"}, body(), "x-slo-ttft-ms"),
         ({"x-slo-ttft-ms": "-5"}, body(), "x-slo-ttft-ms"),
         ({"x-flowshard-flow": "f" * 300}, body(), "x-flowshard-flow"),
+        # review 81: int() syntax is not an integer header; a flow header that is not UTF-8
+        ({"x-flowshard-priority": "1_0"}, body(), "x-flowshard-priority"),
+        ({"x-flowshard-priority": "+5"}, body(), "x-flowshard-priority"),
+        ({"x-flowshard-flow": b"\xff\xfe".decode("latin-1")}, body(), "x-flowshard-flow: not UTF-8"),
+        ({"x-flowshard-flow": ("é" * 257).encode().decode("latin-1")}, body(), "x-flowshard-flow: 257"),
     ],
 )
 def test_bad_input_is_a_400_naming_the_field(headers: dict[str, str], payload: bytes, names: str) -> None:
