@@ -616,8 +616,15 @@ class Proxy:
     @staticmethod
     def serves(path: bytes) -> bool:
         """A proxied path that is not in `routes`: `GET /v1/models/{id}` (asked only about paths that
-        are not the HTTP front's own routes, nor in `routes`)."""
-        return path.startswith(MODEL_PREFIX) and len(path) > len(MODEL_PREFIX)
+        are not the HTTP front's own routes, nor in `routes`). Not one with a `.` or `..` segment,
+        encoded or not: a backend, or a proxy before it, that resolves them would serve another path
+        than a model's, unadmitted (a review: `/v1/models/../../metrics` went through as sent)."""
+        if not (path.startswith(MODEL_PREFIX) and len(path) > len(MODEL_PREFIX)):
+            return False
+        model = path[len(MODEL_PREFIX):].lower().replace(b"%2e", b".")
+        for separator in (b"%2f", b"%5c", b"\\"):
+            model = model.replace(separator, b"/")
+        return not any(segment in (b".", b"..") for segment in model.split(b"/"))
 
     def body_limit(self, path: bytes) -> int | None:
         """The body limit of a proxied route (prompts are large), None for other paths."""

@@ -1086,6 +1086,10 @@ def test_models_retrieve_is_passed_through_without_admission(launch: Any, fake_b
         assert r.status == 405 and r.headers["allow"] == "GET, HEAD", r
         assert r.json()["error"]["code"] == "method_not_allowed"
         _openai_error(await conn.request("GET", "/v1/models/"), 404, "unknown_url", "no such path: /v1/models/")
+        # dot segments, encoded or not, never reach a backend that might resolve them (review 81)
+        for target in ("/v1/models/../../metrics", "/v1/models/%2e%2E/%2e%2e/metrics", "/v1/models/..%2Fmetrics",
+                       "/v1/models/x/."):
+            _openai_error(await conn.request("GET", target), 404, "unknown_url", f"no such path: {target}")
         conn.close()
 
     run(raw())
