@@ -35,6 +35,7 @@ import http
 import logging
 import math
 import os
+import socket
 import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
@@ -46,6 +47,7 @@ from yarl import URL
 
 from distributor.api import Admission, Audit
 from distributor.backends import LOCAL_SHORTAGE, Backend, BackendPool, Scraper, failure_kind
+from distributor.sockets import detect_dead_peers
 from flowshard.classify import (
     Classified,
     ClassifyError,
@@ -516,9 +518,19 @@ class Proxy:
         # SGLang's servers close theirs after 5 s): a request sent on a connection the backend is closing
         # fails as a `reset`, after it may have been read.
         connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit_per_host, ttl_dns_cache=300,
-                                         keepalive_timeout=self.pc.keepalive_timeout)
+                                         keepalive_timeout=self.pc.keepalive_timeout,
+                                         socket_factory=self._backend_socket)
         return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
                                      skip_auto_headers=("User-Agent", "Accept-Encoding"))
+
+    def _backend_socket(self, addr_info: Any) -> socket.socket:
+        """A backend connection's socket, which finds its backend's host gone (a GPU node that crashed,
+        or lost power, mid-generation) within `dead_peer_timeout`, as the fronts find a client's: it
+        was `read_timeout` (10 minutes), the client's stream and its budget held all that time."""
+        family, kind, proto, _, _ = addr_info
+        sock = socket.socket(family=family, type=kind, proto=proto)
+        detect_dead_peers(sock, self.config.service.dead_peer_timeout)
+        return sock
 
     async def close(self, *, why: str = "drain") -> None:
         """The service is stopping (`why`: "drain", its drain ended; "signal", a second signal cut the

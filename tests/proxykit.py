@@ -26,8 +26,9 @@ _READY = re.compile(r"fakeoai ready: (http://\S+) pid=(\d+)")
 class FakeOai:
     """One `python -m bench.fakeoai` process."""
 
-    def __init__(self, **options: Any) -> None:
-        cmd = [sys.executable, "-m", "bench.fakeoai", "--port", "0"]
+    def __init__(self, prefix: tuple[str, ...] = (), **options: Any) -> None:
+        """`prefix`: a command that runs it (e.g. `ip netns exec NAME`, in another network namespace)."""
+        cmd = [*prefix, sys.executable, "-m", "bench.fakeoai", "--port", "0"]
         for name, value in options.items():
             flag = "--" + name.replace("_", "-")
             if value is True:

@@ -9,14 +9,17 @@ end of the pair down makes its host vanish from the service's view exactly as a 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 
 import pytest
+from proxykit import FakeOai, proxy_config
 from servicekit import ROOT, Launcher, Service, config_text, launch, wait_until
 
 __all__ = ["launch"]  # (the fixture)
@@ -149,3 +152,59 @@ def test_the_default_asks_the_kernel_to_find_a_dead_peer_within_a_minute() -> No
                     (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT))]
     # probes after 30 s of silence, 3 of them 10 s apart: gone by ~60 s; unacknowledged data: 60 s
     assert opts == [1, 30, 10, 3, 60_000]
+
+
+def _stream_until_it_ends(service: Service, dead_host: DeadHost, within: float) -> tuple[bytes, float | None]:
+    """A streamed chat completion through the proxy: read a few events, let the backend's host die,
+    then read on for `within` seconds. Returns what came after the death and when the stream ended
+    (seconds after the death; None: still open)."""
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000,
+                       "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", service.http_port), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+                  b"content-length: %d\r\n\r\n%b" % (len(body), body))
+        got = b""
+        while got.count(b"data: ") < 5:
+            chunk = s.recv(65536)
+            assert chunk, got
+            got += chunk
+        dead_host.die()
+        died = time.monotonic()
+        after = b""
+        s.settimeout(0.2)
+        while time.monotonic() - died < within:
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                return after, time.monotonic() - died
+            after += chunk
+            if not chunk or after.endswith(b"\r\n0\r\n\r\n"):  # closed, or the chunked answer's end
+                return after, time.monotonic() - died
+        return after, None
+
+
+@pytest.mark.parametrize("dead_peer_timeout", [2.0, 0.0], ids=["found-gone", "negative-control"])
+def test_a_backend_whose_host_dies_mid_stream_is_found_gone_within_dead_peer_timeout(
+    launch: Launcher, dead_host: DeadHost, dead_peer_timeout: float,
+) -> None:
+    """Proxy mode: a GPU node that crashes mid-generation says nothing more. Its connection was held
+    until `read_timeout` (here 60 s; 10 minutes by default), the client's stream and its budget with
+    it; now the kernel finds the host gone within about `dead_peer_timeout` and the stream ends with
+    an error, its ticket released. The negative control (0: the kernel's defaults) is still waiting."""
+    backend = FakeOai(prefix=("ip", "netns", "exec", dead_host.name), host=dead_host.there, ttft=0.01, itl=0.02)
+    try:
+        service = launch(proxy_config([backend.url], proxy={"read_timeout": 60.0, "retries": 0}, budget=1,
+                                      service={"dead_peer_timeout": dead_peer_timeout}), acceptors=0)
+        after, ended = _stream_until_it_ends(service, dead_host, within=8.0)
+        if dead_peer_timeout:
+            assert ended is not None and ended < 8.0, after[-300:]
+            assert b"error" in after, after[-300:]
+            wait_until(lambda: tickets(service) == 0, timeout=5.0, interval=0.1)
+        else:
+            assert ended is None, (ended, after[-300:])
+            assert tickets(service) == 1
+    finally:
+        backend.popen.kill()  # (its host is cut off: no point in a graceful stop)
+        backend.popen.wait(5)
