@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from distributor.api import CONN_CHECK, CONN_NORMAL, Admission, Audit, connection_verdict
 from distributor.guards import Guards
-from distributor.sockets import MIN_READ_RATE, detect_dead_peers, reset, unsent
+from distributor.sockets import MIN_READ_RATE, reset, unsent
 from flowshard.codec import (
     Admit,
     Audited,
@@ -53,6 +53,7 @@ from flowshard.codec import (
     ReleaseRefused,
     Result,
 )
+from flowshard.keepalive import detect_dead_peers
 from flowshard.types import Outcome
 from flowshard.validate import MAX_TOKENS, check_admit, check_release_tokens
 
@@ -130,7 +131,7 @@ async def start_binary_server(
     *, dead_peer_timeout: float = 0.0,
 ) -> asyncio.Server:
     """Listen for binary-protocol clients (port 0: any free port, see `server.sockets`);
-    `dead_peer_timeout`: `distributor.sockets.detect_dead_peers`."""
+    `dead_peer_timeout`: `flowshard.keepalive.detect_dead_peers`."""
     loop = asyncio.get_running_loop()
     hub = BinaryHub(admission, limits or BinaryLimits(), loop, guards if guards is not None else Guards())
     server = await loop.create_server(hub, host, port, backlog=LISTEN_BACKLOG)

@@ -41,7 +41,8 @@ import msgspec
 
 from distributor.api import CONN_CHECK, CONN_NORMAL, CONN_RESERVE, Admission, Audit, connection_verdict
 from distributor.guards import Guards
-from distributor.sockets import MIN_READ_RATE, TCP_ESTABLISHED, detect_dead_peers, peer_state, reset, unsent
+from distributor.sockets import MIN_READ_RATE, TCP_ESTABLISHED, peer_state, reset, unsent
+from flowshard.keepalive import detect_dead_peers
 from flowshard.types import Outcome
 from flowshard.validate import (
     ADMIT_ALIASES,
@@ -1573,7 +1574,7 @@ async def start_http_server(
     """Listen on (host, port) (port 0: any; read it from `server.sockets`). `lease` is reported to
     clients as `lease_s`: a dispatched ticket is released after it unless released earlier.
     `proxy`: also serve the OpenAI routes (proxy mode). `dead_peer_timeout`:
-    `distributor.sockets.detect_dead_peers`."""
+    `flowshard.keepalive.detect_dead_peers`."""
     loop = asyncio.get_running_loop()
     shared = HttpHub(admission, limits, lease, loop, guards if guards is not None else Guards(), proxy)
     server = await loop.create_server(

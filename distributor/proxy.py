@@ -47,7 +47,6 @@ from yarl import URL
 
 from distributor.api import Admission, Audit
 from distributor.backends import LOCAL_SHORTAGE, Backend, BackendPool, Scraper, failure_kind
-from distributor.sockets import detect_dead_peers
 from flowshard.classify import (
     Classified,
     ClassifyError,
@@ -60,6 +59,7 @@ from flowshard.classify import (
 )
 from flowshard.codec import LinkBackends
 from flowshard.config import Config
+from flowshard.keepalive import detect_dead_peers
 from flowshard.types import Outcome
 from flowshard.utilization import PoolUtilization
 

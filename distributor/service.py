@@ -32,7 +32,6 @@ from distributor import segment
 from distributor.api import Audit, Waiter
 from distributor.fdreserve import FdReserve
 from distributor.guards import Guards
-from distributor.sockets import detect_dead_peers
 from distributor.spawn import spawn_linked
 from flowshard.codec import (
     BatchReader,
@@ -49,6 +48,7 @@ from flowshard.codec import (
     config_preamble,
 )
 from flowshard.config import Config
+from flowshard.keepalive import detect_dead_peers
 from flowshard.ledger import Ledger, Pending, PendingState
 from flowshard.retry import RetryAfter
 from flowshard.shm import MIN_BACKLOG_BYTES, ShmLayout, ShmSnapshot, ShmStats

@@ -14,7 +14,6 @@ import fcntl
 import socket
 import struct
 import termios
-from typing import Any
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 # A client whose unread answers stop the writing is dropped after a timeout unless it reads at least
@@ -44,24 +43,6 @@ def reset(transport: asyncio.BaseTransport) -> None:
         with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     transport.abort()  # type: ignore[attr-defined]
-
-
-def detect_dead_peers(sock: Any, timeout: float) -> None:
-    """Have the kernel find a connection whose peer's host is gone (crashed, powered off, cut off by
-    the network) within about `timeout` seconds, and fail it, so that its lease ends: a binary
-    client's tickets otherwise held budget for as long as the service ran, since nothing else closes
-    a connection whose peer never answers again. Keepalive probes after `timeout`/2 of silence, three
-    of them `timeout`/6 apart; TCP_USER_TIMEOUT bounds data sent and never acknowledged likewise. A
-    listening socket passes them on to the connections it accepts (Linux). 0: the kernel's defaults
-    (no keepalive; unacknowledged data retried for ~15 minutes)."""
-    if timeout <= 0:
-        return
-    setsockopt = sock.setsockopt  # (a socket, or uvloop's PseudoSocket)
-    setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, round(timeout / 2)))
-    setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, round(timeout / 6)))
-    setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
-    setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, round(timeout * 1000))
 
 
 def peer_state(transport: asyncio.BaseTransport) -> int | None:

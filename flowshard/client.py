@@ -30,6 +30,7 @@ from typing import Any, cast
 import msgspec
 
 from flowshard.codec import Admit, Audited, FrameError, FrameReader, FrameWriter, Release, Released, Result, ToClient
+from flowshard.keepalive import detect_dead_peers
 from flowshard.types import Outcome
 
 __all__ = ["AdmitResult", "Client", "ConnectionClosed", "FlowshardError", "ServiceView"]
@@ -112,9 +113,13 @@ class Client:
         self._lost: asyncio.Future[None] = loop.create_future()
 
     @staticmethod
-    def connect(host: str, port: int) -> _Connecting:
-        """Open a connection: `c = await Client.connect(h, p)` or `async with Client.connect(h, p) as c:`."""
-        return _Connecting(host, port)
+    def connect(host: str, port: int, *, dead_peer_timeout: float = 60.0) -> _Connecting:
+        """Open a connection: `c = await Client.connect(h, p)` or `async with Client.connect(h, p) as c:`.
+
+        `dead_peer_timeout`: if the service's host stops answering (it crashed, or the network is cut),
+        the connection fails within about this many seconds, and every call still waiting on it
+        raises ConnectionClosed (0: the kernel's defaults, under which they waited for ever)."""
+        return _Connecting(host, port, dead_peer_timeout)
 
     async def __aenter__(self) -> Client:
         return self
@@ -306,17 +311,21 @@ class _Protocol(asyncio.Protocol):
 class _Connecting:
     """What `Client.connect` returns: awaitable, or an async context manager that closes the client."""
 
-    __slots__ = ("_client", "_host", "_port")
+    __slots__ = ("_client", "_dead_peer_timeout", "_host", "_port")
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, dead_peer_timeout: float) -> None:
         self._host = host
         self._port = port
+        self._dead_peer_timeout = dead_peer_timeout
         self._client: Client | None = None
 
     async def _open(self) -> Client:
         loop = asyncio.get_running_loop()
         client = Client(loop)
-        await loop.create_connection(lambda: _Protocol(client), self._host, self._port)
+        transport, _ = await loop.create_connection(lambda: _Protocol(client), self._host, self._port)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            detect_dead_peers(sock, self._dead_peer_timeout)
         return client
 
     def __await__(self) -> Generator[Any, None, Client]:

@@ -136,8 +136,8 @@ def test_the_default_asks_the_kernel_to_find_a_dead_peer_within_a_minute() -> No
     """What every listening socket gets by default (and passes on to the connections it accepts)."""
     import socket
 
-    from distributor.sockets import detect_dead_peers
     from flowshard.config import ServiceConfig
+    from flowshard.keepalive import detect_dead_peers
 
     timeout = ServiceConfig().dead_peer_timeout
     assert timeout == 60.0
@@ -208,3 +208,55 @@ def test_a_backend_whose_host_dies_mid_stream_is_found_gone_within_dead_peer_tim
     finally:
         backend.popen.kill()  # (its host is cut off: no point in a graceful stop)
         backend.popen.wait(5)
+
+
+SILENT_SERVER = """
+import socket, sys, time
+server = socket.create_server((sys.argv[1], 0))
+print(server.getsockname()[1], flush=True)
+conn, _ = server.accept()  # reads nothing, answers nothing: a service whose host is about to die
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("dead_peer_timeout", [2.0, 0.0], ids=["found-gone", "negative-control"])
+def test_the_client_finds_a_dead_service_host_within_dead_peer_timeout(
+    dead_host: DeadHost, dead_peer_timeout: float,
+) -> None:
+    """`flowshard.client`: the service's host dies with an admission waiting on it. The admission
+    fails with ConnectionClosed within about `dead_peer_timeout`; with 0 (the kernel's defaults) it
+    waits on (it waited for ever)."""
+    import asyncio
+
+    from flowshard.client import Client, ConnectionClosed
+
+    server = subprocess.Popen(["ip", "netns", "exec", dead_host.name, sys.executable, "-c", SILENT_SERVER,
+                               dead_host.there], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+
+        async def admit_then_lose_the_host() -> float | None:
+            client = await Client.connect(dead_host.there, port, dead_peer_timeout=dead_peer_timeout)
+            waiting = client.admit("a")
+            await asyncio.sleep(0.3)  # (sent, and acknowledged by the host's kernel)
+            dead_host.die()
+            died = time.monotonic()
+            try:
+                await asyncio.wait_for(waiting, 8.0)
+            except ConnectionClosed:
+                return time.monotonic() - died
+            except TimeoutError:
+                return None
+            finally:
+                await client.close()
+            raise AssertionError("the silent service answered")
+
+        failed_after = asyncio.run(admit_then_lose_the_host())
+        if dead_peer_timeout:
+            assert failed_after is not None and failed_after < 8.0
+        else:
+            assert failed_after is None
+    finally:
+        server.kill()
+        server.wait(5)
