@@ -230,12 +230,13 @@ class Scraper:
         if self.errors[index]:
             log.warning("backend %s: metrics scrapes succeed again", backend.name)
         self.errors[index] = ""
-        if backend.last_kind == "scrape" and not self.pool.up(backend, loop.time()):
+        back = backend.last_kind == "scrape" and not self.pool.up(backend, loop.time())
+        if back:
             self.pool.succeeded(backend)  # it answers again: back at once, not after its back-off
             if self.on_health is not None:
                 self.on_health(index)
-        if self.utilization.scraped(index, sent_at, mark, figures):
-            self.on_room()
+        if self.utilization.scraped(index, sent_at, mark, figures) or back:  # (back: the pool's mean is
+            self.on_room()  # over the backends in rotation, and it is one again)
 
 
 async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:

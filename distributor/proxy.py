@@ -296,6 +296,11 @@ class BackendReport:
         self.marked.append(ticket)
         self._schedule()
 
+    def health_changed(self) -> None:
+        """The pool took a backend out or back with no request of its own (the distributor's scraper
+        said so): report it, or the distributor keeps it out until the old back-off ends (a review)."""
+        self._schedule()
+
     def _schedule(self) -> None:
         if not self._scheduled:
             self._scheduled = True
@@ -486,6 +491,8 @@ class Proxy:
         self.active: set[Exchange] = set()
         self.unsent = 0  # dispatched requests whose task has not sent them to a backend yet
         self._on_room = on_room
+        self._replan: asyncio.TimerHandle | None = None  # a plan pass when a backend's back-off ends
+        self._replan_at = math.inf
         self._passthroughs = asyncio.Semaphore(MAX_PASSTHROUGHS)
         # each connection's latest passthrough: the next one waits for it
         self._last_passthrough: weakref.WeakKeyDictionary[HttpConnection, asyncio.Task[None]] = (
@@ -540,6 +547,9 @@ class Proxy:
         ticket. Then wait, briefly, for those answers to be sent."""
         self.closing = True
         self.why = why
+        if self._replan is not None:
+            self._replan.cancel()
+            self._replan = None
         if self.scraper is not None:
             await self.scraper.stop()
         running = list(self.active)
@@ -589,6 +599,8 @@ class Proxy:
                 b.last_error = detail[:300]
         elif b.last_kind == "scrape" and not self.pool.up(b, now):
             self.pool.succeeded(b)
+        if self.report_to is not None:
+            self.report_to.health_changed()  # (the distributor counts what this pool keeps out)
 
     def saturation(self, grants: int) -> float:
         """The utilization detector's input to the ledger: requests admitted but not yet sent anywhere
@@ -602,17 +614,39 @@ class Proxy:
     def _out_of_rotation(self, now: float) -> set[int]:
         """The backends that take no request now (failed, backing off), as the pool's picker sees them:
         this process's, and with acceptors any one's (each keeps its own pool: out in one, a backend
-        is out for a share of the requests, and soon for all, as the others meet its failures too)."""
+        is out for a share of the requests, and soon for all, as the others meet its failures too).
+
+        A backend comes back when its back-off ends, an event no one reports: the pool's figure may
+        fall then, so a plan pass is asked for at the first such moment (a review: a request held on a
+        pool back under its ceiling waited 20 s, for an unrelated scrape)."""
         pool = self.pool
-        out = {b.index for b in pool.backends if not pool.up(b, now)}
+        out: set[int] = set()
+        back = math.inf
+        for b in pool.backends:
+            if b.down_until > now:
+                out.add(b.index)
+                back = min(back, b.down_until)
         for down in self.remote_down.values():
-            out.update(b for b, until in enumerate(down) if until > now)
+            for index, until in enumerate(down):
+                if until > now:
+                    out.add(index)
+                    back = min(back, until)
+        if back < self._replan_at:
+            if self._replan is not None:
+                self._replan.cancel()
+            self._replan_at = back
+            self._replan = self.loop.call_at(back, self._back_in_rotation)
         return out
+
+    def _back_in_rotation(self) -> None:
+        self._replan, self._replan_at = None, math.inf
+        self._on_room()
 
     def remote_health(self, acceptor: int, down_for: list[float]) -> None:
         """An acceptor's proxy took backends out of rotation, or back (`LinkBackends.down_for`)."""
         now = self.loop.time()
         self.remote_down[acceptor] = [now + d if d > 0 else 0.0 for d in down_for]
+        self._on_room()  # (one may be back: the pool's figure may have fallen)
 
     def mark_sent(self, ex: Exchange) -> None:
         if ex.unsent:
@@ -1026,7 +1060,8 @@ class Proxy:
     def acceptor_exited(self, acceptor: int) -> None:
         """Its counters as last reported stay counted (what it counted after that, at most one heartbeat's
         worth, `distributor.front.REPORT_INTERVAL`, is lost with it)."""
-        self.remote_down.pop(acceptor, None)
+        if self.remote_down.pop(acceptor, None) is not None:
+            self._on_room()  # (what it kept out counts again)
         last = self.remote.pop(acceptor, None)
         if last is not None:
             self.retired.add(last, gauges=False)

@@ -147,8 +147,9 @@ class PoolUtilization:
 
     def scraped(self, backend: int, sent_at: float, mark: tuple[int, int], figures: Scraped) -> bool:
         """A scrape sent at `sent_at` (with `mark` from `scrape_started`) came back. Returns whether the
-        pool's saturation fell (then held work may go: the caller re-plans its grants)."""
-        before = self.saturation()
+        pool's saturation fell (then held work may go: the caller re-plans its grants): whether this
+        backend's did, which lowers the mean over any backends it is one of (those in rotation)."""
+        before = self.backend_saturation(backend)
         load = self.loads[backend]
         if sent_at < load.at:  # an older scrape overtaken by a newer one
             return False
@@ -156,7 +157,7 @@ class PoolUtilization:
         load.at = sent_at
         load.sent_base, load.finished_base = mark
         self._now = max(self._now, sent_at)
-        return self.saturation() < before
+        return self.backend_saturation(backend) < before
 
     def scrape_failed(self, backend: int) -> None:
         self.loads[backend].errors += 1

@@ -363,6 +363,47 @@ def test_a_backend_out_of_rotation_does_not_lend_the_pool_its_idle_metrics(
     assert band_outcomes(settled(svc))["dispatched"] == 24
 
 
+@pytest.mark.parametrize("acceptors", [0, 2])
+def test_a_backend_back_from_its_back_off_lets_held_requests_go_at_once(
+    launch: Any, fake_backend: Any, acceptors: int
+) -> None:
+    """Review 85: a backend comes back when its back-off ends, which no event reports; the pool's figure
+    (over the backends in rotation) then falls, but nothing re-planned: a request held while it was
+    out waited for an unrelated event (20 s). Now a plan pass comes at that moment."""
+    back = fake_backend(refuse=True, ttft=0.01)
+    busy = fake_backend(ttft=0.01, max_running=1)
+    proxy = {"utilization": True, "queue_threshold": 2.0, "scrape_interval": 0.05, "staleness": 1.0,
+             "retries": 1, "backoff": 2.0, "max_backoff": 2.0}
+    svc = launch(proxy_config([back.url, busy.url], proxy=proxy, budget="unlimited"), acceptors=acceptors)
+
+    async def go() -> float:
+        c = aclient(svc)
+        await svc.until_stats(lambda s: not any(b["stale"] for b in s["proxy"]["backends"]))
+        while (await svc.astats())["proxy"]["backends"][0]["up"]:  # (taken out by its refusals)
+            await c.chat.completions.create(model="m", messages=MSG, max_tokens=1)
+        out_at = time.monotonic()
+        back.configure(refuse=False)
+        busy.configure(ttft=60.0)  # 4 direct requests: 3 waiting, 1.5 at its threshold of 2
+        direct = openai.AsyncOpenAI(base_url=busy.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        loading = [asyncio.create_task(direct.chat.completions.create(model="m", messages=MSG, max_tokens=1))
+                   for _ in range(4)]
+        await svc.until_stats(lambda s: s["proxy"]["backends"][1]["saturation"] >= 1.5)
+        before = (await svc.astats())["totals"]["dispatched"]
+        held = asyncio.create_task(c.chat.completions.create(model="m", messages=MSG, max_tokens=1))
+        # held while the pool is the busy backend alone (1.5), dispatched once the other is back (0.75)
+        await svc.until_stats(lambda s: s["totals"]["dispatched"] > before, timeout=15.0)
+        dispatched = time.monotonic() - out_at
+        for t in (*loading, held):
+            t.cancel()
+        await asyncio.gather(*loading, held, return_exceptions=True)
+        await direct.close()
+        await c.close()
+        return dispatched
+
+    dispatched = run(go(), timeout=60.0)
+    assert dispatched < 8.0, dispatched  # (the back-off: 2 s; before, the next scrape showing a fall: 60 s)
+
+
 def test_pipelined_requests_wait_for_a_streamed_response_and_keep_their_order(
     launch: Any, fake_backend: Any
 ) -> None:

@@ -352,3 +352,35 @@ def test_the_detector_counts_what_the_proxies_sent_and_finished_since_the_scrape
         assert len(list(pieces)) >= 38
     s = settled(svc)
     assert outcomes(s) == {"dispatched": 7} and s["proxy"]["unsent"] == 0
+
+
+def test_an_acceptor_reports_a_backend_the_scraper_put_back_without_a_request_of_its_own() -> None:
+    """Review 85: an acceptor reported which backends its pool keeps out only in a pass with requests
+    of its own; the distributor's scraper putting a backend back (`LinkBackendHealth`, applied by
+    `Proxy.scrape_health`) changed that pool with none, so the distributor kept the backend out of
+    the pool's figure until its old back-off ended."""
+    import asyncio
+
+    from distributor.backends import BackendPool
+    from distributor.proxy import BackendReport
+    from flowshard.codec import LinkBackends
+
+    async def go() -> list[LinkBackends]:
+        sent: list[LinkBackends] = []
+        report = BackendReport(2, sent.append, asyncio.get_running_loop())
+        report.pool = pool = BackendPool(["http://a", "http://b"], 1.0, 30.0)
+        now = asyncio.get_running_loop().time()
+        pool.backends[0].down_until = now + 20.0  # out, as its scrapes failed
+        report.health_changed()
+        await asyncio.sleep(0)
+        pool.succeeded(pool.backends[0])  # back: its scrapes succeed again
+        report.health_changed()
+        await asyncio.sleep(0)
+        report.health_changed()  # nothing changed: nothing to report
+        await asyncio.sleep(0)
+        return sent
+
+    sent = asyncio.run(go())
+    assert [m.down_for[0] > 19.0 for m in sent[:1]] == [True]
+    assert sent[1].down_for == [0.0, 0.0]
+    assert sent[2].down_for == []
