@@ -177,10 +177,18 @@ def _connection_named(headers: list[tuple[str, str]]) -> frozenset[str]:
     return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
 
 
+def _sendable(value: str) -> str:
+    """A header value aiohttp can send: bytes that were not UTF-8 (surrogate escapes) as U+FFFD."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _response_head(status: int, headers: list[tuple[str, str]], conn: bytes, framing: bytes) -> bytes:
+    """A response's head; `headers` as aiohttp reads a backend's (UTF-8, surrogate escapes for other
+    bytes): written back as the bytes it read (as latin-1, `€` came out as `?`: a review)."""
     lines = [_status_line(status)]
     for name, value in headers:
-        lines.append(b"%b: %b\r\n" % (name.encode("latin-1"), value.encode("latin-1", "replace")))
+        lines.append(b"%b: %b\r\n" % (name.encode("utf-8", "surrogateescape"),
+                                       value.encode("utf-8", "surrogateescape")))
     lines.append(conn)
     lines.append(framing)
     lines.append(b"\r\n")
@@ -695,7 +703,9 @@ class Proxy:
                 raw_headers: list[tuple[bytes, bytes]], body: bytes, conn_hdr: bytes, query: bytes,
                 http10: bool) -> None:
         route = path.decode("latin-1")
-        headers = [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in raw_headers]
+        # values as UTF-8, as aiohttp reads and writes them (bytes that are not: surrogate escapes); read
+        # as latin-1 they reached the backend re-encoded (`café` as `cafÃ©`: a review)
+        headers = [(n.decode("latin-1").lower(), v.decode("utf-8", "surrogateescape")) for n, v in raw_headers]
         model = path not in ROUTES  # (the front sends only ROUTES and what `serves`)
         if model or path in GET_ROUTES:
             if model:
@@ -758,7 +768,8 @@ class Proxy:
         pc = self.pc
         loop = self.loop
         named = _connection_named(ex.headers)  # hop-by-hop too, for this connection (RFC 9110 7.6.1)
-        headers = [(n, v) for n, v in ex.headers if n not in _DROP_REQUEST and n not in named]
+        headers = [(n, v if v.isascii() else _sendable(v)) for n, v in ex.headers
+                   if n not in _DROP_REQUEST and n not in named]
         if method == "POST":
             headers = [(n, v) for n, v in headers if n != "content-type"] + [("content-type", "application/json")]
         # the answer uncompressed (its usage is read, a stream re-framed); one compressed anyway keeps its

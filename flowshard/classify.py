@@ -93,16 +93,16 @@ _INTEGER = re.compile(r"-?[0-9]+")
 def flow_of(config: ProxyConfig, headers: Mapping[str, str]) -> str:
     """The first configured flow header present; else a hash of the API key; else the default flow.
 
-    Header values arrive as latin-1 (one character per byte); a flow id is read as UTF-8, so that
-    `x-flowshard-flow: café` is the flow `café`, as `{"flow": "café"}` is at /v1/admit (a review: it
-    was `cafÃ©`, another flow, and its length counted in bytes)."""
+    Header values arrive decoded as UTF-8 (bytes that are not: surrogate escapes), so that
+    `x-flowshard-flow: café` is the flow `café`, as `{"flow": "café"}` is at /v1/admit (a review: read
+    as latin-1, it was `cafÃ©`, another flow, and its length counted in bytes)."""
     for name in config.flow_headers:
-        value = headers.get(name, "").strip()
+        value = _header(headers, name)
         if value:
             if not value.isascii():
                 try:
-                    value = value.encode("latin-1").decode("utf-8")
-                except (UnicodeEncodeError, UnicodeDecodeError):
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
                     raise ClassifyError(400, f"header {name}: not UTF-8", name) from None
             if len(value) > MAX_FLOW_ID:
                 raise ClassifyError(400, f"header {name}: {len(value)} characters, at most {MAX_FLOW_ID}", name)
@@ -116,8 +116,9 @@ def flow_of(config: ProxyConfig, headers: Mapping[str, str]) -> str:
 
 
 def _header(headers: Mapping[str, str], name: str) -> str:
-    """A configured header's value, stripped; "" if absent or if the name is "" (the header is not read)."""
-    return headers.get(name, "").strip() if name else ""
+    """A configured header's value, without the spaces and tabs around it (HTTP's; `str.strip` also takes
+    characters such as U+00A0 from a value: a review); "" if absent or if the name is "" (not read)."""
+    return headers.get(name, "").strip(" \t") if name else ""
 
 
 def priority_of(config: ProxyConfig, headers: Mapping[str, str], model: str, default: int) -> int:

@@ -50,11 +50,13 @@ def test_flow_header_order_then_api_key_hash_then_default() -> None:
 
 
 def test_a_flow_header_is_read_as_utf8_as_a_json_flow_id_is() -> None:
-    """Header values reach the proxy one character per byte (latin-1); review 81: `café` was the flow
-    `cafÃ©`, not the /v1/admit flow `café`, and its length was counted in bytes."""
-    for flow in ("café", "租户-7", "é" * 256):
-        header = flow.encode().decode("latin-1")  # as the HTTP front hands it over
-        assert classify(cfg(), CHAT, {"x-flowshard-flow": header}, body(), 0).flow == flow
+    """Header values reach the proxy decoded as UTF-8 (surrogate escapes for other bytes); review 81:
+    read as latin-1, `café` was the flow `cafÃ©`, not the /v1/admit flow `café`, its length counted in
+    bytes; review 85: stripped before decoding, `voilà` (its last byte 0xA0, a space to `str.strip`)
+    was refused as not UTF-8."""
+    for flow in ("café", "租户-7", "é" * 256, "voilà", "Å", "Р", "х"):
+        header = flow.encode().decode("utf-8", "surrogateescape")  # as the proxy hands it over
+        assert classify(cfg(), CHAT, {"x-flowshard-flow": f" {header}\t"}, body(), 0).flow == flow
 
 
 def test_priority_header_then_objective_then_model_then_default() -> None:
@@ -112,8 +114,9 @@ def test_slo_and_cost_estimate() -> None:
         # review 81: int() syntax is not an integer header; a flow header that is not UTF-8
         ({"x-flowshard-priority": "1_0"}, body(), "x-flowshard-priority"),
         ({"x-flowshard-priority": "+5"}, body(), "x-flowshard-priority"),
-        ({"x-flowshard-flow": b"\xff\xfe".decode("latin-1")}, body(), "x-flowshard-flow: not UTF-8"),
-        ({"x-flowshard-flow": ("é" * 257).encode().decode("latin-1")}, body(), "x-flowshard-flow: 257"),
+        ({"x-flowshard-flow": b"\xff\xfe".decode("utf-8", "surrogateescape")}, body(), "x-flowshard-flow: not UTF-8"),
+        ({"x-flowshard-flow": b"a\xa0".decode("utf-8", "surrogateescape")}, body(), "x-flowshard-flow: not UTF-8"),
+        ({"x-flowshard-flow": "é" * 257}, body(), "x-flowshard-flow: 257"),
     ],
 )
 def test_bad_input_is_a_400_naming_the_field(headers: dict[str, str], payload: bytes, names: str) -> None:

@@ -411,6 +411,39 @@ def test_a_stream_read_steadily_from_deep_kernel_buffers_is_not_dropped() -> Non
     run(go(), timeout=30.0)
 
 
+def test_header_values_are_utf8_to_the_backend_and_back_as_they_were_sent() -> None:
+    """Review 85: header values were read as latin-1, so a UTF-8 `café` reached the backend re-encoded
+    (`cafÃ©`: a gateway behind read another fairness id than flowshard did) and a backend's `€`
+    reached the client as `?`. Now both ways byte for byte (the flow read from them: test_classify)."""
+    seen: dict[str, str] = {}
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        seen.update(request.headers)
+        return web.json_response({"object": "chat.completion", "choices": []},
+                                 headers={"x-echo": "café €", "x-got": request.headers.get("x-custom", "")})
+
+    async def go() -> None:
+        async with rig([("POST", "/v1/chat/completions", echo)]) as r:
+            def client() -> bytes:
+                with socket.socket() as s:
+                    s.connect(("127.0.0.1", r.port))
+                    s.settimeout(10)
+                    body = json.dumps({"model": "m", "messages": MSG}).encode()
+                    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-custom: caf\xc3\xa9\r\n"
+                              b"x-flowshard-flow: voil\xc3\xa0\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body))
+                    head, _, _ = _read_answer(s)
+                    return head
+
+            head = await asyncio.to_thread(client)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            assert b"\r\nx-echo: caf\xc3\xa9 \xe2\x82\xac\r\n" in head, head
+            assert b"\r\nx-got: caf\xc3\xa9\r\n" in head, head
+            assert seen["x-custom"] == "café" and seen["x-flowshard-flow"] == "voilà"  # (accepted: not a 400)
+
+    run(go(), timeout=30.0)
+
+
 def test_a_large_answer_behind_a_slow_one_on_the_same_connection_arrives_whole() -> None:
     """Pipelined: a small answer the backend takes 0.3 s to give, then a 4 MiB one. The large one
     waits for its turn before its pieces are written (kept until then and written at once, it passed
