@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import socket
+import urllib.parse
 import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
@@ -675,10 +676,16 @@ class Proxy:
         than a model's, unadmitted (a review: `/v1/models/../../metrics` went through as sent)."""
         if not (path.startswith(MODEL_PREFIX) and len(path) > len(MODEL_PREFIX)):
             return False
-        model = path[len(MODEL_PREFIX):].lower().replace(b"%2e", b".")
-        for separator in (b"%2f", b"%5c", b"\\"):
-            model = model.replace(separator, b"/")
-        return not any(segment in (b".", b"..") for segment in model.split(b"/"))
+        try:  # as a server behind may read it: percent-decoded, as UTF-8 (overlong forms are not)
+            model = urllib.parse.unquote_to_bytes(path[len(MODEL_PREFIX):]).decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        # not: encoded twice (`%252e`), a fragment (dropped on the way, a review: `x/..#f`), a control
+        # character (`..%00`); `\` is a separator to some servers, `;` starts a path parameter to others
+        if "%" in model or "#" in model or not model.isprintable():
+            return False
+        segments = model.replace("\\", "/").split("/")
+        return not any(segment.split(";", 1)[0] in (".", "..") for segment in segments)
 
     def body_limit(self, path: bytes) -> int | None:
         """The body limit of a proxied route (prompts are large), None for other paths."""

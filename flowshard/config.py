@@ -116,7 +116,7 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # A connection whose client's host stopped answering (crashed, cut off) is failed within about
     # this long, and its lease ends with it (TCP keepalive and TCP_USER_TIMEOUT); 0: the kernel's
     # defaults, under which such a binary client kept its tickets, and so budget, until a restart
-    dead_peer_timeout: Annotated[float, msgspec.Meta(ge=0, le=86400)] = 60.0
+    dead_peer_timeout: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 60.0  # (the kernel's probes: < 9 hours)
     # JSQ-Bytes's slack for a flow starting afresh: a shard whose input backlog (bytes routed to it
     # that it has not read yet) is within this many bytes of the least backlogged counts as
     # shortest, and the lowest-numbered of those wins. Work packs onto few shards while they keep up

@@ -197,6 +197,8 @@ def test_invalid_values_name_field_value_and_allowed(text, expected):
         ('[weights]\n"" = 2\n', 'config: weights: flow "" can never match: flow ids are 1 to 256 characters'),
         ("[proxy]\nbackoff = 40.0\n", "config: proxy: backoff: 40.0 is above max_backoff (30.0), where it doubles "
                                        "to"),
+        ("[service]\ndead_peer_timeout = 70000\n", "config: service.dead_peer_timeout: expected a number <= 3600.0, "
+                                                   "got 70000"),  # (the kernel refused it: review 85)
         ("default_ttl = 1979-05-27T07:32:00Z\n",
          "config: default_ttl: expected a number, got 1979-05-27T07:32:00+00:00"),
         # a key the band's policy would ignore (review 82 class: accepted, then silently unused)

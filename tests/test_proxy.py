@@ -1129,7 +1129,8 @@ def test_models_retrieve_is_passed_through_without_admission(launch: Any, fake_b
         _openai_error(await conn.request("GET", "/v1/models/"), 404, "unknown_url", "no such path: /v1/models/")
         # dot segments, encoded or not, never reach a backend that might resolve them (review 81)
         for target in ("/v1/models/../../metrics", "/v1/models/%2e%2E/%2e%2e/metrics", "/v1/models/..%2Fmetrics",
-                       "/v1/models/x/."):
+                       "/v1/models/x/.", "/v1/models/x/..#frag", "/v1/models/%252e%252e", "/v1/models/..;x",
+                       "/v1/models/..%00", "/v1/models/%c0%ae%c0%ae"):  # (review 85: the last five)
             _openai_error(await conn.request("GET", target), 404, "unknown_url", f"no such path: {target}")
         conn.close()
 

@@ -30,6 +30,7 @@ from flowshard.scenario import (
     load_scenario,
     scenario_from_data,
 )
+from flowshard.validate import MAX_TOKENS
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "bench" / "scenarios"
 
@@ -173,12 +174,28 @@ def test_shipped_scenarios_parse() -> None:
         ({"colour": "red"}, "flows[0]", "unknown key `colour`"),
         ({"arrival": {"kind": "closed", "concurrency": 1, "thinkk": 1}}, "flows[0].arrival",
          "unknown key `thinkk`; did you mean `think`?"),
+        # what the service refuses from a client (review 82)
+        ({"size": 1e13}, "flows[0]", "size: a mean of 1e+13 is above 2^40 bytes"),
+        ({"tokens": {"dist": "exponential", "mean": 1e13}}, "flows[0]", "tokens: a mean of 1e+13 is above 2^32"),
+        ({"priority": 1 << 31}, "flows[0].priority", "<= 2147483647"),
     ],
 )
 def test_flow_errors_name_field_value_and_allowed(flow: dict[str, object], field: str, needle: str) -> None:
     message = _error(_minimal(**flow))
     assert message.startswith(f"t: workload.flows[0].{field}") or message.startswith(f"t: workload.{field}")
     assert needle in message
+
+
+def test_a_capped_distribution_is_judged_by_its_cap_and_every_draw_is_within_the_services_bounds() -> None:
+    """Review 85: a mean far above 2^40 with a `max` below it was refused, though no draw passes the cap;
+    and a distribution whose mean is within the bounds still draws no size or tokens beyond them."""
+    scenario = _load(_minimal(size={"dist": "exponential", "mean": 2e12, "max": 1e6},
+                              tokens={"dist": "lognormal", "median": 2e9, "sigma": 0.5}))
+    [flow] = expand_flows(scenario.workload)
+    source = FlowSource(flow, 1)
+    draws = [source.next() for _ in range(2000)]
+    assert max(size for _, size, _, _ in draws) <= 1_000_000
+    assert max(tokens for _, _, tokens, _ in draws) == MAX_TOKENS  # (some draws clamped to it)
 
 
 def test_workload_errors() -> None:
