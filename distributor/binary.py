@@ -23,8 +23,8 @@ What one connection may cost is bounded (README "Resource limits"): an incomplet
 complete within `frame_timeout`; replies the client does not read stop the reading of its input
 once `write_high` bytes wait, unsent or on their way (releases and admissions whose answers have not
 come: with acceptors a round trip; it cannot make more work while it does not read), and it is dropped
-when they pass `max_write_buffer` or stay above `write_high` for `write_timeout` while it reads
-less than `MIN_READ_RATE` a second (slowly is fine, not at all is not); a connection condemned by a
+when they pass `max_write_buffer` or stay above `write_high` for `READ_WINDOW` write_timeouts while
+it reads less than `MIN_READ_RATE` a second (slowly is fine, not at all is not); a connection condemned by a
 protocol error is aborted if its last bytes are not read within `close_timeout`.
 """
 
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from distributor.api import CONN_CHECK, CONN_NORMAL, Admission, Audit, connection_verdict
 from distributor.guards import Guards
-from distributor.sockets import MIN_READ_RATE, reset, unsent
+from distributor.sockets import MIN_READ_RATE, READ_WINDOW, dead_peer, reset, unsent
 from flowshard.codec import (
     Admit,
     Audited,
@@ -84,7 +84,8 @@ class BinaryLimits:
     `write_high`: replies waiting for a client beyond this pause the reading of its input.
     `max_write_buffer`: beyond this the client is dropped (its tickets are released), rather than
     letting one slow reader hold service memory; `write_timeout`: likewise when its replies stay
-    above `write_high` this long while it reads less than `MIN_READ_RATE` bytes a second. Safe at
+    above `write_high` `READ_WINDOW` times this long while it reads less than `MIN_READ_RATE` bytes a
+    second. Safe at
     `max_connections`: see the README's resource table.
     """
 
@@ -368,9 +369,9 @@ class BinaryConnection(asyncio.Protocol):
         not read) and start the clock; `_flush` and the timer drop it past the hard limits."""
         if self._open and self._transport is not None:
             self._stalled_at = now = self._hub.loop.time()
-            self._stalled_unsent = unsent(self._transport)
+            self._stalled_unsent = unsent(self._transport)  # (what `_flush` is writing included)
             self._reading()
-            self._arm(now + self._hub.limits.write_timeout)
+            self._arm(now + READ_WINDOW * self._hub.limits.write_timeout)
 
     def resume_writing(self) -> None:
         self._stalled_at = 0.0
@@ -432,6 +433,9 @@ class BinaryConnection(asyncio.Protocol):
             return
         self._lost = True
         hub = self._hub
+        if dead_peer(exc):
+            hub.guards.hit("binary", "dead_peer")
+            log.info("binary client %s: gone (%s): its lease ends", self._peer(), exc)
         if hub.on_close is not None:
             hub.on_close(self)
         if not self._counted:  # refused in connection_made: it never admitted anything
@@ -538,8 +542,9 @@ class BinaryConnection(asyncio.Protocol):
         transport = self._transport
         if self._out and transport is not None and not transport.is_closing():
             data = self._out.take()
+            stalled = self._stalled_at  # (a pause this write starts counts it already: a review)
             transport.write(data)
-            if self._stalled_at:
+            if stalled:
                 self._stalled_unsent += len(data)
             waiting = transport.get_write_buffer_size() + self._awaiting * REPLY_BYTES  # (and on their way)
             if self._open and waiting > self._hub.limits.max_write_buffer:
@@ -619,13 +624,14 @@ class BinaryConnection(asyncio.Protocol):
                 self._arm(due)
             return
         if self._stalled_at:
-            if now >= self._stalled_at + limits.write_timeout:
+            window = READ_WINDOW * limits.write_timeout
+            if now >= self._stalled_at + window:
                 left = unsent(self._transport)
                 if self._stalled_unsent - left < MIN_READ_RATE * (now - self._stalled_at):
-                    self._drop(f"under {MIN_READ_RATE} bytes a second read for {limits.write_timeout:g} s")
+                    self._drop(f"under {MIN_READ_RATE} bytes a second read for {window:g} s")
                     return
                 self._stalled_at, self._stalled_unsent = now, left  # it reads, if slowly: judged again from now
-            due = min(due, self._stalled_at + limits.write_timeout)
+            due = min(due, self._stalled_at + window)
         if self._frame_at and self._reader.pending and not self._input_held:
             if now >= self._frame_at + limits.frame_timeout:
                 self._hub.guards.hit("binary", "frame_timeout")

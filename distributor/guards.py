@@ -23,6 +23,7 @@ ACTIONS: Final[dict[str, tuple[str, ...]]] = {
         "close_timeout",  # a closing connection whose last bytes were not read: aborted
         "linger_overflow",  # a closing connection that kept sending past max_linger_bytes: reset
         "undeliverable",  # a dispatched answer that could not be delivered: its ticket released at once
+        "dead_peer",  # failed by the kernel: its host stopped answering (dead_peer_timeout)
     ),
     "binary": (
         "too_many_connections",
@@ -32,6 +33,7 @@ ACTIONS: Final[dict[str, tuple[str, ...]]] = {
         "slow_reader",
         "close_timeout",
         "linger_overflow",
+        "dead_peer",
     ),
 }
 

@@ -41,7 +41,7 @@ import msgspec
 
 from distributor.api import CONN_CHECK, CONN_NORMAL, CONN_RESERVE, Admission, Audit, connection_verdict
 from distributor.guards import Guards
-from distributor.sockets import MIN_READ_RATE, TCP_ESTABLISHED, peer_state, reset, unsent
+from distributor.sockets import MIN_READ_RATE, READ_WINDOW, TCP_ESTABLISHED, dead_peer, peer_state, reset, unsent
 from flowshard.keepalive import detect_dead_peers
 from flowshard.types import Outcome
 from flowshard.validate import (
@@ -603,6 +603,8 @@ class HttpConnection(asyncio.Protocol):
             return
         self._dead = self._closing = True
         sh = self._sh
+        if dead_peer(exc):
+            sh.guards.hit("http", "dead_peer")
         if self._counted:
             sh.open -= 1
         elif self._reserve:
@@ -1527,18 +1529,19 @@ class HttpConnection(asyncio.Protocol):
 
     def _drop_if_stuck(self, now: float) -> None:
         """Its answers wait unread (the writing is paused): a slow reader, dropped as past
-        write_buffer_limit, once they have waited so for header_timeout. One that reads, if slowly (a
-        long stream), resumes the writing meanwhile, and the timer then finds it so (a 408, or idle);
-        one that reads at `MIN_READ_RATE` or more while paused is judged again from now (a review: a
-        stream's client reading 3 KB/s was dropped, its pauses longer than header_timeout)."""
+        write_buffer_limit, once they have waited so for `READ_WINDOW` header_timeouts. One that reads,
+        if slowly (a long stream), resumes the writing meanwhile, and the timer then finds it so (a
+        408, or idle); one that acknowledged `MIN_READ_RATE` a second or more since it was last judged
+        is judged again from now (a review: a stream's client reading 3 KB/s was dropped, its pauses
+        longer than header_timeout)."""
         size = unsent(self._transport)
         if self._wpaused_size - size >= MIN_READ_RATE * (now - self._wpaused_at):
             self._wpaused_size, self._wpaused_at = size, now
-        stuck = self._wpaused_at + self._limits.header_timeout
+        stuck = self._wpaused_at + READ_WINDOW * self._limits.header_timeout
         if now >= stuck:
             self._drop()
-        else:
-            self._arm(stuck)
+        else:  # (looked at again each timeout: its request's own deadline, once it reads again)
+            self._arm(min(stuck, now + self._limits.header_timeout))
 
     def _probe(self) -> None:
         """After the client's EOF: a pending socket error (its kernel reset the connection when our

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import socket
 import struct
@@ -21,6 +22,10 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 # acknowledged, `unsent` shrinking: the transport's own buffer drains only in steps of a third of the
 # kernel's (megabytes), so clients reading 4-128 KiB/s looked stuck for 10 s and were cut off (a review)
 MIN_READ_RATE = 1024
+# ... judged over this many timeouts: a reader's kernel acknowledges in steps of its segment size or a
+# sixteenth of its receive buffer (up to 512 KiB), so one reading 8-16 KiB/s showed nothing for a whole
+# timeout at a time and was dropped (a review); one that reads nothing is dropped this much later
+READ_WINDOW = 4
 TCP_ESTABLISHED = 1  # tcp_info.tcpi_state (linux/tcp_states.h)
 
 
@@ -43,6 +48,13 @@ def reset(transport: asyncio.BaseTransport) -> None:
         with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     transport.abort()  # type: ignore[attr-defined]
+
+
+def dead_peer(exc: BaseException | None) -> bool:
+    """A connection the kernel gave up on (`flowshard.keepalive`: its peer's host stopped answering, or
+    left its receive window shut, reading nothing, for `dead_peer_timeout`), as opposed to one closed
+    or reset by its peer."""
+    return isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT
 
 
 def peer_state(transport: asyncio.BaseTransport) -> int | None:

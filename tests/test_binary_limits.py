@@ -121,7 +121,7 @@ async def test_frames_split_across_reads_are_not_timed_out_while_each_completes_
 async def test_a_client_that_does_not_read_stops_being_read_then_is_dropped() -> None:
     fake = FakeAdmission()
     guards = Guards()
-    limits = BinaryLimits(write_high=16 << 10, write_timeout=0.4)
+    limits = BinaryLimits(write_high=16 << 10, write_timeout=0.1)  # (judged over 4 of them)
     async with serving(fake, limits, guards) as addr:
         raw, conn = await _small_buffers(addr, fake)
         assert conn._transport is not None
@@ -154,7 +154,7 @@ async def test_releases_waiting_for_their_answers_count_as_replies_waiting() -> 
     write_high as their replies will: reading stops, and the client is dropped as in one process."""
     fake = LinkLike()
     guards = Guards()
-    limits = BinaryLimits(write_high=16 << 10, write_timeout=0.3)
+    limits = BinaryLimits(write_high=16 << 10, write_timeout=0.075)  # (judged over 4 of them)
     async with serving(fake, limits, guards) as addr:
         raw, conn = await _small_buffers(addr, fake)
         raw.writer.write(_releases(50_000))  # ~450 KB of frames, and the client reads nothing
@@ -216,7 +216,7 @@ async def test_admissions_whose_answers_may_be_on_their_way_count_as_replies_wai
     stops, and the client is dropped as in one process."""
     fake = AdmitsLater()
     guards = Guards()
-    limits = BinaryLimits(write_high=16 << 10, write_timeout=0.3)
+    limits = BinaryLimits(write_high=16 << 10, write_timeout=0.075)  # (judged over 4 of them)
     async with serving(fake, limits, guards) as addr:
         raw, conn = await _small_buffers(addr, fake)
         raw.writer.write(_admits(50_000, "capacity"))  # ~900 KB of frames, and the client reads nothing
@@ -436,3 +436,26 @@ async def _read_steadily() -> None:
         sock.close()
         assert guards[("binary", "slow_reader")] == 0
         assert got > 400_000
+
+
+@on_loop()
+async def test_a_pause_that_a_flush_starts_does_not_count_that_flush_as_read() -> None:
+    """Review 84: `pause_writing`, called inside `_flush`'s write, took `unsent` with the flush's bytes in
+    it, and `_flush` then added them again: their size counted as read, the first judgement passed,
+    and a client that read nothing was dropped at twice the window."""
+    from distributor.sockets import unsent
+
+    fake = FakeAdmission()
+    limits = BinaryLimits(write_high=16 << 10, write_timeout=60.0)
+    async with serving(fake, limits, Guards()) as addr:
+        raw, conn = await _small_buffers(addr, fake)
+        assert conn._transport is not None
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        while not conn._stalled_at and loop.time() - t0 < 1.5:
+            raw.writer.write(_releases(2000))
+            await asyncio.sleep(0.005)
+        assert conn._stalled_at, "never paused"
+        await asyncio.sleep(0.05)  # (nothing read meanwhile: the client reads nothing)
+        assert conn._stalled_unsent - unsent(conn._transport) < 4096, (conn._stalled_unsent, unsent(conn._transport))
+        raw.writer.transport.abort()

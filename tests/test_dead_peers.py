@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 from proxykit import FakeOai, proxy_config
-from servicekit import ROOT, Launcher, Service, config_text, launch, wait_until
+from servicekit import ROOT, Launcher, Service, config_text, launch, metric, wait_until
 
 __all__ = ["launch"]  # (the fixture)
 
@@ -118,6 +118,8 @@ def test_a_binary_client_whose_host_dies_loses_its_tickets_within_dead_peer_time
     # found within about the timeout (2 s: probes 1 s apart after 1 s of silence), not the kernel's hours
     assert time.monotonic() - died < 10.0
     assert service.stats()["totals"]["saturation"] == 0
+    wait_until(lambda: metric(service.metrics(), "flowshard_protective_actions_total", front="binary",
+                              action="dead_peer") == 1, timeout=5.0)  # (with acceptors: as they report)
 
 
 def test_negative_control_without_dead_peer_timeout_the_dead_client_keeps_its_ticket(
