@@ -867,7 +867,7 @@ class HttpConnection(asyncio.Protocol):
             self._msg_at = 0.0
             self._sh.guards.hit("http", "malformed")
             self._respond(self._error_for(400, "connection: upgrade is not supported on a request with a body; "
-                                          "send it without", _CONN_CLOSE), _LINGER)
+                                          "send it without (curl: --http1.1, not --http2)", _CONN_CLOSE), _LINGER)
             raise _Stop
         self._in_body = True
         if self._chunked:  # its first chunk-size line is counted as a head is, until a chunk's data comes:
