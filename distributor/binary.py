@@ -559,7 +559,9 @@ class BinaryConnection(asyncio.Protocol):
         self._hub.guards.hit("binary", "slow_reader")
         self._open = False
         if self._transport is not None:
-            self._transport.abort()
+            # a reset: closed plainly, the kernel kept megabytes of replies queued for a peer told
+            # nothing (FIN-WAIT-1, until its user timeout: a review)
+            reset(self._transport)
 
     def _fail(self, status: int, message: str) -> None:
         """A protocol error: nothing more is read; once the answers decided for what came before it

@@ -23,7 +23,9 @@ ACTIONS: Final[dict[str, tuple[str, ...]]] = {
         "close_timeout",  # a closing connection whose last bytes were not read: aborted
         "linger_overflow",  # a closing connection that kept sending past max_linger_bytes: reset
         "undeliverable",  # a dispatched answer that could not be delivered: its ticket released at once
-        "dead_peer",  # failed by the kernel: its host stopped answering (dead_peer_timeout)
+        # failed by the kernel after dead_peer_timeout: its host stopped answering, or it left its
+        # receive window shut, reading nothing of what waited for it, that long
+        "dead_peer",
     ),
     "binary": (
         "too_many_connections",

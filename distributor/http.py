@@ -695,7 +695,7 @@ class HttpConnection(asyncio.Protocol):
         self._sh.guards.hit("http", "slow_reader")
         self._closing = self._stopped = True
         self._release_sent()
-        self._transport.abort()
+        reset(self._transport)  # (closed plainly, the kernel kept its megabytes queued: a review)
 
     def _release_sent(self) -> None:
         sent, self._sent = self._sent, []

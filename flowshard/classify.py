@@ -150,7 +150,7 @@ def slo_of(config: ProxyConfig, headers: Mapping[str, str]) -> float:
     if not raw:
         return 0.0
     try:
-        ms = float(raw)
+        ms = float(raw) if raw.isascii() else math.nan  # (float() takes "٥٠٠" and "500\xa0": a review)
     except ValueError:
         ms = math.nan
     if not (math.isfinite(ms) and 0 <= ms <= MAX_SECONDS * 1000):

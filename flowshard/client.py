@@ -320,12 +320,19 @@ class _Connecting:
         self._client: Client | None = None
 
     async def _open(self) -> Client:
+        timeout = self._dead_peer_timeout
+        if not (timeout == 0 or 1 <= timeout <= 3600):  # (also false for NaN; the kernel refuses more)
+            raise ValueError(f"dead_peer_timeout: {timeout!r} is neither 0 (off) nor 1 to 3600 seconds")
         loop = asyncio.get_running_loop()
         client = Client(loop)
         transport, _ = await loop.create_connection(lambda: _Protocol(client), self._host, self._port)
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            detect_dead_peers(sock, self._dead_peer_timeout)
+            try:
+                detect_dead_peers(sock, timeout)
+            except OSError:
+                transport.close()
+                raise
         return client
 
     def __await__(self) -> Generator[Any, None, Client]:

@@ -459,3 +459,26 @@ async def test_a_pause_that_a_flush_starts_does_not_count_that_flush_as_read() -
         await asyncio.sleep(0.05)  # (nothing read meanwhile: the client reads nothing)
         assert conn._stalled_unsent - unsent(conn._transport) < 4096, (conn._stalled_unsent, unsent(conn._transport))
         raw.writer.transport.abort()
+
+
+@on_loop()
+async def test_a_dropped_slow_reader_gets_a_reset_not_a_graceful_close() -> None:
+    """Review 87: the drop closed the socket plainly, so the kernel kept the replies queued for a peer
+    told nothing (FIN-WAIT-1 with megabytes, until its user timeout); the README says a reset."""
+    fake = FakeAdmission()
+    limits = BinaryLimits(write_high=16 << 10, write_timeout=0.05)  # (judged over 4 of them)
+    async with serving(fake, limits, Guards()) as addr:
+        raw, conn = await _small_buffers(addr, fake)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        while not conn._stalled_at and loop.time() - t0 < 1.5:
+            raw.writer.write(_releases(2000))
+            await asyncio.sleep(0.005)
+        await until(lambda: bool(fake.release_alls))  # dropped
+        got = b""
+        with pytest.raises(ConnectionResetError):
+            while True:  # what the kernel delivered before the reset, then the reset (not an EOF)
+                chunk = await asyncio.wait_for(raw.reader.read(65536), 1.0)
+                assert chunk, f"a graceful close after {len(got)} bytes"
+                got += chunk
+        raw.writer.transport.abort()

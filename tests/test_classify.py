@@ -110,6 +110,8 @@ def test_slo_and_cost_estimate() -> None:
         ({"x-flowshard-priority": str(2**40)}, body(), "x-flowshard-priority"),
         ({"x-slo-ttft-ms": "soon"}, body(), "x-slo-ttft-ms"),
         ({"x-slo-ttft-ms": "-5"}, body(), "x-slo-ttft-ms"),
+        ({"x-slo-ttft-ms": "٥٠٠"}, body(), "x-slo-ttft-ms"),  # (float() takes other digits: review 87)
+        ({"x-slo-ttft-ms": "500\xa0"}, body(), "x-slo-ttft-ms"),
         ({"x-flowshard-flow": "f" * 300}, body(), "x-flowshard-flow"),
         # review 81: int() syntax is not an integer header; a flow header that is not UTF-8
         ({"x-flowshard-priority": "1_0"}, body(), "x-flowshard-priority"),

@@ -75,6 +75,19 @@ async def test_await_connect_and_async_with_on_the_client() -> None:
 
 
 @on_loop()
+async def test_a_dead_peer_timeout_the_kernel_would_refuse_is_refused_before_connecting() -> None:
+    """Review 87: 70000 s (EINVAL), NaN or inf raised only after the connection was open, and left it
+    open. Now a ValueError, raised before connecting."""
+    fake = FakeAdmission()
+    async with serving(fake) as addr:
+        for bad in (70000.0, 0.5, math.nan, math.inf, -1.0):
+            with pytest.raises(ValueError, match="dead_peer_timeout"):
+                await Client.connect(*addr, dead_peer_timeout=bad)
+        async with Client.connect(*addr, dead_peer_timeout=0) as c:  # off: the kernel's defaults
+            assert (await c.admit("a")).dispatched
+
+
+@on_loop()
 async def test_1000_pipelined_admits_answered_out_of_order() -> None:
     fake = FakeAdmission()
     async with serving(fake) as addr, Client.connect(*addr) as c:
