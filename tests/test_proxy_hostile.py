@@ -347,6 +347,18 @@ def test_a_metrics_body_too_large_or_redirected_is_a_scrape_error() -> None:
     run(go())
 
 
+def _read_steadily(s: socket.socket, size: int, pause: float, seconds: float) -> int:
+    """Read `size` bytes every `pause` seconds for `seconds`; how many came (the stream must not end)."""
+    got = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        data = s.recv(size)
+        assert data, f"dropped after {got} bytes"
+        got += len(data)
+        time.sleep(pause)
+    return got
+
+
 def test_a_stream_read_slowly_but_steadily_is_not_dropped() -> None:
     """A client reading a stream at ~3 KB/s while the backend writes ~12 KB/s: its unread answer
     stops the writing for longer than `header_timeout` at a time, but it reads more than
@@ -362,13 +374,7 @@ def test_a_stream_read_slowly_but_steadily_is_not_dropped() -> None:
                     s.connect(("127.0.0.1", r.port))
                     s.settimeout(5)
                     s.sendall(_post(stream=True))
-                    got = 0
-                    end = time.monotonic() + 8.0
-                    while time.monotonic() < end:
-                        data = s.recv(300)
-                        assert data, f"dropped after {got} bytes"
-                        got += len(data)
-                        time.sleep(0.1)  # ~3 KB/s
+                    got = _read_steadily(s, 300, 0.1, 8.0)  # ~3 KB/s
                     assert r.admission.released == []  # still running (before this client closes)
                     return got
 
@@ -395,13 +401,7 @@ def test_a_stream_read_steadily_from_deep_kernel_buffers_is_not_dropped() -> Non
                     s.settimeout(5)
                     s.sendall(_post(stream=True))
                     time.sleep(0.5)  # the kernel's buffers fill, the writing pauses
-                    got = 0
-                    end = time.monotonic() + 7.0
-                    while time.monotonic() < end:
-                        data = s.recv(6400)  # 128 KiB/s
-                        assert data, f"dropped after {got} bytes"
-                        got += len(data)
-                        time.sleep(0.05)
+                    got = _read_steadily(s, 6400, 0.05, 7.0)  # 128 KiB/s
                     assert r.admission.released == []  # still running (before this client closes)
                     return got
 
