@@ -687,15 +687,23 @@ class HttpConnection(asyncio.Protocol):
         self._transport.write(data)
         self._wpaused_size += len(data)
 
-    def _drop(self) -> None:
+    def _drop(self, read_nothing: bool = False) -> None:
         """The client does not read: abort (a graceful close would wait for it). The answers written
-        since its last request are not delivered: their tickets are released with its pending ones."""
+        since its last request are not delivered: their tickets are released with its pending ones.
+
+        What the kernel took is still sent (a client that reads, cut off for letting too much wait or
+        for a scrape it could not take, gets those answers, tickets included: a reset threw megabytes
+        of them away, a review), unless it read nothing for `READ_WINDOW` timeouts (`read_nothing`):
+        then a reset, or the kernel kept them queued for a peer told nothing (FIN-WAIT-1, a review)."""
         if self._closing and not self._probing:
             return
         self._sh.guards.hit("http", "slow_reader")
         self._closing = self._stopped = True
         self._release_sent()
-        reset(self._transport)  # (closed plainly, the kernel kept its megabytes queued: a review)
+        if read_nothing:
+            reset(self._transport)
+        else:
+            self._transport.abort()
 
     def _release_sent(self) -> None:
         sent, self._sent = self._sent, []
@@ -1539,7 +1547,7 @@ class HttpConnection(asyncio.Protocol):
             self._wpaused_size, self._wpaused_at = size, now
         stuck = self._wpaused_at + READ_WINDOW * self._limits.header_timeout
         if now >= stuck:
-            self._drop()
+            self._drop(read_nothing=True)
         else:  # (looked at again each timeout: its request's own deadline, once it reads again)
             self._arm(min(stuck, now + self._limits.header_timeout))
 

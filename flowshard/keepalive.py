@@ -20,9 +20,9 @@ def detect_dead_peers(sock: Any, timeout: float) -> None:
     0: the kernel's defaults (no keepalive; unacknowledged data retried for ~15 minutes)."""
     if timeout <= 0:
         return
-    setsockopt = sock.setsockopt
-    setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, round(timeout / 2)))
-    setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, round(timeout / 6)))
-    setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
-    setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, round(timeout * 1000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", max(1, round(timeout / 2))), ("TCP_KEEPINTVL", max(1, round(timeout / 6))),
+                        ("TCP_KEEPCNT", 3), ("TCP_USER_TIMEOUT", round(timeout * 1000))):
+        option = getattr(socket, name, None)  # (the client may run where one is missing: macOS has no
+        if option is not None:  # TCP_USER_TIMEOUT; the service runs on Linux, which has them all)
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)

@@ -262,3 +262,16 @@ def test_the_client_finds_a_dead_service_host_within_dead_peer_timeout(
     finally:
         server.kill()
         server.wait(5)
+
+
+def test_where_an_option_is_missing_the_others_are_still_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review 88: the Python client may run where `socket.TCP_USER_TIMEOUT` is not (macOS): connecting
+    failed with AttributeError, the socket left open. The options that exist are set; that one is not."""
+    from flowshard.keepalive import detect_dead_peers
+
+    monkeypatch.delattr(socket, "TCP_USER_TIMEOUT")
+    with socket.socket() as sock:
+        detect_dead_peers(sock, 60.0)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+        assert sock.getsockopt(socket.IPPROTO_TCP, 18) == 0  # (TCP_USER_TIMEOUT, by its number: untouched)

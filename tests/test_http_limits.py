@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+import time
 from typing import Any
 
 import pytest
@@ -558,3 +559,35 @@ def test_an_upgrade_asked_with_a_body_is_refused_by_name_not_served_without_its_
 
     _one_connection(bodyless)
 
+
+
+def test_a_pipelining_client_cut_off_for_what_it_let_wait_still_gets_what_the_kernel_took() -> None:
+    """Review 88: 400 pipelined scrapes, the client reading none for a moment, then reading: it is cut
+    off (scrapes are not rendered for a client whose answers stop the writing), but the answers the
+    kernel took are still sent, then the close (a reset threw them away: 4 of 400 ~11 KB answers
+    arrived, against ~370). Only a client that read nothing for `READ_WINDOW` timeouts gets a reset."""
+    guards = Guards()
+    fake = BigMetrics(100_000)  # (40 MB in all: more than the kernel's buffers take)
+
+    async def t(port: int, fake: FakeAdmission) -> None:
+        def client() -> tuple[int, str]:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+                s.connect(("127.0.0.1", port))
+                s.settimeout(5)
+                s.sendall(b"".join(get("/metrics") for _ in range(400)))
+                time.sleep(0.3)  # (its answers stop the writing meanwhile)
+                got = bytearray()
+                try:
+                    while chunk := s.recv(65536):
+                        got += chunk
+                except OSError as exc:
+                    return got.count(b"HTTP/1.1 200"), repr(exc)
+                return got.count(b"HTTP/1.1 200"), "EOF"
+
+        answered, end = await asyncio.to_thread(client)
+        assert end == "EOF", (answered, end)
+        assert answered >= 10, answered  # (what the kernel's buffers held: megabytes)
+
+    serve(t, fake, guards=guards, timeout=20.0)
+    assert guards[("http", "slow_reader")] == 1
