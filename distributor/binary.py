@@ -24,8 +24,9 @@ complete within `frame_timeout`; replies the client does not read stop the readi
 once `write_high` bytes wait, unsent or on their way (releases and admissions whose answers have not
 come: with acceptors a round trip; it cannot make more work while it does not read), and it is dropped
 when they pass `max_write_buffer` or stay above `write_high` for `READ_WINDOW` write_timeouts while
-it reads less than `MIN_READ_RATE` a second (slowly is fine, not at all is not); a connection condemned by a
-protocol error is aborted if its last bytes are not read within `close_timeout`.
+it reads less than `MIN_READ_RATE` a second (slowly is fine, not at all is not): a reset; a
+connection condemned by a protocol error is aborted if its last bytes are not read within
+`close_timeout`.
 """
 
 from __future__ import annotations
@@ -85,8 +86,7 @@ class BinaryLimits:
     `max_write_buffer`: beyond this the client is dropped (its tickets are released), rather than
     letting one slow reader hold service memory; `write_timeout`: likewise when its replies stay
     above `write_high` `READ_WINDOW` times this long while it reads less than `MIN_READ_RATE` bytes a
-    second. Safe at
-    `max_connections`: see the README's resource table.
+    second. Safe at `max_connections`: see the README's resource table.
     """
 
     max_connections: int = 4096
