@@ -54,7 +54,6 @@ from flowshard.codec import (
     ReleaseRefused,
     Result,
 )
-from flowshard.keepalive import detect_dead_peers
 from flowshard.types import Outcome
 from flowshard.validate import MAX_TOKENS, check_admit, check_release_tokens
 
@@ -129,16 +128,11 @@ class BinaryHub:
 
 async def start_binary_server(
     admission: Admission, host: str, port: int, limits: BinaryLimits | None = None, guards: Guards | None = None,
-    *, dead_peer_timeout: float = 0.0,
 ) -> asyncio.Server:
-    """Listen for binary-protocol clients (port 0: any free port, see `server.sockets`);
-    `dead_peer_timeout`: `flowshard.keepalive.detect_dead_peers`."""
+    """Listen for binary-protocol clients (port 0: any free port, see `server.sockets`)."""
     loop = asyncio.get_running_loop()
     hub = BinaryHub(admission, limits or BinaryLimits(), loop, guards if guards is not None else Guards())
-    server = await loop.create_server(hub, host, port, backlog=LISTEN_BACKLOG)
-    for sock in server.sockets:
-        detect_dead_peers(sock, dead_peer_timeout)
-    return server
+    return await loop.create_server(hub, host, port, backlog=LISTEN_BACKLOG)
 
 
 class BinaryConnection(asyncio.Protocol):

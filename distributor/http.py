@@ -42,7 +42,6 @@ import msgspec
 from distributor.api import CONN_CHECK, CONN_NORMAL, CONN_RESERVE, Admission, Audit, connection_verdict
 from distributor.guards import Guards
 from distributor.sockets import MIN_READ_RATE, READ_WINDOW, TCP_ESTABLISHED, dead_peer, peer_state, reset, unsent
-from flowshard.keepalive import detect_dead_peers
 from flowshard.types import Outcome
 from flowshard.validate import (
     ADMIT_ALIASES,
@@ -1580,17 +1579,13 @@ def listen_backlog(max_connections: int) -> int:
 
 async def start_http_server(
     admission: Admission, host: str, port: int, limits: HttpLimits, *, lease: float, guards: Guards | None = None,
-    proxy: Proxy | None = None, dead_peer_timeout: float = 0.0,
+    proxy: Proxy | None = None,
 ) -> asyncio.Server:
     """Listen on (host, port) (port 0: any; read it from `server.sockets`). `lease` is reported to
     clients as `lease_s`: a dispatched ticket is released after it unless released earlier.
-    `proxy`: also serve the OpenAI routes (proxy mode). `dead_peer_timeout`:
-    `flowshard.keepalive.detect_dead_peers`."""
+    `proxy`: also serve the OpenAI routes (proxy mode)."""
     loop = asyncio.get_running_loop()
     shared = HttpHub(admission, limits, lease, loop, guards if guards is not None else Guards(), proxy)
-    server = await loop.create_server(
+    return await loop.create_server(
         shared, host, port, backlog=listen_backlog(limits.max_connections)
     )
-    for sock in server.sockets:
-        detect_dead_peers(sock, dead_peer_timeout)
-    return server

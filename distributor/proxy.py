@@ -632,7 +632,7 @@ class Proxy:
         out: set[int] = set()
         back = math.inf
         for b in pool.backends:
-            if b.down_until > now:
+            if not pool.up(b, now):
                 out.add(b.index)
                 back = min(back, b.down_until)
         for down in self.remote_down.values():

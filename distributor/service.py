@@ -1023,10 +1023,11 @@ class Distributor:
         http = await start_http_server(
             self, svc.host, svc.port,
             HttpLimits.of_service(svc),
-            lease=svc.lease, guards=self.guards, proxy=self.proxy, dead_peer_timeout=svc.dead_peer_timeout,
+            lease=svc.lease, guards=self.guards, proxy=self.proxy,
         )
-        binary = await start_binary_server(self, svc.host, svc.binary_port, BinaryLimits.of_service(svc), self.guards,
-                                           dead_peer_timeout=svc.dead_peer_timeout)
+        binary = await start_binary_server(self, svc.host, svc.binary_port, BinaryLimits.of_service(svc), self.guards)
+        for listener in (*http.sockets, *binary.sockets):  # (as `_start_acceptors` does for its own)
+            detect_dead_peers(listener, svc.dead_peer_timeout)
         self.servers = [http, binary]
         self.addresses = {"http": http.sockets[0].getsockname()[:2], "binary": binary.sockets[0].getsockname()[:2]}
 
