@@ -333,7 +333,7 @@ class Exchange:
     """One proxied request: the admission's waiter, the upstream call, the client's response slot."""
 
     __slots__ = ("actual", "backend", "chunked", "conn", "conn_hdr", "gone", "head", "headers", "item", "path", "proxy",
-                 "refused", "rid", "route", "sized", "slot", "started", "task", "ticket", "unsent")
+                 "refused", "rid", "route", "sized", "slot", "started", "task", "ticket", "unsent", "working")
 
     def __init__(self, proxy: Proxy, conn: HttpConnection, slot: _Slot, route: str, item: Classified,
                  headers: list[tuple[str, str]], conn_hdr: bytes, path: str = "", head: bool = False,
@@ -359,6 +359,7 @@ class Exchange:
         self.started = False  # the response head went to the client (a stream is being relayed)
         self.sized = False  # ... with a content-length (a large JSON body written in pieces): no tail can end it
         self.backend: Backend | None = None
+        self.working = -1  # the backend counted as working on it (utilization detector), -1: none
         self.actual = -1  # the tokens the backend reported using (prompt + completion); -1: not known
 
     # ------------------------------------------------------------------ Waiter (called by the distributor)
@@ -817,6 +818,7 @@ class Proxy:
         self.mark_sent(ex)
         if util is not None and counted:
             util.sent(backend.index)
+            ex.working = backend.index
         ex.backend = backend
         resp: aiohttp.ClientResponse | None = None
         try:
@@ -879,8 +881,17 @@ class Proxy:
             if resp is not None and not resp.closed:
                 resp.release()
             backend.inflight -= 1
-            if util is not None and counted:
-                util.finished(backend.index)
+            self._backend_done(ex)
+
+    def _backend_done(self, ex: Exchange) -> None:
+        """The backend has answered all of `ex` (or failed it): the detector stops counting it there.
+        Counted as the answer is read, not after it reached the client: a backend's scrape no longer
+        shows what it has finished, and a request counted there after it was done (relayed to a slow
+        reader) would count as waiting."""
+        if ex.working >= 0:
+            assert self.counts is not None
+            self.counts.finished(ex.working)
+            ex.working = -1
 
     def _response_headers(self, resp: aiohttp.ClientResponse) -> list[tuple[str, str]]:
         headers = [(k.lower(), v) for k, v in resp.headers.items()]
@@ -896,10 +907,12 @@ class Proxy:
             data = await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             resp.close()
+            self._backend_done(ex)
             self.pool.failed(backend, self.loop.time(), "midstream", f"{type(exc).__name__}: {exc}")
             self._respond_error(ex, 502, f"flowshard: backend {backend.name} failed while answering: "
                                 f"{type(exc).__name__}", "server_error", "backend_failed")
             return
+        self._backend_done(ex)
         if resp.status == 200 and ex.item.size:
             self._settle_usage(ex, backend, usage_from_body(data))
         self.stats.response(ex.route, resp.status)
@@ -957,6 +970,7 @@ class Proxy:
                     if done >= 0:  # the client has all it needs: end its response now
                         out = out[:done]  # (what follows is owed to nobody)
                         ended = True
+                        self._backend_done(ex)
                         ex.end_stream(out)
                         if resp.status == 200:  # (a stream's usage comes before its [DONE])
                             self._settle_usage(ex, backend, relay.usage)
@@ -978,6 +992,7 @@ class Proxy:
                     resp.close()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             resp.close()
+            self._backend_done(ex)
             if ended:  # after [DONE]: the client had its whole answer, and the backend did not fail it
                 return
             stats.midstream_failures += 1
@@ -986,6 +1001,7 @@ class Proxy:
                                         f"({type(exc).__name__}); the response is incomplete", "server_error",
                                         "backend_failed")
             return
+        self._backend_done(ex)
         if not ended:  # (ended at [DONE]: settled and answered there)
             rest = relay.end()
             if resp.status == 200:

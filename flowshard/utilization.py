@@ -13,7 +13,12 @@ Beyond upstream (its open overshoot problem): between two scrapes the scraped qu
 the requests let through since. So each backend's figure is corrected with what the proxy itself
 knows exactly: the requests it sent there since the scrape was sent, minus those that finished
 there since, counted as waiting (the conservative guess of where they landed); and the KV use grows
-by the KV share of an average running request for each. Requests admitted but not yet sent (grants
+by the KV share of an average running request for each. A scrape can also miss requests sent before
+it left: still on their way (a burst sent just before the scrape, not yet read by the backend), or
+done there and not yet seen done here. So a backend's waiting and running together count at least
+what the proxy had in flight there when the scrape left; what is missing counts as waiting (a
+review: a scrape showing 1 of 5 requests just sent let 5 more through, and the backend's queue
+reached 9 at a threshold of 5). Requests admitted but not yet sent (grants
 still on their way to a shard) are spread evenly over the backends. The core has no clock: the
 shell passes `now` to `scraped` and `expire`.
 """
@@ -182,7 +187,10 @@ class PoolUtilization:
         if self.stale(backend):
             return 1.0
         load = self.loads[backend]
-        delta = (load.sent - load.sent_base) - (load.finished - load.finished_base) + extra
+        # In flight there when the scrape left, yet not in its figures: not arrived yet, or done there
+        # and not yet seen done here (then counted finished below as well: the two cancel).
+        unseen = max(0.0, (load.sent_base - load.finished_base) - (load.waiting + load.running))
+        delta = unseen + (load.sent - load.sent_base) - (load.finished - load.finished_base) + extra
         waiting = max(0.0, load.waiting + delta)
         kv = load.kv
         if delta > 0 and load.running > 0:

@@ -1143,3 +1143,37 @@ def test_an_address_not_available_is_the_backends_failure() -> None:
     assert errno.EADDRNOTAVAIL not in LOCAL_SHORTAGE and errno.EMFILE in LOCAL_SHORTAGE
     exc = aiohttp.ClientConnectorError(None, OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address"))
     assert _failure_kind(exc) == "connect"
+
+
+def test_an_answer_read_from_the_backend_stops_counting_there_before_the_client_has_it() -> None:
+    """The utilization detector counts a request at its backend from its sending until the backend's
+    answer is read, not until the client has read it: the backend's scrapes no longer show it, and
+    counted there while a slow client read it, it counted as waiting (the in-flight requests a scrape
+    does not show are taken as not yet arrived)."""
+    big = b'{"object":"embedding","data":"' + b"w" * (4 << 20) + b'"}'
+    answered = asyncio.Event()
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        answered.set()
+        return web.Response(body=big, content_type="application/json")
+
+    async def go() -> None:
+        async with rig([("POST", "/v1/chat/completions", answer)], utilization=True) as r:
+            util = r.proxy.utilization
+            assert util is not None
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.connect(("127.0.0.1", r.port))
+                s.setblocking(False)
+                await asyncio.get_running_loop().sock_sendall(s, _post())
+                await asyncio.wait_for(answered.wait(), 10)
+                load = util.loads[0]
+                for _ in range(200):  # the proxy reads the 4 MiB from the backend
+                    if load.finished:
+                        break
+                    await asyncio.sleep(0.01)
+                assert (load.sent, load.finished) == (1, 1)
+                assert r.proxy.pool.backends[0].inflight == 1  # (the client has not read it: still relayed)
+
+    run(go(), timeout=30.0)

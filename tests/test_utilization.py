@@ -133,6 +133,41 @@ def test_requests_sent_since_the_scrape_count_until_the_next_one_shows_them() ->
     assert pool.saturation() == pytest.approx((0.66 + 0.11) / 0.8)
 
 
+def test_requests_in_flight_that_a_scrape_does_not_show_count_as_waiting() -> None:
+    """A review (the flaky out-of-rotation test): 5 requests sent just before a scrape left, the backend
+    had read 1 of them when it answered (waiting 0, running 1); counted idle, 5 more went, and its
+    queue reached 9 at a threshold of 5. What the proxy had in flight there counts at least."""
+    pool = PoolUtilization(1, queue_threshold=5, kv_threshold=0.8, staleness=1.0)
+    scraped(pool, 0, 0.0)
+    for _ in range(5):
+        pool.sent(0)
+    assert pool.backend_saturation(0) == pytest.approx(5 / 5)
+    scraped(pool, 0, 0.1, waiting=0, running=1)
+    assert pool.backend_saturation(0) == pytest.approx(4 / 5)  # the 4 it did not show, as waiting (was 0)
+    pool.sent(0)
+    assert pool.backend_saturation(0) == pytest.approx(5 / 5)
+    # once the backend shows them, they are not counted twice
+    scraped(pool, 0, 0.2, waiting=5, running=1)
+    assert pool.backend_saturation(0) == pytest.approx(5 / 5)
+    # other clients' requests there: more than the proxy's, nothing unseen
+    scraped(pool, 0, 0.3, waiting=9, running=4)
+    assert pool.backend_saturation(0) == pytest.approx(9 / 5)
+
+
+def test_a_request_done_before_the_scrape_answered_is_not_taken_off_twice() -> None:
+    """Done at the backend while the scrape was on its way (not in its figures) and seen done here after
+    it came back: it must come off the estimate once, not twice."""
+    pool = PoolUtilization(1, queue_threshold=5, kv_threshold=0.8, staleness=1.0)
+    scraped(pool, 0, 0.0)
+    for _ in range(6):
+        pool.sent(0)
+    scraped(pool, 0, 0.1, waiting=4, running=1)  # one of the six already done there
+    pool.finished(0)  # ...and now seen done here
+    assert pool.backend_saturation(0) == pytest.approx(4 / 5)  # (taken off twice: 3 / 5)
+    pool.finished(0)  # the running one ends; one waiting starts
+    assert pool.backend_saturation(0) == pytest.approx(3 / 5)
+
+
 def test_a_scrape_that_shows_room_reports_the_fall_and_an_overtaken_one_is_ignored() -> None:
     pool = PoolUtilization(1, queue_threshold=5, kv_threshold=0.8, staleness=1.0)
     scraped(pool, 0, 0.0, waiting=10)
