@@ -16,8 +16,8 @@ there since, counted as waiting (the conservative guess of where they landed); a
 by the KV share of an average running request for each. A scrape can also miss requests sent before
 it left: still on their way (a burst sent just before the scrape, not yet read by the backend), or
 done there and not yet seen done here. So a backend's waiting and running together count at least
-what the proxy had in flight there when the scrape left; what is missing counts as waiting (a
-review: a scrape showing 1 of 5 requests just sent let 5 more through, and the backend's queue
+what the proxy had in flight there when the scrape left (where the page gives both); what is
+missing counts as waiting (a review: a scrape showing 1 of 5 requests just sent let 5 more through, and the backend's queue
 reached 9 at a threshold of 5). Requests admitted but not yet sent (grants
 still on their way to a shard) are spread evenly over the backends. The core has no clock: the
 shell passes `now` to `scraped` and `expire`.
@@ -47,6 +47,8 @@ class Scraped(msgspec.Struct, frozen=True):
     waiting: float
     running: float
     kv: float  # 0..1
+    # the page gave both counts (waiting and running): every request the backend holds is in them
+    both: bool = True
 
 
 def parse_metrics(text: bytes) -> Scraped:
@@ -65,7 +67,7 @@ def read_lines(lines: list[bytes]) -> Scraped:
     """The figures of the known metrics' lines, in order (`parse_metrics`)."""
     waiting = running = 0.0
     kv = -1.0
-    seen_waiting = False
+    seen_waiting = seen_running = False
     for line in lines:
         brace = line.find(b"}")
         name_end = line.find(b"{")
@@ -88,12 +90,13 @@ def read_lines(lines: list[bytes]) -> Scraped:
             seen_waiting = True
         elif name in RUNNING:
             running += value
+            seen_running = True
         elif name in KV:
             kv = max(kv, value)
     if not seen_waiting and kv < 0:
         raise ScrapeError("no known saturation metric (vllm:num_requests_waiting, vllm:kv_cache_usage_perc, "
                           "sglang:num_queue_reqs, sglang:token_usage)")
-    return Scraped(waiting, running, min(max(kv, 0.0), 1.0))
+    return Scraped(waiting, running, min(max(kv, 0.0), 1.0), seen_waiting and seen_running)
 
 
 def _known_lines(text: bytes) -> list[bytes]:
@@ -114,10 +117,12 @@ def _known_lines(text: bytes) -> list[bytes]:
 class BackendLoad:
     """One backend's last scrape and the proxy's exact count of what changed there since."""
 
-    __slots__ = ("at", "errors", "finished", "finished_base", "kv", "running", "sent", "sent_base", "waiting")
+    __slots__ = ("at", "both", "errors", "finished", "finished_base", "kv", "running", "sent", "sent_base",
+                 "waiting")
 
     def __init__(self) -> None:
         self.waiting = self.running = self.kv = 0.0
+        self.both = False  # the last scrape gave both counts (`Scraped.both`)
         self.at = -math.inf  # when the last good scrape was *sent* (its figures are at least that fresh)
         self.sent = 0  # requests sent to this backend, ever
         self.finished = 0  # requests that ended there, ever
@@ -158,7 +163,7 @@ class PoolUtilization:
         load = self.loads[backend]
         if sent_at < load.at:  # an older scrape overtaken by a newer one
             return False
-        load.waiting, load.running, load.kv = figures.waiting, figures.running, figures.kv
+        load.waiting, load.running, load.kv, load.both = figures.waiting, figures.running, figures.kv, figures.both
         load.at = sent_at
         load.sent_base, load.finished_base = mark
         self._now = max(self._now, sent_at)
@@ -188,8 +193,9 @@ class PoolUtilization:
             return 1.0
         load = self.loads[backend]
         # In flight there when the scrape left, yet not in its figures: not arrived yet, or done there
-        # and not yet seen done here (then counted finished below as well: the two cancel).
-        unseen = max(0.0, (load.sent_base - load.finished_base) - (load.waiting + load.running))
+        # and not yet seen done here (then counted finished below as well: the two cancel). Only where
+        # the page gave both counts (a page without the running count cannot say what it misses).
+        unseen = max(0.0, (load.sent_base - load.finished_base) - (load.waiting + load.running)) if load.both else 0.0
         delta = unseen + (load.sent - load.sent_base) - (load.finished - load.finished_base) + extra
         waiting = max(0.0, load.waiting + delta)
         kv = load.kv

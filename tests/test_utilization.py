@@ -38,7 +38,7 @@ def test_parse_vllm_sums_queues_and_takes_the_fullest_kv_cache() -> None:
 
 def test_parse_older_vllm_sglang_and_unlabelled_lines() -> None:
     old = b"vllm:num_requests_waiting 2\nvllm:gpu_cache_usage_perc 0.9 1700000000000\n"
-    assert parse_metrics(old) == Scraped(2.0, 0.0, 0.9)
+    assert parse_metrics(old) == Scraped(2.0, 0.0, 0.9, both=False)  # (no running count)
     sglang = (b'sglang:num_queue_reqs{model_name="m"} 7\nsglang:num_running_reqs{model_name="m"} 3\n'
               b'sglang:token_usage{model_name="m"} 0.4\n')
     assert parse_metrics(sglang) == Scraped(7.0, 3.0, 0.4)
@@ -152,6 +152,15 @@ def test_requests_in_flight_that_a_scrape_does_not_show_count_as_waiting() -> No
     # other clients' requests there: more than the proxy's, nothing unseen
     scraped(pool, 0, 0.3, waiting=9, running=4)
     assert pool.backend_saturation(0) == pytest.approx(9 / 5)
+    # a page without the running count cannot say what it misses: nothing added (a KV-only page would
+    # otherwise count every request in flight as waiting)
+    pool.loads[0].sent += 20
+    mark = pool.scrape_started(0)
+    pool.scraped(0, 0.4, mark, parse_metrics(b"vllm:kv_cache_usage_perc 0.4\n"))
+    assert pool.backend_saturation(0) == pytest.approx(0.4 / 0.8)
+    pool.scraped(0, 0.5, mark, parse_metrics(b"vllm:kv_cache_usage_perc 0.4\nvllm:num_requests_running 6\n"
+                                                   b"vllm:num_requests_waiting 0\n"))
+    assert pool.backend_saturation(0) == pytest.approx(20 / 5)  # (both: the 20 it misses, as waiting)
 
 
 def test_a_request_done_before_the_scrape_answered_is_not_taken_off_twice() -> None:
