@@ -13,13 +13,13 @@ Beyond upstream (its open overshoot problem): between two scrapes the scraped qu
 the requests let through since. So each backend's figure is corrected with what the proxy itself
 knows exactly: the requests it sent there since the scrape was sent, minus those that finished
 there since, counted as waiting (the conservative guess of where they landed); and the KV use grows
-by the KV share of an average running request for each. A scrape can also miss requests sent before
-it left: still on their way (a burst sent just before the scrape, not yet read by the backend), or
-done there and not yet seen done here. So a backend's waiting and running together count at least
-what the proxy had in flight there when the scrape left (where the page gives both); what is
-missing counts as waiting (a review: a scrape showing 1 of 5 requests just sent let 5 more through, and the backend's queue
-reached 9 at a threshold of 5). Requests admitted but not yet sent (grants
-still on their way to a shard) are spread evenly over the backends. The core has no clock: the
+by the KV share of an average running request for each. A scrape can also miss requests sent
+before it left: still on their way (a burst sent just before the scrape, not yet read by the
+backend), or done there and not yet seen done here. So a backend's waiting and running together
+count at least what the proxy had in flight there when the scrape left (where the page gives both);
+what is missing counts as waiting (a review: a scrape showing 1 of 5 requests just sent let 5 more
+through, and the backend's queue reached 9 at a threshold of 5). Requests admitted but not yet sent
+(grants still on their way to a shard) are spread evenly over the backends. The core has no clock: the
 shell passes `now` to `scraped` and `expire`.
 """
 
