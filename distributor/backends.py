@@ -214,7 +214,7 @@ class Scraper:
             backend = self.pool.backends[index]
             if not self.errors[index]:  # logged as the scrapes turn bad (counted each time), not each time
                 log.warning("backend %s: metrics scrape failed (%s): its saturation counts as 1 once its "
-                            "last good scrape is older than staleness", backend.name, detail)
+                            "last good scrape is older than staleness%s", backend.name, detail, _no_metrics_hint(exc))
             self.errors[index] = detail
             cannot_connect = failure_kind(exc) == "connect"
             if getattr(exc, "errno", None) in LOCAL_SHORTAGE:  # ours (descriptors, ports): not the backend's
@@ -237,6 +237,16 @@ class Scraper:
                 self.on_health(index)
         if self.utilization.scraped(index, sent_at, mark, figures) or back:  # (back: the pool's mean is
             self.on_room()  # over the backends in rotation, and it is one again)
+
+
+def _no_metrics_hint(exc: BaseException) -> str:
+    """What to do about a backend that has no metrics flowshard can read (a review: a newcomer's
+    OpenAI server without them held every request until its TTL, with one log line to say why)."""
+    if isinstance(exc, ScrapeError) and (str(exc) == "HTTP 404" or str(exc).startswith("no known saturation")):
+        return ("; while no backend in rotation can be read, every request waits (until its TTL). A backend "
+                "without vLLM, SGLang or TGI metrics: set [proxy] utilization = false (the concurrency budget "
+                "alone gates), or metrics_path to where they are")
+    return ""
 
 
 async def _read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:

@@ -1143,8 +1143,8 @@ class Proxy:
         up = GaugeMetricFamily("flowshard_backend_up", "0 while the backend is out after a failure (passive "
                                "health; with acceptor processes, out in any of them), else 1.", labels=["backend"])
         errors = CounterMetricFamily("flowshard_backend_errors", "Backend failures by kind (connect, reset, "
-                                     "protocol, timeout, http_5xx, midstream, scrape; usage: a usage out of range, "
-                                     "ignored).",
+                                     "protocol, timeout, http_<status> (a 5xx answer: http_503), midstream, "
+                                     "scrape; usage: a usage out of range, ignored).",
                                      labels=["backend", "kind"])
         for b, fig in zip(self.pool.backends, st.backends, strict=True):
             inflight.add_metric([b.name], fig.inflight)

@@ -1234,8 +1234,19 @@ async def serve(config: Config, shards: int, acceptors: int = 0) -> None:
     """`flowshard serve`: run until SIGTERM/SIGINT, then drain and exit."""
     service = Distributor(config, shards, acceptors)
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        draining = service._started and service._accepting  # (a first signal, once started: the drain)
+        service.begin_drain()
+        if draining:  # said, or Ctrl-C looks like a hang for up to drain_timeout (a review)
+            ledger = service.ledger
+            sys.stderr.write(f"flowshard draining ({sig.name}): {ledger.queued_items} queued, "
+                             f"{ledger.budget.inflight} in flight; stopping once the queues are empty, within "
+                             f"drain_timeout ({config.service.drain_timeout:g} s); a second signal stops now\n")
+            sys.stderr.flush()
+
     for sig in (signal.SIGTERM, signal.SIGINT):  # before anything starts: no window without a drain
-        loop.add_signal_handler(sig, service.begin_drain)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         await service.start()
         if service.stop_requested:
@@ -1254,5 +1265,6 @@ async def serve(config: Config, shards: int, acceptors: int = 0) -> None:
                              f"(utilization detector {detector})\n")
         sys.stderr.flush()
         await service.run_until_stopped()
+        sys.stderr.write("flowshard stopped\n")
     finally:
         await service.close()

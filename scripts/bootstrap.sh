@@ -5,7 +5,8 @@
 #   scripts/bootstrap.sh test     plus the test extras: pytest, hypothesis, ruff, mypy, matplotlib, openai
 #
 # Idempotent: re-runs pip only when pyproject.toml changed since the last install, or when the test
-# extras are asked for and not yet installed. Progress goes to stderr.
+# extras are asked for and not yet installed. Progress goes to stderr. The venv is made with $PYTHON
+# (default python3), which must be Python 3.11 or later.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
@@ -24,7 +25,18 @@ if [ "$have" = "$hash test" ] || [ "$have" = "$hash $level" ]; then
     exit 0
 fi
 say() { echo "flowshard setup: $*" >&2; }
+recent() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; }
+if [ -x "$venv/bin/python" ] && ! recent "$venv/bin/python"; then
+    # (left by a run with an older Python: pip refused to install, and every later run reused it)
+    say "$venv has $("$venv/bin/python" --version 2>&1); flowshard needs Python 3.11 or later: making it again"
+    rm -rf "$venv"
+fi
 if [ ! -x "$venv/bin/python" ]; then
+    if ! recent "$python"; then
+        say "$python is $("$python" --version 2>/dev/null || echo 'not found'); flowshard needs Python 3.11 or later:" \
+            "run with PYTHON=/path/to/python3.11 (or later)"
+        exit 1
+    fi
     say "creating $venv with $("$python" --version 2>&1)"
     "$python" -m venv "$venv"
 fi

@@ -643,6 +643,22 @@ def test_serve_backend_flag_is_validated() -> None:
     assert "--backend: '10.0.0.5:8000' must be an http:// or https:// URL" in proc.stderr
 
 
+def test_a_backend_without_readable_metrics_is_named_with_the_way_out(launch: Any, fake_backend: Any) -> None:
+    """A review (a newcomer's first hour): an OpenAI server without vLLM metrics held every request until
+    its TTL, and the one log line said only that its scrapes failed. It now says what to do; an error
+    that may pass (a 500) does not."""
+    missing = fake_backend(metrics_status=404)
+    failing = fake_backend(metrics_status=500)
+    svc = launch(proxy_config([missing.url, failing.url], proxy={"utilization": True, "scrape_interval": 0.02}))
+    deadline = time.monotonic() + 10
+    while svc.stderr().count("metrics scrape failed") < 2:
+        assert time.monotonic() < deadline, svc.stderr()
+        time.sleep(0.05)
+    lines = {url: [line for line in svc.stderr().splitlines() if url in line] for url in (missing.url, failing.url)}
+    assert any("HTTP 404" in line and "utilization = false" in line for line in lines[missing.url]), lines
+    assert not any("utilization = false" in line for line in lines[failing.url]), lines
+
+
 def test_stale_metrics_count_as_saturated_until_a_scrape_succeeds(launch: Any, fake_backend: Any) -> None:
     fake = fake_backend(ttft=0.001, itl=0.001)
     proxy = {"utilization": True, "scrape_interval": 0.02, "staleness": 0.2}

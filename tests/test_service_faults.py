@@ -363,6 +363,11 @@ def test_second_sigterm_stops_at_once(launch: Any) -> None:
 
     run(main())
     assert svc.wait(5) == 0
+    # what the drain waits for is said (a review: Ctrl-C looked like a hang for drain_timeout), once
+    said = [line for line in svc.stderr().splitlines() if "draining" in line]
+    assert said == ["flowshard draining (SIGTERM): 3 queued, 1 in flight; stopping once the queues are empty, "
+                    "within drain_timeout (30 s); a second signal stops now"], said
+    assert svc.stderr().splitlines()[-1] == "flowshard stopped"
 
 
 def test_sigint_drains_like_sigterm(launch: Any) -> None:
