@@ -163,7 +163,8 @@ Stopping: SIGTERM or SIGINT (Ctrl-C) drains. The listeners close (new connection
 admissions on open connections are answered 503 rejected:shutting_down, queued requests get
 [service] drain_timeout seconds (default 10) to be dispatched and the rest end evicted:shutdown;
 then it exits 0. A second signal stops at once. Both are said on stderr:
-  flowshard draining (SIGINT): 3 queued, 1 in flight; stopping once the queues are empty, within drain_timeout (10 s); a second signal stops now
+  flowshard draining (SIGINT): 3 queued, 1 in flight; stopping once the queues are empty, within
+    drain_timeout (10 s); a second signal stops now                                  (one line)
   flowshard stopped
 """
 _SERVE_EPILOG = """\
