@@ -119,6 +119,7 @@ class AcceptorLink(asyncio.Protocol):
         self.proxied: set[int] = set()
         self.unsent: set[int] = set()
         self.backend_open: list[int] = []  # (sized at its first LinkBackends)
+        self.backend_held: list[int] = []  # its streams held on their clients (`LinkBackends.held`)
         self.ready = False  # said Hello: its fronts serve
         self.lost = False
         self.pid = 0
@@ -259,6 +260,13 @@ class AcceptorLink(asyncio.Protocol):
                 util.loads[b].sent += sent
                 util.loads[b].finished += finished
                 opened[b] += sent - finished
+        if msg.held:
+            held = self.backend_held
+            if not held:
+                held = self.backend_held = [0] * len(util.loads)
+            for b, change in enumerate(msg.held[: len(util.loads)]):
+                util.loads[b].held += change
+                held[b] += change
         for ticket in msg.marked:
             self._proxied_sent(ticket)
         if msg.down_for:
@@ -275,8 +283,11 @@ class AcceptorLink(asyncio.Protocol):
         util = proxy.utilization
         for b, count in enumerate(self.backend_open):
             util.loads[b].finished += max(0, count)
+        for b, count in enumerate(self.backend_held):
+            util.loads[b].held -= count
         proxy.unsent -= len(self.unsent)
         self.backend_open = []
+        self.backend_held = []
         self.unsent.clear()
 
     def close_delivery(self) -> None:

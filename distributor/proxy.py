@@ -38,7 +38,7 @@ import os
 import socket
 import urllib.parse
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
@@ -281,11 +281,13 @@ class BackendReport:
     detector is the distributor's (one view for the one ledger). They go there as one `LinkBackends`
     frame at the end of each pass in which any happened."""
 
-    __slots__ = ("_down", "_loop", "_scheduled", "_send", "finished_counts", "marked", "pool", "sent_counts")
+    __slots__ = ("_down", "_loop", "_scheduled", "_send", "finished_counts", "held_counts", "marked", "pool",
+                 "sent_counts")
 
     def __init__(self, backends: int, send: Callable[[Any], None], loop: asyncio.AbstractEventLoop) -> None:
         self.sent_counts = [0] * backends
         self.finished_counts = [0] * backends
+        self.held_counts = [0] * backends  # (changes since the last report)
         self.marked: list[int] = []
         self._send = send
         self._loop = loop
@@ -299,6 +301,10 @@ class BackendReport:
 
     def finished(self, backend: int) -> None:
         self.finished_counts[backend] += 1
+        self._schedule()
+
+    def held(self, backend: int, change: int) -> None:
+        self.held_counts[backend] += change
         self._schedule()
 
     def mark(self, ticket: int) -> None:
@@ -325,15 +331,16 @@ class BackendReport:
                 self._down = down
                 now = self._loop.time()
                 down_for = [max(0.0, until - now) for until in down]
-        self._send(LinkBackends(self.sent_counts, self.finished_counts, self.marked, down_for))
-        self.sent_counts, self.finished_counts, self.marked = [0] * n, [0] * n, []
+        held = self.held_counts if any(self.held_counts) else []
+        self._send(LinkBackends(self.sent_counts, self.finished_counts, self.marked, down_for, held))
+        self.sent_counts, self.finished_counts, self.held_counts, self.marked = [0] * n, [0] * n, [0] * n, []
 
 
 class Exchange:
     """One proxied request: the admission's waiter, the upstream call, the client's response slot."""
 
-    __slots__ = ("actual", "backend", "chunked", "conn", "conn_hdr", "gone", "head", "headers", "item", "path", "proxy",
-                 "refused", "rid", "route", "sized", "slot", "started", "task", "ticket", "unsent", "working")
+    __slots__ = ("actual", "backend", "chunked", "conn", "conn_hdr", "gone", "head", "headers", "held", "item", "path",
+                 "proxy", "refused", "rid", "route", "sized", "slot", "started", "task", "ticket", "unsent", "working")
 
     def __init__(self, proxy: Proxy, conn: HttpConnection, slot: _Slot, route: str, item: Classified,
                  headers: list[tuple[str, str]], conn_hdr: bytes, path: str = "", head: bool = False,
@@ -360,6 +367,7 @@ class Exchange:
         self.sized = False  # ... with a content-length (a large JSON body written in pieces): no tail can end it
         self.backend: Backend | None = None
         self.working = -1  # the backend counted as working on it (utilization detector), -1: none
+        self.held = False  # ...and its stream's relay waits on the client (`PoolUtilization.held`)
         self.actual = -1  # the tokens the backend reported using (prompt + completion); -1: not known
 
     # ------------------------------------------------------------------ Waiter (called by the distributor)
@@ -889,9 +897,25 @@ class Proxy:
         shows what it has finished, and a request counted there after it was done (relayed to a slow
         reader) would count as waiting."""
         if ex.working >= 0:
+            self._hold(ex, False)
             assert self.counts is not None
             self.counts.finished(ex.working)
             ex.working = -1
+
+    async def _wait_on_client(self, ex: Exchange, reading: Awaitable[Any]) -> None:
+        """Wait for the client (to read, or for its turn) with the stream counted held at its backend:
+        meanwhile nothing more is read from the backend, which may finish the stream without us."""
+        self._hold(ex, True)
+        try:
+            await reading
+        finally:
+            self._hold(ex, False)
+
+    def _hold(self, ex: Exchange, held: bool) -> None:
+        if ex.working >= 0 and ex.held != held:
+            ex.held = held
+            assert self.counts is not None
+            self.counts.held(ex.working, 1 if held else -1)
 
     def _response_headers(self, resp: aiohttp.ClientResponse) -> list[tuple[str, str]]:
         headers = [(k.lower(), v) for k, v in resp.headers.items()]
@@ -950,7 +974,7 @@ class Proxy:
             # turn (its ticket held meanwhile, which bounds what the proxy keeps: read at once, five
             # pipelined 60 MiB streams were held whole behind a slow one, each ticket back at its
             # [DONE]; a review)
-            await turn
+            await self._wait_on_client(ex, turn)
         relay = SseUsage(ex.item.strip_usage)
         self.stats.response(ex.route, resp.status)
         ex.started = True
@@ -979,7 +1003,7 @@ class Proxy:
                         break
                     unread = conn.slot_write(slot, ex.piece(out))
                     if unread is not None:  # the client reads slower than the backend writes
-                        await unread
+                        await self._wait_on_client(ex, unread)
             if ended:  # what may follow [DONE] is owed to nobody: the response's end, awaited briefly
                 try:
                     async with asyncio.timeout(_DONE_GRACE):

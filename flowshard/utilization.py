@@ -16,8 +16,9 @@ there since, counted as waiting (the conservative guess of where they landed); a
 by the KV share of an average running request for each. A scrape can also miss requests sent
 before it left: still on their way (a burst sent just before the scrape, not yet read by the
 backend), or done there and not yet seen done here. So a backend's waiting and running together
-count at least what the proxy had in flight there when the scrape left (where the page gives both);
-what is missing counts as waiting (a review: a scrape showing 1 of 5 requests just sent let 5 more
+count at least what the proxy had in flight there when the scrape left (where the page gives both;
+less its streams whose relay waited on a slow client: the backend may be done with them); what is
+missing counts as waiting (a review: a scrape showing 1 of 5 requests just sent let 5 more
 through, and the backend's queue reached 9 at a threshold of 5). Requests admitted but not yet sent
 (grants still on their way to a shard) are spread evenly over the backends. The core has no clock: the
 shell passes `now` to `scraped` and `expire`.
@@ -117,8 +118,8 @@ def _known_lines(text: bytes) -> list[bytes]:
 class BackendLoad:
     """One backend's last scrape and the proxy's exact count of what changed there since."""
 
-    __slots__ = ("at", "both", "errors", "finished", "finished_base", "kv", "running", "sent", "sent_base",
-                 "waiting")
+    __slots__ = ("at", "both", "errors", "finished", "finished_base", "held", "held_base", "kv", "running", "sent",
+                 "sent_base", "waiting")
 
     def __init__(self) -> None:
         self.waiting = self.running = self.kv = 0.0
@@ -126,7 +127,8 @@ class BackendLoad:
         self.at = -math.inf  # when the last good scrape was *sent* (its figures are at least that fresh)
         self.sent = 0  # requests sent to this backend, ever
         self.finished = 0  # requests that ended there, ever
-        self.sent_base = self.finished_base = 0  # both at the moment the last good scrape was sent
+        self.held = 0  # its streams whose relay waits on the client now (the backend may be done with them)
+        self.sent_base = self.finished_base = self.held_base = 0  # all at the moment the last good scrape was sent
         self.errors = 0  # scrapes that failed, ever
 
 
@@ -150,12 +152,18 @@ class PoolUtilization:
     def finished(self, backend: int) -> None:
         self.loads[backend].finished += 1
 
-    def scrape_started(self, backend: int) -> tuple[int, int]:
+    def held(self, backend: int, change: int) -> None:
+        """A stream from there began (+1) or stopped (-1) waiting on its client: while it waits the
+        proxy reads nothing more of it, so the backend may be done with it though it is not finished
+        here."""
+        self.loads[backend].held += change
+
+    def scrape_started(self, backend: int) -> tuple[int, int, int]:
         """Call when the scrape request leaves; pass the result to `scraped` with its figures."""
         load = self.loads[backend]
-        return load.sent, load.finished
+        return load.sent, load.finished, load.held
 
-    def scraped(self, backend: int, sent_at: float, mark: tuple[int, int], figures: Scraped) -> bool:
+    def scraped(self, backend: int, sent_at: float, mark: tuple[int, int, int], figures: Scraped) -> bool:
         """A scrape sent at `sent_at` (with `mark` from `scrape_started`) came back. Returns whether the
         pool's saturation fell (then held work may go: the caller re-plans its grants): whether this
         backend's did, which lowers the mean over any backends it is one of (those in rotation)."""
@@ -165,7 +173,7 @@ class PoolUtilization:
             return False
         load.waiting, load.running, load.kv, load.both = figures.waiting, figures.running, figures.kv, figures.both
         load.at = sent_at
-        load.sent_base, load.finished_base = mark
+        load.sent_base, load.finished_base, load.held_base = mark
         self._now = max(self._now, sent_at)
         return self.backend_saturation(backend) < before
 
@@ -193,9 +201,13 @@ class PoolUtilization:
             return 1.0
         load = self.loads[backend]
         # In flight there when the scrape left, yet not in its figures: not arrived yet, or done there
-        # and not yet seen done here (then counted finished below as well: the two cancel). Only where
-        # the page gave both counts (a page without the running count cannot say what it misses).
-        unseen = max(0.0, (load.sent_base - load.finished_base) - (load.waiting + load.running)) if load.both else 0.0
+        # and not yet seen done here (then counted finished below as well: the two cancel). Not the
+        # streams whose relay waited on the client: the backend may have been done with them long
+        # before (a review: counted, five streams read slowly held every request for 12 s while the
+        # backend sat idle). Only where the page gave both counts.
+        unseen = 0.0
+        if load.both:
+            unseen = max(0.0, (load.sent_base - load.finished_base - load.held_base) - (load.waiting + load.running))
         delta = unseen + (load.sent - load.sent_base) - (load.finished - load.finished_base) + extra
         waiting = max(0.0, load.waiting + delta)
         kv = load.kv

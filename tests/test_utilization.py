@@ -163,6 +163,30 @@ def test_requests_in_flight_that_a_scrape_does_not_show_count_as_waiting() -> No
     assert pool.backend_saturation(0) == pytest.approx(20 / 5)  # (both: the 20 it misses, as waiting)
 
 
+def test_a_stream_held_on_its_client_is_not_taken_as_unseen() -> None:
+    """Review 91: a stream whose relay waits on a slow client stays in flight here after the backend is
+    done with it (no longer in its figures). Taken as unseen, five such streams held every request
+    for 12 s with the backend idle; and five of them with non-streamed requests running kept the
+    backend near its threshold. While held, it is not counted as possibly unseen."""
+    pool = PoolUtilization(1, queue_threshold=5, kv_threshold=0.8, staleness=10.0)
+    scraped(pool, 0, 0.0)
+    for _ in range(5):
+        pool.sent(0)
+        pool.held(0, +1)  # streaming; the client reads slowly, the backend is done
+    scraped(pool, 0, 0.1, waiting=0, running=0)
+    assert pool.backend_saturation(0) == 0.0  # (taken as unseen: 5 / 5)
+    for _ in range(4):
+        pool.sent(0)  # non-streamed, all running there
+    scraped(pool, 0, 0.2, waiting=0, running=4, kv=0.2)
+    assert pool.backend_saturation(0) == pytest.approx(0.25)  # kv 0.2 / 0.8, nothing unseen
+    for _ in range(3):
+        pool.sent(0)  # on their way when a scrape shows 1 of them: 2 unseen
+    scraped(pool, 0, 0.3, waiting=0, running=5, kv=0.2)
+    assert pool.backend_saturation(0) == pytest.approx(2 / 5)
+    pool.held(0, -1)  # (held or not after the scrape left changes nothing until the next one)
+    assert pool.backend_saturation(0) == pytest.approx(2 / 5)
+
+
 def test_a_request_done_before_the_scrape_answered_is_not_taken_off_twice() -> None:
     """Done at the backend while the scrape was on its way (not in its figures) and seen done here after
     it came back: it must come off the estimate once, not twice."""
