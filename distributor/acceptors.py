@@ -41,7 +41,7 @@ from distributor.api import (
     connection_verdict,
 )
 from distributor.deliverylog import DeliveryLog, create_fd
-from distributor.spawn import spawn_linked
+from distributor.spawn import RestartBackoff, spawn_linked
 from flowshard.codec import (
     Audited,
     BatchReader,
@@ -396,6 +396,7 @@ class Acceptors:
         self.links: list[AcceptorLink | None] = [None] * count
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * count
         self.restarts = [0] * count
+        self._backoff = [RestartBackoff() for _ in range(count)]
         self._last_start = [-math.inf] * count
         self._state: tuple[bool, bool] | None = None
         self._listening = False
@@ -676,9 +677,7 @@ class Acceptors:
         log.error("acceptor %d exited; starting it again", index)
         self.restarts[index] += 1
         self.service.counters["acceptor_restarts"] += 1
-        recent = time.monotonic() - self._last_start[index] < 10.0
-        delay = min(RESPAWN_MAX, RESPAWN_MIN * 2 ** min(self.restarts[index] - 1, 7)) if recent else 0.0
-        asyncio.get_running_loop().call_later(delay, self._respawn, index)
+        asyncio.get_running_loop().call_later(self._backoff[index].died(time.monotonic()), self._respawn, index)
 
     def _respawn(self, index: int) -> None:
         if not self._stopping and self.links[index] is None:

@@ -1221,7 +1221,8 @@ class Proxy:
             if util is not None:
                 load = util.loads[b.index]
                 entry.update(saturation=util.backend_saturation(b.index), stale=util.stale(b.index),
-                             waiting=load.waiting, running=load.running, kv=load.kv, scrape_errors=load.errors,
+                             waiting=load.waiting, running=load.running, kv=load.kv, held=load.held,
+                             scrape_errors=load.errors,
                              last_scrape_error=self.scraper.errors[b.index] if self.scraper else "")
             backends.append(entry)
         return {

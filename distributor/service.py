@@ -32,7 +32,7 @@ from distributor import segment
 from distributor.api import Audit, Waiter
 from distributor.fdreserve import FdReserve
 from distributor.guards import Guards
-from distributor.spawn import spawn_linked
+from distributor.spawn import RestartBackoff, spawn_linked
 from flowshard.codec import (
     BatchReader,
     BatchWriter,
@@ -145,7 +145,7 @@ class Shard:
         self.writer = BatchWriter()
         self.ready = False
         self.restarts = 0
-        self.last_restart = -math.inf
+        self.backoff = RestartBackoff()
         self.pid = 0
         self.spawn_failures = 0  # failed attempts to start this shard's worker, ever
         self.spawned_at = 0.0  # when its worker last started (monotonic): its Hello is due within WORKER_START_TIMEOUT
@@ -766,9 +766,7 @@ class Distributor:
         self.counters["worker_restarts"] += 1
         assert self._loop is not None
         # back off when a worker keeps dying (e.g. at start-up): 0.05 s doubling to 5 s
-        delay = min(5.0, 0.05 * 2 ** min(s.restarts - 1, 7)) if now - s.last_restart < 10.0 else 0.0
-        s.last_restart = now
-        self._loop.call_later(delay, self._respawn, shard)
+        self._loop.call_later(s.backoff.died(now), self._respawn, shard)
         self._schedule_plan()
 
     def _respawn(self, shard: int) -> None:
