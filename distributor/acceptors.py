@@ -735,9 +735,17 @@ class Acceptors:
         for sock in self.listeners.values():
             sock.close()
 
+    def _silent_since(self, index: int, since: float) -> bool:
+        """Acceptor `index` has sent nothing (it reports every REPORT_INTERVAL, to its exit) for
+        HANDOVER_QUIET, counted from `since` at the earliest: stopped or hung."""
+        link = self.links[index]
+        heard = link.heard if link is not None else -math.inf
+        return time.monotonic() - max(heard, since) > HANDOVER_QUIET
+
     async def close(self) -> None:
         """After the distributor has delivered every outcome: tell each acceptor to finish (its last
-        answers leave), wait for it, and kill one that does not exit."""
+        answers leave), wait for it, and kill one that does not exit (at once once every one left
+        has been silent for HANDOVER_QUIET)."""
         self.stop_listening()
         self._stopping = True
         self._drop_waiting()
@@ -745,8 +753,12 @@ class Acceptors:
             if link is not None:
                 link.send(Shutdown())
                 link.flush()
-        deadline = time.monotonic() + 3.0  # an acceptor exits FLUSH_GRACE (0.5 s) after Shutdown
-        while any(p is not None and p.poll() is None for p in self.procs) and time.monotonic() < deadline:
+        start = time.monotonic()
+        deadline = start + 3.0  # an acceptor exits FLUSH_GRACE (0.5 s) after Shutdown
+        while time.monotonic() < deadline:
+            running = [i for i, p in enumerate(self.procs) if p is not None and p.poll() is None]
+            if not running or all(self._silent_since(i, start) for i in running):
+                break  # (a stopped or hung one, left alone, kept the exit waiting 3 s: a review)
             await asyncio.sleep(0.02)  # not proc.wait(): the loop must go on writing their last answers
         for index, proc in enumerate(self.procs):
             if proc is not None:

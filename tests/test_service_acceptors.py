@@ -404,6 +404,25 @@ def test_a_hung_acceptor_gets_no_connections_and_is_restarted(launch: Any) -> No
     assert svc.stats()["counters"]["acceptor_restarts"] == 1
 
 
+def test_a_stopped_acceptor_does_not_keep_the_exit_waiting(launch: Any) -> None:
+    """Review 90: with an acceptor stopped (SIGSTOP), the drain's end waited 3 s for it to exit before
+    killing it (drain_timeout 2: exit after 5.1-5.4 s). One that has said nothing for HANDOVER_QUIET
+    is killed at once; the other still finishes its last answers."""
+    svc = launch(shards=1, acceptors=2, budget=None, service={"drain_timeout": 1.0})
+    pids = acceptor_pids(svc, 2)
+    os.kill(pids[1], signal.SIGSTOP)
+    try:
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        svc.signal(signal.SIGTERM)
+        assert svc.wait(10) == 0
+        took = time.monotonic() - t0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pids[1], signal.SIGCONT)
+    assert took < 2.8, took  # (nothing queued: the drain ends at once, ~1.1 s here; was 3.1 s: 3 s waiting for it)
+
+
 # ---------------------------------------------------------------------------------------------- connection limits
 #
 # max_connections (per front) and the HTTP admin reserve hold service-wide, exactly as without
