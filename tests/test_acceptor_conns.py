@@ -246,3 +246,41 @@ def test_a_link_never_counts_more_closes_than_it_handed_nor_fewer_than_reported(
     link.closed_report(LinkConns(1, 1, 0))  # counts only grow
     assert link.closed == {http: 2, reserve: 1, binary: 3}
     assert (link.load(HANDED_HTTP), link.load(HANDED_BINARY), link.connections) == (3, 0, 3)
+
+
+def test_an_acceptor_takes_a_batch_of_handed_connections_per_wake_up() -> None:
+    """Review 90: an acceptor took every connection waiting in its hand-over queue at once, and under a
+    flood of connect-and-reset (6k/s, 2 acceptors) kept taking them faster than it served (closed and
+    reported) them: the connections counted open filled max_connections and legitimate clients got
+    503s. It takes HANDOVER_BATCH per wake-up; the rest wait in the queue (then, uncounted, in the
+    distributor's listen backlog)."""
+    from distributor.front import HANDOVER_BATCH
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        admission, guards = _Admission(), Guards()
+        http = HttpHub(admission, HttpLimits(max_connections=1000), 300.0, loop, guards)
+        binary = BinaryHub(admission, BinaryLimits(max_connections=1000), loop, guards)
+        upstream = SimpleNamespace(send=lambda message: None, proxy=None)
+        handover = Handover(theirs, loop, upstream, http, binary)  # type: ignore[arg-type]
+        clients = []
+        try:
+            for _ in range(HANDOVER_BATCH + 36):
+                a, b = socket.socketpair()
+                socket.send_fds(ours, [HANDED_HTTP + bytes((CONN_NORMAL,))], [b.fileno()])
+                b.close()
+                clients.append(a)
+            handover._receive()  # (what the reader callback does when the queue is readable)
+            assert len(handover._open) == HANDOVER_BATCH
+            handover._receive()
+            assert len(handover._open) == HANDOVER_BATCH + 36
+            for a in clients:
+                a.close()
+            await until(lambda: not handover._open)  # each served, ended and counted
+        finally:
+            handover.close()
+            ours.close()
+
+    uvloop.run(main())
