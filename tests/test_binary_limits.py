@@ -37,6 +37,15 @@ async def _small_buffers(addr: tuple[str, int], fake: FakeAdmission) -> tuple[Ra
     return raw, conn
 
 
+async def _write_until_paused(raw: Raw, conn: BinaryConnection) -> None:
+    """Send releases (each answered) until the server pauses its writing to `conn` (1.5 s at most)."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    while not conn._stalled_at and loop.time() - t0 < 1.5:
+        raw.writer.write(_releases(2000))
+        await asyncio.sleep(0.005)
+
+
 def _releases(n: int) -> bytes:
     w = FrameWriter()
     for _ in range(n):
@@ -462,11 +471,7 @@ async def test_a_pause_that_a_flush_starts_does_not_count_that_flush_as_read() -
         limits = BinaryLimits(write_high=16 << 10, write_timeout=60.0)
         async with serving(fake, limits, Guards()) as addr:
             raw, conn = await _small_buffers(addr, fake)
-            loop = asyncio.get_running_loop()
-            t0 = loop.time()
-            while not conn._stalled_at and loop.time() - t0 < 1.5:
-                raw.writer.write(_releases(2000))
-                await asyncio.sleep(0.005)
+            await _write_until_paused(raw, conn)
             assert conn._stalled_at, "never paused"
             raw.writer.transport.abort()
     finally:
@@ -484,11 +489,7 @@ async def test_a_dropped_slow_reader_gets_a_reset_not_a_graceful_close() -> None
     limits = BinaryLimits(write_high=16 << 10, write_timeout=0.05)  # (judged over 4 of them)
     async with serving(fake, limits, Guards()) as addr:
         raw, conn = await _small_buffers(addr, fake)
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        while not conn._stalled_at and loop.time() - t0 < 1.5:
-            raw.writer.write(_releases(2000))
-            await asyncio.sleep(0.005)
+        await _write_until_paused(raw, conn)
         await until(lambda: bool(fake.release_alls))  # dropped
         got = b""
         with pytest.raises(ConnectionResetError):
