@@ -75,7 +75,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _NOT_YET = -1  # request id of an admission whose `admit` call has not returned yet
-RESPAWN_MIN = 0.05  # a dying acceptor is restarted after this, doubling up to RESPAWN_MAX
+RESPAWN_MIN = 0.05  # a failed start of an acceptor is tried again after this, doubling up to RESPAWN_MAX
 RESPAWN_MAX = 5.0
 
 
@@ -260,13 +260,15 @@ class AcceptorLink(asyncio.Protocol):
                 util.loads[b].sent += sent
                 util.loads[b].finished += finished
                 opened[b] += sent - finished
-        if msg.held:
+        if msg.held or msg.held_finished:
             held = self.backend_held
             if not held:
                 held = self.backend_held = [0] * len(util.loads)
-            for b, change in enumerate(msg.held[: len(util.loads)]):
-                util.loads[b].held += change
-                held[b] += change
+            for b, (began, ended) in enumerate(zip(msg.held, msg.held_finished, strict=False)):
+                if b < len(util.loads):
+                    util.loads[b].held += began - ended
+                    util.loads[b].held_finished += ended
+                    held[b] += began - ended
         for ticket in msg.marked:
             self._proxied_sent(ticket)
         if msg.down_for:
@@ -283,8 +285,9 @@ class AcceptorLink(asyncio.Protocol):
         util = proxy.utilization
         for b, count in enumerate(self.backend_open):
             util.loads[b].finished += max(0, count)
-        for b, count in enumerate(self.backend_held):
+        for b, count in enumerate(self.backend_held):  # (ended too: their ends are not taken off either)
             util.loads[b].held -= count
+            util.loads[b].held_finished += count
         proxy.unsent -= len(self.unsent)
         self.backend_open = []
         self.backend_held = []
@@ -736,8 +739,10 @@ class Acceptors:
             sock.close()
 
     def _silent_since(self, index: int, since: float) -> bool:
-        """Acceptor `index` has sent nothing (it reports every REPORT_INTERVAL, to its exit) for
-        HANDOVER_QUIET, counted from `since` at the earliest: stopped or hung."""
+        """Acceptor `index` has sent nothing for HANDOVER_QUIET, counted from `since` at the earliest:
+        stopped or hung (it reports every REPORT_INTERVAL until, FLUSH_GRACE after `Shutdown`, it
+        closes its hand-over; what it does after that, its proxy's close, is bounded by `LinkStop`
+        having come before)."""
         link = self.links[index]
         heard = link.heard if link is not None else -math.inf
         return time.monotonic() - max(heard, since) > HANDOVER_QUIET

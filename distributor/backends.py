@@ -164,6 +164,7 @@ class Scraper:
         self.config = config
         self.on_room = on_room
         self.errors: list[str] = ["" for _ in pool.backends]  # the last scrape error per backend
+        self.hinted = [False for _ in pool.backends]  # its run of errors was logged with `_no_metrics_hint`
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -212,9 +213,14 @@ class Scraper:
             self.utilization.scrape_failed(index)
             detail = f"{type(exc).__name__}: {exc}"[:300]
             backend = self.pool.backends[index]
-            if not self.errors[index]:  # logged as the scrapes turn bad (counted each time), not each time
+            hint = _no_metrics_hint(exc)
+            # logged as the scrapes turn bad (counted each time), not each time; and again when they turn
+            # into an answer without metrics (a review: a backend started after flowshard failed first to
+            # connect, and its 404s that followed were not logged, nor the way out)
+            if not self.errors[index] or (hint and not self.hinted[index]):
                 log.warning("backend %s: metrics scrape failed (%s): its saturation counts as 1 once its "
-                            "last good scrape is older than staleness%s", backend.name, detail, _no_metrics_hint(exc))
+                            "last good scrape is older than staleness%s", backend.name, detail, hint)
+                self.hinted[index] = bool(hint)
             self.errors[index] = detail
             cannot_connect = failure_kind(exc) == "connect"
             if getattr(exc, "errno", None) in LOCAL_SHORTAGE:  # ours (descriptors, ports): not the backend's
@@ -230,6 +236,7 @@ class Scraper:
         if self.errors[index]:
             log.warning("backend %s: metrics scrapes succeed again", backend.name)
         self.errors[index] = ""
+        self.hinted[index] = False
         back = backend.last_kind == "scrape" and not self.pool.up(backend, loop.time())
         if back:
             self.pool.succeeded(backend)  # it answers again: back at once, not after its back-off

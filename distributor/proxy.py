@@ -281,13 +281,14 @@ class BackendReport:
     detector is the distributor's (one view for the one ledger). They go there as one `LinkBackends`
     frame at the end of each pass in which any happened."""
 
-    __slots__ = ("_down", "_loop", "_scheduled", "_send", "finished_counts", "held_counts", "marked", "pool",
-                 "sent_counts")
+    __slots__ = ("_down", "_loop", "_scheduled", "_send", "finished_counts", "held_counts", "held_finished_counts",
+                 "marked", "pool", "sent_counts")
 
     def __init__(self, backends: int, send: Callable[[Any], None], loop: asyncio.AbstractEventLoop) -> None:
         self.sent_counts = [0] * backends
         self.finished_counts = [0] * backends
-        self.held_counts = [0] * backends  # (changes since the last report)
+        self.held_counts = [0] * backends
+        self.held_finished_counts = [0] * backends
         self.marked: list[int] = []
         self._send = send
         self._loop = loop
@@ -299,12 +300,14 @@ class BackendReport:
         self.sent_counts[backend] += 1
         self._schedule()
 
-    def finished(self, backend: int) -> None:
+    def finished(self, backend: int, held: bool = False) -> None:
         self.finished_counts[backend] += 1
+        if held:
+            self.held_finished_counts[backend] += 1
         self._schedule()
 
-    def held(self, backend: int, change: int) -> None:
-        self.held_counts[backend] += change
+    def held(self, backend: int) -> None:
+        self.held_counts[backend] += 1
         self._schedule()
 
     def mark(self, ticket: int) -> None:
@@ -331,9 +334,11 @@ class BackendReport:
                 self._down = down
                 now = self._loop.time()
                 down_for = [max(0.0, until - now) for until in down]
-        held = self.held_counts if any(self.held_counts) else []
-        self._send(LinkBackends(self.sent_counts, self.finished_counts, self.marked, down_for, held))
-        self.sent_counts, self.finished_counts, self.held_counts, self.marked = [0] * n, [0] * n, [0] * n, []
+        held, ended = (self.held_counts, self.held_finished_counts) if any(self.held_counts) or any(
+            self.held_finished_counts) else ([], [])
+        self._send(LinkBackends(self.sent_counts, self.finished_counts, self.marked, down_for, held, ended))
+        self.sent_counts, self.finished_counts, self.marked = [0] * n, [0] * n, []
+        self.held_counts, self.held_finished_counts = [0] * n, [0] * n
 
 
 class Exchange:
@@ -367,7 +372,7 @@ class Exchange:
         self.sized = False  # ... with a content-length (a large JSON body written in pieces): no tail can end it
         self.backend: Backend | None = None
         self.working = -1  # the backend counted as working on it (utilization detector), -1: none
-        self.held = False  # ...and its stream's relay waits on the client (`PoolUtilization.held`)
+        self.held = False  # ...and its stream's relay has waited on the client (`PoolUtilization.held`)
         self.actual = -1  # the tokens the backend reported using (prompt + completion); -1: not known
 
     # ------------------------------------------------------------------ Waiter (called by the distributor)
@@ -897,25 +902,18 @@ class Proxy:
         shows what it has finished, and a request counted there after it was done (relayed to a slow
         reader) would count as waiting."""
         if ex.working >= 0:
-            self._hold(ex, False)
             assert self.counts is not None
-            self.counts.finished(ex.working)
-            ex.working = -1
+            self.counts.finished(ex.working, ex.held)
+            ex.working, ex.held = -1, False
 
     async def _wait_on_client(self, ex: Exchange, reading: Awaitable[Any]) -> None:
-        """Wait for the client (to read, or for its turn) with the stream counted held at its backend:
-        meanwhile nothing more is read from the backend, which may finish the stream without us."""
-        self._hold(ex, True)
-        try:
-            await reading
-        finally:
-            self._hold(ex, False)
-
-    def _hold(self, ex: Exchange, held: bool) -> None:
-        if ex.working >= 0 and ex.held != held:
-            ex.held = held
+        """Wait for the client (to read, or for its turn). The first time, the stream is counted held at
+        its backend: meanwhile nothing more is read from it, and the backend may finish it without us."""
+        if ex.working >= 0 and not ex.held:
+            ex.held = True
             assert self.counts is not None
-            self.counts.held(ex.working, 1 if held else -1)
+            self.counts.held(ex.working)
+        await reading
 
     def _response_headers(self, resp: aiohttp.ClientResponse) -> list[tuple[str, str]]:
         headers = [(k.lower(), v) for k, v in resp.headers.items()]

@@ -1238,8 +1238,10 @@ async def serve(config: Config, shards: int, acceptors: int = 0) -> None:
         service.begin_drain()
         if draining:  # said, or Ctrl-C looks like a hang for up to drain_timeout (a review)
             ledger = service.ledger
+            until = "the queues are empty" if service.proxy is None else (
+                "the queues are empty and every proxied response has ended")  # (`_drain_then_close`)
             sys.stderr.write(f"flowshard draining ({sig.name}): {ledger.queued_items} queued, "
-                             f"{ledger.budget.inflight} in flight; stopping once the queues are empty, within "
+                             f"{ledger.budget.inflight} in flight; stopping once {until}, within "
                              f"drain_timeout ({config.service.drain_timeout:g} s); a second signal stops now\n")
             sys.stderr.flush()
 

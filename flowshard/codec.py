@@ -340,8 +340,10 @@ class LinkBackends(msgspec.Struct, tag=30, array_like=True, gc=False):
     # that changed since its last report; empty when it did not (the pool's saturation counts only
     # the backends in rotation: `Proxy.out_of_rotation`)
     down_for: list[float] = []
-    # per backend, the change in its streams whose relay waits on the client (`PoolUtilization.held`)
+    # per backend, streams that waited on their client for the first time, and such streams that ended
+    # (`PoolUtilization.held`); both empty when there were none
     held: list[int] = []
+    held_finished: list[int] = []
 
 
 class LinkProxyAsk(msgspec.Struct, tag=31, array_like=True, gc=False):

@@ -17,8 +17,9 @@ by the KV share of an average running request for each. A scrape can also miss r
 before it left: still on their way (a burst sent just before the scrape, not yet read by the
 backend), or done there and not yet seen done here. So a backend's waiting and running together
 count at least what the proxy had in flight there when the scrape left (where the page gives both;
-less its streams whose relay waited on a slow client: the backend may be done with them); what is
-missing counts as waiting (a review: a scrape showing 1 of 5 requests just sent let 5 more
+less its streams whose relay waited on a slow client: the backend may be done with them, so their
+ends are not taken off either); what is missing, up to what was sent since the scrape before, counts
+as waiting (a review: a scrape showing 1 of 5 requests just sent let 5 more
 through, and the backend's queue reached 9 at a threshold of 5). Requests admitted but not yet sent
 (grants still on their way to a shard) are spread evenly over the backends. The core has no clock: the
 shell passes `now` to `scraped` and `expire`.
@@ -118,8 +119,8 @@ def _known_lines(text: bytes) -> list[bytes]:
 class BackendLoad:
     """One backend's last scrape and the proxy's exact count of what changed there since."""
 
-    __slots__ = ("at", "both", "errors", "finished", "finished_base", "held", "held_base", "kv", "running", "sent",
-                 "sent_base", "waiting")
+    __slots__ = ("at", "both", "errors", "finished", "finished_base", "held", "held_base", "held_finished",
+                 "held_finished_base", "kv", "recent", "running", "sent", "sent_base", "waiting")
 
     def __init__(self) -> None:
         self.waiting = self.running = self.kv = 0.0
@@ -127,8 +128,12 @@ class BackendLoad:
         self.at = -math.inf  # when the last good scrape was *sent* (its figures are at least that fresh)
         self.sent = 0  # requests sent to this backend, ever
         self.finished = 0  # requests that ended there, ever
-        self.held = 0  # its streams whose relay waits on the client now (the backend may be done with them)
-        self.sent_base = self.finished_base = self.held_base = 0  # all at the moment the last good scrape was sent
+        # its streams in flight whose relay has waited on the client (the backend may be done with them)
+        self.held = 0
+        self.held_finished = 0  # ...and of those, the ones that ended (counted in `finished` too), ever
+        # all at the moment the last good scrape was sent
+        self.sent_base = self.finished_base = self.held_base = self.held_finished_base = 0
+        self.recent = 0  # sent between the last two good scrapes' departures (the most still on their way)
         self.errors = 0  # scrapes that failed, ever
 
 
@@ -149,21 +154,25 @@ class PoolUtilization:
     def sent(self, backend: int) -> None:
         self.loads[backend].sent += 1
 
-    def finished(self, backend: int) -> None:
-        self.loads[backend].finished += 1
+    def finished(self, backend: int, held: bool = False) -> None:
+        """A request sent there ended here (`held`: a stream that was `held`)."""
+        load = self.loads[backend]
+        load.finished += 1
+        if held:
+            load.held -= 1
+            load.held_finished += 1
 
-    def held(self, backend: int, change: int) -> None:
-        """A stream from there began (+1) or stopped (-1) waiting on its client: while it waits the
-        proxy reads nothing more of it, so the backend may be done with it though it is not finished
-        here."""
-        self.loads[backend].held += change
+    def held(self, backend: int) -> None:
+        """A stream from there waits on its client for the first time: meanwhile the proxy reads nothing
+        more of it, so the backend may be done with it long before it ends here."""
+        self.loads[backend].held += 1
 
-    def scrape_started(self, backend: int) -> tuple[int, int, int]:
+    def scrape_started(self, backend: int) -> tuple[int, int, int, int]:
         """Call when the scrape request leaves; pass the result to `scraped` with its figures."""
         load = self.loads[backend]
-        return load.sent, load.finished, load.held
+        return load.sent, load.finished, load.held, load.held_finished
 
-    def scraped(self, backend: int, sent_at: float, mark: tuple[int, int, int], figures: Scraped) -> bool:
+    def scraped(self, backend: int, sent_at: float, mark: tuple[int, int, int, int], figures: Scraped) -> bool:
         """A scrape sent at `sent_at` (with `mark` from `scrape_started`) came back. Returns whether the
         pool's saturation fell (then held work may go: the caller re-plans its grants): whether this
         backend's did, which lowers the mean over any backends it is one of (those in rotation)."""
@@ -173,7 +182,8 @@ class PoolUtilization:
             return False
         load.waiting, load.running, load.kv, load.both = figures.waiting, figures.running, figures.kv, figures.both
         load.at = sent_at
-        load.sent_base, load.finished_base, load.held_base = mark
+        load.recent = mark[0] - load.sent_base
+        load.sent_base, load.finished_base, load.held_base, load.held_finished_base = mark
         self._now = max(self._now, sent_at)
         return self.backend_saturation(backend) < before
 
@@ -201,14 +211,19 @@ class PoolUtilization:
             return 1.0
         load = self.loads[backend]
         # In flight there when the scrape left, yet not in its figures: not arrived yet, or done there
-        # and not yet seen done here (then counted finished below as well: the two cancel). Not the
-        # streams whose relay waited on the client: the backend may have been done with them long
-        # before (a review: counted, five streams read slowly held every request for 12 s while the
-        # backend sat idle). Only where the page gave both counts.
+        # and not yet seen done here (then counted finished below as well: the two cancel). At most
+        # what was sent since the scrape before (what has been on its way longer has arrived: a
+        # backend URL that is several servers, each scrape one of them, counted the others' requests
+        # so, and held the pool; a review). Not the streams that waited on their client: the backend
+        # may be done with them long before they end here (a review: counted, five streams read
+        # slowly held every request for 12 s while the backend sat idle); nor is their end taken
+        # off below (a review: it hid as many requests sent since). Only where the page gave both.
         unseen = 0.0
         if load.both:
-            unseen = max(0.0, (load.sent_base - load.finished_base - load.held_base) - (load.waiting + load.running))
-        delta = unseen + (load.sent - load.sent_base) - (load.finished - load.finished_base) + extra
+            missing = (load.sent_base - load.finished_base - load.held_base) - (load.waiting + load.running)
+            unseen = max(0.0, min(missing, load.recent))
+        finished = (load.finished - load.finished_base) - (load.held_finished - load.held_finished_base)
+        delta = unseen + (load.sent - load.sent_base) - finished + extra
         waiting = max(0.0, load.waiting + delta)
         kv = load.kv
         if delta > 0 and load.running > 0:

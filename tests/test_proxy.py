@@ -691,18 +691,27 @@ def test_serve_backend_flag_is_validated() -> None:
 
 def test_a_backend_without_readable_metrics_is_named_with_the_way_out(launch: Any, fake_backend: Any) -> None:
     """A review (a newcomer's first hour): an OpenAI server without vLLM metrics held every request until
-    its TTL, and the one log line said only that its scrapes failed. It now says what to do; an error
-    that may pass (a 500) does not."""
-    missing = fake_backend(metrics_status=404)
+    its TTL, and the one log line said only that its scrapes failed. It now says what to do, also when
+    its scrapes failed otherwise first (review 93: a backend started after flowshard is first not
+    there at all, and the 404s that followed were not logged); an error that may pass (a 500) does not."""
+    missing = fake_backend(metrics_status=500)  # (first failing otherwise)
     failing = fake_backend(metrics_status=500)
     svc = launch(proxy_config([missing.url, failing.url], proxy={"utilization": True, "scrape_interval": 0.02}))
-    deadline = time.monotonic() + 10
-    while svc.stderr().count("metrics scrape failed") < 2:
-        assert time.monotonic() < deadline, svc.stderr()
-        time.sleep(0.05)
+
+    def logged(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while svc.stderr().count("metrics scrape failed") < n:
+            assert time.monotonic() < deadline, svc.stderr()
+            time.sleep(0.05)
+
+    logged(2)
+    missing.configure(metrics_status=404)
+    logged(3)
     lines = {url: [line for line in svc.stderr().splitlines() if url in line] for url in (missing.url, failing.url)}
     assert any("HTTP 404" in line and "utilization = false" in line for line in lines[missing.url]), lines
     assert not any("utilization = false" in line for line in lines[failing.url]), lines
+    time.sleep(0.3)  # (logged once for the run of 404s, not per scrape)
+    assert svc.stderr().count("metrics scrape failed") == 3, svc.stderr()
 
 
 def test_stale_metrics_count_as_saturated_until_a_scrape_succeeds(launch: Any, fake_backend: Any) -> None:

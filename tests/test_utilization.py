@@ -154,25 +154,28 @@ def test_requests_in_flight_that_a_scrape_does_not_show_count_as_waiting() -> No
     assert pool.backend_saturation(0) == pytest.approx(9 / 5)
     # a page without the running count cannot say what it misses: nothing added (a KV-only page would
     # otherwise count every request in flight as waiting)
-    pool.loads[0].sent += 20
-    mark = pool.scrape_started(0)
-    pool.scraped(0, 0.4, mark, parse_metrics(b"vllm:kv_cache_usage_perc 0.4\n"))
-    assert pool.backend_saturation(0) == pytest.approx(0.4 / 0.8)
-    pool.scraped(0, 0.5, mark, parse_metrics(b"vllm:kv_cache_usage_perc 0.4\nvllm:num_requests_running 6\n"
-                                                   b"vllm:num_requests_waiting 0\n"))
-    assert pool.backend_saturation(0) == pytest.approx(20 / 5)  # (both: the 20 it misses, as waiting)
+    for kv_only in (True, False):
+        pool = PoolUtilization(1, queue_threshold=5, kv_threshold=0.8, staleness=1.0)
+        scraped(pool, 0, 0.0)
+        for _ in range(20):
+            pool.sent(0)
+        page = b"vllm:kv_cache_usage_perc 0.4\n" + (b"" if kv_only else b"vllm:num_requests_running 6\n"
+                                                                       b"vllm:num_requests_waiting 0\n")
+        pool.scraped(0, 0.1, pool.scrape_started(0), parse_metrics(page))
+        # (both: the 14 it misses, as waiting)
+        assert pool.backend_saturation(0) == pytest.approx(0.4 / 0.8 if kv_only else 14 / 5)
 
 
 def test_a_stream_held_on_its_client_is_not_taken_as_unseen() -> None:
     """Review 91: a stream whose relay waits on a slow client stays in flight here after the backend is
     done with it (no longer in its figures). Taken as unseen, five such streams held every request
     for 12 s with the backend idle; and five of them with non-streamed requests running kept the
-    backend near its threshold. While held, it is not counted as possibly unseen."""
+    backend near its threshold. Once it has waited on its client it is not counted as unseen."""
     pool = PoolUtilization(1, queue_threshold=5, kv_threshold=0.8, staleness=10.0)
     scraped(pool, 0, 0.0)
     for _ in range(5):
         pool.sent(0)
-        pool.held(0, +1)  # streaming; the client reads slowly, the backend is done
+        pool.held(0)  # streaming; the client reads slowly, the backend is done
     scraped(pool, 0, 0.1, waiting=0, running=0)
     assert pool.backend_saturation(0) == 0.0  # (taken as unseen: 5 / 5)
     for _ in range(4):
@@ -183,8 +186,42 @@ def test_a_stream_held_on_its_client_is_not_taken_as_unseen() -> None:
         pool.sent(0)  # on their way when a scrape shows 1 of them: 2 unseen
     scraped(pool, 0, 0.3, waiting=0, running=5, kv=0.2)
     assert pool.backend_saturation(0) == pytest.approx(2 / 5)
-    pool.held(0, -1)  # (held or not after the scrape left changes nothing until the next one)
-    assert pool.backend_saturation(0) == pytest.approx(2 / 5)
+
+
+def test_the_end_of_a_stream_held_on_its_client_does_not_hide_a_request_sent_since() -> None:
+    """Review 93: held streams the backend was done with (not in its figures) that ended here after the
+    scrape were taken off the estimate, each hiding a request sent since: 5 such ends and 5 new
+    requests read 0.0 against a true 1.0."""
+    pool = PoolUtilization(1, queue_threshold=5, kv_threshold=0.8, staleness=10.0)
+    scraped(pool, 0, 0.0)
+    for _ in range(5):
+        pool.sent(0)
+        pool.held(0)
+    scraped(pool, 0, 0.1)  # (the backend is done with them)
+    for _ in range(5):
+        pool.finished(0, held=True)  # the clients caught up: they end here
+        pool.sent(0)
+    assert pool.backend_saturation(0) == pytest.approx(5 / 5)  # (taken off: 0.0)
+    scraped(pool, 0, 0.2, waiting=4, running=1)
+    assert pool.backend_saturation(0) == pytest.approx(4 / 5)
+
+
+def test_what_a_scrape_misses_is_at_most_what_was_sent_since_the_scrape_before() -> None:
+    """Review 93: a backend URL that is several servers (a load balancer in front of replicas) answers
+    each scrape from one of them; everything at the others looked unseen, as waiting: four replicas
+    at 10 running each read 6.0 (0.375 before the unseen term). What has been on its way since
+    before the last scrape has arrived: the unseen term is bounded by what was sent since."""
+    pool = PoolUtilization(1, queue_threshold=5, kv_threshold=0.8, staleness=10.0)
+    scraped(pool, 0, 0.0)
+    for _ in range(40):
+        pool.sent(0)
+    scraped(pool, 0, 0.05, waiting=0, running=10, kv=0.3)  # one replica's figures
+    scraped(pool, 0, 0.10, waiting=0, running=10, kv=0.3)  # nothing sent since the scrape before
+    assert pool.backend_saturation(0) == pytest.approx(0.3 / 0.8)
+    for _ in range(2):
+        pool.sent(0)  # sent since: at most these are on their way
+    scraped(pool, 0, 0.15, waiting=0, running=10, kv=0.3)
+    assert pool.backend_saturation(0) == pytest.approx((0.3 + 2 * 0.03) / 0.8)
 
 
 def test_a_request_done_before_the_scrape_answered_is_not_taken_off_twice() -> None:
