@@ -18,11 +18,10 @@ before it left: still on their way (a burst sent just before the scrape, not yet
 backend), or done there and not yet seen done here. So a backend's waiting and running together
 count at least what the proxy had in flight there when the scrape left (where the page gives both;
 less its streams whose relay waited on a slow client: the backend may be done with them, so their
-ends are not taken off either); what is missing, up to what was sent since the scrape before, counts
-as waiting (a review: a scrape showing 1 of 5 requests just sent let 5 more
-through, and the backend's queue reached 9 at a threshold of 5). Requests admitted but not yet sent
-(grants still on their way to a shard) are spread evenly over the backends. The core has no clock: the
-shell passes `now` to `scraped` and `expire`.
+ends are not taken off either); what is missing counts as waiting (a review: a scrape showing 1 of
+5 requests just sent let 5 more through, and the backend's queue reached 9 at a threshold of 5).
+Requests admitted but not yet sent (grants still on their way to a shard) are spread evenly over the
+backends. The core has no clock: the shell passes `now` to `scraped` and `expire`.
 """
 
 from __future__ import annotations
@@ -120,7 +119,7 @@ class BackendLoad:
     """One backend's last scrape and the proxy's exact count of what changed there since."""
 
     __slots__ = ("at", "both", "errors", "finished", "finished_base", "held", "held_base", "held_finished",
-                 "held_finished_base", "kv", "recent", "running", "sent", "sent_base", "waiting")
+                 "held_finished_base", "kv", "running", "sent", "sent_base", "waiting")
 
     def __init__(self) -> None:
         self.waiting = self.running = self.kv = 0.0
@@ -133,7 +132,6 @@ class BackendLoad:
         self.held_finished = 0  # ...and of those, the ones that ended (counted in `finished` too), ever
         # all at the moment the last good scrape was sent
         self.sent_base = self.finished_base = self.held_base = self.held_finished_base = 0
-        self.recent = 0  # sent between the last two good scrapes' departures (the most still on their way)
         self.errors = 0  # scrapes that failed, ever
 
 
@@ -182,7 +180,6 @@ class PoolUtilization:
             return False
         load.waiting, load.running, load.kv, load.both = figures.waiting, figures.running, figures.kv, figures.both
         load.at = sent_at
-        load.recent = mark[0] - load.sent_base
         load.sent_base, load.finished_base, load.held_base, load.held_finished_base = mark
         self._now = max(self._now, sent_at)
         return self.backend_saturation(backend) < before
@@ -210,18 +207,18 @@ class PoolUtilization:
         if self.stale(backend):
             return 1.0
         load = self.loads[backend]
-        # In flight there when the scrape left, yet not in its figures: not arrived yet, or done there
-        # and not yet seen done here (then counted finished below as well: the two cancel). At most
-        # what was sent since the scrape before (what has been on its way longer has arrived: a
-        # backend URL that is several servers, each scrape one of them, counted the others' requests
-        # so, and held the pool; a review). Not the streams that waited on their client: the backend
-        # may be done with them long before they end here (a review: counted, five streams read
-        # slowly held every request for 12 s while the backend sat idle); nor is their end taken
-        # off below (a review: it hid as many requests sent since). Only where the page gave both.
+        # In flight there when the scrape left, yet not in its figures: not arrived yet (a backend may
+        # take longer than a scrape interval to count a request: a long prompt's tokenizing), or done
+        # there and not yet seen done here (then counted finished below as well: the two cancel; a
+        # bound on this term, tried, broke both: a review). Not the streams that waited on their
+        # client: the backend may be done with them long before they end here (a review: counted,
+        # five streams read slowly held every request for 12 s while the backend sat idle); nor is
+        # their end taken off below (a review: it hid as many requests sent since). Only where the
+        # page gave both counts. (A backend URL must be one server: behind a load balancer each
+        # scrape shows one replica's, and the others' requests would count here.)
         unseen = 0.0
         if load.both:
-            missing = (load.sent_base - load.finished_base - load.held_base) - (load.waiting + load.running)
-            unseen = max(0.0, min(missing, load.recent))
+            unseen = max(0.0, (load.sent_base - load.finished_base - load.held_base) - (load.waiting + load.running))
         finished = (load.finished - load.finished_base) - (load.held_finished - load.held_finished_base)
         delta = unseen + (load.sent - load.sent_base) - finished + extra
         waiting = max(0.0, load.waiting + delta)
