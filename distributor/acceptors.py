@@ -119,7 +119,7 @@ class AcceptorLink(asyncio.Protocol):
         self.proxied: set[int] = set()
         self.unsent: set[int] = set()
         self.backend_open: list[int] = []  # (sized at its first LinkBackends)
-        self.backend_held: list[int] = []  # its streams held on their clients (`LinkBackends.held`)
+        self.backend_held: list[int] = []  # its streams in flight that waited on their clients (`LinkBackends.held`)
         self.ready = False  # said Hello: its fronts serve
         self.lost = False
         self.pid = 0
