@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from flowshard.config import ProxyConfig
-from flowshard.utilization import PoolUtilization, ScrapeError, parse_metrics
+from flowshard.utilization import MISSING_PERSISTS, MISSING_RECENT, PoolUtilization, ScrapeError, parse_metrics
 
 __all__ = ["LOCAL_SHORTAGE", "SCRAPE_CONNECT_TIMEOUT", "Backend", "BackendPool", "Scraper", "failure_kind"]
 
@@ -165,6 +165,7 @@ class Scraper:
         self.on_room = on_room
         self.errors: list[str] = ["" for _ in pool.backends]  # the last scrape error per backend
         self.hinted = [False for _ in pool.backends]  # its run of errors was logged with `_no_metrics_hint`
+        self.missing_warned = [False for _ in pool.backends]  # its run of missed requests was logged
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -242,8 +243,26 @@ class Scraper:
             self.pool.succeeded(backend)  # it answers again: back at once, not after its back-off
             if self.on_health is not None:
                 self.on_health(index)
-        if self.utilization.scraped(index, sent_at, mark, figures) or back:  # (back: the pool's mean is
-            self.on_room()  # over the backends in rotation, and it is one again)
+        fell = self.utilization.scraped(index, sent_at, mark, figures)
+        self._judge_missing(index)
+        if fell or back:  # (back: the pool's mean is over the backends in rotation, and it is one again)
+            self.on_room()
+
+    def _judge_missing(self, index: int) -> None:
+        """Warn, once a run, when a backend's metrics keep missing requests sent to it that are not on
+        their way: its URL is likely several servers (the detector counts them as waiting)."""
+        missing_for = self.utilization.missing_for(index)
+        if missing_for < MISSING_PERSISTS:
+            if not missing_for:
+                self.missing_warned[index] = False
+            return
+        if not self.missing_warned[index]:
+            self.missing_warned[index] = True
+            log.warning("backend %s: for %.0f s its metrics have counted fewer requests than flowshard has in "
+                        "flight there, more than it sent there in the last %g s, so not on their way: they count "
+                        "as waiting, and hold requests back. A backend URL must be one server: if this one is a "
+                        "load balancer, list its servers as backends, or set [proxy] utilization = false",
+                        self.pool.backends[index].name, missing_for, MISSING_RECENT)
 
 
 def _no_metrics_hint(exc: BaseException) -> str:

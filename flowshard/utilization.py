@@ -27,10 +27,17 @@ backends. The core has no clock: the shell passes `now` to `scraped` and `expire
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import msgspec
 
 __all__ = ["BackendLoad", "PoolUtilization", "ScrapeError", "Scraped", "parse_metrics"]
+
+# Requests in flight at a backend that its scrapes do not show, more than were sent there in the last
+# MISSING_RECENT seconds (so not on their way), for MISSING_PERSISTS seconds in a row: its metrics do
+# not count what is sent to its URL (a load balancer over several servers): `PoolUtilization.missing_for`
+MISSING_RECENT = 1.0
+MISSING_PERSISTS = 5.0
 
 # Metric names by engine. Waiting and running are summed over label sets (engines, models);
 # the KV use is the highest of its label sets.
@@ -119,7 +126,8 @@ class BackendLoad:
     """One backend's last scrape and the proxy's exact count of what changed there since."""
 
     __slots__ = ("at", "both", "errors", "finished", "finished_base", "held", "held_base", "held_finished",
-                 "held_finished_base", "kv", "running", "sent", "sent_base", "waiting")
+                 "held_finished_base", "kv", "marks", "missing_since", "running", "sent", "sent_base", "unseen",
+                 "waiting")
 
     def __init__(self) -> None:
         self.waiting = self.running = self.kv = 0.0
@@ -132,6 +140,9 @@ class BackendLoad:
         self.held_finished = 0  # ...and of those, the ones that ended (counted in `finished` too), ever
         # all at the moment the last good scrape was sent
         self.sent_base = self.finished_base = self.held_base = self.held_finished_base = 0
+        self.unseen = 0.0  # in flight there when it left, not in its figures (`backend_saturation`)
+        self.marks: deque[tuple[float, int]] = deque()  # (sent at, requests sent then) of recent good scrapes
+        self.missing_since = math.inf  # since when the scrapes miss more than was sent lately (or inf)
         self.errors = 0  # scrapes that failed, ever
 
 
@@ -181,8 +192,40 @@ class PoolUtilization:
         load.waiting, load.running, load.kv, load.both = figures.waiting, figures.running, figures.kv, figures.both
         load.at = sent_at
         load.sent_base, load.finished_base, load.held_base, load.held_finished_base = mark
+        # In flight there when the scrape left, yet not in its figures: not arrived yet (a backend may
+        # take longer than a scrape interval to count a request: a long prompt's tokenizing), or done
+        # there and not yet seen done here (then counted finished as well: the two cancel; a bound on
+        # this term, tried, broke both: a review). Not the streams that waited on their client: the
+        # backend may be done with them long before they end here (a review: counted, five streams
+        # read slowly held every request for 12 s while the backend sat idle); nor is their end taken
+        # off (a review: it hid as many requests sent since). Only where the page gave both counts.
+        missing = (mark[0] - mark[1] - mark[2]) - (figures.waiting + figures.running)
+        load.unseen = max(0.0, missing) if figures.both else 0.0
+        self._judge_missing(load, sent_at, mark[0], load.unseen)
         self._now = max(self._now, sent_at)
         return self.backend_saturation(backend) < before
+
+    @staticmethod
+    def _judge_missing(load: BackendLoad, at: float, sent: int, unseen: float) -> None:
+        """A backend URL must be one server, whose metrics count what is sent to it: behind a load
+        balancer each scrape shows one server's, and the others' requests count as unseen, for ever
+        (the pool is held). Requests on their way are recent; more unseen than were sent there in the
+        last MISSING_RECENT seconds are not, and when that lasts, `missing_for` says so."""
+        marks = load.marks
+        marks.append((at, sent))
+        while len(marks) > 1 and marks[1][0] <= at - MISSING_RECENT:
+            marks.popleft()  # (the newest mark at least MISSING_RECENT old stays first)
+        then_at, then_sent = marks[0]
+        if then_at <= at - MISSING_RECENT and unseen > sent - then_sent:
+            load.missing_since = min(load.missing_since, at)
+        else:
+            load.missing_since = math.inf
+
+    def missing_for(self, backend: int) -> float:
+        """For how long this backend's scrapes have missed requests that are not on their way (0: they
+        do not): past MISSING_PERSISTS the shell warns that its URL seems not to be one server."""
+        since = self.loads[backend].missing_since
+        return max(0.0, self._now - since) if since != math.inf else 0.0
 
     def scrape_failed(self, backend: int) -> None:
         self.loads[backend].errors += 1
@@ -207,20 +250,10 @@ class PoolUtilization:
         if self.stale(backend):
             return 1.0
         load = self.loads[backend]
-        # In flight there when the scrape left, yet not in its figures: not arrived yet (a backend may
-        # take longer than a scrape interval to count a request: a long prompt's tokenizing), or done
-        # there and not yet seen done here (then counted finished below as well: the two cancel; a
-        # bound on this term, tried, broke both: a review). Not the streams that waited on their
-        # client: the backend may be done with them long before they end here (a review: counted,
-        # five streams read slowly held every request for 12 s while the backend sat idle); nor is
-        # their end taken off below (a review: it hid as many requests sent since). Only where the
-        # page gave both counts. (A backend URL must be one server: behind a load balancer each
-        # scrape shows one replica's, and the others' requests would count here.)
-        unseen = 0.0
-        if load.both:
-            unseen = max(0.0, (load.sent_base - load.finished_base - load.held_base) - (load.waiting + load.running))
+        # (`unseen`: what the scrape missed, judged as it came back: `scraped`; the held streams'
+        # ends are not taken off)
         finished = (load.finished - load.finished_base) - (load.held_finished - load.held_finished_base)
-        delta = unseen + (load.sent - load.sent_base) - finished + extra
+        delta = load.unseen + (load.sent - load.sent_base) - finished + extra
         waiting = max(0.0, load.waiting + delta)
         kv = load.kv
         if delta > 0 and load.running > 0:

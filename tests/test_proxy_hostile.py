@@ -11,6 +11,7 @@ import contextlib
 import errno
 import gzip
 import json
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -1177,3 +1178,48 @@ def test_an_answer_read_from_the_backend_stops_counting_there_before_the_client_
                 assert r.proxy.pool.backends[0].inflight == 1  # (the client has not read it: still relayed)
 
     run(go(), timeout=30.0)
+
+
+def test_a_backend_whose_metrics_keep_missing_what_is_in_flight_there_is_named(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backend URL must be one server. One whose metrics never count the requests sent to it (a load
+    balancer's: each scrape one server's figures) holds the pool (they count as waiting); the log says
+    why, once, after MISSING_PERSISTS seconds (1.5 s here)."""
+    monkeypatch.setattr("distributor.backends.MISSING_PERSISTS", 1.5)
+    release = asyncio.Event()
+
+    async def metrics(request: web.Request) -> web.StreamResponse:  # (another server's figures: idle)
+        return web.Response(text="vllm:num_requests_waiting 0\nvllm:num_requests_running 0\n")
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        await release.wait()
+        return web.json_response({"object": "chat.completion", "choices": []})
+
+    async def go() -> None:
+        routes = [("GET", "/metrics", metrics), ("POST", "/v1/chat/completions", slow)]
+        async with rig(routes, utilization=True) as r:
+            loop = asyncio.get_running_loop()
+            socks = []
+            for _ in range(3):
+                s = socket.socket()
+                s.setblocking(False)
+                await loop.sock_connect(s, ("127.0.0.1", r.port))
+                await loop.sock_sendall(s, _post())
+                socks.append(s)
+            try:
+                for _ in range(60):
+                    if "count as waiting" in caplog.text:
+                        break
+                    await asyncio.sleep(0.1)
+                assert "is a load balancer, list its servers as backends" in caplog.text, caplog.text
+                await asyncio.sleep(0.5)
+                assert caplog.text.count("count as waiting") == 1  # (once for the run)
+            finally:
+                release.set()
+                for s in socks:
+                    s.close()
+
+    with caplog.at_level(logging.WARNING, logger="distributor.backends"):
+        run(go(), timeout=30.0)

@@ -222,6 +222,50 @@ def test_a_request_slow_to_show_counts_until_it_does() -> None:
     assert pool.backend_saturation(0) == pytest.approx(4 / 5)
 
 
+def test_scrapes_that_keep_missing_requests_not_on_their_way_are_told_apart() -> None:
+    """A backend URL must be one server: behind a load balancer each scrape shows one server's figures,
+    the others' requests count as unseen for ever, and the pool is held. Requests on their way were
+    sent lately; more unseen than were sent in the last MISSING_RECENT seconds, for MISSING_PERSISTS
+    seconds, is what `missing_for` reports (the shell warns). Bursts on their way, and a steady flow
+    with some always on its way, are not reported."""
+    from flowshard.utilization import MISSING_PERSISTS
+
+    def at(t: float) -> float:
+        return round(t, 3)
+
+    lb = PoolUtilization(1, queue_threshold=5, kv_threshold=0.8, staleness=10.0)
+    for _ in range(40):
+        lb.sent(0)
+    for k in range(140):  # 7 s of scrapes, each one replica's 10 running; nothing more sent
+        scraped(lb, 0, at(0.05 * k), waiting=0, running=10)
+    assert lb.missing_for(0) >= MISSING_PERSISTS
+    scraped(lb, 0, 7.0, waiting=10, running=30)  # (one that shows them all: reported no more)
+    assert lb.missing_for(0) == 0.0
+
+    transit = PoolUtilization(1, queue_threshold=5, kv_threshold=0.8, staleness=10.0)
+    steady = PoolUtilization(1, queue_threshold=5, kv_threshold=0.8, staleness=10.0)
+    running = 0
+    for k in range(200):  # 10 s
+        t = at(0.05 * k)
+        if k % 40 == 0:  # a burst every 2 s that the backend counts 0.3 s late
+            for _ in range(5):
+                transit.sent(0)
+            running = 0
+        elif k % 40 == 6:
+            running = 5
+        elif k % 40 == 20:
+            for _ in range(5):
+                transit.finished(0)
+            running = 0
+        scraped(transit, 0, t, waiting=0, running=running)
+        for _ in range(10):
+            steady.sent(0)
+        for _ in range(10 if k else 0):
+            steady.finished(0)
+        scraped(steady, 0, t, waiting=0, running=7)  # 3 of its 10 always still on their way
+        assert transit.missing_for(0) == 0.0 and steady.missing_for(0) == 0.0, k
+
+
 def test_a_request_done_before_the_scrape_answered_is_not_taken_off_twice() -> None:
     """Done at the backend while the scrape was on its way (not in its figures) and seen done here after
     it came back: it must come off the estimate once, not twice."""
