@@ -125,13 +125,12 @@ def _known_lines(text: bytes) -> list[bytes]:
 class BackendLoad:
     """One backend's last scrape and the proxy's exact count of what changed there since."""
 
-    __slots__ = ("at", "both", "errors", "finished", "finished_base", "held", "held_base", "held_finished",
+    __slots__ = ("at", "errors", "finished", "finished_base", "held", "held_base", "held_finished",
                  "held_finished_base", "kv", "marks", "missing_since", "running", "sent", "sent_base", "unseen",
                  "waiting")
 
     def __init__(self) -> None:
         self.waiting = self.running = self.kv = 0.0
-        self.both = False  # the last scrape gave both counts (`Scraped.both`)
         self.at = -math.inf  # when the last good scrape was *sent* (its figures are at least that fresh)
         self.sent = 0  # requests sent to this backend, ever
         self.finished = 0  # requests that ended there, ever
@@ -189,7 +188,7 @@ class PoolUtilization:
         load = self.loads[backend]
         if sent_at < load.at:  # an older scrape overtaken by a newer one
             return False
-        load.waiting, load.running, load.kv, load.both = figures.waiting, figures.running, figures.kv, figures.both
+        load.waiting, load.running, load.kv = figures.waiting, figures.running, figures.kv
         load.at = sent_at
         load.sent_base, load.finished_base, load.held_base, load.held_finished_base = mark
         # In flight there when the scrape left, yet not in its figures: not arrived yet (a backend may
