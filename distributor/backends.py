@@ -22,7 +22,14 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from flowshard.config import ProxyConfig
-from flowshard.utilization import MISSING_PERSISTS, MISSING_RECENT, PoolUtilization, ScrapeError, parse_metrics
+from flowshard.utilization import (
+    MISSING_PERSISTS,
+    MISSING_RECENT,
+    NoMetrics,
+    PoolUtilization,
+    ScrapeError,
+    parse_metrics,
+)
 
 __all__ = ["LOCAL_SHORTAGE", "SCRAPE_CONNECT_TIMEOUT", "Backend", "BackendPool", "Scraper", "failure_kind"]
 
@@ -207,7 +214,7 @@ class Scraper:
             # (no redirect followed: the backend's own metrics or none; a 3xx is an error)
             async with self.session.get(url, timeout=timeout, allow_redirects=False) as resp:
                 if resp.status != 200:
-                    raise ScrapeError(f"HTTP {resp.status}")
+                    raise (NoMetrics if resp.status == 404 else ScrapeError)(f"HTTP {resp.status}")
                 body = await _read_at_most(resp, MAX_METRICS_BYTES)
             figures = parse_metrics(body)
         except (aiohttp.ClientError, TimeoutError, ScrapeError, OSError) as exc:
@@ -268,7 +275,7 @@ class Scraper:
 def _no_metrics_hint(exc: BaseException) -> str:
     """What to do about a backend that has no metrics flowshard can read (a review: a newcomer's
     OpenAI server without them held every request until its TTL, with one log line to say why)."""
-    if isinstance(exc, ScrapeError) and (str(exc) == "HTTP 404" or str(exc).startswith("no known saturation")):
+    if isinstance(exc, NoMetrics):
         return ("; while no backend in rotation can be read, every request waits (until its TTL). A backend "
                 "without vLLM, SGLang or TGI metrics: set [proxy] utilization = false (the concurrency budget "
                 "alone gates), or metrics_path to where they are")

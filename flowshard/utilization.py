@@ -31,7 +31,7 @@ from collections import deque
 
 import msgspec
 
-__all__ = ["BackendLoad", "PoolUtilization", "ScrapeError", "Scraped", "parse_metrics"]
+__all__ = ["BackendLoad", "NoMetrics", "PoolUtilization", "ScrapeError", "Scraped", "parse_metrics"]
 
 # Requests in flight at a backend that its scrapes do not show, more than were sent there in the last
 # MISSING_RECENT seconds (so not on their way), for MISSING_PERSISTS seconds in a row: its metrics do
@@ -49,6 +49,11 @@ _PREFIXES = WAITING + RUNNING + KV
 
 class ScrapeError(ValueError):
     """A metrics page flowshard cannot read a saturation from."""
+
+
+class NoMetrics(ScrapeError):
+    """A backend that has no metrics flowshard knows (no page, or none of the known names): unlike a
+    failing scrape, it will not pass (the shell says what to do)."""
 
 
 class Scraped(msgspec.Struct, frozen=True):
@@ -102,7 +107,7 @@ def read_lines(lines: list[bytes]) -> Scraped:
         elif name in KV:
             kv = max(kv, value)
     if not seen_waiting and kv < 0:
-        raise ScrapeError("no known saturation metric (vllm:num_requests_waiting, vllm:kv_cache_usage_perc, "
+        raise NoMetrics("no known saturation metric (vllm:num_requests_waiting, vllm:kv_cache_usage_perc, "
                           "sglang:num_queue_reqs, sglang:token_usage)")
     return Scraped(waiting, running, min(max(kv, 0.0), 1.0), seen_waiting and seen_running)
 
