@@ -1108,22 +1108,24 @@ class Distributor:
     def _flow_busy(self, flow: str) -> bool:
         return any(flow in band.flows for band in self.ledger.bands)
 
-    def begin_drain(self) -> None:
-        """SIGTERM/SIGINT: stop accepting; let queued work finish until the drain timeout; then stop."""
+    def begin_drain(self) -> bool:
+        """SIGTERM/SIGINT: stop accepting; let queued work finish until the drain timeout; then stop.
+        Whether this began the drain (not: still starting, or a second signal, which stops now)."""
         if not self._started:
             self.stop_requested = True  # still starting: serve() stops as soon as start() returns
-            return
+            return False
         assert self._loop is not None
         if not self._accepting:
             if self._stopped is not None and not self._stopping:
                 self._loop.create_task(self.close(why="signal"))  # a second signal: stop now
-            return
+            return False
         self._accepting = False
         for server in self.servers:
             server.close()
         if self.acceptors is not None:
             self.acceptors.stop_listening()
         self._loop.create_task(self._drain_then_close())
+        return True
 
     async def _drain_then_close(self) -> None:
         deadline = time.monotonic() + self.config.service.drain_timeout
@@ -1234,9 +1236,7 @@ async def serve(config: Config, shards: int, acceptors: int = 0) -> None:
     loop = asyncio.get_running_loop()
 
     def on_signal(sig: signal.Signals) -> None:
-        draining = service._started and service._accepting  # (a first signal, once started: the drain)
-        service.begin_drain()
-        if draining:  # said, or Ctrl-C looks like a hang for up to drain_timeout (a review)
+        if service.begin_drain():  # said, or Ctrl-C looks like a hang for up to drain_timeout (a review)
             ledger = service.ledger
             until = "the queues are empty" if service.proxy is None else (
                 "the queues are empty and every proxied response has ended")  # (`_drain_then_close`)
