@@ -251,11 +251,11 @@ class Scraper:
             if self.on_health is not None:
                 self.on_health(index)
         fell = self.utilization.scraped(index, sent_at, mark, figures)
-        self._judge_missing(index)
+        self._warn_if_missing(index)
         if fell or back:  # (back: the pool's mean is over the backends in rotation, and it is one again)
             self.on_room()
 
-    def _judge_missing(self, index: int) -> None:
+    def _warn_if_missing(self, index: int) -> None:
         """Warn, once a run, when a backend's metrics keep missing requests sent to it that are not on
         their way: its URL is likely several servers (the detector counts them as waiting)."""
         missing_for = self.utilization.missing_for(index)
