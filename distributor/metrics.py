@@ -13,10 +13,9 @@ the ledger's, exact; `flow=""` per band is the band total minus the listed flows
 capped at K + bands whatever the number of flows. Nothing here is per request.
 
 The wait histogram counts the queue wait of dispatched requests (shards observe it when they
-dispatch; the idle fast path observes 0). Shared memory holds bucket counts only, so `_sum` is
-approximated: each bucket contributes its count times its midpoint ((lower + upper) / 2, the first
-bucket from 0), and the overflow bucket (> the last bound) its count times the last bound, so for
-those the sum is a lower bound. Quantiles (`histogram_quantile`) use the buckets and are unaffected.
+dispatch; the idle fast path observes 0): bucket counts and the waits' exact sum in whole µs, per
+writer and band. (The sum was once estimated from the buckets' midpoints: a review measured it 8–52 %
+above the clients' waits, so a mean wait from `_sum / _count` was biased.)
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ from flowshard.types import Outcome
 if TYPE_CHECKING:
     from distributor.service import Distributor
 
-__all__ = ["TOP_FLOWS", "FlowshardCollector", "render_metrics", "stats_snapshot", "wait_sum_estimate"]
+__all__ = ["TOP_FLOWS", "FlowshardCollector", "render_metrics", "stats_snapshot"]
 
 TOP_FLOWS: Final = 20  # per-flow series kept (by queued bytes); the rest are summed into flow=""
 # The rest's label: the empty string, which no flow id can be (1 to 256 characters). It was "other",
@@ -55,18 +54,8 @@ DISTRIBUTOR_SHARD: Final = "distributor"  # shard label of the distributor's own
 
 I64 = npt.NDArray[np.int64]
 
-# Representative value of each wait bucket, for the approximate `_sum` (see the module docstring).
-_LOWER: Final = (0.0, *WAIT_BUCKETS)
-_MIDPOINTS: Final = np.array(
-    [(lo + hi) / 2 for lo, hi in zip(_LOWER[:-1], WAIT_BUCKETS, strict=True)] + [WAIT_BUCKETS[-1]], dtype=np.float64
-)
 _LE: Final = [repr(float(b)) for b in WAIT_BUCKETS] + ["+Inf"]  # "0.0001", "1.0": as prometheus-client writes
 _OUTCOMES: Final = list(Outcome)
-
-
-def wait_sum_estimate(counts: npt.ArrayLike) -> float:
-    """Approximate total wait (seconds) of non-cumulative bucket `counts`: count x bucket midpoint."""
-    return float(np.dot(np.asarray(counts, dtype=np.float64), _MIDPOINTS))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -86,6 +75,7 @@ class _View:
     bands: list[str]  # band names, index = band (0 = highest priority)
     outcomes: I64  # [B, O], all writers summed
     wait: I64  # [B, H], all writers summed (non-cumulative)
+    wait_us: I64  # [B]: the waits' sum, µs, all writers summed
     shard_items: I64  # [B, N], enq - deq
     shard_bytes: I64  # [B, N]
     dispatched: I64  # [N + 1], the last one the distributor's (fast path)
@@ -171,6 +161,7 @@ def _view(distributor: Distributor, k: int = TOP_FLOWS) -> _View:
     if snap is not None:
         outcomes: I64 = snap["outcomes"].sum(axis=0)
         wait: I64 = snap["wait_hist"].sum(axis=0)
+        wait_us: I64 = snap["wait_us"].sum(axis=0)
         shard_items: I64 = snap["band_enq_items"] - snap["band_deq_items"]
         shard_bytes: I64 = snap["band_enq_bytes"] - snap["band_deq_bytes"]
         dispatched: I64 = snap["dispatched"]
@@ -182,6 +173,7 @@ def _view(distributor: Distributor, k: int = TOP_FLOWS) -> _View:
     else:  # not started yet: no shared counters, report zeros
         outcomes = np.zeros((b, layout.outcomes), np.int64)
         wait = np.zeros((b, layout.hist_buckets), np.int64)
+        wait_us = np.zeros(b, np.int64)
         shard_items = np.zeros((b, n), np.int64)
         shard_bytes = np.zeros((b, n), np.int64)
         dispatched = np.zeros(n + 1, np.int64)
@@ -197,6 +189,7 @@ def _view(distributor: Distributor, k: int = TOP_FLOWS) -> _View:
         bands=[band.name for band in distributor.config.bands],
         outcomes=outcomes,
         wait=wait,
+        wait_us=wait_us,
         shard_items=shard_items,
         shard_bytes=shard_bytes,
         dispatched=dispatched,
@@ -353,13 +346,13 @@ class FlowshardCollector(Collector):
 
         hist = HistogramMetricFamily(
             "flowshard_wait_seconds",
-            "Queue wait of dispatched requests per band; _sum approximated from bucket midpoints.",
+            "Queue wait of dispatched requests per band.",
             labels=["band"],
         )
         for bi, band in enumerate(bands):
             counts = v.wait[bi]
             cumulative = np.cumsum(counts).tolist()
-            hist.add_metric([band], list(zip(_LE, cumulative, strict=True)), wait_sum_estimate(counts))
+            hist.add_metric([band], list(zip(_LE, cumulative, strict=True)), int(v.wait_us[bi]) / 1e6)
         yield hist
 
         dispatched = CounterMetricFamily(
@@ -519,7 +512,8 @@ def stats_snapshot(distributor: Distributor, top_flows: int = TOP_FLOWS) -> dict
                     "bounds": list(WAIT_BUCKETS),  # upper bounds, seconds; counts has one more (overflow)
                     "counts": counts,
                     "count": sum(counts),
-                    "sum_estimate": wait_sum_estimate(counts),
+                    "sum": int(v.wait_us[bi]) / 1e6,  # seconds, exact to the µs
+                    "sum_estimate": int(v.wait_us[bi]) / 1e6,  # (its name before the sum was exact; deprecated)
                 },
                 "retry_after": d.retry[bi].value,
                 "priority_inversions": int(v.inversions[bi]),

@@ -13,11 +13,14 @@ from __future__ import annotations
 import dataclasses
 import operator
 import struct
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
+
+from flowshard.stats import WAIT_BUCKETS
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -37,7 +40,7 @@ __all__ = [
 I64 = npt.NDArray[np.int64]
 
 MAGIC: Final = int.from_bytes(b"FLOWSHM\0", "little")  # first header word: "this is a stats segment"
-VERSION: Final = 4
+VERSION: Final = 5
 HEADER_WORDS: Final = 8  # magic, version, F, N, B, O, H, nbytes
 _ALIGN: Final = 64  # one cache line: arrays of different writers never share a line at their edges
 
@@ -69,7 +72,7 @@ _SHARD_ARRAYS: Final = (
 _DIST_ARRAYS: Final = (
     "enq_bytes", "enq_items", "band_enq_bytes", "band_enq_items", "shard_enq_bytes", "shard_sent_bytes", "band_waiting",
 )
-_SHARED_ROWS: Final = ("outcomes", "wait_hist", "dispatched", "inversions", "narrowed")  # row w: writer w
+_SHARED_ROWS: Final = ("outcomes", "wait_hist", "wait_us", "dispatched", "inversions", "narrowed")  # row w: writer w
 ARRAY_NAMES: Final = ("seq", *_SHARD_ARRAYS, *_SHARED_ROWS, *_DIST_ARRAYS)
 
 
@@ -142,6 +145,8 @@ class ShmLayout:
             "heartbeat_ns": (n,),
             "outcomes": (n + 1, b, o),
             "wait_hist": (n + 1, b, h),
+            # the waits' exact sum, µs (the histogram's `_sum`; int64 µs overflows after ~290,000 years of waits)
+            "wait_us": (n + 1, b),
             "dispatched": (n + 1,),
             "enq_bytes": (f, n),
             "enq_items": (f, n),
@@ -322,6 +327,7 @@ class ShmStats:
     heartbeat_ns: I64
     outcomes: I64
     wait_hist: I64
+    wait_us: I64
     dispatched: I64
     enq_bytes: I64
     enq_items: I64
@@ -376,6 +382,7 @@ class ShmStats:
         self._w_ssent = w["shard_sent_bytes"]
         self._w_out = w["outcomes"]
         self._w_hist = w["wait_hist"]
+        self._w_wait_us = w["wait_us"]
         self._w_disp = w["dispatched"]
         self._w_wait = w["band_waiting"]
         self._w_inv = w["inversions"]
@@ -444,9 +451,12 @@ class ShmStats:
         """Writer ``writer`` only: count final outcomes (index per the outcome enum, < O)."""
         self._q[self._w_out + writer * self._row_out + band * self._o + outcome] += n
 
-    def observe_wait(self, writer: int, band: int, bucket: int, n: int = 1) -> None:
-        """Writer ``writer`` only: count a wait time into histogram bucket ``bucket`` (< H)."""
-        self._q[self._w_hist + writer * self._row_hist + band * self._h + bucket] += n
+    def observe_wait(self, writer: int, band: int, wait: float) -> None:
+        """Writer ``writer`` only: count a dispatch's queue wait of ``wait`` seconds (>= 0) into its
+        histogram bucket and the waits' sum (whole µs, rounded: the `_sum` is exact to that)."""
+        q = self._q
+        q[self._w_hist + writer * self._row_hist + band * self._h + bisect_left(WAIT_BUCKETS, wait)] += 1
+        q[self._w_wait_us + writer * self._b + band] += int(wait * 1e6 + 0.5)
 
     def add_dispatched(self, writer: int, n: int = 1) -> None:
         self._q[self._w_disp + writer] += n

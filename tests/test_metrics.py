@@ -25,13 +25,12 @@ from distributor.metrics import (
     FlowshardCollector,
     render_metrics,
     stats_snapshot,
-    wait_sum_estimate,
 )
 from distributor.service import Distributor
 from flowshard.config import BandConfig, BudgetConfig, Config
 from flowshard.ledger import Pending
 from flowshard.shm import ShmStats
-from flowshard.stats import N_WAIT_BUCKETS, WAIT_BUCKETS
+from flowshard.stats import WAIT_BUCKETS
 from flowshard.types import Outcome
 
 HIGH, LOW = 0, 1  # band indices: config sorts bands by priority, highest first
@@ -256,11 +255,14 @@ def test_unlimited_budget_exports_inf_limits_and_zero_saturation() -> None:
 def test_wait_histogram_is_cumulative_and_consistent(dist: Distributor) -> None:
     shm = dist.shm
     assert shm is not None
-    shm.observe_wait(DIST, HIGH, 0, 2)  # fast path: 0 s
-    shm.observe_wait(0, HIGH, 3, 5)  # (0.001, 0.005]
-    shm.observe_wait(1, HIGH, 3, 1)
-    shm.observe_wait(1, HIGH, N_WAIT_BUCKETS - 1, 1)  # above the last bound
-    shm.observe_wait(0, LOW, 10, 4)  # (0.5, 1.0]
+    for _ in range(2):
+        shm.observe_wait(DIST, HIGH, 0.0)  # fast path: 0 s
+    waits = [0.0011, 0.002, 0.003, 0.004, 0.005, 0.0049]  # (0.001, 0.005]
+    for k, w in enumerate(waits):
+        shm.observe_wait(k % 2, HIGH, w)
+    shm.observe_wait(1, HIGH, 61.5)  # above the last bound
+    for w in (0.51, 0.6, 0.7, 1.0):  # (0.5, 1.0]
+        shm.observe_wait(0, LOW, w)
     s = scrape(dist)
     high = {dict(k)["le"]: v for k, v in series(s, "flowshard_wait_seconds_bucket").items() if ("band", "high") in k}
     assert len(high) == len(WAIT_BUCKETS) + 1
@@ -273,18 +275,12 @@ def test_wait_histogram_is_cumulative_and_consistent(dist: Distributor) -> None:
     assert high["0.005"] == 8
     assert high["60.0"] == 8
     assert high["+Inf"] == 9 == value(s, "flowshard_wait_seconds_count", band="high")
-    expected_sum = 2 * 0.00005 + 6 * (0.001 + 0.005) / 2 + 1 * 60.0
-    assert value(s, "flowshard_wait_seconds_sum", band="high") == pytest.approx(expected_sum)
+    # the sum is the waits' own, not the buckets' midpoints (6 * 0.003 + 60 for these), to the µs
+    assert value(s, "flowshard_wait_seconds_sum", band="high") == pytest.approx(sum(waits) + 61.5, abs=1e-9)
     assert value(s, "flowshard_wait_seconds_count", band="low") == 4
-    assert value(s, "flowshard_wait_seconds_sum", band="low") == pytest.approx(4 * 0.75)
+    assert value(s, "flowshard_wait_seconds_sum", band="low") == pytest.approx(2.81, abs=1e-9)
     assert value(s, "flowshard_wait_seconds_bucket", band="low", le="0.5") == 0
     assert value(s, "flowshard_wait_seconds_bucket", band="low", le="1.0") == 4
-
-
-def test_wait_sum_estimate_uses_midpoints_and_the_last_bound_for_overflow() -> None:
-    counts = [0] * N_WAIT_BUCKETS
-    counts[0], counts[1], counts[-1] = 1, 2, 3
-    assert wait_sum_estimate(counts) == pytest.approx(0.00005 + 2 * 0.0003 + 3 * WAIT_BUCKETS[-1])
 
 
 # ---------------------------------------------------------------------------------------------- shards
@@ -352,7 +348,8 @@ def test_stats_snapshot_encodes_and_totals_are_consistent(dist: Distributor) -> 
     enqueue(dist, "h", HIGH, 500, shard=1)
     shm.add_outcome(0, LOW, Outcome.DISPATCHED, 4)
     shm.add_outcome(DIST, LOW, Outcome.REJECTED_CAPACITY, 1)
-    shm.observe_wait(0, LOW, 2, 4)
+    for _ in range(4):
+        shm.observe_wait(0, LOW, 0.0007)
     shm.add_dispatched(0, 4)
     shm.add_dispatched(DIST, 1)
     dist.ledger.plan_grants()

@@ -35,7 +35,8 @@ def test_layout_offsets_aligned_disjoint_and_nbytes_exact(dims: tuple[int, ...])
     expected = {
         "enq_bytes": (f, n), "enq_items": (f, n), "deq_bytes": (f, n), "deq_items": (f, n),
         "band_enq_bytes": (b, n), "band_enq_items": (b, n), "band_deq_bytes": (b, n), "band_deq_items": (b, n),
-        "outcomes": (n + 1, b, o), "wait_hist": (n + 1, b, h), "dispatched": (n + 1,),
+        "outcomes": (n + 1, b, o), "wait_hist": (n + 1, b, h), "wait_us": (n + 1, b),
+        "dispatched": (n + 1,),
         "heartbeat_ns": (n,), "seq": (n + 1,), "shard_enq_bytes": (n,), "shard_deq_bytes": (n,),
         "shard_taken_bytes": (n,), "shard_sent_bytes": (n,),
         "band_waiting": (b,), "inversions": (n + 1, b), "narrowed": (n + 1, b),
@@ -137,11 +138,12 @@ def test_single_writer_counter_arithmetic_touches_only_its_cells() -> None:
     stats.add_outcome(lay.distributor, 0, 7, n=4)
     exp["outcomes"][1, 2, 5] = 1
     exp["outcomes"][3, 0, 7] = 4
-    stats.observe_wait(2, 1, 16)
-    stats.observe_wait(2, 1, 16)
-    stats.observe_wait(lay.distributor, 2, 0)
+    stats.observe_wait(2, 1, 75.25)
+    stats.observe_wait(2, 1, 60.0000004)  # above the last bound (60 s); the µs rounded
+    stats.observe_wait(lay.distributor, 2, 0.0)
     exp["wait_hist"][2, 1, 16] = 2
     exp["wait_hist"][3, 2, 0] = 1
+    exp["wait_us"][2, 1] = 135_250_000
     stats.add_dispatched(0)
     stats.add_dispatched(lay.distributor, 5)
     exp["dispatched"][0] = 1

@@ -44,7 +44,6 @@ from flowshard.codec import (
 from flowshard.config import Config
 from flowshard.engine import Engine
 from flowshard.shm import MIN_BACKLOG_BYTES, ShmStats
-from flowshard.stats import wait_bucket
 from flowshard.types import Outcome, Request
 
 log = logging.getLogger(__name__)
@@ -190,7 +189,7 @@ class ShardWorker(asyncio.Protocol):
             stats.add_deq(slots.pop(request.id), shard, item.band, request.size)
             stats.add_outcome(shard, item.band, outcome)
             if outcome == _DISPATCHED:
-                stats.observe_wait(shard, item.band, wait_bucket(wait))
+                stats.observe_wait(shard, item.band, wait)
                 stats.add_dispatched(shard)
 
     def _flush(self) -> None:
