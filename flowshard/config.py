@@ -416,6 +416,9 @@ def convert(data: dict[str, Any], type_: type[T], *, where: str = "config") -> T
         return msgspec.convert(data, type_)
     except msgspec.ValidationError as exc:
         raise ConfigError(explain(str(exc), data, type_, where)) from None
+    except RecursionError:
+        raise ConfigError(f"{where}: a value nests arrays or tables too deeply; flowshard's files nest a few "
+                          "levels at most") from None
 
 
 def parse_toml(text: str, *, where: str = "config") -> dict[str, Any]:
@@ -423,6 +426,20 @@ def parse_toml(text: str, *, where: str = "config") -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses per level: ~500 nested arrays ended in a traceback (a review)
+        raise ConfigError(f"{where}: a value nests arrays or inline tables too deeply (from line "
+                          f"{_deep_line(text)}); flowshard's files nest a few levels at most") from None
+
+
+def _deep_line(text: str) -> int:
+    """The line where brackets first open 64 levels deep (strings not told apart: a hint for the error)."""
+    depth = 0
+    for number, line in enumerate(text.splitlines(), 1):
+        for ch in line:
+            depth += (ch in "[{") - (ch in "]}")
+            if depth >= 64:
+                return number
+    return 1
 
 
 def load_config(text: str, *, where: str = "config") -> Config:

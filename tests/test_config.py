@@ -152,6 +152,9 @@ def test_unnamed_band_is_named_after_its_priority():
         ("[service]\nlease = 0\n", ["service.lease", "> 0"]),
         ("x = = 1\n", ["not valid TOML", "line 1"]),
         ("[[bands]\npriority = 0\n", ["not valid TOML"]),
+        # deeper than tomllib's recursion (a review: a RecursionError's traceback, exit 1)
+        ("x = 1\ny = " + "[" * 2000 + "]" * 2000 + "\n", ["nests arrays or inline tables too deeply", "line 2"]),
+        ("[service]\nport = " + "{a=" * 600 + "1" + "}" * 600 + "\n", ["too deeply", "line 2"]),
     ],
 )
 def test_invalid_values_name_field_value_and_allowed(text, expected):

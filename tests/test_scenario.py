@@ -230,6 +230,11 @@ def test_not_toml() -> None:
         load_scenario("[workload\n", where="x.toml")
 
 
+def test_a_value_nested_too_deeply_is_an_error_not_a_traceback() -> None:
+    with pytest.raises(ConfigError, match=r"x\.toml: a value nests arrays or inline tables too deeply \(from line 1\)"):
+        load_scenario("x = " + "[" * 3000 + "]" * 3000 + "\n", where="x.toml")
+
+
 def _flow(flow_id: str, **extra: object) -> dict[str, object]:
     return {"id": flow_id, "arrival": {"kind": "poisson", "rate": 1.0}, "service": 0.1, **extra}
 
