@@ -33,7 +33,7 @@ from flowshard.codec import FrameWriter, Release
 __all__ = ["PROBES", "Service", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
-READY = re.compile(r"http=http://[^:\s]+:(\d+) binary=[^:\s]+:(\d+) shards=\d+ pid=(\d+)")
+READY = re.compile(r"http=http://\S+:(\d+) binary=\S+:(\d+) shards=\d+ pid=(\d+)")
 
 
 class Service:

@@ -42,7 +42,9 @@ from flowshard.scenario import Scenario, closed_clients, offered_rate
 
 __all__ = ["BenchError", "Options", "RunRecord", "Server", "run_once"]
 
-READY = re.compile(r"(?:flowshard|echo) ready: http=http://(\S+):(\d+) binary=(\S+):(\d+)(?: shards=(\d+))? pid=(\d+)")
+# (an IPv6 host comes in brackets, `[::1]:8080`: the brackets are not the host's)
+READY = re.compile(r"(?:flowshard|echo) ready: http=http://\[?(\S+?)\]?:(\d+) binary=\[?(\S+?)\]?:(\d+)"
+                   r"(?: shards=(\d+))? pid=(\d+)")
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
 _PR_SET_PDEATHSIG = 1
