@@ -571,6 +571,20 @@ class BatchReader:
         return len(self._buf)
 
 
+def _peek_tag(frame: memoryview) -> int | None:
+    """A frame's message type, read from its first bytes (an array's header, then a positive fixint), so
+    that a frame that does not decode at all, even as plain msgpack (nested too deep for it, cut short
+    after the bad field), still names its message's fields (a review: `[2]: expected a string`)."""
+    if not frame:
+        return None
+    head = frame[0]
+    at = 1 if 0x90 <= head <= 0x9F else 3 if head == 0xDC else 5 if head == 0xDD else 0
+    if not at or len(frame) <= at:
+        return None
+    tag = frame[at]
+    return tag if tag <= 0x7F else tag - 0x100 if tag >= 0xE0 else None  # a fixint, positive or negative
+
+
 class FrameReader:
     """Decodes the frames in a byte stream, typed by the union this side expects to receive."""
 
@@ -637,11 +651,7 @@ class FrameReader:
         syntax, sep, detail = message.partition("MessagePack data is malformed: ")
         if sep and not syntax:
             return f"not valid msgpack: {detail}"
-        try:
-            raw = msgspec.msgpack.decode(frame)
-        except (msgspec.DecodeError, RecursionError):
-            raw = None
-        tag = raw[0] if isinstance(raw, list) and raw else None
+        tag = _peek_tag(frame)
         layout = self._layouts.get(tag) if isinstance(tag, int) else None
         if layout is None:
             if isinstance(tag, int) and not isinstance(tag, bool):
