@@ -37,6 +37,7 @@ import msgspec
 
 from bench.loadgen import GenResult, GenSpec
 from bench.procstat import CpuSample, MachineSample, ProcId, children, cmdline, machine_sample, sample
+from flowshard.codec import FrameError, FrameReader, FrameWriter, Release, Released, ToClient
 from flowshard.config import ConfigError, dump_config
 from flowshard.scenario import Scenario, closed_clients, offered_rate
 
@@ -53,6 +54,39 @@ _PR_SET_PDEATHSIG = 1
 class BenchError(Exception):
     """A run could not be made (a process did not start, died, or did not finish): said in one line,
     after the processes' own stderr."""
+
+
+def _speaks_binary(conn: socket.socket) -> str:
+    """"" if the service at `conn` answers flowshard's binary protocol, else what it did instead. Asks
+    with a release of ticket 0, which no admission is ever given: answered `Released(0, false)`, and
+    counted nowhere."""
+    writer = FrameWriter()
+    writer.add(Release(0))
+    conn.sendall(writer.take())
+    reader, got = FrameReader(ToClient), b""
+    try:
+        while not (replies := reader.feed(chunk := conn.recv(65536))):
+            if not chunk:
+                return "closed the connection: is it flowshard's binary port (8081 by default)?"
+            got += chunk
+    except FrameError:
+        got += chunk
+        return f"does not speak flowshard's binary protocol (it answered {got[:40]!r}): its HTTP port?"
+    if type(replies[0]) is Released:
+        return ""
+    return f"answered {replies[0]!r} to a release of ticket 0, not Released: is it flowshard?"
+
+
+def _speaks_http(conn: socket.socket) -> str:
+    """"" if the service at `conn` answers HTTP (`GET /healthz`), else what it did instead."""
+    conn.sendall(b"GET /healthz HTTP/1.1\r\nhost: flowshard\r\n\r\n")
+    got = b""
+    while len(got) < 9 and (chunk := conn.recv(65536)):
+        got += chunk
+    if got.startswith(b"HTTP/1."):
+        return ""
+    return (f"does not answer HTTP (it answered {got[:40]!r}): its binary port? flowshard's HTTP port is 8080 "
+            "by default")
 
 
 def die_with_parent() -> None:
@@ -104,9 +138,14 @@ class Server:
         else:
             used, flag = (host, port), "--target"
         try:
-            socket.create_connection(used, timeout=5.0).close()
+            with socket.create_connection(used, timeout=5.0) as conn:
+                problem = _speaks_http(conn) if transport == "http" else _speaks_binary(conn)
+        except TimeoutError:
+            problem = "did not answer within 5 s: is it flowshard?"
         except OSError as exc:
             raise ConfigError(f"{flag}: cannot connect to {used[0]}:{used[1]}: {exc.strerror or exc}") from None
+        if problem:  # (a review: pointed at the other port, a run "succeeded" with nothing dispatched)
+            raise ConfigError(f"{flag}: {used[0]}:{used[1]} {problem}")
         return cls("target", http=http, binary=(host, port))
 
     @classmethod

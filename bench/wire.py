@@ -25,7 +25,18 @@ import httptools
 import msgspec
 
 from bench.timer import PreciseTimer
-from flowshard.codec import Admit, Audited, Error, FrameReader, FrameWriter, Release, Released, Result, ToClient
+from flowshard.codec import (
+    Admit,
+    Audited,
+    Error,
+    FrameError,
+    FrameReader,
+    FrameWriter,
+    Release,
+    Released,
+    Result,
+    ToClient,
+)
 from flowshard.types import Outcome
 
 __all__ = ["OUTCOME_BY_LABEL", "BinaryConn", "HttpPool", "Sink", "connect_binary"]
@@ -97,7 +108,14 @@ class BinaryConn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._timer.work += 1
         sink = self._sink
-        for msg in self._reader.feed(data):
+        try:
+            messages = self._reader.feed(data)
+        except FrameError as exc:  # not flowshard's protocol (the run's check at the start says so first)
+            messages = exc.messages
+            sink.on_lost(f"binary connection: not flowshard's binary protocol: {exc}")
+            if self._transport is not None:
+                self._transport.abort()
+        for msg in messages:
             kind = type(msg)
             if kind is Audited:
                 sink.on_result(msg.id, msg.outcome, msg.ticket, msg.wait,

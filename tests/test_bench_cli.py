@@ -184,6 +184,26 @@ def test_bench_drives_a_running_service_with_target(tmp_path: Path, launch: Any)
     assert svc.stats()["totals"]["dispatched"] >= doc["configs"][0]["runs"][0]["counts"]["dispatched"]
 
 
+def test_bench_aimed_at_the_other_protocols_port_says_so_before_running(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], launch: Any
+) -> None:
+    """A review: `--target` at the HTTP port (or `--http-target` at the binary one) ran, printed a table
+    of nothing dispatched (and a traceback) and exited 0. Now a one-line error, before any run."""
+    svc = launch(config_text(budget=None), shards=1)
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(FREE)
+    for flags, message in (
+        (["--target", f"127.0.0.1:{svc.http_port}"], "does not speak flowshard's binary protocol"),
+        (["--target", f"127.0.0.1:{svc.binary_port}", "--http-target", f"127.0.0.1:{svc.binary_port}", "--http"],
+         "does not answer HTTP"),
+    ):
+        assert cli.main(["bench", str(scenario), "--quiet", "--no-simulate", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("flowshard: ") and message in err and "Traceback" not in err, err
+        assert err.count("\n") == 1, err
+    assert svc.stats()["totals"]["dispatched"] == 0  # the check itself admitted nothing
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
