@@ -53,7 +53,7 @@ from flowshard.scenario import (
     offered_rate,
     scenario_from_data,
 )
-from flowshard.simulate import read_scenario
+from flowshard.simulate import check_writable, read_scenario
 
 __all__ = ["main", "standalone"]
 
@@ -344,9 +344,7 @@ def main(args: argparse.Namespace, command: str | None = None) -> int:
     check_numbers(args)
     base = read_scenario(args.scenario)
     for flag, path in (("--json", args.json), ("--plot", args.plot), ("--records", args.records)):
-        folder = Path(path).resolve().parent if path else None
-        if folder is not None and not (folder.is_dir() and os.access(folder, os.W_OK)):
-            raise ConfigError(f"{flag}: cannot write {path}: {folder} is not a writable folder")
+        check_writable(flag, path)
     if args.plot:
         from bench.plot import plot_missing
 

@@ -43,6 +43,7 @@ import difflib
 import heapq
 import importlib.resources
 import math
+import os
 import sys
 import time
 from array import array
@@ -1261,6 +1262,14 @@ def shipped_scenarios() -> list[tuple[str, str, bool]]:
     return out
 
 
+def check_writable(flag: str, path: str | None) -> None:
+    """An output file the run will write (`--json`, `--records`, `--plot`) must be in a writable folder,
+    checked before the run rather than after it (a review: a two-minute simulation, then "cannot write")."""
+    folder = Path(path).resolve().parent if path else None
+    if folder is not None and not (folder.is_dir() and os.access(folder, os.W_OK)):
+        raise ConfigError(f"{flag}: cannot write {path}: {folder} is not a writable folder")
+
+
 def read_scenario(path: str | None) -> Scenario:
     """A scenario file, a shipped scenario by name (`weighted-drr`), or the built-in demo when None."""
     if path is None:
@@ -1355,6 +1364,8 @@ def main(scenario_path: str | None, json_path: str | None = None, records_path: 
     err = err if err is not None else sys.stderr
     if not 1 <= shards <= MAX_SHARDS:
         raise ConfigError(f"--shards: {shards} is not allowed; 1 to {MAX_SHARDS}")
+    check_writable("--json", json_path)
+    check_writable("--records", records_path)
     scenario = read_scenario(scenario_path)
     warning = check_size(scenario, scenario_path or "demo.toml", force=force, shards=shards)
     if warning:

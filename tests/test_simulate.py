@@ -138,6 +138,11 @@ def test_cli_reports_bad_scenarios_with_exit_2(tmp_path: Path, capsys: pytest.Ca
     good.write_text(bad.read_text().replace('"often"', '"poisson", rate = 5'))
     with pytest.raises(ConfigError, match="cannot write"):
         main(str(good), str(tmp_path / "no" / "dir" / "r.json"))
+    # before the run, not after it (a review: minutes of simulation, then the error): nothing printed
+    assert capsys.readouterr().out == ""
+    with pytest.raises(ConfigError, match=r"--records: cannot write .* is not a writable folder"):
+        main(str(good), None, str(tmp_path / "no" / "r.jsonl"))
+    assert capsys.readouterr().out == ""
 
 
 def test_table_shows_only_reasons_that_occurred() -> None:
