@@ -155,10 +155,12 @@ class Client:
         ):
             # An unencodable value would corrupt the stream and cost every call on the connection.
             flow, priority, size, ttl, slo, tokens, weight = _coerce(flow, priority, size, ttl, slo, tokens, weight)
+        if type(audit) is not bool:  # (a review: `audit="yes"` was taken as True)
+            raise TypeError(f"audit: expected True or False, got {type(audit).__name__}")
         cid = self._next_id
         self._next_id = cid + 1
         # encoded first: a flow id the wire cannot carry (a lone surrogate) raises with nothing registered
-        self._send(Admit(cid, flow, priority, size, ttl, slo, tokens, weight, bool(audit)))
+        self._send(Admit(cid, flow, priority, size, ttl, slo, tokens, weight, audit))
         fut: asyncio.Future[AdmitResult] = self._loop.create_future()
         self._admits[cid] = fut
         return fut
