@@ -11,9 +11,32 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 from collections.abc import Iterator
 
 SPAWN_FDS = 16  # what one spawn may open at once (4 to 6 here), with room to spare
+# the distributor's own descriptors besides its clients' (35 at start with one shard, the reserve above
+# included; README "Resource limits"), with room for the HTTP front's admin reserve
+BASE_FDS = 80
+
+
+def descriptors_needed(max_connections: int, shards: int, acceptors: int) -> int:
+    """What `serve` may hold open at once: `max_connections` on each of the two fronts, one per worker,
+    three per acceptor (each acceptor holds its own connections, under the limit it inherits)."""
+    return 2 * max_connections + BASE_FDS + shards + 3 * acceptors
+
+
+def raise_descriptor_limit(needed: int) -> tuple[int, int]:
+    """Raise this process's soft RLIMIT_NOFILE to `needed`, or as far as the hard limit lets it (workers
+    and acceptors inherit it); the limits after, (soft, hard). A soft limit of 1,024, common, closed
+    connections at accept long before `max_connections`."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return soft, hard
 
 
 class FdReserve:

@@ -93,6 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
     elif "max_inflight_requests" not in written.get("budget", {}):
         sys.stderr.write(f"flowshard: {args.config} sets no [budget] max_inflight_requests: the default of 100 is "
                          "a placeholder; set it to what your backends run at once (README, \"Configuration\")\n")
+    _check_descriptors(config.service.max_connections, args.shards, acceptors)
     try:
         uvloop.run(serve(config, args.shards, acceptors))
     except OSError as exc:  # cannot listen (address in use, permission): one line, not a traceback
@@ -101,6 +102,21 @@ def _serve(args: argparse.Namespace) -> int:
                          f"{svc.binary_port} (binary): {exc.strerror or exc}\n")
         return 2
     return 0
+
+
+def _check_descriptors(max_connections: int, shards: int, acceptors: int) -> None:
+    """Raise the open-descriptor limit to what `max_connections` needs; say so when the hard limit stops it
+    (past it new connections are closed at accept, long before `max_connections`)."""
+    import resource
+
+    from distributor.fdreserve import descriptors_needed, raise_descriptor_limit
+
+    needed = descriptors_needed(max_connections, shards, acceptors)
+    soft, hard = raise_descriptor_limit(needed)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        sys.stderr.write(f"flowshard: the open-descriptor limit is {soft} (ulimit -n, hard limit {hard}), below the "
+                         f"{needed} that max_connections = {max_connections} on both ports needs: past it new "
+                         "connections are closed at accept; raise the hard limit or lower [service] max_connections\n")
 
 
 def _acceptors(given: str, shards: int, proxy: bool = False) -> int:

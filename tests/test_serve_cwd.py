@@ -1,6 +1,6 @@
 """`flowshard serve` as a user starts it, a real process: from a directory of the user's own project
 (the shard workers are flowshard's, not a `workers` package that happens to sit in that directory, a
-common name), and on an IPv6 address (its ready line's URL is one)."""
+common name), on an IPv6 address (its ready line's URL is one), and under a low descriptor limit."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import contextlib
 import http.client
 import os
 import re
+import resource
 import select
 import signal
 import socket
@@ -25,14 +26,16 @@ READY = re.compile(r"flowshard ready: http=(\S+) binary=(\S+) shards=(\d+) pid=(
 
 @contextlib.contextmanager
 def serve(
-    cwd: Path, config: str, give_up: Callable[[], bool] = lambda: False
+    cwd: Path, config: str, give_up: Callable[[], bool] = lambda: False, nofile: tuple[int, int] | None = None
 ) -> Iterator[tuple[str, re.Match[str] | None]]:
-    """`flowshard serve --config CONFIG` started in `cwd`: yields its stderr up to the ready line (or to
-    30 s, its exit, or `give_up()`) and the ready line's match; then SIGTERM, which must exit 0."""
+    """`flowshard serve --config CONFIG` started in `cwd` (with RLIMIT_NOFILE `nofile`, soft and hard, if
+    given): yields its stderr up to the ready line (or to 30 s, its exit, or `give_up()`) and the ready
+    line's match; then SIGTERM, which must exit 0."""
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile)) if nofile else None
     proc = subprocess.Popen(
         [sys.executable, "-m", "flowshard.cli", "serve", "--config", config, "--port", "0", "--binary-port", "0"],
         cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), preexec_fn=limit,
     )
     assert proc.stderr is not None
     err = b""
@@ -91,3 +94,27 @@ def test_the_ready_line_of_an_ipv6_host_gives_urls_that_work(tmp_path: Path) -> 
         binary = urlsplit("//" + ready.group(2))  # host:port, the host bracketed as in a URL
         assert binary.hostname == "::1" and binary.port, ready.group(2)
         socket.create_connection((binary.hostname, binary.port), timeout=5).close()
+
+
+def _open_files_limit(pid: int) -> int:
+    (line,) = [ln for ln in Path(f"/proc/{pid}/limits").read_text().splitlines() if ln.startswith("Max open files")]
+    return int(line.split()[3])
+
+
+def test_a_low_descriptor_limit_is_raised_or_said(tmp_path: Path) -> None:
+    """A soft limit of 1,024 (a common default) closed connections at accept long before
+    `max_connections`; serve raises it as far as the hard limit lets it, and says when that is short."""
+    (tmp_path / "c.toml").write_text("[service]\nmax_connections = 1000\n")
+    needed = 2 * 1000 + 80 + 1  # two fronts, the distributor's own, one worker (fdreserve.descriptors_needed)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        pytest.skip(f"the hard limit here ({hard}) is below {needed}")
+    with serve(tmp_path, "c.toml", nofile=(256, hard)) as (text, ready):
+        assert ready, text
+        assert _open_files_limit(int(ready.group(4))) >= needed
+        assert "open-descriptor limit" not in text, text
+    with serve(tmp_path, "c.toml", nofile=(256, 512)) as (text, ready):
+        assert ready, text
+        assert _open_files_limit(int(ready.group(4))) == 512
+        assert (f"the open-descriptor limit is 512 (ulimit -n, hard limit 512), below the {needed} that "
+                "max_connections = 1000 on both ports needs") in text, text
