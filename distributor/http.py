@@ -209,6 +209,12 @@ def _cancelled(conn: bytes) -> bytes:
 
 
 _RELEASED: Final = {conn: _render(_H200, b'{"released":true}', conn) for conn in (b"", _CONN_KEEP, _CONN_CLOSE)}
+# An admission read before its client's EOF and parsed after it (past the requests in progress) is
+# never admitted: an error, not an outcome, since it never became a request and no counter has it (a
+# review: answered `evicted: cancelled`, it made the clients' tally of outcomes exceed the metrics')
+_NOT_ADMITTED: Final = {conn: _error(503, "not admitted: the client closed its side (EOF) before this request was "
+                                          "handled; it never became a request", conn, b"retry-after: 1\r\n")
+                        for conn in (b"", _CONN_KEEP, _CONN_CLOSE)}
 _TOO_MANY: Final = _error(503, "too many connections, retry later", _CONN_CLOSE, b"retry-after: 1\r\n")
 
 
@@ -1026,7 +1032,7 @@ class HttpConnection(asyncio.Protocol):
             self._respond(_error(422, problem, conn), close)
             return
         if self._eof_wait:  # read before the client's EOF, parsed after it: its client is gone
-            self._respond(_cancelled(conn), close)
+            self._respond(_NOT_ADMITTED[conn], close)
             return
         slot = _Slot(conn, close)  # `_open` inlined, here and in _h_release (measured)
         if close:

@@ -1256,7 +1256,7 @@ def test_half_close_answers_the_requests_kept_unparsed_while_the_pipeline_was_fu
     half-closed then got the answers of what was parsed, then FIN: the rest (read before its EOF)
     was thrown away, unanswered and never applied, and nothing said so (1607 of 2000 answers). Now
     it is parsed as the pipeline drains and answered; an admission among it is not admitted (its
-    client is gone) and answered `evicted: cancelled`, so what follows it is answered too."""
+    client is gone) and answered 503 with an error (not an outcome), so what follows it is answered too."""
     guards = Guards()
 
     async def t(port: int, fake: FakeAdmission) -> None:
@@ -1278,7 +1278,9 @@ def test_half_close_answers_the_requests_kept_unparsed_while_the_pipeline_was_fu
         expected[28] = 200
         assert [a.status for a in answers] == expected
         assert answers[20].json() == {"released": True} and answers[28].json() == {"released": True}
-        assert (answers[21].json()["outcome"], answers[21].json()["reason"]) == ("evicted", "cancelled")
+        # never admitted: an error, not an outcome (no counter has it: a review)
+        assert answers[21].json()["error"]["message"].startswith("not admitted: the client closed its"), answers[21]
+        assert answers[21].headers["retry-after"] == "1"
         assert await c.closed()
         assert sorted(fake.released) == sorted(tickets)
         assert len(fake.admits) == 2  # "late" was read before the EOF, parsed after it: never admitted

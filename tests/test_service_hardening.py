@@ -667,3 +667,48 @@ def test_counters_never_fall_back_during_a_drain_to_its_last_scrape(launch: Any,
         svc.wait()
 
     run(main())
+
+
+@pytest.mark.parametrize("acceptors", [0, 2])
+def test_a_half_closing_pipeliner_is_told_apart_what_became_a_request_and_what_did_not(
+    launch: Any, acceptors: int
+) -> None:
+    """A review: 100 admissions pipelined, then EOF; every one was answered `evicted: cancelled`, but
+    only the 64 in progress had become requests (the counters said 64): a client's tally of outcomes
+    exceeded the service's. Those parsed after the EOF are answered with an error now, not an outcome,
+    so the outcomes a client sees are exactly what the counters add."""
+    svc = launch(shards=1, acceptors=acceptors, budget=1)
+
+    def outcomes(samples: dict[Any, float]) -> dict[str, float]:
+        return {dict(labels)["outcome"] + ":" + dict(labels)["reason"]: v
+                for (name, labels), v in samples.items() if name == "flowshard_requests_total" and v}
+
+    async def main() -> None:
+        async with Client.connect("127.0.0.1", svc.binary_port) as c:
+            held = await c.admit("held")  # the budget taken: the pipelined admissions queue
+            assert held.dispatched
+            before = outcomes(await svc.ametrics())
+            conn = await HttpConn.open(svc.http_port)
+            conn.send_raw(b"".join(_request_bytes("POST", "/v1/admit", {"flow": "p", "bytes": 10}) for _ in range(100)))
+            await svc.until_stats(lambda s: s["totals"]["pending"] >= 64)
+            conn.writer.write_eof()
+            answers = [await conn.response() for _ in range(100)]
+            assert await conn.closed_by_peer()
+            seen: dict[str, float] = {}
+            errors = 0
+            for a in answers:
+                body = a.json()
+                if "outcome" in body:
+                    label = body["outcome"] + ":" + body.get("reason", "")
+                    seen[label] = seen.get(label, 0) + 1
+                else:
+                    assert a.status == 503 and body["error"]["message"].startswith("not admitted"), body
+                    errors += 1
+            assert errors > 0 and sum(seen.values()) + errors == 100, (seen, errors)
+            after = await svc.until_stats(lambda s: s["totals"]["pending"] == 0)
+            assert after["totals"]["queued_items"] == 0
+            now = outcomes(await svc.ametrics())
+            assert {k: v - before.get(k, 0) for k, v in now.items() if v != before.get(k, 0)} == seen
+            await c.release(held.ticket)
+
+    run(main())
