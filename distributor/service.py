@@ -536,7 +536,7 @@ class Distributor:
             writer = self.n_shards
             shm.add_outcome(writer, p.band, outcome)
             if outcome == _DISPATCHED:
-                shm.observe_wait(writer, p.band, 0.0)
+                shm.observe_no_wait(writer, p.band)
                 shm.add_dispatched(writer)
         owner = p.owner
         if owner is None:

@@ -455,8 +455,14 @@ class ShmStats:
         """Writer ``writer`` only: count a dispatch's queue wait of ``wait`` seconds (>= 0) into its
         histogram bucket and the waits' sum (whole µs, rounded: the `_sum` is exact to that)."""
         q = self._q
-        q[self._w_hist + writer * self._row_hist + band * self._h + bisect_left(WAIT_BUCKETS, wait)] += 1
-        q[self._w_wait_us + writer * self._b + band] += int(wait * 1e6 + 0.5)
+        row = writer * self._b + band  # (writer, band) in both tables: the histogram's rows are H wide
+        q[self._w_hist + row * self._h + bisect_left(WAIT_BUCKETS, wait)] += 1
+        q[self._w_wait_us + row] += int(wait * 1e6 + 0.5)
+
+    def observe_no_wait(self, writer: int, band: int) -> None:
+        """`observe_wait(writer, band, 0.0)`, for the idle fast path's dispatches (the distributor's hot
+        path): the first bucket; the sum does not move."""
+        self._q[self._w_hist + writer * self._row_hist + band * self._h] += 1
 
     def add_dispatched(self, writer: int, n: int = 1) -> None:
         self._q[self._w_disp + writer] += n
