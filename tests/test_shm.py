@@ -141,8 +141,9 @@ def test_single_writer_counter_arithmetic_touches_only_its_cells() -> None:
     stats.observe_wait(2, 1, 75.25)
     stats.observe_wait(2, 1, 60.0000004)  # above the last bound (60 s); the µs rounded
     stats.observe_wait(lay.distributor, 2, 0.0)
+    stats.observe_no_wait(lay.distributor, 2)  # the idle fast path's: the same as a wait of 0 s
     exp["wait_hist"][2, 1, 16] = 2
-    exp["wait_hist"][3, 2, 0] = 1
+    exp["wait_hist"][3, 2, 0] = 2
     exp["wait_us"][2, 1] = 135_250_000
     stats.add_dispatched(0)
     stats.add_dispatched(lay.distributor, 5)
