@@ -11,7 +11,6 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -37,12 +36,12 @@ def _read_config(path: str | None) -> tuple[Config, dict[str, Any]]:
     """`read_config`, and the TOML document as written (empty without a file): what it leaves out."""
     if path is None:
         return Config(), {}
+    from flowshard.simulate import read_toml_file
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_toml_file(path)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); a TOML file is UTF-8") from None
     data = parse_toml(text, where=path)
     if "workload" in data:  # (a [server] table alone is a configuration's misspelt [service]: named below)
         raise ConfigError(f"{path}: a scenario, not a configuration: its configuration is its [server] table "

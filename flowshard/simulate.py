@@ -1270,14 +1270,20 @@ def check_writable(flag: str, path: str | None) -> None:
         raise ConfigError(f"{flag}: cannot write {path}: {folder} is not a writable folder")
 
 
+def read_toml_file(path: str) -> str:
+    """The text of a TOML file; ConfigError if it is not UTF-8 (an OSError is the caller's to word)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); a TOML file is UTF-8") from None
+
+
 def read_scenario(path: str | None) -> Scenario:
     """A scenario file, a shipped scenario by name (`weighted-drr`), or the built-in demo when None."""
     if path is None:
         return load_scenario(demo_text(), where="demo.toml")
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); a TOML file is UTF-8") from None
+        text = read_toml_file(path)
     except OSError as exc:
         shipped = _shipped(path) if "/" not in path and not path.endswith(".toml") else None
         if shipped is None:
