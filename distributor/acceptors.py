@@ -222,6 +222,9 @@ class AcceptorLink(asyncio.Protocol):
             svc.guards.hit(msg.front, msg.action)
         elif kind is LinkConns:
             self.closed_report(msg)
+            acceptors = svc.acceptors
+            if acceptors is not None and acceptors.refusing:
+                acceptors.recheck_refusing()
         elif kind is Hello:
             self.pid = msg.pid
             self.ready = True
@@ -376,6 +379,11 @@ ACCEPT_BATCH = 64  # connections accepted per readiness callback (then the loop 
 ACCEPT_PAUSE = 0.1  # after an accept error (out of descriptors): listen again after this
 HANDOVER_RETRY = 0.005  # every live acceptor's hand-over queue full (a burst of connections): try again then
 HANDOVER_QUIET = 1.0  # an acceptor not heard from this long gets no new connection
+# A connection over `max_connections` waits this long for a close its acceptor has not reported yet
+# before it is put in the admin reserve or refused (`Acceptors._refusing`); at most REFUSE_GRACE_MAX
+# per front wait so at once
+REFUSE_GRACE = 0.05
+REFUSE_GRACE_MAX = 64
 HEARTBEAT_STALE = 5.0  # nor heard from this long: hung; killed, and started again (as a worker)
 START_TIMEOUT = 30.0  # a restarted acceptor without its Hello this long after its start: hung; killed too
 PROXY_REPORT_WAIT = 1.0  # proxy mode: the most /metrics and /v1/stats wait for the acceptors' counters
@@ -412,6 +420,13 @@ class Acceptors:
         # accepted, and the rest wait in the listen backlog, as they do for one process
         self._waiting: deque[tuple[bytes, socket.socket]] = deque()
         self._retry_timer: asyncio.TimerHandle | None = None
+        # Connections over the limit, per front, waiting up to REFUSE_GRACE for a close on its way from
+        # an acceptor (reported at the end of its pass): a client that closes and connects again at once
+        # was refused, where one process, which sees the close first, serves it (a review: 89-111 of
+        # 200 sequential clients at max_connections = 1). Each with the time it is refused at.
+        self._refusing: dict[bytes, deque[tuple[socket.socket, float]]] = {
+            HANDED_HTTP: deque(), HANDED_BINARY: deque()}
+        self._refuse_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         for index in range(self.count):
@@ -488,7 +503,43 @@ class Acceptors:
     def _hand_or_keep(self, kind: bytes, conn: socket.socket) -> bool:
         """Hand `conn` (`_hand`) and close this process's copy: the acceptor holds its own now (or, none
         up, the client sees the close); an error handing it closes it too, logged. False: every live
-        acceptor's queue is full, and `conn` stays open, to be tried again."""
+        acceptor's queue is full, and `conn` stays open, to be tried again. One over `max_connections`
+        (for the admin reserve, or refused) waits a moment first (`_refusing`), as do those after it
+        while any does."""
+        refusing = self._refusing[kind]
+        if (not self._stopping and len(refusing) < REFUSE_GRACE_MAX
+                and (refusing or self.verdict(kind) != CONN_NORMAL)):
+            refusing.append((conn, time.monotonic() + REFUSE_GRACE))
+            if self._refuse_timer is None:
+                self._refuse_timer = asyncio.get_running_loop().call_later(REFUSE_GRACE, self.recheck_refusing)
+            return True
+        return self._hand_now(kind, conn)
+
+    @property
+    def refusing(self) -> bool:
+        """Connections over the limits wait for a close on its way (`_hand_or_keep`)."""
+        return bool(self._refusing[HANDED_HTTP] or self._refusing[HANDED_BINARY])
+
+    def recheck_refusing(self) -> None:
+        """Hand the connections waiting over the limits, in order, as places free (an acceptor reported
+        closes, or one died) or their grace ends (then refused)."""
+        self._refuse_timer = None
+        now = time.monotonic()
+        for kind, refusing in self._refusing.items():
+            while refusing:
+                conn, until = refusing[0]
+                if not self._stopping and until > now and self.verdict(kind) != CONN_NORMAL:
+                    break
+                if not self._hand_now(kind, conn):  # every queue full: again on the timer
+                    break
+                refusing.popleft()
+        if any(self._refusing.values()) and self._refuse_timer is None:
+            first = min(q[0][1] for q in self._refusing.values() if q)
+            self._refuse_timer = asyncio.get_running_loop().call_later(
+                max(HANDOVER_RETRY, first - now), self.recheck_refusing)
+
+    def _hand_now(self, kind: bytes, conn: socket.socket) -> bool:
+        """`_hand_or_keep` without the grace."""
         try:
             if not self._hand(kind, conn):
                 return False
@@ -530,6 +581,12 @@ class Acceptors:
             self._retry_timer = None
         while self._waiting:
             self._waiting.popleft()[1].close()
+        if self._refuse_timer is not None:
+            self._refuse_timer.cancel()
+            self._refuse_timer = None
+        for refusing in self._refusing.values():
+            while refusing:
+                refusing.popleft()[0].close()
 
     def verdict(self, kind: bytes) -> int:
         """How a new connection of a front counts (distributor.api), by the connections of that front

@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 from servicekit import (
     HttpConn,
+    _request_bytes,
     admit_http,
     ahttp,
     band_outcomes,
@@ -578,6 +579,56 @@ def test_a_place_is_free_again_as_soon_as_its_client_leaves(launch: Any) -> None
             conn.close()
 
     run(main(), timeout=60)
+
+
+def test_a_client_that_reconnects_at_once_at_the_limit_is_served_as_without_acceptors(launch: Any) -> None:
+    """max_connections = 1 over 2 acceptors: clients in strict sequence, each reading its answer and
+    closing before the next connects. The distributor hears of a close at the end of the acceptor's
+    pass, so a client connecting at once was refused (a review: 89-111 of 200) where one process
+    serves it; a connection over the limit now waits up to REFUSE_GRACE for a close on its way. The
+    limit itself still holds: while one client stays, the next is put in the admin reserve (HTTP) or
+    refused (binary), after the grace."""
+    from distributor.acceptors import REFUSE_GRACE
+
+    svc = launch(shards=1, acceptors=2, budget=None, service={"max_connections": 1})
+    admit = _request_bytes("POST", "/v1/admit", {"flow": ""})  # 422: answered at once, the connection kept
+
+    def http_once() -> int:
+        with socket.create_connection((svc.host, svc.http_port)) as s:
+            s.sendall(admit)
+            got = b""
+            while not got.endswith(b"}"):  # the whole answer read: the close is a FIN, not a reset
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+            return int(got.split(b" ", 2)[1]) if got else 0
+
+    async def binary_once() -> str:
+        async with Client.connect(svc.host, svc.binary_port) as c:
+            try:
+                return "released" if await asyncio.wait_for(c.release(5), 5) is False else "?"
+            except ConnectionClosed as exc:
+                return f"closed {exc.status}"
+
+    time.sleep(0.3)  # the start's /healthz connection is closed (and reported) by now
+    statuses = Counter(http_once() for _ in range(200))
+    assert statuses == {422: 200}, statuses
+    kinds = Counter(run(binary_once()) for _ in range(100))
+    assert kinds == {"released": 100}, kinds
+
+    async def over_the_limit() -> None:
+        kind, held = await _classify_http(svc.http_port)
+        assert kind == "normal"
+        t0 = time.monotonic()
+        kind, _ = await _classify_http(svc.http_port)
+        assert kind == "reserve" and time.monotonic() - t0 >= REFUSE_GRACE * 0.9
+        held.close()
+        async with Client.connect(svc.host, svc.binary_port) as c:
+            assert await c.release(5) is False
+            assert await binary_once() == "closed 503"
+
+    run(over_the_limit())
 
 
 def test_places_of_a_killed_acceptors_connections_are_free_again(launch: Any) -> None:
