@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Callable
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any, Final, get_args
 
 import msgspec
 
@@ -571,18 +571,35 @@ class BatchReader:
         return len(self._buf)
 
 
+# msgpack's integer forms after their type byte: (struct format, big-endian) by type byte
+_INT_FORMS: Final = {0xCC: ">B", 0xCD: ">H", 0xCE: ">I", 0xCF: ">Q", 0xD0: ">b", 0xD1: ">h", 0xD2: ">i", 0xD3: ">q"}
+
+
 def _peek_tag(frame: memoryview) -> int | None:
-    """A frame's message type, read from its first bytes (an array's header, then a positive fixint), so
-    that a frame that does not decode at all, even as plain msgpack (nested too deep for it, cut short
-    after the bad field), still names its message's fields (a review: `[2]: expected a string`)."""
+    """A frame's message type, read from its first bytes (a non-empty array's header, then an integer),
+    so that a frame that does not decode at all, even as plain msgpack (nested too deep for it, cut short
+    after the bad field), still names its message's fields (a review: `[2]: expected a string`). None
+    when the frame does not begin so."""
     if not frame:
         return None
     head = frame[0]
-    at = 1 if 0x90 <= head <= 0x9F else 3 if head == 0xDC else 5 if head == 0xDD else 0
-    if not at or len(frame) <= at:
+    if 0x91 <= head <= 0x9F:
+        at = 1
+    elif head in (0xDC, 0xDD):
+        at = 3 if head == 0xDC else 5
+        if len(frame) < at or not any(frame[1:at]):  # (an empty array has no type)
+            return None
+    else:
+        return None
+    if len(frame) <= at:
         return None
     tag = frame[at]
-    return tag if tag <= 0x7F else tag - 0x100 if tag >= 0xE0 else None  # a fixint, positive or negative
+    if tag <= 0x7F or tag >= 0xE0:
+        return tag if tag <= 0x7F else tag - 0x100  # a fixint, positive or negative
+    form = _INT_FORMS.get(tag)
+    if form is None or len(frame) < at + 1 + struct.calcsize(form):
+        return None
+    return int(struct.unpack_from(form, frame, at + 1)[0])
 
 
 class FrameReader:

@@ -432,9 +432,13 @@ async def test_frames_before_a_malformed_one_in_the_same_read_are_handled_and_an
         (b"\x00\x00\x03\xec\x93\x0a\x01" + b"\x91" * 1000 + b"\xc0", "Admit.flow: expected a string, got an array"),
         (b"\x00\x00\x00\x05\x94\x0b\x05\xa1x", "Release.tokens: expected an integer, got a string"),  # cut short
         (b"\x00\x00\x00\x02\x91\xff", "message type: -1 is not one of 10 (Admit), 11 (Release)"),
+        (b"\x00\x00\x00\x05\x93\xcc\x0a\x01\x02", "Admit.flow: expected a string, got an integer"),  # tag as uint8
+        (b"\x00\x00\x00\x02\x90\x0a",  # an empty array, then a stray byte: no type
+         "a frame must be a msgpack array (a tagged message) of at least length 1, got 0"),
     ],
     ids=["not-a-message", "unknown-tag", "empty", "bad-msgpack", "wrong-type", "too-short", "wrong-type-admit",
-         "invalid-utf8", "huge-length", "nested-too-deep", "cut-after-bad-field", "negative-tag"],
+         "invalid-utf8", "huge-length", "nested-too-deep", "cut-after-bad-field", "negative-tag", "uint8-tag",
+         "empty-array"],
 )
 @on_loop()
 async def test_malformed_frame_gets_error_then_close_and_others_are_served(garbage: bytes, message: str) -> None:
