@@ -37,7 +37,7 @@ import msgspec
 
 from bench.loadgen import GenResult, GenSpec
 from bench.procstat import CpuSample, MachineSample, ProcId, children, cmdline, machine_sample, sample
-from flowshard.codec import FrameError, FrameReader, FrameWriter, Release, Released, ToClient
+from flowshard.codec import Error, FrameError, FrameReader, FrameWriter, Release, Released, ToClient
 from flowshard.config import ConfigError, dump_config
 from flowshard.scenario import Scenario, closed_clients, offered_rate
 
@@ -56,7 +56,16 @@ class BenchError(Exception):
     after the processes' own stderr."""
 
 
-def _speaks_binary(conn: socket.socket) -> str:
+CHECK_TIMEOUT = 5.0  # the whole protocol check of a --target
+
+
+def _recv(conn: socket.socket, deadline: float) -> bytes:
+    """What `conn` gives next, within the check's whole `deadline` (TimeoutError past it)."""
+    conn.settimeout(max(0.001, deadline - time.monotonic()))
+    return conn.recv(65536)
+
+
+def _speaks_binary(conn: socket.socket, deadline: float) -> str:
     """"" if the service at `conn` answers flowshard's binary protocol, else what it did instead. Asks
     with a release of ticket 0, which no admission is ever given: answered `Released(0, false)`, and
     counted nowhere."""
@@ -65,26 +74,31 @@ def _speaks_binary(conn: socket.socket) -> str:
     conn.sendall(writer.take())
     reader, got = FrameReader(ToClient), b""
     try:
-        while not (replies := reader.feed(chunk := conn.recv(65536))):
+        while not (replies := reader.feed(chunk := _recv(conn, deadline))):
             if not chunk:
                 return "closed the connection: is it flowshard's binary port (8081 by default)?"
             got += chunk
     except FrameError:
         got += chunk
         return f"does not speak flowshard's binary protocol (it answered {got[:40]!r}): its HTTP port?"
-    if type(replies[0]) is Released:
+    reply = replies[0]
+    if type(reply) is Released:
         return ""
-    return f"answered {replies[0]!r} to a release of ticket 0, not Released: is it flowshard?"
+    if type(reply) is Error and reply.id < 0:  # flowshard, refusing the connection (503: at max_connections)
+        return f"refused the connection: {reply.status} {reply.message}"
+    return f"answered {reply!r} to a release of ticket 0, not Released: is it flowshard?"
 
 
-def _speaks_http(conn: socket.socket) -> str:
+def _speaks_http(conn: socket.socket, deadline: float) -> str:
     """"" if the service at `conn` answers HTTP (`GET /healthz`), else what it did instead."""
     conn.sendall(b"GET /healthz HTTP/1.1\r\nhost: flowshard\r\n\r\n")
     got = b""
-    while len(got) < 9 and (chunk := conn.recv(65536)):
+    while len(got) < 9 and (chunk := _recv(conn, deadline)):
         got += chunk
     if got.startswith(b"HTTP/1."):
         return ""
+    if not got:
+        return "closed the connection without an answer: is it flowshard's HTTP port (8080 by default)?"
     return (f"does not answer HTTP (it answered {got[:40]!r}): its binary port? flowshard's HTTP port is 8080 "
             "by default")
 
@@ -137,13 +151,18 @@ class Server:
             used, flag = http, ("--http-target" if http_target else "--target (HTTP at PORT-1)")
         else:
             used, flag = (host, port), "--target"
+        deadline = time.monotonic() + CHECK_TIMEOUT
         try:
-            with socket.create_connection(used, timeout=5.0) as conn:
-                problem = _speaks_http(conn) if transport == "http" else _speaks_binary(conn)
-        except TimeoutError:
-            problem = "did not answer within 5 s: is it flowshard?"
+            conn = socket.create_connection(used, timeout=CHECK_TIMEOUT)
         except OSError as exc:
             raise ConfigError(f"{flag}: cannot connect to {used[0]}:{used[1]}: {exc.strerror or exc}") from None
+        with conn:
+            try:
+                problem = _speaks_http(conn, deadline) if transport == "http" else _speaks_binary(conn, deadline)
+            except TimeoutError:
+                problem = f"did not answer within {CHECK_TIMEOUT:g} s: is it flowshard?"
+            except OSError as exc:  # (connected, then reset)
+                problem = f"ended the connection ({exc.strerror or exc}) without an answer: is it flowshard?"
         if problem:  # (a review: pointed at the other port, a run "succeeded" with nothing dispatched)
             raise ConfigError(f"{flag}: {used[0]}:{used[1]} {problem}")
         return cls("target", http=http, binary=(host, port))

@@ -113,6 +113,7 @@ class BinaryConn(asyncio.Protocol):
         except FrameError as exc:  # not flowshard's protocol (the run's check at the start says so first)
             messages = exc.messages
             sink.on_lost(f"binary connection: not flowshard's binary protocol: {exc}")
+            self._closing = True  # ended here, said once (not again as "closed by the service")
             if self._transport is not None:
                 self._transport.abort()
         for msg in messages:

@@ -4,9 +4,13 @@ scenario for about a second per run. Checks the JSON's structure and bookkeeping
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +18,7 @@ import pytest
 from servicekit import config_text, launch
 
 from flowshard import cli
+from flowshard.config import ConfigError
 
 __all__ = ["launch"]  # the fixture, re-exported so pytest finds it here
 
@@ -202,6 +207,72 @@ def test_bench_aimed_at_the_other_protocols_port_says_so_before_running(
         assert err.startswith("flowshard: ") and message in err and "Traceback" not in err, err
         assert err.count("\n") == 1, err
     assert svc.stats()["totals"]["dispatched"] == 0  # the check itself admitted nothing
+
+
+@contextmanager
+def _fake_target(behave: Callable[[socket.socket], None]) -> Iterator[int]:
+    """A listener on a free port whose every connection is handed to `behave` (in a thread)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                behave(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+
+
+def _drip(conn: socket.socket) -> None:  # a frame's header, then a byte a while
+    conn.sendall(b"\x00\x00\x03\xe8")
+    for _ in range(8):
+        time.sleep(0.2)
+        try:
+            conn.sendall(b"\x00")
+        except OSError:
+            return
+
+
+def _reset(conn: socket.socket) -> None:
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+
+
+def test_bench_target_check_has_one_deadline_and_says_what_it_saw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review 100: a target dripping a byte within each recv's timeout held the check for a minute, one
+    that reset at once was "cannot connect" although it had connected."""
+    from bench import runner
+
+    monkeypatch.setattr(runner, "CHECK_TIMEOUT", 0.5)
+    for behave, said in ((_drip, "did not answer within 0.5 s"), (_reset, "ended the connection")):
+        with _fake_target(behave) as port:
+            t0 = time.monotonic()
+            with pytest.raises(ConfigError, match=said):
+                runner.Server.attach(f"127.0.0.1:{port}", None, "binary")
+            assert time.monotonic() - t0 < 1.5
+
+
+def test_bench_target_at_its_connection_limit_is_said_so(launch: Any) -> None:
+    """Review 100: flowshard refusing the check's connection (max_connections) was "is it flowshard?"."""
+    from bench import runner
+
+    svc = launch(config_text(budget=None, service={"max_connections": 1}), shards=1)
+    with socket.create_connection(("127.0.0.1", svc.binary_port)) as held:
+        held.sendall(b"")
+        time.sleep(0.2)  # it holds the one place
+        with pytest.raises(ConfigError, match="refused the connection: 503 too many connections"):
+            runner.Server.attach(f"127.0.0.1:{svc.binary_port}", None, "binary")
 
 
 @pytest.mark.parametrize(
