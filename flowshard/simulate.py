@@ -1265,8 +1265,12 @@ def shipped_scenarios() -> list[tuple[str, str, bool]]:
 def check_writable(flag: str, path: str | None) -> None:
     """An output file the run will write (`--json`, `--records`, `--plot`) must be in a writable folder,
     checked before the run rather than after it (a review: a two-minute simulation, then "cannot write")."""
-    folder = Path(path).resolve().parent if path else None
-    if folder is not None and not (folder.is_dir() and os.access(folder, os.W_OK)):
+    if path is None:
+        return
+    if not path or Path(path).is_dir():  # (a review: both passed, and failed after the run)
+        raise ConfigError(f"{flag}: cannot write {path!r}: a file's path is needed")
+    folder = Path(path).resolve().parent
+    if not (folder.is_dir() and os.access(folder, os.W_OK)):
         raise ConfigError(f"{flag}: cannot write {path}: {folder} is not a writable folder")
 
 

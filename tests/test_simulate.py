@@ -143,6 +143,10 @@ def test_cli_reports_bad_scenarios_with_exit_2(tmp_path: Path, capsys: pytest.Ca
     with pytest.raises(ConfigError, match=r"--records: cannot write .* is not a writable folder"):
         main(str(good), None, str(tmp_path / "no" / "r.jsonl"))
     assert capsys.readouterr().out == ""
+    for path in (str(tmp_path), ""):  # a folder, or no path (a review: failed after the run)
+        with pytest.raises(ConfigError, match="a file's path is needed"):
+            main(str(good), path)
+        assert capsys.readouterr().out == ""
 
 
 def test_table_shows_only_reasons_that_occurred() -> None:
