@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable
+import socket
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pytest
@@ -18,6 +19,16 @@ from flowshard.engine import Engine
 from flowshard.types import Item, Outcome, Request
 
 FAIRNESS_NAMES = ("round-robin", "global-fcfs", "drr", "vtc")
+
+
+@pytest.fixture
+def refused_url() -> Iterator[str]:
+    """`http://127.0.0.1:P` where nothing listens, for the whole test: P stays bound (never listening,
+    so connections are refused), so a service another test starts meanwhile (`--port 0`, the suite
+    runs in two processes) cannot take it, as it could a port bound and closed (a review)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
 ORDERING_NAMES = ("fcfs", "edf", "slo-deadline")
 
 

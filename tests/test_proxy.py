@@ -985,7 +985,9 @@ def test_a_backends_usage_out_of_range_is_taken_as_none_reported(caplog: pytest.
 
 
 @pytest.mark.parametrize("acceptors", [0, 2])  # the detector fed by the distributor's proxy, or the acceptors'
-def test_a_pool_with_no_backend_listening_answers_503_at_once_not_after_a_ttl(launch: Any, acceptors: int) -> None:
+def test_a_pool_with_no_backend_listening_answers_503_at_once_not_after_a_ttl(
+    launch: Any, acceptors: int, refused_url: str
+) -> None:
     """Nothing listens at the only backend: its scrapes fail to connect, which takes it out like a
     failed request would, and a request gets 503 `no_backend` at once. (It used to count only as
     stale metrics, i.e. saturated: every request waited its whole TTL for a 429.)
@@ -995,10 +997,7 @@ def test_a_pool_with_no_backend_listening_answers_503_at_once_not_after_a_ttl(la
     that came a little late could land in that gap (sent to the backend: 502) — the back-off here
     outlasts the test; the client is built before the clock starts; and the counter is read until
     every acceptor has reported (its report may take over the 1 s a render waits for it)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    sock.close()  # bound, never listening: connections are refused
+    url = refused_url
     proxy = {"utilization": True, "scrape_interval": 0.02, "staleness": 0.2, "backoff": 30.0}
     svc = launch(proxy_config([url], proxy=proxy, budget="unlimited", extra="default_ttl = 30.0"), acceptors=acceptors)
     deadline = time.monotonic() + 5

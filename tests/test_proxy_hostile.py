@@ -754,16 +754,14 @@ async def raw_backend(answer: bytes | None) -> AsyncIterator[tuple[str, list[byt
         server.close()
 
 
-def test_backend_failures_are_counted_by_what_is_known_of_them_and_tried_elsewhere() -> None:
+def test_backend_failures_are_counted_by_what_is_known_of_them_and_tried_elsewhere(refused_url: str) -> None:
     """Three backends fail three ways before an answer: one cannot be connected to (`connect`: it never
     had the request), one reads the request and closes the connection (`reset`: it may have run it),
     one answers something that is not HTTP (`protocol`). Each is counted as what it was (every one
     was `connect` before, a reset included), each is tried once, and the client gets one 502 whose
     code says what the last try met (`backend_failed`, not `backend_unreachable`, once a backend had
     the request)."""
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        refused = f"http://127.0.0.1:{s.getsockname()[1]}"
+    refused = refused_url  # a port nothing listens on
 
     async def go() -> None:
         async with raw_backend(None) as (resets, reset_bodies), \
@@ -787,13 +785,11 @@ def test_backend_failures_are_counted_by_what_is_known_of_them_and_tried_elsewhe
     run(go(), timeout=30.0)
 
 
-def test_a_passed_through_head_that_fails_gets_an_error_without_a_body() -> None:
+def test_a_passed_through_head_that_fails_gets_an_error_without_a_body(refused_url: str) -> None:
     """A `HEAD /v1/models` no backend answers gets its error status with no body (RFC 9110 9.3.2): the
     next response on the connection follows its head at once. With the body, a keep-alive client read
     it as the next status line (a review: aiohttp raised "Bad status line", curl saw excess bytes)."""
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        refused = f"http://127.0.0.1:{s.getsockname()[1]}"
+    refused = refused_url  # a port nothing listens on
 
     async def go() -> None:
         async with proxying([refused]) as r:
