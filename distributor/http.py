@@ -734,12 +734,12 @@ class HttpConnection(asyncio.Protocol):
             return
         extra = None if audit is None else _AuditBody(*audit)
         if outcome == _DISPATCHED:
-            body = _encode(_Dispatched("dispatched", ticket, int(wait * 1e6) / 1000.0, self._sh.lease, extra))
+            body = _encode(_Dispatched("dispatched", ticket, int(wait * 1e6 + 0.5) / 1000.0, self._sh.lease, extra))
             slot.data = b"%b%bcontent-length: %d\r\n\r\n%b" % (_H200, slot.conn, len(body), body)
             slot.ticket = ticket
         else:
             head, status, reason = _REFUSALS[outcome]
-            body = _encode(_Refused(status, reason, int(wait * 1e6) / 1000.0, retry_after, extra))
+            body = _encode(_Refused(status, reason, int(wait * 1e6 + 0.5) / 1000.0, retry_after, extra))
             slot.data = _render(head, body, slot.conn, b"retry-after: %d\r\n" % retry_after)
         # `_filled` inlined: once per admission (measured)
         if self._closing or self._transport.is_closing():  # is_closing: uvloop dropped it on a read error
