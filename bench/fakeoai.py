@@ -313,7 +313,8 @@ async def serve(config: FakeConfig, host: str, port: int) -> None:
     server = site._server
     assert server is not None
     bound = server.sockets[0].getsockname()  # type: ignore[attr-defined]
-    sys.stderr.write(f"fakeoai ready: http://{bound[0]}:{bound[1]} pid={os.getpid()}\n")
+    host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]  # (an IPv6 host in brackets: a URL)
+    sys.stderr.write(f"fakeoai ready: http://{host}:{bound[1]} pid={os.getpid()}\n")
     sys.stderr.flush()
     try:
         await stop.wait()

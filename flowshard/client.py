@@ -155,8 +155,10 @@ class Client:
         ):
             # An unencodable value would corrupt the stream and cost every call on the connection.
             flow, priority, size, ttl, slo, tokens, weight = _coerce(flow, priority, size, ttl, slo, tokens, weight)
-        if type(audit) is not bool:  # (a review: `audit="yes"` was taken as True)
-            raise TypeError(f"audit: expected True or False, got {type(audit).__name__}")
+        if audit is not True and audit is not False:  # (a review: `audit="yes"` was taken as True)
+            if audit not in (True, False):  # (1, 0 and numpy's booleans are True and False: as ints elsewhere)
+                raise TypeError(f"audit: expected True or False, got {audit!r:.40}")
+            audit = bool(audit)
         cid = self._next_id
         self._next_id = cid + 1
         # encoded first: a flow id the wire cannot carry (a lone surrogate) raises with nothing registered
