@@ -35,6 +35,29 @@ def test_estimate_counts_open_and_closed_loops() -> None:
     assert "4 closed-loop clients, each cycling every 100 ms (think 90 ms + service 10 ms)" in closed.flows[0].why
 
 
+def test_closed_loop_clients_that_can_be_refused_or_evicted_are_counted_at_their_back_off() -> None:
+    """A review: 200 clients, service 5 s, a per-flow queue limit of 1 and a 1 ms back-off retry each
+    refusal every millisecond (12 M events in 60 s), where the estimate said one request per 5 s."""
+    def closed(server: dict[str, Any], **flow: Any) -> Any:
+        spec = {"id": "f", "service": 5.0, "arrival": {"kind": "closed", "concurrency": 200, "backoff": 0.001},
+                **flow}
+        return scenario_from_data({"server": server, "workload": {"duration": 60.0, "flows": [spec]}})
+
+    unlimited = closed({})
+    assert estimate(unlimited).requests == pytest.approx(200 * 60 / 5)  # nothing refuses it: its service time
+    for server in ({"bands": [{"priority": 0, "flow_max_requests": 1}]},
+                   {"bands": [{"priority": 0, "max_requests": 150}]}, {"max_queued_requests": 100}):
+        refused = estimate(closed(server))
+        assert refused.requests == pytest.approx(200 * 60 / 0.001), server
+        assert "each cycling every 1 ms (a refusal retried after 1 ms)" in refused.flows[0].why
+    evicted = estimate(closed({"default_ttl": 0.5}))  # a TTL shorter than its service: evicted, then again
+    assert evicted.requests == pytest.approx(200 * 60 / 0.501)
+    assert "(evicted at its TTL 500 ms, retried after 1 ms)" in evicted.flows[0].why
+    think = estimate(closed({"max_queued_requests": 100}, arrival={"kind": "closed", "concurrency": 200,
+                                                                     "think": 0.2, "backoff": 0.001}))
+    assert think.requests == pytest.approx(200 * 60 / 0.2)  # the retry comes after its think time at least
+
+
 def test_a_huge_scenario_is_refused_up_front_with_the_count_and_what_to_change(capsys: pytest.CaptureFixture[str]
                                                                                ) -> None:
     t0 = time.monotonic()
