@@ -772,9 +772,13 @@ class _Simulation:
         request = item.request
         dispatched = item.outcome == _DISPATCHED
         label = "unfinished" if self.ending and not dispatched else Outcome(item.outcome).label
-        # the shard that held it: one shard, 0; N shards, as routed (-1: the fast path; null: never queued)
+        # the shard that held it: one shard, 0; N shards, as routed (-1: the fast path); null: never queued
+        # (rejected: at one shard too, a review)
         where = self.engine.where if isinstance(self.engine, ShardedService) else None
-        shard = 0 if where is None else where.pop(request.id, None)
+        if where is not None:
+            shard = where.pop(request.id, None)
+        else:
+            shard = None if item.outcome in _REJECTED else 0
         return [
             flow.id, flow.band.config.name, request.id, _r(item.enqueued_at, 9),
             _r(now, 9) if dispatched else None, _r(now + service if dispatched else now, 9), shard, label,

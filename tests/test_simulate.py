@@ -27,6 +27,7 @@ from flowshard.simulate import (
     main,
     render_table,
     simulate,
+    simulate_with_records,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -523,3 +524,11 @@ def test_simulator_is_fast() -> None:
     elapsed = time.perf_counter() - start
     assert report.totals.events > 10_000
     assert report.totals.events / elapsed > 10_000  # ~100k/s on a quiet core; a loose guard against regressions
+
+
+def test_a_rejected_request_names_no_shard_at_one_shard_either() -> None:
+    """Records: a request never queued has shard null, at one shard as at N (a review: 0 at one shard)."""
+    _, rows = simulate_with_records(shipped("displacement", duration=4.0))
+    rejected = [row for row in rows if str(row[7]).startswith("rejected")]
+    assert rejected and all(row[6] is None for row in rejected)
+    assert all(row[6] == 0 for row in rows if not str(row[7]).startswith("rejected"))
