@@ -528,7 +528,7 @@ def test_simulator_is_fast() -> None:
 
 def test_a_rejected_request_names_no_shard_at_one_shard_either() -> None:
     """Records: a request never queued has shard null, at one shard as at N (a review: 0 at one shard)."""
-    _, rows = simulate_with_records(shipped("displacement", duration=4.0))
+    _, rows = simulate_with_records(shipped("displacement"))
     rejected = [row for row in rows if str(row[7]).startswith("rejected")]
     assert rejected and all(row[6] is None for row in rejected)
     assert all(row[6] == 0 for row in rows if not str(row[7]).startswith("rejected"))
