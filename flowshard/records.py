@@ -14,7 +14,8 @@ object first, then one array per request, positional, in the order of `COLUMNS`:
   `dispatch`: when it was dispatched (bench: the service's commit time, the audit's `decided`, when
   the service sends it; null otherwise); `done`: when it ended — the end of its service
   for a dispatch, the outcome's time otherwise, the end of the run for `unfinished`.
-- shard: the shard that held it (-1: dispatched at the distributor's idle fast path; null: unknown).
+- shard: the shard that held it (-1: dispatched at the distributor's idle fast path; null: never queued,
+  a rejection, or unknown).
 - outcome: `dispatched`, `rejected:<reason>`, `evicted:<reason>`, `unfinished` or `error`.
 - size (bytes), tokens (declared, 0: none), service (seconds it held its slot; null if not dispatched).
 """
