@@ -55,6 +55,7 @@ from flowshard.classify import (
     Usage,
     classify,
     done_end,
+    read_headers,
     usage_from_body,
     usage_problem,
 )
@@ -751,7 +752,7 @@ class Proxy:
                                                b"allow: POST\r\n", no_body=method == b"HEAD"))
             return
         try:
-            item = classify(self.pc, route, dict(headers), body, self.default_priority)
+            item = classify(self.pc, route, read_headers(self.pc, headers), body, self.default_priority)
         except ClassifyError as exc:
             self.stats.response(route, exc.status)
             conn.slot_respond(slot, error_response(exc.status, exc.message, "invalid_request_error", None,

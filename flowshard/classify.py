@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 import msgspec
@@ -27,7 +27,8 @@ import msgspec
 from flowshard.config import ProxyConfig
 from flowshard.validate import MAX_FLOW_ID, MAX_PRIORITY, MAX_SECONDS, MAX_TOKENS, json_problem
 
-__all__ = ["Classified", "ClassifyError", "SseUsage", "Usage", "classify", "usage_from_body", "usage_problem"]
+__all__ = ["Classified", "ClassifyError", "SseUsage", "Usage", "classify", "read_headers", "usage_from_body",
+           "usage_problem"]
 
 
 class ClassifyError(ValueError):
@@ -119,6 +120,19 @@ def _header(headers: Mapping[str, str], name: str) -> str:
     """A configured header's value, without the spaces and tabs around it (HTTP's; `str.strip` also takes
     characters such as U+00A0 from a value: a review); "" if absent or if the name is "" (not read)."""
     return headers.get(name, "").strip(" \t") if name else ""
+
+
+def read_headers(config: ProxyConfig, headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The request's headers by (lower-case) name, the last of a repeated one; a header flowshard reads
+    (the flow, priority, objective and SLO headers) given twice with different values is refused:
+    which one a gateway in front meant, or a client added, cannot be told (a review: the last won)."""
+    out: dict[str, str] = {}
+    read = {config.priority_header, config.objective_header, config.slo_header, *config.flow_headers}
+    for name, value in headers:
+        if name in read and name and name in out and out[name].strip(" \t") != value.strip(" \t"):
+            raise ClassifyError(400, f"header {name}: given twice, with different values", name)
+        out[name] = value
+    return out
 
 
 def priority_of(config: ProxyConfig, headers: Mapping[str, str], model: str, default: int) -> int:

@@ -17,6 +17,7 @@ from flowshard.classify import (
     SseUsage,
     Usage,
     classify,
+    read_headers,
     usage_from_body,
     usage_problem,
 )
@@ -57,6 +58,20 @@ def test_a_flow_header_is_read_as_utf8_as_a_json_flow_id_is() -> None:
     for flow in ("café", "租户-7", "é" * 256, "voilà", "Å", "Р", "х"):
         header = flow.encode().decode("utf-8", "surrogateescape")  # as the proxy hands it over
         assert classify(cfg(), CHAT, {"x-flowshard-flow": f" {header}\t"}, body(), 0).flow == flow
+
+
+def test_a_header_flowshard_reads_given_twice_with_different_values_is_refused() -> None:
+    """A review: the last of two `x-flowshard-priority` headers won, so a client's own header and a
+    gateway's could both be sent and which one counted was the order's accident."""
+    c = cfg()
+    assert read_headers(c, [("x-flowshard-priority", "5"), ("accept", "a"), ("accept", "b")]) == {
+        "x-flowshard-priority": "5", "accept": "b"}  # (a header flowshard does not read: the last, passed on)
+    assert read_headers(c, [("x-flowshard-priority", "5"), ("x-flowshard-priority", " 5")])["x-flowshard-priority"]
+    for name in ("x-flowshard-priority", "x-flowshard-flow", "x-gateway-inference-objective", "x-slo-ttft-ms"):
+        with pytest.raises(ClassifyError) as info:
+            read_headers(c, [(name, "1"), ("host", "h"), (name, "2")])
+        assert (info.value.status, info.value.param) == (400, name)
+        assert info.value.message == f"header {name}: given twice, with different values"
 
 
 def test_priority_header_then_objective_then_model_then_default() -> None:

@@ -93,6 +93,18 @@ def test_bad_requests_get_openai_errors_naming_the_field(launch: Any, fake_backe
     assert "max_tokens" in str(exc.value) and exc.value.body["param"] == "max_tokens"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError, match="x-flowshard-priority"):
         c.chat.completions.create(model="m", messages=MSG, extra_headers={"x-flowshard-priority": "urgent"})
+
+    async def twice() -> None:  # two different priorities: which one was meant cannot be told
+        conn = await HttpConn.open(svc.http_port)
+        payload = json.dumps({"model": "m", "messages": MSG}).encode()
+        conn.send_raw(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-flowshard-priority: 0\r\n"
+                      b"x-flowshard-priority: 10\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+                      % len(payload) + payload)
+        r = await conn.response()
+        assert r.status == 400 and r.json()["error"]["param"] == "x-flowshard-priority", r
+        conn.close()
+
+    run(twice())
     assert settled(svc)["totals"]["dispatched"] == 0
     assert fake.stats()["requests"] == 0
 
