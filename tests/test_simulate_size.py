@@ -56,6 +56,16 @@ def test_closed_loop_clients_that_can_be_refused_or_evicted_are_counted_at_their
     think = estimate(closed({"max_queued_requests": 100}, arrival={"kind": "closed", "concurrency": 200,
                                                                      "think": 0.2, "backoff": 0.001}))
     assert think.requests == pytest.approx(200 * 60 / 0.2)  # the retry comes after its think time at least
+    # an open-loop flood that can fill the global limit (2,000/s over a 60 s TTL against 300) refuses the
+    # closed-loop clients too, though they alone fit (a review: 1.7 M events run, 44 k estimated)
+    flood = {"id": "flood", "service": 1.0, "arrival": {"kind": "poisson", "rate": 2000}}
+    mixed = scenario_from_data({"server": {"max_queued_requests": 300}, "workload": {"duration": 60.0, "flows": [
+        flood, {"id": "f", "service": 1.0, "arrival": {"kind": "closed", "concurrency": 200, "backoff": 0.001}}]}})
+    assert estimate(mixed).requests == pytest.approx(2000 * 60 + 200 * 60 / 0.001)
+    fits = scenario_from_data({"server": {"max_queued_requests": 300}, "workload": {"duration": 60.0, "flows": [
+        {**flood, "ttl": 0.05}, {"id": "f", "service": 1.0,
+                                 "arrival": {"kind": "closed", "concurrency": 200, "backoff": 0.001}}]}})
+    assert estimate(fits).requests == pytest.approx(2000 * 60 + 200 * 60 / 1.0)  # 100 + 200 wait at most: fits
 
 
 def test_a_huge_scenario_is_refused_up_front_with_the_count_and_what_to_change(capsys: pytest.CaptureFixture[str]
