@@ -16,8 +16,7 @@ requests still in transit to a shard, and hands out grants:
 
 Counting reserved grants as in flight keeps in-flight <= limit exact, and granting strictly by band
 keeps priority strict across shards: no lower band is granted while a higher band has work that
-holds no grant and is eligible under its ceiling, or may be once its grants are answered (above its
-ceiling only by the bytes they reserve, estimates, or with one of them `unsure`).
+holds no grant and is eligible under its ceiling, or may be once its `unsure` grants are answered.
 
 Priority inversions are counted here too, exactly, from the ledger's own decisions (DESIGN §4.3; the
 definition and its proof are in docs/architecture.md, "Strict priority"): a grant travels, so a shard
@@ -804,20 +803,11 @@ class Ledger:
             band = None
             for candidate in bands:
                 if saturation >= candidate.ceiling:
-                    # Above its ceiling, but perhaps only by the bytes its grants reserve, estimates the
-                    # answers replace with the requests' own (or by a grant that may come back, `unsure`):
-                    # with work of its own uncovered, the bands below wait for those answers. (A review:
-                    # they went ahead, and the saturation they took kept it out once the answers came.)
+                    # above its ceiling, but perhaps by a grant of its own that may come back (`unsure`):
+                    # that brings it under again, its work uncovered, so the bands below wait for it
+                    # too (a review: they went ahead, and the saturation they took kept it out)
                     if candidate.unsure:
                         return out
-                    if used_bytes > budget.inflight_bytes and candidate.grantable():
-                        floor = used / max_requests  # what the saturation is at least, the grants answered
-                        if budget.inflight_bytes / max_bytes > floor:
-                            floor = budget.inflight_bytes / max_bytes
-                        if external is not None:
-                            floor = max(floor, external(self.grants_out))
-                        if floor < candidate.ceiling:
-                            return out
                     continue
                 if candidate.fair:
                     heap = open_shards.get(candidate.index)  # type: ignore[assignment]

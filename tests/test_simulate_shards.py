@@ -288,15 +288,15 @@ service = {{ dist = "exponential", mean = 0.2 }}
 
 @pytest.mark.parametrize("shards", [1, 2, 8])
 @pytest.mark.parametrize(("upper", "seed", "slack"), [("drr", 5, 0), ("drr", 3, 262144), ("global-fcfs", 5, 0)])
-def test_a_band_over_its_ceiling_only_by_its_grants_estimates_keeps_the_bands_below_waiting(
+def test_a_band_over_its_ceiling_with_an_unsure_grant_out_keeps_the_bands_below_waiting(
     shards: int, upper: str, seed: int, slack: int
 ) -> None:
-    """A review: with a byte budget, grants reserve estimates (twice a typical size), which lifted the
-    saturation over an upper band's ceiling while its work waited uncovered (or its grant could come
-    back for its head's size); the band below was granted, and once the answers came (the requests
-    smaller than reserved) the saturation it took kept the upper band out: 1-12 dispatches of the
-    lower band while the upper band had a request it could have dispatched, counted by the
-    simulation's own checker from actual in-flight (the ledger's decisions, as in the service)."""
+    """A review: with a byte budget, an upper band's grant whose reserve is below a request queued
+    there (`unsure`: it may come back for its head's size) lifted the saturation over the band's
+    ceiling; the plan passed over it for the band below, the grant came back, and the saturation the
+    lower band took kept the upper band out: dispatches of the lower band while the upper band had a
+    request it could have dispatched, counted by the simulation's own checker from actual in-flight
+    (the ledger's decisions, as in the service)."""
     scenario = load_scenario(_CEILINGS_AND_BYTES.format(upper=upper, seed=seed, slack=slack), where="t.toml")
     report, _ = simulate_with_records(scenario, records=False, shards=shards, sharded=True)  # (1: ledger + engine)
     c = report.totals.counts
