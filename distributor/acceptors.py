@@ -734,6 +734,8 @@ class Acceptors:
             self.procs[index] = None
         if self._stopping:
             return
+        if self.refusing:  # its connections' places are free now (review 102: they waited out the grace)
+            self.recheck_refusing()
         log.error("acceptor %d exited; starting it again", index)
         self.restarts[index] += 1
         self.service.counters["acceptor_restarts"] += 1
@@ -784,8 +786,13 @@ class Acceptors:
                 proc.kill()
 
     def stop_listening(self) -> None:
-        """Draining: no new connections (the port closes); the acceptors keep serving theirs."""
+        """Draining: no new connections (the port closes); the acceptors keep serving theirs. Those over
+        the limits waiting for a close are handed now, with the verdict they have (a review: closed at
+        the end of a short drain instead, without their 503)."""
         self.push_state()
+        for kind, refusing in self._refusing.items():
+            while refusing and self._hand_now(kind, refusing[0][0]):
+                refusing.popleft()
         if self._listening:
             self._listening = False
             loop = asyncio.get_running_loop()
