@@ -20,10 +20,12 @@ SPAWN_FDS = 16  # what one spawn may open at once (4 to 6 here), with room to sp
 BASE_FDS = 80
 
 
-def descriptors_needed(max_connections: int, shards: int, acceptors: int) -> int:
-    """What `serve` may hold open at once: `max_connections` on each of the two fronts, one per worker,
-    three per acceptor (each acceptor holds its own connections, under the limit it inherits)."""
-    return 2 * max_connections + BASE_FDS + shards + 3 * acceptors
+def descriptors_needed(max_connections: int, shards: int, acceptors: int, proxied: int = 0) -> int:
+    """What one of `serve`'s processes may hold open at once: `max_connections` on each of the two
+    fronts, one per worker, three per acceptor, and in proxy mode a backend connection per request
+    relayed at once (`proxied`). Each acceptor inherits the limit, and may hold any share of the
+    clients' and backends' connections (all of them, the others down)."""
+    return 2 * max_connections + BASE_FDS + shards + 3 * acceptors + proxied
 
 
 def raise_descriptor_limit(needed: int) -> tuple[int, int]:

@@ -92,7 +92,10 @@ def _serve(args: argparse.Namespace) -> int:
     elif "max_inflight_requests" not in written.get("budget", {}):
         sys.stderr.write(f"flowshard: {args.config} sets no [budget] max_inflight_requests: the default of 100 is "
                          "a placeholder; set it to what your backends run at once (README, \"Configuration\")\n")
-    _check_descriptors(config.service.max_connections, args.shards, acceptors)
+    # proxy mode: a backend connection per request relayed, at most the budget's (or one per client)
+    budget = config.budget.max_inflight_requests
+    proxied = (budget if isinstance(budget, int) else config.service.max_connections) if config.proxy.backends else 0
+    _check_descriptors(config.service.max_connections, args.shards, acceptors, proxied)
     try:
         uvloop.run(serve(config, args.shards, acceptors))
     except OSError as exc:  # cannot listen (address in use, permission): one line, not a traceback
@@ -103,18 +106,19 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_descriptors(max_connections: int, shards: int, acceptors: int) -> None:
+def _check_descriptors(max_connections: int, shards: int, acceptors: int, proxied: int) -> None:
     """Raise the open-descriptor limit to what `max_connections` needs; say so when the hard limit stops it
     (past it new connections are closed at accept, long before `max_connections`)."""
     import resource
 
     from distributor.fdreserve import descriptors_needed, raise_descriptor_limit
 
-    needed = descriptors_needed(max_connections, shards, acceptors)
+    needed = descriptors_needed(max_connections, shards, acceptors, proxied)
     soft, hard = raise_descriptor_limit(needed)
     if soft != resource.RLIM_INFINITY and soft < needed:
         sys.stderr.write(f"flowshard: the open-descriptor limit is {soft} (ulimit -n, hard limit {hard}), below the "
-                         f"{needed} that max_connections = {max_connections} on both ports needs: past it new "
+                         f"{needed} that max_connections = {max_connections} on both ports needs"
+                         f"{f' (and {proxied} backend connections)' if proxied else ''}: past it new "
                          "connections are closed at accept; raise the hard limit or lower [service] max_connections\n")
 
 
