@@ -750,6 +750,12 @@ class Ledger:
 
     # ------------------------------------------------------------------ grants
 
+    def _unsure_answering(self, band: int, cutoff: float) -> bool:
+        """Whether an unsure grant of `band` is out on a shard not behind on its answers (`_plan`)."""
+        asked_at = self.asked_at
+        return any(g[4] and g[0] == band for n, queue in enumerate(self._grants) if asked_at[n] >= cutoff
+                   for g in queue)
+
     def plan_grants(self) -> list[tuple[int, int, int, float]]:
         """Grants to send now, as (shard, band, max_bytes or -1 for any, saturation); already reserved.
 
@@ -805,8 +811,10 @@ class Ledger:
                 if saturation >= candidate.ceiling:
                     # above its ceiling, but perhaps by a grant of its own that may come back (`unsure`):
                     # that brings it under again, its work uncovered, so the bands below wait for it
-                    # too (a review: they went ahead, and the saturation they took kept it out)
-                    if candidate.unsure:
+                    # too (a review: they went ahead, and the saturation they took kept it out); not for
+                    # one on a shard behind on its answers (perhaps stopped: a review, every band below
+                    # held until the watchdog), as a band above its ceiling holds nothing for its work there
+                    if candidate.unsure and (not behind or self._unsure_answering(candidate.index, cutoff)):
                         return out
                     continue
                 if candidate.fair:

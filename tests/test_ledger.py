@@ -231,6 +231,45 @@ def test_a_stopped_shard_holding_the_higher_band_keeps_the_lower_bands_waiting_n
     assert counted == {"low": 0, "high": 30}, counted
 
 
+def test_a_band_above_its_ceiling_holds_nothing_for_an_unsure_grant_on_a_stopped_shard():
+    """A byte budget: the high band (ceiling 0.3) is at its ceiling with requests in flight on shard 1,
+    and its grant on shard 0 is unsure (a 30 kB request queued behind 100 B ones: it may come back
+    for its head's size). While shard 0 answers, the bands below wait for that grant (its hand-back
+    would bring the band under its ceiling again); once shard 0 is behind on its answers (stopped),
+    they do not: a band above its ceiling holds nothing for its work there either (a review: every
+    lower band, on every shard, waited for the watchdog)."""
+    bands = [{"priority": 1, "name": "hi", "ceiling": 0.3}, {"priority": 0, "name": "lo"}]
+    cfg = config(bands, max_inflight_requests=20, max_inflight_bytes=100_000, fast_path=False,
+                 max_queued_requests=None, max_queued_bytes=None)
+    m = Model(cfg, 3, answer_timer=True)
+    hi, lo = m.priorities[0], m.priorities[1]
+    for _ in range(20):
+        m.admit("low", lo, 100, shard=2)
+    for n in (1, 2):
+        m.deliver_all_to(n)
+        m.deliver_all_from(n)
+    for _ in range(5):
+        m.admit("stuck", hi, 100, shard=0)
+    m.admit("stuck", hi, 30_000, shard=0)
+    for _ in range(30):
+        m.admit("high", hi, 100, shard=1)
+    seen, counted = 0, Counter()
+    for step in range(12):
+        for n in (1, 2):  # shard 0 answers nothing
+            m.deliver_all_to(n)
+            m.deliver_all_from(n)
+        counted.update(m.reqs[rec.id].flow for rec in m.dispatches[seen:])
+        seen = len(m.dispatches)
+        for ticket in [t for t in m.tickets if m.reqs[t].flow == "low"]:
+            m.release(ticket)  # the low band's requests end; the high band's stay in flight
+        if step == 2:
+            for _ in range(40):
+                m.admit("low", lo, 100, shard=2)
+        m.advance(0.25)
+    assert m.ledger.bands[0].unsure == 1  # shard 0 still holds the unsure grant
+    assert counted["low"] == 60, counted  # served on the healthy shard all along
+
+
 def _stop_and_resume(fairness: str, *, stop: float, resume: float, rounds: int = 40,
                      ) -> tuple[dict[str, int], list[dict[str, int]]]:
     """One band, 3 shards, a flow on each, 8 clients' worth of budget, requests held one round (0.25
