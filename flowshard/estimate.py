@@ -82,8 +82,12 @@ def _can_wait(scenario: Scenario) -> dict[int, tuple[float, float]]:
             requests = float(arrival.concurrency * spec.count)
         else:
             ttl = spec.ttl or server.default_ttl
-            per_second = arrival.rate if isinstance(arrival, Poisson | Constant) else arrival.size / arrival.every
-            requests = per_second * spec.count * ttl if ttl > 0 else math.inf
+            if ttl <= 0:
+                requests = math.inf
+            elif isinstance(arrival, Poisson | Constant):
+                requests = arrival.rate * ttl * spec.count
+            else:  # a whole burst waits at once, however short the TTL (a review)
+                requests = arrival.size * (1 + ttl / arrival.every) * spec.count
         for scope in (_band_of(server, spec.priority), -1):
             had = out.get(scope, (0.0, 0.0))
             out[scope] = (had[0] + requests, had[1] + requests * size)
