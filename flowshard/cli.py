@@ -119,7 +119,8 @@ def _check_descriptors(max_connections: int, shards: int, acceptors: int, proxie
         sys.stderr.write(f"flowshard: the open-descriptor limit is {soft} (ulimit -n, hard limit {hard}), below the "
                          f"{needed} that max_connections = {max_connections} on both ports needs"
                          f"{f' (and {proxied} backend connections)' if proxied else ''}: past it new "
-                         "connections are closed at accept; raise the hard limit or lower [service] max_connections\n")
+                         "connections are closed at accept; raise the hard limit or lower [service] max_connections"
+                         f"{' (or [budget] max_inflight_requests)' if proxied else ''}\n")
 
 
 def _acceptors(given: str, shards: int, proxy: bool = False) -> int:
