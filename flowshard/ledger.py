@@ -425,6 +425,7 @@ class Ledger:
         # heard from (`heard_from`; inf: none since)
         self.timer: Callable[[], float] | None = None
         self.asked_at = [_INF] * shards
+        self._heard: set[int] = set()  # shards heard from since the last plan (`heard_from`)
         # per shard, its grants outstanding in the order it answers them: (band, reserve, charge, saturation, unsure)
         self._grants: list[deque[tuple[int, int, float, float, bool]]] = [deque() for _ in range(shards)]
         self.plans = 0  # grant plans made so far (`Pending.plans`, `LedgerBand.shard_planned`)
@@ -770,9 +771,14 @@ class Ledger:
         if timer is None:
             return self._plan(-_INF)
         now = timer()
+        asked_at = self.asked_at
+        if self._heard:  # a shard that answered and still holds grants (sent after what it read) is asked
+            for shard in self._heard:  # again from now: one that stops then is judged behind in its turn
+                if self._grants[shard] and asked_at[shard] == _INF:  # (a review: it never was)
+                    asked_at[shard] = now
+            self._heard.clear()
         out = self._plan(now - ANSWER_TIMEOUT)
         if out:
-            asked_at = self.asked_at
             for shard in {grant[0] for grant in out}:
                 if asked_at[shard] == _INF:
                     asked_at[shard] = now
@@ -795,6 +801,7 @@ class Ledger:
         behind = not single and min(asked_at) < cutoff
         if not behind:
             cutoff = -_INF  # (so the picks below take their paths for no shard behind)
+        unsure_live: dict[int, bool] = {}  # per band above its ceiling: an unsure grant out on a shard answering
         while True:
             used = budget.inflight + self.grants_out
             if used >= max_requests:
@@ -814,7 +821,13 @@ class Ledger:
                     # too (a review: they went ahead, and the saturation they took kept it out); not for
                     # one on a shard behind on its answers (perhaps stopped: a review, every band below
                     # held until the watchdog), as a band above its ceiling holds nothing for its work there
-                    if candidate.unsure and (not behind or self._unsure_answering(candidate.index, cutoff)):
+                    if candidate.unsure and behind:  # (once per band in a plan: nothing it reads changes)
+                        answering = unsure_live.get(candidate.index)
+                        if answering is None:
+                            answering = unsure_live[candidate.index] = self._unsure_answering(candidate.index, cutoff)
+                        if answering:
+                            return out
+                    elif candidate.unsure:
                         return out
                     continue
                 if candidate.fair:
@@ -1313,8 +1326,11 @@ class Ledger:
     def heard_from(self, shard: int) -> None:
         """The shard answered (its frames of a pass, read): it is not behind on its answers. (Once per
         read, not per grant answered: a worker reads its link in order, so any answer shows it has
-        read the grants before it; ~0.08 µs a request saved at one shard, measured.)"""
+        read the grants before it; ~0.08 µs a request saved at one shard, measured.) The grants it
+        still holds then are asked again from the next plan (`plan_grants`)."""
         self.asked_at[shard] = _INF
+        if self.timer is not None:
+            self._heard.add(shard)
 
     def unanswered_for(self, shard: int, now: float) -> float:
         """How long (s) `shard` has answered none of its grants since one was planned (0: none out)."""

@@ -270,6 +270,45 @@ def test_a_band_above_its_ceiling_holds_nothing_for_an_unsure_grant_on_a_stopped
     assert counted["low"] == 60, counted  # served on the healthy shard all along
 
 
+def test_a_shard_that_answers_then_stops_is_judged_behind_on_the_grants_it_still_holds():
+    """Review 104: shard 0 answered one of its grants, then stopped with more out (unsure grants of a
+    band above its ceiling). Hearing from it cleared its clock, and nothing planned for it again (the
+    band above its ceiling gets none; the bands below wait for its unsure grants), so it was never
+    judged behind: every lower band, on every shard, waited for the watchdog. A shard heard from that
+    still holds grants is asked again from the next plan."""
+    bands = [{"priority": 1, "name": "hi", "ceiling": 0.3}, {"priority": 0, "name": "lo"}]
+    cfg = config(bands, max_inflight_requests=20, max_inflight_bytes=1_000_000, fast_path=False,
+                 max_queued_requests=None, max_queued_bytes=None)
+    m = Model(cfg, 3, answer_timer=True)
+    hi, lo = m.priorities[0], m.priorities[1]
+    for _ in range(8):
+        m.admit("stuck", hi, 100, shard=0)
+    m.admit("stuck", hi, 30_000, shard=0)  # queued behind them: every reserve below it is unsure
+    s0 = m.shards[0]
+    m.deliver_to_shard(0)
+    while s0.inbox and not s0.outbox:
+        m.deliver_to_shard(0)
+    m.deliver_all_from(0)  # its first answer; the plan then grants it unsure ones up to the ceiling
+    while s0.inbox and not s0.outbox:
+        m.deliver_to_shard(0)
+    m._deliver_to_dist(0)  # one more answer, read: heard from; then shard 0 stops
+    assert m.ledger.bands[0].unsure > 0 and m.ledger.outstanding_grants(0) > 0
+    seen, counted = 0, Counter()
+    for step in range(20):  # 5 s, the watchdog's time, a round every 0.25 s
+        for n in (1, 2):
+            m.deliver_all_to(n)
+            m.deliver_all_from(n)
+        counted.update(m.reqs[rec.id].flow for rec in m.dispatches[seen:])
+        seen = len(m.dispatches)
+        for ticket in [t for t in m.tickets if m.reqs[t].flow == "low"]:
+            m.release(ticket)
+        if step == 1:
+            for _ in range(20):
+                m.admit("low", lo, 100, shard=2)
+        m.advance(0.25)
+    assert counted["low"] == 20, counted
+
+
 def _stop_and_resume(fairness: str, *, stop: float, resume: float, rounds: int = 40,
                      ) -> tuple[dict[str, int], list[dict[str, int]]]:
     """One band, 3 shards, a flow on each, 8 clients' worth of budget, requests held one round (0.25
