@@ -231,6 +231,35 @@ def test_a_stopped_shard_holding_the_higher_band_keeps_the_lower_bands_waiting_n
     assert counted == {"low": 0, "high": 30}, counted
 
 
+def _ceiling_model(max_inflight_bytes: int) -> tuple[Model, int, int]:
+    """3 shards, a byte budget, the high band's ceiling (0.3) below the low band's: (model, hi, lo)."""
+    bands = [{"priority": 1, "name": "hi", "ceiling": 0.3}, {"priority": 0, "name": "lo"}]
+    cfg = config(bands, max_inflight_requests=20, max_inflight_bytes=max_inflight_bytes, fast_path=False,
+                 max_queued_requests=None, max_queued_bytes=None)
+    m = Model(cfg, 3, answer_timer=True)
+    return m, m.priorities[0], m.priorities[1]
+
+
+def _low_served_while_shard_0_is_silent(m: Model, lo: int, *, rounds: int, admit_at: int, more: int) -> int:
+    """Rounds of 0.25 s in which shards 1 and 2 answer everything and shard 0 nothing; the low band's
+    requests end each round (the high band's stay in flight); `more` low requests arrive on shard 2
+    at round `admit_at`. Returns the low band's dispatches."""
+    seen, low = 0, 0
+    for step in range(rounds):
+        for n in (1, 2):
+            m.deliver_all_to(n)
+            m.deliver_all_from(n)
+        low += sum(1 for rec in m.dispatches[seen:] if m.reqs[rec.id].flow == "low")
+        seen = len(m.dispatches)
+        for ticket in [t for t in m.tickets if m.reqs[t].flow == "low"]:
+            m.release(ticket)
+        if step == admit_at:
+            for _ in range(more):
+                m.admit("low", lo, 100, shard=2)
+        m.advance(0.25)
+    return low
+
+
 def test_a_band_above_its_ceiling_holds_nothing_for_an_unsure_grant_on_a_stopped_shard():
     """A byte budget: the high band (ceiling 0.3) is at its ceiling with requests in flight on shard 1,
     and its grant on shard 0 is unsure (a 30 kB request queued behind 100 B ones: it may come back
@@ -238,11 +267,7 @@ def test_a_band_above_its_ceiling_holds_nothing_for_an_unsure_grant_on_a_stopped
     would bring the band under its ceiling again); once shard 0 is behind on its answers (stopped),
     they do not: a band above its ceiling holds nothing for its work there either (a review: every
     lower band, on every shard, waited for the watchdog)."""
-    bands = [{"priority": 1, "name": "hi", "ceiling": 0.3}, {"priority": 0, "name": "lo"}]
-    cfg = config(bands, max_inflight_requests=20, max_inflight_bytes=100_000, fast_path=False,
-                 max_queued_requests=None, max_queued_bytes=None)
-    m = Model(cfg, 3, answer_timer=True)
-    hi, lo = m.priorities[0], m.priorities[1]
+    m, hi, lo = _ceiling_model(100_000)
     for _ in range(20):
         m.admit("low", lo, 100, shard=2)
     for n in (1, 2):
@@ -253,21 +278,9 @@ def test_a_band_above_its_ceiling_holds_nothing_for_an_unsure_grant_on_a_stopped
     m.admit("stuck", hi, 30_000, shard=0)
     for _ in range(30):
         m.admit("high", hi, 100, shard=1)
-    seen, counted = 0, Counter()
-    for step in range(12):
-        for n in (1, 2):  # shard 0 answers nothing
-            m.deliver_all_to(n)
-            m.deliver_all_from(n)
-        counted.update(m.reqs[rec.id].flow for rec in m.dispatches[seen:])
-        seen = len(m.dispatches)
-        for ticket in [t for t in m.tickets if m.reqs[t].flow == "low"]:
-            m.release(ticket)  # the low band's requests end; the high band's stay in flight
-        if step == 2:
-            for _ in range(40):
-                m.admit("low", lo, 100, shard=2)
-        m.advance(0.25)
+    low = _low_served_while_shard_0_is_silent(m, lo, rounds=12, admit_at=2, more=40)
     assert m.ledger.bands[0].unsure == 1  # shard 0 still holds the unsure grant
-    assert counted["low"] == 60, counted  # served on the healthy shard all along
+    assert low == 60  # served on the healthy shard all along
 
 
 def test_a_shard_that_answers_then_stops_is_judged_behind_on_the_grants_it_still_holds():
@@ -276,11 +289,7 @@ def test_a_shard_that_answers_then_stops_is_judged_behind_on_the_grants_it_still
     band above its ceiling gets none; the bands below wait for its unsure grants), so it was never
     judged behind: every lower band, on every shard, waited for the watchdog. A shard heard from that
     still holds grants is asked again from the next plan."""
-    bands = [{"priority": 1, "name": "hi", "ceiling": 0.3}, {"priority": 0, "name": "lo"}]
-    cfg = config(bands, max_inflight_requests=20, max_inflight_bytes=1_000_000, fast_path=False,
-                 max_queued_requests=None, max_queued_bytes=None)
-    m = Model(cfg, 3, answer_timer=True)
-    hi, lo = m.priorities[0], m.priorities[1]
+    m, hi, lo = _ceiling_model(1_000_000)
     for _ in range(8):
         m.admit("stuck", hi, 100, shard=0)
     m.admit("stuck", hi, 30_000, shard=0)  # queued behind them: every reserve below it is unsure
@@ -293,20 +302,7 @@ def test_a_shard_that_answers_then_stops_is_judged_behind_on_the_grants_it_still
         m.deliver_to_shard(0)
     m._deliver_to_dist(0)  # one more answer, read: heard from; then shard 0 stops
     assert m.ledger.bands[0].unsure > 0 and m.ledger.outstanding_grants(0) > 0
-    seen, counted = 0, Counter()
-    for step in range(20):  # 5 s, the watchdog's time, a round every 0.25 s
-        for n in (1, 2):
-            m.deliver_all_to(n)
-            m.deliver_all_from(n)
-        counted.update(m.reqs[rec.id].flow for rec in m.dispatches[seen:])
-        seen = len(m.dispatches)
-        for ticket in [t for t in m.tickets if m.reqs[t].flow == "low"]:
-            m.release(ticket)
-        if step == 1:
-            for _ in range(20):
-                m.admit("low", lo, 100, shard=2)
-        m.advance(0.25)
-    assert counted["low"] == 20, counted
+    assert _low_served_while_shard_0_is_silent(m, lo, rounds=20, admit_at=1, more=20) == 20  # 5 s: the watchdog's
 
 
 def _stop_and_resume(fairness: str, *, stop: float, resume: float, rounds: int = 40,
