@@ -821,7 +821,7 @@ class Ledger:
                     # too (a review: they went ahead, and the saturation they took kept it out); not for
                     # one on a shard behind on its answers (perhaps stopped: a review, every band below
                     # held until the watchdog), as a band above its ceiling holds nothing for its work there
-                    if candidate.unsure and behind:  # (once per band in a plan: nothing it reads changes)
+                    if candidate.unsure and behind:  # (once per band in a plan, until it gets an unsure grant)
                         answering = unsure_live.get(candidate.index)
                         if answering is None:
                             answering = unsure_live[candidate.index] = self._unsure_answering(candidate.index, cutoff)
@@ -906,6 +906,7 @@ class Ledger:
             out.append((shard, index, reserve, saturation))
             if unsure:
                 band.unsure += 1
+                unsure_live.pop(index, None)  # (a "none answering" judged above is stale now: a review)
             if not fair and max_bytes == _INF and external is None and (single or home >= 0) and _RUNS:
                 # A run (at one shard, or a band on its home shard, with no byte budget and no second
                 # detector): the loop would choose this band and shard again while that shard holds more

@@ -305,6 +305,35 @@ def test_a_shard_that_answers_then_stops_is_judged_behind_on_the_grants_it_still
     assert _low_served_while_shard_0_is_silent(m, lo, rounds=20, admit_at=1, more=20) == 20  # 5 s: the watchdog's
 
 
+def test_a_band_that_gets_an_unsure_grant_mid_plan_holds_the_bands_below_from_then_on():
+    """Review 105: the plan judges once whether a band above its ceiling has an unsure grant on a shard
+    answering; in proxy mode the detector's saturation can fall within a plan, the band then gets an
+    unsure grant on a healthy shard, and when it rose again the bands below went on, on the judgement
+    made before that grant. (The detector here reads 0.6, 0.0, then 0.6 within one plan.)"""
+    bands = [{"priority": 1, "name": "hi", "ceiling": 0.5}, {"priority": 0, "name": "lo"}]
+    m = Model(config(bands, max_inflight_requests=1000, max_inflight_bytes=10_000_000, fast_path=False),
+              3, answer_timer=True, check_every_step=False)
+    hi, lo = m.priorities[0], m.priorities[1]
+    ledger = m.ledger
+    for _ in range(8):  # shard 2: the high band's work, an unsure grant out; then shard 2 stops (behind)
+        m.admit("stuck", hi, 100, shard=2)
+    m.admit("stuck", hi, 300_000, shard=2)
+    m.deliver_all_to(2)
+    m.deliver_all_from(2)
+    m.advance(0.3)
+    reads: Iterator[float] = iter([])
+    ledger.external_saturation = lambda grants_out: next(reads, 0.0)
+    with m.one_pass():
+        for _ in range(4):
+            m.admit("high", hi, 100, shard=0)
+        m.admit("high", hi, 300_000, shard=0)  # its grant will be unsure
+        for _ in range(3):
+            m.admit("low", lo, 100, shard=1)
+        reads = iter([0.6, 0.0, 0.6, 0.6, 0.6, 0.6])  # the detector's reads in the plan at the pass's end
+    assert sum(g[4] for g in ledger._grants[0]) == 1  # the high band's unsure grant on a shard answering
+    assert ledger.outstanding_grants(1) == 1  # and the low band's grants stop with it (3 before)
+
+
 def _stop_and_resume(fairness: str, *, stop: float, resume: float, rounds: int = 40,
                      ) -> tuple[dict[str, int], list[dict[str, int]]]:
     """One band, 3 shards, a flow on each, 8 clients' worth of budget, requests held one round (0.25
