@@ -46,7 +46,7 @@ import uvloop
 from bench.histogram import Histogram
 from bench.timer import PreciseTimer
 from bench.wire import BinaryConn, HttpPool, connect_binary
-from flowshard.config import Config
+from flowshard.config import band_index
 from flowshard.scenario import (
     Bursts,
     Closed,
@@ -60,7 +60,7 @@ from flowshard.scenario import (
 )
 from flowshard.types import N_OUTCOMES, Outcome
 
-__all__ = ["LOG_COLUMNS", "UNFINISHED", "GenResult", "GenSpec", "band_index", "part_of", "run_generator"]
+__all__ = ["LOG_COLUMNS", "UNFINISHED", "GenResult", "GenSpec", "part_of", "run_generator"]
 
 _DISPATCHED = int(Outcome.DISPATCHED)
 _REJECTED = frozenset({int(Outcome.REJECTED_CAPACITY), int(Outcome.REJECTED_SHUTTING_DOWN)})
@@ -125,13 +125,6 @@ class GenResult(msgspec.Struct, kw_only=True):
     most_conns: int
     released: int
     release_failed: int
-
-
-def band_index(config: Config) -> Callable[[int], int]:
-    """priority -> band index, as the engine resolves it (unknown priorities: the default band)."""
-    by_priority = {b.priority: i for i, b in enumerate(config.bands)}
-    default = by_priority[config.default_band.priority]
-    return lambda priority: by_priority.get(priority, default)
 
 
 def part_of(spec: FlowSpec, part: int, parts: int, member: int = 0) -> FlowSpec | None:

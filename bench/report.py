@@ -39,9 +39,10 @@ from bench.fairness import (
     window_demands,
 )
 from bench.histogram import Histogram
-from bench.loadgen import LOG_COLUMNS, UNFINISHED, GenResult, band_index
+from bench.loadgen import LOG_COLUMNS, UNFINISHED, GenResult
 from bench.runner import RunRecord
 from flowshard.analysis import jain_index, percentile
+from flowshard.config import band_index
 from flowshard.reference import FlowRef, Verdict, failed_gap, judge, segments
 from flowshard.scenario import Closed, Scenario, closed_clients, expand_flows, offered_rate
 from flowshard.simulate import reference_line

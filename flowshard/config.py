@@ -14,6 +14,7 @@ import difflib
 import math
 import re
 import tomllib
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -277,6 +278,13 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if self.default_priority is None:
             return self.bands[-1]
         return next(b for b in self.bands if b.priority == self.default_priority)
+
+
+def band_index(config: Config) -> Callable[[int], int]:
+    """priority -> band index, as the engine resolves it (unknown priorities: the default band)."""
+    by_priority = {b.priority: i for i, b in enumerate(config.bands)}
+    default = by_priority[config.default_band.priority]
+    return lambda priority: by_priority.get(priority, default)
 
 
 T = TypeVar("T")

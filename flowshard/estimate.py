@@ -18,10 +18,11 @@ Each request is at most two events (its arrival and the end of its service). Sim
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import msgspec
 
-from flowshard.config import Config
+from flowshard.config import Config, band_index
 from flowshard.scenario import Bursts, Closed, Constant, FlowSpec, Poisson, Scenario, as_dist
 
 __all__ = ["EVENTS_PER_SECOND", "SHARDED_COST", "Estimate", "FlowLoad", "estimate", "events_per_second"]
@@ -62,15 +63,16 @@ class Estimate(msgspec.Struct, frozen=True):
 def estimate(scenario: Scenario, shards: int = 1) -> Estimate:
     """Count the requests every flow entry can make during the run (wall time: at `shards` shards)."""
     workload = scenario.workload
-    waiting = _can_wait(scenario)
-    loads = sorted((_flow_load(spec, workload.duration, scenario.server, waiting) for spec in workload.flows),
-                   key=lambda f: -f.requests)
+    band_of = band_index(scenario.server)
+    waiting = _can_wait(scenario, band_of)
+    loads = sorted((_flow_load(spec, workload.duration, scenario.server, band_of, waiting)
+                    for spec in workload.flows), key=lambda f: -f.requests)
     requests = sum(f.requests for f in loads)
     events = requests * EVENTS_PER_REQUEST
     return Estimate(requests, events, events / events_per_second(shards), loads)
 
 
-def _can_wait(scenario: Scenario) -> dict[int, tuple[float, float]]:
+def _can_wait(scenario: Scenario, band_of: Callable[[int], int]) -> dict[int, tuple[float, float]]:
     """The most requests, and bytes, that can wait at once per band index (-1: all bands): a closed-loop
     client's one request; an open-loop flow's arrivals over its TTL (no TTL: any number)."""
     server = scenario.server
@@ -88,26 +90,18 @@ def _can_wait(scenario: Scenario) -> dict[int, tuple[float, float]]:
                 requests = arrival.rate * ttl * spec.count
             else:  # a whole burst waits at once, however short the TTL (a review)
                 requests = arrival.size * (1 + ttl / arrival.every) * spec.count
-        for scope in (_band_of(server, spec.priority), -1):
+        for scope in (band_of(spec.priority), -1):
             had = out.get(scope, (0.0, 0.0))
             out[scope] = (had[0] + requests, had[1] + requests * size)
     return out
 
 
-def _band_of(server: Config, priority: int) -> int:
-    for k, band in enumerate(server.bands):
-        if band.priority == priority:
-            return k
-    return server.bands.index(server.default_band)
-
-
-def _refusable(spec: FlowSpec, server: Config, waiting: dict[int, tuple[float, float]]) -> bool:
+def _refusable(spec: FlowSpec, server: Config, band_index: int, waiting: dict[int, tuple[float, float]]) -> bool:
     """Whether a closed-loop flow's requests can be refused: a queue limit (the flow's, its band's or
     the global one, of requests or bytes) below what can wait there at once (a review: an open-loop
     flood filling the global limit refused the closed-loop clients too, 1.7 M events estimated at 44 k).
     A band that displaces others does so only when the global limits are full: counted by those."""
     assert isinstance(spec.arrival, Closed)
-    band_index = _band_of(server, spec.priority)
     band = server.bands[band_index]
     clients = float(spec.arrival.concurrency)
     size = as_dist(spec.size).expected()
@@ -117,7 +111,8 @@ def _refusable(spec: FlowSpec, server: Config, waiting: dict[int, tuple[float, f
     return any(isinstance(limit, int) and limit < can for limit, can in limits)  # (None, "unlimited": no limit)
 
 
-def _flow_load(spec: FlowSpec, duration: float, server: Config, waiting: dict[int, tuple[float, float]]) -> FlowLoad:
+def _flow_load(spec: FlowSpec, duration: float, server: Config, band_of: Callable[[int], int],
+               waiting: dict[int, tuple[float, float]]) -> FlowLoad:
     active = max(0.0, min(spec.stop if spec.stop is not None else duration, duration) - spec.start)
     arrival = spec.arrival
     n = spec.count
@@ -137,7 +132,7 @@ def _flow_load(spec: FlowSpec, duration: float, server: Config, waiting: dict[in
         parts = f"think {_secs(think)} + service {_secs(service)}"
         ttl = spec.ttl or server.default_ttl
         retry = max(think, arrival.backoff)  # after a refusal or an eviction: at least its back-off
-        if _refusable(spec, server, waiting) and retry < cycle:
+        if _refusable(spec, server, band_of(spec.priority), waiting) and retry < cycle:
             cycle, parts = retry, f"a refusal retried after {_secs(retry)}"
         if 0 < ttl < service and ttl + retry < cycle:
             cycle, parts = ttl + retry, f"evicted at its TTL {_secs(ttl)}, retried after {_secs(retry)}"

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from bench.fairness import closed_cycles
-from bench.loadgen import LOG_COLUMNS, UNFINISHED, band_index
+from bench.loadgen import LOG_COLUMNS, UNFINISHED
 from bench.report import _reference
+from flowshard.config import band_index
 from flowshard.reference import Verdict
 from flowshard.scenario import Scenario, expand_flows, load_scenario
 
