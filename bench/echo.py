@@ -29,6 +29,7 @@ import httptools
 import uvloop
 
 from flowshard.codec import Admit, FrameReader, FrameWriter, FromClient, Released, Result
+from flowshard.config import host_port
 
 __all__ = ["BinaryEcho", "HttpEcho", "serve_echo"]
 
@@ -114,8 +115,8 @@ async def serve_echo(host: str = "127.0.0.1", http_port: int = 0, binary_port: i
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    hp, bp = (f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}" for a in (h, b))
-    sys.stderr.write(f"echo ready: http=http://{hp} binary={bp} pid={os.getpid()}\n")
+    sys.stderr.write(f"echo ready: http=http://{host_port(h[0], h[1])} binary={host_port(b[0], b[1])} "
+                     f"pid={os.getpid()}\n")
     sys.stderr.flush()
     await stop.wait()
     http.close()

@@ -38,6 +38,8 @@ import msgspec
 import uvloop
 from aiohttp import web
 
+from flowshard.config import host_port
+
 __all__ = ["FakeBackend", "FakeConfig", "main"]
 
 
@@ -313,8 +315,7 @@ async def serve(config: FakeConfig, host: str, port: int) -> None:
     server = site._server
     assert server is not None
     bound = server.sockets[0].getsockname()  # type: ignore[attr-defined]
-    host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]  # (an IPv6 host in brackets: a URL)
-    sys.stderr.write(f"fakeoai ready: http://{host}:{bound[1]} pid={os.getpid()}\n")
+    sys.stderr.write(f"fakeoai ready: http://{host_port(bound[0], bound[1])} pid={os.getpid()}\n")
     sys.stderr.flush()
     try:
         await stop.wait()

@@ -47,7 +47,7 @@ from flowshard.codec import (
     Shutdown,
     config_preamble,
 )
-from flowshard.config import Config
+from flowshard.config import Config, host_port
 from flowshard.keepalive import detect_dead_peers
 from flowshard.ledger import Ledger, Pending, PendingState
 from flowshard.retry import RetryAfter
@@ -1230,12 +1230,6 @@ class Distributor:
         await self._stopped.wait()
 
 
-def _host_port(address: tuple[str, int]) -> str:
-    """`host:port`, an IPv6 host in brackets (`[::1]:8080`), so the ready line's URL is one."""
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def stopped_summary(snapshot: ShmSnapshot | None) -> str:
     """Every outcome counted since the start, by label (`dispatched 120, evicted:shutdown 3`), the
     ones that never happened left out."""
@@ -1267,7 +1261,7 @@ async def serve(config: Config, shards: int, acceptors: int = 0) -> None:
         await service.start()
         if service.stop_requested:
             return
-        http, binary = (_host_port(service.addresses[k]) for k in ("http", "binary"))
+        http, binary = (host_port(*service.addresses[k][:2]) for k in ("http", "binary"))
         sys.stderr.write(
             f"flowshard ready: http=http://{http} binary={binary} "
             f"shards={shards} pid={os.getpid()} acceptors={acceptors}\n"

@@ -280,6 +280,12 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return next(b for b in self.bands if b.priority == self.default_priority)
 
 
+def host_port(host: str, port: int) -> str:
+    """`host:port` as a URL has it: an IPv6 host in brackets (`[::1]:8080`), so a ready line's address is
+    one a client can use (a review: `http://::1:35877`)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def band_index(config: Config) -> Callable[[int], int]:
     """priority -> band index, as the engine resolves it (unknown priorities: the default band)."""
     by_priority = {b.priority: i for i, b in enumerate(config.bands)}
