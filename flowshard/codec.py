@@ -587,7 +587,7 @@ def _peek_tag(frame: memoryview) -> int | None:
         at = 1
     elif head in (0xDC, 0xDD):
         at = 3 if head == 0xDC else 5
-        if len(frame) < at or not any(frame[1:at]):  # (an empty array has no type)
+        if not any(frame[1:at]):  # (an empty array has no type; a frame too short for its header, below)
             return None
     else:
         return None
