@@ -494,6 +494,7 @@ def stats_snapshot(distributor: Distributor, top_flows: int = TOP_FLOWS) -> dict
     for bi, bc in enumerate(d.config.bands):
         lb = ledger.bands[bi]
         counts = v.wait[bi].tolist()
+        wait_sum = int(v.wait_us[bi]) / 1e6  # seconds, exact to the µs
         bands.append(
             {
                 "index": bi,
@@ -512,8 +513,8 @@ def stats_snapshot(distributor: Distributor, top_flows: int = TOP_FLOWS) -> dict
                     "bounds": list(WAIT_BUCKETS),  # upper bounds, seconds; counts has one more (overflow)
                     "counts": counts,
                     "count": sum(counts),
-                    "sum": int(v.wait_us[bi]) / 1e6,  # seconds, exact to the µs
-                    "sum_estimate": int(v.wait_us[bi]) / 1e6,  # (its name before the sum was exact; deprecated)
+                    "sum": wait_sum,
+                    "sum_estimate": wait_sum,  # (its name before the sum was exact; deprecated)
                 },
                 "retry_after": d.retry[bi].value,
                 "priority_inversions": int(v.inversions[bi]),
