@@ -456,7 +456,7 @@ class ShmStats:
         histogram bucket and the waits' sum (whole µs, rounded: the `_sum` is exact to that)."""
         q = self._q
         row = writer * self._b + band  # (writer, band) in both tables: the histogram's rows are H wide
-        q[self._w_hist + row * self._h + bisect_left(WAIT_BUCKETS, wait)] += 1
+        q[self._w_hist + row * self._h + bisect_left(WAIT_BUCKETS, wait)] += 1  # (`stats.wait_bucket`, inline)
         q[self._w_wait_us + row] += int(wait * 1e6 + 0.5)
 
     def observe_no_wait(self, writer: int, band: int) -> None:
