@@ -65,6 +65,10 @@ def _recv(conn: socket.socket, deadline: float) -> bytes:
     return conn.recv(65536)
 
 
+def _ended(exc: OSError) -> str:
+    return f"ended the connection ({exc.strerror or exc}) without an answer: is it flowshard?"
+
+
 def _speaks_binary(conn: socket.socket, deadline: float) -> str:
     """"" if the service at `conn` answers flowshard's binary protocol, else what it did instead. Asks
     with a release of ticket 0, which no admission is ever given: answered `Released(0, false)`, and
@@ -154,15 +158,20 @@ class Server:
         deadline = time.monotonic() + CHECK_TIMEOUT
         try:
             conn = socket.create_connection(used, timeout=CHECK_TIMEOUT)
+        except (ConnectionResetError, ConnectionAbortedError) as exc:
+            # A listener took the connection and reset it before the connect call returned (the reset
+            # can land first on a loaded machine): it did connect, so say what the target did.
+            problem = _ended(exc)
         except OSError as exc:
             raise ConfigError(f"{flag}: cannot connect to {used[0]}:{used[1]}: {exc.strerror or exc}") from None
-        with conn:
-            try:
-                problem = _speaks_http(conn, deadline) if transport == "http" else _speaks_binary(conn, deadline)
-            except TimeoutError:
-                problem = f"did not answer within {CHECK_TIMEOUT:g} s: is it flowshard?"
-            except OSError as exc:  # (connected, then reset)
-                problem = f"ended the connection ({exc.strerror or exc}) without an answer: is it flowshard?"
+        else:
+            with conn:
+                try:
+                    problem = _speaks_http(conn, deadline) if transport == "http" else _speaks_binary(conn, deadline)
+                except TimeoutError:
+                    problem = f"did not answer within {CHECK_TIMEOUT:g} s: is it flowshard?"
+                except OSError as exc:  # (connected, then reset)
+                    problem = _ended(exc)
         if problem:  # (a review: pointed at the other port, a run "succeeded" with nothing dispatched)
             raise ConfigError(f"{flag}: {used[0]}:{used[1]} {problem}")
         return cls("target", http=http, binary=(host, port))

@@ -4,6 +4,7 @@ scenario for about a second per run. Checks the JSON's structure and bookkeeping
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -261,6 +262,19 @@ def test_bench_target_check_has_one_deadline_and_says_what_it_saw(monkeypatch: p
             with pytest.raises(ConfigError, match=said):
                 runner.Server.attach(f"127.0.0.1:{port}", None, "binary")
             assert time.monotonic() - t0 < 1.5
+
+
+def test_bench_target_reset_before_connect_returns_is_what_the_target_did(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI, stop 31: on a loaded machine the listener's reset reached the socket before `connect` returned,
+    which raised ConnectionResetError there and was said as "cannot connect": it had connected."""
+    from bench import runner
+
+    def reset_at_connect(*_args: Any, **_kwargs: Any) -> socket.socket:
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(runner.socket, "create_connection", reset_at_connect)
+    with pytest.raises(ConfigError, match=re.escape("127.0.0.1:9 ended the connection (Connection reset by peer)")):
+        runner.Server.attach("127.0.0.1:9", None, "binary")
 
 
 def test_bench_target_at_its_connection_limit_is_said_so(launch: Any) -> None:
