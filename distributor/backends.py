@@ -1,11 +1,13 @@
 """Proxy mode's backends: which one gets a request, passive health, and the metrics scraper.
 
 flowshard is not an endpoint picker, but the proxy must send each request somewhere: the healthy
-backend with the fewest requests in flight (ties round robin). Health is passive: a failure before the answer,
-a timeout or a 5xx takes a backend out for `backoff` seconds, doubling per consecutive failure up to
-`max_backoff`; one success brings it back. The scraper reads every backend's Prometheus metrics
-each `scrape_interval` into the core's `PoolUtilization` and calls `on_room` when the pool's
-saturation fell, so held work is granted at once rather than at the next release.
+backend with the fewest requests in flight (ties round robin). Health is passive: a backend that
+cannot be connected to is taken out for `backoff` seconds, doubling per consecutive failure up to
+`max_backoff`; one that had the request and failed it (a reset, not HTTP, a timeout, a stream cut
+short, a 5xx) only at the third such failure in a row; one success brings it back. The scraper
+reads every backend's Prometheus metrics each `scrape_interval` into the core's `PoolUtilization`
+and calls `on_room` when the pool's saturation fell, so held work is granted at once rather than at
+the next release.
 """
 
 from __future__ import annotations
@@ -37,7 +39,12 @@ log = logging.getLogger(__name__)
 # A backend's metrics body past this is a scrape error: parsed every `scrape_interval` (0.05 s by
 # default), a 20 MB one kept the distributor at 98 % CPU (a review); vLLM's and SGLang's are ~100 KB.
 MAX_METRICS_BYTES = 1 << 20
-ERROR_ANSWERS_TO_FAIL = 3  # 5xx answers in a row that take a backend out (`BackendPool.answered_error`)
+# Failures in a row of requests the backend had (5xx answers, resets, timeouts, streams cut short: any
+# but `connect`) that take it out (`BackendPool.failed`)
+ERROR_ANSWERS_TO_FAIL = 3
+# The kinds of failure that take a backend out at once: nothing was sent (no connection to it), which
+# one request cannot cause
+FAIL_AT_ONCE: Final = frozenset({"connect", "scrape"})
 
 
 def redacted(url: str) -> str:
@@ -65,7 +72,7 @@ class Backend:
         self.name = redacted(url)  # what logs, metrics and stats show: never a password in the URL
         self.inflight = 0
         self.failures = 0  # consecutive
-        self.error_answers = 0  # 5xx answers in a row (no success between)
+        self.error_answers = 0  # failures of requests it had, in a row (no success between)
         self.down_until = -math.inf
         self.requests = 0  # sent, ever
         self.errors: dict[str, int] = {}  # kind -> count
@@ -101,22 +108,25 @@ class BackendPool:
         return any(b.down_until <= now and b.index not in exclude for b in self.backends)
 
     def failed(self, backend: Backend, now: float, kind: str, detail: str) -> None:
-        """Counted, and taken out for its back-off (doubling per failure in a row)."""
+        """Counted; taken out for its back-off (doubling per failure in a row) at once where nothing was
+        sent (`FAIL_AT_ONCE`), else at the `ERROR_ANSWERS_TO_FAIL`-th failure in a row of requests it
+        had. One request's own failure, retried on each backend, took every one out at its first (a
+        review: one such request a second, answered with a 5xx, or later with a reset, kept a healthy
+        pool out, 155-158 of 158 other requests answered 503 `no_backend`; two long generations past
+        `read_timeout` took out both backends); a backend failing everything is out at its third."""
+        if kind not in FAIL_AT_ONCE:
+            backend.error_answers += 1
+            if backend.error_answers < ERROR_ANSWERS_TO_FAIL:
+                self._count(backend, kind, detail)
+                return
         backend.failures += 1
         self._count(backend, kind, detail)
         backend.last_kind = kind
         backend.down_until = now + min(self.max_backoff, self.backoff * 2 ** min(backend.failures - 1, 30))
 
     def answered_error(self, backend: Backend, now: float, status: int) -> None:
-        """A 5xx answer: counted; taken out (`failed`) at the `ERROR_ANSWERS_TO_FAIL`-th in a row only.
-        One request's own error, retried on each backend, took every one out at its first (a review:
-        one such request a second kept a healthy pool out, 119 of 120 other requests answered 503
-        `no_backend`); a backend answering nothing but errors is out at its third."""
-        backend.error_answers += 1
-        if backend.error_answers >= ERROR_ANSWERS_TO_FAIL:
-            self.failed(backend, now, f"http_{status}", f"HTTP {status}")
-        else:
-            self._count(backend, f"http_{status}", f"HTTP {status}")
+        """A 5xx answer (`failed`, as `http_` and the status)."""
+        self.failed(backend, now, f"http_{status}", f"HTTP {status}")
 
     @staticmethod
     def _count(backend: Backend, kind: str, detail: str) -> None:

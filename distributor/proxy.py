@@ -551,8 +551,10 @@ class Proxy:
         connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit_per_host, ttl_dns_cache=300,
                                          keepalive_timeout=self.pc.keepalive_timeout,
                                          socket_factory=self._backend_socket)
+        # (no header of aiohttp's own: the client's are forwarded as they came, `Accept: */*` was added to
+        # a request without one: a review)
         return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
-                                     skip_auto_headers=("User-Agent", "Accept-Encoding"))
+                                     skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"))
 
     def _backend_socket(self, addr_info: Any) -> socket.socket:
         """A backend connection's socket, which finds its backend's host gone (a GPU node that crashed,
@@ -762,10 +764,9 @@ class Proxy:
         if not self.pool.any_up(now):  # every backend is failing: say so now, not after waiting a TTL
             self.stats.response(route, 503)
             self.stats.no_backend += 1
-            retry = max(1, math.ceil(self.pool.next_up(now)))
             conn.slot_respond(slot, error_response(503, "flowshard: no backend is available (all failed recently)",
                                                    "service_unavailable", "no_backend", None, conn_hdr,
-                                                   b"retry-after: %d\r\n" % retry))
+                                                   self._retry_after(now)))
             return
         self.stats.tokens["estimated"] += item.tokens
         exchange = Exchange(self, conn, slot, route, item, headers, conn_hdr, (path + query).decode("latin-1"),
@@ -774,6 +775,11 @@ class Proxy:
         # leased=False: the proxy itself releases the ticket when the response ends (or the client leaves)
         exchange.rid = self.admission.admit(exchange, slot, item.flow, item.priority, item.size, 0.0, item.slo,
                                             item.tokens, 0.0, False, proxied=True)
+
+    def _retry_after(self, now: float) -> bytes:
+        """A `no_backend` answer's `Retry-After`: until the first backend is back (at least 1 s; a review:
+        after the retries it was always 1)."""
+        return b"retry-after: %d\r\n" % max(1, math.ceil(self.pool.next_up(now)))
 
     # ------------------------------------------------------------------ upstream
 
@@ -809,7 +815,7 @@ class Proxy:
                     continue
                 self.stats.no_backend += 1
                 self._respond_error(ex, 503, "flowshard: no backend is available (all failed recently)",
-                                    "service_unavailable", "no_backend", extra=b"retry-after: 1\r\n")
+                                    "service_unavailable", "no_backend", extra=self._retry_after(loop.time()))
                 return
             tried.add(backend.index)
             # the last try: no retry left, or no other backend up (then the client gets this one's answer)

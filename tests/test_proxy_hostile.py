@@ -316,6 +316,31 @@ def test_one_requests_own_5xx_does_not_take_the_pool_out() -> None:
     assert not pool.up(a, 0.0) and a.last_kind == "http_503"
 
 
+def test_one_requests_own_failure_does_not_take_the_pool_out() -> None:
+    """Review 108: a request the backends answer by resetting the connection, or one past `read_timeout`,
+    retried on each, took every backend out at its first failure (then 503 `no_backend` for everyone):
+    a failure of a request the backend had counts as a 5xx does, out at the third in a row; a backend
+    that cannot be connected to (nothing was sent) is out at once."""
+    pool = BackendPool(["http://a", "http://b"], backoff=1.0, max_backoff=30.0)
+    a, b = pool.backends
+    for kind in ("reset", "protocol", "timeout", "midstream"):
+        for _ in range(5):  # the poison request on both; ordinary requests succeed between
+            pool.failed(a, 0.0, kind, kind)
+            pool.failed(b, 0.0, kind, kind)
+            assert pool.up(a, 0.0) and pool.up(b, 0.0), kind
+            pool.succeeded(a)
+            pool.succeeded(b)
+        assert a.errors[kind] == 5
+    # in a row, mixed kinds and 5xx answers together: out at the third, for its back-off
+    pool.failed(a, 0.0, "reset", "r")
+    pool.answered_error(a, 0.0, 502)
+    assert pool.up(a, 0.0)
+    pool.failed(a, 0.0, "timeout", "t")
+    assert not pool.up(a, 0.0) and a.last_kind == "timeout" and pool.up(a, 1.0)
+    pool.failed(b, 0.0, "connect", "refused")  # nothing sent: out at once
+    assert not pool.up(b, 0.0) and b.last_kind == "connect"
+
+
 def test_a_metrics_body_too_large_or_redirected_is_a_scrape_error() -> None:
     """A metrics body past `MAX_METRICS_BYTES` is not read whole nor parsed (a 20 MB one kept the
     distributor at 98 % CPU), with or without a content-length; a redirect is not followed."""
@@ -685,7 +710,8 @@ def test_a_backend_silent_past_read_timeout_is_a_504_not_a_try_on_every_backend(
             assert time.monotonic() - t0 < 1.5  # one read_timeout, not one per backend
             assert len(seen) == 1 and px.stats.retries == 0
             tried = next(x for x in px.pool.backends if x.errors)
-            assert tried.errors == {"timeout": 1} and not px.pool.up(tried, px.loop.time())
+            # counted, not out: a long generation's timeout is one request's (out at the third in a row)
+            assert tried.errors == {"timeout": 1} and px.pool.up(tried, px.loop.time())
             assert await _released(r.admission, 1, 2.0)
             writer.close()
 
