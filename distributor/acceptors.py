@@ -53,6 +53,7 @@ from flowshard.codec import (
     LinkAnswer,
     LinkBackendHealth,
     LinkBackends,
+    LinkBackendsFull,
     LinkCancel,
     LinkConns,
     LinkDelivered,
@@ -641,6 +642,8 @@ class Acceptors:
             for index in range(len(proxy.pool.backends)):
                 if proxy.scrape_down_for(index) > 0:
                     link.send(self._health(index))
+            if proxy.full_flags is not None:
+                link.send(LinkBackendsFull(proxy.full_flags))
         if all(x is not None and x.ready for x in self.links):
             self.all_ready.set()
 
@@ -698,6 +701,13 @@ class Acceptors:
     def _health(self, index: int) -> LinkBackendHealth:
         proxy = self.service.proxy
         return LinkBackendHealth(index, proxy.scrape_down_for(index), proxy.pool.backends[index].last_error)
+
+    def backends_full(self, flags: list[bool]) -> None:
+        """The distributor's detector has other backends full: every acceptor's picker too."""
+        message = LinkBackendsFull(flags)
+        for link in self.links:
+            if link is not None and link.ready:
+                link.send(message)
 
     def backend_health(self, index: int) -> None:
         """The distributor's scraper took backend `index` out or back in: every acceptor's proxy too."""

@@ -1,7 +1,8 @@
 """Proxy mode's backends: which one gets a request, passive health, and the metrics scraper.
 
 flowshard is not an endpoint picker, but the proxy must send each request somewhere: the healthy
-backend with the fewest requests in flight (ties round robin). Health is passive: a backend that
+backend with the fewest requests in flight (ties round robin), one with room by the utilization
+detector first. Health is passive: a backend that
 cannot be connected to is taken out for `backoff` seconds, doubling per consecutive failure up to
 `max_backoff`; one that had the request and failed it (a reset, not HTTP, a timeout, a stream cut
 short, a 5xx) only at the third such failure in a row; one success brings it back. The scraper
@@ -92,16 +93,25 @@ class BackendPool:
     def up(self, backend: Backend, now: float) -> bool:
         return backend.down_until <= now
 
-    def pick(self, now: float, exclude: frozenset[int] | set[int] = frozenset()) -> Backend | None:
-        """The healthy backend with the fewest requests in flight, ties round robin; None if none is up."""
+    def pick(self, now: float, exclude: frozenset[int] | set[int] = frozenset(),
+             full: Callable[[int], bool] | None = None) -> Backend | None:
+        """The healthy backend with the fewest requests in flight, ties round robin; None if none is up.
+        `full` (the utilization detector's): a backend at its saturation, or stale, is picked only when
+        every healthy one is (a review: by in-flight alone, one whose queue was long with other
+        traffic, or whose metrics were stale, got half the requests while another sat idle)."""
         backends = self.backends
         n = len(backends)
         self._rr = (self._rr + 1) % n
         best: Backend | None = None
+        best_full = True
         for k in range(n):
             b = backends[(self._rr + k) % n]
-            if b.down_until <= now and b.index not in exclude and (best is None or b.inflight < best.inflight):
-                best = b
+            if b.down_until > now or b.index in exclude:
+                continue
+            is_full = full is not None and full(b.index)
+            if best is None or (best_full and not is_full) or (
+                    is_full == best_full and b.inflight < best.inflight):
+                best, best_full = b, is_full
         return best
 
     def any_up(self, now: float, exclude: frozenset[int] | set[int] = frozenset()) -> bool:
@@ -183,6 +193,7 @@ class Scraper:
         self.errors: list[str] = ["" for _ in pool.backends]  # the last scrape error per backend
         self.hinted = [False for _ in pool.backends]  # its run of errors was logged with `_no_metrics_hint`
         self.missing_warned = [False for _ in pool.backends]  # its run of missed requests was logged
+        self.slow_warned = [False for _ in pool.backends]  # its run of slow scrapes was logged
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -260,10 +271,28 @@ class Scraper:
             self.pool.succeeded(backend)  # it answers again: back at once, not after its back-off
             if self.on_health is not None:
                 self.on_health(index)
-        fell = self.utilization.scraped(index, sent_at, mark, figures)
+        fell = self.utilization.scraped(index, sent_at, mark, figures, loop.time())
+        self._warn_if_slow(index)
         self._warn_if_missing(index)
         if fell or back:  # (back: the pool's mean is over the backends in rotation, and it is one again)
             self.on_room()
+
+    def _warn_if_slow(self, index: int) -> None:
+        """Warn, once a run, when a backend's metrics take more than half of `staleness` to come: a scrape
+        is sent when the last one came (or `scrape_interval` after it was sent), so one taking longer
+        than `staleness` leaves the backend stale, saturated, between its arrivals (a review: silent,
+        every request waited out its TTL)."""
+        took = self.utilization.loads[index].duration
+        staleness = self.config.staleness
+        if took <= staleness / 2:
+            self.slow_warned[index] = False
+            return
+        if not self.slow_warned[index]:
+            self.slow_warned[index] = True
+            log.warning("backend %s: its metrics took %.3f s to come, over half of staleness (%g s): a backend "
+                        "whose last scrape arrived longer than staleness ago counts as saturated, so at this pace "
+                        "it is held between scrapes; raise [proxy] staleness above what its metrics take "
+                        "(flowshard_backend_scrape_duration_seconds)", self.pool.backends[index].name, took, staleness)
 
     def _warn_if_missing(self, index: int) -> None:
         """Warn, once a run, when a backend's metrics keep missing requests sent to it that are not on

@@ -65,6 +65,7 @@ from flowshard.codec import (
     LinkAdmit,
     LinkAnswer,
     LinkBackendHealth,
+    LinkBackendsFull,
     LinkCancel,
     LinkConns,
     LinkDelivered,
@@ -180,6 +181,9 @@ class Upstream(asyncio.Protocol):
             elif kind is LinkBackendHealth:
                 if self.proxy is not None:
                     self.proxy.scrape_health(msg.backend, msg.down_for, msg.detail)
+            elif kind is LinkBackendsFull:
+                if self.proxy is not None:
+                    self.proxy.full_flags = list(msg.full)
             elif kind is LinkStop:
                 if self.proxy is not None and self.proxy_closing is None:
                     self.proxy_closing = self._loop.create_task(self.proxy.close(why=msg.why))

@@ -504,6 +504,10 @@ class Proxy:
         # where the requests sent to and finished at each backend are counted: the detector, or the report
         self.counts: PoolUtilization | BackendReport | None = report if report is not None else self.utilization
         self.on_health: Callable[[int], None] | None = None  # the distributor with acceptors: tell them
+        # ...and which backends its detector has full (`_push_full`), as last told; in an acceptor, as
+        # the distributor last told it (`LinkBackendsFull`): its picker's `full`
+        self.on_full: Callable[[list[bool]], None] | None = None
+        self.full_flags: list[bool] | None = None
         self.remote: dict[int, ProxyReport] = {}  # the distributor with acceptors: each one's last report
         # ... and, per backend, until when (this loop's clock) each one's proxy keeps it out of rotation
         self.remote_down: dict[int, list[float]] = {}
@@ -635,7 +639,27 @@ class Proxy:
         assert util is not None
         now = self.loop.time()
         util.expire(now)  # staleness as of this decision, not as of the last scrape round
+        if self.on_full is not None:
+            self._push_full(util)
         return util.saturation(grants + self.unsent, self._out_of_rotation(now))
+
+    def _push_full(self, util: PoolUtilization) -> None:
+        """With acceptors: tell them which backends are full when that changed, judged as each admission
+        decision is (their pickers send to one with room first; a dispatch follows a decision)."""
+        flags = [util.full(b) for b in range(len(util.loads))]
+        if flags != self.full_flags:
+            self.full_flags = flags
+            assert self.on_full is not None
+            self.on_full(flags)
+
+    def _full(self) -> Callable[[int], bool] | None:
+        """The picker's `full`: this process's detector's, or in an acceptor the distributor's flags."""
+        if self.utilization is not None:
+            return self.utilization.full
+        flags = self.full_flags
+        if flags is None or len(flags) != len(self.pool.backends):
+            return None
+        return flags.__getitem__
 
     def _out_of_rotation(self, now: float) -> set[int]:
         """The backends that take no request now (failed, backing off), as the pool's picker sees them:
@@ -805,8 +829,12 @@ class Proxy:
         headers.append(("accept-encoding", "identity"))
         tried: set[int] = set()
         attempt = 0
+        util = self.utilization
+        full = self._full()
         while True:
-            backend = self.pool.pick(loop.time(), tried) or self.pool.pick(loop.time())
+            if util is not None:
+                util.expire(loop.time())  # (staleness as of this pick)
+            backend = self.pool.pick(loop.time(), tried, full) or self.pool.pick(loop.time(), full=full)
             if backend is None:
                 if attempt < pc.retries:
                     attempt += 1
@@ -1188,8 +1216,11 @@ class Proxy:
         sat = GaugeMetricFamily("flowshard_backend_saturation", "Per-backend saturation from its metrics: "
                                 "max(waiting / queue_threshold, kv / kv_threshold) with the dispatches since "
                                 "the scrape; 1 when stale.", labels=["backend"])
-        age = GaugeMetricFamily("flowshard_backend_metrics_age_seconds", "Age of the backend's last good scrape.",
-                                labels=["backend"])
+        age = GaugeMetricFamily("flowshard_backend_metrics_age_seconds", "Seconds since the backend's last good "
+                                "scrape arrived.", labels=["backend"])
+        took = GaugeMetricFamily("flowshard_backend_scrape_duration_seconds", "How long the backend's last good "
+                                 "scrape took to arrive (over staleness: the backend counts as saturated between "
+                                 "scrapes).", labels=["backend"])
         stale = GaugeMetricFamily("flowshard_backend_metrics_stale", "1 when the backend's metrics are older than "
                                   "the staleness limit (it counts as saturated).", labels=["backend"])
         scrape_errors = CounterMetricFamily("flowshard_backend_scrape_errors", "Failed metric scrapes.",
@@ -1201,13 +1232,14 @@ class Proxy:
         for b in self.pool.backends:
             load = util.loads[b.index]
             sat.add_metric([b.name], util.backend_saturation(b.index))
-            if load.at > float("-inf"):
+            if load.fresh_at > float("-inf"):
                 age.add_metric([b.name], util.age(b.index))
+                took.add_metric([b.name], load.duration)
             stale.add_metric([b.name], 1 if util.stale(b.index) else 0)
             scrape_errors.add_metric([b.name], load.errors)
             waiting.add_metric([b.name], load.waiting)
             kv.add_metric([b.name], load.kv)
-        yield from (sat, age, stale, scrape_errors, waiting, kv)
+        yield from (sat, age, took, stale, scrape_errors, waiting, kv)
         pool = util.saturation(out=self._out_of_rotation(self.loop.time()))
         yield GaugeMetricFamily("flowshard_pool_saturation", "Mean saturation of the backends in rotation (the "
                                 "utilization detector).", value=pool)
@@ -1227,7 +1259,7 @@ class Proxy:
                 load = util.loads[b.index]
                 entry.update(saturation=util.backend_saturation(b.index), stale=util.stale(b.index),
                              waiting=load.waiting, running=load.running, kv=load.kv, held=load.held,
-                             scrape_errors=load.errors,
+                             scrape_errors=load.errors, scrape_seconds=load.duration,
                              last_scrape_error=self.scraper.errors[b.index] if self.scraper else "")
             backends.append(entry)
         return {

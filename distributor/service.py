@@ -1044,6 +1044,8 @@ class Distributor:
         self.acceptors = Acceptors(self, self.n_acceptors, http, binary, self._worker_config)
         if self.proxy is not None:
             self.proxy.on_health = self.acceptors.backend_health
+            if self.proxy.utilization is not None:
+                self.proxy.on_full = self.acceptors.backends_full
         await self.acceptors.start()
         try:
             await asyncio.wait_for(self.acceptors.all_ready.wait(), WORKER_START_TIMEOUT)

@@ -380,6 +380,15 @@ class LinkBackendHealth(msgspec.Struct, tag=34, array_like=True, gc=False):
     detail: str = ""
 
 
+class LinkBackendsFull(msgspec.Struct, tag=36, array_like=True, gc=False):
+    """Distributor -> acceptor (proxy mode with the utilization detector): per backend, whether the
+    distributor's detector (the one view of what every acceptor sent) has it at its saturation or
+    stale; sent when that changes and to an acceptor that starts. The acceptor's picker sends to a
+    backend with room first (`BackendPool.pick`), as the distributor's own does."""
+
+    full: list[bool]
+
+
 class LinkReleased(msgspec.Struct, tag=25, array_like=True, gc=False):
     """Distributor -> acceptor: the answer to a `LinkRelease` that asked for one."""
 
@@ -410,7 +419,7 @@ ToClient = Result | Error | Released | Audited
 FromAcceptor = (LinkAdmit | LinkCancel | LinkRelease | LinkQuery | LinkGuard | LinkConns | LinkDelivered | Hello
                 | LinkBackends | LinkProxyReport | LinkUnclaimed)
 ToAcceptor = (Result | Audited | Error | LinkReleased | LinkAnswer | LinkState | Shutdown | LinkProxyAsk | LinkStop
-              | LinkBackendHealth)
+              | LinkBackendHealth | LinkBackendsFull)
 
 
 class FrameWriter:

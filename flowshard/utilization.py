@@ -5,9 +5,11 @@ backends say how loaded they are: their waiting queue and KV-cache use. Per back
 
     saturation = max(waiting / queue_threshold, kv / kv_threshold)
 
-(upstream defaults 5 and 0.8), metrics older than `staleness` count as saturated (1.0), and the
-pool's saturation is the mean over the backends. It feeds the same per-band ceilings as the
-concurrency budget; a request needs room in both.
+(upstream defaults 5 and 0.8), metrics older than `staleness` (from the scrape's arrival, as
+upstream's) count as saturated (1.0), and the pool's saturation is the mean over the backends of
+each one's, capped at 1 (unlike upstream's plain mean: one backend far past its threshold, from
+traffic not flowshard's or a small one, held the whole pool while another sat idle; a review).
+It feeds the same per-band ceilings as the concurrency budget; a request needs room in both.
 
 Beyond upstream (its open overshoot problem): between two scrapes the scraped queue does not show
 the requests let through since. So each backend's figure is corrected with what the proxy itself
@@ -130,13 +132,18 @@ def _known_lines(text: bytes) -> list[bytes]:
 class BackendLoad:
     """One backend's last scrape and the proxy's exact count of what changed there since."""
 
-    __slots__ = ("at", "errors", "finished", "finished_base", "held", "held_base", "held_finished",
-                 "held_finished_base", "kv", "marks", "missing_since", "running", "sent", "sent_base", "unseen",
-                 "waiting")
+    __slots__ = ("at", "duration", "errors", "finished", "finished_base", "fresh_at", "held", "held_base",
+                 "held_finished", "held_finished_base", "kv", "marks", "missing_since", "running", "sent", "sent_base",
+                 "unseen", "waiting")
 
     def __init__(self) -> None:
         self.waiting = self.running = self.kv = 0.0
         self.at = -math.inf  # when the last good scrape was *sent* (its figures are at least that fresh)
+        # ...and when it arrived: its age, for `staleness`, counts from then (a review: from its sending,
+        # a backend whose metrics took half of `staleness` to come was stale for a moment before each
+        # new scrape, and one taking `staleness` always, every request held, with nothing said)
+        self.fresh_at = -math.inf
+        self.duration = 0.0  # how long the last good scrape took (arrival - sending)
         self.sent = 0  # requests sent to this backend, ever
         self.finished = 0  # requests that ended there, ever
         # its streams in flight whose relay has waited on the client (the backend may be done with them)
@@ -185,16 +192,23 @@ class PoolUtilization:
         load = self.loads[backend]
         return load.sent, load.finished, load.held, load.held_finished
 
-    def scraped(self, backend: int, sent_at: float, mark: tuple[int, int, int, int], figures: Scraped) -> bool:
-        """A scrape sent at `sent_at` (with `mark` from `scrape_started`) came back. Returns whether the
-        pool's saturation fell (then held work may go: the caller re-plans its grants): whether this
-        backend's did, which lowers the mean over any backends it is one of (those in rotation)."""
+    def scraped(self, backend: int, sent_at: float, mark: tuple[int, int, int, int], figures: Scraped,
+                arrived_at: float | None = None) -> bool:
+        """A scrape sent at `sent_at` (with `mark` from `scrape_started`) came back at `arrived_at` (None:
+        at once). Returns whether the pool's saturation fell (then held work may go: the caller re-plans
+        its grants): whether this backend's did, which lowers the mean over any backends it is one of
+        (those in rotation). The requests sent since count from `sent_at`; the figures' age from
+        `arrived_at`."""
+        arrived = sent_at if arrived_at is None else max(sent_at, arrived_at)
+        self._now = max(self._now, arrived)  # (judged as of its arrival: it may have been stale before)
         before = self.backend_saturation(backend)
         load = self.loads[backend]
         if sent_at < load.at:  # an older scrape overtaken by a newer one
             return False
         load.waiting, load.running, load.kv = figures.waiting, figures.running, figures.kv
         load.at = sent_at
+        load.fresh_at = arrived
+        load.duration = arrived - sent_at
         load.sent_base, load.finished_base, load.held_base, load.held_finished_base = mark
         # In flight there when the scrape left, yet not in its figures: not arrived yet (a backend may
         # take longer than a scrape interval to count a request: a long prompt's tokenizing), or done
@@ -206,7 +220,6 @@ class PoolUtilization:
         missing = (mark[0] - mark[1] - mark[2]) - (figures.waiting + figures.running)
         load.unseen = max(0.0, missing) if figures.both else 0.0
         self._judge_missing(load, sent_at, mark[0], load.unseen)
-        self._now = max(self._now, sent_at)
         return self.backend_saturation(backend) < before
 
     @staticmethod
@@ -241,11 +254,12 @@ class PoolUtilization:
     # ------------------------------------------------------------------ saturation
 
     def stale(self, backend: int) -> bool:
-        at = self.loads[backend].at
+        at = self.loads[backend].fresh_at
         return at == -math.inf or self._now - at > self.staleness  # never scraped: stale (-inf - -inf is nan)
 
     def age(self, backend: int) -> float:
-        return self._now - self.loads[backend].at
+        """Seconds since the last good scrape arrived."""
+        return self._now - self.loads[backend].fresh_at
 
     def backend_saturation(self, backend: int, extra: float = 0.0) -> float:
         """max(waiting / queue_threshold, kv / kv_threshold) with the correction; 1.0 when stale.
@@ -266,10 +280,15 @@ class PoolUtilization:
 
     def saturation(self, unsent: int = 0, out: frozenset[int] | set[int] = frozenset()) -> float:
         """The pool's saturation: the mean over the backends in rotation (`out`: those that are not; none
-        left: over all of them); `unsent` admitted requests spread evenly over them. A backend out
-        takes no request, so its figures say nothing of what the pool can take: counted idle, it let
-        the others be driven past their threshold (a review: one of two out, the other at 1.6, the
-        pool at 0.8)."""
+        left: over all of them) of each one's capped at 1, so the pool is at 1 only when every one is
+        (the picker sends to those with room first: `BackendPool.pick`); `unsent` admitted requests
+        spread evenly over them. A backend out takes no request, so its figures say nothing of what
+        the pool can take: counted idle, it let the others be driven past their threshold (a review:
+        one of two out, the other at 1.6, the pool at 0.8)."""
         backends = [b for b in range(len(self.loads)) if b not in out] or range(len(self.loads))
         extra = unsent / len(backends)
-        return sum(self.backend_saturation(b, extra) for b in backends) / len(backends)
+        return sum(min(1.0, self.backend_saturation(b, extra)) for b in backends) / len(backends)
+
+    def full(self, backend: int) -> bool:
+        """Whether `backend` is at or past its saturation (stale included): the picker sends elsewhere."""
+        return self.backend_saturation(backend) >= 1.0

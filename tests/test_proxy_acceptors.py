@@ -422,3 +422,42 @@ def test_an_acceptor_reports_a_backend_the_scraper_put_back_without_a_request_of
     assert [m.down_for[0] > 19.0 for m in sent[:1]] == [True]
     assert sent[1].down_for == [0.0, 0.0]
     assert sent[2].down_for == []
+
+
+@pytest.mark.parametrize("acceptors", [0, 2])
+def test_a_backend_with_room_takes_the_requests_while_another_is_past_its_threshold(
+    launch: Any, fake_backend: Any, acceptors: int
+) -> None:
+    """Review 108: one backend past its threshold (here a queue of other traffic's, 3.5 times
+    `queue_threshold`) held every request until its TTL while another sat idle (the pool's saturation
+    was the plain mean, 1.75), and the picker, by in-flight counts, sent half there. Each backend now
+    counts at most 1 in the mean, and the picker (the distributor's, or each acceptor's from the
+    distributor's `LinkBackendsFull`) sends to the one with room."""
+    busy = fake_backend(ttft=60.0, itl=0.01, max_running=1)
+    idle = fake_backend(ttft=0.0, itl=0.01)
+    host, port = busy.url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"model": "m", "messages": MSG, "max_tokens": 1}).encode()
+    others = []
+    try:
+        for _ in range(8):  # other traffic, straight to the busy backend: 1 running, 7 waiting
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            others.append(sock)
+        until(lambda: busy.stats()["waiting"] == 7)
+        proxy = {"utilization": True, "scrape_interval": 0.05, "queue_threshold": 2}
+        svc = launch(proxy_config([busy.url, idle.url], proxy=proxy, budget="unlimited", extra="default_ttl = 5.0"),
+                     acceptors=acceptors)
+        until(lambda: (lambda b: not b[0]["stale"] and not b[1]["stale"] and b[0]["waiting"] == 7)(
+            svc.stats()["proxy"]["backends"]))
+        assert svc.stats()["proxy"]["pool_saturation"] == pytest.approx(0.5)
+        for _ in range(6):
+            t0 = time.monotonic()
+            assert client(svc).chat.completions.create(model="m", messages=MSG, max_tokens=2).choices[0].message.content
+            assert time.monotonic() - t0 < 3.0  # not held (the TTL is 5 s)
+        assert idle.stats()["requests"] == 6 and busy.stats()["requests"] == 8  # none of flowshard's went there
+        s = settled(svc)
+        assert outcomes(s) == {"dispatched": 6}
+    finally:
+        for sock in others:
+            sock.close()

@@ -316,6 +316,24 @@ def test_one_requests_own_5xx_does_not_take_the_pool_out() -> None:
     assert not pool.up(a, 0.0) and a.last_kind == "http_503"
 
 
+def test_the_picker_sends_to_a_backend_with_room_first() -> None:
+    """Review 108: by in-flight counts alone, a backend whose queue was long with other traffic, or whose
+    metrics were stale, got half the requests while another sat idle. A full one (`full`: the
+    detector's) is picked only when every healthy one is; among equals, the fewest in flight."""
+    pool = BackendPool(["http://a", "http://b", "http://c"], backoff=1.0, max_backoff=30.0)
+    a, b, c = pool.backends
+    a.inflight, b.inflight, c.inflight = 0, 5, 3
+    full = {0}
+    picks = [pool.pick(0.0, full=full.__contains__) for _ in range(6)]
+    assert {x.index for x in picks if x} == {2}  # c: room, and fewer in flight than b
+    assert pool.pick(0.0, {2}, full.__contains__) is b  # c tried already: b, though it holds more
+    full = {0, 1, 2}  # all full: by in-flight, as without the detector
+    assert pool.pick(0.0, full=full.__contains__) is a and pool.pick(0.0) is a
+    pool.failed(c, 0.0, "connect", "refused")
+    full = {0, 1}
+    assert pool.pick(0.0, full=full.__contains__) is a  # c is out: a full one after all
+
+
 def test_one_requests_own_failure_does_not_take_the_pool_out() -> None:
     """Review 108: a request the backends answer by resetting the connection, or one past `read_timeout`,
     retried on each, took every backend out at its first failure (then 503 `no_backend` for everyone):
@@ -972,13 +990,39 @@ def _metrics_handler(pause: float) -> Handler:
     return metrics
 
 
+def test_a_backend_whose_metrics_come_slowly_stays_fresh_and_is_said(caplog: pytest.LogCaptureFixture) -> None:
+    """Review 108: a scrape's age counted from its sending, so metrics taking 0.15 s at a staleness of
+    0.2 s left the backend stale, saturated, 68 % of the time, and nothing said so (here 0.3 of 0.5 s). Counted from its
+    arrival it stays fresh; one over half of `staleness` is warned of, once, and shown."""
+    async def go() -> None:
+        async with backend([("GET", "/metrics", _metrics_handler(0.3))]) as slow, \
+                proxying([slow], utilization=True, scrape_interval=0.05, staleness=0.5) as r:
+            util = r.proxy.utilization
+            assert util is not None
+            await asyncio.sleep(0.7)
+            samples = []
+            for _ in range(120):
+                await asyncio.sleep(0.01)
+                util.expire(r.proxy.loop.time())
+                samples.append(util.stale(0))
+            # (from its sending: stale 0.1 s of every 0.3, a third of the samples; a few for a loaded machine)
+            assert sum(samples) <= 6, f"stale in {sum(samples)} of {len(samples)} samples"
+            assert 0.29 <= util.loads[0].duration < 0.5
+            assert r.proxy.snapshot()["backends"][0]["scrape_seconds"] == util.loads[0].duration
+
+    with caplog.at_level(logging.WARNING, logger="distributor.backends"):
+        run(go(), timeout=30.0)
+    slow = [r.getMessage() for r in caplog.records if "to come, over half of staleness" in r.getMessage()]
+    assert len(slow) == 1, slow
+
+
 def test_a_backend_whose_metrics_hang_does_not_make_the_others_stale() -> None:
     """Each backend is scraped on its own: a `/metrics` that never answers leaves the other backend's
     figures (40 ms to come) fresh. Scraped in rounds that awaited every backend, each round took
     `staleness`, and the healthy backend's figures, as old as the round when its next came, were stale
     at the end of each (in ~20 % of the samples, a review; requests were held meanwhile)."""
     async def go() -> None:
-        async with backend([("GET", "/metrics", _metrics_handler(1.0))]) as hung, \
+        async with backend([("GET", "/metrics", _metrics_handler(5.0))]) as hung, \
                 backend([("GET", "/metrics", _metrics_handler(0.04))]) as fine, \
                 proxying([hung, fine], utilization=True, scrape_interval=0.02, staleness=0.1) as r:
             util = r.proxy.utilization

@@ -109,8 +109,28 @@ def test_saturation_is_the_mean_of_max_queue_or_kv_and_stale_counts_as_saturated
     scraped(pool, 1, 10.0, waiting=10, kv=0.0)  # max(2.0, 0)
     pool.expire(10.1)
     assert pool.backend_saturation(0) == pytest.approx(0.75)
-    assert pool.saturation() == pytest.approx((0.75 + 2.0) / 2)
+    assert pool.backend_saturation(1) == pytest.approx(2.0)
+    # each backend's counts at most 1 (review 108: one far past its threshold held the pool while the
+    # other had room): 1 only when every one is full
+    assert pool.saturation() == pytest.approx((0.75 + 1.0) / 2)
+    assert pool.full(1) and not pool.full(0)
     pool.expire(10.21)
+    assert pool.stale(0) and pool.full(0) and pool.saturation() == 1.0
+
+
+def test_a_scrapes_age_counts_from_its_arrival() -> None:
+    """Review 108: counted from its sending, a backend whose metrics took half of `staleness` to come was
+    stale between scrapes, and one taking `staleness` always (every request held to its TTL, nothing
+    said). From its arrival, as upstream's; the requests sent since still count from its sending."""
+    pool = PoolUtilization(1, queue_threshold=5, kv_threshold=0.8, staleness=0.2)
+    mark = pool.scrape_started(0)
+    pool.sent(0)  # on its way while the scrape was: counted
+    assert pool.scraped(0, 10.0, mark, Scraped(0, 1, 0.1), arrived_at=10.15) is True  # (stale 1.0 before)
+    assert pool.loads[0].duration == pytest.approx(0.15)
+    pool.expire(10.3)  # 0.3 s after it was sent, 0.15 after it came
+    assert not pool.stale(0) and pool.age(0) == pytest.approx(0.15)
+    assert pool.backend_saturation(0) == pytest.approx(max(1 / 5, (0.1 + 0.1) / 0.8))
+    pool.expire(10.36)
     assert pool.stale(0) and pool.saturation() == 1.0
 
 
@@ -125,7 +145,9 @@ def test_requests_sent_since_the_scrape_count_until_the_next_one_shows_them() ->
     assert pool.saturation() == pytest.approx(0.875)
     pool.finished(0)
     assert pool.saturation() == pytest.approx(max(2 / 5, (0.4 + 2 * 0.1) / 0.8))
-    assert pool.saturation(unsent=3) == pytest.approx((0.4 + 5 * 0.1) / 0.8)  # grants still on their way
+    # grants still on their way: 1.125, the pool's counting it at most 1
+    assert pool.backend_saturation(0, 3) == pytest.approx((0.4 + 5 * 0.1) / 0.8)
+    assert pool.saturation(unsent=3) == 1.0
     # the next scrape sees them (and they are no longer counted twice)
     mark = pool.scrape_started(0)
     pool.sent(0)  # sent while the scrape was in flight: counted, it may not be in the figures
@@ -389,7 +411,10 @@ def test_a_backend_out_of_rotation_does_not_count_in_the_pool_figure() -> None:
     pool = PoolUtilization(2, queue_threshold=5, kv_threshold=0.8, staleness=10.0)
     scraped(pool, 0, 1.0, waiting=0)  # idle, but out
     scraped(pool, 1, 1.0, waiting=8)  # 1.6
-    assert pool.saturation() == pytest.approx(0.8)
-    assert pool.saturation(out={0}) == pytest.approx(1.6)
-    assert pool.saturation(2, out={0}) == pytest.approx(2.0)  # admitted, not sent: all on the one left
-    assert pool.saturation(out={0, 1}) == pytest.approx(0.8)
+    assert pool.backend_saturation(1) == pytest.approx(1.6)
+    assert pool.saturation() == pytest.approx(0.5)  # (each counted at most 1)
+    assert pool.saturation(out={0}) == 1.0
+    assert pool.saturation(out={0, 1}) == pytest.approx(0.5)
+    scraped(pool, 1, 1.0, waiting=2)  # 0.4
+    assert pool.saturation(out={0}) == pytest.approx(0.4)
+    assert pool.saturation(2, out={0}) == pytest.approx(0.8)  # admitted, not sent: all on the one left
