@@ -751,7 +751,7 @@ class Distributor:
                 held.seq = -1  # never made would bank; `release`)
         # (said once per death: a killed or crashed worker was restarted without a line in the log; a review)
         log.error("shard %d: its worker (pid %d) %s: %d queued request(s) end evicted: shard_failure; restarting it",
-                  shard, s.pid, _exit_words(status), len(lost))
+                  shard, s.proc.pid if s.proc is not None else s.pid, _exit_words(status), len(lost))
         # Its cells first (it is reaped: nothing writes them now), so that a newcomer a lost victim frees
         # below is routed by counters that agree with the ledger (JSQ-Bytes's `fresh` pick needs them to)
         assert self.shm is not None

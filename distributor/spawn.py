@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 from distributor.fdreserve import FdReserve
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 RESTART_MIN = 0.05  # a child that keeps dying is restarted after this, doubling per death in a row...
 RESTART_MAX = 5.0  # ...up to this
 RESTART_QUIET = 10.0  # a death this long after the one before begins a new run (restarted at once)
@@ -65,8 +67,16 @@ async def spawn_linked(
                 ours.append(mine)
                 theirs.append(child)
             fds = [s.fileno() for s in theirs]
-            proc = subprocess.Popen([sys.executable, "-P", "-m", *argv(fds)], pass_fds=[*fds, *extra_fds],
-                                    stdin=subprocess.DEVNULL)
+            # Born with SIGINT and SIGTERM blocked (the mask passes through exec): the child ignores
+            # both (`attach_to_distributor`) once its imports are done, and a Ctrl-C to the process
+            # group before then printed a traceback per child and a "killed by SIGINT; restarting
+            # it" (a review). Blocked here, not ignored: one meant for the distributor meanwhile waits.
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+            try:
+                proc = subprocess.Popen([sys.executable, "-P", "-m", *argv(fds)], pass_fds=[*fds, *extra_fds],
+                                        stdin=subprocess.DEVNULL)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         except BaseException:
             for s in ours:
                 s.close()

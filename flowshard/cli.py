@@ -334,16 +334,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:  # told by the command's own parser, whose usage lists what it takes (not the top level's)
-        getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # told by the command's own parser, whose usage lists what it takes (not the top level's)
+            getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
         code: int = args.func(args)
     except ConfigError as exc:
         sys.stderr.write(f"flowshard: {exc}\n")
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # (before `serve` handles the signal itself, or in a command that does not)
+        sys.stderr.write("flowshard: interrupted\n")
         return 130
     return code
 

@@ -386,3 +386,13 @@ def test_bench_prints_the_effective_window_and_one_unanswered_figure(tmp_path: P
     doc, proc = bench_json(tmp_path, FREE, "--duration", "0.5", "--warmup", "0.1", "--no-simulate")
     assert proc.stdout.startswith("window: each run sends for 0.5 s; figures count [0.1 s, 0.5 s] (0.4 s), "
                                   "after a warmup of 0.1 s (--warmup)")
+
+
+def test_the_bench_children_leave_ctrl_c_to_the_bench() -> None:
+    """Review 107: Ctrl-C during a run printed a traceback from each load generator (the terminal signals
+    the whole process group); they start with SIGINT ignored, the bench stops them."""
+    from bench.runner import die_with_parent
+
+    out = subprocess.run([sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT))"],
+                         preexec_fn=die_with_parent, capture_output=True, text=True, timeout=30)
+    assert out.stdout.strip() in ("1", "Handlers.SIG_IGN"), out  # (SIG_IGN, printed as its number)

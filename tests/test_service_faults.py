@@ -21,6 +21,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 from collections import Counter
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import msgspec
 import pytest
 from servicekit import (
+    ROOT,
     HttpConn,
     Proc,
     Service,
@@ -378,6 +380,30 @@ def test_sigint_drains_like_sigterm(launch: Any) -> None:
     assert svc.stats()["ready"]
     svc.signal(signal.SIGINT)
     assert svc.wait(5) == 0
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.5, 0.9])
+def test_ctrl_c_while_starting_stops_quietly(delay: float) -> None:
+    """Review 107: Ctrl-C (SIGINT to the whole process group, as a terminal sends it) before the ready
+    line printed a traceback from each worker still importing, and "its worker (pid 0) was killed by
+    SIGINT ... restarting it". The children are born with it blocked (they ignore it once started:
+    the distributor stops them), so at any moment of the start it stops the service quietly."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flowshard.cli", "serve", "--shards", "2", "--port", "0", "--binary-port", "0"],
+        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    said = err.decode(errors="replace")
+    assert "Traceback" not in said and "restarting" not in said and "Fatal Python error" not in said, said
+    assert proc.returncode in (0, 130), (proc.returncode, said)
+    assert wait_until(lambda: not any(n.startswith(f"flowshard-{proc.pid}-") for n in os.listdir("/dev/shm")), 3.0)
 
 
 def test_sigterm_right_after_ready_line_drains_and_exits_zero(launch: Any) -> None:
