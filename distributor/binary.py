@@ -104,6 +104,14 @@ class BinaryLimits:
         return cls(max_connections=svc.max_connections, frame_timeout=svc.header_timeout)
 
 
+# The answer to a client whose first bytes are an HTTP request (curl, a browser, an HTTP client on the
+# wrong port): in HTTP, so that it shows (a binary Error frame read as HTTP was "Received HTTP/0.9")
+_WRONG_BODY = (b"this is flowshard's binary port (length-prefixed msgpack frames); its HTTP API is on the "
+               b"HTTP port (8080 by default: serve --port)\n")
+_WRONG_PORT = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
+               b"connection: close\r\n\r\n%s" % (len(_WRONG_BODY), _WRONG_BODY))
+
+
 class BinaryHub:
     """State shared by the connections of one server; called, it makes a connection's protocol
     (a server's factory, or an acceptor's for the connections handed to it)."""
@@ -145,8 +153,8 @@ class BinaryConnection(asyncio.Protocol):
 
     __slots__ = (
         "_admission", "_asked", "_awaiting", "_closing_at", "_counted", "_covered", "_discarded", "_ended", "_eof_wait",
-        "_failing",
-        "_flush_scheduled", "_frame_at", "_fresh", "_hub", "_input_held", "_last_id", "_lost", "_max_inflight", "_open",
+        "_failing", "_flush_scheduled", "_frame_at", "_framed", "_fresh", "_hub", "_input_held", "_last_id", "_lost",
+        "_max_inflight", "_open",
         "_out", "_pending", "_reader", "_stalled_at", "_stalled_unsent", "_sure", "_timer", "_transport", "_verdict",
     )
 
@@ -186,6 +194,7 @@ class BinaryConnection(asyncio.Protocol):
         self._asked = _NOT_YET  # _NOT_YET: no round trip asked
         self._last_id = _NOT_YET
         self._failing = False  # a protocol error waits for the answers to what came before it
+        self._framed = False  # a frame was read (a protocol error is not an HTTP client on the wrong port)
 
     # ------------------------------------------------------------ transport callbacks
 
@@ -235,9 +244,12 @@ class BinaryConnection(asyncio.Protocol):
                 self._handle(exc.messages)
                 self._hub.guards.hit("binary", "malformed")
                 if self._open:
-                    self._fail(400, str(exc))
+                    # (HTTP from its first bytes: no frame read before)
+                    self._fail(400, str(exc), http=exc.http and not exc.messages and not self._framed)
                 return
             data = b""
+            if messages:
+                self._framed = True
             self._handle(messages)
             if not self._open:
                 break
@@ -557,22 +569,27 @@ class BinaryConnection(asyncio.Protocol):
             # nothing (FIN-WAIT-1, until its user timeout: a review)
             reset(self._transport)
 
-    def _fail(self, status: int, message: str) -> None:
+    def _fail(self, status: int, message: str, http: bool = False) -> None:
         """A protocol error: nothing more is read; once the answers decided for what came before it
         have been sent (with acceptors they come a round trip later: `Admission.after`), say why,
-        then close; the connection's lease ends with that answer (`_failed`)."""
+        then close; the connection's lease ends with that answer (`_failed`). `http`: the client
+        began with an HTTP request, and is answered in HTTP (`_WRONG_PORT`)."""
         log.info("binary client %s: %s: closing", self._peer(), message)
         self._open = False
         self._failing = True
         error = Error(-1, status, message)
-        self._admission.after(lambda: self._failed(error))
+        self._admission.after(lambda: self._failed(error, http))
 
-    def _failed(self, error: Error) -> None:
+    def _failed(self, error: Error, http: bool = False) -> None:
         """Answered and half-closed: the lease ends now, not when the client closes or the linger
         ends (its tickets held ~close_timeout longer by a client that keeps its socket open)."""
         self._failing = False
         if not self._lost:
-            self._send(error)
+            if http and self._transport is not None:
+                self._flush()
+                self._transport.write(_WRONG_PORT)
+            else:
+                self._send(error)
             self._close()
             self._end_lease()
 

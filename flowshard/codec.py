@@ -36,9 +36,18 @@ MAX_BATCH_FRAME = 1 << 28
 
 class FrameError(ValueError):
     """The peer sent bytes that are not a valid frame; the connection must be closed. `messages`: the
-    complete messages `FrameReader.feed` decoded before it in the same call (theirs to answer)."""
+    complete messages `FrameReader.feed` decoded before it in the same call (theirs to answer).
+    `http`: the bytes read as a frame's length are the start of an HTTP message (a request, or an
+    answer: `HTTP`): the peer speaks HTTP, and is likely on the other port."""
 
     messages: list[Any] = []  # noqa: RUF012 - replaced, never mutated
+    http = False
+
+
+# What the first four bytes of an HTTP/1.x message are (a method and its space, or the start of a
+# status line): read as a frame's length, each is far over any limit, so it is seen where that is
+_HTTP_STARTS = frozenset({b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC", b"CONN", b"TRAC",
+                          b"HTTP", b"PRI "})
 
 
 # ---------------------------------------------------------------- the worker's configuration
@@ -611,6 +620,17 @@ def _peek_tag(frame: memoryview) -> int | None:
     return int(struct.unpack_from(form, frame, at + 1)[0])
 
 
+def _too_large(head: bytes, n: int, most: int) -> FrameError:
+    """The error for a frame over the limit, saying so when its "length" is the start of HTTP (a review:
+    a client on the wrong port was told of a frame of 1,195,725,856 bytes)."""
+    if head in _HTTP_STARTS:
+        error = FrameError(f"the peer speaks HTTP ({head.decode()!r}...), not flowshard's binary protocol: "
+                           "is this the HTTP port? (the binary port is another: 8081 by default)")
+        error.http = True
+        return error
+    return FrameError(f"frame of {n} bytes exceeds the {most}-byte limit")
+
+
 class FrameReader:
     """Decodes the frames in a byte stream, typed by the union this side expects to receive."""
 
@@ -645,7 +665,7 @@ class FrameReader:
             while pos + 4 <= end:
                 n = unpack(buf, pos)[0]
                 if n > most:
-                    raise FrameError(f"frame of {n} bytes exceeds the {most}-byte limit")
+                    raise _too_large(bytes(buf[pos:pos + 4]), n, most)
                 stop = pos + 4 + n
                 if stop > end:
                     break

@@ -24,6 +24,7 @@ from flowshard.codec import (
     Admit,
     Audited,
     Error,
+    FrameError,
     FrameReader,
     FrameWriter,
     Release,
@@ -460,6 +461,32 @@ async def test_malformed_frame_gets_error_then_close_and_others_are_served(garba
         [res] = await good.recv(1)
         assert type(res) is Result and res.outcome == Outcome.DISPATCHED
         good.close()
+
+
+@on_loop()
+async def test_an_http_client_on_the_binary_port_is_told_in_http() -> None:
+    """Review 107: curl on the binary port got an Error frame ("Received HTTP/0.9"), flowshard's client
+    on the HTTP port "a frame of 1213486160 bytes". An HTTP request as a connection's first bytes is
+    answered in HTTP, naming the ports; mid-stream, after frames of its own, it stays a frame error."""
+    fake = FakeAdmission()
+    async with serving(fake) as addr:
+        reader, writer = await asyncio.open_connection(*addr)
+        writer.write(b"GET /v1/stats HTTP/1.1\r\nhost: x\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5.0)  # (to its EOF)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"connection: close" in head, answer
+        assert body.startswith(b"this is flowshard's binary port") and b"HTTP port" in body, answer
+        writer.close()
+        late = await Raw.open(addr)
+        await late.send(Admit(1, HOLD))
+        await fake.wait_held(1)
+        await late.send_bytes(b"POST / HTTP/1.1\r\n\r\n")
+        [err] = await late.recv_until_eof()
+        assert type(err) is Error and err.status == 400 and "the peer speaks HTTP ('POST'...)" in err.message, err
+    reader = FrameReader(ToClient)
+    with pytest.raises(FrameError) as caught:
+        reader.feed(b"HTTP/1.1 400 Bad Request\r\n")
+    assert caught.value.http and "speaks HTTP ('HTTP'...), not flowshard's binary protocol" in str(caught.value)
 
 
 @on_loop()

@@ -168,3 +168,25 @@ def test_every_limit_the_readme_names_is_a_configuration_key():
     not_keys = {"max_num_seqs", "max_inflight", "max_tokens", "max_completion_tokens", "max_retries"}
     named = set(re.findall(r"`(max_[a-z_]+)`", README)) - not_keys
     assert named - keys == set(), "README names limits that are not configuration keys"
+
+
+def test_the_wire_format_doc_names_each_message_its_tag_and_fields_in_order():
+    """docs/wire.md is what a client in another language is written from: each message's tag and its
+    fields in wire order must be the codec's, and every outcome's number."""
+    from flowshard import codec
+    from flowshard.types import Outcome
+
+    wire = (Path(__file__).resolve().parent.parent / "docs" / "wire.md").read_text()
+    rows = {m[2]: (int(m[1]), m[3]) for m in re.finditer(r"^\| (\d+) \| `(\w+)` \| (.*) \|$", wire, re.M)}
+    messages = [codec.Admit, codec.Release, codec.Result, codec.Audited, codec.Error, codec.Released]
+    assert set(rows) == {m.__name__ for m in messages}
+    for message in messages:
+        tag, text = rows[message.__name__]
+        assert tag == message.__struct_config__.tag, message
+        named = re.findall(r"`(\w+)`", text)
+        fields = list(message.__struct_fields__)
+        if message is codec.Audited:  # "the Result fields, then ..."
+            fields = fields[len(codec.Result.__struct_fields__):]
+        assert [n for n in named if n in fields] == fields, (message.__name__, named)
+    for outcome in Outcome:
+        assert f"{outcome.value} {outcome.status}" + (f": {outcome.reason}" if outcome.reason else "") in wire
