@@ -160,8 +160,8 @@ request. Run `flowshard COMMAND --help` for each command.
 _MAIN_EPILOG = """\
 examples:
   flowshard serve                                   # on the defaults: HTTP :8080, binary :8081
-  flowshard serve --config my-config.toml --port 9000 --binary-port 9001
-  flowshard config check my-config.toml             # validate; print the effective configuration
+  flowshard serve --config examples/config.toml --port 9000 --binary-port 9001
+  flowshard config check examples/config.toml       # validate; print the effective configuration
   flowshard simulate weighted-drr                   # a shipped scenario, in virtual time
   flowshard bench bench/scenarios/equal-flows.toml --shards 1,2 --runs 3
 
@@ -191,7 +191,7 @@ mode the drain also waits for the responses being relayed, and says so):
 _SERVE_EPILOG = """\
 exit status: 0 after a drain, 2 for a bad configuration or an address it cannot listen on.
 examples:
-  flowshard serve --config my-config.toml
+  flowshard serve --config examples/config.toml
   flowshard serve --port 0 --binary-port 0 2> serve.log   # free ports; see the ready line
 """
 _CHECK = """\
@@ -207,10 +207,14 @@ tenants before deploying it.
 
 Output, per flow group and per band: requests submitted, dispatched, rejected and evicted by reason
 (unfinished: still queued when the run stopped); wait p50/p90/p99/max in ms (enqueue to dispatch);
-dispatches/s; the share of its band's service it got in the window [warmup, duration] next to the
-max-min fair share it should have had (ratio 1.000 = exactly fair); per band Jain's index over those
-ratios (1 = perfectly fair) and the largest service difference between backlogged flows, in the
-band's unit (requests, bytes or tokens); priority inversions (always 0). --json writes every figure.
+dispatches/s; the share of its band's service it got in the window [warmup, duration] next to
+`fair`, the share a max-min fair reference following its *admitted* work would have given it (ratio
+share / fair; that reference cannot see unfairness to closed-loop flows, whose admitted work shrinks
+with the service they get). The fairness verdict is per band: Jain's index over each flow's measured
+service / its max-min allocation of *intrinsic* demand (1 = perfectly fair), the largest error of one
+(`max ref err`) and a `reference` line naming the flows off theirs by more than fair_margin; and the
+largest service difference between backlogged flows, in the band's unit (requests, bytes or
+tokens); priority inversions (always 0). --json writes every figure.
 
 --shards N simulates the service as it runs with N shard processes: the distributor's exact ledger
 (limits, displacement, budget, grants, fair shares across shards) routing by flow affinity and
@@ -301,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION", title="actions")
     check = config_sub.add_parser("check", help="validate a configuration file and print the effective configuration",
                                   description=_CHECK, formatter_class=text,
-                                  epilog="example:\n  flowshard config check my-config.toml > effective.toml\n")
+                                  epilog="example:\n  flowshard config check examples/config.toml > effective.toml\n")
     check.add_argument("file", metavar="FILE", help="the configuration TOML to check")
     check.set_defaults(func=_config_check, command_parser=check)
 

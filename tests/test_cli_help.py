@@ -53,7 +53,8 @@ def test_config_check_help_names_its_argument(capsys: pytest.CaptureFixture[str]
 def test_simulate_help_explains_the_output_and_lists_the_shipped_scenarios(capsys: pytest.CaptureFixture[str]
                                                                            ) -> None:
     text = _help("simulate", capsys=capsys)
-    assert "max-min fair share" in text and "Jain" in text and "wait p50/p90/p99/max in ms" in text
+    assert "max-min allocation of *intrinsic* demand" in text and "Jain" in text
+    assert "wait p50/p90/p99/max in ms" in text
     shipped = shipped_scenarios()
     assert sorted(name for name, _, _ in shipped) == sorted(p.stem for p in SCENARIOS.glob("*.toml"))
     bench_only = text.split("bench-only", 1)[1].split("examples:")[0]

@@ -24,6 +24,8 @@ def _toml_block_after(heading: str) -> str:
 
 
 def test_configuration_example_is_valid_and_means_what_it_says():
+    shipped = (Path(__file__).resolve().parent.parent / "examples" / "config.toml").read_text()
+    assert shipped.split("\n", 2)[2] == _toml_block_after("## Configuration")  # the copy the README names
     config = load_config(_toml_block_after("## Configuration"))
     assert [b.name for b in config.bands] == ["interactive", "batch"]
     assert config.bands[1].ceiling == 0.8 and config.bands[0].displacement
