@@ -93,14 +93,19 @@ def _speaks_binary(conn: socket.socket, deadline: float) -> str:
     return f"answered {reply!r} to a release of ticket 0, not Released: is it flowshard?"
 
 
+_BINARY_PORT_SAYS = b"this is flowshard's binary port"  # (distributor.binary's answer to HTTP)
+
+
 def _speaks_http(conn: socket.socket, deadline: float) -> str:
     """"" if the service at `conn` answers HTTP (`GET /healthz`), else what it did instead."""
     conn.sendall(b"GET /healthz HTTP/1.1\r\nhost: flowshard\r\n\r\n")
     got = b""
-    while len(got) < 9 and (chunk := _recv(conn, deadline)):
+    while b"\r\n\r\n" not in got and len(got) < 65536 and (chunk := _recv(conn, deadline)):
         got += chunk
-    if got.startswith(b"HTTP/1."):
+    if got.startswith(b"HTTP/1.") and _BINARY_PORT_SAYS not in got:
         return ""
+    if _BINARY_PORT_SAYS in got:  # (flowshard's binary port answers an HTTP request so, in HTTP)
+        return "is flowshard's binary port (it says so): flowshard's HTTP port is 8080 by default"
     if not got:
         return "closed the connection without an answer: is it flowshard's HTTP port (8080 by default)?"
     return (f"does not answer HTTP (it answered {got[:40]!r}): its binary port? flowshard's HTTP port is 8080 "
