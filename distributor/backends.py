@@ -2,10 +2,11 @@
 
 flowshard is not an endpoint picker, but the proxy must send each request somewhere: the healthy
 backend with the fewest requests in flight (ties round robin), one with room by the utilization
-detector first. Health is passive: a backend that
-cannot be connected to is taken out for `backoff` seconds, doubling per consecutive failure up to
-`max_backoff`; one that had the request and failed it (a reset, not HTTP, a timeout, a stream cut
-short, a 5xx) only at the third such failure in a row; one success brings it back. The scraper
+detector first. Health is passive: a backend that cannot be connected to is taken out for `backoff`
+seconds, doubling per consecutive failure up to `max_backoff`; one that had the request and failed
+it only at the third such failure in a row shown to be its own (a stream cut short, a timeout; a
+reset, not HTTP or a 5xx once another backend answered that request: `Proxy.forward`); an answer
+brings it back. The scraper
 reads every backend's Prometheus metrics each `scrape_interval` into the core's `PoolUtilization`
 and calls `on_room` when the pool's saturation fell, so held work is granted at once rather than at
 the next release.
@@ -117,26 +118,33 @@ class BackendPool:
     def any_up(self, now: float, exclude: frozenset[int] | set[int] = frozenset()) -> bool:
         return any(b.down_until <= now and b.index not in exclude for b in self.backends)
 
-    def failed(self, backend: Backend, now: float, kind: str, detail: str) -> None:
+    def failed(self, backend: Backend, now: float, kind: str, detail: str, in_a_row: bool = True) -> None:
         """Counted; taken out for its back-off (doubling per failure in a row) at once where nothing was
         sent (`FAIL_AT_ONCE`), else at the `ERROR_ANSWERS_TO_FAIL`-th failure in a row of requests it
         had. One request's own failure, retried on each backend, took every one out at its first (a
         review: one such request a second, answered with a 5xx, or later with a reset, kept a healthy
         pool out, 155-158 of 158 other requests answered 503 `no_backend`; two long generations past
-        `read_timeout` took out both backends); a backend failing everything is out at its third."""
-        if kind not in FAIL_AT_ONCE:
-            backend.error_answers += 1
-            if backend.error_answers < ERROR_ANSWERS_TO_FAIL:
-                self._count(backend, kind, detail)
-                return
-        backend.failures += 1
+        `read_timeout` took out both backends); a backend failing everything is out at its third.
+        `in_a_row` False: only counted; the proxy strikes it (`strike`) if another backend then answers
+        the request, which shows the failure was this backend's, not the request's (a review: a
+        client's retries of one request that every backend reset took the pool out)."""
         self._count(backend, kind, detail)
+        if kind in FAIL_AT_ONCE:
+            self._take_out(backend, now, kind)
+        elif in_a_row:
+            self.strike(backend, now, kind)
+
+    def strike(self, backend: Backend, now: float, kind: str) -> None:
+        """One more failure in a row of a request it had (counted already): out at the
+        `ERROR_ANSWERS_TO_FAIL`-th."""
+        backend.error_answers += 1
+        if backend.error_answers >= ERROR_ANSWERS_TO_FAIL:
+            self._take_out(backend, now, kind)
+
+    def _take_out(self, backend: Backend, now: float, kind: str) -> None:
+        backend.failures += 1
         backend.last_kind = kind
         backend.down_until = now + min(self.max_backoff, self.backoff * 2 ** min(backend.failures - 1, 30))
-
-    def answered_error(self, backend: Backend, now: float, status: int) -> None:
-        """A 5xx answer (`failed`, as `http_` and the status)."""
-        self.failed(backend, now, f"http_{status}", f"HTTP {status}")
 
     @staticmethod
     def _count(backend: Backend, kind: str, detail: str) -> None:
@@ -144,8 +152,20 @@ class BackendPool:
         backend.last_error = detail[:300]
 
     def succeeded(self, backend: Backend) -> None:
-        backend.failures = backend.error_answers = 0
+        """Back in rotation, its failures forgotten (`answered` and `completed`)."""
+        self.answered(backend)
+        self.completed(backend)
+
+    def answered(self, backend: Backend) -> None:
+        """It answered (a head that is not a 5xx): back in rotation, its back-off starts afresh."""
+        backend.failures = 0
         backend.down_until = -math.inf
+
+    def completed(self, backend: Backend) -> None:
+        """It answered a request to its end: the failures in a row of the requests it had end. Not at
+        the answer's head (a review: a backend that cut every stream was never out, each head clearing
+        the count its cut had made)."""
+        backend.error_answers = 0
 
     def next_up(self, now: float) -> float:
         """Seconds until the first backend is back (0 if one is up now)."""
@@ -159,6 +179,9 @@ SCRAPE_CONNECT_TIMEOUT: Final = 2.0  # (past Linux's first SYN retransmit, at 1 
 # (not EADDRNOTAVAIL: besides a local port shortage it is what an IPv6 backend gives on a host without IPv6,
 # a failure of that backend's for good, which must take it out: a review)
 LOCAL_SHORTAGE: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# Scrapes in a row whose connection was reset or closed, or answered with what is not HTTP, that take the
+# backend out as one that cannot be connected to does (`Scraper._scrape`)
+BROKEN_SCRAPES_TO_FAIL: Final = 3
 
 
 def failure_kind(exc: BaseException) -> str:
@@ -194,6 +217,7 @@ class Scraper:
         self.hinted = [False for _ in pool.backends]  # its run of errors was logged with `_no_metrics_hint`
         self.missing_warned = [False for _ in pool.backends]  # its run of missed requests was logged
         self.slow_warned = [False for _ in pool.backends]  # its run of slow scrapes was logged
+        self.broken = [0 for _ in pool.backends]  # its scrapes in a row that the connection failed (reset)
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -251,9 +275,20 @@ class Scraper:
                             "last good scrape is older than staleness%s", backend.name, detail, hint)
                 self.hinted[index] = bool(hint)
             self.errors[index] = detail
-            cannot_connect = failure_kind(exc) == "connect"
+            kind = "protocol" if isinstance(exc, ScrapeError) else failure_kind(exc)
+            cannot_connect = kind == "connect"
             if getattr(exc, "errno", None) in LOCAL_SHORTAGE:  # ours (descriptors, ports): not the backend's
                 cannot_connect = False
+            # A backend that takes the connection and then resets it, or closes it, or answers what is
+            # not HTTP, at every scrape is as dead as one that refuses it (a review: its requests'
+            # failures no longer took it out at once, its stale metrics kept every request away from it,
+            # so it was never out, and counted full in the pool's mean for ever). Not a scrape that times
+            # out (a busy backend's metrics may be slow: it counts stale, saturated, meanwhile) nor one
+            # answered with an error or unreadable metrics (ScrapeError: the server is up).
+            broken = kind == "reset" or (kind == "protocol" and not isinstance(exc, ScrapeError))
+            self.broken[index] = self.broken[index] + 1 if broken else 0
+            if self.broken[index] >= BROKEN_SCRAPES_TO_FAIL:
+                cannot_connect = True
             if cannot_connect and self.pool.up(backend, loop.time()):
                 # Nothing listens there: a health signal as good as a failed request, and the only one
                 # while its stale metrics keep every request from being sent to it.
@@ -262,6 +297,7 @@ class Scraper:
                     self.on_health(index)
             return
         backend = self.pool.backends[index]
+        self.broken[index] = 0
         if self.errors[index]:
             log.warning("backend %s: metrics scrapes succeed again", backend.name)
         self.errors[index] = ""
@@ -284,14 +320,15 @@ class Scraper:
         every request waited out its TTL)."""
         took = self.utilization.loads[index].duration
         staleness = self.config.staleness
-        if took <= staleness / 2:
+        if took <= staleness / 4:  # (a run ends well below the mark: one warning per run, not per crossing)
             self.slow_warned[index] = False
             return
-        if not self.slow_warned[index]:
+        if took > staleness / 2 and not self.slow_warned[index]:
             self.slow_warned[index] = True
             log.warning("backend %s: its metrics took %.3f s to come, over half of staleness (%g s): a backend "
-                        "whose last scrape arrived longer than staleness ago counts as saturated, so at this pace "
-                        "it is held between scrapes; raise [proxy] staleness above what its metrics take "
+                        "whose last scrape arrived more than staleness ago counts as saturated, and the next is "
+                        "sent when the last arrives, so metrics slower than staleness would hold it between "
+                        "scrapes; raise [proxy] staleness well above what they take "
                         "(flowshard_backend_scrape_duration_seconds)", self.pool.backends[index].name, took, staleness)
 
     def _warn_if_missing(self, index: int) -> None:

@@ -47,7 +47,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from yarl import URL
 
 from distributor.api import Admission, Audit
-from distributor.backends import LOCAL_SHORTAGE, Backend, BackendPool, Scraper, failure_kind
+from distributor.backends import FAIL_AT_ONCE, LOCAL_SHORTAGE, Backend, BackendPool, Scraper, failure_kind
 from flowshard.classify import (
     Classified,
     ClassifyError,
@@ -828,6 +828,11 @@ class Proxy:
         # `content-encoding` (passed through)
         headers.append(("accept-encoding", "identity"))
         tried: set[int] = set()
+        # The failures of this request that are retried (before any byte reached the client), counted
+        # against their backends' failures in a row only if another backend then answers it: one that
+        # fails everywhere is likely its own cause (a review: one such request, retried by its client,
+        # took every backend out)
+        suspects: list[tuple[Backend, str, str]] = []
         attempt = 0
         util = self.utilization
         full = self._full()
@@ -848,15 +853,20 @@ class Proxy:
             tried.add(backend.index)
             # the last try: no retry left, or no other backend up (then the client gets this one's answer)
             last = attempt >= pc.retries or not self.pool.any_up(loop.time(), tried)
-            outcome = await self._attempt(ex, backend, method, headers, last=last)
-            if outcome:
+            outcome = await self._attempt(ex, backend, method, headers, last, suspects)
+            if outcome is not None:
+                if outcome:  # answered elsewhere: the backends that failed it before did so on their own
+                    for failed, kind, _ in suspects:
+                        self.pool.strike(failed, loop.time(), kind)
                 return
             attempt += 1
             self.stats.retries += 1
 
     async def _attempt(self, ex: Exchange, backend: Backend, method: str, headers: list[tuple[str, str]],
-                       last: bool) -> bool:
-        """One try on `backend`. False: it failed before any byte reached the client (try another)."""
+                       last: bool, suspects: list[tuple[Backend, str, str]]) -> bool | None:
+        """One try on `backend`. None: it failed before any byte reached the client (try another), the
+        failure counted and added to `suspects` (`forward`); True: the backend answered (not a 5xx);
+        False: the client got an error answer (the backend's 5xx on the last try, or flowshard's)."""
         assert self.session is not None
         loop = self.loop
         util = self.counts
@@ -884,43 +894,46 @@ class Proxy:
                     why = os.strerror(code)  # (not the backend's address: the client is told only what)
                     self._respond_error(ex, 503, f"flowshard: cannot open a connection to a backend: {why}",
                                         "service_unavailable", "local_resources", extra=b"retry-after: 1\r\n")
-                    return True
+                    return False
                 if isinstance(exc, aiohttp.SocketTimeoutError):
                     # The request was sent and the backend said nothing for `read_timeout`: it may still
                     # be generating. Not tried again: another backend would take as long, and the
                     # client would wait `read_timeout` once per backend (a long generation run on each)
+                    # (not a suspect: it is not tried again, and a backend that hangs must go out)
                     self.pool.failed(backend, loop.time(), "timeout", f"no answer within {self.pc.read_timeout:g} s")
                     self._respond_error(ex, 504, f"flowshard: backend {backend.name} did not answer within "
                                         f"read_timeout ({self.pc.read_timeout:g} s)", "server_error",
                                         "backend_timeout")
-                    return True
+                    return False
                 kind = failure_kind(exc)
-                self.pool.failed(backend, loop.time(), kind, f"{type(exc).__name__}: {exc}")
+                self._suspect(backend, kind, f"{type(exc).__name__}: {exc}", suspects)
                 if last:
                     code = "backend_unreachable" if kind == "connect" else "backend_failed"
                     self._respond_error(ex, 502, f"flowshard: backend {backend.name} failed: {type(exc).__name__}",
                                         "server_error", code)
-                    return True
-                return False
+                    return False
+                return None
             if resp.status < 200:  # (100 and 103 are read past by aiohttp) an upgrade nobody asked for
                 resp.close()
-                self.pool.failed(backend, loop.time(), "protocol", f"a {resp.status} answer to a {method}")
+                self._suspect(backend, "protocol", f"a {resp.status} answer to a {method}", suspects)
                 if last:
                     self._respond_error(ex, 502, f"flowshard: backend {backend.name} answered {resp.status}",
                                         "server_error", "backend_failed")
-                    return True
-                return False
-            if resp.status >= 500:
-                self.pool.answered_error(backend, loop.time(), resp.status)
-                if not last:
                     return False
+                return None
+            if resp.status >= 500:
+                self._suspect(backend, f"http_{resp.status}", f"HTTP {resp.status}", suspects)
+                if not last:
+                    return None
             else:
-                self.pool.succeeded(backend)
+                self.pool.answered(backend)
             if resp.content_type == "text/event-stream" and method != "HEAD" and resp.status not in (204, 304):
-                await self._relay_stream(ex, backend, resp)
+                whole = await self._relay_stream(ex, backend, resp)
             else:
-                await self._relay_body(ex, backend, resp, head_only=method == "HEAD")
-            return True
+                whole = await self._relay_body(ex, backend, resp, head_only=method == "HEAD")
+            if whole and resp.status < 500:
+                self.pool.completed(backend)
+            return resp.status < 500
         except BaseException:  # the client left (cancelled), the drain ended, or a bug of ours
             if resp is not None:
                 resp.close()  # drop the connection (not back to the pool): the backend stops
@@ -930,6 +943,15 @@ class Proxy:
                 resp.release()
             backend.inflight -= 1
             self._backend_done(ex)
+
+    def _suspect(self, backend: Backend, kind: str, detail: str, suspects: list[tuple[Backend, str, str]]) -> None:
+        """A failure of a request before its answer: counted; one that nothing was sent for (`connect`)
+        takes the backend out at once, the others wait in `suspects` for the request's end (`forward`)."""
+        if kind in FAIL_AT_ONCE:
+            self.pool.failed(backend, self.loop.time(), kind, detail)
+        else:
+            self.pool.failed(backend, self.loop.time(), kind, detail, in_a_row=False)
+            suspects.append((backend, kind, detail))
 
     def _backend_done(self, ex: Exchange) -> None:
         """The backend has answered all of `ex` (or failed it): the detector stops counting it there.
@@ -956,7 +978,7 @@ class Proxy:
         return [(k, v) for k, v in headers if k not in _DROP_RESPONSE and k not in named]
 
     async def _relay_body(self, ex: Exchange, backend: Backend, resp: aiohttp.ClientResponse,
-                          head_only: bool = False) -> None:
+                          head_only: bool = False) -> bool:
         """A whole answer: its body with its length, or none where the status has none (1xx, 204, 304:
         RFC 9110 forbids the length on a 204, and on a 304 it would be the 200's) and, to a HEAD, the
         length the backend gave (a review: `content-length: 0` where the backend said 174)."""
@@ -968,7 +990,7 @@ class Proxy:
             self.pool.failed(backend, self.loop.time(), "midstream", f"{type(exc).__name__}: {exc}")
             self._respond_error(ex, 502, f"flowshard: backend {backend.name} failed while answering: "
                                 f"{type(exc).__name__}", "server_error", "backend_failed")
-            return
+            return False
         self._backend_done(ex)
         if resp.status == 200 and ex.item.size:
             self._settle_usage(ex, backend, usage_from_body(data))
@@ -983,7 +1005,7 @@ class Proxy:
         head = _response_head(resp.status, self._response_headers(resp), ex.conn_hdr, framing)
         if len(data) <= _PIECE:
             ex.conn.slot_respond(ex.slot, head + data)
-            return
+            return True
         # A large body goes in pieces, each after the client has read enough of the last (as a stream
         # does): written whole, more than write_buffer_limit of it unsent at once dropped a client that
         # was reading at full speed as a slow reader (a review: a 1.5 MB answer cut at 200 KB).
@@ -999,8 +1021,10 @@ class Proxy:
                     await unread
                 unread = conn.slot_write(slot, bytes(view[at:at + _PIECE]))
         conn.slot_end(slot)
+        return True
 
-    async def _relay_stream(self, ex: Exchange, backend: Backend, resp: aiohttp.ClientResponse) -> None:
+    async def _relay_stream(self, ex: Exchange, backend: Backend, resp: aiohttp.ClientResponse) -> bool:
+        """The stream relayed; False if the backend cut it short (counted as its failure)."""
         conn, slot = ex.conn, ex.slot
         turn = conn.slot_turn(slot)
         if turn is not None:  # behind an answer still in progress: read nothing until it is this one's
@@ -1051,19 +1075,20 @@ class Proxy:
             resp.close()
             self._backend_done(ex)
             if ended:  # after [DONE]: the client had its whole answer, and the backend did not fail it
-                return
+                return True
             stats.midstream_failures += 1
             self.pool.failed(backend, self.loop.time(), "midstream", f"{type(exc).__name__}: {exc}")
             self._end_stream_with_error(ex, f"flowshard: backend {backend.name} failed mid-stream "
                                         f"({type(exc).__name__}); the response is incomplete", "server_error",
                                         "backend_failed")
-            return
+            return False
         self._backend_done(ex)
         if not ended:  # (ended at [DONE]: settled and answered there)
             rest = relay.end()
             if resp.status == 200:
                 self._settle_usage(ex, backend, relay.usage)
             ex.end_stream(rest)
+        return True
 
     def _end_stream_with_error(self, ex: Exchange, message: str, type_: str, code: str, *,
                                close: bool = False) -> None:
@@ -1259,7 +1284,8 @@ class Proxy:
                 load = util.loads[b.index]
                 entry.update(saturation=util.backend_saturation(b.index), stale=util.stale(b.index),
                              waiting=load.waiting, running=load.running, kv=load.kv, held=load.held,
-                             scrape_errors=load.errors, scrape_seconds=load.duration,
+                             scrape_errors=load.errors,
+                             scrape_seconds=load.duration if load.fresh_at > float("-inf") else None,
                              last_scrape_error=self.scraper.errors[b.index] if self.scraper else "")
             backends.append(entry)
         return {

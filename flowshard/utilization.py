@@ -281,13 +281,22 @@ class PoolUtilization:
     def saturation(self, unsent: int = 0, out: frozenset[int] | set[int] = frozenset()) -> float:
         """The pool's saturation: the mean over the backends in rotation (`out`: those that are not; none
         left: over all of them) of each one's capped at 1, so the pool is at 1 only when every one is
-        (the picker sends to those with room first: `BackendPool.pick`); `unsent` admitted requests
-        spread evenly over them. A backend out takes no request, so its figures say nothing of what
+        (the picker sends to those with room first: `BackendPool.pick`); with `unsent` admitted requests
+        not yet sent anywhere. A backend out takes no request, so its figures say nothing of what
         the pool can take: counted idle, it let the others be driven past their threshold (a review:
-        one of two out, the other at 1.6, the pool at 0.8)."""
+        one of two out, the other at 1.6, the pool at 0.8). The `unsent` go to those with room (the
+        picker's), spread evenly over them: spread over all, the shares of full ones vanished under the
+        cap, and a burst overshot the room left by N / (N - full) (a review: 10 sent where one backend of
+        two had room for 5)."""
         backends = [b for b in range(len(self.loads)) if b not in out] or range(len(self.loads))
-        extra = unsent / len(backends)
-        return sum(min(1.0, self.backend_saturation(b, extra)) for b in backends) / len(backends)
+        sats = [self.backend_saturation(b) for b in backends]
+        if unsent:
+            room = [i for i, sat in enumerate(sats) if sat < 1.0]
+            if room:
+                extra = unsent / len(room)
+                for i in room:
+                    sats[i] = self.backend_saturation(backends[i], extra)
+        return sum(min(1.0, sat) for sat in sats) / len(backends)
 
     def full(self, backend: int) -> bool:
         """Whether `backend` is at or past its saturation (stale included): the picker sends elsewhere."""

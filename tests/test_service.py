@@ -1046,12 +1046,12 @@ def test_http_lease_expiry_frees_budget(launch: Any) -> None:
     port = svc.http_port
 
     async def main() -> None:
+        t0 = time.monotonic()  # before the lease starts (at the dispatch), however late its answer arrives
         r = (await admit_http(port, "leased")).json()
         assert r["lease_s"] == 0.3
-        t0 = time.monotonic()
         w = await admit_http(port, "next")  # dispatched once the lease runs out
         assert w.status == 200, w
-        assert time.monotonic() - t0 >= 0.2
+        assert time.monotonic() - t0 >= 0.29  # (libuv timers have ms granularity)
         assert (await release_http(port, r["ticket"])).status == 404  # expired: unknown now
         s = await svc.astats()
         assert s["counters"]["tickets_expired"] == 1

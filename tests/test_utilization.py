@@ -118,6 +118,21 @@ def test_saturation_is_the_mean_of_max_queue_or_kv_and_stale_counts_as_saturated
     assert pool.stale(0) and pool.full(0) and pool.saturation() == 1.0
 
 
+def test_requests_not_yet_sent_fill_the_backends_with_room() -> None:
+    """Review 109: spread over every backend, the unsent requests' shares on full backends vanished under
+    the cap, so a burst took N / (N - full) times the room there was (10 where one backend of two had
+    room for 5). They go where the picker sends them: to the backends with room."""
+    pool = PoolUtilization(4, queue_threshold=5, kv_threshold=0.8, staleness=10.0)
+    for b in range(3):
+        scraped(pool, b, 1.0, waiting=25)  # 5.0: full
+    scraped(pool, 3, 1.0, waiting=0)
+    assert pool.saturation() == pytest.approx(3 / 4)
+    assert pool.saturation(unsent=2) == pytest.approx((3 + 2 / 5) / 4)
+    assert pool.saturation(unsent=5) == 1.0  # the room of the one backend, and no more
+    assert pool.saturation(unsent=5, out={0, 1, 2}) == 1.0
+    assert pool.saturation(unsent=2, out={0}) == pytest.approx((2 + 2 / 5) / 3)
+
+
 def test_a_scrapes_age_counts_from_its_arrival() -> None:
     """Review 108: counted from its sending, a backend whose metrics took half of `staleness` to come was
     stale between scrapes, and one taking `staleness` always (every request held to its TTL, nothing
