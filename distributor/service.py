@@ -1247,7 +1247,10 @@ async def serve(config: Config, shards: int, acceptors: int = 0) -> None:
     service = Distributor(config, shards, acceptors)
     loop = asyncio.get_running_loop()
 
+    stopped_by: list[str] = []
+
     def on_signal(sig: signal.Signals) -> None:
+        stopped_by.append(sig.name)
         if service.begin_drain():  # said, or Ctrl-C looks like a hang for up to drain_timeout (a review)
             ledger = service.ledger
             until = "the queues are empty" if service.proxy is None else (
@@ -1261,7 +1264,8 @@ async def serve(config: Config, shards: int, acceptors: int = 0) -> None:
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         await service.start()
-        if service.stop_requested:
+        if service.stop_requested:  # (a review: a Ctrl-C while it started ended it without a word)
+            sys.stderr.write(f"flowshard stopped before it was ready ({stopped_by[0]}): nothing was served\n")
             return
         http, binary = (host_port(*service.addresses[k][:2]) for k in ("http", "binary"))
         sys.stderr.write(

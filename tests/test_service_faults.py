@@ -403,6 +403,9 @@ def test_ctrl_c_while_starting_stops_quietly(delay: float) -> None:
     said = err.decode(errors="replace")
     assert "Traceback" not in said and "restarting" not in said and "Fatal Python error" not in said, said
     assert proc.returncode in (0, 130), (proc.returncode, said)
+    said_so = ("flowshard stopped before it was ready (SIGINT)", "flowshard draining (SIGINT)",
+               "flowshard: interrupted")
+    assert any(words in said for words in said_so), said  # (said, whenever it came)
     assert wait_until(lambda: not any(n.startswith(f"flowshard-{proc.pid}-") for n in os.listdir("/dev/shm")), 3.0)
 
 
