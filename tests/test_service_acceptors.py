@@ -383,7 +383,7 @@ def test_a_hung_acceptor_gets_no_connections_and_is_restarted(launch: Any) -> No
     pids = acceptor_pids(svc, 2)
     os.kill(pids[1], signal.SIGSTOP)
     try:
-        time.sleep(HANDOVER_QUIET + 0.3)
+        time.sleep(HANDOVER_QUIET + 1.5)  # (well past it, and well before HEARTBEAT_STALE: slack for a loaded machine)
 
         async def main() -> None:
             conns, where = await http_conns_on(svc, 4)
@@ -569,10 +569,13 @@ def test_a_place_is_free_again_as_soon_as_its_client_leaves(launch: Any) -> None
             held.pop(0).close()
             t0 = time.monotonic()
             kind, conn = await _first(lambda: _classify_http(svc.http_port), lambda got: got[0] == "normal")
-            delays.append(time.monotonic() - t0)
+            took = time.monotonic() - t0
             held.append(conn)
+            t0 = time.monotonic()
             kind, _ = await _classify_http(svc.http_port)
             assert kind == "reserve"  # and only that place
+            # less what one such probe takes now (its round trips: a loaded machine's own delay, a review)
+            delays.append(took - (time.monotonic() - t0))
         delays.sort()
         assert (delays[3] + delays[4]) / 2 < REPORT_INTERVAL / 5, [round(d * 1000, 1) for d in delays]
         for conn in held:

@@ -226,8 +226,8 @@ def test_hung_worker_is_detected_killed_and_replaced(launch: Any) -> None:
             n0 = shard_queued(s)[0]
             hung = s["shards"][0]["pid"]
             proc = next(p for p in svc.worker_procs() if p.pid == hung)
+            t0 = time.monotonic()  # (before the stop: a lower bound measured from after it could fall short)
             os.kill(hung, signal.SIGSTOP)
-            t0 = time.monotonic()
             await until(lambda: sum(f.done() for f in futs) == n0, HEARTBEAT_STALE + 3)
             assert time.monotonic() - t0 >= HEARTBEAT_STALE - 0.5
             assert all(f.result().outcome is Outcome.EVICTED_SHARD_FAILURE for f in futs if f.done())
