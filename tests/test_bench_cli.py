@@ -261,7 +261,7 @@ def test_bench_target_check_has_one_deadline_and_says_what_it_saw(monkeypatch: p
             t0 = time.monotonic()
             with pytest.raises(ConfigError, match=said):
                 runner.Server.attach(f"127.0.0.1:{port}", None, "binary")
-            assert time.monotonic() - t0 < 1.5
+            assert time.monotonic() - t0 < 3.0  # (one 0.5 s deadline; it was a minute)
 
 
 def test_bench_target_reset_before_connect_returns_is_what_the_target_did(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1028,7 +1028,7 @@ def test_a_pool_with_no_backend_listening_answers_503_at_once_not_after_a_ttl(
     t0 = time.monotonic()
     with pytest.raises(openai.InternalServerError) as err:
         api.chat.completions.create(model="m", messages=MSG, max_tokens=1)
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 5.0  # (at once, not after the TTL, 30 s)
     assert err.value.status_code == 503 and err.value.code == "no_backend"
     assert int(err.value.response.headers["retry-after"]) >= 1
     assert wait_until(lambda: metric(svc.metrics(), "flowshard_proxy_no_backend_total") >= 1, 10.0, 0.1)

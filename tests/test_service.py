@@ -986,7 +986,7 @@ def test_sigterm_idle_service_exits_zero_quickly(launch: Any) -> None:
     assert svc.stats()["ready"] is True
     t0 = time.monotonic()
     assert svc.terminate() == 0
-    assert time.monotonic() - t0 < 2.0  # nothing queued: no need to wait for the drain timeout
+    assert time.monotonic() - t0 < 3.5  # nothing queued: no need to wait for the drain timeout (5 s)
 
 
 # ---------------------------------------------------------------------------------------------- binary tickets

@@ -42,8 +42,8 @@ def test_a_parked_newcomer_ends_at_its_ttl_while_its_victims_shard_is_stopped(la
                 high = await asyncio.wait_for(c.admit("high", priority=10, size=10, ttl=0.4), 4.0)
                 took = time.monotonic() - start
                 assert high.outcome is Outcome.EVICTED_TTL, high
-                assert 0.35 <= took < 1.5, took  # at its deadline, not when the wedged worker is killed (5 s)
-                assert 0.35 <= high.wait < 1.5, high.wait
+                assert 0.35 <= took < 3.0, took  # at its deadline, not when the wedged worker is killed (5 s)
+                assert 0.35 <= high.wait < 3.0, high.wait
             finally:
                 os.kill(worker, signal.SIGCONT)
             outcomes = [(await asyncio.wait_for(f, 5.0)) for f in lows[3:]]

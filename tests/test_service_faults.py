@@ -708,7 +708,7 @@ def test_slow_client_gets_408_and_silent_client_is_closed(launch: Any) -> None:
         r = await slow.response(timeout=3)
         elapsed = time.monotonic() - t0
         assert r.status == 408, r
-        assert 0.25 <= elapsed < 1.5, elapsed
+        assert 0.25 <= elapsed < 2.5, elapsed  # (slack for a loaded machine: without the timeout, 3 s)
         assert await slow.closed_by_peer()
         # a body that never completes
         slow = await HttpConn.open(port)
@@ -720,7 +720,7 @@ def test_slow_client_gets_408_and_silent_client_is_closed(launch: Any) -> None:
         silent = await HttpConn.open(port)
         t0 = time.monotonic()
         assert await silent.closed_by_peer(timeout=3)
-        assert time.monotonic() - t0 < 1.5
+        assert time.monotonic() - t0 < 2.5
         s = await svc.astats()
         assert s["totals"]["pending"] == 0
         await _normal_admit_works(svc)
