@@ -82,6 +82,22 @@ async def rig(routes: list[tuple[str, str, Handler]], limits: HttpLimits | None 
         yield r
 
 
+def sse_stream(events: bytes, cut: bool = False) -> Handler:
+    """A backend route answering `events` as a stream, then ending it (`cut`: aborting the connection)."""
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(events)
+        if cut:
+            assert request.transport is not None
+            request.transport.abort()
+        return resp
+
+    return stream
+
+
 def endless_stream(content: str, pause: float) -> Handler:
     """A backend route streaming one event of `content` every `pause` seconds until the client goes."""
     event = b"data: " + json.dumps({"choices": [{"delta": {"content": content}}]}).encode() + b"\n\n"
@@ -874,13 +890,7 @@ def test_an_http10_client_gets_its_stream_ended_by_close_not_chunked(keep_alive:
     as the events themselves, ended by closing the connection, whether or not it asked to keep it
     alive (a review: chunk sizes in the body, and with keep-alive no end the client could find)."""
     events = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
-
-    async def stream(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
-        await resp.prepare(request)
-        await resp.write(events)
-        return resp
+    stream = sse_stream(events)
 
     async def go() -> None:
         async with rig([("POST", "/v1/chat/completions", stream)]) as r:
@@ -1334,25 +1344,9 @@ def test_a_backend_that_cuts_its_answers_is_out_at_the_third_in_a_row() -> None:
 
     event = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
 
-    async def cut(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
-        await resp.prepare(request)
-        await resp.write(event)
-        assert request.transport is not None
-        request.transport.abort()  # mid-stream
-        return resp
-
-    async def whole(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
-        await resp.prepare(request)
-        await resp.write(event + b"data: [DONE]\n\n")
-        return resp
-
     async def go() -> None:
-        async with backend([("POST", "/v1/chat/completions", cut)]) as a_url, \
-                backend([("POST", "/v1/chat/completions", whole)]) as b_url, \
+        async with backend([("POST", "/v1/chat/completions", sse_stream(event, cut=True))]) as a_url, \
+                backend([("POST", "/v1/chat/completions", sse_stream(event + b"data: [DONE]\n\n"))]) as b_url, \
                 proxying([a_url, b_url]) as r:
             cuts = 0
             for _ in range(20):
