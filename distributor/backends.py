@@ -6,10 +6,9 @@ detector first. Health is passive: a backend that cannot be connected to is take
 seconds, doubling per consecutive failure up to `max_backoff`; one that had the request and failed
 it only at the third such failure in a row shown to be its own (a stream cut short, a timeout; a
 reset, not HTTP or a 5xx once another backend answered that request: `Proxy.forward`); an answer
-brings it back. The scraper
-reads every backend's Prometheus metrics each `scrape_interval` into the core's `PoolUtilization`
-and calls `on_room` when the pool's saturation fell, so held work is granted at once rather than at
-the next release.
+brings it back. The scraper reads every backend's Prometheus metrics each `scrape_interval` into the
+core's `PoolUtilization` and calls `on_room` when the pool's saturation fell, so held work is granted
+at once rather than at the next release.
 """
 
 from __future__ import annotations

@@ -832,7 +832,7 @@ class Proxy:
         # against their backends' failures in a row only if another backend then answers it: one that
         # fails everywhere is likely its own cause (a review: one such request, retried by its client,
         # took every backend out)
-        suspects: list[tuple[Backend, str, str]] = []
+        suspects: list[tuple[Backend, str]] = []
         attempt = 0
         util = self.utilization
         full = self._full()
@@ -856,14 +856,14 @@ class Proxy:
             outcome = await self._attempt(ex, backend, method, headers, last, suspects)
             if outcome is not None:
                 if outcome:  # answered elsewhere: the backends that failed it before did so on their own
-                    for failed, kind, _ in suspects:
+                    for failed, kind in suspects:
                         self.pool.strike(failed, loop.time(), kind)
                 return
             attempt += 1
             self.stats.retries += 1
 
     async def _attempt(self, ex: Exchange, backend: Backend, method: str, headers: list[tuple[str, str]],
-                       last: bool, suspects: list[tuple[Backend, str, str]]) -> bool | None:
+                       last: bool, suspects: list[tuple[Backend, str]]) -> bool | None:
         """One try on `backend`. None: it failed before any byte reached the client (try another), the
         failure counted and added to `suspects` (`forward`); True: the backend answered (not a 5xx);
         False: the client got an error answer (the backend's 5xx on the last try, or flowshard's)."""
@@ -944,14 +944,14 @@ class Proxy:
             backend.inflight -= 1
             self._backend_done(ex)
 
-    def _suspect(self, backend: Backend, kind: str, detail: str, suspects: list[tuple[Backend, str, str]]) -> None:
+    def _suspect(self, backend: Backend, kind: str, detail: str, suspects: list[tuple[Backend, str]]) -> None:
         """A failure of a request before its answer: counted; one that nothing was sent for (`connect`)
         takes the backend out at once, the others wait in `suspects` for the request's end (`forward`)."""
         if kind in FAIL_AT_ONCE:
             self.pool.failed(backend, self.loop.time(), kind, detail)
         else:
             self.pool.failed(backend, self.loop.time(), kind, detail, in_a_row=False)
-            suspects.append((backend, kind, detail))
+            suspects.append((backend, kind))
 
     def _backend_done(self, ex: Exchange) -> None:
         """The backend has answered all of `ex` (or failed it): the detector stops counting it there.
