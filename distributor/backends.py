@@ -135,9 +135,13 @@ class BackendPool:
 
     def strike(self, backend: Backend, now: float, kind: str) -> None:
         """One more failure in a row of a request it had (counted already): out at the
-        `ERROR_ANSWERS_TO_FAIL`-th."""
+        `ERROR_ANSWERS_TO_FAIL`-th, unless it is the last backend up. Requests' failures never take out
+        the last one (the next failure once another is up does): out, every request would be refused
+        503 `no_backend` for its back-off, where in it passes on what it answers (a review: one request
+        slower than `read_timeout`, retried by its client, took a lone backend out)."""
         backend.error_answers += 1
-        if backend.error_answers >= ERROR_ANSWERS_TO_FAIL:
+        if backend.error_answers >= ERROR_ANSWERS_TO_FAIL and any(
+                b is not backend and b.down_until <= now for b in self.backends):
             self._take_out(backend, now, kind)
 
     def _take_out(self, backend: Backend, now: float, kind: str) -> None:
@@ -156,15 +160,14 @@ class BackendPool:
         self.completed(backend)
 
     def answered(self, backend: Backend) -> None:
-        """It answered (a head that is not a 5xx): back in rotation, its back-off starts afresh."""
-        backend.failures = 0
+        """It answered (a head that is not a 5xx): back in rotation."""
         backend.down_until = -math.inf
 
     def completed(self, backend: Backend) -> None:
-        """It answered a request to its end: the failures in a row of the requests it had end. Not at
-        the answer's head (a review: a backend that cut every stream was never out, each head clearing
-        the count its cut had made)."""
-        backend.error_answers = 0
+        """It answered a request to its end: its failures in a row end, and its back-off starts afresh.
+        Not at the answer's head (a review: a backend that cut every stream was never out, each head
+        clearing the count its cut had made; and then its back-off never grew)."""
+        backend.error_answers = backend.failures = 0
 
     def next_up(self, now: float) -> float:
         """Seconds until the first backend is back (0 if one is up now)."""
@@ -284,7 +287,9 @@ class Scraper:
             # so it was never out, and counted full in the pool's mean for ever). Not a scrape that times
             # out (a busy backend's metrics may be slow: it counts stale, saturated, meanwhile) nor one
             # answered with an error or unreadable metrics (ScrapeError: the server is up).
-            broken = kind == "reset" or (kind == "protocol" and not isinstance(exc, ScrapeError))
+            # (TimeoutError is an OSError, which `failure_kind` calls a reset: a review)
+            broken = not isinstance(exc, TimeoutError) and (
+                kind == "reset" or (kind == "protocol" and not isinstance(exc, ScrapeError)))
             self.broken[index] = self.broken[index] + 1 if broken else 0
             if self.broken[index] >= BROKEN_SCRAPES_TO_FAIL:
                 cannot_connect = True

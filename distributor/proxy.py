@@ -852,21 +852,21 @@ class Proxy:
                 return
             tried.add(backend.index)
             # the last try: no retry left, or no other backend up (then the client gets this one's answer)
-            last = attempt >= pc.retries or not self.pool.any_up(loop.time(), tried)
-            outcome = await self._attempt(ex, backend, method, headers, last, suspects)
-            if outcome is not None:
-                if outcome:  # answered elsewhere: the backends that failed it before did so on their own
-                    for failed, kind in suspects:
-                        self.pool.strike(failed, loop.time(), kind)
+            others = self.pool.any_up(loop.time(), tried)
+            last = attempt >= pc.retries or not others
+            # (no retry left while others are up: nothing will show whose failure it is; judged at once,
+            # as if it had been tried elsewhere: a review, with `retries = 0` none was ever out)
+            if await self._attempt(ex, backend, method, headers, last, suspects, judge=last and others) is not None:
                 return
             attempt += 1
             self.stats.retries += 1
 
     async def _attempt(self, ex: Exchange, backend: Backend, method: str, headers: list[tuple[str, str]],
-                       last: bool, suspects: list[tuple[Backend, str]]) -> bool | None:
+                       last: bool, suspects: list[tuple[Backend, str]], judge: bool = False) -> bool | None:
         """One try on `backend`. None: it failed before any byte reached the client (try another), the
-        failure counted and added to `suspects` (`forward`); True: the backend answered (not a 5xx);
-        False: the client got an error answer (the backend's 5xx on the last try, or flowshard's)."""
+        failure counted and added to `suspects` (`forward`: struck when another backend answers the
+        request, at its head; `judge`: struck at once); True: the backend answered (not a 5xx); False:
+        the client got an error answer (the backend's 5xx on the last try, or flowshard's)."""
         assert self.session is not None
         loop = self.loop
         util = self.counts
@@ -906,7 +906,7 @@ class Proxy:
                                         "backend_timeout")
                     return False
                 kind = failure_kind(exc)
-                self._suspect(backend, kind, f"{type(exc).__name__}: {exc}", suspects)
+                self._suspect(backend, kind, f"{type(exc).__name__}: {exc}", suspects, judge)
                 if last:
                     code = "backend_unreachable" if kind == "connect" else "backend_failed"
                     self._respond_error(ex, 502, f"flowshard: backend {backend.name} failed: {type(exc).__name__}",
@@ -915,24 +915,30 @@ class Proxy:
                 return None
             if resp.status < 200:  # (100 and 103 are read past by aiohttp) an upgrade nobody asked for
                 resp.close()
-                self._suspect(backend, "protocol", f"a {resp.status} answer to a {method}", suspects)
+                self._suspect(backend, "protocol", f"a {resp.status} answer to a {method}", suspects, judge)
                 if last:
                     self._respond_error(ex, 502, f"flowshard: backend {backend.name} answered {resp.status}",
                                         "server_error", "backend_failed")
                     return False
                 return None
             if resp.status >= 500:
-                self._suspect(backend, f"http_{resp.status}", f"HTTP {resp.status}", suspects)
+                self._suspect(backend, f"http_{resp.status}", f"HTTP {resp.status}", suspects, judge)
                 if not last:
                     return None
             else:
                 self.pool.answered(backend)
+                # answered here: the backends that failed this request before did so on their own
+                # (struck at its head, not its end: a review, a long stream let 60 more go to a failing one)
+                for failed, kind in suspects:
+                    if failed is not backend:
+                        self.pool.strike(failed, loop.time(), kind)
+                suspects.clear()
             if resp.content_type == "text/event-stream" and method != "HEAD" and resp.status not in (204, 304):
                 whole = await self._relay_stream(ex, backend, resp)
             else:
                 whole = await self._relay_body(ex, backend, resp, head_only=method == "HEAD")
-            if whole and resp.status < 500:
-                self.pool.completed(backend)
+            if whole and resp.status < 500 and counted:  # (an admitted request's: a passed-through GET's
+                self.pool.completed(backend)            # answer says nothing of how it serves them: a review)
             return resp.status < 500
         except BaseException:  # the client left (cancelled), the drain ended, or a bug of ours
             if resp is not None:
@@ -944,10 +950,12 @@ class Proxy:
             backend.inflight -= 1
             self._backend_done(ex)
 
-    def _suspect(self, backend: Backend, kind: str, detail: str, suspects: list[tuple[Backend, str]]) -> None:
+    def _suspect(self, backend: Backend, kind: str, detail: str, suspects: list[tuple[Backend, str]],
+                 judge: bool = False) -> None:
         """A failure of a request before its answer: counted; one that nothing was sent for (`connect`)
-        takes the backend out at once, the others wait in `suspects` for the request's end (`forward`)."""
-        if kind in FAIL_AT_ONCE:
+        takes the backend out at once, and so may one judged at once (`judge`); the others wait in
+        `suspects` for another backend's answer (`_attempt`)."""
+        if kind in FAIL_AT_ONCE or judge:
             self.pool.failed(backend, self.loop.time(), kind, detail)
         else:
             self.pool.failed(backend, self.loop.time(), kind, detail, in_a_row=False)

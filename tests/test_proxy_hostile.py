@@ -1328,13 +1328,16 @@ def test_a_backend_that_cuts_its_answers_is_out_at_the_third_in_a_row() -> None:
     """Review 109: a head that came cleared the failures in a row, so a backend that cut every stream
     after its head counted 1 each time and was never out (20 of 40 streams cut). The count ends only
     with an answer relayed to its end."""
-    pool = BackendPool(["http://a"], backoff=1.0, max_backoff=30.0)
+    pool = BackendPool(["http://a", "http://b"], backoff=1.0, max_backoff=30.0)
     a = pool.backends[0]
     for _ in range(ERROR_ANSWERS_TO_FAIL):
         assert pool.up(a, 0.0)
         pool.answered(a)  # its head
         pool.failed(a, 0.0, "midstream", "cut")
-    assert not pool.up(a, 0.0)
+    assert not pool.up(a, 0.0) and pool.up(a, 1.0)
+    pool.answered(a)  # back, a head again, cut again: its back-off doubles (a review: each head reset it)
+    pool.failed(a, 1.0, "midstream", "cut")
+    assert not pool.up(a, 2.5) and pool.up(a, 3.0)
     pool.succeeded(a)
     pool.failed(a, 0.0, "midstream", "cut")
     pool.completed(a)  # a whole answer between: the run ends
@@ -1426,3 +1429,69 @@ def test_a_backend_that_takes_connections_and_drops_them_is_taken_out_by_its_scr
             server.close()
 
     run(go(), timeout=60.0)
+
+
+def test_the_last_backend_up_is_not_taken_out_by_its_requests_failures() -> None:
+    """Review 110: a lone backend was taken out by three requests slower than `read_timeout` (one
+    request, retried by its client), and every request was then refused 503 for its back-off. The
+    requests' failures never take out the last backend up; the next one does once another is back.
+    Nothing listening (`connect`) still takes it out at once."""
+    pool = BackendPool(["http://a", "http://b"], backoff=1.0, max_backoff=30.0)
+    a, b = pool.backends
+    pool.failed(b, 0.0, "connect", "refused")  # out until 1.0
+    for _ in range(5):
+        pool.failed(a, 0.5, "timeout", "slow")
+    assert pool.up(a, 0.5) and a.errors == {"timeout": 5}
+    pool.failed(a, 1.5, "timeout", "slow")  # b is back: a goes
+    assert not pool.up(a, 1.5)
+    pool.failed(b, 1.5, "connect", "refused")  # the last one up, but nothing listens there
+    assert not pool.up(b, 1.5)
+
+
+def test_with_no_retries_a_failing_backend_is_still_taken_out_where_another_answers() -> None:
+    """Review 110: with `retries = 0` no request is tried elsewhere, so a failure waiting for another
+    backend's answer to show it was the backend's own never was judged, and a backend answering 500
+    to everything stayed in for ever (the parent took it out at the third). With no retry left while
+    another backend is up, it is judged at once."""
+    async def fails(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.json_response({"error": "no"}, status=500)
+
+    async def answers(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.json_response({"choices": [{"message": {"content": "ok"}}]})
+
+    async def go() -> None:
+        async with backend([("POST", "/v1/chat/completions", fails)]) as a_url, \
+                backend([("POST", "/v1/chat/completions", answers)]) as b_url, \
+                proxying([a_url, b_url], retries=0, backoff=30.0) as r:
+            statuses = []
+            for _ in range(12):
+                reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+                writer.write(_post())
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+                statuses.append(int(head.split()[1]))
+                writer.close()
+            a = r.proxy.pool.backends[0]
+            assert a.errors == {"http_500": 3} and not r.proxy.pool.up(a, r.proxy.loop.time()), a.errors
+            assert statuses.count(500) == 3 and statuses[-3:] == [200, 200, 200], statuses
+
+    run(go(), timeout=30.0)
+
+
+def test_a_scrape_that_times_out_is_not_a_dropped_connection() -> None:
+    """Review 110: a TimeoutError is an OSError, which the failure kinds call a reset, so a backend whose
+    metrics were merely slow (past the scrape's timeout) was taken out as one that drops connections.
+    It counts stale (saturated) instead, and stays in rotation."""
+    async def go() -> None:
+        async with backend([("GET", "/metrics", _metrics_handler(3.0))]) as slow, \
+                proxying([slow], utilization=True, scrape_interval=0.05, staleness=0.1, connect_timeout=0.1) as r:
+            px, util = r.proxy, r.proxy.utilization
+            assert util is not None
+            deadline = time.monotonic() + 10.0
+            while util.loads[0].errors < 4:  # each scrape times out at 0.2 s
+                assert time.monotonic() < deadline, util.loads[0].errors
+                await asyncio.sleep(0.05)
+            assert px.pool.up(px.pool.backends[0], px.loop.time()) and util.stale(0)
+
+    run(go(), timeout=30.0)
