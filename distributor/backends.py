@@ -141,10 +141,13 @@ class BackendPool:
         slower than `read_timeout`, retried by its client, took a lone backend out)."""
         backend.error_answers += 1
         if backend.error_answers >= ERROR_ANSWERS_TO_FAIL and any(
-                b is not backend and b.down_until <= now for b in self.backends):
-            self._take_out(backend, now, kind)
+                b is not backend and b.down_until <= now and not b.failures for b in self.backends):
+            self._take_out(backend, now, kind)  # (another is up, and has not failed since it came back:
+            # a dead one whose back-off had ended counted, and a healthy one went out: a review)
 
     def _take_out(self, backend: Backend, now: float, kind: str) -> None:
+        if backend.down_until > now:  # out already: one event (ten streams cut at once) is one failure
+            return
         backend.failures += 1
         backend.last_kind = kind
         backend.down_until = now + min(self.max_backoff, self.backoff * 2 ** min(backend.failures - 1, 30))

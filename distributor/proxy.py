@@ -854,9 +854,11 @@ class Proxy:
             # the last try: no retry left, or no other backend up (then the client gets this one's answer)
             others = self.pool.any_up(loop.time(), tried)
             last = attempt >= pc.retries or not others
-            # (no retry left while others are up: nothing will show whose failure it is; judged at once,
-            # as if it had been tried elsewhere: a review, with `retries = 0` none was ever out)
-            if await self._attempt(ex, backend, method, headers, last, suspects, judge=last and others) is not None:
+            # (its only try, no retry left while others are up: nothing will show whose failure it is;
+            # judged at once: a review, with `retries = 0` none was ever out. Not a request that failed
+            # before: the last of its tries would be struck, a review, with more backends than tries)
+            judge = last and others and not suspects
+            if await self._attempt(ex, backend, method, headers, last, suspects, judge=judge) is not None:
                 return
             attempt += 1
             self.stats.retries += 1

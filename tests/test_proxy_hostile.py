@@ -1442,7 +1442,10 @@ def test_the_last_backend_up_is_not_taken_out_by_its_requests_failures() -> None
     for _ in range(5):
         pool.failed(a, 0.5, "timeout", "slow")
     assert pool.up(a, 0.5) and a.errors == {"timeout": 5}
-    pool.failed(a, 1.5, "timeout", "slow")  # b is back: a goes
+    pool.failed(a, 1.5, "timeout", "slow")  # b's back-off is over, but it has not answered since: a stays
+    assert pool.up(a, 1.5)
+    pool.completed(b)  # it answered a request whole: up
+    pool.failed(a, 1.5, "timeout", "slow")  # a goes
     assert not pool.up(a, 1.5)
     pool.failed(b, 1.5, "connect", "refused")  # the last one up, but nothing listens there
     assert not pool.up(b, 1.5)
@@ -1493,5 +1496,45 @@ def test_a_scrape_that_times_out_is_not_a_dropped_connection() -> None:
                 assert time.monotonic() < deadline, util.loads[0].errors
                 await asyncio.sleep(0.05)
             assert px.pool.up(px.pool.backends[0], px.loop.time()) and util.stale(0)
+
+    run(go(), timeout=30.0)
+
+
+def test_a_backend_back_from_its_back_off_but_not_answering_does_not_count_as_up() -> None:
+    """Review 111: the last-up rule counted another backend up once its back-off had ended, though
+    nothing had shown it alive (nothing listened there), and a healthy backend went out for one slow
+    request's retries: then 502 and 503 for everyone. And one event (ten streams cut at once) counted
+    as ten take-outs, its back-off at `max_backoff` at once."""
+    pool = BackendPool(["http://a", "http://b"], backoff=1.0, max_backoff=30.0)
+    a, b = pool.backends
+    pool.failed(b, 0.0, "connect", "refused")  # out until 1.0
+    for _ in range(5):  # at 2.0 b's back-off is over, but it has not answered since
+        pool.failed(a, 2.0, "timeout", "slow")
+    assert pool.up(a, 2.0)
+    pool.succeeded(b)  # a whole answer: b is shown alive
+    pool.failed(a, 2.0, "timeout", "slow")
+    assert not pool.up(a, 2.0) and pool.up(a, 3.0)
+    for _ in range(10):  # cut while it was out already: not a longer back-off
+        pool.failed(a, 2.0, "midstream", "cut")
+    assert pool.up(a, 3.0) and a.failures == 1
+
+
+def test_a_request_failing_everywhere_with_more_backends_than_tries_takes_none_out() -> None:
+    """Review 111: with more backends than `retries` + 1, a request's last try was judged at once, so a
+    request every backend resets, sent again and again, struck the backends in turn until one went
+    out. Only a request's only try is judged at once."""
+    async def go() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            urls = [(await stack.enter_async_context(raw_backend(None)))[0] for _ in range(4)]
+            r = await stack.enter_async_context(proxying(urls, retries=2))
+            for _ in range(12):
+                reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+                writer.write(_post())
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+                assert head.startswith(b"HTTP/1.1 502"), head
+                writer.close()
+            now = r.proxy.loop.time()
+            assert all(r.proxy.pool.up(b, now) for b in r.proxy.pool.backends), [
+                (b.errors, b.error_answers) for b in r.proxy.pool.backends]
 
     run(go(), timeout=30.0)
