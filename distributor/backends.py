@@ -3,7 +3,7 @@
 flowshard is not an endpoint picker, but the proxy must send each request somewhere: the healthy
 backend with the fewest requests in flight (ties round robin), one with room by the utilization
 detector first. Health is passive: a backend that cannot be connected to is taken out for `backoff`
-seconds, doubling per consecutive failure up to `max_backoff`; one that had the request and failed
+seconds, doubling per take-out in a row up to `max_backoff`; one that had the request and failed
 it only at the third such failure in a row shown to be its own (a stream cut short, a timeout; a
 reset, not HTTP or a 5xx once another backend answered that request: `Proxy.forward`); an answer
 brings it back. The scraper reads every backend's Prometheus metrics each `scrape_interval` into the
@@ -64,7 +64,7 @@ class Backend:
 
     __slots__ = (
         "down_until", "error_answers", "errors", "failures", "index", "inflight", "last_error", "last_kind", "name",
-        "requests", "url",
+        "proven", "requests", "url",
     )
 
     def __init__(self, index: int, url: str) -> None:
@@ -79,6 +79,9 @@ class Backend:
         self.errors: dict[str, int] = {}  # kind -> count
         self.last_error = ""
         self.last_kind = ""  # the kind of the last failure ("scrape": its metrics could not be reached)
+        # it has answered (a head that is not a 5xx) since it was last taken out, or never was: up for
+        # the last-up rule (`BackendPool.strike`)
+        self.proven = True
 
 
 class BackendPool:
@@ -141,13 +144,15 @@ class BackendPool:
         slower than `read_timeout`, retried by its client, took a lone backend out)."""
         backend.error_answers += 1
         if backend.error_answers >= ERROR_ANSWERS_TO_FAIL and any(
-                b is not backend and b.down_until <= now and not b.failures for b in self.backends):
-            self._take_out(backend, now, kind)  # (another is up, and has not failed since it came back:
-            # a dead one whose back-off had ended counted, and a healthy one went out: a review)
+                b is not backend and b.down_until <= now and b.proven for b in self.backends):
+            self._take_out(backend, now, kind)  # (another is up, and has answered since it came back: a
+            # dead one whose back-off had ended counted, and a healthy one went out: a review; and not
+            # only once it answered a request whole, which kept a failing one in for a stream's length)
 
     def _take_out(self, backend: Backend, now: float, kind: str) -> None:
         if backend.down_until > now:  # out already: one event (ten streams cut at once) is one failure
             return
+        backend.proven = False
         backend.failures += 1
         backend.last_kind = kind
         backend.down_until = now + min(self.max_backoff, self.backoff * 2 ** min(backend.failures - 1, 30))
@@ -163,8 +168,10 @@ class BackendPool:
         self.completed(backend)
 
     def answered(self, backend: Backend) -> None:
-        """It answered (a head that is not a 5xx): back in rotation."""
+        """It answered (a head that is not a 5xx, or its metrics when a good scrape brings it back): back
+        in rotation, and up for the last-up rule."""
         backend.down_until = -math.inf
+        backend.proven = True
 
     def completed(self, backend: Backend) -> None:
         """It answered a request to its end: its failures in a row end, and its back-off starts afresh.

@@ -857,7 +857,7 @@ class Proxy:
             # (its only try, no retry left while others are up: nothing will show whose failure it is;
             # judged at once: a review, with `retries = 0` none was ever out. Not a request that failed
             # before: the last of its tries would be struck, a review, with more backends than tries)
-            judge = last and others and not suspects
+            judge = last and others and len(tried) == 1
             if await self._attempt(ex, backend, method, headers, last, suspects, judge=judge) is not None:
                 return
             attempt += 1

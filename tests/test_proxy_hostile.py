@@ -1444,7 +1444,7 @@ def test_the_last_backend_up_is_not_taken_out_by_its_requests_failures() -> None
     assert pool.up(a, 0.5) and a.errors == {"timeout": 5}
     pool.failed(a, 1.5, "timeout", "slow")  # b's back-off is over, but it has not answered since: a stays
     assert pool.up(a, 1.5)
-    pool.completed(b)  # it answered a request whole: up
+    pool.answered(b)  # it answered (a head): up
     pool.failed(a, 1.5, "timeout", "slow")  # a goes
     assert not pool.up(a, 1.5)
     pool.failed(b, 1.5, "connect", "refused")  # the last one up, but nothing listens there
@@ -1536,5 +1536,37 @@ def test_a_request_failing_everywhere_with_more_backends_than_tries_takes_none_o
             now = r.proxy.loop.time()
             assert all(r.proxy.pool.up(b, now) for b in r.proxy.pool.backends), [
                 (b.errors, b.error_answers) for b in r.proxy.pool.backends]
+
+    run(go(), timeout=30.0)
+
+
+def test_a_backend_answering_again_counts_as_up_from_its_answers_head(refused_url: str) -> None:
+    """Review 112: counted up only once it answered a request whole, a healthy backend back from a
+    back-off shielded a failing one for the length of its first stream (16 cut streams instead of 3);
+    it counts from its first answer's head. And a request whose first try met a dead backend was
+    judged at once on its second, its last: a dead peer undid the protection of a request failing
+    everywhere (a live backend taken out again and again)."""
+    pool = BackendPool(["http://a", "http://b"], backoff=1.0, max_backoff=30.0)
+    a, b = pool.backends
+    pool.failed(b, 0.0, "connect", "refused")  # out until 1.0
+    pool.answered(b)  # at 2.0 it answers a head, its stream still going
+    for _ in range(ERROR_ANSWERS_TO_FAIL):
+        pool.failed(a, 2.0, "midstream", "cut")
+    assert not pool.up(a, 2.0)
+
+    async def go() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            urls = [(await stack.enter_async_context(raw_backend(None)))[0] for _ in range(3)]
+            # (the dead one second: the picker's first look of each request starts there every other time)
+            r = await stack.enter_async_context(proxying([urls[0], refused_url, *urls[1:]], retries=1, backoff=0.05))
+            for _ in range(10):
+                reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+                writer.write(_post())
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+                assert head.split()[1] in (b"502", b"503"), head
+                writer.close()
+                await asyncio.sleep(0.06)  # (the dead one's back-off ends: it is tried first again)
+            live = [b for b in r.proxy.pool.backends if b.url != refused_url]
+            assert all(b.failures == 0 for b in live), [(b.errors, b.failures) for b in live]
 
     run(go(), timeout=30.0)
