@@ -139,6 +139,15 @@ def _read_answer(sock: socket.socket, buf: bytes = b"") -> tuple[bytes, bytes, b
     return head, body[:length], body[length:]
 
 
+async def _head_of_one_post(port: int) -> bytes:
+    """A chat request on a new connection: the answer's head."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(_post())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+    writer.close()
+    return head
+
+
 async def _released(admission: _RecordingAdmission, n: int, within: float) -> bool:
     deadline = time.monotonic() + within
     while len(admission.released) < n:
@@ -1373,11 +1382,8 @@ def test_one_requests_retries_on_every_backend_do_not_take_the_pool_out() -> Non
         async with raw_backend(None) as (a_url, a_bodies), raw_backend(None) as (b_url, b_bodies), \
                 proxying([a_url, b_url], retries=2) as r:
             for _ in range(3):
-                reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
-                writer.write(_post())
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+                head = await _head_of_one_post(r.port)
                 assert head.startswith(b"HTTP/1.1 502"), head
-                writer.close()
             a, b = r.proxy.pool.backends
             now = r.proxy.loop.time()
             assert len(a_bodies) == len(b_bodies) == 3  # each tried on both
@@ -1470,11 +1476,8 @@ def test_with_no_retries_a_failing_backend_is_still_taken_out_where_another_answ
                 proxying([a_url, b_url], retries=0, backoff=30.0) as r:
             statuses = []
             for _ in range(12):
-                reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
-                writer.write(_post())
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+                head = await _head_of_one_post(r.port)
                 statuses.append(int(head.split()[1]))
-                writer.close()
             a = r.proxy.pool.backends[0]
             assert a.errors == {"http_500": 3} and not r.proxy.pool.up(a, r.proxy.loop.time()), a.errors
             assert statuses.count(500) == 3 and statuses[-3:] == [200, 200, 200], statuses
@@ -1528,11 +1531,8 @@ def test_a_request_failing_everywhere_with_more_backends_than_tries_takes_none_o
             urls = [(await stack.enter_async_context(raw_backend(None)))[0] for _ in range(4)]
             r = await stack.enter_async_context(proxying(urls, retries=2))
             for _ in range(12):
-                reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
-                writer.write(_post())
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+                head = await _head_of_one_post(r.port)
                 assert head.startswith(b"HTTP/1.1 502"), head
-                writer.close()
             now = r.proxy.loop.time()
             assert all(r.proxy.pool.up(b, now) for b in r.proxy.pool.backends), [
                 (b.errors, b.error_answers) for b in r.proxy.pool.backends]
@@ -1560,11 +1560,8 @@ def test_a_backend_answering_again_counts_as_up_from_its_answers_head(refused_ur
             # (the dead one second: the picker's first look of each request starts there every other time)
             r = await stack.enter_async_context(proxying([urls[0], refused_url, *urls[1:]], retries=1, backoff=0.05))
             for _ in range(10):
-                reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
-                writer.write(_post())
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+                head = await _head_of_one_post(r.port)
                 assert head.split()[1] in (b"502", b"503"), head
-                writer.close()
                 await asyncio.sleep(0.06)  # (the dead one's back-off ends: it is tried first again)
             live = [b for b in r.proxy.pool.backends if b.url != refused_url]
             assert all(b.failures == 0 for b in live), [(b.errors, b.failures) for b in live]
