@@ -167,11 +167,13 @@ class BackendPool:
         self.answered(backend)
         self.completed(backend)
 
-    def answered(self, backend: Backend) -> None:
+    def answered(self, backend: Backend, proves: bool = True) -> None:
         """It answered (a head that is not a 5xx, or its metrics when a good scrape brings it back): back
-        in rotation, and up for the last-up rule."""
+        in rotation, and (`proves`: an admitted request's head, not a passed-through GET's, a review)
+        up for the last-up rule."""
         backend.down_until = -math.inf
-        backend.proven = True
+        if proves:
+            backend.proven = True
 
     def completed(self, backend: Backend) -> None:
         """It answered a request to its end: its failures in a row end, and its back-off starts afresh.

@@ -627,6 +627,8 @@ class Proxy:
                 b.down_until = now + down_for
                 b.last_kind = "scrape"
                 b.last_error = detail[:300]
+                b.proven = False  # (as `_take_out` has it: not up for the last-up rule until it answers;
+                # a review: a dead backend counted up in the acceptors, the last working one went out)
         elif b.last_kind == "scrape" and not self.pool.up(b, now):
             self.pool.succeeded(b)
         if self.report_to is not None:
@@ -928,7 +930,7 @@ class Proxy:
                 if not last:
                     return None
             else:
-                self.pool.answered(backend)
+                self.pool.answered(backend, proves=counted)
                 # answered here: the backends that failed this request before did so on their own
                 # (struck at its head, not its end: a review, a long stream let 60 more go to a failing one)
                 for failed, kind in suspects:

@@ -14,6 +14,7 @@ import json
 import logging
 import socket
 import time
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -1567,3 +1568,31 @@ def test_a_backend_answering_again_counts_as_up_from_its_answers_head(refused_ur
             assert all(b.failures == 0 for b in live), [(b.errors, b.failures) for b in live]
 
     run(go(), timeout=30.0)
+
+
+def test_a_backend_the_scraper_took_out_is_not_up_in_an_acceptor_until_it_answers() -> None:
+    """Review 113: in an acceptor, the distributor's "cannot connect" verdict set the backend's back-off
+    but left it counted up for the last-up rule, so when the back-off ended the dead backend shielded
+    nothing: the last working backend went out at its third failure (503 `no_backend` every scrape
+    cycle). As the distributor's own pool has it: not up until it answers. And a passed-through GET's
+    answer does not count as one (it says nothing of how the admitted requests are served)."""
+    for acceptor in (False, True):
+        pool = BackendPool(["http://a", "http://b"], backoff=0.5, max_backoff=0.5)
+        a, b = pool.backends
+        now = [100.0]
+        if acceptor:  # (the acceptor's proxy applies the distributor's LinkBackendHealth)
+            shell = types.SimpleNamespace(pool=pool, loop=types.SimpleNamespace(time=lambda now=now: now[0]),
+                                          report_to=None)
+            Proxy.scrape_health(shell, 1, 0.5, "refused")  # type: ignore[arg-type]
+        else:
+            pool.failed(b, now[0], "scrape", "refused")
+        now[0] += 0.6  # its back-off is over, its next scrape not come yet
+        for _ in range(3):
+            pool.failed(a, now[0], "midstream", "cut")
+        assert pool.up(a, now[0]), acceptor
+        pool.answered(b, proves=False)  # a GET's answer
+        pool.failed(a, now[0], "midstream", "cut")
+        assert pool.up(a, now[0]), acceptor
+        pool.answered(b)  # an admitted request's head
+        pool.failed(a, now[0], "midstream", "cut")
+        assert not pool.up(a, now[0]), acceptor
