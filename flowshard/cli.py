@@ -24,6 +24,7 @@ from flowshard.config import (
     convert,
     dump_config,
     parse_toml,
+    read_toml_file,
 )
 
 
@@ -36,8 +37,6 @@ def _read_config(path: str | None) -> tuple[Config, dict[str, Any]]:
     """`read_config`, and the TOML document as written (empty without a file): what it leaves out."""
     if path is None:
         return Config(), {}
-    from flowshard.simulate import read_toml_file
-
     try:
         text = read_toml_file(path)
     except OSError as exc:

@@ -15,6 +15,7 @@ import math
 import re
 import tomllib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -278,6 +279,14 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if self.default_priority is None:
             return self.bands[-1]
         return next(b for b in self.bands if b.priority == self.default_priority)
+
+
+def read_toml_file(path: str) -> str:
+    """The text of a TOML file; ConfigError if it is not UTF-8 (an OSError is the caller's to word)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); a TOML file is UTF-8") from None
 
 
 def host_port(host: str, port: int) -> str:

@@ -64,7 +64,7 @@ from flowshard.analysis import (
     percentile,
     union_intervals,
 )
-from flowshard.config import MAX_SHARDS, ConfigError
+from flowshard.config import MAX_SHARDS, ConfigError, read_toml_file
 from flowshard.engine import Band as EngineBand
 from flowshard.engine import Engine
 from flowshard.estimate import estimate, events_per_second
@@ -1276,14 +1276,6 @@ def check_writable(flag: str, path: str | None) -> None:
     folder = Path(path).resolve().parent
     if not (folder.is_dir() and os.access(folder, os.W_OK)):
         raise ConfigError(f"{flag}: cannot write {path}: {folder} is not a writable folder")
-
-
-def read_toml_file(path: str) -> str:
-    """The text of a TOML file; ConfigError if it is not UTF-8 (an OSError is the caller's to word)."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); a TOML file is UTF-8") from None
 
 
 def read_scenario(path: str | None) -> Scenario:
