@@ -102,10 +102,10 @@ def _speaks_http(conn: socket.socket, deadline: float) -> str:
     got = b""
     while b"\r\n\r\n" not in got and len(got) < 65536 and (chunk := _recv(conn, deadline)):
         got += chunk
-    if got.startswith(b"HTTP/1.") and _BINARY_PORT_SAYS not in got:
-        return ""
     if _BINARY_PORT_SAYS in got:  # (flowshard's binary port answers an HTTP request so, in HTTP)
         return "is flowshard's binary port (it says so): flowshard's HTTP port is 8080 by default"
+    if got.startswith(b"HTTP/1."):
+        return ""
     if not got:
         return "closed the connection without an answer: is it flowshard's HTTP port (8080 by default)?"
     return (f"does not answer HTTP (it answered {got[:40]!r}): its binary port? flowshard's HTTP port is 8080 "

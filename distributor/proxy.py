@@ -641,14 +641,16 @@ class Proxy:
         assert util is not None
         now = self.loop.time()
         util.expire(now)  # staleness as of this decision, not as of the last scrape round
-        if self.on_full is not None:
-            self._push_full(util)
-        return util.saturation(grants + self.unsent, self._out_of_rotation(now))
+        if self.on_full is None:
+            return util.saturation(grants + self.unsent, self._out_of_rotation(now))
+        sats = util.saturations()  # (once, for both)
+        self._push_full([sat >= 1.0 for sat in sats])
+        return util.saturation(grants + self.unsent, self._out_of_rotation(now), sats)
 
-    def _push_full(self, util: PoolUtilization) -> None:
-        """With acceptors: tell them which backends are full when that changed, judged as each admission
-        decision is (their pickers send to one with room first; a dispatch follows a decision)."""
-        flags = [util.full(b) for b in range(len(util.loads))]
+    def _push_full(self, flags: list[bool]) -> None:
+        """With acceptors: tell them which backends are full (`PoolUtilization.full`) when that changed,
+        judged as each admission decision is (their pickers send to one with room first; a dispatch
+        follows a decision)."""
         if flags != self.full_flags:
             self.full_flags = flags
             assert self.on_full is not None

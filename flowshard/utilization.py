@@ -278,7 +278,12 @@ class PoolUtilization:
             kv += delta * load.kv / load.running  # each one takes an average running request's share
         return max(waiting / self.queue_threshold, kv / self.kv_threshold)
 
-    def saturation(self, unsent: int = 0, out: frozenset[int] | set[int] = frozenset()) -> float:
+    def saturations(self) -> list[float]:
+        """Each backend's `backend_saturation` now, by index (for `saturation` and `full` at once)."""
+        return [self.backend_saturation(b) for b in range(len(self.loads))]
+
+    def saturation(self, unsent: int = 0, out: frozenset[int] | set[int] = frozenset(),
+                   now: list[float] | None = None) -> float:
         """The pool's saturation: the mean over the backends in rotation (`out`: those that are not; none
         left: over all of them) of each one's capped at 1, so the pool is at 1 only when every one is
         (the picker sends to those with room first: `BackendPool.pick`); with `unsent` admitted requests
@@ -287,9 +292,9 @@ class PoolUtilization:
         one of two out, the other at 1.6, the pool at 0.8). The `unsent` go to those with room (the
         picker's), spread evenly over them: spread over all, the shares of full ones vanished under the
         cap, and a burst overshot the room left by N / (N - full) (a review: 10 sent where one backend of
-        two had room for 5)."""
+        two had room for 5). `now`: `saturations()`, if the caller has them."""
         backends = [b for b in range(len(self.loads)) if b not in out] or range(len(self.loads))
-        sats = [self.backend_saturation(b) for b in backends]
+        sats = [self.backend_saturation(b) if now is None else now[b] for b in backends]
         if unsent:
             room = [i for i, sat in enumerate(sats) if sat < 1.0]
             if room:
