@@ -290,18 +290,25 @@ class PoolUtilization:
         not yet sent anywhere. A backend out takes no request, so its figures say nothing of what
         the pool can take: counted idle, it let the others be driven past their threshold (a review:
         one of two out, the other at 1.6, the pool at 0.8). The `unsent` go to those with room (the
-        picker's), spread evenly over them: spread over all, the shares of full ones vanished under the
-        cap, and a burst overshot the room left by N / (N - full) (a review: 10 sent where one backend of
-        two had room for 5). `now`: `saturations()`, if the caller has them."""
+        picker's), spread evenly over them, and those are capped together, not one by one: the
+        picker sends what one of them has no room for to another that has, so the pool reaches 1
+        when the unsent fill the room of all of them, not sooner and not later. (Spread over all,
+        the shares of full ones vanished under the cap: 10 sent where one backend of two had room
+        for 5; capped one by one, the share past one backend's room vanished in turn: rooms of 2 and
+        1 took 4, and at `queue_threshold` 5 four backends with rooms of 5, 1, 1 and 1 took 20 (two
+        reviews).) `now`: `saturations()`, if the caller has them."""
         backends = [b for b in range(len(self.loads)) if b not in out] or range(len(self.loads))
         sats = [self.backend_saturation(b) if now is None else now[b] for b in backends]
-        if unsent:
-            room = [i for i, sat in enumerate(sats) if sat < 1.0]
-            if room:
-                extra = unsent / len(room)
-                for i in room:
-                    sats[i] = self.backend_saturation(backends[i], extra)
-        return sum(min(1.0, sat) for sat in sats) / len(backends)
+        if not unsent:
+            return sum(min(1.0, sat) for sat in sats) / len(backends)
+        room = [b for b, sat in zip(backends, sats, strict=True) if sat < 1.0]
+        if not room:
+            return 1.0
+        extra = unsent / len(room)
+        filled = sum(self.backend_saturation(b, extra) for b in room)
+        if filled > len(room) - 1e-9:  # full (the rounding of the shares' sum must not leave a phantom room)
+            filled = len(room)
+        return (len(backends) - len(room) + filled) / len(backends)
 
     def full(self, backend: int) -> bool:
         """Whether `backend` is at or past its saturation (stale included): the picker sends elsewhere."""

@@ -133,6 +133,45 @@ def test_requests_not_yet_sent_fill_the_backends_with_room() -> None:
     assert pool.saturation(unsent=2, out={0}) == pytest.approx((2 + 2 / 5) / 3)
 
 
+def _admitted(pool: PoolUtilization) -> int:
+    """How many requests the gate lets through (a grant while the pool's saturation is below 1)."""
+    n = 0
+    while pool.saturation(unsent=n) < 1.0 and n <= 1000:
+        n += 1
+    return n
+
+
+def test_requests_not_yet_sent_fill_the_room_of_all_the_backends_with_room() -> None:
+    """Review 117: spread evenly and capped backend by backend, the share past one backend's room
+    vanished, though the picker sends it to another with room: rooms of 2 and 1 (`queue_threshold`
+    2) let 4 through, and the fake backend's queue reached 3; at `queue_threshold` 5, rooms of 5, 1,
+    1 and 1 let 20 through where there was room for 8."""
+    pool = PoolUtilization(2, queue_threshold=2, kv_threshold=0.8, staleness=10.0)
+    scraped(pool, 0, 1.0, waiting=0, running=4)
+    scraped(pool, 1, 1.0, waiting=1, running=4)
+    assert pool.saturation(unsent=2) < 1.0 <= pool.saturation(unsent=3)
+    assert _admitted(pool) == 3
+    four = PoolUtilization(4, queue_threshold=5, kv_threshold=0.8, staleness=10.0)
+    for b, waiting in enumerate((0, 4, 4, 4)):
+        scraped(four, b, 1.0, waiting=waiting, running=4)
+    assert _admitted(four) == 8
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 8), st.lists(st.integers(0, 12), min_size=1, max_size=8))
+def test_the_gate_lets_through_the_room_there_is_and_no_more(threshold: int, waiting: list[int]) -> None:
+    """Whatever the backends hold, the requests the gate lets through fill the room their figures
+    leave (the sum over the backends of `queue_threshold` less what waits there, where positive),
+    exactly: one more would wait past the threshold at some backend, one less leaves room unused.
+    The pool is at 1 with no room left, and never above it."""
+    pool = PoolUtilization(len(waiting), queue_threshold=threshold, kv_threshold=0.8, staleness=10.0)
+    for b, w in enumerate(waiting):
+        scraped(pool, b, 1.0, waiting=w, running=4)
+    room = sum(max(0, threshold - w) for w in waiting)
+    assert _admitted(pool) == room
+    assert pool.saturation(unsent=room + 3) == 1.0
+
+
 def test_a_scrapes_age_counts_from_its_arrival() -> None:
     """Review 108: counted from its sending, a backend whose metrics took half of `staleness` to come was
     stale between scrapes, and one taking `staleness` always (every request held to its TTL, nothing
