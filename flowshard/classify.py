@@ -124,10 +124,15 @@ def _header(headers: Mapping[str, str], name: str) -> str:
 
 def read_headers(config: ProxyConfig, headers: Iterable[tuple[str, str]]) -> dict[str, str]:
     """The request's headers by (lower-case) name, the last of a repeated one; a header flowshard reads
-    (the flow, priority, objective and SLO headers) given twice with different values is refused:
-    which one a gateway in front meant, or a client added, cannot be told (a review: the last won)."""
+    (the flow, priority, objective and SLO headers, and `authorization` when the flow may be the API
+    key's hash) given twice with different values is refused: which one a gateway in front meant, or
+    a client added, cannot be told (a review: the last won), and a backend may check another one than
+    flowshard hashed (review 116: Starlette, vLLM's, reads the first: a client sending its key and
+    then a random one was served as a new flow each time, 20 dispatches of 20 against another tenant)."""
     out: dict[str, str] = {}
     read = {config.priority_header, config.objective_header, config.slo_header, *config.flow_headers}
+    if config.flow_from_api_key:
+        read.add("authorization")
     for name, value in headers:
         if name in read and name and name in out and out[name].strip(" \t") != value.strip(" \t"):
             raise ClassifyError(400, f"header {name}: given twice, with different values", name)

@@ -75,6 +75,22 @@ def test_a_header_flowshard_reads_given_twice_with_different_values_is_refused()
         assert info.value.message == f"header {name}: given twice, with different values"
 
 
+def test_an_api_key_given_twice_with_different_values_is_refused_when_it_names_the_flow() -> None:
+    """Review 116: flowshard hashed the last `authorization`, a backend (Starlette's, vLLM's) checks the
+    first: a client sending its own key and then a random one was authenticated by the backend and
+    queued as a new flow each time, taking every turn from a tenant beside it."""
+    untrusted = cfg(flow_headers=[], priority_header="")
+    with pytest.raises(ClassifyError) as info:
+        read_headers(untrusted, [("authorization", "Bearer mine"), ("authorization", "Bearer r4nd0m")])
+    assert (info.value.status, info.value.param) == (400, "authorization")
+    same = read_headers(untrusted, [("authorization", "Bearer mine"), ("authorization", "Bearer mine ")])
+    assert classify(untrusted, CHAT, same, body(), 0).flow == classify(
+        untrusted, CHAT, {"authorization": "Bearer mine"}, body(), 0).flow
+    # where the key names no flow, flowshard does not read it: passed on as it came
+    keyless = cfg(flow_from_api_key=False)
+    assert read_headers(keyless, [("authorization", "a"), ("authorization", "b")]) == {"authorization": "b"}
+
+
 def test_priority_header_then_objective_then_model_then_default() -> None:
     c = cfg(objectives={"chat": 10}, models={"llama": 5, "batchy": -1})
     assert classify(c, CHAT, {}, body(), 0).priority == 5
