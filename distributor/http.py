@@ -564,10 +564,13 @@ class HttpConnection(asyncio.Protocol):
                         if k == 0 and slot.exchange.started:
                             cut = 0  # its answer may be partly written: nothing after it can be
                             break
+                        sent = slot.exchange.task is not None and not slot.exchange.unsent
                         slot.exchange.client_gone()
                         slot.chunks = None
-                        slot.data = self._error_for(503, "the client closed its side: not forwarded",
-                                                    slot.conn, path=b"/v1/")
+                        slot.data = self._error_for(
+                            503, "the client closed its side: cancelled at the backend before its answer began"
+                            if sent else "the client closed its side: not forwarded",
+                            slot.conn, path=b"/v1/", code="client_closed")
                 elif slot.data is None:
                     if slot.rid is not None:
                         admission.cancel(slot.rid)
@@ -974,7 +977,7 @@ class HttpConnection(asyncio.Protocol):
             if route is None and (path in proxy.routes or proxy.serves(path)):
                 if self._eof_wait:  # read before the client's EOF, parsed after it: not forwarded
                     self._respond(self._error_for(503, "the client closed its side: not forwarded", conn,
-                                                  path=path), close)
+                                                  path=path, code="client_closed"), close)
                     return
                 try:
                     proxy.handle(self, method, path, headers, body, conn, close, b"" if q < 0 else url[q:], http10)
@@ -1409,7 +1412,7 @@ class HttpConnection(asyncio.Protocol):
         self._arm(self._loop.time() + seconds, force=True)
 
     def _error_for(self, status: int, message: str, conn: bytes = b"", extra: bytes = b"", *,
-                   no_body: bool = False, path: bytes | None = None) -> bytes:
+                   no_body: bool = False, path: bytes | None = None, code: str | None = None) -> bytes:
         """An error of this layer for the request being parsed (`path`: else from its URL so far). In
         proxy mode a path under /v1/ that is not one of ours is an OpenAI one: the error is OpenAI-shaped
         (`Proxy.http_error`), so an OpenAI client can read it; same status, headers, connection handling.
@@ -1420,7 +1423,7 @@ class HttpConnection(asyncio.Protocol):
                 q = self._url.find(b"?")
                 path = bytes(self._url if q < 0 else self._url[:q])
             if path.startswith(b"/v1/") and path not in _ROUTES:
-                return proxy.http_error(status, message, conn, extra, no_body=no_body)
+                return proxy.http_error(status, message, conn, extra, no_body=no_body, code=code)
         return _error(status, message, conn, extra, no_body=no_body)
 
     def _fail_head(self) -> None:

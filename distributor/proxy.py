@@ -155,12 +155,15 @@ _HTTP_ERRORS: Final = {
 }
 
 
-def http_error(status: int, message: str, conn: bytes = b"", extra: bytes = b"", *, no_body: bool = False) -> bytes:
+def http_error(status: int, message: str, conn: bytes = b"", extra: bytes = b"", *, no_body: bool = False,
+               code: str | None = None) -> bytes:
     """An error of the HTTP layer (malformed request, body or headers too large, timeout, unknown
     path, wrong method) on an OpenAI path, OpenAI-shaped: same status, message and headers as
-    flowshard's own shape would have, so the openai client raises its class for the status."""
-    type_, code = _HTTP_ERRORS.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
-    return error_response(status, message, type_, code, None, conn, extra, no_body=no_body)
+    flowshard's own shape would have, so the openai client raises its class for the status. `code`:
+    where the status alone does not say it (a 503 for a client that closed its side is not one for
+    too many connections: review 116)."""
+    type_, by_status = _HTTP_ERRORS.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
+    return error_response(status, message, type_, code or by_status, None, conn, extra, no_body=no_body)
 
 
 def _status_line(status: int) -> bytes:

@@ -1461,12 +1461,39 @@ def test_half_close_answers_a_queued_proxied_request_503_and_what_follows_it(
             answers = [await conn.response(timeout=5) for _ in range(3)]
             assert [a.status for a in answers] == [503, 503, 200], answers
             assert answers[0].json()["reason"] == "cancelled"
-            assert "error" in answers[1].json()
+            error = answers[1].json()["error"]
+            # (review 116: the code was `too_many_connections`, every 503 of the HTTP layer's)
+            assert (error["code"], error["message"]) == ("client_closed", "the client closed its side: not forwarded")
             assert await conn.closed_by_peer()
 
     run(main())
     s = settled(svc)
     assert band_outcomes(s)["evicted:cancelled"] == 2
+
+
+@pytest.mark.parametrize("acceptors", [0, 1])
+def test_half_close_answers_a_request_the_backend_has_503_cancelled_there(
+    launch: Any, fake_backend: Any, acceptors: int
+) -> None:
+    """Review 116: a request sent to its backend, its answer not begun, was answered "not forwarded"
+    with the code `too_many_connections` when its client closed its side."""
+    fake = fake_backend(ttft=5.0, itl=0.001)
+    svc = launch(proxy_config([fake.url], budget=None), acceptors=acceptors)
+
+    async def main() -> None:
+        conn = await HttpConn.open(svc.http_port)
+        conn.send("POST", "/v1/chat/completions", {"model": "m", "messages": MSG, "max_tokens": 2, "stream": True})
+        await svc.until_stats(lambda s: s["proxy"]["active"] == 1 and s["proxy"]["unsent"] == 0)  # at the backend
+        conn.writer.write_eof()
+        answer = await conn.response(timeout=5)
+        assert answer.status == 503, answer
+        error = answer.json()["error"]
+        assert error["code"] == "client_closed", error
+        assert error["message"] == "the client closed its side: cancelled at the backend before its answer began"
+
+    run(main())
+    s = settled(svc)
+    assert s["totals"]["inflight"] == 0
 
 
 @pytest.mark.parametrize("acceptors", [0, 1])
