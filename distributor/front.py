@@ -131,6 +131,7 @@ class Upstream(asyncio.Protocol):
         self._delivered: list[int] = []  # leased tickets whose answers were written this pass
         self._delivery = delivery
         self._accepting = False
+        self.reading = True  # (`Admission.reading`) False from `Shutdown`: only the last answers leave then
         self._ready = False
         self.http: HttpHub | None = None  # its HTTP connections hold their writes while a batch is read
         self.proxy: Proxy | None = None  # proxy mode: this process's own (distributor.proxy)
@@ -187,7 +188,10 @@ class Upstream(asyncio.Protocol):
             elif kind is LinkStop:
                 if self.proxy is not None and self.proxy_closing is None:
                     self.proxy_closing = self._loop.create_task(self.proxy.close(why=msg.why))
-            elif kind is Shutdown:
+            elif kind is Shutdown:  # every outcome is delivered: what clients send from now on is not read
+                # (forwarded, it was answered after the distributor's counts were final, or not at all:
+                # the exit line counted rejections no client got, a review)
+                self.reading = False
                 self._loop.call_later(FLUSH_GRACE, self._finish)
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -12,6 +12,8 @@ class AnswersAtOnce:
     """The asynchronous half of `distributor.api.Admission` (release_then, query) on top of a fake's
     synchronous release, stats and metrics: answered at once, as the distributor's own process does."""
 
+    reading = True  # (`Admission.reading`: the service has not stopped)
+
     def release_then(self, ticket: int, tokens: int, done: Any, failed: Any = None) -> None:
         release: Any = getattr(self, "release")  # noqa: B009 - the fake's own, some without `tokens`
         done(ticket, release(ticket) if tokens < 0 else release(ticket, tokens))

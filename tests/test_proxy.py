@@ -793,6 +793,7 @@ class _FailingAdmission:
 
     accepting = True
     ready = True
+    reading = True
 
     def admit(self, *args: Any, **kw: Any) -> int:
         raise RuntimeError("boom")
