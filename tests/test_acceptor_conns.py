@@ -240,6 +240,27 @@ def test_bad_hand_overs_are_closed_and_counted_without_crashing_or_leaking_descr
     run(t, count=1)
 
 
+def test_connections_handed_without_their_descriptor_are_said_once_not_one_line_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review 116: an acceptor out of descriptors logged a warning per connection handed to it, and
+    a client connecting in a loop wrote 69,000 lines (6 MB of stderr) in 5 s. The first is said at
+    once; the rest are counted into the next warning, at most every DROPPED_LOG_INTERVAL."""
+
+    async def t(rig: _Rig) -> None:
+        link = rig.acceptors.links[0]
+        assert link is not None and link.handover is not None
+        for _ in range(200):
+            link.handover.send(b"b\x01")  # its descriptor never came (the receiver is out of them)
+            link.handed[(HANDED_BINARY, CONN_NORMAL)] += 1
+        await until(lambda: link.load(HANDED_BINARY) == 0)  # every one counted closed, as before
+
+    with caplog.at_level("WARNING", logger="distributor.front"):
+        run(t, count=1)
+    said = [r.getMessage() for r in caplog.records if "without their descriptor" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("1 handed connection(s)"), said
+
+
 def test_a_link_never_counts_more_closes_than_it_handed_nor_fewer_than_reported() -> None:
     link = AcceptorLink(None, 0, b"")  # type: ignore[arg-type]
     for key in link.handed:
