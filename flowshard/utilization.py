@@ -23,7 +23,8 @@ less its streams whose relay waited on a slow client: the backend may be done wi
 ends are not taken off either); what is missing counts as waiting (a review: a scrape showing 1 of
 5 requests just sent let 5 more through, and the backend's queue reached 9 at a threshold of 5).
 Requests admitted but not yet sent (grants still on their way to a shard) go to the backends with
-room, which they fill together (`PoolUtilization.saturation`). The core has no clock: the shell passes `now` to `scraped` and `expire`.
+room, which they fill together (`PoolUtilization.saturation`). The core has no clock: the shell passes
+`now` to `scraped` and `expire`.
 """
 
 from __future__ import annotations
