@@ -262,22 +262,41 @@ class PoolUtilization:
         """Seconds since the last good scrape arrived."""
         return self._now - self.loads[backend].fresh_at
 
-    def backend_saturation(self, backend: int, extra: float = 0.0) -> float:
-        """max(waiting / queue_threshold, kv / kv_threshold) with the correction; 1.0 when stale.
+    def _terms(self, backend: int) -> tuple[float, float, float]:
+        """What the backend holds by its last scrape and what was sent and finished since: (waiting +
+        delta, delta, kv per request: kv / running, 0 if none runs). `delta`: what the scrape missed
+        (`unseen`, judged as it came back: `scraped`) and the requests sent there since, less those
+        finished since (the held streams' ends are not taken off)."""
+        load = self.loads[backend]
+        finished = (load.finished - load.finished_base) - (load.held_finished - load.held_finished_base)
+        delta = load.unseen + (load.sent - load.sent_base) - finished
+        per = load.kv / load.running if load.running > 0 else 0.0
+        return load.waiting + delta, delta, per
 
-        `extra`: requests admitted for the pool but not yet sent, this backend's share of them."""
+    def backend_saturation(self, backend: int) -> float:
+        """max(waiting / queue_threshold, kv / kv_threshold) with the correction; 1.0 when stale."""
         if self.stale(backend):
             return 1.0
-        load = self.loads[backend]
-        # (`unseen`: what the scrape missed, judged as it came back: `scraped`; the held streams'
-        # ends are not taken off)
-        finished = (load.finished - load.finished_base) - (load.held_finished - load.held_finished_base)
-        delta = load.unseen + (load.sent - load.sent_base) - finished + extra
-        waiting = max(0.0, load.waiting + delta)
-        kv = load.kv
-        if delta > 0 and load.running > 0:
-            kv += delta * load.kv / load.running  # each one takes an average running request's share
-        return max(waiting / self.queue_threshold, kv / self.kv_threshold)
+        queued, delta, per = self._terms(backend)
+        kv = self.loads[backend].kv
+        if delta > 0:
+            kv += delta * per  # each one takes an average running request's share
+        return max(max(0.0, queued) / self.queue_threshold, kv / self.kv_threshold)
+
+    def room(self, backend: int) -> float:
+        """How many more requests the backend takes before its saturation reaches 1 (0 when it is
+        there, or stale): the fewest of its queue's room and its KV cache's, each request counted as
+        `backend_saturation` counts one sent since the scrape."""
+        if self.stale(backend):
+            return 0.0
+        queued, delta, per = self._terms(backend)
+        room = self.queue_threshold - queued
+        kv = self.loads[backend].kv
+        if per > 0 and kv < self.kv_threshold:  # (kv' = kv + max(0, delta + x) * per reaches the threshold)
+            room = min(room, (self.kv_threshold - kv) / per - delta)
+        elif kv >= self.kv_threshold:
+            room = 0.0
+        return max(0.0, room)
 
     def saturations(self) -> list[float]:
         """Each backend's `backend_saturation` now, by index (for `saturation` and `full` at once)."""
@@ -290,26 +309,30 @@ class PoolUtilization:
         (the picker sends to those with room first: `BackendPool.pick`); with `unsent` admitted requests
         not yet sent anywhere. A backend out takes no request, so its figures say nothing of what
         the pool can take: counted idle, it let the others be driven past their threshold (a review:
-        one of two out, the other at 1.6, the pool at 0.8). The `unsent` go to those with room (the
-        picker's), spread evenly over them, and those are capped together, not one by one: the
-        picker sends what one of them has no room for to another that has, so the pool reaches 1
-        when the unsent fill the room of all of them, not sooner and not later. (Spread over all,
-        the shares of full ones vanished under the cap: 10 sent where one backend of two had room
-        for 5; capped one by one, the share past one backend's room vanished in turn: rooms of 2 and
-        1 took 4, and at `queue_threshold` 5 four backends with rooms of 5, 1, 1 and 1 took 20 (two
-        reviews).) `now`: `saturations()`, if the caller has them."""
+        one of two out, the other at 1.6, the pool at 0.8). The `unsent` go where the picker sends
+        them, to the backends with room, which take them until each is full: the pool reaches 1 when
+        they fill the room of all of them (each takes its `room`, rounded up: it takes requests while it
+        is below 1), not sooner and not later, and
+        below that each of those backends is counted that fraction of the way from its figure to 1.
+        (Spread over all, the shares of full ones vanished under the cap: 10 sent where one backend of
+        two had room for 5; spread evenly over those with room and capped one by one, the share past
+        one backend's smaller room vanished in turn: rooms of 2 and 1 took 4, and at `queue_threshold`
+        5 rooms of 5, 1, 1 and 1 took 20; their shares summed, a backend whose one running request held
+        most of its KV cache took the others' room: 2 let through for 21 (three reviews).) `now`:
+        `saturations()`, if the caller has them."""
         backends = [b for b in range(len(self.loads)) if b not in out] or range(len(self.loads))
         sats = [self.backend_saturation(b) if now is None else now[b] for b in backends]
         if not unsent:
             return sum(min(1.0, sat) for sat in sats) / len(backends)
-        room = [b for b, sat in zip(backends, sats, strict=True) if sat < 1.0]
-        if not room:
+        open_ = [(b, sat) for b, sat in zip(backends, sats, strict=True) if sat < 1.0]
+        # each takes requests while it is below 1: the whole of its room, and one more for a fraction
+        # (the rounding of a room must not leave a phantom one)
+        total = sum(max(1, math.ceil(self.room(b) - 1e-9)) for b, _ in open_)
+        if unsent >= total:
             return 1.0
-        extra = unsent / len(room)
-        filled = sum(self.backend_saturation(b, extra) for b in room)
-        if filled > len(room) - 1e-9:  # full (the rounding of the shares' sum must not leave a phantom room)
-            filled = len(room)
-        return (len(backends) - len(room) + filled) / len(backends)
+        fill = unsent / total
+        filled = sum(sat + (1.0 - sat) * fill for _, sat in open_)
+        return (len(backends) - len(open_) + filled) / len(backends)
 
     def full(self, backend: int) -> bool:
         """Whether `backend` is at or past its saturation (stale included): the picker sends elsewhere."""
