@@ -365,8 +365,8 @@ class BinaryConnection(asyncio.Protocol):
                 transport.resume_reading()
 
     def _resume_input(self) -> None:
-        if not (self._input_held and self._open and not self._stalled_at):
-            return
+        if not (self._input_held and self._open and not self._stalled_at) or not self._admission.reading:
+            return  # (the service stopped: what was kept is not read, `Admission.reading`)
         if self._waiting() <= self._hub.limits.write_high:
             self._input_held = False
             self._reading()

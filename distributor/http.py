@@ -1354,7 +1354,7 @@ class HttpConnection(asyncio.Protocol):
         """Parse the input kept while the pipeline was full, and read again."""
         self._unhold_scheduled = False
         held = self._held
-        if held is None or self._closing:
+        if held is None or self._closing or not self._admission.reading:  # (stopped: kept unread, `Admission.reading`)
             return
         if self._later:
             self._parse(None)  # the requests parsed past max_pipelined first, in order
