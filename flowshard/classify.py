@@ -111,8 +111,10 @@ def flow_of(config: ProxyConfig, headers: Mapping[str, str]) -> str:
     if config.flow_from_api_key:
         m = _BEARER.match(headers.get("authorization", ""))
         if m:
-            # a hash, never the key: flow ids appear in metrics, stats and logs
-            return "key:" + hashlib.sha256(m[1].encode()).hexdigest()[:16]
+            # a hash, never the key: flow ids appear in metrics, stats and logs; of the key's own bytes
+            # (header values arrive as UTF-8 with surrogate escapes: a key with a byte that is not UTF-8
+            # raised here, a 500 and a traceback per request, review 119)
+            return "key:" + hashlib.sha256(m[1].encode("utf-8", "surrogateescape")).hexdigest()[:16]
     return config.default_flow
 
 

@@ -91,6 +91,15 @@ def test_an_api_key_given_twice_with_different_values_is_refused_when_it_names_t
     assert read_headers(keyless, [("authorization", "a"), ("authorization", "b")]) == {"authorization": "b"}
 
 
+def test_an_api_key_with_a_byte_that_is_not_utf8_names_a_flow_of_its_own() -> None:
+    """Review 119: a bearer token with a byte that is not UTF-8 (handed over with a surrogate escape)
+    raised while it was hashed: a 500 and a traceback for every such request."""
+    raw = b"Bearer sk-caf\xe9".decode("utf-8", "surrogateescape")  # as the proxy hands it over
+    flow = classify(cfg(), CHAT, {"authorization": raw}, body(), 0).flow
+    assert flow.startswith("key:") and flow != classify(cfg(), CHAT, {"authorization": "Bearer sk-caf"}, body(), 0).flow
+    assert flow == classify(cfg(), CHAT, {"authorization": raw}, body(), 0).flow
+
+
 def test_priority_header_then_objective_then_model_then_default() -> None:
     c = cfg(objectives={"chat": 10}, models={"llama": 5, "batchy": -1})
     assert classify(c, CHAT, {}, body(), 0).priority == 5
