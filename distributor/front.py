@@ -412,6 +412,7 @@ class Handover:
         self._report_scheduled = False
         self._dropped = 0  # connections handed without their descriptor, not yet said (`_descriptor_dropped`)
         self._dropped_said = -math.inf
+        self._dropped_timer: asyncio.TimerHandle | None = None
         self._proxy_report = b""  # proxy mode: the counters last pushed (`_report`)
         self._proxy_pushed = 0.0
         sock.setblocking(False)
@@ -457,15 +458,22 @@ class Handover:
             self._loop.create_task(self._serve(conn, protocol))
 
     def _descriptor_dropped(self) -> None:
-        """Said at once, then at most every `DROPPED_LOG_INTERVAL` with how many since: one line per
-        connection, a client connecting in a loop at an acceptor out of descriptors wrote 69,000
-        lines, 6 MB of stderr in 5 s (review 116)."""
+        """Said at once, then at most every `DROPPED_LOG_INTERVAL` with how many since (the last of
+        them too, when the interval ends): one line per connection, a client connecting in a loop at
+        an acceptor out of descriptors wrote 69,000 lines, 6 MB of stderr in 5 s (review 116)."""
         self._dropped += 1
-        now = time.monotonic()
-        if now - self._dropped_said >= DROPPED_LOG_INTERVAL:
+        wait = self._dropped_said + DROPPED_LOG_INTERVAL - time.monotonic()
+        if wait <= 0:
+            self._say_dropped()
+        elif self._dropped_timer is None:
+            self._dropped_timer = self._loop.call_later(wait, self._say_dropped)
+
+    def _say_dropped(self) -> None:
+        self._dropped_timer = None
+        if self._dropped:
             log.warning("%d handed connection(s) arrived without their descriptor (this acceptor is out of "
                         "descriptors): closed; said again at most every %g s", self._dropped, DROPPED_LOG_INTERVAL)
-            self._dropped, self._dropped_said = 0, now
+            self._dropped, self._dropped_said = 0, time.monotonic()
 
     async def _serve(self, conn: socket.socket, protocol: asyncio.Protocol) -> None:
         try:
@@ -512,6 +520,9 @@ class Handover:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._dropped_timer is not None:
+            self._dropped_timer.cancel()
+            self._say_dropped()  # (what was not said yet)
         with contextlib.suppress(ValueError, OSError):
             self._loop.remove_reader(self._sock.fileno())
         self._sock.close()

@@ -245,7 +245,8 @@ def test_connections_handed_without_their_descriptor_are_said_once_not_one_line_
 ) -> None:
     """Review 116: an acceptor out of descriptors logged a warning per connection handed to it, and
     a client connecting in a loop wrote 69,000 lines (6 MB of stderr) in 5 s. The first is said at
-    once; the rest are counted into the next warning, at most every DROPPED_LOG_INTERVAL."""
+    once; the rest are counted into the next warning, at most every DROPPED_LOG_INTERVAL, or when
+    the hand-over closes (review 119: the last ones were never said)."""
 
     async def t(rig: _Rig) -> None:
         link = rig.acceptors.links[0]
@@ -258,7 +259,29 @@ def test_connections_handed_without_their_descriptor_are_said_once_not_one_line_
     with caplog.at_level("WARNING", logger="distributor.front"):
         run(t, count=1)
     said = [r.getMessage() for r in caplog.records if "without their descriptor" in r.getMessage()]
-    assert len(said) == 1 and said[0].startswith("1 handed connection(s)"), said
+    assert [line.split(" ", 1)[0] for line in said] == ["1", "199"], said
+
+
+def test_the_last_connections_handed_without_their_descriptor_are_said_when_the_interval_ends(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import distributor.front
+
+    monkeypatch.setattr(distributor.front, "DROPPED_LOG_INTERVAL", 0.1)
+
+    async def t(rig: _Rig) -> None:
+        link = rig.acceptors.links[0]
+        assert link is not None and link.handover is not None
+        for _ in range(5):
+            link.handover.send(b"b\x01")
+            link.handed[(HANDED_BINARY, CONN_NORMAL)] += 1
+        await until(lambda: link.load(HANDED_BINARY) == 0)
+        await until(lambda: sum("without their descriptor" in r.getMessage() for r in caplog.records) == 2)
+
+    with caplog.at_level("WARNING", logger="distributor.front"):
+        run(t, count=1)
+    said = [r.getMessage().split(" ", 1)[0] for r in caplog.records if "without their descriptor" in r.getMessage()]
+    assert said == ["1", "4"], said
 
 
 def test_a_link_never_counts_more_closes_than_it_handed_nor_fewer_than_reported() -> None:
