@@ -567,7 +567,7 @@ class HttpConnection(asyncio.Protocol):
                         if k == 0 and slot.exchange.started:
                             cut = 0  # its answer may be partly written: nothing after it can be
                             break
-                        sent = slot.exchange.task is not None and not slot.exchange.unsent
+                        sent = slot.exchange.backend is not None  # (a try on a backend began)
                         slot.exchange.client_gone()
                         slot.chunks = None
                         slot.data = self._error_for(
