@@ -1483,7 +1483,8 @@ def test_half_close_answers_a_request_the_backend_has_503_cancelled_there(
 
     async def main() -> None:
         conn = await HttpConn.open(svc.http_port)
-        conn.send("POST", "/v1/chat/completions", {"model": "m", "messages": MSG, "max_tokens": 2, "stream": True})
+        # not streamed: the fake backend sends no head before its answer (a stream's head goes first)
+        conn.send("POST", "/v1/chat/completions", {"model": "m", "messages": MSG, "max_tokens": 2})
         await svc.until_stats(lambda s: s["proxy"]["active"] == 1 and s["proxy"]["unsent"] == 0)  # at the backend
         conn.writer.write_eof()
         answer = await conn.response(timeout=5)
