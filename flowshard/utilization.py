@@ -262,41 +262,46 @@ class PoolUtilization:
         """Seconds since the last good scrape arrived."""
         return self._now - self.loads[backend].fresh_at
 
-    def _terms(self, backend: int) -> tuple[float, float, float]:
-        """What the backend holds by its last scrape and what was sent and finished since: (waiting +
-        delta, delta, kv per request: kv / running, 0 if none runs). `delta`: what the scrape missed
-        (`unseen`, judged as it came back: `scraped`) and the requests sent there since, less those
-        finished since (the held streams' ends are not taken off)."""
+    def backend_saturation(self, backend: int) -> float:
+        """max(waiting / queue_threshold, kv / kv_threshold) with the correction; 1.0 when stale."""
+        return self._saturation(backend, 0)
+
+    def _saturation(self, backend: int, more: int) -> float:
+        """`backend_saturation` with `more` requests sent there besides: the same arithmetic, step for
+        step, as once `sent` has counted them (so `room` and `full` never disagree by a rounding)."""
+        if self.stale(backend):
+            return 1.0
+        load = self.loads[backend]
+        # (`unseen`: what the scrape missed, judged as it came back: `scraped`; the held streams'
+        # ends are not taken off)
+        finished = (load.finished - load.finished_base) - (load.held_finished - load.held_finished_base)
+        delta = load.unseen + (load.sent - load.sent_base + more) - finished
+        waiting = max(0.0, load.waiting + delta)
+        kv = load.kv
+        if delta > 0 and load.running > 0:
+            kv += delta * load.kv / load.running  # each one takes an average running request's share
+        return max(waiting / self.queue_threshold, kv / self.kv_threshold)
+
+    def room(self, backend: int) -> int:
+        """How many more requests the backend takes before it is full (`full`: its saturation at 1; 0
+        when it is already, or stale): the picker sends it requests while it is below 1, so a room
+        of 2.5 by its figures takes 3. By its queue (`queue_threshold` less what waits) or its KV
+        cache (what it holds, and an average running request's share for each one more), whichever
+        is less; then checked with `_saturation` itself."""
+        if self._saturation(backend, 0) >= 1.0:
+            return 0
         load = self.loads[backend]
         finished = (load.finished - load.finished_base) - (load.held_finished - load.held_finished_base)
         delta = load.unseen + (load.sent - load.sent_base) - finished
-        per = load.kv / load.running if load.running > 0 else 0.0
-        return load.waiting + delta, delta, per
-
-    def backend_saturation(self, backend: int) -> float:
-        """max(waiting / queue_threshold, kv / kv_threshold) with the correction; 1.0 when stale."""
-        if self.stale(backend):
-            return 1.0
-        queued, delta, per = self._terms(backend)
-        kv = self.loads[backend].kv
-        if delta > 0:
-            kv += delta * per  # each one takes an average running request's share
-        return max(max(0.0, queued) / self.queue_threshold, kv / self.kv_threshold)
-
-    def room(self, backend: int) -> float:
-        """How many more requests the backend takes before its saturation reaches 1 (0 when it is
-        there, or stale): the fewest of its queue's room and its KV cache's, each request counted as
-        `backend_saturation` counts one sent since the scrape."""
-        if self.stale(backend):
-            return 0.0
-        queued, delta, per = self._terms(backend)
-        room = self.queue_threshold - queued
-        kv = self.loads[backend].kv
-        if per > 0 and kv < self.kv_threshold:  # (kv' = kv + max(0, delta + x) * per reaches the threshold)
-            room = min(room, (self.kv_threshold - kv) / per - delta)
-        elif kv >= self.kv_threshold:
-            room = 0.0
-        return max(0.0, room)
+        estimate = self.queue_threshold - (load.waiting + delta)
+        if load.running > 0 and load.kv > 0:  # (kv + max(0, delta + x) * kv / running reaches the threshold)
+            estimate = min(estimate, (self.kv_threshold - load.kv) * load.running / load.kv - delta)
+        n = max(1, min(math.ceil(estimate - 1e-9), 1 << 20))
+        while n > 1 and self._saturation(backend, n - 1) >= 1.0:
+            n -= 1
+        while self._saturation(backend, n) < 1.0 and n < 1 << 20:
+            n += 1
+        return n
 
     def saturations(self) -> list[float]:
         """Each backend's `backend_saturation` now, by index (for `saturation` and `full` at once)."""
@@ -311,8 +316,8 @@ class PoolUtilization:
         the pool can take: counted idle, it let the others be driven past their threshold (a review:
         one of two out, the other at 1.6, the pool at 0.8). The `unsent` go where the picker sends
         them, to the backends with room, which take them until each is full: the pool reaches 1 when
-        they fill the room of all of them (each takes its `room`, rounded up: it takes requests while it
-        is below 1), not sooner and not later, and
+        they fill the room of all of them (`room`: what each takes while it is below 1), not sooner and
+        not later, and
         below that each of those backends is counted that fraction of the way from its figure to 1.
         (Spread over all, the shares of full ones vanished under the cap: 10 sent where one backend of
         two had room for 5; spread evenly over those with room and capped one by one, the share past
@@ -325,9 +330,7 @@ class PoolUtilization:
         if not unsent:
             return sum(min(1.0, sat) for sat in sats) / len(backends)
         open_ = [(b, sat) for b, sat in zip(backends, sats, strict=True) if sat < 1.0]
-        # each takes requests while it is below 1: the whole of its room, and one more for a fraction
-        # (the rounding of a room must not leave a phantom one)
-        total = sum(max(1, math.ceil(self.room(b) - 1e-9)) for b, _ in open_)
+        total = sum(self.room(b) for b, _ in open_)
         if unsent >= total:
             return 1.0
         fill = unsent / total
