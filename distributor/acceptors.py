@@ -642,8 +642,8 @@ class Acceptors:
             for index in range(len(proxy.pool.backends)):
                 if proxy.scrape_down_for(index) > 0:
                     link.send(self._health(index))
-            if proxy.full_flags is not None:
-                link.send(LinkBackendsFull(proxy.full_flags))
+            if proxy.rooms is not None:
+                link.send(LinkBackendsFull(proxy.rooms))
         if all(x is not None and x.ready for x in self.links):
             self.all_ready.set()
 
@@ -702,9 +702,9 @@ class Acceptors:
         proxy = self.service.proxy
         return LinkBackendHealth(index, proxy.scrape_down_for(index), proxy.pool.backends[index].last_error)
 
-    def backends_full(self, flags: list[bool]) -> None:
-        """The distributor's detector has other backends full: every acceptor's picker too."""
-        message = LinkBackendsFull(flags)
+    def backends_full(self, rooms: list[int]) -> None:
+        """The distributor's detector has other rooms at the backends: every acceptor's picker too."""
+        message = LinkBackendsFull(rooms)
         for link in self.links:
             if link is not None and link.ready:
                 link.send(message)

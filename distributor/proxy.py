@@ -507,10 +507,11 @@ class Proxy:
         # where the requests sent to and finished at each backend are counted: the detector, or the report
         self.counts: PoolUtilization | BackendReport | None = report if report is not None else self.utilization
         self.on_health: Callable[[int], None] | None = None  # the distributor with acceptors: tell them
-        # ...and which backends its detector has full (`_push_full`), as last told; in an acceptor, as
-        # the distributor last told it (`LinkBackendsFull`): its picker's `full`
-        self.on_full: Callable[[list[bool]], None] | None = None
-        self.full_flags: list[bool] | None = None
+        # ...and each backend's room by its detector (`_push_rooms`), as last told; in an acceptor, as the
+        # distributor last told it (`LinkBackendsFull`), with what this one sent since: its picker's `full`
+        self.on_full: Callable[[list[int]], None] | None = None
+        self.rooms: list[int] | None = None
+        self.placed: list[int] = []  # (in an acceptor) requests sent to each backend since `rooms` came
         self.remote: dict[int, ProxyReport] = {}  # the distributor with acceptors: each one's last report
         # ... and, per backend, until when (this loop's clock) each one's proxy keeps it out of rotation
         self.remote_down: dict[int, list[float]] = {}
@@ -647,26 +648,34 @@ class Proxy:
         if self.on_full is None:
             return util.saturation(grants + self.unsent, self._out_of_rotation(now))
         sats = util.saturations()  # (once, for both)
-        self._push_full([sat >= 1.0 for sat in sats])
-        return util.saturation(grants + self.unsent, self._out_of_rotation(now), sats)
+        rooms = [util.room(b) if sat < 1.0 else 0 for b, sat in enumerate(sats)]
+        self._push_rooms(rooms)
+        return util.saturation(grants + self.unsent, self._out_of_rotation(now), sats, rooms)
 
-    def _push_full(self, flags: list[bool]) -> None:
-        """With acceptors: tell them which backends are full (`PoolUtilization.full`) when that changed,
-        judged as each admission decision is (their pickers send to one with room first; a dispatch
-        follows a decision)."""
-        if flags != self.full_flags:
-            self.full_flags = flags
+    def _push_rooms(self, rooms: list[int]) -> None:
+        """With acceptors: tell them each backend's room (`PoolUtilization.room`) when that changed,
+        judged as each admission decision is (their pickers send to one with room first, counting
+        their own sends against it; a dispatch follows a decision)."""
+        if rooms != self.rooms:
+            self.rooms = rooms
             assert self.on_full is not None
-            self.on_full(flags)
+            self.on_full(rooms)
+
+    def told_rooms(self, rooms: list[int]) -> None:
+        """(In an acceptor) the distributor's rooms: this one's sends count against them from now."""
+        self.rooms = rooms
+        self.placed = [0] * len(rooms)
 
     def _full(self) -> Callable[[int], bool] | None:
-        """The picker's `full`: this process's detector's, or in an acceptor the distributor's flags."""
+        """The picker's `full`: this process's detector's, or in an acceptor the distributor's rooms
+        less what this one sent since it was told them (other acceptors' sends are not seen until the
+        next: with K acceptors a backend may take up to K times its room between two)."""
         if self.utilization is not None:
             return self.utilization.full
-        flags = self.full_flags
-        if flags is None or len(flags) != len(self.pool.backends):
+        rooms, placed = self.rooms, self.placed
+        if rooms is None or len(rooms) != len(self.pool.backends):
             return None
-        return flags.__getitem__
+        return lambda b: placed[b] >= rooms[b]
 
     def _out_of_rotation(self, now: float) -> set[int]:
         """The backends that take no request now (failed, backing off), as the pool's picker sees them:
@@ -886,6 +895,8 @@ class Proxy:
         if util is not None and counted:
             util.sent(backend.index)
             ex.working = backend.index
+            if self.placed:  # (an acceptor told the rooms: `_full`)
+                self.placed[backend.index] += 1
         ex.backend = backend
         resp: aiohttp.ClientResponse | None = None
         try:

@@ -390,12 +390,14 @@ class LinkBackendHealth(msgspec.Struct, tag=34, array_like=True, gc=False):
 
 
 class LinkBackendsFull(msgspec.Struct, tag=36, array_like=True, gc=False):
-    """Distributor -> acceptor (proxy mode with the utilization detector): per backend, whether the
-    distributor's detector (the one view of what every acceptor sent) has it at its saturation or
-    stale; sent when that changes and to an acceptor that starts. The acceptor's picker sends to a
-    backend with room first (`BackendPool.pick`), as the distributor's own does."""
+    """Distributor -> acceptor (proxy mode with the utilization detector): per backend, how many more
+    requests it takes before the distributor's detector (the one view of what every acceptor sent)
+    has it at its saturation (`PoolUtilization.room`; 0: full or stale); sent when that changes and
+    to an acceptor that starts. The acceptor's picker sends to a backend with room first
+    (`BackendPool.pick`), as the distributor's own does, counting its own sends against that room
+    until the next one: a backend with room for 1 took half of a burst (review 121)."""
 
-    full: list[bool]
+    room: list[int]
 
 
 class LinkReleased(msgspec.Struct, tag=25, array_like=True, gc=False):

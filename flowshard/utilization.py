@@ -308,7 +308,7 @@ class PoolUtilization:
         return [self.backend_saturation(b) for b in range(len(self.loads))]
 
     def saturation(self, unsent: int = 0, out: frozenset[int] | set[int] = frozenset(),
-                   now: list[float] | None = None) -> float:
+                   now: list[float] | None = None, rooms: list[int] | None = None) -> float:
         """The pool's saturation: the mean over the backends in rotation (`out`: those that are not; none
         left: over all of them) of each one's capped at 1, so the pool is at 1 only when every one is
         (the picker sends to those with room first: `BackendPool.pick`); with `unsent` admitted requests
@@ -324,13 +324,13 @@ class PoolUtilization:
         one backend's smaller room vanished in turn: rooms of 2 and 1 took 4, and at `queue_threshold`
         5 rooms of 5, 1, 1 and 1 took 20; their shares summed, a backend whose one running request held
         most of its KV cache took the others' room: 2 let through for 21 (three reviews).) `now`:
-        `saturations()`, if the caller has them."""
+        `saturations()`, and `rooms`, each backend's `room`, if the caller has them."""
         backends = [b for b in range(len(self.loads)) if b not in out] or range(len(self.loads))
         sats = [self.backend_saturation(b) if now is None else now[b] for b in backends]
         if not unsent:
             return sum(min(1.0, sat) for sat in sats) / len(backends)
         open_ = [(b, sat) for b, sat in zip(backends, sats, strict=True) if sat < 1.0]
-        total = sum(self.room(b) for b, _ in open_)
+        total = sum(self.room(b) if rooms is None else rooms[b] for b, _ in open_)
         if unsent >= total:
             return 1.0
         fill = unsent / total

@@ -461,3 +461,39 @@ def test_a_backend_with_room_takes_the_requests_while_another_is_past_its_thresh
     finally:
         for sock in others:
             sock.close()
+
+
+@pytest.mark.parametrize("acceptors", [0, 2])
+def test_a_burst_fills_each_backend_by_its_room_not_by_requests_in_flight(
+    launch: Any, fake_backend: Any, acceptors: int
+) -> None:
+    """Review 121: one backend with room for one more request (its KV cache at 0.7 of the 0.8 threshold,
+    held by one running request) and one with room for 20 (`queue_threshold` 20): a burst of 21 is
+    admitted at once, and each acceptor's picker, told only which backends were full, split it by
+    requests in flight, 10 to the first. Told each backend's room, an acceptor counts its own sends
+    against it: the first gets at most one per acceptor, the rest go to the second."""
+    kv_bound = fake_backend(ttft=60.0, itl=0.01, max_running=1, kv_tokens=1000)
+    roomy = fake_backend(ttft=60.0, itl=0.01, max_running=1)
+    host, port = kv_bound.url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 2800}], "max_tokens": 1}).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as other:  # 700 tokens running there: KV 0.7
+        other.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                      b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        until(lambda: kv_bound.stats()["running"] == 1)
+        proxy = {"utilization": True, "scrape_interval": 1.0, "staleness": 10.0, "queue_threshold": 20,
+                 "kv_threshold": 0.8}
+        svc = launch(proxy_config([kv_bound.url, roomy.url], proxy=proxy, budget="unlimited"), acceptors=acceptors)
+        until(lambda: (lambda b: not b[0]["stale"] and not b[1]["stale"])(svc.stats()["proxy"]["backends"]))
+        sockets = []
+        try:
+            request = json.dumps({"model": "m", "messages": MSG, "max_tokens": 1}).encode()
+            for _ in range(21):
+                sock = socket.create_connection((svc.host, svc.http_port), timeout=10)
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(request), request))
+                sockets.append(sock)
+            until(lambda: kv_bound.stats()["requests"] - 1 + roomy.stats()["requests"] == 21)
+            assert kv_bound.stats()["requests"] - 1 <= max(1, acceptors), (kv_bound.stats(), roomy.stats())
+        finally:
+            for sock in sockets:
+                sock.close()
