@@ -158,6 +158,9 @@ class BackendLoad:
         self.errors = 0  # scrapes that failed, ever
 
 
+_BELOW_ONE = 1.0 - 1e-12  # the pool's figure while the backends still have room for a request
+
+
 class PoolUtilization:
     """The pool's saturation from scraped metrics plus the dispatches not yet visible in them."""
 
@@ -266,7 +269,7 @@ class PoolUtilization:
         """max(waiting / queue_threshold, kv / kv_threshold) with the correction; 1.0 when stale."""
         return self._saturation(backend, 0)
 
-    def _saturation(self, backend: int, more: int) -> float:
+    def _saturation(self, backend: int, more: float) -> float:
         """`backend_saturation` with `more` requests sent there besides: the same arithmetic, step for
         step, as once `sent` has counted them (so `room` and `full` never disagree by a rounding)."""
         if self.stale(backend):
@@ -317,8 +320,9 @@ class PoolUtilization:
         one of two out, the other at 1.6, the pool at 0.8). The `unsent` go where the picker sends
         them, to the backends with room, which take them until each is full: the pool reaches 1 when
         they fill the room of all of them (`room`: what each takes while it is below 1), not sooner and
-        not later, and
-        below that each of those backends is counted that fraction of the way from its figure to 1.
+        not later; below that they are shared as the picker (fewest in flight) spreads them, evenly,
+        what a backend has no room for going to the others (a review: counted in proportion to each
+        one's room instead, a band's ceiling below 1 was passed, the pool at 0.65 for a ceiling of 0.5).
         (Spread over all, the shares of full ones vanished under the cap: 10 sent where one backend of
         two had room for 5; spread evenly over those with room and capped one by one, the share past
         one backend's smaller room vanished in turn: rooms of 2 and 1 took 4, and at `queue_threshold`
@@ -329,13 +333,17 @@ class PoolUtilization:
         sats = [self.backend_saturation(b) if now is None else now[b] for b in backends]
         if not unsent:
             return sum(min(1.0, sat) for sat in sats) / len(backends)
-        open_ = [(b, sat) for b, sat in zip(backends, sats, strict=True) if sat < 1.0]
-        total = sum(self.room(b) if rooms is None else rooms[b] for b, _ in open_)
-        if unsent >= total:
+        room = sorted((self.room(b) if rooms is None else rooms[b], b) for b, sat in zip(backends, sats, strict=True)
+                      if sat < 1.0)
+        if unsent >= sum(r for r, _ in room):
             return 1.0
-        fill = unsent / total
-        filled = sum(sat + (1.0 - sat) * fill for _, sat in open_)
-        return (len(backends) - len(open_) + filled) / len(backends)
+        filled, left = 0.0, float(unsent)
+        for k, (r, b) in enumerate(room):  # the smallest rooms first: each takes an equal share, or its room
+            share = min(float(r), left / (len(room) - k))
+            left -= share
+            filled += min(1.0, self._saturation(b, share))
+        # (below the rooms' sum it is below 1: a fraction of a request is not one that fills a backend)
+        return min((len(backends) - len(room) + filled) / len(backends), _BELOW_ONE)
 
     def full(self, backend: int) -> bool:
         """Whether `backend` is at or past its saturation (stale included): the picker sends elsewhere."""

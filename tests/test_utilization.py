@@ -194,6 +194,26 @@ def test_with_kv_caches_the_gate_lets_through_what_the_backends_take_before_they
     assert all(pool.full(b) for b in range(len(backends))), (admitted, [pool.room(b) for b in range(len(backends))])
 
 
+def test_below_1_the_requests_not_yet_sent_are_counted_as_the_picker_spreads_them() -> None:
+    """Review 121: counted in proportion to each backend's room, the pool's figure with the unsent
+    below 1 was not what the picker (fewest in flight) makes of them: a band with a ceiling of 0.5 was
+    let 10 through, and the pool was at 0.65 once they were sent. They are spread evenly now, what a
+    backend has no room for going to the others, as the picker spreads them."""
+    pool = PoolUtilization(2, queue_threshold=20, kv_threshold=0.9, staleness=10.0)
+    scraped(pool, 0, 1.0, waiting=0, running=4, kv=0.06)
+    scraped(pool, 1, 1.0, waiting=0, running=1, kv=0.2)
+    admitted = 0
+    while pool.saturation(unsent=admitted) < 0.5:
+        admitted += 1
+    picker = BackendPool(["http://a", "http://b"], 1.0, 10.0)
+    for _ in range(admitted):
+        backend = picker.pick(0.0, full=pool.full)
+        assert backend is not None
+        pool.sent(backend.index)
+        backend.inflight += 1
+    assert admitted == 6 and pool.saturation() == pytest.approx(0.519, abs=0.001)
+
+
 def test_a_scrapes_age_counts_from_its_arrival() -> None:
     """Review 108: counted from its sending, a backend whose metrics took half of `staleness` to come was
     stale between scrapes, and one taking `staleness` always (every request held to its TTL, nothing
