@@ -213,10 +213,8 @@ class BinaryConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=hub.limits.write_high)
 
     def data_received(self, data: bytes) -> None:
-        if not self._admission.reading:  # the service has stopped: nothing more is read (`Admission.reading`)
-            if self._transport is not None:
-                self._transport.pause_reading()
-            return
+        if not self._admission.reading:  # the service has stopped: nothing more is handled (`Admission.reading`),
+            return  # but it is read, so that the exit's close is a FIN after the answers, not a reset losing them
         if not self._open:
             # Closing: discarded, but read so that EOF is seen; up to a bound, since reading junk
             # costs this process CPU for as long as the connection lingers.

@@ -434,9 +434,8 @@ class HttpConnection(asyncio.Protocol):
         self._arm(now + self._limits.header_timeout)
 
     def data_received(self, data: bytes) -> None:
-        if not self._admission.reading:  # the service has stopped: nothing more is read (`Admission.reading`)
-            self._transport.pause_reading()
-            return
+        if not self._admission.reading:  # the service has stopped: nothing more is parsed (`Admission.reading`),
+            return  # but it is read, so that the exit's close is a FIN after the answers, not a reset losing them
         if self._stopped or self._held is not None or self._closing:
             held = self._held
             if held is not None and not self._stopped:
