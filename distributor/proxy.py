@@ -648,7 +648,7 @@ class Proxy:
         if self.on_full is None:
             return util.saturation(grants + self.unsent, self._out_of_rotation(now))
         sats = util.saturations()  # (once, for both)
-        rooms = [util.room(b) if sat < 1.0 else 0 for b, sat in enumerate(sats)]
+        rooms = [util.room(b, sat) for b, sat in enumerate(sats)]
         self._push_rooms(rooms)
         return util.saturation(grants + self.unsent, self._out_of_rotation(now), sats, rooms)
 

@@ -285,21 +285,28 @@ class PoolUtilization:
             kv += delta * load.kv / load.running  # each one takes an average running request's share
         return max(waiting / self.queue_threshold, kv / self.kv_threshold)
 
-    def room(self, backend: int) -> int:
+    def room(self, backend: int, sat: float | None = None) -> int:
         """How many more requests the backend takes before it is full (`full`: its saturation at 1; 0
         when it is already, or stale): the picker sends it requests while it is below 1, so a room
         of 2.5 by its figures takes 3. By its queue (`queue_threshold` less what waits) or its KV
         cache (what it holds, and an average running request's share for each one more), whichever
-        is less; then checked with `_saturation` itself."""
-        if self._saturation(backend, 0) >= 1.0:
+        is less; near a whole number, checked with `_saturation` itself (the rounding of either
+        must not make them disagree). `sat`: its saturation now, if the caller has it."""
+        if (self._saturation(backend, 0) if sat is None else sat) >= 1.0:
             return 0
         load = self.loads[backend]
         finished = (load.finished - load.finished_base) - (load.held_finished - load.held_finished_base)
         delta = load.unseen + (load.sent - load.sent_base) - finished
-        estimate = self.queue_threshold - (load.waiting + delta)
+        queued = load.waiting + delta
+        estimate = self.queue_threshold - queued
+        exact = queued.is_integer() and float(self.queue_threshold).is_integer()  # (whole numbers: no rounding)
         if load.running > 0 and load.kv > 0:  # (kv + max(0, delta + x) * kv / running reaches the threshold)
-            estimate = min(estimate, (self.kv_threshold - load.kv) * load.running / load.kv - delta)
+            by_kv = (self.kv_threshold - load.kv) * load.running / load.kv - delta
+            if by_kv < estimate:
+                estimate, exact = by_kv, False
         n = max(1, min(math.ceil(estimate - 1e-9), 1 << 20))
+        if exact or abs(estimate - round(estimate)) > 1e-6:  # (the usual cases: no rounding can move it)
+            return n
         while n > 1 and self._saturation(backend, n - 1) >= 1.0:
             n -= 1
         while self._saturation(backend, n) < 1.0 and n < 1 << 20:
@@ -331,10 +338,11 @@ class PoolUtilization:
         `saturations()`, and `rooms`, each backend's `room`, if the caller has them."""
         backends = [b for b in range(len(self.loads)) if b not in out] or range(len(self.loads))
         sats = [self.backend_saturation(b) if now is None else now[b] for b in backends]
-        if not unsent:
-            return sum(min(1.0, sat) for sat in sats) / len(backends)
-        room = sorted((self.room(b) if rooms is None else rooms[b], b) for b, sat in zip(backends, sats, strict=True)
-                      if sat < 1.0)
+        if not unsent:  # (a backend below 1 keeps the mean below 1, whatever the rounding of the sum)
+            mean = sum(min(1.0, sat) for sat in sats) / len(backends)
+            return mean if mean < 1.0 or all(sat >= 1.0 for sat in sats) else _BELOW_ONE
+        room = sorted((self.room(b, sat) if rooms is None else rooms[b], b)
+                      for b, sat in zip(backends, sats, strict=True) if sat < 1.0)
         if unsent >= sum(r for r, _ in room):
             return 1.0
         filled, left = 0.0, float(unsent)

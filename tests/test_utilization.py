@@ -214,6 +214,17 @@ def test_below_1_the_requests_not_yet_sent_are_counted_as_the_picker_spreads_the
     assert admitted == 6 and pool.saturation() == pytest.approx(0.519, abs=0.001)
 
 
+def test_a_backend_below_1_keeps_the_pool_below_1_whatever_the_rounding() -> None:
+    """(1 + 0.9999999999999999) / 2 is 1.0 in floating point: the pool read full, and held every
+    request, while the picker still had a backend below 1 to send one to (found by a random search
+    against the picker, this round)."""
+    pool = PoolUtilization(2, queue_threshold=5, kv_threshold=0.8, staleness=10.0)
+    scraped(pool, 0, 1.0, waiting=5)  # full
+    scraped(pool, 1, 1.0, waiting=0, running=1, kv=math.nextafter(0.8, 0.0))  # 0.9999999999999999
+    assert not pool.full(1)
+    assert pool.saturation() < 1.0 and pool.saturation(unsent=1) == 1.0
+
+
 def test_a_scrapes_age_counts_from_its_arrival() -> None:
     """Review 108: counted from its sending, a backend whose metrics took half of `staleness` to come was
     stale between scrapes, and one taking `staleness` always (every request held to its TTL, nothing
