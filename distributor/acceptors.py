@@ -120,6 +120,7 @@ class AcceptorLink(asyncio.Protocol):
         self.proxied: set[int] = set()
         self.unsent: set[int] = set()
         self.backend_open: list[int] = []  # (sized at its first LinkBackends)
+        self.backend_sent: list[int] = []  # every send of its proxy's the detector counted, per backend
         self.backend_held: list[int] = []  # its streams in flight that waited on their clients (`LinkBackends.held`)
         self.ready = False  # said Hello: its fronts serve
         self.lost = False
@@ -256,14 +257,16 @@ class AcceptorLink(asyncio.Protocol):
         util = proxy.utilization if proxy is not None else None
         if util is None:
             return
-        opened = self.backend_open
+        opened, counted = self.backend_open, self.backend_sent
         if not opened:
             opened = self.backend_open = [0] * len(util.loads)
+            counted = self.backend_sent = [0] * len(util.loads)
         for b, (sent, finished) in enumerate(zip(msg.sent, msg.finished, strict=False)):
             if b < len(util.loads):
                 util.loads[b].sent += sent
                 util.loads[b].finished += finished
                 opened[b] += sent - finished
+                counted[b] += sent
         if msg.held or msg.held_finished:
             held = self.backend_held
             if not held:
@@ -277,6 +280,8 @@ class AcceptorLink(asyncio.Protocol):
             self._proxied_sent(ticket)
         if msg.down_for:
             proxy.remote_health(self.index, msg.down_for)
+        if any(msg.sent) or any(msg.finished):  # its picker counts against the rooms what they do not count
+            self.send(LinkBackendsFull(proxy.current_rooms(), list(counted)))  # (a copy: encoded at the pass's end)
 
     def _proxied_lost(self) -> None:
         """Its process is gone: its requests in flight to the backends are over (their connections
@@ -643,7 +648,7 @@ class Acceptors:
                 if proxy.scrape_down_for(index) > 0:
                     link.send(self._health(index))
             if proxy.rooms is not None:
-                link.send(LinkBackendsFull(proxy.rooms))
+                link.send(LinkBackendsFull(proxy.rooms, list(link.backend_sent)))
         if all(x is not None and x.ready for x in self.links):
             self.all_ready.set()
 
@@ -704,10 +709,9 @@ class Acceptors:
 
     def backends_full(self, rooms: list[int]) -> None:
         """The distributor's detector has other rooms at the backends: every acceptor's picker too."""
-        message = LinkBackendsFull(rooms)
         for link in self.links:
             if link is not None and link.ready:
-                link.send(message)
+                link.send(LinkBackendsFull(rooms, list(link.backend_sent)))
 
     def backend_health(self, index: int) -> None:
         """The distributor's scraper took backend `index` out or back in: every acceptor's proxy too."""

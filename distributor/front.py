@@ -186,7 +186,7 @@ class Upstream(asyncio.Protocol):
                     self.proxy.scrape_health(msg.backend, msg.down_for, msg.detail)
             elif kind is LinkBackendsFull:
                 if self.proxy is not None:
-                    self.proxy.told_rooms(list(msg.room))
+                    self.proxy.told_rooms(list(msg.room), list(msg.counted))
             elif kind is LinkStop:
                 if self.proxy is not None and self.proxy_closing is None:
                     self.proxy_closing = self._loop.create_task(self.proxy.close(why=msg.why))

@@ -286,10 +286,11 @@ class BackendReport:
     frame at the end of each pass in which any happened."""
 
     __slots__ = ("_down", "_loop", "_scheduled", "_send", "finished_counts", "held_counts", "held_finished_counts",
-                 "marked", "pool", "sent_counts")
+                 "marked", "pool", "sent_counts", "sent_total")
 
     def __init__(self, backends: int, send: Callable[[Any], None], loop: asyncio.AbstractEventLoop) -> None:
         self.sent_counts = [0] * backends
+        self.sent_total = [0] * backends  # every send reported (and to be), per backend: the picker's `full`
         self.finished_counts = [0] * backends
         self.held_counts = [0] * backends
         self.held_finished_counts = [0] * backends
@@ -302,6 +303,7 @@ class BackendReport:
 
     def sent(self, backend: int) -> None:
         self.sent_counts[backend] += 1
+        self.sent_total[backend] += 1
         self._schedule()
 
     def finished(self, backend: int, held: bool = False) -> None:
@@ -511,7 +513,7 @@ class Proxy:
         # distributor last told it (`LinkBackendsFull`), with what this one sent since: its picker's `full`
         self.on_full: Callable[[list[int]], None] | None = None
         self.rooms: list[int] | None = None
-        self.placed: list[int] = []  # (in an acceptor) requests sent to each backend since `rooms` came
+        self.counted: list[int] = []  # (in an acceptor) how many of its sends to each backend `rooms` counts
         self.remote: dict[int, ProxyReport] = {}  # the distributor with acceptors: each one's last report
         # ... and, per backend, until when (this loop's clock) each one's proxy keeps it out of rotation
         self.remote_down: dict[int, list[float]] = {}
@@ -652,6 +654,14 @@ class Proxy:
         self._push_rooms(rooms)
         return util.saturation(grants + self.unsent, self._out_of_rotation(now), sats, rooms)
 
+    def current_rooms(self) -> list[int]:
+        """(The distributor with acceptors) each backend's room now, as told to the acceptors."""
+        util = self.utilization
+        assert util is not None
+        util.expire(self.loop.time())
+        self.rooms = [util.room(b, sat) for b, sat in enumerate(util.saturations())]
+        return self.rooms
+
     def _push_rooms(self, rooms: list[int]) -> None:
         """With acceptors: tell them each backend's room (`PoolUtilization.room`) when that changed,
         judged as each admission decision is (their pickers send to one with room first, counting
@@ -661,21 +671,22 @@ class Proxy:
             assert self.on_full is not None
             self.on_full(rooms)
 
-    def told_rooms(self, rooms: list[int]) -> None:
-        """(In an acceptor) the distributor's rooms: this one's sends count against them from now."""
+    def told_rooms(self, rooms: list[int], counted: list[int]) -> None:
+        """(In an acceptor) the distributor's rooms, and how many of this one's sends they count."""
         self.rooms = rooms
-        self.placed = [0] * len(rooms)
+        self.counted = counted
 
     def _full(self) -> Callable[[int], bool] | None:
         """The picker's `full`: this process's detector's, or in an acceptor the distributor's rooms
-        less what this one sent since it was told them (other acceptors' sends are not seen until the
-        next: with K acceptors a backend may take up to K times its room between two)."""
+        less this one's sends they do not count yet (the other acceptors' such sends are not seen:
+        a backend may take, beyond its room, what they sent in the time of a round trip)."""
         if self.utilization is not None:
             return self.utilization.full
-        rooms, placed = self.rooms, self.placed
-        if rooms is None or len(rooms) != len(self.pool.backends):
+        rooms, report = self.rooms, self.report_to
+        if rooms is None or report is None or len(rooms) != len(self.pool.backends):
             return None
-        return lambda b: placed[b] >= rooms[b]
+        sent, counted = report.sent_total, self.counted
+        return lambda b: sent[b] - (counted[b] if b < len(counted) else 0) >= rooms[b]
 
     def _out_of_rotation(self, now: float) -> set[int]:
         """The backends that take no request now (failed, backing off), as the pool's picker sees them:
@@ -895,8 +906,6 @@ class Proxy:
         if util is not None and counted:
             util.sent(backend.index)
             ex.working = backend.index
-            if self.placed:  # (an acceptor told the rooms: `_full`)
-                self.placed[backend.index] += 1
         ex.backend = backend
         resp: aiohttp.ClientResponse | None = None
         try:

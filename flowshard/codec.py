@@ -392,12 +392,17 @@ class LinkBackendHealth(msgspec.Struct, tag=34, array_like=True, gc=False):
 class LinkBackendsFull(msgspec.Struct, tag=36, array_like=True, gc=False):
     """Distributor -> acceptor (proxy mode with the utilization detector): per backend, how many more
     requests it takes before the distributor's detector (the one view of what every acceptor sent)
-    has it at its saturation (`PoolUtilization.room`; 0: full or stale); sent when that changes and
-    to an acceptor that starts. The acceptor's picker sends to a backend with room first
-    (`BackendPool.pick`), as the distributor's own does, counting its own sends against that room
-    until the next one: a backend with room for 1 took half of a burst (review 121)."""
+    has it at its saturation (`PoolUtilization.room`; 0: full or stale); sent when that changes, to
+    an acceptor whose sends it has just counted, and to an acceptor that starts. With it, `counted`:
+    per backend, how many sends of this acceptor's (its `LinkBackends.sent`, summed) those rooms
+    already count. The acceptor's picker sends to a backend with room first (`BackendPool.pick`), as
+    the distributor's own does, counting against that room its own sends the distributor had not
+    counted yet: told only which backends were full, two acceptors sent 10 of a burst of 21 to one
+    with room for 1 (review 121); counting every send since the last message, one whose requests
+    ended between two saw a backend with room as full (review 122)."""
 
     room: list[int]
+    counted: list[int] = []
 
 
 class LinkReleased(msgspec.Struct, tag=25, array_like=True, gc=False):

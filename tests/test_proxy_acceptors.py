@@ -497,3 +497,74 @@ def test_a_burst_fills_each_backend_by_its_room_not_by_requests_in_flight(
         finally:
             for sock in sockets:
                 sock.close()
+
+
+class _FixedMetricsBackends:
+    """Backends in a thread of this process whose /metrics never change (waiting 0, running 1, and each
+    its own KV use) and which answer a chat completion at once, counting them."""
+
+    def __init__(self, kvs: list[float]) -> None:
+        import asyncio
+        import threading
+
+        from aiohttp import web
+
+        self.requests = [0] * len(kvs)
+        self.urls: list[str] = []
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def app(index: int, kv: float) -> web.Application:
+            async def metrics(_: web.Request) -> web.Response:
+                return web.Response(text=f"vllm:num_requests_waiting 0\nvllm:num_requests_running 1\n"
+                                         f"vllm:kv_cache_usage_perc {kv}\n")
+
+            async def chat(request: web.Request) -> web.Response:
+                await request.read()
+                self.requests[index] += 1
+                return web.json_response({"id": "x", "object": "chat.completion", "model": "m", "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+            application = web.Application()
+            application.router.add_get("/metrics", metrics)
+            application.router.add_post("/v1/chat/completions", chat)
+            return application
+
+        async def start() -> None:
+            for index, kv in enumerate(kvs):
+                runner = web.AppRunner(app(index, kv))
+                await runner.setup()
+                site = web.TCPSite(runner, "127.0.0.1", 0)
+                await site.start()
+                port = runner.addresses[0][1]
+                self.urls.append(f"http://127.0.0.1:{port}")
+            ready.set()
+
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(start(), self._loop)
+        assert ready.wait(10)
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+@pytest.mark.parametrize("acceptors", [0, 1])
+def test_requests_one_after_the_other_go_to_the_backend_with_room(launch: Any, acceptors: int) -> None:
+    """Review 122: an acceptor counted every send since the distributor last told it the rooms, and a
+    request sent and finished between two such messages changes no room, so none came: a backend
+    with room for one looked full, and of 20 requests one at a time 9 went to a backend past its
+    threshold. It counts now only its sends the rooms do not count yet (the distributor says which)."""
+    backends = _FixedMetricsBackends([0.7, 0.9])  # room for 1 (KV 0.7 of 0.8, one running); full (0.9)
+    try:
+        proxy = {"utilization": True, "scrape_interval": 0.05, "queue_threshold": 20, "kv_threshold": 0.8}
+        svc = launch(proxy_config(backends.urls, proxy=proxy, budget="unlimited"), acceptors=acceptors)
+        until(lambda: (lambda b: not b[0]["stale"] and not b[1]["stale"])(svc.stats()["proxy"]["backends"]))
+        for _ in range(20):
+            assert client(svc).chat.completions.create(model="m", messages=MSG, max_tokens=1).choices
+            time.sleep(0.02)
+        assert backends.requests == [20, 0], backends.requests
+    finally:
+        backends.close()
