@@ -80,8 +80,9 @@ class Admission(Protocol):
     @property
     def reading(self) -> bool:
         """False once the service has stopped (its last outcomes counted, the exit line's counts
-        final): the fronts read nothing more from their clients, so no request is answered that
-        those counts miss (a review: rejections made after them, 32-77 % of a drain's)."""
+        final): the fronts handle nothing more from their clients (what they send is read and
+        dropped), so no request is answered that those counts miss (a review: rejections made after
+        them, 32-77 % of a drain's)."""
 
     def admit(
         self, waiter: Waiter, cid: Any, flow: str, priority: int, size: int, ttl: float, slo: float,

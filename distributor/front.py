@@ -190,7 +190,7 @@ class Upstream(asyncio.Protocol):
             elif kind is LinkStop:
                 if self.proxy is not None and self.proxy_closing is None:
                     self.proxy_closing = self._loop.create_task(self.proxy.close(why=msg.why))
-            elif kind is Shutdown:  # every outcome is delivered: what clients send from now on is not read
+            elif kind is Shutdown:  # every outcome is delivered: what clients send from now on is not handled
                 # (forwarded, it was answered after the distributor's counts were final, or not at all:
                 # the exit line counted rejections no client got, a review)
                 self.reading = False

@@ -510,7 +510,7 @@ class Proxy:
         self.counts: PoolUtilization | BackendReport | None = report if report is not None else self.utilization
         self.on_health: Callable[[int], None] | None = None  # the distributor with acceptors: tell them
         # ...and each backend's room by its detector (`_push_rooms`), as last told; in an acceptor, as the
-        # distributor last told it (`LinkBackendsFull`), with what this one sent since: its picker's `full`
+        # distributor last told it (`LinkBackendsFull`), with how many of this one's sends it counts: `_full`
         self.on_full: Callable[[list[int]], None] | None = None
         self.rooms: list[int] | None = None
         self.counted: list[int] = []  # (in an acceptor) how many of its sends to each backend `rooms` counts
