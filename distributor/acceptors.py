@@ -280,8 +280,10 @@ class AcceptorLink(asyncio.Protocol):
             self._proxied_sent(ticket)
         if msg.down_for:
             proxy.remote_health(self.index, msg.down_for)
-        if any(msg.sent) or any(msg.finished):  # its picker counts against the rooms what they do not count
-            self.send(LinkBackendsFull(proxy.current_rooms(), list(counted)))  # (a copy: encoded at the pass's end)
+        if (any(msg.sent) or any(msg.finished)) and not proxy.refresh_rooms() and proxy.rooms is not None:
+            # the rooms did not change, but what they count of its sends did: its picker counts against
+            # them what they do not count (told every acceptor when they change)
+            self.send(LinkBackendsFull(proxy.rooms, list(counted)))  # (a copy: encoded at the pass's end)
 
     def _proxied_lost(self) -> None:
         """Its process is gone: its requests in flight to the backends are over (their connections

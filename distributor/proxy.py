@@ -654,13 +654,16 @@ class Proxy:
         self._push_rooms(rooms)
         return util.saturation(grants + self.unsent, self._out_of_rotation(now), sats, rooms)
 
-    def current_rooms(self) -> list[int]:
-        """(The distributor with acceptors) each backend's room now, as told to the acceptors."""
+    def refresh_rooms(self) -> bool:
+        """(The distributor with acceptors) each backend's room now: told to every acceptor if it
+        changed (`_push_rooms`; a review: told only to the acceptor whose report changed it, the others
+        kept the old rooms and sent to a full backend beside an idle one). Whether it was told."""
         util = self.utilization
         assert util is not None
         util.expire(self.loop.time())
-        self.rooms = [util.room(b, sat) for b, sat in enumerate(util.saturations())]
-        return self.rooms
+        before = self.rooms
+        self._push_rooms([util.room(b, sat) for b, sat in enumerate(util.saturations())])
+        return self.rooms is not before
 
     def _push_rooms(self, rooms: list[int]) -> None:
         """With acceptors: tell them each backend's room (`PoolUtilization.room`) when that changed,
@@ -679,7 +682,8 @@ class Proxy:
     def _full(self) -> Callable[[int], bool] | None:
         """The picker's `full`: this process's detector's, or in an acceptor the distributor's rooms
         less this one's sends they do not count yet (the other acceptors' such sends are not seen:
-        a backend may take, beyond its room, what they sent in the time of a round trip)."""
+        a backend may take, beyond its room, what they sent before their reports reached the
+        distributor and its new rooms came back)."""
         if self.utilization is not None:
             return self.utilization.full
         rooms, report = self.rooms, self.report_to

@@ -299,7 +299,7 @@ class PoolUtilization:
         delta = load.unseen + (load.sent - load.sent_base) - finished
         queued = load.waiting + delta
         estimate = self.queue_threshold - queued
-        exact = queued.is_integer() and float(self.queue_threshold).is_integer()  # (whole numbers: no rounding)
+        exact = float(queued).is_integer() and float(self.queue_threshold).is_integer()  # (whole: no rounding)
         if load.running > 0 and load.kv > 0:  # (kv + max(0, delta + x) * kv / running reaches the threshold)
             by_kv = (self.kv_threshold - load.kv) * load.running / load.kv - delta
             if by_kv < estimate:

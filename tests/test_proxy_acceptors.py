@@ -500,28 +500,36 @@ def test_a_burst_fills_each_backend_by_its_room_not_by_requests_in_flight(
 
 
 class _FixedMetricsBackends:
-    """Backends in a thread of this process whose /metrics never change (waiting 0, running 1, and each
-    its own KV use) and which answer a chat completion at once, counting them."""
+    """Backends in a thread of this process whose /metrics show no queue, one running request and each
+    its own KV use (`dynamic`: plus the requests in flight, each another running one holding as much),
+    and which answer a chat completion after `delay`, counting them."""
 
-    def __init__(self, kvs: list[float]) -> None:
+    def __init__(self, kvs: list[float], delay: float = 0.0, dynamic: bool = False) -> None:
         import asyncio
         import threading
 
         from aiohttp import web
 
         self.requests = [0] * len(kvs)
+        self.inflight = [0] * len(kvs)
         self.urls: list[str] = []
         self._loop = asyncio.new_event_loop()
         ready = threading.Event()
 
         def app(index: int, kv: float) -> web.Application:
             async def metrics(_: web.Request) -> web.Response:
-                return web.Response(text=f"vllm:num_requests_waiting 0\nvllm:num_requests_running 1\n"
-                                         f"vllm:kv_cache_usage_perc {kv}\n")
+                more = self.inflight[index] if dynamic else 0
+                return web.Response(text=f"vllm:num_requests_waiting 0\nvllm:num_requests_running {1 + more}\n"
+                                         f"vllm:kv_cache_usage_perc {min(1.0, kv * (1 + more))}\n")
 
             async def chat(request: web.Request) -> web.Response:
                 await request.read()
                 self.requests[index] += 1
+                self.inflight[index] += 1
+                try:
+                    await asyncio.sleep(delay)
+                finally:
+                    self.inflight[index] -= 1
                 return web.json_response({"id": "x", "object": "chat.completion", "model": "m", "choices": [
                     {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
@@ -566,5 +574,33 @@ def test_requests_one_after_the_other_go_to_the_backend_with_room(launch: Any, a
             assert client(svc).chat.completions.create(model="m", messages=MSG, max_tokens=1).choices
             time.sleep(0.02)
         assert backends.requests == [20, 0], backends.requests
+    finally:
+        backends.close()
+
+
+def test_every_acceptor_hears_of_a_room_another_ones_requests_filled(launch: Any) -> None:
+    """Review 123: the rooms a report of one acceptor's changed were told to that acceptor only, and
+    the others kept the old ones: of two requests a quarter second apart, on two backends with room
+    for one each, the second went to the full backend beside the idle one in 12 of 12 rounds."""
+    import concurrent.futures
+
+    backends = _FixedMetricsBackends([0.7, 0.7], delay=0.6, dynamic=True)  # room for 1 each (KV 0.7 of 0.8)
+    try:
+        proxy = {"utilization": True, "scrape_interval": 0.05, "queue_threshold": 20, "kv_threshold": 0.8}
+        svc = launch(proxy_config(backends.urls, proxy=proxy, budget="unlimited"), acceptors=2)
+        until(lambda: (lambda b: not b[0]["stale"] and not b[1]["stale"])(svc.stats()["proxy"]["backends"]))
+
+        def ask() -> Any:
+            return client(svc).chat.completions.create(model="m", messages=MSG, max_tokens=1)
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            for _ in range(4):
+                before = list(backends.requests)
+                first = pool.submit(ask)
+                time.sleep(0.25)  # the first is at its backend, and its scrape shows it
+                second = pool.submit(ask)
+                first.result(10), second.result(10)
+                assert [n - b for n, b in zip(backends.requests, before, strict=True)] == [1, 1], backends.requests
+                time.sleep(0.2)
     finally:
         backends.close()
