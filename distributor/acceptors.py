@@ -280,9 +280,10 @@ class AcceptorLink(asyncio.Protocol):
             self._proxied_sent(ticket)
         if msg.down_for:
             proxy.remote_health(self.index, msg.down_for)
-        if (any(msg.sent) or any(msg.finished)) and not proxy.refresh_rooms() and proxy.rooms is not None:
-            # the rooms did not change, but what they count of its sends did: its picker counts against
-            # them what they do not count (told every acceptor when they change)
+        if (any(msg.sent) or any(msg.finished)) and not proxy.refresh_rooms() and any(msg.sent):
+            # the rooms did not change (told every acceptor when they do), but what they count of its
+            # sends did: its picker counts against them what they do not count
+            assert proxy.rooms is not None
             self.send(LinkBackendsFull(proxy.rooms, list(counted)))  # (a copy: encoded at the pass's end)
 
     def _proxied_lost(self) -> None:

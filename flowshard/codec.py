@@ -392,8 +392,9 @@ class LinkBackendHealth(msgspec.Struct, tag=34, array_like=True, gc=False):
 class LinkBackendsFull(msgspec.Struct, tag=36, array_like=True, gc=False):
     """Distributor -> acceptor (proxy mode with the utilization detector): per backend, how many more
     requests it takes before the distributor's detector (the one view of what every acceptor sent)
-    has it at its saturation (`PoolUtilization.room`; 0: full or stale); sent when that changes, to
-    an acceptor whose sends it has just counted, and to an acceptor that starts. With it, `counted`:
+    has it at its saturation (`PoolUtilization.room`; 0: full or stale); sent to every acceptor when an
+    admission decision or an acceptor's report changes it, to an acceptor whose sends it has just
+    counted, and to an acceptor that starts. With it, `counted`:
     per backend, how many sends of this acceptor's (its `LinkBackends.sent`, summed) those rooms
     already count. The acceptor's picker sends to a backend with room first (`BackendPool.pick`), as
     the distributor's own does, counting against that room its own sends the distributor had not
