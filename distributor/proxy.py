@@ -689,8 +689,14 @@ class Proxy:
         rooms, report = self.rooms, self.report_to
         if rooms is None or report is None or len(rooms) != len(self.pool.backends):
             return None
-        sent, counted = report.sent_total, self.counted
-        return lambda b: sent[b] - (counted[b] if b < len(counted) else 0) >= rooms[b]
+        return self._told_full
+
+    def _told_full(self, backend: int) -> bool:
+        """(In an acceptor) full by the rooms last told, read as it picks (a retry picks after rooms
+        may have come: review 124)."""
+        rooms, counted, report = self.rooms, self.counted, self.report_to
+        assert rooms is not None and report is not None
+        return report.sent_total[backend] - (counted[backend] if backend < len(counted) else 0) >= rooms[backend]
 
     def _out_of_rotation(self, now: float) -> set[int]:
         """The backends that take no request now (failed, backing off), as the pool's picker sees them:
