@@ -280,10 +280,9 @@ class AcceptorLink(asyncio.Protocol):
             self._proxied_sent(ticket)
         if msg.down_for:
             proxy.remote_health(self.index, msg.down_for)
-        if (any(msg.sent) or any(msg.finished)) and not proxy.refresh_rooms() and any(msg.sent):
-            # the rooms did not change (told every acceptor when they do), but what they count of its
-            # sends did: its picker counts against them what they do not count
-            assert proxy.rooms is not None
+        told = (any(msg.sent) or any(msg.finished)) and proxy.refresh_rooms()  # (every acceptor, if they changed)
+        if any(msg.sent) and not told:  # unchanged rooms, but what they count of its sends moved: its
+            assert proxy.rooms is not None  # picker counts against them only what they do not count
             self.send(LinkBackendsFull(proxy.rooms, list(counted)))  # (a copy: encoded at the pass's end)
 
     def _proxied_lost(self) -> None:

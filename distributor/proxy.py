@@ -650,9 +650,8 @@ class Proxy:
         if self.on_full is None:
             return util.saturation(grants + self.unsent, self._out_of_rotation(now))
         sats = util.saturations()  # (once, for both)
-        rooms = [util.room(b, sat) for b, sat in enumerate(sats)]
-        self._push_rooms(rooms)
-        return util.saturation(grants + self.unsent, self._out_of_rotation(now), sats, rooms)
+        self._push_rooms([util.room(b, sat) for b, sat in enumerate(sats)])
+        return util.saturation(grants + self.unsent, self._out_of_rotation(now), sats, self.rooms)
 
     def refresh_rooms(self) -> bool:
         """(The distributor with acceptors) each backend's room now: told to every acceptor if it
@@ -667,8 +666,9 @@ class Proxy:
 
     def _push_rooms(self, rooms: list[int]) -> None:
         """With acceptors: tell them each backend's room (`PoolUtilization.room`) when that changed,
-        judged as each admission decision is (their pickers send to one with room first, counting
-        their own sends against it; a dispatch follows a decision)."""
+        judged as each admission decision is (a dispatch follows a decision) and as each of their
+        reports comes (`refresh_rooms`); their pickers send to one with room first, counting their own
+        sends against it."""
         if rooms != self.rooms:
             self.rooms = rooms
             assert self.on_full is not None

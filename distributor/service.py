@@ -1179,10 +1179,11 @@ class Distributor:
             self._finish(p, Outcome.EVICTED_SHUTDOWN, time.monotonic() - p.received)
         if self.acceptors is not None:  # every outcome is delivered: the acceptors pass on the last ones
             await self.acceptors.close()
-        # From here to the final count nothing waits: the fronts here read nothing more (what they
-        # read is answered and counted; a client's later requests were never read, so are owed no
-        # outcome), and the exit line counts every outcome a client was given (a review: admissions
-        # read between this count and the exit were rejected uncounted, 32-77 % of a drain's)
+        # From here to the final count nothing waits: the fronts here handle nothing more (what they
+        # handled is answered and counted; a client's later requests are read and dropped, never
+        # admitted, so are owed no outcome), and the exit line counts every outcome a client was given
+        # (a review: admissions read between this count and the exit were rejected uncounted, 32-77 %
+        # of a drain's)
         self.reading = False
         for s in self.shards:
             stuck = s.link is not None  # it did not finish reporting: stopped, wedged or far behind

@@ -275,15 +275,20 @@ class PoolUtilization:
         if self.stale(backend):
             return 1.0
         load = self.loads[backend]
-        # (`unseen`: what the scrape missed, judged as it came back: `scraped`; the held streams'
-        # ends are not taken off)
-        finished = (load.finished - load.finished_base) - (load.held_finished - load.held_finished_base)
-        delta = load.unseen + (load.sent - load.sent_base + more) - finished
+        delta = self._delta(load, more)
         waiting = max(0.0, load.waiting + delta)
         kv = load.kv
         if delta > 0 and load.running > 0:
             kv += delta * load.kv / load.running  # each one takes an average running request's share
         return max(waiting / self.queue_threshold, kv / self.kv_threshold)
+
+    @staticmethod
+    def _delta(load: BackendLoad, more: float = 0) -> float:
+        """What changed there since its scrape, as waiting requests: what the scrape missed (`unseen`,
+        judged as it came back: `scraped`) and the requests sent since (with `more` besides), less
+        those finished since (the held streams' ends are not taken off)."""
+        finished = (load.finished - load.finished_base) - (load.held_finished - load.held_finished_base)
+        return load.unseen + (load.sent - load.sent_base + more) - finished
 
     def room(self, backend: int, sat: float | None = None) -> int:
         """How many more requests the backend takes before it is full (`full`: its saturation at 1; 0
@@ -295,8 +300,7 @@ class PoolUtilization:
         if (self._saturation(backend, 0) if sat is None else sat) >= 1.0:
             return 0
         load = self.loads[backend]
-        finished = (load.finished - load.finished_base) - (load.held_finished - load.held_finished_base)
-        delta = load.unseen + (load.sent - load.sent_base) - finished
+        delta = self._delta(load)
         queued = load.waiting + delta
         estimate = self.queue_threshold - queued
         exact = float(queued).is_integer() and float(self.queue_threshold).is_integer()  # (whole: no rounding)
