@@ -263,8 +263,7 @@ class AcceptorLink(asyncio.Protocol):
             counted = self.backend_sent = [0] * len(util.loads)
         for b, (sent, finished) in enumerate(zip(msg.sent, msg.finished, strict=False)):
             if b < len(util.loads):
-                util.loads[b].sent += sent
-                util.loads[b].finished += finished
+                util.add(b, sent, finished)
                 opened[b] += sent - finished
                 counted[b] += sent
         if msg.held or msg.held_finished:
@@ -273,8 +272,7 @@ class AcceptorLink(asyncio.Protocol):
                 held = self.backend_held = [0] * len(util.loads)
             for b, (began, ended) in enumerate(zip(msg.held, msg.held_finished, strict=False)):
                 if b < len(util.loads):
-                    util.loads[b].held += began - ended
-                    util.loads[b].held_finished += ended
+                    util.add(b, held=began - ended, held_finished=ended)
                     held[b] += began - ended
         for ticket in msg.marked:
             self._proxied_sent(ticket)
@@ -295,10 +293,9 @@ class AcceptorLink(asyncio.Protocol):
         proxy = self.service.proxy
         util = proxy.utilization
         for b, count in enumerate(self.backend_open):
-            util.loads[b].finished += max(0, count)
+            util.add(b, finished=max(0, count))
         for b, count in enumerate(self.backend_held):  # (ended too: their ends are not taken off either)
-            util.loads[b].held -= count
-            util.loads[b].held_finished += count
+            util.add(b, held=-count, held_finished=count)
         proxy.unsent -= len(self.unsent)
         self.backend_open = []
         self.backend_held = []

@@ -647,11 +647,10 @@ class Proxy:
         assert util is not None
         now = self.loop.time()
         util.expire(now)  # staleness as of this decision, not as of the last scrape round
-        if self.on_full is None:
-            return util.saturation(grants + self.unsent, self._out_of_rotation(now))
-        sats = util.saturations()  # (once, for both)
-        self._push_rooms([util.room(b, sat) for b, sat in enumerate(sats)])
-        return util.saturation(grants + self.unsent, self._out_of_rotation(now), sats, self.rooms)
+        sats, rooms = util.figures()  # (unchanged within a plan: once for its grants)
+        if self.on_full is not None:
+            self._push_rooms(rooms)
+        return util.saturation(grants + self.unsent, self._out_of_rotation(now), sats, rooms)
 
     def refresh_rooms(self) -> bool:
         """(The distributor with acceptors) each backend's room now: told to every acceptor if it
@@ -661,7 +660,7 @@ class Proxy:
         assert util is not None
         util.expire(self.loop.time())
         before = self.rooms
-        self._push_rooms([util.room(b, sat) for b, sat in enumerate(util.saturations())])
+        self._push_rooms(util.figures()[1])
         return self.rooms is not before
 
     def _push_rooms(self, rooms: list[int]) -> None:

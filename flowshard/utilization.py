@@ -172,11 +172,16 @@ class PoolUtilization:
         self.kv_threshold = kv_threshold
         self.staleness = staleness
         self._now = -math.inf  # the shell's clock at its last call (scraped / expire)
+        # `figures`, kept while nothing changed them: (changes then, the oldest fresh scrape's arrival
+        # then, saturations, rooms)
+        self.changes = 0  # events that moved a backend's figures, ever
+        self._figures: tuple[int, float, list[float], list[int]] | None = None
 
     # ------------------------------------------------------------------ events from the shell
 
     def sent(self, backend: int) -> None:
         self.loads[backend].sent += 1
+        self.changes += 1
 
     def finished(self, backend: int, held: bool = False) -> None:
         """A request sent there ended here (`held`: a stream that was `held`)."""
@@ -185,11 +190,23 @@ class PoolUtilization:
         if held:
             load.held -= 1
             load.held_finished += 1
+        self.changes += 1
 
     def held(self, backend: int) -> None:
         """A stream from there waits on its client for the first time: meanwhile the proxy reads nothing
         more of it, so the backend may be done with it long before it ends here."""
         self.loads[backend].held += 1
+        self.changes += 1
+
+    def add(self, backend: int, sent: int = 0, finished: int = 0, held: int = 0, held_finished: int = 0) -> None:
+        """Several of the events above at once (another process's proxy's, as it reports them): `held`
+        the streams now held less those held that ended, `held_finished` the latter."""
+        load = self.loads[backend]
+        load.sent += sent
+        load.finished += finished
+        load.held += held
+        load.held_finished += held_finished
+        self.changes += 1
 
     def scrape_started(self, backend: int) -> tuple[int, int, int, int]:
         """Call when the scrape request leaves; pass the result to `scraped` with its figures."""
@@ -214,6 +231,7 @@ class PoolUtilization:
         load.fresh_at = arrived
         load.duration = arrived - sent_at
         load.sent_base, load.finished_base, load.held_base, load.held_finished_base = mark
+        self.changes += 1
         # In flight there when the scrape left, yet not in its figures: not arrived yet (a backend may
         # take longer than a scrape interval to count a request: a long prompt's tokenizing), or done
         # there and not yet seen done here (then counted finished as well: the two cancel; a bound on
@@ -321,6 +339,22 @@ class PoolUtilization:
         """Each backend's `backend_saturation` now, by index (for `saturation` and `full` at once)."""
         return [self.backend_saturation(b) for b in range(len(self.loads))]
 
+    def figures(self) -> tuple[list[float], list[int]]:
+        """`saturations()` and each backend's `room` now, computed again only once an event changed
+        them or a backend's figures turned stale: a plan asks for them at each grant and admission,
+        and at 32 backends they cost ~90 µs each time (the lists are the caller's to read, not to
+        change)."""
+        cached = self._figures
+        if cached is not None and cached[0] == self.changes and self._now - cached[1] <= self.staleness:
+            return cached[2], cached[3]
+        sats = self.saturations()
+        rooms = [self.room(b, sat) for b, sat in enumerate(sats)]
+        # (the first of the fresh ones to turn stale: `stale`'s own test, on its arrival)
+        oldest = min((self.loads[b].fresh_at for b in range(len(self.loads)) if not self.stale(b)),
+                     default=math.inf)  # (none fresh: none turns stale)
+        self._figures = (self.changes, oldest, sats, rooms)
+        return sats, rooms
+
     def saturation(self, unsent: int = 0, out: frozenset[int] | set[int] = frozenset(),
                    now: list[float] | None = None, rooms: list[int] | None = None) -> float:
         """The pool's saturation: the mean over the backends in rotation (`out`: those that are not; none
@@ -331,31 +365,60 @@ class PoolUtilization:
         one of two out, the other at 1.6, the pool at 0.8). The `unsent` go where the picker sends
         them, to the backends with room, which take them until each is full: the pool reaches 1 when
         they fill the room of all of them (`room`: what each takes while it is below 1), not sooner and
-        not later; below that they are shared as the picker (fewest in flight) spreads them, evenly,
-        what a backend has no room for going to the others (a review: counted in proportion to each
-        one's room instead, a band's ceiling below 1 was passed, the pool at 0.65 for a ceiling of 0.5).
-        (Spread over all, the shares of full ones vanished under the cap: 10 sent where one backend of
-        two had room for 5; spread evenly over those with room and capped one by one, the share past
-        one backend's smaller room vanished in turn: rooms of 2 and 1 took 4, and at `queue_threshold`
-        5 rooms of 5, 1, 1 and 1 took 20; their shares summed, a backend whose one running request held
-        most of its KV cache took the others' room: 2 let through for 21 (three reviews).) `now`:
+        not later; below that they are placed as the picker places them (`_spread`: fewest in flight
+        first). (Counted in proportion to each one's room, a band's ceiling below 1 was passed, the
+        pool at 0.65 for a ceiling of 0.5; spread evenly, it was passed by up to 0.37 where one
+        backend had more in flight than another (reviews 121, 122); spread over all, the shares of
+        full ones vanished under the cap: 10 sent where one backend of two had room for 5; capped one
+        by one, rooms of 2 and 1 took 4; summed, a backend whose one running request held most of its
+        KV cache took the others' room: 2 let through for 21 (three reviews).) `now`:
         `saturations()`, and `rooms`, each backend's `room`, if the caller has them."""
         backends = [b for b in range(len(self.loads)) if b not in out] or range(len(self.loads))
         sats = [self.backend_saturation(b) if now is None else now[b] for b in backends]
         if not unsent:  # (a backend below 1 keeps the mean below 1, whatever the rounding of the sum)
             mean = sum(min(1.0, sat) for sat in sats) / len(backends)
             return mean if mean < 1.0 or all(sat >= 1.0 for sat in sats) else _BELOW_ONE
-        room = sorted((self.room(b, sat) if rooms is None else rooms[b], b)
-                      for b, sat in zip(backends, sats, strict=True) if sat < 1.0)
-        if unsent >= sum(r for r, _ in room):
+        roomy = [(b, self.room(b, sat) if rooms is None else rooms[b], sat)
+                 for b, sat in zip(backends, sats, strict=True) if sat < 1.0]
+        if unsent >= sum(r for _, r, _ in roomy):
             return 1.0
-        filled, left = 0.0, float(unsent)
-        for k, (r, b) in enumerate(room):  # the smallest rooms first: each takes an equal share, or its room
-            share = min(float(r), left / (len(room) - k))
-            left -= share
-            filled += min(1.0, self._saturation(b, share))
+        loads = self.loads
+        shares = self._spread([loads[b].sent - loads[b].finished for b, _, _ in roomy], [r for _, r, _ in roomy],
+                              unsent)
+        filled = sum(min(1.0, self._saturation(b, share) if share else sat)
+                     for (b, _, sat), share in zip(roomy, shares, strict=True))
         # (below the rooms' sum it is below 1: a fraction of a request is not one that fills a backend)
-        return min((len(backends) - len(room) + filled) / len(backends), _BELOW_ONE)
+        return min((len(backends) - len(roomy) + filled) / len(backends), _BELOW_ONE)
+
+    @staticmethod
+    def _spread(inflight: list[int], rooms: list[int], unsent: int) -> list[float]:
+        """How many of `unsent` requests each backend with room gets from the picker, which sends each
+        to the one with the fewest in flight that is not full (`BackendPool.pick`): water filling, each
+        backend's level its requests in flight, each taking no more than its room. Exact but for the
+        picker's round-robin among those tied at the last level, whose requests are shared evenly
+        (a fraction each). `unsent` is below the rooms' sum. (In flight: as the detector counts them,
+        the admitted requests sent there and not ended; in one process that is the picker's count but
+        for pass-through GETs, with acceptors the sum of theirs, where each acceptor picks by its own.)"""
+        # The level rises through the events: each backend joins at its in-flight count, leaves at that
+        # plus its room (full); between two, the backends in take one request each per level.
+        events = sorted([(f, 1) for f in inflight] + [(f + r, -1) for f, r in zip(inflight, rooms, strict=True)])
+        low, active, taken = events[0][0], 0, 0
+        for at, step in events:  # (`unsent` is below the rooms' sum: the filling stops before the last)
+            if at > low:
+                more = active * (at - low)
+                if taken + more > unsent:
+                    break
+                taken += more
+                low = at
+            active += step
+        low += (unsent - taken) // active  # the highest level whose filling takes no more than `unsent`
+        shares = [float(min(r, max(0, low - f))) for f, r in zip(inflight, rooms, strict=True)]
+        tied = [k for k, (f, r) in enumerate(zip(inflight, rooms, strict=True))
+                if f + shares[k] == low and shares[k] < r]  # (the next level would raise them)
+        left = unsent - sum(shares)
+        for k in tied:  # (fewer than `tied`: the next level would take one each)
+            shares[k] += left / len(tied)
+        return shares
 
     def full(self, backend: int) -> bool:
         """Whether `backend` is at or past its saturation (stale included): the picker sends elsewhere."""
