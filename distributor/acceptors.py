@@ -133,6 +133,8 @@ class AcceptorLink(asyncio.Protocol):
         self.closed = dict.fromkeys(COUNTED, 0)
         self.refused = {HANDED_HTTP: 0, HANDED_BINARY: 0}  # handed to be refused (not counted)
         self.heard = time.monotonic()  # when it last sent anything (it reports every 0.25 s: a heartbeat)
+        self.dropped = 0  # connections handed to it that came without their descriptor (LinkConns.dropped)
+        self.starved_until = -math.inf  # out of descriptors: handed nothing until then (DESCRIPTORS_PAUSE)
 
     def open(self, key: tuple[bytes, int]) -> int:
         """Its connections of a front and verdict, from the hand-over until it reports them closed."""
@@ -151,6 +153,9 @@ class AcceptorLink(asyncio.Protocol):
         handed, closed = self.handed, self.closed
         for key, count in zip(COUNTED, (msg.http_closed, msg.http_reserve_closed, msg.binary_closed), strict=True):
             closed[key] = min(max(count, closed[key]), handed[key])
+        if msg.dropped > self.dropped:  # it is out of descriptors: each connection handed is closed there
+            self.dropped = msg.dropped
+            self.starved_until = time.monotonic() + DESCRIPTORS_PAUSE
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -384,6 +389,11 @@ ACCEPT_BATCH = 64  # connections accepted per readiness callback (then the loop 
 ACCEPT_PAUSE = 0.1  # after an accept error (out of descriptors): listen again after this
 HANDOVER_RETRY = 0.005  # every live acceptor's hand-over queue full (a burst of connections): try again then
 HANDOVER_QUIET = 1.0  # an acceptor not heard from this long gets no new connection
+# An acceptor out of descriptors closes each connection handed to it (the client sees an EOF): none
+# is handed to it for this long after it says so (LinkConns.dropped), and none is accepted while every
+# live one is (they wait in the listen backlog, as without acceptors: `_accept`'s pause). Handed
+# again after it, a connection finds out whether it still is: one client in a second at most, each.
+DESCRIPTORS_PAUSE = 1.0
 # A connection over `max_connections` waits this long for a close its acceptor has not reported yet
 # before it is put in the admin reserve or refused (`Acceptors._refusing`); at most REFUSE_GRACE_MAX
 # per front wait so at once
@@ -609,8 +619,15 @@ class Acceptors:
         closed (a dead one is restarted). False: every live one's hand-over queue is full (try again)."""
         verdict = self.verdict(kind)
         message = kind + bytes((verdict,))
-        quiet = time.monotonic() - HANDOVER_QUIET  # an acceptor silent this long may be hung: none for it
+        now = time.monotonic()
+        quiet = now - HANDOVER_QUIET  # an acceptor silent this long may be hung: none for it
         ready = [link for link in self.links if link is not None and link.ready]
+        if any(link.starved_until > now for link in ready):  # (out of descriptors: none for it a moment)
+            starved = [link for link in ready if link.starved_until > now]
+            ready = [link for link in ready if link.starved_until <= now]
+            if not ready and not self._stopping:
+                return False  # kept (`_hold`), and nothing accepted, until one takes it
+            ready = ready or starved
         # All quiet: more likely this process did not run (its links hold their heartbeats unread)
         # than that every acceptor hung; a hung one's queue refuses the send, and it is killed later.
         live = sorted([link for link in ready if link.heard > quiet] or ready,

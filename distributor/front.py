@@ -411,6 +411,7 @@ class Handover:
         self._open: dict[asyncio.Protocol, tuple[bytes, int]] = {}  # counted connections not yet ended
         self._report_scheduled = False
         self._dropped = 0  # connections handed without their descriptor, not yet said (`_descriptor_dropped`)
+        self.dropped_total = 0  # ...and ever (LinkConns.dropped)
         self._dropped_said = -math.inf
         self._dropped_timer: asyncio.TimerHandle | None = None
         self._proxy_report = b""  # proxy mode: the counters last pushed (`_report`)
@@ -462,6 +463,10 @@ class Handover:
         them too, when the interval ends): one line per connection, a client connecting in a loop at
         an acceptor out of descriptors wrote 69,000 lines, 6 MB of stderr in 5 s (review 116)."""
         self._dropped += 1
+        self.dropped_total += 1
+        if not self._report_scheduled:  # (the distributor pauses its hand-over to this one: LinkConns)
+            self._report_scheduled = True
+            self._loop.call_soon(self._report)
         wait = self._dropped_said + DROPPED_LOG_INTERVAL - time.monotonic()
         if wait <= 0:
             self._say_dropped()
@@ -501,7 +506,8 @@ class Handover:
         self._report_scheduled = False
         closed = self.closed
         upstream = self._upstream
-        upstream.send(LinkConns(*(closed[key] for key in COUNTED)))
+        http, reserve, binary = (closed[key] for key in COUNTED)
+        upstream.send(LinkConns(http, reserve, binary, self.dropped_total))
         proxy = upstream.proxy
         if proxy is not None and self._loop.time() - self._proxy_pushed >= REPORT_INTERVAL:
             # Its proxy's counters, pushed when they changed (besides the answers to LinkProxyAsk), so

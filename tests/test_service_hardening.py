@@ -715,3 +715,45 @@ def test_a_half_closing_pipeliner_is_told_apart_what_became_a_request_and_what_d
             await c.release(held.ticket)
 
     run(main())
+
+
+def _connections_ended_unanswered(host: str, port: int, seconds: float) -> tuple[int, int, int]:
+    """A client connecting in a loop for `seconds`, one /healthz per connection: (answered, closed
+    without an answer, not answered within 0.2 s)."""
+    answered = closed = waited = 0
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        with socket.create_connection((host, port), timeout=1.0) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            s.settimeout(0.2)
+            try:
+                got = s.recv(100)
+            except TimeoutError:
+                waited += 1
+                continue
+            except ConnectionResetError:
+                got = b""
+            if got.startswith(b"HTTP/1.1 200"):
+                answered += 1
+            else:
+                closed += 1
+    return answered, closed, waited
+
+
+def test_an_acceptor_out_of_descriptors_is_handed_no_connection_for_a_moment(launch: Any) -> None:
+    """Review 120: an acceptor out of descriptors closed every connection handed to it (the kernel
+    drops the descriptor on its way), and the distributor, seeing that acceptor with the fewest
+    connections, kept handing it nearly all of them: ~13,700 connections a second accepted and
+    closed unanswered. It says so now (LinkConns.dropped), and gets none for DESCRIPTORS_PAUSE: the
+    other acceptor serves them; with every acceptor out, they wait in the listen backlog."""
+    svc = launch(shards=1, acceptors=2)
+    starved = next(p for p in svc.acceptor_procs() if p.role == "acceptor0")
+    # (below what it has open: it keeps those, and every descriptor handed to it is dropped)
+    resource.prlimit(starved.pid, resource.RLIMIT_NOFILE, (8, 8))
+    answered, closed, waited = _connections_ended_unanswered(svc.host, svc.http_port, 2.0)
+    assert answered > 50 and closed <= 4 and waited == 0, (answered, closed, waited)
+    other = next(p for p in svc.acceptor_procs() if p.role == "acceptor1")
+    resource.prlimit(other.pid, resource.RLIMIT_NOFILE, (8, 8))
+    answered, closed, waited = _connections_ended_unanswered(svc.host, svc.http_port, 2.0)
+    # (one each a second at most, after the first few a round trip lets through; before, thousands)
+    assert answered == 0 and closed <= 16 and waited >= 3, (answered, closed, waited)
