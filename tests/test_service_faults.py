@@ -489,6 +489,33 @@ def test_ctrl_c_while_starting_stops_quietly(delay: float) -> None:
     assert wait_until(lambda: not any(n.startswith(f"flowshard-{proc.pid}-") for n in os.listdir("/dev/shm")), 3.0)
 
 
+def test_an_interrupt_swallowed_while_starting_still_stops_the_service(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A Ctrl-C before `serve` put its handlers in place was asyncio's runner's: a cancel of the task,
+    which an await in the start can swallow (a test saw one such signal lost under load: the service
+    printed its ready line and ran on). The handlers come first now, and a cancel that a start
+    swallowed still stops the service before it is ready."""
+    from distributor import service as service_module
+    from flowshard.config import Config
+
+    async def start(self: Any) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(1)  # (the await that swallows it)
+
+    async def close(self: Any, *, why: str = "stopped") -> None:
+        return None
+
+    monkeypatch.setattr(service_module.Distributor, "start", start)
+    monkeypatch.setattr(service_module.Distributor, "close", close)
+    asyncio.run(asyncio.wait_for(service_module.serve(Config(), 1), 5))
+    said = capsys.readouterr().err
+    assert "stopped before it was ready" in said and "ready:" not in said, said
+
+
 def test_sigterm_right_after_ready_line_drains_and_exits_zero(launch: Any) -> None:
     """The ready line promises a running service; a supervisor may stop it at once (SIGTERM right
     after readiness). It must drain and exit 0, never die of the default SIGTERM action."""
