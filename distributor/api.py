@@ -30,6 +30,14 @@ HANDED_BINARY: Final = b"b"
 COUNTED: Final = ((HANDED_HTTP, CONN_NORMAL), (HANDED_HTTP, CONN_RESERVE), (HANDED_BINARY, CONN_NORMAL))
 
 
+# HTTP connections whose client closed its side and has every answer, waiting a moment for a reset
+# that says an answer was not delivered (`HttpHub.probe`), with their place under max_connections
+# freed (`HttpConnection._free_place`): at most this many per process, beyond the limit; a flood
+# of them past it keeps its places until its waits end. (A client closing and connecting again at
+# once needs one per connection of its last 0.25 s.)
+PROBING_MAX: Final = 1024
+
+
 def connection_verdict(counted: int, reserved: int, max_connections: int, admin_reserve: int) -> int:
     """The verdict for a new connection when `counted` are open within max_connections and
     `reserved` in the admin reserve (the binary front has none: admin_reserve 0)."""

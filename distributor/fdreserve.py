@@ -14,6 +14,8 @@ import os
 import resource
 from collections.abc import Iterator
 
+from distributor.api import PROBING_MAX
+
 SPAWN_FDS = 16  # what one spawn may open at once (4 to 6 here), with room to spare
 # the distributor's own descriptors besides its clients' (35 at start with one shard, the reserve above
 # included; README "Resource limits"), with room for the HTTP front's admin reserve
@@ -22,10 +24,11 @@ BASE_FDS = 80
 
 def descriptors_needed(max_connections: int, shards: int, acceptors: int, proxied: int = 0) -> int:
     """What one of `serve`'s processes may hold open at once: `max_connections` on each of the two
-    fronts, one per worker, three per acceptor, and in proxy mode a backend connection per request
-    relayed at once (`proxied`). Each acceptor inherits the limit, and may hold any share of the
-    clients' and backends' connections (all of them, the others down)."""
-    return 2 * max_connections + BASE_FDS + shards + 3 * acceptors + proxied
+    fronts (and HTTP connections waiting after their client's close with their place freed:
+    `PROBING_MAX`), one per worker, three per acceptor, and in proxy mode a backend connection per
+    request relayed at once (`proxied`). Each acceptor inherits the limit, and may hold any share of
+    the clients' and backends' connections (all of them, the others down)."""
+    return 2 * max_connections + PROBING_MAX + BASE_FDS + shards + 3 * acceptors + proxied
 
 
 def raise_descriptor_limit(needed: int) -> tuple[int, int]:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
 import httptools
 import msgspec
 
-from distributor.api import CONN_CHECK, CONN_NORMAL, CONN_RESERVE, Admission, Audit, connection_verdict
+from distributor.api import CONN_CHECK, CONN_NORMAL, CONN_RESERVE, PROBING_MAX, Admission, Audit, connection_verdict
 from distributor.guards import Guards
 from distributor.sockets import MIN_READ_RATE, READ_WINDOW, TCP_ESTABLISHED, dead_peer, peer_state, reset, unsent
 from flowshard.types import Outcome
@@ -274,7 +274,8 @@ class HttpHub:
     server's factory, or an acceptor's for the connections handed to it)."""
 
     __slots__ = (
-        "admission", "deferred", "guards", "lease", "limits", "linger", "loop", "on_close", "open", "probe", "proxy",
+        "admission", "deferred", "guards", "lease", "limits", "linger", "loop", "on_close", "open", "probe", "probing",
+        "proxy",
         "reserve", "unheld_at",
     )
 
@@ -297,6 +298,7 @@ class HttpHub:
         # After the client's EOF: how long to wait for the reset that says answers just written to it
         # were not delivered (a round trip; the reset of a closed peer comes at once).
         self.probe = min(self.linger, 0.25)
+        self.probing = 0  # connections in that wait whose place was freed at the EOF (`_free_place`)
         # Reading resumes once a held connection's queue drops to this (hysteresis).
         self.unheld_at = max(0, limits.max_pipelined // 2)
         # Between defer() and flush_deferred(): connections with answers ready to write, written at
@@ -359,6 +361,7 @@ class HttpConnection(asyncio.Protocol):
         self._discarded = 0  # input read and thrown away since the connection began to close
         self._counted = False
         self._reserve = False  # one of the admin reserve: only ADMIN_PATHS are served on it
+        self._place_freed = False  # its place was freed at the client's EOF (`_free_place`)
         self._fresh = True  # no request seen yet: header_timeout, not idle_timeout, applies
         self._held: bytearray | None = None  # input kept unparsed while max_pipelined is reached
         # Requests parsed while max_pipelined were in progress (one read holds many): handled, in order,
@@ -546,9 +549,28 @@ class HttpConnection(asyncio.Protocol):
         self._closing = True
         if self._sent and not self._dead:
             self._probing = True
+            self._free_place()
             self._arm(self._loop.time() + self._sh.probe, force=True)
             return True
         return False
+
+    def _free_place(self) -> None:
+        """The client closed its side and has every answer: its place under `max_connections` (or in
+        the admin reserve) is free now, not after the wait for a reset (`probe`, 0.25 s): a client
+        that closes and connects again at once, at the limit, was refused 503 (review 125: 49 of 50
+        at `max_connections = 1`, 40 of 50 with acceptors). At most `PROBING_MAX` connections wait so
+        beyond the limit: a flood of them keeps its places until its waits end."""
+        sh = self._sh
+        if self._place_freed or sh.probing >= PROBING_MAX:
+            return
+        self._place_freed = True
+        sh.probing += 1
+        if self._counted:
+            sh.open -= 1
+        elif self._reserve:
+            sh.reserve -= 1
+        if sh.on_close is not None:
+            sh.on_close(self)  # (with acceptors: reported to the distributor, which counts the places)
 
     def _answers_on_their_way(self) -> bool:
         """At the client's EOF: its admissions whose answers are not written are cancelled (a dispatched
@@ -615,12 +637,15 @@ class HttpConnection(asyncio.Protocol):
         sh = self._sh
         if dead_peer(exc):
             sh.guards.hit("http", "dead_peer")
-        if self._counted:
-            sh.open -= 1
-        elif self._reserve:
-            sh.reserve -= 1
-        if sh.on_close is not None:
-            sh.on_close(self)
+        if self._place_freed:
+            sh.probing -= 1
+        else:
+            if self._counted:
+                sh.open -= 1
+            elif self._reserve:
+                sh.reserve -= 1
+            if sh.on_close is not None:
+                sh.on_close(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

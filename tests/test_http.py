@@ -685,6 +685,37 @@ def test_too_many_connections_503_and_close() -> None:
     serve(t, max_connections=2, admin_reserve=0)
 
 
+def test_a_client_closing_after_a_dispatch_frees_its_place_while_the_reset_is_awaited(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review 125: the wait for a reset after the client's close (0.25 s: `undeliverable`) held its
+    place under max_connections, so a client reconnecting at once at the limit got 503. The place is
+    free at the close now, for at most PROBING_MAX such connections at once: past that a connection
+    keeps its place until its wait ends."""
+    import distributor.http
+
+    monkeypatch.setattr(distributor.http, "PROBING_MAX", 1, raising=False)
+
+    async def cycle(port: int) -> int:
+        c = await Client.open(port)
+        c.send(admit("a"))
+        status = (await c.response()).status
+        c.writer.write_eof()  # a FIN after reading its answer: the ticket is kept
+        await asyncio.sleep(0.02)  # (its close read there; its socket kept for the wait)
+        c.close()
+        return status
+
+    async def t(port: int, fake: FakeAdmission) -> None:
+        assert await cycle(port) == 200  # its wait begins: its place is free
+        assert await cycle(port) == 200  # served at once; its own wait finds the one place taken
+        assert await cycle(port) == 503  # so the next is refused until the first wait ends
+        await asyncio.sleep(0.3)
+        assert await cycle(port) == 200
+        assert fake.released == []  # each answer was delivered: every ticket kept
+
+    serve(t, max_connections=1, admin_reserve=0)
+
+
 ADMIN_GETS = ("/healthz", "/readyz", "/metrics", "/v1/stats")
 
 

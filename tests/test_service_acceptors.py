@@ -634,6 +634,32 @@ def test_a_client_that_reconnects_at_once_at_the_limit_is_served_as_without_acce
     run(over_the_limit())
 
 
+@pytest.mark.parametrize("acceptors", [0, 2])
+def test_a_client_that_closes_after_a_dispatch_frees_its_place_at_once(launch: Any, acceptors: int) -> None:
+    """Review 125: after a client's close (FIN) that follows a dispatched answer, the connection waits
+    0.25 s for a reset that would say the answer was not delivered (the ticket is then released); its
+    place under max_connections stayed taken meanwhile, so a client connecting again at once, at the
+    limit, was refused 503: 49 of 50 at max_connections = 1 in one process, 40 of 50 with 2
+    acceptors. The place is free at the close now; the wait goes on beside it."""
+    svc = launch(shards=1, acceptors=acceptors, budget=None, service={"max_connections": 1})
+    admit = _request_bytes("POST", "/v1/admit", {"flow": "a"})  # dispatched at once: a ticket each
+
+    def once() -> int:
+        with socket.create_connection((svc.host, svc.http_port)) as s:
+            s.sendall(admit)
+            got = b""
+            while not got.endswith(b"}"):  # the whole answer read: the close is a FIN, not a reset
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+            return int(got.split(b" ", 2)[1]) if got else 0
+
+    time.sleep(0.3)  # the start's /healthz connection is closed (and reported) by now
+    statuses = Counter(once() for _ in range(50))
+    assert statuses == {200: 50}, statuses
+
+
 def test_places_of_a_killed_acceptors_connections_are_free_again(launch: Any) -> None:
     """max_connections = 5, both fronts full over 2 acceptors; SIGKILL one: its connections are gone,
     and exactly as many new clients of each front get in as it held (then the admin reserve, and
