@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from distributor.api import PROBING_MAX
 
 SPAWN_FDS = 16  # what one spawn may open at once (4 to 6 here), with room to spare
-# the distributor's own descriptors besides its clients' (35 at start with one shard, the reserve above
+# the distributor's own descriptors besides its clients' (37 at start with one shard, the reserve above
 # included; README "Resource limits"), with room for the HTTP front's admin reserve
 BASE_FDS = 80
 

@@ -111,7 +111,7 @@ def read_lines(lines: list[bytes]) -> Scraped:
             kv = max(kv, value)
     if not seen_waiting and kv < 0:
         raise NoMetrics("no known saturation metric (vllm:num_requests_waiting, vllm:kv_cache_usage_perc, "
-                          "sglang:num_queue_reqs, sglang:token_usage)")
+                          "sglang:num_queue_reqs, sglang:token_usage, tgi_queue_size)")
     return Scraped(waiting, running, min(max(kv, 0.0), 1.0), seen_waiting and seen_running)
 
 
