@@ -134,7 +134,15 @@ class AcceptorLink(asyncio.Protocol):
         self.refused = {HANDED_HTTP: 0, HANDED_BINARY: 0}  # handed to be refused (not counted)
         self.heard = time.monotonic()  # when it last sent anything (it reports every 0.25 s: a heartbeat)
         self.dropped = 0  # connections handed to it that came without their descriptor (LinkConns.dropped)
-        self.starved_until = -math.inf  # out of descriptors: handed nothing until then (DESCRIPTORS_PAUSE)
+        # Out of descriptors once (LinkConns.dropped): handed no more open connections than it held
+        # then (`cap`), but one past it at `probe_at` to find out whether it has room for more (then
+        # `cap` grows), the probes further apart while they fail (`probe_every`, DESCRIPTORS_PROBE
+        # doubling up to a second). `probe`: the hand-overs it will have read when the probe's
+        # result is known (LinkConns.dropped + received); 0 if none is out.
+        self.cap: int | None = None
+        self.probe_at = 0.0
+        self.probe_every = DESCRIPTORS_PROBE
+        self.probe = 0
 
     def open(self, key: tuple[bytes, int]) -> int:
         """Its connections of a front and verdict, from the hand-over until it reports them closed."""
@@ -153,9 +161,41 @@ class AcceptorLink(asyncio.Protocol):
         handed, closed = self.handed, self.closed
         for key, count in zip(COUNTED, (msg.http_closed, msg.http_reserve_closed, msg.binary_closed), strict=True):
             closed[key] = min(max(count, closed[key]), handed[key])
-        if msg.dropped > self.dropped:  # it is out of descriptors: each connection handed is closed there
-            self.dropped = msg.dropped
-            self.starved_until = time.monotonic() + DESCRIPTORS_PAUSE
+        now = time.monotonic()
+        mark = self.probe
+        if msg.dropped > self.dropped:  # out of descriptors: as many as it holds now, no more
+            if self.cap is None:
+                self.probe_every = DESCRIPTORS_PROBE
+            self.cap = self.connections  # (those it dropped are counted closed already; 0: none but probes)
+            self.probe_at = now + self.probe_every
+            self.probe = 0
+        elif mark and msg.dropped + msg.received >= mark and self.cap is not None:
+            # the probe came with its descriptor (it dropped none since): it has room for more
+            self.cap = max(self.cap + 1, self.connections)
+            self.probe_every = DESCRIPTORS_PROBE
+            self.probe_at = now
+            self.probe = 0
+        self.dropped = max(self.dropped, msg.dropped)
+
+    def may_take(self, now: float) -> bool:
+        """Whether a connection handed to it now may find a descriptor there (`cap`)."""
+        cap = self.cap
+        return cap is None or self.connections < cap or (not self.probe and now >= self.probe_at)
+
+    def probe_due(self, now: float) -> bool:
+        """At its cap, and time to hand it one more to find out whether it has room: first (else, while
+        the others take every connection, one that got its descriptors back would never be tried)."""
+        cap = self.cap
+        return cap is not None and self.connections >= cap and not self.probe and now >= self.probe_at
+
+    def took(self, now: float) -> None:
+        """A connection was handed to it (counted in `handed` or `refused`): past its cap, a probe."""
+        cap = self.cap
+        if cap is None or self.connections <= cap:
+            return
+        self.probe = sum(self.handed.values()) + sum(self.refused.values())
+        self.probe_at = now + self.probe_every
+        self.probe_every = min(1.0, 2 * self.probe_every)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -389,11 +429,13 @@ ACCEPT_BATCH = 64  # connections accepted per readiness callback (then the loop 
 ACCEPT_PAUSE = 0.1  # after an accept error (out of descriptors): listen again after this
 HANDOVER_RETRY = 0.005  # every live acceptor's hand-over queue full (a burst of connections): try again then
 HANDOVER_QUIET = 1.0  # an acceptor not heard from this long gets no new connection
-# An acceptor out of descriptors closes each connection handed to it (the client sees an EOF): none
-# is handed to it for this long after it says so (LinkConns.dropped), and none is accepted while every
-# live one is (they wait in the listen backlog, as without acceptors: `_accept`'s pause). Handed
-# again after it, a connection finds out whether it still is: one client in a second at most, each.
-DESCRIPTORS_PAUSE = 1.0
+# An acceptor out of descriptors closes each connection handed to it (the client sees an EOF). Once it
+# says so (LinkConns.starved), it is handed only as many as its closes free, and one now and then to
+# find out whether it still is: this long after, then twice as long each time, up to a second; none
+# is accepted while no live acceptor may take one (they wait in the listen backlog, as without
+# acceptors: `_accept`'s pause). Review 127: a pause of a second for any drop stalled acceptors that
+# were merely near their limit (47 answers a second, from 7,000).
+DESCRIPTORS_PROBE = 0.1
 # A connection over `max_connections` waits this long for a close its acceptor has not reported yet
 # before it is put in the admin reserve or refused (`Acceptors._refusing`); at most REFUSE_GRACE_MAX
 # per front wait so at once
@@ -622,16 +664,13 @@ class Acceptors:
         now = time.monotonic()
         quiet = now - HANDOVER_QUIET  # an acceptor silent this long may be hung: none for it
         ready = [link for link in self.links if link is not None and link.ready]
-        if any(link.starved_until > now for link in ready):  # (out of descriptors: none for it a moment)
-            starved = [link for link in ready if link.starved_until > now]
-            ready = [link for link in ready if link.starved_until <= now]
-            if not ready and not self._stopping:
-                return False  # kept (`_hold`), and nothing accepted, until one takes it
-            ready = ready or starved
         # All quiet: more likely this process did not run (its links hold their heartbeats unread)
         # than that every acceptor hung; a hung one's queue refuses the send, and it is killed later.
-        live = sorted([link for link in ready if link.heard > quiet] or ready,
-                      key=lambda x: (x.load(kind), x.refused[kind]))
+        live = [link for link in ready if link.heard > quiet] or ready
+        takers = [link for link in live if link.may_take(now)]  # (out of descriptors: `starved`)
+        if live and not takers and not self._stopping:
+            return False  # kept (`_hold`), and nothing accepted, until one may take it
+        live = sorted(takers or live, key=lambda x: (not x.probe_due(now), x.load(kind), x.refused[kind]))
         full = False
         for link in live:
             if link.handover is None:
@@ -647,6 +686,7 @@ class Acceptors:
                 link.refused[kind] += 1
             else:
                 link.handed[kind, verdict] += 1
+            link.took(now)
             return True
         if full and not self._stopping:
             return False

@@ -412,6 +412,7 @@ class Handover:
         self._report_scheduled = False
         self._dropped = 0  # connections handed without their descriptor, not yet said (`_descriptor_dropped`)
         self.dropped_total = 0  # ...and ever (LinkConns.dropped)
+        self.received = 0  # ...and those that came with theirs (LinkConns.received)
         self._dropped_said = -math.inf
         self._dropped_timer: asyncio.TimerHandle | None = None
         self._proxy_report = b""  # proxy mode: the counters last pushed (`_report`)
@@ -445,6 +446,7 @@ class Handover:
                 if key in self.closed:
                     self._count_end(key)
                 continue
+            self.received += 1
             try:
                 conn = socket.socket(fileno=fds[0])
             except OSError as exc:  # not a socket
@@ -464,9 +466,7 @@ class Handover:
         an acceptor out of descriptors wrote 69,000 lines, 6 MB of stderr in 5 s (review 116)."""
         self._dropped += 1
         self.dropped_total += 1
-        if not self._report_scheduled:  # (the distributor pauses its hand-over to this one: LinkConns)
-            self._report_scheduled = True
-            self._loop.call_soon(self._report)
+        self._report_soon()  # (the distributor learns how many this one can hold: LinkConns)
         wait = self._dropped_said + DROPPED_LOG_INTERVAL - time.monotonic()
         if wait <= 0:
             self._say_dropped()
@@ -496,6 +496,9 @@ class Handover:
 
     def _count_end(self, key: tuple[bytes, int]) -> None:
         self.closed[key] += 1
+        self._report_soon()
+
+    def _report_soon(self) -> None:
         if not self._report_scheduled:
             self._report_scheduled = True
             self._loop.call_soon(self._report)
@@ -507,7 +510,7 @@ class Handover:
         closed = self.closed
         upstream = self._upstream
         http, reserve, binary = (closed[key] for key in COUNTED)
-        upstream.send(LinkConns(http, reserve, binary, self.dropped_total))
+        upstream.send(LinkConns(http, reserve, binary, self.dropped_total, self.received))
         proxy = upstream.proxy
         if proxy is not None and self._loop.time() - self._proxy_pushed >= REPORT_INTERVAL:
             # Its proxy's counters, pushed when they changed (besides the answers to LinkProxyAsk), so
