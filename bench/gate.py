@@ -56,7 +56,7 @@ def cost_per_grant(backends: int) -> float:
 
     def grant() -> float:
         pool.expire(1.5)
-        sats, rooms = pool.figures()
+        sats, rooms = pool.saturations_kept(), pool.rooms_kept()
         step[0] = step[0] % 20 + 1
         return pool.saturation(step[0], set(), sats, rooms)
 

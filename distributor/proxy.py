@@ -647,10 +647,18 @@ class Proxy:
         assert util is not None
         now = self.loop.time()
         util.expire(now)  # staleness as of this decision, not as of the last scrape round
-        sats, rooms = util.figures()  # (unchanged within a plan: once for its grants)
-        if self.on_full is not None:
+        sats = util.saturations_kept()  # (unchanged within a plan: once for its grants)
+        unsent = grants + self.unsent
+        rooms: list[int] | None = None
+        if self.on_full is not None:  # with acceptors: their pickers count against the rooms
+            rooms = util.rooms_kept()
             self._push_rooms(rooms)
-        return util.saturation(grants + self.unsent, self._out_of_rotation(now), sats, rooms)
+            inflight = None  # (the detector's counts: the sum of theirs, each picking by its own)
+        else:  # one process: the picker's own counts, which it fills by (the detector's end a request
+            # at its answer's end, the picker's at its try's, and count no pass-through GET)
+            rooms = util.rooms_kept() if unsent else None
+            inflight = [b.inflight for b in self.pool.backends]
+        return util.saturation(unsent, self._out_of_rotation(now), sats, rooms, inflight)
 
     def refresh_rooms(self) -> bool:
         """(The distributor with acceptors) each backend's room now: told to every acceptor if it
@@ -660,7 +668,7 @@ class Proxy:
         assert util is not None
         util.expire(self.loop.time())
         before = self.rooms
-        self._push_rooms(util.figures()[1])
+        self._push_rooms(util.rooms_kept())
         return self.rooms is not before
 
     def _push_rooms(self, rooms: list[int]) -> None:

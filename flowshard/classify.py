@@ -344,6 +344,8 @@ _WS_LOOKBACK = 4096
 def _ws_start(data: bytes, pos: int, floor: int) -> int:
     """Where the run of JSON whitespace that ends at `pos` begins (not before `floor`, nor more than
     `_WS_LOOKBACK` bytes back)."""
+    if pos <= floor or data[pos - 1] not in _WS:  # (the usual case: none there)
+        return pos
     low = max(floor, pos - _WS_LOOKBACK)
     window = data[low:pos]
     return pos - (len(window) - len(window.rstrip(_WS)))

@@ -172,10 +172,12 @@ class PoolUtilization:
         self.kv_threshold = kv_threshold
         self.staleness = staleness
         self._now = -math.inf  # the shell's clock at its last call (scraped / expire)
-        # `figures`, kept while nothing changed them: (changes then, the oldest fresh scrape's arrival
-        # then, saturations, rooms)
+        # `saturations_kept` and `rooms_kept`, while nothing changed them: (changes then, the oldest
+        # fresh scrape's arrival then); the rooms computed only when asked for
         self.changes = 0  # events that moved a backend's figures, ever
-        self._figures: tuple[int, float, list[float], list[int]] | None = None
+        self._kept_at: tuple[int, float] | None = None
+        self._kept_saturations: list[float] = []
+        self._kept_rooms: list[int] | None = None
 
     # ------------------------------------------------------------------ events from the shell
 
@@ -201,12 +203,13 @@ class PoolUtilization:
     def add(self, backend: int, sent: int = 0, finished: int = 0, held: int = 0, held_finished: int = 0) -> None:
         """Several of the events above at once (another process's proxy's, as it reports them): `held`
         the streams now held less those held that ended, `held_finished` the latter."""
-        load = self.loads[backend]
-        load.sent += sent
-        load.finished += finished
-        load.held += held
-        load.held_finished += held_finished
-        self.changes += 1
+        if sent or finished or held or held_finished:
+            load = self.loads[backend]
+            load.sent += sent
+            load.finished += finished
+            load.held += held
+            load.held_finished += held_finished
+            self.changes += 1
 
     def scrape_started(self, backend: int) -> tuple[int, int, int, int]:
         """Call when the scrape request leaves; pass the result to `scraped` with its figures."""
@@ -292,7 +295,10 @@ class PoolUtilization:
         step, as once `sent` has counted them (so `room` and `full` never disagree by a rounding)."""
         if self.stale(backend):
             return 1.0
-        load = self.loads[backend]
+        return self._fresh_saturation(self.loads[backend], more)
+
+    def _fresh_saturation(self, load: BackendLoad, more: float) -> float:
+        """`_saturation` of a backend whose figures are fresh."""
         delta = self._delta(load, more)
         waiting = max(0.0, load.waiting + delta)
         kv = load.kv
@@ -339,24 +345,37 @@ class PoolUtilization:
         """Each backend's `backend_saturation` now, by index (for `saturation` and `full` at once)."""
         return [self.backend_saturation(b) for b in range(len(self.loads))]
 
-    def figures(self) -> tuple[list[float], list[int]]:
-        """`saturations()` and each backend's `room` now, computed again only once an event changed
-        them or a backend's figures turned stale: a plan asks for them at each grant and admission,
-        and at 32 backends they cost ~90 µs each time (the lists are the caller's to read, not to
-        change)."""
-        cached = self._figures
-        if cached is not None and cached[0] == self.changes and self._now - cached[1] <= self.staleness:
-            return cached[2], cached[3]
-        sats = self.saturations()
-        rooms = [self.room(b, sat) for b, sat in enumerate(sats)]
-        # (the first of the fresh ones to turn stale: `stale`'s own test, on its arrival)
-        oldest = min((self.loads[b].fresh_at for b in range(len(self.loads)) if not self.stale(b)),
-                     default=math.inf)  # (none fresh: none turns stale)
-        self._figures = (self.changes, oldest, sats, rooms)
-        return sats, rooms
+    def saturations_kept(self) -> list[float]:
+        """`saturations()`, computed again only once an event changed them or a backend's figures
+        turned stale: a plan asks at each grant and admission (the list is the caller's to read, not
+        to change)."""
+        kept = self._kept_at
+        if kept is not None and kept[0] == self.changes and self._now - kept[1] <= self.staleness:
+            return self._kept_saturations
+        sats: list[float] = []
+        oldest = math.inf  # (the first of the fresh ones to turn stale: `stale`'s own test, on its arrival)
+        for b, load in enumerate(self.loads):
+            if self.stale(b):
+                sats.append(1.0)
+            else:
+                sats.append(self._fresh_saturation(load, 0))
+                oldest = min(oldest, load.fresh_at)
+        self._kept_at = (self.changes, oldest)
+        self._kept_saturations = sats
+        self._kept_rooms = None
+        return sats
+
+    def rooms_kept(self) -> list[int]:
+        """Each backend's `room` now, kept as `saturations_kept` is."""
+        sats = self.saturations_kept()
+        rooms = self._kept_rooms
+        if rooms is None:
+            rooms = self._kept_rooms = [self.room(b, sat) for b, sat in enumerate(sats)]
+        return rooms
 
     def saturation(self, unsent: int = 0, out: frozenset[int] | set[int] = frozenset(),
-                   now: list[float] | None = None, rooms: list[int] | None = None) -> float:
+                   now: list[float] | None = None, rooms: list[int] | None = None,
+                   inflight: list[int] | None = None) -> float:
         """The pool's saturation: the mean over the backends in rotation (`out`: those that are not; none
         left: over all of them) of each one's capped at 1, so the pool is at 1 only when every one is
         (the picker sends to those with room first: `BackendPool.pick`); with `unsent` admitted requests
@@ -366,13 +385,16 @@ class PoolUtilization:
         them, to the backends with room, which take them until each is full: the pool reaches 1 when
         they fill the room of all of them (`room`: what each takes while it is below 1), not sooner and
         not later; below that they are placed as the picker places them (`_spread`: fewest in flight
-        first). (Counted in proportion to each one's room, a band's ceiling below 1 was passed, the
-        pool at 0.65 for a ceiling of 0.5; spread evenly, it was passed by up to 0.37 where one
-        backend had more in flight than another (reviews 121, 122); spread over all, the shares of
-        full ones vanished under the cap: 10 sent where one backend of two had room for 5; capped one
-        by one, rooms of 2 and 1 took 4; summed, a backend whose one running request held most of its
-        KV cache took the others' room: 2 let through for 21 (three reviews).) `now`:
-        `saturations()`, and `rooms`, each backend's `room`, if the caller has them."""
+        first, `inflight` by backend if the caller has the picker's counts, else the detector's),
+        those it may send to any of several backends tied at the last level counted where they
+        raise the figure most, so that it is never below what the picker makes of them. (Counted in
+        proportion to each one's room, a band's ceiling below 1 was passed, the pool at 0.65 for a
+        ceiling of 0.5; spread evenly, by up to 0.37 where one backend had more in flight than
+        another (reviews 121, 122); shared among the tied ones, by up to 0.10 (review 127); spread
+        over all, the shares of full ones vanished under the cap: 10 sent where one backend of two
+        had room for 5; capped one by one, rooms of 2 and 1 took 4; summed, a backend whose one
+        running request held most of its KV cache took the others' room: 2 let through for 21 (three
+        reviews).) `now`: `saturations()`, and `rooms`, each backend's `room`, if the caller has them."""
         backends = [b for b in range(len(self.loads)) if b not in out] or range(len(self.loads))
         sats = [self.backend_saturation(b) if now is None else now[b] for b in backends]
         if not unsent:  # (a backend below 1 keeps the mean below 1, whatever the rounding of the sum)
@@ -383,22 +405,27 @@ class PoolUtilization:
         if unsent >= sum(r for _, r, _ in roomy):
             return 1.0
         loads = self.loads
-        shares = self._spread([loads[b].sent - loads[b].finished for b, _, _ in roomy], [r for _, r, _ in roomy],
-                              unsent)
-        filled = sum(min(1.0, self._saturation(b, share) if share else sat)
-                     for (b, _, sat), share in zip(roomy, shares, strict=True))
-        # (below the rooms' sum it is below 1: a fraction of a request is not one that fills a backend)
+        levels = [(loads[b].sent - loads[b].finished if inflight is None else inflight[b]) for b, _, _ in roomy]
+        shares, tied, left = self._spread(levels, [r for _, r, _ in roomy], unsent)
+
+        figures = [min(1.0, self._saturation(b, n) if n else sat) for (b, _, sat), n in zip(roomy, shares, strict=True)]
+        if left:  # the tied ones whose figure one more raises most (the picker's round robin may pick them)
+            more = sorted(((min(1.0, self._saturation(roomy[k][0], shares[k] + 1)), k) for k in tied),
+                          key=lambda x: x[0] - figures[x[1]], reverse=True)
+            for figure, k in more[:left]:
+                figures[k] = figure
+        filled = sum(figures)
+        # (below the rooms' sum it is below 1: a backend with room left keeps its figure below 1)
         return min((len(backends) - len(roomy) + filled) / len(backends), _BELOW_ONE)
 
     @staticmethod
-    def _spread(inflight: list[int], rooms: list[int], unsent: int) -> list[float]:
-        """How many of `unsent` requests each backend with room gets from the picker, which sends each
-        to the one with the fewest in flight that is not full (`BackendPool.pick`): water filling, each
-        backend's level its requests in flight, each taking no more than its room. Exact but for the
-        picker's round-robin among those tied at the last level, whose requests are shared evenly
-        (a fraction each). `unsent` is below the rooms' sum. (In flight: as the detector counts them,
-        the admitted requests sent there and not ended; in one process that is the picker's count but
-        for pass-through GETs, with acceptors the sum of theirs, where each acceptor picks by its own.)"""
+    def _spread(inflight: list[int], rooms: list[int], unsent: int) -> tuple[list[int], list[int], int]:
+        """Where the picker sends `unsent` requests among backends with room: it sends each to the one
+        with the fewest in flight that is not full (`BackendPool.pick`), so water filling, each
+        backend's level its requests in flight, each taking no more than its room. Returns each
+        backend's share of the whole levels, the backends tied at the next level (any of which the
+        picker's round robin may give one more) and how many requests are left for them (fewer
+        than they are). `unsent` is below the rooms' sum."""
         # The level rises through the events: each backend joins at its in-flight count, leaves at that
         # plus its room (full); between two, the backends in take one request each per level.
         events = sorted([(f, 1) for f in inflight] + [(f + r, -1) for f, r in zip(inflight, rooms, strict=True)])
@@ -412,13 +439,10 @@ class PoolUtilization:
                 low = at
             active += step
         low += (unsent - taken) // active  # the highest level whose filling takes no more than `unsent`
-        shares = [float(min(r, max(0, low - f))) for f, r in zip(inflight, rooms, strict=True)]
+        shares = [min(r, max(0, low - f)) for f, r in zip(inflight, rooms, strict=True)]
         tied = [k for k, (f, r) in enumerate(zip(inflight, rooms, strict=True))
                 if f + shares[k] == low and shares[k] < r]  # (the next level would raise them)
-        left = unsent - sum(shares)
-        for k in tied:  # (fewer than `tied`: the next level would take one each)
-            shares[k] += left / len(tied)
-        return shares
+        return shares, tied, unsent - sum(shares)
 
     def full(self, backend: int) -> bool:
         """Whether `backend` is at or past its saturation (stale included): the picker sends elsewhere."""
