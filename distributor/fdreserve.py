@@ -24,11 +24,13 @@ BASE_FDS = 80
 
 def descriptors_needed(max_connections: int, shards: int, acceptors: int, proxied: int = 0) -> int:
     """What one of `serve`'s processes may hold open at once: `max_connections` on each of the two
-    fronts (and HTTP connections waiting after their client's close with their place freed:
-    `PROBING_MAX`), one per worker, three per acceptor, and in proxy mode a backend connection per
-    request relayed at once (`proxied`). Each acceptor inherits the limit, and may hold any share of
-    the clients' and backends' connections (all of them, the others down)."""
-    return 2 * max_connections + PROBING_MAX + BASE_FDS + shards + 3 * acceptors + proxied
+    fronts (and HTTP connections waiting after their client's close with their place freed, up to
+    `PROBING_MAX`: counted up to `max_connections`, so that a small limit asks for few descriptors;
+    past them a flood of such short-lived ones makes new connections wait at accept), one per
+    worker, three per acceptor, and in proxy mode a backend connection per request relayed at once
+    (`proxied`). Each acceptor inherits the limit, and may hold any share of the clients' and
+    backends' connections (all of them, the others down)."""
+    return 2 * max_connections + min(PROBING_MAX, max_connections) + BASE_FDS + shards + 3 * acceptors + proxied
 
 
 def raise_descriptor_limit(needed: int) -> tuple[int, int]:

@@ -220,6 +220,7 @@ class Distributor:
         self.reading = True  # (`Admission.reading`) False from the moment the exit line's counts are final
         self._started = False
         self.stop_requested = False  # a signal arrived before start() finished
+        self._stop_early = asyncio.Event()  # ...set then, so that start() stops waiting (`_ready_or_stopped`)
         self.started = time.monotonic()
         self._checked = self.started  # the last _check_heartbeats
         self.counters = {"tickets_expired": 0, "tickets_released": 0, "worker_restarts": 0, "fast_path": 0,
@@ -978,11 +979,10 @@ class Distributor:
         self.shm = ShmStats(self.segment.buf, self.layout, init=True)
         for n in range(self.n_shards):
             await self._spawn(n)
-        try:
-            await asyncio.wait_for(self._all_ready.wait(), WORKER_START_TIMEOUT)
-        except TimeoutError:
-            await self.close()
-            raise RuntimeError(f"shard workers did not start within {WORKER_START_TIMEOUT:.0f} s") from None
+            if self.stop_requested:
+                return
+        if not await self._ready_or_stopped(self._all_ready, "shard workers"):
+            return
         # Render both once now: their first rendering imports and opens what it needs (prometheus-client,
         # /proc), which a service out of descriptors could not, and monitoring got 500 `OSError` then (a
         # review: a flood of 900 connections under `ulimit -n 600`)
@@ -993,6 +993,8 @@ class Distributor:
             await self._start_acceptors()
         else:
             await self._start_fronts()
+        if self.stop_requested:
+            return
         self._accepting = True
         self._started = True
         if self.acceptors is not None:
@@ -1048,12 +1050,26 @@ class Distributor:
             if self.proxy.utilization is not None:
                 self.proxy.on_full = self.acceptors.backends_full
         await self.acceptors.start()
-        try:
-            await asyncio.wait_for(self.acceptors.all_ready.wait(), WORKER_START_TIMEOUT)
-        except TimeoutError:
-            await self.close()
-            raise RuntimeError(f"acceptors did not start within {WORKER_START_TIMEOUT:.0f} s") from None
+        await self._ready_or_stopped(self.acceptors.all_ready, "acceptors")
         self.addresses = {"http": http.getsockname()[:2], "binary": binary.getsockname()[:2]}
+
+    async def _ready_or_stopped(self, ready: asyncio.Event, what: str) -> bool:
+        """Wait for `ready` (every worker's or acceptor's hello) up to WORKER_START_TIMEOUT, or for a
+        signal (`begin_drain` while starting): True once ready, False if a stop was asked for (nothing
+        is served yet: `serve` says so and closes). Review 128: a Ctrl-C, and a second one, while a
+        worker hung in its start did nothing for 30 s, then a traceback."""
+        waits = [asyncio.ensure_future(ready.wait()), asyncio.ensure_future(self._stop_early.wait())]
+        try:
+            await asyncio.wait(waits, timeout=WORKER_START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if self.stop_requested:
+            return False
+        if not ready.is_set():
+            await self.close()
+            raise RuntimeError(f"{what} did not start within {WORKER_START_TIMEOUT:.0f} s")
+        return True
 
     def _housekeeping(self) -> None:
         """Periodic, off the hot path: lease expiry, Retry-After relaxation, slot GC, heartbeats."""
@@ -1115,7 +1131,8 @@ class Distributor:
         """SIGTERM/SIGINT: stop accepting; let queued work finish until the drain timeout; then stop.
         Whether this began the drain (not: still starting, or a second signal, which stops now)."""
         if not self._started:
-            self.stop_requested = True  # still starting: serve() stops as soon as start() returns
+            self.stop_requested = True  # still starting: start() returns at once, and serve() stops
+            self._stop_early.set()
             return False
         assert self._loop is not None
         if not self._accepting:
@@ -1272,8 +1289,7 @@ async def serve(config: Config, shards: int, acceptors: int = 0) -> None:
     # saw one signal lost under load, the service then ready and running.)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    service = Distributor(config, shards, acceptors)
-    service.stop_requested = bool(stopped_by)
+    service = Distributor(config, shards, acceptors)  # (no signal callback runs before it is there)
     task = asyncio.current_task()
     try:
         await service.start()

@@ -516,6 +516,46 @@ def test_an_interrupt_swallowed_while_starting_still_stops_the_service(
     assert "stopped before it was ready" in said and "ready:" not in said, said
 
 
+def test_a_signal_while_a_worker_hangs_in_its_start_stops_at_once() -> None:
+    """Review 128: while the start waited for the workers' hellos a signal only set a flag, read once
+    they had all come: with one worker hung in its start (here stopped as soon as it exists), a
+    Ctrl-C, and a second, did nothing for 30 s, then a traceback (`shard workers did not start`).
+    The start stops waiting at a signal now: said, exit 0, nothing left."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from flowshard.entry import main; raise SystemExit(main())",
+         "serve", "--shards", "1", "--port", "0", "--binary-port", "0", "--acceptors", "0"],
+        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    worker = 0
+    try:
+        def child() -> int:
+            with contextlib.suppress(OSError):
+                for pid in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split():
+                    if b"workers" in open(f"/proc/{pid}/cmdline", "rb").read():
+                        return int(pid)
+            return 0
+
+        assert wait_until(lambda: child() != 0, 10.0)
+        worker = child()
+        os.kill(worker, signal.SIGSTOP)
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+        took = time.monotonic() - t0
+    finally:
+        if worker:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGCONT)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    said = err.decode(errors="replace")
+    assert proc.returncode == 0 and "stopped before it was ready (SIGINT)" in said, (proc.returncode, said)
+    assert "Traceback" not in said and took < 10, (took, said)
+    assert wait_until(lambda: not any(n.startswith(f"flowshard-{proc.pid}-") for n in os.listdir("/dev/shm")), 3.0)
+
+
 def test_sigterm_right_after_ready_line_drains_and_exits_zero(launch: Any) -> None:
     """The ready line promises a running service; a supervisor may stop it at once (SIGTERM right
     after readiness). It must drain and exit 0, never die of the default SIGTERM action."""
