@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -530,8 +531,8 @@ def test_a_signal_while_a_worker_hangs_in_its_start_stops_at_once() -> None:
     try:
         def child() -> int:
             with contextlib.suppress(OSError):
-                for pid in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split():
-                    if b"workers" in open(f"/proc/{pid}/cmdline", "rb").read():
+                for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+                    if b"workers" in Path(f"/proc/{pid}/cmdline").read_bytes():
                         return int(pid)
             return 0
 
