@@ -134,11 +134,14 @@ class AcceptorLink(asyncio.Protocol):
         self.refused = {HANDED_HTTP: 0, HANDED_BINARY: 0}  # handed to be refused (not counted)
         self.heard = time.monotonic()  # when it last sent anything (it reports every 0.25 s: a heartbeat)
         self.dropped = 0  # connections handed to it that came without their descriptor (LinkConns.dropped)
-        # Out of descriptors once (LinkConns.dropped): handed no more open connections than it held
-        # then (`cap`), but one past it at `probe_at` to find out whether it has room for more (then
-        # `cap` grows), the probes further apart while they fail (`probe_every`, DESCRIPTORS_PROBE
-        # doubling up to a second). `probe`: the hand-overs it will have read when the probe's
-        # result is known (LinkConns.dropped + received); 0 if none is out.
+        # Out of descriptors once (LinkConns.dropped): handed no more sockets than it held then
+        # (`cap`: its sockets as it reports them, and those handed since, `sockets_now`), but one past
+        # it at `probe_at` to find out whether it has room for more (then `cap` doubles), the probes
+        # further apart while they fail (`probe_every`, DESCRIPTORS_PROBE doubling up to a second).
+        # `probe`: the hand-overs it will have read when the probe's result is known (`seen`); 0 if
+        # none is out.
+        self.sockets = 0  # its client sockets, closing ones included, as last reported
+        self.seen = 0  # the hand-overs it had read then (LinkConns.received + dropped)
         self.cap: int | None = None
         self.probe_at = 0.0
         self.probe_every = DESCRIPTORS_PROBE
@@ -162,38 +165,46 @@ class AcceptorLink(asyncio.Protocol):
         for key, count in zip(COUNTED, (msg.http_closed, msg.http_reserve_closed, msg.binary_closed), strict=True):
             closed[key] = min(max(count, closed[key]), handed[key])
         now = time.monotonic()
-        mark = self.probe
-        if msg.dropped > self.dropped:  # out of descriptors: as many as it holds now, no more
+        self.sockets = max(0, msg.sockets)
+        self.seen = max(self.seen, msg.dropped + msg.received)
+        if msg.dropped > self.dropped:  # out of descriptors: as many sockets as it holds now, no more
             if self.cap is None:
                 self.probe_every = DESCRIPTORS_PROBE
-            self.cap = self.connections  # (those it dropped are counted closed already; 0: none but probes)
+            self.cap = self.sockets  # (0: none but probes)
             self.probe_at = now + self.probe_every
             self.probe = 0
-        elif mark and msg.dropped + msg.received >= mark and self.cap is not None:
+        elif self.probe and self.seen >= self.probe and self.cap is not None:
             # the probe came with its descriptor (it dropped none since): it has room for more
-            self.cap = max(self.cap + 1, self.connections)
+            self.cap = max(2 * self.cap, self.sockets + 1)
             self.probe_every = DESCRIPTORS_PROBE
             self.probe_at = now
             self.probe = 0
         self.dropped = max(self.dropped, msg.dropped)
 
-    def may_take(self, now: float) -> bool:
-        """Whether a connection handed to it now may find a descriptor there (`cap`)."""
-        cap = self.cap
-        return cap is None or self.connections < cap or (not self.probe and now >= self.probe_at)
+    def hand_overs(self) -> int:
+        """Connections handed to it, ever (counted or refused)."""
+        return sum(self.handed.values()) + sum(self.refused.values())
+
+    def sockets_now(self) -> int:
+        """Its sockets as last reported, and those handed to it since that it had not read then."""
+        return self.sockets + max(0, self.hand_overs() - self.seen)
+
+    def has_room(self) -> bool:
+        """Below its cap (or never out of descriptors)."""
+        return self.cap is None or self.sockets_now() < self.cap
 
     def probe_due(self, now: float) -> bool:
-        """At its cap, and time to hand it one more to find out whether it has room: first (else, while
-        the others take every connection, one that got its descriptors back would never be tried)."""
-        cap = self.cap
-        return cap is not None and self.connections >= cap and not self.probe and now >= self.probe_at
+        """At its cap, and time to hand it one more to find out whether it has room: first in line
+        (else, while the others take every connection, one that got its descriptors back would never
+        be tried)."""
+        return not self.has_room() and not self.probe and now >= self.probe_at
 
     def took(self, now: float) -> None:
         """A connection was handed to it (counted in `handed` or `refused`): past its cap, a probe."""
         cap = self.cap
-        if cap is None or self.connections <= cap:
+        if cap is None or self.sockets_now() <= cap:
             return
-        self.probe = sum(self.handed.values()) + sum(self.refused.values())
+        self.probe = self.hand_overs()
         self.probe_at = now + self.probe_every
         self.probe_every = min(1.0, 2 * self.probe_every)
 
@@ -667,7 +678,11 @@ class Acceptors:
         # All quiet: more likely this process did not run (its links hold their heartbeats unread)
         # than that every acceptor hung; a hung one's queue refuses the send, and it is killed later.
         live = [link for link in ready if link.heard > quiet] or ready
-        takers = [link for link in live if link.may_take(now)]  # (out of descriptors: `starved`)
+        # (out of descriptors once: `cap`) a connection to be refused is never a probe (any acceptor
+        # can answer its 503: review 129), and the others go to one at its cap only as a probe
+        takers = [link for link in live if link.has_room()]
+        if verdict != CONN_REFUSED or not takers:
+            takers += [link for link in live if link.probe_due(now)]
         if live and not takers and not self._stopping:
             return False  # kept (`_hold`), and nothing accepted, until one may take it
         live = sorted(takers or live, key=lambda x: (not x.probe_due(now), x.load(kind), x.refused[kind]))

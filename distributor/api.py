@@ -32,10 +32,18 @@ COUNTED: Final = ((HANDED_HTTP, CONN_NORMAL), (HANDED_HTTP, CONN_RESERVE), (HAND
 
 # HTTP connections whose client closed its side and has every answer, waiting a moment for a reset
 # that says an answer was not delivered (`HttpHub.probe`), with their place under max_connections
-# freed (`HttpConnection._free_place`): at most this many per process, beyond the limit; a flood
-# of them past it keeps its places until its waits end. (A client closing and connecting again at
-# once needs one per connection of its last 0.25 s.)
+# freed (`HttpConnection._free_place`): at most `probing_most(max_connections)` per process, beyond
+# the limit; a flood of them past it keeps its places until its waits end. (A client closing and
+# connecting again at once needs one per connection of its last 0.25 s.)
 PROBING_MAX: Final = 1024
+PROBING_LEAST: Final = 64
+
+
+def probing_most(max_connections: int) -> int:
+    """How many such connections one process may hold beyond `max_connections` (and asks descriptors
+    for: `fdreserve.descriptors_needed`): as many as the limit, at least PROBING_LEAST, at most
+    PROBING_MAX (review 128: a fixed 1,024 asked a small limit for descriptors it may not have)."""
+    return min(PROBING_MAX, max(PROBING_LEAST, max_connections))
 
 
 def connection_verdict(counted: int, reserved: int, max_connections: int, admin_reserve: int) -> int:

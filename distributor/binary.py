@@ -116,7 +116,7 @@ class BinaryHub:
     """State shared by the connections of one server; called, it makes a connection's protocol
     (a server's factory, or an acceptor's for the connections handed to it)."""
 
-    __slots__ = ("admission", "connections", "guards", "limits", "loop", "on_close")
+    __slots__ = ("admission", "connections", "guards", "limits", "loop", "on_close", "on_lost")
 
     def __init__(
         self, admission: Admission, limits: BinaryLimits, loop: asyncio.AbstractEventLoop, guards: Guards
@@ -129,6 +129,7 @@ class BinaryHub:
         # Told of every connection's end (an acceptor reports it to the distributor, which counts the
         # connections against the limits: distributor.front)
         self.on_close: Callable[[BinaryConnection], None] | None = None
+        self.on_lost: Callable[[BinaryConnection], None] | None = None  # its socket is closed (acceptors)
 
     def __call__(self, verdict: int = CONN_CHECK) -> BinaryConnection:
         return BinaryConnection(self, verdict)
@@ -446,6 +447,8 @@ class BinaryConnection(asyncio.Protocol):
             log.info("binary client %s: gone (%s): its lease ends", self._peer(), exc)
         if hub.on_close is not None:
             hub.on_close(self)
+        if hub.on_lost is not None:
+            hub.on_lost(self)
         if not self._counted:  # refused in connection_made: it never admitted anything
             return
         hub.connections -= 1

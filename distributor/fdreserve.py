@@ -14,7 +14,7 @@ import os
 import resource
 from collections.abc import Iterator
 
-from distributor.api import PROBING_MAX
+from distributor.api import probing_most
 
 SPAWN_FDS = 16  # what one spawn may open at once (4 to 6 here), with room to spare
 # the distributor's own descriptors besides its clients' (37 at start with one shard, the reserve above
@@ -24,13 +24,11 @@ BASE_FDS = 80
 
 def descriptors_needed(max_connections: int, shards: int, acceptors: int, proxied: int = 0) -> int:
     """What one of `serve`'s processes may hold open at once: `max_connections` on each of the two
-    fronts (and HTTP connections waiting after their client's close with their place freed, up to
-    `PROBING_MAX`: counted up to `max_connections`, so that a small limit asks for few descriptors;
-    past them a flood of such short-lived ones makes new connections wait at accept), one per
-    worker, three per acceptor, and in proxy mode a backend connection per request relayed at once
-    (`proxied`). Each acceptor inherits the limit, and may hold any share of the clients' and
-    backends' connections (all of them, the others down)."""
-    return 2 * max_connections + min(PROBING_MAX, max_connections) + BASE_FDS + shards + 3 * acceptors + proxied
+    fronts (and HTTP connections waiting after their client's close with their place freed: at
+    most `probing_most`), one per worker, three per acceptor, and in proxy mode a backend
+    connection per request relayed at once (`proxied`). Each acceptor inherits the limit, and may
+    hold any share of the clients' and backends' connections (all of them, the others down)."""
+    return 2 * max_connections + probing_most(max_connections) + BASE_FDS + shards + 3 * acceptors + proxied
 
 
 def raise_descriptor_limit(needed: int) -> tuple[int, int]:

@@ -389,6 +389,7 @@ REPORT_INTERVAL = 0.25  # how often the acceptor reports its closed connections 
 # backlog, uncounted (taken all at once, a flood of connect-and-reset outran their closing, and the
 # connections counted open filled max_connections: a review)
 HANDOVER_BATCH = 64
+RECENT_DROP = 10.0  # seconds after a dropped descriptor during which every change of sockets is reported
 DROPPED_LOG_INTERVAL = 10.0  # seconds between two warnings of connections handed without their descriptor
 _VERDICTS = frozenset((CONN_NORMAL, CONN_RESERVE, CONN_REFUSED))
 
@@ -407,12 +408,15 @@ class Handover:
         self._upstream = upstream
         self._fronts: dict[bytes, Callable[[int], asyncio.Protocol]] = {HANDED_HTTP: http, HANDED_BINARY: binary}
         http.on_close = binary.on_close = self._ended
+        http.on_lost = binary.on_lost = self._socket_closed
         self.closed = dict.fromkeys(COUNTED, 0)  # (front, verdict) -> connections ended so far
         self._open: dict[asyncio.Protocol, tuple[bytes, int]] = {}  # counted connections not yet ended
         self._report_scheduled = False
         self._dropped = 0  # connections handed without their descriptor, not yet said (`_descriptor_dropped`)
         self.dropped_total = 0  # ...and ever (LinkConns.dropped)
         self.received = 0  # ...and those that came with theirs (LinkConns.received)
+        self.sockets = 0  # client sockets held open now, closing ones included (LinkConns.sockets)
+        self._dropped_at = -math.inf  # the last drop: until RECENT_DROP after it, every change is reported
         self._dropped_said = -math.inf
         self._dropped_timer: asyncio.TimerHandle | None = None
         self._proxy_report = b""  # proxy mode: the counters last pushed (`_report`)
@@ -455,6 +459,8 @@ class Handover:
                 if key in self.closed:
                     self._count_end(key)
                 continue
+            self.sockets += 1
+            self._changed_after_drop()
             protocol = self._fronts[kind](verdict)
             if key in self.closed:
                 self._open[protocol] = key
@@ -466,6 +472,7 @@ class Handover:
         an acceptor out of descriptors wrote 69,000 lines, 6 MB of stderr in 5 s (review 116)."""
         self._dropped += 1
         self.dropped_total += 1
+        self._dropped_at = time.monotonic()
         self._report_soon()  # (the distributor learns how many this one can hold: LinkConns)
         wait = self._dropped_said + DROPPED_LOG_INTERVAL - time.monotonic()
         if wait <= 0:
@@ -487,6 +494,18 @@ class Handover:
             log.debug("handed connection not served: %s", exc)
             conn.close()
             self._ended(protocol)
+            self._socket_closed(protocol)
+
+    def _socket_closed(self, protocol: object) -> None:
+        self.sockets -= 1
+        self._changed_after_drop()
+
+    def _changed_after_drop(self) -> None:
+        """Shortly after a drop the distributor holds this acceptor to what it can hold, and learns
+        from its reports whether it has room again: a change then is reported at once, not with the
+        heartbeat (review 129: a capped acceptor's room grew 4 a second, new clients waited 13 s)."""
+        if time.monotonic() - self._dropped_at < RECENT_DROP:
+            self._report_soon()
 
     def _ended(self, protocol: object) -> None:
         """A connection's protocol is lost (or was never served): counted once, reported this pass."""
@@ -510,7 +529,7 @@ class Handover:
         closed = self.closed
         upstream = self._upstream
         http, reserve, binary = (closed[key] for key in COUNTED)
-        upstream.send(LinkConns(http, reserve, binary, self.dropped_total, self.received))
+        upstream.send(LinkConns(http, reserve, binary, self.dropped_total, self.received, self.sockets))
         proxy = upstream.proxy
         if proxy is not None and self._loop.time() - self._proxy_pushed >= REPORT_INTERVAL:
             # Its proxy's counters, pushed when they changed (besides the answers to LinkProxyAsk), so

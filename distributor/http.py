@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
 import httptools
 import msgspec
 
-from distributor.api import CONN_CHECK, CONN_NORMAL, CONN_RESERVE, PROBING_MAX, Admission, Audit, connection_verdict
+from distributor.api import CONN_CHECK, CONN_NORMAL, CONN_RESERVE, Admission, Audit, connection_verdict, probing_most
 from distributor.guards import Guards
 from distributor.sockets import MIN_READ_RATE, READ_WINDOW, TCP_ESTABLISHED, dead_peer, peer_state, reset, unsent
 from flowshard.types import Outcome
@@ -274,8 +274,8 @@ class HttpHub:
     server's factory, or an acceptor's for the connections handed to it)."""
 
     __slots__ = (
-        "admission", "deferred", "guards", "lease", "limits", "linger", "loop", "on_close", "open", "probe", "probing",
-        "proxy",
+        "admission", "deferred", "guards", "lease", "limits", "linger", "loop", "on_close", "on_lost", "open", "probe",
+        "probing", "probing_most", "proxy",
         "reserve", "unheld_at",
     )
 
@@ -294,11 +294,13 @@ class HttpHub:
         # Told of every connection's end (an acceptor reports it to the distributor, which counts the
         # connections against the limits: distributor.front)
         self.on_close: Callable[[HttpConnection], None] | None = None
+        self.on_lost: Callable[[HttpConnection], None] | None = None  # its socket is closed (acceptors)
         self.linger = max(0.05, min(2.0, limits.header_timeout))
         # After the client's EOF: how long to wait for the reset that says answers just written to it
         # were not delivered (a round trip; the reset of a closed peer comes at once).
         self.probe = min(self.linger, 0.25)
         self.probing = 0  # connections in that wait whose place was freed at the EOF (`_free_place`)
+        self.probing_most = probing_most(limits.max_connections)
         # Reading resumes once a held connection's queue drops to this (hysteresis).
         self.unheld_at = max(0, limits.max_pipelined // 2)
         # Between defer() and flush_deferred(): connections with answers ready to write, written at
@@ -558,10 +560,11 @@ class HttpConnection(asyncio.Protocol):
         """The client closed its side and has every answer: its place under `max_connections` (or in
         the admin reserve) is free now, not after the wait for a reset (`probe`, 0.25 s): a client
         that closes and connects again at once, at the limit, was refused 503 (review 125: 49 of 50
-        at `max_connections = 1`, 40 of 50 with acceptors). At most `PROBING_MAX` connections wait so
-        beyond the limit: a flood of them keeps its places until its waits end."""
+        at `max_connections = 1`, 40 of 50 with acceptors). At most `probing_most` connections wait so
+        beyond the limit (the descriptors asked for count them): past that a flood of them keeps its
+        places until its waits end."""
         sh = self._sh
-        if self._place_freed or sh.probing >= PROBING_MAX:
+        if self._place_freed or sh.probing >= sh.probing_most:
             return
         self._place_freed = True
         sh.probing += 1
@@ -637,6 +640,8 @@ class HttpConnection(asyncio.Protocol):
         sh = self._sh
         if dead_peer(exc):
             sh.guards.hit("http", "dead_peer")
+        if sh.on_lost is not None:
+            sh.on_lost(self)
         if self._place_freed:
             sh.probing -= 1
         else:

@@ -322,14 +322,16 @@ class LinkConns(msgspec.Struct, tag=28, array_like=True, gc=False):
     service-wide. Sent at the end of every pass in which a connection closed, and four times a
     second whatever happened (the acceptor's heartbeat); the counts only grow. `dropped`: the
     connections handed to it that arrived without their descriptor (it was out of them), ever
-    (sent at once at each), and `received` those that came with theirs: the distributor learns from
-    them how many it can hold (`AcceptorLink.cap`)."""
+    (sent at once at each), `received` those that came with theirs, and `sockets` the client
+    sockets it holds now (closing ones included: a place under max_connections can be free while
+    its socket waits): the distributor learns from them how many it can hold (`AcceptorLink.cap`)."""
 
     http_closed: int
     http_reserve_closed: int
     binary_closed: int
     dropped: int = 0
     received: int = 0
+    sockets: int = 0
 
 
 class LinkDelivered(msgspec.Struct, tag=29, array_like=True, gc=False):

@@ -690,11 +690,11 @@ def test_a_client_closing_after_a_dispatch_frees_its_place_while_the_reset_is_aw
 ) -> None:
     """Review 125: the wait for a reset after the client's close (0.25 s: `undeliverable`) held its
     place under max_connections, so a client reconnecting at once at the limit got 503. The place is
-    free at the close now, for at most PROBING_MAX such connections at once: past that a connection
-    keeps its place until its wait ends."""
+    free at the close now, for at most `probing_most` such connections at once: past that a
+    connection keeps its place until its wait ends."""
     import distributor.http
 
-    monkeypatch.setattr(distributor.http, "PROBING_MAX", 1, raising=False)
+    monkeypatch.setattr(distributor.http, "probing_most", lambda max_connections: 1, raising=False)
 
     async def cycle(port: int) -> int:
         c = await Client.open(port)
