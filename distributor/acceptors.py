@@ -441,11 +441,11 @@ ACCEPT_PAUSE = 0.1  # after an accept error (out of descriptors): listen again a
 HANDOVER_RETRY = 0.005  # every live acceptor's hand-over queue full (a burst of connections): try again then
 HANDOVER_QUIET = 1.0  # an acceptor not heard from this long gets no new connection
 # An acceptor out of descriptors closes each connection handed to it (the client sees an EOF). Once it
-# says so (LinkConns.starved), it is handed only as many as its closes free, and one now and then to
-# find out whether it still is: this long after, then twice as long each time, up to a second; none
-# is accepted while no live acceptor may take one (they wait in the listen backlog, as without
-# acceptors: `_accept`'s pause). Review 127: a pause of a second for any drop stalled acceptors that
-# were merely near their limit (47 answers a second, from 7,000).
+# says so (LinkConns.dropped), it is handed no more sockets than it held then (`AcceptorLink.cap`),
+# and one more now and then to find out whether it has room again: this long after, then twice as
+# long each time, up to a second; none is accepted while no live acceptor may take one (they wait in
+# the listen backlog, as without acceptors: `_accept`'s pause). Review 127: a pause of a second for
+# any drop stalled acceptors that were merely near their limit (47 answers a second, from 7,000).
 DESCRIPTORS_PROBE = 0.1
 # A connection over `max_connections` waits this long for a close its acceptor has not reported yet
 # before it is put in the admin reserve or refused (`Acceptors._refusing`); at most REFUSE_GRACE_MAX
