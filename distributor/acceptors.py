@@ -255,6 +255,8 @@ class AcceptorLink(asyncio.Protocol):
         kind = type(msg)
         if kind is LinkDelivered:
             self.unconfirmed.difference_update(msg.tickets)  # (a discard each, in C)
+            for ticket in msg.tickets:
+                svc.restart_lease(ticket)
         elif kind is LinkBackends:
             self._backend_events(msg)
         elif kind is LinkProxyReport:
@@ -381,8 +383,11 @@ class AcceptorLink(asyncio.Protocol):
         written = self.delivery.tickets() if self.delivery is not None and self.unconfirmed else set()
         self.close_delivery()
         for ticket in list(self.unconfirmed):
-            if ticket not in written and svc.release(ticket):
-                svc.guards.hit("http", "undeliverable")
+            if ticket not in written:
+                if svc.release(ticket):
+                    svc.guards.hit("http", "undeliverable")
+            else:
+                svc.restart_lease(ticket)  # (written: its lease runs)
         self.unconfirmed.clear()
         svc.on_acceptor_lost(self)
 

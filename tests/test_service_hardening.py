@@ -19,7 +19,18 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from servicekit import HttpConn, _request_bytes, admit_http, ahttp, launch, metric, parse_metrics, release_http, run
+from servicekit import (
+    HttpConn,
+    _request_bytes,
+    admit_http,
+    ahttp,
+    config_text,
+    launch,
+    metric,
+    parse_metrics,
+    release_http,
+    run,
+)
 from test_service_acceptors import acceptor_of
 
 from distributor.http import ADMIN_RESERVE
@@ -896,3 +907,32 @@ def test_connections_over_the_limit_get_their_503_beside_an_acceptor_out_of_desc
     finally:
         for s in held:
             s.close()
+
+
+@pytest.mark.parametrize("acceptors", [0, 2])
+def test_an_http_lease_runs_from_the_answer_not_from_the_dispatch(launch: Any, acceptors: int) -> None:
+    """Review 126: a pipelined HTTP admission dispatched while its answer waited behind an earlier one
+    still queued on its connection had its lease run out there: its client got `dispatched` with a
+    dead ticket (released: 404), its budget already given to another request (40-55 % of a soak's
+    pipelined releases). The lease runs from the answer's write now."""
+    svc = launch(config_text(budget=3, service={"lease": 1.0}, bands=[
+        {"priority": 10}, {"priority": 0, "ceiling": 0.5}]), shards=1, acceptors=acceptors)
+
+    async def main() -> None:
+        holder = await Client.connect(svc.host, svc.binary_port)
+        held = [await holder.admit("holder", priority=10) for _ in range(2)]  # 2 of 3: the low band's ceiling
+        conn = await HttpConn.open(svc.http_port)
+        conn.send("POST", "/v1/admit", {"flow": "low", "priority": 0, "ttl": 2.0})  # waits out its TTL
+        conn.send("POST", "/v1/admit", {"flow": "high", "priority": 10})  # dispatched at once; answered after it
+        first = await conn.response(timeout=10)
+        second = await conn.response(timeout=10)
+        assert first.json()["reason"] == "ttl" and second.json()["outcome"] == "dispatched", (first, second)
+        conn.send("POST", "/v1/release", {"ticket": second.json()["ticket"]})
+        released = await conn.response()
+        assert released.status == 200, released  # (was 404: its lease had ended before its answer came)
+        for result in held:
+            await holder.release(result.ticket)
+        await holder.close()
+        conn.close()
+
+    run(main())
