@@ -174,11 +174,15 @@ class AcceptorLink(asyncio.Protocol):
             self.probe_at = now + self.probe_every
             self.probe = 0
         elif self.probe and self.seen >= self.probe and self.cap is not None:
-            # the probe came with its descriptor (it dropped none since): it has room for more
-            self.cap = max(2 * self.cap, self.sockets + 1)
-            self.probe_every = DESCRIPTORS_PROBE
-            self.probe_at = now
+            # The probe came with its descriptor (it dropped none since). Only a report of more sockets
+            # at once than the cap shows room past it: then the cap doubles; a probe that found a
+            # descriptor some close had freed shows nothing more, and the probes stay as far apart
+            # (review 130: doubled on that, the cap overshot again and again, ~220 lost a second).
             self.probe = 0
+            if self.sockets > self.cap:
+                self.cap = max(2 * self.cap, self.sockets + 1)
+                self.probe_every = DESCRIPTORS_PROBE
+                self.probe_at = now
         self.dropped = max(self.dropped, msg.dropped)
 
     def hand_overs(self) -> int:

@@ -416,6 +416,7 @@ class Handover:
         self.dropped_total = 0  # ...and ever (LinkConns.dropped)
         self.received = 0  # ...and those that came with theirs (LinkConns.received)
         self.sockets = 0  # client sockets held open now, closing ones included (LinkConns.sockets)
+        self._peak = 0  # the most sockets held at once since the last drop
         self._dropped_at = -math.inf  # the last drop: until RECENT_DROP after it, every change is reported
         self._dropped_said = -math.inf
         self._dropped_timer: asyncio.TimerHandle | None = None
@@ -473,6 +474,7 @@ class Handover:
         self._dropped += 1
         self.dropped_total += 1
         self._dropped_at = time.monotonic()
+        self._peak = self.sockets
         self._report_soon()  # (the distributor learns how many this one can hold: LinkConns)
         wait = self._dropped_said + DROPPED_LOG_INTERVAL - time.monotonic()
         if wait <= 0:
@@ -505,6 +507,9 @@ class Handover:
         from its reports whether it has room again: a change then is reported at once, not with the
         heartbeat (review 129: a capped acceptor's room grew 4 a second, new clients waited 13 s)."""
         if time.monotonic() - self._dropped_at < RECENT_DROP:
+            self._report_soon()
+        elif self.dropped_total and self.sockets > self._peak:  # (later, a probe's result: review 130)
+            self._peak = self.sockets
             self._report_soon()
 
     def _ended(self, protocol: object) -> None:

@@ -324,7 +324,9 @@ class LinkConns(msgspec.Struct, tag=28, array_like=True, gc=False):
     connections handed to it that arrived without their descriptor (it was out of them), ever
     (sent at once at each), `received` those that came with theirs, and `sockets` the client
     sockets it holds now (closing ones included: a place under max_connections can be free while
-    its socket waits): the distributor learns from them how many it can hold (`AcceptorLink.cap`)."""
+    its socket waits): the distributor learns from them how many it can hold (`AcceptorLink.cap`).
+    For 10 s after a drop every change of them is sent at once, and later each new peak of sockets
+    (`Handover._changed_after_drop`)."""
 
     http_closed: int
     http_reserve_closed: int

@@ -936,3 +936,17 @@ def test_an_http_lease_runs_from_the_answer_not_from_the_dispatch(launch: Any, a
         conn.close()
 
     run(main())
+
+
+def test_an_acceptor_at_its_cap_under_churn_keeps_its_cap(launch: Any) -> None:
+    """Review 130: a probe past an acceptor's cap that found a descriptor some close had freed doubled
+    the cap, and the distributor handed it twice what it could hold: under connect-and-close churn
+    the cap swung 200 -> 400 -> 200 and ~220 connections a second were lost. Only a report of more
+    sockets at once than the cap raises it now."""
+    svc = launch(shards=1, acceptors=1)
+    (acceptor,) = svc.acceptor_procs()
+    _, hard = resource.prlimit(acceptor.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(acceptor.pid, resource.RLIMIT_NOFILE, (_fds(acceptor.pid) + 200, hard))
+    answered, closed, waited = _connections_ended_unanswered(svc.host, svc.http_port, 3.0, clients=300)
+    # (the first round trip's burst past its room, then about one probe a second; before, ~660)
+    assert answered > 1000 and closed <= 150, (answered, closed, waited)
