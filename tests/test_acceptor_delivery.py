@@ -107,9 +107,11 @@ def test_an_answer_is_in_the_delivery_log_before_it_is_written_and_reported_at_t
 
 def test_a_dead_acceptor_s_unreported_tickets_are_released_unless_its_log_says_they_were_written() -> None:
     released: list[int] = []
+    leased: list[int] = []
     guards: list[tuple[str, str]] = []
     service = SimpleNamespace(
         release=lambda ticket, tokens=-1: released.append(ticket) or True,
+        restart_lease=leased.append,
         release_all=lambda waiter: 0,
         cancel=lambda request_id: None,
         guards=SimpleNamespace(hit=lambda front, action: guards.append((front, action))),
@@ -122,7 +124,8 @@ def test_a_dead_acceptor_s_unreported_tickets_are_released_unless_its_log_says_t
     mine.add(2)  # it wrote 2's answer in its last pass, then died before the report
     mine.close()
     link.connection_lost(None)
-    assert sorted(released) == [1, 3]  # 2's client may hold its ticket: kept for its lease
+    assert sorted(released) == [1, 3]  # 2's client may hold its ticket: kept for its lease,
+    assert leased == [2]  # which runs from now (its answer was written)
     assert guards == [("http", "undeliverable")] * 2
     assert link.delivery is None and not link.unconfirmed
 
