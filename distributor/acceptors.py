@@ -63,6 +63,7 @@ from flowshard.codec import (
     LinkQuery,
     LinkRelease,
     LinkReleased,
+    LinkRevoke,
     LinkState,
     LinkStop,
     LinkUnclaimed,
@@ -394,6 +395,11 @@ class AcceptorLink(asyncio.Protocol):
                 svc.restart_lease(ticket)  # (written: its lease runs)
         self.unconfirmed.clear()
         svc.on_acceptor_lost(self)
+
+    def revoke(self, ticket: int) -> None:
+        """`Distributor._revoke`: its acceptor takes the unwritten answer back (LinkUnclaimed follows),
+        or has written it (LinkDelivered)."""
+        self.send(LinkRevoke(ticket))
 
     def deliver(
         self, cid: Any, request_id: int, outcome: Outcome, ticket: int, wait: float, retry_after: int,

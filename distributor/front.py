@@ -77,6 +77,7 @@ from flowshard.codec import (
     LinkQuery,
     LinkRelease,
     LinkReleased,
+    LinkRevoke,
     LinkState,
     LinkStop,
     LinkUnclaimed,
@@ -130,6 +131,7 @@ class Upstream(asyncio.Protocol):
         self._queries: dict[int, Callable[[bytes, str], None]] = {}
         self._owned: dict[Any, set[int]] = {}  # binary waiter -> its tickets (the connection is the lease)
         self._owner: dict[int, Any] = {}  # and back
+        self._unwritten: dict[int, Any] = {}  # leased tickets delivered to a waiter, not yet written: its waiter
         self._delivered: list[int] = []  # leased tickets whose answers were written this pass
         self._delivery = delivery
         self._accepting = False
@@ -187,6 +189,10 @@ class Upstream(asyncio.Protocol):
             elif kind is LinkBackendsFull:
                 if self.proxy is not None:
                     self.proxy.told_rooms(list(msg.room), list(msg.counted))
+            elif kind is LinkRevoke:
+                waiter = self._unwritten.pop(msg.ticket, None)
+                if waiter is not None:
+                    waiter.revoke(msg.ticket)
             elif kind is LinkStop:
                 if self.proxy is not None and self.proxy_closing is None:
                     self.proxy_closing = self._loop.create_task(self.proxy.close(why=msg.why))
@@ -275,6 +281,8 @@ class Upstream(asyncio.Protocol):
                 owned = self._owned[waiter] = set()
             owned.add(msg.ticket)
             self._owner[msg.ticket] = waiter
+        elif msg.ticket:
+            self._unwritten[msg.ticket] = waiter  # (LinkRevoke)
         waiter.deliver(cid, msg.id, OUTCOMES[msg.outcome], msg.ticket, msg.wait, msg.retry_after, audit)
 
     # ------------------------------------------------------------ Admission
@@ -351,6 +359,7 @@ class Upstream(asyncio.Protocol):
         self.send(LinkRelease(0, -1, key))
 
     def _disown(self, ticket: int) -> None:
+        self._unwritten.pop(ticket, None)
         waiter = self._owner.pop(ticket, None)
         if waiter is not None:
             owned = self._owned[waiter]
@@ -362,6 +371,7 @@ class Upstream(asyncio.Protocol):
         """The answer carrying this leased ticket is about to be written to its client: in the delivery
         log at once (read by the distributor if this process dies before its report), and reported
         on the link at the end of the pass (see distributor.deliverylog)."""
+        self._unwritten.pop(ticket, None)
         if self._delivery is not None:
             self._delivery.add(ticket)
         self._delivered.append(ticket)  # sent as one LinkDelivered at the end of the pass

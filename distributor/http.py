@@ -787,6 +787,18 @@ class HttpConnection(asyncio.Protocol):
                 self._deferred = True
                 held.append(self)
 
+    def revoke(self, ticket: int) -> None:
+        """The service takes back a dispatch whose answer has waited out its lease here, unwritten
+        behind earlier answers (`Distributor._revoke`): that request is answered `evicted: cancelled`
+        in its turn, and its dispatch unclaimed (its client never had the ticket). Written already
+        (with acceptors, its report on its way): nothing."""
+        for slot in self._queue:
+            if slot.ticket == ticket and slot.data is not None:
+                slot.ticket = 0
+                slot.data = _cancelled(slot.conn)
+                self._admission.unclaim(ticket)
+                return
+
     def _filled(self, slot: _Slot) -> None:
         """`slot` has its response: write it if it heads the queue."""
         if self._closing or self._transport.is_closing():  # is_closing: uvloop dropped it on a read error

@@ -394,14 +394,30 @@ class Distributor:
         acceptors, `LinkDelivered`): its lease runs from now."""
         self.restart_lease(ticket)
 
+    def _revoke(self, ticket: int, now: float) -> None:
+        """A leased ticket whose answer has waited out its lease unwritten, behind earlier answers on
+        its connection (its client never had it): its front answers that request `evicted: cancelled`
+        in its turn and unclaims the dispatch (in this process at once; with acceptors when their
+        `LinkUnclaimed` comes, the lease renewed meanwhile). Renewed for good, such an answer held
+        the budget the request before it waited for: a deadlock (review 132); expired as any other,
+        its client got a dead ticket while another request took its budget (review 126)."""
+        held = self.tickets.get(ticket)
+        if held is None:
+            return
+        self.leases[ticket] = now + self._lease  # (until it is unclaimed, or its write is reported)
+        try:
+            held.owner.revoke(ticket)
+        except Exception:
+            log.exception("taking back the unwritten answer of ticket %d failed", ticket)
+
     def restart_lease(self, ticket: int) -> None:
         """An HTTP ticket's lease runs from the moment its answer is written, not from its dispatch: a
         pipelined admission's answer waits behind the ones before it on its connection, and one that
         waited out its lease there reached its client dead (released 404), its budget given to another
         request while the client used it (review 126: 40-55 % of a soak's pipelined releases). Until
-        then it is `_unwritten`, and its lease is renewed as it ends (`_housekeeping`); an answer never
-        written is released by its front (its connection lost) or, with acceptors, when its acceptor
-        is lost (`AcceptorLink`)."""
+        then it is `_unwritten`; an answer still unwritten when its lease ends is taken back
+        (`_revoke`), one never written is released by its front (its connection lost) or, with
+        acceptors, when its acceptor is lost (`AcceptorLink`)."""
         self._unwritten.discard(ticket)
         leases = self.leases
         if ticket in leases:
@@ -1095,13 +1111,14 @@ class Distributor:
         assert self._loop is not None and self.shm is not None
         now = time.monotonic()
         leases = self.leases
+        revoke: list[int] = []
         while leases:
             ticket, deadline = next(iter(leases.items()))
             if deadline > now:
                 break
             leases.popitem(last=False)
-            if ticket in self._unwritten:  # its answer waits behind others on its connection: renewed
-                leases[ticket] = now + self._lease
+            if ticket in self._unwritten:  # its answer waited out the lease behind others: taken back
+                revoke.append(ticket)
                 continue
             held = self.tickets.pop(ticket, None)
             if held is not None:
@@ -1109,6 +1126,8 @@ class Distributor:
                 self.ledger.release(held.size)
                 self.counters["tickets_expired"] += 1
                 self._schedule_plan()
+        for ticket in revoke:
+            self._revoke(ticket, now)
         for retry in self.retry:
             retry.tick(now)
         stalled = self._check_heartbeats(time.monotonic_ns())

@@ -398,6 +398,15 @@ class LinkBackendHealth(msgspec.Struct, tag=34, array_like=True, gc=False):
     detail: str = ""
 
 
+class LinkRevoke(msgspec.Struct, tag=37, array_like=True, gc=False):
+    """Distributor -> acceptor: the answer carrying leased `ticket` has waited out its lease unwritten
+    (behind earlier answers on its connection): if it still is, its connection answers that request
+    `evicted: cancelled` instead and the dispatch comes back unclaimed (LinkUnclaimed); if it was
+    written, its LinkDelivered is on its way (`Distributor.restart_lease`)."""
+
+    ticket: int
+
+
 class LinkBackendsFull(msgspec.Struct, tag=36, array_like=True, gc=False):
     """Distributor -> acceptor (proxy mode with the utilization detector): per backend, how many more
     requests it takes before the distributor's detector (the one view of what every acceptor sent)
@@ -445,7 +454,7 @@ ToClient = Result | Error | Released | Audited
 FromAcceptor = (LinkAdmit | LinkCancel | LinkRelease | LinkQuery | LinkGuard | LinkConns | LinkDelivered | Hello
                 | LinkBackends | LinkProxyReport | LinkUnclaimed)
 ToAcceptor = (Result | Audited | Error | LinkReleased | LinkAnswer | LinkState | Shutdown | LinkProxyAsk | LinkStop
-              | LinkBackendHealth | LinkBackendsFull)
+              | LinkBackendHealth | LinkBackendsFull | LinkRevoke)
 
 
 class FrameWriter:

@@ -915,18 +915,20 @@ def test_an_http_lease_runs_from_the_answer_not_from_the_dispatch(launch: Any, a
     still queued on its connection had its lease run out there: its client got `dispatched` with a
     dead ticket (released: 404), its budget already given to another request (40-55 % of a soak's
     pipelined releases). The lease runs from the answer's write now."""
-    svc = launch(config_text(budget=3, service={"lease": 1.0}, bands=[
+    svc = launch(config_text(budget=3, service={"lease": 1.5}, bands=[
         {"priority": 10}, {"priority": 0, "ceiling": 0.5}]), shards=1, acceptors=acceptors)
 
     async def main() -> None:
         holder = await Client.connect(svc.host, svc.binary_port)
         held = [await holder.admit("holder", priority=10) for _ in range(2)]  # 2 of 3: the low band's ceiling
         conn = await HttpConn.open(svc.http_port)
-        conn.send("POST", "/v1/admit", {"flow": "low", "priority": 0, "ttl": 2.0})  # waits out its TTL
+        t0 = time.monotonic()
+        conn.send("POST", "/v1/admit", {"flow": "low", "priority": 0, "ttl": 1.0})  # waits out its TTL
         conn.send("POST", "/v1/admit", {"flow": "high", "priority": 10})  # dispatched at once; answered after it
         first = await conn.response(timeout=10)
         second = await conn.response(timeout=10)
         assert first.json()["reason"] == "ttl" and second.json()["outcome"] == "dispatched", (first, second)
+        await asyncio.sleep(max(0.0, t0 + 2.1 - time.monotonic()))  # past dispatch + lease, within write + lease
         conn.send("POST", "/v1/release", {"ticket": second.json()["ticket"]})
         released = await conn.response()
         assert released.status == 200, released  # (was 404: its lease had ended before its answer came)
@@ -934,6 +936,43 @@ def test_an_http_lease_runs_from_the_answer_not_from_the_dispatch(launch: Any, a
             await holder.release(result.ticket)
         await holder.close()
         conn.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("acceptors", [0, 2])
+def test_an_answer_that_waits_out_its_lease_unwritten_is_taken_back(launch: Any, acceptors: int) -> None:
+    """Review 132: renewed while unwritten, a dispatched answer stuck behind a queued admission on its
+    connection held the budget that admission waited for: a deadlock, for as long as the connection
+    stayed open. When its lease ends unwritten it is taken back now: that request is answered
+    `evicted: cancelled` (its client never had the ticket), the dispatch unclaimed, and the one
+    before it gets the budget."""
+    svc = launch(config_text(budget=1, service={"lease": 1.0}, bands=[{"priority": 10}, {"priority": 0}]),
+                 shards=1, acceptors=acceptors)
+
+    async def main() -> None:
+        holder = await HttpConn.open(svc.http_port)
+        holder.send("POST", "/v1/admit", {"flow": "holder", "priority": 10})
+        ticket = (await holder.response()).json()["ticket"]
+        conn = await HttpConn.open(svc.http_port)
+        conn.send("POST", "/v1/admit", {"flow": "low", "priority": 0})  # no TTL: waits for the budget
+        conn.send("POST", "/v1/admit", {"flow": "high", "priority": 10})  # takes it; answered after the first
+        await asyncio.sleep(0.2)
+        holder.send("POST", "/v1/release", {"ticket": ticket})
+        assert (await holder.response()).status == 200
+        first = await conn.response(timeout=10)
+        second = await conn.response(timeout=10)
+        assert first.json()["outcome"] == "dispatched", first
+        assert second.status == 503 and second.json()["reason"] == "cancelled", second
+        conn.send("POST", "/v1/release", {"ticket": first.json()["ticket"]})
+        assert (await conn.response()).status == 200
+        stats = (await holder_stats(svc.http_port))["totals"]
+        assert stats["inflight"] == 0, stats
+        holder.close()
+        conn.close()
+
+    async def holder_stats(port: int) -> Any:
+        return (await ahttp(port, "GET", "/v1/stats")).json()
 
     run(main())
 
