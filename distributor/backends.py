@@ -93,6 +93,12 @@ class BackendPool:
         self.max_backoff = max_backoff
         self._rr = 0
 
+    def stagger(self, index: int) -> None:
+        """(Acceptor `index`'s picker) its round robin starts `index` backends on: the acceptors' pickers
+        break ties each by its own, and starting alike they stepped in lockstep, two clients on two
+        acceptors sent to one backend while another sat idle 99 % of the time (review 131)."""
+        self._rr = index % len(self.backends)
+
     def up(self, backend: Backend, now: float) -> bool:
         return backend.down_until <= now
 

@@ -592,6 +592,7 @@ async def run(
 
         report = BackendReport(len(config.proxy.backends), upstream.send, loop) if config.proxy.utilization else None
         proxy = upstream.proxy = Proxy(config, upstream, lambda: None, report=report)
+        proxy.pool.stagger(index)
         await proxy.start()
     http = HttpHub(upstream, HttpLimits.of_service(svc), svc.lease, loop, guards, proxy)
     upstream.http = http

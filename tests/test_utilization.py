@@ -600,6 +600,20 @@ def test_picker_fewest_in_flight_ties_round_robin_and_passive_health_backoff() -
     assert pool.pick(0.5, exclude={0}) is None
 
 
+def test_acceptors_pickers_start_their_round_robins_apart() -> None:
+    """Review 131: each acceptor's picker breaks ties by its own round robin, and starting alike they
+    stepped in lockstep: two clients on two acceptors, each with one request at a time, went to the
+    same backend 99 % of the time while the other sat idle. Staggered by the acceptor's index, equal
+    backends get one each."""
+    pools = [BackendPool(["http://a", "http://b"], 1.0, 10.0) for _ in range(2)]
+    for index, pool in enumerate(pools):
+        pool.stagger(index)
+    for _ in range(5):  # each acceptor sends one, both finish, again
+        picked = [pool.pick(0.0) for pool in pools]
+        assert picked[0] is not None and picked[1] is not None
+        assert {picked[0].index, picked[1].index} == {0, 1}
+
+
 def test_a_backend_url_is_shown_without_its_password() -> None:
     from distributor.backends import BackendPool, redacted
 
