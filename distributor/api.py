@@ -148,11 +148,11 @@ class Admission(Protocol):
 
     def delivered(self, ticket: int) -> None:
         """The answer carrying this leased (HTTP) ticket is about to be written to its client (the
-        front calls this right before the write). Nothing to do in the distributor's process; an
-        acceptor logs it at once and reports it at the end of the pass, so that the tickets of
-        answers it never wrote (it died or hung) are released at once instead of holding the budget
-        for the lease, and a ticket whose answer may have reached its client is not released under
-        it (distributor.deliverylog)."""
+        front calls this right before the write): its lease runs from then (in the distributor's
+        process at once, `Distributor.restart_lease`); an acceptor logs it at once and reports it
+        at the end of the pass, so that the tickets of answers it never wrote (it died or hung) are
+        released at once instead of holding the budget for the lease, and a ticket whose answer may
+        have reached its client is not released under it (distributor.deliverylog)."""
 
     def release_all(self, waiter: Waiter) -> int:
         """The connection closed: release every ticket it holds (binary protocol)."""

@@ -790,14 +790,22 @@ class HttpConnection(asyncio.Protocol):
     def revoke(self, ticket: int) -> None:
         """The service takes back a dispatch whose answer has waited out its lease here, unwritten
         behind earlier answers (`Distributor._revoke`): that request is answered `evicted: cancelled`
-        in its turn, and its dispatch unclaimed (its client never had the ticket). Written already
-        (with acceptors, its report on its way): nothing."""
+        in its turn, and its dispatch unclaimed (its client never had the ticket). Only while an
+        answer before it is still to come: one about to be written (its turn come, in a batch of
+        answers written together) is left to be (review 133: an acceptor stalled past the lease had
+        a lone request's answer cancelled as it arrived). Written already (with acceptors, its
+        report on its way): nothing."""
+        if self._closing:
+            return
+        behind = False
         for slot in self._queue:
             if slot.ticket == ticket and slot.data is not None:
-                slot.ticket = 0
-                slot.data = _cancelled(slot.conn)
-                self._admission.unclaim(ticket)
+                if behind:
+                    slot.ticket = 0
+                    slot.data = _cancelled(slot.conn)
+                    self._admission.unclaim(ticket)
                 return
+            behind = behind or slot.data is None
 
     def _filled(self, slot: _Slot) -> None:
         """`slot` has its response: write it if it heads the queue."""

@@ -989,3 +989,30 @@ def test_an_acceptor_at_its_cap_under_churn_keeps_its_cap(launch: Any) -> None:
     answered, closed, waited = _connections_ended_unanswered(svc.host, svc.http_port, 3.0, clients=300)
     # (the first round trip's burst past its room, then about one probe a second; before, ~660)
     assert answered > 1000 and closed <= 150, (answered, closed, waited)
+
+
+def test_an_answer_not_behind_another_is_not_taken_back_when_its_acceptor_stalls(launch: Any) -> None:
+    """Review 133: an acceptor stalled past the lease (under its 5 s heartbeat) got a lone request's
+    answer and the distributor's take-back together, and cancelled it though it never waited behind
+    another. Only an answer behind one still to come is taken back: this one is written, its lease
+    running from then."""
+    svc = launch(config_text(budget=1, service={"lease": 1.0}), shards=1, acceptors=1)
+
+    async def main() -> None:
+        await admit_http(svc.http_port, "holder")  # written: its lease runs out in ~1 s, never released
+        conn = await HttpConn.open(svc.http_port)
+        conn.send("POST", "/v1/admit", {"flow": "x", "ttl": 20.0})  # alone on its connection: waits for it
+        await asyncio.sleep(0.2)
+        (acceptor,) = svc.acceptor_procs()
+        os.kill(acceptor.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(2.6)  # the holder expires, x is dispatched, its lease passes unwritten
+        finally:
+            os.kill(acceptor.pid, signal.SIGCONT)
+        answer = await conn.response(timeout=10)
+        assert answer.status == 200 and answer.json()["outcome"] == "dispatched", answer
+        conn.send("POST", "/v1/release", {"ticket": answer.json()["ticket"]})
+        assert (await conn.response()).status == 200
+        conn.close()
+
+    run(main())
