@@ -144,6 +144,7 @@ class AcceptorLink(asyncio.Protocol):
         self.sockets = 0  # its client sockets, closing ones included, as last reported
         self.seen = 0  # the hand-overs it had read then (LinkConns.received + dropped)
         self.cap: int | None = None
+        self.dropped_at = 0.0  # when it last said it dropped one
         self.probe_at = 0.0
         self.probe_every = DESCRIPTORS_PROBE
         self.probe = 0
@@ -172,6 +173,7 @@ class AcceptorLink(asyncio.Protocol):
             if self.cap is None:
                 self.probe_every = DESCRIPTORS_PROBE
             self.cap = self.sockets  # (0: none but probes)
+            self.dropped_at = now
             self.probe_at = now + self.probe_every
             self.probe = 0
         elif self.probe and self.seen >= self.probe and self.cap is not None:
@@ -180,7 +182,9 @@ class AcceptorLink(asyncio.Protocol):
             # descriptor some close had freed shows nothing more, and the probes stay as far apart
             # (review 130: doubled on that, the cap overshot again and again, ~220 lost a second).
             self.probe = 0
-            if self.sockets > self.cap:
+            if now - self.dropped_at > CAP_LIFTED_AFTER:  # none dropped for long, and a probe found room
+                self.cap = None  # (review 134: under churn a cap could stay for good)
+            elif self.sockets > self.cap:
                 self.cap = max(2 * self.cap, self.sockets + 1)
                 self.probe_every = DESCRIPTORS_PROBE
                 self.probe_at = now
@@ -462,6 +466,7 @@ HANDOVER_QUIET = 1.0  # an acceptor not heard from this long gets no new connect
 # the listen backlog, as without acceptors: `_accept`'s pause). Review 127: a pause of a second for
 # any drop stalled acceptors that were merely near their limit (47 answers a second, from 7,000).
 DESCRIPTORS_PROBE = 0.1
+CAP_LIFTED_AFTER = 10.0  # an acceptor's cap is lifted at a probe that found room this long after its last drop
 # A connection over `max_connections` waits this long for a close its acceptor has not reported yet
 # before it is put in the admin reserve or refused (`Acceptors._refusing`); at most REFUSE_GRACE_MAX
 # per front wait so at once

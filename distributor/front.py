@@ -426,6 +426,7 @@ class Handover:
         self.dropped_total = 0  # ...and ever (LinkConns.dropped)
         self.received = 0  # ...and those that came with theirs (LinkConns.received)
         self.sockets = 0  # client sockets held open now, closing ones included (LinkConns.sockets)
+        self._socketed: set[object] = set()  # their protocols (each counted down once)
         self._peak = 0  # the most sockets held at once since the last drop
         self._dropped_at = -math.inf  # the last drop: until RECENT_DROP after it, every change is reported
         self._dropped_said = -math.inf
@@ -471,8 +472,9 @@ class Handover:
                     self._count_end(key)
                 continue
             self.sockets += 1
-            self._changed_after_drop()
             protocol = self._fronts[kind](verdict)
+            self._socketed.add(protocol)
+            self._changed_after_drop()
             if key in self.closed:
                 self._open[protocol] = key
             self._loop.create_task(self._serve(conn, protocol))
@@ -509,8 +511,10 @@ class Handover:
             self._socket_closed(protocol)
 
     def _socket_closed(self, protocol: object) -> None:
-        self.sockets -= 1
-        self._changed_after_drop()
+        if protocol in self._socketed:
+            self._socketed.discard(protocol)
+            self.sockets -= 1
+            self._changed_after_drop()
 
     def _changed_after_drop(self) -> None:
         """Shortly after a drop the distributor holds this acceptor to what it can hold, and learns

@@ -204,6 +204,7 @@ class Distributor:
         # leased ticket -> deadline, in deadline order (an acceptor link reads it: is a ticket leased?)
         self.leases: OrderedDict[int, float] = OrderedDict()
         self._unwritten: set[int] = set()  # leased tickets whose answer is not written yet (`restart_lease`)
+        self._revoked: set[int] = set()  # ...of those, the ones asked back a lease ago (`_revoke`)
         self._next_id = 1
         self._random = array.array("Q")  # pooled random words for tickets (from the OS's CSPRNG)
         self._rr = 0
@@ -331,6 +332,7 @@ class Distributor:
         if held.deadline != _INF:  # leased (HTTP)
             self.leases.pop(ticket, None)
             self._unwritten.discard(ticket)
+            self._revoked.discard(ticket)
             unconfirmed = getattr(held.owner, "unconfirmed", None)  # (distributor.acceptors)
             if unconfirmed:
                 unconfirmed.discard(ticket)
@@ -404,6 +406,17 @@ class Distributor:
         held = self.tickets.get(ticket)
         if held is None:
             return
+        if ticket in self._revoked:  # asked back a lease ago, and neither unclaimed nor written since:
+            # expired as any other (review 134: else nothing but its connection's end bounded it)
+            self._revoked.discard(ticket)
+            self._unwritten.discard(ticket)
+            del self.tickets[ticket]
+            self._disown(held)
+            self.ledger.release(held.size)
+            self.counters["tickets_expired"] += 1
+            self._schedule_plan()
+            return
+        self._revoked.add(ticket)
         self.leases[ticket] = now + self._lease  # (until it is unclaimed, or its write is reported)
         try:
             held.owner.revoke(ticket)
@@ -419,6 +432,7 @@ class Distributor:
         (`_revoke`), one never written is released by its front (its connection lost) or, with
         acceptors, when its acceptor is lost (`AcceptorLink`)."""
         self._unwritten.discard(ticket)
+        self._revoked.discard(ticket)
         leases = self.leases
         if ticket in leases:
             leases[ticket] = _monotonic() + self._lease

@@ -333,3 +333,26 @@ def test_an_acceptor_takes_a_batch_of_handed_connections_per_wake_up() -> None:
             ours.close()
 
     uvloop.run(main())
+
+
+def test_an_acceptors_cap_is_lifted_by_a_probe_long_after_its_last_drop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review 134: an acceptor's cap, set when it dropped a descriptor, grew only on a report of more
+    sockets at once than the cap, which connect-and-close clients rarely give: it stayed for good.
+    A probe that finds room CAP_LIFTED_AFTER after its last drop lifts it; sooner, it stays."""
+    import distributor.acceptors as acceptors
+
+    clock = [100.0]
+    monkeypatch.setattr(acceptors.time, "monotonic", lambda: clock[0])
+    key = (HANDED_HTTP, CONN_NORMAL)
+    for wait, lifted in ((1.0, False), (acceptors.CAP_LIFTED_AFTER + 1, True)):
+        link = AcceptorLink(None, 0, b"")  # type: ignore[arg-type]
+        link.handed[key] = 6
+        link.closed_report(LinkConns(0, 0, 0, dropped=1, received=5, sockets=5))  # out at 5 sockets
+        assert link.cap == 5 and not link.has_room()
+        clock[0] += 1.0
+        assert link.probe_due(clock[0])
+        link.handed[key] = 7  # the probe
+        link.took(clock[0])
+        clock[0] += wait
+        link.closed_report(LinkConns(0, 0, 1, dropped=1, received=6, sockets=5))  # it came; closed since
+        assert (link.cap is None) is lifted, link.cap

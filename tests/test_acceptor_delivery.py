@@ -163,3 +163,28 @@ def test_an_acceptor_answers_what_its_link_could_not_carry() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main())
+
+
+def test_a_ticket_asked_back_and_never_settled_expires_a_lease_later() -> None:
+    """Review 134: an unwritten leased ticket asked back (`Distributor._revoke`) whose owner neither
+    unclaimed it nor wrote it (a bug path: the take-back declined and the answer never written) was
+    asked back at every lease end, for good: only its connection's end bounded it. A lease after the
+    first time it is asked back it expires as any other ticket."""
+    from conftest import make_config
+
+    from distributor.service import Distributor, Ticket
+
+    svc = Distributor(make_config(max_inflight_requests=4), 1)
+    asked: list[int] = []
+    owner = SimpleNamespace(revoke=asked.append)
+    svc.ledger.budget.acquire(10)
+    ticket = 77
+    svc.tickets[ticket] = Ticket(ticket, 10, owner, 0.0, 0, "f", 0, 10, None, 1.0, -1, 0)
+    svc.leases[ticket] = 0.0
+    svc._unwritten.add(ticket)
+    svc._revoke(ticket, 1.0)  # asked back once: kept, its lease renewed
+    assert asked == [ticket] and ticket in svc.tickets and svc.ledger.budget.inflight == 1
+    svc.leases.pop(ticket)  # (what `_housekeeping` does at the next lease end)
+    svc._revoke(ticket, 2.0)  # still neither unclaimed nor written: expired
+    assert asked == [ticket] and ticket not in svc.tickets and ticket not in svc._unwritten
+    assert svc.ledger.budget.inflight == 0 and svc.counters["tickets_expired"] == 1
