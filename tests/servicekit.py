@@ -24,6 +24,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -599,6 +600,20 @@ async def ahttp(port: int, method: str, path: str, body: Any = None, timeout: fl
         return await conn.response(timeout)
     finally:
         conn.close()
+
+
+def status_then_close(host: str, port: int, request: bytes, timeout: float | None = None) -> int:
+    """One request on a new connection: its answer's status, read whole, then a close (a FIN, not a
+    reset); 0 if the connection closed without one."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(request)
+        got = b""
+        while not got.endswith(b"}"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        return int(got.split(b" ", 2)[1]) if got else 0
 
 
 async def admit_http(port: int, flow: str = "a", timeout: float = 10.0, **fields: Any) -> Response:

@@ -40,6 +40,7 @@ from servicekit import (
     release_http,
     run,
     shard_queued,
+    status_then_close,
     until,
     wait_until,
 )
@@ -584,20 +585,6 @@ def test_a_place_is_free_again_as_soon_as_its_client_leaves(launch: Any) -> None
     run(main(), timeout=60)
 
 
-def _status_then_close(host: str, port: int, request: bytes) -> int:
-    """One request on a new connection: its answer's status, read whole, then a close (a FIN, not a
-    reset); 0 if the connection closed without one."""
-    with socket.create_connection((host, port)) as s:
-        s.sendall(request)
-        got = b""
-        while not got.endswith(b"}"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-        return int(got.split(b" ", 2)[1]) if got else 0
-
-
 def test_a_client_that_reconnects_at_once_at_the_limit_is_served_as_without_acceptors(launch: Any) -> None:
     """max_connections = 1 over 2 acceptors: clients in strict sequence, each reading its answer and
     closing before the next connects. The distributor hears of a close at the end of the acceptor's
@@ -611,7 +598,7 @@ def test_a_client_that_reconnects_at_once_at_the_limit_is_served_as_without_acce
     admit = _request_bytes("POST", "/v1/admit", {"flow": ""})  # 422: answered at once, the connection kept
 
     def http_once() -> int:
-        return _status_then_close(svc.host, svc.http_port, admit)
+        return status_then_close(svc.host, svc.http_port, admit)
 
     async def binary_once() -> str:
         async with Client.connect(svc.host, svc.binary_port) as c:
@@ -651,7 +638,7 @@ def test_a_client_that_closes_after_a_dispatch_frees_its_place_at_once(launch: A
     admit = _request_bytes("POST", "/v1/admit", {"flow": "a"})  # dispatched at once: a ticket each
 
     time.sleep(0.3)  # the start's /healthz connection is closed (and reported) by now
-    statuses = Counter(_status_then_close(svc.host, svc.http_port, admit) for _ in range(50))
+    statuses = Counter(status_then_close(svc.host, svc.http_port, admit) for _ in range(50))
     assert statuses == {200: 50}, statuses
 
 
