@@ -404,7 +404,9 @@ class Distributor:
         the budget the request before it waited for: a deadlock (review 132); expired as any other,
         its client got a dead ticket while another request took its budget (review 126)."""
         held = self.tickets.get(ticket)
-        if held is None:
+        if held is None:  # (gone meanwhile: nothing is held)
+            self._unwritten.discard(ticket)
+            self._revoked.discard(ticket)
             return
         if ticket in self._revoked:  # asked back a lease ago, and neither unclaimed nor written since:
             # expired as any other (review 134: else nothing but its connection's end bounded it)
