@@ -520,9 +520,11 @@ class Handover:
         """Shortly after a drop the distributor holds this acceptor to what it can hold, and learns
         from its reports whether it has room again: a change then is reported at once, not with the
         heartbeat (review 129: a capped acceptor's room grew 4 a second, new clients waited 13 s)."""
+        if not self.dropped_total:  # (never out of descriptors: nothing to say, no clock read per connection)
+            return
         if time.monotonic() - self._dropped_at < RECENT_DROP:
             self._report_soon()
-        elif self.dropped_total and self.sockets > self._peak:  # (later, a probe's result: review 130)
+        elif self.sockets > self._peak:  # (later, a probe's result: review 130)
             self._peak = self.sockets
             self._report_soon()
 

@@ -603,9 +603,7 @@ class HttpConnection(asyncio.Protocol):
                         admission.cancel(slot.rid)
                         slot.data = _cancelled(slot.conn)
                 elif slot.ticket:  # dispatched, its answer not yet written (behind one still on its way)
-                    ticket, slot.ticket = slot.ticket, 0
-                    slot.data = _cancelled(slot.conn)
-                    admission.unclaim(ticket)  # (answered cancelled: not counted as a ticket released)
+                    self._unclaim(slot)
             except Exception:
                 log.exception("settling admission %s (ticket %s) at EOF failed", slot.rid, slot.ticket)
         if cut < len(q):
@@ -801,11 +799,16 @@ class HttpConnection(asyncio.Protocol):
         for slot in self._queue:
             if slot.ticket == ticket and slot.data is not None:
                 if behind:
-                    slot.ticket = 0
-                    slot.data = _cancelled(slot.conn)
-                    self._admission.unclaim(ticket)
+                    self._unclaim(slot)
                 return
             behind = behind or slot.data is None
+
+    def _unclaim(self, slot: _Slot) -> None:
+        """A dispatched answer not written yet, given back: `evicted: cancelled` in its place, the
+        dispatch unclaimed (not counted as a ticket released: its client never had it)."""
+        ticket, slot.ticket = slot.ticket, 0
+        slot.data = _cancelled(slot.conn)
+        self._admission.unclaim(ticket)
 
     def _filled(self, slot: _Slot) -> None:
         """`slot` has its response: write it if it heads the queue."""

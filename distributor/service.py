@@ -413,10 +413,7 @@ class Distributor:
             self._revoked.discard(ticket)
             self._unwritten.discard(ticket)
             del self.tickets[ticket]
-            self._disown(held)
-            self.ledger.release(held.size)
-            self.counters["tickets_expired"] += 1
-            self._schedule_plan()
+            self._expire(held)
             return
         self._revoked.add(ticket)
         self.leases[ticket] = now + self._lease  # (until it is unclaimed, or its write is reported)
@@ -424,6 +421,13 @@ class Distributor:
             held.owner.revoke(ticket)
         except Exception:
             log.exception("taking back the unwritten answer of ticket %d failed", ticket)
+
+    def _expire(self, held: Ticket) -> None:
+        """A leased ticket's lease ended (taken out of `tickets` by the caller): its budget is free."""
+        self._disown(held)
+        self.ledger.release(held.size)
+        self.counters["tickets_expired"] += 1
+        self._schedule_plan()
 
     def restart_lease(self, ticket: int) -> None:
         """An HTTP ticket's lease runs from the moment its answer is written, not from its dispatch: a
@@ -1138,10 +1142,7 @@ class Distributor:
                 continue
             held = self.tickets.pop(ticket, None)
             if held is not None:
-                self._disown(held)
-                self.ledger.release(held.size)
-                self.counters["tickets_expired"] += 1
-                self._schedule_plan()
+                self._expire(held)
         for ticket in revoke:
             self._revoke(ticket, now)
         for retry in self.retry:
