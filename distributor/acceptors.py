@@ -58,6 +58,7 @@ from flowshard.codec import (
     LinkConns,
     LinkDelivered,
     LinkGuard,
+    LinkPeersDown,
     LinkProxyAsk,
     LinkProxyReport,
     LinkQuery,
@@ -345,6 +346,7 @@ class AcceptorLink(asyncio.Protocol):
             self._proxied_sent(ticket)
         if msg.down_for:
             proxy.remote_health(self.index, msg.down_for)
+            self.service.acceptors.peers_down()  # (the others keep them out too)
         told = (any(msg.sent) or any(msg.finished)) and proxy.refresh_rooms()  # (every acceptor, if they changed)
         if any(msg.sent) and not told:  # unchanged rooms, but what they count of its sends moved: its
             assert proxy.rooms is not None  # picker counts against them only what they do not count
@@ -740,6 +742,8 @@ class Acceptors:
                     link.send(self._health(index))
             if proxy.rooms is not None:
                 link.send(LinkBackendsFull(proxy.rooms, list(link.backend_sent)))
+            if proxy.utilization is not None and proxy.remote_down:  # and which the others keep out
+                link.send(LinkPeersDown(proxy.peers_down_for(link.index)))
         if all(x is not None and x.ready for x in self.links):
             self.all_ready.set()
 
@@ -811,6 +815,16 @@ class Acceptors:
             if link is not None and link.ready:
                 link.send(message)
 
+    def peers_down(self) -> None:
+        """An acceptor's proxy took backends out or back, or one exited: tell every acceptor which
+        backends the others keep out (`LinkPeersDown`; each one's own, not its own back-offs again)."""
+        proxy = self.service.proxy
+        if proxy is None:
+            return
+        for link in self.links:
+            if link is not None and link.ready:
+                link.send(LinkPeersDown(proxy.peers_down_for(link.index)))
+
     def proxied_running(self) -> bool:
         """A proxied request holds a ticket in some acceptor (the drain waits for them)."""
         return any(link is not None and link.proxied for link in self.links)
@@ -826,11 +840,14 @@ class Acceptors:
         index = link.index
         if self.links[index] is not link:
             return
+        kept_out = False
         if self.service.proxy is not None:
-            self.service.proxy.acceptor_exited(index)
+            kept_out = self.service.proxy.acceptor_exited(index)
             for key in list(self._asks):
                 self._answered(key, index)
         self.links[index] = None
+        if kept_out:
+            self.peers_down()  # (what it kept out is back in the others' rotation)
         proc = self.procs[index]
         if proc is not None:  # reaped first, so its pid is not left a zombie
             with contextlib.suppress(ProcessLookupError):

@@ -72,6 +72,7 @@ from flowshard.codec import (
     LinkConns,
     LinkDelivered,
     LinkGuard,
+    LinkPeersDown,
     LinkProxyAsk,
     LinkProxyReport,
     LinkQuery,
@@ -189,6 +190,9 @@ class Upstream(asyncio.Protocol):
             elif kind is LinkBackendsFull:
                 if self.proxy is not None:
                     self.proxy.told_rooms(list(msg.room), list(msg.counted))
+            elif kind is LinkPeersDown:
+                if self.proxy is not None:
+                    self.proxy.peers_health(list(msg.down_for))
             elif kind is LinkRevoke:
                 waiter = self._unwritten.pop(msg.ticket, None)
                 if waiter is not None:

@@ -517,6 +517,8 @@ class Proxy:
         self.remote: dict[int, ProxyReport] = {}  # the distributor with acceptors: each one's last report
         # ... and, per backend, until when (this loop's clock) each one's proxy keeps it out of rotation
         self.remote_down: dict[int, list[float]] = {}
+        # (in an acceptor) until when the other acceptors keep each backend out (`peers_health`); None: none
+        self.peers_until: list[float] | None = None
         # ... and the counters of those that exited: one entry per configured backend, as every report
         # has (`ProxyReport.add` sums backend by backend; with none here theirs were dropped)
         self.retired = ProxyReport(backends=[BackendFigures() for _ in self.pc.backends])
@@ -742,6 +744,38 @@ class Proxy:
         self.remote_down[acceptor] = [now + d if d > 0 else 0.0 for d in down_for]
         self._on_room()  # (one may be back: the pool's figure may have fallen)
 
+    def peers_down_for(self, acceptor: int) -> list[float]:
+        """(The distributor) per backend, for how long the acceptors other than `acceptor` keep it out
+        of rotation (`LinkPeersDown`): the longest of theirs, 0 where none does."""
+        now = self.loop.time()
+        longest = [0.0] * len(self.pool.backends)
+        for other, down in self.remote_down.items():
+            if other != acceptor:
+                for index, until in enumerate(down[:len(longest)]):
+                    longest[index] = max(longest[index], until - now)
+        return longest
+
+    def peers_health(self, down_for: list[float]) -> None:
+        """(An acceptor) the other acceptors keep these backends out (`LinkPeersDown`): this one's picker
+        sends them nothing while another is up, as one proxy would whose pool had them out. Its own
+        health, and what it reports, are unchanged (a peer's back-off told back would come back later
+        with each hop's delay added: the two would keep a backend out for each other), and the last
+        backend it has up still takes requests (`BackendPool.strike`'s last-up rule)."""
+        now = self.loop.time()
+        until = [now + d if d > 0 else 0.0 for d in down_for[:len(self.pool.backends)]]
+        self.peers_until = until if any(until) else None
+
+    def _peers_out(self, now: float, tried: set[int]) -> set[int] | None:
+        """`tried` and the backends the other acceptors keep out now (None: they keep none out)."""
+        until = self.peers_until
+        if until is None:
+            return None
+        out = {index for index, t in enumerate(until) if t > now}
+        if not out:
+            self.peers_until = None  # (every one's back-off has ended)
+            return None
+        return out | tried
+
     def mark_sent(self, ex: Exchange) -> None:
         if ex.unsent:
             ex.unsent = False
@@ -883,7 +917,11 @@ class Proxy:
         while True:
             if util is not None:
                 util.expire(loop.time())  # (staleness as of this pick)
-            backend = self.pool.pick(loop.time(), tried, full) or self.pool.pick(loop.time(), full=full)
+            now = loop.time()
+            avoid = self._peers_out(now, tried)
+            backend = self.pool.pick(now, avoid, full) if avoid is not None else None
+            if backend is None:
+                backend = self.pool.pick(now, tried, full) or self.pool.pick(now, full=full)
             if backend is None:
                 if attempt < pc.retries:
                     attempt += 1
@@ -1227,14 +1265,17 @@ class Proxy:
         """An acceptor's proxy sent its counters (cumulative since it started)."""
         self.remote[acceptor] = _decode_report(body)
 
-    def acceptor_exited(self, acceptor: int) -> None:
+    def acceptor_exited(self, acceptor: int) -> bool:
         """Its counters as last reported stay counted (what it counted after that, at most one heartbeat's
-        worth, `distributor.front.REPORT_INTERVAL`, is lost with it)."""
-        if self.remote_down.pop(acceptor, None) is not None:
+        worth, `distributor.front.REPORT_INTERVAL`, is lost with it). Returns whether it kept backends
+        out (then the others are told they are back: `LinkPeersDown`)."""
+        kept_out = self.remote_down.pop(acceptor, None) is not None
+        if kept_out:
             self._on_room()  # (what it kept out counts again)
         last = self.remote.pop(acceptor, None)
         if last is not None:
             self.retired.add(last, gauges=False)
+        return kept_out
 
     def view(self) -> ProxyReport:
         """What /metrics and /v1/stats show: this proxy's counters, plus, with acceptor processes, the

@@ -407,6 +407,18 @@ class LinkRevoke(msgspec.Struct, tag=37, array_like=True, gc=False):
     ticket: int
 
 
+class LinkPeersDown(msgspec.Struct, tag=38, array_like=True, gc=False):
+    """Distributor -> acceptor (proxy mode with the utilization detector): per backend, for how long
+    (seconds from now; 0: not) the *other* acceptors' proxies keep it out of rotation after failures
+    of their own (`LinkBackends.down_for`); sent to every acceptor when one of them reports a change,
+    when one exits, and to an acceptor that starts. The acceptor's picker sends nothing there while
+    another backend is up (`Proxy.peers_health`): with each acceptor's passive health its own, a
+    backend out in one stayed up in the others, which sent it requests until they met its failures
+    too, each retried on the backends left beyond the rooms the detector gave them."""
+
+    down_for: list[float]
+
+
 class LinkBackendsFull(msgspec.Struct, tag=36, array_like=True, gc=False):
     """Distributor -> acceptor (proxy mode with the utilization detector): per backend, how many more
     requests it takes before the distributor's detector (the one view of what every acceptor sent)
@@ -454,7 +466,7 @@ ToClient = Result | Error | Released | Audited
 FromAcceptor = (LinkAdmit | LinkCancel | LinkRelease | LinkQuery | LinkGuard | LinkConns | LinkDelivered | Hello
                 | LinkBackends | LinkProxyReport | LinkUnclaimed)
 ToAcceptor = (Result | Audited | Error | LinkReleased | LinkAnswer | LinkState | Shutdown | LinkProxyAsk | LinkStop
-              | LinkBackendHealth | LinkBackendsFull | LinkRevoke)
+              | LinkBackendHealth | LinkBackendsFull | LinkRevoke | LinkPeersDown)
 
 
 class FrameWriter:

@@ -424,6 +424,72 @@ def test_an_acceptor_reports_a_backend_the_scraper_put_back_without_a_request_of
     assert sent[2].down_for == []
 
 
+def test_a_backend_one_acceptor_took_out_gets_nothing_from_the_others(launch: Any, fake_backend: Any) -> None:
+    """Each acceptor's passive health is its own: a backend one took out after its failures stayed up
+    in the others, which kept sending it requests (each failed there, then retried on the backends
+    left, beyond the rooms the detector had given them: the flake of `test_a_backend_out_of_rotation_
+    does_not_lend_the_pool_its_idle_metrics[2]`) until they met three failures of their own. The
+    distributor now tells each acceptor what the others keep out (`LinkPeersDown`)."""
+    bad = fake_backend(refuse=True)  # drops every request's connection: out at its third failure in a row
+    good = fake_backend()
+    proxy = {"utilization": True, "scrape_interval": 0.05, "retries": 1, "backoff": 30.0}
+    svc = launch(proxy_config([bad.url, good.url], proxy=proxy, budget="unlimited"), acceptors=2)
+    until(lambda: not any(b["stale"] for b in svc.stats()["proxy"]["backends"]))
+    first, second = client(svc), client(svc)
+    try:
+        for _ in range(40):  # one connection, one acceptor: until its pool has the bad one out
+            first.chat.completions.create(model="m", messages=MSG, max_tokens=1)
+            if not svc.stats()["proxy"]["backends"][0]["up"]:
+                break
+        else:
+            raise AssertionError("the failing backend was never taken out")
+        tried = len(bad.stats()["post_paths"])  # (every request it dropped)
+        assert tried >= 3
+        for _ in range(12):  # another connection: handed to the other acceptor (the one with fewer open)
+            r = second.chat.completions.create(model="m", messages=MSG, max_tokens=1)
+            assert r.choices[0].message.content == " tok"
+        assert len(bad.stats()["post_paths"]) == tried  # the other acceptor sent it nothing
+    finally:
+        first.close()
+        second.close()
+    assert outcomes(settled(svc)) == {"dispatched": good.stats()["requests"]}
+
+
+def test_the_distributor_tells_each_acceptor_what_the_others_keep_out() -> None:
+    """`Proxy.peers_down_for` (the distributor): per backend the longest of the *other* acceptors'
+    back-offs; `Proxy.peers_health` (an acceptor): its picker avoids those while another is up, and
+    falls back to one when none is; back in rotation when the back-offs end."""
+    import asyncio
+
+    from distributor.proxy import Proxy
+    from flowshard.config import Config, ProxyConfig
+
+    async def go() -> None:
+        urls = ["http://127.0.0.1:9", "http://127.0.0.1:10", "http://127.0.0.1:11"]
+        proxy = Proxy(Config(proxy=ProxyConfig(backends=urls, utilization=False)), None, lambda: None)  # type: ignore[arg-type]
+        now = proxy.loop.time()
+        proxy.remote_down = {0: [now + 10.0, 0.0, 0.0], 1: [now + 5.0, now + 20.0, 0.0], 2: [0.0, 0.0, now - 1]}
+        told = proxy.peers_down_for(0)  # acceptor 0 hears the others': 1's (and 2's, past)
+        assert 4.9 < told[0] <= 5.0 and 19.9 < told[1] <= 20.0 and told[2] == 0.0, told
+        told = proxy.peers_down_for(2)  # the longest of 0's and 1's
+        assert 9.9 < told[0] <= 10.0 and 19.9 < told[1] <= 20.0 and told[2] == 0.0, told
+        assert proxy.acceptor_exited(1) and not proxy.acceptor_exited(1)  # (it kept some out; then gone)
+        assert proxy.peers_down_for(0) == [0.0, 0.0, 0.0]
+
+        acceptor = Proxy(Config(proxy=ProxyConfig(backends=urls[:2], utilization=False)), None, lambda: None)  # type: ignore[arg-type]
+        now = acceptor.loop.time()
+        acceptor.peers_health([30.0, 0.0])
+        assert acceptor._peers_out(now, set()) == {0}
+        assert acceptor._peers_out(now, {1}) == {0, 1}  # (with the ones this request tried)
+        assert all(acceptor.pool.up(b, now) for b in acceptor.pool.backends)  # its own health unchanged
+        acceptor.peers_health([0.0, 0.0])
+        assert acceptor.peers_until is None and acceptor._peers_out(now, set()) is None
+        acceptor.peers_health([0.001, 0.0])
+        assert acceptor._peers_out(now + 1.0, set()) is None and acceptor.peers_until is None  # (ended)
+
+    asyncio.run(go())
+
+
 @pytest.mark.parametrize("acceptors", [0, 2])
 def test_a_backend_with_room_takes_the_requests_while_another_is_past_its_threshold(
     launch: Any, fake_backend: Any, acceptors: int
