@@ -212,8 +212,8 @@ def failure_kind(exc: BaseException) -> str:
     backend's load, and a `reset` is also what a connection the backend closed while idle gives."""
     if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
         return "connect"
-    if isinstance(exc, (aiohttp.ClientConnectionError, OSError)):
-        return "reset"
+    if isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError)):
+        return "reset"  # (a payload error: a stream's connection ended before its first bytes, `Proxy._attempt`)
     return "protocol"
 
 

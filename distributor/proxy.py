@@ -972,31 +972,7 @@ class Proxy:
                 resp = await self.session.request(method, url, data=ex.item.body or None, headers=headers,
                                                   allow_redirects=False)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                code = getattr(exc, "errno", None)
-                if code in LOCAL_SHORTAGE:  # ours: no backend is to blame, none is tried
-                    log.error("connecting to backend %s: %s (not counted as the backend's)", backend.name, exc)
-                    why = os.strerror(code)  # (not the backend's address: the client is told only what)
-                    self._respond_error(ex, 503, f"flowshard: cannot open a connection to a backend: {why}",
-                                        "service_unavailable", "local_resources", extra=b"retry-after: 1\r\n")
-                    return False
-                if isinstance(exc, aiohttp.SocketTimeoutError):
-                    # The request was sent and the backend said nothing for `read_timeout`: it may still
-                    # be generating. Not tried again: another backend would take as long, and the
-                    # client would wait `read_timeout` once per backend (a long generation run on each)
-                    # (not a suspect: it is not tried again, and a backend that hangs must go out)
-                    self.pool.failed(backend, loop.time(), "timeout", f"no answer within {self.pc.read_timeout:g} s")
-                    self._respond_error(ex, 504, f"flowshard: backend {backend.name} did not answer within "
-                                        f"read_timeout ({self.pc.read_timeout:g} s)", "server_error",
-                                        "backend_timeout")
-                    return False
-                kind = failure_kind(exc)
-                self._suspect(backend, kind, f"{type(exc).__name__}: {exc}", suspects, judge)
-                if last:
-                    code = "backend_unreachable" if kind == "connect" else "backend_failed"
-                    self._respond_error(ex, 502, f"flowshard: backend {backend.name} failed: {type(exc).__name__}",
-                                        "server_error", code)
-                    return False
-                return None
+                return self._failed_before_answer(ex, backend, exc, last, suspects, judge)
             if resp.status < 200:  # (100 and 103 are read past by aiohttp) an upgrade nobody asked for
                 resp.close()
                 self._suspect(backend, "protocol", f"a {resp.status} answer to a {method}", suspects, judge)
@@ -1005,6 +981,17 @@ class Proxy:
                                         "server_error", "backend_failed")
                     return False
                 return None
+            stream = resp.content_type == "text/event-stream" and method != "HEAD" and resp.status not in (204, 304)
+            first = b""
+            if stream and resp.status < 500:
+                # A stream's head is held until its first bytes: a backend fails a long prefill after
+                # sending it (vLLM sends it at once), and until the first bytes nothing has reached the
+                # client, so that is a failure before the answer, tried on another backend
+                try:
+                    first = await resp.content.readany()
+                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                    resp.close()
+                    return self._failed_before_answer(ex, backend, exc, last, suspects, judge)
             if resp.status >= 500:
                 self._suspect(backend, f"http_{resp.status}", f"HTTP {resp.status}", suspects, judge)
                 if not last:
@@ -1017,8 +1004,8 @@ class Proxy:
                     if failed is not backend:
                         self.pool.strike(failed, loop.time(), kind)
                 suspects.clear()
-            if resp.content_type == "text/event-stream" and method != "HEAD" and resp.status not in (204, 304):
-                whole = await self._relay_stream(ex, backend, resp)
+            if stream:
+                whole = await self._relay_stream(ex, backend, resp, first)
             else:
                 whole = await self._relay_body(ex, backend, resp, head_only=method == "HEAD")
             if whole and resp.status < 500 and counted:  # (an admitted request's: a passed-through GET's
@@ -1033,6 +1020,36 @@ class Proxy:
                 resp.release()
             backend.inflight -= 1
             self._backend_done(ex)
+
+    def _failed_before_answer(self, ex: Exchange, backend: Backend, exc: BaseException, last: bool,
+                              suspects: list[tuple[Backend, str]], judge: bool) -> bool | None:
+        """A try failed before any byte reached the client (`_attempt`'s None: try another; False: the
+        client got an error answer)."""
+        code = getattr(exc, "errno", None)
+        if code in LOCAL_SHORTAGE:  # ours: no backend is to blame, none is tried
+            log.error("connecting to backend %s: %s (not counted as the backend's)", backend.name, exc)
+            why = os.strerror(code)  # (not the backend's address: the client is told only what)
+            self._respond_error(ex, 503, f"flowshard: cannot open a connection to a backend: {why}",
+                                "service_unavailable", "local_resources", extra=b"retry-after: 1\r\n")
+            return False
+        if isinstance(exc, aiohttp.SocketTimeoutError):
+            # The request was sent and the backend said nothing for `read_timeout`: it may still
+            # be generating. Not tried again: another backend would take as long, and the
+            # client would wait `read_timeout` once per backend (a long generation run on each)
+            # (not a suspect: it is not tried again, and a backend that hangs must go out)
+            self.pool.failed(backend, self.loop.time(), "timeout", f"no answer within {self.pc.read_timeout:g} s")
+            self._respond_error(ex, 504, f"flowshard: backend {backend.name} did not answer within "
+                                f"read_timeout ({self.pc.read_timeout:g} s)", "server_error",
+                                "backend_timeout")
+            return False
+        kind = failure_kind(exc)
+        self._suspect(backend, kind, f"{type(exc).__name__}: {exc}", suspects, judge)
+        if last:
+            code = "backend_unreachable" if kind == "connect" else "backend_failed"
+            self._respond_error(ex, 502, f"flowshard: backend {backend.name} failed: {type(exc).__name__}",
+                                "server_error", code)
+            return False
+        return None
 
     def _suspect(self, backend: Backend, kind: str, detail: str, suspects: list[tuple[Backend, str]],
                  judge: bool = False) -> None:
@@ -1115,8 +1132,10 @@ class Proxy:
         conn.slot_end(slot)
         return True
 
-    async def _relay_stream(self, ex: Exchange, backend: Backend, resp: aiohttp.ClientResponse) -> bool:
-        """The stream relayed; False if the backend cut it short (counted as its failure)."""
+    async def _relay_stream(self, ex: Exchange, backend: Backend, resp: aiohttp.ClientResponse,
+                            first: bytes) -> bool:
+        """The stream relayed, `first` its bytes read already (`_attempt`; b"": it had none); False if
+        the backend cut it short (counted as its failure)."""
         conn, slot = ex.conn, ex.slot
         turn = conn.slot_turn(slot)
         if turn is not None:  # behind an answer still in progress: read nothing until it is this one's
@@ -1132,9 +1151,10 @@ class Proxy:
                         else _response_head(resp.status, headers, _CONN_CLOSE, b""))
         stats = self.stats
         ended = False
+        data = first
         try:
-            async for data in resp.content.iter_any():
-                out = relay.feed(data)
+            while data or (data := await resp.content.readany()):  # (`iter_any`, after the first bytes)
+                out, data = relay.feed(data), b""
                 if out:
                     stats.chunks += 1
                     done = done_end(out)  # OpenAI's end of stream, wherever it falls in this read (a review:

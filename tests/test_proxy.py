@@ -243,6 +243,34 @@ def test_backend_dying_mid_stream_is_a_clean_error_and_one_outcome(launch: Any, 
     assert settled(svc)["totals"]["inflight"] == 0
 
 
+def test_a_stream_whose_backend_dies_before_its_first_bytes_is_tried_on_another(
+    launch: Any, fake_backend: Any
+) -> None:
+    """vLLM sends a stream's head at once, then prefills: a backend dying then (a crash during a long
+    prefill) had sent the head, so the stream was not retried and the client got an error event. The
+    head is held until the first bytes now: until then nothing has reached the client, and the stream
+    is tried on another backend; with no try left the client gets a 502, not a broken stream."""
+    dying = fake_backend(ttft=0.01, die_after=0)  # the head, then the connection dropped before a token
+    good = fake_backend(ttft=0.001, itl=0.001)
+    svc = launch(proxy_config([dying.url, good.url], proxy={"retries": 1, "backoff": 30.0}, budget=4))
+    c = client(svc)
+    for _ in range(6):
+        got = [chunk.choices[0].delta.content or "" for chunk in
+               c.chat.completions.create(model="m", messages=MSG, max_tokens=3, stream=True)]
+        assert got == [" tok"] * 3
+    s = settled(svc)
+    assert dying.stats()["aborted"] >= 3 and good.stats()["completed"] == 6
+    assert s["proxy"]["midstream_failures"] == 0 and s["proxy"]["retries"] >= 3
+    assert s["proxy"]["backends"][0]["errors"] == {"reset": 3} and not s["proxy"]["backends"][0]["up"]
+    assert band_outcomes(s)["dispatched"] == 6
+
+    lone = launch(proxy_config([dying.url], proxy={"retries": 0, "backoff": 0.01}, budget=4))
+    with pytest.raises(openai.APIStatusError) as exc:
+        list(client(lone).chat.completions.create(model="m", messages=MSG, max_tokens=3, stream=True))
+    assert exc.value.status_code == 502 and exc.value.body["code"] == "backend_failed"  # type: ignore[index]
+    assert band_outcomes(settled(lone))["dispatched"] == 1
+
+
 def test_failover_to_a_healthy_backend_and_an_error_when_none_is_up(launch: Any, fake_backend: Any) -> None:
     bad = fake_backend(status=503)
     good = fake_backend(ttft=0.001, itl=0.001)
