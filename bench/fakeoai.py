@@ -13,7 +13,8 @@ vLLM's OpenAI server, with a load model that makes its `/metrics` move the way v
 - fault switches, on the command line or at run time with `POST /fake/config` (JSON, any subset):
   `ttft`/`itl` (slow), `status` (answer every request with that HTTP status, e.g. 503), `refuse`
   (drop each request's connection without an answer), `die_after` (drop the connection after that
-  many streamed tokens), `max_running`, `metrics_status` (fail `/metrics` with that status);
+  many streamed tokens), `end_after` (end the stream cleanly, without `[DONE]`, after that many),
+  `max_running`, `metrics_status` (fail `/metrics` with that status);
 - `GET /fake/stats`: requests, running, waiting, completed, aborted (the client went away before
   the end: how a test sees that the proxy closed the upstream request), peak running and waiting,
   `model_paths`: the path and query, as received, of the last 64 `GET /v1/models…` requests, and
@@ -55,6 +56,7 @@ class FakeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     status: int = 0  # non-zero: answer every inference request with this status
     refuse: bool = False  # drop every inference request's connection without an answer
     die_after: int = -1  # >= 0: drop a streamed response's connection after that many tokens
+    end_after: int = -1  # >= 0: end a streamed response cleanly (no [DONE]) after that many tokens
     metrics_status: int = 0  # non-zero: answer /metrics with this status
 
 
@@ -262,6 +264,9 @@ class FakeBackend:
                     if request.transport is not None:
                         request.transport.abort()
                     self.counts["aborted"] += 1
+                    return resp
+                if 0 <= self.config.end_after <= i:
+                    await resp.write_eof()
                     return resp
                 self.kv_used += 1
                 held += 1

@@ -92,6 +92,9 @@ class BackendPool:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self._rr = 0
+        # (an acceptor's pool) until when the other acceptors keep each backend out (`peers_out`); None:
+        # they keep none out
+        self.peers_until: list[float] | None = None
 
     def stagger(self, index: int) -> None:
         """(Acceptor `index`'s picker) its round robin starts `index` backends on: the acceptors' pickers
@@ -101,6 +104,19 @@ class BackendPool:
 
     def up(self, backend: Backend, now: float) -> bool:
         return backend.down_until <= now
+
+    def peers_out(self, now: float) -> frozenset[int]:
+        """The backends the other acceptors keep out now (`Proxy.peers_health`): this pool's own health
+        has them up (it has not seen them fail), but they count as out wherever another backend up is
+        asked for (the picker's first choice, the last-up rule, a request's last try), as they would in
+        one proxy's pool; the picker falls back to them only when no other is up."""
+        until = self.peers_until
+        if until is None:
+            return frozenset()
+        out = frozenset(index for index, t in enumerate(until) if t > now)
+        if not out:
+            self.peers_until = None  # (every one's back-off has ended)
+        return out
 
     def pick(self, now: float, exclude: frozenset[int] | set[int] = frozenset(),
              full: Callable[[int], bool] | None = None) -> Backend | None:
@@ -149,8 +165,9 @@ class BackendPool:
         503 `no_backend` for its back-off, where in it passes on what it answers (a review: one request
         slower than `read_timeout`, retried by its client, took a lone backend out)."""
         backend.error_answers += 1
+        peers = self.peers_out(now) if self.peers_until is not None else frozenset()
         if backend.error_answers >= ERROR_ANSWERS_TO_FAIL and any(
-                b is not backend and b.down_until <= now and b.proven for b in self.backends):
+                b is not backend and b.down_until <= now and b.proven and b.index not in peers for b in self.backends):
             self._take_out(backend, now, kind)  # (another is up, and has answered since it came back: a
             # dead one whose back-off had ended counted, and a healthy one went out: a review; and not
             # only once it answered a request whole, which kept a failing one in for a stream's length)

@@ -517,8 +517,6 @@ class Proxy:
         self.remote: dict[int, ProxyReport] = {}  # the distributor with acceptors: each one's last report
         # ... and, per backend, until when (this loop's clock) each one's proxy keeps it out of rotation
         self.remote_down: dict[int, list[float]] = {}
-        # (in an acceptor) until when the other acceptors keep each backend out (`peers_health`); None: none
-        self.peers_until: list[float] | None = None
         # ... and the counters of those that exited: one entry per configured backend, as every report
         # has (`ProxyReport.add` sums backend by backend; with none here theirs were dropped)
         self.retired = ProxyReport(backends=[BackendFigures() for _ in self.pc.backends])
@@ -763,18 +761,7 @@ class Proxy:
         backend it has up still takes requests (`BackendPool.strike`'s last-up rule)."""
         now = self.loop.time()
         until = [now + d if d > 0 else 0.0 for d in down_for[:len(self.pool.backends)]]
-        self.peers_until = until if any(until) else None
-
-    def _peers_out(self, now: float, tried: set[int]) -> set[int] | None:
-        """`tried` and the backends the other acceptors keep out now (None: they keep none out)."""
-        until = self.peers_until
-        if until is None:
-            return None
-        out = {index for index, t in enumerate(until) if t > now}
-        if not out:
-            self.peers_until = None  # (every one's back-off has ended)
-            return None
-        return out | tried
+        self.pool.peers_until = until if any(until) else None
 
     def mark_sent(self, ex: Exchange) -> None:
         if ex.unsent:
@@ -918,8 +905,8 @@ class Proxy:
             if util is not None:
                 util.expire(loop.time())  # (staleness as of this pick)
             now = loop.time()
-            avoid = self._peers_out(now, tried)
-            backend = self.pool.pick(now, avoid, full) if avoid is not None else None
+            peers = self.pool.peers_out(now)  # (out in the other acceptors: as if out here, but as a last resort)
+            backend = self.pool.pick(now, tried | peers, full) if peers else None
             if backend is None:
                 backend = self.pool.pick(now, tried, full) or self.pool.pick(now, full=full)
             if backend is None:
@@ -934,7 +921,7 @@ class Proxy:
                 return
             tried.add(backend.index)
             # the last try: no retry left, or no other backend up (then the client gets this one's answer)
-            others = self.pool.any_up(loop.time(), tried)
+            others = self.pool.any_up(now, tried | peers if peers else tried)
             last = attempt >= pc.retries or not others
             # (its only try, no retry left while others are up: nothing will show whose failure it is;
             # judged at once: a review, with `retries = 0` none was ever out. Not a request that failed
@@ -983,27 +970,31 @@ class Proxy:
                 return None
             stream = resp.content_type == "text/event-stream" and method != "HEAD" and resp.status not in (204, 304)
             first = b""
-            if stream and resp.status < 500:
-                # A stream's head is held until its first bytes: a backend fails a long prefill after
-                # sending it (vLLM sends it at once), and until the first bytes nothing has reached the
-                # client, so that is a failure before the answer, tried on another backend
-                try:
-                    first = await resp.content.readany()
-                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                    resp.close()
-                    return self._failed_before_answer(ex, backend, exc, last, suspects, judge)
             if resp.status >= 500:
                 self._suspect(backend, f"http_{resp.status}", f"HTTP {resp.status}", suspects, judge)
                 if not last:
                     return None
             else:
-                self.pool.answered(backend, proves=counted)
                 # answered here: the backends that failed this request before did so on their own
-                # (struck at its head, not its end: a review, a long stream let 60 more go to a failing one)
+                # (struck at its head, not its end: a review, a long stream let 60 more go to a failing
+                # one; nor at a stream's first bytes: review 137, 19 of 20 went to one during a 2 s prefill)
                 for failed, kind in suspects:
                     if failed is not backend:
                         self.pool.strike(failed, loop.time(), kind)
                 suspects.clear()
+                if stream:
+                    # A stream's head is held until its first bytes: a backend fails a long prefill after
+                    # sending it (vLLM sends it at once), and until the first bytes nothing has reached
+                    # the client, so that is a failure before the answer, tried on another backend; so
+                    # is a stream that ends before any byte (an empty 200 was relayed: review 137)
+                    try:
+                        first = await resp.content.readany()
+                        if not first:
+                            raise aiohttp.ClientPayloadError("the stream ended before its first bytes")
+                    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                        resp.close()
+                        return self._failed_before_answer(ex, backend, exc, last, suspects, judge)
+                self.pool.answered(backend, proves=counted)
             if stream:
                 whole = await self._relay_stream(ex, backend, resp, first)
             else:
@@ -1134,8 +1125,8 @@ class Proxy:
 
     async def _relay_stream(self, ex: Exchange, backend: Backend, resp: aiohttp.ClientResponse,
                             first: bytes) -> bool:
-        """The stream relayed, `first` its bytes read already (`_attempt`; b"": it had none); False if
-        the backend cut it short (counted as its failure)."""
+        """The stream relayed, `first` its bytes read already (`_attempt`; b"": none were, a 5xx's); False
+        if the backend cut it short (counted as its failure)."""
         conn, slot = ex.conn, ex.slot
         turn = conn.slot_turn(slot)
         if turn is not None:  # behind an answer still in progress: read nothing until it is this one's

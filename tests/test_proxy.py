@@ -270,6 +270,48 @@ def test_a_stream_whose_backend_dies_before_its_first_bytes_is_tried_on_another(
     assert exc.value.status_code == 502 and exc.value.body["code"] == "backend_failed"  # type: ignore[index]
     assert band_outcomes(settled(lone))["dispatched"] == 1
 
+    # a stream that ends before any byte (its head, then the end): as a failure before the answer
+    # (review 137: an empty 200 was relayed, no event, no [DONE], and the backend counted sound)
+    dying.configure(die_after=-1, end_after=0)
+    empty = launch(proxy_config([dying.url, good.url], proxy={"retries": 1, "backoff": 30.0}, budget=4))
+    c = client(empty)
+    for _ in range(8):
+        got = [chunk.choices[0].delta.content or "" for chunk in
+               c.chat.completions.create(model="m", messages=MSG, max_tokens=3, stream=True)]
+        assert got == [" tok"] * 3
+    backend = settled(empty)["proxy"]["backends"][0]
+    assert backend["errors"] == {"reset": 3} and not backend["up"]  # (out at its third, as any other)
+
+
+def test_the_failures_before_a_streams_answer_are_struck_at_its_head_not_its_first_bytes(
+    launch: Any, fake_backend: Any
+) -> None:
+    """Review 137: with the head held until the stream's first bytes, the backends that had failed the
+    request were struck only then: a backend that resets everything at once got 19 of 20 requests
+    while the other prefilled for 2 s (3 of 20 when struck at the head, as they are again)."""
+    bad = fake_backend(refuse=True)  # resets every request (a `reset`: struck once another answers it)
+    good = fake_backend(ttft=1.5, itl=0.001)  # a long prefill before the first bytes
+    svc = launch(proxy_config([bad.url, good.url], proxy={"retries": 1, "backoff": 30.0}, budget="unlimited"))
+
+    async def go() -> None:
+        c = aclient(svc)
+
+        async def one() -> None:
+            chunks = [x async for x in await c.chat.completions.create(model="m", messages=MSG, max_tokens=2,
+                                                                        stream=True)]
+            assert len(chunks) == 2
+
+        calls = []
+        for _ in range(12):  # 10 a second, all within the first one's prefill
+            calls.append(asyncio.create_task(one()))
+            await asyncio.sleep(0.1)
+        await asyncio.gather(*calls)
+        await c.close()
+
+    run(go(), timeout=60.0)
+    assert len(bad.stats()["post_paths"]) <= 4, len(bad.stats()["post_paths"])  # out at its third, as before
+    assert band_outcomes(settled(svc))["dispatched"] == 12
+
 
 def test_failover_to_a_healthy_backend_and_an_error_when_none_is_up(launch: Any, fake_backend: Any) -> None:
     bad = fake_backend(status=503)

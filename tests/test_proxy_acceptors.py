@@ -455,10 +455,44 @@ def test_a_backend_one_acceptor_took_out_gets_nothing_from_the_others(launch: An
     assert outcomes(settled(svc)) == {"dispatched": good.stats()["requests"]}
 
 
+def test_the_backend_an_acceptor_has_left_is_not_struck_out_for_one_the_others_keep_out(
+    launch: Any, fake_backend: Any
+) -> None:
+    """Review 137: told that the others keep a failing backend out, an acceptor sent it nothing, yet
+    its own pool still had it up and proven: three streams the working backend cut took that one out
+    by the last-up rule, and every request went to the failing one (0 of 10 served; in one process,
+    and before the change, 10 of 10). What the others keep out counts as out for that rule too."""
+    bad = fake_backend(status=503)  # fails every request
+    good = fake_backend(ttft=0.001, itl=0.001)
+    proxy = {"utilization": True, "scrape_interval": 0.05, "retries": 1, "backoff": 30.0}
+    svc = launch(proxy_config([bad.url, good.url], proxy=proxy, budget="unlimited"), acceptors=2)
+    until(lambda: not any(b["stale"] for b in svc.stats()["proxy"]["backends"]))
+    first, second = client(svc), client(svc)
+    try:
+        for _ in range(40):  # one acceptor takes the failing one out (each 503 retried on the other)
+            first.chat.completions.create(model="m", messages=MSG, max_tokens=1)
+            if not svc.stats()["proxy"]["backends"][0]["up"]:
+                break
+        else:
+            raise AssertionError("the failing backend was never taken out")
+        good.configure(die_after=1)  # the other acceptor (second connection) sees three streams cut
+        for _ in range(3):
+            with pytest.raises(openai.APIError, match="mid-stream"):
+                list(second.chat.completions.create(model="m", messages=MSG, max_tokens=3, stream=True))
+        good.configure(die_after=-1)
+        for _ in range(10):
+            assert second.chat.completions.create(model="m", messages=MSG, max_tokens=1).choices[0].message.content \
+                == " tok"
+    finally:
+        first.close()
+        second.close()
+    assert svc.stats()["proxy"]["backends"][1]["up"]
+
+
 def test_the_distributor_tells_each_acceptor_what_the_others_keep_out() -> None:
     """`Proxy.peers_down_for` (the distributor): per backend the longest of the *other* acceptors'
-    back-offs; `Proxy.peers_health` (an acceptor): its picker avoids those while another is up, and
-    falls back to one when none is; back in rotation when the back-offs end."""
+    back-offs; `Proxy.peers_health` (an acceptor): those count as out for its picker's first choice
+    and its last-up rule (`BackendPool.peers_out`), not for its own health; back when they end."""
     import asyncio
 
     from distributor.proxy import Proxy
@@ -477,15 +511,22 @@ def test_the_distributor_tells_each_acceptor_what_the_others_keep_out() -> None:
         assert proxy.peers_down_for(0) == [0.0, 0.0, 0.0]
 
         acceptor = Proxy(Config(proxy=ProxyConfig(backends=urls[:2], utilization=False)), None, lambda: None)  # type: ignore[arg-type]
+        pool = acceptor.pool
         now = acceptor.loop.time()
         acceptor.peers_health([30.0, 0.0])
-        assert acceptor._peers_out(now, set()) == {0}
-        assert acceptor._peers_out(now, {1}) == {0, 1}  # (with the ones this request tried)
-        assert all(acceptor.pool.up(b, now) for b in acceptor.pool.backends)  # its own health unchanged
+        assert pool.peers_out(now) == {0}
+        assert all(pool.up(b, now) for b in pool.backends)  # its own health unchanged
+        assert pool.pick(now, pool.peers_out(now)) is pool.backends[1]  # (the picker's first choice)
+        good = pool.backends[1]
+        for _ in range(5):  # review 137: the last backend up here, the other out in the others: kept in
+            pool.strike(good, now, "midstream")
+        assert pool.up(good, now)
         acceptor.peers_health([0.0, 0.0])
-        assert acceptor.peers_until is None and acceptor._peers_out(now, set()) is None
+        assert pool.peers_until is None and pool.peers_out(now) == frozenset()
+        pool.strike(good, now, "midstream")  # (with the other one in rotation again, out)
+        assert not pool.up(good, now)
         acceptor.peers_health([0.001, 0.0])
-        assert acceptor._peers_out(now + 1.0, set()) is None and acceptor.peers_until is None  # (ended)
+        assert pool.peers_out(now + 1.0) == frozenset() and pool.peers_until is None  # (ended)
 
     asyncio.run(go())
 
