@@ -38,6 +38,7 @@ from bench.report import (
     render_comparison,
     render_config,
     render_projection,
+    render_projection_ratios,
     run_figures,
 )
 from bench.runner import BenchError, Options, RunRecord, Server, run_once
@@ -277,6 +278,9 @@ def render(result: dict[str, Any]) -> str:
     proj = render_projection(labelled)
     if proj:
         parts.append(proj)
+        ratios = render_projection_ratios(labelled)
+        if ratios:
+            parts.append(ratios)
     for rate, sim in result["sims"].items():
         if sim["_report"] is None:
             parts.append(sim["skipped"])

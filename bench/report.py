@@ -845,6 +845,42 @@ def render_comparison(configs: Sequence[tuple[str, Sequence[dict[str, Any]]]]) -
     return "\n".join(lines)
 
 
+def projection_ratios(configs: Sequence[tuple[str, Sequence[dict[str, Any]]]]) -> list[list[float]]:
+    """Per configuration after the first, per C in PROJECT_CORES: its projected service-only rate over
+    the first configuration's, run by run (the k-th run of each against the k-th of the first). The
+    runs alternate the configurations, so the k-th runs met the machine alike: a ratio per run takes
+    its drift out (±30 % here), where a ratio of medians mixes it in."""
+    if len(configs) < 2:
+        return []
+    base = configs[0][1]
+    out = []
+    for _, runs in configs[1:]:
+        for c in PROJECT_CORES:
+            rate = _path("projection", "service_only", str(c), "per_s")
+            out.append([b / a for first, run in zip(base, runs, strict=False)
+                        if (a := rate(first)) and (b := rate(run)) is not None])
+    return out
+
+
+def render_projection_ratios(configs: Sequence[tuple[str, Sequence[dict[str, Any]]]]) -> str:
+    """`projection_ratios` as a table: median (min–max) of the runs' ratios."""
+    ratios = projection_ratios(configs)
+    if not any(ratios):
+        return ""
+    base = configs[0][0]
+    rows = []
+    for i, (label, _) in enumerate(configs[1:]):
+        cells = []
+        for values in ratios[i * len(PROJECT_CORES):(i + 1) * len(PROJECT_CORES)]:
+            ordered = sorted(values)
+            cells.append(cell({"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1],
+                               "n": len(ordered)}) if ordered else "-")
+        rows.append([f"{label} / {base}", *cells])
+    return "\n".join([f"== projection (service only) against {base}, run by run: median (min–max) of each run's "
+                      "ratio to the same round's run of it", *table(["ratio", *(f"{c} cores" for c in PROJECT_CORES)],
+                                                                    rows)])
+
+
 def render_projection(configs: Sequence[tuple[str, Sequence[dict[str, Any]]]]) -> str:
     """Projected requests/s on C cores from each configuration's per-process CPU costs (median run)."""
     rows = []

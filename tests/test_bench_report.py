@@ -74,6 +74,25 @@ def test_project_all_scopes() -> None:
     assert set(out["with_generator"]) == {"2", "4", "8", "16"}
 
 
+def test_projection_ratios_pair_the_runs_of_one_round() -> None:
+    """The k-th run of each configuration against the k-th of the first: the machine's drift between
+    rounds (here the second round twice as fast) cancels, which a ratio of medians would not show."""
+    from bench.report import projection_ratios, render_projection_ratios
+
+    def run(distributor_us: float) -> dict[str, Any]:
+        return {"projection": project_all({"distributor": distributor_us, "worker0": distributor_us / 10})}
+
+    one = [run(10.0), run(5.0), run(20.0)]  # a noisy machine: the rounds differ 4x
+    eight = [run(11.0), run(5.5), run(22.0)]  # ... and 8 shards always 10 % dearer
+    ratios = projection_ratios([("shards=1", one), ("shards=8", eight)])
+    assert len(ratios) == 4 and all(r == pytest.approx([1 / 1.1] * 3, rel=1e-3) for r in ratios)
+    text = render_projection_ratios([("shards=1", one), ("shards=8", eight)])
+    assert text.splitlines()[-1].startswith("shards=8 / shards=1  0.909")
+    assert render_projection_ratios([("shards=1", one)]) == ""
+    missing = [{"projection": None}, run(5.0)]  # a run without a projection is left out of its round
+    assert projection_ratios([("a", [run(10.0), run(10.0)]), ("b", missing)])[0] == [pytest.approx(2.0)]
+
+
 def test_window_demands_are_the_reference_s_when_there_is_one() -> None:
     from bench.fairness import window_demands
     from flowshard.reference import FlowRef
