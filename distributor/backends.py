@@ -119,24 +119,26 @@ class BackendPool:
         return out
 
     def pick(self, now: float, exclude: frozenset[int] | set[int] = frozenset(),
-             full: Callable[[int], bool] | None = None) -> Backend | None:
+             full: Callable[[int], bool] | None = None, shun: frozenset[int] = frozenset()) -> Backend | None:
         """The healthy backend with the fewest requests in flight, ties round robin; None if none is up.
         `full` (the utilization detector's): a backend at its saturation, or stale, is picked only when
         every healthy one is (a review: by in-flight alone, one whose queue was long with other
-        traffic, or whose metrics were stale, got half the requests while another sat idle)."""
+        traffic, or whose metrics were stale, got half the requests while another sat idle); one in
+        `shun` (out in the other acceptors: `peers_out`) only when every other healthy one is too, in
+        the same pass (review 138: a second pass moved the round robin by two, and with an even count
+        the same one won every tie)."""
         backends = self.backends
         n = len(backends)
         self._rr = (self._rr + 1) % n
         best: Backend | None = None
-        best_full = True
+        best_key = (True, True)
         for k in range(n):
             b = backends[(self._rr + k) % n]
             if b.down_until > now or b.index in exclude:
                 continue
-            is_full = full is not None and full(b.index)
-            if best is None or (best_full and not is_full) or (
-                    is_full == best_full and b.inflight < best.inflight):
-                best, best_full = b, is_full
+            key = (b.index in shun, full is not None and full(b.index))
+            if best is None or key < best_key or (key == best_key and b.inflight < best.inflight):
+                best, best_key = b, key
         return best
 
     def any_up(self, now: float, exclude: frozenset[int] | set[int] = frozenset()) -> bool:

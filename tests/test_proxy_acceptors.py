@@ -489,6 +489,59 @@ def test_the_backend_an_acceptor_has_left_is_not_struck_out_for_one_the_others_k
     assert svc.stats()["proxy"]["backends"][1]["up"]
 
 
+def test_an_acceptor_whose_backends_are_all_out_in_the_others_still_retries_among_them(fake_backend: Any) -> None:
+    """Review 138: with every backend it has up out in the other acceptors, an acceptor's picker falls
+    back to them, but each such try was the request's last (the others counted as out), so a request
+    that met the failing one got its 503 where it would have been retried on the working one (20 of
+    20; b1f18df: 0 of 20). Among backends all out in the others, the usual retries hold."""
+    import asyncio
+
+    from distributor.proxy import Exchange, Proxy
+    from flowshard.classify import Classified
+    from flowshard.config import Config, ProxyConfig
+
+    failing, working = fake_backend(status=503), fake_backend()
+
+    class Conn:  # the HTTP connection's side of an exchange: the status of each answer
+        def __init__(self) -> None:
+            self.statuses: list[bytes] = []
+
+        def slot_respond(self, slot: Any, data: bytes) -> None:
+            self.statuses.append(data.split(b" ", 2)[1])
+
+        def slot_turn(self, slot: Any) -> None:
+            return None
+
+        def slot_write(self, slot: Any, data: bytes) -> None:
+            return None
+
+        def slot_end(self, slot: Any, data: bytes = b"", close: bool = False) -> None:
+            pass
+
+        def write_buffered(self) -> int:
+            return 0
+
+    async def go() -> list[bytes]:
+        config = Config(proxy=ProxyConfig(backends=[failing.url, working.url], utilization=False, retries=1,
+                                          backoff=30.0))
+        proxy = Proxy(config, None, lambda: None)  # type: ignore[arg-type]
+        await proxy.start()
+        conn = Conn()
+        body = json.dumps({"model": "m", "messages": MSG, "max_tokens": 1}).encode()
+        item = Classified(flow="f", priority=0, slo=0, size=len(body), tokens=1, prompt_tokens=1, model="m",
+                          stream=False, strip_usage=False, body=body)
+        try:
+            for _ in range(10):
+                proxy.peers_health([30.0, 30.0])  # (both out in the other acceptors, as this one learns again)
+                await proxy.forward(Exchange(proxy, conn, None, ROUTE, item, [], b"", ROUTE))  # type: ignore[arg-type]
+        finally:
+            await proxy.close()
+        return conn.statuses
+
+    statuses = asyncio.run(go())
+    assert statuses == [b"200"] * 10, statuses
+
+
 def test_the_distributor_tells_each_acceptor_what_the_others_keep_out() -> None:
     """`Proxy.peers_down_for` (the distributor): per backend the longest of the *other* acceptors'
     back-offs; `Proxy.peers_health` (an acceptor): those count as out for its picker's first choice
@@ -516,17 +569,30 @@ def test_the_distributor_tells_each_acceptor_what_the_others_keep_out() -> None:
         acceptor.peers_health([30.0, 0.0])
         assert pool.peers_out(now) == {0}
         assert all(pool.up(b, now) for b in pool.backends)  # its own health unchanged
-        assert pool.pick(now, pool.peers_out(now)) is pool.backends[1]  # (the picker's first choice)
-        good = pool.backends[1]
+        assert pool.pick(now, shun=pool.peers_out(now)) is pool.backends[1]  # (the picker's first choice)
+        bad, good = pool.backends
         for _ in range(5):  # review 137: the last backend up here, the other out in the others: kept in
             pool.strike(good, now, "midstream")
         assert pool.up(good, now)
         acceptor.peers_health([0.0, 0.0])
         assert pool.peers_until is None and pool.peers_out(now) == frozenset()
-        pool.strike(good, now, "midstream")  # (with the other one in rotation again, out)
+        # review 138: back in the others' rotation, it has not answered since: not up for the last-up
+        # rule (as one taken out here), so the one that has answered is still not struck out for it
+        pool.strike(good, now, "midstream")
+        assert pool.up(good, now) and not bad.proven
+        pool.answered(bad)  # (it answers here)
+        pool.strike(good, now, "midstream")  # (now there is another up that answered: out)
         assert not pool.up(good, now)
         acceptor.peers_health([0.001, 0.0])
         assert pool.peers_out(now + 1.0) == frozenset() and pool.peers_until is None  # (ended)
+
+        # every backend up here out in the others: the fallback takes turns (review 138: two passes
+        # moved the round robin by two, and one of two backends took every request)
+        pool.answered(good)
+        acceptor.peers_health([30.0, 30.0])
+        shun = pool.peers_out(now)
+        assert shun == {0, 1}
+        assert {pool.pick(now, shun=shun).index for _ in range(4)} == {0, 1}  # type: ignore[union-attr]
 
     asyncio.run(go())
 
