@@ -761,11 +761,14 @@ class Proxy:
         backend it has up still takes requests (`BackendPool.strike`'s last-up rule)."""
         now = self.loop.time()
         until = [now + d if d > 0 else 0.0 for d in down_for[:len(self.pool.backends)]]
+        out = self.pool.peers_out(now)  # (as they were)
         self.pool.peers_until = until if any(until) else None
         for backend, t in zip(self.pool.backends, until, strict=False):
-            if t:  # not up for the last-up rule until it answers here, as one taken out here (`_take_out`;
-                backend.proven = False  # review 138: proven still once the others' back-off ended, it
-                # held in a backend failing every request, and both acceptors failed them all)
+            if t > now and backend.index not in out:  # taken out there: not up for the last-up rule until
+                backend.proven = False  # it answers here, as one taken out here (`_take_out`; review 138:
+                # proven still once the others' back-off ended, it held in a backend failing every
+                # request; only as it goes out: review 140, a stale report re-marked one the scraper
+                # had just brought back)
 
     def mark_sent(self, ex: Exchange) -> None:
         if ex.unsent:
@@ -901,7 +904,7 @@ class Proxy:
         # against their backends' failures in a row only if another backend then answers it: one that
         # fails everywhere is likely its own cause (a review: one such request, retried by its client,
         # took every backend out)
-        suspects: list[tuple[Backend, str, bool]] = []  # (backend, kind, failed after its head)
+        suspects: list[tuple[Backend, str]] = []
         attempt = 0
         util = self.utilization
         full = self._full()
@@ -910,7 +913,7 @@ class Proxy:
                 util.expire(loop.time())  # (staleness as of this pick)
             now = loop.time()
             peers = self.pool.peers_out(now)  # (out in the other acceptors: as if out here, but as a last resort)
-            backend = self.pool.pick(now, tried, full, peers) or self.pool.pick(now, full=full)
+            backend = self.pool.pick(now, tried, full, peers) or self.pool.pick(now, full=full, shun=peers)
             if backend is None:
                 if attempt < pc.retries:
                     attempt += 1
@@ -936,7 +939,7 @@ class Proxy:
             self.stats.retries += 1
 
     async def _attempt(self, ex: Exchange, backend: Backend, method: str, headers: list[tuple[str, str]],
-                       last: bool, suspects: list[tuple[Backend, str, bool]], judge: bool = False) -> bool | None:
+                       last: bool, suspects: list[tuple[Backend, str]], judge: bool = False) -> bool | None:
         """One try on `backend`. None: it failed before any byte reached the client (try another), the
         failure counted and added to `suspects` (`forward`: struck when another backend answers the
         request, at its head; `judge`: struck at once); True: the backend answered (not a 5xx); False:
@@ -977,11 +980,16 @@ class Proxy:
                 if not last:
                     return None
             else:
-                # answered here: the backends that failed this request before its head did so on their
-                # own (struck at its head, not its end: a review, a long stream let 60 more go to a
-                # failing one; nor at a stream's first bytes: review 137, 19 of 20 went to one during a
-                # 2 s prefill); those that failed it after their heads, at its first bytes (below)
-                self._strike_suspects(backend, suspects, headed=False)
+                # answered here: the backends that failed this request before did so on their own
+                # (struck at its head, not its end: a review, a long stream let 60 more go to a failing
+                # one; nor at a stream's first bytes: review 137, 19 of 20 went to one during a 2 s
+                # prefill, and review 140 as many for failures after a head, so a request whose stream
+                # every backend ends before any byte still strikes those before the last: left)
+                now = self.loop.time()
+                for failed, kind in suspects:
+                    if failed is not backend:
+                        self.pool.strike(failed, now, kind)
+                suspects.clear()
                 if stream:
                     # A stream's head is held until its first bytes: a backend fails a long prefill after
                     # sending it (vLLM sends it at once), and until the first bytes nothing has reached
@@ -993,10 +1001,7 @@ class Proxy:
                             raise aiohttp.ClientPayloadError("the stream ended before its first bytes")
                     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                         resp.close()
-                        return self._failed_before_answer(ex, backend, exc, last, suspects, judge, headed=True)
-                # (review 138: struck at the head, a request whose stream every backend ended before any
-                # byte took a healthy one out: a request failing on every backend counts against none)
-                self._strike_suspects(backend, suspects, headed=True)
+                        return self._failed_before_answer(ex, backend, exc, last, suspects, judge)
                 self.pool.answered(backend, proves=counted)
             if stream:
                 whole = await self._relay_stream(ex, backend, resp, first)
@@ -1016,10 +1021,9 @@ class Proxy:
             self._backend_done(ex)
 
     def _failed_before_answer(self, ex: Exchange, backend: Backend, exc: BaseException, last: bool,
-                              suspects: list[tuple[Backend, str, bool]], judge: bool,
-                              headed: bool = False) -> bool | None:
+                              suspects: list[tuple[Backend, str]], judge: bool) -> bool | None:
         """A try failed before any byte reached the client (`_attempt`'s None: try another; False: the
-        client got an error answer); `headed`: after its head (a stream, before its first bytes)."""
+        client got an error answer)."""
         code = getattr(exc, "errno", None)
         if code in LOCAL_SHORTAGE:  # ours: no backend is to blame, none is tried
             log.error("connecting to backend %s: %s (not counted as the backend's)", backend.name, exc)
@@ -1038,7 +1042,7 @@ class Proxy:
                                 "backend_timeout")
             return False
         kind = failure_kind(exc)
-        self._suspect(backend, kind, f"{type(exc).__name__}: {exc}", suspects, judge, headed)
+        self._suspect(backend, kind, f"{type(exc).__name__}: {exc}", suspects, judge)
         if last:
             code = "backend_unreachable" if kind == "connect" else "backend_failed"
             self._respond_error(ex, 502, f"flowshard: backend {backend.name} failed: {type(exc).__name__}",
@@ -1046,17 +1050,8 @@ class Proxy:
             return False
         return None
 
-    def _strike_suspects(self, backend: Backend, suspects: list[tuple[Backend, str, bool]], headed: bool) -> None:
-        """`backend` answered the request: strike the others that failed it before their heads
-        (`headed` False: at its head) or after them (True: at a stream's first bytes), forgotten."""
-        now = self.loop.time()
-        for failed, kind, after_head in suspects:
-            if after_head == headed and failed is not backend:
-                self.pool.strike(failed, now, kind)
-        suspects[:] = [s for s in suspects if s[2] != headed]
-
-    def _suspect(self, backend: Backend, kind: str, detail: str, suspects: list[tuple[Backend, str, bool]],
-                 judge: bool = False, headed: bool = False) -> None:
+    def _suspect(self, backend: Backend, kind: str, detail: str, suspects: list[tuple[Backend, str]],
+                 judge: bool = False) -> None:
         """A failure of a request before its answer: counted; one that nothing was sent for (`connect`)
         takes the backend out at once, and so may one judged at once (`judge`); the others wait in
         `suspects` for another backend's answer (`_attempt`)."""
@@ -1064,7 +1059,7 @@ class Proxy:
             self.pool.failed(backend, self.loop.time(), kind, detail)
         else:
             self.pool.failed(backend, self.loop.time(), kind, detail, in_a_row=False)
-            suspects.append((backend, kind, headed))
+            suspects.append((backend, kind))
 
     def _backend_done(self, ex: Exchange) -> None:
         """The backend has answered all of `ex` (or failed it): the detector stops counting it there.

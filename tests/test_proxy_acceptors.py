@@ -569,6 +569,11 @@ def test_the_distributor_tells_each_acceptor_what_the_others_keep_out() -> None:
         acceptor.peers_health([30.0, 0.0])
         assert pool.peers_out(now) == {0}
         assert all(pool.up(b, now) for b in pool.backends)  # its own health unchanged
+        assert not pool.backends[0].proven  # (taken out there: not proven here until it answers here)
+        pool.answered(pool.backends[0])
+        acceptor.peers_health([29.0, 0.0])  # still out there: not re-marked (review 140: a stale report
+        assert pool.backends[0].proven  # re-marked one the scraper had just brought back)
+        pool.backends[0].proven = False
         assert pool.pick(now, shun=pool.peers_out(now)) is pool.backends[1]  # (the picker's first choice)
         bad, good = pool.backends
         for _ in range(5):  # review 137: the last backend up here, the other out in the others: kept in
