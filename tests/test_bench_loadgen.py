@@ -51,6 +51,7 @@ class FakeService:
         self.queue: collections.deque[int] = collections.deque()
         self.held: set[int] = set()
         self.released: list[int] = []
+        self.released_at: list[float] = []  # (time.monotonic() of each release)
         self.rids: dict[str, list[int]] = collections.defaultdict(list)
         self._tickets = itertools.count(1)
 
@@ -61,6 +62,7 @@ class FakeService:
             self._dispatch()
 
     def release(self, ticket: int) -> None:
+        self.released_at.append(time.monotonic())
         self.held.discard(ticket)
         self.released.append(ticket)
         self._dispatch()
@@ -166,14 +168,18 @@ def test_the_log_says_when_each_dispatch_was_released() -> None:
     """`released`: the generator's release of each dispatched request, about its service time after
     the answer (a timer set from the loop's cached time may end it up to a loop pass early; its
     lateness is slot time the fairness reference counts)."""
-    result, _gen, _service = _drive(STARVED.replace("service = 0.0", "service = 0.003"), limit=4)
+    result, gen, service = _drive(STARVED.replace("service = 0.0", "service = 0.003"), limit=4)
     log = _log(result)
     dispatched = log["outcome"] == 0
     released = log["released"][dispatched]
     assert dispatched.sum() > 20 and np.isfinite(released).mean() > 0.9
     ended = np.isfinite(released)
+    # the column is when each release was made (the stand-in's own clock readings), whatever the timers'
+    # lateness: a mean lateness under 2 ms failed 2 in 20 beside two busy loops (review 136: 2.4-3.5 ms)
+    made = np.sort(np.array(service.released_at[:ended.sum()]) - gen.t0)
+    assert np.allclose(np.sort(released[ended]), made, atol=1e-3)
     late = released[ended] - log["done"][dispatched][ended] - log["service"][dispatched][ended]
-    assert (late > -0.002).all() and abs(late.mean()) < 0.002
+    assert (late > -0.002).all()  # never early by more than a loop pass
     assert np.isnan(log["released"][~dispatched]).all()
 
 

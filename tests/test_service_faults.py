@@ -472,7 +472,12 @@ def test_ctrl_c_while_starting_stops_quietly(delay: float) -> None:
         [sys.executable, "-c", "from flowshard.entry import main; raise SystemExit(main())",
          "serve", "--shards", "2", "--port", "0", "--binary-port", "0"],
         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        # As from a terminal: SIGINT not ignored. A suite started as a background job (`pytest ... &` in a
+        # script, as CI runners may) hands every child SIGINT ignored, so Python installs no
+        # KeyboardInterrupt and a Ctrl-C before `serve` sets its handlers is lost: the service went on
+        # to its ready line and ran (review 136: [0.3] under load, 30 s then TimeoutExpired)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         time.sleep(delay)
         os.killpg(proc.pid, signal.SIGINT)
