@@ -119,17 +119,21 @@ class BackendPool:
         return out
 
     def pick(self, now: float, exclude: frozenset[int] | set[int] = frozenset(),
-             full: Callable[[int], bool] | None = None, shun: frozenset[int] = frozenset()) -> Backend | None:
+             full: Callable[[int], bool] | None = None, shun: frozenset[int] = frozenset(),
+             advance: bool = True) -> Backend | None:
         """The healthy backend with the fewest requests in flight, ties round robin; None if none is up.
         `full` (the utilization detector's): a backend at its saturation, or stale, is picked only when
         every healthy one is (a review: by in-flight alone, one whose queue was long with other
         traffic, or whose metrics were stale, got half the requests while another sat idle); one in
         `shun` (out in the other acceptors: `peers_out`) only when every other healthy one is too, in
         the same pass (review 138: a second pass moved the round robin by two, and with an even count
-        the same one won every tie)."""
+        the same one won every tie). `advance` False (a request's retry): the round robin is not moved,
+        a request takes one turn (review 140: each retry took one more, and with two backends a
+        failing one won the first try of 9 requests in 10)."""
         backends = self.backends
         n = len(backends)
-        self._rr = (self._rr + 1) % n
+        if advance:
+            self._rr = (self._rr + 1) % n
         best: Backend | None = None
         best_key = (True, True)
         for k in range(n):

@@ -913,7 +913,8 @@ class Proxy:
                 util.expire(loop.time())  # (staleness as of this pick)
             now = loop.time()
             peers = self.pool.peers_out(now)  # (out in the other acceptors: as if out here, but as a last resort)
-            backend = self.pool.pick(now, tried, full, peers) or self.pool.pick(now, full=full, shun=peers)
+            backend = (self.pool.pick(now, tried, full, peers, advance=not tried)
+                       or self.pool.pick(now, full=full, shun=peers, advance=False))
             if backend is None:
                 if attempt < pc.retries:
                     attempt += 1

@@ -364,6 +364,21 @@ def test_the_picker_sends_to_a_backend_with_room_first() -> None:
     assert pool.pick(0.0, full=full.__contains__) is a  # c is out: a full one after all
 
 
+def test_a_requests_retry_does_not_take_a_turn_of_the_round_robin() -> None:
+    """Review 140: every pick moved the round robin, a request's retry too: with two backends a request
+    that failed on the first moved it by two, a whole turn, so the failing backend won the next
+    request's tie as well (its first try 9 requests in 10). A request takes one turn now."""
+    pool = BackendPool(["http://a", "http://b"], backoff=1.0, max_backoff=30.0)
+    firsts = []
+    for _ in range(6):
+        first = pool.pick(0.0)
+        assert first is not None
+        firsts.append(first.index)
+        if first.index == 0:  # backend a fails it: retried on b (not a turn of its own)
+            assert pool.pick(0.0, {0}, advance=False) is pool.backends[1]
+    assert firsts in ([0, 1] * 3, [1, 0] * 3), firsts  # (each backend first in turn)
+
+
 def test_one_requests_own_failure_does_not_take_the_pool_out() -> None:
     """Review 108: a request the backends answer by resetting the connection, or one past `read_timeout`,
     retried on each, took every backend out at its first failure (then 503 `no_backend` for everyone):
