@@ -495,6 +495,32 @@ def test_ctrl_c_while_starting_stops_quietly(delay: float) -> None:
     assert wait_until(lambda: not any(n.startswith(f"flowshard-{proc.pid}-") for n in os.listdir("/dev/shm")), 3.0)
 
 
+def test_a_sigint_ignored_when_it_started_stays_ignored() -> None:
+    """Review 136: started with SIGINT ignored (a background job of a script), the service lost a
+    Ctrl-C during its first half second and obeyed one after. It keeps the ignore, as the interpreter
+    did until then: SIGTERM stops it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from flowshard.entry import main; raise SystemExit(main())",
+         "serve", "--shards", "1", "--port", "0", "--binary-port", "0"],
+        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # (until the ready line)
+            if line.startswith(b"flowshard ready:"):
+                break
+        os.killpg(proc.pid, signal.SIGINT)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(1.0)  # ignored: still serving
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def test_an_interrupt_swallowed_while_starting_still_stops_the_service(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
