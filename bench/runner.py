@@ -115,7 +115,7 @@ def _speaks_http(conn: socket.socket, deadline: float) -> str:
 def die_with_parent() -> None:
     """preexec_fn: the child gets SIGTERM if the bench process dies (no orphans on Ctrl-C or a crash), and
     ignores SIGINT: a Ctrl-C is the bench's to handle (it stops its children), where each load generator
-    printed a traceback (a review). A service started so installs its own handler for it."""
+    printed a traceback (a review). A service started so keeps ignoring it (stopped with SIGTERM)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)

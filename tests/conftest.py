@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import signal
 import socket
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -19,6 +20,13 @@ from flowshard.engine import Engine
 from flowshard.types import Item, Outcome, Request
 
 FAIRNESS_NAMES = ("round-robin", "global-fcfs", "drr", "vtc")
+
+# The services the tests start take SIGINT as one started from a terminal does. A suite run as a
+# background job of a script (as a CI runner may run it) has SIGINT ignored, which every child
+# inherits, and `flowshard serve` keeps an inherited ignore (review 136): its SIGINT tests would see
+# it ignored. The test processes take Python's default back; their children then start with it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
