@@ -1345,7 +1345,7 @@ async def serve(config: Config, shards: int, acceptors: int = 0) -> None:
     # Before anything starts, the Distributor's construction included: no window without a drain. (Until
     # then asyncio's runner takes a Ctrl-C as a cancel of this task, which an await may swallow: a test
     # saw one signal lost under load, the service then ready and running.)
-    # A SIGINT ignored when it started (a background job of a script, `nohup`-like wrappers) stays ignored,
+    # A SIGINT ignored when it started (a background job of a script, as a shell starts one) stays ignored,
     # as the interpreter left it until here: obeyed from here on, a Ctrl-C was lost in the first half second
     # and stopped it after (review 136). SIGTERM stops it then.
     ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN

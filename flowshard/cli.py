@@ -181,7 +181,8 @@ Ready: one line on stderr, once every shard is up (the ports it really listens o
 Stopping: SIGTERM or SIGINT (Ctrl-C) drains. The listeners close (new connections are refused),
 admissions on open connections are answered 503 rejected:shutting_down, queued requests get
 [service] drain_timeout seconds (default 10) to be dispatched and the rest end evicted:shutdown;
-then it exits 0. A second signal stops at once. Once it is ready, both are said on stderr (in proxy
+then it exits 0. A second signal stops at once (a SIGINT ignored when it started, as in a script's
+background job, stays ignored: SIGTERM then). Once it is ready, both are said on stderr (in proxy
 mode the drain also waits for the responses being relayed, and says so):
   flowshard draining (SIGINT): 3 queued, 1 in flight; stopping once the queues are empty, within
     drain_timeout (10 s); a second signal stops now                                  (one line)
