@@ -243,6 +243,15 @@ def test_backend_dying_mid_stream_is_a_clean_error_and_one_outcome(launch: Any, 
     assert settled(svc)["totals"]["inflight"] == 0
 
 
+def _streams_served_whole(svc: Any, n: int) -> None:
+    """`n` streams of three tokens, one after the other, each arriving whole."""
+    c = client(svc)
+    for _ in range(n):
+        got = [chunk.choices[0].delta.content or "" for chunk in
+               c.chat.completions.create(model="m", messages=MSG, max_tokens=3, stream=True)]
+        assert got == [" tok"] * 3
+
+
 def test_a_stream_whose_backend_dies_before_its_first_bytes_is_tried_on_another(
     launch: Any, fake_backend: Any
 ) -> None:
@@ -253,11 +262,7 @@ def test_a_stream_whose_backend_dies_before_its_first_bytes_is_tried_on_another(
     dying = fake_backend(ttft=0.01, die_after=0)  # the head, then the connection dropped before a token
     good = fake_backend(ttft=0.001, itl=0.001)
     svc = launch(proxy_config([dying.url, good.url], proxy={"retries": 1, "backoff": 30.0}, budget=4))
-    c = client(svc)
-    for _ in range(6):
-        got = [chunk.choices[0].delta.content or "" for chunk in
-               c.chat.completions.create(model="m", messages=MSG, max_tokens=3, stream=True)]
-        assert got == [" tok"] * 3
+    _streams_served_whole(svc, 6)
     s = settled(svc)
     assert dying.stats()["aborted"] >= 3 and good.stats()["completed"] == 6
     assert s["proxy"]["midstream_failures"] == 0 and s["proxy"]["retries"] >= 3
@@ -274,11 +279,7 @@ def test_a_stream_whose_backend_dies_before_its_first_bytes_is_tried_on_another(
     # (review 137: an empty 200 was relayed, no event, no [DONE], and the backend counted sound)
     dying.configure(die_after=-1, end_after=0)
     empty = launch(proxy_config([dying.url, good.url], proxy={"retries": 1, "backoff": 30.0}, budget=4))
-    c = client(empty)
-    for _ in range(8):
-        got = [chunk.choices[0].delta.content or "" for chunk in
-               c.chat.completions.create(model="m", messages=MSG, max_tokens=3, stream=True)]
-        assert got == [" tok"] * 3
+    _streams_served_whole(empty, 8)
     backend = settled(empty)["proxy"]["backends"][0]
     assert backend["errors"] == {"reset": 3} and not backend["up"]  # (out at its third, as any other)
 

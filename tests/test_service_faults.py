@@ -461,23 +461,28 @@ def test_sigint_drains_like_sigterm(launch: Any) -> None:
     assert svc.wait(5) == 0
 
 
+def _serve_as_installed(shards: int, sigint: signal.Handlers) -> subprocess.Popen[bytes]:
+    """`flowshard serve` as the installed command starts it (its entry point imports the CLI inside its
+    handler), in a session of its own, with SIGINT's disposition `sigint` at its start."""
+    return subprocess.Popen(
+        [sys.executable, "-c", "from flowshard.entry import main; raise SystemExit(main())",
+         "serve", "--shards", str(shards), "--port", "0", "--binary-port", "0"],
+        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
+
+
 @pytest.mark.parametrize("delay", [0.3, 0.6, 1.0])
 def test_ctrl_c_while_starting_stops_quietly(delay: float) -> None:
     """Review 107: Ctrl-C (SIGINT to the whole process group, as a terminal sends it) before the ready
     line printed a traceback from each worker still importing, and "its worker (pid 0) was killed by
     SIGINT ... restarting it". The children are born with it blocked (they ignore it once started:
     the distributor stops them), so at any moment of the start it stops the service quietly."""
-    proc = subprocess.Popen(
-        # (as the installed `flowshard` command starts: its entry point imports the CLI inside its handler)
-        [sys.executable, "-c", "from flowshard.entry import main; raise SystemExit(main())",
-         "serve", "--shards", "2", "--port", "0", "--binary-port", "0"],
-        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        # As from a terminal: SIGINT not ignored. A suite started as a background job (`pytest ... &` in a
-        # script, as CI runners may) hands every child SIGINT ignored, so Python installs no
-        # KeyboardInterrupt and a Ctrl-C before `serve` sets its handlers is lost: the service went on
-        # to its ready line and ran (review 136: [0.3] under load, 30 s then TimeoutExpired)
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # As from a terminal: SIGINT not ignored. A suite started as a background job (`pytest ... &` in a
+    # script, as CI runners may) hands every child SIGINT ignored, so Python installs no
+    # KeyboardInterrupt and a Ctrl-C before `serve` sets its handlers is lost: the service went on
+    # to its ready line and ran (review 136: [0.3] under load, 30 s then TimeoutExpired)
+    proc = _serve_as_installed(2, signal.SIG_DFL)
     try:
         time.sleep(delay)
         os.killpg(proc.pid, signal.SIGINT)
@@ -499,12 +504,7 @@ def test_a_sigint_ignored_when_it_started_stays_ignored() -> None:
     """Review 136: started with SIGINT ignored (a background job of a script), the service lost a
     Ctrl-C during its first half second and obeyed one after. It keeps the ignore, as the interpreter
     did until then: SIGTERM stops it."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from flowshard.entry import main; raise SystemExit(main())",
-         "serve", "--shards", "1", "--port", "0", "--binary-port", "0"],
-        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    proc = _serve_as_installed(1, signal.SIG_IGN)
     try:
         assert proc.stderr is not None
         for line in proc.stderr:  # (until the ready line)
