@@ -331,6 +331,14 @@ class HttpHub:
 # ---------------------------------------------------------------------------------------- connection
 
 
+class _NoCallbacks:
+    """The protocol of `_SPENT_PARSER`: no callbacks."""
+
+
+# What a closed connection keeps as its parser: its own, which refers to it, would make the two a cycle
+_SPENT_PARSER = httptools.HttpRequestParser(_NoCallbacks())
+
+
 class HttpConnection(asyncio.Protocol):
     """One client connection: parser callbacks, the ordered response queue, and the `Waiter` side.
 
@@ -666,6 +674,10 @@ class HttpConnection(asyncio.Protocol):
         # default (a review: 1.7 GB held after rounds of uploads timed out, until a collection ran)
         self._body = bytearray()
         self._url = bytearray()
+        # ... and the connection itself with it: its parser holds its callbacks, so the two were left for
+        # the cyclic GC's oldest generation, run every ~30 min under a steady load (review 135: ~400
+        # dead connections, 2.6 MB, at each peak). No input is parsed after the connection's end.
+        self._parser = _SPENT_PARSER
         self._wake_writers()
 
     def _settle(self, slots: Iterable[_Slot]) -> None:
