@@ -132,18 +132,17 @@ class BackendPool:
         failing one won the first try of 9 requests in 10)."""
         backends = self.backends
         n = len(backends)
-        start = self._rr + 1
+        if advance:  # (by one per request, whatever it picks: set to the one picked, the acceptors' pickers
+            self._rr = (self._rr + 1) % n  # fell into lockstep after any round all picked alike: review 142)
         best: Backend | None = None
         best_key = (True, True)
         for k in range(n):
-            b = backends[(start + k) % n]
+            b = backends[(self._rr + k) % n]
             if b.down_until > now or b.index in exclude:
                 continue
             key = (b.index in shun, full is not None and full(b.index))
             if best is None or key < best_key or (key == best_key and b.inflight < best.inflight):
                 best, best_key = b, key
-        if advance and best is not None:  # the next tie goes to the one after it (review 141: after the
-            self._rr = best.index  # previous start, the one after a backend out won its turn too: 2 to 1)
         return best
 
     def any_up(self, now: float, exclude: frozenset[int] | set[int] = frozenset()) -> bool:

@@ -612,6 +612,14 @@ def test_acceptors_pickers_start_their_round_robins_apart() -> None:
         picked = [pool.pick(0.0) for pool in pools]
         assert picked[0] is not None and picked[1] is not None
         assert {picked[0].index, picked[1].index} == {0, 1}
+    # a round with one backend out of reach (out in the other acceptors here; down alike) sends both to
+    # the other, and they stay apart after it (review 142: a round robin set to the backend picked fell
+    # into lockstep after any such round)
+    picked = [pool.pick(0.0, shun=frozenset({0})) for pool in pools]
+    assert [p.index for p in picked if p] == [1, 1]
+    for _ in range(5):
+        picked = [pool.pick(0.0) for pool in pools]
+        assert {p.index for p in picked if p} == {0, 1}
 
 
 def test_a_backend_url_is_shown_without_its_password() -> None:
