@@ -27,7 +27,7 @@ import socket
 import subprocess
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 from distributor.api import (
@@ -753,9 +753,12 @@ class Acceptors:
         if state == self._state:
             return
         self._state = state
-        for link in self.links:
-            if link is not None and link.ready:
-                link.send(LinkState(*state))
+        for link in self._ready():
+            link.send(LinkState(*state))
+
+    def _ready(self) -> Iterator[AcceptorLink]:
+        """The acceptors that said hello and are not lost: what the distributor tells them goes there."""
+        return (link for link in self.links if link is not None and link.ready)
 
     # ------------------------------------------------------------ proxy mode
 
@@ -804,16 +807,14 @@ class Acceptors:
 
     def backends_full(self, rooms: list[int]) -> None:
         """The distributor's detector has other rooms at the backends: every acceptor's picker too."""
-        for link in self.links:
-            if link is not None and link.ready:
-                link.send(LinkBackendsFull(rooms, list(link.backend_sent)))
+        for link in self._ready():
+            link.send(LinkBackendsFull(rooms, list(link.backend_sent)))
 
     def backend_health(self, index: int) -> None:
         """The distributor's scraper took backend `index` out or back in: every acceptor's proxy too."""
         message = self._health(index)
-        for link in self.links:
-            if link is not None and link.ready:
-                link.send(message)
+        for link in self._ready():
+            link.send(message)
 
     def peers_down(self) -> None:
         """An acceptor's proxy took backends out or back, or one exited: tell every acceptor which
@@ -821,9 +822,8 @@ class Acceptors:
         proxy = self.service.proxy
         if proxy is None:
             return
-        for link in self.links:
-            if link is not None and link.ready:
-                link.send(LinkPeersDown(proxy.peers_down_for(link.index)))
+        for link in self._ready():
+            link.send(LinkPeersDown(proxy.peers_down_for(link.index)))
 
     def proxied_running(self) -> bool:
         """A proxied request holds a ticket in some acceptor (the drain waits for them)."""
@@ -831,10 +831,9 @@ class Acceptors:
 
     def stop_proxies(self, why: str) -> None:
         """The service stops: each acceptor's proxy ends what it still relays, saying why (LinkStop)."""
-        for link in self.links:
-            if link is not None and link.ready:
-                link.send(LinkStop(why))
-                link.flush()
+        for link in self._ready():
+            link.send(LinkStop(why))
+            link.flush()
 
     def lost(self, link: AcceptorLink) -> None:
         index = link.index

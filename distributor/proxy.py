@@ -909,9 +909,9 @@ class Proxy:
         util = self.utilization
         full = self._full()
         while True:
-            if util is not None:
-                util.expire(loop.time())  # (staleness as of this pick)
             now = loop.time()
+            if util is not None:
+                util.expire(now)  # (staleness as of this pick)
             peers = self.pool.peers_out(now)  # (out in the other acceptors: as if out here, but as a last resort)
             backend = (self.pool.pick(now, tried, full, peers, advance=not tried)
                        or self.pool.pick(now, full=full, shun=peers, advance=False))

@@ -203,8 +203,8 @@ class Distributor:
         self._owned: dict[Any, set[int]] = {}  # waiter -> its tickets, so a closing connection frees them fast
         # leased ticket -> deadline, in deadline order (an acceptor link reads it: is a ticket leased?)
         self.leases: OrderedDict[int, float] = OrderedDict()
-        self._unwritten: set[int] = set()  # leased tickets whose answer is not written yet (`restart_lease`)
-        self._revoked: set[int] = set()  # ...of those, the ones asked back a lease ago (`_revoke`)
+        # leased tickets whose answer is not written yet (`restart_lease`) -> asked back a lease ago (`_revoke`)
+        self._unwritten: dict[int, bool] = {}
         self._next_id = 1
         self._random = array.array("Q")  # pooled random words for tickets (from the OS's CSPRNG)
         self._rr = 0
@@ -331,8 +331,7 @@ class Distributor:
         # `_disown`, inline (once per request)
         if held.deadline != _INF:  # leased (HTTP)
             self.leases.pop(ticket, None)
-            self._unwritten.discard(ticket)
-            self._revoked.discard(ticket)
+            self._unwritten.pop(ticket, None)
             unconfirmed = getattr(held.owner, "unconfirmed", None)  # (distributor.acceptors)
             if unconfirmed:
                 unconfirmed.discard(ticket)
@@ -405,17 +404,15 @@ class Distributor:
         its client got a dead ticket while another request took its budget (review 126)."""
         held = self.tickets.get(ticket)
         if held is None:  # (gone meanwhile: nothing is held)
-            self._unwritten.discard(ticket)
-            self._revoked.discard(ticket)
+            self._unwritten.pop(ticket, None)
             return
-        if ticket in self._revoked:  # asked back a lease ago, and neither unclaimed nor written since:
+        if self._unwritten.get(ticket):  # asked back a lease ago, and neither unclaimed nor written since:
             # expired as any other (review 134: else nothing but its connection's end bounded it)
-            self._revoked.discard(ticket)
-            self._unwritten.discard(ticket)
+            del self._unwritten[ticket]
             del self.tickets[ticket]
             self._expire(held)
             return
-        self._revoked.add(ticket)
+        self._unwritten[ticket] = True
         self.leases[ticket] = now + self._lease  # (until it is unclaimed, or its write is reported)
         try:
             held.owner.revoke(ticket)
@@ -437,8 +434,7 @@ class Distributor:
         then it is `_unwritten`; an answer still unwritten when its lease ends is taken back
         (`_revoke`), one never written is released by its front (its connection lost) or, with
         acceptors, when its acceptor is lost (`AcceptorLink`)."""
-        self._unwritten.discard(ticket)
-        self._revoked.discard(ticket)
+        self._unwritten.pop(ticket, None)
         leases = self.leases
         if ticket in leases:
             leases[ticket] = _monotonic() + self._lease
@@ -613,7 +609,7 @@ class Distributor:
             if leased:  # HTTP: held until released or the lease ends, whatever becomes of the connection
                 deadline, owned = _monotonic() + self._lease, None
                 self.leases[ticket] = deadline
-                self._unwritten.add(ticket)
+                self._unwritten[ticket] = False
             else:  # binary: the connection is the lease (release_all when it closes)
                 deadline, owned = _INF, self._owned.get(waiter)
                 if owned is None:

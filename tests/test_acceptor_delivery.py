@@ -181,7 +181,7 @@ def test_a_ticket_asked_back_and_never_settled_expires_a_lease_later() -> None:
     ticket = 77
     svc.tickets[ticket] = Ticket(ticket, 10, owner, 0.0, 0, "f", 0, 10, None, 1.0, -1, 0)
     svc.leases[ticket] = 0.0
-    svc._unwritten.add(ticket)
+    svc._unwritten[ticket] = False  # (dispatched, its answer not written yet)
     svc._revoke(ticket, 1.0)  # asked back once: kept, its lease renewed
     assert asked == [ticket] and ticket in svc.tickets and svc.ledger.budget.inflight == 1
     svc.leases.pop(ticket)  # (what `_housekeeping` does at the next lease end)
