@@ -2,10 +2,11 @@
 
 flowshard is not an endpoint picker, but the proxy must send each request somewhere: the healthy
 backend with the fewest requests in flight (ties round robin), one with room by the utilization
-detector first. Health is passive: a backend that cannot be connected to is taken out for `backoff`
-seconds, doubling per take-out in a row up to `max_backoff`; one that had the request and failed
-it only at the third such failure in a row shown to be its own (a stream cut short, a timeout; a
-reset, not HTTP or a 5xx once another backend answered that request: `Proxy.forward`); an answer
+detector first; a retry goes first to one that has not failed since its last whole answer. Health is passive: a
+backend that cannot be connected to is taken out for `backoff` seconds, doubling per take-out in a
+row up to `max_backoff`; one that had the request and failed it only at the third such failure in a
+row shown to be its own (a stream cut short, a timeout; a reset, not HTTP or a 5xx once another
+backend answered that request: `Proxy.forward`); an answer
 brings it back. The scraper reads every backend's Prometheus metrics each `scrape_interval` into the
 core's `PoolUtilization` and calls `on_room` when the pool's saturation fell, so held work is granted
 at once rather than at the next release.
@@ -63,8 +64,8 @@ class Backend:
     """One backend: its URL, what it holds now, and its health."""
 
     __slots__ = (
-        "down_until", "error_answers", "errors", "failures", "index", "inflight", "last_error", "last_kind", "name",
-        "proven", "requests", "url",
+        "clean", "down_until", "error_answers", "errors", "failures", "index", "inflight", "last_error", "last_kind",
+        "name", "proven", "requests", "url",
     )
 
     def __init__(self, index: int, url: str) -> None:
@@ -82,6 +83,7 @@ class Backend:
         # it has answered (a head that is not a 5xx) since it was last taken out, or never was: up for
         # the last-up rule (`BackendPool.strike`)
         self.proven = True
+        self.clean = True  # no failure since its last whole answer: a retry ranks it first (`BackendPool.pick`)
 
 
 class BackendPool:
@@ -129,18 +131,23 @@ class BackendPool:
         the same pass (review 138: a second pass moved the round robin by two, and with an even count
         the same one won every tie). `advance` False (a request's retry): the round robin is not moved,
         a request takes one turn (review 140: each retry took one more, and with two backends a
-        failing one won the first try of 9 requests in 10)."""
+        failing one won the first try of 9 requests in 10). A retry ranks each backend that failed a
+        request since its last whole answer (not `clean`) after the others, before room and in-flight
+        counts: one failing fast has the fewest in flight, so with more failing backends than a
+        request's tries every try went to one of them, and as no other backend answered the request
+        their failures never counted (three of four answering 500 at once: 81 % of the requests got
+        a 500, and one of the three was never out)."""
         backends = self.backends
         n = len(backends)
         if advance:  # (by one per request, whatever it picks: set to the one picked, the acceptors' pickers
             self._rr = (self._rr + 1) % n  # fell into lockstep after any round all picked alike: review 142)
         best: Backend | None = None
-        best_key = (True, True)
+        best_key = (True, True, True)  # (shunned, failed lately on a retry, full)
         for k in range(n):
             b = backends[(self._rr + k) % n]
             if b.down_until > now or b.index in exclude:
                 continue
-            key = (b.index in shun, full is not None and full(b.index))
+            key = (b.index in shun, not (advance or b.clean), full is not None and full(b.index))
             if best is None or key < best_key or (key == best_key and b.inflight < best.inflight):
                 best, best_key = b, key
         return best
@@ -159,6 +166,7 @@ class BackendPool:
         the request, which shows the failure was this backend's, not the request's (a review: a
         client's retries of one request that every backend reset took the pool out)."""
         self._count(backend, kind, detail)
+        backend.clean = False
         if kind in FAIL_AT_ONCE:
             self._take_out(backend, now, kind)
         elif in_a_row:
@@ -205,10 +213,12 @@ class BackendPool:
             backend.proven = True
 
     def completed(self, backend: Backend) -> None:
-        """It answered a request to its end: its failures in a row end, and its back-off starts afresh.
-        Not at the answer's head (a review: a backend that cut every stream was never out, each head
-        clearing the count its cut had made; and then its back-off never grew)."""
+        """It answered a request to its end: its failures in a row end, its back-off starts afresh, and a
+        retry ranks it with the others again. Not at the answer's head (a review: a backend that cut
+        every stream was never out, each head clearing the count its cut had made; and then its
+        back-off never grew)."""
         backend.error_answers = backend.failures = 0
+        backend.clean = True
 
     def next_up(self, now: float) -> float:
         """Seconds until the first backend is back (0 if one is up now)."""

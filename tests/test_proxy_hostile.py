@@ -379,6 +379,65 @@ def test_a_requests_retry_does_not_take_a_turn_of_the_round_robin() -> None:
     assert firsts in ([0, 1] * 3, [1, 0] * 3), firsts  # (each backend first in turn)
 
 
+def test_a_retry_goes_first_to_a_backend_that_has_not_failed_since_its_last_whole_answer() -> None:
+    """A backend failing fast has the fewest in flight, so it won the picks: with more failing backends
+    than a request's tries, every try went to one of them and nothing counted against them (no other
+    backend answered the request). A retry ranks a backend that failed since its last whole answer
+    after the others, whatever their room and in-flight counts; a request's first try is as before."""
+    pool = BackendPool(["http://a", "http://b", "http://c", "http://d"], backoff=1.0, max_backoff=30.0)
+    a, b, c, d = pool.backends
+    c.inflight, d.inflight = 5, 9
+    pool.failed(a, 0.0, "http_500", "HTTP 500", in_a_row=False)
+    pool.failed(b, 0.0, "reset", "reset", in_a_row=False)
+    assert not a.clean and not b.clean and c.clean
+    assert {pool.pick(0.0).index for _ in range(4)} <= {0, 1}  # type: ignore[union-attr]  # (first tries)
+    assert pool.pick(0.0, {0}, advance=False) is c  # a retry: c, though it holds more than b
+    assert pool.pick(0.0, {0}, {2}.__contains__, advance=False) is d  # c full: d, before b with room
+    assert pool.pick(0.0, {0, 2, 3}, advance=False) is b  # the clean ones tried: b after all
+    pool.completed(b)  # b answered one whole: with the others again
+    assert b.clean and pool.pick(0.0, {0}, advance=False) is b
+    pool.failed(c, 0.0, "connect", "refused")  # out; back later, it ranks last on a retry until it answers
+    assert pool.pick(2.0, {0, 1}, advance=False) is d
+    pool.failed(b, 2.0, "midstream", "cut")
+    assert pool.pick(2.0, {0, 3}, advance=False) is b  # (every one left has failed: by in-flight)
+
+
+def test_with_more_failing_backends_than_tries_the_requests_go_to_the_one_answering() -> None:
+    """Three backends of four answer 500 at once, the fourth answers after 0.1 s, `retries = 2`: each
+    try went to a failing one (the fewest in flight), 81 % of the requests got a 500 and the failures
+    counted against none. Now a retry goes to one that has not failed first: the requests are
+    answered, and the one answering shows the failures before it were the failing ones' own, which go
+    out at their third."""
+    async def fails(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.json_response({"error": "no"}, status=500)
+
+    async def answers(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        await asyncio.sleep(0.1)
+        return web.json_response({"choices": [{"message": {"content": "ok"}}]})
+
+    async def go() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            urls = [await stack.enter_async_context(backend([("POST", "/v1/chat/completions", fails)]))
+                    for _ in range(3)]
+            urls.append(await stack.enter_async_context(backend([("POST", "/v1/chat/completions", answers)])))
+            r = await stack.enter_async_context(proxying(urls, retries=2, backoff=0.2))
+            statuses: list[int] = []
+            end = time.monotonic() + 2.0
+
+            async def client() -> None:
+                while time.monotonic() < end:
+                    statuses.append(int((await _head_of_one_post(r.port)).split()[1]))
+
+            await asyncio.gather(*[client() for _ in range(6)])
+            failing = r.proxy.pool.backends[:3]
+            assert statuses.count(200) == len(statuses) > 30, (statuses.count(500), len(statuses))
+            assert all(b.failures >= 1 for b in failing), [(b.errors, b.failures) for b in failing]
+
+    run(go(), timeout=30.0)
+
+
 def test_one_requests_own_failure_does_not_take_the_pool_out() -> None:
     """Review 108: a request the backends answer by resetting the connection, or one past `read_timeout`,
     retried on each, took every backend out at its first failure (then 503 `no_backend` for everyone):
