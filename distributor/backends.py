@@ -35,7 +35,7 @@ from flowshard.utilization import (
     parse_metrics,
 )
 
-__all__ = ["LOCAL_SHORTAGE", "SCRAPE_CONNECT_TIMEOUT", "Backend", "BackendPool", "Scraper", "failure_kind"]
+__all__ = ["LOCAL_SHORTAGE", "SCRAPE_CONNECT_TIMEOUT", "Backend", "BackendPool", "Scraper", "Struck", "failure_kind"]
 
 log = logging.getLogger(__name__)
 # A backend's metrics body past this is a scrape error: parsed every `scrape_interval` (0.05 s by
@@ -84,6 +84,11 @@ class Backend:
         # the last-up rule (`BackendPool.strike`)
         self.proven = True
         self.clean = True  # no failure since its last whole answer: a retry ranks it first (`BackendPool.pick`)
+
+
+# What a strike that took a backend out changed (`BackendPool.unstrike`): the back-off's end it set, then
+# the backend's `down_until`, `proven` and `last_kind` before; None: it took nothing out
+Struck = tuple[float, float, bool, str] | None
 
 
 class BackendPool:
@@ -172,27 +177,42 @@ class BackendPool:
         elif in_a_row:
             self.strike(backend, now, kind)
 
-    def strike(self, backend: Backend, now: float, kind: str) -> None:
+    def strike(self, backend: Backend, now: float, kind: str) -> Struck:
         """One more failure in a row of a request it had (counted already): out at the
         `ERROR_ANSWERS_TO_FAIL`-th, unless it is the last backend up. Requests' failures never take out
         the last one (the next failure once another is up does): out, every request would be refused
         503 `no_backend` for its back-off, where in it passes on what it answers (a review: one request
-        slower than `read_timeout`, retried by its client, took a lone backend out)."""
+        slower than `read_timeout`, retried by its client, took a lone backend out). Returns what
+        `unstrike` needs to take it back."""
         backend.error_answers += 1
         peers = self.peers_out(now) if self.peers_until is not None else frozenset()
         if backend.error_answers >= ERROR_ANSWERS_TO_FAIL and any(
                 b is not backend and b.down_until <= now and b.proven and b.index not in peers for b in self.backends):
-            self._take_out(backend, now, kind)  # (another is up, and has answered since it came back: a
-            # dead one whose back-off had ended counted, and a healthy one went out: a review; and not
+            return self._take_out(backend, now, kind)  # (another is up, and has answered since it came back:
+            # a dead one whose back-off had ended counted, and a healthy one went out: a review; and not
             # only once it answered a request whole, which kept a failing one in for a stream's length)
+        return None
 
-    def _take_out(self, backend: Backend, now: float, kind: str) -> None:
+    def unstrike(self, backend: Backend, struck: Struck) -> None:
+        """Take back a strike (`strike` returned `struck`): the answer that showed the failure to be the
+        backend's own did not come after all (the backend answering the request failed it too, before
+        any byte: `Proxy._attempt`), so the failure is likely the request's. Its take-out, if the strike
+        took it out, is undone unless something changed it since."""
+        backend.error_answers = max(0, backend.error_answers - 1)
+        if struck is not None and backend.down_until == struck[0]:
+            backend.down_until, backend.proven, backend.last_kind = struck[1:]
+            backend.failures -= 1
+
+    def _take_out(self, backend: Backend, now: float, kind: str) -> Struck:
+        """Out for its back-off; returns its state before (`unstrike`), None if it was out already."""
         if backend.down_until > now:  # out already: one event (ten streams cut at once) is one failure
-            return
+            return None
+        before = (backend.down_until, backend.proven, backend.last_kind)
         backend.proven = False
         backend.failures += 1
         backend.last_kind = kind
         backend.down_until = now + min(self.max_backoff, self.backoff * 2 ** min(backend.failures - 1, 30))
+        return (backend.down_until, *before)
 
     @staticmethod
     def _count(backend: Backend, kind: str, detail: str) -> None:

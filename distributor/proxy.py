@@ -984,12 +984,10 @@ class Proxy:
                 # answered here: the backends that failed this request before did so on their own
                 # (struck at its head, not its end: a review, a long stream let 60 more go to a failing
                 # one; nor at a stream's first bytes: review 137, 19 of 20 went to one during a 2 s
-                # prefill, and review 140 as many for failures after a head, so a request whose stream
-                # every backend ends before any byte still strikes those before the last: left)
+                # prefill, and review 140 as many for failures after a head)
                 now = self.loop.time()
-                for failed, kind in suspects:
-                    if failed is not backend:
-                        self.pool.strike(failed, now, kind)
+                struck = [(failed, kind, self.pool.strike(failed, now, kind))
+                          for failed, kind in suspects if failed is not backend]
                 suspects.clear()
                 if stream:
                     # A stream's head is held until its first bytes: a backend fails a long prefill after
@@ -1002,6 +1000,12 @@ class Proxy:
                             raise aiohttp.ClientPayloadError("the stream ended before its first bytes")
                     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                         resp.close()
+                        # this one failed the request too: nothing shows the failures before were their
+                        # backends' own (a request whose stream every backend ends before any byte struck
+                        # all it tried but the last: review 138); taken back, they wait as suspects again
+                        for failed, kind, undo in struck:
+                            self.pool.unstrike(failed, undo)
+                            suspects.append((failed, kind))
                         return self._failed_before_answer(ex, backend, exc, last, suspects, judge)
                 self.pool.answered(backend, proves=counted)
             if stream:

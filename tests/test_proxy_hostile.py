@@ -402,6 +402,56 @@ def test_a_retry_goes_first_to_a_backend_that_has_not_failed_since_its_last_whol
     assert pool.pick(2.0, {0, 3}, advance=False) is b  # (every one left has failed: by in-flight)
 
 
+def test_a_strike_taken_back_undoes_its_take_out_unless_something_changed_it_since() -> None:
+    """`unstrike` (the answering backend failed the request too, before any byte): the failure in a row
+    is taken back, and the take-out the strike made, back-off and all, unless the backend was brought
+    back or taken out again since."""
+    pool = BackendPool(["http://a", "http://b"], backoff=1.0, max_backoff=30.0)
+    a = pool.backends[0]
+    assert pool.strike(a, 0.0, "reset") is None and pool.strike(a, 0.0, "reset") is None
+    struck = pool.strike(a, 0.0, "reset")  # the third: out
+    assert struck is not None and not pool.up(a, 0.5) and (a.failures, a.proven, a.last_kind) == (1, False, "reset")
+    pool.unstrike(a, struck)
+    assert pool.up(a, 0.5) and (a.failures, a.proven, a.last_kind, a.error_answers) == (0, True, "", 2)
+    struck = pool.strike(a, 0.5, "http_500")
+    assert struck is not None and not pool.up(a, 1.0)
+    pool.answered(a)  # back since (a scrape, say): the take-back leaves it as it is
+    pool.strike(a, 0.6, "reset")
+    pool.unstrike(a, struck)
+    assert a.error_answers == 3 and a.failures == 2 and not pool.up(a, 0.7)
+
+
+def test_a_request_whose_stream_every_backend_ends_before_any_byte_strikes_none_of_them() -> None:
+    """Review 138: each backend's head struck the ones the request had failed on before, and then its
+    own stream ended before any byte too: a request that every backend fails so (its own doing)
+    struck all it tried but the last, and three of them (a client's retries) took two backends of
+    three out. The strikes are taken back when the answering backend fails the request too."""
+    async def empty(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        return resp  # the head, then the end: no byte
+
+    async def go() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            urls = [await stack.enter_async_context(backend([("POST", "/v1/chat/completions", empty)]))
+                    for _ in range(3)]
+            r = await stack.enter_async_context(proxying(urls, retries=2, backoff=30.0))
+            for _ in range(4):
+                reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+                writer.write(_post(stream=True))
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+                writer.close()
+                assert head.startswith(b"HTTP/1.1 502"), head
+            now = r.proxy.loop.time()
+            pool = r.proxy.pool
+            assert all(pool.up(b, now) and b.error_answers == 0 for b in pool.backends), [
+                (b.errors, b.error_answers) for b in pool.backends]
+            assert sum(sum(b.errors.values()) for b in pool.backends) == 12  # (each try counted)
+
+    run(go(), timeout=30.0)
+
+
 def test_with_more_failing_backends_than_tries_the_requests_go_to_the_one_answering() -> None:
     """Three backends of four answer 500 at once, the fourth answers after 0.1 s, `retries = 2`: each
     try went to a failing one (the fewest in flight), 81 % of the requests got a 500 and the failures
