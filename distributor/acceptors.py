@@ -319,10 +319,16 @@ class AcceptorLink(asyncio.Protocol):
             self.service.proxy.unsent -= 1
 
     def _backend_events(self, msg: LinkBackends) -> None:
-        """Its proxy sent requests to backends and saw some finish: the detector counts them as the
+        """Its proxy's pool took backends out or back (with the detector or without: the other acceptors
+        are told), or sent requests to backends and saw some finish: the detector counts them as the
         one-process proxy does (`PoolUtilization.sent` / `finished`, `Proxy.unsent`)."""
         proxy = self.service.proxy
-        util = proxy.utilization if proxy is not None else None
+        if proxy is None:
+            return
+        if msg.down_for:  # (with the detector or without)
+            proxy.remote_health(self.index, msg.down_for)
+            self.service.acceptors.peers_down()  # (the others keep them out too)
+        util = proxy.utilization
         if util is None:
             return
         opened, counted = self.backend_open, self.backend_sent
@@ -344,9 +350,6 @@ class AcceptorLink(asyncio.Protocol):
                     held[b] += began - ended
         for ticket in msg.marked:
             self._proxied_sent(ticket)
-        if msg.down_for:
-            proxy.remote_health(self.index, msg.down_for)
-            self.service.acceptors.peers_down()  # (the others keep them out too)
         told = (any(msg.sent) or any(msg.finished)) and proxy.refresh_rooms()  # (every acceptor, if they changed)
         if any(msg.sent) and not told:  # unchanged rooms, but what they count of its sends moved: its
             assert proxy.rooms is not None  # picker counts against them only what they do not count
@@ -742,7 +745,7 @@ class Acceptors:
                     link.send(self._health(index))
             if proxy.rooms is not None:
                 link.send(LinkBackendsFull(proxy.rooms, list(link.backend_sent)))
-            if proxy.utilization is not None and proxy.remote_down:  # and which the others keep out
+            if proxy.remote_down:  # and which the others keep out
                 link.send(LinkPeersDown(proxy.peers_down_for(link.index)))
         if all(x is not None and x.ready for x in self.links):
             self.all_ready.set()

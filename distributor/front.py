@@ -600,7 +600,8 @@ async def run(
     if config.proxy.backends:  # proxy mode: this process relays its own clients' requests (distributor.proxy)
         from distributor.proxy import BackendReport, Proxy
 
-        report = BackendReport(len(config.proxy.backends), upstream.send, loop) if config.proxy.utilization else None
+        # (without the detector, only its pool's health: the distributor tells the other acceptors)
+        report = BackendReport(len(config.proxy.backends), upstream.send, loop, counts=config.proxy.utilization)
         proxy = upstream.proxy = Proxy(config, upstream, lambda: None, report=report)
         proxy.pool.stagger(index)
         await proxy.start()

@@ -280,15 +280,19 @@ _decode_report = msgspec.msgpack.Decoder(ProxyReport).decode
 
 
 class BackendReport:
-    """In an acceptor process with the utilization detector on: the detector's events (requests sent
-    to a backend and finished there, dispatches no longer waiting to be sent) are the proxy's, the
-    detector is the distributor's (one view for the one ledger). They go there as one `LinkBackends`
-    frame at the end of each pass in which any happened."""
+    """In an acceptor process: the backends its pool takes out of rotation or back (the distributor
+    tells the other acceptors: `LinkPeersDown`), and with the utilization detector on (`counts`) the
+    detector's events (requests sent to a backend and finished there, dispatches no longer waiting to
+    be sent): they are the proxy's, the detector is the distributor's (one view for the one ledger).
+    They go there as one `LinkBackends` frame at the end of each pass in which any happened (without
+    the detector, only of a pass in which its pool's health changed)."""
 
-    __slots__ = ("_down", "_loop", "_scheduled", "_send", "finished_counts", "held_counts", "held_finished_counts",
-                 "marked", "pool", "sent_counts", "sent_total")
+    __slots__ = ("_down", "_loop", "_scheduled", "_send", "counts", "finished_counts", "held_counts",
+                 "held_finished_counts", "marked", "pool", "sent_counts", "sent_total")
 
-    def __init__(self, backends: int, send: Callable[[Any], None], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, backends: int, send: Callable[[Any], None], loop: asyncio.AbstractEventLoop,
+                 counts: bool = True) -> None:
+        self.counts = counts  # the detector is on: its events are reported too
         self.sent_counts = [0] * backends
         self.sent_total = [0] * backends  # every send reported (and to be), per backend: the picker's `full`
         self.finished_counts = [0] * backends
@@ -299,26 +303,30 @@ class BackendReport:
         self._loop = loop
         self._scheduled = False
         self.pool: BackendPool | None = None  # the proxy's (set by it): which backends it keeps out
-        self._down = [0.0] * backends  # their `down_until` as last reported
+        self._down = [-math.inf] * backends  # their `down_until` as last reported (as a pool starts)
 
     def sent(self, backend: int) -> None:
-        self.sent_counts[backend] += 1
-        self.sent_total[backend] += 1
+        if self.counts:
+            self.sent_counts[backend] += 1
+            self.sent_total[backend] += 1
         self._schedule()
 
     def finished(self, backend: int, held: bool = False) -> None:
-        self.finished_counts[backend] += 1
-        if held:
-            self.held_finished_counts[backend] += 1
+        if self.counts:
+            self.finished_counts[backend] += 1
+            if held:
+                self.held_finished_counts[backend] += 1
         self._schedule()
 
     def held(self, backend: int) -> None:
-        self.held_counts[backend] += 1
-        self._schedule()
+        if self.counts:
+            self.held_counts[backend] += 1
+            self._schedule()
 
     def mark(self, ticket: int) -> None:
-        self.marked.append(ticket)
-        self._schedule()
+        if self.counts:
+            self.marked.append(ticket)
+            self._schedule()
 
     def health_changed(self) -> None:
         """The pool took a backend out or back with no request of its own (the distributor's scraper
@@ -340,6 +348,10 @@ class BackendReport:
                 self._down = down
                 now = self._loop.time()
                 down_for = [max(0.0, until - now) for until in down]
+        if not self.counts:  # (its requests' events only scheduled this: a failure changes its pool in their pass)
+            if down_for:
+                self._send(LinkBackends([0] * n, [0] * n, [], down_for, [], []))
+            return
         held, ended = (self.held_counts, self.held_finished_counts) if any(self.held_counts) or any(
             self.held_finished_counts) else ([], [])
         self._send(LinkBackends(self.sent_counts, self.finished_counts, self.marked, down_for, held, ended))

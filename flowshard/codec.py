@@ -349,7 +349,8 @@ class LinkBackends(msgspec.Struct, tag=30, array_like=True, gc=False):
     saw them finish (proxy mode with the utilization detector): per backend, requests sent and
     requests finished since the last report (the detector's between-scrapes correction, kept in the
     distributor), and the tickets of proxied dispatches no longer waiting to be sent (sent, or ended
-    before: the detector's `unsent` term)."""
+    before: the detector's `unsent` term). With the detector off, only in a pass in which its pool's
+    health changed, its counts all 0 (`down_for`: the other acceptors are told, `LinkPeersDown`)."""
 
     sent: list[int]
     finished: list[int]

@@ -424,17 +424,54 @@ def test_an_acceptor_reports_a_backend_the_scraper_put_back_without_a_request_of
     assert sent[2].down_for == []
 
 
-def test_a_backend_one_acceptor_took_out_gets_nothing_from_the_others(launch: Any, fake_backend: Any) -> None:
+def test_without_the_detector_an_acceptor_reports_only_its_pools_health() -> None:
+    """Without the utilization detector an acceptor reports no sends (nothing counts them), but its
+    pool's take-outs and returns still go to the distributor, which tells the other acceptors: a frame
+    only in a pass in which they changed."""
+    import asyncio
+
+    from distributor.backends import BackendPool
+    from distributor.proxy import BackendReport
+    from flowshard.codec import LinkBackends
+
+    async def go() -> list[LinkBackends]:
+        sent: list[LinkBackends] = []
+        report = BackendReport(2, sent.append, asyncio.get_running_loop(), counts=False)
+        report.pool = pool = BackendPool(["http://a", "http://b"], 1.0, 30.0)
+        report.sent(0)
+        report.mark(7)
+        report.finished(0)
+        await asyncio.sleep(0)  # a pass of requests, no change of health: nothing
+        report.sent(1)
+        pool.failed(pool.backends[1], asyncio.get_running_loop().time(), "connect", "refused")
+        report.finished(1)
+        await asyncio.sleep(0)  # b out in that pass: reported
+        report.sent(0)
+        report.finished(0)
+        await asyncio.sleep(0)
+        return sent
+
+    sent = asyncio.run(go())
+    assert len(sent) == 1 and sent[0].down_for[0] == 0.0 and sent[0].down_for[1] > 0.5
+    assert sent[0].sent == sent[0].finished == [0, 0] and sent[0].marked == []
+
+
+@pytest.mark.parametrize("detector", [True, False])
+def test_a_backend_one_acceptor_took_out_gets_nothing_from_the_others(
+    launch: Any, fake_backend: Any, detector: bool
+) -> None:
     """Each acceptor's passive health is its own: a backend one took out after its failures stayed up
     in the others, which kept sending it requests (each failed there, then retried on the backends
     left, beyond the rooms the detector had given them: the flake of `test_a_backend_out_of_rotation_
     does_not_lend_the_pool_its_idle_metrics[2]`) until they met three failures of their own. The
-    distributor now tells each acceptor what the others keep out (`LinkPeersDown`)."""
+    distributor now tells each acceptor what the others keep out (`LinkPeersDown`), with the
+    utilization detector or without it (the acceptors report their pools' health either way)."""
     bad = fake_backend(refuse=True)  # drops every request's connection: out at its third failure in a row
     good = fake_backend()
-    proxy = {"utilization": True, "scrape_interval": 0.05, "retries": 1, "backoff": 30.0}
+    proxy = {"utilization": detector, "scrape_interval": 0.05, "retries": 1, "backoff": 30.0}
     svc = launch(proxy_config([bad.url, good.url], proxy=proxy, budget="unlimited"), acceptors=2)
-    until(lambda: not any(b["stale"] for b in svc.stats()["proxy"]["backends"]))
+    if detector:
+        until(lambda: not any(b["stale"] for b in svc.stats()["proxy"]["backends"]))
     first, second = client(svc), client(svc)
     try:
         for _ in range(40):  # one connection, one acceptor: until its pool has the bad one out
