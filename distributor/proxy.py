@@ -772,15 +772,21 @@ class Proxy:
         with each hop's delay added: the two would keep a backend out for each other), and the last
         backend it has up still takes requests (`BackendPool.strike`'s last-up rule)."""
         now = self.loop.time()
-        until = [now + d if d > 0 else 0.0 for d in down_for[:len(self.pool.backends)]]
-        out = self.pool.peers_out(now)  # (as they were)
-        self.pool.peers_until = until if any(until) else None
-        for backend, t in zip(self.pool.backends, until, strict=False):
-            if t > now and backend.index not in out:  # taken out there: not up for the last-up rule until
-                backend.proven = False  # it answers here, as one taken out here (`_take_out`; review 138:
-                # proven still once the others' back-off ended, it held in a backend failing every
+        pool = self.pool
+        until = [now + d if d > 0 else 0.0 for d in down_for[:len(pool.backends)]]
+        pool.peers_out(now)  # (forgets the back-offs all past)
+        before = pool.peers_until or [0.0] * len(until)
+        pool.peers_until = until if any(until) else None
+        # a take-out there ends a back-off of at least `backoff` past the last one's end (it is out till
+        # then): beyond half of that, a new one, not the same one told again (each report's delay moves it)
+        again = pool.backoff / 2
+        for backend, t, was in zip(pool.backends, until, before, strict=False):
+            if t > now and (was <= now or t > was + again):  # taken out there: not up for the last-up rule
+                backend.proven = False  # until it answers here, as one taken out here (`_take_out`; review
+                # 138: proven still once the others' back-off ended, it held in a backend failing every
                 # request; only as it goes out: review 140, a stale report re-marked one the scraper
-                # had just brought back)
+                # had just brought back; and as it goes out again: review 141, taken out there again
+                # within a report's delay of its last back-off's end, it stayed proven here)
 
     def mark_sent(self, ex: Exchange) -> None:
         if ex.unsent:

@@ -610,7 +610,8 @@ def test_the_distributor_tells_each_acceptor_what_the_others_keep_out() -> None:
         pool.answered(pool.backends[0])
         acceptor.peers_health([29.0, 0.0])  # still out there: not re-marked (review 140: a stale report
         assert pool.backends[0].proven  # re-marked one the scraper had just brought back)
-        pool.backends[0].proven = False
+        acceptor.peers_health([31.0, 0.0])  # out there again (its next back-off, 2 s past this one's end,
+        assert not pool.backends[0].proven  # told before this one ended here): re-marked (review 141)
         assert pool.pick(now, shun=pool.peers_out(now)) is pool.backends[1]  # (the picker's first choice)
         bad, good = pool.backends
         for _ in range(5):  # review 137: the last backend up here, the other out in the others: kept in
