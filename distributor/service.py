@@ -71,6 +71,9 @@ SPAWN_RETRY_MAX = 5.0
 HOUSEKEEPING_INTERVAL = 0.25
 SELF_STALL = 0.5  # housekeeping ticks this far apart: this process did not run (stopped, or its host paused)
 HEARTBEAT_STALE = 5.0
+# A worker whose heartbeat is this old (5 of its beats) is silent: stopped or wedged, its TTL timers do not
+# fire, so the distributor answers its queued requests' expiries (`Distributor._tell_expired`)
+SHARD_SILENT = 0.5
 # At the end of the drain: a worker that has sent nothing for this long after `Shutdown` is not waited
 # for (a healthy one reports its evictions and closes its link within milliseconds)
 SHUTDOWN_SILENCE = 0.25
@@ -205,6 +208,9 @@ class Distributor:
         self.leases: OrderedDict[int, float] = OrderedDict()
         # leased tickets whose answer is not written yet (`restart_lease`) -> asked back a lease ago (`_revoke`)
         self._unwritten: dict[int, bool] = {}
+        # queued requests whose client was told (or, gone, would be told) their outcome before their shard
+        # decided one (`_tell_expired`, `cancel`): what the distributor counts if it ends them itself
+        self._told: dict[int, Outcome] = {}
         self._next_id = 1
         self._random = array.array("Q")  # pooled random words for tickets (from the OS's CSPRNG)
         self._rr = 0
@@ -310,6 +316,9 @@ class Distributor:
         p.owner = None  # nobody to answer; a dispatch that races with this releases at once
         if p.state == PendingState.QUEUED:
             self._send(p.shard, Cancel(p.id, Outcome.EVICTED_CANCELLED))
+            # (counted so, not `shard_failure`, if its shard dies before it reads this; not if its client
+            # was told it expired first: `_tell_expired`)
+            self._told.setdefault(p.id, Outcome.EVICTED_CANCELLED)
         elif p.state == PendingState.NEW:
             if self._take_held(p) or p.victims_left:  # held, or parked for displacement: its room goes back now
                 self._unpark(p)
@@ -583,6 +592,11 @@ class Distributor:
         """
         del self.pending[p.id]
         p.state = _DONE
+        told = self._told
+        if told:  # (its client was told, or would have been, before this: the distributor counts that)
+            said = told.pop(p.id, None)
+            if said is not None and not counted_by_shard:
+                outcome = said
         shm = self.shm
         if shm is not None and not counted_by_shard:
             writer = self.n_shards
@@ -625,6 +639,39 @@ class Distributor:
         else:
             waiter.deliver(cid, p.id, outcome, ticket, wait, retry_after)
 
+    def _tell_expired(self, silent: list[int], now: float) -> None:
+        """The silent shards (no heartbeat for SHARD_SILENT: stopped or wedged) fire no TTL timer: their
+        queued requests whose TTL has passed are answered `evicted: ttl` here, as the shard would have
+        (review 143: a 1 s TTL ended at 5.2 s, `shard_failure`, when the shard was killed, and while it
+        waited its band held every lower band back on every shard). Each leaves the ledger now (its
+        room, and its band's claim on strict priority, go back) though its shard still holds it: the
+        shard's engine evicts it as it reads again, never dispatching an expired request, and its
+        answer then ends it here quietly (`on_worker_frames`, its state DONE); a restart ends it
+        (`on_worker_lost`). It is counted as its client was told (`_told`). Only a dispatch committed
+        before the deadline and reported after it (the shard stopped in between) reaches nobody then:
+        released at once, as a cancelled client's (`dispatches_unclaimed`)."""
+        default = self.config.default_ttl
+        queued = PendingState.QUEUED
+        expired = False
+        for p in [p for p in self.pending.values() if p.state == queued and p.shard in silent and p.owner is not None]:
+            ttl = p.payload[1] or default
+            if ttl and now - p.received >= ttl:
+                waiter, cid, _, audit = p.owner
+                p.owner = None  # (its shard's answer, when it comes, ends it quietly)
+                self._told[p.id] = Outcome.EVICTED_TTL
+                newcomer = self.ledger.leave(p)
+                expired = True
+                wait, retry_after = now - p.received, self.retry[p.band].value
+                if audit:
+                    waiter.deliver(cid, p.id, Outcome.EVICTED_TTL, 0, wait, retry_after,
+                                   self._audit(p, Outcome.EVICTED_TTL, wait, now, 0))
+                else:
+                    waiter.deliver(cid, p.id, Outcome.EVICTED_TTL, 0, wait, retry_after)
+                if newcomer is not None:  # (it was the last victim a displacing request waited for)
+                    self._retry_newcomer(newcomer)
+        if expired:
+            self._schedule_plan()
+
     @staticmethod
     def _audit(p: Pending, outcome: Outcome, wait: float, at: float, decided: int) -> Audit:
         """What the service knows of `p`: decided by its shard (`at`; `decided`, ns, when it committed
@@ -653,6 +700,11 @@ class Distributor:
                 if p is None:  # already ended by the distributor (shutdown); nothing is owed
                     continue
                 outcome = OUTCOMES[msg.outcome]
+                if p.state == _DONE:  # out of the ledger already, its client told it expired (`_tell_expired`)
+                    if outcome == _DISPATCHED:  # (committed before its deadline: its grant is answered)
+                        ledger.grant_answered(shard, p.size, 0, p, msg.decided)
+                    self._finish(p, outcome, msg.wait, True, msg.at, msg.decided, msg.seq)
+                    continue
                 covered = False
                 if outcome == _DISPATCHED:
                     # (positional arguments: keywords cost ~10 ns each call)
@@ -815,6 +867,8 @@ class Distributor:
             self._finish(p, Outcome.EVICTED_SHARD_FAILURE, now - p.received, at=now)  # (audit: its shard)
             if newcomer is not None:
                 self._retry_newcomer(newcomer)
+        for p in [p for p in self.pending.values() if p.state == _DONE and p.shard == shard]:  # (`_tell_expired`:
+            self._finish(p, Outcome.EVICTED_SHARD_FAILURE, now - p.received, at=now)  # out of the ledger, told)
         s.restarts += 1
         self.counters["worker_restarts"] += 1
         assert self._loop is not None
@@ -1162,11 +1216,14 @@ class Distributor:
         stalled, self._checked = now - self._checked > SELF_STALL, now
         if stalled:
             return True
+        silent: list[int] = []
         for s in self.shards:
             if s.proc is None or s.link is None:
                 continue
             if s.ready:
                 beat = int(self.shm.heartbeat_ns[s.index])
+                if beat and now_ns - beat > SHARD_SILENT * 1e9:
+                    silent.append(s.index)
                 if not (beat and now_ns - beat > HEARTBEAT_STALE * 1e9):
                     continue
                 log.error("shard %d: its worker stopped beating for %.0f s: killing it", s.index, HEARTBEAT_STALE)
@@ -1176,6 +1233,8 @@ class Distributor:
                 continue
             with contextlib.suppress(ProcessLookupError):
                 s.proc.kill()
+        if silent:
+            self._tell_expired(silent, now)
         return False
 
     def _flow_busy(self, flow: str) -> bool:

@@ -245,6 +245,85 @@ def test_hung_worker_is_detected_killed_and_replaced(launch: Any) -> None:
     run(main(), timeout=HEARTBEAT_STALE + 15)
 
 
+@pytest.mark.parametrize("acceptors", [0, 2])
+def test_requests_queued_on_a_stopped_worker_are_answered_at_their_ttl(launch: Any, acceptors: int) -> None:
+    """Review 143: a stopped (or wedged) worker fires no TTL timer, so its queued requests waited until
+    it was killed (5 s) and ended `shard_failure`, a 1 s TTL answered at 5.2 s. Once its heartbeat is
+    SHARD_SILENT old the distributor answers their expiries itself; they are counted as their clients
+    were told, as is a request whose client left (`cancelled`, not `shard_failure`), when the worker
+    is then killed. A request without a TTL still ends `shard_failure` then."""
+    from distributor.service import HEARTBEAT_STALE, HOUSEKEEPING_INTERVAL, SHARD_SILENT
+
+    svc = launch(shards=1, budget=1, service={"fast_path": False}, acceptors=acceptors)
+
+    async def main() -> None:
+        async with Client.connect(svc.host, svc.binary_port) as c, \
+                Client.connect(svc.host, svc.binary_port) as leaving:
+            hold = await c.admit("hold")
+            expiring = [c.admit(f"t{i}", size=10, ttl=0.5) for i in range(4)]
+            lasting = c.admit("n", size=10)
+            left = leaving.admit("gone", size=10, ttl=60)
+            await svc.until_stats(lambda s: s["totals"]["queued_items"] == 6)
+            worker = (await svc.astats())["shards"][0]["pid"]
+            t0 = time.monotonic()
+            os.kill(worker, signal.SIGSTOP)
+            await leaving.close()  # (its request's cancel waits unread on the stopped worker)
+            answers = await asyncio.wait_for(asyncio.gather(*expiring), 3.0)
+            took = time.monotonic() - t0
+            assert {r.outcome for r in answers} == {Outcome.EVICTED_TTL}, answers
+            assert took < 0.5 + SHARD_SILENT + 2 * HOUSEKEEPING_INTERVAL + 0.5, took  # (was 5.2 s)
+            assert not lasting.done() and isinstance(left.exception(), ConnectionClosed)
+            r = await asyncio.wait_for(lasting, HEARTBEAT_STALE + 5)  # the watchdog kills the worker
+            assert r.outcome is Outcome.EVICTED_SHARD_FAILURE
+            s = await svc.until_stats(lambda s: s["shards"][0]["ready"] and s["shards"][0]["pid"] != worker)
+            outcomes = band_outcomes(s)
+            assert outcomes["evicted:ttl"] == 4 and outcomes["evicted:cancelled"] == 1, outcomes
+            assert outcomes["evicted:shard_failure"] == 1, outcomes
+            assert s["totals"]["queued_items"] == 0
+            assert await c.release(hold.ticket)
+
+    run(main(), timeout=HEARTBEAT_STALE + 20)
+
+
+def test_an_expired_request_on_a_stopped_worker_no_longer_holds_the_lower_bands_back(launch: Any) -> None:
+    """Review 143: requests of a high band queued on a stopped worker that no grant covered (it is
+    behind on its answers: it gets none) held every lower band back on every shard until the worker
+    was killed (5 s), their TTLs long past. Answered expired by the distributor, they leave its
+    ledger: the lower band goes on at once. (The high request the worker's grant covers is not
+    waited for: its grant is stuck there, and strict priority holds for it as ever.)"""
+    from distributor.service import HEARTBEAT_STALE
+
+    svc = launch(shards=2, budget=2, bands=[{"priority": 10}, {"priority": 0}], service={"fast_path": False})
+
+    async def main() -> None:
+        async with Client.connect(svc.host, svc.binary_port) as c:
+            holds = [await c.admit(f"hold{i}") for i in range(2)]
+            covered = c.admit("hi", priority=10, size=10, ttl=60)
+            t0 = time.monotonic()
+            expiring = c.admit("hi", priority=10, size=10, ttl=0.5)  # (its flow's shard)
+            s = await svc.until_stats(lambda s: sum(shard_queued(s)) == 2)
+            high = max(range(2), key=lambda i: shard_queued(s)[i])
+            low = c.admit("lo", size=10)
+            s = await svc.until_stats(lambda s: shard_queued(s)[1 - high] == 1)
+            stopped = s["shards"][high]["pid"]
+            os.kill(stopped, signal.SIGSTOP)
+            assert await c.release(holds[0].ticket)  # granted to the stopped shard: its first high request
+            await asyncio.sleep(0.3)  # (past ledger.ANSWER_TIMEOUT: behind, it gets no more grants)
+            assert await c.release(holds[1].ticket)  # not to the low band while the high one waits
+            r = await asyncio.wait_for(expiring, 3.0)
+            assert r.outcome is Outcome.EVICTED_TTL
+            r = await asyncio.wait_for(low, 3.0)  # (was: after the worker's kill, 5 s on)
+            assert r.outcome is Outcome.DISPATCHED and time.monotonic() - t0 < 2.5, time.monotonic() - t0
+            assert await c.release(r.ticket)
+            r = await asyncio.wait_for(covered, HEARTBEAT_STALE + 5)
+            assert r.outcome is Outcome.EVICTED_SHARD_FAILURE
+            s = await svc.until_stats(lambda s: all(x["ready"] for x in s["shards"]) and s["totals"]["inflight"] == 0)
+            outcomes = band_outcomes(s)
+            assert outcomes["evicted:ttl"] == 1 and outcomes["evicted:shard_failure"] == 1, outcomes
+
+    run(main(), timeout=HEARTBEAT_STALE + 20)
+
+
 def test_a_stopped_worker_does_not_take_the_other_shards_budget(launch: Any) -> None:
     """A worker stopped (SIGSTOP) answers no grant until the watchdog kills it (5 s). Once it has
     answered none for `ledger.ANSWER_TIMEOUT` it gets no more: the flows on the other shards keep the
