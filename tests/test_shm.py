@@ -649,3 +649,23 @@ def test_a_routed_request_is_input_backlog_only_once_its_pass_is_written() -> No
     assert stats.shard_backlog_bytes().tolist() == [0, 5_000]
     stats.add_taken(1, backlog_bytes(5_000))
     assert stats.shard_backlog_bytes().tolist() == [0, 0]
+
+
+def test_snapshots_leave_no_memory_behind() -> None:
+    """Review 144: each snapshot (a /metrics or /v1/stats read) built a 20-tuple of array names, which
+    CPython 3.11-3.12 parks on its tuple free list and never reuses (gh-121439), up to 2,000 of them:
+    ~400 kB of a long-running distributor's memory. 3,000 snapshots now leave (almost) nothing."""
+    import tracemalloc
+
+    stats = make()
+    stats.snapshot()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for _ in range(3000):
+            stats.snapshot()
+        grown = sum(d.size_diff for d in tracemalloc.take_snapshot().compare_to(before, "filename")
+                    if d.traceback[0].filename.endswith("shm.py"))
+    finally:
+        tracemalloc.stop()
+    assert grown < 50_000, grown
