@@ -64,8 +64,8 @@ class Backend:
     """One backend: its URL, what it holds now, and its health."""
 
     __slots__ = (
-        "clean", "down_until", "error_answers", "errors", "failures", "index", "inflight", "last_error", "last_kind",
-        "name", "proven", "requests", "url",
+        "changes", "clean", "down_until", "error_answers", "errors", "failures", "index", "inflight", "last_error",
+        "last_kind", "name", "proven", "requests", "rows", "url",
     )
 
     def __init__(self, index: int, url: str) -> None:
@@ -84,11 +84,23 @@ class Backend:
         # the last-up rule (`BackendPool.strike`)
         self.proven = True
         self.clean = True  # no failure since its last whole answer: a retry ranks it first (`BackendPool.pick`)
+        # failures of its own counted (and take-outs made by others: the scraper, other acceptors) so far;
+        # and rows of failures ended (`completed`) so far: what `BackendPool.unstrike` judges changes by
+        self.changes = 0
+        self.rows = 0
 
 
-# What a strike that took a backend out changed (`BackendPool.unstrike`): the back-off's end it set, then
-# the backend's `down_until`, `proven` and `last_kind` before; None: it took nothing out
-Struck = tuple[float, float, bool, str] | None
+class Struck:
+    """What `BackendPool.strike` did, for `unstrike` to take back: the backend's `changes` and `rows`
+    right after it and, if it took the backend out, the back-off's end it set and the backend's
+    `down_until`, `proven`, `last_kind` and `failures` before."""
+
+    __slots__ = ("changes", "rows", "took_out")
+
+    def __init__(self, changes: int, rows: int, took_out: tuple[float, float, bool, str, int] | None) -> None:
+        self.changes = changes
+        self.rows = rows
+        self.took_out = took_out
 
 
 class BackendPool:
@@ -127,7 +139,7 @@ class BackendPool:
 
     def pick(self, now: float, exclude: frozenset[int] | set[int] = frozenset(),
              full: Callable[[int], bool] | None = None, shun: frozenset[int] = frozenset(),
-             advance: bool = True) -> Backend | None:
+             advance: bool = True, stale: Callable[[int], bool] | None = None) -> Backend | None:
         """The healthy backend with the fewest requests in flight, ties round robin; None if none is up.
         `full` (the utilization detector's): a backend at its saturation, or stale, is picked only when
         every healthy one is (a review: by in-flight alone, one whose queue was long with other
@@ -141,18 +153,23 @@ class BackendPool:
         counts: one failing fast has the fewest in flight, so with more failing backends than a
         request's tries every try went to one of them, and as no other backend answered the request
         their failures never counted (three of four answering 500 at once: 81 % of the requests got
-        a 500, and one of the three was never out)."""
+        a 500, and one of the three was never out). Not before a backend whose metrics are `stale`
+        (the detector's, where the caller knows it apart from full), which a retry ranks last: it may
+        be hung, never failing but answering nothing (review 145: clean, it took a retry for
+        `read_timeout`, then a 504, where the backend that failed once answered at once)."""
         backends = self.backends
         n = len(backends)
         if advance:  # (by one per request, whatever it picks: set to the one picked, the acceptors' pickers
             self._rr = (self._rr + 1) % n  # fell into lockstep after any round all picked alike: review 142)
         best: Backend | None = None
-        best_key = (True, True, True)  # (shunned, failed lately on a retry, full)
+        best_key = (True, True, True, True)  # (shunned, stale on a retry, failed lately on a retry, full)
+        retry = not advance
         for k in range(n):
             b = backends[(self._rr + k) % n]
             if b.down_until > now or b.index in exclude:
                 continue
-            key = (b.index in shun, not (advance or b.clean), full is not None and full(b.index))
+            key = (b.index in shun, retry and stale is not None and stale(b.index), retry and not b.clean,
+                   full is not None and full(b.index))
             if best is None or key < best_key or (key == best_key and b.inflight < best.inflight):
                 best, best_key = b, key
         return best
@@ -172,6 +189,7 @@ class BackendPool:
         client's retries of one request that every backend reset took the pool out)."""
         self._count(backend, kind, detail)
         backend.clean = False
+        backend.changes += 1
         if kind in FAIL_AT_ONCE:
             self._take_out(backend, now, kind)
         elif in_a_row:
@@ -185,29 +203,50 @@ class BackendPool:
         slower than `read_timeout`, retried by its client, took a lone backend out). Returns what
         `unstrike` needs to take it back."""
         backend.error_answers += 1
+        backend.changes += 1
         peers = self.peers_out(now) if self.peers_until is not None else frozenset()
+        took_out = None
         if backend.error_answers >= ERROR_ANSWERS_TO_FAIL and any(
                 b is not backend and b.down_until <= now and b.proven and b.index not in peers for b in self.backends):
-            return self._take_out(backend, now, kind)  # (another is up, and has answered since it came back:
+            took_out = self._take_out(backend, now, kind)  # (another is up, and has answered since it came back:
             # a dead one whose back-off had ended counted, and a healthy one went out: a review; and not
             # only once it answered a request whole, which kept a failing one in for a stream's length)
-        return None
+        return Struck(backend.changes, backend.rows, took_out)
 
-    def unstrike(self, backend: Backend, struck: Struck) -> None:
+    def unstrike(self, backend: Backend, struck: Struck, now: float) -> bool:
         """Take back a strike (`strike` returned `struck`): the answer that showed the failure to be the
         backend's own did not come after all (the backend answering the request failed it too, before
-        any byte: `Proxy._attempt`), so the failure is likely the request's. Its take-out, if the strike
-        took it out, is undone unless something changed it since."""
-        backend.error_answers = max(0, backend.error_answers - 1)
-        if struck is not None and backend.down_until == struck[0]:
-            backend.down_until, backend.proven, backend.last_kind = struck[1:]
-            backend.failures -= 1
+        any byte: `Proxy._attempt`), so the failure is likely the request's. Its place in the failures
+        in a row goes, unless a whole answer ended the row since (with it: review 145, a strike made
+        after that was taken back instead); a take-out it made goes too, back-off and all, unless a
+        failure of the backend's own, or a take-out by the scraper or another acceptor, came since
+        (review 145: the take-out that failure would have made was lost; `changes`). Returns whether
+        the backend is back in rotation by it."""
+        if backend.rows == struck.rows:
+            backend.error_answers = max(0, backend.error_answers - 1)
+        took = struck.took_out
+        if took is None or backend.changes != struck.changes:
+            return False
+        backend.failures = min(backend.failures, took[4])  # (its back-off's doubling: a whole answer may
+        if backend.down_until != took[0]:  # have reset it since; or back in rotation since, an answer)
+            return False
+        backend.down_until, proven, backend.last_kind = took[1:4]
+        backend.proven = proven and backend.index not in self.peers_out(now)  # (out in the others: not
+        return True  # proven until it answers here, as `Proxy.peers_health` has it; review 145)
 
-    def _take_out(self, backend: Backend, now: float, kind: str) -> Struck:
-        """Out for its back-off; returns its state before (`unstrike`), None if it was out already."""
+    def forgive(self, backend: Backend, was_clean: bool, changes: int) -> None:
+        """A request failed on every backend it tried (no other answered it): likely its own doing, so
+        its failure here does not rank the backend after the others on a retry (`clean` as it was, if
+        no failure of its own came since; review 145: a poison request's failures sent retries to a
+        hung backend rather than to one that answers)."""
+        if backend.changes == changes:
+            backend.clean = backend.clean or was_clean
+
+    def _take_out(self, backend: Backend, now: float, kind: str) -> tuple[float, float, bool, str, int] | None:
+        """Out for its back-off; returns what it changed (`Struck.took_out`), None if it was out already."""
         if backend.down_until > now:  # out already: one event (ten streams cut at once) is one failure
             return None
-        before = (backend.down_until, backend.proven, backend.last_kind)
+        before = (backend.down_until, backend.proven, backend.last_kind, backend.failures)
         backend.proven = False
         backend.failures += 1
         backend.last_kind = kind
@@ -239,6 +278,7 @@ class BackendPool:
         back-off never grew)."""
         backend.error_answers = backend.failures = 0
         backend.clean = True
+        backend.rows += 1
 
     def next_up(self, now: float) -> float:
         """Seconds until the first backend is back (0 if one is up now)."""

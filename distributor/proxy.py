@@ -71,6 +71,9 @@ if TYPE_CHECKING:
 __all__ = ["Proxy"]
 
 log = logging.getLogger(__name__)
+# A failure of a request retried on another backend (`Proxy.forward`): the backend, the failure's kind,
+# whether the backend was `clean` before it, and its `changes` after it (`BackendPool.forgive`)
+Suspect = tuple[Backend, str, bool, int]
 
 POST_ROUTES: Final = frozenset({b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings"})
 GET_ROUTES: Final = frozenset({b"/v1/models"})
@@ -525,6 +528,7 @@ class Proxy:
         # distributor last told it (`LinkBackendsFull`), with how many of this one's sends it counts: `_full`
         self.on_full: Callable[[list[int]], None] | None = None
         self.rooms: list[int] | None = None
+        self._rooms_from: list[int] | None = None  # (the distributor) the detector's rooms it told last
         self.counted: list[int] = []  # (in an acceptor) how many of its sends to each backend `rooms` counts
         self.remote: dict[int, ProxyReport] = {}  # the distributor with acceptors: each one's last report
         # ... and, per backend, until when (this loop's clock) each one's proxy keeps it out of rotation
@@ -641,12 +645,13 @@ class Proxy:
         b = self.pool.backends[index]
         now = self.loop.time()
         if down_for > 0:
-            if self.pool.up(b, now):
-                b.down_until = now + down_for
-                b.last_kind = "scrape"
+            if self.pool.up(b, now) or b.down_until < now + down_for:  # (out here already: till the later end,
+                b.down_until = now + down_for  # and as the scraper's, which brings it back; review 145: a
+                b.last_kind = "scrape"  # take-back of a strike here lost it, the distributor telling it once)
                 b.last_error = detail[:300]
                 b.proven = False  # (as `_take_out` has it: not up for the last-up rule until it answers;
                 # a review: a dead backend counted up in the acceptors, the last working one went out)
+                b.changes += 1
         elif b.last_kind == "scrape" and not self.pool.up(b, now):
             self.pool.succeeded(b)
         if self.report_to is not None:
@@ -687,11 +692,19 @@ class Proxy:
         """With acceptors: tell them each backend's room (`PoolUtilization.room`) when that changed,
         judged as each admission decision is (a dispatch follows a decision) and as each of their
         reports comes (`refresh_rooms`); their pickers send to one with room first, counting their own
-        sends against it."""
-        if rooms != self.rooms:
-            self.rooms = rooms
+        sends against it. A backend whose metrics are stale is told as -1 (full, and stale: a retry
+        ranks it last, `BackendPool.pick`). (`rooms` is the detector's kept list, new whenever a
+        backend's staleness may have changed: one it told already is not looked at again.)"""
+        if rooms is self._rooms_from:
+            return
+        self._rooms_from = rooms
+        util = self.utilization
+        assert util is not None
+        told = [-1 if util.stale(b) else room for b, room in enumerate(rooms)]
+        if told != self.rooms:
+            self.rooms = told
             assert self.on_full is not None
-            self.on_full(rooms)
+            self.on_full(told)
 
     def told_rooms(self, rooms: list[int], counted: list[int]) -> None:
         """(In an acceptor) the distributor's rooms, and how many of this one's sends they count."""
@@ -709,6 +722,15 @@ class Proxy:
         if rooms is None or report is None or len(rooms) != len(self.pool.backends):
             return None
         return self._told_full
+
+    def _stale(self) -> Callable[[int], bool] | None:
+        """The picker's `stale`: this process's detector's, or in an acceptor the rooms told (-1)."""
+        if self.utilization is not None:
+            return self.utilization.stale
+        rooms = self.rooms
+        if rooms is None or len(rooms) != len(self.pool.backends):
+            return None
+        return lambda backend: rooms[backend] < 0
 
     def _told_full(self, backend: int) -> bool:
         """(In an acceptor) full by the rooms last told, read as it picks (a retry picks after rooms
@@ -782,6 +804,7 @@ class Proxy:
         again = pool.backoff / 2
         for backend, t, was in zip(pool.backends, until, before, strict=False):
             if t > now and (was <= now or t > was + again):  # taken out there: not up for the last-up rule
+                backend.changes += 1  # (a strike here taken back does not bring it back: `unstrike`)
                 backend.proven = False  # until it answers here, as one taken out here (`_take_out`; review
                 # 138: proven still once the others' back-off ended, it held in a backend failing every
                 # request; only as it goes out: review 140, a stale report re-marked one the scraper
@@ -921,8 +944,8 @@ class Proxy:
         # The failures of this request that are retried (before any byte reached the client), counted
         # against their backends' failures in a row only if another backend then answers it: one that
         # fails everywhere is likely its own cause (a review: one such request, retried by its client,
-        # took every backend out)
-        suspects: list[tuple[Backend, str]] = []
+        # took every backend out); each with whether the backend was `clean` before, and its `changes` after
+        suspects: list[Suspect] = []
         attempt = 0
         util = self.utilization
         full = self._full()
@@ -931,8 +954,9 @@ class Proxy:
             if util is not None:
                 util.expire(now)  # (staleness as of this pick)
             peers = self.pool.peers_out(now)  # (out in the other acceptors: as if out here, but as a last resort)
-            backend = (self.pool.pick(now, tried, full, peers, advance=not tried)
-                       or self.pool.pick(now, full=full, shun=peers, advance=False))
+            stale = self._stale() if tried else None  # (a retry ranks a backend with stale metrics last)
+            backend = (self.pool.pick(now, tried, full, peers, advance=not tried, stale=stale)
+                       or self.pool.pick(now, full=full, shun=peers, advance=False, stale=stale))
             if backend is None:
                 if attempt < pc.retries:
                     attempt += 1
@@ -952,13 +976,17 @@ class Proxy:
             # judged at once: a review, with `retries = 0` none was ever out. Not a request that failed
             # before: the last of its tries would be struck, a review, with more backends than tries)
             judge = last and others and len(tried) == 1
-            if await self._attempt(ex, backend, method, headers, last, suspects, judge=judge) is not None:
+            answered = await self._attempt(ex, backend, method, headers, last, suspects, judge=judge)
+            if answered is not None:
+                if not answered and suspects and suspects[-1][0] is backend:  # it failed everywhere it went:
+                    for failed, _, was_clean, changes in suspects:  # likely its own doing (review 145)
+                        self.pool.forgive(failed, was_clean, changes)
                 return
             attempt += 1
             self.stats.retries += 1
 
     async def _attempt(self, ex: Exchange, backend: Backend, method: str, headers: list[tuple[str, str]],
-                       last: bool, suspects: list[tuple[Backend, str]], judge: bool = False) -> bool | None:
+                       last: bool, suspects: list[Suspect], judge: bool = False) -> bool | None:
         """One try on `backend`. None: it failed before any byte reached the client (try another), the
         failure counted and added to `suspects` (`forward`: struck when another backend answers the
         request, at its head; `judge`: struck at once); True: the backend answered (not a 5xx); False:
@@ -1004,8 +1032,8 @@ class Proxy:
                 # one; nor at a stream's first bytes: review 137, 19 of 20 went to one during a 2 s
                 # prefill, and review 140 as many for failures after a head)
                 now = self.loop.time()
-                struck = [(failed, kind, self.pool.strike(failed, now, kind))
-                          for failed, kind in suspects if failed is not backend]
+                struck = [(suspect, self.pool.strike(suspect[0], now, suspect[1]))
+                          for suspect in suspects if suspect[0] is not backend]
                 suspects.clear()
                 if stream:
                     # A stream's head is held until its first bytes: a backend fails a long prefill after
@@ -1018,12 +1046,18 @@ class Proxy:
                             raise aiohttp.ClientPayloadError("the stream ended before its first bytes")
                     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                         resp.close()
-                        # this one failed the request too: nothing shows the failures before were their
-                        # backends' own (a request whose stream every backend ends before any byte struck
-                        # all it tried but the last: review 138); taken back, they wait as suspects again
-                        for failed, kind, undo in struck:
-                            self.pool.unstrike(failed, undo)
-                            suspects.append((failed, kind))
+                        # this one failed the request too, before any byte: nothing shows the failures
+                        # before were their backends' own (a request whose stream every backend ends
+                        # before any byte struck all it tried but the last: review 138); taken back, they
+                        # wait as suspects again. Not past `read_timeout`: that is this one's, a 504
+                        # (review 145: a backend resetting everything was never struck then)
+                        if not isinstance(exc, aiohttp.SocketTimeoutError) and struck:
+                            back = False
+                            for (failed, kind, was_clean, _), undo in struck:
+                                back = self.pool.unstrike(failed, undo, now) or back
+                                suspects.append((failed, kind, was_clean, failed.changes))
+                            if back:  # (back in rotation: the pool's figure may have fallen)
+                                self._on_room()
                         return self._failed_before_answer(ex, backend, exc, last, suspects, judge)
                 self.pool.answered(backend, proves=counted)
             if stream:
@@ -1044,7 +1078,7 @@ class Proxy:
             self._backend_done(ex)
 
     def _failed_before_answer(self, ex: Exchange, backend: Backend, exc: BaseException, last: bool,
-                              suspects: list[tuple[Backend, str]], judge: bool) -> bool | None:
+                              suspects: list[Suspect], judge: bool) -> bool | None:
         """A try failed before any byte reached the client (`_attempt`'s None: try another; False: the
         client got an error answer)."""
         code = getattr(exc, "errno", None)
@@ -1073,7 +1107,7 @@ class Proxy:
             return False
         return None
 
-    def _suspect(self, backend: Backend, kind: str, detail: str, suspects: list[tuple[Backend, str]],
+    def _suspect(self, backend: Backend, kind: str, detail: str, suspects: list[Suspect],
                  judge: bool = False) -> None:
         """A failure of a request before its answer: counted; one that nothing was sent for (`connect`)
         takes the backend out at once, and so may one judged at once (`judge`); the others wait in
@@ -1081,8 +1115,9 @@ class Proxy:
         if kind in FAIL_AT_ONCE or judge:
             self.pool.failed(backend, self.loop.time(), kind, detail)
         else:
+            was_clean = backend.clean
             self.pool.failed(backend, self.loop.time(), kind, detail, in_a_row=False)
-            suspects.append((backend, kind))
+            suspects.append((backend, kind, was_clean, backend.changes))
 
     def _backend_done(self, ex: Exchange) -> None:
         """The backend has answered all of `ex` (or failed it): the detector stops counting it there.

@@ -579,6 +579,70 @@ def test_an_acceptor_whose_backends_are_all_out_in_the_others_still_retries_amon
     assert statuses == [b"200"] * 10, statuses
 
 
+def test_a_scrape_take_out_of_a_backend_out_here_already_is_kept() -> None:
+    """Review 145: the distributor's scraper taking out a backend that a strike here held out already
+    was ignored (it tells each change once), and when that strike was taken back the backend was
+    up here for the scraper's whole back-off. It is out till the later end now, as the scraper's."""
+    import asyncio
+
+    from test_proxy import _RecordingAdmission
+
+    from distributor.proxy import Proxy
+    from flowshard.config import Config, ProxyConfig
+
+    async def go() -> None:
+        urls = ["http://127.0.0.1:9", "http://127.0.0.1:10", "http://127.0.0.1:11"]
+        px = Proxy(Config(proxy=ProxyConfig(backends=urls, utilization=False)), _RecordingAdmission(), lambda: None)
+        pool, now = px.pool, px.loop.time()
+        y = pool.backends[0]
+        pool.strike(y, now, "reset")
+        pool.strike(y, now, "reset")
+        struck = pool.strike(y, now, "reset")  # out here (for 1 s) by a strike a head made
+        px.scrape_health(0, 30.0, "ClientConnectorError: refused")  # the scraper: nothing listens there
+        assert not pool.unstrike(y, struck, now)  # that head's stream ended before any byte
+        assert not pool.up(y, now + 5.0) and y.last_kind == "scrape" and y.down_until >= now + 29.0
+        px.scrape_health(0, 0.0, "")  # the scraper brings it back
+        assert pool.up(y, now + 5.0)
+
+    asyncio.run(go())
+
+
+def test_the_distributor_tells_the_acceptors_a_backend_with_stale_metrics_apart() -> None:
+    """Review 145: a retry ranks a backend whose metrics are stale (it may be hung) after one that
+    failed lately; in an acceptor the rooms told say which (-1: stale, and full), as the distributor's
+    detector knows it."""
+    import asyncio
+
+    from test_proxy import _RecordingAdmission
+
+    from distributor.proxy import Proxy
+    from flowshard.config import Config, ProxyConfig
+    from flowshard.utilization import Scraped
+
+    async def go() -> None:
+        urls = ["http://127.0.0.1:9", "http://127.0.0.1:10"]
+        px = Proxy(Config(proxy=ProxyConfig(backends=urls, utilization=True, staleness=10.0)),
+                   _RecordingAdmission(), lambda: None)
+        told: list[list[int]] = []
+        px.on_full = told.append
+        util = px.utilization
+        assert util is not None
+        now = px.loop.time()
+        util.scraped(0, now, util.scrape_started(0), Scraped(0, 1, 0.1))  # fresh, room; b never scraped: stale
+        util.expire(now)
+        px.saturation(0)
+        assert told and told[-1][1] == -1 and told[-1][0] > 0
+        px.saturation(0)  # (nothing new: not told again)
+        assert len(told) == 1
+        acceptor = Proxy(Config(proxy=ProxyConfig(backends=urls, utilization=False)), _RecordingAdmission(),
+                         lambda: None)
+        acceptor.told_rooms(told[-1], [0, 0])
+        stale = acceptor._stale()
+        assert stale is not None and not stale(0) and stale(1)
+
+    asyncio.run(go())
+
+
 def test_the_distributor_tells_each_acceptor_what_the_others_keep_out() -> None:
     """`Proxy.peers_down_for` (the distributor): per backend the longest of the *other* acceptors'
     back-offs; `Proxy.peers_health` (an acceptor): those count as out for its picker's first choice

@@ -402,23 +402,89 @@ def test_a_retry_goes_first_to_a_backend_that_has_not_failed_since_its_last_whol
     assert pool.pick(2.0, {0, 3}, advance=False) is b  # (every one left has failed: by in-flight)
 
 
+def _three_strikes(pool: BackendPool, backend: Any, now: float) -> Any:
+    """Two strikes, then a third (returned) that takes `backend` out."""
+    pool.strike(backend, now - 1.0, "reset")
+    pool.strike(backend, now - 1.0, "reset")
+    return pool.strike(backend, now, "reset")
+
+
 def test_a_strike_taken_back_undoes_its_take_out_unless_something_changed_it_since() -> None:
-    """`unstrike` (the answering backend failed the request too, before any byte): the failure in a row
-    is taken back, and the take-out the strike made, back-off and all, unless the backend was brought
-    back or taken out again since."""
-    pool = BackendPool(["http://a", "http://b"], backoff=1.0, max_backoff=30.0)
+    """`unstrike` (the answering backend failed the request too, before any byte): the strike's place in
+    the failures in a row goes, and the take-out it made, back-off and all. Review 145: not the place
+    of a strike made after a whole answer ended the row; not the take-out a failure of the backend's
+    own since would have made (out already, it changed nothing `unstrike` could see); the back-off's
+    doubling never below what it was; not proven while out in the other acceptors."""
+    pool = BackendPool(["http://a", "http://b", "http://c"], backoff=1.0, max_backoff=30.0)
     a = pool.backends[0]
-    assert pool.strike(a, 0.0, "reset") is None and pool.strike(a, 0.0, "reset") is None
-    struck = pool.strike(a, 0.0, "reset")  # the third: out
-    assert struck is not None and not pool.up(a, 0.5) and (a.failures, a.proven, a.last_kind) == (1, False, "reset")
-    pool.unstrike(a, struck)
-    assert pool.up(a, 0.5) and (a.failures, a.proven, a.last_kind, a.error_answers) == (0, True, "", 2)
-    struck = pool.strike(a, 0.5, "http_500")
-    assert struck is not None and not pool.up(a, 1.0)
-    pool.answered(a)  # back since (a scrape, say): the take-back leaves it as it is
-    pool.strike(a, 0.6, "reset")
-    pool.unstrike(a, struck)
-    assert a.error_answers == 3 and a.failures == 2 and not pool.up(a, 0.7)
+    struck = _three_strikes(pool, a, 1.0)
+    assert struck.took_out is not None and not pool.up(a, 1.5)
+    assert (a.failures, a.proven, a.last_kind) == (1, False, "reset")
+    assert pool.unstrike(a, struck, 1.5)
+    assert pool.up(a, 1.5) and (a.failures, a.proven, a.last_kind, a.error_answers) == (0, True, "", 2)
+
+    for since in ("strike", "midstream", "scrape"):  # review 145 cases 1, 1b: a failure of its own since
+        pool = BackendPool(["http://a", "http://b", "http://c"], backoff=1.0, max_backoff=30.0)
+        a = pool.backends[0]
+        struck = _three_strikes(pool, a, 1.0)
+        if since == "strike":
+            pool.strike(a, 1.2, "reset")
+        else:
+            pool.failed(a, 1.2, since, since)
+        assert not pool.unstrike(a, struck, 1.5)
+        assert not pool.up(a, 1.5) and a.failures == 1 and a.error_answers == (3 if since != "scrape" else 2), since
+
+    pool = BackendPool(["http://a", "http://b", "http://c"], backoff=1.0, max_backoff=30.0)
+    a = pool.backends[0]
+    struck = _three_strikes(pool, a, 1.0)
+    pool.completed(a)  # review 145 case 2: an earlier stream of its ends whole in the window
+    assert pool.unstrike(a, struck, 1.5) and pool.up(a, 1.5) and a.failures == 0  # (not -1)
+    _three_strikes(pool, a, 10.0)
+    assert a.down_until == 11.0  # (its back-off afresh: 1 s, not halved)
+
+    pool = BackendPool(["http://a", "http://b", "http://c"], backoff=1.0, max_backoff=30.0)
+    a = pool.backends[0]
+    struck = _three_strikes(pool, a, 1.0)
+    pool.answered(a)  # review 145 case 2b: back in rotation in the window (an earlier request's head)
+    assert not pool.unstrike(a, struck, 1.5) and a.failures == 0 and a.error_answers == 2
+    pool.strike(a, 10.0, "reset")
+    assert a.down_until == 11.0  # (not doubled by the strike taken back)
+
+    pool = BackendPool(["http://a", "http://b", "http://c"], backoff=1.0, max_backoff=30.0)
+    a = pool.backends[0]
+    struck = pool.strike(a, 1.0, "reset")
+    pool.completed(a)  # review 145 case 3: the row ended; a later failure's strike stands
+    pool.strike(a, 1.5, "reset")
+    pool.unstrike(a, struck, 1.6)
+    assert a.error_answers == 1
+
+    pool = BackendPool(["http://a", "http://b", "http://c"], backoff=1.0, max_backoff=30.0)
+    a = pool.backends[0]
+    struck = _three_strikes(pool, a, 1.0)
+    pool.peers_until = [31.0, 0.0, 0.0]  # review 145 case 4: out in another acceptor meanwhile (told
+    assert pool.unstrike(a, struck, 1.5) and not a.proven  # before it went out there: no change here)
+
+
+def test_a_request_failing_on_every_backend_leaves_them_clean_for_retries() -> None:
+    """Review 145: a request failing on every backend it tried (likely its own doing) left each one not
+    `clean`, and a retry of another request went to a clean backend whose metrics had gone stale (hung)
+    rather than to one of them: its `read_timeout`, then a 504. Such failures leave `clean` as it was,
+    and a retry ranks a backend with stale metrics after one that failed lately."""
+    pool = BackendPool(["http://a", "http://b", "http://h"], backoff=1.0, max_backoff=30.0)
+    a, b, h = pool.backends
+    was, _ = b.clean, pool.failed(b, 0.0, "http_500", "HTTP 500", in_a_row=False)
+    pool.forgive(b, was, b.changes)
+    assert b.clean
+    pool.failed(b, 0.0, "http_500", "HTTP 500", in_a_row=False)  # a failure that stands
+    stale = {2}.__contains__
+    assert pool.pick(0.0, {0}, stale, advance=False, stale=stale) is b  # b before the stale h, on a retry
+    assert pool.pick(0.0, {0}, stale, advance=False) is h  # (stale unknown: clean h first, as full)
+    was = a.clean
+    pool.failed(a, 0.0, "reset", "reset", in_a_row=False)
+    mark = a.changes
+    pool.failed(a, 0.1, "midstream", "cut")  # a failure of its own since: not forgiven
+    pool.forgive(a, was, mark)
+    assert not a.clean
 
 
 def test_a_request_whose_stream_every_backend_ends_before_any_byte_strikes_none_of_them() -> None:
@@ -448,6 +514,51 @@ def test_a_request_whose_stream_every_backend_ends_before_any_byte_strikes_none_
             assert all(pool.up(b, now) and b.error_answers == 0 for b in pool.backends), [
                 (b.errors, b.error_answers) for b in pool.backends]
             assert sum(sum(b.errors.values()) for b in pool.backends) == 12  # (each try counted)
+
+    run(go(), timeout=30.0)
+
+
+def test_a_stream_past_read_timeout_before_its_first_bytes_keeps_the_strikes_its_head_made() -> None:
+    """Review 145: the strikes a backend's stream head made were taken back also when its first bytes
+    did not come within `read_timeout` (a 504, that backend struck for it): a backend resetting every
+    request was never struck, the silent one went out. Taken back only for a stream that ends, or is
+    reset, before any byte."""
+    async def resets(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        assert request.transport is not None
+        request.transport.abort()
+        return web.Response()
+
+    async def silent(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await asyncio.sleep(5)
+        return resp
+
+    async def go() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            urls = [await stack.enter_async_context(backend([("POST", "/v1/chat/completions", handler)]))
+                    for handler in (resets, silent)]
+            r = await stack.enter_async_context(proxying(urls, retries=1, read_timeout=0.3, backoff=30.0))
+            pool = r.proxy.pool
+            y, x = pool.backends
+            pick = pool.pick
+
+            def first_to_y(now: float, exclude: Any = frozenset(), *args: Any, **kw: Any) -> Any:
+                if kw.get("advance", True) and pool.up(y, now):  # (each request's first try at y)
+                    return y
+                return pick(now, exclude, *args, **kw)
+
+            pool.pick = first_to_y  # type: ignore[method-assign]
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+                writer.write(_post(stream=True))
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
+                writer.close()
+                assert head.startswith(b"HTTP/1.1 504"), head
+            now = r.proxy.loop.time()
+            assert not pool.up(y, now) and pool.up(x, now), (y.error_answers, x.error_answers)
 
     run(go(), timeout=30.0)
 
