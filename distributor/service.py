@@ -72,7 +72,7 @@ HOUSEKEEPING_INTERVAL = 0.25
 SELF_STALL = 0.5  # housekeeping ticks this far apart: this process did not run (stopped, or its host paused)
 HEARTBEAT_STALE = 5.0
 # A worker whose heartbeat is this old (5 of its beats) is silent: stopped or wedged, its TTL timers do not
-# fire, so the distributor answers its queued requests' expiries (`Distributor._tell_expired`)
+# fire nor does it read cancels, so the distributor ends those of its queued requests (`Distributor._end_on_silent`)
 SHARD_SILENT = 0.5
 # At the end of the drain: a worker that has sent nothing for this long after `Shutdown` is not waited
 # for (a healthy one reports its evictions and closes its link within milliseconds)
@@ -209,8 +209,11 @@ class Distributor:
         # leased tickets whose answer is not written yet (`restart_lease`) -> asked back a lease ago (`_revoke`)
         self._unwritten: dict[int, bool] = {}
         # queued requests whose client was told (or, gone, would be told) their outcome before their shard
-        # decided one (`_tell_expired`, `cancel`): what the distributor counts if it ends them itself
+        # decided one (`_end_on_silent`, `cancel`): what the distributor counts if it ends them itself
         self._told: dict[int, Outcome] = {}
+        # the flows of requests ended while their shard was silent, which it may still hold (their slots
+        # stay theirs: review 146, reused, the shard's later counts would land on another flow's cells)
+        self._left_flows: dict[str, int] = {}
         self._next_id = 1
         self._random = array.array("Q")  # pooled random words for tickets (from the OS's CSPRNG)
         self._rr = 0
@@ -317,7 +320,7 @@ class Distributor:
         if p.state == PendingState.QUEUED:
             self._send(p.shard, Cancel(p.id, Outcome.EVICTED_CANCELLED))
             # (counted so, not `shard_failure`, if its shard dies before it reads this; not if its client
-            # was told it expired first: `_tell_expired`)
+            # was told it expired first: `_end_on_silent`)
             self._told.setdefault(p.id, Outcome.EVICTED_CANCELLED)
         elif p.state == PendingState.NEW:
             if self._take_held(p) or p.victims_left:  # held, or parked for displacement: its room goes back now
@@ -639,38 +642,57 @@ class Distributor:
         else:
             waiter.deliver(cid, p.id, outcome, ticket, wait, retry_after)
 
-    def _tell_expired(self, silent: list[int], now: float) -> None:
-        """The silent shards (no heartbeat for SHARD_SILENT: stopped or wedged) fire no TTL timer: their
-        queued requests whose TTL has passed are answered `evicted: ttl` here, as the shard would have
-        (review 143: a 1 s TTL ended at 5.2 s, `shard_failure`, when the shard was killed, and while it
-        waited its band held every lower band back on every shard). Each leaves the ledger now (its
-        room, and its band's claim on strict priority, go back) though its shard still holds it: the
-        shard's engine evicts it as it reads again, never dispatching an expired request, and its
-        answer then ends it here quietly (`on_worker_frames`, its state DONE); a restart ends it
-        (`on_worker_lost`). It is counted as its client was told (`_told`). Only a dispatch committed
-        before the deadline and reported after it (the shard stopped in between) reaches nobody then:
-        released at once, as a cancelled client's (`dispatches_unclaimed`)."""
+    def _end_on_silent(self, silent: list[int], now: float) -> None:
+        """The silent shards (no heartbeat for SHARD_SILENT: stopped or wedged) fire no TTL timer and read
+        no cancel: their queued requests whose TTL has passed are answered `evicted: ttl` here, as the
+        shard would have, and those whose client left (`cancel`) end here (review 143: a 1 s TTL ended
+        at 5.2 s, `shard_failure`, when the shard was killed, and meanwhile their band held every lower
+        band back on every shard, as a cancelled one's did). Each leaves the ledger now (its room, and
+        its band's claim on strict priority, go back) though its shard still holds it: the shard's
+        engine evicts an expired one as it reads again, never dispatching it, and one whose cancel it
+        reads; its answer then ends the request here quietly (`on_worker_frames`, its state DONE); a
+        restart ends it (`on_worker_lost`). It is counted as its client was told, or would have been
+        (`_told`). Only a dispatch the shard committed before the deadline or the cancel and reported
+        after it (stopped in between) reaches nobody then: released at once (`dispatches_unclaimed`)."""
+        if not any(band.shard_items[s] for band in self.ledger.bands for s in silent):
+            return  # (nothing queued there: no scan of every request pending)
         default = self.config.default_ttl
-        queued = PendingState.QUEUED
-        expired = False
-        for p in [p for p in self.pending.values() if p.state == queued and p.shard in silent and p.owner is not None]:
-            ttl = p.payload[1] or default
-            if ttl and now - p.received >= ttl:
-                waiter, cid, _, audit = p.owner
+        queued, told = PendingState.QUEUED, self._told
+        ended = False
+        for p in [p for p in self.pending.values() if p.state == queued and p.shard in silent]:
+            owner = p.owner
+            if owner is None:  # its client left: the cancel waits unread on the shard
+                if p.id not in told:
+                    continue
+            else:
+                ttl = p.payload[1] or default
+                if not ttl or now - p.received < ttl:
+                    continue
                 p.owner = None  # (its shard's answer, when it comes, ends it quietly)
-                self._told[p.id] = Outcome.EVICTED_TTL
-                newcomer = self.ledger.leave(p)
-                expired = True
+                told[p.id] = Outcome.EVICTED_TTL
+                waiter, cid, _, audit = owner
                 wait, retry_after = now - p.received, self.retry[p.band].value
                 if audit:
                     waiter.deliver(cid, p.id, Outcome.EVICTED_TTL, 0, wait, retry_after,
                                    self._audit(p, Outcome.EVICTED_TTL, wait, now, 0))
                 else:
                     waiter.deliver(cid, p.id, Outcome.EVICTED_TTL, 0, wait, retry_after)
-                if newcomer is not None:  # (it was the last victim a displacing request waited for)
-                    self._retry_newcomer(newcomer)
-        if expired:
+            ended = True
+            newcomer = self.ledger.leave(p)
+            self.ledger.hold_left(p)  # (its room stays held while its shard may hold it)
+            self._left_flows[p.flow] = self._left_flows.get(p.flow, 0) + 1  # (its slot too: `_flow_busy`)
+            if newcomer is not None:  # (it was the last victim a displacing request waited for)
+                self._retry_newcomer(newcomer)
+        if ended:
             self._schedule_plan()
+
+    def _release_left(self, p: Pending) -> None:
+        """An ended request of a silent shard (`_end_on_silent`) is gone from it too: its room goes back."""
+        self.ledger.release_left(p)
+        left = self._left_flows
+        n = left.pop(p.flow) - 1
+        if n:
+            left[p.flow] = n
 
     @staticmethod
     def _audit(p: Pending, outcome: Outcome, wait: float, at: float, decided: int) -> Audit:
@@ -700,9 +722,10 @@ class Distributor:
                 if p is None:  # already ended by the distributor (shutdown); nothing is owed
                     continue
                 outcome = OUTCOMES[msg.outcome]
-                if p.state == _DONE:  # out of the ledger already, its client told it expired (`_tell_expired`)
+                if p.state == _DONE:  # out of the ledger already, its shard silent then (`_end_on_silent`)
                     if outcome == _DISPATCHED:  # (committed before its deadline: its grant is answered)
                         ledger.grant_answered(shard, p.size, 0, p, msg.decided)
+                    self._release_left(p)
                     self._finish(p, outcome, msg.wait, True, msg.at, msg.decided, msg.seq)
                     continue
                 covered = False
@@ -867,8 +890,9 @@ class Distributor:
             self._finish(p, Outcome.EVICTED_SHARD_FAILURE, now - p.received, at=now)  # (audit: its shard)
             if newcomer is not None:
                 self._retry_newcomer(newcomer)
-        for p in [p for p in self.pending.values() if p.state == _DONE and p.shard == shard]:  # (`_tell_expired`:
-            self._finish(p, Outcome.EVICTED_SHARD_FAILURE, now - p.received, at=now)  # out of the ledger, told)
+        for p in [p for p in self.pending.values() if p.state == _DONE and p.shard == shard]:  # (`_end_on_silent`:
+            self._release_left(p)  # out of the ledger, its room held till now, its client told)
+            self._finish(p, Outcome.EVICTED_SHARD_FAILURE, now - p.received, at=now)
         s.restarts += 1
         self.counters["worker_restarts"] += 1
         assert self._loop is not None
@@ -1234,11 +1258,11 @@ class Distributor:
             with contextlib.suppress(ProcessLookupError):
                 s.proc.kill()
         if silent:
-            self._tell_expired(silent, now)
+            self._end_on_silent(silent, now)
         return False
 
     def _flow_busy(self, flow: str) -> bool:
-        return any(flow in band.flows for band in self.ledger.bands)
+        return flow in self._left_flows or any(flow in band.flows for band in self.ledger.bands)
 
     def begin_drain(self) -> bool:
         """SIGTERM/SIGINT: stop accepting; let queued work finish until the drain timeout; then stop.
@@ -1306,6 +1330,8 @@ class Distributor:
         for p in list(self.pending.values()):  # anything a worker did not report (it died, or never got it)
             if p.state in (PendingState.QUEUED, PendingState.DISPLACING):
                 self.ledger.leave(p)
+            elif p.state == _DONE:  # (ended while its shard was silent: `_end_on_silent`)
+                self._release_left(p)
             self._finish(p, Outcome.EVICTED_SHUTDOWN, time.monotonic() - p.received)
         if self.acceptors is not None:  # every outcome is delivered: the acceptors pass on the last ones
             await self.acceptors.close()

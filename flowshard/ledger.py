@@ -515,6 +515,20 @@ class Ledger:
         self._reserve(newcomer, -newcomer.reserved_bytes, -newcomer.reserved_items)
         self._hold_in_band(newcomer, -1)
 
+    def hold_left(self, p: Pending) -> None:
+        """`p` left the queue here (`leave`) while its shard may still hold it (stopped: the distributor
+        ended it, `Distributor._end_on_silent`): its room stays held, as a parked newcomer's is
+        (`mark_victims`), until `release_left`, so that the queue limits still bound what is held
+        (review 146: given back, a stopped shard's queue refilled at each housekeeping tick, 3,200
+        pending for a limit of 200)."""
+        self._reserve(p, p.size, 1)
+        self._hold_in_band(p, 1)
+
+    def release_left(self, p: Pending) -> None:
+        """The room `hold_left` held for `p` goes back: its shard answered for it, or died."""
+        self._reserve(p, -p.reserved_bytes, -p.reserved_items)
+        self._hold_in_band(p, -1)
+
     def _hold_in_band(self, newcomer: Pending, sign: int) -> None:
         """Hold (sign 1) or give back (-1) the newcomer's room in its band and flow: it passed their
         limits when parked, and a later arrival of the same band or flow must not take that room."""

@@ -249,9 +249,10 @@ def test_hung_worker_is_detected_killed_and_replaced(launch: Any) -> None:
 def test_requests_queued_on_a_stopped_worker_are_answered_at_their_ttl(launch: Any, acceptors: int) -> None:
     """Review 143: a stopped (or wedged) worker fires no TTL timer, so its queued requests waited until
     it was killed (5 s) and ended `shard_failure`, a 1 s TTL answered at 5.2 s. Once its heartbeat is
-    SHARD_SILENT old the distributor answers their expiries itself; they are counted as their clients
-    were told, as is a request whose client left (`cancelled`, not `shard_failure`), when the worker
-    is then killed. A request without a TTL still ends `shard_failure` then."""
+    SHARD_SILENT old the distributor answers their expiries itself, and ends a request whose client
+    left (its cancel unread there): their room goes back; they are counted as their clients were told
+    (`cancelled`, not `shard_failure`) when the worker is then killed. A request without a TTL still
+    ends `shard_failure` then."""
     from distributor.service import HEARTBEAT_STALE, HOUSEKEEPING_INTERVAL, SHARD_SILENT
 
     svc = launch(shards=1, budget=1, service={"fast_path": False}, acceptors=acceptors)
@@ -273,6 +274,9 @@ def test_requests_queued_on_a_stopped_worker_are_answered_at_their_ttl(launch: A
             assert {r.outcome for r in answers} == {Outcome.EVICTED_TTL}, answers
             assert took < 0.5 + SHARD_SILENT + 2 * HOUSEKEEPING_INTERVAL + 0.5, took  # (was 5.2 s)
             assert not lasting.done() and isinstance(left.exception(), ConnectionClosed)
+            # they leave the ledger, and so does the one whose client left: only the one without a TTL holds
+            # room (the stopped worker still has them all, and drops them when it reads again)
+            await svc.until_stats(lambda s: s["totals"]["queued_items"] == 1, timeout=2.0)
             r = await asyncio.wait_for(lasting, HEARTBEAT_STALE + 5)  # the watchdog kills the worker
             assert r.outcome is Outcome.EVICTED_SHARD_FAILURE
             s = await svc.until_stats(lambda s: s["shards"][0]["ready"] and s["shards"][0]["pid"] != worker)
@@ -322,6 +326,47 @@ def test_an_expired_request_on_a_stopped_worker_no_longer_holds_the_lower_bands_
             assert outcomes["evicted:ttl"] == 1 and outcomes["evicted:shard_failure"] == 1, outcomes
 
     run(main(), timeout=HEARTBEAT_STALE + 20)
+
+
+def test_requests_ended_on_a_stopped_worker_keep_their_room_until_it_reads(launch: Any) -> None:
+    """Review 146: ended while their worker was stopped, expired requests gave their room back though the
+    worker (and the distributor's pending table) still held them: clients re-admitting at once filled
+    the queue again at each housekeeping tick, 3,200 pending for a limit of 200. Their room stays held
+    until the worker reads again (or dies): the queue limit still bounds what is held."""
+    svc = launch(shards=1, budget=1, max_queued_requests=20, service={"fast_path": False})
+
+    async def main() -> None:
+        async with Client.connect(svc.host, svc.binary_port) as c:
+            hold = await c.admit("hold")
+            worker = (await svc.astats())["shards"][0]["pid"]
+            os.kill(worker, signal.SIGSTOP)
+            try:
+                end = time.monotonic() + 2.5
+                outcomes: Counter[Outcome] = Counter()
+                peak = 0
+
+                async def client(k: int) -> None:
+                    while time.monotonic() < end:
+                        r = await c.admit(f"f{k}", size=10, ttl=0.01)
+                        outcomes[r.outcome] += 1
+                        if r.outcome is not Outcome.EVICTED_TTL:
+                            await asyncio.sleep(0.05)
+
+                async def watch() -> None:
+                    nonlocal peak
+                    while time.monotonic() < end:
+                        peak = max(peak, (await svc.astats())["totals"]["pending"])
+                        await asyncio.sleep(0.05)
+
+                await asyncio.gather(watch(), *[client(k) for k in range(20)])
+                assert outcomes[Outcome.EVICTED_TTL] >= 20 and peak <= 20, (peak, outcomes)
+            finally:
+                os.kill(worker, signal.SIGCONT)
+            s = await svc.until_stats(lambda s: s["totals"]["pending"] == 0 and s["totals"]["queued_items"] == 0)
+            assert band_outcomes(s)["evicted:ttl"] == outcomes[Outcome.EVICTED_TTL]
+            assert await c.release(hold.ticket)
+
+    run(main(), timeout=30)
 
 
 def test_a_stopped_worker_does_not_take_the_other_shards_budget(launch: Any) -> None:

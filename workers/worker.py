@@ -128,7 +128,9 @@ class ShardWorker(asyncio.Protocol):
                     engine.correct(msg.flow, msg.priority, msg.delta, msg.weight, msg.seq if msg.seq >= 0 else None)
                 elif kind is Shutdown:
                     self._closing = True
-                    engine.shutdown(now)
+                    now = time.monotonic()
+                    engine.expire(now)  # (past their TTL, in this read or before: `ttl`, as the distributor
+                    engine.shutdown(now)  # may have told their clients already: review 146)
                 if engine.outbox:
                     self._drain()
         except (FrameError, ValueError):  # (ValueError: a Cancel's outcome that is none)
