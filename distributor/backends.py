@@ -84,8 +84,11 @@ class Backend:
         # the last-up rule (`BackendPool.strike`)
         self.proven = True
         self.clean = True  # no failure since its last whole answer: a retry ranks it first (`BackendPool.pick`)
-        # failures of its own counted (and take-outs made by others: the scraper, other acceptors) so far;
-        # and rows of failures ended (`completed`) so far: what `BackendPool.unstrike` judges changes by
+        # its firm failures so far: shown its own (in a row, at once, a strike that stands) or a scrape's
+        # take-out, not one that waits for another backend's answer (a suspect) nor a strike that may
+        # be taken back (a stream's head); and rows of failures ended (`completed`) so far: what
+        # `BackendPool.unstrike` and `forgive` judge changes by (review 147: counted, every other request's
+        # suspect failure or provisional strike kept a take-out a take-back should have undone)
         self.changes = 0
         self.rows = 0
 
@@ -189,21 +192,23 @@ class BackendPool:
         client's retries of one request that every backend reset took the pool out)."""
         self._count(backend, kind, detail)
         backend.clean = False
-        backend.changes += 1
         if kind in FAIL_AT_ONCE:
+            backend.changes += 1
             self._take_out(backend, now, kind)
         elif in_a_row:
             self.strike(backend, now, kind)
 
-    def strike(self, backend: Backend, now: float, kind: str) -> Struck:
+    def strike(self, backend: Backend, now: float, kind: str, provisional: bool = False) -> Struck:
         """One more failure in a row of a request it had (counted already): out at the
         `ERROR_ANSWERS_TO_FAIL`-th, unless it is the last backend up. Requests' failures never take out
         the last one (the next failure once another is up does): out, every request would be refused
         503 `no_backend` for its back-off, where in it passes on what it answers (a review: one request
         slower than `read_timeout`, retried by its client, took a lone backend out). Returns what
-        `unstrike` needs to take it back."""
+        `unstrike` needs to take it back; `provisional` (at a stream's head, until its first bytes:
+        `confirm`) it is no firm failure meanwhile (`changes`)."""
         backend.error_answers += 1
-        backend.changes += 1
+        if not provisional:
+            backend.changes += 1
         peers = self.peers_out(now) if self.peers_until is not None else frozenset()
         took_out = None
         if backend.error_answers >= ERROR_ANSWERS_TO_FAIL and any(
@@ -233,6 +238,17 @@ class BackendPool:
         backend.down_until, proven, backend.last_kind = took[1:4]
         backend.proven = proven and backend.index not in self.peers_out(now)  # (out in the others: not
         return True  # proven until it answers here, as `Proxy.peers_health` has it; review 145)
+
+    @staticmethod
+    def confirm(backend: Backend) -> None:
+        """A provisional strike stands (the stream it was made at sent its first bytes): a firm failure."""
+        backend.changes += 1
+
+    @staticmethod
+    def scraped_out(backend: Backend) -> None:
+        """The distributor's scraper took it out (in an acceptor, `Proxy.scrape_health`): a firm failure,
+        even where it was out already, which no take-back undoes (review 145)."""
+        backend.changes += 1
 
     def forgive(self, backend: Backend, was_clean: bool, changes: int) -> None:
         """A request failed on every backend it tried (no other answered it): likely its own doing, so

@@ -645,13 +645,13 @@ class Proxy:
         b = self.pool.backends[index]
         now = self.loop.time()
         if down_for > 0:
-            if self.pool.up(b, now) or b.down_until < now + down_for:  # (out here already: till the later end,
-                b.down_until = now + down_for  # and as the scraper's, which brings it back; review 145: a
-                b.last_kind = "scrape"  # take-back of a strike here lost it, the distributor telling it once)
+            self.pool.scraped_out(b)  # (out here already, for its failures: no take-back here brings it back)
+            if self.pool.up(b, now):  # (out here already: its own back-off stands, as one process's scraper takes
+                b.down_until = now + down_for  # out only a backend up; review 147: the scrape's, told
+                b.last_kind = "scrape"  # over it, brought back one failing every request at the next good scrape)
                 b.last_error = detail[:300]
                 b.proven = False  # (as `_take_out` has it: not up for the last-up rule until it answers;
                 # a review: a dead backend counted up in the acceptors, the last working one went out)
-                b.changes += 1
         elif b.last_kind == "scrape" and not self.pool.up(b, now):
             self.pool.succeeded(b)
         if self.report_to is not None:
@@ -804,7 +804,6 @@ class Proxy:
         again = pool.backoff / 2
         for backend, t, was in zip(pool.backends, until, before, strict=False):
             if t > now and (was <= now or t > was + again):  # taken out there: not up for the last-up rule
-                backend.changes += 1  # (a strike here taken back does not bring it back: `unstrike`)
                 backend.proven = False  # until it answers here, as one taken out here (`_take_out`; review
                 # 138: proven still once the others' back-off ended, it held in a backend failing every
                 # request; only as it goes out: review 140, a stale report re-marked one the scraper
@@ -1032,9 +1031,12 @@ class Proxy:
                 # one; nor at a stream's first bytes: review 137, 19 of 20 went to one during a 2 s
                 # prefill, and review 140 as many for failures after a head)
                 now = self.loop.time()
-                struck = [(suspect, self.pool.strike(suspect[0], now, suspect[1]))
+                # (provisional at a stream's head, until its first bytes: `unstrike`, `confirm`)
+                struck = [(suspect, self.pool.strike(suspect[0], now, suspect[1], provisional=stream))
                           for suspect in suspects if suspect[0] is not backend]
                 suspects.clear()
+                if self.report_to is not None and any(undo.took_out for _, undo in struck):
+                    self.report_to.health_changed()  # (now: review 147, else at this request's end)
                 if stream:
                     # A stream's head is held until its first bytes: a backend fails a long prefill after
                     # sending it (vLLM sends it at once), and until the first bytes nothing has reached
@@ -1051,14 +1053,21 @@ class Proxy:
                         # before any byte struck all it tried but the last: review 138); taken back, they
                         # wait as suspects again. Not past `read_timeout`: that is this one's, a 504
                         # (review 145: a backend resetting everything was never struck then)
-                        if not isinstance(exc, aiohttp.SocketTimeoutError) and struck:
+                        if isinstance(exc, aiohttp.SocketTimeoutError):
+                            for (failed, *_), _ in struck:
+                                self.pool.confirm(failed)
+                        elif struck:
                             back = False
                             for (failed, kind, was_clean, _), undo in struck:
                                 back = self.pool.unstrike(failed, undo, now) or back
                                 suspects.append((failed, kind, was_clean, failed.changes))
                             if back:  # (back in rotation: the pool's figure may have fallen)
                                 self._on_room()
+                                if self.report_to is not None:
+                                    self.report_to.health_changed()
                         return self._failed_before_answer(ex, backend, exc, last, suspects, judge)
+                    for (failed, *_), _ in struck:  # (its first bytes: the strikes stand)
+                        self.pool.confirm(failed)
                 self.pool.answered(backend, proves=counted)
             if stream:
                 whole = await self._relay_stream(ex, backend, resp, first)

@@ -409,7 +409,7 @@ class LinkRevoke(msgspec.Struct, tag=37, array_like=True, gc=False):
 
 
 class LinkPeersDown(msgspec.Struct, tag=38, array_like=True, gc=False):
-    """Distributor -> acceptor (proxy mode with the utilization detector): per backend, for how long
+    """Distributor -> acceptor (proxy mode, with the utilization detector or without): per backend, for how long
     (seconds from now; 0: not) the *other* acceptors' proxies keep it out of rotation after failures
     of their own (`LinkBackends.down_for`); sent to every acceptor when one of them reports a change,
     when one exits, and to an acceptor that starts. The acceptor's picker sends nothing there while
@@ -423,7 +423,8 @@ class LinkPeersDown(msgspec.Struct, tag=38, array_like=True, gc=False):
 class LinkBackendsFull(msgspec.Struct, tag=36, array_like=True, gc=False):
     """Distributor -> acceptor (proxy mode with the utilization detector): per backend, how many more
     requests it takes before the distributor's detector (the one view of what every acceptor sent)
-    has it at its saturation (`PoolUtilization.room`; 0: full or stale); sent to every acceptor when an
+    has it at its saturation (`PoolUtilization.room`; 0: full; -1: its metrics stale, full too, and a
+    retry ranks it last: `BackendPool.pick`'s `stale`); sent to every acceptor when an
     admission decision or an acceptor's report changes it, to an acceptor whose sends it has just
     counted, and to an acceptor that starts. With it, `counted`:
     per backend, how many sends of this acceptor's (its `LinkBackends.sent`, summed) those rooms

@@ -424,6 +424,76 @@ def test_an_acceptor_reports_a_backend_the_scraper_put_back_without_a_request_of
     assert sent[2].down_for == []
 
 
+def test_an_acceptor_reports_a_take_out_a_strike_made_in_the_pass_it_made_it() -> None:
+    """Review 147: a backend struck out at another backend's head was reported (so told to the other
+    acceptors) only at the acceptor's next request event: here at the end of the answering stream,
+    1.5 s later. It is reported in the pass of the take-out now."""
+    import asyncio
+    import contextlib
+
+    from aiohttp import web
+    from servicekit import run
+    from test_proxy import _RecordingAdmission
+    from test_proxy_hostile import _post, backend
+
+    from distributor.http import HttpLimits, start_http_server
+    from distributor.proxy import BackendReport, Proxy
+    from flowshard.config import Config, ProxyConfig
+
+    async def fails(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.json_response({"error": "no"}, status=500)
+
+    async def streams(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n')
+        await asyncio.sleep(1.5)
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def go() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            urls = [await stack.enter_async_context(backend([("POST", "/v1/chat/completions", handler)]))
+                    for handler in (fails, streams)]
+            loop = asyncio.get_running_loop()
+            frames: list[tuple[float, Any]] = []
+            report = BackendReport(2, lambda m: frames.append((loop.time(), m)), loop, counts=False)
+            admission = _RecordingAdmission()
+            px = Proxy(Config(proxy=ProxyConfig(backends=urls, utilization=False, retries=1, backoff=30.0)),
+                       admission, lambda: None, report=report)
+            await px.start()
+            server = await start_http_server(admission, "127.0.0.1", 0, HttpLimits(), lease=300.0, proxy=px)
+            try:
+                pool = px.pool
+                f = pool.backends[0]
+                pick = pool.pick
+
+                def first_to_f(now: float, exclude: Any = frozenset(), *args: Any, **kw: Any) -> Any:
+                    return f if kw.get("advance", True) else pick(now, exclude, *args, **kw)
+
+                pool.pick = first_to_f  # type: ignore[method-assign]
+                writers = []
+                for _ in range(3):  # each fails at f, then streams from g: g's third head strikes f out
+                    reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+                    writer.write(_post(stream=True))
+                    await reader.readuntil(b"\r\n\r\n")
+                    writers.append(writer)
+                out_at = loop.time()
+                assert not pool.up(f, out_at)
+                await asyncio.sleep(0.3)
+                told = [at for at, m in frames if m.down_for and m.down_for[0] > 0]
+                assert told and told[0] <= out_at + 0.05, (told, out_at)
+                for writer in writers:
+                    writer.close()
+            finally:
+                server.close()
+                await px.close()
+
+    run(go(), timeout=30.0)
+
+
 def test_without_the_detector_an_acceptor_reports_only_its_pools_health() -> None:
     """Without the utilization detector an acceptor reports no sends (nothing counts them), but its
     pool's take-outs and returns still go to the distributor, which tells the other acceptors: a frame
@@ -581,8 +651,11 @@ def test_an_acceptor_whose_backends_are_all_out_in_the_others_still_retries_amon
 
 def test_a_scrape_take_out_of_a_backend_out_here_already_is_kept() -> None:
     """Review 145: the distributor's scraper taking out a backend that a strike here held out already
-    was ignored (it tells each change once), and when that strike was taken back the backend was
-    up here for the scraper's whole back-off. It is out till the later end now, as the scraper's."""
+    was ignored, and when that strike was taken back the backend was up here, the scraper's take-out
+    lost (told once). A take-back now undoes nothing after a scrape's take-out; the backend's own
+    back-off stands (review 147: the scrape's, told over it, brought back at the next good scrape a
+    backend failing every request, its back-off's doubling wiped), as one process's scraper takes out
+    only a backend up."""
     import asyncio
 
     from test_proxy import _RecordingAdmission
@@ -592,17 +665,18 @@ def test_a_scrape_take_out_of_a_backend_out_here_already_is_kept() -> None:
 
     async def go() -> None:
         urls = ["http://127.0.0.1:9", "http://127.0.0.1:10", "http://127.0.0.1:11"]
-        px = Proxy(Config(proxy=ProxyConfig(backends=urls, utilization=False)), _RecordingAdmission(), lambda: None)
+        px = Proxy(Config(proxy=ProxyConfig(backends=urls, utilization=False, backoff=8.0, max_backoff=60.0)),
+                   _RecordingAdmission(), lambda: None)
         pool, now = px.pool, px.loop.time()
         y = pool.backends[0]
         pool.strike(y, now, "reset")
         pool.strike(y, now, "reset")
-        struck = pool.strike(y, now, "reset")  # out here (for 1 s) by a strike a head made
+        struck = pool.strike(y, now, "reset", provisional=True)  # out here (8 s) by a strike a head made
         px.scrape_health(0, 30.0, "ClientConnectorError: refused")  # the scraper: nothing listens there
         assert not pool.unstrike(y, struck, now)  # that head's stream ended before any byte
-        assert not pool.up(y, now + 5.0) and y.last_kind == "scrape" and y.down_until >= now + 29.0
-        px.scrape_health(0, 0.0, "")  # the scraper brings it back
-        assert pool.up(y, now + 5.0)
+        assert not pool.up(y, now + 5.0) and y.last_kind == "reset" and y.failures == 1
+        px.scrape_health(0, 0.0, "")  # the scraper's good scrape: its own back-off still stands
+        assert not pool.up(y, now + 5.0) and pool.up(y, now + 8.0) and y.failures == 1
 
     asyncio.run(go())
 

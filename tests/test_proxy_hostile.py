@@ -563,6 +563,42 @@ def test_a_stream_past_read_timeout_before_its_first_bytes_keeps_the_strikes_its
     run(go(), timeout=30.0)
 
 
+def test_poison_streams_sent_together_take_no_backend_out() -> None:
+    """Review 147: a take-back undid no take-out once anything had changed the backend since, and every
+    other request's failure or strike counted as a change: four requests whose streams every backend
+    ends before any byte, sent at once, took two backends of three out (each strike taken back, the
+    take-out kept). Only firm failures count now (in a row, at once, a strike whose stream sent its
+    first bytes), not suspects nor strikes at a stream's head until then."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if b"poison" in body:
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            await resp.prepare(request)
+            await asyncio.sleep(0.3)
+            return resp  # the head, then the end: no byte
+        return web.json_response({"choices": [{"message": {"content": "ok"}}]})
+
+    async def one(port: int) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(_post(user="poison", stream=True))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
+        writer.close()
+        return int(head.split()[1])
+
+    async def go() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            urls = [await stack.enter_async_context(backend([("POST", "/v1/chat/completions", handler)]))
+                    for _ in range(3)]
+            r = await stack.enter_async_context(proxying(urls, retries=2, backoff=5.0))
+            assert await asyncio.gather(*[one(r.port) for _ in range(6)]) == [502] * 6
+            pool, now = r.proxy.pool, r.proxy.loop.time()
+            assert all(pool.up(b, now) and b.error_answers == 0 and b.failures == 0 for b in pool.backends), [
+                (b.error_answers, b.failures, b.down_until - now) for b in pool.backends]
+            assert all(b.clean for b in pool.backends)  # (forgiven: it failed everywhere)
+
+    run(go(), timeout=30.0)
+
+
 def test_with_more_failing_backends_than_tries_the_requests_go_to_the_one_answering() -> None:
     """Three backends of four answer 500 at once, the fourth answers after 0.1 s, `retries = 2`: each
     try went to a failing one (the fewest in flight), 81 % of the requests got a 500 and the failures
