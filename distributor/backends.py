@@ -35,7 +35,7 @@ from flowshard.utilization import (
     parse_metrics,
 )
 
-__all__ = ["LOCAL_SHORTAGE", "SCRAPE_CONNECT_TIMEOUT", "Backend", "BackendPool", "Scraper", "Struck", "failure_kind"]
+__all__ = ["LOCAL_SHORTAGE", "SCRAPE_CONNECT_TIMEOUT", "Backend", "BackendPool", "Scraper", "failure_kind"]
 
 log = logging.getLogger(__name__)
 # A backend's metrics body past this is a scrape error: parsed every `scrape_interval` (0.05 s by
@@ -65,7 +65,7 @@ class Backend:
 
     __slots__ = (
         "changes", "clean", "down_until", "error_answers", "errors", "failures", "index", "inflight", "last_error",
-        "last_kind", "name", "proven", "requests", "rows", "url",
+        "last_kind", "name", "proven", "requests", "url",
     )
 
     def __init__(self, index: int, url: str) -> None:
@@ -84,26 +84,9 @@ class Backend:
         # the last-up rule (`BackendPool.strike`)
         self.proven = True
         self.clean = True  # no failure since its last whole answer: a retry ranks it first (`BackendPool.pick`)
-        # its firm failures so far: shown its own (in a row, at once, a strike that stands) or a scrape's
-        # take-out, not one that waits for another backend's answer (a suspect) nor a strike that may
-        # be taken back (a stream's head); and rows of failures ended (`completed`) so far: what
-        # `BackendPool.unstrike` and `forgive` judge changes by (review 147: counted, every other request's
-        # suspect failure or provisional strike kept a take-out a take-back should have undone)
+        # its failures shown its own so far (in a row, at once, struck; or a scrape's take-out), not those
+        # that wait for another backend's answer (suspects): what `BackendPool.forgive` judges by
         self.changes = 0
-        self.rows = 0
-
-
-class Struck:
-    """What `BackendPool.strike` did, for `unstrike` to take back: the backend's `changes` and `rows`
-    right after it and, if it took the backend out, the back-off's end it set and the backend's
-    `down_until`, `proven`, `last_kind` and `failures` before."""
-
-    __slots__ = ("changes", "rows", "took_out")
-
-    def __init__(self, changes: int, rows: int, took_out: tuple[float, float, bool, str, int] | None) -> None:
-        self.changes = changes
-        self.rows = rows
-        self.took_out = took_out
 
 
 class BackendPool:
@@ -198,57 +181,30 @@ class BackendPool:
         elif in_a_row:
             self.strike(backend, now, kind)
 
-    def strike(self, backend: Backend, now: float, kind: str, provisional: bool = False) -> Struck:
+    def strike(self, backend: Backend, now: float, kind: str) -> bool:
         """One more failure in a row of a request it had (counted already): out at the
         `ERROR_ANSWERS_TO_FAIL`-th, unless it is the last backend up. Requests' failures never take out
         the last one (the next failure once another is up does): out, every request would be refused
         503 `no_backend` for its back-off, where in it passes on what it answers (a review: one request
-        slower than `read_timeout`, retried by its client, took a lone backend out). Returns what
-        `unstrike` needs to take it back; `provisional` (at a stream's head, until its first bytes:
-        `confirm`) it is no firm failure meanwhile (`changes`)."""
+        slower than `read_timeout`, retried by its client, took a lone backend out). Whether it took the
+        backend out."""
         backend.error_answers += 1
-        if not provisional:
-            backend.changes += 1
+        backend.changes += 1
+        backend.clean = False  # (review 148: a request failing everywhere must not `forgive` it this one)
         peers = self.peers_out(now) if self.peers_until is not None else frozenset()
-        took_out = None
         if backend.error_answers >= ERROR_ANSWERS_TO_FAIL and any(
                 b is not backend and b.down_until <= now and b.proven and b.index not in peers for b in self.backends):
-            took_out = self._take_out(backend, now, kind)  # (another is up, and has answered since it came back:
+            return self._take_out(backend, now, kind)  # (another is up, and has answered since it came back:
             # a dead one whose back-off had ended counted, and a healthy one went out: a review; and not
             # only once it answered a request whole, which kept a failing one in for a stream's length)
-        return Struck(backend.changes, backend.rows, took_out)
-
-    def unstrike(self, backend: Backend, struck: Struck, now: float) -> bool:
-        """Take back a strike (`strike` returned `struck`): the answer that showed the failure to be the
-        backend's own did not come after all (the backend answering the request failed it too, before
-        any byte: `Proxy._attempt`), so the failure is likely the request's. Its place in the failures
-        in a row goes, unless a whole answer ended the row since (with it: review 145, a strike made
-        after that was taken back instead); a take-out it made goes too, back-off and all, unless a
-        failure of the backend's own, or a take-out by the scraper or another acceptor, came since
-        (review 145: the take-out that failure would have made was lost; `changes`). Returns whether
-        the backend is back in rotation by it."""
-        if backend.rows == struck.rows:
-            backend.error_answers = max(0, backend.error_answers - 1)
-        took = struck.took_out
-        if took is None or backend.changes != struck.changes:
-            return False
-        backend.failures = min(backend.failures, took[4])  # (its back-off's doubling: a whole answer may
-        if backend.down_until != took[0]:  # have reset it since; or back in rotation since, an answer)
-            return False
-        backend.down_until, proven, backend.last_kind = took[1:4]
-        backend.proven = proven and backend.index not in self.peers_out(now)  # (out in the others: not
-        return True  # proven until it answers here, as `Proxy.peers_health` has it; review 145)
-
-    @staticmethod
-    def confirm(backend: Backend) -> None:
-        """A provisional strike stands (the stream it was made at sent its first bytes): a firm failure."""
-        backend.changes += 1
+        return False
 
     @staticmethod
     def scraped_out(backend: Backend) -> None:
-        """The distributor's scraper took it out (in an acceptor, `Proxy.scrape_health`): a firm failure,
-        even where it was out already, which no take-back undoes (review 145)."""
+        """The distributor's scraper took it out (in an acceptor, `Proxy.scrape_health`, even where it was
+        out already): a failure of its own, as one process's scraper counts it (`failed`)."""
         backend.changes += 1
+        backend.clean = False
 
     def forgive(self, backend: Backend, was_clean: bool, changes: int) -> None:
         """A request failed on every backend it tried (no other answered it): likely its own doing, so
@@ -258,16 +214,15 @@ class BackendPool:
         if backend.changes == changes:
             backend.clean = backend.clean or was_clean
 
-    def _take_out(self, backend: Backend, now: float, kind: str) -> tuple[float, float, bool, str, int] | None:
-        """Out for its back-off; returns what it changed (`Struck.took_out`), None if it was out already."""
+    def _take_out(self, backend: Backend, now: float, kind: str) -> bool:
+        """Out for its back-off; whether it was up."""
         if backend.down_until > now:  # out already: one event (ten streams cut at once) is one failure
-            return None
-        before = (backend.down_until, backend.proven, backend.last_kind, backend.failures)
+            return False
         backend.proven = False
         backend.failures += 1
         backend.last_kind = kind
         backend.down_until = now + min(self.max_backoff, self.backoff * 2 ** min(backend.failures - 1, 30))
-        return (backend.down_until, *before)
+        return True
 
     @staticmethod
     def _count(backend: Backend, kind: str, detail: str) -> None:
@@ -294,7 +249,6 @@ class BackendPool:
         back-off never grew)."""
         backend.error_answers = backend.failures = 0
         backend.clean = True
-        backend.rows += 1
 
     def next_up(self, now: float) -> float:
         """Seconds until the first backend is back (0 if one is up now)."""

@@ -645,7 +645,7 @@ class Proxy:
         b = self.pool.backends[index]
         now = self.loop.time()
         if down_for > 0:
-            self.pool.scraped_out(b)  # (out here already, for its failures: no take-back here brings it back)
+            self.pool.scraped_out(b)  # (a failure of its own, as in one process: `forgive`)
             if self.pool.up(b, now):  # (out here already: its own back-off stands, as one process's scraper takes
                 b.down_until = now + down_for  # out only a backend up; review 147: the scrape's, told
                 b.last_kind = "scrape"  # over it, brought back one failing every request at the next good scrape)
@@ -1029,13 +1029,15 @@ class Proxy:
                 # answered here: the backends that failed this request before did so on their own
                 # (struck at its head, not its end: a review, a long stream let 60 more go to a failing
                 # one; nor at a stream's first bytes: review 137, 19 of 20 went to one during a 2 s
-                # prefill, and review 140 as many for failures after a head)
+                # prefill, and review 140 as many for failures after a head; so a request whose stream
+                # every backend ends before any byte strikes all it tried but the last: left, review 148)
                 now = self.loop.time()
-                # (provisional at a stream's head, until its first bytes: `unstrike`, `confirm`)
-                struck = [(suspect, self.pool.strike(suspect[0], now, suspect[1], provisional=stream))
-                          for suspect in suspects if suspect[0] is not backend]
+                took_out = False
+                for failed, kind, _, _ in suspects:
+                    if failed is not backend:
+                        took_out = self.pool.strike(failed, now, kind) or took_out
                 suspects.clear()
-                if self.report_to is not None and any(undo.took_out for _, undo in struck):
+                if took_out and self.report_to is not None:
                     self.report_to.health_changed()  # (now: review 147, else at this request's end)
                 if stream:
                     # A stream's head is held until its first bytes: a backend fails a long prefill after
@@ -1048,26 +1050,7 @@ class Proxy:
                             raise aiohttp.ClientPayloadError("the stream ended before its first bytes")
                     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                         resp.close()
-                        # this one failed the request too, before any byte: nothing shows the failures
-                        # before were their backends' own (a request whose stream every backend ends
-                        # before any byte struck all it tried but the last: review 138); taken back, they
-                        # wait as suspects again. Not past `read_timeout`: that is this one's, a 504
-                        # (review 145: a backend resetting everything was never struck then)
-                        if isinstance(exc, aiohttp.SocketTimeoutError):
-                            for (failed, *_), _ in struck:
-                                self.pool.confirm(failed)
-                        elif struck:
-                            back = False
-                            for (failed, kind, was_clean, _), undo in struck:
-                                back = self.pool.unstrike(failed, undo, now) or back
-                                suspects.append((failed, kind, was_clean, failed.changes))
-                            if back:  # (back in rotation: the pool's figure may have fallen)
-                                self._on_room()
-                                if self.report_to is not None:
-                                    self.report_to.health_changed()
                         return self._failed_before_answer(ex, backend, exc, last, suspects, judge)
-                    for (failed, *_), _ in struck:  # (its first bytes: the strikes stand)
-                        self.pool.confirm(failed)
                 self.pool.answered(backend, proves=counted)
             if stream:
                 whole = await self._relay_stream(ex, backend, resp, first)

@@ -649,13 +649,11 @@ def test_an_acceptor_whose_backends_are_all_out_in_the_others_still_retries_amon
     assert statuses == [b"200"] * 10, statuses
 
 
-def test_a_scrape_take_out_of_a_backend_out_here_already_is_kept() -> None:
-    """Review 145: the distributor's scraper taking out a backend that a strike here held out already
-    was ignored, and when that strike was taken back the backend was up here, the scraper's take-out
-    lost (told once). A take-back now undoes nothing after a scrape's take-out; the backend's own
-    back-off stands (review 147: the scrape's, told over it, brought back at the next good scrape a
-    backend failing every request, its back-off's doubling wiped), as one process's scraper takes out
-    only a backend up."""
+def test_a_scrape_take_out_of_a_backend_out_here_already_leaves_its_own_back_off() -> None:
+    """Review 147: the distributor's scraper taking out a backend out here already for its failures
+    overrode its back-off, and the next good scrape brought back a backend failing every request, its
+    back-off's doubling wiped. Its own back-off stands, as one process's scraper takes out only a
+    backend up; the take-out counts as a failure of its own (not `clean`)."""
     import asyncio
 
     from test_proxy import _RecordingAdmission
@@ -669,12 +667,10 @@ def test_a_scrape_take_out_of_a_backend_out_here_already_is_kept() -> None:
                    _RecordingAdmission(), lambda: None)
         pool, now = px.pool, px.loop.time()
         y = pool.backends[0]
-        pool.strike(y, now, "reset")
-        pool.strike(y, now, "reset")
-        struck = pool.strike(y, now, "reset", provisional=True)  # out here (8 s) by a strike a head made
+        for _ in range(3):
+            pool.strike(y, now, "reset")  # out here for 8 s
         px.scrape_health(0, 30.0, "ClientConnectorError: refused")  # the scraper: nothing listens there
-        assert not pool.unstrike(y, struck, now)  # that head's stream ended before any byte
-        assert not pool.up(y, now + 5.0) and y.last_kind == "reset" and y.failures == 1
+        assert not pool.up(y, now + 5.0) and y.last_kind == "reset" and y.failures == 1 and not y.clean
         px.scrape_health(0, 0.0, "")  # the scraper's good scrape: its own back-off still stands
         assert not pool.up(y, now + 5.0) and pool.up(y, now + 8.0) and y.failures == 1
 
