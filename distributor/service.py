@@ -516,7 +516,8 @@ class Distributor:
         if victims or behind:
             ledger.mark_victims(p, victims)  # (its room held: what is free now, and each victim's as it leaves)
             for victim in victims:
-                self._send(victim.shard, Cancel(victim.id, Outcome.EVICTED_DISPLACED))
+                if victim.state != _DONE:  # (not one ended already, its room held: `Ledger.hold_left`)
+                    self._send(victim.shard, Cancel(victim.id, Outcome.EVICTED_DISPLACED))
             if behind:
                 self._held.setdefault((p.band, p.flow), {})[p.id] = p
             else:
@@ -686,13 +687,14 @@ class Distributor:
         if ended:
             self._schedule_plan()
 
-    def _release_left(self, p: Pending) -> None:
-        """An ended request of a silent shard (`_end_on_silent`) is gone from it too: its room goes back."""
-        self.ledger.release_left(p)
+    def _release_left(self, p: Pending) -> Pending | None:
+        """An ended request of a silent shard (`_end_on_silent`) is gone from it too: its room goes back
+        (to a displacing request waiting for it, if any: returned, to retry)."""
         left = self._left_flows
         n = left.pop(p.flow) - 1
         if n:
             left[p.flow] = n
+        return self.ledger.release_left(p)
 
     @staticmethod
     def _audit(p: Pending, outcome: Outcome, wait: float, at: float, decided: int) -> Audit:
@@ -725,8 +727,10 @@ class Distributor:
                 if p.state == _DONE:  # out of the ledger already, its shard silent then (`_end_on_silent`)
                     if outcome == _DISPATCHED:  # (committed before its deadline: its grant is answered)
                         ledger.grant_answered(shard, p.size, 0, p, msg.decided)
-                    self._release_left(p)
+                    newcomer = self._release_left(p)
                     self._finish(p, outcome, msg.wait, True, msg.at, msg.decided, msg.seq)
+                    if newcomer is not None:
+                        self._retry_newcomer(newcomer)
                     continue
                 covered = False
                 if outcome == _DISPATCHED:
@@ -891,8 +895,10 @@ class Distributor:
             if newcomer is not None:
                 self._retry_newcomer(newcomer)
         for p in [p for p in self.pending.values() if p.state == _DONE and p.shard == shard]:  # (`_end_on_silent`:
-            self._release_left(p)  # out of the ledger, its room held till now, its client told)
+            newcomer = self._release_left(p)  # out of the ledger, its room held till now, its client told)
             self._finish(p, Outcome.EVICTED_SHARD_FAILURE, now - p.received, at=now)
+            if newcomer is not None:
+                self._retry_newcomer(newcomer)
         s.restarts += 1
         self.counters["worker_restarts"] += 1
         assert self._loop is not None
@@ -1259,6 +1265,10 @@ class Distributor:
                 s.proc.kill()
         if silent:
             self._end_on_silent(silent, now)
+        ledger = self.ledger
+        if set(silent) != ledger.silent:  # (no grants for a silent shard: `Ledger.plan_grants`; back, it may get some)
+            ledger.silent = frozenset(silent)
+            self._schedule_plan()
         return False
 
     def _flow_busy(self, flow: str) -> bool:
@@ -1322,6 +1332,15 @@ class Distributor:
                 self._send(s.index, Shutdown())
         self._flush()
         await self._await_workers_reports(2.0)
+        # A worker that has not finished reporting is killed now, before what it holds is ended below: one
+        # resuming meanwhile (stopped, or far behind) counted in its cells what is ended here (review 149)
+        behind = [s.proc for s in self.shards if s.link is not None and s.proc is not None]
+        for proc in behind:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        for proc in behind:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1.0)
         for timer in self._parked_ttl.values():
             timer.cancel()
         self._parked_ttl.clear()

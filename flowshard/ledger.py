@@ -411,6 +411,7 @@ class Ledger:
         # JSQ-Bytes need not read the slot's counters (`ShmStats.jsq_pick`, `fresh`). None at one shard.
         self.slot_items: list[int] | None = [0] * config.flow_slots if shards > 1 else None
         self.reserved_items = self.reserved_bytes = 0  # global room held for parked newcomers
+        self.left: dict[int, Pending] = {}  # requests ended while their shard may hold them (`hold_left`)
         self.budget = Budget(limit(config.budget.max_inflight_requests), limit(config.budget.max_inflight_bytes))
         # A dispatched request's ticket was released: the budget's own `release`, bound here rather than
         # wrapped in a method (one call less per request)
@@ -425,6 +426,10 @@ class Ledger:
         # heard from (`heard_from`; inf: none since)
         self.timer: Callable[[], float] | None = None
         self.asked_at = [_INF] * shards
+        # shards the service found silent (no heartbeat for a while: stopped or wedged): behind on their
+        # answers whatever grants they hold (review 149: one holding none got the next grant, and the
+        # budget it held, until it was killed)
+        self.silent: frozenset[int] = frozenset()
         self._heard: set[int] = set()  # shards heard from since the last plan (`heard_from`)
         # per shard, its grants outstanding in the order it answers them: (band, reserve, charge, saturation, unsure)
         self._grants: list[deque[tuple[int, int, float, float, bool]]] = [deque() for _ in range(shards)]
@@ -469,6 +474,16 @@ class Ledger:
         if not band.displacement:
             return None
         victims: list[Pending] = []
+        # First the room held for lower bands' requests already ended (`hold_left`): it frees when their
+        # shard reads again or dies, evicting no one (review 149: counted by no victim, a newcomer was
+        # rejected at a queue full of them, or displaced a live request beside them)
+        for left in reversed(self.left.values()):
+            if need_bytes <= 0 and need_items <= 0:
+                return victims
+            if left.band > p.band and left.displacer is None:
+                victims.append(left)
+                need_bytes -= left.size
+                need_items -= 1
         for lower in reversed(self.bands[p.band + 1 :]):
             for victim in reversed(lower.order.values()):
                 if need_bytes <= 0 and need_items <= 0:
@@ -488,7 +503,8 @@ class Ledger:
         newcomer would be rejected after its victims were evicted for nothing.
         """
         for victim in victims:
-            victim.state = PendingState.DISPLACING
+            if victim.state == PendingState.QUEUED:  # (not one ended already: `hold_left`)
+                victim.state = PendingState.DISPLACING
             victim.displacer = newcomer
         newcomer.victims_left = len(victims)
         free_bytes = self.max_bytes - self.reserved_bytes - self.queued_bytes
@@ -506,11 +522,14 @@ class Ledger:
         all gone, released in turn) no victim points at it and nothing is scanned: one such release
         per held request scanned every lower band's queue (a review: 400 held behind 40,000 queued
         below, 0.56 s in one callback)."""
-        if newcomer.victims_left:  # (each victim that left cleared its pointer: `leave`)
+        if newcomer.victims_left:  # (each victim that left cleared its pointer: `leave`, `release_left`)
             for band in self.bands[newcomer.band + 1 :]:
                 for victim in band.order.values():
                     if victim.displacer is newcomer:
                         victim.displacer = None
+            for victim in self.left.values():
+                if victim.displacer is newcomer:
+                    victim.displacer = None
         newcomer.victims_left = 0
         self._reserve(newcomer, -newcomer.reserved_bytes, -newcomer.reserved_items)
         self._hold_in_band(newcomer, -1)
@@ -523,11 +542,25 @@ class Ledger:
         pending for a limit of 200)."""
         self._reserve(p, p.size, 1)
         self._hold_in_band(p, 1)
+        self.left[p.id] = p
 
-    def release_left(self, p: Pending) -> None:
-        """The room `hold_left` held for `p` goes back: its shard answered for it, or died."""
+    def release_left(self, p: Pending) -> Pending | None:
+        """The room `hold_left` held for `p` goes back: its shard answered for it, or died. Returns a
+        parked newcomer now free to retry, as `leave` does (its room went to it: `check`)."""
+        del self.left[p.id]
         self._reserve(p, -p.reserved_bytes, -p.reserved_items)
         self._hold_in_band(p, -1)
+        newcomer = p.displacer
+        if newcomer is None:
+            return None
+        p.displacer = None
+        newcomer.victims_left -= 1
+        if newcomer.victims_left == 0:  # its room is free: hand it back for the newcomer's own check
+            self._reserve(newcomer, -newcomer.reserved_bytes, -newcomer.reserved_items)
+            self._hold_in_band(newcomer, -1)
+            return newcomer
+        self._reserve(newcomer, p.size, 1)
+        return None
 
     def _hold_in_band(self, newcomer: Pending, sign: int) -> None:
         """Hold (sign 1) or give back (-1) the newcomer's room in its band and flow: it passed their
@@ -791,7 +824,14 @@ class Ledger:
                 if self._grants[shard] and asked_at[shard] == _INF:  # (a review: it never was)
                     asked_at[shard] = now
             self._heard.clear()
-        out = self._plan(now - ANSWER_TIMEOUT)
+        if self.silent:  # (judged behind for this plan: as if asked long ago)
+            self.asked_at = [-_INF if n in self.silent else t for n, t in enumerate(asked_at)]
+            try:
+                out = self._plan(now - ANSWER_TIMEOUT)
+            finally:
+                self.asked_at = asked_at
+        else:
+            out = self._plan(now - ANSWER_TIMEOUT)
         if out:
             for shard in {grant[0] for grant in out}:
                 if asked_at[shard] == _INF:

@@ -1857,3 +1857,25 @@ def test_a_refund_from_before_a_return_moves_the_finish_time_at_most_max_lag_bel
     usage.lag = 5000.0  # (as if it had emptied that far behind the clock)
     ledger.correct(0, 1, -4990.0, "f", 0.0, a.charged)
     assert usage.lag == 9990.0 and usage.finish == start - 1000.0
+
+
+def test_room_held_for_ended_requests_counts_at_the_limit_and_goes_to_a_displacing_request():
+    """`hold_left` (requests ended while their stopped shard still holds them): their room counts at the
+    queue's limit until `release_left`, and a displacing request takes it first, as from victims that
+    evict no one (review 149: counted by no victim, one was rejected at a queue full of them, or
+    displaced a live request beside them); it is retried when the last such room is back."""
+    bands = [{"priority": 2, "name": "hi", "displacement": True}, {"priority": 0, "name": "lo"}]
+    ledger = Ledger(config(bands, max_inflight_requests=None, max_queued_requests=2, max_queued_bytes=None), 2)
+    ended, live = Pending(1, "a", 1, 10), Pending(2, "b", 1, 10)
+    ledger.enqueue(ended, 0)
+    ledger.enqueue(live, 1)
+    ledger.leave(ended)  # ended while shard 0 is silent: out of the queue, its room held
+    ledger.hold_left(ended)
+    assert ledger.queued_items == 1 and ledger.check(Pending(3, "c", 1, 10)) is None  # (the limit holds)
+    newcomer = Pending(4, "h", 0, 10)
+    victims = ledger.check(newcomer)
+    assert victims == [ended]  # the held room, not the live request
+    ledger.mark_victims(newcomer, victims)
+    assert ended.state == PendingState.DONE and live.state == PendingState.QUEUED and newcomer.victims_left == 1
+    assert ledger.release_left(ended) is newcomer  # its shard read again: the room is the newcomer's
+    assert ledger.left == {} and ledger.reserved_items == 0 and ledger.check(newcomer) == []

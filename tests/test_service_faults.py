@@ -369,6 +369,108 @@ def test_requests_ended_on_a_stopped_worker_keep_their_room_until_it_reads(launc
     run(main(), timeout=30)
 
 
+def test_a_silent_worker_gets_no_grant_even_holding_none(launch: Any) -> None:
+    """Review 149: a worker silent for a second (stopped) but holding no grant got the next one for the
+    high request queued there, and the budget of 1 sat in it until the worker was killed (5 s): the
+    low band on the running shard waited, though the high request had been told its TTL passed. A
+    silent worker counts as behind on its answers: no grant goes to it."""
+    svc = launch(shards=2, budget=1, bands=[{"priority": 10}, {"priority": 0}], service={"fast_path": False})
+
+    async def main() -> None:
+        async with Client.connect(svc.host, svc.binary_port) as c:
+            hold = await c.admit("hold")
+            high_request = c.admit("hi", priority=10, size=10, ttl=1.6)
+            s = await svc.until_stats(lambda s: sum(shard_queued(s)) == 1)
+            high = max(range(2), key=lambda i: shard_queued(s)[i])
+            low = c.admit("lo", size=10, ttl=30)
+            s = await svc.until_stats(lambda s: shard_queued(s)[1 - high] == 1)
+            worker = s["shards"][high]["pid"]
+            stopped = time.monotonic()
+            os.kill(worker, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(1.0)  # silent (SHARD_SILENT 0.5 s), and known so
+                assert await c.release(hold.ticket)
+                await asyncio.sleep(0.2)
+                assert [x["grants_outstanding"] for x in (await svc.astats())["shards"]] == [0, 0]
+                assert (await asyncio.wait_for(high_request, 3.0)).outcome is Outcome.EVICTED_TTL
+                r = await asyncio.wait_for(low, 3.0)  # (was: at the worker's kill, 5 s after the stop)
+                assert r.dispatched and time.monotonic() - stopped < 2.6, time.monotonic() - stopped
+                assert await c.release(r.ticket)
+            finally:
+                os.kill(worker, signal.SIGCONT)
+
+    run(main(), timeout=30)
+
+
+def test_a_silent_worker_resuming_during_the_drain_counts_nothing_twice(launch: Any) -> None:
+    """Review 149: a worker silent at the drain that resumed after the distributor had ended what it held
+    (`evicted: shutdown`, or the TTLs it had answered) but before it was killed read the Shutdown and
+    counted the same requests again: the exit line said more than the clients were told. A worker that
+    has not finished reporting is killed before the distributor ends what it holds."""
+    svc = launch(shards=1, budget=1, service={"fast_path": False}, acceptors=2)
+    told: Counter[str] = Counter()
+
+    async def main() -> int:
+        async with Client.connect(svc.host, svc.binary_port) as c:
+            hold = await c.admit("hold")
+            told[hold.outcome.label] += 1
+            short = [c.admit(f"s{i}", size=10, ttl=0.3) for i in range(2)]
+            long = [c.admit(f"l{i}", size=10, ttl=30) for i in range(3)]
+            await svc.until_stats(lambda s: s["totals"]["queued_items"] == 5)
+            worker = (await svc.astats())["shards"][0]["pid"]
+            os.kill(worker, signal.SIGSTOP)
+            for r in await asyncio.wait_for(asyncio.gather(*short), 3.0):  # told ttl by the distributor
+                told[r.outcome.label] += 1
+            assert await c.release(hold.ticket)
+            svc.signal(signal.SIGTERM)
+            for r in await asyncio.wait_for(asyncio.gather(*long), 8.0):
+                told[r.outcome.label] += 1
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGCONT)  # (as the clients have their answers: resumes, or is dead)
+            return worker
+
+    worker = run(main(), timeout=30)
+    assert svc.wait() == 0
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(worker, signal.SIGCONT)
+    line = next(line for line in svc.lines if "outcomes since the start" in line)
+    counted = sorted(line.split(": ", 1)[1].strip().split(", "))
+    assert counted == sorted(f"{k} {v}" for k, v in told.items()), (line, told)
+    assert told == {"dispatched": 1, "evicted:ttl": 2, "evicted:shutdown": 3}
+
+
+def test_a_displacing_request_waits_for_the_room_of_requests_ended_on_a_stopped_worker(launch: Any) -> None:
+    """Review 149: the queue full only of lower-band requests ended (told their TTL passed) on a stopped
+    worker, their room held, a displacing high request was rejected `capacity` (no victim counted that
+    room). It waits for that room, as for victims, and goes once the worker reads again."""
+    svc = launch(shards=1, budget=1, max_queued_requests=2,
+                 bands=[{"priority": 10, "displacement": True}, {"priority": 0}], service={"fast_path": False})
+
+    async def main() -> None:
+        async with Client.connect(svc.host, svc.binary_port) as c:
+            hold = await c.admit("hold")
+            lows = [c.admit(f"lo{i}", size=10, ttl=0.4) for i in range(2)]
+            await svc.until_stats(lambda s: s["totals"]["queued_items"] == 2)
+            worker = (await svc.astats())["shards"][0]["pid"]
+            os.kill(worker, signal.SIGSTOP)
+            try:
+                answers = await asyncio.wait_for(asyncio.gather(*lows), 3.0)
+                assert {r.outcome for r in answers} == {Outcome.EVICTED_TTL}
+                high = c.admit("hi", priority=10, size=10, ttl=10)
+                await asyncio.sleep(0.5)
+                assert not high.done()  # parked on the room they hold (was: rejected `capacity` at once)
+            finally:
+                os.kill(worker, signal.SIGCONT)
+            assert await c.release(hold.ticket)
+            r = await asyncio.wait_for(high, 5.0)
+            assert r.dispatched
+            assert await c.release(r.ticket)
+            s = await svc.until_stats(lambda s: s["totals"]["pending"] == 0)
+            assert band_outcomes(s)["evicted:ttl"] == 2 and band_outcomes(s).get("evicted:displaced", 0) == 0
+
+    run(main(), timeout=30)
+
+
 def test_a_stopped_worker_does_not_take_the_other_shards_budget(launch: Any) -> None:
     """A worker stopped (SIGSTOP) answers no grant until the watchdog kills it (5 s). Once it has
     answered none for `ledger.ANSWER_TIMEOUT` it gets no more: the flows on the other shards keep the
