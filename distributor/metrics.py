@@ -551,6 +551,10 @@ def stats_snapshot(distributor: Distributor, top_flows: int = TOP_FLOWS) -> dict
         "totals": {
             "queued_items": ledger.queued_items,
             "queued_bytes": ledger.queued_bytes,
+            # room held within the queue limits but queued by none: for displacing requests waiting for
+            # their victims, and for requests a stopped shard still holds after they were ended
+            "held_items": ledger.reserved_items,
+            "held_bytes": ledger.reserved_bytes,
             "max_queued_requests": _limit(ledger.max_items),
             "max_queued_bytes": _limit(ledger.max_bytes),
             "inflight": budget.inflight,

@@ -276,14 +276,15 @@ def test_requests_queued_on_a_stopped_worker_are_answered_at_their_ttl(launch: A
             assert not lasting.done() and isinstance(left.exception(), ConnectionClosed)
             # they leave the ledger, and so does the one whose client left: only the one without a TTL holds
             # room (the stopped worker still has them all, and drops them when it reads again)
-            await svc.until_stats(lambda s: s["totals"]["queued_items"] == 1, timeout=2.0)
+            s = await svc.until_stats(lambda s: s["totals"]["queued_items"] == 1, timeout=2.0)
+            assert s["totals"]["held_items"] == 5 and s["totals"]["held_bytes"] == 50  # (their room: held)
             r = await asyncio.wait_for(lasting, HEARTBEAT_STALE + 5)  # the watchdog kills the worker
             assert r.outcome is Outcome.EVICTED_SHARD_FAILURE
             s = await svc.until_stats(lambda s: s["shards"][0]["ready"] and s["shards"][0]["pid"] != worker)
             outcomes = band_outcomes(s)
             assert outcomes["evicted:ttl"] == 4 and outcomes["evicted:cancelled"] == 1, outcomes
             assert outcomes["evicted:shard_failure"] == 1, outcomes
-            assert s["totals"]["queued_items"] == 0
+            assert s["totals"]["queued_items"] == 0 and s["totals"]["held_items"] == 0
             assert await c.release(hold.ticket)
 
     run(main(), timeout=HEARTBEAT_STALE + 20)
