@@ -550,12 +550,18 @@ class Ledger:
         del self.left[p.id]
         self._reserve(p, -p.reserved_bytes, -p.reserved_items)
         self._hold_in_band(p, -1)
+        return self._victim_gone(p)
+
+    def _victim_gone(self, p: Pending) -> Pending | None:
+        """`p`'s room is free: if a parked newcomer waits for it (its displacer), it is the newcomer's;
+        the newcomer, once its last victim is gone, is returned to retry (its room handed back for its
+        own check)."""
         newcomer = p.displacer
         if newcomer is None:
             return None
         p.displacer = None
         newcomer.victims_left -= 1
-        if newcomer.victims_left == 0:  # its room is free: hand it back for the newcomer's own check
+        if newcomer.victims_left == 0:
             self._reserve(newcomer, -newcomer.reserved_bytes, -newcomer.reserved_items)
             self._hold_in_band(newcomer, -1)
             return newcomer
@@ -785,16 +791,9 @@ class Ledger:
             rise = band.uncovered(shard) - before
             if rise > 0:  # (usually none: a dispatch on its own grant uncovers nothing)
                 self._rose(band, rise)
-        newcomer = p.displacer
-        if newcomer is not None:
-            p.displacer = None
-            newcomer.victims_left -= 1
-            if newcomer.victims_left == 0:  # its room is free: hand it back for the newcomer's own check
-                self._reserve(newcomer, -newcomer.reserved_bytes, -newcomer.reserved_items)
-                self._hold_in_band(newcomer, -1)
-                return newcomer
-            self._reserve(newcomer, p.size, 1)
-        return None
+        if p.displacer is None:  # (the common case, without a call: once per request)
+            return None
+        return self._victim_gone(p)
 
     # ------------------------------------------------------------------ grants
 
