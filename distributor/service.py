@@ -648,13 +648,15 @@ class Distributor:
         no cancel: their queued requests whose TTL has passed are answered `evicted: ttl` here, as the
         shard would have, and those whose client left (`cancel`) end here (review 143: a 1 s TTL ended
         at 5.2 s, `shard_failure`, when the shard was killed, and meanwhile their band held every lower
-        band back on every shard, as a cancelled one's did). Each leaves the ledger now (its room, and
-        its band's claim on strict priority, go back) though its shard still holds it: the shard's
+        band back on every shard, as a cancelled one's did). Each leaves the ledger now (its band's claim
+        on strict priority goes) though its shard still holds it, so its room stays held (`Ledger.
+        hold_left`: review 146, the queue refilled at each tick) and its flow's slot kept: the shard's
         engine evicts an expired one as it reads again, never dispatching it, and one whose cancel it
-        reads; its answer then ends the request here quietly (`on_worker_frames`, its state DONE); a
-        restart ends it (`on_worker_lost`). It is counted as its client was told, or would have been
-        (`_told`). Only a dispatch the shard committed before the deadline or the cancel and reported
-        after it (stopped in between) reaches nobody then: released at once (`dispatches_unclaimed`)."""
+        reads; its answer then ends the request here quietly and frees its room (`on_worker_frames`,
+        its state DONE); a restart or the drain does (`on_worker_lost`, `close`). It is counted as its
+        client was told, or would have been (`_told`). Only a dispatch the shard committed before the
+        deadline or the cancel and reported after it (stopped in between) reaches nobody then:
+        released at once (`dispatches_unclaimed`)."""
         if not any(band.shard_items[s] for band in self.ledger.bands for s in silent):
             return  # (nothing queued there: no scan of every request pending)
         default = self.config.default_ttl
