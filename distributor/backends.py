@@ -84,8 +84,9 @@ class Backend:
         # the last-up rule (`BackendPool.strike`)
         self.proven = True
         self.clean = True  # no failure since its last whole answer: a retry ranks it first (`BackendPool.pick`)
-        # its failures shown its own so far (in a row, at once, struck; or a scrape's take-out), not those
-        # that wait for another backend's answer (suspects): what `BackendPool.forgive` judges by
+        # its failures so far, of every kind (suspects too, strikes, a scrape's take-out): what
+        # `BackendPool.forgive` judges by (review 151: another request's failure waiting for its answer
+        # must not be forgiven with a request that failed everywhere)
         self.changes = 0
 
 
@@ -175,8 +176,8 @@ class BackendPool:
         client's retries of one request that every backend reset took the pool out)."""
         self._count(backend, kind, detail)
         backend.clean = False
+        backend.changes += 1
         if kind in FAIL_AT_ONCE:
-            backend.changes += 1
             self._take_out(backend, now, kind)
         elif in_a_row:
             self.strike(backend, now, kind)
@@ -209,8 +210,9 @@ class BackendPool:
     def forgive(self, backend: Backend, was_clean: bool, changes: int) -> None:
         """A request failed on every backend it tried (no other answered it): likely its own doing, so
         its failure here does not rank the backend after the others on a retry (`clean` as it was, if
-        no failure of its own came since; review 145: a poison request's failures sent retries to a
-        hung backend rather than to one that answers)."""
+        no other failure came there since, another request's included, which may be the backend's
+        own: review 151; review 145: a poison request's failures sent retries to a hung backend rather
+        than to one that answers). Overlapping such requests leave it not clean: the safe side."""
         if backend.changes == changes:
             backend.clean = backend.clean or was_clean
 

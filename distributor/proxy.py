@@ -332,8 +332,10 @@ class BackendReport:
             self._schedule()
 
     def health_changed(self) -> None:
-        """The pool took a backend out or back with no request of its own (the distributor's scraper
-        said so): report it, or the distributor keeps it out until the old back-off ends (a review)."""
+        """The pool took a backend out or back outside its requests' own events (the distributor's
+        scraper said so, or a strike made at another backend's head): report it in this pass, or the
+        distributor keeps it out until the old back-off ends (a review), or hears of it only at the
+        answering request's end (review 147)."""
         self._schedule()
 
     def _schedule(self) -> None:

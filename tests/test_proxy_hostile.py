@@ -430,6 +430,13 @@ def test_a_request_failing_on_every_backend_leaves_them_clean_for_retries() -> N
     pool.strike(a, 0.3, "reset")
     pool.forgive(a, was, mark)
     assert not a.clean
+    pool.completed(a)
+    was = a.clean  # review 151: another request's failure there, still waiting for its answer elsewhere,
+    pool.failed(a, 0.4, "http_500", "HTTP 500", in_a_row=False)  # is not forgiven with this one's
+    mark = a.changes
+    pool.failed(a, 0.4, "http_500", "HTTP 500", in_a_row=False)
+    pool.forgive(a, was, mark)
+    assert not a.clean
 
 
 def test_a_stream_past_read_timeout_before_its_first_bytes_keeps_the_strikes_its_head_made() -> None:
