@@ -1335,7 +1335,8 @@ class Distributor:
         self._flush()
         await self._await_workers_reports(2.0)
         # A worker that has not finished reporting is killed now, before what it holds is ended below: one
-        # resuming meanwhile (stopped, or far behind) counted in its cells what is ended here (review 149)
+        # resuming meanwhile (stopped) counted in its cells what is ended here (review 149). (One merely busy
+        # evicting a very large queue, silent past SHUTDOWN_SILENCE, has counted some already: review 150)
         behind = [s.proc for s in self.shards if s.link is not None and s.proc is not None]
         for proc in behind:
             with contextlib.suppress(ProcessLookupError):

@@ -1877,5 +1877,11 @@ def test_room_held_for_ended_requests_counts_at_the_limit_and_goes_to_a_displaci
     assert victims == [ended]  # the held room, not the live request
     ledger.mark_victims(newcomer, victims)
     assert ended.state == PendingState.DONE and live.state == PendingState.QUEUED and newcomer.victims_left == 1
+    assert ledger.left_untaken == [{}, {}]  # (taken: a later newcomer does not look at it again, review 150)
+    second = Pending(5, "h2", 0, 10)
+    assert ledger.check(second) == [live]
+    ledger.abandon(newcomer)  # (gave up: the room is untaken again)
+    assert ledger.left_untaken[1] == {1: ended} and ended.displacer is None
+    ledger.mark_victims(newcomer, ledger.check(newcomer) or [])
     assert ledger.release_left(ended) is newcomer  # its shard read again: the room is the newcomer's
     assert ledger.left == {} and ledger.reserved_items == 0 and ledger.check(newcomer) == []

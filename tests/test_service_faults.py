@@ -403,6 +403,37 @@ def test_a_silent_worker_gets_no_grant_even_holding_none(launch: Any) -> None:
     run(main(), timeout=30)
 
 
+def test_a_silent_lone_worker_gets_no_grant_and_the_idle_fast_path_goes_on(launch: Any) -> None:
+    """Review 150: at one shard the silent-worker rule did not apply: a budget freed while the one worker
+    was stopped went to it as a grant, and a high request the idle fast path could have dispatched
+    (nothing queued at its band) queued there until the watchdog. No grant goes to a silent worker at
+    one shard either: the budget stays free."""
+    svc = launch(shards=1, budget=1, bands=[{"priority": 10}, {"priority": 0}])
+
+    async def main() -> None:
+        async with Client.connect(svc.host, svc.binary_port) as c:
+            hold = await c.admit("hold")  # (the idle fast path: the budget of 1)
+            low = c.admit("lo", size=10, ttl=30)
+            s = await svc.until_stats(lambda s: s["totals"]["queued_items"] == 1)
+            worker = s["shards"][0]["pid"]
+            os.kill(worker, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(1.0)  # silent (SHARD_SILENT 0.5 s)
+                assert await c.release(hold.ticket)
+                await asyncio.sleep(0.3)
+                assert [x["grants_outstanding"] for x in (await svc.astats())["shards"]] == [0]
+                high = await asyncio.wait_for(c.admit("hi", priority=10, size=10, ttl=30), 0.5)
+                assert high.dispatched  # (was: queued on the stopped worker, `shard_failure` at its kill)
+                assert await c.release(high.ticket)
+            finally:
+                os.kill(worker, signal.SIGCONT)
+            r = await asyncio.wait_for(low, 5.0)
+            assert r.dispatched
+            assert await c.release(r.ticket)
+
+    run(main(), timeout=30)
+
+
 def test_a_silent_worker_resuming_during_the_drain_counts_nothing_twice(launch: Any) -> None:
     """Review 149: a worker silent at the drain that resumed after the distributor had ended what it held
     (`evicted: shutdown`, or the TTLs it had answered) but before it was killed read the Shutdown and
