@@ -1201,13 +1201,15 @@ class Proxy:
         conn.slot_write(slot, _response_head(resp.status, headers, ex.conn_hdr, _CHUNKED) if ex.chunked
                         else _response_head(resp.status, headers, _CONN_CLOSE, b""))
         stats = self.stats
-        ended = False
+        ended = finished = False
         data = first
         try:
             while data or (data := await resp.content.readany()):  # (`iter_any`, after the first bytes)
                 out, data = relay.feed(data), b""
                 if out:
                     stats.chunks += 1
+                    if not finished:  # (a choice's end: a stream ending after it without [DONE] is whole)
+                        finished = b'"finish_reason":"' in out or b'"finish_reason": "' in out
                     done = done_end(out)  # OpenAI's end of stream, wherever it falls in this read (a review:
                     # followed by another event in the same read, or ended by CRLF or CRs, it was not seen,
                     # and the client waited for read_timeout)
@@ -1247,6 +1249,15 @@ class Proxy:
             return False
         self._backend_done(ex)
         if not ended:  # (ended at [DONE]: settled and answered there)
+            if resp.status == 200 and not finished:
+                # ended cleanly, but before its [DONE] and before any choice's finish_reason: cut short
+                # (review 152: relayed as a whole answer, 2 tokens of 5, no error, and the backend,
+                # failing fast, took the most requests); a failure of the backend's, as a cut is
+                stats.midstream_failures += 1
+                self.pool.failed(backend, self.loop.time(), "midstream", "the stream ended before [DONE]")
+                self._end_stream_with_error(ex, f"flowshard: backend {backend.name} ended the stream before "
+                                            "[DONE]; the response is incomplete", "server_error", "backend_failed")
+                return False
             rest = relay.end()
             if resp.status == 200:
                 self._settle_usage(ex, backend, relay.usage)

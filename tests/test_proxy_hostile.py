@@ -484,6 +484,35 @@ def test_a_stream_past_read_timeout_before_its_first_bytes_keeps_the_strikes_its
     run(go(), timeout=30.0)
 
 
+def test_a_stream_ended_before_done_and_any_finish_reason_is_an_incomplete_answer() -> None:
+    """Review 152: a stream the backend ended cleanly partway (2 tokens of 5, no finish_reason, no [DONE])
+    reached the client as a whole answer, with no error, the backend counted sound (and, failing
+    fast, it took the most requests). It ends with an error event now, a mid-stream failure of the
+    backend's; a stream whose choice finished (its finish_reason) is whole without [DONE] too."""
+    token = b'data: {"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":null}]}\n\n'
+    last = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+
+    async def one(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(_post(stream=True))
+        got = await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), 5.0)  # (the chunked end)
+        writer.close()
+        return got
+
+    async def go() -> None:
+        async with rig([("POST", "/v1/chat/completions", sse_stream(token * 2))]) as r:
+            got = await one(r.port)
+            assert b"backend_failed" in got and got.count(b'"content":"x"') == 2, got
+            b = r.proxy.pool.backends[0]
+            assert b.errors == {"midstream": 1} and r.proxy.stats.midstream_failures == 1
+        async with rig([("POST", "/v1/chat/completions", sse_stream(token * 2 + last))]) as r:
+            got = await one(r.port)
+            assert b"backend_failed" not in got and b'"finish_reason":"stop"' in got, got
+            assert r.proxy.pool.backends[0].errors == {}
+
+    run(go(), timeout=30.0)
+
+
 def test_with_more_failing_backends_than_tries_the_requests_go_to_the_one_answering() -> None:
     """Three backends of four answer 500 at once, the fourth answers after 0.1 s, `retries = 2`: each
     try went to a failing one (the fewest in flight), 81 % of the requests got a 500 and the failures
