@@ -1201,15 +1201,15 @@ class Proxy:
         conn.slot_write(slot, _response_head(resp.status, headers, ex.conn_hdr, _CHUNKED) if ex.chunked
                         else _response_head(resp.status, headers, _CONN_CLOSE, b""))
         stats = self.stats
-        ended = finished = False
-        data = first
+        ended = False
+        before_last = last = b""  # (the last two reads passed on: a stream ended without [DONE] is whole if
+        data = first  # a choice's finish_reason is there, the last read perhaps the usage's alone)
         try:
             while data or (data := await resp.content.readany()):  # (`iter_any`, after the first bytes)
                 out, data = relay.feed(data), b""
                 if out:
                     stats.chunks += 1
-                    if not finished:  # (a choice's end: a stream ending after it without [DONE] is whole)
-                        finished = b'"finish_reason":"' in out or b'"finish_reason": "' in out
+                    before_last, last = last, out
                     done = done_end(out)  # OpenAI's end of stream, wherever it falls in this read (a review:
                     # followed by another event in the same read, or ended by CRLF or CRs, it was not seen,
                     # and the client waited for read_timeout)
@@ -1249,7 +1249,8 @@ class Proxy:
             return False
         self._backend_done(ex)
         if not ended:  # (ended at [DONE]: settled and answered there)
-            if resp.status == 200 and not finished:
+            if resp.status == 200 and not any(b'"finish_reason":"' in x or b'"finish_reason": "' in x
+                                              for x in (before_last, last)):
                 # ended cleanly, but before its [DONE] and before any choice's finish_reason: cut short
                 # (review 152: relayed as a whole answer, 2 tokens of 5, no error, and the backend,
                 # failing fast, took the most requests); a failure of the backend's, as a cut is
