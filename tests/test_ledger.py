@@ -1885,3 +1885,19 @@ def test_room_held_for_ended_requests_counts_at_the_limit_and_goes_to_a_displaci
     ledger.mark_victims(newcomer, ledger.check(newcomer) or [])
     assert ledger.release_left(ended) is newcomer  # its shard read again: the room is the newcomer's
     assert ledger.left == {} and ledger.reserved_items == 0 and ledger.check(newcomer) == []
+
+
+def test_a_silent_shard_gets_no_grant_until_a_frame_of_its_is_read():
+    """`Ledger.silent` (the service's: no heartbeat for a while): such a shard is planned no grant, even
+    holding none, until a frame of its is read (review 150: until the service's next tick, 0.25 s, its
+    work and every lower band's waited with budget free) or it dies."""
+    ledger = Ledger(config([{"priority": 0}], max_inflight_requests=4, max_queued_requests=None,
+                           max_queued_bytes=None), 2)
+    ledger.timer = lambda: 100.0
+    ledger.enqueue(Pending(1, "a", 0, 10), 0)
+    ledger.silent = frozenset({0, 1})
+    assert ledger.plan_grants() == []
+    ledger.heard_from(0)  # (it runs)
+    assert ledger.silent == {1} and [g[0] for g in ledger.plan_grants()] == [0]
+    ledger.shard_failed(1)
+    assert ledger.silent == frozenset()
