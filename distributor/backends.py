@@ -2,14 +2,14 @@
 
 flowshard is not an endpoint picker, but the proxy must send each request somewhere: the healthy
 backend with the fewest requests in flight (ties round robin), one with room by the utilization
-detector first; a retry goes first to one that has not failed since its last whole answer. Health is passive: a
-backend that cannot be connected to is taken out for `backoff` seconds, doubling per take-out in a
-row up to `max_backoff`; one that had the request and failed it only at the third such failure in a
-row shown to be its own (a stream cut short, a timeout; a reset, not HTTP or a 5xx once another
-backend answered that request: `Proxy.forward`); an answer
-brings it back. The scraper reads every backend's Prometheus metrics each `scrape_interval` into the
-core's `PoolUtilization` and calls `on_room` when the pool's saturation fell, so held work is granted
-at once rather than at the next release.
+detector first; a retry goes first to one that has not failed since its last whole answer. Health
+is passive: a backend that cannot be connected to is taken out for `backoff` seconds, doubling per
+take-out in a row up to `max_backoff`; one that had the request and failed it only at the third
+such failure in a row shown to be its own (a stream cut short, a timeout; a reset, not HTTP or a
+5xx once another backend answered that request: `Proxy.forward`); an answer brings it back. The
+scraper reads every backend's Prometheus metrics each `scrape_interval` into the core's
+`PoolUtilization` and calls `on_room` when the pool's saturation fell, so held work is granted at
+once rather than at the next release.
 """
 
 from __future__ import annotations
@@ -175,8 +175,7 @@ class BackendPool:
         the request, which shows the failure was this backend's, not the request's (a review: a
         client's retries of one request that every backend reset took the pool out)."""
         self._count(backend, kind, detail)
-        backend.clean = False
-        backend.changes += 1
+        self.mark_failed(backend)
         if kind in FAIL_AT_ONCE:
             self._take_out(backend, now, kind)
         elif in_a_row:
@@ -190,8 +189,7 @@ class BackendPool:
         slower than `read_timeout`, retried by its client, took a lone backend out). Whether it took the
         backend out."""
         backend.error_answers += 1
-        backend.changes += 1
-        backend.clean = False  # (review 148: a request failing everywhere must not `forgive` it this one)
+        self.mark_failed(backend)  # (review 148: a request failing everywhere must not `forgive` it this one)
         peers = self.peers_out(now) if self.peers_until is not None else frozenset()
         if backend.error_answers >= ERROR_ANSWERS_TO_FAIL and any(
                 b is not backend and b.down_until <= now and b.proven and b.index not in peers for b in self.backends):
@@ -201,9 +199,10 @@ class BackendPool:
         return False
 
     @staticmethod
-    def scraped_out(backend: Backend) -> None:
-        """The distributor's scraper took it out (in an acceptor, `Proxy.scrape_health`, even where it was
-        out already): a failure of its own, as one process's scraper counts it (`failed`)."""
+    def mark_failed(backend: Backend) -> None:
+        """A failure there (`failed`, `strike`; in an acceptor the distributor's scraper's take-out,
+        `Proxy.scrape_health`, even where it was out already): a retry ranks it after the others until
+        its next whole answer, and `forgive` sees that something happened there."""
         backend.changes += 1
         backend.clean = False
 

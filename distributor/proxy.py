@@ -647,7 +647,7 @@ class Proxy:
         b = self.pool.backends[index]
         now = self.loop.time()
         if down_for > 0:
-            self.pool.scraped_out(b)  # (a failure of its own, as in one process: `forgive`)
+            self.pool.mark_failed(b)  # (a failure of its own, as one process's scraper counts it: `failed`)
             if self.pool.up(b, now):  # (out here already: its own back-off stands, as one process's scraper takes
                 b.down_until = now + down_for  # out only a backend up; review 147: the scrape's, told
                 b.last_kind = "scrape"  # over it, brought back one failing every request at the next good scrape)
@@ -1241,11 +1241,8 @@ class Proxy:
             self._backend_done(ex)
             if ended:  # after [DONE]: the client had its whole answer, and the backend did not fail it
                 return True
-            stats.midstream_failures += 1
-            self.pool.failed(backend, self.loop.time(), "midstream", f"{type(exc).__name__}: {exc}")
-            self._end_stream_with_error(ex, f"flowshard: backend {backend.name} failed mid-stream "
-                                        f"({type(exc).__name__}); the response is incomplete", "server_error",
-                                        "backend_failed")
+            self._failed_midstream(ex, backend, f"{type(exc).__name__}: {exc}",
+                                   f"failed mid-stream ({type(exc).__name__})")
             return False
         self._backend_done(ex)
         if not ended:  # (ended at [DONE]: settled and answered there)
@@ -1254,16 +1251,21 @@ class Proxy:
                 # ended cleanly, but before its [DONE] and before any choice's finish_reason: cut short
                 # (review 152: relayed as a whole answer, 2 tokens of 5, no error, and the backend,
                 # failing fast, took the most requests); a failure of the backend's, as a cut is
-                stats.midstream_failures += 1
-                self.pool.failed(backend, self.loop.time(), "midstream", "the stream ended before [DONE]")
-                self._end_stream_with_error(ex, f"flowshard: backend {backend.name} ended the stream before "
-                                            "[DONE]; the response is incomplete", "server_error", "backend_failed")
+                self._failed_midstream(ex, backend, "the stream ended before [DONE]", "ended the stream before [DONE]")
                 return False
             rest = relay.end()
             if resp.status == 200:
                 self._settle_usage(ex, backend, relay.usage)
             ex.end_stream(rest)
         return True
+
+    def _failed_midstream(self, ex: Exchange, backend: Backend, detail: str, what: str) -> None:
+        """The backend failed a stream after its first bytes reached the client (`what` it did): counted
+        as its failure (`midstream`), and the client's stream ends with an error event."""
+        self.stats.midstream_failures += 1
+        self.pool.failed(backend, self.loop.time(), "midstream", detail)
+        self._end_stream_with_error(ex, f"flowshard: backend {backend.name} {what}; the response is incomplete",
+                                    "server_error", "backend_failed")
 
     def _end_stream_with_error(self, ex: Exchange, message: str, type_: str, code: str, *,
                                close: bool = False) -> None:
