@@ -13,6 +13,7 @@ Two ways to drive dispatch:
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Callable
@@ -341,13 +342,21 @@ class Engine:
             heapq.heappop(heap)
         return heap[0][0] if heap else _INF
 
-    def shutdown(self, now: float, outcome: Outcome = Outcome.EVICTED_SHUTDOWN) -> int:
-        """Stop admitting (later submits are rejected `shutting_down`) and evict everything queued."""
+    def shutdown(self, now: float, outcome: Outcome = Outcome.EVICTED_SHUTDOWN, at_most: int | None = None) -> int:
+        """Stop admitting (later submits are rejected `shutting_down`) and evict what is queued: all of
+        it, or at most `at_most` items (the oldest admitted first), so that a caller with a very large
+        queue can report it in parts. Returns how many were evicted."""
         self.shutting_down = True
-        items = list(self._items.values())
+        values = self._items.values()
+        items = list(values if at_most is None else itertools.islice(values, at_most))
         for item in items:
             self._remove(item, outcome, now)
         return len(items)
+
+    @property
+    def holds(self) -> int:
+        """How many requests are queued here, in every band."""
+        return len(self._items)
 
     def collect_garbage(self, now: float) -> int:
         """Forget flows that have held nothing for `flow_gc_timeout` seconds, and the longest idle beyond

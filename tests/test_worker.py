@@ -10,24 +10,46 @@ from typing import Any
 
 from conftest import make_config
 
-from flowshard.codec import BatchReader, BatchWriter, Cancel, Done, Enqueue, FromWorker, Grant, GrantBack, ToWorker
+from flowshard.codec import (
+    BatchReader,
+    BatchWriter,
+    Cancel,
+    Done,
+    Enqueue,
+    FromWorker,
+    Grant,
+    GrantBack,
+    Shutdown,
+    ToWorker,
+)
 from flowshard.engine import Engine
 from flowshard.shm import ShmLayout, ShmStats
 from flowshard.stats import N_WAIT_BUCKETS
 from flowshard.types import N_OUTCOMES, Outcome
-from workers.worker import ShardWorker
+from workers.worker import EVICT_CHUNK, EVICT_PAUSE, ShardWorker
 
 
 class FakeTransport:
     def __init__(self) -> None:
         self.reader = BatchReader(FromWorker)
         self.got: list[Any] = []
+        self.writes: list[int] = []  # how many frames each write carried
+        self.closed_after = -1  # the number of writes before the close
+        self.buffered = 0  # what `get_write_buffer_size` says
 
     def write(self, data: bytes) -> None:
-        self.got += self.reader.feed(data)
+        read = self.reader.feed(data)
+        self.writes.append(len(read))
+        self.got += read
 
     def close(self) -> None:
-        pass
+        self.closed_after = len(self.writes)
+
+    def is_closing(self) -> bool:
+        return self.closed_after >= 0
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
 
 
 def frames(*messages: Any) -> bytes:
@@ -242,3 +264,54 @@ def test_frames_in_range_keep_the_worker_running() -> None:
         assert not transport.aborted and not worker.finished.done()
 
     asyncio.run(main())
+
+
+def test_a_large_queue_is_evicted_at_shutdown_in_parts_each_written_before_the_next() -> None:
+    """At `Shutdown` a worker evicts `EVICT_CHUNK` requests per loop pass and writes each part's `Done`
+    frames before it takes the next, closing its link after the last. Evicted in one go, a very large
+    queue (180,000) kept it from writing for longer than the distributor's `SHUTDOWN_SILENCE`: taken as
+    stuck, it was killed and the distributor ended its requests again, its cells having counted them
+    already (review 150: the exit line counted 330,209 for 180,000). A part waits while the link has
+    not taken the last one; every request is evicted once and counted once."""
+    async def main() -> None:
+        worker, t, stats = await _worker(1)
+        n = 2 * EVICT_CHUNK + 7
+        worker.data_received(frames(*[_enqueue(i, 1) for i in range(1, n + 1)]))
+        t.got.clear()
+        t.writes.clear()
+        worker.data_received(frames(Shutdown()))
+        assert t.writes == [EVICT_CHUNK] and t.closed_after < 0  # the first part, written; the link open
+        t.buffered = 100  # the link is behind: no part taken meanwhile
+        await asyncio.sleep(EVICT_PAUSE * 5)
+        assert t.writes == [EVICT_CHUNK] and worker.engine.holds == n - EVICT_CHUNK
+        t.buffered = 0
+        await until_closed(t)
+        assert t.writes == [EVICT_CHUNK, EVICT_CHUNK, 7] and t.closed_after == 3
+        assert sorted(m.id for m in t.got) == list(range(1, n + 1))
+        assert {m.outcome for m in t.got} == {int(Outcome.EVICTED_SHUTDOWN)}
+        assert int(stats.outcomes[:, :, Outcome.EVICTED_SHUTDOWN].sum()) == n and not worker.slots
+
+    asyncio.run(main())
+
+
+def test_a_shutdown_with_little_queued_closes_the_link_in_the_same_pass() -> None:
+    """The control: what fits one part is evicted and written at once, and the link closed in the next
+    loop pass, as nothing is left."""
+    async def main() -> None:
+        worker, t, _ = await _worker(1)
+        worker.data_received(frames(*[_enqueue(i, 1) for i in (1, 2, 3)]))
+        t.got.clear()
+        worker.data_received(frames(Shutdown()))
+        assert [m.id for m in t.got] == [1, 2, 3] and t.writes[-1] == 3
+        await asyncio.sleep(0)
+        assert t.is_closing() and len(t.writes) == t.closed_after
+
+    asyncio.run(main())
+
+
+async def until_closed(t: FakeTransport) -> None:
+    for _ in range(1000):
+        if t.is_closing():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"not closed: {t.writes}")

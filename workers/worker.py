@@ -49,6 +49,8 @@ from flowshard.types import Outcome, Request
 log = logging.getLogger(__name__)
 _DISPATCHED = Outcome.DISPATCHED
 HEARTBEAT_INTERVAL = 0.1
+EVICT_CHUNK = 2000  # requests evicted per loop pass at shutdown (a few ms of work: `_evict_rest`)
+EVICT_PAUSE = 0.001  # s: the wait for the link to take the last part's frames
 GC_INTERVAL = 5.0
 
 
@@ -78,6 +80,7 @@ class ShardWorker(asyncio.Protocol):
         self._decided = 0  # the dispatch _grant is reporting: when it was committed (ns)
         self._beat: asyncio.TimerHandle | None = None
         self._closing = False
+        self._evicting: asyncio.Handle | None = None  # the next part of the eviction at shutdown
         self._stopped = False
         self._n_slots = stats.layout.flow_slots
         self._n_bands = len(engine.bands)
@@ -130,7 +133,7 @@ class ShardWorker(asyncio.Protocol):
                     self._closing = True
                     now = time.monotonic()
                     engine.expire(now)  # (past their TTL, in this read or before: `ttl`, as the distributor
-                    engine.shutdown(now)  # may have told their clients already: review 146)
+                    engine.shutdown(now, at_most=EVICT_CHUNK)  # may have told their clients already: review 146)
                 if engine.outbox:
                     self._drain()
         except (FrameError, ValueError):  # (ValueError: a Cancel's outcome that is none)
@@ -142,8 +145,8 @@ class ShardWorker(asyncio.Protocol):
             stats.end_write(self.shard)
         self._flush()
         if self._closing:
-            assert self.transport is not None
-            self.transport.close()
+            if self._evicting is None:  # (not while a part is scheduled: one chain of parts)
+                self._evicting = self.loop.call_soon(self._evict_rest)
         else:
             self._arm_timer()
 
@@ -197,6 +200,37 @@ class ShardWorker(asyncio.Protocol):
     def _flush(self) -> None:
         if self.writer and self.transport is not None:
             self.transport.write(self.writer.take())
+
+    def _evict_rest(self) -> None:
+        """After `Shutdown`: evict what is still queued, `EVICT_CHUNK` requests per loop pass, each part
+        counted and written before the next is taken, then close the link. The distributor takes a
+        worker that writes nothing for `SHUTDOWN_SILENCE` as stuck and kills it, ending what it held
+        itself: evicted in one go, a very large queue (180,000) kept this one silent past that while
+        its cells counted what it evicted, so the exit line counted those twice (review 150). A part
+        waits for the last one's frames to leave this process (`get_write_buffer_size`): killed
+        then, only the part in progress could be counted twice."""
+        self._evicting = None
+        transport = self.transport
+        if self._stopped or transport is None or transport.is_closing():
+            return
+        if transport.get_write_buffer_size():  # the link is behind: the part written waits for it
+            self._evicting = self.loop.call_later(EVICT_PAUSE, self._evict_rest)
+            return
+        if not self.engine.holds:
+            transport.close()
+            return
+        try:
+            self.stats.begin_write(self.shard)
+            try:
+                self.engine.shutdown(time.monotonic(), at_most=EVICT_CHUNK)
+                self._drain()
+            finally:
+                self.stats.end_write(self.shard)
+        except Exception:
+            self._fail_stop("evicting at shutdown")
+            return
+        self._flush()
+        self._evicting = self.loop.call_soon(self._evict_rest)
 
     def _arm_timer(self) -> None:
         """Keep one timer at the earliest TTL deadline, so expiries are reported promptly."""
@@ -258,10 +292,10 @@ class ShardWorker(asyncio.Protocol):
         """Cancel the timers before shared memory is closed: the loop still runs callbacks that are
         due while it shuts down, and one touching closed shared memory would raise."""
         self._stopped = True
-        for handle in (self._beat, self._timer):
+        for handle in (self._beat, self._timer, self._evicting):
             if handle is not None:
                 handle.cancel()
-        self._beat = self._timer = None
+        self._beat = self._timer = self._evicting = None
         self._timer_at = math.inf
 
 
