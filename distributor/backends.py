@@ -65,7 +65,7 @@ class Backend:
 
     __slots__ = (
         "changes", "clean", "down_until", "error_answers", "errors", "failures", "index", "inflight", "last_error",
-        "last_kind", "name", "proven", "requests", "url",
+        "last_kind", "name", "probe_after", "probing", "proven", "requests", "url",
     )
 
     def __init__(self, index: int, url: str) -> None:
@@ -88,6 +88,10 @@ class Backend:
         # `BackendPool.forgive` judges by (review 151: another request's failure waiting for its answer
         # must not be forgiven with a request that failed everywhere)
         self.changes = 0
+        # (the detector off) while every backend is out, a request may try it no sooner than this, and
+        # not while another does (`BackendPool.probe`)
+        self.probe_after = -math.inf
+        self.probing = False
 
 
 class BackendPool:
@@ -97,6 +101,7 @@ class BackendPool:
         self.backends = [Backend(i, url) for i, url in enumerate(urls)]
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self.probes = False  # while every backend is out, a request tries one now and then (`probe`)
         self._rr = 0
         # (an acceptor's pool) until when the other acceptors keep each backend out (`peers_out`); None:
         # they keep none out
@@ -164,6 +169,35 @@ class BackendPool:
     def any_up(self, now: float, exclude: frozenset[int] | set[int] = frozenset()) -> bool:
         return any(b.down_until <= now and b.index not in exclude for b in self.backends)
 
+    def probe(self, now: float, exclude: frozenset[int] | set[int] = frozenset()) -> Backend | None:
+        """(`probes`: the detector off, so no scrape brings a backend back) While no backend is up, the
+        one out that comes back first, if no request tried it in the last `backoff` seconds (nor since
+        it was taken out) and none is trying it now; it is tried (`probing` until the try ends). Its
+        back-off, doubled at each take-out in a row, outlasted the outage: nothing brought the pool
+        back before it ended (review 152: both backends back after an 18 s outage, 13 s more of 503
+        `no_backend`). A failure to connect while it is out adds nothing to its back-off (`_take_out`);
+        an answer brings it back. At most one request per backend per `backoff` seconds tries a pool
+        still down, and waits for the connection at most `connect_timeout`."""
+        if not self.probes:
+            return None
+        best: Backend | None = None
+        for b in self.backends:
+            if b.down_until <= now:
+                return None  # (one is up: no probing)
+            if b.probing or b.probe_after > now or b.index in exclude:
+                continue
+            if best is None or b.down_until < best.down_until:
+                best = b
+        if best is not None:
+            best.probing = True
+            best.probe_after = now + self.backoff
+        return best
+
+    def probe_ready(self, now: float) -> bool:
+        """Whether `probe` would give a backend now (without taking it)."""
+        return self.probes and all(b.down_until > now for b in self.backends) and any(
+            not b.probing and b.probe_after <= now for b in self.backends)
+
     def failed(self, backend: Backend, now: float, kind: str, detail: str, in_a_row: bool = True) -> None:
         """Counted; taken out for its back-off (doubling per failure in a row) at once where nothing was
         sent (`FAIL_AT_ONCE`), else at the `ERROR_ANSWERS_TO_FAIL`-th failure in a row of requests it
@@ -223,6 +257,7 @@ class BackendPool:
         backend.failures += 1
         backend.last_kind = kind
         backend.down_until = now + min(self.max_backoff, self.backoff * 2 ** min(backend.failures - 1, 30))
+        backend.probe_after = now + self.backoff
         return True
 
     @staticmethod
@@ -252,7 +287,9 @@ class BackendPool:
         backend.clean = True
 
     def next_up(self, now: float) -> float:
-        """Seconds until the first backend is back (0 if one is up now)."""
+        """Seconds until the first backend is back, or may be tried (`probe`); 0 if one is up now."""
+        if self.probes:
+            return max(0.0, min(min(b.down_until, b.probe_after) for b in self.backends) - now)
         return max(0.0, min(b.down_until for b in self.backends) - now)
 
 

@@ -516,6 +516,7 @@ class Proxy:
         self.admission = admission
         self.default_priority = config.default_band.priority
         self.pool = BackendPool(self.pc.backends, self.pc.backoff, self.pc.max_backoff)
+        self.pool.probes = not self.pc.utilization  # (with it, a good scrape brings a backend back)
         self.report_to = report
         if report is not None:
             report.pool = self.pool
@@ -899,7 +900,8 @@ class Proxy:
                                                    exc.param, conn_hdr))
             return
         now = self.loop.time()
-        if not self.pool.any_up(now):  # every backend is failing: say so now, not after waiting a TTL
+        if not self.pool.any_up(now) and not self.pool.probe_ready(now):  # every backend is failing: say so
+            # now, not after waiting a TTL
             self.stats.response(route, 503)
             self.stats.no_backend += 1
             conn.slot_respond(slot, error_response(503, "flowshard: no backend is available (all failed recently)",
@@ -958,6 +960,9 @@ class Proxy:
             stale = self._stale() if tried else None  # (a retry ranks a backend with stale metrics last)
             backend = (self.pool.pick(now, tried, full, peers, advance=not tried, stale=stale)
                        or self.pool.pick(now, full=full, shun=peers, advance=False, stale=stale))
+            probe = backend is None and self.pool.probes
+            if probe:
+                backend = self.pool.probe(now, tried)  # (none up: one out, now and then)
             if backend is None:
                 if attempt < pc.retries:
                     attempt += 1
@@ -972,12 +977,17 @@ class Proxy:
             # the last try: no retry left, or no other backend up (then the client gets this one's answer)
             # (out in the others: not counted here, unless this one is too: then it is as good as they are)
             others = self.pool.any_up(now, tried | peers if peers and backend.index not in peers else tried)
-            last = attempt >= pc.retries or not others
+            # (a probe's failure is answered as no backend up: 503 `no_backend`, after any retry left)
+            last = not probe and (attempt >= pc.retries or not others)
             # (its only try, no retry left while others are up: nothing will show whose failure it is;
             # judged at once: a review, with `retries = 0` none was ever out. Not a request that failed
             # before: the last of its tries would be struck, a review, with more backends than tries)
             judge = last and others and len(tried) == 1
-            answered = await self._attempt(ex, backend, method, headers, last, suspects, judge=judge)
+            try:
+                answered = await self._attempt(ex, backend, method, headers, last, suspects, judge=judge)
+            finally:
+                if probe:
+                    backend.probing = False
             if answered is not None:
                 if not answered and suspects and suspects[-1][0] is backend:  # it failed everywhere it went:
                     for failed, _, was_clean, changes in suspects:  # likely its own doing (review 145)

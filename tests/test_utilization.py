@@ -600,6 +600,37 @@ def test_picker_fewest_in_flight_ties_round_robin_and_passive_health_backoff() -
     assert pool.pick(0.5, exclude={0}) is None
 
 
+def test_while_every_backend_is_out_one_is_probed_once_per_backoff_and_not_twice_at_once() -> None:
+    """(The detector off) while no backend is up, `probe` gives the one back first, no sooner than
+    `backoff` after its take-out or its last probe, never one being probed; a failure to connect while
+    it is out doubles nothing; with one up there is no probing; with `probes` off (the detector on,
+    whose scrapes bring a backend back) never."""
+    pool = BackendPool(["http://a", "http://b"], backoff=1.0, max_backoff=30.0)
+    a, b = pool.backends
+    pool.failed(a, 0.0, "connect", "")
+    assert pool.probe(0.5) is None  # probes off
+    pool.probes = True
+    assert pool.probe(0.5) is None and not pool.probe_ready(0.5)  # b is up
+    for t in (1.0, 3.0, 7.0):  # a's back-off doubling as each ended: 2, 4, 8 s (out until 15.0)
+        pool.failed(a, t, "connect", "")
+    for t in (0.5, 1.5, 3.5, 7.5):  # b's: 1, 2, 4, 8 s (out until 15.5)
+        pool.failed(b, t, "connect", "")
+    assert (a.down_until, b.down_until, a.failures) == (15.0, 15.5, 4)
+    assert not pool.probe_ready(7.9) and pool.probe(7.9) is None  # none sooner than `backoff` after its take-out
+    assert pool.next_up(7.9) == pytest.approx(0.1)  # (a try may come then: Retry-After, the retry's sleep)
+    assert pool.probe_ready(8.0) and pool.probe(8.0) is a and a.probing
+    assert pool.probe(8.5) is b  # (a is being tried)
+    assert pool.probe(8.6) is None and not pool.probe_ready(8.6)
+    pool.failed(a, 8.7, "connect", "")  # its try failed: out as it was, nothing doubled
+    a.probing = False
+    assert (a.down_until, a.failures) == (15.0, 4)
+    assert pool.probe(8.8) is None  # tried at 8.0: not before 9.0
+    assert pool.probe(9.0, exclude={0}) is None and pool.probe(9.0) is a
+    a.probing = False
+    pool.answered(a)  # it answered: back
+    assert pool.pick(9.1) is a and pool.probe(9.1) is None and not pool.probe_ready(9.1)
+
+
 def test_acceptors_pickers_start_their_round_robins_apart() -> None:
     """Review 131: each acceptor's picker breaks ties by its own round robin, and starting alike they
     stepped in lockstep: two clients on two acceptors, each with one request at a time, went to the
