@@ -65,7 +65,7 @@ class Backend:
 
     __slots__ = (
         "changes", "clean", "down_until", "error_answers", "errors", "failures", "index", "inflight", "last_error",
-        "last_kind", "name", "probe_after", "probing", "proven", "requests", "url",
+        "last_kind", "name", "probe_after", "probing", "proven", "requests", "suspected", "url",
     )
 
     def __init__(self, index: int, url: str) -> None:
@@ -92,6 +92,9 @@ class Backend:
         # not while another does (`BackendPool.probe`)
         self.probe_after = -math.inf
         self.probing = False
+        # requests it failed whose streams on other backends have a head and not yet their first bytes
+        # (`Proxy._attempt`): struck at those, or not if those fail too; meanwhile picked last
+        self.suspected = 0
 
 
 class BackendPool:
@@ -138,7 +141,9 @@ class BackendPool:
         traffic, or whose metrics were stale, got half the requests while another sat idle); one in
         `shun` (out in the other acceptors: `peers_out`) only when every other healthy one is too, in
         the same pass (review 138: a second pass moved the round robin by two, and with an even count
-        the same one won every tie). `advance` False (a request's retry): the round robin is not moved,
+        the same one won every tie). A backend `suspected` (a stream's head came elsewhere for a request
+        it failed, its first bytes not yet) goes only when no other is up, first tries too. `advance`
+        False (a request's retry): the round robin is not moved,
         a request takes one turn (review 140: each retry took one more, and with two backends a
         failing one won the first try of 9 requests in 10). A retry ranks each backend that failed a
         request since its last whole answer (not `clean`) after the others, before room and in-flight
@@ -154,14 +159,15 @@ class BackendPool:
         if advance:  # (by one per request, whatever it picks: set to the one picked, the acceptors' pickers
             self._rr = (self._rr + 1) % n  # fell into lockstep after any round all picked alike: review 142)
         best: Backend | None = None
-        best_key = (True, True, True, True)  # (shunned, stale on a retry, failed lately on a retry, full)
+        # (shunned, suspected, stale on a retry, failed lately on a retry, full)
+        best_key = (True, True, True, True, True)
         retry = not advance
         for k in range(n):
             b = backends[(self._rr + k) % n]
             if b.down_until > now or b.index in exclude:
                 continue
-            key = (b.index in shun, retry and stale is not None and stale(b.index), retry and not b.clean,
-                   full is not None and full(b.index))
+            key = (b.index in shun, b.suspected > 0, retry and stale is not None and stale(b.index),
+                   retry and not b.clean, full is not None and full(b.index))
             if best is None or key < best_key or (key == best_key and b.inflight < best.inflight):
                 best, best_key = b, key
         return best

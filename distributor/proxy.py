@@ -1043,14 +1043,20 @@ class Proxy:
                 # one; nor at a stream's first bytes: review 137, 19 of 20 went to one during a 2 s
                 # prefill, and review 140 as many for failures after a head; so a request whose stream
                 # every backend ends before any byte strikes all it tried but the last: left, review 148)
-                now = self.loop.time()
-                took_out = False
-                for failed, kind, _, _ in suspects:
-                    if failed is not backend:
-                        took_out = self.pool.strike(failed, now, kind) or took_out
+                # A stream's head says less: until its first bytes the answering backend may fail too
+                # (review 152: a request whose stream every backend ends after its head took 3 of 4
+                # healthy backends out, striking each it tried but the last). Its suspects are struck
+                # at its first bytes (or when they do not come within `read_timeout`); meanwhile each
+                # is `suspected`, so no request is sent there while another backend is up (review 137:
+                # unstruck, a backend resetting everything took 19 of 20 during another's 2 s prefill);
+                # and if this stream fails before its first bytes too, they are suspects again, with it.
+                held = [sus for sus in suspects if sus[0] is not backend] if stream else []
+                if stream:
+                    for sus in held:
+                        sus[0].suspected += 1
+                else:
+                    self._strike(suspects, backend)
                 suspects.clear()
-                if took_out and self.report_to is not None:
-                    self.report_to.health_changed()  # (now: review 147, else at this request's end)
                 if stream:
                     # A stream's head is held until its first bytes: a backend fails a long prefill after
                     # sending it (vLLM sends it at once), and until the first bytes nothing has reached
@@ -1062,7 +1068,15 @@ class Proxy:
                             raise aiohttp.ClientPayloadError("the stream ended before its first bytes")
                     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                         resp.close()
+                        if isinstance(exc, aiohttp.SocketTimeoutError):  # (it answered; no retry follows)
+                            self._strike(self._unsuspect(held), backend)
+                        else:
+                            suspects.extend(self._unsuspect(held))
                         return self._failed_before_answer(ex, backend, exc, last, suspects, judge)
+                    except BaseException:  # (the client left, the drain ended: judged by nothing)
+                        self._unsuspect(held)
+                        raise
+                    self._strike(self._unsuspect(held), backend)
                 self.pool.answered(backend, proves=counted)
             if stream:
                 whole = await self._relay_stream(ex, backend, resp, first)
@@ -1110,6 +1124,24 @@ class Proxy:
                                 "server_error", code)
             return False
         return None
+
+    def _strike(self, suspects: list[Suspect], answering: Backend) -> None:
+        """`answering` answered the request: its failures before, on other backends, were theirs."""
+        now = self.loop.time()
+        took_out = False
+        for failed, kind, _, _ in suspects:
+            if failed is not answering:
+                took_out = self.pool.strike(failed, now, kind) or took_out
+        if took_out and self.report_to is not None:
+            self.report_to.health_changed()  # (now: review 147, else at this request's end)
+
+    @staticmethod
+    def _unsuspect(held: list[Suspect]) -> list[Suspect]:
+        """The suspects held at a stream's head, judged now (struck, or suspects again): no longer
+        `suspected` for it."""
+        for sus in held:
+            sus[0].suspected -= 1
+        return held
 
     def _suspect(self, backend: Backend, kind: str, detail: str, suspects: list[Suspect],
                  judge: bool = False) -> None:

@@ -316,6 +316,34 @@ def test_the_failures_before_a_streams_answer_are_struck_at_its_head_not_its_fir
     assert band_outcomes(settled(svc))["dispatched"] == 12
 
 
+@pytest.mark.parametrize("fault", [{"die_after": 0}, {"end_after": 0}])
+def test_a_request_whose_stream_every_backend_ends_after_its_head_takes_none_out(
+    launch: Any, fake_backend: Any, fault: dict[str, Any]
+) -> None:
+    """Review 152: a request whose stream every backend ends after its head, before any byte (one that
+    crashes the prefill, say), retried by its client with no other traffic between, took 3 of 4
+    healthy backends out: each answering head struck the backends the request had failed on before,
+    and the answering one then failed too. Those strikes wait for the answering stream's first bytes
+    now: a request failing everywhere strikes none. The control: a backend that fails while another
+    answers whole is struck, and out at its third (in `test_the_failures_before_a_streams_answer_...`)."""
+    fakes = [fake_backend(ttft=0.001, itl=0.001) for _ in range(3)]
+    svc = launch(proxy_config([f.url for f in fakes], proxy={"retries": 2, "backoff": 30.0}, budget=4))
+    _streams_served_whole(svc, 3)
+    c = client(svc)
+    for _ in range(4):  # the client's tries of the poison request, nothing else between them
+        for f in fakes:
+            f.configure(**fault)
+        with pytest.raises(openai.APIStatusError) as exc:
+            list(c.chat.completions.create(model="m", messages=MSG, max_tokens=3, stream=True))
+        assert exc.value.status_code == 502
+        for f in fakes:
+            f.configure(die_after=-1, end_after=-1)
+    backends = settled(svc)["proxy"]["backends"]
+    assert [b["up"] for b in backends] == [True] * 3, backends
+    assert sum(sum(b["errors"].values()) for b in backends) == 12  # (each failure counted)
+    _streams_served_whole(svc, 3)
+
+
 def test_failover_to_a_healthy_backend_and_an_error_when_none_is_up(launch: Any, fake_backend: Any) -> None:
     bad = fake_backend(status=503)
     good = fake_backend(ttft=0.001, itl=0.001)

@@ -484,6 +484,70 @@ def test_a_stream_past_read_timeout_before_its_first_bytes_keeps_the_strikes_its
     run(go(), timeout=30.0)
 
 
+@pytest.mark.parametrize("then", ["first_bytes", "ended", "client_left"])
+def test_the_backends_a_stream_head_suspects_are_picked_last_until_its_first_bytes_judge_them(then: str) -> None:
+    """Review 152: the backends a request failed on before are struck at the answering stream's first
+    bytes, not its head (that stream may fail too: a request failing everywhere struck all but its
+    last backend). Between the head and the first bytes each is `suspected`: picked only when no other
+    backend is up (review 137: else a backend failing everything fast took the requests meanwhile).
+    Then: struck at the first bytes; suspects again, and forgiven with the request, if the stream ends
+    before them; left as they were if the client leaves. `suspected` is back to 0 every way."""
+    go_on = asyncio.Event()
+
+    async def fails(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.Response(status=500)
+
+    async def prefills(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)  # the head at once, as vLLM
+        await go_on.wait()
+        if then == "ended":
+            return resp  # ended before any byte
+        await resp.write(b'data: {"choices": [{"delta": {"content": "x"}, "finish_reason": "stop"}]}\n\n'
+                         b"data: [DONE]\n\n")
+        return resp
+
+    async def go() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            urls = [await stack.enter_async_context(backend([("POST", "/v1/chat/completions", handler)]))
+                    for handler in (prefills, fails)]
+            r = await stack.enter_async_context(proxying(urls, retries=1, backoff=30.0))
+            pool = r.proxy.pool
+            good, bad = pool.backends
+            pool._rr = 0  # (the first try goes to the next one round: bad)
+            reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+            post = _post(stream=True)
+            if then != "client_left":  # (read to its end; a client that leaves does not say so)
+                post = post.replace(b"host: x\r\n", b"host: x\r\nconnection: close\r\n")
+            writer.write(post)
+            deadline = time.monotonic() + 5
+            while not bad.suspected:
+                assert time.monotonic() < deadline, (bad.errors, good.requests)
+                await asyncio.sleep(0.005)
+            assert bad.errors == {"http_500": 1} and bad.error_answers == 0
+            now = r.proxy.loop.time()
+            assert all(pool.pick(now) is good for _ in range(4))  # (bad would win every other tie)
+            if then == "client_left":
+                next(iter(r.proxy.active)).client_gone()  # (what the front does when its client goes)
+                while r.proxy.active:
+                    await asyncio.sleep(0.005)
+                writer.close()
+            else:
+                go_on.set()
+                answer = await asyncio.wait_for(reader.read(), 10.0)
+                writer.close()
+                assert answer.startswith(b"HTTP/1.1 200" if then == "first_bytes" else b"HTTP/1.1 502"), answer
+            assert bad.suspected == 0 and good.suspected == 0
+            assert bad.error_answers == (1 if then == "first_bytes" else 0)
+            assert bad.clean == (then == "ended")  # (failed everywhere: forgiven; left: not judged)
+            assert pool.pick(r.proxy.loop.time()) is bad or pool.pick(r.proxy.loop.time()) is bad
+            go_on.set()  # (the backend's handler ends: its server can close)
+
+    run(go(), timeout=30.0)
+
+
 def test_a_stream_ended_before_done_and_any_finish_reason_is_an_incomplete_answer() -> None:
     """Review 152: a stream the backend ended cleanly partway (2 tokens of 5, no finish_reason, no [DONE])
     reached the client as a whole answer, with no error, the backend counted sound (and, failing
