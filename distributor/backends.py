@@ -65,7 +65,7 @@ class Backend:
 
     __slots__ = (
         "changes", "clean", "down_until", "error_answers", "errors", "failures", "index", "inflight", "last_error",
-        "last_kind", "name", "probe_after", "probing", "proven", "requests", "suspected", "url",
+        "last_kind", "name", "probe_after", "prober", "proven", "requests", "suspected", "url",
     )
 
     def __init__(self, index: int, url: str) -> None:
@@ -89,9 +89,9 @@ class Backend:
         # must not be forgiven with a request that failed everywhere)
         self.changes = 0
         # (the detector off) while every backend is out, a request may try it no sooner than this, and
-        # not while another does (`BackendPool.probe`)
+        # not while another does: the one trying it, until it answers or the try ends (`BackendPool.probe`)
         self.probe_after = -math.inf
-        self.probing = False
+        self.prober: object | None = None
         # requests it failed whose streams on other backends have a head and not yet their first bytes
         # (`Proxy._attempt`): struck at those, or not if those fail too; meanwhile picked last
         self.suspected = 0
@@ -175,10 +175,12 @@ class BackendPool:
     def any_up(self, now: float, exclude: frozenset[int] | set[int] = frozenset()) -> bool:
         return any(b.down_until <= now and b.index not in exclude for b in self.backends)
 
-    def probe(self, now: float, exclude: frozenset[int] | set[int] = frozenset()) -> Backend | None:
+    def probe(self, now: float, exclude: frozenset[int] | set[int] = frozenset(),
+              by: object = True) -> Backend | None:
         """(`probes`: the detector off, so no scrape brings a backend back) While no backend is up, the
         one out that comes back first, if no request tried it in the last `backoff` seconds (nor since
-        it was taken out) and none is trying it now; it is tried (`probing` until the try ends). Its
+        it was taken out) and none is trying it now; it is tried by `by` (its `prober` until it answers,
+        `answered`, or the try ends: the caller's `unprobe`). Its
         back-off, doubled at each take-out in a row, outlasted the outage: nothing brought the pool
         back before it ended (review 152: both backends back after an 18 s outage, 13 s more of 503
         `no_backend`). A failure to connect while it is out adds nothing to its back-off (`_take_out`);
@@ -190,19 +192,25 @@ class BackendPool:
         for b in self.backends:
             if b.down_until <= now:
                 return None  # (one is up: no probing)
-            if b.probing or b.probe_after > now or b.index in exclude:
+            if b.prober is not None or b.probe_after > now or b.index in exclude:
                 continue
             if best is None or b.down_until < best.down_until:
                 best = b
         if best is not None:
-            best.probing = True
+            best.prober = by
             best.probe_after = now + self.backoff
         return best
+
+    @staticmethod
+    def unprobe(backend: Backend, by: object) -> None:
+        """`by`'s try of `backend` ended (if it is still the one trying it)."""
+        if backend.prober is by:
+            backend.prober = None
 
     def probe_ready(self, now: float) -> bool:
         """Whether `probe` would give a backend now (without taking it)."""
         return self.probes and all(b.down_until > now for b in self.backends) and any(
-            not b.probing and b.probe_after <= now for b in self.backends)
+            b.prober is None and b.probe_after <= now for b in self.backends)
 
     def failed(self, backend: Backend, now: float, kind: str, detail: str, in_a_row: bool = True) -> None:
         """Counted; taken out for its back-off (doubling per failure in a row) at once where nothing was
@@ -281,6 +289,8 @@ class BackendPool:
         in rotation, and (`proves`: an admitted request's head, not a passed-through GET's, a review)
         up for the last-up rule."""
         backend.down_until = -math.inf
+        backend.prober = None  # (back: a probe of it, if one it was, is over; review 156: held for its answer's
+        # length, a take-out during a long stream could not be probed until it ended)
         if proves:
             backend.proven = True
 
@@ -293,9 +303,12 @@ class BackendPool:
         backend.clean = True
 
     def next_up(self, now: float) -> float:
-        """Seconds until the first backend is back, or may be tried (`probe`); 0 if one is up now."""
+        """Seconds until the first backend is back, or may be tried (`probe`; not one being tried: review
+        156, its `probe_after` passed during a try longer than `backoff`, a request's retries waited 0 s
+        each and `Retry-After` said 1); 0 if one is up now."""
         if self.probes:
-            return max(0.0, min(min(b.down_until, b.probe_after) for b in self.backends) - now)
+            return max(0.0, min(b.down_until if b.prober is not None else min(b.down_until, b.probe_after)
+                                for b in self.backends) - now)
         return max(0.0, min(b.down_until for b in self.backends) - now)
 
 

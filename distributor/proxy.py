@@ -916,6 +916,11 @@ class Proxy:
         exchange.rid = self.admission.admit(exchange, slot, item.flow, item.priority, item.size, 0.0, item.slo,
                                             item.tokens, 0.0, False, proxied=True)
 
+    def _no_backend(self, ex: Exchange) -> None:
+        self.stats.no_backend += 1
+        self._respond_error(ex, 503, "flowshard: no backend is available (all failed recently)",
+                            "service_unavailable", "no_backend", extra=self._retry_after(self.loop.time()))
+
     def _retry_after(self, now: float) -> bytes:
         """A `no_backend` answer's `Retry-After`: until the first backend is back (at least 1 s; a review:
         after the retries it was always 1)."""
@@ -960,18 +965,17 @@ class Proxy:
             stale = self._stale() if tried else None  # (a retry ranks a backend with stale metrics last)
             backend = (self.pool.pick(now, tried, full, peers, advance=not tried, stale=stale)
                        or self.pool.pick(now, full=full, shun=peers, advance=False, stale=stale))
-            probe = backend is None and self.pool.probes
+            # (none up: one out, now and then; a try as any other, within `retries`: review 156)
+            probe = backend is None and self.pool.probes and attempt <= pc.retries
             if probe:
-                backend = self.pool.probe(now, tried)  # (none up: one out, now and then)
+                backend = self.pool.probe(now, tried, ex)
             if backend is None:
                 if attempt < pc.retries:
                     attempt += 1
                     self.stats.retries += 1
                     await asyncio.sleep(min(self.pool.next_up(loop.time()), 0.05 * 2**attempt))
                     continue
-                self.stats.no_backend += 1
-                self._respond_error(ex, 503, "flowshard: no backend is available (all failed recently)",
-                                    "service_unavailable", "no_backend", extra=self._retry_after(loop.time()))
+                self._no_backend(ex)
                 return
             tried.add(backend.index)
             # the last try: no retry left, or no other backend up (then the client gets this one's answer)
@@ -987,7 +991,10 @@ class Proxy:
                 answered = await self._attempt(ex, backend, method, headers, last, suspects, judge=judge)
             finally:
                 if probe:
-                    backend.probing = False
+                    self.pool.unprobe(backend, ex)
+            if answered is None and probe and attempt >= pc.retries:  # its last try, a probe: none is up
+                self._no_backend(ex)
+                answered = False
             if answered is not None:
                 if not answered and suspects and suspects[-1][0] is backend:  # it failed everywhere it went:
                     for failed, _, was_clean, changes in suspects:  # likely its own doing (review 145)

@@ -1702,3 +1702,37 @@ def test_a_pool_back_from_an_outage_is_tried_before_its_back_offs_end(
         assert time.monotonic() - back < 1.2, "the pool is back, its back-offs are not"
         time.sleep(0.02)
     settled(svc)
+
+
+def test_a_probe_is_a_try_within_retries(launch: Any, fake_backend: Any) -> None:
+    """Review 156: after a failed probe the request went on to probe the next backend out, whatever
+    `retries` said: with `retries = 0` one request reached both backends (each answering 500), and
+    with backends that hang on the connection a client waited `connect_timeout` per backend. A probe
+    is one of the request's tries: with `retries = 0`, its only one, its failure answered 503
+    `no_backend`."""
+    ports = [_free_port(), _free_port()]
+    fakes = [fake_backend(port=p, ttft=0.001, itl=0.001) for p in ports]
+    proxy = {"retries": 0, "backoff": 0.2, "max_backoff": 10.0}
+    svc = launch(proxy_config([f.url for f in fakes], proxy=proxy, budget=4))
+    api = client(svc)
+
+    def ask(marker: str = "") -> str:
+        try:
+            api.chat.completions.create(model="m", messages=MSG, max_tokens=1,
+                                        extra_query={"marker": marker} if marker else None)
+            return "ok"
+        except openai.APIStatusError as exc:
+            return str(exc.body["code"])  # type: ignore[index]
+
+    assert ask() == "ok"
+    for fake in fakes:
+        fake.stop()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 2.0:  # both out, their back-offs doubled past 0.8 s
+        ask()
+        time.sleep(0.02)
+    back = [fake_backend(port=p, ttft=0.001, itl=0.001, status=500) for p in ports]  # up, answering 500
+    time.sleep(0.3)  # past `backoff` since the last probe or take-out of each: both may be probed
+    assert ask("the-one") == "no_backend"
+    tried = [sum("the-one" in path for path in f.stats()["post_paths"]) for f in back]
+    assert sum(tried) == 1, tried

@@ -618,17 +618,22 @@ def test_while_every_backend_is_out_one_is_probed_once_per_backoff_and_not_twice
     assert (a.down_until, b.down_until, a.failures) == (15.0, 15.5, 4)
     assert not pool.probe_ready(7.9) and pool.probe(7.9) is None  # none sooner than `backoff` after its take-out
     assert pool.next_up(7.9) == pytest.approx(0.1)  # (a try may come then: Retry-After, the retry's sleep)
-    assert pool.probe_ready(8.0) and pool.probe(8.0) is a and a.probing
-    assert pool.probe(8.5) is b  # (a is being tried)
+    assert pool.probe_ready(8.0) and pool.probe(8.0, by="r1") is a and a.prober == "r1"
+    assert pool.probe(8.5, by="r2") is b  # (a is being tried)
     assert pool.probe(8.6) is None and not pool.probe_ready(8.6)
+    assert pool.next_up(9.5) == pytest.approx(5.5)  # (review 156: not 0 for those being tried; a: 15.0)
     pool.failed(a, 8.7, "connect", "")  # its try failed: out as it was, nothing doubled
-    a.probing = False
-    assert (a.down_until, a.failures) == (15.0, 4)
+    pool.unprobe(a, "r2")  # (not its prober: nothing)
+    assert a.prober == "r1"
+    pool.unprobe(a, "r1")
+    assert (a.down_until, a.failures, a.prober) == (15.0, 4, None)
     assert pool.probe(8.8) is None  # tried at 8.0: not before 9.0
-    assert pool.probe(9.0, exclude={0}) is None and pool.probe(9.0) is a
-    a.probing = False
-    pool.answered(a)  # it answered: back
-    assert pool.pick(9.1) is a and pool.probe(9.1) is None and not pool.probe_ready(9.1)
+    assert pool.probe(9.0, exclude={0}) is None and pool.probe(9.0, by="r3") is a
+    pool.answered(a)  # it answered: back, and no longer being probed (review 156: held for its whole answer)
+    assert a.prober is None and pool.pick(9.1) is a and pool.probe(9.1) is None and not pool.probe_ready(9.1)
+    pool.unprobe(a, "r3")  # (its answer ended: nothing)
+    pool.failed(a, 9.5, "connect", "")  # out again during it: probed again after `backoff`
+    assert pool.probe(10.5) is a
 
 
 def test_acceptors_pickers_start_their_round_robins_apart() -> None:
