@@ -33,7 +33,7 @@ import os
 import signal
 import sys
 from collections import deque
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 import uvloop
@@ -59,6 +59,21 @@ class FakeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     end_after: int = -1  # >= 0: end a streamed response cleanly (no [DONE]) after that many tokens
     metrics_status: int = 0  # non-zero: answer /metrics with this status
 
+
+# what each of `FakeConfig`'s switches does, for `--help` (review 154: it listed them bare)
+_HELP: Final = {
+    "model": "the model name it serves",
+    "ttft": "seconds from the start of generation to the first token",
+    "itl": "seconds between tokens",
+    "tokens": "output tokens when a request sets no max_tokens",
+    "max_running": "the batch: requests generating at once; the rest wait in a queue",
+    "kv_tokens": "the KV cache's size in tokens (vllm:kv_cache_usage_perc)",
+    "status": "non-zero: answer every inference request with this HTTP status (e.g. 503)",
+    "refuse": "drop every inference request's connection without an answer",
+    "die_after": ">= 0: drop a streamed response's connection after that many tokens",
+    "end_after": ">= 0: end a streamed response cleanly, without [DONE], after that many tokens",
+    "metrics_status": "non-zero: answer /metrics with this HTTP status",
+}
 
 _encode = msgspec.json.encode
 _decode = msgspec.json.decode
@@ -337,9 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(defaults, name)
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
-            parser.add_argument(flag, action="store_true", default=value)
+            parser.add_argument(flag, action="store_true", default=value, help=_HELP[name])
         else:
-            parser.add_argument(flag, type=type(value), default=value)
+            parser.add_argument(flag, type=type(value), default=value, help=f"{_HELP[name]} (default: {value})")
     args = parser.parse_args(argv)
     config = FakeConfig(**{name: getattr(args, name) for name in FakeConfig.__struct_fields__})
     uvloop.run(serve(config, args.host, args.port))

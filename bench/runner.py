@@ -103,13 +103,17 @@ def _speaks_http(conn: socket.socket, deadline: float) -> str:
     while b"\r\n\r\n" not in got and len(got) < 65536 and (chunk := _recv(conn, deadline)):
         got += chunk
     if _BINARY_PORT_SAYS in got:  # (flowshard's binary port answers an HTTP request so, in HTTP)
-        return "is flowshard's binary port (it says so): flowshard's HTTP port is 8080 by default"
+        return f"is flowshard's binary port (it says so): {_HTTP_PORT_HINT}"
     if got.startswith(b"HTTP/1."):
         return ""
     if not got:
-        return "closed the connection without an answer: is it flowshard's HTTP port (8080 by default)?"
-    return (f"does not answer HTTP (it answered {got[:40]!r}): its binary port? flowshard's HTTP port is 8080 "
-            "by default")
+        return f"closed the connection without an answer: is it flowshard's HTTP port? {_HTTP_PORT_HINT}"
+    return f"does not answer HTTP (it answered {got[:40]!r}): its binary port? {_HTTP_PORT_HINT}"
+
+
+# (review 154: it said 8080 by default, where with `--target` alone the HTTP port taken is PORT-1)
+_HTTP_PORT_HINT = ("flowshard's HTTP port (8080 by default, beside binary 8081) is taken as the binary port "
+                   "minus 1 unless --http-target names it")
 
 
 def die_with_parent() -> None:
