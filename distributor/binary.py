@@ -116,7 +116,7 @@ class BinaryHub:
     """State shared by the connections of one server; called, it makes a connection's protocol
     (a server's factory, or an acceptor's for the connections handed to it)."""
 
-    __slots__ = ("admission", "connections", "guards", "limits", "loop", "on_close", "on_lost")
+    __slots__ = ("admission", "connections", "guards", "limits", "live", "loop", "on_close", "on_lost")
 
     def __init__(
         self, admission: Admission, limits: BinaryLimits, loop: asyncio.AbstractEventLoop, guards: Guards
@@ -130,17 +130,35 @@ class BinaryHub:
         # connections against the limits: distributor.front)
         self.on_close: Callable[[BinaryConnection], None] | None = None
         self.on_lost: Callable[[BinaryConnection], None] | None = None  # its socket is closed (acceptors)
+        self.live: set[BinaryConnection] = set()  # every connection whose socket is open (`stop_reading`)
 
     def __call__(self, verdict: int = CONN_CHECK) -> BinaryConnection:
         return BinaryConnection(self, verdict)
 
+    def transports(self) -> list[asyncio.Transport]:
+        """The open connections' transports (`sockets.let_answers_leave`)."""
+        return [conn._transport for conn in self.live if conn._transport is not None]
+
+    def stop_reading(self) -> None:
+        """The service stopped (`Admission.reading` is False): every connection reads again, paused or
+        not, and drops what it reads, so that its close at the exit is a FIN after its answers.
+        Input left unread makes the close a reset, which throws away the answers its kernel still
+        holds (review 155: a client reading its 20,000 answers slowly sent one admission as the drain
+        ended, while its reading was paused behind them, and lost 7,000-13,000 of them)."""
+        for conn in self.live:
+            conn._reading()
+
 
 async def start_binary_server(
     admission: Admission, host: str, port: int, limits: BinaryLimits | None = None, guards: Guards | None = None,
+    hubs: list[Any] | None = None,
 ) -> asyncio.Server:
-    """Listen for binary-protocol clients (port 0: any free port, see `server.sockets`)."""
+    """Listen for binary-protocol clients (port 0: any free port, see `server.sockets`); the server's
+    hub is added to `hubs` (the service stops their reading at its exit: `BinaryHub.stop_reading`)."""
     loop = asyncio.get_running_loop()
     hub = BinaryHub(admission, limits or BinaryLimits(), loop, guards if guards is not None else Guards())
+    if hubs is not None:
+        hubs.append(hub)
     return await loop.create_server(hub, host, port, backlog=LISTEN_BACKLOG)
 
 
@@ -202,6 +220,7 @@ class BinaryConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         hub = self._hub
+        hub.live.add(self)
         verdict = self._verdict or connection_verdict(hub.connections, 0, hub.limits.max_connections, 0)
         if verdict != CONN_NORMAL:
             hub.guards.hit("binary", "too_many_connections")
@@ -355,10 +374,11 @@ class BinaryConnection(asyncio.Protocol):
             self._send(ReleaseRefused(ticket, False, 422, problem))
 
     def _reading(self) -> None:
-        """Read while neither replies wait beyond write_high nor complete frames are kept unread."""
+        """Read while neither replies wait beyond write_high nor complete frames are kept unread; and
+        once the service has stopped, whatever waits (what is read is dropped: `BinaryHub.stop_reading`)."""
         transport = self._transport
         if self._open and transport is not None and not transport.is_closing():
-            if self._input_held or self._stalled_at:
+            if (self._input_held or self._stalled_at) and self._admission.reading:
                 transport.pause_reading()
             else:
                 transport.resume_reading()
@@ -435,6 +455,7 @@ class BinaryConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._open = False
+        self._hub.live.discard(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -58,6 +58,7 @@ from distributor.api import (
 )
 from distributor.deliverylog import DeliveryLog
 from distributor.guards import Guards
+from distributor.sockets import let_answers_leave
 from flowshard.codec import (
     Audited,
     BatchReader,
@@ -139,6 +140,8 @@ class Upstream(asyncio.Protocol):
         self.reading = True  # (`Admission.reading`) False from `Shutdown`: only the last answers leave then
         self._ready = False
         self.http: HttpHub | None = None  # its HTTP connections hold their writes while a batch is read
+        self.binary: BinaryHub | None = None  # (both: their reading stopped at `Shutdown`, `stop_reading`)
+        self.finishing: asyncio.Task[None] | None = None  # after `Shutdown`: the last answers leaving
         self.proxy: Proxy | None = None  # proxy mode: this process's own (distributor.proxy)
         self.proxy_closing: asyncio.Task[None] | None = None  # its close(), once the distributor said LinkStop
         self.finished: asyncio.Future[None] = loop.create_future()
@@ -204,11 +207,19 @@ class Upstream(asyncio.Protocol):
                 # (forwarded, it was answered after the distributor's counts were final, or not at all:
                 # the exit line counted rejections no client got, a review)
                 self.reading = False
-                self._loop.call_later(FLUSH_GRACE, self._finish)
+                hubs = [hub for hub in (self.http, self.binary) if hub is not None]
+                for hub in hubs:  # (read and dropped from here: a FIN at the exit)
+                    hub.stop_reading()
+                self.finishing = self._loop.create_task(self._finish_when_answers_left(hubs))
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The distributor is gone: nobody can decide anything any more; end the process."""
         self._transport = None
+        self._finish()
+
+    async def _finish_when_answers_left(self, hubs: list[HttpHub | BinaryHub]) -> None:
+        """`FLUSH_GRACE` for the last answers to leave, and longer while clients are still taking them."""
+        await let_answers_leave(lambda: [t for hub in hubs for t in hub.transports()], FLUSH_GRACE)
         self._finish()
 
     def _finish(self) -> None:
@@ -607,7 +618,7 @@ async def run(
         await proxy.start()
     http = HttpHub(upstream, HttpLimits.of_service(svc), svc.lease, loop, guards, proxy)
     upstream.http = http
-    binary = BinaryHub(upstream, BinaryLimits.of_service(svc), loop, guards)
+    binary = upstream.binary = BinaryHub(upstream, BinaryLimits.of_service(svc), loop, guards)
     handed = Handover(handover, loop, upstream, http, binary)
     upstream.send(Hello(index, os.getpid()))
     try:

@@ -274,7 +274,8 @@ class HttpHub:
     server's factory, or an acceptor's for the connections handed to it)."""
 
     __slots__ = (
-        "admission", "deferred", "guards", "lease", "limits", "linger", "loop", "on_close", "on_lost", "open", "probe",
+        "admission", "deferred", "guards", "lease", "limits", "linger", "live", "loop", "on_close", "on_lost", "open",
+        "probe",
         "probing", "probing_most", "proxy",
         "reserve", "unheld_at",
     )
@@ -295,6 +296,7 @@ class HttpHub:
         # connections against the limits: distributor.front)
         self.on_close: Callable[[HttpConnection], None] | None = None
         self.on_lost: Callable[[HttpConnection], None] | None = None  # its socket is closed (acceptors)
+        self.live: set[HttpConnection] = set()  # every connection whose socket is open (`stop_reading`)
         self.linger = max(0.05, min(2.0, limits.header_timeout))
         # After the client's EOF: how long to wait for the reset that says answers just written to it
         # were not delivered (a round trip; the reset of a closed peer comes at once).
@@ -323,6 +325,20 @@ class HttpHub:
                     conn._flush()
                 except Exception:
                     log.exception("writing held answers failed")
+
+    def transports(self) -> list[asyncio.Transport]:
+        """The open connections' transports (`sockets.let_answers_leave`)."""
+        return [conn._transport for conn in self.live if conn._transport is not None]
+
+    def stop_reading(self) -> None:
+        """The service stopped (`Admission.reading` is False): every connection reads again, paused or
+        not, and drops what it reads, so that its close at the exit is a FIN after its answers (input
+        left unread makes it a reset, which throws away the answers its kernel still holds: review
+        155, `BinaryHub.stop_reading`)."""
+        for conn in self.live:
+            transport = conn._transport
+            if not transport.is_closing() and not transport.is_reading():
+                transport.resume_reading()
 
     def __call__(self, verdict: int = CONN_CHECK) -> HttpConnection:
         return HttpConnection(self, verdict)
@@ -424,6 +440,7 @@ class HttpConnection(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
         self._transport = transport
         sh = self._sh
+        sh.live.add(self)
         now = self._loop.time()
         self._last_active = now
         verdict = self._verdict or connection_verdict(
@@ -644,6 +661,7 @@ class HttpConnection(asyncio.Protocol):
             return
         self._dead = self._closing = True
         sh = self._sh
+        sh.live.discard(self)
         if dead_peer(exc):
             sh.guards.hit("http", "dead_peer")
         if sh.on_lost is not None:
@@ -1506,7 +1524,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _pause_reading(self) -> None:
         transport = self._transport
-        if not transport.is_closing() and not self._peer_gone:
+        if not transport.is_closing() and not self._peer_gone and self._admission.reading:
             transport.pause_reading()
             if self._watch is None:
                 self._watch = self._loop.call_later(PEER_CHECK_EVERY, self._check_peer)
@@ -1655,13 +1673,16 @@ def listen_backlog(max_connections: int) -> int:
 
 async def start_http_server(
     admission: Admission, host: str, port: int, limits: HttpLimits, *, lease: float, guards: Guards | None = None,
-    proxy: Proxy | None = None,
+    proxy: Proxy | None = None, hubs: list[Any] | None = None,
 ) -> asyncio.Server:
     """Listen on (host, port) (port 0: any; read it from `server.sockets`). `lease` is reported to
     clients as `lease_s`: a dispatched ticket is released after it unless released earlier.
-    `proxy`: also serve the OpenAI routes (proxy mode)."""
+    `proxy`: also serve the OpenAI routes (proxy mode). The server's hub is added to `hubs` (the
+    service stops their reading at its exit: `HttpHub.stop_reading`)."""
     loop = asyncio.get_running_loop()
     shared = HttpHub(admission, limits, lease, loop, guards if guards is not None else Guards(), proxy)
+    if hubs is not None:
+        hubs.append(shared)
     return await loop.create_server(
         shared, host, port, backlog=listen_backlog(limits.max_connections)
     )

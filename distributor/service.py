@@ -32,6 +32,7 @@ from distributor import segment
 from distributor.api import Audit, Waiter
 from distributor.fdreserve import FdReserve
 from distributor.guards import Guards
+from distributor.sockets import let_answers_leave
 from distributor.spawn import RestartBackoff, spawn_linked
 from flowshard.codec import (
     BatchReader,
@@ -229,6 +230,7 @@ class Distributor:
         self._accepting = False
         self._stopping = False
         self.reading = True  # (`Admission.reading`) False from the moment the exit line's counts are final
+        self._hubs: list[Any] = []  # the fronts' hubs in this process (`stop_reading` at the exit)
         self._started = False
         self.stop_requested = False  # a signal arrived before start() finished
         self._stop_early = asyncio.Event()  # ...set then, so that start() stops waiting (`_ready_or_stopped`)
@@ -1161,9 +1163,10 @@ class Distributor:
         http = await start_http_server(
             self, svc.host, svc.port,
             HttpLimits.of_service(svc),
-            lease=svc.lease, guards=self.guards, proxy=self.proxy,
+            lease=svc.lease, guards=self.guards, proxy=self.proxy, hubs=self._hubs,
         )
-        binary = await start_binary_server(self, svc.host, svc.binary_port, BinaryLimits.of_service(svc), self.guards)
+        binary = await start_binary_server(self, svc.host, svc.binary_port, BinaryLimits.of_service(svc), self.guards,
+                                           self._hubs)
         for listener in (*http.sockets, *binary.sockets):  # (as `_start_acceptors` does for its own)
             detect_dead_peers(listener, svc.dead_peer_timeout)
         self.servers = [http, binary]
@@ -1365,6 +1368,10 @@ class Distributor:
         # (a review: admissions read between this count and the exit were rejected uncounted, 32-77 %
         # of a drain's)
         self.reading = False
+        for hub in self._hubs:  # (what the clients send from here is read and dropped: a FIN at the exit)
+            hub.stop_reading()
+        if self._hubs:
+            await let_answers_leave(lambda: [t for hub in self._hubs for t in hub.transports()])
         for s in self.shards:
             stuck = s.link is not None  # it did not finish reporting: stopped, wedged or far behind
             if s.link is not None and s.link.transport is not None:

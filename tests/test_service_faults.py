@@ -1471,3 +1471,42 @@ def test_a_refund_for_a_dead_workers_dispatch_does_not_reach_its_successor(launc
 
     order = run(main())
     assert "fff" not in order, order
+
+
+@pytest.mark.parametrize("acceptors", [0, 2])
+def test_a_client_reading_slowly_that_sends_at_the_drains_end_gets_every_answer(launch: Any, acceptors: int) -> None:
+    """Review 155: one connection's 20,000 admissions queued, SIGTERM; the client reads its
+    `evicted: shutdown` answers slowly (50 µs each) and sends one more admission just after the
+    drain ends. Its reading paused behind those answers, the service left that input unread and
+    exited: the close was a reset, and 6,560-12,534 answers the exit line counted never arrived (the
+    same client sending nothing lost none). The service now reads and drops what comes after its
+    exit line's counts, and waits while its clients are still taking their answers (up to 2.5 s)."""
+    n, drain = 20000, 0.5
+    svc = launch(shards=1, budget=1, service={"drain_timeout": drain}, acceptors=acceptors, extra="default_ttl = 60.0")
+    got: Counter[str] = Counter()
+
+    async def main() -> None:
+        async with Client.connect(svc.host, svc.binary_port) as hold_c, Client.connect(svc.host, svc.binary_port) as c:
+            assert (await hold_c.admit("hold")).dispatched
+
+            def read_slowly(f: asyncio.Future[Any]) -> None:
+                got["closed" if f.exception() is not None else f.result().outcome.label] += 1
+                t = time.perf_counter() + 50e-6
+                while time.perf_counter() < t:
+                    pass
+
+            futures = [c.admit(f"f{k % 20}", size=100) for k in range(n)]
+            for f in futures:
+                f.add_done_callback(read_slowly)
+            await svc.until_stats(lambda s: s["totals"]["queued_items"] == n, timeout=60)
+            svc.signal(signal.SIGTERM)
+            loop = asyncio.get_running_loop()
+            late: list[asyncio.Future[Any]] = []
+            loop.call_later(drain + 0.05, lambda: late.append(c.admit("late", size=10)))
+            await asyncio.wait(futures, timeout=30)
+
+    run(main(), timeout=90)
+    assert svc.wait() == 0
+    assert got == {"evicted:shutdown": n}, got
+    line = next(line for line in svc.lines if "outcomes since the start" in line)
+    assert f"evicted:shutdown {n}" in line, line
