@@ -41,6 +41,13 @@ log = logging.getLogger(__name__)
 # A backend's metrics body past this is a scrape error: parsed every `scrape_interval` (0.05 s by
 # default), a 20 MB one kept the distributor at 98 % CPU (a review); vLLM's and SGLang's are ~100 KB.
 MAX_METRICS_BYTES = 1 << 20
+# How long a backend a request failed on stays `suspect` once another backend's stream head came for
+# that request, its first bytes not yet (`Backend.suspected`; `BackendPool.pick` ranks it after the
+# others): long enough for a prefill of a few seconds to show whose failure it was by then (review 137:
+# not suspect, a backend failing everything fast took 19 of 20 requests during another's 2 s prefill),
+# short enough that a hung answering backend does not keep a healthy one starved (review 157: for the
+# whole `read_timeout`, every request went to the hung one)
+SUSPECT_FOR: Final = 1.0
 # Failures in a row of requests the backend had (5xx answers, resets, timeouts, streams cut short: any
 # but `connect`) that take it out (`BackendPool.failed`)
 ERROR_ANSWERS_TO_FAIL = 3
@@ -65,7 +72,7 @@ class Backend:
 
     __slots__ = (
         "changes", "clean", "down_until", "error_answers", "errors", "failures", "index", "inflight", "last_error",
-        "last_kind", "name", "probe_after", "prober", "proven", "requests", "suspected", "url",
+        "last_kind", "name", "probe_after", "prober", "proven", "requests", "suspect_since", "suspected", "url",
     )
 
     def __init__(self, index: int, url: str) -> None:
@@ -95,6 +102,7 @@ class Backend:
         # requests it failed whose streams on other backends have a head and not yet their first bytes
         # (`Proxy._attempt`): struck at those, or not if those fail too; meanwhile picked last
         self.suspected = 0
+        self.suspect_since = -math.inf  # the latest such head; a whole answer here ends its effect (`suspect`)
 
 
 class BackendPool:
@@ -141,9 +149,9 @@ class BackendPool:
         traffic, or whose metrics were stale, got half the requests while another sat idle); one in
         `shun` (out in the other acceptors: `peers_out`) only when every other healthy one is too, in
         the same pass (review 138: a second pass moved the round robin by two, and with an even count
-        the same one won every tie). A backend `suspected` (a stream's head came elsewhere for a request
-        it failed, its first bytes not yet) goes only when no other is up, first tries too. `advance`
-        False (a request's retry): the round robin is not moved,
+        the same one won every tie). A backend `suspect` (a stream's head came elsewhere for a request it
+        failed, its first bytes not yet, within `SUSPECT_FOR`) goes after the others as good by the
+        ranks above, first tries too. `advance` False (a request's retry): the round robin is not moved,
         a request takes one turn (review 140: each retry took one more, and with two backends a
         failing one won the first try of 9 requests in 10). A retry ranks each backend that failed a
         request since its last whole answer (not `clean`) after the others, before room and in-flight
@@ -159,15 +167,15 @@ class BackendPool:
         if advance:  # (by one per request, whatever it picks: set to the one picked, the acceptors' pickers
             self._rr = (self._rr + 1) % n  # fell into lockstep after any round all picked alike: review 142)
         best: Backend | None = None
-        # (shunned, suspected, stale on a retry, failed lately on a retry, full)
+        # (shunned, stale on a retry, failed lately on a retry, full, suspect)
         best_key = (True, True, True, True, True)
         retry = not advance
         for k in range(n):
             b = backends[(self._rr + k) % n]
             if b.down_until > now or b.index in exclude:
                 continue
-            key = (b.index in shun, b.suspected > 0, retry and stale is not None and stale(b.index),
-                   retry and not b.clean, full is not None and full(b.index))
+            key = (b.index in shun, retry and stale is not None and stale(b.index), retry and not b.clean,
+                   full is not None and full(b.index), b.suspected > 0 and now - b.suspect_since < SUSPECT_FOR)
             if best is None or key < best_key or (key == best_key and b.inflight < best.inflight):
                 best, best_key = b, key
         return best
@@ -201,11 +209,13 @@ class BackendPool:
             best.probe_after = now + self.backoff
         return best
 
-    @staticmethod
-    def unprobe(backend: Backend, by: object) -> None:
-        """`by`'s try of `backend` ended (if it is still the one trying it)."""
+    def unprobe(self, backend: Backend, by: object, now: float) -> None:
+        """`by`'s try of `backend` ended (if it is still the one trying it): the next no sooner than
+        `backoff` from now (review 157: from the start of a try that waited out `read_timeout` on a
+        hung backend, the next request tried it at once, and waited as long)."""
         if backend.prober is by:
             backend.prober = None
+            backend.probe_after = max(backend.probe_after, now + self.backoff)
 
     def probe_ready(self, now: float) -> bool:
         """Whether `probe` would give a backend now (without taking it)."""
@@ -301,14 +311,15 @@ class BackendPool:
         back-off never grew)."""
         backend.error_answers = backend.failures = 0
         backend.clean = True
+        backend.suspect_since = -math.inf  # (it answers whole: whatever failed on it before, not suspect now)
 
     def next_up(self, now: float) -> float:
         """Seconds until the first backend is back, or may be tried (`probe`; not one being tried: review
         156, its `probe_after` passed during a try longer than `backoff`, a request's retries waited 0 s
         each and `Retry-After` said 1); 0 if one is up now."""
-        if self.probes:
-            return max(0.0, min(b.down_until if b.prober is not None else min(b.down_until, b.probe_after)
-                                for b in self.backends) - now)
+        if self.probes:  # (one being tried may be back after it: a `backoff` from now, review 157)
+            return max(0.0, min(min(b.down_until, b.probe_after if b.prober is None else
+                                    max(b.probe_after, now + self.backoff)) for b in self.backends) - now)
         return max(0.0, min(b.down_until for b in self.backends) - now)
 
 

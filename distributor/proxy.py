@@ -966,7 +966,9 @@ class Proxy:
             backend = (self.pool.pick(now, tried, full, peers, advance=not tried, stale=stale)
                        or self.pool.pick(now, full=full, shun=peers, advance=False, stale=stale))
             # (none up: one out, now and then; a try as any other, within `retries`: review 156)
-            probe = backend is None and self.pool.probes and attempt <= pc.retries
+            # (not a passed-through GET: its answer proves nothing of how the backend serves requests,
+            # and brought one answering 500 to every POST back: review 157)
+            probe = backend is None and self.pool.probes and method == "POST"
             if probe:
                 backend = self.pool.probe(now, tried, ex)
             if backend is None:
@@ -991,7 +993,7 @@ class Proxy:
                 answered = await self._attempt(ex, backend, method, headers, last, suspects, judge=judge)
             finally:
                 if probe:
-                    self.pool.unprobe(backend, ex)
+                    self.pool.unprobe(backend, ex, loop.time())
             if answered is None and probe and attempt >= pc.retries:  # its last try, a probe: none is up
                 self._no_backend(ex)
                 answered = False
@@ -1054,13 +1056,15 @@ class Proxy:
                 # (review 152: a request whose stream every backend ends after its head took 3 of 4
                 # healthy backends out, striking each it tried but the last). Its suspects are struck
                 # at its first bytes (or when they do not come within `read_timeout`); meanwhile each
-                # is `suspected`, so no request is sent there while another backend is up (review 137:
-                # unstruck, a backend resetting everything took 19 of 20 during another's 2 s prefill);
-                # and if this stream fails before its first bytes too, they are suspects again, with it.
+                # is `suspected`, picked after the others for `SUSPECT_FOR` (review 137: unstruck, a
+                # backend resetting everything took 19 of 20 during another's 2 s prefill); and if this
+                # stream fails before its first bytes too, they are suspects again, with it.
                 held = [sus for sus in suspects if sus[0] is not backend] if stream else []
                 if stream:
+                    at = self.loop.time()
                     for sus in held:
                         sus[0].suspected += 1
+                        sus[0].suspect_since = at
                 else:
                     self._strike(suspects, backend)
                 suspects.clear()

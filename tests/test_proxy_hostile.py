@@ -548,6 +548,45 @@ def test_the_backends_a_stream_head_suspects_are_picked_last_until_its_first_byt
     run(go(), timeout=30.0)
 
 
+def test_a_passed_through_get_does_not_probe_a_backend_out() -> None:
+    """Review 157: with the detector off, while every backend is out a request probes one; a passed-
+    through `GET /v1/models` did too, and its answer (which proves nothing of how the backend serves
+    requests) brought back one whose every completion answered 500. Only admitted requests probe."""
+    async def fails(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.Response(status=500)
+
+    async def models(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"object": "list", "data": [{"id": "m"}]})
+
+    async def status(port: int, request: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+        writer.close()
+        return head.split(b"\r\n", 1)[0]
+
+    async def go() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            url = await stack.enter_async_context(backend([("POST", "/v1/chat/completions", fails),
+                                                           ("GET", "/v1/models", models)]))
+            r = await stack.enter_async_context(proxying([url], retries=0, backoff=0.2, max_backoff=60.0))
+            pool = r.proxy.pool
+            (b,) = pool.backends
+            b.failures = 6  # (out for the 7th time in a row: 12.8 s)
+            pool._take_out(b, r.proxy.loop.time(), "http_500")
+            await asyncio.sleep(0.3)
+            post = await status(r.port, _post())
+            assert post.startswith(b"HTTP/1.1 503"), post  # (a probe: its 500 keeps it out, 503 `no_backend`)
+            assert not pool.up(b, r.proxy.loop.time())
+            await asyncio.sleep(0.3)
+            get = await status(r.port, b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert get.startswith(b"HTTP/1.1 503"), get  # (no backend up: as before probes)
+            assert not pool.up(b, r.proxy.loop.time())
+
+    run(go(), timeout=30.0)
+
+
 def test_a_stream_ended_before_done_and_any_finish_reason_is_an_incomplete_answer() -> None:
     """Review 152: a stream the backend ended cleanly partway (2 tokens of 5, no finish_reason, no [DONE])
     reached the client as a whole answer, with no error, the backend counted sound (and, failing

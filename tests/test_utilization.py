@@ -13,7 +13,7 @@ from conftest import make_config
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from distributor.backends import BackendPool
+from distributor.backends import SUSPECT_FOR, BackendPool
 from flowshard.config import ServiceConfig
 from flowshard.ledger import Ledger, Pending
 from flowshard.utilization import PoolUtilization, Scraped, ScrapeError, parse_metrics
@@ -621,19 +621,38 @@ def test_while_every_backend_is_out_one_is_probed_once_per_backoff_and_not_twice
     assert pool.probe_ready(8.0) and pool.probe(8.0, by="r1") is a and a.prober == "r1"
     assert pool.probe(8.5, by="r2") is b  # (a is being tried)
     assert pool.probe(8.6) is None and not pool.probe_ready(8.6)
-    assert pool.next_up(9.5) == pytest.approx(5.5)  # (review 156: not 0 for those being tried; a: 15.0)
+    # while both are being tried: back a `backoff` from now at the soonest (review 156: not 0, review 157:
+    # not their whole back-offs)
+    assert pool.next_up(8.6) == pytest.approx(1.0)
     pool.failed(a, 8.7, "connect", "")  # its try failed: out as it was, nothing doubled
-    pool.unprobe(a, "r2")  # (not its prober: nothing)
+    pool.unprobe(a, "r2", 8.7)  # (not its prober: nothing)
     assert a.prober == "r1"
-    pool.unprobe(a, "r1")
-    assert (a.down_until, a.failures, a.prober) == (15.0, 4, None)
-    assert pool.probe(8.8) is None  # tried at 8.0: not before 9.0
-    assert pool.probe(9.0, exclude={0}) is None and pool.probe(9.0, by="r3") is a
+    pool.unprobe(a, "r1", 8.7)  # (ended: the next no sooner than `backoff` from now, review 157)
+    assert (a.down_until, a.failures, a.prober, a.probe_after) == (15.0, 4, None, 9.7)
+    assert pool.probe(9.5) is None  # tried until 8.7: not before 9.7
+    assert pool.probe(9.7, exclude={0}) is None and pool.probe(9.7, by="r3") is a
     pool.answered(a)  # it answered: back, and no longer being probed (review 156: held for its whole answer)
-    assert a.prober is None and pool.pick(9.1) is a and pool.probe(9.1) is None and not pool.probe_ready(9.1)
-    pool.unprobe(a, "r3")  # (its answer ended: nothing)
-    pool.failed(a, 9.5, "connect", "")  # out again during it: probed again after `backoff`
-    assert pool.probe(10.5) is a
+    assert a.prober is None and pool.pick(9.8) is a and pool.probe(9.8) is None and not pool.probe_ready(9.8)
+    pool.unprobe(a, "r3", 20.0)  # (its answer ended: nothing)
+    assert a.probe_after == 9.7 + 1.0
+    pool.failed(a, 10.0, "connect", "")  # out again during it: probed again after `backoff`
+    assert pool.probe(10.9) is None and pool.probe(11.0) is a
+
+
+def test_a_suspect_backend_is_picked_after_the_others_as_good_and_not_for_long() -> None:
+    """Between a stream's head and its first bytes, the backends its request failed on before are
+    `suspected`: picked after the others as good by the ranks before it (review 157: not before a
+    full or stale one), and only for `SUSPECT_FOR` (review 157: for a hung answering backend's whole
+    `read_timeout` every request went to it) or until one answers a request whole."""
+    pool = BackendPool(["http://a", "http://b"], backoff=1.0, max_backoff=30.0)
+    a, b = pool.backends
+    a.suspected, a.suspect_since = 1, 10.0
+    b.inflight = 5
+    assert [pool.pick(10.0) for _ in range(3)] == [b, b, b]  # (fewer in flight, a would win every time)
+    assert pool.pick(10.0, full={1}.__contains__) is a  # b full: a suspect beats a full one
+    assert pool.pick(10.0 + SUSPECT_FOR) is a  # its suspicion has had its time
+    pool.completed(a)  # a whole answer there: no longer suspect, whatever was suspected
+    assert pool.pick(10.1) is a and a.suspected == 1  # (the count is the held request's to undo)
 
 
 def test_acceptors_pickers_start_their_round_robins_apart() -> None:
