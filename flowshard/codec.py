@@ -618,7 +618,7 @@ class BatchReader:
     def _decode(self, frame: memoryview) -> list[Any]:
         try:
             return self._decoder.decode(frame)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise FrameError(f"malformed batch frame: {exc}") from None
         finally:
             frame.release()
@@ -713,6 +713,9 @@ class FrameReader:
                     append(decode(view[pos + 4 : stop]))
                 except msgspec.DecodeError as exc:
                     raise FrameError(f"malformed frame: {self._problem(exc, view[pos + 4 : stop])}") from None
+                except RecursionError:  # (arrays nested ~1,000 deep in an ignored trailing field: review 153,
+                    # uncaught, it ended the connection unanswered, the frames before it lost, a traceback each)
+                    raise FrameError("malformed frame: nested too deeply") from None
                 pos = stop
                 left -= 1
                 if not left:

@@ -416,6 +416,9 @@ async def test_frames_before_a_malformed_one_in_the_same_read_are_handled_and_an
 
 # ---------------------------------------------------------------------------------------------- protocol errors
 
+_ADMIT = msgspec.msgpack.encode(Admit(7, "a"))
+_DEEP = bytes([_ADMIT[0] + 1]) + _ADMIT[1:] + b"\x91" * 5000 + b"\x90"  # one more field: [[[...]]]
+
 
 @pytest.mark.parametrize(
     ("garbage", "message"),
@@ -436,10 +439,13 @@ async def test_frames_before_a_malformed_one_in_the_same_read_are_handled_and_an
         (b"\x00\x00\x00\x05\x93\xcc\x0a\x01\x02", "Admit.flow: expected a string, got an integer"),  # tag as uint8
         (b"\x00\x00\x00\x02\x90\x0a",  # an empty array, then a stray byte: no type
          "a frame must be a msgpack array (a tagged message) of at least length 1, got 0"),
+        # arrays nested 5,000 deep in a trailing field (ignored, were it decodable): review 153, the
+        # decoder's RecursionError ended the connection with no answer, its traceback logged each time
+        (len(_DEEP).to_bytes(4, "big") + _DEEP, "nested too deeply"),
     ],
     ids=["not-a-message", "unknown-tag", "empty", "bad-msgpack", "wrong-type", "too-short", "wrong-type-admit",
          "invalid-utf8", "huge-length", "nested-too-deep", "cut-after-bad-field", "negative-tag", "uint8-tag",
-         "empty-array"],
+         "empty-array", "nested-in-a-trailing-field"],
 )
 @on_loop()
 async def test_malformed_frame_gets_error_then_close_and_others_are_served(garbage: bytes, message: str) -> None:
