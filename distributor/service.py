@@ -756,9 +756,15 @@ class Distributor:
         it ends `evicted: ttl` at its deadline, as a queued request would, and its held room goes back.
         (Or one held behind a parked request of its flow: it ends so too, alone.)"""
         self._parked_ttl.pop(p.id, None)
+        now = time.monotonic()
+        deadline = p.received + (p.payload[1] or self.config.default_ttl)
+        if now < deadline and p.state == PendingState.NEW and self._loop is not None:
+            # (the loop's timers run on a millisecond clock: fired up to 1 ms early, review 155)
+            self._parked_ttl[p.id] = self._loop.call_later(deadline - now + 0.0005, self._parked_expired, p)
+            return
         if p.state == PendingState.NEW and (self._take_held(p) or p.victims_left):
             self._unpark(p)
-            self._finish(p, Outcome.EVICTED_TTL, time.monotonic() - p.received)
+            self._finish(p, Outcome.EVICTED_TTL, now - p.received)
             self._unblock(p)  # (if it was its flow's parked request, those held behind it go)
 
     def _take_held(self, p: Pending) -> bool:
