@@ -78,6 +78,11 @@ _RUNS = True
 # answers within micro- to milliseconds. (A bound on the plans it may be ahead, tried first, took
 # grants from healthy shards whose answers were merely on their way: plans come every pass.)
 ANSWER_TIMEOUT = 0.1
+# ... and one that holds half the request budget or more in grants it has not answered gets no more once
+# it has answered none for this long: in `ANSWER_TIMEOUT` a stopped worker took every grant that the
+# releases of requests held briefly freed (review 155: 4 of a budget of 4 with 10 ms holds; nothing was
+# dispatched anywhere for 5 s). A shard at work holding that much has its frames read every pass.
+HOARD_TIMEOUT = 0.005
 
 
 class PendingState(enum.IntEnum):
@@ -833,8 +838,15 @@ class Ledger:
                 if self._grants[shard] and asked_at[shard] == _INF:  # (a review: it never was)
                     asked_at[shard] = now
             self._heard.clear()
-        if self.silent:  # (judged behind for this plan: as if asked long ago)
-            self.asked_at = [-_INF if n in self.silent else t for n, t in enumerate(asked_at)]
+        judged = self.silent
+        half = self.budget.max_requests / 2
+        if half != _INF:  # (a shard holding half the budget unanswered, not heard from for HOARD_TIMEOUT)
+            hoard = now - HOARD_TIMEOUT
+            for n, queue in enumerate(self._grants):
+                if len(queue) >= half and asked_at[n] < hoard and n not in judged:
+                    judged = judged | {n}
+        if judged:  # (judged behind for this plan: as if asked long ago)
+            self.asked_at = [-_INF if n in judged else t for n, t in enumerate(asked_at)]
             try:
                 out = self._plan(now - ANSWER_TIMEOUT)
             finally:

@@ -221,6 +221,40 @@ def test_a_shard_that_stops_answering_gets_no_more_grants_and_the_others_keep_th
     assert held[-1][1] == 6 and counted["low"] < 30, (held, counted)  # the low flow on shard 1 stalls
 
 
+@pytest.mark.parametrize("hoard_rule", [True, False])
+def test_a_stopped_shard_holding_half_the_budget_gets_no_more_before_it_is_judged_behind(
+    hoard_rule: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 155: with requests held briefly (here 2 ms), the releases of the 0.1 s before a stopped
+    shard is judged behind (`ANSWER_TIMEOUT`) gave it every grant: it held the whole budget and nothing
+    was dispatched anywhere until the watchdog. One holding half the budget or more in grants it has
+    not answered gets no more once `HOARD_TIMEOUT` has passed: the healthy shards keep the rest.
+    Without the rule (the negative control) it takes all 6."""
+    if not hoard_rule:
+        monkeypatch.setattr(ledger_module, "HOARD_TIMEOUT", math.inf)
+    cfg = config(HI_LO, max_inflight_requests=6, fast_path=False, max_queued_requests=None, max_queued_bytes=None)
+    m = Model(cfg, 3, answer_timer=True)
+    low = m.priorities[1]
+    for _ in range(40):
+        for shard, flow in enumerate(("frozen", "a", "b")):
+            m.admit(flow, low, 10, shard=shard)
+    served, held = 0, []
+    for _ in range(40):  # 80 ms: under ANSWER_TIMEOUT
+        for n in (1, 2):
+            m.deliver_all_to(n)
+            m.deliver_all_from(n)
+        held.append(m.ledger.outstanding_grants(0))
+        for ticket in list(m.tickets):
+            m.release(ticket)
+            served += 1
+        m.advance(0.002)
+    if hoard_rule:
+        assert held[-1] < 6 and max(held) <= 5, held  # about half, and what came in its first 5 ms
+        assert served >= 40, served  # the healthy shards go on with the rest
+    else:
+        assert held[-1] == 6, held
+
+
 def test_a_stopped_shard_holding_the_higher_band_keeps_the_lower_bands_waiting_not_the_budget():
     """Strict priority holds: the high band's work on the stopped shard waits, and so does the low
     band elsewhere (the plan stops at the high band); the high band's other shard gets the budget,
