@@ -14,7 +14,7 @@ import uvloop
 from conftest import past_kernel_buffers
 from test_binary import FLOW_OUTCOMES, HOLD, FakeAdmission, LinkLike, Raw, on_loop, serving, until
 
-from distributor.binary import BATCH, REPLY_BYTES, BinaryConnection, BinaryLimits
+from distributor.binary import BATCH, ON_THE_WAY_BYTES, BinaryConnection, BinaryLimits
 from distributor.guards import Guards
 from flowshard.codec import Admit, Error, FrameWriter, Release, Released, Result
 from flowshard.types import Outcome
@@ -168,7 +168,7 @@ async def test_releases_waiting_for_their_answers_count_as_replies_waiting() -> 
         raw, conn = await _small_buffers(addr, fake)
         raw.writer.write(_releases(50_000))  # ~450 KB of frames, and the client reads nothing
         await asyncio.sleep(0.3)
-        bound = limits.write_high // REPLY_BYTES + BATCH
+        bound = limits.write_high // ON_THE_WAY_BYTES + BATCH
         assert 0 < len(fake.waiting) <= bound, len(fake.waiting)  # not 50,000
         assert conn._input_held
         loop = asyncio.get_running_loop()
@@ -230,7 +230,7 @@ async def test_admissions_whose_answers_may_be_on_their_way_count_as_replies_wai
         raw, conn = await _small_buffers(addr, fake)
         raw.writer.write(_admits(50_000, "capacity"))  # ~900 KB of frames, and the client reads nothing
         await asyncio.sleep(0.3)
-        bound = limits.write_high // REPLY_BYTES + BATCH
+        bound = limits.write_high // ON_THE_WAY_BYTES + BATCH
         assert 0 < fake.next_id - 1 <= bound, fake.next_id  # not 50,000
         assert conn._input_held
         loop = asyncio.get_running_loop()
@@ -288,7 +288,7 @@ async def test_admissions_read_while_a_round_trip_is_out_are_confirmed_by_anothe
         await until(lambda: bool(fake.waiting))
         fake.answer()
         [res] = await raw.recv(1)
-        decided = limits.write_high // REPLY_BYTES + 1  # just past write_high once all are read
+        decided = limits.write_high // ON_THE_WAY_BYTES + 1  # just past write_high once all are read
         await raw.send_bytes(_admits(decided, "capacity"))  # decided at once: answered a round trip later
         conn: BinaryConnection = fake.waiters[-1]
         await until(lambda: conn._input_held)
