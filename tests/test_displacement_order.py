@@ -125,10 +125,15 @@ def test_a_request_held_behind_is_admitted_as_it_arrives_and_may_end_alone() -> 
         low = [svc.admit(f"l{i}", f"low{i}", 0) for i in range(2)]
         await asyncio.sleep(0)
         t1 = svc.admit("t1", "t", 1)
-        t2 = svc.admit("t2", "t", 1, ttl=30.0)
+        t2 = svc.admit("t2", "t", 1, ttl=0.05)
+        assert t2 in d.pending  # (held behind t1)
         t3 = svc.admit("t3", "t", 1)  # nothing left to displace: rejected at once, as without t1 parked
         assert svc.waiter.outcomes["t3"] == Outcome.REJECTED_CAPACITY and t3 not in d.pending
-        d._parked_expired(d.pending[t2])  # (its TTL timer, run by hand): it ends alone
+        assert "t2" not in svc.waiter.outcomes
+        for _ in range(100):  # its TTL timer: it ends alone
+            await asyncio.sleep(0.01)
+            if "t2" in svc.waiter.outcomes:
+                break
         assert svc.waiter.outcomes["t2"] == Outcome.EVICTED_TTL and not d._held
         assert d.pending[t1].victims_left == 1 and d._parked_of[(0, "t")] is d.pending[t1]
         for victim in low:  # both are evicted all the same (t2's too)
