@@ -1657,6 +1657,22 @@ def test_half_close_answers_a_release_behind_a_queued_proxied_request_at_the_hea
     settled(svc)
 
 
+def _asker(svc: Any) -> Any:
+    """A one-token chat completion: "ok", or the error's code. `marker`: a query string the backend
+    records with the request's path, to tell it apart."""
+    api = client(svc)
+
+    def ask(marker: str = "") -> str:
+        try:
+            api.chat.completions.create(model="m", messages=MSG, max_tokens=1,
+                                        extra_query={"marker": marker} if marker else None)
+            return "ok"
+        except openai.APIStatusError as exc:
+            return str(exc.body["code"])  # type: ignore[index]
+
+    return ask
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -1677,15 +1693,7 @@ def test_a_pool_back_from_an_outage_is_tried_before_its_back_offs_end(
     fakes = [fake_backend(port=p, ttft=0.001, itl=0.001) for p in ports]
     proxy = {"retries": 1, "backoff": 0.2, "max_backoff": 10.0}
     svc = launch(proxy_config([f.url for f in fakes], proxy=proxy, budget=4), acceptors=acceptors)
-    api = client(svc)
-
-    def ask() -> str:
-        try:
-            api.chat.completions.create(model="m", messages=MSG, max_tokens=1)
-            return "ok"
-        except openai.APIStatusError as exc:
-            return str(exc.body["code"])  # type: ignore[index]
-
+    ask = _asker(svc)
     assert ask() == "ok"
     for fake in fakes:
         fake.stop()
@@ -1714,16 +1722,7 @@ def test_a_probe_is_a_try_within_retries(launch: Any, fake_backend: Any) -> None
     fakes = [fake_backend(port=p, ttft=0.001, itl=0.001) for p in ports]
     proxy = {"retries": 0, "backoff": 0.2, "max_backoff": 10.0}
     svc = launch(proxy_config([f.url for f in fakes], proxy=proxy, budget=4))
-    api = client(svc)
-
-    def ask(marker: str = "") -> str:
-        try:
-            api.chat.completions.create(model="m", messages=MSG, max_tokens=1,
-                                        extra_query={"marker": marker} if marker else None)
-            return "ok"
-        except openai.APIStatusError as exc:
-            return str(exc.body["code"])  # type: ignore[index]
-
+    ask = _asker(svc)
     assert ask() == "ok"
     for fake in fakes:
         fake.stop()
