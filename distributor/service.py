@@ -231,6 +231,7 @@ class Distributor:
         self._stopping = False
         self.reading = True  # (`Admission.reading`) False from the moment the exit line's counts are final
         self._hubs: list[Any] = []  # the fronts' hubs in this process (`stop_reading` at the exit)
+        self._stop_now = False  # a second signal came: the exit waits for nothing more
         self._started = False
         self.stop_requested = False  # a signal arrived before start() finished
         self._stop_early = asyncio.Event()  # ...set then, so that start() stops waiting (`_ready_or_stopped`)
@@ -1296,6 +1297,7 @@ class Distributor:
         if not self._accepting:
             if self._stopped is not None and not self._stopping:
                 self._loop.create_task(self.close(why="signal"))  # a second signal: stop now
+            self._stop_now = True  # (and the exit waits no more for clients taking their last answers)
             return False
         self._accepting = False
         for server in self.servers:
@@ -1377,7 +1379,8 @@ class Distributor:
         for hub in self._hubs:  # (what the clients send from here is read and dropped: a FIN at the exit)
             hub.stop_reading()
         if self._hubs:
-            await let_answers_leave(lambda: [t for hub in self._hubs for t in hub.transports()])
+            await let_answers_leave(lambda: [t for hub in self._hubs for t in hub.transports()],
+                                    cut=lambda: self._stop_now)
         for s in self.shards:
             stuck = s.link is not None  # it did not finish reporting: stopped, wedged or far behind
             if s.link is not None and s.link.transport is not None:

@@ -48,17 +48,21 @@ EXIT_STALL = 0.5
 EXIT_LIMIT = 2.5
 
 
-async def let_answers_leave(transports: Callable[[], Iterable[asyncio.BaseTransport]], at_least: float = 0.0) -> None:
+async def let_answers_leave(transports: Callable[[], Iterable[asyncio.BaseTransport]], at_least: float = 0.0,
+                            cut: Callable[[], bool] = lambda: False) -> None:
     """Before the process exits: wait while clients are still taking what was written to them (each
     transport's `unsent`; `transports` is asked each time, the connections that are still open).
     Exiting with answers unsent leaves them to the kernel, which loses them if the client sends
     anything meanwhile (a reset: review 155, a client reading its 20,000 answers slowly sent one more
-    request as the drain ended and lost 6,560-12,534 of them; reading nothing, it lost none)."""
+    request as the drain ended and lost 6,560-12,534 of them; reading nothing, it lost none). `cut`:
+    stop waiting now (a second signal)."""
     loop = asyncio.get_running_loop()
     start = loop.time()
     best, best_at = -1, start
     while True:
         now = loop.time()
+        if cut():
+            return
         left = sum(unsent(t) for t in transports() if not t.is_closing())
         if now - start >= at_least and (left == 0 or now - start >= EXIT_LIMIT or (
                 left >= best >= 0 and now - best_at >= EXIT_STALL)):
