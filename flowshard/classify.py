@@ -300,8 +300,8 @@ def usage_from_body(body: bytes) -> Usage | None:
     """The `usage` of a complete (non-streamed) response body, if it has one."""
     try:
         return _decode_usage(body).usage
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):  # (a backend's body nested too
+        return None  # deeply: review 158, as the request side's)
 
 
 def usage_problem(usage: Usage) -> str | None:
@@ -476,5 +476,5 @@ class SseUsage:
         payload = b"".join(line[5:].lstrip() for line in event.splitlines() if line.startswith(b"data:"))
         try:
             return _decode_chunk(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             return None

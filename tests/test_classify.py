@@ -356,6 +356,16 @@ def test_usage_from_body() -> None:
     assert usage_from_body(b'{"id":"x"}') is None
     assert usage_from_body(b"not json") is None
     assert usage_from_body(b'{"usage":"weird"}') is None
+    # a backend's answer nested too deeply (review 158: RecursionError escaped, in the relay of a body)
+    assert usage_from_body(b'{"x":' + b"[" * 100000 + b"]" * 100000 + b',"usage":null}') is None
+
+
+def test_a_stream_event_nested_too_deeply_is_relayed_and_reports_no_usage() -> None:
+    """Review 158: `SseUsage` decodes the events that carry a usage: one nested too deeply raised
+    RecursionError out of the relay. It passes as bytes, with no usage noted."""
+    relay = SseUsage(strip_usage=False)
+    event = b'data: {"usage":{"x":' + b"[" * 100000 + b"]" * 100000 + b"}}\n\n"
+    assert relay.feed(event) == event and relay.usage is None
 
 
 def test_a_usage_is_a_cost_only_within_the_bound_of_tokens() -> None:
