@@ -43,7 +43,8 @@ def unsent(transport: asyncio.BaseTransport) -> int:
 
 
 # At the exit, the answers already written get at least `at_least` seconds (an acceptor's `FLUSH_GRACE`),
-# then as long as the clients keep taking them (less unsent within `EXIT_STALL`), up to `EXIT_LIMIT`
+# then as long as the clients keep taking them (what is unsent changes within `EXIT_STALL`: it also grows
+# as a connection writes answers it held while its writing was paused), up to `EXIT_LIMIT`
 EXIT_STALL = 0.5
 EXIT_LIMIT = 2.5
 
@@ -58,17 +59,16 @@ async def let_answers_leave(transports: Callable[[], Iterable[asyncio.BaseTransp
     stop waiting now (a second signal)."""
     loop = asyncio.get_running_loop()
     start = loop.time()
-    best, best_at = -1, start
+    last, moved_at = -1, start
     while True:
         now = loop.time()
         if cut():
             return
-        left = sum(unsent(t) for t in transports() if not t.is_closing())
-        if now - start >= at_least and (left == 0 or now - start >= EXIT_LIMIT or (
-                left >= best >= 0 and now - best_at >= EXIT_STALL)):
+        left = sum(unsent(t) for t in transports())  # (closing ones too: review 158, a half-closed client's)
+        if left != last:
+            last, moved_at = left, now
+        if now - start >= at_least and (left == 0 or now - start >= EXIT_LIMIT or now - moved_at >= EXIT_STALL):
             return
-        if best < 0 or left < best:
-            best, best_at = left, now
         await asyncio.sleep(0.01)
 
 
