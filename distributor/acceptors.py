@@ -935,10 +935,10 @@ class Acceptors:
         heard = link.heard if link is not None else -math.inf
         return time.monotonic() - max(heard, since) > HANDOVER_QUIET
 
-    async def close(self) -> None:
+    async def close(self, cut: Callable[[], bool] = lambda: False) -> None:
         """After the distributor has delivered every outcome: tell each acceptor to finish (its last
         answers leave), wait for it, and kill one that does not exit (at once once every one left
-        has been silent for HANDOVER_QUIET)."""
+        has been silent for HANDOVER_QUIET, or `cut` says so: a second signal)."""
         self.stop_listening()
         self._stopping = True
         self._drop_waiting()
@@ -950,7 +950,7 @@ class Acceptors:
         deadline = start + 3.0  # an acceptor exits FLUSH_GRACE (0.5 s) after Shutdown
         while time.monotonic() < deadline:
             running = [i for i, p in enumerate(self.procs) if p is not None and p.poll() is None]
-            if not running or all(self._silent_since(i, start) for i in running):
+            if not running or all(self._silent_since(i, start) for i in running) or cut():
                 break  # (a stopped or hung one, left alone, kept the exit waiting 3 s: a review)
             await asyncio.sleep(0.02)  # not proc.wait(): the loop must go on writing their last answers
         for index, proc in enumerate(self.procs):

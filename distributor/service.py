@@ -1369,7 +1369,8 @@ class Distributor:
                 self._release_left(p)
             self._finish(p, Outcome.EVICTED_SHUTDOWN, time.monotonic() - p.received)
         if self.acceptors is not None:  # every outcome is delivered: the acceptors pass on the last ones
-            await self.acceptors.close()
+            await self.acceptors.close(cut=lambda: self._stop_now)  # (their clients' last answers: not after
+            # a second signal, review 159)
         # From here to the final count nothing waits: the fronts here handle nothing more (what they
         # handled is answered and counted; a client's later requests are read and dropped, never
         # admitted, so are owed no outcome), and the exit line counts every outcome a client was given
