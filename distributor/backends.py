@@ -100,7 +100,8 @@ class Backend:
         self.probe_after = -math.inf
         self.prober: object | None = None
         # requests it failed whose streams on other backends have a head and not yet their first bytes
-        # (`Proxy._attempt`): struck at those, or not if those fail too; meanwhile picked last
+        # (`Proxy._attempt`): struck at those, or not if those fail too; meanwhile picked after the others
+        # as good, for `SUSPECT_FOR`
         self.suspected = 0
         self.suspect_since = -math.inf  # the latest such head; a whole answer here ends its effect (`suspect`)
 
