@@ -195,6 +195,14 @@ class BackendPool:
         `no_backend`). A failure to connect while it is out adds nothing to its back-off (`_take_out`);
         an answer brings it back. At most one request per backend per `backoff` seconds tries a pool
         still down, and waits for the connection at most `connect_timeout`."""
+        best = self._probe_candidate(now, exclude)
+        if best is not None:
+            best.prober = by
+            best.probe_after = now + self.backoff
+        return best
+
+    def _probe_candidate(self, now: float, exclude: frozenset[int] | set[int] = frozenset()) -> Backend | None:
+        """The backend `probe` would give now, not taken."""
         if not self.probes:
             return None
         best: Backend | None = None
@@ -205,9 +213,6 @@ class BackendPool:
                 continue
             if best is None or b.down_until < best.down_until:
                 best = b
-        if best is not None:
-            best.prober = by
-            best.probe_after = now + self.backoff
         return best
 
     def unprobe(self, backend: Backend, by: object, now: float) -> None:
@@ -220,8 +225,7 @@ class BackendPool:
 
     def probe_ready(self, now: float) -> bool:
         """Whether `probe` would give a backend now (without taking it)."""
-        return self.probes and all(b.down_until > now for b in self.backends) and any(
-            b.prober is None and b.probe_after <= now for b in self.backends)
+        return self._probe_candidate(now) is not None
 
     def failed(self, backend: Backend, now: float, kind: str, detail: str, in_a_row: bool = True) -> None:
         """Counted; taken out for its back-off (doubling per failure in a row) at once where nothing was

@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import cast
 
 import uvloop
@@ -219,18 +220,26 @@ class ShardWorker(asyncio.Protocol):
         if not self.engine.holds:
             transport.close()
             return
+        if self._work_reported(lambda now: self.engine.shutdown(now, at_most=EVICT_CHUNK), "evicting at shutdown"):
+            self._evicting = self.loop.call_soon(self._evict_rest)
+
+    def _work_reported(self, work: Callable[[float], object], what: str) -> bool:
+        """Engine work outside a frame (a TTL timer's, a part of the shutdown's eviction) at the clock
+        read now: what it ends is drained into frames and counted in one write of this shard's cells,
+        then written; a failure stops the worker (`_fail_stop`). Whether it went through."""
+        now = time.monotonic()
         try:
             self.stats.begin_write(self.shard)
             try:
-                self.engine.shutdown(time.monotonic(), at_most=EVICT_CHUNK)
+                work(now)
                 self._drain()
             finally:
                 self.stats.end_write(self.shard)
         except Exception:
-            self._fail_stop("evicting at shutdown")
-            return
+            self._fail_stop(what)
+            return False
         self._flush()
-        self._evicting = self.loop.call_soon(self._evict_rest)
+        return True
 
     def _arm_timer(self) -> None:
         """Keep one timer at the earliest TTL deadline, so expiries are reported promptly."""
@@ -251,19 +260,8 @@ class ShardWorker(asyncio.Protocol):
         self._timer_at = math.inf
         if self._stopped:
             return
-        now = time.monotonic()
-        try:
-            self.stats.begin_write(self.shard)
-            try:
-                self.engine.expire(now)
-                self._drain()
-            finally:
-                self.stats.end_write(self.shard)
-        except Exception:
-            self._fail_stop("expiring requests")
-            return
-        self._flush()
-        self._arm_timer()
+        if self._work_reported(self.engine.expire, "expiring requests"):
+            self._arm_timer()
 
     def _fail_stop(self, what: str) -> None:
         """A bug in a timer's work, or a frame no distributor means: end this worker, as an error
