@@ -113,7 +113,7 @@ _REASONS: Final = {
     100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
     408: "Request Timeout", 413: "Content Too Large", 422: "Unprocessable Content", 429: "Too Many Requests",
     431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
-    503: "Service Unavailable",
+    503: "Service Unavailable", 505: "HTTP Version Not Supported",
 }
 _JSON_CT: Final = b"content-type: application/json\r\n"
 _HEAD: Final = {code: b"HTTP/1.1 %d %s\r\n" % (code, reason.encode()) + _JSON_CT for code, reason in _REASONS.items()}
@@ -927,7 +927,16 @@ class HttpConnection(asyncio.Protocol):
             self._fail_head()  # before _in_body is set: these are headers, not trailers
             raise _Stop
         hosts, self._hosts = self._hosts, 0
-        if hosts != 1 and (hosts or self._parser.get_http_version() != "1.0"):
+        version = self._parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            # llhttp takes a line without a version for HTTP/0.9 and accepts HTTP/2.0 (a review: the
+            # first was told it lacked a Host header, the second served as HTTP/1.1); RFC 9110 15.6.6
+            self._msg_at = 0.0
+            self._sh.guards.hit("http", "malformed")
+            self._respond(self._error_for(505, f"HTTP/{version} is not supported: send HTTP/1.1 or HTTP/1.0",
+                                          _CONN_CLOSE), _LINGER)
+            raise _Stop
+        if hosts != 1 and (hosts or version != "1.0"):
             # RFC 9112 3.2: a 400 for an HTTP/1.1 request without Host and any request with two (a
             # review: both were served, and forwarded to a backend in proxy mode)
             self._msg_at = 0.0

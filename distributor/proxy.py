@@ -155,6 +155,7 @@ _HTTP_ERRORS: Final = {
     431: ("invalid_request_error", "headers_too_large"),
     500: ("server_error", "internal_error"),
     503: ("service_unavailable", "too_many_connections"),
+    505: ("invalid_request_error", "http_version_not_supported"),
 }
 
 

@@ -1042,6 +1042,28 @@ def test_host_header_rules_and_the_absolute_form() -> None:
     serve(t)
 
 
+def test_http_versions_other_than_1_1_and_1_0_are_505() -> None:
+    """llhttp takes a request line without a version for HTTP/0.9 and accepts HTTP/2.0 (a review: the
+    first was told it lacked a Host header, the second was served as HTTP/1.1): a 505 naming the
+    version, the connection closed, nothing admitted; `chunked` twice is a 400."""
+    async def t(port: int, fake: FakeAdmission) -> None:
+        for request, status, why in [
+                (b"GET /healthz\r\n\r\n", 505, b"HTTP/0.9 is not supported"),
+                (b"GET /healthz HTTP/2.0\r\nHost: x\r\n\r\n", 505, b"HTTP/2.0 is not supported"),
+                (b'POST /v1/admit HTTP/2.0\r\nHost: x\r\nContent-Length: 13\r\n\r\n{"flow": "a"}', 505,
+                 b"HTTP/2.0 is not supported"),
+                (b"POST /v1/admit HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, b"Transfer-Encoding")]:
+            c = await Client.open(port)
+            c.send(request)
+            r = await c.response()
+            assert r.status == status and why in r.body, (request, r.status, r.body)
+            assert await c.closed()
+
+    fake = serve(t)
+    assert fake.admits == []
+
+
 def test_expect_100_continue() -> None:
     async def t(port: int, fake: FakeAdmission) -> None:
         c = await Client.open(port)
