@@ -25,8 +25,8 @@ It prints the effective window (figures count [warmup, duration]), a progress li
 per configuration (outcomes by reason, dispatches/s, admission latency from the intended send time,
 CPU µs per request per process, fairness), a comparison across configurations, a projection of the
 rate on C cores, and the simulator's prediction next to the measurement. --json writes every
-figure; --plot draws them (needs matplotlib: .venv/bin/pip install -e '.[plot]' in the checkout,
-or scripts/bootstrap.sh test).
+figure; --plot draws them (needs matplotlib: pip install matplotlib; in a checkout
+.venv/bin/pip install -e '.[plot]' or scripts/bootstrap.sh test).
 """
 EPILOG = """\
 examples:
@@ -78,8 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--records", metavar="FILE", help="write one record per request of every run (JSON Lines, "
                    "a header line per run; see flowshard/records.py)")
     p.add_argument("--plot", metavar="FILE.png",
-                   help="draw the figures (needs matplotlib: .venv/bin/pip install -e '.[plot]' in the checkout, "
-                        "or scripts/bootstrap.sh test)")
+                   help="draw the figures (needs matplotlib: pip install matplotlib; in a checkout "
+                        ".venv/bin/pip install -e '.[plot]' or scripts/bootstrap.sh test)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--proxy", action="store_true",
                    help="proxy mode: play the flows as streamed OpenAI requests through `flowshard serve --backend` "

@@ -31,7 +31,8 @@ COST_PARTS = [("distributor µs/req", "distributor"), ("workers µs/req (sum)", 
               ("loadgen µs/req", "load generator")]
 
 
-INSTALL_HINT = "`.venv/bin/pip install -e '.[plot]'` in the checkout, or `scripts/bootstrap.sh test`"
+INSTALL_HINT = ("`pip install matplotlib`; in a checkout `.venv/bin/pip install -e '.[plot]'` or "
+                "`scripts/bootstrap.sh test`")
 
 
 def plot_missing() -> str | None:
