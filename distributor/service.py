@@ -59,6 +59,7 @@ from flowshard.types import N_OUTCOMES, OUTCOMES, Outcome
 from flowshard.validate import MAX_TICKET
 
 _DISPATCHED = Outcome.DISPATCHED
+_SHUTDOWN = Outcome.EVICTED_SHUTDOWN
 _CANCELLED = Outcome.EVICTED_CANCELLED
 _REJECTED_CAPACITY = Outcome.REJECTED_CAPACITY
 _INF = math.inf
@@ -237,6 +238,9 @@ class Distributor:
         self._stop_early = asyncio.Event()  # ...set then, so that start() stops waiting (`_ready_or_stopped`)
         self.started = time.monotonic()
         self._checked = self.started  # the last _check_heartbeats
+        # `evicted: shutdown` Dones read per (shard, band): what a worker killed at the exit counted in its
+        # cells beyond these it had not written; those requests are ended here uncounted (`close`)
+        self._shutdown_reported: dict[tuple[int, int], int] = {}
         self.counters = {"tickets_expired": 0, "tickets_released": 0, "worker_restarts": 0, "fast_path": 0,
                          "acceptor_restarts": 0, "dispatches_unclaimed": 0}
         self.guards = Guards()  # protective actions of the fronts (distributor/guards.py)
@@ -732,6 +736,9 @@ class Distributor:
                 if p.state == _DONE:  # out of the ledger already, its shard silent then (`_end_on_silent`)
                     if outcome == _DISPATCHED:  # (committed before its deadline: its grant is answered)
                         ledger.grant_answered(shard, p.size, 0, p, msg.decided)
+                    elif outcome is _SHUTDOWN:
+                        key = (shard, p.band)
+                        self._shutdown_reported[key] = self._shutdown_reported.get(key, 0) + 1
                     newcomer = self._release_left(p)
                     self._finish(p, outcome, msg.wait, True, msg.at, msg.decided, msg.seq)
                     if newcomer is not None:
@@ -742,6 +749,9 @@ class Distributor:
                     # (positional arguments: keywords cost ~10 ns each call)
                     band, live = ledger.grant_answered(shard, p.size, 0, p, msg.decided)
                     covered = live and band == p.band
+                elif outcome is _SHUTDOWN:
+                    key = (shard, p.band)
+                    self._shutdown_reported[key] = self._shutdown_reported.get(key, 0) + 1
                 newcomer = ledger.leave(p, covered)
                 self._finish(p, outcome, msg.wait, True, msg.at, msg.decided, msg.seq)  # (counted_by_shard, at, ...)
                 if newcomer is not None:
@@ -1348,15 +1358,17 @@ class Distributor:
         # A worker that has not finished reporting is killed now, before what it holds is ended below: one
         # resuming meanwhile (stopped) counted in its cells what is ended here (review 149). (One merely busy
         # evicting a very large queue, silent past SHUTDOWN_SILENCE, has counted some already: review 150)
-        behind = [s.proc for s in self.shards if s.link is not None and s.proc is not None]
-        for proc in behind:
+        behind = {s.index: s.proc for s in self.shards if s.link is not None and s.proc is not None}
+        for proc in behind.values():
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
-        for proc in behind:
+        for proc in behind.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=1.0)
+        unreported: dict[tuple[int, int], int] = {}
         if behind:
             await self._read_dead_links(0.5)
+            unreported = self._counted_unreported(list(behind))
         for timer in self._parked_ttl.values():
             timer.cancel()
         self._parked_ttl.clear()
@@ -1367,7 +1379,10 @@ class Distributor:
                 self.ledger.leave(p)
             elif p.state == _DONE:  # (ended while its shard was silent: `_end_on_silent`)
                 self._release_left(p)
-            self._finish(p, Outcome.EVICTED_SHUTDOWN, time.monotonic() - p.received)
+            counted = unreported.get((p.shard, p.band), 0) > 0  # (its worker counted it as it was killed)
+            if counted:
+                unreported[(p.shard, p.band)] -= 1
+            self._finish(p, _SHUTDOWN, time.monotonic() - p.received, counted)
         if self.acceptors is not None:  # every outcome is delivered: the acceptors pass on the last ones
             await self.acceptors.close(cut=lambda: self._stop_now)  # (their clients' last answers: not after
             # a second signal, review 159)
@@ -1406,6 +1421,24 @@ class Distributor:
             self.segment = None
         if self._stopped is not None:
             self._stopped.set()
+
+    def _counted_unreported(self, killed: list[int]) -> dict[tuple[int, int], int]:
+        """Per (shard, band) of the workers killed at the exit: the `evicted: shutdown` outcomes they
+        counted in their cells and had not written (the part of the eviction in progress at the kill:
+        up to `EVICT_CHUNK`, review 156). Those requests are still pending here and end so below, but
+        uncounted: each is in its worker's cells already. (Their cells only grow, and a worker counts
+        `evicted: shutdown` only for a `Shutdown`, so each cell is every such Done read plus these.)"""
+        shm = self.shm
+        if shm is None:
+            return {}
+        reported = self._shutdown_reported
+        out = {}
+        for shard in killed:
+            for band in range(len(self.ledger.bands)):
+                extra = shm.outcome_count(shard, band, _SHUTDOWN) - reported.get((shard, band), 0)
+                if extra > 0:
+                    out[(shard, band)] = extra
+        return out
 
     async def _read_dead_links(self, limit: float) -> None:
         """What the workers just killed had written is still in their sockets: read to its end (their

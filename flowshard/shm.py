@@ -455,6 +455,10 @@ class ShmStats:
         """Writer ``writer`` only: count final outcomes (index per the outcome enum, < O)."""
         self._q[self._w_out + writer * self._row_out + band * self._o + outcome] += n
 
+    def outcome_count(self, writer: int, band: int, outcome: int) -> int:
+        """What writer ``writer`` has counted of ``outcome`` in ``band`` (one cell, as it is now)."""
+        return int(self._q[self._w_out + writer * self._row_out + band * self._o + outcome])
+
     def observe_wait(self, writer: int, band: int, wait: float) -> None:
         """Writer ``writer`` only: count a dispatch's queue wait of ``wait`` seconds (>= 0) into its
         histogram bucket and the waits' sum (whole µs, rounded: the `_sum` is exact to that)."""
