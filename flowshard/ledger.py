@@ -78,10 +78,11 @@ _RUNS = True
 # answers within micro- to milliseconds. (A bound on the plans it may be ahead, tried first, took
 # grants from healthy shards whose answers were merely on their way: plans come every pass.)
 ANSWER_TIMEOUT = 0.1
-# ... and one that holds half the request budget or more in grants it has not answered gets no more once
-# it has answered none for this long: in `ANSWER_TIMEOUT` a stopped worker took every grant that the
-# releases of requests held briefly freed (review 155: 4 of a budget of 4 with 10 ms holds; nothing was
-# dispatched anywhere for 5 s). A shard at work holding that much has its frames read every pass.
+# ... and one that holds half the request budget or more in grants it has not answered (or half the byte
+# budget in their reserves) gets no more once it has answered none for this long: in `ANSWER_TIMEOUT` a
+# stopped worker took every grant that the releases of requests held briefly freed (review 155: 4 of a
+# budget of 4 with 10 ms holds; nothing was dispatched anywhere for 5 s; review 158: the same in bytes). A
+# shard at work holding that much has its frames read every pass.
 HOARD_TIMEOUT = 0.005
 
 
@@ -839,11 +840,12 @@ class Ledger:
                     asked_at[shard] = now
             self._heard.clear()
         judged = self.silent
-        half = self.budget.max_requests / 2
-        if half != _INF:  # (a shard holding half the budget unanswered, not heard from for HOARD_TIMEOUT)
-            hoard = now - HOARD_TIMEOUT
+        half, half_bytes = self.budget.max_requests / 2, self.budget.max_bytes / 2
+        if half != _INF or half_bytes != _INF:  # (a shard holding half the budget unanswered, in requests
+            hoard = now - HOARD_TIMEOUT  # or in bytes, not heard from for HOARD_TIMEOUT)
             for n, queue in enumerate(self._grants):
-                if len(queue) >= half and asked_at[n] < hoard and n not in judged:
+                if asked_at[n] < hoard and n not in judged and (
+                        len(queue) >= half or (half_bytes != _INF and sum(g[1] for g in queue) >= half_bytes)):
                     judged = judged | {n}
         if judged:  # (judged behind for this plan: as if asked long ago)
             self.asked_at = [-_INF if n in judged else t for n, t in enumerate(asked_at)]
@@ -946,8 +948,10 @@ class Ledger:
                 hint = max(self._need.get((index, shard), 0), self._typical_size(band, shard))
                 room = max_bytes - used_bytes
                 largest = band.shard_sizes[shard].largest()  # type: ignore[index]  # (a byte budget: kept)
-                if used == 0:
-                    reserve = int(max(room, hint, largest))
+                if used == 0:  # (at least its largest: what it dispatches fits, a request larger than the
+                    # budget alone; not the whole room, which one grant to a stopped shard held until the
+                    # watchdog while nothing was dispatched anywhere: review 158)
+                    reserve = int(max(min(room, 2 * hint), largest))
                 elif room >= hint:
                     reserve = int(min(room, 2 * hint))
                     # A reserve below a request queued there may be handed back for its head's size, with

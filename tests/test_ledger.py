@@ -221,18 +221,22 @@ def test_a_shard_that_stops_answering_gets_no_more_grants_and_the_others_keep_th
     assert held[-1][1] == 6 and counted["low"] < 30, (held, counted)  # the low flow on shard 1 stalls
 
 
+@pytest.mark.parametrize("budget", ["requests", "bytes"])
 @pytest.mark.parametrize("hoard_rule", [True, False])
 def test_a_stopped_shard_holding_half_the_budget_gets_no_more_before_it_is_judged_behind(
-    hoard_rule: bool, monkeypatch: pytest.MonkeyPatch
+    hoard_rule: bool, budget: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Review 155: with requests held briefly (here 2 ms), the releases of the 0.1 s before a stopped
     shard is judged behind (`ANSWER_TIMEOUT`) gave it every grant: it held the whole budget and nothing
     was dispatched anywhere until the watchdog. One holding half the budget or more in grants it has
     not answered gets no more once `HOARD_TIMEOUT` has passed: the healthy shards keep the rest.
-    Without the rule (the negative control) it takes all 6."""
+    Without the rule (the negative control) it takes all 6. The same in bytes (60: 6 requests of 10
+    bytes; review 158: the rule counted requests only, and the first grant made with nothing in use
+    reserved the whole byte budget, so 0 were served elsewhere)."""
     if not hoard_rule:
         monkeypatch.setattr(ledger_module, "HOARD_TIMEOUT", math.inf)
-    cfg = config(HI_LO, max_inflight_requests=6, fast_path=False, max_queued_requests=None, max_queued_bytes=None)
+    limit = {"max_inflight_requests": 6} if budget == "requests" else {"max_inflight_bytes": 60}
+    cfg = config(HI_LO, fast_path=False, max_queued_requests=None, max_queued_bytes=None, **limit)
     m = Model(cfg, 3, answer_timer=True)
     low = m.priorities[1]
     for _ in range(40):
@@ -248,11 +252,13 @@ def test_a_stopped_shard_holding_half_the_budget_gets_no_more_before_it_is_judge
             m.release(ticket)
             served += 1
         m.advance(0.002)
+    reserved = sum(g[1] for g in m.ledger._grants[0])
     if hoard_rule:
         assert held[-1] < 6 and max(held) <= 5, held  # about half, and what came in its first 5 ms
         assert served >= 40, served  # the healthy shards go on with the rest
+        assert budget == "requests" or reserved < 60, reserved
     else:
-        assert held[-1] == 6, held
+        assert held[-1] == 6 or (budget == "bytes" and reserved >= 60 - 10), (held, reserved)
 
 
 def test_a_stopped_shard_holding_the_higher_band_keeps_the_lower_bands_waiting_not_the_budget():
@@ -313,7 +319,7 @@ def test_a_band_above_its_ceiling_holds_nothing_for_an_unsure_grant_on_a_stopped
     for _ in range(30):
         m.admit("high", hi, 100, shard=1)
     low = _low_served_while_shard_0_is_silent(m, lo, rounds=12, admit_at=2, more=40)
-    assert m.ledger.bands[0].unsure == 1  # shard 0 still holds the unsure grant
+    assert m.ledger.bands[0].unsure >= 1  # shard 0 still holds unsure grants
     assert low == 60  # served on the healthy shard all along
 
 
@@ -324,9 +330,10 @@ def test_a_shard_that_answers_then_stops_is_judged_behind_on_the_grants_it_still
     judged behind: every lower band, on every shard, waited for the watchdog. A shard heard from that
     still holds grants is asked again from the next plan."""
     m, hi, lo = _ceiling_model(1_000_000)
-    for _ in range(8):
-        m.admit("stuck", hi, 100, shard=0)
-    m.admit("stuck", hi, 30_000, shard=0)  # queued behind them: every reserve below it is unsure
+    with m.one_pass():
+        for _ in range(8):
+            m.admit("stuck", hi, 100, shard=0)
+        m.admit("stuck", hi, 30_000, shard=0)  # queued behind them: every reserve below it is unsure
     s0 = m.shards[0]
     m.deliver_to_shard(0)
     while s0.inbox and not s0.outbox:
@@ -542,10 +549,7 @@ def test_a_large_request_long_gone_does_not_shrink_byte_plans():
     ledger.grant_answered(0, 90_000)
     ledger.leave(big, covered=True)
     ledger.budget.release(90_000)
-    assert len(ledger.plan_grants()) == 1  # nothing in flight: one grant takes the whole room
-    ledger.grant_answered(0, 100)
-    ledger.leave(backlog[0], covered=True)
-    assert len(ledger.plan_grants()) > 100  # 200 bytes each, of the 99,900 left
+    assert len(ledger.plan_grants()) > 100  # 200 bytes each, of the 100,000 free
 
 
 # =========================================================================== invariant 3: strict priority
@@ -1115,12 +1119,16 @@ def test_grants_are_answered_in_order_and_reserve_bytes():
     ledger.enqueue(a, 0)
     ledger.enqueue(b, 0)
     grants = ledger.plan_grants()
-    assert [g[:3] for g in grants] == [(0, 0, 100)]  # alone: the whole budget
+    # twice the typical size each, nothing in flight or not (it was the whole budget for the first: one grant
+    # to a stopped shard held all of it, review 158)
+    assert [g[:3] for g in grants] == [(0, 0, 40)] * 2
     ledger.grant_answered(0, 20)
     ledger.leave(a)
-    assert ledger.budget.inflight_bytes == 20 and ledger.grants_bytes == 0
-    assert [g[:3] for g in ledger.plan_grants()] == [(0, 0, 40)]  # twice the typical size, within the 80 B left
-    assert ledger.grants_out == 1 and ledger.grants_bytes == 40
+    assert ledger.budget.inflight_bytes == 20 and ledger.grants_bytes == 40 and ledger.grants_out == 1
+    c = Pending(3, "a", 0, 20)
+    ledger.enqueue(c, 0)
+    assert [g[:3] for g in ledger.plan_grants()] == [(0, 0, 40)]  # within the 40 B left
+    assert ledger.grants_out == 2 and ledger.grants_bytes == 80
 
 
 def test_model_detects_a_ledger_that_miscounts():
