@@ -44,7 +44,7 @@ from bench.runner import RunRecord
 from flowshard.analysis import jain_index, percentile
 from flowshard.config import band_index
 from flowshard.reference import FlowRef, Verdict, failed_gap, judge, segments
-from flowshard.scenario import Closed, Scenario, closed_clients, expand_flows, offered_rate
+from flowshard.scenario import Closed, Scenario, closed_clients, expand_flows, flow_weights, offered_rate
 from flowshard.simulate import reference_line
 from flowshard.types import Outcome
 
@@ -157,7 +157,8 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
     n_flows = len(instances)
     resolve = band_index(config)
     band_of = np.array([resolve(i.spec.priority) for i in instances], dtype=np.int32)
-    weights = [i.spec.weight or config.weights.get(i.id, 1.0) for i in instances]
+    weight_of = flow_weights(scenario)
+    weights = [weight_of[i.id] for i in instances]
     submitted = [sum(r.flows_submitted[f] for r in results) for f in range(n_flows)]
     outcomes = [_sum_columns((r.flows_outcomes[f] for r in results), len(Outcome)) for f in range(n_flows)]
     unfinished = [sum(r.flows_unfinished[f] for r in results) for f in range(n_flows)]

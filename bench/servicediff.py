@@ -16,7 +16,8 @@ difference between bursts is much smaller, the gap is the order in which the dis
 were made: at N shards each shard's worker dispatches what a pass granted it as one block
 (docs/architecture.md, "The service difference of backlogged flows across shards"). This is an
 auditor's breakdown, not a replacement for the figure. Units and weights come from `--scenario`
-(else bytes and weight 1); the window is `--window` (the bench's `--warmup` and `--duration`), else
+(a flow's weight: its own `weight` in `[[workload.flows]]`, else `[server.weights]`; without a
+scenario bytes and weight 1); the window is `--window` (the bench's `--warmup` and `--duration`), else
 the scenario's (warmup, duration), else the whole run.
 """
 
@@ -32,6 +33,7 @@ import numpy as np
 from bench.fairness import backlogs_and_service, units
 from flowshard import records
 from flowshard.analysis import MAX_PAIRED_FLOWS, pairwise_service_difference
+from flowshard.scenario import flow_weights
 from flowshard.simulate import UNITS, read_scenario
 
 
@@ -138,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.scenario:
         sc = read_scenario(args.scenario)
         unit_of = {b.name: UNITS[b.fairness] for b in sc.server.bands}
-        weights = dict(sc.server.weights)
+        weights = {**sc.server.weights, **flow_weights(sc)}  # (a review: the flows' own weights were ignored)
         window = (sc.workload.warmup, sc.workload.duration)
     if args.window:
         window = (args.window[0], args.window[1])

@@ -362,6 +362,13 @@ def expand_flows(workload: Workload) -> list[FlowInstance]:
     ]
 
 
+def flow_weights(scenario: Scenario) -> dict[str, float]:
+    """Every flow's weight as the server applies it: the flow entry's own `weight` (sent with each of
+    its requests), else the server's `weights` for its id, else 1."""
+    configured = scenario.server.weights
+    return {i.id: i.spec.weight or configured.get(i.id, 1.0) for i in expand_flows(scenario.workload)}
+
+
 def flow_rng(seed: int, flow_id: str) -> random.Random:
     """The flow's own generator: depends on the seed and the flow id only (str seeds hash with SHA-512)."""
     return random.Random(f"{seed}/{flow_id}")

@@ -79,3 +79,32 @@ def test_cli_prints_each_run_and_pair(tmp_path: Path, capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert "== source=bench label=shards=4 run=0" in out
     assert "f/g" in out and "10,000" in out
+
+
+def test_cli_takes_the_flows_own_weights_from_the_scenario(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A flow's `weight` in `[[workload.flows]]` is its weight, as the server and the bench apply it (a
+    review: only `[server.weights]` was read, so weighted differences came out 100-400 times too large).
+    Flow f (weight 2) is served twice as often as g, both backlogged throughout: fair by weight."""
+    rows: list[list[object]] = []
+    for k in range(60):
+        for i, flow in enumerate(("f", "f", "g")):
+            at = 0.01 * (k + 1) + i * 1e-3
+            rows.append([flow, "p0", 3 * k + i + 1, 0.0, at, at + 0.01, 0, "dispatched", SIZE, 0, 0.01])
+    for n, flow in enumerate(("f", "g")):
+        rows.append([flow, "p0", 1000 + n, 0.0, None, 0.7, 0, "unfinished", SIZE, 0, None])
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(records.encode("bench", "t", rows, run=0))
+    scenario = tmp_path / "s.toml"
+    flow = 'arrival = { kind = "poisson", rate = 10 }\nsize = 1000\nservice = 0.01\n'
+    scenario.write_text('[[server.bands]]\npriority = 0\nfairness = "drr"\n\n[workload]\nduration = 0.7\n\n'
+                        f'[[workload.flows]]\nid = "f"\nweight = 2.0\n{flow}\n[[workload.flows]]\nid = "g"\n{flow}')
+
+    def worst() -> float:
+        line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("f/g"))
+        return float(line.split()[1].replace(",", ""))
+
+    assert servicediff.main([str(path), "--window", "0", "0.7"]) == 0
+    unweighted = worst()
+    assert servicediff.main([str(path), "--scenario", str(scenario), "--window", "0", "0.7"]) == 0
+    weighted = worst()
+    assert unweighted >= 50 * SIZE and weighted <= 2 * SIZE, (unweighted, weighted)
