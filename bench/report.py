@@ -39,7 +39,7 @@ from bench.fairness import (
     window_demands,
 )
 from bench.histogram import Histogram
-from bench.loadgen import LOG_COLUMNS, UNFINISHED, GenResult
+from bench.loadgen import LOG_COLUMNS, UNFINISHED, UNSENT, GenResult
 from bench.runner import RunRecord
 from flowshard.analysis import jain_index, percentile
 from flowshard.config import band_index
@@ -103,6 +103,7 @@ def record_rows(results: Sequence[GenResult], scenario: Scenario) -> list[list[o
     names = [scenario.server.bands[resolve(i.spec.priority)].name for i in instances]
     labels = {int(o): o.label for o in Outcome}
     labels[UNFINISHED] = "unfinished"
+    labels[UNSENT] = "unsent"
     labels[-1] = "error"
     seq = log["seq"]
     order = np.lexsort((log["sent"], np.where(seq >= 0, seq, np.iinfo(np.int64).max)))
@@ -256,7 +257,10 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
                         "not computed")
     pool_waits = sum(r.pool_waits for r in results)
     if pool_waits:
-        warnings.append(f"{pool_waits} HTTP admissions waited for a free connection (raise --max-conns)")
+        unsent = sum(r.unsent for r in results)
+        never = (f"; {unsent} were still waiting when the run ended: never sent, counted unfinished but not in "
+                 "the fairness figures (the service never saw them)") if unsent else ""
+        warnings.append(f"{pool_waits} HTTP admissions waited for a free connection (raise --max-conns){never}")
     warnings += record.problems
     stats = record.stats or {}
     mismatch = config_mismatch(config, stats)
@@ -318,7 +322,7 @@ def latency_with_unanswered(log: dict[str, np.ndarray], answered: Histogram, war
     log lacks some of the `unanswered` (truncated), those count at age 0 (still a lower bound), so every
     percentile is one."""
     out = Histogram.from_dict(answered.to_dict())
-    rows = (log["outcome"] == UNFINISHED) & (log["intended"] >= warmup) & (log["intended"] < duration)
+    rows = np.isin(log["outcome"], (UNFINISHED, UNSENT)) & (log["intended"] >= warmup) & (log["intended"] < duration)
     ages = np.maximum((log["done"][rows] - log["intended"][rows]) * 1e9, 0).astype(np.int64)
     for age in ages.tolist():
         out.record(int(age))

@@ -89,7 +89,7 @@ def breakdown(rows: Sequence[dict[str, Any]], *, unit_of: dict[str, str] | None 
     weights = weights or {}
     out: dict[str, dict[str, dict[str, float]]] = {}
     for band in sorted({r["band"] for r in rows}):
-        mine = [r for r in rows if r["band"] == band and not r["outcome"].startswith(("rejected", "error"))]
+        mine = [r for r in rows if r["band"] == band and not r["outcome"].startswith(("rejected", "error", "unsent"))]
         if not mine or len({r["flow"] for r in mine}) > MAX_PAIRED_FLOWS:  # as the bench: no pairs past that
             out[band] = {}
             continue

@@ -334,6 +334,10 @@ class HttpPool:
         else:
             self._free.append(conn)
 
+    def unsent(self) -> set[int]:
+        """The admissions still waiting for a free connection: none of their bytes has left."""
+        return {rid for rid, _ in self._waiting}
+
     def release(self, ticket: int) -> None:
         if self._releaser is not None:
             self._releaser.send(_RELEASE, b'{"ticket":%d}' % ticket, batch=True)

@@ -16,7 +16,9 @@ object first, then one array per request, positional, in the order of `COLUMNS`:
   for a dispatch, the outcome's time otherwise, the end of the run for `unfinished`.
 - shard: the shard that held it (-1: dispatched at the distributor's idle fast path; null: never queued,
   a rejection, or unknown).
-- outcome: `dispatched`, `rejected:<reason>`, `evicted:<reason>`, `unfinished` or `error`.
+- outcome: `dispatched`, `rejected:<reason>`, `evicted:<reason>`, `unfinished`, `unsent` (bench over
+  HTTP: still waiting in the generator for a free connection when the run ended; the service never
+  saw it) or `error`.
 - size (bytes), tokens (declared, 0: none), service (seconds it held its slot; null if not dispatched).
 """
 
