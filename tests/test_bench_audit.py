@@ -53,6 +53,8 @@ def test_bench_reference_verdict_and_records(tmp_path: Path, fairness: str) -> N
     [config] = doc["configs"]
     [run] = config["runs"]
     band = run["bands"][0]
+    assert band["service_diff"] is not None and run["fairness"]["service_diff"] == band["service_diff"]
+    assert config["summary"]["service diff, pairwise (band unit)"]["max"] == band["service_diff"]
     if fairness == "global-fcfs":  # the negative control fails in the report: 6 : 2 slots, not 4 : 4
         assert band["reference"]["fair"] is False and run["fairness"]["fair"] is False
         assert {o.split()[0] for o in band["reference"]["off"]} == {"big", "small"}

@@ -139,6 +139,10 @@ def test_bench_binary_two_bands_against_flowshard(tmp_path: Path) -> None:
     assert {g["id"] for g in run["groups"]} == {"vip", "bulk", "agent"} and len(run["flows"]) == 5
     low = run["bands"][1]
     assert low["jain"] is not None and low["apparent_inversions"] is not None
+    # the summary's pairwise figure is the bands' worst (a review: only the older figure was summed up)
+    pairwise = [b["service_diff"] for b in run["bands"] if b["service_diff"] is not None]
+    one_unit = len({b["unit"] for b in run["bands"]}) == 1
+    assert pairwise and run["fairness"]["service_diff"] == (max(pairwise) if one_unit else None)
     assert run["server"]["dispatched"] > 0
     proj = run["projection"]["with_generator"]
     assert set(proj) == {"2", "4", "8", "16"} and all(v["per_s"] > 0 for v in proj.values())
