@@ -118,6 +118,9 @@ class BackendPool:
         # (an acceptor's pool) until when the other acceptors keep each backend out (`peers_out`); None:
         # they keep none out
         self.peers_until: list[float] | None = None
+        # (the distributor's pool with the detector) called when a take-out leaves no backend up: the pool's
+        # figure then holds nothing back (`Proxy.saturation`), and the requests it held are to be planned
+        self.on_all_out: Callable[[], None] | None = None
 
     def stagger(self, index: int) -> None:
         """(Acceptor `index`'s picker) its round robin starts `index` backends on: the acceptors' pickers
@@ -287,6 +290,8 @@ class BackendPool:
         backend.last_kind = kind
         backend.down_until = now + min(self.max_backoff, self.backoff * 2 ** min(backend.failures - 1, 30))
         backend.probe_after = now + self.backoff
+        if self.on_all_out is not None and not self.any_up(now):
+            self.on_all_out()
         return True
 
     @staticmethod

@@ -527,6 +527,8 @@ class Proxy:
         )
         # where the requests sent to and finished at each backend are counted: the detector, or the report
         self.counts: PoolUtilization | BackendReport | None = report if report is not None else self.utilization
+        if self.utilization is not None:
+            self.pool.on_all_out = on_room
         self.on_health: Callable[[int], None] | None = None  # the distributor with acceptors: tell them
         # ...and each backend's room by its detector (`_push_rooms`), as last told; in an acceptor, as the
         # distributor last told it (`LinkBackendsFull`), with how many of this one's sends it counts: `_full`
@@ -667,6 +669,11 @@ class Proxy:
         util = self.utilization
         assert util is not None
         now = self.loop.time()
+        if not self.pool.any_up(now):
+            # No backend takes a request: the figure (stale metrics count full) held the requests queued
+            # then until their TTL, while each later one was answered 503 `no_backend` at once (review 160:
+            # 60 s at the default TTL). Nothing is held: they are dispatched and answered as those are.
+            return 0.0
         util.expire(now)  # staleness as of this decision, not as of the last scrape round
         sats = util.saturations_kept()  # (unchanged within a plan: once for its grants)
         unsent = grants + self.unsent

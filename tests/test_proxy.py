@@ -1137,6 +1137,41 @@ def test_a_pool_with_no_backend_listening_answers_503_at_once_not_after_a_ttl(
     assert wait_until(lambda: metric(svc.metrics(), "flowshard_proxy_no_backend_total") >= 1, 10.0, 0.1)
 
 
+@pytest.mark.parametrize("acceptors", [0, 2])
+def test_requests_the_detector_holds_when_the_last_backend_goes_out_are_answered_503_not_after_their_ttl(
+    launch: Any, fake_backend: Any, acceptors: int
+) -> None:
+    """Review 160: requests held by the utilization detector (the backend full by its metrics) when the
+    only backend dies waited out their whole TTL (a pool with none up counts saturated), while each
+    later one was answered 503 `no_backend` at once. With no backend up the detector holds nothing:
+    they are dispatched and answered as those are, at once, not at their TTL (20 s here)."""
+    fake = fake_backend(ttft=0.01, itl=0.05, max_running=1)
+    proxy = {"utilization": True, "queue_threshold": 1.0, "scrape_interval": 0.05, "backoff": 30.0}
+    svc = launch(proxy_config([fake.url], proxy=proxy, budget="unlimited", extra="default_ttl = 20.0"),
+                 acceptors=acceptors)
+    async def main() -> tuple[list[Any], float]:
+        api = openai.AsyncOpenAI(base_url=svc.url("/v1"), api_key="sk-test", max_retries=0, timeout=30)
+        asks = []
+        for _ in range(8):
+            asks.append(asyncio.ensure_future(api.chat.completions.create(model="m", messages=MSG, max_tokens=100)))
+            await asyncio.sleep(0.03)
+        deadline = time.monotonic() + 10
+        while (await asyncio.to_thread(svc.stats))["totals"]["queued_items"] < 2:  # held here by the detector
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        fake.popen.kill()
+        killed = time.monotonic()
+        answers = await asyncio.gather(*asks, return_exceptions=True)
+        return answers, time.monotonic() - killed
+
+    answers, took = run(main(), timeout=40)
+    assert took < 8.0, took  # (was: the TTL, 20 s)
+    assert all(isinstance(a, openai.APIStatusError) and a.status_code in (502, 503) for a in answers), answers
+    assert any(a.status_code == 503 and a.code == "no_backend" for a in answers)  # type: ignore[union-attr]
+    s = settled(svc)
+    assert s["totals"]["queued_items"] == 0
+
+
 @contextlib.asynccontextmanager
 async def _front(backends: list[str] | None = None, limits: Any = None, **proxy_options: Any) -> AsyncIterator[int]:
     """The HTTP front in proxy mode, in this process (admission: `_FailingAdmission`); yields its port."""
