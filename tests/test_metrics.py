@@ -214,14 +214,13 @@ def test_per_flow_rest_is_zero_when_nothing_is_queued(dist: Distributor) -> None
 
 def test_inflight_limits_saturation_and_grants(dist: Distributor) -> None:
     ledger = dist.ledger
-    for i in range(3):
-        enqueue(dist, f"f{i}", LOW, 100, shard=i % 2)
-    [(shard, band, reserve, _)] = ledger.plan_grants()  # the first grant of an idle byte budget reserves it all
-    assert (band, reserve) == (LOW, 1000)
+    enqueue(dist, "f0", LOW, 300, shard=0)
+    [(shard, band, reserve, _)] = ledger.plan_grants()  # twice the typical size: 600 of the idle 1000 bytes
+    assert (band, reserve) == (LOW, 600)
     s = scrape(dist)
     assert value(s, "flowshard_grants_outstanding", band="low") == 1
     assert value(s, "flowshard_grants_outstanding", band="high") == 0
-    assert value(s, "flowshard_grants_reserved_bytes") == 1000
+    assert value(s, "flowshard_grants_reserved_bytes") == 600
     assert value(s, "flowshard_inflight_requests") == 0
     ledger.grant_answered(shard, 300)  # the shard dispatched a 300-byte request
     s = scrape(dist)
@@ -232,6 +231,8 @@ def test_inflight_limits_saturation_and_grants(dist: Distributor) -> None:
     assert value(s, "flowshard_inflight_limit_requests") == 4
     assert value(s, "flowshard_inflight_limit_bytes") == 1000
     assert value(s, "flowshard_saturation") == pytest.approx(0.3)  # max(1/4, 300/1000)
+    for i in (1, 2):
+        enqueue(dist, f"f{i}", LOW, 100, shard=i % 2)
     more = ledger.plan_grants()
     assert more
     s = scrape(dist)
