@@ -1375,13 +1375,14 @@ class Distributor:
         self._parked_of.clear()
         self._held.clear()
         for p in list(self.pending.values()):  # anything a worker did not report (it died, or never got it)
+            counted = False
             if p.state in (PendingState.QUEUED, PendingState.DISPLACING):
                 self.ledger.leave(p)
-            elif p.state == _DONE:  # (ended while its shard was silent: `_end_on_silent`)
-                self._release_left(p)
-            counted = unreported.get((p.shard, p.band), 0) > 0  # (its worker counted it as it was killed)
-            if counted:
-                unreported[(p.shard, p.band)] -= 1
+                counted = unreported.get((p.shard, p.band), 0) > 0  # (its worker counted it as it was killed)
+                if counted:
+                    unreported[(p.shard, p.band)] -= 1
+            elif p.state == _DONE:  # (ended while its shard was silent, its client told: `_end_on_silent`;
+                self._release_left(p)  # its shard ended it as it read the Shutdown: expired or cancelled)
             self._finish(p, _SHUTDOWN, time.monotonic() - p.received, counted)
         if self.acceptors is not None:  # every outcome is delivered: the acceptors pass on the last ones
             await self.acceptors.close(cut=lambda: self._stop_now)  # (their clients' last answers: not after
