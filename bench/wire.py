@@ -61,6 +61,8 @@ class Sink(Protocol):
 
     def on_lost(self, message: str) -> None: ...
 
+    def on_sent(self, rid: int) -> None: ...
+
 
 # ---------------------------------------------------------------------------------------- binary
 
@@ -331,6 +333,7 @@ class HttpPool:
         if self._waiting and not self._closing:
             rid, body = self._waiting.popleft()
             conn.send(rid, body)
+            self.sink.on_sent(rid)  # (it waited here: it leaves now, not when it was asked for)
         else:
             self._free.append(conn)
 

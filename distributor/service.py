@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import msgspec
@@ -1365,17 +1365,19 @@ class Distributor:
         for proc in behind.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=1.0)
-        unreported: dict[tuple[int, int], int] = {}
         if behind:
             await self._read_dead_links(0.5)
-            unreported = self._counted_unreported(list(behind))
+        # (every shard: one that died on its own in a part, an OOM kill or a fail-stop, too; review 162. One
+        # that finished reporting has nothing unreported)
+        unreported = self._counted_unreported(range(len(self.shards)))
         for timer in self._parked_ttl.values():
             timer.cancel()
         self._parked_ttl.clear()
         self._parked_of.clear()
         self._held.clear()
-        for p in list(self.pending.values()):  # anything a worker did not report (it died, or never got it)
-            counted = False
+        told = self._told  # (those whose clients were told nothing yet first: they take the uncounted ends)
+        for p in sorted(self.pending.values(), key=lambda p: p.id in told):  # anything a worker did not report
+            counted = False  # (it died, or never got it)
             if p.state in (PendingState.QUEUED, PendingState.DISPLACING):
                 self.ledger.leave(p)
                 counted = unreported.get((p.shard, p.band), 0) > 0  # (its worker counted it as it was killed)
@@ -1423,18 +1425,19 @@ class Distributor:
         if self._stopped is not None:
             self._stopped.set()
 
-    def _counted_unreported(self, killed: list[int]) -> dict[tuple[int, int], int]:
-        """Per (shard, band) of the workers killed at the exit: the `evicted: shutdown` outcomes they
-        counted in their cells and had not written (the part of the eviction in progress at the kill:
-        up to `EVICT_CHUNK`, review 156). Those requests are still pending here and end so below, but
-        uncounted: each is in its worker's cells already. (Their cells only grow, and a worker counts
-        `evicted: shutdown` only for a `Shutdown`, so each cell is every such Done read plus these.)"""
+    def _counted_unreported(self, shards: Iterable[int]) -> dict[tuple[int, int], int]:
+        """Per (shard, band), at the exit: the `evicted: shutdown` outcomes a worker counted in its cells
+        and did not write, killed (or dead on its own) in the part of its eviction in progress (up to
+        `EVICT_CHUNK`, review 156). Those requests are still pending here and end so below, but
+        uncounted: each is in its worker's cells already. (Its cells only grow, and a worker counts
+        `evicted: shutdown` only for a `Shutdown`, so each cell is every such Done read plus these: 0
+        for a worker that finished reporting.)"""
         shm = self.shm
         if shm is None:
             return {}
         reported = self._shutdown_reported
         out = {}
-        for shard in killed:
+        for shard in shards:
             for band in range(len(self.ledger.bands)):
                 extra = shm.outcome_count(shard, band, _SHUTDOWN) - reported.get((shard, band), 0)
                 if extra > 0:

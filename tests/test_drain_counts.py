@@ -11,6 +11,7 @@ by never handing its last frames over."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from test_unclaimed import Link, Waiter, _one_shard
@@ -37,11 +38,15 @@ class KilledProc:
         return -9
 
 
-def _run_drain(handed_over: int) -> tuple[Waiter, Any, int]:
-    """`n` requests queued on the one shard, its worker stopped after the first part of its eviction
-    (counted in its cells, written to its link) with only `handed_over` of that part's `Done`s read by
-    the distributor; then the drain's report limit kills it. The waiter, the exit's snapshot, `n`."""
-    n = EVICT_CHUNK + 5
+def _run_drain(handed_over: int, *, expiring: int = 0, cancel_last: bool = False,
+               dies_itself: bool = False) -> tuple[Waiter, Any, int]:
+    """`n` requests queued on the one shard (the first dispatched; the next `expiring` with a TTL that
+    passes before the drain; the last one's client leaving as it starts, if `cancel_last`), its worker stopped after
+    the first part of its eviction (counted in its cells, written to its link) with only `handed_over`
+    of that part's `Done`s read by the distributor (what the `Shutdown`'s read itself decided is read
+    whole: it was written before the part); then the drain's report limit kills it, or it died on its
+    own first (`dies_itself`: an OOM kill, an operator's). The waiter, the exit's snapshot, `n`."""
+    n = EVICT_CHUNK + 5 + expiring + cancel_last
 
     async def main() -> tuple[Waiter, Any]:
         d, link, worker, transport = _one_shard()
@@ -49,22 +54,31 @@ def _run_drain(handed_over: int) -> tuple[Waiter, Any, int]:
         shard.link.__class__ = ClosableLink  # (its transport is itself: the exit closes it)
         shard.proc = KilledProc()  # type: ignore[assignment]
         waiter = Waiter()
-        for i in range(n):
-            d.admit(waiter, i, f"f{i % 7}", 0, 100, 0.0, 0.0, 0, 0.0, False)
+        ids = [d.admit(waiter, i, f"f{i % 7}", 0, 100, 0.02 if 0 < i <= expiring else 0.0, 0.0, 0, 0.0, False)
+               for i in range(n)]
         d._end_pass()  # their Enqueues (and a grant: one is dispatched)
         for data in link.inbox:
             worker.data_received(data)
         link.inbox.clear()
         d.on_worker_frames(0, list(transport.got))
         transport.got.clear()
+        if cancel_last:
+            d.cancel(ids[-1])  # its Cancel goes with the Shutdown
+        if expiring:
+            time.sleep(0.03)  # past their TTL (the worker's timer has not run: it expires them at Shutdown)
         closing = asyncio.ensure_future(d.close(why="drain"))
         await asyncio.sleep(0)  # the Shutdown is written
-        transport.buffered = 1  # the worker's link stays behind from here: it takes no second part
         for data in link.inbox:
-            worker.data_received(data)  # the first part: counted, written
+            worker.data_received(data)
+        d.on_worker_frames(0, list(transport.got))  # what that read decided: written, read
+        transport.got.clear()
+        await asyncio.sleep(0)  # the first part: counted, written
+        transport.buffered = 1  # the worker's link stays behind from here: it takes no second part
         evicted = [m for m in transport.got if type(m) is Done]
         assert len(evicted) == EVICT_CHUNK and {m.outcome for m in evicted} == {int(Outcome.EVICTED_SHUTDOWN)}
         d.on_worker_frames(0, evicted[:handed_over])  # the rest is in the socket as the worker dies
+        if dies_itself:
+            d.on_worker_lost(0, shard.link)  # (its link's end, before the exit's own kill)
         await closing
         return waiter, d.final_snapshot
 
@@ -77,10 +91,24 @@ def _counted(snapshot: Any) -> dict[str, int]:
     return {o.label: int(v) for o, v in zip(Outcome, totals, strict=False) if v}
 
 
+def _told(waiter: Waiter) -> dict[str, int]:
+    return {o.label: waiter.got.count(o) for o in set(waiter.got)}
+
+
 def test_what_a_killed_worker_counted_and_did_not_write_is_not_counted_again() -> None:
     for handed_over in (0, 700, EVICT_CHUNK):
         waiter, snapshot, n = _run_drain(handed_over)
         assert len(waiter.got) == n  # every client told once ...
-        told = {o.label: waiter.got.count(o) for o in set(waiter.got)}
-        assert told == {"dispatched": 1, "evicted:shutdown": n - 1}
-        assert _counted(snapshot) == told, handed_over  # ... and counted once (was: + the unwritten part)
+        assert _told(waiter) == {"dispatched": 1, "evicted:shutdown": n - 1}
+        assert _counted(snapshot) == _told(waiter), handed_over  # ... and counted once (was: + the unwritten part)
+
+
+def test_a_worker_dead_on_its_own_in_a_part_and_the_shutdowns_own_outcomes_count_once() -> None:
+    """Review 162: a worker that died on its own in the middle of a part (its link ended before the
+    exit's kill) was not reconciled (3,304 counted for 2,004 told); and the TTLs and Cancels read with
+    the `Shutdown` were in the first part, so a kill there counted them twice too. The read's own
+    outcomes are written before the first part now, and every shard is reconciled at the exit."""
+    waiter, snapshot, n = _run_drain(700, expiring=30, cancel_last=True, dies_itself=True)
+    told = _told(waiter)
+    assert told == {"dispatched": 1, "evicted:ttl": 30, "evicted:shutdown": n - 32}  # (the cancelled: nobody)
+    assert _counted(snapshot) == {**told, "evicted:cancelled": 1}

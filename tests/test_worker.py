@@ -280,6 +280,8 @@ def test_a_large_queue_is_evicted_at_shutdown_in_parts_each_written_before_the_n
         t.got.clear()
         t.writes.clear()
         worker.data_received(frames(Shutdown()))
+        assert t.writes == [] and worker.engine.holds == n  # (the read's own outcomes first: none here)
+        await asyncio.sleep(0)
         assert t.writes == [EVICT_CHUNK] and t.closed_after < 0  # the first part, written; the link open
         t.buffered = 100  # the link is behind: no part taken meanwhile
         await asyncio.sleep(EVICT_PAUSE * 5)
@@ -295,16 +297,36 @@ def test_a_large_queue_is_evicted_at_shutdown_in_parts_each_written_before_the_n
 
 
 def test_a_shutdown_with_little_queued_closes_the_link_in_the_same_pass() -> None:
-    """The control: what fits one part is evicted and written at once, and the link closed in the next
-    loop pass, as nothing is left."""
+    """The control: what fits one part is evicted and written in the next loop pass, and the link
+    closed in the pass after, as nothing is left."""
     async def main() -> None:
         worker, t, _ = await _worker(1)
         worker.data_received(frames(*[_enqueue(i, 1) for i in (1, 2, 3)]))
         t.got.clear()
         worker.data_received(frames(Shutdown()))
+        await asyncio.sleep(0)
         assert [m.id for m in t.got] == [1, 2, 3] and t.writes[-1] == 3
         await asyncio.sleep(0)
         assert t.is_closing() and len(t.writes) == t.closed_after
+
+
+def test_what_the_shutdowns_read_decided_is_written_before_the_first_part() -> None:
+    """A TTL passed and a Cancel read with the `Shutdown` are answered and written in that read; the
+    queue is evicted from the next loop pass. A worker killed in the middle of a part then holds only
+    `evicted: shutdown` outcomes unwritten, which the distributor reconciles from its cells (review 162:
+    with the first part in the same read, those outcomes were counted twice)."""
+    async def main() -> None:
+        worker, t, _ = await _worker(1)
+        expiring = Enqueue(1, "f1", 0, 1, 10, 0.001, 0.0, 0, 0.0)
+        worker.data_received(frames(expiring, *[_enqueue(i, 1) for i in (2, 3, 4)]))
+        t.got.clear()
+        t.writes.clear()
+        time.sleep(0.005)
+        worker.data_received(frames(Cancel(2, Outcome.EVICTED_CANCELLED), Shutdown()))
+        assert sorted((m.id, m.outcome) for m in t.got) == [(1, Outcome.EVICTED_TTL), (2, Outcome.EVICTED_CANCELLED)]
+        assert t.writes == [2] and worker.engine.holds == 2
+        await asyncio.sleep(0)
+        assert t.writes == [2, 2] and {m.outcome for m in t.got[2:]} == {int(Outcome.EVICTED_SHUTDOWN)}
 
     asyncio.run(main())
 
