@@ -260,7 +260,9 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
         unsent = sum(r.unsent for r in results)
         never = (f"; {unsent} were still waiting when the run ended: never sent, counted unfinished but not in "
                  "the fairness figures (the service never saw them)") if unsent else ""
-        warnings.append(f"{pool_waits} HTTP admissions waited for a free connection (raise --max-conns){never}")
+        warnings.append(f"{pool_waits} HTTP admissions waited for a free connection (raise --max-conns){never}; "
+                        "the reference verdict compares the service with what the flows offered, which the "
+                        "generator sent late: it judges the generator's connections too")
     warnings += record.problems
     stats = record.stats or {}
     mismatch = config_mismatch(config, stats)
