@@ -521,7 +521,11 @@ class HttpConnection(asyncio.Protocol):
             if not self._stopped:  # not an error we raised on purpose
                 self._msg_at = 0.0
                 self._sh.guards.hit("http", "malformed")
-                self._respond(self._error_for(400, f"malformed HTTP request: {exc}", _CONN_CLOSE), _LINGER)
+                if str(exc) == "Pause on PRI/Upgrade":  # the HTTP/2 preface, prior knowledge (review 162)
+                    error = self._error_for(505, "HTTP/2 is not supported: send HTTP/1.1 or HTTP/1.0", _CONN_CLOSE)
+                else:
+                    error = self._error_for(400, f"malformed HTTP request: {exc}", _CONN_CLOSE)
+                self._respond(error, _LINGER)
         if out or self._out_tickets:  # usually nothing: an admission's answer comes later (measured)
             self._spill()
         self._out = None

@@ -1052,6 +1052,7 @@ def test_http_versions_other_than_1_1_and_1_0_are_505() -> None:
                 (b"GET /healthz HTTP/2.0\r\nHost: x\r\n\r\n", 505, b"HTTP/2.0 is not supported"),
                 (b'POST /v1/admit HTTP/2.0\r\nHost: x\r\nContent-Length: 13\r\n\r\n{"flow": "a"}', 505,
                  b"HTTP/2.0 is not supported"),
+                (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505, b"HTTP/2 is not supported"),  # (prior knowledge)
                 (b"POST /v1/admit HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
                  b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, b"Transfer-Encoding")]:
             c = await Client.open(port)
