@@ -118,9 +118,7 @@ class BackendPool:
         # (an acceptor's pool) until when the other acceptors keep each backend out (`peers_out`); None:
         # they keep none out
         self.peers_until: list[float] | None = None
-        # (the distributor's pool with the detector) called when a take-out leaves no backend up: the pool's
-        # figure then holds nothing back (`Proxy.saturation`), and the requests it held are to be planned
-        self.on_all_out: Callable[[], None] | None = None
+        self.on_all_out: Callable[[], None] | None = None  # a take-out left no backend up (`Proxy._none_up`)
 
     def stagger(self, index: int) -> None:
         """(Acceptor `index`'s picker) its round robin starts `index` backends on: the acceptors' pickers

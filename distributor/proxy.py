@@ -406,6 +406,7 @@ class Exchange:
         audit: Audit | None = None,
     ) -> None:
         proxy = self.proxy  # (a proxied request never asks for an audit)
+        proxy.waiting.discard(self)
         if outcome == Outcome.DISPATCHED:
             self.ticket = ticket
             self.unsent = True
@@ -436,6 +437,7 @@ class Exchange:
         if self.refused or self.task is not None:
             return
         self.refused = True  # answered: nothing left to cancel if the client goes
+        self.proxy.waiting.discard(self)
         self.proxy.stats.internal_errors += 1
         log.error("admitting a proxied %s failed: %s", self.route, message)
         if not self.gone:
@@ -449,6 +451,7 @@ class Exchange:
         if self.gone:
             return
         self.gone = True
+        self.proxy.waiting.discard(self)
         if self.task is not None:
             if not self.task.done():
                 self.proxy.stats.client_disconnects += 1
@@ -527,8 +530,6 @@ class Proxy:
         )
         # where the requests sent to and finished at each backend are counted: the detector, or the report
         self.counts: PoolUtilization | BackendReport | None = report if report is not None else self.utilization
-        if self.utilization is not None:
-            self.pool.on_all_out = on_room
         self.on_health: Callable[[int], None] | None = None  # the distributor with acceptors: tell them
         # ...and each backend's room by its detector (`_push_rooms`), as last told; in an acceptor, as the
         # distributor last told it (`LinkBackendsFull`), with how many of this one's sends it counts: `_full`
@@ -545,8 +546,10 @@ class Proxy:
         self.routes = ROUTES
         self.stats = ProxyStats()
         self.active: set[Exchange] = set()
+        self.waiting: set[Exchange] = set()  # admitted, no outcome yet (`_none_up`)
         self.unsent = 0  # dispatched requests whose task has not sent them to a backend yet
         self._on_room = on_room
+        self.pool.on_all_out = self._none_up
         self._replan: asyncio.TimerHandle | None = None  # a plan pass when a backend's back-off ends
         self._replan_at = math.inf
         self._passthroughs = asyncio.Semaphore(MAX_PASSTHROUGHS)
@@ -658,6 +661,8 @@ class Proxy:
                 b.last_error = detail[:300]
                 b.proven = False  # (as `_take_out` has it: not up for the last-up rule until it answers;
                 # a review: a dead backend counted up in the acceptors, the last working one went out)
+                if not self.pool.any_up(now):
+                    self._none_up()
         elif b.last_kind == "scrape" and not self.pool.up(b, now):
             self.pool.succeeded(b)
         if self.report_to is not None:
@@ -669,11 +674,6 @@ class Proxy:
         util = self.utilization
         assert util is not None
         now = self.loop.time()
-        if not self.pool.any_up(now):
-            # No backend takes a request: the figure (stale metrics count full) held the requests queued
-            # then until their TTL, while each later one was answered 503 `no_backend` at once (review 160:
-            # 60 s at the default TTL). Nothing is held: they are dispatched and answered as those are.
-            return 0.0
         util.expire(now)  # staleness as of this decision, not as of the last scrape round
         sats = util.saturations_kept()  # (unchanged within a plan: once for its grants)
         unsent = grants + self.unsent
@@ -923,6 +923,26 @@ class Proxy:
         # leased=False: the proxy itself releases the ticket when the response ends (or the client leaves)
         exchange.rid = self.admission.admit(exchange, slot, item.flow, item.priority, item.size, 0.0, item.slo,
                                             item.tokens, 0.0, False, proxied=True)
+        if exchange.task is None and not exchange.refused:  # (not dispatched or refused at once)
+            self.waiting.add(exchange)
+
+    def _none_up(self) -> None:
+        """No backend is up (the last one just went out): the requests waiting for their admission's
+        outcome are answered 503 `no_backend` now, as one arriving would be, their admissions cancelled
+        (counted `evicted: cancelled`). The utilization detector counts a pool with none up full, so
+        those it held waited out their TTL (60 s by default) while every later request was answered
+        at once (review 160). Not while a probe may go (the detector off: one of them may be it)."""
+        now = self.loop.time()
+        if not self.waiting or self.pool.probe_ready(now):
+            return
+        waiting, self.waiting = self.waiting, set()
+        for ex in waiting:
+            if ex.refused or ex.task is not None or ex.gone:
+                continue
+            ex.refused = True
+            if ex.rid is not None:
+                self.admission.cancel(ex.rid)
+            self._no_backend(ex)
 
     def _no_backend(self, ex: Exchange) -> None:
         self.stats.no_backend += 1

@@ -1143,8 +1143,9 @@ def test_requests_the_detector_holds_when_the_last_backend_goes_out_are_answered
 ) -> None:
     """Review 160: requests held by the utilization detector (the backend full by its metrics) when the
     only backend dies waited out their whole TTL (a pool with none up counts saturated), while each
-    later one was answered 503 `no_backend` at once. With no backend up the detector holds nothing:
-    they are dispatched and answered as those are, at once, not at their TTL (20 s here)."""
+    later one was answered 503 `no_backend` at once. When the last backend goes out the requests
+    waiting for their admission's outcome are answered so too, their admissions cancelled: at once,
+    not at their TTL (20 s here); each request one outcome."""
     fake = fake_backend(ttft=0.01, itl=0.05, max_running=1)
     proxy = {"utilization": True, "queue_threshold": 1.0, "scrape_interval": 0.05, "backoff": 30.0}
     svc = launch(proxy_config([fake.url], proxy=proxy, budget="unlimited", extra="default_ttl = 20.0"),
@@ -1170,6 +1171,9 @@ def test_requests_the_detector_holds_when_the_last_backend_goes_out_are_answered
     assert any(a.status_code == 503 and a.code == "no_backend" for a in answers)  # type: ignore[union-attr]
     s = settled(svc)
     assert s["totals"]["queued_items"] == 0
+    outcomes = band_outcomes(s)  # the waiting ones cancelled, the others dispatched (and failed at the backend)
+    assert outcomes.get("dispatched", 0) + outcomes.get("evicted:cancelled", 0) == 8, outcomes
+    assert outcomes.get("dispatched", 0) >= 1
 
 
 @contextlib.asynccontextmanager
