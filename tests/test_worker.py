@@ -309,6 +309,8 @@ def test_a_shutdown_with_little_queued_closes_the_link_in_the_same_pass() -> Non
         await asyncio.sleep(0)
         assert t.is_closing() and len(t.writes) == t.closed_after
 
+    asyncio.run(main())
+
 
 def test_what_the_shutdowns_read_decided_is_written_before_the_first_part() -> None:
     """A TTL passed and a Cancel read with the `Shutdown` are answered and written in that read; the
