@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.loadgen import UNFINISHED
+from bench.loadgen import UNFINISHED, UNSENT
 from flowshard.analysis import (
     MAX_PAIRED_FLOWS,
     jain_index,
@@ -245,7 +245,8 @@ def blocked_by_higher(
 def offered_segments(log: dict[str, np.ndarray], n_flows: int, unit_of_flow: Sequence[str],
                      cuts: Sequence[float]) -> list[list[float]]:
     """Per flow, the units that arrived (were sent, whatever became of them) in each piece of the window
-    (`flowshard.reference.segments`): an open-loop flow's intrinsic demand."""
+    (`flowshard.reference.segments`): an open-loop flow's intrinsic demand. Not an `UNSENT` admission,
+    which never reached the service (review 163)."""
     out = [[0.0] * (len(cuts) - 1) for _ in range(n_flows)]
     t = log["intended"]
     # arrivals in the window, and what was still waiting for the service when it opened (the first piece)
@@ -253,7 +254,7 @@ def offered_segments(log: dict[str, np.ndarray], n_flows: int, unit_of_flow: Seq
     dispatched = log["outcome"] == _DISPATCHED
     at_service = np.where(np.isfinite(log["s_disp"]), log["s_disp"], log["done"])
     waiting &= ~dispatched | (at_service >= cuts[0])
-    rows = ((t >= cuts[0]) & (t < cuts[-1])) | waiting
+    rows = (((t >= cuts[0]) & (t < cuts[-1])) | waiting) & (log["outcome"] != UNSENT)
     flow, at = log["flow"][rows], np.maximum(t[rows], cuts[0])
     piece = np.clip(np.searchsorted(np.asarray(cuts), at, side="right") - 1, 0, len(cuts) - 2)
     for unit in set(unit_of_flow):

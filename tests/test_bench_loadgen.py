@@ -381,3 +381,19 @@ def test_http_admissions_still_waiting_for_a_connection_at_the_end_are_unsent_no
     outcome = _log(result)["outcome"]
     assert np.count_nonzero(outcome == UNSENT) == submitted - 1 and np.count_nonzero(outcome == UNFINISHED) == 1
     assert np.count_nonzero(_outstanding(outcome)) == 1  # the service's backlog: the one it was sent
+
+
+def test_an_unsent_admission_is_no_open_loop_demand() -> None:
+    """Review 163: the reference's open-loop demand (`offered_segments`) counted an `UNSENT` admission
+    in full, where the README says it is not the service's demand."""
+    from bench.fairness import offered_segments
+    from bench.loadgen import UNSENT
+
+    def log(outcome: int) -> dict[str, np.ndarray]:
+        return {"flow": np.array([0, 0], np.int32), "intended": np.array([3.0, 4.0]), "sent": np.array([3.0, 4.0]),
+                "done": np.array([3.1, 10.0]), "outcome": np.array([0, outcome], np.int8),
+                "size": np.array([100, 5000], np.int64), "tokens": np.zeros(2, np.int64),
+                "s_disp": np.array([3.05, np.nan]), "s_recv": np.array([3.0, np.nan]), "s_enq": np.full(2, np.nan)}
+
+    assert offered_segments(log(UNSENT), 1, ["bytes"], [2.0, 8.0]) == [[100.0]]
+    assert offered_segments(log(UNFINISHED), 1, ["bytes"], [2.0, 8.0]) == [[5100.0]]  # (the control)
