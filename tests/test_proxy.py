@@ -919,6 +919,72 @@ class _FailingAdmission:
         return b"", "text/plain"
 
 
+class _HoldingAdmission(_FailingAdmission):
+    """An admission that holds every request (no outcome) and records the cancels."""
+
+    def __init__(self) -> None:
+        self.next = 0
+        self.cancels: list[int] = []
+
+    def admit(self, *args: Any, **kw: Any) -> int:
+        self.next += 1
+        return self.next
+
+    def cancel(self, request_id: int) -> None:
+        self.cancels.append(request_id)
+
+
+@pytest.mark.parametrize("back_at_once", [True, False])
+def test_requests_waiting_when_the_last_backend_goes_out_are_answered_503_unless_it_is_back_soon(
+    back_at_once: bool,
+) -> None:
+    """Review 165: answered as soon as the last backend went out, a connect refused for 0.15 s (the next
+    good scrape brought the backend back 50 ms later) answered 4 of 6 waiting requests 503. The waiting
+    requests are answered 503 `no_backend` (their admissions cancelled) only if none is back within
+    `NONE_UP_GRACE`; the control stays out and they are."""
+    from distributor.http import HttpLimits, start_http_server
+    from distributor.proxy import NONE_UP_GRACE, Proxy
+    from flowshard.config import Config, ProxyConfig
+
+    body = json.dumps({"model": "m", "messages": MSG, "max_tokens": 2}).encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+               b"content-length: %d\r\n\r\n" % len(body)) + body
+
+    async def go() -> tuple[list[int], list[int]]:
+        admission = _HoldingAdmission()
+        pc = ProxyConfig(backends=["http://127.0.0.1:9"], utilization=False, backoff=4.0)
+        proxy = Proxy(Config(proxy=pc), admission, lambda: None)
+        server = await start_http_server(admission, "127.0.0.1", 0, HttpLimits(), lease=300.0, proxy=proxy)
+        try:
+            conn = await HttpConn.open(server.sockets[0].getsockname()[1])
+            conn.send_raw(request + request)  # two waiting, pipelined
+            for _ in range(200):
+                if len(proxy.waiting) == 2:
+                    break
+                await asyncio.sleep(0.005)
+            loop = asyncio.get_running_loop()
+            backend = proxy.pool.backends[0]
+            proxy.pool.failed(backend, loop.time(), "connect", "refused")  # the last one out
+            if back_at_once:
+                await asyncio.sleep(0.05)
+                proxy.pool.succeeded(backend)  # (as a good scrape brings one a scrape took out)
+            await asyncio.sleep(NONE_UP_GRACE + 0.2)
+            statuses = []
+            if not back_at_once:
+                statuses = [(await conn.response(2)).status for _ in range(2)]
+            conn.close()
+            return statuses, sorted(admission.cancels)
+        finally:
+            server.close()
+            await proxy.close()
+
+    statuses, cancels = run(go(), timeout=20)
+    if back_at_once:
+        assert (statuses, cancels) == ([], [])
+    else:
+        assert (statuses, cancels) == ([503, 503], [1, 2])
+
+
 def test_a_failure_inside_the_proxy_handler_answers_500_and_the_connection_goes_on() -> None:
     from distributor.http import HttpLimits, start_http_server
     from distributor.proxy import Proxy
