@@ -145,12 +145,12 @@ def error_response(status: int, message: str, type_: str, code: str | None, para
         _status_line(status), extra, conn, b"", len(body), b"" if no_body else body)
 
 
-# The errors of the HTTP layer itself (distributor.http) on the OpenAI paths: status -> (type, code).
 # With no backend up, how long the requests waiting for their admission's outcome wait for one back before
 # they are answered 503 `no_backend` (`Proxy._none_up`): a scrape round or a few, for a connect refused
 # for a moment (review 165: 4 of 6 answered 503 for a 0.15 s blip, the backend back 50 ms later)
 NONE_UP_GRACE: Final = 0.5
 
+# The errors of the HTTP layer itself (distributor.http) on the OpenAI paths: status -> (type, code).
 _HTTP_ERRORS: Final = {
     400: ("invalid_request_error", "malformed_request"),
     404: ("invalid_request_error", "unknown_url"),
