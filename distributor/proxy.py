@@ -553,6 +553,7 @@ class Proxy:
         self.active: set[Exchange] = set()
         self.waiting: set[Exchange] = set()  # admitted, no outcome yet (`_none_up`)
         self._none_up_timer: asyncio.TimerHandle | None = None
+        self._none_up_since = -math.inf  # when the last backend last went out (`_none_up`)
         self.unsent = 0  # dispatched requests whose task has not sent them to a backend yet
         self._on_room = on_room
         self.pool.on_all_out = self._none_up
@@ -943,15 +944,25 @@ class Proxy:
         their TTL (60 s by default) while every later request was answered at once (review 160). The
         wait: a connect refused for a moment (a scrape's; the next good one brings the backend back)
         answered every waiting request 503 at once (review 165)."""
+        self._none_up_since = self.loop.time()  # (a backend back and out again: the grace runs from now)
         if self.waiting and self._none_up_timer is None and not self.closing:
-            self._none_up_timer = self.loop.call_later(min(NONE_UP_GRACE, self.pc.backoff / 2), self._answer_waiting)
+            self._none_up_timer = self.loop.call_later(self._none_up_grace(), self._answer_waiting)
+
+    def _none_up_grace(self) -> float:
+        return min(NONE_UP_GRACE, self.pc.backoff / 2)
 
     def _answer_waiting(self) -> None:
-        """(`_none_up`) Still none up: the waiting requests are answered 503 `no_backend`. Not while a
-        probe may go (the detector off: one of them may be it)."""
+        """(`_none_up`) None up since the last backend went out, a grace ago: the waiting requests are
+        answered 503 `no_backend`. Not while a probe may go (the detector off: one of them may be it).
+        If the last one went out later (a backend back and out again meanwhile: review 166), the wait
+        goes on from then."""
         self._none_up_timer = None
         now = self.loop.time()
         if not self.waiting or self.closing or self.pool.any_up(now) or self.pool.probe_ready(now):
+            return
+        left = self._none_up_since + self._none_up_grace() - now
+        if left > 0:
+            self._none_up_timer = self.loop.call_later(left, self._answer_waiting)
             return
         waiting, self.waiting = self.waiting, set()
         for ex in waiting:

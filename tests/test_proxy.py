@@ -934,14 +934,16 @@ class _HoldingAdmission(_FailingAdmission):
         self.cancels.append(request_id)
 
 
-@pytest.mark.parametrize("back_at_once", [True, False])
+@pytest.mark.parametrize("back_at_once", [True, False, "out again"])
 def test_requests_waiting_when_the_last_backend_goes_out_are_answered_503_unless_it_is_back_soon(
-    back_at_once: bool,
+    back_at_once: bool | str,
 ) -> None:
     """Review 165: answered as soon as the last backend went out, a connect refused for 0.15 s (the next
     good scrape brought the backend back 50 ms later) answered 4 of 6 waiting requests 503. The waiting
-    requests are answered 503 `no_backend` (their admissions cancelled) only if none is back within
-    `NONE_UP_GRACE`; the control stays out and they are."""
+    requests are answered 503 `no_backend` (their admissions cancelled) only once none has been up for
+    `NONE_UP_GRACE` since the last one went out; the control stays out and they are. Review 166: back
+    and out again within the grace, they were answered at the first outage's grace (out again here at
+    0.35 s: not answered at 0.5 s)."""
     from distributor.http import HttpLimits, start_http_server
     from distributor.proxy import NONE_UP_GRACE, Proxy
     from flowshard.config import Config, ProxyConfig
@@ -968,9 +970,14 @@ def test_requests_waiting_when_the_last_backend_goes_out_are_answered_503_unless
             if back_at_once:
                 await asyncio.sleep(0.05)
                 proxy.pool.succeeded(backend)  # (as a good scrape brings one a scrape took out)
+            if back_at_once == "out again":
+                await asyncio.sleep(0.3)
+                proxy.pool.failed(backend, loop.time(), "connect", "refused")
+                await asyncio.sleep(NONE_UP_GRACE - 0.2)  # the first outage's grace has passed ...
+                assert admission.cancels == []  # ... the second's has not
             await asyncio.sleep(NONE_UP_GRACE + 0.2)
             statuses = []
-            if not back_at_once:
+            if back_at_once is not True:
                 statuses = [(await conn.response(2)).status for _ in range(2)]
             conn.close()
             return statuses, sorted(admission.cancels)
@@ -979,7 +986,7 @@ def test_requests_waiting_when_the_last_backend_goes_out_are_answered_503_unless
             await proxy.close()
 
     statuses, cancels = run(go(), timeout=20)
-    if back_at_once:
+    if back_at_once is True:
         assert (statuses, cancels) == ([], [])
     else:
         assert (statuses, cancels) == ([503, 503], [1, 2])
