@@ -288,9 +288,14 @@ class BackendPool:
         backend.last_kind = kind
         backend.down_until = now + min(self.max_backoff, self.backoff * 2 ** min(backend.failures - 1, 30))
         backend.probe_after = now + self.backoff
+        self.tell_if_all_out(now)
+        return True
+
+    def tell_if_all_out(self, now: float) -> None:
+        """After a take-out (this pool's, or one told by the distributor's scraper): `on_all_out` if no
+        backend is up."""
         if self.on_all_out is not None and not self.any_up(now):
             self.on_all_out()
-        return True
 
     @staticmethod
     def _count(backend: Backend, kind: str, detail: str) -> None:

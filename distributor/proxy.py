@@ -671,8 +671,7 @@ class Proxy:
                 b.last_error = detail[:300]
                 b.proven = False  # (as `_take_out` has it: not up for the last-up rule until it answers;
                 # a review: a dead backend counted up in the acceptors, the last working one went out)
-                if not self.pool.any_up(now):
-                    self._none_up()
+                self.pool.tell_if_all_out(now)
         elif b.last_kind == "scrape" and not self.pool.up(b, now):
             self.pool.succeeded(b)
         if self.report_to is not None:

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, cast
 
 import msgspec
@@ -737,8 +737,7 @@ class Distributor:
                     if outcome == _DISPATCHED:  # (committed before its deadline: its grant is answered)
                         ledger.grant_answered(shard, p.size, 0, p, msg.decided)
                     elif outcome is _SHUTDOWN:
-                        key = (shard, p.band)
-                        self._shutdown_reported[key] = self._shutdown_reported.get(key, 0) + 1
+                        self._shutdown_read(shard, p.band)
                     newcomer = self._release_left(p)
                     self._finish(p, outcome, msg.wait, True, msg.at, msg.decided, msg.seq)
                     if newcomer is not None:
@@ -750,8 +749,7 @@ class Distributor:
                     band, live = ledger.grant_answered(shard, p.size, 0, p, msg.decided)
                     covered = live and band == p.band
                 elif outcome is _SHUTDOWN:
-                    key = (shard, p.band)
-                    self._shutdown_reported[key] = self._shutdown_reported.get(key, 0) + 1
+                    self._shutdown_read(shard, p.band)
                 newcomer = ledger.leave(p, covered)
                 self._finish(p, outcome, msg.wait, True, msg.at, msg.decided, msg.seq)  # (counted_by_shard, at, ...)
                 if newcomer is not None:
@@ -761,6 +759,11 @@ class Distributor:
             elif kind is Hello:
                 self._on_hello(shard, msg)
         self._schedule_plan()
+
+    def _shutdown_read(self, shard: int, band: int) -> None:
+        """An `evicted: shutdown` Done read from `shard` (`_counted_unreported`)."""
+        key = (shard, band)
+        self._shutdown_reported[key] = self._shutdown_reported.get(key, 0) + 1
 
     def _parked_expired(self, p: Pending) -> None:
         """A parked newcomer's TTL ran out before its victims left (one held on a stopped shard, say):
@@ -1358,18 +1361,16 @@ class Distributor:
         # A worker that has not finished reporting is killed now, before what it holds is ended below: one
         # resuming meanwhile (stopped) counted in its cells what is ended here (review 149). (One merely busy
         # evicting a very large queue, silent past SHUTDOWN_SILENCE, has counted some already: review 150)
-        behind = {s.index: s.proc for s in self.shards if s.link is not None and s.proc is not None}
-        for proc in behind.values():
+        behind = [s.proc for s in self.shards if s.link is not None and s.proc is not None]
+        for proc in behind:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
-        for proc in behind.values():
+        for proc in behind:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=1.0)
         if behind:
             await self._read_dead_links(0.5)
-        # (every shard: one that died on its own in a part, an OOM kill or a fail-stop, too; review 162. One
-        # that finished reporting has nothing unreported)
-        unreported = self._counted_unreported(range(len(self.shards)))
+        unreported = self._counted_unreported()
         for timer in self._parked_ttl.values():
             timer.cancel()
         self._parked_ttl.clear()
@@ -1425,19 +1426,19 @@ class Distributor:
         if self._stopped is not None:
             self._stopped.set()
 
-    def _counted_unreported(self, shards: Iterable[int]) -> dict[tuple[int, int], int]:
+    def _counted_unreported(self) -> dict[tuple[int, int], int]:
         """Per (shard, band), at the exit: the `evicted: shutdown` outcomes a worker counted in its cells
-        and did not write, killed (or dead on its own) in the part of its eviction in progress (up to
-        `EVICT_CHUNK`, review 156). Those requests are still pending here and end so below, but
-        uncounted: each is in its worker's cells already. (Its cells only grow, and a worker counts
-        `evicted: shutdown` only for a `Shutdown`, so each cell is every such Done read plus these: 0
-        for a worker that finished reporting.)"""
+        and did not write, killed (or dead on its own: an OOM kill, a fail-stop; review 162) in the part
+        of its eviction in progress (up to `EVICT_CHUNK`, review 156). Those requests are still pending
+        here and end so below, but uncounted: each is in its worker's cells already. (Its cells only
+        grow, and a worker counts `evicted: shutdown` only for a `Shutdown`, so each cell is every such
+        Done read plus these: 0 for a worker that finished reporting.)"""
         shm = self.shm
         if shm is None:
             return {}
         reported = self._shutdown_reported
         out = {}
-        for shard in shards:
+        for shard in range(len(self.shards)):
             for band in range(len(self.ledger.bands)):
                 extra = shm.outcome_count(shard, band, _SHUTDOWN) - reported.get((shard, band), 0)
                 if extra > 0:

@@ -132,10 +132,12 @@ class ShardWorker(asyncio.Protocol):
                     engine.correct(msg.flow, msg.priority, msg.delta, msg.weight, msg.seq if msg.seq >= 0 else None)
                 elif kind is Shutdown:
                     self._closing = True
-                    engine.expire(time.monotonic())  # (past their TTL, in this read or before: `ttl`, as the
-                    # distributor may have told their clients already: review 146)
-                    engine.shutting_down = True  # (the queue goes from the next loop pass, `_evict_rest`: what
-                    # this read decided is written first, so a part cut by a kill holds only evictions)
+                    now = time.monotonic()
+                    engine.expire(now)  # (past their TTL, in this read or before: `ttl`, as the distributor
+                    # may have told their clients already: review 146)
+                    engine.shutdown(now, at_most=0)  # (admits no more; the queue goes from the next loop pass,
+                    # `_evict_rest`: what this read decided is written first, so a part cut by a kill holds
+                    # only evictions)
                 if engine.outbox:
                     self._drain()
         except (FrameError, ValueError):  # (ValueError: a Cancel's outcome that is none)
