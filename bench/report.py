@@ -269,6 +269,7 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
     if mismatch:
         warnings.append(f"the service's configuration is not the scenario's [server] ({mismatch}): its bands "
                         "are labelled, and its fairness judged, by the scenario's (a --target keeps its own)")
+    one_unit = len({b["unit"] for b in bands}) == 1  # (the bands' figures compare only then)
     return {
         **meta,
         "window_s": window,
@@ -291,12 +292,11 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
         "groups": groups,
         "flows": flows,
         "fairness": {"jain": all_jain, "max_service_diff": _max_or_none(b["max_service_diff"] for b in bands)
-                     if len({b["unit"] for b in bands}) == 1 else None,
+                     if one_unit else None,
                      # the VTC paper's figure, the audit's (a review: the summary showed only the older one,
                      # 7 where the pairwise figure was 12 at 2-8 shards)
-                     "service_diff": _max_or_none(b["service_diff"] for b in bands)
-                     if len({b["unit"] for b in bands}) == 1 else None,
-                     "service_diff_unit": bands[0]["unit"] if len({b["unit"] for b in bands}) == 1 else "mixed",
+                     "service_diff": _max_or_none(b["service_diff"] for b in bands) if one_unit else None,
+                     "service_diff_unit": bands[0]["unit"] if one_unit else "mixed",
                      "apparent_inversions": None if truncated else sum(inversions),
                      "fair": None if verdicts is None else _all_fair(verdicts),
                      "max_ref_error": _max_or_none(None if b["reference"] is None else b["reference"]["max_error"]

@@ -71,7 +71,7 @@ from flowshard.estimate import estimate, events_per_second
 from flowshard.heaps import compacted
 from flowshard.multisim import ShardedService
 from flowshard.reference import FlowRef, Verdict, judge, segments
-from flowshard.scenario import Closed, FlowSource, Scenario, flow_sources, load_scenario
+from flowshard.scenario import Closed, FlowSource, Scenario, flow_sources, flow_weights, load_scenario
 from flowshard.types import Item, ItemState, Outcome, Request
 
 _ARRIVAL, _CLIENT, _DONE = 0, 1, 2  # event kinds
@@ -553,13 +553,12 @@ class _Simulation:
             self.engine, self.engines = service, service.engines
         engine = self.engine
         self.bands = [_Band(b) for b in engine.bands]
-        weights = scenario.server.weights
+        weights = flow_weights(scenario)
         self.flows: list[_Flow] = []
         for index, source in enumerate(flow_sources(workload)):
             spec = source.instance.spec
             band = self.bands[engine.band_index(spec.priority)]
-            weight = spec.weight or weights.get(source.instance.id, 1.0)
-            flow = _Flow(index, source, band, weight, self.duration)
+            flow = _Flow(index, source, band, weights[source.instance.id], self.duration)
             band.flows.append(flow)
             self.flows.append(flow)
         self.cuts = segments(scenario)
