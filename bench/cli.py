@@ -334,7 +334,7 @@ def to_json(result: dict[str, Any], args: argparse.Namespace, command: str) -> b
 
 def check_numbers(args: argparse.Namespace) -> None:
     """The numeric flags in range (finite, at least their least value), before anything starts."""
-    for flag, value, low in (("--conns", args.conns, 0), ("--max-conns", args.max_conns, 1),
+    for flag, value, low in (("--conns", args.conns, 0), ("--max-conns", args.max_conns, 0),
                              ("--timer-lead-us", args.timer_lead_us, 0), ("--drain-timeout", args.drain_timeout, 0),
                              ("--wait-quiet", args.wait_quiet, 0), ("--proxy-ttft", args.proxy_ttft, 0),
                              ("--proxy-itl", args.proxy_itl, 0)):

@@ -34,6 +34,7 @@ import asyncio
 import heapq
 import math
 import os
+import resource
 import sys
 import time
 from array import array
@@ -46,6 +47,7 @@ import uvloop
 from bench.histogram import Histogram
 from bench.timer import PreciseTimer
 from bench.wire import BinaryConn, HttpPool, connect_binary
+from distributor.fdreserve import raise_descriptor_limit
 from flowshard.config import band_index
 from flowshard.scenario import (
     Bursts,
@@ -183,6 +185,20 @@ class _Flow:
         self.closed = spec.arrival if isinstance(spec.arrival, Closed) else None
 
 
+# descriptors a generator process keeps for itself beside its HTTP admission connections (its release
+# connection, its result file, the interpreter's own)
+SPARE_FDS = 64
+
+
+def descriptors_for(max_conns: int) -> int:
+    """`max_conns` HTTP admission connections, or as many as this process's descriptor limit allows
+    once raised as far as its hard limit lets it (a soft limit of 1,024 is common)."""
+    soft, _ = raise_descriptor_limit(max_conns + SPARE_FDS)
+    if soft == resource.RLIM_INFINITY:
+        return max_conns
+    return max(1, min(max_conns, soft - SPARE_FDS))
+
+
 class Generator:
     """The event-driven generator of one process. Times are `time.monotonic()` seconds."""
 
@@ -274,7 +290,7 @@ class Generator:
                 self._admit = admit
                 self._release = conns[0].release  # tickets are global: any connection may release one
         else:
-            pool = HttpPool(self, self.loop, spec.host, spec.port, spec.max_conns, spec.audit)
+            pool = HttpPool(self, self.loop, spec.host, spec.port, descriptors_for(spec.max_conns), spec.audit)
             await pool.open(spec.conns)
             self.http = pool
             self._admit = pool.admit

@@ -256,13 +256,17 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
         warnings.append("the per-request log was truncated: service difference, inversions and per-flow waits "
                         "not computed")
     pool_waits = sum(r.pool_waits for r in results)
+    unsent = sum(r.unsent for r in results)
+    never = (f"{unsent} HTTP admissions were still waiting for a connection when the run ended: never sent, "
+             "counted unfinished but not in the fairness figures (the service never saw them)") if unsent else ""
+    if not pool_waits and never:
+        warnings.append(never)
     if pool_waits:
-        unsent = sum(r.unsent for r in results)
-        never = (f"; {unsent} were still waiting when the run ended: never sent, counted unfinished but not in "
-                 "the fairness figures (the service never saw them)") if unsent else ""
-        warnings.append(f"{pool_waits} HTTP admissions waited for a free connection (raise --max-conns){never}; "
-                        "the reference verdict compares the service with what the flows offered, which the "
-                        "generator sent late: it judges the generator's connections too")
+        never = f"; {never[0].lower()}{never[1:]}" if never else ""
+        warnings.append(f"{pool_waits} HTTP admissions found every one of a generator's --max-conns connections "
+                        f"busy and waited for an answer to free one (raise --max-conns){never}; the reference "
+                        "verdict compares the service with what the flows offered, which the generator sent "
+                        "late: it judges the generator's connections too")
     warnings += record.problems
     stats = record.stats or {}
     mismatch = config_mismatch(config, stats)

@@ -332,7 +332,7 @@ class Options(msgspec.Struct, kw_only=True):
     transport: str = "binary"
     procs: int = 1
     conns: int = 0  # 0: binary 1 per process; HTTP: the closed-loop clients + 16
-    max_conns: int = 512
+    max_conns: int = 0  # HTTP; 0: `http_max_conns`
     lead: float = 60e-6
     drain_timeout: float = 30.0
     log_limit: int = 2_000_000
@@ -370,6 +370,16 @@ def _http_conns(scenario: Scenario, procs: int) -> int:
     return -(-closed_clients(scenario) // procs) + 16
 
 
+def http_max_conns(scenario: Scenario, procs: int) -> int:
+    """`--max-conns` 0 (auto): each generator process's share of what the service accepts (its
+    `max_connections`, the scenario's or the default; one each kept for releases). An HTTP admission
+    holds its connection until its outcome, so a burst of 2,000 queued requests needs 2,000 of them:
+    a fixed 512 a process made `ttl-storm`'s storm wait in the generator and its verdict judge that
+    (review 161). The pool opens them only as admissions wait, and the generator's descriptor limit
+    bounds them too (`bench.loadgen`)."""
+    return max(1, scenario.server.service.max_connections // procs - 1)
+
+
 async def run_once(
     scenario: Scenario, server: Server, options: Options, progress: Callable[[float, int, int], None] | None = None
 ) -> RunRecord:
@@ -379,6 +389,7 @@ async def run_once(
     procs: list[asyncio.subprocess.Process] = []
     with tempfile.TemporaryDirectory(prefix="flowshard-bench-") as tmp:
         specs = []
+        max_conns = options.max_conns or http_max_conns(scenario, options.procs)
         for i in range(options.procs):
             if options.conns:
                 conns = options.conns
@@ -388,7 +399,7 @@ async def run_once(
                 conns = _http_conns(scenario, options.procs)
             spec = GenSpec(
                 index=i, procs=options.procs, scenario=payload, transport=options.transport, host=host, port=port,
-                conns=conns, max_conns=options.max_conns, lead=options.lead, drain_timeout=options.drain_timeout,
+                conns=conns, max_conns=max_conns, lead=options.lead, drain_timeout=options.drain_timeout,
                 log_limit=options.log_limit, result_path=os.path.join(tmp, f"result-{i}.msgpack"),
                 audit=options.audit,
             )

@@ -8,8 +8,10 @@ spends as little CPU per request as it can and leaves the cores to the service i
 - `HttpPool`: HTTP/1.1 keep-alive connections with at most one admission outstanding each (a
   pipelined admission would wait behind a queued one: head-of-line blocking would distort the
   waits being measured). Releases go over one extra connection, pipelined (they never block).
-  When every connection is busy, admissions wait in a FIFO for a free one; the generator counts
-  those waits (`pool_waits`) and they show in the latency measured from the intended send time.
+  When every connection is busy, admissions wait in a FIFO for a free one, each opening another up to
+  `max_conns` (a connect's round trip); the generator counts those that found the pool at its
+  `max_conns` (`pool_waits`: they wait for an answer) and every wait shows in the latency measured
+  from the intended send time.
 
 Reads and batched writes bump `sink.timer.work`, so that the precise timer does not count the loop
 passes that ran them as spin (see bench.timer).
@@ -313,11 +315,12 @@ class HttpPool:
         if self._free:
             self._free.pop().send(rid, body)
             return
-        self.pool_waits += 1
         self._waiting.append((rid, body))
         if len(self._all) - 1 + self._opening < self._max:
             self._opening += 1
             self.loop.create_task(self._grow())
+        else:  # (the pool is at `max_conns`: it waits for an answer to free one, not for a connect)
+            self.pool_waits += 1
 
     async def _grow(self) -> None:
         try:

@@ -397,3 +397,73 @@ def test_an_unsent_admission_is_no_open_loop_demand() -> None:
 
     assert offered_segments(log(UNSENT), 1, ["bytes"], [2.0, 8.0]) == [[100.0]]
     assert offered_segments(log(UNFINISHED), 1, ["bytes"], [2.0, 8.0]) == [[5100.0]]  # (the control)
+
+
+def test_http_pool_opens_a_connection_per_waiting_admission_up_to_its_max_and_counts_only_the_waits_past_it(
+) -> None:
+    """An HTTP admission holds its connection until its outcome, so a burst of queued admissions needs
+    one each: the pool opens another for every admission that finds them all busy, up to `max_conns`,
+    and counts as `pool_waits` only those that found it at its max (they wait for an answer, which
+    `raise --max-conns` is about; the others wait for a connect). Here nothing is ever answered."""
+    from bench.wire import HttpPool
+
+    class Sink:
+        def __init__(self) -> None:
+            self.sent: list[int] = []
+            self.timer = PreciseTimer(asyncio.get_running_loop(), lambda: None, 0.0)
+
+        def on_sent(self, rid: int) -> None:
+            self.sent.append(rid)
+
+        def on_lost(self, why: str) -> None:
+            raise AssertionError(why)
+
+    async def main() -> tuple[int, int, list[int]]:
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(1 << 20)
+            await asyncio.sleep(5)
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        sink = Sink()
+        pool = HttpPool(sink, asyncio.get_running_loop(), "127.0.0.1", port, 3)  # type: ignore[arg-type]
+        await pool.open(1)
+        try:
+            for rid in range(6):
+                pool.admit(rid, "a", 0, 10, 0.0, 0.0, 0, 0.0)
+            await wait_until_async(lambda: pool.most_conns == 3)
+            await asyncio.sleep(0.05)
+            return pool.pool_waits, pool.most_conns, sorted(sink.sent)
+        finally:
+            await pool.close()
+            server.close()
+
+    waits, conns, sent = uvloop.run(main())
+    assert conns == 3  # (the release connection apart)
+    assert waits == 3  # admissions 3, 4, 5: the pool at its max (1 open + 2 opening) when each came
+    assert sent == [1, 2]  # sent as their connections opened (re-stamped); 0 went on the open one
+
+
+async def wait_until_async(check: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+def test_http_max_conns_auto_is_the_services_connections_shared_over_the_generators_within_their_descriptors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--max-conns` 0 (auto): each generator process's share of the service's `max_connections` (one
+    each kept for the release connection), then bounded by what its descriptor limit lets it open."""
+    import bench.loadgen
+    from bench.runner import http_max_conns
+
+    scenario = load_scenario(SILENT_HTTP + "[server.service]\nmax_connections = 100\n")
+    assert http_max_conns(scenario, 3) == 32
+    assert http_max_conns(load_scenario(SILENT_HTTP), 2) == 2047  # the default 4,096
+    monkeypatch.setattr(bench.loadgen, "raise_descriptor_limit", lambda needed: (200, 200))
+    assert bench.loadgen.descriptors_for(2047) == 200 - bench.loadgen.SPARE_FDS
+    assert bench.loadgen.descriptors_for(100) == 100
+    monkeypatch.setattr(bench.loadgen, "raise_descriptor_limit", lambda needed: (10, 10))
+    assert bench.loadgen.descriptors_for(2047) == 1
