@@ -54,7 +54,7 @@ from flowshard.scenario import (
     offered_rate,
     scenario_from_data,
 )
-from flowshard.simulate import check_writable, read_scenario
+from flowshard.simulate import audit_header, check_writable, read_scenario
 
 __all__ = ["main", "standalone"]
 
@@ -236,7 +236,7 @@ def run_all(args: argparse.Namespace, base: Scenario, records_out: BinaryIO | No
             if records_out is not None:
                 records_out.write(records.encode("bench", scenario.name, record_rows(record.results, scenario),
                                                  **{k: meta[k] for k in ("label", "kind", "shards", "transport",
-                                                                         "rate", "run")}))
+                                                                         "rate", "run")}, **audit_header(scenario)))
             runs[config].append(fig)
             t = fig["throughput"]
             lat = fig["latency_us"]

@@ -16,9 +16,10 @@ difference between bursts is much smaller, the gap is the order in which the dis
 were made: at N shards each shard's worker dispatches what a pass granted it as one block
 (docs/architecture.md, "The service difference of backlogged flows across shards"). This is an
 auditor's breakdown, not a replacement for the figure. Units and weights come from `--scenario`
-(a flow's weight: its own `weight` in `[[workload.flows]]`, else `[server.weights]`; without a
-scenario bytes and weight 1); the window is `--window` (the bench's `--warmup` and `--duration`), else
-the scenario's (warmup, duration), else the whole run.
+(a flow's weight: its own `weight` in `[[workload.flows]]`, else `[server.weights]`), else from each
+run's header (`units`, `weights`: the records of this release carry them), else bytes and weight 1;
+the window is `--window` (the bench's `--warmup` and `--duration`), else the scenario's (warmup,
+duration), else the header's `window`, else the whole run.
 """
 
 from __future__ import annotations
@@ -149,7 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for head, rows in records.decode_runs(data):
         label = " ".join(f"{k}={head[k]}" for k in ("source", "label", "run") if k in head)
         print(f"== {label}")
-        for band, pairs in breakdown(rows, unit_of=unit_of, weights=weights, window=window,
+        told = head.get("window")
+        for band, pairs in breakdown(rows, unit_of=unit_of if unit_of is not None else head.get("units"),
+                                     weights=weights if weights is not None else head.get("weights"),
+                                     window=window or (None if told is None else (told[0], told[1])),
                                      burst_gap=args.burst_gap / 1e3).items():
             if not pairs:
                 print(f"band {band}: no pairs (fewer than 2 flows, or more than {MAX_PAIRED_FLOWS})")

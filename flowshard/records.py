@@ -3,8 +3,14 @@
 `flowshard simulate --records FILE` and `flowshard bench --records FILE` write JSON Lines: a header
 object first, then one array per request, positional, in the order of `COLUMNS`:
 
-    {"format": "flowshard-records/1", "source": "simulate", "scenario": "...", "columns": [...], ...}
+    {"format": "flowshard-records/1", "source": "simulate", "scenario": "...", "columns": [...],
+     "units": {"p0": "bytes"}, "weights": {"tenant-a": 3.0}, "window": [1.0, 10.0], ...}
     ["tenant-a", "p0", 17, 1.250000123, 1.5, 1.6, 0, "dispatched", 2048, 0, 0.1]
+
+The header also says what the scenario meant for an audit (`flowshard.simulate.audit_header`):
+`units`, each band's fairness unit (`requests`, `bytes` or `cost`: a request's tokens, else its
+bytes); `weights`, the flows whose weight is not 1 (their share of the band is in proportion);
+`window`, the seconds from the start of the run that the figures count (warmup, duration).
 
 - flow, band: the flow id and its band's name.
 - seq: the arrival sequence number at the service (the simulator's request id; the distributor's

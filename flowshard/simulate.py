@@ -82,6 +82,17 @@ _REJECTED = (Outcome.REJECTED_CAPACITY, Outcome.REJECTED_SHUTTING_DOWN)
 _EVICTED = tuple(o for o in Outcome if o.status == "evicted")
 _REQUESTS, _BYTES, _COST = 0, 1, 2
 UNITS = {"round-robin": "requests", "drr": "bytes", "vtc": "cost", "global-fcfs": "cost"}
+
+
+def audit_header(scenario: Scenario) -> dict[str, object]:
+    """What a records file's header carries of its scenario (`flowshard.records`), so that an auditor
+    judges the records alone: each band's fairness unit, the flows' weights (those not 1; the records
+    have no weight column) and the window the figures count (warmup, duration)."""
+    return {
+        "units": {b.name: UNITS[b.fairness] for b in scenario.server.bands},
+        "weights": {flow: w for flow, w in flow_weights(scenario).items() if w != 1.0},
+        "window": [scenario.workload.warmup, scenario.workload.duration],
+    }
 _UNIT_KIND = {"requests": _REQUESTS, "bytes": _BYTES, "cost": _COST}
 _GC_PERIOD = 1.0  # seconds of virtual time between flow garbage collections
 _INF = math.inf
@@ -1386,7 +1397,7 @@ def main(scenario_path: str | None, json_path: str | None = None, records_path: 
     if json_path is not None:
         outputs.append((json_path, encode_report(report) + b"\n"))
     if records_path is not None:
-        header: dict[str, object] = {"seed": scenario.workload.seed}
+        header: dict[str, object] = {"seed": scenario.workload.seed, **audit_header(scenario)}
         if shards > 1:
             header["shards"] = shards
         outputs.append((records_path, records.encode("simulate", scenario.name, rows, **header)))
