@@ -1832,18 +1832,20 @@ def test_a_probe_is_a_try_within_retries(launch: Any, fake_backend: Any) -> None
     `no_backend`."""
     ports = [_free_port(), _free_port()]
     fakes = [fake_backend(port=p, ttft=0.001, itl=0.001) for p in ports]
-    proxy = {"retries": 0, "backoff": 0.2, "max_backoff": 10.0}
+    proxy = {"retries": 0, "backoff": 0.5, "max_backoff": 10.0}
     svc = launch(proxy_config([f.url for f in fakes], proxy=proxy, budget=4))
     ask = _asker(svc)
     assert ask() == "ok"
     for fake in fakes:
         fake.stop()
     t0 = time.monotonic()
-    while time.monotonic() - t0 < 2.0:  # both out, their back-offs doubled past 0.8 s
+    while time.monotonic() - t0 < 4.0:  # both out, their back-offs doubled to 4 s (out till ~7.5 s)
         ask()
         time.sleep(0.02)
+    # (a back-off of 0.2 s doubled to 1.6 s within 2 s: on a loaded machine the two backends took 0.9 s
+    # to start again, and by then both were back in rotation, so no probe was tried)
     back = [fake_backend(port=p, ttft=0.001, itl=0.001, status=500) for p in ports]  # up, answering 500
-    time.sleep(0.3)  # past `backoff` since the last probe or take-out of each: both may be probed
+    time.sleep(0.6)  # past `backoff` since the last probe or take-out of each: both may be probed
     assert ask("the-one") == "no_backend"
     tried = [sum("the-one" in path for path in f.stats()["post_paths"]) for f in back]
     assert sum(tried) == 1, tried
