@@ -62,11 +62,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--procs", type=int, default=1, help="load-generator processes (default 1)")
     p.add_argument("--conns", type=int, default=0,
                    help="connections per generator process (default 0: binary 1 per 50,000 requests the run may "
-                        "hold pending; HTTP: closed-loop clients + 16, growing as needed)")
+                        "hold pending; HTTP: its share of the closed-loop clients and open-loop bursts + 16, "
+                        "growing as needed)")
     p.add_argument("--max-conns", type=int, default=0,
                    help="HTTP: most admission connections per generator process (default 0, auto: the service's "
                         "max_connections, the scenario's [service] or 4,096, shared over --procs, within the "
-                        "generator's descriptor limit; each waiting admission holds one)")
+                        "generator's descriptor limit; each waiting admission holds one; a --target that refuses "
+                        "some lowers it)")
     p.add_argument("--timer-lead-us", type=float, default=60.0,
                    help="open loop: wake this early and poll to the exact send time (default 60; 0: off)")
     p.add_argument("--drain-timeout", type=float, default=30.0,

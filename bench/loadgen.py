@@ -129,6 +129,10 @@ class GenResult(msgspec.Struct, kw_only=True):
     spun_window: float  # of which inside the window
     pool_waits: int
     unsent: int  # of them, still waiting for a connection when the run ended (`UNSENT`)
+    connect_waits: int = 0  # HTTP: admissions that waited for a connection to open (`HttpPool`)
+    connect_wait_most: float = 0.0  # the longest of those waits, seconds
+    refused: int = 0  # HTTP connections the service refused (past its max_connections)
+    max_conns: int = 0  # HTTP: the admission connections it allowed itself (`--max-conns` within its descriptors)
     most_conns: int
     released: int
     release_failed: int
@@ -599,6 +603,10 @@ class Generator:
             spun_window=self.spun_window,
             pool_waits=pool.pool_waits if pool is not None else 0,
             unsent=self.unsent,
+            connect_waits=pool.connect_waits if pool is not None else 0,
+            connect_wait_most=pool.connect_wait_most if pool is not None else 0.0,
+            refused=pool.refused if pool is not None else 0,
+            max_conns=pool.max_conns if pool is not None else 0,
             most_conns=pool.most_conns if pool is not None else len(self.binary),
             released=released,
             release_failed=failed,

@@ -92,6 +92,10 @@ def merged_log(results: Sequence[GenResult]) -> dict[str, np.ndarray]:
     return out
 
 
+# A wait for a connection to open longer than this is warned (`HttpPool`: a burst opening many at once)
+CONNECT_WAIT_WARN = 0.010
+
+
 def record_rows(results: Sequence[GenResult], scenario: Scenario) -> list[list[object]]:
     """The per-request records of one run (flowshard.records), in arrival order at the service where the
     answers carried it (then by send time). Times are seconds from the run's start: the service's own
@@ -263,10 +267,22 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
         warnings.append(never)
     if pool_waits:
         never = f"; {never[0].lower()}{never[1:]}" if never else ""
-        warnings.append(f"{pool_waits} HTTP admissions found every one of a generator's --max-conns connections "
-                        f"busy and waited for an answer to free one (raise --max-conns){never}; the reference "
-                        "verdict compares the service with what the flows offered, which the generator sent "
-                        "late: it judges the generator's connections too")
+        most = max(r.max_conns for r in results)
+        warnings.append(f"{pool_waits} HTTP admissions found every one of a generator's connections busy (at most "
+                        f"{most} a process: --max-conns, within the descriptor limit) and waited for an answer "
+                        f"to free one (raise --max-conns){never}; the reference verdict compares the service "
+                        "with what the flows offered, which the generator sent late: it judges the generator's "
+                        "connections too")
+    connect_wait_most = max((r.connect_wait_most for r in results), default=0.0)
+    if connect_wait_most > CONNECT_WAIT_WARN:
+        warnings.append(f"{sum(r.connect_waits for r in results)} HTTP admissions waited for a connection to open "
+                        f"(the longest {connect_wait_most * 1e3:,.0f} ms): sent late by that, which the latency "
+                        "counts and the fairness figures do not (they start at the send)")
+    refused = sum(r.refused for r in results)
+    if refused:
+        warnings.append(f"the service refused {refused} of the generator's HTTP connections (past its "
+                        "max_connections): their admissions were sent again on the others, which the generator "
+                        "kept to; lower --max-conns")
     warnings += record.problems
     stats = record.stats or {}
     mismatch = config_mismatch(config, stats)

@@ -39,7 +39,7 @@ from bench.loadgen import GenResult, GenSpec
 from bench.procstat import CpuSample, MachineSample, ProcId, children, cmdline, machine_sample, sample
 from flowshard.codec import Error, FrameError, FrameReader, FrameWriter, Release, Released, ToClient
 from flowshard.config import ConfigError, dump_config
-from flowshard.scenario import Scenario, closed_clients, offered_rate
+from flowshard.scenario import Bursts, Scenario, closed_clients, offered_rate
 
 __all__ = ["BenchError", "Options", "RunRecord", "Server", "run_once"]
 
@@ -367,7 +367,12 @@ def _binary_conns(scenario: Scenario, procs: int) -> int:
 
 
 def _http_conns(scenario: Scenario, procs: int) -> int:
-    return -(-closed_clients(scenario) // procs) + 16
+    """HTTP admission connections a generator process opens before the run: a queued admission holds
+    one until its outcome, so its share of the closed-loop clients and of the open-loop bursts (2,000
+    opened as a burst came took ~0.6 s, its requests sent that late), and a few more. It opens more
+    as admissions find them all busy, up to `--max-conns`."""
+    bursts = sum(f.count * f.arrival.size for f in scenario.workload.flows if isinstance(f.arrival, Bursts))
+    return -(-(closed_clients(scenario) + bursts) // procs) + 16
 
 
 def http_max_conns(scenario: Scenario, procs: int) -> int:

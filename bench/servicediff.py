@@ -18,8 +18,8 @@ were made: at N shards each shard's worker dispatches what a pass granted it as 
 auditor's breakdown, not a replacement for the figure. Units and weights come from `--scenario`
 (a flow's weight: its own `weight` in `[[workload.flows]]`, else `[server.weights]`), else from each
 run's header (`units`, `weights`: the records of this release carry them), else bytes and weight 1;
-the window is `--window` (the bench's `--warmup` and `--duration`), else the scenario's (warmup,
-duration), else the header's `window`, else the whole run.
+the window is `--window`, else the header's `window` (the run's own, after the bench's `--warmup` and
+`--duration`), else the scenario's (warmup, duration), else the whole run.
 """
 
 from __future__ import annotations
@@ -137,14 +137,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     unit_of: dict[str, str] | None = None
     weights: dict[str, float] | None = None
-    window: tuple[float, float] | None = None
+    window: tuple[float, float] | None = (args.window[0], args.window[1]) if args.window else None
+    scenario_window: tuple[float, float] | None = None
     if args.scenario:
         sc = read_scenario(args.scenario)
         unit_of = {b.name: UNITS[b.fairness] for b in sc.server.bands}
         weights = {**sc.server.weights, **flow_weights(sc)}  # (a review: the flows' own weights were ignored)
-        window = (sc.workload.warmup, sc.workload.duration)
-    if args.window:
-        window = (args.window[0], args.window[1])
+        scenario_window = (sc.workload.warmup, sc.workload.duration)
     with open(args.records, "rb") as fh:
         data = fh.read()
     for head, rows in records.decode_runs(data):
@@ -153,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         told = head.get("window")
         for band, pairs in breakdown(rows, unit_of=unit_of if unit_of is not None else head.get("units"),
                                      weights=weights if weights is not None else head.get("weights"),
-                                     window=window or (None if told is None else (told[0], told[1])),
+                                     window=window or (scenario_window if told is None else (told[0], told[1])),
                                      burst_gap=args.burst_gap / 1e3).items():
             if not pairs:
                 print(f"band {band}: no pairs (fewer than 2 flows, or more than {MAX_PAIRED_FLOWS})")

@@ -9,9 +9,12 @@ spends as little CPU per request as it can and leaves the cores to the service i
   pipelined admission would wait behind a queued one: head-of-line blocking would distort the
   waits being measured). Releases go over one extra connection, pipelined (they never block).
   When every connection is busy, admissions wait in a FIFO for a free one, each opening another up to
-  `max_conns` (a connect's round trip); the generator counts those that found the pool at its
-  `max_conns` (`pool_waits`: they wait for an answer) and every wait shows in the latency measured
-  from the intended send time.
+  `max_conns`; the generator counts those that found the pool at its `max_conns` (`pool_waits`: they
+  wait for an answer) apart from those that waited for a connection to open (`connect_waits`, and
+  the longest such wait: 2,000 opened at once took ~0.6 s), and every wait shows in the latency
+  measured from the intended send time. A connection the service refuses (past its
+  `max_connections`: a 503 and a close) carries nothing: an admission it was given goes back to the
+  head of the FIFO, and the pool keeps to the connections it has (`refused`).
 
 Reads and batched writes bump `sink.timer.work`, so that the precise timer does not count the loop
 passes that ran them as spin (see bench.timer).
@@ -199,6 +202,7 @@ class _Reply(msgspec.Struct):
 _encode = msgspec.json.Encoder().encode
 _decode_reply = msgspec.json.Decoder(_Reply).decode
 _RELEASE = -1  # marks a release reply in a connection's queue of expected replies
+_TOO_MANY = b"too many connections"  # the service's 503 past its max_connections (distributor/http.py)
 
 
 class _HttpConn(asyncio.Protocol):
@@ -214,6 +218,7 @@ class _HttpConn(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._out: list[bytes] = []
         self._flush_scheduled = False
+        self.sent_body = b""
         self.closed: asyncio.Future[None] = pool.loop.create_future()
 
     @property
@@ -225,6 +230,7 @@ class _HttpConn(asyncio.Protocol):
 
     def send(self, rid: int, body: bytes, *, batch: bool = False) -> None:
         self._expect.append(rid)
+        self.sent_body = body  # (an admission connection carries one at a time: sent again if refused)
         data = b"%bcontent-length: %d\r\n\r\n%b" % (self._head, len(body), body)
         if not batch:
             if self._transport is not None:
@@ -281,7 +287,7 @@ class HttpPool:
         self._audit = audit
         self._host = host
         self._port = port
-        self._max = max(1, max_conns)
+        self._max = self.max_conns = max(1, max_conns)
         self._admit_head = b"POST /v1/admit HTTP/1.1\r\nhost: %b\r\ncontent-type: application/json\r\n" % host.encode()
         self._release_head = (
             b"POST /v1/release HTTP/1.1\r\nhost: %b\r\ncontent-type: application/json\r\n" % host.encode()
@@ -292,7 +298,12 @@ class HttpPool:
         self._opening = 0
         self._releaser: _HttpConn | None = None
         self._closing = False
+        self._refused: set[_HttpConn] = set()
         self.pool_waits = 0
+        self.connect_waits = 0
+        self.connect_wait_most = 0.0  # seconds: the longest an admission waited for a connection to open
+        self._asked: dict[int, float] = {}  # admissions waiting for a connection to open: since when
+        self.refused = 0
         self.most_conns = 0
         self.released = 0
         self.release_failed = 0
@@ -318,6 +329,8 @@ class HttpPool:
         self._waiting.append((rid, body))
         if len(self._all) - 1 + self._opening < self._max:
             self._opening += 1
+            self.connect_waits += 1
+            self._asked[rid] = self.loop.time()
             self.loop.create_task(self._grow())
         else:  # (the pool is at `max_conns`: it waits for an answer to free one, not for a connect)
             self.pool_waits += 1
@@ -330,15 +343,30 @@ class HttpPool:
             return
         finally:
             self._opening -= 1
-        self._idle(conn)
+        if conn not in self._refused:  # (its 503 may have come before this resumed)
+            self._idle(conn)
 
     def _idle(self, conn: _HttpConn) -> None:
         if self._waiting and not self._closing:
             rid, body = self._waiting.popleft()
+            asked = self._asked.pop(rid, None)
+            if asked is not None:
+                self.connect_wait_most = max(self.connect_wait_most, self.loop.time() - asked)
             conn.send(rid, body)
             self.sink.on_sent(rid)  # (it waited here: it leaves now, not when it was asked for)
         else:
             self._free.append(conn)
+
+    def _refuse(self, conn: _HttpConn) -> None:
+        """The service refused `conn` (past its `max_connections`: a 503 and a close, before or instead of
+        an answer): it carries nothing more, and the pool keeps to the connections it has."""
+        if conn in self._refused:
+            return
+        self._refused.add(conn)
+        self.refused += 1
+        if conn in self._free:
+            self._free.remove(conn)
+        self._max = max(1, min(self._max, len(self._all) - 1 - len(self._refused)))  # (the release one apart)
 
     def unsent(self) -> set[int]:
         """The admissions still waiting for a free connection: none of their bytes has left."""
@@ -349,6 +377,13 @@ class HttpPool:
             self._releaser.send(_RELEASE, b'{"ticket":%d}' % ticket, batch=True)
 
     def reply(self, conn: _HttpConn, rid: int, status: int, body: bytes) -> None:
+        if conn is not self._releaser and (rid == _RELEASE or (status == 503 and _TOO_MANY in body)):
+            self._refuse(conn)  # (a 503 at accept arrives before any request: no rid waits for it)
+            if rid != _RELEASE:  # never admitted: sent again, first, on another connection
+                self._waiting.appendleft((rid, conn.sent_body))
+                if self._free:
+                    self._idle(self._free.pop())
+            return
         if rid == _RELEASE:
             if status == 200:
                 self.released += 1
@@ -378,6 +413,9 @@ class HttpPool:
             self._free.remove(conn)
         if conn in self._all:
             self._all.remove(conn)
+        if conn in self._refused:  # (counted as refused; what it was given is waiting again)
+            self._refused.discard(conn)
+            return
         if not self._closing:
             self.sink.on_lost(f"HTTP connection lost: {exc or 'closed by the service'}")
 

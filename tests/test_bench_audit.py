@@ -14,6 +14,7 @@ from test_bench_cli import _run_bench
 
 from flowshard import records
 from flowshard.analysis import overtakes
+from flowshard.simulate import UNITS
 
 CLOSED = """
 name = "closed-24-vs-8"
@@ -47,7 +48,7 @@ def test_bench_reference_verdict_and_records(tmp_path: Path, fairness: str) -> N
     path = tmp_path / "records.jsonl"
     out = tmp_path / "out.json"
     proc = _run_bench(tmp_path, CLOSED.format(fairness=fairness), "--shards", "2", "--records", str(path),
-                      "--json", str(out), "--no-simulate")
+                      "--json", str(out), "--no-simulate", "--duration", "2.4", "--warmup", "0.6")
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     [config] = doc["configs"]
@@ -63,6 +64,9 @@ def test_bench_reference_verdict_and_records(tmp_path: Path, fairness: str) -> N
         assert band["reference"]["fair"] is True, band["reference"]
     [(head, rows)] = records.decode_runs(path.read_bytes())
     assert head["label"] == "shards=2" and head["columns"] == list(records.COLUMNS)
+    # what an audit needs of the scenario, as the run had it (review 170: the flags' window, not the file's)
+    assert head["window"] == [0.6, 2.4] and head["weights"] == {}
+    assert list(head["units"].values()) == [UNITS[fairness]]
     assert len(rows) == run["counts"]["submitted"]
     by = Counter((r["flow"], r["outcome"]) for r in rows)
     for f in run["flows"]:

@@ -467,3 +467,72 @@ def test_http_max_conns_auto_is_the_services_connections_shared_over_the_generat
     assert bench.loadgen.descriptors_for(100) == 100
     monkeypatch.setattr(bench.loadgen, "raise_descriptor_limit", lambda needed: (10, 10))
     assert bench.loadgen.descriptors_for(2047) == 1
+
+
+def test_http_pool_sends_again_what_a_refused_connection_was_given_and_keeps_to_the_connections_it_has() -> None:
+    """Review 170: a service past its `max_connections` answers 503 at accept and closes (in another
+    process: the 503 may come before or after the pool sends on the new connection). The pool read that
+    503 as a release's answer and sent a waiting admission on the dead connection (never answered, the
+    request logged as the service's backlog), or counted the admission an error. Now the admission goes
+    back to the head of the queue and the pool keeps to the connections the service accepted."""
+    import socket
+    import threading
+
+    from bench.wire import HttpPool
+
+    body = b'{"error":{"status":503,"message":"too many connections, retry later"}}'
+    too_many = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                b"retry-after: 1\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body))
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    port = listener.getsockname()[1]
+    held: list[socket.socket] = []
+
+    def serve() -> None:  # max_connections 2: the release connection and one admission connection, silent
+        while True:
+            try:
+                c, _ = listener.accept()
+            except OSError:
+                return
+            if len(held) < 2:
+                held.append(c)
+                continue
+            c.sendall(too_many)
+            threading.Timer(0.25, c.close).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+
+    class Sink:
+        def __init__(self) -> None:
+            self.timer = PreciseTimer(asyncio.get_running_loop(), lambda: None, 0.0)
+            self.errors: list[tuple[int, int]] = []
+            self.lost: list[str] = []
+
+        def on_sent(self, rid: int) -> None:
+            pass
+
+        def on_lost(self, why: str) -> None:
+            self.lost.append(why)
+
+        def on_error(self, rid: int, status: int, message: str) -> None:
+            self.errors.append((rid, status))
+
+    async def main() -> tuple[Any, Sink, set[int]]:
+        sink = Sink()
+        pool = HttpPool(sink, asyncio.get_running_loop(), "127.0.0.1", port, 3)  # type: ignore[arg-type]
+        await pool.open(1)
+        for rid in range(8):
+            pool.admit(rid, "a", 0, 10, 0.0, 0.0, 0, 0.0)
+        await asyncio.sleep(0)
+        time.sleep(0.1)  # (a busy generator: the 503s arrive before the connects resume)
+        await asyncio.sleep(1.0)
+        return pool, sink, pool.unsent()
+
+    try:
+        pool, sink, unsent = uvloop.run(main())
+    finally:
+        listener.close()
+        for c in held:
+            c.close()
+    assert pool.refused == 2 and pool.release_failed == 0 and sink.errors == [] and sink.lost == []
+    assert unsent == set(range(1, 8))  # every admission but the one on the accepted connection waits, unsent
+    assert pool._max == 1

@@ -131,3 +131,25 @@ def test_simulated_records_carry_the_scenarios_units_weights_and_window(tmp_path
     assert head["weights"] and head["weights"] == {f: w for f, w in flow_weights(scenario).items() if w != 1.0}
     assert head["window"] == [scenario.workload.warmup, scenario.workload.duration]
     assert {r["flow"] for r in rows} >= set(head["weights"])
+
+
+def test_the_window_is_the_records_own_before_the_scenarios(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Review 170: with `--scenario` (for units and weights, as the README shows it) the scenario file's
+    (warmup, duration) replaced the header's window, which is the run's own after the bench's
+    `--duration` and `--warmup` (its figures used it). `--window` first, then the header's, then the
+    scenario's."""
+    rows = _rows("blocks")
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(records.encode("bench", "t", rows, run=0, window=[0.0, 0.06]))
+    scenario = tmp_path / "s.toml"
+    flow = 'arrival = { kind = "poisson", rate = 10 }\nsize = 1000\nservice = 0.01\n'
+    scenario.write_text('[[server.bands]]\npriority = 0\nfairness = "drr"\n\n[workload]\nduration = 30\n'
+                        f'warmup = 0.5\n\n[[workload.flows]]\nid = "f"\n{flow}\n[[workload.flows]]\nid = "g"\n{flow}')
+
+    def out(*flags: str) -> str:
+        assert servicediff.main([str(path), *flags]) == 0
+        return "\n".join(line for line in capsys.readouterr().out.splitlines() if line.startswith("  "))
+
+    told = out("--window", "0", "0.06")
+    assert out() == told and out("--scenario", str(scenario)) == told
+    assert out("--window", "0.5", "30") != told  # (the scenario's window: a different figure, so the check can fail)
