@@ -72,9 +72,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timer-lead-us", type=float, default=60.0,
                    help="open loop: wake this early and poll to the exact send time (default 60; 0: off)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="drain = true: most seconds to wait for outcomes after the arrivals stop")
+                   help="drain = true: most seconds to wait for outcomes after the arrivals stop (default 30)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
-                   help="before each run, wait up to S seconds for other processes to use < 0.25 cores")
+                   help="before each run, wait up to S seconds for other processes to use < 0.25 cores "
+                        "(default 0: no wait)")
     p.add_argument("--no-simulate", action="store_true", help="do not run the simulator for comparison")
     p.add_argument("--no-audit", action="store_true",
                    help="do not ask admissions for the service's view (arrival sequence, shard, times): "
@@ -88,7 +89,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--proxy", action="store_true",
                    help="proxy mode: play the flows as streamed OpenAI requests through `flowshard serve --backend` "
-                        "to a fake backend (bench/fakeoai.py); one run, per-flow latency and CPU (docs/proxy.md)")
-    p.add_argument("--proxy-ttft", type=float, default=0.02, help="--proxy: the fake backend's time to first token")
+                        "to a fake backend (bench/fakeoai.py); one run, one shard, per-flow latency and CPU "
+                        "(docs/proxy.md); flags for several runs or configurations, --records and --plot are "
+                        "refused with it")
+    p.add_argument("--proxy-ttft", type=float, default=0.02,
+                   help="--proxy: the fake backend's time to first token, seconds (default 0.02)")
     p.add_argument("--proxy-itl", type=float, default=0.02,
-                   help="--proxy: the fake's seconds per token (a request's service time sets its tokens)")
+                   help="--proxy: the fake's seconds per token (default 0.02; a request's service time sets its "
+                        "tokens)")

@@ -342,6 +342,22 @@ def check_numbers(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag}: {value:g} is not allowed; a number, {low} or more")
 
 
+def check_proxy_flags(args: argparse.Namespace) -> None:
+    """`--proxy` runs once, one shard, its own generator: a flag it would ignore is refused, not dropped
+    (review 167: `--plot`, `--records`, `--shards 1,2`, `--runs 3` ran and exited 0 without them)."""
+    ignored = [flag for flag, given in (
+        ("--shards", args.shards != "1"), ("--acceptors", args.acceptors != "auto"), ("--target", args.target),
+        ("--http-target", args.http_target), ("--http", args.http), ("--baseline", args.baseline),
+        ("--runs", args.runs != 1), ("--rate (more than one)", args.rate and "," in args.rate),
+        ("--procs", args.procs != 1), ("--conns", args.conns), ("--max-conns", args.max_conns),
+        ("--timer-lead-us", args.timer_lead_us != 60.0), ("--wait-quiet", args.wait_quiet),
+        ("--no-audit", args.no_audit), ("--records", args.records), ("--plot", args.plot),
+    ) if given]
+    if ignored:
+        raise ConfigError(f"--proxy runs once, through one shard, with its own generator: {', '.join(ignored)} "
+                          "cannot go with it (docs/proxy.md)")
+
+
 def main(args: argparse.Namespace, command: str | None = None) -> int:
     """`flowshard bench`: run, print the tables, write JSON and the plot if asked."""
     command = command or "flowshard " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -349,6 +365,8 @@ def main(args: argparse.Namespace, command: str | None = None) -> int:
     base = read_scenario(args.scenario)
     for flag, path in (("--json", args.json), ("--plot", args.plot), ("--records", args.records)):
         check_writable(flag, path)
+    if args.proxy:
+        check_proxy_flags(args)
     if args.plot:
         from bench.plot import plot_missing
 

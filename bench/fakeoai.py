@@ -345,7 +345,7 @@ async def serve(config: FakeConfig, host: str, port: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fakeoai", description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="0 (default): a free port, printed on the ready line")
     defaults = FakeConfig()
     for name in FakeConfig.__struct_fields__:

@@ -64,9 +64,9 @@ def cost_per_grant(backends: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--states", type=int, default=3000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(prog="python -m bench.gate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--states", type=int, default=3000, help="random pool states to compare (default 3000)")
+    parser.add_argument("--seed", type=int, default=0, help="the states' random seed (default 0)")
     args = parser.parse_args()
     over = [overshoot(args.seed + k) for k in range(args.states)]
     print(f"{args.states} random pools: the figure once sent less the gate's, at most {max(over):+.3f}; "

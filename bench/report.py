@@ -16,6 +16,7 @@ higher load makes them smaller, fewer requests per wake-up at a lower load large
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -824,9 +825,27 @@ def render_config(label: str, runs: Sequence[dict[str, Any]]) -> str:
         lines.append("")
         lines.append("CPU µs/request by process (median run): " + ", ".join(
             f"{role} {fmt(c)}" for role, c in proj["costs_us"].items()))
-    for w in sorted({w for r in runs for w in r["warnings"]}):
-        lines.append(f"warning: {w}")
+    lines += [f"warning: {w}" for w in _warnings_once(runs)]
     return "\n".join(lines)
+
+
+def _warnings_once(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """Each kind of warning once for a configuration's runs (review 167: 27 lines for 3 configurations of
+    3 runs, the same warnings with each run's own figures): the first run's words, and in how many runs
+    a warning alike but for its figures came up."""
+    kinds: dict[str, list[str]] = {}
+    for r in runs:
+        for w in r["warnings"]:
+            kinds.setdefault(re.sub(r"\d[\d.,]*", "#", w), []).append(w)
+    out = []
+    for said in kinds.values():
+        if len(said) == 1:
+            out.append(said[0])
+        elif len(set(said)) == 1:
+            out.append(f"{said[0]} (in {len(said)} of {len(runs)} runs)")
+        else:
+            out.append(f"{said[0]} (in {len(said)} of {len(runs)} runs; the figures of the first)")
+    return sorted(out)
 
 
 def _band_lines(run: dict[str, Any]) -> list[str]:

@@ -1337,6 +1337,11 @@ def _human(seconds: float) -> str:
     return f"{seconds / 3600:,.1f} hours"
 
 
+def _seconds(t: float) -> str:
+    """Virtual seconds for the progress line: 1,962 rather than 1.96e+03 (review 167), 0.25, 12.5."""
+    return f"{t:,.0f}" if t >= 100 else f"{t:.3g}"
+
+
 class Watch:
     """Progress of a long run on stderr: silent for the first seconds, then a line a second (rewritten
     in place on a terminal, one every 10 s into a file or pipe)."""
@@ -1359,9 +1364,9 @@ class Watch:
         if now <= self.duration:
             done = now / self.duration if self.duration else 1.0
             left = f", about {_human(spent / done - spent)} left" if done > 0.01 else ""
-            where = f"{now:.3g} of {self.duration:g} virtual s ({done:.0%})"
+            where = f"{_seconds(now)} of {_seconds(self.duration)} virtual s ({done:.0%})"
         else:
-            where, left = f"draining: {now:.4g} virtual s (arrivals stopped at {self.duration:g} s)", ""
+            where, left = f"draining: {_seconds(now)} virtual s (arrivals stopped at {_seconds(self.duration)} s)", ""
         line = f"simulate: {where}, {events:,} events, {_human(spent)} so far{left}"
         self.err.write(f"\r{line}\033[K" if self.tty else line + "\n")
         self.err.flush()

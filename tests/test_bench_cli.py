@@ -323,6 +323,11 @@ def test_bench_target_at_its_connection_limit_is_said_so(launch: Any) -> None:
         (["--rate", "inf"], "--rate: expected positive numbers, got 'inf'"),
         (["--plot", "/nonexistent/dir/x.png"], "--plot: cannot write /nonexistent/dir/x.png"),
         (["--concurrency", "-3"], "--concurrency: -3 is not a number of clients; at least 1"),  # review 82
+        # review 167: --proxy ran once and exited 0 without writing what these asked for
+        (["--proxy", "--records", "r.jsonl", "--plot", "p.png", "--shards", "1,2", "--runs", "3"],
+         "--proxy runs once, through one shard, with its own generator: --shards, --runs, --records, --plot "
+         "cannot go with it"),
+        (["--proxy", "--rate", "50,100"], "--rate (more than one) cannot go with it"),
     ],
 )
 def test_bench_bad_flags_get_one_line_errors(

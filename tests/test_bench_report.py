@@ -420,3 +420,18 @@ def test_a_service_configured_unlike_the_scenario_is_named() -> None:
              "bands": [{"priority": 0, "fairness": "round-robin", "ordering": "fcfs"}]}
     assert config_mismatch(scenario, other) == (
         "max_inflight_requests 100, the scenario's 16; bands 0 round-robin/fcfs, the scenario's 0 drr/fcfs")
+
+
+def test_a_configurations_warnings_are_said_once_each_with_the_runs_they_came_up_in() -> None:
+    """Review 167: three runs of a configuration printed each of their warnings, 27 lines for three
+    configurations, the same words with each run's figures."""
+    from bench.report import _warnings_once
+
+    runs = [{"warnings": ["the generator sent late: send lag p99 1.20 ms", "other processes used 0.40 cores"]},
+            {"warnings": ["the generator sent late: send lag p99 3.50 ms", "other processes used 0.40 cores"]},
+            {"warnings": ["the generator sent late: send lag p99 2.00 ms", "a run's own"]}]
+    assert _warnings_once(runs) == [
+        "a run's own",
+        "other processes used 0.40 cores (in 2 of 3 runs)",
+        "the generator sent late: send lag p99 1.20 ms (in 3 of 3 runs; the figures of the first)",
+    ]

@@ -146,3 +146,12 @@ def test_bench_announces_a_long_comparison_simulation(monkeypatch: pytest.Monkey
     assert simcompare.predict(_scenario(), err) == ("report", "") and seen[-1] is None  # short: silent
     huge = _scenario(arrival={"kind": "poisson", "rate": 1_000_000})
     assert simcompare.predict(huge, err)[1].startswith("simulation skipped: about 10,000,000 virtual requests")
+
+
+def test_progress_of_a_long_run_reads_whole_seconds_not_an_exponent() -> None:
+    """Review 167: a 3,000-second scenario said `1.96e+03 of 3000 virtual s`."""
+    clock = iter([0.0, 3.0]).__next__
+    out = io.StringIO()
+    watch = Watch(3000.0, out, clock)
+    watch(1962.4, 937_983)
+    assert out.getvalue().startswith("simulate: 1,962 of 3,000 virtual s (65%), 937,983 events")
