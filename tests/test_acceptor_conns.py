@@ -356,3 +356,35 @@ def test_an_acceptors_cap_is_lifted_by_a_probe_long_after_its_last_drop(monkeypa
         clock[0] += wait
         link.closed_report(LinkConns(0, 0, 1, dropped=1, received=6, sockets=5))  # it came; closed since
         assert (link.cap is None) is lifted, link.cap
+
+
+def test_a_probe_that_finds_a_descriptor_a_close_freed_leaves_the_cap_and_only_more_sockets_raise_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review 130, its mechanism (review 170: the churn test with real processes passed with the defect
+    put back in 6 of 7 runs): a probe past an acceptor's cap that came with its descriptor because a
+    close had freed one shows no room past the cap (as many sockets as before): the cap stays. Doubled
+    on that, it swung 200 -> 400 -> 200 under churn and connections were lost. A report of more
+    sockets at once than the cap does show room: then it doubles."""
+    import distributor.acceptors as acceptors
+
+    clock = [100.0]
+    monkeypatch.setattr(acceptors.time, "monotonic", lambda: clock[0])
+    key = (HANDED_HTTP, CONN_NORMAL)
+    link = AcceptorLink(None, 0, b"")  # type: ignore[arg-type]
+    link.handed[key] = 6
+    link.closed_report(LinkConns(0, 0, 0, dropped=1, received=5, sockets=5))  # out at 5 sockets
+    for probe in range(3):  # churn: each probe finds a descriptor a close freed
+        clock[0] += 1.0
+        assert link.probe_due(clock[0]), probe
+        link.handed[key] += 1
+        link.took(clock[0])
+        clock[0] += 0.1
+        link.closed_report(LinkConns(0, 0, probe + 1, dropped=1, received=6 + probe, sockets=5))
+        assert link.cap == 5, (probe, link.cap)
+    clock[0] += 1.0
+    assert link.probe_due(clock[0])
+    link.handed[key] += 1
+    link.took(clock[0])
+    link.closed_report(LinkConns(0, 0, 3, dropped=1, received=9, sockets=6))  # room past the cap: 6 at once
+    assert link.cap == 10

@@ -974,21 +974,17 @@ def test_an_acceptor_at_its_cap_under_churn_keeps_its_cap(launch: Any) -> None:
     """Review 130: a probe past an acceptor's cap that found a descriptor some close had freed doubled
     the cap, and the distributor handed it twice what it could hold: under connect-and-close churn
     the cap swung 200 -> 400 -> 200 and ~220 connections a second were lost. Only a report of more
-    sockets at once than the cap raises it now. (Measured twice when the first falls outside the bound:
-    a fresh-clone CI run beside three other services once saw 240 closed; the defect closes ~660 in
-    every run, so it fails both.)"""
+    sockets at once than the cap raises it now. (Under load this count cannot tell the defect from a
+    busy machine: review 170 saw it pass with the defect back in 6 of 7 runs, and a CI run beside other
+    services closed 240 without it. The rule is tested deterministically in tests/test_acceptor_conns.py;
+    this is the end-to-end check that the cap holds under churn.)"""
     svc = launch(shards=1, acceptors=1)
     (acceptor,) = svc.acceptor_procs()
     _, hard = resource.prlimit(acceptor.pid, resource.RLIMIT_NOFILE)
     resource.prlimit(acceptor.pid, resource.RLIMIT_NOFILE, (_fds(acceptor.pid) + 200, hard))
-    tries = []
-    for _ in range(2):
-        answered, closed, waited = _connections_ended_unanswered(svc.host, svc.http_port, 3.0, clients=300)
-        tries.append((answered, closed, waited))
-        # (the first round trip's burst past its room, then about one probe a second; before, ~660)
-        if answered > 1000 and closed <= 150:
-            return
-    raise AssertionError(f"(answered, closed, waited) in two tries: {tries}")
+    answered, closed, waited = _connections_ended_unanswered(svc.host, svc.http_port, 3.0, clients=300)
+    # (the first round trip's burst past its room, then about one probe a second)
+    assert answered > 1000 and closed <= 300, (answered, closed, waited)
 
 
 def test_an_answer_not_behind_another_is_not_taken_back_when_its_acceptor_stalls(launch: Any) -> None:
