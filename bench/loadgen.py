@@ -294,7 +294,9 @@ class Generator:
                 self._admit = admit
                 self._release = conns[0].release  # tickets are global: any connection may release one
         else:
-            pool = HttpPool(self, self.loop, spec.host, spec.port, descriptors_for(spec.max_conns), spec.audit)
+            first_within = self.scenario.server.service.header_timeout * 0.8  # (the service's, as the scenario has it)
+            pool = HttpPool(self, self.loop, spec.host, spec.port, descriptors_for(spec.max_conns), spec.audit,
+                            first_within)
             await pool.open(spec.conns)
             self.http = pool
             self._admit = pool.admit

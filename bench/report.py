@@ -833,10 +833,14 @@ def _warnings_once(runs: Sequence[dict[str, Any]]) -> list[str]:
     """Each kind of warning once for a configuration's runs (review 167: 27 lines for 3 configurations of
     3 runs, the same warnings with each run's own figures): the first run's words, and in how many runs
     a warning alike but for its figures came up."""
-    kinds: dict[str, list[str]] = {}
+    kinds: dict[str, list[str]] = {}  # a kind: its words alike but for their figures; its first of each run
     for r in runs:
+        seen: set[str] = set()
         for w in r["warnings"]:
-            kinds.setdefault(re.sub(r"\d[\d.,]*", "#", w), []).append(w)
+            kind = re.sub(r"\d[\d.,]*", "#", w)
+            if kind not in seen:
+                seen.add(kind)
+                kinds.setdefault(kind, []).append(w)
     out = []
     for said in kinds.values():
         if len(said) == 1:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 from typing import Protocol, cast
 
 import httptools
@@ -219,6 +220,7 @@ class _HttpConn(asyncio.Protocol):
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self.sent_body = b""
+        self.opened = pool.loop.time()
         self.closed: asyncio.Future[None] = pool.loop.create_future()
 
     @property
@@ -281,13 +283,17 @@ class HttpPool:
     """Keep-alive connections to the HTTP front: `admit` on a free one, `release` on a dedicated one."""
 
     def __init__(self, sink: Sink, loop: asyncio.AbstractEventLoop, host: str, port: int, max_conns: int,
-                 audit: bool = True) -> None:
+                 audit: bool = True, first_within: float = math.inf) -> None:
         self.sink = sink
         self.loop = loop
         self._audit = audit
         self._host = host
         self._port = port
         self._max = self.max_conns = max(1, max_conns)
+        # a connection that has carried nothing is given nothing this long after it opened: the service
+        # closes one whose first request has not come within its `header_timeout` (a burst's
+        # connections opened before the run and unused for 10 s were closed under it)
+        self._first_within = first_within
         self._admit_head = b"POST /v1/admit HTTP/1.1\r\nhost: %b\r\ncontent-type: application/json\r\n" % host.encode()
         self._release_head = (
             b"POST /v1/release HTTP/1.1\r\nhost: %b\r\ncontent-type: application/json\r\n" % host.encode()
@@ -323,8 +329,9 @@ class HttpPool:
     def admit(self, rid: int, flow: str, priority: int, size: int, ttl: float, slo: float, tokens: int,
               weight: float) -> None:
         body = _encode(_AdmitBody(flow, priority, size, ttl, slo, tokens, weight, self._audit))
-        if self._free:
-            self._free.pop().send(rid, body)
+        conn = self._usable()
+        if conn is not None:
+            conn.send(rid, body)
             return
         self._waiting.append((rid, body))
         if len(self._all) - 1 + self._opening < self._max:
@@ -357,6 +364,17 @@ class HttpPool:
         else:
             self._free.append(conn)
 
+    def _usable(self) -> _HttpConn | None:
+        """A free connection to send on: not one that has carried nothing since it opened longer ago than
+        the service waits for a first request (closed here, before the service closes it under a request)."""
+        free = self._free
+        while free:
+            conn = free.pop()
+            if conn.sent_body or self.loop.time() < conn.opened + self._first_within:
+                return conn
+            conn.close()
+        return None
+
     def _refuse(self, conn: _HttpConn) -> None:
         """The service refused `conn` (past its `max_connections`: a 503 and a close, before or instead of
         an answer): it carries nothing more, and the pool keeps to the connections it has."""
@@ -381,8 +399,8 @@ class HttpPool:
             self._refuse(conn)  # (a 503 at accept arrives before any request: no rid waits for it)
             if rid != _RELEASE:  # never admitted: sent again, first, on another connection
                 self._waiting.appendleft((rid, conn.sent_body))
-                if self._free:
-                    self._idle(self._free.pop())
+                if (free := self._usable()) is not None:
+                    self._idle(free)
             return
         if rid == _RELEASE:
             if status == 200:
@@ -416,7 +434,8 @@ class HttpPool:
         if conn in self._refused:  # (counted as refused; what it was given is waiting again)
             self._refused.discard(conn)
             return
-        if not self._closing:
+        if not self._closing and (conn.busy or conn is self._releaser):  # (a server may close an idle
+            # keep-alive connection at any time, RFC 9112 9.8: the pool opens another when it needs one)
             self.sink.on_lost(f"HTTP connection lost: {exc or 'closed by the service'}")
 
     async def close_admissions(self) -> None:

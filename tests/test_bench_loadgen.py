@@ -536,3 +536,45 @@ def test_http_pool_sends_again_what_a_refused_connection_was_given_and_keeps_to_
     assert pool.refused == 2 and pool.release_failed == 0 and sink.errors == [] and sink.lost == []
     assert unsent == set(range(1, 8))  # every admission but the one on the accepted connection waits, unsent
     assert pool._max == 1
+
+
+def test_http_pool_gives_nothing_to_a_connection_unused_past_the_services_first_request_deadline() -> None:
+    """The connections opened before the run for the scenario's bursts: the service closes one whose
+    first request has not come within its `header_timeout` (10 s), and an admission sent on it as it
+    closes is lost. The pool closes such a connection itself and opens another."""
+    from bench.wire import HttpPool
+
+    class Sink:
+        def __init__(self) -> None:
+            self.timer = PreciseTimer(asyncio.get_running_loop(), lambda: None, 0.0)
+            self.lost: list[str] = []
+
+        def on_sent(self, rid: int) -> None:
+            pass
+
+        def on_lost(self, why: str) -> None:
+            self.lost.append(why)
+
+    async def main() -> tuple[int, int, int, list[str]]:
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(1 << 20)
+            await asyncio.sleep(5)
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        sink = Sink()
+        pool = HttpPool(sink, asyncio.get_running_loop(), "127.0.0.1", port, 10,  # type: ignore[arg-type]
+                        first_within=0.05)
+        await pool.open(3)
+        try:
+            await asyncio.sleep(0.1)  # the three are past their first request's deadline, unused
+            pool.admit(0, "a", 0, 10, 0.0, 0.0, 0, 0.0)
+            await wait_until_async(lambda: not pool.unsent())
+            await asyncio.sleep(0.05)
+            return pool.connect_waits, len(pool._all) - 1, pool.most_conns, sink.lost
+        finally:
+            await pool.close()
+            server.close()
+
+    waits, open_now, most, lost = uvloop.run(main())
+    assert waits == 1 and open_now == 1 and most == 3 and lost == []  # the stale three closed quietly

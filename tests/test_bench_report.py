@@ -429,9 +429,11 @@ def test_a_configurations_warnings_are_said_once_each_with_the_runs_they_came_up
 
     runs = [{"warnings": ["the generator sent late: send lag p99 1.20 ms", "other processes used 0.40 cores"]},
             {"warnings": ["the generator sent late: send lag p99 3.50 ms", "other processes used 0.40 cores"]},
-            {"warnings": ["the generator sent late: send lag p99 2.00 ms", "a run's own"]}]
+            {"warnings": ["the generator sent late: send lag p99 2.00 ms", "a run's own",
+                          "load generator 0: HTTP connection lost", "load generator 0: HTTP connection lost"]}]
     assert _warnings_once(runs) == [
         "a run's own",
+        "load generator 0: HTTP connection lost",  # (twice in one run: once here, not "in 2 of 3 runs")
         "other processes used 0.40 cores (in 2 of 3 runs)",
         "the generator sent late: send lag p99 1.20 ms (in 3 of 3 runs; the figures of the first)",
     ]
