@@ -608,7 +608,7 @@ class Generator:
             connect_waits=pool.connect_waits if pool is not None else 0,
             connect_wait_most=pool.connect_wait_most if pool is not None else 0.0,
             refused=pool.refused if pool is not None else 0,
-            max_conns=pool.max_conns if pool is not None else 0,
+            max_conns=pool.most_allowed if pool is not None else 0,
             most_conns=pool.most_conns if pool is not None else len(self.binary),
             released=released,
             release_failed=failed,

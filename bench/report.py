@@ -266,24 +266,26 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
              "counted unfinished but not in the fairness figures (the service never saw them)") if unsent else ""
     if not pool_waits and never:
         warnings.append(never)
+    refused = sum(r.refused for r in results)
     if pool_waits:
         never = f"; {never[0].lower()}{never[1:]}" if never else ""
         most = max(r.max_conns for r in results)
+        bound = ("the service's max_connections: it refused more" if refused
+                 else "--max-conns, within the descriptor limit")
         warnings.append(f"{pool_waits} HTTP admissions found every one of a generator's connections busy (at most "
-                        f"{most} a process: --max-conns, within the descriptor limit) and waited for an answer "
-                        f"to free one (raise --max-conns){never}; the reference verdict compares the service "
-                        "with what the flows offered, which the generator sent late: it judges the generator's "
-                        "connections too")
+                        f"{most} a process: {bound}) and waited for an answer to free one"
+                        f"{'' if refused else ' (raise --max-conns)'}{never}; the reference verdict compares the "
+                        "service with what the flows offered, which the generator sent late: it judges the "
+                        "generator's connections too")
     connect_wait_most = max((r.connect_wait_most for r in results), default=0.0)
     if connect_wait_most > CONNECT_WAIT_WARN:
         warnings.append(f"{sum(r.connect_waits for r in results)} HTTP admissions waited for a connection to open "
                         f"(the longest {connect_wait_most * 1e3:,.0f} ms): sent late by that, which the latency "
                         "counts and the fairness figures do not (they start at the send)")
-    refused = sum(r.refused for r in results)
     if refused:
         warnings.append(f"the service refused {refused} of the generator's HTTP connections (past its "
                         "max_connections): their admissions were sent again on the others, which the generator "
-                        "kept to; lower --max-conns")
+                        "kept to (--max-conns at most its share of that limit avoids the refusals)")
     warnings += record.problems
     stats = record.stats or {}
     mismatch = config_mismatch(config, stats)

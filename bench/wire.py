@@ -227,6 +227,11 @@ class _HttpConn(asyncio.Protocol):
     def busy(self) -> bool:
         return bool(self._expect)
 
+    @property
+    def alive(self) -> bool:
+        """Open (a connection the service closed can wait a loop pass for its `connection_lost`)."""
+        return self._transport is not None and not self._transport.is_closing()
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
 
@@ -305,6 +310,8 @@ class HttpPool:
         self._releaser: _HttpConn | None = None
         self._closing = False
         self._refused: set[_HttpConn] = set()
+        self._growing = True  # more connections may be opened (until the service refuses one)
+        self._accepted_most = 0  # then: the most admission connections it had accepted at once
         self.pool_waits = 0
         self.connect_waits = 0
         self.connect_wait_most = 0.0  # seconds: the longest an admission waited for a connection to open
@@ -334,7 +341,7 @@ class HttpPool:
             conn.send(rid, body)
             return
         self._waiting.append((rid, body))
-        if len(self._all) - 1 + self._opening < self._max:
+        if self._growing and len(self._all) - 1 + self._opening < self._max:
             self._opening += 1
             self.connect_waits += 1
             self._asked[rid] = self.loop.time()
@@ -354,6 +361,8 @@ class HttpPool:
             self._idle(conn)
 
     def _idle(self, conn: _HttpConn) -> None:
+        if not self._growing:
+            self._accepted_most = max(self._accepted_most, len(self._all) - 1 - len(self._refused))
         if self._waiting and not self._closing:
             rid, body = self._waiting.popleft()
             asked = self._asked.pop(rid, None)
@@ -364,12 +373,19 @@ class HttpPool:
         else:
             self._free.append(conn)
 
+    @property
+    def most_allowed(self) -> int:
+        """The admission connections it may use: `max_conns`, or once the service refused one, those open."""
+        return self.max_conns if self._growing else self._accepted_most
+
     def _usable(self) -> _HttpConn | None:
         """A free connection to send on: not one that has carried nothing since it opened longer ago than
         the service waits for a first request (closed here, before the service closes it under a request)."""
         free = self._free
         while free:
             conn = free.pop()
+            if not conn.alive:
+                continue
             if conn.sent_body or self.loop.time() < conn.opened + self._first_within:
                 return conn
             conn.close()
@@ -384,7 +400,8 @@ class HttpPool:
         self.refused += 1
         if conn in self._free:
             self._free.remove(conn)
-        self._max = max(1, min(self._max, len(self._all) - 1 - len(self._refused)))  # (the release one apart)
+        self._growing = False  # (set from how many are open as it came, the cap fell to 1 while the
+        # connections opened before the run were still coming: review 170's --target, 1 request sent)
 
     def unsent(self) -> set[int]:
         """The admissions still waiting for a free connection: none of their bytes has left."""
