@@ -399,6 +399,35 @@ def test_an_unsent_admission_is_no_open_loop_demand() -> None:
     assert offered_segments(log(UNFINISHED), 1, ["bytes"], [2.0, 8.0]) == [[5100.0]]  # (the control)
 
 
+class PoolSink:
+    """What an `HttpPool` tells its generator, recorded (a loop must be running to build it)."""
+
+    def __init__(self) -> None:
+        self.timer = PreciseTimer(asyncio.get_running_loop(), lambda: None, 0.0)
+        self.sent: list[int] = []
+        self.lost: list[str] = []
+        self.errors: list[tuple[int, int]] = []
+
+    def on_sent(self, rid: int) -> None:
+        self.sent.append(rid)
+
+    def on_lost(self, why: str) -> None:
+        self.lost.append(why)
+
+    def on_error(self, rid: int, status: int, message: str) -> None:
+        self.errors.append((rid, status))
+
+
+async def silent_server() -> tuple[asyncio.Server, int]:
+    """A server that reads what it is sent and never answers: (it, its port)."""
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1 << 20)
+        await asyncio.sleep(5)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
 def test_http_pool_opens_a_connection_per_waiting_admission_up_to_its_max_and_counts_only_the_waits_past_it(
 ) -> None:
     """An HTTP admission holds its connection until its outcome, so a burst of queued admissions needs
@@ -407,25 +436,9 @@ def test_http_pool_opens_a_connection_per_waiting_admission_up_to_its_max_and_co
     `raise --max-conns` is about; the others wait for a connect). Here nothing is ever answered."""
     from bench.wire import HttpPool
 
-    class Sink:
-        def __init__(self) -> None:
-            self.sent: list[int] = []
-            self.timer = PreciseTimer(asyncio.get_running_loop(), lambda: None, 0.0)
-
-        def on_sent(self, rid: int) -> None:
-            self.sent.append(rid)
-
-        def on_lost(self, why: str) -> None:
-            raise AssertionError(why)
-
-    async def main() -> tuple[int, int, list[int]]:
-        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.read(1 << 20)
-            await asyncio.sleep(5)
-
-        server = await asyncio.start_server(silent, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        sink = Sink()
+    async def main() -> tuple[int, int, list[int], list[str]]:
+        server, port = await silent_server()
+        sink = PoolSink()
         pool = HttpPool(sink, asyncio.get_running_loop(), "127.0.0.1", port, 3)  # type: ignore[arg-type]
         await pool.open(1)
         try:
@@ -433,12 +446,13 @@ def test_http_pool_opens_a_connection_per_waiting_admission_up_to_its_max_and_co
                 pool.admit(rid, "a", 0, 10, 0.0, 0.0, 0, 0.0)
             await wait_until_async(lambda: pool.most_conns == 3)
             await asyncio.sleep(0.05)
-            return pool.pool_waits, pool.most_conns, sorted(sink.sent)
+            return pool.pool_waits, pool.most_conns, sorted(sink.sent), sink.lost
         finally:
             await pool.close()
             server.close()
 
-    waits, conns, sent = uvloop.run(main())
+    waits, conns, sent, lost = uvloop.run(main())
+    assert lost == []
     assert conns == 3  # (the release connection apart)
     assert waits == 3  # admissions 3, 4, 5: the pool at its max (1 open + 2 opening) when each came
     assert sent == [1, 2]  # sent as their connections opened (re-stamped); 0 went on the open one
@@ -501,23 +515,8 @@ def test_http_pool_sends_again_what_a_refused_connection_was_given_and_keeps_to_
 
     threading.Thread(target=serve, daemon=True).start()
 
-    class Sink:
-        def __init__(self) -> None:
-            self.timer = PreciseTimer(asyncio.get_running_loop(), lambda: None, 0.0)
-            self.errors: list[tuple[int, int]] = []
-            self.lost: list[str] = []
-
-        def on_sent(self, rid: int) -> None:
-            pass
-
-        def on_lost(self, why: str) -> None:
-            self.lost.append(why)
-
-        def on_error(self, rid: int, status: int, message: str) -> None:
-            self.errors.append((rid, status))
-
-    async def main() -> tuple[Any, Sink, set[int]]:
-        sink = Sink()
+    async def main() -> tuple[Any, PoolSink, set[int]]:
+        sink = PoolSink()
         pool = HttpPool(sink, asyncio.get_running_loop(), "127.0.0.1", port, 3)  # type: ignore[arg-type]
         await pool.open(1)
         for rid in range(8):
@@ -544,25 +543,9 @@ def test_http_pool_gives_nothing_to_a_connection_unused_past_the_services_first_
     closes is lost. The pool closes such a connection itself and opens another."""
     from bench.wire import HttpPool
 
-    class Sink:
-        def __init__(self) -> None:
-            self.timer = PreciseTimer(asyncio.get_running_loop(), lambda: None, 0.0)
-            self.lost: list[str] = []
-
-        def on_sent(self, rid: int) -> None:
-            pass
-
-        def on_lost(self, why: str) -> None:
-            self.lost.append(why)
-
     async def main() -> tuple[int, int, int, list[str]]:
-        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.read(1 << 20)
-            await asyncio.sleep(5)
-
-        server = await asyncio.start_server(silent, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        sink = Sink()
+        server, port = await silent_server()
+        sink = PoolSink()
         pool = HttpPool(sink, asyncio.get_running_loop(), "127.0.0.1", port, 10,  # type: ignore[arg-type]
                         first_within=0.05)
         await pool.open(3)
