@@ -294,9 +294,9 @@ class Generator:
                 self._admit = admit
                 self._release = conns[0].release  # tickets are global: any connection may release one
         else:
-            first_within = self.scenario.server.service.header_timeout * 0.8  # (the service's, as the scenario has it)
+            idle_within = self.scenario.server.service.idle_timeout * 0.8  # (the service's, as the scenario has it)
             pool = HttpPool(self, self.loop, spec.host, spec.port, descriptors_for(spec.max_conns), spec.audit,
-                            first_within)
+                            idle_within)
             await pool.open(spec.conns)
             self.http = pool
             self._admit = pool.admit
@@ -573,9 +573,13 @@ class Generator:
             failed += conn.release_failed
         if pool is not None:
             limit = time.monotonic() + 2.0
-            while pool.released + pool.release_failed < self.released_sent and time.monotonic() < limit:
+            while pool.releases_unanswered() and time.monotonic() < limit:
                 await asyncio.sleep(0.01)  # let the last release replies arrive
             released, failed = pool.released, pool.release_failed
+            unanswered = pool.releases_unanswered()
+            if unanswered:  # (the service holds their tickets, and budget, until their lease ends)
+                self._note(f"{unanswered} releases had no answer at the end: the service may hold their tickets "
+                          "until their lease ends")
             await pool.close()
         self.timer.close()
         hist = {"latency": self.h_latency, "rtt": self.h_rtt, "lag": self.h_lag}

@@ -269,11 +269,12 @@ def run_figures(record: RunRecord, scenario: Scenario, meta: dict[str, Any]) -> 
     refused = sum(r.refused for r in results)
     if pool_waits:
         never = f"; {never[0].lower()}{never[1:]}" if never else ""
-        most = max(r.max_conns for r in results)
+        least, most = min(r.max_conns for r in results), max(r.max_conns for r in results)
         bound = ("the service's max_connections: it refused more" if refused
                  else "--max-conns, within the descriptor limit")
-        warnings.append(f"{pool_waits} HTTP admissions found every one of a generator's connections busy (at most "
-                        f"{most} a process: {bound}) and waited for an answer to free one"
+        per = f"at most {most} a process" if least == most else f"at most {least} to {most} a process"
+        warnings.append(f"{pool_waits} HTTP admissions found every one of a generator's connections busy ({per}: "
+                        f"{bound}) and waited for an answer to free one"
                         f"{'' if refused else ' (raise --max-conns)'}{never}; the reference verdict compares the "
                         "service with what the flows offered, which the generator sent late: it judges the "
                         "generator's connections too")
@@ -835,12 +836,12 @@ def _warnings_once(runs: Sequence[dict[str, Any]]) -> list[str]:
     """Each kind of warning once for a configuration's runs (review 167: 27 lines for 3 configurations of
     3 runs, the same warnings with each run's own figures): the first run's words, and in how many runs
     a warning alike but for its figures came up."""
-    kinds: dict[str, list[str]] = {}  # a kind: its words alike but for their figures; its first of each run
+    kinds: dict[str, list[str]] = {}  # a kind: its words alike but for their figures (not whose they are)
     for r in runs:
         seen: set[str] = set()
         for w in r["warnings"]:
-            kind = re.sub(r"\d[\d.,]*", "#", w)
-            if kind not in seen:
+            kind = _WHOSE.sub(lambda m: m.group(1) or "#", w)
+            if kind not in seen:  # (a run's warnings alike but for their figures: its first)
                 seen.add(kind)
                 kinds.setdefault(kind, []).append(w)
     out = []
@@ -849,9 +850,26 @@ def _warnings_once(runs: Sequence[dict[str, Any]]) -> list[str]:
             out.append(said[0])
         elif len(set(said)) == 1:
             out.append(f"{said[0]} (in {len(said)} of {len(runs)} runs)")
-        else:
-            out.append(f"{said[0]} (in {len(said)} of {len(runs)} runs; the figures of the first)")
+        else:  # the run whose first figure is the largest: the worst of them
+            worst = max(said, key=_figures)
+            out.append(f"{worst} (in {len(said)} of {len(runs)} runs; the figures of the worst)")
     return sorted(out)
+
+
+# Figures in a warning, but not those that name whose it is (a generator, a process, a worker, a shard):
+# those stay, so that generator 1's warning is not taken for generator 0's (a review)
+_WHOSE = re.compile(r"((?:load generator |loadgen|worker|acceptor|pid |shard |shards=)\d+)|\d[\d.,]*")
+_FIGURE = re.compile(r"\d[\d,]*(?:\.\d+)?")
+
+
+def _figures(warning: str) -> tuple[float, ...]:
+    """A warning's figures, but those that name whose it is: the worst of warnings alike is the one
+    whose first figure that differs is the largest."""
+    out = []
+    for m in _WHOSE.finditer(warning):
+        if not m.group(1) and (figure := _FIGURE.match(m.group(0))):
+            out.append(float(figure.group(0).replace(",", "")))
+    return tuple(out)
 
 
 def _band_lines(run: dict[str, Any]) -> list[str]:

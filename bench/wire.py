@@ -203,16 +203,21 @@ class _Reply(msgspec.Struct):
 _encode = msgspec.json.Encoder().encode
 _decode_reply = msgspec.json.Decoder(_Reply).decode
 _RELEASE = -1  # marks a release reply in a connection's queue of expected replies
+_WARM = -2  # marks the reply to a connection's first request, a GET /healthz (`HttpPool.open`)
 _TOO_MANY = b"too many connections"  # the service's 503 past its max_connections (distributor/http.py)
+REFUSED_BACKOFF = 1.0  # after the service refused a connection, seconds before the pool opens another
 
 
 class _HttpConn(asyncio.Protocol):
     """One keep-alive connection. Replies come back in request order: `_expect` holds their rids."""
 
-    def __init__(self, pool: HttpPool, head: bytes) -> None:
+    def __init__(self, pool: HttpPool, head: bytes, releaser: bool = False) -> None:
         self._pool = pool
         self._timer = pool.sink.timer
         self._head = head
+        self.releaser = releaser  # the pool's release connection (its role, known before any reply)
+        self.tickets: collections.deque[int] = collections.deque()  # a releaser's releases without an answer
+        self.answered = False  # it carried an answer that was not a refusal
         self._parser = httptools.HttpResponseParser(self)
         self._body = bytearray()
         self._expect: collections.deque[int] = collections.deque()
@@ -220,7 +225,7 @@ class _HttpConn(asyncio.Protocol):
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self.sent_body = b""
-        self.opened = pool.loop.time()
+        self.used = pool.loop.time()  # when it last sent a request
         self.closed: asyncio.Future[None] = pool.loop.create_future()
 
     @property
@@ -238,15 +243,27 @@ class _HttpConn(asyncio.Protocol):
     def send(self, rid: int, body: bytes, *, batch: bool = False) -> None:
         self._expect.append(rid)
         self.sent_body = body  # (an admission connection carries one at a time: sent again if refused)
+        self.used = self._pool.loop.time()
         data = b"%bcontent-length: %d\r\n\r\n%b" % (self._head, len(body), body)
         if not batch:
-            if self._transport is not None:
-                self._transport.write(data)
+            if self.alive:
+                self._transport.write(data)  # type: ignore[union-attr]
             return
         self._out.append(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._pool.loop.call_soon(self._flush)
+
+    def warm(self, host: bytes) -> None:
+        """A first request that asks nothing of the service (GET /healthz), so that it keeps the connection
+        for its idle timeout (75 s by default) rather than closing it at its header timeout (10 s) as one
+        that sent nothing; its answer also shows the connection was not refused."""
+        if not self.alive:  # (refused and closed already: its 503 says so)
+            return
+        self._expect.append(_WARM)
+        self.used = self._pool.loop.time()
+        if self._transport is not None:
+            self._transport.write(b"GET /healthz HTTP/1.1\r\nhost: %b\r\n\r\n" % host)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -288,17 +305,17 @@ class HttpPool:
     """Keep-alive connections to the HTTP front: `admit` on a free one, `release` on a dedicated one."""
 
     def __init__(self, sink: Sink, loop: asyncio.AbstractEventLoop, host: str, port: int, max_conns: int,
-                 audit: bool = True, first_within: float = math.inf) -> None:
+                 audit: bool = True, idle_within: float = math.inf) -> None:
         self.sink = sink
         self.loop = loop
         self._audit = audit
         self._host = host
         self._port = port
         self._max = self.max_conns = max(1, max_conns)
-        # a connection that has carried nothing is given nothing this long after it opened: the service
-        # closes one whose first request has not come within its `header_timeout` (a burst's
-        # connections opened before the run and unused for 10 s were closed under it)
-        self._first_within = first_within
+        # a connection idle this long is given nothing more: the service closes one idle for its
+        # `idle_timeout` (and one that never sent a request at its `header_timeout`: each sends one
+        # as it opens, `_HttpConn.warm`), and an admission sent on it as it closes is lost
+        self._idle_within = idle_within
         self._admit_head = b"POST /v1/admit HTTP/1.1\r\nhost: %b\r\ncontent-type: application/json\r\n" % host.encode()
         self._release_head = (
             b"POST /v1/release HTTP/1.1\r\nhost: %b\r\ncontent-type: application/json\r\n" % host.encode()
@@ -310,8 +327,17 @@ class HttpPool:
         self._releaser: _HttpConn | None = None
         self._closing = False
         self._refused: set[_HttpConn] = set()
-        self._growing = True  # more connections may be opened (until the service refuses one)
-        self._accepted_most = 0  # then: the most admission connections it had accepted at once
+        # Once the service refused a connection (past its max_connections), the pool opens no more than
+        # the service had accepted then, or has been seen to answer on at once since (`_max`), none for
+        # REFUSED_BACKOFF after a refusal; it still replaces those lost (a review: stopped growing for
+        # good, it shrank to nothing as the service closed idle ones, every admission left unsent).
+        self._refused_ever = False
+        self._grow_after = -math.inf
+        self._regrow: asyncio.TimerHandle | None = None
+        self._rel_backlog: collections.deque[int] = collections.deque()  # releases waiting for a releaser
+        self._rel_opening = False
+        self._rel_resent: set[int] = set()  # tickets sent again after their connection was lost
+        self._shut = False  # closed whole (`close`): releases too
         self.pool_waits = 0
         self.connect_waits = 0
         self.connect_wait_most = 0.0  # seconds: the longest an admission waited for a connection to open
@@ -321,16 +347,26 @@ class HttpPool:
         self.released = 0
         self.release_failed = 0
 
-    async def open(self, n: int) -> None:
-        """Open the release connection and `n` admission connections up front (opening costs a round trip)."""
-        self._releaser = await self._connect(self._release_head)
+    async def open(self, n: int, timeout: float = 10.0) -> None:
+        """Open the release connection, then `n` admission connections (opening costs a round trip),
+        each with a first request (`_HttpConn.warm`) whose answer puts it in the pool: a connection
+        that had sent nothing was closed at the service's header timeout, the release connection's
+        with every release after it lost and the service's budget held for the lease (a review).
+        The release connection first: every generator process has one before the admission
+        connections take what the service accepts."""
+        releaser = self._releaser = await self._connect(self._release_head, releaser=True)
+        releaser.warm(self._host.encode())
         conns = await asyncio.gather(*(self._connect(self._admit_head) for _ in range(min(n, self._max))))
-        self._free.extend(conns)
+        for conn in conns:
+            conn.warm(self._host.encode())
+        deadline = self.loop.time() + timeout
+        while any(c.busy for c in (releaser, *conns) if c.alive) and self.loop.time() < deadline:
+            await asyncio.sleep(0.005)
 
-    async def _connect(self, head: bytes) -> _HttpConn:
-        _, conn = await self.loop.create_connection(lambda: _HttpConn(self, head), self._host, self._port)
+    async def _connect(self, head: bytes, releaser: bool = False) -> _HttpConn:
+        _, conn = await self.loop.create_connection(lambda: _HttpConn(self, head, releaser), self._host, self._port)
         self._all.append(conn)
-        self.most_conns = max(self.most_conns, len(self._all) - 1)
+        self.most_conns = max(self.most_conns, len(self._all) - (self._releaser is not None))
         return conn
 
     def admit(self, rid: int, flow: str, priority: int, size: int, ttl: float, slo: float, tokens: int,
@@ -341,13 +377,30 @@ class HttpPool:
             conn.send(rid, body)
             return
         self._waiting.append((rid, body))
-        if self._growing and len(self._all) - 1 + self._opening < self._max:
+        if self._may_grow():
             self._opening += 1
             self.connect_waits += 1
             self._asked[rid] = self.loop.time()
             self.loop.create_task(self._grow())
-        else:  # (the pool is at `max_conns`: it waits for an answer to free one, not for a connect)
+        else:  # (the pool is at its max: it waits for an answer to free one, not for a connect)
             self.pool_waits += 1
+
+    def _admission_conns(self) -> int:
+        return len(self._all) - (self._releaser is not None and self._releaser in self._all)
+
+    def _may_grow(self) -> bool:
+        return self._admission_conns() + self._opening < self._max and self.loop.time() >= self._grow_after
+
+    def _grow_for_waiting(self) -> None:
+        """After a refusal's back-off: connections for the admissions still waiting, within the max."""
+        self._regrow = None
+        left = self._grow_after - self.loop.time()
+        if left > 0 and not self._closing:  # (a later refusal moved the back-off on)
+            self._regrow = self.loop.call_later(left, self._grow_for_waiting)
+            return
+        while len(self._waiting) > self._opening and not self._closing and self._may_grow():
+            self._opening += 1
+            self.loop.create_task(self._grow())
 
     async def _grow(self) -> None:
         try:
@@ -357,12 +410,13 @@ class HttpPool:
             return
         finally:
             self._opening -= 1
-        if conn not in self._refused:  # (its 503 may have come before this resumed)
+        if conn not in self._refused and conn.alive:  # (its 503 may have come before this resumed)
             self._idle(conn)
+        elif len(self._waiting) > self._opening and self._may_grow():  # (replaced: the one it was for waits)
+            self._opening += 1
+            self.loop.create_task(self._grow())
 
     def _idle(self, conn: _HttpConn) -> None:
-        if not self._growing:
-            self._accepted_most = max(self._accepted_most, len(self._all) - 1 - len(self._refused))
         if self._waiting and not self._closing:
             rid, body = self._waiting.popleft()
             asked = self._asked.pop(rid, None)
@@ -375,18 +429,19 @@ class HttpPool:
 
     @property
     def most_allowed(self) -> int:
-        """The admission connections it may use: `max_conns`, or once the service refused one, those open."""
-        return self.max_conns if self._growing else self._accepted_most
+        """The admission connections it may use: `max_conns`, or once the service refused one, those it
+        had accepted then, or the most it has seen carry answers at once since, if more."""
+        return self._max
 
     def _usable(self) -> _HttpConn | None:
-        """A free connection to send on: not one that has carried nothing since it opened longer ago than
-        the service waits for a first request (closed here, before the service closes it under a request)."""
+        """A free connection to send on: not one idle for nearly as long as the service keeps an idle
+        connection (closed here, before the service closes it under a request)."""
         free = self._free
         while free:
             conn = free.pop()
             if not conn.alive:
                 continue
-            if conn.sent_body or self.loop.time() < conn.opened + self._first_within:
+            if self.loop.time() < conn.used + self._idle_within:
                 return conn
             conn.close()
         return None
@@ -400,31 +455,110 @@ class HttpPool:
         self.refused += 1
         if conn in self._free:
             self._free.remove(conn)
-        self._growing = False  # (set from how many are open as it came, the cap fell to 1 while the
-        # connections opened before the run were still coming: review 170's --target, 1 request sent)
+        self._refused_ever = True
+        self._max = max(1, min(self._max, self._accepted()))
+        self._grow_after = self.loop.time() + REFUSED_BACKOFF
+        if self._regrow is None and not self._closing:
+            self._regrow = self.loop.call_later(REFUSED_BACKOFF, self._grow_for_waiting)
+
+    def _working(self) -> int:
+        """Admission connections open that have carried an answer (the service's own, not a refusal)."""
+        return sum(1 for c in self._all if c.answered and not c.releaser and c not in self._refused)
+
+    def _accepted(self) -> int:
+        """Admission connections open and not refused (an admin-reserve one may still be, at its first
+        request: then the cap falls again)."""
+        return sum(1 for c in self._all if c.alive and not c.releaser and c not in self._refused)
 
     def unsent(self) -> set[int]:
         """The admissions still waiting for a free connection: none of their bytes has left."""
         return {rid for rid, _ in self._waiting}
 
     def release(self, ticket: int) -> None:
-        if self._releaser is not None:
-            self._releaser.send(_RELEASE, b'{"ticket":%d}' % ticket, batch=True)
+        releaser = self._releaser
+        if releaser is not None and releaser.alive and not self._rel_backlog:
+            releaser.tickets.append(ticket)
+            releaser.send(_RELEASE, b'{"ticket":%d}' % ticket, batch=True)
+            return
+        self._rel_backlog.append(ticket)  # (none open, or it was lost: sent once another is)
+        if not self._rel_opening and not self._shut:
+            self._rel_opening = True
+            self.loop.create_task(self._open_releaser())
+
+    async def _open_releaser(self) -> None:
+        """A release connection, then the releases that waited for it (after a refusal's back-off)."""
+        try:
+            delay = self._grow_after - self.loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                conn = await self._connect(self._release_head, releaser=True)
+            except OSError as exc:
+                self.sink.on_lost(f"cannot open the HTTP release connection: {exc}")
+                return
+        finally:
+            self._rel_opening = False
+        self._releaser = conn
+        backlog, self._rel_backlog = self._rel_backlog, collections.deque()
+        for ticket in backlog:
+            self.release(ticket)
+
+    def _release_lost(self, conn: _HttpConn) -> None:
+        """The release connection is gone (closed, or refused): its releases without an answer are sent
+        again on another (one the service had applied is answered 404 then: counted released)."""
+        if self._releaser is conn:
+            self._releaser = None
+        if conn.tickets and not self._shut:
+            self._rel_resent.update(conn.tickets)
+            self._rel_backlog.extendleft(reversed(conn.tickets))
+            conn.tickets.clear()
+            if not self._rel_opening:
+                self._rel_opening = True
+                self.loop.create_task(self._open_releaser())
+
+    def releases_unanswered(self) -> int:
+        """Releases sent or waiting to be, without an answer yet."""
+        return len(self._rel_backlog) + sum(len(c.tickets) for c in self._all if c.releaser)
 
     def reply(self, conn: _HttpConn, rid: int, status: int, body: bytes) -> None:
-        if conn is not self._releaser and (rid == _RELEASE or (status == 503 and _TOO_MANY in body)):
+        refusal = status == 503 and _TOO_MANY in body
+        if rid == _WARM and not refusal:  # (the first request's answer: in the pool now)
+            if not conn.releaser:
+                conn.answered = True
+                self._idle(conn)
+            return
+        if rid == _WARM:
+            rid = _RELEASE  # (refused: as a 503 at accept)
+        if conn.releaser:
+            if refusal:  # (past its max_connections: what it carried is sent again once another opens,
+                # in the place of an admission connection: releases free the budget admissions wait for)
+                self.refused += 1
+                self._refused_ever = True
+                self._grow_after = self.loop.time() + REFUSED_BACKOFF
+                self._max = max(1, min(self._max, self._accepted()) - 1)
+                if self._accepted() > self._max and (spare := self._usable()) is not None:
+                    spare.close()
+                conn.close()
+                self._release_lost(conn)
+                return
+            ticket = conn.tickets.popleft() if conn.tickets else -1
+            if status == 200 or (status == 404 and ticket in self._rel_resent):
+                self.released += 1
+            else:
+                self.release_failed += 1
+            self._rel_resent.discard(ticket)
+            return
+        if rid == _RELEASE or refusal:
             self._refuse(conn)  # (a 503 at accept arrives before any request: no rid waits for it)
             if rid != _RELEASE:  # never admitted: sent again, first, on another connection
                 self._waiting.appendleft((rid, conn.sent_body))
                 if (free := self._usable()) is not None:
                     self._idle(free)
             return
-        if rid == _RELEASE:
-            if status == 200:
-                self.released += 1
-            else:
-                self.release_failed += 1
-            return
+        if not conn.answered:
+            conn.answered = True
+            if self._refused_ever:  # (the service's room, as seen: the pool keeps to it)
+                self._max = min(self.max_conns, max(self._max, self._working()))
         self._idle(conn)
         try:
             r = _decode_reply(body)
@@ -451,18 +585,27 @@ class HttpPool:
         if conn in self._refused:  # (counted as refused; what it was given is waiting again)
             self._refused.discard(conn)
             return
-        if not self._closing and (conn.busy or conn is self._releaser):  # (a server may close an idle
-            # keep-alive connection at any time, RFC 9112 9.8: the pool opens another when it needs one)
+        if conn.releaser:
+            self._release_lost(conn)  # (an idle one closed by the service: reopened at the next release)
+            return
+        if not self._closing and conn.busy:  # (a server may close an idle keep-alive connection at any
+            # time, RFC 9112 9.8: the pool opens another when it needs one)
             self.sink.on_lost(f"HTTP connection lost: {exc or 'closed by the service'}")
+        if len(self._waiting) > self._opening and not self._closing and self._may_grow():  # (replaced,
+            # for those waiting that no connection being opened is for)
+            self._opening += 1
+            self.loop.create_task(self._grow())
 
     async def close_admissions(self) -> None:
         """Close the admission connections, so that the service cancels what is still queued on them
         rather than dispatching it to nobody; the release connection stays open."""
         self._closing = True
-        await self._close([c for c in self._all if c is not self._releaser])
+        await self._close([c for c in self._all if not c.releaser])
 
     async def close(self) -> None:
-        self._closing = True
+        self._closing = self._shut = True
+        if self._regrow is not None:
+            self._regrow.cancel()
         await self._close(list(self._all))
 
     @staticmethod

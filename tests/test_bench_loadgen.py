@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import time
 from pathlib import Path
@@ -358,12 +359,7 @@ def test_http_admissions_still_waiting_for_a_connection_at_the_end_are_unsent_no
     from bench.loadgen import UNSENT
 
     async def main() -> GenResult:
-        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.read(1 << 20)  # (the admission: never answered)
-            await asyncio.sleep(5)
-
-        server = await asyncio.start_server(silent, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        server, port = await silent_server()  # (the admission: never answered)
         spec = GenSpec(index=0, procs=1, scenario=msgspec.json.encode(load_scenario(SILENT_HTTP)), transport="http",
                        host="127.0.0.1", port=port, conns=1, max_conns=1, lead=0.0, drain_timeout=0.1,
                        log_limit=100_000, result_path="")
@@ -419,10 +415,12 @@ class PoolSink:
 
 
 async def silent_server() -> tuple[asyncio.Server, int]:
-    """A server that reads what it is sent and never answers: (it, its port)."""
+    """A server that answers a connection's GET /healthz (the pool's first request on each) and never
+    anything else: (it, its port)."""
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read(1 << 20)
-        await asyncio.sleep(5)
+        while data := await reader.read(1 << 20):
+            for _ in range(data.count(b"GET /healthz")):
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 15\r\n\r\n{\"status\":\"ok\"}")
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1]
@@ -501,6 +499,12 @@ def test_http_pool_sends_again_what_a_refused_connection_was_given_and_keeps_to_
     port = listener.getsockname()[1]
     held: list[socket.socket] = []
 
+    def healthz_only(c: socket.socket) -> None:  # (the pool's first request on each; nothing else answered)
+        with contextlib.suppress(OSError):
+            while data := c.recv(1 << 16):
+                for _ in range(data.count(b"GET /healthz")):
+                    c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 15\r\n\r\n{\"status\":\"ok\"}")
+
     def serve() -> None:  # max_connections 2: the release connection and one admission connection, silent
         while True:
             try:
@@ -509,6 +513,7 @@ def test_http_pool_sends_again_what_a_refused_connection_was_given_and_keeps_to_
                 return
             if len(held) < 2:
                 held.append(c)
+                threading.Thread(target=healthz_only, args=(c,), daemon=True).start()
                 continue
             c.sendall(too_many)
             threading.Timer(0.25, c.close).start()
@@ -533,24 +538,25 @@ def test_http_pool_sends_again_what_a_refused_connection_was_given_and_keeps_to_
         for c in held:
             c.close()
     assert pool.refused == 2 and pool.release_failed == 0 and sink.errors == [] and sink.lost == []
-    assert unsent == set(range(1, 8))  # every admission but the one on the accepted connection waits, unsent
-    assert not pool._growing and len(pool._all) == 2  # the release connection and the accepted one
+    assert unsent == set(range(1, 8))  # 0 went on the accepted admission connection; the rest wait, unsent
+    assert len(pool._all) == 2 and pool.most_allowed == 1  # (the release connection and that one)
 
 
-def test_http_pool_gives_nothing_to_a_connection_unused_past_the_services_first_request_deadline() -> None:
-    """The connections opened before the run for the scenario's bursts: the service closes one whose
-    first request has not come within its `header_timeout` (10 s), and an admission sent on it as it
-    closes is lost. The pool closes such a connection itself and opens another."""
+def test_http_pool_gives_nothing_to_a_connection_idle_nearly_as_long_as_the_service_keeps_one() -> None:
+    """The connections opened before the run for the scenario's bursts: the service closes one idle for
+    its `idle_timeout` (and one that sent nothing at its `header_timeout`: each sends a GET /healthz as
+    it opens), and an admission sent on it as it closes is lost. The pool closes such a connection
+    itself and opens another."""
     from bench.wire import HttpPool
 
     async def main() -> tuple[int, int, int, list[str]]:
         server, port = await silent_server()
         sink = PoolSink()
         pool = HttpPool(sink, asyncio.get_running_loop(), "127.0.0.1", port, 10,  # type: ignore[arg-type]
-                        first_within=0.05)
+                        idle_within=0.05)
         await pool.open(3)
         try:
-            await asyncio.sleep(0.1)  # the three are past their first request's deadline, unused
+            await asyncio.sleep(0.1)  # the three are idle past `idle_within`
             pool.admit(0, "a", 0, 10, 0.0, 0.0, 0, 0.0)
             await wait_until_async(lambda: not pool.unsent())
             await asyncio.sleep(0.05)
@@ -560,4 +566,129 @@ def test_http_pool_gives_nothing_to_a_connection_unused_past_the_services_first_
             server.close()
 
     waits, open_now, most, lost = uvloop.run(main())
-    assert waits == 1 and open_now == 1 and most == 3 and lost == []  # the stale three closed quietly
+    assert (waits, open_now, most, lost) == (1, 1, 3, []), (waits, open_now, most, lost)  # the stale three closed
+    # quietly, one opened for the admission (not one more for each of them)
+
+
+class _CappedService:
+    """A stand-in HTTP service in a thread, as flowshard at its `max_connections`: past `most` open
+    connections it answers 503 "too many connections" and closes; the others get every request answered
+    (admissions dispatched, releases 200), and `close_idle()` closes those open, as its idle timeout would."""
+
+    OK = b'{"outcome":"dispatched","reason":"","ticket":1,"wait_ms":0}'
+    BODY = b'{"error":{"status":503,"message":"too many connections, retry later"}}'
+    TOO_MANY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                b"retry-after: 1\r\ncontent-length: %d\r\n\r\n%b" % (len(BODY), BODY))
+
+    def __init__(self, most: int) -> None:
+        import socket
+        import threading
+
+        self.most = most
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.port = self.listener.getsockname()[1]
+        self.live: set[Any] = set()
+        self.lock = threading.Lock()
+        self.releases = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                c, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                if len(self.live) < self.most:
+                    self.live.add(c)
+                    threading.Thread(target=self._handle, args=(c,), daemon=True).start()
+                    continue
+            c.sendall(self.TOO_MANY)
+            c.shutdown(socket.SHUT_WR)
+            threading.Timer(0.25, c.close).start()
+
+    def _handle(self, c: Any) -> None:
+        buf = b""
+        try:
+            while d := c.recv(65536):
+                buf += d
+                while b"\r\n\r\n" in buf:
+                    head, rest = buf.split(b"\r\n\r\n", 1)
+                    lengths = [h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")]
+                    n = int(lengths[0].split(b":")[1]) if lengths else 0
+                    if len(rest) < n:
+                        break
+                    buf = rest[n:]
+                    if head.startswith(b"GET /healthz"):
+                        c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 15\r\n\r\n{\"status\":\"ok\"}")
+                    elif head.startswith(b"POST /v1/release"):
+                        self.releases += 1
+                        c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 17\r\n\r\n{\"released\":true}")
+                    else:
+                        c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%b" % (len(self.OK), self.OK))
+        except OSError:
+            pass
+        finally:
+            with self.lock:
+                self.live.discard(c)
+            c.close()
+
+    def close_idle(self) -> None:
+        import socket
+
+        with self.lock:
+            for c in list(self.live):
+                with contextlib.suppress(OSError):
+                    c.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.close_idle()
+
+
+def test_http_pool_after_refusals_keeps_to_the_services_room_and_replaces_what_it_loses() -> None:
+    """Review 171: once the service refused a connection the pool opened no more for the whole run, so
+    as the service closed the others (unused past its header timeout, idle) it shrank to nothing and
+    every later admission stayed unsent; and the release connection, opened up front, was closed the
+    same way (or refused, and taken for an admission connection), its releases lost and the service's
+    budget held for the lease. Now: 5 opened before the run against a service that takes 3, unused
+    past the first-request deadline, then 10 admissions, the service closing every connection in the
+    middle: all are answered, and every release too."""
+    from bench.wire import HttpPool
+
+    service = _CappedService(3)
+    answered: list[int] = []
+
+    class Sink(PoolSink):
+        def on_result(self, rid: int, *args: Any) -> None:
+            answered.append(rid)
+
+    async def main() -> tuple[Any, Sink]:
+        sink = Sink()
+        pool = HttpPool(sink, asyncio.get_running_loop(), "127.0.0.1", service.port, 100,  # type: ignore[arg-type]
+                        idle_within=0.2)
+        await pool.open(5)  # (with the release connection, more than the service takes: 3 refused)
+        await asyncio.sleep(0.4)  # the two it took are idle past `idle_within`
+        for rid in range(5):
+            pool.admit(rid, "a", 0, 10, 0.0, 0.0, 0, 0.0)
+            pool.release(100 + rid)
+        await wait_until_async(lambda: len(answered) == 5, timeout=10)
+        service.close_idle()  # every connection closed under it, the release connection's included
+        await asyncio.sleep(0.1)
+        for rid in range(5, 10):
+            pool.admit(rid, "a", 0, 10, 0.0, 0.0, 0, 0.0)
+            pool.release(100 + rid)
+        await wait_until_async(lambda: len(answered) == 10 and not pool.releases_unanswered(), timeout=10)
+        await pool.close()
+        return pool, sink
+
+    try:
+        pool, sink = uvloop.run(main())
+    finally:
+        service.close()
+    assert sorted(answered) == list(range(10)) and pool.unsent() == set()
+    assert pool.released == 10 and pool.release_failed == 0 and service.releases == 10
+    assert pool.refused >= 2 and sink.errors == [] and sink.lost == []
