@@ -500,7 +500,7 @@ class HttpConnection(asyncio.Protocol):
             self._sent.clear()  # it sent more after those answers were written: it is still there
         self._parse(data)
 
-    def _parse(self, data: bytes | None) -> None:
+    def _parse(self, data: bytes | bytearray | None) -> None:
         """Parse input read from the client (now, or kept while the pipeline was full), answering what
         can be answered at once with one write at the end; None: handle the requests parsed past
         max_pipelined (`_later`) instead, as far as the pipeline has room."""
@@ -1468,11 +1468,10 @@ class HttpConnection(asyncio.Protocol):
 
     def _yield_turn(self, rest: memoryview) -> None:
         """This read has had its share of the loop pass (`TURN_BUDGET`): the rest of it is kept unparsed,
-        as while the pipeline is full, and parsed in the next pass (`_unhold`), reading paused till then."""
+        as while the pipeline is full (what is read meanwhile joins it, up to the same bound), and parsed
+        in the next pass (`_unhold`). Reading is not paused for it: paused, a client's half-close was
+        taken for its leaving (`_check_peer`) and its answers cut short (a review)."""
         self._held = bytearray(rest)
-        if not self._paused:
-            self._paused = True
-            self._pause_reading()
         if not self._unhold_scheduled:
             self._unhold_scheduled = True
             self._loop.call_soon(self._unhold)
@@ -1494,7 +1493,8 @@ class HttpConnection(asyncio.Protocol):
         if self._msg_at:  # a request cut short by the hold: the wait was ours, its time starts again
             self._msg_at = self._loop.time()
         if held:
-            self._parse(bytes(held))  # not `data_received`: read before the answers written since
+            self._parse(held)  # not `data_received`: read before the answers written since (not copied:
+            # nothing else refers to it now, and a long one was copied again at every yield, a review)
         self._eof_done()
 
     def _finish(self, kind: int) -> None:
