@@ -495,6 +495,9 @@ class HttpPool:
                 conn = await self._connect(self._release_head, releaser=True)
             except OSError as exc:
                 self.sink.on_lost(f"cannot open the HTTP release connection: {exc}")
+                if not self._shut:  # (tried again after the back-off: its releases free the budget)
+                    self._grow_after = self.loop.time() + REFUSED_BACKOFF
+                    self.loop.call_later(REFUSED_BACKOFF, self._retry_releaser)
                 return
         finally:
             self._rel_opening = False
@@ -502,6 +505,11 @@ class HttpPool:
         backlog, self._rel_backlog = self._rel_backlog, collections.deque()
         for ticket in backlog:
             self.release(ticket)
+
+    def _retry_releaser(self) -> None:
+        if self._rel_backlog and not self._rel_opening and not self._shut:
+            self._rel_opening = True
+            self.loop.create_task(self._open_releaser())
 
     def _release_lost(self, conn: _HttpConn) -> None:
         """The release connection is gone (closed, or refused): its releases without an answer are sent
