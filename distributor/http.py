@@ -135,7 +135,7 @@ _HEAD_BEGUN: Final = -1
 # read was left out: a 40 KB header or a 100 KB chunk extension in the read that began it passed, a review)
 _PIECE: Final = 4096
 # A connection's share of one event-loop pass: past this much time parsing and answering one read, the
-# rest of the read waits for the next pass (reading paused meanwhile), so that one connection's pipelined
+# rest of the read waits for the next pass (`HttpConnection._yield_turn`), so that one connection's pipelined
 # requests cannot hold every other client: a read answered whole kept the loop 1.7 s on 20 clients
 # pipelining /healthz, and a fresh /healthz waited 11.6 s behind 20 pipelining /metrics (review 168)
 TURN_BUDGET: Final = 0.002
