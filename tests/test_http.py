@@ -1569,3 +1569,37 @@ def test_a_long_pipelined_read_yields_the_loop_pass_after_its_share_and_answers_
     fake = serve(reads, Records())
     assert [a["flow"] for a in fake.admits] == [f"f{i}" for i in range(400)]
     assert len(set(passes)) >= 3, sorted(set(passes))  # the read was spread over passes
+
+
+def test_another_clients_request_is_handled_while_a_long_pipelined_read_waits_its_next_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review 168's point, seen from another client: one connection's 400 pipelined admissions are a read
+    longer than its share of a pass (a clock moving 1 ms a reading ends the share after a few pieces);
+    another connection's admission, sent once the first of them is in, is admitted before the last of
+    them. (Handled whole, that read was admitted to its end before anything else ran.)"""
+    import distributor.http as http
+
+    clock = itertools.count()
+    monkeypatch.setattr(http, "_monotonic", lambda: next(clock) * 0.001)
+
+    class SendsB(FakeAdmission):
+        b: Any = None
+
+        def admit(self, *args: Any, **kw: Any) -> int:
+            if not self.admits:  # (the first of the 400 is in: B sends now, within this pass)
+                self.b.send(admit("b"))
+            return super().admit(*args, **kw)
+
+    async def both(port: int, fake: FakeAdmission) -> None:
+        a = await Client.open(port)
+        b = fake.b = await Client.open(port)  # type: ignore[attr-defined]
+        a.send(b"".join(admit(f"f{i}") for i in range(400)))
+        assert (await b.response()).status == 200
+        for _ in range(400):
+            assert (await a.response()).status == 200
+        a.close()
+        b.close()
+
+    flows = [a["flow"] for a in serve(both, SendsB()).admits]
+    assert flows.index("b") < flows.index("f399"), flows.index("b")
