@@ -1517,8 +1517,11 @@ def test_a_client_reading_slowly_that_sends_at_the_drains_end_gets_every_answer(
     drain ends. Its reading paused behind those answers, the service left that input unread and
     exited: the close was a reset, and 6,560-12,534 answers the exit line counted never arrived (the
     same client sending nothing lost none). The service now reads and drops what comes after its
-    exit line's counts, and waits while its clients are still taking their answers (up to 2.5 s)."""
-    n, drain = 20000, 0.5
+    exit line's counts, and waits while its clients are still taking their answers (up to 2.5 s).
+    (10,000 here, at least 0.5 s of reading, still under way when the late admission goes: 20,000, a
+    second of reading at least, passed the 2.5 s on a loaded machine, a fresh-clone CI run and a suite
+    run beside reviewers losing 7,466 and 9,320, the client's own reading too slow for the promise.)"""
+    n, drain = 10000, 0.5
     svc = launch(shards=1, budget=1, service={"drain_timeout": drain}, acceptors=acceptors, extra="default_ttl = 60.0")
     got: Counter[str] = Counter()
 
