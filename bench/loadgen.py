@@ -239,7 +239,6 @@ class Generator:
         self.pending: dict[int, tuple[_Flow, float, float, int, int, float]] = {}
         self.next_rid = 0
         self.tickets: set[int] = set()  # dispatched, still in (simulated) service
-        self.released_sent = 0
         self.spun_window = 0.0
         self.completed = 0
         self.answered_in_window = 0  # outcomes (and errors) received inside the window
@@ -378,7 +377,6 @@ class Generator:
         rec = self.pending.pop(rid, None)
         if rec is None:
             if outcome == _DISPATCHED:  # abandoned at the end: nothing will release its ticket later
-                self.released_sent += 1
                 self._release(ticket)
             return
         done = time.monotonic()
@@ -466,7 +464,6 @@ class Generator:
         if self.finished:
             return  # still held at the end: `in flight at end`, released in `_finish`
         self.tickets.discard(ticket)
-        self.released_sent += 1
         if row >= 0:
             self.log["released"][row] = time.monotonic() - self.t0
         self._release(ticket)
@@ -564,7 +561,6 @@ class Generator:
             # first, so that the capacity freed below is not given to admissions still queued on them
             await pool.close_admissions()
             for ticket in self.tickets:
-                self.released_sent += 1
                 self._release(ticket)
         released = failed = 0
         for conn in self.binary:

@@ -834,8 +834,8 @@ def render_config(label: str, runs: Sequence[dict[str, Any]]) -> str:
 
 def _warnings_once(runs: Sequence[dict[str, Any]]) -> list[str]:
     """Each kind of warning once for a configuration's runs (review 167: 27 lines for 3 configurations of
-    3 runs, the same warnings with each run's own figures): the first run's words, and in how many runs
-    a warning alike but for its figures came up."""
+    3 runs, the same warnings with each run's own figures): in how many runs a warning alike but for its
+    figures came up, with the worst run's words (`_figures`)."""
     kinds: dict[str, list[str]] = {}  # a kind: its words alike but for their figures (not whose they are)
     for r in runs:
         seen: set[str] = set()
@@ -850,7 +850,7 @@ def _warnings_once(runs: Sequence[dict[str, Any]]) -> list[str]:
             out.append(said[0])
         elif len(set(said)) == 1:
             out.append(f"{said[0]} (in {len(said)} of {len(runs)} runs)")
-        else:  # the run whose first figure is the largest: the worst of them
+        else:
             worst = max(said, key=_figures)
             out.append(f"{worst} (in {len(said)} of {len(runs)} runs; the figures of the worst)")
     return sorted(out)

@@ -331,7 +331,7 @@ class Options(msgspec.Struct, kw_only=True):
 
     transport: str = "binary"
     procs: int = 1
-    conns: int = 0  # 0: binary 1 per process; HTTP: the closed-loop clients + 16
+    conns: int = 0  # 0: `_binary_conns`, `_http_conns`
     max_conns: int = 0  # HTTP; 0: `http_max_conns`
     lead: float = 60e-6
     drain_timeout: float = 30.0

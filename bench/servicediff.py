@@ -34,8 +34,7 @@ import numpy as np
 from bench.fairness import backlogs_and_service, units
 from flowshard import records
 from flowshard.analysis import MAX_PAIRED_FLOWS, pairwise_service_difference
-from flowshard.scenario import flow_weights
-from flowshard.simulate import UNITS, read_scenario
+from flowshard.simulate import audit_header, read_scenario
 
 
 def _joint(fa: tuple[np.ndarray, np.ndarray], ga: tuple[np.ndarray, np.ndarray]) -> list[tuple[float, float]]:
@@ -135,24 +134,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--burst-gap", type=float, default=5.0, metavar="MS",
                    help="dispatches less than this apart are one burst (default 5 ms)")
     args = p.parse_args(argv)
-    unit_of: dict[str, str] | None = None
-    weights: dict[str, float] | None = None
     window: tuple[float, float] | None = (args.window[0], args.window[1]) if args.window else None
-    scenario_window: tuple[float, float] | None = None
-    if args.scenario:
-        sc = read_scenario(args.scenario)
-        unit_of = {b.name: UNITS[b.fairness] for b in sc.server.bands}
-        weights = {**sc.server.weights, **flow_weights(sc)}  # (a review: the flows' own weights were ignored)
-        scenario_window = (sc.workload.warmup, sc.workload.duration)
+    # the scenario's units and weights as a records header carries them (the flows' own weights: a review
+    # found them ignored), taken before each run's header; its window after the header's, the run's own
+    given: dict[str, Any] = audit_header(read_scenario(args.scenario)) if args.scenario else {}
     with open(args.records, "rb") as fh:
         data = fh.read()
     for head, rows in records.decode_runs(data):
         label = " ".join(f"{k}={head[k]}" for k in ("source", "label", "run") if k in head)
         print(f"== {label}")
-        told = head.get("window")
-        for band, pairs in breakdown(rows, unit_of=unit_of if unit_of is not None else head.get("units"),
-                                     weights=weights if weights is not None else head.get("weights"),
-                                     window=window or (scenario_window if told is None else (told[0], told[1])),
+        told = head.get("window") or given.get("window")
+        for band, pairs in breakdown(rows, unit_of=given.get("units", head.get("units")),
+                                     weights=given.get("weights", head.get("weights")),
+                                     window=window or (None if told is None else (told[0], told[1])),
                                      burst_gap=args.burst_gap / 1e3).items():
             if not pairs:
                 print(f"band {band}: no pairs (fewer than 2 flows, or more than {MAX_PAIRED_FLOWS})")

@@ -262,8 +262,7 @@ class _HttpConn(asyncio.Protocol):
             return
         self._expect.append(_WARM)
         self.used = self._pool.loop.time()
-        if self._transport is not None:
-            self._transport.write(b"GET /healthz HTTP/1.1\r\nhost: %b\r\n\r\n" % host)
+        self._transport.write(b"GET /healthz HTTP/1.1\r\nhost: %b\r\n\r\n" % host)  # type: ignore[union-attr]
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -366,7 +365,7 @@ class HttpPool:
     async def _connect(self, head: bytes, releaser: bool = False) -> _HttpConn:
         _, conn = await self.loop.create_connection(lambda: _HttpConn(self, head, releaser), self._host, self._port)
         self._all.append(conn)
-        self.most_conns = max(self.most_conns, len(self._all) - (self._releaser is not None))
+        self.most_conns = max(self.most_conns, self._admission_conns())
         return conn
 
     def admit(self, rid: int, flow: str, priority: int, size: int, ttl: float, slo: float, tokens: int,
@@ -398,9 +397,17 @@ class HttpPool:
         if left > 0 and not self._closing:  # (a later refusal moved the back-off on)
             self._regrow = self.loop.call_later(left, self._grow_for_waiting)
             return
-        while len(self._waiting) > self._opening and not self._closing and self._may_grow():
+        while self._open_for_waiting():
+            pass
+
+    def _open_for_waiting(self) -> bool:
+        """Open a connection for an admission waiting that none being opened is for, within the max;
+        whether it did."""
+        if len(self._waiting) > self._opening and not self._closing and self._may_grow():
             self._opening += 1
             self.loop.create_task(self._grow())
+            return True
+        return False
 
     async def _grow(self) -> None:
         try:
@@ -412,9 +419,8 @@ class HttpPool:
             self._opening -= 1
         if conn not in self._refused and conn.alive:  # (its 503 may have come before this resumed)
             self._idle(conn)
-        elif len(self._waiting) > self._opening and self._may_grow():  # (replaced: the one it was for waits)
-            self._opening += 1
-            self.loop.create_task(self._grow())
+        else:  # (replaced: the one it was for waits)
+            self._open_for_waiting()
 
     def _idle(self, conn: _HttpConn) -> None:
         if self._waiting and not self._closing:
@@ -452,14 +458,19 @@ class HttpPool:
         if conn in self._refused:
             return
         self._refused.add(conn)
-        self.refused += 1
         if conn in self._free:
             self._free.remove(conn)
-        self._refused_ever = True
+        self._count_refusal()
         self._max = max(1, min(self._max, self._accepted()))
-        self._grow_after = self.loop.time() + REFUSED_BACKOFF
         if self._regrow is None and not self._closing:
             self._regrow = self.loop.call_later(REFUSED_BACKOFF, self._grow_for_waiting)
+
+    def _count_refusal(self) -> None:
+        """A connection refused (an admission connection or the release connection): no other opened
+        for REFUSED_BACKOFF, and from now the pool keeps to the service's room (`_max`)."""
+        self.refused += 1
+        self._refused_ever = True
+        self._grow_after = self.loop.time() + REFUSED_BACKOFF
 
     def _working(self) -> int:
         """Admission connections open that have carried an answer (the service's own, not a refusal)."""
@@ -481,9 +492,7 @@ class HttpPool:
             releaser.send(_RELEASE, b'{"ticket":%d}' % ticket, batch=True)
             return
         self._rel_backlog.append(ticket)  # (none open, or it was lost: sent once another is)
-        if not self._rel_opening and not self._shut:
-            self._rel_opening = True
-            self.loop.create_task(self._open_releaser())
+        self._start_releaser()
 
     async def _open_releaser(self) -> None:
         """A release connection, then the releases that waited for it (after a refusal's back-off)."""
@@ -497,7 +506,7 @@ class HttpPool:
                 self.sink.on_lost(f"cannot open the HTTP release connection: {exc}")
                 if not self._shut:  # (tried again after the back-off: its releases free the budget)
                     self._grow_after = self.loop.time() + REFUSED_BACKOFF
-                    self.loop.call_later(REFUSED_BACKOFF, self._retry_releaser)
+                    self.loop.call_later(REFUSED_BACKOFF, self._start_releaser)
                 return
         finally:
             self._rel_opening = False
@@ -506,7 +515,8 @@ class HttpPool:
         for ticket in backlog:
             self.release(ticket)
 
-    def _retry_releaser(self) -> None:
+    def _start_releaser(self) -> None:
+        """A release connection for the releases waiting, unless one is being opened."""
         if self._rel_backlog and not self._rel_opening and not self._shut:
             self._rel_opening = True
             self.loop.create_task(self._open_releaser())
@@ -520,9 +530,7 @@ class HttpPool:
             self._rel_resent.update(conn.tickets)
             self._rel_backlog.extendleft(reversed(conn.tickets))
             conn.tickets.clear()
-            if not self._rel_opening:
-                self._rel_opening = True
-                self.loop.create_task(self._open_releaser())
+            self._start_releaser()
 
     def releases_unanswered(self) -> int:
         """Releases sent or waiting to be, without an answer yet."""
@@ -540,9 +548,7 @@ class HttpPool:
         if conn.releaser:
             if refusal:  # (past its max_connections: what it carried is sent again once another opens,
                 # in the place of an admission connection: releases free the budget admissions wait for)
-                self.refused += 1
-                self._refused_ever = True
-                self._grow_after = self.loop.time() + REFUSED_BACKOFF
+                self._count_refusal()
                 self._max = max(1, min(self._max, self._accepted()) - 1)
                 if self._accepted() > self._max and (spare := self._usable()) is not None:
                     spare.close()
@@ -599,10 +605,7 @@ class HttpPool:
         if not self._closing and conn.busy:  # (a server may close an idle keep-alive connection at any
             # time, RFC 9112 9.8: the pool opens another when it needs one)
             self.sink.on_lost(f"HTTP connection lost: {exc or 'closed by the service'}")
-        if len(self._waiting) > self._opening and not self._closing and self._may_grow():  # (replaced,
-            # for those waiting that no connection being opened is for)
-            self._opening += 1
-            self.loop.create_task(self._grow())
+        self._open_for_waiting()  # (replaced, for one waiting)
 
     async def close_admissions(self) -> None:
         """Close the admission connections, so that the service cancels what is still queued on them

@@ -487,42 +487,12 @@ def test_http_pool_sends_again_what_a_refused_connection_was_given_and_keeps_to_
     503 as a release's answer and sent a waiting admission on the dead connection (never answered, the
     request logged as the service's backlog), or counted the admission an error. Now the admission goes
     back to the head of the queue and the pool keeps to the connections the service accepted."""
-    import socket
-    import threading
-
     from bench.wire import HttpPool
 
-    body = b'{"error":{"status":503,"message":"too many connections, retry later"}}'
-    too_many = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                b"retry-after: 1\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body))
-    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
-    port = listener.getsockname()[1]
-    held: list[socket.socket] = []
-
-    def healthz_only(c: socket.socket) -> None:  # (the pool's first request on each; nothing else answered)
-        with contextlib.suppress(OSError):
-            while data := c.recv(1 << 16):
-                for _ in range(data.count(b"GET /healthz")):
-                    c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 15\r\n\r\n{\"status\":\"ok\"}")
-
-    def serve() -> None:  # max_connections 2: the release connection and one admission connection, silent
-        while True:
-            try:
-                c, _ = listener.accept()
-            except OSError:
-                return
-            if len(held) < 2:
-                held.append(c)
-                threading.Thread(target=healthz_only, args=(c,), daemon=True).start()
-                continue
-            c.sendall(too_many)
-            threading.Timer(0.25, c.close).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-
+    service = _CappedService(2, answers=False)  # the release connection and one admission connection
     async def main() -> tuple[Any, PoolSink, set[int]]:
         sink = PoolSink()
-        pool = HttpPool(sink, asyncio.get_running_loop(), "127.0.0.1", port, 3)  # type: ignore[arg-type]
+        pool = HttpPool(sink, asyncio.get_running_loop(), "127.0.0.1", service.port, 3)  # type: ignore[arg-type]
         await pool.open(1)
         for rid in range(8):
             pool.admit(rid, "a", 0, 10, 0.0, 0.0, 0, 0.0)
@@ -534,9 +504,7 @@ def test_http_pool_sends_again_what_a_refused_connection_was_given_and_keeps_to_
     try:
         pool, sink, unsent = uvloop.run(main())
     finally:
-        listener.close()
-        for c in held:
-            c.close()
+        service.close()
     assert pool.refused == 2 and pool.release_failed == 0 and sink.errors == [] and sink.lost == []
     assert unsent == set(range(1, 8))  # 0 went on the accepted admission connection; the rest wait, unsent
     assert len(pool._all) == 2 and pool.most_allowed == 1  # (the release connection and that one)
@@ -573,18 +541,20 @@ def test_http_pool_gives_nothing_to_a_connection_idle_nearly_as_long_as_the_serv
 class _CappedService:
     """A stand-in HTTP service in a thread, as flowshard at its `max_connections`: past `most` open
     connections it answers 503 "too many connections" and closes; the others get every request answered
-    (admissions dispatched, releases 200), and `close_idle()` closes those open, as its idle timeout would."""
+    (admissions dispatched, unless not `answers`: then never; releases 200), and `close_idle()` closes
+    those open, as its idle timeout would."""
 
     OK = b'{"outcome":"dispatched","reason":"","ticket":1,"wait_ms":0}'
     BODY = b'{"error":{"status":503,"message":"too many connections, retry later"}}'
     TOO_MANY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
                 b"retry-after: 1\r\ncontent-length: %d\r\n\r\n%b" % (len(BODY), BODY))
 
-    def __init__(self, most: int) -> None:
+    def __init__(self, most: int, answers: bool = True) -> None:
         import socket
         import threading
 
         self.most = most
+        self.answers = answers
         self.listener = socket.create_server(("127.0.0.1", 0), backlog=64)
         self.port = self.listener.getsockname()[1]
         self.live: set[Any] = set()
@@ -627,7 +597,7 @@ class _CappedService:
                     elif head.startswith(b"POST /v1/release"):
                         self.releases += 1
                         c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 17\r\n\r\n{\"released\":true}")
-                    else:
+                    elif self.answers:
                         c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%b" % (len(self.OK), self.OK))
         except OSError:
             pass
