@@ -32,6 +32,7 @@ import msgspec
 
 from bench.timer import PreciseTimer
 from flowshard.codec import (
+    IDLE_CLOSE,
     Admit,
     Audited,
     Error,
@@ -73,35 +74,51 @@ class Sink(Protocol):
 # ---------------------------------------------------------------------------------------- binary
 
 
-class BinaryConn(asyncio.Protocol):
-    """One binary-protocol connection; `admit` and `release` are batched into one write per loop pass."""
+class BinaryConn:
+    """One binary-protocol connection; `admit` and `release` are batched into one write per loop pass.
 
-    def __init__(self, sink: Sink, loop: asyncio.AbstractEventLoop, audit: bool = True) -> None:
+    The service closes a connection that holds nothing and sent nothing for its idle_timeout (its
+    header_timeout before a first frame), saying it read nothing it did not answer (`IDLE_CLOSE`): a
+    new one is then opened when there is something to send, and the admissions and releases without
+    an answer are sent on it again, as `flowshard.client` does (a scenario quiet on one connection
+    for that long, or starting late, would otherwise lose it)."""
+
+    def __init__(self, sink: Sink, loop: asyncio.AbstractEventLoop, audit: bool = True,
+                 address: tuple[str, int] = ("", 0)) -> None:
         self._sink = sink
         self._audit = audit
         self._timer = sink.timer
         self._loop = loop
+        self._address = address
         self._reader = FrameReader(ToClient)
         self._out = FrameWriter()
         self._flush_scheduled = False
         self._transport: asyncio.Transport | None = None
+        self._link: _Link | None = None  # the connection's; one closed idle is ignored
+        self._reopening = False
+        self._unanswered: dict[int, Admit] = {}  # sent again after an idle close
+        self._releasing: collections.deque[int] = collections.deque()  # likewise (answered in order)
         self.closed = loop.create_future()
         self.released = 0
         self.release_failed = 0
+        self.reopened = 0  # connections opened again after an idle close
         self._closing = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
 
     def admit(self, rid: int, flow: str, priority: int, size: int, ttl: float, slo: float, tokens: int,
               weight: float) -> None:
-        self._out.add(Admit(rid, flow, priority, size, ttl, slo, tokens, weight, self._audit))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        msg = Admit(rid, flow, priority, size, ttl, slo, tokens, weight, self._audit)
+        self._unanswered[rid] = msg
+        self._send(msg)
 
     def release(self, ticket: int) -> None:
-        self._out.add(Release(ticket))
+        self._releasing.append(ticket)
+        self._send(Release(ticket))
+
+    def _send(self, msg: Admit | Release) -> None:
+        if self._link is None:  # closed idle: sent on the next connection (`_reopen`)
+            self._reopen_soon()
+            return
+        self._out.add(msg)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -113,7 +130,7 @@ class BinaryConn(asyncio.Protocol):
             self._timer.work += 1
             t.write(self._out.take())
 
-    def data_received(self, data: bytes) -> None:
+    def _data_received(self, data: bytes) -> None:
         self._timer.work += 1
         sink = self._sink
         try:
@@ -124,25 +141,71 @@ class BinaryConn(asyncio.Protocol):
             self._closing = True  # ended here, said once (not again as "closed by the service")
             if self._transport is not None:
                 self._transport.abort()
+        unanswered = self._unanswered
         for msg in messages:
             kind = type(msg)
             if kind is Audited:
+                unanswered.pop(msg.id, None)
                 sink.on_result(msg.id, msg.outcome, msg.ticket, msg.wait,
                                (msg.seq, msg.shard, msg.received, msg.enqueued, msg.decided or msg.dispatched))
             elif kind is Result:
+                unanswered.pop(msg.id, None)
                 sink.on_result(msg.id, msg.outcome, msg.ticket, msg.wait)
             elif kind is Released:
+                if self._releasing:
+                    self._releasing.popleft()
                 if msg.ok:
                     self.released += 1
                 else:
                     self.release_failed += 1
             elif kind is Error:
                 if msg.id >= 0:
+                    unanswered.pop(msg.id, None)
                     sink.on_error(msg.id, msg.status, msg.message)
+                elif msg.id == IDLE_CLOSE:
+                    self._idle_closed()
+                    return
                 else:
                     sink.on_lost(f"binary connection refused: {msg.status} {msg.message}")
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def _idle_closed(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+        self._transport = self._link = None
+        self._reader = FrameReader(ToClient)
+        self._out.take()  # (each of its frames is among those without an answer)
+        if self._unanswered or self._releasing:
+            self._reopen_soon()
+
+    def _reopen_soon(self) -> None:
+        if not self._reopening and not self._closing:
+            self._reopening = True
+            self._loop.create_task(self._reopen())
+
+    async def _reopen(self) -> None:
+        link = _Link(self)
+        try:
+            transport, _ = await self._loop.create_connection(lambda: link, *self._address)
+        except OSError as exc:
+            self._reopening = False
+            self._sink.on_lost(f"binary connection closed idle, and not opened again: {exc}")
+            self._closing = True
+            if not self.closed.done():
+                self.closed.set_result(None)
+            return
+        self._reopening = False
+        self.reopened += 1
+        self._transport, self._link = transport, link
+        if self._closing:
+            transport.close()
+            return
+        for msg in self._unanswered.values():
+            self._out.add(msg)
+        for ticket in self._releasing:
+            self._out.add(Release(ticket))
+        self._flush()
+
+    def _connection_lost(self, exc: Exception | None) -> None:
         if not self._closing:
             self._sink.on_lost(f"binary connection lost: {exc or 'closed by the service'}")
         if not self.closed.done():
@@ -153,13 +216,32 @@ class BinaryConn(asyncio.Protocol):
         self._flush()
         if self._transport is not None:
             self._transport.close()
+        elif not self._reopening and not self.closed.done():  # closed idle: nothing to wait for
+            self.closed.set_result(None)
         await self.closed
+
+
+class _Link(asyncio.Protocol):
+    """One connection of a `BinaryConn` (it may open another after an idle close)."""
+
+    def __init__(self, conn: BinaryConn) -> None:
+        self._conn = conn
+
+    def data_received(self, data: bytes) -> None:
+        if self._conn._link is self:
+            self._conn._data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._conn._link is self:
+            self._conn._connection_lost(exc)
 
 
 async def connect_binary(sink: Sink, host: str, port: int, audit: bool = True) -> BinaryConn:
     loop = asyncio.get_running_loop()
-    _, proto = await loop.create_connection(lambda: BinaryConn(sink, loop, audit), host, port)
-    return proto
+    conn = BinaryConn(sink, loop, audit, (host, port))
+    link = conn._link = _Link(conn)
+    conn._transport, _ = await loop.create_connection(lambda: link, host, port)
+    return conn
 
 
 # ---------------------------------------------------------------------------------------- HTTP

@@ -157,6 +157,9 @@ class Admission(Protocol):
     def release_all(self, waiter: Waiter) -> int:
         """The connection closed: release every ticket it holds (binary protocol)."""
 
+    def holds(self, waiter: Waiter) -> bool:
+        """Whether the connection holds a ticket (binary protocol; an idle one is closed only if not)."""
+
     @property
     def ready(self) -> bool:
         """All shards are up and the service accepts work (`GET /readyz`)."""

@@ -16,6 +16,9 @@ status 422 and a message, for one whose `tokens` is out of range: the ticket is 
 this connection, 500 the distributor failed on this request. An Admit's id is 0 or more (a negative
 id is a malformed frame), so `Error(-1, ...)` is always about the connection, which is closed right
 after: 400 malformed or oversized frame, 408 a frame not completed in time, 503 too many connections.
+`Error(IDLE_CLOSE, 408)` (-2) closes a connection that holds nothing and sent no frame for
+`idle_timeout` (none at all within `frame_timeout` of opening): it read nothing it did not answer, so its
+client may send again on a new connection what it has no answer for (`_close_idle`).
 The frames before a malformed one are handled first, and the answers decided for them then are sent
 before that Error (with acceptors, after a round trip: `Admission.after`).
 
@@ -42,6 +45,7 @@ from distributor.api import CONN_CHECK, CONN_NORMAL, Admission, Audit, connectio
 from distributor.guards import Guards
 from distributor.sockets import MIN_READ_RATE, READ_WINDOW, dead_peer, reset, unsent
 from flowshard.codec import (
+    IDLE_CLOSE,
     Admit,
     Audited,
     Error,
@@ -102,11 +106,16 @@ class BinaryLimits:
     frame_timeout: float = 10.0
     close_timeout: float = 2.0
     max_linger_bytes: int = 1 << 20  # input a closing connection may still send (read and discarded)
+    # A connection that holds nothing (`BinaryConnection._holds_nothing`) and sent no frame for this
+    # long is closed with IDLE_CLOSE (within frame_timeout if it never sent one: `silent_connection`)
+    idle_timeout: float = 75.0
 
     @classmethod
     def of_service(cls, svc: ServiceConfig) -> BinaryLimits:
-        """The limits the `[service]` configuration sets (frames complete within its header_timeout)."""
-        return cls(max_connections=svc.max_connections, frame_timeout=svc.header_timeout)
+        """The limits the `[service]` configuration sets (frames complete within its header_timeout, a
+        connection holding nothing is closed after its idle_timeout, as HTTP's keep-alive ones)."""
+        return cls(max_connections=svc.max_connections, frame_timeout=svc.header_timeout,
+                   idle_timeout=svc.idle_timeout)
 
 
 # The answer to a client whose first bytes are an HTTP request (curl, a browser, an HTTP client on the
@@ -176,10 +185,10 @@ class BinaryConnection(asyncio.Protocol):
     """
 
     __slots__ = (
-        "_admission", "_asked", "_awaiting", "_closing_at", "_counted", "_covered", "_discarded", "_ended", "_eof_wait",
-        "_failing", "_flush_scheduled", "_frame_at", "_framed", "_fresh", "_hub", "_input_held", "_last_id", "_lost",
-        "_max_inflight", "_open",
-        "_out", "_pending", "_reader", "_stalled_at", "_stalled_unsent", "_sure", "_timer", "_transport", "_verdict",
+        "_active_at", "_admission", "_asked", "_awaiting", "_closing_at", "_counted", "_covered", "_discarded",
+        "_ended", "_eof_wait", "_failing", "_flush_scheduled", "_frame_at", "_framed", "_fresh", "_hub", "_input_held",
+        "_last_id", "_lost", "_max_inflight", "_open", "_out",
+        "_pending", "_reader", "_stalled_at", "_stalled_unsent", "_sure", "_timer", "_transport", "_verdict",
     )
 
     def __init__(self, hub: BinaryHub, verdict: int = CONN_CHECK) -> None:
@@ -219,6 +228,7 @@ class BinaryConnection(asyncio.Protocol):
         self._last_id = _NOT_YET
         self._failing = False  # a protocol error waits for the answers to what came before it
         self._framed = False  # a frame was read (a protocol error is not an HTTP client on the wrong port)
+        self._active_at = 0.0  # loop time of its last read, or of the last time it was found holding something
 
     # ------------------------------------------------------------ transport callbacks
 
@@ -236,10 +246,13 @@ class BinaryConnection(asyncio.Protocol):
         self._counted = True
         self._open = True
         transport.set_write_buffer_limits(high=hub.limits.write_high)
+        self._active_at = now = hub.loop.time()
+        self._arm(now + hub.limits.frame_timeout)  # its first frame within header_timeout (`_on_timer`)
 
     def data_received(self, data: bytes) -> None:
         if not self._admission.reading:  # the service has stopped: nothing more is handled (`Admission.reading`),
             return  # but it is read, so that the exit's close is a FIN after the answers, not a reset losing them
+        self._active_at = self._hub.loop.time()
         if not self._open:
             # Closing: discarded, but read so that EOF is seen; up to a bound, since reading junk
             # costs this process CPU for as long as the connection lingers.
@@ -682,8 +695,38 @@ class BinaryConnection(asyncio.Protocol):
                 self._fail(408, f"frame not completed within {limits.frame_timeout:g} s")
                 return
             due = min(due, self._frame_at + limits.frame_timeout)
-        if due != math.inf:
-            self._arm(due)
+        quiet = limits.idle_timeout if self._framed else limits.frame_timeout
+        if now >= self._active_at + quiet:
+            if self._holds_nothing():
+                self._close_idle(quiet)
+                return
+            self._active_at = now  # it holds something: judged again a whole period from now
+        self._arm(min(due, self._active_at + quiet))
+
+    def _holds_nothing(self) -> bool:
+        """No admission waits for its answer, no release for its own, no ticket is held, no frame is
+        begun or kept unread and no reply waits unsent: closing loses nothing, and every frame the
+        client sent that it has no answer for is unread (`IDLE_CLOSE`)."""
+        transport = self._transport
+        return not (
+            self._pending or self._awaiting or self._reader.pending or self._out or self._input_held
+            or self._stalled_at or transport is None or unsent(transport) or self._admission.holds(self)
+        )
+
+    def _close_idle(self, quiet: float) -> None:
+        """An idle connection, or a silent one (no frame since it opened), holds a place among
+        max_connections for nothing (review 168: 340 connects that never sent a byte shut out every
+        binary client for as long as they stayed): closed, as HTTP's are, with `IDLE_CLOSE`."""
+        self._open = False
+        if self._framed:
+            log.debug("binary client %s: idle for %g s, holding nothing: closing", self._peer(), quiet)
+            why = f"idle for {quiet:g} s, holding nothing"
+        else:
+            self._hub.guards.hit("binary", "silent_connection")
+            why = f"no frame within {quiet:g} s"
+        self._send(Error(IDLE_CLOSE, 408, f"{why}: closed; nothing unanswered was read (send it on a new connection)"))
+        self._close()
+        self._end_lease()
 
     def _peer(self) -> Any:
         return self._transport.get_extra_info("peername") if self._transport is not None else None

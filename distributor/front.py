@@ -401,6 +401,9 @@ class Upstream(asyncio.Protocol):
             self.send(LinkRelease(ticket))
         return len(mine)
 
+    def holds(self, waiter: Waiter) -> bool:
+        return waiter in self._owned  # (a set leaves `_owned` once empty: `_disown`)
+
     def query(self, what: str, done: Callable[[bytes, str], None]) -> None:
         key = self._next_key
         self._next_key = key + 1

@@ -30,6 +30,7 @@ ACTIONS: Final[dict[str, tuple[str, ...]]] = {
     "binary": (
         "too_many_connections",
         "frame_timeout",  # an incomplete frame not completed within header_timeout
+        "silent_connection",  # closed (Error(-2, 408)): it sent no frame within header_timeout
         "malformed",  # a malformed or oversized frame: Error(-1, 400) and close
         "too_many_pending",  # Error(id, 429): max_inflight_per_connection admissions already without an answer
         "slow_reader",

@@ -465,6 +465,9 @@ class Distributor:
             self.release(ticket)
         return len(mine)
 
+    def holds(self, waiter: Waiter) -> bool:
+        return waiter in self._owned  # (a set leaves `_owned` once empty)
+
     def _new_ticket(self) -> int:
         tickets = self.tickets
         while True:

@@ -16,6 +16,11 @@ done-callbacks.
 The connection is the lease: when it closes (`close()`, leaving the `async with`, the process
 dying), the service cancels the admissions still pending on it and releases every ticket it holds.
 Keep the client open for as long as you hold tickets.
+
+The service closes a connection that holds nothing (no ticket, no call waiting) and has sent nothing
+for its `idle_timeout` (75 s; its `header_timeout`, 10 s, before the first call), saying that it read
+nothing it did not answer (`Error(-2, 408)`): the client then opens a new connection when it next has
+something to send, and sends again whatever had crossed the close on its way, unseen by its callers.
 """
 
 from __future__ import annotations
@@ -25,11 +30,22 @@ import collections
 import operator
 from collections.abc import Generator
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 
-from flowshard.codec import Admit, Audited, FrameError, FrameReader, FrameWriter, Release, Released, Result, ToClient
+from flowshard.codec import (
+    IDLE_CLOSE,
+    Admit,
+    Audited,
+    FrameError,
+    FrameReader,
+    FrameWriter,
+    Release,
+    Released,
+    Result,
+    ToClient,
+)
 from flowshard.keepalive import detect_dead_peers
 from flowshard.types import Outcome
 
@@ -94,20 +110,24 @@ class ConnectionClosed(ConnectionError):
 class Client:
     """One binary-protocol connection. Create it with `Client.connect(host, port)`."""
 
-    __slots__ = ("_admits", "_closed", "_flush_scheduled", "_loop", "_lost", "_next_id", "_out", "_reader",
-                 "_reason", "_releases", "_transport")
+    __slots__ = ("_address", "_admits", "_closed", "_flush_scheduled", "_loop", "_lost", "_next_id", "_out",
+                 "_protocol", "_reader", "_reason", "_redial", "_releases", "_transport")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, address: tuple[str, int, float] = ("", 0, 0.0)) -> None:
         """Internal: use `Client.connect`."""
         self._loop = loop
+        self._address = address  # host, port, dead_peer_timeout: where a connection closed idle is opened again
         self._transport: asyncio.Transport | None = None
+        self._protocol: _Protocol | None = None  # the connection's; callbacks from an earlier one are ignored
+        self._redial: asyncio.Task[None] | None = None  # opening a connection after an idle close
         self._reader = FrameReader(ToClient)
         self._out = FrameWriter()
         self._flush_scheduled = False
         self._next_id = 0
-        self._admits: dict[int, asyncio.Future[AdmitResult]] = {}
+        # Every call without its reply, with its frame (sent again after an idle close)
+        self._admits: dict[int, tuple[asyncio.Future[AdmitResult], Admit]] = {}
         # Released replies come in the order of the Release frames: FIFO, None for our own releases
-        self._releases: collections.deque[asyncio.Future[bool] | None] = collections.deque()
+        self._releases: collections.deque[tuple[asyncio.Future[bool] | None, Release]] = collections.deque()
         self._closed = False
         self._reason: ConnectionClosed | None = None
         self._lost: asyncio.Future[None] = loop.create_future()
@@ -162,9 +182,10 @@ class Client:
         cid = self._next_id
         self._next_id = cid + 1
         # encoded first: a flow id the wire cannot carry (a lone surrogate) raises with nothing registered
-        self._send(Admit(cid, flow, priority, size, ttl, slo, tokens, weight, audit))
+        msg = Admit(cid, flow, priority, size, ttl, slo, tokens, weight, audit)
+        self._send(msg)
         fut: asyncio.Future[AdmitResult] = self._loop.create_future()
-        self._admits[cid] = fut
+        self._admits[cid] = (fut, msg)
         return fut
 
     def release(self, ticket: int, tokens: int | None = None) -> asyncio.Future[bool]:
@@ -181,8 +202,9 @@ class Client:
             if not 0 <= actual <= 1 << 32:
                 raise ValueError(f"tokens: {actual} is outside [0, 2^32]")
         fut: asyncio.Future[bool] = self._loop.create_future()
-        self._releases.append(fut)
-        self._send(Release(ticket, actual))
+        msg = Release(ticket, actual)
+        self._releases.append((fut, msg))
+        self._send(msg)
         return fut
 
     async def close(self) -> None:
@@ -204,9 +226,6 @@ class Client:
 
     # ------------------------------------------------------------ protocol side
 
-    def _connection_made(self, transport: asyncio.Transport) -> None:
-        self._transport = transport
-
     def _data_received(self, data: bytes) -> None:
         try:
             messages = self._reader.feed(data)
@@ -217,13 +236,15 @@ class Client:
         for msg in messages:
             kind = type(msg)
             if kind is Result or kind is Audited:
-                fut = admits.pop(msg.id, None)
-                if fut is None:
+                entry = admits.pop(msg.id, None)
+                if entry is None:
                     continue
+                fut = entry[0]
                 if fut.done():  # cancelled by the caller: do not keep a ticket nobody will release
                     if msg.ticket and msg.outcome == Outcome.DISPATCHED:
-                        self._releases.append(None)
-                        self._send(Release(msg.ticket))
+                        release = Release(msg.ticket)
+                        self._releases.append((None, release))
+                        self._send(release)
                     continue
                 outcome = _OUTCOMES.get(msg.outcome)
                 if outcome is None:
@@ -236,16 +257,65 @@ class Client:
             elif kind is Released:
                 if not self._releases:
                     continue
-                rfut = self._releases.popleft()
+                rfut = self._releases.popleft()[0]
                 if rfut is not None and not rfut.done():
                     rfut.set_result(msg.ok)
             elif msg.id >= 0:
-                fut = admits.pop(msg.id, None)
-                if fut is not None and not fut.done():
-                    fut.set_exception(FlowshardError(msg.status, msg.message))
+                entry = admits.pop(msg.id, None)
+                if entry is not None and not entry[0].done():
+                    entry[0].set_exception(FlowshardError(msg.status, msg.message))
+            elif msg.id == IDLE_CLOSE:  # it held nothing: what it has not answered it has not read
+                self._idle_closed()
+                return
             else:  # about the connection; the service closes it after this frame
                 self._shut(ConnectionClosed(msg.message, msg.status))
                 return
+
+    def _idle_closed(self) -> None:
+        """The service closed the connection idle: a new one is opened when there is something to send
+        (now, if calls crossed the close on their way: they were not read)."""
+        if self._transport is not None:
+            self._transport.close()
+        self._transport = self._protocol = None  # (its connection_lost is ignored: `_Protocol`)
+        self._reader = FrameReader(ToClient)
+        if self._admits or self._releases:
+            self._dial_again()
+
+    def _dial_again(self) -> None:
+        if self._redial is None and not self._closed:
+            self._redial = self._loop.create_task(self._reopen())
+
+    async def _reopen(self) -> None:
+        """Open a connection again after an idle close and send, in their order, every call without its
+        reply (those whose caller cancelled the Future are dropped: they were never read). If it cannot
+        be opened, the client is closed with the reason, as a lost connection would close it."""
+        host, port, timeout = self._address
+        protocol = _Protocol(self)
+        try:
+            transport, _ = await self._loop.create_connection(lambda: protocol, host, port)
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                detect_dead_peers(sock, timeout)
+        except OSError as exc:
+            self._redial = None
+            self._shut(ConnectionClosed(f"could not connect again after the service closed the idle connection: {exc}"))
+            return
+        self._redial = None
+        if self._closed:  # closed meanwhile
+            transport.close()
+            if not self._lost.done():
+                self._lost.set_result(None)
+            return
+        self._protocol, self._transport = protocol, transport
+        self._out.take()  # (frames of calls made meanwhile: each is among those below)
+        for cid, (fut, admit) in list(self._admits.items()):
+            if fut.done():
+                del self._admits[cid]
+            else:
+                self._out.add(admit)
+        for _, release in self._releases:
+            self._out.add(release)
+        self._flush()
 
     def _connection_lost(self, exc: Exception | None) -> None:
         if self._reason is None:
@@ -256,7 +326,9 @@ class Client:
             self._lost.set_result(None)
 
     def _send(self, message: Admit | Release) -> None:
-        if not self._flush_scheduled:
+        if self._transport is None and self._protocol is None:  # closed idle: opened again (`_reopen`)
+            self._dial_again()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
         self._out.add(message)
@@ -274,6 +346,8 @@ class Client:
         self._closed = True
         if self._transport is not None:
             self._transport.close()
+        elif self._redial is None and not self._lost.done():  # no connection to lose (closed idle)
+            self._lost.set_result(None)
         self._fail_pending(quiet)
 
     def _fail_pending(self, quiet: bool = False) -> None:
@@ -282,7 +356,7 @@ class Client:
         and a traceback per pending admission); whoever awaits one still gets the ConnectionClosed."""
         admits, self._admits = self._admits, {}
         releases, self._releases = self._releases, collections.deque()
-        for fut in (*admits.values(), *releases):
+        for fut, _ in (*admits.values(), *releases):
             if fut is not None and not fut.done():
                 fut.set_exception(self._closed_error())
                 if quiet:
@@ -302,14 +376,13 @@ class _Protocol(asyncio.Protocol):
     def __init__(self, client: Client) -> None:
         self._client = client
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._client._connection_made(cast(asyncio.Transport, transport))  # uvloop's are not subclasses
-
     def data_received(self, data: bytes) -> None:
-        self._client._data_received(data)
+        if self._client._protocol is self:  # (not one closed idle)
+            self._client._data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._client._connection_lost(exc)
+        if self._client._protocol is self:
+            self._client._connection_lost(exc)
 
 
 class _Connecting:
@@ -328,8 +401,10 @@ class _Connecting:
         if not (timeout == 0 or 1 <= timeout <= 3600):  # (also false for NaN; the kernel refuses more)
             raise ValueError(f"dead_peer_timeout: {timeout!r} is neither 0 (off) nor 1 to 3600 seconds")
         loop = asyncio.get_running_loop()
-        client = Client(loop)
-        transport, _ = await loop.create_connection(lambda: _Protocol(client), self._host, self._port)
+        client = Client(loop, (self._host, self._port, timeout))
+        protocol = client._protocol = _Protocol(client)
+        transport, _ = await loop.create_connection(lambda: protocol, self._host, self._port)
+        client._transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:

@@ -225,9 +225,14 @@ class Audited(msgspec.Struct, tag=15, array_like=True, gc=False):
     decided: float = 0.0
 
 
+# The id of the Error that closes a connection holding nothing (no ticket, no call without its answer):
+# every frame its client has no answer for was not read, and may be sent on a new connection
+IDLE_CLOSE = -2
+
+
 class Error(msgspec.Struct, tag=13, array_like=True, gc=False):
     """Service -> client: an Admit failed (`id` >= 0: that Admit's), or the connection did (`id` -1:
-    it is closed right after)."""
+    it is closed right after; `IDLE_CLOSE`: closed idle, nothing unanswered was read)."""
 
     id: int
     status: int

@@ -259,7 +259,7 @@ def test_transports_count_their_reads_as_work() -> None:
         loop = asyncio.get_running_loop()
         timer = PreciseTimer(loop, lambda: None)
         conn = BinaryConn(Sink(timer), loop)  # type: ignore[arg-type]
-        conn.data_received(b"")
+        conn._data_received(b"")
         timer.close()
         return timer.work
 

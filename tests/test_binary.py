@@ -122,6 +122,9 @@ class FakeAdmission(AnswersAtOnce):
             del self.tickets[t]
         return len(mine)
 
+    def holds(self, waiter: Any) -> bool:
+        return any(w is waiter for w in self.tickets.values())
+
     def stats(self) -> dict[str, Any]:
         return {}
 
