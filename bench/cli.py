@@ -263,15 +263,26 @@ def run_all(args: argparse.Namespace, base: Scenario, records_out: BinaryIO | No
 # ---------------------------------------------------------------------------------------- output
 
 
+def _one_stream() -> bool:
+    """stdout and stderr are the same terminal or file."""
+    try:
+        out, err = os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):  # (replaced by objects without a descriptor: tests)
+        return False
+    return (out.st_dev, out.st_ino) == (err.st_dev, err.st_ino)
+
+
 def machine() -> dict[str, Any]:
     return {"cpus": cpu_count(), "model": cpu_model(), "kernel": platform.release(),
             "python": platform.python_version(), "host": platform.node()}
 
 
-def render(result: dict[str, Any]) -> str:
+def render(result: dict[str, Any], window_said: bool = False) -> str:
+    """The report; `window_said`: its window line was written where the report goes, before the runs
+    (stderr and stdout one terminal or file), so it is not repeated (a review read it twice)."""
     configs: list[Config] = result["configs"]
     runs = result["runs"]
-    parts = [result["window"], *(render_config(c.label, runs[c]) for c in configs)]
+    parts = [*([] if window_said else [result["window"]]), *(render_config(c.label, runs[c]) for c in configs)]
     labelled = [(c.label, runs[c]) for c in configs]
     if len(configs) > 1:
         parts.append(render_comparison(labelled))
@@ -387,7 +398,7 @@ def main(args: argparse.Namespace, command: str | None = None) -> int:
         sys.stderr.write(f"flowshard bench: {exc}\n")
         return 1
     result["started"] = started
-    sys.stdout.write(render(result))
+    sys.stdout.write(render(result, window_said=not args.quiet and _one_stream()))
     sys.stdout.flush()
     if args.json:
         try:

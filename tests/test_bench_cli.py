@@ -397,6 +397,22 @@ def test_bench_prints_the_effective_window_and_one_unanswered_figure(tmp_path: P
                                   "after a warmup of 0.1 s (--warmup)")
 
 
+def test_the_window_line_is_written_once_where_progress_and_report_share_a_file(tmp_path: Path) -> None:
+    """Review 167: written to stderr before the runs and again at the head of the report, it showed twice
+    on a terminal (or in `> out 2>&1`); each stream alone still has it once."""
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(FREE)
+    command = [sys.executable, "-m", "flowshard.cli", "bench", str(scenario), "--duration", "0.3", "--no-simulate"]
+    with (tmp_path / "both.txt").open("w") as both:
+        proc = subprocess.run(command, cwd=ROOT, stdout=both, stderr=both, timeout=120)
+    assert proc.returncode == 0
+    text = (tmp_path / "both.txt").read_text()
+    assert text.count("window: each run sends") == 1, text
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("window: each run sends") == 1 and proc.stderr.count("window: each run sends") == 1
+
+
 def test_the_bench_children_leave_ctrl_c_to_the_bench() -> None:
     """Review 107: Ctrl-C during a run printed a traceback from each load generator (the terminal signals
     the whole process group); they start with SIGINT ignored, the bench stops them."""
