@@ -96,8 +96,10 @@ class BinaryConn:
         self._transport: asyncio.Transport | None = None
         self._link: _Link | None = None  # the connection's; one closed idle is ignored
         self._reopening = False
-        self._unanswered: dict[int, Admit] = {}  # sent again after an idle close
-        self._releasing: collections.deque[int] = collections.deque()  # likewise (answered in order)
+        # sent again after an idle close, in the order they were made (`_calls`: their places)
+        self._calls = 0
+        self._unanswered: dict[int, tuple[int, Admit]] = {}
+        self._releasing: collections.deque[tuple[int, int]] = collections.deque()  # (answered in order)
         self.closed = loop.create_future()
         self.released = 0
         self.release_failed = 0
@@ -107,15 +109,17 @@ class BinaryConn:
     def admit(self, rid: int, flow: str, priority: int, size: int, ttl: float, slo: float, tokens: int,
               weight: float) -> None:
         msg = Admit(rid, flow, priority, size, ttl, slo, tokens, weight, self._audit)
-        self._unanswered[rid] = msg
+        self._calls += 1
+        self._unanswered[rid] = (self._calls, msg)
         self._send(msg)
 
     def release(self, ticket: int) -> None:
-        self._releasing.append(ticket)
+        self._calls += 1
+        self._releasing.append((self._calls, ticket))
         self._send(Release(ticket))
 
     def _send(self, msg: Admit | Release) -> None:
-        if self._link is None:  # closed idle: sent on the next connection (`_reopen`)
+        if self._transport is None:  # closed idle: sent on the next connection (`_reopen`)
             self._reopen_soon()
             return
         self._out.add(msg)
@@ -183,26 +187,28 @@ class BinaryConn:
             self._loop.create_task(self._reopen())
 
     async def _reopen(self) -> None:
-        link = _Link(self)
+        link = self._link = _Link(self)  # current from the start: its first bytes count (uvloop)
         try:
-            transport, _ = await self._loop.create_connection(lambda: link, *self._address)
-        except OSError as exc:
+            transport, _ = await asyncio.wait_for(self._loop.create_connection(lambda: link, *self._address),
+                                                  REOPEN_TIMEOUT)
+        except (OSError, TimeoutError) as exc:
             self._reopening = False
-            self._sink.on_lost(f"binary connection closed idle, and not opened again: {exc}")
+            self._link = None
+            self._sink.on_lost(f"binary connection closed idle, and not opened again: {exc or 'timed out'}")
             self._closing = True
             if not self.closed.done():
                 self.closed.set_result(None)
             return
         self._reopening = False
         self.reopened += 1
-        self._transport, self._link = transport, link
-        if self._closing:
+        self._transport = transport
+        if self._closing or self._link is not link:
             transport.close()
             return
-        for msg in self._unanswered.values():
+        calls: list[tuple[int, Admit | Release]] = [(n, msg) for n, msg in self._unanswered.values()]
+        calls += [(n, Release(ticket)) for n, ticket in self._releasing]
+        for _, msg in sorted(calls, key=lambda call: call[0]):
             self._out.add(msg)
-        for ticket in self._releasing:
-            self._out.add(Release(ticket))
         self._flush()
 
     def _connection_lost(self, exc: Exception | None) -> None:
@@ -234,6 +240,9 @@ class _Link(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._conn._link is self:
             self._conn._connection_lost(exc)
+
+
+REOPEN_TIMEOUT = 10.0  # seconds a connection opened again after an idle close may take
 
 
 async def connect_binary(sink: Sink, host: str, port: int, audit: bool = True) -> BinaryConn:

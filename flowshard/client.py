@@ -20,7 +20,9 @@ Keep the client open for as long as you hold tickets.
 The service closes a connection that holds nothing (no ticket, no call waiting) and has sent nothing
 for its `idle_timeout` (75 s; its `header_timeout`, 10 s, before the first call), saying that it read
 nothing it did not answer (`Error(-2, 408)`): the client then opens a new connection when it next has
-something to send, and sends again whatever had crossed the close on its way, unseen by its callers.
+something to send, and sends again whatever had crossed the close on its way, in the order the calls
+were made, unseen by its callers — unless that connection is refused (past the service's
+max_connections: ConnectionClosed, status 503) or not opened within `dead_peer_timeout`.
 """
 
 from __future__ import annotations
@@ -110,8 +112,8 @@ class ConnectionClosed(ConnectionError):
 class Client:
     """One binary-protocol connection. Create it with `Client.connect(host, port)`."""
 
-    __slots__ = ("_address", "_admits", "_closed", "_flush_scheduled", "_loop", "_lost", "_next_id", "_out",
-                 "_protocol", "_reader", "_reason", "_redial", "_releases", "_transport")
+    __slots__ = ("_address", "_admits", "_calls", "_closed", "_flush_scheduled", "_loop", "_lost", "_next_id",
+                 "_out", "_protocol", "_reader", "_reason", "_redial", "_releases", "_transport")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, address: tuple[str, int, float] = ("", 0, 0.0)) -> None:
         """Internal: use `Client.connect`."""
@@ -124,10 +126,12 @@ class Client:
         self._out = FrameWriter()
         self._flush_scheduled = False
         self._next_id = 0
-        # Every call without its reply, with its frame (sent again after an idle close)
-        self._admits: dict[int, tuple[asyncio.Future[AdmitResult], Admit]] = {}
+        # Every call without its reply, with its frame and its place among the calls (sent again, in
+        # their order, after an idle close)
+        self._calls = 0
+        self._admits: dict[int, tuple[asyncio.Future[AdmitResult], Admit, int]] = {}
         # Released replies come in the order of the Release frames: FIFO, None for our own releases
-        self._releases: collections.deque[tuple[asyncio.Future[bool] | None, Release]] = collections.deque()
+        self._releases: collections.deque[tuple[asyncio.Future[bool] | None, Release, int]] = collections.deque()
         self._closed = False
         self._reason: ConnectionClosed | None = None
         self._lost: asyncio.Future[None] = loop.create_future()
@@ -138,7 +142,8 @@ class Client:
 
         `dead_peer_timeout`: if the service's host stops answering (it crashed, or the network is cut),
         the connection fails within about this many seconds, and every call still waiting on it
-        raises ConnectionClosed (0: the kernel's defaults, under which they waited for ever)."""
+        raises ConnectionClosed (0: the kernel's defaults, under which they waited for ever); so does
+        a connection opened again after an idle close that is not open within it."""
         return _Connecting(host, port, dead_peer_timeout)
 
     async def __aenter__(self) -> Client:
@@ -185,7 +190,8 @@ class Client:
         msg = Admit(cid, flow, priority, size, ttl, slo, tokens, weight, audit)
         self._send(msg)
         fut: asyncio.Future[AdmitResult] = self._loop.create_future()
-        self._admits[cid] = (fut, msg)
+        self._calls += 1
+        self._admits[cid] = (fut, msg, self._calls)
         return fut
 
     def release(self, ticket: int, tokens: int | None = None) -> asyncio.Future[bool]:
@@ -203,7 +209,8 @@ class Client:
                 raise ValueError(f"tokens: {actual} is outside [0, 2^32]")
         fut: asyncio.Future[bool] = self._loop.create_future()
         msg = Release(ticket, actual)
-        self._releases.append((fut, msg))
+        self._calls += 1
+        self._releases.append((fut, msg, self._calls))
         self._send(msg)
         return fut
 
@@ -243,7 +250,8 @@ class Client:
                 if fut.done():  # cancelled by the caller: do not keep a ticket nobody will release
                     if msg.ticket and msg.outcome == Outcome.DISPATCHED:
                         release = Release(msg.ticket)
-                        self._releases.append((None, release))
+                        self._calls += 1
+                        self._releases.append((None, release, self._calls))
                         self._send(release)
                     continue
                 outcome = _OUTCOMES.get(msg.outcome)
@@ -278,43 +286,57 @@ class Client:
             self._transport.close()
         self._transport = self._protocol = None  # (its connection_lost is ignored: `_Protocol`)
         self._reader = FrameReader(ToClient)
-        if self._admits or self._releases:
+        if self._unsent():
             self._dial_again()
+
+    def _unsent(self) -> list[Admit | Release]:
+        """The frames of the calls without their reply, in the order they were made (those whose caller
+        cancelled the Future are dropped: never read, nobody waits for them)."""
+        for cid in [cid for cid, (fut, _, _) in self._admits.items() if fut.done()]:
+            del self._admits[cid]
+        calls = [(n, msg) for _, msg, n in self._admits.values()] + [(n, msg) for _, msg, n in self._releases]
+        return [msg for _, msg in sorted(calls, key=operator.itemgetter(0))]
 
     def _dial_again(self) -> None:
         if self._redial is None and not self._closed:
             self._redial = self._loop.create_task(self._reopen())
 
     async def _reopen(self) -> None:
-        """Open a connection again after an idle close and send, in their order, every call without its
-        reply (those whose caller cancelled the Future are dropped: they were never read). If it cannot
-        be opened, the client is closed with the reason, as a lost connection would close it."""
+        """Open a connection again after an idle close and send every call without its reply, in their
+        order. If it cannot be opened within `dead_peer_timeout` (as a lost connection fails within it),
+        the client is closed with the reason; if the service refuses it (503, max_connections), so are
+        the calls waiting, as they would be on a first connect."""
         host, port, timeout = self._address
-        protocol = _Protocol(self)
+        if not self._unsent():  # (cancelled since it was asked for)
+            self._redial = None
+            return
+        protocol = self._protocol = _Protocol(self)  # current from the start: its first bytes count (uvloop)
         try:
-            transport, _ = await self._loop.create_connection(lambda: protocol, host, port)
+            connecting = self._loop.create_connection(lambda: protocol, host, port)
+            transport, _ = await asyncio.wait_for(connecting, timeout or None)
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 detect_dead_peers(sock, timeout)
-        except OSError as exc:
+        except (OSError, TimeoutError) as exc:
             self._redial = None
-            self._shut(ConnectionClosed(f"could not connect again after the service closed the idle connection: {exc}"))
+            if self._protocol is protocol:
+                self._protocol = None
+            why = exc if str(exc) else f"no answer within {timeout:g} s"
+            self._shut(ConnectionClosed(f"could not connect again after the service closed the idle connection: {why}"))
             return
         self._redial = None
-        if self._closed:  # closed meanwhile
+        if self._closed or self._protocol is not protocol:  # closed meanwhile (or refused: `_shut`)
             transport.close()
-            if not self._lost.done():
-                self._lost.set_result(None)
             return
-        self._protocol, self._transport = protocol, transport
-        self._out.take()  # (frames of calls made meanwhile: each is among those below)
-        for cid, (fut, admit) in list(self._admits.items()):
-            if fut.done():
-                del self._admits[cid]
-            else:
-                self._out.add(admit)
-        for _, release in self._releases:
-            self._out.add(release)
+        frames = self._unsent()
+        if not frames:  # every call waiting was cancelled meanwhile: no connection held for nothing
+            self._protocol = None
+            transport.close()
+            return
+        self._transport = transport
+        self._out.take()  # (frames of calls made meanwhile: each is among those)
+        for msg in frames:
+            self._out.add(msg)
         self._flush()
 
     def _connection_lost(self, exc: Exception | None) -> None:
@@ -326,7 +348,7 @@ class Client:
             self._lost.set_result(None)
 
     def _send(self, message: Admit | Release) -> None:
-        if self._transport is None and self._protocol is None:  # closed idle: opened again (`_reopen`)
+        if self._transport is None:  # closed idle: opened again (`_reopen`)
             self._dial_again()
         elif not self._flush_scheduled:
             self._flush_scheduled = True
@@ -346,7 +368,7 @@ class Client:
         self._closed = True
         if self._transport is not None:
             self._transport.close()
-        elif self._redial is None and not self._lost.done():  # no connection to lose (closed idle)
+        elif not self._lost.done():  # no connection to lose (closed idle; one opening is closed when open)
             self._lost.set_result(None)
         self._fail_pending(quiet)
 
@@ -356,7 +378,7 @@ class Client:
         and a traceback per pending admission); whoever awaits one still gets the ConnectionClosed."""
         admits, self._admits = self._admits, {}
         releases, self._releases = self._releases, collections.deque()
-        for fut, _ in (*admits.values(), *releases):
+        for fut, _, _ in (*admits.values(), *releases):
             if fut is not None and not fut.done():
                 fut.set_exception(self._closed_error())
                 if quiet:
