@@ -127,3 +127,19 @@ def test_a_latency_that_is_a_lower_bound_is_marked_as_in_the_table() -> None:
     bench_plot._latency(ax, ["shards=1"], [figures])
     assert [t.get_text() for t in ax.texts] == ["30 ms", "≥ 30 ms"]
     plt.close(fig)
+
+
+def test_the_bar_panels_legends_cover_no_bar_and_no_label() -> None:
+    """Review 167: in the upper left corner a legend covered the first bar's label when that bar was the
+    tallest (here: the first configuration costs and waits the most)."""
+    *_, costs, latency = _axes(one_run=True)
+    fig = costs.figure
+    fig.set_size_inches(14, 10)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in (costs, latency):
+        box = ax.get_legend().get_window_extent(renderer)
+        assert ax.texts and ax.patches
+        for item in (*ax.texts, *ax.patches):
+            assert not box.overlaps(item.get_window_extent(renderer)), (ax.get_title(), item)
+    plt.close("all")
