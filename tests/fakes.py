@@ -3,9 +3,23 @@ tests/test_binary.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import msgspec
+
+
+class Passes:
+    """Counts the event loop's passes (a callback that schedules itself again runs once a pass)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._loop = asyncio.get_running_loop()
+        self._loop.call_soon(self._tick)
+
+    def _tick(self) -> None:
+        self.n += 1
+        self._loop.call_soon(self._tick)
 
 
 class AnswersAtOnce:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import uvloop
 from conftest import past_kernel_buffers
+from fakes import Passes
 from test_binary import FLOW_OUTCOMES, HOLD, FakeAdmission, LinkLike, Raw, on_loop, serving, until
 
 from distributor.binary import BATCH, ON_THE_WAY_BYTES, BinaryConnection, BinaryLimits
@@ -510,19 +511,6 @@ async def test_a_dropped_slow_reader_gets_a_reset_not_a_graceful_close() -> None
 # ---------------------------------------------------------------------------------------------- a pass's share
 
 
-class _Passes:
-    """Counts event-loop passes (a callback that re-schedules itself once per pass)."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self._loop = asyncio.get_running_loop()
-        self._loop.call_soon(self._tick)
-
-    def _tick(self) -> None:
-        self.n += 1
-        self._loop.call_soon(self._tick)
-
-
 @on_loop()
 async def test_a_long_read_of_frames_yields_the_loop_pass_after_its_share_and_answers_the_rest_in_order(
     monkeypatch: pytest.MonkeyPatch,
@@ -541,12 +529,12 @@ async def test_a_long_read_of_frames_yields_the_loop_pass_after_its_share_and_an
     order: list[str] = []
 
     class Records(FakeAdmission):
-        counter: _Passes | None = None
+        counter: Passes | None = None
         other: Raw | None = None  # set: it sends its admission as the long read's first is handled
 
         def admit(self, waiter: Any, cid: Any, flow: str, *args: Any, **kw: Any) -> int:
             if self.other is not None:
-                self.counter = _Passes()
+                self.counter = Passes()
                 self.other.writer.write(_frames(Admit(0, "b")))  # B sends now, while A's read is handled
                 self.other = None
             if self.counter is not None:

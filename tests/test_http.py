@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import uvloop
-from fakes import AnswersAtOnce
+from fakes import AnswersAtOnce, Passes
 from servicekit import HttpConn, admit_http, band_outcomes, launch, release_http
 
 from distributor.guards import Guards
@@ -1495,19 +1495,6 @@ def test_an_answer_the_client_read_before_sending_more_is_not_released_at_its_re
     serve(t, max_pipelined=4 if pipeline_full else 64)
 
 
-class _Passes:
-    """Counts the event loop's passes (a callback that schedules itself again runs once a pass)."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self._loop = asyncio.get_running_loop()
-        self._loop.call_soon(self._tick)
-
-    def _tick(self) -> None:
-        self.n += 1
-        self._loop.call_soon(self._tick)
-
-
 def test_pipelined_scrapes_are_rendered_one_per_connection_per_loop_pass() -> None:
     """Review 168: rendered in the distributor's own process (answered at once), every /metrics a
     client pipelined was rendered in the same loop pass, for as long as the kernel took the answers
@@ -1516,11 +1503,11 @@ def test_pipelined_scrapes_are_rendered_one_per_connection_per_loop_pass() -> No
     passes: list[int] = []
 
     class RendersAtOnce(FakeAdmission):
-        counter: _Passes | None = None
+        counter: Passes | None = None
 
         def query(self, what: str, done: Any) -> None:
             if self.counter is None:
-                self.counter = _Passes()
+                self.counter = Passes()
             passes.append(self.counter.n)
             done(b'{"n": %d}' % len(passes), "application/json")
 
@@ -1550,11 +1537,11 @@ def test_a_long_pipelined_read_yields_the_loop_pass_after_its_share_and_answers_
     passes: list[int] = []
 
     class Records(FakeAdmission):
-        counter: _Passes | None = None
+        counter: Passes | None = None
 
         def admit(self, *args: Any, **kw: Any) -> int:
             if self.counter is None:
-                self.counter = _Passes()
+                self.counter = Passes()
             passes.append(self.counter.n)
             return super().admit(*args, **kw)
 
