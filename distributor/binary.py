@@ -80,8 +80,9 @@ BATCH = 256
 # alternated runs): the distributor's CPU per request 1.27-1.30x the workers' before, 1.26-1.29x after.
 TURN_BUDGET = 0.0005
 LISTEN_BACKLOG = 1024  # the listening socket's accept queue
-# Admissions a closed connection cancels per loop pass: 65,536 cancelled in one held every other client
-# 0.6-2.4 s (review 168; each cancel's eviction report comes back to the distributor in the same pass)
+# Admissions a closed connection cancels at a time, CANCEL_PAUSE seconds apart: 65,536 cancelled in one
+# pass held every other client 0.6-2.4 s (review 168: the shard evicts them at ~16 us each, and their
+# reports come back to the distributor in passes of thousands); paced so, 65,536 take ~1 s, as before
 CANCEL_BATCH = 512
 CANCEL_PAUSE = 0.005
 # What a reply still to come weighs against write_high and max_write_buffer: a Release's answer (a
