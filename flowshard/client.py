@@ -311,13 +311,17 @@ class Client:
             self._redial = None
             return
         protocol = self._protocol = _Protocol(self)  # current from the start: its first bytes count (uvloop)
+        opened: asyncio.Transport | None = None
         try:
             connecting = self._loop.create_connection(lambda: protocol, host, port)
             transport, _ = await asyncio.wait_for(connecting, timeout or None)
+            opened = transport
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 detect_dead_peers(sock, timeout)
         except (OSError, TimeoutError) as exc:
+            if opened is not None:  # (open, but its keepalive could not be set)
+                opened.close()
             self._redial = None
             if self._protocol is protocol:
                 self._protocol = None
