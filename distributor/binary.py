@@ -71,7 +71,7 @@ _NOT_YET = -1  # request id of an admission whose `admit` call has not returned 
 # Frames handled between checks of the replies waiting and of the time taken: bounds what one read can
 # make a client that does not read cost (BATCH replies of at most ~100 bytes) while costing a big read
 # next to nothing.
-BATCH = 256
+BATCH = 64
 # A connection's share of one event-loop pass: past this much time handling one read, the rest is kept
 # for the next pass, reading paused (`_process`). 20 clients streaming releases without reading held a
 # fresh request 0.24 s at the median, handled whole (review 168: 0.46 s, up to 1.2 s); 75 ms with
@@ -80,11 +80,6 @@ BATCH = 256
 # alternated runs): the distributor's CPU per request 1.27-1.30x the workers' before, 1.26-1.29x after.
 TURN_BUDGET = 0.0005
 LISTEN_BACKLOG = 1024  # the listening socket's accept queue
-# Admissions a closed connection cancels at a time, CANCEL_PAUSE seconds apart: 65,536 cancelled in one
-# pass held every other client 0.6-2.4 s (review 168: the shard evicts them at ~16 us each, and their
-# reports come back to the distributor in passes of thousands); paced so, 65,536 take ~1 s, as before
-CANCEL_BATCH = 512
-CANCEL_PAUSE = 0.005
 # What a reply still to come weighs against write_high and max_write_buffer: a Release's answer (a
 # Released frame, its ticket at 64 bits). With acceptor processes a release, or an admission decided
 # at once, is answered a round trip after it is read, so replies waiting counts those on their way as
@@ -535,27 +530,17 @@ class BinaryConnection(asyncio.Protocol):
         self._ended = True
         self._fresh = self._covered = 0
         self._asked = _NOT_YET
-        if self._pending:
-            self._cancel_some(list(self._pending.values()), 0)
-        try:
-            self._admission.release_all(self)
-        except Exception:
-            log.exception("release_all failed for a closed binary connection")
-
-    def _cancel_some(self, request_ids: list[int], start: int) -> None:
-        """Cancel CANCEL_BATCH of the admissions the lease left waiting, the rest in the next loop passes
-        (those outcomes come meanwhile are not the client's: a dispatch's ticket goes back, `deliver`)."""
+        pending, self._pending = self._pending, {}
         admission = self._admission
-        end = start + CANCEL_BATCH
-        for request_id in request_ids[start:end]:
-            try:
-                admission.cancel(request_id)  # (nothing for one that has had its outcome meanwhile)
+        for request_id in pending.values():  # (each one a few dict operations: the shards' evictions
+            try:  # that follow are paced by the distributor, `Distributor.cancel`)
+                admission.cancel(request_id)
             except Exception:
                 log.exception("cancel(%d) failed for a closed binary connection", request_id)
-        if end < len(request_ids):
-            self._hub.loop.call_later(CANCEL_PAUSE, self._cancel_some, request_ids, end)
-        else:
-            self._pending.clear()  # no outcome comes after a cancel
+        try:
+            admission.release_all(self)
+        except Exception:
+            log.exception("release_all failed for a closed binary connection")
 
     # ------------------------------------------------------------ Waiter
 
@@ -567,14 +552,10 @@ class BinaryConnection(asyncio.Protocol):
         counted = self._pending.pop(cid, None)  # the request id it was counted under
         if counted is None:
             if self._ended and ticket:
-                # A dispatch delivered after its cancel breaks the `cancel` contract; release it
-                # anyway so no capacity leaks (invariant 6).
+                # A dispatch delivered after the connection's lease ended breaks the `cancel` contract;
+                # release it anyway so no capacity leaks (invariant 6).
                 log.error("dispatch of request %d delivered to a closed binary connection", request_id)
                 self._admission.release(ticket)
-            return
-        if self._ended:  # its cancel had not been sent yet (`_cancel_some`): nobody takes the ticket
-            if ticket:
-                self._admission.unclaim(ticket)
             return
         if counted > self._sure:
             self._answered(counted)

@@ -571,3 +571,23 @@ def _frames(*messages: Any) -> bytes:
     for m in messages:
         w.add(m)
     return w.take()
+
+
+@on_loop()
+async def test_a_client_half_closing_behind_a_read_cut_at_its_share_gets_every_answer_in_order_then_fin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review 175: the cut must pause the reading, or the client's EOF, read behind the frames kept for
+    the next pass, closed the connection with a part of them answered (512 of 2,055). A clock that
+    moves 1 ms a reading cuts the read after every BATCH."""
+    import distributor.binary as binary
+
+    clock = itertools.count()
+    monkeypatch.setattr(binary, "_monotonic", lambda: next(clock) * 0.001)
+    n = 8 * BATCH + 7
+    async with serving(FakeAdmission(), BinaryLimits(write_high=16 << 20, max_write_buffer=64 << 20)) as addr:
+        raw = await Raw.open(addr)
+        raw.writer.write(_frames(*(Admit(i, "a") for i in range(n))))
+        raw.writer.write_eof()
+        answers = await raw.recv_until_eof()
+    assert [r.id for r in answers] == list(range(n)) and all(type(r) is Result for r in answers)
