@@ -72,12 +72,13 @@ _NOT_YET = -1  # request id of an admission whose `admit` call has not returned 
 # make a client that does not read cost (BATCH replies of at most ~100 bytes) while costing a big read
 # next to nothing.
 BATCH = 64
-# A connection's share of one event-loop pass: past this much time handling one read, the rest is kept
-# for the next pass, reading paused (`_process`). 20 clients streaming releases without reading held a
-# fresh request 0.24 s at the median, handled whole (review 168: 0.46 s, up to 1.2 s); 75 ms with
-# a 2 ms share (HTTP's, `distributor.http.TURN_BUDGET`: there the renders per pass set the pace), 25 ms
-# with this one. Its cost where nobody floods (`bench.inproc --shards 1`, closed-loop clients, three
-# alternated runs): the distributor's CPU per request 1.27-1.30x the workers' before, 1.26-1.29x after.
+# A connection's share of one event-loop pass: past this much time handling one read (checked every
+# BATCH frames), the rest is kept for the next pass, reading paused (`_process`). 20 clients streaming
+# releases without reading held a fresh request 0.24 s at the median, handled whole (review 168: 0.46 s,
+# up to 1.2 s); 75 ms with a 2 ms share (HTTP's, `distributor.http.TURN_BUDGET`: there the renders per
+# pass set the pace), 22 ms with this one and BATCH 64. Its cost where nobody floods (`bench.inproc
+# --shards 1`, closed-loop clients, three alternated runs): the distributor's CPU per request 1.27-1.30x
+# the workers' before, 1.26-1.29x after.
 TURN_BUDGET = 0.0005
 LISTEN_BACKLOG = 1024  # the listening socket's accept queue
 # What a reply still to come weighs against write_high and max_write_buffer: a Release's answer (a
