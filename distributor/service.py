@@ -222,6 +222,7 @@ class Distributor:
         self._told: dict[int, Outcome] = {}
         self._cancels: deque[int] = deque()  # queued requests whose shard is yet to be told to evict them
         self._cancel_pacer: asyncio.Handle | None = None  # (`_send_cancels` scheduled)
+        self._cancel_burst = 0  # cancels sent in this pass (`cancel`)
         # the flows of requests ended while their shard was silent, which it may still hold (their slots
         # stay theirs: review 146, reused, the shard's later counts would land on another flow's cells)
         self._left_flows: dict[str, int] = {}
@@ -334,15 +335,16 @@ class Distributor:
             return
         p.owner = None  # nobody to answer; a dispatch that races with this releases at once
         if p.state == PendingState.QUEUED:
-            # its shard is told CANCEL_BATCH at a time (`_send_cancels`); until then it may dispatch it,
-            # which releases at once (`dispatches_unclaimed`), or end it otherwise, which ends it quietly
-            self._cancels.append(p.id)
-            if self._cancel_pacer is None:
-                if self._loop is None:  # (not started: tests)
-                    self._send(p.shard, Cancel(p.id, Outcome.EVICTED_CANCELLED))
-                    self._cancels.clear()
-                else:
-                    self._cancel_pacer = self._loop.call_soon(self._send_cancels)
+            # its shard is told in this pass, as are CANCEL_BATCH a pass (ahead of the grants the client's
+            # own tickets free: review 177), the rest CANCEL_BATCH at a time (`_send_cancels`); until then
+            # it may dispatch it, which releases at once (`dispatches_unclaimed`)
+            if self._cancel_pacer is None and (self._cancel_burst < CANCEL_BATCH or self._loop is None):
+                self._cancel_burst += 1
+                self._send(p.shard, Cancel(p.id, Outcome.EVICTED_CANCELLED))
+            else:
+                self._cancels.append(p.id)
+                if self._cancel_pacer is None and self._loop is not None:
+                    self._cancel_pacer = self._loop.call_later(CANCEL_PAUSE, self._send_cancels)
             # (counted so, not `shard_failure`, if its shard dies before it reads this; not if its client
             # was told it expired first: `_end_on_silent`)
             self._told.setdefault(p.id, Outcome.EVICTED_CANCELLED)
@@ -361,7 +363,10 @@ class Distributor:
         cancels, pending, queued = self._cancels, self.pending, PendingState.QUEUED
         for _ in range(len(cancels) if every else min(CANCEL_BATCH, len(cancels))):
             p = pending.get(cancels.popleft())
-            if p is not None and p.state == queued:  # (not ended meanwhile)
+            # still at its shard: queued, or ended here while the shard was silent (`_end_on_silent`:
+            # out of the ledger, its room held till the shard's answer to this ends it; review 177:
+            # skipped, the shard kept it for ever), not displaced or ended by the shard meanwhile
+            if p is not None and (p.state == queued or p.state == _DONE):
                 self._send(p.shard, Cancel(p.id, Outcome.EVICTED_CANCELLED))
         if cancels and self._loop is not None:
             self._cancel_pacer = self._loop.call_later(CANCEL_PAUSE, self._send_cancels)
@@ -1018,6 +1023,7 @@ class Distributor:
                 self._publish_waiting()
                 self._count_inversions(at)
         self._pass_scheduled = False
+        self._cancel_burst = 0
         self._flush()
 
     def _publish_waiting(self) -> None:
