@@ -79,11 +79,11 @@ SHARD_SILENT = 0.5
 # At the end of the drain: a worker that has sent nothing for this long after `Shutdown` is not waited
 # for (a healthy one reports its evictions and closes its link within milliseconds)
 SHUTDOWN_SILENCE = 0.25
-# Cancels sent to the shards at a time, CANCEL_PAUSE seconds apart (`Distributor.cancel`): clients that left
-# with 64,000 queued (one connection, or 128 of 500) held every other client 0.6-1.2 s while the shards
-# evicted them, ~16 us each, and their reports came back in reads of thousands (reviews 168, 175). The
-# clients' side of a cancel is at once (no answer, `_told`); only the shards' evictions are paced: 64,000
-# take ~1 s, as they took in one go.
+# Cancels sent to the shards in a pass, the rest CANCEL_BATCH at a time CANCEL_PAUSE seconds apart
+# (`Distributor.cancel`, `_send_cancels`): clients that left with 64,000 queued (one connection, or 128
+# of 500) held every other client 0.6-1.2 s while the shards evicted them, ~16 us each, and their
+# reports came back in reads of thousands (reviews 168, 175). The clients' side of a cancel is at once
+# (no answer, `_told`); only the shards' evictions are paced: 64,000 take ~1 s, as they took in one go.
 CANCEL_BATCH = 512
 CANCEL_PAUSE = 0.005
 
