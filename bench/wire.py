@@ -74,6 +74,9 @@ class Sink(Protocol):
 # ---------------------------------------------------------------------------------------- binary
 
 
+REOPEN_TIMEOUT = 10.0  # seconds a connection opened again after an idle close may take
+
+
 class BinaryConn:
     """One binary-protocol connection; `admit` and `release` are batched into one write per loop pass.
 
@@ -240,9 +243,6 @@ class _Link(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._conn._link is self:
             self._conn._connection_lost(exc)
-
-
-REOPEN_TIMEOUT = 10.0  # seconds a connection opened again after an idle close may take
 
 
 async def connect_binary(sink: Sink, host: str, port: int, audit: bool = True) -> BinaryConn:

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 from servicekit import launch, run
+from test_bench_loadgen import PoolSink
 from test_binary import HOLD, FakeAdmission, Raw, on_loop, serving, until
 
-from bench.timer import PreciseTimer
 from bench.wire import connect_binary
 from distributor.binary import BinaryLimits
 from distributor.guards import Guards
@@ -310,23 +310,15 @@ async def test_the_client_closed_idle_fails_its_calls_if_the_service_is_gone() -
     await asyncio.wait_for(c.close(), 5)
 
 
-class _Sink:
+class _Sink(PoolSink):
+    """The load generator's sink, its results recorded too."""
+
     def __init__(self) -> None:
-        self.timer = PreciseTimer(asyncio.get_running_loop(), lambda: None)
+        super().__init__()
         self.results: list[tuple[int, int]] = []
-        self.lost: list[str] = []
 
     def on_result(self, rid: int, outcome: int, ticket: int, wait: float, view: Any = None) -> None:
         self.results.append((rid, ticket))
-
-    def on_error(self, rid: int, status: int, message: str) -> None:
-        raise AssertionError((rid, status, message))
-
-    def on_lost(self, message: str) -> None:
-        self.lost.append(message)
-
-    def on_sent(self, rid: int) -> None:
-        pass
 
 
 @on_loop()
@@ -340,7 +332,7 @@ async def test_the_load_generator_sends_what_crossed_an_idle_close_again_once() 
             conn.admit(rid, "a", 0, 0, 0.0, 0.0, 0, 0.0)
         await until(lambda: len(sink.results) == 3 and conn.released == 1)
         assert sorted(sink.results) == [(0, 100), (1, 101), (2, 102)]
-        assert conn.reopened == 1 and sink.lost == []
+        assert conn.reopened == 1 and sink.lost == [] and sink.errors == []
         assert [type(m).__name__ for m in handled[1]] == ["Admit", "Release", "Admit", "Admit"]
         await asyncio.wait_for(conn.close(), 5)
 
