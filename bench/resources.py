@@ -1,5 +1,5 @@
 """What one connection, queued request, flow, ticket and worker cost a running service: the figures
-of the README's resource table, measured, not estimated.
+of the resource table in docs/service.md, measured, not estimated.
 
 Each probe starts `flowshard serve` (built-in defaults unless it needs a different budget), makes N
 connections or requests of one kind, and reads the processes' resident memory (VmRSS) and open

@@ -22,7 +22,7 @@ client may send again on a new connection what it has no answer for (`_close_idl
 The frames before a malformed one are handled first, and the answers decided for them then are sent
 before that Error (with acceptors, after a round trip: `Admission.after`).
 
-What one connection may cost is bounded (README "Resource limits"): an incomplete frame must
+What one connection may cost is bounded (docs/service.md, "Resource limits"): an incomplete frame must
 complete within `frame_timeout`; replies the client does not read stop the reading of its input
 once `write_high` bytes wait, unsent or on their way (releases and admissions whose answers have not
 come: with acceptors a round trip; it cannot make more work while it does not read), and it is dropped
@@ -84,7 +84,7 @@ LISTEN_BACKLOG = 1024  # the listening socket's accept queue
 # What a reply still to come weighs against write_high and max_write_buffer: a Release's answer (a
 # Released frame, its ticket at 64 bits). With acceptor processes a release, or an admission decided
 # at once, is answered a round trip after it is read, so replies waiting counts those on their way as
-# well as those unsent (README; admissions against write_high only, until shown queued).
+# well as those unsent (docs/service.md; admissions against write_high only, until shown queued).
 _w = FrameWriter()
 _w.add(Released(1 << 63, False))
 REPLY_BYTES = len(_w.take())
@@ -105,7 +105,7 @@ class BinaryLimits:
     `max_write_buffer`: beyond this the client is dropped (its tickets are released), rather than
     letting one slow reader hold service memory; `write_timeout`: likewise when its replies stay
     above `write_high` `READ_WINDOW` times this long while it reads less than `MIN_READ_RATE` bytes a
-    second. Safe at `max_connections`: see the README's resource table.
+    second. Safe at `max_connections`: see the resource table in docs/service.md.
     """
 
     max_connections: int = 4096

@@ -18,7 +18,7 @@ from distributor.api import probing_most
 
 SPAWN_FDS = 16  # what one spawn may open at once (4 to 6 here), with room to spare
 # the distributor's own descriptors besides its clients' (37 at start with one shard, the reserve above
-# included; README "Resource limits"), with room for the HTTP front's admin reserve
+# included; docs/service.md, "Resource limits"), with room for the HTTP front's admin reserve
 BASE_FDS = 80
 
 

@@ -1,6 +1,6 @@
 """Counts of the protective actions the fronts and the supervisor take against hostile or careless
 clients and against resource exhaustion, so an operator can see an attack or a bad client
-(`flowshard_protective_actions_total{front, action}` in /metrics, README "Resource limits")."""
+(`flowshard_protective_actions_total{front, action}` in /metrics, docs/service.md, "Resource limits")."""
 
 from __future__ import annotations
 

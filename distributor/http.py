@@ -13,7 +13,7 @@ only — so the distributor is never re-entered from inside its own `deliver` ca
 is cancelled exactly once with `admission.cancel(request_id)`, one dispatched but not yet written
 (waiting behind an earlier response, or delivered to a closing connection) has its ticket released
 with `admission.release`. At an EOF both are answered `evicted: cancelled`, so that the requests
-after them are still answered in order (README, "A client that half-closes").
+after them are still answered in order (docs/service.md, "A client that half-closes").
 
 A dispatched answer's ticket counts as delivered (`admission.delivered`) only as it is handed to the
 transport; the answers of one read are collected and written together (`_spill`), and written before

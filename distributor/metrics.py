@@ -421,7 +421,7 @@ class FlowshardCollector(Collector):
 
         guards = CounterMetricFamily(
             "flowshard_protective_actions",
-            "Protective actions against clients and resource exhaustion (README: Resource limits).",
+            "Protective actions against clients and resource exhaustion (docs/service.md: Resource limits).",
             labels=["front", "action"],
         )
         for front, actions in GUARD_ACTIONS.items():
@@ -475,7 +475,7 @@ def _limit(value: float) -> int | None:
 
 # Keys of `GET /v1/stats` renamed to the configuration's names (and the Prometheus metrics'
 # `_limit_requests`): the old key -> its new name. Both are sent for this release; the old ones
-# are deprecated (README "GET /v1/stats") and go in the next.
+# are deprecated (docs/service.md, "GET /v1/stats") and go in the next.
 DEPRECATED_TOTALS_KEYS: Final = {"max_queued_items": "max_queued_requests", "max_inflight": "max_inflight_requests"}
 DEPRECATED_BAND_KEYS: Final = {"max_items": "max_requests"}
 
@@ -568,7 +568,7 @@ def stats_snapshot(distributor: Distributor, top_flows: int = TOP_FLOWS) -> dict
             "tickets": len(d.tickets),
             "dispatched": sum(dispatched),
             "fast_path_dispatched": dispatched[d.n_shards],
-            # the old names, still sent this release (README: deprecated)
+            # the old names, still sent this release (docs/service.md: deprecated)
             "max_queued_items": _limit(ledger.max_items),
             "max_inflight": _limit(budget.max_requests),
         },

@@ -147,7 +147,7 @@ def priority_of(config: ProxyConfig, headers: Mapping[str, str], model: str, def
     raw = _header(headers, config.priority_header)
     if raw:
         try:
-            if not _INTEGER.fullmatch(raw):  # (int() also takes "1_0", "+5", "٥": not what the README says)
+            if not _INTEGER.fullmatch(raw):  # (int() also takes "1_0", "+5", "٥": not what docs/proxy.md says)
                 raise ValueError
             priority = int(raw)
         except ValueError:

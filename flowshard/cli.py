@@ -164,8 +164,8 @@ examples:
   flowshard simulate weighted-drr                   # a shipped scenario, in virtual time
   flowshard bench bench/scenarios/equal-flows.toml --shards 1,2 --runs 3
 
-The README explains the configuration, the HTTP and binary APIs and the Python client;
-docs/benchmarks.md has the measured figures.
+The README is the overview and the configuration's reference; docs/service.md has the HTTP and
+binary APIs, the Python client and the metrics; docs/benchmarks.md has the measured figures.
 """
 _SERVE = """\
 Run the service: one distributor process (limits, the dispatch budget, tickets), --shards shard
@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="binary-protocol port (default: [service] binary_port, 8081); 0 picks a free port")
     serve.add_argument("--backend", action="append", metavar="URL",
                        help="proxy mode: an OpenAI-compatible backend, e.g. http://10.0.0.5:8000 (repeatable; "
-                            "replaces [proxy] backends; README: \"Put flowshard in front of vLLM\")")
+                            "replaces [proxy] backends; docs/proxy.md)")
     serve.set_defaults(func=_serve, command_parser=serve)
 
     config = sub.add_parser("config", help="check a configuration file and print what it means",

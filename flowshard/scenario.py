@@ -307,7 +307,7 @@ def scenario_from_data(data: dict[str, Any], *, where: str = "scenario") -> Scen
                 if stray else "it has no [workload]")
         raise ConfigError(
             f"{where}: not a scenario: {hint}. A scenario puts the configuration under [server] and the load "
-            "under [workload] with its [[workload.flows]] (see bench/scenarios/*.toml and the README's "
+            "under [workload] with its [[workload.flows]] (see bench/scenarios/*.toml and docs/tools.md, "
             "\"Scenario format\"); `flowshard config check` reads a plain configuration")
     try:
         return convert(data, Scenario, where=where)

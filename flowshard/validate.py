@@ -42,7 +42,7 @@ class AdmitBody(msgspec.Struct, forbid_unknown_fields=True):
     slo: float = 0.0
     tokens: int = 0
     weight: float = 0.0
-    audit: bool = False  # answer with what the service knows of the request (see README)
+    audit: bool = False  # answer with what the service knows of the request (see docs/service.md)
 
 
 # names a caller may bring from the other API (the Python client) or from habit -> the JSON field

@@ -393,7 +393,7 @@ def test_stats_snapshot_encodes_and_totals_are_consistent(dist: Distributor) -> 
     assert stats["counters"] == dist.counters
 
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+SERVICE = (Path(__file__).resolve().parent.parent / "docs" / "service.md").read_text()  # the stats' reference
 
 
 def test_stats_limits_have_the_configuration_keys_names_and_the_old_names_stay_for_now() -> None:
@@ -425,8 +425,8 @@ def test_stats_limits_have_the_configuration_keys_names_and_the_old_names_stay_f
     assert value(s, "flowshard_queue_limit_requests", band="low") == 11
 
 
-def test_readme_documents_every_stats_key_and_the_deprecated_ones(dist: Distributor) -> None:
-    section = README.split("#### `GET /v1/stats`", 1)[1].split("\n### ", 1)[0]
+def test_the_reference_documents_every_stats_key_and_the_deprecated_ones(dist: Distributor) -> None:
+    section = SERVICE.split("### `GET /v1/stats`", 1)[1].split("\n## ", 1)[0]
     table, deprecated = section.split("**Deprecated**", 1)
     stats = stats_snapshot(dist)
     documented = set(re.findall(r"`([a-z_.\[\]]+)`", table))

@@ -1,4 +1,5 @@
-"""The README's examples are part of the product: its config and scenario examples must load and run."""
+"""The README's and the reference docs' examples are part of the product: their config and scenario examples
+must load and run, and what they state must be what the code does."""
 
 from __future__ import annotations
 
@@ -13,11 +14,15 @@ from flowshard.config import BandConfig, BudgetConfig, Config, ProxyConfig, Serv
 from flowshard.scenario import load_scenario
 from flowshard.simulate import simulate
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+SERVICE = (ROOT / "docs" / "service.md").read_text()  # the service's reference, moved out of the README
+TOOLS = (ROOT / "docs" / "tools.md").read_text()
+PROXY = (ROOT / "docs" / "proxy.md").read_text()
 
 
-def _toml_block_after(heading: str) -> str:
-    section = README.split(heading, 1)[1]
+def _toml_block_after(heading: str, text: str = README) -> str:
+    section = text.split(heading, 1)[1]
     match = re.search(r"```toml\n(.*?)```", section, re.S)
     assert match, f"no TOML example after {heading!r}"
     return match.group(1)
@@ -34,7 +39,7 @@ def test_configuration_example_is_valid_and_means_what_it_says():
 
 
 def test_scenario_example_loads_and_simulates():
-    scenario = load_scenario(_toml_block_after("### Scenario format"))
+    scenario = load_scenario(_toml_block_after("### Scenario format", TOOLS))
     report = simulate(scenario)
     assert report.totals.counts.submitted > 0 and report.totals.counts.dispatched > 0
     assert report.totals.priority_inversions == 0
@@ -126,7 +131,7 @@ def test_the_shard_figures_the_readme_cites_are_in_a_shipped_document_and_the_pa
 
 
 def test_readme_says_what_readyz_does_while_draining():
-    api = README.split("### HTTP/JSON API", 1)[1].split("### Binary protocol", 1)[0]
+    api = SERVICE.split("## HTTP/JSON API", 1)[1].split("## Binary protocol", 1)[0]
     assert "**While draining**" in api and "a new connection — a readiness\nprobe's included — is refused" in api
     # the behaviour itself: tests/test_service.py::test_graceful_drain_sigterm (refused; 503 on an open connection)
 
@@ -146,7 +151,7 @@ def test_config_check_examples_are_what_it_prints(tmp_path, capsys):
 
 
 def test_proxy_example_is_valid_and_means_what_it_says():
-    config = load_config(_toml_block_after("## Put flowshard in front of vLLM"))
+    config = load_config(_toml_block_after("## Using it", PROXY))
     assert config.proxy.backends == ["http://10.0.0.5:8000", "http://10.0.0.6:8000"]
     assert config.proxy.objectives == {"chat": 10, "summarize-nightly": 0}
     assert config.proxy.models["meta-llama/Llama-3.1-8B-Instruct"] == 10
@@ -156,20 +161,23 @@ def test_proxy_example_is_valid_and_means_what_it_says():
 def test_readme_names_every_scenario_that_simulates():
     from flowshard.simulate import shipped_scenarios
 
-    listed = README.split("Shipped scenarios:", 1)[1].split("Each simulates", 1)[0]
+    listed = TOOLS.split("Shipped scenarios:", 1)[1].split("Each simulates", 1)[0]
     listed = " ".join(listed.lower().split())
     missing = [name for name, _, quick in shipped_scenarios() if quick and name.replace("-", " ") not in listed]
-    assert not missing, f"README's shipped-scenario list lacks {missing}"
+    assert not missing, f"docs/tools.md's shipped-scenario list lacks {missing}"
 
 
 def test_every_limit_the_readme_names_is_a_configuration_key():
-    """A `max_…` name in backticks reads as a key a user can set; `config check` must accept it."""
+    """A `max_…` name in backticks, in the README or a reference doc, reads as a key a user can set; `config
+    check` must accept it."""
     keys = {name for struct in _TABLES.values() for name in struct.__struct_fields__}
     # not keys on purpose: vLLM's, in the budget advice; the typo in the `config check` example; the
     # OpenAI request fields the proxy reads for its cost estimate and the openai client's max_retries
     not_keys = {"max_num_seqs", "max_inflight", "max_tokens", "max_completion_tokens", "max_retries"}
-    named = set(re.findall(r"`(max_[a-z_]+)`", README)) - not_keys
-    assert named - keys == set(), "README names limits that are not configuration keys"
+    for name, text in (("README", README), ("docs/service.md", SERVICE), ("docs/tools.md", TOOLS),
+                       ("docs/proxy.md", PROXY), ("docs/policies.md", (ROOT / "docs" / "policies.md").read_text())):
+        named = set(re.findall(r"`(max_[a-z_]+)`", text)) - not_keys
+        assert named - keys == set(), f"{name} names limits that are not configuration keys"
 
 
 def test_the_wire_format_doc_names_each_message_its_tag_and_fields_in_order():
@@ -192,3 +200,33 @@ def test_the_wire_format_doc_names_each_message_its_tag_and_fields_in_order():
         assert [n for n in named if n in fields] == fields, (message.__name__, named)
     for outcome in Outcome:
         assert f"{outcome.value} {outcome.status}" + (f": {outcome.reason}" if outcome.reason else "") in wire
+
+
+def _anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a document's headings (lower case, punctuation dropped, spaces to
+    hyphens), outside code blocks."""
+    anchors, fence = set(), False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fence = not fence
+        elif not fence and (heading := re.match(r"#+ (.*)", line)):
+            anchors.add(re.sub(r"[^\w\- ]", "", heading[1].strip().lower()).replace(" ", "-"))
+    return anchors
+
+
+def test_every_link_between_the_readme_and_the_docs_leads_somewhere():
+    """The reference moved from the README into docs/ (review 167: too long to use as one); a link to a
+    file or heading that is not there is a newcomer's dead end."""
+    documents = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    dead = []
+    for doc in documents:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if re.match(r"[a-z]+:", target):  # (http:, mailto:)
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (doc.parent / path).resolve() if path else doc
+            if not linked.exists():
+                dead.append(f"{doc.name}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked.read_text()):
+                dead.append(f"{doc.name}: {target} (no such heading)")
+    assert not dead, dead

@@ -1,5 +1,5 @@
-"""The README's API section is what the service does: the client quick start runs verbatim against a
-real service, and the documented answer bodies have the keys the service sends."""
+"""The documented API is what the service does: the README's client quick start runs verbatim against a
+real service, and the answer bodies docs/service.md shows have the keys the service sends."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ __all__ = ["launch"]
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+SERVICE = (ROOT / "docs" / "service.md").read_text()  # the API's reference
 
 
 def _block_after(heading: str, lang: str) -> str:
@@ -38,8 +39,8 @@ def test_client_quick_start_runs_verbatim(launch, tmp_path: Path) -> None:  # ty
 
 
 def _documented_bodies() -> dict[int, list[dict[str, object]]]:
-    """status -> the JSON bodies the README's API section shows for it."""
-    section = README.split("### HTTP/JSON API", 1)[1].split("### Binary protocol", 1)[0]
+    """status -> the JSON bodies the API reference (docs/service.md) shows for it."""
+    section = SERVICE.split("## HTTP/JSON API", 1)[1].split("## Binary protocol", 1)[0]
     bodies: dict[int, list[dict[str, object]]] = {}
     for status, body in re.findall(r"^(\d{3}) (\{.*?\})(?=\s|$)", section, re.M):
         bodies.setdefault(int(status), []).append(json.loads(body))

@@ -341,11 +341,11 @@ def test_the_estimate_counts_the_cost_of_n_shards() -> None:
     assert warning is not None and "8 shards" in warning
 
 
-def test_help_and_readme_document_shards(capsys: pytest.CaptureFixture[str]) -> None:
+def test_help_and_the_tools_doc_document_shards(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         cli.main(["simulate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--shards N" in text and "(default 1)" in text and "same code as `flowshard serve`" in text
-    readme = " ".join((SCENARIOS.parent.parent / "README.md").read_text().split())
-    section = readme.split("## The simulator: `flowshard simulate`", 1)[1].split("### Scenario format", 1)[0]
+    tools = " ".join((SCENARIOS.parent.parent / "docs" / "tools.md").read_text().split())
+    section = tools.split("## The simulator: `flowshard simulate`", 1)[1].split("### Scenario format", 1)[0]
     assert "`--shards N` (default 1) simulates the service with N shards" in section
