@@ -164,6 +164,7 @@ class Shard:
         self.failing_since = 0.0  # monotonic time the current run of failed attempts began; 0: none
         self.frames_to = 0  # frames sent to and received from this shard, for `bench.hops`
         self.frames_from = 0
+        self.frames_base = 0  # `frames_from` when its current worker started (what it wrote is counted from 0)
         # this pass's Enqueues to it, in `shm.backlog_bytes` units: its input backlog (`add_sent`) grows by
         # them when the pass ends (`Distributor._flush`), so every pick of a pass sees it as it began
         self.sent = 0
@@ -250,7 +251,6 @@ class Distributor:
         self._checked = self.started  # the last _check_heartbeats
         # `evicted: shutdown` Dones read per (shard, band): what a worker killed at the exit counted in its
         # cells beyond these it had not written; those requests are ended here uncounted (`close`)
-        self._shutdown_reported: dict[tuple[int, int], int] = {}
         self.counters = {"tickets_expired": 0, "tickets_released": 0, "worker_restarts": 0, "fast_path": 0,
                          "acceptor_restarts": 0, "dispatches_unclaimed": 0}
         self.guards = Guards()  # protective actions of the fronts (distributor/guards.py)
@@ -775,8 +775,6 @@ class Distributor:
                 if p.state == _DONE:  # out of the ledger already, its shard silent then (`_end_on_silent`)
                     if outcome == _DISPATCHED:  # (committed before its deadline: its grant is answered)
                         ledger.grant_answered(shard, p.size, 0, p, msg.decided)
-                    elif outcome is _SHUTDOWN:
-                        self._shutdown_read(shard, p.band)
                     newcomer = self._release_left(p)
                     self._finish(p, outcome, msg.wait, True, msg.at, msg.decided, msg.seq)
                     if newcomer is not None:
@@ -787,8 +785,6 @@ class Distributor:
                     # (positional arguments: keywords cost ~10 ns each call)
                     band, live = ledger.grant_answered(shard, p.size, 0, p, msg.decided)
                     covered = live and band == p.band
-                elif outcome is _SHUTDOWN:
-                    self._shutdown_read(shard, p.band)
                 newcomer = ledger.leave(p, covered)
                 self._finish(p, outcome, msg.wait, True, msg.at, msg.decided, msg.seq)  # (counted_by_shard, at, ...)
                 if newcomer is not None:
@@ -798,11 +794,6 @@ class Distributor:
             elif kind is Hello:
                 self._on_hello(shard, msg)
         self._schedule_plan()
-
-    def _shutdown_read(self, shard: int, band: int) -> None:
-        """An `evicted: shutdown` Done read from `shard` (`_counted_unreported`)."""
-        key = (shard, band)
-        self._shutdown_reported[key] = self._shutdown_reported.get(key, 0) + 1
 
     def _parked_expired(self, p: Pending) -> None:
         """A parked newcomer's TTL ran out before its victims left (one held on a stopped shard, say):
@@ -928,7 +919,8 @@ class Distributor:
         self._fresh_pick = -1
         s.writer = BatchWriter()
         s.sent = 0  # (its Enqueues go with the writer; what was counted sent, reset_shard takes as read)
-        if self._stopping:
+        if self._stopping:  # (`close` killed it and waited for it, or it finished: nothing writes its cells)
+            self._take_back_unreported(shard)
             return
         self._state_changed()
         status = None
@@ -950,6 +942,7 @@ class Distributor:
         # Its cells first (it is reaped: nothing writes them now), so that a newcomer a lost victim frees
         # below is routed by counters that agree with the ledger (JSQ-Bytes's `fresh` pick needs them to)
         assert self.shm is not None
+        self._take_back_unreported(shard)
         self.shm.reset_shard(shard)
         self.shm.heartbeat_ns[shard] = 0  # the dead worker's last beat must not condemn its successor
         for p in lost:
@@ -968,6 +961,22 @@ class Distributor:
         # back off when a worker keeps dying (e.g. at start-up): 0.05 s doubling to 5 s
         self._loop.call_later(s.backoff.died(now), self._respawn, shard)
         self._schedule_plan()
+
+    def _take_back_unreported(self, shard: int) -> None:
+        """Shard `shard`'s worker is dead and what it wrote read to the end: what it counted in its cells
+        and never wrote (its last window: `workers.worker`) is taken back, so that the requests it held
+        are counted once, as they end here (`shard_failure`, or `shutdown` at the exit). Its successor's
+        frames are counted from here."""
+        s = self.shards[shard]
+        if self.shm is None:
+            return
+        read = s.frames_from - s.frames_base
+        written = self.shm.reported_frames(shard)
+        if self.shm.take_back_unreported(shard, read) is None:
+            log.warning("shard %d: its worker counted %d frames and %d were read; what it counted in the rest "
+                        "cannot be taken back exactly, so its outcome counts may count those requests twice",
+                        shard, written, read)
+        s.frames_base = s.frames_from
 
     def _respawn(self, shard: int) -> None:
         if not self._stopping and self._loop is not None:
@@ -1411,23 +1420,21 @@ class Distributor:
                 proc.wait(timeout=1.0)
         if behind:
             await self._read_dead_links(0.5)
-        unreported = self._counted_unreported()
+        for s in self.shards:  # (killed, its link not read to its end in time: taken back as it stands)
+            if s.link is not None and s.proc is not None and s.proc in behind:
+                self._take_back_unreported(s.index)
         for timer in self._parked_ttl.values():
             timer.cancel()
         self._parked_ttl.clear()
         self._parked_of.clear()
         self._held.clear()
-        told = self._told  # (those whose clients were told nothing yet first: they take the uncounted ends)
-        for p in sorted(self.pending.values(), key=lambda p: p.id in told):  # anything a worker did not report
-            counted = False  # (it died, or never got it)
+        for p in list(self.pending.values()):  # anything a worker did not report (it died, or never got it;
+            # what a killed one counted of it is taken back: `_take_back_unreported`)
             if p.state in (PendingState.QUEUED, PendingState.DISPLACING):
                 self.ledger.leave(p)
-                counted = unreported.get((p.shard, p.band), 0) > 0  # (its worker counted it as it was killed)
-                if counted:
-                    unreported[(p.shard, p.band)] -= 1
             elif p.state == _DONE:  # (ended while its shard was silent, its client told: `_end_on_silent`;
                 self._release_left(p)  # its shard ended it as it read the Shutdown: expired or cancelled)
-            self._finish(p, _SHUTDOWN, time.monotonic() - p.received, counted)
+            self._finish(p, _SHUTDOWN, time.monotonic() - p.received)
         if self.acceptors is not None:  # every outcome is delivered: the acceptors pass on the last ones
             await self.acceptors.close(cut=lambda: self._stop_now)  # (their clients' last answers: not after
             # a second signal, review 159)
@@ -1467,31 +1474,13 @@ class Distributor:
         if self._stopped is not None:
             self._stopped.set()
 
-    def _counted_unreported(self) -> dict[tuple[int, int], int]:
-        """Per (shard, band), at the exit: the `evicted: shutdown` outcomes a worker counted in its cells
-        and did not write, killed (or dead on its own: an OOM kill, a fail-stop; review 162) in the part
-        of its eviction in progress (up to `EVICT_CHUNK`, review 156). Those requests are still pending
-        here and end so below, but uncounted: each is in its worker's cells already. (Its cells only
-        grow, and a worker counts `evicted: shutdown` only for a `Shutdown`, so each cell is every such
-        Done read plus these: 0 for a worker that finished reporting.)"""
-        shm = self.shm
-        if shm is None:
-            return {}
-        reported = self._shutdown_reported
-        out = {}
-        for shard in range(len(self.shards)):
-            for band in range(len(self.ledger.bands)):
-                extra = shm.outcome_count(shard, band, _SHUTDOWN) - reported.get((shard, band), 0)
-                if extra > 0:
-                    out[(shard, band)] = extra
-        return out
-
     async def _read_dead_links(self, limit: float) -> None:
         """What the workers just killed had written is still in their sockets: read to its end (their
         EOF, `on_worker_lost`), for at most `limit` seconds, so that what they counted and reported is
         not ended and counted again here (review 156: a worker busy evicting at the 2 s limit had
         written 10,000 `Done`s the distributor had not read yet; the exit line counted them twice).
-        What a worker counted and had not written when it was killed (a part in progress) is not there."""
+        What a worker counted and had not written when it was killed (its last window) is not there: it
+        is taken back (`_take_back_unreported`)."""
         start = time.monotonic()
         while any(s.link is not None for s in self.shards) and time.monotonic() - start < limit:
             await asyncio.sleep(0.005)

@@ -515,10 +515,12 @@ class BatchWriter:
     A message that cannot be encoded (a bug upstream: an integer past 64 bits, a wrong type) is left
     out and handed to `on_drop` (by default logged as an error); the pass's other messages still go."""
 
-    __slots__ = ("_encoder", "_messages", "add", "dropped", "on_drop")
+    __slots__ = ("_encoder", "_frame_messages", "_messages", "add", "dropped", "on_drop")
 
-    def __init__(self, on_drop: Callable[[Any, Exception], None] | None = None) -> None:
+    def __init__(self, on_drop: Callable[[Any, Exception], None] | None = None,
+                 frame_messages: int = BATCH_MESSAGES) -> None:
         self._encoder = msgspec.msgpack.Encoder()
+        self._frame_messages = frame_messages  # (a shard worker's: one frame per window, `WINDOW_FRAMES`)
         self._messages: list[Any] = []
         # add(message): the list's own append, no Python layer (a link carries one or more per request;
         # measured). So `take` keeps this list and empties it.
@@ -539,8 +541,9 @@ class BatchWriter:
         messages = self._messages.copy()
         self._messages.clear()  # before encoding: what `on_drop` adds goes with the next take
         buf = bytearray()
-        for first in range(0, len(messages), BATCH_MESSAGES):
-            self._frame(buf, messages[first : first + BATCH_MESSAGES])
+        step = self._frame_messages
+        for first in range(0, len(messages), step):
+            self._frame(buf, messages[first : first + step])
         return bytes(buf)
 
     def _frame(self, buf: bytearray, messages: list[Any]) -> None:

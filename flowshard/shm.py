@@ -40,7 +40,7 @@ __all__ = [
 I64 = npt.NDArray[np.int64]
 
 MAGIC: Final = int.from_bytes(b"FLOWSHM\0", "little")  # first header word: "this is a stats segment"
-VERSION: Final = 5
+VERSION: Final = 6
 HEADER_WORDS: Final = 8  # magic, version, F, N, B, O, H, nbytes
 _ALIGN: Final = 64  # one cache line: arrays of different writers never share a line at their edges
 
@@ -67,13 +67,15 @@ class ArraySpec(NamedTuple):
 # Arrays written by shards, then by the distributor; snapshot() copies in this order (see there why).
 _SHARD_ARRAYS: Final = (
     "deq_bytes", "deq_items", "band_deq_bytes", "band_deq_items", "shard_deq_bytes", "shard_taken_bytes",
-    "heartbeat_ns",
+    "heartbeat_ns", "reported",
 )
 _DIST_ARRAYS: Final = (
     "enq_bytes", "enq_items", "band_enq_bytes", "band_enq_items", "shard_enq_bytes", "shard_sent_bytes", "band_waiting",
 )
 _SHARED_ROWS: Final = ("outcomes", "wait_hist", "wait_us", "dispatched", "inversions", "narrowed")  # row w: writer w
-ARRAY_NAMES: Final = ("seq", *_SHARD_ARRAYS, *_SHARED_ROWS, *_DIST_ARRAYS)
+# A shard's counts as they were before its latest window of writes (`ShmStats.checkpoint`): not snapshotted
+_CHECKPOINT_ARRAYS: Final = ("ckpt_rows", "ckpt_reported", "ckpt_valid")
+ARRAY_NAMES: Final = ("seq", *_SHARD_ARRAYS, *_SHARED_ROWS, *_DIST_ARRAYS, *_CHECKPOINT_ARRAYS)
 # What `ShmStats.snapshot` copies, in that order: built once. Built per call, a 20-tuple at each /metrics
 # and /v1/stats read was parked on CPython 3.11-3.12's tuple free list, which never hands tuples of 20
 # back (gh-121439), up to its 2,000: ~400 kB of a long-running distributor's memory (review 144)
@@ -162,6 +164,13 @@ class ShmLayout:
             "band_waiting": (b,),  # since when (ns) the band has queued work no grant covers; 0: none
             "inversions": (n + 1, b),  # priority inversions per band; only the distributor's row N is written
             "narrowed": (n + 1, b),  # grants of a band handed back because a higher band waited so
+            # the frames each shard has written to the distributor (this worker's life: `reported_frames`)
+            "reported": (n,),
+            # each shard's `_CHECKPOINTED` rows (outcomes, wait_hist, wait_us, dispatched, narrowed) before its
+            # latest window of writes, with its `reported` then, and whether the copy is whole
+            "ckpt_rows": (n, b * o + b * h + b + 1 + b),
+            "ckpt_reported": (n,),
+            "ckpt_valid": (n,),
         }
         specs: list[ArraySpec] = []
         offset = _align(HEADER_WORDS * 8)
@@ -399,6 +408,24 @@ class ShmStats:
         self._b_ssent, self._b_stake = 8 * self._w_ssent, 8 * self._w_stake
         self._row_out = layout.bands * layout.outcomes
         self._row_hist = layout.bands * layout.hist_buckets
+        self._w_reported = w["reported"]
+        self._w_ckpt = w["ckpt_rows"]
+        self._w_ckpt_reported = w["ckpt_reported"]
+        self._w_ckpt_valid = w["ckpt_valid"]
+        self._ckpt_row = layout.spec("ckpt_rows").shape[1]
+        # each shard's checkpointed rows, as (byte offset, bytes) spans in their order in `ckpt_rows`
+        b = layout.bands
+        self._ckpt_spans = [
+            [(8 * (w["outcomes"] + n * self._row_out), 8 * self._row_out),
+             (8 * (w["wait_hist"] + n * self._row_hist), 8 * self._row_hist),
+             (8 * (w["wait_us"] + n * b), 8 * b),
+             (8 * (w["dispatched"] + n), 8),
+             (8 * (w["narrowed"] + n * b), 8 * b)]
+            for n in range(layout.shards)
+        ]
+        if init:
+            for n in range(layout.shards):  # (a worker that dies before its first window took nothing back)
+                self.checkpoint(n)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -495,6 +522,56 @@ class ShmStats:
 
     def add_narrowed(self, writer: int, band: int) -> None:
         self._q[self._w_narrow + writer * self._b + band] += 1
+
+    # ------------------------------------------------------------------ counts that survive a worker's death
+
+    def add_reported(self, shard: int, frames: int) -> None:
+        """Shard ``shard`` only: it has written ``frames`` more frames to the distributor (counted in the
+        window of writes that decided them, before they are handed to the kernel)."""
+        self._q[self._w_reported + shard] += frames
+
+    def reported_frames(self, shard: int) -> int:
+        return int(self._q[self._w_reported + shard])
+
+    def checkpoint(self, shard: int) -> None:
+        """Shard ``shard`` only, before a window of writes that may count outcomes: copy its outcome,
+        wait, dispatch and narrowing rows, with its `reported`, so that if it dies before the window's
+        frames reach the distributor, what the window counted can be taken back
+        (`take_back_unreported`). The copy is marked whole only once it is."""
+        q, raw = self._q, self._raw
+        q[self._w_ckpt_valid + shard] = 0
+        dst = 8 * (self._w_ckpt + shard * self._ckpt_row)
+        for src, size in self._ckpt_spans[shard]:
+            raw[dst : dst + size] = raw[src : src + size]
+            dst += size
+        q[self._w_ckpt_reported + shard] = q[self._w_reported + shard]
+        q[self._w_ckpt_valid + shard] = 1
+
+    def take_back_unreported(self, shard: int, received: int) -> int | None:
+        """Distributor only, once shard ``shard``'s worker is dead and its link read to the end, having
+        read ``received`` frames of it: undo what the worker counted and the distributor never read (the
+        outcomes of its last window, killed in it or before its frames reached the kernel), so that the
+        distributor, which ends those requests itself, is the only one to count them. The number of
+        outcomes taken back (0: nothing was owed), or None if that cannot be done exactly: the frames
+        missing are not exactly the last window's (more than one window in flight, which the worker does
+        not let happen, or a window cut into several frames, over `WINDOW_FRAMES` of them). Idempotent."""
+        q, raw = self._q, self._raw
+        reported = int(q[self._w_reported + shard])
+        mid_window = q[self._w_seq + shard] % 2 == 1
+        if reported == received and not mid_window:
+            return 0
+        if not q[self._w_ckpt_valid + shard] or q[self._w_ckpt_reported + shard] != received:
+            return None
+        before = int(self.outcomes[shard].sum())
+        if not mid_window:
+            self.begin_write(shard)
+        src = 8 * (self._w_ckpt + shard * self._ckpt_row)
+        for dst, size in self._ckpt_spans[shard]:
+            raw[dst : dst + size] = raw[src : src + size]
+            src += size
+        q[self._w_reported + shard] = received
+        q[self._w_seq + shard] += 1  # (even again: from odd if it died in its window, else begin_write's)
+        return before - int(self.outcomes[shard].sum())
 
     def set_heartbeat(self, shard: int, now_ns: int) -> None:
         """Shard ``shard`` only; the caller supplies the clock (the core has none)."""
@@ -645,6 +722,7 @@ class ShmStats:
             yield "shard_deq_bytes", writer
             yield "shard_taken_bytes", writer
             yield "heartbeat_ns", writer
+            yield "reported", writer
         for name in _SHARED_ROWS:
             yield name, writer
 
@@ -717,8 +795,9 @@ class ShmStats:
     def reset_shard(self, n: int) -> None:
         """Distributor only, after shard ``n`` died: forget what it held (deq := enq in column n).
 
-        This is the one write to a shard's cells by another process; it is safe only because the dead
-        shard no longer writes and its replacement must not start writing until this returns. The
+        With `take_back_unreported` (called first), the only writes to a shard's cells by another
+        process; safe only because the dead shard no longer writes and its replacement must not start
+        writing until this returns. The
         distributor answers the lost requests itself (``evicted: shard_failure``). Counters stay
         monotonic (deq only grows), so the new shard simply continues from here. The shard's seq is
         made odd for the reset (moved on by 2 if it died mid-batch with seq odd) and left even.
@@ -734,4 +813,6 @@ class ShmStats:
         self.band_deq_items[:, n] = self.band_enq_items[:, n]
         self.shard_deq_bytes[n] = self.shard_enq_bytes[n]
         self.shard_taken_bytes[n] = self.shard_sent_bytes[n]
+        self._q[self._w_reported + n] = 0  # (its successor counts its own frames)
+        self.checkpoint(n)  # (what it has counted so far is the successor's to keep)
         self._q[i] += 1

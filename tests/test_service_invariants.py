@@ -54,9 +54,9 @@ Oracles, from raw client-side data and the service's own statistics:
   leftovers`: no process of the tree alive, no /dev/shm/flowshard-<pid>-* segment; the `launch`
   fixture checks the same again after the test).
 
-Why the crash happens at a quiet point: a worker killed between counting an outcome in its cells
-and reporting it leaves that request counted twice (README, "Shards": a known blur in the metrics,
-the client still gets one outcome). Killed while nothing can be decided on a shard (the budget full,
+Why the crash happens at a quiet point: so that what the other shards and the distributor decide
+meanwhile is known exactly (the counts themselves stay exact through a kill at any moment:
+tests/test_counts_through_kills.py). Killed while nothing can be decided on a shard (the budget full,
 no grant out, no TTL due, no cancellation in flight) the exact counter equality holds; admissions
 still arrive and are routed to the dying shard meanwhile (only routing and rejections: decided by
 the distributor), so requests in transit to it are part of the test. Not covered here, for the same

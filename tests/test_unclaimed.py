@@ -55,7 +55,8 @@ def _one_shard() -> tuple[Distributor, Link, ShardWorker, FakeTransport]:
     worker = ShardWorker(0, Engine(config, enforce_limits=False), d.shm, asyncio.get_running_loop().create_future())
     transport = FakeTransport()
     worker.connection_made(transport)  # type: ignore[arg-type]
-    transport.got.clear()  # the Hello
+    d.on_worker_frames(0, list(transport.got))  # its Hello
+    transport.got.clear()
     return d, link, worker, transport
 
 

@@ -36,10 +36,12 @@ class FakeTransport:
         self.writes: list[int] = []  # how many frames each write carried
         self.closed_after = -1  # the number of writes before the close
         self.buffered = 0  # what `get_write_buffer_size` says
+        self.frames: list[list[int]] = []  # each write's batch frames, by their lengths
 
     def write(self, data: bytes) -> None:
         read = self.reader.feed(data)
         self.writes.append(len(read))
+        self.frames.append(_frame_lengths(data))
         self.got += read
 
     def close(self) -> None:
@@ -50,6 +52,25 @@ class FakeTransport:
 
     def get_write_buffer_size(self) -> int:
         return self.buffered
+
+    def set_write_buffer_limits(self, high: int) -> None:
+        self.high = high
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+
+def _frame_lengths(data: bytes) -> list[int]:
+    """The lengths of the batch frames (a 4-byte big-endian length, then the body) that make `data`."""
+    out, at = [], 0
+    while at < len(data):
+        length = int.from_bytes(data[at : at + 4], "big")
+        out.append(length)
+        at += 4 + length
+    return out
 
 
 def frames(*messages: Any) -> bytes:

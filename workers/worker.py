@@ -4,6 +4,14 @@ The worker owns its shard's queues and policies, TTL expiry and displacement vic
 dispatches only when granted, answers every grant in order (one dispatch or one hand-back), and
 mirrors every exit from its queues into its own shared-memory cells (single writer).
 
+Its counts survive its death exactly. It decides and counts in *windows* (a read of the link, a
+timer's expiries, a part of the drain's eviction), each under its seqlock and written as one batch
+frame, counted in `reported`; before a window that follows new frames it copies its rows
+(`ShmStats.checkpoint`); and it decides nothing more while a window's frames wait in this process
+for the kernel (the link's writing paused: it stops reading, its timer waits). So when it dies, what
+it counted and the distributor never read is exactly its last window, which the distributor takes
+back from the copy (`ShmStats.take_back_unreported`) before it ends those requests itself.
+
 It exits when the distributor goes away: the socket closes (EOF), or the parent-death signal.
 """
 
@@ -52,6 +60,7 @@ _DISPATCHED = Outcome.DISPATCHED
 HEARTBEAT_INTERVAL = 0.1
 EVICT_CHUNK = 2000  # requests evicted per loop pass at shutdown (a few ms of work: `_evict_rest`)
 EVICT_PAUSE = 0.001  # s: the wait for the link to take the last part's frames
+WINDOW_FRAMES = 1 << 20  # a window's frames go as one batch frame (whole, or not at all, at a death) up to this
 GC_INTERVAL = 5.0
 
 
@@ -70,7 +79,7 @@ class ShardWorker(asyncio.Protocol):
         self.stats = stats
         self.finished = finished
         self.reader = BatchReader(ToWorker)
-        self.writer = BatchWriter()
+        self.writer = BatchWriter(frame_messages=WINDOW_FRAMES)
         self.slots: dict[int, int] = {}  # request id -> flow slot, for the dequeue counters
         self.ceilings = [b.ceiling for b in engine.bands]
         self._recheck = lambda band, saturation: stats.waiting_above(band, self.ceilings, saturation)
@@ -85,11 +94,62 @@ class ShardWorker(asyncio.Protocol):
         self._stopped = False
         self._n_slots = stats.layout.flow_slots
         self._n_bands = len(engine.bands)
+        self._reported = 0  # frames written (`stats.reported`, this worker's)
+        self._checkpointed = 0  # `_reported` at the last checkpoint
+        self._held = False  # frames wait in this process for the kernel: decide nothing (`pause_writing`)
+        self._timer_due = False  # the TTL timer fired while held
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        self.transport.set_write_buffer_limits(high=0)  # (`pause_writing` as soon as a byte waits here)
         self.writer.add(Hello(self.shard, os.getpid()))
+        self._reported += 1
+        self.stats.add_reported(self.shard, 1)  # (counts nothing else: outside any window)
         self.transport.write(self.writer.take())
+
+    def pause_writing(self) -> None:
+        """A window's frames wait in this process: the kernel's buffer to the distributor is full. Until
+        they have left, read nothing and decide nothing (the timer waits), so that no second window's
+        frames can die with this process: what dies unread is then exactly one window's, which the
+        distributor takes back (module docstring). The distributor always reads its links, so this
+        only waits for it to catch up."""
+        self._held = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._held = False
+        if self._stopped or self.transport is None or self.transport.is_closing():
+            return
+        self.transport.resume_reading()
+        if self._timer_due:
+            self._timer_due = False
+            self._on_timer()
+
+    def _open_window(self) -> None:
+        """Begin a window of decisions and counts: its rows copied first if frames (and so counts) went
+        out since the last copy, then the seqlock's write."""
+        if self._reported != self._checkpointed:
+            self.stats.checkpoint(self.shard)
+            self._checkpointed = self._reported
+        self.stats.begin_write(self.shard)
+
+    def _close_window(self) -> bytes:
+        """End the window: its frames encoded as one batch frame and counted in `reported`, then the
+        seqlock's write ended. The bytes to write (after this, outside the window)."""
+        writer = self.writer
+        frames = len(writer)
+        data = b""
+        if frames:
+            data = writer.take()
+            self._reported += frames
+            self.stats.add_reported(self.shard, frames)
+        self.stats.end_write(self.shard)
+        return data
+
+    def _write(self, data: bytes) -> None:
+        if data and self.transport is not None:
+            self.transport.write(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.finished.done():
@@ -101,8 +161,9 @@ class ShardWorker(asyncio.Protocol):
         now = time.monotonic()
         engine = self.engine
         stats = self.stats
-        stats.begin_write(self.shard)
+        self._open_window()
         taken = 0  # the Enqueues read, in `backlog_bytes` units: the input backlog JSQ-Bytes's slack packs by
+        out = b""  # the window's frames
         try:
             for msg in self.reader.feed(data):
                 kind = type(msg)
@@ -146,8 +207,8 @@ class ShardWorker(asyncio.Protocol):
         finally:
             if taken:
                 stats.add_taken(self.shard, taken)
-            stats.end_write(self.shard)
-        self._flush()
+            out = self._close_window()
+        self._write(out)
         if self._closing:
             if self._evicting is None:  # (not while a part is scheduled: one chain of parts)
                 self._evicting = self.loop.call_soon(self._evict_rest)
@@ -201,18 +262,14 @@ class ShardWorker(asyncio.Protocol):
                 stats.observe_wait(shard, item.band, wait)
                 stats.add_dispatched(shard)
 
-    def _flush(self) -> None:
-        if self.writer and self.transport is not None:
-            self.transport.write(self.writer.take())
-
     def _evict_rest(self) -> None:
         """After `Shutdown`: evict what is still queued, `EVICT_CHUNK` requests per loop pass, each part
         counted and written before the next is taken, then close the link. The distributor takes a
         worker that writes nothing for `SHUTDOWN_SILENCE` as stuck and kills it, ending what it held
         itself: evicted in one go, a very large queue (180,000) kept this one silent past that while
         its cells counted what it evicted, so the exit line counted those twice (review 150). A part
-        waits for the last one's frames to leave this process (`get_write_buffer_size`): killed
-        then, only the part in progress could be counted twice."""
+        waits for the last one's frames to leave this process (`get_write_buffer_size`): each part
+        is a window (module docstring), so one killed in a part is taken back whole."""
         self._evicting = None
         transport = self.transport
         if self._stopped or transport is None or transport.is_closing():
@@ -231,17 +288,18 @@ class ShardWorker(asyncio.Protocol):
         read now: what it ends is drained into frames and counted in one write of this shard's cells,
         then written; a failure stops the worker (`_fail_stop`). Whether it went through."""
         now = time.monotonic()
+        data = b""
         try:
-            self.stats.begin_write(self.shard)
+            self._open_window()
             try:
                 work(now)
                 self._drain()
             finally:
-                self.stats.end_write(self.shard)
+                data = self._close_window()
         except Exception:
             self._fail_stop(what)
             return False
-        self._flush()
+        self._write(data)
         return True
 
     def _arm_timer(self) -> None:
@@ -262,6 +320,9 @@ class ShardWorker(asyncio.Protocol):
         self._timer = None
         self._timer_at = math.inf
         if self._stopped:
+            return
+        if self._held:  # (a window's frames still wait here: `resume_writing` runs this)
+            self._timer_due = True
             return
         if self._work_reported(self.engine.expire, "expiring requests"):
             self._arm_timer()
