@@ -93,6 +93,23 @@ def test_projection_ratios_pair_the_runs_of_one_round() -> None:
     assert projection_ratios([("a", [run(10.0), run(10.0)]), ("b", missing)])[0] == [pytest.approx(2.0)]
 
 
+def test_the_projection_table_is_made_from_each_process_s_median_cost_over_the_runs() -> None:
+    """Review 181: the table projected the median-throughput run's costs alone (with 2 runs, the slower
+    one's: 8 shards 0.71x of one where the medians printed above gave 0.83x). Each process's cost is
+    now its median over the runs, as the tables print it."""
+    from bench.report import render_projection
+
+    def run(rate: float, distributor_us: float) -> dict[str, Any]:
+        return {"throughput": {"dispatches_per_s": rate},
+                "projection": project_all({"distributor": distributor_us, "worker0": 1.0})}
+
+    # the run with the median rate (the second of three) is the costliest; the medians are 100 µs
+    text = render_projection([("shards=1", [run(900.0, 100.0), run(1000.0, 200.0), run(1100.0, 90.0)])])
+    row = next(line for line in text.splitlines() if line.startswith("shards=1") and "service only" in line)
+    assert "10,000 [distributor]" in row, text  # 1e6 / 100 µs (the median run's 200 µs: 5,000)
+    assert "median over the runs" in text
+
+
 def test_window_demands_are_the_reference_s_when_there_is_one() -> None:
     from bench.fairness import window_demands
     from flowshard.reference import FlowRef
