@@ -412,6 +412,8 @@ def test_a_slot_is_held_until_the_generator_released_it_not_for_the_nominal_serv
         "flow": np.array([0, 0, 1, 1]),
         "outcome": np.array([0, 0, 0, 1]),
         "s_disp": np.array([1.0, 2.0, 3.0, nan]),
+        "sent": np.array([0.99, 1.99, 2.99, 3.99]),
+        "wait": np.array([0.0, 0.0, 0.0, 0.0], dtype=np.float32),
         "done": np.array([1.001, 2.001, 3.002, 4.0]),
         "service": np.array([0.004, 0.004, 0.004, 0.004], dtype=np.float32),
         "released": np.array([1.0053, 2.0051, nan, nan]),
@@ -420,6 +422,13 @@ def test_a_slot_is_held_until_the_generator_released_it_not_for_the_nominal_serv
     assert holds == pytest.approx([0.002 + 0.0002, 0.004], abs=1e-7)
     log["released"] = np.array([1.0049, 2.0049, nan, nan])  # ended 0.1 ms early
     assert slot_holds(log, 2) == pytest.approx([0.002 - 0.0001, 0.004], abs=1e-7)
+    # review 181: without the audit (no dispatch time) the way back is half the round trip less the wait
+    log["s_disp"] = np.array([nan, nan, nan, nan])
+    log["sent"] = np.array([0.996, 1.99, 2.99, 3.99])
+    log["wait"] = np.array([0.003, 0.006, 0.008, 0.0], dtype=np.float32)
+    holds = slot_holds(log, 2)  # flow 0: trips 2 and 5 ms (less the waits), ways back 1 and 2.5 ms, each
+    # released 0.1 ms early: holds 1.9 and 4.9 ms; flow 1: a trip of 4 ms, 2 ms back, not released: 4 ms
+    assert holds == pytest.approx([(0.0019 + 0.0049) / 2, 0.004], abs=1e-6)
 
 
 def test_a_service_configured_unlike_the_scenario_is_named() -> None:

@@ -178,3 +178,30 @@ def test_negative_control_a_band_starved_while_nothing_above_waited_is_named() -
     that is not strict priority, and the verdict says so."""
     _refs, verdicts = _judge_two("10", [20.0, 20.0, 0.0, 0.0], blocked=[0.0, 0.0])
     assert verdicts[1].fair is False and verdicts[1].off == ["lo-0 -100.0%", "lo-1 -100.0%"]
+
+
+def test_the_noise_counts_only_what_the_band_judges() -> None:
+    """Review 181: a round-robin band under a request budget was allowed its requests' size variation
+    as noise (-6.6 % judged fair with sizes from 500 to 2,000 B, -6.4 % unfair with every size 1,250 B),
+    though sizes cannot move its shares. Sizes count where the band counts bytes, or a byte budget
+    holds them; service and think times always."""
+    from flowshard.reference import means
+
+    def flow(size: str, service: str) -> Any:
+        return load_scenario(f"""[workload]
+duration = 2.0
+[[workload.flows]]
+id = "f"
+arrival = {{ kind = "poisson", rate = 100 }}
+size = {size}
+service = {service}
+""").workload.flows[0]
+
+    sized = means(flow('{ dist = "uniform", low = 500, high = 2000 }', "0.02"))
+    assert sized.cv_size > 0.25
+    assert sized.noise("requests", bytes_budgeted=False) == 0.0
+    assert sized.noise("bytes", bytes_budgeted=False) == pytest.approx(sized.cv_size)
+    assert sized.noise("requests", bytes_budgeted=True) == pytest.approx(sized.cv_size)
+    assert sized.noise("cost", bytes_budgeted=False) == pytest.approx(sized.cv_size)  # (no tokens: its bytes)
+    varied = means(flow("1000", '{ dist = "exponential", mean = 0.02 }'))
+    assert varied.noise("requests", bytes_budgeted=False) == pytest.approx(1.0)  # its slot time varies
