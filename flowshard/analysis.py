@@ -116,7 +116,11 @@ def pairwise_service_difference(
     `backlog[f]`: the flow's backlogged intervals (sorted, disjoint; see `union_intervals`);
     `served[f]`: (times, weighted units) of its dispatches. None when there is no pair to compare or
     more than MAX_PAIRED_FLOWS flows. Within one joint interval the difference W_f - W_g is a step
-    function; the answer there is its range (max - min, counting its value at the start).
+    function of time; the answer there is its range (max - min, counting its value at the start), its
+    value at an instant taken after every dispatch at that instant (review 181: the simulator's
+    dispatches of one pass share their virtual instant, and taken one by one in the order they were
+    sorted in they read 5 requests of difference where, in time, there was none). Intervals of no length
+    (two flows backlogged together for an instant) are not intervals.
     """
     flows = sorted(f for f in backlog if len(backlog[f][0]))
     if len(flows) < 2 or len(flows) > MAX_PAIRED_FLOWS:
@@ -137,15 +141,24 @@ def pairwise_service_difference(
                 continue
             fi = np.repeat(np.arange(len(fs)), j_hi - j_lo)
             a, b = np.maximum(fs[fi], gs[gj]), np.minimum(fe[fi], ge[gj])
+            longer = b > a
+            if not longer.any():
+                continue
+            a, b = a[longer], b[longer]
             gt, gu = served.get(g, empty)
             order = np.argsort(np.concatenate([ft, gt]), kind="stable")
             times = np.concatenate([ft, gt])[order]
             level = np.concatenate([[0.0], np.cumsum(np.concatenate([fu, -gu])[order])])  # level[k]: after k events
+            # a level between two dispatches of one instant is no value in time: left out (NaN, which fmax
+            # and fmin pass over; each interval's first level, before its first dispatch, is always one)
+            within = np.zeros(len(level), dtype=bool)
+            within[1:-1] = times[1:] == times[:-1]
+            level = np.where(within, np.nan, level)
             first = np.searchsorted(times, a, side="left")  # value at the start: level[first]
             last = np.searchsorted(times, b, side="right")  # then after each event in [a, b]
             idx = _ranges(first, last + 1)
             cuts = np.cumsum(last + 1 - first) - (last + 1 - first)
             values = level[idx]
-            spread = np.maximum.reduceat(values, cuts) - np.minimum.reduceat(values, cuts)
+            spread = np.fmax.reduceat(values, cuts) - np.fmin.reduceat(values, cuts)
             best = max(best, float(spread.max()))
     return best

@@ -102,6 +102,22 @@ def test_pairwise_service_difference_by_hand() -> None:
     assert starts.tolist() == [0.0, 5.0] and ends.tolist() == [3.0, 7.0]
 
 
+def test_pairwise_service_difference_is_a_function_of_time() -> None:
+    """Review 181: dispatches of both flows at one instant were taken one by one in their sort order (the
+    simulator's pass shares its virtual instant: `simulate fair-alloc` read 5 requests where, in time,
+    there was none), and an overlap of one instant counted as an interval."""
+    from flowshard.analysis import pairwise_service_difference
+
+    both = (np.array([0.0]), np.array([10.0]))
+    tied = {0: (np.array([1.0, 1, 1, 2]), np.array([1.0, 1, 1, 1])), 1: (np.array([1.0, 1, 1, 2]), np.array([1.0, 1, 1, 1]))}
+    assert pairwise_service_difference({0: both, 1: both}, tied) == 0.0  # (one by one: 3)
+    ahead = {0: (np.array([1.0, 1, 1]), np.array([1.0, 1, 1])), 1: (np.array([1.0, 2]), np.array([1.0, 1]))}
+    assert pairwise_service_difference({0: both, 1: both}, ahead) == 2.0  # f 2 ahead after the instant 1
+    touching = (np.array([10.0]), np.array([20.0]))  # backlogged together at the instant 10 only
+    late = {0: (np.array([10.0]), np.array([4.0])), 1: (np.array([15.0]), np.array([1.0]))}
+    assert pairwise_service_difference({0: both, 1: touching}, late) == 0.0
+
+
 FLOODS = """
 name = "floods"
 [server]
