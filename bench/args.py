@@ -56,7 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=1, help="runs per configuration (default 1; use >= 3 to compare)")
     p.add_argument("--rate", help="comma-separated total open-loop rates (req/s) to run at, scaling the "
                                   "scenario's open-loop flows; default: the scenario's own rates")
-    p.add_argument("--concurrency", type=int, help="total closed-loop clients, scaling the scenario's closed flows")
+    p.add_argument("--concurrency", type=int,
+                   help="closed-loop clients in all, shared among the scenario's closed flows as it shares them "
+                        "(rounded per flow, at least one each: the total may come out above N; said on stderr)")
     p.add_argument("--duration", type=float, help="override the scenario's duration (seconds)")
     p.add_argument("--warmup", type=float, help="override the scenario's warmup (seconds)")
     p.add_argument("--procs", type=int, default=1, help="load-generator processes (default 1)")

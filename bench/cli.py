@@ -217,6 +217,10 @@ def run_all(args: argparse.Namespace, base: Scenario, records_out: BinaryIO | No
     window = window_note(base, next(iter(scenarios.values())), args.warmup)
     if not args.quiet:
         sys.stderr.write(window + "\n")
+    if args.concurrency is not None and (clients := closed_clients(next(iter(scenarios.values())))) != args.concurrency:
+        # (review 181: 1 gave 4 clients, 10 gave 11, and no report line said so)
+        sys.stderr.write(f"--concurrency {args.concurrency}: {clients} closed-loop clients (shared among the closed "
+                         "flows as the scenario shares them, rounded, at least one each)\n")
     runs: dict[Config, list[dict[str, Any]]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory(prefix="flowshard-bench-") as workdir:
         for r, config in order:

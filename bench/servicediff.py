@@ -25,6 +25,7 @@ the window is `--window`, else the header's `window` (the run's own, after the b
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -159,4 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # (`| head` closed the pipe: not an error of ours; review 181)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (so the exit's flush says nothing)
+        sys.exit(1)

@@ -397,6 +397,17 @@ def test_bench_prints_the_effective_window_and_one_unanswered_figure(tmp_path: P
                                   "after a warmup of 0.1 s (--warmup)")
 
 
+def test_a_concurrency_that_cannot_be_met_says_how_many_clients_ran(tmp_path: Path) -> None:
+    """Review 181: `--concurrency N` reads as the total, but each closed flow keeps at least one client
+    (1 gave 4 on fair-alloc), and nothing said so."""
+    two = FREE.replace('id = "c"', 'id = "c"\ncount = 2').replace("concurrency = 4", "concurrency = 1")
+    _, proc = bench_json(tmp_path, two, "--concurrency", "1", "--no-simulate", "--duration", "0.3",
+                         "--warmup", "0.1")
+    assert "--concurrency 1: 2 closed-loop clients" in proc.stderr, proc.stderr
+    _, proc = bench_json(tmp_path, two, "--concurrency", "2", "--no-simulate", "--duration", "0.3", "--warmup", "0.1")
+    assert "closed-loop clients" not in proc.stderr
+
+
 def test_the_window_line_is_written_once_where_progress_and_report_share_a_file(tmp_path: Path) -> None:
     """Review 167: written to stderr before the runs and again at the head of the report, it showed twice
     on a terminal (or in `> out 2>&1`); each stream alone still has it once."""

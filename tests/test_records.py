@@ -109,7 +109,8 @@ def test_pairwise_service_difference_is_a_function_of_time() -> None:
     from flowshard.analysis import pairwise_service_difference
 
     both = (np.array([0.0]), np.array([10.0]))
-    tied = {0: (np.array([1.0, 1, 1, 2]), np.array([1.0, 1, 1, 1])), 1: (np.array([1.0, 1, 1, 2]), np.array([1.0, 1, 1, 1]))}
+    one_by_one = (np.array([1.0, 1, 1, 2]), np.array([1.0, 1, 1, 1]))
+    tied = {0: one_by_one, 1: one_by_one}
     assert pairwise_service_difference({0: both, 1: both}, tied) == 0.0  # (one by one: 3)
     ahead = {0: (np.array([1.0, 1, 1]), np.array([1.0, 1, 1])), 1: (np.array([1.0, 2]), np.array([1.0, 1]))}
     assert pairwise_service_difference({0: both, 1: both}, ahead) == 2.0  # f 2 ahead after the instant 1
