@@ -1206,7 +1206,10 @@ def _total_lines(totals: Totals) -> list[str]:
     return [
         f"total: {c.submitted} submitted, {c.dispatched} dispatched, {sum(c.rejected.values())} rejected, "
         f"{sum(c.evicted.values())} evicted, {c.unfinished} unfinished, {totals.inflight_at_end} in flight at end",
-        f"throughput: {rate.requests:.1f} req/s, {rate.bytes:.0f} B/s, {rate.tokens:.0f} tokens/s",
+        # (the whole run, as the counts above: the warmup included, which the fairness figures leave out;
+        # review 181 read it against the window's)
+        f"throughput (the whole run, as the counts): {rate.requests:.1f} req/s, {rate.bytes:.0f} B/s, "
+        f"{rate.tokens:.0f} tokens/s",
         f"fairness: Jain {jain} (measured / max-min allocation), {totals.backlogged_flows} flows backlogged; "
         f"max-min reference: {'-' if totals.fair is None else 'fair' if totals.fair else 'UNFAIR'}; "
         f"priority inversions: {totals.priority_inversions}",
