@@ -212,6 +212,7 @@ def band_capacity(scenario: Scenario, band: int, higher_seconds: float, higher_b
 
 
 NOISE = 3.0  # standard errors of sampling noise allowed on top of the margin
+MIN_JUDGED = 5.0  # requests of allocation in the window a flow needs to be judged (`Verdict.unjudged`)
 _HELD_BACK = 1.01  # a band that wanted this much more than it used was held back (by the budget or the service)
 # A run whose bands together left more than a third of the budget unused while one of them was held
 # back was bound by the service's own rate (its CPU), not by the budget: slots in transit or idle at a
@@ -219,10 +220,13 @@ _HELD_BACK = 1.01  # a band that wanted this much more than it used was held bac
 _SERVICE_BOUND = 1.5
 
 
-def allowance(margin: float, cv: float, requests: float) -> float:
+def allowance(margin: float, cv: float, requests: float, allotted: float = math.inf) -> float:
     """The error a flow may show and still count as fair: the margin, plus NOISE standard errors of a
-    sum of `requests` requests whose budget use varies by `cv` (0 for identical requests: the margin)."""
-    return margin + (NOISE * cv / math.sqrt(requests) if requests > 0 and cv > 0 else 0.0)
+    sum of `requests` requests whose budget use varies by `cv` (0 for identical requests: the margin),
+    plus one request of its `allotted` (its allocation in the window, in requests): service comes in
+    whole requests, which a fluid allocation does not."""
+    noise = NOISE * cv / math.sqrt(requests) if requests > 0 and cv > 0 else 0.0
+    return margin + noise + (1.0 / allotted if allotted > 0 else 0.0)
 
 
 def error(f: FlowRef) -> float | None:
@@ -248,6 +252,9 @@ class Verdict(msgspec.Struct, kw_only=True):
 
     margin: float
     slots: float | None  # the budget share the band had (request slots; None: unlimited)
+    # flows whose allocation in the window came to fewer than MIN_JUDGED requests: not judged (a request
+    # more or less is a fifth of it or more; review 181: 10,000 flows of 1-2 requests each read UNFAIR)
+    unjudged: int = 0
     # "budget": judged against its share of the budget; "service": it waited while the budget had room
     # (the service's own rate bound it, as in a peak run), so it is judged on the slots it did use
     bound: str = "budget"
@@ -368,6 +375,7 @@ def judge(
             higher[1] += busy[f][1]
         held_above = held_above or wanted > used * _HELD_BACK or wanted_bytes > used_bytes * _HELD_BACK
         judged = []
+        unjudged = 0
         bytes_budgeted = scenario.server.budget.max_inflight_bytes is not None
         for f in members:
             e = error(refs[f])
@@ -376,7 +384,11 @@ def judge(
             m = cache[id(specs[f])]
             per = unit_of(units[b], m)
             requests = refs[f].measured * length / per if per > 0 else 0.0
-            refs[f].tolerance = allowance(w.fair_margin, m.noise(units[b], bytes_budgeted), requests)
+            allotted = refs[f].allocation * length / per if per > 0 else 0.0
+            refs[f].tolerance = allowance(w.fair_margin, m.noise(units[b], bytes_budgeted), requests, allotted)
+            if allotted < MIN_JUDGED:
+                unjudged += 1
+                continue
             judged.append((e, ids[f], refs[f].tolerance))
         judged.sort(key=lambda x: -abs(x[0]))
         off = [f"{i} {e * 100:+.1f}%" for e, i, t in judged if abs(e) > t]
@@ -387,5 +399,6 @@ def judge(
             max_error=round(max(abs(e) for e, _, _ in judged), 6) if judged else None,
             off=off,
             fair=(not off) if judged else None,
+            unjudged=unjudged,
         ))
     return refs, verdicts

@@ -70,7 +70,7 @@ from flowshard.engine import Engine
 from flowshard.estimate import estimate, events_per_second
 from flowshard.heaps import compacted
 from flowshard.multisim import ShardedService
-from flowshard.reference import FlowRef, Verdict, judge, segments
+from flowshard.reference import MIN_JUDGED, FlowRef, Verdict, judge, segments
 from flowshard.scenario import Closed, FlowSource, Scenario, flow_sources, flow_weights, load_scenario
 from flowshard.types import Item, ItemState, Outcome, Request
 
@@ -1187,17 +1187,22 @@ def reference_line(name: str, fairness: str, unit: str, verdict: Verdict, most: 
     if verdict.bound == "service":  # a peak run: the service's own rate, not the budget, held it back
         used = f"{verdict.slots:.3g} slots" if verdict.slots is not None else "the slots"
         head += f"[service-bound: the budget had room; judged on the {used} it used] "
+    few = (f"; {verdict.unjudged} flows with an allocation under {MIN_JUDGED:g} requests in the window not "
+           "judged (a request more or less is a fifth of it)") if verdict.unjudged else ""
     if verdict.fair is None:
-        return head + "nothing to judge (no flow had an allocation)"
+        return head + ("nothing to judge (no flow had an allocation" if not verdict.unjudged else
+                       f"nothing to judge ({verdict.unjudged} flows, each with an allocation under {MIN_JUDGED:g} "
+                       "requests in the window: a request more or less is a fifth of it") + ")"
     if verdict.fair:
         if verdict.max_error is not None and verdict.max_error > verdict.margin:  # let through as noise
             return head + (f"fair: every flow within {margin} plus its sampling noise of its max-min allocation "
                            f"of intrinsic demand (largest error {verdict.max_error * 100:.1f}%, within that "
-                           f"flow's sampling noise: its requests vary, and a short run judges loosely)")
-        return head + f"fair: every flow within {margin} of its max-min allocation of intrinsic demand"
+                           f"flow's sampling noise: its requests vary, and a short run judges loosely{few})")
+        return head + f"fair: every flow within {margin} of its max-min allocation of intrinsic demand" + (
+            f" ({few[2:]})" if few else "")
     more = f" (+{len(verdict.off) - most} more)" if len(verdict.off) > most else ""
     return head + f"UNFAIR: {len(verdict.off)} flows off their max-min allocation by more than {margin}: " + \
-        ", ".join(verdict.off[:most]) + more
+        ", ".join(verdict.off[:most]) + more + few
 
 
 def _total_lines(totals: Totals) -> list[str]:

@@ -205,3 +205,21 @@ service = {service}
     assert sized.noise("cost", bytes_budgeted=False) == pytest.approx(sized.cv_size)  # (no tokens: its bytes)
     varied = means(flow("1000", '{ dist = "exponential", mean = 0.02 }'))
     assert varied.noise("requests", bytes_budgeted=False) == pytest.approx(1.0)  # its slot time varies
+
+
+def test_a_flow_allotted_a_few_requests_is_not_judged_and_one_request_is_allowed_for() -> None:
+    """Review 181: the shipped many-flows scenario (10,000 flows of 1-2 requests each) read "UNFAIR: 690
+    flows ... +379.5 %": service comes in whole requests, and a request more or less is a fifth or more
+    of an allocation under 5. Those flows are counted, not judged; the others are allowed one request."""
+    from pathlib import Path
+
+    from flowshard.reference import MIN_JUDGED, allowance
+    from flowshard.simulate import simulate
+
+    assert allowance(0.05, 0.0, 100, 20) == pytest.approx(0.10)  # a request of 20 is 5 %
+    assert allowance(0.05, 0.0, 100) == 0.05
+    path = Path(__file__).resolve().parent.parent / "bench" / "scenarios" / "many-flows.toml"
+    verdict = simulate(load_scenario(path.read_text())).bands[0].reference
+    assert verdict is not None and verdict.unjudged > 1000 and verdict.fair is None
+    line = reference_line("p0", "vtc", "cost", verdict)
+    assert f"under {MIN_JUDGED:g} requests in the window" in line and "UNFAIR" not in line
