@@ -1304,6 +1304,11 @@ class Proxy:
             # [DONE]; a review)
             await self._wait_on_client(ex, turn)
         relay = SseUsage(ex.item.strip_usage)
+        # a stream the backend compressed though asked not to (`accept-encoding: identity`): its events
+        # cannot be read here, so it is relayed as it comes, with its content-encoding, to its end (review
+        # 179: read as events, none was ever complete; the client got only an error event and the backend
+        # was taken out for a failure mid-stream); its usage is not read (the admission's estimate stands)
+        encoded = resp.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity")
         self.stats.response(ex.route, resp.status)
         ex.started = True
         headers = self._response_headers(resp)
@@ -1315,6 +1320,13 @@ class Proxy:
         data = first  # a choice's finish_reason is there, the last read perhaps the usage's alone)
         try:
             while data or (data := await resp.content.readany()):  # (`iter_any`, after the first bytes)
+                if encoded:
+                    stats.chunks += 1
+                    unread = conn.slot_write(slot, ex.piece(data))
+                    data = b""
+                    if unread is not None:
+                        await self._wait_on_client(ex, unread)
+                    continue
                 out, data = relay.feed(data), b""
                 if out:
                     stats.chunks += 1
@@ -1354,6 +1366,9 @@ class Proxy:
                                    f"failed mid-stream ({type(exc).__name__})")
             return False
         self._backend_done(ex)
+        if encoded:  # (its end is all that can be told of it)
+            ex.end_stream(b"")
+            return True
         if not ended:  # (ended at [DONE]: settled and answered there)
             if resp.status == 200 and not any(b'"finish_reason":"' in x or b'"finish_reason": "' in x
                                               for x in (before_last, last)):

@@ -296,6 +296,38 @@ def test_a_compressed_answer_keeps_its_content_encoding_and_identity_is_asked() 
     run(go())
 
 
+def test_a_compressed_stream_is_relayed_as_it_comes_and_does_not_count_against_its_backend() -> None:
+    """Review 179: an event stream the backend gzipped (a compressing proxy in front of vLLM) was read as
+    events, none of which was ever complete: the client got a 200 labelled gzip whose body was only
+    flowshard's error event, and each such stream counted as the backend failing mid-stream (3 of 6
+    taken out with it). Now it is relayed byte for byte with its content-encoding, to its end."""
+    events = b"".join(b'data: {"choices":[{"delta":{"content":"tok%d "}}]}\n\n' % i for i in range(5))
+    events += b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+    packed = gzip.compress(events)
+
+    async def gzipped(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream", "content-encoding": "gzip"})
+        await resp.prepare(request)
+        for k in range(0, len(packed), 17):  # in pieces, as a stream comes
+            await resp.write(packed[k : k + 17])
+        return resp
+
+    async def go() -> None:
+        async with rig([("POST", "/v1/chat/completions", gzipped)]) as r:
+            async with aiohttp.ClientSession(auto_decompress=False) as session:
+                for _ in range(3):
+                    async with session.post(f"http://127.0.0.1:{r.port}/v1/chat/completions",
+                                            json={"model": "m", "messages": MSG, "stream": True}) as resp:
+                        assert resp.status == 200 and resp.headers.get("content-encoding") == "gzip"
+                        assert gzip.decompress(await resp.read()) == events
+            assert r.proxy.stats.midstream_failures == 0
+            backend = r.proxy.pool.backends[0]
+            assert backend.errors == {} and r.proxy.pool.up(backend, r.proxy.loop.time())
+
+    run(go())
+
+
 def test_pipelined_passthroughs_go_one_at_a_time_per_connection() -> None:
     """`GET /v1/models/{id}` is passed through without admission: 100 pipelined on one connection
     are answered in order, one backend request at a time (they opened one backend connection each,
