@@ -811,6 +811,19 @@ def test_serve_backend_flag_is_validated() -> None:
     assert "--backend: '10.0.0.5:8000' must be an http:// or https:// URL" in proc.stderr
 
 
+def test_a_backend_given_as_an_openai_base_url_is_refused_with_the_url_to_give() -> None:
+    """Review 179: `http://host:8000/v1` (the OpenAI client's base_url habit) was accepted: every route
+    went to /v1/v1/..., and with the detector on every request waited out its TTL (its metrics looked
+    for at /v1/metrics). A path prefix of another kind still goes (a backend behind a router)."""
+    from flowshard.config import ConfigError, ProxyConfig, check_backend_url
+
+    with pytest.raises(ValueError, match=r"ends in /v1, as an OpenAI base_url does.*give 'http://h:8000'"):
+        check_backend_url("http://h:8000/v1/")
+    with pytest.raises((ValueError, ConfigError), match="backends"):
+        ProxyConfig(backends=["http://h:8000/v1"])
+    assert check_backend_url("http://h:8000/vllm-a/") == "http://h:8000/vllm-a"
+
+
 def test_a_backend_without_readable_metrics_is_named_with_the_way_out(launch: Any, fake_backend: Any) -> None:
     """A review (a newcomer's first hour): an OpenAI server without vLLM metrics held every request until
     its TTL, and the one log line said only that its scrapes failed. It now says what to do, also when
