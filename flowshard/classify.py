@@ -89,6 +89,7 @@ _decode_chunk = msgspec.json.Decoder(_Chunk).decode
 _encode = msgspec.json.Encoder().encode
 _BEARER = re.compile(r"^\s*bearer\s+(\S+)\s*$", re.IGNORECASE)
 _INTEGER = re.compile(r"-?[0-9]+")
+_BOM: Final = b"\xef\xbb\xbf"  # a UTF-8 byte order mark
 
 
 def flow_of(config: ProxyConfig, headers: Mapping[str, str]) -> str:
@@ -200,6 +201,8 @@ def _count(body: dict[str, Any], name: str) -> int | None:
     value = body.get(name)
     if value is None:
         return None
+    if isinstance(value, float) and value.is_integer():  # `2.0`: an integer, as vLLM's validation takes it
+        value = int(value)  # (review 179: a 400 here, a 200 from the backend)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         shown = msgspec.json.encode(value).decode()  # as JSON (`true`, not Python's `True`)
         shown = shown if len(shown) <= 40 else shown[:40] + "..."
@@ -240,6 +243,8 @@ def classify(
 ) -> Classified:
     """Classify one `POST` to an OpenAI route. `headers`: lower-case names. Raises ClassifyError."""
     top: dict[str, msgspec.Raw] | None = None
+    if body.startswith(_BOM):  # (JSON parsers may ignore it, and vLLM's does: review 179, a 400 here)
+        body = body[len(_BOM):]
     try:
         if len(body) > LARGE_BODY:
             doc, top = _large_document(body)

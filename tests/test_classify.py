@@ -519,3 +519,15 @@ def test_a_large_body_is_validated_as_a_small_one() -> None:
         with pytest.raises(ClassifyError) as exc:
             classify(cfg(), "/v1/completions", {}, payload, 0)
         assert (exc.value.status, exc.value.message) == (400, message), message
+
+
+def test_bodies_vllm_takes_are_taken_a_bom_and_a_whole_float_count() -> None:
+    """Review 179: a UTF-8 byte order mark before the JSON, and `"max_tokens": 2.0`, were 400s here and
+    200s from vLLM (its parser skips the mark; pydantic takes a whole float as an integer). A count with
+    a fraction is still a 400."""
+    item = classify(cfg(), CHAT, {}, b"\xef\xbb\xbf" + body(max_tokens=30), 0)
+    assert item.model == "llama" and not item.body.startswith(b"\xef\xbb\xbf")
+    two = classify(cfg(), CHAT, {}, body(max_tokens=2), 0).tokens
+    assert classify(cfg(), CHAT, {}, body(max_tokens=2.0), 0).tokens == two
+    with pytest.raises(ClassifyError, match=r"max_tokens: 2.5 must be a non-negative integer"):
+        classify(cfg(), CHAT, {}, body(max_tokens=2.5), 0)
