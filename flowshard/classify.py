@@ -404,6 +404,26 @@ def done_end(data: bytes) -> int:
     return -1
 
 
+def _without_usage(event: bytes) -> bytes:
+    """An event of one `data:` line whose JSON object has a `usage`: the same without it (the other
+    fields as their text came); any other event as it is."""
+    lines = event.splitlines(keepends=True)
+    data = [k for k, line in enumerate(lines) if line.startswith(b"data:")]
+    if len(data) != 1:
+        return event
+    line = lines[data[0]]
+    body = line[5:].strip()
+    try:
+        top = _decode_top(body)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return event
+    if "usage" not in top:
+        return event
+    del top["usage"]
+    lines[data[0]] = b"data: " + _encode(top) + line[len(line.rstrip(b"\r\n")):]
+    return b"".join(lines)
+
+
 def _split_events(data: bytes) -> list[bytes]:
     """`data` cut after each blank line: its events, then what follows the last one (maybe empty)."""
     events, start = [], 0
@@ -471,8 +491,12 @@ class SseUsage:
             chunk = self._chunk(event)
             if chunk is not None and chunk.usage is not None:
                 self.usage = chunk.usage
-                if self.strip and not chunk.choices:
-                    continue
+                if self.strip:
+                    if not chunk.choices:
+                        continue
+                    # on a chunk with choices (TGI's last content chunk): the usage the client did not ask
+                    # for comes off, the rest as it came (review 179: passed on whole)
+                    event = _without_usage(event)
             out.append(event)
         return b"".join(out)
 

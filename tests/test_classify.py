@@ -318,11 +318,11 @@ def _sse_events(data: bytes) -> list[bytes]:
     return events
 
 
-def test_sse_relay_crlf_and_a_usage_chunk_with_choices_is_kept() -> None:
+def test_sse_relay_crlf_and_a_usage_chunk_with_choices_is_kept_without_its_usage() -> None:
     event = b'data: {"choices":[{"index":0,"delta":{}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}\r\n\r\n'
     relay = SseUsage(True)
     assert relay.feed(event[:10]) == b""
-    assert relay.feed(event[10:]) == event
+    assert relay.feed(event[10:]) == b'data: {"choices":[{"index":0,"delta":{}}]}\r\n\r\n'  # (review 179)
     assert relay.usage == Usage(1, 1, 0)
 
 
@@ -531,3 +531,18 @@ def test_bodies_vllm_takes_are_taken_a_bom_and_a_whole_float_count() -> None:
     assert classify(cfg(), CHAT, {}, body(max_tokens=2.0), 0).tokens == two
     with pytest.raises(ClassifyError, match=r"max_tokens: 2.5 must be a non-negative integer"):
         classify(cfg(), CHAT, {}, body(max_tokens=2.5), 0)
+
+
+def test_a_usage_on_a_content_chunk_comes_off_only_where_flowshard_asked_for_it() -> None:
+    """Review 179: a backend putting its usage on the last content chunk (TGI's shape) had it passed on
+    to a client that never asked for usage; the usage is still read, and a client that asked keeps it."""
+    from flowshard.classify import SseUsage
+
+    last = b'data: {"id":"x","choices":[{"delta":{"content":"end"},"finish_reason":"stop"}],' \
+           b'"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}\n\n'
+    asked = SseUsage(strip_usage=True)  # flowshard asked on the client's behalf
+    out = asked.feed(last) + asked.end()
+    assert out == b'data: {"id":"x","choices":[{"delta":{"content":"end"},"finish_reason":"stop"}]}\n\n'
+    assert asked.usage is not None and asked.usage.completion_tokens == 4
+    own = SseUsage(strip_usage=False)  # the client asked for it itself
+    assert own.feed(last) + own.end() == last and own.usage is not None
