@@ -135,6 +135,12 @@ class WorkerLink(asyncio.Protocol):
         self.service.on_worker_lost(self.shard, self)
 
 
+def _times_of(p: Pending) -> tuple[float, float]:
+    """A request's TTL and SLO (seconds, 0: none) from what the distributor forwards of it (`admit`)."""
+    payload = p.payload
+    return payload[1], payload[2]
+
+
 def _exit_words(status: int | None) -> str:
     """How a worker ended, in words, from its exit status (None: it was still running, and was killed)."""
     if status is None:
@@ -184,6 +190,7 @@ class Distributor:
         self.n_acceptors = acceptors  # 0: the fronts run in this process (distributor.acceptors)
         self.acceptors: Any = None  # distributor.acceptors.Acceptors when n_acceptors > 0
         self.ledger = Ledger(config, shards)
+        self.ledger.times_of = _times_of
         # per band: the ceilings (below 1) of the bands above it, where a Grant block is cut (`_plan`)
         self._cuts = [[b.ceiling for b in self.ledger.bands[:i] if b.ceiling < 1.0]
                       for i in range(len(self.ledger.bands))]

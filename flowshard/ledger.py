@@ -99,6 +99,11 @@ _QUEUED = PendingState.QUEUED
 _DONE = PendingState.DONE
 
 
+def _no_times(p: Pending) -> tuple[float, float]:
+    """No TTL or SLO known (a shell that does not say): the default TTL for every request."""
+    return 0.0, 0.0
+
+
 class Pending(msgspec.Struct, gc=False):
     """A request the distributor is answerable for, from admission to its final outcome."""
 
@@ -217,12 +222,14 @@ class LedgerBand:
         "max_items",
         "max_lag",
         "order",
+        "ordering",
         "queued_bytes",
         "queued_items",
         "rises",
         "served",
         "shard_bytes",
         "shard_cost",
+        "shard_due",
         "shard_fresh",
         "shard_granted",
         "shard_items",
@@ -265,6 +272,14 @@ class LedgerBand:
         self.shard_order: list[dict[int, int]] | None = (
             [{} for _ in range(shards)] if shards > 1 and _COST_KIND[bc.fairness] == _ARRIVALS
             else None)
+        # ... and ordered by deadline (edf, slo-deadline), per shard its queued requests as a heap of
+        # (deadline, `enqueued`, id), those that left dropped as they surface: a shard serves its
+        # earliest deadline first, so the band's best uncovered request is found by deadline, not by
+        # arrival (review 180: by arrival, a flow's 20 requests with a 100 s TTL went before another's
+        # 20 with 20 s at 2 shards, all 20 in order at one; with a 0.8 s TTL those 10 expired)
+        self.ordering = bc.ordering
+        self.shard_due: list[list[tuple[float, int, int]]] | None = (
+            [[] for _ in range(shards)] if self.shard_order is not None and bc.ordering != "fcfs" else None)
         self.queued_items = self.queued_bytes = 0
         self.shard_items = [0] * shards
         self.shard_bytes = [0] * shards
@@ -398,12 +413,16 @@ class Ledger:
         "shards",
         "slot_items",
         "timer",
+        "times_of",
         "window_start",
     )
 
     def __init__(self, config: Config, shards: int, *, lone: bool = True) -> None:
         self.config = config
         self.shards = shards
+        # a request's (TTL, SLO) in seconds, 0: none given (the shell's to say: it keeps them in the
+        # request it forwards); what a global-fcfs band ordered by deadline grants by across shards (`due`)
+        self.times_of: Callable[[Pending], tuple[float, float]] = _no_times
         self.bands = [LedgerBand(i, config, shards, lone=lone) for i in range(len(config.bands))]
         self._calm = _CALM if lone else _INF
         self.band_of = {b.priority: i for i, b in enumerate(config.bands)}  # priority -> band index
@@ -691,6 +710,8 @@ class Ledger:
         if band.shard_order is not None:
             band.enqueued += 1
             band.shard_order[shard][p.id] = band.enqueued
+            if band.shard_due is not None:
+                self._push_due(band, shard, p)
         band.queued_items += 1
         band.queued_bytes += size
         if band.counts_home and not band.shard_items[shard]:  # global-fcfs, its first request on `shard`
@@ -1082,6 +1103,50 @@ class Ledger:
         items = band.shard_items[shard]
         return band.shard_vtime[shard], -(band.shard_bytes[shard] / (live + 1) + 1e-9 * (items - live))
 
+    def due(self, band: LedgerBand, p: Pending) -> float:
+        """The deadline a shard orders `p` by in `band` (edf: its arrival + TTL; slo-deadline: its arrival
+        + SLO; none: inf, after every one that has one), as the engine keys it (`flowshard.queues`)."""
+        ttl, slo = self.times_of(p)
+        if band.ordering == "edf":
+            ttl = ttl or self.config.default_ttl
+            return p.received + ttl if ttl > 0 else _INF
+        return p.received + slo if slo > 0 else _INF
+
+    def _push_due(self, band: LedgerBand, shard: int, p: Pending) -> None:
+        assert band.shard_due is not None and band.shard_order is not None
+        heap, queued = band.shard_due[shard], band.shard_order[shard]
+        heapq.heappush(heap, (self.due(band, p), band.enqueued, p.id))
+        if len(heap) > 2 * len(queued) + 64:  # mostly requests that left: rebuilt from those queued
+            heap[:] = [e for e in heap if e[2] in queued]
+            heapq.heapify(heap)
+
+    @staticmethod
+    def _earliest_uncovered(band: LedgerBand, covered: list[int], asked_at: list[float], cutoff: float) -> int:
+        """`_oldest_uncovered` for a band ordered by deadline: each shard serves its earliest deadlines
+        first, so its first `covered` by deadline are covered; the shard whose first uncovered one is
+        the earliest (ties: the earlier arrival) gets the grant. O((live grants + N) log queued)."""
+        assert band.shard_due is not None and band.shard_order is not None
+        best, best_key = -1, (_INF, 1 << 62)
+        for n, heap in enumerate(band.shard_due):
+            queued = band.shard_order[n]
+            if len(queued) <= covered[n] or asked_at[n] < cutoff:
+                continue
+            skip, taken, found = covered[n], [], None
+            while heap:
+                entry = heapq.heappop(heap)
+                if entry[2] not in queued:  # it left: dropped for good
+                    continue
+                taken.append(entry)
+                if not skip:
+                    found = entry
+                    break
+                skip -= 1
+            for entry in taken:
+                heapq.heappush(heap, entry)
+            if found is not None and (found[0], found[1]) < best_key:
+                best, best_key = n, (found[0], found[1])
+        return best
+
     @staticmethod
     def _oldest_uncovered(band: LedgerBand, asked_at: list[float], cutoff: float) -> int:
         """global-fcfs across shards (it shares by nothing but arrival; fair bands rank their shards
@@ -1098,6 +1163,8 @@ class Ledger:
         grants + N): scanning the band's order past a stopped shard's backlog cost 1.6 ms a plan at
         50,000 (a second review). -1: none (its uncovered work is all on shards behind)."""
         covered = [g - s for g, s in zip(band.shard_granted, band.shard_stale, strict=True)]
+        if band.shard_due is not None:
+            return Ledger._earliest_uncovered(band, covered, asked_at, cutoff)
         if cutoff == -_INF or band.shard_order is None:  # no shard behind in this plan
             for p in band.order.values():
                 n = p.shard

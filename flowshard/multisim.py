@@ -55,6 +55,7 @@ class ShardedService:
         self.config = config
         self.n = shards
         self.ledger = ledger = Ledger(config, shards)
+        ledger.times_of = lambda p: (p.payload.ttl, p.payload.slo)  # (the request itself, `submit`)
         self.engines = [Engine(config, enforce_limits=False) for _ in range(shards)]
         self.bands = self.engines[0].bands  # band configs, as `Engine.bands` (counts: see `engines`)
         self.budget: Budget = ledger.budget

@@ -167,6 +167,7 @@ class Model:
         self.config = config
         self.n = shards
         self.ledger = ledger_factory(config, shards)
+        self.ledger.times_of = lambda p: (p.payload[1], 0.0)  # (its requests carry a TTL, no SLO)
         if answer_timer:  # the service's rule for shards behind on their answers, on the model's clock
             self.ledger.timer = lambda: self.now
         self.shards = [Shard(i, config) for i in range(shards)]

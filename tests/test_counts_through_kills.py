@@ -93,8 +93,12 @@ class Tally:
 
 
 class Rig:
-    def __init__(self, shards: int, budget: int) -> None:
-        config = Config(bands=[BandConfig(priority=HIGH, name="high"), BandConfig(priority=LOW, name="low")],
+    """A Distributor and its shards' workers in one process, the frames handed over by the test (also
+    tests/test_deadline_across_shards.py's)."""
+
+    def __init__(self, shards: int, budget: int, **band: Any) -> None:
+        config = Config(bands=[BandConfig(priority=HIGH, name="high", **band),
+                               BandConfig(priority=LOW, name="low", **band)],
                         budget=BudgetConfig(max_inflight_requests=budget),
                         service=ServiceConfig(fast_path=False, jsq_slack_bytes=0), flow_slots=64)
         self.d = d = Distributor(config, shards=shards)
