@@ -1340,13 +1340,17 @@ class Ledger:
                 if flow is not None:
                     self.charges = dispatched.charged = self.charges + 1
                     cost = dispatched.cost or owner.cost(dispatched)
-                    # charged at the request's own weight (0: the configured one), as the shard's engine
+                    # vtc: charged at the request's own weight (0: the configured one), as the shard's engine
                     # charges it and as `correct` refunds it: at its flow's latest weight, a request's
                     # refund at its own let one request of a flow mixing weights take a shard's finish
-                    # time far below the others, and every grant of the band with it (a review)
-                    own = 1.0 if owner.cost_kind == _TURNS else (
-                        dispatched.weight if dispatched.weight > 0 else self._weights.get(dispatched.flow, 1.0))
+                    # time far below the others, and every grant of the band with it (a review); drr: at
+                    # the flow's latest weight, as the shard's engine gives it its quantum x that weight
+                    # (review 180: at its own, a flow whose weight fell from 4 to 1 got 72 of 100 across
+                    # shards and 51 at one; drr has no refunds)
                     weight = flow.weight
+                    kind = owner.cost_kind
+                    own = 1.0 if kind == _TURNS else weight if kind == _BYTES else (
+                        dispatched.weight if dispatched.weight > 0 else self._weights.get(dispatched.flow, 1.0))
                     if own == weight or not weight:  # (the common case, in the same float steps as ever)
                         flow.finish += cost / (weight or 1.0)
                         tags = float(cost)
