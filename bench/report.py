@@ -41,6 +41,7 @@ from bench.fairness import (
 )
 from bench.histogram import Histogram
 from bench.loadgen import LOG_COLUMNS, UNFINISHED, UNSENT, GenResult
+from bench.procstat import TICK
 from bench.runner import RunRecord
 from flowshard.analysis import jain_index, percentile
 from flowshard.config import band_index
@@ -531,6 +532,9 @@ def _kind(role: str) -> str:
     return role
 
 
+COARSE_CPU_S = 1.0  # seconds of a process's CPU under which its tick-counted figure is said to be coarse
+
+
 def _cpu(record: RunRecord, requests: int, warnings: list[str], spun: dict[str, float]) -> dict[str, Any]:
     """Per process and per kind: CPU seconds, utilisation, µs per request sent in the window, run-queue wait.
 
@@ -579,6 +583,16 @@ def _cpu(record: RunRecord, requests: int, warnings: list[str], spun: dict[str, 
     if steal / window > FOREIGN:  # a shared VM: the host ran something else on our vCPUs
         warnings.append(f"the hypervisor took {steal / window:.2f} cores (steal) during the window: latencies "
                         "are inflated by waits for a CPU")
+    # (those that matter to the projection: a tenth of the busiest server process's CPU or more)
+    served = [p for p in processes if _kind(p["role"]) in server_roles - {"tracker"}]
+    busiest = max((p["cpu_s"] or 0.0 for p in served), default=0.0)
+    coarse = [p for p in served if 0.1 * busiest <= (p["cpu_s"] or 0.0) < COARSE_CPU_S and p["cpu_s"]]
+    if coarse:  # (review 181: 0.04 s of CPU printed as "75.188 µs/req", read to ±25 %)
+        least = min(p["cpu_s"] for p in coarse)
+        warnings.append(f"{len(coarse)} server process(es) used under {COARSE_CPU_S:g} s of CPU in the window (the "
+                        f"least {least:.2f} s): /proc counts CPU in {1000 / TICK:g} ms ticks, so their µs/request "
+                        f"and the projection from them are within ±{100 / (least * TICK):.0f} % (a longer "
+                        "--duration narrows it)")
     server_us = sum(v["cpu_s"] for k, v in kinds.items() if k in server_roles) * per_req
     costs = {p["role"]: p["us_per_req"] for p in processes
              if p["role"] not in ("bench", "tracker") and p["us_per_req"] is not None}
