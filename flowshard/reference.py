@@ -255,6 +255,7 @@ class Verdict(msgspec.Struct, kw_only=True):
     # flows whose allocation in the window came to fewer than MIN_JUDGED requests: not judged (a request
     # more or less is a fifth of it or more; review 181: 10,000 flows of 1-2 requests each read UNFAIR)
     unjudged: int = 0
+    pooled: int = 0  # flows allotted under MIN_JUDGED each, judged together (review 184) instead
     # "budget": judged against its share of the budget; "service": it waited while the budget had room
     # (the service's own rate bound it, as in a peak run), so it is judged on the slots it did use
     bound: str = "budget"
@@ -375,7 +376,8 @@ def judge(
             higher[1] += busy[f][1]
         held_above = held_above or wanted > used * _HELD_BACK or wanted_bytes > used_bytes * _HELD_BACK
         judged = []
-        unjudged = 0
+        pooled_flows = 0
+        few: list[tuple[float, float, float, float]] = []  # flows allotted too few to judge alone
         bytes_budgeted = scenario.server.budget.max_inflight_bytes is not None
         for f in members:
             e = error(refs[f])
@@ -383,13 +385,26 @@ def judge(
                 continue
             m = cache[id(specs[f])]
             per = unit_of(units[b], m)
-            requests = refs[f].measured * length / per if per > 0 else 0.0
             allotted = refs[f].allocation * length / per if per > 0 else 0.0
-            refs[f].tolerance = allowance(w.fair_margin, m.noise(units[b], bytes_budgeted), requests, allotted)
+            noise = m.noise(units[b], bytes_budgeted)
+            # the noise of what the flow was owed, not of what it got: a starved flow got few requests,
+            # and judged by those its allowance grew with its starvation (review 184: 7 of 29 served,
+            # -76 %, allowed 121 %)
+            refs[f].tolerance = allowance(w.fair_margin, noise, allotted, allotted)
             if allotted < MIN_JUDGED:
-                unjudged += 1
+                few.append((refs[f].measured, refs[f].allocation, allotted, noise))
                 continue
             judged.append((e, ids[f], refs[f].tolerance))
+        unjudged = len(few)
+        pooled = sum(x[2] for x in few)
+        if few and pooled >= MIN_JUDGED:  # judged together (review 184: 16 of 20 light flows left out, a
+            # flood that served 15 of their 40 requests read fair)
+            measured, allocation = sum(x[0] for x in few), sum(x[1] for x in few)
+            tolerance = allowance(w.fair_margin, max(x[3] for x in few), pooled, pooled)
+            judged.append(((measured - allocation) / allocation,
+                           f"{len(few)} flows of under {MIN_JUDGED:g} requests each, together", tolerance))
+            unjudged = 0
+            pooled_flows = len(few)
         judged.sort(key=lambda x: -abs(x[0]))
         off = [f"{i} {e * 100:+.1f}%" for e, i, t in judged if abs(e) > t]
         verdicts.append(Verdict(
@@ -400,5 +415,6 @@ def judge(
             off=off,
             fair=(not off) if judged else None,
             unjudged=unjudged,
+            pooled=pooled_flows,
         ))
     return refs, verdicts

@@ -1188,7 +1188,9 @@ def reference_line(name: str, fairness: str, unit: str, verdict: Verdict, most: 
         used = f"{verdict.slots:.3g} slots" if verdict.slots is not None else "the slots"
         head += f"[service-bound: the budget had room; judged on the {used} it used] "
     few = (f"; {verdict.unjudged} flows with an allocation under {MIN_JUDGED:g} requests in the window not "
-           "judged (a request more or less is a fifth of it)") if verdict.unjudged else ""
+           "judged (a request more or less is a fifth of it)") if verdict.unjudged else (
+        f"; {verdict.pooled} flows with an allocation under {MIN_JUDGED:g} requests in the window judged "
+        "together") if verdict.pooled else ""
     if verdict.fair is None:
         return head + ("nothing to judge (no flow had an allocation" if not verdict.unjudged else
                        f"nothing to judge ({verdict.unjudged} flows, each with an allocation under {MIN_JUDGED:g} "
