@@ -56,3 +56,50 @@ def test_the_earliest_deadline_goes_first_at_every_shard_count(
         assert _dispatch_order(rig, flows_of, 10) == "uuuuulllll"
 
     asyncio.run(main())
+
+
+def test_the_deadline_pick_matches_a_brute_force_oracle_through_enqueues_leaves_and_plans() -> None:
+    """`Ledger._earliest_uncovered` against the rule itself (review 184's oracle): each shard serves its
+    first `covered` requests by (deadline, arrival), the grant goes to the shard whose first uncovered
+    one is earliest, shards behind passed over; through enqueues, leaves (lazily dropped entries, heap
+    rebuilds), TTL 0 and no SLO, and picks within one plan (its entries taken out once)."""
+    import random
+
+    from flowshard.config import BandConfig, BudgetConfig, Config
+    from flowshard.ledger import Ledger, Pending
+
+    inf = float("inf")
+    for trial in range(60):
+        rnd = random.Random(trial)
+        shards = rnd.choice([2, 3, 4])
+        config = Config(bands=[BandConfig(priority=1, name="b", fairness="global-fcfs",
+                                          ordering=rnd.choice(["edf", "slo-deadline"]))],
+                        budget=BudgetConfig(max_inflight_requests=1 << 20), default_ttl=rnd.choice([0.0, 5.0]))
+        ledger = Ledger(config, shards)
+        ledger.times_of = lambda p: p.payload
+        band, live, t = ledger.bands[0], {}, 0.0
+        for step in range(200):
+            t += rnd.random() * 0.1
+            if rnd.random() < 0.55 or not live:
+                p = Pending(step + 1, f"f{step % 7}", 0, 100, received=round(t, 1),
+                            payload=(rnd.choice([0.0, 0.5, 1.0, rnd.uniform(0, 3)]), rnd.choice([0.0, 0.3, 2.0])))
+                ledger.enqueue(p, rnd.randrange(shards))
+                live[p.id] = p
+            else:
+                ledger.leave(live.pop(rnd.choice(list(live))))
+            band.shard_granted, band.shard_stale = [rnd.randrange(0, 4) for _ in range(shards)], [0] * shards
+            asked, cutoff = [rnd.choice([inf, inf, 0.0]) for _ in range(shards)], rnd.choice([-inf, 1.0])
+            ledger.plans += 1
+            for _ in range(rnd.choice([1, 2, 3])):  # picks of one plan, each granted
+                best, key = -1, (inf, 1 << 62)
+                for n in range(shards):
+                    mine = sorted((ledger.due(band, p), band.shard_order[n][p.id]) for p in live.values()
+                                  if p.shard == n)
+                    k = band.shard_granted[n]
+                    if asked[n] >= cutoff and len(mine) > k and mine[k] < key:
+                        best, key = n, mine[k]
+                got = ledger._earliest_uncovered(band, asked, cutoff)
+                assert got == best, (trial, step)
+                if got < 0:
+                    break
+                band.shard_granted[got] += 1
