@@ -158,6 +158,8 @@ def _view(distributor: Distributor, k: int = TOP_FLOWS) -> _View:
     n, b = layout.shards, layout.bands
     shm = distributor.shm
     snap = shm.snapshot(on_retry=_Pause()) if shm is not None else distributor.final_snapshot
+    if shm is not None and snap is not None:  # (as far as the frames read: never a count taken back later)
+        shm.as_read(snap, [s.frames_from - s.frames_base for s in distributor.shards])
     if snap is not None:
         outcomes: I64 = snap["outcomes"].sum(axis=0)
         wait: I64 = snap["wait_hist"].sum(axis=0)

@@ -342,6 +342,11 @@ class ShmStats:
     wait_hist: I64
     wait_us: I64
     dispatched: I64
+    narrowed: I64
+    reported: I64
+    ckpt_rows: I64
+    ckpt_reported: I64
+    ckpt_valid: I64
     enq_bytes: I64
     enq_items: I64
     band_enq_bytes: I64
@@ -572,6 +577,28 @@ class ShmStats:
         q[self._w_reported + shard] = received
         q[self._w_seq + shard] += 1  # (even again: from odd if it died in its window, else begin_write's)
         return before - int(self.outcomes[shard].sum())
+
+    def as_read(self, snap: ShmSnapshot, read: Sequence[int]) -> None:
+        """Distributor only: `snap` with each shard's counts as of the frames the distributor has read
+        of it (`read[n]`): a shard in a window, or whose last window's frames are not read yet, is shown
+        as it was before that window (its checkpoint), so what a reader of the counters sees never
+        includes what could still be taken back at the shard's death (review 182: Prometheus counters
+        fell by the taken-back window, which `rate()` reads as a reset). The window shows once read."""
+        b, o, h = self.layout.bands, self._o, self._h
+        for n in range(self._n):
+            if snap["seq"][n] % 2 == 0 and snap["reported"][n] == read[n]:
+                continue
+            if not self.ckpt_valid[n] or self.ckpt_reported[n] != read[n]:
+                continue  # (a newer window began meanwhile: shown as it is)
+            row = self.ckpt_rows[n].copy()
+            if not self.ckpt_valid[n] or self.ckpt_reported[n] != read[n]:
+                continue  # (copied while it was being written)
+            at = 0
+            for name, shape in (("outcomes", (b, o)), ("wait_hist", (b, h)), ("wait_us", (b,)),
+                                ("dispatched", ()), ("narrowed", (b,))):
+                size = int(np.prod(shape)) if shape else 1
+                snap[name][n] = row[at : at + size].reshape(shape) if shape else row[at]
+                at += size
 
     def set_heartbeat(self, shard: int, now_ns: int) -> None:
         """Shard ``shard`` only; the caller supplies the clock (the core has none)."""

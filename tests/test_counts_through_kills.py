@@ -358,3 +358,37 @@ def test_counts_stay_exact_through_kills_at_any_window(actions: list[tuple[Any, 
         rig.check()
 
     asyncio.run(main())
+
+
+def test_what_the_counters_show_never_includes_a_window_that_could_be_taken_back() -> None:
+    """Review 182: `/metrics` showed a window's counts as soon as the worker made them, and after its
+    death the take-back made `flowshard_requests_total` and the other counters fall (558 -> 549), which
+    Prometheus reads as a reset. A shard's counts are shown as of the frames the distributor has read of
+    it: a window unread (or in progress) shows once read, and a series only ever grows."""
+    from distributor.metrics import stats_snapshot
+
+    def seen(rig: Rig) -> dict[tuple[str, str], int]:
+        return {(b["name"], label): n for b in stats_snapshot(rig.d)["bands"] for label, n in b["outcomes"].items()}
+
+    async def main() -> None:
+        rig = Rig(shards=1, budget=3)
+        for i in range(6):
+            rig.admit(f"f{i % 3}", LOW)
+        first = seen(rig)
+        rig.run_pass()  # a window dispatched 3 and counted them; its frame is not read yet
+        assert rig.workers[0].stats.outcomes[0].sum() == 3
+        assert seen(rig) == first  # (was: the 3 dispatches, taken back below)
+        rig.read(0)
+        read = seen(rig)
+        assert read[("low", "dispatched")] == 3
+        for ticket in list(rig.d.tickets):
+            rig.d.release(ticket)
+        rig.run_pass()  # the next window: 3 more, unread as the worker dies
+        unread = seen(rig)
+        rig.kill(0, last_window_read=False)
+        after = seen(rig)
+        for series in (first, read, unread):
+            assert all(after[k] >= v for k, v in series.items())  # never down
+        assert unread == read and after[("low", "evicted:shard_failure")] == 3
+
+    asyncio.run(main())
