@@ -201,14 +201,14 @@ def _count(body: dict[str, Any], name: str) -> int | None:
     value = body.get(name)
     if value is None:
         return None
+    shown = msgspec.json.encode(value).decode()  # as JSON (`true`, not Python's `True`), as it came
+    shown = shown if len(shown) <= 40 else shown[:40] + "..."  # (review 184: 1e300 as its 301 digits)
     if isinstance(value, float) and value.is_integer():  # `2.0`: an integer, as vLLM's validation takes it
         value = int(value)  # (review 179: a 400 here, a 200 from the backend)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        shown = msgspec.json.encode(value).decode()  # as JSON (`true`, not Python's `True`)
-        shown = shown if len(shown) <= 40 else shown[:40] + "..."
         raise ClassifyError(400, f"{name}: {shown} must be a non-negative integer", name)
     if value > MAX_TOKENS:  # the bound of `tokens` everywhere: a larger one is not a cost (it was capped)
-        raise ClassifyError(400, f"{name}: {value} is above the maximum {MAX_TOKENS} (2^32)", name)
+        raise ClassifyError(400, f"{name}: {shown} is above the maximum {MAX_TOKENS} (2^32)", name)
     return value
 
 

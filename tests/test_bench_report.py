@@ -477,3 +477,18 @@ def test_a_configurations_warnings_are_said_once_each_with_the_runs_they_came_up
     apart = [{"warnings": ["load generator 0: HTTP connection lost", "load generator 1: HTTP connection lost",
                            "loadgen1 was 99% busy", "loadgen0 was 97% busy"]}]
     assert len(_warnings_once(apart)) == 4
+
+
+def test_the_markdown_projection_is_the_reports() -> None:
+    """Review 184: `bench.mdtable` (the tables in docs/benchmarks.md) still projected the median-throughput
+    run's costs: 25,000/s in the markdown where the report said 20,000/s."""
+    from bench.mdtable import projection_markdown
+    from bench.report import render_projection
+
+    runs = [{"throughput": {"dispatches_per_s": 1000.0},
+             "projection": project_all({"distributor": 40.0, "shard0": 30.0, "loadgen0": 20.0})},
+            {"throughput": {"dispatches_per_s": 1100.0},
+             "projection": project_all({"distributor": 60.0, "shard0": 30.0, "loadgen0": 20.0})}]
+    report = render_projection([("two", runs)])
+    markdown = projection_markdown({"configs": [{"label": "two", "runs": runs}]})
+    assert "20,000 [distributor]" in report and "20,000 (distributor)" in markdown

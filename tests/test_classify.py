@@ -531,6 +531,8 @@ def test_bodies_vllm_takes_are_taken_a_bom_and_a_whole_float_count() -> None:
     assert classify(cfg(), CHAT, {}, body(max_tokens=2.0), 0).tokens == two
     with pytest.raises(ClassifyError, match=r"max_tokens: 2.5 must be a non-negative integer"):
         classify(cfg(), CHAT, {}, body(max_tokens=2.5), 0)
+    with pytest.raises(ClassifyError, match=r"^max_tokens: 1e300 is above the maximum 4294967296 \(2\^32\)$"):
+        classify(cfg(), CHAT, {}, body(max_tokens=1e300), 0)  # (review 184: as its 301 digits)
 
 
 def test_a_usage_on_a_content_chunk_comes_off_only_where_flowshard_asked_for_it() -> None:
