@@ -38,6 +38,7 @@ import os
 import socket
 import urllib.parse
 import weakref
+import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
@@ -1308,9 +1309,17 @@ class Proxy:
         # cannot be read here, so it is relayed as it comes, with its content-encoding, to its end (review
         # 179: read as events, none was ever complete; the client got only an error event and the backend
         # was taken out for a failure mid-stream); its usage is not read (the admission's estimate stands)
-        encoded = resp.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity")
+        encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+        encoded = encoding not in ("", "identity")
+        # gzip and deflate (zlib) are read on the side from a decompressed copy: its [DONE] ends the
+        # response once the compressed data has ended too (review 184: unseen, a backend that kept the
+        # response open after it held the ticket until read_timeout), its usage is read, and data that
+        # ends before the compressed data does is a cut (taken for a whole answer before)
+        inflate = zlib.decompressobj(32 + zlib.MAX_WBITS) if encoding in ("gzip", "x-gzip", "deflate") else None
+        seen_done = False
         self.stats.response(ex.route, resp.status)
         ex.started = True
+        ex.sized = encoded  # (a compressed body cut short cannot be ended with an event in plain text)
         headers = self._response_headers(resp)
         conn.slot_write(slot, _response_head(resp.status, headers, ex.conn_hdr, _CHUNKED) if ex.chunked
                         else _response_head(resp.status, headers, _CONN_CLOSE, b""))
@@ -1323,9 +1332,23 @@ class Proxy:
                 if encoded:
                     stats.chunks += 1
                     unread = conn.slot_write(slot, ex.piece(data))
+                    if inflate is not None:
+                        try:
+                            seen_done = done_end(relay.feed(inflate.decompress(data))) >= 0 or seen_done
+                        except zlib.error:  # (not what it says it is: relayed as it comes, to its end)
+                            inflate = None
                     data = b""
                     if unread is not None:
                         await self._wait_on_client(ex, unread)
+                    if seen_done and inflate is not None:  # the rest of the compressed data, briefly
+                        await self._end_compressed(ex, resp, inflate, relay)
+                        ended = True
+                        self._backend_done(ex)
+                        ex.end_stream(b"")
+                        if resp.status == 200:
+                            self._settle_usage(ex, backend, relay.usage)
+                        ex.give_back()
+                        break
                     continue
                 out, data = relay.feed(data), b""
                 if out:
@@ -1347,7 +1370,7 @@ class Proxy:
                     unread = conn.slot_write(slot, ex.piece(out))
                     if unread is not None:  # the client reads slower than the backend writes
                         await self._wait_on_client(ex, unread)
-            if ended:  # what may follow [DONE] is owed to nobody: the response's end, awaited briefly
+            if ended and not encoded:  # what may follow [DONE] is owed to nobody: the response's end, awaited briefly
                 try:
                     async with asyncio.timeout(_DONE_GRACE):
                         async for data in resp.content.iter_any():
@@ -1366,8 +1389,17 @@ class Proxy:
                                    f"failed mid-stream ({type(exc).__name__})")
             return False
         self._backend_done(ex)
-        if encoded:  # (its end is all that can be told of it)
-            ex.end_stream(b"")
+        if encoded:
+            if ended:  # (at its [DONE]: settled and answered there)
+                return True
+            if inflate is not None and not inflate.eof:  # its data ended before its compressed stream did
+                resp.close()
+                self._failed_midstream(ex, backend, "the compressed stream ended short",
+                                       "ended the compressed stream short")
+                return False
+            if resp.status == 200 and inflate is not None:
+                self._settle_usage(ex, backend, relay.usage)
+            ex.end_stream(b"")  # (unknown encodings: its end is all that can be told of it)
             return True
         if not ended:  # (ended at [DONE]: settled and answered there)
             if resp.status == 200 and not any(b'"finish_reason":"' in x or b'"finish_reason": "' in x
@@ -1382,6 +1414,24 @@ class Proxy:
                 self._settle_usage(ex, backend, relay.usage)
             ex.end_stream(rest)
         return True
+
+    async def _end_compressed(self, ex: Exchange, resp: aiohttp.ClientResponse, inflate: Any,
+                              relay: SseUsage) -> None:
+        """A compressed stream's [DONE] was read: what is left of its compressed data (the end of the
+        gzip member: without it the client cannot check what it got) is relayed, for `_DONE_GRACE` at
+        most; then the response is closed if the backend keeps it open."""
+        try:
+            async with asyncio.timeout(_DONE_GRACE):
+                while not inflate.eof and (data := await resp.content.readany()):
+                    unread = ex.conn.slot_write(ex.slot, ex.piece(data))
+                    with contextlib.suppress(zlib.error):
+                        relay.feed(inflate.decompress(data))
+                    if unread is not None:
+                        await self._wait_on_client(ex, unread)
+        except TimeoutError:
+            pass
+        if not inflate.eof or not resp.content.at_eof():
+            resp.close()
 
     def _failed_midstream(self, ex: Exchange, backend: Backend, detail: str, what: str) -> None:
         """The backend failed a stream after its first bytes reached the client (`what` it did): counted

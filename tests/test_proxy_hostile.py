@@ -328,6 +328,48 @@ def test_a_compressed_stream_is_relayed_as_it_comes_and_does_not_count_against_i
     run(go())
 
 
+def test_a_compressed_stream_ends_at_its_done_and_one_cut_short_counts_against_its_backend() -> None:
+    """Review 184: relayed unread, a compressed stream whose backend kept the response open after its
+    `[DONE]` held its ticket until `read_timeout` (then counted as the backend failing, and flowshard's
+    plain-text error event appended to the gzip data), and one cut short passed for a whole answer. Its
+    gzip or deflate data is now read on the side: its `[DONE]` ends the response once the compressed
+    data has ended, and data that ends before it is a cut (the client's connection closed, no event)."""
+    events = b'data: {"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+    packed = gzip.compress(events)
+
+    def backend_route(cut: bool) -> Handler:
+        async def route(request: web.Request) -> web.StreamResponse:
+            await request.read()
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream", "content-encoding": "gzip"})
+            await resp.prepare(request)
+            await resp.write(packed[: len(packed) // 2] if cut else packed)
+            if not cut:
+                await asyncio.sleep(8)  # kept open after its [DONE]
+            return resp
+        return route
+
+    async def go() -> None:
+        for cut in (False, True):
+            async with rig([("POST", "/v1/chat/completions", backend_route(cut))], read_timeout=30.0) as r:
+                reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+                writer.write(_post(stream=True))
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+                assert b"content-encoding: gzip" in head.lower()
+                t0 = time.monotonic()
+                body = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n") if not cut else reader.read(), 5.0)
+                backend = r.proxy.pool.backends[0]
+                if not cut:
+                    assert time.monotonic() - t0 < 2.5  # (its [DONE] and its gzip trailer: the chunked end)
+                    assert await _released(r.admission, 1, 3.0)
+                    assert backend.errors == {} and r.proxy.stats.midstream_failures == 0
+                else:
+                    assert not body.endswith(b"0\r\n\r\n") and b"data: " not in body  # closed, nothing appended
+                    assert r.proxy.stats.midstream_failures == 1 and backend.errors == {"midstream": 1}
+                writer.close()
+
+    run(go(), timeout=40.0)
+
+
 def test_pipelined_passthroughs_go_one_at_a_time_per_connection() -> None:
     """`GET /v1/models/{id}` is passed through without admission: 100 pipelined on one connection
     are answered in order, one backend request at a time (they opened one backend connection each,
