@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_unclaimed import Link
 from test_worker import FakeTransport
 
 from distributor.service import Distributor
@@ -55,15 +56,6 @@ class Windows(FakeTransport):
 
     def abort(self) -> None:
         self.aborted = True
-
-
-class Link:
-    def __init__(self) -> None:
-        self.transport = self
-        self.inbox: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.inbox.append(data)
 
 
 class DeadProc:
