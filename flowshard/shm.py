@@ -588,11 +588,14 @@ class ShmStats:
         for n in range(self._n):
             if snap["seq"][n] % 2 == 0 and snap["reported"][n] == read[n]:
                 continue
-            if not self.ckpt_valid[n] or self.ckpt_reported[n] != read[n]:
-                continue  # (a newer window began meanwhile: shown as it is)
+            # (its copy holds what it counted before its latest window: the windows before it are in the
+            # kernel if not read yet, and read before any take-back, so they are never taken back)
+            mark = int(self.ckpt_reported[n])
+            if not self.ckpt_valid[n] or mark < read[n]:
+                continue
             row = self.ckpt_rows[n].copy()
-            if not self.ckpt_valid[n] or self.ckpt_reported[n] != read[n]:
-                continue  # (copied while it was being written)
+            if not self.ckpt_valid[n] or int(self.ckpt_reported[n]) != mark:
+                continue  # (copied while it was being written: shown as it is)
             at = 0
             for name, shape in (("outcomes", (b, o)), ("wait_hist", (b, h)), ("wait_us", (b,)),
                                 ("dispatched", ()), ("narrowed", (b,))):
