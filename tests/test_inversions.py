@@ -61,7 +61,8 @@ class Rig:
             w = ShardWorker(n, Engine(config, enforce_limits=False), d.shm, loop.create_future())
             t = FakeTransport()
             w.connection_made(t)  # type: ignore[arg-type]
-            t.got.clear()  # the Hello
+            d.on_worker_frames(n, list(t.got))  # its Hello: read, as the counts shown count from it
+            t.got.clear()
             self.workers.append(w)
             self.transports.append(t)
         self.waiter = Waiter()
