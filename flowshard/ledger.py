@@ -34,7 +34,7 @@ import enum
 import heapq
 import math
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from itertools import compress, islice
 from typing import Any
 
@@ -248,6 +248,9 @@ class LedgerBand:
         "spread",
         "unsure",
         "vclock",
+        "walk",
+        "walk_left",
+        "walk_plan",
     )
 
     def __init__(self, index: int, config: Config, shards: int, *, lone: bool = True) -> None:
@@ -286,6 +289,10 @@ class LedgerBand:
         # each pick of the plan reads on from there; put back at the next plan's first pick)
         self.due_taken: list[list[tuple[float, int, int]]] = [[] for _ in range(shards)] if self.shard_due else []
         self.due_plan = -1
+        # global-fcfs (fcfs) at N shards: one plan's walk through `order` (`Ledger._oldest_uncovered_in_plan`)
+        self.walk_plan = -1
+        self.walk: Iterator[Pending] = iter(())  # (over `order`'s values)
+        self.walk_left: list[int] = []
         self.queued_items = self.queued_bytes = 0
         self.shard_items = [0] * shards
         self.shard_bytes = [0] * shards
@@ -966,7 +973,7 @@ class Ledger:
                 shard = 0
             else:  # (`home` is the band's, read as it was chosen)
                 shard = home if home >= 0 else (
-                    self._oldest_uncovered(band, asked_at, cutoff) if band.shard_due is None
+                    self._oldest_uncovered_in_plan(band, asked_at, cutoff) if band.shard_due is None
                     else self._earliest_uncovered(band, asked_at, cutoff))
                 if behind and (shard < 0 or asked_at[shard] < cutoff):  # its work is on shards behind: it waits
                     return out
@@ -1158,6 +1165,27 @@ class Ledger:
             if len(mine) > k and (mine[k][0], mine[k][1]) < best_key:
                 best, best_key = n, (mine[k][0], mine[k][1])
         return best
+
+    def _oldest_uncovered_in_plan(self, band: LedgerBand, asked_at: list[float], cutoff: float) -> int:
+        """`_oldest_uncovered` for the picks of one plan: with no shard behind, one walk through the
+        band's arrival order serves them all, each pick going on from where the last stopped (the request
+        it found is the one its grant covers: a pick that grants nothing ends the plan), O(live grants +
+        picks) a plan; it was O(live grants) a pick, so a plan of 4,000 grants over 4 shards of 50,000
+        cost ~1 s (review 184)."""
+        if cutoff != -_INF and band.shard_order is not None:  # (a shard behind: its own path)
+            return self._oldest_uncovered(band, asked_at, cutoff)
+        if band.walk_plan != self.plans:
+            band.walk_plan = self.plans
+            band.walk_left = [g - s for g, s in zip(band.shard_granted, band.shard_stale, strict=True)]
+            band.walk = iter(band.order.values())
+        left = band.walk_left
+        for p in band.walk:
+            n: int = p.shard
+            if left[n] > 0:
+                left[n] -= 1
+            else:
+                return n
+        return -1
 
     @staticmethod
     def _oldest_uncovered(band: LedgerBand, asked_at: list[float], cutoff: float) -> int:
