@@ -822,6 +822,8 @@ def test_a_backend_given_as_an_openai_base_url_is_refused_with_the_url_to_give()
     with pytest.raises((ValueError, ConfigError), match="backends"):
         ProxyConfig(backends=["http://h:8000/v1"])
     assert check_backend_url("http://h:8000/vllm-a/") == "http://h:8000/vllm-a"
+    with pytest.raises(ValueError, match="ends in /v1"):
+        check_backend_url("http://h:8000/V1")
 
 
 def test_a_backend_without_readable_metrics_is_named_with_the_way_out(launch: Any, fake_backend: Any) -> None:
