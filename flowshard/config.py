@@ -217,8 +217,8 @@ def check_backend_url(url: str, field: str = "--backend") -> str:
         raise ValueError(f"{field}: {url!r} must be an http:// or https:// URL with a host, e.g. http://10.0.0.5:8000")
     if parts.query or parts.fragment or port == 0:
         raise ValueError(f"{field}: {url!r} must not have a query, a fragment or port 0")
-    if parts.path.rstrip("/").lower().endswith("/v1"):  # (any case: review 184)  # (review 179: accepted, every route went to /v1/v1/...
-        # and the metrics were looked for at /v1/metrics, so every request waited out its TTL)
+    if parts.path.rstrip("/").lower().endswith("/v1"):  # (in any case) review 179: accepted, every route
+        # went to /v1/v1/... and the metrics were looked for at /v1/metrics: every request waited out its TTL
         base = url.rstrip("/")[: -len("/v1")]
         raise ValueError(f"{field}: {url!r} ends in /v1, as an OpenAI base_url does; flowshard adds each route's "
                          f"/v1/... itself: give {base!r}")
