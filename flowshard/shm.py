@@ -11,6 +11,7 @@ one writer (invariant 5), so counters are plain ``+=`` with no lock. Queued work
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 import struct
 from bisect import bisect_left
@@ -73,7 +74,9 @@ _DIST_ARRAYS: Final = (
     "enq_bytes", "enq_items", "band_enq_bytes", "band_enq_items", "shard_enq_bytes", "shard_sent_bytes", "band_waiting",
 )
 _SHARED_ROWS: Final = ("outcomes", "wait_hist", "wait_us", "dispatched", "inversions", "narrowed")  # row w: writer w
-# A shard's counts as they were before its latest window of writes (`ShmStats.checkpoint`): not snapshotted
+# The rows of a shard's counts it copies before each window of writes (`ShmStats.checkpoint`), in that
+# order in its `ckpt_rows`; the copy and its marks are not snapshotted
+_CHECKPOINTED: Final = ("outcomes", "wait_hist", "wait_us", "dispatched", "narrowed")
 _CHECKPOINT_ARRAYS: Final = ("ckpt_rows", "ckpt_reported", "ckpt_valid")
 ARRAY_NAMES: Final = ("seq", *_SHARD_ARRAYS, *_SHARED_ROWS, *_DIST_ARRAYS, *_CHECKPOINT_ARRAYS)
 # What `ShmStats.snapshot` copies, in that order: built once. Built per call, a 20-tuple at each /metrics
@@ -166,12 +169,13 @@ class ShmLayout:
             "narrowed": (n + 1, b),  # grants of a band handed back because a higher band waited so
             # the frames each shard has written to the distributor (this worker's life: `reported_frames`)
             "reported": (n,),
-            # each shard's `_CHECKPOINTED` rows (outcomes, wait_hist, wait_us, dispatched, narrowed) before its
-            # latest window of writes, with its `reported` then, and whether the copy is whole
-            "ckpt_rows": (n, b * o + b * h + b + 1 + b),
+            # each shard's `_CHECKPOINTED` rows before its latest window of writes (below), with its
+            # `reported` then, and whether the copy is whole
             "ckpt_reported": (n,),
             "ckpt_valid": (n,),
         }
+        # (a writer's row of a per-writer table is all of it but its first dimension)
+        shapes["ckpt_rows"] = (n, sum(math.prod(shapes[name][1:]) for name in _CHECKPOINTED))
         specs: list[ArraySpec] = []
         offset = _align(HEADER_WORDS * 8)
         for name in ARRAY_NAMES:
@@ -418,16 +422,10 @@ class ShmStats:
         self._w_ckpt_reported = w["ckpt_reported"]
         self._w_ckpt_valid = w["ckpt_valid"]
         self._ckpt_row = layout.spec("ckpt_rows").shape[1]
-        # each shard's checkpointed rows, as (byte offset, bytes) spans in their order in `ckpt_rows`
-        b = layout.bands
-        self._ckpt_spans = [
-            [(8 * (w["outcomes"] + n * self._row_out), 8 * self._row_out),
-             (8 * (w["wait_hist"] + n * self._row_hist), 8 * self._row_hist),
-             (8 * (w["wait_us"] + n * b), 8 * b),
-             (8 * (w["dispatched"] + n), 8),
-             (8 * (w["narrowed"] + n * b), 8 * b)]
-            for n in range(layout.shards)
-        ]
+        # each shard's `_CHECKPOINTED` rows, as (byte offset, bytes) spans in their order in `ckpt_rows`
+        rows = {name: math.prod(layout.spec(name).shape[1:]) for name in _CHECKPOINTED}
+        self._ckpt_spans = [[(8 * (w[name] + n * row), 8 * row) for name, row in rows.items()]
+                            for n in range(layout.shards)]
         if init:
             for n in range(layout.shards):  # (a worker that dies before its first window took nothing back)
                 self.checkpoint(n)
@@ -584,7 +582,6 @@ class ShmStats:
         as it was before that window (its checkpoint), so what a reader of the counters sees never
         includes what could still be taken back at the shard's death (review 182: Prometheus counters
         fell by the taken-back window, which `rate()` reads as a reset). The window shows once read."""
-        b, o, h = self.layout.bands, self._o, self._h
         for n in range(self._n):
             if snap["seq"][n] % 2 == 0 and snap["reported"][n] == read[n]:
                 continue
@@ -597,10 +594,10 @@ class ShmStats:
             if not self.ckpt_valid[n] or int(self.ckpt_reported[n]) != mark:
                 continue  # (copied while it was being written: shown as it is)
             at = 0
-            for name, shape in (("outcomes", (b, o)), ("wait_hist", (b, h)), ("wait_us", (b,)),
-                                ("dispatched", ()), ("narrowed", (b,))):
-                size = int(np.prod(shape)) if shape else 1
-                snap[name][n] = row[at : at + size].reshape(shape) if shape else row[at]
+            for name in _CHECKPOINTED:
+                shape = snap[name].shape[1:]
+                size = math.prod(shape)
+                snap[name][n] = row[at : at + size].reshape(shape)
                 at += size
 
     def set_heartbeat(self, shard: int, now_ns: int) -> None:
