@@ -1305,16 +1305,16 @@ class Proxy:
             # [DONE]; a review)
             await self._wait_on_client(ex, turn)
         relay = SseUsage(ex.item.strip_usage)
-        # a stream the backend compressed though asked not to (`accept-encoding: identity`): its events
-        # cannot be read here, so it is relayed as it comes, with its content-encoding, to its end (review
-        # 179: read as events, none was ever complete; the client got only an error event and the backend
-        # was taken out for a failure mid-stream); its usage is not read (the admission's estimate stands)
+        # a stream the backend compressed though asked not to (`accept-encoding: identity`) is relayed as
+        # it comes, with its content-encoding (review 179: read as events, none was ever complete; the
+        # client got only an error event and the backend was taken out for a failure mid-stream). gzip
+        # and deflate (zlib) are read on the side from a decompressed copy: its [DONE] ends the response
+        # once the compressed data has ended too (review 184: unseen, a backend that kept the response
+        # open after it held the ticket until read_timeout), its usage is read, and data that ends before
+        # the compressed data does is a cut (taken for a whole answer before); another encoding goes to
+        # its end unread (its usage not read: the admission's estimate stands)
         encoding = resp.headers.get("content-encoding", "identity").strip().lower()
         encoded = encoding not in ("", "identity")
-        # gzip and deflate (zlib) are read on the side from a decompressed copy: its [DONE] ends the
-        # response once the compressed data has ended too (review 184: unseen, a backend that kept the
-        # response open after it held the ticket until read_timeout), its usage is read, and data that
-        # ends before the compressed data does is a cut (taken for a whole answer before)
         inflate = zlib.decompressobj(32 + zlib.MAX_WBITS) if encoding in ("gzip", "x-gzip", "deflate") else None
         seen_done = False
         self.stats.response(ex.route, resp.status)
@@ -1343,11 +1343,7 @@ class Proxy:
                     if seen_done and inflate is not None:  # the rest of the compressed data, briefly
                         await self._end_compressed(ex, resp, inflate, relay)
                         ended = True
-                        self._backend_done(ex)
-                        ex.end_stream(b"")
-                        if resp.status == 200:
-                            self._settle_usage(ex, backend, relay.usage)
-                        ex.give_back()
+                        self._end_at_done(ex, backend, resp, relay, b"")
                         break
                     continue
                 out, data = relay.feed(data), b""
@@ -1358,14 +1354,8 @@ class Proxy:
                     # followed by another event in the same read, or ended by CRLF or CRs, it was not seen,
                     # and the client waited for read_timeout)
                     if done >= 0:  # the client has all it needs: end its response now
-                        out = out[:done]  # (what follows is owed to nobody)
                         ended = True
-                        self._backend_done(ex)
-                        ex.end_stream(out)
-                        if resp.status == 200:  # (a stream's usage comes before its [DONE])
-                            self._settle_usage(ex, backend, relay.usage)
-                        ex.give_back()  # the client has its whole answer: the budget goes back now, not
-                        # after the backend's end (a review: 1 s)
+                        self._end_at_done(ex, backend, resp, relay, out[:done])  # (what follows: nobody's)
                         break
                     unread = conn.slot_write(slot, ex.piece(out))
                     if unread is not None:  # the client reads slower than the backend writes
@@ -1414,6 +1404,17 @@ class Proxy:
                 self._settle_usage(ex, backend, relay.usage)
             ex.end_stream(rest)
         return True
+
+    def _end_at_done(self, ex: Exchange, backend: Backend, resp: aiohttp.ClientResponse, relay: SseUsage,
+                     tail: bytes) -> None:
+        """A stream's [DONE] was read: the client's response ends with `tail`, its usage is settled (a
+        stream's usage comes before its [DONE]), and its budget goes back now, not after the backend's
+        end (a review: 1 s)."""
+        self._backend_done(ex)
+        ex.end_stream(tail)
+        if resp.status == 200:
+            self._settle_usage(ex, backend, relay.usage)
+        ex.give_back()
 
     async def _end_compressed(self, ex: Exchange, resp: aiohttp.ClientResponse, inflate: Any,
                               relay: SseUsage) -> None:

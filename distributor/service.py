@@ -256,8 +256,6 @@ class Distributor:
         self._stop_early = asyncio.Event()  # ...set then, so that start() stops waiting (`_ready_or_stopped`)
         self.started = time.monotonic()
         self._checked = self.started  # the last _check_heartbeats
-        # `evicted: shutdown` Dones read per (shard, band): what a worker killed at the exit counted in its
-        # cells beyond these it had not written; those requests are ended here uncounted (`close`)
         self.counters = {"tickets_expired": 0, "tickets_released": 0, "worker_restarts": 0, "fast_path": 0,
                          "acceptor_restarts": 0, "dispatches_unclaimed": 0}
         self.guards = Guards()  # protective actions of the fronts (distributor/guards.py)
